@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Sets up a virtual environment (if needed) and runs the test suite on CPU.
+# Usage: bash scripts/run_tests.sh [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q -r requirements.txt -e .
+export JAX_PLATFORMS=cpu
+exec "$VENV/bin/python" -m pytest -q "$@"
