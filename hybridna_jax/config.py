@@ -1,0 +1,150 @@
+"""Configuration: the ml_collections defaults and the typed model config.
+
+Config files under configs/ start from `base_config()` and override fields;
+launchers take `--config=configs/<file>.py[:variant]` and command-line
+overrides such as `--config.train.steps=100`. The model reads a frozen
+`ModelConfig` built from `config.model`, which validates the fields and
+derives sizes (d_inner, SSM heads, the layer pattern).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+
+from hybridna_jax import tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture and numerics of a HybriDNA model (see DESIGN.md section 2)."""
+  vocab_size: int = tokenizer.VOCAB_SIZE
+  d_model: int = 1024
+  n_layers: int = 24
+  # Layer i is attention when i % attn_period == attn_offset, unless
+  # attn_layers lists the attention layers explicitly.
+  attn_period: int = 8
+  attn_offset: int = 4
+  attn_layers: tuple[int, ...] | None = None
+  mlp_dim: int = 2048
+  # Attention (grouped-query).
+  num_heads: int = 16
+  num_kv_heads: int = 4
+  head_dim: int = 64
+  rope: bool = False
+  rope_theta: float = 10_000.0
+  # Mamba2 mixer (mamba_ssm defaults).
+  d_state: int = 128
+  d_conv: int = 4
+  expand: int = 2
+  ssm_head_dim: int = 64
+  ngroups: int = 1
+  chunk_size: int = 256
+  dt_min: float = 1e-3
+  dt_max: float = 1e-1
+  dt_init_floor: float = 1e-4
+  a_init_range: tuple[float, float] = (1.0, 16.0)
+  # Stack.
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = False
+  init_std: float = 0.02
+  max_seq_len: int = 131_074
+  # Numerics and execution.
+  dtype: str = "bfloat16"          # compute dtype
+  param_dtype: str = "float32"     # master weights
+  remat: str = "none"              # none | full | dots
+  ssd_impl: str = "auto"           # auto | chunked | sequential | pallas
+  attention_impl: str = "auto"     # auto | xla | xla_blockwise | kernels...
+
+  def __post_init__(self):
+    if self.d_inner % self.ssm_head_dim:
+      raise ValueError(f"model: expand * d_model ({self.d_inner}) must be a "
+                       f"multiple of ssm_head_dim ({self.ssm_head_dim}).")
+    if self.ssm_heads % self.ngroups:
+      raise ValueError(f"model: SSM heads ({self.ssm_heads}) must be a multiple "
+                       f"of ngroups ({self.ngroups}).")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"model: num_heads ({self.num_heads}) must be a multiple "
+                       f"of num_kv_heads ({self.num_kv_heads}).")
+    if self.remat not in ("none", "full", "dots"):
+      raise ValueError(f"model.remat must be none, full or dots, got {self.remat!r}.")
+    for i in self.attn_layers or ():
+      if not 0 <= i < self.n_layers:
+        raise ValueError(f"model.attn_layers: layer {i} outside [0, {self.n_layers}).")
+
+  @classmethod
+  def from_config(cls, cfg: Any) -> "ModelConfig":
+    """From a ConfigDict (or dict); unknown fields are an error."""
+    values = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+      raise ValueError(f"config.model has unknown fields {unknown}; valid "
+                       f"fields: {sorted(names)}.")
+    for key in ("attn_layers", "a_init_range"):
+      if values.get(key) is not None:
+        values[key] = tuple(values[key])
+    return cls(**values)
+
+  @property
+  def d_inner(self) -> int:
+    return self.expand * self.d_model
+
+  @property
+  def ssm_heads(self) -> int:
+    return self.d_inner // self.ssm_head_dim
+
+  @property
+  def layer_types(self) -> tuple[str, ...]:
+    """"attention" or "mamba" for each layer."""
+    if self.attn_layers is not None:
+      attn = set(self.attn_layers)
+      return tuple("attention" if i in attn else "mamba" for i in range(self.n_layers))
+    return tuple("attention" if i % self.attn_period == self.attn_offset else "mamba"
+                 for i in range(self.n_layers))
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def weight_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+
+def model_config_dict(**overrides) -> ml_collections.ConfigDict:
+  """ConfigDict of ModelConfig defaults with `overrides` applied."""
+  values = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+  unknown = set(overrides) - set(values)
+  if unknown:
+    raise ValueError(f"unknown model fields {sorted(unknown)}")
+  values.update(overrides)
+  # ConfigDict fields must keep a type; None-able tuples are stored as lists.
+  values["a_init_range"] = list(values["a_init_range"])
+  cfg = ml_collections.ConfigDict(values)
+  if values["attn_layers"] is None:
+    cfg.attn_layers = ml_collections.FieldReference(None, field_type=tuple)
+  return cfg
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """Loads "path/to/config.py[:variant]" the way `--config` does."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path, _, variant = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_hybridna_config", path)
+  if module_spec is None or module_spec.loader is None:
+    raise FileNotFoundError(f"config file {path!r} not found.")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(variant or None)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults for every section; config files override what they need."""
+  cfg = ml_collections.ConfigDict()
+  cfg.model = model_config_dict()
+  cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  return cfg

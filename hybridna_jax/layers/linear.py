@@ -1,0 +1,38 @@
+"""Dense projections with logical-axis metadata and mixed precision."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hybridna_jax.sharding import LogicalAxes
+
+
+class Linear(nnx.Module):
+  """y = x . W over the last `len(in_shape)` axes of x.
+
+  The kernel has shape in_shape + out_shape and logical axes `axes` (one per
+  kernel dimension), is stored in `param_dtype` and cast to `dtype` for the
+  matmul (bf16 compute over fp32 master weights).
+  """
+
+  def __init__(self, in_shape: int | Sequence[int], out_shape: int | Sequence[int],
+               *, axes: LogicalAxes, rngs: nnx.Rngs, init_std: float,
+               dtype=jnp.float32, param_dtype=jnp.float32):
+    in_shape = (in_shape,) if isinstance(in_shape, int) else tuple(in_shape)
+    out_shape = (out_shape,) if isinstance(out_shape, int) else tuple(out_shape)
+    shape = in_shape + out_shape
+    if len(axes) != len(shape):
+      raise ValueError(f"Linear: {len(axes)} logical axes for a kernel of shape {shape}.")
+    self.num_in = len(in_shape)
+    self.dtype = dtype
+    self.kernel = nnx.Param(
+        init_std * jax.random.normal(rngs.params(), shape, param_dtype),
+        logical_axes=tuple(axes))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.kernel[...].astype(self.dtype)
+    return jnp.tensordot(x.astype(self.dtype), kernel, axes=self.num_in)

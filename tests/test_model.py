@@ -1,0 +1,201 @@
+"""Model core: layer pattern and sizes, Mamba2 initialisation, packing,
+remat, sharding metadata, and decoding against the full forward."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hybridna_jax import tokenizer as tok
+from hybridna_jax.config import ModelConfig, load_config
+from hybridna_jax.layers.mamba2 import causal_conv
+from hybridna_jax.model import HybriDNA, abstract_model, create_model, positions_from_segments
+
+TINY = ModelConfig.from_config(load_config("configs/tiny.py").model)
+
+
+@functools.cache
+def _tiny_params(seed):
+  return nnx.state(create_model(TINY, seed))
+
+
+def make_model(seed=0, **overrides):
+  """The tiny model with `overrides`; variants that keep the parameter
+  structure share one initialisation (compiling init costs seconds)."""
+  cfg = dataclasses.replace(TINY, **overrides)
+  graphdef, abstract = nnx.split(abstract_model(cfg))
+  params = _tiny_params(seed)
+  if jax.tree.structure(abstract) != jax.tree.structure(params):
+    return create_model(cfg, seed)
+  return nnx.merge(graphdef, params)
+
+
+@nnx.jit(static_argnames=("segment_ids_given", "return_hidden_states", "return_logits"))
+def _forward(model, tokens, segment_ids=None, segment_ids_given=False, **kw):
+  del segment_ids_given
+  return model(tokens, segment_ids=segment_ids, **kw)
+
+
+def forward(model, tokens, segment_ids=None, **kw):
+  """Jitted full forward (eager op-by-op dispatch is slow on CPU)."""
+  return _forward(model, tokens, segment_ids, segment_ids is not None, **kw)
+
+
+def random_tokens(b, l, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).integers(tok.A, tok.N + 1, (b, l)), jnp.int32)
+
+
+@pytest.mark.parametrize("name,attn_layers,params_b", [
+    ("hybridna_300m", [4, 12, 20], (0.28, 0.32)),
+    ("hybridna_3b", [4, 12], (2.9, 3.3)),
+    ("hybridna_7b", [4, 12, 20, 28], (6.0, 7.0)),
+])
+def test_published_sizes(name, attn_layers, params_b):
+  cfg = ModelConfig.from_config(load_config(f"configs/{name}.py").model)
+  assert [i for i, t in enumerate(cfg.layer_types) if t == "attention"] == attn_layers
+  assert (cfg.d_state, cfg.d_conv, cfg.expand, cfg.ssm_head_dim, cfg.ngroups,
+          cfg.chunk_size) == (128, 4, 2, 64, 1, 256)
+  model = nnx.eval_shape(lambda: HybriDNA(cfg, rngs=nnx.Rngs(0)))
+  n = sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert params_b[0] * 1e9 < n < params_b[1] * 1e9
+
+
+def test_unknown_config_field_is_named():
+  with pytest.raises(ValueError, match="unknown fields.*d_modle"):
+    ModelConfig.from_config({"d_modle": 3})
+
+
+def test_mamba2_initialisation():
+  cfg = dataclasses.replace(TINY, d_model=256, ssm_head_dim=8)   # 64 heads
+  mixer = create_model(cfg).layers[0].mixer
+  a = np.exp(np.asarray(mixer.A_log[...]))
+  assert a.min() >= 1.0 and a.max() <= 16.0 and a.std() > 1.0
+  dt = np.asarray(jax.nn.softplus(mixer.dt_bias[...]))
+  assert dt.min() >= 1e-4 * 0.999 and dt.max() <= 0.1 * 1.001
+  assert np.log(dt).std() > 0.5          # log-uniform, not constant
+  np.testing.assert_array_equal(mixer.D[...], 1.0)
+
+
+def test_every_param_has_logical_axes():
+  state = nnx.state(make_model(), nnx.Param)
+  for path, var in jax.tree.leaves_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+    axes = var.get_metadata().get("logical_axes")
+    assert axes is not None and len(axes) == var[...].ndim, path
+
+
+def test_forward_shapes_and_hidden_states():
+  model = make_model()
+  out = forward(model, random_tokens(2, 19), return_hidden_states=True)
+  assert out.logits.shape == (2, 19, tok.VOCAB_SIZE) and out.logits.dtype == jnp.float32
+  assert out.hidden.shape == (2, 19, TINY.d_model)
+  assert len(out.hidden_states) == TINY.n_layers + 1
+  assert forward(model, random_tokens(2, 19), return_logits=False).logits is None
+
+
+def test_model_is_causal():
+  model = make_model()
+  tokens = random_tokens(1, 40)
+  changed = tokens.at[0, 25].set(tok.N if tokens[0, 25] != tok.N else tok.A)
+  a, b = forward(model, tokens).logits, forward(model, changed).logits
+  np.testing.assert_allclose(a[:, :25], b[:, :25], atol=1e-6)
+  assert np.abs(a[:, 25:] - b[:, 25:]).max() > 1e-4
+
+
+@pytest.mark.parametrize("rope", [False, True])
+def test_packed_documents_do_not_see_each_other(rope):
+  model = make_model(rope=rope)
+  first, second = random_tokens(1, 23, seed=1), random_tokens(1, 18, seed=2)
+  packed = jnp.concatenate([first, second], 1)
+  segments = jnp.array([[1] * 23 + [2] * 18])
+  out = forward(model, packed, segments).logits
+  np.testing.assert_allclose(out[:, :23], forward(model, first).logits, atol=1e-5)
+  np.testing.assert_allclose(out[:, 23:], forward(model, second).logits, atol=1e-5)
+
+
+def test_positions_restart_per_segment():
+  seg = jnp.array([[0, 0, 1, 1, 1, 2, 2]])
+  assert positions_from_segments(seg).tolist() == [[0, 1, 0, 1, 2, 0, 1]]
+
+
+def test_causal_conv_history_and_segments():
+  rng = np.random.default_rng(0)
+  u = jnp.asarray(rng.standard_normal((1, 9, 3), np.float32))
+  w = jnp.asarray(rng.standard_normal((4, 3), np.float32))
+  bias = jnp.asarray(rng.standard_normal(3, np.float32))
+  full = causal_conv(u, w, bias)
+  tail = causal_conv(u[:, 5:], w, bias, history=u[:, 2:5])
+  np.testing.assert_allclose(full[:, 5:], tail, rtol=1e-6)
+  seg = jnp.array([[1] * 5 + [2] * 4])
+  packed = causal_conv(u, w, bias, segment_ids=seg)
+  np.testing.assert_allclose(packed[:, 5:], causal_conv(u[:, 5:], w, bias), rtol=1e-6)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_matches(remat):
+  tokens = random_tokens(2, 20)
+
+  def loss(model):
+    return model(tokens).logits.std()
+
+  plain, checkpointed = make_model(), make_model(remat=remat)
+  value_and_grad = nnx.jit(nnx.value_and_grad(loss))
+  (l1, g1), (l2, g2) = value_and_grad(plain), value_and_grad(checkpointed)
+  np.testing.assert_allclose(l1, l2, rtol=1e-6)
+  g1, g2 = nnx.state(g1), nnx.state(g2)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_tied_embeddings_have_no_head():
+  model = make_model(tie_embeddings=True)
+  assert not hasattr(model, "lm_head")
+  assert forward(model, random_tokens(1, 8)).logits.shape == (1, 8, tok.VOCAB_SIZE)
+
+
+def _decode_all(model, tokens, prompt_len, segment_ids=None):
+  """Logits for positions prompt_len-1 .. l-1 by prefill + decode steps."""
+  l = tokens.shape[1]
+  if segment_ids is not None:
+    segment_ids = segment_ids[:, :prompt_len]
+  prefill = nnx.jit(lambda m, t, s: m.prefill(t, l, segment_ids=s))
+  logits, cache = prefill(model, tokens[:, :prompt_len], segment_ids)
+  out = [logits]
+  step = nnx.jit(lambda m, t, c: m.decode_step(t, c))
+  for t in range(prompt_len, l):
+    logits, cache = step(model, tokens[:, t], cache)
+    out.append(logits)
+  return jnp.stack(out, 1)
+
+
+@pytest.mark.parametrize("prompt_len", [5, 16, 27])   # <, =, > one chunk (16)
+@pytest.mark.parametrize("rope", [False, True])
+def test_decode_matches_full_forward(prompt_len, rope):
+  model = make_model(rope=rope)
+  tokens = random_tokens(2, 36)
+  full = forward(model, tokens).logits
+  decoded = _decode_all(model, tokens, prompt_len)
+  np.testing.assert_allclose(decoded, full[:, prompt_len - 1:], rtol=1e-4, atol=1e-4)
+
+
+def test_left_padded_prompts_decode_like_unpadded():
+  model = make_model(rope=True)
+  tokens = random_tokens(1, 20, seed=3)
+  pad = 6
+  padded = jnp.concatenate([jnp.full((1, pad), tok.PAD, jnp.int32), tokens], 1)
+  segments = jnp.array([[0] * pad + [1] * 20])
+  reference = _decode_all(model, tokens, 9)
+  padded_run = _decode_all(model, padded, 9 + pad, segment_ids=segments)
+  np.testing.assert_allclose(padded_run, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_compute_close_to_fp32():
+  tokens = random_tokens(2, 24)
+  f32 = forward(make_model(), tokens).logits
+  bf16 = forward(make_model(dtype="bfloat16"), tokens).logits
+  assert bf16.dtype == jnp.float32
+  np.testing.assert_allclose(bf16, f32, atol=0.1)
+  assert np.abs(bf16 - f32).mean() < 0.02
