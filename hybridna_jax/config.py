@@ -146,5 +146,50 @@ def base_config() -> ml_collections.ConfigDict:
   """Defaults for every section; config files override what they need."""
   cfg = ml_collections.ConfigDict()
   cfg.model = model_config_dict()
+  # Device mesh; one axis may be -1 ("the rest of the devices").
   cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  cfg.train = train_config()
   return cfg
+
+
+def train_config() -> ml_collections.ConfigDict:
+  """Pretraining schedule, optimiser, evaluation and checkpointing."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  # Context stages, run in order: (sequence length, optimizer steps, global
+  # batch size). The paper: most steps at 8k, then short stages at 32k and
+  # 131k with fewer sequences per batch (constant tokens per step).
+  c.stages = ((8192, 10_000, 64), (32_768, 500, 16), (131_072, 100, 4))
+  # Micro-batches per step (gradient accumulation); divides each batch.
+  c.grad_accum = 1
+  # AdamW with linear warmup and cosine decay to learning_rate * min_lr_ratio.
+  c.learning_rate = 8e-4
+  c.warmup_steps = 1000
+  c.min_lr_ratio = 0.1
+  c.b1 = 0.9
+  c.b2 = 0.95
+  c.eps = 1e-8
+  c.weight_decay = 0.1      # not applied to norms, biases, A_log, dt_bias, D
+  c.grad_clip = 1.0         # global-norm clipping; 0 disables
+  # Steps with a non-finite loss or gradient are skipped; this many in a
+  # row stop the run (after a checkpoint).
+  c.max_consecutive_skips = 20
+  c.log_every = 50
+  # Validation on the held-out split every eval_every steps (0: never), over
+  # at most eval_batches batches per host (0: the whole split), at
+  # eval_seq_len (0: the current stage's length).
+  c.eval_every = 1000
+  c.eval_batches = 0
+  c.eval_batch_size = 8
+  c.eval_seq_len = 0
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+  c.keep_best = True        # also keep the best-validation parameters in <workdir>/best
+  c.async_checkpoints = True
+  # Peak FLOP/s per device for MFU; 0 looks it up from the device kind.
+  c.peak_flops_per_device = 0.0
+  c.plot = True
+  # The demo's report: validation bits/nt of order-k Markov baselines
+  # fitted on the training split (empty: none).
+  c.markov_orders = ()
+  return c

@@ -126,7 +126,10 @@ class HybriDNA(nnx.Module):
   # -- pieces -----------------------------------------------------------------
 
   def embed_tokens(self, tokens: jax.Array) -> jax.Array:
-    h = jnp.take(self.embed[...], tokens, axis=0).astype(self.cfg.compute_dtype)
+    # The table is small (vocab 128): gather from a replicated copy rather
+    # than make XLA partition a gather over a sharded table.
+    table = constrain(self.embed[...], (None, None))
+    h = jnp.take(table, tokens, axis=0).astype(self.cfg.compute_dtype)
     return constrain(h, _HIDDEN_AXES)
 
   def logits(self, hidden: jax.Array) -> jax.Array:

@@ -156,8 +156,7 @@ def activate(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Iterator[ShardingConte
   ctx = ShardingContext(mesh, tuple(rules))
   _ACTIVE.append(ctx)
   try:
-    with jax.set_mesh(mesh):
-      yield ctx
+    yield ctx
   finally:
     _ACTIVE.pop()
 

@@ -1,0 +1,53 @@
+"""Model FLOPs per token, for MFU: matmuls, attention and the SSD scan."""
+
+from __future__ import annotations
+
+import jax
+
+from hybridna_jax.config import ModelConfig
+
+# Dense bf16 peak FLOP/s per device, by substrings of jax's device_kind.
+PEAK_BF16_FLOPS = (
+    ("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12),
+    ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5", 197e12),
+    ("TPU v4", 275e12),
+)
+
+
+def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
+  """Peak dense bf16 FLOP/s of a device, or None if unknown (e.g. CPU)."""
+  kind = (device or jax.devices()[0]).device_kind
+  for key, flops in PEAK_BF16_FLOPS:
+    if key.lower() in kind.lower():
+      return flops
+  return None
+
+
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+  """Forward FLOPs per token, by part, at context `seq_len`.
+
+  matmul: 2 x (weights used in matmuls), the LM head included.
+  attention: QK^T and PV over a causal context (on average seq_len / 2 keys).
+  ssd: the chunked scan per token: the intra-chunk C.B and (C.B) x products
+    over the chunk (half of it is masked; counted whole, as kernels do the
+    work), and the state update and readout (2 h p n each).
+  """
+  d, di, h, p, n, g = (cfg.d_model, cfg.d_inner, cfg.ssm_heads, cfg.ssm_head_dim,
+                       cfg.d_state, cfg.ngroups)
+  kinds = cfg.layer_types
+  n_attn, n_mamba = kinds.count("attention"), kinds.count("mamba")
+  mlp = 3 * d * cfg.mlp_dim
+  attn_proj = d * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+  mamba_proj = d * (2 * di + 2 * g * n + h) + di * d
+  matmul = 2 * (n_attn * (attn_proj + mlp) + n_mamba * (mamba_proj + mlp)
+                + d * cfg.vocab_size)
+  attention = n_attn * 2 * 2 * cfg.num_heads * cfg.head_dim * seq_len / 2
+  q = min(cfg.chunk_size, seq_len)
+  ssd = n_mamba * (2 * q * (g * n + h * p) + 4 * h * p * n)
+  return {"matmul": float(matmul), "attention": float(attention), "ssd": float(ssd)}
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Forward + backward (3x forward); remat recomputation is not counted,
+  as is usual for MFU."""
+  return 3.0 * sum(forward_flops_per_token(cfg, seq_len).values())

@@ -1,0 +1,298 @@
+"""The training loop: progressive context stages, evaluation, checkpoints,
+preemption handling and metrics.
+
+`train(config, workdir)` runs (or resumes) a job described by a config from
+configs/. The schedule is a list of context stages, each (sequence length,
+optimizer steps, global batch size); the run moves through them by itself,
+and a resumed run continues in the stage and at the step where its latest
+checkpoint left off, with the data iterator exactly where it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from hybridna_jax import sharding
+from hybridna_jax.config import ModelConfig
+from hybridna_jax.data import pipeline
+from hybridna_jax.train import flops as flops_lib
+from hybridna_jax.train import optimizer as optimizer_lib
+from hybridna_jax.train import step as step_lib
+from hybridna_jax.train.checkpoint import Checkpoints, with_shardings
+from hybridna_jax.train.metrics import MetricsLogger, plot_loss_curves
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+BEST_DIR = "best"
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  index: int
+  seq_len: int
+  steps: int
+  batch_size: int      # global
+  start_step: int
+
+  @property
+  def end_step(self) -> int:
+    return self.start_step + self.steps
+
+  @property
+  def label(self) -> str:
+    return f"stage {self.index}: {self.seq_len:,} nt x {self.batch_size}"
+
+
+def parse_stages(train_cfg) -> list[Stage]:
+  stages, start = [], 0
+  for i, spec in enumerate(train_cfg.stages):
+    if len(spec) != 3:
+      raise ValueError(f"config.train.stages[{i}] = {spec!r}: each stage is "
+                       "(seq_len, steps, global_batch_size).")
+    seq_len, steps, batch = (int(v) for v in spec)
+    if seq_len < 1 or steps < 1 or batch < 1:
+      raise ValueError(f"config.train.stages[{i}] = {spec!r}: all values must be positive.")
+    stages.append(Stage(i, seq_len, steps, batch, start))
+    start += steps
+  if not stages:
+    raise ValueError("config.train.stages is empty; give at least one "
+                     "(seq_len, steps, global_batch_size).")
+  return stages
+
+
+def stage_at(stages: list[Stage], step: int) -> Stage:
+  """The stage that step `step` (0-based, the next one to run) belongs to."""
+  for stage in stages:
+    if step < stage.end_step:
+      return stage
+  return stages[-1]
+
+
+def _check_batch(stage: Stage, mesh, grad_accum: int) -> int:
+  """Per-host batch size; errors name the field to fix."""
+  data_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+  procs = jax.process_count()
+  for divisor, what in ((procs, "the number of processes"),
+                        (data_devices * grad_accum,
+                         f"data x fsdp devices x grad_accum ({data_devices} x {grad_accum})")):
+    if stage.batch_size % divisor:
+      raise ValueError(f"config.train.stages[{stage.index}]: global batch "
+                       f"{stage.batch_size} is not divisible by {what}.")
+  return stage.batch_size // procs
+
+
+class _Preemption:
+  """SIGTERM sets a flag; the loop saves and exits at the next step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    def handler(signum, frame):
+      del frame
+      logging.warning("signal %d: saving a checkpoint and stopping.", signum)
+      self.requested = True
+    try:
+      self._previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. some test runners)
+      self._previous = None
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def any_host(self) -> bool:
+    if jax.process_count() == 1:
+      return self.requested
+    flags = multihost_utils.process_allgather(np.array(self.requested))
+    return bool(np.any(flags))
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+def evaluate(fns: step_lib.StepFunctions, params, data_cfg, *, seq_len: int,
+             batch_size: int, max_batches: int = 0, split: str = "val") -> dict:
+  """Bits per nucleotide, perplexity and accuracy over a split (or its first
+  `max_batches` batches per host)."""
+  totals = np.zeros(3)
+  batches = pipeline.eval_batches(
+      data_cfg, split=split, seq_len=seq_len, batch_size=batch_size,
+      shard_index=jax.process_index(), shard_count=jax.process_count())
+  for i, batch in enumerate(batches):
+    if max_batches and i >= max_batches:
+      break
+    out = fns.eval_step(params, step_lib.device_batch(batch, fns.batch_sharding))
+    totals += np.array([float(out["nll"]), float(out["tokens"]), float(out["correct"])])
+  nll, tokens, correct = totals
+  loss = nll / max(tokens, 1.0)
+  return {"loss": loss, "bits_per_nt": loss / step_lib.LN2,
+          "perplexity": math.exp(loss), "accuracy": correct / max(tokens, 1.0),
+          "tokens": tokens}
+
+
+def _write_config(config, workdir: str) -> None:
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, CONFIG_FILE), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+
+def train(config, workdir: str) -> dict:
+  """Trains (or resumes) the job in `workdir`; returns a summary dict."""
+  model_cfg = ModelConfig.from_config(config.model)
+  tc = config.train
+  stages = parse_stages(tc)
+  total_steps = stages[-1].end_step
+  mesh = sharding.mesh_from_config(config.mesh)
+  optimizer, schedule = optimizer_lib.make_optimizer(tc, total_steps)
+  fns = step_lib.build_steps(model_cfg, optimizer, schedule, mesh,
+                             grad_accum=int(tc.grad_accum))
+  _write_config(config, workdir)
+  checkpoints = Checkpoints(os.path.join(workdir, CHECKPOINT_DIR),
+                            keep=int(tc.keep_checkpoints),
+                            async_save=bool(tc.async_checkpoints))
+  best = Checkpoints(os.path.join(workdir, BEST_DIR), keep=1) if tc.keep_best else None
+  logger = MetricsLogger(workdir, total_steps)
+  peak = float(tc.peak_flops_per_device) or flops_lib.peak_flops_per_device()
+  logging.info("model: %s layers %s, mesh %s, %d steps in %d stage(s)",
+               model_cfg.n_layers, "".join("A" if t == "attention" else "M"
+                                           for t in model_cfg.layer_types),
+               dict(mesh.shape), total_steps, len(stages))
+
+  def make_iterator(stage: Stage):
+    return pipeline.train_batches(
+        config.data, seq_len=stage.seq_len, batch_size=_check_batch(stage, mesh, int(tc.grad_accum)),
+        seed=int(tc.seed) * 1000 + stage.index, shard_index=jax.process_index(),
+        shard_count=jax.process_count())
+
+  # -- start or resume -----------------------------------------------------
+  latest = checkpoints.latest_step()
+  best_val = math.inf
+  if latest is None:
+    state = fns.init(jax.random.key(int(tc.seed)))
+    stage = stages[0]
+    iterator = make_iterator(stage)
+  else:
+    meta = checkpoints.restore_meta(latest)
+    stage = stage_at(stages, latest)
+    iterator = make_iterator(stage)
+    # The saved iterator belongs to the checkpoint's stage; a checkpoint
+    # taken at the end of a stage starts the next one from a fresh iterator.
+    same_stage = meta.get("stage") == stage.index and latest < stage.end_step
+    target = with_shardings(jax.eval_shape(fns.init, jax.random.key(0)), fns.state_shardings)
+    state, meta = checkpoints.restore(
+        latest, target,
+        data_args=pipeline.iterator_restore_args(iterator) if same_stage else None)
+    best_val = meta.get("best_val_bits_per_nt", math.inf)
+    logging.info("resumed from step %d (%s)", latest, stage.label)
+
+  step = int(jax.device_get(state.step))
+  iterator_stage = stage.index
+  last_eval_step = None
+  summary = {"steps": step, "stopped": "completed"}
+
+  def save(stage: Stage, force_sync: bool = False):
+    meta = {"stage": stage.index, "seq_len": stage.seq_len,
+            "best_val_bits_per_nt": best_val}
+    checkpoints.save(state, meta, data_args=pipeline.iterator_save_args(iterator))
+    if force_sync:
+      checkpoints.wait()
+
+  def run_eval(stage: Stage):
+    nonlocal best_val, last_eval_step
+    last_eval_step = step
+    seq_len = int(tc.eval_seq_len) or stage.seq_len
+    per_host = max(1, int(tc.eval_batch_size) // jax.process_count())
+    result = evaluate(fns, state.params, config.data, seq_len=seq_len,
+                      batch_size=per_host, max_batches=int(tc.eval_batches))
+    logger.log_eval(step, result)
+    summary["last_val"] = result
+    if best is not None and result["bits_per_nt"] < best_val:
+      best_val = result["bits_per_nt"]
+      best.save(state._replace(opt_state=None), {"val_bits_per_nt": best_val,
+                                                  "stage": stage.index})
+    logger.mark(step)
+    return result
+
+  # -- the loop ---------------------------------------------------------------
+  with _Preemption() as preemption:
+    while step < total_steps:
+      stage = stage_at(stages, step)
+      if stage.index != iterator_stage:
+        iterator, iterator_stage = make_iterator(stage), stage.index
+      logging.info("%s: steps %d..%d", stage.label, stage.start_step, stage.end_step)
+      tokens_per_step = stage.seq_len * stage.batch_size
+      flops_per_token = flops_lib.train_flops_per_token(model_cfg, stage.seq_len)
+      accumulated: dict[str, list] = {}
+      logger.mark(step)
+      while step < stage.end_step:
+        batch = step_lib.device_batch(next(iterator), fns.batch_sharding)
+        state, metrics = fns.train_step(state, batch)
+        step += 1
+        for k, v in metrics.items():
+          accumulated.setdefault(k, []).append(v)
+        if step % int(tc.log_every) == 0 or step == stage.end_step:
+          host = {k: np.asarray(jax.device_get(v)) for k, v in accumulated.items()}
+          values = {k: float(v.mean()) for k, v in host.items()
+                    if k not in ("skipped", "consecutive_skips", "learning_rate")}
+          values["learning_rate"] = float(host["learning_rate"][-1])
+          values["skipped_total"] = float(jax.device_get(state.skipped))
+          logger.log_train(step, values, tokens_per_step=tokens_per_step,
+                           flops_per_token=flops_per_token, peak_flops=peak,
+                           stage=stage.label)
+          accumulated = {}
+          if int(host["consecutive_skips"][-1]) >= int(tc.max_consecutive_skips):
+            save(stage, force_sync=True)
+            raise NonFiniteLossError(
+                f"{int(host['consecutive_skips'][-1])} consecutive steps had a non-finite "
+                f"loss or gradient (step {step}); a checkpoint was saved. Lower "
+                "config.train.learning_rate, check the data, or raise "
+                "config.train.max_consecutive_skips.")
+        if int(tc.eval_every) and step % int(tc.eval_every) == 0:
+          run_eval(stage)
+        if step % int(tc.checkpoint_every) == 0 or step == stage.end_step:
+          save(stage)
+        if preemption.any_host():
+          save(stage, force_sync=True)
+          summary["stopped"] = "preempted"
+          logging.warning("preempted at step %d: checkpoint saved, exiting.", step)
+          break
+      if summary["stopped"] == "preempted":
+        break
+    if summary["stopped"] == "completed" and int(tc.eval_every):
+      summary["final_val"] = (run_eval(stage) if last_eval_step != step
+                              else summary.get("last_val"))
+      if checkpoints.latest_step() != step:
+        save(stage)
+  checkpoints.wait()
+  if best is not None:
+    best.wait()
+  logger.close()
+  summary["steps"] = step
+  summary["stages"] = [dataclasses.asdict(s) for s in stages]
+  if jax.process_index() == 0 and bool(tc.plot) and os.path.exists(logger.jsonl_path):
+    summary["plot"] = plot_loss_curves(
+        logger.jsonl_path, os.path.join(workdir, "loss_curves.png"),
+        stage_starts=[(s.start_step, f"{s.seq_len:,} nt") for s in stages])
+  return summary
+
+
+def load_run_config(workdir: str):
+  """The config a run in `workdir` was started with (config.json)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(workdir, CONFIG_FILE), encoding="utf-8") as f:
+    return ml_collections.ConfigDict(json.load(f))
+

@@ -1,0 +1,150 @@
+"""Run metrics: console progress with ETA, TensorBoard event files, a JSONL
+log, and loss-curve plots.
+
+Only process 0 writes; every process may call the methods.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+from absl import logging
+
+
+def format_duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+class MetricsLogger:
+  """Writes train/eval metrics to the console, TensorBoard and metrics.jsonl."""
+
+  def __init__(self, workdir: str, total_steps: int, *, tensorboard: bool = True):
+    self.total_steps = total_steps
+    self.enabled = jax.process_index() == 0
+    self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+    self._writer = None
+    self._jsonl = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+      if tensorboard:
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+        self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self._last_time = None
+    self._last_step = None
+    self._seconds_per_step = None
+
+  def _write(self, kind: str, step: int, values: dict[str, float]):
+    if not self.enabled:
+      return
+    record = {"kind": kind, "step": step, "time": time.time(), **values}
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
+    if self._writer is not None:
+      for key, value in values.items():
+        if isinstance(value, (int, float)) and math.isfinite(value):
+          self._writer.add_scalar(f"{kind}/{key}", value, step)
+      self._writer.flush()
+
+  def mark(self, step: int):
+    """Starts timing at `step` (after compilation, restores, evals)."""
+    self._last_time, self._last_step = time.perf_counter(), step
+
+  def log_train(self, step: int, metrics: dict[str, Any], *, tokens_per_step: float,
+                flops_per_token: float, peak_flops: float | None, stage: str):
+    """Logs averaged step metrics; throughput is measured since the last call."""
+    now = time.perf_counter()
+    values = {k: float(v) for k, v in metrics.items()}
+    if self._last_time is not None and step > self._last_step:
+      per_step = (now - self._last_time) / (step - self._last_step)
+      self._seconds_per_step = per_step if self._seconds_per_step is None else (
+          0.7 * self._seconds_per_step + 0.3 * per_step)
+      values["step_time_s"] = per_step
+      values["tokens_per_s"] = tokens_per_step / per_step
+      achieved = values["tokens_per_s"] * flops_per_token / jax.device_count()
+      values["tflops_per_device"] = achieved / 1e12
+      if peak_flops:
+        values["mfu"] = achieved / peak_flops
+    self._last_time, self._last_step = now, step
+    self._write("train", step, values)
+    if self.enabled:
+      eta = (self.total_steps - step) * (self._seconds_per_step or float("nan"))
+      throughput = (f" | {values['tokens_per_s']:,.0f} tok/s {values['step_time_s']:.3f} s/step"
+                    if "tokens_per_s" in values else "")
+      mfu = f" MFU {values['mfu']:.1%}" if "mfu" in values else ""
+      skipped = f" | skipped {int(values['skipped_total'])}" if values.get("skipped_total") else ""
+      logging.info(
+          "step %d/%d (%.0f%%) [%s] loss %.4f bpn %.4f acc %.3f | gnorm %.3f lr %.2e%s%s%s | ETA %s",
+          step, self.total_steps, 100.0 * step / self.total_steps, stage,
+          values["loss"], values["bits_per_nt"], values["accuracy"],
+          values["grad_norm"], values["learning_rate"], throughput, mfu, skipped,
+          format_duration(eta))
+
+  def log_eval(self, step: int, values: dict[str, float], split: str = "val"):
+    self._write(split, step, values)
+    if self.enabled:
+      logging.info("eval @ step %d [%s] %s", step, split,
+                   " ".join(f"{k} {v:.4f}" for k, v in values.items()))
+
+  def close(self):
+    if self._writer is not None:
+      self._writer.close()
+    if self._jsonl is not None:
+      self._jsonl.close()
+
+
+def read_metrics(jsonl_path: str) -> list[dict]:
+  with open(jsonl_path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_loss_curves(jsonl_path: str, out_path: str, *,
+                     stage_starts: list[tuple[int, str]] | None = None,
+                     baselines: dict[str, float] | None = None) -> str:
+  """Train and validation bits per nucleotide against step, with stage
+  boundaries and horizontal baseline lines. Returns out_path."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  records = read_metrics(jsonl_path)
+  # A resumed run appends: keep the last record per (kind, step).
+  latest = {(r["kind"], r["step"]): r for r in records}
+  series = {}
+  for (kind, step), r in sorted(latest.items(), key=lambda kv: kv[0][1]):
+    key = "bits_per_nt"
+    if key in r:
+      series.setdefault(kind, ([], []))
+      series[kind][0].append(step)
+      series[kind][1].append(r[key])
+  fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+  styles = {"train": dict(lw=1, alpha=0.8), "val": dict(marker="o", lw=2)}
+  for kind, (steps, values) in series.items():
+    ax.plot(steps, values, label=f"{kind} bits/nt", **styles.get(kind, {}))
+  for step, label in stage_starts or []:
+    ax.axvline(step, color="gray", ls=":", lw=1)
+    ax.annotate(label, (step, 1.0), xycoords=("data", "axes fraction"),
+                xytext=(3, -12), textcoords="offset points", fontsize=8, color="gray")
+  colors = iter(["tab:red", "tab:purple", "tab:brown", "tab:olive"])
+  for name, value in (baselines or {}).items():
+    ax.axhline(value, ls="--", lw=1, color=next(colors), label=f"{name}: {value:.3f}")
+  ax.axhline(2.0, ls="-", lw=0.5, color="black", alpha=0.3)
+  ax.set_xlabel("step")
+  ax.set_ylabel("bits per nucleotide")
+  ax.set_title("HybriDNA-JAX training")
+  ax.legend(loc="upper right", fontsize=8)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(out_path)
+  plt.close(fig)
+  return out_path

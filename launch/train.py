@@ -1,0 +1,42 @@
+"""Pretrains HybriDNA: `python launch/train.py --config=configs/demo.py --workdir=runs/demo`.
+
+Runs the context stages of config.train.stages, checkpoints to
+<workdir>/checkpoints (resuming from the latest one), logs to the console,
+<workdir>/metrics.jsonl and TensorBoard (<workdir>/tensorboard), and plots
+<workdir>/loss_curves.png. With config.train.markov_orders it ends by
+printing validation bits per nucleotide next to order-k Markov baselines.
+"""
+
+import json
+import os
+
+from absl import app, flags, logging
+
+from hybridna_jax import launch_utils
+
+launch_utils.define_flags()
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  launch_utils.initialize_distributed()
+  # Imported after distributed start-up (nothing may touch devices before).
+  import jax  # pylint: disable=g-import-not-at-top
+  from hybridna_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from hybridna_jax.train import report  # pylint: disable=g-import-not-at-top
+
+  config = FLAGS.config
+  summary = loop.train(config, FLAGS.workdir)
+  if jax.process_index() != 0:
+    return
+  if summary.get("final_val") and config.train.markov_orders:
+    table = report.baseline_report(config, summary["final_val"], FLAGS.workdir)
+    print(table)
+  with open(os.path.join(FLAGS.workdir, "train_summary.json"), "w", encoding="utf-8") as f:
+    json.dump(summary, f, indent=2, default=str)
+  logging.info("done: %s", json.dumps({k: summary[k] for k in ("steps", "stopped")}))
+
+
+if __name__ == "__main__":
+  app.run(main)
