@@ -37,7 +37,8 @@ _BOWTIE2 = "bowtie2-examples/usr/share/doc/bowtie2/examples/reference"
 # (species, strain, file under <cache>/extracted).
 GENOMES = (
     ("E_coli", "DH1", f"{_RAGOUT}/E.Coli/references/DH1.fasta.gz"),
-    ("E_coli", "MG1655-K12", f"{_RAGOUT}/E.Coli/references/MG1655-K12.fasta.gz"),
+    ("E_coli", "MG1655-K12",
+     f"{_RAGOUT}/E.Coli/references/MG1655-K12.fasta.gz"),
     ("H_pylori", "ELS37", f"{_RAGOUT}/H.Pylori/references/ELS37.fasta.gz"),
     ("H_pylori", "G27", f"{_RAGOUT}/H.Pylori/references/G27.fasta.gz"),
     ("H_pylori", "Gambia94_24",

@@ -88,8 +88,11 @@ def default_data_config() -> ml_collections.ConfigDict:
   # --- Performance -------------------------------------------------------
   # Grain worker processes per host (0: read in the main process).
   c.num_workers = 0
-  # Grain reader threads per process (numpy slicing releases the GIL).
-  c.read_threads = 2
+  # Grain reader threads per process. 0 is fastest from the page cache (the
+  # work is short numpy calls that contend for the GIL; see
+  # benchmarks/RESULTS.md); raise it when the store sits on slow or remote
+  # storage, where threads overlap the waits.
+  c.read_threads = 0
   # Windows buffered ahead per process; 0 picks about two batches.
   c.prefetch_buffer_size = 0
   return c

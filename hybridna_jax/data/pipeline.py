@@ -21,19 +21,19 @@ tokens `stride` apart. Windows are addressed by a global integer through
 per-segment counts and their cumulative sum (`WindowIndex`), so even 160 Gb
 of genome needs only a few numbers per segment, never a list of windows.
 
-Training stream (`train_dataset`), all deterministic for a seed:
-  1. per source, its window ids in a seeded shuffle, reshuffled each epoch
-     and repeated forever;
-  2. the sources mixed by `SourceSchedule`: source s takes a share of
-     slots proportional to its weight (training tokens ** (1/temperature)
-     times data.source_weights), in a seeded order that repeats every
-     2**20 slots;
-  3. the mixed stream strided across hosts (host h takes elements
-     h, h + H, ...), so each host reads only its own windows and the global
-     order does not depend on the number of hosts;
-  4. windows read from the memory map, mostly-N windows dropped, reverse
-     complement applied with data.reverse_complement_prob;
-  5. batched, optionally in data.num_workers worker processes.
+Training stream (`train_dataset`), all deterministic for a seed. Position
+g of an infinite global stream becomes a window (`WindowSampler`):
+  1. `SourceSchedule` picks a source: source s takes a share of positions
+     proportional to its weight (training tokens ** (1/temperature) times
+     data.source_weights), in a seeded order that repeats every 2**20
+     positions, and gives the position k in that source's stream;
+  2. the source's stream visits its windows in a fresh keyed permutation
+     every epoch (`permute`, O(1) per element, no index arrays);
+  3. a hash of (seed, g) decides the reverse complement.
+Host h of H takes positions h, h + H, ... (so each host reads only its own
+windows and the global stream does not depend on H), reads them from the
+memory map, drops mostly-N windows and batches them, optionally in
+data.num_workers worker processes.
 The iterator is a `grain.DatasetIterator`: `get_state()`/`set_state()`, and
 `iterator_save_args` / `iterator_restore_args` give the Orbax args to keep
 it in a Composite checkpoint:
@@ -65,13 +65,16 @@ from hybridna_jax import tokenizer
 from hybridna_jax.data import store as store_lib
 
 _SCHEDULE_PERIOD = 1 << 20
-# uint8 lookup: token -> complementary token (N and specials unchanged).
-_COMPLEMENT_U8 = tokenizer.COMPLEMENT.astype(np.uint8)
+# Token -> complementary token (N and specials unchanged), as a
+# bytes.translate table.
+_COMPLEMENT_TABLE = bytes(tokenizer.COMPLEMENT.tolist() + list(
+    range(tokenizer.VOCAB_SIZE, 256)))
+_M64 = (1 << 64) - 1
 _LAST_COUNTED = {True: tokenizer.T, False: tokenizer.N}
 
 
 def derive_seed(seed: int, *keys: Any) -> int:
-  """A 32-bit seed from `seed` and `keys` (for Grain's seeded transforms)."""
+  """A 32-bit seed from `seed` and `keys`, one per random decision."""
   text = "\0".join(str(k) for k in (seed,) + keys).encode()
   return int.from_bytes(hashlib.blake2b(text, digest_size=4).digest(),
                         "little")
@@ -145,12 +148,18 @@ def split_segments(split: store_lib.StoreSplit, packing: bool
           sources[run_start])
 
 
-class WindowReader(grain.transforms.Map):
-  """Window id -> {"tokens": uint8 (length,), "segments": int32 (length,)}.
+# Per-position document marks of a window (uint8, compact for the hop
+# from worker processes): a document starts here / continues / padding.
+DOC_START, DOC_CONTINUE, DOC_PAD = 1, 0, 255
 
-  Tokens past the segment end are <pad>; `segments` numbers the records in
-  the window from 1 (0 on padding). Pickles without its memory map, so
-  Grain workers reopen the store.
+
+class WindowReader(grain.transforms.Map):
+  """Window id -> {"tokens": uint8 (length,), "marks": uint8 (length,)}.
+
+  Tokens past the segment end are <pad>; `marks` holds DOC_START at the
+  first position and at each record boundary, DOC_PAD on padding and
+  DOC_CONTINUE elsewhere. Pickles without its memory map, so Grain workers
+  reopen the store.
   """
 
   def __init__(self, store_path: str, split: str, index: WindowIndex):
@@ -171,30 +180,34 @@ class WindowReader(grain.transforms.Map):
           self.split_name]
     return self._split
 
-  def map(self, i: int) -> dict[str, np.ndarray] | None:
-    if i < 0:  # An empty (padding) window.
-      return empty_window(self.index.length)
+  def map(self, item: int | tuple[int, bool]) -> dict[str, np.ndarray]:
+    """`item`: a window id (< 0: an empty window) or (id, reverse flag)."""
+    i, flip = item if isinstance(item, tuple) else (item, False)
+    length = self.index.length
+    if i < 0:
+      return {"tokens": np.zeros((length,), np.uint8),
+              "marks": np.full((length,), DOC_PAD, np.uint8)}
     split = self.split
     start, end = self.index.window(int(i))
     n = end - start
-    length = self.index.length
     tokens = np.zeros((length,), np.uint8)
     tokens[:n] = split.tokens[start:end]
+    marks = np.zeros((length,), np.uint8)
+    marks[0] = DOC_START
     offsets = split.offsets
     first = int(np.searchsorted(offsets, start, "right"))
     last = int(np.searchsorted(offsets, end, "left"))
-    segments = np.zeros((length + 1,), np.int32)
-    segments[0] = 1
     if last > first:  # Record boundaries inside the window (packing).
-      np.add.at(segments, offsets[first:last] - start, 1)
-    segments = np.cumsum(segments[:length], dtype=np.int32)
-    segments[n:] = 0
-    return {"tokens": tokens, "segments": segments}
+      marks[offsets[first:last] - start] = DOC_START
+    marks[n:] = DOC_PAD
+    window = {"tokens": tokens, "marks": marks}
+    return reverse_complement_window(window) if flip else window
 
 
-def empty_window(length: int) -> dict[str, np.ndarray]:
-  return {"tokens": np.zeros((length,), np.uint8),
-          "segments": np.zeros((length,), np.int32)}
+def window_length(window: dict[str, np.ndarray]) -> int:
+  """Number of real (non-padding) tokens of a window."""
+  marks = window["marks"]
+  return marks.size - int(np.count_nonzero(marks == DOC_PAD))
 
 
 class MostlyN(grain.transforms.Filter):
@@ -204,60 +217,89 @@ class MostlyN(grain.transforms.Filter):
     self.max_fraction = max_fraction
 
   def filter(self, window: dict[str, np.ndarray]) -> bool:
-    n = int(np.count_nonzero(window["segments"]))
+    n = window_length(window)
     num_n = int(np.count_nonzero(window["tokens"][:n] == tokenizer.N))
     return num_n <= self.max_fraction * n
 
 
-class ReverseComplement(grain.transforms.RandomMap):
-  """With probability `prob`, the window's reverse complement.
+def reverse_complement_window(window: dict[str, np.ndarray]
+                               ) -> dict[str, np.ndarray]:
+  """The window's reverse complement (padding stays at the end)."""
+  n = window_length(window)
+  tokens = window["tokens"].copy()
+  marks = window["marks"].copy()
+  if n:
+    # bytes.translate: a C loop, several times faster than a numpy lookup.
+    tokens[:n] = np.frombuffer(
+        tokens[n - 1::-1].tobytes().translate(_COMPLEMENT_TABLE), np.uint8)
+    # A document starts after each original start, read backwards.
+    marks[1:n] = window["marks"][n - 1:0:-1]
+    marks[0] = DOC_START
+  return {"tokens": tokens, "marks": marks}
 
-  Only the real tokens are flipped (padding stays at the end), and segment
-  ids are renumbered so they still increase along the window.
+
+def stack_windows(windows: Sequence[dict[str, np.ndarray]]
+                  ) -> dict[str, np.ndarray]:
+  """Windows -> a compact batch: "tokens", "marks" uint8 (B, L + 1)."""
+  return {"tokens": np.stack([w["tokens"] for w in windows]),
+          "marks": np.stack([w["marks"] for w in windows])}
+
+
+class MakeBatch(grain.transforms.Map):
+  """A compact batch (`stack_windows`) -> the batch dict (module docstring).
+
+  Runs in the main process, after any worker processes, so that workers
+  ship 2 bytes per token instead of 16.
   """
 
-  def __init__(self, prob: float):
-    self.prob = prob
-
-  def random_map(self, window, rng: np.random.Generator):
-    if rng.random() >= self.prob:
-      return window
-    segments = window["segments"]
-    n = int(np.count_nonzero(segments))
-    tokens = window["tokens"].copy()
-    tokens[:n] = _COMPLEMENT_U8[tokens[:n][::-1]]
-    flipped = segments.copy()
-    if n:
-      flipped[:n] = segments[n - 1] + 1 - segments[:n][::-1]
-    return {"tokens": tokens, "segments": flipped}
-
-
-class MakeBatch:
-  """Stacks windows of L + 1 tokens into the batch dict (module docstring)."""
-
-  def __init__(self, mask_n_in_loss: bool):
+  def __init__(self, mask_n_in_loss: bool = True):
     self.last_counted = _LAST_COUNTED[bool(mask_n_in_loss)]
 
-  def __call__(self, windows: Sequence[dict[str, np.ndarray]]
-               ) -> dict[str, np.ndarray]:
-    tokens = np.stack([w["tokens"] for w in windows])
-    segments = np.stack([w["segments"] for w in windows])
-    return make_batch(tokens, segments, self.last_counted)
+  def map(self, compact: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return make_batch(compact["tokens"], compact["marks"], self.last_counted)
 
 
-def make_batch(tokens: np.ndarray, segments: np.ndarray,
+def make_batch(tokens: np.ndarray, marks: np.ndarray,
                last_counted: int = tokenizer.T) -> dict[str, np.ndarray]:
-  """uint8 tokens and int32 segments (B, L + 1) -> the batch dict."""
+  """uint8 tokens and document marks (B, L + 1) -> the batch dict."""
+  real = marks != DOC_PAD
+  segments = real.astype(np.int32)
+  # Only rows with a boundary inside need numbering (numpy's cumsum is slow,
+  # ~5 ns a token, so the common one-document rows skip it).
+  packed = np.flatnonzero((marks[:, 1:] == DOC_START).any(axis=1))
+  if packed.size:
+    segments[packed] = segment_ids_from_marks(marks[packed])
   inputs = tokens[:, :-1].astype(np.int32)
   targets = tokens[:, 1:].astype(np.int32)
   segment_ids = np.ascontiguousarray(segments[:, :-1])
-  loss_mask = ((segments[:, 1:] == segment_ids) & (segment_ids > 0)
-               & (targets >= tokenizer.A) & (targets <= last_counted))
+  # Nucleotide targets: A <= t <= last_counted, as one unsigned comparison.
+  counted = (tokens[:, 1:] - np.uint8(tokenizer.A)) <= np.uint8(
+      last_counted - tokenizer.A)
+  loss_mask = (segments[:, 1:] == segment_ids) & real[:, :-1] & counted
   return {"inputs": inputs, "targets": targets, "segment_ids": segment_ids,
           "loss_mask": loss_mask.astype(np.float32)}
 
 
-class SourceSchedule(grain.transforms.DatasetSelectionMap):
+def segment_ids_from_marks(marks: np.ndarray) -> np.ndarray:
+  """Document marks (B, W) -> int32 segment ids: 1, 2, ... along each row
+  (a new id at each DOC_START), 0 on padding."""
+  rows, width = marks.shape
+  flat = marks.reshape(-1)
+  starts = np.flatnonzero(flat == DOC_START)
+  ids = np.zeros(flat.size, np.int32)
+  if starts.size:
+    runs = np.diff(np.append(starts, flat.size))
+    ids[starts[0]:] = np.repeat(np.arange(1, starts.size + 1,
+                                          dtype=np.int32), runs)
+  ids = ids.reshape(rows, width)
+  # Restart the numbering in each row: subtract the starts of earlier rows.
+  ids -= np.searchsorted(starts, np.arange(rows) * width).astype(
+      np.int32)[:, None]
+  ids[marks == DOC_PAD] = 0
+  return ids
+
+
+class SourceSchedule:
   """Infinite weighted interleaving of per-source streams.
 
   Slot g of the mixed stream is slot r = g mod P of a fixed period of P
@@ -265,7 +307,7 @@ class SourceSchedule(grain.transforms.DatasetSelectionMap):
   seeded random positions. Slot g maps to (s, q * count_s + rank), with q =
   g div P and rank the slot's rank among s's slots in the period, so each
   source's stream is consumed in order and source shares are exact over
-  every period. O(1) per element and stateless, as Grain requires.
+  every period. O(1) per element and stateless.
   """
 
   def __init__(self, weights: Sequence[float], seed: int,
@@ -302,13 +344,69 @@ class SourceSchedule(grain.transforms.DatasetSelectionMap):
     self.slots = slots
     self.rank = rank.astype(np.int32)
 
-  def __len__(self) -> int:
-    return sys.maxsize
-
   def __getitem__(self, index: int) -> tuple[int, int]:
     q, r = divmod(int(index), self.period)
     s = int(self.slots[r])
     return s, q * int(self.counts[s]) + int(self.rank[r])
+
+
+def _mix64(z: int) -> int:
+  """splitmix64's finaliser: a strong 64-bit integer hash."""
+  z = (z + 0x9E3779B97F4A7C15) & _M64
+  z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+  z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+  return z ^ (z >> 31)
+
+
+def permute(index: int, n: int, key: int) -> int:
+  """A keyed pseudo-random bijection of [0, n), evaluated at `index`.
+
+  A 4-round Feistel network over the smallest even-bit power of two >= n,
+  with cycle walking back into [0, n) (fewer than 4 steps on average).
+  Costs microseconds for any n; Grain's index_shuffle takes milliseconds
+  for small n, which matters for small genomes (a phage has a handful of
+  windows).
+  """
+  if n <= 1:
+    return 0
+  bits = max(2, (n - 1).bit_length())
+  half = (bits + 1) // 2
+  mask = (1 << half) - 1
+  keys = [_mix64(key ^ r) for r in range(4)]
+  x = index
+  while True:
+    left, right = x >> half, x & mask
+    for k in keys:
+      left, right = right, left ^ (_mix64(right ^ k) & mask)
+    x = (left << half) | right
+    if x < n:
+      return x
+
+
+class WindowSampler(grain.transforms.Map):
+  """Global stream position g -> (window id, reverse-complement flag).
+
+  `SourceSchedule` picks the source and the position k in its stream;
+  the stream visits the source's windows in a fresh keyed permutation every
+  epoch (k div n_s). The flag is a hash of (seed, g) below `rc_prob`.
+  Everything depends on g and the seed only, not on the host count.
+  """
+
+  def __init__(self, ranges: np.ndarray, weights: np.ndarray, seed: int,
+               rc_prob: float):
+    self.first = [int(a) for a, _ in ranges]
+    self.count = [int(b - a) for a, b in ranges]
+    self.schedule = SourceSchedule(weights, derive_seed(seed, "schedule"))
+    self.key = _mix64(derive_seed(seed, "shuffle"))
+    self.rc_key = _mix64(derive_seed(seed, "reverse_complement"))
+    self.rc_threshold = int(rc_prob * 2.0**64)
+
+  def map(self, g: int) -> tuple[int, bool]:
+    s, k = self.schedule[g]
+    epoch, j = divmod(k, self.count[s])
+    window = self.first[s] + permute(
+        j, self.count[s], _mix64(self.key ^ _mix64((s << 32) ^ epoch)))
+    return window, _mix64(self.rc_key ^ int(g)) < self.rc_threshold
 
 
 def source_weights(data_cfg, token_counts: np.ndarray,
@@ -380,24 +478,15 @@ def train_dataset(data_cfg, *, seq_len: int, batch_size: int, seed: int,
   store, index, weights = train_windows(data_cfg, seq_len=seq_len)
   ranges = index.source_ranges(len(store.sources))
   used = np.flatnonzero(weights > 0)
-  streams = [
-      grain.MapDataset.range(int(ranges[s, 0]), int(ranges[s, 1])).shuffle(
-          seed=derive_seed(seed, "shuffle", store.sources[s])).repeat()
-      for s in used
-  ]
-  ds = grain.MapDataset.select_from_datasets(
-      streams, SourceSchedule(weights[used], derive_seed(seed, "schedule")))
-  ds = ds[shard_index::shard_count]
+  sampler = WindowSampler(ranges[used], weights[used], seed,
+                          float(data_cfg.reverse_complement_prob))
+  ds = grain.MapDataset.range(0, sys.maxsize)[shard_index::shard_count]
+  ds = ds.map(sampler)
   ds = ds.map(WindowReader(store.path, data_cfg.train_split, index))
   if float(data_cfg.max_n_fraction) < 1.0:
     ds = ds.filter(MostlyN(float(data_cfg.max_n_fraction)))
-  if float(data_cfg.reverse_complement_prob) > 0:
-    ds = ds.random_map(ReverseComplement(
-        float(data_cfg.reverse_complement_prob)),
-                       seed=derive_seed(seed, "rc", shard_index))
   it = ds.to_iter_dataset(_read_options(data_cfg, batch_size))
-  it = it.batch(batch_size, drop_remainder=True,
-                batch_fn=MakeBatch(data_cfg.mask_n_in_loss))
+  it = it.batch(batch_size, drop_remainder=True, batch_fn=stack_windows)
   if int(data_cfg.num_workers) > 0:
     if not flags.FLAGS.is_parsed():
       # Grain's worker start-up reads its absl flags; outside an absl app
@@ -405,7 +494,7 @@ def train_dataset(data_cfg, *, seq_len: int, batch_size: int, seed: int,
       flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=int(data_cfg.num_workers)))
-  return it
+  return it.map(MakeBatch(data_cfg.mask_n_in_loss))
 
 
 def train_batches(data_cfg, *, seq_len: int, batch_size: int, seed: int,
@@ -430,6 +519,17 @@ def train_batches(data_cfg, *, seq_len: int, batch_size: int, seed: int,
                             shard_count=shard_count))
 
 
+class _HostWindows(grain.transforms.Map):
+  """Row i of host h -> window i * H + h, or -1 (an empty row) past the end."""
+
+  def __init__(self, total: int, shard_index: int, shard_count: int):
+    self.total, self.index, self.count = total, shard_index, shard_count
+
+  def map(self, i: int) -> int:
+    g = i * self.count + self.index
+    return g if g < self.total else -1
+
+
 def eval_dataset(data_cfg, *, split: str = "val", seq_len: int,
                  batch_size: int, shard_index: int = 0,
                  shard_count: int = 1) -> grain.IterDataset:
@@ -439,17 +539,13 @@ def eval_dataset(data_cfg, *, split: str = "val", seq_len: int,
   index = WindowIndex(
       *split_segments(store[split], bool(data_cfg.eval_packing)),
       length=seq_len + 1, stride=seq_len, align_end=False)
-  total = len(index)
-  per_host = -(-total // shard_count)
+  per_host = -(-len(index) // shard_count)
   num_rows = -(-per_host // batch_size) * batch_size
-
-  def window_id(i: int) -> int:
-    g = i * shard_count + shard_index
-    return g if i < per_host and g < total else -1
-
-  ds = grain.MapDataset.range(num_rows).map(window_id)
+  ds = grain.MapDataset.range(num_rows).map(
+      _HostWindows(len(index), shard_index, shard_count))
   ds = ds.map(WindowReader(store.path, split, index))
-  ds = ds.batch(batch_size, batch_fn=MakeBatch(data_cfg.mask_n_in_loss))
+  ds = ds.batch(batch_size, batch_fn=stack_windows)
+  ds = ds.map(MakeBatch(data_cfg.mask_n_in_loss))
   return ds.to_iter_dataset(_read_options(data_cfg, batch_size))
 
 

@@ -240,9 +240,11 @@ class _SplitWriter:
     self.tokens_file = f"{name}.tokens"
     self.index_file = f"{name}.index.npy"
     self.names_file = f"{name}.names.txt"
-    self._tokens = open(os.path.join(root, self.tokens_file), "wb")  # pylint: disable=consider-using-with
-    self._names = open(os.path.join(root, self.names_file), "w",  # pylint: disable=consider-using-with
-                       encoding="utf-8")
+    # Open for the writer's lifetime; closed in close() or discard().
+    self._tokens = open(  # pylint: disable=consider-using-with
+        os.path.join(root, self.tokens_file), "wb")
+    self._names = open(  # pylint: disable=consider-using-with
+        os.path.join(root, self.names_file), "w", encoding="utf-8")
     # Growable columns; a few bytes a record, however many records.
     self._rows = np.zeros((1024,), INDEX_DTYPE)
     self.num_records = 0
