@@ -169,6 +169,41 @@ def test_failure_leaves_no_store(tmp_path):
     store_lib.TokenStore.open(c.store_dir)
 
 
+def test_killed_preparation_leaves_no_store(tmp_path):
+  # A process that dies mid-write (os._exit: no cleanup runs) leaves only a
+  # hidden temporary directory, which readers never take for the store and
+  # the next preparation removes.
+  _genomes(tmp_path, count=3)
+  c = _cfg(tmp_path, [tmp_path / "*.fa"])
+  script = f"""
+import os
+from hybridna_jax.data import config, prepare, store
+calls = []
+def dying_append(self, tokens):
+  calls.append(1)
+  if len(calls) == 4:
+    os._exit(9)
+  self._current.append(tokens)
+store.TokenStoreWriter.append = dying_append
+c = config.default_data_config()
+c.fasta_globs = ({str(tmp_path / '*.fa')!r},)
+c.store_dir = {c.store_dir!r}
+prepare.prepare_store(c)
+"""
+  run = subprocess.run([sys.executable, "-c", script], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120,
+                       check=False)
+  assert run.returncode == 9, run.stderr
+  leftovers = [p for p in os.listdir(tmp_path) if p.startswith(".store.tmp-")]
+  assert len(leftovers) == 1 and not os.path.exists(c.store_dir)
+  assert os.listdir(tmp_path / leftovers[0])  # it had started writing
+  with pytest.raises(store_lib.StoreError, match="no token store"):
+    store_lib.TokenStore.open(c.store_dir)
+  s = prepare.prepare_store(c)
+  assert s["train"].num_records == 9
+  assert not [p for p in os.listdir(tmp_path) if p.startswith(".store")]
+
+
 def test_rerun_reuses_store_and_detects_changed_inputs(tmp_path):
   _genomes(tmp_path, count=2)
   c = _cfg(tmp_path, [tmp_path / "*.fa"])

@@ -153,7 +153,6 @@ class FastaReader:
     self.bytes_in = 0
     self.bytes_out = 0
     self.line = 0
-    self.size = os.path.getsize(self.path)
 
   def __iter__(self) -> Iterator[FastaHeader | np.ndarray]:
     stream, raw, kind = open_decompressed(self.path)
