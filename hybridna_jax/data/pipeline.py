@@ -1,0 +1,580 @@
+"""Grain pipeline: token-store windows -> training and evaluation batches.
+
+Batches are dicts of numpy arrays, B = per-host batch size, L = seq_len:
+
+    inputs       int32   (B, L)  token ids
+    targets      int32   (B, L)  the next token of each input position
+    segment_ids  int32   (B, L)  document id per position: >= 1 for real
+                                 tokens, 0 for padding, constant within a
+                                 document and changing at every document
+                                 boundary (attention segment ids and the
+                                 SSD's seq_idx)
+    loss_mask    float32 (B, L)  1 where the target is a nucleotide of the
+                                 same document as the input position (and not
+                                 N with data.mask_n_in_loss), else 0
+
+Each row is a window of L + 1 stored tokens read as the shifted pair.
+
+Windows. A split is cut into segments -- each record, or with packing each
+run of records of one source -- and each segment into windows of L + 1
+tokens `stride` apart. Windows are addressed by a global integer through
+per-segment counts and their cumulative sum (`WindowIndex`), so even 160 Gb
+of genome needs only a few numbers per segment, never a list of windows.
+
+Training stream (`train_dataset`), all deterministic for a seed. Position
+g of an infinite global stream becomes a window (`WindowSampler`):
+  1. `SourceSchedule` picks a source: source s takes a share of positions
+     proportional to its weight (training tokens ** (1/temperature) times
+     data.source_weights), in a seeded order that repeats every 2**20
+     positions, and gives the position k in that source's stream;
+  2. the source's stream visits its windows in a fresh keyed permutation
+     every epoch (`permute`, O(1) per element, no index arrays);
+  3. a hash of (seed, g) decides the reverse complement.
+Host h of H takes positions h, h + H, ... (so each host reads only its own
+windows and the global stream does not depend on H), reads them from the
+memory map, drops mostly-N windows and batches them, optionally in
+data.num_workers worker processes.
+The iterator is a `grain.DatasetIterator`: `get_state()`/`set_state()`, and
+`iterator_save_args` / `iterator_restore_args` give the Orbax args to keep
+it in a Composite checkpoint:
+
+    mngr.save(step, args=ocp.args.Composite(
+        params=..., data=pipeline.iterator_save_args(it)))
+    mngr.restore(step, args=ocp.args.Composite(
+        params=..., data=pipeline.iterator_restore_args(it)))
+
+Evaluation (`eval_batches`): every record of a split in consecutive,
+non-overlapping windows (each target token scored exactly once), the last
+one of each record padded, no augmentation, no skipping; the windows are
+dealt round-robin to hosts, and every host gets the same number of batches
+(padded with empty rows, loss_mask 0) so collective eval steps line up.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import sys
+from typing import Any, Iterable, Sequence
+
+from absl import flags
+import grain
+import numpy as np
+
+from hybridna_jax import tokenizer
+from hybridna_jax.data import store as store_lib
+
+_SCHEDULE_PERIOD = 1 << 20
+# Token -> complementary token (N and specials unchanged), as a
+# bytes.translate table.
+_COMPLEMENT_TABLE = bytes(tokenizer.COMPLEMENT.tolist() + list(
+    range(tokenizer.VOCAB_SIZE, 256)))
+_M64 = (1 << 64) - 1
+_LAST_COUNTED = {True: tokenizer.T, False: tokenizer.N}
+
+
+def derive_seed(seed: int, *keys: Any) -> int:
+  """A 32-bit seed from `seed` and `keys`, one per random decision."""
+  text = "\0".join(str(k) for k in (seed,) + keys).encode()
+  return int.from_bytes(hashlib.blake2b(text, digest_size=4).digest(),
+                        "little")
+
+
+class WindowIndex:
+  """Windows of `length` tokens over segments of a split's token file.
+
+  Segment k covers tokens [starts[k], ends[k]) and belongs to source
+  sources[k]; segments are sorted by source, so the windows of a source
+  have consecutive ids (`source_ranges`). A segment of n >= 2 tokens has
+  windows starting every `stride` tokens:
+    * align_end=True (training): 1 + ceil(max(0, n - length) / stride)
+      windows, the last moved back to end at the segment's end (a short
+      segment gives one padded window);
+    * align_end=False (evaluation, stride = length - 1): ceil((n - 1) /
+      stride) windows covering every target once, the last one padded.
+  """
+
+  def __init__(self, starts: np.ndarray, ends: np.ndarray,
+               sources: np.ndarray, *, length: int, stride: int,
+               align_end: bool):
+    if length < 2 or stride < 1:
+      raise ValueError(f"need length >= 2 and stride >= 1, got {length}, "
+                       f"{stride}")
+    order = np.argsort(sources, kind="stable")
+    self.starts = np.asarray(starts, np.int64)[order]
+    self.ends = np.asarray(ends, np.int64)[order]
+    self.sources = np.asarray(sources, np.int64)[order]
+    self.length, self.stride, self.align_end = length, stride, align_end
+    n = self.ends - self.starts
+    if align_end:
+      counts = 1 + -(-np.maximum(n - length, 0) // stride)
+    else:
+      counts = -(-(n - 1) // stride)
+    counts = np.where(n >= 2, counts, 0)
+    self.cum = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+  def __len__(self) -> int:
+    return int(self.cum[-1])
+
+  def source_ranges(self, num_sources: int) -> np.ndarray:
+    """int64 (num_sources, 2): [first, end) window ids of each source."""
+    first = np.searchsorted(self.sources, np.arange(num_sources), "left")
+    last = np.searchsorted(self.sources, np.arange(num_sources), "right")
+    return np.stack([self.cum[first], self.cum[last]], axis=1)
+
+  def window(self, i: int) -> tuple[int, int]:
+    """[start, end) token positions of window `i` (end - start <= length)."""
+    k = int(np.searchsorted(self.cum, i, "right")) - 1
+    lo, hi = int(self.starts[k]), int(self.ends[k])
+    start = lo + (i - int(self.cum[k])) * self.stride
+    if self.align_end:
+      start = min(start, max(lo, hi - self.length))
+    return start, min(start + self.length, hi)
+
+
+def split_segments(split: store_lib.StoreSplit, packing: bool
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(starts, ends, source ids) of the segments windows are cut from.
+
+  Without packing each record is a segment; with packing each maximal run
+  of consecutive records of one source (records are stored back to back).
+  """
+  starts, lengths, sources = split.offsets, split.lengths, split.source_ids
+  if not packing or starts.size == 0:
+    return starts, starts + lengths, sources
+  run_start = np.flatnonzero(np.diff(sources, prepend=-1) != 0)
+  run_end = np.append(run_start[1:], sources.size) - 1
+  return (starts[run_start], starts[run_end] + lengths[run_end],
+          sources[run_start])
+
+
+# Per-position document marks of a window (uint8, compact for the hop
+# from worker processes): a document starts here / continues / padding.
+DOC_START, DOC_CONTINUE, DOC_PAD = 1, 0, 255
+
+
+class WindowReader(grain.transforms.Map):
+  """Window id -> {"tokens": uint8 (length,), "marks": uint8 (length,)}.
+
+  Tokens past the segment end are <pad>; `marks` holds DOC_START at the
+  first position and at each record boundary, DOC_PAD on padding and
+  DOC_CONTINUE elsewhere. Pickles without its memory map, so Grain workers
+  reopen the store.
+  """
+
+  def __init__(self, store_path: str, split: str, index: WindowIndex):
+    self.store_path = store_path
+    self.split_name = split
+    self.index = index
+    self._split = None
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_split"] = None
+    return state
+
+  @property
+  def split(self) -> store_lib.StoreSplit:
+    if self._split is None:
+      self._split = store_lib.TokenStore.open(self.store_path)[
+          self.split_name]
+    return self._split
+
+  def map(self, item: int | tuple[int, bool]) -> dict[str, np.ndarray]:
+    """`item`: a window id (< 0: an empty window) or (id, reverse flag)."""
+    i, flip = item if isinstance(item, tuple) else (item, False)
+    length = self.index.length
+    if i < 0:
+      return {"tokens": np.zeros((length,), np.uint8),
+              "marks": np.full((length,), DOC_PAD, np.uint8)}
+    split = self.split
+    start, end = self.index.window(int(i))
+    n = end - start
+    tokens = np.zeros((length,), np.uint8)
+    tokens[:n] = split.tokens[start:end]
+    marks = np.zeros((length,), np.uint8)
+    marks[0] = DOC_START
+    offsets = split.offsets
+    first = int(np.searchsorted(offsets, start, "right"))
+    last = int(np.searchsorted(offsets, end, "left"))
+    if last > first:  # Record boundaries inside the window (packing).
+      marks[offsets[first:last] - start] = DOC_START
+    marks[n:] = DOC_PAD
+    window = {"tokens": tokens, "marks": marks}
+    return reverse_complement_window(window) if flip else window
+
+
+def window_length(window: dict[str, np.ndarray]) -> int:
+  """Number of real (non-padding) tokens of a window."""
+  marks = window["marks"]
+  return marks.size - int(np.count_nonzero(marks == DOC_PAD))
+
+
+class MostlyN(grain.transforms.Filter):
+  """Keeps windows whose fraction of N tokens is at most `max_fraction`."""
+
+  def __init__(self, max_fraction: float):
+    self.max_fraction = max_fraction
+
+  def filter(self, window: dict[str, np.ndarray]) -> bool:
+    n = window_length(window)
+    num_n = int(np.count_nonzero(window["tokens"][:n] == tokenizer.N))
+    return num_n <= self.max_fraction * n
+
+
+def reverse_complement_window(window: dict[str, np.ndarray]
+                               ) -> dict[str, np.ndarray]:
+  """The window's reverse complement (padding stays at the end)."""
+  n = window_length(window)
+  tokens = window["tokens"].copy()
+  marks = window["marks"].copy()
+  if n:
+    # bytes.translate: a C loop, several times faster than a numpy lookup.
+    tokens[:n] = np.frombuffer(
+        tokens[n - 1::-1].tobytes().translate(_COMPLEMENT_TABLE), np.uint8)
+    # A document starts after each original start, read backwards.
+    marks[1:n] = window["marks"][n - 1:0:-1]
+    marks[0] = DOC_START
+  return {"tokens": tokens, "marks": marks}
+
+
+def stack_windows(windows: Sequence[dict[str, np.ndarray]]
+                  ) -> dict[str, np.ndarray]:
+  """Windows -> a compact batch: "tokens", "marks" uint8 (B, L + 1)."""
+  return {"tokens": np.stack([w["tokens"] for w in windows]),
+          "marks": np.stack([w["marks"] for w in windows])}
+
+
+class MakeBatch(grain.transforms.Map):
+  """A compact batch (`stack_windows`) -> the batch dict (module docstring).
+
+  Runs in the main process, after any worker processes, so that workers
+  ship 2 bytes per token instead of 16.
+  """
+
+  def __init__(self, mask_n_in_loss: bool = True):
+    self.last_counted = _LAST_COUNTED[bool(mask_n_in_loss)]
+
+  def map(self, compact: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return make_batch(compact["tokens"], compact["marks"], self.last_counted)
+
+
+def make_batch(tokens: np.ndarray, marks: np.ndarray,
+               last_counted: int = tokenizer.T) -> dict[str, np.ndarray]:
+  """uint8 tokens and document marks (B, L + 1) -> the batch dict."""
+  real = marks != DOC_PAD
+  segments = real.astype(np.int32)
+  # Only rows with a boundary inside need numbering (numpy's cumsum is slow,
+  # ~5 ns a token, so the common one-document rows skip it).
+  packed = np.flatnonzero((marks[:, 1:] == DOC_START).any(axis=1))
+  if packed.size:
+    segments[packed] = segment_ids_from_marks(marks[packed])
+  inputs = tokens[:, :-1].astype(np.int32)
+  targets = tokens[:, 1:].astype(np.int32)
+  segment_ids = np.ascontiguousarray(segments[:, :-1])
+  # Nucleotide targets: A <= t <= last_counted, as one unsigned comparison.
+  counted = (tokens[:, 1:] - np.uint8(tokenizer.A)) <= np.uint8(
+      last_counted - tokenizer.A)
+  loss_mask = (segments[:, 1:] == segment_ids) & real[:, :-1] & counted
+  return {"inputs": inputs, "targets": targets, "segment_ids": segment_ids,
+          "loss_mask": loss_mask.astype(np.float32)}
+
+
+def segment_ids_from_marks(marks: np.ndarray) -> np.ndarray:
+  """Document marks (B, W) -> int32 segment ids: 1, 2, ... along each row
+  (a new id at each DOC_START), 0 on padding."""
+  rows, width = marks.shape
+  flat = marks.reshape(-1)
+  starts = np.flatnonzero(flat == DOC_START)
+  ids = np.zeros(flat.size, np.int32)
+  if starts.size:
+    runs = np.diff(np.append(starts, flat.size))
+    ids[starts[0]:] = np.repeat(np.arange(1, starts.size + 1,
+                                          dtype=np.int32), runs)
+  ids = ids.reshape(rows, width)
+  # Restart the numbering in each row: subtract the starts of earlier rows.
+  ids -= np.searchsorted(starts, np.arange(rows) * width).astype(
+      np.int32)[:, None]
+  ids[marks == DOC_PAD] = 0
+  return ids
+
+
+class SourceSchedule:
+  """Infinite weighted interleaving of per-source streams.
+
+  Slot g of the mixed stream is slot r = g mod P of a fixed period of P
+  slots, in which source s owns round(P * w_s) slots (at least one) at
+  seeded random positions. Slot g maps to (s, q * count_s + rank), with q =
+  g div P and rank the slot's rank among s's slots in the period, so each
+  source's stream is consumed in order and source shares are exact over
+  every period. O(1) per element and stateless.
+  """
+
+  def __init__(self, weights: Sequence[float], seed: int,
+               period: int = _SCHEDULE_PERIOD):
+    w = np.asarray(weights, np.float64)
+    if w.ndim != 1 or not w.size or np.any(w <= 0):
+      raise ValueError(f"need positive weights, got {weights}")
+    period = max(period, 4 * w.size)
+    w = w / w.sum()
+    counts = np.maximum(np.floor(w * period).astype(np.int64), 1)
+    # Hand out what rounding left over by largest remainder (or take back
+    # what the minimum of one slot added, from the largest sources).
+    short = period - counts.sum()
+    by_remainder = np.argsort(-(w * period - np.floor(w * period)),
+                              kind="stable")
+    by_size = np.argsort(-counts, kind="stable")
+    i = 0
+    while short:
+      if short > 0:
+        counts[by_remainder[i % w.size]] += 1
+        short -= 1
+      elif counts[by_size[i % w.size]] > 1:
+        counts[by_size[i % w.size]] -= 1
+        short += 1
+      i += 1
+    slots = np.repeat(np.arange(w.size, dtype=np.int32), counts)
+    slots = np.random.default_rng(seed).permutation(slots)
+    order = np.argsort(slots, kind="stable")
+    rank = np.empty(period, np.int64)
+    rank[order] = np.arange(period) - np.repeat(
+        np.cumsum(counts) - counts, counts)
+    self.period = period
+    self.counts = counts
+    self.slots = slots
+    self.rank = rank.astype(np.int32)
+
+  def __getitem__(self, index: int) -> tuple[int, int]:
+    q, r = divmod(int(index), self.period)
+    s = int(self.slots[r])
+    return s, q * int(self.counts[s]) + int(self.rank[r])
+
+
+def _mix64(z: int) -> int:
+  """splitmix64's finaliser: a strong 64-bit integer hash."""
+  z = (z + 0x9E3779B97F4A7C15) & _M64
+  z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+  z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+  return z ^ (z >> 31)
+
+
+def permute(index: int, n: int, key: int) -> int:
+  """A keyed pseudo-random bijection of [0, n), evaluated at `index`.
+
+  A 4-round Feistel network over the smallest even-bit power of two >= n,
+  with cycle walking back into [0, n) (fewer than 4 steps on average).
+  Costs microseconds for any n; Grain's index_shuffle takes milliseconds
+  for small n, which matters for small genomes (a phage has a handful of
+  windows).
+  """
+  if n <= 1:
+    return 0
+  bits = max(2, (n - 1).bit_length())
+  half = (bits + 1) // 2
+  mask = (1 << half) - 1
+  keys = [_mix64(key ^ r) for r in range(4)]
+  x = index
+  while True:
+    left, right = x >> half, x & mask
+    for k in keys:
+      left, right = right, left ^ (_mix64(right ^ k) & mask)
+    x = (left << half) | right
+    if x < n:
+      return x
+
+
+class WindowSampler(grain.transforms.Map):
+  """Global stream position g -> (window id, reverse-complement flag).
+
+  `SourceSchedule` picks the source and the position k in its stream;
+  the stream visits the source's windows in a fresh keyed permutation every
+  epoch (k div n_s). The flag is a hash of (seed, g) below `rc_prob`.
+  Everything depends on g and the seed only, not on the host count.
+  """
+
+  def __init__(self, ranges: np.ndarray, weights: np.ndarray, seed: int,
+               rc_prob: float):
+    self.first = [int(a) for a, _ in ranges]
+    self.count = [int(b - a) for a, b in ranges]
+    self.schedule = SourceSchedule(weights, derive_seed(seed, "schedule"))
+    self.key = _mix64(derive_seed(seed, "shuffle"))
+    self.rc_key = _mix64(derive_seed(seed, "reverse_complement"))
+    self.rc_threshold = int(rc_prob * 2.0**64)
+
+  def map(self, g: int) -> tuple[int, bool]:
+    s, k = self.schedule[g]
+    epoch, j = divmod(k, self.count[s])
+    window = self.first[s] + permute(
+        j, self.count[s], _mix64(self.key ^ _mix64((s << 32) ^ epoch)))
+    return window, _mix64(self.rc_key ^ int(g)) < self.rc_threshold
+
+
+def source_weights(data_cfg, token_counts: np.ndarray,
+                   source_names: Sequence[str]) -> np.ndarray:
+  """float64 (num_sources,): sampling weight of each source (0: unused)."""
+  temperature = float(data_cfg.source_temperature)
+  if temperature <= 0:
+    raise ValueError(f"data.source_temperature must be > 0, got "
+                     f"{temperature}.")
+  weights = np.power(token_counts.astype(np.float64), 1.0 / temperature)
+  weights[token_counts == 0] = 0.0
+  for item in data_cfg.source_weights or ():
+    pattern, sep, value = str(item).rpartition("=")
+    try:
+      factor = float(value)
+    except ValueError:
+      factor = -1.0
+    if not sep or factor < 0:
+      raise ValueError(f"data.source_weights: {item!r} is not "
+                       "'pattern=weight' with a weight >= 0.")
+    hits = [i for i, name in enumerate(source_names)
+            if fnmatch.fnmatchcase(name, pattern)]
+    if not hits:
+      raise ValueError(f"data.source_weights: {pattern!r} matches none of "
+                       f"the sources {list(source_names)}.")
+    weights[hits] *= factor
+  return weights
+
+
+def _read_options(data_cfg, batch_size: int) -> grain.ReadOptions:
+  buffer = int(data_cfg.prefetch_buffer_size) or max(2 * batch_size, 16)
+  return grain.ReadOptions(num_threads=int(data_cfg.read_threads),
+                           prefetch_buffer_size=buffer)
+
+
+def _check_sizes(seq_len: int, batch_size: int, shard_index: int,
+                 shard_count: int) -> None:
+  if seq_len < 1 or batch_size < 1:
+    raise ValueError(f"need seq_len >= 1 and batch_size >= 1, got {seq_len}"
+                     f" and {batch_size}.")
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index {shard_index} not in [0, {shard_count}).")
+
+
+def train_windows(data_cfg, *, seq_len: int) -> tuple[
+    store_lib.TokenStore, WindowIndex, np.ndarray]:
+  """The training split's store, window index and source weights."""
+  store = store_lib.TokenStore.open(data_cfg.store_dir)
+  split = store[data_cfg.train_split]
+  stride = int(data_cfg.window_stride) or seq_len
+  index = WindowIndex(*split_segments(split, bool(data_cfg.packing)),
+                      length=seq_len + 1, stride=stride, align_end=True)
+  weights = source_weights(data_cfg, split.source_token_counts(),
+                           store.sources)
+  ranges = index.source_ranges(len(store.sources))
+  weights[ranges[:, 1] == ranges[:, 0]] = 0.0
+  if not np.any(weights > 0):
+    raise ValueError(f"no training windows in {data_cfg.store_dir} split "
+                     f"{data_cfg.train_split!r} (all records shorter than 2 "
+                     "tokens, or every source weighted 0).")
+  return store, index, weights
+
+
+def train_dataset(data_cfg, *, seq_len: int, batch_size: int, seed: int,
+                  shard_index: int = 0, shard_count: int = 1
+                  ) -> grain.IterDataset:
+  """The infinite training dataset (see the module docstring)."""
+  _check_sizes(seq_len, batch_size, shard_index, shard_count)
+  store, index, weights = train_windows(data_cfg, seq_len=seq_len)
+  ranges = index.source_ranges(len(store.sources))
+  used = np.flatnonzero(weights > 0)
+  sampler = WindowSampler(ranges[used], weights[used], seed,
+                          float(data_cfg.reverse_complement_prob))
+  ds = grain.MapDataset.range(0, sys.maxsize)[shard_index::shard_count]
+  ds = ds.map(sampler)
+  ds = ds.map(WindowReader(store.path, data_cfg.train_split, index))
+  if float(data_cfg.max_n_fraction) < 1.0:
+    ds = ds.filter(MostlyN(float(data_cfg.max_n_fraction)))
+  it = ds.to_iter_dataset(_read_options(data_cfg, batch_size))
+  it = it.batch(batch_size, drop_remainder=True, batch_fn=stack_windows)
+  if int(data_cfg.num_workers) > 0:
+    if not flags.FLAGS.is_parsed():
+      # Grain's worker start-up reads its absl flags; outside an absl app
+      # (tests, notebooks) they are unparsed, so use their defaults.
+      flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=int(data_cfg.num_workers)))
+  return it.map(MakeBatch(data_cfg.mask_n_in_loss))
+
+
+def train_batches(data_cfg, *, seq_len: int, batch_size: int, seed: int,
+                  shard_index: int = 0, shard_count: int = 1
+                  ) -> grain.DatasetIterator:
+  """An infinite, checkpointable iterator of this host's training batches.
+
+  Args:
+    data_cfg: the data config (`config.default_data_config()` fields).
+    seq_len: tokens per row (windows read seq_len + 1 tokens).
+    batch_size: rows per batch on this host.
+    seed: seeds shuffling, source order and augmentation.
+    shard_index, shard_count: this host's share of the stream (e.g.
+      jax.process_index(), jax.process_count()).
+
+  Returns:
+    A `grain.DatasetIterator` of batch dicts (module docstring) with
+    `get_state()` / `set_state()`; see `iterator_save_args`.
+  """
+  return iter(train_dataset(data_cfg, seq_len=seq_len, batch_size=batch_size,
+                            seed=seed, shard_index=shard_index,
+                            shard_count=shard_count))
+
+
+class _HostWindows(grain.transforms.Map):
+  """Row i of host h -> window i * H + h, or -1 (an empty row) past the end."""
+
+  def __init__(self, total: int, shard_index: int, shard_count: int):
+    self.total, self.index, self.count = total, shard_index, shard_count
+
+  def map(self, i: int) -> int:
+    g = i * self.count + self.index
+    return g if g < self.total else -1
+
+
+def eval_dataset(data_cfg, *, split: str = "val", seq_len: int,
+                 batch_size: int, shard_index: int = 0,
+                 shard_count: int = 1) -> grain.IterDataset:
+  """The finite evaluation dataset (see `eval_batches`)."""
+  _check_sizes(seq_len, batch_size, shard_index, shard_count)
+  store = store_lib.TokenStore.open(data_cfg.store_dir)
+  index = WindowIndex(
+      *split_segments(store[split], bool(data_cfg.eval_packing)),
+      length=seq_len + 1, stride=seq_len, align_end=False)
+  per_host = -(-len(index) // shard_count)
+  num_rows = -(-per_host // batch_size) * batch_size
+  ds = grain.MapDataset.range(num_rows).map(
+      _HostWindows(len(index), shard_index, shard_count))
+  ds = ds.map(WindowReader(store.path, split, index))
+  ds = ds.batch(batch_size, batch_fn=stack_windows)
+  ds = ds.map(MakeBatch(data_cfg.mask_n_in_loss))
+  return ds.to_iter_dataset(_read_options(data_cfg, batch_size))
+
+
+def eval_batches(data_cfg, *, split: str = "val", seq_len: int,
+                 batch_size: int, shard_index: int = 0, shard_count: int = 1
+                 ) -> Iterable[dict[str, np.ndarray]]:
+  """A finite, deterministic, re-iterable sequence of evaluation batches.
+
+  Covers every record of `split` with consecutive non-overlapping windows
+  (seq_len + 1 tokens read, seq_len apart, so every token after a record's
+  first is a target exactly once), the last window of each record padded;
+  no shuffling, augmentation or N-skipping. Window w goes to host
+  w mod shard_count; every host yields ceil(ceil(W / shard_count) /
+  batch_size) full batches, the tail padded with empty rows (loss_mask 0).
+  """
+  return eval_dataset(data_cfg, split=split, seq_len=seq_len,
+                      batch_size=batch_size, shard_index=shard_index,
+                      shard_count=shard_count)
+
+
+def iterator_save_args(it: grain.DatasetIterator):
+  """Orbax args saving the iterator's state as an item of a Composite.
+
+  Grain's handler writes one JSON file per process
+  (process_<i>-of-<n>.json), so each host keeps its own position.
+  """
+  return grain.checkpoint.CheckpointSave(it)
+
+
+def iterator_restore_args(it: grain.DatasetIterator):
+  """Orbax args restoring a saved state into `it` (built the same way)."""
+  return grain.checkpoint.CheckpointRestore(it)

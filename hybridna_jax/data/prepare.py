@@ -1,0 +1,310 @@
+"""FASTA files -> a train/val token store, streaming.
+
+`prepare_store(data_cfg)` reads every input file block by block (see
+`fasta.py`), routes each whole record to a split (see `SplitRule`) and
+appends its tokens to that split's file in the store (see `store.py`).
+Memory stays bounded by the block size plus a few bytes per record, so a
+3 Gb genome prepares on a small machine. Inputs are grouped by source so
+that each source's records are contiguous in each split.
+
+Running it again with the same inputs and split re-uses the existing store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import glob
+import hashlib
+import os
+import time
+from typing import Any, Callable, Sequence
+
+from absl import logging
+
+from hybridna_jax.data import fasta
+from hybridna_jax.data import store as store_lib
+
+_COMPRESSION_EXTS = (".gz", ".bgz", ".xz", ".bz2")
+_FASTA_EXTS = (".fa", ".fasta", ".fna", ".fas", ".fsa", ".ffn", ".mfa",
+               ".seq", ".fa.txt")
+SOURCE_FROM = ("file", "dir", "record")
+TRAIN, VAL = "train", "val"
+
+
+@dataclasses.dataclass(frozen=True)
+class InputFile:
+  path: str
+  source: str | None  # None when every record is its own source.
+  size: int
+  mtime_ns: int
+
+
+def source_name(path: str, source_from: str) -> str | None:
+  """The source a file's records belong to (None: each record is one)."""
+  if source_from == "record":
+    return None
+  if source_from == "dir":
+    return os.path.basename(os.path.dirname(os.path.abspath(path)))
+  if source_from == "file":
+    name = os.path.basename(path)
+    for ext in _COMPRESSION_EXTS:
+      if name.lower().endswith(ext):
+        name = name[:-len(ext)]
+        break
+    for ext in _FASTA_EXTS:
+      if name.lower().endswith(ext):
+        name = name[:-len(ext)]
+        break
+    return name
+  raise ValueError(f"data.source_from must be one of {SOURCE_FROM}, got "
+                   f"{source_from!r}.")
+
+
+def resolve_inputs(globs: Sequence[str], source_from: str) -> list[InputFile]:
+  """Expands the globs into files sorted by (source, path).
+
+  Raises:
+    ValueError: no globs, a glob that matches no file, or two files that
+      would give one source with source_from="file".
+  """
+  if isinstance(globs, str):
+    globs = (globs,)
+  if not globs:
+    raise ValueError("data.fasta_globs is empty: name the FASTA files to "
+                     "prepare, e.g. ('genomes/*.fa.gz',).")
+  paths = {}
+  for pattern in globs:
+    matches = sorted(p for p in glob.glob(os.path.expanduser(pattern),
+                                          recursive=True) if os.path.isfile(p))
+    if not matches:
+      raise ValueError(f"data.fasta_globs: {pattern!r} matches no file "
+                       f"(current directory {os.getcwd()}).")
+    for p in matches:
+      paths.setdefault(os.path.realpath(p), p)
+  files = []
+  by_source: dict[str, str] = {}
+  for real, p in paths.items():
+    source = source_name(p, source_from)
+    if source_from == "file" and source in by_source:
+      raise ValueError(
+          f"{by_source[source]} and {p} both give source {source!r}; rename "
+          "one, or set data.source_from='dir' if they are one genome.")
+    by_source[source] = p
+    st = os.stat(real)
+    files.append(InputFile(real, source, st.st_size, st.st_mtime_ns))
+  files.sort(key=lambda f: (f.source or "", f.path))
+  return files
+
+
+def _unit_hash(seed: int, key: str) -> float:
+  """A stable uniform number in [0, 1) for `key`."""
+  digest = hashlib.blake2b(f"{seed}\0{key}".encode(), digest_size=8).digest()
+  return int.from_bytes(digest, "little") / 2.0**64
+
+
+class SplitRule:
+  """Routes whole records or whole sources to "train" or "val".
+
+  A record is validation when its source matches `val_sources`, its name
+  matches `val_records`, or the `val_fraction` hash picks its source
+  (split_by="source") or the record itself (split_by="record").
+  """
+
+  def __init__(self, split_cfg, sources: Sequence[str] | None):
+    """`sources`: all source names, or None when they are record names."""
+    self.val_sources = tuple(split_cfg.get("val_sources", ()) or ())
+    self.val_records = tuple(split_cfg.get("val_records", ()) or ())
+    self.fraction = float(split_cfg.get("val_fraction", 0.0))
+    self.split_by = split_cfg.get("split_by", "source")
+    self.seed = int(split_cfg.get("seed", 0))
+    if isinstance(self.val_sources, str):
+      self.val_sources = (self.val_sources,)
+    if isinstance(self.val_records, str):
+      self.val_records = (self.val_records,)
+    if self.split_by not in ("source", "record"):
+      raise ValueError("data.split.split_by must be 'source' or 'record', "
+                       f"got {self.split_by!r}.")
+    if not 0.0 <= self.fraction < 1.0:
+      raise ValueError("data.split.val_fraction must be in [0, 1), got "
+                       f"{self.fraction}.")
+    self._matched_sources: set[str] = set()
+    self._matched_records: set[str] = set()
+    self._fraction_sources: set[str] | None = None
+    if sources is not None:
+      for pattern in self.val_sources:
+        if not fnmatch.filter(sources, pattern):
+          raise ValueError(
+              f"data.split.val_sources: {pattern!r} matches none of the "
+              f"sources {sorted(sources)}.")
+      if self.fraction and self.split_by == "source":
+        if len(sources) < 2:
+          raise ValueError(
+              "data.split.val_fraction with split_by='source' needs at least "
+              f"two sources, the inputs have {len(sources)}; use "
+              "split_by='record' or name data.split.val_records.")
+        count = min(max(round(self.fraction * len(sources)), 1),
+                    len(sources) - 1)
+        ranked = sorted(sources, key=lambda s: _unit_hash(self.seed, s))
+        self._fraction_sources = set(ranked[:count])
+
+  @property
+  def active(self) -> bool:
+    return bool(self.val_sources or self.val_records or self.fraction)
+
+  def __call__(self, source: str, record: str) -> str:
+    val = False
+    for pattern in self.val_sources:
+      if fnmatch.fnmatchcase(source, pattern):
+        self._matched_sources.add(pattern)
+        val = True
+    for pattern in self.val_records:
+      if fnmatch.fnmatchcase(record, pattern):
+        self._matched_records.add(pattern)
+        val = True
+    if self.fraction:
+      if self._fraction_sources is not None:
+        val |= source in self._fraction_sources
+      else:
+        key = record if self.split_by == "record" else source
+        val |= _unit_hash(self.seed, f"{source}\0{key}") < self.fraction
+    return VAL if val else TRAIN
+
+  def check_all_matched(self) -> None:
+    """Raises for val_records / val_sources patterns that matched nothing."""
+    for kind, patterns, matched in (
+        ("val_records", self.val_records, self._matched_records),
+        ("val_sources", self.val_sources, self._matched_sources)):
+      missing = [p for p in patterns if p not in matched]
+      if missing:
+        raise ValueError(f"data.split.{kind}: {missing} matched no record; "
+                         "check the names against the FASTA headers.")
+
+
+def fingerprint(files: Sequence[InputFile], data_cfg) -> dict[str, Any]:
+  """What a store depends on; an identical fingerprint means re-use it."""
+  return {
+      "inputs": [dataclasses.asdict(f) for f in files],
+      "source_from": data_cfg.source_from,
+      "allow_empty_records": bool(data_cfg.allow_empty_records),
+      "split": {
+          "val_sources": list(data_cfg.split.val_sources),
+          "val_records": list(data_cfg.split.val_records),
+          "val_fraction": float(data_cfg.split.val_fraction),
+          "split_by": data_cfg.split.split_by,
+          "seed": int(data_cfg.split.seed),
+      },
+  }
+
+
+class _Progress:
+  """Logs bytes, records and throughput every `every` seconds."""
+
+  def __init__(self, files: Sequence[InputFile], every: float,
+               log: Callable[..., None]):
+    self.total = sum(f.size for f in files)
+    self.num_files = len(files)
+    self.every = every
+    self.log = log
+    self.start = self.last = time.monotonic()
+    self.done_bytes = 0
+
+  def update(self, file_index: int, reader: fasta.FastaReader | None,
+             writer: store_lib.TokenStoreWriter, force: bool = False):
+    """Logs if `every` seconds passed (or `force`); reader None: all done."""
+    now = time.monotonic()
+    if not force and now - self.last < self.every:
+      return
+    self.last = now
+    elapsed = max(now - self.start, 1e-9)
+    done = self.done_bytes + (reader.bytes_in if reader else 0)
+    rate = (writer.num_tokens / 1e6) / elapsed
+    eta = (self.total - done) / max(done / elapsed, 1e-9)
+    where = (f"file {file_index + 1}/{self.num_files} "
+             f"{os.path.basename(reader.path)}" if reader else "done")
+    self.log(
+        "%s: %.1f/%.1f MB of input (%.0f%%), %d records, %.1f M tokens, "
+        "%.1f Mb/s, %.0fs elapsed, ETA %.0fs", where, done / 1e6,
+        self.total / 1e6, 100.0 * done / max(self.total, 1),
+        writer.num_records, writer.num_tokens / 1e6, rate, elapsed, eta)
+
+
+def prepare_store(data_cfg, *, log: Callable[..., None] = logging.info
+                  ) -> store_lib.TokenStore:
+  """Prepares `data_cfg.store_dir` from `data_cfg.fasta_globs`.
+
+  Returns the opened store. If a complete store prepared from the same
+  inputs and split already exists there, it is returned unchanged.
+
+  Raises:
+    fasta.FastaFormatError: bad input (names the file and line).
+    ValueError / store.StoreError: bad configuration or an existing store
+      prepared from other inputs (without data.overwrite_store).
+  """
+  if not data_cfg.store_dir:
+    raise ValueError("data.store_dir is empty: name the output directory.")
+  files = resolve_inputs(data_cfg.fasta_globs, data_cfg.source_from)
+  fp = fingerprint(files, data_cfg)
+  if store_lib.is_complete(data_cfg.store_dir):
+    existing = store_lib.read_manifest(data_cfg.store_dir)
+    if existing.get("metadata", {}).get("fingerprint") == fp:
+      log("Token store %s is up to date with its %d input files; re-using "
+          "it.", data_cfg.store_dir, len(files))
+      return store_lib.TokenStore.open(data_cfg.store_dir)
+    if not data_cfg.overwrite_store:
+      raise store_lib.StoreError(
+          f"{data_cfg.store_dir} holds a store prepared from other inputs or "
+          "another split; delete it, choose another data.store_dir, or set "
+          "data.overwrite_store=True.")
+  sources = None if data_cfg.source_from == "record" else sorted(
+      {f.source for f in files})
+  rule = SplitRule(data_cfg.split, sources)
+  log("Preparing %s from %d files (%.1f MB) with %s sources.",
+      data_cfg.store_dir, len(files), sum(f.size for f in files) / 1e6,
+      len(sources) if sources is not None else "per-record")
+  progress = _Progress(files, float(data_cfg.progress_seconds), log)
+  seen: dict[tuple[str, str], tuple[str, int]] = {}
+  with store_lib.TokenStoreWriter(
+      data_cfg.store_dir, overwrite=bool(data_cfg.overwrite_store)) as writer:
+    for i, f in enumerate(files):
+      reader = fasta.FastaReader(
+          f.path, block_size=int(data_cfg.prepare_block_bytes),
+          allow_empty_records=bool(data_cfg.allow_empty_records))
+      for item in reader:
+        if isinstance(item, fasta.FastaHeader):
+          source = f.source if f.source is not None else item.name
+          key = (source, item.name)
+          if key in seen:
+            first_path, first_line = seen[key]
+            raise fasta.FastaFormatError(
+                f.path, item.line,
+                f"duplicate record name {item.name!r} in source {source!r} "
+                f"(first at {first_path} line {first_line}); names must be "
+                "unique within a source: rename or remove one of them.")
+          seen[key] = (f.path, item.line)
+          writer.begin_record(rule(source, item.name), item.name, source)
+        else:
+          writer.append(item)
+          progress.update(i, reader, writer)
+      progress.done_bytes += f.size
+    rule.check_all_matched()
+    counts = writer.split_counts()
+    if TRAIN not in counts:
+      raise ValueError("every record went to validation; hold out less "
+                       "(data.split).")
+    if rule.active and VAL not in counts:
+      raise ValueError(
+          "the validation split is empty although data.split asks for one "
+          "(val_fraction too small for the number of records or sources?); "
+          "name data.split.val_sources or val_records instead.")
+    progress.update(len(files) - 1, None, writer, force=True)
+    result = writer.commit(metadata={"fingerprint": fp})
+  for split in result.splits:
+    s = result[split]
+    per_source = s.info["per_source"]
+    log("  %s: %d records, %d tokens, %d sources: %s", split, s.num_records,
+        s.num_tokens, len(per_source), ", ".join(
+            f"{k} ({v['tokens'] / 1e6:.2f} Mb)"
+            for k, v in list(per_source.items())[:20]) +
+        (" ..." if len(per_source) > 20 else ""))
+  return result

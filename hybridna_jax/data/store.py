@@ -1,0 +1,441 @@
+"""Token store: tokenized genomes on disk, memory-mapped for random access.
+
+Layout of a store directory (one set of files per split, e.g. train, val):
+
+    manifest.json        completion marker, written last: format, vocabulary,
+                         sources, per-split counts, preparation metadata
+    <split>.tokens       uint8 token ids of all records, back to back
+    <split>.index.npy    structured array, one row per record:
+                         offset int64, length int64, source int32
+    <split>.names.txt    record names, one per line, in index order
+
+Token ids are those of `hybridna_jax.tokenizer`, stored as uint8. Records are
+stored without separators; the index gives their boundaries. Sources (a
+genome, strain or species) are named in the manifest and referred to by id.
+
+Writes are atomic: `TokenStoreWriter` builds the store in a temporary
+directory next to the target and renames it into place only after every file
+is flushed and the manifest is written, so an interrupted preparation never
+leaves a directory that `TokenStore.open` accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import secrets
+import shutil
+import time
+from typing import Any, Iterator
+
+from absl import logging
+import numpy as np
+
+from hybridna_jax import tokenizer
+
+FORMAT = "hybridna-token-store"
+VERSION = 1
+MANIFEST = "manifest.json"
+INDEX_DTYPE = np.dtype([("offset", "<i8"), ("length", "<i8"),
+                        ("source", "<i4")])
+
+
+class StoreError(ValueError):
+  """A missing, incomplete or inconsistent token store."""
+
+
+def vocabulary() -> dict[str, int]:
+  """Token names -> ids, recorded in the manifest so stores stay readable."""
+  return {tokenizer.token_name(i): i
+          for i in range(tokenizer.FIRST_TASK_TOKEN)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+  """One stored record.
+
+  Attributes:
+    name: record name (the FASTA id).
+    source: name of its source (genome / strain / species).
+    split: the split it belongs to.
+    index: its row in the split's index.
+    offset: position of its first token in the split's token file.
+    length: number of tokens.
+    tokens: uint8 (length,) read-only memory-mapped view.
+  """
+  name: str
+  source: str
+  split: str
+  index: int
+  offset: int
+  length: int
+  tokens: np.ndarray
+
+
+class StoreSplit:
+  """Random access to the records of one split (memory-mapped, lazy)."""
+
+  def __init__(self, root: str, name: str, info: dict[str, Any],
+               sources: tuple[str, ...]):
+    self.root = root
+    self.name = name
+    self.info = info
+    self.sources = sources
+    self.num_records = int(info["num_records"])
+    self.num_tokens = int(info["num_tokens"])
+    index_path = os.path.join(root, info["index_file"])
+    index = np.load(index_path, mmap_mode="r") if self.num_records else (
+        np.zeros((0,), INDEX_DTYPE))
+    if index.dtype != INDEX_DTYPE or index.shape != (self.num_records,):
+      raise StoreError(
+          f"{index_path}: index has dtype {index.dtype} and shape "
+          f"{index.shape}, the manifest promises {self.num_records} records "
+          f"of {INDEX_DTYPE}; the store is corrupt: prepare it again.")
+    # Small (24 bytes a record): copy into memory for fast searchsorted.
+    self.offsets = np.ascontiguousarray(index["offset"])
+    self.lengths = np.ascontiguousarray(index["length"])
+    self.source_ids = np.ascontiguousarray(index["source"])
+    self._tokens_path = os.path.join(root, info["tokens_file"])
+    size = os.path.getsize(self._tokens_path)
+    if size != self.num_tokens:
+      raise StoreError(
+          f"{self._tokens_path}: {size} bytes, the manifest promises "
+          f"{self.num_tokens} tokens; the store is corrupt: prepare it again.")
+    self._tokens = None
+    self._names = None
+
+  @property
+  def tokens(self) -> np.ndarray:
+    """uint8 (num_tokens,) read-only memory map of the whole split."""
+    if self._tokens is None:
+      if self.num_tokens == 0:
+        self._tokens = np.zeros((0,), np.uint8)
+      else:
+        self._tokens = np.memmap(self._tokens_path, dtype=np.uint8, mode="r")
+    return self._tokens
+
+  @property
+  def names(self) -> list[str]:
+    """Record names in index order (read on first use)."""
+    if self._names is None:
+      path = os.path.join(self.root, self.info["names_file"])
+      with open(path, encoding="utf-8") as f:
+        self._names = f.read().split("\n")[:self.num_records]
+      if len(self._names) != self.num_records:
+        raise StoreError(f"{path}: {len(self._names)} names for "
+                         f"{self.num_records} records; prepare it again.")
+    return self._names
+
+  def __len__(self) -> int:
+    return self.num_records
+
+  def __getitem__(self, i: int) -> Record:
+    if not -self.num_records <= i < self.num_records:
+      raise IndexError(f"record {i} out of range for split {self.name!r} "
+                       f"with {self.num_records} records")
+    i %= self.num_records
+    offset, length = int(self.offsets[i]), int(self.lengths[i])
+    return Record(self.names[i], self.sources[self.source_ids[i]], self.name,
+                  i, offset, length, self.tokens[offset:offset + length])
+
+  def __iter__(self) -> Iterator[Record]:
+    for i in range(self.num_records):
+      yield self[i]
+
+  def find(self, name: str, source: str | None = None) -> Record:
+    """The record called `name` (in `source`, when names repeat)."""
+    hits = [i for i, n in enumerate(self.names) if n == name and (
+        source is None or self.sources[self.source_ids[i]] == source)]
+    if len(hits) != 1:
+      where = f" in source {source!r}" if source else ""
+      raise KeyError(f"{len(hits)} records named {name!r}{where} in split "
+                     f"{self.name!r}" + ("; pass source=" if hits else ""))
+    return self[hits[0]]
+
+  def source_token_counts(self) -> np.ndarray:
+    """int64 (num_sources,): tokens of each source in this split."""
+    return np.bincount(self.source_ids, weights=self.lengths,
+                       minlength=len(self.sources)).astype(np.int64)
+
+
+class TokenStore:
+  """A prepared token store; open with `TokenStore.open(path)`.
+
+  `store["train"]` is a `StoreSplit`; `store.sources` names the sources.
+  Pickles as its path (the memory maps reopen in the new process).
+  """
+
+  def __init__(self, path: str, manifest: dict[str, Any]):
+    self.path = path
+    self.manifest = manifest
+    self.sources = tuple(manifest["sources"])
+    self._splits = {
+        name: StoreSplit(path, name, info, self.sources)
+        for name, info in manifest["splits"].items()
+    }
+
+  @classmethod
+  def open(cls, path: str | os.PathLike) -> "TokenStore":
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+      raise StoreError(f"no token store at {path}; prepare one with "
+                       "launch/prepare_data.py (or check data.store_dir).")
+    manifest_path = os.path.join(path, MANIFEST)
+    if not os.path.exists(manifest_path):
+      raise StoreError(
+          f"{path} is not a complete token store (no {MANIFEST}): a "
+          "preparation was interrupted or this is another directory; delete "
+          "it and run launch/prepare_data.py again.")
+    with open(manifest_path, encoding="utf-8") as f:
+      manifest = json.load(f)
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+      raise StoreError(
+          f"{manifest_path}: format {manifest.get('format')!r} version "
+          f"{manifest.get('version')!r}, expected {FORMAT!r} version "
+          f"{VERSION}; prepare the store again with this version.")
+    if manifest.get("vocabulary") != vocabulary():
+      raise StoreError(
+          f"{manifest_path}: the store was written with another token "
+          "vocabulary; prepare it again with this version.")
+    return cls(path, manifest)
+
+  @property
+  def splits(self) -> tuple[str, ...]:
+    return tuple(self._splits)
+
+  def __getitem__(self, split: str) -> StoreSplit:
+    if split not in self._splits:
+      raise KeyError(f"split {split!r} not in the store at {self.path} "
+                     f"(it has {sorted(self._splits)})")
+    return self._splits[split]
+
+  def __contains__(self, split: str) -> bool:
+    return split in self._splits
+
+  def __reduce__(self):
+    return (TokenStore.open, (self.path,))
+
+  def __repr__(self) -> str:
+    parts = ", ".join(f"{s.name}: {s.num_records} records / {s.num_tokens} "
+                      "tokens" for s in self._splits.values())
+    return f"TokenStore({self.path!r}; {parts})"
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+  """Whether `path` holds a store that finished writing."""
+  return os.path.exists(os.path.join(os.fspath(path), MANIFEST))
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+  with open(os.path.join(os.fspath(path), MANIFEST), encoding="utf-8") as f:
+    return json.load(f)
+
+
+class _SplitWriter:
+  """Appends the records of one split to its files."""
+
+  def __init__(self, root: str, name: str):
+    self.name = name
+    self.tokens_file = f"{name}.tokens"
+    self.index_file = f"{name}.index.npy"
+    self.names_file = f"{name}.names.txt"
+    # Open for the writer's lifetime; closed in close() or discard().
+    self._tokens = open(  # pylint: disable=consider-using-with
+        os.path.join(root, self.tokens_file), "wb")
+    self._names = open(  # pylint: disable=consider-using-with
+        os.path.join(root, self.names_file), "w", encoding="utf-8")
+    # Growable columns; a few bytes a record, however many records.
+    self._rows = np.zeros((1024,), INDEX_DTYPE)
+    self.num_records = 0
+    self.num_tokens = 0
+    self.per_source: dict[str, dict[str, int]] = {}
+
+  def begin(self, name: str, source_id: int, source: str):
+    if self.num_records == self._rows.size:
+      self._rows = np.resize(self._rows, 2 * self._rows.size)
+    self._rows[self.num_records] = (self.num_tokens, 0, source_id)
+    self.num_records += 1
+    self._names.write(name + "\n")
+    stats = self.per_source.setdefault(source, {
+        "records": 0, "tokens": 0, "n_tokens": 0})
+    stats["records"] += 1
+    self._stats = stats
+
+  def append(self, tokens: np.ndarray):
+    self._tokens.write(memoryview(np.ascontiguousarray(tokens, np.uint8)))
+    n = int(tokens.size)
+    self._rows["length"][self.num_records - 1] += n
+    self.num_tokens += n
+    self._stats["tokens"] += n
+    self._stats["n_tokens"] += int(np.count_nonzero(tokens == tokenizer.N))
+
+  def close(self, root: str) -> dict[str, Any]:
+    for f in (self._tokens, self._names):
+      f.flush()
+      os.fsync(f.fileno())
+      f.close()
+    with open(os.path.join(root, self.index_file), "wb") as f:
+      np.save(f, self._rows[:self.num_records])
+      f.flush()
+      os.fsync(f.fileno())
+    return {
+        "num_records": self.num_records,
+        "num_tokens": self.num_tokens,
+        "tokens_file": self.tokens_file,
+        "index_file": self.index_file,
+        "names_file": self.names_file,
+        "per_source": self.per_source,
+    }
+
+  def discard(self):
+    for f in (self._tokens, self._names):
+      if not f.closed:
+        f.close()
+
+
+class TokenStoreWriter:
+  """Writes a token store atomically.
+
+      with TokenStoreWriter(path) as w:
+        w.begin_record("train", "chr1", source="human")
+        w.append(tokens)            # uint8 chunks, as many as needed
+        ...
+        w.commit(metadata={...})    # without commit, nothing appears at path
+
+  Leaving the `with` block without `commit` (or with an exception) deletes
+  the temporary directory. Temporary directories left by killed processes
+  (named `.<store>.tmp-<pid>-...`) are removed by the next writer.
+  """
+
+  def __init__(self, path: str | os.PathLike, *, overwrite: bool = False):
+    self.path = os.path.abspath(os.fspath(path))
+    parent, base = os.path.split(self.path)
+    if os.path.exists(self.path) and not overwrite and not _is_empty_dir(
+        self.path):
+      raise StoreError(
+          f"{self.path} already exists; delete it or allow overwriting "
+          "(data.overwrite_store=True).")
+    os.makedirs(parent, exist_ok=True)
+    _remove_stale_temporaries(parent, base)
+    tag = f"{os.getpid()}-{secrets.token_hex(4)}"
+    self.tmp = os.path.join(parent, f".{base}.tmp-{tag}")
+    self._old = os.path.join(parent, f".{base}.old-{tag}")
+    os.makedirs(self.tmp)
+    self._splits: dict[str, _SplitWriter] = {}
+    self._sources: dict[str, int] = {}
+    self._current: _SplitWriter | None = None
+    self._done = False
+
+  def __enter__(self) -> "TokenStoreWriter":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if not self._done:
+      self.abort()
+
+  @property
+  def num_tokens(self) -> int:
+    return sum(s.num_tokens for s in self._splits.values())
+
+  @property
+  def num_records(self) -> int:
+    return sum(s.num_records for s in self._splits.values())
+
+  def split_counts(self) -> dict[str, tuple[int, int]]:
+    """{split: (records, tokens)} written so far."""
+    return {n: (s.num_records, s.num_tokens) for n, s in self._splits.items()}
+
+  def begin_record(self, split: str, name: str, source: str) -> None:
+    """Starts a record; following `append` calls add its tokens."""
+    if "\n" in name or not name:
+      raise ValueError(f"invalid record name {name!r}")
+    if split not in self._splits:
+      if not split.isidentifier():
+        raise ValueError(f"split names must be identifiers, got {split!r}")
+      self._splits[split] = _SplitWriter(self.tmp, split)
+    source_id = self._sources.setdefault(source, len(self._sources))
+    self._current = self._splits[split]
+    self._current.begin(name, source_id, source)
+
+  def append(self, tokens: np.ndarray) -> None:
+    """Appends uint8 token ids to the current record."""
+    if self._current is None:
+      raise ValueError("append() before begin_record()")
+    self._current.append(tokens)
+
+  def commit(self, metadata: dict[str, Any] | None = None) -> TokenStore:
+    """Finishes the files, writes the manifest and moves the store in place."""
+    splits = {n: s.close(self.tmp) for n, s in self._splits.items()}
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "vocabulary": vocabulary(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "sources": list(self._sources),
+        "splits": splits,
+        "metadata": metadata or {},
+    }
+    _write_json_atomic(os.path.join(self.tmp, MANIFEST), manifest)
+    _fsync_dir(self.tmp)
+    replaced = os.path.exists(self.path)
+    if replaced:
+      os.rename(self.path, self._old)
+    os.rename(self.tmp, self.path)
+    _fsync_dir(os.path.dirname(self.path))
+    if replaced:
+      shutil.rmtree(self._old, ignore_errors=True)
+    self._done = True
+    return TokenStore.open(self.path)
+
+  def abort(self) -> None:
+    """Deletes everything written so far."""
+    for s in self._splits.values():
+      s.discard()
+    shutil.rmtree(self.tmp, ignore_errors=True)
+    self._done = True
+
+
+def _is_empty_dir(path: str) -> bool:
+  return os.path.isdir(path) and not os.listdir(path)
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def _remove_stale_temporaries(parent: str, base: str) -> None:
+  for kind in (".tmp-", ".old-"):
+    prefix = f".{base}{kind}"
+    for entry in os.listdir(parent):
+      if not entry.startswith(prefix):
+        continue
+      pid = entry[len(prefix):].split("-", 1)[0]
+      if pid.isdigit() and not _pid_alive(int(pid)):
+        logging.info("Removing %s left by an interrupted preparation.",
+                     os.path.join(parent, entry))
+        shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+  tmp = path + ".partial"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=1, sort_keys=False)
+    f.write("\n")
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _fsync_dir(path: str) -> None:
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)

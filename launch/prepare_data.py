@@ -1,0 +1,68 @@
+r"""Prepares a token store from FASTA files: the data step of the main job.
+
+    python launch/prepare_data.py --config=configs/demo.py --workdir=runs/demo
+
+Reads `config.data` (see hybridna_jax/data/config.py): `fasta_globs`,
+`source_from`, `split` and `store_dir`; any field can be overridden, e.g.
+`--config.data.store_dir=/data/store`. Writes the store atomically, reports
+progress as it goes, and writes a summary to <workdir>/prepare_data.json.
+Running it again with unchanged inputs re-uses the store.
+"""
+
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from hybridna_jax.data import prepare
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Job config file: configs/<file>.py[:variant].")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for the run's outputs (here: the summary).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def summary(store) -> dict:
+  return {
+      "store_dir": os.path.abspath(store.path),
+      "sources": list(store.sources),
+      "splits": {
+          name: {
+              "records": store[name].num_records,
+              "tokens": store[name].num_tokens,
+              "per_source": store[name].info["per_source"],
+          } for name in store.splits
+      },
+  }
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  if "data" not in config:
+    raise app.UsageError(f"the config has no `data` field; it has "
+                         f"{sorted(config.keys())}.")
+  try:
+    store = prepare.prepare_store(config.data)
+  except ValueError as e:  # Bad input or config: the message says it all.
+    logging.error("prepare_data failed: %s", e)
+    sys.exit(1)
+  result = summary(store)
+  os.makedirs(_WORKDIR.value, exist_ok=True)
+  path = os.path.join(_WORKDIR.value, "prepare_data.json")
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(result, f, indent=1)
+  logging.info("Wrote %s", path)
+  for name, split in result["splits"].items():
+    print(f"{name}: {split['records']} records, {split['tokens']} tokens, "
+          f"{len(split['per_source'])} sources")
+
+
+if __name__ == "__main__":
+  app.run(main)

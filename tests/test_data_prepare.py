@@ -1,0 +1,276 @@
+"""FASTA -> token store preparation: splits, streaming, failures, the app."""
+
+import json
+import os
+import subprocess
+import sys
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from hybridna_jax import tokenizer
+from hybridna_jax.data import config as config_lib
+from hybridna_jax.data import fasta
+from hybridna_jax.data import prepare
+from hybridna_jax.data import store as store_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAMBDA = os.path.join(ROOT, "tests", "data", "lambda_virus.fa")
+
+
+def _cfg(tmp_path, globs, **split):
+  c = config_lib.default_data_config()
+  c.fasta_globs = tuple(str(g) for g in globs)
+  c.store_dir = str(tmp_path / "store")
+  c.progress_seconds = 0.0
+  for k, v in split.items():
+    c.split[k] = v
+  return c
+
+
+def _genomes(tmp_path, count=5, records=3, seed=0, compress=None):
+  """Writes genome files g0..g{count-1}; returns {source: {name: seq}}."""
+  rng = np.random.default_rng(seed)
+  out = {}
+  for g in range(count):
+    recs = [(f"chr{r}", "".join(rng.choice(list("ACGTN"),
+                                           size=int(rng.integers(50, 400)))))
+            for r in range(records)]
+    suffix = {None: ".fa", "gzip": ".fa.gz", "xz": ".fna.xz"}[compress]
+    fasta.write_fasta(tmp_path / f"g{g}{suffix}", recs, compress=compress)
+    out[f"g{g}"] = dict(recs)
+  return out
+
+
+def _contents(s, split):
+  return {(r.source, r.name): tokenizer.decode(r.tokens) for r in s[split]}
+
+
+def test_prepare_lambda(tmp_path):
+  s = prepare.prepare_store(_cfg(tmp_path, [LAMBDA]))
+  assert s.splits == ("train",) and s.sources == ("lambda_virus",)
+  (record,) = list(s["train"])
+  assert record.name == "gi|9626243|ref|NC_001416.1|"
+  assert record.length == 48502
+  (_, want), = fasta.read_fasta(LAMBDA)
+  np.testing.assert_array_equal(record.tokens, want)
+
+
+@pytest.mark.parametrize("compress", [None, "gzip", "xz"])
+def test_split_by_named_sources(tmp_path, compress):
+  genomes = _genomes(tmp_path, compress=compress)
+  s = prepare.prepare_store(_cfg(tmp_path, [tmp_path / "g*"],
+                                 val_sources=("g1", "g[34]")))
+  train, val = _contents(s, "train"), _contents(s, "val")
+  assert {src for src, _ in val} == {"g1", "g3", "g4"}
+  assert {src for src, _ in train} == {"g0", "g2"}
+  for split in (train, val):
+    for (src, name), seq in split.items():
+      assert seq == genomes[src][name]
+  # Each source's records are contiguous and in file order.
+  assert [r.source for r in s["val"]] == ["g1"] * 3 + ["g3"] * 3 + ["g4"] * 3
+  assert [r.name for r in s["val"]][:3] == ["chr0", "chr1", "chr2"]
+
+
+def test_split_by_records_and_fractions(tmp_path):
+  _genomes(tmp_path, count=6, records=20)
+  globs = [tmp_path / "*.fa"]
+  s = prepare.prepare_store(_cfg(tmp_path, globs, val_records=("chr1?",)))
+  assert {n for _, n in _contents(s, "val")} == {f"chr{i}" for i in
+                                                 range(10, 20)}
+  assert not {n for _, n in _contents(s, "train")} & {f"chr{i}" for i in
+                                                      range(10, 20)}
+  # A fraction of whole sources: round(0.34 * 6) = 2 of them, by seed.
+  chosen = []
+  for seed in (0, 1, 2):
+    c = _cfg(tmp_path, globs, val_fraction=0.34, seed=seed)
+    c.overwrite_store = True
+    s = prepare.prepare_store(c)
+    val_sources = {src for src, _ in _contents(s, "val")}
+    assert len(val_sources) == 2
+    assert not val_sources & {src for src, _ in _contents(s, "train")}
+    assert s["val"].num_records == 40
+    chosen.append(val_sources)
+  assert len({frozenset(c) for c in chosen}) > 1
+  # A fraction of records: about 30% of the 120, stable for the seed.
+  c = _cfg(tmp_path, globs, val_fraction=0.3, split_by="record")
+  c.overwrite_store = True
+  s = prepare.prepare_store(c)
+  val = set(_contents(s, "val"))
+  assert 20 <= len(val) <= 52
+  assert not val & set(_contents(s, "train"))
+  assert len(val) + len(_contents(s, "train")) == 120
+
+
+def test_source_from_dir_and_record(tmp_path):
+  for species in ("human", "mouse"):
+    (tmp_path / species).mkdir()
+    for chrom in ("chr1", "chr2"):
+      fasta.write_fasta(tmp_path / species / f"{chrom}.fa",
+                        [(chrom, "ACGT" * 10)])
+  c = _cfg(tmp_path, [tmp_path / "*" / "*.fa"], val_sources=("mouse",))
+  c.source_from = "dir"
+  s = prepare.prepare_store(c)
+  assert [(r.source, r.name) for r in s["train"]] == [("human", "chr1"),
+                                                      ("human", "chr2")]
+  assert [(r.source, r.name) for r in s["val"]] == [("mouse", "chr1"),
+                                                    ("mouse", "chr2")]
+  # With source_from="file" the four files would give two "chr1" sources.
+  c.source_from = "file"
+  with pytest.raises(ValueError, match="both give source 'chr1'"):
+    prepare.prepare_store(c)
+  c = _cfg(tmp_path, [tmp_path / "human" / "*.fa"], val_records=("chr2",))
+  c.source_from = "record"
+  c.overwrite_store = True
+  s = prepare.prepare_store(c)
+  assert s.sources == ("chr1", "chr2")
+  assert [r.source for r in s["val"]] == ["chr2"]
+
+
+def test_bad_split_configs(tmp_path):
+  _genomes(tmp_path, count=2)
+  globs = [tmp_path / "*.fa"]
+  with pytest.raises(ValueError, match=r"'nope' matches none of the sources"):
+    prepare.prepare_store(_cfg(tmp_path, globs, val_sources=("nope",)))
+  with pytest.raises(ValueError, match=r"\['chrX'\] matched no record"):
+    prepare.prepare_store(_cfg(tmp_path, globs, val_records=("chrX",)))
+  with pytest.raises(ValueError, match="every record went to validation"):
+    prepare.prepare_store(_cfg(tmp_path, globs, val_sources=("*",)))
+  with pytest.raises(ValueError, match="matches no file"):
+    prepare.prepare_store(_cfg(tmp_path, [tmp_path / "*.fasta"]))
+  with pytest.raises(ValueError, match="at least two sources"):
+    prepare.prepare_store(_cfg(tmp_path, [tmp_path / "g0.fa"],
+                               val_fraction=0.5))
+  assert not os.path.exists(tmp_path / "store")
+
+
+def test_duplicate_record_names(tmp_path):
+  (tmp_path / "a.fa").write_text(">x\nACGT\n>y\nAC\n>x\nGG\n")
+  (tmp_path / "b.fa").write_text(">x\nACGT\n")  # another source: fine
+  with pytest.raises(fasta.FastaFormatError) as e:
+    prepare.prepare_store(_cfg(tmp_path, [tmp_path / "*.fa"]))
+  message = str(e.value)
+  assert message.startswith(f"{tmp_path / 'a.fa'} line 5: duplicate record "
+                            "name 'x' in source 'a'")
+  assert f"first at {tmp_path / 'a.fa'} line 1" in message
+  assert not os.path.exists(tmp_path / "store")
+
+
+def test_failure_leaves_no_store(tmp_path):
+  _genomes(tmp_path, count=3)
+  (tmp_path / "g9.fa").write_text(">bad\nACGT\nACGU?\n")
+  c = _cfg(tmp_path, [tmp_path / "*.fa"])
+  with pytest.raises(fasta.FastaFormatError, match=r"g9.fa line 3: record "
+                     r"'bad', column 5: invalid nucleotide '\?'"):
+    prepare.prepare_store(c)
+  assert not [p for p in os.listdir(tmp_path) if "store" in p]
+  with pytest.raises(store_lib.StoreError):
+    store_lib.TokenStore.open(c.store_dir)
+
+
+def test_killed_preparation_leaves_no_store(tmp_path):
+  # A process that dies mid-write (os._exit: no cleanup runs) leaves only a
+  # hidden temporary directory, which readers never take for the store and
+  # the next preparation removes.
+  _genomes(tmp_path, count=3)
+  c = _cfg(tmp_path, [tmp_path / "*.fa"])
+  script = f"""
+import os
+from hybridna_jax.data import config, prepare, store
+calls = []
+def dying_append(self, tokens):
+  calls.append(1)
+  if len(calls) == 4:
+    os._exit(9)
+  self._current.append(tokens)
+store.TokenStoreWriter.append = dying_append
+c = config.default_data_config()
+c.fasta_globs = ({str(tmp_path / '*.fa')!r},)
+c.store_dir = {c.store_dir!r}
+prepare.prepare_store(c)
+"""
+  run = subprocess.run([sys.executable, "-c", script], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120,
+                       check=False)
+  assert run.returncode == 9, run.stderr
+  leftovers = [p for p in os.listdir(tmp_path) if p.startswith(".store.tmp-")]
+  assert len(leftovers) == 1 and not os.path.exists(c.store_dir)
+  assert os.listdir(tmp_path / leftovers[0])  # it had started writing
+  with pytest.raises(store_lib.StoreError, match="no token store"):
+    store_lib.TokenStore.open(c.store_dir)
+  s = prepare.prepare_store(c)
+  assert s["train"].num_records == 9
+  assert not [p for p in os.listdir(tmp_path) if p.startswith(".store")]
+
+
+def test_rerun_reuses_store_and_detects_changed_inputs(tmp_path):
+  _genomes(tmp_path, count=2)
+  c = _cfg(tmp_path, [tmp_path / "*.fa"])
+  created = prepare.prepare_store(c).manifest["created"]
+  messages = []
+  s = prepare.prepare_store(c, log=lambda m, *a: messages.append(m % a))
+  assert s.manifest["created"] == created
+  assert "is up to date" in messages[0] and len(messages) == 1
+  fasta.write_fasta(tmp_path / "g1.fa", [("chr0", "ACGTACGTAC")])
+  with pytest.raises(store_lib.StoreError, match="prepared from other inputs"):
+    prepare.prepare_store(c)
+  c.overwrite_store = True
+  s = prepare.prepare_store(c)
+  assert s["train"].find("chr0", source="g1").length == 10
+
+
+def test_streaming_is_bounded_and_exact(tmp_path):
+  # ~6 MB of sequence in a few long records and many short ones, prepared
+  # with 64 KiB blocks: the tokens equal the one-shot encoding and peak
+  # Python-tracked memory stays far below the input size.
+  rng = np.random.default_rng(0)
+  acgtn = np.frombuffer(b"ACGTNacgtn", np.uint8)
+  lengths = [2_000_000, 3_000_000, 1_000_000] + [37] * 500 + [1_000_001]
+  seqs = [acgtn[rng.integers(0, 10, n)].tobytes().decode() for n in lengths]
+  records = [(f"r{i}", s) for i, s in enumerate(seqs)]
+  fasta.write_fasta(tmp_path / "big.fa.gz", records, width=70,
+                    compress="gzip")
+  c = _cfg(tmp_path, [tmp_path / "big.fa.gz"])
+  c.prepare_block_bytes = 1 << 16
+  tracemalloc.start()
+  try:
+    s = prepare.prepare_store(c)
+    _, peak = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  assert peak < 1_500_000, peak  # input: 7 MB of sequence
+  train = s["train"]
+  assert train.num_tokens == sum(lengths)
+  for i, seq in enumerate(seqs):
+    np.testing.assert_array_equal(train[i].tokens,
+                                  tokenizer.encode_bytes(seq.encode()))
+
+
+def test_prepare_data_app(tmp_path):
+  store_dir = tmp_path / "store"
+  workdir = tmp_path / "work"
+  cmd = [sys.executable, os.path.join(ROOT, "launch", "prepare_data.py"),
+         f"--config={os.path.join(ROOT, 'tests', 'data', 'lambda_config.py')}",
+         f"--config.data.store_dir={store_dir}", f"--workdir={workdir}"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  run = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                       cwd=tmp_path, timeout=120, check=False)
+  assert run.returncode == 0, run.stderr
+  assert "train: 1 records, 48502 tokens, 1 sources" in run.stdout
+  assert "Mb/s" in run.stderr  # progress report
+  summary = json.loads((workdir / "prepare_data.json").read_text())
+  assert summary["splits"]["train"]["tokens"] == 48502
+  assert store_lib.TokenStore.open(store_dir)["train"].num_tokens == 48502
+  # Bad input: a clean one-line error naming the file and line, exit 1.
+  bad = tmp_path / "bad.fa"
+  bad.write_text(">a\nACGT\n>a\nAC\n")
+  run = subprocess.run(cmd[:3] + [
+      f"--config.data.fasta_globs=('{bad}',)",
+      f"--config.data.store_dir={tmp_path / 'store2'}",
+      f"--workdir={workdir}"], capture_output=True, text=True, env=env,
+                       cwd=tmp_path, timeout=120, check=False)
+  assert run.returncode == 1
+  assert f"{bad} line 3: duplicate record name 'a'" in run.stderr
+  assert "Traceback" not in run.stderr
+  assert not os.path.exists(tmp_path / "store2")
