@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from hybridna_jax import tokenizer
+from hybridna_jax.data.config import default_data_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,8 +147,10 @@ def base_config() -> ml_collections.ConfigDict:
   """Defaults for every section; config files override what they need."""
   cfg = ml_collections.ConfigDict()
   cfg.model = model_config_dict()
-  # Device mesh; one axis may be -1 ("the rest of the devices").
-  cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  # Device mesh; one axis may be -1 ("the rest of the devices"). num_devices:
+  # 0 uses every device, N the first N (single-process debugging and tests).
+  cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, num_devices=0))
+  cfg.data = default_data_config()
   cfg.train = train_config()
   return cfg
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging as logging_std
 import os
 
 import jax
@@ -26,6 +27,21 @@ def define_flags(default_config: str | None = None, workdir_required: bool = Tru
   flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
   flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
   flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+
+
+class _LibraryInfoFilter(logging_std.Filter):
+  """Drops INFO records from chatty libraries (Orbax logs several lines per
+  checkpoint); their warnings and errors still show."""
+
+  _QUIET = ("orbax", "grain", "jax/_src")
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    return record.levelno > logging_std.INFO or not any(
+        part in record.pathname for part in self._QUIET)
+
+
+def quiet_library_logs() -> None:
+  logging.get_absl_handler().addFilter(_LibraryInfoFilter())
 
 
 def _cluster_detected() -> bool:

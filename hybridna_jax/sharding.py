@@ -82,7 +82,17 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
 
 
 def mesh_from_config(mesh_config, devices=None) -> Mesh:
-  """Mesh from a config section with fields data, fsdp, tensor."""
+  """Mesh from a config section with fields data, fsdp, tensor and
+  num_devices (0: all devices; N: the first N, single-process only)."""
+  if devices is None:
+    devices = jax.devices()
+    limit = int(mesh_config.get("num_devices", 0))
+    if limit:
+      if jax.process_count() > 1:
+        raise ValueError("mesh.num_devices must be 0 (all devices) in multi-process runs.")
+      if limit > len(devices):
+        raise ValueError(f"mesh.num_devices={limit} but only {len(devices)} devices exist.")
+      devices = devices[:limit]
   return make_mesh(mesh_config.data, mesh_config.fsdp, mesh_config.tensor,
                    devices=devices)
 

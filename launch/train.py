@@ -20,6 +20,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
+  launch_utils.quiet_library_logs()
   launch_utils.initialize_distributed()
   # Imported after distributed start-up (nothing may touch devices before).
   import jax  # pylint: disable=g-import-not-at-top

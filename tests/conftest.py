@@ -1,6 +1,13 @@
-"""Test set-up: 8 fake CPU devices (sharding tests), fp32 matmuls on CPU."""
+"""Test set-up: 8 fake CPU devices (sharding tests), fp32 matmuls on CPU,
+and a per-session compilation cache.
+
+Many tests build the same jitted programs afresh (a model init, a train step
+for the same config); XLA's CPU compiles take seconds each, so the session
+shares compiled executables through JAX's persistent cache in a temporary
+directory (cold at the start of every session, so CI sees the same)."""
 
 import os
+import tempfile
 
 # Must happen before jax initialises its backends.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -11,3 +18,52 @@ if "xla_force_host_platform_device_count" not in _flags:
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+_CACHE = tempfile.TemporaryDirectory(prefix="hybridna-jax-test-cache-")
+jax.config.update("jax_compilation_cache_dir", _CACHE.name)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+import pytest  # noqa: E402
+
+from hybridna_jax import tokenizer  # noqa: E402
+
+LAMBDA_FASTA = os.path.join(os.path.dirname(__file__), "data", "lambda_virus.fa")
+
+
+@pytest.fixture(scope="session")
+def lambda_store(tmp_path_factory):
+  """A token store of the lambda phage split into two records: lambda_a
+  (40,000 nt, train) and lambda_b (8,502 nt, val). Returns the data config."""
+  from hybridna_jax.config import base_config  # pylint: disable=g-import-not-at-top
+  from hybridna_jax.data import fasta, prepare  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("lambda")
+  (_, tokens), = fasta.read_fasta(LAMBDA_FASTA)
+  seq = tokenizer.decode(tokens)
+  path = root / "lambda_split.fa"
+  fasta.write_fasta(path, [("lambda_a", seq[:40000]), ("lambda_b", seq[40000:])])
+  data = base_config().data
+  data.fasta_globs = (str(path),)
+  data.store_dir = str(root / "store")
+  data.source_from = "record"
+  data.split.val_records = ("lambda_b",)
+  prepare.prepare_store(data, log=lambda *a, **k: None)
+  return data
+
+
+@pytest.fixture
+def tiny_config(lambda_store):
+  """The tiny model on the lambda store: two short stages, no eval/plot."""
+  from hybridna_jax.config import load_config  # pylint: disable=g-import-not-at-top
+  cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py"))
+  cfg.data = lambda_store
+  cfg.mesh.num_devices = 1
+  t = cfg.train
+  t.stages = ((32, 4, 4), (64, 4, 2))
+  t.warmup_steps = 2
+  t.log_every = 2
+  t.eval_every = 0
+  t.checkpoint_every = 2
+  t.keep_best = False
+  t.plot = False
+  t.async_checkpoints = False
+  return cfg

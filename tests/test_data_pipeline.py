@@ -382,6 +382,19 @@ def test_eval_hosts_get_equal_batch_counts(mixed_store):
     np.testing.assert_array_equal(np.array(rows), np.array(real[h::3]))
 
 
+def test_eval_max_windows_spreads_over_the_split(mixed_store):
+  c = _cfg(mixed_store)
+  every = [r for r in _rows(list(pipeline.eval_batches(c, seq_len=16, batch_size=4)),
+                             "inputs") if r.any()]
+  c.eval_max_windows = 5
+  some = [r for r in _rows(list(pipeline.eval_batches(c, seq_len=16, batch_size=4)),
+                            "inputs") if r.any()]
+  assert len(every) > 10 and len(some) == 5
+  want = [every[k * len(every) // 5] for k in range(5)]
+  np.testing.assert_array_equal(np.array(some), np.array(want))
+  assert some[-1].tobytes() != every[4].tobytes()   # not just the first five
+
+
 def test_lambda_end_to_end(tmp_path):
   c = config_lib.default_data_config()
   c.fasta_globs = (LAMBDA,)

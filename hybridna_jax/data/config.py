@@ -66,6 +66,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   # The same for evaluation windows (each target token is still scored
   # exactly once); off by default so that eval numbers do not depend on it.
   c.eval_packing = False
+  # Evaluate on at most this many windows, spread evenly over the split so
+  # that every record is sampled (0: every window, the whole split).
+  c.eval_max_windows = 0
   # Training windows whose fraction of N (unknown base) tokens is above this
   # are skipped (1.0 keeps every window).
   c.max_n_fraction = 0.5

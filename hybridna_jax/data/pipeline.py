@@ -520,14 +520,17 @@ def train_batches(data_cfg, *, seq_len: int, batch_size: int, seed: int,
 
 
 class _HostWindows(grain.transforms.Map):
-  """Row i of host h -> window i * H + h, or -1 (an empty row) past the end."""
+  """Row i of host h -> the (i * H + h)-th of `selected` windows spread
+  evenly over all `total` (all of them when selected == total), or -1 (an
+  empty row) past the end."""
 
-  def __init__(self, total: int, shard_index: int, shard_count: int):
-    self.total, self.index, self.count = total, shard_index, shard_count
+  def __init__(self, total: int, selected: int, shard_index: int, shard_count: int):
+    self.total, self.selected = total, selected
+    self.index, self.count = shard_index, shard_count
 
   def map(self, i: int) -> int:
     g = i * self.count + self.index
-    return g if g < self.total else -1
+    return g * self.total // self.selected if g < self.selected else -1
 
 
 def eval_dataset(data_cfg, *, split: str = "val", seq_len: int,
@@ -539,10 +542,13 @@ def eval_dataset(data_cfg, *, split: str = "val", seq_len: int,
   index = WindowIndex(
       *split_segments(store[split], bool(data_cfg.eval_packing)),
       length=seq_len + 1, stride=seq_len, align_end=False)
-  per_host = -(-len(index) // shard_count)
+  total = len(index)
+  limit = int(data_cfg.get("eval_max_windows", 0))
+  selected = min(total, limit) if limit > 0 else total
+  per_host = -(-selected // shard_count)
   num_rows = -(-per_host // batch_size) * batch_size
   ds = grain.MapDataset.range(num_rows).map(
-      _HostWindows(len(index), shard_index, shard_count))
+      _HostWindows(total, selected, shard_index, shard_count))
   ds = ds.map(WindowReader(store.path, split, index))
   ds = ds.batch(batch_size, batch_fn=stack_windows)
   ds = ds.map(MakeBatch(data_cfg.mask_n_in_loss))
@@ -557,6 +563,8 @@ def eval_batches(data_cfg, *, split: str = "val", seq_len: int,
   Covers every record of `split` with consecutive non-overlapping windows
   (seq_len + 1 tokens read, seq_len apart, so every token after a record's
   first is a target exactly once), the last window of each record padded;
+  with `data_cfg.eval_max_windows` > 0, only that many of these windows,
+  spread evenly over the split (every genome is sampled);
   no shuffling, augmentation or N-skipping. Window w goes to host
   w mod shard_count; every host yields ceil(ceil(W / shard_count) /
   batch_size) full batches, the tail padded with empty rows (loss_mask 0).

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import signal
+import time
 
 import jax
 import numpy as np
@@ -205,9 +206,10 @@ def train(config, workdir: str) -> dict:
   summary = {"steps": step, "stopped": "completed"}
 
   def save(stage: Stage, force_sync: bool = False):
-    meta = {"stage": stage.index, "seq_len": stage.seq_len,
-            "best_val_bits_per_nt": best_val}
-    checkpoints.save(state, meta, data_args=pipeline.iterator_save_args(iterator))
+    if checkpoints.latest_step() != step:   # not saved at this step already
+      meta = {"stage": stage.index, "seq_len": stage.seq_len,
+              "best_val_bits_per_nt": best_val}
+      checkpoints.save(state, meta, data_args=pipeline.iterator_save_args(iterator))
     if force_sync:
       checkpoints.wait()
 
@@ -237,11 +239,17 @@ def train(config, workdir: str) -> dict:
       tokens_per_step = stage.seq_len * stage.batch_size
       flops_per_token = flops_lib.train_flops_per_token(model_cfg, stage.seq_len)
       accumulated: dict[str, list] = {}
-      logger.mark(step)
+      first_step = True
       while step < stage.end_step:
         batch = step_lib.device_batch(next(iterator), fns.batch_sharding)
+        start = time.perf_counter()
         state, metrics = fns.train_step(state, batch)
         step += 1
+        if first_step:  # compiles for this stage's shapes; not throughput
+          jax.block_until_ready(metrics)
+          logging.info("step compiled and ran in %.1f s", time.perf_counter() - start)
+          logger.mark(step)
+          first_step = False
         for k, v in metrics.items():
           accumulated.setdefault(k, []).append(v)
         if step % int(tc.log_every) == 0 or step == stage.end_step:
@@ -275,8 +283,7 @@ def train(config, workdir: str) -> dict:
     if summary["stopped"] == "completed" and int(tc.eval_every):
       summary["final_val"] = (run_eval(stage) if last_eval_step != step
                               else summary.get("last_val"))
-      if checkpoints.latest_step() != step:
-        save(stage)
+      save(stage)
   checkpoints.wait()
   if best is not None:
     best.wait()

@@ -93,8 +93,8 @@ class MetricsLogger:
   def log_eval(self, step: int, values: dict[str, float], split: str = "val"):
     self._write(split, step, values)
     if self.enabled:
-      logging.info("eval @ step %d [%s] %s", step, split,
-                   " ".join(f"{k} {v:.4f}" for k, v in values.items()))
+      logging.info("eval @ step %d [%s] %s", step, split, " ".join(
+          f"{k} {v:,.0f}" if k == "tokens" else f"{k} {v:.4f}" for k, v in values.items()))
 
   def close(self):
     if self._writer is not None:

@@ -19,9 +19,11 @@ def decays(path: tuple) -> bool:
 
 def weight_decay_mask(params: nnx.State):
   """A pytree of bools matching `params`: True where weight decay applies."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: decays(tuple(getattr(k, "key", getattr(k, "name", k)) for k in path)),
-      params)
+  def mask(path, _):
+    # State paths end in the Variable's `.value` attribute: use the dict keys.
+    names = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+    return decays(names)
+  return jax.tree_util.tree_map_with_path(mask, params)
 
 
 def learning_rate_schedule(cfg, total_steps: int) -> optax.Schedule:

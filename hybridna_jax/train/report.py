@@ -1,44 +1,72 @@
 """End-of-run report: validation bits per nucleotide of the trained model
-next to order-k Markov baselines fitted on the training split."""
+next to order-k Markov baselines fitted on the training split and scored on
+the same windows and targets."""
 
 from __future__ import annotations
 
 import json
 import os
 
+import numpy as np
 from absl import logging
 
 from hybridna_jax.baselines import MarkovModel
+from hybridna_jax.data import pipeline
 from hybridna_jax.data.store import TokenStore
 from hybridna_jax.train.loop import parse_stages
 from hybridna_jax.train.metrics import plot_loss_curves
 
 
+def markov_bits_per_nt(model: MarkovModel, batches) -> tuple[float, int]:
+  """Bits per nucleotide of a Markov model on exactly the LM's evaluation
+  targets: each row's window is its only context, and the loss mask picks
+  the scored targets. Returns (bits/nt, scored targets)."""
+  total, count = 0.0, 0
+  for batch in batches:
+    windows = np.concatenate([batch["inputs"], batch["targets"][:, -1:]], axis=1)
+    for window, mask in zip(windows, batch["loss_mask"]):
+      if not mask.any():
+        continue
+      log2p, _ = model.log2_probs(window)
+      total -= float(log2p[1:][mask > 0].sum())
+      count += int((mask > 0).sum())
+  return total / max(count, 1), count
+
+
 def baseline_report(config, model_val: dict, workdir: str) -> str:
-  """Fits the Markov baselines, writes <workdir>/baseline_report.json, adds
-  them to the loss-curve plot, and returns a printable table."""
+  """Fits the Markov baselines on the training split, scores them on the
+  windows the model was evaluated on, writes <workdir>/baseline_report.json,
+  adds them to the loss-curve plot, and returns a printable table."""
   store = TokenStore.open(config.data.store_dir)
   train_split, val_split = store[config.data.train_split], store["val"]
+  stages = parse_stages(config.train)
+  seq_len = int(config.train.eval_seq_len) or stages[-1].seq_len
+  batches = list(pipeline.eval_batches(config.data, seq_len=seq_len,
+                                       batch_size=int(config.train.eval_batch_size)))
+  if int(config.train.eval_batches):
+    batches = batches[:int(config.train.eval_batches)]
   rows = [("HybriDNA (this run)", model_val["bits_per_nt"])]
   for order in config.train.markov_orders:
     logging.info("fitting an order-%d Markov baseline on %d training records", order,
                  len(train_split))
     model = MarkovModel(int(order)).fit(r.tokens for r in train_split)
-    rows.append((f"Markov order {order}",
-                 model.bits_per_nucleotide(r.tokens for r in val_split)))
+    bits, scored = markov_bits_per_nt(model, batches)
+    if model_val.get("tokens") is not None and scored != int(model_val["tokens"]):
+      raise RuntimeError(f"baseline scored {scored} targets, the model {model_val['tokens']}.")
+    rows.append((f"Markov order {order}", bits))
   val_sources = sorted({r.source for r in val_split})
-  report = {"val_sources": val_sources, "val_tokens": model_val.get("tokens"),
-            "bits_per_nt": dict(rows)}
+  report = {"val_sources": val_sources, "eval_seq_len": seq_len,
+            "scored_targets": model_val.get("tokens"), "bits_per_nt": dict(rows)}
   with open(os.path.join(workdir, "baseline_report.json"), "w", encoding="utf-8") as f:
     json.dump(report, f, indent=2)
   metrics = os.path.join(workdir, "metrics.jsonl")
   if os.path.exists(metrics):
-    stages = parse_stages(config.train)
     plot_loss_curves(metrics, os.path.join(workdir, "loss_curves.png"),
                      stage_starts=[(s.start_step, f"{s.seq_len:,} nt") for s in stages],
                      baselines={name: v for name, v in rows[1:]})
   width = max(len(name) for name, _ in rows)
-  lines = [f"Validation bits per nucleotide on held-out genomes: {', '.join(val_sources)}",
+  lines = [f"Validation bits per nucleotide on held-out genomes ({', '.join(val_sources)}), "
+           f"{int(model_val.get('tokens', 0)):,} targets in {seq_len:,}-nt windows:",
            f"{'model':<{width}}  bits/nt", f"{'-' * width}  -------"]
   lines += [f"{name:<{width}}  {value:.4f}" for name, value in rows]
   lines.append(f"{'(uniform over A/C/G/T)':<{width}}  2.0000")

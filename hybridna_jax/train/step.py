@@ -108,7 +108,7 @@ def build_steps(model_cfg: ModelConfig, optimizer: optax.GradientTransformation,
       denom = jnp.maximum(count, 1.0)
       grads = jax.tree.map(lambda g: g / denom, grads)
       loss = nll / denom
-      grad_norm = optax.global_norm(grads)
+      grad_norm = optax.tree.norm(grads)
       finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
       def apply(state):

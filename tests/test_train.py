@@ -1,0 +1,214 @@
+"""Training: sharded steps equal single-device ones, non-finite steps are
+skipped, resume is bitwise, preemption saves, half-written checkpoints are
+ignored, and the loop writes its metrics, plot and checkpoints."""
+
+import json
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hybridna_jax import sharding
+from hybridna_jax.config import ModelConfig, load_config
+from hybridna_jax.data import pipeline
+from hybridna_jax.train import loop
+from hybridna_jax.train import optimizer as optimizer_lib
+from hybridna_jax.train import step as step_lib
+from hybridna_jax.train.checkpoint import Checkpoints, with_shardings
+
+TINY = ModelConfig.from_config(load_config("configs/tiny.py").model)
+
+
+def _batch(b=8, l=32, seed=0):
+  toks = np.random.default_rng(seed).integers(5, 10, (b, l + 1)).astype(np.int32)
+  seg = np.ones((b, l), np.int32)
+  seg[1, l // 2:] = 2           # a packed row
+  mask = (toks[:, 1:] != 9).astype(np.float32)
+  mask[1, l // 2 - 1] = 0.0     # no target across the document boundary
+  return dict(inputs=toks[:, :-1], targets=toks[:, 1:], segment_ids=seg, loss_mask=mask)
+
+
+def _steps(mesh, grad_accum=1):
+  train_cfg = load_config("configs/tiny.py").train
+  optimizer, schedule = optimizer_lib.make_optimizer(train_cfg, total_steps=10)
+  return step_lib.build_steps(TINY, optimizer, schedule, mesh, grad_accum=grad_accum)
+
+
+def _run_two_steps(mesh, grad_accum=1):
+  fns = _steps(mesh, grad_accum)
+  state = fns.init(jax.random.key(0))
+  batch = step_lib.device_batch(_batch(), fns.batch_sharding)
+  state, m1 = fns.train_step(state, batch)
+  state, m2 = fns.train_step(state, batch)
+  return jax.device_get((state.params, m1, m2))
+
+
+@pytest.fixture(scope="module")
+def single_device_run():
+  return _run_two_steps(sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+
+
+@pytest.mark.parametrize("axes,grad_accum", [((2, 2, 2), 1), ((1, 1, 8), 1),
+                                             ((1, 1, 1), 2)])
+def test_sharded_and_accumulated_steps_match_single_device(single_device_run, axes, grad_accum):
+  devices = jax.devices() if np.prod(axes) == 8 else jax.devices()[:1]
+  params, m1, m2 = _run_two_steps(sharding.make_mesh(*axes, devices=devices), grad_accum)
+  ref_params, ref_m1, ref_m2 = single_device_run
+  for key in ("loss", "grad_norm", "accuracy", "tokens"):
+    np.testing.assert_allclose(m1[key], ref_m1[key], rtol=1e-5, err_msg=key)
+    np.testing.assert_allclose(m2[key], ref_m2[key], rtol=1e-5, err_msg=key)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_params_and_optimizer_state_are_sharded():
+  fns = _steps(sharding.make_mesh(2, 2, 2))
+  state = fns.init(jax.random.key(0))
+  kernel = state.params["layers"][0]["mixer"]["in_zx"]["kernel"][...]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", None, "tensor")
+  mu = state.opt_state[1][0].mu["layers"][0]["mixer"]["in_zx"]["kernel"][...]
+  assert mu.sharding.spec == kernel.sharding.spec
+
+
+def test_weight_decay_mask():
+  model = nnx.eval_shape(lambda: __import__("hybridna_jax.model", fromlist=["x"]).HybriDNA(
+      TINY, rngs=nnx.Rngs(0)))
+  mask = optimizer_lib.weight_decay_mask(nnx.state(model, nnx.Param))
+  flat = {"/".join(map(str, path)): leaf for path, leaf in
+          jax.tree_util.tree_leaves_with_path(mask)}
+  no_decay = {k for k, v in flat.items() if not v}
+  for name in ("A_log", "dt_bias", "D", "conv_x_bias", "mixer_norm", "final_norm"):
+    assert any(name in k for k in no_decay), name
+  assert all(("kernel" in k or "embed" in k or "lm_head" in k or "weight" in k)
+             for k, v in flat.items() if v)
+  assert any("in_zx" in k for k, v in flat.items() if v)
+
+
+def test_stage_parsing():
+  cfg = load_config("configs/tiny.py").train
+  cfg.stages = ((8, 3, 4), (16, 2, 2))
+  stages = loop.parse_stages(cfg)
+  assert [(s.start_step, s.end_step) for s in stages] == [(0, 3), (3, 5)]
+  assert loop.stage_at(stages, 2).index == 0 and loop.stage_at(stages, 3).index == 1
+  cfg.stages = ((8, 3),)
+  with pytest.raises(ValueError, match=r"stages\[0\].*seq_len, steps, global_batch_size"):
+    loop.parse_stages(cfg)
+
+
+def _interrupting(monkeypatch, stop_after: int):
+  """Sends SIGTERM to this process while the `stop_after`-th batch of the
+  run is being placed on devices (the real signal handler then runs)."""
+  real = step_lib.device_batch
+  placed = [0]
+
+  def device_batch(*args, **kwargs):
+    placed[0] += 1
+    if placed[0] == stop_after:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(step_lib, "device_batch", device_batch)
+
+
+def _final_params(workdir, cfg):
+  fns = _steps(sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+  ckpts = Checkpoints(os.path.join(workdir, loop.CHECKPOINT_DIR))
+  target = with_shardings(jax.eval_shape(fns.init, jax.random.key(0)), fns.state_shardings)
+  state, meta = ckpts.restore(ckpts.latest_step(), target)
+  return jax.device_get(state), meta
+
+
+def test_preempted_and_resumed_run_is_bitwise_identical(tiny_config, tmp_path, monkeypatch):
+  straight = loop.train(tiny_config, str(tmp_path / "straight"))
+  assert straight["stopped"] == "completed" and straight["steps"] == 8
+
+  workdir = str(tmp_path / "resumed")
+  with monkeypatch.context() as m:
+    _interrupting(m, stop_after=3)           # inside stage 0
+    first = loop.train(tiny_config, workdir)
+  assert first == {**first, "stopped": "preempted", "steps": 3}
+  with monkeypatch.context() as m:
+    _interrupting(m, stop_after=3)           # step 6: inside stage 1
+    second = loop.train(tiny_config, workdir)
+  assert second["stopped"] == "preempted" and second["steps"] == 6
+  third = loop.train(tiny_config, workdir)
+  assert third["stopped"] == "completed" and third["steps"] == 8
+
+  a, meta_a = _final_params(str(tmp_path / "straight"), tiny_config)
+  b, meta_b = _final_params(workdir, tiny_config)
+  assert meta_a["step"] == meta_b["step"] == 8 and meta_b["stage"] == 1
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_half_written_checkpoint_is_ignored(tiny_config, tmp_path):
+  workdir = str(tmp_path / "run")
+  tiny_config.train.stages = ((32, 4, 4),)
+  loop.train(tiny_config, workdir)
+  ckpt_dir = os.path.join(workdir, loop.CHECKPOINT_DIR)
+  # What a crash during an Orbax save leaves behind: a temporary step dir.
+  partial = os.path.join(ckpt_dir, "6.orbax-checkpoint-tmp-1700000000")
+  os.makedirs(os.path.join(partial, "params"))
+  with open(os.path.join(partial, "params", "garbage"), "w") as f:
+    f.write("truncated")
+  assert Checkpoints(ckpt_dir).latest_step() == 4
+  tiny_config.train.stages = ((32, 6, 4),)
+  summary = loop.train(tiny_config, workdir)   # resumes from 4, not the partial 6
+  assert summary["steps"] == 6
+  assert sorted(Checkpoints(ckpt_dir).all_steps())[-1] == 6
+
+
+def test_non_finite_steps_are_skipped_then_stop(tiny_config, tmp_path, monkeypatch):
+  real = step_lib.device_batch
+
+  def poisoned(batch, sharding):
+    return real({**batch, "loss_mask": batch["loss_mask"] * np.float32("nan")}, sharding)
+
+  monkeypatch.setattr(step_lib, "device_batch", poisoned)
+  tiny_config.train.max_consecutive_skips = 3
+  tiny_config.train.log_every = 1
+  workdir = str(tmp_path / "run")
+  with pytest.raises(loop.NonFiniteLossError, match="3 consecutive steps"):
+    loop.train(tiny_config, workdir)
+  state, meta = _final_params(workdir, tiny_config)
+  assert meta["step"] == 3 and int(state.skipped) == 3
+  init = _steps(sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])).init(jax.random.key(0))
+  for x, y in zip(jax.tree.leaves(state.params), jax.tree.leaves(jax.device_get(init.params))):
+    np.testing.assert_array_equal(x, y)     # no update was applied
+
+
+def test_loop_writes_metrics_eval_checkpoints_and_plot(tiny_config, tmp_path):
+  t = tiny_config.train
+  t.eval_every = 4
+  t.eval_batches = 2
+  t.keep_best = True
+  t.plot = True
+  workdir = str(tmp_path / "run")
+  summary = loop.train(tiny_config, workdir)
+  assert summary["steps"] == 8 and summary["final_val"]["tokens"] > 0
+  assert 0 < summary["final_val"]["bits_per_nt"] < 8
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  train_steps = [r["step"] for r in records if r["kind"] == "train"]
+  assert train_steps == [2, 4, 6, 8]
+  assert [r["step"] for r in records if r["kind"] == "val"] == [4, 8]
+  last = [r for r in records if r["kind"] == "train"][-1]
+  for key in ("loss", "bits_per_nt", "accuracy", "grad_norm", "learning_rate",
+              "tokens_per_s", "step_time_s", "tflops_per_device"):
+    assert key in last and np.isfinite(last[key]), key
+  assert os.path.getsize(os.path.join(workdir, "loss_curves.png")) > 10_000
+  assert any(f.startswith("events.out.tfevents")
+             for f in os.listdir(os.path.join(workdir, "tensorboard")))
+  assert Checkpoints(os.path.join(workdir, loop.BEST_DIR)).latest_step() in (4, 8)
+  with open(os.path.join(workdir, loop.CONFIG_FILE)) as f:
+    assert json.load(f)["model"]["d_model"] == TINY.d_model
+
+
+def test_batch_not_divisible_is_a_clear_error(tiny_config, tmp_path):
+  tiny_config.train.stages = ((32, 2, 3),)
+  tiny_config.train.grad_accum = 2
+  with pytest.raises(ValueError, match=r"stages\[0\]: global batch 3 is not divisible"):
+    loop.train(tiny_config, str(tmp_path / "run"))
