@@ -54,9 +54,8 @@ def check(fn, q, k, v, seg, rtol, atol_frac):
                                err_msg=name)
 
 
-@pytest.mark.parametrize("with_segments", [False, True])
-@pytest.mark.parametrize("hq,hkv", [(4, 2), (2, 2)])
-def test_triton_flash_matches_xla(with_segments, hq, hkv):
+@pytest.mark.parametrize("hq,hkv,with_segments", [(4, 2, True), (2, 2, False)])
+def test_triton_flash_matches_xla(hq, hkv, with_segments):
   """GQA and MHA, causal, packed documents and padding, odd length."""
   q, k, v, seg = qkv(hq=hq, hkv=hkv)
   fn = lambda q, k, v, s: attention_kernels.flash_attention(
@@ -158,3 +157,23 @@ def test_kernels_lower_for_cuda_and_tpu(impl, platform):
       exported = jax.export.export(jax.jit(fun), platforms=[platform],
                                    disabled_checks=[TRITON])(*args)
       assert exported.mlir_module().count(marker) >= kernels
+
+
+ON_DEVICE = pytest.mark.skipif(
+    jax.default_backend() not in ("gpu", "tpu"),
+    reason="compiled kernels need a GPU or TPU (run with JAX_PLATFORMS=cuda/tpu)")
+
+
+@ON_DEVICE
+@pytest.mark.parametrize("with_segments", [False, True])
+def test_compiled_kernels_match_xla_on_device(with_segments):
+  """On a GPU/TPU: the auto kernel (cuDNN or Triton on GPU, splash on TPU)
+  and the Pallas GPU kernel, at d = 128 with GQA and an odd length, against
+  the XLA reference in fp32."""
+  q, k, v, seg = qkv(b=2, l=1000, hq=8, hkv=2, d=128, dtype=jnp.bfloat16)
+  seg = seg if with_segments else None
+  impls = ["auto"] + (["pallas_gpu"] if jax.default_backend() == "gpu" else [])
+  for impl in impls:
+    fn = lambda q, k, v, s, impl=impl: attention.causal_attention(
+        q, k, v, s, impl=impl)
+    check(fn, q, k, v, seg, 2e-2, 2e-2)

@@ -73,12 +73,12 @@ def check_against_chunked(cfg, inputs, chunk, rtol=1e-4, atol=1e-5):
     assert_close(grads[name], grads_ref[name], rtol, atol, name)
 
 
-# Chunk 16 is one tile; 32 and 64 are 2 and 4 tiles of 16 (causal tile
-# skipping, dynamic loops); the documents cross chunk and tile edges. At chunk
-# 32 one group of 4 heads is split over 4 programs of the dB/dC kernel (their
-# partial sums are added in XLA).
+# Chunks of 2 and 4 tiles of 16 (causal tile skipping, dynamic loops; chunk
+# 16, a single tile, runs through the public API test below); the documents
+# cross chunk and tile edges. At chunk 32 one group of 4 heads is split over 4
+# programs of the dB/dC kernel (their partial sums are added in XLA).
 @pytest.mark.parametrize("chunk,groups,min_programs", [
-    (16, 2, 1), (32, 1, 1 << 20), (64, 2, 1)])
+    (32, 1, 1 << 20), (64, 2, 1)])
 def test_gpu_kernels_match_chunked(chunk, groups, min_programs):
   cfg = ssd_pallas.SsdKernelConfig(platform="gpu", interpret=True, block=16,
                                    min_programs=min_programs)
@@ -89,16 +89,14 @@ def test_gpu_kernels_match_chunked(chunk, groups, min_programs):
   check_against_chunked(cfg, inputs, chunk)
 
 
-# TPU blocks are 8 heads. One group of 16 heads: the dB/dC kernel visits two
-# 8-head splits along an "arbitrary" grid axis and sums them in place; two
-# groups of 8: one block per group.
-@pytest.mark.parametrize("chunk,groups", [(16, 1), (32, 2)])
-def test_tpu_kernels_match_chunked(chunk, groups):
-  inputs = core_inputs(b=1, l=64, h=16, g=groups)
-  plan = ssd_pallas._make_plan(inputs.x.shape, inputs.x.dtype, groups, 16,  # pylint: disable=protected-access
-                               chunk, TPU)
-  assert (plan.hb, plan.nsplit) == ((8, 2) if groups == 1 else (8, 1))
-  check_against_chunked(TPU, inputs, chunk)
+def test_tpu_kernels_match_chunked():
+  """TPU blocks are 8 heads. With one group of 16 heads the dB/dC kernel
+  visits two 8-head splits along an "arbitrary" grid axis and sums them in
+  place. (Two groups, chunk 32 and bf16 run through the public API test.)"""
+  inputs = core_inputs(b=1, l=64, h=16, g=1)
+  plan = ssd_pallas._make_plan(inputs.x.shape, inputs.x.dtype, 1, 16, 16, TPU)  # pylint: disable=protected-access
+  assert (plan.hb, plan.nsplit) == (8, 2)
+  check_against_chunked(TPU, inputs, 16)
 
 
 OPTIONS = dict(D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None)
@@ -126,14 +124,15 @@ def api_call(inputs, impl, chunk=16):
       dt_softplus=True, return_final_states=True, impl=impl, **kw)
 
 
-@pytest.mark.parametrize("impl,dtype", [
-    ("pallas_gpu_interpret", jnp.float32), ("pallas_tpu_interpret", jnp.bfloat16)])
-def test_public_api_with_every_option(impl, dtype):
-  """Odd length (padded to the chunk), D, z, dt_bias + softplus, initial
+@pytest.mark.parametrize("impl,dtype,chunk", [
+    ("pallas_gpu_interpret", jnp.float32, 16),
+    ("pallas_tpu_interpret", jnp.bfloat16, 32)])
+def test_public_api_with_every_option(impl, dtype, chunk):
+  """Odd length (37, padded to the chunk), D, z, dt_bias + softplus, initial
   states and documents, through `ssd_chunked_scan`; gradients of everything
   differentiable against the sequential definition (fp32, on the same
-  bf16-representable values for the bf16 case)."""
-  inputs = api_inputs(h=8 if "tpu" in impl else 4, dtype=dtype)
+  bf16-representable values for the bf16 case). TPU: 2 groups of 8 heads."""
+  inputs = api_inputs(h=16 if "tpu" in impl else 4, dtype=dtype)
   ref_inputs = {k: (v.astype(jnp.float32) if v.dtype == jnp.bfloat16 else v)
                 for k, v in inputs.items()}
   diff_names = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
@@ -141,7 +140,7 @@ def test_public_api_with_every_option(impl, dtype):
   cot = jnp.asarray(rng.standard_normal(inputs["x"].shape, np.float32))
 
   def loss(diff, impl, inputs):
-    y, f = api_call({**inputs, **diff}, impl)
+    y, f = api_call({**inputs, **diff}, impl, chunk)
     return (y.astype(jnp.float32) * cot).sum() + f.sum(), (y, f)
 
   grad = jax.value_and_grad(loss, has_aux=True)
@@ -183,7 +182,7 @@ def test_unsupported_shapes_fall_back_to_xla(caplog):
   assert ssd_pallas.unsupported_reason(inputs.x.shape, 2, 16, 16, GPU)
   core = ssd_pallas.make_core(GPU)
   with caplog.at_level(logging.WARNING):
-    y, f = core(inputs, 16)
+    y, f = jax.jit(lambda i: core(i, 16))(inputs)
   y_ref, f_ref = ssd.chunked_core(inputs, 16)
   np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(f, f_ref, rtol=1e-6, atol=1e-6)
@@ -255,3 +254,35 @@ def test_kernels_lower_for_cuda_and_tpu(platform):
     exported = jax.export.export(jax.jit(fn), platforms=[platform],
                                  disabled_checks=[TRITON])(*args)
     assert exported.mlir_module().count(marker) >= expected
+
+
+ON_DEVICE = pytest.mark.skipif(
+    jax.default_backend() not in ("gpu", "tpu"),
+    reason="compiled kernels need a GPU or TPU (run with JAX_PLATFORMS=cuda/tpu)")
+
+
+@ON_DEVICE
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_compiled_kernels_match_xla_on_device(dtype):
+  """On a GPU/TPU: the compiled kernels ("pallas", the auto choice there) at
+  the model's shapes (chunk 256, headdim 64, d_state 128), every option on,
+  an odd length, against the XLA chunked path."""
+  inputs = api_inputs(b=2, l=1000, h=16, p=64, g=1, n=128, dtype=dtype)
+  rng = np.random.default_rng(3)
+  cot = jnp.asarray(rng.standard_normal(inputs["x"].shape, np.float32))
+  diff_names = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
+
+  def loss(diff, impl):
+    y, f = api_call({**inputs, **diff}, impl, 256)
+    return (y.astype(jnp.float32) * cot).sum() + f.sum(), (y, f)
+
+  grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+  diff = {k: inputs[k] for k in diff_names}
+  assert ssd.CORES.resolve("auto").name == "pallas"
+  (_, (y, f)), g = grad(diff, "pallas")
+  (_, (y_ref, f_ref)), g_ref = grad(diff, "chunked")
+  tol = (1e-3, 1e-4, 2e-3, 1e-3) if dtype == jnp.float32 else (3e-2, 1e-2, 5e-2, 2e-2)
+  assert_close(y, y_ref, tol[0], tol[1], "y")
+  assert_close(f, f_ref, tol[0], tol[1], "final")
+  for name in diff_names:
+    assert_close(g[name], g_ref[name], tol[2], tol[3], name)

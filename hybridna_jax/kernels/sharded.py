@@ -72,7 +72,6 @@ def shard_ssd_core(core: Callable) -> Callable:
                        check_vma=False)
     return fn(ssd.CoreInputs(*inputs))
 
-  wrapped.options = getattr(core, "options", {})
   return wrapped
 
 

@@ -444,14 +444,11 @@ def _call(kernel, plan: _Plan, grid, in_specs, out_specs, out_shape,
       interpret=interpret, name=name)
 
 
-def _vec_spec(plan, heads, width=None, col=None):
-  """(b, nc, h, Q) per-position vectors: `heads` heads, `width` positions."""
-  width = width or plan.q
-  if col is None:
-    return pl.BlockSpec((None, None, heads, width),
-                        lambda b, c, hb, i: (b, c, hb, 0))
-  return pl.BlockSpec((None, None, heads, width),
-                      lambda b, c, hb, i: (b, c, hb, col(i)))
+def _vec_spec(plan, heads):
+  """(b, nc, h, Q) per-position vectors: a block of `heads` heads, whole
+  chunk, for the 4-D grids (batch, chunk, head block, tile)."""
+  return pl.BlockSpec((None, None, heads, plan.q),
+                      lambda b, c, k, i: (b, c, k, 0))
 
 
 def chunk_states(v, proj, w, plan: _Plan):
