@@ -150,8 +150,9 @@ def mamba_case(inputs, chunk, iters, warmup):
 def mamba_available():
   try:
     import torch  # pylint: disable=g-import-not-at-top
-    import mamba_ssm.ops.triton.ssd_combined  # pylint: disable=g-import-not-at-top,unused-import
-    return torch.cuda.is_available()
+    from mamba_ssm.ops.triton import ssd_combined  # pylint: disable=g-import-not-at-top
+    return torch.cuda.is_available() and hasattr(
+        ssd_combined, "mamba_chunk_scan_combined")
   except Exception:  # pylint: disable=broad-except
     return False
 

@@ -90,16 +90,20 @@ def test_registry():
     assert name in attention.KERNELS.names()
 
 
-def test_gpu_choice_uses_triton_for_segments_and_fp32():
+def test_gpu_choice():
   """flash_gpu sends segment ids (which cuDNN's API does not take) and fp32
-  inputs to the Triton kernel; traced here to check the dispatch only."""
+  inputs to the Triton kernel, and bf16 without segment ids to cuDNN (which
+  this CPU host lacks, so it falls back to the Triton kernel); head dims the
+  Triton kernel cannot take go to XLA. Traced only, to check the dispatch."""
   q, k, v, seg = qkv(l=64, d=32)
-  jaxpr = str(jax.make_jaxpr(attention_kernels.gpu_attention)(q, k, v, seg))
-  assert "flash_attention_fwd" in jaxpr
+  trace = lambda *a: str(jax.make_jaxpr(attention_kernels.gpu_attention)(*a))
+  assert "flash_attention_fwd" in trace(q, k, v, seg)
+  assert "flash_attention_fwd" in trace(q, k, v, None)
   q16, k16, v16 = (a.astype(jnp.bfloat16) for a in (q, k, v))
-  jaxpr = str(jax.make_jaxpr(
-      lambda q, k, v: attention_kernels.gpu_attention(q, k, v, seg))(q16, k16, v16))
-  assert "flash_attention_fwd" in jaxpr
+  assert "flash_attention_fwd" in trace(q16, k16, v16, seg)
+  assert "flash_attention_fwd" in trace(q16, k16, v16, None)
+  q, k, v, seg = qkv(l=64, d=24)
+  assert "pallas_call" not in trace(q, k, v, seg)
 
 
 def test_sharded_matches_unsharded():

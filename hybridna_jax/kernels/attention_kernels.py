@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 
 import jax
@@ -153,13 +154,28 @@ def _dot(a, b, dims=(((1,), (0,)), ((), ()))):
                              preferred_element_type=f32)
 
 
-def _mask(q0, k0, bq, bk, q_seg, k_seg):
-  rows = q0 + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
-  cols = k0 + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-  mask = rows >= cols
+def _mask(q0, k0, bq, bk, q_seg, k_seg, causal):
+  """(bq, bk) visibility, or None when every key of the tile is visible.
+
+  Tiles wholly below the diagonal skip the causal compare (`causal=False`);
+  segment ids are compared on every tile."""
+  mask = None
+  if causal:
+    rows = q0 + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+    cols = k0 + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+    mask = rows >= cols
   if q_seg is not None:
-    mask = mask & (q_seg[:, None] == k_seg[None, :])
+    same = q_seg[:, None] == k_seg[None, :]
+    mask = same if mask is None else mask & same
   return mask
+
+
+def _key_blocks(i, bq, bk):
+  """Key tiles of query tile i: [0, n_full) lie wholly before its first
+  query, [n_full, n_blocks) reach the diagonal; later ones are skipped."""
+  n_full = jax.lax.div(i * bq, bk)
+  n_blocks = jax.lax.div((i + 1) * bq + bk - 1, bk)
+  return n_full, n_blocks
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, *refs, has_seg, scale, bq, bk):
@@ -173,12 +189,14 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, has_seg, scale, bq, bk):
   q_seg = qs_ref[...] if has_seg else None
   d = q.shape[-1]
 
-  def body(j, carry):
+  def body(j, carry, causal):
     m, s, acc = carry
     keys = pl.ds(pl.multiple_of(j * bk, bk), bk)
     x = _dot(q, k_ref[keys, :], _NT) * (scale * _LOG2E)
-    x = jnp.where(_mask(i * bq, j * bk, bq, bk, q_seg,
-                        ks_ref[keys] if has_seg else None), x, _MASK)
+    mask = _mask(i * bq, j * bk, bq, bk, q_seg,
+                 ks_ref[keys] if has_seg else None, causal)
+    if mask is not None:
+      x = jnp.where(mask, x, _MASK)
     m_new = jnp.maximum(m, jnp.max(x, axis=1))
     alpha = jnp.exp2(m - m_new)
     p = jnp.exp2(x - m_new[:, None])
@@ -186,10 +204,13 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, has_seg, scale, bq, bk):
     acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
     return m_new, s * alpha + jnp.sum(p, axis=1), acc
 
-  n_blocks = jax.lax.div((i + 1) * bq + bk - 1, bk)        # causal: up to diag
+  n_full, n_blocks = _key_blocks(i, bq, bk)
   init = (jnp.full((bq,), _MASK, f32), jnp.zeros((bq,), f32),
           jnp.zeros((bq, d), f32))
-  m, s, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+  carry = jax.lax.fori_loop(0, n_full, functools.partial(body, causal=False),
+                            init)
+  m, s, acc = jax.lax.fori_loop(n_full, n_blocks,
+                                functools.partial(body, causal=True), carry)
   o_ref[...] = (acc / s[:, None]).astype(o_ref.dtype)
   lse_ref[...] = m + jnp.log2(s)
 
@@ -207,18 +228,24 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
   delta = delta_ref[...]
   q_seg = qs_ref[...] if has_seg else None
 
-  def body(j, dq):
+  def body(j, dq, causal):
     keys = pl.ds(pl.multiple_of(j * bk, bk), bk)
     k = k_ref[keys, :]
     x = _dot(q, k, _NT) * (scale * _LOG2E)
-    mask = _mask(i * bq, j * bk, bq, bk, q_seg, ks_ref[keys] if has_seg else None)
-    p = jnp.where(mask, jnp.exp2(x - lse[:, None]), 0.0)
+    mask = _mask(i * bq, j * bk, bq, bk, q_seg,
+                 ks_ref[keys] if has_seg else None, causal)
+    p = jnp.exp2(x - lse[:, None])
+    if mask is not None:
+      p = jnp.where(mask, p, 0.0)
     dp = _dot(do, v_ref[keys, :], _NT)
     ds = p * (dp - delta[:, None])
     return dq + _dot(ds.astype(k.dtype), k)
 
-  n_blocks = jax.lax.div((i + 1) * bq + bk - 1, bk)
-  dq = jax.lax.fori_loop(0, n_blocks, body, jnp.zeros(q.shape, f32))
+  n_full, n_blocks = _key_blocks(i, bq, bk)
+  dq = jax.lax.fori_loop(0, n_full, functools.partial(body, causal=False),
+                         jnp.zeros(q.shape, f32))
+  dq = jax.lax.fori_loop(n_full, n_blocks, functools.partial(body, causal=True),
+                         dq)
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
@@ -233,16 +260,22 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
   k = k_ref[...]
   v = v_ref[...]
   k_seg = ks_ref[...] if has_seg else None
-  first = jax.lax.div(j * bk, bq)                          # causal: from diag
+  # Query tiles [first, full) reach the diagonal; [full, nq) lie wholly
+  # after the key tile; earlier ones see none of it.
+  first = jax.lax.div(j * bk, bq)
+  full = jnp.minimum(jax.lax.div((j + 1) * bk + bq - 1, bq), nq)
 
-  def q_block(i, carry, hh):
+  def q_block(i, carry, hh, causal):
     dk, dv = carry
     rows = pl.ds(pl.multiple_of(i * bq, bq), bq)
     q = q_ref[rows, hh, :]
     do = do_ref[rows, hh, :]
     x = _dot(q, k, _NT) * (scale * _LOG2E)
-    mask = _mask(i * bq, j * bk, bq, bk, qs_ref[rows] if has_seg else None, k_seg)
-    p = jnp.where(mask, jnp.exp2(x - lse_ref[hh, rows][:, None]), 0.0)
+    mask = _mask(i * bq, j * bk, bq, bk, qs_ref[rows] if has_seg else None,
+                 k_seg, causal)
+    p = jnp.exp2(x - lse_ref[hh, rows][:, None])
+    if mask is not None:
+      p = jnp.where(mask, p, 0.0)
     dv = dv + _dot(p.astype(do.dtype), do, _TN)
     dp = _dot(do, v, _NT)
     ds = p * (dp - delta_ref[hh, rows][:, None])
@@ -250,7 +283,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
     return dk, dv
 
   def head(hh, carry):
-    return jax.lax.fori_loop(first, nq, functools.partial(q_block, hh=hh), carry)
+    carry = jax.lax.fori_loop(
+        first, full, functools.partial(q_block, hh=hh, causal=True), carry)
+    return jax.lax.fori_loop(
+        full, nq, functools.partial(q_block, hh=hh, causal=False), carry)
 
   init = (jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32))
   dk, dv = jax.lax.fori_loop(0, r, head, init)
@@ -395,10 +431,32 @@ def flash_attention(q, k, v, segment_ids=None, *,
 
 def gpu_attention(q, k, v, segment_ids=None, *,
                   config: FlashConfig = FlashConfig()):
-  """GPU choice: cuDNN for 16-bit inputs without segment ids, else Triton."""
+  """GPU choice: cuDNN for 16-bit inputs without segment ids, else Triton.
+
+  Shapes or setups either kernel rejects at trace time (e.g. no cuDNN, a
+  head dim the Triton kernel does not take) fall back, with a one-time
+  warning, to the Triton kernel and then to XLA's blockwise attention.
+  """
   if segment_ids is None and q.dtype in (jnp.bfloat16, jnp.float16):
-    return cudnn_attention(q, k, v)
-  return flash_attention(q, k, v, segment_ids, config=config)
+    try:
+      return cudnn_attention(q, k, v)
+    except (ValueError, RuntimeError, NotImplementedError) as e:
+      _warn_once(f"cuDNN attention unavailable ({e}); using the Pallas kernel.")
+  reason = flash_unsupported_reason(q.shape)
+  if reason is None:
+    return flash_attention(q, k, v, segment_ids, config=config)
+  _warn_once(f"{reason}; using XLA blockwise attention.")
+  from hybridna_jax import attention  # pylint: disable=g-import-not-at-top
+  return attention.xla_blockwise_attention(q, k, v, segment_ids)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str):
+  if message not in _warned:
+    _warned.add(message)
+    logging.warning(message)
 
 
 def attention_flops(b: int, l: int, hq: int, d: int, backward: bool = False):

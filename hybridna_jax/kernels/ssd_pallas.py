@@ -24,9 +24,18 @@ Work split (the mamba_ssm split, with the cheap parts in XLA):
 * `_scan_kernel`: y for a (batch, chunk, head, row block).
 * `_dx_kernel` (backward, per head and column block): dx, and the per-position
   sums that give d dt and d cs.
-* `_dcb_kernel` (backward, per group and row block, looping over its heads):
-  d(C B^T) summed over heads, the incoming-state part of dC, the chunk-state
-  part of dB, and dy . y per position (for d cs).
+* `_dcb_kernel` (backward, per group (or head split) and row block, looping
+  over its heads): d(C B^T) summed over heads, the incoming-state part of dC,
+  the chunk-state part of dB, dy . y per position and <S_in, G> per chunk.
+* XLA again: dC, dB from d(C B^T) (per-group batched matmuls), and d cs ->
+  d dt, dA through the reverse cumsum.
+
+Backward identities used (G = gradient of the state leaving a chunk, from the
+reversed state passing seeded with the final state's cotangent):
+d cs_i gets dy_i . y_i (every decay exp(cs_i - .) and e_i scales row i of y),
+minus dt_j x_j . V_j for the columns of the intra-chunk decays (V_j =
+sum_i (C_i . B_j) decay_ij dy_i), minus / plus the chunk-state weights
+(x_j . B_j G) w_j at j / at the chunk's end, plus <S_in, G> a at the end.
 
 `jax.custom_vjp` joins `_forward` and `_backward`; the backward recomputes the
 states instead of saving them. Matmul operands are in x's dtype (bf16 stays
@@ -50,7 +59,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
 
 import jax
 import jax.numpy as jnp
@@ -346,17 +354,20 @@ def _dx_kernel(x_ref, dy_ref, b_ref, cb_ref, g_ref, cs_ref, dt_ref, w_ref,
 
 def _dcb_kernel(x_ref, dy_ref, c_ref, cb_ref, s_ref, g_ref, cs_ref, dt_ref,
                 e_ref, w_ref, seq_ref, dcb_ref, dcoff_ref, dbst_ref, dcs_ref,
-                *, plan: _Plan):
+                da_ref, *, plan: _Plan):
   """Cross-head sums for row block i of one chunk, over this program's heads.
 
   dcb += decay * dt_j * (dy_i . x_j)        (d(C B^T), causal tiles only)
   dcoff += e_i dy_i S^T    (dC from the incoming state)
   dbst += w_i x_i G^T      (dB from the chunk state)
   dcs[h, i] = dy_i . y_i   (d cs through every exp(cs_i ...) factor)
+  da[h] = <S, G>           (d of the carried decay a; S and G are loaded
+                            here anyway, every row block writes the same)
 
   x_ref (hs, Q, p); dy_ref (hs, blk, p); c_ref (blk, n); cb_ref (blk, Q);
   s_ref, g_ref (hs, n, p) fp32; cs/dt/e/w_ref (hs, Q); seq_ref (1, Q);
-  dcb_ref (blk, Q), dcoff_ref, dbst_ref (blk, n) fp32; dcs_ref (hs, blk).
+  dcb_ref (blk, Q), dcoff_ref, dbst_ref (blk, n) fp32; dcs_ref (hs, blk);
+  da_ref (hs, 1).
   """
   nb, blk = plan.nb, plan.blk
   if plan.tpu:
@@ -383,14 +394,16 @@ def _dcb_kernel(x_ref, dy_ref, c_ref, cb_ref, s_ref, g_ref, cs_ref, dt_ref,
 
   def head(hh):
     dy = dy_ref[hh].astype(plan.dtype)                          # (blk, p)
-    s = s_ref[hh].astype(plan.dtype)                            # (n, p)
+    s32, g32 = s_ref[hh], g_ref[hh]
+    da_ref[pl.ds(hh, 1), :] = jnp.full((1, 1), jnp.sum(s32 * g32), f32)
+    s = s32.astype(plan.dtype)                                  # (n, p)
     cs_i = _col(cs_ref[pl.ds(hh, 1), rows], plan)
     e_i = _col(e_ref[pl.ds(hh, 1), rows], plan)
     w_i = _col(w_ref[pl.ds(hh, 1), rows], plan)
     y_off = e_i * _dot(c, s)
     dcoff_ref[...] += e_i * _dot(dy, s, _NT)
-    dbst_ref[...] += w_i * _dot(x_ref[hh, rows, :],
-                                g_ref[hh].astype(plan.dtype), _NT)
+    dbst_ref[...] += w_i * _dot(x_ref[hh, rows, :], g32.astype(plan.dtype),
+                                _NT)
 
     def tile(j, y):
       cols = _sl(j, blk, nb)
@@ -576,7 +589,6 @@ def chunk_scan_dcb(xt, dyt, ct, cb, s_in, gs, cs, dt, e, w, seq, plan: _Plan):
     # stay in VMEM, so partial sums accumulate in place.
     grid = (plan.b, plan.nc, g, ns)
     hblk = lambda k, s: k * ns + s
-    row = lambda c, s: c
     outs_g = g
     out_idx = lambda b, c, k, s: (b, c, k, 0, 0)
     rows_idx = lambda b, c, k, s: (b, k, c, 0)
@@ -590,6 +602,8 @@ def chunk_scan_dcb(xt, dyt, ct, cb, s_in, gs, cs, dt, e, w, seq, plan: _Plan):
                            lambda b, c, k, s: (b, c, hblk(k, s), 0, 0))
     vec_spec = pl.BlockSpec((None, None, hs, q), lambda b, c, k, s: (b, c, hblk(k, s), 0))
     dcs_spec = vec_spec
+    da_spec = pl.BlockSpec((None, None, hs, 1),
+                           lambda b, c, k, s: (b, c, hblk(k, s), 0))
   else:
     # Grid (b, nc, g * split, row block): every program writes its own
     # partial sums (summed over splits in XLA).
@@ -609,6 +623,7 @@ def chunk_scan_dcb(xt, dyt, ct, cb, s_in, gs, cs, dt, e, w, seq, plan: _Plan):
                            lambda b, c, k, i: (b, c, k, 0, 0))
     vec_spec = pl.BlockSpec((None, None, hs, q), lambda b, c, k, i: (b, c, k, 0))
     dcs_spec = pl.BlockSpec((None, None, hs, blk), lambda b, c, k, i: (b, c, k, i))
+    da_spec = pl.BlockSpec((None, None, hs, 1), lambda b, c, k, i: (b, c, k, 0))
   seq_spec = pl.BlockSpec((None, None, 1, q), lambda b, c, k, i: (b, c, 0, 0))
   in_specs = [x_spec, dy_spec, c_spec, cb_spec, st_spec, st_spec,
               vec_spec, vec_spec, vec_spec, vec_spec, seq_spec]
@@ -616,15 +631,16 @@ def chunk_scan_dcb(xt, dyt, ct, cb, s_in, gs, cs, dt, e, w, seq, plan: _Plan):
       pl.BlockSpec((None, None, None, blk, q), out_idx),
       pl.BlockSpec((None, None, blk, plan.n), rows_idx),
       pl.BlockSpec((None, None, blk, plan.n), rows_idx),
-      dcs_spec,
+      dcs_spec, da_spec,
   ]
   out_shape = [
       jax.ShapeDtypeStruct((plan.b, plan.nc, outs_g, q, q), f32),
       jax.ShapeDtypeStruct((plan.b, outs_g, plan.l, plan.n), f32),
       jax.ShapeDtypeStruct((plan.b, outs_g, plan.l, plan.n), f32),
       jax.ShapeDtypeStruct((plan.b, plan.nc, plan.h, q), f32),
+      jax.ShapeDtypeStruct((plan.b, plan.nc, plan.h, 1), f32),
   ]
-  dcb, dcoff, dbst, dcs = _call(
+  dcb, dcoff, dbst, dcs, da = _call(
       _dcb_kernel, plan, grid, in_specs, out_specs, out_shape, semantics,
       name="ssd_chunk_scan_bwd_dcb")(xt, dyt, ct, cb, s_in, gs, cs, dt, e, w, seq)
   if outs_g != g:
@@ -632,7 +648,7 @@ def chunk_scan_dcb(xt, dyt, ct, cb, s_in, gs, cs, dt, e, w, seq, plan: _Plan):
     dcb = dcb.reshape(b, nc, g, ns, q, q).sum(3)
     dcoff = dcoff.reshape(b, g, ns, l, n).sum(2)
     dbst = dbst.reshape(b, g, ns, l, n).sum(2)
-  return dcb, dcoff, dbst, dcs
+  return dcb, dcoff, dbst, dcs, da[..., 0]
 
 
 # ----------------------------------------------------------------------------
@@ -644,8 +660,7 @@ class _Prepared:
   """Per-chunk quantities shared by the forward and the backward."""
 
   def __init__(self, x, dt, A, B, C, seq_idx, plan: _Plan):
-    b, l, h, p, g, n, q, nc = (plan.b, plan.l, plan.h, plan.p, plan.g, plan.n,
-                               plan.q, plan.nc)
+    b, h, g, n, q, nc = plan.b, plan.h, plan.g, plan.n, plan.q, plan.nc
     dtype = plan.dtype
     self.xt = x.astype(dtype).transpose(0, 2, 1, 3)           # (b, h, l, p)
     self.bt = B.astype(dtype).transpose(0, 2, 1, 3)           # (b, g, l, n)
@@ -687,8 +702,7 @@ def _forward(x, dt, A, B, C, init, seq_idx, plan: _Plan):
 def _backward(plan: _Plan, res, cotangents):
   x, dt, A, B, C, init, seq_idx = res
   dy, dfinal = cotangents
-  b, l, h, p, g, n, q, nc = (plan.b, plan.l, plan.h, plan.p, plan.g, plan.n,
-                             plan.q, plan.nc)
+  b, l, h, g, n, q, nc = plan.b, plan.l, plan.h, plan.g, plan.n, plan.q, plan.nc
   # Recompute rather than save: the states are as large as x in fp32.
   pre, s_in, _ = _states(x, dt, A, B, C, init, seq_idx, plan)
   dyt = dy.astype(plan.dtype).transpose(0, 2, 1, 3)
@@ -698,24 +712,27 @@ def _backward(plan: _Plan, res, cotangents):
                           plan, reverse=True)
   dxt, x_v, x_bg = chunk_scan_dx(pre.xt, dyt, pre.bt, pre.cb, gs, pre.cs,
                                  pre.dt, pre.w, pre.seq, plan)
-  dcb, dc_off, db_state, dcs_rows = chunk_scan_dcb(
+  dcb, dc_off, db_state, dcs_rows, da = chunk_scan_dcb(
       pre.xt, dyt, pre.ct, pre.cb, s_in, gs, pre.cs, pre.dt, pre.e, pre.w,
       pre.seq, plan)
 
-  precision = jax.lax.Precision.HIGHEST
-  dcb5 = dcb  # (b, nc, g, Q_i, Q_j), summed over the group's heads
-  bt5 = pre.bt.reshape(b, g, nc, q, n).astype(f32)
-  ct5 = pre.ct.reshape(b, g, nc, q, n).astype(f32)
+  # dC, dB from d(C B^T) (summed over each group's heads): per-group batched
+  # matmuls, bf16 operands for bf16 inputs as in the forward's C B^T.
+  precision = jax.lax.Precision.HIGHEST if plan.dtype == jnp.float32 else None
+  dcb = dcb.astype(plan.dtype)
+  bt5 = pre.bt.reshape(b, g, nc, q, n)
+  ct5 = pre.ct.reshape(b, g, nc, q, n)
   dc = dc_off.reshape(b, g, nc, q, n) + jnp.einsum(
-      "bcgij,bgcjn->bgcin", dcb5, bt5, precision=precision)
+      "bcgij,bgcjn->bgcin", dcb, bt5, precision=precision,
+      preferred_element_type=f32)
   db = db_state.reshape(b, g, nc, q, n) + jnp.einsum(
-      "bcgij,bgcin->bgcjn", dcb5, ct5, precision=precision)
+      "bcgij,bgcin->bgcjn", dcb, ct5, precision=precision,
+      preferred_element_type=f32)
   dc = dc.reshape(b, g, l, n).transpose(0, 2, 1, 3)
   db = db.reshape(b, g, l, n).transpose(0, 2, 1, 3)
 
   # Per-position d cs: rows of the decays (dy . y), their columns
   # (-dt x . V), the chunk-state weights w and the carried decay a.
-  da = jnp.einsum("bchnp,bchnp->bch", gs, s_in, precision=precision)
   dw_w = x_bg * pre.w
   dcs = dcs_rows - pre.dt * x_v - dw_w
   last = jnp.sum(dw_w, axis=-1) + da * pre.a
