@@ -1,0 +1,183 @@
+"""Attention kernels (Pallas Triton flash in interpret mode, splash in TPU
+interpret mode) against the XLA reference, under a mesh, and lowered for CUDA
+and TPU."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hybridna_jax import attention
+from hybridna_jax import sharding
+from hybridna_jax.kernels import attention_kernels
+
+# Small tiles so that l = 100 (padded to 128) spans several of them.
+FLASH = attention_kernels.FlashConfig(block_q=32, block_k=16, block_q_bwd=16,
+                                      block_k_bwd=32, interpret=True)
+
+
+def qkv(seed=0, b=2, l=100, hq=4, hkv=2, d=16, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  normal = lambda *s: jnp.asarray(rng.standard_normal(s, np.float32), dtype)
+  seg = np.ones((b, l), np.int32)
+  seg[0, 30:] = 2
+  seg[0, 71:] = 3
+  seg[b - 1, l - 10:] = 0   # trailing padding
+  return (normal(b, l, hq, d), normal(b, l, hkv, d), normal(b, l, hkv, d),
+          jnp.asarray(seg))
+
+
+def outputs_and_grads(fn, q, k, v, seg):
+  rng = np.random.default_rng(7)
+  cot = jnp.asarray(rng.standard_normal(q.shape, np.float32))
+
+  def loss(q, k, v):
+    out = fn(q, k, v, seg)
+    return (out.astype(jnp.float32) * cot).sum(), out
+
+  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2),
+                                               has_aux=True))(q, k, v)
+  return out, grads
+
+
+def check(fn, q, k, v, seg, rtol, atol_frac):
+  out, grads = outputs_and_grads(fn, q, k, v, seg)
+  f32 = lambda a: a.astype(jnp.float32)
+  ref_out, ref_grads = outputs_and_grads(attention.xla_attention, f32(q),
+                                         f32(k), f32(v), seg)
+  assert out.dtype == q.dtype and out.shape == q.shape
+  for name, got, want in zip(("out", "dq", "dk", "dv"), (out,) + grads,
+                             (ref_out,) + ref_grads):
+    want = np.asarray(want, np.float32)
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=rtol,
+                               atol=atol_frac * np.abs(want).max(),
+                               err_msg=name)
+
+
+@pytest.mark.parametrize("hq,hkv,with_segments", [(4, 2, True), (2, 2, False)])
+def test_triton_flash_matches_xla(hq, hkv, with_segments):
+  """GQA and MHA, causal, packed documents and padding, odd length."""
+  q, k, v, seg = qkv(hq=hq, hkv=hkv)
+  fn = lambda q, k, v, s: attention_kernels.flash_attention(
+      q, k, v, s if with_segments else None, config=FLASH)
+  check(fn, q, k, v, seg if with_segments else None, 1e-4, 1e-5)
+
+
+def test_triton_flash_bf16():
+  q, k, v, seg = qkv(l=64, d=32, dtype=jnp.bfloat16)
+  fn = lambda q, k, v, s: attention_kernels.flash_attention(q, k, v, s,
+                                                            config=FLASH)
+  check(fn, q, k, v, seg, 2e-2, 2e-2)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_splash_matches_xla(dtype):
+  """Splash under Pallas' TPU interpret mode: GQA, causal, segment ids, odd
+  length (padded to 128)."""
+  q, k, v, seg = qkv(b=1, l=100, hq=4, hkv=2, d=32, dtype=dtype)
+  fn = lambda q, k, v, s: attention_kernels.splash_attention(q, k, v, s,
+                                                             interpret=True)
+  tol = (1e-4, 1e-5) if dtype == jnp.float32 else (2e-2, 2e-2)
+  check(fn, q, k, v, seg, *tol)
+
+
+def test_registry():
+  assert attention.KERNELS.resolve("auto", platform="tpu").name == "splash"
+  assert attention.KERNELS.resolve("auto", platform="gpu").name == "flash_gpu"
+  assert attention.KERNELS.resolve("auto", platform="cpu").name == "xla"
+  for name in ("splash", "flash_gpu", "cudnn", "pallas_gpu",
+               "pallas_gpu_interpret", "splash_interpret"):
+    assert name in attention.KERNELS.names()
+
+
+def test_gpu_choice():
+  """flash_gpu sends segment ids (which cuDNN's API does not take) and fp32
+  inputs to the Triton kernel, and bf16 without segment ids to cuDNN (which
+  this CPU host lacks, so it falls back to the Triton kernel); head dims the
+  Triton kernel cannot take go to XLA. Traced only, to check the dispatch."""
+  q, k, v, seg = qkv(l=64, d=32)
+  trace = lambda *a: str(jax.make_jaxpr(attention_kernels.gpu_attention)(*a))
+  assert "flash_attention_fwd" in trace(q, k, v, seg)
+  assert "flash_attention_fwd" in trace(q, k, v, None)
+  q16, k16, v16 = (a.astype(jnp.bfloat16) for a in (q, k, v))
+  assert "flash_attention_fwd" in trace(q16, k16, v16, seg)
+  assert "flash_attention_fwd" in trace(q16, k16, v16, None)
+  q, k, v, seg = qkv(l=64, d=24)
+  assert "pallas_call" not in trace(q, k, v, seg)
+
+
+def test_sharded_matches_unsharded():
+  """(data 2, fsdp 2, tensor 2) mesh with b = 2: the batch does not divide
+  over data x fsdp = 4, so it is replicated and only heads are split."""
+  q, k, v, seg = qkv(b=2, l=32, hq=4, hkv=2, d=16)
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  fn = lambda q, k, v: attention.causal_attention(
+      q, k, v, seg, impl="pallas_gpu_interpret")
+  grad_fn = jax.value_and_grad(lambda q, k, v: (fn(q, k, v) ** 2).sum(),
+                               argnums=(0, 1, 2))
+  ref_loss, ref_grads = jax.jit(grad_fn)(q, k, v)
+  with sharding.activate(mesh):
+    jaxpr = str(jax.make_jaxpr(grad_fn)(q, k, v))
+    loss, grads = jax.jit(grad_fn)(q, k, v)
+  assert "shard_map" in jaxpr
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  for got, want in zip(grads, ref_grads):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_sharded_batch_and_heads():
+  q, k, v, seg = qkv(b=4, l=32, hq=4, hkv=2, d=16)
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  fn = lambda q, k, v: attention.causal_attention(
+      q, k, v, seg, impl="pallas_gpu_interpret")
+  ref = jax.jit(fn)(q, k, v)
+  with sharding.activate(mesh):
+    jaxpr = str(jax.make_jaxpr(fn)(q, k, v))
+    out = jax.jit(fn)(q, k, v)
+  assert "shard_map" in jaxpr and "('data', 'fsdp')" in jaxpr
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+TRITON = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+
+
+@pytest.mark.parametrize("impl,platform", [("pallas_gpu", "cuda"),
+                                           ("splash", "tpu")])
+def test_kernels_lower_for_cuda_and_tpu(impl, platform):
+  """Forward and backward, with and without segment ids, at d = 128, GQA,
+  bf16, l = 4096."""
+  fn = attention.KERNELS.resolve(impl).fn
+  spec = jax.ShapeDtypeStruct
+  b, l, hq, hkv, d = 1, 4096, 8, 2, 128
+  args = (spec((b, l, hq, d), jnp.bfloat16), spec((b, l, hkv, d), jnp.bfloat16),
+          spec((b, l, hkv, d), jnp.bfloat16), spec((b, l), jnp.int32))
+  marker = "xla.gpu.triton" if platform == "cuda" else "tpu_custom_call"
+  for with_seg in (False, True):
+    f = lambda q, k, v, s: fn(q, k, v, s if with_seg else None)
+    g = lambda q, k, v, s: jax.grad(
+        lambda q, k, v: f(q, k, v, s).astype(jnp.float32).sum(),
+        argnums=(0, 1, 2))(q, k, v)
+    for fun, kernels in ((f, 1), (g, 2)):
+      exported = jax.export.export(jax.jit(fun), platforms=[platform],
+                                   disabled_checks=[TRITON])(*args)
+      assert exported.mlir_module().count(marker) >= kernels
+
+
+ON_DEVICE = pytest.mark.skipif(
+    jax.default_backend() not in ("gpu", "tpu"),
+    reason="compiled kernels need a GPU or TPU (run with JAX_PLATFORMS=cuda/tpu)")
+
+
+@ON_DEVICE
+@pytest.mark.parametrize("with_segments", [False, True])
+def test_compiled_kernels_match_xla_on_device(with_segments):
+  """On a GPU/TPU: the auto kernel (cuDNN or Triton on GPU, splash on TPU)
+  and the Pallas GPU kernel, at d = 128 with GQA and an odd length, against
+  the XLA reference in fp32."""
+  q, k, v, seg = qkv(b=2, l=1000, hq=8, hkv=2, d=128, dtype=jnp.bfloat16)
+  seg = seg if with_segments else None
+  impls = ["auto"] + (["pallas_gpu"] if jax.default_backend() == "gpu" else [])
+  for impl in impls:
+    fn = lambda q, k, v, s, impl=impl: attention.causal_attention(
+        q, k, v, s, impl=impl)
+    check(fn, q, k, v, seg, 2e-2, 2e-2)
