@@ -144,9 +144,9 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES):
                       is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-  """Batches split over (data, fsdp) on their leading axis."""
-  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Batch arrays (any rank) split over (data, fsdp) on their leading axis."""
+  return NamedSharding(mesh, P(BATCH_AXES))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,7 @@ from flax import nnx
 from hybridna_jax import sharding
 from hybridna_jax.config import ModelConfig, load_config
 from hybridna_jax.data import pipeline
+from hybridna_jax.model import HybriDNA
 from hybridna_jax.train import loop
 from hybridna_jax.train import optimizer as optimizer_lib
 from hybridna_jax.train import step as step_lib
@@ -35,7 +36,8 @@ def _batch(b=8, l=32, seed=0):
 def _steps(mesh, grad_accum=1):
   train_cfg = load_config("configs/tiny.py").train
   optimizer, schedule = optimizer_lib.make_optimizer(train_cfg, total_steps=10)
-  return step_lib.build_steps(TINY, optimizer, schedule, mesh, grad_accum=grad_accum)
+  return step_lib.build_steps(lambda rngs: HybriDNA(TINY, rngs=rngs), step_lib.lm_loss,
+                              optimizer, schedule, mesh, grad_accum=grad_accum)
 
 
 def _run_two_steps(mesh, grad_accum=1):
@@ -58,7 +60,7 @@ def test_sharded_and_accumulated_steps_match_single_device(single_device_run, ax
   devices = jax.devices() if np.prod(axes) == 8 else jax.devices()[:1]
   params, m1, m2 = _run_two_steps(sharding.make_mesh(*axes, devices=devices), grad_accum)
   ref_params, ref_m1, ref_m2 = single_device_run
-  for key in ("loss", "grad_norm", "accuracy", "tokens"):
+  for key in ("loss", "grad_norm", "accuracy", "bits_per_nt", "count"):
     np.testing.assert_allclose(m1[key], ref_m1[key], rtol=1e-5, err_msg=key)
     np.testing.assert_allclose(m2[key], ref_m2[key], rtol=1e-5, err_msg=key)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
@@ -75,8 +77,7 @@ def test_params_and_optimizer_state_are_sharded():
 
 
 def test_weight_decay_mask():
-  model = nnx.eval_shape(lambda: __import__("hybridna_jax.model", fromlist=["x"]).HybriDNA(
-      TINY, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: HybriDNA(TINY, rngs=nnx.Rngs(0)))
   mask = optimizer_lib.weight_decay_mask(nnx.state(model, nnx.Param))
   flat = {"/".join(map(str, path)): leaf for path, leaf in
           jax.tree_util.tree_leaves_with_path(mask)}
@@ -165,8 +166,8 @@ def test_half_written_checkpoint_is_ignored(tiny_config, tmp_path):
 def test_non_finite_steps_are_skipped_then_stop(tiny_config, tmp_path, monkeypatch):
   real = step_lib.device_batch
 
-  def poisoned(batch, sharding):
-    return real({**batch, "loss_mask": batch["loss_mask"] * np.float32("nan")}, sharding)
+  def poisoned(batch, *args):
+    return real({**batch, "loss_mask": batch["loss_mask"] * np.float32("nan")}, *args)
 
   monkeypatch.setattr(step_lib, "device_batch", poisoned)
   tiny_config.train.max_consecutive_skips = 3

@@ -1,5 +1,5 @@
 """The training loop: progressive context stages, evaluation, checkpoints,
-preemption handling and metrics.
+preemption handling and metrics, for any `Task` (pretraining, fine-tuning).
 
 `train(config, workdir)` runs (or resumes) a job described by a config from
 configs/. The schedule is a list of context stages, each (sequence length,
@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 from hybridna_jax import sharding
 from hybridna_jax.config import ModelConfig
 from hybridna_jax.data import pipeline
+from hybridna_jax.model import HybriDNA
 from hybridna_jax.train import flops as flops_lib
 from hybridna_jax.train import optimizer as optimizer_lib
 from hybridna_jax.train import step as step_lib
@@ -124,24 +125,112 @@ class NonFiniteLossError(RuntimeError):
   pass
 
 
-def evaluate(fns: step_lib.StepFunctions, params, data_cfg, *, seq_len: int,
-             batch_size: int, max_batches: int = 0, split: str = "val") -> dict:
-  """Bits per nucleotide, perplexity and accuracy over a split (or its first
-  `max_batches` batches per host)."""
-  totals = np.zeros(3)
-  batches = pipeline.eval_batches(
-      data_cfg, split=split, seq_len=seq_len, batch_size=batch_size,
-      shard_index=jax.process_index(), shard_count=jax.process_count())
+def sum_eval_steps(fns: step_lib.StepFunctions, params, batches, max_batches: int = 0) -> dict:
+  """Runs eval_step over batches; returns the summed outputs on the host."""
+  totals: dict[str, float] = {}
   for i, batch in enumerate(batches):
     if max_batches and i >= max_batches:
       break
-    out = fns.eval_step(params, step_lib.device_batch(batch, fns.batch_sharding))
-    totals += np.array([float(out["nll"]), float(out["tokens"]), float(out["correct"])])
-  nll, tokens, correct = totals
-  loss = nll / max(tokens, 1.0)
-  return {"loss": loss, "bits_per_nt": loss / step_lib.LN2,
-          "perplexity": math.exp(loss), "accuracy": correct / max(tokens, 1.0),
-          "tokens": tokens}
+    out = jax.device_get(fns.eval_step(params, step_lib.device_batch(
+        batch, fns.batch_sharding, fns.batch_keys)))
+    for k, v in out.items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  return totals
+
+
+def lm_metrics(totals: dict) -> dict:
+  """Bits per nucleotide, perplexity and accuracy from summed LM outputs."""
+  count = max(totals.get("count", 0.0), 1.0)
+  loss = totals.get("loss", 0.0) / count
+  return {"loss": loss, "bits_per_nt": loss / step_lib.LN2, "perplexity": math.exp(loss),
+          "accuracy": totals.get("accuracy", 0.0) / count, "tokens": totals.get("count", 0.0)}
+
+
+class Task:
+  """What a run trains and how it is fed and judged; `train` runs any task
+  through the same steps, checkpoints, preemption handling and metrics.
+
+  Subclasses give the model, loss, stages, data and evaluation. `evaluate`
+  returns host metrics; `selection` names the one that picks the best
+  checkpoint (saved params-only to <workdir>/best) and whether lower or
+  higher is better.
+  """
+  batch_keys: tuple[str, ...] = step_lib.LM_BATCH_KEYS
+  selection: tuple[str, str] = ("bits_per_nt", "min")
+
+  def __init__(self, config):
+    self.config = config
+
+  def init_model(self, rngs):
+    raise NotImplementedError
+
+  def loss(self, model, batch):
+    raise NotImplementedError
+
+  def apply(self, model, batch):
+    """Optional outputs for evaluation (jitted as StepFunctions.apply)."""
+    return None
+
+  def stages(self) -> list[Stage]:
+    return parse_stages(self.config.train)
+
+  def optimizer(self, total_steps: int):
+    return optimizer_lib.make_optimizer(self.config.train, total_steps)
+
+  def train_iterator(self, stage: Stage, batch_size: int, seed: int):
+    """A checkpointable iterator of this host's batches (batch_size rows)."""
+    raise NotImplementedError
+
+  def evaluate(self, fns: step_lib.StepFunctions, params, stage: Stage) -> dict:
+    raise NotImplementedError
+
+  def start(self, fns: step_lib.StepFunctions, state):
+    """Adjusts a freshly initialised state (e.g. loads pretrained weights)."""
+    return state
+
+  def finish(self, fns: step_lib.StepFunctions, state, workdir: str) -> dict:
+    """Runs after the last step (e.g. test metrics); returns summary entries."""
+    return {}
+
+  def describe(self) -> str:
+    return type(self).__name__
+
+
+class LMPretraining(Task):
+  """Next-token pretraining on the token store's train split, validated on
+  its val split."""
+
+  def __init__(self, config):
+    super().__init__(config)
+    self.model_cfg = ModelConfig.from_config(config.model)
+
+  def init_model(self, rngs):
+    return HybriDNA(self.model_cfg, rngs=rngs)
+
+  def loss(self, model, batch):
+    return step_lib.lm_loss(model, batch)
+
+  def train_iterator(self, stage, batch_size, seed):
+    return pipeline.train_batches(
+        self.config.data, seq_len=stage.seq_len, batch_size=batch_size, seed=seed,
+        shard_index=jax.process_index(), shard_count=jax.process_count())
+
+  def evaluate(self, fns, params, stage):
+    tc = self.config.train
+    seq_len = int(tc.eval_seq_len) or stage.seq_len
+    per_host = max(1, int(tc.eval_batch_size) // jax.process_count())
+    batches = pipeline.eval_batches(
+        self.config.data, seq_len=seq_len, batch_size=per_host,
+        shard_index=jax.process_index(), shard_count=jax.process_count())
+    return lm_metrics(sum_eval_steps(fns, params, batches, int(tc.eval_batches)))
+
+  def flops_per_token(self, seq_len: int) -> float:
+    return flops_lib.train_flops_per_token(self.model_cfg, seq_len)
+
+  def describe(self) -> str:
+    cfg = self.model_cfg
+    return (f"LM pretraining, {cfg.n_layers} layers "
+            f"{''.join('A' if t == 'attention' else 'M' for t in cfg.layer_types)}")
 
 
 def _write_config(config, workdir: str) -> None:
@@ -151,39 +240,40 @@ def _write_config(config, workdir: str) -> None:
       f.write(config.to_json_best_effort(indent=2))
 
 
-def train(config, workdir: str) -> dict:
-  """Trains (or resumes) the job in `workdir`; returns a summary dict."""
-  model_cfg = ModelConfig.from_config(config.model)
+def train(config, workdir: str, task: Task | None = None) -> dict:
+  """Trains (or resumes) `task` (default: LM pretraining) in `workdir`;
+  returns a summary dict."""
+  task = task or LMPretraining(config)
   tc = config.train
-  stages = parse_stages(tc)
+  stages = task.stages()
   total_steps = stages[-1].end_step
   mesh = sharding.mesh_from_config(config.mesh)
-  optimizer, schedule = optimizer_lib.make_optimizer(tc, total_steps)
-  fns = step_lib.build_steps(model_cfg, optimizer, schedule, mesh,
-                             grad_accum=int(tc.grad_accum))
+  optimizer, schedule = task.optimizer(total_steps)
+  fns = step_lib.build_steps(task.init_model, task.loss, optimizer, schedule, mesh,
+                             batch_keys=task.batch_keys, grad_accum=int(tc.grad_accum),
+                             apply_fn=task.apply if type(task).apply is not Task.apply else None)
   _write_config(config, workdir)
   checkpoints = Checkpoints(os.path.join(workdir, CHECKPOINT_DIR),
                             keep=int(tc.keep_checkpoints),
                             async_save=bool(tc.async_checkpoints))
   best = Checkpoints(os.path.join(workdir, BEST_DIR), keep=1) if tc.keep_best else None
+  select_key, select_mode = task.selection
+  better = (lambda a, b: a < b) if select_mode == "min" else (lambda a, b: a > b)
   logger = MetricsLogger(workdir, total_steps)
   peak = float(tc.peak_flops_per_device) or flops_lib.peak_flops_per_device()
-  logging.info("model: %s layers %s, mesh %s, %d steps in %d stage(s)",
-               model_cfg.n_layers, "".join("A" if t == "attention" else "M"
-                                           for t in model_cfg.layer_types),
+  flops_per_token = getattr(task, "flops_per_token", lambda seq_len: 0.0)
+  logging.info("%s; mesh %s; %d steps in %d stage(s)", task.describe(),
                dict(mesh.shape), total_steps, len(stages))
 
   def make_iterator(stage: Stage):
-    return pipeline.train_batches(
-        config.data, seq_len=stage.seq_len, batch_size=_check_batch(stage, mesh, int(tc.grad_accum)),
-        seed=int(tc.seed) * 1000 + stage.index, shard_index=jax.process_index(),
-        shard_count=jax.process_count())
+    return task.train_iterator(stage, _check_batch(stage, mesh, int(tc.grad_accum)),
+                               seed=int(tc.seed) * 1000 + stage.index)
 
   # -- start or resume -----------------------------------------------------
   latest = checkpoints.latest_step()
-  best_val = math.inf
+  best_val = math.inf if select_mode == "min" else -math.inf
   if latest is None:
-    state = fns.init(jax.random.key(int(tc.seed)))
+    state = task.start(fns, fns.init(jax.random.key(int(tc.seed))))
     stage = stages[0]
     iterator = make_iterator(stage)
   else:
@@ -197,7 +287,7 @@ def train(config, workdir: str) -> dict:
     state, meta = checkpoints.restore(
         latest, target,
         data_args=pipeline.iterator_restore_args(iterator) if same_stage else None)
-    best_val = meta.get("best_val_bits_per_nt", math.inf)
+    best_val = meta.get("best_selection", best_val)
     logging.info("resumed from step %d (%s)", latest, stage.label)
 
   step = int(jax.device_get(state.step))
@@ -207,8 +297,7 @@ def train(config, workdir: str) -> dict:
 
   def save(stage: Stage, force_sync: bool = False):
     if checkpoints.latest_step() != step:   # not saved at this step already
-      meta = {"stage": stage.index, "seq_len": stage.seq_len,
-              "best_val_bits_per_nt": best_val}
+      meta = {"stage": stage.index, "seq_len": stage.seq_len, "best_selection": best_val}
       checkpoints.save(state, meta, data_args=pipeline.iterator_save_args(iterator))
     if force_sync:
       checkpoints.wait()
@@ -216,16 +305,12 @@ def train(config, workdir: str) -> dict:
   def run_eval(stage: Stage):
     nonlocal best_val, last_eval_step
     last_eval_step = step
-    seq_len = int(tc.eval_seq_len) or stage.seq_len
-    per_host = max(1, int(tc.eval_batch_size) // jax.process_count())
-    result = evaluate(fns, state.params, config.data, seq_len=seq_len,
-                      batch_size=per_host, max_batches=int(tc.eval_batches))
+    result = task.evaluate(fns, state.params, stage)
     logger.log_eval(step, result)
     summary["last_val"] = result
-    if best is not None and result["bits_per_nt"] < best_val:
-      best_val = result["bits_per_nt"]
-      best.save(state._replace(opt_state=None), {"val_bits_per_nt": best_val,
-                                                  "stage": stage.index})
+    if best is not None and better(result[select_key], best_val):
+      best_val = result[select_key]
+      best.save(state._replace(opt_state=None), {select_key: best_val, "stage": stage.index})
     logger.mark(step)
     return result
 
@@ -237,11 +322,10 @@ def train(config, workdir: str) -> dict:
         iterator, iterator_stage = make_iterator(stage), stage.index
       logging.info("%s: steps %d..%d", stage.label, stage.start_step, stage.end_step)
       tokens_per_step = stage.seq_len * stage.batch_size
-      flops_per_token = flops_lib.train_flops_per_token(model_cfg, stage.seq_len)
       accumulated: dict[str, list] = {}
       first_step = True
       while step < stage.end_step:
-        batch = step_lib.device_batch(next(iterator), fns.batch_sharding)
+        batch = step_lib.device_batch(next(iterator), fns.batch_sharding, fns.batch_keys)
         start = time.perf_counter()
         state, metrics = fns.train_step(state, batch)
         step += 1
@@ -255,11 +339,11 @@ def train(config, workdir: str) -> dict:
         if step % int(tc.log_every) == 0 or step == stage.end_step:
           host = {k: np.asarray(jax.device_get(v)) for k, v in accumulated.items()}
           values = {k: float(v.mean()) for k, v in host.items()
-                    if k not in ("skipped", "consecutive_skips", "learning_rate")}
+                    if k not in ("skipped", "consecutive_skips", "learning_rate", "count")}
           values["learning_rate"] = float(host["learning_rate"][-1])
           values["skipped_total"] = float(jax.device_get(state.skipped))
           logger.log_train(step, values, tokens_per_step=tokens_per_step,
-                           flops_per_token=flops_per_token, peak_flops=peak,
+                           flops_per_token=flops_per_token(stage.seq_len), peak_flops=peak,
                            stage=stage.label)
           accumulated = {}
           if int(host["consecutive_skips"][-1]) >= int(tc.max_consecutive_skips):
@@ -287,6 +371,8 @@ def train(config, workdir: str) -> dict:
   checkpoints.wait()
   if best is not None:
     best.wait()
+  if summary["stopped"] == "completed":
+    summary.update(task.finish(fns, state, workdir))
   logger.close()
   summary["steps"] = step
   summary["stages"] = [dataclasses.asdict(s) for s in stages]

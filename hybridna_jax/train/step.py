@@ -1,10 +1,16 @@
 """Train state, sharded initialisation, and the jitted train/eval steps.
 
+`build_steps` is generic over the model and loss: pretraining, classification
+fine-tuning and generative fine-tuning all go through it. A loss function
+maps (model, batch) to (summed loss, {"count": weight, name: summed metric});
+the step divides by the total count, so gradient accumulation over
+micro-batches is exact.
+
 Every array of the train state carries its logical axes (optax keeps the
-nnx.Variable wrappers, and their metadata, on the moments it mirrors from the
-parameters), so one call to `sharding.state_shardings` places parameters and
-optimizer state alike; the step is jitted with those explicit in/out
-shardings and the batch split over (data, fsdp).
+nnx.Variable wrappers, and their metadata, on the moments it mirrors from
+the parameters), so one call to `sharding.state_shardings` places parameters
+and optimizer state alike; the step is jitted with explicit in/out shardings
+and the batch split over (data, fsdp).
 """
 
 from __future__ import annotations
@@ -19,11 +25,12 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hybridna_jax import sharding
-from hybridna_jax.config import ModelConfig
-from hybridna_jax.model import HybriDNA, abstract_model
 
 LN2 = 0.6931471805599453
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "loss_mask")
+LM_BATCH_KEYS = ("inputs", "targets", "segment_ids", "loss_mask")
+
+# (model, batch) -> (loss summed over examples/tokens, {"count": ..., metric sums}).
+LossFn = Callable[[nnx.Module, dict], tuple[jax.Array, dict[str, jax.Array]]]
 
 
 class TrainState(NamedTuple):
@@ -45,28 +52,50 @@ def masked_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array)
   return nll.sum(), mask.sum(), correct.sum()
 
 
+def lm_loss(model: nnx.Module, batch: dict):
+  """Next-token loss over `loss_mask` (pretraining and generative tuning)."""
+  out = model(batch["inputs"], segment_ids=batch["segment_ids"])
+  nll, count, correct = masked_cross_entropy(out.logits, batch["targets"], batch["loss_mask"])
+  return nll, {"count": count, "accuracy": correct, "bits_per_nt": nll / LN2}
+
+
 @dataclasses.dataclass(frozen=True)
 class StepFunctions:
-  """Compiled entry points bound to a model config, optimizer and mesh."""
+  """Compiled entry points bound to a model, loss, optimizer and mesh.
+
+  init(key) -> TrainState; train_step(state, batch) -> (state, metrics);
+  eval_step(params, batch) -> loss sums (like the train metrics, unreduced);
+  apply(params, batch) -> `apply_fn`'s outputs (e.g. logits for metrics).
+  """
   graphdef: Any
   state_shardings: Any
   batch_sharding: NamedSharding
+  batch_keys: tuple[str, ...]
   init: Callable[[jax.Array], TrainState]
   train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
   eval_step: Callable[[nnx.State, dict], dict]
+  apply: Callable[[nnx.State, dict], Any] | None
   mesh: Mesh
 
 
-def build_steps(model_cfg: ModelConfig, optimizer: optax.GradientTransformation,
-                schedule: optax.Schedule, mesh: Mesh,
-                rules: sharding.Rules = sharding.DEFAULT_RULES,
-                grad_accum: int = 1) -> StepFunctions:
-  """Jitted, sharded init / train / eval functions."""
-  graphdef, _ = nnx.split(abstract_model(model_cfg), nnx.Param)
+def build_steps(init_model: Callable[[nnx.Rngs], nnx.Module], loss_fn: LossFn,
+                optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+                mesh: Mesh, *, batch_keys: tuple[str, ...] = LM_BATCH_KEYS,
+                rules: sharding.Rules = sharding.DEFAULT_RULES, grad_accum: int = 1,
+                apply_fn: Callable[[nnx.Module, dict], Any] | None = None) -> StepFunctions:
+  """Jitted, sharded init / train / eval functions.
+
+  Args:
+    init_model: builds a freshly initialised model from nnx.Rngs.
+    loss_fn: see `LossFn`.
+    batch_keys: the batch's arrays; each has the batch on its leading axis.
+    grad_accum: micro-batches per step (divides the batch).
+    apply_fn: optional (model, batch) -> outputs, jitted as `apply`.
+  """
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: init_model(nnx.Rngs(0))), nnx.Param)
 
   def init(key: jax.Array) -> TrainState:
-    model = HybriDNA(model_cfg, rngs=nnx.Rngs(params=key))
-    params = nnx.state(model, nnx.Param)
+    params = nnx.state(init_model(nnx.Rngs(params=key)), nnx.Param)
     zero = jnp.zeros((), jnp.int32)
     return TrainState(zero, params, optimizer.init(params), zero, zero)
 
@@ -74,40 +103,35 @@ def build_steps(model_cfg: ModelConfig, optimizer: optax.GradientTransformation,
   state_shardings = sharding.state_shardings(abstract_state, mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh)
 
-  def loss_fn(params, micro):
-    model = nnx.merge(graphdef, params)
-    out = model(micro["inputs"], segment_ids=micro["segment_ids"])
-    nll, count, correct = masked_cross_entropy(out.logits, micro["targets"],
-                                               micro["loss_mask"])
-    return nll, (count, correct)
+  def loss_of_params(params, batch):
+    return loss_fn(nnx.merge(graphdef, params), batch)
 
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  grad_fn = jax.value_and_grad(loss_of_params, has_aux=True)
 
   def microbatches(batch):
-    """(B, L) -> (grad_accum, B / grad_accum, L), each micro-batch still
+    """(B, ...) -> (grad_accum, B / grad_accum, ...), each micro-batch still
     split over all data devices (rows are dealt round-robin)."""
     def split(x):
-      b = x.shape[0]
-      x = x.reshape(b // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1)
-      return sharding.constrain(x, (None, "act_batch", "act_length"))
-    return {k: split(batch[k]) for k in BATCH_KEYS}
+      x = x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1)
+      return sharding.constrain(x, (None, "act_batch") + (None,) * (x.ndim - 2))
+    return {k: split(batch[k]) for k in batch_keys}
 
   def train_step(state: TrainState, batch: dict):
     with sharding.activate(mesh, rules):
       if grad_accum == 1:
-        (nll, (count, correct)), grads = grad_fn(state.params, batch)
+        (loss_sum, sums), grads = grad_fn(state.params, batch)
       else:
         def accumulate(carry, micro):
-          nll, count, correct, grads = carry
-          (m_nll, (m_count, m_correct)), m_grads = grad_fn(state.params, micro)
-          return (nll + m_nll, count + m_count, correct + m_correct,
-                  jax.tree.map(jnp.add, grads, m_grads)), None
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (nll, count, correct, grads), _ = jax.lax.scan(
-            accumulate, (0.0, 0.0, 0.0, zeros), microbatches(batch))
-      denom = jnp.maximum(count, 1.0)
+          (m_loss, m_sums), m_grads = grad_fn(state.params, micro)
+          return jax.tree.map(jnp.add, carry, (m_loss, m_sums, m_grads)), None
+        (_, abstract_sums), _ = jax.eval_shape(grad_fn, state.params,
+                                               jax.tree.map(lambda x: x[0], microbatches(batch)))
+        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                             (jax.ShapeDtypeStruct((), jnp.float32), abstract_sums, state.params))
+        (loss_sum, sums, grads), _ = jax.lax.scan(accumulate, zeros, microbatches(batch))
+      denom = jnp.maximum(sums["count"], 1.0)
       grads = jax.tree.map(lambda g: g / denom, grads)
-      loss = nll / denom
+      loss = loss_sum / denom
       grad_norm = optax.tree.norm(grads)
       finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
@@ -122,37 +146,42 @@ def build_steps(model_cfg: ModelConfig, optimizer: optax.GradientTransformation,
                               consecutive_skips=state.consecutive_skips + 1)
 
       new_state = jax.lax.cond(finite, apply, skip, state)
-      metrics = {
-          "loss": loss, "bits_per_nt": loss / LN2, "accuracy": correct / denom,
-          "grad_norm": grad_norm, "learning_rate": schedule(state.step),
-          "tokens": count, "skipped": 1 - finite.astype(jnp.int32),
-          "consecutive_skips": new_state.consecutive_skips,
-      }
+      metrics = {k: v / denom for k, v in sums.items() if k != "count"}
+      metrics.update(loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step),
+                     count=sums["count"], skipped=1 - finite.astype(jnp.int32),
+                     consecutive_skips=new_state.consecutive_skips)
       return new_state, metrics
 
   def eval_step(params: nnx.State, batch: dict):
     with sharding.activate(mesh, rules):
-      nll, (count, correct) = loss_fn(params, batch)
-      return {"nll": nll, "tokens": count, "correct": correct}
+      loss_sum, sums = loss_of_params(params, batch)
+      return {"loss": loss_sum, **sums}
+
+  def apply(params: nnx.State, batch: dict):
+    with sharding.activate(mesh, rules):
+      return apply_fn(nnx.merge(graphdef, params), batch)
 
   replicated = NamedSharding(mesh, P())
-  batch_shardings = {k: batch_sharding for k in BATCH_KEYS}
+  batch_shardings = {k: batch_sharding for k in batch_keys}
   return StepFunctions(
       graphdef=graphdef,
       state_shardings=state_shardings,
       batch_sharding=batch_sharding,
+      batch_keys=tuple(batch_keys),
       init=jax.jit(init, out_shardings=state_shardings),
       train_step=jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
                          out_shardings=(state_shardings, replicated), donate_argnums=0),
       eval_step=jax.jit(eval_step, in_shardings=(state_shardings.params, batch_shardings),
                         out_shardings=replicated),
+      apply=(jax.jit(apply, in_shardings=(state_shardings.params, batch_shardings))
+             if apply_fn is not None else None),
       mesh=mesh)
 
 
-def device_batch(batch: dict, batch_sharding: NamedSharding) -> dict:
+def device_batch(batch: dict, batch_sharding: NamedSharding,
+                 keys: tuple[str, ...] = LM_BATCH_KEYS) -> dict:
   """Host-local numpy batch -> global jax arrays split over (data, fsdp).
 
   Each process passes its own rows; on one process this is a device_put.
   """
-  return {k: jax.make_array_from_process_local_data(batch_sharding, batch[k])
-          for k in BATCH_KEYS}
+  return {k: jax.make_array_from_process_local_data(batch_sharding, batch[k]) for k in keys}

@@ -1,0 +1,117 @@
+"""Restoring trained models: one call from a run directory or checkpoint to
+a model on the devices you have now.
+
+    model, tokenizer, config = hybridna_jax.restore.load("runs/demo")
+
+`path` may be a run directory (config.json + checkpoints/), its checkpoints/
+or best/ directory, or one step directory (runs/demo/checkpoints/400).
+Parameters only are read (no optimizer state), cast to the requested dtype,
+and placed on `mesh` by the model's logical-axis rules, so a checkpoint
+written on 8 devices restores onto 1 and vice versa.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+from jax.sharding import Mesh
+
+from hybridna_jax import sharding
+from hybridna_jax import tokenizer
+from hybridna_jax.config import ModelConfig
+from hybridna_jax.model import HybriDNA, abstract_model
+from hybridna_jax.train.checkpoint import Checkpoints
+
+CONFIG_FILE = "config.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointRef:
+  run_dir: str          # holds config.json
+  manager_dir: str      # the Orbax CheckpointManager directory
+  step: int
+
+
+def find_checkpoint(path: str, which: str = "latest") -> CheckpointRef:
+  """Resolves a run directory, checkpoint directory or step directory.
+
+  Args:
+    which: "latest" or "best" when `path` is a run directory.
+  """
+  path = os.path.abspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no checkpoint or run directory at {path}.")
+  base = os.path.basename(path.rstrip("/"))
+  if re.fullmatch(r"\d+", base):                 # a step directory
+    manager_dir, step = os.path.dirname(path), int(base)
+  else:
+    if os.path.exists(os.path.join(path, CONFIG_FILE)):
+      manager_dir = os.path.join(path, "best" if which == "best" else "checkpoints")
+    else:
+      manager_dir = path
+    if not os.path.isdir(manager_dir):
+      raise FileNotFoundError(f"{path} has no {os.path.basename(manager_dir)}/ directory; "
+                              "pass a run directory, its checkpoints/ or a step directory.")
+    step = Checkpoints(manager_dir).latest_step()
+    if step is None:
+      raise FileNotFoundError(f"no complete checkpoint in {manager_dir}.")
+  run_dir = os.path.dirname(manager_dir)
+  if not os.path.exists(os.path.join(run_dir, CONFIG_FILE)):
+    raise FileNotFoundError(f"{run_dir} has no {CONFIG_FILE}; it is not a run directory "
+                            "written by launch/train.py or launch/finetune.py.")
+  return CheckpointRef(run_dir, manager_dir, step)
+
+
+def run_config(run_dir: str) -> ml_collections.ConfigDict:
+  with open(os.path.join(run_dir, CONFIG_FILE), encoding="utf-8") as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def default_mesh() -> Mesh:
+  """All devices on the fsdp axis: parameters sharded, batch split."""
+  return sharding.make_mesh(data=1, fsdp=-1, tensor=1)
+
+
+def restore_params(ref: CheckpointRef, model_cfg: ModelConfig, mesh: Mesh,
+                   *, rules: sharding.Rules = sharding.DEFAULT_RULES) -> nnx.State:
+  """The LM parameters of a checkpoint, sharded over `mesh`."""
+  _, abstract = nnx.split(abstract_model(model_cfg), nnx.Param)
+  target = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract, sharding.state_shardings(abstract, mesh, rules))
+  return Checkpoints(ref.manager_dir).restore_params(ref.step, target)
+
+
+def load(path: str, *, dtype: str | None = None, mesh: Mesh | None = None,
+         which: str = "latest"):
+  """Loads a trained model.
+
+  Args:
+    path: run directory, checkpoints/ or best/ directory, or step directory.
+    dtype: parameter and compute dtype, "float32" or "bfloat16" (default:
+      as trained: fp32 weights, the config's compute dtype).
+    mesh: where to place the parameters (default: all devices, fsdp).
+    which: "latest" or "best" for a run directory.
+
+  Returns:
+    (model, tokenizer module, config) -- an nnx HybriDNA with its
+    parameters on `mesh`, `hybridna_jax.tokenizer`, and the run's config.
+  """
+  ref = find_checkpoint(path, which)
+  config = run_config(ref.run_dir)
+  model_cfg = ModelConfig.from_config(config.model)
+  mesh = mesh or default_mesh()
+  params = restore_params(ref, model_cfg, mesh)
+  if dtype is not None:
+    params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
+    model_cfg = dataclasses.replace(model_cfg, dtype=dtype, param_dtype=dtype)
+  graphdef, _ = nnx.split(abstract_model(model_cfg), nnx.Param)
+  model = nnx.merge(graphdef, params)
+  return model, tokenizer, config
