@@ -57,9 +57,10 @@ def initialize_distributed() -> None:
   explicit = FLAGS.coordinator_address is not None
   if mode == "off" or (mode == "auto" and not explicit and not _cluster_detected()):
     return
-  if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-    # Cross-process collectives on CPU (tests, debugging) go through gloo.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # Cross-process collectives of the CPU client (tests, debugging) go
+  # through gloo; GPU/TPU clients are unaffected. (Asking for the backend
+  # here would initialise it, which must wait for initialize().)
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   kwargs = {}
   if explicit:
     kwargs = dict(coordinator_address=FLAGS.coordinator_address,
