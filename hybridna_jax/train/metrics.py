@@ -127,23 +127,30 @@ def plot_loss_curves(jsonl_path: str, out_path: str, *,
       series.setdefault(kind, ([], []))
       series[kind][0].append(step)
       series[kind][1].append(r[key])
-  fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
-  styles = {"train": dict(lw=1, alpha=0.8), "val": dict(marker="o", lw=2)}
-  for kind, (steps, values) in series.items():
-    ax.plot(steps, values, label=f"{kind} bits/nt", **styles.get(kind, {}))
-  for step, label in stage_starts or []:
-    ax.axvline(step, color="gray", ls=":", lw=1)
-    ax.annotate(label, (step, 1.0), xycoords=("data", "axes fraction"),
-                xytext=(3, -12), textcoords="offset points", fontsize=8, color="gray")
-  colors = iter(["tab:red", "tab:purple", "tab:brown", "tab:olive"])
-  for name, value in (baselines or {}).items():
-    ax.axhline(value, ls="--", lw=1, color=next(colors), label=f"{name}: {value:.3f}")
-  ax.axhline(2.0, ls="-", lw=0.5, color="black", alpha=0.3)
-  ax.set_xlabel("step")
-  ax.set_ylabel("bits per nucleotide")
-  ax.set_title("HybriDNA-JAX training")
-  ax.legend(loc="upper right", fontsize=8)
-  ax.grid(alpha=0.3)
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=110)
+  lowest = min([min(v) for _, v in series.values() if v] + list((baselines or {}).values())
+               + [2.0])
+  for ax, zoom in zip(axes, (False, True)):
+    styles = {"train": dict(lw=1, alpha=0.8), "val": dict(marker="o", lw=2)}
+    for kind, (steps, values) in series.items():
+      ax.plot(steps, values, label=f"{kind} bits/nt", **styles.get(kind, {}))
+    for step, label in stage_starts or []:
+      ax.axvline(step, color="gray", ls=":", lw=1)
+      ax.annotate(label, (step, 1.0), xycoords=("data", "axes fraction"),
+                  xytext=(3, -12), textcoords="offset points", fontsize=8, color="gray")
+    colors = iter(["tab:red", "tab:purple", "tab:brown", "tab:olive"])
+    for name, value in (baselines or {}).items():
+      ax.axhline(value, ls="--", lw=1, color=next(colors), label=f"{name}: {value:.3f}")
+    ax.axhline(2.0, ls="-", lw=0.5, color="black", alpha=0.3)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    if zoom:   # the region where models are compared: 2 bits = uniform over ACGT
+      ax.set_ylim(lowest - 0.03, 2.1)
+      ax.set_title("zoom: near 2 bits/nt (uniform over A/C/G/T)", fontsize=10)
+    else:
+      ax.set_ylabel("bits per nucleotide")
+      ax.set_title("HybriDNA-JAX training", fontsize=10)
+      ax.legend(loc="upper right", fontsize=8)
   fig.tight_layout()
   fig.savefig(out_path)
   plt.close(fig)
