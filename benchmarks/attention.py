@@ -21,25 +21,23 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
 import sys
-import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import median_seconds  # noqa: E402  pylint: disable=g-import-not-at-top
+
 from hybridna_jax import attention
 from hybridna_jax.kernels import attention_kernels
+from hybridna_jax.train import flops
 
 GRID = dict(batch=[1, 2, 4, 8], seqlen=[8192, 32768, 131072],
             heads=[16, 32, 64])
 SMALL = dict(batch=[1], seqlen=[256, 512], heads=[2])
-# Dense bf16 tensor-core peaks (TFLOP/s) by device kind.
-PEAKS = {"H100 80GB HBM3": 989.4, "H100 SXM": 989.4, "H100 PCIe": 756.0,
-         "H100 NVL": 835.0, "H200": 989.4, "A100": 312.0}
-
-
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--batch", type=int, nargs="+")
@@ -77,15 +75,6 @@ def parse_args(argv=None):
   return args
 
 
-def time_fn(fn, iters, warmup):
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def make_inputs(b, l, hq, hkv, d, dtype, segments, seed=0):
@@ -109,8 +98,8 @@ def jax_case(impl, q, k, v, seg, iters, warmup):
 
   fwd = jax.jit(lambda q, k, v: fn(q, k, v, seg)).lower(q, k, v).compile()
   bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile()
-  t_f = time_fn(lambda: jax.block_until_ready(fwd(q, k, v)), iters, warmup)
-  t_b = time_fn(lambda: jax.block_until_ready(bwd(q, k, v)), iters, warmup)
+  t_f = median_seconds(lambda: jax.block_until_ready(fwd(q, k, v)), iters, warmup)
+  t_b = median_seconds(lambda: jax.block_until_ready(bwd(q, k, v)), iters, warmup)
   mem = bwd.memory_analysis()
   total = None if mem is None else (mem.argument_size_in_bytes
                                     + mem.output_size_in_bytes
@@ -151,26 +140,25 @@ def torch_case(q, k, v, iters, warmup):
     run(*leaves).float().sum().backward()
     torch.cuda.synchronize()
 
-  t_f = time_fn(fwd, iters, warmup)
+  t_f = median_seconds(fwd, iters, warmup)
   torch.cuda.reset_peak_memory_stats()
-  t_b = time_fn(fwd_bwd, iters, warmup)
+  t_b = median_seconds(fwd_bwd, iters, warmup)
   return t_f, t_b, torch.cuda.max_memory_allocated()
 
 
-def peak_tflops(args, kind):
+def peak_tflops(args, device):
+  """The --peak-tflops flag, else the device's known bf16 dense peak."""
   if args.peak_tflops:
     return args.peak_tflops
-  for name, peak in PEAKS.items():
-    if name in kind:
-      return peak
-  return None
+  peak = flops.peak_flops_per_device(device)
+  return peak / 1e12 if peak else None
 
 
 def main(argv=None):
   args = parse_args(argv)
   dtype = jnp.dtype(args.dtype)
   dev = jax.devices()[0]
-  peak = peak_tflops(args, dev.device_kind)
+  peak = peak_tflops(args, dev)
   impls = list(args.impls)
   if (jax.default_backend() == "gpu" and not args.no_torch and not args.segments
       and torch_available()):

@@ -25,6 +25,19 @@ def _cores() -> str:
   return str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
 
 
+def median_seconds(fn: Callable[[], Any], iters: int, warmup: int) -> float:
+  """Median seconds of `fn()`, which must block until its work is done
+  (jax.block_until_ready, torch.cuda.synchronize), after `warmup` calls."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
 def time_jitted(fn: Callable[..., Any], *args, warmup: int = 1, iters: int = 5,
                 min_seconds: float = 0.0) -> dict[str, float]:
   """Compiles `fn` (a jitted function) on `args`, then times calls.

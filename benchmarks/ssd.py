@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
 import sys
-import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import median_seconds  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from hybridna_jax import ssd
 from hybridna_jax.kernels import ssd_pallas
@@ -79,16 +81,6 @@ def make_inputs(b, l, h, p, n, g, dtype, seed=0):
       dt_bias=jnp.asarray(normal(h) * 0.1))
 
 
-def time_fn(fn, iters, warmup):
-  """Median seconds of `fn()` (which blocks until its result is ready)."""
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def jax_case(impl, inputs, chunk, iters, warmup):
@@ -105,8 +97,8 @@ def jax_case(impl, inputs, chunk, iters, warmup):
   args = tuple(inputs[k] for k in ("x", "dt", "A", "B", "C", "dt_bias"))
   fwd = jax.jit(forward).lower(*args).compile()
   bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5))).lower(*args).compile()
-  t_fwd = time_fn(lambda: jax.block_until_ready(fwd(*args)), iters, warmup)
-  t_bwd = time_fn(lambda: jax.block_until_ready(bwd(*args)), iters, warmup)
+  t_fwd = median_seconds(lambda: jax.block_until_ready(fwd(*args)), iters, warmup)
+  t_bwd = median_seconds(lambda: jax.block_until_ready(bwd(*args)), iters, warmup)
   mem = bwd.memory_analysis()
   compiled = None
   if mem is not None:
@@ -141,9 +133,9 @@ def mamba_case(inputs, chunk, iters, warmup):
     (y.float().sum() + final.sum()).backward()
     torch.cuda.synchronize()
 
-  t_fwd = time_fn(fwd, iters, warmup)
+  t_fwd = median_seconds(fwd, iters, warmup)
   torch.cuda.reset_peak_memory_stats()
-  t_bwd = time_fn(fwd_bwd, iters, warmup)
+  t_bwd = median_seconds(fwd_bwd, iters, warmup)
   return t_fwd, t_bwd, torch.cuda.max_memory_allocated()
 
 

@@ -6,9 +6,11 @@ import jax
 
 from hybridna_jax.config import ModelConfig
 
-# Dense bf16 peak FLOP/s per device, by substrings of jax's device_kind.
+# Dense bf16 peak FLOP/s per device, by substrings of jax's device_kind
+# (first match wins, so specific names come before general ones).
 PEAK_BF16_FLOPS = (
-    ("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12),
+    ("H200", 989.4e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12),
+    ("H100", 989.4e12), ("A100", 312e12), ("L4", 121e12),
     ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5", 197e12),
     ("TPU v4", 275e12),
 )
