@@ -17,19 +17,17 @@ Scores and softmax are fp32; the output has q's dtype.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
-from hybridna_jax.kernel_registry import KernelRegistry
+from hybridna_jax.kernel_registry import KernelRegistry, jit_dispatch
 
 Array = jax.Array
 KERNELS = KernelRegistry("attention", fallback="xla")
 _NEG_INF = -1e30  # finite, so fully masked rows give zeros rather than NaN
 
 
-@functools.partial(jax.jit, static_argnames=("impl",))
+@jit_dispatch(("impl",))
 def causal_attention(q: Array, k: Array, v: Array,
                      segment_ids: Array | None = None, *,
                      impl: str = "auto") -> Array:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from typing import Any, Callable
 
 import jax
@@ -31,6 +32,35 @@ def _load_kernels():
     import hybridna_jax.kernels  # noqa: F401  pylint: disable=g-import-not-at-top
   except ImportError:
     pass
+
+
+def jit_dispatch(static_argnames: tuple[str, ...]):
+  """Jits a public op so eager calls are fast, keyed on the sharding context.
+
+  The registered kernels read `sharding.current()` while tracing (to wrap
+  themselves in shard_map), which jax's trace cache does not see; passing the
+  context as a static argument makes a call under another mesh (or none)
+  retrace instead of reusing a trace made for a different placement.
+  """
+  from hybridna_jax import sharding  # pylint: disable=g-import-not-at-top
+
+  def decorator(fn):
+    signature = inspect.signature(fn)
+
+    def with_context(_sharding_context, **kwargs):
+      del _sharding_context
+      return fn(**kwargs)
+
+    jitted = jax.jit(with_context,
+                     static_argnames=tuple(static_argnames) + ("_sharding_context",))
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+      bound = signature.bind(*args, **kwargs)   # every argument by name
+      bound.apply_defaults()
+      return jitted(_sharding_context=sharding.current(), **bound.arguments)
+    return wrapper
+  return decorator
 
 
 class KernelRegistry:

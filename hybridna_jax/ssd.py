@@ -27,13 +27,12 @@ states in fp32.
 
 from __future__ import annotations
 
-import functools
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from hybridna_jax.kernel_registry import KernelRegistry
+from hybridna_jax.kernel_registry import KernelRegistry, jit_dispatch
 
 Array = jax.Array
 
@@ -60,8 +59,7 @@ Core = Callable[[CoreInputs, int], tuple[Array, Array]]
 CORES = KernelRegistry("ssd", fallback="chunked")
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "chunk_size", "dt_softplus", "return_final_states", "impl"))
+@jit_dispatch(("chunk_size", "dt_softplus", "return_final_states", "impl"))
 def ssd_chunked_scan(x: Array, dt: Array, A: Array, B: Array, C: Array,
                      chunk_size: int, *, D: Array | None = None,
                      z: Array | None = None, dt_bias: Array | None = None,

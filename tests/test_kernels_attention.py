@@ -106,6 +106,14 @@ def test_gpu_choice():
   assert "pallas_call" not in trace(q, k, v, seg)
 
 
+def in_mesh(mesh, fn):
+  """fn with the sharding context entered inside (where tracing sees it)."""
+  def wrapped(*args):
+    with sharding.activate(mesh):
+      return fn(*args)
+  return wrapped
+
+
 def test_sharded_matches_unsharded():
   """(data 2, fsdp 2, tensor 2) mesh with b = 2: the batch does not divide
   over data x fsdp = 4, so it is replicated and only heads are split."""
@@ -116,9 +124,9 @@ def test_sharded_matches_unsharded():
   grad_fn = jax.value_and_grad(lambda q, k, v: (fn(q, k, v) ** 2).sum(),
                                argnums=(0, 1, 2))
   ref_loss, ref_grads = jax.jit(grad_fn)(q, k, v)
-  with sharding.activate(mesh):
-    jaxpr = str(jax.make_jaxpr(grad_fn)(q, k, v))
-    loss, grads = jax.jit(grad_fn)(q, k, v)
+  sharded_grad_fn = in_mesh(mesh, grad_fn)
+  jaxpr = str(jax.make_jaxpr(sharded_grad_fn)(q, k, v))
+  loss, grads = jax.jit(sharded_grad_fn)(q, k, v)
   assert "shard_map" in jaxpr
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   for got, want in zip(grads, ref_grads):
@@ -131,9 +139,9 @@ def test_sharded_batch_and_heads():
   fn = lambda q, k, v: attention.causal_attention(
       q, k, v, seg, impl="pallas_gpu_interpret")
   ref = jax.jit(fn)(q, k, v)
-  with sharding.activate(mesh):
-    jaxpr = str(jax.make_jaxpr(fn)(q, k, v))
-    out = jax.jit(fn)(q, k, v)
+  sharded_fn = in_mesh(mesh, fn)
+  jaxpr = str(jax.make_jaxpr(sharded_fn)(q, k, v))
+  out = jax.jit(sharded_fn)(q, k, v)
   assert "shard_map" in jaxpr and "('data', 'fsdp')" in jaxpr
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 

@@ -212,9 +212,14 @@ def test_sharded_matches_unsharded():
   grad_fn = jax.value_and_grad(fn, has_aux=True)
   (_, (y_ref, f_ref)), g_ref = jax.jit(grad_fn)(diff)
 
-  with sharding.activate(mesh):
-    jaxpr = str(jax.make_jaxpr(grad_fn)(diff))
-    (_, (y, f)), g = jax.jit(grad_fn)(diff)
+  def sharded_grad_fn(diff):
+    # The context is entered inside the traced function (as the train step
+    # does): jax's trace cache does not see Python state around a call.
+    with sharding.activate(mesh):
+      return grad_fn(diff)
+
+  jaxpr = str(jax.make_jaxpr(sharded_grad_fn)(diff))
+  (_, (y, f)), g = jax.jit(sharded_grad_fn)(diff)
   assert "shard_map" in jaxpr
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(f, f_ref, rtol=1e-5, atol=1e-5)
@@ -286,3 +291,18 @@ def test_compiled_kernels_match_xla_on_device(dtype):
   assert_close(f, f_ref, tol[0], tol[1], "final")
   for name in diff_names:
     assert_close(g[name], g_ref[name], tol[2], tol[3], name)
+
+
+def test_public_api_retraces_under_another_mesh():
+  """An eager call (no mesh) must not leave a cached trace that a later
+  call under a mesh reuses without the kernel's shard_map."""
+  inputs = api_inputs(b=2, l=32, h=8, g=1)
+  impl = "pallas_gpu_interpret"
+  api_call(inputs, impl)                      # traced with no sharding context
+  mesh = sharding.make_mesh(data=2, fsdp=1, tensor=4)
+
+  def under_mesh(x):
+    with sharding.activate(mesh):
+      return api_call({**inputs, "x": x}, impl)[0]
+
+  assert "shard_map" in str(jax.make_jaxpr(under_mesh)(inputs["x"]))
