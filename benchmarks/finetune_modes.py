@@ -43,6 +43,8 @@ flags.DEFINE_list("modes", ["echo", "rc_echo", "plain_mean", "plain_last"],
 flags.DEFINE_list("backbones", ["pretrained", "fresh"], "pretrained (the config's "
                   "finetune.pretrained) and/or fresh (random init).")
 flags.DEFINE_integer("steps", 0, "Override finetune.steps (0: the config's schedule).")
+flags.DEFINE_float("learning_rate", 0.0, "Override train.learning_rate (0: the config's).")
+flags.DEFINE_string("pretrained", None, "Override finetune.pretrained.")
 flags.DEFINE_integer("kmer", 4, "Also fit a k-mer frequency logistic regression with this "
                      "k (0: no baseline), for how hard the task is without a model.")
 FLAGS = flags.FLAGS
@@ -55,6 +57,10 @@ def _run(mode: str, backbone: str) -> dict:
     config.finetune.task = FLAGS.task
   if FLAGS.steps:
     config.finetune.steps = FLAGS.steps
+  if FLAGS.learning_rate:
+    config.train.learning_rate = FLAGS.learning_rate
+  if FLAGS.pretrained is not None and backbone != "fresh":
+    config.finetune.pretrained = FLAGS.pretrained
   workdir = os.path.join(FLAGS.workdir, f"{backbone}_{mode}")
   results_path = os.path.join(workdir, "results.json")
   start = time.perf_counter()

@@ -34,6 +34,7 @@ import dataclasses
 import gzip
 import io
 import os
+import time
 from typing import Iterable
 
 import numpy as np
@@ -353,7 +354,13 @@ def _load_bed(path: str, reference: str) -> tuple[dict[str, TaskSplit], bool]:
   if not os.path.isfile(reference):
     raise FileNotFoundError(f"reference genome {reference} not found (finetune.reference).")
   rows = read_bed(path)
-  chromosomes = read_chromosomes(reference, {r.chrom for r in rows})
+  names = {r.chrom for r in rows}
+  start = time.perf_counter()
+  logging.info("%s: %d intervals on %d chromosomes; reading them from %s", path, len(rows),
+               len(names), reference)
+  chromosomes = read_chromosomes(reference, names)
+  logging.info("read %d chromosomes (%.0f Mb) in %.0f s", len(chromosomes),
+               sum(c.size for c in chromosomes.values()) / 1e6, time.perf_counter() - start)
   by_split: dict[str, tuple[list, list, list]] = {}
   for row in rows:
     genome = chromosomes.get(row.chrom)
