@@ -152,6 +152,7 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, num_devices=0))
   cfg.data = default_data_config()
   cfg.train = train_config()
+  cfg.finetune = finetune_config()
   return cfg
 
 
@@ -195,4 +196,61 @@ def train_config() -> ml_collections.ConfigDict:
   # The demo's report: validation bits/nt of order-k Markov baselines
   # fitted on the training split (empty: none).
   c.markov_orders = ()
+  return c
+
+
+def finetune_config() -> ml_collections.ConfigDict:
+  """Understanding fine-tuning (launch/finetune.py, hybridna_jax.finetune).
+
+  The schedule comes from here, not from train.stages: one stage of
+  (padded echo length, steps, batch_size), which the task writes back into
+  train.stages; the optimiser, evaluation and checkpoint fields of `train`
+  apply as in pretraining.
+  """
+  c = ml_collections.ConfigDict()
+  # The task: a GUE folder (train/dev/test.csv), a Nucleotide Transformer
+  # folder (train/test .fna with ">name|label" headers, or .csv), or a
+  # BEND-style BED file (chromosome, start, end, [strand,] split, label).
+  c.task = ""
+  c.format = "auto"           # auto | gue | nt | bed
+  c.reference = ""            # reference FASTA of a BED task
+  # Tasks without a dev split (NT, some BED files): this fraction of train,
+  # stratified by class and seeded, becomes dev (model selection).
+  c.dev_fraction = 0.1
+  c.split_seed = 0
+  c.kind = "auto"             # auto | classification | regression
+  # Backbone: a pretraining run directory, its checkpoints/ or best/, or a
+  # step directory; empty = a freshly initialised model. Its architecture
+  # replaces config.model (the numerics fields dtype, remat, ssd_impl and
+  # attention_impl stay as configured here).
+  c.pretrained = ""
+  c.pretrained_which = "latest"   # latest | best, for a run directory
+  c.freeze_backbone = False   # True: train the head only
+  # Embedding: echo = sequence <sep> sequence, pooled over the second copy;
+  # False = the plain baselines, pooled over the sequence.
+  c.echo = True
+  c.pool = "mean"             # mean | last
+  # Reverse-complement strand: none | average_logits | concat_features.
+  c.rc_combine = "none"
+  c.head_hidden = 0           # 0: a linear head; N: one hidden layer of N (GELU)
+  # Class-weighted loss: none | balanced (weights n / (classes * n_c)).
+  c.class_weights = "none"
+  # Reverse-complement a training example with this probability.
+  c.rc_augment = 0.0
+  # Nucleotides per sequence; 0 = the longest in the task. Longer sequences
+  # are cropped around their centre.
+  c.max_length = 0
+  c.pad_multiple = 64         # padded input length is a multiple of this
+  # Schedule: `steps` optimizer steps, or (steps = 0) `epochs` passes over
+  # the training split, at `batch_size` sequences per step (global).
+  c.steps = 0
+  c.epochs = 3.0
+  c.batch_size = 32
+  c.eval_batch_size = 64
+  # Dev evaluation (model selection) and checkpoints every this many epochs;
+  # 0 keeps train.eval_every / train.checkpoint_every (steps).
+  c.eval_every_epochs = 0.5
+  # Learning-rate warmup as a fraction of the steps (0 keeps
+  # train.warmup_steps).
+  c.warmup_fraction = 0.1
   return c

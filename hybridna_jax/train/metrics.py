@@ -83,10 +83,13 @@ class MetricsLogger:
                     if "tokens_per_s" in values else "")
       mfu = f" MFU {values['mfu']:.1%}" if "mfu" in values else ""
       skipped = f" | skipped {int(values['skipped_total'])}" if values.get("skipped_total") else ""
+      # Tasks report different metrics (fine-tuning has no bits/nt).
+      task_metrics = "".join(f" {label} {values[key]:{fmt}}" for key, label, fmt in (
+          ("bits_per_nt", "bpn", ".4f"), ("accuracy", "acc", ".3f")) if key in values)
       logging.info(
-          "step %d/%d (%.0f%%) [%s] loss %.4f bpn %.4f acc %.3f | gnorm %.3f lr %.2e%s%s%s | ETA %s",
+          "step %d/%d (%.0f%%) [%s] loss %.4f%s | gnorm %.3f lr %.2e%s%s%s | ETA %s",
           step, self.total_steps, 100.0 * step / self.total_steps, stage,
-          values["loss"], values["bits_per_nt"], values["accuracy"],
+          values["loss"], task_metrics,
           values["grad_norm"], values["learning_rate"], throughput, mfu, skipped,
           format_duration(eta))
 

@@ -1,0 +1,145 @@
+"""Fine-tuning results as JSON, markdown tables and plots.
+
+Per run (<workdir>): results.json (selected step, dev and test metrics, data
+summary, settings), results.md (a table), test_predictions.csv and
+finetune_curves.png (train loss and the dev headline metric against step).
+Per suite: suite_results.json, suite_table.md and suite_scores.png (the
+headline metric of every task, dev and test).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+
+import numpy as np
+
+from hybridna_jax.finetune.metrics import HEADLINE
+from hybridna_jax.train.metrics import read_metrics
+
+CLASSIFICATION_COLUMNS = ("mcc", "f1", "f1_macro", "accuracy", "auroc", "auprc")
+REGRESSION_COLUMNS = ("pearson", "spearman", "r2", "mse")
+
+
+def _fmt(value) -> str:
+  if value is None or (isinstance(value, float) and not math.isfinite(value)):
+    return "-"
+  return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def metrics_table(rows: list[dict]) -> str:
+  """Markdown table of result rows: {"task", "kind", "embedding", "split",
+  metric: value, ...}; metric columns follow the kinds present."""
+  kinds = {r["kind"] for r in rows}
+  columns = [c for kind, cols in (("classification", CLASSIFICATION_COLUMNS),
+                                  ("regression", REGRESSION_COLUMNS))
+             if kind in kinds for c in cols]
+  header = ["task", "embedding", "split", "n", *columns]
+  lines = ["| " + " | ".join(header) + " |",
+           "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|"]
+  for r in rows:
+    cells = [r["task"], r.get("embedding", ""), r["split"], str(r.get("examples", ""))]
+    cells += [_fmt(r.get(c)) for c in columns]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def result_rows(results: dict) -> list[dict]:
+  """The dev and test rows of one run's results.json."""
+  return [{"task": results["task"], "kind": results["kind"],
+           "embedding": results["embedding"], "split": split, **results[split]}
+          for split in ("dev", "test")]
+
+
+def write_results(workdir: str, results: dict) -> dict[str, str]:
+  """results.json and results.md; returns their paths."""
+  json_path = os.path.join(workdir, "results.json")
+  table_path = os.path.join(workdir, "results.md")
+  with open(json_path, "w", encoding="utf-8") as f:
+    json.dump(results, f, indent=2)
+  headline = HEADLINE[results["kind"]]
+  with open(table_path, "w", encoding="utf-8") as f:
+    f.write(f"# {results['task']}: {results['embedding']}\n\n")
+    f.write(f"Selected on dev {headline} at step {results['selected_step']} "
+            f"of {results['total_steps']}; backbone: {results['backbone']}.\n\n")
+    f.write(metrics_table(result_rows(results)))
+  return {"json": json_path, "table": table_path}
+
+
+def write_predictions(path: str, labels: np.ndarray, outputs: np.ndarray, kind: str) -> None:
+  """Test predictions, one row per example in file order: label, prediction
+  and class probabilities (classification) or the predicted value."""
+  from hybridna_jax.finetune.metrics import softmax  # pylint: disable=g-import-not-at-top
+  with open(path, "w", newline="", encoding="utf-8") as f:
+    writer = csv.writer(f)
+    if kind == "classification":
+      probs = softmax(outputs)
+      writer.writerow(["index", "label", "prediction"]
+                      + [f"p{c}" for c in range(probs.shape[1])])
+      for i, (label, p) in enumerate(zip(labels, probs)):
+        writer.writerow([i, int(label), int(np.argmax(p))] + [f"{x:.6g}" for x in p])
+    else:
+      writer.writerow(["index", "label", "prediction"])
+      for i, (label, value) in enumerate(zip(labels, outputs)):
+        writer.writerow([i, f"{float(label):.6g}", f"{float(value):.6g}"])
+
+
+def plot_curves(jsonl_path: str, out_path: str, headline: str, title: str) -> str:
+  """Train loss and the dev headline metric (right axis) against step."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  latest = {(r["kind"], r["step"]): r for r in read_metrics(jsonl_path)}
+  train = sorted((s, r["loss"]) for (k, s), r in latest.items() if k == "train" and "loss" in r)
+  dev = sorted((s, r[headline]) for (k, s), r in latest.items() if k == "val" and headline in r)
+  fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+  if train:
+    ax.plot(*zip(*train), color="tab:blue", lw=1, label="train loss")
+  ax.set_xlabel("step")
+  ax.set_ylabel("train loss", color="tab:blue")
+  ax.grid(alpha=0.3)
+  right = ax.twinx()
+  if dev:
+    right.plot(*zip(*dev), color="tab:red", marker="o", lw=2, label=f"dev {headline}")
+  right.set_ylabel(f"dev {headline}", color="tab:red")
+  ax.set_title(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(out_path)
+  plt.close(fig)
+  return out_path
+
+
+def plot_suite(rows: list[dict], out_path: str) -> str:
+  """Grouped bars: the headline metric of every task on dev and test."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  tasks = list(dict.fromkeys(r["task"] for r in rows))
+  fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(tasks) + 2), 4.5), dpi=120)
+  width = 0.38
+  x = np.arange(len(tasks))
+  for offset, split, color in ((-width / 2, "dev", "tab:gray"), (width / 2, "test", "tab:blue")):
+    values = []
+    for task in tasks:
+      row = next((r for r in rows if r["task"] == task and r["split"] == split), None)
+      values.append(row.get(HEADLINE[row["kind"]], np.nan) if row else np.nan)
+    bars = ax.bar(x + offset, values, width, label=split, color=color)
+    for bar, value in zip(bars, values):
+      if np.isfinite(value):
+        ax.annotate(f"{value:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=7)
+  scores = [r.get(HEADLINE[r["kind"]], np.nan) for r in rows]
+  low = np.nanmin(scores) if np.any(np.isfinite(scores)) else 0.0
+  ax.set_ylim(min(0.0, low) - 0.05, 1.08)          # MCC and Pearson lie in [-1, 1]
+  kinds = {r["kind"] for r in rows}
+  ax.set_ylabel(" / ".join(HEADLINE[k] for k in sorted(kinds)) + " (headline)")
+  ax.set_xticks(x, tasks, rotation=30, ha="right", fontsize=8)
+  ax.axhline(0, color="black", lw=0.5)
+  ax.legend()
+  ax.set_title("HybriDNA-JAX fine-tuning: selected on dev, reported on test", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(out_path)
+  plt.close(fig)
+  return out_path

@@ -1,0 +1,534 @@
+"""Understanding fine-tuning as a `loop.Task`: the pretraining loop's mesh,
+sharded steps, checkpoints, resume, preemption and metrics, with a
+sequence-level head on the backbone.
+
+    summary = finetune(config, "runs/prom_300")       # one task
+    rows = run_suite(config, ["GUE/prom/*"], "runs/gue")   # several tasks
+
+A run trains one stage of (padded input width, steps, batch size), evaluates
+dev every `finetune.eval_every_epochs` (the loop keeps the best dev
+checkpoint by MCC, or Pearson for regression, in <workdir>/best), then
+restores that checkpoint and reports dev and test metrics (`report`).
+`load_finetuned` brings a finished run back for predictions.
+
+Batches (global B rows, width W; see `echo`):
+    inputs, segment_ids  int32 (B, W)     pool_mask  float32 (B, W)
+    rc_inputs            int32 (B, W)     (RC-echo only)
+    labels               int32 (B,) classes | float32 (B,) standardised targets
+    weight               float32 (B,)     1, or 0 on filler rows of eval batches
+    index                int32 (B,)       example index in its split, -1 on fillers
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import glob
+import json
+import math
+import os
+import sys
+import time
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from hybridna_jax import restore
+from hybridna_jax import sharding
+from hybridna_jax import tokenizer
+from hybridna_jax.config import ModelConfig, model_config_dict
+from hybridna_jax.data import pipeline
+from hybridna_jax.finetune import datasets
+from hybridna_jax.finetune import echo as echo_lib
+from hybridna_jax.finetune import metrics as metrics_lib
+from hybridna_jax.finetune import report
+from hybridna_jax.finetune.model import HeadConfig, SequenceModel
+from hybridna_jax.train import flops as flops_lib
+from hybridna_jax.train import loop
+from hybridna_jax.train import optimizer as optimizer_lib
+from hybridna_jax.train import step as step_lib
+from hybridna_jax.train.checkpoint import Checkpoints, with_shardings
+
+TASK_INFO = "task_info.json"
+# Execution settings of config.model kept from the fine-tuning config when
+# the architecture comes from a pretrained run.
+_EXECUTION_FIELDS = ("dtype", "remat", "ssd_impl", "attention_impl")
+
+
+# -- backbone ---------------------------------------------------------------------------
+
+
+def resolve_backbone(config) -> tuple[ModelConfig, restore.CheckpointRef | None]:
+  """The backbone's config and, with finetune.pretrained, its checkpoint.
+
+  A pretrained backbone brings its architecture from its run's config.json;
+  config.model is rewritten to match (so this run's config.json describes
+  what it trains), keeping the execution fields of config.model.
+  """
+  fc = config.finetune
+  if not fc.pretrained:
+    return ModelConfig.from_config(config.model), None
+  ref = restore.find_checkpoint(str(fc.pretrained), str(fc.pretrained_which))
+  run = restore.run_config(ref.run_dir)
+  if "finetune" in run and run.finetune.get("task"):
+    raise ValueError(f"finetune.pretrained={fc.pretrained} is a fine-tuning run (task "
+                     f"{run.finetune.task}); pass a pretraining run (launch/train.py).")
+  values = dict(run.model.to_dict())
+  for field in _EXECUTION_FIELDS:
+    values[field] = config.model[field]
+  for key in ("attn_layers", "a_init_range"):
+    if values.get(key) is not None:
+      values[key] = tuple(values[key])
+  model_cfg = ModelConfig.from_config(values)
+  with config.unlocked():
+    config.model = model_config_dict(**dataclasses.asdict(model_cfg))
+  return model_cfg, ref
+
+
+def head_only(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`tx` on the head's parameters; zero updates and no optimizer state for
+  the (frozen) backbone. Its gradients are zero already (stop_gradient), but
+  AdamW's weight decay would still move it, and its moments would cost two
+  backbones of memory."""
+  def init(params):
+    return tx.init(params["head"])
+
+  def update(updates, state, params=None):
+    head_updates, state = tx.update(updates["head"], state,
+                                    None if params is None else params["head"])
+    updates = jax.tree.map(jnp.zeros_like, updates)
+    updates["head"] = head_updates
+    return updates, state
+  return optax.GradientTransformation(init, update)
+
+
+# -- training data ------------------------------------------------------------------------
+
+
+class _TrainExamples(grain.transforms.Map):
+  """Stream position g -> one training example (a dict of row arrays).
+
+  Position g of epoch e = g div n is example permute(g mod n) under a key
+  of (seed, e): a fresh order every epoch, O(1) per position, the same for
+  any host count. With `rc_prob`, a hash of (seed, g) picks examples to
+  reverse-complement.
+  """
+
+  def __init__(self, tokens: list[np.ndarray], labels: np.ndarray, width: int, echo: bool,
+               reverse_strand: bool, seed: int, rc_prob: float):
+    self.tokens, self.labels = tokens, labels
+    self.width, self.echo, self.reverse_strand = width, echo, reverse_strand
+    self.seed, self.rc_prob = seed, rc_prob
+
+  def map(self, g: int) -> dict[str, np.ndarray]:
+    n = len(self.tokens)
+    epoch, j = divmod(int(g), n)
+    i = pipeline.permute(j, n, pipeline.derive_seed(self.seed, "finetune", epoch))
+    tokens = self.tokens[i]
+    if self.rc_prob > 0 and (pipeline.derive_seed(self.seed, "rc", g) / 2.0**32) < self.rc_prob:
+      tokens = echo_lib.reverse_complement(tokens)
+    row = echo_lib.build_batch([tokens], self.width, echo=self.echo,
+                               reverse_strand=self.reverse_strand)
+    row = {k: v[0] for k, v in row.items()}
+    row.update(labels=self.labels[i], weight=np.float32(1.0), index=np.int32(i))
+    return row
+
+
+# -- the task -----------------------------------------------------------------------------
+
+
+class FinetuneTask(loop.Task):
+  """Sequence classification / regression on a task from `datasets`.
+
+  Construction loads the task (unless `data` is given), resolves the
+  backbone, and writes the derived schedule into `config.train` (stages,
+  and eval/checkpoint intervals and warmup when given in epochs or as a
+  fraction), so the run's config.json records what ran.
+  """
+
+  def __init__(self, config, data: datasets.TaskData | None = None):
+    super().__init__(config)
+    fc = config.finetune
+    if data is None:
+      if not fc.task:
+        raise ValueError("no task: set finetune.task (--task) to a GUE or Nucleotide "
+                         "Transformer folder or a BED file.")
+      data = datasets.load_task(str(fc.task), format=str(fc.format),
+                                reference=str(fc.reference),
+                                dev_fraction=float(fc.dev_fraction),
+                                split_seed=int(fc.split_seed), kind=str(fc.kind))
+    self.data = data
+    self.kind = data.kind
+    self.model_cfg, self.pretrained = resolve_backbone(config)
+    num_outputs = data.num_classes if self.kind == "classification" else 1
+    self.head_cfg = HeadConfig.from_config(fc, num_outputs)
+    self.selection = (metrics_lib.HEADLINE[self.kind], "max")
+    self.batch_keys = ("inputs", "segment_ids", "pool_mask", "labels", "weight", "index") + (
+        ("rc_inputs",) if self.head_cfg.reverse_strand else ())
+
+    # Tokens (uint8) of every split, cropped to max_length.
+    longest = max(len(s) for split in data.splits.values() for s in split.sequences)
+    self.max_tokens = int(fc.max_length) or longest
+    self.tokens, cropped = {}, 0
+    for name, split in data.splits.items():
+      rows = [tokenizer.encode(s).astype(np.uint8) for s in split.sequences]
+      cropped += sum(r.size > self.max_tokens for r in rows)
+      self.tokens[name] = [echo_lib.crop_center(r, self.max_tokens) for r in rows]
+    if cropped:
+      logging.warning("%d sequences longer than finetune.max_length=%d nt were cropped "
+                      "around their centre.", cropped, self.max_tokens)
+    self.width = echo_lib.padded_width(self.max_tokens, self.head_cfg.echo,
+                                       int(fc.pad_multiple))
+
+    # Targets: class ids, or regression labels standardised on train.
+    train_labels = data.splits["train"].labels
+    if self.kind == "regression":
+      self.label_mean = float(np.mean(train_labels))
+      self.label_std = float(np.std(train_labels)) or 1.0
+    else:
+      self.label_mean, self.label_std = 0.0, 1.0
+    self.class_weights = None
+    if self.kind == "classification" and fc.class_weights == "balanced":
+      counts = np.bincount(train_labels, minlength=num_outputs).astype(np.float64)
+      self.class_weights = np.where(
+          counts > 0, counts.sum() / (num_outputs * np.maximum(counts, 1)), 0.0).astype(np.float32)
+    elif fc.class_weights not in ("none", "balanced"):
+      raise ValueError(f"finetune.class_weights must be none or balanced, got "
+                       f"{fc.class_weights!r}.")
+
+    # The schedule.
+    n_train = len(self.tokens["train"])
+    batch = int(fc.batch_size)
+    steps_per_epoch = n_train / batch
+    steps = int(fc.steps) or max(1, math.ceil(float(fc.epochs) * steps_per_epoch))
+    tc = config.train
+    tc.stages = ((self.width, steps, batch),)
+    if float(fc.eval_every_epochs) > 0:
+      every = max(1, round(float(fc.eval_every_epochs) * steps_per_epoch))
+      tc.eval_every = every
+      tc.checkpoint_every = every
+    if float(fc.warmup_fraction) > 0:
+      tc.warmup_steps = int(round(float(fc.warmup_fraction) * steps))
+    if not int(tc.eval_every):
+      logging.warning("train.eval_every = 0: dev is evaluated only at the end, so the "
+                      "last step is the selected model.")
+    tc.keep_best = True
+    tc.plot = False           # the LM loss plot; `finish` draws fine-tuning curves
+
+  # -- model and loss -----------------------------------------------------------
+
+  def init_model(self, rngs):
+    return SequenceModel(self.model_cfg, self.head_cfg, rngs=rngs)
+
+  def loss(self, model, batch):
+    outputs = model(batch)
+    weight = batch["weight"]
+    if self.kind == "classification":
+      if self.class_weights is not None:
+        weight = weight * jnp.asarray(self.class_weights)[batch["labels"]]
+      nll, count, correct = step_lib.masked_cross_entropy(outputs, batch["labels"], weight)
+      return nll, {"count": count, "accuracy": correct}
+    error = (outputs[:, 0] - batch["labels"]) ** 2
+    return jnp.sum(error * weight), {"count": jnp.sum(weight)}
+
+  def apply(self, model, batch):
+    return {"outputs": model(batch), "index": batch["index"]}
+
+  def optimizer(self, total_steps: int):
+    tx, schedule = optimizer_lib.make_optimizer(self.config.train, total_steps)
+    return (head_only(tx) if self.head_cfg.freeze_backbone else tx), schedule
+
+  def flops_per_token(self, seq_len: int) -> float:
+    strands = 2 if self.head_cfg.reverse_strand else 1
+    return strands * flops_lib.train_flops_per_token(self.model_cfg, seq_len)
+
+  # -- data ---------------------------------------------------------------------------
+
+  def _labels(self, split: str) -> np.ndarray:
+    labels = self.data.splits[split].labels
+    if self.kind == "classification":
+      return labels.astype(np.int32)
+    return ((labels - self.label_mean) / self.label_std).astype(np.float32)
+
+  def train_iterator(self, stage, batch_size, seed):
+    examples = _TrainExamples(self.tokens["train"], self._labels("train"), stage.seq_len,
+                              self.head_cfg.echo, self.head_cfg.reverse_strand, seed,
+                              float(self.config.finetune.rc_augment))
+    ds = grain.MapDataset.range(0, sys.maxsize)[jax.process_index()::jax.process_count()]
+    ds = ds.map(examples).batch(batch_size, drop_remainder=True)
+    options = grain.ReadOptions(num_threads=int(self.config.data.read_threads),
+                                prefetch_buffer_size=2 * batch_size)
+    return iter(ds.to_iter_dataset(options))
+
+  def _eval_batches(self, split: str, mesh):
+    """This host's eval batches of `split`: rows h, h + H, ... (H hosts); every
+    host yields the same number of batches, filled with weight-0 rows."""
+    hosts, host = jax.process_count(), jax.process_index()
+    data_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    multiple = math.lcm(data_devices, hosts)
+    global_batch = -(-int(self.config.finetune.eval_batch_size) // multiple) * multiple
+    per_host = global_batch // hosts
+    tokens, labels = self.tokens[split], self._labels(split)
+    mine = list(range(host, len(tokens), hosts))
+    num_batches = math.ceil(math.ceil(len(tokens) / hosts) / per_host)
+    for b in range(num_batches):
+      rows = mine[b * per_host:(b + 1) * per_host]
+      fill = per_host - len(rows)
+      batch = echo_lib.build_batch([tokens[i] for i in rows] + [tokens[0]] * fill, self.width,
+                                   echo=self.head_cfg.echo,
+                                   reverse_strand=self.head_cfg.reverse_strand)
+      batch["labels"] = np.concatenate([labels[rows], np.repeat(labels[:1], fill)])
+      batch["weight"] = np.r_[np.ones(len(rows)), np.zeros(fill)].astype(np.float32)
+      batch["index"] = np.r_[rows, -np.ones(fill)].astype(np.int32)
+      yield batch
+
+  def predict(self, fns: step_lib.StepFunctions, params, split: str) -> np.ndarray:
+    """Head outputs of every example of `split`, in file order: logits (n, k)
+    or de-standardised regression predictions (n,)."""
+    n = len(self.tokens[split])
+    outputs = None
+    start = last_report = time.perf_counter()
+    for done, batch in enumerate(self._eval_batches(split, fns.mesh)):
+      if time.perf_counter() - last_report > 30:       # long splits show progress
+        last_report = time.perf_counter()
+        logging.info("predicting %s: %d rows in %.0f s", split,
+                     done * len(batch["index"]) * jax.process_count(), last_report - start)
+      out = fns.apply(params, step_lib.device_batch(batch, fns.batch_sharding, fns.batch_keys))
+      if jax.process_count() > 1:
+        out = multihost_utils.process_allgather(out, tiled=True)
+      out = jax.tree.map(np.asarray, jax.device_get(out))
+      if outputs is None:
+        outputs = np.zeros((n, out["outputs"].shape[1]), np.float32)
+      keep = out["index"] >= 0
+      outputs[out["index"][keep]] = out["outputs"][keep]
+    if self.kind == "regression":
+      return outputs[:, 0] * self.label_std + self.label_mean
+    return outputs
+
+  def split_metrics(self, outputs: np.ndarray, split: str) -> dict[str, float]:
+    labels = self.data.splits[split].labels
+    if self.kind == "classification":
+      values = metrics_lib.classification_metrics(labels, outputs)
+    else:
+      values = metrics_lib.regression_metrics(labels, outputs)
+    values["examples"] = len(labels)
+    return values
+
+  def evaluate(self, fns, params, stage):
+    values = self.split_metrics(self.predict(fns, params, "dev"), "dev")
+    del values["examples"]
+    return values
+
+  # -- start and finish ------------------------------------------------------------
+
+  def start(self, fns, state):
+    if self.pretrained is None:
+      logging.info("backbone: freshly initialised (finetune.pretrained is empty)")
+      return state
+    ref = self.pretrained
+    logging.info("backbone: %s step %d", ref.manager_dir, ref.step)
+    loaded = restore.restore_params(ref, self.model_cfg, fns.mesh)
+    target = fns.state_shardings.params["backbone"]
+    if jax.tree.structure(loaded) != jax.tree.structure(state.params["backbone"]):
+      raise ValueError(f"the checkpoint at {ref.manager_dir} does not hold a HybriDNA "
+                       "backbone of this architecture.")
+    state.params["backbone"] = jax.device_put(loaded, target)
+    return state
+
+  def best_params(self, fns, state, workdir: str):
+    """(params, step) of the best dev checkpoint, or the final state's."""
+    best_dir = os.path.join(workdir, loop.BEST_DIR)
+    checkpoints = Checkpoints(best_dir, keep=1) if os.path.isdir(best_dir) else None
+    step = checkpoints.latest_step() if checkpoints else None
+    if step is None:
+      return state.params, int(jax.device_get(state.step))
+    target = with_shardings(jax.eval_shape(fns.init, jax.random.key(0)).params,
+                            fns.state_shardings.params)
+    return checkpoints.restore_params(step, target), step
+
+  def task_info(self) -> dict:
+    return {"task": self.data.name, "path": self.data.path, "format": self.data.format,
+            "kind": self.kind, "num_outputs": self.head_cfg.num_outputs,
+            "head": dataclasses.asdict(self.head_cfg), "max_tokens": self.max_tokens,
+            "width": self.width, "label_mean": self.label_mean, "label_std": self.label_std}
+
+  def finish(self, fns, state, workdir):
+    params, step = self.best_params(fns, state, workdir)
+    dev_out, test_out = self.predict(fns, params, "dev"), self.predict(fns, params, "test")
+    results = {
+        "task": self.data.name, "kind": self.kind, "embedding": self.head_cfg.label,
+        "backbone": (f"{self.pretrained.manager_dir} step {self.pretrained.step}"
+                     if self.pretrained else "fresh init"),
+        "selected_step": step, "total_steps": int(jax.device_get(state.step)),
+        "selection": list(self.selection),
+        "dev": self.split_metrics(dev_out, "dev"), "test": self.split_metrics(test_out, "test"),
+        "data": self.data.summary(), "settings": self.task_info(),
+    }
+    if jax.process_index() == 0:
+      paths = report.write_results(workdir, results)
+      with open(os.path.join(workdir, TASK_INFO), "w", encoding="utf-8") as f:
+        json.dump(self.task_info(), f, indent=2)
+      report.write_predictions(os.path.join(workdir, "test_predictions.csv"),
+                               self.data.splits["test"].labels, test_out, self.kind)
+      jsonl = os.path.join(workdir, "metrics.jsonl")
+      if os.path.exists(jsonl):
+        paths["plot"] = report.plot_curves(
+            jsonl, os.path.join(workdir, "finetune_curves.png"), self.selection[0],
+            f"{self.data.name}: {self.head_cfg.label}")
+      results["files"] = paths
+      headline = self.selection[0]
+      logging.info("%s: dev %s %.4f, test %s %.4f (step %d)\n%s", self.data.name, headline,
+                   results["dev"][headline], headline, results["test"][headline], step,
+                   report.metrics_table(report.result_rows(results)))
+    return {"results": results}
+
+  def describe(self) -> str:
+    cfg = self.model_cfg
+    return (f"fine-tuning on {self.data.name} ({self.kind}, {self.head_cfg.num_outputs} "
+            f"outputs): {self.head_cfg.label}, width {self.width}; backbone "
+            f"{cfg.n_layers} layers d={cfg.d_model} "
+            f"({'pretrained' if self.pretrained else 'fresh init'})")
+
+
+# -- entry points --------------------------------------------------------------------------
+
+
+def finetune(config, workdir: str, data: datasets.TaskData | None = None) -> dict:
+  """Fine-tunes on config.finetune.task (or `data`) in `workdir`, resuming
+  from its latest checkpoint; returns the loop's summary with "results"."""
+  task = FinetuneTask(config, data)
+  return loop.train(config, workdir, task=task)
+
+
+def expand_suite(patterns: list[str]) -> list[str]:
+  """Task paths from paths and glob patterns (each must match a task)."""
+  paths = []
+  for pattern in patterns:
+    matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+    tasks = []
+    for path in matches:
+      try:
+        datasets.detect_format(path)
+        tasks.append(path)
+      except (ValueError, FileNotFoundError) as e:
+        if not glob.has_magic(pattern):
+          raise
+        logging.info("suite: skipping %s (%s)", path, e)
+    if not tasks:
+      raise ValueError(f"--task_suite entry {pattern!r} matches no task folder or BED file.")
+    paths.extend(p for p in tasks if p not in paths)
+  return paths
+
+
+def _suite_names(paths: list[str]) -> list[str]:
+  """Display names: each path relative to the paths' common parent."""
+  absolute = [os.path.abspath(p) for p in paths]
+  parent = os.path.commonpath(absolute) if len(absolute) > 1 else os.path.dirname(absolute[0])
+  if parent in absolute:
+    parent = os.path.dirname(parent)
+  names = [os.path.relpath(p, parent) for p in absolute]
+  return [n[:-len(".bed")] if n.endswith(".bed") else n for n in names]
+
+
+def run_suite(config, patterns: list[str], workdir: str) -> list[dict]:
+  """Fine-tunes on every task (one run directory each under `workdir`, so
+  an interrupted suite resumes; finished tasks are not re-run) and writes
+  suite_results.json, suite_table.md and suite_scores.png."""
+  paths = expand_suite(patterns)
+  names = _suite_names(paths)
+  rows = []
+  logging.info("suite of %d tasks: %s", len(paths), ", ".join(names))
+  for i, (path, name) in enumerate(zip(paths, names)):
+    task_dir = os.path.join(workdir, name.replace(os.sep, "__"))
+    results_path = os.path.join(task_dir, "results.json")
+    if os.path.exists(results_path):
+      logging.info("[%d/%d] %s: done already (%s)", i + 1, len(paths), name, results_path)
+      with open(results_path, encoding="utf-8") as f:
+        results = json.load(f)
+    else:
+      logging.info("[%d/%d] %s", i + 1, len(paths), name)
+      task_config = copy.deepcopy(config)
+      with task_config.unlocked():
+        task_config.finetune.task = path
+      start = time.perf_counter()
+      fc = task_config.finetune
+      data = datasets.load_task(path, format=str(fc.format), reference=str(fc.reference),
+                                dev_fraction=float(fc.dev_fraction),
+                                split_seed=int(fc.split_seed), kind=str(fc.kind), name=name)
+      results = finetune(task_config, task_dir, data)["results"]
+      logging.info("[%d/%d] %s finished in %.0f s", i + 1, len(paths), name,
+                   time.perf_counter() - start)
+    rows.extend(report.result_rows({**results, "task": name}))
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "suite_results.json"), "w", encoding="utf-8") as f:
+      json.dump(rows, f, indent=2)
+    table = report.metrics_table(rows)
+    with open(os.path.join(workdir, "suite_table.md"), "w", encoding="utf-8") as f:
+      f.write("# Fine-tuning suite\n\nSelected on dev, reported on test.\n\n" + table)
+    report.plot_suite(rows, os.path.join(workdir, "suite_scores.png"))
+    logging.info("suite results:\n%s", table)
+  return rows
+
+
+# -- using a fine-tuned model -----------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Finetuned:
+  """A fine-tuned model restored for predictions (`load_finetuned`)."""
+  model: SequenceModel
+  config: ml_collections.ConfigDict
+  info: dict
+
+  def predict(self, sequences: list[str], batch_size: int = 64) -> np.ndarray:
+    """Class probabilities (n, k), or predicted values (n,) for regression.
+
+    Sequences longer than the run's max length are centre-cropped as in
+    training; batches are padded to the run's width (one compiled shape).
+    """
+    head: HeadConfig = self.model.head_cfg
+    forward = nnx.jit(lambda model, batch: model(batch))
+    outputs = []
+    for start in range(0, len(sequences), batch_size):
+      chunk = [echo_lib.crop_center(tokenizer.encode(s), self.info["max_tokens"])
+               for s in sequences[start:start + batch_size]]
+      fill = batch_size - len(chunk)
+      batch = echo_lib.build_batch(chunk + [chunk[0]] * fill, self.info["width"],
+                                   echo=head.echo, reverse_strand=head.reverse_strand)
+      outputs.append(np.asarray(forward(self.model, batch))[:len(chunk)])
+    out = np.concatenate(outputs)
+    if self.info["kind"] == "regression":
+      return out[:, 0] * self.info["label_std"] + self.info["label_mean"]
+    return metrics_lib.softmax(out)
+
+
+def load_finetuned(run_dir: str, *, which: str = "best", mesh=None) -> Finetuned:
+  """Restores a fine-tuning run (its best dev checkpoint, or "latest")."""
+  info_path = os.path.join(run_dir, TASK_INFO)
+  if not os.path.exists(info_path):
+    raise FileNotFoundError(f"{run_dir} has no {TASK_INFO}; is it a finished fine-tuning run "
+                            "(launch/finetune.py)?")
+  with open(info_path, encoding="utf-8") as f:
+    info = json.load(f)
+  config = restore.run_config(run_dir)
+  model_cfg = ModelConfig.from_config(config.model)
+  head_cfg = HeadConfig(**info["head"])
+  abstract = nnx.eval_shape(lambda: SequenceModel(model_cfg, head_cfg, rngs=nnx.Rngs(0)))
+  graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+  mesh = mesh or restore.default_mesh()
+  target = with_shardings(abstract_params, sharding.state_shardings(abstract_params, mesh))
+  manager = os.path.join(run_dir, loop.BEST_DIR if which == "best" else loop.CHECKPOINT_DIR)
+  checkpoints = Checkpoints(manager)
+  step = checkpoints.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {manager}.")
+  params = checkpoints.restore_params(step, target)
+  return Finetuned(nnx.merge(graphdef, params), config, info)

@@ -1,0 +1,83 @@
+r"""Fine-tunes HybriDNA on understanding tasks with echo embeddings.
+
+One task (GUE folder, Nucleotide Transformer folder, or BED + reference):
+
+    python launch/finetune.py --config=configs/finetune_demo.py \
+        --task=data_cache/tasks/species --workdir=runs/ft_species
+    python launch/finetune.py --config=configs/finetune_demo.py:rc_echo,frozen \
+        --task=bend/enhancers.bed --reference=GRCh38.fa --workdir=runs/ft_enh
+
+A suite (globs allowed; one run directory per task under --workdir, one
+table for all):
+
+    python launch/finetune.py --config=configs/finetune_demo.py \
+        --task_suite='GUE/prom/*,GUE/tf/*' --workdir=runs/gue
+
+Each run checkpoints to <workdir>/checkpoints and resumes from there when
+started again; the best dev checkpoint (MCC, or Pearson for regression) is
+kept in <workdir>/best and reported on test in results.json / results.md,
+with test_predictions.csv and finetune_curves.png. A suite adds
+suite_results.json, suite_table.md and suite_scores.png; finished tasks are
+not re-run. Variants of the configs choose the embedding (echo, rc_echo,
+rc_echo_concat, mean, last, plain_mean, plain_last) and frozen / full
+fine-tuning; any field can be overridden, e.g.
+--config.finetune.pretrained=runs/demo --config.finetune.epochs=5.
+"""
+
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+
+from hybridna_jax import launch_utils
+
+launch_utils.define_flags()
+_TASK = flags.DEFINE_string("task", None, "Task folder or BED file (overrides "
+                            "config.finetune.task).")
+_REFERENCE = flags.DEFINE_string("reference", None, "Reference FASTA of a BED task "
+                                 "(overrides config.finetune.reference).")
+_PRETRAINED = flags.DEFINE_string("pretrained", None, "Pretraining run directory or "
+                                  "checkpoint (overrides config.finetune.pretrained); "
+                                  "'' for a freshly initialised backbone.")
+_SUITE = flags.DEFINE_list("task_suite", None, "Comma-separated task folders / BED files "
+                           "or glob patterns: fine-tune on each and write one table.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  launch_utils.quiet_library_logs()
+  launch_utils.initialize_distributed()
+  # Imported after distributed start-up (nothing may touch devices before).
+  import jax  # pylint: disable=g-import-not-at-top
+  from hybridna_jax.finetune import datasets  # pylint: disable=g-import-not-at-top
+  from hybridna_jax.finetune import task as task_lib  # pylint: disable=g-import-not-at-top
+
+  config = FLAGS.config
+  if "finetune" not in config:
+    raise app.UsageError("the config has no `finetune` section; use configs/finetune_*.py.")
+  fc = config.finetune
+  for flag, field in ((_TASK, "task"), (_REFERENCE, "reference"), (_PRETRAINED, "pretrained")):
+    if flag.value is not None:
+      fc[field] = flag.value
+  if _SUITE.value and _TASK.value:
+    raise app.UsageError("give --task or --task_suite, not both.")
+  try:
+    if _SUITE.value:
+      rows = task_lib.run_suite(config, _SUITE.value, FLAGS.workdir)
+      summary = {"suite": rows}
+    else:
+      summary = task_lib.finetune(config, FLAGS.workdir)
+  except (FileNotFoundError, datasets.TaskFormatError) as e:  # bad input: the message says it
+    logging.error("finetune failed: %s", e)
+    sys.exit(1)
+  if jax.process_index() == 0:
+    os.makedirs(FLAGS.workdir, exist_ok=True)
+    with open(os.path.join(FLAGS.workdir, "finetune_summary.json"), "w", encoding="utf-8") as f:
+      json.dump(summary, f, indent=2, default=str)
+
+
+if __name__ == "__main__":
+  app.run(main)
