@@ -153,6 +153,7 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.data = default_data_config()
   cfg.train = train_config()
   cfg.finetune = finetune_config()
+  cfg.generate = generate_config()
   return cfg
 
 
@@ -253,4 +254,57 @@ def finetune_config() -> ml_collections.ConfigDict:
   # Learning-rate warmup as a fraction of the steps (0 keeps
   # train.warmup_steps).
   c.warmup_fraction = 0.1
+  return c
+
+
+def generate_config() -> ml_collections.ConfigDict:
+  """Sequence design: generative fine-tuning data and sampling settings
+  (hybridna_jax/design.py, hybridna_jax/generate.py, launch/generate.py)."""
+  c = ml_collections.ConfigDict()
+  # --- Generative fine-tuning (launch/generate.py --mode=finetune) --------
+  # CSVs with a `sequence` column and the label column(s); val_csv is
+  # needed when train.eval_every > 0.
+  c.train_csv = ""
+  c.val_csv = ""
+  # One condition per column, each with its own block of task tokens.
+  c.label_columns = ("label",)
+  # "categorical": a token per distinct label; "bins": numeric activities
+  # cut into num_bins quantile bins of the training set, a token per bin.
+  c.label_kind = "categorical"
+  c.num_bins = 5
+  # Index (tokenizer.task_token) of the first task token used for labels.
+  c.first_task_token = 0
+  # The label -> token mapping; empty: derived from train_csv at the start
+  # of a run and stored here, so the run's config.json keeps it.
+  c.prompt_vocab = ()
+  # Share of training examples shown without label tokens, so the model can
+  # also generate unconditionally (prompt: <bos> alone).
+  c.label_dropout = 0.0
+  # Probability of training on the reverse complement (for elements whose
+  # activity does not depend on orientation, e.g. enhancers).
+  c.reverse_complement_prob = 0.0
+  # Leave N targets out of the loss.
+  c.mask_n_in_loss = True
+  # Start from a pretrained LM: a run directory, checkpoints/ or best/
+  # directory, or step directory ("": random initialisation).
+  c.pretrained = ""
+  c.pretrained_which = "latest"     # latest | best, for a run directory
+
+  # --- Sampling (launch/generate.py --mode=sample) ------------------------
+  c.num_samples = 100               # per prompt
+  c.batch_size = 50
+  c.max_new_tokens = 200            # the length, or the cap with stop_at_eos
+  c.stop_at_eos = False
+  c.min_new_tokens = 0
+  c.temperature = 1.0               # 0: greedy
+  c.top_k = 0                       # 0: off
+  c.top_p = 1.0                     # 1.0: off
+  c.allow_n = False
+  c.beam_width = 1                  # > 1: beam search (the paper's designs)
+  c.length_penalty = 1.0            # beam scores: log-prob / length ** this
+  c.seed = 0
+  # Summary: k of the k-mer spectra, and at most this many pairs for the
+  # mean pairwise edit distance.
+  c.kmer = 6
+  c.max_edit_pairs = 20_000
   return c

@@ -1,0 +1,315 @@
+"""Sequence design: label vocabularies, design CSVs and batches, the
+generative fine-tuning task end to end (a label's motif shows up under its
+own label token, far more than under another's), the sampling workflow's
+FASTA and summary, and the summary metrics."""
+
+import copy
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from hybridna_jax import design
+from hybridna_jax import design_metrics as metrics
+from hybridna_jax import design_sampling
+from hybridna_jax import restore
+from hybridna_jax import sharding
+from hybridna_jax import tokenizer as tok
+from hybridna_jax.config import load_config
+from hybridna_jax.data import fasta
+from hybridna_jax.data.tasks import TaskFormatError
+from hybridna_jax.train import step as step_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MOTIFS = {"a": "GATTAC", "b": "CCGCGG"}
+SEQ_LEN = 24
+
+
+def _write_csv(path, rows, header=("sequence", "label", "activity")):
+  with open(path, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(header)
+    writer.writerows(rows)
+  return str(path)
+
+
+def _motif_rows(n, seed):
+  """Random 24-nt sequences, each with its label's motif at a random place."""
+  rng = np.random.default_rng(seed)
+  rows = []
+  for i in range(n):
+    label = "ab"[i % 2]
+    seq = list(rng.choice(list("ACGT"), SEQ_LEN))
+    pos = int(rng.integers(0, SEQ_LEN - 6 + 1))
+    seq[pos:pos + 6] = MOTIFS[label]
+    rows.append(("".join(seq), label, f"{rng.normal():.3f}"))
+  return rows
+
+
+def _config(tmp_path, **generate):
+  cfg = load_config(os.path.join(REPO, "configs", "tiny.py"))
+  # Two layers of the tiny model (Mamba2, attention): fast to compile.
+  cfg.model.n_layers = 2
+  cfg.model.attn_layers = (1,)
+  cfg.mesh.num_devices = 1
+  g = cfg.generate
+  g.train_csv = _write_csv(tmp_path / "train.csv", _motif_rows(256, seed=0))
+  g.val_csv = _write_csv(tmp_path / "val.csv", _motif_rows(64, seed=1))
+  for k, v in generate.items():
+    g[k] = v
+  t = cfg.train
+  t.stages = ((32, 800, 16),)
+  t.learning_rate = 3e-3
+  t.warmup_steps = 20
+  t.log_every = 100
+  t.eval_every = 800
+  t.eval_batch_size = 32
+  t.checkpoint_every = 800
+  t.keep_best = False
+  t.plot = False
+  t.async_checkpoints = False
+  return cfg
+
+
+# -- vocabulary and data ---------------------------------------------------------------
+
+
+def test_categorical_vocab_prompts_and_config_round_trip(tmp_path):
+  cfg = _config(tmp_path, first_task_token=3)
+  vocab = design.resolve_vocab(cfg)
+  (cond,) = vocab.conditions
+  assert cond.values == ("a", "b") and cond.first_token == tok.task_token(3)
+  np.testing.assert_array_equal(vocab.prompt({"label": "b"}, "ACG"),
+                                [tok.BOS, tok.task_token(4), tok.A, tok.C, tok.G])
+  np.testing.assert_array_equal(vocab.prompt(None), [tok.BOS])
+  assert vocab.parse("b") == {"label": "b"} and vocab.parse("label=a") == {"label": "a"}
+  assert vocab.parse("unconditional") is None
+  with pytest.raises(KeyError, match="no label 'c'.*known labels: \\['a', 'b'\\]"):
+    vocab.parse("c")
+  # The mapping is in the config, so config.json keeps it, and it wins
+  # over the CSV afterwards.
+  saved = json.loads(cfg.to_json_best_effort())
+  assert saved["generate"]["prompt_vocab"][0]["values"] == ["a", "b"]
+  cfg.generate.train_csv = "/nonexistent.csv"
+  assert design.resolve_vocab(cfg) == vocab
+
+
+def test_bins_vocab_one_token_per_condition_and_activity_bin(tmp_path):
+  """regLM-style: two conditions (cell types), activities cut into 4
+  quantile bins each, one token per (condition, bin)."""
+  rows = [("ACGT", str(float(i)), str(float(-i))) for i in range(100)]
+  data = design.load_design_csv(_write_csv(tmp_path / "t.csv", rows, ("sequence", "HepG2",
+                                                                       "K562")),
+                                ("HepG2", "K562"))
+  vocab = design.PromptVocab.build(data, kind="bins", num_bins=4, first_task_token=2)
+  hepg2, k562 = vocab.conditions
+  assert hepg2.values == k562.values == ("0", "1", "2", "3")
+  assert (hepg2.first_token, k562.first_token) == (tok.task_token(2), tok.task_token(6))
+  np.testing.assert_allclose(hepg2.edges, [24.75, 49.5, 74.25])
+  # CSV rows bin their raw activities; prompts name bins.
+  tokens = design.tokenize(data, vocab).label_tokens
+  assert tokens[0].tolist() == [tok.task_token(2), tok.task_token(9)]
+  assert tokens[99].tolist() == [tok.task_token(5), tok.task_token(6)]
+  assert vocab.label_tokens({"HepG2": "3", "K562": "0"}) == [tok.task_token(5), tok.task_token(6)]
+  assert vocab.parse("3,0") == vocab.parse("K562=0,HepG2=3") == {"HepG2": "3", "K562": "0"}
+  assert vocab.describe({"HepG2": "60.0", "K562": "-1"}, raw=True) == "HepG2=2,K562=3"
+  assert len(vocab.all_labels()) == 16
+  with pytest.raises(ValueError, match="column=label or labels in column order"):
+    vocab.parse("3,K562=0")
+  with pytest.raises(ValueError, match=r"gives 1 label\(s\) for the 2 conditions"):
+    vocab.parse("3")
+
+
+def test_csv_errors_name_file_line_and_fix(tmp_path):
+  path = _write_csv(tmp_path / "bad.csv", [("ACGT", "a", "1"), ("ACXT", "b", "2")])
+  with pytest.raises(TaskFormatError, match=r"bad\.csv line 3: .*invalid nucleotide 'X'"):
+    design.load_design_csv(path, ("label",))
+  path = _write_csv(tmp_path / "cols.csv", [("ACGT", "a", "1")])
+  with pytest.raises(TaskFormatError, match=r"cols\.csv line 1: .*lacks the label column.*"
+                     r"\['cell'\].*label_columns"):
+    design.load_design_csv(path, ("cell",))
+  path = _write_csv(tmp_path / "nan.csv", [("ACGT", "a", "1"), ("ACGT", "b", "high")])
+  data = design.load_design_csv(path, ("activity",))
+  with pytest.raises(TaskFormatError, match=r"nan\.csv line 3: .*'high' is not a number"):
+    design.PromptVocab.build(data, kind="bins", num_bins=2, first_task_token=0)
+
+
+def test_batches_put_the_loss_on_dna_and_eos_only():
+  labels = np.array([tok.task_token(0), tok.task_token(7)], np.int32)
+  row = design.example_row(labels, tok.encode("ACGTN"), 12)
+  np.testing.assert_array_equal(
+      row, [tok.BOS, labels[0], labels[1], tok.A, tok.C, tok.G, tok.T, tok.N, tok.EOS, 0, 0, 0])
+  batch = design.lm_batch(row[None], mask_n_in_loss=True)
+  np.testing.assert_array_equal(batch["inputs"][0], row[:-1])
+  np.testing.assert_array_equal(batch["targets"][0], row[1:])
+  # Targets: label, label, A C G T N <eos> pad pad pad -> scored A C G T <eos>.
+  np.testing.assert_array_equal(batch["loss_mask"][0], [0, 0, 1, 1, 1, 1, 0, 1, 0, 0, 0])
+  np.testing.assert_array_equal(batch["segment_ids"][0], [1] * 9 + [0] * 2)
+  assert design.lm_batch(row[None], mask_n_in_loss=False)["loss_mask"][0, 6] == 1
+  flipped = design.example_row(labels, tok.encode("AACG"), 8, reverse=True, drop_labels=True)
+  np.testing.assert_array_equal(flipped, [tok.BOS, tok.C, tok.G, tok.T, tok.T, tok.EOS, 0, 0])
+
+
+def test_train_iterator_shuffles_epochs_and_resumes_from_its_state():
+  examples = design.Examples(np.arange(10, 20, dtype=np.int32)[:, None],
+                             [tok.encode("ACGT"[: 1 + i % 4]) for i in range(10)])
+  it = design.train_batches(examples, seq_len=8, batch_size=5, seed=3)
+  epoch = np.concatenate([next(it)["inputs"][:, 1] for _ in range(2)])
+  assert sorted(epoch.tolist()) == list(range(10, 20))       # every example once
+  assert epoch.tolist() != list(range(10, 20))
+  state = it.get_state()
+  expected = [next(it)["inputs"] for _ in range(3)]
+  resumed = design.train_batches(examples, seq_len=8, batch_size=5, seed=3)
+  resumed.set_state(state)
+  for want in expected:
+    np.testing.assert_array_equal(next(resumed)["inputs"], want)
+  # Two hosts split one global stream.
+  host0 = design.train_batches(examples, seq_len=8, batch_size=5, seed=3, shard_count=2)
+  host1 = design.train_batches(examples, seq_len=8, batch_size=5, seed=3, shard_index=1,
+                               shard_count=2)
+  merged = np.stack([next(host0)["inputs"][:, 1], next(host1)["inputs"][:, 1]], 1).reshape(-1)
+  np.testing.assert_array_equal(merged, epoch)
+  dropped = design.train_batches(examples, seq_len=8, batch_size=10, seed=3, label_dropout=0.5)
+  firsts = next(dropped)["inputs"][:, 1]
+  assert 0 < np.sum(firsts < 10) < 10          # some rows start with DNA, not a label
+
+
+def test_task_checks_lengths_and_validation(tmp_path):
+  cfg = _config(tmp_path)
+  cfg.train.stages = ((20, 10, 4),)
+  with pytest.raises(ValueError, match=r"stages\[0\] seq_len 20 is too short.*needs 26"):
+    design.GenerativeFinetuning(cfg)
+  cfg = _config(tmp_path, val_csv="")
+  with pytest.raises(ValueError, match="eval_every > 0 but config.generate.val_csv is empty"):
+    design.GenerativeFinetuning(cfg)
+
+
+# -- fine-tuning and sampling end to end ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def motif_run(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("design")
+  cfg = _config(tmp)
+  workdir = str(tmp / "run")
+  summary = design.finetune(cfg, workdir)
+  return cfg, workdir, summary
+
+
+def _motif_share(sequences, motif):
+  return float(np.mean([motif in s for s in sequences]))
+
+
+def test_finetuned_model_writes_each_labels_motif(motif_run, tmp_path):
+  cfg, workdir, summary = motif_run
+  assert summary["stopped"] == "completed" and summary["steps"] == 800
+  val = summary["final_val"]
+  assert val["label_gain_bits"] > 0.05, val        # the label tokens are used
+  out = str(tmp_path / "designs.fasta")
+  result = design_sampling.run_sampling(workdir, out, num_samples=48, batch_size=32,
+                                        max_new_tokens=SEQ_LEN, temperature=1.0, seed=0)
+  records = fasta.read_fasta(out)
+  assert len(records) == 96
+  designs = {"a": [], "b": []}
+  for header, tokens in records:
+    label = re.search(r"labels=label=(\w)", header.description).group(1)
+    designs[label].append(tok.decode(tokens))
+    assert re.search(r"prompt=<bos><task_[01]> .*temperature=1 top_k=0 top_p=1 length=24 "
+                     r"seed=0 checkpoint=\S+/800 log_prob=-[\d.]+ ended_with_eos=0",
+                     header.description), header.line
+  assert {len(s) for s in designs["a"] + designs["b"]} == {SEQ_LEN}
+  own = [_motif_share(designs[l], MOTIFS[l]) for l in "ab"]
+  other = [_motif_share(designs[l], MOTIFS["ba"["ab".index(l)]]) for l in "ab"]
+  print("motif share under own label", own, "under the other label", other)
+  for mine, theirs in zip(own, other):
+    assert mine >= 0.5 and mine >= 5 * max(theirs, 1 / 48), (own, other)
+  # The summary compares each set with the training sequences of its label.
+  s = result["summary"]["label=a"]
+  assert s["n"] == 48 and s["reference_n"] == 128 and 0 <= s["copy_share"] < 0.5
+  assert 0.2 < s["gc_mean"] < 0.8 and 0 < s["kmer_js"] < 1 and s["edit_norm"] > 0.3
+  with open(os.path.splitext(out)[0] + ".summary.json") as f:
+    assert set(json.load(f)["summary"]) == {"label=a", "label=b"}
+  assert os.path.getsize(os.path.splitext(out)[0] + ".summary.png") > 10_000
+  assert "label=b" in result["table"]
+
+
+def test_finetuning_starts_from_a_pretrained_run(motif_run):
+  cfg, workdir, _ = motif_run
+  cfg = copy.deepcopy(cfg)
+  cfg.generate.pretrained = workdir
+  task = design.GenerativeFinetuning(cfg)
+  mesh = sharding.mesh_from_config(cfg.mesh)
+  fns = step_lib.build_steps(task.init_model, task.loss, *task.optimizer(10), mesh)
+  state = task.start(fns, fns.init(jax.random.key(1)))
+  trained = restore.restore_params(restore.find_checkpoint(workdir), task.model_cfg, mesh)
+  for x, y in zip(jax.tree.leaves(state.params), jax.tree.leaves(trained)):
+    np.testing.assert_array_equal(x, y)
+  cfg.model.d_model = 64                       # fails before anything compiles
+  with pytest.raises(ValueError, match=r"differs from config.model in \{'d_model': \(32, 64\)"):
+    design.GenerativeFinetuning(cfg)
+
+
+def test_launcher_samples_with_beam_search(motif_run, tmp_path):
+  _, workdir, _ = motif_run
+  out = str(tmp_path / "beams.fasta")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, "launch", "generate.py"), "--mode=sample",
+       f"--workdir={workdir}", f"--output={out}", "--labels=b", "--beam_width=4",
+       "--num_samples=4", f"--length={SEQ_LEN}"],
+      capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "label=b" in proc.stdout
+  records = fasta.read_fasta(out)
+  assert len(records) == 4 and all("beam=4" in h.description for h, _ in records)
+  log_probs = [float(re.search(r"log_prob=(-[\d.]+)", h.description).group(1)) for h, _ in records]
+  assert log_probs == sorted(log_probs, reverse=True)
+  assert MOTIFS["b"] in tok.decode(records[0][1])      # the most likely design has it
+
+
+# -- summary metrics ------------------------------------------------------------------------------
+
+
+def _levenshtein(a, b):
+  prev = list(range(len(b) + 1))
+  for i, x in enumerate(a, 1):
+    cur = [i]
+    for j, y in enumerate(b, 1):
+      cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
+    prev = cur
+  return prev[-1]
+
+
+def test_edit_distances_match_the_textbook_recurrence():
+  rng = np.random.default_rng(0)
+  a = ["".join(rng.choice(list("ACGT"), rng.integers(0, 30))) for _ in range(60)]
+  b = ["".join(rng.choice(list("ACG"), rng.integers(0, 30))) for _ in range(60)]
+  a[:3], b[:3] = ["", "ACGT", "GATTACA"], ["ACG", "ACGT", "TACAGAT"]
+  np.testing.assert_array_equal(metrics.edit_distances(a, b),
+                                [_levenshtein(x, y) for x, y in zip(a, b)])
+  mean, norm = metrics.pairwise_edit_distance(["AAAA", "AAAT", "TTTT"])
+  assert mean == pytest.approx((1 + 4 + 3) / 3) and norm == pytest.approx((1 + 4 + 3) / 12)
+
+
+def test_gc_kmer_spectra_and_summary():
+  np.testing.assert_allclose(metrics.gc_content(["GGCC", "ATGC", "NNAT"]), [1.0, 0.5, 0.0])
+  counts = metrics.kmer_counts(["ACGTA", "ANCGT"], k=2)
+  # AC CG GT TA from the first; CG GT from the second (AN, NC skipped).
+  index = {"AC": 1, "CG": 6, "GT": 11, "TA": 12}
+  assert counts.sum() == 6 and {k: counts[v] for k, v in index.items()} == {
+      "AC": 1, "CG": 2, "GT": 2, "TA": 1}
+  assert metrics.js_distance(counts, counts) == 0.0
+  assert metrics.js_distance([1, 0], [0, 1]) == pytest.approx(1.0)
+  rng = np.random.default_rng(0)
+  reference = ["".join(rng.choice(list("ACGT"), 50)) for _ in range(200)]
+  designs = reference[:5] + ["GC" * 25] * 5
+  s = metrics.summarize(designs, reference, log_probs=np.full(10, -51.0))
+  assert s["copy_share"] == 0.5 and s["n"] == 10 and s["log_prob_per_nt"] == pytest.approx(-1.0)
+  assert s["kmer_js"] > s["kmer_js_floor"] > 0
+  assert "copies" in metrics.format_table({"x": s})
