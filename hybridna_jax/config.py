@@ -152,6 +152,7 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, num_devices=0))
   cfg.data = default_data_config()
   cfg.train = train_config()
+  cfg.score = score_config()
   cfg.finetune = finetune_config()
   cfg.generate = generate_config()
   return cfg
@@ -307,4 +308,48 @@ def generate_config() -> ml_collections.ConfigDict:
   # mean pairwise edit distance.
   c.kmer = 6
   c.max_edit_pairs = 20_000
+  return c
+
+
+def score_config() -> ml_collections.ConfigDict:
+  """Scoring, evaluation and variant effects (hybridna_jax.scoring,
+  launch/eval.py, launch/score.py)."""
+  c = ml_collections.ConfigDict()
+  # Window length in tokens (0: the trained context, the last stage's
+  # seq_len). Longer inputs are scored in windows `stride` apart; each window
+  # scores only positions no earlier window scored, so every position is
+  # scored once with at least context - stride tokens before it (except
+  # near the start of a sequence). stride 0: context // 2.
+  c.context = 0
+  c.stride = 0
+  # Rows per device call; inputs are padded to this many rows and to one of
+  # a few power-of-two lengths (from min_bucket up to the context), so new
+  # inputs reuse compiled programs.
+  c.batch_size = 8
+  c.min_bucket = 128
+  # Prepend <bos> (only for models trained with it; pretraining windows
+  # start mid-genome without one, so the first nucleotide is not scored).
+  c.add_bos = False
+  # Average every score over both strands (sequence and reverse complement).
+  c.rc_average = False
+  # Parameter/compute dtype and kernels of the restored model ("": as
+  # trained). On CPU, attention_impl="xla_blockwise" scores long contexts in
+  # O(l * block) memory (the dense XLA reference holds l x l scores).
+  c.dtype = ""
+  c.attention_impl = ""
+  c.ssd_impl = ""
+  # Embeddings: "mean" (over nucleotides), "last" (last nucleotide) or
+  # "echo" (sequence, <sep>, sequence; mean over the second copy); layer -1
+  # is the final-norm output, 0 the token embeddings, i the output of layer i.
+  c.pooling = "mean"
+  c.layer = -1
+  # Variant effects: ref/alt windows of this many nucleotides centred on each
+  # variant (capped at the context); longer REF/ALT alleles are skipped.
+  c.variant_window = 8192
+  c.max_indel_length = 64
+  # Evaluation (launch/eval.py) on the token store: split, at most this
+  # many records (0: all) and this many leading tokens of each (0: all).
+  c.eval_split = "val"
+  c.eval_max_records = 0
+  c.eval_max_tokens = 0
   return c

@@ -45,6 +45,8 @@ def find_checkpoint(path: str, which: str = "latest") -> CheckpointRef:
   Args:
     which: "latest" or "best" when `path` is a run directory.
   """
+  if which not in ("latest", "best"):
+    raise ValueError(f"which must be 'latest' or 'best', got {which!r}.")
   path = os.path.abspath(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f"no checkpoint or run directory at {path}.")
@@ -57,7 +59,9 @@ def find_checkpoint(path: str, which: str = "latest") -> CheckpointRef:
     else:
       manager_dir = path
     if not os.path.isdir(manager_dir):
-      raise FileNotFoundError(f"{path} has no {os.path.basename(manager_dir)}/ directory; "
+      hint = (" (best/ is written only with train.keep_best and evaluation, "
+              "train.eval_every > 0; use which='latest')" if which == "best" else "")
+      raise FileNotFoundError(f"{path} has no {os.path.basename(manager_dir)}/ directory{hint}; "
                               "pass a run directory, its checkpoints/ or a step directory.")
     step = Checkpoints(manager_dir).latest_step()
     if step is None:
@@ -89,8 +93,12 @@ def restore_params(ref: CheckpointRef, model_cfg: ModelConfig, mesh: Mesh,
   return Checkpoints(ref.manager_dir).restore_params(ref.step, target)
 
 
+# Execution settings that may differ from training (they change no parameter).
+RUNTIME_FIELDS = ("attention_impl", "ssd_impl", "remat", "max_seq_len")
+
+
 def load(path: str, *, dtype: str | None = None, mesh: Mesh | None = None,
-         which: str = "latest"):
+         which: str = "latest", **runtime):
   """Loads a trained model.
 
   Args:
@@ -99,14 +107,23 @@ def load(path: str, *, dtype: str | None = None, mesh: Mesh | None = None,
       as trained: fp32 weights, the config's compute dtype).
     mesh: where to place the parameters (default: all devices, fsdp).
     which: "latest" or "best" for a run directory.
+    **runtime: execution settings of the restored model (RUNTIME_FIELDS),
+      e.g. attention_impl="xla_blockwise" to score long contexts on CPU.
 
   Returns:
     (model, tokenizer module, config) -- an nnx HybriDNA with its
     parameters on `mesh`, `hybridna_jax.tokenizer`, and the run's config.
   """
+  unknown = sorted(set(runtime) - set(RUNTIME_FIELDS))
+  if unknown:
+    raise ValueError(f"load(): {unknown} cannot be changed at restore time; allowed: "
+                     f"{', '.join(RUNTIME_FIELDS)} (and dtype).")
   ref = find_checkpoint(path, which)
   config = run_config(ref.run_dir)
   model_cfg = ModelConfig.from_config(config.model)
+  runtime = {k: v for k, v in runtime.items() if v not in (None, "")}
+  if runtime:
+    model_cfg = dataclasses.replace(model_cfg, **runtime)
   mesh = mesh or default_mesh()
   params = restore_params(ref, model_cfg, mesh)
   if dtype is not None:

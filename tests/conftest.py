@@ -67,3 +67,29 @@ def tiny_config(lambda_store):
   t.plot = False
   t.async_checkpoints = False
   return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_run(lambda_store, tmp_path_factory):
+  """A run directory written by `loop.train` on all 8 fake devices (mesh
+  data 2 x fsdp 2 x tensor 2): a 2-layer tiny model (Mamba2, attention)
+  trained 2 steps at 64 tokens, one checkpoint. For restore, scoring and
+  evaluation tests."""
+  from hybridna_jax.config import load_config  # pylint: disable=g-import-not-at-top
+  from hybridna_jax.train import loop  # pylint: disable=g-import-not-at-top
+  cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py"))
+  cfg.model.n_layers, cfg.model.attn_period, cfg.model.attn_offset = 2, 2, 1
+  cfg.data = lambda_store
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.num_devices = 2, 2, 2, 0
+  t = cfg.train
+  t.stages = ((64, 2, 4),)
+  t.warmup_steps = 1
+  t.log_every = 1
+  t.eval_every = 0
+  t.checkpoint_every = 2
+  t.keep_best = False
+  t.plot = False
+  t.async_checkpoints = False
+  workdir = str(tmp_path_factory.mktemp("tiny_run"))
+  loop.train(cfg, workdir)
+  return workdir

@@ -1,0 +1,670 @@
+"""Jitted, batched scoring with a trained model: log-likelihoods, per-position
+log-probabilities and entropies, and embeddings.
+
+    model, _, config = hybridna_jax.restore.load("runs/demo")
+    scorer = Scorer.from_config(model, config)
+    ll = scorer.log_likelihood(["ACGT...", "GGCA..."], rc_average=True)
+    ll.total, ll.mean                      # (n,) nats
+    pos = scorer.position_scores([chromosome])  # 1 Mb in, (1 Mb,) out
+    emb = scorer.embed(seqs, pooling="echo", layer=-1)  # (n, d_model)
+
+Conventions.
+  * Sequences are DNA strings or 1-D integer token arrays (A C G T N ids of
+    `hybridna_jax.tokenizer`, e.g. a token-store record's memmap).
+  * The log-probability of position i is log p(x_i | x_<i) under the model's
+    full softmax (the training loss), in nats. A position is scored when it
+    has at least one token of context and is A, C, G or T: the first
+    nucleotide (no <bos> by default, as in pretraining) and N (masked out
+    of the training loss) are not scored; per-position outputs hold NaN
+    there. The entropy at i is that of the distribution predicting x_i
+    (NaN only at the first position).
+  * Windows. An input longer than `context` tokens is scored in windows of
+    `context` tokens, `stride` apart; each window scores only the positions
+    no earlier window scored, so every position is scored exactly once with
+    at least context - stride tokens before it (all earlier tokens near the
+    start). The last window is moved back to end at the sequence end, so all
+    windows of a long input have the same length. An input that fits is one
+    window: windowing does not change its scores.
+  * Buckets. Windows are right-padded to the smallest of a few power-of-two
+    lengths (min_bucket, 2 min_bucket, ..., context) and grouped into
+    batches of exactly `batch_size` rows, so a scorer compiles at most one
+    program per bucket and kind of output, whatever the inputs; the model
+    is causal, so right padding never changes a score. `trace_count` counts
+    the traces (each one a compile).
+  * Reverse complement. With `rc_average=True` each input is also scored
+    on the reverse strand: log-likelihoods are the mean of the two strands',
+    per-position scores the mean of the values for the same base (position
+    i forward, n - 1 - i reverse; one strand's value where the other has
+    none), embeddings the mean of the two. A sequence and its reverse
+    complement get the same averaged scores.
+  * Echo embeddings ("echo"): the sequence is fed twice with <sep> between,
+    and the second copy is read (it has seen the whole sequence), as in
+    HybriDNA's understanding fine-tuning; `echo_tokens` builds such batches
+    and is shared with hybridna_jax's fine-tuning heads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from hybridna_jax import sharding
+from hybridna_jax import tokenizer
+
+POOLINGS = ("mean", "last", "echo")
+
+SequenceLike = str | np.ndarray
+Progress = Callable[[int, int], None]
+
+
+# -- results ------------------------------------------------------------------
+
+
+class LogLikelihood(NamedTuple):
+  """Per-sequence log-likelihoods (nats) over the scored positions.
+
+  total: (n,) float64 sum of log p(x_i | x_<i).
+  mean: (n,) float64 total / count (NaN when nothing was scored).
+  count: (n,) float64 scored positions (a strand average with rc_average).
+  """
+  total: np.ndarray
+  mean: np.ndarray
+  count: np.ndarray
+
+
+class PositionScores(NamedTuple):
+  """One sequence's per-position scores, aligned with its nucleotides.
+
+  log_probs: (length,) float32 log p(x_i | x_<i), NaN where not scored.
+  entropy: (length,) float32 entropy (nats) of the distribution predicting
+    x_i, NaN at the first position.
+  """
+  log_probs: np.ndarray
+  entropy: np.ndarray
+
+
+class TokenStats(NamedTuple):
+  """Sums for evaluation metrics, per sequence: negative log-likelihood
+  (nats), correct argmax predictions and scored positions."""
+  nll: np.ndarray
+  correct: np.ndarray
+  count: np.ndarray
+
+
+# -- windows and buckets ----------------------------------------------------------
+
+
+class Window(NamedTuple):
+  """Tokens [start, end) of a sequence, scoring positions [score_from, end)."""
+  start: int
+  end: int
+  score_from: int
+
+
+def plan_windows(length: int, context: int, stride: int) -> list[Window]:
+  """Windows covering `length` tokens; every position in exactly one
+  [score_from, end), with >= context - stride tokens of context from the
+  second window on (see the module docstring)."""
+  if not 0 < stride < context:
+    raise ValueError(f"stride {stride} must be in [1, context - 1] (context {context}).")
+  if length <= context:
+    return [Window(0, length, 0)]
+  windows, start, scored_to = [], 0, 0
+  while scored_to < length:
+    end = start + context
+    if end >= length:                 # the last window ends at the end
+      start, end = length - context, length
+    windows.append(Window(start, end, scored_to))
+    scored_to, start = end, start + stride
+  return windows
+
+
+def bucket_lengths(context: int, min_bucket: int) -> tuple[int, ...]:
+  """Padded window lengths: powers of two times min_bucket below the
+  context, then the context itself."""
+  buckets, size = [], max(1, min(min_bucket, context))
+  while size < context:
+    buckets.append(size)
+    size *= 2
+  return tuple(buckets) + (context,)
+
+
+def echo_tokens(tokens, lengths, xp=np):
+  """Echo inputs: each row x (n tokens) becomes [x, <sep>, x], right-padded.
+
+  Works on numpy or jax arrays (`xp=jnp`, inside jit).
+
+  Args:
+    tokens: (b, L) int right-padded rows.
+    lengths: (b,) tokens per row.
+
+  Returns:
+    echo: (b, 2 L + 1) int32 doubled rows, <pad> after 2 n + 1 tokens.
+    echo_lengths: (b,) int32, 2 n + 1.
+    second: (b, L) int32 position in `echo` of the second copy of x_j
+      (n + 1 + j); meaningful where j < n (clipped into range elsewhere).
+  """
+  tokens = xp.asarray(tokens).astype(xp.int32)
+  lengths = xp.asarray(lengths).astype(xp.int32)[:, None]
+  width = tokens.shape[1]
+  idx = xp.arange(2 * width + 1, dtype=xp.int32)[None, :]
+  source = xp.where(idx < lengths, idx, idx - lengths - 1)
+  gathered = xp.take_along_axis(tokens, xp.clip(source, 0, width - 1), axis=1)
+  echo = xp.where(idx == lengths, tokenizer.SEP,
+                  xp.where(idx <= 2 * lengths, gathered, tokenizer.PAD))
+  second = xp.minimum(lengths + 1 + xp.arange(width, dtype=xp.int32)[None, :], 2 * width)
+  return echo.astype(xp.int32), (2 * lengths[:, 0] + 1).astype(xp.int32), second
+
+
+# -- sequences --------------------------------------------------------------------
+
+
+def as_tokens(sequence: SequenceLike, name: str = "") -> np.ndarray:
+  """A DNA string or token array -> 1-D integer tokens (A C G T N only).
+
+  Arrays (e.g. memmaps) are not copied."""
+  where = f"sequence {name}: " if name else ""
+  if isinstance(sequence, str):
+    try:
+      return tokenizer.encode(sequence)
+    except tokenizer.InvalidSequenceError as e:
+      raise tokenizer.InvalidSequenceError(e.char, e.position, where.rstrip(": ")) from None
+  array = np.asarray(sequence)
+  if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+    raise ValueError(f"{where}expected a DNA string or a 1-D integer token array, "
+                     f"got {array.dtype} of shape {array.shape}.")
+  bad = np.flatnonzero(~tokenizer.is_nucleotide(array))
+  if bad.size:
+    raise ValueError(f"{where}token {int(array[bad[0]])} at position {int(bad[0])} is "
+                     "not a nucleotide (A C G T N ids 5..9); pass nucleotides only.")
+  return array
+
+
+def reverse_complement(tokens: np.ndarray) -> np.ndarray:
+  """Reverse complement of a nucleotide-only token array."""
+  return tokenizer.COMPLEMENT[tokens[::-1]].astype(np.int32)
+
+
+class _Sequence:
+  """A sequence as the model reads it: optional <bos>, then nucleotides."""
+
+  def __init__(self, tokens: np.ndarray, add_bos: bool):
+    self.tokens = tokens
+    self.offset = int(add_bos)
+    self.length = tokens.shape[0] + self.offset
+
+  def window(self, start: int, end: int) -> np.ndarray:
+    """int32 tokens [start, end) of the model-side sequence."""
+    if self.offset and start == 0:
+      return np.concatenate([[tokenizer.BOS], self.tokens[:end - 1]]).astype(np.int32)
+    return np.asarray(self.tokens[start - self.offset:end - self.offset], np.int32)
+
+
+class _Job(NamedTuple):
+  """One window to run. Tokens are read from the sequence when the batch is
+  built (unless given), so a chromosome's windows are never all in memory."""
+  seq: int
+  window: Window
+  tokens: np.ndarray | None = None   # (L,) int32, default: the window's tokens
+  weights: np.ndarray | None = None  # (L,) float32 pooling weights
+
+  @property
+  def length(self) -> int:
+    return self.window.end - self.window.start if self.tokens is None else len(self.tokens)
+
+
+# -- progress ---------------------------------------------------------------------
+
+
+class ProgressLogger:
+  """A `Progress` callback that logs done/total windows, rate and ETA at
+  most every `every` seconds (and at the end)."""
+
+  def __init__(self, what: str = "windows", every: float = 10.0,
+               log: Callable[..., None] = logging.info):
+    self.what, self.every, self.log = what, every, log
+    self._start = self._last = None
+
+  def __call__(self, done: int, total: int) -> None:
+    now = time.perf_counter()
+    if self._start is None:
+      self._start = self._last = now
+    if now - self._last < self.every and done < total:
+      return
+    self._last = now
+    elapsed = now - self._start
+    rate = done / elapsed if elapsed > 0 else 0.0
+    eta = (total - done) / rate if rate > 0 else float("nan")
+    self.log("scored %d/%d %s (%.0f%%), %.1f %s/s, %s elapsed, ETA %s", done, total,
+             self.what, 100.0 * done / max(total, 1), rate, self.what,
+             _duration(elapsed), _duration(eta))
+
+
+def _duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(round(seconds))
+  if seconds < 60:
+    return f"{seconds}s"
+  if seconds < 3600:
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+# -- the scorer ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreSettings:
+  """How a Scorer windows and batches (config section `score`)."""
+  context: int
+  stride: int = 0           # 0: context // 2
+  batch_size: int = 8
+  min_bucket: int = 128
+  add_bos: bool = False
+
+  def __post_init__(self):
+    if self.context < 2:
+      raise ValueError(f"score.context must be at least 2 tokens, got {self.context}.")
+    if self.batch_size < 1 or self.min_bucket < 1:
+      raise ValueError("score.batch_size and score.min_bucket must be positive, got "
+                       f"{self.batch_size} and {self.min_bucket}.")
+    if not 0 < self.window_stride < self.context:
+      raise ValueError(f"score.stride={self.stride} must be in [1, context - 1] "
+                       f"(context {self.context}): each window needs fresh positions "
+                       "and each scored position at least one token of context.")
+
+  @property
+  def window_stride(self) -> int:
+    return self.stride or self.context // 2
+
+  @classmethod
+  def from_config(cls, config, run_config=None, **overrides) -> "ScoreSettings":
+    """From the `score` section of `config` (defaults when it has none);
+    context 0 is the trained context: the last stage's length in
+    `run_config` (default: `config`). `overrides` replace fields (None
+    values are ignored)."""
+    from hybridna_jax.config import score_config  # pylint: disable=g-import-not-at-top
+    section = config.get("score") or score_config()
+    values = dict(context=int(section.get("context", 0)), stride=int(section.get("stride", 0)),
+                  batch_size=int(section.get("batch_size", 8)),
+                  min_bucket=int(section.get("min_bucket", 128)),
+                  add_bos=bool(section.get("add_bos", False)))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if not values["context"]:
+      trained = run_config if run_config is not None else config
+      stages = trained.train.stages if "train" in trained else ()
+      if not stages:
+        raise ValueError("score.context is 0 and the config has no train.stages to take "
+                         "the trained context from; set --config.score.context.")
+      values["context"] = int(stages[-1][0])
+    return cls(**values)
+
+
+def _model_mesh(state) -> jax.sharding.Mesh | None:
+  for leaf in jax.tree.leaves(state):
+    if isinstance(getattr(leaf, "sharding", None), NamedSharding):
+      return leaf.sharding.mesh
+  return None
+
+
+class Scorer:
+  """Batched, bucketed, jitted scoring functions bound to one model.
+
+  Args:
+    model: a HybriDNA nnx module (e.g. from `restore.load`); its parameters
+      may be sharded over a mesh of this process's devices, and the batch
+      is then split over its data axes (when batch_size divides by them).
+    settings: windows and batching (`ScoreSettings`), or keyword fields.
+
+  Results come back to the host per batch, so scoring runs in one process
+  (any number of local devices).
+  """
+
+  def __init__(self, model: nnx.Module, settings: ScoreSettings | None = None, **kwargs):
+    if settings is not None and kwargs:
+      raise ValueError("pass either settings or keyword fields, not both.")
+    self.settings = settings or ScoreSettings(**kwargs)
+    self.model_config = model.cfg
+    self.graphdef, self.state = nnx.split(model)
+    self.mesh = _model_mesh(self.state)
+    s = self.settings
+    if s.context > model.cfg.max_seq_len:
+      raise ValueError(f"score.context {s.context} exceeds the model's max_seq_len "
+                       f"{model.cfg.max_seq_len}.")
+    self.buckets = bucket_lengths(s.context, s.min_bucket)
+    self.trace_count = 0
+    self._batch_sharding = None
+    if self.mesh is not None and self.mesh.size > 1:
+      data_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+      spec = P(sharding.BATCH_AXES) if s.batch_size % data_devices == 0 else P()
+      self._batch_sharding = NamedSharding(self.mesh, spec)
+    self._score_fn = jax.jit(self._window_scores)
+    self._embed_fn = jax.jit(self._window_embeddings, static_argnames="layer")
+
+  @classmethod
+  def from_config(cls, model: nnx.Module, config, run_config=None, **overrides) -> "Scorer":
+    """A scorer with `ScoreSettings.from_config(config, run_config, ...)`."""
+    return cls(model, ScoreSettings.from_config(config, run_config, **overrides))
+
+  @classmethod
+  def from_run(cls, path: str, config=None, *, which: str = "latest", mesh=None,
+               **overrides) -> tuple["Scorer", Any]:
+    """Restores a checkpoint (`restore.load`) and binds a scorer to it.
+
+    Args:
+      path: run directory, checkpoints/ or best/ directory, or step directory.
+      config: job config whose `score` section to use (default: the run's);
+        its score.dtype, score.attention_impl and score.ssd_impl set the
+      restored model's numerics and kernels.
+      which, mesh: as for `restore.load`.
+
+    Returns:
+      (scorer, the run's config).
+    """
+    from hybridna_jax import restore  # pylint: disable=g-import-not-at-top
+    from hybridna_jax.config import score_config  # pylint: disable=g-import-not-at-top
+    run_config = restore.run_config(restore.find_checkpoint(path, which).run_dir)
+    settings_from = config if config is not None else run_config
+    section = settings_from.get("score") or score_config()
+    model, _, _ = restore.load(path, dtype=section.get("dtype") or None, mesh=mesh,
+                               which=which, attention_impl=section.get("attention_impl"),
+                               ssd_impl=section.get("ssd_impl"))
+    return cls.from_config(model, settings_from, run_config, **overrides), run_config
+
+  @property
+  def context(self) -> int:
+    return self.settings.context
+
+  @property
+  def stride(self) -> int:
+    return self.settings.window_stride
+
+  # -- device programs (one per bucket) --------------------------------------------
+
+  def _merged(self, state):
+    self.trace_count += 1       # runs once per trace, i.e. per compile
+    return nnx.merge(self.graphdef, state)
+
+  def _activate(self):
+    if self.mesh is None or self.mesh.size == 1:
+      return contextlib.nullcontext()
+    return sharding.activate(self.mesh)
+
+  def _window_scores(self, state, tokens):
+    """tokens (b, L) -> log p, entropy, argmax correct of x_j given x_<j,
+    each (b, L) with index 0 undefined."""
+    model = self._merged(state)
+    with self._activate():
+      logits = model(tokens).logits[:, :-1]                   # (b, L-1, V) fp32
+    log_p = jax.nn.log_softmax(logits, axis=-1)
+    targets = tokens[:, 1:]
+    target_lp = jnp.take_along_axis(log_p, targets[..., None], axis=-1)[..., 0]
+    entropy = -jnp.sum(jnp.exp(log_p) * log_p, axis=-1)
+    correct = jnp.argmax(logits, axis=-1) == targets
+    pad = lambda x: jnp.pad(x, [(0, 0), (1, 0)])
+    return pad(target_lp), pad(entropy), pad(correct)
+
+  def _window_embeddings(self, state, tokens, weights, layer: int):
+    """tokens, weights (b, L) -> (b, d) fp32 weighted sums of the hidden
+    states of `layer` (-1: final-norm output)."""
+    model = self._merged(state)
+    with self._activate():
+      out = model(tokens, return_logits=False, return_hidden_states=layer != -1)
+    hidden = out.hidden if layer == -1 else out.hidden_states[layer]
+    return jnp.einsum("bl,bld->bd", weights, hidden.astype(jnp.float32))
+
+  # -- batching --------------------------------------------------------------------------
+
+  def bucket(self, length: int) -> int:
+    for size in self.buckets:
+      if length <= size:
+        return size
+    raise ValueError(f"window of {length} tokens exceeds the context {self.context}.")
+
+  def _batches(self, jobs: Sequence[_Job], seqs: Sequence[_Sequence]
+               ) -> Iterator[tuple[list[_Job], dict]]:
+    """Groups jobs by bucket into full (batch_size, bucket) arrays."""
+    by_bucket: dict[int, list[_Job]] = {}
+    for job in jobs:
+      by_bucket.setdefault(self.bucket(job.length), []).append(job)
+    rows = self.settings.batch_size
+    for size in sorted(by_bucket):
+      group = by_bucket[size]
+      for i in range(0, len(group), rows):
+        chunk = group[i:i + rows]
+        tokens = np.full((rows, size), tokenizer.PAD, np.int32)
+        weights = np.zeros((rows, size), np.float32)
+        for row, job in enumerate(chunk):
+          window = job.tokens if job.tokens is not None else seqs[job.seq].window(
+              job.window.start, job.window.end)
+          tokens[row, :len(window)] = window
+          if job.weights is not None:
+            weights[row, :len(job.weights)] = job.weights
+        yield chunk, {"tokens": tokens, "weights": weights}
+
+  def _put(self, array: np.ndarray):
+    if self._batch_sharding is None:
+      return jnp.asarray(array)
+    return jax.device_put(array, self._batch_sharding)
+
+  def _run(self, jobs: Sequence[_Job], seqs: Sequence[_Sequence], call: Callable[[dict], Any],
+           sink: Callable[[_Job, tuple], None], progress: Progress | None) -> None:
+    """Runs `call` over the batches of `jobs`, one batch in flight while the
+    host prepares the next, and hands each job its row of the outputs."""
+    total, done = len(jobs), 0
+    pending = None
+
+    def drain(pending):
+      chunk, outputs = pending
+      host = jax.device_get(outputs)
+      for row, job in enumerate(chunk):
+        sink(job, tuple(x[row] for x in host))
+      return len(chunk)
+
+    if progress:
+      progress(0, total)
+    for chunk, arrays in self._batches(jobs, seqs):
+      outputs = call(arrays)                 # dispatched asynchronously
+      if pending is not None:
+        done += drain(pending)
+        if progress:
+          progress(done, total)
+      pending = (chunk, outputs)
+    if pending is not None:
+      done += drain(pending)
+      if progress:
+        progress(done, total)
+
+  def _prepare(self, sequences: Iterable[SequenceLike], rc_average: bool
+               ) -> tuple[list[_Sequence], int]:
+    """Model-side sequences: the inputs, then (rc_average) their reverse
+    complements in the same order."""
+    tokens = [as_tokens(s, str(i)) for i, s in enumerate(sequences)]
+    if rc_average:
+      tokens += [reverse_complement(t) for t in tokens]
+    return [_Sequence(t, self.settings.add_bos) for t in tokens], len(tokens) // (
+        2 if rc_average else 1)
+
+  # -- per-position scores ----------------------------------------------------------------
+
+  def _score_sequences(self, seqs: Sequence[_Sequence],
+                       sink: Callable[[int, int, tuple], None],
+                       progress: Progress | None) -> None:
+    """Scores every position of every sequence once; sink(seq, first
+    position, (log_p, entropy, correct) arrays from that position)."""
+    jobs = []
+    for i, seq in enumerate(seqs):
+      jobs.extend(_Job(i, w) for w in plan_windows(seq.length, self.context, self.stride))
+
+    def call(arrays):
+      return self._score_fn(self.state, self._put(arrays["tokens"]))
+
+    def job_sink(job: _Job, rows: tuple):
+      w = job.window
+      first = max(w.score_from, w.start + 1)      # positions with context
+      lo, hi = first - w.start, w.end - w.start
+      sink(job.seq, first, tuple(r[lo:hi] for r in rows))
+
+    self._run(jobs, seqs, call, job_sink, progress)
+
+  def position_scores(self, sequences: Iterable[SequenceLike], *, rc_average: bool = False,
+                      progress: Progress | None = None) -> list[PositionScores]:
+    """Per-position log-probabilities and entropies (see the module
+    docstring), one `PositionScores` per input, aligned with its bases."""
+    seqs, n = self._prepare(sequences, rc_average)
+    log_probs = [np.full(s.length, np.nan, np.float32) for s in seqs]
+    entropy = [np.full(s.length, np.nan, np.float32) for s in seqs]
+
+    def sink(i, first, rows):
+      lp, ent, _ = rows
+      targets = seqs[i].window(first, first + len(lp))
+      log_probs[i][first:first + len(lp)] = np.where(_scored(targets), lp, np.nan)
+      entropy[i][first:first + len(lp)] = ent
+
+    self._score_sequences(seqs, sink, progress)
+    off = int(self.settings.add_bos)
+    out = [PositionScores(lp[off:], ent[off:]) for lp, ent in zip(log_probs, entropy)]
+    if not rc_average:
+      return out
+    return [PositionScores(_strand_mean(f.log_probs, r.log_probs[::-1]),
+                           _strand_mean(f.entropy, r.entropy[::-1]))
+            for f, r in zip(out[:n], out[n:])]
+
+  def token_stats(self, sequences: Iterable[SequenceLike], *,
+                  progress: Progress | None = None) -> TokenStats:
+    """Summed NLL, correct argmax predictions and scored positions per
+    sequence (forward strand), without keeping per-position arrays, so
+    chromosome-length inputs cost O(batch) memory."""
+    seqs, _ = self._prepare(sequences, False)
+    return self._token_stats_of(seqs, progress)
+
+  def log_likelihood(self, sequences: Iterable[SequenceLike], *, rc_average: bool = False,
+                     progress: Progress | None = None) -> LogLikelihood:
+    """Sequence log-likelihoods: sum and mean of log p over scored positions
+    (with rc_average, each the mean of the two strands')."""
+    seqs, n = self._prepare(sequences, rc_average)
+    stats = self._token_stats_of(seqs, progress)
+    total, count = -stats.nll, stats.count
+    with np.errstate(invalid="ignore", divide="ignore"):
+      mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    if not rc_average:
+      return LogLikelihood(total, mean, count)
+    return LogLikelihood((total[:n] + total[n:]) / 2, (mean[:n] + mean[n:]) / 2,
+                         (count[:n] + count[n:]) / 2)
+
+  def _token_stats_of(self, seqs, progress) -> TokenStats:
+    nll, correct, count = (np.zeros(len(seqs)) for _ in range(3))
+
+    def sink(i, first, rows):
+      lp, _, right = rows
+      mask = _scored(seqs[i].window(first, first + len(lp)))
+      nll[i] -= float(lp[mask].sum(dtype=np.float64))
+      correct[i] += int(right[mask].sum())
+      count[i] += int(mask.sum())
+
+    self._score_sequences(seqs, sink, progress)
+    return TokenStats(nll, correct, count)
+
+  # -- embeddings -------------------------------------------------------------------------
+
+  def embed(self, sequences: Iterable[SequenceLike], *, pooling: str = "mean",
+            layer: int = -1, rc_average: bool = False,
+            progress: Progress | None = None) -> np.ndarray:
+    """Sequence embeddings, (n, d_model) float32.
+
+    Args:
+      pooling: "mean" over the nucleotides; "last": the last nucleotide
+        (from a window of `context` tokens ending there); "echo": mean over
+        the second copy of [x, <sep>, x] -- inputs longer than
+        (context - 1) // 2 are echoed in consecutive chunks of that size and
+        the mean runs over all of them.
+      layer: -1 the final-norm output (what the LM head reads), 0 the token
+        embeddings, i in 1..n_layers the output of layer i.
+      rc_average: mean of the embeddings of both strands.
+    """
+    if pooling not in POOLINGS:
+      raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}.")
+    n_layers = self.model_config.n_layers
+    if not -1 <= layer <= n_layers:
+      raise ValueError(f"layer must be -1 (final norm) or in [0, {n_layers}], got {layer}.")
+    seqs, n = self._prepare(sequences, rc_average)
+    jobs = []
+    for i, seq in enumerate(seqs):
+      jobs.extend(self._embedding_jobs(i, seq, pooling))
+    sums = np.zeros((len(seqs), self.model_config.d_model), np.float64)
+    weights = np.zeros(len(seqs))
+
+    def call(arrays):
+      return (self._embed_fn(self.state, self._put(arrays["tokens"]),
+                             self._put(arrays["weights"]), layer=layer),)
+
+    def sink(job, rows):
+      sums[job.seq] += rows[0]
+      weights[job.seq] += float(job.weights.sum())
+
+    self._run(jobs, seqs, call, sink, progress)
+    empty = np.flatnonzero(weights == 0)
+    if empty.size:
+      raise ValueError(f"sequence {int(empty[0]) % n} has no nucleotide to embed.")
+    out = (sums / weights[:, None]).astype(np.float32)
+    return (out[:n] + out[n:]) / 2 if rc_average else out
+
+  def _embedding_jobs(self, i: int, seq: _Sequence, pooling: str) -> list[_Job]:
+    if seq.length - seq.offset == 0:
+      raise ValueError(f"sequence {i} is empty.")
+    if pooling == "last":
+      start = max(0, seq.length - self.context)
+      tokens = seq.window(start, seq.length)
+      weights = np.zeros(len(tokens), np.float32)
+      weights[-1] = 1.0
+      return [_Job(i, Window(start, seq.length, seq.length - 1), tokens, weights)]
+    if pooling == "mean":
+      jobs = []
+      for w in plan_windows(seq.length, self.context, self.stride):
+        tokens = seq.window(w.start, w.end)
+        weights = tokenizer.is_nucleotide(tokens).astype(np.float32)
+        weights[:w.score_from - w.start] = 0.0       # taken from an earlier window
+        jobs.append(_Job(i, w, tokens, weights))
+      return jobs
+    # Echo: [<bos>] chunk <sep> chunk, fitting in the context.
+    chunk = (self.context - 1 - seq.offset) // 2
+    if chunk < 1:
+      raise ValueError(f"context {self.context} is too short for echo embeddings.")
+    jobs = []
+    body = seq.tokens
+    for start in range(0, len(body), chunk):
+      piece = np.asarray(body[start:start + chunk], np.int32)
+      echo, _, second = echo_tokens(piece[None], np.array([len(piece)]))
+      echo = echo[0, :2 * len(piece) + 1]
+      weights = np.zeros(len(echo) + seq.offset, np.float32)
+      weights[second[0] + seq.offset] = tokenizer.is_nucleotide(piece)
+      if seq.offset:
+        echo = np.concatenate([[tokenizer.BOS], echo]).astype(np.int32)
+      jobs.append(_Job(i, Window(start, start + len(piece), start), echo, weights))
+    return jobs
+
+
+def _scored(targets: np.ndarray) -> np.ndarray:
+  """Targets that count: A, C, G, T (N is masked out of training)."""
+  return (targets >= tokenizer.A) & (targets <= tokenizer.T)
+
+
+def _strand_mean(forward: np.ndarray, reverse: np.ndarray) -> np.ndarray:
+  """Mean of two aligned arrays, ignoring NaN (one strand may lack a value)."""
+  both = np.stack([forward, reverse])
+  valid = ~np.isnan(both)
+  total = np.where(valid, both, 0.0).sum(0)
+  count = valid.sum(0)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan).astype(np.float32)

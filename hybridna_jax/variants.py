@@ -1,0 +1,506 @@
+"""Zero-shot variant effects: the log-likelihood ratio of alt vs ref windows.
+
+    reference = load_reference("GRCh38.fa.gz", chromosomes={"chr17"})
+    variants, problems = read_variants("clinvar_brca1.vcf.gz")
+    scores, skipped = score_variants(scorer, variants, reference, window=8192)
+    write_scores("effects.tsv", scores)
+
+Inputs: a VCF (plain or gzip/bgzip; CHROM POS ID REF ALT, further columns
+ignored; a multi-allelic ALT gives one variant per allele) or a CSV with a
+header naming chrom,pos,ref,alt (optional id; 1-based pos), plus the
+reference FASTA. SNVs, MNVs and small indels are scored; REF and ALT are in
+VCF form (indels usually share a leading base, e.g. AT -> A).
+
+Windows. For a variant replacing REF (r bases at 0-based p) by ALT (a
+bases), m = max(r, a): the reference window holds REF with window - m
+flanking bases split evenly around it (shifted to stay inside the
+chromosome), and the alt window the same flanks around ALT, so the two
+differ by exactly the variant and neither exceeds `window` tokens:
+
+    ref = chrom[p - left : p] + REF + chrom[p + r : p + r + right]
+    alt = chrom[p - left : p] + ALT + chrom[p + r : p + r + right]
+
+The score is LLR = log P(alt window) - log P(ref window) (nats, summed over
+scored positions; negative: the model finds the alt sequence less likely).
+Variants with the same reference window (e.g. the alleles of one site)
+share its forward pass. With rc_average the LLR is the mean over both
+strands, and the per-strand values are reported too.
+
+Bad records are never scored silently: each is reported with its file and
+line (a logged warning and a row of the skipped-records TSV) and skipped --
+a malformed line, REF not matching the reference, an unknown chromosome, a
+position past the chromosome's end, a symbolic or structural allele (<DEL>,
+breakends, *), an allele with N or other characters, REF equal to ALT, or
+an indel longer than max_indel_length.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import difflib
+import io
+import os
+from typing import Callable, Iterable, NamedTuple, Sequence
+
+import numpy as np
+from absl import logging
+
+from hybridna_jax import scoring
+from hybridna_jax import tokenizer
+from hybridna_jax.data import fasta
+
+VCF_COLUMNS = ("#CHROM", "POS", "ID", "REF", "ALT")
+CSV_COLUMNS = ("chrom", "pos", "ref", "alt")
+_ALLELE_BASES = frozenset("ACGT")
+
+
+class VariantFormatError(ValueError):
+  """A variant file that cannot be read at all (the message names the file
+  and line); single bad records are `Problem`s instead."""
+
+  def __init__(self, path: str, line: int | None, message: str):
+    self.path, self.line = str(path), line
+    where = f"{path} line {line}" if line is not None else str(path)
+    super().__init__(f"{where}: {message}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """One alternate allele at a site (1-based `pos`, VCF-style alleles)."""
+  chrom: str
+  pos: int
+  ref: str
+  alt: str
+  id: str = "."
+  source: str = ""          # "file:line", for reports
+
+  @property
+  def kind(self) -> str:
+    if len(self.ref) == len(self.alt):
+      return "SNV" if len(self.ref) == 1 else "MNV"
+    if self.ref[0] == self.alt[0] and min(len(self.ref), len(self.alt)) == 1:
+      return "insertion" if len(self.alt) > len(self.ref) else "deletion"
+    return "indel"
+
+
+class Problem(NamedTuple):
+  """A record that was reported and skipped."""
+  source: str               # "file:line"
+  chrom: str
+  pos: str
+  ref: str
+  alt: str
+  reason: str
+
+
+class VariantScore(NamedTuple):
+  """The effect of one variant.
+
+  llr: log P(alt window) - log P(ref window), nats (strand mean with
+    rc_average). llr_forward / llr_reverse: per strand (reverse NaN without
+    rc_average). ref_loglik / alt_loglik: the window log-likelihoods behind
+    llr. window_start / window_end: 0-based, end-exclusive reference
+    coordinates of the window.
+  """
+  variant: Variant
+  llr: float
+  llr_forward: float
+  llr_reverse: float
+  ref_loglik: float
+  alt_loglik: float
+  window_start: int
+  window_end: int
+
+
+# -- reading variants ------------------------------------------------------------------
+
+
+def _text_lines(path: str) -> Iterable[tuple[int, str]]:
+  """(1-based line number, line without newline) of a plain or compressed
+  text file."""
+  stream, raw, _ = fasta.open_decompressed(path)
+  try:
+    with io.TextIOWrapper(stream, encoding="utf-8", errors="replace", newline=None) as text:
+      for number, line in enumerate(text, 1):
+        yield number, line.rstrip("\n").rstrip("\r")
+  finally:
+    raw.close()
+
+
+def _allele_problem(ref: str, alt: str, max_indel_length: int) -> str | None:
+  """Why a REF/ALT pair cannot be scored, or None."""
+  if alt in (".", "*") or alt.startswith("<") or "[" in alt or "]" in alt:
+    return (f"symbolic or structural ALT allele {alt!r}; only sequence-resolved "
+            "SNVs and small indels are scored")
+  for name, allele in (("REF", ref), ("ALT", alt)):
+    if not allele:
+      return f"empty {name} allele"
+    bad = sorted(set(allele) - _ALLELE_BASES)
+    if bad:
+      what = "N (an unknown base)" if bad == ["N"] else f"characters {''.join(bad)!r}"
+      return f"{name} allele {allele!r} contains {what}; only A C G T alleles are scored"
+  if ref == alt:
+    return "ALT equals REF"
+  if max(len(ref), len(alt)) > max_indel_length:
+    return (f"alleles of {len(ref)} and {len(alt)} bases exceed max_indel_length="
+            f"{max_indel_length} (score.max_indel_length); not a small variant")
+  return None
+
+
+def _make_variants(path: str, number: int, chrom: str, pos_text: str, ref: str,
+                   alts: Sequence[str], variant_id: str, max_indel_length: int,
+                   problems: list[Problem]) -> list[Variant]:
+  source = f"{path}:{number}"
+  ref = ref.strip().upper()
+  try:
+    pos = int(pos_text)
+    if pos < 1:
+      raise ValueError
+  except ValueError:
+    problems.append(Problem(source, chrom, pos_text, ref, ",".join(alts),
+                            f"POS {pos_text!r} is not a positive integer"))
+    return []
+  out = []
+  for alt in alts:
+    alt = alt.strip().upper()
+    reason = _allele_problem(ref, alt, max_indel_length)
+    if reason:
+      problems.append(Problem(source, chrom, pos_text, ref, alt, reason))
+    else:
+      out.append(Variant(chrom, pos, ref, alt, variant_id or ".", source))
+  return out
+
+
+def read_vcf(path: str, *, max_indel_length: int = 64
+             ) -> tuple[list[Variant], list[Problem]]:
+  """Variants of a VCF (plain, gzip or bgzip), one per ALT allele.
+
+  Raises:
+    VariantFormatError: no #CHROM header line before the first record, or
+      a header without the columns CHROM POS ID REF ALT.
+  """
+  path = os.fspath(path)
+  variants, problems = [], []
+  header_seen = False
+  for number, line in _text_lines(path):
+    if not line.strip() or line.startswith("##"):
+      continue
+    fields = line.split("\t")
+    if line.startswith("#"):
+      if tuple(f.upper() for f in fields[:5]) != VCF_COLUMNS:
+        raise VariantFormatError(path, number, "the header line must start with the "
+                                 f"tab-separated columns {' '.join(VCF_COLUMNS)}, got "
+                                 f"{line[:80]!r}.")
+      header_seen = True
+      continue
+    if not header_seen:
+      raise VariantFormatError(path, number, "a record before the '#CHROM POS ID REF ALT' "
+                               "header line; is this a VCF? (CSV files need a .csv name)")
+    if len(fields) < 5:
+      problems.append(Problem(f"{path}:{number}", fields[0], "", "", "",
+                              f"{len(fields)} tab-separated fields, a VCF record needs at "
+                              "least 5 (CHROM POS ID REF ALT)"))
+      continue
+    chrom, pos, variant_id, ref, alt = fields[:5]
+    variants += _make_variants(path, number, chrom, pos, ref, alt.split(","),
+                               variant_id, max_indel_length, problems)
+  if not header_seen:
+    raise VariantFormatError(path, None, "no '#CHROM POS ID REF ALT' header line; "
+                             "is this a VCF?")
+  return variants, problems
+
+
+def read_variant_csv(path: str, *, max_indel_length: int = 64
+                     ) -> tuple[list[Variant], list[Problem]]:
+  """Variants of a CSV with a header naming chrom,pos,ref,alt (any order,
+  case-insensitive; an optional id column; other columns ignored).
+
+  Raises:
+    VariantFormatError: a header without the required columns.
+  """
+  path = os.fspath(path)
+  lines = _text_lines(path)
+  variants, problems = [], []
+  columns = None
+  for number, line in lines:
+    if not line.strip() or line.startswith("#"):
+      continue
+    row = next(csv.reader([line]))
+    if columns is None:
+      names = [c.strip().lower().lstrip("\ufeff") for c in row]
+      missing = [c for c in CSV_COLUMNS if c not in names]
+      if missing:
+        raise VariantFormatError(path, number, f"the header {line[:80]!r} lacks the columns "
+                                 f"{', '.join(missing)}; expected a header naming "
+                                 f"{','.join(CSV_COLUMNS)} (and optionally id).")
+      columns = {name: names.index(name) for name in CSV_COLUMNS + ("id",) if name in names}
+      continue
+    if len(row) < len(names):
+      problems.append(Problem(f"{path}:{number}", row[0] if row else "", "", "", "",
+                              f"{len(row)} fields, the header has {len(names)}"))
+      continue
+    get = lambda key: row[columns[key]].strip() if key in columns else ""
+    variants += _make_variants(path, number, get("chrom"), get("pos"), get("ref"),
+                               [get("alt")], get("id"), max_indel_length, problems)
+  if columns is None:
+    raise VariantFormatError(path, None, f"empty file; expected a header naming "
+                             f"{','.join(CSV_COLUMNS)}.")
+  return variants, problems
+
+
+def read_variants(path: str, *, max_indel_length: int = 64
+                  ) -> tuple[list[Variant], list[Problem]]:
+  """A VCF (.vcf, .vcf.gz, .vcf.bgz) or a CSV (.csv, .csv.gz), by name."""
+  name = os.path.basename(os.fspath(path)).lower()
+  for suffix in (".gz", ".bgz", ".xz", ".bz2"):
+    name = name.removesuffix(suffix)
+  if name.endswith(".vcf"):
+    return read_vcf(path, max_indel_length=max_indel_length)
+  if name.endswith(".csv"):
+    return read_variant_csv(path, max_indel_length=max_indel_length)
+  raise VariantFormatError(path, None, "unknown variant file type; name it .vcf[.gz] "
+                           "(VCF) or .csv (columns chrom,pos,ref,alt).")
+
+
+# -- the reference ------------------------------------------------------------------------
+
+
+class Reference:
+  """Chromosome sequences (uint8 tokens) of a reference FASTA, by name."""
+
+  def __init__(self, path: str, chromosomes: dict[str, np.ndarray],
+               all_names: Sequence[str]):
+    self.path = path
+    self.chromosomes = chromosomes
+    self.all_names = tuple(all_names)
+
+  def __contains__(self, name: str) -> bool:
+    return name in self.chromosomes
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    return self.chromosomes[name]
+
+  def unknown_reason(self, chrom: str) -> str:
+    names = self.all_names
+    hint = ""
+    alias = chrom[3:] if chrom.startswith("chr") else "chr" + chrom
+    if alias in names:
+      hint = f"; the reference calls it {alias!r} (rename the chromosomes to match)"
+    else:
+      close = difflib.get_close_matches(chrom, names, n=3)
+      if close:
+        hint = f"; close names: {', '.join(close)}"
+    shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+    return f"chromosome {chrom!r} is not in the reference {self.path} ({shown}){hint}"
+
+
+def load_reference(path: str, chromosomes: Iterable[str] | None = None) -> Reference:
+  """Reads a reference FASTA (plain or compressed), streaming it once and
+  keeping only `chromosomes` (all when None) in memory as uint8 tokens.
+
+  Raises:
+    FastaFormatError: a malformed FASTA (file and line named).
+  """
+  path = os.fspath(path)
+  wanted = None if chromosomes is None else set(chromosomes)
+  kept: dict[str, np.ndarray] = {}
+  names: list[str] = []
+  current, chunks = None, []
+  for item in fasta.iter_fasta(path, allow_empty_records=True):
+    if isinstance(item, fasta.FastaHeader):
+      if current is not None:
+        kept[current] = np.concatenate(chunks) if chunks else np.zeros(0, np.uint8)
+      names.append(item.name)
+      current = item.name if wanted is None or item.name in wanted else None
+      chunks = []
+    elif current is not None:
+      chunks.append(item)
+  if current is not None:
+    kept[current] = np.concatenate(chunks) if chunks else np.zeros(0, np.uint8)
+  if not names:
+    raise fasta.FastaFormatError(path, None, "no FASTA records; is this the reference?")
+  return Reference(path, kept, names)
+
+
+def check_variants(variants: Sequence[Variant], reference: Reference
+                   ) -> tuple[list[Variant], list[Problem]]:
+  """Variants whose chromosome, position and REF agree with the reference;
+  the rest as problems."""
+  valid, problems = [], []
+  for v in variants:
+    reason = None
+    if v.chrom not in reference:
+      reason = reference.unknown_reason(v.chrom)
+    else:
+      chrom = reference[v.chrom]
+      end = v.pos - 1 + len(v.ref)
+      if end > len(chrom):
+        reason = (f"position {v.pos} (REF of {len(v.ref)} bases) is past the end of "
+                  f"{v.chrom} (length {len(chrom):,})")
+      else:
+        actual = tokenizer.decode(chrom[v.pos - 1:end])
+        if actual != v.ref:
+          reason = (f"REF {v.ref!r} does not match the reference {actual!r} at "
+                    f"{v.chrom}:{v.pos} (wrong reference build, or 0-based positions?)")
+    if reason:
+      problems.append(Problem(v.source, v.chrom, str(v.pos), v.ref, v.alt, reason))
+    else:
+      valid.append(v)
+  return valid, problems
+
+
+# -- windows and scores ---------------------------------------------------------------------
+
+
+def variant_windows(variant: Variant, chrom: np.ndarray, window: int
+                    ) -> tuple[tuple[int, int], np.ndarray, np.ndarray]:
+  """Reference and alt windows of a variant (module docstring).
+
+  Returns:
+    (start, end) of the reference window (0-based, end-exclusive), and the
+    ref and alt windows as int32 tokens.
+  """
+  p, r = variant.pos - 1, len(variant.ref)
+  flank = window - max(r, len(variant.alt))
+  if flank < 0:
+    raise ValueError(f"window {window} is shorter than the alleles of {variant}.")
+  room_left, room_right = p, len(chrom) - (p + r)
+  left = min(flank // 2, room_left)
+  right = min(flank - left, room_right)
+  left = min(flank - right, room_left)          # give unused right room to the left
+  start, end = p - left, p + r + right
+  ref_tokens = np.asarray(chrom[start:end], np.int32)
+  alt_tokens = np.concatenate([
+      ref_tokens[:left], tokenizer.encode(variant.alt), ref_tokens[left + r:]]).astype(np.int32)
+  return (start, end), ref_tokens, alt_tokens
+
+
+def score_variants(scorer, variants: Sequence[Variant], reference: Reference, *,
+                   window: int, rc_average: bool = False,
+                   progress: Callable[[int, int], None] | None = None
+                   ) -> tuple[list[VariantScore], list[Problem]]:
+  """Checks `variants` against `reference` and scores the valid ones.
+
+  Args:
+    scorer: a `hybridna_jax.scoring.Scorer`; `window` is capped at its
+      context.
+    window: window length in nucleotides (config score.variant_window).
+    rc_average: average the LLR over both strands.
+
+  Returns:
+    (scores of the valid variants in input order, problems found here);
+    each problem is also logged with its file and line.
+  """
+  if window < 2:
+    raise ValueError(f"score.variant_window must be at least 2, got {window}.")
+  if window > scorer.context:
+    logging.info("variant window %d capped at the scoring context %d.", window,
+                 scorer.context)
+    window = scorer.context
+  valid, problems = check_variants(variants, reference)
+  too_long = [v for v in valid if max(len(v.ref), len(v.alt)) >= window]
+  for v in too_long:
+    problems.append(Problem(v.source, v.chrom, str(v.pos), v.ref, v.alt,
+                            f"alleles longer than the window ({window} nt)"))
+  valid = [v for v in valid if max(len(v.ref), len(v.alt)) < window]
+  report_problems(problems)
+
+  # Unique windows: reference windows are shared between variants.
+  sequences: list[np.ndarray] = []
+  ref_index: dict[tuple[str, int, int], int] = {}
+  plans = []
+  for v in valid:
+    span, ref_tokens, alt_tokens = variant_windows(v, reference[v.chrom], window)
+    key = (v.chrom,) + span
+    if key not in ref_index:
+      ref_index[key] = len(sequences)
+      sequences.append(ref_tokens)
+    sequences.append(alt_tokens)
+    plans.append((ref_index[key], len(sequences) - 1, span))
+  logging.info("scoring %d variants: %d windows (%d shared reference windows)%s",
+               len(valid), len(sequences), len(ref_index),
+               ", both strands" if rc_average else "")
+  if not valid:
+    return [], problems
+  inputs = sequences + ([scoring.reverse_complement(s) for s in sequences]
+                       if rc_average else [])
+  totals = scorer.log_likelihood(inputs, progress=progress).total
+  forward, reverse = totals[:len(sequences)], totals[len(sequences):]
+  scores = []
+  for v, (ref_i, alt_i, span) in zip(valid, plans):
+    llr_f = float(forward[alt_i] - forward[ref_i])
+    llr_r = float(reverse[alt_i] - reverse[ref_i]) if rc_average else float("nan")
+    ref_ll = float(forward[ref_i] + reverse[ref_i]) / 2 if rc_average else float(forward[ref_i])
+    alt_ll = float(forward[alt_i] + reverse[alt_i]) / 2 if rc_average else float(forward[alt_i])
+    scores.append(VariantScore(v, (llr_f + llr_r) / 2 if rc_average else llr_f, llr_f, llr_r,
+                               ref_ll, alt_ll, span[0], span[1]))
+  return scores, problems
+
+
+def report_problems(problems: Sequence[Problem]) -> None:
+  for p in problems:
+    logging.warning("%s: %s:%s %s>%s skipped: %s", p.source, p.chrom, p.pos, p.ref,
+                    p.alt, p.reason)
+
+
+# -- output --------------------------------------------------------------------------------------
+
+SCORE_COLUMNS = ("chrom", "pos", "id", "ref", "alt", "type", "llr", "llr_forward",
+                 "llr_reverse", "ref_loglik", "alt_loglik", "window_start", "window_end")
+PROBLEM_COLUMNS = ("source", "chrom", "pos", "ref", "alt", "reason")
+
+
+def write_scores(path: str, scores: Sequence[VariantScore]) -> None:
+  """TSV, one row per scored variant (SCORE_COLUMNS; nats)."""
+  with open(path, "w", encoding="utf-8", newline="") as f:
+    f.write("\t".join(SCORE_COLUMNS) + "\n")
+    for s in scores:
+      v = s.variant
+      f.write("\t".join([v.chrom, str(v.pos), v.id, v.ref, v.alt, v.kind, _num(s.llr),
+                         _num(s.llr_forward), _num(s.llr_reverse), _num(s.ref_loglik),
+                         _num(s.alt_loglik), str(s.window_start), str(s.window_end)]) + "\n")
+
+
+def write_problems(path: str, problems: Sequence[Problem]) -> None:
+  """TSV, one row per skipped record, with its file:line and the reason."""
+  with open(path, "w", encoding="utf-8", newline="") as f:
+    f.write("\t".join(PROBLEM_COLUMNS) + "\n")
+    for p in problems:
+      f.write("\t".join(str(x).replace("\t", " ") for x in p) + "\n")
+
+
+def read_scores(path: str) -> list[dict[str, str]]:
+  """Rows of a scores TSV as dicts (for tests and notebooks)."""
+  with open(path, encoding="utf-8", newline="") as f:
+    return list(csv.DictReader(f, delimiter="\t"))
+
+
+def _num(x: float) -> str:
+  return "nan" if x != x else f"{x:.6g}"
+
+
+def plot_scores(path: str, scores: Sequence[VariantScore]) -> str | None:
+  """Histogram of LLRs by variant type; returns the path (None if empty)."""
+  if not scores:
+    return None
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  by_kind: dict[str, list[float]] = {}
+  for s in scores:
+    by_kind.setdefault(s.variant.kind, []).append(s.llr)
+  fig, ax = plt.subplots(figsize=(7, 4))
+  values = np.concatenate([np.asarray(v) for v in by_kind.values()])
+  bins = np.histogram_bin_edges(values[np.isfinite(values)], bins=40)
+  for kind, llrs in sorted(by_kind.items()):
+    ax.hist(llrs, bins=bins, alpha=0.6, label=f"{kind} (n={len(llrs)})")
+  ax.axvline(0.0, color="k", lw=0.8)
+  ax.set_xlabel("LLR = log P(alt) - log P(ref)  [nats]")
+  ax.set_ylabel("variants")
+  ax.set_title("Zero-shot variant effects")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path

@@ -1,0 +1,76 @@
+"""Evaluates a trained model: bits per nucleotide, perplexity and accuracy,
+per record and overall, on FASTA files or on the held-out split.
+
+    python launch/eval.py --workdir=runs/demo                    # held-out split
+    python launch/eval.py --workdir=runs/demo --fasta=genome.fa.gz \\
+        --config=configs/demo.py --config.score.context=8192 --config.score.stride=2048
+
+--workdir is the run to evaluate (or pass --checkpoint for a checkpoints/,
+best/ or step directory). Settings come from the `score` section of
+--config (default: the run's own config.json): context (0: the trained
+context), stride (0: context // 2), batch_size, dtype, eval_split,
+eval_max_records, eval_max_tokens. Long records are scored in sliding
+windows so that every position is scored once with at least context - stride
+tokens before it. Writes <output_dir>/eval_<data>_ctx<C>_stride<S>.{json,txt,png}
+(default output_dir: <workdir>/eval) and prints the table.
+"""
+
+import os
+
+from absl import app, flags, logging
+
+from hybridna_jax import launch_utils
+
+launch_utils.define_flags(workdir_required=True)
+flags.DEFINE_multi_string("fasta", [], "FASTA file(s) to evaluate (default: the token "
+                          "store's score.eval_split split, from the config's data.store_dir).")
+flags.DEFINE_string("checkpoint", None, "Checkpoint to evaluate: a run, checkpoints/, "
+                    "best/ or step directory (default: --workdir).")
+flags.DEFINE_enum("which", "latest", ["latest", "best"], "Checkpoint of a run directory.")
+flags.DEFINE_string("output_dir", None, "Where to write results (default: <workdir>/eval).")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  launch_utils.quiet_library_logs()
+  # Imported after flag parsing (nothing may touch devices before).
+  from hybridna_jax import evaluation  # pylint: disable=g-import-not-at-top
+  from hybridna_jax import scoring  # pylint: disable=g-import-not-at-top
+
+  scorer, run_config = scoring.Scorer.from_run(FLAGS.checkpoint or FLAGS.workdir,
+                                               FLAGS.config, which=FLAGS.which)
+  config = FLAGS.config if FLAGS.config is not None else run_config
+  section = config.get("score") or {}
+  max_records = int(section.get("eval_max_records", 0))
+  max_tokens = int(section.get("eval_max_tokens", 0))
+  if FLAGS.fasta:
+    sequences = evaluation.fasta_sequences(FLAGS.fasta, max_records, max_tokens)
+    data_name = "fasta" if len(FLAGS.fasta) > 1 else _stem(FLAGS.fasta[0])
+  else:
+    split = section.get("eval_split", "val")
+    sequences = evaluation.store_sequences(config.data.store_dir, split, max_records,
+                                           max_tokens)
+    data_name = split
+  evaluation.log_records(sequences)
+  result = evaluation.evaluate(scorer, sequences,
+                               progress=scoring.ProgressLogger("windows"))
+  result.update(checkpoint=os.path.abspath(FLAGS.checkpoint or FLAGS.workdir),
+                which=FLAGS.which, data=FLAGS.fasta or data_name,
+                dtype=str(scorer.model_config.dtype), compiles=scorer.trace_count)
+  paths = evaluation.write(result, FLAGS.output_dir or os.path.join(FLAGS.workdir, "eval"),
+                           f"eval_{data_name}_ctx{scorer.context}_stride{scorer.stride}")
+  print(evaluation.format_table(result))
+  logging.info("wrote %s", ", ".join(paths.values()))
+
+
+def _stem(path: str) -> str:
+  name = os.path.basename(path)
+  for suffix in (".gz", ".bgz", ".xz", ".bz2", ".fasta", ".fa", ".fna", ".fas"):
+    name = name.removesuffix(suffix)
+  return name
+
+
+if __name__ == "__main__":
+  app.run(main)

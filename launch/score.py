@@ -1,0 +1,100 @@
+"""Scores sequences or variants with a trained model (hybridna_jax.scoring).
+
+    # Log-likelihood of each FASTA record (sum, mean, bits/nt) -> TSV
+    python launch/score.py --workdir=runs/demo --mode=loglik --fasta=seqs.fa
+    # Per-position log-probs and entropies -> NPZ (+ bedGraph), e.g. a 1 Mb contig
+    python launch/score.py --workdir=runs/demo --mode=positions --fasta=contig.fa --bedgraph
+    # Embeddings (config score.pooling mean|last|echo, score.layer) -> NPZ
+    python launch/score.py --workdir=runs/demo --mode=embed --fasta=seqs.fa \\
+        --config=configs/demo.py --config.score.pooling=echo
+    # Zero-shot variant effects (VCF or CSV chrom,pos,ref,alt) -> TSV
+    python launch/score.py --workdir=runs/demo --mode=variants --variants=calls.vcf.gz \\
+        --reference=genome.fa.gz --config=configs/demo.py --config.score.rc_average=True
+
+--workdir is the run to restore (or --checkpoint). Settings come from the
+`score` section of --config (default: the run's config.json): context,
+stride, batch_size, dtype, rc_average, pooling, layer, variant_window,
+max_indel_length. Outputs go to --output (default <workdir>/scores/<name>),
+with a plot next to it; progress is logged while scoring.
+"""
+
+import os
+
+from absl import app, flags, logging
+
+from hybridna_jax import launch_utils
+
+launch_utils.define_flags(workdir_required=True)
+flags.DEFINE_enum("mode", None, ["loglik", "positions", "embed", "variants"],
+                  "What to compute.", required=True)
+flags.DEFINE_multi_string("fasta", [], "FASTA file(s) of sequences (loglik, positions, embed).")
+flags.DEFINE_string("variants", None, "VCF (.vcf, .vcf.gz) or CSV (chrom,pos,ref,alt) of "
+                    "variants (mode=variants).")
+flags.DEFINE_string("reference", None, "Reference FASTA of the variants (mode=variants).")
+flags.DEFINE_string("checkpoint", None, "A run, checkpoints/, best/ or step directory "
+                    "(default: --workdir).")
+flags.DEFINE_enum("which", "latest", ["latest", "best"], "Checkpoint of a run directory.")
+flags.DEFINE_string("output", None, "Output file (default: <workdir>/scores/<mode>.<ext>); "
+                    "plots and other files are written next to it.")
+flags.DEFINE_bool("bedgraph", False, "mode=positions: also write <output>.bedgraph of the "
+                  "per-position log-probabilities (for genome browsers).")
+FLAGS = flags.FLAGS
+
+_EXTENSIONS = {"loglik": "tsv", "positions": "npz", "embed": "npz", "variants": "tsv"}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  launch_utils.quiet_library_logs()
+  from hybridna_jax import restore  # pylint: disable=g-import-not-at-top
+  from hybridna_jax import score_outputs  # pylint: disable=g-import-not-at-top
+  from hybridna_jax import scoring  # pylint: disable=g-import-not-at-top
+  from hybridna_jax import variants as variants_lib  # pylint: disable=g-import-not-at-top
+  from hybridna_jax.config import score_config  # pylint: disable=g-import-not-at-top
+  from hybridna_jax.evaluation import fasta_sequences  # pylint: disable=g-import-not-at-top
+
+  mode = FLAGS.mode
+  if mode == "variants" and not (FLAGS.variants and FLAGS.reference):
+    raise app.UsageError("--mode=variants needs --variants and --reference.")
+  if mode != "variants" and not FLAGS.fasta:
+    raise app.UsageError(f"--mode={mode} needs --fasta.")
+  output = FLAGS.output or os.path.join(FLAGS.workdir, "scores", f"{mode}.{_EXTENSIONS[mode]}")
+  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+
+  # The settings' config, found before the (slower) restore so that inputs
+  # are read, and fail, first.
+  path = FLAGS.checkpoint or FLAGS.workdir
+  run_config = restore.run_config(restore.find_checkpoint(path, FLAGS.which).run_dir)
+  config = FLAGS.config if FLAGS.config is not None else run_config
+  section = config.get("score") or score_config()
+  if mode == "variants":
+    variants, problems = variants_lib.read_variants(
+        FLAGS.variants, max_indel_length=int(section.get("max_indel_length", 64)))
+    variants_lib.report_problems(problems)
+    reference = variants_lib.load_reference(FLAGS.reference, {v.chrom for v in variants})
+  else:
+    records = fasta_sequences(FLAGS.fasta)
+
+  scorer, _ = scoring.Scorer.from_run(path, config, which=FLAGS.which)
+  rc = bool(section.get("rc_average", False))
+  progress = scoring.ProgressLogger("windows")
+  logging.info("mode %s: context %d, stride %d, batch %d, buckets %s, rc_average %s",
+               mode, scorer.context, scorer.stride, scorer.settings.batch_size,
+               scorer.buckets, rc)
+
+  if mode == "variants":
+    paths = score_outputs.score_variants_to_files(
+        scorer, variants, problems, reference, output,
+        window=int(section.get("variant_window", 8192)), rc_average=rc, progress=progress)
+  else:
+    paths = score_outputs.score_sequences_to_files(
+        mode, scorer, [r.name for r in records], [r.tokens for r in records], output,
+        rc_average=rc, pooling=str(section.get("pooling", "mean")),
+        layer=int(section.get("layer", -1)), bedgraph=FLAGS.bedgraph, progress=progress)
+  logging.info("wrote %s", ", ".join(paths))
+  logging.info("compiled programs: %d (buckets %s)", scorer.trace_count, scorer.buckets)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,150 @@
+"""Evaluation and the eval/score launchers on a tiny trained run: metrics
+per record and overall, JSON + table + plot, and every score.py mode run as
+a program."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from hybridna_jax import evaluation, restore, score_outputs, scoring, sharding, tokenizer
+from hybridna_jax.data import fasta
+from hybridna_jax.variants import read_scores
+from conftest import LAMBDA_FASTA
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def genome():
+  (_, tokens), = fasta.read_fasta(LAMBDA_FASTA)
+  return tokenizer.decode(tokens)
+
+
+@pytest.fixture(scope="module")
+def inputs(genome, tmp_path_factory):
+  root = tmp_path_factory.mktemp("inputs")
+  seqs = root / "seqs.fa"
+  fasta.write_fasta(seqs, [("short", genome[100:140]), ("long", genome[2000:2700] + "NN"),
+                           ("mid", genome[9000:9300])])
+  ref = root / "ref.fa"
+  fasta.write_fasta(ref, [("chrA", genome[:3000])])
+  calls = root / "calls.vcf"
+  other = {"A": "C", "C": "G", "G": "T", "T": "A"}
+  calls.write_text("##fileformat=VCFv4.2\n#CHROM\tPOS\tID\tREF\tALT\n"
+                   f"chrA\t500\tv1\t{genome[499]}\t{other[genome[499]]}\n"
+                   f"chrA\t900\tv2\t{genome[899:902]}\t{genome[899]}\n"
+                   "chrA\t950\tbad\tN\tA\n")
+  return {"fasta": str(seqs), "reference": str(ref), "vcf": str(calls)}
+
+
+@pytest.fixture(scope="module")
+def scorer(tiny_run):
+  model, _, run_config = restore.load(
+      tiny_run, mesh=sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+  return scoring.Scorer.from_config(model, run_config, batch_size=4, min_bucket=64)
+
+
+def test_evaluate_reports_records_and_overall(scorer, lambda_store, inputs, tmp_path):
+  assert (scorer.context, scorer.stride) == (64, 32)           # the trained context
+  seqs = (evaluation.store_sequences(lambda_store.store_dir, "val", max_tokens=1000)
+          + evaluation.fasta_sequences([inputs["fasta"]]))
+  assert [s.name for s in seqs] == ["lambda_b", "short", "long", "mid"]
+  result = evaluation.evaluate(scorer, seqs)
+  records = result["records"]
+  assert [r["tokens"] for r in records] == [999, 39, 699, 299]     # N and first base unscored
+  ll = scorer.log_likelihood([s.tokens for s in seqs])
+  for r, total, count in zip(records, ll.total, ll.count):
+    assert r["tokens"] == count
+    assert math.isclose(r["loss"], -total / count, rel_tol=1e-6)
+    assert math.isclose(r["bits_per_nt"], r["loss"] / math.log(2), rel_tol=1e-9)
+    assert math.isclose(r["perplexity"], math.exp(r["loss"]), rel_tol=1e-9)
+    assert 0.0 <= r["accuracy"] <= 1.0
+  overall = result["overall"]
+  assert overall["tokens"] == sum(r["tokens"] for r in records) and overall["records"] == 4
+  assert math.isclose(overall["loss"], -ll.total.sum() / ll.count.sum(), rel_tol=1e-6)
+  paths = evaluation.write(result, str(tmp_path), "eval")
+  assert json.load(open(paths["json"]))["overall"]["tokens"] == overall["tokens"]
+  table = open(paths["txt"]).read()
+  assert "lambda_b" in table and "overall" in table and "bits/nt" in table
+  assert os.path.getsize(paths["png"]) > 0
+  with pytest.raises(ValueError, match="no split 'test'"):
+    evaluation.store_sequences(lambda_store.store_dir, "test")
+
+
+def test_score_modes_write_their_files(scorer, inputs, tmp_path):
+  records = evaluation.fasta_sequences([inputs["fasta"]])
+  names, tokens = [r.name for r in records], [r.tokens for r in records]
+  write = lambda mode, out, **kw: score_outputs.score_sequences_to_files(
+      mode, scorer, names, tokens, str(tmp_path / out), **kw)
+
+  write("loglik", "ll.tsv", rc_average=True)
+  rows = (tmp_path / "ll.tsv").read_text().splitlines()
+  assert rows[0].split("\t") == list(score_outputs.LOGLIK_COLUMNS)
+  # Strand means: "long" ends in NN, so its reverse strand scores one more base.
+  assert [r.split("\t")[:3] for r in rows[1:]] == [
+      ["short", "40", "39"], ["long", "702", "699.5"], ["mid", "300", "299"]]
+  ll = scorer.log_likelihood(tokens, rc_average=True)
+  np.testing.assert_allclose([float(r.split("\t")[3]) for r in rows[1:]], ll.total, rtol=1e-6)
+
+  paths = write("positions", "pos", bedgraph=True)
+  assert paths == [str(tmp_path / "pos.npz"), str(tmp_path / "pos.png"),
+                   str(tmp_path / "pos.bedgraph")]
+  positions = score_outputs.read_positions(paths[0])
+  assert [len(p.log_probs) for p in positions.values()] == [40, 702, 300]
+  assert np.isnan(positions["long"].log_probs[-2:]).all()
+  bedgraph = (tmp_path / "pos.bedgraph").read_text().splitlines()
+  assert bedgraph[0].startswith("track") and bedgraph[1].startswith("short\t1\t2\t")
+  assert len(bedgraph) == 1 + 39 + 699 + 299     # one line per scored base here
+
+  write("embed", "emb.npz", pooling="echo", layer=1)
+  with np.load(tmp_path / "emb.npz") as emb:
+    assert emb["embeddings"].shape == (3, 32) and str(emb["pooling"]) == "echo"
+    assert list(emb["names"]) == ["short", "long", "mid"] and int(emb["layer"]) == 1
+
+
+def _launch(script, workdir, *args, env):
+  return subprocess.Popen([sys.executable, os.path.join(ROOT, "launch", script),
+                           f"--workdir={workdir}", *args],
+                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+
+
+def test_launchers(tiny_run, lambda_store, inputs, tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             # Share this session's compilation cache with the programs.
+             JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+  out = tmp_path
+  tiny = ["--config=configs/tiny.py", f"--config.data.store_dir={lambda_store.store_dir}"]
+  runs = {   # both at once: the two CPU cores overlap start-up and compiles
+      "eval": _launch("eval.py", tiny_run, *tiny, "--config.score.eval_max_tokens=500",
+                      f"--output_dir={out}", env=env),
+      "variants": _launch("score.py", tiny_run, "--mode=variants", f"--variants={inputs['vcf']}",
+                          f"--reference={inputs['reference']}", f"--output={out}/v.tsv", *tiny,
+                          "--config.score.variant_window=48", "--config.score.rc_average=True",
+                          env=env),
+  }
+  logs = {}
+  for name, proc in runs.items():
+    logs[name], _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, f"{name} failed:\n{logs[name][-3000:]}"
+
+  result = json.load(open(out / "eval_val_ctx64_stride32.json"))
+  assert result["records"][0]["name"] == "lambda_b" and result["overall"]["tokens"] == 499
+  assert "overall" in logs["eval"] and "bits/nt" in logs["eval"]
+  assert (out / "eval_val_ctx64_stride32.png").exists()
+
+  scores = read_scores(str(out / "v.tsv"))
+  assert [(r["id"], r["type"]) for r in scores] == [("v1", "SNV"), ("v2", "deletion")]
+  assert int(scores[0]["window_end"]) - int(scores[0]["window_start"]) == 48
+  assert scores[0]["llr_reverse"] != "nan"
+  skipped = (out / "v.tsv.skipped.tsv").read_text().splitlines()
+  assert len(skipped) == 2 and f"{inputs['vcf']}:5" in skipped[1]
+  assert "skipped" in logs["variants"] and "compiled programs: 1" in logs["variants"]

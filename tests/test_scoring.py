@@ -1,0 +1,197 @@
+"""Scoring: jitted, bucketed scores equal a direct forward pass; windows
+cover every position once with enough context; RC averaging is symmetric;
+embeddings match the hidden states; no recompilation for new inputs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hybridna_jax import restore, scoring, sharding, tokenizer
+from hybridna_jax.data import fasta
+from conftest import LAMBDA_FASTA
+
+CONTEXT = 64
+
+
+@pytest.fixture(scope="module")
+def model(tiny_run):
+  model, _, _ = restore.load(tiny_run, mesh=sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+  return model
+
+
+@pytest.fixture(scope="module")
+def scorer(model):
+  return scoring.Scorer(model, context=CONTEXT, stride=16, batch_size=4, min_bucket=16)
+
+
+@pytest.fixture(scope="module")
+def genome():
+  (_, tokens), = fasta.read_fasta(LAMBDA_FASTA)
+  return tokens.astype(np.int32)
+
+
+@nnx.jit
+def _forward(model, tokens):
+  out = model(tokens, return_hidden_states=True)
+  return jax.nn.log_softmax(out.logits, -1), out.hidden, out.hidden_states
+
+
+def _direct_log_probs(log_softmax, tokens):
+  """log p(x_j | x_<j) for j >= 1 from (b, l, V) log-softmax outputs."""
+  return np.take_along_axis(np.asarray(log_softmax)[:, :-1], tokens[:, 1:, None], -1)[..., 0]
+
+
+def test_plan_windows_cover_every_position_once_with_context():
+  for length, context, stride in [(10, 64, 32), (64, 64, 32), (65, 64, 32), (1000, 64, 16),
+                                  (1000, 64, 63), (129, 64, 1), (300, 100, 30)]:
+    windows = scoring.plan_windows(length, context, stride)
+    covered = np.zeros(length, int)
+    for i, w in enumerate(windows):
+      assert 0 <= w.start <= w.score_from < w.end <= length
+      assert w.end - w.start <= context
+      covered[w.score_from:w.end] += 1
+      if i:
+        assert w.score_from - w.start >= context - stride
+        assert w.end - w.start == context        # long inputs: full windows only
+    np.testing.assert_array_equal(covered, 1)
+  with pytest.raises(ValueError, match="stride"):
+    scoring.plan_windows(100, 64, 64)
+  assert scoring.bucket_lengths(64, 16) == (16, 32, 64)
+  assert scoring.bucket_lengths(100, 16) == (16, 32, 64, 100)
+
+
+def test_scores_equal_a_direct_forward_pass_and_windowing_short_inputs_changes_nothing(
+    model, scorer, genome):
+  # Shorter than the context: one window, padded to the 64 bucket.
+  seqs = [genome[1000:1040], genome[5000:5040]]
+  log_softmax, _, _ = _forward(model, np.stack(seqs))
+  direct = _direct_log_probs(log_softmax, np.stack(seqs))
+  ll = scorer.log_likelihood(seqs)
+  positions = scorer.position_scores(seqs)
+  for i in range(2):
+    assert np.isnan(positions[i].log_probs[0]) and np.isnan(positions[i].entropy[0])
+    np.testing.assert_allclose(positions[i].log_probs[1:], direct[i], rtol=1e-5, atol=1e-5)
+    probs = np.exp(np.asarray(log_softmax[i, :-1]))
+    np.testing.assert_allclose(positions[i].entropy[1:], -(probs * np.asarray(
+        log_softmax[i, :-1])).sum(-1), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(ll.total, direct.sum(1), rtol=1e-5)
+  np.testing.assert_allclose(ll.mean, direct.mean(1), rtol=1e-5)
+  np.testing.assert_array_equal(ll.count, [39, 39])
+  # Strings and token arrays are the same input.
+  as_text = scorer.log_likelihood([tokenizer.decode(s) for s in seqs])
+  np.testing.assert_allclose(as_text.total, ll.total, rtol=1e-6)
+
+
+def test_windowed_scores_equal_a_forward_pass_on_the_window(model, scorer, genome):
+  seq = genome[:400]
+  windows = scoring.plan_windows(len(seq), CONTEXT, scorer.stride)
+  contents = np.stack([seq[w.start:w.end] for w in windows])       # all 64 long
+  direct = _direct_log_probs(_forward(model, contents)[0], contents)
+  lp = scorer.position_scores([seq])[0].log_probs
+  expected = np.full(len(seq), np.nan, np.float32)
+  for w, row in zip(windows, direct):
+    first = max(w.score_from, 1)
+    expected[first:w.end] = row[first - w.start - 1:w.end - w.start - 1]
+  np.testing.assert_allclose(lp, expected, rtol=1e-5, atol=1e-5)
+  ll = scorer.log_likelihood([seq])
+  np.testing.assert_allclose(ll.total[0], np.nansum(expected), rtol=1e-5)
+  assert ll.count[0] == len(seq) - 1
+
+
+def test_unscored_positions_and_long_inputs(scorer, genome):
+  seq = genome[:3000].copy()
+  seq[[100, 2500]] = tokenizer.N
+  pos = scorer.position_scores([seq])[0]
+  assert pos.log_probs.shape == pos.entropy.shape == (3000,)
+  np.testing.assert_array_equal(np.flatnonzero(np.isnan(pos.log_probs)), [0, 100, 2500])
+  np.testing.assert_array_equal(np.flatnonzero(np.isnan(pos.entropy)), [0])
+  stats = scorer.token_stats([seq])
+  assert stats.count[0] == 2997 and 0 <= stats.correct[0] <= 2997
+  np.testing.assert_allclose(-stats.nll[0], np.nansum(pos.log_probs), rtol=1e-6)
+
+
+def test_rc_averaging_is_symmetric(scorer, genome):
+  seq = genome[7000:7100]            # windowed: longer than the context
+  rc = scoring.reverse_complement(seq)
+  ll = scorer.log_likelihood([seq, rc], rc_average=True)
+  np.testing.assert_allclose(ll.total[0], ll.total[1], rtol=1e-6)
+  np.testing.assert_allclose(ll.mean[0], ll.mean[1], rtol=1e-6)
+  forward = scorer.log_likelihood([seq, rc])
+  np.testing.assert_allclose(ll.total[0], forward.total.mean(), rtol=1e-6)
+  p_seq, p_rc = scorer.position_scores([seq, rc], rc_average=True)
+  np.testing.assert_allclose(p_seq.log_probs, p_rc.log_probs[::-1], rtol=1e-6)
+  assert not np.isnan(p_seq.log_probs).any()   # each end is scored on one strand
+  e_seq, e_rc = scorer.embed([seq, rc], rc_average=True)
+  np.testing.assert_allclose(e_seq, e_rc, rtol=1e-5, atol=1e-6)
+
+
+def test_embeddings_match_hidden_states(model, scorer, genome):
+  seqs = [genome[1000:1040], genome[5000:5040]]
+  _, hidden, hidden_states = _forward(model, np.stack(seqs))
+  hidden, layer1 = np.asarray(hidden), np.asarray(hidden_states[1])
+  np.testing.assert_allclose(scorer.embed(seqs), hidden.mean(1), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(scorer.embed(seqs, pooling="last", layer=1), layer1[:, -1],
+                             rtol=1e-5, atol=1e-6)
+  table = np.asarray(model.embed[...])
+  np.testing.assert_allclose(scorer.embed(seqs, layer=0),
+                             table[np.stack(seqs)].mean(1), rtol=1e-5, atol=1e-6)
+  # Echo: the second copy of [x, <sep>, x] read from one direct pass (30
+  # nucleotides: the echo fits the context of 64 in one piece).
+  seqs = [s[:30] for s in seqs]
+  echo, lengths, second = scoring.echo_tokens(np.stack(seqs), np.array([30, 30]))
+  assert echo.shape == (2, 61) and list(lengths) == [61, 61]
+  _, echo_hidden, _ = _forward(model, echo)
+  expected = np.take_along_axis(np.asarray(echo_hidden), second[..., None], 1).mean(1)
+  np.testing.assert_allclose(scorer.embed(seqs, pooling="echo"), expected, rtol=1e-5,
+                             atol=1e-6)
+  with pytest.raises(ValueError, match="pooling"):
+    scorer.embed(seqs, pooling="max")
+  with pytest.raises(ValueError, match="layer"):
+    scorer.embed(seqs, layer=3)
+
+
+def test_echo_tokens_numpy_and_jax():
+  tokens = np.array([[5, 6, 7, 0], [8, 9, 0, 0]], np.int32)
+  echo, lengths, second = scoring.echo_tokens(tokens, np.array([3, 2]))
+  np.testing.assert_array_equal(echo, [[5, 6, 7, 3, 5, 6, 7, 0, 0], [8, 9, 3, 8, 9, 0, 0, 0, 0]])
+  np.testing.assert_array_equal(lengths, [7, 5])
+  np.testing.assert_array_equal(second[0, :3], [4, 5, 6])
+  np.testing.assert_array_equal(second[1, :2], [3, 4])
+  np.testing.assert_array_equal(np.take_along_axis(echo, second, 1)[0, :3], tokens[0, :3])
+  jax_out = jax.jit(lambda t, n: scoring.echo_tokens(t, n, xp=jnp))(tokens, np.array([3, 2]))
+  for a, b in zip(jax_out, (echo, lengths, second)):
+    np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_no_recompilation_for_new_inputs(scorer, genome):
+  rng = np.random.default_rng(1)
+  def batch():
+    return [genome[s:s + n] for s, n in zip(rng.integers(0, 40_000, 7), rng.integers(2, 300, 7))]
+  scorer.log_likelihood(batch())
+  scorer.log_likelihood([genome[:10], genome[:20], genome[:40]])    # every bucket
+  before = scorer.trace_count
+  assert before <= len(scorer.buckets) + 4     # + embedding programs of other tests
+  for _ in range(3):
+    scorer.log_likelihood(batch())
+    scorer.position_scores(batch(), rc_average=True)
+  assert scorer.trace_count == before
+
+
+def test_sharded_model_scores_the_same(tiny_run, scorer, genome):
+  model_8, _, _ = restore.load(tiny_run, mesh=sharding.make_mesh(2, 2, 2))
+  sharded = scoring.Scorer(model_8, scorer.settings)
+  assert sharded.mesh.size == 8
+  seqs = [genome[:150], genome[9000:9030]]
+  np.testing.assert_allclose(sharded.log_likelihood(seqs).total,
+                             scorer.log_likelihood(seqs).total, rtol=1e-5)
+
+
+def test_bad_inputs_are_named(scorer):
+  with pytest.raises(tokenizer.InvalidSequenceError, match="sequence 1.*'X' at position 2"):
+    scorer.log_likelihood(["ACGT", "ACXT"])
+  with pytest.raises(ValueError, match="token 1 at position 0 is not a nucleotide"):
+    scorer.log_likelihood([np.array([tokenizer.BOS, 5, 6])])
+  with pytest.raises(ValueError, match="stride"):
+    scoring.ScoreSettings(context=64, stride=64)

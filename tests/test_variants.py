@@ -1,0 +1,198 @@
+"""Variant effects: VCF/CSV reading, bad records reported by line and
+skipped, ref/alt windows centred on the variant and shared, LLRs equal to
+the model's window log-likelihoods, TSV output."""
+
+import gzip
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from hybridna_jax import restore, scoring, sharding, tokenizer, variants
+from hybridna_jax.data import fasta
+from conftest import LAMBDA_FASTA
+
+
+@pytest.fixture(scope="module")
+def genome():
+  (_, tokens), = fasta.read_fasta(LAMBDA_FASTA)
+  return tokenizer.decode(tokens)
+
+
+@pytest.fixture(scope="module")
+def reference_path(genome, tmp_path_factory):
+  path = tmp_path_factory.mktemp("ref") / "ref.fa.gz"
+  fasta.write_fasta(path, [("chrA", genome[:3000]), ("chrB", genome[3000:5000]),
+                           ("chrC", genome[5000:6000])], compress="gzip")
+  return str(path)
+
+
+def _other(base):
+  return {"A": "C", "C": "G", "G": "T", "T": "A"}[base]
+
+
+@pytest.fixture(scope="module")
+def vcf(genome, tmp_path_factory):
+  a, b = genome[:3000], genome[3000:5000]
+  ref = lambda chrom, pos, n=1: chrom[pos - 1:pos - 1 + n]
+  rows = [
+      ("chrA", 101, "rs1", ref(a, 101), _other(ref(a, 101))),                 # 4 SNV
+      ("chrA", 201, ".", ref(a, 201),
+       f"{_other(ref(a, 201))},{_other(_other(ref(a, 201)))}"),               # 5 two alleles
+      ("chrA", 301, ".", ref(a, 301), ref(a, 301) + "GT"),                     # 6 insertion
+      ("chrB", 51, ".", ref(b, 51, 3), ref(b, 51)),                            # 7 deletion
+      ("chrA", 401, ".", _other(ref(a, 401)), "A"),                            # 8 REF mismatch
+      ("A", 10, ".", "A", "C"),                                                # 9 unknown chrom
+      ("chrB", 1999, ".", ref(b, 1999, 2) + "A", "A"),                         # 10 past the end
+      ("chrA", 501, ".", ref(a, 501), "<DEL>"),                                # 11 symbolic
+      ("chrA", 601, ".", ref(a, 601), "N"),                                    # 12 N allele
+      ("chrA", "abc", ".", "A", "C"),                                          # 13 bad POS
+      ("chrA", 701, ".", ref(a, 701), ref(a, 701)),                            # 14 ALT = REF
+      ("chrA", 801, ".", ref(a, 801), ref(a, 801) + "A" * 100),                # 15 too long
+      ("chrA", 1, "first", ref(a, 1), _other(ref(a, 1))),                      # 16 at the start
+      ("chrB", 2000, "last", ref(b, 2000), _other(ref(b, 2000))),              # 17 at the end
+  ]
+  lines = ["##fileformat=VCFv4.2", "##contig=<ID=chrA>",
+           "#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO"]
+  lines += ["\t".join(map(str, r)) + "\t.\tPASS\t." for r in rows]
+  lines.append("chrA\t5")                                                      # 18 malformed
+  path = tmp_path_factory.mktemp("vcf") / "calls.vcf.gz"
+  with gzip.open(path, "wt") as f:
+    f.write("\n".join(lines) + "\n")
+  return str(path)
+
+
+class FakeScorer:
+  """Deterministic stand-in: log-likelihood = a position-weighted token sum;
+  records every sequence it is asked to score."""
+  context = 1000
+
+  def __init__(self):
+    self.seen = []
+
+  @staticmethod
+  def value(tokens):
+    tokens = np.asarray(tokens, np.float64)
+    return float((tokens * np.sin(np.arange(len(tokens)) + 1.0)).sum())
+
+  def log_likelihood(self, sequences, progress=None):
+    del progress
+    self.seen += [np.asarray(s) for s in sequences]
+    totals = np.array([self.value(s) for s in sequences])
+    return scoring.LogLikelihood(totals, totals, np.ones_like(totals))
+
+
+def test_vcf_records_are_read_checked_and_bad_ones_reported_by_line(vcf, reference_path):
+  found, problems = variants.read_variants(vcf, max_indel_length=64)
+  assert [(v.chrom, v.pos) for v in found][:4] == [("chrA", 101), ("chrA", 201),
+                                                   ("chrA", 201), ("chrA", 301)]
+  assert found[0].id == "rs1" and found[0].source == f"{vcf}:4"
+  reasons = {int(p.source.rsplit(":", 1)[1]): p.reason for p in problems}
+  assert sorted(reasons) == [11, 12, 13, 14, 15, 18]
+  assert "symbolic" in reasons[11] and "N (an unknown base)" in reasons[12]
+  assert "POS 'abc'" in reasons[13] and "ALT equals REF" in reasons[14]
+  assert "max_indel_length=64" in reasons[15] and "at least 5" in reasons[18]
+
+  reference = variants.load_reference(reference_path, {v.chrom for v in found})
+  assert set(reference.chromosomes) == {"chrA", "chrB"}      # chrC was not needed
+  valid, bad = variants.check_variants(found, reference)
+  reasons = {int(p.source.rsplit(":", 1)[1]): p.reason for p in bad}
+  assert sorted(reasons) == [8, 9, 10]
+  assert "does not match the reference" in reasons[8]
+  assert "'A' is not in the reference" in reasons[9] and "calls it 'chrA'" in reasons[9]
+  assert "past the end of chrB (length 2,000)" in reasons[10]
+  assert [v.kind for v in valid] == ["SNV", "SNV", "SNV", "insertion", "deletion", "SNV", "SNV"]
+
+
+def test_windows_are_centred_shared_and_give_the_llr(vcf, reference_path, genome):
+  found, _ = variants.read_variants(vcf)
+  reference = variants.load_reference(reference_path, {v.chrom for v in found})
+  fake = FakeScorer()
+  scores, problems = variants.score_variants(fake, found, reference, window=21)
+  assert len(problems) == 3 and len(scores) == 7
+  # 7 alt windows and 6 reference windows: the two alleles at 201 share one.
+  assert len(fake.seen) == 13
+  a = variants.tokenizer.encode(genome[:3000])
+  snv = scores[0]
+  assert (snv.window_start, snv.window_end) == (90, 111)        # 10 bases each side
+  ref_window = a[90:111]
+  alt_window = ref_window.copy()
+  alt_window[10] = tokenizer.encode(snv.variant.alt)[0]
+  assert math.isclose(snv.llr, FakeScorer.value(alt_window) - FakeScorer.value(ref_window))
+  assert math.isclose(snv.ref_loglik, FakeScorer.value(ref_window))
+  assert math.isnan(snv.llr_reverse)
+  # Insertion of 2 bases: 18 flanking bases, 9 + 9; the alt window is 21 long.
+  ins = scores[3]
+  assert (ins.window_start, ins.window_end) == (300 - 9, 301 + 9)
+  expected_alt = np.concatenate([a[291:300], tokenizer.encode(ins.variant.alt), a[301:310]])
+  assert any(len(s) == 21 and (s == expected_alt).all() for s in fake.seen)
+  # Deletion of 2 bases: the alt window lacks exactly them.
+  dele = scores[4]
+  b = tokenizer.encode(genome[3000:5000])
+  assert (dele.window_start, dele.window_end) == (50 - 9, 53 + 9)
+  expected_alt = np.concatenate([b[41:51], b[53:62]])
+  assert any(len(s) == 19 and (s == expected_alt).all() for s in fake.seen)
+  # At the chromosome ends the window shifts inwards and keeps its length.
+  assert (scores[5].window_start, scores[5].window_end) == (0, 21)
+  assert (scores[6].window_start, scores[6].window_end) == (1979, 2000)
+
+  both = FakeScorer()
+  rc_scores, _ = variants.score_variants(both, found, reference, window=21, rc_average=True)
+  assert len(both.seen) == 26
+  s = rc_scores[0]
+  rc = lambda t: scoring.reverse_complement(t)
+  llr_reverse = FakeScorer.value(rc(alt_window)) - FakeScorer.value(rc(ref_window))
+  assert math.isclose(s.llr_forward, snv.llr) and math.isclose(s.llr_reverse, llr_reverse)
+  assert math.isclose(s.llr, (snv.llr + llr_reverse) / 2)
+
+
+def test_llr_with_the_model_and_tsv_output(tiny_run, vcf, reference_path, tmp_path):
+  model, _, _ = restore.load(tiny_run,
+                             mesh=sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+  scorer = scoring.Scorer(model, context=64, stride=32, batch_size=4, min_bucket=32)
+  found, read_problems = variants.read_variants(vcf)
+  reference = variants.load_reference(reference_path, {v.chrom for v in found})
+  scores, problems = variants.score_variants(scorer, found, reference, window=32,
+                                             rc_average=True)
+  for s in (scores[0], scores[4]):           # an SNV and a deletion
+    span, ref_w, alt_w = variants.variant_windows(s.variant, reference[s.variant.chrom], 32)
+    assert span == (s.window_start, s.window_end) and len(ref_w) == 32
+    ll = scorer.log_likelihood([ref_w, alt_w], rc_average=True).total
+    np.testing.assert_allclose(s.llr, ll[1] - ll[0], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(s.llr, (s.llr_forward + s.llr_reverse) / 2, rtol=1e-6)
+  out = tmp_path / "effects.tsv"
+  variants.write_scores(str(out), scores)
+  rows = variants.read_scores(str(out))
+  assert list(rows[0]) == list(variants.SCORE_COLUMNS)
+  assert [(r["chrom"], int(r["pos"]), r["alt"]) for r in rows] == [
+      (s.variant.chrom, s.variant.pos, s.variant.alt) for s in scores]
+  assert rows[0]["id"] == "rs1" and rows[3]["type"] == "insertion"
+  np.testing.assert_allclose([float(r["llr"]) for r in rows], [s.llr for s in scores],
+                             rtol=1e-5)
+  skipped = tmp_path / "skipped.tsv"
+  variants.write_problems(str(skipped), read_problems + problems)
+  lines = skipped.read_text().splitlines()
+  assert lines[0].split("\t") == list(variants.PROBLEM_COLUMNS) and len(lines) == 10
+  assert variants.plot_scores(str(tmp_path / "effects.png"), scores)
+
+
+def test_csv_variants_and_format_errors(tmp_path):
+  good = tmp_path / "v.csv"
+  good.write_text("\ufeffID,Chrom,Pos,Ref,Alt,gene\nv1,chrA,12,A,G,x\nv2,chrA,13\n"
+                  "v3,chrB,0,C,T,y\nv4,chrB,7,c,<INS>,z\n")
+  found, problems = variants.read_variants(str(good))
+  assert [(v.id, v.chrom, v.pos, v.ref, v.alt, v.source) for v in found] == [
+      ("v1", "chrA", 12, "A", "G", f"{good}:2")]
+  assert [p.source for p in problems] == [f"{good}:3", f"{good}:4", f"{good}:5"]
+  assert "3 fields" in problems[0].reason and "positive integer" in problems[1].reason
+  bad = tmp_path / "bad.csv"
+  bad.write_text("chrom,position,ref,alt\nchrA,1,A,C\n")
+  with pytest.raises(variants.VariantFormatError, match=r"bad.csv line 1: .*lacks the columns pos"):
+    variants.read_variants(str(bad))
+  no_header = tmp_path / "x.vcf"
+  no_header.write_text("chrA\t1\t.\tA\tC\n")
+  with pytest.raises(variants.VariantFormatError, match=r"x.vcf line 1: a record before"):
+    variants.read_variants(str(no_header))
+  with pytest.raises(variants.VariantFormatError, match="unknown variant file type"):
+    variants.read_variants(str(tmp_path / "v.bed"))
