@@ -31,10 +31,18 @@ def get_config(variant: str | None = None):
   t.eval_seq_len = 4096
   t.checkpoint_every = 100
   t.markov_orders = (3, 5, 8)
+
+  sc = cfg.score                        # launch/eval.py and launch/score.py
+  sc.context = 4096                     # the last stage's length
+  sc.stride = 2048                      # every position sees >= 2048 nt of context
+  sc.eval_max_tokens = 32_768           # per held-out record: a CPU-sized evaluation
+  sc.variant_window = 2048
+  sc.batch_size = 8
   if variant == "quick":                # a one-minute smoke run
     t.stages = ((512, 20, 4), (1024, 10, 2))
     t.eval_every = 10
     t.checkpoint_every = 10
     t.log_every = 5
     cfg.data.eval_max_windows = 16
+    sc.context, sc.stride, sc.variant_window = 1024, 512, 1024
   return cfg

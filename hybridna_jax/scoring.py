@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import time
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
@@ -60,6 +59,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hybridna_jax import sharding
 from hybridna_jax import tokenizer
+from hybridna_jax.train.metrics import format_duration
 
 POOLINGS = ("mean", "last", "echo")
 
@@ -190,11 +190,6 @@ def as_tokens(sequence: SequenceLike, name: str = "") -> np.ndarray:
   return array
 
 
-def reverse_complement(tokens: np.ndarray) -> np.ndarray:
-  """Reverse complement of a nucleotide-only token array."""
-  return tokenizer.COMPLEMENT[tokens[::-1]].astype(np.int32)
-
-
 class _Sequence:
   """A sequence as the model reads it: optional <bos>, then nucleotides."""
 
@@ -247,18 +242,7 @@ class ProgressLogger:
     eta = (total - done) / rate if rate > 0 else float("nan")
     self.log("scored %d/%d %s (%.0f%%), %.1f %s/s, %s elapsed, ETA %s", done, total,
              self.what, 100.0 * done / max(total, 1), rate, self.what,
-             _duration(elapsed), _duration(eta))
-
-
-def _duration(seconds: float) -> str:
-  if not math.isfinite(seconds):
-    return "?"
-  seconds = int(round(seconds))
-  if seconds < 60:
-    return f"{seconds}s"
-  if seconds < 3600:
-    return f"{seconds // 60}m{seconds % 60:02d}s"
-  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+             format_duration(elapsed), format_duration(eta))
 
 
 # -- the scorer ---------------------------------------------------------------------
@@ -492,7 +476,7 @@ class Scorer:
     complements in the same order."""
     tokens = [as_tokens(s, str(i)) for i, s in enumerate(sequences)]
     if rc_average:
-      tokens += [reverse_complement(t) for t in tokens]
+      tokens += [tokenizer.reverse_complement_nucleotides(t) for t in tokens]
     return [_Sequence(t, self.settings.add_bos) for t in tokens], len(tokens) // (
         2 if rc_average else 1)
 

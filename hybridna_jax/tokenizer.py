@@ -164,6 +164,13 @@ def reverse_complement(sequence: str) -> str:
   return out
 
 
+def reverse_complement_nucleotides(tokens: np.ndarray) -> np.ndarray:
+  """Reverse complement of a 1-D array of nucleotide tokens only (A C G T N;
+  N stays N), in the input's dtype. For rows with special tokens or
+  padding, use `reverse_complement_tokens`."""
+  return COMPLEMENT[np.asarray(tokens)[::-1]].astype(np.asarray(tokens).dtype)
+
+
 def reverse_complement_tokens(tokens, xp=np):
   """Reverse-complements the nucleotides of each row; specials stay in place.
 

@@ -423,7 +423,7 @@ def score_variants(scorer, variants: Sequence[Variant], reference: Reference, *,
                ", both strands" if rc_average else "")
   if not valid:
     return [], problems
-  inputs = sequences + ([scoring.reverse_complement(s) for s in sequences]
+  inputs = sequences + ([tokenizer.reverse_complement_nucleotides(s) for s in sequences]
                        if rc_average else [])
   totals = scorer.log_likelihood(inputs, progress=progress).total
   forward, reverse = totals[:len(sequences)], totals[len(sequences):]

@@ -6,10 +6,17 @@
 #      the lambda phage; one strain per species held out for validation);
 #   3. train the demo HybriDNA (8 layers, 7 Mamba2 : 1 attention) through two
 #      context stages, with checkpoints, and print validation bits per
-#      nucleotide next to order-k Markov baselines.
+#      nucleotide next to order-k Markov baselines;
+#   4. evaluate the trained model on the held-out strains with sliding
+#      windows (bits/nt, perplexity, accuracy per record and overall);
+#   5. score zero-shot variant effects in a held-out genome: nonsense vs
+#      synonymous SNVs in its long ORFs, plus malformed records that are
+#      reported and skipped (scripts/make_variant_demo.py);
+#   6. generate: sample continuations of a held-out gene's start with the
+#      cached, jitted decoder, with a summary of the samples.
 # Outputs go to $RUN (default runs/demo): checkpoints/, metrics.jsonl,
-# tensorboard/, loss_curves.png, baseline_report.json.
-# Re-running resumes from the last checkpoint.
+# tensorboard/, loss_curves.png, baseline_report.json, eval/, scores/,
+# samples.fasta (+ .summary.*). Re-running resumes from the last checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -28,6 +35,29 @@ if ! apt-cache show ragout-examples >/dev/null 2>&1; then
 fi
 PYTHON="$PY" bash scripts/fetch_example_genomes.sh
 
-echo "== training (configs/demo.py) -> $RUN"
-"$PY" launch/train.py --config=configs/demo.py --workdir="$RUN"
-echo "== done: see $RUN/loss_curves.png and $RUN/baseline_report.json"
+CONFIG=${CONFIG:-configs/demo.py}
+HELD_OUT_GENOME=data_cache/genomes/E_coli__MG1655-K12.fasta.gz
+
+echo "== 1/4 training ($CONFIG) -> $RUN"
+"$PY" launch/train.py --config="$CONFIG" --workdir="$RUN"
+
+echo "== 2/4 evaluation on the held-out strains -> $RUN/eval"
+"$PY" launch/eval.py --workdir="$RUN" --config="$CONFIG"
+
+echo "== 3/4 zero-shot variant effects in a held-out genome -> $RUN/scores"
+"$PY" scripts/make_variant_demo.py write --genome="$HELD_OUT_GENOME" \
+    --out="$RUN/variants.csv"
+"$PY" launch/score.py --workdir="$RUN" --config="$CONFIG" --mode=variants \
+    --variants="$RUN/variants.csv" --reference="$HELD_OUT_GENOME"
+"$PY" scripts/make_variant_demo.py summarize --tsv="$RUN/scores/variants.tsv"
+
+echo "== 4/4 generation: continuations of a held-out gene's first 120 nt"
+PREFIX=$("$PY" -c "
+from hybridna_jax import tokenizer
+from hybridna_jax.data import fasta
+print(tokenizer.decode(fasta.read_fasta('$HELD_OUT_GENOME')[0][1][336:456]))")
+"$PY" launch/generate.py --mode=sample --workdir="$RUN" --prefix="$PREFIX" \
+    --num_samples=16 --batch_size=16 --length=400 --temperature=0.9 \
+    --output="$RUN/samples.fasta"
+
+echo "== done: $RUN/loss_curves.png, baseline_report.json, eval/, scores/, samples.fasta"

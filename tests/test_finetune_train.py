@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from hybridna_jax import tokenizer
 from hybridna_jax.config import ModelConfig, load_config
 from hybridna_jax.finetune import example_tasks
 from hybridna_jax.finetune import task as task_lib
@@ -171,7 +172,7 @@ def test_train_iterator_shuffles_shards_and_restores(motif_task):
     k = tokens.size
     first = batch["inputs"][row][:k]
     assert (np.array_equal(first, tokens)
-            or np.array_equal(first, task_lib.echo_lib.reverse_complement(tokens)))
+            or np.array_equal(first, tokenizer.reverse_complement_nucleotides(tokens)))
     np.testing.assert_array_equal(batch["inputs"][row][k + 1:2 * k + 1], first)
     assert batch["labels"][row] == labels[i]
 

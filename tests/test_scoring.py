@@ -114,7 +114,7 @@ def test_unscored_positions_and_long_inputs(scorer, genome):
 
 def test_rc_averaging_is_symmetric(scorer, genome):
   seq = genome[7000:7100]            # windowed: longer than the context
-  rc = scoring.reverse_complement(seq)
+  rc = tokenizer.reverse_complement_nucleotides(seq)
   ll = scorer.log_likelihood([seq, rc], rc_average=True)
   np.testing.assert_allclose(ll.total[0], ll.total[1], rtol=1e-6)
   np.testing.assert_allclose(ll.mean[0], ll.mean[1], rtol=1e-6)

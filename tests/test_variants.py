@@ -141,7 +141,7 @@ def test_windows_are_centred_shared_and_give_the_llr(vcf, reference_path, genome
   rc_scores, _ = variants.score_variants(both, found, reference, window=21, rc_average=True)
   assert len(both.seen) == 26
   s = rc_scores[0]
-  rc = lambda t: scoring.reverse_complement(t)
+  rc = lambda t: tokenizer.reverse_complement_nucleotides(t)
   llr_reverse = FakeScorer.value(rc(alt_window)) - FakeScorer.value(rc(ref_window))
   assert math.isclose(s.llr_forward, snv.llr) and math.isclose(s.llr_reverse, llr_reverse)
   assert math.isclose(s.llr, (snv.llr + llr_reverse) / 2)

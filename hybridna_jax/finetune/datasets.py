@@ -374,7 +374,7 @@ def _load_bed(path: str, reference: str) -> tuple[dict[str, TaskSplit], bool]:
                             f"{reference}); is it the right assembly?")
     tokens = genome[row.start:row.end]
     if row.strand == "-":
-      tokens = tokenizer.COMPLEMENT[tokens[::-1]]
+      tokens = tokenizer.reverse_complement_nucleotides(tokens)
     seqs, labels, lines = by_split.setdefault(row.split, ([], [], []))
     seqs.append(tokenizer.decode(tokens))
     labels.append(row.label)

@@ -32,11 +32,6 @@ from hybridna_jax import tokenizer
 POOL_MODES = ("mean", "last")
 
 
-def reverse_complement(tokens: np.ndarray) -> np.ndarray:
-  """The reverse complement of a row of nucleotide tokens (N stays N)."""
-  return tokenizer.COMPLEMENT[tokens[::-1]].astype(tokens.dtype)
-
-
 def input_length(num_tokens: int, echo: bool) -> int:
   """Real positions of the model input for a sequence of `num_tokens`."""
   return 2 * num_tokens + 1 if echo else num_tokens
@@ -103,7 +98,7 @@ def build_batch(sequences: Sequence[np.ndarray], width: int, *, echo: bool,
            "pool_mask": np.stack([r[2] for r in rows])}
   if reverse_strand:
     batch["rc_inputs"] = np.stack([
-        build_row(reverse_complement(np.asarray(s)), width, echo)[0] for s in sequences])
+        build_row(tokenizer.reverse_complement_nucleotides(s), width, echo)[0] for s in sequences])
   return batch
 
 

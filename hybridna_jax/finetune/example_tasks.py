@@ -89,7 +89,7 @@ def _fragments(records: list[np.ndarray], n: int, length: int, rng: np.random.Ge
     if np.any(piece == tokenizer.N):
       continue
     if rng.random() < 0.5:
-      piece = tokenizer.COMPLEMENT[piece[::-1]]
+      piece = tokenizer.reverse_complement_nucleotides(piece)
     out.append(tokenizer.decode(piece))
   return out
 

@@ -133,7 +133,7 @@ class _TrainExamples(grain.transforms.Map):
     i = pipeline.permute(j, n, pipeline.derive_seed(self.seed, "finetune", epoch))
     tokens = self.tokens[i]
     if self.rc_prob > 0 and (pipeline.derive_seed(self.seed, "rc", g) / 2.0**32) < self.rc_prob:
-      tokens = echo_lib.reverse_complement(tokens)
+      tokens = tokenizer.reverse_complement_nucleotides(tokens)
     row = echo_lib.build_batch([tokens], self.width, echo=self.echo,
                                reverse_strand=self.reverse_strand)
     row = {k: v[0] for k, v in row.items()}
