@@ -19,17 +19,17 @@ def get_config(variant: str | None = None):
   cfg.data.fasta_globs = ("data_cache/genomes/*",)
   cfg.data.store_dir = "data_cache/example_store"
   cfg.data.split.val_sources = HELD_OUT
-  cfg.data.eval_max_windows = 96        # spread over all five held-out genomes
+  cfg.data.eval_max_windows = 32        # spread over all five held-out genomes
 
   t = cfg.train
-  t.stages = ((1024, 400, 8), (4096, 60, 2))   # 8k then 8k tokens per step
+  t.stages = ((1024, 250, 8), (4096, 30, 2))   # 8k then 8k tokens per step
   t.learning_rate = 3e-3
   t.warmup_steps = 40
   t.log_every = 20
-  t.eval_every = 100
+  t.eval_every = 125
   t.eval_batch_size = 8
   t.eval_seq_len = 4096
-  t.checkpoint_every = 100
+  t.checkpoint_every = 125
   t.markov_orders = (3, 5, 8)
 
   sc = cfg.score                        # launch/eval.py and launch/score.py

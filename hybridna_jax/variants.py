@@ -418,7 +418,7 @@ def score_variants(scorer, variants: Sequence[Variant], reference: Reference, *,
       sequences.append(ref_tokens)
     sequences.append(alt_tokens)
     plans.append((ref_index[key], len(sequences) - 1, span))
-  logging.info("scoring %d variants: %d windows (%d shared reference windows)%s",
+  logging.info("scoring %d variants: %d windows (%d reference windows, one per site)%s",
                len(valid), len(sequences), len(ref_index),
                ", both strands" if rc_average else "")
   if not valid:
