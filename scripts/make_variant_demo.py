@@ -80,18 +80,19 @@ def _pick_snvs(orf: str, rng: np.random.Generator):
   return (nonsense[rng.integers(len(nonsense))], synonymous[rng.integers(len(synonymous))])
 
 
-def write(genome_path: str, out_path: str) -> None:
+def write(genome_path: str, out_path: str, *, num_orfs: int, min_orf: int, seed: int) -> None:
+  """Writes the CSV of `num_orfs` nonsense/synonymous pairs and 3 bad records."""
   records = fasta.read_fasta(genome_path)
   chrom, tokens = max(records, key=lambda r: r[1].size)
   seq = tokenizer.decode(tokens)
   n = len(seq)
-  rng = np.random.default_rng(FLAGS.seed)
-  candidates = [("+", s, e) for s, e, _ in find_orfs(seq, FLAGS.min_orf)]
-  candidates += [("-", n - e, n - s) for s, e, _ in find_orfs(tokenizer.reverse_complement(seq), FLAGS.min_orf)]
+  rng = np.random.default_rng(seed)
+  candidates = [("+", s, e) for s, e, _ in find_orfs(seq, min_orf)]
+  candidates += [("-", n - e, n - s) for s, e, _ in find_orfs(tokenizer.reverse_complement(seq), min_orf)]
   order = rng.permutation(len(candidates))
   rows = []
   for index in order:
-    if len(rows) // 2 >= FLAGS.num_orfs:
+    if len(rows) // 2 >= num_orfs:
       break
     strand, start, end = candidates[index]
     orf = seq[start:end] if strand == "+" else tokenizer.reverse_complement(seq[start:end])
@@ -107,6 +108,9 @@ def write(genome_path: str, out_path: str) -> None:
         ref, alt = tokenizer.reverse_complement(ref), tokenizer.reverse_complement(alt)
       assert seq[pos - 1] == ref, (pos, ref)
       rows.append((chrom.name, pos, ref, alt, f"{kind}_{k}"))
+  if not rows:
+    raise ValueError(f"{genome_path}: no ORF of at least {min_orf} nt with a nonsense and a "
+                     "synonymous SNV site; lower --min_orf or use a larger genome.")
   # Malformed records: the scorer reports and skips each one.
   first = rows[0]
   wrong_ref = next(b for b in "ACGT" if b != first[2])
@@ -119,7 +123,7 @@ def write(genome_path: str, out_path: str) -> None:
     writer.writerow(("chrom", "pos", "ref", "alt", "id"))
     writer.writerows(rows + bad)
   print(f"{genome_path}: {chrom.name} ({n:,} nt), {len(candidates):,} ORFs >= "
-        f"{FLAGS.min_orf} nt; wrote {len(rows) // 2} nonsense/synonymous SNV pairs and "
+        f"{min_orf} nt; wrote {len(rows) // 2} nonsense/synonymous SNV pairs and "
         f"{len(bad)} malformed records to {out_path}")
 
 
@@ -148,7 +152,8 @@ def main(argv):
   if argv[1] == "write":
     if not FLAGS.genome or not FLAGS.out:
       raise app.UsageError("write needs --genome and --out.")
-    write(FLAGS.genome, FLAGS.out)
+    write(FLAGS.genome, FLAGS.out, num_orfs=FLAGS.num_orfs, min_orf=FLAGS.min_orf,
+          seed=FLAGS.seed)
   else:
     if not FLAGS.tsv:
       raise app.UsageError("summarize needs --tsv.")
