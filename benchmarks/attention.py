@@ -20,7 +20,6 @@ documents (segment ids) are passed (cuDNN does not take them).
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import median_seconds  # noqa: E402  pylint: disable=g-import-not-at-top
+from harness import add_grid_arguments, failure, grid_shapes, median_seconds, resolve_grid  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from hybridna_jax import attention
 from hybridna_jax.kernels import attention_kernels
@@ -40,9 +39,7 @@ GRID = dict(batch=[1, 2, 4, 8], seqlen=[8192, 32768, 131072],
 SMALL = dict(batch=[1], seqlen=[256, 512], heads=[2])
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--batch", type=int, nargs="+")
-  parser.add_argument("--seqlen", type=int, nargs="+")
-  parser.add_argument("--heads", type=int, nargs="+")
+  add_grid_arguments(parser)
   parser.add_argument("--kv-heads", type=int, default=None,
                       help="key/value heads (default: heads, i.e. MHA)")
   parser.add_argument("--headdim", type=int, default=128)
@@ -52,19 +49,9 @@ def parse_args(argv=None):
   parser.add_argument("--impls", nargs="+", default=None)
   parser.add_argument("--no-torch", action="store_true")
   parser.add_argument("--peak-tflops", type=float, default=None)
-  parser.add_argument("--iters", type=int, default=10)
-  parser.add_argument("--warmup", type=int, default=2)
-  parser.add_argument("--max-tokens", type=int, default=None,
-                      help="skip shapes with batch * seqlen above this")
-  parser.add_argument("--small", action="store_true",
-                      help="CPU smoke run: tiny grid, 2 iterations")
   args = parser.parse_args(argv)
-  grid = SMALL if args.small else GRID
-  for key, values in grid.items():
-    if getattr(args, key) is None:
-      setattr(args, key, values)
+  resolve_grid(args, GRID, SMALL)
   if args.small:
-    args.iters, args.warmup = min(args.iters, 2), min(args.warmup, 1)
     if args.headdim == 128:
       args.headdim = 64
   if args.impls is None:
@@ -174,9 +161,7 @@ def main(argv=None):
   print(header)
   print("-" * len(header))
   pct = lambda tf: "-" if peak is None else f"{100 * tf / peak:.0f}"
-  for b, l, h in itertools.product(args.batch, args.seqlen, args.heads):
-    if args.max_tokens and b * l > args.max_tokens:
-      continue
+  for b, l, h in grid_shapes(args):
     hkv = args.kv_heads or h
     q, k, v, seg = make_inputs(b, l, h, hkv, args.headdim, dtype,
                                args.segments)
@@ -190,11 +175,7 @@ def main(argv=None):
         else:
           t_f, t_b, mem = jax_case(impl, q, k, v, seg, args.iters, args.warmup)
       except Exception as e:  # pylint: disable=broad-except
-        text = str(e)
-        kind = ("OOM" if "RESOURCE_EXHAUSTED" in text
-                or "out of memory" in text.lower() else "error")
-        print(f"{b:>2} {l:>7} {h:>3} | {impl:<20} | {kind}: "
-              f"{text.splitlines()[0][:80] if text else type(e).__name__}")
+        print(f"{b:>2} {l:>7} {h:>3} | {impl:<20} | {failure(e)}")
         continue
       tf_f, tf_b = fl_f / t_f / 1e12, fl_b / t_b / 1e12
       mem_s = "-" if mem is None else f"{mem / 2**30:.2f}"

@@ -25,7 +25,6 @@ temperature 1 with top-k 4 over A C G T.
 import dataclasses
 import functools
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -35,7 +34,7 @@ from absl import app, flags
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import environment  # noqa: E402
+from harness import environment, time_jitted  # noqa: E402
 
 from hybridna_jax import generate as gen  # noqa: E402
 from hybridna_jax import tokenizer as tok  # noqa: E402
@@ -58,15 +57,8 @@ FLAGS = flags.FLAGS
 
 def _timed(fn, *args, iters):
   """(compile + first run s, median s) of a jitted call."""
-  start = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  first = time.perf_counter() - start
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return first, float(np.median(times))
+  t = time_jitted(fn, *args, iters=iters)
+  return t["compile_s"], t["median_s"]
 
 
 def _prompts(b, length, seed=0):

@@ -3,10 +3,12 @@ line recorded with every result."""
 
 from __future__ import annotations
 
+import argparse
+import itertools
 import platform
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 
@@ -56,3 +58,43 @@ def time_jitted(fn: Callable[..., Any], *args, warmup: int = 1, iters: int = 5,
     times.append(time.perf_counter() - start)
   return {"compile_s": compile_s, "median_s": statistics.median(times),
           "min_s": min(times), "iters": len(times)}
+
+
+# -- kernel grids (benchmarks/ssd.py, benchmarks/attention.py) ------------------
+
+
+def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
+  """--batch/--seqlen/--heads lists and the timing options of a kernel grid."""
+  parser.add_argument("--batch", type=int, nargs="+")
+  parser.add_argument("--seqlen", type=int, nargs="+")
+  parser.add_argument("--heads", type=int, nargs="+")
+  parser.add_argument("--iters", type=int, default=10)
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--max-tokens", type=int, default=None,
+                      help="skip shapes with batch * seqlen above this")
+  parser.add_argument("--small", action="store_true",
+                      help="CPU smoke run: tiny grid, 2 iterations")
+
+
+def resolve_grid(args: argparse.Namespace, grid: dict, small: dict) -> None:
+  """Fills the grid lists not given on the command line from `grid` (or
+  `small` with --small, which also caps the iterations)."""
+  for key, values in (small if args.small else grid).items():
+    if getattr(args, key) is None:
+      setattr(args, key, values)
+  if args.small:
+    args.iters, args.warmup = min(args.iters, 2), min(args.warmup, 1)
+
+
+def grid_shapes(args: argparse.Namespace) -> Iterator[tuple[int, int, int]]:
+  """(batch, seqlen, heads) of the grid, without shapes over --max-tokens."""
+  for b, l, h in itertools.product(args.batch, args.seqlen, args.heads):
+    if not args.max_tokens or b * l <= args.max_tokens:
+      yield b, l, h
+
+
+def failure(e: Exception) -> str:
+  """A one-line table cell for a failed case: "OOM: ..." or "error: ..."."""
+  text = str(e)
+  kind = "OOM" if "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower() else "error"
+  return f"{kind}: {text.splitlines()[0][:80] if text else type(e).__name__}"

@@ -20,7 +20,6 @@ elementwise XLA work shared by every implementation).
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import median_seconds  # noqa: E402  pylint: disable=g-import-not-at-top
+from harness import add_grid_arguments, failure, grid_shapes, median_seconds, resolve_grid  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from hybridna_jax import ssd
 from hybridna_jax.kernels import ssd_pallas
@@ -40,9 +39,7 @@ SMALL = dict(batch=[1], seqlen=[512, 1024], heads=[2])
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--batch", type=int, nargs="+")
-  parser.add_argument("--seqlen", type=int, nargs="+")
-  parser.add_argument("--heads", type=int, nargs="+")
+  add_grid_arguments(parser)
   parser.add_argument("--headdim", type=int, default=64)
   parser.add_argument("--dstate", type=int, default=128)
   parser.add_argument("--groups", type=int, default=1)
@@ -51,19 +48,8 @@ def parse_args(argv=None):
   parser.add_argument("--impls", nargs="+", default=None,
                       help="ssd impls (default: pallas chunked, and mamba_ssm "
                       "when importable)")
-  parser.add_argument("--iters", type=int, default=10)
-  parser.add_argument("--warmup", type=int, default=2)
-  parser.add_argument("--max-tokens", type=int, default=None,
-                      help="skip shapes with batch * seqlen above this")
-  parser.add_argument("--small", action="store_true",
-                      help="CPU smoke run: tiny grid, 2 iterations")
   args = parser.parse_args(argv)
-  grid = SMALL if args.small else GRID
-  for key, values in grid.items():
-    if getattr(args, key) is None:
-      setattr(args, key, values)
-  if args.small:
-    args.iters, args.warmup = min(args.iters, 2), min(args.warmup, 1)
+  resolve_grid(args, GRID, SMALL)
   if args.impls is None:
     args.impls = ["pallas", "chunked", "mamba_ssm"]
   return args
@@ -172,9 +158,7 @@ def main(argv=None):
             f"{'TF/s':>6} | {'f+b ms':>9} {'TF/s':>6} | {'f+b GiB':>8}")
   print(header)
   print("-" * len(header))
-  for b, l, h in itertools.product(args.batch, args.seqlen, args.heads):
-    if args.max_tokens and b * l > args.max_tokens:
-      continue
+  for b, l, h in grid_shapes(args):
     inputs = make_inputs(b, l, h, args.headdim, args.dstate, args.groups, dtype)
     fl_f = ssd_pallas.flops(b, l, h, args.headdim, args.dstate, args.groups,
                             args.chunk)
@@ -190,9 +174,7 @@ def main(argv=None):
           t_f, t_b, mem = jax_case(impl, inputs, args.chunk, args.iters,
                                    args.warmup)
       except Exception as e:  # pylint: disable=broad-except
-        msg = str(e).split("\n")[0][:80]
-        kind = "OOM" if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower() else "error"
-        print(f"{b:>2} {l:>7} {h:>3} | {impl:<10} | {kind}: {msg}")
+        print(f"{b:>2} {l:>7} {h:>3} | {impl:<10} | {failure(e)}")
         continue
       base[impl] = (t_f, t_b)
       print(f"{b:>2} {l:>7} {h:>3} | {impl:<10} | {t_f * 1e3:>9.2f} "
