@@ -306,18 +306,11 @@ def load_reference(path: str, chromosomes: Iterable[str] | None = None) -> Refer
   wanted = None if chromosomes is None else set(chromosomes)
   kept: dict[str, np.ndarray] = {}
   names: list[str] = []
-  current, chunks = None, []
-  for item in fasta.iter_fasta(path, allow_empty_records=True):
-    if isinstance(item, fasta.FastaHeader):
-      if current is not None:
-        kept[current] = np.concatenate(chunks) if chunks else np.zeros(0, np.uint8)
-      names.append(item.name)
-      current = item.name if wanted is None or item.name in wanted else None
-      chunks = []
-    elif current is not None:
-      chunks.append(item)
-  if current is not None:
-    kept[current] = np.concatenate(chunks) if chunks else np.zeros(0, np.uint8)
+  keep = None if wanted is None else wanted.__contains__
+  for header, tokens in fasta.iter_records(path, keep=keep, allow_empty_records=True):
+    names.append(header.name)
+    if tokens is not None:
+      kept[header.name] = tokens
   if not names:
     raise fasta.FastaFormatError(path, None, "no FASTA records; is this the reference?")
   return Reference(path, kept, names)

@@ -11,6 +11,9 @@ most about `block_size` long):
       if isinstance(item, FastaHeader): ...   # a new record
       else: ...                                # uint8 (n,) token chunk
 
+`iter_records` assembles whole records (keeping only the ones asked for),
+and `read_fasta` reads a small file into memory.
+
 Compression is detected from the file's magic bytes, not its name; bgzip is
 gzip with many members and reads like gzip. Whitespace (spaces, tabs, CR and
 LF, so Windows line endings too) inside sequence lines is ignored; blank
@@ -27,7 +30,7 @@ import io
 import lzma
 import os
 import zlib
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 from absl import logging
 import numpy as np
@@ -326,6 +329,33 @@ def iter_fasta(path: str | os.PathLike, *, block_size: int = DEFAULT_BLOCK_SIZE,
                           allow_empty_records=allow_empty_records))
 
 
+def iter_records(path: str | os.PathLike, *, keep: Callable[[str], bool] | None = None,
+                 **kwargs) -> Iterator[tuple[FastaHeader, np.ndarray | None]]:
+  """Streams one FASTA file record by record.
+
+  Args:
+    path: as for `iter_fasta`; `kwargs` go to it too.
+    keep: which records (by name) to hold; the sequence of the others is
+      dropped as it streams, so a few chromosomes can be read from a whole
+      genome without holding it. None keeps all.
+
+  Yields:
+    (header, uint8 (length,) tokens) per record in file order; tokens is
+    None for a record `keep` rejected.
+  """
+  header, wanted, chunks = None, False, []
+  for item in iter_fasta(path, **kwargs):
+    if isinstance(item, FastaHeader):
+      if header is not None:
+        yield header, _concat(chunks) if wanted else None
+      header, chunks = item, []
+      wanted = keep is None or keep(item.name)
+    elif wanted:
+      chunks.append(item)
+  if header is not None:
+    yield header, _concat(chunks) if wanted else None
+
+
 def read_fasta(path: str | os.PathLike, **kwargs
                ) -> list[tuple[FastaHeader, np.ndarray]]:
   """Reads a whole (small) FASTA file into memory.
@@ -333,19 +363,7 @@ def read_fasta(path: str | os.PathLike, **kwargs
   Returns:
     [(header, uint8 (length,) tokens)] in file order.
   """
-  records = []
-  chunks = []
-  for item in iter_fasta(path, **kwargs):
-    if isinstance(item, FastaHeader):
-      if records:
-        records[-1] = (records[-1][0], _concat(chunks))
-      records.append((item, None))
-      chunks = []
-    else:
-      chunks.append(item)
-  if records:
-    records[-1] = (records[-1][0], _concat(chunks))
-  return records
+  return list(iter_records(path, **kwargs))
 
 
 def _concat(chunks: list[np.ndarray]) -> np.ndarray:

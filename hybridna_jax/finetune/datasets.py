@@ -335,16 +335,9 @@ def read_bed(path: str) -> list[BedRow]:
 def read_chromosomes(reference: str, names: set[str]) -> dict[str, np.ndarray]:
   """uint8 tokens of the named records of a FASTA file (others are skipped
   while streaming, so a whole genome is never held for a few chromosomes)."""
-  out: dict[str, list[np.ndarray]] = {}
-  current = None
-  for item in fasta_lib.iter_fasta(reference):
-    if isinstance(item, fasta_lib.FastaHeader):
-      current = item.name if item.name in names else None
-      if current is not None:
-        out[current] = []
-    elif current is not None:
-      out[current].append(item)
-  return {k: np.concatenate(v) if v else np.zeros((0,), np.uint8) for k, v in out.items()}
+  return {header.name: tokens
+          for header, tokens in fasta_lib.iter_records(reference, keep=names.__contains__)
+          if tokens is not None}
 
 
 def _load_bed(path: str, reference: str) -> tuple[dict[str, TaskSplit], bool]:
