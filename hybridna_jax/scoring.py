@@ -39,8 +39,8 @@ Conventions.
     complement get the same averaged scores.
   * Echo embeddings ("echo"): the sequence is fed twice with <sep> between,
     and the second copy is read (it has seen the whole sequence), as in
-    HybriDNA's understanding fine-tuning; `echo_tokens` builds such batches
-    and is shared with hybridna_jax's fine-tuning heads.
+    HybriDNA's understanding fine-tuning; the rows come from the fine-tuning
+    heads' own builder, `hybridna_jax.finetune.echo.build_row`.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hybridna_jax import sharding
 from hybridna_jax import tokenizer
+from hybridna_jax.finetune import echo as echo_lib
 from hybridna_jax.train.metrics import format_duration
 
 POOLINGS = ("mean", "last", "echo")
@@ -137,33 +138,6 @@ def bucket_lengths(context: int, min_bucket: int) -> tuple[int, ...]:
     buckets.append(size)
     size *= 2
   return tuple(buckets) + (context,)
-
-
-def echo_tokens(tokens, lengths, xp=np):
-  """Echo inputs: each row x (n tokens) becomes [x, <sep>, x], right-padded.
-
-  Works on numpy or jax arrays (`xp=jnp`, inside jit).
-
-  Args:
-    tokens: (b, L) int right-padded rows.
-    lengths: (b,) tokens per row.
-
-  Returns:
-    echo: (b, 2 L + 1) int32 doubled rows, <pad> after 2 n + 1 tokens.
-    echo_lengths: (b,) int32, 2 n + 1.
-    second: (b, L) int32 position in `echo` of the second copy of x_j
-      (n + 1 + j); meaningful where j < n (clipped into range elsewhere).
-  """
-  tokens = xp.asarray(tokens).astype(xp.int32)
-  lengths = xp.asarray(lengths).astype(xp.int32)[:, None]
-  width = tokens.shape[1]
-  idx = xp.arange(2 * width + 1, dtype=xp.int32)[None, :]
-  source = xp.where(idx < lengths, idx, idx - lengths - 1)
-  gathered = xp.take_along_axis(tokens, xp.clip(source, 0, width - 1), axis=1)
-  echo = xp.where(idx == lengths, tokenizer.SEP,
-                  xp.where(idx <= 2 * lengths, gathered, tokenizer.PAD))
-  second = xp.minimum(lengths + 1 + xp.arange(width, dtype=xp.int32)[None, :], 2 * width)
-  return echo.astype(xp.int32), (2 * lengths[:, 0] + 1).astype(xp.int32), second
 
 
 # -- sequences --------------------------------------------------------------------
@@ -629,12 +603,10 @@ class Scorer:
     body = seq.tokens
     for start in range(0, len(body), chunk):
       piece = np.asarray(body[start:start + chunk], np.int32)
-      echo, _, second = echo_tokens(piece[None], np.array([len(piece)]))
-      echo = echo[0, :2 * len(piece) + 1]
-      weights = np.zeros(len(echo) + seq.offset, np.float32)
-      weights[second[0] + seq.offset] = tokenizer.is_nucleotide(piece)
+      echo, _, weights = echo_lib.build_row(piece, 2 * len(piece) + 1, echo=True)
       if seq.offset:
         echo = np.concatenate([[tokenizer.BOS], echo]).astype(np.int32)
+        weights = np.concatenate([[0.0], weights]).astype(np.float32)
       jobs.append(_Job(i, Window(start, start + len(piece), start), echo, weights))
     return jobs
 

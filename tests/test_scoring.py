@@ -3,13 +3,13 @@ cover every position once with enough context; RC averaging is symmetric;
 embeddings match the hidden states; no recompilation for new inputs."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from hybridna_jax import restore, scoring, sharding, tokenizer
 from hybridna_jax.data import fasta
+from hybridna_jax.finetune import echo as echo_lib
 from conftest import LAMBDA_FASTA
 
 CONTEXT = 64
@@ -140,8 +140,10 @@ def test_embeddings_match_hidden_states(model, scorer, genome):
   # Echo: the second copy of [x, <sep>, x] read from one direct pass (30
   # nucleotides: the echo fits the context of 64 in one piece).
   seqs = [s[:30] for s in seqs]
-  echo, lengths, second = scoring.echo_tokens(np.stack(seqs), np.array([30, 30]))
+  batch = echo_lib.build_batch(seqs, 61, echo=True)
+  echo, lengths = batch["inputs"], batch["segment_ids"].sum(1)
   assert echo.shape == (2, 61) and list(lengths) == [61, 61]
+  second = np.stack([np.flatnonzero(m) for m in batch["pool_mask"]])
   _, echo_hidden, _ = _forward(model, echo)
   expected = np.take_along_axis(np.asarray(echo_hidden), second[..., None], 1).mean(1)
   np.testing.assert_allclose(scorer.embed(seqs, pooling="echo"), expected, rtol=1e-5,
@@ -152,17 +154,15 @@ def test_embeddings_match_hidden_states(model, scorer, genome):
     scorer.embed(seqs, layer=3)
 
 
-def test_echo_tokens_numpy_and_jax():
-  tokens = np.array([[5, 6, 7, 0], [8, 9, 0, 0]], np.int32)
-  echo, lengths, second = scoring.echo_tokens(tokens, np.array([3, 2]))
+def test_echo_rows_read_by_echo_embeddings():
+  tokens = [np.array([5, 6, 7], np.int32), np.array([8, 9], np.int32)]
+  batch = echo_lib.build_batch(tokens, 9, echo=True)
+  echo, second = batch["inputs"], [np.flatnonzero(m) for m in batch["pool_mask"]]
   np.testing.assert_array_equal(echo, [[5, 6, 7, 3, 5, 6, 7, 0, 0], [8, 9, 3, 8, 9, 0, 0, 0, 0]])
-  np.testing.assert_array_equal(lengths, [7, 5])
-  np.testing.assert_array_equal(second[0, :3], [4, 5, 6])
-  np.testing.assert_array_equal(second[1, :2], [3, 4])
-  np.testing.assert_array_equal(np.take_along_axis(echo, second, 1)[0, :3], tokens[0, :3])
-  jax_out = jax.jit(lambda t, n: scoring.echo_tokens(t, n, xp=jnp))(tokens, np.array([3, 2]))
-  for a, b in zip(jax_out, (echo, lengths, second)):
-    np.testing.assert_array_equal(np.asarray(a), b)
+  np.testing.assert_array_equal(batch["segment_ids"].sum(1), [7, 5])
+  np.testing.assert_array_equal(second[0], [4, 5, 6])
+  np.testing.assert_array_equal(second[1], [3, 4])
+  np.testing.assert_array_equal(echo[0, second[0]], tokens[0])
 
 
 def test_no_recompilation_for_new_inputs(scorer, genome):
