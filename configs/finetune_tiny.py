@@ -12,7 +12,7 @@ last, plain_mean, plain_last, frozen, full, fresh, balanced
 import os
 
 from hybridna_jax.config import load_config
-from hybridna_jax.finetune.variants import apply_variants
+from hybridna_jax.finetune.presets import apply_variants
 
 
 def get_config(variant: str | None = None):

@@ -260,7 +260,7 @@ def finetune_config() -> ml_collections.ConfigDict:
 
 def generate_config() -> ml_collections.ConfigDict:
   """Sequence design: generative fine-tuning data and sampling settings
-  (hybridna_jax/design.py, hybridna_jax/generate.py, launch/generate.py)."""
+  (hybridna_jax/design/, hybridna_jax/generate.py, launch/generate.py)."""
   c = ml_collections.ConfigDict()
   # --- Generative fine-tuning (launch/generate.py --mode=finetune) --------
   # CSVs with a `sequence` column and the label column(s); val_csv is

@@ -36,7 +36,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   launch_utils.quiet_library_logs()
   # Imported after flag parsing (nothing may touch devices before).
-  from hybridna_jax import evaluation  # pylint: disable=g-import-not-at-top
+  from hybridna_jax.scoring import evaluation  # pylint: disable=g-import-not-at-top
   from hybridna_jax import scoring  # pylint: disable=g-import-not-at-top
 
   scorer, run_config = scoring.Scorer.from_run(FLAGS.checkpoint or FLAGS.workdir,

@@ -76,7 +76,7 @@ def main(argv):
                                           default=str))
     return
 
-  from hybridna_jax import design_sampling  # pylint: disable=g-import-not-at-top
+  from hybridna_jax.design import sampling as design_sampling  # pylint: disable=g-import-not-at-top
   output = FLAGS.output or os.path.join(FLAGS.workdir, "designs.fasta")
   result = design_sampling.run_sampling(
       FLAGS.checkpoint or FLAGS.workdir, output, config=FLAGS.config, which=FLAGS.which,

@@ -48,11 +48,11 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   launch_utils.quiet_library_logs()
   from hybridna_jax import restore  # pylint: disable=g-import-not-at-top
-  from hybridna_jax import score_outputs  # pylint: disable=g-import-not-at-top
+  from hybridna_jax.scoring import outputs as score_outputs  # pylint: disable=g-import-not-at-top
   from hybridna_jax import scoring  # pylint: disable=g-import-not-at-top
-  from hybridna_jax import variants as variants_lib  # pylint: disable=g-import-not-at-top
+  from hybridna_jax.scoring import variants as variants_lib  # pylint: disable=g-import-not-at-top
   from hybridna_jax.config import score_config  # pylint: disable=g-import-not-at-top
-  from hybridna_jax.evaluation import fasta_sequences  # pylint: disable=g-import-not-at-top
+  from hybridna_jax.scoring.evaluation import fasta_sequences  # pylint: disable=g-import-not-at-top
 
   mode = FLAGS.mode
   if mode == "variants" and not (FLAGS.variants and FLAGS.reference):

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from hybridna_jax import design
-from hybridna_jax import design_metrics as metrics
-from hybridna_jax import design_sampling
+from hybridna_jax.design import metrics
+from hybridna_jax.design import sampling as design_sampling
 from hybridna_jax import restore
 from hybridna_jax import sharding
 from hybridna_jax import tokenizer as tok

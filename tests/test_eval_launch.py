@@ -12,9 +12,11 @@ import jax
 import numpy as np
 import pytest
 
-from hybridna_jax import evaluation, restore, score_outputs, scoring, sharding, tokenizer
+from hybridna_jax import restore, scoring, sharding, tokenizer
+from hybridna_jax.scoring import evaluation
+from hybridna_jax.scoring import outputs as score_outputs
 from hybridna_jax.data import fasta
-from hybridna_jax.variants import read_scores
+from hybridna_jax.scoring.variants import read_scores
 from conftest import LAMBDA_FASTA
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

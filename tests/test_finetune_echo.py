@@ -11,7 +11,7 @@ from flax import nnx
 
 from hybridna_jax import tokenizer
 from hybridna_jax.config import ModelConfig, load_config
-from hybridna_jax.finetune import echo
+from hybridna_jax import echo
 from hybridna_jax.finetune.model import HeadConfig, SequenceModel
 
 # The tiny test model cut to two layers, Mamba2 then attention (compiles faster).

@@ -9,7 +9,7 @@ from flax import nnx
 
 from hybridna_jax import restore, scoring, sharding, tokenizer
 from hybridna_jax.data import fasta
-from hybridna_jax.finetune import echo as echo_lib
+from hybridna_jax import echo as echo_lib
 from conftest import LAMBDA_FASTA
 
 CONTEXT = 64

@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from hybridna_jax import restore, scoring, sharding, tokenizer, variants
+from hybridna_jax import restore, scoring, sharding, tokenizer
+from hybridna_jax.scoring import variants
 from hybridna_jax.data import fasta
 from conftest import LAMBDA_FASTA
 

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hybridna_jax.config import ModelConfig
-from hybridna_jax.finetune import echo as echo_lib
+from hybridna_jax import echo as echo_lib
 from hybridna_jax.model import HybriDNA
 from hybridna_jax.sharding import constrain
 
@@ -41,7 +41,7 @@ class HeadConfig:
   """How sequences become features and features become outputs.
 
   num_outputs: classes (classification) or 1 (regression).
-  echo, pool, rc_combine: see `finetune.echo` and the module docstring.
+  echo, pool, rc_combine: see `hybridna_jax.echo` and the module docstring.
   hidden: 0 for a linear head, else one GELU hidden layer of this width.
   freeze_backbone: train the head only.
   """

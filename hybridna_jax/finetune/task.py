@@ -46,7 +46,7 @@ from hybridna_jax import tokenizer
 from hybridna_jax.config import ModelConfig, model_config_dict
 from hybridna_jax.data import pipeline
 from hybridna_jax.finetune import datasets
-from hybridna_jax.finetune import echo as echo_lib
+from hybridna_jax import echo as echo_lib
 from hybridna_jax.finetune import metrics as metrics_lib
 from hybridna_jax.finetune import report
 from hybridna_jax.finetune.model import HeadConfig, SequenceModel

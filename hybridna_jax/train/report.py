@@ -10,7 +10,7 @@ import os
 import numpy as np
 from absl import logging
 
-from hybridna_jax.baselines import MarkovModel
+from hybridna_jax.train.baselines import MarkovModel
 from hybridna_jax.data import pipeline
 from hybridna_jax.data.store import TokenStore
 from hybridna_jax.train.loop import parse_stages

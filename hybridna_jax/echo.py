@@ -17,6 +17,8 @@ the same row for the reverse-complement strand; it has the same length, so
 `segment_ids` and `pool_mask` serve both strands.
 
 Host side (numpy): `build_row`, `build_batch`. Device side (jax): `pool`.
+Shared by `hybridna_jax.scoring` (echo embeddings) and `hybridna_jax.finetune`
+(echo heads), so neither imports the other.
 """
 
 from __future__ import annotations

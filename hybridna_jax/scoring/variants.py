@@ -46,7 +46,6 @@ from typing import Callable, Iterable, NamedTuple, Sequence
 import numpy as np
 from absl import logging
 
-from hybridna_jax import scoring
 from hybridna_jax import tokenizer
 from hybridna_jax.data import fasta
 

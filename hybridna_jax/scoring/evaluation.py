@@ -24,7 +24,7 @@ from typing import Iterable, NamedTuple, Sequence
 import numpy as np
 from absl import logging
 
-from hybridna_jax import scoring
+from hybridna_jax.scoring import scorer as scorer_lib
 from hybridna_jax.data import fasta
 from hybridna_jax.data import store as store_lib
 
@@ -82,8 +82,8 @@ def metrics(nll: float, correct: float, count: float) -> dict:
           "accuracy": correct / count, "tokens": int(count)}
 
 
-def evaluate(scorer: scoring.Scorer, sequences: Sequence[NamedSequence], *,
-             progress: scoring.Progress | None = None) -> dict:
+def evaluate(scorer: scorer_lib.Scorer, sequences: Sequence[NamedSequence], *,
+             progress: scorer_lib.Progress | None = None) -> dict:
   """Scores `sequences`; returns {"records": [...], "overall": {...}, ...}."""
   start = time.perf_counter()
   stats = scorer.token_stats([s.tokens for s in sequences], progress=progress)

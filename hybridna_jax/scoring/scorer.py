@@ -40,7 +40,7 @@ Conventions.
   * Echo embeddings ("echo"): the sequence is fed twice with <sep> between,
     and the second copy is read (it has seen the whole sequence), as in
     HybriDNA's understanding fine-tuning; the rows come from the fine-tuning
-    heads' own builder, `hybridna_jax.finetune.echo.build_row`.
+    heads' own builder, `hybridna_jax.echo.build_row`.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hybridna_jax import sharding
 from hybridna_jax import tokenizer
-from hybridna_jax.finetune import echo as echo_lib
+from hybridna_jax import echo as echo_lib
 from hybridna_jax.train.metrics import format_duration
 
 POOLINGS = ("mean", "last", "echo")

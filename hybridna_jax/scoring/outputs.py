@@ -13,8 +13,8 @@ from typing import Sequence
 import numpy as np
 from absl import logging
 
-from hybridna_jax import variants as variants_lib
-from hybridna_jax.scoring import LogLikelihood, PositionScores, Progress, Scorer
+from hybridna_jax.scoring import variants as variants_lib
+from hybridna_jax.scoring.scorer import LogLikelihood, PositionScores, Progress, Scorer
 
 LN2 = math.log(2.0)
 LOGLIK_COLUMNS = ("name", "length", "scored", "loglik_sum", "loglik_mean", "bits_per_nt")

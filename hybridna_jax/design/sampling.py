@@ -27,8 +27,9 @@ from hybridna_jax import generate as gen
 from hybridna_jax import tokenizer as tok
 from hybridna_jax.data import fasta
 from hybridna_jax.data import pipeline
-from hybridna_jax import design
-from hybridna_jax import design_metrics as metrics
+from hybridna_jax.design import data as design_data
+from hybridna_jax.design import prompts
+from hybridna_jax.design import metrics
 
 
 @dataclasses.dataclass
@@ -54,7 +55,7 @@ def _slug(text: str) -> str:
   return "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in text).strip("_")
 
 
-def design_sets(model, vocab: design.PromptVocab | None,
+def design_sets(model, vocab: prompts.PromptVocab | None,
                 label_sets: Sequence[dict[str, str] | None], settings: gen.Settings, *,
                 num_samples: int, batch_size: int, seed: int, prefix: str = "",
                 mesh=None) -> list[DesignedSet]:
@@ -156,17 +157,17 @@ def write_fasta(sets: Sequence[DesignedSet], path: str, *, settings: gen.Setting
   return path
 
 
-def summarize_sets(sets: Sequence[DesignedSet], training: design.DesignData | None,
-                   vocab: design.PromptVocab | None, *, k: int = 6,
+def summarize_sets(sets: Sequence[DesignedSet], training: design_data.DesignData | None,
+                   vocab: prompts.PromptVocab | None, *, k: int = 6,
                    max_pairs: int = 20_000) -> dict[str, dict]:
-  """{prompt name: design_metrics.summarize(...)}; each set is compared
+  """{prompt name: metrics.summarize(...)}; each set is compared
   with the training sequences of its label (all of them when unconditional)."""
   by_label: dict[str, list[str]] = {}
   all_training: set[str] | None = None
   if training is not None:
     all_training = set(training.sequences)
     if vocab is not None:
-      by_label = design.sequences_by_label(training, vocab)
+      by_label = design_data.sequences_by_label(training, vocab)
   out = {}
   for s in sets:
     reference = None
@@ -216,10 +217,10 @@ def run_sampling(checkpoint: str, output: str, *, config=None, which: str = "lat
   seed = int(g.seed if seed is None else seed)
   settings = settings_from_config(g, **overrides)
   run_generate = run_config.get("generate")
-  vocab = (design.PromptVocab.from_config(run_generate.prompt_vocab)
+  vocab = (prompts.PromptVocab.from_config(run_generate.prompt_vocab)
            if run_generate is not None and run_generate.get("prompt_vocab") else None)
   if vocab is not None:
-    label_sets = design.iter_label_sets(vocab, label_specs)
+    label_sets = prompts.iter_label_sets(vocab, label_specs)
   else:
     if label_specs:
       raise ValueError(f"{checkpoint} is not a design run (no prompt vocabulary in its "
@@ -238,7 +239,7 @@ def run_sampling(checkpoint: str, output: str, *, config=None, which: str = "lat
   csv_path = reference_csv or (run_generate.get("train_csv") if run_generate is not None
                                else None)
   if csv_path and os.path.isfile(csv_path) and vocab is not None:
-    training = design.load_design_csv(csv_path, vocab.columns)
+    training = design_data.load_design_csv(csv_path, vocab.columns)
   elif csv_path:
     logging.warning("training CSV %s not found; the summary leaves out the comparisons "
                     "with training sequences (pass --reference_csv).", csv_path)
@@ -254,7 +255,7 @@ def run_sampling(checkpoint: str, output: str, *, config=None, which: str = "lat
     json.dump(result, f, indent=2)
   with open(stem + ".summary.txt", "w", encoding="utf-8") as f:
     f.write(table + "\n")
-  references = design.sequences_by_label(training, vocab) if training is not None else {}
+  references = design_data.sequences_by_label(training, vocab) if training is not None else {}
   if training is not None:
     references["unconditional"] = list(training.sequences)
   result["plot"] = metrics.plot_summary({s.name: s.sequences for s in sets}, references,

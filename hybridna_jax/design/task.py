@@ -1,0 +1,147 @@
+"""Prompt-token generative fine-tuning (regLM-style).
+
+The model learns next-token prediction on the sequence and its <eos> only
+(the label tokens are given, never predicted). Generation then starts from
+<bos> + the label tokens of the wanted condition(s) (+ an optional DNA
+prefix), see `hybridna_jax.generate` and `hybridna_jax.design.sampling`.
+
+`GenerativeFinetuning` is a `train.loop.Task`: the same jitted train step,
+checkpoints, preemption handling and metrics as pretraining, fed by a
+checkpointable Grain iterator over the labelled examples, optionally
+starting from a pretrained LM (`generate.pretrained`).
+"""
+
+from __future__ import annotations
+
+import jax
+from absl import logging
+
+from hybridna_jax import restore
+from hybridna_jax import tokenizer as tok
+from hybridna_jax.config import ModelConfig
+from hybridna_jax.design.data import (eval_batches, load_design_csv,
+                                      resolve_vocab, tokenize, train_batches)
+from hybridna_jax.model import HybriDNA
+from hybridna_jax.train import flops as flops_lib
+from hybridna_jax.train import loop
+from hybridna_jax.train import step as step_lib
+
+# Model fields that must match between a pretrained checkpoint and the
+# fine-tuned model (numerics and kernels may differ).
+_ARCHITECTURE_FIELDS = ("vocab_size", "d_model", "n_layers", "mlp_dim", "num_heads",
+                        "num_kv_heads", "head_dim", "d_state", "d_conv", "expand",
+                        "ssm_head_dim", "ngroups", "tie_embeddings")
+
+
+class GenerativeFinetuning(loop.Task):
+  """Prompt-token generative fine-tuning (module docstring).
+
+  Validation (when config.generate.val_csv is set): bits per nucleotide of
+  the sequences (and <eos>) given their true labels, and `label_gain_bits`
+  -- how many bits per nucleotide worse the same sequences score under
+  another label -- a direct measure of how much the model uses the prompt.
+  """
+  selection = ("bits_per_nt", "min")
+
+  def __init__(self, config):
+    super().__init__(config)
+    g = config.generate
+    if not g.train_csv:
+      raise ValueError("config.generate.train_csv is empty; give a CSV of sequence + label "
+                       "columns (see configs/design_demo.py).")
+    self.model_cfg = ModelConfig.from_config(config.model)
+    self.train_rows = load_design_csv(g.train_csv, g.label_columns)
+    self.vocab = resolve_vocab(config, self.train_rows)
+    self.train_examples = tokenize(self.train_rows, self.vocab)
+    self.val_examples = None
+    if g.val_csv:
+      self.val_examples = tokenize(load_design_csv(g.val_csv, g.label_columns), self.vocab)
+    elif int(config.train.eval_every):
+      raise ValueError("config.train.eval_every > 0 but config.generate.val_csv is empty; "
+                       "give a validation CSV or set config.train.eval_every=0.")
+    longest = max(s.size for s in self.train_examples.sequences)
+    needed = longest + len(self.vocab.conditions) + 2
+    for stage in self.stages():
+      if stage.seq_len + 1 < needed:
+        raise ValueError(f"config.train.stages[{stage.index}] seq_len {stage.seq_len} is too "
+                         f"short: the longest training example needs {needed - 1} "
+                         f"(<bos> + {len(self.vocab.conditions)} label token(s) + {longest} nt "
+                         "+ <eos>, minus one for the shift).")
+    self.mask_n = bool(g.mask_n_in_loss)
+    # Checked now, before anything compiles: the pretrained run must have
+    # this architecture.
+    self.pretrained = self._check_pretrained(str(g.pretrained)) if g.pretrained else None
+
+  def _check_pretrained(self, path: str) -> restore.CheckpointRef:
+    ref = restore.find_checkpoint(path, str(self.config.generate.pretrained_which))
+    pretrained_cfg = ModelConfig.from_config(restore.run_config(ref.run_dir).model)
+    diff = {f: (getattr(pretrained_cfg, f), getattr(self.model_cfg, f))
+            for f in _ARCHITECTURE_FIELDS
+            if getattr(pretrained_cfg, f) != getattr(self.model_cfg, f)}
+    if pretrained_cfg.layer_types != self.model_cfg.layer_types:
+      diff["layer_types"] = (pretrained_cfg.layer_types, self.model_cfg.layer_types)
+    if diff:
+      raise ValueError(f"config.generate.pretrained={path}: its model differs from "
+                       f"config.model in {diff} (pretrained, this config); use the "
+                       "pretraining run's model settings.")
+    return ref
+
+  def init_model(self, rngs):
+    return HybriDNA(self.model_cfg, rngs=rngs)
+
+  def loss(self, model, batch):
+    return step_lib.lm_loss(model, batch)
+
+  def train_iterator(self, stage, batch_size, seed):
+    g = self.config.generate
+    return train_batches(self.train_examples, seq_len=stage.seq_len, batch_size=batch_size,
+                         seed=seed, rc_prob=float(g.reverse_complement_prob),
+                         label_dropout=float(g.label_dropout), mask_n_in_loss=self.mask_n,
+                         shard_index=jax.process_index(), shard_count=jax.process_count())
+
+  def evaluate(self, fns, params, stage):
+    tc = self.config.train
+    seq_len = int(tc.eval_seq_len) or stage.seq_len
+    per_host = max(1, int(tc.eval_batch_size) // jax.process_count())
+
+    def run(shift):
+      batches = eval_batches(self.val_examples, seq_len=seq_len, batch_size=per_host,
+                             shard_index=jax.process_index(), shard_count=jax.process_count(),
+                             label_shift=shift, vocab=self.vocab, mask_n_in_loss=self.mask_n)
+      return loop.lm_metrics(loop.sum_eval_steps(fns, params, batches, int(tc.eval_batches)))
+
+    metrics = run(0)
+    widest = max(len(c.values) for c in self.vocab.conditions)
+    if widest > 1:
+      wrong = run(max(1, widest // 2))
+      metrics["bits_per_nt_wrong_label"] = wrong["bits_per_nt"]
+      metrics["label_gain_bits"] = wrong["bits_per_nt"] - metrics["bits_per_nt"]
+    return metrics
+
+  def start(self, fns, state):
+    """Loads the pretrained LM's parameters (fresh runs only; a resumed run
+    restores its own checkpoint instead)."""
+    if self.pretrained is None:
+      return state
+    ref = self.pretrained
+    params = restore.restore_params(ref, self.model_cfg, fns.mesh)
+    logging.info("loaded pretrained parameters from %s step %d", ref.manager_dir, ref.step)
+    return state._replace(params=params)
+
+  def finish(self, fns, state, workdir):
+    return {"prompt_vocab": [c.to_dict() for c in self.vocab.conditions]}
+
+  def flops_per_token(self, seq_len: int) -> float:
+    return flops_lib.train_flops_per_token(self.model_cfg, seq_len)
+
+  def describe(self) -> str:
+    conditions = ", ".join(f"{c.column} ({c.kind}: {len(c.values)} tokens from "
+                           f"{tok.token_name(c.first_token)})" for c in self.vocab.conditions)
+    return (f"generative fine-tuning on {len(self.train_examples):,} sequences of "
+            f"{self.train_rows.path}; conditions {conditions}")
+
+
+def finetune(config, workdir: str) -> dict:
+  """Runs (or resumes) generative fine-tuning in `workdir`; returns the
+  training summary."""
+  return loop.train(config, workdir, task=GenerativeFinetuning(config))
