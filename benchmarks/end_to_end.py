@@ -8,11 +8,14 @@ layer, MLP widened to match the parameter count), at several context lengths.
 For each model and length it runs jitted, donated train steps (bf16 compute,
 fp32 master weights, the config's remat) on one device and prints step time,
 training tokens/s, model TFLOP/s and MFU (model FLOPs: matmuls, attention and
-the SSD scan, see hybridna_jax/train/flops.py), peak device memory, or OOM.
+the SSD scan, see hybridna_jax/train/flops.py), peak device memory (the
+process's running peak, so a row shows at least the rows above it), or a
+failure cell ("OOM: ..." / "error: ...") after which the run goes on.
 `--small` runs a CPU smoke version on the demo config.
 """
 
 import dataclasses
+import gc
 import sys
 from pathlib import Path
 
@@ -21,7 +24,7 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import environment, time_jitted  # noqa: E402
+from harness import environment, failure, time_jitted  # noqa: E402
 
 from hybridna_jax import sharding  # noqa: E402
 from hybridna_jax.config import ModelConfig, load_config  # noqa: E402
@@ -115,9 +118,10 @@ def main(argv):
       try:
         r = measure(cfg, seq_len, batch)
       except Exception as e:  # pylint: disable=broad-except
-        if "RESOURCE_EXHAUSTED" not in str(e) and "Out of memory" not in str(e):
-          raise
-        print(f"{name:<12}{seq_len:>8}{batch:>6}{'OOM':>9}", flush=True)
+        # An OOM (or any other failure) of one point is a cell, not the end
+        # of the run: the other lengths and the other model still run.
+        print(f"{name:<12}{seq_len:>8}{batch:>6}  {failure(e)}", flush=True)
+        gc.collect()
         continue
       results[(name, seq_len)] = r
       mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
