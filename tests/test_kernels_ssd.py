@@ -306,3 +306,38 @@ def test_public_api_retraces_under_another_mesh():
       return api_call({**inputs, "x": x}, impl)[0]
 
   assert "shard_map" in str(jax.make_jaxpr(under_mesh)(inputs["x"]))
+
+
+def test_bf16_gradients_at_model_chunk_as_close_to_fp32_as_xla():
+  """bf16 inputs at the model's chunk (256) over several chunks: every
+  output and gradient of the Pallas kernel is about as close to the fp32
+  truth (the same bf16-representable values in fp32) as the XLA chunked
+  path in bf16 is. dA and d dt come from a reverse cumsum of per-position
+  terms that nearly cancel; rounding those terms inconsistently to bf16 once
+  left dA 57% off here while the XLA path was 0.1% off."""
+  inputs = api_inputs(b=2, l=600, h=2, p=64, g=1, n=128, dtype=jnp.bfloat16)
+  truth_inputs = {k: (v.astype(jnp.float32) if v.dtype == jnp.bfloat16 else v)
+                  for k, v in inputs.items()}
+  diff_names = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
+  cot = jnp.asarray(np.random.default_rng(3).standard_normal(inputs["x"].shape, np.float32))
+
+  def loss(diff, impl, inputs):
+    y, f = api_call({**inputs, **diff}, impl, 256)
+    return (y.astype(jnp.float32) * cot).sum() + f.sum(), (y, f)
+
+  grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+  outputs = {}
+  for impl, source in (("truth", truth_inputs), ("chunked", inputs),
+                       ("pallas_gpu_interpret", inputs)):
+    (_, (y, f)), g = grad({k: source[k] for k in diff_names},
+                          "chunked" if impl == "truth" else impl, source)
+    outputs[impl] = {"y": y, "final": f, **g}
+
+  def error(name, impl):
+    got = np.asarray(outputs[impl][name], np.float32)
+    want = np.asarray(outputs["truth"][name], np.float32)
+    return np.abs(got - want).max() / np.abs(want).max()
+
+  for name in outputs["truth"]:
+    kernel, xla = error(name, "pallas_gpu_interpret"), error(name, "chunked")
+    assert kernel <= max(8 * xla, 1e-2), (name, kernel, xla)

@@ -133,6 +133,18 @@ class _Plan:
     return self.r // self.nsplit
 
   @property
+  def dcs_from_products(self):
+    """How the backward sums the intra-chunk d cs terms, which nearly cancel.
+
+    bf16/fp16 operands: as row and column sums of the same fp32 products
+    (dy_i . x_j) z_ij, so the rounding cancels too (rounding z to bf16 for
+    y's matmul and again for V's once left dA 57% off). fp32: through y and V
+    from matmuls, whose sums cancel inside the accumulation and are the more
+    accurate there.
+    """
+    return self.dtype != jnp.dtype(f32)
+
+  @property
   def tpu(self):
     return self.cfg.platform == "tpu"
 
@@ -212,6 +224,14 @@ def _row_sum(m, plan: _Plan):
     ones = jnp.ones((8, m.shape[1]), f32)
     return _dot(ones, m, _NT)[:1]
   return jnp.sum(m, axis=1)[None, :]
+
+
+def _col_sum(m, plan: _Plan):
+  """(k, w) -> (1, w): column sums laid out along lanes."""
+  if plan.tpu:
+    ones = jnp.ones((8, m.shape[0]), f32)
+    return _dot(ones, m)[:1]
+  return jnp.sum(m, axis=0)[None, :]
 
 
 def _sl(start, size, nblocks):
@@ -332,21 +352,28 @@ def _dx_kernel(x_ref, dy_ref, b_ref, cb_ref, g_ref, cs_ref, dt_ref, w_ref,
   def head(hh):
     cs_j = cs_ref[pl.ds(hh, 1), cols]
 
-    def tile(i, acc):
+    x_j = x_ref[hh]
+
+    def tile(i, carry):
+      acc, xv = carry
       rows = _sl(i, blk, nb)
       cs_i = _col(cs_ref[pl.ds(hh, 1), rows], plan)
       seq_i = _col(seq_ref[:, rows], plan)
       z = cb_ref[rows, :] * _decay(cs_i, cs_j, seq_i, seq_j, i * blk, j0,
                                    blk, blk)
-      return acc + _dot(z.T.astype(plan.dtype), dy_ref[hh, rows, :])
+      dy_i = dy_ref[hh, rows, :]
+      if plan.dcs_from_products:   # x_j . V_j as column sums (see _Plan)
+        xv = xv + _col_sum(_dot(dy_i, x_j, _NT) * z, plan)
+      return acc + _dot(z.T.astype(plan.dtype), dy_i), xv
 
-    v = _loop(j, nb, tile, jnp.zeros((blk, plan.p), f32), nb == 1)
+    v, xv = _loop(j, nb, tile, (jnp.zeros((blk, plan.p), f32),
+                                jnp.zeros((1, blk), f32)), nb == 1)
     bg = _dot(bj, g_ref[hh].astype(plan.dtype))                  # (blk, p)
-    x = x_ref[hh].astype(f32)
+    x = x_j.astype(f32)
     dt_j = _col(dt_ref[pl.ds(hh, 1), cols], plan)
     w_j = _col(w_ref[pl.ds(hh, 1), cols], plan)
     dx_ref[hh] = (dt_j * v + w_j * bg).astype(dx_ref.dtype)
-    ddt_ref[pl.ds(hh, 1), :] = _row_sum(x * v, plan)
+    ddt_ref[pl.ds(hh, 1), :] = xv if plan.dcs_from_products else _row_sum(x * v, plan)
     dw_ref[pl.ds(hh, 1), :] = _row_sum(x * bg, plan)
 
   _for_heads(plan.hb, head)
@@ -405,18 +432,25 @@ def _dcb_kernel(x_ref, dy_ref, c_ref, cb_ref, s_ref, g_ref, cs_ref, dt_ref,
     dbst_ref[...] += w_i * _dot(x_ref[hh, rows, :], g32.astype(plan.dtype),
                                 _NT)
 
-    def tile(j, y):
+    def tile(j, carry):
       cols = _sl(j, blk, nb)
       cs_j = cs_ref[pl.ds(hh, 1), cols]
       dt_j = dt_ref[pl.ds(hh, 1), cols]
       decay_dt = _decay(cs_i, cs_j, seq_i, seq_ref[:, cols], i0, j * blk,
                         blk, blk) * dt_j
       x_j = x_ref[hh, cols, :]
-      dcb_ref[:, cols] += decay_dt * _dot(dy, x_j, _NT)
-      return y + _dot((cb_ref[:, cols] * decay_dt).astype(plan.dtype), x_j)
+      dy_x = _dot(dy, x_j, _NT)                                  # (blk, blk)
+      dcb_ref[:, cols] += decay_dt * dy_x
+      if plan.dcs_from_products:   # dy_i . y_i as row sums (see _Plan)
+        return carry + _row_sum(dy_x * cb_ref[:, cols] * decay_dt, plan)
+      return carry + _dot((cb_ref[:, cols] * decay_dt).astype(plan.dtype), x_j)
 
-    y = _loop(0, i + 1, tile, y_off, nb == 1)
-    dcs_ref[pl.ds(hh, 1), :] = _row_sum(dy.astype(f32) * y, plan)
+    if plan.dcs_from_products:
+      dy_y = _loop(0, i + 1, tile, _row_sum(dy.astype(f32) * y_off, plan), nb == 1)
+    else:
+      y = _loop(0, i + 1, tile, y_off, nb == 1)
+      dy_y = _row_sum(dy.astype(f32) * y, plan)
+    dcs_ref[pl.ds(hh, 1), :] = dy_y
 
   _for_heads(plan.hs, head)
 
