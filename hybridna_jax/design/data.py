@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
-import sys
 from typing import Sequence
 
 import grain
@@ -205,8 +204,8 @@ def train_batches(examples: Examples, *, seq_len: int, batch_size: int, seed: in
   global stream does not depend on the host count."""
   if not len(examples):
     raise ValueError("no training examples.")
-  ds = grain.MapDataset.range(0, sys.maxsize)[shard_index::shard_count]
-  ds = ds.map(_ExampleSampler(len(examples), seed, rc_prob, label_dropout))
+  ds = pipeline.host_positions(shard_index, shard_count).map(
+      _ExampleSampler(len(examples), seed, rc_prob, label_dropout))
   ds = ds.map(_RowBuilder(examples, seq_len + 1))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=2 * batch_size))
   it = it.batch(batch_size, drop_remainder=True, batch_fn=np.stack)
@@ -223,18 +222,17 @@ def eval_batches(examples: Examples, *, seq_len: int, batch_size: int,
   label_shift > 0 replaces each label by the one `label_shift` places on
   (cyclically) in its condition: the "wrong label" control of `evaluate`.
   """
-  n = len(examples)
-  per_host = -(-n // shard_count)
-  num_rows = -(-per_host // batch_size) * batch_size
-  rows = np.full((num_rows, seq_len + 1), tok.PAD, np.int32)
-  for r, i in enumerate(range(shard_index, n, shard_count)):
+  ids = pipeline.host_eval_rows(len(examples), batch_size, shard_index,
+                                shard_count).reshape(-1)
+  rows = np.full((ids.size, seq_len + 1), tok.PAD, np.int32)
+  for r, i in enumerate(ids[ids >= 0]):
     labels = examples.label_tokens[i]
     if label_shift:
       labels = np.array([c.first_token + (t - c.first_token + label_shift) % len(c.values)
                          for c, t in zip(vocab.conditions, labels)], np.int32)
     rows[r] = example_row(labels, examples.sequences[i], seq_len + 1)
   return [lm_batch(rows[s:s + batch_size], mask_n_in_loss=mask_n_in_loss)
-          for s in range(0, num_rows, batch_size)]
+          for s in range(0, ids.size, batch_size)]
 
 
 def resolve_vocab(config, train_rows: DesignData | None = None) -> PromptVocab:
