@@ -46,6 +46,7 @@ from typing import Callable, Iterable, NamedTuple, Sequence
 import numpy as np
 from absl import logging
 
+from hybridna_jax import plotting
 from hybridna_jax import tokenizer
 from hybridna_jax.data import fasta
 
@@ -476,9 +477,7 @@ def plot_scores(path: str, scores: Sequence[VariantScore]) -> str | None:
   """Histogram of LLRs by variant type; returns the path (None if empty)."""
   if not scores:
     return None
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = plotting.pyplot()
   by_kind: dict[str, list[float]] = {}
   for s in scores:
     by_kind.setdefault(s.variant.kind, []).append(s.llr)
@@ -492,7 +491,4 @@ def plot_scores(path: str, scores: Sequence[VariantScore]) -> str | None:
   ax.set_ylabel("variants")
   ax.set_title("Zero-shot variant effects")
   ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return plotting.save(fig, path, dpi=120)
