@@ -47,8 +47,7 @@ from hybridna_jax.data.tasks import TaskFormatError, TaskSplit
 
 SPLITS = ("train", "dev", "test")
 FORMATS = ("auto", "gue", "nt", "bed")
-_FASTA_SUFFIXES = (".fna", ".fa", ".fasta")
-_COMPRESSED_SUFFIXES = ("", ".gz", ".xz", ".bz2")
+_COMPRESSED_SUFFIXES = ("",) + fasta_lib.COMPRESSION_SUFFIXES
 _DEV_NAMES = {"dev": "dev", "valid": "dev", "val": "dev", "validation": "dev",
               "train": "train", "test": "test"}
 # Imbalance (largest / smallest class of a split) above this gets a warning.
@@ -164,7 +163,7 @@ def _find(folder: str, stem: str, suffixes: Iterable[str]) -> str | None:
 def _fasta_split(folder: str, split: str) -> str | None:
   names = (split,) if split != "dev" else ("dev", "valid", "val", "validation")
   for name in names:
-    path = _find(folder, name, _FASTA_SUFFIXES)
+    path = _find(folder, name, fasta_lib.FASTA_SUFFIXES)
     if path:
       return path
   return None

@@ -253,7 +253,7 @@ def read_variants(path: str, *, max_indel_length: int = 64
                   ) -> tuple[list[Variant], list[Problem]]:
   """A VCF (.vcf, .vcf.gz, .vcf.bgz) or a CSV (.csv, .csv.gz), by name."""
   name = os.path.basename(os.fspath(path)).lower()
-  for suffix in (".gz", ".bgz", ".xz", ".bz2"):
+  for suffix in fasta.COMPRESSION_SUFFIXES:
     name = name.removesuffix(suffix)
   if name.endswith(".vcf"):
     return read_vcf(path, max_indel_length=max_indel_length)
