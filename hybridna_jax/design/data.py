@@ -11,7 +11,6 @@ condition (`config.generate.label_columns`).
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import os
 from typing import Sequence
@@ -21,7 +20,8 @@ import numpy as np
 
 from hybridna_jax import tokenizer as tok
 from hybridna_jax.data import pipeline
-from hybridna_jax.data.tasks import TaskFormatError
+from hybridna_jax.data import textfiles
+from hybridna_jax.data.tasks import TaskFormatError, check_sequence
 from hybridna_jax.design.prompts import PromptVocab
 
 
@@ -66,45 +66,29 @@ def load_design_csv(path: str | os.PathLike, label_columns: Sequence[str]) -> De
   if not columns:
     raise ValueError("config.generate.label_columns is empty; name the CSV column(s) that "
                      "hold the labels, e.g. ('label',).")
+  rows = textfiles.csv_rows(path, error=TaskFormatError,
+                            expected=f"a header such as 'sequence,{','.join(columns)}'")
+  header_line, names = next(rows)
+  lowered = [h.lower() for h in names]
+  if "sequence" not in lowered:
+    raise TaskFormatError(path, header_line, f"header {names} lacks a 'sequence' column.")
+  missing = [c for c in columns if c not in names]
+  if missing:
+    raise TaskFormatError(path, header_line, f"header {names} lacks the label column(s) "
+                          f"{missing} named by config.generate.label_columns.")
+  seq_col = lowered.index("sequence")
+  label_cols = [names.index(c) for c in columns]
   sequences, lines = [], []
   labels: dict[str, list[str]] = {c: [] for c in columns}
-  with open(path, newline="", encoding="utf-8-sig") as f:
-    reader = csv.reader(f)
-    header = next(reader, None)
-    if header is None:
-      raise TaskFormatError(path, None, "the file is empty; expected a header such as "
-                            f"'sequence,{','.join(columns)}'.")
-    names = [h.strip() for h in header]
-    lowered = [h.lower() for h in names]
-    if "sequence" not in lowered:
-      raise TaskFormatError(path, 1, f"header {names} lacks a 'sequence' column.")
-    missing = [c for c in columns if c not in names]
-    if missing:
-      raise TaskFormatError(path, 1, f"header {names} lacks the label column(s) {missing} "
-                            "named by config.generate.label_columns.")
-    seq_col = lowered.index("sequence")
-    label_cols = [names.index(c) for c in columns]
-    for row in reader:
-      line = reader.line_num
-      if not row or all(not c.strip() for c in row):
-        continue
-      if len(row) != len(names):
-        raise TaskFormatError(path, line, f"{len(row)} fields, the header has {len(names)}; "
-                              "check for stray commas or quotes.")
-      seq = row[seq_col].strip().upper()
-      if not seq:
-        raise TaskFormatError(path, line, "empty sequence.")
-      try:
-        tok.encode_bytes(seq.encode("ascii", "replace"), context="sequence")
-      except tok.InvalidSequenceError as e:
-        raise TaskFormatError(path, line, str(e)) from e
-      for c, i in zip(columns, label_cols):
-        value = row[i].strip()
-        if not value:
-          raise TaskFormatError(path, line, f"empty label in column {c!r}.")
-        labels[c].append(value)
-      sequences.append(seq)
-      lines.append(line)
+  for line, row in rows:
+    seq = check_sequence(path, line, row[seq_col])
+    for c, i in zip(columns, label_cols):
+      value = row[i].strip()
+      if not value:
+        raise TaskFormatError(path, line, f"empty label in column {c!r}.")
+      labels[c].append(value)
+    sequences.append(seq)
+    lines.append(line)
   if not sequences:
     raise TaskFormatError(path, None, "no examples after the header.")
   return DesignData(path, columns, sequences, labels, lines)
