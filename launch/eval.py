@@ -20,6 +20,7 @@ import os
 from absl import app, flags, logging
 
 from hybridna_jax import launch_utils
+from hybridna_jax.data import fasta as fasta_lib
 
 launch_utils.define_flags(workdir_required=True)
 flags.DEFINE_multi_string("fasta", [], "FASTA file(s) to evaluate (default: the token "
@@ -66,10 +67,7 @@ def main(argv):
 
 
 def _stem(path: str) -> str:
-  name = os.path.basename(path)
-  for suffix in (".gz", ".bgz", ".xz", ".bz2", ".fasta", ".fa", ".fna", ".fas"):
-    name = name.removesuffix(suffix)
-  return name
+  return fasta_lib.strip_suffixes(os.path.basename(path))
 
 
 if __name__ == "__main__":

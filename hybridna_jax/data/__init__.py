@@ -6,6 +6,7 @@ Modules:
   prepare   FASTA files -> train/val store (launch/prepare_data.py)
   pipeline  Grain training and evaluation batches, checkpointable iterator
   tasks     GUE-style CSV task folders
+  textfiles numbered lines of plain or compressed text; CSV rows under a header
   config    default_data_config(), mounted as `config.data`
 """
 

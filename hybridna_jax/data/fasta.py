@@ -47,6 +47,12 @@ _WHITESPACE_BYTES = b" \t\r\n\v\f"
 _WHITESPACE = np.zeros(256, dtype=bool)
 _WHITESPACE[list(_WHITESPACE_BYTES)] = True
 _INVALID_BYTE = b"\xff"
+# File name endings of FASTA files and of the compressions read here. The
+# reader tells compression from the content; names serve to find task files
+# and to name sources and outputs (`strip_suffixes`).
+FASTA_SUFFIXES = (".fna", ".fa", ".fasta", ".fas", ".fsa", ".ffn", ".mfa",
+                  ".seq", ".fa.txt")
+COMPRESSION_SUFFIXES = (".gz", ".bgz", ".xz", ".bz2")
 
 
 def _encode_table() -> bytes:
@@ -98,6 +104,17 @@ class FastaHeader:
   name: str
   description: str
   line: int
+
+
+def strip_suffixes(name: str) -> str:
+  """A file name without its compression and then its FASTA ending
+  (case-insensitive): "E_coli.fna.gz" -> "E_coli"."""
+  for suffixes in (COMPRESSION_SUFFIXES, FASTA_SUFFIXES):
+    for suffix in suffixes:
+      if name.lower().endswith(suffix):
+        name = name[:-len(suffix)]
+        break
+  return name
 
 
 def detect_compression(path: str | os.PathLike) -> str:

@@ -442,6 +442,34 @@ def _read_options(data_cfg, batch_size: int) -> grain.ReadOptions:
                            prefetch_buffer_size=buffer)
 
 
+def host_positions(shard_index: int = 0, shard_count: int = 1
+                   ) -> grain.MapDataset:
+  """Host h of H's share of an infinite global stream: positions h, h + H, ...
+
+  The training streams map a global position to an example, so what each
+  position holds does not depend on the host count.
+  """
+  return grain.MapDataset.range(0, sys.maxsize)[shard_index::shard_count]
+
+
+def host_eval_rows(num_items: int, batch_size: int, shard_index: int = 0,
+                   shard_count: int = 1) -> np.ndarray:
+  """The items of host h of H's evaluation batches, padded to a fixed size.
+
+  Host h takes items h, h + H, ...; every host gets ceil(ceil(n / H) / B)
+  batches (the same number, so collective eval steps line up), the tail
+  filled with -1 (an empty row).
+
+  Returns:
+    int64 (num_batches, batch_size): item ids, -1 on filler rows.
+  """
+  per_host = -(-num_items // shard_count)
+  num_rows = -(-per_host // batch_size) * batch_size
+  ids = np.arange(num_rows, dtype=np.int64) * shard_count + shard_index
+  ids[ids >= num_items] = -1
+  return ids.reshape(-1, batch_size)
+
+
 def _check_sizes(seq_len: int, batch_size: int, shard_index: int,
                  shard_count: int) -> None:
   if seq_len < 1 or batch_size < 1:
@@ -480,8 +508,7 @@ def train_dataset(data_cfg, *, seq_len: int, batch_size: int, seed: int,
   used = np.flatnonzero(weights > 0)
   sampler = WindowSampler(ranges[used], weights[used], seed,
                           float(data_cfg.reverse_complement_prob))
-  ds = grain.MapDataset.range(0, sys.maxsize)[shard_index::shard_count]
-  ds = ds.map(sampler)
+  ds = host_positions(shard_index, shard_count).map(sampler)
   ds = ds.map(WindowReader(store.path, data_cfg.train_split, index))
   if float(data_cfg.max_n_fraction) < 1.0:
     ds = ds.filter(MostlyN(float(data_cfg.max_n_fraction)))
@@ -519,18 +546,16 @@ def train_batches(data_cfg, *, seq_len: int, batch_size: int, seed: int,
                             shard_count=shard_count))
 
 
-class _HostWindows(grain.transforms.Map):
-  """Row i of host h -> the (i * H + h)-th of `selected` windows spread
-  evenly over all `total` (all of them when selected == total), or -1 (an
-  empty row) past the end."""
+class _SpreadWindows(grain.transforms.Map):
+  """g -> the window id of the g-th of `selected` windows spread evenly over
+  all `total` (all of them when selected == total); -1 (an empty row)
+  stays -1."""
 
-  def __init__(self, total: int, selected: int, shard_index: int, shard_count: int):
+  def __init__(self, total: int, selected: int):
     self.total, self.selected = total, selected
-    self.index, self.count = shard_index, shard_count
 
-  def map(self, i: int) -> int:
-    g = i * self.count + self.index
-    return g * self.total // self.selected if g < self.selected else -1
+  def map(self, g: int) -> int:
+    return int(g) * self.total // self.selected if g >= 0 else -1
 
 
 def eval_dataset(data_cfg, *, split: str = "val", seq_len: int,
@@ -545,10 +570,9 @@ def eval_dataset(data_cfg, *, split: str = "val", seq_len: int,
   total = len(index)
   limit = int(data_cfg.get("eval_max_windows", 0))
   selected = min(total, limit) if limit > 0 else total
-  per_host = -(-selected // shard_count)
-  num_rows = -(-per_host // batch_size) * batch_size
-  ds = grain.MapDataset.range(num_rows).map(
-      _HostWindows(total, selected, shard_index, shard_count))
+  rows = host_eval_rows(selected, batch_size, shard_index, shard_count)
+  ds = grain.MapDataset.source(rows.reshape(-1)).map(
+      _SpreadWindows(total, selected))
   ds = ds.map(WindowReader(store.path, split, index))
   ds = ds.batch(batch_size, batch_fn=stack_windows)
   ds = ds.map(MakeBatch(data_cfg.mask_n_in_loss))

@@ -25,9 +25,6 @@ from absl import logging
 from hybridna_jax.data import fasta
 from hybridna_jax.data import store as store_lib
 
-_COMPRESSION_EXTS = (".gz", ".bgz", ".xz", ".bz2")
-_FASTA_EXTS = (".fa", ".fasta", ".fna", ".fas", ".fsa", ".ffn", ".mfa",
-               ".seq", ".fa.txt")
 SOURCE_FROM = ("file", "dir", "record")
 TRAIN, VAL = "train", "val"
 
@@ -47,16 +44,7 @@ def source_name(path: str, source_from: str) -> str | None:
   if source_from == "dir":
     return os.path.basename(os.path.dirname(os.path.abspath(path)))
   if source_from == "file":
-    name = os.path.basename(path)
-    for ext in _COMPRESSION_EXTS:
-      if name.lower().endswith(ext):
-        name = name[:-len(ext)]
-        break
-    for ext in _FASTA_EXTS:
-      if name.lower().endswith(ext):
-        name = name[:-len(ext)]
-        break
-    return name
+    return fasta.strip_suffixes(os.path.basename(path))
   raise ValueError(f"data.source_from must be one of {SOURCE_FROM}, got "
                    f"{source_from!r}.")
 

@@ -12,13 +12,13 @@ are accepted.
 
 from __future__ import annotations
 
-import csv
 import os
 from typing import NamedTuple, Sequence
 
 import numpy as np
 
 from hybridna_jax import tokenizer
+from hybridna_jax.data import textfiles
 
 SPLITS = ("train", "dev", "test")
 
@@ -63,72 +63,76 @@ def load_csv_split(path: str | os.PathLike) -> TaskSplit:
     raise FileNotFoundError(
         f"{path}: no such file; a task folder holds train.csv, dev.csv and "
         "test.csv with a 'sequence,label' header.")
+  rows = textfiles.csv_rows(path, error=TaskFormatError, expected="a "
+                            "'sequence,label' header and one row per example")
+  header_line, header = next(rows)
+  header = [h.lower() for h in header]
+  if "sequence" not in header or "label" not in header:
+    raise TaskFormatError(
+        path, header_line, f"header {header} lacks a 'sequence' or 'label' "
+        "column; the first line must name them, e.g. 'sequence,label'.")
+  seq_col, label_col = header.index("sequence"), header.index("label")
   sequences: list[str] = []
   raw_labels: list[str] = []
-  with open(path, newline="", encoding="utf-8-sig") as f:
-    reader = csv.reader(f)
-    header = next(reader, None)
-    if header is None:
-      raise TaskFormatError(path, None, "the file is empty; expected a "
-                            "'sequence,label' header and one row per example.")
-    header = [h.strip().lower() for h in header]
-    if "sequence" not in header or "label" not in header:
-      raise TaskFormatError(
-          path, 1, f"header {header} lacks a 'sequence' or 'label' column; "
-          "the first line must name them, e.g. 'sequence,label'.")
-    seq_col, label_col = header.index("sequence"), header.index("label")
-    for row in reader:
-      line = reader.line_num
-      if not row or all(not c.strip() for c in row):
-        continue  # Blank lines, e.g. a trailing one.
-      if len(row) != len(header):
-        raise TaskFormatError(
-            path, line, f"{len(row)} fields, the header has {len(header)}; "
-            "check for stray commas or quotes.")
-      seq = row[seq_col].strip().upper()
-      if not seq:
-        raise TaskFormatError(path, line, "empty sequence.")
-      try:
-        tokenizer.encode_bytes(seq.encode("ascii", "replace"),
-                               context="sequence")
-      except tokenizer.InvalidSequenceError as e:
-        raise TaskFormatError(path, line, str(e)) from e
-      sequences.append(seq)
-      raw_labels.append(row[label_col].strip())
+  lines: list[int] = []
+  for line, row in rows:
+    sequences.append(check_sequence(path, line, row[seq_col]))
+    raw_labels.append(row[label_col].strip())
+    lines.append(line)
   if not sequences:
     raise TaskFormatError(path, None, "no examples after the header.")
-  return TaskSplit(sequences, _parse_labels(path, raw_labels))
+  return TaskSplit(sequences, parse_labels(path, raw_labels, lines))
 
 
-def _parse_labels(path: str, raw: Sequence[str]) -> np.ndarray:
+def check_sequence(path: str, line: int, text: str) -> str:
+  """A sequence field of a CSV row, stripped and upper-cased.
+
+  Raises:
+    TaskFormatError: (naming the line) the field is empty or holds a
+      character outside the DNA alphabet.
+  """
+  seq = text.strip().upper()
+  if not seq:
+    raise TaskFormatError(path, line, "empty sequence.")
+  try:
+    tokenizer.encode_bytes(seq.encode("ascii", "replace"), context="sequence")
+  except tokenizer.InvalidSequenceError as e:
+    raise TaskFormatError(path, line, str(e)) from e
+  return seq
+
+
+def parse_labels(path: str, raw: Sequence[str], lines: Sequence[int]
+                 ) -> np.ndarray:
+  """Label strings -> int64 (n,) class ids, or float32 (n,) numbers
+  (regression) when any is not an integer; `lines` name each one's line."""
   try:
     return np.array([int(x) for x in raw], np.int64)
   except ValueError:
     pass
-  values = []
-  for i, x in enumerate(raw):
+  return parse_numbers(path, raw, lines).astype(np.float32)
+
+
+def parse_numbers(path: str, raw: Sequence[str], lines: Sequence[int], *,
+                  what: str = "label", hint: str = "labels are class ids "
+                  "(or numbers for regression).", finite: bool = False
+                  ) -> np.ndarray:
+  """Numeric label strings -> float64 (n,).
+
+  Raises:
+    TaskFormatError: "<what> '<text>' is not a number; <hint>" naming the
+      line of the first bad one (with `finite`, NaN and infinities too).
+  """
+  values = np.empty(len(raw), np.float64)
+  for i, (text, line) in enumerate(zip(raw, lines)):
     try:
-      values.append(float(x))
+      values[i] = float(text)
     except ValueError:
-      # Line numbers are 1-based with the header on line 1; blank lines were
-      # skipped, so look the row up again for an exact line.
-      raise TaskFormatError(path, _line_of_label(path, i), f"label {x!r} is "
-                            "not a number; labels are class ids (or "
-                            "numbers for regression).") from None
-  return np.array(values, np.float32)
-
-
-def _line_of_label(path: str, row_index: int) -> int | None:
-  with open(path, newline="", encoding="utf-8-sig") as f:
-    reader = csv.reader(f)
-    next(reader, None)
-    seen = -1
-    for row in reader:
-      if row and any(c.strip() for c in row):
-        seen += 1
-        if seen == row_index:
-          return reader.line_num
-  return None
+      raise TaskFormatError(path, line, f"{what} {text!r} is not a number; "
+                            f"{hint}") from None
+    if finite and not np.isfinite(values[i]):
+      raise TaskFormatError(path, line, f"{what} {text!r} is not a finite "
+                            "number.")
+  return values
 
 
 def load_csv_task(folder: str | os.PathLike,

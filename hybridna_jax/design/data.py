@@ -11,10 +11,8 @@ condition (`config.generate.label_columns`).
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import os
-import sys
 from typing import Sequence
 
 import grain
@@ -22,7 +20,8 @@ import numpy as np
 
 from hybridna_jax import tokenizer as tok
 from hybridna_jax.data import pipeline
-from hybridna_jax.data.tasks import TaskFormatError
+from hybridna_jax.data import textfiles
+from hybridna_jax.data.tasks import TaskFormatError, check_sequence
 from hybridna_jax.design.prompts import PromptVocab
 
 
@@ -67,45 +66,29 @@ def load_design_csv(path: str | os.PathLike, label_columns: Sequence[str]) -> De
   if not columns:
     raise ValueError("config.generate.label_columns is empty; name the CSV column(s) that "
                      "hold the labels, e.g. ('label',).")
+  rows = textfiles.csv_rows(path, error=TaskFormatError,
+                            expected=f"a header such as 'sequence,{','.join(columns)}'")
+  header_line, names = next(rows)
+  lowered = [h.lower() for h in names]
+  if "sequence" not in lowered:
+    raise TaskFormatError(path, header_line, f"header {names} lacks a 'sequence' column.")
+  missing = [c for c in columns if c not in names]
+  if missing:
+    raise TaskFormatError(path, header_line, f"header {names} lacks the label column(s) "
+                          f"{missing} named by config.generate.label_columns.")
+  seq_col = lowered.index("sequence")
+  label_cols = [names.index(c) for c in columns]
   sequences, lines = [], []
   labels: dict[str, list[str]] = {c: [] for c in columns}
-  with open(path, newline="", encoding="utf-8-sig") as f:
-    reader = csv.reader(f)
-    header = next(reader, None)
-    if header is None:
-      raise TaskFormatError(path, None, "the file is empty; expected a header such as "
-                            f"'sequence,{','.join(columns)}'.")
-    names = [h.strip() for h in header]
-    lowered = [h.lower() for h in names]
-    if "sequence" not in lowered:
-      raise TaskFormatError(path, 1, f"header {names} lacks a 'sequence' column.")
-    missing = [c for c in columns if c not in names]
-    if missing:
-      raise TaskFormatError(path, 1, f"header {names} lacks the label column(s) {missing} "
-                            "named by config.generate.label_columns.")
-    seq_col = lowered.index("sequence")
-    label_cols = [names.index(c) for c in columns]
-    for row in reader:
-      line = reader.line_num
-      if not row or all(not c.strip() for c in row):
-        continue
-      if len(row) != len(names):
-        raise TaskFormatError(path, line, f"{len(row)} fields, the header has {len(names)}; "
-                              "check for stray commas or quotes.")
-      seq = row[seq_col].strip().upper()
-      if not seq:
-        raise TaskFormatError(path, line, "empty sequence.")
-      try:
-        tok.encode_bytes(seq.encode("ascii", "replace"), context="sequence")
-      except tok.InvalidSequenceError as e:
-        raise TaskFormatError(path, line, str(e)) from e
-      for c, i in zip(columns, label_cols):
-        value = row[i].strip()
-        if not value:
-          raise TaskFormatError(path, line, f"empty label in column {c!r}.")
-        labels[c].append(value)
-      sequences.append(seq)
-      lines.append(line)
+  for line, row in rows:
+    seq = check_sequence(path, line, row[seq_col])
+    for c, i in zip(columns, label_cols):
+      value = row[i].strip()
+      if not value:
+        raise TaskFormatError(path, line, f"empty label in column {c!r}.")
+      labels[c].append(value)
+    sequences.append(seq)
+    lines.append(line)
   if not sequences:
     raise TaskFormatError(path, None, "no examples after the header.")
   return DesignData(path, columns, sequences, labels, lines)
@@ -205,8 +188,8 @@ def train_batches(examples: Examples, *, seq_len: int, batch_size: int, seed: in
   global stream does not depend on the host count."""
   if not len(examples):
     raise ValueError("no training examples.")
-  ds = grain.MapDataset.range(0, sys.maxsize)[shard_index::shard_count]
-  ds = ds.map(_ExampleSampler(len(examples), seed, rc_prob, label_dropout))
+  ds = pipeline.host_positions(shard_index, shard_count).map(
+      _ExampleSampler(len(examples), seed, rc_prob, label_dropout))
   ds = ds.map(_RowBuilder(examples, seq_len + 1))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=2 * batch_size))
   it = it.batch(batch_size, drop_remainder=True, batch_fn=np.stack)
@@ -223,18 +206,17 @@ def eval_batches(examples: Examples, *, seq_len: int, batch_size: int,
   label_shift > 0 replaces each label by the one `label_shift` places on
   (cyclically) in its condition: the "wrong label" control of `evaluate`.
   """
-  n = len(examples)
-  per_host = -(-n // shard_count)
-  num_rows = -(-per_host // batch_size) * batch_size
-  rows = np.full((num_rows, seq_len + 1), tok.PAD, np.int32)
-  for r, i in enumerate(range(shard_index, n, shard_count)):
+  ids = pipeline.host_eval_rows(len(examples), batch_size, shard_index,
+                                shard_count).reshape(-1)
+  rows = np.full((ids.size, seq_len + 1), tok.PAD, np.int32)
+  for r, i in enumerate(ids[ids >= 0]):
     labels = examples.label_tokens[i]
     if label_shift:
       labels = np.array([c.first_token + (t - c.first_token + label_shift) % len(c.values)
                          for c, t in zip(vocab.conditions, labels)], np.int32)
     rows[r] = example_row(labels, examples.sequences[i], seq_len + 1)
   return [lm_batch(rows[s:s + batch_size], mask_n_in_loss=mask_n_in_loss)
-          for s in range(0, num_rows, batch_size)]
+          for s in range(0, ids.size, batch_size)]
 
 
 def resolve_vocab(config, train_rows: DesignData | None = None) -> PromptVocab:

@@ -35,6 +35,7 @@ from typing import Sequence
 
 import numpy as np
 
+from hybridna_jax import plotting
 from hybridna_jax import tokenizer as tok
 
 _BASE_CODE = np.full(256, -1, np.int64)
@@ -217,9 +218,7 @@ def plot_summary(designs: dict[str, Sequence[str]], references: dict[str, Sequen
                  path: str, *, k: int = 6) -> str:
   """GC histograms (designs vs training, per prompt) and a k-mer frequency
   scatter (designed vs training frequency of every k-mer). Returns path."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = plotting.pyplot()
 
   names = list(designs)
   fig, axes = plt.subplots(2, len(names), figsize=(4 * len(names), 7), dpi=110,
@@ -247,10 +246,7 @@ def plot_summary(designs: dict[str, Sequence[str]], references: dict[str, Sequen
       ax.set_title(f"JS distance {js_distance(p, q):.3f}", fontsize=9)
     else:
       ax.set_axis_off()
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
-  return path
+  return plotting.save(fig, path)
 
 
 def decode_designs(tokens: np.ndarray) -> list[str]:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 import numpy as np
 
 from hybridna_jax import tokenizer as tok
-from hybridna_jax.data.tasks import TaskFormatError
+from hybridna_jax.data.tasks import parse_numbers
 
 if TYPE_CHECKING:
   from hybridna_jax.design.data import DesignData
@@ -196,18 +196,9 @@ def _natural_key(value: str):
 
 
 def _numeric(rows: "DesignData", column: str) -> np.ndarray:
-  out = np.empty(len(rows), np.float64)
-  for i, v in enumerate(rows.labels[column]):
-    try:
-      out[i] = float(v)
-    except ValueError:
-      raise TaskFormatError(rows.path, rows.lines[i], f"column {column!r}: {v!r} is not a "
-                            "number; label_kind='bins' needs numeric activities (use "
-                            "label_kind='categorical' for class names).") from None
-    if not np.isfinite(out[i]):
-      raise TaskFormatError(rows.path, rows.lines[i], f"column {column!r}: {v!r} is not "
-                            "a finite number.")
-  return out
+  return parse_numbers(rows.path, rows.labels[column], rows.lines, what=f"column {column!r}:",
+                       hint="label_kind='bins' needs numeric activities (use "
+                       "label_kind='categorical' for class names).", finite=True)
 
 
 def iter_label_sets(vocab: PromptVocab, specs: Iterable[str]) -> list[dict[str, str] | None]:

@@ -13,6 +13,8 @@ starting from a pretrained LM (`generate.pretrained`).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 from absl import logging
 
@@ -100,15 +102,10 @@ class GenerativeFinetuning(loop.Task):
                          shard_index=jax.process_index(), shard_count=jax.process_count())
 
   def evaluate(self, fns, params, stage):
-    tc = self.config.train
-    seq_len = int(tc.eval_seq_len) or stage.seq_len
-    per_host = max(1, int(tc.eval_batch_size) // jax.process_count())
-
     def run(shift):
-      batches = eval_batches(self.val_examples, seq_len=seq_len, batch_size=per_host,
-                             shard_index=jax.process_index(), shard_count=jax.process_count(),
-                             label_shift=shift, vocab=self.vocab, mask_n_in_loss=self.mask_n)
-      return loop.lm_metrics(loop.sum_eval_steps(fns, params, batches, int(tc.eval_batches)))
+      return loop.lm_eval(fns, params, self.config.train, stage, functools.partial(
+          eval_batches, self.val_examples, label_shift=shift, vocab=self.vocab,
+          mask_n_in_loss=self.mask_n))
 
     metrics = run(0)
     widest = max(len(c.values) for c in self.vocab.conditions)

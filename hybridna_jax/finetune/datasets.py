@@ -31,8 +31,6 @@ numbers (regression). Every format error names the file and the line.
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import io
 import os
 import time
 from typing import Iterable
@@ -43,12 +41,12 @@ from absl import logging
 from hybridna_jax import tokenizer
 from hybridna_jax.data import fasta as fasta_lib
 from hybridna_jax.data import tasks as tasks_lib
-from hybridna_jax.data.tasks import TaskFormatError, TaskSplit
+from hybridna_jax.data import textfiles
+from hybridna_jax.data.tasks import TaskFormatError, TaskSplit, parse_labels
 
 SPLITS = ("train", "dev", "test")
 FORMATS = ("auto", "gue", "nt", "bed")
-_FASTA_SUFFIXES = (".fna", ".fa", ".fasta")
-_COMPRESSED_SUFFIXES = ("", ".gz", ".xz", ".bz2")
+_COMPRESSED_SUFFIXES = ("",) + fasta_lib.COMPRESSION_SUFFIXES
 _DEV_NAMES = {"dev": "dev", "valid": "dev", "val": "dev", "validation": "dev",
               "train": "train", "test": "test"}
 # Imbalance (largest / smallest class of a split) above this gets a warning.
@@ -164,7 +162,7 @@ def _find(folder: str, stem: str, suffixes: Iterable[str]) -> str | None:
 def _fasta_split(folder: str, split: str) -> str | None:
   names = (split,) if split != "dev" else ("dev", "valid", "val", "validation")
   for name in names:
-    path = _find(folder, name, _FASTA_SUFFIXES)
+    path = _find(folder, name, fasta_lib.FASTA_SUFFIXES)
     if path:
       return path
   return None
@@ -194,22 +192,6 @@ def detect_format(path: str) -> str:
 
 
 # -- Nucleotide Transformer FASTA -------------------------------------------------------
-
-
-def parse_labels(path: str, raw: list[str], lines: list[int]) -> np.ndarray:
-  """Label strings -> int64 class ids, or float32 when any is not an integer."""
-  try:
-    return np.array([int(x) for x in raw], np.int64)
-  except ValueError:
-    pass
-  values = []
-  for text, line in zip(raw, lines):
-    try:
-      values.append(float(text))
-    except ValueError:
-      raise TaskFormatError(path, line, f"label {text!r} is not a number; labels are "
-                            "class ids (or numbers for regression).") from None
-  return np.array(values, np.float32)
 
 
 def load_fasta_split(path: str) -> TaskSplit:
@@ -264,69 +246,58 @@ _BED_ALIASES = {"chromosome": "chrom", "chrom": "chrom", "chr": "chrom", "#chrom
 _BED_DEFAULT_COLUMNS = ("chrom", "start", "end", "split", "label")
 
 
-def _open_text(path: str):
-  raw = open(path, "rb")
-  if raw.read(2) == b"\x1f\x8b":
-    raw.seek(0)
-    return io.TextIOWrapper(gzip.GzipFile(fileobj=raw), encoding="utf-8-sig", newline="")
-  raw.seek(0)
-  return io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
-
-
 def read_bed(path: str) -> list[BedRow]:
   """Parses a BEND-style BED file (module docstring); validates each row."""
   rows: list[BedRow] = []
   columns = None
-  with _open_text(path) as f:
-    for line_number, line in enumerate(f, start=1):
-      text = line.rstrip("\r\n")
-      if not text.strip() or text.startswith(("track", "browser")):
+  for line_number, text in textfiles.text_lines(path):
+    if not text.strip() or text.startswith(("track", "browser")):
+      continue
+    fields = text.split("\t") if "\t" in text else text.split()
+    lowered = [x.strip().lower() for x in fields]
+    if columns is None:
+      if "start" in lowered and "end" in lowered:      # a header line
+        columns = tuple(_BED_ALIASES.get(x, x) for x in lowered)
+        missing = [c for c in ("chrom", "start", "end", "split") if c not in columns]
+        if missing:
+          raise TaskFormatError(path, line_number, f"header {fields} lacks column(s) "
+                                f"{missing}; BEND-style task files name chromosome, "
+                                "start, end, split and label (strand optional).")
+        if "label" not in columns:
+          raise TaskFormatError(path, line_number, "no 'label' column; tasks whose "
+                                "labels live in a separate HDF5 file (multi-label BEND "
+                                "tasks) are not supported; add a label column.")
         continue
-      fields = text.split("\t") if "\t" in text else text.split()
-      lowered = [x.strip().lower() for x in fields]
-      if columns is None:
-        if "start" in lowered and "end" in lowered:      # a header line
-          columns = tuple(_BED_ALIASES.get(x, x) for x in lowered)
-          missing = [c for c in ("chrom", "start", "end", "split") if c not in columns]
-          if missing:
-            raise TaskFormatError(path, line_number, f"header {fields} lacks column(s) "
-                                  f"{missing}; BEND-style task files name chromosome, "
-                                  "start, end, split and label (strand optional).")
-          if "label" not in columns:
-            raise TaskFormatError(path, line_number, "no 'label' column; tasks whose "
-                                  "labels live in a separate HDF5 file (multi-label BEND "
-                                  "tasks) are not supported; add a label column.")
-          continue
-        if text.startswith("#"):
-          continue
-        columns = _BED_DEFAULT_COLUMNS
-        if len(fields) != len(columns):
-          raise TaskFormatError(path, line_number, f"{len(fields)} columns and no header; "
-                                "a header-less task BED file has 5 columns: chromosome, "
-                                "start, end, split, label (add a header line otherwise).")
       if text.startswith("#"):
         continue
-      if len(fields) < len(columns):
-        raise TaskFormatError(path, line_number, f"{len(fields)} columns, the header "
-                              f"names {len(columns)}.")
-      values = dict(zip(columns, (x.strip() for x in fields)))
-      try:
-        start, end = int(values["start"]), int(values["end"])
-      except ValueError:
-        raise TaskFormatError(path, line_number, f"start {values['start']!r} / end "
-                              f"{values['end']!r} are not integers.") from None
-      if start < 0 or end <= start:
-        raise TaskFormatError(path, line_number, f"interval [{start}, {end}) is empty or "
-                              "negative; BED coordinates are 0-based with end > start.")
-      split = _DEV_NAMES.get(values["split"].lower())
-      if split is None:
-        raise TaskFormatError(path, line_number, f"split {values['split']!r} is not one of "
-                              "train, valid (val, validation, dev) or test.")
-      strand = values.get("strand", "+") or "+"
-      if strand not in ("+", "-", "."):
-        raise TaskFormatError(path, line_number, f"strand {strand!r} is not '+', '-' or '.'.")
-      rows.append(BedRow(values["chrom"], start, end, strand, split, values["label"],
-                         line_number))
+      columns = _BED_DEFAULT_COLUMNS
+      if len(fields) != len(columns):
+        raise TaskFormatError(path, line_number, f"{len(fields)} columns and no header; "
+                              "a header-less task BED file has 5 columns: chromosome, "
+                              "start, end, split, label (add a header line otherwise).")
+    if text.startswith("#"):
+      continue
+    if len(fields) < len(columns):
+      raise TaskFormatError(path, line_number, f"{len(fields)} columns, the header "
+                            f"names {len(columns)}.")
+    values = dict(zip(columns, (x.strip() for x in fields)))
+    try:
+      start, end = int(values["start"]), int(values["end"])
+    except ValueError:
+      raise TaskFormatError(path, line_number, f"start {values['start']!r} / end "
+                            f"{values['end']!r} are not integers.") from None
+    if start < 0 or end <= start:
+      raise TaskFormatError(path, line_number, f"interval [{start}, {end}) is empty or "
+                            "negative; BED coordinates are 0-based with end > start.")
+    split = _DEV_NAMES.get(values["split"].lower())
+    if split is None:
+      raise TaskFormatError(path, line_number, f"split {values['split']!r} is not one of "
+                            "train, valid (val, validation, dev) or test.")
+    strand = values.get("strand", "+") or "+"
+    if strand not in ("+", "-", "."):
+      raise TaskFormatError(path, line_number, f"strand {strand!r} is not '+', '-' or '.'.")
+    rows.append(BedRow(values["chrom"], start, end, strand, split, values["label"],
+                       line_number))
   if not rows:
     raise TaskFormatError(path, None, "no intervals.")
   return rows

@@ -16,6 +16,7 @@ import os
 
 import numpy as np
 
+from hybridna_jax import plotting
 from hybridna_jax.finetune.metrics import HEADLINE
 from hybridna_jax.train.metrics import read_metrics
 
@@ -88,9 +89,7 @@ def write_predictions(path: str, labels: np.ndarray, outputs: np.ndarray, kind: 
 
 def plot_curves(jsonl_path: str, out_path: str, headline: str, title: str) -> str:
   """Train loss and the dev headline metric (right axis) against step."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = plotting.pyplot()
   latest = {(r["kind"], r["step"]): r for r in read_metrics(jsonl_path)}
   train = sorted((s, r["loss"]) for (k, s), r in latest.items() if k == "train" and "loss" in r)
   dev = sorted((s, r[headline]) for (k, s), r in latest.items() if k == "val" and headline in r)
@@ -105,17 +104,12 @@ def plot_curves(jsonl_path: str, out_path: str, headline: str, title: str) -> st
     right.plot(*zip(*dev), color="tab:red", marker="o", lw=2, label=f"dev {headline}")
   right.set_ylabel(f"dev {headline}", color="tab:red")
   ax.set_title(title, fontsize=10)
-  fig.tight_layout()
-  fig.savefig(out_path)
-  plt.close(fig)
-  return out_path
+  return plotting.save(fig, out_path)
 
 
 def plot_suite(rows: list[dict], out_path: str) -> str:
   """Grouped bars: the headline metric of every task on dev and test."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = plotting.pyplot()
   tasks = list(dict.fromkeys(r["task"] for r in rows))
   fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(tasks) + 2), 4.5), dpi=120)
   width = 0.38
@@ -139,7 +133,4 @@ def plot_suite(rows: list[dict], out_path: str) -> str:
   ax.axhline(0, color="black", lw=0.5)
   ax.legend()
   ax.set_title("HybriDNA-JAX fine-tuning: selected on dev, reported on test", fontsize=10)
-  fig.tight_layout()
-  fig.savefig(out_path)
-  plt.close(fig)
-  return out_path
+  return plotting.save(fig, out_path)

@@ -27,7 +27,6 @@ import glob
 import json
 import math
 import os
-import sys
 import time
 
 import grain
@@ -261,7 +260,7 @@ class FinetuneTask(loop.Task):
     examples = _TrainExamples(self.tokens["train"], self._labels("train"), stage.seq_len,
                               self.head_cfg.echo, self.head_cfg.reverse_strand, seed,
                               float(self.config.finetune.rc_augment))
-    ds = grain.MapDataset.range(0, sys.maxsize)[jax.process_index()::jax.process_count()]
+    ds = pipeline.host_positions(jax.process_index(), jax.process_count())
     ds = ds.map(examples).batch(batch_size, drop_remainder=True)
     options = grain.ReadOptions(num_threads=int(self.config.data.read_threads),
                                 prefetch_buffer_size=2 * batch_size)
@@ -276,10 +275,8 @@ class FinetuneTask(loop.Task):
     global_batch = -(-int(self.config.finetune.eval_batch_size) // multiple) * multiple
     per_host = global_batch // hosts
     tokens, labels = self.tokens[split], self._labels(split)
-    mine = list(range(host, len(tokens), hosts))
-    num_batches = math.ceil(math.ceil(len(tokens) / hosts) / per_host)
-    for b in range(num_batches):
-      rows = mine[b * per_host:(b + 1) * per_host]
+    for ids in pipeline.host_eval_rows(len(tokens), per_host, host, hosts):
+      rows = ids[ids >= 0]
       fill = per_host - len(rows)
       batch = echo_lib.build_batch([tokens[i] for i in rows] + [tokens[0]] * fill, self.width,
                                    echo=self.head_cfg.echo,

@@ -24,6 +24,7 @@ from typing import Iterable, NamedTuple, Sequence
 import numpy as np
 from absl import logging
 
+from hybridna_jax import plotting
 from hybridna_jax.scoring import scorer as scorer_lib
 from hybridna_jax.data import fasta
 from hybridna_jax.data import store as store_lib
@@ -128,9 +129,7 @@ def _fmt(x: float) -> str:
 
 def plot(result: dict, path: str) -> str:
   """Bar chart of bits/nt per record with the overall value as a line."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = plotting.pyplot()
   records = result["records"]
   fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * len(records) + 2), 4))
   ax.bar(range(len(records)), [r["bits_per_nt"] for r in records], color="tab:blue")
@@ -142,10 +141,7 @@ def plot(result: dict, path: str) -> str:
   ax.set_ylabel("bits per nucleotide")
   ax.set_title(f"context {result['context']:,}, stride {result['stride']:,}")
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return plotting.save(fig, path, dpi=120)
 
 
 def write(result: dict, output_dir: str, stem: str) -> dict[str, str]:

@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 from absl import logging
 
+from hybridna_jax import plotting
 from hybridna_jax.scoring import variants as variants_lib
 from hybridna_jax.scoring.scorer import LogLikelihood, PositionScores, Progress, Scorer
 
@@ -66,9 +67,7 @@ def plot_positions(path: str, names: Sequence[str], scores: Sequence[PositionSco
                    max_records: int = 4) -> str:
   """Per-position log-probability and entropy along the first records
   (raw and smoothed over ~1% of the length)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = plotting.pyplot()
   shown = list(zip(names, scores))[:max_records]
   fig, axes = plt.subplots(len(shown), 1, figsize=(10, 2.6 * len(shown)), squeeze=False)
   for ax, (name, s) in zip(axes[:, 0], shown):
@@ -81,10 +80,7 @@ def plot_positions(path: str, names: Sequence[str], scores: Sequence[PositionSco
     ax.set_ylabel("bits")
     ax.legend(fontsize=7, loc="upper right")
   axes[-1, 0].set_xlabel("position")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return plotting.save(fig, path, dpi=110)
 
 
 def _smooth(values: np.ndarray) -> np.ndarray:

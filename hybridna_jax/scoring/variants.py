@@ -39,15 +39,16 @@ from __future__ import annotations
 import csv
 import dataclasses
 import difflib
-import io
 import os
 from typing import Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 from absl import logging
 
+from hybridna_jax import plotting
 from hybridna_jax import tokenizer
 from hybridna_jax.data import fasta
+from hybridna_jax.data import textfiles
 
 VCF_COLUMNS = ("#CHROM", "POS", "ID", "REF", "ALT")
 CSV_COLUMNS = ("chrom", "pos", "ref", "alt")
@@ -115,18 +116,6 @@ class VariantScore(NamedTuple):
 # -- reading variants ------------------------------------------------------------------
 
 
-def _text_lines(path: str) -> Iterable[tuple[int, str]]:
-  """(1-based line number, line without newline) of a plain or compressed
-  text file."""
-  stream, raw, _ = fasta.open_decompressed(path)
-  try:
-    with io.TextIOWrapper(stream, encoding="utf-8", errors="replace", newline=None) as text:
-      for number, line in enumerate(text, 1):
-        yield number, line.rstrip("\n").rstrip("\r")
-  finally:
-    raw.close()
-
-
 def _allele_problem(ref: str, alt: str, max_indel_length: int) -> str | None:
   """Why a REF/ALT pair cannot be scored, or None."""
   if alt in (".", "*") or alt.startswith("<") or "[" in alt or "]" in alt:
@@ -182,7 +171,7 @@ def read_vcf(path: str, *, max_indel_length: int = 64
   path = os.fspath(path)
   variants, problems = [], []
   header_seen = False
-  for number, line in _text_lines(path):
+  for number, line in textfiles.text_lines(path):
     if not line.strip() or line.startswith("##"):
       continue
     fields = line.split("\t")
@@ -219,32 +208,25 @@ def read_variant_csv(path: str, *, max_indel_length: int = 64
     VariantFormatError: a header without the required columns.
   """
   path = os.fspath(path)
-  lines = _text_lines(path)
+  rows = textfiles.csv_rows(path, error=VariantFormatError, comment="#", check_width=False,
+                            expected=f"a header naming {','.join(CSV_COLUMNS)}")
+  number, header = next(rows)
+  names = [c.lower() for c in header]
+  missing = [c for c in CSV_COLUMNS if c not in names]
+  if missing:
+    raise VariantFormatError(path, number, f"the header {','.join(header)[:80]!r} lacks the "
+                             f"columns {', '.join(missing)}; expected a header naming "
+                             f"{','.join(CSV_COLUMNS)} (and optionally id).")
+  columns = {name: names.index(name) for name in CSV_COLUMNS + ("id",) if name in names}
   variants, problems = [], []
-  columns = None
-  for number, line in lines:
-    if not line.strip() or line.startswith("#"):
-      continue
-    row = next(csv.reader([line]))
-    if columns is None:
-      names = [c.strip().lower().lstrip("\ufeff") for c in row]
-      missing = [c for c in CSV_COLUMNS if c not in names]
-      if missing:
-        raise VariantFormatError(path, number, f"the header {line[:80]!r} lacks the columns "
-                                 f"{', '.join(missing)}; expected a header naming "
-                                 f"{','.join(CSV_COLUMNS)} (and optionally id).")
-      columns = {name: names.index(name) for name in CSV_COLUMNS + ("id",) if name in names}
-      continue
+  for number, row in rows:
     if len(row) < len(names):
-      problems.append(Problem(f"{path}:{number}", row[0] if row else "", "", "", "",
+      problems.append(Problem(f"{path}:{number}", row[0], "", "", "",
                               f"{len(row)} fields, the header has {len(names)}"))
       continue
     get = lambda key: row[columns[key]].strip() if key in columns else ""
     variants += _make_variants(path, number, get("chrom"), get("pos"), get("ref"),
                                [get("alt")], get("id"), max_indel_length, problems)
-  if columns is None:
-    raise VariantFormatError(path, None, f"empty file; expected a header naming "
-                             f"{','.join(CSV_COLUMNS)}.")
   return variants, problems
 
 
@@ -252,7 +234,7 @@ def read_variants(path: str, *, max_indel_length: int = 64
                   ) -> tuple[list[Variant], list[Problem]]:
   """A VCF (.vcf, .vcf.gz, .vcf.bgz) or a CSV (.csv, .csv.gz), by name."""
   name = os.path.basename(os.fspath(path)).lower()
-  for suffix in (".gz", ".bgz", ".xz", ".bz2"):
+  for suffix in fasta.COMPRESSION_SUFFIXES:
     name = name.removesuffix(suffix)
   if name.endswith(".vcf"):
     return read_vcf(path, max_indel_length=max_indel_length)
@@ -476,9 +458,7 @@ def plot_scores(path: str, scores: Sequence[VariantScore]) -> str | None:
   """Histogram of LLRs by variant type; returns the path (None if empty)."""
   if not scores:
     return None
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = plotting.pyplot()
   by_kind: dict[str, list[float]] = {}
   for s in scores:
     by_kind.setdefault(s.variant.kind, []).append(s.llr)
@@ -492,7 +472,4 @@ def plot_scores(path: str, scores: Sequence[VariantScore]) -> str | None:
   ax.set_ylabel("variants")
   ax.set_title("Zero-shot variant effects")
   ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return plotting.save(fig, path, dpi=120)

@@ -11,11 +11,13 @@ checkpoint left off, with the data iterator exactly where it was.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
 import signal
 import time
+from typing import Callable, Iterable
 
 import jax
 import numpy as np
@@ -138,6 +140,21 @@ def sum_eval_steps(fns: step_lib.StepFunctions, params, batches, max_batches: in
   return totals
 
 
+def lm_eval(fns: step_lib.StepFunctions, params, train_cfg, stage: Stage,
+            make_batches: Callable[..., Iterable[dict]]) -> dict:
+  """LM metrics (`lm_metrics`) over this host's evaluation batches.
+
+  make_batches(seq_len=, batch_size=, shard_index=, shard_count=) gives them:
+  train.eval_seq_len tokens a row (0: the stage's), train.eval_batch_size
+  rows split over the hosts; at most train.eval_batches run (0: all).
+  """
+  seq_len = int(train_cfg.eval_seq_len) or stage.seq_len
+  per_host = max(1, int(train_cfg.eval_batch_size) // jax.process_count())
+  batches = make_batches(seq_len=seq_len, batch_size=per_host,
+                         shard_index=jax.process_index(), shard_count=jax.process_count())
+  return lm_metrics(sum_eval_steps(fns, params, batches, int(train_cfg.eval_batches)))
+
+
 def lm_metrics(totals: dict) -> dict:
   """Bits per nucleotide, perplexity and accuracy from summed LM outputs."""
   count = max(totals.get("count", 0.0), 1.0)
@@ -216,13 +233,8 @@ class LMPretraining(Task):
         shard_index=jax.process_index(), shard_count=jax.process_count())
 
   def evaluate(self, fns, params, stage):
-    tc = self.config.train
-    seq_len = int(tc.eval_seq_len) or stage.seq_len
-    per_host = max(1, int(tc.eval_batch_size) // jax.process_count())
-    batches = pipeline.eval_batches(
-        self.config.data, seq_len=seq_len, batch_size=per_host,
-        shard_index=jax.process_index(), shard_count=jax.process_count())
-    return lm_metrics(sum_eval_steps(fns, params, batches, int(tc.eval_batches)))
+    return lm_eval(fns, params, self.config.train, stage,
+                   functools.partial(pipeline.eval_batches, self.config.data))
 
   def flops_per_token(self, seq_len: int) -> float:
     return flops_lib.train_flops_per_token(self.model_cfg, seq_len)

@@ -15,6 +15,8 @@ from typing import Any
 import jax
 from absl import logging
 
+from hybridna_jax import plotting
+
 
 def format_duration(seconds: float) -> str:
   if not math.isfinite(seconds):
@@ -116,9 +118,7 @@ def plot_loss_curves(jsonl_path: str, out_path: str, *,
                      baselines: dict[str, float] | None = None) -> str:
   """Train and validation bits per nucleotide against step, with stage
   boundaries and horizontal baseline lines. Returns out_path."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = plotting.pyplot()
 
   records = read_metrics(jsonl_path)
   # A resumed run appends: keep the last record per (kind, step).
@@ -154,7 +154,4 @@ def plot_loss_curves(jsonl_path: str, out_path: str, *,
       ax.set_ylabel("bits per nucleotide")
       ax.set_title("HybriDNA-JAX training", fontsize=10)
       ax.legend(loc="upper right", fontsize=8)
-  fig.tight_layout()
-  fig.savefig(out_path)
-  plt.close(fig)
-  return out_path
+  return plotting.save(fig, out_path)
