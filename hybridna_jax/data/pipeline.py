@@ -543,7 +543,7 @@ def eval_dataset(data_cfg, *, split: str = "val", seq_len: int,
       *split_segments(store[split], bool(data_cfg.eval_packing)),
       length=seq_len + 1, stride=seq_len, align_end=False)
   total = len(index)
-  limit = int(data_cfg.get("eval_max_windows", 0))
+  limit = int(data_cfg.eval_max_windows)
   selected = min(total, limit) if limit > 0 else total
   per_host = -(-selected // shard_count)
   num_rows = -(-per_host // batch_size) * batch_size
