@@ -73,4 +73,4 @@ def _stem(path: str) -> str:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch_utils.run(main)
