@@ -38,7 +38,7 @@ flags.DEFINE_string("config", "configs/finetune_demo.py", "Fine-tuning config fi
 flags.DEFINE_string("task", None, "Task folder or BED file (default: the config's).")
 flags.DEFINE_string("workdir", "runs/bench_finetune", "Where the runs go.")
 flags.DEFINE_list("modes", ["echo", "rc_echo", "plain_mean", "plain_last"],
-                  "Config variants to compare (hybridna_jax/finetune/variants.py), "
+                  "Config variants to compare (hybridna_jax/finetune/presets.py), "
                   "each optionally with more variants joined by '+', e.g. echo+frozen.")
 flags.DEFINE_list("backbones", ["pretrained", "fresh"], "pretrained (the config's "
                   "finetune.pretrained) and/or fresh (random init).")

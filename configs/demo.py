@@ -2,11 +2,20 @@
 trained on real bacterial and phage genomes (scripts/fetch_example_genomes.sh)
 through two context stages, with held-out strains for validation."""
 
-from hybridna_jax.config import base_config, model_config_dict
+from hybridna_jax.config import apply_variants, base_config, model_config_dict
 
 # One strain per species, held out (scripts/example_genomes.py).
 HELD_OUT = ("E_coli__MG1655-K12", "H_pylori__SJM180", "S_aureus__USA300_FPR3757",
             "V_cholerae__H1", "K_pneumoniae__MGH78578")
+
+VARIANTS = {
+    "quick": {                          # a one-minute smoke run
+        "train": dict(stages=((512, 20, 4), (1024, 10, 2)), eval_every=10,
+                      checkpoint_every=10, log_every=5),
+        "data": dict(eval_max_windows=16),
+        "score": dict(context=1024, stride=512, variant_window=1024),
+    },
+}
 
 
 def get_config(variant: str | None = None):
@@ -38,11 +47,4 @@ def get_config(variant: str | None = None):
   sc.eval_max_tokens = 32_768           # per held-out record: a CPU-sized evaluation
   sc.variant_window = 2048
   sc.batch_size = 8
-  if variant == "quick":                # a one-minute smoke run
-    t.stages = ((512, 20, 4), (1024, 10, 2))
-    t.eval_every = 10
-    t.checkpoint_every = 10
-    t.log_every = 5
-    cfg.data.eval_max_windows = 16
-    sc.context, sc.stride, sc.variant_window = 1024, 512, 1024
-  return cfg
+  return apply_variants(cfg, variant, VARIANTS, __file__)

@@ -16,9 +16,14 @@ Variants:
 
 import os
 
-from hybridna_jax.config import base_config, load_config
+from hybridna_jax.config import apply_variants, base_config, load_config
 
 _DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
+
+VARIANTS = {
+    "bins": {"generate": dict(label_columns=("activity",), label_kind="bins", num_bins=5)},
+    "pretrained": {"generate": dict(pretrained="runs/demo"), "train": dict(learning_rate=5e-4)},
+}
 
 
 def get_config(variant: str | None = None):
@@ -46,14 +51,4 @@ def get_config(variant: str | None = None):
   t.eval_batch_size = 50
   t.checkpoint_every = 100
   t.markov_orders = ()
-  if variant == "bins":
-    g.label_columns = ("activity",)
-    g.label_kind = "bins"
-    g.num_bins = 5
-  elif variant == "pretrained":
-    g.pretrained = "runs/demo"
-    t.learning_rate = 5e-4
-  elif variant is not None:
-    raise ValueError(f"unknown variant {variant!r} of configs/design_demo.py "
-                     "(known: bins, pretrained).")
-  return cfg
+  return apply_variants(cfg, variant, VARIANTS, __file__)

@@ -11,21 +11,22 @@ strains the pretraining never saw.
 
 Variants (comma-separated): echo (default), rc_echo, rc_echo_concat, mean,
 last, plain_mean, plain_last, frozen, full, fresh, balanced
-(hybridna_jax/finetune/variants.py), and quick (a short smoke run).
+(hybridna_jax/finetune/presets.py), and quick (a short smoke run).
 """
 
 import os
 
-from hybridna_jax.config import load_config
-from hybridna_jax.finetune.presets import apply_variants
+from hybridna_jax.config import apply_variants, load_config
+from hybridna_jax.finetune.presets import PRESETS
 
 
-def _quick(cfg):
-  cfg.finetune.steps = 20
-  cfg.finetune.eval_every_epochs = 0.0
-  cfg.train.eval_every = 10
-  cfg.train.checkpoint_every = 10
-  cfg.train.log_every = 5
+VARIANTS = {
+    **PRESETS,
+    "quick": {                          # a short smoke run
+        "finetune": dict(steps=20, eval_every_epochs=0.0),
+        "train": dict(eval_every=10, checkpoint_every=10, log_every=5),
+    },
+}
 
 
 def get_config(variant: str | None = None):
@@ -43,5 +44,4 @@ def get_config(variant: str | None = None):
   t.weight_decay = 0.01
   t.log_every = 20
   t.keep_checkpoints = 2
-  apply_variants(cfg, variant, extra={"quick": _quick})
-  return cfg
+  return apply_variants(cfg, variant, VARIANTS, __file__)

@@ -6,13 +6,13 @@
 
 Variants (comma-separated): echo (default), rc_echo, rc_echo_concat, mean,
 last, plain_mean, plain_last, frozen, full, fresh, balanced
-(hybridna_jax/finetune/variants.py).
+(hybridna_jax/finetune/presets.py).
 """
 
 import os
 
-from hybridna_jax.config import load_config
-from hybridna_jax.finetune.presets import apply_variants
+from hybridna_jax.config import apply_variants, load_config
+from hybridna_jax.finetune.presets import PRESETS
 
 
 def get_config(variant: str | None = None):
@@ -29,5 +29,4 @@ def get_config(variant: str | None = None):
   t.weight_decay = 0.01
   t.log_every = 10
   t.keep_checkpoints = 2
-  apply_variants(cfg, variant)
-  return cfg
+  return apply_variants(cfg, variant, PRESETS, __file__)

@@ -1,27 +1,51 @@
-"""Configuration: the ml_collections defaults and the typed model config.
+"""Configuration: the typed sections of the job config and their defaults.
 
 Config files under configs/ start from `base_config()` and override fields;
 launchers take `--config=configs/<file>.py[:variant]` and command-line
-overrides such as `--config.train.steps=100`. The model reads a frozen
-`ModelConfig` built from `config.model`, which validates the fields and
-derives sizes (d_inner, SSM heads, the layer pattern).
+overrides such as `--config.train.eval_every=100`. Each section has one
+definition, a frozen dataclass with every field's default and meaning:
+
+    model     ModelConfig      (architecture, numerics, kernels)
+    data      DataConfig       (hybridna_jax/data/config.py)
+    train     TrainConfig      (schedule, optimiser, evaluation, checkpoints)
+    score     ScoreConfig      (scoring, evaluation, variant effects)
+    finetune  FinetuneConfig   (understanding fine-tuning)
+    generate  GenerateConfig   (generative fine-tuning and sampling)
+
+`XConfig.config_dict()` is the section's ConfigDict of defaults (what
+`base_config()` mounts); `XConfig.from_config(cfg.x)` is the checked, typed
+view code reads (`hybridna_jax.sections`). `validate(config)` checks every
+section at once; `apply_variants` is the one `:variant` mechanism of the
+config files. `MODEL_ARCHITECTURE_FIELDS` / `MODEL_RUNTIME_FIELDS` say
+which model fields a checkpoint fixes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import os
+from typing import Any, Mapping
 
 import jax.numpy as jnp
 import ml_collections
 
 from hybridna_jax import tokenizer
-from hybridna_jax.data.config import default_data_config
+from hybridna_jax.data.config import DataConfig, default_data_config
+from hybridna_jax.sections import ConfigError, Section, field, set_fields
+
+__all__ = [
+    "ConfigError", "DataConfig", "FinetuneConfig", "GenerateConfig", "ModelConfig",
+    "ScoreConfig", "TrainConfig", "SECTIONS", "MODEL_ARCHITECTURE_FIELDS",
+    "MODEL_INIT_FIELDS", "MODEL_RUNTIME_FIELDS", "apply_variants",
+    "architecture_differences", "base_config", "default_data_config", "load_config",
+    "model_config_dict", "validate",
+]
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Section):
   """Architecture and numerics of a HybriDNA model (see DESIGN.md section 2)."""
+  SECTION = "model"
   vocab_size: int = tokenizer.VOCAB_SIZE
   d_model: int = 1024
   n_layers: int = 24
@@ -76,20 +100,6 @@ class ModelConfig:
       if not 0 <= i < self.n_layers:
         raise ValueError(f"model.attn_layers: layer {i} outside [0, {self.n_layers}).")
 
-  @classmethod
-  def from_config(cls, cfg: Any) -> "ModelConfig":
-    """From a ConfigDict (or dict); unknown fields are an error."""
-    values = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-      raise ValueError(f"config.model has unknown fields {unknown}; valid "
-                       f"fields: {sorted(names)}.")
-    for key in ("attn_layers", "a_init_range"):
-      if values.get(key) is not None:
-        values[key] = tuple(values[key])
-    return cls(**values)
-
   @property
   def d_inner(self) -> int:
     return self.expand * self.d_model
@@ -116,92 +126,154 @@ class ModelConfig:
     return jnp.dtype(self.param_dtype)
 
 
+# -- Which model fields a checkpoint fixes --------------------------------------
+# Runtime fields: numerics, kernels and limits. They change no parameter, so
+# a restored, fine-tuned or scoring model may set them differently from the
+# run that trained it (restore.load, finetune, design).
+MODEL_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "ssd_impl", "attention_impl",
+                        "max_seq_len")
+# Initialisation fields: they only shape fresh parameters, which a loaded
+# checkpoint replaces; recorded, never compared.
+MODEL_INIT_FIELDS = ("dt_min", "dt_max", "dt_init_floor", "a_init_range", "init_std")
+# Architecture fields: all the others -- the parameter shapes and the
+# function the parameters compute (sizes, layer placement, rope, rope_theta,
+# norm_eps, chunking). A checkpoint and the model it loads into must agree
+# on every one; a new ModelConfig field is architecture unless listed above.
+MODEL_ARCHITECTURE_FIELDS = tuple(name for name in ModelConfig.field_names()
+                                  if name not in MODEL_RUNTIME_FIELDS + MODEL_INIT_FIELDS)
+# Attention placement: different settings can place the same layers, so
+# these compare as ModelConfig.layer_types.
+_PLACEMENT_FIELDS = ("attn_period", "attn_offset", "attn_layers")
+
+
+def architecture_differences(a: ModelConfig, b: ModelConfig) -> dict[str, tuple[Any, Any]]:
+  """{field: (a's value, b's value)} for every architecture field on which
+  `a` and `b` differ (attention placement as "layer_types"); empty when a
+  checkpoint of one loads into the other."""
+  diff = {name: (getattr(a, name), getattr(b, name)) for name in MODEL_ARCHITECTURE_FIELDS
+          if name not in _PLACEMENT_FIELDS and getattr(a, name) != getattr(b, name)}
+  if a.layer_types != b.layer_types:
+    diff["layer_types"] = (a.layer_types, b.layer_types)
+  return diff
+
+
 def model_config_dict(**overrides) -> ml_collections.ConfigDict:
   """ConfigDict of ModelConfig defaults with `overrides` applied."""
-  values = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
-  unknown = set(overrides) - set(values)
-  if unknown:
-    raise ValueError(f"unknown model fields {sorted(unknown)}")
-  values.update(overrides)
-  # ConfigDict fields must keep a type; None-able tuples are stored as lists.
-  values["a_init_range"] = list(values["a_init_range"])
-  cfg = ml_collections.ConfigDict(values)
-  if values["attn_layers"] is None:
-    cfg.attn_layers = ml_collections.FieldReference(None, field_type=tuple)
-  return cfg
+  return ModelConfig.config_dict(**overrides)
 
 
-def load_config(spec: str) -> ml_collections.ConfigDict:
-  """Loads "path/to/config.py[:variant]" the way `--config` does."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  path, _, variant = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("_hybridna_config", path)
-  if module_spec is None or module_spec.loader is None:
-    raise FileNotFoundError(f"config file {path!r} not found.")
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(variant or None)
+# -- The other sections -------------------------------------------------------------
 
 
-def base_config() -> ml_collections.ConfigDict:
-  """Defaults for every section; config files override what they need."""
-  cfg = ml_collections.ConfigDict()
-  cfg.model = model_config_dict()
-  # Device mesh; one axis may be -1 ("the rest of the devices"). num_devices:
-  # 0 uses every device, N the first N (single-process debugging and tests).
-  cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, num_devices=0))
-  cfg.data = default_data_config()
-  cfg.train = train_config()
-  cfg.score = score_config()
-  cfg.finetune = finetune_config()
-  cfg.generate = generate_config()
-  return cfg
-
-
-def train_config() -> ml_collections.ConfigDict:
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(Section):
   """Pretraining schedule, optimiser, evaluation and checkpointing."""
-  c = ml_collections.ConfigDict()
-  c.seed = 0
+  SECTION = "train"
+  seed: int = 0
   # Context stages, run in order: (sequence length, optimizer steps, global
   # batch size). The paper: most steps at 8k, then short stages at 32k and
   # 131k with fewer sequences per batch (constant tokens per step).
-  c.stages = ((8192, 10_000, 64), (32_768, 500, 16), (131_072, 100, 4))
+  stages: tuple[tuple[int, int, int], ...] = field(
+      ((8192, 10_000, 64), (32_768, 500, 16), (131_072, 100, 4)),
+      expected="a tuple of (seq_len, steps, global_batch_size) triples like "
+               "((8192, 1000, 64),)")
   # Micro-batches per step (gradient accumulation); divides each batch.
-  c.grad_accum = 1
+  grad_accum: int = 1
   # AdamW with linear warmup and cosine decay to learning_rate * min_lr_ratio.
-  c.learning_rate = 8e-4
-  c.warmup_steps = 1000
-  c.min_lr_ratio = 0.1
-  c.b1 = 0.9
-  c.b2 = 0.95
-  c.eps = 1e-8
-  c.weight_decay = 0.1      # not applied to norms, biases, A_log, dt_bias, D
-  c.grad_clip = 1.0         # global-norm clipping; 0 disables
+  learning_rate: float = 8e-4
+  warmup_steps: int = 1000
+  min_lr_ratio: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.1      # not applied to norms, biases, A_log, dt_bias, D
+  grad_clip: float = 1.0         # global-norm clipping; 0 disables
   # Steps with a non-finite loss or gradient are skipped; this many in a
   # row stop the run (after a checkpoint).
-  c.max_consecutive_skips = 20
-  c.log_every = 50
+  max_consecutive_skips: int = 20
+  log_every: int = 50
   # Validation on the held-out split every eval_every steps (0: never), over
   # at most eval_batches batches per host (0: the whole split), at
   # eval_seq_len (0: the current stage's length).
-  c.eval_every = 1000
-  c.eval_batches = 0
-  c.eval_batch_size = 8
-  c.eval_seq_len = 0
-  c.checkpoint_every = 1000
-  c.keep_checkpoints = 3
-  c.keep_best = True        # also keep the best-validation parameters in <workdir>/best
-  c.async_checkpoints = True
+  eval_every: int = 1000
+  eval_batches: int = 0
+  eval_batch_size: int = 8
+  eval_seq_len: int = 0
+  checkpoint_every: int = 1000
+  keep_checkpoints: int = 3
+  keep_best: bool = True         # also keep the best-validation parameters in <workdir>/best
+  async_checkpoints: bool = True
   # Peak FLOP/s per device for MFU; 0 looks it up from the device kind.
-  c.peak_flops_per_device = 0.0
-  c.plot = True
+  peak_flops_per_device: float = 0.0
+  plot: bool = True
   # The demo's report: validation bits/nt of order-k Markov baselines
   # fitted on the training split (empty: none).
-  c.markov_orders = ()
-  return c
+  markov_orders: tuple[int, ...] = ()
 
 
-def finetune_config() -> ml_collections.ConfigDict:
+@dataclasses.dataclass(frozen=True)
+class ScoreConfig(Section):
+  """Scoring, evaluation and variant effects (hybridna_jax.scoring,
+  launch/eval.py, launch/score.py). With the context resolved, this is also
+  the `Scorer`'s settings (`scoring.ScoreSettings`)."""
+  SECTION = "score"
+  # Window length in tokens (0: the trained context, the last stage's
+  # seq_len). Longer inputs are scored in windows `stride` apart; each window
+  # scores only positions no earlier window scored, so every position is
+  # scored once with at least context - stride tokens before it (except
+  # near the start of a sequence). stride 0: context // 2.
+  context: int = 0
+  stride: int = 0
+  # Rows per device call; inputs are padded to this many rows and to one of
+  # a few power-of-two lengths (from min_bucket up to the context), so new
+  # inputs reuse compiled programs.
+  batch_size: int = 8
+  min_bucket: int = 128
+  # Prepend <bos> (only for models trained with it; pretraining windows
+  # start mid-genome without one, so the first nucleotide is not scored).
+  add_bos: bool = False
+  # Average every score over both strands (sequence and reverse complement).
+  rc_average: bool = False
+  # Parameter/compute dtype and kernels of the restored model ("": as
+  # trained). On CPU, attention_impl="xla_blockwise" scores long contexts in
+  # O(l * block) memory (the dense XLA reference holds l x l scores).
+  dtype: str = ""
+  attention_impl: str = ""
+  ssd_impl: str = ""
+  # Embeddings: "mean" (over nucleotides), "last" (last nucleotide) or
+  # "echo" (sequence, <sep>, sequence; mean over the second copy); layer -1
+  # is the final-norm output, 0 the token embeddings, i the output of layer i.
+  pooling: str = "mean"
+  layer: int = -1
+  # Variant effects: ref/alt windows of this many nucleotides centred on each
+  # variant (capped at the context); longer REF/ALT alleles are skipped.
+  variant_window: int = 8192
+  max_indel_length: int = 64
+  # Evaluation (launch/eval.py) on the token store: split, at most this
+  # many records (0: all) and this many leading tokens of each (0: all).
+  eval_split: str = "val"
+  eval_max_records: int = 0
+  eval_max_tokens: int = 0
+
+  def __post_init__(self):
+    if self.context < 0 or self.context == 1:
+      raise ValueError(f"config.score.context must be at least 2 tokens (0: the trained "
+                       f"context), got {self.context}.")
+    if self.batch_size < 1 or self.min_bucket < 1:
+      raise ValueError("config.score.batch_size and min_bucket must be positive, got "
+                       f"{self.batch_size} and {self.min_bucket}.")
+    if self.stride < 0 or (self.context and not 0 < self.window_stride < self.context):
+      raise ValueError(f"config.score.stride={self.stride} must be in [1, context - 1] "
+                       f"(context {self.context}): each window needs fresh positions "
+                       "and each scored position at least one token of context.")
+
+  @property
+  def window_stride(self) -> int:
+    return self.stride or self.context // 2
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig(Section):
   """Understanding fine-tuning (launch/finetune.py, hybridna_jax.finetune).
 
   The schedule comes from here, not from train.stages: one stage of
@@ -209,147 +281,215 @@ def finetune_config() -> ml_collections.ConfigDict:
   train.stages; the optimiser, evaluation and checkpoint fields of `train`
   apply as in pretraining.
   """
-  c = ml_collections.ConfigDict()
+  SECTION = "finetune"
   # The task: a GUE folder (train/dev/test.csv), a Nucleotide Transformer
   # folder (train/test .fna with ">name|label" headers, or .csv), or a
   # BEND-style BED file (chromosome, start, end, [strand,] split, label).
-  c.task = ""
-  c.format = "auto"           # auto | gue | nt | bed
-  c.reference = ""            # reference FASTA of a BED task
+  task: str = ""
+  format: str = "auto"           # auto | gue | nt | bed
+  reference: str = ""            # reference FASTA of a BED task
   # Tasks without a dev split (NT, some BED files): this fraction of train,
   # stratified by class and seeded, becomes dev (model selection).
-  c.dev_fraction = 0.1
-  c.split_seed = 0
-  c.kind = "auto"             # auto | classification | regression
+  dev_fraction: float = 0.1
+  split_seed: int = 0
+  kind: str = "auto"             # auto | classification | regression
   # Backbone: a pretraining run directory, its checkpoints/ or best/, or a
   # step directory; empty = a freshly initialised model. Its architecture
-  # replaces config.model (the numerics fields dtype, remat, ssd_impl and
-  # attention_impl stay as configured here).
-  c.pretrained = ""
-  c.pretrained_which = "latest"   # latest | best, for a run directory
-  c.freeze_backbone = False   # True: train the head only
+  # replaces config.model (the runtime fields, MODEL_RUNTIME_FIELDS: dtype,
+  # remat, kernels, ..., stay as configured here).
+  pretrained: str = ""
+  pretrained_which: str = "latest"   # latest | best, for a run directory
+  freeze_backbone: bool = False  # True: train the head only
   # Embedding: echo = sequence <sep> sequence, pooled over the second copy;
   # False = the plain baselines, pooled over the sequence.
-  c.echo = True
-  c.pool = "mean"             # mean | last
+  echo: bool = True
+  pool: str = "mean"             # mean | last
   # Reverse-complement strand: none | average_logits | concat_features.
-  c.rc_combine = "none"
-  c.head_hidden = 0           # 0: a linear head; N: one hidden layer of N (GELU)
+  rc_combine: str = "none"
+  head_hidden: int = 0           # 0: a linear head; N: one hidden layer of N (GELU)
   # Class-weighted loss: none | balanced (weights n / (classes * n_c)).
-  c.class_weights = "none"
+  class_weights: str = "none"
   # Reverse-complement a training example with this probability.
-  c.rc_augment = 0.0
+  rc_augment: float = 0.0
   # Nucleotides per sequence; 0 = the longest in the task. Longer sequences
   # are cropped around their centre.
-  c.max_length = 0
-  c.pad_multiple = 64         # padded input length is a multiple of this
+  max_length: int = 0
+  pad_multiple: int = 64         # padded input length is a multiple of this
   # Schedule: `steps` optimizer steps, or (steps = 0) `epochs` passes over
   # the training split, at `batch_size` sequences per step (global).
-  c.steps = 0
-  c.epochs = 3.0
-  c.batch_size = 32
-  c.eval_batch_size = 64
+  steps: int = 0
+  epochs: float = 3.0
+  batch_size: int = 32
+  eval_batch_size: int = 64
   # Dev evaluation (model selection) and checkpoints every this many epochs;
   # 0 keeps train.eval_every / train.checkpoint_every (steps).
-  c.eval_every_epochs = 0.5
+  eval_every_epochs: float = 0.5
   # Learning-rate warmup as a fraction of the steps (0 keeps
   # train.warmup_steps).
-  c.warmup_fraction = 0.1
-  return c
+  warmup_fraction: float = 0.1
 
 
-def generate_config() -> ml_collections.ConfigDict:
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig(Section):
   """Sequence design: generative fine-tuning data and sampling settings
-  (hybridna_jax/design/, hybridna_jax/generate.py, launch/generate.py)."""
-  c = ml_collections.ConfigDict()
+  (hybridna_jax/design/, launch/generate.py). Also how to generate, as
+  `hybridna_jax.generate.Settings`: the sampling fields are read by
+  generate.sample / beam_search (see that module's docstring)."""
+  SECTION = "generate"
   # --- Generative fine-tuning (launch/generate.py --mode=finetune) --------
   # CSVs with a `sequence` column and the label column(s); val_csv is
   # needed when train.eval_every > 0.
-  c.train_csv = ""
-  c.val_csv = ""
+  train_csv: str = ""
+  val_csv: str = ""
   # One condition per column, each with its own block of task tokens.
-  c.label_columns = ("label",)
+  label_columns: tuple[str, ...] = ("label",)
   # "categorical": a token per distinct label; "bins": numeric activities
   # cut into num_bins quantile bins of the training set, a token per bin.
-  c.label_kind = "categorical"
-  c.num_bins = 5
+  label_kind: str = "categorical"
+  num_bins: int = 5
   # Index (tokenizer.task_token) of the first task token used for labels.
-  c.first_task_token = 0
+  first_task_token: int = 0
   # The label -> token mapping; empty: derived from train_csv at the start
   # of a run and stored here, so the run's config.json keeps it.
-  c.prompt_vocab = ()
+  prompt_vocab: tuple[dict, ...] = ()
   # Share of training examples shown without label tokens, so the model can
   # also generate unconditionally (prompt: <bos> alone).
-  c.label_dropout = 0.0
+  label_dropout: float = 0.0
   # Probability of training on the reverse complement (for elements whose
   # activity does not depend on orientation, e.g. enhancers).
-  c.reverse_complement_prob = 0.0
+  reverse_complement_prob: float = 0.0
   # Leave N targets out of the loss.
-  c.mask_n_in_loss = True
+  mask_n_in_loss: bool = True
   # Start from a pretrained LM: a run directory, checkpoints/ or best/
   # directory, or step directory ("": random initialisation).
-  c.pretrained = ""
-  c.pretrained_which = "latest"     # latest | best, for a run directory
+  pretrained: str = ""
+  pretrained_which: str = "latest"     # latest | best, for a run directory
 
   # --- Sampling (launch/generate.py --mode=sample) ------------------------
-  c.num_samples = 100               # per prompt
-  c.batch_size = 50
-  c.max_new_tokens = 200            # the length, or the cap with stop_at_eos
-  c.stop_at_eos = False
-  c.min_new_tokens = 0
-  c.temperature = 1.0               # 0: greedy
-  c.top_k = 0                       # 0: off
-  c.top_p = 1.0                     # 1.0: off
-  c.allow_n = False
-  c.beam_width = 1                  # > 1: beam search (the paper's designs)
-  c.length_penalty = 1.0            # beam scores: log-prob / length ** this
-  c.seed = 0
+  num_samples: int = 100               # per prompt
+  batch_size: int = 50
+  max_new_tokens: int = 200            # the length, or the cap with stop_at_eos
+  stop_at_eos: bool = False            # allow <eos> and end rows there
+  min_new_tokens: int = 0              # no <eos> before this many tokens
+  temperature: float = 1.0             # 0: greedy
+  top_k: int = 0                       # 0: off
+  top_p: float = 1.0                   # 1.0: off
+  allow_n: bool = False                # N may be generated
+  beam_width: int = 1                  # > 1: beam search (the paper's designs)
+  length_penalty: float = 1.0          # beam scores: log-prob / length ** this
+  seed: int = 0
   # Summary: k of the k-mer spectra, and at most this many pairs for the
   # mean pairwise edit distance.
-  c.kmer = 6
-  c.max_edit_pairs = 20_000
-  return c
+  kmer: int = 6
+  max_edit_pairs: int = 20_000
+
+  def __post_init__(self):
+    problems = []
+    if self.max_new_tokens < 1:
+      problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    if not self.temperature >= 0:
+      problems.append(f"temperature must be >= 0 (0: greedy), got {self.temperature}")
+    if self.top_k < 0:
+      problems.append(f"top_k must be >= 0 (0: off), got {self.top_k}")
+    if not 0 < self.top_p <= 1:
+      problems.append(f"top_p must be in (0, 1] (1: off), got {self.top_p}")
+    if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+      problems.append(f"min_new_tokens must be in [0, max_new_tokens], got "
+                      f"{self.min_new_tokens}")
+    if self.beam_width < 1:
+      problems.append(f"beam_width must be >= 1, got {self.beam_width}")
+    if self.length_penalty < 0:
+      problems.append(f"length_penalty must be >= 0, got {self.length_penalty}")
+    if problems:
+      raise ValueError("config.generate: " + "; ".join(problems) + ".")
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0
+
+  def describe(self) -> str:
+    """The sampling settings in one line, for FASTA headers and logs."""
+    if self.beam_width > 1:
+      how = f"beam={self.beam_width} length_penalty={self.length_penalty:g}"
+    elif self.greedy:
+      how = "greedy"
+    else:
+      how = f"temperature={self.temperature:g} top_k={self.top_k} top_p={self.top_p:g}"
+    stop = (f"stop_at_eos min_new={self.min_new_tokens} max_new={self.max_new_tokens}"
+            if self.stop_at_eos else f"length={self.max_new_tokens}")
+    return f"{how} {stop}" + (" allow_n" if self.allow_n else "")
 
 
-def score_config() -> ml_collections.ConfigDict:
-  """Scoring, evaluation and variant effects (hybridna_jax.scoring,
-  launch/eval.py, launch/score.py)."""
-  c = ml_collections.ConfigDict()
-  # Window length in tokens (0: the trained context, the last stage's
-  # seq_len). Longer inputs are scored in windows `stride` apart; each window
-  # scores only positions no earlier window scored, so every position is
-  # scored once with at least context - stride tokens before it (except
-  # near the start of a sequence). stride 0: context // 2.
-  c.context = 0
-  c.stride = 0
-  # Rows per device call; inputs are padded to this many rows and to one of
-  # a few power-of-two lengths (from min_bucket up to the context), so new
-  # inputs reuse compiled programs.
-  c.batch_size = 8
-  c.min_bucket = 128
-  # Prepend <bos> (only for models trained with it; pretraining windows
-  # start mid-genome without one, so the first nucleotide is not scored).
-  c.add_bos = False
-  # Average every score over both strands (sequence and reverse complement).
-  c.rc_average = False
-  # Parameter/compute dtype and kernels of the restored model ("": as
-  # trained). On CPU, attention_impl="xla_blockwise" scores long contexts in
-  # O(l * block) memory (the dense XLA reference holds l x l scores).
-  c.dtype = ""
-  c.attention_impl = ""
-  c.ssd_impl = ""
-  # Embeddings: "mean" (over nucleotides), "last" (last nucleotide) or
-  # "echo" (sequence, <sep>, sequence; mean over the second copy); layer -1
-  # is the final-norm output, 0 the token embeddings, i the output of layer i.
-  c.pooling = "mean"
-  c.layer = -1
-  # Variant effects: ref/alt windows of this many nucleotides centred on each
-  # variant (capped at the context); longer REF/ALT alleles are skipped.
-  c.variant_window = 8192
-  c.max_indel_length = 64
-  # Evaluation (launch/eval.py) on the token store: split, at most this
-  # many records (0: all) and this many leading tokens of each (0: all).
-  c.eval_split = "val"
-  c.eval_max_records = 0
-  c.eval_max_tokens = 0
-  return c
+# The typed sections of a job config, by name. `mesh` is read by
+# hybridna_jax.sharding (mesh_from_config).
+SECTIONS: dict[str, type[Section]] = {
+    "model": ModelConfig, "data": DataConfig, "train": TrainConfig,
+    "score": ScoreConfig, "finetune": FinetuneConfig, "generate": GenerateConfig,
+}
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults for every section; config files override what they need."""
+  cfg = ml_collections.ConfigDict()
+  cfg.model = ModelConfig.config_dict()
+  # Device mesh; one axis may be -1 ("the rest of the devices"). num_devices:
+  # 0 uses every device, N the first N (single-process debugging and tests).
+  cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, num_devices=0))
+  cfg.data = DataConfig.config_dict()
+  cfg.train = TrainConfig.config_dict()
+  cfg.score = ScoreConfig.config_dict()
+  cfg.finetune = FinetuneConfig.config_dict()
+  cfg.generate = GenerateConfig.config_dict()
+  return cfg
+
+
+def validate(config) -> ml_collections.ConfigDict:
+  """Checks every section `config` has (a job config: unknown fields are
+  errors); raises ConfigError / ValueError with one line naming the field.
+  Returns `config`."""
+  unknown = sorted(set(config.keys()) - set(SECTIONS) - {"mesh"})
+  if unknown:
+    raise ConfigError(f"config has unknown sections {unknown}; valid sections: "
+                      f"{', '.join(sorted(SECTIONS))}, mesh.")
+  for name, section in SECTIONS.items():
+    if name in config:
+      section.from_config(config[name])
+  return config
+
+
+def apply_variants(cfg: ml_collections.ConfigDict, variant: str | None,
+                   presets: Mapping[str, Mapping[str, Any]], source: str = "the config"
+                   ) -> ml_collections.ConfigDict:
+  """Applies the `:variant` suffix of a config file: comma-separated preset
+  names, in order ("configs/finetune_demo.py:rc_echo,frozen").
+
+  Every config file calls this at the end of get_config with its presets:
+  {name: {section: {field: value}}} (nested dicts for nested sections),
+  e.g. {"quick": {"train": {"eval_every": 10}}}. An unknown name, or a
+  preset that names no field, is a ConfigError. `source`: the config
+  file's path, for messages. Returns `cfg`.
+  """
+  where = os.path.basename(source)
+  for name in filter(None, (v.strip() for v in (variant or "").split(","))):
+    if name not in presets:
+      known = ", ".join(sorted(presets)) or "none"
+      raise ConfigError(f"unknown variant {name!r} of {where}; known variants: {known}.")
+    try:
+      set_fields(cfg, presets[name])
+    except ConfigError as e:
+      raise ConfigError(f"variant {name!r} of {where}: {e}") from None
+  return cfg
+
+
+def load_config(spec: str, *, check: bool = True) -> ml_collections.ConfigDict:
+  """Loads "path/to/config.py[:variant]" the way `--config` does, and (with
+  `check`) validates it."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path, _, variant = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_hybridna_config", path)
+  if module_spec is None or module_spec.loader is None:
+    raise FileNotFoundError(f"config file {path!r} not found.")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(variant or None)
+  return validate(config) if check else config

@@ -44,7 +44,6 @@ so they compare across settings and with `HybriDNA.__call__` scores.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import NamedTuple, Sequence
 
@@ -55,67 +54,16 @@ from flax import nnx
 
 from hybridna_jax import sharding
 from hybridna_jax import tokenizer as tok
+from hybridna_jax.config import GenerateConfig
 
 _NEG_INF = -jnp.inf
 
 
-@dataclasses.dataclass(frozen=True)
-class Settings:
-  """How to generate; see the module docstring.
-
-  max_new_tokens: tokens to generate after the prompt (the cap with
-    stop_at_eos). temperature: 0 is greedy. top_k: 0 keeps all tokens.
-  top_p: 1.0 keeps all. stop_at_eos: allow <eos> and end rows there.
-  min_new_tokens: no <eos> before this many tokens. allow_n: N may be
-  generated. beam_width: > 1 runs beam search (temperature, top-k and top-p
-  then play no part). length_penalty: beam scores divide log-probs of ended
-  hypotheses by length ** length_penalty.
-  """
-  max_new_tokens: int = 200
-  temperature: float = 1.0
-  top_k: int = 0
-  top_p: float = 1.0
-  stop_at_eos: bool = False
-  min_new_tokens: int = 0
-  allow_n: bool = False
-  beam_width: int = 1
-  length_penalty: float = 1.0
-
-  def __post_init__(self):
-    problems = []
-    if self.max_new_tokens < 1:
-      problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-    if not self.temperature >= 0:
-      problems.append(f"temperature must be >= 0 (0: greedy), got {self.temperature}")
-    if self.top_k < 0:
-      problems.append(f"top_k must be >= 0 (0: off), got {self.top_k}")
-    if not 0 < self.top_p <= 1:
-      problems.append(f"top_p must be in (0, 1] (1: off), got {self.top_p}")
-    if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-      problems.append(f"min_new_tokens must be in [0, max_new_tokens], got "
-                      f"{self.min_new_tokens}")
-    if self.beam_width < 1:
-      problems.append(f"beam_width must be >= 1, got {self.beam_width}")
-    if self.length_penalty < 0:
-      problems.append(f"length_penalty must be >= 0, got {self.length_penalty}")
-    if problems:
-      raise ValueError("generation settings: " + "; ".join(problems) + ".")
-
-  @property
-  def greedy(self) -> bool:
-    return self.temperature == 0
-
-  def describe(self) -> str:
-    """One line for FASTA headers and logs."""
-    if self.beam_width > 1:
-      how = f"beam={self.beam_width} length_penalty={self.length_penalty:g}"
-    elif self.greedy:
-      how = "greedy"
-    else:
-      how = f"temperature={self.temperature:g} top_k={self.top_k} top_p={self.top_p:g}"
-    stop = (f"stop_at_eos min_new={self.min_new_tokens} max_new={self.max_new_tokens}"
-            if self.stop_at_eos else f"length={self.max_new_tokens}")
-    return f"{how} {stop}" + (" allow_n" if self.allow_n else "")
+# How to generate: the `generate` config section itself (GenerateConfig),
+# whose sampling fields -- max_new_tokens, temperature, top_k, top_p,
+# stop_at_eos, min_new_tokens, allow_n, beam_width, length_penalty -- are
+# described in the module docstring; `describe()` gives them in one line.
+Settings = GenerateConfig
 
 
 class Generation(NamedTuple):

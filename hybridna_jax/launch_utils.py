@@ -1,14 +1,20 @@
 """Shared plumbing of the absl programs under launch/: the --config and
---workdir flags, and multi-host start-up."""
+--workdir flags, config checking (`run`), and multi-host start-up."""
 
 from __future__ import annotations
 
+import difflib
 import logging as logging_std
 import os
+import re
+import sys
 
 import jax
-from absl import flags, logging
+import ml_collections
+from absl import app, flags, logging
 from ml_collections import config_flags
+
+from hybridna_jax import config as config_lib
 
 FLAGS = flags.FLAGS
 
@@ -27,6 +33,83 @@ def define_flags(default_config: str | None = None, workdir_required: bool = Tru
   flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
   flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
   flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+
+
+def run(main) -> None:
+  """app.run(main), with the job config checked once the flags are parsed:
+  an unknown or malformed field, in the config file or in a --config.x.y
+  override, ends the program with one line naming it (exit status 1)."""
+  app.run(main, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    rest = FLAGS(argv)
+  except flags.Error as e:
+    # A ConfigError of the config file (e.g. an unknown :variant) reaches
+    # here wrapped in a traceback; its own line says it all.
+    origin = _config_error(e)
+    if origin is not None:
+      sys.exit(str(origin))
+    # Otherwise, as absl's app.parse_flags_with_usage.
+    sys.stderr.write(f"FATAL Flags parsing error: {e}\n"
+                     "Pass --helpshort or --helpfull to see help on flags.\n")
+    sys.exit(1)
+  except (AttributeError, KeyError):
+    # ml_collections: an override naming no field fails with a bare key.
+    message = _unknown_override(argv)
+    if message is None:
+      raise
+    sys.exit(message)
+  config = FLAGS["config"].value if "config" in FLAGS else None
+  if config is not None:
+    try:
+      config_lib.validate(config)
+    except ValueError as e:        # ConfigError, or a section's own check
+      sys.exit(str(e))
+  return rest
+
+
+def _config_error(error: BaseException) -> config_lib.ConfigError | None:
+  """The innermost ConfigError `error` was raised from, if any."""
+  found, seen = None, set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, config_lib.ConfigError):
+      found = error
+    error = error.__cause__ or error.__context__
+  return found
+
+
+def _unknown_override(argv: list[str]) -> str | None:
+  """The message for the first --config.<path>=... override of `argv` whose
+  path is not in the config (None when every path is)."""
+  spec = None
+  for i, arg in enumerate(argv):
+    if re.fullmatch(r"-{1,2}config", arg) and i + 1 < len(argv):
+      spec = argv[i + 1]
+    elif m := re.fullmatch(r"-{1,2}config=(.*)", arg):
+      spec = m.group(1)
+  if spec is None:
+    return None
+  try:
+    config = config_lib.load_config(spec, check=False)
+  except Exception:  # pylint: disable=broad-except
+    return None      # the original error says more
+  for arg in argv:
+    m = re.match(r"-{1,2}(?:no)?config\.([^=]+)", arg)
+    if not m:
+      continue
+    node, path = config, "config"
+    for key in m.group(1).split("."):
+      if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+        names = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        close = difflib.get_close_matches(key, names, 1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return (f"--config.{m.group(1)}: {path} has no field {key!r}{hint}; its fields: "
+                f"{', '.join(names)}.")
+      node, path = node[key], f"{path}.{key}"
+  return None
 
 
 class _LibraryInfoFilter(logging_std.Filter):

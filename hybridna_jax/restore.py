@@ -25,8 +25,8 @@ from jax.sharding import Mesh
 
 from hybridna_jax import sharding
 from hybridna_jax import tokenizer
-from hybridna_jax.config import ModelConfig
-from hybridna_jax.model import HybriDNA, abstract_model
+from hybridna_jax.config import MODEL_RUNTIME_FIELDS, ModelConfig
+from hybridna_jax.model import abstract_model
 from hybridna_jax.train.checkpoint import Checkpoints
 
 CONFIG_FILE = "config.json"
@@ -93,8 +93,9 @@ def restore_params(ref: CheckpointRef, model_cfg: ModelConfig, mesh: Mesh,
   return Checkpoints(ref.manager_dir).restore_params(ref.step, target)
 
 
-# Execution settings that may differ from training (they change no parameter).
-RUNTIME_FIELDS = ("attention_impl", "ssd_impl", "remat", "max_seq_len")
+# The runtime fields load() takes as keywords; `dtype` sets dtype and
+# param_dtype together.
+_LOAD_OVERRIDES = tuple(f for f in MODEL_RUNTIME_FIELDS if f not in ("dtype", "param_dtype"))
 
 
 def load(path: str, *, dtype: str | None = None, mesh: Mesh | None = None,
@@ -107,17 +108,18 @@ def load(path: str, *, dtype: str | None = None, mesh: Mesh | None = None,
       as trained: fp32 weights, the config's compute dtype).
     mesh: where to place the parameters (default: all devices, fsdp).
     which: "latest" or "best" for a run directory.
-    **runtime: execution settings of the restored model (RUNTIME_FIELDS),
-      e.g. attention_impl="xla_blockwise" to score long contexts on CPU.
+    **runtime: runtime fields of the restored model (config.MODEL_RUNTIME_FIELDS
+      but the dtypes: remat, ssd_impl, attention_impl, max_seq_len), e.g.
+      attention_impl="xla_blockwise" to score long contexts on CPU.
 
   Returns:
     (model, tokenizer module, config) -- an nnx HybriDNA with its
     parameters on `mesh`, `hybridna_jax.tokenizer`, and the run's config.
   """
-  unknown = sorted(set(runtime) - set(RUNTIME_FIELDS))
+  unknown = sorted(set(runtime) - set(_LOAD_OVERRIDES))
   if unknown:
     raise ValueError(f"load(): {unknown} cannot be changed at restore time; allowed: "
-                     f"{', '.join(RUNTIME_FIELDS)} (and dtype).")
+                     f"{', '.join(_LOAD_OVERRIDES)} (and dtype).")
   ref = find_checkpoint(path, which)
   config = run_config(ref.run_dir)
   model_cfg = ModelConfig.from_config(config.model)

@@ -39,18 +39,18 @@ def main(argv):
   # Imported after flag parsing (nothing may touch devices before).
   from hybridna_jax.scoring import evaluation  # pylint: disable=g-import-not-at-top
   from hybridna_jax import scoring  # pylint: disable=g-import-not-at-top
+  from hybridna_jax.config import ScoreConfig  # pylint: disable=g-import-not-at-top
 
   scorer, run_config = scoring.Scorer.from_run(FLAGS.checkpoint or FLAGS.workdir,
                                                FLAGS.config, which=FLAGS.which)
   config = FLAGS.config if FLAGS.config is not None else run_config
-  section = config.get("score") or {}
-  max_records = int(section.get("eval_max_records", 0))
-  max_tokens = int(section.get("eval_max_tokens", 0))
+  section = ScoreConfig.of(config)
+  max_records, max_tokens = section.eval_max_records, section.eval_max_tokens
   if FLAGS.fasta:
     sequences = evaluation.fasta_sequences(FLAGS.fasta, max_records, max_tokens)
     data_name = "fasta" if len(FLAGS.fasta) > 1 else _stem(FLAGS.fasta[0])
   else:
-    split = section.get("eval_split", "val")
+    split = section.eval_split
     sequences = evaluation.store_sequences(config.data.store_dir, split, max_records,
                                            max_tokens)
     data_name = split
@@ -71,4 +71,4 @@ def _stem(path: str) -> str:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch_utils.run(main)

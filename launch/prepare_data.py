@@ -18,6 +18,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from hybridna_jax import launch_utils
 from hybridna_jax.data import prepare
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -65,4 +66,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch_utils.run(main)

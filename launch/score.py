@@ -51,7 +51,7 @@ def main(argv):
   from hybridna_jax.scoring import outputs as score_outputs  # pylint: disable=g-import-not-at-top
   from hybridna_jax import scoring  # pylint: disable=g-import-not-at-top
   from hybridna_jax.scoring import variants as variants_lib  # pylint: disable=g-import-not-at-top
-  from hybridna_jax.config import score_config  # pylint: disable=g-import-not-at-top
+  from hybridna_jax.config import ScoreConfig  # pylint: disable=g-import-not-at-top
   from hybridna_jax.scoring.evaluation import fasta_sequences  # pylint: disable=g-import-not-at-top
 
   mode = FLAGS.mode
@@ -67,17 +67,17 @@ def main(argv):
   path = FLAGS.checkpoint or FLAGS.workdir
   run_config = restore.run_config(restore.find_checkpoint(path, FLAGS.which).run_dir)
   config = FLAGS.config if FLAGS.config is not None else run_config
-  section = config.get("score") or score_config()
+  section = ScoreConfig.of(config)
   if mode == "variants":
     variants, problems = variants_lib.read_variants(
-        FLAGS.variants, max_indel_length=int(section.get("max_indel_length", 64)))
+        FLAGS.variants, max_indel_length=section.max_indel_length)
     variants_lib.report_problems(problems)
     reference = variants_lib.load_reference(FLAGS.reference, {v.chrom for v in variants})
   else:
     records = fasta_sequences(FLAGS.fasta)
 
   scorer, _ = scoring.Scorer.from_run(path, config, which=FLAGS.which)
-  rc = bool(section.get("rc_average", False))
+  rc = section.rc_average
   progress = scoring.ProgressLogger("windows")
   logging.info("mode %s: context %d, stride %d, batch %d, buckets %s, rc_average %s",
                mode, scorer.context, scorer.stride, scorer.settings.batch_size,
@@ -86,15 +86,15 @@ def main(argv):
   if mode == "variants":
     paths = score_outputs.score_variants_to_files(
         scorer, variants, problems, reference, output,
-        window=int(section.get("variant_window", 8192)), rc_average=rc, progress=progress)
+        window=section.variant_window, rc_average=rc, progress=progress)
   else:
     paths = score_outputs.score_sequences_to_files(
         mode, scorer, [r.name for r in records], [r.tokens for r in records], output,
-        rc_average=rc, pooling=str(section.get("pooling", "mean")),
-        layer=int(section.get("layer", -1)), bedgraph=FLAGS.bedgraph, progress=progress)
+        rc_average=rc, pooling=section.pooling,
+        layer=section.layer, bedgraph=FLAGS.bedgraph, progress=progress)
   logging.info("wrote %s", ", ".join(paths))
   logging.info("compiled programs: %d (buckets %s)", scorer.trace_count, scorer.buckets)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch_utils.run(main)

@@ -10,7 +10,7 @@ printing validation bits per nucleotide next to order-k Markov baselines.
 import json
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from hybridna_jax import launch_utils
 
@@ -40,4 +40,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch_utils.run(main)

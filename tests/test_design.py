@@ -180,6 +180,23 @@ def test_train_iterator_shuffles_epochs_and_resumes_from_its_state():
   assert 0 < np.sum(firsts < 10) < 10          # some rows start with DNA, not a label
 
 
+def test_pretrained_run_must_match_every_architecture_field(tmp_path):
+  # The legacy run's model is this config's (Mamba2, attention; placed by
+  # attn_period/offset there, attn_layers here): it loads, whatever the
+  # runtime fields say.
+  cfg = _config(tmp_path, pretrained=os.path.join(REPO, "tests", "data", "legacy_run"))
+  cfg.model.remat, cfg.model.attention_impl = "full", "xla_blockwise"
+  assert design.GenerativeFinetuning(cfg).pretrained.step == 2
+  # Another positional encoding (or norm epsilon) is another model.
+  cfg.model.rope = True
+  with pytest.raises(ValueError,
+                     match=r"differs from config.model in \{'rope': \(False, True\)\}"):
+    design.GenerativeFinetuning(cfg)
+  cfg.model.rope, cfg.model.norm_eps = False, 1e-6
+  with pytest.raises(ValueError, match=r"in \{'norm_eps': \(1e-05, 1e-06\)\}"):
+    design.GenerativeFinetuning(cfg)
+
+
 def test_task_checks_lengths_and_validation(tmp_path):
   cfg = _config(tmp_path)
   cfg.train.stages = ((20, 10, 4),)

@@ -568,7 +568,7 @@ def eval_dataset(data_cfg, *, split: str = "val", seq_len: int,
       *split_segments(store[split], bool(data_cfg.eval_packing)),
       length=seq_len + 1, stride=seq_len, align_end=False)
   total = len(index)
-  limit = int(data_cfg.get("eval_max_windows", 0))
+  limit = int(data_cfg.eval_max_windows)
   selected = min(total, limit) if limit > 0 else total
   rows = host_eval_rows(selected, batch_size, shard_index, shard_count)
   ds = grain.MapDataset.source(rows.reshape(-1)).map(

@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 from absl import logging
 
 from hybridna_jax.data import fasta
+from hybridna_jax.data.config import SplitConfig
 from hybridna_jax.data import store as store_lib
 
 SOURCE_FROM = ("file", "dir", "record")
@@ -101,15 +102,9 @@ class SplitRule:
 
   def __init__(self, split_cfg, sources: Sequence[str] | None):
     """`sources`: all source names, or None when they are record names."""
-    self.val_sources = tuple(split_cfg.get("val_sources", ()) or ())
-    self.val_records = tuple(split_cfg.get("val_records", ()) or ())
-    self.fraction = float(split_cfg.get("val_fraction", 0.0))
-    self.split_by = split_cfg.get("split_by", "source")
-    self.seed = int(split_cfg.get("seed", 0))
-    if isinstance(self.val_sources, str):
-      self.val_sources = (self.val_sources,)
-    if isinstance(self.val_records, str):
-      self.val_records = (self.val_records,)
+    split = SplitConfig.from_config(split_cfg)   # typed; a single name reads as a 1-tuple
+    self.val_sources, self.val_records = split.val_sources, split.val_records
+    self.fraction, self.split_by, self.seed = split.val_fraction, split.split_by, split.seed
     if self.split_by not in ("source", "record"):
       raise ValueError("data.split.split_by must be 'source' or 'record', "
                        f"got {self.split_by!r}.")

@@ -25,6 +25,7 @@ from absl import logging
 
 from hybridna_jax import generate as gen
 from hybridna_jax import tokenizer as tok
+from hybridna_jax.config import GenerateConfig
 from hybridna_jax.data import fasta
 from hybridna_jax.data import pipeline
 from hybridna_jax.design import data as design_data
@@ -42,13 +43,6 @@ class DesignedSet:
   sequences: list[str]
   log_probs: np.ndarray              # (n,) of the generated part, <eos> included
   ended: np.ndarray                  # (n,) bool: ended with <eos>
-
-
-def settings_from_config(g, **overrides) -> gen.Settings:
-  """generate.Settings from config.generate, with overrides (None: keep)."""
-  values = {f.name: g[f.name] for f in dataclasses.fields(gen.Settings)}
-  values.update({k: v for k, v in overrides.items() if v is not None})
-  return gen.Settings(**values)
 
 
 def _slug(text: str) -> str:
@@ -204,21 +198,15 @@ def run_sampling(checkpoint: str, output: str, *, config=None, which: str = "lat
   from hybridna_jax import restore  # pylint: disable=g-import-not-at-top
   model, _, run_config = restore.load(checkpoint, which=which, mesh=mesh)
   ref = restore.find_checkpoint(checkpoint, which)
-  if config is not None:
-    g = config.generate
-  elif "generate" in run_config:
-    g = run_config.generate
-  else:   # a run from before the generate section existed (a pretraining run)
-    from hybridna_jax.config import generate_config  # pylint: disable=g-import-not-at-top
-    g = generate_config()
+  # Defaults for a run from before the generate section existed (pretraining).
+  run_generate = GenerateConfig.of(run_config)
+  g = GenerateConfig.of(config) if config is not None else run_generate
   num_samples = int(overrides.pop("num_samples", None) or g.num_samples)
   batch_size = int(overrides.pop("batch_size", None) or g.batch_size)
-  seed = overrides.pop("seed", None)
-  seed = int(g.seed if seed is None else seed)
-  settings = settings_from_config(g, **overrides)
-  run_generate = run_config.get("generate")
+  settings = g.replace(**overrides)        # the sampling fields (gen.Settings)
+  seed = settings.seed
   vocab = (prompts.PromptVocab.from_config(run_generate.prompt_vocab)
-           if run_generate is not None and run_generate.get("prompt_vocab") else None)
+           if run_generate.prompt_vocab else None)
   if vocab is not None:
     label_sets = prompts.iter_label_sets(vocab, label_specs)
   else:
@@ -236,8 +224,7 @@ def run_sampling(checkpoint: str, output: str, *, config=None, which: str = "lat
   write_fasta(sets, output, settings=settings, seed=seed, source=source)
 
   training = None
-  csv_path = reference_csv or (run_generate.get("train_csv") if run_generate is not None
-                               else None)
+  csv_path = reference_csv or run_generate.train_csv or None
   if csv_path and os.path.isfile(csv_path) and vocab is not None:
     training = design_data.load_design_csv(csv_path, vocab.columns)
   elif csv_path:

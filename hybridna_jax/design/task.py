@@ -20,19 +20,13 @@ from absl import logging
 
 from hybridna_jax import restore
 from hybridna_jax import tokenizer as tok
-from hybridna_jax.config import ModelConfig
+from hybridna_jax.config import ModelConfig, architecture_differences
 from hybridna_jax.design.data import (eval_batches, load_design_csv,
                                       resolve_vocab, tokenize, train_batches)
 from hybridna_jax.model import HybriDNA
 from hybridna_jax.train import flops as flops_lib
 from hybridna_jax.train import loop
 from hybridna_jax.train import step as step_lib
-
-# Model fields that must match between a pretrained checkpoint and the
-# fine-tuned model (numerics and kernels may differ).
-_ARCHITECTURE_FIELDS = ("vocab_size", "d_model", "n_layers", "mlp_dim", "num_heads",
-                        "num_kv_heads", "head_dim", "d_state", "d_conv", "expand",
-                        "ssm_head_dim", "ngroups", "tie_embeddings")
 
 
 class GenerativeFinetuning(loop.Task):
@@ -77,11 +71,9 @@ class GenerativeFinetuning(loop.Task):
   def _check_pretrained(self, path: str) -> restore.CheckpointRef:
     ref = restore.find_checkpoint(path, str(self.config.generate.pretrained_which))
     pretrained_cfg = ModelConfig.from_config(restore.run_config(ref.run_dir).model)
-    diff = {f: (getattr(pretrained_cfg, f), getattr(self.model_cfg, f))
-            for f in _ARCHITECTURE_FIELDS
-            if getattr(pretrained_cfg, f) != getattr(self.model_cfg, f)}
-    if pretrained_cfg.layer_types != self.model_cfg.layer_types:
-      diff["layer_types"] = (pretrained_cfg.layer_types, self.model_cfg.layer_types)
+    # Every architecture field (config.MODEL_ARCHITECTURE_FIELDS) must match;
+    # runtime fields (numerics, kernels) may differ.
+    diff = architecture_differences(pretrained_cfg, self.model_cfg)
     if diff:
       raise ValueError(f"config.generate.pretrained={path}: its model differs from "
                        f"config.model in {diff} (pretrained, this config); use the "

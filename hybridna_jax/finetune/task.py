@@ -42,7 +42,8 @@ from jax.experimental import multihost_utils
 from hybridna_jax import restore
 from hybridna_jax import sharding
 from hybridna_jax import tokenizer
-from hybridna_jax.config import ModelConfig, model_config_dict
+from hybridna_jax.config import (MODEL_RUNTIME_FIELDS, FinetuneConfig, ModelConfig,
+                                 model_config_dict)
 from hybridna_jax.data import pipeline
 from hybridna_jax.finetune import datasets
 from hybridna_jax import echo as echo_lib
@@ -56,9 +57,6 @@ from hybridna_jax.train import step as step_lib
 from hybridna_jax.train.checkpoint import Checkpoints, with_shardings
 
 TASK_INFO = "task_info.json"
-# Execution settings of config.model kept from the fine-tuning config when
-# the architecture comes from a pretrained run.
-_EXECUTION_FIELDS = ("dtype", "remat", "ssd_impl", "attention_impl")
 
 
 # -- backbone ---------------------------------------------------------------------------
@@ -67,25 +65,24 @@ _EXECUTION_FIELDS = ("dtype", "remat", "ssd_impl", "attention_impl")
 def resolve_backbone(config) -> tuple[ModelConfig, restore.CheckpointRef | None]:
   """The backbone's config and, with finetune.pretrained, its checkpoint.
 
-  A pretrained backbone brings its architecture from its run's config.json;
-  config.model is rewritten to match (so this run's config.json describes
-  what it trains), keeping the execution fields of config.model.
+  A pretrained backbone brings its architecture (and initialisation
+  fields) from its run's config.json; config.model is rewritten to match
+  (so this run's config.json describes what it trains), keeping the runtime
+  fields of config.model (config.MODEL_RUNTIME_FIELDS: dtypes, remat,
+  kernels, max_seq_len).
   """
   fc = config.finetune
+  own = ModelConfig.from_config(config.model)
   if not fc.pretrained:
-    return ModelConfig.from_config(config.model), None
+    return own, None
   ref = restore.find_checkpoint(str(fc.pretrained), str(fc.pretrained_which))
   run = restore.run_config(ref.run_dir)
-  if "finetune" in run and run.finetune.get("task"):
+  run_task = FinetuneConfig.of(run).task
+  if run_task:
     raise ValueError(f"finetune.pretrained={fc.pretrained} is a fine-tuning run (task "
-                     f"{run.finetune.task}); pass a pretraining run (launch/train.py).")
-  values = dict(run.model.to_dict())
-  for field in _EXECUTION_FIELDS:
-    values[field] = config.model[field]
-  for key in ("attn_layers", "a_init_range"):
-    if values.get(key) is not None:
-      values[key] = tuple(values[key])
-  model_cfg = ModelConfig.from_config(values)
+                     f"{run_task}); pass a pretraining run (launch/train.py).")
+  model_cfg = dataclasses.replace(ModelConfig.from_config(run.model),
+                                  **{f: getattr(own, f) for f in MODEL_RUNTIME_FIELDS})
   with config.unlocked():
     config.model = model_config_dict(**dataclasses.asdict(model_cfg))
   return model_cfg, ref

@@ -60,6 +60,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from hybridna_jax import sharding
 from hybridna_jax import tokenizer
 from hybridna_jax import echo as echo_lib
+from hybridna_jax.config import ScoreConfig, TrainConfig
 from hybridna_jax.train.metrics import format_duration
 
 POOLINGS = ("mean", "last", "echo")
@@ -222,51 +223,25 @@ class ProgressLogger:
 # -- the scorer ---------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class ScoreSettings:
-  """How a Scorer windows and batches (config section `score`)."""
-  context: int
-  stride: int = 0           # 0: context // 2
-  batch_size: int = 8
-  min_bucket: int = 128
-  add_bos: bool = False
+# How a Scorer windows and batches: the `score` section itself (its context,
+# stride, batch_size, min_bucket and add_bos; the other fields are the
+# launchers'), with the context resolved (> 0).
+ScoreSettings = ScoreConfig
 
-  def __post_init__(self):
-    if self.context < 2:
-      raise ValueError(f"score.context must be at least 2 tokens, got {self.context}.")
-    if self.batch_size < 1 or self.min_bucket < 1:
-      raise ValueError("score.batch_size and score.min_bucket must be positive, got "
-                       f"{self.batch_size} and {self.min_bucket}.")
-    if not 0 < self.window_stride < self.context:
-      raise ValueError(f"score.stride={self.stride} must be in [1, context - 1] "
-                       f"(context {self.context}): each window needs fresh positions "
-                       "and each scored position at least one token of context.")
 
-  @property
-  def window_stride(self) -> int:
-    return self.stride or self.context // 2
-
-  @classmethod
-  def from_config(cls, config, run_config=None, **overrides) -> "ScoreSettings":
-    """From the `score` section of `config` (defaults when it has none);
-    context 0 is the trained context: the last stage's length in
-    `run_config` (default: `config`). `overrides` replace fields (None
-    values are ignored)."""
-    from hybridna_jax.config import score_config  # pylint: disable=g-import-not-at-top
-    section = config.get("score") or score_config()
-    values = dict(context=int(section.get("context", 0)), stride=int(section.get("stride", 0)),
-                  batch_size=int(section.get("batch_size", 8)),
-                  min_bucket=int(section.get("min_bucket", 128)),
-                  add_bos=bool(section.get("add_bos", False)))
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    if not values["context"]:
-      trained = run_config if run_config is not None else config
-      stages = trained.train.stages if "train" in trained else ()
-      if not stages:
-        raise ValueError("score.context is 0 and the config has no train.stages to take "
-                         "the trained context from; set --config.score.context.")
-      values["context"] = int(stages[-1][0])
-    return cls(**values)
+def settings_from_config(config, run_config=None, **overrides) -> ScoreSettings:
+  """The `score` section of `config` (defaults when it has none) with
+  `overrides` (None values are ignored); context 0 becomes the trained
+  context, the last stage's length in `run_config` (default: `config`)."""
+  settings = ScoreConfig.of(config).replace(**overrides)
+  if not settings.context:
+    trained = run_config if run_config is not None else config
+    stages = TrainConfig.of(trained).stages if "train" in trained else ()
+    if not stages:
+      raise ValueError("score.context is 0 and the config has no train.stages to take "
+                       "the trained context from; set --config.score.context.")
+    settings = dataclasses.replace(settings, context=int(stages[-1][0]))
+  return settings
 
 
 def _model_mesh(state) -> jax.sharding.Mesh | None:
@@ -293,6 +268,9 @@ class Scorer:
     if settings is not None and kwargs:
       raise ValueError("pass either settings or keyword fields, not both.")
     self.settings = settings or ScoreSettings(**kwargs)
+    if self.settings.context < 2:
+      raise ValueError("a Scorer needs score.context >= 2 (the trained context: "
+                       "Scorer.from_config / settings_from_config).")
     self.model_config = model.cfg
     self.graphdef, self.state = nnx.split(model)
     self.mesh = _model_mesh(self.state)
@@ -312,8 +290,8 @@ class Scorer:
 
   @classmethod
   def from_config(cls, model: nnx.Module, config, run_config=None, **overrides) -> "Scorer":
-    """A scorer with `ScoreSettings.from_config(config, run_config, ...)`."""
-    return cls(model, ScoreSettings.from_config(config, run_config, **overrides))
+    """A scorer with `settings_from_config(config, run_config, ...)`."""
+    return cls(model, settings_from_config(config, run_config, **overrides))
 
   @classmethod
   def from_run(cls, path: str, config=None, *, which: str = "latest", mesh=None,
@@ -331,13 +309,12 @@ class Scorer:
       (scorer, the run's config).
     """
     from hybridna_jax import restore  # pylint: disable=g-import-not-at-top
-    from hybridna_jax.config import score_config  # pylint: disable=g-import-not-at-top
     run_config = restore.run_config(restore.find_checkpoint(path, which).run_dir)
     settings_from = config if config is not None else run_config
-    section = settings_from.get("score") or score_config()
-    model, _, _ = restore.load(path, dtype=section.get("dtype") or None, mesh=mesh,
-                               which=which, attention_impl=section.get("attention_impl"),
-                               ssd_impl=section.get("ssd_impl"))
+    section = ScoreConfig.of(settings_from)
+    model, _, _ = restore.load(path, dtype=section.dtype or None, mesh=mesh, which=which,
+                               attention_impl=section.attention_impl,
+                               ssd_impl=section.ssd_impl)
     return cls.from_config(model, settings_from, run_config, **overrides), run_config
 
   @property

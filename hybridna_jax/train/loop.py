@@ -25,7 +25,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from hybridna_jax import sharding
-from hybridna_jax.config import ModelConfig
+from hybridna_jax.config import ModelConfig, TrainConfig, validate
 from hybridna_jax.data import pipeline
 from hybridna_jax.model import HybriDNA
 from hybridna_jax.train import flops as flops_lib
@@ -56,15 +56,15 @@ class Stage:
     return f"stage {self.index}: {self.seq_len:,} nt x {self.batch_size}"
 
 
-def parse_stages(train_cfg) -> list[Stage]:
+def parse_stages(train) -> list[Stage]:
+  """The context stages of the `train` section (a TrainConfig, or the
+  ConfigDict, read through TrainConfig: a malformed stages field fails
+  there with one line naming it)."""
   stages, start = [], 0
-  for i, spec in enumerate(train_cfg.stages):
-    if len(spec) != 3:
-      raise ValueError(f"config.train.stages[{i}] = {spec!r}: each stage is "
-                       "(seq_len, steps, global_batch_size).")
-    seq_len, steps, batch = (int(v) for v in spec)
+  for i, (seq_len, steps, batch) in enumerate(TrainConfig.from_config(train).stages):
     if seq_len < 1 or steps < 1 or batch < 1:
-      raise ValueError(f"config.train.stages[{i}] = {spec!r}: all values must be positive.")
+      raise ValueError(f"config.train.stages[{i}] = {(seq_len, steps, batch)!r}: all values "
+                       "must be positive.")
     stages.append(Stage(i, seq_len, steps, batch, start))
     start += steps
   if not stages:
@@ -254,38 +254,40 @@ def _write_config(config, workdir: str) -> None:
 
 def train(config, workdir: str, task: Task | None = None) -> dict:
   """Trains (or resumes) `task` (default: LM pretraining) in `workdir`;
-  returns a summary dict."""
+  returns a summary dict. The config is validated first (unknown or
+  malformed fields fail with one line naming them)."""
+  validate(config)
   task = task or LMPretraining(config)
-  tc = config.train
+  tc = TrainConfig.from_config(config.train)   # after the task wrote its schedule
   stages = task.stages()
   total_steps = stages[-1].end_step
   mesh = sharding.mesh_from_config(config.mesh)
   optimizer, schedule = task.optimizer(total_steps)
   fns = step_lib.build_steps(task.init_model, task.loss, optimizer, schedule, mesh,
-                             batch_keys=task.batch_keys, grad_accum=int(tc.grad_accum),
+                             batch_keys=task.batch_keys, grad_accum=tc.grad_accum,
                              apply_fn=task.apply if type(task).apply is not Task.apply else None)
   _write_config(config, workdir)
   checkpoints = Checkpoints(os.path.join(workdir, CHECKPOINT_DIR),
-                            keep=int(tc.keep_checkpoints),
-                            async_save=bool(tc.async_checkpoints))
+                            keep=tc.keep_checkpoints,
+                            async_save=tc.async_checkpoints)
   best = Checkpoints(os.path.join(workdir, BEST_DIR), keep=1) if tc.keep_best else None
   select_key, select_mode = task.selection
   better = (lambda a, b: a < b) if select_mode == "min" else (lambda a, b: a > b)
   logger = MetricsLogger(workdir, total_steps)
-  peak = float(tc.peak_flops_per_device) or flops_lib.peak_flops_per_device()
+  peak = tc.peak_flops_per_device or flops_lib.peak_flops_per_device()
   flops_per_token = getattr(task, "flops_per_token", lambda seq_len: 0.0)
   logging.info("%s; mesh %s; %d steps in %d stage(s)", task.describe(),
                dict(mesh.shape), total_steps, len(stages))
 
   def make_iterator(stage: Stage):
-    return task.train_iterator(stage, _check_batch(stage, mesh, int(tc.grad_accum)),
-                               seed=int(tc.seed) * 1000 + stage.index)
+    return task.train_iterator(stage, _check_batch(stage, mesh, tc.grad_accum),
+                               seed=tc.seed * 1000 + stage.index)
 
   # -- start or resume -----------------------------------------------------
   latest = checkpoints.latest_step()
   best_val = math.inf if select_mode == "min" else -math.inf
   if latest is None:
-    state = task.start(fns, fns.init(jax.random.key(int(tc.seed))))
+    state = task.start(fns, fns.init(jax.random.key(tc.seed)))
     stage = stages[0]
     iterator = make_iterator(stage)
   else:
@@ -348,7 +350,7 @@ def train(config, workdir: str, task: Task | None = None) -> dict:
           first_step = False
         for k, v in metrics.items():
           accumulated.setdefault(k, []).append(v)
-        if step % int(tc.log_every) == 0 or step == stage.end_step:
+        if step % tc.log_every == 0 or step == stage.end_step:
           host = {k: np.asarray(jax.device_get(v)) for k, v in accumulated.items()}
           values = {k: float(v.mean()) for k, v in host.items()
                     if k not in ("skipped", "consecutive_skips", "learning_rate", "count")}
@@ -358,16 +360,16 @@ def train(config, workdir: str, task: Task | None = None) -> dict:
                            flops_per_token=flops_per_token(stage.seq_len), peak_flops=peak,
                            stage=stage.label)
           accumulated = {}
-          if int(host["consecutive_skips"][-1]) >= int(tc.max_consecutive_skips):
+          if int(host["consecutive_skips"][-1]) >= tc.max_consecutive_skips:
             save(stage, force_sync=True)
             raise NonFiniteLossError(
                 f"{int(host['consecutive_skips'][-1])} consecutive steps had a non-finite "
                 f"loss or gradient (step {step}); a checkpoint was saved. Lower "
                 "config.train.learning_rate, check the data, or raise "
                 "config.train.max_consecutive_skips.")
-        if int(tc.eval_every) and step % int(tc.eval_every) == 0:
+        if tc.eval_every and step % tc.eval_every == 0:
           run_eval(stage)
-        if step % int(tc.checkpoint_every) == 0 or step == stage.end_step:
+        if step % tc.checkpoint_every == 0 or step == stage.end_step:
           save(stage)
         if preemption.any_host():
           save(stage, force_sync=True)
@@ -376,7 +378,7 @@ def train(config, workdir: str, task: Task | None = None) -> dict:
           break
       if summary["stopped"] == "preempted":
         break
-    if summary["stopped"] == "completed" and int(tc.eval_every):
+    if summary["stopped"] == "completed" and tc.eval_every:
       summary["final_val"] = (run_eval(stage) if last_eval_step != step
                               else summary.get("last_val"))
       save(stage)
@@ -388,7 +390,7 @@ def train(config, workdir: str, task: Task | None = None) -> dict:
   logger.close()
   summary["steps"] = step
   summary["stages"] = [dataclasses.asdict(s) for s in stages]
-  if jax.process_index() == 0 and bool(tc.plot) and os.path.exists(logger.jsonl_path):
+  if jax.process_index() == 0 and tc.plot and os.path.exists(logger.jsonl_path):
     summary["plot"] = plot_loss_curves(
         logger.jsonl_path, os.path.join(workdir, "loss_curves.png"),
         stage_starts=[(s.start_step, f"{s.seq_len:,} nt") for s in stages])
