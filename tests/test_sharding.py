@@ -1,0 +1,54 @@
+"""The active mesh as JAX's context mesh."""
+
+import jax
+import jax.numpy as jnp
+
+from hybridna_jax import sharding
+
+
+def test_activate_enters_jax_context_mesh():
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  assert sharding.current() is None and jax.sharding.get_abstract_mesh().empty
+  seen = {}
+
+  def fn(x):
+    with sharding.activate(mesh, sharding.DEFAULT_RULES):
+      seen["jax"] = jax.sharding.get_abstract_mesh()
+      seen["ours"] = sharding.current()
+      return sharding.constrain(x, ("act_batch", None))
+
+  jaxpr = str(jax.make_jaxpr(fn)(jnp.zeros((8, 4))))
+  assert seen["jax"] == mesh.abstract_mesh and seen["ours"].mesh is mesh
+  assert "sharding_constraint" in jaxpr
+  assert sharding.current() is None and jax.sharding.get_abstract_mesh().empty
+
+
+def test_jit_retraces_under_another_mesh():
+  """jit keys its cache on JAX's context mesh, which `activate` sets."""
+  traces = []
+
+  @jax.jit
+  def fn(x):
+    traces.append(sharding.current())
+    return sharding.constrain(x, ("act_batch", None))
+
+  x = jnp.zeros((8, 4))
+  fn(x)
+  for mesh in (sharding.make_mesh(2, 2, 2), sharding.make_mesh(8, 1, 1)):
+    def outer(x):
+      with sharding.activate(mesh):
+        return fn(x)
+    jax.make_jaxpr(outer)(x)
+  assert [None if t is None else dict(t.mesh.shape) for t in traces] == [
+      None, {"data": 2, "fsdp": 2, "tensor": 2}, {"data": 8, "fsdp": 1, "tensor": 1}]
+
+
+def test_maybe_activate():
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  with sharding.maybe_activate(None):
+    assert sharding.current() is None
+  with sharding.maybe_activate(sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])):
+    assert sharding.current() is None                 # one device: nothing to shard
+  with sharding.maybe_activate(mesh):
+    assert sharding.current().mesh is mesh
+  assert sharding.current() is None
