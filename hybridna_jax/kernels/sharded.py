@@ -22,7 +22,7 @@ import jax
 from jax.sharding import PartitionSpec as P
 
 from hybridna_jax import sharding
-from hybridna_jax import ssd
+from hybridna_jax import ssd_reference
 
 
 def _axes(mesh, batch: int, heads: tuple[int, ...]):
@@ -47,10 +47,11 @@ def _active_mesh():
 
 
 def shard_ssd_core(core: Callable) -> Callable:
-  """Wraps an `ssd.CORES` core so that it runs per shard on the active mesh."""
+  """Wraps an SSD core (see `hybridna_jax.ssd_reference`) so that it runs per
+  shard on the active mesh."""
 
   @functools.wraps(core)
-  def wrapped(inputs: ssd.CoreInputs, chunk_size: int):
+  def wrapped(inputs: ssd_reference.CoreInputs, chunk_size: int):
     mesh = _active_mesh()
     if mesh is None:
       return core(inputs, chunk_size)
@@ -62,7 +63,7 @@ def shard_ssd_core(core: Callable) -> Callable:
     if bs is None and hs is None:
       return core(inputs, chunk_size)
     gs = hs if g > 1 else None
-    in_specs = ssd.CoreInputs(
+    in_specs = ssd_reference.CoreInputs(
         x=P(bs, None, hs, None), dt=P(bs, None, hs), A=P(hs),
         B=P(bs, None, gs, None), C=P(bs, None, gs, None), seq_idx=P(bs, None),
         initial_states=P(bs, hs, None, None))
@@ -70,7 +71,7 @@ def shard_ssd_core(core: Callable) -> Callable:
     fn = jax.shard_map(lambda i: core(i, chunk_size), mesh=mesh,
                        in_specs=(in_specs,), out_specs=out_specs,
                        check_vma=False)
-    return fn(ssd.CoreInputs(*inputs))
+    return fn(ssd_reference.CoreInputs(*inputs))
 
   return wrapped
 
