@@ -179,6 +179,12 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES):
                       is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def batch_shards(mesh: Mesh) -> int:
+  """How many ways a batch splits on `mesh`: the product of its batch axes
+  (data x fsdp); batch sizes must divide by it to be split."""
+  return math.prod(mesh.shape.get(axis, 1) for axis in BATCH_AXES)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Batch arrays (any rank) split over (data, fsdp) on their leading axis."""
   return NamedSharding(mesh, P(BATCH_AXES))

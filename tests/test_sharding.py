@@ -1,9 +1,15 @@
-"""The active mesh as JAX's context mesh."""
+"""Batch shards, and the active mesh as JAX's context mesh."""
 
 import jax
 import jax.numpy as jnp
 
 from hybridna_jax import sharding
+
+
+def test_batch_shards():
+  assert sharding.batch_shards(sharding.make_mesh(data=2, fsdp=2, tensor=2)) == 4
+  assert sharding.batch_shards(sharding.make_mesh(data=1, fsdp=1, tensor=8)) == 1
+  assert sharding.batch_shards(sharding.make_mesh(data=8, fsdp=1, tensor=1)) == 8
 
 
 def test_activate_enters_jax_context_mesh():

@@ -15,7 +15,6 @@ Outside `sharding.activate` (or on a 1-device mesh) the kernels run as is.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Callable
 
 import jax
@@ -27,9 +26,8 @@ from hybridna_jax import ssd_reference
 
 def _axes(mesh, batch: int, heads: tuple[int, ...]):
   """(batch spec entry, tensor axis or None) for this mesh and these sizes."""
-  batch_axes = tuple(a for a in sharding.BATCH_AXES
-                     if a in mesh.shape and mesh.shape[a] > 1)
-  if batch_axes and batch % math.prod(mesh.shape[a] for a in batch_axes):
+  batch_axes = tuple(a for a in sharding.BATCH_AXES if mesh.shape.get(a, 1) > 1)
+  if batch % sharding.batch_shards(mesh):
     batch_axes = ()
   tensor = sharding.TENSOR_AXIS
   t = mesh.shape.get(tensor, 1)

@@ -303,8 +303,8 @@ class Scorer:
     self.trace_count = 0
     self._batch_sharding = None
     if self.mesh is not None and self.mesh.size > 1:
-      data_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-      spec = P(sharding.BATCH_AXES) if s.batch_size % data_devices == 0 else P()
+      split = s.batch_size % sharding.batch_shards(self.mesh) == 0
+      spec = P(sharding.BATCH_AXES) if split else P()
       self._batch_sharding = NamedSharding(self.mesh, spec)
     self._score_fn = jax.jit(self._window_scores)
     self._embed_fn = jax.jit(self._window_embeddings, static_argnames="layer")

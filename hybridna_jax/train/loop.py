@@ -81,7 +81,7 @@ def stage_at(stages: list[Stage], step: int) -> Stage:
 
 def _check_batch(stage: Stage, mesh, grad_accum: int) -> int:
   """Per-host batch size; errors name the field to fix."""
-  data_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+  data_devices = sharding.batch_shards(mesh)
   procs = jax.process_count()
   for divisor, what in ((procs, "the number of processes"),
                         (data_devices * grad_accum,
