@@ -149,7 +149,10 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.model = model_config_dict()
   # Device mesh; one axis may be -1 ("the rest of the devices"). num_devices:
   # 0 uses every device, N the first N (single-process debugging and tests).
-  cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, num_devices=0))
+  # rules: (logical_name, mesh_axis | (mesh_axes, ...) | None) pairs that
+  # override or add to sharding.DEFAULT_RULES; () keeps the defaults.
+  cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, num_devices=0,
+                                            rules=()))
   cfg.data = default_data_config()
   cfg.train = train_config()
   cfg.score = score_config()

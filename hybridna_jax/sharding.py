@@ -132,6 +132,31 @@ def mesh_from_config(mesh_config, devices=None) -> Mesh:
                    devices=devices)
 
 
+def rules_from_config(mesh_config) -> Rules:
+  """DEFAULT_RULES with `mesh_config.rules` applied: (logical name, mesh axis
+  | tuple of mesh axes | None) pairs that replace the default for that name
+  or add a new one; empty (the default) keeps DEFAULT_RULES."""
+  overrides = mesh_config.get("rules") or ()
+
+  def valid(pair):
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not isinstance(pair[0], str):
+      return False
+    target = pair[1]
+    if target is None or (isinstance(target, str) and target in MESH_AXES):
+      return True
+    return (isinstance(target, (tuple, list)) and bool(target)
+            and all(isinstance(a, str) and a in MESH_AXES for a in target))
+
+  if not isinstance(overrides, (tuple, list)) or not all(valid(p) for p in overrides):
+    raise ValueError(
+        "config.mesh.rules must be a tuple of (logical_name, mesh_axis | (mesh_axes, ...) "
+        f"| None) pairs with mesh axes from {MESH_AXES}; got {overrides!r}.")
+  table = dict(DEFAULT_RULES)
+  for name, target in overrides:
+    table[name] = tuple(target) if isinstance(target, list) else target
+  return tuple(table.items())
+
+
 def logical_to_spec(logical_axes: LogicalAxes, mesh: Mesh,
                     rules: Rules = DEFAULT_RULES,
                     shape: Sequence[int] | None = None) -> P:

@@ -248,8 +248,9 @@ def train(config, workdir: str, task: Task | None = None) -> dict:
   stages = task.stages()
   total_steps = stages[-1].end_step
   mesh = sharding.mesh_from_config(config.mesh)
+  rules = sharding.rules_from_config(config.mesh)
   optimizer, schedule = task.optimizer(total_steps)
-  fns = step_lib.build_steps(task.init_model, task.loss, optimizer, schedule, mesh,
+  fns = step_lib.build_steps(task.init_model, task.loss, optimizer, schedule, mesh, rules=rules,
                              batch_keys=task.batch_keys, grad_accum=int(tc.grad_accum),
                              apply_fn=task.apply if type(task).apply is not Task.apply else None)
   _write_config(config, workdir)
