@@ -15,6 +15,7 @@ Scores and softmax are fp32; the output has q's dtype.
 
 from __future__ import annotations
 
+import einops
 import jax
 import jax.numpy as jnp
 
@@ -23,9 +24,14 @@ _NEG_INF = -1e30  # finite, so fully masked rows give zeros rather than NaN
 
 
 def _grouped(q: Array, hkv: int) -> Array:
-  """(b, l, hq, d) -> (b, l, hkv, hq // hkv, d)."""
-  b, l, hq, d = q.shape
-  return q.reshape(b, l, hkv, hq // hkv, d)
+  """(b, l, hq, d) -> (b, l, hkv, hq // hkv, d): the query heads that share
+  each key/value head (GQA), consecutive in hq."""
+  return einops.rearrange(q, "b l (h r) d -> b l h r d", h=hkv)
+
+
+def _ungrouped(out: Array) -> Array:
+  """(b, l, hkv, r, d) -> (b, l, hkv * r, d), the inverse of `_grouped`."""
+  return einops.rearrange(out, "b l h r d -> b l (h r) d")
 
 
 def xla_attention(q, k, v, segment_ids=None):
@@ -41,7 +47,7 @@ def xla_attention(q, k, v, segment_ids=None):
   probs = jax.nn.softmax(scores, axis=-1)
   out = jnp.einsum("bhrqk,bkhd->bqhrd", probs.astype(v.dtype), v,
                    preferred_element_type=jnp.float32)
-  return out.reshape(b, l, hq, d).astype(q.dtype)
+  return _ungrouped(out).astype(q.dtype)
 
 
 def xla_blockwise_attention(q, k, v, segment_ids=None, *, block: int = 512):
@@ -59,7 +65,6 @@ def xla_blockwise_attention(q, k, v, segment_ids=None, *, block: int = 512):
     k = jnp.pad(k, [(0, 0), (0, pad), (0, 0), (0, 0)])
     v = jnp.pad(v, [(0, 0), (0, pad), (0, 0), (0, 0)])
   kv_seg = jnp.pad(seg, [(0, 0), (0, pad)], constant_values=-1)
-  nb = (l + pad) // block
   qg = _grouped(q, hkv)
   q_pos = jnp.arange(l)
 
@@ -85,13 +90,14 @@ def xla_blockwise_attention(q, k, v, segment_ids=None, *, block: int = 512):
   init = (jnp.full((b, hkv, r, l), _NEG_INF, jnp.float32),
           jnp.zeros((b, hkv, r, l), jnp.float32),
           jnp.zeros((b, hkv, r, l, d), jnp.float32))
-  blocks = (k.reshape(b, nb, block, hkv, d).swapaxes(0, 1),
-            v.reshape(b, nb, block, hkv, d).swapaxes(0, 1),
-            kv_seg.reshape(b, nb, block).swapaxes(0, 1),
-            jnp.arange(nb) * block)
+  # Key blocks first, the axis lax.scan walks.
+  blocks = (einops.rearrange(k, "b (n k) h d -> n b k h d", k=block),
+            einops.rearrange(v, "b (n k) h d -> n b k h d", k=block),
+            einops.rearrange(kv_seg, "b (n k) -> n b k", k=block),
+            jnp.arange((l + pad) // block) * block)
   (_, s, acc), _ = jax.lax.scan(jax.checkpoint(body), init, blocks)
   out = acc / s[..., None]
-  return jnp.einsum("bhrqd->bqhrd", out).reshape(b, l, hq, d).astype(q.dtype)
+  return einops.rearrange(out, "b h r q d -> b q (h r) d").astype(q.dtype)
 
 
 def decode_attention(q: Array, k_cache: Array, v_cache: Array,
@@ -114,4 +120,4 @@ def decode_attention(q: Array, k_cache: Array, v_cache: Array,
   probs = jax.nn.softmax(scores, axis=-1)
   out = jnp.einsum("bhrqk,bkhd->bqhrd", probs.astype(v_cache.dtype), v_cache,
                    preferred_element_type=jnp.float32)
-  return out.reshape(b, t, hq, d).astype(q.dtype)
+  return _ungrouped(out).astype(q.dtype)

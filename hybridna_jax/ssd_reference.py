@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import einops
 import jax
 import jax.numpy as jnp
 
@@ -92,8 +93,9 @@ def ssd_step(state: Array, x: Array, dt: Array, A: Array, B: Array, C: Array,
   decay = jnp.exp(dt * A)                                   # (b, h)
   if keep is not None:
     decay = decay * keep[:, None].astype(decay.dtype)
-  Bh = jnp.repeat(B.astype(jnp.float32), h // g, axis=1)    # (b, h, n)
-  Ch = jnp.repeat(C.astype(jnp.float32), h // g, axis=1)
+  # Each group's B and C serve its h // g consecutive heads.
+  Bh = einops.repeat(B.astype(jnp.float32), "b g n -> b (g r) n", r=h // g)
+  Ch = einops.repeat(C.astype(jnp.float32), "b g n -> b (g r) n", r=h // g)
   dtx = dt[..., None] * x.astype(jnp.float32)               # (b, h, p)
   state = state * decay[..., None, None] + dtx[..., None] * Bh[:, :, None, :]
   y = jnp.einsum("bhpn,bhn->bhp", state, Ch)
@@ -109,38 +111,36 @@ def chunked_core(inputs: CoreInputs, chunk_size: int):
   incoming state to each position, C_i S_prev exp(cs_i).
   """
   x, dt, A, B, C, seq_idx, init = inputs
-  b, l, h, p = x.shape
-  g, n = B.shape[2:]
-  r = h // g
+  g = B.shape[2]
   q = chunk_size
-  nc = l // q
   f32 = jnp.float32
 
-  x = x.astype(f32).reshape(b, nc, q, g, r, p)
-  dt = dt.reshape(b, nc, q, g, r)
-  B = B.astype(f32).reshape(b, nc, q, g, n)
-  C = C.astype(f32).reshape(b, nc, q, g, n)
-  seq = seq_idx.reshape(b, nc, q)
-  A = A.reshape(g, r)
+  # Time -> (chunk c, position in chunk q); heads -> (group g, head in group r).
+  x = einops.rearrange(x.astype(f32), "b (c q) (g r) p -> b c q g r p", q=q, g=g)
+  dt = einops.rearrange(dt, "b (c q) (g r) -> b c q g r", q=q, g=g)
+  B = einops.rearrange(B.astype(f32), "b (c q) g n -> b c q g n", q=q)
+  C = einops.rearrange(C.astype(f32), "b (c q) g n -> b c q g n", q=q)
+  seq = einops.rearrange(seq_idx, "b (c q) -> b c q", q=q)
+  A = einops.rearrange(A, "(g r) -> g r", g=g)
 
-  cs = jnp.cumsum(dt * A, axis=2)                          # (b, nc, q, g, r)
-  dtx = dt[..., None] * x                                  # (b, nc, q, g, r, p)
+  cs = jnp.cumsum(dt * A, axis=2)                          # (b, c, q, g, r)
+  dtx = dt[..., None] * x                                  # (b, c, q, g, r, p)
 
   # (1) Intra-chunk: exp(cs_i - cs_j) for j <= i within the same document.
-  same_doc = seq[:, :, :, None] == seq[:, :, None, :]      # (b, nc, q_i, q_j)
+  same_doc = seq[:, :, :, None] == seq[:, :, None, :]      # (b, c, q_i, q_j)
   causal = jnp.tril(jnp.ones((q, q), bool))
-  mask = (same_doc & causal)[:, :, None, None]             # (b, nc, 1, 1, i, j)
-  cs_t = jnp.moveaxis(cs, 2, -1)                           # (b, nc, g, r, q)
-  seg = cs_t[..., :, None] - cs_t[..., None, :]            # (b, nc, g, r, i, j)
+  mask = (same_doc & causal)[:, :, None, None]             # (b, c, 1, 1, i, j)
+  cs_t = einops.rearrange(cs, "b c q g r -> b c g r q")
+  seg = cs_t[..., :, None] - cs_t[..., None, :]            # (b, c, g, r, i, j)
   decay = jnp.exp(jnp.where(mask, seg, -jnp.inf))
   cb = jnp.einsum("bcign,bcjgn->bcgij", C, B)
   y_diag = jnp.einsum("bcgij,bcgrij,bcjgrp->bcigrp", cb, decay, dtx)
 
   # (2) Each chunk's final state from its own inputs (same document as the
   # chunk's last position only).
-  seq_end = seq[:, :, -1]                                  # (b, nc)
+  seq_end = seq[:, :, -1]                                  # (b, c)
   in_last_doc = (seq == seq_end[:, :, None])[..., None, None]
-  to_end = jnp.exp(cs[:, :, -1:] - cs) * in_last_doc       # (b, nc, q, g, r)
+  to_end = jnp.exp(cs[:, :, -1:] - cs) * in_last_doc       # (b, c, q, g, r)
   chunk_states = jnp.einsum("bcjgn,bcjgr,bcjgrp->bcgrpn", B, to_end, dtx)
 
   # (3) Pass states between chunks; a document change resets the carry.
@@ -153,17 +153,17 @@ def chunked_core(inputs: CoreInputs, chunk_size: int):
     state = state * decay_c[..., None, None] + new_c
     return state, prev
 
-  init = init.reshape(b, g, r, p, n)
-  final, prev_states = jax.lax.scan(
-      pass_state, init, (jnp.moveaxis(carry_decay, 1, 0),
-                         jnp.moveaxis(chunk_states, 1, 0)))
-  prev_states = jnp.moveaxis(prev_states, 0, 1)            # (b, nc, g, r, p, n)
+  init = einops.rearrange(init, "b (g r) p n -> b g r p n", g=g)
+  final, prev_states = jax.lax.scan(    # over chunks: chunk axis first
+      pass_state, init, (einops.rearrange(carry_decay, "b c g r -> c b g r"),
+                         einops.rearrange(chunk_states, "b c g r p n -> c b g r p n")))
+  prev_states = einops.rearrange(prev_states, "c b g r p n -> b c g r p n")
 
   # (4) The incoming state's contribution, for positions still in the
   # document the previous chunk ended in.
   from_prev = (seq == seq_prev_end[:, :, None])[..., None, None]
-  in_decay = jnp.exp(cs) * from_prev                       # (b, nc, q, g, r)
+  in_decay = jnp.exp(cs) * from_prev                       # (b, c, q, g, r)
   y_off = jnp.einsum("bcign,bcgrpn,bcigr->bcigrp", C, prev_states, in_decay)
 
-  y = (y_diag + y_off).reshape(b, l, h, p)
-  return y, final.reshape(b, h, p, n)
+  y = einops.rearrange(y_diag + y_off, "b c q g r p -> b (c q) (g r) p")
+  return y, einops.rearrange(final, "b g r p n -> b (g r) p n")
