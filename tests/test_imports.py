@@ -21,6 +21,7 @@ import ast
 import dataclasses
 import pathlib
 
+import jax.numpy as jnp
 import pytest
 
 import hybridna_jax
@@ -237,6 +238,17 @@ def test_failed_kernel_import_is_reported(monkeypatch, registry, name):
   assert name in str(info.value)
   # The XLA references are untouched.
   assert registry.resolve(registry.fallback).fn is not None
+
+
+def test_public_op_reports_a_failed_kernel_import(monkeypatch):
+  broken = dataclasses.replace(ssd.CORES.kernels["pallas_gpu"],
+                               source="hybridna_jax.kernels.no_such_module:core")
+  monkeypatch.setitem(ssd.CORES.kernels, "pallas_gpu", broken)
+  b, l, h, p, g, n = 1, 24, 3, 5, 1, 7     # shapes no other test traces
+  x, B = jnp.ones((b, l, h, p)), jnp.ones((b, l, g, n))
+  with pytest.raises(ImportError, match="pallas_gpu.*No module named"):
+    ssd.ssd_chunked_scan(x, jnp.ones((b, l, h)), -jnp.ones((h,)), B, B, 8,
+                         impl="pallas_gpu")
 
 
 def test_auto_falls_back_with_a_warning_when_its_kernel_fails(monkeypatch, caplog):
