@@ -1,33 +1,64 @@
-"""Causal grouped-query attention: the dispatch and its XLA references.
+"""Causal grouped-query attention: the public op and its kernel table.
 
-Implementations of `causal_attention` live in `KERNELS`:
+`causal_attention` takes q (b, l, hq, d), k and v (b, l, hkv, d) with
+hq % hkv == 0, and optional segment ids (b, l) int32: a query attends to keys
+at or before its position with the same segment id, so packed documents never
+see each other. Scores and softmax are fp32; the output has q's dtype. The
+XLA references live in `hybridna_jax.attention_reference` (re-exported here);
+the kernels in `hybridna_jax.kernels` import those, never this module.
+
+Kernels (`KERNELS`, config `attention_impl`; "auto" takes the first whose
+platforms include the backend, else ``xla``):
 
 * ``xla``: materialises the (l, l) scores; the reference every kernel is
   tested against.
-* ``xla_blockwise``: the same math with an online softmax over key blocks
-  (`lax.scan`), O(l * block) memory; for long contexts on CPU.
-* kernels registered by `hybridna_jax.kernels` (splash on TPU, a flash
-  kernel on GPU).
+* ``xla_blockwise``: the same math with an online softmax over key blocks,
+  O(l * block) memory; for long contexts on CPU.
+* ``splash``: splash attention (auto on TPU); ``splash_interpret`` runs it in
+  TPU interpret mode.
+* ``flash_gpu``: cuDNN when it applies (no segment ids, bf16/fp16), else
+  ``pallas_gpu`` (auto on GPU).
+* ``cudnn``: jax.nn.dot_product_attention(implementation="cudnn"), no
+  segment ids.
+* ``pallas_gpu``: the Pallas Triton flash kernel; ``pallas_gpu_interpret``
+  runs it on CPU.
 
-All take q (b, l, hq, d), k and v (b, l, hkv, d) with hq % hkv == 0, and
-optional segment ids (b, l) int32: a query attends to keys at or before its
-position with the same segment id, so packed documents never see each other.
-Scores and softmax are fp32; the output has q's dtype.
+The kernels run per shard in `jax.shard_map` under `sharding.activate`
+(`hybridna_jax.kernels.sharded`).
 """
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
+import functools
 
-from hybridna_jax.kernel_registry import KernelRegistry, jit_dispatch
+import jax
+
+# The references, re-exported: users and the attention layer call them here.
+from hybridna_jax.attention_reference import decode_attention as decode_attention
+from hybridna_jax.attention_reference import xla_attention as xla_attention
+from hybridna_jax.attention_reference import (
+    xla_blockwise_attention as xla_blockwise_attention)
+from hybridna_jax.kernel_registry import Kernel, KernelRegistry
 
 Array = jax.Array
-KERNELS = KernelRegistry("attention", fallback="xla")
-_NEG_INF = -1e30  # finite, so fully masked rows give zeros rather than NaN
+
+_REF = "hybridna_jax.attention_reference"
+_KERNELS = "hybridna_jax.kernels.attention_kernels"
+# A kernel maps (q, k, v, segment_ids or None) -> (b, l, hq, d) in q.dtype.
+KERNELS = KernelRegistry("attention", fallback="xla", kernels=(
+    # name                         provided by                               auto on
+    Kernel("xla",                  f"{_REF}:xla_attention"),
+    Kernel("xla_blockwise",        f"{_REF}:xla_blockwise_attention"),
+    Kernel("splash",               f"{_KERNELS}:sharded_splash",           ("tpu",)),
+    Kernel("flash_gpu",            f"{_KERNELS}:sharded_flash_gpu",        ("gpu",)),
+    Kernel("cudnn",                f"{_KERNELS}:sharded_cudnn"),
+    Kernel("pallas_gpu",           f"{_KERNELS}:sharded_pallas_gpu"),
+    Kernel("pallas_gpu_interpret", f"{_KERNELS}:sharded_pallas_gpu_interpret"),
+    Kernel("splash_interpret",     f"{_KERNELS}:sharded_splash_interpret"),
+))
 
 
-@jit_dispatch(("impl",))
+@functools.partial(jax.jit, static_argnames=("impl",))
 def causal_attention(q: Array, k: Array, v: Array,
                      segment_ids: Array | None = None, *,
                      impl: str = "auto") -> Array:
@@ -42,102 +73,3 @@ def causal_attention(q: Array, k: Array, v: Array,
   if segment_ids is not None and segment_ids.shape != (b, l):
     raise ValueError(f"segment_ids has shape {segment_ids.shape}, expected {(b, l)}.")
   return KERNELS.resolve(impl).fn(q, k, v, segment_ids)
-
-
-def _grouped(q: Array, hkv: int) -> Array:
-  """(b, l, hq, d) -> (b, l, hkv, hq // hkv, d)."""
-  b, l, hq, d = q.shape
-  return q.reshape(b, l, hkv, hq // hkv, d)
-
-
-def xla_attention(q, k, v, segment_ids=None):
-  """Reference: full score matrix."""
-  b, l, hq, d = q.shape
-  hkv = k.shape[2]
-  scores = jnp.einsum("bqhrd,bkhd->bhrqk", _grouped(q, hkv), k,
-                      preferred_element_type=jnp.float32) * d ** -0.5
-  mask = jnp.tril(jnp.ones((l, l), bool))[None]
-  if segment_ids is not None:
-    mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-  scores = jnp.where(mask[:, None, None], scores, _NEG_INF)
-  probs = jax.nn.softmax(scores, axis=-1)
-  out = jnp.einsum("bhrqk,bkhd->bqhrd", probs.astype(v.dtype), v,
-                   preferred_element_type=jnp.float32)
-  return out.reshape(b, l, hq, d).astype(q.dtype)
-
-
-def xla_blockwise_attention(q, k, v, segment_ids=None, *, block: int = 512):
-  """Online-softmax attention over key blocks: O(l * block) live memory.
-
-  Queries are processed whole; keys/values stream in blocks of `block`
-  (the sequence is padded to a multiple, padded keys are masked).
-  """
-  b, l, hq, d = q.shape
-  hkv = k.shape[2]
-  block = min(block, l)
-  pad = (-l) % block
-  seg = jnp.zeros((b, l), jnp.int32) if segment_ids is None else segment_ids
-  if pad:
-    k = jnp.pad(k, [(0, 0), (0, pad), (0, 0), (0, 0)])
-    v = jnp.pad(v, [(0, 0), (0, pad), (0, 0), (0, 0)])
-  kv_seg = jnp.pad(seg, [(0, 0), (0, pad)], constant_values=-1)
-  nb = (l + pad) // block
-  qg = _grouped(q, hkv)
-  q_pos = jnp.arange(l)
-
-  def body(carry, blk):
-    m, s, acc = carry
-    kb, vb, segb, start = blk
-    scores = jnp.einsum("bqhrd,bkhd->bhrqk", qg, kb,
-                        preferred_element_type=jnp.float32) * d ** -0.5
-    k_pos = start + jnp.arange(block)
-    mask = (q_pos[:, None] >= k_pos[None, :])[None] & (
-        seg[:, :, None] == segb[:, None, :])
-    scores = jnp.where(mask[:, None, None], scores, _NEG_INF)
-    m_new = jnp.maximum(m, scores.max(-1))
-    correction = jnp.exp(m - m_new)
-    p = jnp.exp(scores - m_new[..., None])
-    s = s * correction + p.sum(-1)
-    acc = acc * correction[..., None] + jnp.einsum(
-        "bhrqk,bkhd->bhrqd", p.astype(v.dtype), vb,
-        preferred_element_type=jnp.float32)
-    return (m_new, s, acc), None
-
-  r = hq // hkv
-  init = (jnp.full((b, hkv, r, l), _NEG_INF, jnp.float32),
-          jnp.zeros((b, hkv, r, l), jnp.float32),
-          jnp.zeros((b, hkv, r, l, d), jnp.float32))
-  blocks = (k.reshape(b, nb, block, hkv, d).swapaxes(0, 1),
-            v.reshape(b, nb, block, hkv, d).swapaxes(0, 1),
-            kv_seg.reshape(b, nb, block).swapaxes(0, 1),
-            jnp.arange(nb) * block)
-  (_, s, acc), _ = jax.lax.scan(jax.checkpoint(body), init, blocks)
-  out = acc / s[..., None]
-  return jnp.einsum("bhrqd->bqhrd", out).reshape(b, l, hq, d).astype(q.dtype)
-
-
-def decode_attention(q: Array, k_cache: Array, v_cache: Array,
-                     kv_mask: Array) -> Array:
-  """Attention of new queries against a KV cache.
-
-  Args:
-    q: (b, t, hq, d) queries for t new positions.
-    k_cache, v_cache: (b, s, hkv, d).
-    kv_mask: (b, t, s) bool, True where query i may read cache slot j.
-
-  Returns:
-    (b, t, hq, d) in q.dtype.
-  """
-  b, t, hq, d = q.shape
-  hkv = k_cache.shape[2]
-  scores = jnp.einsum("bqhrd,bkhd->bhrqk", _grouped(q, hkv), k_cache,
-                      preferred_element_type=jnp.float32) * d ** -0.5
-  scores = jnp.where(kv_mask[:, None, None], scores, _NEG_INF)
-  probs = jax.nn.softmax(scores, axis=-1)
-  out = jnp.einsum("bhrqk,bkhd->bqhrd", probs.astype(v_cache.dtype), v_cache,
-                   preferred_element_type=jnp.float32)
-  return out.reshape(b, t, hq, d).astype(q.dtype)
-
-
-KERNELS.register("xla", xla_attention)
-KERNELS.register("xla_blockwise", xla_blockwise_attention)

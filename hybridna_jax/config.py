@@ -420,9 +420,26 @@ class GenerateConfig(Section):
     return f"{how} {stop}" + (" allow_n" if self.allow_n else "")
 
 
-# The typed sections of a job config, by name. `mesh` is read by
-# hybridna_jax.sharding (mesh_from_config).
+@dataclasses.dataclass(frozen=True)
+class MeshConfig(Section):
+  """The device mesh (read by hybridna_jax.sharding.mesh_from_config and
+  rules_from_config)."""
+  SECTION = "mesh"
+  # Axis sizes; one may be -1 ("the rest of the devices").
+  data: int = 1
+  fsdp: int = -1
+  tensor: int = 1
+  # 0 uses every device, N the first N (single-process debugging and tests).
+  num_devices: int = 0
+  # (logical_name, mesh_axis | (mesh_axes, ...) | None) pairs that override
+  # or add to sharding.DEFAULT_RULES; () keeps the defaults. Their form is
+  # checked by sharding.rules_from_config.
+  rules: tuple[Any, ...] = ()
+
+
+# The typed sections of a job config, by name.
 SECTIONS: dict[str, type[Section]] = {
+    "mesh": MeshConfig,
     "model": ModelConfig, "data": DataConfig, "train": TrainConfig,
     "score": ScoreConfig, "finetune": FinetuneConfig, "generate": GenerateConfig,
 }
@@ -432,9 +449,7 @@ def base_config() -> ml_collections.ConfigDict:
   """Defaults for every section; config files override what they need."""
   cfg = ml_collections.ConfigDict()
   cfg.model = ModelConfig.config_dict()
-  # Device mesh; one axis may be -1 ("the rest of the devices"). num_devices:
-  # 0 uses every device, N the first N (single-process debugging and tests).
-  cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, num_devices=0))
+  cfg.mesh = MeshConfig.config_dict()
   cfg.data = DataConfig.config_dict()
   cfg.train = TrainConfig.config_dict()
   cfg.score = ScoreConfig.config_dict()
@@ -447,10 +462,10 @@ def validate(config) -> ml_collections.ConfigDict:
   """Checks every section `config` has (a job config: unknown fields are
   errors); raises ConfigError / ValueError with one line naming the field.
   Returns `config`."""
-  unknown = sorted(set(config.keys()) - set(SECTIONS) - {"mesh"})
+  unknown = sorted(set(config.keys()) - set(SECTIONS))
   if unknown:
     raise ConfigError(f"config has unknown sections {unknown}; valid sections: "
-                      f"{', '.join(sorted(SECTIONS))}, mesh.")
+                      f"{', '.join(sorted(SECTIONS))}.")
   for name, section in SECTIONS.items():
     if name in config:
       section.from_config(config[name])

@@ -191,7 +191,7 @@ def _batch_map(fn, tree):
 def _prefill(graphdef, state, tokens, segment_ids, *, max_length, mesh=None):
   """The prompt in one pass: last logits (b, V) and the DecodeCache. Its own
   program, shared by every decoding mode with the same prompt shape."""
-  with _maybe_activate(mesh):
+  with sharding.maybe_activate(mesh):
     return nnx.merge(graphdef, state).prefill(tokens, max_length, segment_ids=segment_ids)
 
 
@@ -201,7 +201,7 @@ def _prefill(graphdef, state, tokens, segment_ids, *, max_length, mesh=None):
 def _sample_loop(graphdef, state, logits, cache, row_keys, temperature, top_k, top_p, *,
                  max_new_tokens, stop_at_eos, min_new_tokens, allow_n, greedy, mesh=None):
   """while_loop of one cached decode step per token; returns a Generation."""
-  with _maybe_activate(mesh):
+  with sharding.maybe_activate(mesh):
     model = nnx.merge(graphdef, state)
     b = logits.shape[0]
     dna = jnp.asarray(allowed_tokens(allow_n=allow_n))
@@ -252,7 +252,7 @@ def _beam_loop(graphdef, state, logits, cache, length_penalty, *, beam_width,
   the finished set (scored by length-normalised log-prob) and reorders the
   cache rows to follow the surviving alive beams.
   """
-  with _maybe_activate(mesh):
+  with sharding.maybe_activate(mesh):
     model = nnx.merge(graphdef, state)
     b, vocab = logits.shape
     w, t_max = beam_width, max_new_tokens
@@ -323,18 +323,6 @@ def _beam_loop(graphdef, state, logits, cache, length_penalty, *, beam_width,
     lengths = pick(jnp.concatenate([fin_len, jnp.full((b, w), t_max, jnp.int32)], axis=1))
     ended = pick(jnp.concatenate([jnp.ones((b, w), bool), jnp.zeros((b, w), bool)], axis=1))
     return Beams(seqs, lengths, ended & jnp.isfinite(scores), log_probs, scores)
-
-
-class _NoContext:
-  def __enter__(self):
-    return None
-
-  def __exit__(self, *exc):
-    return False
-
-
-def _maybe_activate(mesh):
-  return sharding.activate(mesh) if mesh is not None else _NoContext()
 
 
 # -- public entry points -------------------------------------------------------------

@@ -1,94 +1,106 @@
-"""The one place where kernel implementations are registered and chosen.
+"""Named kernel implementations, loaded by module name on first use.
 
-`hybridna_jax.ssd` and `hybridna_jax.attention` each own a `KernelRegistry`
-holding their XLA references; `hybridna_jax.kernels` adds the Pallas / splash /
-cuDNN kernels to them when it imports. Configs name an implementation
-(`ssd_impl`, `attention_impl`); "auto" picks the first registered kernel that
-declares the default backend in its `auto_platforms`, else the XLA fallback.
+`hybridna_jax.ssd.CORES` and `hybridna_jax.attention.KERNELS` are tables of
+`Kernel`s: each names its function as "package.module:attribute", imported
+the first time it is chosen, so nothing registers by import side effect and
+the XLA references work where Pallas fails to import. Configs name an
+implementation (`ssd_impl`, `attention_impl`); "auto" picks the first kernel
+that lists the backend in its `auto_platforms`, else the XLA fallback.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
-from typing import Any, Callable
+import importlib
+import logging
+from typing import Any, Callable, Mapping
 
 import jax
 
 
+class KernelImportError(ImportError):
+  """A chosen kernel's module failed to import (the cause is chained)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Kernel:
-  name: str
-  fn: Callable[..., Any]
-  auto_platforms: tuple[str, ...] = ()
-  options: dict = dataclasses.field(default_factory=dict)
+  """One implementation of an operation.
 
-
-@functools.cache
-def _load_kernels():
-  # Optional: the XLA references work wherever Pallas fails to import.
-  try:
-    import hybridna_jax.kernels  # noqa: F401  pylint: disable=g-import-not-at-top
-  except ImportError:
-    pass
-
-
-def jit_dispatch(static_argnames: tuple[str, ...]):
-  """Jits a public op so eager calls are fast, keyed on the sharding context.
-
-  The registered kernels read `sharding.current()` while tracing (to wrap
-  themselves in shard_map), which jax's trace cache does not see; passing the
-  context as a static argument makes a call under another mesh (or none)
-  retrace instead of reusing a trace made for a different placement.
+  Attributes:
+    name: what configs call it ("chunked", "pallas_gpu", ...).
+    source: "package.module:attribute" of the function.
+    auto_platforms: backends on which "auto" picks it.
+    options: per-operation settings (e.g. SSD `needs_chunk_multiple`).
   """
-  from hybridna_jax import sharding  # pylint: disable=g-import-not-at-top
+  name: str
+  source: str
+  auto_platforms: tuple[str, ...] = ()
+  options: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)
 
-  def decorator(fn):
-    signature = inspect.signature(fn)
-
-    def with_context(_sharding_context, **kwargs):
-      del _sharding_context
-      return fn(**kwargs)
-
-    jitted = jax.jit(with_context,
-                     static_argnames=tuple(static_argnames) + ("_sharding_context",))
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-      bound = signature.bind(*args, **kwargs)   # every argument by name
-      bound.apply_defaults()
-      return jitted(_sharding_context=sharding.current(), **bound.arguments)
-    return wrapper
-  return decorator
+  @functools.cached_property
+  def fn(self) -> Callable[..., Any]:
+    """The function, imported on first access. A failed import is not
+    cached (the next access tries again and raises again)."""
+    module_name, _, attribute = self.source.partition(":")
+    try:
+      module = importlib.import_module(module_name)
+    except Exception as err:  # any failure, e.g. a jax API moved: say which
+      raise KernelImportError(
+          f"{self.name!r} is unavailable: importing {module_name} failed: "
+          f"{type(err).__name__}: {err}") from err
+    return getattr(module, attribute)
 
 
 class KernelRegistry:
-  """Named implementations of one operation."""
+  """The named implementations of one operation, in the order "auto" tries
+  them."""
 
-  def __init__(self, what: str, fallback: str):
+  def __init__(self, what: str, fallback: str, kernels: tuple[Kernel, ...]):
     self.what = what
     self.fallback = fallback
-    self._kernels: dict[str, Kernel] = {}
-
-  def register(self, name: str, fn: Callable[..., Any], *,
-               auto_platforms: tuple[str, ...] = (), **options) -> None:
-    self._kernels[name] = Kernel(name, fn, tuple(auto_platforms), options)
+    self.kernels: dict[str, Kernel] = {k.name: k for k in kernels}
+    if fallback not in self.kernels:
+      raise ValueError(f"{what}: fallback {fallback!r} is not among the kernels.")
 
   def names(self) -> tuple[str, ...]:
-    _load_kernels()
-    return ("auto",) + tuple(self._kernels)
+    return ("auto",) + tuple(self.kernels)
 
   def resolve(self, impl: str, platform: str | None = None) -> Kernel:
-    """The kernel for `impl` ("auto" decides by `platform`, default backend)."""
-    _load_kernels()
+    """The loaded kernel for `impl` ("auto" decides by `platform`, default:
+    the default backend).
+
+    Raises:
+      ValueError: an unknown name.
+      KernelImportError: the chosen kernel's module does not import.
+    """
     if impl == "auto":
       platform = platform or jax.default_backend()
-      for kernel in self._kernels.values():
+      for kernel in self.kernels.values():
         if platform in kernel.auto_platforms:
-          return kernel
+          try:
+            kernel.fn  # pylint: disable=pointless-statement
+            return kernel
+          except KernelImportError as err:
+            # auto means "the best that works": say why, then use the reference.
+            _warn_once(f"{self.what}: auto on {platform} uses {self.fallback!r}: {err}")
+            break
       impl = self.fallback
-    if impl not in self._kernels:
+    if impl not in self.kernels:
       raise ValueError(f"unknown {self.what} implementation {impl!r}; "
                        f"choose one of {self.names()}.")
-    return self._kernels[impl]
+    kernel = self.kernels[impl]
+    try:
+      kernel.fn  # pylint: disable=pointless-statement
+    except KernelImportError as err:
+      raise KernelImportError(f"{self.what} implementation {err}") from err.__cause__
+    return kernel
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str):
+  if message not in _warned:
+    _warned.add(message)
+    logging.warning(message)

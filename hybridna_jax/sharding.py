@@ -12,11 +12,46 @@ Mesh axes: ``data`` (pure data parallelism, e.g. across slices/hosts),
 A logical axis is sharded only if the array dimension divides evenly over the
 mesh axes it maps to; otherwise it is replicated (e.g. 4 KV heads on a
 tensor axis of 8), so every config runs on every mesh.
+
+The active mesh, and how jit sees it
+------------------------------------
+`activate(mesh, rules)` is entered while tracing -- inside the jitted
+function (the train step does this) or around the call that traces it -- and
+`constrain` and the kernels' shard_map wrappers read it. It enters JAX's own
+mesh context, `jax.sharding.use_abstract_mesh(mesh.abstract_mesh)`, so
+`jax.sharding.get_abstract_mesh()` reports it and jit's caches key on it:
+the abstract mesh is part of JAX's trace context and jit cache key, so a
+jitted op traced under one mesh (or none) is retraced under another (this
+replaced a static "sharding context" argument on the public SSD/attention
+ops). What JAX 0.10 and 0.11 provide (identical in both):
+
+* `jax.set_mesh(mesh)`: sets the concrete and the abstract mesh, but raises
+  under `jax.jit` ("can only be used outside of jax.jit"), and
+  `jax.sharding.get_mesh()` likewise; `jax.sharding.use_mesh` is gone (0.7).
+  So `activate` cannot be `set_mesh`: it must work inside a trace.
+* `jax.sharding.use_abstract_mesh` / `get_abstract_mesh()`: work anywhere
+  and are keyed by jit, but carry no devices. `jax.shard_map` without a
+  mesh argument uses this context mesh, which lowers only when the jitted
+  computation already has the mesh's devices (inputs placed on it, or
+  `set_mesh` around the call); with single-device inputs it fails at
+  compile time. So the kernels pass the concrete mesh to shard_map
+  explicitly (JAX checks that it matches the context mesh).
+
+Hence `activate` keeps the concrete mesh and the rules in a context variable
+(see `_CONTEXT`) beside JAX's abstract mesh, and `current()` answers only
+while JAX's context mesh is that mesh (inside a shard_map it is not: the
+axes are manual there, and no constraint applies). One limit: jit keys on
+the abstract mesh (axis names, sizes and types, device kind), not device
+ids, so two meshes of one shape over different devices (say devices 0-3
+and 4-7) may share a trace of the public ops; reusing it on the other
+devices fails at compile time ("incompatible devices"), it does not compute
+on the wrong ones.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import math
 from typing import Iterator, Sequence
@@ -25,6 +60,8 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from hybridna_jax.config import MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -82,19 +119,45 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
 
 
 def mesh_from_config(mesh_config, devices=None) -> Mesh:
-  """Mesh from a config section with fields data, fsdp, tensor and
-  num_devices (0: all devices; N: the first N, single-process only)."""
+  """Mesh from the `mesh` config section (`config.MeshConfig`: data, fsdp,
+  tensor; num_devices 0 = all devices, N = the first N, single-process only)."""
+  # Lenient: run directories of older versions lack newer mesh fields.
+  mesh = MeshConfig.from_config(mesh_config, strict=False)
   if devices is None:
     devices = jax.devices()
-    limit = int(mesh_config.get("num_devices", 0))
-    if limit:
+    if mesh.num_devices:
       if jax.process_count() > 1:
         raise ValueError("mesh.num_devices must be 0 (all devices) in multi-process runs.")
-      if limit > len(devices):
-        raise ValueError(f"mesh.num_devices={limit} but only {len(devices)} devices exist.")
-      devices = devices[:limit]
-  return make_mesh(mesh_config.data, mesh_config.fsdp, mesh_config.tensor,
-                   devices=devices)
+      if mesh.num_devices > len(devices):
+        raise ValueError(f"mesh.num_devices={mesh.num_devices} but only {len(devices)} "
+                         "devices exist.")
+      devices = devices[:mesh.num_devices]
+  return make_mesh(mesh.data, mesh.fsdp, mesh.tensor, devices=devices)
+
+
+def rules_from_config(mesh_config) -> Rules:
+  """DEFAULT_RULES with `mesh_config.rules` applied: (logical name, mesh axis
+  | tuple of mesh axes | None) pairs that replace the default for that name
+  or add a new one; empty (the default) keeps DEFAULT_RULES."""
+  overrides = mesh_config.get("rules") or ()
+
+  def valid(pair):
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not isinstance(pair[0], str):
+      return False
+    target = pair[1]
+    if target is None or (isinstance(target, str) and target in MESH_AXES):
+      return True
+    return (isinstance(target, (tuple, list)) and bool(target)
+            and all(isinstance(a, str) and a in MESH_AXES for a in target))
+
+  if not isinstance(overrides, (tuple, list)) or not all(valid(p) for p in overrides):
+    raise ValueError(
+        "config.mesh.rules must be a tuple of (logical_name, mesh_axis | (mesh_axes, ...) "
+        f"| None) pairs with mesh axes from {MESH_AXES}; got {overrides!r}.")
+  table = dict(DEFAULT_RULES)
+  for name, target in overrides:
+    table[name] = tuple(target) if isinstance(target, list) else target
+  return tuple(table.items())
 
 
 def logical_to_spec(logical_axes: LogicalAxes, mesh: Mesh,
@@ -144,6 +207,12 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES):
                       is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def batch_shards(mesh: Mesh) -> int:
+  """How many ways a batch splits on `mesh`: the product of its batch axes
+  (data x fsdp); batch sizes must divide by it to be split."""
+  return math.prod(mesh.shape.get(axis, 1) for axis in BATCH_AXES)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Batch arrays (any rank) split over (data, fsdp) on their leading axis."""
   return NamedSharding(mesh, P(BATCH_AXES))
@@ -155,25 +224,46 @@ class ShardingContext:
   rules: Rules
 
 
-_ACTIVE: list[ShardingContext] = []
+# The concrete mesh and the rules of the innermost `activate`. A context
+# variable, not an argument: `constrain` runs deep in the model code, and
+# JAX's mesh context holds only the abstract mesh under jit (no devices, no
+# user data such as logical-axis rules). Unlike a module-level stack it is
+# per thread and restored by token, so an exception cannot leave it set.
+_CONTEXT: contextvars.ContextVar[ShardingContext | None] = contextvars.ContextVar(
+    "hybridna_jax_sharding", default=None)
 
 
 @contextlib.contextmanager
 def activate(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Iterator[ShardingContext]:
-  """Makes `constrain` (and kernel shard_map wrappers) use this mesh while
-  tracing. Enter it inside the function being jitted, or around the first
-  call that traces it."""
+  """Makes `constrain` and the kernels' shard_map wrappers use this mesh and
+  these rules while tracing, and enters `mesh` as JAX's context mesh (so jit
+  keys its caches on it). Enter it inside the function being jitted, or
+  around the first call that traces it."""
   ctx = ShardingContext(mesh, tuple(rules))
-  _ACTIVE.append(ctx)
+  token = _CONTEXT.set(ctx)
   try:
-    yield ctx
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      yield ctx
   finally:
-    _ACTIVE.pop()
+    _CONTEXT.reset(token)
+
+
+def maybe_activate(mesh: Mesh | None, rules: Rules = DEFAULT_RULES):
+  """`activate(mesh, rules)`, or a context that does nothing when there is no
+  mesh or it has one device (nothing to shard)."""
+  if mesh is None or mesh.size == 1:
+    return contextlib.nullcontext()
+  return activate(mesh, rules)
 
 
 def current() -> ShardingContext | None:
-  """The active sharding context, or None outside `activate`."""
-  return _ACTIVE[-1] if _ACTIVE else None
+  """The active sharding context: None outside `activate`, and where JAX's
+  context mesh is another one (e.g. inside a shard_map, whose axes are
+  manual)."""
+  ctx = _CONTEXT.get()
+  if ctx is None or jax.sharding.get_abstract_mesh() != ctx.mesh.abstract_mesh:
+    return None
+  return ctx
 
 
 def constrain(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:

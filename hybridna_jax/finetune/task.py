@@ -267,7 +267,7 @@ class FinetuneTask(loop.Task):
     """This host's eval batches of `split`: rows h, h + H, ... (H hosts); every
     host yields the same number of batches, filled with weight-0 rows."""
     hosts, host = jax.process_count(), jax.process_index()
-    data_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    data_devices = sharding.batch_shards(mesh)
     multiple = math.lcm(data_devices, hosts)
     global_batch = -(-int(self.config.finetune.eval_batch_size) // multiple) * multiple
     per_host = global_batch // hosts

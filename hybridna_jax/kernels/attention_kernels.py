@@ -1,7 +1,8 @@
 """Causal GQA attention kernels: splash (TPU), cuDNN and a Pallas Triton flash
 kernel (GPU).
 
-All follow `hybridna_jax.attention.causal_attention`: q (b, l, hq, d), k and v
+All follow `hybridna_jax.attention.causal_attention` (references in
+`hybridna_jax.attention_reference`): q (b, l, hq, d), k and v
 (b, l, hkv, d), optional segment ids (b, l) int32 (a query sees keys at or
 before it with the same id), fp32 softmax, output in q's dtype.
 
@@ -32,6 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from hybridna_jax import attention_reference
+from hybridna_jax.kernels import sharded
 
 Array = jax.Array
 f32 = jnp.float32
@@ -446,8 +450,7 @@ def gpu_attention(q, k, v, segment_ids=None, *,
   if reason is None:
     return flash_attention(q, k, v, segment_ids, config=config)
   _warn_once(f"{reason}; using XLA blockwise attention.")
-  from hybridna_jax import attention  # pylint: disable=g-import-not-at-top
-  return attention.xla_blockwise_attention(q, k, v, segment_ids)
+  return attention_reference.xla_blockwise_attention(q, k, v, segment_ids)
 
 
 _warned: set[str] = set()
@@ -464,3 +467,18 @@ def attention_flops(b: int, l: int, hq: int, d: int, backward: bool = False):
   backward is 2.5x the forward: 5 matmuls against 2)."""
   fwd = 2 * b * hq * l * l * d
   return float(fwd * 3.5 if backward else fwd)
+
+
+# ----------------------------------------------------------------------------
+# Entry points of `hybridna_jax.attention.KERNELS`, each run per shard on the
+# active mesh (`sharded`).
+# ----------------------------------------------------------------------------
+
+sharded_splash = sharded.shard_attention(splash_attention)
+sharded_splash_interpret = sharded.shard_attention(
+    functools.partial(splash_attention, interpret=True))
+sharded_flash_gpu = sharded.shard_attention(gpu_attention)
+sharded_cudnn = sharded.shard_attention(cudnn_attention)
+sharded_pallas_gpu = sharded.shard_attention(flash_attention)
+sharded_pallas_gpu_interpret = sharded.shard_attention(
+    functools.partial(flash_attention, config=FlashConfig(interpret=True)))

@@ -15,21 +15,19 @@ Outside `sharding.activate` (or on a 1-device mesh) the kernels run as is.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Callable
 
 import jax
 from jax.sharding import PartitionSpec as P
 
 from hybridna_jax import sharding
-from hybridna_jax import ssd
+from hybridna_jax import ssd_reference
 
 
 def _axes(mesh, batch: int, heads: tuple[int, ...]):
   """(batch spec entry, tensor axis or None) for this mesh and these sizes."""
-  batch_axes = tuple(a for a in sharding.BATCH_AXES
-                     if a in mesh.shape and mesh.shape[a] > 1)
-  if batch_axes and batch % math.prod(mesh.shape[a] for a in batch_axes):
+  batch_axes = tuple(a for a in sharding.BATCH_AXES if mesh.shape.get(a, 1) > 1)
+  if batch % sharding.batch_shards(mesh):
     batch_axes = ()
   tensor = sharding.TENSOR_AXIS
   t = mesh.shape.get(tensor, 1)
@@ -47,10 +45,11 @@ def _active_mesh():
 
 
 def shard_ssd_core(core: Callable) -> Callable:
-  """Wraps an `ssd.CORES` core so that it runs per shard on the active mesh."""
+  """Wraps an SSD core (see `hybridna_jax.ssd_reference`) so that it runs per
+  shard on the active mesh."""
 
   @functools.wraps(core)
-  def wrapped(inputs: ssd.CoreInputs, chunk_size: int):
+  def wrapped(inputs: ssd_reference.CoreInputs, chunk_size: int):
     mesh = _active_mesh()
     if mesh is None:
       return core(inputs, chunk_size)
@@ -62,7 +61,7 @@ def shard_ssd_core(core: Callable) -> Callable:
     if bs is None and hs is None:
       return core(inputs, chunk_size)
     gs = hs if g > 1 else None
-    in_specs = ssd.CoreInputs(
+    in_specs = ssd_reference.CoreInputs(
         x=P(bs, None, hs, None), dt=P(bs, None, hs), A=P(hs),
         B=P(bs, None, gs, None), C=P(bs, None, gs, None), seq_idx=P(bs, None),
         initial_states=P(bs, hs, None, None))
@@ -70,7 +69,7 @@ def shard_ssd_core(core: Callable) -> Callable:
     fn = jax.shard_map(lambda i: core(i, chunk_size), mesh=mesh,
                        in_specs=(in_specs,), out_specs=out_specs,
                        check_vma=False)
-    return fn(ssd.CoreInputs(*inputs))
+    return fn(ssd_reference.CoreInputs(*inputs))
 
   return wrapped
 

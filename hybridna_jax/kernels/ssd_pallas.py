@@ -67,7 +67,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-from hybridna_jax import ssd
+from hybridna_jax import ssd_reference
+from hybridna_jax.kernels import sharded
 
 Array = jax.Array
 f32 = jnp.float32
@@ -801,12 +802,13 @@ _warned: set[str] = set()
 
 
 def make_core(cfg: SsdKernelConfig):
-  """An `ssd.CORES` core running the Pallas kernels with `cfg`.
+  """An SSD core (`hybridna_jax.ssd_reference`) running the Pallas kernels
+  with `cfg`.
 
   Shapes the kernels cannot take (see `unsupported_reason`) fall back to the
   XLA chunked core, with a one-time warning.
   """
-  def core(inputs: ssd.CoreInputs, chunk_size: int):
+  def core(inputs: ssd_reference.CoreInputs, chunk_size: int):
     x, dt, A, B, C, seq_idx, init = inputs
     g, n = B.shape[-2:]
     reason = unsupported_reason(x.shape, g, n, chunk_size, cfg)
@@ -815,7 +817,7 @@ def make_core(cfg: SsdKernelConfig):
         _warned.add(reason)
         logging.warning("Pallas SSD (%s): %s; using the XLA chunked scan.",
                         cfg.platform, reason)
-      return ssd.chunked_core(inputs, chunk_size)
+      return ssd_reference.chunked_core(inputs, chunk_size)
     plan = _make_plan(x.shape, x.dtype, g, n, chunk_size, cfg)
     return _vjp_core(plan)(x, dt.astype(f32), A.astype(f32), B, C,
                            init.astype(f32), seq_idx.astype(jnp.int32))
@@ -848,3 +850,28 @@ def flops(b: int, l: int, h: int, p: int, n: int, g: int, chunk: int,
                        + 4 * q * n * p)   # dC off, dB state
                   + g * (2 * q * q * n + 4 * q * q * n))
   return float(fwd + bwd)
+
+
+# ----------------------------------------------------------------------------
+# Entry points of `hybridna_jax.ssd.CORES`, each run per shard on the active
+# mesh (`sharded`).
+# ----------------------------------------------------------------------------
+
+_COMPILED = {platform: make_core(SsdKernelConfig(platform=platform))
+             for platform in ("gpu", "tpu")}
+_INTERPRETED = {platform: make_core(SsdKernelConfig(platform=platform, interpret=True))
+                for platform in ("gpu", "tpu")}
+
+
+def _backend_core(inputs: ssd_reference.CoreInputs, chunk_size: int):
+  """The compiled variant of the default backend; elsewhere the Triton one
+  in interpret mode."""
+  core = _COMPILED.get(jax.default_backend(), _INTERPRETED["gpu"])
+  return core(inputs, chunk_size)
+
+
+sharded_backend_core = sharded.shard_ssd_core(_backend_core)           # "pallas"
+sharded_gpu_core = sharded.shard_ssd_core(_COMPILED["gpu"])            # "pallas_gpu"
+sharded_tpu_core = sharded.shard_ssd_core(_COMPILED["tpu"])            # "pallas_tpu"
+sharded_gpu_interpret_core = sharded.shard_ssd_core(_INTERPRETED["gpu"])
+sharded_tpu_interpret_core = sharded.shard_ssd_core(_INTERPRETED["tpu"])

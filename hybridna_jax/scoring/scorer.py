@@ -45,7 +45,6 @@ Conventions.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
@@ -282,8 +281,8 @@ class Scorer:
     self.trace_count = 0
     self._batch_sharding = None
     if self.mesh is not None and self.mesh.size > 1:
-      data_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-      spec = P(sharding.BATCH_AXES) if s.batch_size % data_devices == 0 else P()
+      split = s.batch_size % sharding.batch_shards(self.mesh) == 0
+      spec = P(sharding.BATCH_AXES) if split else P()
       self._batch_sharding = NamedSharding(self.mesh, spec)
     self._score_fn = jax.jit(self._window_scores)
     self._embed_fn = jax.jit(self._window_embeddings, static_argnames="layer")
@@ -331,16 +330,11 @@ class Scorer:
     self.trace_count += 1       # runs once per trace, i.e. per compile
     return nnx.merge(self.graphdef, state)
 
-  def _activate(self):
-    if self.mesh is None or self.mesh.size == 1:
-      return contextlib.nullcontext()
-    return sharding.activate(self.mesh)
-
   def _window_scores(self, state, tokens):
     """tokens (b, L) -> log p, entropy, argmax correct of x_j given x_<j,
     each (b, L) with index 0 undefined."""
     model = self._merged(state)
-    with self._activate():
+    with sharding.maybe_activate(self.mesh):
       logits = model(tokens).logits[:, :-1]                   # (b, L-1, V) fp32
     log_p = jax.nn.log_softmax(logits, axis=-1)
     targets = tokens[:, 1:]
@@ -354,7 +348,7 @@ class Scorer:
     """tokens, weights (b, L) -> (b, d) fp32 weighted sums of the hidden
     states of `layer` (-1: final-norm output)."""
     model = self._merged(state)
-    with self._activate():
+    with sharding.maybe_activate(self.mesh):
       out = model(tokens, return_logits=False, return_hidden_states=layer != -1)
     hidden = out.hidden if layer == -1 else out.hidden_states[layer]
     return jnp.einsum("bl,bld->bd", weights, hidden.astype(jnp.float32))

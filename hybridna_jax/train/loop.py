@@ -83,7 +83,7 @@ def stage_at(stages: list[Stage], step: int) -> Stage:
 
 def _check_batch(stage: Stage, mesh, grad_accum: int) -> int:
   """Per-host batch size; errors name the field to fix."""
-  data_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+  data_devices = sharding.batch_shards(mesh)
   procs = jax.process_count()
   for divisor, what in ((procs, "the number of processes"),
                         (data_devices * grad_accum,
@@ -262,8 +262,9 @@ def train(config, workdir: str, task: Task | None = None) -> dict:
   stages = task.stages()
   total_steps = stages[-1].end_step
   mesh = sharding.mesh_from_config(config.mesh)
+  rules = sharding.rules_from_config(config.mesh)
   optimizer, schedule = task.optimizer(total_steps)
-  fns = step_lib.build_steps(task.init_model, task.loss, optimizer, schedule, mesh,
+  fns = step_lib.build_steps(task.init_model, task.loss, optimizer, schedule, mesh, rules=rules,
                              batch_keys=task.batch_keys, grad_accum=tc.grad_accum,
                              apply_fn=task.apply if type(task).apply is not Task.apply else None)
   _write_config(config, workdir)

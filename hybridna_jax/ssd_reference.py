@@ -1,0 +1,169 @@
+"""The XLA references of the SSD scan: the cores every kernel must match.
+
+The recurrence (per batch row b, head h; state S is (headdim p, d_state n)):
+
+    S_t = keep_t * exp(dt_t * A) * S_{t-1} + dt_t * x_t B_t^T
+    y_t = S_t C_t
+
+with `keep_t = (seq_idx_t == seq_idx_{t-1})` and `seq_idx_{-1} = 0`, so the
+state resets at packed-document boundaries and the initial state belongs to
+document 0. B and C are shared by the `h // g` heads of each group. A core
+maps (`CoreInputs`, chunk_size) to (y fp32 (b, l, h, p), final state fp32
+(b, h, p, n)); dt pre-processing, D and the z gate are the public op's
+(`hybridna_jax.ssd.ssd_chunked_scan`).
+
+* `sequential_core`: a `lax.scan` over time; the definition, slow.
+* `chunked_core`: the SSD chunked algorithm (quadratic within chunks of
+  `chunk_size`, a scan over chunk states between them); the fast path on CPU
+  and the reference of the Pallas kernels (`hybridna_jax.kernels`), which
+  import this module -- never the public one.
+* `ssd_step`: one recurrence step, the decode path of a Mamba2 layer.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import einops
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+class CoreInputs(NamedTuple):
+  """Canonical, pre-processed inputs of an SSD core.
+
+  Shapes: x (b, l, h, p); dt (b, l, h) fp32, already biased and softplus-ed;
+  A (h,) fp32; B, C (b, l, g, n); seq_idx (b, l) int32; initial_states
+  (b, h, p, n) fp32. For the chunked cores l is a multiple of chunk_size.
+  """
+  x: Array
+  dt: Array
+  A: Array
+  B: Array
+  C: Array
+  seq_idx: Array
+  initial_states: Array
+
+
+def softplus(x: Array) -> Array:
+  """softplus with mamba_ssm's threshold (identity above 20)."""
+  return jnp.where(x > 20.0, x, jnp.log1p(jnp.exp(jnp.minimum(x, 20.0))))
+
+
+def _keep_mask(seq_idx: Array) -> Array:
+  """(b, l) bool: False where the document changes (state reset)."""
+  prev = jnp.pad(seq_idx, [(0, 0), (1, 0)])[:, :-1]
+  return seq_idx == prev
+
+
+def sequential_core(inputs: CoreInputs, chunk_size: int):
+  """The definition: one recurrence step per position (chunk_size unused)."""
+  del chunk_size
+  x, dt, A, B, C, seq_idx, init = inputs
+  keep = _keep_mask(seq_idx)
+
+  def step(state, t_inputs):
+    x_t, dt_t, B_t, C_t, keep_t = t_inputs
+    state, y_t = ssd_step(state, x_t, dt_t, A, B_t, C_t, keep=keep_t)
+    return state, y_t
+
+  xs = (x.astype(jnp.float32).swapaxes(0, 1), dt.swapaxes(0, 1),
+        B.astype(jnp.float32).swapaxes(0, 1),
+        C.astype(jnp.float32).swapaxes(0, 1), keep.swapaxes(0, 1))
+  final, y = jax.lax.scan(step, init, xs)
+  return y.swapaxes(0, 1), final
+
+
+def ssd_step(state: Array, x: Array, dt: Array, A: Array, B: Array, C: Array,
+             *, keep: Array | None = None):
+  """One recurrence step; the decode path of a Mamba2 layer.
+
+  Args:
+    state: (b, h, p, n) fp32.
+    x: (b, h, p); dt: (b, h) fp32 (pre-processed); A: (h,);
+    B, C: (b, g, n); keep: optional (b,) bool, False resets the state.
+
+  Returns:
+    new state (b, h, p, n) fp32 and y (b, h, p) fp32 (without D / z).
+  """
+  b, h, p, n = state.shape
+  g = B.shape[1]
+  decay = jnp.exp(dt * A)                                   # (b, h)
+  if keep is not None:
+    decay = decay * keep[:, None].astype(decay.dtype)
+  # Each group's B and C serve its h // g consecutive heads.
+  Bh = einops.repeat(B.astype(jnp.float32), "b g n -> b (g r) n", r=h // g)
+  Ch = einops.repeat(C.astype(jnp.float32), "b g n -> b (g r) n", r=h // g)
+  dtx = dt[..., None] * x.astype(jnp.float32)               # (b, h, p)
+  state = state * decay[..., None, None] + dtx[..., None] * Bh[:, :, None, :]
+  y = jnp.einsum("bhpn,bhn->bhp", state, Ch)
+  return state, y
+
+
+def chunked_core(inputs: CoreInputs, chunk_size: int):
+  """SSD chunked algorithm (Dao & Gu 2024, section 6) in XLA.
+
+  Four steps per chunk of length Q: (1) the intra-chunk output, a masked
+  quadratic form C_i B_j exp(cs_i - cs_j) dt_j x_j; (2) each chunk's own final
+  state; (3) a scan over chunks passing states; (4) the contribution of the
+  incoming state to each position, C_i S_prev exp(cs_i).
+  """
+  x, dt, A, B, C, seq_idx, init = inputs
+  g = B.shape[2]
+  q = chunk_size
+  f32 = jnp.float32
+
+  # Time -> (chunk c, position in chunk q); heads -> (group g, head in group r).
+  x = einops.rearrange(x.astype(f32), "b (c q) (g r) p -> b c q g r p", q=q, g=g)
+  dt = einops.rearrange(dt, "b (c q) (g r) -> b c q g r", q=q, g=g)
+  B = einops.rearrange(B.astype(f32), "b (c q) g n -> b c q g n", q=q)
+  C = einops.rearrange(C.astype(f32), "b (c q) g n -> b c q g n", q=q)
+  seq = einops.rearrange(seq_idx, "b (c q) -> b c q", q=q)
+  A = einops.rearrange(A, "(g r) -> g r", g=g)
+
+  cs = jnp.cumsum(dt * A, axis=2)                          # (b, c, q, g, r)
+  dtx = dt[..., None] * x                                  # (b, c, q, g, r, p)
+
+  # (1) Intra-chunk: exp(cs_i - cs_j) for j <= i within the same document.
+  same_doc = seq[:, :, :, None] == seq[:, :, None, :]      # (b, c, q_i, q_j)
+  causal = jnp.tril(jnp.ones((q, q), bool))
+  mask = (same_doc & causal)[:, :, None, None]             # (b, c, 1, 1, i, j)
+  cs_t = einops.rearrange(cs, "b c q g r -> b c g r q")
+  seg = cs_t[..., :, None] - cs_t[..., None, :]            # (b, c, g, r, i, j)
+  decay = jnp.exp(jnp.where(mask, seg, -jnp.inf))
+  cb = jnp.einsum("bcign,bcjgn->bcgij", C, B)
+  y_diag = jnp.einsum("bcgij,bcgrij,bcjgrp->bcigrp", cb, decay, dtx)
+
+  # (2) Each chunk's final state from its own inputs (same document as the
+  # chunk's last position only).
+  seq_end = seq[:, :, -1]                                  # (b, c)
+  in_last_doc = (seq == seq_end[:, :, None])[..., None, None]
+  to_end = jnp.exp(cs[:, :, -1:] - cs) * in_last_doc       # (b, c, q, g, r)
+  chunk_states = jnp.einsum("bcjgn,bcjgr,bcjgrp->bcgrpn", B, to_end, dtx)
+
+  # (3) Pass states between chunks; a document change resets the carry.
+  seq_prev_end = jnp.pad(seq_end, [(0, 0), (1, 0)])[:, :-1]  # 0 before chunk 0
+  carry_decay = jnp.exp(cs[:, :, -1]) * (seq_end == seq_prev_end)[..., None, None]
+
+  def pass_state(state, chunk):
+    decay_c, new_c = chunk
+    prev = state
+    state = state * decay_c[..., None, None] + new_c
+    return state, prev
+
+  init = einops.rearrange(init, "b (g r) p n -> b g r p n", g=g)
+  final, prev_states = jax.lax.scan(    # over chunks: chunk axis first
+      pass_state, init, (einops.rearrange(carry_decay, "b c g r -> c b g r"),
+                         einops.rearrange(chunk_states, "b c g r p n -> c b g r p n")))
+  prev_states = einops.rearrange(prev_states, "c b g r p n -> b c g r p n")
+
+  # (4) The incoming state's contribution, for positions still in the
+  # document the previous chunk ended in.
+  from_prev = (seq == seq_prev_end[:, :, None])[..., None, None]
+  in_decay = jnp.exp(cs) * from_prev                       # (b, c, q, g, r)
+  y_off = jnp.einsum("bcign,bcgrpn,bcigr->bcigrp", C, prev_states, in_decay)
+
+  y = einops.rearrange(y_diag + y_off, "b c q g r p -> b (c q) (g r) p")
+  return y, einops.rearrange(final, "b g r p n -> b (g r) p n")
