@@ -59,6 +59,12 @@ class ModelConfig:
   remat: str = "none"              # none | full | dots
   ssd_impl: str = "auto"           # auto | chunked | sequential | pallas
   attention_impl: str = "auto"     # auto | xla | xla_blockwise | kernels...
+  # Parameter layout, not architecture: True runs the stack as one
+  # `nnx.scan` over blocks of attn_period layers (params stacked per
+  # position in the block), so compile time stops growing with depth. Only
+  # when the layer pattern repeats every attn_period layers; otherwise the
+  # stack stays a Python loop. Checkpoints convert between the layouts.
+  scan_layers: bool = False
 
   def __post_init__(self):
     if self.d_inner % self.ssm_head_dim:
