@@ -215,10 +215,16 @@ class HybriDNA(nnx.Module):
     decoding; the full forward scans the stacked Blocks instead)."""
     if scan_block_size(self.cfg) is None:
       return list(self.layers)
-    sliced = [nnx.split(stacked) for stacked in self.scanned_layers]
-    reps = self.cfg.n_layers // len(sliced)
-    return [nnx.merge(graphdef, jax.tree.map(lambda x, r=r: x[r], state))
-            for r in range(reps) for graphdef, state in sliced]
+    def layer(graphdef, state, r):
+      # Slice r of every parameter, without the stacked axis in its metadata.
+      return nnx.merge(graphdef, jax.tree.map(
+          lambda v: v.replace(v.get_value()[r],
+                              logical_axes=tuple(v.get_metadata()["logical_axes"][1:])),
+          state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+    split = [nnx.split(stacked) for stacked in self.scanned_layers]
+    reps = self.cfg.n_layers // len(split)
+    return [layer(graphdef, state, r) for r in range(reps) for graphdef, state in split]
 
   # -- full forward ---------------------------------------------------------------
 

@@ -87,7 +87,7 @@ def test_scan_block_size_only_for_repeating_patterns():
   assert scan_block_size(dataclasses.replace(SCAN, attn_layers=(1, 3))) == 2
 
 
-def test_scanned_params_are_stacked_with_a_layers_axis():
+def test_scanned_params_are_stacked_with_a_layers_axis(loop_params):
   scanned = nnx.state(abstract_model(SCAN), nnx.Param)
   loop = nnx.state(abstract_model(LOOP), nnx.Param)
   assert set(scanned) == {"embed", "scanned_layers", "final_norm", "lm_head"}
@@ -104,6 +104,12 @@ def test_scanned_params_are_stacked_with_a_layers_axis():
   spec = sharding.state_shardings(scanned, sharding.make_mesh(2, 2, 2))
   assert spec["scanned_layers"][0]["mixer"]["in_zx"]["kernel"].get_value().spec == P(
       None, "fsdp", None, "tensor")
+  # Per-layer views (decoding, hidden states) drop the stacked axis.
+  views = _merge(SCAN, scan_params(loop_params, LOOP)).layer_blocks()
+  assert [v.kind for v in views] == ["mamba", "attention"] * 2
+  kernel = views[3].mixer.q.kernel
+  np.testing.assert_array_equal(kernel[...], loop_params["layers"][3]["mixer"]["q"]["kernel"][...])
+  assert kernel.get_metadata()["logical_axes"] == ("embed", "q_heads", "head_dim")
 
 
 def test_params_convert_both_ways_exactly(loop_params):
