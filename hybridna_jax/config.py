@@ -83,6 +83,12 @@ class ModelConfig(Section):
   remat: str = "none"              # none | full | dots
   ssd_impl: str = "auto"           # auto | chunked | sequential | pallas
   attention_impl: str = "auto"     # auto | xla | xla_blockwise | kernels...
+  # Parameter layout, not architecture: True runs the stack as one
+  # `nnx.scan` over blocks of attn_period layers (params stacked per
+  # position in the block), so compile time stops growing with depth. Only
+  # when the layer pattern repeats every attn_period layers; otherwise the
+  # stack stays a Python loop. Checkpoints convert between the layouts.
+  scan_layers: bool = False
 
   def __post_init__(self):
     if self.d_inner % self.ssm_head_dim:
@@ -127,11 +133,12 @@ class ModelConfig(Section):
 
 
 # -- Which model fields a checkpoint fixes --------------------------------------
-# Runtime fields: numerics, kernels and limits. They change no parameter, so
+# Runtime fields: numerics, kernels, limits and the layer layout. They change
+# no parameter value (scan_layers only stacks them; restore converts), so
 # a restored, fine-tuned or scoring model may set them differently from the
 # run that trained it (restore.load, finetune, design).
 MODEL_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "ssd_impl", "attention_impl",
-                        "max_seq_len")
+                        "max_seq_len", "scan_layers")
 # Initialisation fields: they only shape fresh parameters, which a loaded
 # checkpoint replaces; recorded, never compared.
 MODEL_INIT_FIELDS = ("dt_min", "dt_max", "dt_init_floor", "a_init_range", "init_std")

@@ -6,6 +6,15 @@ Layer i is pre-norm residual:
     h = h + mixer(rmsnorm(h))      mixer = Mamba2, or attention where
     h = h + mlp(rmsnorm(h))        i % attn_period == attn_offset
 
+Layer layout: by default `layers` holds one Block per layer and the stack
+is a Python loop. With `scan_layers` and a pattern that repeats every
+attn_period = P layers, `scanned_layers` holds P Blocks whose parameters are
+stacked over the n_layers / P repetitions (leading axis, logical name
+"layers"): scanned_layers[j] slice r is layer r * P + j. The stack is then
+one `nnx.scan` over the repetitions, its body the P layers of a block, so
+compile time no longer grows with depth. `scan_params` / `unscan_params`
+convert parameter states between the layouts; outputs are the same.
+
 Decoding: `prefill` runs the prompt in one pass and returns a `DecodeCache`
 (KV cache for attention layers, conv + SSM state for Mamba2 layers);
 `decode_step` then costs one token. Prompts may be left-padded: positions
@@ -15,6 +24,7 @@ state resets where the segment id changes, so pads have no effect.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -106,6 +116,62 @@ _REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
+# The stacked axis of scanned parameters: nnx.vmap (creation) and nnx.scan
+# (application) add and remove it from each Variable's `logical_axes`, so
+# sharding sees ("layers", *per-layer axes); "layers" maps to no mesh axis.
+LAYERS_AXIS = "layers"
+_STACKED_METADATA = {nnx.PARTITION_NAME: LAYERS_AXIS, "logical_axes": LAYERS_AXIS}
+
+
+def scan_block_size(cfg: ModelConfig) -> int | None:
+  """Layers per scanned block (attn_period), or None when the stack runs
+  as a Python loop: scan_layers is off, or the layer pattern does not repeat
+  every attn_period layers over a whole number of blocks."""
+  period = cfg.attn_period
+  if not cfg.scan_layers or period < 1 or cfg.n_layers % period:
+    return None
+  kinds = cfg.layer_types
+  if any(kinds[i] != kinds[i % period] for i in range(cfg.n_layers)):
+    return None
+  return period
+
+
+def _run_layer(layer: Block, remat: str, h, segment_ids, positions, *, in_scan=False):
+  """One layer's forward under the config's remat policy."""
+  if remat == "none":
+    return layer(h, segment_ids, positions)
+  # Inside a scan the loop already keeps XLA from CSE-ing the recomputation
+  # into the forward pass, so the barriers of prevent_cse only cost speed.
+  fn = nnx.remat(Block.__call__, policy=_REMAT_POLICIES[remat], prevent_cse=not in_scan)
+  return fn(layer, h, segment_ids, positions)
+
+
+def _constrained_view(layer: Block) -> Block:
+  """`layer` with every parameter constrained to its logical sharding.
+
+  Inside the scan body a parameter is a slice of the stacked array, and its
+  gradient a slice of the stacked gradient the backward scan accumulates.
+  Without the constraint XLA may replicate that accumulator over fsdp (seen
+  on a data x fsdp x tensor mesh), i.e. full-size gradients on every device;
+  the constraint's transpose shards each gradient slice like its parameter.
+  """
+  graphdef, state = nnx.split(layer)
+  state = jax.tree.map(
+      lambda v: v.replace(constrain(v.get_value(), v.get_metadata()["logical_axes"])),
+      state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return nnx.merge(graphdef, state)
+
+
+def _stacked_blocks(cfg: ModelConfig, kinds: tuple[str, ...], reps: int,
+                    rngs: nnx.Rngs) -> nnx.List:
+  """len(kinds) Blocks, each holding `reps` layers' parameters stacked on a
+  leading axis (each repetition initialised from its own split of `rngs`)."""
+  @nnx.split_rngs(splits=reps)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=_STACKED_METADATA)
+  def create(rngs):
+    return nnx.List([Block(cfg, kind, rngs=rngs) for kind in kinds])
+  return create(rngs)
+
 
 class HybriDNA(nnx.Module):
   """Decoder-only hybrid Mamba2/attention LM over single nucleotides."""
@@ -116,7 +182,12 @@ class HybriDNA(nnx.Module):
     self.embed = nnx.Param(
         cfg.init_std * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.d_model), pdt),
         logical_axes=("vocab", "embed"))
-    self.layers = nnx.List([Block(cfg, kind, rngs=rngs) for kind in cfg.layer_types])
+    period = scan_block_size(cfg)
+    if period is None:
+      self.layers = nnx.List([Block(cfg, kind, rngs=rngs) for kind in cfg.layer_types])
+    else:
+      self.scanned_layers = _stacked_blocks(cfg, cfg.layer_types[:period],
+                                            cfg.n_layers // period, rngs)
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdt)
     if not cfg.tie_embeddings:
       self.lm_head = nnx.Param(
@@ -138,11 +209,22 @@ class HybriDNA(nnx.Module):
     return jnp.einsum("...d,dv->...v", hidden, head.astype(hidden.dtype),
                       preferred_element_type=jnp.float32)
 
-  def _run_layer(self, layer: Block, h, segment_ids, positions):
-    if self.cfg.remat == "none":
-      return layer(h, segment_ids, positions)
-    fn = nnx.remat(Block.__call__, policy=_REMAT_POLICIES[self.cfg.remat])
-    return fn(layer, h, segment_ids, positions)
+  def layer_blocks(self) -> list[Block]:
+    """Every layer's Block in order. In the scanned layout these are views
+    built from slices of the stacked parameters (for per-layer work such as
+    decoding; the full forward scans the stacked Blocks instead)."""
+    if scan_block_size(self.cfg) is None:
+      return list(self.layers)
+    def layer(graphdef, state, r):
+      # Slice r of every parameter, without the stacked axis in its metadata.
+      return nnx.merge(graphdef, jax.tree.map(
+          lambda v: v.replace(v.get_value()[r],
+                              logical_axes=tuple(v.get_metadata()["logical_axes"][1:])),
+          state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+    split = [nnx.split(stacked) for stacked in self.scanned_layers]
+    reps = self.cfg.n_layers // len(split)
+    return [layer(graphdef, state, r) for r in range(reps) for graphdef, state in split]
 
   # -- full forward ---------------------------------------------------------------
 
@@ -160,19 +242,58 @@ class HybriDNA(nnx.Module):
     return LMOutput(self.logits(hidden) if return_logits else None, hidden,
                     tuple(hidden_states) if return_hidden_states else None)
 
-  def _stack(self, tokens, segment_ids, positions, keep_hidden=False):
+  def _stack(self, tokens, segment_ids, positions, keep_hidden=False, keep_caches=False):
+    """Embeddings and every layer.
+
+    Returns h (b, l, d) after the last layer; hidden_states, with
+    keep_hidden, [embeddings, layer 0 output, ...] each (b, l, d); caches,
+    with keep_caches, each layer's KVCache or MambaState (batch leading).
+    """
     if positions is None:
       positions = (positions_from_segments(segment_ids) if segment_ids is not None
                    else jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape))
     h = self.embed_tokens(tokens)
+    scanned = scan_block_size(self.cfg) is not None
+    if scanned and not keep_hidden:
+      h, caches = self._scan_stack(h, segment_ids, positions, keep_caches)
+      return h, [], caches
+    # Per-layer hidden states run the loop in both layouts: a scan would
+    # stack all n_layers of them, where the loop keeps alive only those the
+    # caller uses (the scorer reads one layer).
     hidden_states = [h] if keep_hidden else []
     caches = []
-    for layer in self.layers:
-      h, cache = self._run_layer(layer, h, segment_ids, positions)
+    for layer in (self.layer_blocks() if scanned else self.layers):
+      h, cache = _run_layer(layer, self.cfg.remat, h, segment_ids, positions)
       caches.append(cache)
       if keep_hidden:
         hidden_states.append(h)
     return h, hidden_states, caches
+
+  def _scan_stack(self, h, segment_ids, positions, keep_caches):
+    """The scanned layout's stack: one nnx.scan step per block of P layers.
+
+    Returns h (b, l, d) and, with keep_caches, each layer's cache in layer
+    order; they leave the scan stacked per block position, (reps, b, ...),
+    and are unstacked (layer r * P + j is slice r of position j).
+    """
+    remat = self.cfg.remat
+
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0),
+              transform_metadata=_STACKED_METADATA)
+    def block(h, layers):
+      caches = []
+      for layer in layers:
+        layer = _constrained_view(layer)
+        h, cache = _run_layer(layer, remat, h, segment_ids, positions, in_scan=True)
+        caches.append(cache if keep_caches else None)   # None: nothing leaves the scan
+      return h, tuple(caches)
+
+    h, stacked = block(h, self.scanned_layers)
+    if not keep_caches:
+      return h, []
+    reps = self.cfg.n_layers // len(stacked)
+    return h, [jax.tree.map(lambda x, r=r: x[r], stacked[j])
+               for r in range(reps) for j in range(len(stacked))]
 
   # -- decoding -----------------------------------------------------------------------
 
@@ -193,7 +314,7 @@ class HybriDNA(nnx.Module):
     if segment_ids is None:
       segment_ids = jnp.ones((b, l), jnp.int32)
     positions = positions_from_segments(segment_ids)
-    h, _, layer_caches = self._stack(tokens, segment_ids, positions)
+    h, _, layer_caches = self._stack(tokens, segment_ids, positions, keep_caches=True)
     hidden = self.final_norm(h[:, -1])
     pad = max_length - l
     layers = tuple(
@@ -217,12 +338,87 @@ class HybriDNA(nnx.Module):
     positions = cache.position[:, None]
     h = self.embed_tokens(tokens[:, None])
     new_layers = []
-    for layer, layer_cache in zip(self.layers, cache.layers):
+    # A Python loop over the layers in both layouts: the cache stays one
+    # entry per layer, updated in place (a scan would copy every KV cache).
+    # In the scanned layout the per-layer weight slices are loop-invariant,
+    # and XLA hoists them out of a generation while_loop: a second copy of
+    # the layer weights for the loop's lifetime. Generation should restore
+    # with scan_layers=False (converted once at load).
+    for layer, layer_cache in zip(self.layer_blocks(), cache.layers):
       h, layer_cache = layer.decode(h, layer_cache, slot, kv_mask, positions)
       new_layers.append(layer_cache)
     logits = self.logits(self.final_norm(h[:, 0]))
     return logits, DecodeCache(tuple(new_layers), slot + 1, seg_ids, cache.segment,
                                cache.position + 1)
+
+
+# -- parameter layouts ----------------------------------------------------------------
+
+
+def _with_values(template: nnx.State, values: dict) -> nnx.State:
+  """`template`'s Variables (shapes, metadata) holding `values` by path."""
+  flat = list(nnx.to_flat_state(template))
+  if {path for path, _ in flat} != set(values):
+    raise ValueError("parameter state does not match the model's layer layout: "
+                     f"{sorted(map(str, set(values) ^ {path for path, _ in flat}))[:4]} ...")
+  return nnx.from_flat_state([(path, var.replace(values[path])) for path, var in flat])
+
+
+def _block_size_or_raise(cfg: ModelConfig) -> int:
+  period = scan_block_size(dataclasses.replace(cfg, scan_layers=True))
+  if period is None:
+    raise ValueError(f"the layer pattern of {cfg.n_layers} layers does not repeat every "
+                     f"attn_period={cfg.attn_period} layers; it has no scanned layout.")
+  return period
+
+
+def scan_params(params: nnx.State, cfg: ModelConfig) -> nnx.State:
+  """Loop-layout parameters (`layers/i/...`) -> scanned layout
+  (`scanned_layers/j/...`, layer r * P + j at index r of a leading
+  (n_layers / P) axis). Other parameters pass through unchanged."""
+  period = _block_size_or_raise(cfg)
+  reps = cfg.n_layers // period
+  values, stacks = {}, {}
+  for path, var in nnx.to_flat_state(params):
+    if path[0] == "layers":
+      r, j = divmod(int(path[1]), period)
+      stacks.setdefault(("scanned_layers", j) + tuple(path[2:]), {})[r] = var.get_value()
+    else:
+      values[path] = var.get_value()
+  for path, by_rep in stacks.items():
+    values[path] = jnp.stack([by_rep[r] for r in range(reps)])
+  template = nnx.state(abstract_model(dataclasses.replace(cfg, scan_layers=True)), nnx.Param)
+  return _with_values(template, values)
+
+
+def unscan_params(params: nnx.State, cfg: ModelConfig) -> nnx.State:
+  """Scanned-layout parameters -> loop layout (the inverse of `scan_params`)."""
+  period = _block_size_or_raise(cfg)
+  reps = cfg.n_layers // period
+  values = {}
+  for path, var in nnx.to_flat_state(params):
+    if path[0] == "scanned_layers":
+      value, j = var.get_value(), int(path[1])
+      for r in range(reps):
+        values[("layers", r * period + j) + tuple(path[2:])] = value[r]
+    else:
+      values[path] = var.get_value()
+  template = nnx.state(abstract_model(dataclasses.replace(cfg, scan_layers=False)), nnx.Param)
+  return _with_values(template, values)
+
+
+def is_scanned(params: nnx.State) -> bool:
+  """Whether a parameter state has the scanned layer layout."""
+  return "scanned_layers" in params
+
+
+def convert_params(params: nnx.State, cfg: ModelConfig) -> nnx.State:
+  """Parameters in either layout -> the layout `cfg` runs with
+  (`scan_block_size(cfg)`); unchanged when they already have it."""
+  want = scan_block_size(cfg) is not None
+  if is_scanned(params) == want:
+    return params
+  return scan_params(params, cfg) if want else unscan_params(params, cfg)
 
 
 def count_params(model: nnx.Module) -> int:

@@ -7,7 +7,8 @@ a model on the devices you have now.
 or best/ directory, or one step directory (runs/demo/checkpoints/400).
 Parameters only are read (no optimizer state), cast to the requested dtype,
 and placed on `mesh` by the model's logical-axis rules, so a checkpoint
-written on 8 devices restores onto 1 and vice versa.
+written on 8 devices restores onto 1 and vice versa. A checkpoint written
+with the other layer layout (`model.scan_layers`) is converted on restore.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from jax.sharding import Mesh
 from hybridna_jax import sharding
 from hybridna_jax import tokenizer
 from hybridna_jax.config import MODEL_RUNTIME_FIELDS, ModelConfig
-from hybridna_jax.model import abstract_model
+from hybridna_jax.model import abstract_model, convert_params, scan_block_size
 from hybridna_jax.train.checkpoint import Checkpoints
 
 CONFIG_FILE = "config.json"
@@ -85,16 +86,30 @@ def default_mesh() -> Mesh:
 
 def restore_params(ref: CheckpointRef, model_cfg: ModelConfig, mesh: Mesh,
                    *, rules: sharding.Rules = sharding.DEFAULT_RULES) -> nnx.State:
-  """The LM parameters of a checkpoint, sharded over `mesh`."""
-  _, abstract = nnx.split(abstract_model(model_cfg), nnx.Param)
-  target = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      abstract, sharding.state_shardings(abstract, mesh, rules))
-  return Checkpoints(ref.manager_dir).restore_params(ref.step, target)
+  """The LM parameters of a checkpoint, sharded over `mesh`, in the layer
+  layout of `model_cfg` (converted when the run was written with the other
+  `scan_layers` layout, as its config.json says)."""
+  written = dataclasses.replace(model_cfg, scan_layers=bool(
+      run_config(ref.run_dir).model.get("scan_layers", False)))
+
+  def abstract_params(cfg):
+    _, abstract = nnx.split(abstract_model(cfg), nnx.Param)
+    return abstract, sharding.state_shardings(abstract, mesh, rules)
+
+  abstract, shardings = abstract_params(written)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
+  params = Checkpoints(ref.manager_dir).restore_params(ref.step, target)
+  if (scan_block_size(written) is None) == (scan_block_size(model_cfg) is None):
+    return params
+  # Stack or unstack on the devices, straight into the target shardings.
+  _, shardings = abstract_params(model_cfg)
+  return jax.jit(lambda p: convert_params(p, model_cfg), out_shardings=shardings)(params)
 
 
 # The runtime fields load() takes as keywords; `dtype` sets dtype and
-# param_dtype together.
+# param_dtype together. scan_layers changes the parameter layout: restore
+# converts.
 _LOAD_OVERRIDES = tuple(f for f in MODEL_RUNTIME_FIELDS if f not in ("dtype", "param_dtype"))
 
 
@@ -109,8 +124,10 @@ def load(path: str, *, dtype: str | None = None, mesh: Mesh | None = None,
     mesh: where to place the parameters (default: all devices, fsdp).
     which: "latest" or "best" for a run directory.
     **runtime: runtime fields of the restored model (config.MODEL_RUNTIME_FIELDS
-      but the dtypes: remat, ssd_impl, attention_impl, max_seq_len), e.g.
-      attention_impl="xla_blockwise" to score long contexts on CPU.
+      but the dtypes: remat, ssd_impl, attention_impl, max_seq_len,
+      scan_layers), e.g. attention_impl="xla_blockwise" to score long
+      contexts on CPU, or scan_layers=True/False for the other parameter
+      layout (converted).
 
   Returns:
     (model, tokenizer module, config) -- an nnx HybriDNA with its

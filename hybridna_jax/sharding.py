@@ -83,6 +83,7 @@ DEFAULT_RULES: Rules = (
     ("ssm_state", None),        # B and C projections (ngroups x d_state)
     ("conv_width", None),
     ("classes", None),
+    ("layers", None),           # stacked layers of the scanned layout (model.scan_layers)
     # Activations.
     ("act_batch", BATCH_AXES),
     ("act_length", None),

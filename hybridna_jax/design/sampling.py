@@ -196,7 +196,10 @@ def run_sampling(checkpoint: str, output: str, *, config=None, which: str = "lat
     {"fasta": path, "summary": {prompt: metrics}, "settings": str, ...}.
   """
   from hybridna_jax import restore  # pylint: disable=g-import-not-at-top
-  model, _, run_config = restore.load(checkpoint, which=which, mesh=mesh)
+  # The loop layout: in the decode loop a scanned model's per-layer weight
+  # slices would be hoisted into a second copy of the weights.
+  model, _, run_config = restore.load(checkpoint, which=which, mesh=mesh,
+                                      scan_layers=False)
   ref = restore.find_checkpoint(checkpoint, which)
   # Defaults for a run from before the generate section existed (pretraining).
   run_generate = GenerateConfig.of(run_config)
