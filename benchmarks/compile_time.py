@@ -39,24 +39,40 @@ from hybridna_jax.train import step as step_lib  # noqa: E402
 def model_config(n_layers: int, d_model: int, scan: bool, remat: str) -> ModelConfig:
   """A narrow model with the paper's layer pattern (attention at i % 8 == 4)."""
   return dataclasses.replace(
-      ModelConfig(), d_model=d_model, n_layers=n_layers, attn_period=8, attn_offset=4,
-      mlp_dim=2 * d_model, num_heads=4, num_kv_heads=2, head_dim=d_model // 4,
-      d_state=16, ssm_head_dim=16, chunk_size=64, dtype="float32", remat=remat,
-      scan_layers=scan)
+    ModelConfig(),
+    d_model=d_model,
+    n_layers=n_layers,
+    attn_period=8,
+    attn_offset=4,
+    mlp_dim=2 * d_model,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=d_model // 4,
+    d_state=16,
+    ssm_head_dim=16,
+    chunk_size=64,
+    dtype="float32",
+    remat=remat,
+    scan_layers=scan,
+  )
 
 
 def batch_arrays(batch: int, seq_len: int) -> dict:
   toks = np.random.default_rng(0).integers(5, 9, (batch, seq_len + 1)).astype(np.int32)
-  return dict(inputs=toks[:, :-1], targets=toks[:, 1:],
-              segment_ids=np.ones((batch, seq_len), np.int32),
-              loss_mask=np.ones((batch, seq_len), np.float32))
+  return dict(
+    inputs=toks[:, :-1],
+    targets=toks[:, 1:],
+    segment_ids=np.ones((batch, seq_len), np.int32),
+    loss_mask=np.ones((batch, seq_len), np.float32),
+  )
 
 
 def measure(cfg: ModelConfig, batch: int, seq_len: int, iters: int) -> dict:
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   optimizer, schedule = optimizer_lib.make_optimizer(load_config("configs/tiny.py").train, 100)
-  fns = step_lib.build_steps(lambda rngs: HybriDNA(cfg, rngs=rngs), step_lib.lm_loss,
-                             optimizer, schedule, mesh)
+  fns = step_lib.build_steps(
+    lambda rngs: HybriDNA(cfg, rngs=rngs), step_lib.lm_loss, optimizer, schedule, mesh
+  )
   abstract_state = jax.eval_shape(fns.init, jax.random.key(0))
   arrays = batch_arrays(batch, seq_len)
   abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in arrays.items()}
@@ -67,13 +83,18 @@ def measure(cfg: ModelConfig, batch: int, seq_len: int, iters: int) -> dict:
   start = time.perf_counter()
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
-  row = dict(lower_s=lower_s, compile_s=compile_s, hlo_kb=len(lowered.as_text()) / 1024,
-             temp_mb=compiled.memory_analysis().temp_size_in_bytes / 2**20, step_s=None)
+  row = dict(
+    lower_s=lower_s,
+    compile_s=compile_s,
+    hlo_kb=len(lowered.as_text()) / 1024,
+    temp_mb=compiled.memory_analysis().temp_size_in_bytes / 2**20,
+    step_s=None,
+  )
   if iters:
     state = fns.init(jax.random.key(0))
     device_batch = step_lib.device_batch(arrays, fns.batch_sharding)
     times = []
-    for _ in range(iters + 1):              # the first call is a warm-up
+    for _ in range(iters + 1):  # the first call is a warm-up
       start = time.perf_counter()
       state, metrics = compiled(state, device_batch)
       jax.block_until_ready(metrics)
@@ -94,10 +115,14 @@ def main():
   args = parser.parse_args()
 
   print(environment())
-  print(f"train step of build_steps on 1 device: d_model {args.d_model}, batch {args.batch} x "
-        f"{args.seq_len} nt, fp32, remat {args.remat}, attention at i % 8 == 4")
-  header = (f"{'layers':>6}  {'layout':<6}{'lower s':>9}{'compile s':>11}{'HLO KB':>9}"
-            f"{'temp MB':>9}{'step s':>9}")
+  print(
+    f"train step of build_steps on 1 device: d_model {args.d_model}, batch {args.batch} x "
+    f"{args.seq_len} nt, fp32, remat {args.remat}, attention at i % 8 == 4"
+  )
+  header = (
+    f"{'layers':>6}  {'layout':<6}{'lower s':>9}{'compile s':>11}{'HLO KB':>9}"
+    f"{'temp MB':>9}{'step s':>9}"
+  )
   print(header)
   for n_layers in args.layers:
     for layout in args.layouts:
@@ -107,8 +132,11 @@ def main():
         continue
       r = measure(cfg, args.batch, args.seq_len, args.iters)
       step = f"{r['step_s']:>9.3f}" if r["step_s"] is not None else f"{'-':>9}"
-      print(f"{n_layers:>6}  {layout:<6}{r['lower_s']:>9.1f}{r['compile_s']:>11.1f}"
-            f"{r['hlo_kb']:>9.0f}{r['temp_mb']:>9.1f}{step}", flush=True)
+      print(
+        f"{n_layers:>6}  {layout:<6}{r['lower_s']:>9.1f}{r['compile_s']:>11.1f}"
+        f"{r['hlo_kb']:>9.0f}{r['temp_mb']:>9.1f}{step}",
+        flush=True,
+      )
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ FLAGS = flags.FLAGS
 
 def param_count(cfg: ModelConfig) -> int:
   from flax import nnx  # pylint: disable=g-import-not-at-top
+
   state = nnx.state(abstract_model(cfg), nnx.Param)
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state)))
 
@@ -54,7 +55,7 @@ def attention_only(cfg: ModelConfig) -> ModelConfig:
   count matches `cfg` (rounded to a multiple of 128)."""
   target = param_count(cfg)
   base = dataclasses.replace(cfg, attn_layers=tuple(range(cfg.n_layers)))
-  per_unit = 3 * cfg.d_model * cfg.n_layers       # params per unit of mlp_dim
+  per_unit = 3 * cfg.d_model * cfg.n_layers  # params per unit of mlp_dim
   mlp = cfg.mlp_dim + (target - param_count(base)) / per_unit
   return dataclasses.replace(base, mlp_dim=max(128, int(round(mlp / 128)) * 128))
 
@@ -69,15 +70,21 @@ def measure(cfg: ModelConfig, seq_len: int, batch: int):
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   train_cfg = load_config(FLAGS.config).train
   optimizer, schedule = optimizer_lib.make_optimizer(train_cfg, total_steps=1000)
-  fns = step_lib.build_steps(lambda rngs: HybriDNA(cfg, rngs=rngs), step_lib.lm_loss,
-                             optimizer, schedule, mesh)
+  fns = step_lib.build_steps(
+    lambda rngs: HybriDNA(cfg, rngs=rngs), step_lib.lm_loss, optimizer, schedule, mesh
+  )
   state = fns.init(jax.random.key(0))
   rng = np.random.default_rng(0)
   toks = rng.integers(5, 9, (batch, seq_len + 1)).astype(np.int32)
   batch_arrays = step_lib.device_batch(
-      {"inputs": toks[:, :-1], "targets": toks[:, 1:],
-       "segment_ids": np.ones((batch, seq_len), np.int32),
-       "loss_mask": np.ones((batch, seq_len), np.float32)}, fns.batch_sharding)
+    {
+      "inputs": toks[:, :-1],
+      "targets": toks[:, 1:],
+      "segment_ids": np.ones((batch, seq_len), np.int32),
+      "loss_mask": np.ones((batch, seq_len), np.float32),
+    },
+    fns.batch_sharding,
+  )
   holder = [state]
 
   def step(b):
@@ -89,8 +96,13 @@ def measure(cfg: ModelConfig, seq_len: int, batch: int):
   tok_s = tokens / timing["median_s"]
   achieved = tok_s * flops_lib.train_flops_per_token(cfg, seq_len)
   peak = flops_lib.peak_flops_per_device()
-  return dict(step_s=timing["median_s"], tok_s=tok_s, tflops=achieved / 1e12,
-              mfu=(achieved / peak) if peak else None, mem=peak_memory_gib())
+  return dict(
+    step_s=timing["median_s"],
+    tok_s=tok_s,
+    tflops=achieved / 1e12,
+    mfu=(achieved / peak) if peak else None,
+    mem=peak_memory_gib(),
+  )
 
 
 def main(argv):
@@ -99,18 +111,23 @@ def main(argv):
   seq_lens = [256, 512] if FLAGS.small else [int(x) for x in FLAGS.seq_lens]
   tokens_per_step = 1024 if FLAGS.small else FLAGS.tokens_per_step
   hybrid = ModelConfig.from_config(load_config(config_path).model)
-  hybrid = dataclasses.replace(hybrid, dtype="float32" if FLAGS.small else FLAGS.dtype,
-                               remat=FLAGS.remat or hybrid.remat)
+  hybrid = dataclasses.replace(
+    hybrid, dtype="float32" if FLAGS.small else FLAGS.dtype, remat=FLAGS.remat or hybrid.remat
+  )
   transformer = attention_only(hybrid)
   print(environment())
-  print(f"config {config_path}; hybrid {param_count(hybrid) / 1e6:.1f}M params "
-        f"(layers {''.join('A' if t == 'attention' else 'M' for t in hybrid.layer_types)}), "
-        f"transformer {param_count(transformer) / 1e6:.1f}M params (mlp_dim "
-        f"{transformer.mlp_dim}); dtype {hybrid.dtype}, remat {hybrid.remat}, "
-        f"ssd_impl {hybrid.ssd_impl}, attention_impl {hybrid.attention_impl}; "
-        f"{tokens_per_step} tokens/step")
-  print(f"{'model':<12}{'seq_len':>8}{'batch':>6}{'step s':>9}{'tok/s':>11}"
-        f"{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>9}")
+  print(
+    f"config {config_path}; hybrid {param_count(hybrid) / 1e6:.1f}M params "
+    f"(layers {''.join('A' if t == 'attention' else 'M' for t in hybrid.layer_types)}), "
+    f"transformer {param_count(transformer) / 1e6:.1f}M params (mlp_dim "
+    f"{transformer.mlp_dim}); dtype {hybrid.dtype}, remat {hybrid.remat}, "
+    f"ssd_impl {hybrid.ssd_impl}, attention_impl {hybrid.attention_impl}; "
+    f"{tokens_per_step} tokens/step"
+  )
+  print(
+    f"{'model':<12}{'seq_len':>8}{'batch':>6}{'step s':>9}{'tok/s':>11}"
+    f"{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>9}"
+  )
   results = {}
   for seq_len in seq_lens:
     batch = max(1, tokens_per_step // seq_len)
@@ -125,8 +142,11 @@ def main(argv):
         continue
       results[(name, seq_len)] = r
       mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-      print(f"{name:<12}{seq_len:>8}{batch:>6}{r['step_s']:>9.3f}{r['tok_s']:>11,.0f}"
-            f"{r['tflops']:>9.2f}{mfu:>7}{r['mem']:>9}", flush=True)
+      print(
+        f"{name:<12}{seq_len:>8}{batch:>6}{r['step_s']:>9.3f}{r['tok_s']:>11,.0f}"
+        f"{r['tflops']:>9.2f}{mfu:>7}{r['mem']:>9}",
+        flush=True,
+      )
     if ("hybrid", seq_len) in results and ("transformer", seq_len) in results:
       ratio = results[("hybrid", seq_len)]["tok_s"] / results[("transformer", seq_len)]["tok_s"]
       print(f"{'':<12}{seq_len:>8}  hybrid / transformer throughput: {ratio:.2f}x", flush=True)

@@ -21,15 +21,16 @@ from pathlib import Path
 from absl import app, flags, logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import environment  # noqa: E402
-
 import numpy as np  # noqa: E402
+from harness import environment  # noqa: E402
 
 from hybridna_jax import tokenizer  # noqa: E402
 from hybridna_jax.config import load_config  # noqa: E402
-from hybridna_jax.finetune import datasets  # noqa: E402
+from hybridna_jax.finetune import (
+  datasets,  # noqa: E402
+  report,  # noqa: E402
+)
 from hybridna_jax.finetune import metrics as metrics_lib  # noqa: E402
-from hybridna_jax.finetune import report  # noqa: E402
 from hybridna_jax.finetune import task as task_lib  # noqa: E402
 from hybridna_jax.finetune.metrics import HEADLINE  # noqa: E402
 from hybridna_jax.train.metrics import read_metrics  # noqa: E402
@@ -37,16 +38,26 @@ from hybridna_jax.train.metrics import read_metrics  # noqa: E402
 flags.DEFINE_string("config", "configs/finetune_demo.py", "Fine-tuning config file.")
 flags.DEFINE_string("task", None, "Task folder or BED file (default: the config's).")
 flags.DEFINE_string("workdir", "runs/bench_finetune", "Where the runs go.")
-flags.DEFINE_list("modes", ["echo", "rc_echo", "plain_mean", "plain_last"],
-                  "Config variants to compare (hybridna_jax/finetune/presets.py), "
-                  "each optionally with more variants joined by '+', e.g. echo+frozen.")
-flags.DEFINE_list("backbones", ["pretrained", "fresh"], "pretrained (the config's "
-                  "finetune.pretrained) and/or fresh (random init).")
+flags.DEFINE_list(
+  "modes",
+  ["echo", "rc_echo", "plain_mean", "plain_last"],
+  "Config variants to compare (hybridna_jax/finetune/presets.py), "
+  "each optionally with more variants joined by '+', e.g. echo+frozen.",
+)
+flags.DEFINE_list(
+  "backbones",
+  ["pretrained", "fresh"],
+  "pretrained (the config's finetune.pretrained) and/or fresh (random init).",
+)
 flags.DEFINE_integer("steps", 0, "Override finetune.steps (0: the config's schedule).")
 flags.DEFINE_float("learning_rate", 0.0, "Override train.learning_rate (0: the config's).")
 flags.DEFINE_string("pretrained", None, "Override finetune.pretrained.")
-flags.DEFINE_integer("kmer", 4, "Also fit a k-mer frequency logistic regression with this "
-                     "k (0: no baseline), for how hard the task is without a model.")
+flags.DEFINE_integer(
+  "kmer",
+  4,
+  "Also fit a k-mer frequency logistic regression with this "
+  "k (0: no baseline), for how hard the task is without a model.",
+)
 FLAGS = flags.FLAGS
 
 
@@ -71,26 +82,37 @@ def _run(mode: str, backbone: str) -> dict:
   else:
     results = task_lib.finetune(config, workdir)["results"]
     wall = time.perf_counter() - start
-  train = [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))
-           if r["kind"] == "train" and "step_time_s" in r]
+  train = [
+    r
+    for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    if r["kind"] == "train" and "step_time_s" in r
+  ]
   step_s = statistics.median(r["step_time_s"] for r in train) if train else float("nan")
   stages = config.train.stages[0]
-  return {"results": results, "mode": mode, "backbone": backbone, "step_s": step_s,
-          "width": stages[0], "batch": stages[2], "steps": stages[1], "wall_s": wall}
+  return {
+    "results": results,
+    "mode": mode,
+    "backbone": backbone,
+    "step_s": step_s,
+    "width": stages[0],
+    "batch": stages[2],
+    "steps": stages[1],
+    "wall_s": wall,
+  }
 
 
 def kmer_features(sequences: list[str], k: int) -> np.ndarray:
   """float32 (n, 4**k): k-mer frequencies (k-mers with N skipped), both strands."""
-  out = np.zeros((len(sequences), 4 ** k), np.float32)
+  out = np.zeros((len(sequences), 4**k), np.float32)
   for row, seq in enumerate(sequences):
     for strand in (seq, tokenizer.reverse_complement(seq)):
-      t = tokenizer.encode(strand) - tokenizer.A          # A C G T -> 0..3, N -> 4
+      t = tokenizer.encode(strand) - tokenizer.A  # A C G T -> 0..3, N -> 4
       if t.size < k:
         continue
       windows = np.lib.stride_tricks.sliding_window_view(t, k)
       windows = windows[(windows < 4).all(axis=1)]
       codes = windows @ (4 ** np.arange(k - 1, -1, -1))
-      out[row] += np.bincount(codes, minlength=4 ** k)
+      out[row] += np.bincount(codes, minlength=4**k)
   return out / np.maximum(out.sum(axis=1, keepdims=True), 1.0)
 
 
@@ -113,12 +135,11 @@ def kmer_baseline(data: datasets.TaskData, k: int, steps: int = 500) -> dict:
     for i, (param, g) in enumerate(zip((w, b), grads)):
       m[i] = 0.9 * m[i] + 0.1 * g
       v[i] = 0.999 * v[i] + 0.001 * g * g
-      param -= 0.01 * (m[i] / (1 - 0.9 ** t)) / (np.sqrt(v[i] / (1 - 0.999 ** t)) + 1e-8)
+      param -= 0.01 * (m[i] / (1 - 0.9**t)) / (np.sqrt(v[i] / (1 - 0.999**t)) + 1e-8)
     if t % 25 == 0:
       dev = metrics_lib.classification_metrics(data.splits["dev"].labels, x["dev"] @ w + b)
       if dev["mcc"] > best[0]:
-        test = metrics_lib.classification_metrics(data.splits["test"].labels,
-                                                  x["test"] @ w + b)
+        test = metrics_lib.classification_metrics(data.splits["test"].labels, x["test"] @ w + b)
         best = (dev["mcc"], {"dev": dev, "test": test})
   return best[1]
 
@@ -129,33 +150,42 @@ def main(argv):
   kind = runs[0]["results"]["kind"]
   headline = HEADLINE[kind]
   extra = "auroc" if kind == "classification" else "spearman"
-  lines = [environment(),
-           f"task: {runs[0]['results']['task']} ({kind}); selected on dev {headline}, "
-           "reported on test",
-           "",
-           f"| backbone | embedding | width | steps x batch | dev {headline} | "
-           f"test {headline} | test {extra} | s/step | seq/s | wall s |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  lines = [
+    environment(),
+    f"task: {runs[0]['results']['task']} ({kind}); selected on dev {headline}, reported on test",
+    "",
+    f"| backbone | embedding | width | steps x batch | dev {headline} | "
+    f"test {headline} | test {extra} | s/step | seq/s | wall s |",
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+  ]
   rows = []
   for r in runs:
     res = r["results"]
     lines.append(
-        f"| {r['backbone']} | {res['embedding']} | {r['width']} | {r['steps']} x {r['batch']} "
-        f"| {res['dev'][headline]:.4f} | {res['test'][headline]:.4f} | "
-        f"{res['test'][extra]:.4f} | {r['step_s']:.3f} | {r['batch'] / r['step_s']:.1f} | "
-        f"{r['wall_s']:.0f} |")
+      f"| {r['backbone']} | {res['embedding']} | {r['width']} | {r['steps']} x {r['batch']} "
+      f"| {res['dev'][headline]:.4f} | {res['test'][headline]:.4f} | "
+      f"{res['test'][extra]:.4f} | {r['step_s']:.3f} | {r['batch'] / r['step_s']:.1f} | "
+      f"{r['wall_s']:.0f} |"
+    )
     label = f"{r['backbone']}: {res['embedding']}"
     rows.extend(report.result_rows({**res, "task": label}))
   if FLAGS.kmer and kind == "classification":
     config = load_config(FLAGS.config)
     fc = config.finetune
-    data = datasets.load_task(FLAGS.task or str(fc.task), format=str(fc.format),
-                              reference=str(fc.reference), dev_fraction=float(fc.dev_fraction),
-                              split_seed=int(fc.split_seed), log=False)
+    data = datasets.load_task(
+      FLAGS.task or str(fc.task),
+      format=str(fc.format),
+      reference=str(fc.reference),
+      dev_fraction=float(fc.dev_fraction),
+      split_seed=int(fc.split_seed),
+      log=False,
+    )
     base = kmer_baseline(data, FLAGS.kmer)
-    lines.append(f"| - | {FLAGS.kmer}-mer logistic regression | - | - | "
-                 f"{base['dev'][headline]:.4f} | {base['test'][headline]:.4f} | "
-                 f"{base['test'][extra]:.4f} | - | - | - |")
+    lines.append(
+      f"| - | {FLAGS.kmer}-mer logistic regression | - | - | "
+      f"{base['dev'][headline]:.4f} | {base['test'][headline]:.4f} | "
+      f"{base['test'][extra]:.4f} | - | - | - |"
+    )
   table = "\n".join(lines) + "\n"
   print(table)
   os.makedirs(FLAGS.workdir, exist_ok=True)

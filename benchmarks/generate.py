@@ -48,8 +48,12 @@ flags.DEFINE_integer("new_tokens", 256, "Tokens generated per row (tables 1 and 
 flags.DEFINE_integer("beam_width", 4, "Beam width of the beam rows of table 1 (0: none).")
 flags.DEFINE_list("prompt_lengths", ["1024", "8192", "32768"], "Tables 2 and 3 prompt lengths.")
 flags.DEFINE_integer("naive_tokens", 4, "Tokens the naive loop generates per prompt length.")
-flags.DEFINE_string("attention_impl", "xla_blockwise", "model.attention_impl for prefill and "
-                    "the naive forward (xla_blockwise keeps 32k+ prompts in memory on CPU).")
+flags.DEFINE_string(
+  "attention_impl",
+  "xla_blockwise",
+  "model.attention_impl for prefill and "
+  "the naive forward (xla_blockwise keeps 32k+ prompts in memory on CPU).",
+)
 flags.DEFINE_string("ssd_impl", None, "Override model.ssd_impl.")
 flags.DEFINE_integer("iters", 3, "Timed repetitions (the median is reported).")
 FLAGS = flags.FLAGS
@@ -90,33 +94,56 @@ def _naive_greedy(graphdef, state, prompt, *, steps):
 def main(argv):
   del argv
   cfg = ModelConfig.from_config(load_config(FLAGS.config).model)
-  cfg = dataclasses.replace(cfg, attention_impl=FLAGS.attention_impl,
-                            **({"ssd_impl": FLAGS.ssd_impl} if FLAGS.ssd_impl else {}))
+  cfg = dataclasses.replace(
+    cfg,
+    attention_impl=FLAGS.attention_impl,
+    **({"ssd_impl": FLAGS.ssd_impl} if FLAGS.ssd_impl else {}),
+  )
   model = create_model(cfg)
   graphdef, state = nnx.split(model)
   n_new = FLAGS.new_tokens
   sampling = dict(temperature=jnp.float32(1.0), top_k=jnp.int32(4), top_p=jnp.float32(1.0))
   print(environment())
-  print(f"config {FLAGS.config}: {count_params(model):,} params, layers "
-        f"{''.join('A' if t == 'attention' else 'M' for t in cfg.layer_types)}, d_model "
-        f"{cfg.d_model}, dtype {cfg.dtype}, attention_impl {cfg.attention_impl}, "
-        f"ssd_impl {cfg.ssd_impl}")
+  print(
+    f"config {FLAGS.config}: {count_params(model):,} params, layers "
+    f"{''.join('A' if t == 'attention' else 'M' for t in cfg.layer_types)}, d_model "
+    f"{cfg.d_model}, dtype {cfg.dtype}, attention_impl {cfg.attention_impl}, "
+    f"ssd_impl {cfg.ssd_impl}"
+  )
 
   def prefill(tokens, seg, max_length):
     return functools.partial(gen._prefill, graphdef, max_length=max_length)(state, tokens, seg)  # pylint: disable=protected-access
 
   def decode(logits, cache, b, *, greedy=False, steps=n_new):
     keys = gen.row_keys(0, np.arange(b))
-    fn = functools.partial(gen._sample_loop, graphdef, max_new_tokens=steps,  # pylint: disable=protected-access
-                           stop_at_eos=False, min_new_tokens=0, allow_n=False, greedy=greedy)
-    return fn, (state, logits, cache, keys, sampling["temperature"], sampling["top_k"],
-                sampling["top_p"])
+    fn = functools.partial(
+      gen._sample_loop,
+      graphdef,
+      max_new_tokens=steps,  # pylint: disable=protected-access
+      stop_at_eos=False,
+      min_new_tokens=0,
+      allow_n=False,
+      greedy=greedy,
+    )
+    return fn, (
+      state,
+      logits,
+      cache,
+      keys,
+      sampling["temperature"],
+      sampling["top_k"],
+      sampling["top_p"],
+    )
 
   # -- 1. batched sampling ------------------------------------------------------
-  print(f"\n1. batched sampling: prompt {FLAGS.short_prompt} tokens, {n_new} new tokens per "
-        "row, temperature 1, top-k 4")
-  print(f"{'mode':<10}{'batch':>7}{'prefill s':>11}{'decode s':>10}{'ms/step':>9}"
-        f"{'tokens/s':>11}{'compile s':>11}")
+  print(
+    f"\n1. batched sampling: prompt {FLAGS.short_prompt} tokens, {n_new} new tokens per "
+    "row, temperature 1, top-k 4"
+  )
+  print(
+    f"{'mode':<10}{'batch':>7}{'prefill s':>11}{'decode s':>10}{'ms/step':>9}"
+    f"{'tokens/s':>11}{'compile s':>11}"
+  )
   for b in (int(x) for x in FLAGS.batch_sizes):
     tokens, seg = _prompts(b, FLAGS.short_prompt)
     max_length = FLAGS.short_prompt + n_new
@@ -124,23 +151,37 @@ def main(argv):
     logits, cache = prefill(tokens, seg, max_length)
     fn, args = decode(logits, cache, b)
     first, decode_s = _timed(fn, *args, iters=FLAGS.iters)
-    print(f"{'sample':<10}{b:>7}{prefill_s:>11.3f}{decode_s:>10.3f}{1e3 * decode_s / n_new:>9.2f}"
-          f"{b * n_new / decode_s:>11,.0f}{first - decode_s:>11.1f}")
+    print(
+      f"{'sample':<10}{b:>7}{prefill_s:>11.3f}{decode_s:>10.3f}{1e3 * decode_s / n_new:>9.2f}"
+      f"{b * n_new / decode_s:>11,.0f}{first - decode_s:>11.1f}"
+    )
     if FLAGS.beam_width > 1:
-      beam = functools.partial(gen._beam_loop, graphdef, beam_width=FLAGS.beam_width,  # pylint: disable=protected-access
-                               max_new_tokens=n_new, stop_at_eos=False, min_new_tokens=0,
-                               allow_n=False)
+      beam = functools.partial(
+        gen._beam_loop,
+        graphdef,
+        beam_width=FLAGS.beam_width,  # pylint: disable=protected-access
+        max_new_tokens=n_new,
+        stop_at_eos=False,
+        min_new_tokens=0,
+        allow_n=False,
+      )
       first, beam_s = _timed(beam, state, logits, cache, jnp.float32(1.0), iters=FLAGS.iters)
-      print(f"{'beam ' + str(FLAGS.beam_width):<10}{b:>7}{prefill_s:>11.3f}{beam_s:>10.3f}"
-            f"{1e3 * beam_s / n_new:>9.2f}{b * n_new / beam_s:>11,.0f}{first - beam_s:>11.1f}"
-            f"  (hypotheses x steps / s: {b * FLAGS.beam_width * n_new / beam_s:,.0f})")
+      print(
+        f"{'beam ' + str(FLAGS.beam_width):<10}{b:>7}{prefill_s:>11.3f}{beam_s:>10.3f}"
+        f"{1e3 * beam_s / n_new:>9.2f}{b * n_new / beam_s:>11,.0f}{first - beam_s:>11.1f}"
+        f"  (hypotheses x steps / s: {b * FLAGS.beam_width * n_new / beam_s:,.0f})"
+      )
 
   # -- 2 and 3. long prompts: cached vs naive ---------------------------------------------
   steps = FLAGS.naive_tokens
-  print(f"\n2./3. batch 1, long prompts: cached decoding ({n_new} tokens) vs the naive "
-        f"full-forward loop ({steps} tokens)")
-  print(f"{'prompt':>8}{'prefill s':>11}{'cached ms/token':>17}{'naive ms/token':>16}"
-        f"{'naive / cached':>16}{'same tokens':>13}")
+  print(
+    f"\n2./3. batch 1, long prompts: cached decoding ({n_new} tokens) vs the naive "
+    f"full-forward loop ({steps} tokens)"
+  )
+  print(
+    f"{'prompt':>8}{'prefill s':>11}{'cached ms/token':>17}{'naive ms/token':>16}"
+    f"{'naive / cached':>16}{'same tokens':>13}"
+  )
   baseline = None
   for length in (int(x) for x in FLAGS.prompt_lengths):
     tokens, seg = _prompts(1, length, seed=length)
@@ -156,11 +197,12 @@ def main(argv):
     # Same greedy tokens from the cache (a prefill with room for `steps`).
     logits_s, cache_s = prefill(tokens, seg, length + steps)
     fn_s, args_s = decode(logits_s, cache_s, 1, greedy=True, steps=steps)
-    same = bool(np.array_equal(np.asarray(fn_s(*args_s).tokens),
-                               np.asarray(naive(state, tokens))))
-    print(f"{length:>8,}{prefill_s:>11.2f}{cached_ms:>17.2f}{naive_ms:>16.1f}"
-          f"{naive_ms / cached_ms:>15.0f}x{str(same):>13}   "
-          f"(cached cost x{cached_ms / baseline:.2f} of the shortest prompt)")
+    same = bool(np.array_equal(np.asarray(fn_s(*args_s).tokens), np.asarray(naive(state, tokens))))
+    print(
+      f"{length:>8,}{prefill_s:>11.2f}{cached_ms:>17.2f}{naive_ms:>16.1f}"
+      f"{naive_ms / cached_ms:>15.0f}x{str(same):>13}   "
+      f"(cached cost x{cached_ms / baseline:.2f} of the shortest prompt)"
+    )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ import itertools
 import platform
 import statistics
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 
@@ -16,14 +17,18 @@ import jax
 def environment() -> str:
   """Device, versions and host, for RESULTS.md."""
   import flax  # pylint: disable=g-import-not-at-top
+
   dev = jax.devices()[0]
-  return (f"device: {dev.device_kind} x{jax.device_count()} ({jax.default_backend()}), "
-          f"jax {jax.__version__}, flax {flax.__version__}, "
-          f"python {platform.python_version()}, host cores: {_cores()}")
+  return (
+    f"device: {dev.device_kind} x{jax.device_count()} ({jax.default_backend()}), "
+    f"jax {jax.__version__}, flax {flax.__version__}, "
+    f"python {platform.python_version()}, host cores: {_cores()}"
+  )
 
 
 def _cores() -> str:
   import os  # pylint: disable=g-import-not-at-top
+
   return str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
 
 
@@ -40,8 +45,9 @@ def median_seconds(fn: Callable[[], Any], iters: int, warmup: int) -> float:
   return statistics.median(times)
 
 
-def time_jitted(fn: Callable[..., Any], *args, warmup: int = 1, iters: int = 5,
-                min_seconds: float = 0.0) -> dict[str, float]:
+def time_jitted(
+  fn: Callable[..., Any], *args, warmup: int = 1, iters: int = 5, min_seconds: float = 0.0
+) -> dict[str, float]:
   """Compiles `fn` (a jitted function) on `args`, then times calls.
 
   Returns compile_s (first call) and the median / min seconds per call.
@@ -56,8 +62,12 @@ def time_jitted(fn: Callable[..., Any], *args, warmup: int = 1, iters: int = 5,
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - start)
-  return {"compile_s": compile_s, "median_s": statistics.median(times),
-          "min_s": min(times), "iters": len(times)}
+  return {
+    "compile_s": compile_s,
+    "median_s": statistics.median(times),
+    "min_s": min(times),
+    "iters": len(times),
+  }
 
 
 # -- kernel grids (benchmarks/ssd.py, benchmarks/attention.py) ------------------
@@ -70,10 +80,10 @@ def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--heads", type=int, nargs="+")
   parser.add_argument("--iters", type=int, default=10)
   parser.add_argument("--warmup", type=int, default=2)
-  parser.add_argument("--max-tokens", type=int, default=None,
-                      help="skip shapes with batch * seqlen above this")
-  parser.add_argument("--small", action="store_true",
-                      help="CPU smoke run: tiny grid, 2 iterations")
+  parser.add_argument(
+    "--max-tokens", type=int, default=None, help="skip shapes with batch * seqlen above this"
+  )
+  parser.add_argument("--small", action="store_true", help="CPU smoke run: tiny grid, 2 iterations")
 
 
 def resolve_grid(args: argparse.Namespace, grid: dict, small: dict) -> None:

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import environment, time_jitted  # noqa: E402
 
 from hybridna_jax.config import ModelConfig, load_config  # noqa: E402
-from hybridna_jax.model import create_model, count_params  # noqa: E402
+from hybridna_jax.model import count_params, create_model  # noqa: E402
 from hybridna_jax.train.flops import train_flops_per_token  # noqa: E402
 from hybridna_jax.train.step import masked_cross_entropy  # noqa: E402
 
@@ -37,8 +37,9 @@ def main(argv):
     cfg = dataclasses.replace(cfg, ssd_impl=FLAGS.ssd_impl)
   model = create_model(cfg)
   graphdef, params = nnx.split(model, nnx.Param)
-  tokens = jnp.asarray(np.random.default_rng(0).integers(5, 9, (FLAGS.batch, FLAGS.seq_len + 1)),
-                       jnp.int32)
+  tokens = jnp.asarray(
+    np.random.default_rng(0).integers(5, 9, (FLAGS.batch, FLAGS.seq_len + 1)), jnp.int32
+  )
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
   mask = jnp.ones(inputs.shape, jnp.float32)
 
@@ -51,16 +52,20 @@ def main(argv):
   forward_backward = jax.jit(jax.value_and_grad(loss))
   n_tokens = FLAGS.batch * FLAGS.seq_len
   print(environment())
-  print(f"config {FLAGS.config}: {count_params(model):,} params, layers "
-        f"{''.join('A' if t == 'attention' else 'M' for t in cfg.layer_types)}, "
-        f"dtype {cfg.dtype}, ssd_impl {cfg.ssd_impl}, batch {FLAGS.batch} x {FLAGS.seq_len} nt")
+  print(
+    f"config {FLAGS.config}: {count_params(model):,} params, layers "
+    f"{''.join('A' if t == 'attention' else 'M' for t in cfg.layer_types)}, "
+    f"dtype {cfg.dtype}, ssd_impl {cfg.ssd_impl}, batch {FLAGS.batch} x {FLAGS.seq_len} nt"
+  )
   flops = train_flops_per_token(cfg, FLAGS.seq_len)
   print(f"{'pass':<18}{'compile s':>10}{'median s':>10}{'tokens/s':>12}{'GFLOP/s':>10}")
   for name, fn, mult in (("forward", forward, 1 / 3), ("forward+backward", forward_backward, 1.0)):
     t = time_jitted(fn, params, iters=FLAGS.iters)
     rate = n_tokens / t["median_s"]
-    print(f"{name:<18}{t['compile_s']:>10.1f}{t['median_s']:>10.3f}{rate:>12,.0f}"
-          f"{rate * flops * mult / 1e9:>10.1f}")
+    print(
+      f"{name:<18}{t['compile_s']:>10.1f}{t['median_s']:>10.3f}{rate:>12,.0f}"
+      f"{rate * flops * mult / 1e9:>10.1f}"
+    )
 
 
 if __name__ == "__main__":

@@ -34,16 +34,22 @@ flags.DEFINE_string("config", "configs/demo.py", "Model config (without --workdi
 flags.DEFINE_string("workdir", None, "Restore this run instead of random weights.")
 flags.DEFINE_integer("repeats", 2, "Timed repeats of each case, each on fresh sequences.")
 flags.DEFINE_bool("rc_average", False, "Score both strands.")
-flags.DEFINE_string("attention_impl", None, "Attention kernel (default: auto on GPU/TPU, "
-                    "xla_blockwise on CPU, where the dense reference cannot hold 32k x 32k "
-                    "scores).")
+flags.DEFINE_string(
+  "attention_impl",
+  None,
+  "Attention kernel (default: auto on GPU/TPU, "
+  "xla_blockwise on CPU, where the dense reference cannot hold 32k x 32k "
+  "scores).",
+)
 FLAGS = flags.FLAGS
 
 # name, sequence lengths (within one bucket), context, stride, sequences per
 # repeat, rows per device call.
-CASES = (("1 kb", (900, 1024), 32_768, 16_384, 8, 8),
-         ("32 kb", (30_000, 32_768), 32_768, 16_384, 2, 1),
-         ("32 kb windowed", (30_000, 32_768), 4_096, 2_048, 2, 8))
+CASES = (
+  ("1 kb", (900, 1024), 32_768, 16_384, 8, 8),
+  ("32 kb", (30_000, 32_768), 32_768, 16_384, 2, 1),
+  ("32 kb windowed", (30_000, 32_768), 4_096, 2_048, 2, 8),
+)
 
 
 class CompileCounter:
@@ -62,9 +68,11 @@ class CompileCounter:
 def main(argv):
   del argv
   attention = FLAGS.attention_impl or (
-      "xla_blockwise" if jax.default_backend() == "cpu" else "auto")
+    "xla_blockwise" if jax.default_backend() == "cpu" else "auto"
+  )
   if FLAGS.workdir:
     from hybridna_jax import restore  # pylint: disable=g-import-not-at-top
+
     model, _, _ = restore.load(FLAGS.workdir, attention_impl=attention)
     source = FLAGS.workdir
   else:
@@ -75,17 +83,22 @@ def main(argv):
   compiles = CompileCounter()
   rng = np.random.default_rng(0)
   print(environment())
-  print(f"model {source}: {count_params(model):,} params, layers "
-        f"{''.join('A' if t == 'attention' else 'M' for t in cfg.layer_types)}, dtype "
-        f"{cfg.dtype}, ssd {cfg.ssd_impl}, attention {cfg.attention_impl}; "
-        f"rc_average {FLAGS.rc_average}; {FLAGS.repeats} timed repeats per case")
-  print(f"{'case':<16}{'context':>8}{'batch':>6}{'windows/seq':>12}{'warm-up s':>10}"
-        f"{'seqs/s':>9}{'kb/s':>8}{'compiles':>9}{'traces':>7}")
+  print(
+    f"model {source}: {count_params(model):,} params, layers "
+    f"{''.join('A' if t == 'attention' else 'M' for t in cfg.layer_types)}, dtype "
+    f"{cfg.dtype}, ssd {cfg.ssd_impl}, attention {cfg.attention_impl}; "
+    f"rc_average {FLAGS.rc_average}; {FLAGS.repeats} timed repeats per case"
+  )
+  print(
+    f"{'case':<16}{'context':>8}{'batch':>6}{'windows/seq':>12}{'warm-up s':>10}"
+    f"{'seqs/s':>9}{'kb/s':>8}{'compiles':>9}{'traces':>7}"
+  )
   for name, (low, high), context, stride, per_repeat, batch in CASES:
-    scorer = scoring.Scorer(model, context=context, stride=stride, batch_size=batch,
-                            min_bucket=1024)
+    scorer = scoring.Scorer(
+      model, context=context, stride=stride, batch_size=batch, min_bucket=1024
+    )
 
-    def sequences():
+    def sequences(low=low, high=high, per_repeat=per_repeat):
       lengths = rng.integers(low, high + 1, per_repeat)
       return [rng.integers(5, 9, n).astype(np.int32) for n in lengths]
 
@@ -101,9 +114,12 @@ def main(argv):
     n = FLAGS.repeats * per_repeat
     nucleotides = sum(len(s) for seqs in repeats for s in seqs)
     windows = len(scoring.plan_windows(high, context, stride))
-    print(f"{name:<16}{context:>8,}{batch:>6}{windows:>12}{warmup:>10.1f}{n / seconds:>9.3f}"
-          f"{nucleotides / seconds / 1e3:>8.1f}{compiles.count - compiles_before:>9}"
-          f"{scorer.trace_count - traces_before:>7}", flush=True)
+    print(
+      f"{name:<16}{context:>8,}{batch:>6}{windows:>12}{warmup:>10.1f}{n / seconds:>9.3f}"
+      f"{nucleotides / seconds / 1e3:>8.1f}{compiles.count - compiles_before:>9}"
+      f"{scorer.trace_count - traces_before:>7}",
+      flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -21,14 +21,14 @@ from hybridna_jax.config import apply_variants, base_config, load_config
 _DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
 
 VARIANTS = {
-    "bins": {"generate": dict(label_columns=("activity",), label_kind="bins", num_bins=5)},
-    "pretrained": {"generate": dict(pretrained="runs/demo"), "train": dict(learning_rate=5e-4)},
+  "bins": {"generate": dict(label_columns=("activity",), label_kind="bins", num_bins=5)},
+  "pretrained": {"generate": dict(pretrained="runs/demo"), "train": dict(learning_rate=5e-4)},
 }
 
 
 def get_config(variant: str | None = None):
   cfg = base_config()
-  cfg.model = load_config(_DEMO).model      # the demo model, so runs/demo can seed it
+  cfg.model = load_config(_DEMO).model  # the demo model, so runs/demo can seed it
   cfg.mesh.num_devices = 1
 
   g = cfg.generate
@@ -36,14 +36,14 @@ def get_config(variant: str | None = None):
   g.val_csv = "data_cache/design_demo/val.csv"
   g.label_columns = ("label",)
   g.label_kind = "categorical"
-  g.reverse_complement_prob = 0.5     # the planted motifs occur in both orientations
+  g.reverse_complement_prob = 0.5  # the planted motifs occur in both orientations
   g.max_new_tokens = 200
   g.num_samples = 100
   g.batch_size = 50
   g.temperature = 1.0
 
   t = cfg.train
-  t.stages = ((256, 600, 16),)        # <bos> + label + 200 nt + <eos> fits in 256
+  t.stages = ((256, 600, 16),)  # <bos> + label + 200 nt + <eos> fits in 256
   t.learning_rate = 2e-3
   t.warmup_steps = 50
   t.log_every = 25

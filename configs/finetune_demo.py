@@ -19,13 +19,12 @@ import os
 from hybridna_jax.config import apply_variants, load_config
 from hybridna_jax.finetune.presets import PRESETS
 
-
 VARIANTS = {
-    **PRESETS,
-    "quick": {                          # a short smoke run
-        "finetune": dict(steps=20, eval_every_epochs=0.0),
-        "train": dict(eval_every=10, checkpoint_every=10, log_every=5),
-    },
+  **PRESETS,
+  "quick": {  # a short smoke run
+    "finetune": dict(steps=20, eval_every_epochs=0.0),
+    "train": dict(eval_every=10, checkpoint_every=10, log_every=5),
+  },
 }
 
 

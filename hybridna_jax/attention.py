@@ -36,8 +36,7 @@ import jax
 # The references, re-exported: users and the attention layer call them here.
 from hybridna_jax.attention_reference import decode_attention as decode_attention
 from hybridna_jax.attention_reference import xla_attention as xla_attention
-from hybridna_jax.attention_reference import (
-    xla_blockwise_attention as xla_blockwise_attention)
+from hybridna_jax.attention_reference import xla_blockwise_attention as xla_blockwise_attention
 from hybridna_jax.kernel_registry import Kernel, KernelRegistry
 
 Array = jax.Array
@@ -45,31 +44,36 @@ Array = jax.Array
 _REF = "hybridna_jax.attention_reference"
 _KERNELS = "hybridna_jax.kernels.attention_kernels"
 # A kernel maps (q, k, v, segment_ids or None) -> (b, l, hq, d) in q.dtype.
-KERNELS = KernelRegistry("attention", fallback="xla", kernels=(
+KERNELS = KernelRegistry(
+  "attention",
+  fallback="xla",
+  kernels=(
     # name                         provided by                               auto on
-    Kernel("xla",                  f"{_REF}:xla_attention"),
-    Kernel("xla_blockwise",        f"{_REF}:xla_blockwise_attention"),
-    Kernel("splash",               f"{_KERNELS}:sharded_splash",           ("tpu",)),
-    Kernel("flash_gpu",            f"{_KERNELS}:sharded_flash_gpu",        ("gpu",)),
-    Kernel("cudnn",                f"{_KERNELS}:sharded_cudnn"),
-    Kernel("pallas_gpu",           f"{_KERNELS}:sharded_pallas_gpu"),
+    Kernel("xla", f"{_REF}:xla_attention"),
+    Kernel("xla_blockwise", f"{_REF}:xla_blockwise_attention"),
+    Kernel("splash", f"{_KERNELS}:sharded_splash", ("tpu",)),
+    Kernel("flash_gpu", f"{_KERNELS}:sharded_flash_gpu", ("gpu",)),
+    Kernel("cudnn", f"{_KERNELS}:sharded_cudnn"),
+    Kernel("pallas_gpu", f"{_KERNELS}:sharded_pallas_gpu"),
     Kernel("pallas_gpu_interpret", f"{_KERNELS}:sharded_pallas_gpu_interpret"),
-    Kernel("splash_interpret",     f"{_KERNELS}:sharded_splash_interpret"),
-))
+    Kernel("splash_interpret", f"{_KERNELS}:sharded_splash_interpret"),
+  ),
+)
 
 
 @functools.partial(jax.jit, static_argnames=("impl",))
-def causal_attention(q: Array, k: Array, v: Array,
-                     segment_ids: Array | None = None, *,
-                     impl: str = "auto") -> Array:
+def causal_attention(
+  q: Array, k: Array, v: Array, segment_ids: Array | None = None, *, impl: str = "auto"
+) -> Array:
   """Causal GQA self-attention; returns (b, l, hq, d) in q.dtype."""
   b, l, hq, d = q.shape
   if k.shape != v.shape or k.shape[:2] != (b, l) or k.shape[3] != d:
-    raise ValueError(f"causal_attention: q {q.shape}, k {k.shape} and v "
-                     f"{v.shape} must be (b, l, heads, d) with equal b, l, d.")
+    raise ValueError(
+      f"causal_attention: q {q.shape}, k {k.shape} and v "
+      f"{v.shape} must be (b, l, heads, d) with equal b, l, d."
+    )
   if hq % k.shape[2]:
-    raise ValueError(f"query heads ({hq}) must be a multiple of kv heads "
-                     f"({k.shape[2]}).")
+    raise ValueError(f"query heads ({hq}) must be a multiple of kv heads ({k.shape[2]}).")
   if segment_ids is not None and segment_ids.shape != (b, l):
     raise ValueError(f"segment_ids has shape {segment_ids.shape}, expected {(b, l)}.")
   return KERNELS.resolve(impl).fn(q, k, v, segment_ids)

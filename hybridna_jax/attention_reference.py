@@ -38,15 +38,18 @@ def xla_attention(q, k, v, segment_ids=None):
   """Reference: full score matrix."""
   b, l, hq, d = q.shape
   hkv = k.shape[2]
-  scores = jnp.einsum("bqhrd,bkhd->bhrqk", _grouped(q, hkv), k,
-                      preferred_element_type=jnp.float32) * d ** -0.5
+  scores = (
+    jnp.einsum("bqhrd,bkhd->bhrqk", _grouped(q, hkv), k, preferred_element_type=jnp.float32)
+    * d**-0.5
+  )
   mask = jnp.tril(jnp.ones((l, l), bool))[None]
   if segment_ids is not None:
     mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
   scores = jnp.where(mask[:, None, None], scores, _NEG_INF)
   probs = jax.nn.softmax(scores, axis=-1)
-  out = jnp.einsum("bhrqk,bkhd->bqhrd", probs.astype(v.dtype), v,
-                   preferred_element_type=jnp.float32)
+  out = jnp.einsum(
+    "bhrqk,bkhd->bqhrd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32
+  )
   return _ungrouped(out).astype(q.dtype)
 
 
@@ -71,37 +74,38 @@ def xla_blockwise_attention(q, k, v, segment_ids=None, *, block: int = 512):
   def body(carry, blk):
     m, s, acc = carry
     kb, vb, segb, start = blk
-    scores = jnp.einsum("bqhrd,bkhd->bhrqk", qg, kb,
-                        preferred_element_type=jnp.float32) * d ** -0.5
+    scores = jnp.einsum("bqhrd,bkhd->bhrqk", qg, kb, preferred_element_type=jnp.float32) * d**-0.5
     k_pos = start + jnp.arange(block)
-    mask = (q_pos[:, None] >= k_pos[None, :])[None] & (
-        seg[:, :, None] == segb[:, None, :])
+    mask = (q_pos[:, None] >= k_pos[None, :])[None] & (seg[:, :, None] == segb[:, None, :])
     scores = jnp.where(mask[:, None, None], scores, _NEG_INF)
     m_new = jnp.maximum(m, scores.max(-1))
     correction = jnp.exp(m - m_new)
     p = jnp.exp(scores - m_new[..., None])
     s = s * correction + p.sum(-1)
     acc = acc * correction[..., None] + jnp.einsum(
-        "bhrqk,bkhd->bhrqd", p.astype(v.dtype), vb,
-        preferred_element_type=jnp.float32)
+      "bhrqk,bkhd->bhrqd", p.astype(v.dtype), vb, preferred_element_type=jnp.float32
+    )
     return (m_new, s, acc), None
 
   r = hq // hkv
-  init = (jnp.full((b, hkv, r, l), _NEG_INF, jnp.float32),
-          jnp.zeros((b, hkv, r, l), jnp.float32),
-          jnp.zeros((b, hkv, r, l, d), jnp.float32))
+  init = (
+    jnp.full((b, hkv, r, l), _NEG_INF, jnp.float32),
+    jnp.zeros((b, hkv, r, l), jnp.float32),
+    jnp.zeros((b, hkv, r, l, d), jnp.float32),
+  )
   # Key blocks first, the axis lax.scan walks.
-  blocks = (einops.rearrange(k, "b (n k) h d -> n b k h d", k=block),
-            einops.rearrange(v, "b (n k) h d -> n b k h d", k=block),
-            einops.rearrange(kv_seg, "b (n k) -> n b k", k=block),
-            jnp.arange((l + pad) // block) * block)
+  blocks = (
+    einops.rearrange(k, "b (n k) h d -> n b k h d", k=block),
+    einops.rearrange(v, "b (n k) h d -> n b k h d", k=block),
+    einops.rearrange(kv_seg, "b (n k) -> n b k", k=block),
+    jnp.arange((l + pad) // block) * block,
+  )
   (_, s, acc), _ = jax.lax.scan(jax.checkpoint(body), init, blocks)
   out = acc / s[..., None]
   return einops.rearrange(out, "b h r q d -> b q (h r) d").astype(q.dtype)
 
 
-def decode_attention(q: Array, k_cache: Array, v_cache: Array,
-                     kv_mask: Array) -> Array:
+def decode_attention(q: Array, k_cache: Array, v_cache: Array, kv_mask: Array) -> Array:
   """Attention of new queries against a KV cache.
 
   Args:
@@ -114,10 +118,13 @@ def decode_attention(q: Array, k_cache: Array, v_cache: Array,
   """
   b, t, hq, d = q.shape
   hkv = k_cache.shape[2]
-  scores = jnp.einsum("bqhrd,bkhd->bhrqk", _grouped(q, hkv), k_cache,
-                      preferred_element_type=jnp.float32) * d ** -0.5
+  scores = (
+    jnp.einsum("bqhrd,bkhd->bhrqk", _grouped(q, hkv), k_cache, preferred_element_type=jnp.float32)
+    * d**-0.5
+  )
   scores = jnp.where(kv_mask[:, None, None], scores, _NEG_INF)
   probs = jax.nn.softmax(scores, axis=-1)
-  out = jnp.einsum("bhrqk,bkhd->bqhrd", probs.astype(v_cache.dtype), v_cache,
-                   preferred_element_type=jnp.float32)
+  out = jnp.einsum(
+    "bhrqk,bkhd->bqhrd", probs.astype(v_cache.dtype), v_cache, preferred_element_type=jnp.float32
+  )
   return _ungrouped(out).astype(q.dtype)

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import ml_collections
@@ -34,17 +35,31 @@ from hybridna_jax.data.config import DataConfig, default_data_config
 from hybridna_jax.sections import ConfigError, Section, field, set_fields
 
 __all__ = [
-    "ConfigError", "DataConfig", "FinetuneConfig", "GenerateConfig", "ModelConfig",
-    "ScoreConfig", "TrainConfig", "SECTIONS", "MODEL_ARCHITECTURE_FIELDS",
-    "MODEL_INIT_FIELDS", "MODEL_RUNTIME_FIELDS", "apply_variants",
-    "architecture_differences", "base_config", "default_data_config", "load_config",
-    "model_config_dict", "validate",
+  "ConfigError",
+  "DataConfig",
+  "FinetuneConfig",
+  "GenerateConfig",
+  "ModelConfig",
+  "ScoreConfig",
+  "TrainConfig",
+  "SECTIONS",
+  "MODEL_ARCHITECTURE_FIELDS",
+  "MODEL_INIT_FIELDS",
+  "MODEL_RUNTIME_FIELDS",
+  "apply_variants",
+  "architecture_differences",
+  "base_config",
+  "default_data_config",
+  "load_config",
+  "model_config_dict",
+  "validate",
 ]
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig(Section):
   """Architecture and numerics of a HybriDNA model (see DESIGN.md section 2)."""
+
   SECTION = "model"
   vocab_size: int = tokenizer.VOCAB_SIZE
   d_model: int = 1024
@@ -78,11 +93,11 @@ class ModelConfig(Section):
   init_std: float = 0.02
   max_seq_len: int = 131_074
   # Numerics and execution.
-  dtype: str = "bfloat16"          # compute dtype
-  param_dtype: str = "float32"     # master weights
-  remat: str = "none"              # none | full | dots
-  ssd_impl: str = "auto"           # auto | chunked | sequential | pallas
-  attention_impl: str = "auto"     # auto | xla | xla_blockwise | kernels...
+  dtype: str = "bfloat16"  # compute dtype
+  param_dtype: str = "float32"  # master weights
+  remat: str = "none"  # none | full | dots
+  ssd_impl: str = "auto"  # auto | chunked | sequential | pallas
+  attention_impl: str = "auto"  # auto | xla | xla_blockwise | kernels...
   # Parameter layout, not architecture: True runs the stack as one
   # `nnx.scan` over blocks of attn_period layers (params stacked per
   # position in the block), so compile time stops growing with depth. Only
@@ -92,14 +107,19 @@ class ModelConfig(Section):
 
   def __post_init__(self):
     if self.d_inner % self.ssm_head_dim:
-      raise ValueError(f"model: expand * d_model ({self.d_inner}) must be a "
-                       f"multiple of ssm_head_dim ({self.ssm_head_dim}).")
+      raise ValueError(
+        f"model: expand * d_model ({self.d_inner}) must be a "
+        f"multiple of ssm_head_dim ({self.ssm_head_dim})."
+      )
     if self.ssm_heads % self.ngroups:
-      raise ValueError(f"model: SSM heads ({self.ssm_heads}) must be a multiple "
-                       f"of ngroups ({self.ngroups}).")
+      raise ValueError(
+        f"model: SSM heads ({self.ssm_heads}) must be a multiple of ngroups ({self.ngroups})."
+      )
     if self.num_heads % self.num_kv_heads:
-      raise ValueError(f"model: num_heads ({self.num_heads}) must be a multiple "
-                       f"of num_kv_heads ({self.num_kv_heads}).")
+      raise ValueError(
+        f"model: num_heads ({self.num_heads}) must be a multiple "
+        f"of num_kv_heads ({self.num_kv_heads})."
+      )
     if self.remat not in ("none", "full", "dots"):
       raise ValueError(f"model.remat must be none, full or dots, got {self.remat!r}.")
     for i in self.attn_layers or ():
@@ -116,12 +136,14 @@ class ModelConfig(Section):
 
   @property
   def layer_types(self) -> tuple[str, ...]:
-    """"attention" or "mamba" for each layer."""
+    """ "attention" or "mamba" for each layer."""
     if self.attn_layers is not None:
       attn = set(self.attn_layers)
       return tuple("attention" if i in attn else "mamba" for i in range(self.n_layers))
-    return tuple("attention" if i % self.attn_period == self.attn_offset else "mamba"
-                 for i in range(self.n_layers))
+    return tuple(
+      "attention" if i % self.attn_period == self.attn_offset else "mamba"
+      for i in range(self.n_layers)
+    )
 
   @property
   def compute_dtype(self):
@@ -137,8 +159,15 @@ class ModelConfig(Section):
 # no parameter value (scan_layers only stacks them; restore converts), so
 # a restored, fine-tuned or scoring model may set them differently from the
 # run that trained it (restore.load, finetune, design).
-MODEL_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "ssd_impl", "attention_impl",
-                        "max_seq_len", "scan_layers")
+MODEL_RUNTIME_FIELDS = (
+  "dtype",
+  "param_dtype",
+  "remat",
+  "ssd_impl",
+  "attention_impl",
+  "max_seq_len",
+  "scan_layers",
+)
 # Initialisation fields: they only shape fresh parameters, which a loaded
 # checkpoint replaces; recorded, never compared.
 MODEL_INIT_FIELDS = ("dt_min", "dt_max", "dt_init_floor", "a_init_range", "init_std")
@@ -146,8 +175,9 @@ MODEL_INIT_FIELDS = ("dt_min", "dt_max", "dt_init_floor", "a_init_range", "init_
 # function the parameters compute (sizes, layer placement, rope, rope_theta,
 # norm_eps, chunking). A checkpoint and the model it loads into must agree
 # on every one; a new ModelConfig field is architecture unless listed above.
-MODEL_ARCHITECTURE_FIELDS = tuple(name for name in ModelConfig.field_names()
-                                  if name not in MODEL_RUNTIME_FIELDS + MODEL_INIT_FIELDS)
+MODEL_ARCHITECTURE_FIELDS = tuple(
+  name for name in ModelConfig.field_names() if name not in MODEL_RUNTIME_FIELDS + MODEL_INIT_FIELDS
+)
 # Attention placement: different settings can place the same layers, so
 # these compare as ModelConfig.layer_types.
 _PLACEMENT_FIELDS = ("attn_period", "attn_offset", "attn_layers")
@@ -157,8 +187,11 @@ def architecture_differences(a: ModelConfig, b: ModelConfig) -> dict[str, tuple[
   """{field: (a's value, b's value)} for every architecture field on which
   `a` and `b` differ (attention placement as "layer_types"); empty when a
   checkpoint of one loads into the other."""
-  diff = {name: (getattr(a, name), getattr(b, name)) for name in MODEL_ARCHITECTURE_FIELDS
-          if name not in _PLACEMENT_FIELDS and getattr(a, name) != getattr(b, name)}
+  diff = {
+    name: (getattr(a, name), getattr(b, name))
+    for name in MODEL_ARCHITECTURE_FIELDS
+    if name not in _PLACEMENT_FIELDS and getattr(a, name) != getattr(b, name)
+  }
   if a.layer_types != b.layer_types:
     diff["layer_types"] = (a.layer_types, b.layer_types)
   return diff
@@ -175,15 +208,16 @@ def model_config_dict(**overrides) -> ml_collections.ConfigDict:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig(Section):
   """Pretraining schedule, optimiser, evaluation and checkpointing."""
+
   SECTION = "train"
   seed: int = 0
   # Context stages, run in order: (sequence length, optimizer steps, global
   # batch size). The paper: most steps at 8k, then short stages at 32k and
   # 131k with fewer sequences per batch (constant tokens per step).
   stages: tuple[tuple[int, int, int], ...] = field(
-      ((8192, 10_000, 64), (32_768, 500, 16), (131_072, 100, 4)),
-      expected="a tuple of (seq_len, steps, global_batch_size) triples like "
-               "((8192, 1000, 64),)")
+    ((8192, 10_000, 64), (32_768, 500, 16), (131_072, 100, 4)),
+    expected="a tuple of (seq_len, steps, global_batch_size) triples like ((8192, 1000, 64),)",
+  )
   # Micro-batches per step (gradient accumulation); divides each batch.
   grad_accum: int = 1
   # AdamW with linear warmup and cosine decay to learning_rate * min_lr_ratio.
@@ -193,8 +227,8 @@ class TrainConfig(Section):
   b1: float = 0.9
   b2: float = 0.95
   eps: float = 1e-8
-  weight_decay: float = 0.1      # not applied to norms, biases, A_log, dt_bias, D
-  grad_clip: float = 1.0         # global-norm clipping; 0 disables
+  weight_decay: float = 0.1  # not applied to norms, biases, A_log, dt_bias, D
+  grad_clip: float = 1.0  # global-norm clipping; 0 disables
   # Steps with a non-finite loss or gradient are skipped; this many in a
   # row stop the run (after a checkpoint).
   max_consecutive_skips: int = 20
@@ -208,7 +242,7 @@ class TrainConfig(Section):
   eval_seq_len: int = 0
   checkpoint_every: int = 1000
   keep_checkpoints: int = 3
-  keep_best: bool = True         # also keep the best-validation parameters in <workdir>/best
+  keep_best: bool = True  # also keep the best-validation parameters in <workdir>/best
   async_checkpoints: bool = True
   # Peak FLOP/s per device for MFU; 0 looks it up from the device kind.
   peak_flops_per_device: float = 0.0
@@ -223,6 +257,7 @@ class ScoreConfig(Section):
   """Scoring, evaluation and variant effects (hybridna_jax.scoring,
   launch/eval.py, launch/score.py). With the context resolved, this is also
   the `Scorer`'s settings (`scoring.ScoreSettings`)."""
+
   SECTION = "score"
   # Window length in tokens (0: the trained context, the last stage's
   # seq_len). Longer inputs are scored in windows `stride` apart; each window
@@ -264,15 +299,21 @@ class ScoreConfig(Section):
 
   def __post_init__(self):
     if self.context < 0 or self.context == 1:
-      raise ValueError(f"config.score.context must be at least 2 tokens (0: the trained "
-                       f"context), got {self.context}.")
+      raise ValueError(
+        f"config.score.context must be at least 2 tokens (0: the trained "
+        f"context), got {self.context}."
+      )
     if self.batch_size < 1 or self.min_bucket < 1:
-      raise ValueError("config.score.batch_size and min_bucket must be positive, got "
-                       f"{self.batch_size} and {self.min_bucket}.")
+      raise ValueError(
+        "config.score.batch_size and min_bucket must be positive, got "
+        f"{self.batch_size} and {self.min_bucket}."
+      )
     if self.stride < 0 or (self.context and not 0 < self.window_stride < self.context):
-      raise ValueError(f"config.score.stride={self.stride} must be in [1, context - 1] "
-                       f"(context {self.context}): each window needs fresh positions "
-                       "and each scored position at least one token of context.")
+      raise ValueError(
+        f"config.score.stride={self.stride} must be in [1, context - 1] "
+        f"(context {self.context}): each window needs fresh positions "
+        "and each scored position at least one token of context."
+      )
 
   @property
   def window_stride(self) -> int:
@@ -288,32 +329,33 @@ class FinetuneConfig(Section):
   train.stages; the optimiser, evaluation and checkpoint fields of `train`
   apply as in pretraining.
   """
+
   SECTION = "finetune"
   # The task: a GUE folder (train/dev/test.csv), a Nucleotide Transformer
   # folder (train/test .fna with ">name|label" headers, or .csv), or a
   # BEND-style BED file (chromosome, start, end, [strand,] split, label).
   task: str = ""
-  format: str = "auto"           # auto | gue | nt | bed
-  reference: str = ""            # reference FASTA of a BED task
+  format: str = "auto"  # auto | gue | nt | bed
+  reference: str = ""  # reference FASTA of a BED task
   # Tasks without a dev split (NT, some BED files): this fraction of train,
   # stratified by class and seeded, becomes dev (model selection).
   dev_fraction: float = 0.1
   split_seed: int = 0
-  kind: str = "auto"             # auto | classification | regression
+  kind: str = "auto"  # auto | classification | regression
   # Backbone: a pretraining run directory, its checkpoints/ or best/, or a
   # step directory; empty = a freshly initialised model. Its architecture
   # replaces config.model (the runtime fields, MODEL_RUNTIME_FIELDS: dtype,
   # remat, kernels, ..., stay as configured here).
   pretrained: str = ""
-  pretrained_which: str = "latest"   # latest | best, for a run directory
+  pretrained_which: str = "latest"  # latest | best, for a run directory
   freeze_backbone: bool = False  # True: train the head only
   # Embedding: echo = sequence <sep> sequence, pooled over the second copy;
   # False = the plain baselines, pooled over the sequence.
   echo: bool = True
-  pool: str = "mean"             # mean | last
+  pool: str = "mean"  # mean | last
   # Reverse-complement strand: none | average_logits | concat_features.
   rc_combine: str = "none"
-  head_hidden: int = 0           # 0: a linear head; N: one hidden layer of N (GELU)
+  head_hidden: int = 0  # 0: a linear head; N: one hidden layer of N (GELU)
   # Class-weighted loss: none | balanced (weights n / (classes * n_c)).
   class_weights: str = "none"
   # Reverse-complement a training example with this probability.
@@ -321,7 +363,7 @@ class FinetuneConfig(Section):
   # Nucleotides per sequence; 0 = the longest in the task. Longer sequences
   # are cropped around their centre.
   max_length: int = 0
-  pad_multiple: int = 64         # padded input length is a multiple of this
+  pad_multiple: int = 64  # padded input length is a multiple of this
   # Schedule: `steps` optimizer steps, or (steps = 0) `epochs` passes over
   # the training split, at `batch_size` sequences per step (global).
   steps: int = 0
@@ -342,6 +384,7 @@ class GenerateConfig(Section):
   (hybridna_jax/design/, launch/generate.py). Also how to generate, as
   `hybridna_jax.generate.Settings`: the sampling fields are read by
   generate.sample / beam_search (see that module's docstring)."""
+
   SECTION = "generate"
   # --- Generative fine-tuning (launch/generate.py --mode=finetune) --------
   # CSVs with a `sequence` column and the label column(s); val_csv is
@@ -370,20 +413,20 @@ class GenerateConfig(Section):
   # Start from a pretrained LM: a run directory, checkpoints/ or best/
   # directory, or step directory ("": random initialisation).
   pretrained: str = ""
-  pretrained_which: str = "latest"     # latest | best, for a run directory
+  pretrained_which: str = "latest"  # latest | best, for a run directory
 
   # --- Sampling (launch/generate.py --mode=sample) ------------------------
-  num_samples: int = 100               # per prompt
+  num_samples: int = 100  # per prompt
   batch_size: int = 50
-  max_new_tokens: int = 200            # the length, or the cap with stop_at_eos
-  stop_at_eos: bool = False            # allow <eos> and end rows there
-  min_new_tokens: int = 0              # no <eos> before this many tokens
-  temperature: float = 1.0             # 0: greedy
-  top_k: int = 0                       # 0: off
-  top_p: float = 1.0                   # 1.0: off
-  allow_n: bool = False                # N may be generated
-  beam_width: int = 1                  # > 1: beam search (the paper's designs)
-  length_penalty: float = 1.0          # beam scores: log-prob / length ** this
+  max_new_tokens: int = 200  # the length, or the cap with stop_at_eos
+  stop_at_eos: bool = False  # allow <eos> and end rows there
+  min_new_tokens: int = 0  # no <eos> before this many tokens
+  temperature: float = 1.0  # 0: greedy
+  top_k: int = 0  # 0: off
+  top_p: float = 1.0  # 1.0: off
+  allow_n: bool = False  # N may be generated
+  beam_width: int = 1  # > 1: beam search (the paper's designs)
+  length_penalty: float = 1.0  # beam scores: log-prob / length ** this
   seed: int = 0
   # Summary: k of the k-mer spectra, and at most this many pairs for the
   # mean pairwise edit distance.
@@ -401,8 +444,7 @@ class GenerateConfig(Section):
     if not 0 < self.top_p <= 1:
       problems.append(f"top_p must be in (0, 1] (1: off), got {self.top_p}")
     if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-      problems.append(f"min_new_tokens must be in [0, max_new_tokens], got "
-                      f"{self.min_new_tokens}")
+      problems.append(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
     if self.beam_width < 1:
       problems.append(f"beam_width must be >= 1, got {self.beam_width}")
     if self.length_penalty < 0:
@@ -422,8 +464,11 @@ class GenerateConfig(Section):
       how = "greedy"
     else:
       how = f"temperature={self.temperature:g} top_k={self.top_k} top_p={self.top_p:g}"
-    stop = (f"stop_at_eos min_new={self.min_new_tokens} max_new={self.max_new_tokens}"
-            if self.stop_at_eos else f"length={self.max_new_tokens}")
+    stop = (
+      f"stop_at_eos min_new={self.min_new_tokens} max_new={self.max_new_tokens}"
+      if self.stop_at_eos
+      else f"length={self.max_new_tokens}"
+    )
     return f"{how} {stop}" + (" allow_n" if self.allow_n else "")
 
 
@@ -431,6 +476,7 @@ class GenerateConfig(Section):
 class MeshConfig(Section):
   """The device mesh (read by hybridna_jax.sharding.mesh_from_config and
   rules_from_config)."""
+
   SECTION = "mesh"
   # Axis sizes; one may be -1 ("the rest of the devices").
   data: int = 1
@@ -446,9 +492,13 @@ class MeshConfig(Section):
 
 # The typed sections of a job config, by name.
 SECTIONS: dict[str, type[Section]] = {
-    "mesh": MeshConfig,
-    "model": ModelConfig, "data": DataConfig, "train": TrainConfig,
-    "score": ScoreConfig, "finetune": FinetuneConfig, "generate": GenerateConfig,
+  "mesh": MeshConfig,
+  "model": ModelConfig,
+  "data": DataConfig,
+  "train": TrainConfig,
+  "score": ScoreConfig,
+  "finetune": FinetuneConfig,
+  "generate": GenerateConfig,
 }
 
 
@@ -471,17 +521,21 @@ def validate(config) -> ml_collections.ConfigDict:
   Returns `config`."""
   unknown = sorted(set(config.keys()) - set(SECTIONS))
   if unknown:
-    raise ConfigError(f"config has unknown sections {unknown}; valid sections: "
-                      f"{', '.join(sorted(SECTIONS))}.")
+    raise ConfigError(
+      f"config has unknown sections {unknown}; valid sections: {', '.join(sorted(SECTIONS))}."
+    )
   for name, section in SECTIONS.items():
     if name in config:
       section.from_config(config[name])
   return config
 
 
-def apply_variants(cfg: ml_collections.ConfigDict, variant: str | None,
-                   presets: Mapping[str, Mapping[str, Any]], source: str = "the config"
-                   ) -> ml_collections.ConfigDict:
+def apply_variants(
+  cfg: ml_collections.ConfigDict,
+  variant: str | None,
+  presets: Mapping[str, Mapping[str, Any]],
+  source: str = "the config",
+) -> ml_collections.ConfigDict:
   """Applies the `:variant` suffix of a config file: comma-separated preset
   names, in order ("configs/finetune_demo.py:rc_echo,frozen").
 
@@ -507,6 +561,7 @@ def load_config(spec: str, *, check: bool = True) -> ml_collections.ConfigDict:
   """Loads "path/to/config.py[:variant]" the way `--config` does, and (with
   `check`) validates it."""
   import importlib.util  # pylint: disable=g-import-not-at-top
+
   path, _, variant = spec.partition(":")
   module_spec = importlib.util.spec_from_file_location("_hybridna_config", path)
   if module_spec is None or module_spec.loader is None:

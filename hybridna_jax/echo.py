@@ -23,7 +23,7 @@ Shared by `hybridna_jax.scoring` (echo embeddings) and `hybridna_jax.finetune`
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +51,7 @@ def crop_center(tokens: np.ndarray, max_tokens: int) -> np.ndarray:
   if max_tokens <= 0 or tokens.size <= max_tokens:
     return tokens
   start = (tokens.size - max_tokens) // 2
-  return tokens[start:start + max_tokens]
+  return tokens[start : start + max_tokens]
 
 
 def build_row(tokens: np.ndarray, width: int, echo: bool):
@@ -69,15 +69,17 @@ def build_row(tokens: np.ndarray, width: int, echo: bool):
   if n == 0:
     raise ValueError("empty sequence")
   if real > width:
-    raise ValueError(f"a sequence of {n} nt needs {real} positions "
-                     f"({'echo' if echo else 'plain'}), more than the width {width}.")
-  inputs = np.zeros((width,), np.int32)          # <pad> = 0
+    raise ValueError(
+      f"a sequence of {n} nt needs {real} positions "
+      f"({'echo' if echo else 'plain'}), more than the width {width}."
+    )
+  inputs = np.zeros((width,), np.int32)  # <pad> = 0
   pool_mask = np.zeros((width,), np.float32)
   inputs[:n] = tokens
   if echo:
     inputs[n] = tokenizer.SEP
-    inputs[n + 1:real] = tokens
-    pool_mask[n + 1:real] = 1.0
+    inputs[n + 1 : real] = tokens
+    pool_mask[n + 1 : real] = 1.0
   else:
     pool_mask[:n] = 1.0
   segment_ids = np.zeros((width,), np.int32)
@@ -85,8 +87,9 @@ def build_row(tokens: np.ndarray, width: int, echo: bool):
   return inputs, segment_ids, pool_mask
 
 
-def build_batch(sequences: Sequence[np.ndarray], width: int, *, echo: bool,
-                reverse_strand: bool = False) -> dict[str, np.ndarray]:
+def build_batch(
+  sequences: Sequence[np.ndarray], width: int, *, echo: bool, reverse_strand: bool = False
+) -> dict[str, np.ndarray]:
   """Model inputs for a batch of token rows.
 
   Returns:
@@ -95,12 +98,15 @@ def build_batch(sequences: Sequence[np.ndarray], width: int, *, echo: bool,
     reverse-complement strand, same layout) with `reverse_strand`.
   """
   rows = [build_row(np.asarray(s), width, echo) for s in sequences]
-  batch = {"inputs": np.stack([r[0] for r in rows]),
-           "segment_ids": np.stack([r[1] for r in rows]),
-           "pool_mask": np.stack([r[2] for r in rows])}
+  batch = {
+    "inputs": np.stack([r[0] for r in rows]),
+    "segment_ids": np.stack([r[1] for r in rows]),
+    "pool_mask": np.stack([r[2] for r in rows]),
+  }
   if reverse_strand:
-    batch["rc_inputs"] = np.stack([
-        build_row(tokenizer.reverse_complement_nucleotides(s), width, echo)[0] for s in sequences])
+    batch["rc_inputs"] = np.stack(
+      [build_row(tokenizer.reverse_complement_nucleotides(s), width, echo)[0] for s in sequences]
+    )
   return batch
 
 
@@ -116,7 +122,7 @@ def pool(hidden: jax.Array, pool_mask: jax.Array, mode: str) -> jax.Array:
     return total / jnp.maximum(mask.sum(axis=1), 1.0)[:, None]
   if mode == "last":
     positions = jnp.arange(mask.shape[1], dtype=jnp.int32)
-    last = jnp.max(jnp.where(mask > 0, positions, -1), axis=1)        # (b,)
+    last = jnp.max(jnp.where(mask > 0, positions, -1), axis=1)  # (b,)
     picked = jnp.take_along_axis(hidden, jnp.maximum(last, 0)[:, None, None], axis=1)[:, 0]
     return jnp.where((last >= 0)[:, None], picked.astype(jnp.float32), 0.0)
   raise ValueError(f"finetune.pool must be one of {POOL_MODES}, got {mode!r}.")

@@ -45,7 +45,8 @@ so they compare across settings and with `HybriDNA.__call__` scores.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +77,7 @@ class Generation(NamedTuple):
   log_probs: (b,) float32 model log-probability of the generated tokens
     (<eos> included).
   """
+
   tokens: jax.Array
   lengths: jax.Array
   ended: jax.Array
@@ -92,6 +94,7 @@ class Beams(NamedTuple):
   scores: (b, beam_width) float32 the ranking score (length-normalised
     log-probability of ended hypotheses; -inf for empty slots).
   """
+
   tokens: jax.Array
   lengths: jax.Array
   ended: jax.Array
@@ -100,8 +103,7 @@ class Beams(NamedTuple):
 
   def best(self) -> Generation:
     """The top hypothesis of each row as a `Generation`."""
-    return Generation(self.tokens[:, 0], self.lengths[:, 0], self.ended[:, 0],
-                      self.log_probs[:, 0])
+    return Generation(self.tokens[:, 0], self.lengths[:, 0], self.ended[:, 0], self.log_probs[:, 0])
 
 
 # -- prompts and token filtering ---------------------------------------------
@@ -116,8 +118,9 @@ def allowed_tokens(*, allow_n: bool = False, allow_eos: bool = False) -> np.ndar
   return allowed
 
 
-def left_pad(prompts: Sequence[Sequence[int] | np.ndarray], *,
-             multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def left_pad(
+  prompts: Sequence[Sequence[int] | np.ndarray], *, multiple: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
   """Prompts of token ids -> left-padded (tokens, segment_ids), (b, l) int32.
 
   Segment ids are 0 on the padding and 1 on the prompt. `multiple` rounds
@@ -128,10 +131,14 @@ def left_pad(prompts: Sequence[Sequence[int] | np.ndarray], *,
     raise ValueError("no prompts given.")
   empty = [i for i, a in enumerate(arrays) if a.size == 0]
   if empty:
-    raise ValueError(f"prompt {empty[0]} is empty; give at least one token (a task "
-                     "token, <bos>, or a DNA prefix).")
-  bad = [(i, int(a.min()), int(a.max())) for i, a in enumerate(arrays)
-         if a.min() < 0 or a.max() >= tok.VOCAB_SIZE]
+    raise ValueError(
+      f"prompt {empty[0]} is empty; give at least one token (a task token, <bos>, or a DNA prefix)."
+    )
+  bad = [
+    (i, int(a.min()), int(a.max()))
+    for i, a in enumerate(arrays)
+    if a.min() < 0 or a.max() >= tok.VOCAB_SIZE
+  ]
   if bad:
     raise ValueError(f"prompt {bad[0][0]} has token ids outside [0, {tok.VOCAB_SIZE}).")
   width = max(a.size for a in arrays)
@@ -139,13 +146,14 @@ def left_pad(prompts: Sequence[Sequence[int] | np.ndarray], *,
   tokens = np.full((len(arrays), width), tok.PAD, np.int32)
   segment_ids = np.zeros((len(arrays), width), np.int32)
   for row, a in enumerate(arrays):
-    tokens[row, width - a.size:] = a
-    segment_ids[row, width - a.size:] = 1
+    tokens[row, width - a.size :] = a
+    segment_ids[row, width - a.size :] = 1
   return tokens, segment_ids
 
 
-def filter_logits(logits: jax.Array, allowed: jax.Array, temperature: jax.Array,
-                  top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+def filter_logits(
+  logits: jax.Array, allowed: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array
+) -> jax.Array:
   """The sampling distribution, as log-probabilities with -inf outside it.
 
   Args:
@@ -159,17 +167,18 @@ def filter_logits(logits: jax.Array, allowed: jax.Array, temperature: jax.Array,
   """
   logits = jnp.where(allowed, logits.astype(jnp.float32) / temperature, _NEG_INF)
   vocab = logits.shape[-1]
-  sorted_logits = -jnp.sort(-logits, axis=-1)                     # descending
+  sorted_logits = -jnp.sort(-logits, axis=-1)  # descending
   k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-  kth = jnp.take_along_axis(sorted_logits, jnp.broadcast_to(k - 1, logits.shape[:-1])[..., None],
-                            axis=-1)
+  kth = jnp.take_along_axis(
+    sorted_logits, jnp.broadcast_to(k - 1, logits.shape[:-1])[..., None], axis=-1
+  )
   logits = jnp.where(logits >= kth, logits, _NEG_INF)
   # Nucleus: keep a token when the mass of the tokens ranked above it is
   # below top_p (ties at the threshold logit are all kept).
   sorted_logits = jnp.where(sorted_logits >= kth, sorted_logits, _NEG_INF)
   sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
   mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-  kept = (mass_before < top_p) | (top_p >= 1.0)   # rounding must not drop a tail at 1.0
+  kept = (mass_before < top_p) | (top_p >= 1.0)  # rounding must not drop a tail at 1.0
   threshold = jnp.min(jnp.where(kept, sorted_logits, jnp.inf), axis=-1, keepdims=True)
   logits = jnp.where(logits >= threshold, logits, _NEG_INF)
   return jax.nn.log_softmax(logits, axis=-1)
@@ -195,11 +204,35 @@ def _prefill(graphdef, state, tokens, segment_ids, *, max_length, mesh=None):
     return nnx.merge(graphdef, state).prefill(tokens, max_length, segment_ids=segment_ids)
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "graphdef", "max_new_tokens", "stop_at_eos", "min_new_tokens", "allow_n", "greedy",
-    "mesh"))
-def _sample_loop(graphdef, state, logits, cache, row_keys, temperature, top_k, top_p, *,
-                 max_new_tokens, stop_at_eos, min_new_tokens, allow_n, greedy, mesh=None):
+@functools.partial(
+  jax.jit,
+  static_argnames=(
+    "graphdef",
+    "max_new_tokens",
+    "stop_at_eos",
+    "min_new_tokens",
+    "allow_n",
+    "greedy",
+    "mesh",
+  ),
+)
+def _sample_loop(
+  graphdef,
+  state,
+  logits,
+  cache,
+  row_keys,
+  temperature,
+  top_k,
+  top_p,
+  *,
+  max_new_tokens,
+  stop_at_eos,
+  min_new_tokens,
+  allow_n,
+  greedy,
+  mesh=None,
+):
   """while_loop of one cached decode step per token; returns a Generation."""
   with sharding.maybe_activate(mesh):
     model = nnx.merge(graphdef, state)
@@ -222,8 +255,9 @@ def _sample_loop(graphdef, state, logits, cache, row_keys, temperature, top_k, t
     def body(carry):
       step, logits, cache, out, lengths, done, log_probs = carry
       token = jnp.where(done, tok.PAD, choose(logits, step))
-      model_logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1),
-                                       token[:, None], axis=-1)[:, 0]
+      model_logp = jnp.take_along_axis(
+        jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1
+      )[:, 0]
       log_probs = log_probs + jnp.where(done, 0.0, model_logp)
       ends = token == tok.EOS
       lengths = lengths + (~done & ~ends).astype(jnp.int32)
@@ -232,18 +266,45 @@ def _sample_loop(graphdef, state, logits, cache, row_keys, temperature, top_k, t
       logits, cache = model.decode_step(token, cache)
       return step + 1, logits, cache, out, lengths, done, log_probs
 
-    carry = (jnp.zeros((), jnp.int32), logits, cache,
-             jnp.full((b, max_new_tokens), tok.PAD, jnp.int32), jnp.zeros((b,), jnp.int32),
-             jnp.zeros((b,), bool), jnp.zeros((b,), jnp.float32))
+    carry = (
+      jnp.zeros((), jnp.int32),
+      logits,
+      cache,
+      jnp.full((b, max_new_tokens), tok.PAD, jnp.int32),
+      jnp.zeros((b,), jnp.int32),
+      jnp.zeros((b,), bool),
+      jnp.zeros((b,), jnp.float32),
+    )
     _, _, _, out, lengths, done, log_probs = jax.lax.while_loop(cond, body, carry)
     return Generation(out, lengths, done, log_probs)
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "graphdef", "beam_width", "max_new_tokens", "stop_at_eos", "min_new_tokens", "allow_n",
-    "mesh"))
-def _beam_loop(graphdef, state, logits, cache, length_penalty, *, beam_width,
-               max_new_tokens, stop_at_eos, min_new_tokens, allow_n, mesh=None):
+@functools.partial(
+  jax.jit,
+  static_argnames=(
+    "graphdef",
+    "beam_width",
+    "max_new_tokens",
+    "stop_at_eos",
+    "min_new_tokens",
+    "allow_n",
+    "mesh",
+  ),
+)
+def _beam_loop(
+  graphdef,
+  state,
+  logits,
+  cache,
+  length_penalty,
+  *,
+  beam_width,
+  max_new_tokens,
+  stop_at_eos,
+  min_new_tokens,
+  allow_n,
+  mesh=None,
+):
   """Copies the prefilled cache per beam, then a while_loop of steps.
 
   Alive hypotheses (no <eos> yet) and finished ones are kept apart, W each:
@@ -257,7 +318,7 @@ def _beam_loop(graphdef, state, logits, cache, length_penalty, *, beam_width,
     b, vocab = logits.shape
     w, t_max = beam_width, max_new_tokens
     cache = _batch_map(lambda x: jnp.repeat(x, w, axis=0), cache)
-    logits = jnp.repeat(logits, w, axis=0)                          # (b*w, V)
+    logits = jnp.repeat(logits, w, axis=0)  # (b*w, V)
     dna = jnp.asarray(allowed_tokens(allow_n=allow_n))
     with_eos = jnp.asarray(allowed_tokens(allow_n=allow_n, allow_eos=stop_at_eos))
     penalty = lambda n: jnp.power(n.astype(jnp.float32), length_penalty)
@@ -274,17 +335,17 @@ def _beam_loop(graphdef, state, logits, cache, length_penalty, *, beam_width,
       return running
 
     def body(carry):
-      (step, logits, cache, alive_seq, alive_logp, fin_seq, fin_scores, fin_logp,
-       fin_len) = carry
+      (step, logits, cache, alive_seq, alive_logp, fin_seq, fin_scores, fin_logp, fin_len) = carry
       allowed = jnp.where(step >= min_new_tokens, with_eos, dna)
       logp = jnp.where(allowed, jax.nn.log_softmax(logits, axis=-1), _NEG_INF)
       candidates = (alive_logp[:, :, None] + logp.reshape(b, w, vocab)).reshape(b, w * vocab)
-      top_logp, top_index = jax.lax.top_k(candidates, 2 * w)          # (b, 2w)
+      top_logp, top_index = jax.lax.top_k(candidates, 2 * w)  # (b, 2w)
       parent, token = top_index // vocab, (top_index % vocab).astype(jnp.int32)
       ends = token == tok.EOS
       parent_seq = jnp.take_along_axis(alive_seq, parent[:, :, None], axis=1)
       extended = jax.lax.dynamic_update_slice_in_dim(
-          parent_seq, token[:, :, None], step, axis=2)               # (b, 2w, T)
+        parent_seq, token[:, :, None], step, axis=2
+      )  # (b, 2w, T)
       # Survivors: the w best extensions that do not end.
       new_alive_logp, pick = jax.lax.top_k(jnp.where(ends, _NEG_INF, top_logp), w)
       alive_seq = jnp.take_along_axis(extended, pick[:, :, None], axis=1)
@@ -294,8 +355,9 @@ def _beam_loop(graphdef, state, logits, cache, length_penalty, *, beam_width,
       scores = jnp.where(ends, top_logp / penalty(step + 1), _NEG_INF)
       all_scores = jnp.concatenate([fin_scores, scores], axis=1)
       fin_scores, keep = jax.lax.top_k(all_scores, w)
-      gather = lambda x: jnp.take_along_axis(x, keep.reshape(keep.shape + (1,) * (x.ndim - 2)),
-                                             axis=1)
+      gather = lambda x: jnp.take_along_axis(
+        x, keep.reshape(keep.shape + (1,) * (x.ndim - 2)), axis=1
+      )
       fin_seq = gather(jnp.concatenate([fin_seq, extended], axis=1))
       fin_logp = gather(jnp.concatenate([fin_logp, top_logp], axis=1))
       fin_len = gather(jnp.concatenate([fin_len, jnp.broadcast_to(step, top_logp.shape)], 1))
@@ -303,16 +365,35 @@ def _beam_loop(graphdef, state, logits, cache, length_penalty, *, beam_width,
       rows = (batch_offsets + alive_parent).reshape(-1)
       cache = _batch_map(lambda x: jnp.take(x, rows, axis=0), cache)
       logits, cache = model.decode_step(alive_token.reshape(-1), cache)
-      return (step + 1, logits, cache, alive_seq, new_alive_logp, fin_seq, fin_scores,
-              fin_logp, fin_len)
+      return (
+        step + 1,
+        logits,
+        cache,
+        alive_seq,
+        new_alive_logp,
+        fin_seq,
+        fin_scores,
+        fin_logp,
+        fin_len,
+      )
 
-    alive_logp = jnp.full((b, w), _NEG_INF).at[:, 0].set(0.0)       # one live beam at first
+    alive_logp = jnp.full((b, w), _NEG_INF).at[:, 0].set(0.0)  # one live beam at first
     empty = jnp.full((b, w, t_max), tok.PAD, jnp.int32)
     none = jnp.full((b, w), _NEG_INF)
-    carry = (jnp.zeros((), jnp.int32), logits, cache, empty, alive_logp, empty, none, none,
-             jnp.zeros((b, w), jnp.int32))
-    (step, _, _, alive_seq, alive_logp, fin_seq, fin_scores, fin_logp,
-     fin_len) = jax.lax.while_loop(cond, body, carry)
+    carry = (
+      jnp.zeros((), jnp.int32),
+      logits,
+      cache,
+      empty,
+      alive_logp,
+      empty,
+      none,
+      none,
+      jnp.zeros((b, w), jnp.int32),
+    )
+    (step, _, _, alive_seq, alive_logp, fin_seq, fin_scores, fin_logp, fin_len) = (
+      jax.lax.while_loop(cond, body, carry)
+    )
     # Alive beams that reached the cap end there, without <eos>.
     alive_scores = jnp.where(step == t_max, alive_logp / penalty(jnp.array(t_max)), _NEG_INF)
     scores = jnp.concatenate([fin_scores, alive_scores], axis=1)
@@ -335,8 +416,10 @@ def _prepare(prompts, segment_ids):
     return left_pad(prompts)
   tokens = np.asarray(prompts, np.int32)
   if tokens.ndim != 2:
-    raise ValueError(f"prompts must be (batch, length) token ids or a list of "
-                     f"1-d prompts, got shape {tokens.shape}.")
+    raise ValueError(
+      f"prompts must be (batch, length) token ids or a list of "
+      f"1-d prompts, got shape {tokens.shape}."
+    )
   if segment_ids is None:
     segment_ids = np.ones_like(tokens)
   return tokens, np.asarray(segment_ids, np.int32)
@@ -348,10 +431,17 @@ def row_keys(seed: int | jax.Array, sample_ids: Sequence[int] | np.ndarray) -> j
   return _row_keys(key, jnp.asarray(np.asarray(sample_ids), jnp.uint32))
 
 
-def sample(model, prompts, settings: Settings, *, seed: int | jax.Array = 0,
-           sample_ids: Sequence[int] | np.ndarray | None = None,
-           keys: jax.Array | None = None, segment_ids: np.ndarray | None = None,
-           mesh=None) -> Generation:
+def sample(
+  model,
+  prompts,
+  settings: Settings,
+  *,
+  seed: int | jax.Array = 0,
+  sample_ids: Sequence[int] | np.ndarray | None = None,
+  keys: jax.Array | None = None,
+  segment_ids: np.ndarray | None = None,
+  mesh=None,
+) -> Generation:
   """Samples (or greedily decodes) one continuation per prompt.
 
   Args:
@@ -377,40 +467,91 @@ def sample(model, prompts, settings: Settings, *, seed: int | jax.Array = 0,
   elif keys.shape != (b,):
     raise ValueError(f"keys has shape {keys.shape}, expected ({b},).")
   graphdef, state = nnx.split(model)
-  logits, cache = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(segment_ids),
-                           max_length=tokens.shape[1] + settings.max_new_tokens, mesh=mesh)
-  return _sample_loop(graphdef, state, logits, cache, keys,
-                      jnp.float32(max(settings.temperature, 1e-6)), jnp.int32(settings.top_k),
-                      jnp.float32(settings.top_p), max_new_tokens=settings.max_new_tokens,
-                      stop_at_eos=settings.stop_at_eos, min_new_tokens=settings.min_new_tokens,
-                      allow_n=settings.allow_n, greedy=settings.greedy, mesh=mesh)
+  logits, cache = _prefill(
+    graphdef,
+    state,
+    jnp.asarray(tokens),
+    jnp.asarray(segment_ids),
+    max_length=tokens.shape[1] + settings.max_new_tokens,
+    mesh=mesh,
+  )
+  return _sample_loop(
+    graphdef,
+    state,
+    logits,
+    cache,
+    keys,
+    jnp.float32(max(settings.temperature, 1e-6)),
+    jnp.int32(settings.top_k),
+    jnp.float32(settings.top_p),
+    max_new_tokens=settings.max_new_tokens,
+    stop_at_eos=settings.stop_at_eos,
+    min_new_tokens=settings.min_new_tokens,
+    allow_n=settings.allow_n,
+    greedy=settings.greedy,
+    mesh=mesh,
+  )
 
 
-def beam_search(model, prompts, settings: Settings, *, segment_ids: np.ndarray | None = None,
-                mesh=None) -> Beams:
+def beam_search(
+  model, prompts, settings: Settings, *, segment_ids: np.ndarray | None = None, mesh=None
+) -> Beams:
   """The `settings.beam_width` best continuations of each prompt (`Beams`)."""
   tokens, segment_ids = _prepare(prompts, segment_ids)
   graphdef, state = nnx.split(model)
-  logits, cache = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(segment_ids),
-                           max_length=tokens.shape[1] + settings.max_new_tokens, mesh=mesh)
-  return _beam_loop(graphdef, state, logits, cache, jnp.float32(settings.length_penalty),
-                    beam_width=settings.beam_width, max_new_tokens=settings.max_new_tokens,
-                    stop_at_eos=settings.stop_at_eos, min_new_tokens=settings.min_new_tokens,
-                    allow_n=settings.allow_n, mesh=mesh)
+  logits, cache = _prefill(
+    graphdef,
+    state,
+    jnp.asarray(tokens),
+    jnp.asarray(segment_ids),
+    max_length=tokens.shape[1] + settings.max_new_tokens,
+    mesh=mesh,
+  )
+  return _beam_loop(
+    graphdef,
+    state,
+    logits,
+    cache,
+    jnp.float32(settings.length_penalty),
+    beam_width=settings.beam_width,
+    max_new_tokens=settings.max_new_tokens,
+    stop_at_eos=settings.stop_at_eos,
+    min_new_tokens=settings.min_new_tokens,
+    allow_n=settings.allow_n,
+    mesh=mesh,
+  )
 
 
-def generate(model, prompts, settings: Settings, *, seed: int | jax.Array = 0,
-             sample_ids=None, keys=None, segment_ids=None, mesh=None) -> Generation:
+def generate(
+  model,
+  prompts,
+  settings: Settings,
+  *,
+  seed: int | jax.Array = 0,
+  sample_ids=None,
+  keys=None,
+  segment_ids=None,
+  mesh=None,
+) -> Generation:
   """One continuation per prompt: beam search's best when beam_width > 1,
   otherwise a sample (greedy at temperature 0)."""
   if settings.beam_width > 1:
     return beam_search(model, prompts, settings, segment_ids=segment_ids, mesh=mesh).best()
-  return sample(model, prompts, settings, seed=seed, sample_ids=sample_ids, keys=keys,
-                segment_ids=segment_ids, mesh=mesh)
+  return sample(
+    model,
+    prompts,
+    settings,
+    seed=seed,
+    sample_ids=sample_ids,
+    keys=keys,
+    segment_ids=segment_ids,
+    mesh=mesh,
+  )
 
 
-def sequence_log_probs(model, prompts, continuations: np.ndarray, *,
-                       segment_ids: np.ndarray | None = None) -> jax.Array:
+def sequence_log_probs(
+  model, prompts, continuations: np.ndarray, *, segment_ids: np.ndarray | None = None
+) -> jax.Array:
   """Model log-probability of given continuations by one full forward.
 
   Args:
@@ -424,8 +565,9 @@ def sequence_log_probs(model, prompts, continuations: np.ndarray, *,
   tokens, segment_ids = _prepare(prompts, segment_ids)
   continuations = np.asarray(continuations, np.int32)
   graphdef, state = nnx.split(model)
-  return _score(graphdef, state, jnp.asarray(tokens), jnp.asarray(segment_ids),
-                jnp.asarray(continuations))
+  return _score(
+    graphdef, state, jnp.asarray(tokens), jnp.asarray(segment_ids), jnp.asarray(continuations)
+  )
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -435,7 +577,8 @@ def _score(graphdef, state, tokens, segment_ids, continuations):
   scored = continuations != tok.PAD
   full = jnp.concatenate([tokens, continuations], axis=1)
   seg = jnp.concatenate([segment_ids, jnp.ones_like(continuations)], axis=1)
-  logits = model(full, segment_ids=seg).logits[:, l - 1:-1]
-  logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), continuations[..., None],
-                             axis=-1)[..., 0]
+  logits = model(full, segment_ids=seg).logits[:, l - 1 : -1]
+  logp = jnp.take_along_axis(
+    jax.nn.log_softmax(logits, axis=-1), continuations[..., None], axis=-1
+  )[..., 0]
   return jnp.sum(jnp.where(scored, logp, 0.0), axis=-1)

@@ -14,7 +14,8 @@ import dataclasses
 import functools
 import importlib
 import logging
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 
@@ -33,6 +34,7 @@ class Kernel:
     auto_platforms: backends on which "auto" picks it.
     options: per-operation settings (e.g. SSD `needs_chunk_multiple`).
   """
+
   name: str
   source: str
   auto_platforms: tuple[str, ...] = ()
@@ -47,8 +49,8 @@ class Kernel:
       module = importlib.import_module(module_name)
     except Exception as err:  # any failure, e.g. a jax API moved: say which
       raise KernelImportError(
-          f"{self.name!r} is unavailable: importing {module_name} failed: "
-          f"{type(err).__name__}: {err}") from err
+        f"{self.name!r} is unavailable: importing {module_name} failed: {type(err).__name__}: {err}"
+      ) from err
     return getattr(module, attribute)
 
 
@@ -79,7 +81,7 @@ class KernelRegistry:
       for kernel in self.kernels.values():
         if platform in kernel.auto_platforms:
           try:
-            kernel.fn  # pylint: disable=pointless-statement
+            _ = kernel.fn  # imports the kernel's module now
             return kernel
           except KernelImportError as err:
             # auto means "the best that works": say why, then use the reference.
@@ -87,11 +89,12 @@ class KernelRegistry:
             break
       impl = self.fallback
     if impl not in self.kernels:
-      raise ValueError(f"unknown {self.what} implementation {impl!r}; "
-                       f"choose one of {self.names()}.")
+      raise ValueError(
+        f"unknown {self.what} implementation {impl!r}; choose one of {self.names()}."
+      )
     kernel = self.kernels[impl]
     try:
-      kernel.fn  # pylint: disable=pointless-statement
+      _ = kernel.fn  # imports the kernel's module now
     except KernelImportError as err:
       raise KernelImportError(f"{self.what} implementation {err}") from err.__cause__
     return kernel

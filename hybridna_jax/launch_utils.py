@@ -23,13 +23,21 @@ def define_flags(default_config: str | None = None, workdir_required: bool = Tru
   """--config=<configs/file.py>[:variant] (with --config.x.y=... overrides),
   --workdir, and the multi-host flags."""
   config_flags.DEFINE_config_file(
-      "config", default_config, "Config file, e.g. configs/demo.py[:variant]; "
-      "override fields with --config.train.steps=...", lock_config=True)
-  flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, outputs).",
-                      required=workdir_required)
-  flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
-                    "Call jax.distributed.initialize(): 'auto' does when a "
-                    "coordinator is given or a cluster (SLURM, TPU pod) is detected.")
+    "config",
+    default_config,
+    "Config file, e.g. configs/demo.py[:variant]; override fields with --config.train.steps=...",
+    lock_config=True,
+  )
+  flags.DEFINE_string(
+    "workdir", None, "Run directory (checkpoints, metrics, outputs).", required=workdir_required
+  )
+  flags.DEFINE_enum(
+    "distributed",
+    "auto",
+    ["auto", "on", "off"],
+    "Call jax.distributed.initialize(): 'auto' does when a "
+    "coordinator is given or a cluster (SLURM, TPU pod) is detected.",
+  )
   flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
   flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
   flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
@@ -52,8 +60,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
     if origin is not None:
       sys.exit(str(origin))
     # Otherwise, as absl's app.parse_flags_with_usage.
-    sys.stderr.write(f"FATAL Flags parsing error: {e}\n"
-                     "Pass --helpshort or --helpfull to see help on flags.\n")
+    sys.stderr.write(
+      f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags.\n"
+    )
     sys.exit(1)
   except (AttributeError, KeyError):
     # ml_collections: an override naming no field fails with a bare key.
@@ -65,7 +74,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
   if config is not None:
     try:
       config_lib.validate(config)
-    except ValueError as e:        # ConfigError, or a section's own check
+    except ValueError as e:  # ConfigError, or a section's own check
       sys.exit(str(e))
   return rest
 
@@ -95,7 +104,7 @@ def _unknown_override(argv: list[str]) -> str | None:
   try:
     config = config_lib.load_config(spec, check=False)
   except Exception:  # pylint: disable=broad-except
-    return None      # the original error says more
+    return None  # the original error says more
   for arg in argv:
     m = re.match(r"-{1,2}(?:no)?config\.([^=]+)", arg)
     if not m:
@@ -106,8 +115,10 @@ def _unknown_override(argv: list[str]) -> str | None:
         names = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
         close = difflib.get_close_matches(key, names, 1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        return (f"--config.{m.group(1)}: {path} has no field {key!r}{hint}; its fields: "
-                f"{', '.join(names)}.")
+        return (
+          f"--config.{m.group(1)}: {path} has no field {key!r}{hint}; its fields: "
+          f"{', '.join(names)}."
+        )
       node, path = node[key], f"{path}.{key}"
   return None
 
@@ -120,7 +131,8 @@ class _LibraryInfoFilter(logging_std.Filter):
 
   def filter(self, record: logging_std.LogRecord) -> bool:
     return record.levelno > logging_std.INFO or not any(
-        part in record.pathname for part in self._QUIET)
+      part in record.pathname for part in self._QUIET
+    )
 
 
 def quiet_library_logs() -> None:
@@ -129,9 +141,11 @@ def quiet_library_logs() -> None:
 
 def _cluster_detected() -> bool:
   env = os.environ
-  return (int(env.get("SLURM_NTASKS", "1")) > 1
-          or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
-          or "JAX_COORDINATOR_ADDRESS" in env)
+  return (
+    int(env.get("SLURM_NTASKS", "1")) > 1
+    or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
+    or "JAX_COORDINATOR_ADDRESS" in env
+  )
 
 
 def initialize_distributed() -> None:
@@ -146,8 +160,16 @@ def initialize_distributed() -> None:
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   kwargs = {}
   if explicit:
-    kwargs = dict(coordinator_address=FLAGS.coordinator_address,
-                  num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    kwargs = dict(
+      coordinator_address=FLAGS.coordinator_address,
+      num_processes=FLAGS.num_processes,
+      process_id=FLAGS.process_id,
+    )
   jax.distributed.initialize(**kwargs)
-  logging.info("process %d/%d, %d local / %d global devices", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count())
+  logging.info(
+    "process %d/%d, %d local / %d global devices",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )

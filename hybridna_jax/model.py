@@ -34,7 +34,7 @@ from flax import nnx
 
 from hybridna_jax.config import ModelConfig
 from hybridna_jax.layers.attention import Attention, KVCache
-from hybridna_jax.layers.mamba2 import Mamba2, MambaState
+from hybridna_jax.layers.mamba2 import Mamba2
 from hybridna_jax.layers.mlp import GatedMLP
 from hybridna_jax.layers.norms import RMSNorm
 from hybridna_jax.sharding import constrain
@@ -47,6 +47,7 @@ class LMOutput(NamedTuple):
   hidden: (b, l, d) final-norm output (what the LM head reads).
   hidden_states: per-layer outputs (b, l, d) (index 0 = embeddings), when asked.
   """
+
   logits: jax.Array | None
   hidden: jax.Array
   hidden_states: tuple[jax.Array, ...] | None = None
@@ -62,6 +63,7 @@ class DecodeCache(NamedTuple):
   segment: (b,) int32, the segment new tokens belong to.
   position: (b,) int32, RoPE position of the next token.
   """
+
   layers: tuple
   length: jax.Array
   segment_ids: jax.Array
@@ -74,7 +76,8 @@ def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
   l = segment_ids.shape[1]
   idx = jnp.broadcast_to(jnp.arange(l), segment_ids.shape)
   starts = jnp.concatenate(
-      [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1
+  )
   return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
 
 
@@ -85,8 +88,7 @@ class Block(nnx.Module):
     self.kind = kind
     pdt = cfg.weight_dtype
     self.mixer_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdt)
-    self.mixer = (Attention(cfg, rngs=rngs) if kind == "attention"
-                  else Mamba2(cfg, rngs=rngs))
+    self.mixer = Attention(cfg, rngs=rngs) if kind == "attention" else Mamba2(cfg, rngs=rngs)
     self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdt)
     self.mlp = GatedMLP(cfg, rngs=rngs)
 
@@ -112,8 +114,8 @@ class Block(nnx.Module):
 
 
 _REMAT_POLICIES = {
-    "full": None,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "full": None,
+  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 # The stacked axis of scanned parameters: nnx.vmap (creation) and nnx.scan
@@ -157,19 +159,24 @@ def _constrained_view(layer: Block) -> Block:
   """
   graphdef, state = nnx.split(layer)
   state = jax.tree.map(
-      lambda v: v.replace(constrain(v.get_value(), v.get_metadata()["logical_axes"])),
-      state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    lambda v: v.replace(constrain(v.get_value(), v.get_metadata()["logical_axes"])),
+    state,
+    is_leaf=lambda x: isinstance(x, nnx.Variable),
+  )
   return nnx.merge(graphdef, state)
 
 
-def _stacked_blocks(cfg: ModelConfig, kinds: tuple[str, ...], reps: int,
-                    rngs: nnx.Rngs) -> nnx.List:
+def _stacked_blocks(
+  cfg: ModelConfig, kinds: tuple[str, ...], reps: int, rngs: nnx.Rngs
+) -> nnx.List:
   """len(kinds) Blocks, each holding `reps` layers' parameters stacked on a
   leading axis (each repetition initialised from its own split of `rngs`)."""
+
   @nnx.split_rngs(splits=reps)
   @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=_STACKED_METADATA)
   def create(rngs):
     return nnx.List([Block(cfg, kind, rngs=rngs) for kind in kinds])
+
   return create(rngs)
 
 
@@ -180,19 +187,22 @@ class HybriDNA(nnx.Module):
     self.cfg = cfg
     pdt = cfg.weight_dtype
     self.embed = nnx.Param(
-        cfg.init_std * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.d_model), pdt),
-        logical_axes=("vocab", "embed"))
+      cfg.init_std * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.d_model), pdt),
+      logical_axes=("vocab", "embed"),
+    )
     period = scan_block_size(cfg)
     if period is None:
       self.layers = nnx.List([Block(cfg, kind, rngs=rngs) for kind in cfg.layer_types])
     else:
-      self.scanned_layers = _stacked_blocks(cfg, cfg.layer_types[:period],
-                                            cfg.n_layers // period, rngs)
+      self.scanned_layers = _stacked_blocks(
+        cfg, cfg.layer_types[:period], cfg.n_layers // period, rngs
+      )
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdt)
     if not cfg.tie_embeddings:
       self.lm_head = nnx.Param(
-          cfg.init_std * jax.random.normal(rngs.params(), (cfg.d_model, cfg.vocab_size), pdt),
-          logical_axes=("embed", "vocab"))
+        cfg.init_std * jax.random.normal(rngs.params(), (cfg.d_model, cfg.vocab_size), pdt),
+        logical_axes=("embed", "vocab"),
+      )
 
   # -- pieces -----------------------------------------------------------------
 
@@ -206,8 +216,9 @@ class HybriDNA(nnx.Module):
   def logits(self, hidden: jax.Array) -> jax.Array:
     """(..., d) final-norm hidden -> (..., vocab) fp32 logits."""
     head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
-    return jnp.einsum("...d,dv->...v", hidden, head.astype(hidden.dtype),
-                      preferred_element_type=jnp.float32)
+    return jnp.einsum(
+      "...d,dv->...v", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32
+    )
 
   def layer_blocks(self) -> list[Block]:
     """Every layer's Block in order. In the scanned layout these are views
@@ -215,12 +226,19 @@ class HybriDNA(nnx.Module):
     decoding; the full forward scans the stacked Blocks instead)."""
     if scan_block_size(self.cfg) is None:
       return list(self.layers)
+
     def layer(graphdef, state, r):
       # Slice r of every parameter, without the stacked axis in its metadata.
-      return nnx.merge(graphdef, jax.tree.map(
-          lambda v: v.replace(v.get_value()[r],
-                              logical_axes=tuple(v.get_metadata()["logical_axes"][1:])),
-          state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+      return nnx.merge(
+        graphdef,
+        jax.tree.map(
+          lambda v: v.replace(
+            v.get_value()[r], logical_axes=tuple(v.get_metadata()["logical_axes"][1:])
+          ),
+          state,
+          is_leaf=lambda x: isinstance(x, nnx.Variable),
+        ),
+      )
 
     split = [nnx.split(stacked) for stacked in self.scanned_layers]
     reps = self.cfg.n_layers // len(split)
@@ -228,9 +246,15 @@ class HybriDNA(nnx.Module):
 
   # -- full forward ---------------------------------------------------------------
 
-  def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
-               positions: jax.Array | None = None, return_logits: bool = True,
-               return_hidden_states: bool = False) -> LMOutput:
+  def __call__(
+    self,
+    tokens: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    return_logits: bool = True,
+    return_hidden_states: bool = False,
+  ) -> LMOutput:
     """tokens (b, l) int32 -> LMOutput.
 
     segment_ids (b, l): packed documents (0 = padding); attention never
@@ -239,8 +263,11 @@ class HybriDNA(nnx.Module):
     """
     h, hidden_states, _ = self._stack(tokens, segment_ids, positions, return_hidden_states)
     hidden = self.final_norm(h)
-    return LMOutput(self.logits(hidden) if return_logits else None, hidden,
-                    tuple(hidden_states) if return_hidden_states else None)
+    return LMOutput(
+      self.logits(hidden) if return_logits else None,
+      hidden,
+      tuple(hidden_states) if return_hidden_states else None,
+    )
 
   def _stack(self, tokens, segment_ids, positions, keep_hidden=False, keep_caches=False):
     """Embeddings and every layer.
@@ -250,8 +277,11 @@ class HybriDNA(nnx.Module):
     with keep_caches, each layer's KVCache or MambaState (batch leading).
     """
     if positions is None:
-      positions = (positions_from_segments(segment_ids) if segment_ids is not None
-                   else jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape))
+      positions = (
+        positions_from_segments(segment_ids)
+        if segment_ids is not None
+        else jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+      )
     h = self.embed_tokens(tokens)
     scanned = scan_block_size(self.cfg) is not None
     if scanned and not keep_hidden:
@@ -262,7 +292,7 @@ class HybriDNA(nnx.Module):
     # caller uses (the scorer reads one layer).
     hidden_states = [h] if keep_hidden else []
     caches = []
-    for layer in (self.layer_blocks() if scanned else self.layers):
+    for layer in self.layer_blocks() if scanned else self.layers:
       h, cache = _run_layer(layer, self.cfg.remat, h, segment_ids, positions)
       caches.append(cache)
       if keep_hidden:
@@ -278,27 +308,30 @@ class HybriDNA(nnx.Module):
     """
     remat = self.cfg.remat
 
-    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0),
-              transform_metadata=_STACKED_METADATA)
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0), transform_metadata=_STACKED_METADATA)
     def block(h, layers):
       caches = []
       for layer in layers:
         layer = _constrained_view(layer)
         h, cache = _run_layer(layer, remat, h, segment_ids, positions, in_scan=True)
-        caches.append(cache if keep_caches else None)   # None: nothing leaves the scan
+        caches.append(cache if keep_caches else None)  # None: nothing leaves the scan
       return h, tuple(caches)
 
     h, stacked = block(h, self.scanned_layers)
     if not keep_caches:
       return h, []
     reps = self.cfg.n_layers // len(stacked)
-    return h, [jax.tree.map(lambda x, r=r: x[r], stacked[j])
-               for r in range(reps) for j in range(len(stacked))]
+    return h, [
+      jax.tree.map(lambda x, r=r: x[r], stacked[j])
+      for r in range(reps)
+      for j in range(len(stacked))
+    ]
 
   # -- decoding -----------------------------------------------------------------------
 
-  def prefill(self, tokens: jax.Array, max_length: int, *,
-              segment_ids: jax.Array | None = None) -> tuple[jax.Array, DecodeCache]:
+  def prefill(
+    self, tokens: jax.Array, max_length: int, *, segment_ids: jax.Array | None = None
+  ) -> tuple[jax.Array, DecodeCache]:
     """Runs a (left-padded) prompt and builds the cache.
 
     Args:
@@ -318,13 +351,18 @@ class HybriDNA(nnx.Module):
     hidden = self.final_norm(h[:, -1])
     pad = max_length - l
     layers = tuple(
-        KVCache(*(jnp.pad(a, [(0, 0), (0, pad), (0, 0), (0, 0)]) for a in c))
-        if isinstance(c, KVCache) else c for c in layer_caches)
+      KVCache(*(jnp.pad(a, [(0, 0), (0, pad), (0, 0), (0, 0)]) for a in c))
+      if isinstance(c, KVCache)
+      else c
+      for c in layer_caches
+    )
     cache = DecodeCache(
-        layers=layers, length=jnp.array(l, jnp.int32),
-        segment_ids=jnp.pad(segment_ids.astype(jnp.int32), [(0, 0), (0, pad)]),
-        segment=segment_ids[:, -1].astype(jnp.int32),
-        position=positions[:, -1].astype(jnp.int32) + 1)
+      layers=layers,
+      length=jnp.array(l, jnp.int32),
+      segment_ids=jnp.pad(segment_ids.astype(jnp.int32), [(0, 0), (0, pad)]),
+      segment=segment_ids[:, -1].astype(jnp.int32),
+      position=positions[:, -1].astype(jnp.int32) + 1,
+    )
     return self.logits(hidden), cache
 
   def decode_step(self, tokens: jax.Array, cache: DecodeCache) -> tuple[jax.Array, DecodeCache]:
@@ -332,9 +370,11 @@ class HybriDNA(nnx.Module):
     slot = cache.length
     slots = cache.segment_ids.shape[1]
     seg_ids = jax.lax.dynamic_update_slice_in_dim(
-        cache.segment_ids, cache.segment[:, None], slot, axis=1)
-    kv_mask = ((jnp.arange(slots) <= slot)[None, :]
-               & (seg_ids == cache.segment[:, None]))[:, None, :]       # (b, 1, slots)
+      cache.segment_ids, cache.segment[:, None], slot, axis=1
+    )
+    kv_mask = ((jnp.arange(slots) <= slot)[None, :] & (seg_ids == cache.segment[:, None]))[
+      :, None, :
+    ]  # (b, 1, slots)
     positions = cache.position[:, None]
     h = self.embed_tokens(tokens[:, None])
     new_layers = []
@@ -348,8 +388,9 @@ class HybriDNA(nnx.Module):
       h, layer_cache = layer.decode(h, layer_cache, slot, kv_mask, positions)
       new_layers.append(layer_cache)
     logits = self.logits(self.final_norm(h[:, 0]))
-    return logits, DecodeCache(tuple(new_layers), slot + 1, seg_ids, cache.segment,
-                               cache.position + 1)
+    return logits, DecodeCache(
+      tuple(new_layers), slot + 1, seg_ids, cache.segment, cache.position + 1
+    )
 
 
 # -- parameter layouts ----------------------------------------------------------------
@@ -359,16 +400,20 @@ def _with_values(template: nnx.State, values: dict) -> nnx.State:
   """`template`'s Variables (shapes, metadata) holding `values` by path."""
   flat = list(nnx.to_flat_state(template))
   if {path for path, _ in flat} != set(values):
-    raise ValueError("parameter state does not match the model's layer layout: "
-                     f"{sorted(map(str, set(values) ^ {path for path, _ in flat}))[:4]} ...")
+    raise ValueError(
+      "parameter state does not match the model's layer layout: "
+      f"{sorted(map(str, set(values) ^ {path for path, _ in flat}))[:4]} ..."
+    )
   return nnx.from_flat_state([(path, var.replace(values[path])) for path, var in flat])
 
 
 def _block_size_or_raise(cfg: ModelConfig) -> int:
   period = scan_block_size(dataclasses.replace(cfg, scan_layers=True))
   if period is None:
-    raise ValueError(f"the layer pattern of {cfg.n_layers} layers does not repeat every "
-                     f"attn_period={cfg.attn_period} layers; it has no scanned layout.")
+    raise ValueError(
+      f"the layer pattern of {cfg.n_layers} layers does not repeat every "
+      f"attn_period={cfg.attn_period} layers; it has no scanned layout."
+    )
   return period
 
 

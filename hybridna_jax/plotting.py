@@ -15,8 +15,10 @@ from __future__ import annotations
 def pyplot():
   """matplotlib.pyplot on the Agg backend (files only: runs need no display)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   return plt
 
 
@@ -25,6 +27,7 @@ def save(fig, path: str, **savefig_kwargs) -> str:
   `fig.savefig`) and closes it, so long runs do not hold figures. Returns
   path."""
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   fig.tight_layout()
   fig.savefig(path, **savefig_kwargs)
   plt.close(fig)

@@ -24,8 +24,7 @@ import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
 
-from hybridna_jax import sharding
-from hybridna_jax import tokenizer
+from hybridna_jax import sharding, tokenizer
 from hybridna_jax.config import MODEL_RUNTIME_FIELDS, ModelConfig
 from hybridna_jax.model import abstract_model, convert_params, scan_block_size
 from hybridna_jax.train.checkpoint import Checkpoints
@@ -35,8 +34,8 @@ CONFIG_FILE = "config.json"
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointRef:
-  run_dir: str          # holds config.json
-  manager_dir: str      # the Orbax CheckpointManager directory
+  run_dir: str  # holds config.json
+  manager_dir: str  # the Orbax CheckpointManager directory
   step: int
 
 
@@ -52,7 +51,7 @@ def find_checkpoint(path: str, which: str = "latest") -> CheckpointRef:
   if not os.path.exists(path):
     raise FileNotFoundError(f"no checkpoint or run directory at {path}.")
   base = os.path.basename(path.rstrip("/"))
-  if re.fullmatch(r"\d+", base):                 # a step directory
+  if re.fullmatch(r"\d+", base):  # a step directory
     manager_dir, step = os.path.dirname(path), int(base)
   else:
     if os.path.exists(os.path.join(path, CONFIG_FILE)):
@@ -60,17 +59,25 @@ def find_checkpoint(path: str, which: str = "latest") -> CheckpointRef:
     else:
       manager_dir = path
     if not os.path.isdir(manager_dir):
-      hint = (" (best/ is written only with train.keep_best and evaluation, "
-              "train.eval_every > 0; use which='latest')" if which == "best" else "")
-      raise FileNotFoundError(f"{path} has no {os.path.basename(manager_dir)}/ directory{hint}; "
-                              "pass a run directory, its checkpoints/ or a step directory.")
+      hint = (
+        " (best/ is written only with train.keep_best and evaluation, "
+        "train.eval_every > 0; use which='latest')"
+        if which == "best"
+        else ""
+      )
+      raise FileNotFoundError(
+        f"{path} has no {os.path.basename(manager_dir)}/ directory{hint}; "
+        "pass a run directory, its checkpoints/ or a step directory."
+      )
     step = Checkpoints(manager_dir).latest_step()
     if step is None:
       raise FileNotFoundError(f"no complete checkpoint in {manager_dir}.")
   run_dir = os.path.dirname(manager_dir)
   if not os.path.exists(os.path.join(run_dir, CONFIG_FILE)):
-    raise FileNotFoundError(f"{run_dir} has no {CONFIG_FILE}; it is not a run directory "
-                            "written by launch/train.py or launch/finetune.py.")
+    raise FileNotFoundError(
+      f"{run_dir} has no {CONFIG_FILE}; it is not a run directory "
+      "written by launch/train.py or launch/finetune.py."
+    )
   return CheckpointRef(run_dir, manager_dir, step)
 
 
@@ -84,21 +91,28 @@ def default_mesh() -> Mesh:
   return sharding.make_mesh(data=1, fsdp=-1, tensor=1)
 
 
-def restore_params(ref: CheckpointRef, model_cfg: ModelConfig, mesh: Mesh,
-                   *, rules: sharding.Rules = sharding.DEFAULT_RULES) -> nnx.State:
+def restore_params(
+  ref: CheckpointRef,
+  model_cfg: ModelConfig,
+  mesh: Mesh,
+  *,
+  rules: sharding.Rules = sharding.DEFAULT_RULES,
+) -> nnx.State:
   """The LM parameters of a checkpoint, sharded over `mesh`, in the layer
   layout of `model_cfg` (converted when the run was written with the other
   `scan_layers` layout, as its config.json says)."""
-  written = dataclasses.replace(model_cfg, scan_layers=bool(
-      run_config(ref.run_dir).model.get("scan_layers", False)))
+  written = dataclasses.replace(
+    model_cfg, scan_layers=bool(run_config(ref.run_dir).model.get("scan_layers", False))
+  )
 
   def abstract_params(cfg):
     _, abstract = nnx.split(abstract_model(cfg), nnx.Param)
     return abstract, sharding.state_shardings(abstract, mesh, rules)
 
   abstract, shardings = abstract_params(written)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, shardings)
+  target = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  )
   params = Checkpoints(ref.manager_dir).restore_params(ref.step, target)
   if (scan_block_size(written) is None) == (scan_block_size(model_cfg) is None):
     return params
@@ -113,8 +127,9 @@ def restore_params(ref: CheckpointRef, model_cfg: ModelConfig, mesh: Mesh,
 _LOAD_OVERRIDES = tuple(f for f in MODEL_RUNTIME_FIELDS if f not in ("dtype", "param_dtype"))
 
 
-def load(path: str, *, dtype: str | None = None, mesh: Mesh | None = None,
-         which: str = "latest", **runtime):
+def load(
+  path: str, *, dtype: str | None = None, mesh: Mesh | None = None, which: str = "latest", **runtime
+):
   """Loads a trained model.
 
   Args:
@@ -135,8 +150,10 @@ def load(path: str, *, dtype: str | None = None, mesh: Mesh | None = None,
   """
   unknown = sorted(set(runtime) - set(_LOAD_OVERRIDES))
   if unknown:
-    raise ValueError(f"load(): {unknown} cannot be changed at restore time; allowed: "
-                     f"{', '.join(_LOAD_OVERRIDES)} (and dtype).")
+    raise ValueError(
+      f"load(): {unknown} cannot be changed at restore time; allowed: "
+      f"{', '.join(_LOAD_OVERRIDES)} (and dtype)."
+    )
   ref = find_checkpoint(path, which)
   config = run_config(ref.run_dir)
   model_cfg = ModelConfig.from_config(config.model)

@@ -26,7 +26,8 @@ import functools
 import numbers
 import types
 import typing
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 
@@ -35,13 +36,17 @@ class ConfigError(ValueError):
   """An unknown or malformed config field; the message is one line."""
 
 
-def field(default=dataclasses.MISSING, *, expected: str | None = None,
-          default_factory=dataclasses.MISSING) -> Any:
+def field(
+  default=dataclasses.MISSING, *, expected: str | None = None, default_factory=dataclasses.MISSING
+) -> Any:
   """A section field whose error messages describe its form as `expected`
   (e.g. "a tuple of (seq_len, steps, batch) triples like ...") instead of
   the description derived from its type."""
-  return dataclasses.field(default=default, default_factory=default_factory,
-                           metadata={"expected": expected} if expected else {})
+  return dataclasses.field(
+    default=default,
+    default_factory=default_factory,
+    metadata={"expected": expected} if expected else {},
+  )
 
 
 class _Mismatch(Exception):
@@ -52,9 +57,13 @@ class _Mismatch(Exception):
     self.where, self.value = where, value
 
 
-_NAMES = {int: ("an integer", "integers"), float: ("a number", "numbers"),
-          bool: ("True or False", "booleans"), str: ("a string", "strings"),
-          dict: ("a dict", "dicts")}
+_NAMES = {
+  int: ("an integer", "integers"),
+  float: ("a number", "numbers"),
+  bool: ("True or False", "booleans"),
+  str: ("a string", "strings"),
+  dict: ("a dict", "dicts"),
+}
 
 
 def describe(tp) -> str:
@@ -95,7 +104,7 @@ def _coerce(value: Any, tp) -> Any:
     if isinstance(value, bool):
       return value
     raise _Mismatch()
-  if tp is int:     # numpy integers too (sizes computed by code)
+  if tp is int:  # numpy integers too (sizes computed by code)
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
       return int(value)
     raise _Mismatch()
@@ -115,7 +124,7 @@ def _coerce(value: Any, tp) -> Any:
     raise _Mismatch()
   if origin is tuple:
     if args == (str, Ellipsis) and isinstance(value, str):
-      return (value,)           # a single pattern or name, as the readers accept
+      return (value,)  # a single pattern or name, as the readers accept
     if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (list, tuple)):
       raise _Mismatch()
     variadic = len(args) == 2 and args[1] is Ellipsis
@@ -130,7 +139,7 @@ def _coerce(value: Any, tp) -> Any:
         raise _Mismatch(f"[{i}]", item) from e
     return tuple(out)
   if isinstance(tp, type) and issubclass(tp, Section):
-    return value      # nested sections are read by Section.from_config
+    return value  # nested sections are read by Section.from_config
   if tp is Any or tp is object:
     return value
   raise TypeError(f"sections: no reader for type {tp!r}")
@@ -142,6 +151,7 @@ class Section:
   Subclasses set SECTION, the section's path in the job config ("train",
   "data.split"), used in messages as config.<SECTION>.<field>.
   """
+
   SECTION = ""
 
   @classmethod
@@ -187,8 +197,10 @@ class Section:
     if unknown:
       hints = [m for u in unknown for m in difflib.get_close_matches(u, cls.field_names(), 1)]
       did_you_mean = f" (did you mean {', '.join(map(repr, hints))}?)" if hints else ""
-      raise ConfigError(f"{path} has unknown fields {unknown}{did_you_mean}; valid fields: "
-                        f"{', '.join(cls.field_names())}.")
+      raise ConfigError(
+        f"{path} has unknown fields {unknown}{did_you_mean}; valid fields: "
+        f"{', '.join(cls.field_names())}."
+      )
 
   @classmethod
   def from_config(cls, cfg: Any = None, *, strict: bool = True, path: str | None = None):
@@ -205,8 +217,10 @@ class Section:
     elif isinstance(cfg, Mapping):
       values = dict(cfg)
     else:
-      raise ConfigError(f"{path}: expected a section (ConfigDict) of fields "
-                        f"{', '.join(cls.field_names())}, got {cfg!r}.")
+      raise ConfigError(
+        f"{path}: expected a section (ConfigDict) of fields "
+        f"{', '.join(cls.field_names())}, got {cfg!r}."
+      )
     if strict:
       cls._check_names(values, path)
     kwargs = {}
@@ -247,8 +261,9 @@ class Section:
     return dataclasses.asdict(self)
 
 
-def set_fields(cfg: ml_collections.ConfigDict, values: Mapping[str, Any],
-               path: str = "config") -> None:
+def set_fields(
+  cfg: ml_collections.ConfigDict, values: Mapping[str, Any], path: str = "config"
+) -> None:
   """Sets `values` (nested dicts for nested sections) on `cfg`; a name
   `cfg` does not have is a ConfigError (a typo must not add a field)."""
   for key, value in values.items():

@@ -54,12 +54,13 @@ import contextlib
 import contextvars
 import dataclasses
 import math
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from hybridna_jax.config import MeshConfig
 
@@ -71,33 +72,34 @@ LogicalAxes = Sequence[str | None]
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 DEFAULT_RULES: Rules = (
-    # Parameters.
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("q_heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("ssm_inner", "tensor"),    # d_inner = ssm heads x headdim, split by head
-    ("ssm_heads", "tensor"),
-    ("ssm_state", None),        # B and C projections (ngroups x d_state)
-    ("conv_width", None),
-    ("classes", None),
-    ("layers", None),           # stacked layers of the scanned layout (model.scan_layers)
-    # Activations.
-    ("act_batch", BATCH_AXES),
-    ("act_length", None),
-    ("act_embed", None),
-    ("act_heads", "tensor"),
-    ("act_kv_heads", "tensor"),
-    ("act_mlp", "tensor"),
-    ("act_ssm_inner", "tensor"),
-    ("act_vocab", "tensor"),
+  # Parameters.
+  ("vocab", "tensor"),
+  ("embed", "fsdp"),
+  ("mlp", "tensor"),
+  ("q_heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("head_dim", None),
+  ("ssm_inner", "tensor"),  # d_inner = ssm heads x headdim, split by head
+  ("ssm_heads", "tensor"),
+  ("ssm_state", None),  # B and C projections (ngroups x d_state)
+  ("conv_width", None),
+  ("classes", None),
+  ("layers", None),  # stacked layers of the scanned layout (model.scan_layers)
+  # Activations.
+  ("act_batch", BATCH_AXES),
+  ("act_length", None),
+  ("act_embed", None),
+  ("act_heads", "tensor"),
+  ("act_kv_heads", "tensor"),
+  ("act_mlp", "tensor"),
+  ("act_ssm_inner", "tensor"),
+  ("act_vocab", "tensor"),
 )
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+  data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
   """A (data, fsdp, tensor) mesh; one size may be -1 for "the rest"."""
   devices = list(jax.devices() if devices is None else devices)
   sizes = [data, fsdp, tensor]
@@ -106,12 +108,16 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if len(devices) % known:
-      raise ValueError(f"mesh: {len(devices)} devices do not divide by the fixed "
-                       f"axes {dict(zip(MESH_AXES, sizes))}.")
+      raise ValueError(
+        f"mesh: {len(devices)} devices do not divide by the fixed "
+        f"axes {dict(zip(MESH_AXES, sizes))}."
+      )
     sizes[sizes.index(-1)] = len(devices) // known
   if math.prod(sizes) != len(devices):
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "
-                     f"devices, but {len(devices)} are available; set one axis to -1.")
+    raise ValueError(
+      f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "
+      f"devices, but {len(devices)} are available; set one axis to -1."
+    )
   # Auto axes: XLA propagates shardings from the annotations (GSPMD style).
   auto = (AxisType.Auto,) * len(MESH_AXES)
   if devices == list(jax.devices()):
@@ -130,9 +136,10 @@ def mesh_from_config(mesh_config, devices=None) -> Mesh:
       if jax.process_count() > 1:
         raise ValueError("mesh.num_devices must be 0 (all devices) in multi-process runs.")
       if mesh.num_devices > len(devices):
-        raise ValueError(f"mesh.num_devices={mesh.num_devices} but only {len(devices)} "
-                         "devices exist.")
-      devices = devices[:mesh.num_devices]
+        raise ValueError(
+          f"mesh.num_devices={mesh.num_devices} but only {len(devices)} devices exist."
+        )
+      devices = devices[: mesh.num_devices]
   return make_mesh(mesh.data, mesh.fsdp, mesh.tensor, devices=devices)
 
 
@@ -148,22 +155,29 @@ def rules_from_config(mesh_config) -> Rules:
     target = pair[1]
     if target is None or (isinstance(target, str) and target in MESH_AXES):
       return True
-    return (isinstance(target, (tuple, list)) and bool(target)
-            and all(isinstance(a, str) and a in MESH_AXES for a in target))
+    return (
+      isinstance(target, (tuple, list))
+      and bool(target)
+      and all(isinstance(a, str) and a in MESH_AXES for a in target)
+    )
 
   if not isinstance(overrides, (tuple, list)) or not all(valid(p) for p in overrides):
     raise ValueError(
-        "config.mesh.rules must be a tuple of (logical_name, mesh_axis | (mesh_axes, ...) "
-        f"| None) pairs with mesh axes from {MESH_AXES}; got {overrides!r}.")
+      "config.mesh.rules must be a tuple of (logical_name, mesh_axis | (mesh_axes, ...) "
+      f"| None) pairs with mesh axes from {MESH_AXES}; got {overrides!r}."
+    )
   table = dict(DEFAULT_RULES)
   for name, target in overrides:
     table[name] = tuple(target) if isinstance(target, list) else target
   return tuple(table.items())
 
 
-def logical_to_spec(logical_axes: LogicalAxes, mesh: Mesh,
-                    rules: Rules = DEFAULT_RULES,
-                    shape: Sequence[int] | None = None) -> P:
+def logical_to_spec(
+  logical_axes: LogicalAxes,
+  mesh: Mesh,
+  rules: Rules = DEFAULT_RULES,
+  shape: Sequence[int] | None = None,
+) -> P:
   """PartitionSpec for an array with the given logical axes.
 
   A mesh axis is used at most once (first dimension wins), size-1 mesh axes
@@ -176,8 +190,10 @@ def logical_to_spec(logical_axes: LogicalAxes, mesh: Mesh,
   for i, name in enumerate(logical_axes):
     target = table.get(name) if name is not None else None
     if name is not None and name not in table:
-      raise KeyError(f"no sharding rule for logical axis {name!r}; add it to "
-                     "the rules in hybridna_jax/sharding.py.")
+      raise KeyError(
+        f"no sharding rule for logical axis {name!r}; add it to "
+        "the rules in hybridna_jax/sharding.py."
+      )
     axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
     axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
     if shape is not None and axes and shape[i] % math.prod(mesh.shape[a] for a in axes):
@@ -200,12 +216,13 @@ def _variable_spec(variable: nnx.Variable, mesh: Mesh, rules: Rules) -> P:
 def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES):
   """NamedSharding for every leaf of an nnx.State (variables without
   `logical_axes` metadata are replicated)."""
+
   def to_sharding(v):
     if isinstance(v, nnx.Variable):
       return v.replace(NamedSharding(mesh, _variable_spec(v, mesh, rules)))
     return NamedSharding(mesh, P())
-  return jax.tree.map(to_sharding, state,
-                      is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+  return jax.tree.map(to_sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def batch_shards(mesh: Mesh) -> int:
@@ -231,7 +248,8 @@ class ShardingContext:
 # user data such as logical-axis rules). Unlike a module-level stack it is
 # per thread and restored by token, so an exception cannot leave it set.
 _CONTEXT: contextvars.ContextVar[ShardingContext | None] = contextvars.ContextVar(
-    "hybridna_jax_sharding", default=None)
+  "hybridna_jax_sharding", default=None
+)
 
 
 @contextlib.contextmanager

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from hybridna_jax.kernel_registry import Kernel, KernelRegistry
+
 # The references, re-exported: users and the Mamba2 layer call them as ssd.*.
 from hybridna_jax.ssd_reference import CoreInputs as CoreInputs
 from hybridna_jax.ssd_reference import chunked_core as chunked_core
@@ -45,29 +46,46 @@ Array = jax.Array
 _KERNELS = "hybridna_jax.kernels.ssd_pallas"
 # A core maps (CoreInputs, chunk_size) -> (y fp32 (b,l,h,p), final (b,h,p,n)).
 # Option needs_chunk_multiple (default True): the core wants l % chunk == 0.
-CORES = KernelRegistry("ssd", fallback="chunked", kernels=(
+CORES = KernelRegistry(
+  "ssd",
+  fallback="chunked",
+  kernels=(
     # name                         provided by                            auto on
-    Kernel("chunked",              "hybridna_jax.ssd_reference:chunked_core"),
-    Kernel("sequential",           "hybridna_jax.ssd_reference:sequential_core",
-           options={"needs_chunk_multiple": False}),
-    Kernel("pallas",               f"{_KERNELS}:sharded_backend_core", ("gpu", "tpu")),
-    Kernel("pallas_gpu",           f"{_KERNELS}:sharded_gpu_core"),
-    Kernel("pallas_tpu",           f"{_KERNELS}:sharded_tpu_core"),
+    Kernel("chunked", "hybridna_jax.ssd_reference:chunked_core"),
+    Kernel(
+      "sequential",
+      "hybridna_jax.ssd_reference:sequential_core",
+      options={"needs_chunk_multiple": False},
+    ),
+    Kernel("pallas", f"{_KERNELS}:sharded_backend_core", ("gpu", "tpu")),
+    Kernel("pallas_gpu", f"{_KERNELS}:sharded_gpu_core"),
+    Kernel("pallas_tpu", f"{_KERNELS}:sharded_tpu_core"),
     Kernel("pallas_gpu_interpret", f"{_KERNELS}:sharded_gpu_interpret_core"),
     Kernel("pallas_tpu_interpret", f"{_KERNELS}:sharded_tpu_interpret_core"),
-))
+  ),
+)
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "chunk_size", "dt_softplus", "return_final_states", "impl"))
-def ssd_chunked_scan(x: Array, dt: Array, A: Array, B: Array, C: Array,
-                     chunk_size: int, *, D: Array | None = None,
-                     z: Array | None = None, dt_bias: Array | None = None,
-                     dt_softplus: bool = False,
-                     initial_states: Array | None = None,
-                     seq_idx: Array | None = None,
-                     return_final_states: bool = False,
-                     impl: str = "auto"):
+@functools.partial(
+  jax.jit, static_argnames=("chunk_size", "dt_softplus", "return_final_states", "impl")
+)
+def ssd_chunked_scan(
+  x: Array,
+  dt: Array,
+  A: Array,
+  B: Array,
+  C: Array,
+  chunk_size: int,
+  *,
+  D: Array | None = None,
+  z: Array | None = None,
+  dt_bias: Array | None = None,
+  dt_softplus: bool = False,
+  initial_states: Array | None = None,
+  seq_idx: Array | None = None,
+  return_final_states: bool = False,
+  impl: str = "auto",
+):
   """Mamba2 SSD scan with the interface of `mamba_chunk_scan_combined`.
 
   Args:
@@ -114,10 +132,12 @@ def ssd_chunked_scan(x: Array, dt: Array, A: Array, B: Array, C: Array,
     dt = dt + dt_bias.astype(jnp.float32)
   if dt_softplus:
     dt = softplus(dt)
-  seq_idx = (jnp.zeros((b, l), jnp.int32) if seq_idx is None
-             else seq_idx.astype(jnp.int32))
-  init = (jnp.zeros((b, h, p, n), jnp.float32) if initial_states is None
-          else initial_states.astype(jnp.float32))
+  seq_idx = jnp.zeros((b, l), jnp.int32) if seq_idx is None else seq_idx.astype(jnp.int32)
+  init = (
+    jnp.zeros((b, h, p, n), jnp.float32)
+    if initial_states is None
+    else initial_states.astype(jnp.float32)
+  )
 
   core = CORES.resolve(impl)
   inputs = CoreInputs(x, dt, A.astype(jnp.float32), B, C, seq_idx, init)
@@ -138,16 +158,20 @@ def ssd_chunked_scan(x: Array, dt: Array, A: Array, B: Array, C: Array,
 
 def _check_shape(name, array, expected):
   if tuple(array.shape) != tuple(expected):
-    raise ValueError(f"ssd_chunked_scan: {name} has shape {tuple(array.shape)}, "
-                     f"expected {tuple(expected)}.")
+    raise ValueError(
+      f"ssd_chunked_scan: {name} has shape {tuple(array.shape)}, expected {tuple(expected)}."
+    )
 
 
 def _pad_time(inputs: CoreInputs, pad: int) -> CoreInputs:
   """Pads the time axis. dt = 0 makes padded steps exact no-ops (decay 1, no
   input), and repeating the last seq_idx avoids a spurious reset, so the final
   state is unchanged."""
+
   def zeros(a):
     return jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+
   seq_idx = jnp.pad(inputs.seq_idx, [(0, 0), (0, pad)], mode="edge")
-  return inputs._replace(x=zeros(inputs.x), dt=zeros(inputs.dt),
-                         B=zeros(inputs.B), C=zeros(inputs.C), seq_idx=seq_idx)
+  return inputs._replace(
+    x=zeros(inputs.x), dt=zeros(inputs.dt), B=zeros(inputs.B), C=zeros(inputs.C), seq_idx=seq_idx
+  )

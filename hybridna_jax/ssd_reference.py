@@ -38,6 +38,7 @@ class CoreInputs(NamedTuple):
   A (h,) fp32; B, C (b, l, g, n); seq_idx (b, l) int32; initial_states
   (b, h, p, n) fp32. For the chunked cores l is a multiple of chunk_size.
   """
+
   x: Array
   dt: Array
   A: Array
@@ -69,15 +70,20 @@ def sequential_core(inputs: CoreInputs, chunk_size: int):
     state, y_t = ssd_step(state, x_t, dt_t, A, B_t, C_t, keep=keep_t)
     return state, y_t
 
-  xs = (x.astype(jnp.float32).swapaxes(0, 1), dt.swapaxes(0, 1),
-        B.astype(jnp.float32).swapaxes(0, 1),
-        C.astype(jnp.float32).swapaxes(0, 1), keep.swapaxes(0, 1))
+  xs = (
+    x.astype(jnp.float32).swapaxes(0, 1),
+    dt.swapaxes(0, 1),
+    B.astype(jnp.float32).swapaxes(0, 1),
+    C.astype(jnp.float32).swapaxes(0, 1),
+    keep.swapaxes(0, 1),
+  )
   final, y = jax.lax.scan(step, init, xs)
   return y.swapaxes(0, 1), final
 
 
-def ssd_step(state: Array, x: Array, dt: Array, A: Array, B: Array, C: Array,
-             *, keep: Array | None = None):
+def ssd_step(
+  state: Array, x: Array, dt: Array, A: Array, B: Array, C: Array, *, keep: Array | None = None
+):
   """One recurrence step; the decode path of a Mamba2 layer.
 
   Args:
@@ -90,13 +96,13 @@ def ssd_step(state: Array, x: Array, dt: Array, A: Array, B: Array, C: Array,
   """
   b, h, p, n = state.shape
   g = B.shape[1]
-  decay = jnp.exp(dt * A)                                   # (b, h)
+  decay = jnp.exp(dt * A)  # (b, h)
   if keep is not None:
     decay = decay * keep[:, None].astype(decay.dtype)
   # Each group's B and C serve its h // g consecutive heads.
   Bh = einops.repeat(B.astype(jnp.float32), "b g n -> b (g r) n", r=h // g)
   Ch = einops.repeat(C.astype(jnp.float32), "b g n -> b (g r) n", r=h // g)
-  dtx = dt[..., None] * x.astype(jnp.float32)               # (b, h, p)
+  dtx = dt[..., None] * x.astype(jnp.float32)  # (b, h, p)
   state = state * decay[..., None, None] + dtx[..., None] * Bh[:, :, None, :]
   y = jnp.einsum("bhpn,bhn->bhp", state, Ch)
   return state, y
@@ -123,24 +129,24 @@ def chunked_core(inputs: CoreInputs, chunk_size: int):
   seq = einops.rearrange(seq_idx, "b (c q) -> b c q", q=q)
   A = einops.rearrange(A, "(g r) -> g r", g=g)
 
-  cs = jnp.cumsum(dt * A, axis=2)                          # (b, c, q, g, r)
-  dtx = dt[..., None] * x                                  # (b, c, q, g, r, p)
+  cs = jnp.cumsum(dt * A, axis=2)  # (b, c, q, g, r)
+  dtx = dt[..., None] * x  # (b, c, q, g, r, p)
 
   # (1) Intra-chunk: exp(cs_i - cs_j) for j <= i within the same document.
-  same_doc = seq[:, :, :, None] == seq[:, :, None, :]      # (b, c, q_i, q_j)
+  same_doc = seq[:, :, :, None] == seq[:, :, None, :]  # (b, c, q_i, q_j)
   causal = jnp.tril(jnp.ones((q, q), bool))
-  mask = (same_doc & causal)[:, :, None, None]             # (b, c, 1, 1, i, j)
+  mask = (same_doc & causal)[:, :, None, None]  # (b, c, 1, 1, i, j)
   cs_t = einops.rearrange(cs, "b c q g r -> b c g r q")
-  seg = cs_t[..., :, None] - cs_t[..., None, :]            # (b, c, g, r, i, j)
+  seg = cs_t[..., :, None] - cs_t[..., None, :]  # (b, c, g, r, i, j)
   decay = jnp.exp(jnp.where(mask, seg, -jnp.inf))
   cb = jnp.einsum("bcign,bcjgn->bcgij", C, B)
   y_diag = jnp.einsum("bcgij,bcgrij,bcjgrp->bcigrp", cb, decay, dtx)
 
   # (2) Each chunk's final state from its own inputs (same document as the
   # chunk's last position only).
-  seq_end = seq[:, :, -1]                                  # (b, c)
+  seq_end = seq[:, :, -1]  # (b, c)
   in_last_doc = (seq == seq_end[:, :, None])[..., None, None]
-  to_end = jnp.exp(cs[:, :, -1:] - cs) * in_last_doc       # (b, c, q, g, r)
+  to_end = jnp.exp(cs[:, :, -1:] - cs) * in_last_doc  # (b, c, q, g, r)
   chunk_states = jnp.einsum("bcjgn,bcjgr,bcjgrp->bcgrpn", B, to_end, dtx)
 
   # (3) Pass states between chunks; a document change resets the carry.
@@ -154,15 +160,20 @@ def chunked_core(inputs: CoreInputs, chunk_size: int):
     return state, prev
 
   init = einops.rearrange(init, "b (g r) p n -> b g r p n", g=g)
-  final, prev_states = jax.lax.scan(    # over chunks: chunk axis first
-      pass_state, init, (einops.rearrange(carry_decay, "b c g r -> c b g r"),
-                         einops.rearrange(chunk_states, "b c g r p n -> c b g r p n")))
+  final, prev_states = jax.lax.scan(  # over chunks: chunk axis first
+    pass_state,
+    init,
+    (
+      einops.rearrange(carry_decay, "b c g r -> c b g r"),
+      einops.rearrange(chunk_states, "b c g r p n -> c b g r p n"),
+    ),
+  )
   prev_states = einops.rearrange(prev_states, "c b g r p n -> b c g r p n")
 
   # (4) The incoming state's contribution, for positions still in the
   # document the previous chunk ended in.
   from_prev = (seq == seq_prev_end[:, :, None])[..., None, None]
-  in_decay = jnp.exp(cs) * from_prev                       # (b, c, q, g, r)
+  in_decay = jnp.exp(cs) * from_prev  # (b, c, q, g, r)
   y_off = jnp.einsum("bcign,bcgrpn,bcigr->bcigrp", C, prev_states, in_decay)
 
   y = einops.rearrange(y_diag + y_off, "b c q g r p -> b (c q) (g r) p")

@@ -15,7 +15,7 @@ at memory speed on whole chromosomes.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -58,22 +58,22 @@ class InvalidSequenceError(ValueError):
     self.position = position
     where = f"{context}: " if context else ""
     super().__init__(
-        f"{where}invalid nucleotide {char!r} at position {position} "
-        "(allowed: A C G T N, IUPAC ambiguity codes R Y S W K M B D H V, "
-        "U, in either case); remove or replace it, e.g. with N.")
+      f"{where}invalid nucleotide {char!r} at position {position} "
+      "(allowed: A C G T N, IUPAC ambiguity codes R Y S W K M B D H V, "
+      "U, in either case); remove or replace it, e.g. with N."
+    )
 
 
 def task_token(index: int) -> int:
   """Id of the `index`-th reserved task/prompt token."""
   if not 0 <= index < NUM_TASK_TOKENS:
-    raise ValueError(
-        f"task token index {index} out of range [0, {NUM_TASK_TOKENS}).")
+    raise ValueError(f"task token index {index} out of range [0, {NUM_TASK_TOKENS}).")
   return FIRST_TASK_TOKEN + index
 
 
-def encode_bytes(data: bytes | bytearray | memoryview | np.ndarray,
-                 context: str = "",
-                 offset: int = 0) -> np.ndarray:
+def encode_bytes(
+  data: bytes | bytearray | memoryview | np.ndarray, context: str = "", offset: int = 0
+) -> np.ndarray:
   """ASCII bytes -> uint8 token ids (no specials added).
 
   Args:
@@ -81,8 +81,11 @@ def encode_bytes(data: bytes | bytearray | memoryview | np.ndarray,
     context: prefix for error messages, e.g. "genome.fa line 12".
     offset: added to the reported position (for streamed chunks).
   """
-  raw = np.frombuffer(data, dtype=np.uint8) if not isinstance(
-      data, np.ndarray) else data.astype(np.uint8, copy=False)
+  raw = (
+    np.frombuffer(data, dtype=np.uint8)
+    if not isinstance(data, np.ndarray)
+    else data.astype(np.uint8, copy=False)
+  )
   tokens = _ENCODE_LUT[raw]
   bad = np.flatnonzero(tokens == _INVALID)
   if bad.size:
@@ -91,21 +94,22 @@ def encode_bytes(data: bytes | bytearray | memoryview | np.ndarray,
   return tokens
 
 
-def encode(sequence: str, *, add_bos: bool = False,
-           add_eos: bool = False) -> np.ndarray:
+def encode(sequence: str, *, add_bos: bool = False, add_eos: bool = False) -> np.ndarray:
   """DNA string -> int32 token ids, optionally wrapped in <bos> ... <eos>."""
   try:
     data = sequence.encode("ascii")
   except UnicodeEncodeError as e:
     raise InvalidSequenceError(sequence[e.start], e.start) from None
   body = encode_bytes(data).astype(np.int32)
-  parts = ([np.array([BOS], np.int32)] if add_bos else []) + [body] + (
-      [np.array([EOS], np.int32)] if add_eos else [])
+  parts = (
+    ([np.array([BOS], np.int32)] if add_bos else [])
+    + [body]
+    + ([np.array([EOS], np.int32)] if add_eos else [])
+  )
   return np.concatenate(parts) if len(parts) > 1 else body
 
 
-def decode(tokens: Iterable[int] | np.ndarray, *,
-           keep_specials: bool = False) -> str:
+def decode(tokens: Iterable[int] | np.ndarray, *, keep_specials: bool = False) -> str:
   """Token ids -> string. Specials and task tokens are dropped unless
   `keep_specials`, in which case they render as their names."""
   tokens = np.asarray(tokens).reshape(-1)
@@ -130,9 +134,14 @@ def is_nucleotide(tokens):
   return (tokens >= A) & (tokens <= N)
 
 
-def encode_batch(sequences: Sequence[str], *, add_bos: bool = False,
-                 add_eos: bool = False, pad_to: int | None = None,
-                 pad_to_multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def encode_batch(
+  sequences: Sequence[str],
+  *,
+  add_bos: bool = False,
+  add_eos: bool = False,
+  pad_to: int | None = None,
+  pad_to_multiple: int = 1,
+) -> tuple[np.ndarray, np.ndarray]:
   """Encodes and right-pads a batch.
 
   Returns:
@@ -144,21 +153,22 @@ def encode_batch(sequences: Sequence[str], *, add_bos: bool = False,
   width = int(lengths.max()) if len(encoded) else 0
   if pad_to is not None:
     if pad_to < width:
-      raise ValueError(f"pad_to={pad_to} is shorter than the longest "
-                       f"sequence ({width} tokens); raise pad_to or truncate.")
+      raise ValueError(
+        f"pad_to={pad_to} is shorter than the longest "
+        f"sequence ({width} tokens); raise pad_to or truncate."
+      )
     width = pad_to
   width = -(-width // pad_to_multiple) * pad_to_multiple
   tokens = np.full((len(encoded), width), PAD, np.int32)
   for row, e in zip(tokens, encoded):
-    row[:len(e)] = e
+    row[: len(e)] = e
   return tokens, lengths
 
 
 def reverse_complement(sequence: str) -> str:
   """Reverse complement of a DNA string; case is kept, IUPAC codes other
   than A/C/G/T/U (and N) become N."""
-  table = str.maketrans("ACGTUacgtuRYSWKMBDHVryswkmbdhv",
-                        "TGCAAtgcaaNNNNNNNNNNnnnnnnnnnn")
+  table = str.maketrans("ACGTUacgtuRYSWKMBDHVryswkmbdhv", "TGCAAtgcaaNNNNNNNNNNnnnnnnnnnn")
   out = sequence.translate(table)[::-1]
   encode_bytes(out.upper().encode("ascii", "replace"))  # validates
   return out

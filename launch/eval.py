@@ -23,10 +23,17 @@ from hybridna_jax import launch_utils
 from hybridna_jax.data import fasta as fasta_lib
 
 launch_utils.define_flags(workdir_required=True)
-flags.DEFINE_multi_string("fasta", [], "FASTA file(s) to evaluate (default: the token "
-                          "store's score.eval_split split, from the config's data.store_dir).")
-flags.DEFINE_string("checkpoint", None, "Checkpoint to evaluate: a run, checkpoints/, "
-                    "best/ or step directory (default: --workdir).")
+flags.DEFINE_multi_string(
+  "fasta",
+  [],
+  "FASTA file(s) to evaluate (default: the token "
+  "store's score.eval_split split, from the config's data.store_dir).",
+)
+flags.DEFINE_string(
+  "checkpoint",
+  None,
+  "Checkpoint to evaluate: a run, checkpoints/, best/ or step directory (default: --workdir).",
+)
 flags.DEFINE_enum("which", "latest", ["latest", "best"], "Checkpoint of a run directory.")
 flags.DEFINE_string("output_dir", None, "Where to write results (default: <workdir>/eval).")
 FLAGS = flags.FLAGS
@@ -37,12 +44,13 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   launch_utils.quiet_library_logs()
   # Imported after flag parsing (nothing may touch devices before).
-  from hybridna_jax.scoring import evaluation  # pylint: disable=g-import-not-at-top
   from hybridna_jax import scoring  # pylint: disable=g-import-not-at-top
   from hybridna_jax.config import ScoreConfig  # pylint: disable=g-import-not-at-top
+  from hybridna_jax.scoring import evaluation  # pylint: disable=g-import-not-at-top
 
-  scorer, run_config = scoring.Scorer.from_run(FLAGS.checkpoint or FLAGS.workdir,
-                                               FLAGS.config, which=FLAGS.which)
+  scorer, run_config = scoring.Scorer.from_run(
+    FLAGS.checkpoint or FLAGS.workdir, FLAGS.config, which=FLAGS.which
+  )
   config = FLAGS.config if FLAGS.config is not None else run_config
   section = ScoreConfig.of(config)
   max_records, max_tokens = section.eval_max_records, section.eval_max_tokens
@@ -51,17 +59,22 @@ def main(argv):
     data_name = "fasta" if len(FLAGS.fasta) > 1 else _stem(FLAGS.fasta[0])
   else:
     split = section.eval_split
-    sequences = evaluation.store_sequences(config.data.store_dir, split, max_records,
-                                           max_tokens)
+    sequences = evaluation.store_sequences(config.data.store_dir, split, max_records, max_tokens)
     data_name = split
   evaluation.log_records(sequences)
-  result = evaluation.evaluate(scorer, sequences,
-                               progress=scoring.ProgressLogger("windows"))
-  result.update(checkpoint=os.path.abspath(FLAGS.checkpoint or FLAGS.workdir),
-                which=FLAGS.which, data=FLAGS.fasta or data_name,
-                dtype=str(scorer.model_config.dtype), compiles=scorer.trace_count)
-  paths = evaluation.write(result, FLAGS.output_dir or os.path.join(FLAGS.workdir, "eval"),
-                           f"eval_{data_name}_ctx{scorer.context}_stride{scorer.stride}")
+  result = evaluation.evaluate(scorer, sequences, progress=scoring.ProgressLogger("windows"))
+  result.update(
+    checkpoint=os.path.abspath(FLAGS.checkpoint or FLAGS.workdir),
+    which=FLAGS.which,
+    data=FLAGS.fasta or data_name,
+    dtype=str(scorer.model_config.dtype),
+    compiles=scorer.trace_count,
+  )
+  paths = evaluation.write(
+    result,
+    FLAGS.output_dir or os.path.join(FLAGS.workdir, "eval"),
+    f"eval_{data_name}_ctx{scorer.context}_stride{scorer.stride}",
+  )
   print(evaluation.format_table(result))
   logging.info("wrote %s", ", ".join(paths.values()))
 

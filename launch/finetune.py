@@ -33,15 +33,25 @@ from absl import app, flags, logging
 from hybridna_jax import launch_utils
 
 launch_utils.define_flags()
-_TASK = flags.DEFINE_string("task", None, "Task folder or BED file (overrides "
-                            "config.finetune.task).")
-_REFERENCE = flags.DEFINE_string("reference", None, "Reference FASTA of a BED task "
-                                 "(overrides config.finetune.reference).")
-_PRETRAINED = flags.DEFINE_string("pretrained", None, "Pretraining run directory or "
-                                  "checkpoint (overrides config.finetune.pretrained); "
-                                  "'' for a freshly initialised backbone.")
-_SUITE = flags.DEFINE_list("task_suite", None, "Comma-separated task folders / BED files "
-                           "or glob patterns: fine-tune on each and write one table.")
+_TASK = flags.DEFINE_string(
+  "task", None, "Task folder or BED file (overrides config.finetune.task)."
+)
+_REFERENCE = flags.DEFINE_string(
+  "reference", None, "Reference FASTA of a BED task (overrides config.finetune.reference)."
+)
+_PRETRAINED = flags.DEFINE_string(
+  "pretrained",
+  None,
+  "Pretraining run directory or "
+  "checkpoint (overrides config.finetune.pretrained); "
+  "'' for a freshly initialised backbone.",
+)
+_SUITE = flags.DEFINE_list(
+  "task_suite",
+  None,
+  "Comma-separated task folders / BED files "
+  "or glob patterns: fine-tune on each and write one table.",
+)
 FLAGS = flags.FLAGS
 
 
@@ -52,6 +62,7 @@ def main(argv):
   launch_utils.initialize_distributed()
   # Imported after distributed start-up (nothing may touch devices before).
   import jax  # pylint: disable=g-import-not-at-top
+
   from hybridna_jax.finetune import datasets  # pylint: disable=g-import-not-at-top
   from hybridna_jax.finetune import task as task_lib  # pylint: disable=g-import-not-at-top
 

@@ -31,12 +31,20 @@ from absl import app, flags, logging
 from hybridna_jax import launch_utils
 
 launch_utils.define_flags(workdir_required=True)
-flags.DEFINE_enum("mode", "sample", ["finetune", "sample"],
-                  "finetune: train on config.generate.train_csv; sample: design sequences.")
-flags.DEFINE_string("checkpoint", None, "sample: run directory, checkpoints/ or best/ "
-                    "directory, or step directory (default: --workdir).")
-flags.DEFINE_enum("which", "latest", ["latest", "best"],
-                  "sample: which checkpoint of a run directory.")
+flags.DEFINE_enum(
+  "mode",
+  "sample",
+  ["finetune", "sample"],
+  "finetune: train on config.generate.train_csv; sample: design sequences.",
+)
+flags.DEFINE_string(
+  "checkpoint",
+  None,
+  "sample: run directory, checkpoints/ or best/ directory, or step directory (default: --workdir).",
+)
+flags.DEFINE_enum(
+  "which", "latest", ["latest", "best"], "sample: which checkpoint of a run directory."
+)
 flags.DEFINE_multi_string("labels", [], "sample: a prompt's labels (repeatable).")
 flags.DEFINE_string("prefix", "", "sample: DNA the designs start with (after the labels).")
 flags.DEFINE_integer("num_samples", None, "sample: designs per prompt.")
@@ -52,8 +60,11 @@ flags.DEFINE_float("length_penalty", None, "sample: beam score = log-prob / len 
 flags.DEFINE_bool("allow_n", None, "sample: allow N in designs.")
 flags.DEFINE_integer("seed", None, "sample: random seed.")
 flags.DEFINE_string("output", None, "sample: FASTA path (default <workdir>/designs.fasta).")
-flags.DEFINE_string("reference_csv", None, "sample: training CSV for the summary "
-                    "(default: the run's generate.train_csv).")
+flags.DEFINE_string(
+  "reference_csv",
+  None,
+  "sample: training CSV for the summary (default: the run's generate.train_csv).",
+)
 FLAGS = flags.FLAGS
 
 
@@ -65,32 +76,49 @@ def main(argv):
 
   if FLAGS.mode == "finetune":
     from hybridna_jax import design  # pylint: disable=g-import-not-at-top
+
     if FLAGS.config is None:
       raise app.UsageError("--mode=finetune needs --config (e.g. configs/design_demo.py).")
     summary = design.finetune(FLAGS.config, FLAGS.workdir)
     if jax.process_index() == 0:
       with open(os.path.join(FLAGS.workdir, "train_summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2, default=str)
-      logging.info("done: %s", json.dumps({k: summary.get(k) for k in ("steps", "stopped",
-                                                                        "final_val")},
-                                          default=str))
+      logging.info(
+        "done: %s",
+        json.dumps({k: summary.get(k) for k in ("steps", "stopped", "final_val")}, default=str),
+      )
     return
 
   from hybridna_jax.design import sampling as design_sampling  # pylint: disable=g-import-not-at-top
+
   output = FLAGS.output or os.path.join(FLAGS.workdir, "designs.fasta")
   result = design_sampling.run_sampling(
-      FLAGS.checkpoint or FLAGS.workdir, output, config=FLAGS.config, which=FLAGS.which,
-      label_specs=FLAGS.labels, prefix=FLAGS.prefix.strip().upper(),
-      reference_csv=FLAGS.reference_csv, num_samples=FLAGS.num_samples,
-      batch_size=FLAGS.batch_size, seed=FLAGS.seed, max_new_tokens=FLAGS.length,
-      stop_at_eos=FLAGS.stop_at_eos, min_new_tokens=FLAGS.min_length,
-      temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
-      beam_width=FLAGS.beam_width, length_penalty=FLAGS.length_penalty,
-      allow_n=FLAGS.allow_n)
+    FLAGS.checkpoint or FLAGS.workdir,
+    output,
+    config=FLAGS.config,
+    which=FLAGS.which,
+    label_specs=FLAGS.labels,
+    prefix=FLAGS.prefix.strip().upper(),
+    reference_csv=FLAGS.reference_csv,
+    num_samples=FLAGS.num_samples,
+    batch_size=FLAGS.batch_size,
+    seed=FLAGS.seed,
+    max_new_tokens=FLAGS.length,
+    stop_at_eos=FLAGS.stop_at_eos,
+    min_new_tokens=FLAGS.min_length,
+    temperature=FLAGS.temperature,
+    top_k=FLAGS.top_k,
+    top_p=FLAGS.top_p,
+    beam_width=FLAGS.beam_width,
+    length_penalty=FLAGS.length_penalty,
+    allow_n=FLAGS.allow_n,
+  )
   if jax.process_index() == 0:
     print(result["table"])
-    print(f"designs: {result['fasta']}; summary: {os.path.splitext(output)[0]}.summary.json, "
-          f".txt, .png ({result['seconds']:.1f} s)")
+    print(
+      f"designs: {result['fasta']}; summary: {os.path.splitext(output)[0]}.summary.json, "
+      f".txt, .png ({result['seconds']:.1f} s)"
+    )
 
 
 if __name__ == "__main__":

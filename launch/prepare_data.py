@@ -13,32 +13,33 @@ import json
 import os
 import sys
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from hybridna_jax import launch_utils
 from hybridna_jax.data import prepare
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Job config file: configs/<file>.py[:variant].")
+  "config", None, "Job config file: configs/<file>.py[:variant]."
+)
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Directory for the run's outputs (here: the summary).")
+  "workdir", None, "Directory for the run's outputs (here: the summary)."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def summary(store) -> dict:
   return {
-      "store_dir": os.path.abspath(store.path),
-      "sources": list(store.sources),
-      "splits": {
-          name: {
-              "records": store[name].num_records,
-              "tokens": store[name].num_tokens,
-              "per_source": store[name].info["per_source"],
-          } for name in store.splits
-      },
+    "store_dir": os.path.abspath(store.path),
+    "sources": list(store.sources),
+    "splits": {
+      name: {
+        "records": store[name].num_records,
+        "tokens": store[name].num_tokens,
+        "per_source": store[name].info["per_source"],
+      }
+      for name in store.splits
+    },
   }
 
 
@@ -47,8 +48,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
   if "data" not in config:
-    raise app.UsageError(f"the config has no `data` field; it has "
-                         f"{sorted(config.keys())}.")
+    raise app.UsageError(f"the config has no `data` field; it has {sorted(config.keys())}.")
   try:
     store = prepare.prepare_store(config.data)
   except ValueError as e:  # Bad input or config: the message says it all.
@@ -61,8 +61,10 @@ def main(argv):
     json.dump(result, f, indent=1)
   logging.info("Wrote %s", path)
   for name, split in result["splits"].items():
-    print(f"{name}: {split['records']} records, {split['tokens']} tokens, "
-          f"{len(split['per_source'])} sources")
+    print(
+      f"{name}: {split['records']} records, {split['tokens']} tokens, "
+      f"{len(split['per_source'])} sources"
+    )
 
 
 if __name__ == "__main__":

@@ -25,19 +25,30 @@ from absl import app, flags, logging
 from hybridna_jax import launch_utils
 
 launch_utils.define_flags(workdir_required=True)
-flags.DEFINE_enum("mode", None, ["loglik", "positions", "embed", "variants"],
-                  "What to compute.", required=True)
+flags.DEFINE_enum(
+  "mode", None, ["loglik", "positions", "embed", "variants"], "What to compute.", required=True
+)
 flags.DEFINE_multi_string("fasta", [], "FASTA file(s) of sequences (loglik, positions, embed).")
-flags.DEFINE_string("variants", None, "VCF (.vcf, .vcf.gz) or CSV (chrom,pos,ref,alt) of "
-                    "variants (mode=variants).")
+flags.DEFINE_string(
+  "variants", None, "VCF (.vcf, .vcf.gz) or CSV (chrom,pos,ref,alt) of variants (mode=variants)."
+)
 flags.DEFINE_string("reference", None, "Reference FASTA of the variants (mode=variants).")
-flags.DEFINE_string("checkpoint", None, "A run, checkpoints/, best/ or step directory "
-                    "(default: --workdir).")
+flags.DEFINE_string(
+  "checkpoint", None, "A run, checkpoints/, best/ or step directory (default: --workdir)."
+)
 flags.DEFINE_enum("which", "latest", ["latest", "best"], "Checkpoint of a run directory.")
-flags.DEFINE_string("output", None, "Output file (default: <workdir>/scores/<mode>.<ext>); "
-                    "plots and other files are written next to it.")
-flags.DEFINE_bool("bedgraph", False, "mode=positions: also write <output>.bedgraph of the "
-                  "per-position log-probabilities (for genome browsers).")
+flags.DEFINE_string(
+  "output",
+  None,
+  "Output file (default: <workdir>/scores/<mode>.<ext>); "
+  "plots and other files are written next to it.",
+)
+flags.DEFINE_bool(
+  "bedgraph",
+  False,
+  "mode=positions: also write <output>.bedgraph of the "
+  "per-position log-probabilities (for genome browsers).",
+)
 FLAGS = flags.FLAGS
 
 _EXTENSIONS = {"loglik": "tsv", "positions": "npz", "embed": "npz", "variants": "tsv"}
@@ -47,11 +58,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   launch_utils.quiet_library_logs()
-  from hybridna_jax import restore  # pylint: disable=g-import-not-at-top
-  from hybridna_jax.scoring import outputs as score_outputs  # pylint: disable=g-import-not-at-top
-  from hybridna_jax import scoring  # pylint: disable=g-import-not-at-top
-  from hybridna_jax.scoring import variants as variants_lib  # pylint: disable=g-import-not-at-top
+  from hybridna_jax import (
+    restore,  # pylint: disable=g-import-not-at-top
+    scoring,  # pylint: disable=g-import-not-at-top
+  )
   from hybridna_jax.config import ScoreConfig  # pylint: disable=g-import-not-at-top
+  from hybridna_jax.scoring import outputs as score_outputs  # pylint: disable=g-import-not-at-top
+  from hybridna_jax.scoring import variants as variants_lib  # pylint: disable=g-import-not-at-top
   from hybridna_jax.scoring.evaluation import fasta_sequences  # pylint: disable=g-import-not-at-top
 
   mode = FLAGS.mode
@@ -70,7 +83,8 @@ def main(argv):
   section = ScoreConfig.of(config)
   if mode == "variants":
     variants, problems = variants_lib.read_variants(
-        FLAGS.variants, max_indel_length=section.max_indel_length)
+      FLAGS.variants, max_indel_length=section.max_indel_length
+    )
     variants_lib.report_problems(problems)
     reference = variants_lib.load_reference(FLAGS.reference, {v.chrom for v in variants})
   else:
@@ -79,19 +93,40 @@ def main(argv):
   scorer, _ = scoring.Scorer.from_run(path, config, which=FLAGS.which)
   rc = section.rc_average
   progress = scoring.ProgressLogger("windows")
-  logging.info("mode %s: context %d, stride %d, batch %d, buckets %s, rc_average %s",
-               mode, scorer.context, scorer.stride, scorer.settings.batch_size,
-               scorer.buckets, rc)
+  logging.info(
+    "mode %s: context %d, stride %d, batch %d, buckets %s, rc_average %s",
+    mode,
+    scorer.context,
+    scorer.stride,
+    scorer.settings.batch_size,
+    scorer.buckets,
+    rc,
+  )
 
   if mode == "variants":
     paths = score_outputs.score_variants_to_files(
-        scorer, variants, problems, reference, output,
-        window=section.variant_window, rc_average=rc, progress=progress)
+      scorer,
+      variants,
+      problems,
+      reference,
+      output,
+      window=section.variant_window,
+      rc_average=rc,
+      progress=progress,
+    )
   else:
     paths = score_outputs.score_sequences_to_files(
-        mode, scorer, [r.name for r in records], [r.tokens for r in records], output,
-        rc_average=rc, pooling=section.pooling,
-        layer=section.layer, bedgraph=FLAGS.bedgraph, progress=progress)
+      mode,
+      scorer,
+      [r.name for r in records],
+      [r.tokens for r in records],
+      output,
+      rc_average=rc,
+      pooling=section.pooling,
+      layer=section.layer,
+      bedgraph=FLAGS.bedgraph,
+      progress=progress,
+    )
   logging.info("wrote %s", ", ".join(paths))
   logging.info("compiled programs: %d (buckets %s)", scorer.trace_count, scorer.buckets)
 

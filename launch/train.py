@@ -24,8 +24,11 @@ def main(argv):
   launch_utils.initialize_distributed()
   # Imported after distributed start-up (nothing may touch devices before).
   import jax  # pylint: disable=g-import-not-at-top
-  from hybridna_jax.train import loop  # pylint: disable=g-import-not-at-top
-  from hybridna_jax.train import report  # pylint: disable=g-import-not-at-top
+
+  from hybridna_jax.train import (
+    loop,  # pylint: disable=g-import-not-at-top
+    report,  # pylint: disable=g-import-not-at-top
+  )
 
   config = FLAGS.config
   summary = loop.train(config, FLAGS.workdir)

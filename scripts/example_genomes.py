@@ -18,17 +18,17 @@ To train on it, a job config sets:
 
 import os
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 
 from hybridna_jax.data import config as config_lib
 from hybridna_jax.data import prepare
 
-_CACHE_DIR = flags.DEFINE_string("cache_dir", "data_cache",
-                                 "Where fetch_example_genomes.sh unpacked.")
+_CACHE_DIR = flags.DEFINE_string(
+  "cache_dir", "data_cache", "Where fetch_example_genomes.sh unpacked."
+)
 _STORE_DIR = flags.DEFINE_string(
-    "store_dir", None, "Output store (default <cache_dir>/example_store).")
+  "store_dir", None, "Output store (default <cache_dir>/example_store)."
+)
 
 _RAGOUT = "ragout-examples/usr/share/doc/ragout/examples"
 _KLEBORATE = "kleborate-examples/usr/share/doc/kleborate/examples/data"
@@ -36,38 +36,37 @@ _BOWTIE2 = "bowtie2-examples/usr/share/doc/bowtie2/examples/reference"
 
 # (species, strain, file under <cache>/extracted).
 GENOMES = (
-    ("E_coli", "DH1", f"{_RAGOUT}/E.Coli/references/DH1.fasta.gz"),
-    ("E_coli", "MG1655-K12",
-     f"{_RAGOUT}/E.Coli/references/MG1655-K12.fasta.gz"),
-    ("H_pylori", "ELS37", f"{_RAGOUT}/H.Pylori/references/ELS37.fasta.gz"),
-    ("H_pylori", "G27", f"{_RAGOUT}/H.Pylori/references/G27.fasta.gz"),
-    ("H_pylori", "Gambia94_24",
-     f"{_RAGOUT}/H.Pylori/references/Gambia94_24.fasta.gz"),
-    ("H_pylori", "Puno120", f"{_RAGOUT}/H.Pylori/references/Puno120.fasta.gz"),
-    ("H_pylori", "SJM180", f"{_RAGOUT}/H.Pylori/references/SJM180.fasta.gz"),
-    ("S_aureus", "COL", f"{_RAGOUT}/S.Aureus/references/COL.fasta.gz"),
-    ("S_aureus", "JKD6008", f"{_RAGOUT}/S.Aureus/references/JKD6008.fasta.gz"),
-    ("S_aureus", "N315", f"{_RAGOUT}/S.Aureus/references/N315.fasta.gz"),
-    ("S_aureus", "RF122", f"{_RAGOUT}/S.Aureus/references/RF122.fasta.gz"),
-    ("S_aureus", "USA300_FPR3757",
-     f"{_RAGOUT}/S.Aureus/references/USA300_FPR3757.fasta.gz"),
-    ("V_cholerae", "H1", f"{_RAGOUT}/V.Cholerae/references/H1.fasta.gz"),
-    ("V_cholerae", "O1_Inaba",
-     f"{_RAGOUT}/V.Cholerae/references/O1_Inaba.fasta.gz"),
-    ("V_cholerae", "O1_biovar_N16961",
-     f"{_RAGOUT}/V.Cholerae/references/O1_biovar.fasta.gz"),
-    ("V_cholerae", "O395", f"{_RAGOUT}/V.Cholerae/references/O395.fasta.gz"),
-    ("K_pneumoniae", "HS11286", f"{_KLEBORATE}/Klebs_HS11286.fna.xz"),
-    ("K_pneumoniae", "Kp1084", f"{_KLEBORATE}/Klebs_Kp1084.fna.xz"),
-    ("K_pneumoniae", "MGH78578", f"{_KLEBORATE}/MGH78578.fna.xz"),
-    ("K_pneumoniae", "NTUH-K2044", f"{_KLEBORATE}/NTUH-K2044.fna.xz"),
-    ("Lambda_phage", "NC_001416", f"{_BOWTIE2}/lambda_virus.fa.gz"),
+  ("E_coli", "DH1", f"{_RAGOUT}/E.Coli/references/DH1.fasta.gz"),
+  ("E_coli", "MG1655-K12", f"{_RAGOUT}/E.Coli/references/MG1655-K12.fasta.gz"),
+  ("H_pylori", "ELS37", f"{_RAGOUT}/H.Pylori/references/ELS37.fasta.gz"),
+  ("H_pylori", "G27", f"{_RAGOUT}/H.Pylori/references/G27.fasta.gz"),
+  ("H_pylori", "Gambia94_24", f"{_RAGOUT}/H.Pylori/references/Gambia94_24.fasta.gz"),
+  ("H_pylori", "Puno120", f"{_RAGOUT}/H.Pylori/references/Puno120.fasta.gz"),
+  ("H_pylori", "SJM180", f"{_RAGOUT}/H.Pylori/references/SJM180.fasta.gz"),
+  ("S_aureus", "COL", f"{_RAGOUT}/S.Aureus/references/COL.fasta.gz"),
+  ("S_aureus", "JKD6008", f"{_RAGOUT}/S.Aureus/references/JKD6008.fasta.gz"),
+  ("S_aureus", "N315", f"{_RAGOUT}/S.Aureus/references/N315.fasta.gz"),
+  ("S_aureus", "RF122", f"{_RAGOUT}/S.Aureus/references/RF122.fasta.gz"),
+  ("S_aureus", "USA300_FPR3757", f"{_RAGOUT}/S.Aureus/references/USA300_FPR3757.fasta.gz"),
+  ("V_cholerae", "H1", f"{_RAGOUT}/V.Cholerae/references/H1.fasta.gz"),
+  ("V_cholerae", "O1_Inaba", f"{_RAGOUT}/V.Cholerae/references/O1_Inaba.fasta.gz"),
+  ("V_cholerae", "O1_biovar_N16961", f"{_RAGOUT}/V.Cholerae/references/O1_biovar.fasta.gz"),
+  ("V_cholerae", "O395", f"{_RAGOUT}/V.Cholerae/references/O395.fasta.gz"),
+  ("K_pneumoniae", "HS11286", f"{_KLEBORATE}/Klebs_HS11286.fna.xz"),
+  ("K_pneumoniae", "Kp1084", f"{_KLEBORATE}/Klebs_Kp1084.fna.xz"),
+  ("K_pneumoniae", "MGH78578", f"{_KLEBORATE}/MGH78578.fna.xz"),
+  ("K_pneumoniae", "NTUH-K2044", f"{_KLEBORATE}/NTUH-K2044.fna.xz"),
+  ("Lambda_phage", "NC_001416", f"{_BOWTIE2}/lambda_virus.fa.gz"),
 )
 
 # One strain per species for validation (not the single-strain phage).
-HELD_OUT = ("E_coli__MG1655-K12", "H_pylori__SJM180",
-            "S_aureus__USA300_FPR3757", "V_cholerae__H1",
-            "K_pneumoniae__MGH78578")
+HELD_OUT = (
+  "E_coli__MG1655-K12",
+  "H_pylori__SJM180",
+  "S_aureus__USA300_FPR3757",
+  "V_cholerae__H1",
+  "K_pneumoniae__MGH78578",
+)
 
 
 def link_genomes(cache_dir: str) -> str:
@@ -78,10 +77,14 @@ def link_genomes(cache_dir: str) -> str:
     target = os.path.join(cache_dir, "extracted", rel)
     if not os.path.isfile(target):
       raise FileNotFoundError(
-          f"{target} is missing; run scripts/fetch_example_genomes.sh to "
-          "download and unpack the packages.")
-    ext = ".fna.xz" if rel.endswith(".fna.xz") else (
-        ".fasta.gz" if rel.endswith(".fasta.gz") else ".fa.gz")
+        f"{target} is missing; run scripts/fetch_example_genomes.sh to "
+        "download and unpack the packages."
+      )
+    ext = (
+      ".fna.xz"
+      if rel.endswith(".fna.xz")
+      else (".fasta.gz" if rel.endswith(".fasta.gz") else ".fa.gz")
+    )
     link = os.path.join(genomes, f"{species}__{strain}{ext}")
     relative = os.path.relpath(target, genomes)
     if os.path.islink(link) and os.readlink(link) == relative:
@@ -111,17 +114,20 @@ def main(argv):
   store = prepare.prepare_store(cfg)
   species = {f"{sp}__{st}": sp for sp, st, _ in GENOMES}
   print(f"[prepare] token store {os.path.abspath(store.path)}")
-  print(f"{'split':<6}{'species':<14}{'strain':<18}{'records':>8}"
-        f"{'Mb':>8}{'N':>6}")
+  print(f"{'split':<6}{'species':<14}{'strain':<18}{'records':>8}{'Mb':>8}{'N':>6}")
   for split in store.splits:
     for source, stats in store[split].info["per_source"].items():
-      print(f"{split:<6}{species[source]:<14}{source.split('__', 1)[1]:<18}"
-            f"{stats['records']:>8}{stats['tokens'] / 1e6:>8.3f}"
-            f"{stats['n_tokens']:>6}")
+      print(
+        f"{split:<6}{species[source]:<14}{source.split('__', 1)[1]:<18}"
+        f"{stats['records']:>8}{stats['tokens'] / 1e6:>8.3f}"
+        f"{stats['n_tokens']:>6}"
+      )
   for split in store.splits:
     s = store[split]
-    print(f"[prepare] {split}: {len(s.info['per_source'])} genomes, "
-          f"{s.num_records} records, {s.num_tokens / 1e6:.2f} Mb")
+    print(
+      f"[prepare] {split}: {len(s.info['per_source'])} genomes, "
+      f"{s.num_records} records, {s.num_tokens / 1e6:.2f} Mb"
+    )
   print(f"[prepare] held out for validation: {', '.join(HELD_OUT)}")
   logging.flush()
 

@@ -35,9 +35,9 @@ _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 LAMBDA = os.path.join(os.path.dirname(__file__), "..", "tests", "data", "lambda_virus.fa")
 
 MOTIFS = {
-    "HepG2": ("GTTAATNATTAAC", "CAAAGTCCA"),
-    "K562": ("AGATAANNNNAGATAA", "CCACACCCT"),
-    "SK-N-SH": ("TAATYYAATTA", "ACAAAGG"),
+  "HepG2": ("GTTAATNATTAAC", "CAAAGTCCA"),
+  "K562": ("AGATAANNNNAGATAA", "CCACACCCT"),
+  "SK-N-SH": ("TAATYYAATTA", "ACAAAGG"),
 }
 _IUPAC = {"N": "ACGT", "Y": "CT", "R": "AG"}
 
@@ -53,28 +53,31 @@ def make_rows(background: str, n: int, length: int, rng: np.random.Generator) ->
   for i in range(n):
     label = labels[i % len(labels)]
     start = int(rng.integers(0, len(background) - length))
-    seq = list(background[start:start + length])
+    seq = list(background[start : start + length])
     count = int(rng.integers(2, 5))
     for _ in range(count):
       site = _instance(MOTIFS[label][int(rng.integers(len(MOTIFS[label])))], rng)
       pos = int(rng.integers(0, length - len(site)))
-      seq[pos:pos + len(site)] = site
+      seq[pos : pos + len(site)] = site
     activity = count + rng.normal(0, 0.5)
-    rows.append({"sequence": "".join(seq), "label": label, "activity": f"{activity:.3f}",
-                 "motifs": count})
+    rows.append(
+      {"sequence": "".join(seq), "label": label, "activity": f"{activity:.3f}", "motifs": count}
+    )
   rng.shuffle(rows)
   return rows
 
 
 def main(argv):
   del argv
-  (_, tokens), = fasta.read_fasta(LAMBDA)
+  ((_, tokens),) = fasta.read_fasta(LAMBDA)
   genome = tokenizer.decode(tokens)
   half = len(genome) // 2
   rng = np.random.default_rng(_SEED.value)
   os.makedirs(_OUT_DIR.value, exist_ok=True)
-  for name, part, n in (("train", genome[:half], _NUM_TRAIN.value),
-                        ("val", genome[half:], _NUM_VAL.value)):
+  for name, part, n in (
+    ("train", genome[:half], _NUM_TRAIN.value),
+    ("val", genome[half:], _NUM_VAL.value),
+  ):
     path = os.path.join(_OUT_DIR.value, f"{name}.csv")
     with open(path, "w", newline="", encoding="utf-8") as f:
       writer = csv.DictWriter(f, fieldnames=["sequence", "label", "activity", "motifs"])

@@ -44,6 +44,8 @@ FLAGS = flags.FLAGS
 
 STOPS = ("TAA", "TAG", "TGA")
 FOURFOLD = ("GC", "GG", "CC", "AC", "GT", "CT", "TC", "CG")
+
+
 def find_orfs(seq: str, min_length: int) -> list[tuple[int, int, int]]:
   """Open reading frames of one strand: [(start, end, frame)] with 0-based
   half-open coordinates, from an ATG to the first in-frame stop (included),
@@ -52,7 +54,7 @@ def find_orfs(seq: str, min_length: int) -> list[tuple[int, int, int]]:
   for frame in range(3):
     start = None
     for i in range(frame, len(seq) - 2, 3):
-      codon = seq[i:i + 3]
+      codon = seq[i : i + 3]
       if start is None and codon == "ATG":
         start = i
       elif codon in STOPS:
@@ -68,10 +70,10 @@ def _pick_snvs(orf: str, rng: np.random.Generator):
   codons = range(30, len(orf) // 6)
   nonsense, synonymous = [], []
   for c in codons:
-    codon = orf[3 * c:3 * c + 3]
+    codon = orf[3 * c : 3 * c + 3]
     for k in range(3):
       for base in "ACGT":
-        if base != codon[k] and codon[:k] + base + codon[k + 1:] in STOPS:
+        if base != codon[k] and codon[:k] + base + codon[k + 1 :] in STOPS:
           nonsense.append((3 * c + k, codon[k], base))
     if codon[:2] in FOURFOLD:
       synonymous += [(3 * c + 2, codon[2], b) for b in "ACGT" if b != codon[2]]
@@ -88,7 +90,9 @@ def write(genome_path: str, out_path: str, *, num_orfs: int, min_orf: int, seed:
   n = len(seq)
   rng = np.random.default_rng(seed)
   candidates = [("+", s, e) for s, e, _ in find_orfs(seq, min_orf)]
-  candidates += [("-", n - e, n - s) for s, e, _ in find_orfs(tokenizer.reverse_complement(seq), min_orf)]
+  candidates += [
+    ("-", n - e, n - s) for s, e, _ in find_orfs(tokenizer.reverse_complement(seq), min_orf)
+  ]
   order = rng.permutation(len(candidates))
   rows = []
   for index in order:
@@ -109,22 +113,28 @@ def write(genome_path: str, out_path: str, *, num_orfs: int, min_orf: int, seed:
       assert seq[pos - 1] == ref, (pos, ref)
       rows.append((chrom.name, pos, ref, alt, f"{kind}_{k}"))
   if not rows:
-    raise ValueError(f"{genome_path}: no ORF of at least {min_orf} nt with a nonsense and a "
-                     "synonymous SNV site; lower --min_orf or use a larger genome.")
+    raise ValueError(
+      f"{genome_path}: no ORF of at least {min_orf} nt with a nonsense and a "
+      "synonymous SNV site; lower --min_orf or use a larger genome."
+    )
   # Malformed records: the scorer reports and skips each one.
   first = rows[0]
   wrong_ref = next(b for b in "ACGT" if b != first[2])
-  bad = [(first[0], first[1], wrong_ref, first[2], "bad_wrong_ref"),
-         ("no_such_chromosome", 100, "A", "C", "bad_unknown_chromosome"),
-         (first[0], n + 10, "A", "C", "bad_past_the_end")]
+  bad = [
+    (first[0], first[1], wrong_ref, first[2], "bad_wrong_ref"),
+    ("no_such_chromosome", 100, "A", "C", "bad_unknown_chromosome"),
+    (first[0], n + 10, "A", "C", "bad_past_the_end"),
+  ]
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
   with open(out_path, "w", newline="") as f:
     writer = csv.writer(f)
     writer.writerow(("chrom", "pos", "ref", "alt", "id"))
     writer.writerows(rows + bad)
-  print(f"{genome_path}: {chrom.name} ({n:,} nt), {len(candidates):,} ORFs >= "
-        f"{min_orf} nt; wrote {len(rows) // 2} nonsense/synonymous SNV pairs and "
-        f"{len(bad)} malformed records to {out_path}")
+  print(
+    f"{genome_path}: {chrom.name} ({n:,} nt), {len(candidates):,} ORFs >= "
+    f"{min_orf} nt; wrote {len(rows) // 2} nonsense/synonymous SNV pairs and "
+    f"{len(bad)} malformed records to {out_path}"
+  )
 
 
 def summarize(tsv_path: str) -> None:
@@ -135,15 +145,22 @@ def summarize(tsv_path: str) -> None:
     raise ValueError(f"{tsv_path}: no scored variants.")
   llr_column = next(c for c in rows[0] if c.startswith("llr"))
   by_id = {r["id"]: float(r[llr_column]) for r in rows}
-  pairs = [(by_id[i], by_id["synonymous_" + i.split("_", 1)[1]]) for i in by_id
-           if i.startswith("nonsense_") and "synonymous_" + i.split("_", 1)[1] in by_id]
+  pairs = [
+    (by_id[i], by_id["synonymous_" + i.split("_", 1)[1]])
+    for i in by_id
+    if i.startswith("nonsense_") and "synonymous_" + i.split("_", 1)[1] in by_id
+  ]
   if not pairs:
-    raise ValueError(f"{tsv_path}: no nonsense/synonymous pairs (ids nonsense_k, "
-                     "synonymous_k); was it scored from make_variant_demo.py's CSV?")
+    raise ValueError(
+      f"{tsv_path}: no nonsense/synonymous pairs (ids nonsense_k, "
+      "synonymous_k); was it scored from make_variant_demo.py's CSV?"
+    )
   nonsense, synonymous = np.array(pairs).T
-  print(f"{len(pairs)} ORFs ({llr_column}): mean LLR nonsense {nonsense.mean():+.3f}, "
-        f"synonymous {synonymous.mean():+.3f}; nonsense below synonymous in "
-        f"{np.mean(nonsense < synonymous):.0%} of ORFs (no signal: 50%)")
+  print(
+    f"{len(pairs)} ORFs ({llr_column}): mean LLR nonsense {nonsense.mean():+.3f}, "
+    f"synonymous {synonymous.mean():+.3f}; nonsense below synonymous in "
+    f"{np.mean(nonsense < synonymous):.0%} of ORFs (no signal: 50%)"
+  )
 
 
 def main(argv):
@@ -152,8 +169,7 @@ def main(argv):
   if argv[1] == "write":
     if not FLAGS.genome or not FLAGS.out:
       raise app.UsageError("write needs --genome and --out.")
-    write(FLAGS.genome, FLAGS.out, num_orfs=FLAGS.num_orfs, min_orf=FLAGS.min_orf,
-          seed=FLAGS.seed)
+    write(FLAGS.genome, FLAGS.out, num_orfs=FLAGS.num_orfs, min_orf=FLAGS.min_orf, seed=FLAGS.seed)
   else:
     if not FLAGS.tsv:
       raise app.UsageError("summarize needs --tsv.")

@@ -9,5 +9,8 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q -r requirements.txt -e .
+# Lint and formatting first (configured in pyproject.toml): a failure stops here.
+"$VENV/bin/ruff" check --quiet .
+"$VENV/bin/ruff" format --check --quiet .
 export JAX_PLATFORMS=cpu
 exec "$VENV/bin/python" -m pytest -q "$@"

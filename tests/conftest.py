@@ -36,8 +36,9 @@ def lambda_store(tmp_path_factory):
   (40,000 nt, train) and lambda_b (8,502 nt, val). Returns the data config."""
   from hybridna_jax.config import base_config  # pylint: disable=g-import-not-at-top
   from hybridna_jax.data import fasta, prepare  # pylint: disable=g-import-not-at-top
+
   root = tmp_path_factory.mktemp("lambda")
-  (_, tokens), = fasta.read_fasta(LAMBDA_FASTA)
+  ((_, tokens),) = fasta.read_fasta(LAMBDA_FASTA)
   seq = tokenizer.decode(tokens)
   path = root / "lambda_split.fa"
   fasta.write_fasta(path, [("lambda_a", seq[:40000]), ("lambda_b", seq[40000:])])
@@ -54,6 +55,7 @@ def lambda_store(tmp_path_factory):
 def tiny_config(lambda_store):
   """The tiny model on the lambda store: two short stages, no eval/plot."""
   from hybridna_jax.config import load_config  # pylint: disable=g-import-not-at-top
+
   cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py"))
   cfg.data = lambda_store
   cfg.mesh.num_devices = 1
@@ -77,6 +79,7 @@ def tiny_run(lambda_store, tmp_path_factory):
   evaluation tests."""
   from hybridna_jax.config import load_config  # pylint: disable=g-import-not-at-top
   from hybridna_jax.train import loop  # pylint: disable=g-import-not-at-top
+
   cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py"))
   cfg.model.n_layers, cfg.model.attn_period, cfg.model.attn_offset = 2, 2, 1
   cfg.data = lambda_store

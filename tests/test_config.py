@@ -13,17 +13,28 @@ import pytest
 
 from hybridna_jax import config as config_lib
 from hybridna_jax import generate, scoring
-from hybridna_jax.config import (MODEL_ARCHITECTURE_FIELDS, MODEL_INIT_FIELDS,
-                                 MODEL_RUNTIME_FIELDS, SECTIONS, ConfigError, ModelConfig,
-                                 ScoreConfig, TrainConfig, architecture_differences,
-                                 load_config, validate)
+from hybridna_jax.config import (
+  MODEL_ARCHITECTURE_FIELDS,
+  MODEL_INIT_FIELDS,
+  MODEL_RUNTIME_FIELDS,
+  SECTIONS,
+  ConfigError,
+  ModelConfig,
+  ScoreConfig,
+  TrainConfig,
+  architecture_differences,
+  load_config,
+  validate,
+)
 from hybridna_jax.data.config import DataConfig
 from hybridna_jax.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LEGACY_CONFIG = os.path.join(ROOT, "tests", "data", "legacy_run", "config.json")
-MALFORMED_STAGES = ("config.train.stages[0] = 256: expected a tuple of (seq_len, steps, "
-                    "global_batch_size) triples like ((8192, 1000, 64),), got (256, 6, 4).")
+MALFORMED_STAGES = (
+  "config.train.stages[0] = 256: expected a tuple of (seq_len, steps, "
+  "global_batch_size) triples like ((8192, 1000, 64),), got (256, 6, 4)."
+)
 
 
 def _config(spec="configs/tiny.py"):
@@ -34,17 +45,27 @@ def test_sections_are_one_definition_each():
   cfg = config_lib.base_config()
   for name, section in SECTIONS.items():
     assert cfg[name].to_dict() == section.config_dict().to_dict()
-    assert section.from_config(cfg[name]) == section()   # defaults round-trip
+    assert section.from_config(cfg[name]) == section()  # defaults round-trip
   assert DataConfig.from_config(cfg.data).split.split_by == "source"
   # The scorer's and the sampler's settings are the sections themselves.
   assert scoring.ScoreSettings is ScoreConfig and generate.Settings is config_lib.GenerateConfig
 
 
 def test_every_config_and_variant_loads():
-  for spec in ("tiny.py", "demo.py", "demo.py:quick", "hybridna_300m.py", "hybridna_3b.py",
-               "hybridna_7b.py", "design_demo.py:bins", "design_demo.py:pretrained",
-               "finetune_tiny.py:rc_echo,frozen", "finetune_demo.py:rc_echo,frozen",
-               "finetune_demo.py:plain_mean,fresh", "finetune_demo.py:quick,balanced"):
+  for spec in (
+    "tiny.py",
+    "demo.py",
+    "demo.py:quick",
+    "hybridna_300m.py",
+    "hybridna_3b.py",
+    "hybridna_7b.py",
+    "design_demo.py:bins",
+    "design_demo.py:pretrained",
+    "finetune_tiny.py:rc_echo,frozen",
+    "finetune_demo.py:rc_echo,frozen",
+    "finetune_demo.py:plain_mean,fresh",
+    "finetune_demo.py:quick,balanced",
+  ):
     validate(_config(f"configs/{spec}"))
   quick = _config("configs/demo.py:quick")
   assert quick.train.stages == ((512, 20, 4), (1024, 10, 2)) and quick.score.context == 1024
@@ -55,8 +76,11 @@ def test_every_config_and_variant_loads():
 
 
 def test_unknown_variant_is_one_line_listing_the_known_ones():
-  with pytest.raises(ConfigError, match=r"^unknown variant 'slow' of demo.py; known "
-                     r"variants: quick\.$"):
+  with pytest.raises(
+    ConfigError,
+    match=r"^unknown variant 'slow' of demo.py; known "
+    r"variants: quick\.$",
+  ):
     _config("configs/demo.py:slow")
   with pytest.raises(ConfigError, match="of tiny.py; known variants: none"):
     _config("configs/tiny.py:quick")
@@ -68,8 +92,11 @@ def test_unknown_variant_is_one_line_listing_the_known_ones():
 def test_unknown_fields_are_named():
   cfg = _config()
   cfg.train.eval_evry = 5
-  with pytest.raises(ConfigError, match=r"config.train has unknown fields \['eval_evry'\] "
-                     r"\(did you mean 'eval_every'\?\); valid fields: seed, stages"):
+  with pytest.raises(
+    ConfigError,
+    match=r"config.train has unknown fields \['eval_evry'\] "
+    r"\(did you mean 'eval_every'\?\); valid fields: seed, stages",
+  ):
     validate(cfg)
   cfg = _config()
   cfg.data.split.val_fraktion = 0.1
@@ -88,9 +115,12 @@ def test_unknown_fields_are_named():
 
 def test_malformed_stages_fail_with_one_line():
   cfg = _config()
-  cfg.train.stages = ((256, 6, 4))           # a triple, not a tuple of triples
-  for check in (validate, lambda c: loop.parse_stages(c.train),
-                lambda c: loop.train(c, "/nonexistent/never/written")):
+  cfg.train.stages = (256, 6, 4)  # a triple, not a tuple of triples
+  for check in (
+    validate,
+    lambda c: loop.parse_stages(c.train),
+    lambda c: loop.train(c, "/nonexistent/never/written"),
+  ):
     with pytest.raises(ConfigError) as e:
       check(cfg)
     assert str(e.value) == MALFORMED_STAGES
@@ -99,8 +129,11 @@ def test_malformed_stages_fail_with_one_line():
     validate(cfg)
   cfg.train.stages = ((256, 6, 4),)
   cfg.train.markov_orders = ("3",)
-  with pytest.raises(ConfigError, match=r"config.train.markov_orders\[0\] = '3': expected a "
-                     "tuple of integers"):
+  with pytest.raises(
+    ConfigError,
+    match=r"config.train.markov_orders\[0\] = '3': expected a "
+    "tuple of integers",
+  ):
     validate(cfg)
 
 
@@ -130,34 +163,56 @@ def test_model_fields_are_architecture_runtime_or_init():
   assert {"rope", "rope_theta", "norm_eps", "d_model"} <= parts[0]
   assert {"dtype", "remat", "attention_impl", "ssd_impl", "max_seq_len"} <= parts[1]
   base = ModelConfig.from_config(_config().model)
-  assert architecture_differences(base, dataclasses.replace(
-      base, dtype="bfloat16", remat="full", attention_impl="xla_blockwise", init_std=1.0)) == {}
+  assert (
+    architecture_differences(
+      base,
+      dataclasses.replace(
+        base, dtype="bfloat16", remat="full", attention_impl="xla_blockwise", init_std=1.0
+      ),
+    )
+    == {}
+  )
   assert architecture_differences(base, dataclasses.replace(base, rope=True)) == {
-      "rope": (False, True)}
+    "rope": (False, True)
+  }
   # Placement compares as layer types: the same layers placed two ways match.
   assert base.layer_types == ("mamba", "mamba", "attention", "mamba")
   assert architecture_differences(base, dataclasses.replace(base, attn_layers=(2,))) == {}
   assert set(architecture_differences(base, dataclasses.replace(base, attn_layers=(1,)))) == {
-      "layer_types"}
+    "layer_types"
+  }
 
 
 def _launch(config, *overrides):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "train.py"),
-                         f"--config={config}", *overrides,
-                         "--workdir=/nonexistent/never/written"],
-                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300,
-                        check=False)
+  return subprocess.run(
+    [
+      sys.executable,
+      os.path.join(ROOT, "launch", "train.py"),
+      f"--config={config}",
+      *overrides,
+      "--workdir=/nonexistent/never/written",
+    ],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    env=env,
+    timeout=300,
+    check=False,
+  )
 
 
 def test_launcher_reports_config_errors_in_one_line():
   for args, message in (
-      (["configs/tiny.py", "--config.train.stages=((256, 6, 4))"], MALFORMED_STAGES),
-      (["configs/tiny.py", "--config.train.eval_evry=3"], "--config.train.eval_evry: "
-       "config.train has no field 'eval_evry' (did you mean 'eval_every'?); its fields: "
-       "async_checkpoints, b1,"),
-      (["configs/tiny.py:quick"], "unknown variant 'quick' of tiny.py; known variants: "
-       "none.")):
+    (["configs/tiny.py", "--config.train.stages=((256, 6, 4))"], MALFORMED_STAGES),
+    (
+      ["configs/tiny.py", "--config.train.eval_evry=3"],
+      "--config.train.eval_evry: "
+      "config.train has no field 'eval_evry' (did you mean 'eval_every'?); its fields: "
+      "async_checkpoints, b1,",
+    ),
+    (["configs/tiny.py:quick"], "unknown variant 'quick' of tiny.py; known variants: none."),
+  ):
     run = _launch(*args)
     assert run.returncode == 1, run.stderr
     lines = run.stderr.strip().splitlines()

@@ -17,14 +17,17 @@ LAMBDA = os.path.join(os.path.dirname(__file__), "data", "lambda_virus.fa")
 
 def _random_records(seed=0, count=40, alphabet="ACGTNacgtnRYKM"):
   rng = random.Random(seed)
-  return [(f"rec{i} some description {i}",
-           "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 700))))
-          for i in range(count)]
+  return [
+    (
+      f"rec{i} some description {i}",
+      "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 700))),
+    )
+    for i in range(count)
+  ]
 
 
 def _expected(records):
-  return [(name.split()[0], tokenizer.encode_bytes(seq.encode()))
-          for name, seq in records]
+  return [(name.split()[0], tokenizer.encode_bytes(seq.encode())) for name, seq in records]
 
 
 def _check(path, expected, **kwargs):
@@ -57,32 +60,33 @@ def test_compressed_inputs(tmp_path, compress):
     path.write_bytes(bz2.compress(data))
   else:  # bgzip: many independent gzip members, cut at arbitrary bytes.
     cuts = [0, 1000, 1001, 5000, len(data)]
-    path.write_bytes(b"".join(gzip.compress(data[a:b])
-                              for a, b in zip(cuts[:-1], cuts[1:])))
-  assert fasta.detect_compression(path) == (
-      "gzip" if compress == "bgzip" else compress)
+    path.write_bytes(b"".join(gzip.compress(data[a:b]) for a, b in zip(cuts[:-1], cuts[1:])))
+  assert fasta.detect_compression(path) == ("gzip" if compress == "bgzip" else compress)
   _check(path, _expected(records), block_size=777)
 
 
 def test_lambda_phage():
-  (header, tokens), = fasta.read_fasta(LAMBDA)
+  ((header, tokens),) = fasta.read_fasta(LAMBDA)
   assert header.name == "gi|9626243|ref|NC_001416.1|"
   assert header.description.startswith("Enterobacteria phage lambda")
   assert header.line == 1
   assert tokens.dtype == np.uint8 and tokens.size == 48502
   assert tokenizer.decode(tokens[:10]) == "GGGCGGCGAC"
-  assert set(np.unique(tokens)) == {tokenizer.A, tokenizer.C, tokenizer.G,
-                                    tokenizer.T}
+  assert set(np.unique(tokens)) == {tokenizer.A, tokenizer.C, tokenizer.G, tokenizer.T}
 
 
 def test_windows_line_endings_blank_lines_and_single_line_records(tmp_path):
   path = tmp_path / "crlf.fa"
-  path.write_bytes(b">a first\r\nACGT\r\nacgn\r\n\r\n>b\r\n" + b"T" * 5000 +
-                   b"\r\n>c\r\nGG")  # no final newline
+  path.write_bytes(
+    b">a first\r\nACGT\r\nacgn\r\n\r\n>b\r\n" + b"T" * 5000 + b"\r\n>c\r\nGG"
+  )  # no final newline
   for block_size in (3, 64, 1 << 16):
     got = fasta.read_fasta(path, block_size=block_size)
     assert [(h.name, h.description, h.line) for h, _ in got] == [
-        ("a", "first", 1), ("b", "", 5), ("c", "", 7)]
+      ("a", "first", 1),
+      ("b", "", 5),
+      ("c", "", 7),
+    ]
     assert tokenizer.decode(got[0][1]) == "ACGTACGN"
     assert got[1][1].size == 5000
     assert tokenizer.decode(got[2][1]) == "GG"
@@ -91,8 +95,9 @@ def test_windows_line_endings_blank_lines_and_single_line_records(tmp_path):
 def test_streams_chunks_no_larger_than_a_block(tmp_path):
   path = tmp_path / "long.fa"
   fasta.write_fasta(path, [("chr", "ACGT" * 10000)], width=80)
-  sizes = [item.size for item in fasta.iter_fasta(path, block_size=4096)
-           if isinstance(item, np.ndarray)]
+  sizes = [
+    item.size for item in fasta.iter_fasta(path, block_size=4096) if isinstance(item, np.ndarray)
+  ]
   assert sum(sizes) == 40000 and max(sizes) <= 4096 and len(sizes) > 9
 
 
@@ -135,8 +140,9 @@ def test_header_without_sequence(tmp_path):
 def test_empty_and_headerless_files(tmp_path):
   empty = tmp_path / "empty.fa"
   empty.write_bytes(b"")
-  assert _error(empty) == (f"{empty}: the file is empty (0 bytes of text); "
-                           "remove it from the inputs or fetch it again.")
+  assert _error(empty) == (
+    f"{empty}: the file is empty (0 bytes of text); remove it from the inputs or fetch it again."
+  )
   empty_gz = tmp_path / "empty.fa.gz"
   empty_gz.write_bytes(gzip.compress(b""))
   assert "the file is empty" in _error(empty_gz)
@@ -159,7 +165,7 @@ def test_truncated_compressed_file(tmp_path, compress):
   data = plain.read_bytes()
   packed = gzip.compress(data) if compress == "gzip" else lzma.compress(data)
   path = tmp_path / f"cut.fa.{compress}"
-  path.write_bytes(packed[:len(packed) // 2])
+  path.write_bytes(packed[: len(packed) // 2])
   message = _error(path, block_size=4096)
   assert message.startswith(f"{path} line ")
   assert f"the {compress} stream is truncated or corrupt" in message

@@ -8,12 +8,10 @@ import pytest
 
 from hybridna_jax import tokenizer
 from hybridna_jax.data import config as config_lib
-from hybridna_jax.data import pipeline
-from hybridna_jax.data import prepare
+from hybridna_jax.data import pipeline, prepare
 from hybridna_jax.data import store as store_lib
 
-A, C, G, T, N = (tokenizer.A, tokenizer.C, tokenizer.G, tokenizer.T,
-                 tokenizer.N)
+A, C, G, T, N = (tokenizer.A, tokenizer.C, tokenizer.G, tokenizer.T, tokenizer.N)
 LAMBDA = os.path.join(os.path.dirname(__file__), "data", "lambda_virus.fa")
 
 
@@ -46,13 +44,10 @@ def mixed_store(tmp_path_factory):
   two records in val."""
   rng = np.random.default_rng(0)
   records = []
-  for s, (count, lo, hi) in enumerate([(40, 5, 90), (3, 500, 3000),
-                                       (10, 1, 300)]):
+  for s, (count, lo, hi) in enumerate([(40, 5, 90), (3, 500, 3000), (10, 1, 300)]):
     for r in range(count):
-      records.append(("train", f"src{s}", f"r{r}",
-                      _random_tokens(rng, int(rng.integers(lo, hi)))))
-  records.append(("val", "held", "v0", _random_tokens(rng, 1000, (A, C, G, T,
-                                                                   N))))
+      records.append(("train", f"src{s}", f"r{r}", _random_tokens(rng, int(rng.integers(lo, hi)))))
+  records.append(("val", "held", "v0", _random_tokens(rng, 1000, (A, C, G, T, N))))
   records.append(("val", "held", "v1", _random_tokens(rng, 37)))
   return _store(tmp_path_factory.mktemp("mixed") / "store", records)
 
@@ -67,10 +62,13 @@ def _rows(batches, key):
 
 def _check_contract(batch, batch_size, seq_len, mask_n=True):
   assert set(batch) == {"inputs", "targets", "segment_ids", "loss_mask"}
-  for k, dtype in (("inputs", np.int32), ("targets", np.int32),
-                   ("segment_ids", np.int32), ("loss_mask", np.float32)):
-    assert batch[k].dtype == dtype and batch[k].shape == (batch_size,
-                                                          seq_len), k
+  for k, dtype in (
+    ("inputs", np.int32),
+    ("targets", np.int32),
+    ("segment_ids", np.int32),
+    ("loss_mask", np.float32),
+  ):
+    assert batch[k].dtype == dtype and batch[k].shape == (batch_size, seq_len), k
   inputs, targets = batch["inputs"], batch["targets"]
   seg, mask = batch["segment_ids"], batch["loss_mask"]
   np.testing.assert_array_equal(inputs[:, 1:], targets[:, :-1])
@@ -78,8 +76,12 @@ def _check_contract(batch, batch_size, seq_len, mask_n=True):
   np.testing.assert_array_equal(seg > 0, inputs != tokenizer.PAD)
   assert np.all(np.diff(seg, axis=1)[seg[:, 1:] > 0] >= 0)
   last = T if mask_n else N
-  want = ((seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] > 0) &
-          (targets[:, :-1] >= A) & (targets[:, :-1] <= last))
+  want = (
+    (seg[:, 1:] == seg[:, :-1])
+    & (seg[:, :-1] > 0)
+    & (targets[:, :-1] >= A)
+    & (targets[:, :-1] <= last)
+  )
   np.testing.assert_array_equal(mask[:, :-1], want.astype(np.float32))
   assert np.all(mask[:, -1] <= (seg[:, -1] > 0))
 
@@ -88,18 +90,27 @@ def test_window_index():
   starts = np.array([0, 1, 3, 13, 24])
   ends = starts + np.array([1, 2, 10, 11, 25])
   sources = np.array([0, 0, 1, 0, 1])
-  train = pipeline.WindowIndex(starts, ends, sources, length=11, stride=10,
-                               align_end=True)
+  train = pipeline.WindowIndex(starts, ends, sources, length=11, stride=10, align_end=True)
   # Sorted by source: segments 0, 1, 3 (source 0), then 2, 4 (source 1).
   assert len(train) == 0 + 1 + 1 + 1 + 3
   assert [train.window(i) for i in range(len(train))] == [
-      (1, 3), (13, 24), (3, 13), (24, 35), (34, 45), (38, 49)]
-  np.testing.assert_array_equal(train.source_ranges(3),
-                                [[0, 2], [2, 6], [6, 6]])
-  evaluation = pipeline.WindowIndex(starts, ends, sources, length=11,
-                                    stride=10, align_end=False)
+    (1, 3),
+    (13, 24),
+    (3, 13),
+    (24, 35),
+    (34, 45),
+    (38, 49),
+  ]
+  np.testing.assert_array_equal(train.source_ranges(3), [[0, 2], [2, 6], [6, 6]])
+  evaluation = pipeline.WindowIndex(starts, ends, sources, length=11, stride=10, align_end=False)
   assert [evaluation.window(i) for i in range(len(evaluation))] == [
-      (1, 3), (13, 24), (3, 13), (24, 35), (34, 45), (44, 49)]
+    (1, 3),
+    (13, 24),
+    (3, 13),
+    (24, 35),
+    (34, 45),
+    (44, 49),
+  ]
 
 
 def test_train_batches_contract_and_determinism(mixed_store):
@@ -108,21 +119,20 @@ def test_train_batches_contract_and_determinism(mixed_store):
   batches = _take(it, 20)
   for b in batches:
     _check_contract(b, 8, 64)
-  again = _take(pipeline.train_batches(c, seq_len=64, batch_size=8, seed=1),
-                20)
+  again = _take(pipeline.train_batches(c, seq_len=64, batch_size=8, seed=1), 20)
   for x, y in zip(batches, again):
     for k in x:
       np.testing.assert_array_equal(x[k], y[k])
-  other = _take(pipeline.train_batches(c, seq_len=64, batch_size=8, seed=2),
-                20)
+  other = _take(pipeline.train_batches(c, seq_len=64, batch_size=8, seed=2), 20)
   assert not np.array_equal(_rows(batches, "inputs"), _rows(other, "inputs"))
 
 
 def _runs_store(tmp_path, lengths, split="train"):
   """Records of one repeated nucleotide each, cycling A C G T, so record
   boundaries are exactly where the token changes."""
-  records = [(split, "s", f"r{i}", np.full(n, (A, C, G, T)[i % 4], np.uint8))
-             for i, n in enumerate(lengths)]
+  records = [
+    (split, "s", f"r{i}", np.full(n, (A, C, G, T)[i % 4], np.uint8)) for i, n in enumerate(lengths)
+  ]
   return _store(tmp_path / "store", records)
 
 
@@ -131,8 +141,7 @@ def test_windows_cross_records_only_when_packing(tmp_path, packing):
   rng = np.random.default_rng(1)
   store_dir = _runs_store(tmp_path, rng.integers(3, 70, 300))
   c = _cfg(store_dir, packing=packing, reverse_complement_prob=0.5)
-  batches = _take(pipeline.train_batches(c, seq_len=50, batch_size=4,
-                                         seed=0), 25)
+  batches = _take(pipeline.train_batches(c, seq_len=50, batch_size=4, seed=0), 25)
   for b in batches:
     _check_contract(b, 4, 50)
     inputs, seg = b["inputs"], b["segment_ids"]
@@ -140,8 +149,7 @@ def test_windows_cross_records_only_when_packing(tmp_path, packing):
     changes = (window[:, 1:] != window[:, :-1])[:, :-1]
     real = seg[:, 1:] > 0
     # Segment ids change exactly where the record (its nucleotide) changes.
-    np.testing.assert_array_equal((np.diff(seg, axis=1) != 0)[real],
-                                  changes[real])
+    np.testing.assert_array_equal((np.diff(seg, axis=1) != 0)[real], changes[real])
     if packing:
       assert inputs.min() > 0  # packed windows of long sources: no padding
     else:
@@ -156,8 +164,7 @@ def test_reverse_complement(mixed_store):
   def windows(prob):
     c = _cfg(mixed_store, reverse_complement_prob=prob)
     bs = _take(pipeline.train_batches(c, seq_len=40, batch_size=4, seed=5), 6)
-    return [np.concatenate([b["inputs"], b["targets"][:, -1:]], axis=1)
-            for b in bs], bs
+    return [np.concatenate([b["inputs"], b["targets"][:, -1:]], axis=1) for b in bs], bs
 
   plain, _ = windows(0.0)
   flipped, batches = windows(1.0)
@@ -166,8 +173,7 @@ def test_reverse_complement(mixed_store):
   for b in batches:
     _check_contract(b, 4, 40)
   half, _ = windows(0.5)
-  same = [np.array_equal(h[i], p[i]) for h, p in zip(half, plain)
-          for i in range(4)]
+  same = [np.array_equal(h[i], p[i]) for h, p in zip(half, plain) for i in range(4)]
   assert 0 < sum(same) < len(same)
 
 
@@ -178,14 +184,18 @@ def test_mostly_n_windows_are_skipped(tmp_path):
   gappy[::10] = N  # 10% N
   assembly_gap = np.full(2000, N, np.uint8)
   assembly_gap[:300] = _random_tokens(rng, 300)  # 85% N
-  store_dir = _store(tmp_path / "store", [
-      ("train", "s", "good", good), ("train", "s", "gappy", gappy),
-      ("train", "s", "gap", assembly_gap)])
+  store_dir = _store(
+    tmp_path / "store",
+    [
+      ("train", "s", "good", good),
+      ("train", "s", "gappy", gappy),
+      ("train", "s", "gap", assembly_gap),
+    ],
+  )
 
   def n_fractions(max_n):
     c = _cfg(store_dir, max_n_fraction=max_n, packing=False)
-    rows = _rows(_take(pipeline.train_batches(c, seq_len=99, batch_size=10,
-                                              seed=0), 12), "inputs")
+    rows = _rows(_take(pipeline.train_batches(c, seq_len=99, batch_size=10, seed=0), 12), "inputs")
     return (rows == N).mean(axis=1)
 
   kept = n_fractions(0.5)
@@ -194,9 +204,13 @@ def test_mostly_n_windows_are_skipped(tmp_path):
 
 
 def test_loss_mask_and_n(tmp_path):
-  store_dir = _store(tmp_path / "store", [
+  store_dir = _store(
+    tmp_path / "store",
+    [
       ("train", "s", "a", np.array([A, C, N, G, T], np.uint8)),
-      ("train", "s", "b", np.array([G, G], np.uint8))])
+      ("train", "s", "b", np.array([G, G], np.uint8)),
+    ],
+  )
   c = _cfg(store_dir, reverse_complement_prob=0.0, max_n_fraction=1.0)
   b = next(pipeline.train_batches(c, seq_len=8, batch_size=1, seed=0))
   np.testing.assert_array_equal(b["inputs"][0], [A, C, N, G, T, G, G, 0])
@@ -210,28 +224,30 @@ def test_loss_mask_and_n(tmp_path):
 
 def test_source_weights(tmp_path):
   # Sources of 100k, 10k and 1k tokens, told apart by their nucleotide.
-  store_dir = _store(tmp_path / "store", [
+  store_dir = _store(
+    tmp_path / "store",
+    [
       ("train", "big", "x", np.full(100_000, A, np.uint8)),
       ("train", "mid", "x", np.full(10_000, C, np.uint8)),
-      ("train", "small", "x", np.full(1_000, G, np.uint8))])
+      ("train", "small", "x", np.full(1_000, G, np.uint8)),
+    ],
+  )
 
   def shares(**overrides):
     c = _cfg(store_dir, reverse_complement_prob=0.0, **overrides)
-    first = _rows(_take(pipeline.train_batches(c, seq_len=99, batch_size=50,
-                                               seed=0), 20), "inputs")[:, 0]
+    first = _rows(
+      _take(pipeline.train_batches(c, seq_len=99, batch_size=50, seed=0), 20), "inputs"
+    )[:, 0]
     counts = collections.Counter(first.tolist())
     return np.array([counts[A], counts[C], counts[G]]) / first.size
 
-  np.testing.assert_allclose(shares(), np.array([100, 10, 1]) / 111,
-                             atol=0.02)
-  np.testing.assert_allclose(shares(source_temperature=1e9), [1 / 3] * 3,
-                             atol=0.05)
+  np.testing.assert_allclose(shares(), np.array([100, 10, 1]) / 111, atol=0.02)
+  np.testing.assert_allclose(shares(source_temperature=1e9), [1 / 3] * 3, atol=0.05)
   flat = np.sqrt([100, 10, 1])
-  np.testing.assert_allclose(shares(source_temperature=2.0),
-                             flat / flat.sum(), atol=0.03)
+  np.testing.assert_allclose(shares(source_temperature=2.0), flat / flat.sum(), atol=0.03)
   np.testing.assert_allclose(
-      shares(source_weights=("big=0", "s*=3")), [0, 10 / 13, 3 / 13],
-      atol=0.04)
+    shares(source_weights=("big=0", "s*=3")), [0, 10 / 13, 3 / 13], atol=0.04
+  )
   with pytest.raises(ValueError, match="matches none of the sources"):
     shares(source_weights=("nope=1",))
 
@@ -249,17 +265,14 @@ def test_source_schedule_exact_shares():
 def test_permute_is_a_keyed_bijection():
   for n in (1, 2, 3, 5, 17, 100, 1000, 4097):
     for key in (0, 12345):
-      assert sorted(pipeline.permute(i, n, key) for i in range(n)) == list(
-          range(n))
-  orders = {tuple(pipeline.permute(i, 50, key) for i in range(50))
-            for key in range(5)}
+      assert sorted(pipeline.permute(i, n, key) for i in range(n)) == list(range(n))
+  orders = {tuple(pipeline.permute(i, 50, key) for i in range(50)) for key in range(5)}
   assert len(orders) == 5 and tuple(range(50)) not in orders
 
 
 def test_each_epoch_visits_every_window_once():
   ranges = np.array([[0, 7], [7, 107]])
-  sampler = pipeline.WindowSampler(ranges, np.array([7.0, 100.0]), seed=4,
-                                   rc_prob=0.5)
+  sampler = pipeline.WindowSampler(ranges, np.array([7.0, 100.0]), seed=4, rc_prob=0.5)
   picks = [sampler.map(g) for g in range(107 * 3)]
   windows = [w for w, _ in picks]
   small = [w for w in windows if w < 7]
@@ -269,9 +282,9 @@ def test_each_epoch_visits_every_window_once():
   assert abs(len(small) - 21) <= 8
   for stream, first, size in ((small, 0, 7), (large, 7, 100)):
     for e in range(len(stream) // size):
-      epoch = stream[e * size:(e + 1) * size]
+      epoch = stream[e * size : (e + 1) * size]
       assert sorted(epoch) == list(range(first, first + size))
-    assert stream[:size] != stream[size:2 * size]  # reshuffled per epoch
+    assert stream[:size] != stream[size : 2 * size]  # reshuffled per epoch
   flips = [f for _, f in picks]
   assert 0.35 < np.mean(flips) < 0.65
 
@@ -280,11 +293,17 @@ def test_hosts_read_disjoint_interleaved_shards(mixed_store):
   # Host h's stream is every third window of the single-host stream,
   # augmentation included (without filtering, which drops windows per host).
   c = _cfg(mixed_store, max_n_fraction=1.0)
-  single = _rows(_take(pipeline.train_batches(c, seq_len=32, batch_size=1,
-                                              seed=7), 30), "inputs")
-  hosts = [_rows(_take(pipeline.train_batches(
-      c, seq_len=32, batch_size=1, seed=7, shard_index=h, shard_count=3),
-                       10), "inputs") for h in range(3)]
+  single = _rows(_take(pipeline.train_batches(c, seq_len=32, batch_size=1, seed=7), 30), "inputs")
+  hosts = [
+    _rows(
+      _take(
+        pipeline.train_batches(c, seq_len=32, batch_size=1, seed=7, shard_index=h, shard_count=3),
+        10,
+      ),
+      "inputs",
+    )
+    for h in range(3)
+  ]
   for h in range(3):
     np.testing.assert_array_equal(hosts[h], single[h::3])
 
@@ -299,16 +318,23 @@ def test_checkpoint_round_trip_with_orbax(mixed_store, tmp_path):
   it = pipeline.train_batches(c, **kwargs)
   _take(it, 5)
   with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
-    mngr.save(5, args=ocp.args.Composite(
-        params=ocp.args.StandardSave({"w": jnp.arange(3.0)}),
-        data=pipeline.iterator_save_args(it)))
+    mngr.save(
+      5,
+      args=ocp.args.Composite(
+        params=ocp.args.StandardSave({"w": jnp.arange(3.0)}), data=pipeline.iterator_save_args(it)
+      ),
+    )
     mngr.wait_until_finished()
   _take(it, 2)  # The live iterator moves on; the checkpoint does not.
   fresh = pipeline.train_batches(c, **kwargs)
   with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
-    restored = mngr.restore(5, args=ocp.args.Composite(
+    restored = mngr.restore(
+      5,
+      args=ocp.args.Composite(
         params=ocp.args.StandardRestore({"w": jnp.zeros(3)}),
-        data=pipeline.iterator_restore_args(fresh)))
+        data=pipeline.iterator_restore_args(fresh),
+      ),
+    )
   np.testing.assert_array_equal(restored["params"]["w"], [0.0, 1.0, 2.0])
   assert restored["data"] is fresh
   for want, got in zip(reference[5:], _take(fresh, 7)):
@@ -355,26 +381,26 @@ def test_eval_covers_every_target_once(mixed_store, packing):
   records = [val[i].tokens for i in range(len(val))]
   if not packing:
     # Reading the windows in order gives back each record, once.
-    np.testing.assert_array_equal(
-        inputs, np.concatenate([r[:-1] for r in records]))
-    np.testing.assert_array_equal(
-        targets, np.concatenate([r[1:] for r in records]))
+    np.testing.assert_array_equal(inputs, np.concatenate([r[:-1] for r in records]))
+    np.testing.assert_array_equal(targets, np.concatenate([r[1:] for r in records]))
   # Every token after a record's first is a target exactly once, and the
   # loss counts exactly the non-N ones.
   scored = np.sort(targets[mask > 0])
   want = np.concatenate([r[1:] for r in records])
   np.testing.assert_array_equal(scored, np.sort(want[want != N]))
-  assert list(pipeline.eval_batches(c, seq_len=64, batch_size=3))[0][
-      "inputs"].tobytes() == batches[0]["inputs"].tobytes()
+  assert (
+    list(pipeline.eval_batches(c, seq_len=64, batch_size=3))[0]["inputs"].tobytes()
+    == batches[0]["inputs"].tobytes()
+  )
 
 
 def test_eval_hosts_get_equal_batch_counts(mixed_store):
   c = _cfg(mixed_store)
-  single = _rows(list(pipeline.eval_batches(c, seq_len=16, batch_size=4)),
-                 "inputs")
-  per_host = [list(pipeline.eval_batches(c, seq_len=16, batch_size=4,
-                                         shard_index=h, shard_count=3))
-              for h in range(3)]
+  single = _rows(list(pipeline.eval_batches(c, seq_len=16, batch_size=4)), "inputs")
+  per_host = [
+    list(pipeline.eval_batches(c, seq_len=16, batch_size=4, shard_index=h, shard_count=3))
+    for h in range(3)
+  ]
   assert len({len(p) for p in per_host}) == 1
   real = [r for r in single if r.any()]
   for h in range(3):
@@ -384,15 +410,17 @@ def test_eval_hosts_get_equal_batch_counts(mixed_store):
 
 def test_eval_max_windows_spreads_over_the_split(mixed_store):
   c = _cfg(mixed_store)
-  every = [r for r in _rows(list(pipeline.eval_batches(c, seq_len=16, batch_size=4)),
-                             "inputs") if r.any()]
+  every = [
+    r for r in _rows(list(pipeline.eval_batches(c, seq_len=16, batch_size=4)), "inputs") if r.any()
+  ]
   c.eval_max_windows = 5
-  some = [r for r in _rows(list(pipeline.eval_batches(c, seq_len=16, batch_size=4)),
-                            "inputs") if r.any()]
+  some = [
+    r for r in _rows(list(pipeline.eval_batches(c, seq_len=16, batch_size=4)), "inputs") if r.any()
+  ]
   assert len(every) > 10 and len(some) == 5
   want = [every[k * len(every) // 5] for k in range(5)]
   np.testing.assert_array_equal(np.array(some), np.array(want))
-  assert some[-1].tobytes() != every[4].tobytes()   # not just the first five
+  assert some[-1].tobytes() != every[4].tobytes()  # not just the first five
 
 
 def test_lambda_end_to_end(tmp_path):
@@ -409,7 +437,6 @@ def test_lambda_end_to_end(tmp_path):
   assert b["loss_mask"].sum() == 2 * 1024
   with pytest.raises(KeyError, match="split 'val' not in the store"):
     pipeline.eval_batches(c, seq_len=1024, batch_size=2)
-  (batches) = list(pipeline.eval_batches(c, split="train", seq_len=8192,
-                                         batch_size=2))
+  (batches) = list(pipeline.eval_batches(c, split="train", seq_len=8192, batch_size=2))
   assert len(batches) == 3  # ceil(48501 / 8192) = 6 windows
   assert sum(b["loss_mask"].sum() for b in batches) == 48501

@@ -11,8 +11,7 @@ import pytest
 
 from hybridna_jax import tokenizer
 from hybridna_jax.data import config as config_lib
-from hybridna_jax.data import fasta
-from hybridna_jax.data import prepare
+from hybridna_jax.data import fasta, prepare
 from hybridna_jax.data import store as store_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,9 +33,10 @@ def _genomes(tmp_path, count=5, records=3, seed=0, compress=None):
   rng = np.random.default_rng(seed)
   out = {}
   for g in range(count):
-    recs = [(f"chr{r}", "".join(rng.choice(list("ACGTN"),
-                                           size=int(rng.integers(50, 400)))))
-            for r in range(records)]
+    recs = [
+      (f"chr{r}", "".join(rng.choice(list("ACGTN"), size=int(rng.integers(50, 400)))))
+      for r in range(records)
+    ]
     suffix = {None: ".fa", "gzip": ".fa.gz", "xz": ".fna.xz"}[compress]
     fasta.write_fasta(tmp_path / f"g{g}{suffix}", recs, compress=compress)
     out[f"g{g}"] = dict(recs)
@@ -53,15 +53,14 @@ def test_prepare_lambda(tmp_path):
   (record,) = list(s["train"])
   assert record.name == "gi|9626243|ref|NC_001416.1|"
   assert record.length == 48502
-  (_, want), = fasta.read_fasta(LAMBDA)
+  ((_, want),) = fasta.read_fasta(LAMBDA)
   np.testing.assert_array_equal(record.tokens, want)
 
 
 @pytest.mark.parametrize("compress", [None, "gzip", "xz"])
 def test_split_by_named_sources(tmp_path, compress):
   genomes = _genomes(tmp_path, compress=compress)
-  s = prepare.prepare_store(_cfg(tmp_path, [tmp_path / "g*"],
-                                 val_sources=("g1", "g[34]")))
+  s = prepare.prepare_store(_cfg(tmp_path, [tmp_path / "g*"], val_sources=("g1", "g[34]")))
   train, val = _contents(s, "train"), _contents(s, "val")
   assert {src for src, _ in val} == {"g1", "g3", "g4"}
   assert {src for src, _ in train} == {"g0", "g2"}
@@ -77,10 +76,8 @@ def test_split_by_records_and_fractions(tmp_path):
   _genomes(tmp_path, count=6, records=20)
   globs = [tmp_path / "*.fa"]
   s = prepare.prepare_store(_cfg(tmp_path, globs, val_records=("chr1?",)))
-  assert {n for _, n in _contents(s, "val")} == {f"chr{i}" for i in
-                                                 range(10, 20)}
-  assert not {n for _, n in _contents(s, "train")} & {f"chr{i}" for i in
-                                                      range(10, 20)}
+  assert {n for _, n in _contents(s, "val")} == {f"chr{i}" for i in range(10, 20)}
+  assert not {n for _, n in _contents(s, "train")} & {f"chr{i}" for i in range(10, 20)}
   # A fraction of whole sources: round(0.34 * 6) = 2 of them, by seed.
   chosen = []
   for seed in (0, 1, 2):
@@ -107,15 +104,12 @@ def test_source_from_dir_and_record(tmp_path):
   for species in ("human", "mouse"):
     (tmp_path / species).mkdir()
     for chrom in ("chr1", "chr2"):
-      fasta.write_fasta(tmp_path / species / f"{chrom}.fa",
-                        [(chrom, "ACGT" * 10)])
+      fasta.write_fasta(tmp_path / species / f"{chrom}.fa", [(chrom, "ACGT" * 10)])
   c = _cfg(tmp_path, [tmp_path / "*" / "*.fa"], val_sources=("mouse",))
   c.source_from = "dir"
   s = prepare.prepare_store(c)
-  assert [(r.source, r.name) for r in s["train"]] == [("human", "chr1"),
-                                                      ("human", "chr2")]
-  assert [(r.source, r.name) for r in s["val"]] == [("mouse", "chr1"),
-                                                    ("mouse", "chr2")]
+  assert [(r.source, r.name) for r in s["train"]] == [("human", "chr1"), ("human", "chr2")]
+  assert [(r.source, r.name) for r in s["val"]] == [("mouse", "chr1"), ("mouse", "chr2")]
   # With source_from="file" the four files would give two "chr1" sources.
   c.source_from = "file"
   with pytest.raises(ValueError, match="both give source 'chr1'"):
@@ -140,8 +134,7 @@ def test_bad_split_configs(tmp_path):
   with pytest.raises(ValueError, match="matches no file"):
     prepare.prepare_store(_cfg(tmp_path, [tmp_path / "*.fasta"]))
   with pytest.raises(ValueError, match="at least two sources"):
-    prepare.prepare_store(_cfg(tmp_path, [tmp_path / "g0.fa"],
-                               val_fraction=0.5))
+    prepare.prepare_store(_cfg(tmp_path, [tmp_path / "g0.fa"], val_fraction=0.5))
   assert not os.path.exists(tmp_path / "store")
 
 
@@ -151,8 +144,7 @@ def test_duplicate_record_names(tmp_path):
   with pytest.raises(fasta.FastaFormatError) as e:
     prepare.prepare_store(_cfg(tmp_path, [tmp_path / "*.fa"]))
   message = str(e.value)
-  assert message.startswith(f"{tmp_path / 'a.fa'} line 5: duplicate record "
-                            "name 'x' in source 'a'")
+  assert message.startswith(f"{tmp_path / 'a.fa'} line 5: duplicate record name 'x' in source 'a'")
   assert f"first at {tmp_path / 'a.fa'} line 1" in message
   assert not os.path.exists(tmp_path / "store")
 
@@ -161,8 +153,11 @@ def test_failure_leaves_no_store(tmp_path):
   _genomes(tmp_path, count=3)
   (tmp_path / "g9.fa").write_text(">bad\nACGT\nACGU?\n")
   c = _cfg(tmp_path, [tmp_path / "*.fa"])
-  with pytest.raises(fasta.FastaFormatError, match=r"g9.fa line 3: record "
-                     r"'bad', column 5: invalid nucleotide '\?'"):
+  with pytest.raises(
+    fasta.FastaFormatError,
+    match=r"g9.fa line 3: record "
+    r"'bad', column 5: invalid nucleotide '\?'",
+  ):
     prepare.prepare_store(c)
   assert not [p for p in os.listdir(tmp_path) if "store" in p]
   with pytest.raises(store_lib.StoreError):
@@ -190,9 +185,14 @@ c.fasta_globs = ({str(tmp_path / '*.fa')!r},)
 c.store_dir = {c.store_dir!r}
 prepare.prepare_store(c)
 """
-  run = subprocess.run([sys.executable, "-c", script], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120,
-                       check=False)
+  run = subprocess.run(
+    [sys.executable, "-c", script],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   assert run.returncode == 9, run.stderr
   leftovers = [p for p in os.listdir(tmp_path) if p.startswith(".store.tmp-")]
   assert len(leftovers) == 1 and not os.path.exists(c.store_dir)
@@ -229,8 +229,7 @@ def test_streaming_is_bounded_and_exact(tmp_path):
   lengths = [2_000_000, 3_000_000, 1_000_000] + [37] * 500 + [1_000_001]
   seqs = [acgtn[rng.integers(0, 10, n)].tobytes().decode() for n in lengths]
   records = [(f"r{i}", s) for i, s in enumerate(seqs)]
-  fasta.write_fasta(tmp_path / "big.fa.gz", records, width=70,
-                    compress="gzip")
+  fasta.write_fasta(tmp_path / "big.fa.gz", records, width=70, compress="gzip")
   c = _cfg(tmp_path, [tmp_path / "big.fa.gz"])
   c.prepare_block_bytes = 1 << 16
   tracemalloc.start()
@@ -243,19 +242,23 @@ def test_streaming_is_bounded_and_exact(tmp_path):
   train = s["train"]
   assert train.num_tokens == sum(lengths)
   for i, seq in enumerate(seqs):
-    np.testing.assert_array_equal(train[i].tokens,
-                                  tokenizer.encode_bytes(seq.encode()))
+    np.testing.assert_array_equal(train[i].tokens, tokenizer.encode_bytes(seq.encode()))
 
 
 def test_prepare_data_app(tmp_path):
   store_dir = tmp_path / "store"
   workdir = tmp_path / "work"
-  cmd = [sys.executable, os.path.join(ROOT, "launch", "prepare_data.py"),
-         f"--config={os.path.join(ROOT, 'tests', 'data', 'lambda_config.py')}",
-         f"--config.data.store_dir={store_dir}", f"--workdir={workdir}"]
+  cmd = [
+    sys.executable,
+    os.path.join(ROOT, "launch", "prepare_data.py"),
+    f"--config={os.path.join(ROOT, 'tests', 'data', 'lambda_config.py')}",
+    f"--config.data.store_dir={store_dir}",
+    f"--workdir={workdir}",
+  ]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  run = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                       cwd=tmp_path, timeout=120, check=False)
+  run = subprocess.run(
+    cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120, check=False
+  )
   assert run.returncode == 0, run.stderr
   assert "train: 1 records, 48502 tokens, 1 sources" in run.stdout
   assert "Mb/s" in run.stderr  # progress report
@@ -265,11 +268,20 @@ def test_prepare_data_app(tmp_path):
   # Bad input: a clean one-line error naming the file and line, exit 1.
   bad = tmp_path / "bad.fa"
   bad.write_text(">a\nACGT\n>a\nAC\n")
-  run = subprocess.run(cmd[:3] + [
+  run = subprocess.run(
+    cmd[:3]
+    + [
       f"--config.data.fasta_globs=('{bad}',)",
       f"--config.data.store_dir={tmp_path / 'store2'}",
-      f"--workdir={workdir}"], capture_output=True, text=True, env=env,
-                       cwd=tmp_path, timeout=120, check=False)
+      f"--workdir={workdir}",
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=tmp_path,
+    timeout=120,
+    check=False,
+  )
   assert run.returncode == 1
   assert f"{bad} line 3: duplicate record name 'a'" in run.stderr
   assert "Traceback" not in run.stderr

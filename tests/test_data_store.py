@@ -26,12 +26,15 @@ def _tokens(s):
 
 def test_round_trip(tmp_path):
   path = tmp_path / "store"
-  s = _write(path, [
+  s = _write(
+    path,
+    [
       ("train", "chr1", "human", [_tokens("ACGT"), _tokens("NNA")]),
       ("val", "plasmid", "ecoli", [_tokens("GG")]),
       ("train", "chr2", "human", [_tokens("T")]),
       ("train", "chr1", "mouse", [_tokens("CCCC")]),
-  ])
+    ],
+  )
   assert s.splits == ("train", "val")
   assert s.sources == ("human", "ecoli", "mouse")
   reopened = store_lib.TokenStore.open(path)
@@ -40,8 +43,7 @@ def test_round_trip(tmp_path):
   np.testing.assert_array_equal(train.offsets, [0, 7, 8])
   np.testing.assert_array_equal(train.lengths, [7, 1, 4])
   r = train[0]
-  assert (r.name, r.source, r.split, r.offset, r.length) == (
-      "chr1", "human", "train", 0, 7)
+  assert (r.name, r.source, r.split, r.offset, r.length) == ("chr1", "human", "train", 0, 7)
   assert tokenizer.decode(r.tokens) == "ACGTNNA"
   assert isinstance(train.tokens, np.memmap)
   assert tokenizer.decode(train.find("chr1", source="mouse").tokens) == "CCCC"
@@ -59,8 +61,7 @@ def test_round_trip(tmp_path):
 
 
 def test_many_records_grow_the_index(tmp_path):
-  records = [("train", f"r{i}", f"s{i % 3}", [_tokens("AC" * (i % 5 + 1))])
-             for i in range(3000)]
+  records = [("train", f"r{i}", f"s{i % 3}", [_tokens("AC" * (i % 5 + 1))]) for i in range(3000)]
   s = _write(tmp_path / "store", records)
   train = s["train"]
   assert len(train) == 3000

@@ -9,15 +9,14 @@ from hybridna_jax.data import tasks
 
 def _folder(tmp_path, files):
   for name, text in files.items():
-    (tmp_path / name).write_bytes(text.encode() if isinstance(text, str)
-                                  else text)
+    (tmp_path / name).write_bytes(text.encode() if isinstance(text, str) else text)
   return tmp_path
 
 
 GOOD = {
-    "train.csv": "sequence,label\nACGTACGT,0\nacgtnn,1\nTTTT,2\n",
-    "dev.csv": "sequence,label\nGGGG,1\n",
-    "test.csv": "sequence,label\nCCCC,0\nAAAA,2\n\n",
+  "train.csv": "sequence,label\nACGTACGT,0\nacgtnn,1\nTTTT,2\n",
+  "dev.csv": "sequence,label\nGGGG,1\n",
+  "test.csv": "sequence,label\nCCCC,0\nAAAA,2\n\n",
 }
 
 
@@ -45,14 +44,16 @@ def test_windows_line_endings_bom_extra_columns_and_regression(tmp_path):
     tasks.num_classes(task)
 
 
-@pytest.mark.parametrize("text, line, message", [
-    ("sequence,label\nACGT,0\nACXT,1\n", 3,
-     "sequence: invalid nucleotide 'X' at position 2"),
+@pytest.mark.parametrize(
+  "text, line, message",
+  [
+    ("sequence,label\nACGT,0\nACXT,1\n", 3, "sequence: invalid nucleotide 'X' at position 2"),
     ("sequence,label\nACGT,0\n,1\n", 3, "empty sequence"),
     ("sequence,label\nACGT,0\nAC,1,7\n", 3, "3 fields, the header has 2"),
     ("seq,label\nACGT,0\n", 1, "lacks a 'sequence' or 'label' column"),
     ("sequence,label\nACGT,0\n\nACGT,cat\n", 4, "label 'cat' is not a number"),
-])
+  ],
+)
 def test_errors_name_file_and_line(tmp_path, text, line, message):
   files = dict(GOOD, **{"dev.csv": text})
   with pytest.raises(tasks.TaskFormatError) as e:
@@ -67,8 +68,7 @@ def test_missing_and_empty_files(tmp_path):
   with pytest.raises(FileNotFoundError, match="test.csv: no such file"):
     tasks.load_csv_task(_folder(tmp_path, files))
   (tmp_path / "test.csv").write_text("")
-  with pytest.raises(tasks.TaskFormatError, match="test.csv: the file is "
-                     "empty"):
+  with pytest.raises(tasks.TaskFormatError, match="test.csv: the file is empty"):
     tasks.load_csv_task(tmp_path)
   (tmp_path / "test.csv").write_text("sequence,label\n")
   with pytest.raises(tasks.TaskFormatError, match="no examples"):

@@ -15,15 +15,13 @@ import jax
 import numpy as np
 import pytest
 
-from hybridna_jax import design
-from hybridna_jax.design import metrics
-from hybridna_jax.design import sampling as design_sampling
-from hybridna_jax import restore
-from hybridna_jax import sharding
+from hybridna_jax import design, restore, sharding
 from hybridna_jax import tokenizer as tok
 from hybridna_jax.config import load_config
 from hybridna_jax.data import fasta
 from hybridna_jax.data.tasks import TaskFormatError
+from hybridna_jax.design import metrics
+from hybridna_jax.design import sampling as design_sampling
 from hybridna_jax.train import step as step_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +45,7 @@ def _motif_rows(n, seed):
     label = "ab"[i % 2]
     seq = list(rng.choice(list("ACGT"), SEQ_LEN))
     pos = int(rng.integers(0, SEQ_LEN - 6 + 1))
-    seq[pos:pos + 6] = MOTIFS[label]
+    seq[pos : pos + 6] = MOTIFS[label]
     rows.append(("".join(seq), label, f"{rng.normal():.3f}"))
   return rows
 
@@ -85,8 +83,9 @@ def test_categorical_vocab_prompts_and_config_round_trip(tmp_path):
   vocab = design.resolve_vocab(cfg)
   (cond,) = vocab.conditions
   assert cond.values == ("a", "b") and cond.first_token == tok.task_token(3)
-  np.testing.assert_array_equal(vocab.prompt({"label": "b"}, "ACG"),
-                                [tok.BOS, tok.task_token(4), tok.A, tok.C, tok.G])
+  np.testing.assert_array_equal(
+    vocab.prompt({"label": "b"}, "ACG"), [tok.BOS, tok.task_token(4), tok.A, tok.C, tok.G]
+  )
   np.testing.assert_array_equal(vocab.prompt(None), [tok.BOS])
   assert vocab.parse("b") == {"label": "b"} and vocab.parse("label=a") == {"label": "a"}
   assert vocab.parse("unconditional") is None
@@ -104,9 +103,9 @@ def test_bins_vocab_one_token_per_condition_and_activity_bin(tmp_path):
   """regLM-style: two conditions (cell types), activities cut into 4
   quantile bins each, one token per (condition, bin)."""
   rows = [("ACGT", str(float(i)), str(float(-i))) for i in range(100)]
-  data = design.load_design_csv(_write_csv(tmp_path / "t.csv", rows, ("sequence", "HepG2",
-                                                                       "K562")),
-                                ("HepG2", "K562"))
+  data = design.load_design_csv(
+    _write_csv(tmp_path / "t.csv", rows, ("sequence", "HepG2", "K562")), ("HepG2", "K562")
+  )
   vocab = design.PromptVocab.build(data, kind="bins", num_bins=4, first_task_token=2)
   hepg2, k562 = vocab.conditions
   assert hepg2.values == k562.values == ("0", "1", "2", "3")
@@ -131,8 +130,11 @@ def test_csv_errors_name_file_line_and_fix(tmp_path):
   with pytest.raises(TaskFormatError, match=r"bad\.csv line 3: .*invalid nucleotide 'X'"):
     design.load_design_csv(path, ("label",))
   path = _write_csv(tmp_path / "cols.csv", [("ACGT", "a", "1")])
-  with pytest.raises(TaskFormatError, match=r"cols\.csv line 1: .*lacks the label column.*"
-                     r"\['cell'\].*label_columns"):
+  with pytest.raises(
+    TaskFormatError,
+    match=r"cols\.csv line 1: .*lacks the label column.*"
+    r"\['cell'\].*label_columns",
+  ):
     design.load_design_csv(path, ("cell",))
   path = _write_csv(tmp_path / "nan.csv", [("ACGT", "a", "1"), ("ACGT", "b", "high")])
   data = design.load_design_csv(path, ("activity",))
@@ -144,7 +146,8 @@ def test_batches_put_the_loss_on_dna_and_eos_only():
   labels = np.array([tok.task_token(0), tok.task_token(7)], np.int32)
   row = design.example_row(labels, tok.encode("ACGTN"), 12)
   np.testing.assert_array_equal(
-      row, [tok.BOS, labels[0], labels[1], tok.A, tok.C, tok.G, tok.T, tok.N, tok.EOS, 0, 0, 0])
+    row, [tok.BOS, labels[0], labels[1], tok.A, tok.C, tok.G, tok.T, tok.N, tok.EOS, 0, 0, 0]
+  )
   batch = design.lm_batch(row[None], mask_n_in_loss=True)
   np.testing.assert_array_equal(batch["inputs"][0], row[:-1])
   np.testing.assert_array_equal(batch["targets"][0], row[1:])
@@ -157,11 +160,12 @@ def test_batches_put_the_loss_on_dna_and_eos_only():
 
 
 def test_train_iterator_shuffles_epochs_and_resumes_from_its_state():
-  examples = design.Examples(np.arange(10, 20, dtype=np.int32)[:, None],
-                             [tok.encode("ACGT"[: 1 + i % 4]) for i in range(10)])
+  examples = design.Examples(
+    np.arange(10, 20, dtype=np.int32)[:, None], [tok.encode("ACGT"[: 1 + i % 4]) for i in range(10)]
+  )
   it = design.train_batches(examples, seq_len=8, batch_size=5, seed=3)
   epoch = np.concatenate([next(it)["inputs"][:, 1] for _ in range(2)])
-  assert sorted(epoch.tolist()) == list(range(10, 20))       # every example once
+  assert sorted(epoch.tolist()) == list(range(10, 20))  # every example once
   assert epoch.tolist() != list(range(10, 20))
   state = it.get_state()
   expected = [next(it)["inputs"] for _ in range(3)]
@@ -171,13 +175,14 @@ def test_train_iterator_shuffles_epochs_and_resumes_from_its_state():
     np.testing.assert_array_equal(next(resumed)["inputs"], want)
   # Two hosts split one global stream.
   host0 = design.train_batches(examples, seq_len=8, batch_size=5, seed=3, shard_count=2)
-  host1 = design.train_batches(examples, seq_len=8, batch_size=5, seed=3, shard_index=1,
-                               shard_count=2)
+  host1 = design.train_batches(
+    examples, seq_len=8, batch_size=5, seed=3, shard_index=1, shard_count=2
+  )
   merged = np.stack([next(host0)["inputs"][:, 1], next(host1)["inputs"][:, 1]], 1).reshape(-1)
   np.testing.assert_array_equal(merged, epoch)
   dropped = design.train_batches(examples, seq_len=8, batch_size=10, seed=3, label_dropout=0.5)
   firsts = next(dropped)["inputs"][:, 1]
-  assert 0 < np.sum(firsts < 10) < 10          # some rows start with DNA, not a label
+  assert 0 < np.sum(firsts < 10) < 10  # some rows start with DNA, not a label
 
 
 def test_pretrained_run_must_match_every_architecture_field(tmp_path):
@@ -189,8 +194,7 @@ def test_pretrained_run_must_match_every_architecture_field(tmp_path):
   assert design.GenerativeFinetuning(cfg).pretrained.step == 2
   # Another positional encoding (or norm epsilon) is another model.
   cfg.model.rope = True
-  with pytest.raises(ValueError,
-                     match=r"differs from config.model in \{'rope': \(False, True\)\}"):
+  with pytest.raises(ValueError, match=r"differs from config.model in \{'rope': \(False, True\)\}"):
     design.GenerativeFinetuning(cfg)
   cfg.model.rope, cfg.model.norm_eps = False, 1e-6
   with pytest.raises(ValueError, match=r"in \{'norm_eps': \(1e-05, 1e-06\)\}"):
@@ -227,19 +231,22 @@ def test_finetuned_model_writes_each_labels_motif(motif_run, tmp_path):
   cfg, workdir, summary = motif_run
   assert summary["stopped"] == "completed" and summary["steps"] == 800
   val = summary["final_val"]
-  assert val["label_gain_bits"] > 0.05, val        # the label tokens are used
+  assert val["label_gain_bits"] > 0.05, val  # the label tokens are used
   out = str(tmp_path / "designs.fasta")
-  result = design_sampling.run_sampling(workdir, out, num_samples=48, batch_size=32,
-                                        max_new_tokens=SEQ_LEN, temperature=1.0, seed=0)
+  result = design_sampling.run_sampling(
+    workdir, out, num_samples=48, batch_size=32, max_new_tokens=SEQ_LEN, temperature=1.0, seed=0
+  )
   records = fasta.read_fasta(out)
   assert len(records) == 96
   designs = {"a": [], "b": []}
   for header, tokens in records:
     label = re.search(r"labels=label=(\w)", header.description).group(1)
     designs[label].append(tok.decode(tokens))
-    assert re.search(r"prompt=<bos><task_[01]> .*temperature=1 top_k=0 top_p=1 length=24 "
-                     r"seed=0 checkpoint=\S+/800 log_prob=-[\d.]+ ended_with_eos=0",
-                     header.description), header.line
+    assert re.search(
+      r"prompt=<bos><task_[01]> .*temperature=1 top_k=0 top_p=1 length=24 "
+      r"seed=0 checkpoint=\S+/800 log_prob=-[\d.]+ ended_with_eos=0",
+      header.description,
+    ), header.line
   assert {len(s) for s in designs["a"] + designs["b"]} == {SEQ_LEN}
   own = [_motif_share(designs[l], MOTIFS[l]) for l in "ab"]
   other = [_motif_share(designs[l], MOTIFS["ba"["ab".index(l)]]) for l in "ab"]
@@ -267,7 +274,7 @@ def test_finetuning_starts_from_a_pretrained_run(motif_run):
   trained = restore.restore_params(restore.find_checkpoint(workdir), task.model_cfg, mesh)
   for x, y in zip(jax.tree.leaves(state.params), jax.tree.leaves(trained)):
     np.testing.assert_array_equal(x, y)
-  cfg.model.d_model = 64                       # fails before anything compiles
+  cfg.model.d_model = 64  # fails before anything compiles
   with pytest.raises(ValueError, match=r"differs from config.model in \{'d_model': \(32, 64\)"):
     design.GenerativeFinetuning(cfg)
 
@@ -277,17 +284,30 @@ def test_launcher_samples_with_beam_search(motif_run, tmp_path):
   out = str(tmp_path / "beams.fasta")
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   proc = subprocess.run(
-      [sys.executable, os.path.join(REPO, "launch", "generate.py"), "--mode=sample",
-       f"--workdir={workdir}", f"--output={out}", "--labels=b", "--beam_width=4",
-       "--num_samples=4", f"--length={SEQ_LEN}"],
-      capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    [
+      sys.executable,
+      os.path.join(REPO, "launch", "generate.py"),
+      "--mode=sample",
+      f"--workdir={workdir}",
+      f"--output={out}",
+      "--labels=b",
+      "--beam_width=4",
+      "--num_samples=4",
+      f"--length={SEQ_LEN}",
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=REPO,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "label=b" in proc.stdout
   records = fasta.read_fasta(out)
   assert len(records) == 4 and all("beam=4" in h.description for h, _ in records)
   log_probs = [float(re.search(r"log_prob=(-[\d.]+)", h.description).group(1)) for h, _ in records]
   assert log_probs == sorted(log_probs, reverse=True)
-  assert MOTIFS["b"] in tok.decode(records[0][1])      # the most likely design has it
+  assert MOTIFS["b"] in tok.decode(records[0][1])  # the most likely design has it
 
 
 # -- summary metrics ------------------------------------------------------------------------------
@@ -308,8 +328,9 @@ def test_edit_distances_match_the_textbook_recurrence():
   a = ["".join(rng.choice(list("ACGT"), rng.integers(0, 30))) for _ in range(60)]
   b = ["".join(rng.choice(list("ACG"), rng.integers(0, 30))) for _ in range(60)]
   a[:3], b[:3] = ["", "ACGT", "GATTACA"], ["ACG", "ACGT", "TACAGAT"]
-  np.testing.assert_array_equal(metrics.edit_distances(a, b),
-                                [_levenshtein(x, y) for x, y in zip(a, b)])
+  np.testing.assert_array_equal(
+    metrics.edit_distances(a, b), [_levenshtein(x, y) for x, y in zip(a, b)]
+  )
   mean, norm = metrics.pairwise_edit_distance(["AAAA", "AAAT", "TTTT"])
   assert mean == pytest.approx((1 + 4 + 3) / 3) and norm == pytest.approx((1 + 4 + 3) / 12)
 
@@ -320,7 +341,11 @@ def test_gc_kmer_spectra_and_summary():
   # AC CG GT TA from the first; CG GT from the second (AN, NC skipped).
   index = {"AC": 1, "CG": 6, "GT": 11, "TA": 12}
   assert counts.sum() == 6 and {k: counts[v] for k, v in index.items()} == {
-      "AC": 1, "CG": 2, "GT": 2, "TA": 1}
+    "AC": 1,
+    "CG": 2,
+    "GT": 2,
+    "TA": 1,
+  }
   assert metrics.js_distance(counts, counts) == 0.0
   assert metrics.js_distance([1, 0], [0, 1]) == pytest.approx(1.0)
   rng = np.random.default_rng(0)

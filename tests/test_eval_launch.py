@@ -11,20 +11,20 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import LAMBDA_FASTA
 
 from hybridna_jax import restore, scoring, sharding, tokenizer
+from hybridna_jax.data import fasta
 from hybridna_jax.scoring import evaluation
 from hybridna_jax.scoring import outputs as score_outputs
-from hybridna_jax.data import fasta
 from hybridna_jax.scoring.variants import read_scores
-from conftest import LAMBDA_FASTA
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def genome():
-  (_, tokens), = fasta.read_fasta(LAMBDA_FASTA)
+  ((_, tokens),) = fasta.read_fasta(LAMBDA_FASTA)
   return tokenizer.decode(tokens)
 
 
@@ -32,34 +32,40 @@ def genome():
 def inputs(genome, tmp_path_factory):
   root = tmp_path_factory.mktemp("inputs")
   seqs = root / "seqs.fa"
-  fasta.write_fasta(seqs, [("short", genome[100:140]), ("long", genome[2000:2700] + "NN"),
-                           ("mid", genome[9000:9300])])
+  fasta.write_fasta(
+    seqs,
+    [("short", genome[100:140]), ("long", genome[2000:2700] + "NN"), ("mid", genome[9000:9300])],
+  )
   ref = root / "ref.fa"
   fasta.write_fasta(ref, [("chrA", genome[:3000])])
   calls = root / "calls.vcf"
   other = {"A": "C", "C": "G", "G": "T", "T": "A"}
-  calls.write_text("##fileformat=VCFv4.2\n#CHROM\tPOS\tID\tREF\tALT\n"
-                   f"chrA\t500\tv1\t{genome[499]}\t{other[genome[499]]}\n"
-                   f"chrA\t900\tv2\t{genome[899:902]}\t{genome[899]}\n"
-                   "chrA\t950\tbad\tN\tA\n")
+  calls.write_text(
+    "##fileformat=VCFv4.2\n#CHROM\tPOS\tID\tREF\tALT\n"
+    f"chrA\t500\tv1\t{genome[499]}\t{other[genome[499]]}\n"
+    f"chrA\t900\tv2\t{genome[899:902]}\t{genome[899]}\n"
+    "chrA\t950\tbad\tN\tA\n"
+  )
   return {"fasta": str(seqs), "reference": str(ref), "vcf": str(calls)}
 
 
 @pytest.fixture(scope="module")
 def scorer(tiny_run):
   model, _, run_config = restore.load(
-      tiny_run, mesh=sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+    tiny_run, mesh=sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  )
   return scoring.Scorer.from_config(model, run_config, batch_size=4, min_bucket=64)
 
 
 def test_evaluate_reports_records_and_overall(scorer, lambda_store, inputs, tmp_path):
-  assert (scorer.context, scorer.stride) == (64, 32)           # the trained context
-  seqs = (evaluation.store_sequences(lambda_store.store_dir, "val", max_tokens=1000)
-          + evaluation.fasta_sequences([inputs["fasta"]]))
+  assert (scorer.context, scorer.stride) == (64, 32)  # the trained context
+  seqs = evaluation.store_sequences(
+    lambda_store.store_dir, "val", max_tokens=1000
+  ) + evaluation.fasta_sequences([inputs["fasta"]])
   assert [s.name for s in seqs] == ["lambda_b", "short", "long", "mid"]
   result = evaluation.evaluate(scorer, seqs)
   records = result["records"]
-  assert [r["tokens"] for r in records] == [999, 39, 699, 299]     # N and first base unscored
+  assert [r["tokens"] for r in records] == [999, 39, 699, 299]  # N and first base unscored
   ll = scorer.log_likelihood([s.tokens for s in seqs])
   for r, total, count in zip(records, ll.total, ll.count):
     assert r["tokens"] == count
@@ -83,26 +89,33 @@ def test_score_modes_write_their_files(scorer, inputs, tmp_path):
   records = evaluation.fasta_sequences([inputs["fasta"]])
   names, tokens = [r.name for r in records], [r.tokens for r in records]
   write = lambda mode, out, **kw: score_outputs.score_sequences_to_files(
-      mode, scorer, names, tokens, str(tmp_path / out), **kw)
+    mode, scorer, names, tokens, str(tmp_path / out), **kw
+  )
 
   write("loglik", "ll.tsv", rc_average=True)
   rows = (tmp_path / "ll.tsv").read_text().splitlines()
   assert rows[0].split("\t") == list(score_outputs.LOGLIK_COLUMNS)
   # Strand means: "long" ends in NN, so its reverse strand scores one more base.
   assert [r.split("\t")[:3] for r in rows[1:]] == [
-      ["short", "40", "39"], ["long", "702", "699.5"], ["mid", "300", "299"]]
+    ["short", "40", "39"],
+    ["long", "702", "699.5"],
+    ["mid", "300", "299"],
+  ]
   ll = scorer.log_likelihood(tokens, rc_average=True)
   np.testing.assert_allclose([float(r.split("\t")[3]) for r in rows[1:]], ll.total, rtol=1e-6)
 
   paths = write("positions", "pos", bedgraph=True)
-  assert paths == [str(tmp_path / "pos.npz"), str(tmp_path / "pos.png"),
-                   str(tmp_path / "pos.bedgraph")]
+  assert paths == [
+    str(tmp_path / "pos.npz"),
+    str(tmp_path / "pos.png"),
+    str(tmp_path / "pos.bedgraph"),
+  ]
   positions = score_outputs.read_positions(paths[0])
   assert [len(p.log_probs) for p in positions.values()] == [40, 702, 300]
   assert np.isnan(positions["long"].log_probs[-2:]).all()
   bedgraph = (tmp_path / "pos.bedgraph").read_text().splitlines()
   assert bedgraph[0].startswith("track") and bedgraph[1].startswith("short\t1\t2\t")
-  assert len(bedgraph) == 1 + 39 + 699 + 299     # one line per scored base here
+  assert len(bedgraph) == 1 + 39 + 699 + 299  # one line per scored base here
 
   write("embed", "emb.npz", pooling="echo", layer=1)
   with np.load(tmp_path / "emb.npz") as emb:
@@ -111,27 +124,48 @@ def test_score_modes_write_their_files(scorer, inputs, tmp_path):
 
 
 def _launch(script, workdir, *args, env):
-  return subprocess.Popen([sys.executable, os.path.join(ROOT, "launch", script),
-                           f"--workdir={workdir}", *args],
-                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
+  return subprocess.Popen(
+    [sys.executable, os.path.join(ROOT, "launch", script), f"--workdir={workdir}", *args],
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
 
 
 def test_launchers(tiny_run, lambda_store, inputs, tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             # Share this session's compilation cache with the programs.
-             JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    # Share this session's compilation cache with the programs.
+    JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+  )
   out = tmp_path
   tiny = ["--config=configs/tiny.py", f"--config.data.store_dir={lambda_store.store_dir}"]
-  runs = {   # both at once: the two CPU cores overlap start-up and compiles
-      "eval": _launch("eval.py", tiny_run, *tiny, "--config.score.eval_max_tokens=500",
-                      f"--output_dir={out}", env=env),
-      "variants": _launch("score.py", tiny_run, "--mode=variants", f"--variants={inputs['vcf']}",
-                          f"--reference={inputs['reference']}", f"--output={out}/v.tsv", *tiny,
-                          "--config.score.variant_window=48", "--config.score.rc_average=True",
-                          env=env),
+  runs = {  # both at once: the two CPU cores overlap start-up and compiles
+    "eval": _launch(
+      "eval.py",
+      tiny_run,
+      *tiny,
+      "--config.score.eval_max_tokens=500",
+      f"--output_dir={out}",
+      env=env,
+    ),
+    "variants": _launch(
+      "score.py",
+      tiny_run,
+      "--mode=variants",
+      f"--variants={inputs['vcf']}",
+      f"--reference={inputs['reference']}",
+      f"--output={out}/v.tsv",
+      *tiny,
+      "--config.score.variant_window=48",
+      "--config.score.rc_average=True",
+      env=env,
+    ),
   }
   logs = {}
   for name, proc in runs.items():

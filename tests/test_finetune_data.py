@@ -17,8 +17,10 @@ def _nt_fasta(path, records):
 
 def test_nt_fasta_folder_with_dev_carved_from_train(tmp_path):
   rng = np.random.default_rng(0)
-  train = [(f"chr1:{i}-{i + 12}", "".join(rng.choice(list("ACGT"), 12)), int(i % 4 == 0))
-           for i in range(40)]                  # 10 of class 1, 30 of class 0
+  train = [
+    (f"chr1:{i}-{i + 12}", "".join(rng.choice(list("ACGT"), 12)), int(i % 4 == 0))
+    for i in range(40)
+  ]  # 10 of class 1, 30 of class 0
   _nt_fasta(tmp_path / "train.fna", train)
   _nt_fasta(tmp_path / "test.fna", [("a", "ACGTNRY", 0), ("b", "acgtac", 1)])
   data = datasets.load_task(str(tmp_path), dev_fraction=0.2, split_seed=3)
@@ -30,7 +32,7 @@ def test_nt_fasta_folder_with_dev_carved_from_train(tmp_path):
   np.testing.assert_array_equal(data.class_counts("train"), [24, 8])
   assert sorted(train_seqs + dev_seqs) == sorted(s for _, s, _ in train)
   again = datasets.load_task(str(tmp_path), dev_fraction=0.2, split_seed=3)
-  assert again.splits["dev"].sequences == dev_seqs            # seeded
+  assert again.splits["dev"].sequences == dev_seqs  # seeded
   report = data.report()
   assert "class 0" not in report and "0: 24 (75.0%), 1: 8 (25.0%)" in report
   assert "imbalance 3.00x" in report
@@ -38,8 +40,9 @@ def test_nt_fasta_folder_with_dev_carved_from_train(tmp_path):
 
 
 def test_nt_csv_layout_and_regression(tmp_path):
-  (tmp_path / "train.csv").write_text("sequence,name,label\nACGT,x,0.5\nGGCC,y,1.5\nTTAA,z,2\n"
-                                      "CCGG,w,3.25\n")
+  (tmp_path / "train.csv").write_text(
+    "sequence,name,label\nACGT,x,0.5\nGGCC,y,1.5\nTTAA,z,2\nCCGG,w,3.25\n"
+  )
   (tmp_path / "test.csv").write_text("sequence,name,label\nACGT,t,1\n")
   data = datasets.load_task(str(tmp_path), dev_fraction=0.25)
   assert data.format == "nt" and data.kind == "regression"
@@ -65,8 +68,10 @@ def test_nt_fasta_errors_name_file_and_line(tmp_path):
 @pytest.fixture
 def genome(tmp_path):
   rng = np.random.default_rng(1)
-  chroms = {"chr1": "".join(rng.choice(list("ACGT"), 300)),
-            "chr2": "".join(rng.choice(list("ACGT"), 120))}
+  chroms = {
+    "chr1": "".join(rng.choice(list("ACGT"), 300)),
+    "chr2": "".join(rng.choice(list("ACGT"), 120)),
+  }
   path = tmp_path / "ref.fa.gz"
   fasta.write_fasta(path, list(chroms.items()), compress="gzip")
   return str(path), chroms
@@ -75,39 +80,49 @@ def genome(tmp_path):
 def test_bed_extraction_strands_and_splits(tmp_path, genome):
   ref, chroms = genome
   bed = tmp_path / "task.bed"
-  bed.write_text("chromosome\tstart\tend\tstrand\tsplit\tlabel\n"
-                 "chr1\t10\t30\t+\ttrain\t1\n"
-                 "chr2\t100\t120\t-\ttrain\t0\n"
-                 "chr1\t0\t5\t+\tvalid\t0\n"
-                 "chr2\t0\t7\t.\ttest\t1\n")
+  bed.write_text(
+    "chromosome\tstart\tend\tstrand\tsplit\tlabel\n"
+    "chr1\t10\t30\t+\ttrain\t1\n"
+    "chr2\t100\t120\t-\ttrain\t0\n"
+    "chr1\t0\t5\t+\tvalid\t0\n"
+    "chr2\t0\t7\t.\ttest\t1\n"
+  )
   data = datasets.load_task(str(bed), reference=ref)
   assert data.format == "bed" and data.name == "task" and not data.dev_from_train
   assert data.splits["train"].sequences == [
-      chroms["chr1"][10:30], tokenizer.reverse_complement(chroms["chr2"][100:120])]
+    chroms["chr1"][10:30],
+    tokenizer.reverse_complement(chroms["chr2"][100:120]),
+  ]
   assert data.splits["dev"].sequences == [chroms["chr1"][:5]]
   assert data.splits["test"].sequences == [chroms["chr2"][:7]]
   np.testing.assert_array_equal(data.splits["train"].labels, [1, 0])
   # Header-less BEND order: chrom, start, end, split, label (dev carved).
   plain = tmp_path / "plain.bed"
-  plain.write_text("".join(f"chr1\t{i}\t{i + 10}\ttrain\t{i % 2}\n" for i in range(20))
-                   + "chr2\t5\t15\ttest\t1\n")
+  plain.write_text(
+    "".join(f"chr1\t{i}\t{i + 10}\ttrain\t{i % 2}\n" for i in range(20)) + "chr2\t5\t15\ttest\t1\n"
+  )
   data = datasets.load_task(str(plain), reference=ref, dev_fraction=0.2)
   assert data.dev_from_train and len(data.splits["dev"].sequences) == 4
 
 
-@pytest.mark.parametrize("row, message", [
+@pytest.mark.parametrize(
+  "row, message",
+  [
     ("chr1\t290\t310\t+\ttrain\t1", "runs past the end of chr1 (300 nt"),
     ("chrX\t0\t10\t+\ttrain\t1", "chromosome 'chrX' is not in"),
     ("chr1\t10\t10\t+\ttrain\t1", "interval [10, 10) is empty"),
     ("chr1\t10\tx\t+\ttrain\t1", "are not integers"),
     ("chr1\t10\t20\t+\tholdout\t1", "split 'holdout' is not one of"),
     ("chr1\t10\t20\t*\ttrain\t1", "strand '*'"),
-])
+  ],
+)
 def test_bed_errors_name_file_and_line(tmp_path, genome, row, message):
   ref, _ = genome
   bed = tmp_path / "bad.bed"
-  bed.write_text("chromosome\tstart\tend\tstrand\tsplit\tlabel\n"
-                 "chr1\t0\t10\t+\ttrain\t0\n" + row + "\nchr1\t0\t10\t+\ttest\t0\n")
+  bed.write_text(
+    "chromosome\tstart\tend\tstrand\tsplit\tlabel\n"
+    "chr1\t0\t10\t+\ttrain\t0\n" + row + "\nchr1\t0\t10\t+\ttest\t0\n"
+  )
   with pytest.raises(TaskFormatError) as e:
     datasets.load_task(str(bed), reference=ref)
   assert str(e.value).startswith(f"{bed} line 3: ") and message in str(e.value)

@@ -9,35 +9,38 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hybridna_jax import tokenizer
+from hybridna_jax import echo, tokenizer
 from hybridna_jax.config import ModelConfig, load_config
-from hybridna_jax import echo
 from hybridna_jax.finetune.model import HeadConfig, SequenceModel
 
 # The tiny test model cut to two layers, Mamba2 then attention (compiles faster).
-TINY = dataclasses.replace(ModelConfig.from_config(load_config("configs/tiny.py").model),
-                           n_layers=2, attn_period=2, attn_offset=1)
+TINY = dataclasses.replace(
+  ModelConfig.from_config(load_config("configs/tiny.py").model),
+  n_layers=2,
+  attn_period=2,
+  attn_offset=1,
+)
 SEQS = ["ACGTTGCA", "GATTACAGATTACAGG", "CCN", "TTTTTTTTTTAAAAAACGCG"]
 
 
 def test_echo_rows_of_a_padded_batch():
   tokens = [tokenizer.encode(s) for s in SEQS]
   width = echo.padded_width(max(len(t) for t in tokens), echo=True, multiple=16)
-  assert width == 48                       # 2 * 20 + 1 = 41 -> 48
+  assert width == 48  # 2 * 20 + 1 = 41 -> 48
   batch = echo.build_batch(tokens, width, echo=True, reverse_strand=True)
   for row, (seq, t) in enumerate(zip(SEQS, tokens)):
     n = len(t)
     inputs, seg, mask = batch["inputs"][row], batch["segment_ids"][row], batch["pool_mask"][row]
     np.testing.assert_array_equal(inputs[:n], t)
     assert inputs[n] == tokenizer.SEP
-    np.testing.assert_array_equal(inputs[n + 1:2 * n + 1], t)
-    assert np.all(inputs[2 * n + 1:] == tokenizer.PAD)
+    np.testing.assert_array_equal(inputs[n + 1 : 2 * n + 1], t)
+    assert np.all(inputs[2 * n + 1 :] == tokenizer.PAD)
     np.testing.assert_array_equal(seg, (np.arange(width) < 2 * n + 1).astype(np.int32))
     # Pooling reads the second copy only: never the first copy, <sep> or pads.
     np.testing.assert_array_equal(np.flatnonzero(mask), np.arange(n + 1, 2 * n + 1))
     rc = tokenizer.encode(tokenizer.reverse_complement(seq))
     np.testing.assert_array_equal(batch["rc_inputs"][row][:n], rc)
-    np.testing.assert_array_equal(batch["rc_inputs"][row][n + 1:2 * n + 1], rc)
+    np.testing.assert_array_equal(batch["rc_inputs"][row][n + 1 : 2 * n + 1], rc)
     assert batch["rc_inputs"][row][n] == tokenizer.SEP
 
 
@@ -55,8 +58,9 @@ def test_plain_rows_and_errors():
 def test_pool_mean_and_last():
   hidden = np.arange(2 * 5 * 3, dtype=np.float32).reshape(2, 5, 3)
   mask = np.array([[0, 1, 1, 0, 0], [0, 0, 0, 0, 1]], np.float32)
-  np.testing.assert_allclose(echo.pool(hidden, mask, "mean"),
-                             [hidden[0, 1:3].mean(0), hidden[1, 4]])
+  np.testing.assert_allclose(
+    echo.pool(hidden, mask, "mean"), [hidden[0, 1:3].mean(0), hidden[1, 4]]
+  )
   np.testing.assert_allclose(echo.pool(hidden, mask, "last"), [hidden[0, 2], hidden[1, 4]])
   with pytest.raises(ValueError, match="finetune.pool"):
     echo.pool(hidden, mask, "max")
@@ -80,7 +84,7 @@ def test_pooled_features_ignore_padding_and_read_the_right_positions():
   sequence (plain) at the expected positions."""
   model = _model()
   tokens = [tokenizer.encode(s) for s in SEQS]
-  width = echo.padded_width(20, echo=True)            # 41: the longest row is unpadded
+  width = echo.padded_width(20, echo=True)  # 41: the longest row is unpadded
   batch = echo.build_batch(tokens, width, echo=True)
   hidden = np.asarray(_hidden(model, batch["inputs"], batch["segment_ids"]))
   # The same rows in another order with 23 more pads each.
@@ -89,12 +93,12 @@ def test_pooled_features_ignore_padding_and_read_the_right_positions():
   hidden_wide = np.asarray(_hidden(model, wide["inputs"], wide["segment_ids"]))
   for row, t in enumerate(tokens):
     real = 2 * len(t) + 1
-    np.testing.assert_allclose(hidden_wide[order.index(row), :real], hidden[row, :real],
-                               rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(
+      hidden_wide[order.index(row), :real], hidden[row, :real], rtol=2e-5, atol=2e-5
+    )
   for echo_on in (True, False):
     rows = echo.build_batch(tokens, width, echo=echo_on)
-    states = hidden if echo_on else np.asarray(
-        _hidden(model, rows["inputs"], rows["segment_ids"]))
+    states = hidden if echo_on else np.asarray(_hidden(model, rows["inputs"], rows["segment_ids"]))
     mean = np.asarray(echo.pool(states, rows["pool_mask"], "mean"))
     last = np.asarray(echo.pool(states, rows["pool_mask"], "last"))
     for row, t in enumerate(tokens):
@@ -116,7 +120,7 @@ def test_rc_echo_predicts_the_same_for_both_strands(rc_combine):
   a = np.asarray(run(model, echo.build_batch(forward, width, echo=True, reverse_strand=True)))
   b = np.asarray(run(model, echo.build_batch(reverse, width, echo=True, reverse_strand=True)))
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-  assert np.abs(a).max() > 1e-2 and np.ptp(a[:, 0]) > 1e-3   # not a constant output
+  assert np.abs(a).max() > 1e-2 and np.ptp(a[:, 0]) > 1e-3  # not a constant output
   if rc_combine == "average_logits":
     # The forward strand alone is not strand-symmetric: the check has teeth.
     single = _model(rc_combine="none")

@@ -10,7 +10,7 @@ from hybridna_jax.finetune import metrics as m
 
 def _binary_logits(scores):
   s = np.asarray(scores, np.float64)
-  return np.log(np.stack([1 - s, s], axis=1))       # softmax(...)[:, 1] == scores
+  return np.log(np.stack([1 - s, s], axis=1))  # softmax(...)[:, 1] == scores
 
 
 def test_binary_classification_by_hand():
@@ -22,7 +22,7 @@ def test_binary_classification_by_hand():
   assert out["f1"] == pytest.approx(2 / 3)
   assert out["f1_macro"] == pytest.approx(2 / 3)
   assert out["accuracy"] == pytest.approx(4 / 6)
-  assert out["auroc"] == pytest.approx(8 / 9)                # 8 of 9 pairs ranked right
+  assert out["auroc"] == pytest.approx(8 / 9)  # 8 of 9 pairs ranked right
   assert out["auprc"] == pytest.approx(1 / 3 + 1 / 3 + 1 / 3 * 3 / 4)
   expected_loss = -np.mean(np.log(np.where(labels == 1, scores, 1 - scores)))
   assert out["loss"] == pytest.approx(expected_loss)
@@ -33,7 +33,7 @@ def test_ties_and_degenerate_cases():
   assert m.binary_auprc(np.array([1, 0]), np.array([0.5, 0.5])) == pytest.approx(0.5)
   assert math.isnan(m.binary_auroc(np.array([1, 1]), np.array([0.2, 0.3])))
   assert math.isnan(m.binary_auprc(np.array([0, 0]), np.array([0.2, 0.3])))
-  assert m.mcc(np.array([0, 1, 1]), np.array([1, 1, 1])) == 0.0    # constant prediction
+  assert m.mcc(np.array([0, 1, 1]), np.array([1, 1, 1])) == 0.0  # constant prediction
   assert m.mcc(np.array([0, 1, 0, 1]), np.array([1, 0, 1, 0])) == pytest.approx(-1.0)
 
 

@@ -27,8 +27,9 @@ from hybridna_jax.train.checkpoint import Checkpoints
 @pytest.fixture(scope="module")
 def motif_task(tmp_path_factory):
   folder = tmp_path_factory.mktemp("motif")
-  return example_tasks.make_motif_task(str(folder), n_train=1024, n_dev=128, n_test=128,
-                                       min_length=16, max_length=32, seed=0)
+  return example_tasks.make_motif_task(
+    str(folder), n_train=1024, n_dev=128, n_test=128, min_length=16, max_length=32, seed=0
+  )
 
 
 def _config(task: str, **finetune):
@@ -61,21 +62,22 @@ def _interrupt_at(monkeypatch, call: int):
     if count[0] == call:
       os.kill(os.getpid(), signal.SIGTERM)
     return real(*args, **kwargs)
+
   monkeypatch.setattr(step_lib, "device_batch", device_batch)
 
 
 def test_tiny_model_learns_a_planted_motif(motif_task, tmp_path, monkeypatch):
   workdir = str(tmp_path / "run")
   with monkeypatch.context() as m:
-    _interrupt_at(m, 30)          # the 30th training batch: preempted at step 30
+    _interrupt_at(m, 30)  # the 30th training batch: preempted at step 30
     first = task_lib.finetune(_config(motif_task), workdir)
   assert first["stopped"] == "preempted" and first["steps"] == 30
-  summary = task_lib.finetune(_config(motif_task), workdir)      # resumes at step 30
+  summary = task_lib.finetune(_config(motif_task), workdir)  # resumes at step 30
   assert summary["stopped"] == "completed" and summary["steps"] == 80
   results = summary["results"]
   assert results["selected_step"] in (40, 80)
   assert results["dev"]["mcc"] > 0.8, results
-  assert results["test"]["mcc"] > 0.8, results                 # held out, never selected on
+  assert results["test"]["mcc"] > 0.8, results  # held out, never selected on
   assert results["test"]["auroc"] > 0.9 and results["test"]["examples"] == 128
 
   with open(os.path.join(workdir, "results.json")) as f:
@@ -103,24 +105,33 @@ def _write_pretrained_run(run_dir: str, config) -> nnx.State:
   os.makedirs(run_dir)
   with open(os.path.join(run_dir, loop.CONFIG_FILE), "w") as f:
     f.write(config.to_json_best_effort())
-  abstract = nnx.eval_shape(lambda: HybriDNA(ModelConfig.from_config(config.model),
-                                             rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(
+    lambda: HybriDNA(ModelConfig.from_config(config.model), rngs=nnx.Rngs(0))
+  )
   rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda a: jnp.asarray(rng.normal(0, 0.2, a.shape).astype(a.dtype)),
-                        nnx.state(abstract, nnx.Param))
+  params = jax.tree.map(
+    lambda a: jnp.asarray(rng.normal(0, 0.2, a.shape).astype(a.dtype)),
+    nnx.state(abstract, nnx.Param),
+  )
   zero = jnp.zeros((), jnp.int32)
   checkpoints = Checkpoints(os.path.join(run_dir, loop.CHECKPOINT_DIR), async_save=False)
-  checkpoints.save(step_lib.TrainState(jnp.array(7, jnp.int32), params, None, zero, zero),
-                   {"stage": 0})
+  checkpoints.save(
+    step_lib.TrainState(jnp.array(7, jnp.int32), params, None, zero, zero), {"stage": 0}
+  )
   return params
 
 
 def test_pretrained_frozen_backbone_with_rc_echo_on_8_devices(motif_task, tmp_path):
   lm_config = _config("")
   pretrained = _write_pretrained_run(str(tmp_path / "lm"), lm_config)
-  cfg = _config(motif_task, pretrained=str(tmp_path / "lm"), freeze_backbone=True,
-                rc_combine="average_logits", steps=4)
-  cfg.model.n_layers = 4                  # replaced by the pretrained architecture
+  cfg = _config(
+    motif_task,
+    pretrained=str(tmp_path / "lm"),
+    freeze_backbone=True,
+    rc_combine="average_logits",
+    steps=4,
+  )
+  cfg.model.n_layers = 4  # replaced by the pretrained architecture
   cfg.train.eval_every = 2
   # Sharded like pretraining: 8 devices, batch over (data, fsdp), heads over tensor.
   cfg.mesh.update(dict(data=2, fsdp=2, tensor=2, num_devices=0))
@@ -135,22 +146,23 @@ def test_pretrained_frozen_backbone_with_rc_echo_on_8_devices(motif_task, tmp_pa
   backbone = nnx.state(finetuned.model.backbone, nnx.Param)
   assert jax.tree.structure(backbone) == jax.tree.structure(pretrained)
   for a, b in zip(jax.tree.leaves(pretrained), jax.tree.leaves(backbone)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))     # loaded, then frozen
-  assert np.abs(np.asarray(finetuned.model.head.kernel[...])).max() > 0   # the head trained
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # loaded, then frozen
+  assert np.abs(np.asarray(finetuned.model.head.kernel[...])).max() > 0  # the head trained
 
 
 def test_train_iterator_shuffles_shards_and_restores(motif_task):
   task = task_lib.FinetuneTask(_config(motif_task, rc_augment=0.5))
   stage = task.stages()[0]
-  assert stage.seq_len == 80 and stage.steps == 80 and stage.batch_size == 32   # 2*32+1 -> 80
+  assert stage.seq_len == 80 and stage.steps == 80 and stage.batch_size == 32  # 2*32+1 -> 80
   n = len(task.tokens["train"])
 
   def indices(it, batches):
     return np.concatenate([next(it)["index"] for _ in range(batches)])
+
   epoch = indices(task.train_iterator(stage, 32, seed=5), 2 * n // 32)
-  np.testing.assert_array_equal(np.sort(epoch[:n]), np.arange(n))    # every example once
+  np.testing.assert_array_equal(np.sort(epoch[:n]), np.arange(n))  # every example once
   np.testing.assert_array_equal(np.sort(epoch[n:]), np.arange(n))
-  assert not np.array_equal(epoch[:n], epoch[n:])                   # reshuffled
+  assert not np.array_equal(epoch[:n], epoch[n:])  # reshuffled
   assert not np.array_equal(epoch[:n], indices(task.train_iterator(stage, 32, seed=6), n // 32))
 
   it = task.train_iterator(stage, 8, seed=5)
@@ -171,9 +183,10 @@ def test_train_iterator_shuffles_shards_and_restores(motif_task):
     tokens = task.tokens["train"][i]
     k = tokens.size
     first = batch["inputs"][row][:k]
-    assert (np.array_equal(first, tokens)
-            or np.array_equal(first, tokenizer.reverse_complement_nucleotides(tokens)))
-    np.testing.assert_array_equal(batch["inputs"][row][k + 1:2 * k + 1], first)
+    assert np.array_equal(first, tokens) or np.array_equal(
+      first, tokenizer.reverse_complement_nucleotides(tokens)
+    )
+    np.testing.assert_array_equal(batch["inputs"][row][k + 1 : 2 * k + 1], first)
     assert batch["labels"][row] == labels[i]
 
 
@@ -185,30 +198,46 @@ def test_suite_writes_one_table(motif_task, tmp_path, monkeypatch):
       (nt / f"{split}.csv").write_text(src.read())
   gue = tmp_path / "tasks" / "gue_like"
   example_tasks.make_motif_task(str(gue), n_train=64, n_dev=16, n_test=16)
-  (tmp_path / "tasks" / "notes").mkdir()      # not a task: skipped by the glob
+  (tmp_path / "tasks" / "notes").mkdir()  # not a task: skipped by the glob
   calls = []
 
   def fake_finetune(config, workdir, data):
     """Scores a fixed rule instead of training (the suite logic is under test)."""
     calls.append((config.finetune.task, workdir, data.name))
     task = task_lib.FinetuneTask(config, data)
-    outputs = {s: np.stack([np.zeros(len(task.tokens[s])),
-                            [float("TATAAT" in q or "ATTATA" in q)
-                             for q in data.splits[s].sequences]], 1) for s in ("dev", "test")}
-    results = {"task": data.name, "kind": "classification", "embedding": "echo mean",
-               "dev": task.split_metrics(outputs["dev"], "dev"),
-               "test": task.split_metrics(outputs["test"], "test")}
+    outputs = {
+      s: np.stack(
+        [
+          np.zeros(len(task.tokens[s])),
+          [float("TATAAT" in q or "ATTATA" in q) for q in data.splits[s].sequences],
+        ],
+        1,
+      )
+      for s in ("dev", "test")
+    }
+    results = {
+      "task": data.name,
+      "kind": "classification",
+      "embedding": "echo mean",
+      "dev": task.split_metrics(outputs["dev"], "dev"),
+      "test": task.split_metrics(outputs["test"], "test"),
+    }
     os.makedirs(workdir)
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(results, f)
     return {"results": results}
+
   monkeypatch.setattr(task_lib, "finetune", fake_finetune)
 
   cfg = _config("")
   rows = task_lib.run_suite(cfg, [str(tmp_path / "tasks" / "*")], str(tmp_path / "suite"))
   assert [c[2] for c in calls] == ["gue_like", "nt_like"]
   assert [(r["task"], r["split"]) for r in rows] == [
-      ("gue_like", "dev"), ("gue_like", "test"), ("nt_like", "dev"), ("nt_like", "test")]
+    ("gue_like", "dev"),
+    ("gue_like", "test"),
+    ("nt_like", "dev"),
+    ("nt_like", "test"),
+  ]
   assert all(r["mcc"] == pytest.approx(1.0) for r in rows)
   table = open(tmp_path / "suite" / "suite_table.md").read()
   assert table.count("| gue_like |") == 2 and table.count("| nt_like |") == 2
@@ -226,16 +255,17 @@ def test_losses_weights_and_regression_targets(tmp_path):
   folder.mkdir()
   for split, labels in (("train", [1.0, 3.0, 5.0, 7.0]), ("dev", [2.0, 4.0]), ("test", [6.5])):
     (folder / f"{split}.csv").write_text(
-        "sequence,label\n" + "".join(f"ACGT{'A' * i},{y}\n" for i, y in enumerate(labels)))
+      "sequence,label\n" + "".join(f"ACGT{'A' * i},{y}\n" for i, y in enumerate(labels))
+    )
   task = task_lib.FinetuneTask(_config(str(folder)))
   assert task.kind == "regression" and task.selection == ("pearson", "max")
   assert task.label_mean == pytest.approx(4.0) and task.label_std == pytest.approx(np.sqrt(5))
-  targets = task._labels("train")                      # pylint: disable=protected-access
+  targets = task._labels("train")  # pylint: disable=protected-access
   np.testing.assert_allclose(targets, (np.array([1, 3, 5, 7]) - 4) / np.sqrt(5), rtol=1e-6)
   batch = {"labels": jnp.asarray(targets), "weight": jnp.array([1.0, 1.0, 1.0, 0.0])}
   outputs = jnp.zeros((4, 1))
   loss, sums = task.loss(lambda b: outputs, batch)
-  assert float(sums["count"]) == 3.0                   # the filler row does not count
+  assert float(sums["count"]) == 3.0  # the filler row does not count
   assert float(loss) == pytest.approx(float(np.sum(targets[:3] ** 2)), rel=1e-6)
 
   cls = tmp_path / "cls"
@@ -244,7 +274,7 @@ def test_losses_weights_and_regression_targets(tmp_path):
     (cls / f"{split}.csv").write_text("sequence,label\nAC,0\nAG,0\nAT,0\nCC,1\n")
   task = task_lib.FinetuneTask(_config(str(cls), class_weights="balanced"))
   np.testing.assert_allclose(task.class_weights, [4 / 6, 4 / 2])
-  logits = jnp.zeros((4, 2))                           # nll = log 2 for every row
+  logits = jnp.zeros((4, 2))  # nll = log 2 for every row
   batch = {"labels": jnp.array([0, 0, 1, 1]), "weight": jnp.ones(4)}
   loss, sums = task.loss(lambda b: logits, batch)
   assert float(sums["count"]) == pytest.approx(2 * 4 / 6 + 2 * 2)

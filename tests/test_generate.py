@@ -21,9 +21,11 @@ from hybridna_jax.model import create_model
 TINY = ModelConfig.from_config(load_config("configs/tiny.py").model)
 TWO_LAYERS = dataclasses.replace(TINY, n_layers=2, attn_layers=(1,))
 # Prompts of different lengths (left-padded together): task tokens, <bos>, DNA.
-PROMPTS = [np.array([tok.BOS, tok.task_token(2), tok.A, tok.C, tok.G, tok.T, tok.T]),
-           np.array([tok.BOS, tok.task_token(0)]),
-           np.array([tok.G, tok.G, tok.C, tok.A, tok.T])]
+PROMPTS = [
+  np.array([tok.BOS, tok.task_token(2), tok.A, tok.C, tok.G, tok.T, tok.T]),
+  np.array([tok.BOS, tok.task_token(0)]),
+  np.array([tok.G, tok.G, tok.C, tok.A, tok.T]),
+]
 NEW = 12
 
 
@@ -61,16 +63,15 @@ def _full_forward_reference(model, generated, allowed):
   the argmax over `allowed` ((vocab,) or (steps, vocab)) of the logits at
   every generated position, the log-prob of the generated tokens, and the
   number of tokens up to and including the first <eos>."""
-  ends = [int(np.argmax(g == tok.EOS)) + 1 if (g == tok.EOS).any() else len(g)
-          for g in generated]
+  ends = [int(np.argmax(g == tok.EOS)) + 1 if (g == tok.EOS).any() else len(g) for g in generated]
   rows = [np.concatenate([p, g[:n]]) for p, g, n in zip(PROMPTS, generated, ends)]
   tokens = np.full((len(rows), max(len(p) for p in PROMPTS) + NEW), tok.PAD, np.int32)
   for i, r in enumerate(rows):
-    tokens[i, :len(r)] = r
+    tokens[i, : len(r)] = r
   logits = np.asarray(_full_logits(model, jnp.asarray(tokens)))
   out = []
   for i, (p, g, n) in enumerate(zip(PROMPTS, generated, ends)):
-    step_logits = logits[i, len(p) - 1:len(p) - 1 + n]
+    step_logits = logits[i, len(p) - 1 : len(p) - 1 + n]
     mask = allowed[:n] if allowed.ndim == 2 else allowed
     masked = np.where(mask, step_logits, -np.inf)
     argmax = np.argmax(masked, axis=-1)
@@ -86,15 +87,14 @@ def _full_forward_reference(model, generated, allowed):
 
 def test_greedy_equals_full_forward_argmax_token_by_token():
   model = _model()
-  out = jax.device_get(gen.sample(model, PROMPTS, gen.Settings(max_new_tokens=NEW,
-                                                               temperature=0)))
+  out = jax.device_get(gen.sample(model, PROMPTS, gen.Settings(max_new_tokens=NEW, temperature=0)))
   assert out.tokens.shape == (3, NEW)
   reference = _full_forward_reference(model, out.tokens, gen.allowed_tokens())
   for row, logp, (argmax, ref_logp, _) in zip(out.tokens, out.log_probs, reference):
     np.testing.assert_array_equal(row, argmax)
     np.testing.assert_allclose(logp, ref_logp, rtol=1e-4)
   assert set(np.unique(out.tokens)) <= {tok.A, tok.C, tok.G, tok.T}
-  assert len({tuple(r) for r in out.tokens}) > 1     # the prompts matter
+  assert len({tuple(r) for r in out.tokens}) > 1  # the prompts matter
   np.testing.assert_array_equal(out.lengths, NEW)
   assert not out.ended.any()
 
@@ -103,11 +103,12 @@ def test_greedy_stop_at_eos_pads_finished_rows():
   model = _model(ending=True)
   settings = gen.Settings(max_new_tokens=NEW, temperature=0, stop_at_eos=True, min_new_tokens=3)
   out = jax.device_get(gen.sample(model, PROMPTS, settings))
-  assert out.ended.any(), out.tokens                 # <eos> is likely once allowed
+  assert out.ended.any(), out.tokens  # <eos> is likely once allowed
   allowed = np.stack([gen.allowed_tokens(allow_eos=i >= 3) for i in range(NEW)])
   reference = _full_forward_reference(model, out.tokens, allowed)
   for row, length, ended, logp, (argmax, ref_logp, n) in zip(
-      out.tokens, out.lengths, out.ended, out.log_probs, reference):
+    out.tokens, out.lengths, out.ended, out.log_probs, reference
+  ):
     np.testing.assert_array_equal(row[:n], argmax)
     if ended:
       assert row[n - 1] == tok.EOS and n - 1 == length >= 3
@@ -116,8 +117,9 @@ def test_greedy_stop_at_eos_pads_finished_rows():
       assert length == n == NEW and tok.EOS not in row
     np.testing.assert_allclose(logp, ref_logp, rtol=1e-4)
   # The reference scorer agrees on the padded continuations.
-  np.testing.assert_allclose(gen.sequence_log_probs(model, PROMPTS, out.tokens),
-                             out.log_probs, rtol=1e-4)
+  np.testing.assert_allclose(
+    gen.sequence_log_probs(model, PROMPTS, out.tokens), out.log_probs, rtol=1e-4
+  )
 
 
 def test_filter_logits_distribution():
@@ -125,15 +127,19 @@ def test_filter_logits_distribution():
   allowed = jnp.array([True, True, True, True, False])
 
   def probs(temperature, top_k, top_p):
-    return np.exp(gen.filter_logits(logits, allowed, jnp.float32(temperature),
-                                    jnp.int32(top_k), jnp.float32(top_p)))[0]
+    return np.exp(
+      gen.filter_logits(
+        logits, allowed, jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p)
+      )
+    )[0]
 
   base = np.array([0.05, 0.4, 0.3, 0.15, 0.0]) / 0.9
   np.testing.assert_allclose(probs(1.0, 0, 1.0), base, atol=1e-6)
   np.testing.assert_allclose(probs(1.0, 2, 1.0), [0, 0.4 / 0.7, 0.3 / 0.7, 0, 0], atol=1e-6)
   # Nucleus: 0.4/0.9 + 0.3/0.9 = 0.78 < 0.8, so the third token is needed too.
-  np.testing.assert_allclose(probs(1.0, 0, 0.8), [0, 0.4 / 0.85, 0.3 / 0.85, 0.15 / 0.85, 0],
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    probs(1.0, 0, 0.8), [0, 0.4 / 0.85, 0.3 / 0.85, 0.15 / 0.85, 0], atol=1e-6
+  )
   np.testing.assert_allclose(probs(1.0, 0, 0.3), [0, 1, 0, 0, 0], atol=1e-6)
   sharp = np.array([0.05, 0.4, 0.3, 0.15, 0.0]) ** 2
   np.testing.assert_allclose(probs(0.5, 0, 1.0), sharp / sharp.sum(), atol=1e-6)
@@ -141,44 +147,48 @@ def test_filter_logits_distribution():
 
 def test_sampling_seeds_filters_and_batching():
   model = _model()
-  settings = gen.Settings(max_new_tokens=NEW, temperature=1.5, top_k=3, top_p=0.95,
-                          allow_n=True)
+  settings = gen.Settings(max_new_tokens=NEW, temperature=1.5, top_k=3, top_p=0.95, allow_n=True)
   prompts = PROMPTS * 2
   a = jax.device_get(gen.sample(model, prompts, settings, seed=7))
   b = jax.device_get(gen.sample(model, prompts, settings, seed=7))
   c = jax.device_get(gen.sample(model, prompts, settings, seed=8))
   np.testing.assert_array_equal(a.tokens, b.tokens)
   assert (a.tokens != c.tokens).any()
-  assert (a.tokens[:3] != a.tokens[3:]).any()          # each row its own stream
+  assert (a.tokens[:3] != a.tokens[3:]).any()  # each row its own stream
   assert set(np.unique(a.tokens)) <= {tok.A, tok.C, tok.G, tok.T, tok.N}
   # A row's sample depends on (seed, sample id), not on its place in the batch.
   order = np.array([5, 3, 4, 0, 1, 2])
-  d = jax.device_get(gen.sample(model, [prompts[i] for i in order], settings, seed=7,
-                                sample_ids=order))
+  d = jax.device_get(
+    gen.sample(model, [prompts[i] for i in order], settings, seed=7, sample_ids=order)
+  )
   np.testing.assert_array_equal(d.tokens, a.tokens[order])
   # top_k=1 is greedy whatever the temperature (same compiled program).
   one = jax.device_get(gen.sample(model, prompts, dataclasses.replace(settings, top_k=1)))
   reference = _full_forward_reference(model, one.tokens[:3], gen.allowed_tokens(allow_n=True))
   for row, (argmax, _, _) in zip(one.tokens, reference):
     np.testing.assert_array_equal(row, argmax)
-  for logp, (_, ref_logp, _) in zip(a.log_probs, _full_forward_reference(
-      model, a.tokens[:3], gen.allowed_tokens(allow_n=True))):
+  for logp, (_, ref_logp, _) in zip(
+    a.log_probs, _full_forward_reference(model, a.tokens[:3], gen.allowed_tokens(allow_n=True))
+  ):
     np.testing.assert_allclose(logp, ref_logp, rtol=1e-4)
 
 
 def test_beam_width_one_is_greedy_and_wider_beams_score_higher():
   model = _model()
-  greedy = jax.device_get(gen.sample(model, PROMPTS, gen.Settings(max_new_tokens=NEW,
-                                                                  temperature=0)))
-  one = jax.device_get(gen.beam_search(model, PROMPTS, gen.Settings(max_new_tokens=NEW,
-                                                                    beam_width=1)))
+  greedy = jax.device_get(
+    gen.sample(model, PROMPTS, gen.Settings(max_new_tokens=NEW, temperature=0))
+  )
+  one = jax.device_get(
+    gen.beam_search(model, PROMPTS, gen.Settings(max_new_tokens=NEW, beam_width=1))
+  )
   np.testing.assert_array_equal(one.tokens[:, 0], greedy.tokens)
   np.testing.assert_allclose(one.log_probs[:, 0], greedy.log_probs, rtol=1e-5)
-  wide = jax.device_get(gen.beam_search(model, PROMPTS, gen.Settings(max_new_tokens=NEW,
-                                                                     beam_width=4)))
+  wide = jax.device_get(
+    gen.beam_search(model, PROMPTS, gen.Settings(max_new_tokens=NEW, beam_width=4))
+  )
   assert (wide.log_probs[:, 0] >= greedy.log_probs - 1e-4).all()
-  assert (np.diff(wide.scores, axis=1) <= 1e-6).all()   # best first
-  for row in range(3):                                   # distinct hypotheses
+  assert (np.diff(wide.scores, axis=1) <= 1e-6).all()  # best first
+  for row in range(3):  # distinct hypotheses
     assert len({tuple(t) for t in wide.tokens[row]}) == 4
   reference = _full_forward_reference(model, wide.tokens[:, 0], gen.allowed_tokens())
   np.testing.assert_allclose(wide.log_probs[:, 0], [r[1] for r in reference], rtol=1e-4)
@@ -190,8 +200,9 @@ def test_beam_search_is_exact_when_the_beam_holds_every_prefix():
   forward (this checks the cache reordering between steps)."""
   model = _model()
   prompt = PROMPTS[0]
-  beams = jax.device_get(gen.beam_search(model, [prompt], gen.Settings(max_new_tokens=3,
-                                                                       beam_width=16)))
+  beams = jax.device_get(
+    gen.beam_search(model, [prompt], gen.Settings(max_new_tokens=3, beam_width=16))
+  )
   every = np.array(list(itertools.product([tok.A, tok.C, tok.G, tok.T], repeat=3)), np.int32)
   tokens = np.concatenate([np.broadcast_to(prompt, (64, len(prompt))), every], axis=1)
   logp = jax.nn.log_softmax(_full_logits(model, jnp.asarray(tokens)), axis=-1)
@@ -204,21 +215,23 @@ def test_beam_search_is_exact_when_the_beam_holds_every_prefix():
 
 def test_beam_search_with_eos_ranks_by_length_normalised_log_prob():
   model = _model(ending=True)
-  settings = gen.Settings(max_new_tokens=NEW, beam_width=4, stop_at_eos=True,
-                          length_penalty=1.0)
+  settings = gen.Settings(max_new_tokens=NEW, beam_width=4, stop_at_eos=True, length_penalty=1.0)
   beams = jax.device_get(gen.beam_search(model, PROMPTS, settings))
   assert beams.ended.any()
   for row in range(3):
-    for tokens, length, ended, logp, score in zip(beams.tokens[row], beams.lengths[row],
-                                                  beams.ended[row], beams.log_probs[row],
-                                                  beams.scores[row]):
-      n = length + int(ended)           # tokens scored, <eos> included
+    for tokens, length, ended, logp, score in zip(
+      beams.tokens[row],
+      beams.lengths[row],
+      beams.ended[row],
+      beams.log_probs[row],
+      beams.scores[row],
+    ):
+      n = length + int(ended)  # tokens scored, <eos> included
       np.testing.assert_allclose(score, logp / n, rtol=1e-5)
       if ended:
-        assert tokens[length] == tok.EOS and (tokens[length + 1:] == tok.PAD).all()
+        assert tokens[length] == tok.EOS and (tokens[length + 1 :] == tok.PAD).all()
       assert set(np.unique(tokens[:length])) <= {tok.A, tok.C, tok.G, tok.T}
-  reference = _full_forward_reference(model, beams.tokens[:, 0],
-                                      gen.allowed_tokens(allow_eos=True))
+  reference = _full_forward_reference(model, beams.tokens[:, 0], gen.allowed_tokens(allow_eos=True))
   np.testing.assert_allclose(beams.log_probs[:, 0], [r[1] for r in reference], rtol=1e-4)
 
 

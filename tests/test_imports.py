@@ -25,8 +25,7 @@ import jax.numpy as jnp
 import pytest
 
 import hybridna_jax
-from hybridna_jax import attention
-from hybridna_jax import ssd
+from hybridna_jax import attention, ssd
 
 ROOT = pathlib.Path(hybridna_jax.__file__).parent
 
@@ -55,7 +54,8 @@ def _ancestors(name: str) -> list[str]:
 
 def _is_type_checking(test: ast.expr) -> bool:
   return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-      isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+    isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+  )
 
 
 def _runtime_nodes(tree: ast.AST):
@@ -78,16 +78,17 @@ def _imported_names(module: str, path: pathlib.Path, modules) -> set[str]:
     if isinstance(node, ast.Import):
       names.update(alias.name for alias in node.names)
     elif isinstance(node, ast.ImportFrom):
-      if node.level:    # relative: from the module's package, up level - 1
+      if node.level:  # relative: from the module's package, up level - 1
         base = module.split(".") if is_package else module.split(".")[:-1]
-        base = base[:len(base) - (node.level - 1)]
+        base = base[: len(base) - (node.level - 1)]
         target = ".".join(base + ([node.module] if node.module else []))
       else:
         target = node.module
       names.add(target)
       # `from pkg import sub` imports the submodule pkg.sub.
-      names.update(f"{target}.{alias.name}" for alias in node.names
-                   if f"{target}.{alias.name}" in modules)
+      names.update(
+        f"{target}.{alias.name}" for alias in node.names if f"{target}.{alias.name}" in modules
+      )
   return {n for n in names if n in modules}
 
 
@@ -102,19 +103,22 @@ def import_graph(root: pathlib.Path = ROOT, registries=True) -> dict[str, set[st
     targets = set()
     for name in _imported_names(module, path, modules):
       targets.add(name)
-      targets.update(a for a in _ancestors(name) if a in modules)   # their __init__s
+      targets.update(a for a in _ancestors(name) if a in modules)  # their __init__s
     own = set(_ancestors(module))
     graph[module] = {t for t in targets if t != module and t not in own}
   if not registries:
     return graph
   # Lazy edges: the public ops load their kernels by module name.
-  for public, registry in (("hybridna_jax.ssd", ssd.CORES),
-                           ("hybridna_jax.attention", attention.KERNELS)):
+  for public, registry in (
+    ("hybridna_jax.ssd", ssd.CORES),
+    ("hybridna_jax.attention", attention.KERNELS),
+  ):
     for kernel in registry.kernels.values():
       target = kernel.source.split(":")[0]
       graph[public].add(target)
-      graph[public].update(a for a in _ancestors(target) if a in modules
-                           and a not in _ancestors(public))
+      graph[public].update(
+        a for a in _ancestors(target) if a in modules and a not in _ancestors(public)
+      )
   return graph
 
 
@@ -160,7 +164,7 @@ def _cycle_in(graph, component, start) -> list[str]:
           path = [v]
           while parent[path[-1]] is not None:
             path.append(parent[path[-1]])
-          return path[::-1] + [start]     # start -> ... -> v -> start
+          return path[::-1] + [start]  # start -> ... -> v -> start
         if w not in parent:
           parent[w] = v
           nxt.append(w)
@@ -173,24 +177,26 @@ def test_graph_edges(tmp_path):
   `__init__` a submodule import runs, siblings, function-local imports and
   TYPE_CHECKING blocks."""
   files = {
-      "pkg/__init__.py": "",
-      "pkg/sub/__init__.py": "from pkg.sub.a import A\n",
-      "pkg/sub/a.py": "from pkg.sub import b\nA = 1\n",
-      "pkg/sub/b.py": "def f():\n  from pkg import c\n",
-      "pkg/c.py": "from pkg.sub.b import f\n",
-      "pkg/d.py": ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
-                   "  from pkg import c\nelse:\n  from . import e\n"),
-      "pkg/e.py": "import numpy\n",
+    "pkg/__init__.py": "",
+    "pkg/sub/__init__.py": "from pkg.sub.a import A\n",
+    "pkg/sub/a.py": "from pkg.sub import b\nA = 1\n",
+    "pkg/sub/b.py": "def f():\n  from pkg import c\n",
+    "pkg/c.py": "from pkg.sub.b import f\n",
+    "pkg/d.py": (
+      "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+      "  from pkg import c\nelse:\n  from . import e\n"
+    ),
+    "pkg/e.py": "import numpy\n",
   }
   for name, text in files.items():
     (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
     (tmp_path / name).write_text(text)
   graph = import_graph(tmp_path / "pkg", registries=False)
-  assert graph["pkg.sub"] == {"pkg.sub.a"}               # re-export
-  assert graph["pkg.sub.a"] == {"pkg.sub.b"}             # not its own package
-  assert graph["pkg.sub.b"] == {"pkg.c"}                 # function-local
-  assert graph["pkg.c"] == {"pkg.sub.b", "pkg.sub"}      # runs sub/__init__
-  assert graph["pkg.d"] == {"pkg.e"}                     # no TYPE_CHECKING edge
+  assert graph["pkg.sub"] == {"pkg.sub.a"}  # re-export
+  assert graph["pkg.sub.a"] == {"pkg.sub.b"}  # not its own package
+  assert graph["pkg.sub.b"] == {"pkg.c"}  # function-local
+  assert graph["pkg.c"] == {"pkg.sub.b", "pkg.sub"}  # runs sub/__init__
+  assert graph["pkg.d"] == {"pkg.e"}  # no TYPE_CHECKING edge
   # One (shortest) cycle per strongly connected component.
   assert find_cycles(graph) == [["pkg.c", "pkg.sub.b", "pkg.c"]]
 
@@ -198,8 +204,8 @@ def test_graph_edges(tmp_path):
 def test_graph_of_this_package():
   graph = import_graph()
   assert "hybridna_jax.ssd_reference" in graph["hybridna_jax.kernels.ssd_pallas"]
-  assert "hybridna_jax.restore" in graph["hybridna_jax.scoring.scorer"]   # local
-  assert "hybridna_jax.data" in graph["hybridna_jax.config"]          # data/__init__
+  assert "hybridna_jax.restore" in graph["hybridna_jax.scoring.scorer"]  # local
+  assert "hybridna_jax.data" in graph["hybridna_jax.config"]  # data/__init__
   # Lazy kernel edges from the registry tables.
   assert "hybridna_jax.kernels.ssd_pallas" in graph["hybridna_jax.ssd"]
   assert "hybridna_jax.kernels.attention_kernels" in graph["hybridna_jax.attention"]
@@ -224,13 +230,16 @@ def test_kernels_never_import_the_public_ops():
       assert not targets & {"hybridna_jax.ssd", "hybridna_jax.attention"}, module
 
 
-@pytest.mark.parametrize("registry,name", [(ssd.CORES, "pallas_gpu_interpret"),
-                                           (attention.KERNELS, "pallas_gpu_interpret")])
+@pytest.mark.parametrize(
+  "registry,name",
+  [(ssd.CORES, "pallas_gpu_interpret"), (attention.KERNELS, "pallas_gpu_interpret")],
+)
 def test_failed_kernel_import_is_reported(monkeypatch, registry, name):
   """Choosing a kernel whose module does not import raises an error that shows
   the import error (chained), instead of "unknown implementation"."""
-  broken = dataclasses.replace(registry.kernels[name],
-                               source="hybridna_jax.kernels.no_such_module:core")
+  broken = dataclasses.replace(
+    registry.kernels[name], source="hybridna_jax.kernels.no_such_module:core"
+  )
   monkeypatch.setitem(registry.kernels, name, broken)
   with pytest.raises(ImportError, match="no_such_module") as info:
     registry.resolve(name)
@@ -241,14 +250,14 @@ def test_failed_kernel_import_is_reported(monkeypatch, registry, name):
 
 
 def test_public_op_reports_a_failed_kernel_import(monkeypatch):
-  broken = dataclasses.replace(ssd.CORES.kernels["pallas_gpu"],
-                               source="hybridna_jax.kernels.no_such_module:core")
+  broken = dataclasses.replace(
+    ssd.CORES.kernels["pallas_gpu"], source="hybridna_jax.kernels.no_such_module:core"
+  )
   monkeypatch.setitem(ssd.CORES.kernels, "pallas_gpu", broken)
-  b, l, h, p, g, n = 1, 24, 3, 5, 1, 7     # shapes no other test traces
+  b, l, h, p, g, n = 1, 24, 3, 5, 1, 7  # shapes no other test traces
   x, B = jnp.ones((b, l, h, p)), jnp.ones((b, l, g, n))
   with pytest.raises(ImportError, match="pallas_gpu.*No module named"):
-    ssd.ssd_chunked_scan(x, jnp.ones((b, l, h)), -jnp.ones((h,)), B, B, 8,
-                         impl="pallas_gpu")
+    ssd.ssd_chunked_scan(x, jnp.ones((b, l, h)), -jnp.ones((h,)), B, B, 8, impl="pallas_gpu")
 
 
 def test_auto_falls_back_with_a_warning_when_its_kernel_fails(monkeypatch, caplog):

@@ -7,13 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hybridna_jax import attention
-from hybridna_jax import sharding
+from hybridna_jax import attention, sharding
 from hybridna_jax.kernels import attention_kernels
 
 # Small tiles so that l = 100 (padded to 128) spans several of them.
-FLASH = attention_kernels.FlashConfig(block_q=32, block_k=16, block_q_bwd=16,
-                                      block_k_bwd=32, interpret=True)
+FLASH = attention_kernels.FlashConfig(
+  block_q=32, block_k=16, block_q_bwd=16, block_k_bwd=32, interpret=True
+)
 
 
 def qkv(seed=0, b=2, l=100, hq=4, hkv=2, d=16, dtype=jnp.float32):
@@ -22,9 +22,8 @@ def qkv(seed=0, b=2, l=100, hq=4, hkv=2, d=16, dtype=jnp.float32):
   seg = np.ones((b, l), np.int32)
   seg[0, 30:] = 2
   seg[0, 71:] = 3
-  seg[b - 1, l - 10:] = 0   # trailing padding
-  return (normal(b, l, hq, d), normal(b, l, hkv, d), normal(b, l, hkv, d),
-          jnp.asarray(seg))
+  seg[b - 1, l - 10 :] = 0  # trailing padding
+  return (normal(b, l, hq, d), normal(b, l, hkv, d), normal(b, l, hkv, d), jnp.asarray(seg))
 
 
 def outputs_and_grads(fn, q, k, v, seg):
@@ -35,23 +34,24 @@ def outputs_and_grads(fn, q, k, v, seg):
     out = fn(q, k, v, seg)
     return (out.astype(jnp.float32) * cot).sum(), out
 
-  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2),
-                                               has_aux=True))(q, k, v)
+  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
   return out, grads
 
 
 def check(fn, q, k, v, seg, rtol, atol_frac):
   out, grads = outputs_and_grads(fn, q, k, v, seg)
   f32 = lambda a: a.astype(jnp.float32)
-  ref_out, ref_grads = outputs_and_grads(attention.xla_attention, f32(q),
-                                         f32(k), f32(v), seg)
+  ref_out, ref_grads = outputs_and_grads(attention.xla_attention, f32(q), f32(k), f32(v), seg)
   assert out.dtype == q.dtype and out.shape == q.shape
-  for name, got, want in zip(("out", "dq", "dk", "dv"), (out,) + grads,
-                             (ref_out,) + ref_grads):
+  for name, got, want in zip(("out", "dq", "dk", "dv"), (out,) + grads, (ref_out,) + ref_grads):
     want = np.asarray(want, np.float32)
-    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=rtol,
-                               atol=atol_frac * np.abs(want).max(),
-                               err_msg=name)
+    np.testing.assert_allclose(
+      np.asarray(got, np.float32),
+      want,
+      rtol=rtol,
+      atol=atol_frac * np.abs(want).max(),
+      err_msg=name,
+    )
 
 
 @pytest.mark.parametrize("hq,hkv,with_segments", [(4, 2, True), (2, 2, False)])
@@ -59,14 +59,14 @@ def test_triton_flash_matches_xla(hq, hkv, with_segments):
   """GQA and MHA, causal, packed documents and padding, odd length."""
   q, k, v, seg = qkv(hq=hq, hkv=hkv)
   fn = lambda q, k, v, s: attention_kernels.flash_attention(
-      q, k, v, s if with_segments else None, config=FLASH)
+    q, k, v, s if with_segments else None, config=FLASH
+  )
   check(fn, q, k, v, seg if with_segments else None, 1e-4, 1e-5)
 
 
 def test_triton_flash_bf16():
   q, k, v, seg = qkv(l=64, d=32, dtype=jnp.bfloat16)
-  fn = lambda q, k, v, s: attention_kernels.flash_attention(q, k, v, s,
-                                                            config=FLASH)
+  fn = lambda q, k, v, s: attention_kernels.flash_attention(q, k, v, s, config=FLASH)
   check(fn, q, k, v, seg, 2e-2, 2e-2)
 
 
@@ -75,8 +75,7 @@ def test_splash_matches_xla(dtype):
   """Splash under Pallas' TPU interpret mode: GQA, causal, segment ids, odd
   length (padded to 128)."""
   q, k, v, seg = qkv(b=1, l=100, hq=4, hkv=2, d=32, dtype=dtype)
-  fn = lambda q, k, v, s: attention_kernels.splash_attention(q, k, v, s,
-                                                             interpret=True)
+  fn = lambda q, k, v, s: attention_kernels.splash_attention(q, k, v, s, interpret=True)
   tol = (1e-4, 1e-5) if dtype == jnp.float32 else (2e-2, 2e-2)
   check(fn, q, k, v, seg, *tol)
 
@@ -85,8 +84,14 @@ def test_registry():
   assert attention.KERNELS.resolve("auto", platform="tpu").name == "splash"
   assert attention.KERNELS.resolve("auto", platform="gpu").name == "flash_gpu"
   assert attention.KERNELS.resolve("auto", platform="cpu").name == "xla"
-  for name in ("splash", "flash_gpu", "cudnn", "pallas_gpu",
-               "pallas_gpu_interpret", "splash_interpret"):
+  for name in (
+    "splash",
+    "flash_gpu",
+    "cudnn",
+    "pallas_gpu",
+    "pallas_gpu_interpret",
+    "splash_interpret",
+  ):
     assert name in attention.KERNELS.names()
 
 
@@ -108,9 +113,11 @@ def test_gpu_choice():
 
 def in_mesh(mesh, fn):
   """fn with the sharding context entered inside (where tracing sees it)."""
+
   def wrapped(*args):
     with sharding.activate(mesh):
       return fn(*args)
+
   return wrapped
 
 
@@ -119,10 +126,8 @@ def test_sharded_matches_unsharded():
   over data x fsdp = 4, so it is replicated and only heads are split."""
   q, k, v, seg = qkv(b=2, l=32, hq=4, hkv=2, d=16)
   mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
-  fn = lambda q, k, v: attention.causal_attention(
-      q, k, v, seg, impl="pallas_gpu_interpret")
-  grad_fn = jax.value_and_grad(lambda q, k, v: (fn(q, k, v) ** 2).sum(),
-                               argnums=(0, 1, 2))
+  fn = lambda q, k, v: attention.causal_attention(q, k, v, seg, impl="pallas_gpu_interpret")
+  grad_fn = jax.value_and_grad(lambda q, k, v: (fn(q, k, v) ** 2).sum(), argnums=(0, 1, 2))
   ref_loss, ref_grads = jax.jit(grad_fn)(q, k, v)
   sharded_grad_fn = in_mesh(mesh, grad_fn)
   jaxpr = str(jax.make_jaxpr(sharded_grad_fn)(q, k, v))
@@ -136,8 +141,7 @@ def test_sharded_matches_unsharded():
 def test_sharded_batch_and_heads():
   q, k, v, seg = qkv(b=4, l=32, hq=4, hkv=2, d=16)
   mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
-  fn = lambda q, k, v: attention.causal_attention(
-      q, k, v, seg, impl="pallas_gpu_interpret")
+  fn = lambda q, k, v: attention.causal_attention(q, k, v, seg, impl="pallas_gpu_interpret")
   ref = jax.jit(fn)(q, k, v)
   sharded_fn = in_mesh(mesh, fn)
   jaxpr = str(jax.make_jaxpr(sharded_fn)(q, k, v))
@@ -149,31 +153,37 @@ def test_sharded_batch_and_heads():
 TRITON = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
 
 
-@pytest.mark.parametrize("impl,platform", [("pallas_gpu", "cuda"),
-                                           ("splash", "tpu")])
+@pytest.mark.parametrize("impl,platform", [("pallas_gpu", "cuda"), ("splash", "tpu")])
 def test_kernels_lower_for_cuda_and_tpu(impl, platform):
   """Forward and backward, with and without segment ids, at d = 128, GQA,
   bf16, l = 4096."""
   fn = attention.KERNELS.resolve(impl).fn
   spec = jax.ShapeDtypeStruct
   b, l, hq, hkv, d = 1, 4096, 8, 2, 128
-  args = (spec((b, l, hq, d), jnp.bfloat16), spec((b, l, hkv, d), jnp.bfloat16),
-          spec((b, l, hkv, d), jnp.bfloat16), spec((b, l), jnp.int32))
+  args = (
+    spec((b, l, hq, d), jnp.bfloat16),
+    spec((b, l, hkv, d), jnp.bfloat16),
+    spec((b, l, hkv, d), jnp.bfloat16),
+    spec((b, l), jnp.int32),
+  )
   marker = "xla.gpu.triton" if platform == "cuda" else "tpu_custom_call"
   for with_seg in (False, True):
-    f = lambda q, k, v, s: fn(q, k, v, s if with_seg else None)
+    f = lambda q, k, v, s: fn(q, k, v, s if with_seg else None)  # noqa: B023
     g = lambda q, k, v, s: jax.grad(
-        lambda q, k, v: f(q, k, v, s).astype(jnp.float32).sum(),
-        argnums=(0, 1, 2))(q, k, v)
+      lambda q, k, v: f(q, k, v, s).astype(jnp.float32).sum(),  # noqa: B023
+      argnums=(0, 1, 2),
+    )(q, k, v)
     for fun, kernels in ((f, 1), (g, 2)):
-      exported = jax.export.export(jax.jit(fun), platforms=[platform],
-                                   disabled_checks=[TRITON])(*args)
+      exported = jax.export.export(jax.jit(fun), platforms=[platform], disabled_checks=[TRITON])(
+        *args
+      )
       assert exported.mlir_module().count(marker) >= kernels
 
 
 ON_DEVICE = pytest.mark.skipif(
-    jax.default_backend() not in ("gpu", "tpu"),
-    reason="compiled kernels need a GPU or TPU (run with JAX_PLATFORMS=cuda/tpu)")
+  jax.default_backend() not in ("gpu", "tpu"),
+  reason="compiled kernels need a GPU or TPU (run with JAX_PLATFORMS=cuda/tpu)",
+)
 
 
 @ON_DEVICE
@@ -186,6 +196,5 @@ def test_compiled_kernels_match_xla_on_device(with_segments):
   seg = seg if with_segments else None
   impls = ["auto"] + (["pallas_gpu"] if jax.default_backend() == "gpu" else [])
   for impl in impls:
-    fn = lambda q, k, v, s, impl=impl: attention.causal_attention(
-        q, k, v, s, impl=impl)
+    fn = lambda q, k, v, s, impl=impl: attention.causal_attention(q, k, v, s, impl=impl)
     check(fn, q, k, v, seg, 2e-2, 2e-2)

@@ -8,8 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hybridna_jax import sharding
-from hybridna_jax import ssd
+from hybridna_jax import sharding, ssd
 from hybridna_jax.kernels import ssd_pallas
 
 GPU = ssd_pallas.SsdKernelConfig(platform="gpu", interpret=True, block=16)
@@ -27,13 +26,14 @@ def core_inputs(seed=0, b=2, l=64, h=4, p=16, g=2, n=16, dtype=jnp.float32):
   seq_idx[0, 48:] = 2
   seq_idx[1:] = 3
   return ssd.CoreInputs(
-      x=jnp.asarray(normal(b, l, h, p), dtype),
-      dt=jax.nn.softplus(jnp.asarray(normal(b, l, h) - 1.0)),
-      A=jnp.asarray(-np.exp(normal(h))),
-      B=jnp.asarray(normal(b, l, g, n), dtype),
-      C=jnp.asarray(normal(b, l, g, n), dtype),
-      seq_idx=jnp.asarray(seq_idx),
-      initial_states=jnp.asarray(normal(b, h, p, n)))
+    x=jnp.asarray(normal(b, l, h, p), dtype),
+    dt=jax.nn.softplus(jnp.asarray(normal(b, l, h) - 1.0)),
+    A=jnp.asarray(-np.exp(normal(h))),
+    B=jnp.asarray(normal(b, l, g, n), dtype),
+    C=jnp.asarray(normal(b, l, g, n), dtype),
+    seq_idx=jnp.asarray(seq_idx),
+    initial_states=jnp.asarray(normal(b, h, p, n)),
+  )
 
 
 def loss_and_grads(core, inputs, chunk, seed=1):
@@ -57,8 +57,9 @@ def assert_close(got, want, rtol, atol_frac, name=""):
   """allclose with atol relative to the reference's largest magnitude."""
   want = np.asarray(want, np.float32)
   scale = max(float(np.abs(want).max()), 1e-6)
-  np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=rtol,
-                             atol=atol_frac * scale, err_msg=name)
+  np.testing.assert_allclose(
+    np.asarray(got, np.float32), want, rtol=rtol, atol=atol_frac * scale, err_msg=name
+  )
 
 
 def check_against_chunked(cfg, inputs, chunk, rtol=1e-4, atol=1e-5):
@@ -77,14 +78,20 @@ def check_against_chunked(cfg, inputs, chunk, rtol=1e-4, atol=1e-5):
 # 16, a single tile, runs through the public API test below); the documents
 # cross chunk and tile edges. At chunk 32 one group of 4 heads is split over 4
 # programs of the dB/dC kernel (their partial sums are added in XLA).
-@pytest.mark.parametrize("chunk,groups,min_programs", [
-    (32, 1, 1 << 20), (64, 2, 1)])
+@pytest.mark.parametrize("chunk,groups,min_programs", [(32, 1, 1 << 20), (64, 2, 1)])
 def test_gpu_kernels_match_chunked(chunk, groups, min_programs):
-  cfg = ssd_pallas.SsdKernelConfig(platform="gpu", interpret=True, block=16,
-                                   min_programs=min_programs)
+  cfg = ssd_pallas.SsdKernelConfig(
+    platform="gpu", interpret=True, block=16, min_programs=min_programs
+  )
   inputs = core_inputs(g=groups)
-  plan = ssd_pallas._make_plan(inputs.x.shape, inputs.x.dtype, groups, 16,  # pylint: disable=protected-access
-                               chunk, cfg)
+  plan = ssd_pallas._make_plan(
+    inputs.x.shape,
+    inputs.x.dtype,
+    groups,
+    16,  # pylint: disable=protected-access
+    chunk,
+    cfg,
+  )
   assert plan.nsplit == (4 if min_programs > 1 else 1)
   check_against_chunked(cfg, inputs, chunk)
 
@@ -110,31 +117,48 @@ def api_inputs(seed=0, b=2, l=37, h=4, p=16, g=2, n=16, dtype=jnp.float32):
   seq_idx[0, 30:] = 2
   seq_idx[1:] = 5
   return dict(
-      x=normal(b, l, h, p).astype(dtype), dt=normal(b, l, h) - 1.0,
-      A=-jnp.exp(normal(h)), B=normal(b, l, g, n).astype(dtype),
-      C=normal(b, l, g, n).astype(dtype), D=normal(h, p),
-      z=normal(b, l, h, p).astype(dtype), dt_bias=normal(h),
-      initial_states=normal(b, h, p, n), seq_idx=jnp.asarray(seq_idx))
+    x=normal(b, l, h, p).astype(dtype),
+    dt=normal(b, l, h) - 1.0,
+    A=-jnp.exp(normal(h)),
+    B=normal(b, l, g, n).astype(dtype),
+    C=normal(b, l, g, n).astype(dtype),
+    D=normal(h, p),
+    z=normal(b, l, h, p).astype(dtype),
+    dt_bias=normal(h),
+    initial_states=normal(b, h, p, n),
+    seq_idx=jnp.asarray(seq_idx),
+  )
 
 
 def api_call(inputs, impl, chunk=16):
   kw = {k: inputs[k] for k in OPTIONS}
   return ssd.ssd_chunked_scan(
-      inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"], chunk,
-      dt_softplus=True, return_final_states=True, impl=impl, **kw)
+    inputs["x"],
+    inputs["dt"],
+    inputs["A"],
+    inputs["B"],
+    inputs["C"],
+    chunk,
+    dt_softplus=True,
+    return_final_states=True,
+    impl=impl,
+    **kw,
+  )
 
 
-@pytest.mark.parametrize("impl,dtype,chunk", [
-    ("pallas_gpu_interpret", jnp.float32, 16),
-    ("pallas_tpu_interpret", jnp.bfloat16, 32)])
+@pytest.mark.parametrize(
+  "impl,dtype,chunk",
+  [("pallas_gpu_interpret", jnp.float32, 16), ("pallas_tpu_interpret", jnp.bfloat16, 32)],
+)
 def test_public_api_with_every_option(impl, dtype, chunk):
   """Odd length (37, padded to the chunk), D, z, dt_bias + softplus, initial
   states and documents, through `ssd_chunked_scan`; gradients of everything
   differentiable against the sequential definition (fp32, on the same
   bf16-representable values for the bf16 case). TPU: 2 groups of 8 heads."""
   inputs = api_inputs(h=16 if "tpu" in impl else 4, dtype=dtype)
-  ref_inputs = {k: (v.astype(jnp.float32) if v.dtype == jnp.bfloat16 else v)
-                for k, v in inputs.items()}
+  ref_inputs = {
+    k: (v.astype(jnp.float32) if v.dtype == jnp.bfloat16 else v) for k, v in inputs.items()
+  }
   diff_names = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
   rng = np.random.default_rng(3)
   cot = jnp.asarray(rng.standard_normal(inputs["x"].shape, np.float32))
@@ -145,8 +169,9 @@ def test_public_api_with_every_option(impl, dtype, chunk):
 
   grad = jax.value_and_grad(loss, has_aux=True)
   (_, (y, f)), g = grad({k: inputs[k] for k in diff_names}, impl, inputs)
-  (_, (y_ref, f_ref)), g_ref = grad({k: ref_inputs[k] for k in diff_names},
-                                    "sequential", ref_inputs)
+  (_, (y_ref, f_ref)), g_ref = grad(
+    {k: ref_inputs[k] for k in diff_names}, "sequential", ref_inputs
+  )
   assert y.shape == inputs["x"].shape and y.dtype == dtype
   assert f.dtype == jnp.float32
   tol = (2e-4, 2e-5, 1e-3, 1e-4) if dtype == jnp.float32 else (3e-2, 1e-2, 5e-2, 2e-2)
@@ -164,9 +189,9 @@ def test_bf16_inputs_accumulate_in_fp32():
   inputs = core_inputs(h=8, g=1, dtype=jnp.bfloat16)
   core = ssd_pallas.make_core(GPU)
   (y, f), grads = loss_and_grads(core, inputs, 32)
-  f32_inputs = inputs._replace(x=inputs.x.astype(jnp.float32),
-                               B=inputs.B.astype(jnp.float32),
-                               C=inputs.C.astype(jnp.float32))
+  f32_inputs = inputs._replace(
+    x=inputs.x.astype(jnp.float32), B=inputs.B.astype(jnp.float32), C=inputs.C.astype(jnp.float32)
+  )
   (y_ref, f_ref), grads_ref = loss_and_grads(ssd.chunked_core, f32_inputs, 32)
   assert y.dtype == jnp.float32 and f.dtype == jnp.float32
   # Operands rounded to bf16 inside (decay-weighted C B^T, states): ~1e-2.
@@ -178,7 +203,7 @@ def test_bf16_inputs_accumulate_in_fp32():
 
 
 def test_unsupported_shapes_fall_back_to_xla(caplog):
-  inputs = core_inputs(p=8)   # headdim 8: below Triton's 16 minimum
+  inputs = core_inputs(p=8)  # headdim 8: below Triton's 16 minimum
   assert ssd_pallas.unsupported_reason(inputs.x.shape, 2, 16, 16, GPU)
   core = ssd_pallas.make_core(GPU)
   with caplog.at_level(logging.WARNING):
@@ -192,8 +217,13 @@ def test_registry_picks_pallas_on_gpu_and_tpu():
   assert ssd.CORES.resolve("auto", platform="gpu").name == "pallas"
   assert ssd.CORES.resolve("auto", platform="tpu").name == "pallas"
   assert ssd.CORES.resolve("auto", platform="cpu").name == "chunked"
-  for name in ("pallas", "pallas_gpu", "pallas_tpu", "pallas_gpu_interpret",
-               "pallas_tpu_interpret"):
+  for name in (
+    "pallas",
+    "pallas_gpu",
+    "pallas_tpu",
+    "pallas_gpu_interpret",
+    "pallas_tpu_interpret",
+  ):
     assert name in ssd.CORES.names()
 
 
@@ -238,10 +268,15 @@ def test_kernels_lower_for_cuda_and_tpu(platform):
   core = ssd_pallas.make_core(cfg)
   b, l, h, p, g, n, chunk = 2, 1024, 16, 64, 1, 128, 256
   spec = jax.ShapeDtypeStruct
-  args = (spec((b, l, h, p), jnp.bfloat16), spec((b, l, h), jnp.float32),
-          spec((h,), jnp.float32), spec((b, l, g, n), jnp.bfloat16),
-          spec((b, l, g, n), jnp.bfloat16), spec((b, l), jnp.int32),
-          spec((b, h, p, n), jnp.float32))
+  args = (
+    spec((b, l, h, p), jnp.bfloat16),
+    spec((b, l, h), jnp.float32),
+    spec((h,), jnp.float32),
+    spec((b, l, g, n), jnp.bfloat16),
+    spec((b, l, g, n), jnp.bfloat16),
+    spec((b, l), jnp.int32),
+    spec((b, h, p, n), jnp.float32),
+  )
 
   def forward(*a):
     return core(ssd.CoreInputs(*a), chunk)
@@ -250,20 +285,21 @@ def test_kernels_lower_for_cuda_and_tpu(platform):
     def loss(x, dt, A, B, C, init):
       y, f = core(ssd.CoreInputs(x, dt, A, B, C, a[5], init), chunk)
       return (y * y).sum() + f.sum()
+
     return jax.grad(loss, argnums=tuple(range(6)))(*a[:5], a[6])
 
   marker = "xla.gpu.triton" if platform == "cuda" else "tpu_custom_call"
   # GPU: state, state passing, scan. TPU: state passing is a lax.scan.
   fwd_kernels, bwd_kernels = (3, 8) if platform == "cuda" else (2, 6)
   for fn, expected in ((forward, fwd_kernels), (backward, bwd_kernels)):
-    exported = jax.export.export(jax.jit(fn), platforms=[platform],
-                                 disabled_checks=[TRITON])(*args)
+    exported = jax.export.export(jax.jit(fn), platforms=[platform], disabled_checks=[TRITON])(*args)
     assert exported.mlir_module().count(marker) >= expected
 
 
 ON_DEVICE = pytest.mark.skipif(
-    jax.default_backend() not in ("gpu", "tpu"),
-    reason="compiled kernels need a GPU or TPU (run with JAX_PLATFORMS=cuda/tpu)")
+  jax.default_backend() not in ("gpu", "tpu"),
+  reason="compiled kernels need a GPU or TPU (run with JAX_PLATFORMS=cuda/tpu)",
+)
 
 
 @ON_DEVICE
@@ -298,7 +334,7 @@ def test_public_api_retraces_under_another_mesh():
   call under a mesh reuses without the kernel's shard_map."""
   inputs = api_inputs(b=2, l=32, h=8, g=1)
   impl = "pallas_gpu_interpret"
-  api_call(inputs, impl)                      # traced with no sharding context
+  api_call(inputs, impl)  # traced with no sharding context
   mesh = sharding.make_mesh(data=2, fsdp=1, tensor=4)
 
   def under_mesh(x):
@@ -316,8 +352,9 @@ def test_bf16_gradients_at_model_chunk_as_close_to_fp32_as_xla():
   terms that nearly cancel; rounding those terms inconsistently to bf16 once
   left dA 57% off here while the XLA path was 0.1% off."""
   inputs = api_inputs(b=2, l=600, h=2, p=64, g=1, n=128, dtype=jnp.bfloat16)
-  truth_inputs = {k: (v.astype(jnp.float32) if v.dtype == jnp.bfloat16 else v)
-                  for k, v in inputs.items()}
+  truth_inputs = {
+    k: (v.astype(jnp.float32) if v.dtype == jnp.bfloat16 else v) for k, v in inputs.items()
+  }
   diff_names = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
   cot = jnp.asarray(np.random.default_rng(3).standard_normal(inputs["x"].shape, np.float32))
 
@@ -327,10 +364,14 @@ def test_bf16_gradients_at_model_chunk_as_close_to_fp32_as_xla():
 
   grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
   outputs = {}
-  for impl, source in (("truth", truth_inputs), ("chunked", inputs),
-                       ("pallas_gpu_interpret", inputs)):
-    (_, (y, f)), g = grad({k: source[k] for k in diff_names},
-                          "chunked" if impl == "truth" else impl, source)
+  for impl, source in (
+    ("truth", truth_inputs),
+    ("chunked", inputs),
+    ("pallas_gpu_interpret", inputs),
+  ):
+    (_, (y, f)), g = grad(
+      {k: source[k] for k in diff_names}, "chunked" if impl == "truth" else impl, source
+    )
     outputs[impl] = {"y": y, "final": f, **g}
 
   def error(name, impl):

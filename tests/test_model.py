@@ -49,16 +49,25 @@ def random_tokens(b, l, seed=0):
   return jnp.asarray(np.random.default_rng(seed).integers(tok.A, tok.N + 1, (b, l)), jnp.int32)
 
 
-@pytest.mark.parametrize("name,attn_layers,params_b", [
+@pytest.mark.parametrize(
+  "name,attn_layers,params_b",
+  [
     ("hybridna_300m", [4, 12, 20], (0.28, 0.32)),
     ("hybridna_3b", [4, 12], (2.9, 3.3)),
     ("hybridna_7b", [4, 12, 20, 28], (6.0, 7.0)),
-])
+  ],
+)
 def test_published_sizes(name, attn_layers, params_b):
   cfg = ModelConfig.from_config(load_config(f"configs/{name}.py").model)
   assert [i for i, t in enumerate(cfg.layer_types) if t == "attention"] == attn_layers
-  assert (cfg.d_state, cfg.d_conv, cfg.expand, cfg.ssm_head_dim, cfg.ngroups,
-          cfg.chunk_size) == (128, 4, 2, 64, 1, 256)
+  assert (cfg.d_state, cfg.d_conv, cfg.expand, cfg.ssm_head_dim, cfg.ngroups, cfg.chunk_size) == (
+    128,
+    4,
+    2,
+    64,
+    1,
+    256,
+  )
   model = nnx.eval_shape(lambda: HybriDNA(cfg, rngs=nnx.Rngs(0)))
   n = sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   assert params_b[0] * 1e9 < n < params_b[1] * 1e9
@@ -70,13 +79,13 @@ def test_unknown_config_field_is_named():
 
 
 def test_mamba2_initialisation():
-  cfg = dataclasses.replace(TINY, d_model=256, ssm_head_dim=8)   # 64 heads
+  cfg = dataclasses.replace(TINY, d_model=256, ssm_head_dim=8)  # 64 heads
   mixer = create_model(cfg).layers[0].mixer
   a = np.exp(np.asarray(mixer.A_log[...]))
   assert a.min() >= 1.0 and a.max() <= 16.0 and a.std() > 1.0
   dt = np.asarray(jax.nn.softplus(mixer.dt_bias[...]))
   assert dt.min() >= 1e-4 * 0.999 and dt.max() <= 0.1 * 1.001
-  assert np.log(dt).std() > 0.5          # log-uniform, not constant
+  assert np.log(dt).std() > 0.5  # log-uniform, not constant
   np.testing.assert_array_equal(mixer.D[...], 1.0)
 
 
@@ -171,14 +180,14 @@ def _decode_all(model, tokens, prompt_len, segment_ids=None):
   return jnp.stack(out, 1)
 
 
-@pytest.mark.parametrize("prompt_len", [5, 16, 27])   # <, =, > one chunk (16)
+@pytest.mark.parametrize("prompt_len", [5, 16, 27])  # <, =, > one chunk (16)
 @pytest.mark.parametrize("rope", [False, True])
 def test_decode_matches_full_forward(prompt_len, rope):
   model = make_model(rope=rope)
   tokens = random_tokens(2, 36)
   full = forward(model, tokens).logits
   decoded = _decode_all(model, tokens, prompt_len)
-  np.testing.assert_allclose(decoded, full[:, prompt_len - 1:], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(decoded, full[:, prompt_len - 1 :], rtol=1e-4, atol=1e-4)
 
 
 def test_left_padded_prompts_decode_like_unpadded():

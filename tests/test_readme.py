@@ -16,7 +16,7 @@ def test_readme_python_example_runs(capsys, monkeypatch):
     exec(compile(block, "README.md", "exec"), session)  # pylint: disable=exec-used
   out = capsys.readouterr().out
   bits = float(re.search(r"bits per nucleotide: ([0-9.]+)", out).group(1))
-  assert 5.0 < bits < 9.0     # untrained: about log2(128) = 7
-  if "scorer" in session:     # the scoring example
+  assert 5.0 < bits < 9.0  # untrained: about log2(128) = 7
+  if "scorer" in session:  # the scoring example
     assert session["ll"].mean.shape == (2,)
     assert session["embeddings"].shape == (1, session["cfg"].d_model)

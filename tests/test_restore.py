@@ -41,7 +41,8 @@ def on_one_device(tiny_run):
 def test_trained_on_8_devices_restores_onto_1_with_identical_logits(tiny_run, on_one_device):
   model_1, logits_1 = on_one_device
   assert {d for leaf in jax.tree.leaves(nnx.state(model_1)) for d in leaf.devices()} == {
-      jax.devices()[0]}
+    jax.devices()[0]
+  }
   model_8, tok, config = restore.load(tiny_run, mesh=sharding.make_mesh(2, 2, 2))
   assert tok.A == 5 and config.train.stages[-1][0] == 64
   kernel = model_8.layers[0].mixer.in_zx.kernel[...]
@@ -62,12 +63,11 @@ def test_written_on_1_device_restores_onto_8(tiny_run, on_one_device, tmp_path):
   ckpt = Checkpoints(str(run / "checkpoints"), async_save=False)
   ckpt.save(TrainState(zero + 7, nnx.state(model_1, nnx.Param), None, zero, zero), {"stage": 0})
   ckpt.close()
-  model_8, _, _ = restore.load(str(run / "checkpoints" / "7"))   # default: fsdp over all 8
+  model_8, _, _ = restore.load(str(run / "checkpoints" / "7"))  # default: fsdp over all 8
   kernel = model_8.layers[0].mixer.in_zx.kernel[...]
   assert len(kernel.sharding.device_set) == 8
   assert kernel.sharding.spec[0] == "fsdp"
-  np.testing.assert_allclose(np.asarray(_logits(model_8, TOKENS)), logits_1,
-                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(_logits(model_8, TOKENS)), logits_1, rtol=1e-6, atol=1e-6)
 
 
 def test_bf16_restore(tiny_run, on_one_device):
@@ -88,8 +88,9 @@ def test_checkpoint_paths_and_runtime_settings(tiny_run):
   assert by_run.step == 2 and by_run.run_dir == os.path.abspath(tiny_run)
   for path in (os.path.join(tiny_run, "checkpoints"), os.path.join(tiny_run, "checkpoints", "2")):
     assert restore.find_checkpoint(path) == by_run
-  model, _, _ = restore.load(tiny_run, mesh=_one_device(), attention_impl="xla_blockwise",
-                             ssd_impl="")
+  model, _, _ = restore.load(
+    tiny_run, mesh=_one_device(), attention_impl="xla_blockwise", ssd_impl=""
+  )
   assert model.cfg.attention_impl == "xla_blockwise" and model.cfg.ssd_impl == "auto"
   with pytest.raises(ValueError, match=r"\['d_model'\] cannot be changed at restore time"):
     restore.load(tiny_run, d_model=64)

@@ -18,16 +18,28 @@ from jax.sharding import PartitionSpec as P
 from hybridna_jax import restore, scoring, sharding
 from hybridna_jax import tokenizer as tok
 from hybridna_jax.config import ModelConfig, load_config, model_config_dict
-from hybridna_jax.model import (HybriDNA, abstract_model, convert_params, create_model,
-                                is_scanned, scan_block_size, scan_params, unscan_params)
+from hybridna_jax.model import (
+  HybriDNA,
+  abstract_model,
+  convert_params,
+  create_model,
+  is_scanned,
+  scan_block_size,
+  scan_params,
+  unscan_params,
+)
 from hybridna_jax.train import optimizer as optimizer_lib
 from hybridna_jax.train import step as step_lib
 from hybridna_jax.train.checkpoint import Checkpoints
 from hybridna_jax.train.step import TrainState
 
 # Mamba2, attention, Mamba2, attention: two repetitions of a 2-layer block.
-LOOP = dataclasses.replace(ModelConfig.from_config(load_config("configs/tiny.py").model),
-                           n_layers=4, attn_period=2, attn_offset=1)
+LOOP = dataclasses.replace(
+  ModelConfig.from_config(load_config("configs/tiny.py").model),
+  n_layers=4,
+  attn_period=2,
+  attn_offset=1,
+)
 SCAN = dataclasses.replace(LOOP, scan_layers=True)
 
 
@@ -63,9 +75,13 @@ def _assert_trees_equal(a, b, rtol=1e-6, atol=1e-6, atol_of_max=0.0):
   assert len(leaves_a) == len(leaves_b)
   for (path, x), y in zip(leaves_a, leaves_b):
     y = np.asarray(y)
-    np.testing.assert_allclose(np.asarray(x), y, rtol=rtol,
-                               atol=atol + atol_of_max * np.abs(y).max(),
-                               err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(
+      np.asarray(x),
+      y,
+      rtol=rtol,
+      atol=atol + atol_of_max * np.abs(y).max(),
+      err_msg=jax.tree_util.keystr(path),
+    )
 
 
 # -- layout --------------------------------------------------------------------------------
@@ -73,16 +89,18 @@ def _assert_trees_equal(a, b, rtol=1e-6, atol=1e-6, atol_of_max=0.0):
 
 def test_scan_block_size_only_for_repeating_patterns():
   assert scan_block_size(SCAN) == 2
-  assert scan_block_size(LOOP) is None                                  # scan_layers off
+  assert scan_block_size(LOOP) is None  # scan_layers off
   hybrid_7b = ModelConfig.from_config(load_config("configs/hybridna_7b.py").model)
   assert scan_block_size(dataclasses.replace(hybrid_7b, scan_layers=True)) == 8
-  irregular = [dict(n_layers=5),                        # not a whole number of blocks
-               dict(attn_layers=(1, 2)),                # listed layers that do not repeat
-               dict(attn_layers=(1,))]
+  irregular = [
+    dict(n_layers=5),  # not a whole number of blocks
+    dict(attn_layers=(1, 2)),  # listed layers that do not repeat
+    dict(attn_layers=(1,)),
+  ]
   for overrides in irregular:
     cfg = dataclasses.replace(SCAN, **overrides)
     assert scan_block_size(cfg) is None, overrides
-    model = abstract_model(cfg)                         # the Python loop, as before
+    model = abstract_model(cfg)  # the Python loop, as before
     assert len(model.layers) == cfg.n_layers and not hasattr(model, "scanned_layers")
   assert scan_block_size(dataclasses.replace(SCAN, attn_layers=(1, 3))) == 2
 
@@ -95,15 +113,18 @@ def test_scanned_params_are_stacked_with_a_layers_axis(loop_params):
   kernel = scanned["scanned_layers"][0]["mixer"]["in_zx"]["kernel"]
   assert kernel.shape == (2,) + loop["layers"][0]["mixer"]["in_zx"]["kernel"].shape
   assert kernel.get_metadata()["logical_axes"] == ("layers", "embed", None, "ssm_inner")
-  assert "q" in scanned["scanned_layers"][1]["mixer"]          # position 1 is attention
-  for path, var in jax.tree.leaves_with_path(scanned, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+  assert "q" in scanned["scanned_layers"][1]["mixer"]  # position 1 is attention
+  for path, var in jax.tree.leaves_with_path(
+    scanned, is_leaf=lambda x: isinstance(x, nnx.Variable)
+  ):
     axes = var.get_metadata().get("logical_axes")
     if "scanned_layers" in jax.tree_util.keystr(path):
       assert axes[0] == "layers" and len(axes) == var.ndim, path
   # "layers" maps to no mesh axis: the other axes shard as in the loop layout.
   spec = sharding.state_shardings(scanned, sharding.make_mesh(2, 2, 2))
   assert spec["scanned_layers"][0]["mixer"]["in_zx"]["kernel"].get_value().spec == P(
-      None, "fsdp", None, "tensor")
+    None, "fsdp", None, "tensor"
+  )
   # Per-layer views (decoding, hidden states) drop the stacked axis.
   views = _merge(SCAN, scan_params(loop_params, LOOP)).layer_blocks()
   assert [v.kind for v in views] == ["mamba", "attention"] * 2
@@ -116,8 +137,10 @@ def test_params_convert_both_ways_exactly(loop_params):
   scanned = scan_params(loop_params, LOOP)
   assert is_scanned(scanned) and not is_scanned(loop_params)
   # Layer r * 2 + j is slice r of block position j.
-  np.testing.assert_array_equal(scanned["scanned_layers"][1]["mlp"]["wo"]["kernel"][...][1],
-                                loop_params["layers"][3]["mlp"]["wo"]["kernel"][...])
+  np.testing.assert_array_equal(
+    scanned["scanned_layers"][1]["mlp"]["wo"]["kernel"][...][1],
+    loop_params["layers"][3]["mlp"]["wo"]["kernel"][...],
+  )
   _assert_trees_equal(unscan_params(scanned, LOOP), loop_params, rtol=0, atol=0)
   assert convert_params(loop_params, LOOP) is loop_params
   assert convert_params(scanned, SCAN) is scanned
@@ -132,7 +155,7 @@ def test_scanned_init_has_the_scanned_layout():
   params = nnx.state(model, nnx.Param)
   assert is_scanned(params)
   a_log = np.asarray(params["scanned_layers"][0]["mixer"]["A_log"][...])
-  assert not np.array_equal(a_log[0], a_log[1])       # each repetition has its own draw
+  assert not np.array_equal(a_log[0], a_log[1])  # each repetition has its own draw
   assert np.isfinite(_forward(model, _tokens(1, 8), None).logits).all()
 
 
@@ -143,10 +166,14 @@ def test_scanned_init_has_the_scanned_layout():
 def test_logits_identical(loop_params, rope):
   loop, scanned = _pair(loop_params, rope=rope)
   tokens = _tokens(2, 37)
-  segments = jnp.asarray([[1] * 20 + [2] * 17, [0] * 5 + [1] * 32])   # packed; left-padded
+  segments = jnp.asarray([[1] * 20 + [2] * 17, [0] * 5 + [1] * 32])  # packed; left-padded
   for seg in (None, segments):
-    np.testing.assert_allclose(_forward(scanned, tokens, seg).logits,
-                               _forward(loop, tokens, seg).logits, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+      _forward(scanned, tokens, seg).logits,
+      _forward(loop, tokens, seg).logits,
+      rtol=1e-6,
+      atol=1e-6,
+    )
 
 
 def test_per_layer_hidden_states_identical(loop_params):
@@ -183,8 +210,9 @@ def _decode_all(model, tokens, prompt_len, segment_ids=None):
   """Logits of positions prompt_len-1 .. l-1: prefill, then decode steps."""
   l = tokens.shape[1]
   prefill = nnx.jit(lambda m, t, s: m.prefill(t, l, segment_ids=s))
-  logits, cache = prefill(model, tokens[:, :prompt_len],
-                          None if segment_ids is None else segment_ids[:, :prompt_len])
+  logits, cache = prefill(
+    model, tokens[:, :prompt_len], None if segment_ids is None else segment_ids[:, :prompt_len]
+  )
   out, caches = [logits], [cache]
   step = nnx.jit(lambda m, t, c: m.decode_step(t, c))
   for t in range(prompt_len, l):
@@ -197,7 +225,7 @@ def _decode_all(model, tokens, prompt_len, segment_ids=None):
 def test_prefill_and_decode_identical(loop_params):
   loop, scanned = _pair(loop_params, rope=True)
   tokens = jnp.concatenate([jnp.full((2, 4), tok.PAD, jnp.int32), _tokens(2, 26)], 1)
-  segments = jnp.asarray([[0] * 4 + [1] * 26, [1] * 30])        # one left-padded prompt
+  segments = jnp.asarray([[0] * 4 + [1] * 26, [1] * 30])  # one left-padded prompt
   a_logits, a_caches = _decode_all(loop, tokens, 21, segments)
   b_logits, b_caches = _decode_all(scanned, tokens, 21, segments)
   np.testing.assert_allclose(b_logits, a_logits, rtol=1e-6, atol=1e-6)
@@ -215,10 +243,14 @@ def test_scorer_embeddings_identical(loop_params):
   kw = dict(context=32, stride=16, batch_size=2, min_bucket=16)
   a, b = scoring.Scorer(loop, **kw), scoring.Scorer(scanned, **kw)
   for layer in (-1, 0, 2, LOOP.n_layers):
-    np.testing.assert_allclose(b.embed(seqs, layer=layer), a.embed(seqs, layer=layer),
-                               rtol=1e-6, atol=1e-6, err_msg=f"layer {layer}")
-  np.testing.assert_allclose(b.log_likelihood(seqs).total, a.log_likelihood(seqs).total,
-                             rtol=1e-6)
+    np.testing.assert_allclose(
+      b.embed(seqs, layer=layer),
+      a.embed(seqs, layer=layer),
+      rtol=1e-6,
+      atol=1e-6,
+      err_msg=f"layer {layer}",
+    )
+  np.testing.assert_allclose(b.log_likelihood(seqs).total, a.log_likelihood(seqs).total, rtol=1e-6)
 
 
 # -- sharding --------------------------------------------------------------------------------
@@ -227,7 +259,7 @@ def test_scorer_embeddings_identical(loop_params):
 def _batch(b=8, l=32, seed=0):
   toks = np.random.default_rng(seed).integers(5, 10, (b, l + 1)).astype(np.int32)
   seg = np.ones((b, l), np.int32)
-  seg[1, l // 2:] = 2
+  seg[1, l // 2 :] = 2
   mask = (toks[:, 1:] != 9).astype(np.float32)
   return dict(inputs=toks[:, :-1], targets=toks[:, 1:], segment_ids=seg, loss_mask=mask)
 
@@ -245,17 +277,25 @@ def test_sharded_loss_and_grads_identical(loop_params):
     def fn(p, b):
       with sharding.activate(mesh):
         return jax.value_and_grad(lambda p: step_lib.lm_loss(nnx.merge(graphdef, p), b)[0])(p)
+
     return placed, fn(placed, batch)
 
   _, (loss_loop, grads_loop) = loss_and_grads(LOOP, loop_params)
   placed, (loss_scan, grads_scan) = loss_and_grads(SCAN, scan_params(loop_params, LOOP))
   kernel = placed["scanned_layers"][0]["mixer"]["in_zx"]["kernel"][...]
   assert kernel.sharding.spec == P(None, "fsdp", None, "tensor")
-  assert grads_scan["scanned_layers"][0]["mixer"]["in_zx"]["kernel"][...].sharding.spec == \
-      kernel.sharding.spec
+  assert (
+    grads_scan["scanned_layers"][0]["mixer"]["in_zx"]["kernel"][...].sharding.spec
+    == kernel.sharding.spec
+  )
   np.testing.assert_allclose(loss_scan, loss_loop, rtol=1e-6)
-  _assert_trees_equal(unscan_params(jax.device_get(grads_scan), LOOP),
-                      jax.device_get(grads_loop), rtol=1e-4, atol=0, atol_of_max=1e-6)
+  _assert_trees_equal(
+    unscan_params(jax.device_get(grads_scan), LOOP),
+    jax.device_get(grads_loop),
+    rtol=1e-4,
+    atol=0,
+    atol_of_max=1e-6,
+  )
 
 
 def test_sharded_train_step_identical(loop_params):
@@ -267,15 +307,17 @@ def test_sharded_train_step_identical(loop_params):
   optimizer, schedule = optimizer_lib.make_optimizer(train_cfg, total_steps=10)
 
   def one_step(cfg, params):
-    fns = step_lib.build_steps(lambda rngs: HybriDNA(cfg, rngs=rngs), step_lib.lm_loss,
-                               optimizer, schedule, mesh)
+    fns = step_lib.build_steps(
+      lambda rngs: HybriDNA(cfg, rngs=rngs), step_lib.lm_loss, optimizer, schedule, mesh
+    )
     # The step donates its state: fresh buffers (device_put may alias its
     # input on device 0), and distinct counters (one buffer donated three
     # times crashes XLA:CPU).
     params = jax.tree.map(jnp.copy, params)
     zero = lambda: jnp.zeros((), jnp.int32)
-    state = jax.device_put(TrainState(zero(), params, optimizer.init(params), zero(), zero()),
-                           fns.state_shardings)
+    state = jax.device_put(
+      TrainState(zero(), params, optimizer.init(params), zero(), zero()), fns.state_shardings
+    )
     state, metrics = fns.train_step(state, step_lib.device_batch(_batch(), fns.batch_sharding))
     return state, jax.device_get(metrics)
 
@@ -285,8 +327,12 @@ def test_sharded_train_step_identical(loop_params):
   assert mu.sharding.spec == P(None, "fsdp", None, "tensor")
   for key in ("loss", "grad_norm", "accuracy"):
     np.testing.assert_allclose(scan_metrics[key], loop_metrics[key], rtol=1e-5, err_msg=key)
-  _assert_trees_equal(unscan_params(jax.device_get(scan_state.params), LOOP),
-                      jax.device_get(loop_state.params), rtol=1e-5, atol=1e-6)
+  _assert_trees_equal(
+    unscan_params(jax.device_get(scan_state.params), LOOP),
+    jax.device_get(loop_state.params),
+    rtol=1e-5,
+    atol=1e-6,
+  )
 
 
 # -- checkpoints -------------------------------------------------------------------------------
@@ -323,16 +369,16 @@ def test_checkpoints_restore_into_either_layout(loop_params, tmp_path, written):
   for scan in (False, True):
     model, _, config = restore.load(run, mesh=one, scan_layers=scan)
     assert model.cfg.scan_layers == scan and is_scanned(nnx.state(model)) == scan
-    assert config.model.scan_layers == (written == "scan")   # the run's config, as written
-    np.testing.assert_allclose(np.asarray(_logits(model, tokens)), expected,
-                               rtol=1e-6, atol=1e-6)
+    assert config.model.scan_layers == (written == "scan")  # the run's config, as written
+    np.testing.assert_allclose(np.asarray(_logits(model, tokens)), expected, rtol=1e-6, atol=1e-6)
   # Converted straight into the shardings of an 8-device mesh.
-  model, _, _ = restore.load(run, mesh=sharding.make_mesh(2, 2, 2),
-                             scan_layers=written == "loop")
+  model, _, _ = restore.load(run, mesh=sharding.make_mesh(2, 2, 2), scan_layers=written == "loop")
   state = nnx.state(model)
-  kernel = (state["scanned_layers"][0] if written == "loop" else state["layers"][0]
-            )["mixer"]["in_zx"]["kernel"][...]
+  kernel = (state["scanned_layers"][0] if written == "loop" else state["layers"][0])["mixer"][
+    "in_zx"
+  ]["kernel"][...]
   assert len(kernel.sharding.device_set) == 8
-  assert kernel.sharding.spec == (P(None, "fsdp", None, "tensor") if written == "loop"
-                                  else P("fsdp", None, "tensor"))
+  assert kernel.sharding.spec == (
+    P(None, "fsdp", None, "tensor") if written == "loop" else P("fsdp", None, "tensor")
+  )
   np.testing.assert_allclose(np.asarray(_logits(model, tokens)), expected, rtol=1e-6, atol=1e-6)

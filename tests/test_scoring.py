@@ -5,12 +5,12 @@ embeddings match the hidden states; no recompilation for new inputs."""
 import jax
 import numpy as np
 import pytest
+from conftest import LAMBDA_FASTA
 from flax import nnx
 
+from hybridna_jax import echo as echo_lib
 from hybridna_jax import restore, scoring, sharding, tokenizer
 from hybridna_jax.data import fasta
-from hybridna_jax import echo as echo_lib
-from conftest import LAMBDA_FASTA
 
 CONTEXT = 64
 
@@ -28,7 +28,7 @@ def scorer(model):
 
 @pytest.fixture(scope="module")
 def genome():
-  (_, tokens), = fasta.read_fasta(LAMBDA_FASTA)
+  ((_, tokens),) = fasta.read_fasta(LAMBDA_FASTA)
   return tokens.astype(np.int32)
 
 
@@ -44,17 +44,24 @@ def _direct_log_probs(log_softmax, tokens):
 
 
 def test_plan_windows_cover_every_position_once_with_context():
-  for length, context, stride in [(10, 64, 32), (64, 64, 32), (65, 64, 32), (1000, 64, 16),
-                                  (1000, 64, 63), (129, 64, 1), (300, 100, 30)]:
+  for length, context, stride in [
+    (10, 64, 32),
+    (64, 64, 32),
+    (65, 64, 32),
+    (1000, 64, 16),
+    (1000, 64, 63),
+    (129, 64, 1),
+    (300, 100, 30),
+  ]:
     windows = scoring.plan_windows(length, context, stride)
     covered = np.zeros(length, int)
     for i, w in enumerate(windows):
       assert 0 <= w.start <= w.score_from < w.end <= length
       assert w.end - w.start <= context
-      covered[w.score_from:w.end] += 1
+      covered[w.score_from : w.end] += 1
       if i:
         assert w.score_from - w.start >= context - stride
-        assert w.end - w.start == context        # long inputs: full windows only
+        assert w.end - w.start == context  # long inputs: full windows only
     np.testing.assert_array_equal(covered, 1)
   with pytest.raises(ValueError, match="stride"):
     scoring.plan_windows(100, 64, 64)
@@ -63,7 +70,8 @@ def test_plan_windows_cover_every_position_once_with_context():
 
 
 def test_scores_equal_a_direct_forward_pass_and_windowing_short_inputs_changes_nothing(
-    model, scorer, genome):
+  model, scorer, genome
+):
   # Shorter than the context: one window, padded to the 64 bucket.
   seqs = [genome[1000:1040], genome[5000:5040]]
   log_softmax, _, _ = _forward(model, np.stack(seqs))
@@ -74,8 +82,12 @@ def test_scores_equal_a_direct_forward_pass_and_windowing_short_inputs_changes_n
     assert np.isnan(positions[i].log_probs[0]) and np.isnan(positions[i].entropy[0])
     np.testing.assert_allclose(positions[i].log_probs[1:], direct[i], rtol=1e-5, atol=1e-5)
     probs = np.exp(np.asarray(log_softmax[i, :-1]))
-    np.testing.assert_allclose(positions[i].entropy[1:], -(probs * np.asarray(
-        log_softmax[i, :-1])).sum(-1), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+      positions[i].entropy[1:],
+      -(probs * np.asarray(log_softmax[i, :-1])).sum(-1),
+      rtol=1e-4,
+      atol=1e-5,
+    )
   np.testing.assert_allclose(ll.total, direct.sum(1), rtol=1e-5)
   np.testing.assert_allclose(ll.mean, direct.mean(1), rtol=1e-5)
   np.testing.assert_array_equal(ll.count, [39, 39])
@@ -87,13 +99,13 @@ def test_scores_equal_a_direct_forward_pass_and_windowing_short_inputs_changes_n
 def test_windowed_scores_equal_a_forward_pass_on_the_window(model, scorer, genome):
   seq = genome[:400]
   windows = scoring.plan_windows(len(seq), CONTEXT, scorer.stride)
-  contents = np.stack([seq[w.start:w.end] for w in windows])       # all 64 long
+  contents = np.stack([seq[w.start : w.end] for w in windows])  # all 64 long
   direct = _direct_log_probs(_forward(model, contents)[0], contents)
   lp = scorer.position_scores([seq])[0].log_probs
   expected = np.full(len(seq), np.nan, np.float32)
   for w, row in zip(windows, direct):
     first = max(w.score_from, 1)
-    expected[first:w.end] = row[first - w.start - 1:w.end - w.start - 1]
+    expected[first : w.end] = row[first - w.start - 1 : w.end - w.start - 1]
   np.testing.assert_allclose(lp, expected, rtol=1e-5, atol=1e-5)
   ll = scorer.log_likelihood([seq])
   np.testing.assert_allclose(ll.total[0], np.nansum(expected), rtol=1e-5)
@@ -113,7 +125,7 @@ def test_unscored_positions_and_long_inputs(scorer, genome):
 
 
 def test_rc_averaging_is_symmetric(scorer, genome):
-  seq = genome[7000:7100]            # windowed: longer than the context
+  seq = genome[7000:7100]  # windowed: longer than the context
   rc = tokenizer.reverse_complement_nucleotides(seq)
   ll = scorer.log_likelihood([seq, rc], rc_average=True)
   np.testing.assert_allclose(ll.total[0], ll.total[1], rtol=1e-6)
@@ -122,7 +134,7 @@ def test_rc_averaging_is_symmetric(scorer, genome):
   np.testing.assert_allclose(ll.total[0], forward.total.mean(), rtol=1e-6)
   p_seq, p_rc = scorer.position_scores([seq, rc], rc_average=True)
   np.testing.assert_allclose(p_seq.log_probs, p_rc.log_probs[::-1], rtol=1e-6)
-  assert not np.isnan(p_seq.log_probs).any()   # each end is scored on one strand
+  assert not np.isnan(p_seq.log_probs).any()  # each end is scored on one strand
   e_seq, e_rc = scorer.embed([seq, rc], rc_average=True)
   np.testing.assert_allclose(e_seq, e_rc, rtol=1e-5, atol=1e-6)
 
@@ -132,11 +144,13 @@ def test_embeddings_match_hidden_states(model, scorer, genome):
   _, hidden, hidden_states = _forward(model, np.stack(seqs))
   hidden, layer1 = np.asarray(hidden), np.asarray(hidden_states[1])
   np.testing.assert_allclose(scorer.embed(seqs), hidden.mean(1), rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(scorer.embed(seqs, pooling="last", layer=1), layer1[:, -1],
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    scorer.embed(seqs, pooling="last", layer=1), layer1[:, -1], rtol=1e-5, atol=1e-6
+  )
   table = np.asarray(model.embed[...])
-  np.testing.assert_allclose(scorer.embed(seqs, layer=0),
-                             table[np.stack(seqs)].mean(1), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    scorer.embed(seqs, layer=0), table[np.stack(seqs)].mean(1), rtol=1e-5, atol=1e-6
+  )
   # Echo: the second copy of [x, <sep>, x] read from one direct pass (30
   # nucleotides: the echo fits the context of 64 in one piece).
   seqs = [s[:30] for s in seqs]
@@ -146,8 +160,7 @@ def test_embeddings_match_hidden_states(model, scorer, genome):
   second = np.stack([np.flatnonzero(m) for m in batch["pool_mask"]])
   _, echo_hidden, _ = _forward(model, echo)
   expected = np.take_along_axis(np.asarray(echo_hidden), second[..., None], 1).mean(1)
-  np.testing.assert_allclose(scorer.embed(seqs, pooling="echo"), expected, rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(scorer.embed(seqs, pooling="echo"), expected, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="pooling"):
     scorer.embed(seqs, pooling="max")
   with pytest.raises(ValueError, match="layer"):
@@ -167,12 +180,14 @@ def test_echo_rows_read_by_echo_embeddings():
 
 def test_no_recompilation_for_new_inputs(scorer, genome):
   rng = np.random.default_rng(1)
+
   def batch():
-    return [genome[s:s + n] for s, n in zip(rng.integers(0, 40_000, 7), rng.integers(2, 300, 7))]
+    return [genome[s : s + n] for s, n in zip(rng.integers(0, 40_000, 7), rng.integers(2, 300, 7))]
+
   scorer.log_likelihood(batch())
-  scorer.log_likelihood([genome[:10], genome[:20], genome[:40]])    # every bucket
+  scorer.log_likelihood([genome[:10], genome[:20], genome[:40]])  # every bucket
   before = scorer.trace_count
-  assert before <= len(scorer.buckets) + 4     # + embedding programs of other tests
+  assert before <= len(scorer.buckets) + 4  # + embedding programs of other tests
   for _ in range(3):
     scorer.log_likelihood(batch())
     scorer.position_scores(batch(), rc_average=True)
@@ -184,8 +199,9 @@ def test_sharded_model_scores_the_same(tiny_run, scorer, genome):
   sharded = scoring.Scorer(model_8, scorer.settings)
   assert sharded.mesh.size == 8
   seqs = [genome[:150], genome[9000:9030]]
-  np.testing.assert_allclose(sharded.log_likelihood(seqs).total,
-                             scorer.log_likelihood(seqs).total, rtol=1e-5)
+  np.testing.assert_allclose(
+    sharded.log_likelihood(seqs).total, scorer.log_likelihood(seqs).total, rtol=1e-5
+  )
 
 
 def test_bad_inputs_are_named(scorer):

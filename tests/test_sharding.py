@@ -15,40 +15,48 @@ def test_config_rules_default_to_the_default_rules():
   assert base_config().mesh.rules == ()
   assert sharding.rules_from_config(base_config().mesh) == sharding.DEFAULT_RULES
   # Run configs written before the field existed.
-  assert sharding.rules_from_config(ml_collections.ConfigDict(
-      dict(data=1, fsdp=-1, tensor=1))) == sharding.DEFAULT_RULES
+  assert (
+    sharding.rules_from_config(ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1)))
+    == sharding.DEFAULT_RULES
+  )
 
 
 def test_config_rules_override_and_add():
   mesh_config = base_config().mesh
-  mesh_config.rules = (("embed", None), ("act_length", "tensor"),
-                       ("my_axis", ("data", "fsdp")))
+  mesh_config.rules = (("embed", None), ("act_length", "tensor"), ("my_axis", ("data", "fsdp")))
   rules = dict(sharding.rules_from_config(mesh_config))
   assert rules["embed"] is None and rules["act_length"] == "tensor"
   assert rules["my_axis"] == ("data", "fsdp")
-  assert rules["mlp"] == "tensor"                        # untouched default
+  assert rules["mlp"] == "tensor"  # untouched default
   mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2)
   table = tuple(rules.items())
   assert sharding.logical_to_spec(("embed", "mlp"), mesh, table, (64, 128)) == P(None, "tensor")
-  assert sharding.logical_to_spec(("embed", "mlp"), mesh, sharding.DEFAULT_RULES,
-                                  (64, 128)) == P("fsdp", "tensor")
+  assert sharding.logical_to_spec(("embed", "mlp"), mesh, sharding.DEFAULT_RULES, (64, 128)) == P(
+    "fsdp", "tensor"
+  )
   # JSON round trips (a run's config.json) give lists.
   mesh_config = ml_collections.ConfigDict(dict(rules=[["embed", None], ["x", ["data"]]]))
   assert dict(sharding.rules_from_config(mesh_config))["x"] == ("data",)
 
 
-@pytest.mark.parametrize("bad", [
-    "embed",                           # not pairs
-    (("embed",),),                     # not a pair
-    ((1, "fsdp"),),                    # name not a string
-    (("embed", "model"),),             # unknown mesh axis
+@pytest.mark.parametrize(
+  "bad",
+  [
+    "embed",  # not pairs
+    (("embed",),),  # not a pair
+    ((1, "fsdp"),),  # name not a string
+    (("embed", "model"),),  # unknown mesh axis
     (("embed", ("fsdp", "model")),),
     (("embed", ()),),
-])
+  ],
+)
 def test_config_rules_errors_name_the_field(bad):
   mesh_config = ml_collections.ConfigDict(dict(rules=bad))
-  with pytest.raises(ValueError, match=r"config\.mesh\.rules must be a tuple of "
-                                       r"\(logical_name, mesh_axis") as info:
+  with pytest.raises(
+    ValueError,
+    match=r"config\.mesh\.rules must be a tuple of "
+    r"\(logical_name, mesh_axis",
+  ) as info:
     sharding.rules_from_config(mesh_config)
   assert "\n" not in str(info.value)
 
@@ -88,12 +96,17 @@ def test_jit_retraces_under_another_mesh():
   x = jnp.zeros((8, 4))
   fn(x)
   for mesh in (sharding.make_mesh(2, 2, 2), sharding.make_mesh(8, 1, 1)):
+
     def outer(x):
-      with sharding.activate(mesh):
+      with sharding.activate(mesh):  # noqa: B023 (traced at once)
         return fn(x)
+
     jax.make_jaxpr(outer)(x)
   assert [None if t is None else dict(t.mesh.shape) for t in traces] == [
-      None, {"data": 2, "fsdp": 2, "tensor": 2}, {"data": 8, "fsdp": 1, "tensor": 1}]
+    None,
+    {"data": 2, "fsdp": 2, "tensor": 2},
+    {"data": 8, "fsdp": 1, "tensor": 1},
+  ]
 
 
 def test_maybe_activate():
@@ -101,7 +114,7 @@ def test_maybe_activate():
   with sharding.maybe_activate(None):
     assert sharding.current() is None
   with sharding.maybe_activate(sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])):
-    assert sharding.current() is None                 # one device: nothing to shard
+    assert sharding.current() is None  # one device: nothing to shard
   with sharding.maybe_activate(mesh):
     assert sharding.current().mesh is mesh
   assert sharding.current() is None

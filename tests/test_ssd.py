@@ -1,8 +1,6 @@
 """The chunked SSD agrees with the sequential definition (outputs, final
 states and gradients) with every option on and off."""
 
-import itertools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,20 +13,21 @@ def make_inputs(seed=0, b=2, l=37, h=4, p=8, g=2, n=16, dtype=jnp.float32):
   rng = np.random.default_rng(seed)
   normal = lambda *shape: rng.standard_normal(shape, np.float32)
   seq_idx = np.zeros((b, l), np.int32)
-  seq_idx[0, l // 4:] = 1
-  seq_idx[0, 3 * l // 4:] = 2
+  seq_idx[0, l // 4 :] = 1
+  seq_idx[0, 3 * l // 4 :] = 2
   seq_idx[1:, :] = 3  # rows that never match the initial state's id 0
   return dict(
-      x=jnp.asarray(normal(b, l, h, p), dtype),
-      dt=jnp.asarray(normal(b, l, h) - 1.0),
-      A=jnp.asarray(-np.exp(normal(h))),
-      B=jnp.asarray(normal(b, l, g, n), dtype),
-      C=jnp.asarray(normal(b, l, g, n), dtype),
-      D=jnp.asarray(normal(h, p)),
-      z=jnp.asarray(normal(b, l, h, p), dtype),
-      dt_bias=jnp.asarray(normal(h)),
-      initial_states=jnp.asarray(normal(b, h, p, n)),
-      seq_idx=jnp.asarray(seq_idx))
+    x=jnp.asarray(normal(b, l, h, p), dtype),
+    dt=jnp.asarray(normal(b, l, h) - 1.0),
+    A=jnp.asarray(-np.exp(normal(h))),
+    B=jnp.asarray(normal(b, l, g, n), dtype),
+    C=jnp.asarray(normal(b, l, g, n), dtype),
+    D=jnp.asarray(normal(h, p)),
+    z=jnp.asarray(normal(b, l, h, p), dtype),
+    dt_bias=jnp.asarray(normal(h)),
+    initial_states=jnp.asarray(normal(b, h, p, n)),
+    seq_idx=jnp.asarray(seq_idx),
+  )
 
 
 OPTIONS = ("D", "z", "dt_bias", "initial_states", "seq_idx")
@@ -37,8 +36,17 @@ OPTIONS = ("D", "z", "dt_bias", "initial_states", "seq_idx")
 def call(inputs, chunk, impl, opts, softplus=True):
   kw = {o: inputs[o] for o in opts}
   return ssd.ssd_chunked_scan(
-      inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"], chunk,
-      dt_softplus=softplus, return_final_states=True, impl=impl, **kw)
+    inputs["x"],
+    inputs["dt"],
+    inputs["A"],
+    inputs["B"],
+    inputs["C"],
+    chunk,
+    dt_softplus=softplus,
+    return_final_states=True,
+    impl=impl,
+    **kw,
+  )
 
 
 @pytest.mark.parametrize("opts", [(), OPTIONS] + [(o,) for o in OPTIONS])
@@ -56,14 +64,11 @@ def test_seq_idx_resets_state():
   inputs = make_inputs(b=1, l=24)
   seq_idx = jnp.array([[0] * 11 + [1] * 13])
   y_packed = call({**inputs, "seq_idx": seq_idx}, 8, "chunked", ("seq_idx",))[0]
-  first = {k: (v[:, :11] if k in ("x", "dt", "B", "C") else v)
-           for k, v in inputs.items()}
-  second = {k: (v[:, 11:] if k in ("x", "dt", "B", "C") else v)
-            for k, v in inputs.items()}
+  first = {k: (v[:, :11] if k in ("x", "dt", "B", "C") else v) for k, v in inputs.items()}
+  second = {k: (v[:, 11:] if k in ("x", "dt", "B", "C") else v) for k, v in inputs.items()}
   y1 = call(first, 8, "chunked", ())[0]
   y2 = call(second, 8, "chunked", ())[0]
-  np.testing.assert_allclose(y_packed, jnp.concatenate([y1, y2], 1),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(y_packed, jnp.concatenate([y1, y2], 1), rtol=1e-5, atol=1e-5)
 
 
 def test_final_state_continues_the_scan():
@@ -81,8 +86,7 @@ def test_final_state_continues_the_scan():
 @pytest.mark.parametrize("opts", [(), OPTIONS])
 def test_gradients_match(opts):
   inputs = make_inputs(l=29)
-  diff_names = ("x", "dt", "A", "B", "C") + tuple(
-      o for o in opts if o != "seq_idx")
+  diff_names = ("x", "dt", "A", "B", "C") + tuple(o for o in opts if o != "seq_idx")
   rng = np.random.default_rng(5)
   cot = rng.standard_normal(inputs["x"].shape, np.float32)
   cot_f = rng.standard_normal(inputs["initial_states"].shape, np.float32)
@@ -96,16 +100,14 @@ def test_gradients_match(opts):
   g = jax.grad(loss)(diff, "chunked")
   for name in diff_names:
     scale = np.abs(g_ref[name]).max()
-    np.testing.assert_allclose(g[name], g_ref[name], rtol=1e-3,
-                               atol=1e-4 * scale, err_msg=name)
+    np.testing.assert_allclose(g[name], g_ref[name], rtol=1e-3, atol=1e-4 * scale, err_msg=name)
 
 
 def test_bf16_inputs_accumulate_in_fp32():
   inputs = make_inputs(dtype=jnp.bfloat16, l=64)
   y, f = call(inputs, 16, "chunked", OPTIONS)
   assert y.dtype == jnp.bfloat16 and f.dtype == jnp.float32
-  f32 = {k: (v.astype(jnp.float32) if v.dtype == jnp.bfloat16 else v)
-         for k, v in inputs.items()}
+  f32 = {k: (v.astype(jnp.float32) if v.dtype == jnp.bfloat16 else v) for k, v in inputs.items()}
   y_ref, f_ref = call(f32, 16, "sequential", OPTIONS)
   # Inputs are identical bf16 values; only the output rounding differs.
   np.testing.assert_allclose(y.astype(jnp.float32), y_ref, rtol=2e-2, atol=2e-2)
@@ -127,8 +129,9 @@ def test_ssd_step_matches_scan():
   state = jnp.zeros_like(inputs["initial_states"])
   dt = ssd.softplus(inputs["dt"])
   for t in range(5):
-    state, y_t = ssd.ssd_step(state, inputs["x"][:, t], dt[:, t], inputs["A"],
-                              inputs["B"][:, t], inputs["C"][:, t])
+    state, y_t = ssd.ssd_step(
+      state, inputs["x"][:, t], dt[:, t], inputs["A"], inputs["B"][:, t], inputs["C"][:, t]
+    )
     np.testing.assert_allclose(y_t, y_ref[:, t], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(state, f_ref, rtol=1e-5, atol=1e-5)
 
@@ -136,8 +139,8 @@ def test_ssd_step_matches_scan():
 def test_bad_shapes_are_named():
   inputs = make_inputs()
   with pytest.raises(ValueError, match="dt has shape"):
-    ssd.ssd_chunked_scan(inputs["x"], inputs["dt"][:, :3], inputs["A"],
-                         inputs["B"], inputs["C"], 8)
+    ssd.ssd_chunked_scan(inputs["x"], inputs["dt"][:, :3], inputs["A"], inputs["B"], inputs["C"], 8)
   with pytest.raises(ValueError, match="unknown ssd implementation"):
-    ssd.ssd_chunked_scan(inputs["x"], inputs["dt"], inputs["A"], inputs["B"],
-                         inputs["C"], 8, impl="nope")
+    ssd.ssd_chunked_scan(
+      inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"], 8, impl="nope"
+    )

@@ -21,8 +21,9 @@ def test_soft_mask_and_iupac():
   assert tok.decode(tok.encode("u")) == "T"
 
 
-@pytest.mark.parametrize("seq,char,pos", [("ACGX", "X", 3), ("A-C", "-", 1),
-                                          ("AC GT", " ", 2), ("ACé", "é", 2)])
+@pytest.mark.parametrize(
+  "seq,char,pos", [("ACGX", "X", 3), ("A-C", "-", 1), ("AC GT", " ", 2), ("ACé", "é", 2)]
+)
 def test_invalid_character_named_with_position(seq, char, pos):
   with pytest.raises(tok.InvalidSequenceError) as e:
     tok.encode(seq)
@@ -44,8 +45,7 @@ def test_task_tokens():
 
 
 def test_encode_batch_pads_and_reports_lengths():
-  tokens, lengths = tok.encode_batch(["ACG", "A", ""], add_bos=True,
-                                     pad_to_multiple=4)
+  tokens, lengths = tok.encode_batch(["ACG", "A", ""], add_bos=True, pad_to_multiple=4)
   assert tokens.shape == (3, 4) and lengths.tolist() == [4, 2, 1]
   assert tokens[1].tolist() == [tok.BOS, tok.A, tok.PAD, tok.PAD]
   with pytest.raises(ValueError, match="pad_to"):
@@ -60,8 +60,10 @@ def test_reverse_complement_string():
 
 @pytest.mark.parametrize("xp", [np, jnp])
 def test_reverse_complement_tokens_keeps_specials_in_place(xp):
-  rows = [[tok.BOS, tok.A, tok.C, tok.G, tok.EOS, tok.PAD],
-          [tok.PAD, tok.PAD, tok.task_token(2), tok.A, tok.A, tok.N]]
+  rows = [
+    [tok.BOS, tok.A, tok.C, tok.G, tok.EOS, tok.PAD],
+    [tok.PAD, tok.PAD, tok.task_token(2), tok.A, tok.A, tok.N],
+  ]
   out = np.asarray(tok.reverse_complement_tokens(xp.array(rows), xp=xp))
   assert out[0].tolist() == [tok.BOS, tok.C, tok.G, tok.T, tok.EOS, tok.PAD]
   assert out[1].tolist() == [tok.PAD, tok.PAD, tok.task_token(2), tok.N, tok.T, tok.T]
@@ -73,5 +75,4 @@ def test_reverse_complement_tokens_keeps_specials_in_place(xp):
 def test_reverse_complement_tokens_matches_string():
   rng = np.random.default_rng(0)
   seq = "".join(rng.choice(list("ACGTN"), 101))
-  assert tok.decode(tok.reverse_complement_tokens(tok.encode(seq))) == \
-      tok.reverse_complement(seq)
+  assert tok.decode(tok.reverse_complement_tokens(tok.encode(seq))) == tok.reverse_complement(seq)

@@ -7,14 +7,12 @@ import os
 import signal
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from hybridna_jax import sharding
 from hybridna_jax.config import ModelConfig, load_config
-from hybridna_jax.data import pipeline
 from hybridna_jax.model import HybriDNA, abstract_model, create_model
 from hybridna_jax.train import loop
 from hybridna_jax.train import optimizer as optimizer_lib
@@ -27,17 +25,23 @@ TINY = ModelConfig.from_config(load_config("configs/tiny.py").model)
 def _batch(b=8, l=32, seed=0):
   toks = np.random.default_rng(seed).integers(5, 10, (b, l + 1)).astype(np.int32)
   seg = np.ones((b, l), np.int32)
-  seg[1, l // 2:] = 2           # a packed row
+  seg[1, l // 2 :] = 2  # a packed row
   mask = (toks[:, 1:] != 9).astype(np.float32)
-  mask[1, l // 2 - 1] = 0.0     # no target across the document boundary
+  mask[1, l // 2 - 1] = 0.0  # no target across the document boundary
   return dict(inputs=toks[:, :-1], targets=toks[:, 1:], segment_ids=seg, loss_mask=mask)
 
 
 def _steps(mesh, grad_accum=1):
   train_cfg = load_config("configs/tiny.py").train
   optimizer, schedule = optimizer_lib.make_optimizer(train_cfg, total_steps=10)
-  return step_lib.build_steps(lambda rngs: HybriDNA(TINY, rngs=rngs), step_lib.lm_loss,
-                              optimizer, schedule, mesh, grad_accum=grad_accum)
+  return step_lib.build_steps(
+    lambda rngs: HybriDNA(TINY, rngs=rngs),
+    step_lib.lm_loss,
+    optimizer,
+    schedule,
+    mesh,
+    grad_accum=grad_accum,
+  )
 
 
 def _run_two_steps(mesh, grad_accum=1):
@@ -54,8 +58,7 @@ def single_device_run():
   return _run_two_steps(sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
 
 
-@pytest.mark.parametrize("axes,grad_accum", [((2, 2, 2), 1), ((1, 1, 8), 1),
-                                             ((1, 1, 1), 2)])
+@pytest.mark.parametrize("axes,grad_accum", [((2, 2, 2), 1), ((1, 1, 8), 1), ((1, 1, 1), 2)])
 def test_sharded_and_accumulated_steps_match_single_device(single_device_run, axes, grad_accum):
   devices = jax.devices() if np.prod(axes) == 8 else jax.devices()[:1]
   params, m1, m2 = _run_two_steps(sharding.make_mesh(*axes, devices=devices), grad_accum)
@@ -82,7 +85,10 @@ def test_sharded_gradients_match_single_device(axes):
     def grad_fn(p, b):
       with sharding.activate(mesh):
         return jax.grad(lambda p: step_lib.lm_loss(nnx.merge(graphdef, p), b)[0])(p)
-    return jax.device_get(grad_fn(placed, step_lib.device_batch(batch, sharding.batch_sharding(mesh))))
+
+    return jax.device_get(
+      grad_fn(placed, step_lib.device_batch(batch, sharding.batch_sharding(mesh)))
+    )
 
   ref = grads_on(sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
   got = grads_on(sharding.make_mesh(*axes))
@@ -102,13 +108,15 @@ def test_params_and_optimizer_state_are_sharded():
 def test_weight_decay_mask():
   model = nnx.eval_shape(lambda: HybriDNA(TINY, rngs=nnx.Rngs(0)))
   mask = optimizer_lib.weight_decay_mask(nnx.state(model, nnx.Param))
-  flat = {"/".join(map(str, path)): leaf for path, leaf in
-          jax.tree_util.tree_leaves_with_path(mask)}
+  flat = {
+    "/".join(map(str, path)): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(mask)
+  }
   no_decay = {k for k, v in flat.items() if not v}
   for name in ("A_log", "dt_bias", "D", "conv_x_bias", "mixer_norm", "final_norm"):
     assert any(name in k for k in no_decay), name
-  assert all(("kernel" in k or "embed" in k or "lm_head" in k or "weight" in k)
-             for k, v in flat.items() if v)
+  assert all(
+    ("kernel" in k or "embed" in k or "lm_head" in k or "weight" in k) for k, v in flat.items() if v
+  )
   assert any("in_zx" in k for k, v in flat.items() if v)
 
 
@@ -152,11 +160,11 @@ def test_preempted_and_resumed_run_is_bitwise_identical(tiny_config, tmp_path, m
 
   workdir = str(tmp_path / "resumed")
   with monkeypatch.context() as m:
-    _interrupting(m, stop_after=3)           # inside stage 0
+    _interrupting(m, stop_after=3)  # inside stage 0
     first = loop.train(tiny_config, workdir)
   assert first == {**first, "stopped": "preempted", "steps": 3}
   with monkeypatch.context() as m:
-    _interrupting(m, stop_after=3)           # step 6: inside stage 1
+    _interrupting(m, stop_after=3)  # step 6: inside stage 1
     second = loop.train(tiny_config, workdir)
   assert second["stopped"] == "preempted" and second["steps"] == 6
   third = loop.train(tiny_config, workdir)
@@ -181,7 +189,7 @@ def test_half_written_checkpoint_is_ignored(tiny_config, tmp_path):
     f.write("truncated")
   assert Checkpoints(ckpt_dir).latest_step() == 4
   tiny_config.train.stages = ((32, 6, 4),)
-  summary = loop.train(tiny_config, workdir)   # resumes from 4, not the partial 6
+  summary = loop.train(tiny_config, workdir)  # resumes from 4, not the partial 6
   assert summary["steps"] == 6
   assert sorted(Checkpoints(ckpt_dir).all_steps())[-1] == 6
 
@@ -202,7 +210,7 @@ def test_non_finite_steps_are_skipped_then_stop(tiny_config, tmp_path, monkeypat
   assert meta["step"] == 3 and int(state.skipped) == 3
   init = _steps(sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])).init(jax.random.key(0))
   for x, y in zip(jax.tree.leaves(state.params), jax.tree.leaves(jax.device_get(init.params))):
-    np.testing.assert_array_equal(x, y)     # no update was applied
+    np.testing.assert_array_equal(x, y)  # no update was applied
 
 
 def test_loop_writes_metrics_eval_checkpoints_and_plot(tiny_config, tmp_path):
@@ -220,12 +228,21 @@ def test_loop_writes_metrics_eval_checkpoints_and_plot(tiny_config, tmp_path):
   assert train_steps == [2, 4, 6, 8]
   assert [r["step"] for r in records if r["kind"] == "val"] == [4, 8]
   last = [r for r in records if r["kind"] == "train"][-1]
-  for key in ("loss", "bits_per_nt", "accuracy", "grad_norm", "learning_rate",
-              "tokens_per_s", "step_time_s", "tflops_per_device"):
+  for key in (
+    "loss",
+    "bits_per_nt",
+    "accuracy",
+    "grad_norm",
+    "learning_rate",
+    "tokens_per_s",
+    "step_time_s",
+    "tflops_per_device",
+  ):
     assert key in last and np.isfinite(last[key]), key
   assert os.path.getsize(os.path.join(workdir, "loss_curves.png")) > 10_000
-  assert any(f.startswith("events.out.tfevents")
-             for f in os.listdir(os.path.join(workdir, "tensorboard")))
+  assert any(
+    f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tensorboard"))
+  )
   assert Checkpoints(os.path.join(workdir, loop.BEST_DIR)).latest_step() in (4, 8)
   with open(os.path.join(workdir, loop.CONFIG_FILE)) as f:
     assert json.load(f)["model"]["d_model"] == TINY.d_model

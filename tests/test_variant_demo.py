@@ -18,8 +18,14 @@ SENSE = [c for c in CODONS if c not in ("TAA", "TAG", "TGA", "ATG")]
 
 
 def _run(*args):
-  return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
-                        check=True, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}).stdout
+  return subprocess.run(
+    [sys.executable, SCRIPT, *args],
+    capture_output=True,
+    text=True,
+    check=True,
+    cwd=ROOT,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  ).stdout
 
 
 def _genome(rng):
@@ -27,7 +33,7 @@ def _genome(rng):
   (sequence, [(strand, start, end)] 0-based half-open)."""
   seq, orfs = "", []
   for strand in "++-":
-    seq += "".join(rng.choice(list("ACGT"), 500))   # too short to hold a 600-nt ORF
+    seq += "".join(rng.choice(list("ACGT"), 500))  # too short to hold a 600-nt ORF
     orf = "ATG" + "".join(rng.choice(SENSE, 298)) + "TAA"
     orfs.append((strand, len(seq), len(seq) + len(orf)))
     seq += orf if strand == "+" else tokenizer.reverse_complement(orf)
@@ -41,11 +47,11 @@ def _codon_at(seq, pos, strand_orfs):
     if start < pos <= end:
       if strand == "+":
         k = (pos - 1 - start) // 3 * 3 + start
-        return seq[k:k + 3], pos - 1 - k, False
+        return seq[k : k + 3], pos - 1 - k, False
       rc = tokenizer.reverse_complement(seq[start:end])
       offset = end - pos
       k = offset // 3 * 3
-      return rc[k:k + 3], offset - k, True
+      return rc[k : k + 3], offset - k, True
   raise AssertionError(f"position {pos} is in no ORF")
 
 
@@ -60,25 +66,34 @@ def test_nonsense_makes_a_stop_and_synonymous_keeps_the_amino_acid(tmp_path):
   good = [r for r in rows if not r["id"].startswith("bad_")]
   assert len(good) == 6 and {r["id"].split("_")[0] for r in good} == {"nonsense", "synonymous"}
   assert [r["id"] for r in rows if r["id"].startswith("bad_")] == [
-      "bad_wrong_ref", "bad_unknown_chromosome", "bad_past_the_end"]
+    "bad_wrong_ref",
+    "bad_unknown_chromosome",
+    "bad_past_the_end",
+  ]
   for r in good:
     pos = int(r["pos"])
     assert seq[pos - 1] == r["ref"]
     codon, k, reverse = _codon_at(seq, pos, orfs)
     alt = tokenizer.reverse_complement(r["alt"]) if reverse else r["alt"]
-    mutated = codon[:k] + alt + codon[k + 1:]
+    mutated = codon[:k] + alt + codon[k + 1 :]
     if r["id"].startswith("nonsense"):
       assert mutated in ("TAA", "TAG", "TGA"), (codon, mutated)
     else:
-      assert len(codon) == 3 and k == 2 and codon[:2] == mutated[:2] and codon[:2] in (
-          "GC", "GG", "CC", "AC", "GT", "CT", "TC", "CG"), (codon, mutated)
+      assert (
+        len(codon) == 3
+        and k == 2
+        and codon[:2] == mutated[:2]
+        and codon[:2] in ("GC", "GG", "CC", "AC", "GT", "CT", "TC", "CG")
+      ), (codon, mutated)
 
 
 def test_summarize_pairs_nonsense_with_synonymous(tmp_path):
   tsv = tmp_path / "scores.tsv"
-  tsv.write_text("chrom\tpos\tid\tref\talt\tllr\n"
-                 "c\t1\tnonsense_0\tA\tT\t-2.0\nc\t2\tsynonymous_0\tA\tC\t-0.5\n"
-                 "c\t3\tnonsense_1\tA\tT\t-0.1\nc\t4\tsynonymous_1\tA\tC\t-0.3\n")
+  tsv.write_text(
+    "chrom\tpos\tid\tref\talt\tllr\n"
+    "c\t1\tnonsense_0\tA\tT\t-2.0\nc\t2\tsynonymous_0\tA\tC\t-0.5\n"
+    "c\t3\tnonsense_1\tA\tT\t-0.1\nc\t4\tsynonymous_1\tA\tC\t-0.3\n"
+  )
   out = _run("summarize", f"--tsv={tsv}")
   assert "2 ORFs" in out and "nonsense -1.050" in out and "synonymous -0.400" in out
   assert "in 50% of ORFs" in out

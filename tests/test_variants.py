@@ -8,24 +8,27 @@ import math
 import jax
 import numpy as np
 import pytest
+from conftest import LAMBDA_FASTA
 
 from hybridna_jax import restore, scoring, sharding, tokenizer
-from hybridna_jax.scoring import variants
 from hybridna_jax.data import fasta
-from conftest import LAMBDA_FASTA
+from hybridna_jax.scoring import variants
 
 
 @pytest.fixture(scope="module")
 def genome():
-  (_, tokens), = fasta.read_fasta(LAMBDA_FASTA)
+  ((_, tokens),) = fasta.read_fasta(LAMBDA_FASTA)
   return tokenizer.decode(tokens)
 
 
 @pytest.fixture(scope="module")
 def reference_path(genome, tmp_path_factory):
   path = tmp_path_factory.mktemp("ref") / "ref.fa.gz"
-  fasta.write_fasta(path, [("chrA", genome[:3000]), ("chrB", genome[3000:5000]),
-                           ("chrC", genome[5000:6000])], compress="gzip")
+  fasta.write_fasta(
+    path,
+    [("chrA", genome[:3000]), ("chrB", genome[3000:5000]), ("chrC", genome[5000:6000])],
+    compress="gzip",
+  )
   return str(path)
 
 
@@ -36,28 +39,36 @@ def _other(base):
 @pytest.fixture(scope="module")
 def vcf(genome, tmp_path_factory):
   a, b = genome[:3000], genome[3000:5000]
-  ref = lambda chrom, pos, n=1: chrom[pos - 1:pos - 1 + n]
+  ref = lambda chrom, pos, n=1: chrom[pos - 1 : pos - 1 + n]
   rows = [
-      ("chrA", 101, "rs1", ref(a, 101), _other(ref(a, 101))),                 # 4 SNV
-      ("chrA", 201, ".", ref(a, 201),
-       f"{_other(ref(a, 201))},{_other(_other(ref(a, 201)))}"),               # 5 two alleles
-      ("chrA", 301, ".", ref(a, 301), ref(a, 301) + "GT"),                     # 6 insertion
-      ("chrB", 51, ".", ref(b, 51, 3), ref(b, 51)),                            # 7 deletion
-      ("chrA", 401, ".", _other(ref(a, 401)), "A"),                            # 8 REF mismatch
-      ("A", 10, ".", "A", "C"),                                                # 9 unknown chrom
-      ("chrB", 1999, ".", ref(b, 1999, 2) + "A", "A"),                         # 10 past the end
-      ("chrA", 501, ".", ref(a, 501), "<DEL>"),                                # 11 symbolic
-      ("chrA", 601, ".", ref(a, 601), "N"),                                    # 12 N allele
-      ("chrA", "abc", ".", "A", "C"),                                          # 13 bad POS
-      ("chrA", 701, ".", ref(a, 701), ref(a, 701)),                            # 14 ALT = REF
-      ("chrA", 801, ".", ref(a, 801), ref(a, 801) + "A" * 100),                # 15 too long
-      ("chrA", 1, "first", ref(a, 1), _other(ref(a, 1))),                      # 16 at the start
-      ("chrB", 2000, "last", ref(b, 2000), _other(ref(b, 2000))),              # 17 at the end
+    ("chrA", 101, "rs1", ref(a, 101), _other(ref(a, 101))),  # 4 SNV
+    (
+      "chrA",
+      201,
+      ".",
+      ref(a, 201),
+      f"{_other(ref(a, 201))},{_other(_other(ref(a, 201)))}",
+    ),  # 5 two alleles
+    ("chrA", 301, ".", ref(a, 301), ref(a, 301) + "GT"),  # 6 insertion
+    ("chrB", 51, ".", ref(b, 51, 3), ref(b, 51)),  # 7 deletion
+    ("chrA", 401, ".", _other(ref(a, 401)), "A"),  # 8 REF mismatch
+    ("A", 10, ".", "A", "C"),  # 9 unknown chrom
+    ("chrB", 1999, ".", ref(b, 1999, 2) + "A", "A"),  # 10 past the end
+    ("chrA", 501, ".", ref(a, 501), "<DEL>"),  # 11 symbolic
+    ("chrA", 601, ".", ref(a, 601), "N"),  # 12 N allele
+    ("chrA", "abc", ".", "A", "C"),  # 13 bad POS
+    ("chrA", 701, ".", ref(a, 701), ref(a, 701)),  # 14 ALT = REF
+    ("chrA", 801, ".", ref(a, 801), ref(a, 801) + "A" * 100),  # 15 too long
+    ("chrA", 1, "first", ref(a, 1), _other(ref(a, 1))),  # 16 at the start
+    ("chrB", 2000, "last", ref(b, 2000), _other(ref(b, 2000))),  # 17 at the end
   ]
-  lines = ["##fileformat=VCFv4.2", "##contig=<ID=chrA>",
-           "#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO"]
+  lines = [
+    "##fileformat=VCFv4.2",
+    "##contig=<ID=chrA>",
+    "#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO",
+  ]
   lines += ["\t".join(map(str, r)) + "\t.\tPASS\t." for r in rows]
-  lines.append("chrA\t5")                                                      # 18 malformed
+  lines.append("chrA\t5")  # 18 malformed
   path = tmp_path_factory.mktemp("vcf") / "calls.vcf.gz"
   with gzip.open(path, "wt") as f:
     f.write("\n".join(lines) + "\n")
@@ -67,6 +78,7 @@ def vcf(genome, tmp_path_factory):
 class FakeScorer:
   """Deterministic stand-in: log-likelihood = a position-weighted token sum;
   records every sequence it is asked to score."""
+
   context = 1000
 
   def __init__(self):
@@ -86,8 +98,12 @@ class FakeScorer:
 
 def test_vcf_records_are_read_checked_and_bad_ones_reported_by_line(vcf, reference_path):
   found, problems = variants.read_variants(vcf, max_indel_length=64)
-  assert [(v.chrom, v.pos) for v in found][:4] == [("chrA", 101), ("chrA", 201),
-                                                   ("chrA", 201), ("chrA", 301)]
+  assert [(v.chrom, v.pos) for v in found][:4] == [
+    ("chrA", 101),
+    ("chrA", 201),
+    ("chrA", 201),
+    ("chrA", 301),
+  ]
   assert found[0].id == "rs1" and found[0].source == f"{vcf}:4"
   reasons = {int(p.source.rsplit(":", 1)[1]): p.reason for p in problems}
   assert sorted(reasons) == [11, 12, 13, 14, 15, 18]
@@ -96,7 +112,7 @@ def test_vcf_records_are_read_checked_and_bad_ones_reported_by_line(vcf, referen
   assert "max_indel_length=64" in reasons[15] and "at least 5" in reasons[18]
 
   reference = variants.load_reference(reference_path, {v.chrom for v in found})
-  assert set(reference.chromosomes) == {"chrA", "chrB"}      # chrC was not needed
+  assert set(reference.chromosomes) == {"chrA", "chrB"}  # chrC was not needed
   valid, bad = variants.check_variants(found, reference)
   reasons = {int(p.source.rsplit(":", 1)[1]): p.reason for p in bad}
   assert sorted(reasons) == [8, 9, 10]
@@ -116,7 +132,7 @@ def test_windows_are_centred_shared_and_give_the_llr(vcf, reference_path, genome
   assert len(fake.seen) == 13
   a = variants.tokenizer.encode(genome[:3000])
   snv = scores[0]
-  assert (snv.window_start, snv.window_end) == (90, 111)        # 10 bases each side
+  assert (snv.window_start, snv.window_end) == (90, 111)  # 10 bases each side
   ref_window = a[90:111]
   alt_window = ref_window.copy()
   alt_window[10] = tokenizer.encode(snv.variant.alt)[0]
@@ -149,14 +165,12 @@ def test_windows_are_centred_shared_and_give_the_llr(vcf, reference_path, genome
 
 
 def test_llr_with_the_model_and_tsv_output(tiny_run, vcf, reference_path, tmp_path):
-  model, _, _ = restore.load(tiny_run,
-                             mesh=sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+  model, _, _ = restore.load(tiny_run, mesh=sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
   scorer = scoring.Scorer(model, context=64, stride=32, batch_size=4, min_bucket=32)
   found, read_problems = variants.read_variants(vcf)
   reference = variants.load_reference(reference_path, {v.chrom for v in found})
-  scores, problems = variants.score_variants(scorer, found, reference, window=32,
-                                             rc_average=True)
-  for s in (scores[0], scores[4]):           # an SNV and a deletion
+  scores, problems = variants.score_variants(scorer, found, reference, window=32, rc_average=True)
+  for s in (scores[0], scores[4]):  # an SNV and a deletion
     span, ref_w, alt_w = variants.variant_windows(s.variant, reference[s.variant.chrom], 32)
     assert span == (s.window_start, s.window_end) and len(ref_w) == 32
     ll = scorer.log_likelihood([ref_w, alt_w], rc_average=True).total
@@ -167,10 +181,10 @@ def test_llr_with_the_model_and_tsv_output(tiny_run, vcf, reference_path, tmp_pa
   rows = variants.read_scores(str(out))
   assert list(rows[0]) == list(variants.SCORE_COLUMNS)
   assert [(r["chrom"], int(r["pos"]), r["alt"]) for r in rows] == [
-      (s.variant.chrom, s.variant.pos, s.variant.alt) for s in scores]
+    (s.variant.chrom, s.variant.pos, s.variant.alt) for s in scores
+  ]
   assert rows[0]["id"] == "rs1" and rows[3]["type"] == "insertion"
-  np.testing.assert_allclose([float(r["llr"]) for r in rows], [s.llr for s in scores],
-                             rtol=1e-5)
+  np.testing.assert_allclose([float(r["llr"]) for r in rows], [s.llr for s in scores], rtol=1e-5)
   skipped = tmp_path / "skipped.tsv"
   variants.write_problems(str(skipped), read_problems + problems)
   lines = skipped.read_text().splitlines()
@@ -180,11 +194,14 @@ def test_llr_with_the_model_and_tsv_output(tiny_run, vcf, reference_path, tmp_pa
 
 def test_csv_variants_and_format_errors(tmp_path):
   good = tmp_path / "v.csv"
-  good.write_text("\ufeffID,Chrom,Pos,Ref,Alt,gene\nv1,chrA,12,A,G,x\nv2,chrA,13\n"
-                  "v3,chrB,0,C,T,y\nv4,chrB,7,c,<INS>,z\n")
+  good.write_text(
+    "\ufeffID,Chrom,Pos,Ref,Alt,gene\nv1,chrA,12,A,G,x\nv2,chrA,13\n"
+    "v3,chrB,0,C,T,y\nv4,chrB,7,c,<INS>,z\n"
+  )
   found, problems = variants.read_variants(str(good))
   assert [(v.id, v.chrom, v.pos, v.ref, v.alt, v.source) for v in found] == [
-      ("v1", "chrA", 12, "A", "G", f"{good}:2")]
+    ("v1", "chrA", 12, "A", "G", f"{good}:2")
+  ]
   assert [p.source for p in problems] == [f"{good}:3", f"{good}:4", f"{good}:5"]
   assert "3 fields" in problems[0].reason and "positive integer" in problems[1].reason
   bad = tmp_path / "bad.csv"

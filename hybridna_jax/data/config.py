@@ -14,6 +14,7 @@ from hybridna_jax.sections import Section
 class SplitConfig(Section):
   """Train/validation split, by whole sources or whole records, so that the
   two never overlap. A record goes to validation when any rule selects it."""
+
   SECTION = "data.split"
   # Sources held out for validation: names or fnmatch patterns ("E_coli_*");
   # each must match a source.
@@ -33,6 +34,7 @@ class SplitConfig(Section):
 @dataclasses.dataclass(frozen=True)
 class DataConfig(Section):
   """Every data field with its default; see the comment on each field."""
+
   SECTION = "data"
 
   # --- Preparation: FASTA -> token store (launch/prepare_data.py) ---------

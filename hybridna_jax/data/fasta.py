@@ -30,10 +30,11 @@ import io
 import lzma
 import os
 import zlib
-from typing import BinaryIO, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import BinaryIO
 
-from absl import logging
 import numpy as np
+from absl import logging
 
 from hybridna_jax import tokenizer
 
@@ -50,8 +51,7 @@ _INVALID_BYTE = b"\xff"
 # File name endings of FASTA files and of the compressions read here. The
 # reader tells compression from the content; names serve to find task files
 # and to name sources and outputs (`strip_suffixes`).
-FASTA_SUFFIXES = (".fna", ".fa", ".fasta", ".fas", ".fsa", ".ffn", ".mfa",
-                  ".seq", ".fa.txt")
+FASTA_SUFFIXES = (".fna", ".fa", ".fasta", ".fas", ".fsa", ".ffn", ".mfa", ".seq", ".fa.txt")
 COMPRESSION_SUFFIXES = (".gz", ".bgz", ".xz", ".bz2")
 
 
@@ -75,10 +75,10 @@ def _encode_table() -> bytes:
 _ENCODE_TABLE = _encode_table()
 
 _MAGIC = (
-    (b"\x1f\x8b", "gzip"),
-    (b"\xfd7zXZ\x00", "xz"),
-    (b"BZh", "bzip2"),
-    (b"\x28\xb5\x2f\xfd", "zstd"),
+  (b"\x1f\x8b", "gzip"),
+  (b"\xfd7zXZ\x00", "xz"),
+  (b"BZh", "bzip2"),
+  (b"\x28\xb5\x2f\xfd", "zstd"),
 )
 
 
@@ -101,6 +101,7 @@ class FastaHeader:
     description: the rest of the header line, stripped.
     line: 1-based line number of the header in the (decompressed) file.
   """
+
   name: str
   description: str
   line: int
@@ -112,7 +113,7 @@ def strip_suffixes(name: str) -> str:
   for suffixes in (COMPRESSION_SUFFIXES, FASTA_SUFFIXES):
     for suffix in suffixes:
       if name.lower().endswith(suffix):
-        name = name[:-len(suffix)]
+        name = name[: -len(suffix)]
         break
   return name
 
@@ -127,8 +128,7 @@ def detect_compression(path: str | os.PathLike) -> str:
   return "plain"
 
 
-def open_decompressed(path: str | os.PathLike) -> tuple[BinaryIO, BinaryIO,
-                                                          str]:
+def open_decompressed(path: str | os.PathLike) -> tuple[BinaryIO, BinaryIO, str]:
   """Opens `path` for reading its decompressed bytes.
 
   Returns:
@@ -139,8 +139,11 @@ def open_decompressed(path: str | os.PathLike) -> tuple[BinaryIO, BinaryIO,
   kind = detect_compression(path)
   if kind == "zstd":
     raise FastaFormatError(
-        path, None, "zstd-compressed files are not supported; decompress it "
-        "first (zstd -d) or recompress with gzip/bgzip/xz.")
+      path,
+      None,
+      "zstd-compressed files are not supported; decompress it "
+      "first (zstd -d) or recompress with gzip/bgzip/xz.",
+    )
   raw = open(path, "rb")  # pylint: disable=consider-using-with
   if kind == "gzip":
     stream = gzip.GzipFile(fileobj=raw, mode="rb")
@@ -162,9 +165,13 @@ class FastaReader:
     line: number of complete lines consumed so far.
   """
 
-  def __init__(self, path: str | os.PathLike, *,
-               block_size: int = DEFAULT_BLOCK_SIZE,
-               allow_empty_records: bool = False):
+  def __init__(
+    self,
+    path: str | os.PathLike,
+    *,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    allow_empty_records: bool = False,
+  ):
     if block_size < 1:
       raise ValueError(f"block_size must be positive, got {block_size}.")
     self.path = os.fspath(path)
@@ -184,20 +191,22 @@ class FastaReader:
       data = stream.read(self.block_size)
     except (EOFError, OSError, zlib.error, lzma.LZMAError) as e:
       raise FastaFormatError(
-          self.path, self.line + 1,
-          f"the {kind} stream is truncated or corrupt ({e}); the file was "
-          "probably cut short while downloading or copying: fetch it "
-          "again.") from None
+        self.path,
+        self.line + 1,
+        f"the {kind} stream is truncated or corrupt ({e}); the file was "
+        "probably cut short while downloading or copying: fetch it "
+        "again.",
+      ) from None
     self.bytes_in = raw.tell()
     self.bytes_out += len(data)
     return data
 
   def _parse(self, stream, raw, kind) -> Iterator[FastaHeader | np.ndarray]:
-    carry = b""            # an incomplete header line from the last buffer
-    at_line_start = True   # whether the next buffer starts a line
-    column = 0             # bytes of the current line in earlier buffers
-    pending = None         # header of the record being read
-    pending_len = 0        # tokens of `pending` seen so far
+    carry = b""  # an incomplete header line from the last buffer
+    at_line_start = True  # whether the next buffer starts a line
+    column = 0  # bytes of the current line in earlier buffers
+    pending = None  # header of the record being read
+    pending_len = 0  # tokens of `pending` seen so far
     header_yielded = False
     seen_header = False
     eof = False
@@ -220,9 +229,11 @@ class FastaReader:
               carry = buf[i:]
               if len(carry) > _MAX_HEADER_BYTES:
                 raise FastaFormatError(
-                    self.path, self.line + 1 + buf.count(b"\n", 0, i),
-                    f"header line longer than {_MAX_HEADER_BYTES} bytes; this "
-                    "is not a FASTA file, or its line breaks are missing.")
+                  self.path,
+                  self.line + 1 + buf.count(b"\n", 0, i),
+                  f"header line longer than {_MAX_HEADER_BYTES} bytes; this "
+                  "is not a FASTA file, or its line breaks are missing.",
+                )
               buf = buf[:i]
               break
             end = len(buf)
@@ -241,8 +252,7 @@ class FastaReader:
           h, e = headers[k - 1]
           if pending is not None and pending_len == 0:
             self._empty_record(pending)
-          pending = self._header(buf, h, e,
-                                 self.line + 1 + buf.count(b"\n", 0, h))
+          pending = self._header(buf, h, e, self.line + 1 + buf.count(b"\n", 0, h))
           pending_len, header_yielded, seen_header = 0, False, True
         lo, hi = bounds[2 * k], bounds[2 * k + 1]
         if lo == hi:
@@ -253,8 +263,9 @@ class FastaReader:
           continue
         bad = seq.find(_INVALID_BYTE)
         if bad >= 0 or pending is None:
-          self._raise_bad_sequence(buf, lo, raw_seq, max(bad, 0), pending,
-                                   pending_len, at_line_start, column)
+          self._raise_bad_sequence(
+            buf, lo, raw_seq, max(bad, 0), pending, pending_len, at_line_start, column
+          )
         if not header_yielded:
           header_yielded = True
           yield pending
@@ -273,19 +284,28 @@ class FastaReader:
         at_line_start = buf[-1] == _NL
     if self.bytes_out == 0:
       raise FastaFormatError(
-          self.path, None, "the file is empty (0 bytes of text); remove it "
-          "from the inputs or fetch it again.")
+        self.path,
+        None,
+        "the file is empty (0 bytes of text); remove it from the inputs or fetch it again.",
+      )
     if not seen_header:
       raise FastaFormatError(
-          self.path, None, "no FASTA header ('>name' line) in the file; is "
-          "this a FASTA file?")
+        self.path, None, "no FASTA header ('>name' line) in the file; is this a FASTA file?"
+      )
     if pending is not None and pending_len == 0:
       self._empty_record(pending)
 
-  def _raise_bad_sequence(self, buf: bytes, lo: int, raw_seq: bytes,
-                          kept_index: int, pending: FastaHeader | None,
-                          pending_len: int, at_line_start: bool,
-                          column: int):
+  def _raise_bad_sequence(
+    self,
+    buf: bytes,
+    lo: int,
+    raw_seq: bytes,
+    kept_index: int,
+    pending: FastaHeader | None,
+    pending_len: int,
+    at_line_start: bool,
+    column: int,
+  ):
     """Raises for the `kept_index`-th sequence byte of `raw_seq`.
 
     That byte is an invalid character, or (with no `pending` header) the
@@ -295,41 +315,48 @@ class FastaReader:
     pos = lo + int(np.flatnonzero(~_WHITESPACE[raw])[kept_index])
     line = self.line + 1 + buf.count(b"\n", 0, pos)
     line_start = buf.rfind(b"\n", 0, pos) + 1
-    col = pos - line_start + 1 + (
-        column if line_start == 0 and not at_line_start else 0)
+    col = pos - line_start + 1 + (column if line_start == 0 and not at_line_start else 0)
     if pending is None:
       raise FastaFormatError(
-          self.path, line, "sequence data before the first header; a FASTA "
-          "record starts with a '>name' line (is this a FASTA file?).")
+        self.path,
+        line,
+        "sequence data before the first header; a FASTA "
+        "record starts with a '>name' line (is this a FASTA file?).",
+      )
     error = tokenizer.InvalidSequenceError(
-        chr(buf[pos]), pending_len + kept_index,
-        f"record '{pending.name}', column {col}")
+      chr(buf[pos]), pending_len + kept_index, f"record '{pending.name}', column {col}"
+    )
     raise FastaFormatError(self.path, line, str(error)) from error
 
-  def _header(self, buf: bytes, start: int, end: int,
-              line: int) -> FastaHeader:
-    text = buf[start + 1:end].decode("utf-8", "replace").strip()
+  def _header(self, buf: bytes, start: int, end: int, line: int) -> FastaHeader:
+    text = buf[start + 1 : end].decode("utf-8", "replace").strip()
     parts = text.split(None, 1)
     if not parts:
       raise FastaFormatError(
-          self.path, line, "header with no name ('>' alone); give every "
-          "record a name, e.g. '>chr1'.")
+        self.path, line, "header with no name ('>' alone); give every record a name, e.g. '>chr1'."
+      )
     return FastaHeader(parts[0], parts[1] if len(parts) > 1 else "", line)
 
   def _empty_record(self, header: FastaHeader):
-    message = (f"header '>{header.name}' has no sequence (the next line is "
-               "another header or the end of the file)")
+    message = (
+      f"header '>{header.name}' has no sequence (the next line is "
+      "another header or the end of the file)"
+    )
     if not self.allow_empty_records:
       raise FastaFormatError(
-          self.path, header.line, message + "; remove the record, or set "
-          "data.allow_empty_records=True to skip such records.")
-    logging.warning("%s line %d: %s; skipped.", self.path, header.line,
-                    message)
+        self.path,
+        header.line,
+        message + "; remove the record, or set data.allow_empty_records=True to skip such records.",
+      )
+    logging.warning("%s line %d: %s; skipped.", self.path, header.line, message)
 
 
-def iter_fasta(path: str | os.PathLike, *, block_size: int = DEFAULT_BLOCK_SIZE,
-               allow_empty_records: bool = False
-               ) -> Iterator[FastaHeader | np.ndarray]:
+def iter_fasta(
+  path: str | os.PathLike,
+  *,
+  block_size: int = DEFAULT_BLOCK_SIZE,
+  allow_empty_records: bool = False,
+) -> Iterator[FastaHeader | np.ndarray]:
   """Streams one FASTA file: a `FastaHeader` per record, then its tokens.
 
   Args:
@@ -342,12 +369,12 @@ def iter_fasta(path: str | os.PathLike, *, block_size: int = DEFAULT_BLOCK_SIZE,
     `FastaHeader` at each record start, then uint8 (n,) token chunks of that
     record (ids from `hybridna_jax.tokenizer`), in file order.
   """
-  return iter(FastaReader(path, block_size=block_size,
-                          allow_empty_records=allow_empty_records))
+  return iter(FastaReader(path, block_size=block_size, allow_empty_records=allow_empty_records))
 
 
-def iter_records(path: str | os.PathLike, *, keep: Callable[[str], bool] | None = None,
-                 **kwargs) -> Iterator[tuple[FastaHeader, np.ndarray | None]]:
+def iter_records(
+  path: str | os.PathLike, *, keep: Callable[[str], bool] | None = None, **kwargs
+) -> Iterator[tuple[FastaHeader, np.ndarray | None]]:
   """Streams one FASTA file record by record.
 
   Args:
@@ -373,8 +400,7 @@ def iter_records(path: str | os.PathLike, *, keep: Callable[[str], bool] | None 
     yield header, _concat(chunks) if wanted else None
 
 
-def read_fasta(path: str | os.PathLike, **kwargs
-               ) -> list[tuple[FastaHeader, np.ndarray]]:
+def read_fasta(path: str | os.PathLike, **kwargs) -> list[tuple[FastaHeader, np.ndarray]]:
   """Reads a whole (small) FASTA file into memory.
 
   Returns:
@@ -389,9 +415,13 @@ def _concat(chunks: list[np.ndarray]) -> np.ndarray:
   return np.concatenate(chunks) if len(chunks) > 1 else chunks[0].copy()
 
 
-def write_fasta(path: str | os.PathLike,
-                records: list[tuple[str, str]], *, width: int = 60,
-                compress: str | None = None) -> None:
+def write_fasta(
+  path: str | os.PathLike,
+  records: list[tuple[str, str]],
+  *,
+  width: int = 60,
+  compress: str | None = None,
+) -> None:
   """Writes `(name, sequence)` records (for tests and examples).
 
   Args:
@@ -405,7 +435,7 @@ def write_fasta(path: str | os.PathLike,
   for name, seq in records:
     out.write(f">{name}\n".encode())
     for i in range(0, len(seq), width):
-      out.write(seq[i:i + width].encode("ascii"))
+      out.write(seq[i : i + width].encode("ascii"))
       out.write(b"\n")
   data = out.getvalue()
   if compress == "gzip":

@@ -55,11 +55,12 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import sys
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
-from absl import flags
 import grain
 import numpy as np
+from absl import flags
 
 from hybridna_jax import tokenizer
 from hybridna_jax.data import store as store_lib
@@ -67,8 +68,7 @@ from hybridna_jax.data import store as store_lib
 _SCHEDULE_PERIOD = 1 << 20
 # Token -> complementary token (N and specials unchanged), as a
 # bytes.translate table.
-_COMPLEMENT_TABLE = bytes(tokenizer.COMPLEMENT.tolist() + list(
-    range(tokenizer.VOCAB_SIZE, 256)))
+_COMPLEMENT_TABLE = bytes(tokenizer.COMPLEMENT.tolist() + list(range(tokenizer.VOCAB_SIZE, 256)))
 _M64 = (1 << 64) - 1
 _LAST_COUNTED = {True: tokenizer.T, False: tokenizer.N}
 
@@ -76,8 +76,7 @@ _LAST_COUNTED = {True: tokenizer.T, False: tokenizer.N}
 def derive_seed(seed: int, *keys: Any) -> int:
   """A 32-bit seed from `seed` and `keys`, one per random decision."""
   text = "\0".join(str(k) for k in (seed,) + keys).encode()
-  return int.from_bytes(hashlib.blake2b(text, digest_size=4).digest(),
-                        "little")
+  return int.from_bytes(hashlib.blake2b(text, digest_size=4).digest(), "little")
 
 
 class WindowIndex:
@@ -94,12 +93,18 @@ class WindowIndex:
       stride) windows covering every target once, the last one padded.
   """
 
-  def __init__(self, starts: np.ndarray, ends: np.ndarray,
-               sources: np.ndarray, *, length: int, stride: int,
-               align_end: bool):
+  def __init__(
+    self,
+    starts: np.ndarray,
+    ends: np.ndarray,
+    sources: np.ndarray,
+    *,
+    length: int,
+    stride: int,
+    align_end: bool,
+  ):
     if length < 2 or stride < 1:
-      raise ValueError(f"need length >= 2 and stride >= 1, got {length}, "
-                       f"{stride}")
+      raise ValueError(f"need length >= 2 and stride >= 1, got {length}, {stride}")
     order = np.argsort(sources, kind="stable")
     self.starts = np.asarray(starts, np.int64)[order]
     self.ends = np.asarray(ends, np.int64)[order]
@@ -132,8 +137,9 @@ class WindowIndex:
     return start, min(start + self.length, hi)
 
 
-def split_segments(split: store_lib.StoreSplit, packing: bool
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def split_segments(
+  split: store_lib.StoreSplit, packing: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(starts, ends, source ids) of the segments windows are cut from.
 
   Without packing each record is a segment; with packing each maximal run
@@ -144,8 +150,7 @@ def split_segments(split: store_lib.StoreSplit, packing: bool
     return starts, starts + lengths, sources
   run_start = np.flatnonzero(np.diff(sources, prepend=-1) != 0)
   run_end = np.append(run_start[1:], sources.size) - 1
-  return (starts[run_start], starts[run_end] + lengths[run_end],
-          sources[run_start])
+  return (starts[run_start], starts[run_end] + lengths[run_end], sources[run_start])
 
 
 # Per-position document marks of a window (uint8, compact for the hop
@@ -176,8 +181,7 @@ class WindowReader(grain.transforms.Map):
   @property
   def split(self) -> store_lib.StoreSplit:
     if self._split is None:
-      self._split = store_lib.TokenStore.open(self.store_path)[
-          self.split_name]
+      self._split = store_lib.TokenStore.open(self.store_path)[self.split_name]
     return self._split
 
   def map(self, item: int | tuple[int, bool]) -> dict[str, np.ndarray]:
@@ -185,8 +189,10 @@ class WindowReader(grain.transforms.Map):
     i, flip = item if isinstance(item, tuple) else (item, False)
     length = self.index.length
     if i < 0:
-      return {"tokens": np.zeros((length,), np.uint8),
-              "marks": np.full((length,), DOC_PAD, np.uint8)}
+      return {
+        "tokens": np.zeros((length,), np.uint8),
+        "marks": np.full((length,), DOC_PAD, np.uint8),
+      }
     split = self.split
     start, end = self.index.window(int(i))
     n = end - start
@@ -222,27 +228,26 @@ class MostlyN(grain.transforms.Filter):
     return num_n <= self.max_fraction * n
 
 
-def reverse_complement_window(window: dict[str, np.ndarray]
-                               ) -> dict[str, np.ndarray]:
+def reverse_complement_window(window: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """The window's reverse complement (padding stays at the end)."""
   n = window_length(window)
   tokens = window["tokens"].copy()
   marks = window["marks"].copy()
   if n:
     # bytes.translate: a C loop, several times faster than a numpy lookup.
-    tokens[:n] = np.frombuffer(
-        tokens[n - 1::-1].tobytes().translate(_COMPLEMENT_TABLE), np.uint8)
+    tokens[:n] = np.frombuffer(tokens[n - 1 :: -1].tobytes().translate(_COMPLEMENT_TABLE), np.uint8)
     # A document starts after each original start, read backwards.
-    marks[1:n] = window["marks"][n - 1:0:-1]
+    marks[1:n] = window["marks"][n - 1 : 0 : -1]
     marks[0] = DOC_START
   return {"tokens": tokens, "marks": marks}
 
 
-def stack_windows(windows: Sequence[dict[str, np.ndarray]]
-                  ) -> dict[str, np.ndarray]:
+def stack_windows(windows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
   """Windows -> a compact batch: "tokens", "marks" uint8 (B, L + 1)."""
-  return {"tokens": np.stack([w["tokens"] for w in windows]),
-          "marks": np.stack([w["marks"] for w in windows])}
+  return {
+    "tokens": np.stack([w["tokens"] for w in windows]),
+    "marks": np.stack([w["marks"] for w in windows]),
+  }
 
 
 class MakeBatch(grain.transforms.Map):
@@ -259,8 +264,9 @@ class MakeBatch(grain.transforms.Map):
     return make_batch(compact["tokens"], compact["marks"], self.last_counted)
 
 
-def make_batch(tokens: np.ndarray, marks: np.ndarray,
-               last_counted: int = tokenizer.T) -> dict[str, np.ndarray]:
+def make_batch(
+  tokens: np.ndarray, marks: np.ndarray, last_counted: int = tokenizer.T
+) -> dict[str, np.ndarray]:
   """uint8 tokens and document marks (B, L + 1) -> the batch dict."""
   real = marks != DOC_PAD
   segments = real.astype(np.int32)
@@ -273,11 +279,14 @@ def make_batch(tokens: np.ndarray, marks: np.ndarray,
   targets = tokens[:, 1:].astype(np.int32)
   segment_ids = np.ascontiguousarray(segments[:, :-1])
   # Nucleotide targets: A <= t <= last_counted, as one unsigned comparison.
-  counted = (tokens[:, 1:] - np.uint8(tokenizer.A)) <= np.uint8(
-      last_counted - tokenizer.A)
+  counted = (tokens[:, 1:] - np.uint8(tokenizer.A)) <= np.uint8(last_counted - tokenizer.A)
   loss_mask = (segments[:, 1:] == segment_ids) & real[:, :-1] & counted
-  return {"inputs": inputs, "targets": targets, "segment_ids": segment_ids,
-          "loss_mask": loss_mask.astype(np.float32)}
+  return {
+    "inputs": inputs,
+    "targets": targets,
+    "segment_ids": segment_ids,
+    "loss_mask": loss_mask.astype(np.float32),
+  }
 
 
 def segment_ids_from_marks(marks: np.ndarray) -> np.ndarray:
@@ -289,12 +298,10 @@ def segment_ids_from_marks(marks: np.ndarray) -> np.ndarray:
   ids = np.zeros(flat.size, np.int32)
   if starts.size:
     runs = np.diff(np.append(starts, flat.size))
-    ids[starts[0]:] = np.repeat(np.arange(1, starts.size + 1,
-                                          dtype=np.int32), runs)
+    ids[starts[0] :] = np.repeat(np.arange(1, starts.size + 1, dtype=np.int32), runs)
   ids = ids.reshape(rows, width)
   # Restart the numbering in each row: subtract the starts of earlier rows.
-  ids -= np.searchsorted(starts, np.arange(rows) * width).astype(
-      np.int32)[:, None]
+  ids -= np.searchsorted(starts, np.arange(rows) * width).astype(np.int32)[:, None]
   ids[marks == DOC_PAD] = 0
   return ids
 
@@ -310,8 +317,7 @@ class SourceSchedule:
   every period. O(1) per element and stateless.
   """
 
-  def __init__(self, weights: Sequence[float], seed: int,
-               period: int = _SCHEDULE_PERIOD):
+  def __init__(self, weights: Sequence[float], seed: int, period: int = _SCHEDULE_PERIOD):
     w = np.asarray(weights, np.float64)
     if w.ndim != 1 or not w.size or np.any(w <= 0):
       raise ValueError(f"need positive weights, got {weights}")
@@ -321,8 +327,7 @@ class SourceSchedule:
     # Hand out what rounding left over by largest remainder (or take back
     # what the minimum of one slot added, from the largest sources).
     short = period - counts.sum()
-    by_remainder = np.argsort(-(w * period - np.floor(w * period)),
-                              kind="stable")
+    by_remainder = np.argsort(-(w * period - np.floor(w * period)), kind="stable")
     by_size = np.argsort(-counts, kind="stable")
     i = 0
     while short:
@@ -337,8 +342,7 @@ class SourceSchedule:
     slots = np.random.default_rng(seed).permutation(slots)
     order = np.argsort(slots, kind="stable")
     rank = np.empty(period, np.int64)
-    rank[order] = np.arange(period) - np.repeat(
-        np.cumsum(counts) - counts, counts)
+    rank[order] = np.arange(period) - np.repeat(np.cumsum(counts) - counts, counts)
     self.period = period
     self.counts = counts
     self.slots = slots
@@ -392,8 +396,7 @@ class WindowSampler(grain.transforms.Map):
   Everything depends on g and the seed only, not on the host count.
   """
 
-  def __init__(self, ranges: np.ndarray, weights: np.ndarray, seed: int,
-               rc_prob: float):
+  def __init__(self, ranges: np.ndarray, weights: np.ndarray, seed: int, rc_prob: float):
     self.first = [int(a) for a, _ in ranges]
     self.count = [int(b - a) for a, b in ranges]
     self.schedule = SourceSchedule(weights, derive_seed(seed, "schedule"))
@@ -404,18 +407,15 @@ class WindowSampler(grain.transforms.Map):
   def map(self, g: int) -> tuple[int, bool]:
     s, k = self.schedule[g]
     epoch, j = divmod(k, self.count[s])
-    window = self.first[s] + permute(
-        j, self.count[s], _mix64(self.key ^ _mix64((s << 32) ^ epoch)))
+    window = self.first[s] + permute(j, self.count[s], _mix64(self.key ^ _mix64((s << 32) ^ epoch)))
     return window, _mix64(self.rc_key ^ int(g)) < self.rc_threshold
 
 
-def source_weights(data_cfg, token_counts: np.ndarray,
-                   source_names: Sequence[str]) -> np.ndarray:
+def source_weights(data_cfg, token_counts: np.ndarray, source_names: Sequence[str]) -> np.ndarray:
   """float64 (num_sources,): sampling weight of each source (0: unused)."""
   temperature = float(data_cfg.source_temperature)
   if temperature <= 0:
-    raise ValueError(f"data.source_temperature must be > 0, got "
-                     f"{temperature}.")
+    raise ValueError(f"data.source_temperature must be > 0, got {temperature}.")
   weights = np.power(token_counts.astype(np.float64), 1.0 / temperature)
   weights[token_counts == 0] = 0.0
   for item in data_cfg.source_weights or ():
@@ -425,25 +425,22 @@ def source_weights(data_cfg, token_counts: np.ndarray,
     except ValueError:
       factor = -1.0
     if not sep or factor < 0:
-      raise ValueError(f"data.source_weights: {item!r} is not "
-                       "'pattern=weight' with a weight >= 0.")
-    hits = [i for i, name in enumerate(source_names)
-            if fnmatch.fnmatchcase(name, pattern)]
+      raise ValueError(f"data.source_weights: {item!r} is not 'pattern=weight' with a weight >= 0.")
+    hits = [i for i, name in enumerate(source_names) if fnmatch.fnmatchcase(name, pattern)]
     if not hits:
-      raise ValueError(f"data.source_weights: {pattern!r} matches none of "
-                       f"the sources {list(source_names)}.")
+      raise ValueError(
+        f"data.source_weights: {pattern!r} matches none of the sources {list(source_names)}."
+      )
     weights[hits] *= factor
   return weights
 
 
 def _read_options(data_cfg, batch_size: int) -> grain.ReadOptions:
   buffer = int(data_cfg.prefetch_buffer_size) or max(2 * batch_size, 16)
-  return grain.ReadOptions(num_threads=int(data_cfg.read_threads),
-                           prefetch_buffer_size=buffer)
+  return grain.ReadOptions(num_threads=int(data_cfg.read_threads), prefetch_buffer_size=buffer)
 
 
-def host_positions(shard_index: int = 0, shard_count: int = 1
-                   ) -> grain.MapDataset:
+def host_positions(shard_index: int = 0, shard_count: int = 1) -> grain.MapDataset:
   """Host h of H's share of an infinite global stream: positions h, h + H, ...
 
   The training streams map a global position to an example, so what each
@@ -452,8 +449,9 @@ def host_positions(shard_index: int = 0, shard_count: int = 1
   return grain.MapDataset.range(0, sys.maxsize)[shard_index::shard_count]
 
 
-def host_eval_rows(num_items: int, batch_size: int, shard_index: int = 0,
-                   shard_count: int = 1) -> np.ndarray:
+def host_eval_rows(
+  num_items: int, batch_size: int, shard_index: int = 0, shard_count: int = 1
+) -> np.ndarray:
   """The items of host h of H's evaluation batches, padded to a fixed size.
 
   Host h takes items h, h + H, ...; every host gets ceil(ceil(n / H) / B)
@@ -470,44 +468,49 @@ def host_eval_rows(num_items: int, batch_size: int, shard_index: int = 0,
   return ids.reshape(-1, batch_size)
 
 
-def _check_sizes(seq_len: int, batch_size: int, shard_index: int,
-                 shard_count: int) -> None:
+def _check_sizes(seq_len: int, batch_size: int, shard_index: int, shard_count: int) -> None:
   if seq_len < 1 or batch_size < 1:
-    raise ValueError(f"need seq_len >= 1 and batch_size >= 1, got {seq_len}"
-                     f" and {batch_size}.")
+    raise ValueError(f"need seq_len >= 1 and batch_size >= 1, got {seq_len} and {batch_size}.")
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index {shard_index} not in [0, {shard_count}).")
 
 
-def train_windows(data_cfg, *, seq_len: int) -> tuple[
-    store_lib.TokenStore, WindowIndex, np.ndarray]:
+def train_windows(
+  data_cfg, *, seq_len: int
+) -> tuple[store_lib.TokenStore, WindowIndex, np.ndarray]:
   """The training split's store, window index and source weights."""
   store = store_lib.TokenStore.open(data_cfg.store_dir)
   split = store[data_cfg.train_split]
   stride = int(data_cfg.window_stride) or seq_len
-  index = WindowIndex(*split_segments(split, bool(data_cfg.packing)),
-                      length=seq_len + 1, stride=stride, align_end=True)
-  weights = source_weights(data_cfg, split.source_token_counts(),
-                           store.sources)
+  index = WindowIndex(
+    *split_segments(split, bool(data_cfg.packing)),
+    length=seq_len + 1,
+    stride=stride,
+    align_end=True,
+  )
+  weights = source_weights(data_cfg, split.source_token_counts(), store.sources)
   ranges = index.source_ranges(len(store.sources))
   weights[ranges[:, 1] == ranges[:, 0]] = 0.0
   if not np.any(weights > 0):
-    raise ValueError(f"no training windows in {data_cfg.store_dir} split "
-                     f"{data_cfg.train_split!r} (all records shorter than 2 "
-                     "tokens, or every source weighted 0).")
+    raise ValueError(
+      f"no training windows in {data_cfg.store_dir} split "
+      f"{data_cfg.train_split!r} (all records shorter than 2 "
+      "tokens, or every source weighted 0)."
+    )
   return store, index, weights
 
 
-def train_dataset(data_cfg, *, seq_len: int, batch_size: int, seed: int,
-                  shard_index: int = 0, shard_count: int = 1
-                  ) -> grain.IterDataset:
+def train_dataset(
+  data_cfg, *, seq_len: int, batch_size: int, seed: int, shard_index: int = 0, shard_count: int = 1
+) -> grain.IterDataset:
   """The infinite training dataset (see the module docstring)."""
   _check_sizes(seq_len, batch_size, shard_index, shard_count)
   store, index, weights = train_windows(data_cfg, seq_len=seq_len)
   ranges = index.source_ranges(len(store.sources))
   used = np.flatnonzero(weights > 0)
-  sampler = WindowSampler(ranges[used], weights[used], seed,
-                          float(data_cfg.reverse_complement_prob))
+  sampler = WindowSampler(
+    ranges[used], weights[used], seed, float(data_cfg.reverse_complement_prob)
+  )
   ds = host_positions(shard_index, shard_count).map(sampler)
   ds = ds.map(WindowReader(store.path, data_cfg.train_split, index))
   if float(data_cfg.max_n_fraction) < 1.0:
@@ -519,14 +522,13 @@ def train_dataset(data_cfg, *, seq_len: int, batch_size: int, seed: int,
       # Grain's worker start-up reads its absl flags; outside an absl app
       # (tests, notebooks) they are unparsed, so use their defaults.
       flags.FLAGS.mark_as_parsed()
-    it = it.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=int(data_cfg.num_workers)))
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(data_cfg.num_workers)))
   return it.map(MakeBatch(data_cfg.mask_n_in_loss))
 
 
-def train_batches(data_cfg, *, seq_len: int, batch_size: int, seed: int,
-                  shard_index: int = 0, shard_count: int = 1
-                  ) -> grain.DatasetIterator:
+def train_batches(
+  data_cfg, *, seq_len: int, batch_size: int, seed: int, shard_index: int = 0, shard_count: int = 1
+) -> grain.DatasetIterator:
   """An infinite, checkpointable iterator of this host's training batches.
 
   Args:
@@ -541,9 +543,16 @@ def train_batches(data_cfg, *, seq_len: int, batch_size: int, seed: int,
     A `grain.DatasetIterator` of batch dicts (module docstring) with
     `get_state()` / `set_state()`; see `iterator_save_args`.
   """
-  return iter(train_dataset(data_cfg, seq_len=seq_len, batch_size=batch_size,
-                            seed=seed, shard_index=shard_index,
-                            shard_count=shard_count))
+  return iter(
+    train_dataset(
+      data_cfg,
+      seq_len=seq_len,
+      batch_size=batch_size,
+      seed=seed,
+      shard_index=shard_index,
+      shard_count=shard_count,
+    )
+  )
 
 
 class _SpreadWindows(grain.transforms.Map):
@@ -558,30 +567,44 @@ class _SpreadWindows(grain.transforms.Map):
     return int(g) * self.total // self.selected if g >= 0 else -1
 
 
-def eval_dataset(data_cfg, *, split: str = "val", seq_len: int,
-                 batch_size: int, shard_index: int = 0,
-                 shard_count: int = 1) -> grain.IterDataset:
+def eval_dataset(
+  data_cfg,
+  *,
+  split: str = "val",
+  seq_len: int,
+  batch_size: int,
+  shard_index: int = 0,
+  shard_count: int = 1,
+) -> grain.IterDataset:
   """The finite evaluation dataset (see `eval_batches`)."""
   _check_sizes(seq_len, batch_size, shard_index, shard_count)
   store = store_lib.TokenStore.open(data_cfg.store_dir)
   index = WindowIndex(
-      *split_segments(store[split], bool(data_cfg.eval_packing)),
-      length=seq_len + 1, stride=seq_len, align_end=False)
+    *split_segments(store[split], bool(data_cfg.eval_packing)),
+    length=seq_len + 1,
+    stride=seq_len,
+    align_end=False,
+  )
   total = len(index)
   limit = int(data_cfg.eval_max_windows)
   selected = min(total, limit) if limit > 0 else total
   rows = host_eval_rows(selected, batch_size, shard_index, shard_count)
-  ds = grain.MapDataset.source(rows.reshape(-1)).map(
-      _SpreadWindows(total, selected))
+  ds = grain.MapDataset.source(rows.reshape(-1)).map(_SpreadWindows(total, selected))
   ds = ds.map(WindowReader(store.path, split, index))
   ds = ds.batch(batch_size, batch_fn=stack_windows)
   ds = ds.map(MakeBatch(data_cfg.mask_n_in_loss))
   return ds.to_iter_dataset(_read_options(data_cfg, batch_size))
 
 
-def eval_batches(data_cfg, *, split: str = "val", seq_len: int,
-                 batch_size: int, shard_index: int = 0, shard_count: int = 1
-                 ) -> Iterable[dict[str, np.ndarray]]:
+def eval_batches(
+  data_cfg,
+  *,
+  split: str = "val",
+  seq_len: int,
+  batch_size: int,
+  shard_index: int = 0,
+  shard_count: int = 1,
+) -> Iterable[dict[str, np.ndarray]]:
   """A finite, deterministic, re-iterable sequence of evaluation batches.
 
   Covers every record of `split` with consecutive non-overlapping windows
@@ -593,9 +616,14 @@ def eval_batches(data_cfg, *, split: str = "val", seq_len: int,
   w mod shard_count; every host yields ceil(ceil(W / shard_count) /
   batch_size) full batches, the tail padded with empty rows (loss_mask 0).
   """
-  return eval_dataset(data_cfg, split=split, seq_len=seq_len,
-                      batch_size=batch_size, shard_index=shard_index,
-                      shard_count=shard_count)
+  return eval_dataset(
+    data_cfg,
+    split=split,
+    seq_len=seq_len,
+    batch_size=batch_size,
+    shard_index=shard_index,
+    shard_count=shard_count,
+  )
 
 
 def iterator_save_args(it: grain.DatasetIterator):

@@ -18,13 +18,14 @@ import glob
 import hashlib
 import os
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from absl import logging
 
 from hybridna_jax.data import fasta
-from hybridna_jax.data.config import SplitConfig
 from hybridna_jax.data import store as store_lib
+from hybridna_jax.data.config import SplitConfig
 
 SOURCE_FROM = ("file", "dir", "record")
 TRAIN, VAL = "train", "val"
@@ -46,8 +47,7 @@ def source_name(path: str, source_from: str) -> str | None:
     return os.path.basename(os.path.dirname(os.path.abspath(path)))
   if source_from == "file":
     return fasta.strip_suffixes(os.path.basename(path))
-  raise ValueError(f"data.source_from must be one of {SOURCE_FROM}, got "
-                   f"{source_from!r}.")
+  raise ValueError(f"data.source_from must be one of {SOURCE_FROM}, got {source_from!r}.")
 
 
 def resolve_inputs(globs: Sequence[str], source_from: str) -> list[InputFile]:
@@ -60,15 +60,18 @@ def resolve_inputs(globs: Sequence[str], source_from: str) -> list[InputFile]:
   if isinstance(globs, str):
     globs = (globs,)
   if not globs:
-    raise ValueError("data.fasta_globs is empty: name the FASTA files to "
-                     "prepare, e.g. ('genomes/*.fa.gz',).")
+    raise ValueError(
+      "data.fasta_globs is empty: name the FASTA files to prepare, e.g. ('genomes/*.fa.gz',)."
+    )
   paths = {}
   for pattern in globs:
-    matches = sorted(p for p in glob.glob(os.path.expanduser(pattern),
-                                          recursive=True) if os.path.isfile(p))
+    matches = sorted(
+      p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)
+    )
     if not matches:
-      raise ValueError(f"data.fasta_globs: {pattern!r} matches no file "
-                       f"(current directory {os.getcwd()}).")
+      raise ValueError(
+        f"data.fasta_globs: {pattern!r} matches no file (current directory {os.getcwd()})."
+      )
     for p in matches:
       paths.setdefault(os.path.realpath(p), p)
   files = []
@@ -77,8 +80,9 @@ def resolve_inputs(globs: Sequence[str], source_from: str) -> list[InputFile]:
     source = source_name(p, source_from)
     if source_from == "file" and source in by_source:
       raise ValueError(
-          f"{by_source[source]} and {p} both give source {source!r}; rename "
-          "one, or set data.source_from='dir' if they are one genome.")
+        f"{by_source[source]} and {p} both give source {source!r}; rename "
+        "one, or set data.source_from='dir' if they are one genome."
+      )
     by_source[source] = p
     st = os.stat(real)
     files.append(InputFile(real, source, st.st_size, st.st_mtime_ns))
@@ -102,15 +106,13 @@ class SplitRule:
 
   def __init__(self, split_cfg, sources: Sequence[str] | None):
     """`sources`: all source names, or None when they are record names."""
-    split = SplitConfig.from_config(split_cfg)   # typed; a single name reads as a 1-tuple
+    split = SplitConfig.from_config(split_cfg)  # typed; a single name reads as a 1-tuple
     self.val_sources, self.val_records = split.val_sources, split.val_records
     self.fraction, self.split_by, self.seed = split.val_fraction, split.split_by, split.seed
     if self.split_by not in ("source", "record"):
-      raise ValueError("data.split.split_by must be 'source' or 'record', "
-                       f"got {self.split_by!r}.")
+      raise ValueError(f"data.split.split_by must be 'source' or 'record', got {self.split_by!r}.")
     if not 0.0 <= self.fraction < 1.0:
-      raise ValueError("data.split.val_fraction must be in [0, 1), got "
-                       f"{self.fraction}.")
+      raise ValueError(f"data.split.val_fraction must be in [0, 1), got {self.fraction}.")
     self._matched_sources: set[str] = set()
     self._matched_records: set[str] = set()
     self._fraction_sources: set[str] | None = None
@@ -118,16 +120,16 @@ class SplitRule:
       for pattern in self.val_sources:
         if not fnmatch.filter(sources, pattern):
           raise ValueError(
-              f"data.split.val_sources: {pattern!r} matches none of the "
-              f"sources {sorted(sources)}.")
+            f"data.split.val_sources: {pattern!r} matches none of the sources {sorted(sources)}."
+          )
       if self.fraction and self.split_by == "source":
         if len(sources) < 2:
           raise ValueError(
-              "data.split.val_fraction with split_by='source' needs at least "
-              f"two sources, the inputs have {len(sources)}; use "
-              "split_by='record' or name data.split.val_records.")
-        count = min(max(round(self.fraction * len(sources)), 1),
-                    len(sources) - 1)
+            "data.split.val_fraction with split_by='source' needs at least "
+            f"two sources, the inputs have {len(sources)}; use "
+            "split_by='record' or name data.split.val_records."
+          )
+        count = min(max(round(self.fraction * len(sources)), 1), len(sources) - 1)
         ranked = sorted(sources, key=lambda s: _unit_hash(self.seed, s))
         self._fraction_sources = set(ranked[:count])
 
@@ -156,35 +158,37 @@ class SplitRule:
   def check_all_matched(self) -> None:
     """Raises for val_records / val_sources patterns that matched nothing."""
     for kind, patterns, matched in (
-        ("val_records", self.val_records, self._matched_records),
-        ("val_sources", self.val_sources, self._matched_sources)):
+      ("val_records", self.val_records, self._matched_records),
+      ("val_sources", self.val_sources, self._matched_sources),
+    ):
       missing = [p for p in patterns if p not in matched]
       if missing:
-        raise ValueError(f"data.split.{kind}: {missing} matched no record; "
-                         "check the names against the FASTA headers.")
+        raise ValueError(
+          f"data.split.{kind}: {missing} matched no record; "
+          "check the names against the FASTA headers."
+        )
 
 
 def fingerprint(files: Sequence[InputFile], data_cfg) -> dict[str, Any]:
   """What a store depends on; an identical fingerprint means re-use it."""
   return {
-      "inputs": [dataclasses.asdict(f) for f in files],
-      "source_from": data_cfg.source_from,
-      "allow_empty_records": bool(data_cfg.allow_empty_records),
-      "split": {
-          "val_sources": list(data_cfg.split.val_sources),
-          "val_records": list(data_cfg.split.val_records),
-          "val_fraction": float(data_cfg.split.val_fraction),
-          "split_by": data_cfg.split.split_by,
-          "seed": int(data_cfg.split.seed),
-      },
+    "inputs": [dataclasses.asdict(f) for f in files],
+    "source_from": data_cfg.source_from,
+    "allow_empty_records": bool(data_cfg.allow_empty_records),
+    "split": {
+      "val_sources": list(data_cfg.split.val_sources),
+      "val_records": list(data_cfg.split.val_records),
+      "val_fraction": float(data_cfg.split.val_fraction),
+      "split_by": data_cfg.split.split_by,
+      "seed": int(data_cfg.split.seed),
+    },
   }
 
 
 class _Progress:
   """Logs bytes, records and throughput every `every` seconds."""
 
-  def __init__(self, files: Sequence[InputFile], every: float,
-               log: Callable[..., None]):
+  def __init__(self, files: Sequence[InputFile], every: float, log: Callable[..., None]):
     self.total = sum(f.size for f in files)
     self.num_files = len(files)
     self.every = every
@@ -192,8 +196,13 @@ class _Progress:
     self.start = self.last = time.monotonic()
     self.done_bytes = 0
 
-  def update(self, file_index: int, reader: fasta.FastaReader | None,
-             writer: store_lib.TokenStoreWriter, force: bool = False):
+  def update(
+    self,
+    file_index: int,
+    reader: fasta.FastaReader | None,
+    writer: store_lib.TokenStoreWriter,
+    force: bool = False,
+  ):
     """Logs if `every` seconds passed (or `force`); reader None: all done."""
     now = time.monotonic()
     if not force and now - self.last < self.every:
@@ -203,17 +212,27 @@ class _Progress:
     done = self.done_bytes + (reader.bytes_in if reader else 0)
     rate = (writer.num_tokens / 1e6) / elapsed
     eta = (self.total - done) / max(done / elapsed, 1e-9)
-    where = (f"file {file_index + 1}/{self.num_files} "
-             f"{os.path.basename(reader.path)}" if reader else "done")
+    where = (
+      f"file {file_index + 1}/{self.num_files} {os.path.basename(reader.path)}"
+      if reader
+      else "done"
+    )
     self.log(
-        "%s: %.1f/%.1f MB of input (%.0f%%), %d records, %.1f M tokens, "
-        "%.1f Mb/s, %.0fs elapsed, ETA %.0fs", where, done / 1e6,
-        self.total / 1e6, 100.0 * done / max(self.total, 1),
-        writer.num_records, writer.num_tokens / 1e6, rate, elapsed, eta)
+      "%s: %.1f/%.1f MB of input (%.0f%%), %d records, %.1f M tokens, "
+      "%.1f Mb/s, %.0fs elapsed, ETA %.0fs",
+      where,
+      done / 1e6,
+      self.total / 1e6,
+      100.0 * done / max(self.total, 1),
+      writer.num_records,
+      writer.num_tokens / 1e6,
+      rate,
+      elapsed,
+      eta,
+    )
 
 
-def prepare_store(data_cfg, *, log: Callable[..., None] = logging.info
-                  ) -> store_lib.TokenStore:
+def prepare_store(data_cfg, *, log: Callable[..., None] = logging.info) -> store_lib.TokenStore:
   """Prepares `data_cfg.store_dir` from `data_cfg.fasta_globs`.
 
   Returns the opened store. If a complete store prepared from the same
@@ -231,28 +250,38 @@ def prepare_store(data_cfg, *, log: Callable[..., None] = logging.info
   if store_lib.is_complete(data_cfg.store_dir):
     existing = store_lib.read_manifest(data_cfg.store_dir)
     if existing.get("metadata", {}).get("fingerprint") == fp:
-      log("Token store %s is up to date with its %d input files; re-using "
-          "it.", data_cfg.store_dir, len(files))
+      log(
+        "Token store %s is up to date with its %d input files; re-using it.",
+        data_cfg.store_dir,
+        len(files),
+      )
       return store_lib.TokenStore.open(data_cfg.store_dir)
     if not data_cfg.overwrite_store:
       raise store_lib.StoreError(
-          f"{data_cfg.store_dir} holds a store prepared from other inputs or "
-          "another split; delete it, choose another data.store_dir, or set "
-          "data.overwrite_store=True.")
-  sources = None if data_cfg.source_from == "record" else sorted(
-      {f.source for f in files})
+        f"{data_cfg.store_dir} holds a store prepared from other inputs or "
+        "another split; delete it, choose another data.store_dir, or set "
+        "data.overwrite_store=True."
+      )
+  sources = None if data_cfg.source_from == "record" else sorted({f.source for f in files})
   rule = SplitRule(data_cfg.split, sources)
-  log("Preparing %s from %d files (%.1f MB) with %s sources.",
-      data_cfg.store_dir, len(files), sum(f.size for f in files) / 1e6,
-      len(sources) if sources is not None else "per-record")
+  log(
+    "Preparing %s from %d files (%.1f MB) with %s sources.",
+    data_cfg.store_dir,
+    len(files),
+    sum(f.size for f in files) / 1e6,
+    len(sources) if sources is not None else "per-record",
+  )
   progress = _Progress(files, float(data_cfg.progress_seconds), log)
   seen: dict[tuple[str, str], tuple[str, int]] = {}
   with store_lib.TokenStoreWriter(
-      data_cfg.store_dir, overwrite=bool(data_cfg.overwrite_store)) as writer:
+    data_cfg.store_dir, overwrite=bool(data_cfg.overwrite_store)
+  ) as writer:
     for i, f in enumerate(files):
       reader = fasta.FastaReader(
-          f.path, block_size=int(data_cfg.prepare_block_bytes),
-          allow_empty_records=bool(data_cfg.allow_empty_records))
+        f.path,
+        block_size=int(data_cfg.prepare_block_bytes),
+        allow_empty_records=bool(data_cfg.allow_empty_records),
+      )
       for item in reader:
         if isinstance(item, fasta.FastaHeader):
           source = f.source if f.source is not None else item.name
@@ -260,10 +289,12 @@ def prepare_store(data_cfg, *, log: Callable[..., None] = logging.info
           if key in seen:
             first_path, first_line = seen[key]
             raise fasta.FastaFormatError(
-                f.path, item.line,
-                f"duplicate record name {item.name!r} in source {source!r} "
-                f"(first at {first_path} line {first_line}); names must be "
-                "unique within a source: rename or remove one of them.")
+              f.path,
+              item.line,
+              f"duplicate record name {item.name!r} in source {source!r} "
+              f"(first at {first_path} line {first_line}); names must be "
+              "unique within a source: rename or remove one of them.",
+            )
           seen[key] = (f.path, item.line)
           writer.begin_record(rule(source, item.name), item.name, source)
         else:
@@ -273,21 +304,25 @@ def prepare_store(data_cfg, *, log: Callable[..., None] = logging.info
     rule.check_all_matched()
     counts = writer.split_counts()
     if TRAIN not in counts:
-      raise ValueError("every record went to validation; hold out less "
-                       "(data.split).")
+      raise ValueError("every record went to validation; hold out less (data.split).")
     if rule.active and VAL not in counts:
       raise ValueError(
-          "the validation split is empty although data.split asks for one "
-          "(val_fraction too small for the number of records or sources?); "
-          "name data.split.val_sources or val_records instead.")
+        "the validation split is empty although data.split asks for one "
+        "(val_fraction too small for the number of records or sources?); "
+        "name data.split.val_sources or val_records instead."
+      )
     progress.update(len(files) - 1, None, writer, force=True)
     result = writer.commit(metadata={"fingerprint": fp})
   for split in result.splits:
     s = result[split]
     per_source = s.info["per_source"]
-    log("  %s: %d records, %d tokens, %d sources: %s", split, s.num_records,
-        s.num_tokens, len(per_source), ", ".join(
-            f"{k} ({v['tokens'] / 1e6:.2f} Mb)"
-            for k, v in list(per_source.items())[:20]) +
-        (" ..." if len(per_source) > 20 else ""))
+    log(
+      "  %s: %d records, %d tokens, %d sources: %s",
+      split,
+      s.num_records,
+      s.num_tokens,
+      len(per_source),
+      ", ".join(f"{k} ({v['tokens'] / 1e6:.2f} Mb)" for k, v in list(per_source.items())[:20])
+      + (" ..." if len(per_source) > 20 else ""),
+    )
   return result

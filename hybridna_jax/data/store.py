@@ -27,18 +27,18 @@ import os
 import secrets
 import shutil
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
-from absl import logging
 import numpy as np
+from absl import logging
 
 from hybridna_jax import tokenizer
 
 FORMAT = "hybridna-token-store"
 VERSION = 1
 MANIFEST = "manifest.json"
-INDEX_DTYPE = np.dtype([("offset", "<i8"), ("length", "<i8"),
-                        ("source", "<i4")])
+INDEX_DTYPE = np.dtype([("offset", "<i8"), ("length", "<i8"), ("source", "<i4")])
 
 
 class StoreError(ValueError):
@@ -47,8 +47,7 @@ class StoreError(ValueError):
 
 def vocabulary() -> dict[str, int]:
   """Token names -> ids, recorded in the manifest so stores stay readable."""
-  return {tokenizer.token_name(i): i
-          for i in range(tokenizer.FIRST_TASK_TOKEN)}
+  return {tokenizer.token_name(i): i for i in range(tokenizer.FIRST_TASK_TOKEN)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +63,7 @@ class Record:
     length: number of tokens.
     tokens: uint8 (length,) read-only memory-mapped view.
   """
+
   name: str
   source: str
   split: str
@@ -76,8 +76,7 @@ class Record:
 class StoreSplit:
   """Random access to the records of one split (memory-mapped, lazy)."""
 
-  def __init__(self, root: str, name: str, info: dict[str, Any],
-               sources: tuple[str, ...]):
+  def __init__(self, root: str, name: str, info: dict[str, Any], sources: tuple[str, ...]):
     self.root = root
     self.name = name
     self.info = info
@@ -85,13 +84,15 @@ class StoreSplit:
     self.num_records = int(info["num_records"])
     self.num_tokens = int(info["num_tokens"])
     index_path = os.path.join(root, info["index_file"])
-    index = np.load(index_path, mmap_mode="r") if self.num_records else (
-        np.zeros((0,), INDEX_DTYPE))
+    index = (
+      np.load(index_path, mmap_mode="r") if self.num_records else (np.zeros((0,), INDEX_DTYPE))
+    )
     if index.dtype != INDEX_DTYPE or index.shape != (self.num_records,):
       raise StoreError(
-          f"{index_path}: index has dtype {index.dtype} and shape "
-          f"{index.shape}, the manifest promises {self.num_records} records "
-          f"of {INDEX_DTYPE}; the store is corrupt: prepare it again.")
+        f"{index_path}: index has dtype {index.dtype} and shape "
+        f"{index.shape}, the manifest promises {self.num_records} records "
+        f"of {INDEX_DTYPE}; the store is corrupt: prepare it again."
+      )
     # Small (24 bytes a record): copy into memory for fast searchsorted.
     self.offsets = np.ascontiguousarray(index["offset"])
     self.lengths = np.ascontiguousarray(index["length"])
@@ -100,8 +101,9 @@ class StoreSplit:
     size = os.path.getsize(self._tokens_path)
     if size != self.num_tokens:
       raise StoreError(
-          f"{self._tokens_path}: {size} bytes, the manifest promises "
-          f"{self.num_tokens} tokens; the store is corrupt: prepare it again.")
+        f"{self._tokens_path}: {size} bytes, the manifest promises "
+        f"{self.num_tokens} tokens; the store is corrupt: prepare it again."
+      )
     self._tokens = None
     self._names = None
 
@@ -121,10 +123,11 @@ class StoreSplit:
     if self._names is None:
       path = os.path.join(self.root, self.info["names_file"])
       with open(path, encoding="utf-8") as f:
-        self._names = f.read().split("\n")[:self.num_records]
+        self._names = f.read().split("\n")[: self.num_records]
       if len(self._names) != self.num_records:
-        raise StoreError(f"{path}: {len(self._names)} names for "
-                         f"{self.num_records} records; prepare it again.")
+        raise StoreError(
+          f"{path}: {len(self._names)} names for {self.num_records} records; prepare it again."
+        )
     return self._names
 
   def __len__(self) -> int:
@@ -132,12 +135,20 @@ class StoreSplit:
 
   def __getitem__(self, i: int) -> Record:
     if not -self.num_records <= i < self.num_records:
-      raise IndexError(f"record {i} out of range for split {self.name!r} "
-                       f"with {self.num_records} records")
+      raise IndexError(
+        f"record {i} out of range for split {self.name!r} with {self.num_records} records"
+      )
     i %= self.num_records
     offset, length = int(self.offsets[i]), int(self.lengths[i])
-    return Record(self.names[i], self.sources[self.source_ids[i]], self.name,
-                  i, offset, length, self.tokens[offset:offset + length])
+    return Record(
+      self.names[i],
+      self.sources[self.source_ids[i]],
+      self.name,
+      i,
+      offset,
+      length,
+      self.tokens[offset : offset + length],
+    )
 
   def __iter__(self) -> Iterator[Record]:
     for i in range(self.num_records):
@@ -145,18 +156,24 @@ class StoreSplit:
 
   def find(self, name: str, source: str | None = None) -> Record:
     """The record called `name` (in `source`, when names repeat)."""
-    hits = [i for i, n in enumerate(self.names) if n == name and (
-        source is None or self.sources[self.source_ids[i]] == source)]
+    hits = [
+      i
+      for i, n in enumerate(self.names)
+      if n == name and (source is None or self.sources[self.source_ids[i]] == source)
+    ]
     if len(hits) != 1:
       where = f" in source {source!r}" if source else ""
-      raise KeyError(f"{len(hits)} records named {name!r}{where} in split "
-                     f"{self.name!r}" + ("; pass source=" if hits else ""))
+      raise KeyError(
+        f"{len(hits)} records named {name!r}{where} in split "
+        f"{self.name!r}" + ("; pass source=" if hits else "")
+      )
     return self[hits[0]]
 
   def source_token_counts(self) -> np.ndarray:
     """int64 (num_sources,): tokens of each source in this split."""
-    return np.bincount(self.source_ids, weights=self.lengths,
-                       minlength=len(self.sources)).astype(np.int64)
+    return np.bincount(self.source_ids, weights=self.lengths, minlength=len(self.sources)).astype(
+      np.int64
+    )
 
 
 class TokenStore:
@@ -171,33 +188,37 @@ class TokenStore:
     self.manifest = manifest
     self.sources = tuple(manifest["sources"])
     self._splits = {
-        name: StoreSplit(path, name, info, self.sources)
-        for name, info in manifest["splits"].items()
+      name: StoreSplit(path, name, info, self.sources) for name, info in manifest["splits"].items()
     }
 
   @classmethod
-  def open(cls, path: str | os.PathLike) -> "TokenStore":
+  def open(cls, path: str | os.PathLike) -> TokenStore:
     path = os.fspath(path)
     if not os.path.isdir(path):
-      raise StoreError(f"no token store at {path}; prepare one with "
-                       "launch/prepare_data.py (or check data.store_dir).")
+      raise StoreError(
+        f"no token store at {path}; prepare one with "
+        "launch/prepare_data.py (or check data.store_dir)."
+      )
     manifest_path = os.path.join(path, MANIFEST)
     if not os.path.exists(manifest_path):
       raise StoreError(
-          f"{path} is not a complete token store (no {MANIFEST}): a "
-          "preparation was interrupted or this is another directory; delete "
-          "it and run launch/prepare_data.py again.")
+        f"{path} is not a complete token store (no {MANIFEST}): a "
+        "preparation was interrupted or this is another directory; delete "
+        "it and run launch/prepare_data.py again."
+      )
     with open(manifest_path, encoding="utf-8") as f:
       manifest = json.load(f)
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
       raise StoreError(
-          f"{manifest_path}: format {manifest.get('format')!r} version "
-          f"{manifest.get('version')!r}, expected {FORMAT!r} version "
-          f"{VERSION}; prepare the store again with this version.")
+        f"{manifest_path}: format {manifest.get('format')!r} version "
+        f"{manifest.get('version')!r}, expected {FORMAT!r} version "
+        f"{VERSION}; prepare the store again with this version."
+      )
     if manifest.get("vocabulary") != vocabulary():
       raise StoreError(
-          f"{manifest_path}: the store was written with another token "
-          "vocabulary; prepare it again with this version.")
+        f"{manifest_path}: the store was written with another token "
+        "vocabulary; prepare it again with this version."
+      )
     return cls(path, manifest)
 
   @property
@@ -206,8 +227,9 @@ class TokenStore:
 
   def __getitem__(self, split: str) -> StoreSplit:
     if split not in self._splits:
-      raise KeyError(f"split {split!r} not in the store at {self.path} "
-                     f"(it has {sorted(self._splits)})")
+      raise KeyError(
+        f"split {split!r} not in the store at {self.path} (it has {sorted(self._splits)})"
+      )
     return self._splits[split]
 
   def __contains__(self, split: str) -> bool:
@@ -217,8 +239,9 @@ class TokenStore:
     return (TokenStore.open, (self.path,))
 
   def __repr__(self) -> str:
-    parts = ", ".join(f"{s.name}: {s.num_records} records / {s.num_tokens} "
-                      "tokens" for s in self._splits.values())
+    parts = ", ".join(
+      f"{s.name}: {s.num_records} records / {s.num_tokens} tokens" for s in self._splits.values()
+    )
     return f"TokenStore({self.path!r}; {parts})"
 
 
@@ -242,9 +265,11 @@ class _SplitWriter:
     self.names_file = f"{name}.names.txt"
     # Open for the writer's lifetime; closed in close() or discard().
     self._tokens = open(  # pylint: disable=consider-using-with
-        os.path.join(root, self.tokens_file), "wb")
+      os.path.join(root, self.tokens_file), "wb"
+    )
     self._names = open(  # pylint: disable=consider-using-with
-        os.path.join(root, self.names_file), "w", encoding="utf-8")
+      os.path.join(root, self.names_file), "w", encoding="utf-8"
+    )
     # Growable columns; a few bytes a record, however many records.
     self._rows = np.zeros((1024,), INDEX_DTYPE)
     self.num_records = 0
@@ -257,8 +282,7 @@ class _SplitWriter:
     self._rows[self.num_records] = (self.num_tokens, 0, source_id)
     self.num_records += 1
     self._names.write(name + "\n")
-    stats = self.per_source.setdefault(source, {
-        "records": 0, "tokens": 0, "n_tokens": 0})
+    stats = self.per_source.setdefault(source, {"records": 0, "tokens": 0, "n_tokens": 0})
     stats["records"] += 1
     self._stats = stats
 
@@ -276,16 +300,16 @@ class _SplitWriter:
       os.fsync(f.fileno())
       f.close()
     with open(os.path.join(root, self.index_file), "wb") as f:
-      np.save(f, self._rows[:self.num_records])
+      np.save(f, self._rows[: self.num_records])
       f.flush()
       os.fsync(f.fileno())
     return {
-        "num_records": self.num_records,
-        "num_tokens": self.num_tokens,
-        "tokens_file": self.tokens_file,
-        "index_file": self.index_file,
-        "names_file": self.names_file,
-        "per_source": self.per_source,
+      "num_records": self.num_records,
+      "num_tokens": self.num_tokens,
+      "tokens_file": self.tokens_file,
+      "index_file": self.index_file,
+      "names_file": self.names_file,
+      "per_source": self.per_source,
     }
 
   def discard(self):
@@ -311,11 +335,10 @@ class TokenStoreWriter:
   def __init__(self, path: str | os.PathLike, *, overwrite: bool = False):
     self.path = os.path.abspath(os.fspath(path))
     parent, base = os.path.split(self.path)
-    if os.path.exists(self.path) and not overwrite and not _is_empty_dir(
-        self.path):
+    if os.path.exists(self.path) and not overwrite and not _is_empty_dir(self.path):
       raise StoreError(
-          f"{self.path} already exists; delete it or allow overwriting "
-          "(data.overwrite_store=True).")
+        f"{self.path} already exists; delete it or allow overwriting (data.overwrite_store=True)."
+      )
     os.makedirs(parent, exist_ok=True)
     _remove_stale_temporaries(parent, base)
     tag = f"{os.getpid()}-{secrets.token_hex(4)}"
@@ -327,7 +350,7 @@ class TokenStoreWriter:
     self._current: _SplitWriter | None = None
     self._done = False
 
-  def __enter__(self) -> "TokenStoreWriter":
+  def __enter__(self) -> TokenStoreWriter:
     return self
 
   def __exit__(self, *exc) -> None:
@@ -368,13 +391,13 @@ class TokenStoreWriter:
     """Finishes the files, writes the manifest and moves the store in place."""
     splits = {n: s.close(self.tmp) for n, s in self._splits.items()}
     manifest = {
-        "format": FORMAT,
-        "version": VERSION,
-        "vocabulary": vocabulary(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "sources": list(self._sources),
-        "splits": splits,
-        "metadata": metadata or {},
+      "format": FORMAT,
+      "version": VERSION,
+      "vocabulary": vocabulary(),
+      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+      "sources": list(self._sources),
+      "splits": splits,
+      "metadata": metadata or {},
     }
     _write_json_atomic(os.path.join(self.tmp, MANIFEST), manifest)
     _fsync_dir(self.tmp)
@@ -416,10 +439,9 @@ def _remove_stale_temporaries(parent: str, base: str) -> None:
     for entry in os.listdir(parent):
       if not entry.startswith(prefix):
         continue
-      pid = entry[len(prefix):].split("-", 1)[0]
+      pid = entry[len(prefix) :].split("-", 1)[0]
       if pid.isdigit() and not _pid_alive(int(pid)):
-        logging.info("Removing %s left by an interrupted preparation.",
-                     os.path.join(parent, entry))
+        logging.info("Removing %s left by an interrupted preparation.", os.path.join(parent, entry))
         shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 

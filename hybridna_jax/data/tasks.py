@@ -13,7 +13,8 @@ are accepted.
 from __future__ import annotations
 
 import os
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -40,14 +41,13 @@ class TaskSplit(NamedTuple):
     labels: (n,) int64 class ids, or float32 if any label is not an integer
       (regression tasks).
   """
+
   sequences: list[str]
   labels: np.ndarray
 
-  def tokens(self, *, add_bos: bool = False,
-             add_eos: bool = False) -> list[np.ndarray]:
+  def tokens(self, *, add_bos: bool = False, add_eos: bool = False) -> list[np.ndarray]:
     """The sequences as int32 token arrays (`tokenizer.encode`)."""
-    return [tokenizer.encode(s, add_bos=add_bos, add_eos=add_eos)
-            for s in self.sequences]
+    return [tokenizer.encode(s, add_bos=add_bos, add_eos=add_eos) for s in self.sequences]
 
 
 def load_csv_split(path: str | os.PathLike) -> TaskSplit:
@@ -61,16 +61,21 @@ def load_csv_split(path: str | os.PathLike) -> TaskSplit:
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(
-        f"{path}: no such file; a task folder holds train.csv, dev.csv and "
-        "test.csv with a 'sequence,label' header.")
-  rows = textfiles.csv_rows(path, error=TaskFormatError, expected="a "
-                            "'sequence,label' header and one row per example")
+      f"{path}: no such file; a task folder holds train.csv, dev.csv and "
+      "test.csv with a 'sequence,label' header."
+    )
+  rows = textfiles.csv_rows(
+    path, error=TaskFormatError, expected="a 'sequence,label' header and one row per example"
+  )
   header_line, header = next(rows)
   header = [h.lower() for h in header]
   if "sequence" not in header or "label" not in header:
     raise TaskFormatError(
-        path, header_line, f"header {header} lacks a 'sequence' or 'label' "
-        "column; the first line must name them, e.g. 'sequence,label'.")
+      path,
+      header_line,
+      f"header {header} lacks a 'sequence' or 'label' "
+      "column; the first line must name them, e.g. 'sequence,label'.",
+    )
   seq_col, label_col = header.index("sequence"), header.index("label")
   sequences: list[str] = []
   raw_labels: list[str] = []
@@ -101,8 +106,7 @@ def check_sequence(path: str, line: int, text: str) -> str:
   return seq
 
 
-def parse_labels(path: str, raw: Sequence[str], lines: Sequence[int]
-                 ) -> np.ndarray:
+def parse_labels(path: str, raw: Sequence[str], lines: Sequence[int]) -> np.ndarray:
   """Label strings -> int64 (n,) class ids, or float32 (n,) numbers
   (regression) when any is not an integer; `lines` name each one's line."""
   try:
@@ -112,10 +116,15 @@ def parse_labels(path: str, raw: Sequence[str], lines: Sequence[int]
   return parse_numbers(path, raw, lines).astype(np.float32)
 
 
-def parse_numbers(path: str, raw: Sequence[str], lines: Sequence[int], *,
-                  what: str = "label", hint: str = "labels are class ids "
-                  "(or numbers for regression).", finite: bool = False
-                  ) -> np.ndarray:
+def parse_numbers(
+  path: str,
+  raw: Sequence[str],
+  lines: Sequence[int],
+  *,
+  what: str = "label",
+  hint: str = "labels are class ids (or numbers for regression).",
+  finite: bool = False,
+) -> np.ndarray:
   """Numeric label strings -> float64 (n,).
 
   Raises:
@@ -127,16 +136,15 @@ def parse_numbers(path: str, raw: Sequence[str], lines: Sequence[int], *,
     try:
       values[i] = float(text)
     except ValueError:
-      raise TaskFormatError(path, line, f"{what} {text!r} is not a number; "
-                            f"{hint}") from None
+      raise TaskFormatError(path, line, f"{what} {text!r} is not a number; {hint}") from None
     if finite and not np.isfinite(values[i]):
-      raise TaskFormatError(path, line, f"{what} {text!r} is not a finite "
-                            "number.")
+      raise TaskFormatError(path, line, f"{what} {text!r} is not a finite number.")
   return values
 
 
-def load_csv_task(folder: str | os.PathLike,
-                  splits: Sequence[str] = SPLITS) -> dict[str, TaskSplit]:
+def load_csv_task(
+  folder: str | os.PathLike, splits: Sequence[str] = SPLITS
+) -> dict[str, TaskSplit]:
   """Loads a GUE-style task folder: {split: TaskSplit} for `splits`."""
   folder = os.fspath(folder)
   if not os.path.isdir(folder):

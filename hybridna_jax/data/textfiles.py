@@ -18,7 +18,7 @@ from __future__ import annotations
 import csv
 import io
 import os
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from hybridna_jax.data import fasta
 
@@ -32,17 +32,21 @@ def text_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
   is dropped and undecodable bytes read as U+FFFD."""
   stream, raw, _ = fasta.open_decompressed(path)
   try:
-    with io.TextIOWrapper(stream, encoding="utf-8-sig", errors="replace",
-                          newline="") as text:
+    with io.TextIOWrapper(stream, encoding="utf-8-sig", errors="replace", newline="") as text:
       for number, line in enumerate(text, 1):
         yield number, line.rstrip("\r\n")
   finally:
     raw.close()
 
 
-def csv_rows(path: str | os.PathLike, *, error: ErrorType, expected: str,
-             comment: str | None = None, check_width: bool = True
-             ) -> Iterator[tuple[int, list[str]]]:
+def csv_rows(
+  path: str | os.PathLike,
+  *,
+  error: ErrorType,
+  expected: str,
+  comment: str | None = None,
+  check_width: bool = True,
+) -> Iterator[tuple[int, list[str]]]:
   """(line number, fields) of a CSV file's header, then of each row.
 
   Blank rows (no field with text) and, with `comment`, lines starting with
@@ -58,7 +62,7 @@ def csv_rows(path: str | os.PathLike, *, error: ErrorType, expected: str,
 
   def lines():
     nonlocal number
-    for number, line in text_lines(path):
+    for number, line in text_lines(path):  # noqa: B007 (sets the nonlocal line number)
       if comment is None or not line.startswith(comment):
         yield line
 
@@ -70,8 +74,11 @@ def csv_rows(path: str | os.PathLike, *, error: ErrorType, expected: str,
       width = len(row)
       yield number, [c.strip() for c in row]
     elif check_width and len(row) != width:
-      raise error(path, number, f"{len(row)} fields, the header has {width}; "
-                  "check for stray commas or quotes.")
+      raise error(
+        path,
+        number,
+        f"{len(row)} fields, the header has {width}; check for stray commas or quotes.",
+      )
     else:
       yield number, row
   if width is None:

@@ -12,8 +12,37 @@ regLM-style conditioning: every training example is
     metrics   GC, k-mer distance, diversity, copies of training sequences
 """
 
-from hybridna_jax.design.data import (DesignData, Examples, eval_batches, example_row,
-                                      lm_batch, load_design_csv, resolve_vocab,
-                                      sequences_by_label, tokenize, train_batches)
+from hybridna_jax.design.data import (
+  DesignData,
+  Examples,
+  eval_batches,
+  example_row,
+  lm_batch,
+  load_design_csv,
+  resolve_vocab,
+  sequences_by_label,
+  tokenize,
+  train_batches,
+)
 from hybridna_jax.design.prompts import BINS, CATEGORICAL, Condition, PromptVocab, iter_label_sets
 from hybridna_jax.design.task import GenerativeFinetuning, finetune
+
+__all__ = [
+  "DesignData",
+  "Examples",
+  "eval_batches",
+  "example_row",
+  "lm_batch",
+  "load_design_csv",
+  "resolve_vocab",
+  "sequences_by_label",
+  "tokenize",
+  "train_batches",
+  "BINS",
+  "CATEGORICAL",
+  "Condition",
+  "PromptVocab",
+  "iter_label_sets",
+  "GenerativeFinetuning",
+  "finetune",
+]

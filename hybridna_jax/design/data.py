@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import grain
 import numpy as np
 
 from hybridna_jax import tokenizer as tok
-from hybridna_jax.data import pipeline
-from hybridna_jax.data import textfiles
+from hybridna_jax.data import pipeline, textfiles
 from hybridna_jax.data.tasks import TaskFormatError, check_sequence
 from hybridna_jax.design.prompts import PromptVocab
 
@@ -29,6 +28,7 @@ from hybridna_jax.design.prompts import PromptVocab
 class DesignData:
   """Rows of a design CSV: upper-case sequences, their label strings per
   column, and the line of each row (for error messages)."""
+
   path: str
   columns: tuple[str, ...]
   sequences: list[str]
@@ -45,8 +45,7 @@ class DesignData:
     """Sequences grouped by their label tokens."""
     groups: dict[tuple[int, ...], list[str]] = {}
     for i, seq in enumerate(self.sequences):
-      groups.setdefault(tuple(vocab.label_tokens(self.row_labels(i), raw=True)),
-                        []).append(seq)
+      groups.setdefault(tuple(vocab.label_tokens(self.row_labels(i), raw=True)), []).append(seq)
     return groups
 
 
@@ -60,22 +59,30 @@ def load_design_csv(path: str | os.PathLike, label_columns: Sequence[str]) -> De
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path}: no such file; config.generate.train_csv / val_csv "
-                            "name CSV files with a header such as 'sequence,label'.")
+    raise FileNotFoundError(
+      f"{path}: no such file; config.generate.train_csv / val_csv "
+      "name CSV files with a header such as 'sequence,label'."
+    )
   columns = tuple(label_columns)
   if not columns:
-    raise ValueError("config.generate.label_columns is empty; name the CSV column(s) that "
-                     "hold the labels, e.g. ('label',).")
-  rows = textfiles.csv_rows(path, error=TaskFormatError,
-                            expected=f"a header such as 'sequence,{','.join(columns)}'")
+    raise ValueError(
+      "config.generate.label_columns is empty; name the CSV column(s) that "
+      "hold the labels, e.g. ('label',)."
+    )
+  rows = textfiles.csv_rows(
+    path, error=TaskFormatError, expected=f"a header such as 'sequence,{','.join(columns)}'"
+  )
   header_line, names = next(rows)
   lowered = [h.lower() for h in names]
   if "sequence" not in lowered:
     raise TaskFormatError(path, header_line, f"header {names} lacks a 'sequence' column.")
   missing = [c for c in columns if c not in names]
   if missing:
-    raise TaskFormatError(path, header_line, f"header {names} lacks the label column(s) "
-                          f"{missing} named by config.generate.label_columns.")
+    raise TaskFormatError(
+      path,
+      header_line,
+      f"header {names} lacks the label column(s) {missing} named by config.generate.label_columns.",
+    )
   seq_col = lowered.index("sequence")
   label_cols = [names.index(c) for c in columns]
   sequences, lines = [], []
@@ -97,8 +104,9 @@ def load_design_csv(path: str | os.PathLike, label_columns: Sequence[str]) -> De
 @dataclasses.dataclass
 class Examples:
   """Tokenised examples: label tokens and sequence tokens of each row."""
-  label_tokens: np.ndarray          # (n, conditions) int32
-  sequences: list[np.ndarray]       # int32 (len,) each
+
+  label_tokens: np.ndarray  # (n, conditions) int32
+  sequences: list[np.ndarray]  # int32 (len,) each
 
   def __len__(self) -> int:
     return len(self.sequences)
@@ -115,16 +123,26 @@ def tokenize(rows: DesignData, vocab: PromptVocab) -> Examples:
   return Examples(label_tokens, [tok.encode(s) for s in rows.sequences])
 
 
-def example_row(labels: np.ndarray, sequence: np.ndarray, width: int, *,
-                drop_labels: bool = False, reverse: bool = False) -> np.ndarray:
+def example_row(
+  labels: np.ndarray,
+  sequence: np.ndarray,
+  width: int,
+  *,
+  drop_labels: bool = False,
+  reverse: bool = False,
+) -> np.ndarray:
   """<bos> labels sequence <eos>, right-padded with <pad> to `width` tokens."""
   if reverse:
     sequence = tok.reverse_complement_tokens(sequence)
-  parts = [np.array([tok.BOS], np.int32), np.zeros((0,), np.int32) if drop_labels else labels,
-           sequence, np.array([tok.EOS], np.int32)]
+  parts = [
+    np.array([tok.BOS], np.int32),
+    np.zeros((0,), np.int32) if drop_labels else labels,
+    sequence,
+    np.array([tok.EOS], np.int32),
+  ]
   row = np.concatenate(parts).astype(np.int32)
   out = np.full((width,), tok.PAD, np.int32)
-  out[:row.size] = row[:width]
+  out[: row.size] = row[:width]
   return out
 
 
@@ -136,9 +154,12 @@ def lm_batch(rows: np.ndarray, *, mask_n_in_loss: bool) -> dict[str, np.ndarray]
   real = inputs != tok.PAD
   last = tok.T if mask_n_in_loss else tok.N
   scored = ((targets >= tok.A) & (targets <= last)) | (targets == tok.EOS)
-  return {"inputs": inputs.astype(np.int32), "targets": targets.astype(np.int32),
-          "segment_ids": real.astype(np.int32),
-          "loss_mask": (real & scored).astype(np.float32)}
+  return {
+    "inputs": inputs.astype(np.int32),
+    "targets": targets.astype(np.int32),
+    "segment_ids": real.astype(np.int32),
+    "loss_mask": (real & scored).astype(np.float32),
+  }
 
 
 class _ExampleSampler(grain.transforms.Map):
@@ -157,8 +178,11 @@ class _ExampleSampler(grain.transforms.Map):
     mix = pipeline._mix64  # pylint: disable=protected-access
     epoch, j = divmod(int(g), self.n)
     index = pipeline.permute(j, self.n, mix(self.key ^ epoch))
-    return (index, mix(self.rc_key ^ int(g)) < self.rc_threshold,
-            mix(self.drop_key ^ int(g)) < self.drop_threshold)
+    return (
+      index,
+      mix(self.rc_key ^ int(g)) < self.rc_threshold,
+      mix(self.drop_key ^ int(g)) < self.drop_threshold,
+    )
 
 
 class _RowBuilder(grain.transforms.Map):
@@ -167,8 +191,13 @@ class _RowBuilder(grain.transforms.Map):
 
   def map(self, item: tuple[int, bool, bool]) -> np.ndarray:
     i, reverse, drop = item
-    return example_row(self.examples.label_tokens[i], self.examples.sequences[i],
-                       self.width, drop_labels=drop, reverse=reverse)
+    return example_row(
+      self.examples.label_tokens[i],
+      self.examples.sequences[i],
+      self.width,
+      drop_labels=drop,
+      reverse=reverse,
+    )
 
 
 class _MakeBatch(grain.transforms.Map):
@@ -179,44 +208,66 @@ class _MakeBatch(grain.transforms.Map):
     return lm_batch(rows, mask_n_in_loss=self.mask_n_in_loss)
 
 
-def train_batches(examples: Examples, *, seq_len: int, batch_size: int, seed: int,
-                  rc_prob: float = 0.0, label_dropout: float = 0.0,
-                  mask_n_in_loss: bool = False, shard_index: int = 0,
-                  shard_count: int = 1) -> grain.DatasetIterator:
+def train_batches(
+  examples: Examples,
+  *,
+  seq_len: int,
+  batch_size: int,
+  seed: int,
+  rc_prob: float = 0.0,
+  label_dropout: float = 0.0,
+  mask_n_in_loss: bool = False,
+  shard_index: int = 0,
+  shard_count: int = 1,
+) -> grain.DatasetIterator:
   """An infinite, checkpointable iterator of shuffled LM batches (B rows of
   seq_len inputs). Host h of H takes stream positions h, h + H, ..., so the
   global stream does not depend on the host count."""
   if not len(examples):
     raise ValueError("no training examples.")
   ds = pipeline.host_positions(shard_index, shard_count).map(
-      _ExampleSampler(len(examples), seed, rc_prob, label_dropout))
+    _ExampleSampler(len(examples), seed, rc_prob, label_dropout)
+  )
   ds = ds.map(_RowBuilder(examples, seq_len + 1))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=2 * batch_size))
   it = it.batch(batch_size, drop_remainder=True, batch_fn=np.stack)
   return iter(it.map(_MakeBatch(mask_n_in_loss)))
 
 
-def eval_batches(examples: Examples, *, seq_len: int, batch_size: int,
-                 shard_index: int = 0, shard_count: int = 1, label_shift: int = 0,
-                 vocab: PromptVocab | None = None, mask_n_in_loss: bool = False
-                 ) -> list[dict[str, np.ndarray]]:
+def eval_batches(
+  examples: Examples,
+  *,
+  seq_len: int,
+  batch_size: int,
+  shard_index: int = 0,
+  shard_count: int = 1,
+  label_shift: int = 0,
+  vocab: PromptVocab | None = None,
+  mask_n_in_loss: bool = False,
+) -> list[dict[str, np.ndarray]]:
   """Every example once (host h takes examples h, h + H, ...), in full
   batches padded with empty rows; every host gets the same number.
 
   label_shift > 0 replaces each label by the one `label_shift` places on
   (cyclically) in its condition: the "wrong label" control of `evaluate`.
   """
-  ids = pipeline.host_eval_rows(len(examples), batch_size, shard_index,
-                                shard_count).reshape(-1)
+  ids = pipeline.host_eval_rows(len(examples), batch_size, shard_index, shard_count).reshape(-1)
   rows = np.full((ids.size, seq_len + 1), tok.PAD, np.int32)
   for r, i in enumerate(ids[ids >= 0]):
     labels = examples.label_tokens[i]
     if label_shift:
-      labels = np.array([c.first_token + (t - c.first_token + label_shift) % len(c.values)
-                         for c, t in zip(vocab.conditions, labels)], np.int32)
+      labels = np.array(
+        [
+          c.first_token + (t - c.first_token + label_shift) % len(c.values)
+          for c, t in zip(vocab.conditions, labels)
+        ],
+        np.int32,
+      )
     rows[r] = example_row(labels, examples.sequences[i], seq_len + 1)
-  return [lm_batch(rows[s:s + batch_size], mask_n_in_loss=mask_n_in_loss)
-          for s in range(0, ids.size, batch_size)]
+  return [
+    lm_batch(rows[s : s + batch_size], mask_n_in_loss=mask_n_in_loss)
+    for s in range(0, ids.size, batch_size)
+  ]
 
 
 def resolve_vocab(config, train_rows: DesignData | None = None) -> PromptVocab:
@@ -227,20 +278,25 @@ def resolve_vocab(config, train_rows: DesignData | None = None) -> PromptVocab:
   if g.prompt_vocab:
     vocab = PromptVocab.from_config(g.prompt_vocab)
     if tuple(g.label_columns) != vocab.columns:
-      raise ValueError(f"config.generate.prompt_vocab covers columns {list(vocab.columns)} "
-                       f"but label_columns is {list(g.label_columns)}.")
+      raise ValueError(
+        f"config.generate.prompt_vocab covers columns {list(vocab.columns)} "
+        f"but label_columns is {list(g.label_columns)}."
+      )
     return vocab
   if train_rows is None:
     train_rows = load_design_csv(g.train_csv, g.label_columns)
-  vocab = PromptVocab.build(train_rows, kind=str(g.label_kind), num_bins=int(g.num_bins),
-                            first_task_token=int(g.first_task_token))
+  vocab = PromptVocab.build(
+    train_rows,
+    kind=str(g.label_kind),
+    num_bins=int(g.num_bins),
+    first_task_token=int(g.first_task_token),
+  )
   with config.unlocked():
     config.generate.prompt_vocab = vocab.to_config()
   return vocab
 
 
-def sequences_by_label(rows: DesignData, vocab: PromptVocab
-                       ) -> dict[str, list[str]]:
+def sequences_by_label(rows: DesignData, vocab: PromptVocab) -> dict[str, list[str]]:
   """Training sequences keyed by `vocab.describe(labels)`."""
   out: dict[str, list[str]] = {}
   for i, seq in enumerate(rows.sequences):

@@ -31,7 +31,7 @@ the insertion chain as a cumulative minimum), so 100 designs of 200 nt
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -102,15 +102,15 @@ def edit_distances(a: Sequence[str], b: Sequence[str]) -> np.ndarray:
   len_b = np.array([len(s) for s in b])
   width_a, width_b = int(len_a.max()), int(len_b.max())
   codes_a = np.full((n, width_a), -1, np.int8)
-  codes_b = np.full((n, width_b), -2, np.int8)   # padding never matches
+  codes_b = np.full((n, width_b), -2, np.int8)  # padding never matches
   for i, (s, t) in enumerate(zip(a, b)):
-    codes_a[i, :len(s)] = np.frombuffer(s.encode("ascii"), np.uint8)
-    codes_b[i, :len(t)] = np.frombuffer(t.encode("ascii"), np.uint8)
+    codes_a[i, : len(s)] = np.frombuffer(s.encode("ascii"), np.uint8)
+    codes_b[i, : len(t)] = np.frombuffer(t.encode("ascii"), np.uint8)
   columns = np.arange(width_b + 1, dtype=np.int32)
   row = np.broadcast_to(columns, (n, width_b + 1)).copy()
-  result = row[np.arange(n), len_b].astype(np.int64)            # len_a == 0
+  result = row[np.arange(n), len_b].astype(np.int64)  # len_a == 0
   for i in range(1, width_a + 1):
-    cost = (codes_b != codes_a[:, i - 1:i]).astype(np.int32)
+    cost = (codes_b != codes_a[:, i - 1 : i]).astype(np.int32)
     new = np.empty_like(row)
     new[:, 0] = i
     new[:, 1:] = np.minimum(row[:, 1:] + 1, row[:, :-1] + cost)
@@ -122,8 +122,9 @@ def edit_distances(a: Sequence[str], b: Sequence[str]) -> np.ndarray:
   return result
 
 
-def pairwise_edit_distance(sequences: Sequence[str], *, max_pairs: int = 20_000,
-                           seed: int = 0) -> tuple[float, float]:
+def pairwise_edit_distance(
+  sequences: Sequence[str], *, max_pairs: int = 20_000, seed: int = 0
+) -> tuple[float, float]:
   """Mean pairwise edit distance, absolute and normalised by the longer
   sequence of each pair; at most `max_pairs` pairs (a seeded sample of
   them when there are more). NaN for fewer than two sequences."""
@@ -139,9 +140,16 @@ def pairwise_edit_distance(sequences: Sequence[str], *, max_pairs: int = 20_000,
   return float(distances.mean()), float((distances / np.maximum(longer, 1)).mean())
 
 
-def summarize(designs: Sequence[str], reference: Sequence[str] | None = None, *,
-              training: set[str] | None = None, log_probs: Sequence[float] | None = None,
-              k: int = 6, max_pairs: int = 20_000, seed: int = 0) -> dict:
+def summarize(
+  designs: Sequence[str],
+  reference: Sequence[str] | None = None,
+  *,
+  training: set[str] | None = None,
+  log_probs: Sequence[float] | None = None,
+  k: int = 6,
+  max_pairs: int = 20_000,
+  seed: int = 0,
+) -> dict:
   """The summary of one designed set (module docstring).
 
   Args:
@@ -154,10 +162,14 @@ def summarize(designs: Sequence[str], reference: Sequence[str] | None = None, *,
   lengths = np.array([len(s) for s in designs])
   gc = gc_content(designs)
   edit_mean, edit_norm = pairwise_edit_distance(designs, max_pairs=max_pairs, seed=seed)
-  out = {"n": len(designs), "length_mean": float(lengths.mean()) if designs else math.nan,
-         "gc_mean": float(np.nanmean(gc)) if designs else math.nan,
-         "gc_std": float(np.nanstd(gc)) if designs else math.nan,
-         "edit_mean": edit_mean, "edit_norm": edit_norm}
+  out = {
+    "n": len(designs),
+    "length_mean": float(lengths.mean()) if designs else math.nan,
+    "gc_mean": float(np.nanmean(gc)) if designs else math.nan,
+    "gc_std": float(np.nanstd(gc)) if designs else math.nan,
+    "edit_mean": edit_mean,
+    "edit_norm": edit_norm,
+  }
   if log_probs is not None and designs:
     out["log_prob_per_nt"] = float(np.sum(log_probs) / np.maximum(lengths.sum() + len(designs), 1))
   if reference:
@@ -174,23 +186,31 @@ def summarize(designs: Sequence[str], reference: Sequence[str] | None = None, *,
       chosen = rng.choice(len(reference), size, replace=False)
       subset_counts = kmer_counts([reference[i] for i in chosen], k)
       out["kmer_js_floor"] = js_distance(subset_counts, ref_counts - subset_counts)
-    ref_sample = [reference[i] for i in rng.choice(len(reference), min(len(reference),
-                                                                        len(designs) or 1),
-                                                   replace=False)]
-    out["edit_norm_reference"] = pairwise_edit_distance(ref_sample, max_pairs=max_pairs,
-                                                        seed=seed)[1]
+    ref_sample = [
+      reference[i]
+      for i in rng.choice(len(reference), min(len(reference), len(designs) or 1), replace=False)
+    ]
+    out["edit_norm_reference"] = pairwise_edit_distance(ref_sample, max_pairs=max_pairs, seed=seed)[
+      1
+    ]
   pool = training if training is not None else (set(reference) if reference else None)
   if pool is not None and designs:
     out["copy_share"] = float(np.mean([s in pool for s in designs]))
   return out
 
 
-TABLE_COLUMNS = (("n", "n", "{:d}"), ("length_mean", "len", "{:.1f}"),
-                 ("gc_mean", "GC", "{:.3f}"), ("gc_reference", "GC train", "{:.3f}"),
-                 ("kmer_js", "k-mer JS", "{:.3f}"), ("kmer_js_floor", "JS floor", "{:.3f}"),
-                 ("edit_norm", "edit/len", "{:.3f}"),
-                 ("edit_norm_reference", "edit/len train", "{:.3f}"),
-                 ("copy_share", "copies", "{:.3f}"), ("log_prob_per_nt", "logp/nt", "{:.3f}"))
+TABLE_COLUMNS = (
+  ("n", "n", "{:d}"),
+  ("length_mean", "len", "{:.1f}"),
+  ("gc_mean", "GC", "{:.3f}"),
+  ("gc_reference", "GC train", "{:.3f}"),
+  ("kmer_js", "k-mer JS", "{:.3f}"),
+  ("kmer_js_floor", "JS floor", "{:.3f}"),
+  ("edit_norm", "edit/len", "{:.3f}"),
+  ("edit_norm_reference", "edit/len train", "{:.3f}"),
+  ("copy_share", "copies", "{:.3f}"),
+  ("log_prob_per_nt", "logp/nt", "{:.3f}"),
+)
 
 
 def format_table(summaries: dict[str, dict]) -> str:
@@ -201,28 +221,29 @@ def format_table(summaries: dict[str, dict]) -> str:
     cells = [name]
     for key, _, fmt in TABLE_COLUMNS:
       v = s.get(key)
-      cells.append("-" if v is None or (isinstance(v, float) and math.isnan(v))
-                   else fmt.format(v))
+      cells.append("-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v))
     rows.append(cells)
   widths = [max(len(r[c]) for r in [header] + rows) for c in range(len(header))]
-  lines = ["  ".join(h.ljust(w) if c == 0 else h.rjust(w)
-                     for c, (h, w) in enumerate(zip(header, widths)))]
+  lines = [
+    "  ".join(h.ljust(w) if c == 0 else h.rjust(w) for c, (h, w) in enumerate(zip(header, widths)))
+  ]
   lines.append("  ".join("-" * w for w in widths))
   for r in rows:
-    lines.append("  ".join(x.ljust(w) if c == 0 else x.rjust(w)
-                           for c, (x, w) in enumerate(zip(r, widths))))
+    lines.append(
+      "  ".join(x.ljust(w) if c == 0 else x.rjust(w) for c, (x, w) in enumerate(zip(r, widths)))
+    )
   return "\n".join(lines)
 
 
-def plot_summary(designs: dict[str, Sequence[str]], references: dict[str, Sequence[str]],
-                 path: str, *, k: int = 6) -> str:
+def plot_summary(
+  designs: dict[str, Sequence[str]], references: dict[str, Sequence[str]], path: str, *, k: int = 6
+) -> str:
   """GC histograms (designs vs training, per prompt) and a k-mer frequency
   scatter (designed vs training frequency of every k-mer). Returns path."""
   plt = plotting.pyplot()
 
   names = list(designs)
-  fig, axes = plt.subplots(2, len(names), figsize=(4 * len(names), 7), dpi=110,
-                           squeeze=False)
+  fig, axes = plt.subplots(2, len(names), figsize=(4 * len(names), 7), dpi=110, squeeze=False)
   bins = np.linspace(0, 1, 41)
   for c, name in enumerate(names):
     ax = axes[0, c]
@@ -254,5 +275,5 @@ def decode_designs(tokens: np.ndarray) -> list[str]:
   out = []
   for row in np.asarray(tokens):
     ends = np.flatnonzero(row == tok.EOS)
-    out.append(tok.decode(row[:ends[0]] if ends.size else row))
+    out.append(tok.decode(row[: ends[0]] if ends.size else row))
   return out

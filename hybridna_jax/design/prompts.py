@@ -17,7 +17,8 @@ the same tokens. Tokens are taken in order from the reserved block
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -42,6 +43,7 @@ class Condition:
     in bin searchsorted(edges, v, side="right").
   first_token: token id of values[0].
   """
+
   column: str
   kind: str
   values: tuple[str, ...]
@@ -63,54 +65,75 @@ class Condition:
       if number is not None and np.isfinite(number):
         return self.first_token + int(np.searchsorted(self.edges, number, side="right"))
     what = "activity" if raw and self.kind == BINS else "label"
-    raise KeyError(f"condition {self.column!r} has no {what} {value!r}; known labels: "
-                   f"{list(self.values)}" + (" (bins of numeric activities)"
-                                             if self.kind == BINS else ""))
+    raise KeyError(
+      f"condition {self.column!r} has no {what} {value!r}; known labels: "
+      f"{list(self.values)}" + (" (bins of numeric activities)" if self.kind == BINS else "")
+    )
 
   def label(self, token: int) -> str:
     return self.values[token - self.first_token]
 
   def to_dict(self) -> dict:
-    return {"column": self.column, "kind": self.kind, "values": list(self.values),
-            "first_token": self.first_token, "edges": list(self.edges)}
+    return {
+      "column": self.column,
+      "kind": self.kind,
+      "values": list(self.values),
+      "first_token": self.first_token,
+      "edges": list(self.edges),
+    }
 
   @classmethod
-  def from_dict(cls, d: Mapping) -> "Condition":
-    return cls(str(d["column"]), str(d["kind"]), tuple(str(v) for v in d["values"]),
-               int(d["first_token"]), tuple(float(e) for e in d.get("edges", ())))
+  def from_dict(cls, d: Mapping) -> Condition:
+    return cls(
+      str(d["column"]),
+      str(d["kind"]),
+      tuple(str(v) for v in d["values"]),
+      int(d["first_token"]),
+      tuple(float(e) for e in d.get("edges", ())),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class PromptVocab:
   """Label -> prompt tokens for every condition (see the module docstring)."""
+
   conditions: tuple[Condition, ...]
 
   @property
   def columns(self) -> tuple[str, ...]:
     return tuple(c.column for c in self.conditions)
 
-  def label_tokens(self, labels: Mapping[str, object] | Sequence[object], *,
-                   raw: bool = False) -> list[int]:
+  def label_tokens(
+    self, labels: Mapping[str, object] | Sequence[object], *, raw: bool = False
+  ) -> list[int]:
     """One token per condition, from {column: label} or labels in column
     order; `raw`: labels as read from a CSV (numeric activities for bins)."""
     if isinstance(labels, Mapping):
       missing = [c for c in self.columns if c not in labels]
       extra = [k for k in labels if k not in self.columns]
       if missing or extra:
-        raise KeyError(f"labels {dict(labels)} must name exactly the conditions "
-                       f"{list(self.columns)}" + (f"; missing {missing}" if missing else "")
-                       + (f"; unknown {extra}" if extra else ""))
+        raise KeyError(
+          f"labels {dict(labels)} must name exactly the conditions "
+          f"{list(self.columns)}"
+          + (f"; missing {missing}" if missing else "")
+          + (f"; unknown {extra}" if extra else "")
+        )
       labels = [labels[c] for c in self.columns]
     if len(labels) != len(self.conditions):
-      raise KeyError(f"{len(labels)} labels given for {len(self.conditions)} conditions "
-                     f"{list(self.columns)}.")
+      raise KeyError(
+        f"{len(labels)} labels given for {len(self.conditions)} conditions {list(self.columns)}."
+      )
     return [c.token(v, raw=raw) for c, v in zip(self.conditions, labels)]
 
   def prompt(self, labels=None, prefix: str = "") -> np.ndarray:
     """int32 prompt: <bos>, the label tokens (none: unconditional), the prefix."""
     label_part = [] if labels is None else self.label_tokens(labels)
-    return np.concatenate([np.array([tok.BOS] + label_part, np.int32),
-                           tok.encode(prefix) if prefix else np.zeros((0,), np.int32)])
+    return np.concatenate(
+      [
+        np.array([tok.BOS] + label_part, np.int32),
+        tok.encode(prefix) if prefix else np.zeros((0,), np.int32),
+      ]
+    )
 
   def parse(self, spec: str) -> dict[str, str] | None:
     """A prompt spec from the command line -> {column: label} (None for
@@ -124,19 +147,23 @@ class PromptVocab:
       pairs = dict(p.split("=", 1) for p in parts)
       labels = {k.strip(): v.strip() for k, v in pairs.items()}
     elif any("=" in p for p in parts):
-      raise ValueError(f"prompt {spec!r}: give either every condition as column=label or "
-                       "labels in column order, not a mix.")
+      raise ValueError(
+        f"prompt {spec!r}: give either every condition as column=label or "
+        "labels in column order, not a mix."
+      )
     else:
       labels = dict(zip(self.columns, parts)) if len(parts) == len(self.columns) else None
       if labels is None:
-        raise ValueError(f"prompt {spec!r} gives {len(parts)} label(s) for the "
-                         f"{len(self.columns)} conditions {list(self.columns)}; give one "
-                         "per condition, in that order, or name them (column=label).")
-    self.label_tokens(labels)   # validates
+        raise ValueError(
+          f"prompt {spec!r} gives {len(parts)} label(s) for the "
+          f"{len(self.columns)} conditions {list(self.columns)}; give one "
+          "per condition, in that order, or name them (column=label)."
+        )
+    self.label_tokens(labels)  # validates
     return labels
 
   def describe(self, labels: Mapping[str, object] | None, *, raw: bool = False) -> str:
-    """"column=label,..." naming the bins (for headers and tables)."""
+    """ "column=label,..." naming the bins (for headers and tables)."""
     if labels is None:
       return "unconditional"
     tokens = self.label_tokens(labels, raw=raw)
@@ -153,16 +180,18 @@ class PromptVocab:
     return tuple(c.to_dict() for c in self.conditions)
 
   @classmethod
-  def from_config(cls, entries) -> "PromptVocab":
+  def from_config(cls, entries) -> PromptVocab:
     return cls(tuple(Condition.from_dict(e) for e in entries))
 
   @classmethod
-  def build(cls, rows: "DesignData", *, kind: str, num_bins: int,
-            first_task_token: int) -> "PromptVocab":
+  def build(
+    cls, rows: DesignData, *, kind: str, num_bins: int, first_task_token: int
+  ) -> PromptVocab:
     """Derives the vocabulary from the training rows."""
     if kind not in (CATEGORICAL, BINS):
-      raise ValueError(f"config.generate.label_kind must be {CATEGORICAL!r} or {BINS!r}, "
-                       f"got {kind!r}.")
+      raise ValueError(
+        f"config.generate.label_kind must be {CATEGORICAL!r} or {BINS!r}, got {kind!r}."
+      )
     conditions, next_index = [], first_task_token
     for column in rows.columns:
       raw = rows.labels[column]
@@ -175,13 +204,17 @@ class PromptVocab:
         numbers = _numeric(rows, column)
         edges = tuple(float(e) for e in np.quantile(numbers, np.arange(1, num_bins) / num_bins))
         if len(set(edges)) < len(edges):
-          raise ValueError(f"{rows.path}: column {column!r} has too few distinct values for "
-                           f"{num_bins} quantile bins; lower config.generate.num_bins.")
+          raise ValueError(
+            f"{rows.path}: column {column!r} has too few distinct values for "
+            f"{num_bins} quantile bins; lower config.generate.num_bins."
+          )
         values = tuple(str(i) for i in range(num_bins))
       if next_index + len(values) > tok.NUM_TASK_TOKENS:
-        raise ValueError(f"the conditions need {next_index + len(values) - first_task_token} "
-                         f"task tokens from index {first_task_token}, but only "
-                         f"{tok.NUM_TASK_TOKENS} exist; use fewer labels or bins.")
+        raise ValueError(
+          f"the conditions need {next_index + len(values) - first_task_token} "
+          f"task tokens from index {first_task_token}, but only "
+          f"{tok.NUM_TASK_TOKENS} exist; use fewer labels or bins."
+        )
       conditions.append(Condition(column, kind, values, tok.task_token(next_index), edges))
       next_index += len(values)
     return cls(tuple(conditions))
@@ -195,10 +228,16 @@ def _natural_key(value: str):
     return (1, 0.0, value)
 
 
-def _numeric(rows: "DesignData", column: str) -> np.ndarray:
-  return parse_numbers(rows.path, rows.labels[column], rows.lines, what=f"column {column!r}:",
-                       hint="label_kind='bins' needs numeric activities (use "
-                       "label_kind='categorical' for class names).", finite=True)
+def _numeric(rows: DesignData, column: str) -> np.ndarray:
+  return parse_numbers(
+    rows.path,
+    rows.labels[column],
+    rows.lines,
+    what=f"column {column!r}:",
+    hint="label_kind='bins' needs numeric activities (use "
+    "label_kind='categorical' for class names).",
+    finite=True,
+  )
 
 
 def iter_label_sets(vocab: PromptVocab, specs: Iterable[str]) -> list[dict[str, str] | None]:

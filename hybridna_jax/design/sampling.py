@@ -17,7 +17,7 @@ import json
 import math
 import os
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -26,33 +26,40 @@ from absl import logging
 from hybridna_jax import generate as gen
 from hybridna_jax import tokenizer as tok
 from hybridna_jax.config import GenerateConfig
-from hybridna_jax.data import fasta
-from hybridna_jax.data import pipeline
+from hybridna_jax.data import fasta, pipeline
 from hybridna_jax.design import data as design_data
-from hybridna_jax.design import prompts
-from hybridna_jax.design import metrics
+from hybridna_jax.design import metrics, prompts
 
 
 @dataclasses.dataclass
 class DesignedSet:
   """The designs of one prompt. sequences include the DNA prefix."""
-  name: str                          # vocab.describe(labels), or "unconditional"
+
+  name: str  # vocab.describe(labels), or "unconditional"
   labels: dict[str, str] | None
   prefix: str
-  prompt: np.ndarray                 # the prompt tokens
+  prompt: np.ndarray  # the prompt tokens
   sequences: list[str]
-  log_probs: np.ndarray              # (n,) of the generated part, <eos> included
-  ended: np.ndarray                  # (n,) bool: ended with <eos>
+  log_probs: np.ndarray  # (n,) of the generated part, <eos> included
+  ended: np.ndarray  # (n,) bool: ended with <eos>
 
 
 def _slug(text: str) -> str:
   return "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in text).strip("_")
 
 
-def design_sets(model, vocab: prompts.PromptVocab | None,
-                label_sets: Sequence[dict[str, str] | None], settings: gen.Settings, *,
-                num_samples: int, batch_size: int, seed: int, prefix: str = "",
-                mesh=None) -> list[DesignedSet]:
+def design_sets(
+  model,
+  vocab: prompts.PromptVocab | None,
+  label_sets: Sequence[dict[str, str] | None],
+  settings: gen.Settings,
+  *,
+  num_samples: int,
+  batch_size: int,
+  seed: int,
+  prefix: str = "",
+  mesh=None,
+) -> list[DesignedSet]:
   """Generates `num_samples` designs per label set (beam search: the
   beam_width best, at most num_samples) in batches mixing prompts.
 
@@ -63,13 +70,15 @@ def design_sets(model, vocab: prompts.PromptVocab | None,
   """
   if vocab is None:
     if any(labels is not None for labels in label_sets):
-      raise ValueError("this checkpoint has no prompt vocabulary (it is not a design run), "
-                       "so it cannot take labels; give only a DNA prefix.")
+      raise ValueError(
+        "this checkpoint has no prompt vocabulary (it is not a design run), "
+        "so it cannot take labels; give only a DNA prefix."
+      )
     if not prefix:
       raise ValueError("a model without label tokens needs a DNA prefix to start from.")
   prompts = []
   for labels in label_sets:
-    prompt = (vocab.prompt(labels, prefix) if vocab is not None else tok.encode(prefix))
+    prompt = vocab.prompt(labels, prefix) if vocab is not None else tok.encode(prefix)
     name = vocab.describe(labels) if vocab is not None else "prefix"
     prompts.append((name, labels, prompt))
   names = [p[0] for p in prompts]
@@ -88,22 +97,27 @@ def design_sets(model, vocab: prompts.PromptVocab | None,
   start, generated = time.perf_counter(), 0
   num_batches = -(-len(rows) // batch_size)
   for b in range(num_batches):
-    chunk = rows[b * batch_size:(b + 1) * batch_size]
-    padded = chunk + [chunk[0]] * (batch_size - len(chunk))    # one compiled shape
+    chunk = rows[b * batch_size : (b + 1) * batch_size]
+    padded = chunk + [chunk[0]] * (batch_size - len(chunk))  # one compiled shape
     tokens, segment_ids = gen.left_pad([prompts[p][2] for p, _ in padded])
     tokens = np.pad(tokens, [(0, 0), (width - tokens.shape[1], 0)])
     segment_ids = np.pad(segment_ids, [(0, 0), (width - segment_ids.shape[1], 0)])
     keys = jax.numpy.stack([jax.random.fold_in(prompt_keys[p], i) for p, i in padded])
-    result = jax.device_get(gen.sample(model, tokens, settings, keys=keys,
-                                       segment_ids=segment_ids, mesh=mesh))
-    out_tokens.append(result.tokens[:len(chunk)])
-    out_logp.append(result.log_probs[:len(chunk)])
-    out_ended.append(result.ended[:len(chunk)])
-    generated += int(result.lengths[:len(chunk)].sum())
+    result = jax.device_get(
+      gen.sample(model, tokens, settings, keys=keys, segment_ids=segment_ids, mesh=mesh)
+    )
+    out_tokens.append(result.tokens[: len(chunk)])
+    out_logp.append(result.log_probs[: len(chunk)])
+    out_ended.append(result.ended[: len(chunk)])
+    generated += int(result.lengths[: len(chunk)].sum())
     elapsed = time.perf_counter() - start
-    logging.info("batch %d/%d: %d designs, %.0f nt/s (first batch includes compilation)",
-                 b + 1, num_batches, min((b + 1) * batch_size, len(rows)),
-                 generated / max(elapsed, 1e-9))
+    logging.info(
+      "batch %d/%d: %d designs, %.0f nt/s (first batch includes compilation)",
+      b + 1,
+      num_batches,
+      min((b + 1) * batch_size, len(rows)),
+      generated / max(elapsed, 1e-9),
+    )
   tokens = np.concatenate(out_tokens)
   logp = np.concatenate(out_logp)
   ended = np.concatenate(out_ended)
@@ -118,42 +132,61 @@ def design_sets(model, vocab: prompts.PromptVocab | None,
 def _beam_sets(model, prompts, settings, num_samples, batch_size, prefix, mesh):
   keep = min(num_samples, settings.beam_width)
   if num_samples > settings.beam_width:
-    logging.warning("beam search gives beam_width=%d designs per prompt; num_samples=%d "
-                    "is capped to it (use several prefixes, or sampling, for more).",
-                    settings.beam_width, num_samples)
+    logging.warning(
+      "beam search gives beam_width=%d designs per prompt; num_samples=%d "
+      "is capped to it (use several prefixes, or sampling, for more).",
+      settings.beam_width,
+      num_samples,
+    )
   per_batch = max(1, batch_size // settings.beam_width)
   sets = []
   for s in range(0, len(prompts), per_batch):
-    chunk = prompts[s:s + per_batch]
+    chunk = prompts[s : s + per_batch]
     beams = jax.device_get(gen.beam_search(model, [p[2] for p in chunk], settings, mesh=mesh))
     for row, (name, labels, prompt) in enumerate(chunk):
       seqs = [prefix + x for x in metrics.decode_designs(beams.tokens[row, :keep])]
-      sets.append(DesignedSet(name, labels, prefix, prompt, seqs, beams.log_probs[row, :keep],
-                              beams.ended[row, :keep]))
+      sets.append(
+        DesignedSet(
+          name, labels, prefix, prompt, seqs, beams.log_probs[row, :keep], beams.ended[row, :keep]
+        )
+      )
   return sets
 
 
-def write_fasta(sets: Sequence[DesignedSet], path: str, *, settings: gen.Settings,
-                seed: int, source: str = "") -> str:
+def write_fasta(
+  sets: Sequence[DesignedSet], path: str, *, settings: gen.Settings, seed: int, source: str = ""
+) -> str:
   """One record per design: >{prompt}_{i} prompt=... labels=... prefix=...
   settings... seed=... log_prob=... ended=... [checkpoint=...]."""
   records = []
   for s in sets:
     prompt_text = "".join(tok.token_name(int(t)) for t in s.prompt)
-    common = (f"prompt={prompt_text} labels={s.name.replace(' ', '_')} "
-              f"prefix={s.prefix or '-'} {settings.describe()} seed={seed}"
-              + (f" checkpoint={source}" if source else ""))
+    common = (
+      f"prompt={prompt_text} labels={s.name.replace(' ', '_')} "
+      f"prefix={s.prefix or '-'} {settings.describe()} seed={seed}"
+      + (f" checkpoint={source}" if source else "")
+    )
     for i, (seq, logp, ended) in enumerate(zip(s.sequences, s.log_probs, s.ended)):
-      records.append((f"{_slug(s.name)}_{i} {common} log_prob={float(logp):.3f} "
-                      f"ended_with_eos={int(bool(ended))}", seq))
+      records.append(
+        (
+          f"{_slug(s.name)}_{i} {common} log_prob={float(logp):.3f} "
+          f"ended_with_eos={int(bool(ended))}",
+          seq,
+        )
+      )
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fasta.write_fasta(path, records)
   return path
 
 
-def summarize_sets(sets: Sequence[DesignedSet], training: design_data.DesignData | None,
-                   vocab: prompts.PromptVocab | None, *, k: int = 6,
-                   max_pairs: int = 20_000) -> dict[str, dict]:
+def summarize_sets(
+  sets: Sequence[DesignedSet],
+  training: design_data.DesignData | None,
+  vocab: prompts.PromptVocab | None,
+  *,
+  k: int = 6,
+  max_pairs: int = 20_000,
+) -> dict[str, dict]:
   """{prompt name: metrics.summarize(...)}; each set is compared
   with the training sequences of its label (all of them when unconditional)."""
   by_label: dict[str, list[str]] = {}
@@ -166,17 +199,26 @@ def summarize_sets(sets: Sequence[DesignedSet], training: design_data.DesignData
   for s in sets:
     reference = None
     if training is not None:
-      reference = (by_label.get(s.name) if s.labels is not None
-                   else list(training.sequences))
-    out[s.name] = metrics.summarize(s.sequences, reference, training=all_training,
-                                    log_probs=s.log_probs, k=k, max_pairs=max_pairs)
+      reference = by_label.get(s.name) if s.labels is not None else list(training.sequences)
+    out[s.name] = metrics.summarize(
+      s.sequences, reference, training=all_training, log_probs=s.log_probs, k=k, max_pairs=max_pairs
+    )
     out[s.name]["ended_share"] = float(np.mean(s.ended)) if len(s.ended) else math.nan
   return out
 
 
-def run_sampling(checkpoint: str, output: str, *, config=None, which: str = "latest",
-                 label_specs: Sequence[str] = (), prefix: str = "",
-                 reference_csv: str | None = None, mesh=None, **overrides) -> dict:
+def run_sampling(
+  checkpoint: str,
+  output: str,
+  *,
+  config=None,
+  which: str = "latest",
+  label_specs: Sequence[str] = (),
+  prefix: str = "",
+  reference_csv: str | None = None,
+  mesh=None,
+  **overrides,
+) -> dict:
   """The sample mode of launch/generate.py.
 
   Args:
@@ -196,32 +238,52 @@ def run_sampling(checkpoint: str, output: str, *, config=None, which: str = "lat
     {"fasta": path, "summary": {prompt: metrics}, "settings": str, ...}.
   """
   from hybridna_jax import restore  # pylint: disable=g-import-not-at-top
+
   # The loop layout: in the decode loop a scanned model's per-layer weight
   # slices would be hoisted into a second copy of the weights.
-  model, _, run_config = restore.load(checkpoint, which=which, mesh=mesh,
-                                      scan_layers=False)
+  model, _, run_config = restore.load(checkpoint, which=which, mesh=mesh, scan_layers=False)
   ref = restore.find_checkpoint(checkpoint, which)
   # Defaults for a run from before the generate section existed (pretraining).
   run_generate = GenerateConfig.of(run_config)
   g = GenerateConfig.of(config) if config is not None else run_generate
   num_samples = int(overrides.pop("num_samples", None) or g.num_samples)
   batch_size = int(overrides.pop("batch_size", None) or g.batch_size)
-  settings = g.replace(**overrides)        # the sampling fields (gen.Settings)
+  settings = g.replace(**overrides)  # the sampling fields (gen.Settings)
   seed = settings.seed
-  vocab = (prompts.PromptVocab.from_config(run_generate.prompt_vocab)
-           if run_generate.prompt_vocab else None)
+  vocab = (
+    prompts.PromptVocab.from_config(run_generate.prompt_vocab)
+    if run_generate.prompt_vocab
+    else None
+  )
   if vocab is not None:
     label_sets = prompts.iter_label_sets(vocab, label_specs)
   else:
     if label_specs:
-      raise ValueError(f"{checkpoint} is not a design run (no prompt vocabulary in its "
-                       "config), so --labels cannot be used; give --prefix only.")
+      raise ValueError(
+        f"{checkpoint} is not a design run (no prompt vocabulary in its "
+        "config), so --labels cannot be used; give --prefix only."
+      )
     label_sets = [None]
-  logging.info("designing %d x %d sequences (%s) from %s step %d", len(label_sets),
-               num_samples, settings.describe(), ref.manager_dir, ref.step)
+  logging.info(
+    "designing %d x %d sequences (%s) from %s step %d",
+    len(label_sets),
+    num_samples,
+    settings.describe(),
+    ref.manager_dir,
+    ref.step,
+  )
   start = time.perf_counter()
-  sets = design_sets(model, vocab, label_sets, settings, num_samples=num_samples,
-                     batch_size=batch_size, seed=seed, prefix=prefix, mesh=mesh)
+  sets = design_sets(
+    model,
+    vocab,
+    label_sets,
+    settings,
+    num_samples=num_samples,
+    batch_size=batch_size,
+    seed=seed,
+    prefix=prefix,
+    mesh=mesh,
+  )
   seconds = time.perf_counter() - start
   source = f"{ref.manager_dir}/{ref.step}"
   write_fasta(sets, output, settings=settings, seed=seed, source=source)
@@ -231,16 +293,24 @@ def run_sampling(checkpoint: str, output: str, *, config=None, which: str = "lat
   if csv_path and os.path.isfile(csv_path) and vocab is not None:
     training = design_data.load_design_csv(csv_path, vocab.columns)
   elif csv_path:
-    logging.warning("training CSV %s not found; the summary leaves out the comparisons "
-                    "with training sequences (pass --reference_csv).", csv_path)
-  summary = summarize_sets(sets, training, vocab, k=int(g.kmer),
-                           max_pairs=int(g.max_edit_pairs))
+    logging.warning(
+      "training CSV %s not found; the summary leaves out the comparisons "
+      "with training sequences (pass --reference_csv).",
+      csv_path,
+    )
+  summary = summarize_sets(sets, training, vocab, k=int(g.kmer), max_pairs=int(g.max_edit_pairs))
   stem = os.path.splitext(output)[0]
   table = metrics.format_table(summary)
-  result = {"fasta": output, "checkpoint": source, "settings": settings.describe(),
-            "seed": seed, "num_samples": num_samples, "seconds": seconds,
-            "reference_csv": csv_path if training is not None else None,
-            "summary": summary}
+  result = {
+    "fasta": output,
+    "checkpoint": source,
+    "settings": settings.describe(),
+    "seed": seed,
+    "num_samples": num_samples,
+    "seconds": seconds,
+    "reference_csv": csv_path if training is not None else None,
+    "summary": summary,
+  }
   with open(stem + ".summary.json", "w", encoding="utf-8") as f:
     json.dump(result, f, indent=2)
   with open(stem + ".summary.txt", "w", encoding="utf-8") as f:
@@ -248,7 +318,8 @@ def run_sampling(checkpoint: str, output: str, *, config=None, which: str = "lat
   references = design_data.sequences_by_label(training, vocab) if training is not None else {}
   if training is not None:
     references["unconditional"] = list(training.sequences)
-  result["plot"] = metrics.plot_summary({s.name: s.sequences for s in sets}, references,
-                                        stem + ".summary.png", k=int(g.kmer))
+  result["plot"] = metrics.plot_summary(
+    {s.name: s.sequences for s in sets}, references, stem + ".summary.png", k=int(g.kmer)
+  )
   result["table"] = table
   return result

@@ -21,8 +21,13 @@ from absl import logging
 from hybridna_jax import restore
 from hybridna_jax import tokenizer as tok
 from hybridna_jax.config import ModelConfig, architecture_differences
-from hybridna_jax.design.data import (eval_batches, load_design_csv,
-                                      resolve_vocab, tokenize, train_batches)
+from hybridna_jax.design.data import (
+  eval_batches,
+  load_design_csv,
+  resolve_vocab,
+  tokenize,
+  train_batches,
+)
 from hybridna_jax.model import HybriDNA
 from hybridna_jax.train import flops as flops_lib
 from hybridna_jax.train import loop
@@ -37,14 +42,17 @@ class GenerativeFinetuning(loop.Task):
   -- how many bits per nucleotide worse the same sequences score under
   another label -- a direct measure of how much the model uses the prompt.
   """
+
   selection = ("bits_per_nt", "min")
 
   def __init__(self, config):
     super().__init__(config)
     g = config.generate
     if not g.train_csv:
-      raise ValueError("config.generate.train_csv is empty; give a CSV of sequence + label "
-                       "columns (see configs/design_demo.py).")
+      raise ValueError(
+        "config.generate.train_csv is empty; give a CSV of sequence + label "
+        "columns (see configs/design_demo.py)."
+      )
     self.model_cfg = ModelConfig.from_config(config.model)
     self.train_rows = load_design_csv(g.train_csv, g.label_columns)
     self.vocab = resolve_vocab(config, self.train_rows)
@@ -53,16 +61,20 @@ class GenerativeFinetuning(loop.Task):
     if g.val_csv:
       self.val_examples = tokenize(load_design_csv(g.val_csv, g.label_columns), self.vocab)
     elif int(config.train.eval_every):
-      raise ValueError("config.train.eval_every > 0 but config.generate.val_csv is empty; "
-                       "give a validation CSV or set config.train.eval_every=0.")
+      raise ValueError(
+        "config.train.eval_every > 0 but config.generate.val_csv is empty; "
+        "give a validation CSV or set config.train.eval_every=0."
+      )
     longest = max(s.size for s in self.train_examples.sequences)
     needed = longest + len(self.vocab.conditions) + 2
     for stage in self.stages():
       if stage.seq_len + 1 < needed:
-        raise ValueError(f"config.train.stages[{stage.index}] seq_len {stage.seq_len} is too "
-                         f"short: the longest training example needs {needed - 1} "
-                         f"(<bos> + {len(self.vocab.conditions)} label token(s) + {longest} nt "
-                         "+ <eos>, minus one for the shift).")
+        raise ValueError(
+          f"config.train.stages[{stage.index}] seq_len {stage.seq_len} is too "
+          f"short: the longest training example needs {needed - 1} "
+          f"(<bos> + {len(self.vocab.conditions)} label token(s) + {longest} nt "
+          "+ <eos>, minus one for the shift)."
+        )
     self.mask_n = bool(g.mask_n_in_loss)
     # Checked now, before anything compiles: the pretrained run must have
     # this architecture.
@@ -75,9 +87,11 @@ class GenerativeFinetuning(loop.Task):
     # runtime fields (numerics, kernels) may differ.
     diff = architecture_differences(pretrained_cfg, self.model_cfg)
     if diff:
-      raise ValueError(f"config.generate.pretrained={path}: its model differs from "
-                       f"config.model in {diff} (pretrained, this config); use the "
-                       "pretraining run's model settings.")
+      raise ValueError(
+        f"config.generate.pretrained={path}: its model differs from "
+        f"config.model in {diff} (pretrained, this config); use the "
+        "pretraining run's model settings."
+      )
     return ref
 
   def init_model(self, rngs):
@@ -88,16 +102,33 @@ class GenerativeFinetuning(loop.Task):
 
   def train_iterator(self, stage, batch_size, seed):
     g = self.config.generate
-    return train_batches(self.train_examples, seq_len=stage.seq_len, batch_size=batch_size,
-                         seed=seed, rc_prob=float(g.reverse_complement_prob),
-                         label_dropout=float(g.label_dropout), mask_n_in_loss=self.mask_n,
-                         shard_index=jax.process_index(), shard_count=jax.process_count())
+    return train_batches(
+      self.train_examples,
+      seq_len=stage.seq_len,
+      batch_size=batch_size,
+      seed=seed,
+      rc_prob=float(g.reverse_complement_prob),
+      label_dropout=float(g.label_dropout),
+      mask_n_in_loss=self.mask_n,
+      shard_index=jax.process_index(),
+      shard_count=jax.process_count(),
+    )
 
   def evaluate(self, fns, params, stage):
     def run(shift):
-      return loop.lm_eval(fns, params, self.config.train, stage, functools.partial(
-          eval_batches, self.val_examples, label_shift=shift, vocab=self.vocab,
-          mask_n_in_loss=self.mask_n))
+      return loop.lm_eval(
+        fns,
+        params,
+        self.config.train,
+        stage,
+        functools.partial(
+          eval_batches,
+          self.val_examples,
+          label_shift=shift,
+          vocab=self.vocab,
+          mask_n_in_loss=self.mask_n,
+        ),
+      )
 
     metrics = run(0)
     widest = max(len(c.values) for c in self.vocab.conditions)
@@ -124,10 +155,14 @@ class GenerativeFinetuning(loop.Task):
     return flops_lib.train_flops_per_token(self.model_cfg, seq_len)
 
   def describe(self) -> str:
-    conditions = ", ".join(f"{c.column} ({c.kind}: {len(c.values)} tokens from "
-                           f"{tok.token_name(c.first_token)})" for c in self.vocab.conditions)
-    return (f"generative fine-tuning on {len(self.train_examples):,} sequences of "
-            f"{self.train_rows.path}; conditions {conditions}")
+    conditions = ", ".join(
+      f"{c.column} ({c.kind}: {len(c.values)} tokens from {tok.token_name(c.first_token)})"
+      for c in self.vocab.conditions
+    )
+    return (
+      f"generative fine-tuning on {len(self.train_examples):,} sequences of "
+      f"{self.train_rows.path}; conditions {conditions}"
+    )
 
 
 def finetune(config, workdir: str) -> dict:

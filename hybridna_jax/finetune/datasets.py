@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 from absl import logging
@@ -47,8 +47,14 @@ from hybridna_jax.data.tasks import TaskFormatError, TaskSplit, parse_labels
 SPLITS = ("train", "dev", "test")
 FORMATS = ("auto", "gue", "nt", "bed")
 _COMPRESSED_SUFFIXES = ("",) + fasta_lib.COMPRESSION_SUFFIXES
-_DEV_NAMES = {"dev": "dev", "valid": "dev", "val": "dev", "validation": "dev",
-              "train": "train", "test": "test"}
+_DEV_NAMES = {
+  "dev": "dev",
+  "valid": "dev",
+  "val": "dev",
+  "validation": "dev",
+  "train": "train",
+  "test": "test",
+}
 # Imbalance (largest / smallest class of a split) above this gets a warning.
 IMBALANCE_WARNING = 3.0
 
@@ -64,6 +70,7 @@ class TaskData:
     splits: {"train", "dev", "test"} -> TaskSplit(sequences, labels).
     dev_from_train: whether dev was carved out of the training file.
   """
+
   name: str
   path: str
   format: str
@@ -72,9 +79,12 @@ class TaskData:
 
   @property
   def kind(self) -> str:
-    """"classification" (integer labels) or "regression"."""
-    return ("classification" if all(s.labels.dtype.kind == "i" for s in self.splits.values())
-            else "regression")
+    """ "classification" (integer labels) or "regression"."""
+    return (
+      "classification"
+      if all(s.labels.dtype.kind == "i" for s in self.splits.values())
+      else "regression"
+    )
 
   @property
   def num_classes(self) -> int:
@@ -85,14 +95,24 @@ class TaskData:
 
   def summary(self) -> dict:
     """Sizes, sequence lengths and label balance of every split (JSON-able)."""
-    out = {"name": self.name, "path": self.path, "format": self.format, "kind": self.kind,
-           "dev_from_train": self.dev_from_train, "splits": {}}
+    out = {
+      "name": self.name,
+      "path": self.path,
+      "format": self.format,
+      "kind": self.kind,
+      "dev_from_train": self.dev_from_train,
+      "splits": {},
+    }
     if self.kind == "classification":
       out["num_classes"] = self.num_classes
     for split, data in self.splits.items():
       lengths = np.array([len(s) for s in data.sequences])
-      entry = {"examples": len(data.sequences), "length_min": int(lengths.min()),
-               "length_mean": float(lengths.mean()), "length_max": int(lengths.max())}
+      entry = {
+        "examples": len(data.sequences),
+        "length_min": int(lengths.min()),
+        "length_mean": float(lengths.mean()),
+        "length_max": int(lengths.max()),
+      }
       if self.kind == "classification":
         counts = self.class_counts(split)
         present = counts[counts > 0]
@@ -101,30 +121,44 @@ class TaskData:
         entry["imbalance_ratio"] = float(present.max() / present.min())
       else:
         labels = data.labels.astype(np.float64)
-        entry.update(label_mean=float(labels.mean()), label_std=float(labels.std()),
-                     label_min=float(labels.min()), label_max=float(labels.max()))
+        entry.update(
+          label_mean=float(labels.mean()),
+          label_std=float(labels.std()),
+          label_min=float(labels.min()),
+          label_max=float(labels.max()),
+        )
       out["splits"][split] = entry
     return out
 
   def report(self) -> str:
     """A readable account of the splits, with class imbalance."""
     summary = self.summary()
-    head = (f"task {self.name} ({self.format}, {self.kind}"
-            + (f", {self.num_classes} classes" if self.kind == "classification" else "")
-            + (", dev carved from train" if self.dev_from_train else "") + ")")
+    head = (
+      f"task {self.name} ({self.format}, {self.kind}"
+      + (f", {self.num_classes} classes" if self.kind == "classification" else "")
+      + (", dev carved from train" if self.dev_from_train else "")
+      + ")"
+    )
     lines = [head]
     for split, entry in summary["splits"].items():
-      text = (f"  {split:5s} {entry['examples']:7,d} sequences, length "
-              f"{entry['length_min']}-{entry['length_max']} (mean {entry['length_mean']:.0f})")
+      text = (
+        f"  {split:5s} {entry['examples']:7,d} sequences, length "
+        f"{entry['length_min']}-{entry['length_max']} (mean {entry['length_mean']:.0f})"
+      )
       if self.kind == "classification":
         total = sum(entry["class_counts"])
-        classes = ", ".join(f"{c}: {n:,} ({n / total:.1%})"
-                            for c, n in enumerate(entry["class_counts"]))
-        text += (f"; classes {classes}; imbalance {entry['imbalance_ratio']:.2f}x, "
-                 f"majority-class accuracy {entry['majority_fraction']:.3f}")
+        classes = ", ".join(
+          f"{c}: {n:,} ({n / total:.1%})" for c, n in enumerate(entry["class_counts"])
+        )
+        text += (
+          f"; classes {classes}; imbalance {entry['imbalance_ratio']:.2f}x, "
+          f"majority-class accuracy {entry['majority_fraction']:.3f}"
+        )
       else:
-        text += (f"; labels mean {entry['label_mean']:.4g} sd {entry['label_std']:.4g} "
-                 f"range [{entry['label_min']:.4g}, {entry['label_max']:.4g}]")
+        text += (
+          f"; labels mean {entry['label_mean']:.4g} sd {entry['label_std']:.4g} "
+          f"range [{entry['label_min']:.4g}, {entry['label_max']:.4g}]"
+        )
       lines.append(text)
     return "\n".join(lines)
 
@@ -141,9 +175,11 @@ class TaskData:
       present = counts[counts > 0]
       ratio = present.max() / present.min()
       if split == "train" and ratio >= IMBALANCE_WARNING:
-        out.append(f"{self.name}: train classes are imbalanced {ratio:.1f}x (counts "
-                   f"{counts.tolist()}); consider finetune.class_weights='balanced'. "
-                   "MCC, F1 and AUPRC stay informative; accuracy does not.")
+        out.append(
+          f"{self.name}: train classes are imbalanced {ratio:.1f}x (counts "
+          f"{counts.tolist()}); consider finetune.class_weights='balanced'. "
+          "MCC, F1 and AUPRC stay informative; accuracy does not."
+        )
     return out
 
 
@@ -169,26 +205,31 @@ def _fasta_split(folder: str, split: str) -> str | None:
 
 
 def detect_format(path: str) -> str:
-  """"gue", "nt" or "bed" for a task path; raises with what was expected."""
+  """ "gue", "nt" or "bed" for a task path; raises with what was expected."""
   if os.path.isfile(path):
     lowered = path.lower()
-    if any(lowered.endswith(".bed" + c) or lowered.endswith(".tsv" + c)
-           for c in _COMPRESSED_SUFFIXES):
+    if any(
+      lowered.endswith(".bed" + c) or lowered.endswith(".tsv" + c) for c in _COMPRESSED_SUFFIXES
+    ):
       return "bed"
-    raise ValueError(f"{path}: a task file must be a BED file (.bed, .bed.gz or .tsv); "
-                     "GUE and Nucleotide Transformer tasks are folders.")
+    raise ValueError(
+      f"{path}: a task file must be a BED file (.bed, .bed.gz or .tsv); "
+      "GUE and Nucleotide Transformer tasks are folders."
+    )
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path}: no such task folder or BED file.")
   has = lambda name: os.path.isfile(os.path.join(path, name))  # noqa: E731
   if has("train.csv") and has("dev.csv") and has("test.csv"):
     return "gue"
   if (has("train.csv") and has("test.csv")) or (
-      _fasta_split(path, "train") and _fasta_split(path, "test")):
+    _fasta_split(path, "train") and _fasta_split(path, "test")
+  ):
     return "nt"
   raise ValueError(
-      f"{path}: not a task folder. Expected train.csv, dev.csv and test.csv (GUE), "
-      "train and test FASTA files with '>name|label' headers or train.csv and test.csv "
-      f"(Nucleotide Transformer); found {sorted(os.listdir(path))[:10]}.")
+    f"{path}: not a task folder. Expected train.csv, dev.csv and test.csv (GUE), "
+    "train and test FASTA files with '>name|label' headers or train.csv and test.csv "
+    f"(Nucleotide Transformer); found {sorted(os.listdir(path))[:10]}."
+  )
 
 
 # -- Nucleotide Transformer FASTA -------------------------------------------------------
@@ -200,9 +241,13 @@ def load_fasta_split(path: str) -> TaskSplit:
   for header, tokens in fasta_lib.read_fasta(path):
     name, sep, label = header.name.rpartition("|")
     if not sep or not label:
-      raise TaskFormatError(path, header.line, f"header '>{header.name}' has no "
-                            "'|<label>' at the end of its name; Nucleotide Transformer "
-                            "task records are named like '>chr1:100-400|1'.")
+      raise TaskFormatError(
+        path,
+        header.line,
+        f"header '>{header.name}' has no "
+        "'|<label>' at the end of its name; Nucleotide Transformer "
+        "task records are named like '>chr1:100-400|1'.",
+      )
     if tokens.size == 0:
       raise TaskFormatError(path, header.line, f"record '>{name}' has no sequence.")
     sequences.append(tokenizer.decode(tokens))
@@ -239,10 +284,20 @@ class BedRow:
   line: int
 
 
-_BED_ALIASES = {"chromosome": "chrom", "chrom": "chrom", "chr": "chrom", "#chrom": "chrom",
-                "#chromosome": "chrom", "start": "start", "chromstart": "start",
-                "end": "end", "chromend": "end", "strand": "strand", "split": "split",
-                "label": "label"}
+_BED_ALIASES = {
+  "chromosome": "chrom",
+  "chrom": "chrom",
+  "chr": "chrom",
+  "#chrom": "chrom",
+  "#chromosome": "chrom",
+  "start": "start",
+  "chromstart": "start",
+  "end": "end",
+  "chromend": "end",
+  "strand": "strand",
+  "split": "split",
+  "label": "label",
+}
 _BED_DEFAULT_COLUMNS = ("chrom", "start", "end", "split", "label")
 
 
@@ -256,48 +311,68 @@ def read_bed(path: str) -> list[BedRow]:
     fields = text.split("\t") if "\t" in text else text.split()
     lowered = [x.strip().lower() for x in fields]
     if columns is None:
-      if "start" in lowered and "end" in lowered:      # a header line
+      if "start" in lowered and "end" in lowered:  # a header line
         columns = tuple(_BED_ALIASES.get(x, x) for x in lowered)
         missing = [c for c in ("chrom", "start", "end", "split") if c not in columns]
         if missing:
-          raise TaskFormatError(path, line_number, f"header {fields} lacks column(s) "
-                                f"{missing}; BEND-style task files name chromosome, "
-                                "start, end, split and label (strand optional).")
+          raise TaskFormatError(
+            path,
+            line_number,
+            f"header {fields} lacks column(s) "
+            f"{missing}; BEND-style task files name chromosome, "
+            "start, end, split and label (strand optional).",
+          )
         if "label" not in columns:
-          raise TaskFormatError(path, line_number, "no 'label' column; tasks whose "
-                                "labels live in a separate HDF5 file (multi-label BEND "
-                                "tasks) are not supported; add a label column.")
+          raise TaskFormatError(
+            path,
+            line_number,
+            "no 'label' column; tasks whose "
+            "labels live in a separate HDF5 file (multi-label BEND "
+            "tasks) are not supported; add a label column.",
+          )
         continue
       if text.startswith("#"):
         continue
       columns = _BED_DEFAULT_COLUMNS
       if len(fields) != len(columns):
-        raise TaskFormatError(path, line_number, f"{len(fields)} columns and no header; "
-                              "a header-less task BED file has 5 columns: chromosome, "
-                              "start, end, split, label (add a header line otherwise).")
+        raise TaskFormatError(
+          path,
+          line_number,
+          f"{len(fields)} columns and no header; "
+          "a header-less task BED file has 5 columns: chromosome, "
+          "start, end, split, label (add a header line otherwise).",
+        )
     if text.startswith("#"):
       continue
     if len(fields) < len(columns):
-      raise TaskFormatError(path, line_number, f"{len(fields)} columns, the header "
-                            f"names {len(columns)}.")
+      raise TaskFormatError(
+        path, line_number, f"{len(fields)} columns, the header names {len(columns)}."
+      )
     values = dict(zip(columns, (x.strip() for x in fields)))
     try:
       start, end = int(values["start"]), int(values["end"])
     except ValueError:
-      raise TaskFormatError(path, line_number, f"start {values['start']!r} / end "
-                            f"{values['end']!r} are not integers.") from None
+      raise TaskFormatError(
+        path, line_number, f"start {values['start']!r} / end {values['end']!r} are not integers."
+      ) from None
     if start < 0 or end <= start:
-      raise TaskFormatError(path, line_number, f"interval [{start}, {end}) is empty or "
-                            "negative; BED coordinates are 0-based with end > start.")
+      raise TaskFormatError(
+        path,
+        line_number,
+        f"interval [{start}, {end}) is empty or "
+        "negative; BED coordinates are 0-based with end > start.",
+      )
     split = _DEV_NAMES.get(values["split"].lower())
     if split is None:
-      raise TaskFormatError(path, line_number, f"split {values['split']!r} is not one of "
-                            "train, valid (val, validation, dev) or test.")
+      raise TaskFormatError(
+        path,
+        line_number,
+        f"split {values['split']!r} is not one of train, valid (val, validation, dev) or test.",
+      )
     strand = values.get("strand", "+") or "+"
     if strand not in ("+", "-", "."):
       raise TaskFormatError(path, line_number, f"strand {strand!r} is not '+', '-' or '.'.")
-    rows.append(BedRow(values["chrom"], start, end, strand, split, values["label"],
-                       line_number))
+    rows.append(BedRow(values["chrom"], start, end, strand, split, values["label"], line_number))
   if not rows:
     raise TaskFormatError(path, None, "no intervals.")
   return rows
@@ -306,45 +381,68 @@ def read_bed(path: str) -> list[BedRow]:
 def read_chromosomes(reference: str, names: set[str]) -> dict[str, np.ndarray]:
   """uint8 tokens of the named records of a FASTA file (others are skipped
   while streaming, so a whole genome is never held for a few chromosomes)."""
-  return {header.name: tokens
-          for header, tokens in fasta_lib.iter_records(reference, keep=names.__contains__)
-          if tokens is not None}
+  return {
+    header.name: tokens
+    for header, tokens in fasta_lib.iter_records(reference, keep=names.__contains__)
+    if tokens is not None
+  }
 
 
 def _load_bed(path: str, reference: str) -> tuple[dict[str, TaskSplit], bool]:
   if not reference:
-    raise ValueError(f"{path} is a BED task: set finetune.reference (--reference) to the "
-                     "reference genome FASTA its coordinates refer to.")
+    raise ValueError(
+      f"{path} is a BED task: set finetune.reference (--reference) to the "
+      "reference genome FASTA its coordinates refer to."
+    )
   if not os.path.isfile(reference):
     raise FileNotFoundError(f"reference genome {reference} not found (finetune.reference).")
   rows = read_bed(path)
   names = {r.chrom for r in rows}
   start = time.perf_counter()
-  logging.info("%s: %d intervals on %d chromosomes; reading them from %s", path, len(rows),
-               len(names), reference)
+  logging.info(
+    "%s: %d intervals on %d chromosomes; reading them from %s",
+    path,
+    len(rows),
+    len(names),
+    reference,
+  )
   chromosomes = read_chromosomes(reference, names)
-  logging.info("read %d chromosomes (%.0f Mb) in %.0f s", len(chromosomes),
-               sum(c.size for c in chromosomes.values()) / 1e6, time.perf_counter() - start)
+  logging.info(
+    "read %d chromosomes (%.0f Mb) in %.0f s",
+    len(chromosomes),
+    sum(c.size for c in chromosomes.values()) / 1e6,
+    time.perf_counter() - start,
+  )
   by_split: dict[str, tuple[list, list, list]] = {}
   for row in rows:
     genome = chromosomes.get(row.chrom)
     if genome is None:
-      raise TaskFormatError(path, row.line, f"chromosome {row.chrom!r} is not in "
-                            f"{reference}; check that the BED file and the reference use "
-                            "the same names (e.g. 'chr1' vs '1').")
+      raise TaskFormatError(
+        path,
+        row.line,
+        f"chromosome {row.chrom!r} is not in "
+        f"{reference}; check that the BED file and the reference use "
+        "the same names (e.g. 'chr1' vs '1').",
+      )
     if row.end > genome.size:
-      raise TaskFormatError(path, row.line, f"interval {row.chrom}:{row.start}-{row.end} "
-                            f"runs past the end of {row.chrom} ({genome.size:,} nt in "
-                            f"{reference}); is it the right assembly?")
-    tokens = genome[row.start:row.end]
+      raise TaskFormatError(
+        path,
+        row.line,
+        f"interval {row.chrom}:{row.start}-{row.end} "
+        f"runs past the end of {row.chrom} ({genome.size:,} nt in "
+        f"{reference}); is it the right assembly?",
+      )
+    tokens = genome[row.start : row.end]
     if row.strand == "-":
       tokens = tokenizer.reverse_complement_nucleotides(tokens)
     seqs, labels, lines = by_split.setdefault(row.split, ([], [], []))
     seqs.append(tokenizer.decode(tokens))
     labels.append(row.label)
     lines.append(row.line)
-  splits = {s: TaskSplit(seqs, parse_labels(path, labels, lines))
-            for s, (seqs, labels, lines) in by_split.items()}
+  splits = {
+    s: TaskSplit(seqs, parse_labels(path, labels, lines))
+    for s, (seqs, labels, lines) in by_split.items()
+  }
   for split in ("train", "test"):
     if split not in splits:
       raise TaskFormatError(path, None, f"no rows with split '{split}'.")
@@ -358,8 +456,9 @@ def carve_dev(train: TaskSplit, fraction: float, seed: int) -> tuple[TaskSplit, 
   """(train, dev): `fraction` of each class of train (of all examples for
   regression), at least one per class with two or more examples."""
   if not 0.0 < fraction < 1.0:
-    raise ValueError(f"finetune.dev_fraction must be in (0, 1) for a task without a dev "
-                     f"split, got {fraction}.")
+    raise ValueError(
+      f"finetune.dev_fraction must be in (0, 1) for a task without a dev split, got {fraction}."
+    )
   labels = train.labels
   rng = np.random.default_rng(seed)
   if labels.dtype.kind == "i":
@@ -378,6 +477,7 @@ def carve_dev(train: TaskSplit, fraction: float, seed: int) -> tuple[TaskSplit, 
   def subset(mask):
     idx = np.flatnonzero(mask)
     return TaskSplit([train.sequences[i] for i in idx], labels[idx])
+
   return subset(~is_dev), subset(is_dev)
 
 
@@ -387,15 +487,25 @@ def _unify_label_dtypes(splits: dict[str, TaskSplit], path: str) -> dict[str, Ta
   if all(s.labels.dtype.kind == "i" for s in splits.values()):
     for name, s in splits.items():
       if s.labels.min() < 0:
-        raise ValueError(f"{path}: {name} split has class label {int(s.labels.min())}; "
-                         "class labels are 0, 1, ..., (number of classes - 1).")
+        raise ValueError(
+          f"{path}: {name} split has class label {int(s.labels.min())}; "
+          "class labels are 0, 1, ..., (number of classes - 1)."
+        )
     return splits
   return {k: TaskSplit(v.sequences, v.labels.astype(np.float32)) for k, v in splits.items()}
 
 
-def load_task(path: str, *, format: str = "auto", reference: str = "",  # pylint: disable=redefined-builtin
-              dev_fraction: float = 0.1, split_seed: int = 0, kind: str = "auto",
-              name: str | None = None, log: bool = True) -> TaskData:
+def load_task(
+  path: str,
+  *,
+  format: str = "auto",
+  reference: str = "",  # pylint: disable=redefined-builtin
+  dev_fraction: float = 0.1,
+  split_seed: int = 0,
+  kind: str = "auto",
+  name: str | None = None,
+  log: bool = True,
+) -> TaskData:
   """Loads a task in any supported layout (module docstring).
 
   Args:
@@ -418,8 +528,9 @@ def load_task(path: str, *, format: str = "auto", reference: str = "",  # pylint
     splits, missing_dev = _load_nt(path)
     for split in ("train", "test"):
       if split not in splits:
-        raise FileNotFoundError(f"{path}: no {split} split ({split}.fna / .fa / .fasta "
-                                f"or {split}.csv).")
+        raise FileNotFoundError(
+          f"{path}: no {split} split ({split}.fna / .fa / .fasta or {split}.csv)."
+        )
   else:
     splits, missing_dev = _load_bed(path, reference)
   if missing_dev:
@@ -428,17 +539,18 @@ def load_task(path: str, *, format: str = "auto", reference: str = "",  # pylint
   if kind == "regression":
     splits = {k: TaskSplit(v.sequences, v.labels.astype(np.float32)) for k, v in splits.items()}
   elif kind == "classification" and any(v.labels.dtype.kind != "i" for v in splits.values()):
-    raise ValueError(f"{path}: finetune.kind='classification' but some labels are not "
-                     "integers; use kind='regression' or 'auto'.")
+    raise ValueError(
+      f"{path}: finetune.kind='classification' but some labels are not "
+      "integers; use kind='regression' or 'auto'."
+    )
   elif kind not in ("auto", "classification", "regression"):
     raise ValueError(f"finetune.kind must be auto, classification or regression, got {kind!r}.")
   base = os.path.basename(path)
   for suffix in (".gz", ".bed", ".tsv"):
-    base = base[:-len(suffix)] if base.endswith(suffix) else base
+    base = base[: -len(suffix)] if base.endswith(suffix) else base
   data = TaskData(name or base, path, fmt, splits, missing_dev)
   if log:
     logging.info("%s", data.report())
     for warning in data.warnings():
       logging.warning("%s", warning)
   return data
-

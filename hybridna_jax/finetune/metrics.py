@@ -20,13 +20,13 @@ from __future__ import annotations
 import numpy as np
 
 
-def confusion_matrix(labels: np.ndarray, predictions: np.ndarray,
-                     num_classes: int) -> np.ndarray:
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
   """int64 (k, k): rows are true classes, columns predicted classes."""
   labels = np.asarray(labels, np.int64)
   predictions = np.asarray(predictions, np.int64)
-  return np.bincount(labels * num_classes + predictions,
-                     minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+  return np.bincount(
+    labels * num_classes + predictions, minlength=num_classes * num_classes
+  ).reshape(num_classes, num_classes)
 
 
 def mcc(labels: np.ndarray, predictions: np.ndarray, num_classes: int | None = None) -> float:
@@ -37,7 +37,9 @@ def mcc(labels: np.ndarray, predictions: np.ndarray, num_classes: int | None = N
   correct = np.trace(cm)
   true_counts, pred_counts = cm.sum(axis=1), cm.sum(axis=0)
   cov = correct * samples - pred_counts @ true_counts
-  denom = np.sqrt((samples**2 - pred_counts @ pred_counts) * (samples**2 - true_counts @ true_counts))
+  denom = np.sqrt(
+    (samples**2 - pred_counts @ pred_counts) * (samples**2 - true_counts @ true_counts)
+  )
   return float(cov / denom) if denom > 0 else 0.0
 
 
@@ -45,7 +47,7 @@ def f1_per_class(labels: np.ndarray, predictions: np.ndarray, num_classes: int) 
   """float64 (k,): F1 of each class (0 where it has no true or predicted example)."""
   cm = confusion_matrix(labels, predictions, num_classes).astype(np.float64)
   tp = np.diag(cm)
-  denom = cm.sum(axis=0) + cm.sum(axis=1)     # 2 tp + fp + fn
+  denom = cm.sum(axis=0) + cm.sum(axis=1)  # 2 tp + fp + fn
   return np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
 
 
@@ -112,10 +114,10 @@ def classification_metrics(labels: np.ndarray, logits: np.ndarray) -> dict[str, 
   log_probs = logits - logits.max(1, keepdims=True)
   log_probs -= np.log(np.exp(log_probs).sum(1, keepdims=True))
   out = {
-      "mcc": mcc(labels, predictions, k),
-      "accuracy": float(np.mean(predictions == labels)) if labels.size else float("nan"),
-      "f1_macro": float(np.mean(f1)),
-      "loss": float(-np.mean(log_probs[np.arange(labels.size), labels])),
+    "mcc": mcc(labels, predictions, k),
+    "accuracy": float(np.mean(predictions == labels)) if labels.size else float("nan"),
+    "f1_macro": float(np.mean(f1)),
+    "loss": float(-np.mean(log_probs[np.arange(labels.size), labels])),
   }
   if k == 2:
     out["f1"] = float(f1[1])
@@ -134,7 +136,7 @@ def rankdata(x: np.ndarray) -> np.ndarray:
   sorted_x = x[order]
   starts = np.r_[0, np.flatnonzero(np.diff(sorted_x)) + 1]
   ends = np.r_[starts[1:], x.size]
-  average = (starts + ends + 1) / 2.0          # mean of ranks start+1 .. end
+  average = (starts + ends + 1) / 2.0  # mean of ranks start+1 .. end
   ranks = np.empty(x.size, np.float64)
   ranks[order] = np.repeat(average, ends - starts)
   return ranks
@@ -154,11 +156,15 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
 def regression_metrics(targets: np.ndarray, predictions: np.ndarray) -> dict[str, float]:
   targets = np.asarray(targets, np.float64)
   predictions = np.asarray(predictions, np.float64)
-  mse = float(np.mean((predictions - targets)**2))
+  mse = float(np.mean((predictions - targets) ** 2))
   variance = float(np.var(targets))
-  return {"pearson": pearson(predictions, targets), "spearman": spearman(predictions, targets),
-          "mse": mse, "r2": 1.0 - mse / variance if variance > 0 else float("nan"),
-          "loss": mse}
+  return {
+    "pearson": pearson(predictions, targets),
+    "spearman": spearman(predictions, targets),
+    "mse": mse,
+    "r2": 1.0 - mse / variance if variance > 0 else float("nan"),
+    "loss": mse,
+  }
 
 
 # The headline metric of each task kind (selection on dev, first column of tables).

@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hybridna_jax.config import ModelConfig
 from hybridna_jax import echo as echo_lib
+from hybridna_jax.config import ModelConfig
 from hybridna_jax.model import HybriDNA
 from hybridna_jax.sharding import constrain
 
@@ -45,6 +45,7 @@ class HeadConfig:
   hidden: 0 for a linear head, else one GELU hidden layer of this width.
   freeze_backbone: train the head only.
   """
+
   num_outputs: int
   echo: bool = True
   pool: str = "mean"
@@ -56,11 +57,11 @@ class HeadConfig:
     if self.pool not in echo_lib.POOL_MODES:
       raise ValueError(f"finetune.pool must be one of {echo_lib.POOL_MODES}, got {self.pool!r}.")
     if self.rc_combine not in RC_MODES:
-      raise ValueError(f"finetune.rc_combine must be one of {RC_MODES}, got "
-                       f"{self.rc_combine!r}.")
+      raise ValueError(f"finetune.rc_combine must be one of {RC_MODES}, got {self.rc_combine!r}.")
     if self.num_outputs < 1 or self.hidden < 0:
-      raise ValueError(f"head: need num_outputs >= 1 and hidden >= 0, got "
-                       f"{self.num_outputs}, {self.hidden}.")
+      raise ValueError(
+        f"head: need num_outputs >= 1 and hidden >= 0, got {self.num_outputs}, {self.hidden}."
+      )
 
   @property
   def reverse_strand(self) -> bool:
@@ -70,16 +71,24 @@ class HeadConfig:
   def label(self) -> str:
     """A short name of the embedding, e.g. "RC-echo mean (avg logits)"."""
     name = ("RC-" if self.reverse_strand else "") + ("echo" if self.echo else "plain")
-    extra = {"none": "", "average_logits": " (avg logits)",
-             "concat_features": " (concat features)"}[self.rc_combine]
+    extra = {
+      "none": "",
+      "average_logits": " (avg logits)",
+      "concat_features": " (concat features)",
+    }[self.rc_combine]
     return f"{name} {self.pool}{extra}" + (" frozen" if self.freeze_backbone else "")
 
   @classmethod
-  def from_config(cls, fc, num_outputs: int) -> "HeadConfig":
+  def from_config(cls, fc, num_outputs: int) -> HeadConfig:
     """From the `finetune` config section."""
-    return cls(num_outputs=num_outputs, echo=bool(fc.echo), pool=str(fc.pool),
-               rc_combine=str(fc.rc_combine), hidden=int(fc.head_hidden),
-               freeze_backbone=bool(fc.freeze_backbone))
+    return cls(
+      num_outputs=num_outputs,
+      echo=bool(fc.echo),
+      pool=str(fc.pool),
+      rc_combine=str(fc.rc_combine),
+      hidden=int(fc.head_hidden),
+      freeze_backbone=bool(fc.freeze_backbone),
+    )
 
 
 class SequenceHead(nnx.Module):
@@ -89,25 +98,28 @@ class SequenceHead(nnx.Module):
     width = in_features
     if cfg.hidden:
       self.hidden = nnx.Param(
-          jax.random.normal(rngs.params(), (in_features, cfg.hidden), param_dtype)
-          / jnp.sqrt(in_features).astype(param_dtype), logical_axes=("embed", "mlp"))
-      self.hidden_bias = nnx.Param(jnp.zeros((cfg.hidden,), param_dtype),
-                                   logical_axes=("mlp",))
+        jax.random.normal(rngs.params(), (in_features, cfg.hidden), param_dtype)
+        / jnp.sqrt(in_features).astype(param_dtype),
+        logical_axes=("embed", "mlp"),
+      )
+      self.hidden_bias = nnx.Param(jnp.zeros((cfg.hidden,), param_dtype), logical_axes=("mlp",))
       width = cfg.hidden
     else:
       self.hidden = None
     # Zero output layer: the untrained head predicts the uniform distribution
     # (or 0), a stable start on top of pretrained features.
-    self.kernel = nnx.Param(jnp.zeros((width, cfg.num_outputs), param_dtype),
-                            logical_axes=("mlp" if cfg.hidden else "embed", "classes"))
-    self.bias = nnx.Param(jnp.zeros((cfg.num_outputs,), param_dtype),
-                          logical_axes=("classes",))
+    self.kernel = nnx.Param(
+      jnp.zeros((width, cfg.num_outputs), param_dtype),
+      logical_axes=("mlp" if cfg.hidden else "embed", "classes"),
+    )
+    self.bias = nnx.Param(jnp.zeros((cfg.num_outputs,), param_dtype), logical_axes=("classes",))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(jnp.float32)
     if self.hidden is not None:
-      x = jax.nn.gelu(x @ self.hidden[...].astype(jnp.float32)
-                      + self.hidden_bias[...].astype(jnp.float32))
+      x = jax.nn.gelu(
+        x @ self.hidden[...].astype(jnp.float32) + self.hidden_bias[...].astype(jnp.float32)
+      )
     return x @ self.kernel[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
 
 
@@ -118,8 +130,7 @@ class SequenceModel(nnx.Module):
     self.head_cfg = head_cfg
     self.backbone = HybriDNA(model_cfg, rngs=rngs)
     in_features = model_cfg.d_model * (2 if head_cfg.rc_combine == "concat_features" else 1)
-    self.head = SequenceHead(in_features, head_cfg, param_dtype=model_cfg.weight_dtype,
-                             rngs=rngs)
+    self.head = SequenceHead(in_features, head_cfg, param_dtype=model_cfg.weight_dtype, rngs=rngs)
 
   def embed(self, inputs: jax.Array, segment_ids: jax.Array, pool_mask: jax.Array) -> jax.Array:
     """Pooled final-norm features, float32 (b, d)."""
@@ -136,11 +147,14 @@ class SequenceModel(nnx.Module):
       return self.head(self.embed(batch["inputs"], batch["segment_ids"], batch["pool_mask"]))
     b = batch["inputs"].shape[0]
     both = lambda x, y: jnp.concatenate([x, y], axis=0)  # noqa: E731
-    features = self.embed(both(batch["inputs"], batch["rc_inputs"]),
-                          both(batch["segment_ids"], batch["segment_ids"]),
-                          both(batch["pool_mask"], batch["pool_mask"]))
+    features = self.embed(
+      both(batch["inputs"], batch["rc_inputs"]),
+      both(batch["segment_ids"], batch["segment_ids"]),
+      both(batch["pool_mask"], batch["pool_mask"]),
+    )
     forward, reverse = features[:b], features[b:]
     if cfg.rc_combine == "average_logits":
       return 0.5 * (self.head(forward) + self.head(reverse))
-    return self.head(jnp.concatenate(
-        [jnp.maximum(forward, reverse), jnp.minimum(forward, reverse)], axis=-1))
+    return self.head(
+      jnp.concatenate([jnp.maximum(forward, reverse), jnp.minimum(forward, reverse)], axis=-1)
+    )

@@ -34,12 +34,20 @@ def metrics_table(rows: list[dict]) -> str:
   """Markdown table of result rows: {"task", "kind", "embedding", "split",
   metric: value, ...}; metric columns follow the kinds present."""
   kinds = {r["kind"] for r in rows}
-  columns = [c for kind, cols in (("classification", CLASSIFICATION_COLUMNS),
-                                  ("regression", REGRESSION_COLUMNS))
-             if kind in kinds for c in cols]
+  columns = [
+    c
+    for kind, cols in (
+      ("classification", CLASSIFICATION_COLUMNS),
+      ("regression", REGRESSION_COLUMNS),
+    )
+    if kind in kinds
+    for c in cols
+  ]
   header = ["task", "embedding", "split", "n", *columns]
-  lines = ["| " + " | ".join(header) + " |",
-           "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|"]
+  lines = [
+    "| " + " | ".join(header) + " |",
+    "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|",
+  ]
   for r in rows:
     cells = [r["task"], r.get("embedding", ""), r["split"], str(r.get("examples", ""))]
     cells += [_fmt(r.get(c)) for c in columns]
@@ -49,9 +57,16 @@ def metrics_table(rows: list[dict]) -> str:
 
 def result_rows(results: dict) -> list[dict]:
   """The dev and test rows of one run's results.json."""
-  return [{"task": results["task"], "kind": results["kind"],
-           "embedding": results["embedding"], "split": split, **results[split]}
-          for split in ("dev", "test")]
+  return [
+    {
+      "task": results["task"],
+      "kind": results["kind"],
+      "embedding": results["embedding"],
+      "split": split,
+      **results[split],
+    }
+    for split in ("dev", "test")
+  ]
 
 
 def write_results(workdir: str, results: dict) -> dict[str, str]:
@@ -63,8 +78,10 @@ def write_results(workdir: str, results: dict) -> dict[str, str]:
   headline = HEADLINE[results["kind"]]
   with open(table_path, "w", encoding="utf-8") as f:
     f.write(f"# {results['task']}: {results['embedding']}\n\n")
-    f.write(f"Selected on dev {headline} at step {results['selected_step']} "
-            f"of {results['total_steps']}; backbone: {results['backbone']}.\n\n")
+    f.write(
+      f"Selected on dev {headline} at step {results['selected_step']} "
+      f"of {results['total_steps']}; backbone: {results['backbone']}.\n\n"
+    )
     f.write(metrics_table(result_rows(results)))
   return {"json": json_path, "table": table_path}
 
@@ -73,12 +90,12 @@ def write_predictions(path: str, labels: np.ndarray, outputs: np.ndarray, kind: 
   """Test predictions, one row per example in file order: label, prediction
   and class probabilities (classification) or the predicted value."""
   from hybridna_jax.finetune.metrics import softmax  # pylint: disable=g-import-not-at-top
+
   with open(path, "w", newline="", encoding="utf-8") as f:
     writer = csv.writer(f)
     if kind == "classification":
       probs = softmax(outputs)
-      writer.writerow(["index", "label", "prediction"]
-                      + [f"p{c}" for c in range(probs.shape[1])])
+      writer.writerow(["index", "label", "prediction"] + [f"p{c}" for c in range(probs.shape[1])])
       for i, (label, p) in enumerate(zip(labels, probs)):
         writer.writerow([i, int(label), int(np.argmax(p))] + [f"{x:.6g}" for x in p])
     else:
@@ -122,11 +139,16 @@ def plot_suite(rows: list[dict], out_path: str) -> str:
     bars = ax.bar(x + offset, values, width, label=split, color=color)
     for bar, value in zip(bars, values):
       if np.isfinite(value):
-        ax.annotate(f"{value:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                    ha="center", va="bottom", fontsize=7)
+        ax.annotate(
+          f"{value:.2f}",
+          (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+          ha="center",
+          va="bottom",
+          fontsize=7,
+        )
   scores = [r.get(HEADLINE[r["kind"]], np.nan) for r in rows]
   low = np.nanmin(scores) if np.any(np.isfinite(scores)) else 0.0
-  ax.set_ylim(min(0.0, low) - 0.05, 1.08)          # MCC and Pearson lie in [-1, 1]
+  ax.set_ylim(min(0.0, low) - 0.05, 1.08)  # MCC and Pearson lie in [-1, 1]
   kinds = {r["kind"] for r in rows}
   ax.set_ylabel(" / ".join(HEADLINE[k] for k in sorted(kinds)) + " (headline)")
   ax.set_xticks(x, tasks, rotation=30, ha="right", fontsize=8)

@@ -39,16 +39,12 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from hybridna_jax import restore
-from hybridna_jax import sharding
-from hybridna_jax import tokenizer
-from hybridna_jax.config import (MODEL_RUNTIME_FIELDS, FinetuneConfig, ModelConfig,
-                                 model_config_dict)
-from hybridna_jax.data import pipeline
-from hybridna_jax.finetune import datasets
 from hybridna_jax import echo as echo_lib
+from hybridna_jax import restore, sharding, tokenizer
+from hybridna_jax.config import MODEL_RUNTIME_FIELDS, FinetuneConfig, ModelConfig, model_config_dict
+from hybridna_jax.data import pipeline
+from hybridna_jax.finetune import datasets, report
 from hybridna_jax.finetune import metrics as metrics_lib
-from hybridna_jax.finetune import report
 from hybridna_jax.finetune.model import HeadConfig, SequenceModel
 from hybridna_jax.train import flops as flops_lib
 from hybridna_jax.train import loop
@@ -79,10 +75,13 @@ def resolve_backbone(config) -> tuple[ModelConfig, restore.CheckpointRef | None]
   run = restore.run_config(ref.run_dir)
   run_task = FinetuneConfig.of(run).task
   if run_task:
-    raise ValueError(f"finetune.pretrained={fc.pretrained} is a fine-tuning run (task "
-                     f"{run_task}); pass a pretraining run (launch/train.py).")
-  model_cfg = dataclasses.replace(ModelConfig.from_config(run.model),
-                                  **{f: getattr(own, f) for f in MODEL_RUNTIME_FIELDS})
+    raise ValueError(
+      f"finetune.pretrained={fc.pretrained} is a fine-tuning run (task "
+      f"{run_task}); pass a pretraining run (launch/train.py)."
+    )
+  model_cfg = dataclasses.replace(
+    ModelConfig.from_config(run.model), **{f: getattr(own, f) for f in MODEL_RUNTIME_FIELDS}
+  )
   with config.unlocked():
     config.model = model_config_dict(**dataclasses.asdict(model_cfg))
   return model_cfg, ref
@@ -93,15 +92,18 @@ def head_only(tx: optax.GradientTransformation) -> optax.GradientTransformation:
   the (frozen) backbone. Its gradients are zero already (stop_gradient), but
   AdamW's weight decay would still move it, and its moments would cost two
   backbones of memory."""
+
   def init(params):
     return tx.init(params["head"])
 
   def update(updates, state, params=None):
-    head_updates, state = tx.update(updates["head"], state,
-                                    None if params is None else params["head"])
+    head_updates, state = tx.update(
+      updates["head"], state, None if params is None else params["head"]
+    )
     updates = jax.tree.map(jnp.zeros_like, updates)
     updates["head"] = head_updates
     return updates, state
+
   return optax.GradientTransformation(init, update)
 
 
@@ -117,8 +119,16 @@ class _TrainExamples(grain.transforms.Map):
   reverse-complement.
   """
 
-  def __init__(self, tokens: list[np.ndarray], labels: np.ndarray, width: int, echo: bool,
-               reverse_strand: bool, seed: int, rc_prob: float):
+  def __init__(
+    self,
+    tokens: list[np.ndarray],
+    labels: np.ndarray,
+    width: int,
+    echo: bool,
+    reverse_strand: bool,
+    seed: int,
+    rc_prob: float,
+  ):
     self.tokens, self.labels = tokens, labels
     self.width, self.echo, self.reverse_strand = width, echo, reverse_strand
     self.seed, self.rc_prob = seed, rc_prob
@@ -130,8 +140,9 @@ class _TrainExamples(grain.transforms.Map):
     tokens = self.tokens[i]
     if self.rc_prob > 0 and (pipeline.derive_seed(self.seed, "rc", g) / 2.0**32) < self.rc_prob:
       tokens = tokenizer.reverse_complement_nucleotides(tokens)
-    row = echo_lib.build_batch([tokens], self.width, echo=self.echo,
-                               reverse_strand=self.reverse_strand)
+    row = echo_lib.build_batch(
+      [tokens], self.width, echo=self.echo, reverse_strand=self.reverse_strand
+    )
     row = {k: v[0] for k, v in row.items()}
     row.update(labels=self.labels[i], weight=np.float32(1.0), index=np.int32(i))
     return row
@@ -154,12 +165,18 @@ class FinetuneTask(loop.Task):
     fc = config.finetune
     if data is None:
       if not fc.task:
-        raise ValueError("no task: set finetune.task (--task) to a GUE or Nucleotide "
-                         "Transformer folder or a BED file.")
-      data = datasets.load_task(str(fc.task), format=str(fc.format),
-                                reference=str(fc.reference),
-                                dev_fraction=float(fc.dev_fraction),
-                                split_seed=int(fc.split_seed), kind=str(fc.kind))
+        raise ValueError(
+          "no task: set finetune.task (--task) to a GUE or Nucleotide "
+          "Transformer folder or a BED file."
+        )
+      data = datasets.load_task(
+        str(fc.task),
+        format=str(fc.format),
+        reference=str(fc.reference),
+        dev_fraction=float(fc.dev_fraction),
+        split_seed=int(fc.split_seed),
+        kind=str(fc.kind),
+      )
     self.data = data
     self.kind = data.kind
     self.model_cfg, self.pretrained = resolve_backbone(config)
@@ -167,7 +184,8 @@ class FinetuneTask(loop.Task):
     self.head_cfg = HeadConfig.from_config(fc, num_outputs)
     self.selection = (metrics_lib.HEADLINE[self.kind], "max")
     self.batch_keys = ("inputs", "segment_ids", "pool_mask", "labels", "weight", "index") + (
-        ("rc_inputs",) if self.head_cfg.reverse_strand else ())
+      ("rc_inputs",) if self.head_cfg.reverse_strand else ()
+    )
 
     # Tokens (uint8) of every split, cropped to max_length.
     longest = max(len(s) for split in data.splits.values() for s in split.sequences)
@@ -178,10 +196,12 @@ class FinetuneTask(loop.Task):
       cropped += sum(r.size > self.max_tokens for r in rows)
       self.tokens[name] = [echo_lib.crop_center(r, self.max_tokens) for r in rows]
     if cropped:
-      logging.warning("%d sequences longer than finetune.max_length=%d nt were cropped "
-                      "around their centre.", cropped, self.max_tokens)
-    self.width = echo_lib.padded_width(self.max_tokens, self.head_cfg.echo,
-                                       int(fc.pad_multiple))
+      logging.warning(
+        "%d sequences longer than finetune.max_length=%d nt were cropped around their centre.",
+        cropped,
+        self.max_tokens,
+      )
+    self.width = echo_lib.padded_width(self.max_tokens, self.head_cfg.echo, int(fc.pad_multiple))
 
     # Targets: class ids, or regression labels standardised on train.
     train_labels = data.splits["train"].labels
@@ -194,10 +214,12 @@ class FinetuneTask(loop.Task):
     if self.kind == "classification" and fc.class_weights == "balanced":
       counts = np.bincount(train_labels, minlength=num_outputs).astype(np.float64)
       self.class_weights = np.where(
-          counts > 0, counts.sum() / (num_outputs * np.maximum(counts, 1)), 0.0).astype(np.float32)
+        counts > 0, counts.sum() / (num_outputs * np.maximum(counts, 1)), 0.0
+      ).astype(np.float32)
     elif fc.class_weights not in ("none", "balanced"):
-      raise ValueError(f"finetune.class_weights must be none or balanced, got "
-                       f"{fc.class_weights!r}.")
+      raise ValueError(
+        f"finetune.class_weights must be none or balanced, got {fc.class_weights!r}."
+      )
 
     # The schedule.
     n_train = len(self.tokens["train"])
@@ -213,10 +235,12 @@ class FinetuneTask(loop.Task):
     if float(fc.warmup_fraction) > 0:
       tc.warmup_steps = int(round(float(fc.warmup_fraction) * steps))
     if not int(tc.eval_every):
-      logging.warning("train.eval_every = 0: dev is evaluated only at the end, so the "
-                      "last step is the selected model.")
+      logging.warning(
+        "train.eval_every = 0: dev is evaluated only at the end, so the "
+        "last step is the selected model."
+      )
     tc.keep_best = True
-    tc.plot = False           # the LM loss plot; `finish` draws fine-tuning curves
+    tc.plot = False  # the LM loss plot; `finish` draws fine-tuning curves
 
   # -- model and loss -----------------------------------------------------------
 
@@ -254,13 +278,20 @@ class FinetuneTask(loop.Task):
     return ((labels - self.label_mean) / self.label_std).astype(np.float32)
 
   def train_iterator(self, stage, batch_size, seed):
-    examples = _TrainExamples(self.tokens["train"], self._labels("train"), stage.seq_len,
-                              self.head_cfg.echo, self.head_cfg.reverse_strand, seed,
-                              float(self.config.finetune.rc_augment))
+    examples = _TrainExamples(
+      self.tokens["train"],
+      self._labels("train"),
+      stage.seq_len,
+      self.head_cfg.echo,
+      self.head_cfg.reverse_strand,
+      seed,
+      float(self.config.finetune.rc_augment),
+    )
     ds = pipeline.host_positions(jax.process_index(), jax.process_count())
     ds = ds.map(examples).batch(batch_size, drop_remainder=True)
-    options = grain.ReadOptions(num_threads=int(self.config.data.read_threads),
-                                prefetch_buffer_size=2 * batch_size)
+    options = grain.ReadOptions(
+      num_threads=int(self.config.data.read_threads), prefetch_buffer_size=2 * batch_size
+    )
     return iter(ds.to_iter_dataset(options))
 
   def _eval_batches(self, split: str, mesh):
@@ -275,9 +306,12 @@ class FinetuneTask(loop.Task):
     for ids in pipeline.host_eval_rows(len(tokens), per_host, host, hosts):
       rows = ids[ids >= 0]
       fill = per_host - len(rows)
-      batch = echo_lib.build_batch([tokens[i] for i in rows] + [tokens[0]] * fill, self.width,
-                                   echo=self.head_cfg.echo,
-                                   reverse_strand=self.head_cfg.reverse_strand)
+      batch = echo_lib.build_batch(
+        [tokens[i] for i in rows] + [tokens[0]] * fill,
+        self.width,
+        echo=self.head_cfg.echo,
+        reverse_strand=self.head_cfg.reverse_strand,
+      )
       batch["labels"] = np.concatenate([labels[rows], np.repeat(labels[:1], fill)])
       batch["weight"] = np.r_[np.ones(len(rows)), np.zeros(fill)].astype(np.float32)
       batch["index"] = np.r_[rows, -np.ones(fill)].astype(np.int32)
@@ -290,10 +324,14 @@ class FinetuneTask(loop.Task):
     outputs = None
     start = last_report = time.perf_counter()
     for done, batch in enumerate(self._eval_batches(split, fns.mesh)):
-      if time.perf_counter() - last_report > 30:       # long splits show progress
+      if time.perf_counter() - last_report > 30:  # long splits show progress
         last_report = time.perf_counter()
-        logging.info("predicting %s: %d rows in %.0f s", split,
-                     done * len(batch["index"]) * jax.process_count(), last_report - start)
+        logging.info(
+          "predicting %s: %d rows in %.0f s",
+          split,
+          done * len(batch["index"]) * jax.process_count(),
+          last_report - start,
+        )
       out = fns.apply(params, step_lib.device_batch(batch, fns.batch_sharding, fns.batch_keys))
       if jax.process_count() > 1:
         out = multihost_utils.process_allgather(out, tiled=True)
@@ -331,8 +369,10 @@ class FinetuneTask(loop.Task):
     loaded = restore.restore_params(ref, self.model_cfg, fns.mesh)
     target = fns.state_shardings.params["backbone"]
     if jax.tree.structure(loaded) != jax.tree.structure(state.params["backbone"]):
-      raise ValueError(f"the checkpoint at {ref.manager_dir} does not hold a HybriDNA "
-                       "backbone of this architecture.")
+      raise ValueError(
+        f"the checkpoint at {ref.manager_dir} does not hold a HybriDNA "
+        "backbone of this architecture."
+      )
     state.params["backbone"] = jax.device_put(loaded, target)
     return state
 
@@ -343,52 +383,85 @@ class FinetuneTask(loop.Task):
     step = checkpoints.latest_step() if checkpoints else None
     if step is None:
       return state.params, int(jax.device_get(state.step))
-    target = with_shardings(jax.eval_shape(fns.init, jax.random.key(0)).params,
-                            fns.state_shardings.params)
+    target = with_shardings(
+      jax.eval_shape(fns.init, jax.random.key(0)).params, fns.state_shardings.params
+    )
     return checkpoints.restore_params(step, target), step
 
   def task_info(self) -> dict:
-    return {"task": self.data.name, "path": self.data.path, "format": self.data.format,
-            "kind": self.kind, "num_outputs": self.head_cfg.num_outputs,
-            "head": dataclasses.asdict(self.head_cfg), "max_tokens": self.max_tokens,
-            "width": self.width, "label_mean": self.label_mean, "label_std": self.label_std}
+    return {
+      "task": self.data.name,
+      "path": self.data.path,
+      "format": self.data.format,
+      "kind": self.kind,
+      "num_outputs": self.head_cfg.num_outputs,
+      "head": dataclasses.asdict(self.head_cfg),
+      "max_tokens": self.max_tokens,
+      "width": self.width,
+      "label_mean": self.label_mean,
+      "label_std": self.label_std,
+    }
 
   def finish(self, fns, state, workdir):
     params, step = self.best_params(fns, state, workdir)
     dev_out, test_out = self.predict(fns, params, "dev"), self.predict(fns, params, "test")
     results = {
-        "task": self.data.name, "kind": self.kind, "embedding": self.head_cfg.label,
-        "backbone": (f"{self.pretrained.manager_dir} step {self.pretrained.step}"
-                     if self.pretrained else "fresh init"),
-        "selected_step": step, "total_steps": int(jax.device_get(state.step)),
-        "selection": list(self.selection),
-        "dev": self.split_metrics(dev_out, "dev"), "test": self.split_metrics(test_out, "test"),
-        "data": self.data.summary(), "settings": self.task_info(),
+      "task": self.data.name,
+      "kind": self.kind,
+      "embedding": self.head_cfg.label,
+      "backbone": (
+        f"{self.pretrained.manager_dir} step {self.pretrained.step}"
+        if self.pretrained
+        else "fresh init"
+      ),
+      "selected_step": step,
+      "total_steps": int(jax.device_get(state.step)),
+      "selection": list(self.selection),
+      "dev": self.split_metrics(dev_out, "dev"),
+      "test": self.split_metrics(test_out, "test"),
+      "data": self.data.summary(),
+      "settings": self.task_info(),
     }
     if jax.process_index() == 0:
       paths = report.write_results(workdir, results)
       with open(os.path.join(workdir, TASK_INFO), "w", encoding="utf-8") as f:
         json.dump(self.task_info(), f, indent=2)
-      report.write_predictions(os.path.join(workdir, "test_predictions.csv"),
-                               self.data.splits["test"].labels, test_out, self.kind)
+      report.write_predictions(
+        os.path.join(workdir, "test_predictions.csv"),
+        self.data.splits["test"].labels,
+        test_out,
+        self.kind,
+      )
       jsonl = os.path.join(workdir, "metrics.jsonl")
       if os.path.exists(jsonl):
         paths["plot"] = report.plot_curves(
-            jsonl, os.path.join(workdir, "finetune_curves.png"), self.selection[0],
-            f"{self.data.name}: {self.head_cfg.label}")
+          jsonl,
+          os.path.join(workdir, "finetune_curves.png"),
+          self.selection[0],
+          f"{self.data.name}: {self.head_cfg.label}",
+        )
       results["files"] = paths
       headline = self.selection[0]
-      logging.info("%s: dev %s %.4f, test %s %.4f (step %d)\n%s", self.data.name, headline,
-                   results["dev"][headline], headline, results["test"][headline], step,
-                   report.metrics_table(report.result_rows(results)))
+      logging.info(
+        "%s: dev %s %.4f, test %s %.4f (step %d)\n%s",
+        self.data.name,
+        headline,
+        results["dev"][headline],
+        headline,
+        results["test"][headline],
+        step,
+        report.metrics_table(report.result_rows(results)),
+      )
     return {"results": results}
 
   def describe(self) -> str:
     cfg = self.model_cfg
-    return (f"fine-tuning on {self.data.name} ({self.kind}, {self.head_cfg.num_outputs} "
-            f"outputs): {self.head_cfg.label}, width {self.width}; backbone "
-            f"{cfg.n_layers} layers d={cfg.d_model} "
-            f"({'pretrained' if self.pretrained else 'fresh init'})")
+    return (
+      f"fine-tuning on {self.data.name} ({self.kind}, {self.head_cfg.num_outputs} "
+      f"outputs): {self.head_cfg.label}, width {self.width}; backbone "
+      f"{cfg.n_layers} layers d={cfg.d_model} "
+      f"({'pretrained' if self.pretrained else 'fresh init'})"
+    )
 
 
 # -- entry points --------------------------------------------------------------------------
@@ -428,7 +501,7 @@ def _suite_names(paths: list[str]) -> list[str]:
   if parent in absolute:
     parent = os.path.dirname(parent)
   names = [os.path.relpath(p, parent) for p in absolute]
-  return [n[:-len(".bed")] if n.endswith(".bed") else n for n in names]
+  return [n[: -len(".bed")] if n.endswith(".bed") else n for n in names]
 
 
 def run_suite(config, patterns: list[str], workdir: str) -> list[dict]:
@@ -453,12 +526,19 @@ def run_suite(config, patterns: list[str], workdir: str) -> list[dict]:
         task_config.finetune.task = path
       start = time.perf_counter()
       fc = task_config.finetune
-      data = datasets.load_task(path, format=str(fc.format), reference=str(fc.reference),
-                                dev_fraction=float(fc.dev_fraction),
-                                split_seed=int(fc.split_seed), kind=str(fc.kind), name=name)
+      data = datasets.load_task(
+        path,
+        format=str(fc.format),
+        reference=str(fc.reference),
+        dev_fraction=float(fc.dev_fraction),
+        split_seed=int(fc.split_seed),
+        kind=str(fc.kind),
+        name=name,
+      )
       results = finetune(task_config, task_dir, data)["results"]
-      logging.info("[%d/%d] %s finished in %.0f s", i + 1, len(paths), name,
-                   time.perf_counter() - start)
+      logging.info(
+        "[%d/%d] %s finished in %.0f s", i + 1, len(paths), name, time.perf_counter() - start
+      )
     rows.extend(report.result_rows({**results, "task": name}))
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
@@ -478,6 +558,7 @@ def run_suite(config, patterns: list[str], workdir: str) -> list[dict]:
 @dataclasses.dataclass
 class Finetuned:
   """A fine-tuned model restored for predictions (`load_finetuned`)."""
+
   model: SequenceModel
   config: ml_collections.ConfigDict
   info: dict
@@ -492,12 +573,18 @@ class Finetuned:
     forward = nnx.jit(lambda model, batch: model(batch))
     outputs = []
     for start in range(0, len(sequences), batch_size):
-      chunk = [echo_lib.crop_center(tokenizer.encode(s), self.info["max_tokens"])
-               for s in sequences[start:start + batch_size]]
+      chunk = [
+        echo_lib.crop_center(tokenizer.encode(s), self.info["max_tokens"])
+        for s in sequences[start : start + batch_size]
+      ]
       fill = batch_size - len(chunk)
-      batch = echo_lib.build_batch(chunk + [chunk[0]] * fill, self.info["width"],
-                                   echo=head.echo, reverse_strand=head.reverse_strand)
-      outputs.append(np.asarray(forward(self.model, batch))[:len(chunk)])
+      batch = echo_lib.build_batch(
+        chunk + [chunk[0]] * fill,
+        self.info["width"],
+        echo=head.echo,
+        reverse_strand=head.reverse_strand,
+      )
+      outputs.append(np.asarray(forward(self.model, batch))[: len(chunk)])
     out = np.concatenate(outputs)
     if self.info["kind"] == "regression":
       return out[:, 0] * self.info["label_std"] + self.info["label_mean"]
@@ -508,8 +595,9 @@ def load_finetuned(run_dir: str, *, which: str = "best", mesh=None) -> Finetuned
   """Restores a fine-tuning run (its best dev checkpoint, or "latest")."""
   info_path = os.path.join(run_dir, TASK_INFO)
   if not os.path.exists(info_path):
-    raise FileNotFoundError(f"{run_dir} has no {TASK_INFO}; is it a finished fine-tuning run "
-                            "(launch/finetune.py)?")
+    raise FileNotFoundError(
+      f"{run_dir} has no {TASK_INFO}; is it a finished fine-tuning run (launch/finetune.py)?"
+    )
   with open(info_path, encoding="utf-8") as f:
     info = json.load(f)
   config = restore.run_config(run_dir)

@@ -65,28 +65,33 @@ def _pad_seq(a: Array | None, lp: int) -> Array | None:
 def _splash_kernel(lp: int, r: int, block: int, interpret: bool):
   from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
   from jax.experimental.pallas.ops.tpu import splash_attention as sa  # pylint: disable=g-import-not-at-top
+
   mask = sa.MultiHeadMask([sa.CausalMask((lp, lp)) for _ in range(r)])
   sizes = sa.BlockSizes(
-      block_q=block, block_kv=block, block_kv_compute=block,
-      block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
-      use_fused_bwd_kernel=True)
+    block_q=block,
+    block_kv=block,
+    block_kv_compute=block,
+    block_q_dkv=block,
+    block_kv_dkv=block,
+    block_kv_dkv_compute=block,
+    use_fused_bwd_kernel=True,
+  )
   # interpret: Pallas' TPU interpret mode (also for the backward kernels,
   # which are traced outside any context manager).
   mode = pltpu.InterpretParams() if interpret else False
   # Concrete mask arrays, so the cached kernel holds no tracer of the first
   # trace that built it.
   with jax.ensure_compile_time_eval():
-    return sa.make_splash_mqa_single_device(mask, block_sizes=sizes,
-                                            interpret=mode)
+    return sa.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=mode)
 
 
-def splash_attention(q, k, v, segment_ids=None, *, block: int = 512,
-                     interpret: bool = False):
+def splash_attention(q, k, v, segment_ids=None, *, block: int = 512, interpret: bool = False):
   """Causal GQA attention through splash attention (TPU).
 
   With `interpret`, runs under Pallas' TPU interpret mode (CPU tests).
   """
   from jax.experimental.pallas.ops.tpu import splash_attention as sa  # pylint: disable=g-import-not-at-top
+
   b, l, hq, d = q.shape
   hkv = k.shape[2]
   r = hq // hkv
@@ -94,9 +99,9 @@ def splash_attention(q, k, v, segment_ids=None, *, block: int = 512,
   block = max(bk for bk in (block, 512, 256, 128) if bk <= block and lp % bk == 0)
   kernel = _splash_kernel(lp, r, block, interpret)
   # Splash applies no softmax scale; fold it into q in fp32.
-  qs = (q.astype(f32) * d ** -0.5).astype(q.dtype)
+  qs = (q.astype(f32) * d**-0.5).astype(q.dtype)
   qh = _pad_seq(qs, lp).reshape(b, lp, hkv, r, d).transpose(0, 2, 3, 1, 4)
-  kh = _pad_seq(k, lp).transpose(0, 2, 1, 3)                 # (b, hkv, lp, d)
+  kh = _pad_seq(k, lp).transpose(0, 2, 1, 3)  # (b, hkv, lp, d)
   vh = _pad_seq(v, lp).transpose(0, 2, 1, 3)
   seg = None if segment_ids is None else _pad_seq(segment_ids, lp)
 
@@ -109,10 +114,17 @@ def splash_attention(q, k, v, segment_ids=None, *, block: int = 512,
     # dimension semantics (jax 0.10); a loop gives the same kernel calls.
     def flat(args):
       return one(*args)
+
     seg_rows = None if seg is None else jnp.repeat(seg, hkv, axis=0)
-    out = jax.lax.map(flat, (qh.reshape(b * hkv, r, lp, d),
-                             kh.reshape(b * hkv, lp, d),
-                             vh.reshape(b * hkv, lp, d), seg_rows))
+    out = jax.lax.map(
+      flat,
+      (
+        qh.reshape(b * hkv, r, lp, d),
+        kh.reshape(b * hkv, lp, d),
+        vh.reshape(b * hkv, lp, d),
+        seg_rows,
+      ),
+    )
     out = out.reshape(b, hkv, r, lp, d)
   else:
     per_head = jax.vmap(one, in_axes=(0, 0, 0, None))
@@ -131,8 +143,7 @@ def cudnn_attention(q, k, v, segment_ids=None):
   """cuDNN flash attention (no segment ids: use `gpu_attention` for those)."""
   if segment_ids is not None:
     raise ValueError("cudnn attention takes no segment ids; use 'flash_gpu'.")
-  return jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                      implementation="cudnn")
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
 
 # ----------------------------------------------------------------------------
@@ -143,19 +154,19 @@ def cudnn_attention(q, k, v, segment_ids=None):
 @dataclasses.dataclass(frozen=True)
 class FlashConfig:
   """Tiles and launch parameters of the Triton flash attention."""
+
   block_q: int = 128
   block_k: int = 64
   block_q_bwd: int = 64
   block_k_bwd: int = 64
-  num_warps: int | None = None   # default: 4 for d <= 64, else 8
+  num_warps: int | None = None  # default: 4 for d <= 64, else 8
   num_stages: int = 2
   interpret: bool = False
 
 
 def _dot(a, b, dims=(((1,), (0,)), ((), ()))):
   precision = jax.lax.Precision.HIGHEST if a.dtype == f32 else None
-  return jax.lax.dot_general(a, b, dims, precision=precision,
-                             preferred_element_type=f32)
+  return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=f32)
 
 
 def _mask(q0, k0, bq, bk, q_seg, k_seg, causal):
@@ -197,8 +208,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, has_seg, scale, bq, bk):
     m, s, acc = carry
     keys = pl.ds(pl.multiple_of(j * bk, bk), bk)
     x = _dot(q, k_ref[keys, :], _NT) * (scale * _LOG2E)
-    mask = _mask(i * bq, j * bk, bq, bk, q_seg,
-                 ks_ref[keys] if has_seg else None, causal)
+    mask = _mask(i * bq, j * bk, bq, bk, q_seg, ks_ref[keys] if has_seg else None, causal)
     if mask is not None:
       x = jnp.where(mask, x, _MASK)
     m_new = jnp.maximum(m, jnp.max(x, axis=1))
@@ -209,18 +219,14 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, has_seg, scale, bq, bk):
     return m_new, s * alpha + jnp.sum(p, axis=1), acc
 
   n_full, n_blocks = _key_blocks(i, bq, bk)
-  init = (jnp.full((bq,), _MASK, f32), jnp.zeros((bq,), f32),
-          jnp.zeros((bq, d), f32))
-  carry = jax.lax.fori_loop(0, n_full, functools.partial(body, causal=False),
-                            init)
-  m, s, acc = jax.lax.fori_loop(n_full, n_blocks,
-                                functools.partial(body, causal=True), carry)
+  init = (jnp.full((bq,), _MASK, f32), jnp.zeros((bq,), f32), jnp.zeros((bq, d), f32))
+  carry = jax.lax.fori_loop(0, n_full, functools.partial(body, causal=False), init)
+  m, s, acc = jax.lax.fori_loop(n_full, n_blocks, functools.partial(body, causal=True), carry)
   o_ref[...] = (acc / s[:, None]).astype(o_ref.dtype)
   lse_ref[...] = m + jnp.log2(s)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
-               has_seg, scale, bq, bk):
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, has_seg, scale, bq, bk):
   if has_seg:
     qs_ref, ks_ref, dq_ref = refs
   else:
@@ -236,8 +242,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
     keys = pl.ds(pl.multiple_of(j * bk, bk), bk)
     k = k_ref[keys, :]
     x = _dot(q, k, _NT) * (scale * _LOG2E)
-    mask = _mask(i * bq, j * bk, bq, bk, q_seg,
-                 ks_ref[keys] if has_seg else None, causal)
+    mask = _mask(i * bq, j * bk, bq, bk, q_seg, ks_ref[keys] if has_seg else None, causal)
     p = jnp.exp2(x - lse[:, None])
     if mask is not None:
       p = jnp.where(mask, p, 0.0)
@@ -246,15 +251,14 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
     return dq + _dot(ds.astype(k.dtype), k)
 
   n_full, n_blocks = _key_blocks(i, bq, bk)
-  dq = jax.lax.fori_loop(0, n_full, functools.partial(body, causal=False),
-                         jnp.zeros(q.shape, f32))
-  dq = jax.lax.fori_loop(n_full, n_blocks, functools.partial(body, causal=True),
-                         dq)
+  dq = jax.lax.fori_loop(0, n_full, functools.partial(body, causal=False), jnp.zeros(q.shape, f32))
+  dq = jax.lax.fori_loop(n_full, n_blocks, functools.partial(body, causal=True), dq)
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
-                has_seg, scale, bq, bk, r, nq):
+def _dkv_kernel(
+  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, has_seg, scale, bq, bk, r, nq
+):
   """One (key block, batch, kv head): loops over the group's r query heads."""
   if has_seg:
     qs_ref, ks_ref, dk_ref, dv_ref = refs
@@ -275,8 +279,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
     q = q_ref[rows, hh, :]
     do = do_ref[rows, hh, :]
     x = _dot(q, k, _NT) * (scale * _LOG2E)
-    mask = _mask(i * bq, j * bk, bq, bk, qs_ref[rows] if has_seg else None,
-                 k_seg, causal)
+    mask = _mask(i * bq, j * bk, bq, bk, qs_ref[rows] if has_seg else None, k_seg, causal)
     p = jnp.exp2(x - lse_ref[hh, rows][:, None])
     if mask is not None:
       p = jnp.where(mask, p, 0.0)
@@ -287,10 +290,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
     return dk, dv
 
   def head(hh, carry):
-    carry = jax.lax.fori_loop(
-        first, full, functools.partial(q_block, hh=hh, causal=True), carry)
-    return jax.lax.fori_loop(
-        full, nq, functools.partial(q_block, hh=hh, causal=False), carry)
+    carry = jax.lax.fori_loop(first, full, functools.partial(q_block, hh=hh, causal=True), carry)
+    return jax.lax.fori_loop(full, nq, functools.partial(q_block, hh=hh, causal=False), carry)
 
   init = (jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32))
   dk, dv = jax.lax.fori_loop(0, r, head, init)
@@ -311,25 +312,33 @@ def _flash_fwd(q, k, v, seg, cfg: FlashConfig):
   has_seg = seg is not None
   kv_head = lambda h: jax.lax.div(h, r) if r > 1 else h
   in_specs = [
-      pl.BlockSpec((None, bq, None, d), lambda i, b_, h: (b_, i, h, 0)),
-      pl.BlockSpec((None, l, None, d), lambda i, b_, h: (b_, 0, kv_head(h), 0)),
-      pl.BlockSpec((None, l, None, d), lambda i, b_, h: (b_, 0, kv_head(h), 0)),
+    pl.BlockSpec((None, bq, None, d), lambda i, b_, h: (b_, i, h, 0)),
+    pl.BlockSpec((None, l, None, d), lambda i, b_, h: (b_, 0, kv_head(h), 0)),
+    pl.BlockSpec((None, l, None, d), lambda i, b_, h: (b_, 0, kv_head(h), 0)),
   ]
   args = [q, k, v]
   if has_seg:
-    in_specs += [pl.BlockSpec((None, bq), lambda i, b_, h: (b_, i)),
-                 pl.BlockSpec((None, l), lambda i, b_, h: (b_, 0))]
+    in_specs += [
+      pl.BlockSpec((None, bq), lambda i, b_, h: (b_, i)),
+      pl.BlockSpec((None, l), lambda i, b_, h: (b_, 0)),
+    ]
     args += [seg, seg]
-  out_specs = [pl.BlockSpec((None, bq, None, d), lambda i, b_, h: (b_, i, h, 0)),
-               pl.BlockSpec((None, None, bq), lambda i, b_, h: (b_, h, i))]
-  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
-               jax.ShapeDtypeStruct((b, hq, l), f32)]
-  kernel = functools.partial(_fwd_kernel, has_seg=has_seg, scale=d ** -0.5,
-                             bq=bq, bk=bk)
+  out_specs = [
+    pl.BlockSpec((None, bq, None, d), lambda i, b_, h: (b_, i, h, 0)),
+    pl.BlockSpec((None, None, bq), lambda i, b_, h: (b_, h, i)),
+  ]
+  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, hq, l), f32)]
+  kernel = functools.partial(_fwd_kernel, has_seg=has_seg, scale=d**-0.5, bq=bq, bk=bk)
   return pl.pallas_call(
-      kernel, grid=(l // bq, b, hq), in_specs=in_specs, out_specs=out_specs,
-      out_shape=out_shape, compiler_params=_params(cfg, d),
-      interpret=cfg.interpret, name="flash_attention_fwd")(*args)
+    kernel,
+    grid=(l // bq, b, hq),
+    in_specs=in_specs,
+    out_specs=out_specs,
+    out_shape=out_shape,
+    compiler_params=_params(cfg, d),
+    interpret=cfg.interpret,
+    name="flash_attention_fwd",
+  )(*args)
 
 
 def _flash_bwd(cfg: FlashConfig, res, do):
@@ -339,7 +348,7 @@ def _flash_bwd(cfg: FlashConfig, res, do):
   r = hq // hkv
   bq, bk = min(cfg.block_q_bwd, l), min(cfg.block_k_bwd, l)
   has_seg = seg is not None
-  scale = d ** -0.5
+  scale = d**-0.5
   do = do.astype(q.dtype)
   # delta_i = do_i . o_i (base-2 lse and natural delta: p is exact either way).
   delta = jnp.einsum("blhd,blhd->bhl", out.astype(f32), do.astype(f32))
@@ -348,54 +357,64 @@ def _flash_bwd(cfg: FlashConfig, res, do):
 
   # dq: one program per (query block, batch, query head).
   in_specs = [
-      pl.BlockSpec((None, bq, None, d), lambda i, b_, h: (b_, i, h, 0)),
-      pl.BlockSpec((None, l, None, d), lambda i, b_, h: (b_, 0, kv_head(h), 0)),
-      pl.BlockSpec((None, l, None, d), lambda i, b_, h: (b_, 0, kv_head(h), 0)),
-      pl.BlockSpec((None, bq, None, d), lambda i, b_, h: (b_, i, h, 0)),
-      pl.BlockSpec((None, None, bq), lambda i, b_, h: (b_, h, i)),
-      pl.BlockSpec((None, None, bq), lambda i, b_, h: (b_, h, i)),
+    pl.BlockSpec((None, bq, None, d), lambda i, b_, h: (b_, i, h, 0)),
+    pl.BlockSpec((None, l, None, d), lambda i, b_, h: (b_, 0, kv_head(h), 0)),
+    pl.BlockSpec((None, l, None, d), lambda i, b_, h: (b_, 0, kv_head(h), 0)),
+    pl.BlockSpec((None, bq, None, d), lambda i, b_, h: (b_, i, h, 0)),
+    pl.BlockSpec((None, None, bq), lambda i, b_, h: (b_, h, i)),
+    pl.BlockSpec((None, None, bq), lambda i, b_, h: (b_, h, i)),
   ]
   args = [q, k, v, do, lse, delta]
   if has_seg:
-    in_specs += [pl.BlockSpec((None, bq), lambda i, b_, h: (b_, i)),
-                 pl.BlockSpec((None, l), lambda i, b_, h: (b_, 0))]
+    in_specs += [
+      pl.BlockSpec((None, bq), lambda i, b_, h: (b_, i)),
+      pl.BlockSpec((None, l), lambda i, b_, h: (b_, 0)),
+    ]
     args += [seg, seg]
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, has_seg=has_seg, scale=scale, bq=bq, bk=bk),
-      grid=(l // bq, b, hq), in_specs=in_specs,
-      out_specs=pl.BlockSpec((None, bq, None, d), lambda i, b_, h: (b_, i, h, 0)),
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), compiler_params=params,
-      interpret=cfg.interpret, name="flash_attention_bwd_dq")(*args)
+    functools.partial(_dq_kernel, has_seg=has_seg, scale=scale, bq=bq, bk=bk),
+    grid=(l // bq, b, hq),
+    in_specs=in_specs,
+    out_specs=pl.BlockSpec((None, bq, None, d), lambda i, b_, h: (b_, i, h, 0)),
+    out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+    compiler_params=params,
+    interpret=cfg.interpret,
+    name="flash_attention_bwd_dq",
+  )(*args)
 
   # dk, dv: one program per (key block, batch, kv head), looping over the r
   # query heads of the group.
   in_specs = [
-      pl.BlockSpec((None, l, r, d), lambda j, b_, h: (b_, 0, h, 0)),
-      pl.BlockSpec((None, bk, None, d), lambda j, b_, h: (b_, j, h, 0)),
-      pl.BlockSpec((None, bk, None, d), lambda j, b_, h: (b_, j, h, 0)),
-      pl.BlockSpec((None, l, r, d), lambda j, b_, h: (b_, 0, h, 0)),
-      pl.BlockSpec((None, r, l), lambda j, b_, h: (b_, h, 0)),
-      pl.BlockSpec((None, r, l), lambda j, b_, h: (b_, h, 0)),
+    pl.BlockSpec((None, l, r, d), lambda j, b_, h: (b_, 0, h, 0)),
+    pl.BlockSpec((None, bk, None, d), lambda j, b_, h: (b_, j, h, 0)),
+    pl.BlockSpec((None, bk, None, d), lambda j, b_, h: (b_, j, h, 0)),
+    pl.BlockSpec((None, l, r, d), lambda j, b_, h: (b_, 0, h, 0)),
+    pl.BlockSpec((None, r, l), lambda j, b_, h: (b_, h, 0)),
+    pl.BlockSpec((None, r, l), lambda j, b_, h: (b_, h, 0)),
   ]
   args = [q, k, v, do, lse, delta]
   if has_seg:
-    in_specs += [pl.BlockSpec((None, l), lambda j, b_, h: (b_, 0)),
-                 pl.BlockSpec((None, bk), lambda j, b_, h: (b_, j))]
+    in_specs += [
+      pl.BlockSpec((None, l), lambda j, b_, h: (b_, 0)),
+      pl.BlockSpec((None, bk), lambda j, b_, h: (b_, j)),
+    ]
     args += [seg, seg]
   kv_spec = pl.BlockSpec((None, bk, None, d), lambda j, b_, h: (b_, j, h, 0))
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, has_seg=has_seg, scale=scale, bq=bq,
-                        bk=bk, r=r, nq=l // bq),
-      grid=(l // bk, b, hkv), in_specs=in_specs, out_specs=[kv_spec, kv_spec],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
-                 jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=params, interpret=cfg.interpret,
-      name="flash_attention_bwd_dkv")(*args)
+    functools.partial(_dkv_kernel, has_seg=has_seg, scale=scale, bq=bq, bk=bk, r=r, nq=l // bq),
+    grid=(l // bk, b, hkv),
+    in_specs=in_specs,
+    out_specs=[kv_spec, kv_spec],
+    out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+    compiler_params=params,
+    interpret=cfg.interpret,
+    name="flash_attention_bwd_dkv",
+  )(*args)
   seg_ct = None if seg is None else np.zeros(seg.shape, jax.dtypes.float0)
   return dq, dk, dv, seg_ct
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _flash_vjp(cfg: FlashConfig):
   @jax.custom_vjp
   def attn(q, k, v, seg):
@@ -416,16 +435,14 @@ def flash_unsupported_reason(q_shape) -> str | None:
   return None
 
 
-def flash_attention(q, k, v, segment_ids=None, *,
-                    config: FlashConfig = FlashConfig()):
+def flash_attention(q, k, v, segment_ids=None, *, config: FlashConfig = FlashConfig()):
   """Causal GQA flash attention, Pallas Triton (GPU; `interpret` on CPU)."""
   b, l, hq, d = q.shape
   if flash_unsupported_reason(q.shape):
     raise ValueError(flash_unsupported_reason(q.shape))
-  blocks = (config.block_q, config.block_k, config.block_q_bwd,
-            config.block_k_bwd)
+  blocks = (config.block_q, config.block_k, config.block_q_bwd, config.block_k_bwd)
   if l < max(blocks):
-    lp = max(16, 1 << (l - 1).bit_length())   # short: power-of-two tiles
+    lp = max(16, 1 << (l - 1).bit_length())  # short: power-of-two tiles
   else:
     lp = _pad_len(l, max(blocks))
   seg = None if segment_ids is None else _pad_seq(segment_ids.astype(jnp.int32), lp)
@@ -433,8 +450,7 @@ def flash_attention(q, k, v, segment_ids=None, *,
   return out[:, :l]
 
 
-def gpu_attention(q, k, v, segment_ids=None, *,
-                  config: FlashConfig = FlashConfig()):
+def gpu_attention(q, k, v, segment_ids=None, *, config: FlashConfig = FlashConfig()):
   """GPU choice: cuDNN for 16-bit inputs without segment ids, else Triton.
 
   Shapes or setups either kernel rejects at trace time (e.g. no cuDNN, a
@@ -476,9 +492,11 @@ def attention_flops(b: int, l: int, hq: int, d: int, backward: bool = False):
 
 sharded_splash = sharded.shard_attention(splash_attention)
 sharded_splash_interpret = sharded.shard_attention(
-    functools.partial(splash_attention, interpret=True))
+  functools.partial(splash_attention, interpret=True)
+)
 sharded_flash_gpu = sharded.shard_attention(gpu_attention)
 sharded_cudnn = sharded.shard_attention(cudnn_attention)
 sharded_pallas_gpu = sharded.shard_attention(flash_attention)
 sharded_pallas_gpu_interpret = sharded.shard_attention(
-    functools.partial(flash_attention, config=FlashConfig(interpret=True)))
+  functools.partial(flash_attention, config=FlashConfig(interpret=True))
+)

@@ -15,13 +15,12 @@ Outside `sharding.activate` (or on a 1-device mesh) the kernels run as is.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 from jax.sharding import PartitionSpec as P
 
-from hybridna_jax import sharding
-from hybridna_jax import ssd_reference
+from hybridna_jax import sharding, ssd_reference
 
 
 def _axes(mesh, batch: int, heads: tuple[int, ...]):
@@ -32,8 +31,7 @@ def _axes(mesh, batch: int, heads: tuple[int, ...]):
   tensor = sharding.TENSOR_AXIS
   t = mesh.shape.get(tensor, 1)
   head_axis = tensor if t > 1 and all(hd % t == 0 for hd in heads) else None
-  batch_spec = (None if not batch_axes else
-                batch_axes[0] if len(batch_axes) == 1 else batch_axes)
+  batch_spec = None if not batch_axes else batch_axes[0] if len(batch_axes) == 1 else batch_axes
   return batch_spec, head_axis
 
 
@@ -62,13 +60,22 @@ def shard_ssd_core(core: Callable) -> Callable:
       return core(inputs, chunk_size)
     gs = hs if g > 1 else None
     in_specs = ssd_reference.CoreInputs(
-        x=P(bs, None, hs, None), dt=P(bs, None, hs), A=P(hs),
-        B=P(bs, None, gs, None), C=P(bs, None, gs, None), seq_idx=P(bs, None),
-        initial_states=P(bs, hs, None, None))
+      x=P(bs, None, hs, None),
+      dt=P(bs, None, hs),
+      A=P(hs),
+      B=P(bs, None, gs, None),
+      C=P(bs, None, gs, None),
+      seq_idx=P(bs, None),
+      initial_states=P(bs, hs, None, None),
+    )
     out_specs = (P(bs, None, hs, None), P(bs, hs, None, None))
-    fn = jax.shard_map(lambda i: core(i, chunk_size), mesh=mesh,
-                       in_specs=(in_specs,), out_specs=out_specs,
-                       check_vma=False)
+    fn = jax.shard_map(
+      lambda i: core(i, chunk_size),
+      mesh=mesh,
+      in_specs=(in_specs,),
+      out_specs=out_specs,
+      check_vma=False,
+    )
     return fn(ssd_reference.CoreInputs(*inputs))
 
   return wrapped
@@ -88,13 +95,17 @@ def shard_attention(kernel: Callable) -> Callable:
       return kernel(q, k, v, segment_ids)
     spec = P(bs, None, hs, None)
     if segment_ids is None:
-      fn = jax.shard_map(lambda a, b_, c: kernel(a, b_, c, None), mesh=mesh,
-                         in_specs=(spec, spec, spec), out_specs=spec,
-                         check_vma=False)
+      fn = jax.shard_map(
+        lambda a, b_, c: kernel(a, b_, c, None),
+        mesh=mesh,
+        in_specs=(spec, spec, spec),
+        out_specs=spec,
+        check_vma=False,
+      )
       return fn(q, k, v)
-    fn = jax.shard_map(kernel, mesh=mesh,
-                       in_specs=(spec, spec, spec, P(bs, None)),
-                       out_specs=spec, check_vma=False)
+    fn = jax.shard_map(
+      kernel, mesh=mesh, in_specs=(spec, spec, spec, P(bs, None)), out_specs=spec, check_vma=False
+    )
     return fn(q, k, v, segment_ids)
 
   return wrapped

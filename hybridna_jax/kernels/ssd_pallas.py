@@ -91,6 +91,7 @@ class SsdKernelConfig:
       dB/dC kernel has at least this many (partial sums are added in XLA).
     state_block: GPU state passing: elements of the (n * p) state per program.
   """
+
   platform: str = "gpu"
   interpret: bool = False
   block: int = 64
@@ -104,6 +105,7 @@ class SsdKernelConfig:
 @dataclasses.dataclass(frozen=True)
 class _Plan:
   """Static geometry of one call."""
+
   cfg: SsdKernelConfig
   b: int
   l: int
@@ -111,10 +113,10 @@ class _Plan:
   p: int
   g: int
   n: int
-  q: int           # chunk size
-  hb: int          # heads per program (state, scan, dx kernels)
-  blk: int         # row / column tile within a chunk
-  nsplit: int      # head splits per group in the dB/dC kernel
+  q: int  # chunk size
+  hb: int  # heads per program (state, scan, dx kernels)
+  blk: int  # row / column tile within a chunk
+  nsplit: int  # head splits per group in the dB/dC kernel
   dtype: jnp.dtype  # matmul operand dtype
 
   @property
@@ -154,8 +156,7 @@ def _is_pow2(v):
   return v >= 1 and (v & (v - 1)) == 0
 
 
-def unsupported_reason(x_shape, g: int, n: int, chunk: int,
-                       cfg: SsdKernelConfig) -> str | None:
+def unsupported_reason(x_shape, g: int, n: int, chunk: int, cfg: SsdKernelConfig) -> str | None:
   """Why the kernels cannot take these shapes (None when they can)."""
   _, _, h, p = x_shape
   if cfg.platform == "gpu":
@@ -167,8 +168,9 @@ def unsupported_reason(x_shape, g: int, n: int, chunk: int,
       return f"chunk_size={chunk} must be a multiple of 8 on TPU"
     r = h // g
     if g > 1 and r % 8:
-      return (f"{r} heads per group: the TPU kernels need a multiple of 8 "
-              "when there are several groups")
+      return (
+        f"{r} heads per group: the TPU kernels need a multiple of 8 when there are several groups"
+      )
   else:
     return f"unknown platform {cfg.platform!r}"
   return None
@@ -205,9 +207,8 @@ def _make_plan(x_shape, x_dtype, g, n, chunk, cfg: SsdKernelConfig) -> _Plan:
 def _dot(a, b, dims=_NN):
   """fp32-accumulating matmul; fp32 operands get full precision (Triton would
   otherwise use TF32)."""
-  precision = (jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None)
-  return jax.lax.dot_general(a, b, dims, precision=precision,
-                             preferred_element_type=f32)
+  precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+  return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=f32)
 
 
 def _col(row, plan: _Plan):
@@ -254,9 +255,11 @@ def _for_heads(n, body):
   if n == 1:
     body(0)
   else:
+
     def step(hh, carry):
       body(hh)
       return carry
+
     jax.lax.fori_loop(0, n, step, 0)
 
 
@@ -293,7 +296,7 @@ def _state_kernel(v_ref, p_ref, w_ref, o_ref, *, plan: _Plan):
     acc = jnp.zeros((plan.n, plan.p), f32)
     for j in range(nb):  # static: Q / blk steps
       rows = _sl(j, blk, nb)
-      w = _col(w_ref[pl.ds(hh, 1), rows], plan)                # (blk, 1)
+      w = _col(w_ref[pl.ds(hh, 1), rows], plan)  # (blk, 1)
       pw = (p_ref[rows, :].astype(f32) * w).T.astype(plan.dtype)  # (n, blk)
       acc = acc + _dot(pw, v_ref[hh, rows, :])
     o_ref[hh] = acc
@@ -301,8 +304,9 @@ def _state_kernel(v_ref, p_ref, w_ref, o_ref, *, plan: _Plan):
   _for_heads(plan.hb, head)
 
 
-def _scan_kernel(x_ref, c_ref, cb_ref, s_ref, cs_ref, dt_ref, e_ref, seq_ref,
-                 y_ref, *, plan: _Plan):
+def _scan_kernel(
+  x_ref, c_ref, cb_ref, s_ref, cs_ref, dt_ref, e_ref, seq_ref, y_ref, *, plan: _Plan
+):
   """y for rows block i of one chunk.
 
   x_ref (hb, Q, p); c_ref (blk, n); cb_ref (blk, Q) fp32; s_ref (hb, n, p)
@@ -333,8 +337,22 @@ def _scan_kernel(x_ref, c_ref, cb_ref, s_ref, cs_ref, dt_ref, e_ref, seq_ref,
   _for_heads(plan.hb, head)
 
 
-def _dx_kernel(x_ref, dy_ref, b_ref, cb_ref, g_ref, cs_ref, dt_ref, w_ref,
-               seq_ref, dx_ref, ddt_ref, dw_ref, *, plan: _Plan):
+def _dx_kernel(
+  x_ref,
+  dy_ref,
+  b_ref,
+  cb_ref,
+  g_ref,
+  cs_ref,
+  dt_ref,
+  w_ref,
+  seq_ref,
+  dx_ref,
+  ddt_ref,
+  dw_ref,
+  *,
+  plan: _Plan,
+):
   """dx, x . V and x . (B G) for column block j of one chunk.
 
   V_j = sum_{i >= j} (CB * decay)[i, j] dy_i (so dx_diag = dt_j V_j and
@@ -360,16 +378,14 @@ def _dx_kernel(x_ref, dy_ref, b_ref, cb_ref, g_ref, cs_ref, dt_ref, w_ref,
       rows = _sl(i, blk, nb)
       cs_i = _col(cs_ref[pl.ds(hh, 1), rows], plan)
       seq_i = _col(seq_ref[:, rows], plan)
-      z = cb_ref[rows, :] * _decay(cs_i, cs_j, seq_i, seq_j, i * blk, j0,
-                                   blk, blk)
+      z = cb_ref[rows, :] * _decay(cs_i, cs_j, seq_i, seq_j, i * blk, j0, blk, blk)
       dy_i = dy_ref[hh, rows, :]
-      if plan.dcs_from_products:   # x_j . V_j as column sums (see _Plan)
+      if plan.dcs_from_products:  # x_j . V_j as column sums (see _Plan)
         xv = xv + _col_sum(_dot(dy_i, x_j, _NT) * z, plan)
       return acc + _dot(z.T.astype(plan.dtype), dy_i), xv
 
-    v, xv = _loop(j, nb, tile, (jnp.zeros((blk, plan.p), f32),
-                                jnp.zeros((1, blk), f32)), nb == 1)
-    bg = _dot(bj, g_ref[hh].astype(plan.dtype))                  # (blk, p)
+    v, xv = _loop(j, nb, tile, (jnp.zeros((blk, plan.p), f32), jnp.zeros((1, blk), f32)), nb == 1)
+    bg = _dot(bj, g_ref[hh].astype(plan.dtype))  # (blk, p)
     x = x_j.astype(f32)
     dt_j = _col(dt_ref[pl.ds(hh, 1), cols], plan)
     w_j = _col(w_ref[pl.ds(hh, 1), cols], plan)
@@ -380,9 +396,26 @@ def _dx_kernel(x_ref, dy_ref, b_ref, cb_ref, g_ref, cs_ref, dt_ref, w_ref,
   _for_heads(plan.hb, head)
 
 
-def _dcb_kernel(x_ref, dy_ref, c_ref, cb_ref, s_ref, g_ref, cs_ref, dt_ref,
-                e_ref, w_ref, seq_ref, dcb_ref, dcoff_ref, dbst_ref, dcs_ref,
-                da_ref, *, plan: _Plan):
+def _dcb_kernel(
+  x_ref,
+  dy_ref,
+  c_ref,
+  cb_ref,
+  s_ref,
+  g_ref,
+  cs_ref,
+  dt_ref,
+  e_ref,
+  w_ref,
+  seq_ref,
+  dcb_ref,
+  dcoff_ref,
+  dbst_ref,
+  dcs_ref,
+  da_ref,
+  *,
+  plan: _Plan,
+):
   """Cross-head sums for row block i of one chunk, over this program's heads.
 
   dcb += decay * dt_j * (dy_i . x_j)        (d(C B^T), causal tiles only)
@@ -400,7 +433,7 @@ def _dcb_kernel(x_ref, dy_ref, c_ref, cb_ref, s_ref, g_ref, cs_ref, dt_ref,
   nb, blk = plan.nb, plan.blk
   if plan.tpu:
     i = 0
-    first = pl.program_id(3) == 0   # head splits accumulate in place
+    first = pl.program_id(3) == 0  # head splits accumulate in place
   else:
     i = pl.program_id(3) if nb > 1 else 0
     first = True
@@ -421,28 +454,26 @@ def _dcb_kernel(x_ref, dy_ref, c_ref, cb_ref, s_ref, g_ref, cs_ref, dt_ref,
   seq_i = _col(seq_ref[:, rows], plan)
 
   def head(hh):
-    dy = dy_ref[hh].astype(plan.dtype)                          # (blk, p)
+    dy = dy_ref[hh].astype(plan.dtype)  # (blk, p)
     s32, g32 = s_ref[hh], g_ref[hh]
     da_ref[pl.ds(hh, 1), :] = jnp.full((1, 1), jnp.sum(s32 * g32), f32)
-    s = s32.astype(plan.dtype)                                  # (n, p)
+    s = s32.astype(plan.dtype)  # (n, p)
     cs_i = _col(cs_ref[pl.ds(hh, 1), rows], plan)
     e_i = _col(e_ref[pl.ds(hh, 1), rows], plan)
     w_i = _col(w_ref[pl.ds(hh, 1), rows], plan)
     y_off = e_i * _dot(c, s)
     dcoff_ref[...] += e_i * _dot(dy, s, _NT)
-    dbst_ref[...] += w_i * _dot(x_ref[hh, rows, :], g32.astype(plan.dtype),
-                                _NT)
+    dbst_ref[...] += w_i * _dot(x_ref[hh, rows, :], g32.astype(plan.dtype), _NT)
 
     def tile(j, carry):
       cols = _sl(j, blk, nb)
       cs_j = cs_ref[pl.ds(hh, 1), cols]
       dt_j = dt_ref[pl.ds(hh, 1), cols]
-      decay_dt = _decay(cs_i, cs_j, seq_i, seq_ref[:, cols], i0, j * blk,
-                        blk, blk) * dt_j
+      decay_dt = _decay(cs_i, cs_j, seq_i, seq_ref[:, cols], i0, j * blk, blk, blk) * dt_j
       x_j = x_ref[hh, cols, :]
-      dy_x = _dot(dy, x_j, _NT)                                  # (blk, blk)
+      dy_x = _dot(dy, x_j, _NT)  # (blk, blk)
       dcb_ref[:, cols] += decay_dt * dy_x
-      if plan.dcs_from_products:   # dy_i . y_i as row sums (see _Plan)
+      if plan.dcs_from_products:  # dy_i . y_i as row sums (see _Plan)
         return carry + _row_sum(dy_x * cb_ref[:, cols] * decay_dt, plan)
       return carry + _dot((cb_ref[:, cols] * decay_dt).astype(plan.dtype), x_j)
 
@@ -462,6 +493,7 @@ def _pass_kernel(s_ref, a_ref, init_ref, out_ref, final_ref, *, nc, reverse):
   out[c] = carry;  carry = a[c] * carry + s[c]   (c descending if reverse).
   s_ref, out_ref (nc, bs); a_ref (nc,); init_ref, final_ref (bs,).
   """
+
   def step(k, carry):
     c = nc - 1 - k if reverse else k
     out_ref[c, :] = carry
@@ -475,28 +507,30 @@ def _pass_kernel(s_ref, a_ref, init_ref, out_ref, final_ref, *, nc, reverse):
 # ----------------------------------------------------------------------------
 
 
-def _call(kernel, plan: _Plan, grid, in_specs, out_specs, out_shape,
-          semantics=None, name=None):
+def _call(kernel, plan: _Plan, grid, in_specs, out_specs, out_shape, semantics=None, name=None):
   cfg = plan.cfg
   if cfg.platform == "tpu":
-    params = pltpu.CompilerParams(
-        dimension_semantics=semantics or ("parallel",) * len(grid))
+    params = pltpu.CompilerParams(dimension_semantics=semantics or ("parallel",) * len(grid))
     interpret = pltpu.InterpretParams() if cfg.interpret else False
   else:
-    params = plgpu.CompilerParams(num_warps=cfg.num_warps,
-                                  num_stages=cfg.num_stages)
+    params = plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     interpret = cfg.interpret
   return pl.pallas_call(
-      functools.partial(kernel, plan=plan), grid=grid, in_specs=in_specs,
-      out_specs=out_specs, out_shape=out_shape, compiler_params=params,
-      interpret=interpret, name=name)
+    functools.partial(kernel, plan=plan),
+    grid=grid,
+    in_specs=in_specs,
+    out_specs=out_specs,
+    out_shape=out_shape,
+    compiler_params=params,
+    interpret=interpret,
+    name=name,
+  )
 
 
 def _vec_spec(plan, heads):
   """(b, nc, h, Q) per-position vectors: a block of `heads` heads, whole
   chunk, for the 4-D grids (batch, chunk, head block, tile)."""
-  return pl.BlockSpec((None, None, heads, plan.q),
-                      lambda b, c, k, i: (b, c, k, 0))
+  return pl.BlockSpec((None, None, heads, plan.q), lambda b, c, k, i: (b, c, k, 0))
 
 
 def chunk_states(v, proj, w, plan: _Plan):
@@ -507,15 +541,15 @@ def chunk_states(v, proj, w, plan: _Plan):
   hb, r, q = plan.hb, plan.r, plan.q
   grid = (plan.b, plan.nc, plan.h // hb)
   in_specs = [
-      pl.BlockSpec((None, hb, q, plan.p), lambda b, c, k: (b, k, c, 0)),
-      pl.BlockSpec((None, None, q, plan.n), lambda b, c, k: (b, _div(k * hb, r), c, 0)),
-      pl.BlockSpec((None, None, hb, q), lambda b, c, k: (b, c, k, 0)),
+    pl.BlockSpec((None, hb, q, plan.p), lambda b, c, k: (b, k, c, 0)),
+    pl.BlockSpec((None, None, q, plan.n), lambda b, c, k: (b, _div(k * hb, r), c, 0)),
+    pl.BlockSpec((None, None, hb, q), lambda b, c, k: (b, c, k, 0)),
   ]
-  out_spec = pl.BlockSpec((None, None, hb, plan.n, plan.p),
-                          lambda b, c, k: (b, c, k, 0, 0))
+  out_spec = pl.BlockSpec((None, None, hb, plan.n, plan.p), lambda b, c, k: (b, c, k, 0, 0))
   out_shape = jax.ShapeDtypeStruct((plan.b, plan.nc, plan.h, plan.n, plan.p), f32)
-  return _call(_state_kernel, plan, grid, in_specs, out_spec, out_shape,
-               name="ssd_chunk_state")(v, proj, w)
+  return _call(_state_kernel, plan, grid, in_specs, out_spec, out_shape, name="ssd_chunk_state")(
+    v, proj, w
+  )
 
 
 def pass_states(s, a, init, plan: _Plan, reverse=False):
@@ -534,32 +568,38 @@ def pass_states(s, a, init, plan: _Plan, reverse=False):
   kernel = functools.partial(_pass_kernel, nc=nc, reverse=reverse)
   params = plgpu.CompilerParams(num_warps=4, num_stages=1)
   out, final = pl.pallas_call(
-      kernel, grid=grid,
-      in_specs=[
-          pl.BlockSpec((None, nc, None, bs), lambda i, j, k: (i, 0, j, k)),
-          pl.BlockSpec((None, None, nc), lambda i, j, k: (i, j, 0)),
-          pl.BlockSpec((None, None, bs), lambda i, j, k: (i, j, k)),
-      ],
-      out_specs=[
-          pl.BlockSpec((None, nc, None, bs), lambda i, j, k: (i, 0, j, k)),
-          pl.BlockSpec((None, None, bs), lambda i, j, k: (i, j, k)),
-      ],
-      out_shape=[jax.ShapeDtypeStruct((b, nc, h, size), f32),
-                 jax.ShapeDtypeStruct((b, h, size), f32)],
-      compiler_params=params, interpret=plan.cfg.interpret,
-      name="ssd_state_passing",
+    kernel,
+    grid=grid,
+    in_specs=[
+      pl.BlockSpec((None, nc, None, bs), lambda i, j, k: (i, 0, j, k)),
+      pl.BlockSpec((None, None, nc), lambda i, j, k: (i, j, 0)),
+      pl.BlockSpec((None, None, bs), lambda i, j, k: (i, j, k)),
+    ],
+    out_specs=[
+      pl.BlockSpec((None, nc, None, bs), lambda i, j, k: (i, 0, j, k)),
+      pl.BlockSpec((None, None, bs), lambda i, j, k: (i, j, k)),
+    ],
+    out_shape=[
+      jax.ShapeDtypeStruct((b, nc, h, size), f32),
+      jax.ShapeDtypeStruct((b, h, size), f32),
+    ],
+    compiler_params=params,
+    interpret=plan.cfg.interpret,
+    name="ssd_state_passing",
   )(s.reshape(b, nc, h, size), a.transpose(0, 2, 1), init.reshape(b, h, size))
   return out.reshape(s.shape), final.reshape(init.shape)
 
 
 def pass_states_xla(s, a, init, reverse=False):
   """`pass_states` as a `lax.scan` (TPU path and reference)."""
+
   def step(carry, inputs):
     a_c, s_c = inputs
     return a_c[..., None, None] * carry + s_c, carry
 
-  final, out = jax.lax.scan(step, init, (jnp.moveaxis(a, 1, 0),
-                                         jnp.moveaxis(s, 1, 0)), reverse=reverse)
+  final, out = jax.lax.scan(
+    step, init, (jnp.moveaxis(a, 1, 0), jnp.moveaxis(s, 1, 0)), reverse=reverse
+  )
   return jnp.moveaxis(out, 0, 1), final
 
 
@@ -568,21 +608,20 @@ def chunk_scan(xt, ct, cb, s_in, cs, dt, e, seq, plan: _Plan):
   hb, r, q, blk, nb = plan.hb, plan.r, plan.q, plan.blk, plan.nb
   grid = (plan.b, plan.nc, plan.h // hb, nb)
   in_specs = [
-      pl.BlockSpec((None, hb, q, plan.p), lambda b, c, k, i: (b, k, c, 0)),
-      pl.BlockSpec((None, None, blk, plan.n),
-                   lambda b, c, k, i: (b, _div(k * hb, r), c * nb + i, 0)),
-      pl.BlockSpec((None, None, None, blk, q),
-                   lambda b, c, k, i: (b, c, _div(k * hb, r), i, 0)),
-      pl.BlockSpec((None, None, hb, plan.n, plan.p),
-                   lambda b, c, k, i: (b, c, k, 0, 0)),
-      _vec_spec(plan, hb), _vec_spec(plan, hb), _vec_spec(plan, hb),
-      pl.BlockSpec((None, None, 1, q), lambda b, c, k, i: (b, c, 0, 0)),
+    pl.BlockSpec((None, hb, q, plan.p), lambda b, c, k, i: (b, k, c, 0)),
+    pl.BlockSpec((None, None, blk, plan.n), lambda b, c, k, i: (b, _div(k * hb, r), c * nb + i, 0)),
+    pl.BlockSpec((None, None, None, blk, q), lambda b, c, k, i: (b, c, _div(k * hb, r), i, 0)),
+    pl.BlockSpec((None, None, hb, plan.n, plan.p), lambda b, c, k, i: (b, c, k, 0, 0)),
+    _vec_spec(plan, hb),
+    _vec_spec(plan, hb),
+    _vec_spec(plan, hb),
+    pl.BlockSpec((None, None, 1, q), lambda b, c, k, i: (b, c, 0, 0)),
   ]
-  out_spec = pl.BlockSpec((None, hb, blk, plan.p),
-                          lambda b, c, k, i: (b, k, c * nb + i, 0))
+  out_spec = pl.BlockSpec((None, hb, blk, plan.p), lambda b, c, k, i: (b, k, c * nb + i, 0))
   out_shape = jax.ShapeDtypeStruct((plan.b, plan.h, plan.l, plan.p), f32)
-  return _call(_scan_kernel, plan, grid, in_specs, out_spec, out_shape,
-               name="ssd_chunk_scan")(xt, ct, cb, s_in, cs, dt, e, seq)
+  return _call(_scan_kernel, plan, grid, in_specs, out_spec, out_shape, name="ssd_chunk_scan")(
+    xt, ct, cb, s_in, cs, dt, e, seq
+  )
 
 
 def chunk_scan_dx(xt, dyt, bt, cb, gs, cs, dt, w, seq, plan: _Plan):
@@ -590,26 +629,27 @@ def chunk_scan_dx(xt, dyt, bt, cb, gs, cs, dt, w, seq, plan: _Plan):
   hb, r, q, blk, nb = plan.hb, plan.r, plan.q, plan.blk, plan.nb
   grid = (plan.b, plan.nc, plan.h // hb, nb)
   in_specs = [
-      pl.BlockSpec((None, hb, blk, plan.p), lambda b, c, k, j: (b, k, c * nb + j, 0)),
-      pl.BlockSpec((None, hb, q, plan.p), lambda b, c, k, j: (b, k, c, 0)),
-      pl.BlockSpec((None, None, blk, plan.n),
-                   lambda b, c, k, j: (b, _div(k * hb, r), c * nb + j, 0)),
-      pl.BlockSpec((None, None, None, q, blk),
-                   lambda b, c, k, j: (b, c, _div(k * hb, r), 0, j)),
-      pl.BlockSpec((None, None, hb, plan.n, plan.p),
-                   lambda b, c, k, j: (b, c, k, 0, 0)),
-      _vec_spec(plan, hb), _vec_spec(plan, hb), _vec_spec(plan, hb),
-      pl.BlockSpec((None, None, 1, q), lambda b, c, k, j: (b, c, 0, 0)),
+    pl.BlockSpec((None, hb, blk, plan.p), lambda b, c, k, j: (b, k, c * nb + j, 0)),
+    pl.BlockSpec((None, hb, q, plan.p), lambda b, c, k, j: (b, k, c, 0)),
+    pl.BlockSpec((None, None, blk, plan.n), lambda b, c, k, j: (b, _div(k * hb, r), c * nb + j, 0)),
+    pl.BlockSpec((None, None, None, q, blk), lambda b, c, k, j: (b, c, _div(k * hb, r), 0, j)),
+    pl.BlockSpec((None, None, hb, plan.n, plan.p), lambda b, c, k, j: (b, c, k, 0, 0)),
+    _vec_spec(plan, hb),
+    _vec_spec(plan, hb),
+    _vec_spec(plan, hb),
+    pl.BlockSpec((None, None, 1, q), lambda b, c, k, j: (b, c, 0, 0)),
   ]
   vec_out = pl.BlockSpec((None, None, hb, blk), lambda b, c, k, j: (b, c, k, j))
   out_specs = [
-      pl.BlockSpec((None, hb, blk, plan.p), lambda b, c, k, j: (b, k, c * nb + j, 0)),
-      vec_out, vec_out,
+    pl.BlockSpec((None, hb, blk, plan.p), lambda b, c, k, j: (b, k, c * nb + j, 0)),
+    vec_out,
+    vec_out,
   ]
   vec = jax.ShapeDtypeStruct((plan.b, plan.nc, plan.h, q), f32)
   out_shape = [jax.ShapeDtypeStruct(xt.shape, plan.dtype), vec, vec]
-  return _call(_dx_kernel, plan, grid, in_specs, out_specs, out_shape,
-               name="ssd_chunk_scan_bwd_dx")(xt, dyt, bt, cb, gs, cs, dt, w, seq)
+  return _call(
+    _dx_kernel, plan, grid, in_specs, out_specs, out_shape, name="ssd_chunk_scan_bwd_dx"
+  )(xt, dyt, bt, cb, gs, cs, dt, w, seq)
 
 
 def chunk_scan_dcb(xt, dyt, ct, cb, s_in, gs, cs, dt, e, w, seq, plan: _Plan):
@@ -629,16 +669,15 @@ def chunk_scan_dcb(xt, dyt, ct, cb, s_in, gs, cs, dt, e, w, seq, plan: _Plan):
     rows_idx = lambda b, c, k, s: (b, k, c, 0)
     semantics = ("parallel", "parallel", "parallel", "arbitrary")
     x_spec = pl.BlockSpec((None, hs, q, plan.p), lambda b, c, k, s: (b, hblk(k, s), c, 0))
-    dy_spec = pl.BlockSpec((None, hs, blk, plan.p),
-                           lambda b, c, k, s: (b, hblk(k, s), c, 0))
+    dy_spec = pl.BlockSpec((None, hs, blk, plan.p), lambda b, c, k, s: (b, hblk(k, s), c, 0))
     c_spec = pl.BlockSpec((None, None, blk, plan.n), lambda b, c, k, s: (b, k, c, 0))
     cb_spec = pl.BlockSpec((None, None, None, blk, q), lambda b, c, k, s: (b, c, k, 0, 0))
-    st_spec = pl.BlockSpec((None, None, hs, plan.n, plan.p),
-                           lambda b, c, k, s: (b, c, hblk(k, s), 0, 0))
+    st_spec = pl.BlockSpec(
+      (None, None, hs, plan.n, plan.p), lambda b, c, k, s: (b, c, hblk(k, s), 0, 0)
+    )
     vec_spec = pl.BlockSpec((None, None, hs, q), lambda b, c, k, s: (b, c, hblk(k, s), 0))
     dcs_spec = vec_spec
-    da_spec = pl.BlockSpec((None, None, hs, 1),
-                           lambda b, c, k, s: (b, c, hblk(k, s), 0))
+    da_spec = pl.BlockSpec((None, None, hs, 1), lambda b, c, k, s: (b, c, hblk(k, s), 0))
   else:
     # Grid (b, nc, g * split, row block): every program writes its own
     # partial sums (summed over splits in XLA).
@@ -648,36 +687,53 @@ def chunk_scan_dcb(xt, dyt, ct, cb, s_in, gs, cs, dt, e, w, seq, plan: _Plan):
     rows_idx = lambda b, c, k, i: (b, k, c * nb + i, 0)
     semantics = None
     x_spec = pl.BlockSpec((None, hs, q, plan.p), lambda b, c, k, i: (b, k, c, 0))
-    dy_spec = pl.BlockSpec((None, hs, blk, plan.p),
-                           lambda b, c, k, i: (b, k, c * nb + i, 0))
-    c_spec = pl.BlockSpec((None, None, blk, plan.n),
-                          lambda b, c, k, i: (b, _div(k, ns), c * nb + i, 0))
-    cb_spec = pl.BlockSpec((None, None, None, blk, q),
-                           lambda b, c, k, i: (b, c, _div(k, ns), i, 0))
-    st_spec = pl.BlockSpec((None, None, hs, plan.n, plan.p),
-                           lambda b, c, k, i: (b, c, k, 0, 0))
+    dy_spec = pl.BlockSpec((None, hs, blk, plan.p), lambda b, c, k, i: (b, k, c * nb + i, 0))
+    c_spec = pl.BlockSpec(
+      (None, None, blk, plan.n), lambda b, c, k, i: (b, _div(k, ns), c * nb + i, 0)
+    )
+    cb_spec = pl.BlockSpec((None, None, None, blk, q), lambda b, c, k, i: (b, c, _div(k, ns), i, 0))
+    st_spec = pl.BlockSpec((None, None, hs, plan.n, plan.p), lambda b, c, k, i: (b, c, k, 0, 0))
     vec_spec = pl.BlockSpec((None, None, hs, q), lambda b, c, k, i: (b, c, k, 0))
     dcs_spec = pl.BlockSpec((None, None, hs, blk), lambda b, c, k, i: (b, c, k, i))
     da_spec = pl.BlockSpec((None, None, hs, 1), lambda b, c, k, i: (b, c, k, 0))
   seq_spec = pl.BlockSpec((None, None, 1, q), lambda b, c, k, i: (b, c, 0, 0))
-  in_specs = [x_spec, dy_spec, c_spec, cb_spec, st_spec, st_spec,
-              vec_spec, vec_spec, vec_spec, vec_spec, seq_spec]
+  in_specs = [
+    x_spec,
+    dy_spec,
+    c_spec,
+    cb_spec,
+    st_spec,
+    st_spec,
+    vec_spec,
+    vec_spec,
+    vec_spec,
+    vec_spec,
+    seq_spec,
+  ]
   out_specs = [
-      pl.BlockSpec((None, None, None, blk, q), out_idx),
-      pl.BlockSpec((None, None, blk, plan.n), rows_idx),
-      pl.BlockSpec((None, None, blk, plan.n), rows_idx),
-      dcs_spec, da_spec,
+    pl.BlockSpec((None, None, None, blk, q), out_idx),
+    pl.BlockSpec((None, None, blk, plan.n), rows_idx),
+    pl.BlockSpec((None, None, blk, plan.n), rows_idx),
+    dcs_spec,
+    da_spec,
   ]
   out_shape = [
-      jax.ShapeDtypeStruct((plan.b, plan.nc, outs_g, q, q), f32),
-      jax.ShapeDtypeStruct((plan.b, outs_g, plan.l, plan.n), f32),
-      jax.ShapeDtypeStruct((plan.b, outs_g, plan.l, plan.n), f32),
-      jax.ShapeDtypeStruct((plan.b, plan.nc, plan.h, q), f32),
-      jax.ShapeDtypeStruct((plan.b, plan.nc, plan.h, 1), f32),
+    jax.ShapeDtypeStruct((plan.b, plan.nc, outs_g, q, q), f32),
+    jax.ShapeDtypeStruct((plan.b, outs_g, plan.l, plan.n), f32),
+    jax.ShapeDtypeStruct((plan.b, outs_g, plan.l, plan.n), f32),
+    jax.ShapeDtypeStruct((plan.b, plan.nc, plan.h, q), f32),
+    jax.ShapeDtypeStruct((plan.b, plan.nc, plan.h, 1), f32),
   ]
   dcb, dcoff, dbst, dcs, da = _call(
-      _dcb_kernel, plan, grid, in_specs, out_specs, out_shape, semantics,
-      name="ssd_chunk_scan_bwd_dcb")(xt, dyt, ct, cb, s_in, gs, cs, dt, e, w, seq)
+    _dcb_kernel,
+    plan,
+    grid,
+    in_specs,
+    out_specs,
+    out_shape,
+    semantics,
+    name="ssd_chunk_scan_bwd_dcb",
+  )(xt, dyt, ct, cb, s_in, gs, cs, dt, e, w, seq)
   if outs_g != g:
     b, nc, l, n = plan.b, plan.nc, plan.l, plan.n
     dcb = dcb.reshape(b, nc, g, ns, q, q).sum(3)
@@ -697,14 +753,14 @@ class _Prepared:
   def __init__(self, x, dt, A, B, C, seq_idx, plan: _Plan):
     b, h, g, n, q, nc = plan.b, plan.h, plan.g, plan.n, plan.q, plan.nc
     dtype = plan.dtype
-    self.xt = x.astype(dtype).transpose(0, 2, 1, 3)           # (b, h, l, p)
-    self.bt = B.astype(dtype).transpose(0, 2, 1, 3)           # (b, g, l, n)
+    self.xt = x.astype(dtype).transpose(0, 2, 1, 3)  # (b, h, l, p)
+    self.bt = B.astype(dtype).transpose(0, 2, 1, 3)  # (b, g, l, n)
     self.ct = C.astype(dtype).transpose(0, 2, 1, 3)
-    self.dt = dt.reshape(b, nc, q, h).transpose(0, 1, 3, 2)   # (b, nc, h, Q)
+    self.dt = dt.reshape(b, nc, q, h).transpose(0, 1, 3, 2)  # (b, nc, h, Q)
     self.cs = jnp.cumsum(self.dt * A[:, None], axis=-1)
     seq = seq_idx.reshape(b, nc, q)
     seq_end = seq[..., -1]
-    seq_prev = jnp.pad(seq_end, [(0, 0), (1, 0)])[:, :-1]    # 0 before chunk 0
+    seq_prev = jnp.pad(seq_end, [(0, 0), (1, 0)])[:, :-1]  # 0 before chunk 0
     self.seq = seq.reshape(b, nc, 1, q)
     self.in_last_doc = (seq == seq_end[..., None])[:, :, None]  # (b, nc, 1, Q)
     from_prev = (seq == seq_prev[..., None])[:, :, None]
@@ -714,9 +770,13 @@ class _Prepared:
     self.e = jnp.exp(self.cs) * from_prev
     self.a = jnp.exp(cs_last[..., 0]) * (seq_end == seq_prev)[..., None]
     precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
-    self.cb = jnp.einsum("bgcin,bgcjn->bcgij", self.ct.reshape(b, g, nc, q, n),
-                         self.bt.reshape(b, g, nc, q, n), precision=precision,
-                         preferred_element_type=f32)
+    self.cb = jnp.einsum(
+      "bgcin,bgcjn->bcgij",
+      self.ct.reshape(b, g, nc, q, n),
+      self.bt.reshape(b, g, nc, q, n),
+      precision=precision,
+      preferred_element_type=f32,
+    )
 
 
 def _states(x, dt, A, B, C, init, seq_idx, plan: _Plan):
@@ -729,8 +789,7 @@ def _states(x, dt, A, B, C, init, seq_idx, plan: _Plan):
 
 def _forward(x, dt, A, B, C, init, seq_idx, plan: _Plan):
   pre, s_in, final = _states(x, dt, A, B, C, init, seq_idx, plan)
-  yt = chunk_scan(pre.xt, pre.ct, pre.cb, s_in, pre.cs, pre.dt, pre.e, pre.seq,
-                  plan)
+  yt = chunk_scan(pre.xt, pre.ct, pre.cb, s_in, pre.cs, pre.dt, pre.e, pre.seq, plan)
   return yt.transpose(0, 2, 1, 3), final.swapaxes(-1, -2)
 
 
@@ -743,13 +802,13 @@ def _backward(plan: _Plan, res, cotangents):
   dyt = dy.astype(plan.dtype).transpose(0, 2, 1, 3)
 
   ds_y = chunk_states(dyt, pre.ct, pre.e, plan)
-  gs, dinit = pass_states(ds_y, pre.a, dfinal.astype(f32).swapaxes(-1, -2),
-                          plan, reverse=True)
-  dxt, x_v, x_bg = chunk_scan_dx(pre.xt, dyt, pre.bt, pre.cb, gs, pre.cs,
-                                 pre.dt, pre.w, pre.seq, plan)
+  gs, dinit = pass_states(ds_y, pre.a, dfinal.astype(f32).swapaxes(-1, -2), plan, reverse=True)
+  dxt, x_v, x_bg = chunk_scan_dx(
+    pre.xt, dyt, pre.bt, pre.cb, gs, pre.cs, pre.dt, pre.w, pre.seq, plan
+  )
   dcb, dc_off, db_state, dcs_rows, da = chunk_scan_dcb(
-      pre.xt, dyt, pre.ct, pre.cb, s_in, gs, pre.cs, pre.dt, pre.e, pre.w,
-      pre.seq, plan)
+    pre.xt, dyt, pre.ct, pre.cb, s_in, gs, pre.cs, pre.dt, pre.e, pre.w, pre.seq, plan
+  )
 
   # dC, dB from d(C B^T) (summed over each group's heads): per-group batched
   # matmuls, bf16 operands for bf16 inputs as in the forward's C B^T.
@@ -758,11 +817,11 @@ def _backward(plan: _Plan, res, cotangents):
   bt5 = pre.bt.reshape(b, g, nc, q, n)
   ct5 = pre.ct.reshape(b, g, nc, q, n)
   dc = dc_off.reshape(b, g, nc, q, n) + jnp.einsum(
-      "bcgij,bgcjn->bgcin", dcb, bt5, precision=precision,
-      preferred_element_type=f32)
+    "bcgij,bgcjn->bgcin", dcb, bt5, precision=precision, preferred_element_type=f32
+  )
   db = db_state.reshape(b, g, nc, q, n) + jnp.einsum(
-      "bcgij,bgcin->bgcjn", dcb, ct5, precision=precision,
-      preferred_element_type=f32)
+    "bcgij,bgcin->bgcjn", dcb, ct5, precision=precision, preferred_element_type=f32
+  )
   dc = dc.reshape(b, g, l, n).transpose(0, 2, 1, 3)
   db = db.reshape(b, g, l, n).transpose(0, 2, 1, 3)
 
@@ -780,12 +839,18 @@ def _backward(plan: _Plan, res, cotangents):
 
   dx = dxt.transpose(0, 2, 1, 3)
   seq_ct = np.zeros(seq_idx.shape, jax.dtypes.float0)
-  return (dx.astype(x.dtype), ddt.astype(dt.dtype), dA.astype(A.dtype),
-          db.astype(B.dtype), dc.astype(C.dtype),
-          dinit.swapaxes(-1, -2).astype(init.dtype), seq_ct)
+  return (
+    dx.astype(x.dtype),
+    ddt.astype(dt.dtype),
+    dA.astype(A.dtype),
+    db.astype(B.dtype),
+    dc.astype(C.dtype),
+    dinit.swapaxes(-1, -2).astype(init.dtype),
+    seq_ct,
+  )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _vjp_core(plan: _Plan):
   @jax.custom_vjp
   def core(x, dt, A, B, C, init, seq_idx):
@@ -808,6 +873,7 @@ def make_core(cfg: SsdKernelConfig):
   Shapes the kernels cannot take (see `unsupported_reason`) fall back to the
   XLA chunked core, with a one-time warning.
   """
+
   def core(inputs: ssd_reference.CoreInputs, chunk_size: int):
     x, dt, A, B, C, seq_idx, init = inputs
     g, n = B.shape[-2:]
@@ -815,40 +881,52 @@ def make_core(cfg: SsdKernelConfig):
     if reason is not None:
       if reason not in _warned:
         _warned.add(reason)
-        logging.warning("Pallas SSD (%s): %s; using the XLA chunked scan.",
-                        cfg.platform, reason)
+        logging.warning("Pallas SSD (%s): %s; using the XLA chunked scan.", cfg.platform, reason)
       return ssd_reference.chunked_core(inputs, chunk_size)
     plan = _make_plan(x.shape, x.dtype, g, n, chunk_size, cfg)
-    return _vjp_core(plan)(x, dt.astype(f32), A.astype(f32), B, C,
-                           init.astype(f32), seq_idx.astype(jnp.int32))
+    return _vjp_core(plan)(
+      x, dt.astype(f32), A.astype(f32), B, C, init.astype(f32), seq_idx.astype(jnp.int32)
+    )
 
   core.config = cfg
   return core
 
 
-def flops(b: int, l: int, h: int, p: int, n: int, g: int, chunk: int,
-          backward: bool = False) -> float:
+def flops(
+  b: int, l: int, h: int, p: int, n: int, g: int, chunk: int, backward: bool = False
+) -> float:
   """Matmul FLOPs of the chunked algorithm (causal half of the intra-chunk
   products), the count benchmarks report TFLOP/s against."""
   nc = l // chunk
   q = chunk
-  per_chunk_head = (q * q * p            # diag output (causal half of 2 q q p)
-                    + 2 * q * n * p      # chunk state
-                    + 2 * q * n * p)     # off-diagonal output
+  per_chunk_head = (
+    q * q * p  # diag output (causal half of 2 q q p)
+    + 2 * q * n * p  # chunk state
+    + 2 * q * n * p
+  )  # off-diagonal output
   fwd = b * nc * (h * per_chunk_head + g * 2 * q * q * n)
   if not backward:
     return float(fwd)
   # Backward: recomputed forward states, dS, dx (diag + state), dCB, y
   # recompute, dC/dB state parts, dC/dB from dCB.
-  bwd = b * nc * (h * (2 * q * n * p      # states again
-                       + 2 * q * n * p    # dS from dy
-                       + q * q * p        # dx diag
-                       + 2 * q * n * p    # B G
-                       + q * q * p        # dcb
-                       + q * q * p        # y diag recompute
-                       + 2 * q * n * p    # C S (y off)
-                       + 4 * q * n * p)   # dC off, dB state
-                  + g * (2 * q * q * n + 4 * q * q * n))
+  bwd = (
+    b
+    * nc
+    * (
+      h
+      * (
+        2 * q * n * p  # states again
+        + 2 * q * n * p  # dS from dy
+        + q * q * p  # dx diag
+        + 2 * q * n * p  # B G
+        + q * q * p  # dcb
+        + q * q * p  # y diag recompute
+        + 2 * q * n * p  # C S (y off)
+        + 4 * q * n * p
+      )  # dC off, dB state
+      + g * (2 * q * q * n + 4 * q * q * n)
+    )
+  )
   return float(fwd + bwd)
 
 
@@ -857,10 +935,11 @@ def flops(b: int, l: int, h: int, p: int, n: int, g: int, chunk: int,
 # mesh (`sharded`).
 # ----------------------------------------------------------------------------
 
-_COMPILED = {platform: make_core(SsdKernelConfig(platform=platform))
-             for platform in ("gpu", "tpu")}
-_INTERPRETED = {platform: make_core(SsdKernelConfig(platform=platform, interpret=True))
-                for platform in ("gpu", "tpu")}
+_COMPILED = {platform: make_core(SsdKernelConfig(platform=platform)) for platform in ("gpu", "tpu")}
+_INTERPRETED = {
+  platform: make_core(SsdKernelConfig(platform=platform, interpret=True))
+  for platform in ("gpu", "tpu")
+}
 
 
 def _backend_core(inputs: ssd_reference.CoreInputs, chunk_size: int):
@@ -870,8 +949,8 @@ def _backend_core(inputs: ssd_reference.CoreInputs, chunk_size: int):
   return core(inputs, chunk_size)
 
 
-sharded_backend_core = sharded.shard_ssd_core(_backend_core)           # "pallas"
-sharded_gpu_core = sharded.shard_ssd_core(_COMPILED["gpu"])            # "pallas_gpu"
-sharded_tpu_core = sharded.shard_ssd_core(_COMPILED["tpu"])            # "pallas_tpu"
+sharded_backend_core = sharded.shard_ssd_core(_backend_core)  # "pallas"
+sharded_gpu_core = sharded.shard_ssd_core(_COMPILED["gpu"])  # "pallas_gpu"
+sharded_tpu_core = sharded.shard_ssd_core(_COMPILED["tpu"])  # "pallas_tpu"
 sharded_gpu_interpret_core = sharded.shard_ssd_core(_INTERPRETED["gpu"])
 sharded_tpu_interpret_core = sharded.shard_ssd_core(_INTERPRETED["tpu"])

@@ -20,6 +20,7 @@ _KV_AXES = ("act_batch", "act_length", "act_kv_heads", None)
 
 class KVCache(NamedTuple):
   """Keys and values of the filled cache slots: (b, slots, kv_heads, head_dim)."""
+
   k: jax.Array
   v: jax.Array
 
@@ -27,8 +28,8 @@ class KVCache(NamedTuple):
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   """Rotary embedding (rotate-half form). x (b, l, h, d); positions (b, l)."""
   d = x.shape[-1]
-  freqs = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)   # (d/2,)
-  angles = positions.astype(jnp.float32)[..., None] * freqs         # (b, l, d/2)
+  freqs = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)  # (d/2,)
+  angles = positions.astype(jnp.float32)[..., None] * freqs  # (b, l, d/2)
   sin, cos = jnp.sin(angles)[:, :, None], jnp.cos(angles)[:, :, None]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -40,18 +41,19 @@ class Attention(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    kw = dict(rngs=rngs, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-              init_std=cfg.init_std)
+    kw = dict(
+      rngs=rngs, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, init_std=cfg.init_std
+    )
     hd = cfg.head_dim
-    self.q = Linear(cfg.d_model, (cfg.num_heads, hd),
-                    axes=("embed", "q_heads", "head_dim"), **kw)
-    self.k = Linear(cfg.d_model, (cfg.num_kv_heads, hd),
-                    axes=("embed", "kv_heads", "head_dim"), **kw)
-    self.v = Linear(cfg.d_model, (cfg.num_kv_heads, hd),
-                    axes=("embed", "kv_heads", "head_dim"), **kw)
+    self.q = Linear(cfg.d_model, (cfg.num_heads, hd), axes=("embed", "q_heads", "head_dim"), **kw)
+    self.k = Linear(
+      cfg.d_model, (cfg.num_kv_heads, hd), axes=("embed", "kv_heads", "head_dim"), **kw
+    )
+    self.v = Linear(
+      cfg.d_model, (cfg.num_kv_heads, hd), axes=("embed", "kv_heads", "head_dim"), **kw
+    )
     kw["init_std"] = cfg.init_std / (2 * cfg.n_layers) ** 0.5
-    self.o = Linear((cfg.num_heads, hd), cfg.d_model,
-                    axes=("q_heads", "head_dim", "embed"), **kw)
+    self.o = Linear((cfg.num_heads, hd), cfg.d_model, axes=("q_heads", "head_dim", "embed"), **kw)
 
   def _project(self, x, positions):
     q = constrain(self.q(x), _QKV_AXES)
@@ -62,17 +64,18 @@ class Attention(nnx.Module):
       k = apply_rope(k, positions, self.cfg.rope_theta)
     return q, k, v
 
-  def __call__(self, x: jax.Array, segment_ids: jax.Array | None,
-               positions: jax.Array) -> tuple[jax.Array, KVCache]:
+  def __call__(
+    self, x: jax.Array, segment_ids: jax.Array | None, positions: jax.Array
+  ) -> tuple[jax.Array, KVCache]:
     """Full causal self-attention; also returns this block's keys/values."""
     q, k, v = self._project(x, positions)
-    out = attention_ops.causal_attention(q, k, v, segment_ids,
-                                         impl=self.cfg.attention_impl)
+    out = attention_ops.causal_attention(q, k, v, segment_ids, impl=self.cfg.attention_impl)
     out = constrain(out, _QKV_AXES)
     return self.o(out), KVCache(k, v)
 
-  def decode(self, x: jax.Array, cache: KVCache, slot: jax.Array,
-             kv_mask: jax.Array, positions: jax.Array) -> tuple[jax.Array, KVCache]:
+  def decode(
+    self, x: jax.Array, cache: KVCache, slot: jax.Array, kv_mask: jax.Array, positions: jax.Array
+  ) -> tuple[jax.Array, KVCache]:
     """Attends t new tokens to the cache after writing them at `slot`.
 
     Args:

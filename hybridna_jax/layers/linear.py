@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +19,17 @@ class Linear(nnx.Module):
   matmul (bf16 compute over fp32 master weights).
   """
 
-  def __init__(self, in_shape: int | Sequence[int], out_shape: int | Sequence[int],
-               *, axes: LogicalAxes, rngs: nnx.Rngs, init_std: float,
-               dtype=jnp.float32, param_dtype=jnp.float32):
+  def __init__(
+    self,
+    in_shape: int | Sequence[int],
+    out_shape: int | Sequence[int],
+    *,
+    axes: LogicalAxes,
+    rngs: nnx.Rngs,
+    init_std: float,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+  ):
     in_shape = (in_shape,) if isinstance(in_shape, int) else tuple(in_shape)
     out_shape = (out_shape,) if isinstance(out_shape, int) else tuple(out_shape)
     shape = in_shape + out_shape
@@ -30,8 +38,8 @@ class Linear(nnx.Module):
     self.num_in = len(in_shape)
     self.dtype = dtype
     self.kernel = nnx.Param(
-        init_std * jax.random.normal(rngs.params(), shape, param_dtype),
-        logical_axes=tuple(axes))
+      init_std * jax.random.normal(rngs.params(), shape, param_dtype), logical_axes=tuple(axes)
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.kernel[...].astype(self.dtype)

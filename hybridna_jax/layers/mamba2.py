@@ -41,14 +41,19 @@ class MambaState(NamedTuple):
   conv_bc: (b, d_conv - 1, 2, g * n) last pre-conv B, C inputs.
   ssm: (b, h, headdim, d_state) fp32 SSM state.
   """
+
   conv_x: jax.Array
   conv_bc: jax.Array
   ssm: jax.Array
 
 
-def causal_conv(u: jax.Array, weight: jax.Array, bias: jax.Array,
-                segment_ids: jax.Array | None = None,
-                history: jax.Array | None = None) -> jax.Array:
+def causal_conv(
+  u: jax.Array,
+  weight: jax.Array,
+  bias: jax.Array,
+  segment_ids: jax.Array | None = None,
+  history: jax.Array | None = None,
+) -> jax.Array:
   """Depthwise causal conv1d along time.
 
   out[t] = bias + sum_k weight[k] * u[t - (K - 1) + k], where an input from
@@ -70,9 +75,9 @@ def causal_conv(u: jax.Array, weight: jax.Array, bias: jax.Array,
   if segment_ids is not None:
     seg_padded = jnp.pad(segment_ids, [(0, 0), (width - 1, 0)])
   for k in range(width):
-    shifted = padded[:, k:k + l].astype(jnp.float32)
+    shifted = padded[:, k : k + l].astype(jnp.float32)
     if segment_ids is not None and k < width - 1:
-      same = seg_padded[:, k:k + l] == segment_ids
+      same = seg_padded[:, k : k + l] == segment_ids
       shifted = shifted * same.reshape(b, l, *extra)
     out = out + shifted * weight[k].astype(jnp.float32)
   return out.astype(u.dtype)
@@ -89,33 +94,41 @@ class Mamba2(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    d, di, h, gn, k = (cfg.d_model, cfg.d_inner, cfg.ssm_heads,
-                       cfg.ngroups * cfg.d_state, cfg.d_conv)
+    d, di, h, gn, k = (
+      cfg.d_model,
+      cfg.d_inner,
+      cfg.ssm_heads,
+      cfg.ngroups * cfg.d_state,
+      cfg.d_conv,
+    )
     pdt = cfg.weight_dtype
-    kw = dict(rngs=rngs, dtype=cfg.compute_dtype, param_dtype=pdt,
-              init_std=cfg.init_std)
+    kw = dict(rngs=rngs, dtype=cfg.compute_dtype, param_dtype=pdt, init_std=cfg.init_std)
     self.in_zx = Linear(d, (2, di), axes=("embed", None, "ssm_inner"), **kw)
     self.in_bc = Linear(d, (2, gn), axes=("embed", None, "ssm_state"), **kw)
     self.in_dt = Linear(d, h, axes=("embed", "ssm_heads"), **kw)
-    self.conv_x_weight = nnx.Param(_conv_init(rngs, (k, di), k, pdt),
-                                   logical_axes=("conv_width", "ssm_inner"))
-    self.conv_x_bias = nnx.Param(_conv_init(rngs, (di,), k, pdt),
-                                 logical_axes=("ssm_inner",))
-    self.conv_bc_weight = nnx.Param(_conv_init(rngs, (k, 2, gn), k, pdt),
-                                    logical_axes=("conv_width", None, "ssm_state"))
-    self.conv_bc_bias = nnx.Param(_conv_init(rngs, (2, gn), k, pdt),
-                                  logical_axes=(None, "ssm_state"))
+    self.conv_x_weight = nnx.Param(
+      _conv_init(rngs, (k, di), k, pdt), logical_axes=("conv_width", "ssm_inner")
+    )
+    self.conv_x_bias = nnx.Param(_conv_init(rngs, (di,), k, pdt), logical_axes=("ssm_inner",))
+    self.conv_bc_weight = nnx.Param(
+      _conv_init(rngs, (k, 2, gn), k, pdt), logical_axes=("conv_width", None, "ssm_state")
+    )
+    self.conv_bc_bias = nnx.Param(
+      _conv_init(rngs, (2, gn), k, pdt), logical_axes=(None, "ssm_state")
+    )
 
     # dt_bias = softplus^-1(dt), dt log-uniform in [dt_min, dt_max], floored.
     log_lo, log_hi = math.log(cfg.dt_min), math.log(cfg.dt_max)
     dt = jnp.exp(jax.random.uniform(rngs.params(), (h,), jnp.float32, log_lo, log_hi))
     dt = jnp.maximum(dt, cfg.dt_init_floor)
-    self.dt_bias = nnx.Param((dt + jnp.log(-jnp.expm1(-dt))).astype(pdt),
-                             logical_axes=("ssm_heads",))
+    self.dt_bias = nnx.Param(
+      (dt + jnp.log(-jnp.expm1(-dt))).astype(pdt), logical_axes=("ssm_heads",)
+    )
     lo, hi = cfg.a_init_range
     self.A_log = nnx.Param(
-        jnp.log(jax.random.uniform(rngs.params(), (h,), jnp.float32, lo, hi)).astype(pdt),
-        logical_axes=("ssm_heads",))
+      jnp.log(jax.random.uniform(rngs.params(), (h,), jnp.float32, lo, hi)).astype(pdt),
+      logical_axes=("ssm_heads",),
+    )
     self.D = nnx.Param(jnp.ones((h,), pdt), logical_axes=("ssm_heads",))
     self.norm = GatedRMSNorm(di, groups=cfg.ngroups, eps=cfg.norm_eps, param_dtype=pdt)
     kw["init_std"] = cfg.init_std / (2 * cfg.n_layers) ** 0.5
@@ -139,24 +152,36 @@ class Mamba2(nnx.Module):
     g, n = self.cfg.ngroups, self.cfg.d_state
     return bc[:, :, 0].reshape(b, l, g, n), bc[:, :, 1].reshape(b, l, g, n)
 
-  def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None,
-               *, return_state: bool = False):
+  def __call__(
+    self, x: jax.Array, segment_ids: jax.Array | None = None, *, return_state: bool = False
+  ):
     """Full-sequence forward. segment_ids (b, l) resets conv and SSM state at
     document boundaries. With `return_state`, also returns the MambaState
     after the last position (the prefill of decoding)."""
     cfg = self.cfg
     b, l, _ = x.shape
     xs_raw, z, bc_raw, dt = self._inputs(x)
-    xs = jax.nn.silu(causal_conv(xs_raw, self.conv_x_weight[...], self.conv_x_bias[...],
-                                 segment_ids))
-    bc = jax.nn.silu(causal_conv(bc_raw, self.conv_bc_weight[...], self.conv_bc_bias[...],
-                                 segment_ids))
+    xs = jax.nn.silu(
+      causal_conv(xs_raw, self.conv_x_weight[...], self.conv_x_bias[...], segment_ids)
+    )
+    bc = jax.nn.silu(
+      causal_conv(bc_raw, self.conv_bc_weight[...], self.conv_bc_bias[...], segment_ids)
+    )
     B, C = self._split_bc(bc)
     y, final = ssd.ssd_chunked_scan(
-        xs.reshape(b, l, cfg.ssm_heads, cfg.ssm_head_dim), dt,
-        -jnp.exp(self.A_log[...].astype(jnp.float32)), B, C, cfg.chunk_size,
-        D=self.D[...], dt_bias=self.dt_bias[...], dt_softplus=True,
-        seq_idx=segment_ids, return_final_states=True, impl=cfg.ssd_impl)
+      xs.reshape(b, l, cfg.ssm_heads, cfg.ssm_head_dim),
+      dt,
+      -jnp.exp(self.A_log[...].astype(jnp.float32)),
+      B,
+      C,
+      cfg.chunk_size,
+      D=self.D[...],
+      dt_bias=self.dt_bias[...],
+      dt_softplus=True,
+      seq_idx=segment_ids,
+      return_final_states=True,
+      impl=cfg.ssd_impl,
+    )
     out = self._output(y, z)
     if not return_state:
       return out
@@ -176,22 +201,25 @@ class Mamba2(nnx.Module):
     cfg = self.cfg
     b = x.shape[0]
     xs_raw, z, bc_raw, dt = self._inputs(x)
-    xs = jax.nn.silu(causal_conv(xs_raw, self.conv_x_weight[...], self.conv_x_bias[...],
-                                 history=state.conv_x))
-    bc = jax.nn.silu(causal_conv(bc_raw, self.conv_bc_weight[...], self.conv_bc_bias[...],
-                                 history=state.conv_bc))
+    xs = jax.nn.silu(
+      causal_conv(xs_raw, self.conv_x_weight[...], self.conv_x_bias[...], history=state.conv_x)
+    )
+    bc = jax.nn.silu(
+      causal_conv(bc_raw, self.conv_bc_weight[...], self.conv_bc_bias[...], history=state.conv_bc)
+    )
     B, C = self._split_bc(bc)
     dt = ssd.softplus(dt[:, 0].astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
     x_heads = xs[:, 0].reshape(b, cfg.ssm_heads, cfg.ssm_head_dim)
-    ssm_state, y = ssd.ssd_step(state.ssm, x_heads, dt,
-                                -jnp.exp(self.A_log[...].astype(jnp.float32)),
-                                B[:, 0], C[:, 0])
+    ssm_state, y = ssd.ssd_step(
+      state.ssm, x_heads, dt, -jnp.exp(self.A_log[...].astype(jnp.float32)), B[:, 0], C[:, 0]
+    )
     y = y + x_heads.astype(jnp.float32) * self.D[...].astype(jnp.float32)[:, None]
     out = self._output(y[:, None].astype(x.dtype), z)
     new_state = MambaState(
-        conv_x=jnp.concatenate([state.conv_x[:, 1:], xs_raw.astype(state.conv_x.dtype)], 1),
-        conv_bc=jnp.concatenate([state.conv_bc[:, 1:], bc_raw.astype(state.conv_bc.dtype)], 1),
-        ssm=ssm_state)
+      conv_x=jnp.concatenate([state.conv_x[:, 1:], xs_raw.astype(state.conv_x.dtype)], 1),
+      conv_bc=jnp.concatenate([state.conv_bc[:, 1:], bc_raw.astype(state.conv_bc.dtype)], 1),
+      ssm=ssm_state,
+    )
     return out, new_state
 
 
@@ -199,6 +227,5 @@ def _last_steps(u: jax.Array, k: int, fill=0) -> jax.Array:
   """The last k time steps of u (b, l, ...), left-padded with `fill` if l < k."""
   l = u.shape[1]
   if l < k:
-    u = jnp.pad(u, [(0, 0), (k - l, 0)] + [(0, 0)] * (u.ndim - 2),
-                constant_values=fill)
+    u = jnp.pad(u, [(0, 0), (k - l, 0)] + [(0, 0)] * (u.ndim - 2), constant_values=fill)
   return u[:, -k:]

@@ -15,12 +15,19 @@ class GatedMLP(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     kw = dict(rngs=rngs, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
-    self.wi_gate = Linear(cfg.d_model, cfg.mlp_dim, axes=("embed", "mlp"),
-                          init_std=cfg.init_std, **kw)
-    self.wi_up = Linear(cfg.d_model, cfg.mlp_dim, axes=("embed", "mlp"),
-                        init_std=cfg.init_std, **kw)
-    self.wo = Linear(cfg.mlp_dim, cfg.d_model, axes=("mlp", "embed"),
-                     init_std=cfg.init_std / (2 * cfg.n_layers) ** 0.5, **kw)
+    self.wi_gate = Linear(
+      cfg.d_model, cfg.mlp_dim, axes=("embed", "mlp"), init_std=cfg.init_std, **kw
+    )
+    self.wi_up = Linear(
+      cfg.d_model, cfg.mlp_dim, axes=("embed", "mlp"), init_std=cfg.init_std, **kw
+    )
+    self.wo = Linear(
+      cfg.mlp_dim,
+      cfg.d_model,
+      axes=("mlp", "embed"),
+      init_std=cfg.init_std / (2 * cfg.n_layers) ** 0.5,
+      **kw,
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     h = jax.nn.silu(self.wi_gate(x)) * self.wi_up(x)

@@ -16,8 +16,7 @@ def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
 class RMSNorm(nnx.Module):
   """RMSNorm with a learned scale; computes in fp32, returns x.dtype."""
 
-  def __init__(self, dim: int, *, eps: float, axis_name: str = "embed",
-               param_dtype=jnp.float32):
+  def __init__(self, dim: int, *, eps: float, axis_name: str = "embed", param_dtype=jnp.float32):
     self.eps = eps
     self.scale = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=(axis_name,))
 
@@ -29,8 +28,15 @@ class GatedRMSNorm(nnx.Module):
   """rmsnorm(y * silu(z)) normalised within each of `groups` groups of the
   last axis (mamba_ssm's RMSNormGated with norm_before_gate=False)."""
 
-  def __init__(self, dim: int, *, groups: int, eps: float,
-               axis_name: str = "ssm_inner", param_dtype=jnp.float32):
+  def __init__(
+    self,
+    dim: int,
+    *,
+    groups: int,
+    eps: float,
+    axis_name: str = "ssm_inner",
+    param_dtype=jnp.float32,
+  ):
     self.eps = eps
     self.groups = groups
     self.scale = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=(axis_name,))

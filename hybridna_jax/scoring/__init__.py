@@ -10,6 +10,32 @@ zero-shot variant effects.
 `from hybridna_jax.scoring import Scorer`.
 """
 
-from hybridna_jax.scoring.scorer import (POOLINGS, LogLikelihood, PositionScores, Progress,
-                                         ProgressLogger, Scorer, ScoreSettings, TokenStats,
-                                         Window, as_tokens, bucket_lengths, plan_windows)
+from hybridna_jax.scoring.scorer import (
+  POOLINGS,
+  LogLikelihood,
+  PositionScores,
+  Progress,
+  ProgressLogger,
+  Scorer,
+  ScoreSettings,
+  TokenStats,
+  Window,
+  as_tokens,
+  bucket_lengths,
+  plan_windows,
+)
+
+__all__ = [
+  "POOLINGS",
+  "LogLikelihood",
+  "PositionScores",
+  "Progress",
+  "ProgressLogger",
+  "Scorer",
+  "ScoreSettings",
+  "TokenStats",
+  "Window",
+  "as_tokens",
+  "bucket_lengths",
+  "plan_windows",
+]

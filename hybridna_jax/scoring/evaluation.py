@@ -19,28 +19,31 @@ import json
 import math
 import os
 import time
-from typing import Iterable, NamedTuple, Sequence
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 from absl import logging
 
 from hybridna_jax import plotting
-from hybridna_jax.scoring import scorer as scorer_lib
 from hybridna_jax.data import fasta
 from hybridna_jax.data import store as store_lib
+from hybridna_jax.scoring import scorer as scorer_lib
 
 LN2 = math.log(2.0)
 
 
 class NamedSequence(NamedTuple):
   """A sequence to evaluate: its name, where it came from, and its tokens."""
+
   name: str
   source: str
   tokens: np.ndarray
 
 
-def fasta_sequences(paths: Sequence[str], max_records: int = 0,
-                    max_tokens: int = 0) -> list[NamedSequence]:
+def fasta_sequences(
+  paths: Sequence[str], max_records: int = 0, max_tokens: int = 0
+) -> list[NamedSequence]:
   """Records of FASTA files (plain or compressed), optionally only the first
   `max_records` and the first `max_tokens` tokens of each."""
   out = []
@@ -50,77 +53,129 @@ def fasta_sequences(paths: Sequence[str], max_records: int = 0,
     for header, tokens in fasta.read_fasta(path):
       if max_records and len(out) >= max_records:
         return out
-      out.append(NamedSequence(header.name, os.path.basename(path),
-                               tokens[:max_tokens] if max_tokens else tokens))
+      out.append(
+        NamedSequence(
+          header.name, os.path.basename(path), tokens[:max_tokens] if max_tokens else tokens
+        )
+      )
   if not out:
     raise ValueError(f"no FASTA records in {', '.join(paths)}.")
   return out
 
 
-def store_sequences(store_dir: str, split: str = "val", max_records: int = 0,
-                    max_tokens: int = 0) -> list[NamedSequence]:
+def store_sequences(
+  store_dir: str, split: str = "val", max_records: int = 0, max_tokens: int = 0
+) -> list[NamedSequence]:
   """Records of a token-store split, memory-mapped (not read until scored)."""
   store = store_lib.TokenStore.open(store_dir)
   if split not in store:
-    raise ValueError(f"the token store {store_dir} has no split {split!r} (it has "
-                     f"{', '.join(store.splits)}); set score.eval_split.")
+    raise ValueError(
+      f"the token store {store_dir} has no split {split!r} (it has "
+      f"{', '.join(store.splits)}); set score.eval_split."
+    )
   records = list(store[split])
   if max_records:
     records = records[:max_records]
   if not records:
     raise ValueError(f"split {split!r} of {store_dir} has no records.")
-  return [NamedSequence(r.name, r.source, r.tokens[:max_tokens] if max_tokens else r.tokens)
-          for r in records]
+  return [
+    NamedSequence(r.name, r.source, r.tokens[:max_tokens] if max_tokens else r.tokens)
+    for r in records
+  ]
 
 
 def metrics(nll: float, correct: float, count: float) -> dict:
   """bits/nt, perplexity, accuracy and loss (nats) from summed stats."""
   if count <= 0:
-    return {"loss": math.nan, "bits_per_nt": math.nan, "perplexity": math.nan,
-            "accuracy": math.nan, "tokens": 0}
+    return {
+      "loss": math.nan,
+      "bits_per_nt": math.nan,
+      "perplexity": math.nan,
+      "accuracy": math.nan,
+      "tokens": 0,
+    }
   loss = nll / count
-  return {"loss": loss, "bits_per_nt": loss / LN2, "perplexity": math.exp(loss),
-          "accuracy": correct / count, "tokens": int(count)}
+  return {
+    "loss": loss,
+    "bits_per_nt": loss / LN2,
+    "perplexity": math.exp(loss),
+    "accuracy": correct / count,
+    "tokens": int(count),
+  }
 
 
-def evaluate(scorer: scorer_lib.Scorer, sequences: Sequence[NamedSequence], *,
-             progress: scorer_lib.Progress | None = None) -> dict:
+def evaluate(
+  scorer: scorer_lib.Scorer,
+  sequences: Sequence[NamedSequence],
+  *,
+  progress: scorer_lib.Progress | None = None,
+) -> dict:
   """Scores `sequences`; returns {"records": [...], "overall": {...}, ...}."""
   start = time.perf_counter()
   stats = scorer.token_stats([s.tokens for s in sequences], progress=progress)
   seconds = time.perf_counter() - start
   records = []
   for s, nll, correct, count in zip(sequences, stats.nll, stats.correct, stats.count):
-    records.append({"name": s.name, "source": s.source, "length": int(len(s.tokens)),
-                    **metrics(float(nll), float(correct), float(count))})
-  overall = metrics(float(stats.nll.sum()), float(stats.correct.sum()),
-                    float(stats.count.sum()))
+    records.append(
+      {
+        "name": s.name,
+        "source": s.source,
+        "length": int(len(s.tokens)),
+        **metrics(float(nll), float(correct), float(count)),
+      }
+    )
+  overall = metrics(float(stats.nll.sum()), float(stats.correct.sum()), float(stats.count.sum()))
   overall["records"] = len(records)
   total_length = sum(r["length"] for r in records)
-  return {"context": scorer.context, "stride": scorer.stride,
-          "min_context": scorer.context - scorer.stride,
-          "records": records, "overall": overall, "seconds": seconds,
-          "nucleotides_per_second": total_length / seconds if seconds > 0 else math.nan}
+  return {
+    "context": scorer.context,
+    "stride": scorer.stride,
+    "min_context": scorer.context - scorer.stride,
+    "records": records,
+    "overall": overall,
+    "seconds": seconds,
+    "nucleotides_per_second": total_length / seconds if seconds > 0 else math.nan,
+  }
 
 
 def format_table(result: dict) -> str:
   """A fixed-width table: one row per record, then the overall row."""
-  rows = [(r["name"], r["source"], f"{r['length']:,}", f"{r['tokens']:,}",
-           _fmt(r["bits_per_nt"]), _fmt(r["perplexity"]), _fmt(r["accuracy"]))
-          for r in result["records"]]
+  rows = [
+    (
+      r["name"],
+      r["source"],
+      f"{r['length']:,}",
+      f"{r['tokens']:,}",
+      _fmt(r["bits_per_nt"]),
+      _fmt(r["perplexity"]),
+      _fmt(r["accuracy"]),
+    )
+    for r in result["records"]
+  ]
   o = result["overall"]
   total = sum(r["length"] for r in result["records"])
-  rows.append(("overall", f"{o['records']} records", f"{total:,}", f"{o['tokens']:,}",
-               _fmt(o["bits_per_nt"]), _fmt(o["perplexity"]), _fmt(o["accuracy"])))
+  rows.append(
+    (
+      "overall",
+      f"{o['records']} records",
+      f"{total:,}",
+      f"{o['tokens']:,}",
+      _fmt(o["bits_per_nt"]),
+      _fmt(o["perplexity"]),
+      _fmt(o["accuracy"]),
+    )
+  )
   header = ("record", "source", "length", "scored", "bits/nt", "perplexity", "accuracy")
   widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(len(header))]
   line = lambda cells: "  ".join(
-      c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+  )
   rule = "-" * len(line(header))
-  title = (f"context {result['context']:,}, stride {result['stride']:,} (every position "
-           f"scored once, >= {result['min_context']:,} nt of context after the first window)")
-  return "\n".join([title, line(header), rule, *(line(r) for r in rows[:-1]), rule,
-                    line(rows[-1])])
+  title = (
+    f"context {result['context']:,}, stride {result['stride']:,} (every position "
+    f"scored once, >= {result['min_context']:,} nt of context after the first window)"
+  )
+  return "\n".join([title, line(header), rule, *(line(r) for r in rows[:-1]), rule, line(rows[-1])])
 
 
 def _fmt(x: float) -> str:
@@ -133,8 +188,12 @@ def plot(result: dict, path: str) -> str:
   records = result["records"]
   fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * len(records) + 2), 4))
   ax.bar(range(len(records)), [r["bits_per_nt"] for r in records], color="tab:blue")
-  ax.axhline(result["overall"]["bits_per_nt"], color="tab:red", lw=1,
-             label=f"overall {result['overall']['bits_per_nt']:.4f}")
+  ax.axhline(
+    result["overall"]["bits_per_nt"],
+    color="tab:red",
+    lw=1,
+    label=f"overall {result['overall']['bits_per_nt']:.4f}",
+  )
   ax.axhline(2.0, color="gray", lw=0.8, ls="--", label="uniform (2 bits)")
   ax.set_xticks(range(len(records)))
   ax.set_xticklabels([r["name"] for r in records], rotation=60, ha="right", fontsize=7)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from absl import logging
@@ -21,8 +21,9 @@ LN2 = math.log(2.0)
 LOGLIK_COLUMNS = ("name", "length", "scored", "loglik_sum", "loglik_mean", "bits_per_nt")
 
 
-def write_loglik(path: str, names: Sequence[str], lengths: Sequence[int],
-                 ll: LogLikelihood) -> None:
+def write_loglik(
+  path: str, names: Sequence[str], lengths: Sequence[int], ll: LogLikelihood
+) -> None:
   """TSV: one row per sequence; log-likelihoods in nats, bits/nt = -mean / ln 2."""
   with open(path, "w", encoding="utf-8") as f:
     f.write("\t".join(LOGLIK_COLUMNS) + "\n")
@@ -42,8 +43,10 @@ def write_positions(path: str, names: Sequence[str], scores: Sequence[PositionSc
 
 def read_positions(path: str) -> dict[str, PositionScores]:
   with np.load(path) as data:
-    return {str(name): PositionScores(data[f"log_probs_{i}"], data[f"entropy_{i}"])
-            for i, name in enumerate(data["names"])}
+    return {
+      str(name): PositionScores(data[f"log_probs_{i}"], data[f"entropy_{i}"])
+      for i, name in enumerate(data["names"])
+    }
 
 
 def write_bedgraph(path: str, names: Sequence[str], scores: Sequence[PositionScores]) -> None:
@@ -59,12 +62,15 @@ def write_bedgraph(path: str, names: Sequence[str], scores: Sequence[PositionSco
       starts = np.concatenate([[0], change])
       ends = np.concatenate([change, [len(values)]])
       keep = finite[starts]
-      f.writelines(f"{name}\t{a}\t{b}\t{v:g}\n"
-                   for a, b, v in zip(starts[keep], ends[keep], values[starts[keep]]))
+      f.writelines(
+        f"{name}\t{a}\t{b}\t{v:g}\n"
+        for a, b, v in zip(starts[keep], ends[keep], values[starts[keep]])
+      )
 
 
-def plot_positions(path: str, names: Sequence[str], scores: Sequence[PositionScores],
-                   max_records: int = 4) -> str:
+def plot_positions(
+  path: str, names: Sequence[str], scores: Sequence[PositionScores], max_records: int = 4
+) -> str:
   """Per-position log-probability and entropy along the first records
   (raw and smoothed over ~1% of the length)."""
   plt = plotting.pyplot()
@@ -94,19 +100,39 @@ def _smooth(values: np.ndarray) -> np.ndarray:
     return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
-def write_embeddings(path: str, names: Sequence[str], embeddings: np.ndarray, *,
-                     pooling: str, layer: int, rc_average: bool) -> None:
+def write_embeddings(
+  path: str,
+  names: Sequence[str],
+  embeddings: np.ndarray,
+  *,
+  pooling: str,
+  layer: int,
+  rc_average: bool,
+) -> None:
   """NPZ: `names` (n,), `embeddings` (n, d) float32, and the settings."""
-  np.savez(path, names=np.asarray(names, dtype=str), embeddings=embeddings,
-           pooling=np.asarray(pooling), layer=np.asarray(layer),
-           rc_average=np.asarray(rc_average))
+  np.savez(
+    path,
+    names=np.asarray(names, dtype=str),
+    embeddings=embeddings,
+    pooling=np.asarray(pooling),
+    layer=np.asarray(layer),
+    rc_average=np.asarray(rc_average),
+  )
 
 
-def score_sequences_to_files(mode: str, scorer: Scorer, names: Sequence[str],
-                             sequences: Sequence[np.ndarray], output: str, *,
-                             rc_average: bool = False, pooling: str = "mean", layer: int = -1,
-                             bedgraph: bool = False, progress: Progress | None = None
-                             ) -> list[str]:
+def score_sequences_to_files(
+  mode: str,
+  scorer: Scorer,
+  names: Sequence[str],
+  sequences: Sequence[np.ndarray],
+  output: str,
+  *,
+  rc_average: bool = False,
+  pooling: str = "mean",
+  layer: int = -1,
+  bedgraph: bool = False,
+  progress: Progress | None = None,
+) -> list[str]:
   """Runs mode "loglik" (TSV), "positions" (NPZ, plot, optional bedGraph)
   or "embed" (NPZ) and writes the results; returns the paths written."""
   stem = os.path.splitext(output)[0]
@@ -124,29 +150,41 @@ def score_sequences_to_files(mode: str, scorer: Scorer, names: Sequence[str],
       paths.append(stem + ".bedgraph")
     return paths
   if mode == "embed":
-    embeddings = scorer.embed(sequences, pooling=pooling, layer=layer, rc_average=rc_average,
-                              progress=progress)
+    embeddings = scorer.embed(
+      sequences, pooling=pooling, layer=layer, rc_average=rc_average, progress=progress
+    )
     npz = output if output.endswith(".npz") else output + ".npz"
-    write_embeddings(npz, names, embeddings, pooling=pooling, layer=layer,
-                     rc_average=rc_average)
+    write_embeddings(npz, names, embeddings, pooling=pooling, layer=layer, rc_average=rc_average)
     return [npz]
   raise ValueError(f"unknown mode {mode!r}; expected loglik, positions or embed.")
 
 
-def score_variants_to_files(scorer: Scorer, found: Sequence[variants_lib.Variant],
-                            problems: Sequence[variants_lib.Problem],
-                            reference: variants_lib.Reference, output: str, *, window: int,
-                            rc_average: bool = False, progress: Progress | None = None
-                            ) -> list[str]:
+def score_variants_to_files(
+  scorer: Scorer,
+  found: Sequence[variants_lib.Variant],
+  problems: Sequence[variants_lib.Problem],
+  reference: variants_lib.Reference,
+  output: str,
+  *,
+  window: int,
+  rc_average: bool = False,
+  progress: Progress | None = None,
+) -> list[str]:
   """Scores variants; writes <output> (TSV), <output>.skipped.tsv (every
   record not scored, with file:line and reason) and <output>.png."""
-  scores, more = variants_lib.score_variants(scorer, found, reference, window=window,
-                                             rc_average=rc_average, progress=progress)
+  scores, more = variants_lib.score_variants(
+    scorer, found, reference, window=window, rc_average=rc_average, progress=progress
+  )
   problems = list(problems) + more
   variants_lib.write_scores(output, scores)
   skipped = output + ".skipped.tsv"
   variants_lib.write_problems(skipped, problems)
   plot = variants_lib.plot_scores(output + ".png", scores)
-  logging.info("%d variants scored -> %s; %d records skipped -> %s", len(scores), output,
-               len(problems), skipped)
+  logging.info(
+    "%d variants scored -> %s; %d records skipped -> %s",
+    len(scores),
+    output,
+    len(problems),
+    skipped,
+  )
   return [output, skipped] + ([plot] if plot else [])

@@ -47,18 +47,19 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from hybridna_jax import sharding
-from hybridna_jax import tokenizer
 from hybridna_jax import echo as echo_lib
+from hybridna_jax import sharding, tokenizer
 from hybridna_jax.config import ScoreConfig, TrainConfig
 from hybridna_jax.train.metrics import format_duration
 
@@ -78,6 +79,7 @@ class LogLikelihood(NamedTuple):
   mean: (n,) float64 total / count (NaN when nothing was scored).
   count: (n,) float64 scored positions (a strand average with rc_average).
   """
+
   total: np.ndarray
   mean: np.ndarray
   count: np.ndarray
@@ -90,6 +92,7 @@ class PositionScores(NamedTuple):
   entropy: (length,) float32 entropy (nats) of the distribution predicting
     x_i, NaN at the first position.
   """
+
   log_probs: np.ndarray
   entropy: np.ndarray
 
@@ -97,6 +100,7 @@ class PositionScores(NamedTuple):
 class TokenStats(NamedTuple):
   """Sums for evaluation metrics, per sequence: negative log-likelihood
   (nats), correct argmax predictions and scored positions."""
+
   nll: np.ndarray
   correct: np.ndarray
   count: np.ndarray
@@ -107,6 +111,7 @@ class TokenStats(NamedTuple):
 
 class Window(NamedTuple):
   """Tokens [start, end) of a sequence, scoring positions [score_from, end)."""
+
   start: int
   end: int
   score_from: int
@@ -123,7 +128,7 @@ def plan_windows(length: int, context: int, stride: int) -> list[Window]:
   windows, start, scored_to = [], 0, 0
   while scored_to < length:
     end = start + context
-    if end >= length:                 # the last window ends at the end
+    if end >= length:  # the last window ends at the end
       start, end = length - context, length
     windows.append(Window(start, end, scored_to))
     scored_to, start = end, start + stride
@@ -155,12 +160,16 @@ def as_tokens(sequence: SequenceLike, name: str = "") -> np.ndarray:
       raise tokenizer.InvalidSequenceError(e.char, e.position, where.rstrip(": ")) from None
   array = np.asarray(sequence)
   if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
-    raise ValueError(f"{where}expected a DNA string or a 1-D integer token array, "
-                     f"got {array.dtype} of shape {array.shape}.")
+    raise ValueError(
+      f"{where}expected a DNA string or a 1-D integer token array, "
+      f"got {array.dtype} of shape {array.shape}."
+    )
   bad = np.flatnonzero(~tokenizer.is_nucleotide(array))
   if bad.size:
-    raise ValueError(f"{where}token {int(array[bad[0]])} at position {int(bad[0])} is "
-                     "not a nucleotide (A C G T N ids 5..9); pass nucleotides only.")
+    raise ValueError(
+      f"{where}token {int(array[bad[0]])} at position {int(bad[0])} is "
+      "not a nucleotide (A C G T N ids 5..9); pass nucleotides only."
+    )
   return array
 
 
@@ -175,16 +184,17 @@ class _Sequence:
   def window(self, start: int, end: int) -> np.ndarray:
     """int32 tokens [start, end) of the model-side sequence."""
     if self.offset and start == 0:
-      return np.concatenate([[tokenizer.BOS], self.tokens[:end - 1]]).astype(np.int32)
-    return np.asarray(self.tokens[start - self.offset:end - self.offset], np.int32)
+      return np.concatenate([[tokenizer.BOS], self.tokens[: end - 1]]).astype(np.int32)
+    return np.asarray(self.tokens[start - self.offset : end - self.offset], np.int32)
 
 
 class _Job(NamedTuple):
   """One window to run. Tokens are read from the sequence when the batch is
   built (unless given), so a chromosome's windows are never all in memory."""
+
   seq: int
   window: Window
-  tokens: np.ndarray | None = None   # (L,) int32, default: the window's tokens
+  tokens: np.ndarray | None = None  # (L,) int32, default: the window's tokens
   weights: np.ndarray | None = None  # (L,) float32 pooling weights
 
   @property
@@ -199,8 +209,9 @@ class ProgressLogger:
   """A `Progress` callback that logs done/total windows, rate and ETA at
   most every `every` seconds (and at the end)."""
 
-  def __init__(self, what: str = "windows", every: float = 10.0,
-               log: Callable[..., None] = logging.info):
+  def __init__(
+    self, what: str = "windows", every: float = 10.0, log: Callable[..., None] = logging.info
+  ):
     self.what, self.every, self.log = what, every, log
     self._start = self._last = None
 
@@ -214,9 +225,17 @@ class ProgressLogger:
     elapsed = now - self._start
     rate = done / elapsed if elapsed > 0 else 0.0
     eta = (total - done) / rate if rate > 0 else float("nan")
-    self.log("scored %d/%d %s (%.0f%%), %.1f %s/s, %s elapsed, ETA %s", done, total,
-             self.what, 100.0 * done / max(total, 1), rate, self.what,
-             format_duration(elapsed), format_duration(eta))
+    self.log(
+      "scored %d/%d %s (%.0f%%), %.1f %s/s, %s elapsed, ETA %s",
+      done,
+      total,
+      self.what,
+      100.0 * done / max(total, 1),
+      rate,
+      self.what,
+      format_duration(elapsed),
+      format_duration(eta),
+    )
 
 
 # -- the scorer ---------------------------------------------------------------------
@@ -237,8 +256,10 @@ def settings_from_config(config, run_config=None, **overrides) -> ScoreSettings:
     trained = run_config if run_config is not None else config
     stages = TrainConfig.of(trained).stages if "train" in trained else ()
     if not stages:
-      raise ValueError("score.context is 0 and the config has no train.stages to take "
-                       "the trained context from; set --config.score.context.")
+      raise ValueError(
+        "score.context is 0 and the config has no train.stages to take "
+        "the trained context from; set --config.score.context."
+      )
     settings = dataclasses.replace(settings, context=int(stages[-1][0]))
   return settings
 
@@ -268,15 +289,18 @@ class Scorer:
       raise ValueError("pass either settings or keyword fields, not both.")
     self.settings = settings or ScoreSettings(**kwargs)
     if self.settings.context < 2:
-      raise ValueError("a Scorer needs score.context >= 2 (the trained context: "
-                       "Scorer.from_config / settings_from_config).")
+      raise ValueError(
+        "a Scorer needs score.context >= 2 (the trained context: "
+        "Scorer.from_config / settings_from_config)."
+      )
     self.model_config = model.cfg
     self.graphdef, self.state = nnx.split(model)
     self.mesh = _model_mesh(self.state)
     s = self.settings
     if s.context > model.cfg.max_seq_len:
-      raise ValueError(f"score.context {s.context} exceeds the model's max_seq_len "
-                       f"{model.cfg.max_seq_len}.")
+      raise ValueError(
+        f"score.context {s.context} exceeds the model's max_seq_len {model.cfg.max_seq_len}."
+      )
     self.buckets = bucket_lengths(s.context, s.min_bucket)
     self.trace_count = 0
     self._batch_sharding = None
@@ -288,13 +312,14 @@ class Scorer:
     self._embed_fn = jax.jit(self._window_embeddings, static_argnames="layer")
 
   @classmethod
-  def from_config(cls, model: nnx.Module, config, run_config=None, **overrides) -> "Scorer":
+  def from_config(cls, model: nnx.Module, config, run_config=None, **overrides) -> Scorer:
     """A scorer with `settings_from_config(config, run_config, ...)`."""
     return cls(model, settings_from_config(config, run_config, **overrides))
 
   @classmethod
-  def from_run(cls, path: str, config=None, *, which: str = "latest", mesh=None,
-               **overrides) -> tuple["Scorer", Any]:
+  def from_run(
+    cls, path: str, config=None, *, which: str = "latest", mesh=None, **overrides
+  ) -> tuple[Scorer, Any]:
     """Restores a checkpoint (`restore.load`) and binds a scorer to it.
 
     Args:
@@ -308,12 +333,18 @@ class Scorer:
       (scorer, the run's config).
     """
     from hybridna_jax import restore  # pylint: disable=g-import-not-at-top
+
     run_config = restore.run_config(restore.find_checkpoint(path, which).run_dir)
     settings_from = config if config is not None else run_config
     section = ScoreConfig.of(settings_from)
-    model, _, _ = restore.load(path, dtype=section.dtype or None, mesh=mesh, which=which,
-                               attention_impl=section.attention_impl,
-                               ssd_impl=section.ssd_impl)
+    model, _, _ = restore.load(
+      path,
+      dtype=section.dtype or None,
+      mesh=mesh,
+      which=which,
+      attention_impl=section.attention_impl,
+      ssd_impl=section.ssd_impl,
+    )
     return cls.from_config(model, settings_from, run_config, **overrides), run_config
 
   @property
@@ -327,7 +358,7 @@ class Scorer:
   # -- device programs (one per bucket) --------------------------------------------
 
   def _merged(self, state):
-    self.trace_count += 1       # runs once per trace, i.e. per compile
+    self.trace_count += 1  # runs once per trace, i.e. per compile
     return nnx.merge(self.graphdef, state)
 
   def _window_scores(self, state, tokens):
@@ -335,7 +366,7 @@ class Scorer:
     each (b, L) with index 0 undefined."""
     model = self._merged(state)
     with sharding.maybe_activate(self.mesh):
-      logits = model(tokens).logits[:, :-1]                   # (b, L-1, V) fp32
+      logits = model(tokens).logits[:, :-1]  # (b, L-1, V) fp32
     log_p = jax.nn.log_softmax(logits, axis=-1)
     targets = tokens[:, 1:]
     target_lp = jnp.take_along_axis(log_p, targets[..., None], axis=-1)[..., 0]
@@ -361,8 +392,9 @@ class Scorer:
         return size
     raise ValueError(f"window of {length} tokens exceeds the context {self.context}.")
 
-  def _batches(self, jobs: Sequence[_Job], seqs: Sequence[_Sequence]
-               ) -> Iterator[tuple[list[_Job], dict]]:
+  def _batches(
+    self, jobs: Sequence[_Job], seqs: Sequence[_Sequence]
+  ) -> Iterator[tuple[list[_Job], dict]]:
     """Groups jobs by bucket into full (batch_size, bucket) arrays."""
     by_bucket: dict[int, list[_Job]] = {}
     for job in jobs:
@@ -371,15 +403,18 @@ class Scorer:
     for size in sorted(by_bucket):
       group = by_bucket[size]
       for i in range(0, len(group), rows):
-        chunk = group[i:i + rows]
+        chunk = group[i : i + rows]
         tokens = np.full((rows, size), tokenizer.PAD, np.int32)
         weights = np.zeros((rows, size), np.float32)
         for row, job in enumerate(chunk):
-          window = job.tokens if job.tokens is not None else seqs[job.seq].window(
-              job.window.start, job.window.end)
-          tokens[row, :len(window)] = window
+          window = (
+            job.tokens
+            if job.tokens is not None
+            else seqs[job.seq].window(job.window.start, job.window.end)
+          )
+          tokens[row, : len(window)] = window
           if job.weights is not None:
-            weights[row, :len(job.weights)] = job.weights
+            weights[row, : len(job.weights)] = job.weights
         yield chunk, {"tokens": tokens, "weights": weights}
 
   def _put(self, array: np.ndarray):
@@ -387,8 +422,14 @@ class Scorer:
       return jnp.asarray(array)
     return jax.device_put(array, self._batch_sharding)
 
-  def _run(self, jobs: Sequence[_Job], seqs: Sequence[_Sequence], call: Callable[[dict], Any],
-           sink: Callable[[_Job, tuple], None], progress: Progress | None) -> None:
+  def _run(
+    self,
+    jobs: Sequence[_Job],
+    seqs: Sequence[_Sequence],
+    call: Callable[[dict], Any],
+    sink: Callable[[_Job, tuple], None],
+    progress: Progress | None,
+  ) -> None:
     """Runs `call` over the batches of `jobs`, one batch in flight while the
     host prepares the next, and hands each job its row of the outputs."""
     total, done = len(jobs), 0
@@ -404,7 +445,7 @@ class Scorer:
     if progress:
       progress(0, total)
     for chunk, arrays in self._batches(jobs, seqs):
-      outputs = call(arrays)                 # dispatched asynchronously
+      outputs = call(arrays)  # dispatched asynchronously
       if pending is not None:
         done += drain(pending)
         if progress:
@@ -415,21 +456,26 @@ class Scorer:
       if progress:
         progress(done, total)
 
-  def _prepare(self, sequences: Iterable[SequenceLike], rc_average: bool
-               ) -> tuple[list[_Sequence], int]:
+  def _prepare(
+    self, sequences: Iterable[SequenceLike], rc_average: bool
+  ) -> tuple[list[_Sequence], int]:
     """Model-side sequences: the inputs, then (rc_average) their reverse
     complements in the same order."""
     tokens = [as_tokens(s, str(i)) for i, s in enumerate(sequences)]
     if rc_average:
       tokens += [tokenizer.reverse_complement_nucleotides(t) for t in tokens]
     return [_Sequence(t, self.settings.add_bos) for t in tokens], len(tokens) // (
-        2 if rc_average else 1)
+      2 if rc_average else 1
+    )
 
   # -- per-position scores ----------------------------------------------------------------
 
-  def _score_sequences(self, seqs: Sequence[_Sequence],
-                       sink: Callable[[int, int, tuple], None],
-                       progress: Progress | None) -> None:
+  def _score_sequences(
+    self,
+    seqs: Sequence[_Sequence],
+    sink: Callable[[int, int, tuple], None],
+    progress: Progress | None,
+  ) -> None:
     """Scores every position of every sequence once; sink(seq, first
     position, (log_p, entropy, correct) arrays from that position)."""
     jobs = []
@@ -441,14 +487,19 @@ class Scorer:
 
     def job_sink(job: _Job, rows: tuple):
       w = job.window
-      first = max(w.score_from, w.start + 1)      # positions with context
+      first = max(w.score_from, w.start + 1)  # positions with context
       lo, hi = first - w.start, w.end - w.start
       sink(job.seq, first, tuple(r[lo:hi] for r in rows))
 
     self._run(jobs, seqs, call, job_sink, progress)
 
-  def position_scores(self, sequences: Iterable[SequenceLike], *, rc_average: bool = False,
-                      progress: Progress | None = None) -> list[PositionScores]:
+  def position_scores(
+    self,
+    sequences: Iterable[SequenceLike],
+    *,
+    rc_average: bool = False,
+    progress: Progress | None = None,
+  ) -> list[PositionScores]:
     """Per-position log-probabilities and entropies (see the module
     docstring), one `PositionScores` per input, aligned with its bases."""
     seqs, n = self._prepare(sequences, rc_average)
@@ -458,28 +509,37 @@ class Scorer:
     def sink(i, first, rows):
       lp, ent, _ = rows
       targets = seqs[i].window(first, first + len(lp))
-      log_probs[i][first:first + len(lp)] = np.where(_scored(targets), lp, np.nan)
-      entropy[i][first:first + len(lp)] = ent
+      log_probs[i][first : first + len(lp)] = np.where(_scored(targets), lp, np.nan)
+      entropy[i][first : first + len(lp)] = ent
 
     self._score_sequences(seqs, sink, progress)
     off = int(self.settings.add_bos)
     out = [PositionScores(lp[off:], ent[off:]) for lp, ent in zip(log_probs, entropy)]
     if not rc_average:
       return out
-    return [PositionScores(_strand_mean(f.log_probs, r.log_probs[::-1]),
-                           _strand_mean(f.entropy, r.entropy[::-1]))
-            for f, r in zip(out[:n], out[n:])]
+    return [
+      PositionScores(
+        _strand_mean(f.log_probs, r.log_probs[::-1]), _strand_mean(f.entropy, r.entropy[::-1])
+      )
+      for f, r in zip(out[:n], out[n:])
+    ]
 
-  def token_stats(self, sequences: Iterable[SequenceLike], *,
-                  progress: Progress | None = None) -> TokenStats:
+  def token_stats(
+    self, sequences: Iterable[SequenceLike], *, progress: Progress | None = None
+  ) -> TokenStats:
     """Summed NLL, correct argmax predictions and scored positions per
     sequence (forward strand), without keeping per-position arrays, so
     chromosome-length inputs cost O(batch) memory."""
     seqs, _ = self._prepare(sequences, False)
     return self._token_stats_of(seqs, progress)
 
-  def log_likelihood(self, sequences: Iterable[SequenceLike], *, rc_average: bool = False,
-                     progress: Progress | None = None) -> LogLikelihood:
+  def log_likelihood(
+    self,
+    sequences: Iterable[SequenceLike],
+    *,
+    rc_average: bool = False,
+    progress: Progress | None = None,
+  ) -> LogLikelihood:
     """Sequence log-likelihoods: sum and mean of log p over scored positions
     (with rc_average, each the mean of the two strands')."""
     seqs, n = self._prepare(sequences, rc_average)
@@ -489,8 +549,9 @@ class Scorer:
       mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
     if not rc_average:
       return LogLikelihood(total, mean, count)
-    return LogLikelihood((total[:n] + total[n:]) / 2, (mean[:n] + mean[n:]) / 2,
-                         (count[:n] + count[n:]) / 2)
+    return LogLikelihood(
+      (total[:n] + total[n:]) / 2, (mean[:n] + mean[n:]) / 2, (count[:n] + count[n:]) / 2
+    )
 
   def _token_stats_of(self, seqs, progress) -> TokenStats:
     nll, correct, count = (np.zeros(len(seqs)) for _ in range(3))
@@ -507,9 +568,15 @@ class Scorer:
 
   # -- embeddings -------------------------------------------------------------------------
 
-  def embed(self, sequences: Iterable[SequenceLike], *, pooling: str = "mean",
-            layer: int = -1, rc_average: bool = False,
-            progress: Progress | None = None) -> np.ndarray:
+  def embed(
+    self,
+    sequences: Iterable[SequenceLike],
+    *,
+    pooling: str = "mean",
+    layer: int = -1,
+    rc_average: bool = False,
+    progress: Progress | None = None,
+  ) -> np.ndarray:
     """Sequence embeddings, (n, d_model) float32.
 
     Args:
@@ -535,8 +602,11 @@ class Scorer:
     weights = np.zeros(len(seqs))
 
     def call(arrays):
-      return (self._embed_fn(self.state, self._put(arrays["tokens"]),
-                             self._put(arrays["weights"]), layer=layer),)
+      return (
+        self._embed_fn(
+          self.state, self._put(arrays["tokens"]), self._put(arrays["weights"]), layer=layer
+        ),
+      )
 
     def sink(job, rows):
       sums[job.seq] += rows[0]
@@ -563,7 +633,7 @@ class Scorer:
       for w in plan_windows(seq.length, self.context, self.stride):
         tokens = seq.window(w.start, w.end)
         weights = tokenizer.is_nucleotide(tokens).astype(np.float32)
-        weights[:w.score_from - w.start] = 0.0       # taken from an earlier window
+        weights[: w.score_from - w.start] = 0.0  # taken from an earlier window
         jobs.append(_Job(i, w, tokens, weights))
       return jobs
     # Echo: [<bos>] chunk <sep> chunk, fitting in the context.
@@ -573,7 +643,7 @@ class Scorer:
     jobs = []
     body = seq.tokens
     for start in range(0, len(body), chunk):
-      piece = np.asarray(body[start:start + chunk], np.int32)
+      piece = np.asarray(body[start : start + chunk], np.int32)
       echo, _, weights = echo_lib.build_row(piece, 2 * len(piece) + 1, echo=True)
       if seq.offset:
         echo = np.concatenate([[tokenizer.BOS], echo]).astype(np.int32)

@@ -40,15 +40,14 @@ import csv
 import dataclasses
 import difflib
 import os
-from typing import Callable, Iterable, NamedTuple, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 from absl import logging
 
-from hybridna_jax import plotting
-from hybridna_jax import tokenizer
-from hybridna_jax.data import fasta
-from hybridna_jax.data import textfiles
+from hybridna_jax import plotting, tokenizer
+from hybridna_jax.data import fasta, textfiles
 
 VCF_COLUMNS = ("#CHROM", "POS", "ID", "REF", "ALT")
 CSV_COLUMNS = ("chrom", "pos", "ref", "alt")
@@ -68,12 +67,13 @@ class VariantFormatError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Variant:
   """One alternate allele at a site (1-based `pos`, VCF-style alleles)."""
+
   chrom: str
   pos: int
   ref: str
   alt: str
   id: str = "."
-  source: str = ""          # "file:line", for reports
+  source: str = ""  # "file:line", for reports
 
   @property
   def kind(self) -> str:
@@ -86,7 +86,8 @@ class Variant:
 
 class Problem(NamedTuple):
   """A record that was reported and skipped."""
-  source: str               # "file:line"
+
+  source: str  # "file:line"
   chrom: str
   pos: str
   ref: str
@@ -103,6 +104,7 @@ class VariantScore(NamedTuple):
     llr. window_start / window_end: 0-based, end-exclusive reference
     coordinates of the window.
   """
+
   variant: Variant
   llr: float
   llr_forward: float
@@ -119,8 +121,10 @@ class VariantScore(NamedTuple):
 def _allele_problem(ref: str, alt: str, max_indel_length: int) -> str | None:
   """Why a REF/ALT pair cannot be scored, or None."""
   if alt in (".", "*") or alt.startswith("<") or "[" in alt or "]" in alt:
-    return (f"symbolic or structural ALT allele {alt!r}; only sequence-resolved "
-            "SNVs and small indels are scored")
+    return (
+      f"symbolic or structural ALT allele {alt!r}; only sequence-resolved "
+      "SNVs and small indels are scored"
+    )
   for name, allele in (("REF", ref), ("ALT", alt)):
     if not allele:
       return f"empty {name} allele"
@@ -131,14 +135,24 @@ def _allele_problem(ref: str, alt: str, max_indel_length: int) -> str | None:
   if ref == alt:
     return "ALT equals REF"
   if max(len(ref), len(alt)) > max_indel_length:
-    return (f"alleles of {len(ref)} and {len(alt)} bases exceed max_indel_length="
-            f"{max_indel_length} (score.max_indel_length); not a small variant")
+    return (
+      f"alleles of {len(ref)} and {len(alt)} bases exceed max_indel_length="
+      f"{max_indel_length} (score.max_indel_length); not a small variant"
+    )
   return None
 
 
-def _make_variants(path: str, number: int, chrom: str, pos_text: str, ref: str,
-                   alts: Sequence[str], variant_id: str, max_indel_length: int,
-                   problems: list[Problem]) -> list[Variant]:
+def _make_variants(
+  path: str,
+  number: int,
+  chrom: str,
+  pos_text: str,
+  ref: str,
+  alts: Sequence[str],
+  variant_id: str,
+  max_indel_length: int,
+  problems: list[Problem],
+) -> list[Variant]:
   source = f"{path}:{number}"
   ref = ref.strip().upper()
   try:
@@ -146,8 +160,11 @@ def _make_variants(path: str, number: int, chrom: str, pos_text: str, ref: str,
     if pos < 1:
       raise ValueError
   except ValueError:
-    problems.append(Problem(source, chrom, pos_text, ref, ",".join(alts),
-                            f"POS {pos_text!r} is not a positive integer"))
+    problems.append(
+      Problem(
+        source, chrom, pos_text, ref, ",".join(alts), f"POS {pos_text!r} is not a positive integer"
+      )
+    )
     return []
   out = []
   for alt in alts:
@@ -160,8 +177,7 @@ def _make_variants(path: str, number: int, chrom: str, pos_text: str, ref: str,
   return out
 
 
-def read_vcf(path: str, *, max_indel_length: int = 64
-             ) -> tuple[list[Variant], list[Problem]]:
+def read_vcf(path: str, *, max_indel_length: int = 64) -> tuple[list[Variant], list[Problem]]:
   """Variants of a VCF (plain, gzip or bgzip), one per ALT allele.
 
   Raises:
@@ -177,30 +193,47 @@ def read_vcf(path: str, *, max_indel_length: int = 64
     fields = line.split("\t")
     if line.startswith("#"):
       if tuple(f.upper() for f in fields[:5]) != VCF_COLUMNS:
-        raise VariantFormatError(path, number, "the header line must start with the "
-                                 f"tab-separated columns {' '.join(VCF_COLUMNS)}, got "
-                                 f"{line[:80]!r}.")
+        raise VariantFormatError(
+          path,
+          number,
+          "the header line must start with the "
+          f"tab-separated columns {' '.join(VCF_COLUMNS)}, got "
+          f"{line[:80]!r}.",
+        )
       header_seen = True
       continue
     if not header_seen:
-      raise VariantFormatError(path, number, "a record before the '#CHROM POS ID REF ALT' "
-                               "header line; is this a VCF? (CSV files need a .csv name)")
+      raise VariantFormatError(
+        path,
+        number,
+        "a record before the '#CHROM POS ID REF ALT' "
+        "header line; is this a VCF? (CSV files need a .csv name)",
+      )
     if len(fields) < 5:
-      problems.append(Problem(f"{path}:{number}", fields[0], "", "", "",
-                              f"{len(fields)} tab-separated fields, a VCF record needs at "
-                              "least 5 (CHROM POS ID REF ALT)"))
+      problems.append(
+        Problem(
+          f"{path}:{number}",
+          fields[0],
+          "",
+          "",
+          "",
+          f"{len(fields)} tab-separated fields, a VCF record needs at "
+          "least 5 (CHROM POS ID REF ALT)",
+        )
+      )
       continue
     chrom, pos, variant_id, ref, alt = fields[:5]
-    variants += _make_variants(path, number, chrom, pos, ref, alt.split(","),
-                               variant_id, max_indel_length, problems)
+    variants += _make_variants(
+      path, number, chrom, pos, ref, alt.split(","), variant_id, max_indel_length, problems
+    )
   if not header_seen:
-    raise VariantFormatError(path, None, "no '#CHROM POS ID REF ALT' header line; "
-                             "is this a VCF?")
+    raise VariantFormatError(path, None, "no '#CHROM POS ID REF ALT' header line; is this a VCF?")
   return variants, problems
 
 
-def read_variant_csv(path: str, *, max_indel_length: int = 64
-                     ) -> tuple[list[Variant], list[Problem]]:
+def read_variant_csv(
+  path: str, *, max_indel_length: int = 64
+) -> tuple[list[Variant], list[Problem]]:
   """Variants of a CSV with a header naming chrom,pos,ref,alt (any order,
   case-insensitive; an optional id column; other columns ignored).
 
@@ -208,30 +241,50 @@ def read_variant_csv(path: str, *, max_indel_length: int = 64
     VariantFormatError: a header without the required columns.
   """
   path = os.fspath(path)
-  rows = textfiles.csv_rows(path, error=VariantFormatError, comment="#", check_width=False,
-                            expected=f"a header naming {','.join(CSV_COLUMNS)}")
+  rows = textfiles.csv_rows(
+    path,
+    error=VariantFormatError,
+    comment="#",
+    check_width=False,
+    expected=f"a header naming {','.join(CSV_COLUMNS)}",
+  )
   number, header = next(rows)
   names = [c.lower() for c in header]
   missing = [c for c in CSV_COLUMNS if c not in names]
   if missing:
-    raise VariantFormatError(path, number, f"the header {','.join(header)[:80]!r} lacks the "
-                             f"columns {', '.join(missing)}; expected a header naming "
-                             f"{','.join(CSV_COLUMNS)} (and optionally id).")
+    raise VariantFormatError(
+      path,
+      number,
+      f"the header {','.join(header)[:80]!r} lacks the "
+      f"columns {', '.join(missing)}; expected a header naming "
+      f"{','.join(CSV_COLUMNS)} (and optionally id).",
+    )
   columns = {name: names.index(name) for name in CSV_COLUMNS + ("id",) if name in names}
   variants, problems = [], []
   for number, row in rows:
     if len(row) < len(names):
-      problems.append(Problem(f"{path}:{number}", row[0], "", "", "",
-                              f"{len(row)} fields, the header has {len(names)}"))
+      problems.append(
+        Problem(
+          f"{path}:{number}", row[0], "", "", "", f"{len(row)} fields, the header has {len(names)}"
+        )
+      )
       continue
-    get = lambda key: row[columns[key]].strip() if key in columns else ""
-    variants += _make_variants(path, number, get("chrom"), get("pos"), get("ref"),
-                               [get("alt")], get("id"), max_indel_length, problems)
+    get = lambda key: row[columns[key]].strip() if key in columns else ""  # noqa: B023 (used at once)
+    variants += _make_variants(
+      path,
+      number,
+      get("chrom"),
+      get("pos"),
+      get("ref"),
+      [get("alt")],
+      get("id"),
+      max_indel_length,
+      problems,
+    )
   return variants, problems
 
 
-def read_variants(path: str, *, max_indel_length: int = 64
-                  ) -> tuple[list[Variant], list[Problem]]:
+def read_variants(path: str, *, max_indel_length: int = 64) -> tuple[list[Variant], list[Problem]]:
   """A VCF (.vcf, .vcf.gz, .vcf.bgz) or a CSV (.csv, .csv.gz), by name."""
   name = os.path.basename(os.fspath(path)).lower()
   for suffix in fasta.COMPRESSION_SUFFIXES:
@@ -240,8 +293,11 @@ def read_variants(path: str, *, max_indel_length: int = 64
     return read_vcf(path, max_indel_length=max_indel_length)
   if name.endswith(".csv"):
     return read_variant_csv(path, max_indel_length=max_indel_length)
-  raise VariantFormatError(path, None, "unknown variant file type; name it .vcf[.gz] "
-                           "(VCF) or .csv (columns chrom,pos,ref,alt).")
+  raise VariantFormatError(
+    path,
+    None,
+    "unknown variant file type; name it .vcf[.gz] (VCF) or .csv (columns chrom,pos,ref,alt).",
+  )
 
 
 # -- the reference ------------------------------------------------------------------------
@@ -250,8 +306,7 @@ def read_variants(path: str, *, max_indel_length: int = 64
 class Reference:
   """Chromosome sequences (uint8 tokens) of a reference FASTA, by name."""
 
-  def __init__(self, path: str, chromosomes: dict[str, np.ndarray],
-               all_names: Sequence[str]):
+  def __init__(self, path: str, chromosomes: dict[str, np.ndarray], all_names: Sequence[str]):
     self.path = path
     self.chromosomes = chromosomes
     self.all_names = tuple(all_names)
@@ -297,8 +352,9 @@ def load_reference(path: str, chromosomes: Iterable[str] | None = None) -> Refer
   return Reference(path, kept, names)
 
 
-def check_variants(variants: Sequence[Variant], reference: Reference
-                   ) -> tuple[list[Variant], list[Problem]]:
+def check_variants(
+  variants: Sequence[Variant], reference: Reference
+) -> tuple[list[Variant], list[Problem]]:
   """Variants whose chromosome, position and REF agree with the reference;
   the rest as problems."""
   valid, problems = [], []
@@ -310,13 +366,17 @@ def check_variants(variants: Sequence[Variant], reference: Reference
       chrom = reference[v.chrom]
       end = v.pos - 1 + len(v.ref)
       if end > len(chrom):
-        reason = (f"position {v.pos} (REF of {len(v.ref)} bases) is past the end of "
-                  f"{v.chrom} (length {len(chrom):,})")
+        reason = (
+          f"position {v.pos} (REF of {len(v.ref)} bases) is past the end of "
+          f"{v.chrom} (length {len(chrom):,})"
+        )
       else:
-        actual = tokenizer.decode(chrom[v.pos - 1:end])
+        actual = tokenizer.decode(chrom[v.pos - 1 : end])
         if actual != v.ref:
-          reason = (f"REF {v.ref!r} does not match the reference {actual!r} at "
-                    f"{v.chrom}:{v.pos} (wrong reference build, or 0-based positions?)")
+          reason = (
+            f"REF {v.ref!r} does not match the reference {actual!r} at "
+            f"{v.chrom}:{v.pos} (wrong reference build, or 0-based positions?)"
+          )
     if reason:
       problems.append(Problem(v.source, v.chrom, str(v.pos), v.ref, v.alt, reason))
     else:
@@ -327,8 +387,9 @@ def check_variants(variants: Sequence[Variant], reference: Reference
 # -- windows and scores ---------------------------------------------------------------------
 
 
-def variant_windows(variant: Variant, chrom: np.ndarray, window: int
-                    ) -> tuple[tuple[int, int], np.ndarray, np.ndarray]:
+def variant_windows(
+  variant: Variant, chrom: np.ndarray, window: int
+) -> tuple[tuple[int, int], np.ndarray, np.ndarray]:
   """Reference and alt windows of a variant (module docstring).
 
   Returns:
@@ -342,18 +403,24 @@ def variant_windows(variant: Variant, chrom: np.ndarray, window: int
   room_left, room_right = p, len(chrom) - (p + r)
   left = min(flank // 2, room_left)
   right = min(flank - left, room_right)
-  left = min(flank - right, room_left)          # give unused right room to the left
+  left = min(flank - right, room_left)  # give unused right room to the left
   start, end = p - left, p + r + right
   ref_tokens = np.asarray(chrom[start:end], np.int32)
-  alt_tokens = np.concatenate([
-      ref_tokens[:left], tokenizer.encode(variant.alt), ref_tokens[left + r:]]).astype(np.int32)
+  alt_tokens = np.concatenate(
+    [ref_tokens[:left], tokenizer.encode(variant.alt), ref_tokens[left + r :]]
+  ).astype(np.int32)
   return (start, end), ref_tokens, alt_tokens
 
 
-def score_variants(scorer, variants: Sequence[Variant], reference: Reference, *,
-                   window: int, rc_average: bool = False,
-                   progress: Callable[[int, int], None] | None = None
-                   ) -> tuple[list[VariantScore], list[Problem]]:
+def score_variants(
+  scorer,
+  variants: Sequence[Variant],
+  reference: Reference,
+  *,
+  window: int,
+  rc_average: bool = False,
+  progress: Callable[[int, int], None] | None = None,
+) -> tuple[list[VariantScore], list[Problem]]:
   """Checks `variants` against `reference` and scores the valid ones.
 
   Args:
@@ -369,14 +436,16 @@ def score_variants(scorer, variants: Sequence[Variant], reference: Reference, *,
   if window < 2:
     raise ValueError(f"score.variant_window must be at least 2, got {window}.")
   if window > scorer.context:
-    logging.info("variant window %d capped at the scoring context %d.", window,
-                 scorer.context)
+    logging.info("variant window %d capped at the scoring context %d.", window, scorer.context)
     window = scorer.context
   valid, problems = check_variants(variants, reference)
   too_long = [v for v in valid if max(len(v.ref), len(v.alt)) >= window]
   for v in too_long:
-    problems.append(Problem(v.source, v.chrom, str(v.pos), v.ref, v.alt,
-                            f"alleles longer than the window ({window} nt)"))
+    problems.append(
+      Problem(
+        v.source, v.chrom, str(v.pos), v.ref, v.alt, f"alleles longer than the window ({window} nt)"
+      )
+    )
   valid = [v for v in valid if max(len(v.ref), len(v.alt)) < window]
   report_problems(problems)
 
@@ -392,36 +461,63 @@ def score_variants(scorer, variants: Sequence[Variant], reference: Reference, *,
       sequences.append(ref_tokens)
     sequences.append(alt_tokens)
     plans.append((ref_index[key], len(sequences) - 1, span))
-  logging.info("scoring %d variants: %d windows (%d reference windows, one per site)%s",
-               len(valid), len(sequences), len(ref_index),
-               ", both strands" if rc_average else "")
+  logging.info(
+    "scoring %d variants: %d windows (%d reference windows, one per site)%s",
+    len(valid),
+    len(sequences),
+    len(ref_index),
+    ", both strands" if rc_average else "",
+  )
   if not valid:
     return [], problems
-  inputs = sequences + ([tokenizer.reverse_complement_nucleotides(s) for s in sequences]
-                       if rc_average else [])
+  inputs = sequences + (
+    [tokenizer.reverse_complement_nucleotides(s) for s in sequences] if rc_average else []
+  )
   totals = scorer.log_likelihood(inputs, progress=progress).total
-  forward, reverse = totals[:len(sequences)], totals[len(sequences):]
+  forward, reverse = totals[: len(sequences)], totals[len(sequences) :]
   scores = []
   for v, (ref_i, alt_i, span) in zip(valid, plans):
     llr_f = float(forward[alt_i] - forward[ref_i])
     llr_r = float(reverse[alt_i] - reverse[ref_i]) if rc_average else float("nan")
     ref_ll = float(forward[ref_i] + reverse[ref_i]) / 2 if rc_average else float(forward[ref_i])
     alt_ll = float(forward[alt_i] + reverse[alt_i]) / 2 if rc_average else float(forward[alt_i])
-    scores.append(VariantScore(v, (llr_f + llr_r) / 2 if rc_average else llr_f, llr_f, llr_r,
-                               ref_ll, alt_ll, span[0], span[1]))
+    scores.append(
+      VariantScore(
+        v,
+        (llr_f + llr_r) / 2 if rc_average else llr_f,
+        llr_f,
+        llr_r,
+        ref_ll,
+        alt_ll,
+        span[0],
+        span[1],
+      )
+    )
   return scores, problems
 
 
 def report_problems(problems: Sequence[Problem]) -> None:
   for p in problems:
-    logging.warning("%s: %s:%s %s>%s skipped: %s", p.source, p.chrom, p.pos, p.ref,
-                    p.alt, p.reason)
+    logging.warning("%s: %s:%s %s>%s skipped: %s", p.source, p.chrom, p.pos, p.ref, p.alt, p.reason)
 
 
 # -- output --------------------------------------------------------------------------------------
 
-SCORE_COLUMNS = ("chrom", "pos", "id", "ref", "alt", "type", "llr", "llr_forward",
-                 "llr_reverse", "ref_loglik", "alt_loglik", "window_start", "window_end")
+SCORE_COLUMNS = (
+  "chrom",
+  "pos",
+  "id",
+  "ref",
+  "alt",
+  "type",
+  "llr",
+  "llr_forward",
+  "llr_reverse",
+  "ref_loglik",
+  "alt_loglik",
+  "window_start",
+  "window_end",
+)
 PROBLEM_COLUMNS = ("source", "chrom", "pos", "ref", "alt", "reason")
 
 
@@ -431,9 +527,26 @@ def write_scores(path: str, scores: Sequence[VariantScore]) -> None:
     f.write("\t".join(SCORE_COLUMNS) + "\n")
     for s in scores:
       v = s.variant
-      f.write("\t".join([v.chrom, str(v.pos), v.id, v.ref, v.alt, v.kind, _num(s.llr),
-                         _num(s.llr_forward), _num(s.llr_reverse), _num(s.ref_loglik),
-                         _num(s.alt_loglik), str(s.window_start), str(s.window_end)]) + "\n")
+      f.write(
+        "\t".join(
+          [
+            v.chrom,
+            str(v.pos),
+            v.id,
+            v.ref,
+            v.alt,
+            v.kind,
+            _num(s.llr),
+            _num(s.llr_forward),
+            _num(s.llr_reverse),
+            _num(s.ref_loglik),
+            _num(s.alt_loglik),
+            str(s.window_start),
+            str(s.window_end),
+          ]
+        )
+        + "\n"
+      )
 
 
 def write_problems(path: str, problems: Sequence[Problem]) -> None:

@@ -10,7 +10,7 @@ that are N or specials are not.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -30,15 +30,15 @@ def _context_run(valid: np.ndarray) -> np.ndarray:
   idx = np.arange(valid.size)
   # Index of the last invalid position at or before i (-1 if none).
   last_invalid = np.maximum.accumulate(np.where(~valid, idx, -1))
-  run[1:] = idx - last_invalid          # valid bases ending at i (inclusive)
-  return run[:-1]                        # ... ending just before i
+  run[1:] = idx - last_invalid  # valid bases ending at i (inclusive)
+  return run[:-1]  # ... ending just before i
 
 
 def _kmer_codes(values: np.ndarray, order: int) -> np.ndarray:
   """codes[i] = base-4 number of values[i - order .. i] (i >= order)."""
   codes = np.zeros(values.size - order, np.int64)
   for j in range(order + 1):
-    codes = codes * 4 + values[j:values.size - order + j]
+    codes = codes * 4 + values[j : values.size - order + j]
   return codes
 
 
@@ -52,7 +52,7 @@ class MarkovModel:
     self.alpha = alpha
     self.counts = [np.zeros(4 ** (j + 1), np.int64) for j in range(order + 1)]
 
-  def fit(self, records: Iterable[np.ndarray]) -> "MarkovModel":
+  def fit(self, records: Iterable[np.ndarray]) -> MarkovModel:
     for tokens in records:
       values, valid = _bases(tokens)
       run = _context_run(valid)
@@ -79,7 +79,8 @@ class MarkovModel:
         ctx = ctx * 4 + values[positions - back]
       row = counts[ctx]
       p = (row[np.arange(positions.size), values[positions]] + self.alpha) / (
-          row.sum(1) + 4 * self.alpha)
+        row.sum(1) + 4 * self.alpha
+      )
       out[positions] = np.log2(p)
     return out, valid
 

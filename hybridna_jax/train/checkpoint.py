@@ -28,8 +28,8 @@ from hybridna_jax.train.step import TrainState
 def with_shardings(abstract: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs carrying the target shardings (restore targets)."""
   return jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      abstract, shardings)
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  )
 
 
 class Checkpoints:
@@ -38,8 +38,11 @@ class Checkpoints:
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True)
+      max_to_keep=keep,
+      create=True,
+      enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=True,
+    )
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
@@ -48,23 +51,29 @@ class Checkpoints:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def save(self, state: TrainState, meta: dict, *, data_args: Any = None,
-           force: bool = True) -> None:
+  def save(
+    self, state: TrainState, meta: dict, *, data_args: Any = None, force: bool = True
+  ) -> None:
     step = int(jax.device_get(state.step))
-    items = dict(params=ocp.args.StandardSave(state.params),
-                 train=ocp.args.StandardSave(state._replace(params=None)),
-                 meta=ocp.args.JsonSave({**meta, "step": step}))
+    items = dict(
+      params=ocp.args.StandardSave(state.params),
+      train=ocp.args.StandardSave(state._replace(params=None)),
+      meta=ocp.args.JsonSave({**meta, "step": step}),
+    )
     if data_args is not None:
       items["data"] = data_args
     self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
-  def restore(self, step: int, target: TrainState, *,
-              data_args: Any = None) -> tuple[TrainState, dict]:
+  def restore(
+    self, step: int, target: TrainState, *, data_args: Any = None
+  ) -> tuple[TrainState, dict]:
     """Restores the full train state into `target` (ShapeDtypeStructs with
     shardings, see `with_shardings`)."""
-    items = dict(params=ocp.args.StandardRestore(target.params),
-                 train=ocp.args.StandardRestore(target._replace(params=None)),
-                 meta=ocp.args.JsonRestore())
+    items = dict(
+      params=ocp.args.StandardRestore(target.params),
+      train=ocp.args.StandardRestore(target._replace(params=None)),
+      meta=ocp.args.JsonRestore(),
+    )
     if data_args is not None:
       items["data"] = data_args
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
@@ -72,13 +81,15 @@ class Checkpoints:
     return state, dict(restored.meta)
 
   def restore_meta(self, step: int) -> dict:
-    return dict(self.manager.restore(
-        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+    return dict(
+      self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    )
 
   def restore_params(self, step: int, target: Any) -> Any:
     """Parameters alone (no optimizer state), into `target`."""
     return self.manager.restore(
-        step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))).params
+      step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))
+    ).params
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

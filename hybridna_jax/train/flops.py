@@ -9,10 +9,16 @@ from hybridna_jax.config import ModelConfig
 # Dense bf16 peak FLOP/s per device, by substrings of jax's device_kind
 # (first match wins, so specific names come before general ones).
 PEAK_BF16_FLOPS = (
-    ("H200", 989.4e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12),
-    ("H100", 989.4e12), ("A100", 312e12), ("L4", 121e12),
-    ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5", 197e12),
-    ("TPU v4", 275e12),
+  ("H200", 989.4e12),
+  ("H100 PCIe", 756e12),
+  ("H100 NVL", 835e12),
+  ("H100", 989.4e12),
+  ("A100", 312e12),
+  ("L4", 121e12),
+  ("TPU v6", 918e12),
+  ("TPU v5p", 459e12),
+  ("TPU v5", 197e12),
+  ("TPU v4", 275e12),
 )
 
 
@@ -34,15 +40,20 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     over the chunk (half of it is masked; counted whole, as kernels do the
     work), and the state update and readout (2 h p n each).
   """
-  d, di, h, p, n, g = (cfg.d_model, cfg.d_inner, cfg.ssm_heads, cfg.ssm_head_dim,
-                       cfg.d_state, cfg.ngroups)
+  d, di, h, p, n, g = (
+    cfg.d_model,
+    cfg.d_inner,
+    cfg.ssm_heads,
+    cfg.ssm_head_dim,
+    cfg.d_state,
+    cfg.ngroups,
+  )
   kinds = cfg.layer_types
   n_attn, n_mamba = kinds.count("attention"), kinds.count("mamba")
   mlp = 3 * d * cfg.mlp_dim
   attn_proj = d * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
   mamba_proj = d * (2 * di + 2 * g * n + h) + di * d
-  matmul = 2 * (n_attn * (attn_proj + mlp) + n_mamba * (mamba_proj + mlp)
-                + d * cfg.vocab_size)
+  matmul = 2 * (n_attn * (attn_proj + mlp) + n_mamba * (mamba_proj + mlp) + d * cfg.vocab_size)
   attention = n_attn * 2 * 2 * cfg.num_heads * cfg.head_dim * seq_len / 2
   q = min(cfg.chunk_size, seq_len)
   ssd = n_mamba * (2 * q * (g * n + h * p) + 4 * h * p * n)

@@ -17,7 +17,7 @@ import math
 import os
 import signal
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import jax
 import numpy as np
@@ -44,7 +44,7 @@ class Stage:
   index: int
   seq_len: int
   steps: int
-  batch_size: int      # global
+  batch_size: int  # global
   start_step: int
 
   @property
@@ -63,13 +63,15 @@ def parse_stages(train) -> list[Stage]:
   stages, start = [], 0
   for i, (seq_len, steps, batch) in enumerate(TrainConfig.from_config(train).stages):
     if seq_len < 1 or steps < 1 or batch < 1:
-      raise ValueError(f"config.train.stages[{i}] = {(seq_len, steps, batch)!r}: all values "
-                       "must be positive.")
+      raise ValueError(
+        f"config.train.stages[{i}] = {(seq_len, steps, batch)!r}: all values must be positive."
+      )
     stages.append(Stage(i, seq_len, steps, batch, start))
     start += steps
   if not stages:
-    raise ValueError("config.train.stages is empty; give at least one "
-                     "(seq_len, steps, global_batch_size).")
+    raise ValueError(
+      "config.train.stages is empty; give at least one (seq_len, steps, global_batch_size)."
+    )
   return stages
 
 
@@ -85,12 +87,18 @@ def _check_batch(stage: Stage, mesh, grad_accum: int) -> int:
   """Per-host batch size; errors name the field to fix."""
   data_devices = sharding.batch_shards(mesh)
   procs = jax.process_count()
-  for divisor, what in ((procs, "the number of processes"),
-                        (data_devices * grad_accum,
-                         f"data x fsdp devices x grad_accum ({data_devices} x {grad_accum})")):
+  for divisor, what in (
+    (procs, "the number of processes"),
+    (
+      data_devices * grad_accum,
+      f"data x fsdp devices x grad_accum ({data_devices} x {grad_accum})",
+    ),
+  ):
     if stage.batch_size % divisor:
-      raise ValueError(f"config.train.stages[{stage.index}]: global batch "
-                       f"{stage.batch_size} is not divisible by {what}.")
+      raise ValueError(
+        f"config.train.stages[{stage.index}]: global batch "
+        f"{stage.batch_size} is not divisible by {what}."
+      )
   return stage.batch_size // procs
 
 
@@ -106,6 +114,7 @@ class _Preemption:
       del frame
       logging.warning("signal %d: saving a checkpoint and stopping.", signum)
       self.requested = True
+
     try:
       self._previous = signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread (e.g. some test runners)
@@ -133,15 +142,21 @@ def sum_eval_steps(fns: step_lib.StepFunctions, params, batches, max_batches: in
   for i, batch in enumerate(batches):
     if max_batches and i >= max_batches:
       break
-    out = jax.device_get(fns.eval_step(params, step_lib.device_batch(
-        batch, fns.batch_sharding, fns.batch_keys)))
+    out = jax.device_get(
+      fns.eval_step(params, step_lib.device_batch(batch, fns.batch_sharding, fns.batch_keys))
+    )
     for k, v in out.items():
       totals[k] = totals.get(k, 0.0) + float(v)
   return totals
 
 
-def lm_eval(fns: step_lib.StepFunctions, params, train_cfg, stage: Stage,
-            make_batches: Callable[..., Iterable[dict]]) -> dict:
+def lm_eval(
+  fns: step_lib.StepFunctions,
+  params,
+  train_cfg,
+  stage: Stage,
+  make_batches: Callable[..., Iterable[dict]],
+) -> dict:
   """LM metrics (`lm_metrics`) over this host's evaluation batches.
 
   make_batches(seq_len=, batch_size=, shard_index=, shard_count=) gives them:
@@ -150,8 +165,12 @@ def lm_eval(fns: step_lib.StepFunctions, params, train_cfg, stage: Stage,
   """
   seq_len = int(train_cfg.eval_seq_len) or stage.seq_len
   per_host = max(1, int(train_cfg.eval_batch_size) // jax.process_count())
-  batches = make_batches(seq_len=seq_len, batch_size=per_host,
-                         shard_index=jax.process_index(), shard_count=jax.process_count())
+  batches = make_batches(
+    seq_len=seq_len,
+    batch_size=per_host,
+    shard_index=jax.process_index(),
+    shard_count=jax.process_count(),
+  )
   return lm_metrics(sum_eval_steps(fns, params, batches, int(train_cfg.eval_batches)))
 
 
@@ -159,8 +178,13 @@ def lm_metrics(totals: dict) -> dict:
   """Bits per nucleotide, perplexity and accuracy from summed LM outputs."""
   count = max(totals.get("count", 0.0), 1.0)
   loss = totals.get("loss", 0.0) / count
-  return {"loss": loss, "bits_per_nt": loss / step_lib.LN2, "perplexity": math.exp(loss),
-          "accuracy": totals.get("accuracy", 0.0) / count, "tokens": totals.get("count", 0.0)}
+  return {
+    "loss": loss,
+    "bits_per_nt": loss / step_lib.LN2,
+    "perplexity": math.exp(loss),
+    "accuracy": totals.get("accuracy", 0.0) / count,
+    "tokens": totals.get("count", 0.0),
+  }
 
 
 class Task:
@@ -172,6 +196,7 @@ class Task:
   checkpoint (saved params-only to <workdir>/best) and whether lower or
   higher is better.
   """
+
   batch_keys: tuple[str, ...] = step_lib.LM_BATCH_KEYS
   selection: tuple[str, str] = ("bits_per_nt", "min")
 
@@ -229,20 +254,32 @@ class LMPretraining(Task):
 
   def train_iterator(self, stage, batch_size, seed):
     return pipeline.train_batches(
-        self.config.data, seq_len=stage.seq_len, batch_size=batch_size, seed=seed,
-        shard_index=jax.process_index(), shard_count=jax.process_count())
+      self.config.data,
+      seq_len=stage.seq_len,
+      batch_size=batch_size,
+      seed=seed,
+      shard_index=jax.process_index(),
+      shard_count=jax.process_count(),
+    )
 
   def evaluate(self, fns, params, stage):
-    return lm_eval(fns, params, self.config.train, stage,
-                   functools.partial(pipeline.eval_batches, self.config.data))
+    return lm_eval(
+      fns,
+      params,
+      self.config.train,
+      stage,
+      functools.partial(pipeline.eval_batches, self.config.data),
+    )
 
   def flops_per_token(self, seq_len: int) -> float:
     return flops_lib.train_flops_per_token(self.model_cfg, seq_len)
 
   def describe(self) -> str:
     cfg = self.model_cfg
-    return (f"LM pretraining, {cfg.n_layers} layers "
-            f"{''.join('A' if t == 'attention' else 'M' for t in cfg.layer_types)}")
+    return (
+      f"LM pretraining, {cfg.n_layers} layers "
+      f"{''.join('A' if t == 'attention' else 'M' for t in cfg.layer_types)}"
+    )
 
 
 def _write_config(config, workdir: str) -> None:
@@ -258,31 +295,45 @@ def train(config, workdir: str, task: Task | None = None) -> dict:
   malformed fields fail with one line naming them)."""
   validate(config)
   task = task or LMPretraining(config)
-  tc = TrainConfig.from_config(config.train)   # after the task wrote its schedule
+  tc = TrainConfig.from_config(config.train)  # after the task wrote its schedule
   stages = task.stages()
   total_steps = stages[-1].end_step
   mesh = sharding.mesh_from_config(config.mesh)
   rules = sharding.rules_from_config(config.mesh)
   optimizer, schedule = task.optimizer(total_steps)
-  fns = step_lib.build_steps(task.init_model, task.loss, optimizer, schedule, mesh, rules=rules,
-                             batch_keys=task.batch_keys, grad_accum=tc.grad_accum,
-                             apply_fn=task.apply if type(task).apply is not Task.apply else None)
+  fns = step_lib.build_steps(
+    task.init_model,
+    task.loss,
+    optimizer,
+    schedule,
+    mesh,
+    rules=rules,
+    batch_keys=task.batch_keys,
+    grad_accum=tc.grad_accum,
+    apply_fn=task.apply if type(task).apply is not Task.apply else None,
+  )
   _write_config(config, workdir)
-  checkpoints = Checkpoints(os.path.join(workdir, CHECKPOINT_DIR),
-                            keep=tc.keep_checkpoints,
-                            async_save=tc.async_checkpoints)
+  checkpoints = Checkpoints(
+    os.path.join(workdir, CHECKPOINT_DIR), keep=tc.keep_checkpoints, async_save=tc.async_checkpoints
+  )
   best = Checkpoints(os.path.join(workdir, BEST_DIR), keep=1) if tc.keep_best else None
   select_key, select_mode = task.selection
   better = (lambda a, b: a < b) if select_mode == "min" else (lambda a, b: a > b)
   logger = MetricsLogger(workdir, total_steps)
   peak = tc.peak_flops_per_device or flops_lib.peak_flops_per_device()
   flops_per_token = getattr(task, "flops_per_token", lambda seq_len: 0.0)
-  logging.info("%s; mesh %s; %d steps in %d stage(s)", task.describe(),
-               dict(mesh.shape), total_steps, len(stages))
+  logging.info(
+    "%s; mesh %s; %d steps in %d stage(s)",
+    task.describe(),
+    dict(mesh.shape),
+    total_steps,
+    len(stages),
+  )
 
   def make_iterator(stage: Stage):
-    return task.train_iterator(stage, _check_batch(stage, mesh, tc.grad_accum),
-                               seed=tc.seed * 1000 + stage.index)
+    return task.train_iterator(
+      stage, _check_batch(stage, mesh, tc.grad_accum), seed=tc.seed * 1000 + stage.index
+    )
 
   # -- start or resume -----------------------------------------------------
   latest = checkpoints.latest_step()
@@ -300,8 +351,8 @@ def train(config, workdir: str, task: Task | None = None) -> dict:
     same_stage = meta.get("stage") == stage.index and latest < stage.end_step
     target = with_shardings(jax.eval_shape(fns.init, jax.random.key(0)), fns.state_shardings)
     state, meta = checkpoints.restore(
-        latest, target,
-        data_args=pipeline.iterator_restore_args(iterator) if same_stage else None)
+      latest, target, data_args=pipeline.iterator_restore_args(iterator) if same_stage else None
+    )
     best_val = meta.get("best_selection", best_val)
     logging.info("resumed from step %d (%s)", latest, stage.label)
 
@@ -311,7 +362,7 @@ def train(config, workdir: str, task: Task | None = None) -> dict:
   summary = {"steps": step, "stopped": "completed"}
 
   def save(stage: Stage, force_sync: bool = False):
-    if checkpoints.latest_step() != step:   # not saved at this step already
+    if checkpoints.latest_step() != step:  # not saved at this step already
       meta = {"stage": stage.index, "seq_len": stage.seq_len, "best_selection": best_val}
       checkpoints.save(state, meta, data_args=pipeline.iterator_save_args(iterator))
     if force_sync:
@@ -353,21 +404,30 @@ def train(config, workdir: str, task: Task | None = None) -> dict:
           accumulated.setdefault(k, []).append(v)
         if step % tc.log_every == 0 or step == stage.end_step:
           host = {k: np.asarray(jax.device_get(v)) for k, v in accumulated.items()}
-          values = {k: float(v.mean()) for k, v in host.items()
-                    if k not in ("skipped", "consecutive_skips", "learning_rate", "count")}
+          values = {
+            k: float(v.mean())
+            for k, v in host.items()
+            if k not in ("skipped", "consecutive_skips", "learning_rate", "count")
+          }
           values["learning_rate"] = float(host["learning_rate"][-1])
           values["skipped_total"] = float(jax.device_get(state.skipped))
-          logger.log_train(step, values, tokens_per_step=tokens_per_step,
-                           flops_per_token=flops_per_token(stage.seq_len), peak_flops=peak,
-                           stage=stage.label)
+          logger.log_train(
+            step,
+            values,
+            tokens_per_step=tokens_per_step,
+            flops_per_token=flops_per_token(stage.seq_len),
+            peak_flops=peak,
+            stage=stage.label,
+          )
           accumulated = {}
           if int(host["consecutive_skips"][-1]) >= tc.max_consecutive_skips:
             save(stage, force_sync=True)
             raise NonFiniteLossError(
-                f"{int(host['consecutive_skips'][-1])} consecutive steps had a non-finite "
-                f"loss or gradient (step {step}); a checkpoint was saved. Lower "
-                "config.train.learning_rate, check the data, or raise "
-                "config.train.max_consecutive_skips.")
+              f"{int(host['consecutive_skips'][-1])} consecutive steps had a non-finite "
+              f"loss or gradient (step {step}); a checkpoint was saved. Lower "
+              "config.train.learning_rate, check the data, or raise "
+              "config.train.max_consecutive_skips."
+            )
         if tc.eval_every and step % tc.eval_every == 0:
           run_eval(stage)
         if step % tc.checkpoint_every == 0 or step == stage.end_step:
@@ -380,8 +440,7 @@ def train(config, workdir: str, task: Task | None = None) -> dict:
       if summary["stopped"] == "preempted":
         break
     if summary["stopped"] == "completed" and tc.eval_every:
-      summary["final_val"] = (run_eval(stage) if last_eval_step != step
-                              else summary.get("last_val"))
+      summary["final_val"] = run_eval(stage) if last_eval_step != step else summary.get("last_val")
       save(stage)
   checkpoints.wait()
   if best is not None:
@@ -393,14 +452,16 @@ def train(config, workdir: str, task: Task | None = None) -> dict:
   summary["stages"] = [dataclasses.asdict(s) for s in stages]
   if jax.process_index() == 0 and tc.plot and os.path.exists(logger.jsonl_path):
     summary["plot"] = plot_loss_curves(
-        logger.jsonl_path, os.path.join(workdir, "loss_curves.png"),
-        stage_starts=[(s.start_step, f"{s.seq_len:,} nt") for s in stages])
+      logger.jsonl_path,
+      os.path.join(workdir, "loss_curves.png"),
+      stage_starts=[(s.start_step, f"{s.seq_len:,} nt") for s in stages],
+    )
   return summary
 
 
 def load_run_config(workdir: str):
   """The config a run in `workdir` was started with (config.json)."""
   import ml_collections  # pylint: disable=g-import-not-at-top
+
   with open(os.path.join(workdir, CONFIG_FILE), encoding="utf-8") as f:
     return ml_collections.ConfigDict(json.load(f))
-

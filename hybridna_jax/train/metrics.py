@@ -41,6 +41,7 @@ class MetricsLogger:
       self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
       if tensorboard:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
         self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
     self._last_time = None
     self._last_step = None
@@ -62,15 +63,26 @@ class MetricsLogger:
     """Starts timing at `step` (after compilation, restores, evals)."""
     self._last_time, self._last_step = time.perf_counter(), step
 
-  def log_train(self, step: int, metrics: dict[str, Any], *, tokens_per_step: float,
-                flops_per_token: float, peak_flops: float | None, stage: str):
+  def log_train(
+    self,
+    step: int,
+    metrics: dict[str, Any],
+    *,
+    tokens_per_step: float,
+    flops_per_token: float,
+    peak_flops: float | None,
+    stage: str,
+  ):
     """Logs averaged step metrics; throughput is measured since the last call."""
     now = time.perf_counter()
     values = {k: float(v) for k, v in metrics.items()}
     if self._last_time is not None and step > self._last_step:
       per_step = (now - self._last_time) / (step - self._last_step)
-      self._seconds_per_step = per_step if self._seconds_per_step is None else (
-          0.7 * self._seconds_per_step + 0.3 * per_step)
+      self._seconds_per_step = (
+        per_step
+        if self._seconds_per_step is None
+        else (0.7 * self._seconds_per_step + 0.3 * per_step)
+      )
       values["step_time_s"] = per_step
       values["tokens_per_s"] = tokens_per_step / per_step
       achieved = values["tokens_per_s"] * flops_per_token / jax.device_count()
@@ -81,25 +93,44 @@ class MetricsLogger:
     self._write("train", step, values)
     if self.enabled:
       eta = (self.total_steps - step) * (self._seconds_per_step or float("nan"))
-      throughput = (f" | {values['tokens_per_s']:,.0f} tok/s {values['step_time_s']:.3f} s/step"
-                    if "tokens_per_s" in values else "")
+      throughput = (
+        f" | {values['tokens_per_s']:,.0f} tok/s {values['step_time_s']:.3f} s/step"
+        if "tokens_per_s" in values
+        else ""
+      )
       mfu = f" MFU {values['mfu']:.1%}" if "mfu" in values else ""
       skipped = f" | skipped {int(values['skipped_total'])}" if values.get("skipped_total") else ""
       # Tasks report different metrics (fine-tuning has no bits/nt).
-      task_metrics = "".join(f" {label} {values[key]:{fmt}}" for key, label, fmt in (
-          ("bits_per_nt", "bpn", ".4f"), ("accuracy", "acc", ".3f")) if key in values)
+      task_metrics = "".join(
+        f" {label} {values[key]:{fmt}}"
+        for key, label, fmt in (("bits_per_nt", "bpn", ".4f"), ("accuracy", "acc", ".3f"))
+        if key in values
+      )
       logging.info(
-          "step %d/%d (%.0f%%) [%s] loss %.4f%s | gnorm %.3f lr %.2e%s%s%s | ETA %s",
-          step, self.total_steps, 100.0 * step / self.total_steps, stage,
-          values["loss"], task_metrics,
-          values["grad_norm"], values["learning_rate"], throughput, mfu, skipped,
-          format_duration(eta))
+        "step %d/%d (%.0f%%) [%s] loss %.4f%s | gnorm %.3f lr %.2e%s%s%s | ETA %s",
+        step,
+        self.total_steps,
+        100.0 * step / self.total_steps,
+        stage,
+        values["loss"],
+        task_metrics,
+        values["grad_norm"],
+        values["learning_rate"],
+        throughput,
+        mfu,
+        skipped,
+        format_duration(eta),
+      )
 
   def log_eval(self, step: int, values: dict[str, float], split: str = "val"):
     self._write(split, step, values)
     if self.enabled:
-      logging.info("eval @ step %d [%s] %s", step, split, " ".join(
-          f"{k} {v:,.0f}" if k == "tokens" else f"{k} {v:.4f}" for k, v in values.items()))
+      logging.info(
+        "eval @ step %d [%s] %s",
+        step,
+        split,
+        " ".join(f"{k} {v:,.0f}" if k == "tokens" else f"{k} {v:.4f}" for k, v in values.items()),
+      )
 
   def close(self):
     if self._writer is not None:
@@ -113,9 +144,13 @@ def read_metrics(jsonl_path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_loss_curves(jsonl_path: str, out_path: str, *,
-                     stage_starts: list[tuple[int, str]] | None = None,
-                     baselines: dict[str, float] | None = None) -> str:
+def plot_loss_curves(
+  jsonl_path: str,
+  out_path: str,
+  *,
+  stage_starts: list[tuple[int, str]] | None = None,
+  baselines: dict[str, float] | None = None,
+) -> str:
   """Train and validation bits per nucleotide against step, with stage
   boundaries and horizontal baseline lines. Returns out_path."""
   plt = plotting.pyplot()
@@ -131,23 +166,29 @@ def plot_loss_curves(jsonl_path: str, out_path: str, *,
       series[kind][0].append(step)
       series[kind][1].append(r[key])
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=110)
-  lowest = min([min(v) for _, v in series.values() if v] + list((baselines or {}).values())
-               + [2.0])
+  lowest = min([min(v) for _, v in series.values() if v] + list((baselines or {}).values()) + [2.0])
   for ax, zoom in zip(axes, (False, True)):
     styles = {"train": dict(lw=1, alpha=0.8), "val": dict(marker="o", lw=2)}
     for kind, (steps, values) in series.items():
       ax.plot(steps, values, label=f"{kind} bits/nt", **styles.get(kind, {}))
     for step, label in stage_starts or []:
       ax.axvline(step, color="gray", ls=":", lw=1)
-      ax.annotate(label, (step, 1.0), xycoords=("data", "axes fraction"),
-                  xytext=(3, -12), textcoords="offset points", fontsize=8, color="gray")
+      ax.annotate(
+        label,
+        (step, 1.0),
+        xycoords=("data", "axes fraction"),
+        xytext=(3, -12),
+        textcoords="offset points",
+        fontsize=8,
+        color="gray",
+      )
     colors = iter(["tab:red", "tab:purple", "tab:brown", "tab:olive"])
     for name, value in (baselines or {}).items():
       ax.axhline(value, ls="--", lw=1, color=next(colors), label=f"{name}: {value:.3f}")
     ax.axhline(2.0, ls="-", lw=0.5, color="black", alpha=0.3)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
-    if zoom:   # the region where models are compared: 2 bits = uniform over ACGT
+    if zoom:  # the region where models are compared: 2 bits = uniform over ACGT
       ax.set_ylim(lowest - 0.03, 2.1)
       ax.set_title("zoom: near 2 bits/nt (uniform over A/C/G/T)", fontsize=10)
     else:

@@ -19,10 +19,12 @@ def decays(path: tuple) -> bool:
 
 def weight_decay_mask(params: nnx.State):
   """A pytree of bools matching `params`: True where weight decay applies."""
+
   def mask(path, _):
     # State paths end in the Variable's `.value` attribute: use the dict keys.
     names = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
     return decays(names)
+
   return jax.tree_util.tree_map_with_path(mask, params)
 
 
@@ -31,9 +33,12 @@ def learning_rate_schedule(cfg, total_steps: int) -> optax.Schedule:
   cfg.learning_rate * cfg.min_lr_ratio at `total_steps`."""
   warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=warmup,
-      decay_steps=max(total_steps, warmup + 1),
-      end_value=cfg.learning_rate * cfg.min_lr_ratio)
+    init_value=0.0,
+    peak_value=cfg.learning_rate,
+    warmup_steps=warmup,
+    decay_steps=max(total_steps, warmup + 1),
+    end_value=cfg.learning_rate * cfg.min_lr_ratio,
+  )
 
 
 def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -42,7 +47,14 @@ def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation,
   transforms = []
   if cfg.grad_clip > 0:
     transforms.append(optax.clip_by_global_norm(cfg.grad_clip))
-  transforms.append(optax.adamw(
-      schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-      weight_decay=cfg.weight_decay, mask=weight_decay_mask))
+  transforms.append(
+    optax.adamw(
+      schedule,
+      b1=cfg.b1,
+      b2=cfg.b2,
+      eps=cfg.eps,
+      weight_decay=cfg.weight_decay,
+      mask=weight_decay_mask,
+    )
+  )
   return optax.chain(*transforms), schedule

@@ -10,9 +10,9 @@ import os
 import numpy as np
 from absl import logging
 
-from hybridna_jax.train.baselines import MarkovModel
 from hybridna_jax.data import pipeline
 from hybridna_jax.data.store import TokenStore
+from hybridna_jax.train.baselines import MarkovModel
 from hybridna_jax.train.loop import parse_stages
 from hybridna_jax.train.metrics import plot_loss_curves
 
@@ -41,33 +41,47 @@ def baseline_report(config, model_val: dict, workdir: str) -> str:
   train_split, val_split = store[config.data.train_split], store["val"]
   stages = parse_stages(config.train)
   seq_len = int(config.train.eval_seq_len) or stages[-1].seq_len
-  batches = list(pipeline.eval_batches(config.data, seq_len=seq_len,
-                                       batch_size=int(config.train.eval_batch_size)))
+  batches = list(
+    pipeline.eval_batches(
+      config.data, seq_len=seq_len, batch_size=int(config.train.eval_batch_size)
+    )
+  )
   if int(config.train.eval_batches):
-    batches = batches[:int(config.train.eval_batches)]
+    batches = batches[: int(config.train.eval_batches)]
   rows = [("HybriDNA (this run)", model_val["bits_per_nt"])]
   for order in config.train.markov_orders:
-    logging.info("fitting an order-%d Markov baseline on %d training records", order,
-                 len(train_split))
+    logging.info(
+      "fitting an order-%d Markov baseline on %d training records", order, len(train_split)
+    )
     model = MarkovModel(int(order)).fit(r.tokens for r in train_split)
     bits, scored = markov_bits_per_nt(model, batches)
     if model_val.get("tokens") is not None and scored != int(model_val["tokens"]):
       raise RuntimeError(f"baseline scored {scored} targets, the model {model_val['tokens']}.")
     rows.append((f"Markov order {order}", bits))
   val_sources = sorted({r.source for r in val_split})
-  report = {"val_sources": val_sources, "eval_seq_len": seq_len,
-            "scored_targets": model_val.get("tokens"), "bits_per_nt": dict(rows)}
+  report = {
+    "val_sources": val_sources,
+    "eval_seq_len": seq_len,
+    "scored_targets": model_val.get("tokens"),
+    "bits_per_nt": dict(rows),
+  }
   with open(os.path.join(workdir, "baseline_report.json"), "w", encoding="utf-8") as f:
     json.dump(report, f, indent=2)
   metrics = os.path.join(workdir, "metrics.jsonl")
   if os.path.exists(metrics):
-    plot_loss_curves(metrics, os.path.join(workdir, "loss_curves.png"),
-                     stage_starts=[(s.start_step, f"{s.seq_len:,} nt") for s in stages],
-                     baselines={name: v for name, v in rows[1:]})
+    plot_loss_curves(
+      metrics,
+      os.path.join(workdir, "loss_curves.png"),
+      stage_starts=[(s.start_step, f"{s.seq_len:,} nt") for s in stages],
+      baselines={name: v for name, v in rows[1:]},
+    )
   width = max(len(name) for name, _ in rows)
-  lines = [f"Validation bits per nucleotide on held-out genomes ({', '.join(val_sources)}), "
-           f"{int(model_val.get('tokens', 0)):,} targets in {seq_len:,}-nt windows:",
-           f"{'model':<{width}}  bits/nt", f"{'-' * width}  -------"]
+  lines = [
+    f"Validation bits per nucleotide on held-out genomes ({', '.join(val_sources)}), "
+    f"{int(model_val.get('tokens', 0)):,} targets in {seq_len:,}-nt windows:",
+    f"{'model':<{width}}  bits/nt",
+    f"{'-' * width}  -------",
+  ]
   lines += [f"{name:<{width}}  {value:.4f}" for name, value in rows]
   lines.append(f"{'(uniform over A/C/G/T)':<{width}}  2.0000")
   return "\n".join(lines)

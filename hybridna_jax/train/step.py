@@ -16,13 +16,15 @@ and the batch split over (data, fsdp).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from hybridna_jax import sharding
 
@@ -34,11 +36,11 @@ LossFn = Callable[[nnx.Module, dict], tuple[jax.Array, dict[str, jax.Array]]]
 
 
 class TrainState(NamedTuple):
-  step: jax.Array                 # () int32, optimizer steps taken
-  params: nnx.State               # nnx.Param variables
+  step: jax.Array  # () int32, optimizer steps taken
+  params: nnx.State  # nnx.Param variables
   opt_state: Any
-  skipped: jax.Array              # () int32, non-finite steps skipped in total
-  consecutive_skips: jax.Array    # () int32, current run of skipped steps
+  skipped: jax.Array  # () int32, non-finite steps skipped in total
+  consecutive_skips: jax.Array  # () int32, current run of skipped steps
 
 
 def masked_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array):
@@ -67,6 +69,7 @@ class StepFunctions:
   eval_step(params, batch) -> loss sums (like the train metrics, unreduced);
   apply(params, batch) -> `apply_fn`'s outputs (e.g. logits for metrics).
   """
+
   graphdef: Any
   state_shardings: Any
   batch_sharding: NamedSharding
@@ -78,11 +81,18 @@ class StepFunctions:
   mesh: Mesh
 
 
-def build_steps(init_model: Callable[[nnx.Rngs], nnx.Module], loss_fn: LossFn,
-                optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                mesh: Mesh, *, batch_keys: tuple[str, ...] = LM_BATCH_KEYS,
-                rules: sharding.Rules = sharding.DEFAULT_RULES, grad_accum: int = 1,
-                apply_fn: Callable[[nnx.Module, dict], Any] | None = None) -> StepFunctions:
+def build_steps(
+  init_model: Callable[[nnx.Rngs], nnx.Module],
+  loss_fn: LossFn,
+  optimizer: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  mesh: Mesh,
+  *,
+  batch_keys: tuple[str, ...] = LM_BATCH_KEYS,
+  rules: sharding.Rules = sharding.DEFAULT_RULES,
+  grad_accum: int = 1,
+  apply_fn: Callable[[nnx.Module, dict], Any] | None = None,
+) -> StepFunctions:
   """Jitted, sharded init / train / eval functions.
 
   Args:
@@ -111,9 +121,11 @@ def build_steps(init_model: Callable[[nnx.Rngs], nnx.Module], loss_fn: LossFn,
   def microbatches(batch):
     """(B, ...) -> (grad_accum, B / grad_accum, ...), each micro-batch still
     split over all data devices (rows are dealt round-robin)."""
+
     def split(x):
       x = x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1)
       return sharding.constrain(x, (None, "act_batch") + (None,) * (x.ndim - 2))
+
     return {k: split(batch[k]) for k in batch_keys}
 
   def train_step(state: TrainState, batch: dict):
@@ -121,13 +133,18 @@ def build_steps(init_model: Callable[[nnx.Rngs], nnx.Module], loss_fn: LossFn,
       if grad_accum == 1:
         (loss_sum, sums), grads = grad_fn(state.params, batch)
       else:
+
         def accumulate(carry, micro):
           (m_loss, m_sums), m_grads = grad_fn(state.params, micro)
           return jax.tree.map(jnp.add, carry, (m_loss, m_sums, m_grads)), None
-        (_, abstract_sums), _ = jax.eval_shape(grad_fn, state.params,
-                                               jax.tree.map(lambda x: x[0], microbatches(batch)))
-        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
-                             (jax.ShapeDtypeStruct((), jnp.float32), abstract_sums, state.params))
+
+        (_, abstract_sums), _ = jax.eval_shape(
+          grad_fn, state.params, jax.tree.map(lambda x: x[0], microbatches(batch))
+        )
+        zeros = jax.tree.map(
+          lambda a: jnp.zeros(a.shape, a.dtype),
+          (jax.ShapeDtypeStruct((), jnp.float32), abstract_sums, state.params),
+        )
         (loss_sum, sums, grads), _ = jax.lax.scan(accumulate, zeros, microbatches(batch))
       denom = jnp.maximum(sums["count"], 1.0)
       grads = jax.tree.map(lambda g: g / denom, grads)
@@ -138,18 +155,30 @@ def build_steps(init_model: Callable[[nnx.Rngs], nnx.Module], loss_fn: LossFn,
       def apply(state):
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        return state._replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              consecutive_skips=jnp.zeros((), jnp.int32))
+        return state._replace(
+          step=state.step + 1,
+          params=params,
+          opt_state=opt_state,
+          consecutive_skips=jnp.zeros((), jnp.int32),
+        )
 
       def skip(state):
-        return state._replace(step=state.step + 1, skipped=state.skipped + 1,
-                              consecutive_skips=state.consecutive_skips + 1)
+        return state._replace(
+          step=state.step + 1,
+          skipped=state.skipped + 1,
+          consecutive_skips=state.consecutive_skips + 1,
+        )
 
       new_state = jax.lax.cond(finite, apply, skip, state)
       metrics = {k: v / denom for k, v in sums.items() if k != "count"}
-      metrics.update(loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step),
-                     count=sums["count"], skipped=1 - finite.astype(jnp.int32),
-                     consecutive_skips=new_state.consecutive_skips)
+      metrics.update(
+        loss=loss,
+        grad_norm=grad_norm,
+        learning_rate=schedule(state.step),
+        count=sums["count"],
+        skipped=1 - finite.astype(jnp.int32),
+        consecutive_skips=new_state.consecutive_skips,
+      )
       return new_state, metrics
 
   def eval_step(params: nnx.State, batch: dict):
@@ -164,22 +193,32 @@ def build_steps(init_model: Callable[[nnx.Rngs], nnx.Module], loss_fn: LossFn,
   replicated = NamedSharding(mesh, P())
   batch_shardings = {k: batch_sharding for k in batch_keys}
   return StepFunctions(
-      graphdef=graphdef,
-      state_shardings=state_shardings,
-      batch_sharding=batch_sharding,
-      batch_keys=tuple(batch_keys),
-      init=jax.jit(init, out_shardings=state_shardings),
-      train_step=jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
-                         out_shardings=(state_shardings, replicated), donate_argnums=0),
-      eval_step=jax.jit(eval_step, in_shardings=(state_shardings.params, batch_shardings),
-                        out_shardings=replicated),
-      apply=(jax.jit(apply, in_shardings=(state_shardings.params, batch_shardings))
-             if apply_fn is not None else None),
-      mesh=mesh)
+    graphdef=graphdef,
+    state_shardings=state_shardings,
+    batch_sharding=batch_sharding,
+    batch_keys=tuple(batch_keys),
+    init=jax.jit(init, out_shardings=state_shardings),
+    train_step=jax.jit(
+      train_step,
+      in_shardings=(state_shardings, batch_shardings),
+      out_shardings=(state_shardings, replicated),
+      donate_argnums=0,
+    ),
+    eval_step=jax.jit(
+      eval_step, in_shardings=(state_shardings.params, batch_shardings), out_shardings=replicated
+    ),
+    apply=(
+      jax.jit(apply, in_shardings=(state_shardings.params, batch_shardings))
+      if apply_fn is not None
+      else None
+    ),
+    mesh=mesh,
+  )
 
 
-def device_batch(batch: dict, batch_sharding: NamedSharding,
-                 keys: tuple[str, ...] = LM_BATCH_KEYS) -> dict:
+def device_batch(
+  batch: dict, batch_sharding: NamedSharding, keys: tuple[str, ...] = LM_BATCH_KEYS
+) -> dict:
   """Host-local numpy batch -> global jax arrays split over (data, fsdp).
 
   Each process passes its own rows; on one process this is a device_put.
