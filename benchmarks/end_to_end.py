@@ -40,6 +40,9 @@ flags.DEFINE_integer("iters", 5, "Timed steps per point.")
 flags.DEFINE_string("dtype", "bfloat16", "Compute dtype.")
 flags.DEFINE_string("remat", None, "Override model.remat (none | full | dots).")
 flags.DEFINE_bool("small", False, "CPU smoke run: demo config, short lengths.")
+flags.DEFINE_bool(
+  "scan_layers", None, "Override model.scan_layers (one scanned block: faster compiles)."
+)
 FLAGS = flags.FLAGS
 
 
@@ -112,7 +115,10 @@ def main(argv):
   tokens_per_step = 1024 if FLAGS.small else FLAGS.tokens_per_step
   hybrid = ModelConfig.from_config(load_config(config_path).model)
   hybrid = dataclasses.replace(
-    hybrid, dtype="float32" if FLAGS.small else FLAGS.dtype, remat=FLAGS.remat or hybrid.remat
+    hybrid,
+    dtype="float32" if FLAGS.small else FLAGS.dtype,
+    remat=FLAGS.remat or hybrid.remat,
+    scan_layers=hybrid.scan_layers if FLAGS.scan_layers is None else FLAGS.scan_layers,
   )
   transformer = attention_only(hybrid)
   print(environment())
@@ -121,7 +127,8 @@ def main(argv):
     f"(layers {''.join('A' if t == 'attention' else 'M' for t in hybrid.layer_types)}), "
     f"transformer {param_count(transformer) / 1e6:.1f}M params (mlp_dim "
     f"{transformer.mlp_dim}); dtype {hybrid.dtype}, remat {hybrid.remat}, "
-    f"ssd_impl {hybrid.ssd_impl}, attention_impl {hybrid.attention_impl}; "
+    f"ssd_impl {hybrid.ssd_impl}, attention_impl {hybrid.attention_impl}, "
+    f"scan_layers {hybrid.scan_layers}; "
     f"{tokens_per_step} tokens/step"
   )
   print(
