@@ -18,7 +18,6 @@
 #      h=16, Triton (pallas_gpu) / cuDNN / torch flash vs XLA (blockwise, plain)
 #   5. end-to-end (benchmarks/end_to_end.py): configs/hybridna_300m.py, hybrid
 #      vs same-size transformer at 32k and 8k, 32768 tokens/step, tokens/s, MFU
-#      (scan_layers on: the first run spent its budget compiling unrolled layers)
 #
 # The whole run is held to DEVICE_CHECK_BUDGET seconds (default 450: 7.5
 # minutes, kill grace included, so under 8 minutes in all): each section's
@@ -213,7 +212,7 @@ if [ "$DRY_RUN" = 1 ]; then
   SSD_ARGS=(--batch 1 --seqlen 256 --heads 2 --headdim 16 --dstate 16 --chunk 64
             --iters 1 --warmup 1 --impls pallas chunked mamba_ssm)
   ATTN_ARGS=(--small --batch 1 --seqlen 256 --heads 2 --iters 1 --warmup 1)
-  E2E_ARGS=(--small --iters 1 --scan_layers)
+  E2E_ARGS=(--small --iters 1)
 else
   SSD_ARGS=(--batch 1 --seqlen 32768 --heads 32 --headdim 64 --dstate 128
             --dtype bfloat16 --impls pallas chunked mamba_ssm)
@@ -222,7 +221,7 @@ else
     ATTN_ARGS+=(--impls pallas_gpu cudnn xla_blockwise xla)
   fi
   E2E_ARGS=(--config=configs/hybridna_300m.py "--seq_lens=32768,8192"
-            --tokens_per_step=32768 --iters=5 --dtype=bfloat16 --scan_layers)
+            --tokens_per_step=32768 --iters=5 --dtype=bfloat16)
 fi
 
 run_section "On-device kernel tests" 150 310 \
