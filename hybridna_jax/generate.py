@@ -466,15 +466,7 @@ def sample(
     keys = row_keys(seed, sample_ids)
   elif keys.shape != (b,):
     raise ValueError(f"keys has shape {keys.shape}, expected ({b},).")
-  graphdef, state = nnx.split(model)
-  logits, cache = _prefill(
-    graphdef,
-    state,
-    jnp.asarray(tokens),
-    jnp.asarray(segment_ids),
-    max_length=tokens.shape[1] + settings.max_new_tokens,
-    mesh=mesh,
-  )
+  graphdef, state, logits, cache = _prefill_model(model, tokens, segment_ids, settings, mesh)
   return _sample_loop(
     graphdef,
     state,
@@ -493,11 +485,9 @@ def sample(
   )
 
 
-def beam_search(
-  model, prompts, settings: Settings, *, segment_ids: np.ndarray | None = None, mesh=None
-) -> Beams:
-  """The `settings.beam_width` best continuations of each prompt (`Beams`)."""
-  tokens, segment_ids = _prepare(prompts, segment_ids)
+def _prefill_model(model, tokens: np.ndarray, segment_ids: np.ndarray, settings: Settings, mesh):
+  """(graphdef, state, last logits, cache) of the prompts (b, l), with cache
+  room for settings.max_new_tokens more."""
   graphdef, state = nnx.split(model)
   logits, cache = _prefill(
     graphdef,
@@ -507,6 +497,15 @@ def beam_search(
     max_length=tokens.shape[1] + settings.max_new_tokens,
     mesh=mesh,
   )
+  return graphdef, state, logits, cache
+
+
+def beam_search(
+  model, prompts, settings: Settings, *, segment_ids: np.ndarray | None = None, mesh=None
+) -> Beams:
+  """The `settings.beam_width` best continuations of each prompt (`Beams`)."""
+  tokens, segment_ids = _prepare(prompts, segment_ids)
+  graphdef, state, logits, cache = _prefill_model(model, tokens, segment_ids, settings, mesh)
   return _beam_loop(
     graphdef,
     state,

@@ -55,7 +55,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import grain
@@ -567,7 +567,7 @@ class _SpreadWindows(grain.transforms.Map):
     return int(g) * self.total // self.selected if g >= 0 else -1
 
 
-def eval_dataset(
+def eval_batches(
   data_cfg,
   *,
   split: str = "val",
@@ -576,7 +576,17 @@ def eval_dataset(
   shard_index: int = 0,
   shard_count: int = 1,
 ) -> grain.IterDataset:
-  """The finite evaluation dataset (see `eval_batches`)."""
+  """A finite, deterministic, re-iterable dataset of evaluation batches.
+
+  Covers every record of `split` with consecutive non-overlapping windows
+  (seq_len + 1 tokens read, seq_len apart, so every token after a record's
+  first is a target exactly once), the last window of each record padded;
+  with `data_cfg.eval_max_windows` > 0, only that many of these windows,
+  spread evenly over the split (every genome is sampled);
+  no shuffling, augmentation or N-skipping. Window w goes to host
+  w mod shard_count; every host yields ceil(ceil(W / shard_count) /
+  batch_size) full batches, the tail padded with empty rows (loss_mask 0).
+  """
   _check_sizes(seq_len, batch_size, shard_index, shard_count)
   store = store_lib.TokenStore.open(data_cfg.store_dir)
   index = WindowIndex(
@@ -594,36 +604,6 @@ def eval_dataset(
   ds = ds.batch(batch_size, batch_fn=stack_windows)
   ds = ds.map(MakeBatch(data_cfg.mask_n_in_loss))
   return ds.to_iter_dataset(_read_options(data_cfg, batch_size))
-
-
-def eval_batches(
-  data_cfg,
-  *,
-  split: str = "val",
-  seq_len: int,
-  batch_size: int,
-  shard_index: int = 0,
-  shard_count: int = 1,
-) -> Iterable[dict[str, np.ndarray]]:
-  """A finite, deterministic, re-iterable sequence of evaluation batches.
-
-  Covers every record of `split` with consecutive non-overlapping windows
-  (seq_len + 1 tokens read, seq_len apart, so every token after a record's
-  first is a target exactly once), the last window of each record padded;
-  with `data_cfg.eval_max_windows` > 0, only that many of these windows,
-  spread evenly over the split (every genome is sampled);
-  no shuffling, augmentation or N-skipping. Window w goes to host
-  w mod shard_count; every host yields ceil(ceil(W / shard_count) /
-  batch_size) full batches, the tail padded with empty rows (loss_mask 0).
-  """
-  return eval_dataset(
-    data_cfg,
-    split=split,
-    seq_len=seq_len,
-    batch_size=batch_size,
-    shard_index=shard_index,
-    shard_count=shard_count,
-  )
 
 
 def iterator_save_args(it: grain.DatasetIterator):
