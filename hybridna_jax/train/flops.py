@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 
 from hybridna_jax.config import ModelConfig
@@ -22,13 +24,37 @@ PEAK_BF16_FLOPS = (
 )
 
 
-def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
-  """Peak dense bf16 FLOP/s of a device, or None if unknown (e.g. CPU)."""
-  kind = (device or jax.devices()[0]).device_kind
+def peak_flops_for_kind(kind: str) -> float | None:
+  """Peak dense bf16 FLOP/s for a jax device_kind, or None if unknown."""
   for key, flops in PEAK_BF16_FLOPS:
     if key.lower() in kind.lower():
       return flops
   return None
+
+
+def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
+  """Peak dense bf16 FLOP/s of a device, or None if unknown (e.g. CPU)."""
+  return peak_flops_for_kind((device or jax.devices()[0]).device_kind)
+
+
+@dataclasses.dataclass(frozen=True)
+class Accelerator:
+  """A device to plan a run for (launch/plan.py)."""
+  device_kind: str      # as jax names it; finds the peak in PEAK_BF16_FLOPS
+  memory_bytes: float   # the vendor's figure, in 1e9 bytes
+  platform: str         # "gpu" or "tpu": which kernels a run there uses
+
+  @property
+  def peak_flops(self) -> float:
+    return peak_flops_for_kind(self.device_kind)
+
+
+ACCELERATORS = {
+    "h100": Accelerator("NVIDIA H100 80GB HBM3", 80e9, "gpu"),
+    "h200": Accelerator("NVIDIA H200", 141e9, "gpu"),
+    "v5p": Accelerator("TPU v5p", 95e9, "tpu"),
+    "v5e": Accelerator("TPU v5 lite", 16e9, "tpu"),
+}
 
 
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
