@@ -1,0 +1,145 @@
+"""Plans a training run before it gets machines: memory, FLOPs and step time
+of one sharded train step per device, and whether it fits an accelerator.
+
+    python launch/plan.py --config=configs/hybridna_7b.py --stage=2 \\
+        --devices=64 --accelerator=h100 --mfu=0.4 [--search]
+
+Compiles the train step ahead of time for a mesh of --devices fake CPU
+devices (nothing is allocated; the program sets XLA_FLAGS itself), with the
+mesh of config.mesh (`--config.mesh.fsdp=8 --config.mesh.tensor=2`) and the
+shape of config.train.stages[--stage] (or --seq_len / --batch). Prints the
+per-device bytes of parameters, optimizer state, batch and temporaries from
+XLA's memory analysis, XLA's FLOP count next to train/flops.py's, and for
+--accelerator whether the step fits with --headroom and its time at --mfu.
+--search tries meshes from the least split up and suggests the first that
+fits. --kernels=cpu compiles the kernels as configured (what a CPU run
+executes; --measure then runs the step and compares with the process's
+memory). See README, "Planning a run".
+"""
+
+import json
+import os
+import sys
+
+from absl import app, flags
+
+from hybridna_jax import launch_utils
+
+launch_utils.define_flags(workdir_required=False)
+flags.DEFINE_integer("devices", 8, "Number of (fake CPU) devices to plan for.")
+flags.DEFINE_enum("accelerator", "h100", ["h100", "h200", "v5p", "v5e"],
+                  "Target device: memory, peak FLOP/s and kernels (GPU or TPU).")
+flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation for the step time.")
+flags.DEFINE_float("headroom", 0.1, "Share of device memory kept free (allocator "
+                   "fragmentation, XLA_PYTHON_CLIENT_MEM_FRACTION, the runtime).")
+flags.DEFINE_integer("stage", 0, "Index into config.train.stages (seq_len, steps, batch).")
+flags.DEFINE_integer("seq_len", None, "Sequence length (overrides the stage's).")
+flags.DEFINE_integer("batch", None, "Global batch size (overrides the stage's).")
+flags.DEFINE_enum("kernels", "accelerator", ["accelerator", "cpu"],
+                  "accelerator: trace the target's Pallas kernels as shape proxies; "
+                  "cpu: the kernels as configured, as a CPU run compiles them.")
+flags.DEFINE_bool("search", False, "Suggest the least-split mesh (fsdp, tensor) of "
+                  "--devices that fits --accelerator (compiles each candidate).")
+flags.DEFINE_integer("max_tensor", 8, "Largest tensor axis the search tries.")
+flags.DEFINE_bool("measure", False, "Also run the step on CPU (real arrays) and compare "
+                  "the predicted memory with the process's; small configs only.")
+FLAGS = flags.FLAGS
+
+_DEVICE_FLAG = "--xla_force_host_platform_device_count"
+
+
+def use_fake_cpu_devices(n: int) -> None:
+  """Makes jax start with `n` CPU devices. XLA reads XLA_FLAGS when its
+  backends start, so when they already run with other settings the program
+  starts over (exec) with the new environment."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
+          if not f.startswith(_DEVICE_FLAG)]
+  os.environ["XLA_FLAGS"] = " ".join(kept + [f"{_DEVICE_FLAG}={n}"])
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  if xla_bridge.backends_are_initialized():
+    if jax.default_backend() == "cpu" and jax.device_count() == n:
+      return
+    os.execv(sys.executable, [sys.executable, *sys.argv])
+  jax.config.update("jax_platforms", "cpu")
+  if jax.device_count() != n:
+    raise RuntimeError(f"asked for {n} fake CPU devices, jax has {jax.device_count()}.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  launch_utils.quiet_library_logs()
+  use_fake_cpu_devices(FLAGS.devices)
+  # Imported after the device set-up (nothing may touch devices before).
+  from hybridna_jax.train import flops as flops_lib  # pylint: disable=g-import-not-at-top
+  from hybridna_jax.train import plan as plan_lib  # pylint: disable=g-import-not-at-top
+
+  config = FLAGS.config
+  stages = config.train.stages
+  if not 0 <= FLAGS.stage < len(stages):
+    raise app.UsageError(f"--stage={FLAGS.stage}: the config has {len(stages)} stages.")
+  seq_len = FLAGS.seq_len or int(stages[FLAGS.stage][0])
+  batch = FLAGS.batch or int(stages[FLAGS.stage][2])
+  accelerator = flops_lib.ACCELERATORS[FLAGS.accelerator]
+  platform = "cpu" if FLAGS.kernels == "cpu" or FLAGS.measure else accelerator.platform
+  mesh_sizes = {"num_devices": FLAGS.devices}
+  report = {"config": config.to_dict(), "accelerator": FLAGS.accelerator,
+            "headroom": FLAGS.headroom, "mfu": FLAGS.mfu}
+
+  def show(plan):
+    print(plan_lib.format_plan(plan, FLAGS.accelerator, FLAGS.headroom, FLAGS.mfu),
+          flush=True)
+
+  if FLAGS.search:
+    print(f"searching meshes of {FLAGS.devices} devices for {FLAGS.accelerator}, "
+          f"{batch} x {seq_len:,} nt, least split first:", flush=True)
+
+    def progress(step):
+      mesh = " ".join(f"{k}={v}" for k, v in step.mesh.items())
+      if step.plan is None:
+        print(f"  {mesh}: skipped, {step.skipped}", flush=True)
+      else:
+        fits = "fits" if step.plan.fits(accelerator, FLAGS.headroom) else "does not fit"
+        print(f"  {mesh}: peak {step.plan.peak_bytes / plan_lib.GB:.2f} GB per device, "
+              f"{fits} (compiled in {step.plan.compile_s:.0f} s)", flush=True)
+
+    steps = plan_lib.search_mesh(
+        config, devices=FLAGS.devices, seq_len=seq_len, batch=batch,
+        accelerator=accelerator, headroom=FLAGS.headroom, platform=platform,
+        max_tensor=FLAGS.max_tensor, report=progress)
+    report["search"] = [{"mesh": s.mesh, "skipped": s.skipped,
+                         "plan": s.plan.to_json() if s.plan else None} for s in steps]
+    best = steps[-1].plan if steps else None
+    if best is not None and best.fits(accelerator, FLAGS.headroom):
+      mesh = " ".join(f"--config.mesh.{k}={v}" for k, v in best.mesh.items())
+      print(f"\nsuggested: {mesh}\n")
+      show(best)
+    else:
+      print(f"\nno mesh of {FLAGS.devices} devices (tensor <= {FLAGS.max_tensor}) fits "
+            f"{FLAGS.accelerator}; use more devices, a smaller batch per device "
+            "(config.train.grad_accum) or remat (config.model.remat).")
+  elif FLAGS.measure:
+    result = plan_lib.measure_on_cpu(config, seq_len=seq_len, batch=batch,
+                                     mesh_sizes=mesh_sizes)
+    show(result.plan)
+    print(f"measured on CPU ({result.plan.devices} devices in one process): "
+          f"predicted {result.predicted_bytes / plan_lib.GB:.3f} GB, resident set grew "
+          f"{result.measured_bytes / plan_lib.GB:.3f} GB "
+          f"(measured / predicted {result.measured_bytes / result.predicted_bytes:.2f})")
+    report["measured_bytes"] = result.measured_bytes
+    report["plan"] = result.plan.to_json()
+  else:
+    plan = plan_lib.plan_step(config, seq_len=seq_len, batch=batch, platform=platform,
+                              mesh_sizes=mesh_sizes)
+    show(plan)
+    report["plan"] = plan.to_json()
+  if FLAGS.workdir:
+    os.makedirs(FLAGS.workdir, exist_ok=True)
+    with open(os.path.join(FLAGS.workdir, "plan.json"), "w", encoding="utf-8") as f:
+      json.dump(report, f, indent=2, default=str)
+
+
+if __name__ == "__main__":
+  app.run(main)
