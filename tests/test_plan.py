@@ -38,7 +38,7 @@ def test_target_kernels():
                                                  "attention_impl": "flash_gpu"}
   assert plan_lib.target_kernels(cfg, "tpu") == {"ssd_impl": "pallas_tpu",
                                                  "attention_impl": "splash"}
-  assert plan_lib.target_kernels(cfg, "cpu") == {"ssd_impl": "auto",
+  assert plan_lib.target_kernels(cfg, None) == {"ssd_impl": "auto",
                                                  "attention_impl": "auto"}
   assert all(flops_lib.ACCELERATORS[a].peak_flops for a in ("h100", "h200", "v5p", "v5e"))
 
@@ -67,7 +67,7 @@ def test_proxy_plan_counts_state_and_drops_kernel_buffers():
   assert gpu.temp_bytes > 0 and gpu.model_flops > 0
   # Flash attention holds no (l x l) scores and the Pallas SSD no
   # (chunk x chunk) decays: far less than the XLA references.
-  cpu = plan_lib.plan_step(cfg, platform="cpu", **kwargs)
+  cpu = plan_lib.plan_step(cfg, platform=None, **kwargs)
   assert cpu.kernels == {"ssd_impl": "auto", "attention_impl": "auto"}
   assert gpu.temp_bytes < 0.5 * cpu.temp_bytes
   h100 = flops_lib.ACCELERATORS["h100"]
@@ -87,6 +87,32 @@ def test_proxies_restore_pallas_call():
                                           jnp.zeros((4,), jnp.float32)])(jnp.ones(5))
     assert [(o.shape, o.dtype) for o in out] == [((2, 3), jnp.bfloat16), ((4,), jnp.float32)]
   assert pl.pallas_call is original
+
+
+def test_sequential_remat_same_gradients():
+  """The planner's fenced remat computes what nnx.remat does."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from hybridna_jax.config import ModelConfig  # pylint: disable=g-import-not-at-top
+  from hybridna_jax.model import HybriDNA  # pylint: disable=g-import-not-at-top
+  from hybridna_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+
+  cfg = load_config("configs/tiny.py").model
+  cfg.remat = "full"
+  graphdef, params = nnx.split(HybriDNA(ModelConfig.from_config(cfg), rngs=nnx.Rngs(0)),
+                               nnx.Param)
+  tokens = jax.random.randint(jax.random.key(1), (2, 32), 0, 5)
+  batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, axis=1),
+           "segment_ids": jnp.ones((2, 32), jnp.int32), "loss_mask": jnp.ones((2, 32))}
+  grad = jax.grad(lambda p: step_lib.lm_loss(nnx.merge(graphdef, p), batch)[0])
+  expected = grad(params)
+  original = nnx.remat
+  with plan_lib.sequential_remat():
+    assert nnx.remat is not original
+    got = grad(params)
+  assert nnx.remat is original
+  for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+    assert jnp.allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_launcher_prediction_matches_cpu_step(tmp_path):

@@ -19,10 +19,22 @@ custom-VJP residuals, the XLA glue between kernels); what a kernel keeps
 on-chip (VMEM, shared memory) is not HBM and is not counted, and the
 kernels' FLOPs are missing from XLA's count.
 
-Caveats: XLA's CPU compiler fuses and schedules differently from the GPU and
-TPU compilers, so temporaries are an estimate (see README, "Planning a
-run"); bf16 programs compile with their dtypes, but where the CPU compiler
-keeps a bf16 value in fp32 the estimate is high, not low.
+Layer order. XLA's CPU scheduler is free to interleave the backward passes
+of different layers (recompute layer k while layer k+1's weight gradients
+wait), and then holds the activations of many layers at once: for the 3B
+config at 1 x 8k on one device, 56 GB of temporaries where one layer at a
+time needs 17 GB. GPU and TPU compilers schedule under the device's memory
+limit (and rematerialise to meet it). For a GPU or TPU target the plan
+therefore also traces remat="full" layers through `sequential_remat`: the
+same recomputation, with optimization barriers that make a layer's
+backward start when its output cotangent arrives and release its input
+cotangent only with its parameter gradients; the launcher keeps XLA from
+removing those barriers before scheduling
+(--xla_disable_hlo_passes=cse_barrier_expander).
+
+Caveats: XLA's CPU compiler still fuses and schedules differently from the
+GPU and TPU compilers, so temporaries are an estimate (see README, "Planning
+a run"); bf16 programs compile with their dtypes.
 """
 
 from __future__ import annotations
@@ -39,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 
 from hybridna_jax import sharding
 from hybridna_jax.train import flops as flops_lib
@@ -73,7 +86,8 @@ class StepPlan:
   seq_len: int
   batch: int                 # global
   grad_accum: int
-  platform: str              # "cpu" (as configured), "gpu" or "tpu" (kernel proxies)
+  platform: str | None       # "gpu" / "tpu": that platform's kernels as proxies;
+                             # None: the kernels as configured
   kernels: dict[str, str]    # ssd_impl, attention_impl traced
   param_bytes: int           # from the state shardings
   opt_bytes: int
@@ -155,10 +169,64 @@ def kernel_shape_proxies() -> Iterator[None]:
     jax.clear_caches()
 
 
-def target_kernels(model_cfg, platform: str) -> dict[str, str]:
-  """ssd_impl and attention_impl a run on `platform` uses for this config."""
+def _sequential_checkpoint(fn: Callable) -> Callable:
+  """jax.checkpoint of `fn` (nothing saved but its inputs) whose backward is
+  fenced: it starts once the output cotangent exists, and its input
+  cotangents come out together with everything else it computes."""
+  @jax.custom_vjp
+  def checkpointed(*args):
+    return fn(*args)
+
+  def forward(*args):
+    return fn(*args), args
+
+  def backward(args, cotangent):
+    args, cotangent = jax.lax.optimization_barrier((args, cotangent))
+    _, vjp = jax.vjp(fn, *args)
+    return jax.lax.optimization_barrier(vjp(cotangent))
+
+  checkpointed.defvjp(forward, backward)
+  return checkpointed
+
+
+def _sequential_remat(original: Callable) -> Callable:
+  """An `nnx.remat` for layers (module, h, ...) -> (h, cache) whose
+  policy is None (remat="full"): `_sequential_checkpoint` on h. The cache
+  entry is dropped (None): the train step never reads it, and its zero
+  cotangents would otherwise be materialised. Other policies go to
+  `original`."""
+  def remat(f, *, policy=None, prevent_cse=True, static_argnums=()):
+    if policy is not None or static_argnums:
+      return original(f, policy=policy, prevent_cse=prevent_cse,
+                      static_argnums=static_argnums)
+
+    def call(module, *args):
+      graphdef, state = nnx.split(module)
+      hidden = _sequential_checkpoint(
+          lambda state, *a: f(nnx.merge(graphdef, state), *a)[0])
+      return hidden(state, *args), None
+    return call
+  return remat
+
+
+@contextlib.contextmanager
+def sequential_remat() -> Iterator[None]:
+  """Traces remat="full" layers with a fenced backward (see the module
+  docstring, "Layer order"); only for planning, never for running."""
+  original = nnx.remat
+  nnx.remat = _sequential_remat(original)
+  try:
+    yield
+  finally:
+    nnx.remat = original
+    jax.clear_caches()
+
+
+def target_kernels(model_cfg, platform: str | None) -> dict[str, str]:
+  """ssd_impl and attention_impl a run on `platform` uses for this config
+  (None: as configured)."""
   impls = {k: str(model_cfg[k]) for k in ("ssd_impl", "attention_impl")}
-  if platform == "cpu":
+  if platform is None:
     return impls
   target = TARGET_KERNELS[platform]
   for key, impl in impls.items():
@@ -192,7 +260,7 @@ class _Built:
   state: Any                      # ShapeDtypeStructs with shardings
   batch: dict[str, jax.ShapeDtypeStruct]
   kernels: dict[str, str]
-  platform: str
+  platform: str | None
 
   @property
   def state_bytes(self) -> int:
@@ -200,7 +268,7 @@ class _Built:
 
 
 def _build(config, mesh_sizes: dict[str, int] | None, seq_len: int, batch: int,
-           platform: str) -> _Built:
+           platform: str | None) -> _Built:
   config = ml_collections.ConfigDict(config.to_dict())   # unlocked copy
   for axis, size in (mesh_sizes or {}).items():
     config.mesh[axis] = int(size)
@@ -223,10 +291,11 @@ def _build(config, mesh_sizes: dict[str, int] | None, seq_len: int, batch: int,
 
 def _compile(built: _Built):
   """(compiled step, lower seconds, compile seconds)."""
-  proxies = (kernel_shape_proxies() if built.platform != "cpu"
-             else contextlib.nullcontext())
   start = time.perf_counter()
-  with proxies:
+  with contextlib.ExitStack() as stack:
+    if built.platform is not None:   # trace as the accelerator would run
+      stack.enter_context(kernel_shape_proxies())
+      stack.enter_context(sequential_remat())
     lowered = built.fns.train_step.lower(built.state, built.batch)
   lowered_at = time.perf_counter()
   compiled = lowered.compile()
@@ -262,13 +331,13 @@ def _plan_from(built: _Built, compiled, lower_s: float, compile_s: float) -> Ste
       lower_s=lower_s, compile_s=compile_s)
 
 
-def plan_step(config, *, seq_len: int, batch: int, platform: str,
+def plan_step(config, *, seq_len: int, batch: int, platform: str | None,
               mesh_sizes: dict[str, int] | None = None) -> StepPlan:
   """Compiles the train step of `config` for (batch, seq_len) on the mesh
   `config.mesh` (with `mesh_sizes` overriding its axes) and returns its plan.
 
   platform: "gpu" or "tpu" trace that platform's kernels as shape proxies;
-  "cpu" compiles the kernels as configured (what a CPU run executes).
+  None compiles the kernels as configured (on CPU, what a CPU run executes).
   """
   built = _build(config, mesh_sizes, seq_len, batch, platform)
   return _plan_from(built, *_compile(built))
@@ -315,7 +384,7 @@ class SearchStep:
 
 def search_mesh(config, *, devices: int, seq_len: int, batch: int,
                 accelerator: flops_lib.Accelerator, headroom: float,
-                platform: str, max_tensor: int = 8,
+                platform: str | None, max_tensor: int = 8,
                 report: Callable[[SearchStep], None] = lambda step: None,
                 ) -> list[SearchStep]:
   """Tries `candidate_meshes` in order until one fits `accelerator`; the
@@ -368,7 +437,7 @@ def measure_on_cpu(config, *, seq_len: int, batch: int,
   Everything is compiled before the baseline is read, so the measured growth
   is the state, the batch and what the step allocates. Linux only.
   """
-  built = _build(config, mesh_sizes, seq_len, batch, "cpu")
+  built = _build(config, mesh_sizes, seq_len, batch, None)
   compiled, lower_s, compile_s = _compile(built)
   plan = _plan_from(built, compiled, lower_s, compile_s)
   init = built.fns.init.lower(jax.random.key(0)).compile()
@@ -411,7 +480,7 @@ def format_plan(plan: StepPlan, accelerator_name: str | None = None,
                 headroom: float = 0.1, mfu: float = 0.4) -> str:
   """The human-readable report launch/plan.py prints."""
   mesh = " ".join(f"{k}={v}" for k, v in plan.mesh.items())
-  where = ("kernels as configured (CPU)" if plan.platform == "cpu" else
+  where = ("kernels as configured" if plan.platform is None else
            f"{plan.platform} kernels as shape proxies")
   lines = [
       f"step: {plan.batch} x {plan.seq_len:,} nt ({plan.tokens:,} tokens), "
@@ -436,7 +505,7 @@ def format_plan(plan: StepPlan, accelerator_name: str | None = None,
       f"FLOPs per device per step: XLA {xla or float('nan'):.3e}, train/flops.py "
       f"{plan.model_flops:.3e} (XLA / model {ratio}; XLA counts remat "
       "recomputation" + ("; kernels traced as proxies count nothing"
-                         if plan.platform != "cpu" else "") + ")")
+                         if plan.platform is not None else "") + ")")
   if accelerator_name:
     accel = flops_lib.ACCELERATORS[accelerator_name]
     budget = (1.0 - headroom) * accel.memory_bytes
