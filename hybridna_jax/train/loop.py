@@ -289,6 +289,23 @@ def _write_config(config, workdir: str) -> None:
       f.write(config.to_json_best_effort(indent=2))
 
 
+def task_steps(task: Task, config, mesh) -> step_lib.StepFunctions:
+  """The jitted steps `train` runs for `task` on `mesh` (launch/plan.py
+  compiles the same ones ahead of time)."""
+  optimizer, schedule = task.optimizer(task.stages()[-1].end_step)
+  return step_lib.build_steps(
+    task.init_model,
+    task.loss,
+    optimizer,
+    schedule,
+    mesh,
+    rules=sharding.rules_from_config(config.mesh),
+    batch_keys=task.batch_keys,
+    grad_accum=TrainConfig.from_config(config.train).grad_accum,
+    apply_fn=task.apply if type(task).apply is not Task.apply else None,
+  )
+
+
 def train(config, workdir: str, task: Task | None = None) -> dict:
   """Trains (or resumes) `task` (default: LM pretraining) in `workdir`;
   returns a summary dict. The config is validated first (unknown or
@@ -299,19 +316,7 @@ def train(config, workdir: str, task: Task | None = None) -> dict:
   stages = task.stages()
   total_steps = stages[-1].end_step
   mesh = sharding.mesh_from_config(config.mesh)
-  rules = sharding.rules_from_config(config.mesh)
-  optimizer, schedule = task.optimizer(total_steps)
-  fns = step_lib.build_steps(
-    task.init_model,
-    task.loss,
-    optimizer,
-    schedule,
-    mesh,
-    rules=rules,
-    batch_keys=task.batch_keys,
-    grad_accum=tc.grad_accum,
-    apply_fn=task.apply if type(task).apply is not Task.apply else None,
-  )
+  fns = task_steps(task, config, mesh)
   _write_config(config, workdir)
   checkpoints = Checkpoints(
     os.path.join(workdir, CHECKPOINT_DIR), keep=tc.keep_checkpoints, async_save=tc.async_checkpoints

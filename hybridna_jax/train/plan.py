@@ -32,9 +32,12 @@ cotangent only with its parameter gradients; the launcher keeps XLA from
 removing those barriers before scheduling
 (--xla_disable_hlo_passes=cse_barrier_expander).
 
-Caveats: XLA's CPU compiler still fuses and schedules differently from the
-GPU and TPU compilers, so temporaries are an estimate (see README, "Planning
-a run"); bf16 programs compile with their dtypes.
+Caveats: the program compiles with the config's dtypes, but XLA:CPU runs
+bf16 matmuls in fp32 (float-normalization-bf16; its dot emitter rejects
+bf16) and holds fp32 copies of their operands, and it fuses and schedules
+differently from the GPU and TPU compilers: for bf16 models the
+temporaries err high (one H200 comparison: measured 0.54x the plan; see
+README, "Planning a run"). Parameters and optimizer state are exact.
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ import itertools
 import math
 import threading
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -67,14 +71,18 @@ SEARCH_AXES = ("fsdp", "tensor")
 # The kernels a run uses on each platform where the config says "auto" (or
 # the backend-dependent "pallas"): what `kernel_registry` would pick there.
 TARGET_KERNELS = {
-    "gpu": {"ssd_impl": "pallas_gpu", "attention_impl": "flash_gpu"},
-    "tpu": {"ssd_impl": "pallas_tpu", "attention_impl": "splash"},
+  "gpu": {"ssd_impl": "pallas_gpu", "attention_impl": "flash_gpu"},
+  "tpu": {"ssd_impl": "pallas_tpu", "attention_impl": "splash"},
 }
 
 # dtypes of the pretraining batch (`data.pipeline`): tokens and segment ids
 # int32, the loss mask float32.
-BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32,
-                "segment_ids": jnp.int32, "loss_mask": jnp.float32}
+BATCH_DTYPES = {
+  "inputs": jnp.int32,
+  "targets": jnp.int32,
+  "segment_ids": jnp.int32,
+  "loss_mask": jnp.float32,
+}
 
 GB = 1e9
 
@@ -82,23 +90,23 @@ GB = 1e9
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
   """One compiled train step; bytes and FLOPs are per device."""
+
   mesh: dict[str, int]
   seq_len: int
-  batch: int                 # global
+  batch: int  # global
   grad_accum: int
-  platform: str | None       # "gpu" / "tpu": that platform's kernels as proxies;
-                             # None: the kernels as configured
-  kernels: dict[str, str]    # ssd_impl, attention_impl traced
-  param_bytes: int           # from the state shardings
+  platform: str | None  # "gpu"/"tpu": its kernels as proxies; None: as configured
+  kernels: dict[str, str]  # ssd_impl, attention_impl traced
+  param_bytes: int  # from the state shardings
   opt_bytes: int
   batch_bytes: int
-  argument_bytes: int        # from XLA's memory analysis (state + batch)
+  argument_bytes: int  # from XLA's memory analysis (state + batch)
   output_bytes: int
-  alias_bytes: int           # outputs written into donated arguments
-  temp_bytes: int            # activations, gradients, workspace
+  alias_bytes: int  # outputs written into donated arguments
+  temp_bytes: int  # activations, gradients, workspace
   code_bytes: int
-  xla_flops: float | None    # XLA's cost analysis
-  model_flops: float         # train/flops.py (remat recomputation not counted)
+  xla_flops: float | None  # XLA's cost analysis
+  model_flops: float  # train/flops.py (remat recomputation not counted)
   lower_s: float
   compile_s: float
 
@@ -110,8 +118,9 @@ class StepPlan:
   def peak_bytes(self) -> int:
     """Arguments live throughout; outputs not written in place and the
     temporaries come on top."""
-    return (self.argument_bytes + self.output_bytes - self.alias_bytes
-            + self.temp_bytes + self.code_bytes)
+    return (
+      self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
+    )
 
   @property
   def tokens(self) -> int:
@@ -124,8 +133,7 @@ class StepPlan:
     return self.model_flops / (mfu * accelerator.peak_flops)
 
   def to_json(self) -> dict:
-    return {**dataclasses.asdict(self), "devices": self.devices,
-            "peak_bytes": self.peak_bytes}
+    return {**dataclasses.asdict(self), "devices": self.devices, "peak_bytes": self.peak_bytes}
 
 
 # ----------------------------------------------------------------------------
@@ -144,11 +152,12 @@ def _proxy_pallas_call(kernel, out_shape=None, **unused_kwargs):
 
   def call(*args):
     leaves = [jnp.asarray(a) for a in jax.tree.leaves(args)]
-    seed = sum((a.reshape(-1)[0].astype(jnp.float32) for a in leaves if a.size),
-               jnp.zeros((), jnp.float32))
-    outs = jax.tree.map(lambda s: jnp.broadcast_to(seed.astype(s.dtype), s.shape),
-                        out_shape)
+    seed = sum(
+      (a.reshape(-1)[0].astype(jnp.float32) for a in leaves if a.size), jnp.zeros((), jnp.float32)
+    )
+    outs = jax.tree.map(lambda s: jnp.broadcast_to(seed.astype(s.dtype), s.shape), out_shape)
     return jax.lax.optimization_barrier(outs)
+
   return call
 
 
@@ -160,6 +169,7 @@ def kernel_shape_proxies() -> Iterator[None]:
   and a later real call must not reuse a trace made with proxies.
   """
   from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
+
   original = pl.pallas_call
   pl.pallas_call = _proxy_pallas_call
   try:
@@ -173,6 +183,7 @@ def _sequential_checkpoint(fn: Callable) -> Callable:
   """jax.checkpoint of `fn` (nothing saved but its inputs) whose backward is
   fenced: it starts once the output cotangent exists, and its input
   cotangents come out together with everything else it computes."""
+
   @jax.custom_vjp
   def checkpointed(*args):
     return fn(*args)
@@ -195,17 +206,18 @@ def _sequential_remat(original: Callable) -> Callable:
   entry is dropped (None): the train step never reads it, and its zero
   cotangents would otherwise be materialised. Other policies go to
   `original`."""
+
   def remat(f, *, policy=None, prevent_cse=True, static_argnums=()):
     if policy is not None or static_argnums:
-      return original(f, policy=policy, prevent_cse=prevent_cse,
-                      static_argnums=static_argnums)
+      return original(f, policy=policy, prevent_cse=prevent_cse, static_argnums=static_argnums)
 
     def call(module, *args):
       graphdef, state = nnx.split(module)
-      hidden = _sequential_checkpoint(
-          lambda state, *a: f(nnx.merge(graphdef, state), *a)[0])
+      hidden = _sequential_checkpoint(lambda state, *a: f(nnx.merge(graphdef, state), *a)[0])
       return hidden(state, *args), None
+
     return call
+
   return remat
 
 
@@ -232,7 +244,7 @@ def target_kernels(model_cfg, platform: str | None) -> dict[str, str]:
   for key, impl in impls.items():
     if impl == "auto":
       impls[key] = target[key]
-    elif impl == "pallas":    # the backend-dependent SSD name
+    elif impl == "pallas":  # the backend-dependent SSD name
       impls[key] = f"pallas_{platform}"
   return impls
 
@@ -254,10 +266,11 @@ def _bytes_per_device(tree) -> int:
 @dataclasses.dataclass
 class _Built:
   """The step's pieces for one config, mesh and shape (nothing allocated)."""
+
   config: ml_collections.ConfigDict
   task: loop.LMPretraining
   fns: step_lib.StepFunctions
-  state: Any                      # ShapeDtypeStructs with shardings
+  state: Any  # ShapeDtypeStructs with shardings
   batch: dict[str, jax.ShapeDtypeStruct]
   kernels: dict[str, str]
   platform: str | None
@@ -267,25 +280,24 @@ class _Built:
     return _bytes_per_device(self.state)
 
 
-def _build(config, mesh_sizes: dict[str, int] | None, seq_len: int, batch: int,
-           platform: str | None) -> _Built:
-  config = ml_collections.ConfigDict(config.to_dict())   # unlocked copy
+def _build(
+  config, mesh_sizes: dict[str, int] | None, seq_len: int, batch: int, platform: str | None
+) -> _Built:
+  config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy
   for axis, size in (mesh_sizes or {}).items():
     config.mesh[axis] = int(size)
   kernels = target_kernels(config.model, platform)
   config.model.update(kernels)
   task = loop.LMPretraining(config)
   mesh = sharding.mesh_from_config(config.mesh)
-  grad_accum = int(config.train.grad_accum)
   stage = loop.Stage(0, seq_len, 1, batch, 0)
-  loop._check_batch(stage, mesh, grad_accum)  # pylint: disable=protected-access
-  optimizer, schedule = task.optimizer(loop.parse_stages(config.train)[-1].end_step)
-  fns = step_lib.build_steps(task.init_model, task.loss, optimizer, schedule, mesh,
-                             batch_keys=task.batch_keys, grad_accum=grad_accum)
+  loop._check_batch(stage, mesh, int(config.train.grad_accum))  # pylint: disable=protected-access
+  fns = loop.task_steps(task, config, mesh)
   state = with_shardings(jax.eval_shape(fns.init, jax.random.key(0)), fns.state_shardings)
-  batch_specs = {k: jax.ShapeDtypeStruct((batch, seq_len), BATCH_DTYPES[k],
-                                         sharding=fns.batch_sharding)
-                 for k in fns.batch_keys}
+  batch_specs = {
+    k: jax.ShapeDtypeStruct((batch, seq_len), BATCH_DTYPES[k], sharding=fns.batch_sharding)
+    for k in fns.batch_keys
+  }
   return _Built(config, task, fns, state, batch_specs, kernels, platform)
 
 
@@ -293,7 +305,7 @@ def _compile(built: _Built):
   """(compiled step, lower seconds, compile seconds)."""
   start = time.perf_counter()
   with contextlib.ExitStack() as stack:
-    if built.platform is not None:   # trace as the accelerator would run
+    if built.platform is not None:  # trace as the accelerator would run
       stack.enter_context(kernel_shape_proxies())
       stack.enter_context(sequential_remat())
     lowered = built.fns.train_step.lower(built.state, built.batch)
@@ -304,7 +316,7 @@ def _compile(built: _Built):
 
 def _xla_flops(compiled) -> float | None:
   cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):     # older jax: one dict per program
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per program
     cost = cost[0] if cost else None
   return float(cost["flops"]) if cost and "flops" in cost else None
 
@@ -313,26 +325,42 @@ def _plan_from(built: _Built, compiled, lower_s: float, compile_s: float) -> Ste
   memory = compiled.memory_analysis()
   mesh = dict(built.fns.mesh.shape)
   seq_len, batch = built.batch["inputs"].shape[1], built.batch["inputs"].shape[0]
-  model_flops = (flops_lib.train_flops_per_token(built.task.model_cfg, seq_len)
-                 * batch * seq_len / math.prod(mesh.values()))
+  model_flops = (
+    flops_lib.train_flops_per_token(built.task.model_cfg, seq_len)
+    * batch
+    * seq_len
+    / math.prod(mesh.values())
+  )
   return StepPlan(
-      mesh=mesh, seq_len=int(seq_len), batch=int(batch),
-      grad_accum=int(built.config.train.grad_accum), platform=built.platform,
-      kernels=built.kernels,
-      param_bytes=_bytes_per_device(built.state.params),
-      opt_bytes=_bytes_per_device(built.state.opt_state),
-      batch_bytes=_bytes_per_device(built.batch),
-      argument_bytes=int(memory.argument_size_in_bytes),
-      output_bytes=int(memory.output_size_in_bytes),
-      alias_bytes=int(memory.alias_size_in_bytes),
-      temp_bytes=int(memory.temp_size_in_bytes),
-      code_bytes=int(memory.generated_code_size_in_bytes),
-      xla_flops=_xla_flops(compiled), model_flops=float(model_flops),
-      lower_s=lower_s, compile_s=compile_s)
+    mesh=mesh,
+    seq_len=int(seq_len),
+    batch=int(batch),
+    grad_accum=int(built.config.train.grad_accum),
+    platform=built.platform,
+    kernels=built.kernels,
+    param_bytes=_bytes_per_device(built.state.params),
+    opt_bytes=_bytes_per_device(built.state.opt_state),
+    batch_bytes=_bytes_per_device(built.batch),
+    argument_bytes=int(memory.argument_size_in_bytes),
+    output_bytes=int(memory.output_size_in_bytes),
+    alias_bytes=int(memory.alias_size_in_bytes),
+    temp_bytes=int(memory.temp_size_in_bytes),
+    code_bytes=int(memory.generated_code_size_in_bytes),
+    xla_flops=_xla_flops(compiled),
+    model_flops=float(model_flops),
+    lower_s=lower_s,
+    compile_s=compile_s,
+  )
 
 
-def plan_step(config, *, seq_len: int, batch: int, platform: str | None,
-              mesh_sizes: dict[str, int] | None = None) -> StepPlan:
+def plan_step(
+  config,
+  *,
+  seq_len: int,
+  batch: int,
+  platform: str | None,
+  mesh_sizes: dict[str, int] | None = None,
+) -> StepPlan:
   """Compiles the train step of `config` for (batch, seq_len) on the mesh
   `config.mesh` (with `mesh_sizes` overriding its axes) and returns its plan.
 
@@ -352,8 +380,9 @@ def _divisors(n: int) -> list[int]:
   return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def candidate_meshes(devices: int, batch: int, grad_accum: int = 1,
-                     max_tensor: int = 8) -> list[dict[str, int]]:
+def candidate_meshes(
+  devices: int, batch: int, grad_accum: int = 1, max_tensor: int = 8
+) -> list[dict[str, int]]:
   """Every split of `devices` over `data` x SEARCH_AXES whose batch axes
   divide the batch, least model-parallel first: by the product of the
   SEARCH_AXES sizes, then preferring the earlier axes of SEARCH_AXES."""
@@ -369,24 +398,33 @@ def candidate_meshes(devices: int, batch: int, grad_accum: int = 1,
     if batch % (batch_ways * grad_accum):
       continue
     meshes.append(mesh)
-  meshes.sort(key=lambda m: (math.prod(m[a] for a in SEARCH_AXES),
-                             [m[a] for a in reversed(SEARCH_AXES)]))
+  meshes.sort(
+    key=lambda m: (math.prod(m[a] for a in SEARCH_AXES), [m[a] for a in reversed(SEARCH_AXES)])
+  )
   return meshes
 
 
 @dataclasses.dataclass(frozen=True)
 class SearchStep:
   """One mesh the search looked at: its plan, or why it was not compiled."""
+
   mesh: dict[str, int]
   plan: StepPlan | None
   skipped: str | None = None
 
 
-def search_mesh(config, *, devices: int, seq_len: int, batch: int,
-                accelerator: flops_lib.Accelerator, headroom: float,
-                platform: str | None, max_tensor: int = 8,
-                report: Callable[[SearchStep], None] = lambda step: None,
-                ) -> list[SearchStep]:
+def search_mesh(
+  config,
+  *,
+  devices: int,
+  seq_len: int,
+  batch: int,
+  accelerator: flops_lib.Accelerator,
+  headroom: float,
+  platform: str | None,
+  max_tensor: int = 8,
+  report: Callable[[SearchStep], None] = lambda step: None,
+) -> list[SearchStep]:
   """Tries `candidate_meshes` in order until one fits `accelerator`; the
   last entry is the suggestion when its plan fits.
 
@@ -398,8 +436,9 @@ def search_mesh(config, *, devices: int, seq_len: int, batch: int,
   for mesh in candidate_meshes(devices, batch, int(config.train.grad_accum), max_tensor):
     built = _build(config, {**mesh, "num_devices": devices}, seq_len, batch, platform)
     if built.state_bytes > budget:
-      step = SearchStep(mesh, None, f"state alone {built.state_bytes / GB:.1f} GB "
-                        f"> {budget / GB:.1f} GB")
+      step = SearchStep(
+        mesh, None, f"state alone {built.state_bytes / GB:.1f} GB > {budget / GB:.1f} GB"
+      )
     else:
       step = SearchStep(mesh, _plan_from(built, *_compile(built)))
     steps.append(step)
@@ -416,21 +455,27 @@ def search_mesh(config, *, devices: int, seq_len: int, batch: int,
 
 def _rss_bytes() -> int:
   with open("/proc/self/statm", encoding="ascii") as f:
-    return int(f.read().split()[1]) * 4096   # resident pages (4 KiB on Linux)
+    return int(f.read().split()[1]) * 4096  # resident pages (4 KiB on Linux)
 
 
 @dataclasses.dataclass(frozen=True)
 class CpuMeasurement:
   """Process memory around one real train step on the fake CPU mesh, for
   all devices together (they share the process)."""
-  predicted_bytes: int     # devices x StepPlan.peak_bytes
-  measured_bytes: int      # peak RSS during the step - RSS before the state existed
+
+  predicted_bytes: int  # devices x StepPlan.peak_bytes
+  measured_bytes: int  # peak RSS during the step - RSS before the state existed
   plan: StepPlan
 
 
-def measure_on_cpu(config, *, seq_len: int, batch: int,
-                   mesh_sizes: dict[str, int] | None = None,
-                   poll_s: float = 5e-4) -> CpuMeasurement:
+def measure_on_cpu(
+  config,
+  *,
+  seq_len: int,
+  batch: int,
+  mesh_sizes: dict[str, int] | None = None,
+  poll_s: float = 5e-4,
+) -> CpuMeasurement:
   """Runs the planned step (kernels as configured) on real zero arrays and
   samples the resident set size; for small configs (tests, the demo).
 
@@ -476,45 +521,51 @@ def _gb(n: float) -> str:
   return f"{n / GB:,.2f} GB" if n >= GB else f"{n / 1e6:,.1f} MB"
 
 
-def format_plan(plan: StepPlan, accelerator_name: str | None = None,
-                headroom: float = 0.1, mfu: float = 0.4) -> str:
+def format_plan(
+  plan: StepPlan, accelerator_name: str | None = None, headroom: float = 0.1, mfu: float = 0.4
+) -> str:
   """The human-readable report launch/plan.py prints."""
   mesh = " ".join(f"{k}={v}" for k, v in plan.mesh.items())
-  where = ("kernels as configured" if plan.platform is None else
-           f"{plan.platform} kernels as shape proxies")
+  where = (
+    "kernels as configured"
+    if plan.platform is None
+    else f"{plan.platform} kernels as shape proxies"
+  )
   lines = [
-      f"step: {plan.batch} x {plan.seq_len:,} nt ({plan.tokens:,} tokens), "
-      f"grad_accum {plan.grad_accum}",
-      f"mesh: {mesh} ({plan.devices} fake CPU devices); {where}: "
-      f"ssd {plan.kernels['ssd_impl']}, attention {plan.kernels['attention_impl']}",
-      f"compile: lower {plan.lower_s:.1f} s, compile {plan.compile_s:.1f} s",
-      "per device (XLA memory analysis):",
-      f"  parameters            {_gb(plan.param_bytes):>12}",
-      f"  optimizer state       {_gb(plan.opt_bytes):>12}",
-      f"  batch                 {_gb(plan.batch_bytes):>12}",
-      f"  (arguments in all     {_gb(plan.argument_bytes):>12})",
-      f"  outputs not in place  {_gb(plan.output_bytes - plan.alias_bytes):>12}",
-      f"  temporaries           {_gb(plan.temp_bytes):>12}   "
-      "(activations, gradients, workspace)",
-      f"  generated code        {_gb(plan.code_bytes):>12}",
-      f"  peak                  {_gb(plan.peak_bytes):>12}",
+    f"step: {plan.batch} x {plan.seq_len:,} nt ({plan.tokens:,} tokens), "
+    f"grad_accum {plan.grad_accum}",
+    f"mesh: {mesh} ({plan.devices} fake CPU devices); {where}: "
+    f"ssd {plan.kernels['ssd_impl']}, attention {plan.kernels['attention_impl']}",
+    f"compile: lower {plan.lower_s:.1f} s, compile {plan.compile_s:.1f} s",
+    "per device (XLA memory analysis):",
+    f"  parameters            {_gb(plan.param_bytes):>12}",
+    f"  optimizer state       {_gb(plan.opt_bytes):>12}",
+    f"  batch                 {_gb(plan.batch_bytes):>12}",
+    f"  (arguments in all     {_gb(plan.argument_bytes):>12})",
+    f"  outputs not in place  {_gb(plan.output_bytes - plan.alias_bytes):>12}",
+    f"  temporaries           {_gb(plan.temp_bytes):>12}   (activations, gradients, workspace)",
+    f"  generated code        {_gb(plan.code_bytes):>12}",
+    f"  peak                  {_gb(plan.peak_bytes):>12}",
   ]
   xla = plan.xla_flops
   ratio = f"{xla / plan.model_flops:.2f}" if xla and plan.model_flops else "n/a"
   lines.append(
-      f"FLOPs per device per step: XLA {xla or float('nan'):.3e}, train/flops.py "
-      f"{plan.model_flops:.3e} (XLA / model {ratio}; XLA counts remat "
-      "recomputation" + ("; kernels traced as proxies count nothing"
-                         if plan.platform is not None else "") + ")")
+    f"FLOPs per device per step: XLA {xla or float('nan'):.3e}, train/flops.py "
+    f"{plan.model_flops:.3e} (XLA / model {ratio}; XLA counts remat "
+    "recomputation"
+    + ("; kernels traced as proxies count nothing" if plan.platform is not None else "")
+    + ")"
+  )
   if accelerator_name:
     accel = flops_lib.ACCELERATORS[accelerator_name]
     budget = (1.0 - headroom) * accel.memory_bytes
     verdict = "fits" if plan.fits(accel, headroom) else "does NOT fit"
     seconds = plan.step_seconds(accel, mfu)
     lines.append(
-        f"{accelerator_name} ({accel.memory_bytes / GB:.0f} GB, "
-        f"{accel.peak_flops / 1e12:.0f} TFLOP/s bf16): {verdict} with "
-        f"{headroom:.0%} headroom ({_gb(plan.peak_bytes)} of {_gb(budget)}); "
-        f"step {seconds:.2f} s at {mfu:.0%} MFU "
-        f"({plan.tokens / seconds / 1e6:.2f}M tokens/s over {plan.devices} devices)")
+      f"{accelerator_name} ({accel.memory_bytes / GB:.0f} GB, "
+      f"{accel.peak_flops / 1e12:.0f} TFLOP/s bf16): {verdict} with "
+      f"{headroom:.0%} headroom ({_gb(plan.peak_bytes)} of {_gb(budget)}); "
+      f"step {seconds:.2f} s at {mfu:.0%} MFU "
+      f"({plan.tokens / seconds / 1e6:.2f}M tokens/s over {plan.devices} devices)"
+    )
   return "\n".join(lines)
