@@ -27,22 +27,42 @@ from hybridna_jax import launch_utils
 
 launch_utils.define_flags(workdir_required=False)
 flags.DEFINE_integer("devices", 8, "Number of (fake CPU) devices to plan for.")
-flags.DEFINE_enum("accelerator", "h100", ["h100", "h200", "v5p", "v5e"],
-                  "Target device: memory, peak FLOP/s and kernels (GPU or TPU).")
+flags.DEFINE_enum(
+  "accelerator",
+  "h100",
+  ["h100", "h200", "v5p", "v5e"],
+  "Target device: memory, peak FLOP/s and kernels (GPU or TPU).",
+)
 flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation for the step time.")
-flags.DEFINE_float("headroom", 0.1, "Share of device memory kept free (allocator "
-                   "fragmentation, XLA_PYTHON_CLIENT_MEM_FRACTION, the runtime).")
+flags.DEFINE_float(
+  "headroom",
+  0.1,
+  "Share of device memory kept free (allocator "
+  "fragmentation, XLA_PYTHON_CLIENT_MEM_FRACTION, the runtime).",
+)
 flags.DEFINE_integer("stage", 0, "Index into config.train.stages (seq_len, steps, batch).")
 flags.DEFINE_integer("seq_len", None, "Sequence length (overrides the stage's).")
 flags.DEFINE_integer("batch", None, "Global batch size (overrides the stage's).")
-flags.DEFINE_enum("kernels", "accelerator", ["accelerator", "configured"],
-                  "accelerator: trace the target's Pallas kernels as shape proxies; "
-                  "configured: the kernels as configured (on CPU the XLA references).")
-flags.DEFINE_bool("search", False, "Suggest the least-split mesh (fsdp, tensor) of "
-                  "--devices that fits --accelerator (compiles each candidate).")
+flags.DEFINE_enum(
+  "kernels",
+  "accelerator",
+  ["accelerator", "configured"],
+  "accelerator: trace the target's Pallas kernels as shape proxies; "
+  "configured: the kernels as configured (on CPU the XLA references).",
+)
+flags.DEFINE_bool(
+  "search",
+  False,
+  "Suggest the least-split mesh (fsdp, tensor) of "
+  "--devices that fits --accelerator (compiles each candidate).",
+)
 flags.DEFINE_integer("max_tensor", 8, "Largest tensor axis the search tries.")
-flags.DEFINE_bool("measure", False, "Also run the step on CPU (real arrays) and compare "
-                  "the predicted memory with the process's; small configs only.")
+flags.DEFINE_bool(
+  "measure",
+  False,
+  "Also run the step on CPU (real arrays) and compare "
+  "the predicted memory with the process's; small configs only.",
+)
 FLAGS = flags.FLAGS
 
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
@@ -53,9 +73,24 @@ _DEVICE_FLAG = "--xla_force_host_platform_device_count"
 # 8 layers, 16k tokens: 97 GB of temporaries with the default, 58 GB with it).
 _SCHEDULER_FLAG = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
 # Keeps the optimization barriers that order the layers' backward passes
-# (plan.sequential_remat) until after scheduling.
-_BARRIER_FLAG = "--xla_disable_hlo_passes=cse_barrier_expander"
-_OWN_FLAGS = (_SCHEDULER_FLAG, _BARRIER_FLAG)
+# (plan.sequential_remat) until after scheduling; added to any passes the
+# caller's XLA_FLAGS disable.
+_DISABLE_FLAG = "--xla_disable_hlo_passes"
+_DISABLED_PASSES = ("cse_barrier_expander",)
+
+
+def planner_xla_flags(existing: str, n: int) -> str:
+  """XLA_FLAGS for the planner: `existing` with n devices, the scheduler
+  above, and the planner's disabled passes joined to the caller's."""
+  disabled, kept = list(_DISABLED_PASSES), []
+  for flag in existing.split():
+    name, _, value = flag.partition("=")
+    if name == _DISABLE_FLAG:
+      disabled = [p for p in value.split(",") if p and p not in disabled] + disabled
+    elif name not in (_DEVICE_FLAG, _SCHEDULER_FLAG.split("=")[0]):
+      kept.append(flag)
+  own = [f"{_DEVICE_FLAG}={n}", _SCHEDULER_FLAG, f"{_DISABLE_FLAG}={','.join(disabled)}"]
+  return " ".join(kept + own)
 
 
 def use_fake_cpu_devices(n: int) -> None:
@@ -65,14 +100,16 @@ def use_fake_cpu_devices(n: int) -> None:
   environment."""
   import jax  # pylint: disable=g-import-not-at-top
   from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+
   flags_before = os.environ.get("XLA_FLAGS", "")
-  ours = tuple(f.split("=")[0] for f in (_DEVICE_FLAG, *_OWN_FLAGS))
-  kept = [f for f in flags_before.split() if not f.startswith(ours)]
-  os.environ["XLA_FLAGS"] = " ".join(kept + [f"{_DEVICE_FLAG}={n}", *_OWN_FLAGS])
+  os.environ["XLA_FLAGS"] = planner_xla_flags(flags_before, n)
   os.environ["JAX_PLATFORMS"] = "cpu"
   if xla_bridge.backends_are_initialized():
-    if (jax.default_backend() == "cpu" and jax.device_count() == n
-        and os.environ["XLA_FLAGS"] == flags_before):
+    if (
+      jax.default_backend() == "cpu"
+      and jax.device_count() == n
+      and os.environ["XLA_FLAGS"] == flags_before
+    ):
       return
     os.execv(sys.executable, [sys.executable, *sys.argv])
   jax.config.update("jax_platforms", "cpu")
@@ -98,16 +135,22 @@ def main(argv):
   accelerator = flops_lib.ACCELERATORS[FLAGS.accelerator]
   platform = None if FLAGS.kernels == "configured" or FLAGS.measure else accelerator.platform
   mesh_sizes = {"num_devices": FLAGS.devices}
-  report = {"config": config.to_dict(), "accelerator": FLAGS.accelerator,
-            "headroom": FLAGS.headroom, "mfu": FLAGS.mfu}
+  report = {
+    "config": config.to_dict(),
+    "accelerator": FLAGS.accelerator,
+    "headroom": FLAGS.headroom,
+    "mfu": FLAGS.mfu,
+  }
 
   def show(plan):
-    print(plan_lib.format_plan(plan, FLAGS.accelerator, FLAGS.headroom, FLAGS.mfu),
-          flush=True)
+    print(plan_lib.format_plan(plan, FLAGS.accelerator, FLAGS.headroom, FLAGS.mfu), flush=True)
 
   if FLAGS.search:
-    print(f"searching meshes of {FLAGS.devices} devices for {FLAGS.accelerator}, "
-          f"{batch} x {seq_len:,} nt, least split first:", flush=True)
+    print(
+      f"searching meshes of {FLAGS.devices} devices for {FLAGS.accelerator}, "
+      f"{batch} x {seq_len:,} nt, least split first:",
+      flush=True,
+    )
 
     def progress(step):
       mesh = " ".join(f"{k}={v}" for k, v in step.mesh.items())
@@ -115,37 +158,53 @@ def main(argv):
         print(f"  {mesh}: skipped, {step.skipped}", flush=True)
       else:
         fits = "fits" if step.plan.fits(accelerator, FLAGS.headroom) else "does not fit"
-        print(f"  {mesh}: peak {step.plan.peak_bytes / plan_lib.GB:.2f} GB per device, "
-              f"{fits} (compiled in {step.plan.compile_s:.0f} s)", flush=True)
+        print(
+          f"  {mesh}: peak {step.plan.peak_bytes / plan_lib.GB:.2f} GB per device, "
+          f"{fits} (compiled in {step.plan.compile_s:.0f} s)",
+          flush=True,
+        )
 
     steps = plan_lib.search_mesh(
-        config, devices=FLAGS.devices, seq_len=seq_len, batch=batch,
-        accelerator=accelerator, headroom=FLAGS.headroom, platform=platform,
-        max_tensor=FLAGS.max_tensor, report=progress)
-    report["search"] = [{"mesh": s.mesh, "skipped": s.skipped,
-                         "plan": s.plan.to_json() if s.plan else None} for s in steps]
+      config,
+      devices=FLAGS.devices,
+      seq_len=seq_len,
+      batch=batch,
+      accelerator=accelerator,
+      headroom=FLAGS.headroom,
+      platform=platform,
+      max_tensor=FLAGS.max_tensor,
+      report=progress,
+    )
+    report["search"] = [
+      {"mesh": s.mesh, "skipped": s.skipped, "plan": s.plan.to_json() if s.plan else None}
+      for s in steps
+    ]
     best = steps[-1].plan if steps else None
     if best is not None and best.fits(accelerator, FLAGS.headroom):
       mesh = " ".join(f"--config.mesh.{k}={v}" for k, v in best.mesh.items())
       print(f"\nsuggested: {mesh}\n")
       show(best)
     else:
-      print(f"\nno mesh of {FLAGS.devices} devices (tensor <= {FLAGS.max_tensor}) fits "
-            f"{FLAGS.accelerator}; use more devices, a smaller batch per device "
-            "(config.train.grad_accum) or remat (config.model.remat).")
+      print(
+        f"\nno mesh of {FLAGS.devices} devices (tensor <= {FLAGS.max_tensor}) fits "
+        f"{FLAGS.accelerator}; use more devices, a smaller batch per device "
+        "(config.train.grad_accum) or remat (config.model.remat)."
+      )
   elif FLAGS.measure:
-    result = plan_lib.measure_on_cpu(config, seq_len=seq_len, batch=batch,
-                                     mesh_sizes=mesh_sizes)
+    result = plan_lib.measure_on_cpu(config, seq_len=seq_len, batch=batch, mesh_sizes=mesh_sizes)
     show(result.plan)
-    print(f"measured on CPU ({result.plan.devices} devices in one process): "
-          f"predicted {result.predicted_bytes / plan_lib.GB:.3f} GB, resident set grew "
-          f"{result.measured_bytes / plan_lib.GB:.3f} GB "
-          f"(measured / predicted {result.measured_bytes / result.predicted_bytes:.2f})")
+    print(
+      f"measured on CPU ({result.plan.devices} devices in one process): "
+      f"predicted {result.predicted_bytes / plan_lib.GB:.3f} GB, resident set grew "
+      f"{result.measured_bytes / plan_lib.GB:.3f} GB "
+      f"(measured / predicted {result.measured_bytes / result.predicted_bytes:.2f})"
+    )
     report["measured_bytes"] = result.measured_bytes
     report["plan"] = result.plan.to_json()
   else:
-    plan = plan_lib.plan_step(config, seq_len=seq_len, batch=batch, platform=platform,
-                              mesh_sizes=mesh_sizes)
+    plan = plan_lib.plan_step(
+      config, seq_len=seq_len, batch=batch, platform=platform, mesh_sizes=mesh_sizes
+    )
     show(plan)
     report["plan"] = plan.to_json()
   if FLAGS.workdir:
