@@ -7,7 +7,9 @@ step run on the GPU.
 
 One device; each case is <config>:<seq_len>:<batch>. The planner runs in
 subprocesses on the host's CPUs while the GPU works. Without a GPU (tests of
-this script) it runs the same steps on CPU.
+this script) it runs the same steps on CPU. On a device image without grain
+and ml-collections, install the `.whl/` folder first as
+benchmarks/device_check.sh does.
 """
 
 import json
@@ -32,9 +34,16 @@ GB = 1e9
 
 def start_plan(name: str, seq_len: int, batch: int, out: Path) -> subprocess.Popen:
   out.mkdir(parents=True, exist_ok=True)
-  cmd = [sys.executable, str(ROOT / "launch" / "plan.py"),
-         f"--config={ROOT / 'configs' / name}.py", "--devices=1", "--accelerator=h200",
-         f"--seq_len={seq_len}", f"--batch={batch}", f"--workdir={out}"]
+  cmd = [
+    sys.executable,
+    str(ROOT / "launch" / "plan.py"),
+    f"--config={ROOT / 'configs' / name}.py",
+    "--devices=1",
+    "--accelerator=h200",
+    f"--seq_len={seq_len}",
+    f"--batch={batch}",
+    f"--workdir={out}",
+  ]
   env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
   log = open(out / "log.txt", "w", encoding="utf-8")  # pylint: disable=consider-using-with
   return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -44,6 +53,7 @@ def run_on_device(name: str, seq_len: int, batch: int) -> dict:
   """Compiles (abstract inputs) and runs the step with the default kernels."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   from hybridna_jax.config import load_config  # pylint: disable=g-import-not-at-top
   from hybridna_jax.train import plan as plan_lib  # pylint: disable=g-import-not-at-top
   from hybridna_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
@@ -54,9 +64,13 @@ def run_on_device(name: str, seq_len: int, batch: int) -> dict:
   compiled = built.fns.train_step.lower(built.state, built.batch).compile()
   compile_s = time.perf_counter() - start
   plan = plan_lib._plan_from(built, compiled, 0.0, compile_s)  # pylint: disable=protected-access
-  result = {"xla_peak_bytes": plan.peak_bytes, "xla_temp_bytes": plan.temp_bytes,
-            "argument_bytes": plan.argument_bytes, "compile_s": compile_s,
-            "model_flops": plan.model_flops}
+  result = {
+    "xla_peak_bytes": plan.peak_bytes,
+    "xla_temp_bytes": plan.temp_bytes,
+    "argument_bytes": plan.argument_bytes,
+    "compile_s": compile_s,
+    "model_flops": plan.model_flops,
+  }
   device = jax.devices()[0]
   state = built.fns.init(jax.random.key(0))
   host = {k: np.zeros(s.shape, s.dtype) for k, s in built.batch.items()}
@@ -72,8 +86,12 @@ def run_on_device(name: str, seq_len: int, batch: int) -> dict:
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
   stats = device.memory_stats() or {}
-  result.update(step_s=min(times), peak_bytes_in_use=stats.get("peak_bytes_in_use"),
-                bytes_limit=stats.get("bytes_limit"), loss=float(metrics["loss"]))
+  result.update(
+    step_s=min(times),
+    peak_bytes_in_use=stats.get("peak_bytes_in_use"),
+    bytes_limit=stats.get("bytes_limit"),
+    loss=float(metrics["loss"]),
+  )
   peak_flops = plan_lib.flops_lib.peak_flops_per_device(device)
   if peak_flops:
     result["mfu"] = plan.model_flops / result["step_s"] / peak_flops
@@ -84,11 +102,14 @@ def run_on_device(name: str, seq_len: int, batch: int) -> dict:
 def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
+
   out_dir = Path(FLAGS.out_dir)
   cases = [(c.split(":")[0], int(c.split(":")[1]), int(c.split(":")[2])) for c in FLAGS.cases]
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
-  plans = {case: start_plan(case[0], case[1], case[2], out_dir / f"{case[0]}_{case[1]}_{case[2]}")
-           for case in cases}
+  plans = {
+    case: start_plan(case[0], case[1], case[2], out_dir / f"{case[0]}_{case[1]}_{case[2]}")
+    for case in cases
+  }
   results = {}
   for case in cases:
     key = f"{case[0]}_{case[1]}_{case[2]}"
@@ -113,15 +134,19 @@ def main(argv):
     else:
       log = (out_dir / key / "log.txt").read_text()[-1500:]
       results[key]["plan_error"] = log
-  print("\n| case | plan peak GB (CPU, proxies) | GPU XLA peak GB | GPU measured peak GB "
-        "| measured / plan | step s | MFU |")
+  print(
+    "\n| case | plan peak GB (CPU, proxies) | GPU XLA peak GB | GPU measured peak GB "
+    "| measured / plan | step s | MFU |"
+  )
   print("|---|---|---|---|---|---|---|")
   for key, r in results.items():
     plan, measured = r.get("plan_peak_bytes"), r.get("peak_bytes_in_use")
     ratio = f"{measured / plan:.2f}" if plan and measured else "n/a"
     fmt = lambda v: f"{v / GB:.2f}" if v else "n/a"
-    print(f"| {key} | {fmt(plan)} | {fmt(r.get('xla_peak_bytes'))} | {fmt(measured)} | "
-          f"{ratio} | {r.get('step_s', float('nan')):.3f} | {r.get('mfu', float('nan')):.2f} |")
+    print(
+      f"| {key} | {fmt(plan)} | {fmt(r.get('xla_peak_bytes'))} | {fmt(measured)} | "
+      f"{ratio} | {r.get('step_s', float('nan')):.3f} | {r.get('mfu', float('nan')):.2f} |"
+    )
   out_dir.mkdir(parents=True, exist_ok=True)
   (out_dir / "results.json").write_text(json.dumps(results, indent=2))
 

@@ -41,6 +41,7 @@ HEADROOM = 0.1
 def _stages(model: str):
   sys.path.insert(0, str(ROOT))
   from hybridna_jax.config import load_config  # pylint: disable=g-import-not-at-top
+
   return load_config(str(ROOT / "configs" / f"{model}.py")).train.stages
 
 
@@ -61,19 +62,26 @@ def run_cell(model: str, stage: int, devices: int, batch: int) -> None:
   out.mkdir(parents=True, exist_ok=True)
   if mesh["tensor"] > FLAGS.max_tensor:
     (out / "skipped.txt").write_text(
-        f"batch {batch} over {devices} devices leaves tensor={mesh['tensor']} "
-        f"> {FLAGS.max_tensor}\n")
+      f"batch {batch} over {devices} devices leaves tensor={mesh['tensor']} > {FLAGS.max_tensor}\n"
+    )
     return
-  cmd = [sys.executable, str(ROOT / "launch" / "plan.py"),
-         f"--config={ROOT / 'configs' / model}.py", f"--stage={stage}",
-         f"--devices={devices}", "--accelerator=h100", f"--workdir={out}",
-         *(f"--config.mesh.{k}={v}" for k, v in mesh.items())]
+  cmd = [
+    sys.executable,
+    str(ROOT / "launch" / "plan.py"),
+    f"--config={ROOT / 'configs' / model}.py",
+    f"--stage={stage}",
+    f"--devices={devices}",
+    "--accelerator=h100",
+    f"--workdir={out}",
+    *(f"--config.mesh.{k}={v}" for k, v in mesh.items()),
+  ]
   env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
   start = time.perf_counter()
   print(f"{out.name}: mesh {mesh} ...", flush=True)
   try:
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                          timeout=FLAGS.timeout, check=False)
+    proc = subprocess.run(
+      cmd, env=env, capture_output=True, text=True, timeout=FLAGS.timeout, check=False
+    )
     (out / "log.txt").write_text(proc.stdout + proc.stderr)
     status = "ok" if proc.returncode == 0 else f"exit {proc.returncode}"
   except subprocess.TimeoutExpired:
@@ -90,11 +98,14 @@ def _cell_text(model: str, stage: int, devices: int) -> str:
     plan = json.loads((out / "plan.json").read_text())["plan"]
     peak = plan["peak_bytes"]
     state = plan["param_bytes"] + plan["opt_bytes"]
-    fits = ", ".join(f"{name}: {'yes' if peak <= (1 - HEADROOM) * size else 'no'}"
-                     for name, size in MEMORY)
+    fits = ", ".join(
+      f"{name}: {'yes' if peak <= (1 - HEADROOM) * size else 'no'}" for name, size in MEMORY
+    )
     mesh = "x".join(str(plan["mesh"][a]) for a in ("data", "fsdp", "tensor"))
-    return (f"{fits}; {peak / GB:.1f} GB (state {state / GB:.1f} + temp "
-            f"{plan['temp_bytes'] / GB:.1f}); mesh {mesh}; {plan['lower_s'] + plan['compile_s']:.0f} s")
+    return (
+      f"{fits}; {peak / GB:.1f} GB (state {state / GB:.1f} + temp "
+      f"{plan['temp_bytes'] / GB:.1f}); mesh {mesh}; {plan['lower_s'] + plan['compile_s']:.0f} s"
+    )
   for name, what in (("skipped.txt", "not computed: "), ("failed.txt", "failed: ")):
     if (out / name).exists():
       return what + (out / name).read_text().strip()
@@ -103,8 +114,10 @@ def _cell_text(model: str, stage: int, devices: int) -> str:
 
 def render() -> str:
   devices = [int(d) for d in FLAGS.devices]
-  lines = ["| model | stage | " + " | ".join(f"{d} devices" for d in devices) + " |",
-           "|---|---|" + "---|" * len(devices)]
+  lines = [
+    "| model | stage | " + " | ".join(f"{d} devices" for d in devices) + " |",
+    "|---|---|" + "---|" * len(devices),
+  ]
   for model in FLAGS.models:
     stages = _stages(model)
     for s in (int(x) for x in FLAGS.stages):

@@ -40,9 +40,10 @@ def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
 @dataclasses.dataclass(frozen=True)
 class Accelerator:
   """A device to plan a run for (launch/plan.py)."""
-  device_kind: str      # as jax names it; finds the peak in PEAK_BF16_FLOPS
-  memory_bytes: float   # the vendor's figure, in 1e9 bytes
-  platform: str         # "gpu" or "tpu": which kernels a run there uses
+
+  device_kind: str  # as jax names it; finds the peak in PEAK_BF16_FLOPS
+  memory_bytes: float  # the vendor's figure, in 1e9 bytes
+  platform: str  # "gpu" or "tpu": which kernels a run there uses
 
   @property
   def peak_flops(self) -> float:
@@ -50,10 +51,10 @@ class Accelerator:
 
 
 ACCELERATORS = {
-    "h100": Accelerator("NVIDIA H100 80GB HBM3", 80e9, "gpu"),
-    "h200": Accelerator("NVIDIA H200", 141e9, "gpu"),
-    "v5p": Accelerator("TPU v5p", 95e9, "tpu"),
-    "v5e": Accelerator("TPU v5 lite", 16e9, "tpu"),
+  "h100": Accelerator("NVIDIA H100 80GB HBM3", 80e9, "gpu"),
+  "h200": Accelerator("NVIDIA H200", 141e9, "gpu"),
+  "v5p": Accelerator("TPU v5p", 95e9, "tpu"),
+  "v5e": Accelerator("TPU v5 lite", 16e9, "tpu"),
 }
 
 
