@@ -52,11 +52,9 @@ def start_plan(name: str, seq_len: int, batch: int, out: Path) -> subprocess.Pop
 def run_on_device(name: str, seq_len: int, batch: int) -> dict:
   """Compiles (abstract inputs) and runs the step with the default kernels."""
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
 
   from hybridna_jax.config import load_config  # pylint: disable=g-import-not-at-top
   from hybridna_jax.train import plan as plan_lib  # pylint: disable=g-import-not-at-top
-  from hybridna_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
 
   config = load_config(str(ROOT / "configs" / f"{name}.py"))
   built = plan_lib._build(config, {"num_devices": 1}, seq_len, batch, None)  # pylint: disable=protected-access
@@ -73,10 +71,7 @@ def run_on_device(name: str, seq_len: int, batch: int) -> dict:
   }
   device = jax.devices()[0]
   state = built.fns.init(jax.random.key(0))
-  host = {k: np.zeros(s.shape, s.dtype) for k, s in built.batch.items()}
-  host["segment_ids"][:] = 1
-  host["loss_mask"][:] = 1.0
-  data = step_lib.device_batch(host, built.fns.batch_sharding, built.fns.batch_keys)
+  data = plan_lib.real_batch(built)
   state, metrics = compiled(state, data)
   jax.block_until_ready(metrics)
   times = []

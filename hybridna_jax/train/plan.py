@@ -453,6 +453,15 @@ def search_mesh(
 # ----------------------------------------------------------------------------
 
 
+def real_batch(built: _Built) -> dict[str, jax.Array]:
+  """A batch of the planned shape on the planned devices (token 0, one
+  document per row, every position in the loss), to run the step."""
+  host = {k: np.zeros(s.shape, s.dtype) for k, s in built.batch.items()}
+  host["segment_ids"][:] = 1
+  host["loss_mask"][:] = 1.0
+  return step_lib.device_batch(host, built.fns.batch_sharding, built.fns.batch_keys)
+
+
 def _rss_bytes() -> int:
   with open("/proc/self/statm", encoding="ascii") as f:
     return int(f.read().split()[1]) * 4096  # resident pages (4 KiB on Linux)
@@ -488,10 +497,7 @@ def measure_on_cpu(
   init = built.fns.init.lower(jax.random.key(0)).compile()
   baseline = _rss_bytes()
   state = init(jax.random.key(0))
-  host = {k: np.zeros(s.shape, s.dtype) for k, s in built.batch.items()}
-  host["segment_ids"][:] = 1
-  host["loss_mask"][:] = 1.0
-  device_batch = step_lib.device_batch(host, built.fns.batch_sharding, built.fns.batch_keys)
+  device_batch = real_batch(built)
   jax.block_until_ready((state, device_batch))
 
   peak, done = [_rss_bytes()], threading.Event()
