@@ -101,9 +101,9 @@ def restore_params(
   """The LM parameters of a checkpoint, sharded over `mesh`, in the layer
   layout of `model_cfg` (converted when the run was written with the other
   `scan_layers` layout, as its config.json says)."""
-  written = dataclasses.replace(
-    model_cfg, scan_layers=bool(run_config(ref.run_dir).model.get("scan_layers", False))
-  )
+  # Lenient view: runs written before scan_layers existed read its default.
+  written_model = ModelConfig.from_config(run_config(ref.run_dir).model, strict=False)
+  written = dataclasses.replace(model_cfg, scan_layers=written_model.scan_layers)
 
   def abstract_params(cfg):
     _, abstract = nnx.split(abstract_model(cfg), nnx.Param)

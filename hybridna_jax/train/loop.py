@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import signal
@@ -462,11 +461,3 @@ def train(config, workdir: str, task: Task | None = None) -> dict:
       stage_starts=[(s.start_step, f"{s.seq_len:,} nt") for s in stages],
     )
   return summary
-
-
-def load_run_config(workdir: str):
-  """The config a run in `workdir` was started with (config.json)."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-
-  with open(os.path.join(workdir, CONFIG_FILE), encoding="utf-8") as f:
-    return ml_collections.ConfigDict(json.load(f))
