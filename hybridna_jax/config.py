@@ -481,6 +481,10 @@ class MeshConfig(Section):
   # Axis sizes; one may be -1 ("the rest of the devices").
   data: int = 1
   fsdp: int = -1
+  # Splits each sequence's length over devices (context parallelism): the
+  # SSD passes states, the conv takes a halo and attention passes KV blocks
+  # across it. Lengths must divide by it.
+  context: int = 1
   tensor: int = 1
   # 0 uses every device, N the first N (single-process debugging and tests).
   num_devices: int = 0

@@ -5,9 +5,14 @@ Parameters carry logical axis names as `nnx.Variable` metadata
 `constrain(x, ("act_batch", "act_length", "act_embed"))`. Rules map logical
 names to mesh axes, so the model code never names a mesh axis.
 
-Mesh axes: ``data`` (pure data parallelism, e.g. across slices/hosts),
-``fsdp`` (data parallelism with parameters and optimizer state sharded) and
+Mesh axes, outermost first: ``data`` (pure data parallelism, e.g. across
+slices/hosts), ``fsdp`` (data parallelism with parameters and optimizer state
+sharded), ``context`` (each sequence's length split across devices) and
 ``tensor`` (SSM heads, attention heads and MLP width split across devices).
+The order follows the traffic: tensor-parallel partners exchange activations
+in every layer, so they are adjacent devices (the fastest links, e.g. one
+NVLink domain or neighbouring TPU chips); context partners exchange a state
+and KV blocks per layer; data and fsdp only gradients and parameters.
 
 A logical axis is sharded only if the array dimension divides evenly over the
 mesh axes it maps to; otherwise it is replicated (e.g. 4 KV heads on a
@@ -64,8 +69,9 @@ from jax.sharding import PartitionSpec as P
 
 from hybridna_jax.config import MeshConfig
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 BATCH_AXES = ("data", "fsdp")
+CONTEXT_AXIS = "context"
 TENSOR_AXIS = "tensor"
 
 LogicalAxes = Sequence[str | None]
@@ -87,7 +93,7 @@ DEFAULT_RULES: Rules = (
   ("layers", None),  # stacked layers of the scanned layout (model.scan_layers)
   # Activations.
   ("act_batch", BATCH_AXES),
-  ("act_length", None),
+  ("act_length", "context"),
   ("act_embed", None),
   ("act_heads", "tensor"),
   ("act_kv_heads", "tensor"),
@@ -98,11 +104,16 @@ DEFAULT_RULES: Rules = (
 
 
 def make_mesh(
-  data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
+  data: int = 1,
+  fsdp: int = -1,
+  tensor: int = 1,
+  devices: Sequence[jax.Device] | None = None,
+  *,
+  context: int = 1,
 ) -> Mesh:
-  """A (data, fsdp, tensor) mesh; one size may be -1 for "the rest"."""
+  """A (data, fsdp, context, tensor) mesh; one size may be -1 for "the rest"."""
   devices = list(jax.devices() if devices is None else devices)
-  sizes = [data, fsdp, tensor]
+  sizes = [data, fsdp, context, tensor]
   if sizes.count(-1) > 1:
     raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}.")
   known = math.prod(s for s in sizes if s != -1)
@@ -127,7 +138,7 @@ def make_mesh(
 
 def mesh_from_config(mesh_config, devices=None) -> Mesh:
   """Mesh from the `mesh` config section (`config.MeshConfig`: data, fsdp,
-  tensor; num_devices 0 = all devices, N = the first N, single-process only)."""
+  context, tensor; num_devices 0 = all devices, N = the first N, single-process only)."""
   # Lenient: run directories of older versions lack newer mesh fields.
   mesh = MeshConfig.from_config(mesh_config, strict=False)
   if devices is None:
@@ -140,7 +151,7 @@ def mesh_from_config(mesh_config, devices=None) -> Mesh:
           f"mesh.num_devices={mesh.num_devices} but only {len(devices)} devices exist."
         )
       devices = devices[: mesh.num_devices]
-  return make_mesh(mesh.data, mesh.fsdp, mesh.tensor, devices=devices)
+  return make_mesh(mesh.data, mesh.fsdp, mesh.tensor, devices=devices, context=mesh.context)
 
 
 def rules_from_config(mesh_config) -> Rules:
@@ -229,6 +240,11 @@ def batch_shards(mesh: Mesh) -> int:
   """How many ways a batch splits on `mesh`: the product of its batch axes
   (data x fsdp); batch sizes must divide by it to be split."""
   return math.prod(mesh.shape.get(axis, 1) for axis in BATCH_AXES)
+
+
+def context_shards(mesh: Mesh) -> int:
+  """How many ways a sequence's length splits on `mesh` (the context axis)."""
+  return mesh.shape.get(CONTEXT_AXIS, 1)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -65,7 +65,7 @@ def test_proxy_plan_counts_state_and_drops_kernel_buffers():
   cfg = _proxy_config()
   kwargs = dict(seq_len=512, batch=8, mesh_sizes={"num_devices": 4})
   gpu = plan_lib.plan_step(cfg, platform="gpu", **kwargs)
-  assert gpu.mesh == {"data": 1, "fsdp": 4, "tensor": 1}
+  assert gpu.mesh == {"data": 1, "fsdp": 4, "context": 1, "tensor": 1}
   assert gpu.kernels == {"ssd_impl": "pallas_gpu", "attention_impl": "flash_gpu"}
   # State bytes come from the shardings; XLA's arguments are them plus the
   # batch and a few scalars.
@@ -148,7 +148,7 @@ def test_launcher_prediction_matches_cpu_step(tmp_path):
   with open(tmp_path / "plan.json", encoding="utf-8") as f:
     report = json.load(f)
   plan = report["plan"]
-  assert plan["mesh"] == {"data": 1, "fsdp": 2, "tensor": 1}
+  assert plan["mesh"] == {"data": 1, "fsdp": 2, "context": 1, "tensor": 1}
   predicted = plan["devices"] * plan["peak_bytes"]
   ratio = report["measured_bytes"] / predicted
   lo, hi = MEASURED_OVER_PREDICTED

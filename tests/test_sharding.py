@@ -104,8 +104,8 @@ def test_jit_retraces_under_another_mesh():
     jax.make_jaxpr(outer)(x)
   assert [None if t is None else dict(t.mesh.shape) for t in traces] == [
     None,
-    {"data": 2, "fsdp": 2, "tensor": 2},
-    {"data": 8, "fsdp": 1, "tensor": 1},
+    {"data": 2, "fsdp": 2, "context": 1, "tensor": 2},
+    {"data": 8, "fsdp": 1, "context": 1, "tensor": 1},
   ]
 
 
