@@ -24,7 +24,9 @@ platforms include the backend, else ``xla``):
   runs it on CPU.
 
 The kernels run per shard in `jax.shard_map` under `sharding.activate`
-(`hybridna_jax.kernels.sharded`).
+(`hybridna_jax.kernels.sharded`). Where the mesh's context axis splits the
+sequence, attention crosses it by ring or all-gather instead (see
+`causal_attention`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from hybridna_jax.attention_reference import decode_attention as decode_attentio
 from hybridna_jax.attention_reference import xla_attention as xla_attention
 from hybridna_jax.attention_reference import xla_blockwise_attention as xla_blockwise_attention
 from hybridna_jax.kernel_registry import Kernel, KernelRegistry
+from hybridna_jax.kernels import sharded
 
 Array = jax.Array
 
@@ -61,11 +64,21 @@ KERNELS = KernelRegistry(
 )
 
 
-@functools.partial(jax.jit, static_argnames=("impl",))
+@functools.partial(jax.jit, static_argnames=("impl", "context"))
 def causal_attention(
-  q: Array, k: Array, v: Array, segment_ids: Array | None = None, *, impl: str = "auto"
+  q: Array,
+  k: Array,
+  v: Array,
+  segment_ids: Array | None = None,
+  *,
+  impl: str = "auto",
+  context: str = "ring",
 ) -> Array:
-  """Causal GQA self-attention; returns (b, l, hq, d) in q.dtype."""
+  """Causal GQA self-attention; returns (b, l, hq, d) in q.dtype.
+
+  On a mesh whose context axis splits the sequence, `context` ("ring" or
+  "allgather") says how keys and values cross it, and each block runs the
+  XLA online softmax whatever `impl` is (`sharded.context_attention`)."""
   b, l, hq, d = q.shape
   if k.shape != v.shape or k.shape[:2] != (b, l) or k.shape[3] != d:
     raise ValueError(
@@ -76,4 +89,6 @@ def causal_attention(
     raise ValueError(f"query heads ({hq}) must be a multiple of kv heads ({k.shape[2]}).")
   if segment_ids is not None and segment_ids.shape != (b, l):
     raise ValueError(f"segment_ids has shape {segment_ids.shape}, expected {(b, l)}.")
+  if sharded.context_shards() > 1:
+    return sharded.context_attention(q, k, v, segment_ids, method=context)
   return KERNELS.resolve(impl).fn(q, k, v, segment_ids)

@@ -9,11 +9,16 @@ Scores and softmax are fp32; the output has q's dtype.
   kernel (`hybridna_jax.kernels`, which import this module -- never the
   public `hybridna_jax.attention`) is tested against.
 * `xla_blockwise_attention`: the same math with an online softmax over key
-  blocks (`lax.scan`), O(l * block) memory; for long contexts on CPU.
+  blocks (`lax.scan`), O(l * block) memory; for long contexts on CPU. Its
+  pieces (`blockwise_stats`, `merge_stats`, `finish_stats`) also compute
+  attention across the context axis (`hybridna_jax.kernels.sharded`), where
+  each device holds one slice of the queries and sees the keys slice by slice.
 * `decode_attention`: new queries against a KV cache.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import einops
 import jax
@@ -53,56 +58,104 @@ def xla_attention(q, k, v, segment_ids=None):
   return _ungrouped(out).astype(q.dtype)
 
 
-def xla_blockwise_attention(q, k, v, segment_ids=None, *, block: int = 512):
-  """Online-softmax attention over key blocks: O(l * block) live memory.
+class SoftmaxStats(NamedTuple):
+  """A partial attention result, before normalisation (fp32): running max m
+  and sum s of the exp-scores (b, hkv, r, lq), and the weighted values acc
+  (b, hkv, r, lq, d). Partials over disjoint key sets merge exactly
+  (`merge_stats`); `finish_stats` divides out the sum."""
 
-  Queries are processed whole; keys/values stream in blocks of `block`
-  (the sequence is padded to a multiple, padded keys are masked).
+  m: Array
+  s: Array
+  acc: Array
+
+
+def empty_stats(b: int, hkv: int, r: int, lq: int, d: int) -> SoftmaxStats:
+  """The stats of attending to no key (merging with it is the identity)."""
+  return SoftmaxStats(
+    jnp.full((b, hkv, r, lq), _NEG_INF, jnp.float32),
+    jnp.zeros((b, hkv, r, lq), jnp.float32),
+    jnp.zeros((b, hkv, r, lq, d), jnp.float32),
+  )
+
+
+def merge_stats(a: SoftmaxStats, b: SoftmaxStats) -> SoftmaxStats:
+  """The stats over the union of two disjoint key sets (online softmax)."""
+  m = jnp.maximum(a.m, b.m)
+  ca, cb = jnp.exp(a.m - m), jnp.exp(b.m - m)
+  return SoftmaxStats(m, a.s * ca + b.s * cb, a.acc * ca[..., None] + b.acc * cb[..., None])
+
+
+def finish_stats(stats: SoftmaxStats, dtype) -> Array:
+  """(b, hkv, r, lq, d) stats -> the attention output (b, lq, hkv * r, d)."""
+  out = stats.acc / stats.s[..., None]
+  return einops.rearrange(out, "b h r q d -> b q (h r) d").astype(dtype)
+
+
+def blockwise_stats(
+  q: Array,
+  k: Array,
+  v: Array,
+  q_pos: Array,
+  k_pos: Array,
+  q_seg: Array,
+  k_seg: Array,
+  *,
+  block: int = 512,
+) -> SoftmaxStats:
+  """Online-softmax attention of queries to keys streamed in blocks: O(lq *
+  block) live memory. A query sees a key at or before its position with the
+  same segment id.
+
+  Args:
+    q: (b, lq, hq, d); k, v: (b, lk, hkv, d).
+    q_pos: (lq,) and k_pos: (lk,) int32 global positions (the causal mask).
+    q_seg: (b, lq) and k_seg: (b, lk) int32 segment ids.
+    block: keys per step (lk is padded to a multiple; padded keys are masked).
+
+  Returns:
+    `SoftmaxStats` of (b, hkv, hq // hkv, lq[, d]).
   """
-  b, l, hq, d = q.shape
-  hkv = k.shape[2]
-  block = min(block, l)
-  pad = (-l) % block
-  seg = jnp.zeros((b, l), jnp.int32) if segment_ids is None else segment_ids
+  b, lq, hq, d = q.shape
+  lk, hkv = k.shape[1], k.shape[2]
+  block = min(block, lk)
+  pad = (-lk) % block
   if pad:
     k = jnp.pad(k, [(0, 0), (0, pad), (0, 0), (0, 0)])
     v = jnp.pad(v, [(0, 0), (0, pad), (0, 0), (0, 0)])
-  kv_seg = jnp.pad(seg, [(0, 0), (0, pad)], constant_values=-1)
+    k_pos = jnp.pad(k_pos, [(0, pad)])
+    k_seg = jnp.pad(k_seg, [(0, 0), (0, pad)], constant_values=-1)
   qg = _grouped(q, hkv)
-  q_pos = jnp.arange(l)
 
-  def body(carry, blk):
-    m, s, acc = carry
-    kb, vb, segb, start = blk
+  def body(stats, blk):
+    kb, vb, segb, posb = blk
     scores = jnp.einsum("bqhrd,bkhd->bhrqk", qg, kb, preferred_element_type=jnp.float32) * d**-0.5
-    k_pos = start + jnp.arange(block)
-    mask = (q_pos[:, None] >= k_pos[None, :])[None] & (seg[:, :, None] == segb[:, None, :])
+    mask = (q_pos[:, None] >= posb[None, :])[None] & (q_seg[:, :, None] == segb[:, None, :])
     scores = jnp.where(mask[:, None, None], scores, _NEG_INF)
-    m_new = jnp.maximum(m, scores.max(-1))
-    correction = jnp.exp(m - m_new)
-    p = jnp.exp(scores - m_new[..., None])
-    s = s * correction + p.sum(-1)
-    acc = acc * correction[..., None] + jnp.einsum(
-      "bhrqk,bkhd->bhrqd", p.astype(v.dtype), vb, preferred_element_type=jnp.float32
-    )
-    return (m_new, s, acc), None
+    m = scores.max(-1)
+    p = jnp.exp(scores - m[..., None])
+    acc = jnp.einsum("bhrqk,bkhd->bhrqd", p.astype(v.dtype), vb, preferred_element_type=jnp.float32)
+    return merge_stats(stats, SoftmaxStats(m, p.sum(-1), acc)), None
 
-  r = hq // hkv
-  init = (
-    jnp.full((b, hkv, r, l), _NEG_INF, jnp.float32),
-    jnp.zeros((b, hkv, r, l), jnp.float32),
-    jnp.zeros((b, hkv, r, l, d), jnp.float32),
-  )
   # Key blocks first, the axis lax.scan walks.
   blocks = (
     einops.rearrange(k, "b (n k) h d -> n b k h d", k=block),
     einops.rearrange(v, "b (n k) h d -> n b k h d", k=block),
-    einops.rearrange(kv_seg, "b (n k) -> n b k", k=block),
-    jnp.arange((l + pad) // block) * block,
+    einops.rearrange(k_seg, "b (n k) -> n b k", k=block),
+    einops.rearrange(k_pos, "(n k) -> n k", k=block),
   )
-  (_, s, acc), _ = jax.lax.scan(jax.checkpoint(body), init, blocks)
-  out = acc / s[..., None]
-  return einops.rearrange(out, "b h r q d -> b q (h r) d").astype(q.dtype)
+  stats, _ = jax.lax.scan(jax.checkpoint(body), empty_stats(b, hkv, hq // hkv, lq, d), blocks)
+  return stats
+
+
+def xla_blockwise_attention(q, k, v, segment_ids=None, *, block: int = 512):
+  """Online-softmax attention over key blocks: O(l * block) live memory.
+
+  Queries are processed whole; keys/values stream in blocks of `block`.
+  """
+  b, l = q.shape[:2]
+  seg = jnp.zeros((b, l), jnp.int32) if segment_ids is None else segment_ids
+  pos = jnp.arange(l)
+  return finish_stats(blockwise_stats(q, k, v, pos, pos, seg, seg, block=block), q.dtype)
 
 
 def decode_attention(q: Array, k_cache: Array, v_cache: Array, kv_mask: Array) -> Array:

@@ -98,6 +98,9 @@ class ModelConfig(Section):
   remat: str = "none"  # none | full | dots
   ssd_impl: str = "auto"  # auto | chunked | sequential | pallas
   attention_impl: str = "auto"  # auto | xla | xla_blockwise | kernels...
+  # How attention crosses the mesh's context axis (config.mesh.context > 1):
+  # "ring" passes key/value slices around it, "allgather" gathers them all.
+  context_attention: str = "ring"
   # Parameter layout, not architecture: True runs the stack as one
   # `nnx.scan` over blocks of attn_period layers (params stacked per
   # position in the block), so compile time stops growing with depth. Only
@@ -122,6 +125,10 @@ class ModelConfig(Section):
       )
     if self.remat not in ("none", "full", "dots"):
       raise ValueError(f"model.remat must be none, full or dots, got {self.remat!r}.")
+    if self.context_attention not in ("ring", "allgather"):
+      raise ValueError(
+        f"model.context_attention must be ring or allgather, got {self.context_attention!r}."
+      )
     for i in self.attn_layers or ():
       if not 0 <= i < self.n_layers:
         raise ValueError(f"model.attn_layers: layer {i} outside [0, {self.n_layers}).")
@@ -165,6 +172,7 @@ MODEL_RUNTIME_FIELDS = (
   "remat",
   "ssd_impl",
   "attention_impl",
+  "context_attention",
   "max_seq_len",
   "scan_layers",
 )

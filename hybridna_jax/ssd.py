@@ -20,8 +20,9 @@ include the backend, else ``chunked``):
 * ``pallas_gpu_interpret``, ``pallas_tpu_interpret``: the variants on CPU
   (Triton interpret mode / Pallas' TPU interpret mode), for tests.
 
-The kernels run per shard in `jax.shard_map` under `sharding.activate`
-(`hybridna_jax.kernels.sharded`). All cores accumulate in fp32 and return y
+Every core runs per shard in `jax.shard_map` under `sharding.activate`
+(`hybridna_jax.kernels.sharded`), which also passes the state across the
+context axis when the mesh splits the sequence. All cores accumulate in fp32 and return y
 in x's dtype and final states in fp32.
 """
 
@@ -33,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from hybridna_jax.kernel_registry import Kernel, KernelRegistry
+from hybridna_jax.kernels import sharded
 
 # The references, re-exported: users and the Mamba2 layer call them as ssd.*.
 from hybridna_jax.ssd_reference import CoreInputs as CoreInputs
@@ -51,10 +53,10 @@ CORES = KernelRegistry(
   fallback="chunked",
   kernels=(
     # name                         provided by                            auto on
-    Kernel("chunked", "hybridna_jax.ssd_reference:chunked_core"),
+    Kernel("chunked", "hybridna_jax.kernels.sharded:chunked_core"),
     Kernel(
       "sequential",
-      "hybridna_jax.ssd_reference:sequential_core",
+      "hybridna_jax.kernels.sharded:sequential_core",
       options={"needs_chunk_multiple": False},
     ),
     Kernel("pallas", f"{_KERNELS}:sharded_backend_core", ("gpu", "tpu")),
@@ -141,7 +143,9 @@ def ssd_chunked_scan(
 
   core = CORES.resolve(impl)
   inputs = CoreInputs(x, dt, A.astype(jnp.float32), B, C, seq_idx, init)
-  pad = (-l) % chunk_size if core.options.get("needs_chunk_multiple", True) else 0
+  # A context-parallel mesh cuts the length into slices of whole chunks.
+  multiple = chunk_size if core.options.get("needs_chunk_multiple", True) else 1
+  pad = (-l) % (multiple * sharded.context_shards())
   if pad:
     inputs = _pad_time(inputs, pad)
   y, final = core.fn(inputs, chunk_size)

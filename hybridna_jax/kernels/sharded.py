@@ -1,15 +1,32 @@
-"""Running the kernels under a device mesh.
+"""Running the sequence ops under a device mesh: per shard, in `jax.shard_map`.
 
-Pallas calls are opaque to XLA's sharding propagation, so on a mesh the kernels
-run inside `jax.shard_map`: batch split over the data axes ("data", "fsdp")
-and heads over the tensor axis, each device running the kernel on its shard.
-Nothing crosses devices: the SSD and attention are independent per batch row
-and per head (SSD heads of a B/C group stay together when the groups are
-split, or B/C are replicated when there is one group).
+Batch rows split over the data axes ("data", "fsdp") and heads over the
+tensor axis; nothing crosses devices there (the SSD and attention are
+independent per row and per head; SSD heads of a B/C group stay together when
+the groups are split, or B/C are replicated when there is one group). Pallas
+calls are opaque to XLA's sharding propagation, hence the shard_map.
+
+The context axis splits each sequence's length, and then the ops must pass
+information along it -- exactly, so a context-parallel run computes what one
+device does:
+
+* SSD (`shard_ssd_core`, every core): each shard scans its slice from a zero
+  state, then the shards' final states and total decays are all-gathered, each
+  shard composes its incoming state (the state passing of the chunked
+  algorithm, at device granularity) and adds that state's contribution to its
+  outputs. Document resets (seq_idx) and the initial state hold across shards.
+* The depthwise causal conv (`shard_causal_conv`): each shard takes its
+  left halo (d_conv - 1 inputs and their segment ids) from the previous one.
+* Attention (`context_attention`): "ring" passes key/value slices around the
+  axis with an online softmax, skipping slices after the query slice; or
+  "allgather" gathers all keys and values. Both compute each block with the
+  XLA online softmax of `attention_reference` (the per-device kernels return no
+  softmax statistics, so they cannot merge partial results).
 
 Where a size does not divide over its mesh axes, that dimension is replicated
-instead (every device computes it), which is correct but does redundant work.
-Outside `sharding.activate` (or on a 1-device mesh) the kernels run as is.
+(every device computes it: correct, redundant); the public ops pad lengths to
+a multiple of the context size. Outside `sharding.activate` (or on a 1-device
+mesh) the ops run as is.
 """
 
 from __future__ import annotations
@@ -17,10 +34,14 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
+import einops
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from hybridna_jax import sharding, ssd_reference
+from hybridna_jax import attention_reference, sharding, ssd_reference
+
+CONTEXT_ATTENTION = ("ring", "allgather")
 
 
 def _axes(mesh, batch: int, heads: tuple[int, ...]):
@@ -35,6 +56,13 @@ def _axes(mesh, batch: int, heads: tuple[int, ...]):
   return batch_spec, head_axis
 
 
+def _context_axis(mesh, length: int, multiple: int = 1) -> str | None:
+  """The context axis if it splits `length` into slices of a multiple of
+  `multiple`, else None."""
+  n = sharding.context_shards(mesh)
+  return sharding.CONTEXT_AXIS if n > 1 and length % (n * multiple) == 0 else None
+
+
 def _active_mesh():
   ctx = sharding.current()
   if ctx is None or ctx.mesh.size == 1:
@@ -42,43 +70,160 @@ def _active_mesh():
   return ctx.mesh
 
 
+def context_shards() -> int:
+  """How many slices the active mesh cuts a sequence into (1 without one);
+  the public ops pad lengths to a multiple of it."""
+  mesh = _active_mesh()
+  return 1 if mesh is None else sharding.context_shards(mesh)
+
+
+def _from_previous_shard(x, axis: str, shards: int):
+  """Each shard receives the previous shard's `x`; the first receives zeros."""
+  return jax.lax.ppermute(x, axis, [(i, i + 1) for i in range(shards - 1)])
+
+
+# ---------------------------------------------------------------------------
+# SSD
+
+
+def _context_parallel_ssd(core, inputs: ssd_reference.CoreInputs, chunk_size: int, axis, shards):
+  """One shard's SSD over its slice of the sequence, exact across shards.
+
+  The recurrence is linear in the state, so a slice's outputs are those of a
+  scan from zero plus the incoming state S_in carried forward: y_t +=
+  C_t (S_in exp(cs_t)) while position t is still in the document S_in
+  belongs to. Slice i's final state is F_i + D_i S_in with its own final
+  state F_i and total decay D_i; the incoming states follow by composing
+  (F_j, D_j) of the earlier slices, here from all-gathered copies (a few
+  (b, h, p, n) states per layer).
+  """
+  x, dt, A, B, C, seq_idx, init = inputs
+  index = jax.lax.axis_index(axis)
+  first = index == 0
+  # Only the first slice starts from the caller's initial state (it belongs
+  # to document 0, as seq_idx_{-1} = 0 on one device).
+  y, own_final = core(inputs._replace(initial_states=jnp.where(first, init, 0.0)), chunk_size)
+
+  # Whether each position still continues the document of the previous
+  # slice's last position (the state reaching it from before the slice).
+  prev_last = _from_previous_shard(seq_idx[:, -1:], axis, shards)  # zeros on the first
+  prev = jnp.concatenate([prev_last, seq_idx[:, :-1]], axis=1)
+  continues = jnp.cumsum(seq_idx != prev, axis=1) == 0  # (b, l)
+  cs = jnp.cumsum(dt * A, axis=1)  # (b, l, h)
+  carry_decay = jnp.exp(cs) * continues[..., None]  # (b, l, h)
+
+  finals = jax.lax.all_gather(own_final, axis)  # (shards, b, h, p, n)
+  decays = jax.lax.all_gather(carry_decay[:, -1], axis)  # (shards, b, h)
+  state = jnp.zeros_like(own_final)
+  incoming = []
+  for j in range(shards):  # S_in of slice j+1 = F_j + D_j S_in of slice j
+    incoming.append(state)
+    state = finals[j] + decays[j][..., None, None] * state
+  s_in = jnp.take(jnp.stack(incoming), index, axis=0)  # (b, h, p, n)
+
+  h = x.shape[2]
+  Ch = einops.repeat(C.astype(jnp.float32), "b l g n -> b l (g r) n", r=h // C.shape[2])
+  y = y + jnp.einsum("blhn,bhpn,blh->blhp", Ch, s_in, carry_decay)
+  return y, state  # `state` is the last slice's final state: the sequence's
+
+
 def shard_ssd_core(core: Callable) -> Callable:
   """Wraps an SSD core (see `hybridna_jax.ssd_reference`) so that it runs per
-  shard on the active mesh."""
+  shard on the active mesh, passing states across the context axis."""
 
   @functools.wraps(core)
   def wrapped(inputs: ssd_reference.CoreInputs, chunk_size: int):
     mesh = _active_mesh()
     if mesh is None:
       return core(inputs, chunk_size)
-    b, _, h, _ = inputs.x.shape
+    b, l, h, _ = inputs.x.shape
     g = inputs.B.shape[2]
     # Heads split only with whole groups per device (or one shared group).
     head_sizes = (h,) if g == 1 else (h, g)
     bs, hs = _axes(mesh, b, head_sizes)
-    if bs is None and hs is None:
+    cs = _context_axis(mesh, l, chunk_size)
+    if bs is None and hs is None and cs is None:
       return core(inputs, chunk_size)
     gs = hs if g > 1 else None
     in_specs = ssd_reference.CoreInputs(
-      x=P(bs, None, hs, None),
-      dt=P(bs, None, hs),
+      x=P(bs, cs, hs, None),
+      dt=P(bs, cs, hs),
       A=P(hs),
-      B=P(bs, None, gs, None),
-      C=P(bs, None, gs, None),
-      seq_idx=P(bs, None),
+      B=P(bs, cs, gs, None),
+      C=P(bs, cs, gs, None),
+      seq_idx=P(bs, cs),
       initial_states=P(bs, hs, None, None),
     )
-    out_specs = (P(bs, None, hs, None), P(bs, hs, None, None))
+    if cs is None:
+      body = core
+    else:
+      body = functools.partial(
+        _context_parallel_ssd, core, axis=cs, shards=sharding.context_shards(mesh)
+      )
     fn = jax.shard_map(
-      lambda i: core(i, chunk_size),
+      lambda i: body(i, chunk_size),
       mesh=mesh,
       in_specs=(in_specs,),
-      out_specs=out_specs,
+      out_specs=(P(bs, cs, hs, None), P(bs, hs, None, None)),
       check_vma=False,
     )
     return fn(ssd_reference.CoreInputs(*inputs))
 
   return wrapped
+
+
+# The XLA cores, per shard like the kernels (the context axis needs the
+# explicit state passing; on batch and heads this equals XLA's partitioning).
+chunked_core = shard_ssd_core(ssd_reference.chunked_core)
+sequential_core = shard_ssd_core(ssd_reference.sequential_core)
+
+
+# ---------------------------------------------------------------------------
+# Causal conv
+
+
+def shard_causal_conv(conv: Callable, u, weight, bias, segment_ids, channel_axes):
+  """`conv(u, weight, bias, segment_ids, history=, history_segment_ids=)`
+  (`layers.mamba2.causal_conv`) with the length split over the context axis:
+  each slice's history is the previous slice's last K - 1 inputs.
+
+  Args:
+    u: (b, l, *channels); weight: (K, *channels); bias: (*channels,);
+    segment_ids: (b, l) int32 or None; channel_axes: the logical axes of the
+      channels (e.g. ("act_ssm_inner",)).
+  """
+  mesh = _active_mesh()
+  width = weight.shape[0]
+  b, l = u.shape[:2]
+  n = 1 if mesh is None else sharding.context_shards(mesh)
+  pad = (-l) % n
+  if n == 1 or width == 1 or (l + pad) // n < width - 1:
+    return conv(u, weight, bias, segment_ids)
+  seg = jnp.zeros((b, l), jnp.int32) if segment_ids is None else segment_ids
+  if pad:  # at the end: a causal conv's outputs never see later inputs
+    u = jnp.pad(u, [(0, 0), (0, pad)] + [(0, 0)] * (u.ndim - 2))
+    seg = jnp.pad(seg, [(0, 0), (0, pad)], mode="edge")
+  spec = tuple(sharding.spec_for(("act_batch", "act_length", *channel_axes), u.shape))
+  axis = sharding.CONTEXT_AXIS
+
+  def body(u, weight, bias, seg):
+    keep = width - 1
+    history = _from_previous_shard(u[:, -keep:], axis, n)
+    history_seg = _from_previous_shard(seg[:, -keep:], axis, n)
+    return conv(u, weight, bias, seg, history=history, history_segment_ids=history_seg)
+
+  fn = jax.shard_map(
+    body,
+    mesh=mesh,
+    in_specs=(P(*spec), P(None, *spec[2:]), P(*spec[2:]), P(*spec[:2])),
+    out_specs=P(*spec),
+    check_vma=False,
+  )
+  return fn(u, weight, bias, seg)[:, :l]
+
+
+# ---------------------------------------------------------------------------
+# Attention
 
 
 def shard_attention(kernel: Callable) -> Callable:
@@ -109,3 +254,70 @@ def shard_attention(kernel: Callable) -> Callable:
     return fn(q, k, v, segment_ids)
 
   return wrapped
+
+
+def _ring_stats(q, k, v, seg, axis: str, shards: int, block: int):
+  """Query slice i against key slices i, i-1, ..., 0 as they pass around the
+  ring (slices after i are all masked and skipped)."""
+  index = jax.lax.axis_index(axis)
+  b, lq, hq, d = q.shape
+  q_pos = index * lq + jnp.arange(lq)
+  stats = attention_reference.empty_stats(b, k.shape[2], hq // k.shape[2], lq, d)
+  kv = (k, v, seg)
+  for step in range(shards):
+    source = (index - step) % shards
+
+    def attend(stats, kv=kv, source=source):
+      kb, vb, segb = kv
+      k_pos = source * lq + jnp.arange(lq)
+      new = attention_reference.blockwise_stats(q, kb, vb, q_pos, k_pos, seg, segb, block=block)
+      return attention_reference.merge_stats(stats, new)
+
+    stats = jax.lax.cond(source <= index, attend, lambda stats: stats, stats)
+    if step < shards - 1:
+      kv = jax.lax.ppermute(kv, axis, [(i, (i + 1) % shards) for i in range(shards)])
+  return stats
+
+
+def _allgather_stats(q, k, v, seg, axis: str, shards: int, block: int):
+  """Query slice i against every key, gathered (later keys masked)."""
+  del shards
+  index = jax.lax.axis_index(axis)
+  lq = q.shape[1]
+  k_all, v_all, seg_all = (jax.lax.all_gather(a, axis, axis=1, tiled=True) for a in (k, v, seg))
+  q_pos = index * lq + jnp.arange(lq)
+  k_pos = jnp.arange(k_all.shape[1])
+  return attention_reference.blockwise_stats(
+    q, k_all, v_all, q_pos, k_pos, seg, seg_all, block=block
+  )
+
+
+def context_attention(q, k, v, segment_ids=None, *, method: str = "ring", block: int = 512):
+  """Causal GQA attention with the length split over the active mesh's
+  context axis (`method` "ring" or "allgather"); q (b, l, hq, d), k and v
+  (b, l, hkv, d), segment_ids (b, l) or None -> (b, l, hq, d) in q.dtype.
+  The length is padded to a multiple of the context size (padded positions
+  form their own segment, after every real one)."""
+  if method not in CONTEXT_ATTENTION:
+    raise ValueError(f"context attention {method!r}: choose one of {CONTEXT_ATTENTION}.")
+  mesh = _active_mesh()
+  n = sharding.context_shards(mesh)
+  b, l = q.shape[:2]
+  seg = jnp.zeros((b, l), jnp.int32) if segment_ids is None else segment_ids
+  pad = (-l) % n
+  if pad:
+    q, k, v = (jnp.pad(a, [(0, 0), (0, pad), (0, 0), (0, 0)]) for a in (q, k, v))
+    seg = jnp.pad(seg, [(0, 0), (0, pad)], constant_values=-1)
+  bs, hs = _axes(mesh, b, (q.shape[2], k.shape[2]))
+  axis = sharding.CONTEXT_AXIS
+  spec = P(bs, axis, hs, None)
+  stats_fn = _ring_stats if method == "ring" else _allgather_stats
+
+  def body(q, k, v, seg):
+    stats = stats_fn(q, k, v, seg, axis, n, min(block, q.shape[1]))
+    return attention_reference.finish_stats(stats, q.dtype)
+
+  fn = jax.shard_map(
+    body, mesh=mesh, in_specs=(spec, spec, spec, P(bs, axis)), out_specs=spec, check_vma=False
+  )
+  return fn(q, k, v, seg)[:, :l]

@@ -69,7 +69,9 @@ class Attention(nnx.Module):
   ) -> tuple[jax.Array, KVCache]:
     """Full causal self-attention; also returns this block's keys/values."""
     q, k, v = self._project(x, positions)
-    out = attention_ops.causal_attention(q, k, v, segment_ids, impl=self.cfg.attention_impl)
+    out = attention_ops.causal_attention(
+      q, k, v, segment_ids, impl=self.cfg.attention_impl, context=self.cfg.context_attention
+    )
     out = constrain(out, _QKV_AXES)
     return self.o(out), KVCache(k, v)
 

@@ -27,6 +27,7 @@ from flax import nnx
 
 from hybridna_jax import ssd
 from hybridna_jax.config import ModelConfig
+from hybridna_jax.kernels.sharded import shard_causal_conv
 from hybridna_jax.layers.linear import Linear
 from hybridna_jax.layers.norms import GatedRMSNorm
 from hybridna_jax.sharding import constrain
@@ -53,6 +54,7 @@ def causal_conv(
   bias: jax.Array,
   segment_ids: jax.Array | None = None,
   history: jax.Array | None = None,
+  history_segment_ids: jax.Array | None = None,
 ) -> jax.Array:
   """Depthwise causal conv1d along time.
 
@@ -64,6 +66,7 @@ def causal_conv(
     u: (b, l, *channels); weight: (K, *channels); bias: (*channels,).
     segment_ids: (b, l) int32 or None.
     history: (b, K - 1, *channels) inputs before position 0 (zeros if None).
+    history_segment_ids: (b, K - 1) their segment ids (None: document 0).
   """
   width = weight.shape[0]
   b, l = u.shape[:2]
@@ -73,7 +76,9 @@ def causal_conv(
   extra = (1,) * (u.ndim - 2)
   out = jnp.zeros(u.shape, jnp.float32) + bias.astype(jnp.float32)
   if segment_ids is not None:
-    seg_padded = jnp.pad(segment_ids, [(0, 0), (width - 1, 0)])
+    if history_segment_ids is None:
+      history_segment_ids = jnp.zeros((b, width - 1), segment_ids.dtype)
+    seg_padded = jnp.concatenate([history_segment_ids.astype(segment_ids.dtype), segment_ids], 1)
   for k in range(width):
     shifted = padded[:, k : k + l].astype(jnp.float32)
     if segment_ids is not None and k < width - 1:
@@ -161,11 +166,26 @@ class Mamba2(nnx.Module):
     cfg = self.cfg
     b, l, _ = x.shape
     xs_raw, z, bc_raw, dt = self._inputs(x)
+    # On a context-parallel mesh each slice takes its left halo from the last.
     xs = jax.nn.silu(
-      causal_conv(xs_raw, self.conv_x_weight[...], self.conv_x_bias[...], segment_ids)
+      shard_causal_conv(
+        causal_conv,
+        xs_raw,
+        self.conv_x_weight[...],
+        self.conv_x_bias[...],
+        segment_ids,
+        ("act_ssm_inner",),
+      )
     )
     bc = jax.nn.silu(
-      causal_conv(bc_raw, self.conv_bc_weight[...], self.conv_bc_bias[...], segment_ids)
+      shard_causal_conv(
+        causal_conv,
+        bc_raw,
+        self.conv_bc_weight[...],
+        self.conv_bc_bias[...],
+        segment_ids,
+        (None, None),
+      )
     )
     B, C = self._split_bc(bc)
     y, final = ssd.ssd_chunked_scan(

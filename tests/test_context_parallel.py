@@ -1,0 +1,161 @@
+"""Context parallelism on 8 fake CPU devices: one sequence split over the
+mesh's context axis computes what one device does -- the SSD core (state
+passing), the causal conv (halo), attention (ring and all-gather) and the
+whole model's loss and every parameter gradient -- with packed documents
+crossing the slice boundaries."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hybridna_jax import attention, sharding, ssd
+from hybridna_jax.config import ModelConfig, load_config
+from hybridna_jax.kernels.sharded import shard_causal_conv
+from hybridna_jax.layers.mamba2 import causal_conv
+from hybridna_jax.model import abstract_model, create_model
+from hybridna_jax.train import step as step_lib
+
+TINY = ModelConfig.from_config(load_config("configs/tiny.py").model)
+
+
+def _context_mesh(context=8, **axes):
+  return sharding.make_mesh(
+    axes.get("data", 1), axes.get("fsdp", 1), axes.get("tensor", 1), context=context
+  )
+
+
+def _segments(b, l, seed):
+  """(b, l) int32 packed-document ids whose boundaries fall inside slices
+  and exactly on them, and a row that is one document."""
+  rng = np.random.default_rng(seed)
+  seg = np.zeros((b, l), np.int32)
+  for row in range(1, b):
+    cuts = np.sort(rng.choice(np.arange(1, l), size=5, replace=False))
+    cuts[0] = l // 8  # exactly at a slice boundary of context=8
+    seg[row] = np.searchsorted(np.sort(cuts), np.arange(l), side="right")
+  return jnp.asarray(seg)
+
+
+def _ssd_inputs(b=2, l=256, h=4, p=8, g=2, n=8, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 6)
+  return (
+    jax.random.normal(keys[0], (b, l, h, p)),
+    jax.nn.softplus(jax.random.normal(keys[1], (b, l, h)) - 1.0),
+    -jnp.exp(jax.random.normal(keys[2], (h,))),
+    jax.random.normal(keys[3], (b, l, g, n)),
+    jax.random.normal(keys[4], (b, l, g, n)),
+    jax.random.normal(keys[5], (b, h, p, n)),
+    _segments(b, l, seed),
+  )
+
+
+@pytest.mark.parametrize("impl", ["chunked", "pallas_tpu_interpret"])
+def test_ssd_state_passing_matches_one_device(impl):
+  x, dt, A, B, C, init, seq = _ssd_inputs()
+  if impl == "pallas_tpu_interpret":  # slow in interpret mode: a shorter sequence
+    x, dt, B, C, seq = x[:, :128], dt[:, :128], B[:, :128], C[:, :128], seq[:, :128]
+
+  def loss(mesh, x, dt, A, B, C, init):
+    with sharding.maybe_activate(mesh):
+      y, final = ssd.ssd_chunked_scan(
+        x, dt, A, B, C, 16, initial_states=init, seq_idx=seq, return_final_states=True, impl=impl
+      )
+    return jnp.sum(y * jnp.cos(y)) + jnp.sum(final**2), (y, final)
+
+  def run(mesh):
+    fn = jax.jit(jax.value_and_grad(functools.partial(loss, mesh), argnums=range(6), has_aux=True))
+    return jax.device_get(fn(x, dt, A, B, C, init))
+
+  (ref_loss, (ref_y, ref_final)), ref_grads = run(None)
+  for mesh in (_context_mesh(8), _context_mesh(2, data=2, tensor=2)):
+    (got_loss, (y, final)), grads = run(mesh)
+    np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(final, ref_final, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-5)
+    for name, a, b in zip(("x", "dt", "A", "B", "C", "init"), grads, ref_grads):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max(), err_msg=name)
+
+
+def test_conv_halo_matches_one_device():
+  keys = jax.random.split(jax.random.key(1), 3)
+  u = jax.random.normal(keys[0], (2, 64, 16))
+  weight = jax.random.normal(keys[1], (4, 16))
+  bias = jax.random.normal(keys[2], (16,))
+  seg = _segments(2, 64, 1)
+  ref = causal_conv(u, weight, bias, seg)
+  mesh = _context_mesh(8)
+
+  @jax.jit
+  def sharded(u, seg):
+    with sharding.activate(mesh):
+      return shard_causal_conv(causal_conv, u, weight, bias, seg, ("act_ssm_inner",))
+
+  np.testing.assert_allclose(sharded(u, seg), ref, rtol=1e-6, atol=1e-6)
+  # A length that does not divide by the context size is padded, not refused.
+  np.testing.assert_allclose(sharded(u[:, :60], seg[:, :60]), ref[:, :60], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["ring", "allgather"])
+@pytest.mark.parametrize("length", [128, 120])  # 120: padded to a multiple of 8
+def test_context_attention_matches_reference(method, length):
+  keys = jax.random.split(jax.random.key(2), 3)
+  b, hq, hkv, d = 2, 4, 2, 8
+  q = jax.random.normal(keys[0], (b, length, hq, d))
+  k = jax.random.normal(keys[1], (b, length, hkv, d))
+  v = jax.random.normal(keys[2], (b, length, hkv, d))
+  seg = _segments(b, length, 2)
+
+  def loss(mesh, q, k, v):
+    with sharding.maybe_activate(mesh):
+      out = attention.causal_attention(q, k, v, seg, impl="xla", context=method)
+    return jnp.sum(out * jnp.sin(out)), out
+
+  def run(mesh):
+    fn = jax.jit(jax.value_and_grad(functools.partial(loss, mesh), argnums=(0, 1, 2), has_aux=True))
+    return jax.device_get(fn(q, k, v))
+
+  (_, ref_out), ref_grads = run(None)
+  (_, out), grads = run(_context_mesh(4, data=2))
+  np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
+  for name, a, b_ in zip("qkv", grads, ref_grads):
+    np.testing.assert_allclose(a, b_, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def _lm_batch(b=2, l=256, seed=0):
+  rng = np.random.default_rng(seed)
+  toks = rng.integers(5, 10, (b, l + 1)).astype(np.int32)
+  seg = np.asarray(_segments(b, l, seed)) + 1
+  mask = np.ones((b, l), np.float32)
+  mask[:, :-1] *= seg[:, 1:] == seg[:, :-1]  # no target across a document boundary
+  return dict(inputs=toks[:, :-1], targets=toks[:, 1:], segment_ids=seg, loss_mask=mask)
+
+
+@pytest.mark.parametrize(
+  "axes",
+  [dict(context=8), dict(data=2, context=4), dict(fsdp=2, context=2, tensor=2)],
+  ids=["context8", "data2-context4", "fsdp2-context2-tensor2"],
+)
+def test_model_loss_and_gradients_match_one_device(axes):
+  batch = _lm_batch(b=4)
+  params = nnx.state(create_model(TINY), nnx.Param)
+  graphdef = nnx.graphdef(abstract_model(TINY))
+
+  def loss_and_grads(mesh):
+    placed = jax.device_put(params, sharding.state_shardings(params, mesh))
+
+    @jax.jit
+    def fn(p, b):
+      with sharding.activate(mesh):
+        return jax.value_and_grad(lambda p: step_lib.lm_loss(nnx.merge(graphdef, p), b)[0])(p)
+
+    return jax.device_get(fn(placed, step_lib.device_batch(batch, sharding.batch_sharding(mesh))))
+
+  ref_loss, ref = loss_and_grads(sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+  got_loss, got = loss_and_grads(_context_mesh(**axes))
+  np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-5)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max(), err_msg=str(path))
