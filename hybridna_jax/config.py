@@ -259,6 +259,13 @@ class TrainConfig(Section):
   # fitted on the training split (empty: none).
   markov_orders: tuple[int, ...] = ()
 
+  def __post_init__(self):
+    for name in ("log_every", "checkpoint_every", "grad_accum"):
+      if getattr(self, name) < 1:
+        raise ValueError(
+          f"config.train.{name} must be a positive number of steps, got {getattr(self, name)}."
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class ScoreConfig(Section):

@@ -97,15 +97,15 @@ def test_unknown_fields_are_named():
     match=r"config.train has unknown fields \['eval_evry'\] "
     r"\(did you mean 'eval_every'\?\); valid fields: seed, stages",
   ):
-    validate(cfg)
+    config_lib.validate(cfg)
   cfg = _config()
   cfg.data.split.val_fraktion = 0.1
   with pytest.raises(ConfigError, match=r"config.data.split has unknown fields"):
-    validate(cfg)
+    config_lib.validate(cfg)
   cfg = _config()
   cfg.trian = ml_collections.ConfigDict()
   with pytest.raises(ConfigError, match=r"config has unknown sections \['trian'\]"):
-    validate(cfg)
+    config_lib.validate(cfg)
   # Run directories of other versions read leniently: unknown fields are
   # ignored, missing fields and sections take their defaults.
   run = ml_collections.ConfigDict({"train": {"stages": [[64, 2, 4]], "old_field": 1}})
@@ -126,7 +126,7 @@ def test_malformed_stages_fail_with_one_line():
     assert str(e.value) == MALFORMED_STAGES
   cfg.train.stages = ((256, 6, "4"),)
   with pytest.raises(ConfigError, match=r"stages\[0\] = \(256, 6, '4'\): expected a tuple of"):
-    validate(cfg)
+    config_lib.validate(cfg)
   cfg.train.stages = ((256, 6, 4),)
   cfg.train.markov_orders = ("3",)
   with pytest.raises(
@@ -134,18 +134,18 @@ def test_malformed_stages_fail_with_one_line():
     match=r"config.train.markov_orders\[0\] = '3': expected a "
     "tuple of integers",
   ):
-    validate(cfg)
+    config_lib.validate(cfg)
 
 
 def test_section_checks_run_on_load():
   cfg = _config()
   cfg.score.context, cfg.score.stride = 64, 64
   with pytest.raises(ValueError, match=r"config.score.stride=64 must be in \[1, context - 1\]"):
-    validate(cfg)
+    config_lib.validate(cfg)
   cfg = _config()
   cfg.generate.top_p = 0.0
   with pytest.raises(ValueError, match=r"config.generate: top_p must be in \(0, 1\]"):
-    validate(cfg)
+    config_lib.validate(cfg)
 
 
 def test_config_json_written_before_the_change_reads_strictly():
@@ -217,3 +217,11 @@ def test_launcher_reports_config_errors_in_one_line():
     assert run.returncode == 1, run.stderr
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message), run.stderr
+
+
+@pytest.mark.parametrize("field", ["log_every", "checkpoint_every", "grad_accum"])
+def test_train_steps_must_be_positive(field):
+  cfg = load_config("configs/tiny.py")
+  cfg.train[field] = 0
+  with pytest.raises(ValueError, match=f"config.train.{field} must be a positive"):
+    config_lib.validate(cfg)
