@@ -1,0 +1,148 @@
+"""Context parallelism on fake CPU devices: per-device memory and train-step
+time of the tiny model as one sequence is split over 1, 2, 4 and 8 devices.
+
+For each length and context size: the jitted train step of `build_steps`
+(forward, backward, AdamW) for one sequence, compiled for a mesh of
+`context` fake CPU devices (data = fsdp = tensor = 1). "temp MB" is the
+compiled program's per-device scratch memory (XLA's memory analysis: the
+activations and everything else the step allocates), "args MB" its
+per-device inputs (parameters, optimizer state, batch). With --time_up_to,
+steps up to that length are also run and timed (median of --iters after a
+warm-up); the fake devices share the host's cores, so the time shows the
+overhead of the split, not a speed-up.
+
+  python benchmarks/context_parallel.py                    # 32k..1M x 1,2,4,8
+  python benchmarks/context_parallel.py --lengths 131072 --attention ring allgather
+  python benchmarks/context_parallel.py --no_attention --lengths 1048576 --time_up_to 1048576
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import dataclasses  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import environment  # noqa: E402
+
+from hybridna_jax import sharding  # noqa: E402
+from hybridna_jax.config import ModelConfig, load_config  # noqa: E402
+from hybridna_jax.model import HybriDNA  # noqa: E402
+from hybridna_jax.train import optimizer as optimizer_lib  # noqa: E402
+from hybridna_jax.train import step as step_lib  # noqa: E402
+
+MB = 2**20
+
+
+def tiny_model(attention: str, with_attention: bool, chunk_size: int) -> ModelConfig:
+  """configs/tiny.py (4 layers, attention at layer 2), or its three Mamba2
+  layers alone (attention is quadratic: at 1M it dominates a CPU run)."""
+  cfg = ModelConfig.from_config(load_config("configs/tiny.py").model)
+  # xla_blockwise on one device: the online softmax that each context slice
+  # runs (the dense reference would hold l x l scores).
+  cfg = dataclasses.replace(
+    cfg, context_attention=attention, chunk_size=chunk_size, attention_impl="xla_blockwise"
+  )
+  if not with_attention:
+    cfg = dataclasses.replace(cfg, attn_layers=(), n_layers=3)
+  return cfg
+
+
+def one_sequence(seq_len: int) -> dict:
+  toks = np.random.default_rng(0).integers(5, 9, (1, seq_len + 1)).astype(np.int32)
+  seg = np.ones((1, seq_len), np.int32)
+  seg[:, seq_len // 3 :] = 2  # two packed documents
+  return dict(
+    inputs=toks[:, :-1],
+    targets=toks[:, 1:],
+    segment_ids=seg,
+    loss_mask=np.ones((1, seq_len), np.float32),
+  )
+
+
+def measure(cfg: ModelConfig, seq_len: int, context: int, iters: int) -> dict:
+  mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:context], context=context)
+  optimizer, schedule = optimizer_lib.make_optimizer(load_config("configs/tiny.py").train, 100)
+  fns = step_lib.build_steps(
+    lambda rngs: HybriDNA(cfg, rngs=rngs), step_lib.lm_loss, optimizer, schedule, mesh
+  )
+  abstract_state = jax.eval_shape(fns.init, jax.random.key(0))
+  arrays = one_sequence(seq_len)
+  abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in arrays.items()}
+  start = time.perf_counter()
+  compiled = fns.train_step.lower(abstract_state, abstract_batch).compile()
+  memory = compiled.memory_analysis()
+  row = dict(
+    compile_s=time.perf_counter() - start,
+    temp_mb=memory.temp_size_in_bytes / MB,
+    args_mb=memory.argument_size_in_bytes / MB,
+    step_s=None,
+    loss=None,
+  )
+  if iters:
+    state = fns.init(jax.random.key(0))
+    batch = step_lib.device_batch(arrays, fns.batch_sharding)
+    times = []
+    for _ in range(iters + 1):  # the first call is a warm-up
+      start = time.perf_counter()
+      state, metrics = compiled(state, batch)  # the step donates its state
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - start)
+    row["step_s"] = statistics.median(times[1:])
+    row["loss"] = float(metrics["loss"])  # of the last step: equal across context sizes
+  return row
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072, 262144, 1048576])
+  parser.add_argument("--contexts", type=int, nargs="+", default=[1, 2, 4, 8])
+  parser.add_argument("--attention", nargs="+", default=["ring"], choices=["ring", "allgather"])
+  parser.add_argument("--no_attention", action="store_true", help="the Mamba2 layers only")
+  parser.add_argument("--chunk_size", type=int, default=256)
+  parser.add_argument("--time_up_to", type=int, default=32768, help="run steps up to this length")
+  parser.add_argument("--iters", type=int, default=2)
+  args = parser.parse_args()
+
+  print(environment())
+  layers = "3 Mamba2 layers" if args.no_attention else "4 layers MMAM"
+  print(
+    f"tiny model ({layers}, d_model 32, fp32, chunk {args.chunk_size}): train step of one "
+    "sequence, two packed documents; per-device memory from XLA's memory analysis"
+  )
+  header = (
+    f"{'length':>9}{'context':>8}  {'attention':<10}{'compile s':>10}{'temp MB':>10}"
+    f"{'args MB':>9}{'step s':>9}{'loss':>9}"
+  )
+  print(header)
+  for seq_len in args.lengths:
+    for attention in args.attention:
+      cfg = tiny_model(attention, not args.no_attention, args.chunk_size)
+      for context in args.contexts:
+        iters = args.iters if seq_len <= args.time_up_to else 0
+        r = measure(cfg, seq_len, context, iters)
+        step = f"{r['step_s']:>9.2f}" if r["step_s"] is not None else f"{'-':>9}"
+        loss = f"{r['loss']:>9.5f}" if r["loss"] is not None else f"{'-':>9}"
+        name = "-" if args.no_attention else attention
+        print(
+          f"{seq_len:>9}{context:>8}  {name:<10}{r['compile_s']:>10.1f}{r['temp_mb']:>10.1f}"
+          f"{r['args_mb']:>9.2f}{step}{loss}",
+          flush=True,
+        )
+
+
+if __name__ == "__main__":
+  main()
