@@ -252,6 +252,63 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def sequence_batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Token arrays (B, L, ...): rows split over (data, fsdp), the length over
+  the context axis (rows only when the context axis has size 1)."""
+  if context_shards(mesh) == 1:
+    return batch_sharding(mesh)
+  return NamedSharding(mesh, P(BATCH_AXES, CONTEXT_AXIS))
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchLayout:
+  """What this process loads of a global batch of token rows (B, L).
+
+  rows: int64 (R,) sorted global row ids (of 0..B-1) held by this process's
+    devices (all rows of its data/fsdp positions; processes whose devices
+    are tensor or context partners get the same rows).
+  columns: [start, stop) of the L positions held by this process's devices
+    (all of them unless the context axis spans processes).
+  """
+
+  batch_size: int
+  length: int
+  rows: np.ndarray
+  columns: tuple[int, int]
+
+  @property
+  def local_shape(self) -> tuple[int, int]:
+    return (len(self.rows), self.columns[1] - self.columns[0])
+
+
+def batch_layout(
+  mesh: Mesh, batch_size: int, length: int, devices: Sequence[jax.Device] | None = None
+) -> BatchLayout:
+  """This process's `BatchLayout` of a (batch_size, length) token batch placed
+  with `sequence_batch_sharding(mesh)`: the rows and columns its devices
+  (default: its addressable devices of the mesh; a test may name others)
+  hold. batch_size must divide by data x fsdp and length by context."""
+  if batch_size % batch_shards(mesh) or length % context_shards(mesh):
+    raise ValueError(
+      f"a ({batch_size}, {length}) batch does not split over {dict(mesh.shape)}: rows must "
+      "divide by data x fsdp and the length by context."
+    )
+  index = sequence_batch_sharding(mesh).devices_indices_map((batch_size, length))
+  mine = set(d for d in mesh.devices.flat if d.process_index == jax.process_index())
+  mine = mine if devices is None else set(devices)
+  rows, cols = set(), set()
+  for idx in (idx for d, idx in index.items() if d in mine):
+    row_slice, col_slice = (tuple(idx) + (slice(None),) * 2)[:2]
+    rows.update(range(*row_slice.indices(batch_size)))
+    cols.update(range(*col_slice.indices(length)))
+  if not rows:
+    raise ValueError(f"none of the devices {sorted(mine, key=str)} are in the mesh.")
+  lo, hi = min(cols), max(cols) + 1
+  if len(cols) != hi - lo:  # a device order no default mesh has
+    raise ValueError(f"this process's context blocks of {dict(mesh.shape)} are not adjacent.")
+  return BatchLayout(batch_size, length, np.asarray(sorted(rows), np.int64), (lo, hi))
+
+
 @dataclasses.dataclass(frozen=True)
 class ShardingContext:
   mesh: Mesh

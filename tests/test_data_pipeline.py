@@ -440,3 +440,95 @@ def test_lambda_end_to_end(tmp_path):
   (batches) = list(pipeline.eval_batches(c, split="train", seq_len=8192, batch_size=2))
   assert len(batches) == 3  # ceil(48501 / 8192) = 6 windows
   assert sum(b["loss_mask"].sum() for b in batches) == 48501
+
+
+@pytest.fixture(scope="module")
+def gappy_packed_store(tmp_path_factory):
+  """Packed records of one source with document boundaries inside windows,
+  and assembly gaps (mostly-N stretches) that the N check replaces."""
+  rng = np.random.default_rng(5)
+  records = []
+  for r in range(30):
+    tokens = _random_tokens(rng, int(rng.integers(3, 60)))
+    if r % 7 == 3:
+      tokens[: int(0.8 * tokens.size)] = N
+    records.append(("train", "s", f"r{r}", tokens))
+  for r in range(9):
+    records.append(("val", "v", f"v{r}", _random_tokens(rng, int(rng.integers(5, 80)))))
+  return _store(tmp_path_factory.mktemp("gappy") / "store", records)
+
+
+def test_window_slices_equal_slices_of_the_whole_window(gappy_packed_store):
+  store = store_lib.TokenStore.open(gappy_packed_store)
+  index = pipeline.WindowIndex(
+    *pipeline.split_segments(store["train"], True), length=17, stride=5, align_end=True
+  )
+  whole = pipeline.WindowReader(store.path, "train", index)
+  for i in range(len(index)):
+    forward = whole.map(i)
+    flipped = whole.map((i, True))
+    rc = pipeline.reverse_complement_window(forward)
+    for k in ("tokens", "marks"):
+      np.testing.assert_array_equal(flipped[k], rc[k])
+    for flip, full in ((False, forward), (True, flipped)):
+      for a, b in ((0, 5), (3, 9), (8, 17), (16, 17), (1, 17)):
+        part = pipeline.WindowReader(store.path, "train", index, (a, b)).map((i, flip))
+        np.testing.assert_array_equal(part["tokens"], full["tokens"][a:b])
+        np.testing.assert_array_equal(part["marks"], full["marks"][a:b])
+        n = pipeline.window_length(full)
+        want = int(np.count_nonzero(full["marks"][:a] == pipeline.DOC_START)) if a < n else 0
+        assert int(part["prior"]) == want, (i, flip, a, b)
+
+
+@pytest.mark.parametrize("rc", [0.0, 0.5])
+def test_layout_pieces_assemble_the_global_batch(gappy_packed_store, rc):
+  # Four hosts: rows {0, 1} or {2, 3} of each global batch of 4, columns
+  # [0, 8) or [8, 24): each loads exactly its piece of the same global batch,
+  # with the N check (max_n_fraction 0.5) and packing on.
+  c = _cfg(gappy_packed_store, reverse_complement_prob=rc, packing=True, max_n_fraction=0.5)
+  kw = dict(seq_len=24, batch_size=4, seed=3)
+  full = _take(pipeline.train_batches(c, **kw), 6)
+  assert any(np.any(b["segment_ids"] > 1) for b in full)  # boundaries inside rows
+  for b in full:
+    _check_contract(b, 4, 24)
+    frac = ((b["inputs"] == N) & (b["segment_ids"] > 0)).sum(1) / (b["segment_ids"] > 0).sum(1)
+    assert frac.max() <= 0.55  # mostly-N windows were replaced, not kept
+  for rows in ([0, 1], [2, 3], [1]):
+    for columns in ((0, 8), (8, 24), (0, 24)):
+      pieces = _take(pipeline.train_batches(c, rows=rows, columns=columns, **kw), 6)
+      for piece, whole in zip(pieces, full):
+        for k in whole:
+          np.testing.assert_array_equal(piece[k], whole[k][rows, columns[0] : columns[1]], k)
+  ev = dict(seq_len=16, batch_size=4)
+  whole_eval = list(pipeline.eval_batches(c, **ev))
+  assert len(whole_eval) > 1
+  for rows, columns in (([0, 1], (0, 4)), ([2, 3], (4, 16))):
+    pieces = list(pipeline.eval_batches(c, rows=rows, columns=columns, **ev))
+    assert len(pieces) == len(whole_eval)
+    for piece, whole in zip(pieces, whole_eval):
+      for k in whole:
+        np.testing.assert_array_equal(piece[k], whole[k][rows, columns[0] : columns[1]], k)
+
+
+def test_layout_iterator_resumes_exactly(gappy_packed_store):
+  c = _cfg(gappy_packed_store, reverse_complement_prob=0.5)
+  kw = dict(seq_len=24, batch_size=4, seed=1, rows=[2, 3], columns=(12, 24))
+  reference = _take(pipeline.train_batches(c, **kw), 7)
+  it = pipeline.train_batches(c, **kw)
+  _take(it, 3)
+  state = it.get_state()
+  resumed = pipeline.train_batches(c, **kw)
+  resumed.set_state(state)
+  for got, want in zip(_take(resumed, 4), reference[3:]):
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_layout_arguments_are_checked(gappy_packed_store):
+  c = _cfg(gappy_packed_store)
+  with pytest.raises(ValueError, match="sorted distinct row ids"):
+    pipeline.train_batches(c, seq_len=8, batch_size=2, seed=0, rows=[1, 2])
+  with pytest.raises(ValueError, match="columns"):
+    pipeline.train_batches(c, seq_len=8, batch_size=2, seed=0, rows=[0], columns=(4, 9))
+  with pytest.raises(ValueError, match="not both"):
+    pipeline.train_batches(c, seq_len=8, batch_size=2, seed=0, rows=[0], shard_count=2)

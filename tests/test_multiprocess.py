@@ -1,7 +1,12 @@
 """Two processes on localhost (CPU, 2 devices each) train together through
-launch/train.py and agree with one process on 4 devices."""
+launch/train.py and agree with one process on 4 devices: with the batch split
+over the processes, and with the context axis spanning them (both load the
+same rows of a global batch of 2, each its half of every sequence), including
+an exact resume."""
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -24,14 +29,14 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _train_command(store_dir: str, workdir: str, extra=()):
+def _train_command(store_dir: str, workdir: str, extra=(), stages="((32, 3, 8),)"):
   return [
     sys.executable,
     os.path.join(ROOT, "launch", "train.py"),
     f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}",
     f"--workdir={workdir}",
     f"--config.data.store_dir={store_dir}",
-    "--config.train.stages=((32, 3, 8),)",
+    f"--config.train.stages={stages}",
     "--config.train.warmup_steps=1",
     "--config.train.log_every=1",
     "--config.train.eval_every=0",
@@ -90,5 +95,77 @@ def test_two_processes_match_one(lambda_store, tmp_path):
   a, b = _params(single), _params(multi)
   assert find_checkpoint(multi).step == find_checkpoint(single).step == 3
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    # Same global batches, rows in another order: equal up to summation order.
+    # Same global batches in the same row order: equal up to summation order.
     np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-6)
+
+
+def _run_two(command, timeout=600) -> list[str]:
+  """Runs `command(extra)` as processes 0 and 1 of a 2-process job; returns
+  their outputs."""
+  address = f"--coordinator_address=127.0.0.1:{_free_port()}"
+  procs = [
+    subprocess.Popen(
+      command([address, "--num_processes=2", f"--process_id={i}"]),
+      env=_env(2),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-3000:]
+  return outputs
+
+
+def _losses(workdir) -> dict[int, float]:
+  """Step -> training loss from metrics.jsonl (the last row of each step)."""
+  losses = {}
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    for line in f:
+      row = json.loads(line)
+      if row["kind"] == "train":
+        losses[row["step"]] = row["loss"]
+  return losses
+
+
+@pytest.mark.slow
+def test_context_axis_across_processes_matches_one_process_and_resumes(lambda_store, tmp_path):
+  # Mesh (context=2, tensor=2) over 2 processes x 2 devices: each process's
+  # devices are one tensor pair, and the context pair spans the processes.
+  # Global batch 2 < 2 processes x 2: both processes load rows 0 and 1, each
+  # its 16 of the 32 positions.
+  store = lambda_store.store_dir
+  stages = "((32, 5, 2),)"
+  mesh = ["--config.mesh.fsdp=1", "--config.mesh.context=2", "--config.mesh.tensor=2"]
+
+  def command(workdir):
+    return lambda extra: _train_command(store, workdir, mesh + extra, stages=stages)
+
+  single = str(tmp_path / "single")
+  subprocess.run(command(single)([]), env=_env(4), check=True, capture_output=True, timeout=600)
+  multi = str(tmp_path / "multi")
+  outputs = _run_two(command(multi))
+  assert "loads rows [0, 1] and columns [0, 16) of each 2 x 32 batch" in outputs[0]
+  assert "loads rows [0, 1] and columns [16, 32) of each 2 x 32 batch" in outputs[1]
+  want = _losses(single)
+  assert sorted(want) == [1, 2, 3, 4, 5]
+  got = _losses(multi)
+  assert sorted(got) == sorted(want)
+  for step in want:
+    np.testing.assert_allclose(got[step], want[step], rtol=1e-5, err_msg=f"step {step}")
+
+  # Resume from the step-2 checkpoint (model, optimizer and both processes'
+  # data-iterator states): steps 3..5 again, as in the uninterrupted run.
+  checkpoints = os.path.join(multi, "checkpoints")
+  assert sorted(os.listdir(checkpoints)) == ["2", "4", "5"]
+  for step in ("4", "5"):
+    shutil.rmtree(os.path.join(checkpoints, step))
+  os.remove(os.path.join(multi, "metrics.jsonl"))
+  outputs = _run_two(command(multi))
+  assert "resumed from step 2" in outputs[0]
+  resumed = _losses(multi)
+  assert sorted(resumed) == [3, 4, 5]
+  for step in resumed:
+    np.testing.assert_allclose(resumed[step], want[step], rtol=1e-5, err_msg=f"step {step}")

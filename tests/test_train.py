@@ -13,6 +13,7 @@ from flax import nnx
 
 from hybridna_jax import sharding
 from hybridna_jax.config import ModelConfig, load_config
+from hybridna_jax.data import pipeline
 from hybridna_jax.model import HybriDNA, abstract_model, create_model
 from hybridna_jax.train import loop
 from hybridna_jax.train import optimizer as optimizer_lib
@@ -197,8 +198,8 @@ def test_half_written_checkpoint_is_ignored(tiny_config, tmp_path):
 def test_non_finite_steps_are_skipped_then_stop(tiny_config, tmp_path, monkeypatch):
   real = step_lib.device_batch
 
-  def poisoned(batch, *args):
-    return real({**batch, "loss_mask": batch["loss_mask"] * np.float32("nan")}, *args)
+  def poisoned(batch, *args, **kwargs):
+    return real({**batch, "loss_mask": batch["loss_mask"] * np.float32("nan")}, *args, **kwargs)
 
   monkeypatch.setattr(step_lib, "device_batch", poisoned)
   tiny_config.train.max_consecutive_skips = 3
@@ -252,4 +253,64 @@ def test_batch_not_divisible_is_a_clear_error(tiny_config, tmp_path):
   tiny_config.train.stages = ((32, 2, 3),)
   tiny_config.train.grad_accum = 2
   with pytest.raises(ValueError, match=r"stages\[0\]: global batch 3 is not divisible"):
+    loop.train(tiny_config, str(tmp_path / "run"))
+
+
+def test_batch_layout_of_simulated_processes(lambda_store):
+  # 8 devices as 4 processes of 2 (the order of jax.devices() in such a job)
+  # on (fsdp=2, context=2, tensor=2): device 4f + 2c + t, so each process
+  # holds one context block of one fsdp block, and its two devices are
+  # tensor partners; processes 2f and 2f + 1 are context partners.
+  devices = jax.devices()[:8]
+  mesh = sharding.make_mesh(1, 2, 2, devices=devices, context=2)
+  batch_size, length = 4, 16
+  layouts = [
+    sharding.batch_layout(mesh, batch_size, length, devices=devices[2 * p : 2 * p + 2])
+    for p in range(4)
+  ]
+  assert [(lay.rows.tolist(), lay.columns) for lay in layouts] == [
+    ([0, 1], (0, 8)),
+    ([0, 1], (8, 16)),
+    ([2, 3], (0, 8)),
+    ([2, 3], (8, 16)),
+  ]
+  # Each process loads its piece; the pieces placed on its devices make the
+  # unsharded global batch.
+  kw = dict(seq_len=length, batch_size=batch_size, seed=0)
+  whole = next(pipeline.train_batches(lambda_store, **kw))
+  local = [
+    next(pipeline.train_batches(lambda_store, rows=lay.rows, columns=lay.columns, **kw))
+    for lay in layouts
+  ]
+  seq = sharding.sequence_batch_sharding(mesh)
+  index = seq.devices_indices_map((batch_size, length))
+  for key in step_lib.LM_BATCH_KEYS:
+    shards = []
+    for d in mesh.devices.flat:
+      p = devices.index(d) // 2
+      rows, cols = index[d]
+      lay = layouts[p]
+      r = np.searchsorted(lay.rows, np.arange(batch_size)[rows])
+      c = np.arange(length)[cols] - lay.columns[0]
+      shards.append(jax.device_put(local[p][key][np.ix_(r, c)], d))
+    assembled = jax.make_array_from_single_device_arrays((batch_size, length), seq, shards)
+    np.testing.assert_array_equal(np.asarray(assembled), whole[key])
+  # One process holds everything: device_batch places its layout's batch.
+  mine = sharding.batch_layout(mesh, batch_size, length)
+  assert mine.rows.tolist() == [0, 1, 2, 3] and mine.columns == (0, 16)
+  shardings = {k: seq for k in step_lib.LM_BATCH_KEYS}
+  placed = step_lib.device_batch(whole, shardings, layout=mine)
+  for key, value in placed.items():
+    assert value.sharding == seq
+    np.testing.assert_array_equal(np.asarray(value), whole[key])
+  with pytest.raises(ValueError, match="layout needs"):
+    step_lib.device_batch({k: v[:2] for k, v in whole.items()}, shardings, layout=mine)
+
+
+def test_seq_len_not_divisible_by_context_is_a_clear_error(tiny_config, tmp_path):
+  tiny_config.mesh.num_devices = 2
+  tiny_config.mesh.fsdp = 1
+  tiny_config.mesh.context = 2
+  tiny_config.train.stages = ((33, 2, 2),)
+  with pytest.raises(ValueError, match=r"seq_len 33 is not divisible by config.mesh.context=2"):
     loop.train(tiny_config, str(tmp_path / "run"))

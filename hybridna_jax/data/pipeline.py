@@ -1,6 +1,7 @@
 """Grain pipeline: token-store windows -> training and evaluation batches.
 
-Batches are dicts of numpy arrays, B = per-host batch size, L = seq_len:
+Batches are dicts of numpy arrays, B = rows on this host, L = seq_len (or
+the width of this host's columns):
 
     inputs       int32   (B, L)  token ids
     targets      int32   (B, L)  the next token of each input position
@@ -29,10 +30,16 @@ g of an infinite global stream becomes a window (`WindowSampler`):
      positions, and gives the position k in that source's stream;
   2. the source's stream visits its windows in a fresh keyed permutation
      every epoch (`permute`, O(1) per element, no index arrays);
-  3. a hash of (seed, g) decides the reverse complement.
-Host h of H takes positions h, h + H, ... (so each host reads only its own
-windows and the global stream does not depend on H), reads them from the
-memory map, drops mostly-N windows and batches them, optionally in
+  3. a hash of (seed, g) decides the reverse complement;
+  4. a mostly-N window is replaced by a resample of its source keyed by
+     (seed, g) (`NotMostlyN`), so no position is dropped.
+Global batch t of B rows is positions t * B ... t * B + B - 1. With a batch
+layout (`train_batches(rows=, columns=)`, from `sharding.BatchLayout`) a
+host reads exactly the rows its devices hold, and with the context axis
+across hosts only its columns of each window; hosts holding the same rows
+read the same positions, and the global batches do not depend on the
+layout. Without one, host h of H takes positions h, h + H, ... (per-host
+batches). Windows are read from the memory map and batched, optionally in
 data.num_workers worker processes.
 The iterator is a `grain.DatasetIterator`: `get_state()`/`set_state()`, and
 `iterator_save_args` / `iterator_restore_args` give the Orbax args to keep
@@ -159,18 +166,29 @@ DOC_START, DOC_CONTINUE, DOC_PAD = 1, 0, 255
 
 
 class WindowReader(grain.transforms.Map):
-  """Window id -> {"tokens": uint8 (length,), "marks": uint8 (length,)}.
+  """Window id -> {"tokens": uint8 (W,), "marks": uint8 (W,), "prior": int32 ()}.
 
-  Tokens past the segment end are <pad>; `marks` holds DOC_START at the
-  first position and at each record boundary, DOC_PAD on padding and
-  DOC_CONTINUE elsewhere. Pickles without its memory map, so Grain workers
-  reopen the store.
+  Reads window positions [a, b) = `columns` (default: the whole window, W =
+  length), so a process that holds one context slice of each sequence reads
+  only that slice. Tokens past the segment end are <pad>; `marks` holds
+  DOC_START at window position 0 and at each record boundary, DOC_PAD on
+  padding and DOC_CONTINUE elsewhere; `prior` counts the DOC_STARTs at window
+  positions before a (so segment ids of a slice continue those of the
+  row). A reverse-complemented window is read as if the whole window were
+  flipped (`reverse_complement_window`), then sliced. Pickles without its
+  memory map, so Grain workers reopen the store.
   """
 
-  def __init__(self, store_path: str, split: str, index: WindowIndex):
+  def __init__(
+    self, store_path: str, split: str, index: WindowIndex, columns: tuple[int, int] | None = None
+  ):
+    a, b = columns if columns is not None else (0, index.length)
+    if not 0 <= a < b <= index.length:
+      raise ValueError(f"window columns {columns} not inside [0, {index.length}).")
     self.store_path = store_path
     self.split_name = split
     self.index = index
+    self.columns = (int(a), int(b))
     self._split = None
 
   def __getstate__(self):
@@ -187,27 +205,45 @@ class WindowReader(grain.transforms.Map):
   def map(self, item: int | tuple[int, bool]) -> dict[str, np.ndarray]:
     """`item`: a window id (< 0: an empty window) or (id, reverse flag)."""
     i, flip = item if isinstance(item, tuple) else (item, False)
-    length = self.index.length
-    if i < 0:
-      return {
-        "tokens": np.zeros((length,), np.uint8),
-        "marks": np.full((length,), DOC_PAD, np.uint8),
-      }
-    split = self.split
-    start, end = self.index.window(int(i))
-    n = end - start
-    tokens = np.zeros((length,), np.uint8)
-    tokens[:n] = split.tokens[start:end]
-    marks = np.zeros((length,), np.uint8)
-    marks[0] = DOC_START
-    offsets = split.offsets
-    first = int(np.searchsorted(offsets, start, "right"))
-    last = int(np.searchsorted(offsets, end, "left"))
-    if last > first:  # Record boundaries inside the window (packing).
-      marks[offsets[first:last] - start] = DOC_START
-    marks[n:] = DOC_PAD
-    window = {"tokens": tokens, "marks": marks}
-    return reverse_complement_window(window) if flip else window
+    a, b = self.columns
+    tokens = np.zeros((b - a,), np.uint8)
+    marks = np.full((b - a,), DOC_PAD, np.uint8)
+    prior = 0
+    if i >= 0:
+      split = self.split
+      start, end = self.index.window(int(i))
+      n = end - start
+      hi = min(b, n)
+      offsets = split.offsets
+      if a < hi:
+        marks[: hi - a] = DOC_CONTINUE
+        if a == 0:
+          marks[0] = DOC_START
+        # Record starts o (start < o < end) mark window position o - start,
+        # or n - (o - start) when reversed; only those in [max(a, 1), hi).
+        if not flip:
+          tokens[: hi - a] = split.tokens[start + a : start + hi]
+          lo_o, hi_o = start + max(a, 1), start + hi  # o in [lo_o, hi_o)
+          inside = offsets[np.searchsorted(offsets, lo_o) : np.searchsorted(offsets, hi_o)]
+          marks[inside - start - a] = DOC_START
+          if a:
+            prior = 1 + int(
+              np.searchsorted(offsets, start + a) - np.searchsorted(offsets, start, "right")
+            )
+        else:
+          piece = split.tokens[start + n - hi : start + n - a][::-1].tobytes()
+          tokens[: hi - a] = np.frombuffer(piece.translate(_COMPLEMENT_TABLE), np.uint8)
+          lo_o, hi_o = start + n - hi, start + n - max(a, 1)  # o in (lo_o, hi_o]
+          inside = offsets[
+            np.searchsorted(offsets, lo_o, "right") : np.searchsorted(offsets, hi_o, "right")
+          ]
+          marks[start + n - inside - a] = DOC_START
+          if a:
+            prior = 1 + int(
+              np.searchsorted(offsets, start + n - 1, "right")
+              - np.searchsorted(offsets, start + n - a, "right")
+            )
+    return {"tokens": tokens, "marks": marks, "prior": np.int32(prior)}
 
 
 def window_length(window: dict[str, np.ndarray]) -> int:
@@ -216,16 +252,44 @@ def window_length(window: dict[str, np.ndarray]) -> int:
   return marks.size - int(np.count_nonzero(marks == DOC_PAD))
 
 
-class MostlyN(grain.transforms.Filter):
-  """Keeps windows whose fraction of N tokens is at most `max_fraction`."""
+class NotMostlyN(grain.transforms.Map):
+  """(window id, flip) at stream position g -> the same, or a resample when
+  more than `max_fraction` of the window's tokens are N.
 
-  def __init__(self, max_fraction: float):
+  The resample stays in the window's source and depends only on (seed, g,
+  attempt), so what a stream position holds does not depend on the hosts or
+  on which rows a host loads; after `attempts` mostly-N draws the position
+  becomes an empty row (id -1: all padding, no loss). The N count covers the
+  whole window even when a host reads only a slice of it.
+  """
+
+  def __init__(
+    self,
+    sampler: WindowSampler,
+    store_path: str,
+    split: str,
+    index: WindowIndex,
+    max_fraction: float,
+    attempts: int = 16,
+  ):
+    self.sampler = sampler
+    self.reader = WindowReader(store_path, split, index)  # for its lazy memory map
+    self.index = index
     self.max_fraction = max_fraction
+    self.attempts = attempts
 
-  def filter(self, window: dict[str, np.ndarray]) -> bool:
-    n = window_length(window)
-    num_n = int(np.count_nonzero(window["tokens"][:n] == tokenizer.N))
-    return num_n <= self.max_fraction * n
+  def _ok(self, window: int) -> bool:
+    start, end = self.index.window(window)
+    tokens = self.reader.split.tokens[start:end]
+    return int(np.count_nonzero(tokens == tokenizer.N)) <= self.max_fraction * (end - start)
+
+  def map(self, g: int) -> tuple[int, bool]:
+    window, flip = self.sampler.map(g)
+    for attempt in range(1, self.attempts + 1):
+      if self._ok(window):
+        return window, flip
+      window = self.sampler.resample(g, attempt)
+    return -1, False
 
 
 def reverse_complement_window(window: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -243,10 +307,12 @@ def reverse_complement_window(window: dict[str, np.ndarray]) -> dict[str, np.nda
 
 
 def stack_windows(windows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  """Windows -> a compact batch: "tokens", "marks" uint8 (B, L + 1)."""
+  """Windows -> a compact batch: "tokens", "marks" uint8 (B, W) (W = L + 1, or
+  a slice's width + 1) and "prior" int32 (B,)."""
   return {
     "tokens": np.stack([w["tokens"] for w in windows]),
     "marks": np.stack([w["marks"] for w in windows]),
+    "prior": np.asarray([w.get("prior", 0) for w in windows], np.int32),
   }
 
 
@@ -261,20 +327,30 @@ class MakeBatch(grain.transforms.Map):
     self.last_counted = _LAST_COUNTED[bool(mask_n_in_loss)]
 
   def map(self, compact: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return make_batch(compact["tokens"], compact["marks"], self.last_counted)
+    return make_batch(compact["tokens"], compact["marks"], self.last_counted, compact.get("prior"))
 
 
 def make_batch(
-  tokens: np.ndarray, marks: np.ndarray, last_counted: int = tokenizer.T
+  tokens: np.ndarray,
+  marks: np.ndarray,
+  last_counted: int = tokenizer.T,
+  prior: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-  """uint8 tokens and document marks (B, L + 1) -> the batch dict."""
+  """uint8 tokens and document marks (B, L + 1) -> the batch dict.
+
+  prior: int32 (B,) document starts before each row's first column (a slice
+  of a longer window, `WindowReader`), added to its segment ids; None: 0.
+  """
   real = marks != DOC_PAD
-  segments = real.astype(np.int32)
+  # A row whose first column continues a document has local id 0 there.
+  segments = (real & (marks[:, :1] == DOC_START)).astype(np.int32)
   # Only rows with a boundary inside need numbering (numpy's cumsum is slow,
   # ~5 ns a token, so the common one-document rows skip it).
   packed = np.flatnonzero((marks[:, 1:] == DOC_START).any(axis=1))
   if packed.size:
     segments[packed] = segment_ids_from_marks(marks[packed])
+  if prior is not None and np.any(prior):
+    segments = np.where(real, segments + prior[:, None].astype(np.int32), 0)
   inputs = tokens[:, :-1].astype(np.int32)
   targets = tokens[:, 1:].astype(np.int32)
   segment_ids = np.ascontiguousarray(segments[:, :-1])
@@ -410,6 +486,11 @@ class WindowSampler(grain.transforms.Map):
     window = self.first[s] + permute(j, self.count[s], _mix64(self.key ^ _mix64((s << 32) ^ epoch)))
     return window, _mix64(self.rc_key ^ int(g)) < self.rc_threshold
 
+  def resample(self, g: int, attempt: int) -> int:
+    """Another window of position g's source: a hash of (seed, g, attempt)."""
+    s, _ = self.schedule[g]
+    return self.first[s] + _mix64(self.key ^ _mix64((int(g) << 8) ^ attempt)) % self.count[s]
+
 
 def source_weights(data_cfg, token_counts: np.ndarray, source_names: Sequence[str]) -> np.ndarray:
   """float64 (num_sources,): sampling weight of each source (0: unused)."""
@@ -447,6 +528,42 @@ def host_positions(shard_index: int = 0, shard_count: int = 1) -> grain.MapDatas
   position holds does not depend on the host count.
   """
   return grain.MapDataset.range(0, sys.maxsize)[shard_index::shard_count]
+
+
+class _LayoutPositions(grain.transforms.Map):
+  """k -> global stream position of this host's k-th row: row rows[k mod R]
+  of global batch k div R (batches of `batch_size` consecutive positions)."""
+
+  def __init__(self, rows: Sequence[int], batch_size: int):
+    self.rows = [int(r) for r in rows]
+    self.batch_size = batch_size
+
+  def map(self, k: int) -> int:
+    t, i = divmod(int(k), len(self.rows))
+    return t * self.batch_size + self.rows[i]
+
+
+def layout_positions(rows: Sequence[int], batch_size: int) -> grain.MapDataset:
+  """The stream positions a host holding `rows` of every global batch of
+  `batch_size` rows reads (global batch t is positions t * batch_size, ...);
+  hosts holding the same rows read the same positions."""
+  return grain.MapDataset.range(0, sys.maxsize).map(_LayoutPositions(rows, batch_size))
+
+
+def _check_layout(rows, columns, batch_size: int, seq_len: int, shard_count: int) -> None:
+  if rows is not None:
+    if shard_count != 1:
+      raise ValueError("give either rows (a batch layout) or shard_index/shard_count, not both.")
+    r = np.asarray(rows)
+    if r.ndim != 1 or not r.size or r.min() < 0 or r.max() >= batch_size or np.any(np.diff(r) <= 0):
+      raise ValueError(f"rows {rows!r}: need sorted distinct row ids in [0, {batch_size}).")
+  if columns is not None and not 0 <= columns[0] < columns[1] <= seq_len:
+    raise ValueError(f"columns {columns!r}: need 0 <= start < stop <= seq_len {seq_len}.")
+
+
+def _reader_columns(columns: tuple[int, int] | None) -> tuple[int, int] | None:
+  """Batch columns [c0, c1) -> window positions [c0, c1 + 1) (targets shift by one)."""
+  return None if columns is None else (int(columns[0]), int(columns[1]) + 1)
 
 
 def host_eval_rows(
@@ -501,22 +618,38 @@ def train_windows(
 
 
 def train_dataset(
-  data_cfg, *, seq_len: int, batch_size: int, seed: int, shard_index: int = 0, shard_count: int = 1
+  data_cfg,
+  *,
+  seq_len: int,
+  batch_size: int,
+  seed: int,
+  shard_index: int = 0,
+  shard_count: int = 1,
+  rows: Sequence[int] | None = None,
+  columns: tuple[int, int] | None = None,
 ) -> grain.IterDataset:
-  """The infinite training dataset (see the module docstring)."""
+  """The infinite training dataset (see the module docstring and `train_batches`)."""
   _check_sizes(seq_len, batch_size, shard_index, shard_count)
+  _check_layout(rows, columns, batch_size, seq_len, shard_count)
   store, index, weights = train_windows(data_cfg, seq_len=seq_len)
   ranges = index.source_ranges(len(store.sources))
   used = np.flatnonzero(weights > 0)
   sampler = WindowSampler(
     ranges[used], weights[used], seed, float(data_cfg.reverse_complement_prob)
   )
-  ds = host_positions(shard_index, shard_count).map(sampler)
-  ds = ds.map(WindowReader(store.path, data_cfg.train_split, index))
+  if rows is None:
+    ds, host_batch = host_positions(shard_index, shard_count), batch_size
+  else:
+    ds, host_batch = layout_positions(rows, batch_size), len(rows)
   if float(data_cfg.max_n_fraction) < 1.0:
-    ds = ds.filter(MostlyN(float(data_cfg.max_n_fraction)))
-  it = ds.to_iter_dataset(_read_options(data_cfg, batch_size))
-  it = it.batch(batch_size, drop_remainder=True, batch_fn=stack_windows)
+    ds = ds.map(
+      NotMostlyN(sampler, store.path, data_cfg.train_split, index, float(data_cfg.max_n_fraction))
+    )
+  else:
+    ds = ds.map(sampler)
+  ds = ds.map(WindowReader(store.path, data_cfg.train_split, index, _reader_columns(columns)))
+  it = ds.to_iter_dataset(_read_options(data_cfg, host_batch))
+  it = it.batch(host_batch, drop_remainder=True, batch_fn=stack_windows)
   if int(data_cfg.num_workers) > 0:
     if not flags.FLAGS.is_parsed():
       # Grain's worker start-up reads its absl flags; outside an absl app
@@ -527,17 +660,34 @@ def train_dataset(
 
 
 def train_batches(
-  data_cfg, *, seq_len: int, batch_size: int, seed: int, shard_index: int = 0, shard_count: int = 1
+  data_cfg,
+  *,
+  seq_len: int,
+  batch_size: int,
+  seed: int,
+  shard_index: int = 0,
+  shard_count: int = 1,
+  rows: Sequence[int] | None = None,
+  columns: tuple[int, int] | None = None,
 ) -> grain.DatasetIterator:
   """An infinite, checkpointable iterator of this host's training batches.
+
+  Global batch t holds stream positions t * B ... t * B + B - 1 in row order,
+  each a pure function of (seed, position), so every layout of the rows over
+  hosts reads the same global batches.
 
   Args:
     data_cfg: the data config (`config.default_data_config()` fields).
     seq_len: tokens per row (windows read seq_len + 1 tokens).
-    batch_size: rows per batch on this host.
+    batch_size: without `rows`: rows per batch on this host (host h of H
+      reads positions h, h + H, ...); with `rows`: the global batch B.
     seed: seeds shuffling, source order and augmentation.
-    shard_index, shard_count: this host's share of the stream (e.g.
-      jax.process_index(), jax.process_count()).
+    shard_index, shard_count: this host's share of the stream (without rows).
+    rows: the sorted global row ids this host loads of every global batch
+      (`sharding.BatchLayout.rows`); its batches have len(rows) rows.
+    columns: [start, stop) of the seq_len positions this host loads
+      (`sharding.BatchLayout.columns`; default all): token arrays are then
+      (R, stop - start), their segment ids those of the whole row.
 
   Returns:
     A `grain.DatasetIterator` of batch dicts (module docstring) with
@@ -551,6 +701,8 @@ def train_batches(
       seed=seed,
       shard_index=shard_index,
       shard_count=shard_count,
+      rows=rows,
+      columns=columns,
     )
   )
 
@@ -575,6 +727,8 @@ def eval_batches(
   batch_size: int,
   shard_index: int = 0,
   shard_count: int = 1,
+  rows: Sequence[int] | None = None,
+  columns: tuple[int, int] | None = None,
 ) -> grain.IterDataset:
   """A finite, deterministic, re-iterable dataset of evaluation batches.
 
@@ -586,8 +740,13 @@ def eval_batches(
   no shuffling, augmentation or N-skipping. Window w goes to host
   w mod shard_count; every host yields ceil(ceil(W / shard_count) /
   batch_size) full batches, the tail padded with empty rows (loss_mask 0).
+  With `rows` (a batch layout, see `train_batches`), batch_size is the global
+  batch B: global batch t holds windows t * B ... (empty rows past the end);
+  this host yields its rows of each (ceil(W / B) batches of len(rows) rows)
+  and, with `columns`, only those positions.
   """
   _check_sizes(seq_len, batch_size, shard_index, shard_count)
+  _check_layout(rows, columns, batch_size, seq_len, shard_count)
   store = store_lib.TokenStore.open(data_cfg.store_dir)
   index = WindowIndex(
     *split_segments(store[split], bool(data_cfg.eval_packing)),
@@ -598,12 +757,15 @@ def eval_batches(
   total = len(index)
   limit = int(data_cfg.eval_max_windows)
   selected = min(total, limit) if limit > 0 else total
-  rows = host_eval_rows(selected, batch_size, shard_index, shard_count)
-  ds = grain.MapDataset.source(rows.reshape(-1)).map(_SpreadWindows(total, selected))
-  ds = ds.map(WindowReader(store.path, split, index))
-  ds = ds.batch(batch_size, batch_fn=stack_windows)
+  items = host_eval_rows(selected, batch_size, shard_index, shard_count)
+  if rows is not None:
+    items = items[:, np.asarray(rows)]
+  host_batch = items.shape[1]
+  ds = grain.MapDataset.source(items.reshape(-1)).map(_SpreadWindows(total, selected))
+  ds = ds.map(WindowReader(store.path, split, index, _reader_columns(columns)))
+  ds = ds.batch(host_batch, batch_fn=stack_windows)
   ds = ds.map(MakeBatch(data_cfg.mask_n_in_loss))
-  return ds.to_iter_dataset(_read_options(data_cfg, batch_size))
+  return ds.to_iter_dataset(_read_options(data_cfg, host_batch))
 
 
 def iterator_save_args(it: grain.DatasetIterator):

@@ -82,23 +82,35 @@ def stage_at(stages: list[Stage], step: int) -> Stage:
   return stages[-1]
 
 
-def _check_batch(stage: Stage, mesh, grad_accum: int) -> int:
-  """Per-host batch size; errors name the field to fix."""
+def _check_batch(stage: Stage, mesh, grad_accum: int) -> sharding.BatchLayout:
+  """This process's layout of the stage's (global batch, seq_len) batches;
+  errors name the field to fix. The batch need only divide by data x fsdp x
+  grad_accum (not by the process count: processes whose devices are tensor
+  or context partners load the same rows)."""
   data_devices = sharding.batch_shards(mesh)
-  procs = jax.process_count()
-  for divisor, what in (
-    (procs, "the number of processes"),
-    (
-      data_devices * grad_accum,
-      f"data x fsdp devices x grad_accum ({data_devices} x {grad_accum})",
-    ),
-  ):
-    if stage.batch_size % divisor:
-      raise ValueError(
-        f"config.train.stages[{stage.index}]: global batch "
-        f"{stage.batch_size} is not divisible by {what}."
-      )
-  return stage.batch_size // procs
+  if stage.batch_size % (data_devices * grad_accum):
+    raise ValueError(
+      f"config.train.stages[{stage.index}]: global batch {stage.batch_size} is not divisible "
+      f"by data x fsdp devices x grad_accum ({data_devices} x {grad_accum}); change the batch "
+      "or config.mesh / config.train.grad_accum."
+    )
+  context = sharding.context_shards(mesh)
+  if stage.seq_len % context:
+    raise ValueError(
+      f"config.train.stages[{stage.index}]: seq_len {stage.seq_len} is not divisible by "
+      f"config.mesh.context={context}; change one of them."
+    )
+  return sharding.batch_layout(mesh, stage.batch_size, stage.seq_len)
+
+
+def _per_host_batch(stage: Stage) -> int:
+  """Rows per host for tasks that split rows by process (`Task.train_iterator`)."""
+  if stage.batch_size % jax.process_count():
+    raise ValueError(
+      f"config.train.stages[{stage.index}]: global batch {stage.batch_size} is not divisible "
+      f"by the number of processes ({jax.process_count()}), which this task's data needs."
+    )
+  return stage.batch_size // jax.process_count()
 
 
 class _Preemption:
@@ -135,15 +147,22 @@ class NonFiniteLossError(RuntimeError):
   pass
 
 
-def sum_eval_steps(fns: step_lib.StepFunctions, params, batches, max_batches: int = 0) -> dict:
-  """Runs eval_step over batches; returns the summed outputs on the host."""
+def sum_eval_steps(
+  fns: step_lib.StepFunctions,
+  params,
+  batches,
+  max_batches: int = 0,
+  layout: sharding.BatchLayout | None = None,
+) -> dict:
+  """Runs eval_step over batches (this host's part of each, laid out by
+  `layout` or, without one, an equal share of the rows per host); returns the
+  summed outputs on the host."""
   totals: dict[str, float] = {}
   for i, batch in enumerate(batches):
     if max_batches and i >= max_batches:
       break
-    out = jax.device_get(
-      fns.eval_step(params, step_lib.device_batch(batch, fns.batch_sharding, fns.batch_keys))
-    )
+    placed = step_lib.device_batch(batch, fns.batch_shardings, fns.batch_keys, layout=layout)
+    out = jax.device_get(fns.eval_step(params, placed))
     for k, v in out.items():
       totals[k] = totals.get(k, 0.0) + float(v)
   return totals
@@ -155,14 +174,33 @@ def lm_eval(
   train_cfg,
   stage: Stage,
   make_batches: Callable[..., Iterable[dict]],
+  by_layout: bool = False,
 ) -> dict:
   """LM metrics (`lm_metrics`) over this host's evaluation batches.
 
-  make_batches(seq_len=, batch_size=, shard_index=, shard_count=) gives them:
-  train.eval_seq_len tokens a row (0: the stage's), train.eval_batch_size
-  rows split over the hosts; at most train.eval_batches run (0: all).
+  Rows have train.eval_seq_len tokens (0: the stage's); at most
+  train.eval_batches run (0: all). With by_layout, make_batches(seq_len=,
+  batch_size=, rows=, columns=) gives this host's part of global batches of
+  train.eval_batch_size rows (rounded up to a multiple of data x fsdp), laid
+  out like the training batches (`sharding.BatchLayout`); without,
+  make_batches(seq_len=, batch_size=, shard_index=, shard_count=) gives
+  train.eval_batch_size / process count rows per host.
   """
   seq_len = int(train_cfg.eval_seq_len) or stage.seq_len
+  if by_layout:
+    shards = sharding.batch_shards(fns.mesh)
+    context = sharding.context_shards(fns.mesh)
+    if seq_len % context:
+      raise ValueError(
+        f"config.train.eval_seq_len: {seq_len} is not divisible by config.mesh.context="
+        f"{context}; set it to a multiple."
+      )
+    batch = -(-max(1, int(train_cfg.eval_batch_size)) // shards) * shards
+    layout = sharding.batch_layout(fns.mesh, batch, seq_len)
+    batches = make_batches(
+      seq_len=seq_len, batch_size=batch, rows=layout.rows, columns=layout.columns
+    )
+    return lm_metrics(sum_eval_steps(fns, params, batches, int(train_cfg.eval_batches), layout))
   per_host = max(1, int(train_cfg.eval_batch_size) // jax.process_count())
   batches = make_batches(
     seq_len=seq_len,
@@ -197,6 +235,10 @@ class Task:
   """
 
   batch_keys: tuple[str, ...] = step_lib.LM_BATCH_KEYS
+  # Batch keys of token arrays (B, L, ...) fed through a `sharding.BatchLayout`
+  # (their length splits over the context axis); a task that sets them
+  # implements `layout_iterator`.
+  sequence_keys: tuple[str, ...] = ()
   selection: tuple[str, str] = ("bits_per_nt", "min")
 
   def __init__(self, config):
@@ -219,8 +261,17 @@ class Task:
     return optimizer_lib.make_optimizer(self.config.train, total_steps)
 
   def train_iterator(self, stage: Stage, batch_size: int, seed: int):
-    """A checkpointable iterator of this host's batches (batch_size rows)."""
+    """A checkpointable iterator of this host's batches (batch_size rows, an
+    equal share of the global batch per process); used when `layout_iterator`
+    gives None."""
     raise NotImplementedError
+
+  def layout_iterator(self, stage: Stage, layout: sharding.BatchLayout, seed: int):
+    """A checkpointable iterator of this host's part of the global batches:
+    rows `layout.rows`, and of the `sequence_keys` only `layout.columns`
+    (see `step.device_batch`); None: the task splits rows by process
+    (`train_iterator`)."""
+    return None
 
   def evaluate(self, fns: step_lib.StepFunctions, params, stage: Stage) -> dict:
     raise NotImplementedError
@@ -240,6 +291,8 @@ class Task:
 class LMPretraining(Task):
   """Next-token pretraining on the token store's train split, validated on
   its val split."""
+
+  sequence_keys = step_lib.LM_BATCH_KEYS
 
   def __init__(self, config):
     super().__init__(config)
@@ -261,6 +314,16 @@ class LMPretraining(Task):
       shard_count=jax.process_count(),
     )
 
+  def layout_iterator(self, stage, layout, seed):
+    return pipeline.train_batches(
+      self.config.data,
+      seq_len=stage.seq_len,
+      batch_size=stage.batch_size,
+      seed=seed,
+      rows=layout.rows,
+      columns=layout.columns,
+    )
+
   def evaluate(self, fns, params, stage):
     return lm_eval(
       fns,
@@ -268,6 +331,7 @@ class LMPretraining(Task):
       self.config.train,
       stage,
       functools.partial(pipeline.eval_batches, self.config.data),
+      by_layout=True,
     )
 
   def flops_per_token(self, seq_len: int) -> float:
@@ -302,6 +366,7 @@ def task_steps(task: Task, config, mesh) -> step_lib.StepFunctions:
     batch_keys=task.batch_keys,
     grad_accum=TrainConfig.from_config(config.train).grad_accum,
     apply_fn=task.apply if type(task).apply is not Task.apply else None,
+    sequence_keys=task.sequence_keys,
   )
 
 
@@ -335,9 +400,23 @@ def train(config, workdir: str, task: Task | None = None) -> dict:
   )
 
   def make_iterator(stage: Stage):
-    return task.train_iterator(
-      stage, _check_batch(stage, mesh, tc.grad_accum), seed=tc.seed * 1000 + stage.index
-    )
+    """(iterator, layout): this host's batches of the stage and their
+    `BatchLayout` (None: an equal share of the rows per process)."""
+    layout = _check_batch(stage, mesh, tc.grad_accum)
+    seed = tc.seed * 1000 + stage.index
+    it = task.layout_iterator(stage, layout, seed)
+    if it is not None:
+      logging.info(
+        "process %d/%d loads rows %s and columns [%d, %d) of each %d x %d batch",
+        jax.process_index(),
+        jax.process_count(),
+        layout.rows.tolist(),
+        *layout.columns,
+        stage.batch_size,
+        stage.seq_len,
+      )
+      return it, layout
+    return task.train_iterator(stage, _per_host_batch(stage), seed=seed), None
 
   # -- start or resume -----------------------------------------------------
   latest = checkpoints.latest_step()
@@ -345,11 +424,11 @@ def train(config, workdir: str, task: Task | None = None) -> dict:
   if latest is None:
     state = task.start(fns, fns.init(jax.random.key(tc.seed)))
     stage = stages[0]
-    iterator = make_iterator(stage)
+    iterator, layout = make_iterator(stage)
   else:
     meta = checkpoints.restore_meta(latest)
     stage = stage_at(stages, latest)
-    iterator = make_iterator(stage)
+    iterator, layout = make_iterator(stage)
     # The saved iterator belongs to the checkpoint's stage; a checkpoint
     # taken at the end of a stage starts the next one from a fresh iterator.
     same_stage = meta.get("stage") == stage.index and latest < stage.end_step
@@ -389,13 +468,15 @@ def train(config, workdir: str, task: Task | None = None) -> dict:
     while step < total_steps:
       stage = stage_at(stages, step)
       if stage.index != iterator_stage:
-        iterator, iterator_stage = make_iterator(stage), stage.index
+        (iterator, layout), iterator_stage = make_iterator(stage), stage.index
       logging.info("%s: steps %d..%d", stage.label, stage.start_step, stage.end_step)
       tokens_per_step = stage.seq_len * stage.batch_size
       accumulated: dict[str, list] = {}
       first_step = True
       while step < stage.end_step:
-        batch = step_lib.device_batch(next(iterator), fns.batch_sharding, fns.batch_keys)
+        batch = step_lib.device_batch(
+          next(iterator), fns.batch_shardings, fns.batch_keys, layout=layout
+        )
         start = time.perf_counter()
         state, metrics = fns.train_step(state, batch)
         step += 1

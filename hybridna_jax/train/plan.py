@@ -295,7 +295,7 @@ def _build(
   fns = loop.task_steps(task, config, mesh)
   state = with_shardings(jax.eval_shape(fns.init, jax.random.key(0)), fns.state_shardings)
   batch_specs = {
-    k: jax.ShapeDtypeStruct((batch, seq_len), BATCH_DTYPES[k], sharding=fns.batch_sharding)
+    k: jax.ShapeDtypeStruct((batch, seq_len), BATCH_DTYPES[k], sharding=fns.batch_shardings[k])
     for k in fns.batch_keys
   }
   return _Built(config, task, fns, state, batch_specs, kernels, platform)
@@ -459,7 +459,7 @@ def real_batch(built: _Built) -> dict[str, jax.Array]:
   host = {k: np.zeros(s.shape, s.dtype) for k, s in built.batch.items()}
   host["segment_ids"][:] = 1
   host["loss_mask"][:] = 1.0
-  return step_lib.device_batch(host, built.fns.batch_sharding, built.fns.batch_keys)
+  return step_lib.device_batch(host, built.fns.batch_shardings, built.fns.batch_keys)
 
 
 def _rss_bytes() -> int:

@@ -16,7 +16,7 @@ and the batch split over (data, fsdp).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -72,8 +72,12 @@ class StepFunctions:
 
   graphdef: Any
   state_shardings: Any
-  batch_sharding: NamedSharding
+  batch_sharding: NamedSharding  # rows over (data, fsdp)
   batch_keys: tuple[str, ...]
+  # Per batch key: `batch_sharding`, or for `sequence_keys` (token arrays
+  # (B, L, ...)) also the length over the context axis.
+  batch_shardings: dict[str, NamedSharding]
+  sequence_keys: tuple[str, ...]
   init: Callable[[jax.Array], TrainState]
   train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
   eval_step: Callable[[nnx.State, dict], dict]
@@ -92,6 +96,7 @@ def build_steps(
   rules: sharding.Rules = sharding.DEFAULT_RULES,
   grad_accum: int = 1,
   apply_fn: Callable[[nnx.Module, dict], Any] | None = None,
+  sequence_keys: tuple[str, ...] = (),
 ) -> StepFunctions:
   """Jitted, sharded init / train / eval functions.
 
@@ -101,6 +106,9 @@ def build_steps(
     batch_keys: the batch's arrays; each has the batch on its leading axis.
     grad_accum: micro-batches per step (divides the batch).
     apply_fn: optional (model, batch) -> outputs, jitted as `apply`.
+    sequence_keys: batch keys of token arrays (B, L, ...) placed with their
+      length split over the context axis (`sharding.sequence_batch_sharding`;
+      fed through a `sharding.BatchLayout`); the others split rows only.
   """
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: init_model(nnx.Rngs(0))), nnx.Param)
 
@@ -191,12 +199,20 @@ def build_steps(
       return apply_fn(nnx.merge(graphdef, params), batch)
 
   replicated = NamedSharding(mesh, P())
-  batch_shardings = {k: batch_sharding for k in batch_keys}
+  unknown = set(sequence_keys) - set(batch_keys)
+  if unknown:
+    raise ValueError(f"sequence_keys {sorted(unknown)} are not batch keys {batch_keys}.")
+  sequence_sharding = sharding.sequence_batch_sharding(mesh)
+  batch_shardings = {
+    k: sequence_sharding if k in sequence_keys else batch_sharding for k in batch_keys
+  }
   return StepFunctions(
     graphdef=graphdef,
     state_shardings=state_shardings,
     batch_sharding=batch_sharding,
     batch_keys=tuple(batch_keys),
+    batch_shardings=batch_shardings,
+    sequence_keys=tuple(sequence_keys),
     init=jax.jit(init, out_shardings=state_shardings),
     train_step=jax.jit(
       train_step,
@@ -217,10 +233,40 @@ def build_steps(
 
 
 def device_batch(
-  batch: dict, batch_sharding: NamedSharding, keys: tuple[str, ...] = LM_BATCH_KEYS
+  batch: dict,
+  batch_sharding: NamedSharding | Mapping[str, NamedSharding],
+  keys: tuple[str, ...] = LM_BATCH_KEYS,
+  *,
+  layout: sharding.BatchLayout | None = None,
 ) -> dict:
-  """Host-local numpy batch -> global jax arrays split over (data, fsdp).
+  """Host-local numpy batch -> global jax arrays.
 
-  Each process passes its own rows; on one process this is a device_put.
+  batch_sharding: one sharding for every key, or one per key (e.g.
+    `StepFunctions.batch_shardings`).
+  layout: None: each process passes its own equal share of the rows (R =
+    B / process count, split over data and fsdp only), and on one process
+    this is a device_put. A `sharding.BatchLayout` of a (B, L) batch: each
+    process passes exactly its layout's rows, in order, and for keys whose
+    sharding splits dimension 1 (the length over context) only its columns:
+    such a key is (len(rows), columns[1] - columns[0], ...), any other
+    (len(rows), ...). Processes whose devices are tensor or context partners
+    pass the same rows.
+
+  Returns: {key: jax.Array} of global shape (B, L, ...) or (B, ...).
   """
-  return {k: jax.make_array_from_process_local_data(batch_sharding, batch[k]) for k in keys}
+  out = {}
+  for k in keys:
+    s = batch_sharding[k] if isinstance(batch_sharding, Mapping) else batch_sharding
+    x = batch[k]
+    if layout is None:
+      out[k] = jax.make_array_from_process_local_data(s, x)
+      continue
+    split_length = len(s.spec) > 1 and s.spec[1] is not None
+    local = layout.local_shape if split_length else (len(layout.rows),)
+    if x.shape[: len(local)] != local:
+      raise ValueError(
+        f"batch[{k!r}] has shape {x.shape}; this process's layout needs {local} leading."
+      )
+    shape = (layout.batch_size, layout.length) if split_length else (layout.batch_size,)
+    out[k] = jax.make_array_from_process_local_data(s, x, shape + x.shape[len(shape) :])
+  return out
