@@ -76,6 +76,10 @@ class ModelConfig(Section):
   head_dim: int = 64
   rope: bool = False
   rope_theta: float = 10_000.0
+  # Share of each head's dims that RoPE rotates (the first ones; the rest
+  # pass through). 1.0: all (HybriDNA); 0.5: transformers' Bamba, which
+  # always rotates half of each head (partial_rotary_factor).
+  rope_fraction: float = 1.0
   # Mamba2 mixer (mamba_ssm defaults).
   d_state: int = 128
   d_conv: int = 4
@@ -122,6 +126,12 @@ class ModelConfig(Section):
       )
     if self.remat not in ("none", "full", "dots"):
       raise ValueError(f"model.remat must be none, full or dots, got {self.remat!r}.")
+    rotated = self.head_dim * self.rope_fraction
+    if not 0 < self.rope_fraction <= 1 or (self.rope and (rotated != int(rotated) or rotated % 2)):
+      raise ValueError(
+        f"model.rope_fraction ({self.rope_fraction}) must be in (0, 1] and rotate an even "
+        f"number of head_dim ({self.head_dim}) dims."
+      )
     for i in self.attn_layers or ():
       if not 0 <= i < self.n_layers:
         raise ValueError(f"model.attn_layers: layer {i} outside [0, {self.n_layers}).")
