@@ -65,8 +65,8 @@ def _direct(path: str, shape) -> TensorSpec:
 
 def _linear(path: str, d_in: int, out_shape, in_shape=None) -> TensorSpec:
   """A torch Linear weight (out, in) <-> our kernel in_shape + out_shape."""
-  out_shape = tuple(np.atleast_1d(out_shape))
-  in_shape = tuple(np.atleast_1d(in_shape if in_shape is not None else d_in))
+  out_shape = tuple(int(n) for n in np.atleast_1d(out_shape))
+  in_shape = tuple(int(n) for n in np.atleast_1d(in_shape if in_shape is not None else d_in))
   n_out = math.prod(out_shape)
   return TensorSpec(
     (n_out, math.prod(in_shape)),
