@@ -5,6 +5,8 @@ checkpoint with a 12-token vocabulary loads and scores like the Bamba one."""
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -248,3 +250,40 @@ def test_jamba_style_checkpoint_scores_like_bamba(tmp_path, caplog):
   logits = _ours(mapped, our_tokenizer.encode(SEQ, add_bos=True)[None])
   pairs = [(our_tokenizer.A, 10), (our_tokenizer.T, 7), (our_tokenizer.EOS, 6)]
   assert _rel(logits[..., [o for o, _ in pairs]], theirs[..., [t for _, t in pairs]]) <= 1e-4
+
+
+def _convert(*args):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": root, "XLA_FLAGS": ""}
+  return subprocess.run(
+    [sys.executable, os.path.join(root, "launch", "convert.py"), *args],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+
+
+def test_convert_hf_to_run_and_back(tmp_path):
+  ref, path = _jamba_dir(tmp_path)
+  run = tmp_path / "run"
+  done = _convert(f"--input={path}", f"--output={run}", "--vocab_size=10")
+  assert done.returncode == 0, done.stdout + done.stderr
+  assert "checkpoint token '[UNK]' (id 1) has no counterpart: dropped" in done.stderr
+  # The run restores like a trained one and scores with our tokenizer.
+  model, tok, config = restore.load(str(run), dtype="float32")
+  assert tok is our_tokenizer and config.model.vocab_size == 10
+  ids = our_tokenizer.encode(SEQ, add_bos=True)[None]
+  theirs = _torch_logits(ref, np.array([[5, 10, 9, 8, 7, 7, 8, 9]]))  # <bos> A C G T T G C
+  ours = _ours(model, ids[:, :8])
+  columns = [our_tokenizer.A, our_tokenizer.C, our_tokenizer.G, our_tokenizer.T]
+  assert _rel(ours[..., columns], theirs[..., [10, 9, 8, 7]]) <= 1e-4
+  # ... and exports back to a directory transformers loads, with its logits.
+  back = tmp_path / "back"
+  done = _convert(f"--input={run}", f"--output={back}", "--max_shard_gb=0.00002")
+  assert done.returncode == 0, done.stdout + done.stderr
+  theirs_back = transformers.BambaForCausalLM.from_pretrained(str(back)).eval()
+  assert _rel(_torch_logits(theirs_back, ids), _ours(model, ids)) <= 1e-4
+  # A clear one-line error for a bad --output.
+  done = _convert(f"--input={run}", f"--output={back}")
+  assert done.returncode != 0 and "exists and is not empty" in done.stderr

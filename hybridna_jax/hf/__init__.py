@@ -2,7 +2,14 @@
 names, the HybriDNA release's Jamba-style names) without torch, and export
 ours for transformers' BambaForCausalLM. See checkpoint.py and naming.py."""
 
-from hybridna_jax.hf.checkpoint import HFCheckpointError, export, is_hf_dir, load, read_files
+from hybridna_jax.hf.checkpoint import (
+  HFCheckpointError,
+  export,
+  is_hf_dir,
+  load,
+  read_files,
+  write_run,
+)
 from hybridna_jax.hf.naming import BAMBA, FAMILIES, HYBRIDNA_JAMBA
 from hybridna_jax.hf.vocab import VocabTokenizer, read_vocab
 
@@ -17,4 +24,5 @@ __all__ = [
   "load",
   "read_files",
   "read_vocab",
+  "write_run",
 ]

@@ -373,3 +373,21 @@ def job_config(model_cfg: ModelConfig) -> ml_collections.ConfigDict:
     **{f: getattr(model_cfg, f) for f in ModelConfig.field_names()}
   )
   return config
+
+
+def write_run(model, config: ml_collections.ConfigDict, workdir: str, step: int = 0) -> str:
+  """Writes `model`'s parameters as an Orbax run directory (config.json +
+  checkpoints/<step>) that restore.load, launch/eval.py, score.py,
+  finetune.py and generate.py read like a trained run. Returns workdir."""
+  from hybridna_jax.train.checkpoint import Checkpoints  # pylint: disable=g-import-not-at-top
+  from hybridna_jax.train.step import TrainState  # pylint: disable=g-import-not-at-top
+
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, CONFIG_FILE), "w", encoding="utf-8") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  zero = jnp.zeros((), jnp.int32)
+  checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), async_save=False)
+  state = TrainState(zero + step, nnx.state(model, nnx.Param), None, zero, zero)
+  checkpoints.save(state, {"stage": 0, "converted_from": "huggingface"})
+  checkpoints.close()
+  return workdir
