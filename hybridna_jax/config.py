@@ -76,6 +76,10 @@ class ModelConfig(Section):
   head_dim: int = 64
   rope: bool = False
   rope_theta: float = 10_000.0
+  # Share of each head's dims that RoPE rotates (the first ones; the rest
+  # pass through). 1.0: all (HybriDNA); 0.5: transformers' Bamba, which
+  # always rotates half of each head (partial_rotary_factor).
+  rope_fraction: float = 1.0
   # Mamba2 mixer (mamba_ssm defaults).
   d_state: int = 128
   d_conv: int = 4
@@ -128,6 +132,12 @@ class ModelConfig(Section):
     if self.context_attention not in ("ring", "allgather"):
       raise ValueError(
         f"model.context_attention must be ring or allgather, got {self.context_attention!r}."
+      )
+    rotated = self.head_dim * self.rope_fraction
+    if not 0 < self.rope_fraction <= 1 or (self.rope and (rotated != int(rotated) or rotated % 2)):
+      raise ValueError(
+        f"model.rope_fraction ({self.rope_fraction}) must be in (0, 1] and rotate an even "
+        f"number of head_dim ({self.head_dim}) dims."
       )
     for i in self.attn_layers or ():
       if not 0 <= i < self.n_layers:

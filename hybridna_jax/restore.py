@@ -4,7 +4,9 @@ a model on the devices you have now.
     model, tokenizer, config = hybridna_jax.restore.load("runs/demo")
 
 `path` may be a run directory (config.json + checkpoints/), its checkpoints/
-or best/ directory, or one step directory (runs/demo/checkpoints/400).
+or best/ directory, one step directory (runs/demo/checkpoints/400), or a
+Hugging Face-format directory (config.json + model.safetensors or its
+index; hybridna_jax.hf), which keeps the checkpoint's vocabulary.
 Parameters only are read (no optimizer state), cast to the requested dtype,
 and placed on `mesh` by the model's logical-axis rules, so a checkpoint
 written on 8 devices restores onto 1 and vice versa. A checkpoint written
@@ -24,7 +26,7 @@ import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
 
-from hybridna_jax import sharding, tokenizer
+from hybridna_jax import hf, sharding, tokenizer
 from hybridna_jax.config import MODEL_RUNTIME_FIELDS, ModelConfig
 from hybridna_jax.model import abstract_model, convert_params, scan_block_size
 from hybridna_jax.train.checkpoint import Checkpoints
@@ -133,9 +135,11 @@ def load(
   """Loads a trained model.
 
   Args:
-    path: run directory, checkpoints/ or best/ directory, or step directory.
+    path: run directory, checkpoints/ or best/ directory, step directory, or
+      a Hugging Face-format directory (see hybridna_jax.hf.load).
     dtype: parameter and compute dtype, "float32" or "bfloat16" (default:
-      as trained: fp32 weights, the config's compute dtype).
+      as trained: fp32 weights, the config's compute dtype; fp32 for a
+      Hugging Face directory).
     mesh: where to place the parameters (default: all devices, fsdp).
     which: "latest" or "best" for a run directory.
     **runtime: runtime fields of the restored model (config.MODEL_RUNTIME_FIELDS
@@ -145,8 +149,10 @@ def load(
       layout (converted).
 
   Returns:
-    (model, tokenizer module, config) -- an nnx HybriDNA with its
-    parameters on `mesh`, `hybridna_jax.tokenizer`, and the run's config.
+    (model, tokenizer, config) -- an nnx HybriDNA with its parameters on
+    `mesh`, `hybridna_jax.tokenizer` (for a Hugging Face directory: a
+    hf.VocabTokenizer of the checkpoint's ids, None without tokenizer
+    files), and the run's config.
   """
   unknown = sorted(set(runtime) - set(_LOAD_OVERRIDES))
   if unknown:
@@ -154,6 +160,9 @@ def load(
       f"load(): {unknown} cannot be changed at restore time; allowed: "
       f"{', '.join(_LOAD_OVERRIDES)} (and dtype)."
     )
+  if hf.is_hf_dir(path):
+    runtime = {k: v for k, v in runtime.items() if v not in (None, "")}
+    return hf.load(path, dtype=dtype, mesh=mesh, **runtime)
   ref = find_checkpoint(path, which)
   config = run_config(ref.run_dir)
   model_cfg = ModelConfig.from_config(config.model)

@@ -8,7 +8,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q -r requirements.txt -e .
+"$VENV/bin/python" -m pip install -q -r requirements.txt -r requirements-test.txt -e .
 # Lint and formatting first (configured in pyproject.toml): a failure stops here.
 "$VENV/bin/ruff" check --quiet .
 "$VENV/bin/ruff" format --check --quiet .

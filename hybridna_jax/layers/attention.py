@@ -25,8 +25,16 @@ class KVCache(NamedTuple):
   v: jax.Array
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding (rotate-half form). x (b, l, h, d); positions (b, l)."""
+def apply_rope(
+  x: jax.Array, positions: jax.Array, theta: float, fraction: float = 1.0
+) -> jax.Array:
+  """Rotary embedding (rotate-half form). x (b, l, h, d); positions (b, l).
+  Only the first d * fraction dims rotate (partial rotary, as transformers'
+  Bamba); the others pass through."""
+  if fraction != 1.0:
+    rot = int(x.shape[-1] * fraction)
+    rotated = apply_rope(x[..., :rot], positions, theta)
+    return jnp.concatenate([rotated, x[..., rot:]], axis=-1)
   d = x.shape[-1]
   freqs = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)  # (d/2,)
   angles = positions.astype(jnp.float32)[..., None] * freqs  # (b, l, d/2)
@@ -60,8 +68,8 @@ class Attention(nnx.Module):
     k = constrain(self.k(x), _KV_AXES)
     v = constrain(self.v(x), _KV_AXES)
     if self.cfg.rope:
-      q = apply_rope(q, positions, self.cfg.rope_theta)
-      k = apply_rope(k, positions, self.cfg.rope_theta)
+      q = apply_rope(q, positions, self.cfg.rope_theta, self.cfg.rope_fraction)
+      k = apply_rope(k, positions, self.cfg.rope_theta, self.cfg.rope_fraction)
     return q, k, v
 
   def __call__(

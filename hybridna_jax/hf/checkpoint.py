@@ -1,0 +1,393 @@
+"""Hugging Face-format checkpoints: load onto a mesh without torch, export.
+
+A Hugging Face directory holds config.json, model.safetensors (or shards
+named by model.safetensors.index.json) and, when present, tokenizer files.
+`load` reads tensor names and shapes from the safetensors headers, checks
+them all against the naming family's table (hybridna_jax.hf.naming) and
+reports every unmapped, missing or mis-shaped tensor in one error, then
+reads one tensor at a time and puts it straight onto the mesh with its
+parameter's sharding: host memory holds about one tensor, so a 7B
+checkpoint loads on a small host. `export` writes the reverse
+(transformers' BambaForCausalLM layout).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from hybridna_jax import sharding
+from hybridna_jax import tokenizer as our_tokenizer
+from hybridna_jax.config import ModelConfig, base_config
+from hybridna_jax.hf import naming
+from hybridna_jax.hf.vocab import VocabTokenizer, read_vocab, write_char_tokenizer
+from hybridna_jax.model import abstract_model, convert_params
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+CONFIG_FILE = "config.json"
+
+
+class HFCheckpointError(ValueError):
+  """A checkpoint that does not fit the model its config describes; the
+  message lists every problem."""
+
+
+def is_hf_dir(path: str) -> bool:
+  """True for a directory with config.json and model.safetensors or its index."""
+  return (
+    os.path.isdir(path)
+    and os.path.exists(os.path.join(path, CONFIG_FILE))
+    and any(os.path.exists(os.path.join(path, f)) for f in (SINGLE_FILE, INDEX_FILE))
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class HFFiles:
+  """A Hugging Face directory's config and tensor headers.
+
+  shapes: {tensor name: shape}; files: {tensor name: safetensors path}.
+  """
+
+  path: str
+  config: dict
+  shapes: dict[str, tuple[int, ...]]
+  files: dict[str, str]
+
+  @property
+  def shards(self) -> list[str]:
+    return sorted(set(self.files.values()))
+
+
+def read_files(path: str) -> HFFiles:
+  """Reads config.json and the safetensors headers (no tensor data)."""
+  path = os.path.abspath(path)
+  with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as f:
+    config = json.load(f)
+  index = os.path.join(path, INDEX_FILE)
+  if os.path.exists(index):
+    with open(index, encoding="utf-8") as f:
+      weight_map = json.load(f)["weight_map"]
+    shards = sorted(set(weight_map.values()))
+  else:
+    shards = [SINGLE_FILE]
+  shapes, files = {}, {}
+  for shard in shards:
+    shard_path = os.path.join(path, shard)
+    if not os.path.exists(shard_path):
+      raise FileNotFoundError(f"{index}: shard {shard} is missing from {path}.")
+    with safe_open(shard_path, framework="np") as f:
+      for name in f.keys():
+        shapes[name] = tuple(f.get_slice(name).get_shape())
+        files[name] = shard_path
+  return HFFiles(path, config, shapes, files)
+
+
+def model_config(
+  files: HFFiles, **overrides
+) -> tuple[ModelConfig, naming.Family, naming.Translation]:
+  """The ModelConfig a checkpoint describes (config.json translated, with
+  what it leaves out -- vocabulary size, SSM head size, groups -- read from
+  the tensor shapes), its naming family and the translation report.
+  Raises HFCheckpointError for settings we cannot reproduce."""
+  source = os.path.join(files.path, CONFIG_FILE)
+  family = naming.detect_family(files.config, source)
+  tr = family.translate(files.config)
+  if tr.problems:
+    raise HFCheckpointError(
+      f"{source}: {len(tr.problems)} setting(s) this model cannot reproduce:\n  "
+      + "\n  ".join(tr.problems)
+    )
+  fields = dict(tr.fields)
+  names = family.names
+  embed = files.shapes.get(names["embed"])
+  if "vocab_size" not in fields and embed:
+    fields["vocab_size"] = embed[0]
+  probe = ModelConfig.from_config(
+    {k: v for k, v in fields.items() if k not in ("ssm_head_dim", "ngroups")}, path=source
+  )
+  first_mamba = next((i for i, k in enumerate(probe.layer_types) if k == "mamba"), None)
+  if first_mamba is not None:
+    prefix = names["layer"].format(i=first_mamba) + names["mamba"]
+    heads = files.shapes.get(prefix + "A_log")
+    if "ssm_head_dim" not in fields and heads:
+      fields["ssm_head_dim"] = probe.d_inner // heads[0]
+    conv = files.shapes.get(prefix + "conv1d.weight")
+    if "ngroups" not in fields and conv:
+      fields["ngroups"] = (conv[0] - probe.d_inner) // (2 * probe.d_state)
+  try:
+    cfg = ModelConfig.from_config({**fields, **overrides}, path=source)
+  except ValueError as e:
+    raise HFCheckpointError(f"{source}: {e}") from None
+  return cfg, family, tr
+
+
+def _check(files: HFFiles, specs: Mapping[str, tuple], family, cfg: ModelConfig) -> None:
+  """One HFCheckpointError listing every unmapped, missing and mis-shaped tensor."""
+  present, expected = set(files.shapes), set(specs)
+  ignored = {family.names["lm_head"]} if cfg.tie_embeddings else set()
+  unknown = sorted(present - expected - ignored)
+  missing = sorted(expected - present)
+  wrong = [
+    f"{n}: {files.shapes[n]} in the checkpoint, {specs[n][1].shape} expected"
+    for n in sorted(present & expected)
+    if tuple(files.shapes[n]) != specs[n][1].shape
+  ]
+  if not (unknown or missing or wrong):
+    return
+  parts = []
+  for title, items in (
+    ("tensors no parameter maps to", unknown),
+    ("parameters missing from the checkpoint", missing),
+    ("shape mismatches", wrong),
+  ):
+    if items:
+      parts.append(f"{len(items)} {title}:\n    " + "\n    ".join(items))
+  attention = [i for i, k in enumerate(cfg.layer_types) if k == "attention"]
+  raise HFCheckpointError(
+    f"{files.path} does not match its config.json ({family.name} names, "
+    f"{cfg.n_layers} layers, attention at {attention}):\n  " + "\n  ".join(parts)
+  )
+
+
+def vocab_remap(tok: VocabTokenizer, vocab_size: int) -> tuple[np.ndarray, list[str]]:
+  """Row map from the checkpoint's vocabulary to ours (hybridna_jax.tokenizer).
+
+  Returns (source, notes): source[i] is the checkpoint id of our token i, or
+  -1 when the checkpoint has none (that row becomes zero); notes list the
+  tokens each side lacks.
+  """
+  ours = {
+    our_tokenizer.PAD: tok.pad,
+    our_tokenizer.BOS: tok.bos if tok.bos is not None else tok.cls,
+    our_tokenizer.EOS: tok.eos if tok.eos is not None else tok.sep,
+    our_tokenizer.SEP: tok.sep,
+    our_tokenizer.MASK: tok.mask,
+    **{our_tokenizer.A + j: tok.nucleotides[b] for j, b in enumerate(our_tokenizer.NUCLEOTIDES)},
+  }
+  source = np.full(vocab_size, -1, np.int64)
+  for i, j in ours.items():
+    if j is not None and i < vocab_size:
+      source[i] = j
+  used = set(source[source >= 0].tolist())
+  notes = [
+    f"our {our_tokenizer.token_name(i)} has no checkpoint token: zero row"
+    for i in range(min(vocab_size, our_tokenizer.FIRST_TASK_TOKEN))
+    if source[i] < 0
+  ]
+  notes += [
+    f"checkpoint token {t!r} (id {j}) has no counterpart: dropped"
+    for t, j in sorted(tok.vocab.items(), key=lambda x: x[1])
+    if j not in used
+  ]
+  return source, notes
+
+
+def _remap_rows(array: np.ndarray, source: np.ndarray, axis: int) -> np.ndarray:
+  taken = np.take(array, np.maximum(source, 0), axis=axis)
+  keep = (source >= 0).reshape([-1 if a == axis else 1 for a in range(array.ndim)])
+  return np.where(keep, taken, 0).astype(array.dtype)
+
+
+def load(
+  path: str,
+  *,
+  dtype: str | None = None,
+  mesh: Mesh | None = None,
+  rules: sharding.Rules = sharding.DEFAULT_RULES,
+  our_vocab: int | None = None,
+  **runtime,
+):
+  """Loads a Hugging Face-format directory onto `mesh`.
+
+  Args:
+    path: directory with config.json and model.safetensors (or its index).
+    dtype: "float32" (default, the reference framework's precision) or
+      "bfloat16": parameter and compute dtype.
+    mesh: where to place the parameters (default: all devices, fsdp).
+    our_vocab: None keeps the checkpoint's vocabulary (embedding and head
+      rows in its order; the tokenizer maps to its ids). N re-orders the
+      rows into hybridna_jax.tokenizer's ids 0..N-1 (N = 10 covers specials
+      and A C G T N, 128 adds the task tokens); tokens the checkpoint lacks
+      get zero rows, and the returned tokenizer is hybridna_jax.tokenizer.
+    **runtime: runtime ModelConfig fields (remat, ssd_impl, attention_impl,
+      max_seq_len, scan_layers).
+
+  Returns:
+    (model, tokenizer, config): an nnx HybriDNA, a VocabTokenizer (None when
+    the directory has no tokenizer files) or hybridna_jax.tokenizer (with
+    our_vocab), and a job config whose `model` section is the translated
+    architecture.
+  """
+  files = read_files(path)
+  dtype = dtype or "float32"
+  cfg, family, tr = model_config(files, dtype=dtype, param_dtype=dtype, **runtime)
+  if tr.unknown:
+    logging.warning(
+      "%s: config.json fields with no counterpart here (ignored): %s",
+      files.path,
+      ", ".join(tr.unknown),
+    )
+  specs = family.tensor_specs(cfg, tr.conv_bias)
+  _check(files, specs, family, cfg)
+  tok = read_vocab(files.path, files.config)
+  remap = None
+  if our_vocab is not None:
+    if tok is None:
+      raise HFCheckpointError(
+        f"{files.path} has no tokenizer files (tokenizer.json, vocab.json or "
+        "tokenizer_config.json); the vocabulary cannot be mapped to ours."
+      )
+    remap, notes = vocab_remap(tok, our_vocab)
+    for note in notes:
+      logging.warning("%s: %s", files.path, note)
+    tok = our_tokenizer
+  out_cfg = cfg if remap is None else dataclasses.replace(cfg, vocab_size=our_vocab)
+  params = _place(files, specs, out_cfg, mesh or sharding.make_mesh(fsdp=-1), rules, remap)
+  graphdef, _ = nnx.split(abstract_model(out_cfg), nnx.Param)
+  return nnx.merge(graphdef, params), tok, job_config(out_cfg)
+
+
+def _place(files, specs, cfg: ModelConfig, mesh: Mesh, rules, remap) -> nnx.State:
+  """Reads every tensor, converts it and device_puts each parameter with its
+  sharding; one tensor at a time (one shard file open at a time)."""
+  loop_cfg = dataclasses.replace(cfg, scan_layers=False)
+  _, abstract = nnx.split(abstract_model(loop_cfg), nnx.Param)
+  shardings = sharding.state_shardings(abstract, mesh, rules)
+  flat = list(nnx.to_flat_state(abstract))
+  targets = {_key(p): v for p, v in flat}
+  where = {_key(p): v.get_value() for p, v in nnx.to_flat_state(shardings)}
+  values = {}
+  for shard in files.shards:
+    with safe_open(shard, framework="np") as f:
+      for name in f.keys():
+        if name not in specs or files.files[name] != shard:
+          continue
+        prefix, spec = specs[name]
+        for rel, array in spec.to_ours(f.get_tensor(name)).items():
+          key = prefix + rel
+          if remap is not None and key in ("embed", "lm_head"):
+            array = _remap_rows(array, remap, axis=0 if key == "embed" else 1)
+          target = targets[key]
+          if array.shape != target.shape:  # the table and the model disagree: a bug here
+            raise AssertionError(f"{name} -> {key}: {array.shape} vs {target.shape}")
+          values[key] = jax.device_put(np.asarray(array).astype(target.dtype), where[key])
+  params = nnx.from_flat_state([(p, v.replace(values[_key(p)])) for p, v in flat])
+  if cfg.scan_layers:
+    _, abstract = nnx.split(abstract_model(cfg), nnx.Param)
+    out = sharding.state_shardings(abstract, mesh, rules)
+    params = jax.jit(lambda p: convert_params(p, cfg), out_shardings=out)(params)
+  return params
+
+
+def _key(path) -> str:
+  return ".".join(str(p) for p in path)
+
+
+def export(
+  model,
+  out_dir: str,
+  *,
+  dtype: str = "float32",
+  max_shard_bytes: int = 4 << 30,
+  family: naming.Family = naming.BAMBA,
+) -> list[str]:
+  """Writes `model` (our vocabulary) as a Hugging Face directory that
+  transformers' BambaForCausalLM.from_pretrained loads: config.json,
+  model.safetensors (or shards of at most max_shard_bytes with
+  model.safetensors.index.json) and a character-level tokenizer. Tensors are
+  gathered to the host one at a time. Returns the files written.
+
+  Attention without RoPE is written as a "linear" RoPE scaling by
+  naming.NO_ROPE_FACTOR (Bamba always rotates; this rotation is the identity
+  to float precision); RoPE must rotate half of each head as Bamba's does.
+  """
+  cfg: ModelConfig = model.cfg
+  if cfg.rope and cfg.rope_fraction != 0.5:
+    raise HFCheckpointError(
+      f"model.rope_fraction={cfg.rope_fraction}: transformers' Bamba rotates half of each "
+      "head; only rope=False or rope_fraction=0.5 exports."
+    )
+  os.makedirs(out_dir, exist_ok=True)
+  loop_cfg = dataclasses.replace(cfg, scan_layers=False)
+  params = convert_params(nnx.state(model, nnx.Param), loop_cfg)
+  flat = {_key(p): v.get_value() for p, v in nnx.to_flat_state(params)}
+  np_dtype = jnp.dtype(dtype)
+  shards: list[dict[str, np.ndarray]] = [{}]
+  size = 0
+  for name, (prefix, spec) in family.tensor_specs(cfg).items():
+    array = spec.to_hf(lambda rel, prefix=prefix: np.asarray(jax.device_get(flat[prefix + rel])))
+    array = np.ascontiguousarray(array.astype(np_dtype))
+    if size and size + array.nbytes > max_shard_bytes:
+      shards.append({})
+      size = 0
+    shards[-1][name] = array
+    size += array.nbytes
+  written = []
+  if len(shards) == 1:
+    names = [SINGLE_FILE]
+  else:
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    index = {
+      "metadata": {"total_size": sum(a.nbytes for s in shards for a in s.values())},
+      "weight_map": {t: n for n, s in zip(names, shards) for t in s},
+    }
+    _write_json(os.path.join(out_dir, INDEX_FILE), index)
+    written.append(INDEX_FILE)
+  for name, shard in zip(names, shards):
+    save_file(shard, os.path.join(out_dir, name), metadata={"format": "pt"})
+    written.append(name)
+  hf_config = family.to_hf_config(cfg)
+  hf_config.update(
+    dtype=dtype,
+    pad_token_id=our_tokenizer.PAD,
+    bos_token_id=our_tokenizer.BOS,
+    eos_token_id=our_tokenizer.EOS,
+  )
+  _write_json(os.path.join(out_dir, CONFIG_FILE), hf_config)
+  write_char_tokenizer(out_dir)
+  return written + [CONFIG_FILE, "tokenizer.json", "tokenizer_config.json"]
+
+
+def _write_json(path: str, data) -> None:
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(data, f, indent=2)
+
+
+def job_config(model_cfg: ModelConfig) -> ml_collections.ConfigDict:
+  """A job config (base_config) whose model section is `model_cfg`."""
+  config = base_config()
+  config.model = ModelConfig.config_dict(
+    **{f: getattr(model_cfg, f) for f in ModelConfig.field_names()}
+  )
+  return config
+
+
+def write_run(model, config: ml_collections.ConfigDict, workdir: str, step: int = 0) -> str:
+  """Writes `model`'s parameters as an Orbax run directory (config.json +
+  checkpoints/<step>) that restore.load, launch/eval.py, score.py,
+  finetune.py and generate.py read like a trained run. Returns workdir."""
+  from hybridna_jax.train.checkpoint import Checkpoints  # pylint: disable=g-import-not-at-top
+  from hybridna_jax.train.step import TrainState  # pylint: disable=g-import-not-at-top
+
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, CONFIG_FILE), "w", encoding="utf-8") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  zero = jnp.zeros((), jnp.int32)
+  checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), async_save=False)
+  state = TrainState(zero + step, nnx.state(model, nnx.Param), None, zero, zero)
+  checkpoints.save(state, {"stage": 0, "converted_from": "huggingface"})
+  checkpoints.close()
+  return workdir

@@ -1,0 +1,231 @@
+"""The vocabulary of a Hugging Face checkpoint, read from its tokenizer files.
+
+`VocabTokenizer` maps DNA text and specials to the checkpoint's own ids, so
+the same ids reach our model and transformers' (the imported model keeps the
+checkpoint's embedding rows in order). It reads, in order of preference:
+
+    tokenizer.json          HF `tokenizers`: model.vocab ({token: id} or
+                            [[token, score], ...]) and added_tokens
+    vocab.json              {token: id}
+    tokenizer_config.json   added_tokens_decoder {id: {"content": token}},
+                            and the names of bos/eos/pad/... tokens
+    config.json             pad/bos/eos_token_id
+
+`write_char_tokenizer` writes the character-level tokenizer of our own
+vocabulary (hybridna_jax.tokenizer) in those formats (export).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from hybridna_jax import tokenizer as ours
+
+_ROLES = ("pad", "bos", "eos", "sep", "mask", "unk", "cls")
+# Names a special token goes by in common vocabularies, per role.
+_ROLE_NAMES = {
+  "pad": ("<pad>", "[PAD]", "<|pad|>", "<PAD>"),
+  "bos": ("<bos>", "<s>", "[BOS]", "<|bos|>", "<BOS>"),
+  "eos": ("<eos>", "</s>", "[EOS]", "<|eos|>", "<EOS>", "<|endoftext|>"),
+  "sep": ("<sep>", "[SEP]", "<SEP>"),
+  "mask": ("<mask>", "[MASK]", "<MASK>"),
+  "unk": ("<unk>", "[UNK]", "<UNK>"),
+  "cls": ("<cls>", "[CLS]", "<CLS>"),
+}
+_INVALID = -1
+
+
+class VocabTokenizer:
+  """DNA text <-> a checkpoint's token ids.
+
+  Attributes: vocab {token: id}; ids of the roles pad/bos/eos/sep/mask/unk/cls
+  (None when the vocabulary has none); A, C, G, T, N (N may be None);
+  vocab_size (the id range of the tokenizer files; the model's embedding
+  may have more rows).
+  """
+
+  def __init__(self, vocab: Mapping[str, int], specials: Mapping[str, int | None], source: str):
+    self.vocab = dict(vocab)
+    self.source = source
+    self.id_to_token = {i: t for t, i in self.vocab.items()}
+    self.vocab_size = max(self.vocab.values()) + 1 if self.vocab else 0
+    for role in _ROLES:
+      setattr(self, role, specials.get(role))
+    self.nucleotides = {}
+    for base in ours.NUCLEOTIDES:
+      self.nucleotides[base] = self.vocab.get(base, self.vocab.get(base.lower()))
+    missing = [b for b in "ACGT" if self.nucleotides[b] is None]
+    if missing:
+      raise ValueError(
+        f"{source}: the vocabulary has no token for {', '.join(missing)}; a DNA model needs "
+        "A, C, G and T (tokens 'A'/'a', ...)."
+      )
+    self.A, self.C, self.G, self.T = (self.nucleotides[b] for b in "ACGT")
+    self.N = self.nucleotides["N"]
+    # Byte -> id, as our tokenizer folds case and IUPAC codes (to N when the
+    # vocabulary has N, else they are errors).
+    self._lut = np.full(256, _INVALID, np.int64)
+    for base, tok in self.nucleotides.items():
+      if tok is not None:
+        self._lut[ord(base)] = self._lut[ord(base.lower())] = tok
+    self._lut[ord("U")] = self._lut[ord("u")] = self.T
+    if self.N is not None:
+      for code in "RYSWKMBDHV":
+        self._lut[ord(code)] = self._lut[ord(code.lower())] = self.N
+
+  def __repr__(self):
+    roles = {r: getattr(self, r) for r in _ROLES if getattr(self, r) is not None}
+    return f"VocabTokenizer({len(self.vocab)} tokens from {self.source}, specials {roles})"
+
+  def encode(self, sequence: str, *, add_bos: bool = False, add_eos: bool = False) -> np.ndarray:
+    """DNA string -> int32 ids (the checkpoint's), optionally with bos/eos."""
+    raw = np.frombuffer(sequence.encode("ascii", "replace"), np.uint8)
+    ids = self._lut[raw]
+    bad = np.flatnonzero(ids == _INVALID)
+    if bad.size:
+      raise ours.InvalidSequenceError(sequence[int(bad[0])], int(bad[0]))
+    parts = [ids.astype(np.int32)]
+    for flag, role in ((add_bos, "bos"), (add_eos, "eos")):
+      if flag:
+        tok = getattr(self, role)
+        if tok is None:
+          raise ValueError(f"{self.source}: the vocabulary has no {role} token.")
+        parts.insert(0 if role == "bos" else len(parts), np.array([tok], np.int32))
+    return np.concatenate(parts)
+
+  def decode(self, ids, *, keep_specials: bool = False) -> str:
+    """ids -> string; non-nucleotide tokens are dropped unless keep_specials."""
+    nuc = {v: k for k, v in self.nucleotides.items() if v is not None}
+    out = []
+    for i in np.asarray(ids).reshape(-1).tolist():
+      if i in nuc:
+        out.append(nuc[i])
+      elif keep_specials:
+        out.append(self.id_to_token.get(i, f"<id_{i}>"))
+    return "".join(out)
+
+  def encode_batch(self, sequences: Sequence[str], *, pad_to: int | None = None):
+    """Right-padded (batch, length) int32 ids and (batch,) lengths."""
+    encoded = [self.encode(s) for s in sequences]
+    lengths = np.array([len(e) for e in encoded], np.int32)
+    width = max(pad_to or 0, int(lengths.max()) if encoded else 0)
+    if self.pad is None and (lengths < width).any():
+      raise ValueError(f"{self.source}: the vocabulary has no pad token; pass equal lengths.")
+    tokens = np.full((len(encoded), width), self.pad or 0, np.int32)
+    for row, e in zip(tokens, encoded):
+      row[: len(e)] = e
+    return tokens, lengths
+
+
+def _read_json(path: str):
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _token_content(t) -> str | None:
+  if isinstance(t, str):
+    return t
+  if isinstance(t, Mapping):
+    return t.get("content")
+  return None
+
+
+def read_vocab(path: str, model_config: Mapping | None = None) -> VocabTokenizer | None:
+  """The tokenizer of a Hugging Face directory, or None when it has no
+  tokenizer files (tokenizer.json, vocab.json or tokenizer_config.json with
+  added_tokens_decoder)."""
+  vocab: dict[str, int] = {}
+  source = None
+  tok_json = os.path.join(path, "tokenizer.json")
+  if os.path.exists(tok_json):
+    data = _read_json(tok_json)
+    model_vocab = (data.get("model") or {}).get("vocab") or {}
+    if isinstance(model_vocab, list):  # Unigram: [[token, score], ...]
+      vocab.update({t[0]: i for i, t in enumerate(model_vocab)})
+    else:
+      vocab.update(model_vocab)
+    vocab.update({t["content"]: t["id"] for t in data.get("added_tokens") or ()})
+    source = tok_json
+  elif os.path.exists(os.path.join(path, "vocab.json")):
+    source = os.path.join(path, "vocab.json")
+    vocab.update(_read_json(source))
+  tok_config_path = os.path.join(path, "tokenizer_config.json")
+  tok_config = _read_json(tok_config_path) if os.path.exists(tok_config_path) else {}
+  for i, t in (tok_config.get("added_tokens_decoder") or {}).items():
+    vocab.setdefault(t["content"], int(i))
+    source = source or tok_config_path
+  if source is None:
+    return None
+  model_config = model_config or {}
+  specials = {}
+  for role in _ROLES:
+    token = _token_content(tok_config.get(f"{role}_token"))
+    if token is not None and token in vocab:
+      specials[role] = vocab[token]
+    elif model_config.get(f"{role}_token_id") is not None:
+      specials[role] = int(model_config[f"{role}_token_id"])
+    else:
+      specials[role] = next((vocab[n] for n in _ROLE_NAMES[role] if n in vocab), None)
+  return VocabTokenizer(vocab, specials, source)
+
+
+def write_char_tokenizer(path: str) -> None:
+  """Writes our vocabulary (hybridna_jax.tokenizer) as a character-level
+  tokenizer: tokenizer.json (a WordLevel model over single characters,
+  loadable by `tokenizers` and transformers' PreTrainedTokenizerFast),
+  tokenizer_config.json and special_tokens_map.json."""
+  names = [ours.token_name(i) for i in range(ours.VOCAB_SIZE)]
+  specials = {i for i in range(ours.VOCAB_SIZE) if not ours.A <= i <= ours.N}
+  added = [
+    {
+      "id": i,
+      "content": names[i],
+      "single_word": False,
+      "lstrip": False,
+      "rstrip": False,
+      "normalized": False,
+      "special": True,
+    }
+    for i in sorted(specials)
+  ]
+  tokenizer_json = {
+    "version": "1.0",
+    "truncation": None,
+    "padding": None,
+    "added_tokens": added,
+    "normalizer": None,
+    "pre_tokenizer": {
+      "type": "Split",
+      "pattern": {"Regex": "."},
+      "behavior": "Isolated",
+      "invert": False,
+    },
+    "post_processor": None,
+    "decoder": {"type": "Fuse"},
+    "model": {"type": "WordLevel", "vocab": {n: i for i, n in enumerate(names)}, "unk_token": "N"},
+  }
+  roles = {
+    "pad_token": "<pad>",
+    "bos_token": "<bos>",
+    "eos_token": "<eos>",
+    "sep_token": "<sep>",
+    "mask_token": "<mask>",
+  }
+  tokenizer_config = {
+    "tokenizer_class": "PreTrainedTokenizerFast",
+    "model_max_length": 131_074,
+    "clean_up_tokenization_spaces": False,
+    **roles,
+    "added_tokens_decoder": {str(t["id"]): t for t in added},
+  }
+  for name, data in (
+    ("tokenizer.json", tokenizer_json),
+    ("tokenizer_config.json", tokenizer_config),
+    ("special_tokens_map.json", roles),
+  ):
+    with open(os.path.join(path, name), "w", encoding="utf-8") as f:
+      json.dump(data, f, indent=2)

@@ -1,0 +1,67 @@
+"""Converts between our Orbax run directories and Hugging Face directories.
+
+    # A run (or checkpoints/, best/, step directory) -> a directory that
+    # transformers.BambaForCausalLM.from_pretrained loads with our logits:
+    python launch/convert.py --input=runs/demo --output=exports/demo_hf
+    # A Hugging Face directory (transformers Bamba, or the HybriDNA release's
+    # Jamba-style names) -> a run directory for eval.py, score.py,
+    # finetune.py and generate.py:
+    python launch/convert.py --input=HybriDNA-300M --output=runs/hybridna_300m
+
+The direction follows --input: a directory with model.safetensors (or its
+index) is a Hugging Face one. Run -> HF writes config.json, safetensors
+(shards of --max_shard_gb) and a character-level tokenizer of our vocabulary.
+HF -> run re-orders the embedding and head rows into our token ids
+(hybridna_jax.tokenizer) for --vocab_size ids: 10 covers the specials and
+A C G T N (exact scores); 128 adds the task tokens that generative
+fine-tuning needs. Our tokens the checkpoint lacks get zero rows (logit 0)
+and checkpoint tokens we lack are dropped; both are logged. --config
+(optional) supplies the non-model sections of the written run's config.json.
+"""
+
+import os
+
+from absl import app, flags, logging
+
+from hybridna_jax import launch_utils
+
+launch_utils.define_flags(workdir_required=False)
+flags.DEFINE_string("input", None, "Run/checkpoint directory or Hugging Face directory.")
+flags.DEFINE_string("output", None, "Directory to write (must not exist or be empty).")
+flags.DEFINE_enum("which", "latest", ["latest", "best"], "Checkpoint of a run directory.")
+flags.DEFINE_enum(
+  "dtype", "float32", ["float32", "bfloat16"], "Tensor dtype of a written HF directory."
+)
+flags.DEFINE_float("max_shard_gb", 4.0, "Largest safetensors shard written (GB).")
+flags.DEFINE_integer(
+  "vocab_size", 10, "HF -> run: our token ids kept (10: specials + ACGTN; 128: + task tokens)."
+)
+flags.mark_flags_as_required(["input", "output"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  launch_utils.quiet_library_logs()
+  from hybridna_jax import hf, restore  # pylint: disable=g-import-not-at-top
+
+  if os.path.isdir(FLAGS.output) and os.listdir(FLAGS.output):
+    raise app.UsageError(f"--output {FLAGS.output} exists and is not empty; pick a new directory.")
+  if hf.is_hf_dir(FLAGS.input):
+    model, _, config = hf.load(FLAGS.input, our_vocab=FLAGS.vocab_size)
+    if FLAGS.config is not None:
+      FLAGS.config.model = config.model
+      config = FLAGS.config
+    hf.write_run(model, config, FLAGS.output)
+    logging.info("wrote run directory %s (restore.load, eval.py, score.py ...)", FLAGS.output)
+  else:
+    model, _, _ = restore.load(FLAGS.input, which=FLAGS.which, scan_layers=False)
+    files = hf.export(
+      model, FLAGS.output, dtype=FLAGS.dtype, max_shard_bytes=int(FLAGS.max_shard_gb * 2**30)
+    )
+    logging.info("wrote %s: %s", FLAGS.output, ", ".join(files))
+
+
+if __name__ == "__main__":
+  launch_utils.run(main)

@@ -1,0 +1,289 @@
+"""Hugging Face interop against PyTorch transformers (CPU): BambaForCausalLM
+checkpoints load with the reference's logits, our models export to it, a
+bad checkpoint lists every problem, and a Jamba-style HybriDNA-named
+checkpoint with a 12-token vocabulary loads and scores like the Bamba one."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from hybridna_jax import hf, restore, sharding
+from hybridna_jax import tokenizer as our_tokenizer
+from hybridna_jax.config import ModelConfig, load_config
+from hybridna_jax.model import create_model
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+SEQ = "ACGTTGCAAGGCTTAACGTANNGCATTACGGA"
+
+
+def _bamba(vocab=16, layers=3, attn=(1,), groups=1, kv_heads=2, seed=0):
+  """A random-weight BambaForCausalLM (every parameter random, norms near 1)."""
+  config = transformers.BambaConfig(
+    vocab_size=vocab,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=layers,
+    num_attention_heads=4,
+    num_key_value_heads=kv_heads,
+    head_dim=16,
+    attn_layer_indices=list(attn),
+    mamba_n_heads=4,
+    mamba_d_head=16,
+    mamba_n_groups=groups,
+    mamba_d_state=8,
+    mamba_chunk_size=8,
+    pad_token_id=0,
+  )
+  torch.manual_seed(seed)
+  model = transformers.BambaForCausalLM(config).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith(("norm.weight", "layernorm.weight")):
+        p.copy_(1 + 0.2 * torch.randn_like(p))
+      elif name.endswith("A_log"):
+        p.copy_(torch.log(torch.empty_like(p).uniform_(1, 8)))
+      else:
+        p.copy_(0.3 * torch.randn_like(p))
+  return model
+
+
+def _torch_logits(model, ids):
+  with torch.no_grad():
+    return model(torch.tensor(np.asarray(ids)), use_cache=False).logits.float().numpy()
+
+
+def _ours(model, ids):
+  return np.asarray(jax.jit(lambda m, x: m(x).logits)(model, jnp.asarray(ids)))
+
+
+def _rel(a, b):
+  return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize(
+  "attn, groups, kv_heads, shard, on_mesh",
+  [
+    ((1,), 1, 2, False, False),  # GQA, one group
+    ((0, 2), 2, 1, True, True),  # two attention layers, MQA, 2 groups, sharded index, 2x2 mesh
+    ((), 2, 4, False, False),  # Mamba2 only, MHA layout unused
+  ],
+)
+def test_bamba_checkpoint_gives_transformers_logits(
+  tmp_path, attn, groups, kv_heads, shard, on_mesh
+):
+  ref = _bamba(attn=attn, groups=groups, kv_heads=kv_heads)
+  ref.save_pretrained(tmp_path, max_shard_size="20KB" if shard else "5GB")
+  assert os.path.exists(tmp_path / "model.safetensors.index.json") == shard
+  ids = np.random.RandomState(1).randint(0, 16, (2, 21))
+  mesh = sharding.make_mesh(fsdp=2, tensor=2, devices=jax.devices()[:4]) if on_mesh else None
+  model, tok, config = restore.load(str(tmp_path), dtype="float32", mesh=mesh)
+  assert config.model.attn_layers == attn and config.model.ngroups == groups
+  assert tok is None  # save_pretrained of a bare model writes no tokenizer
+  assert _rel(_ours(model, ids), _torch_logits(ref, ids)) <= 1e-4
+  if on_mesh:
+    kernel = model.layers[0].mixer.q.kernel[...]
+    assert kernel.sharding.mesh.shape["tensor"] == 2 and len(kernel.sharding.device_set) == 4
+
+
+def test_bf16_checkpoint(tmp_path):
+  ref = _bamba().to(torch.bfloat16)
+  ref.save_pretrained(tmp_path)
+  ids = np.random.RandomState(2).randint(0, 16, (1, 24))
+  with safe_open(str(tmp_path / "model.safetensors"), framework="np") as f:
+    assert f.get_slice("model.embed_tokens.weight").get_dtype() == "BF16"
+  model, _, _ = restore.load(str(tmp_path), dtype="bfloat16")
+  assert model.embed[...].dtype == jnp.bfloat16
+  expected = _torch_logits(ref.float(), ids)  # the same bf16 weights, fp32 math
+  assert _rel(_ours(model, ids), expected) <= 5e-2
+
+
+@pytest.mark.parametrize("rope", [False, True])
+def test_export_loads_in_transformers_with_our_logits(tmp_path, rope):
+  cfg = ModelConfig.from_config(load_config("configs/tiny.py").model)
+  if rope:
+    cfg = ModelConfig.from_config({**cfg.to_dict(), "rope": True, "rope_fraction": 0.5})
+  model = create_model(cfg, seed=3)
+  hf.export(model, str(tmp_path), max_shard_bytes=40_000)  # several shards
+  assert os.path.exists(tmp_path / "model.safetensors.index.json")
+  theirs = transformers.BambaForCausalLM.from_pretrained(str(tmp_path)).eval()
+  ids = our_tokenizer.encode(SEQ, add_bos=True)[None]
+  assert _rel(_torch_logits(theirs, ids), _ours(model, ids)) <= 1e-4
+  # The character-level tokenizer gives our ids, in transformers and here.
+  fast = transformers.PreTrainedTokenizerFast.from_pretrained(str(tmp_path))
+  assert fast(SEQ, add_special_tokens=False)["input_ids"] == our_tokenizer.encode(SEQ).tolist()
+  assert fast.pad_token_id == our_tokenizer.PAD
+  # And it round-trips through our loader.
+  back, tok, _ = restore.load(str(tmp_path))
+  np.testing.assert_array_equal(tok.encode(SEQ), our_tokenizer.encode(SEQ))
+  assert _rel(_ours(back, ids), _ours(model, ids)) <= 1e-5
+
+
+def test_bad_checkpoint_lists_every_problem(tmp_path):
+  _bamba().save_pretrained(tmp_path)
+  path = str(tmp_path / "model.safetensors")
+  with safe_open(path, framework="np") as f:
+    tensors = {k: f.get_tensor(k) for k in f.keys()}
+  tensors["model.layers.0.mamba.extra_scale"] = np.ones(3, np.float32)
+  del tensors["model.layers.1.self_attn.q_proj.weight"]
+  del tensors["model.final_layernorm.weight"]
+  tensors["model.layers.2.feed_forward.up_proj.weight"] = np.ones((47, 32), np.float32)
+  save_file(tensors, path, metadata={"format": "pt"})
+  with pytest.raises(hf.HFCheckpointError) as e:
+    restore.load(str(tmp_path))
+  message = str(e.value)
+  for expected in (
+    "1 tensors no parameter maps to",
+    "model.layers.0.mamba.extra_scale",
+    "2 parameters missing",
+    "model.layers.1.self_attn.q_proj.weight",
+    "model.final_layernorm.weight",
+    "1 shape mismatches",
+    "model.layers.2.feed_forward.up_proj.weight: (47, 32) in the checkpoint, (48, 32) expected",
+  ):
+    assert expected in message
+
+
+def test_unsupported_setting_is_named(tmp_path):
+  _bamba().save_pretrained(tmp_path)
+  config = json.loads((tmp_path / "config.json").read_text())
+  config.update(hidden_act="gelu", time_step_limit=[0.0, 0.1])
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  with pytest.raises(hf.HFCheckpointError, match="hidden_act='gelu'.*\n.*time_step_limit"):
+    restore.load(str(tmp_path))
+
+
+# A 12-token byte-level DNA vocabulary, nucleotides not in our order.
+_VOCAB12 = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[BOS]", "[EOS]"] + list("TGCAN")
+
+
+def _jamba_dir(tmp_path):
+  """A HybriDNA Jamba-style checkpoint synthesised from the naming table,
+  with the tensors of a Bamba model whose RoPE is made the identity (Jamba's
+  attention has none). Returns (reference torch model, directory)."""
+  ref = _bamba(vocab=12, layers=4, attn=(2,), groups=1)
+  ref.model.rotary_emb.inv_freq.zero_()  # angle 0 everywhere: no rotation
+  bamba_dir = tmp_path / "bamba"
+  ref.save_pretrained(bamba_dir)
+  hybridna_dir = tmp_path / "hybridna"
+  hybridna_dir.mkdir()
+  hf_config = json.loads((bamba_dir / "config.json").read_text())
+  config = {
+    "architectures": ["HybriDNAForCausalLM"],
+    "model_type": "hybridna",
+    "use_mamba_kernels": True,
+    "attn_layer_period": 4,
+    "attn_layer_offset": 2,
+    "num_experts": 1,
+    "mamba_headdim": 16,
+    **{
+      k: hf_config[k]
+      for k in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "rms_norm_eps",
+        "mamba_d_state",
+        "mamba_d_conv",
+        "mamba_expand",
+        "tie_word_embeddings",
+      )
+    },
+    "some_future_field": 1,
+  }
+  (hybridna_dir / "config.json").write_text(json.dumps(config))
+  files = hf.read_files(str(bamba_dir))
+  cfg = ModelConfig.from_config(
+    {"vocab_size": 12, "d_model": 32, "n_layers": 4, "attn_layers": (2,), "mlp_dim": 48}
+    | {"num_heads": 4, "num_kv_heads": 2, "head_dim": 16, "d_state": 8, "ssm_head_dim": 16}
+  )
+  tensors = {}
+  with safe_open(files.files["lm_head.weight"], framework="np") as f:
+    for ours, theirs in zip(hf.HYBRIDNA_JAMBA.tensor_specs(cfg), hf.BAMBA.tensor_specs(cfg)):
+      tensors[ours] = f.get_tensor(theirs)
+  save_file(tensors, str(hybridna_dir / "model.safetensors"), metadata={"format": "pt"})
+  added = [{"id": i, "content": t, "special": True} for i, t in enumerate(_VOCAB12) if "[" in t]
+  tokenizer_json = {
+    "added_tokens": added,
+    "model": {"type": "BPE", "vocab": {t: i for i, t in enumerate(_VOCAB12)}, "merges": []},
+  }
+  (hybridna_dir / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+  (hybridna_dir / "tokenizer_config.json").write_text(
+    json.dumps({"pad_token": "[PAD]", "bos_token": "[BOS]", "eos_token": "[EOS]"})
+  )
+  return ref, hybridna_dir
+
+
+def test_jamba_style_checkpoint_scores_like_bamba(tmp_path, caplog):
+  ref, path = _jamba_dir(tmp_path)
+  model, tok, config = restore.load(str(path), dtype="float32")
+  assert "some_future_field" in caplog.text  # unknown config fields are reported
+  layer_types = ModelConfig.from_config(config.model).layer_types
+  assert layer_types == ("mamba", "mamba", "attention", "mamba")
+  assert (tok.A, tok.C, tok.G, tok.T, tok.N, tok.pad, tok.bos) == (10, 9, 8, 7, 11, 0, 5)
+  ids = tok.encode(SEQ, add_bos=True)[None]
+  ours, theirs = _ours(model, ids), _torch_logits(ref, ids)
+  assert _rel(ours, theirs) <= 1e-4
+
+  def log_likelihood(logits):
+    logp = jax.nn.log_softmax(jnp.asarray(logits[0, :-1]), axis=-1)
+    return float(jnp.take_along_axis(logp, jnp.asarray(ids[0, 1:, None]), axis=-1).sum())
+
+  assert log_likelihood(ours) == pytest.approx(log_likelihood(theirs), rel=1e-5)
+  # Re-ordered into our vocabulary (what launch/convert.py writes): the same
+  # logits for every mapped token, under our ids.
+  mapped, our_tok, _ = hf.load(str(path), dtype="float32", our_vocab=10)
+  assert our_tok is our_tokenizer
+  logits = _ours(mapped, our_tokenizer.encode(SEQ, add_bos=True)[None])
+  pairs = [(our_tokenizer.A, 10), (our_tokenizer.T, 7), (our_tokenizer.EOS, 6)]
+  assert _rel(logits[..., [o for o, _ in pairs]], theirs[..., [t for _, t in pairs]]) <= 1e-4
+
+
+def _convert(*args):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": root, "XLA_FLAGS": ""}
+  return subprocess.run(
+    [sys.executable, os.path.join(root, "launch", "convert.py"), *args],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+
+
+def test_convert_hf_to_run_and_back(tmp_path):
+  ref, path = _jamba_dir(tmp_path)
+  run = tmp_path / "run"
+  done = _convert(f"--input={path}", f"--output={run}", "--vocab_size=10")
+  assert done.returncode == 0, done.stdout + done.stderr
+  assert "checkpoint token '[UNK]' (id 1) has no counterpart: dropped" in done.stderr
+  # The run restores like a trained one and scores with our tokenizer.
+  model, tok, config = restore.load(str(run), dtype="float32")
+  assert tok is our_tokenizer and config.model.vocab_size == 10
+  ids = our_tokenizer.encode(SEQ, add_bos=True)[None]
+  theirs = _torch_logits(ref, np.array([[5, 10, 9, 8, 7, 7, 8, 9]]))  # <bos> A C G T T G C
+  ours = _ours(model, ids[:, :8])
+  columns = [our_tokenizer.A, our_tokenizer.C, our_tokenizer.G, our_tokenizer.T]
+  assert _rel(ours[..., columns], theirs[..., [10, 9, 8, 7]]) <= 1e-4
+  # ... and exports back to a directory transformers loads, with its logits.
+  back = tmp_path / "back"
+  done = _convert(f"--input={run}", f"--output={back}", "--max_shard_gb=0.00002")
+  assert done.returncode == 0, done.stdout + done.stderr
+  theirs_back = transformers.BambaForCausalLM.from_pretrained(str(back)).eval()
+  assert _rel(_torch_logits(theirs_back, ids), _ours(model, ids)) <= 1e-4
+  # A clear one-line error for a bad --output.
+  done = _convert(f"--input={run}", f"--output={back}")
+  assert done.returncode != 0 and "exists and is not empty" in done.stderr
