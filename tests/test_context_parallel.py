@@ -14,10 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import LAMBDA_FASTA
 from flax import nnx
 
-from hybridna_jax import attention, sharding, ssd
+from hybridna_jax import attention, generate, restore, scoring, sharding, ssd, tokenizer
 from hybridna_jax.config import ModelConfig, load_config
+from hybridna_jax.data import fasta
 from hybridna_jax.kernels.sharded import shard_causal_conv
 from hybridna_jax.layers.mamba2 import causal_conv
 from hybridna_jax.model import abstract_model, create_model
@@ -206,3 +208,42 @@ def test_launch_train_with_context_axis_gives_one_device_losses(lambda_store, tm
   for a, b in zip(split, one):
     for key in ("loss", "grad_norm", "accuracy"):
       np.testing.assert_allclose(a[key], b[key], rtol=2e-5, err_msg=f"step {a['step']} {key}")
+
+
+@pytest.fixture(scope="module")
+def one_device_and_context_models(tiny_run):
+  one = restore.load(tiny_run, mesh=sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]))[0]
+  split = restore.load(tiny_run, mesh=_context_mesh(4, data=2))[0]
+  return one, split
+
+
+def test_scorer_over_the_context_axis_scores_like_one_device(one_device_and_context_models):
+  """Windows of 256 tokens, each split over 4 devices (buckets of 16..256:
+  the short ones too), against the same scorer on one device."""
+  ((_, genome),) = fasta.read_fasta(LAMBDA_FASTA)
+  seqs = [genome[:700].astype(np.int32), genome[9000:9021].astype(np.int32)]
+  ref, got = (
+    scoring.Scorer(model, context=256, stride=64, batch_size=2, min_bucket=16)
+    for model in one_device_and_context_models
+  )
+  np.testing.assert_allclose(
+    got.log_likelihood(seqs).total, ref.log_likelihood(seqs).total, rtol=1e-5
+  )
+  for a, b in zip(got.position_scores(seqs), ref.position_scores(seqs)):
+    np.testing.assert_allclose(a.log_probs, b.log_probs, rtol=1e-4, atol=1e-5)
+
+
+def test_cached_generation_with_a_context_mesh(one_device_and_context_models):
+  """The prefill runs split over the context axis (state passing, ring
+  attention); the decode steps continue from its caches."""
+  one, split = one_device_and_context_models
+  prompts = [np.asarray(tokenizer.encode("ACGTTGCA" * 8)), np.asarray(tokenizer.encode("GATTACA"))]
+  settings = generate.Settings(max_new_tokens=8, temperature=0)
+  ref = jax.device_get(generate.sample(one, prompts, settings))
+  got = jax.device_get(generate.sample(split, prompts, settings, mesh=split_mesh(split)))
+  np.testing.assert_array_equal(got.tokens, ref.tokens)
+  np.testing.assert_allclose(got.log_probs, ref.log_probs, rtol=1e-4)
+
+
+def split_mesh(model):
+  return jax.tree.leaves(nnx.state(model))[0].sharding.mesh
