@@ -247,3 +247,38 @@ def test_cached_generation_with_a_context_mesh(one_device_and_context_models):
 
 def split_mesh(model):
   return jax.tree.leaves(nnx.state(model))[0].sharding.mesh
+
+
+@pytest.mark.slow
+def test_launch_eval_with_context_axis_gives_one_device_bits(tiny_run, lambda_store, tmp_path):
+  """launch/eval.py over 512-token windows split 4 ways (x fsdp 2) reports
+  what one device reports."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  results = {}
+  for name, mesh_flags in (
+    ("one", ["--config.mesh.num_devices=1"]),
+    ("context", ["--config.mesh.context=4", "--config.mesh.fsdp=2"]),
+  ):
+    out = tmp_path / name
+    command = [
+      sys.executable,
+      os.path.join(root, "launch", "eval.py"),
+      f"--workdir={tiny_run}",
+      f"--config={os.path.join(root, 'configs', 'tiny.py')}",
+      f"--config.data.store_dir={lambda_store.store_dir}",
+      "--config.score.context=512",
+      "--config.score.stride=256",
+      "--config.score.eval_max_tokens=1500",
+      f"--output_dir={out}",
+      *mesh_flags,
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (path,) = out.glob("eval_*.json")
+    results[name] = json.loads(path.read_text())["overall"]
+  assert results["context"]["tokens"] == results["one"]["tokens"] > 1000
+  np.testing.assert_allclose(
+    results["context"]["bits_per_nt"], results["one"]["bits_per_nt"], rtol=1e-5
+  )

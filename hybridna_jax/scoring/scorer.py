@@ -326,7 +326,9 @@ class Scorer:
       path: run directory, checkpoints/ or best/ directory, or step directory.
       config: job config whose `score` section to use (default: the run's);
         its score.dtype, score.attention_impl and score.ssd_impl set the
-      restored model's numerics and kernels.
+        restored model's numerics and kernels, and its `mesh` section the
+        mesh (unless `mesh` is given): `mesh.context` splits each window
+        over devices, for windows of 1M nucleotides and more.
       which, mesh: as for `restore.load`.
 
     Returns:
@@ -337,6 +339,8 @@ class Scorer:
     run_config = restore.run_config(restore.find_checkpoint(path, which).run_dir)
     settings_from = config if config is not None else run_config
     section = ScoreConfig.of(settings_from)
+    if mesh is None and config is not None and "mesh" in config:
+      mesh = sharding.mesh_from_config(config.mesh)  # e.g. --config.mesh.context=8
     model, _, _ = restore.load(
       path,
       dtype=section.dtype or None,
@@ -344,6 +348,8 @@ class Scorer:
       which=which,
       attention_impl=section.attention_impl,
       ssd_impl=section.ssd_impl,
+      # An explicit score.context is the length the caller asks for.
+      max_seq_len=section.context or None,
     )
     return cls.from_config(model, settings_from, run_config, **overrides), run_config
 
