@@ -7,9 +7,10 @@ config, context stage and device count, one process per cell.
 Each cell compiles the train step of config.train.stages[stage] (the paper's
 ~0.5M tokens per step: 64 x 8k, 16 x 32k, 4 x 131k) on `devices` fake CPU
 devices with the GPU kernels as shape proxies, on the mesh data=1,
-fsdp=gcd(batch, devices), tensor=devices / fsdp; cells needing tensor > 8
-are not compiled. Results land in <out_dir>/<cell>/plan.json; cells already
-there are skipped, so the script can be stopped and resumed.
+fsdp=gcd(batch, devices), tensor=min(devices / fsdp, --max_tensor) and the
+remaining devices on the context axis (each sequence split over them).
+Results land in <out_dir>/<cell>/plan.json; cells already there are
+skipped, so the script can be stopped and resumed.
 """
 
 import json
@@ -29,7 +30,7 @@ flags.DEFINE_list("stages", ["0", "1", "2"], "Indices into config.train.stages."
 flags.DEFINE_list("devices", ["8", "64", "256"], "Device counts (columns).")
 flags.DEFINE_string("out_dir", "runs/plan_table", "Where cells are written.")
 flags.DEFINE_integer("timeout", 1200, "Seconds per cell.")
-flags.DEFINE_integer("max_tensor", 8, "Cells needing a larger tensor axis are skipped.")
+flags.DEFINE_integer("max_tensor", 8, "Devices beyond fsdp x max_tensor go to the context axis.")
 flags.DEFINE_bool("render", False, "Only print the markdown table of the cells done.")
 FLAGS = flags.FLAGS
 
@@ -47,7 +48,8 @@ def _stages(model: str):
 
 def _mesh(batch: int, devices: int) -> dict[str, int]:
   fsdp = math.gcd(batch, devices)
-  return {"data": 1, "fsdp": fsdp, "tensor": devices // fsdp}
+  tensor = min(devices // fsdp, FLAGS.max_tensor)
+  return {"data": 1, "fsdp": fsdp, "context": devices // (fsdp * tensor), "tensor": tensor}
 
 
 def _cell_dir(model: str, stage: int, devices: int) -> Path:
@@ -60,11 +62,6 @@ def run_cell(model: str, stage: int, devices: int, batch: int) -> None:
   if (out / "plan.json").exists():
     return
   out.mkdir(parents=True, exist_ok=True)
-  if mesh["tensor"] > FLAGS.max_tensor:
-    (out / "skipped.txt").write_text(
-      f"batch {batch} over {devices} devices leaves tensor={mesh['tensor']} > {FLAGS.max_tensor}\n"
-    )
-    return
   cmd = [
     sys.executable,
     str(ROOT / "launch" / "plan.py"),
@@ -101,7 +98,7 @@ def _cell_text(model: str, stage: int, devices: int) -> str:
     fits = ", ".join(
       f"{name}: {'yes' if peak <= (1 - HEADROOM) * size else 'no'}" for name, size in MEMORY
     )
-    mesh = "x".join(str(plan["mesh"][a]) for a in ("data", "fsdp", "tensor"))
+    mesh = "x".join(str(plan["mesh"].get(a, 1)) for a in ("data", "fsdp", "context", "tensor"))
     return (
       f"{fits}; {peak / GB:.1f} GB (state {state / GB:.1f} + temp "
       f"{plan['temp_bytes'] / GB:.1f}); mesh {mesh}; {plan['lower_s'] + plan['compile_s']:.0f} s"

@@ -9,16 +9,17 @@ Scores and softmax are fp32; the output has q's dtype.
   kernel (`hybridna_jax.kernels`, which import this module -- never the
   public `hybridna_jax.attention`) is tested against.
 * `xla_blockwise_attention`: the same math with an online softmax over key
-  blocks (`lax.scan`), O(l * block) memory; for long contexts on CPU. Its
-  pieces (`blockwise_stats`, `merge_stats`, `finish_stats`) also compute
-  attention across the context axis (`hybridna_jax.kernels.sharded`), where
+  blocks (`lax.scan`) and a flash-attention backward, O(l * block) memory;
+  for long contexts on CPU. Its core, `blockwise_attention_lse`, returns the
+  log-sum-exp too, so partial results merge (`merge_partials`): that is how
+  attention crosses the context axis (`hybridna_jax.kernels.sharded`), where
   each device holds one slice of the queries and sees the keys slice by slice.
 * `decode_attention`: new queries against a KV cache.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
 
 import einops
 import jax
@@ -58,40 +59,108 @@ def xla_attention(q, k, v, segment_ids=None):
   return _ungrouped(out).astype(q.dtype)
 
 
-class SoftmaxStats(NamedTuple):
-  """A partial attention result, before normalisation (fp32): running max m
-  and sum s of the exp-scores (b, hkv, r, lq), and the weighted values acc
-  (b, hkv, r, lq, d). Partials over disjoint key sets merge exactly
-  (`merge_stats`); `finish_stats` divides out the sum."""
+def _key_blocks(k, v, k_pos, k_seg, block: int):
+  """Keys, values, positions and segment ids in blocks, block axis first (the
+  axis lax.scan walks); lk is padded to a multiple of `block` with keys that
+  no query sees (segment -1)."""
+  pad = (-k.shape[1]) % block
+  if pad:
+    k = jnp.pad(k, [(0, 0), (0, pad), (0, 0), (0, 0)])
+    v = jnp.pad(v, [(0, 0), (0, pad), (0, 0), (0, 0)])
+    k_pos = jnp.pad(k_pos, [(0, pad)])
+    k_seg = jnp.pad(k_seg, [(0, 0), (0, pad)], constant_values=-1)
+  return (
+    einops.rearrange(k, "b (n k) h d -> n b k h d", k=block),
+    einops.rearrange(v, "b (n k) h d -> n b k h d", k=block),
+    einops.rearrange(k_pos, "(n k) -> n k", k=block),
+    einops.rearrange(k_seg, "b (n k) -> n b k", k=block),
+  )
 
-  m: Array
-  s: Array
-  acc: Array
+
+def _block_scores(qg, kb, q_pos, posb, q_seg, segb):
+  """Scaled scores (b, hkv, r, lq, block) fp32 and the mask of visible keys."""
+  d = qg.shape[-1]
+  scores = jnp.einsum("bqhrd,bkhd->bhrqk", qg, kb, preferred_element_type=jnp.float32) * d**-0.5
+  mask = (q_pos[:, None] >= posb[None, :])[None] & (q_seg[:, :, None] == segb[:, None, :])
+  return scores, mask[:, None, None]
 
 
-def empty_stats(b: int, hkv: int, r: int, lq: int, d: int) -> SoftmaxStats:
-  """The stats of attending to no key (merging with it is the identity)."""
-  return SoftmaxStats(
+def _attention_lse_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, block):
+  b, lq, hq, d = q.shape
+  hkv = k.shape[2]
+  qg = _grouped(q, hkv)
+
+  def body(carry, blk):
+    m, s, acc = carry
+    kb, vb, posb, segb = blk
+    scores, mask = _block_scores(qg, kb, q_pos, posb, q_seg, segb)
+    scores = jnp.where(mask, scores, _NEG_INF)
+    m_new = jnp.maximum(m, scores.max(-1))
+    correction = jnp.exp(m - m_new)
+    p = jnp.exp(scores - m_new[..., None])
+    acc = acc * correction[..., None] + jnp.einsum(
+      "bhrqk,bkhd->bhrqd", p.astype(v.dtype), vb, preferred_element_type=jnp.float32
+    )
+    return (m_new, s * correction + p.sum(-1), acc), None
+
+  r = hq // hkv
+  init = (
     jnp.full((b, hkv, r, lq), _NEG_INF, jnp.float32),
     jnp.zeros((b, hkv, r, lq), jnp.float32),
     jnp.zeros((b, hkv, r, lq, d), jnp.float32),
   )
+  (m, s, acc), _ = jax.lax.scan(body, init, _key_blocks(k, v, k_pos, k_seg, block))
+  out = einops.rearrange(acc / s[..., None], "b h r q d -> b q (h r) d")
+  lse = einops.rearrange(m + jnp.log(s), "b h r q -> b q (h r)")
+  return (out, lse), (q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse)
 
 
-def merge_stats(a: SoftmaxStats, b: SoftmaxStats) -> SoftmaxStats:
-  """The stats over the union of two disjoint key sets (online softmax)."""
-  m = jnp.maximum(a.m, b.m)
-  ca, cb = jnp.exp(a.m - m), jnp.exp(b.m - m)
-  return SoftmaxStats(m, a.s * ca + b.s * cb, a.acc * ca[..., None] + b.acc * cb[..., None])
+def _attention_lse_bwd(block, residuals, cotangents):
+  """The flash-attention backward: scores are recomputed block by block from
+  the saved log-sum-exp, so memory stays O(lq * block). With lse an output
+  too, ds = p (dp - delta + dlse), delta = sum(dout * out)."""
+  q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse = residuals
+  d_out, d_lse = cotangents
+  hkv = k.shape[2]
+  lk = k.shape[1]
+  qg = _grouped(q, hkv)
+  do = _grouped(d_out.astype(jnp.float32), hkv)  # (b, lq, hkv, r, d)
+  delta = jnp.einsum("bqhrd,bqhrd->bhrq", do, _grouped(out, hkv))
+  lse_g = einops.rearrange(lse, "b q (h r) -> b h r q", h=hkv)
+  dlse_g = einops.rearrange(d_lse.astype(jnp.float32), "b q (h r) -> b h r q", h=hkv)
+  scale = q.shape[-1] ** -0.5
+
+  def body(dq, blk):
+    kb, vb, posb, segb = blk
+    scores, mask = _block_scores(qg, kb, q_pos, posb, q_seg, segb)
+    p = jnp.where(mask, jnp.exp(scores - lse_g[..., None]), 0.0)
+    dv = jnp.einsum("bhrqk,bqhrd->bkhd", p, do)
+    dp = jnp.einsum("bqhrd,bkhd->bhrqk", do, vb, preferred_element_type=jnp.float32)
+    ds = p * (dp - delta[..., None] + dlse_g[..., None])
+    dq = dq + jnp.einsum("bhrqk,bkhd->bqhrd", ds, kb, preferred_element_type=jnp.float32) * scale
+    dk = jnp.einsum("bhrqk,bqhrd->bkhd", ds, qg, preferred_element_type=jnp.float32) * scale
+    return dq, (dk, dv)
+
+  dq, (dk, dv) = jax.lax.scan(
+    body, jnp.zeros(qg.shape, jnp.float32), _key_blocks(k, v, k_pos, k_seg, block)
+  )
+  dk = einops.rearrange(dk, "n b k h d -> b (n k) h d")[:, :lk]
+  dv = einops.rearrange(dv, "n b k h d -> b (n k) h d")[:, :lk]
+  return (
+    _ungrouped(dq).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
+    None, None, None, None,
+  )  # fmt: skip
 
 
-def finish_stats(stats: SoftmaxStats, dtype) -> Array:
-  """(b, hkv, r, lq, d) stats -> the attention output (b, lq, hkv * r, d)."""
-  out = stats.acc / stats.s[..., None]
-  return einops.rearrange(out, "b h r q d -> b q (h r) d").astype(dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _attention_lse(q, k, v, q_pos, k_pos, q_seg, k_seg, block):
+  return _attention_lse_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, block)[0]
 
 
-def blockwise_stats(
+_attention_lse.defvjp(_attention_lse_fwd, _attention_lse_bwd)
+
+
+def blockwise_attention_lse(
   q: Array,
   k: Array,
   v: Array,
@@ -101,61 +170,42 @@ def blockwise_stats(
   k_seg: Array,
   *,
   block: int = 512,
-) -> SoftmaxStats:
-  """Online-softmax attention of queries to keys streamed in blocks: O(lq *
-  block) live memory. A query sees a key at or before its position with the
-  same segment id.
+) -> tuple[Array, Array]:
+  """Attention of queries to keys streamed in blocks (online softmax), with
+  the log-sum-exp of the scores, so that partial results over disjoint key
+  sets merge exactly (`merge_partials`). A query sees a key at or before its
+  position with the same segment id. Memory is O(lq * block) in the forward
+  and the backward (a flash-attention backward that recomputes the scores).
 
   Args:
     q: (b, lq, hq, d); k, v: (b, lk, hkv, d).
     q_pos: (lq,) and k_pos: (lk,) int32 global positions (the causal mask).
     q_seg: (b, lq) and k_seg: (b, lk) int32 segment ids.
-    block: keys per step (lk is padded to a multiple; padded keys are masked).
+    block: keys per step.
 
   Returns:
-    `SoftmaxStats` of (b, hkv, hq // hkv, lq[, d]).
+    out (b, lq, hq, d) fp32 and lse (b, lq, hq) fp32 (about -1e30 for a
+    query that sees no key; its out is then meaningless and weighs nothing
+    in a merge).
   """
-  b, lq, hq, d = q.shape
-  lk, hkv = k.shape[1], k.shape[2]
-  block = min(block, lk)
-  pad = (-lk) % block
-  if pad:
-    k = jnp.pad(k, [(0, 0), (0, pad), (0, 0), (0, 0)])
-    v = jnp.pad(v, [(0, 0), (0, pad), (0, 0), (0, 0)])
-    k_pos = jnp.pad(k_pos, [(0, pad)])
-    k_seg = jnp.pad(k_seg, [(0, 0), (0, pad)], constant_values=-1)
-  qg = _grouped(q, hkv)
+  return _attention_lse(q, k, v, q_pos, k_pos, q_seg, k_seg, min(block, k.shape[1]))
 
-  def body(stats, blk):
-    kb, vb, segb, posb = blk
-    scores = jnp.einsum("bqhrd,bkhd->bhrqk", qg, kb, preferred_element_type=jnp.float32) * d**-0.5
-    mask = (q_pos[:, None] >= posb[None, :])[None] & (q_seg[:, :, None] == segb[:, None, :])
-    scores = jnp.where(mask[:, None, None], scores, _NEG_INF)
-    m = scores.max(-1)
-    p = jnp.exp(scores - m[..., None])
-    acc = jnp.einsum("bhrqk,bkhd->bhrqd", p.astype(v.dtype), vb, preferred_element_type=jnp.float32)
-    return merge_stats(stats, SoftmaxStats(m, p.sum(-1), acc)), None
 
-  # Key blocks first, the axis lax.scan walks.
-  blocks = (
-    einops.rearrange(k, "b (n k) h d -> n b k h d", k=block),
-    einops.rearrange(v, "b (n k) h d -> n b k h d", k=block),
-    einops.rearrange(k_seg, "b (n k) -> n b k", k=block),
-    einops.rearrange(k_pos, "(n k) -> n k", k=block),
-  )
-  stats, _ = jax.lax.scan(jax.checkpoint(body), empty_stats(b, hkv, hq // hkv, lq, d), blocks)
-  return stats
+def merge_partials(a: tuple[Array, Array], b: tuple[Array, Array]) -> tuple[Array, Array]:
+  """(out, lse) over the union of two disjoint key sets."""
+  lse = jnp.logaddexp(a[1], b[1])
+  out = a[0] * jnp.exp(a[1] - lse)[..., None] + b[0] * jnp.exp(b[1] - lse)[..., None]
+  return out, lse
 
 
 def xla_blockwise_attention(q, k, v, segment_ids=None, *, block: int = 512):
-  """Online-softmax attention over key blocks: O(l * block) live memory.
-
-  Queries are processed whole; keys/values stream in blocks of `block`.
-  """
+  """Online-softmax attention over key blocks: O(l * block) memory, forward
+  and backward (`blockwise_attention_lse`)."""
   b, l = q.shape[:2]
   seg = jnp.zeros((b, l), jnp.int32) if segment_ids is None else segment_ids
   pos = jnp.arange(l)
-  return finish_stats(blockwise_stats(q, k, v, pos, pos, seg, seg, block=block), q.dtype)
+  out, _ = blockwise_attention_lse(q, k, v, pos, pos, seg, seg, block=block)
+  return out.astype(q.dtype)
 
 
 def decode_attention(q: Array, k_cache: Array, v_cache: Array, kv_mask: Array) -> Array:

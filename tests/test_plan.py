@@ -22,19 +22,23 @@ MEASURED_OVER_PREDICTED = (0.9, 1.4)
 
 def test_candidate_meshes_least_split_first():
   # Batch axes (data x fsdp) divide the batch of 4; least split (fsdp x
-  # tensor) first, and at equal split fsdp before tensor.
-  mesh = lambda d, f, t: {"data": d, "fsdp": f, "tensor": t}
-  assert plan_lib.candidate_meshes(8, batch=4) == [
-    mesh(4, 1, 2),
-    mesh(2, 2, 2),
-    mesh(2, 1, 4),
-    mesh(1, 4, 2),
-    mesh(1, 2, 4),
-    mesh(1, 1, 8),
+  # tensor x context) first, and at equal split fsdp, then tensor, then context.
+  mesh = lambda d, f, t, c: {"data": d, "fsdp": f, "tensor": t, "context": c}
+  assert plan_lib.candidate_meshes(8, batch=4)[:6] == [
+    mesh(4, 1, 2, 1),
+    mesh(4, 1, 1, 2),
+    mesh(2, 2, 2, 1),
+    mesh(2, 1, 4, 1),
+    mesh(2, 2, 1, 2),
+    mesh(2, 1, 2, 2),
   ]
-  assert plan_lib.candidate_meshes(8, batch=4, max_tensor=1) == []
-  assert plan_lib.candidate_meshes(8, batch=8)[0] == mesh(8, 1, 1)
-  assert plan_lib.candidate_meshes(8, batch=8, grad_accum=2)[0] == mesh(4, 1, 2)
+  assert plan_lib.candidate_meshes(8, batch=4)[-1] == mesh(1, 1, 1, 8)
+  assert plan_lib.candidate_meshes(8, batch=4, max_tensor=1)[0] == mesh(4, 1, 1, 2)
+  assert plan_lib.candidate_meshes(8, batch=8)[0] == mesh(8, 1, 1, 1)
+  assert plan_lib.candidate_meshes(8, batch=8, grad_accum=2)[0] == mesh(4, 1, 2, 1)
+  # The context axis must divide the length; one row over 8 devices at 131k:
+  assert plan_lib.candidate_meshes(8, batch=1, max_tensor=2, seq_len=131072)[0] == mesh(1, 1, 2, 4)
+  assert all(m["context"] <= 2 for m in plan_lib.candidate_meshes(8, batch=1, seq_len=6))
 
 
 def test_target_kernels():

@@ -20,8 +20,9 @@ device does:
 * Attention (`context_attention`): "ring" passes key/value slices around the
   axis with an online softmax, skipping slices after the query slice; or
   "allgather" gathers all keys and values. Both compute each block with the
-  XLA online softmax of `attention_reference` (the per-device kernels return no
-  softmax statistics, so they cannot merge partial results).
+  XLA online softmax of `attention_reference` (flash-style backward, memory
+  linear in the slice), merging partial results by their log-sum-exp; the
+  per-device kernels return no log-sum-exp, so they cannot be merged.
 
 Where a size does not divide over its mesh axes, that dimension is replicated
 (every device computes it: correct, redundant); the public ops pad lengths to
@@ -256,30 +257,33 @@ def shard_attention(kernel: Callable) -> Callable:
   return wrapped
 
 
-def _ring_stats(q, k, v, seg, axis: str, shards: int, block: int):
+def _ring_attention(q, k, v, seg, axis: str, shards: int, block: int):
   """Query slice i against key slices i, i-1, ..., 0 as they pass around the
-  ring (slices after i are all masked and skipped)."""
+  ring (slices after i are all masked and skipped); (out, lse) as
+  `attention_reference.blockwise_attention_lse`."""
   index = jax.lax.axis_index(axis)
   b, lq, hq, d = q.shape
   q_pos = index * lq + jnp.arange(lq)
-  stats = attention_reference.empty_stats(b, k.shape[2], hq // k.shape[2], lq, d)
+  merged = (jnp.zeros((b, lq, hq, d), jnp.float32), jnp.full((b, lq, hq), -1e30, jnp.float32))
   kv = (k, v, seg)
   for step in range(shards):
     source = (index - step) % shards
 
-    def attend(stats, kv=kv, source=source):
+    def attend(merged, kv=kv, source=source):
       kb, vb, segb = kv
       k_pos = source * lq + jnp.arange(lq)
-      new = attention_reference.blockwise_stats(q, kb, vb, q_pos, k_pos, seg, segb, block=block)
-      return attention_reference.merge_stats(stats, new)
+      part = attention_reference.blockwise_attention_lse(
+        q, kb, vb, q_pos, k_pos, seg, segb, block=block
+      )
+      return attention_reference.merge_partials(merged, part)
 
-    stats = jax.lax.cond(source <= index, attend, lambda stats: stats, stats)
+    merged = jax.lax.cond(source <= index, attend, lambda merged: merged, merged)
     if step < shards - 1:
       kv = jax.lax.ppermute(kv, axis, [(i, (i + 1) % shards) for i in range(shards)])
-  return stats
+  return merged
 
 
-def _allgather_stats(q, k, v, seg, axis: str, shards: int, block: int):
+def _allgather_attention(q, k, v, seg, axis: str, shards: int, block: int):
   """Query slice i against every key, gathered (later keys masked)."""
   del shards
   index = jax.lax.axis_index(axis)
@@ -287,7 +291,7 @@ def _allgather_stats(q, k, v, seg, axis: str, shards: int, block: int):
   k_all, v_all, seg_all = (jax.lax.all_gather(a, axis, axis=1, tiled=True) for a in (k, v, seg))
   q_pos = index * lq + jnp.arange(lq)
   k_pos = jnp.arange(k_all.shape[1])
-  return attention_reference.blockwise_stats(
+  return attention_reference.blockwise_attention_lse(
     q, k_all, v_all, q_pos, k_pos, seg, seg_all, block=block
   )
 
@@ -311,11 +315,11 @@ def context_attention(q, k, v, segment_ids=None, *, method: str = "ring", block:
   bs, hs = _axes(mesh, b, (q.shape[2], k.shape[2]))
   axis = sharding.CONTEXT_AXIS
   spec = P(bs, axis, hs, None)
-  stats_fn = _ring_stats if method == "ring" else _allgather_stats
+  attend = _ring_attention if method == "ring" else _allgather_attention
 
   def body(q, k, v, seg):
-    stats = stats_fn(q, k, v, seg, axis, n, min(block, q.shape[1]))
-    return attention_reference.finish_stats(stats, q.dtype)
+    out, _ = attend(q, k, v, seg, axis, n, block)
+    return out.astype(q.dtype)
 
   fn = jax.shard_map(
     body, mesh=mesh, in_specs=(spec, spec, spec, P(bs, axis)), out_specs=spec, check_vma=False

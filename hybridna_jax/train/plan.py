@@ -64,9 +64,10 @@ from hybridna_jax.train import step as step_lib
 from hybridna_jax.train.checkpoint import with_shardings
 
 # Mesh axes the search splits the model over (the rest of the devices go to
-# `data`), in order of preference at equal split size: fsdp before tensor.
-# The context axis joins here once the mesh has it.
-SEARCH_AXES = ("fsdp", "tensor")
+# `data`), in order of preference at equal split size: fsdp (splits the
+# state), then tensor (the state and activations), then context (activations
+# only; what is left once the batch rows run out, as at 131k).
+SEARCH_AXES = ("fsdp", "tensor", "context")
 
 # The kernels a run uses on each platform where the config says "auto" (or
 # the backend-dependent "pallas"): what `kernel_registry` would pick there.
@@ -381,18 +382,19 @@ def _divisors(n: int) -> list[int]:
 
 
 def candidate_meshes(
-  devices: int, batch: int, grad_accum: int = 1, max_tensor: int = 8
+  devices: int, batch: int, grad_accum: int = 1, max_tensor: int = 8, seq_len: int = 0
 ) -> list[dict[str, int]]:
   """Every split of `devices` over `data` x SEARCH_AXES whose batch axes
-  divide the batch, least model-parallel first: by the product of the
-  SEARCH_AXES sizes, then preferring the earlier axes of SEARCH_AXES."""
+  divide the batch (and whose context axis divides `seq_len`, if given),
+  least model-parallel first: by the product of the SEARCH_AXES sizes, then
+  preferring the earlier axes of SEARCH_AXES."""
   meshes = []
   for sizes in itertools.product(_divisors(devices), repeat=len(SEARCH_AXES)):
     split = math.prod(sizes)
     if devices % split:
       continue
     mesh = {"data": devices // split, **dict(zip(SEARCH_AXES, sizes))}
-    if mesh.get("tensor", 1) > max_tensor:
+    if mesh.get("tensor", 1) > max_tensor or (seq_len and seq_len % mesh["context"]):
       continue
     batch_ways = math.prod(mesh.get(a, 1) for a in sharding.BATCH_AXES)
     if batch % (batch_ways * grad_accum):
@@ -433,7 +435,8 @@ def search_mesh(
   """
   budget = (1.0 - headroom) * accelerator.memory_bytes
   steps = []
-  for mesh in candidate_meshes(devices, batch, int(config.train.grad_accum), max_tensor):
+  grad_accum = int(config.train.grad_accum)
+  for mesh in candidate_meshes(devices, batch, grad_accum, max_tensor, seq_len):
     built = _build(config, {**mesh, "num_devices": devices}, seq_len, batch, platform)
     if built.state_bytes > budget:
       step = SearchStep(
