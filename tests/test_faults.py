@@ -437,3 +437,44 @@ def test_train_py_missing_store_is_one_line(tmp_path):
   assert "Traceback" not in proc.stderr
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("train.py: error: ") and "nowhere" in last and "prepare_data" in last
+
+
+# -- 9, 10: task types and unscorable records ---------------------------------
+
+
+def _gue_task(folder, train_labels):
+  os.makedirs(folder)
+  rows = {"train": train_labels, "dev": ["0", "1"], "test": ["1", "0"]}
+  for split, labels in rows.items():
+    with open(os.path.join(folder, f"{split}.csv"), "w", encoding="utf-8") as f:
+      f.write("sequence,label\n")
+      for i, label in enumerate(labels):
+        f.write(f"{'ACGT'[i % 4] * 8},{label}\n")
+  return str(folder)
+
+
+def test_one_float_label_does_not_turn_classification_into_regression(tmp_path):
+  from hybridna_jax.finetune import datasets  # pylint: disable=g-import-not-at-top
+
+  folder = _gue_task(tmp_path / "task", ["0", "1"] * 10 + ["1.0"])
+  with pytest.raises(ValueError, match=r"look like class ids.*the train split.*kind="):
+    datasets.load_task(folder, log=False)
+  half = _gue_task(tmp_path / "half", ["0", "1"] * 10 + ["0.5"])
+  with pytest.raises(ValueError, match=r"example 21 of the train split has label 0.5"):
+    datasets.load_task(half, log=False)
+  assert datasets.load_task(folder, kind="regression", log=False).kind == "regression"
+  with pytest.raises(ValueError, match="kind='classification' but some labels are not integers"):
+    datasets.load_task(folder, kind="classification", log=False)
+  numbers = _gue_task(tmp_path / "numbers", [f"{0.1 * i + 0.05:.2f}" for i in range(20)])
+  assert datasets.load_task(numbers, log=False).kind == "regression"  # plainly numbers
+
+
+def test_unscorable_records_are_warned(caplog):
+  from hybridna_jax import tokenizer  # pylint: disable=g-import-not-at-top
+  from hybridna_jax.scoring import evaluation  # pylint: disable=g-import-not-at-top
+
+  seqs = [tokenizer.encode(s) for s in ("A", "NNNN", "ACGT", "NNA")]
+  with caplog.at_level("WARNING"):
+    bad = evaluation.warn_unscorable(["one", "ns", "ok", "tail"], seqs)
+  assert bad == ["one (1 nt: nothing to predict)", "ns (all N)"]
+  assert "2 record(s) cannot be scored and get nan: one" in caplog.text
