@@ -43,11 +43,45 @@ def define_flags(default_config: str | None = None, workdir_required: bool = Tru
   flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
 
 
+# Errors that mean a user mistake (a bad config value, input file or run
+# directory): the program ends with their one-line message, no traceback.
+# Every project error type (ConfigError, StoreError, FastaFormatError,
+# TaskFormatError, VariantFormatError, CheckpointMismatchError, ...) is a
+# ValueError. HYBRIDNA_TRACEBACK=1 shows the traceback anyway.
+USER_ERRORS = (ValueError, KeyError, OSError)
+TRACEBACK_ENV = "HYBRIDNA_TRACEBACK"
+
+
 def run(main) -> None:
   """app.run(main), with the job config checked once the flags are parsed:
   an unknown or malformed field, in the config file or in a --config.x.y
-  override, ends the program with one line naming it (exit status 1)."""
-  app.run(main, flags_parser=_parse_flags)
+  override, ends the program with one line naming it (exit status 1), and
+  so does a user error (`USER_ERRORS`) raised by `main`."""
+  app.run(one_line_errors(main), flags_parser=_parse_flags)
+
+
+def one_line_errors(main):
+  """`main` with a user error (`USER_ERRORS`) turned into one line on
+  stderr, "<program>: <message>", and exit status 1."""
+
+  def guarded(argv):
+    try:
+      return main(argv)
+    except USER_ERRORS as e:
+      if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+        raise
+      sys.exit(f"{os.path.basename(sys.argv[0])}: error: {error_line(e)}")
+
+  return guarded
+
+
+def error_line(error: BaseException, limit: int = 2000) -> str:
+  """The error's message on one line (a KeyError without its quotes)."""
+  text = error.args[0] if isinstance(error, KeyError) and error.args else error
+  line = " ".join(str(text).split()) or type(error).__name__
+  if isinstance(error, OSError) and not isinstance(error, FileNotFoundError):
+    line = f"{type(error).__name__}: {line}"
+  return line if len(line) <= limit else line[:limit] + " ..."
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

@@ -29,7 +29,7 @@ from jax.sharding import Mesh
 from hybridna_jax import hf, sharding, tokenizer
 from hybridna_jax.config import MODEL_RUNTIME_FIELDS, ModelConfig
 from hybridna_jax.model import abstract_model, convert_params, scan_block_size
-from hybridna_jax.train.checkpoint import Checkpoints
+from hybridna_jax.train.checkpoint import CheckpointMismatchError, Checkpoints
 
 CONFIG_FILE = "config.json"
 
@@ -58,6 +58,14 @@ def find_checkpoint(path: str, which: str = "latest") -> CheckpointRef:
   else:
     if os.path.exists(os.path.join(path, CONFIG_FILE)):
       manager_dir = os.path.join(path, "best" if which == "best" else "checkpoints")
+    elif os.path.isdir(os.path.join(path, "checkpoints")) or os.path.isdir(
+      os.path.join(path, "best")
+    ):
+      raise FileNotFoundError(
+        f"{path} looks like a run directory (it has checkpoints/ or best/) but has no "
+        f"{CONFIG_FILE}, which holds the model settings; copy the {CONFIG_FILE} of the run "
+        "(launch/train.py writes it once training starts) back into it."
+      )
     else:
       manager_dir = path
     if not os.path.isdir(manager_dir):
@@ -71,7 +79,7 @@ def find_checkpoint(path: str, which: str = "latest") -> CheckpointRef:
         f"{path} has no {os.path.basename(manager_dir)}/ directory{hint}; "
         "pass a run directory, its checkpoints/ or a step directory."
       )
-    step = Checkpoints(manager_dir).latest_step()
+    step = Checkpoints(manager_dir, create=False).latest_step()
     if step is None:
       raise FileNotFoundError(f"no complete checkpoint in {manager_dir}.")
   run_dir = os.path.dirname(manager_dir)
@@ -115,7 +123,12 @@ def restore_params(
   target = jax.tree.map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
   )
-  params = Checkpoints(ref.manager_dir).restore_params(ref.step, target)
+  try:
+    params = Checkpoints(ref.manager_dir, create=False).restore_params(ref.step, target)
+  except CheckpointMismatchError as e:
+    raise CheckpointMismatchError(
+      f"{e} (the model settings come from {os.path.join(ref.run_dir, CONFIG_FILE)})"
+    ) from None
   if (scan_block_size(written) is None) == (scan_block_size(model_cfg) is None):
     return params
   # Stack or unstack on the devices, straight into the target shardings.

@@ -67,7 +67,7 @@ from typing import Any
 
 import grain
 import numpy as np
-from absl import flags
+from absl import flags, logging
 
 from hybridna_jax import tokenizer
 from hybridna_jax.data import store as store_lib
@@ -595,16 +595,34 @@ def _check_sizes(seq_len: int, batch_size: int, shard_index: int, shard_count: i
 def train_windows(
   data_cfg, *, seq_len: int
 ) -> tuple[store_lib.TokenStore, WindowIndex, np.ndarray]:
-  """The training split's store, window index and source weights."""
+  """The training split's store, window index and source weights (0 for
+  sources that cannot give a window, see `check_windows`).
+
+  Raises:
+    ValueError: with the numbers, when no window can be trained on (records
+      shorter than the window, every window mostly N, every source
+      weighted 0).
+  """
   store = store_lib.TokenStore.open(data_cfg.store_dir)
+  if data_cfg.train_split not in store:
+    raise ValueError(
+      f"data.train_split {data_cfg.train_split!r} is not a split of {store.path} (it has "
+      f"{', '.join(map(repr, store.splits))}); set data.train_split or prepare the store again."
+    )
   split = store[data_cfg.train_split]
   stride = int(data_cfg.window_stride) or seq_len
-  index = WindowIndex(
-    *split_segments(split, bool(data_cfg.packing)),
-    length=seq_len + 1,
-    stride=stride,
-    align_end=True,
-  )
+  segments = split_segments(split, bool(data_cfg.packing))
+  index = WindowIndex(*segments, length=seq_len + 1, stride=stride, align_end=True)
+  longest = int(np.max(segments[1] - segments[0])) if segments[0].size else 0
+  if longest < seq_len + 1:
+    unit = "run of records of one source (data.packing)" if data_cfg.packing else "record"
+    raise ValueError(
+      f"seq_len {seq_len:,} needs windows of {seq_len + 1:,} tokens, but the longest {unit} "
+      f"of split {data_cfg.train_split!r} in {store.path} has {longest:,}; use a context of at "
+      f"most {max(longest - 1, 0):,} nt (config.train.stages) or a store of longer sequences"
+      + ("" if data_cfg.packing else " (or data.packing=True)")
+      + "."
+    )
   weights = source_weights(data_cfg, split.source_token_counts(), store.sources)
   ranges = index.source_ranges(len(store.sources))
   weights[ranges[:, 1] == ranges[:, 0]] = 0.0
@@ -614,7 +632,82 @@ def train_windows(
       f"{data_cfg.train_split!r} (all records shorter than 2 "
       "tokens, or every source weighted 0)."
     )
+  if float(data_cfg.max_n_fraction) < 1.0:
+    weights = check_windows(store, data_cfg.train_split, index, weights, data_cfg.max_n_fraction)
   return store, index, weights
+
+
+# At most this many windows are read by `check_windows` (evenly spread over
+# each source), so the check takes well under a second on any store.
+_CHECK_WINDOWS = 4096
+
+
+def check_windows(
+  store: store_lib.TokenStore,
+  split_name: str,
+  index: WindowIndex,
+  weights: np.ndarray,
+  max_n_fraction: float,
+) -> np.ndarray:
+  """The source weights with sources whose every token is N set to 0
+  (they cannot give a window `NotMostlyN` accepts; a warning names them).
+
+  Reads up to `_CHECK_WINDOWS` windows spread evenly over the weighted
+  sources; a source none of whose sampled windows is accepted gets a
+  warning (most of its rows would be empty).
+
+  Raises:
+    ValueError: no sampled window of any weighted source has at most
+      max_n_fraction N tokens (the data would train on empty rows only),
+      with the split's token and N counts.
+  """
+  split = store[split_name]
+  per_source = split.info.get("per_source", {})
+  ranges = index.source_ranges(len(store.sources))
+  used = np.flatnonzero(weights > 0)
+  per = max(1, _CHECK_WINDOWS // max(1, used.size))
+  weights = weights.copy()
+  accepted, sampled, hopeless = 0, 0, []
+  for s in used:
+    name = store.sources[s]
+    stats = per_source.get(name, {})
+    if stats and int(stats.get("tokens", 0)) == int(stats.get("n_tokens", -1)):
+      weights[s] = 0.0
+      hopeless.append(name)
+      sampled += 1
+      continue
+    first, end = int(ranges[s, 0]), int(ranges[s, 1])
+    k = min(per, end - first)
+    ok = 0
+    for i in range(k):
+      start, stop = index.window(first + i * (end - first) // k)
+      tokens = split.tokens[start:stop]
+      ok += int(np.count_nonzero(tokens == tokenizer.N)) <= max_n_fraction * (stop - start)
+    accepted, sampled = accepted + ok, sampled + k
+    if ok == 0:
+      logging.warning(
+        "source %r of split %r: none of %d sampled windows of %d tokens has at most "
+        "data.max_n_fraction=%g N; most of its rows will be empty.",
+        name,
+        split_name,
+        k,
+        index.length,
+        max_n_fraction,
+      )
+  if accepted == 0:
+    n_tokens = sum(int(v.get("n_tokens", 0)) for v in per_source.values())
+    raise ValueError(
+      f"no training window of split {split_name!r} in {store.path} has at most "
+      f"data.max_n_fraction={max_n_fraction:g} N tokens (0 of {sampled} windows of "
+      f"{index.length:,} tokens sampled; the split holds {split.num_tokens:,} tokens, "
+      f"{n_tokens:,} ({100 * n_tokens / max(split.num_tokens, 1):.1f} %) N). Prepare the store "
+      "from sequences that are not all N, or raise data.max_n_fraction (1.0 keeps every window)."
+    )
+  if hopeless:
+    logging.warning(
+      "split %r: source(s) %s are all N and are not trained on.", split_name, ", ".join(hopeless)
+    )
+  return weights
 
 
 def train_dataset(
@@ -719,10 +812,13 @@ class _SpreadWindows(grain.transforms.Map):
     return int(g) * self.total // self.selected if g >= 0 else -1
 
 
+EVAL_SPLIT = "val"  # the split training evaluates on
+
+
 def eval_batches(
   data_cfg,
   *,
-  split: str = "val",
+  split: str = EVAL_SPLIT,
   seq_len: int,
   batch_size: int,
   shard_index: int = 0,

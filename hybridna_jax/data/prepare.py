@@ -236,7 +236,9 @@ def prepare_store(data_cfg, *, log: Callable[..., None] = logging.info) -> store
   """Prepares `data_cfg.store_dir` from `data_cfg.fasta_globs`.
 
   Returns the opened store. If a complete store prepared from the same
-  inputs and split already exists there, it is returned unchanged.
+  inputs and split already exists there, it is returned unchanged, unless
+  its files no longer match its manifest (`store.verify`: it is rebuilt) or
+  data.overwrite_store is set (it is rebuilt).
 
   Raises:
     fasta.FastaFormatError: bad input (names the file and line).
@@ -247,16 +249,29 @@ def prepare_store(data_cfg, *, log: Callable[..., None] = logging.info) -> store
     raise ValueError("data.store_dir is empty: name the output directory.")
   files = resolve_inputs(data_cfg.fasta_globs, data_cfg.source_from)
   fp = fingerprint(files, data_cfg)
+  overwrite = bool(data_cfg.overwrite_store)
   if store_lib.is_complete(data_cfg.store_dir):
-    existing = store_lib.read_manifest(data_cfg.store_dir)
-    if existing.get("metadata", {}).get("fingerprint") == fp:
+    try:
+      existing = store_lib.read_manifest(data_cfg.store_dir)
+    except (OSError, ValueError) as e:
+      existing = {"damage": str(e)}
+    ours = existing.get("metadata", {}).get("fingerprint") == fp
+    damage = existing.get("damage") or (store_lib.verify(data_cfg.store_dir) if ours else None)
+    if ours and not damage and not overwrite:
       log(
         "Token store %s is up to date with its %d input files; re-using it.",
         data_cfg.store_dir,
         len(files),
       )
       return store_lib.TokenStore.open(data_cfg.store_dir)
-    if not data_cfg.overwrite_store:
+    if damage and (ours or "damage" in existing):
+      # Our own store (or an unreadable manifest), damaged after it was
+      # written: rebuild it from the same inputs.
+      log("Token store %s is damaged (%s); preparing it again.", data_cfg.store_dir, damage)
+      overwrite = True
+    elif ours:
+      log("Token store %s: data.overwrite_store=True, preparing it again.", data_cfg.store_dir)
+    elif not overwrite:
       raise store_lib.StoreError(
         f"{data_cfg.store_dir} holds a store prepared from other inputs or "
         "another split; delete it, choose another data.store_dir, or set "
@@ -273,9 +288,7 @@ def prepare_store(data_cfg, *, log: Callable[..., None] = logging.info) -> store
   )
   progress = _Progress(files, float(data_cfg.progress_seconds), log)
   seen: dict[tuple[str, str], tuple[str, int]] = {}
-  with store_lib.TokenStoreWriter(
-    data_cfg.store_dir, overwrite=bool(data_cfg.overwrite_store)
-  ) as writer:
+  with store_lib.TokenStoreWriter(data_cfg.store_dir, overwrite=overwrite) as writer:
     for i, f in enumerate(files):
       reader = fasta.FastaReader(
         f.path,

@@ -250,6 +250,22 @@ def is_complete(path: str | os.PathLike) -> bool:
   return os.path.exists(os.path.join(os.fspath(path), MANIFEST))
 
 
+def verify(path: str | os.PathLike) -> str | None:
+  """Why the complete store at `path` cannot be used (a missing or
+  truncated file, a bad manifest), or None when its files match its
+  manifest. Reads the index and names, not the tokens."""
+  try:
+    store = TokenStore.open(path)
+    for split in store.splits:
+      part = store[split]
+      _ = part.names
+      if part.num_records and int(part.offsets[-1] + part.lengths[-1]) != part.num_tokens:
+        raise StoreError(f"{part.root}: the index of split {split!r} does not fit its tokens")
+  except (OSError, ValueError, KeyError, StoreError) as e:
+    return str(e)
+  return None
+
+
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
   with open(os.path.join(os.fspath(path), MANIFEST), encoding="utf-8") as f:
     return json.load(f)

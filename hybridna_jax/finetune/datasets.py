@@ -495,6 +495,32 @@ def _unify_label_dtypes(splits: dict[str, TaskSplit], path: str) -> dict[str, Ta
   return {k: TaskSplit(v.sequences, v.labels.astype(np.float32)) for k, v in splits.items()}
 
 
+def _check_kind_is_clear(splits: dict[str, TaskSplit], path: str) -> None:
+  """With finetune.kind='auto': refuses labels that look like class ids
+  but include a few non-integers (e.g. one 1.0 or 0.5 among 0/1), which
+  would silently turn classification into regression."""
+  values = [(name, np.asarray(s.labels, np.float64)) for name, s in splits.items()]
+  if all(s.labels.dtype.kind == "i" for s in splits.values()):
+    return
+  flat = np.concatenate([v for _, v in values])
+  integral = np.isfinite(flat) & (flat == np.round(flat))
+  if integral.mean() < 0.9:
+    return  # numbers: a regression task
+  floats = [name for name, s in splits.items() if s.labels.dtype.kind != "i"]
+  where = f"the {floats[0]} split"
+  for name, v in values:
+    bad = np.flatnonzero(~(np.isfinite(v) & (v == np.round(v))))
+    if bad.size:
+      where = f"example {bad[0] + 1} of the {name} split has label {v[bad[0]]:g}"
+      break
+  raise ValueError(
+    f"{path}: labels look like class ids ({int(integral.sum())} of {flat.size} are whole "
+    f"numbers), but {where} and labels of {', '.join(floats)} are written as decimals "
+    "(e.g. 1.0 or 0.5); set finetune.kind='classification' and write integer labels, or "
+    "finetune.kind='regression' if the labels are numbers."
+  )
+
+
 def load_task(
   path: str,
   *,
@@ -535,6 +561,8 @@ def load_task(
     splits, missing_dev = _load_bed(path, reference)
   if missing_dev:
     splits["train"], splits["dev"] = carve_dev(splits["train"], dev_fraction, split_seed)
+  if kind == "auto":
+    _check_kind_is_clear({s: splits[s] for s in SPLITS}, path)
   splits = _unify_label_dtypes({s: splits[s] for s in SPLITS}, path)
   if kind == "regression":
     splits = {k: TaskSplit(v.sequences, v.labels.astype(np.float32)) for k, v in splits.items()}

@@ -84,6 +84,32 @@ def store_sequences(
   ]
 
 
+def unscorable(names: Sequence[str], sequences: Sequence[np.ndarray]) -> list[str]:
+  """'name (why)' for each record (token ids, (len,)) that has no scored
+  position, so its log-likelihood and bits/nt are nan: a record of one
+  nucleotide (nothing to predict from) or of N only (N is not scored)."""
+  from hybridna_jax import tokenizer  # pylint: disable=g-import-not-at-top
+
+  out = []
+  for name, tokens in zip(names, sequences):
+    tokens = np.asarray(tokens)
+    if tokens.size < 2:
+      out.append(f"{name} ({tokens.size} nt: nothing to predict)")
+    elif not np.any(tokens[1:] != tokenizer.N):
+      out.append(f"{name} (all N)")
+  return out
+
+
+def warn_unscorable(names: Sequence[str], sequences: Sequence[np.ndarray]) -> list[str]:
+  """Logs one warning naming the `unscorable` records (their scores are
+  nan); returns them."""
+  bad = unscorable(names, sequences)
+  if bad:
+    shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+    logging.warning("%d record(s) cannot be scored and get nan: %s.", len(bad), shown)
+  return bad
+
+
 def metrics(nll: float, correct: float, count: float) -> dict:
   """bits/nt, perplexity, accuracy and loss (nats) from summed stats."""
   if count <= 0:
@@ -111,6 +137,7 @@ def evaluate(
   progress: scorer_lib.Progress | None = None,
 ) -> dict:
   """Scores `sequences`; returns {"records": [...], "overall": {...}, ...}."""
+  warn_unscorable([s.name for s in sequences], [s.tokens for s in sequences])
   start = time.perf_counter()
   stats = scorer.token_stats([s.tokens for s in sequences], progress=progress)
   seconds = time.perf_counter() - start

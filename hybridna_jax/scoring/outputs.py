@@ -136,6 +136,10 @@ def score_sequences_to_files(
   """Runs mode "loglik" (TSV), "positions" (NPZ, plot, optional bedGraph)
   or "embed" (NPZ) and writes the results; returns the paths written."""
   stem = os.path.splitext(output)[0]
+  if mode in ("loglik", "positions"):
+    from hybridna_jax.scoring import evaluation  # pylint: disable=g-import-not-at-top
+
+    evaluation.warn_unscorable(names, sequences)
   if mode == "loglik":
     ll = scorer.log_likelihood(sequences, rc_average=rc_average, progress=progress)
     write_loglik(output, names, [len(t) for t in sequences], ll)

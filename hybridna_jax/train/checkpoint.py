@@ -9,18 +9,28 @@ A checkpoint step directory holds four items:
 
 Saves are asynchronous; Orbax writes each step into a temporary directory and
 renames it when complete, so a step left half-written by a crash is never
-listed and the previous complete one is restored instead. Restoring takes
-an abstract target carrying shardings, so a checkpoint restores onto any
-mesh or device count; `restore_params` reads the parameters alone.
+listed. A step damaged after it was written (truncated or deleted array
+files, a missing item, an empty step directory) is found by
+`restore_newest`, reported, and moved aside to <directory>.damaged/<step>
+(never deleted), and the newest complete step is restored instead. A
+checkpoint whose arrays do not fit the target (another architecture) is not
+damage: `check_fits` names the parameters and nothing is moved. Restoring
+takes an abstract target carrying shardings, so a checkpoint restores onto
+any mesh or device count; `restore_params` reads the parameters alone.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
 
 from hybridna_jax.train.step import TrainState
 
@@ -32,18 +42,77 @@ def with_shardings(abstract: Any, shardings: Any) -> Any:
   )
 
 
-class Checkpoints:
-  """The run's CheckpointManager: the last `keep` steps of a run directory."""
+class CheckpointMismatchError(ValueError):
+  """The checkpoint's arrays do not fit the model being restored (another
+  architecture); the message names the parameters."""
 
-  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+
+class CheckpointDamagedError(RuntimeError):
+  """A step directory that cannot be read back (see `restore_newest`)."""
+
+
+# Items every step directory holds; `data` only for train runs.
+_ITEMS = ("params", "train", "meta")
+
+
+def _key_name(key) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+  """{'a.b.c': shape} of the array leaves of `tree` (arrays,
+  ShapeDtypeStructs or Orbax ArrayMetadata)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {
+    ".".join(_key_name(k) for k in path): tuple(leaf.shape)
+    for path, leaf in leaves
+    if hasattr(leaf, "shape")
+  }
+
+
+def describe_mismatch(
+  stored: dict[str, tuple[int, ...]], wanted: dict[str, tuple[int, ...]], limit: int = 6
+) -> list[str]:
+  """One phrase per parameter that differs between `stored` (the
+  checkpoint) and `wanted` (the model): shape, missing or extra."""
+  problems = []
+  for name in sorted(set(stored) | set(wanted)):
+    if name not in stored:
+      problems.append(f"{name} {wanted[name]} is not in the checkpoint")
+    elif name not in wanted:
+      problems.append(f"{name} {stored[name]} is in the checkpoint but not in the model")
+    elif stored[name] != wanted[name]:
+      problems.append(f"{name} is {stored[name]} in the checkpoint but {wanted[name]} here")
+  if len(problems) > limit:
+    problems = problems[:limit] + [f"{len(problems) - limit} more"]
+  return problems
+
+
+class Checkpoints:
+  """The run's CheckpointManager: the last `keep` steps of a run directory.
+
+  `create=False` opens an existing directory for reading without creating
+  it."""
+
+  def __init__(
+    self, directory: str, *, keep: int = 3, async_save: bool = True, create: bool = True
+  ):
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(
+    self._options = ocp.CheckpointManagerOptions(
       max_to_keep=keep,
-      create=True,
+      create=create,
       enable_async_checkpointing=async_save,
       cleanup_tmp_directories=True,
     )
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self.manager = ocp.CheckpointManager(self.directory, options=self._options)
+
+  @property
+  def damaged_directory(self) -> str:
+    """Where damaged steps are moved: <directory>.damaged/<step>."""
+    return self.directory + ".damaged"
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -80,13 +149,110 @@ class Checkpoints:
     state = restored.train._replace(params=restored.params)
     return state, dict(restored.meta)
 
+  def step_directory(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def check_complete(self, step: int, *, data: bool = False) -> None:
+    """Raises CheckpointDamagedError naming what is missing from the step
+    directory (an item, its metadata or its OCDBT manifest). Cheap: reads
+    no arrays (truncated array files show only when read, see
+    `restore_newest`)."""
+    root = self.step_directory(step)
+    items = _ITEMS + (("data",) if data else ())
+    missing = [i for i in items if not os.path.isdir(os.path.join(root, i))]
+    if missing:
+      raise CheckpointDamagedError(f"item(s) {', '.join(missing)} missing")
+    needed = [os.path.join("meta", "metadata")]
+    for item in ("params", "train"):
+      needed += [os.path.join(item, "_METADATA"), os.path.join(item, "manifest.ocdbt")]
+    absent = [p for p in needed if not os.path.isfile(os.path.join(root, p))]
+    if absent:
+      raise CheckpointDamagedError(f"{', '.join(absent)} missing")
+
+  def check_fits(self, step: int, target: TrainState | None = None, *, params: Any = None) -> None:
+    """Raises CheckpointMismatchError, naming the parameters, when the
+    step's arrays do not have the shapes of `target` (a TrainState) or of
+    `params` alone (another architecture); CheckpointDamagedError when its
+    metadata is unreadable."""
+    problems = []
+    if target is not None:
+      trees = (("params", target.params), ("train", target._replace(params=None)))
+    else:
+      trees = (("params", params),)
+    for item, tree in trees:
+      try:
+        stored = ocp.StandardCheckpointer().metadata(os.path.join(self.step_directory(step), item))
+        stored = _shapes(getattr(stored, "item_metadata", stored))
+      except Exception as e:  # pylint: disable=broad-except
+        raise CheckpointDamagedError(f"{item}/ metadata unreadable ({_first_line(e)})") from e
+      problems += [f"{item} {p}" for p in describe_mismatch(stored, _shapes(tree))]
+    if problems:
+      raise CheckpointMismatchError(
+        f"checkpoint {self.step_directory(step)} does not fit the model: "
+        + "; ".join(problems)
+        + ". The model config must match the one the checkpoint was written with."
+      )
+
+  def move_aside(self, step: int, reason: str) -> str:
+    """Moves a damaged step directory to <directory>.damaged/<step>[-<time>]
+    (process 0; every process waits for it) and re-reads the step list;
+    returns the new path."""
+    dest = os.path.join(self.damaged_directory, str(step))
+    if os.path.exists(dest):
+      dest += f"-{int(time.time())}"
+    if jax.process_index() == 0:
+      os.makedirs(self.damaged_directory, exist_ok=True)
+      shutil.move(self.step_directory(step), dest)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"checkpoint-move-aside-{step}")
+    logging.warning(
+      "checkpoint step %d in %s is damaged (%s); moved it to %s and trying the previous one.",
+      step,
+      self.directory,
+      reason,
+      dest,
+    )
+    self.manager.reload()
+    return dest
+
+  def restore_newest(
+    self, target: TrainState, data_args: Callable[[dict], Any] | None = None
+  ) -> tuple[int, TrainState, dict] | None:
+    """(step, state, meta) of the newest step that restores into `target`
+    (see `restore`); damaged steps on the way are reported and moved aside
+    (`move_aside`). None when no step is left. `data_args(meta)` gives the
+    data item's restore args for a step (None: not restored).
+
+    Raises:
+      CheckpointMismatchError: the newest readable step does not fit
+        `target` (nothing is moved).
+    """
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        self.check_complete(step)
+        meta = self.restore_meta(step)
+        args = data_args(meta) if data_args is not None else None
+        if args is not None:
+          self.check_complete(step, data=True)
+        self.check_fits(step, target)
+        state, meta = self.restore(step, target, data_args=args)
+      except CheckpointMismatchError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        self.move_aside(step, _first_line(e))
+        continue
+      return step, state, meta
+    return None
+
   def restore_meta(self, step: int) -> dict:
     return dict(
       self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     )
 
   def restore_params(self, step: int, target: Any) -> Any:
-    """Parameters alone (no optimizer state), into `target`."""
+    """Parameters alone (no optimizer state), into `target`; a target of
+    other shapes fails first with CheckpointMismatchError naming them."""
+    self.check_fits(step, params=target)
     return self.manager.restore(
       step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))
     ).params
@@ -96,3 +262,9 @@ class Checkpoints:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def _first_line(error: BaseException, limit: int = 200) -> str:
+  text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+  text = text.split(" See full TensorStore details")[0]
+  return text if len(text) <= limit else text[:limit] + "..."

@@ -12,19 +12,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterable
 
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
 from hybridna_jax import sharding
-from hybridna_jax.config import ModelConfig, TrainConfig, validate
+from hybridna_jax.config import ModelConfig, TrainConfig, architecture_differences, validate
 from hybridna_jax.data import pipeline
 from hybridna_jax.model import HybriDNA
 from hybridna_jax.train import flops as flops_lib
@@ -114,33 +117,87 @@ def _per_host_batch(stage: Stage) -> int:
 
 
 class _Preemption:
-  """SIGTERM sets a flag; the loop saves and exits at the next step."""
+  """SIGTERM and SIGINT (Ctrl-C) set a flag; the loop saves a checkpoint and
+  exits after the step that is running (a compile included), or at once
+  while waiting for data (`_fetch`). A second SIGINT raises
+  KeyboardInterrupt: stop now, without saving."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self._previous: dict = {}
 
   def __enter__(self):
     def handler(signum, frame):
       del frame
-      logging.warning("signal %d: saving a checkpoint and stopping.", signum)
+      if self.requested and signum == signal.SIGINT:
+        raise KeyboardInterrupt
+      logging.warning(
+        "signal %d: saving a checkpoint and stopping after this step (Ctrl-C again: stop "
+        "without saving).",
+        signum,
+      )
       self.requested = True
 
-    try:
-      self._previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (e.g. some test runners)
-      self._previous = None
+    for sig in self.SIGNALS:
+      try:
+        self._previous[sig] = signal.signal(sig, handler)
+      except ValueError:  # not the main thread (e.g. some test runners)
+        pass
     return self
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
+    self._previous = {}
 
   def any_host(self) -> bool:
     if jax.process_count() == 1:
       return self.requested
     flags = multihost_utils.process_allgather(np.array(self.requested))
     return bool(np.any(flags))
+
+
+class _SavedIteratorState:
+  """An iterator state frozen at one moment, saved by Grain's checkpoint
+  handler like the iterator itself (it calls get_state())."""
+
+  def __init__(self, state: dict):
+    self._json = json.dumps(state, indent=4).encode()
+
+  def get_state(self) -> bytes:
+    return self._json
+
+
+_WAIT_POLL_S = 0.2
+
+
+def _fetch(iterator, preemption: _Preemption):
+  """next(iterator), read on a daemon thread so that a signal is honoured
+  while the data is slow or never comes: returns None when a preemption is
+  requested before the batch arrives (single process; with several, every
+  process waits for its batch, so that collectives stay in step).
+  Exceptions of the iterator are re-raised here."""
+  if jax.process_count() > 1:
+    return next(iterator)
+  box: dict = {}
+  done = threading.Event()
+
+  def read():
+    try:
+      box["batch"] = next(iterator)
+    except BaseException as e:  # pylint: disable=broad-except
+      box["error"] = e
+    done.set()
+
+  threading.Thread(target=read, name="next-batch", daemon=True).start()
+  while not done.wait(_WAIT_POLL_S):
+    if preemption.requested:
+      return None
+  if "error" in box:
+    raise box["error"]
+  return box["batch"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -276,6 +333,11 @@ class Task:
   def evaluate(self, fns: step_lib.StepFunctions, params, stage: Stage) -> dict:
     raise NotImplementedError
 
+  def check_data(self, stages: list[Stage], train_cfg: TrainConfig) -> None:
+    """Refuses, before step 0 (and before anything is written), data the
+    stages or the evaluation cannot use; raises ValueError naming the field.
+    The default checks nothing."""
+
   def start(self, fns: step_lib.StepFunctions, state):
     """Adjusts a freshly initialised state (e.g. loads pretrained weights)."""
     return state
@@ -323,6 +385,24 @@ class LMPretraining(Task):
       rows=layout.rows,
       columns=layout.columns,
     )
+
+  def check_data(self, stages, train_cfg):
+    """Every stage's windows fit the store's records and are not all N
+    (`pipeline.train_windows`), and the val split exists when the run
+    evaluates (train.eval_every > 0)."""
+    for seq_len in sorted({s.seq_len for s in stages}):
+      try:
+        store, _, _ = pipeline.train_windows(self.config.data, seq_len=seq_len)
+      except ValueError as e:
+        index = min(s.index for s in stages if s.seq_len == seq_len)
+        raise ValueError(f"config.train.stages[{index}]: {e}") from None
+    if train_cfg.eval_every and pipeline.EVAL_SPLIT not in store:
+      raise ValueError(
+        f"config.train.eval_every={train_cfg.eval_every} evaluates on split "
+        f"{pipeline.EVAL_SPLIT!r}, but {store.path} has only "
+        f"{', '.join(map(repr, store.splits))}; set config.train.eval_every=0, or prepare the "
+        "store with a validation split (data.split.val_fraction or data.split.val_records)."
+      )
 
   def evaluate(self, fns, params, stage):
     return lm_eval(
@@ -373,15 +453,51 @@ def task_steps(task: Task, config, mesh) -> step_lib.StepFunctions:
 def train(config, workdir: str, task: Task | None = None) -> dict:
   """Trains (or resumes) `task` (default: LM pretraining) in `workdir`;
   returns a summary dict. The config is validated first (unknown or
-  malformed fields fail with one line naming them)."""
+  malformed fields fail with one line naming them), then the data and, on
+  resume, the architecture of the run (`check_resume_config`), all before
+  step 0. SIGTERM or SIGINT from then on saves a checkpoint and returns
+  with summary["stopped"] == "preempted" (see `_Preemption`)."""
   validate(config)
+  with _Preemption() as preemption:
+    return _train(config, workdir, task, preemption)
+
+
+def check_resume_config(config, workdir: str) -> None:
+  """Refuses to resume a run of another architecture: raises ValueError
+  naming every model field that differs from <workdir>/config.json, when
+  that file and a checkpoint exist."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path) or "model" not in config:
+    return
+  if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
+    return
+  if not any(n.isdigit() for n in os.listdir(os.path.join(workdir, CHECKPOINT_DIR))):
+    return
+  with open(path, encoding="utf-8") as f:
+    written = json.load(f)
+  if "model" not in written:
+    return
+  try:
+    before = ModelConfig.from_config(ml_collections.ConfigDict(written["model"]), strict=False)
+  except (ValueError, TypeError):
+    return  # not a model section this version reads; check_fits still guards the arrays
+  now = ModelConfig.from_config(config.model)
+  diff = architecture_differences(before, now)
+  if diff:
+    fields = "; ".join(f"model.{k}: {a!r} in the run, {b!r} now" for k, (a, b) in diff.items())
+    raise ValueError(
+      f"{workdir} holds a run of another architecture ({fields}); resume it with the "
+      f"model settings of {path}, or start the new model in another --workdir."
+    )
+
+
+def _train(config, workdir: str, task: Task | None, preemption: _Preemption) -> dict:
   task = task or LMPretraining(config)
   tc = TrainConfig.from_config(config.train)  # after the task wrote its schedule
   stages = task.stages()
   total_steps = stages[-1].end_step
   mesh = sharding.mesh_from_config(config.mesh)
   fns = task_steps(task, config, mesh)
-  _write_config(config, workdir)
   checkpoints = Checkpoints(
     os.path.join(workdir, CHECKPOINT_DIR), keep=tc.keep_checkpoints, async_save=tc.async_checkpoints
   )
@@ -419,35 +535,45 @@ def train(config, workdir: str, task: Task | None = None) -> dict:
     return task.train_iterator(stage, _per_host_batch(stage), seed=seed), None
 
   # -- start or resume -----------------------------------------------------
-  latest = checkpoints.latest_step()
+  # Nothing is written to the workdir before the checks and the restore
+  # succeed, so a refused resume leaves config.json as it was.
+  check_resume_config(config, workdir)
+  task.check_data(stages, tc)
   best_val = math.inf if select_mode == "min" else -math.inf
-  if latest is None:
+  target = with_shardings(jax.eval_shape(fns.init, jax.random.key(0)), fns.state_shardings)
+  built: dict = {}
+
+  def data_args(meta: dict):
+    # The saved iterator belongs to the checkpoint's stage; a checkpoint
+    # taken at the end of a stage starts the next one from a fresh iterator.
+    step = int(meta.get("step", 0))
+    stage = stage_at(stages, step)
+    built["stage"], built["iterator"] = stage, make_iterator(stage)
+    same_stage = meta.get("stage") == stage.index and step < stage.end_step
+    return pipeline.iterator_restore_args(built["iterator"][0]) if same_stage else None
+
+  resumed = checkpoints.restore_newest(target, data_args) if checkpoints.all_steps() else None
+  if resumed is None:
     state = task.start(fns, fns.init(jax.random.key(tc.seed)))
     stage = stages[0]
     iterator, layout = make_iterator(stage)
   else:
-    meta = checkpoints.restore_meta(latest)
-    stage = stage_at(stages, latest)
-    iterator, layout = make_iterator(stage)
-    # The saved iterator belongs to the checkpoint's stage; a checkpoint
-    # taken at the end of a stage starts the next one from a fresh iterator.
-    same_stage = meta.get("stage") == stage.index and latest < stage.end_step
-    target = with_shardings(jax.eval_shape(fns.init, jax.random.key(0)), fns.state_shardings)
-    state, meta = checkpoints.restore(
-      latest, target, data_args=pipeline.iterator_restore_args(iterator) if same_stage else None
-    )
+    latest, state, meta = resumed
+    stage, (iterator, layout) = built["stage"], built["iterator"]
     best_val = meta.get("best_selection", best_val)
     logging.info("resumed from step %d (%s)", latest, stage.label)
+  _write_config(config, workdir)
 
   step = int(jax.device_get(state.step))
   iterator_stage = stage.index
   last_eval_step = None
   summary = {"steps": step, "stopped": "completed"}
 
-  def save(stage: Stage, force_sync: bool = False):
+  def save(stage: Stage, force_sync: bool = False, data_state: dict | None = None):
     if checkpoints.latest_step() != step:  # not saved at this step already
       meta = {"stage": stage.index, "seq_len": stage.seq_len, "best_selection": best_val}
-      checkpoints.save(state, meta, data_args=pipeline.iterator_save_args(iterator))
+      it = iterator if data_state is None else _SavedIteratorState(data_state)
+      checkpoints.save(state, meta, data_args=pipeline.iterator_save_args(it))
     if force_sync:
       checkpoints.wait()
 
@@ -463,70 +589,75 @@ def train(config, workdir: str, task: Task | None = None) -> dict:
     logger.mark(step)
     return result
 
+  def preempted(data_state: dict | None = None) -> None:
+    save(stage, force_sync=True, data_state=data_state)
+    summary["stopped"] = "preempted"
+    logging.warning("preempted at step %d: checkpoint saved, exiting.", step)
+
   # -- the loop ---------------------------------------------------------------
-  with _Preemption() as preemption:
-    while step < total_steps:
-      stage = stage_at(stages, step)
-      if stage.index != iterator_stage:
-        (iterator, layout), iterator_stage = make_iterator(stage), stage.index
-      logging.info("%s: steps %d..%d", stage.label, stage.start_step, stage.end_step)
-      tokens_per_step = stage.seq_len * stage.batch_size
-      accumulated: dict[str, list] = {}
-      first_step = True
-      while step < stage.end_step:
-        batch = step_lib.device_batch(
-          next(iterator), fns.batch_shardings, fns.batch_keys, layout=layout
-        )
-        start = time.perf_counter()
-        state, metrics = fns.train_step(state, batch)
-        step += 1
-        if first_step:  # compiles for this stage's shapes; not throughput
-          jax.block_until_ready(metrics)
-          logging.info("step compiled and ran in %.1f s", time.perf_counter() - start)
-          logger.mark(step)
-          first_step = False
-        for k, v in metrics.items():
-          accumulated.setdefault(k, []).append(v)
-        if step % tc.log_every == 0 or step == stage.end_step:
-          host = {k: np.asarray(jax.device_get(v)) for k, v in accumulated.items()}
-          values = {
-            k: float(v.mean())
-            for k, v in host.items()
-            if k not in ("skipped", "consecutive_skips", "learning_rate", "count")
-          }
-          values["learning_rate"] = float(host["learning_rate"][-1])
-          values["skipped_total"] = float(jax.device_get(state.skipped))
-          logger.log_train(
-            step,
-            values,
-            tokens_per_step=tokens_per_step,
-            flops_per_token=flops_per_token(stage.seq_len),
-            peak_flops=peak,
-            stage=stage.label,
-          )
-          accumulated = {}
-          if int(host["consecutive_skips"][-1]) >= tc.max_consecutive_skips:
-            save(stage, force_sync=True)
-            raise NonFiniteLossError(
-              f"{int(host['consecutive_skips'][-1])} consecutive steps had a non-finite "
-              f"loss or gradient (step {step}); a checkpoint was saved. Lower "
-              "config.train.learning_rate, check the data, or raise "
-              "config.train.max_consecutive_skips."
-            )
-        if tc.eval_every and step % tc.eval_every == 0:
-          run_eval(stage)
-        if step % tc.checkpoint_every == 0 or step == stage.end_step:
-          save(stage)
-        if preemption.any_host():
-          save(stage, force_sync=True)
-          summary["stopped"] = "preempted"
-          logging.warning("preempted at step %d: checkpoint saved, exiting.", step)
-          break
-      if summary["stopped"] == "preempted":
+  while step < total_steps:
+    stage = stage_at(stages, step)
+    if stage.index != iterator_stage:
+      (iterator, layout), iterator_stage = make_iterator(stage), stage.index
+    logging.info("%s: steps %d..%d", stage.label, stage.start_step, stage.end_step)
+    tokens_per_step = stage.seq_len * stage.batch_size
+    accumulated: dict[str, list] = {}
+    first_step = True
+    while step < stage.end_step:
+      data_state = iterator.get_state()
+      host_batch = _fetch(iterator, preemption)
+      if host_batch is None:  # signalled while waiting for data
+        preempted(data_state)
         break
-    if summary["stopped"] == "completed" and tc.eval_every:
-      summary["final_val"] = run_eval(stage) if last_eval_step != step else summary.get("last_val")
-      save(stage)
+      batch = step_lib.device_batch(host_batch, fns.batch_shardings, fns.batch_keys, layout=layout)
+      start = time.perf_counter()
+      state, metrics = fns.train_step(state, batch)
+      step += 1
+      if first_step:  # compiles for this stage's shapes; not throughput
+        jax.block_until_ready(metrics)
+        logging.info("step compiled and ran in %.1f s", time.perf_counter() - start)
+        logger.mark(step)
+        first_step = False
+      for k, v in metrics.items():
+        accumulated.setdefault(k, []).append(v)
+      if step % tc.log_every == 0 or step == stage.end_step:
+        host = {k: np.asarray(jax.device_get(v)) for k, v in accumulated.items()}
+        values = {
+          k: float(v.mean())
+          for k, v in host.items()
+          if k not in ("skipped", "consecutive_skips", "learning_rate", "count")
+        }
+        values["learning_rate"] = float(host["learning_rate"][-1])
+        values["skipped_total"] = float(jax.device_get(state.skipped))
+        logger.log_train(
+          step,
+          values,
+          tokens_per_step=tokens_per_step,
+          flops_per_token=flops_per_token(stage.seq_len),
+          peak_flops=peak,
+          stage=stage.label,
+        )
+        accumulated = {}
+        if int(host["consecutive_skips"][-1]) >= tc.max_consecutive_skips:
+          save(stage, force_sync=True)
+          raise NonFiniteLossError(
+            f"{int(host['consecutive_skips'][-1])} consecutive steps had a non-finite "
+            f"loss or gradient (step {step}); a checkpoint was saved. Lower "
+            "config.train.learning_rate, check the data, or raise "
+            "config.train.max_consecutive_skips."
+          )
+      if tc.eval_every and step % tc.eval_every == 0:
+        run_eval(stage)
+      if step % tc.checkpoint_every == 0 or step == stage.end_step:
+        save(stage)
+      if preemption.any_host():
+        preempted()
+        break
+    if summary["stopped"] == "preempted":
+      break
+  if summary["stopped"] == "completed" and tc.eval_every:
+    summary["final_val"] = run_eval(stage) if last_eval_step != step else summary.get("last_val")
+    save(stage)
   checkpoints.wait()
   if best is not None:
     best.wait()

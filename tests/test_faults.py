@@ -1,0 +1,480 @@
+"""Fault injection (issue 16): each fault a new user hit, kept fixed.
+
+Tiny config, in-process `loop.train` runs (the real signal handlers run:
+signals are sent to this process with os.kill); subprocesses only where a
+kill or a launch/ program is the point.
+"""
+
+import dataclasses
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from hybridna_jax import launch_utils, restore
+from hybridna_jax.config import base_config
+from hybridna_jax.data import fasta, prepare
+from hybridna_jax.data import store as store_lib
+from hybridna_jax.train import loop
+from hybridna_jax.train.checkpoint import CheckpointMismatchError, Checkpoints
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _store(path, records, val=()):
+  """A data config of a store prepared from `records` [(name, sequence)]."""
+  fa = str(path) + ".fa"
+  fasta.write_fasta(fa, records)
+  data = base_config().data
+  data.fasta_globs = (fa,)
+  data.store_dir = str(path)
+  data.source_from = "record"
+  data.split.val_records = tuple(val)
+  prepare.prepare_store(data, log=lambda *a, **k: None)
+  return data
+
+
+def _one_stage(cfg, steps=4):
+  cfg.train.stages = ((32, steps, 4),)
+  return cfg
+
+
+# -- 1, 4, 6: data refused before step 0, nothing written ---------------------
+
+
+def test_all_n_store_is_refused_before_training(tiny_config, tmp_path):
+  tiny_config.data = _store(tmp_path / "n", [("a", "N" * 3000), ("b", "N" * 500)], val=["b"])
+  workdir = str(tmp_path / "run")
+  with pytest.raises(ValueError, match=r"stages\[0\]: no training window.*3,000 tokens.*100\.0 %"):
+    loop.train(_one_stage(tiny_config), workdir)
+  assert not os.path.exists(os.path.join(workdir, loop.CONFIG_FILE))
+
+
+def test_all_n_source_is_dropped_not_trained_on_empty_rows(lambda_store, tmp_path):
+  from hybridna_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
+  ((_, tokens),) = fasta.read_fasta(os.path.join(ROOT, "tests", "data", "lambda_virus.fa"))
+  from hybridna_jax import tokenizer  # pylint: disable=g-import-not-at-top
+
+  seq = tokenizer.decode(tokens)[:5000]
+  data = _store(tmp_path / "mixed", [("good", seq), ("bad", "N" * 5000)])
+  _, _, weights = pipeline.train_windows(data, seq_len=32)
+  assert weights[list(store_lib.TokenStore.open(data.store_dir).sources).index("bad")] == 0
+  batch = next(pipeline.train_batches(data, seq_len=32, batch_size=8, seed=0))
+  assert batch["loss_mask"].sum(axis=1).min() > 0  # no empty rows
+
+
+def test_stage_longer_than_the_records_is_refused(tiny_config, tmp_path):
+  tiny_config.data = _store(tmp_path / "short", [("a", "ACGTACGT"), ("b", "ACGT")], val=["b"])
+  with pytest.raises(ValueError, match=r"stages\[0\]: seq_len 32 needs windows of 33.*has 8"):
+    loop.train(_one_stage(tiny_config), str(tmp_path / "run"))
+
+
+def test_missing_val_split_is_refused_before_step_0(tiny_config, tmp_path, lambda_store):
+  ((_, tokens),) = fasta.read_fasta(os.path.join(ROOT, "tests", "data", "lambda_virus.fa"))
+  from hybridna_jax import tokenizer  # pylint: disable=g-import-not-at-top
+
+  tiny_config.data = _store(tmp_path / "noval", [("a", tokenizer.decode(tokens)[:4000])])
+  tiny_config.train.eval_every = 2
+  workdir = str(tmp_path / "run")
+  with pytest.raises(ValueError, match=r"eval_every=2 evaluates on split 'val'.*eval_every=0"):
+    loop.train(_one_stage(tiny_config), workdir)
+  assert not glob.glob(os.path.join(workdir, loop.CHECKPOINT_DIR, "*"))
+
+
+def test_zero_intervals_are_config_errors(tiny_config):
+  from hybridna_jax.config import validate  # pylint: disable=g-import-not-at-top
+
+  for field in ("log_every", "checkpoint_every", "grad_accum"):
+    cfg = tiny_config.copy_and_resolve_references()
+    cfg.train[field] = 0
+    with pytest.raises(ValueError, match=field):
+      validate(cfg)
+
+
+# -- 2, 3, 11: checkpoints ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def base_run(lambda_store, tmp_path_factory):
+  """A 4-step run with checkpoints at steps 2 and 4; returns (config, dir)."""
+  from hybridna_jax.config import load_config  # pylint: disable=g-import-not-at-top
+
+  cfg = load_config(os.path.join(ROOT, "configs", "tiny.py"))
+  cfg.data = lambda_store
+  cfg.mesh.num_devices = 1
+  t = cfg.train
+  t.stages, t.warmup_steps, t.log_every, t.eval_every = ((32, 4, 4),), 1, 2, 0
+  t.checkpoint_every, t.keep_best, t.plot, t.async_checkpoints = 2, False, False, False
+  workdir = str(tmp_path_factory.mktemp("base") / "run")
+  assert loop.train(cfg, workdir)["steps"] == 4
+  return cfg, workdir
+
+
+def _damage(step_dir, kind):
+  if kind == "truncated arrays":
+    for f in glob.glob(os.path.join(step_dir, "params", "ocdbt.process_0", "d", "*")):
+      with open(f, "r+b") as fh:
+        fh.truncate(10)
+  elif kind == "deleted manifests":
+    for f in glob.glob(os.path.join(step_dir, "*", "**", "manifest.ocdbt"), recursive=True):
+      os.remove(f)
+  elif kind == "missing meta/metadata":
+    os.remove(os.path.join(step_dir, "meta", "metadata"))
+  elif kind == "missing train item":
+    shutil.rmtree(os.path.join(step_dir, "train"))
+  elif kind == "empty step directory":
+    shutil.rmtree(step_dir)
+    os.makedirs(step_dir)
+
+
+DAMAGES = [
+  "truncated arrays",
+  "deleted manifests",
+  "missing meta/metadata",
+  "missing train item",
+  "empty step directory",
+]
+
+
+def _target(cfg):
+  from hybridna_jax import sharding  # pylint: disable=g-import-not-at-top
+  from hybridna_jax.train.checkpoint import with_shardings  # pylint: disable=g-import-not-at-top
+
+  fns = loop.task_steps(loop.LMPretraining(cfg), cfg, sharding.mesh_from_config(cfg.mesh))
+  return with_shardings(jax.eval_shape(fns.init, jax.random.key(0)), fns.state_shardings)
+
+
+@pytest.mark.parametrize("kind", DAMAGES)
+def test_damaged_latest_checkpoint_is_moved_aside(base_run, tmp_path, kind):
+  cfg, base = base_run
+  ckpt_dir = str(tmp_path / "checkpoints")
+  shutil.copytree(os.path.join(base, loop.CHECKPOINT_DIR), ckpt_dir)
+  _damage(os.path.join(ckpt_dir, "4"), kind)
+  ckpts = Checkpoints(ckpt_dir)
+  step, state, meta = ckpts.restore_newest(_target(cfg))
+  assert step == meta["step"] == int(state.step) == 2
+  assert os.path.isdir(os.path.join(ckpt_dir + ".damaged", "4"))  # kept, not deleted
+  assert ckpts.all_steps() == [2] and not os.path.exists(os.path.join(ckpt_dir, "4"))
+
+
+def test_training_resumes_past_a_damaged_checkpoint(base_run, tmp_path):
+  cfg, base = base_run
+  workdir = str(tmp_path / "run")
+  shutil.copytree(base, workdir)
+  ckpt_dir = os.path.join(workdir, loop.CHECKPOINT_DIR)
+  _damage(os.path.join(ckpt_dir, "4"), "empty step directory")
+  cfg = cfg.copy_and_resolve_references()
+  cfg.train.stages = ((32, 5, 4),)
+  summary = loop.train(cfg, workdir)  # resumes from 2, not the damaged 4
+  assert summary["stopped"] == "completed" and summary["steps"] == 5
+  assert os.path.isdir(os.path.join(ckpt_dir + ".damaged", "4"))
+  assert sorted(Checkpoints(ckpt_dir).all_steps()) == [2, 4, 5]  # 4 written again from 2
+
+
+def test_architecture_change_on_resume_is_refused(base_run, tmp_path):
+  cfg, base = base_run
+  workdir = str(tmp_path / "run")
+  shutil.copytree(base, workdir)
+  config_json = os.path.join(workdir, loop.CONFIG_FILE)
+  before = open(config_json, encoding="utf-8").read()
+  cfg = cfg.copy_and_resolve_references()
+  cfg.model.d_model = 64
+  with pytest.raises(ValueError, match=r"another architecture \(model\.d_model: 32 in the run, 64"):
+    loop.train(cfg, workdir)
+  assert open(config_json, encoding="utf-8").read() == before
+  restore.load(workdir)  # still loads
+  assert sorted(os.listdir(os.path.join(workdir, loop.CHECKPOINT_DIR))) == ["2", "4"]
+
+
+def test_restore_errors_name_the_parameter_and_config_json(base_run, tmp_path):
+  _, base = base_run
+  workdir = str(tmp_path / "run")
+  shutil.copytree(base, workdir)
+  config_json = os.path.join(workdir, loop.CONFIG_FILE)
+  with open(config_json, encoding="utf-8") as f:
+    written = json.load(f)
+  written["model"]["d_model"] = 64
+  with open(config_json, "w", encoding="utf-8") as f:
+    json.dump(written, f)
+  with pytest.raises(
+    CheckpointMismatchError, match=r"params embed\.value is \(128, 32\) in the"
+  ) as e:
+    restore.load(workdir)
+  assert len(str(e.value)) < 1500 and "config.json" in str(e.value)
+  assert os.path.isdir(os.path.join(workdir, loop.CHECKPOINT_DIR, "4"))  # nothing moved
+  os.remove(config_json)
+  with pytest.raises(FileNotFoundError, match="has no config.json"):
+    restore.load(workdir)
+
+
+# -- 1, 5: signals ------------------------------------------------------------
+
+
+def _signal_on_call(monkeypatch, obj, name, signum, call):
+  """Sends `signum` to this process at the `call`-th call of obj.name."""
+  real = getattr(obj, name)
+  calls = [0]
+
+  def wrapped(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == call:
+      os.kill(os.getpid(), signum)
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(obj, name, wrapped)
+
+
+def _steps_of(workdir):
+  return sorted(Checkpoints(os.path.join(workdir, loop.CHECKPOINT_DIR)).all_steps())
+
+
+@pytest.mark.parametrize(
+  "signum,point",
+  [
+    (signal.SIGINT, "compiling"),
+    (signal.SIGTERM, "mid-step"),
+    (signal.SIGINT, "checkpoint save"),
+  ],
+)
+def test_signal_saves_and_stops_within_one_step(base_run, tmp_path, monkeypatch, signum, point):
+  cfg, _ = base_run
+  cfg = cfg.copy_and_resolve_references()
+  cfg.train.stages, cfg.train.checkpoint_every = ((32, 6, 4),), 2
+  workdir = str(tmp_path / "run")
+  real_task_steps = loop.task_steps
+
+  def task_steps(*args, **kwargs):
+    fns = real_task_steps(*args, **kwargs)
+    if point in ("compiling", "mid-step"):
+      # Step 1 compiles the train step; step 3 is an ordinary one.
+      call, real, calls = 1 if point == "compiling" else 3, fns.train_step, [0]
+
+      def train_step(*a):
+        calls[0] += 1
+        if calls[0] == call:
+          os.kill(os.getpid(), signum)
+        return real(*a)
+
+      fns = dataclasses.replace(fns, train_step=train_step)
+    return fns
+
+  monkeypatch.setattr(loop, "task_steps", task_steps)
+  if point == "checkpoint save":
+    _signal_on_call(monkeypatch, Checkpoints, "save", signum, 1)  # the save at step 2
+  summary = loop.train(cfg, workdir)
+  expected = {"compiling": 1, "mid-step": 3, "checkpoint save": 2}[point]
+  assert summary["stopped"] == "preempted" and summary["steps"] == expected
+  assert _steps_of(workdir)[-1] == expected
+  # The handlers are gone again: SIGINT is Python's default once more.
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+class _StuckIterator:
+  """An iterator whose `stuck_at`-th batch never comes (an all-N filter or
+  a dead file system); sends `signum` to this process when it gets stuck."""
+
+  def __init__(self, inner, stuck_at, signum):
+    self.inner, self.stuck_at, self.signum, self.calls = inner, stuck_at, signum, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    self.calls += 1
+    if self.calls == self.stuck_at:
+      self.state_when_stuck = self.inner.get_state()
+      os.kill(os.getpid(), self.signum)
+      threading.Event().wait()  # forever
+    return next(self.inner)
+
+  def get_state(self):
+    return self.inner.get_state()
+
+  def set_state(self, state):
+    self.inner.set_state(state)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_while_waiting_on_data(base_run, tmp_path, monkeypatch, signum):
+  cfg, _ = base_run
+  cfg = cfg.copy_and_resolve_references()
+  cfg.train.stages, cfg.train.checkpoint_every = ((32, 6, 4),), 100
+  workdir = str(tmp_path / "run")
+  real = loop.LMPretraining.layout_iterator
+  seen = {}
+
+  def layout_iterator(self, stage, layout, seed):
+    seen["it"] = _StuckIterator(real(self, stage, layout, seed), 4, signum)
+    return seen["it"]
+
+  monkeypatch.setattr(loop.LMPretraining, "layout_iterator", layout_iterator)
+  start = time.monotonic()
+  summary = loop.train(cfg, workdir)
+  assert summary["stopped"] == "preempted" and summary["steps"] == 3
+  assert time.monotonic() - start < 60
+  # The checkpoint holds the iterator as it was before the stuck batch.
+  (saved,) = glob.glob(os.path.join(workdir, loop.CHECKPOINT_DIR, "3", "data", "*.json"))
+  with open(saved, encoding="utf-8") as f:
+    assert json.load(f) == json.loads(json.dumps(seen["it"].state_when_stuck))
+  monkeypatch.undo()
+  assert loop.train(cfg, workdir)["steps"] == 6  # resumes
+
+
+def test_second_sigint_stops_without_saving():
+  with loop._Preemption() as p:  # pylint: disable=protected-access
+    os.kill(os.getpid(), signal.SIGINT)
+    assert p.requested
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.1)
+
+
+# -- 8: stores ----------------------------------------------------------------
+
+
+def _lambda_records():
+  from hybridna_jax import tokenizer  # pylint: disable=g-import-not-at-top
+
+  ((_, tokens),) = fasta.read_fasta(os.path.join(ROOT, "tests", "data", "lambda_virus.fa"))
+  seq = tokenizer.decode(tokens)
+  return [("a", seq[:30000]), ("b", seq[30000:])]
+
+
+def test_damaged_store_is_rebuilt(tmp_path):
+  data = _store(tmp_path / "s", _lambda_records(), val=["b"])
+  tokens_file = glob.glob(os.path.join(data.store_dir, "**", "*tokens*"), recursive=True)[0]
+  with open(tokens_file, "r+b") as f:
+    f.truncate(100)
+  assert store_lib.verify(data.store_dir) is not None
+  logs = []
+  store = prepare.prepare_store(data, log=lambda msg, *a: logs.append(msg % a))
+  assert any("damaged" in line for line in logs)
+  assert store_lib.verify(data.store_dir) is None and store["train"].num_tokens == 30000
+  # overwrite_store rebuilds even an intact store of the same inputs.
+  data.overwrite_store, logs[:] = True, []
+  prepare.prepare_store(data, log=lambda msg, *a: logs.append(msg % a))
+  assert any("preparing it again" in line for line in logs)
+
+
+def test_kill_during_prepare_then_rerun(tmp_path):
+  rng = np.random.default_rng(0)
+  records = [(f"r{i}", "".join(rng.choice(list("ACGT"), 200_000))) for i in range(40)]
+  fa = str(tmp_path / "big.fa")
+  fasta.write_fasta(fa, records)
+  store_dir = str(tmp_path / "store")
+  code = (
+    "import sys; from hybridna_jax.config import base_config; "
+    "from hybridna_jax.data import prepare; d = base_config().data; "
+    f"d.fasta_globs = ({fa!r},); d.store_dir = {store_dir!r}; d.source_from = 'record'; "
+    "d.prepare_block_bytes = 4096; print('go', flush=True); prepare.prepare_store(d)"
+  )
+  proc = subprocess.Popen(
+    [sys.executable, "-c", code],
+    stdout=subprocess.PIPE,
+    env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"},
+  )
+  assert proc.stdout.readline().strip() == b"go"
+  deadline = time.monotonic() + 60
+  while not glob.glob(str(tmp_path / ".store.tmp-*" / "*")) and time.monotonic() < deadline:
+    time.sleep(0.05)
+  proc.kill()
+  proc.wait()
+  assert not store_lib.is_complete(store_dir)
+  data = base_config().data
+  data.fasta_globs, data.store_dir, data.source_from = (fa,), store_dir, "record"
+  store = prepare.prepare_store(data, log=lambda *a, **k: None)
+  assert store["train"].num_tokens == 40 * 200_000
+  assert not glob.glob(str(tmp_path / ".store.tmp-*"))
+
+
+# -- 12: one line for user errors ----------------------------------------------
+
+
+def test_launch_programs_print_one_line_for_user_errors(tmp_path, monkeypatch, capsys):
+  def main(argv):
+    raise store_lib.StoreError("no token store at /x; prepare one with launch/prepare_data.py")
+
+  monkeypatch.setattr(sys, "argv", ["train.py"])
+  with pytest.raises(SystemExit) as e:
+    launch_utils.one_line_errors(main)(["train.py"])
+  assert (
+    e.value.code == "train.py: error: no token store at /x; prepare one with launch/prepare_data.py"
+  )
+
+  def bug(argv):
+    raise ZeroDivisionError("a real bug")
+
+  with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
+    launch_utils.one_line_errors(bug)(["train.py"])
+
+
+def test_train_py_missing_store_is_one_line(tmp_path):
+  proc = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(ROOT, "launch", "train.py"),
+      f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}",
+      f"--config.data.store_dir={tmp_path / 'nowhere'}",
+      "--config.train.stages=((32, 2, 2),)",
+      f"--workdir={tmp_path / 'run'}",
+    ],
+    capture_output=True,
+    text=True,
+    env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"},
+    timeout=300,
+  )
+  assert proc.returncode == 1
+  assert "Traceback" not in proc.stderr
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("train.py: error: ") and "nowhere" in last and "prepare_data" in last
+
+
+# -- 9, 10: task types and unscorable records ---------------------------------
+
+
+def _gue_task(folder, train_labels):
+  os.makedirs(folder)
+  rows = {"train": train_labels, "dev": ["0", "1"], "test": ["1", "0"]}
+  for split, labels in rows.items():
+    with open(os.path.join(folder, f"{split}.csv"), "w", encoding="utf-8") as f:
+      f.write("sequence,label\n")
+      for i, label in enumerate(labels):
+        f.write(f"{'ACGT'[i % 4] * 8},{label}\n")
+  return str(folder)
+
+
+def test_one_float_label_does_not_turn_classification_into_regression(tmp_path):
+  from hybridna_jax.finetune import datasets  # pylint: disable=g-import-not-at-top
+
+  folder = _gue_task(tmp_path / "task", ["0", "1"] * 10 + ["1.0"])
+  with pytest.raises(ValueError, match=r"look like class ids.*the train split.*kind="):
+    datasets.load_task(folder, log=False)
+  half = _gue_task(tmp_path / "half", ["0", "1"] * 10 + ["0.5"])
+  with pytest.raises(ValueError, match=r"example 21 of the train split has label 0.5"):
+    datasets.load_task(half, log=False)
+  assert datasets.load_task(folder, kind="regression", log=False).kind == "regression"
+  with pytest.raises(ValueError, match="kind='classification' but some labels are not integers"):
+    datasets.load_task(folder, kind="classification", log=False)
+  numbers = _gue_task(tmp_path / "numbers", [f"{0.1 * i + 0.05:.2f}" for i in range(20)])
+  assert datasets.load_task(numbers, log=False).kind == "regression"  # plainly numbers
+
+
+def test_unscorable_records_are_warned(caplog):
+  from hybridna_jax import tokenizer  # pylint: disable=g-import-not-at-top
+  from hybridna_jax.scoring import evaluation  # pylint: disable=g-import-not-at-top
+
+  seqs = [tokenizer.encode(s) for s in ("A", "NNNN", "ACGT", "NNA")]
+  with caplog.at_level("WARNING"):
+    bad = evaluation.warn_unscorable(["one", "ns", "ok", "tail"], seqs)
+  assert bad == ["one (1 nt: nothing to predict)", "ns (all N)"]
+  assert "2 record(s) cannot be scored and get nan: one" in caplog.text
