@@ -67,6 +67,7 @@ def fit_predict(
   *,
   num_classes: int = 0,
   linear: bool = False,
+  c: float = 1.0,
 ) -> dict[str, np.ndarray]:
   """Fits on x["train"] (n, f) and predicts the other splits.
 
@@ -75,16 +76,19 @@ def fit_predict(
     x: split -> (n_split, f) features; must hold "train".
     labels: (n_train,) class ids or targets.
     num_classes: classes of the task (classification).
-    linear: plain linear / unregularised-scale models (one feature).
+    linear: an unregularised linear regression (regression, one feature).
+    c: inverse regularisation strength: logistic regression's C, ridge's
+      alpha = 1 / c.
 
   Returns:
     split -> (n_split, num_classes) log-probabilities, or (n_split,)
     predictions, for every split of `x` but train.
   """
   if kind == "classification":
-    model = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000))
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
   else:
-    model = make_pipeline(StandardScaler(), LinearRegression() if linear else Ridge(alpha=1.0))
+    regression = LinearRegression() if linear else Ridge(alpha=1.0 / c)
+    model = make_pipeline(StandardScaler(), regression)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", ConvergenceWarning)
     model.fit(x["train"], labels)
@@ -107,7 +111,8 @@ def fit_predict(
   return out
 
 
-def _metrics(kind: str, labels: np.ndarray, outputs: np.ndarray) -> dict[str, float]:
+def split_metrics(kind: str, labels: np.ndarray, outputs: np.ndarray) -> dict[str, float]:
+  """The task kind's metrics of `fit_predict` outputs, with "examples"."""
   if kind == "classification":
     out = metrics_lib.classification_metrics(labels, outputs)
   else:
@@ -124,7 +129,7 @@ def gc_baseline(data) -> dict:
   )
   return {
     "name": NAMES["gc"],
-    **{s: _metrics(data.kind, data.splits[s].labels, outputs[s]) for s in EVAL_SPLITS},
+    **{s: split_metrics(data.kind, data.splits[s].labels, outputs[s]) for s in EVAL_SPLITS},
     "settings": {"features": "GC share", "model": _model_name(data.kind, linear=True)},
   }
 
@@ -140,7 +145,7 @@ def kmer_baseline(data, ks: Sequence[int] = KMER_SIZES) -> dict:
   for k in ks:
     x = {s: kmer_features(data.splits[s].sequences, k) for s in ("train", *EVAL_SPLITS)}
     outputs = fit_predict(data.kind, x, data.splits["train"].labels, num_classes=_classes(data))
-    found = {s: _metrics(data.kind, data.splits[s].labels, outputs[s]) for s in EVAL_SPLITS}
+    found = {s: split_metrics(data.kind, data.splits[s].labels, outputs[s]) for s in EVAL_SPLITS}
     score = found["dev"][headline]
     by_k[str(k)] = score
     if best is None or (np.isfinite(score) and not score <= best[0]):

@@ -96,10 +96,13 @@ def write_results(workdir: str, results: dict) -> dict[str, str]:
   headline = HEADLINE[results["kind"]]
   with open(table_path, "w", encoding="utf-8") as f:
     f.write(f"# {results['task']}: {results['embedding']}\n\n")
-    f.write(
-      f"Selected on dev {headline} at step {results['selected_step']} "
-      f"of {results['total_steps']}; backbone: {results['backbone']}.\n\n"
-    )
+    if "selected_step" in results:
+      selection = (
+        f"Selected on dev {headline} at step {results['selected_step']} of {results['total_steps']}"
+      )
+    else:
+      selection = results["selection"]
+    f.write(f"{selection}; backbone: {results['backbone']}.\n\n")
     if "verdict" in results:
       f.write(f"**{results['verdict']['text']}**\n\n")
     f.write(metrics_table(result_rows(results)))

@@ -164,21 +164,7 @@ class FinetuneTask(loop.Task):
   def __init__(self, config, data: datasets.TaskData | None = None):
     super().__init__(config)
     fc = config.finetune
-    if data is None:
-      if not fc.task:
-        raise ValueError(
-          "no task: set finetune.task (--task) to a GUE or Nucleotide "
-          "Transformer folder or a BED file."
-        )
-      data = datasets.load_task(
-        str(fc.task),
-        format=str(fc.format),
-        reference=str(fc.reference),
-        dev_fraction=float(fc.dev_fraction),
-        split_seed=int(fc.split_seed),
-        kind=str(fc.kind),
-      )
-    self.data = data
+    data = self.data = data if data is not None else load_config_task(fc)
     self.kind = data.kind
     self.model_cfg, self.pretrained = resolve_backbone(config)
     num_outputs = data.num_classes if self.kind == "classification" else 1
@@ -487,9 +473,33 @@ def attach_baselines(results: dict, data: datasets.TaskData) -> dict:
   return results
 
 
+def load_config_task(fc, name: str | None = None) -> datasets.TaskData:
+  """The task of a `finetune` config section (task, format, reference,
+  dev_fraction, split_seed, kind)."""
+  if not fc.task:
+    raise ValueError(
+      "no task: set finetune.task (--task) to a GUE or Nucleotide Transformer folder or a BED file."
+    )
+  return datasets.load_task(
+    str(fc.task),
+    format=str(fc.format),
+    reference=str(fc.reference),
+    dev_fraction=float(fc.dev_fraction),
+    split_seed=int(fc.split_seed),
+    kind=str(fc.kind),
+    name=name,
+  )
+
+
 def finetune(config, workdir: str, data: datasets.TaskData | None = None) -> dict:
   """Fine-tunes on config.finetune.task (or `data`) in `workdir`, resuming
-  from its latest checkpoint; returns the loop's summary with "results"."""
+  from its latest checkpoint; returns the loop's summary with "results".
+  With finetune.probe, fits a linear probe on frozen embeddings instead
+  (`probe.run_probe`)."""
+  if config.finetune.get("probe", False):
+    from hybridna_jax.finetune import probe  # pylint: disable=g-import-not-at-top
+
+    return probe.run_probe(config, workdir, data)
   task = FinetuneTask(config, data)
   return loop.train(config, workdir, task=task)
 
@@ -545,16 +555,7 @@ def run_suite(config, patterns: list[str], workdir: str) -> list[dict]:
       with task_config.unlocked():
         task_config.finetune.task = path
       start = time.perf_counter()
-      fc = task_config.finetune
-      data = datasets.load_task(
-        path,
-        format=str(fc.format),
-        reference=str(fc.reference),
-        dev_fraction=float(fc.dev_fraction),
-        split_seed=int(fc.split_seed),
-        kind=str(fc.kind),
-        name=name,
-      )
+      data = load_config_task(task_config.finetune, name=name)
       results = finetune(task_config, task_dir, data)["results"]
       logging.info(
         "[%d/%d] %s finished in %.0f s", i + 1, len(paths), name, time.perf_counter() - start
