@@ -21,16 +21,12 @@ from pathlib import Path
 from absl import app, flags, logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import numpy as np  # noqa: E402
 from harness import environment  # noqa: E402
 
-from hybridna_jax import tokenizer  # noqa: E402
 from hybridna_jax.config import load_config  # noqa: E402
 from hybridna_jax.finetune import (
-  datasets,  # noqa: E402
   report,  # noqa: E402
 )
-from hybridna_jax.finetune import metrics as metrics_lib  # noqa: E402
 from hybridna_jax.finetune import task as task_lib  # noqa: E402
 from hybridna_jax.finetune.metrics import HEADLINE  # noqa: E402
 from hybridna_jax.train.metrics import read_metrics  # noqa: E402
@@ -52,12 +48,6 @@ flags.DEFINE_list(
 flags.DEFINE_integer("steps", 0, "Override finetune.steps (0: the config's schedule).")
 flags.DEFINE_float("learning_rate", 0.0, "Override train.learning_rate (0: the config's).")
 flags.DEFINE_string("pretrained", None, "Override finetune.pretrained.")
-flags.DEFINE_integer(
-  "kmer",
-  4,
-  "Also fit a k-mer frequency logistic regression with this "
-  "k (0: no baseline), for how hard the task is without a model.",
-)
 FLAGS = flags.FLAGS
 
 
@@ -101,49 +91,6 @@ def _run(mode: str, backbone: str) -> dict:
   }
 
 
-def kmer_features(sequences: list[str], k: int) -> np.ndarray:
-  """float32 (n, 4**k): k-mer frequencies (k-mers with N skipped), both strands."""
-  out = np.zeros((len(sequences), 4**k), np.float32)
-  for row, seq in enumerate(sequences):
-    for strand in (seq, tokenizer.reverse_complement(seq)):
-      t = tokenizer.encode(strand) - tokenizer.A  # A C G T -> 0..3, N -> 4
-      if t.size < k:
-        continue
-      windows = np.lib.stride_tricks.sliding_window_view(t, k)
-      windows = windows[(windows < 4).all(axis=1)]
-      codes = windows @ (4 ** np.arange(k - 1, -1, -1))
-      out[row] += np.bincount(codes, minlength=4**k)
-  return out / np.maximum(out.sum(axis=1, keepdims=True), 1.0)
-
-
-def kmer_baseline(data: datasets.TaskData, k: int, steps: int = 500) -> dict:
-  """Multinomial logistic regression (L2, full-batch Adam) on standardised
-  k-mer frequencies; the step count is chosen on dev."""
-  x = {s: kmer_features(data.splits[s].sequences, k) for s in ("train", "dev", "test")}
-  mean, std = x["train"].mean(0), x["train"].std(0) + 1e-6
-  x = {s: (v - mean) / std for s, v in x.items()}
-  y = data.splits["train"].labels
-  classes = data.num_classes
-  w, b = np.zeros((x["train"].shape[1], classes)), np.zeros(classes)
-  m = [np.zeros_like(w), np.zeros_like(b)]
-  v = [np.zeros_like(w), np.zeros_like(b)]
-  best = (-np.inf, None)
-  for t in range(1, steps + 1):
-    p = metrics_lib.softmax(x["train"] @ w + b)
-    p[np.arange(y.size), y] -= 1.0
-    grads = [x["train"].T @ p / y.size + 1e-3 * w, p.mean(0)]
-    for i, (param, g) in enumerate(zip((w, b), grads)):
-      m[i] = 0.9 * m[i] + 0.1 * g
-      v[i] = 0.999 * v[i] + 0.001 * g * g
-      param -= 0.01 * (m[i] / (1 - 0.9**t)) / (np.sqrt(v[i] / (1 - 0.999**t)) + 1e-8)
-    if t % 25 == 0:
-      dev = metrics_lib.classification_metrics(data.splits["dev"].labels, x["dev"] @ w + b)
-      if dev["mcc"] > best[0]:
-        test = metrics_lib.classification_metrics(data.splits["test"].labels, x["test"] @ w + b)
-        best = (dev["mcc"], {"dev": dev, "test": test})
-  return best[1]
-
-
 def main(argv):
   del argv
   runs = [_run(mode, backbone) for backbone in FLAGS.backbones for mode in FLAGS.modes]
@@ -169,22 +116,11 @@ def main(argv):
     )
     label = f"{r['backbone']}: {res['embedding']}"
     rows.extend(report.result_rows({**res, "task": label}))
-  if FLAGS.kmer and kind == "classification":
-    config = load_config(FLAGS.config)
-    fc = config.finetune
-    data = datasets.load_task(
-      FLAGS.task or str(fc.task),
-      format=str(fc.format),
-      reference=str(fc.reference),
-      dev_fraction=float(fc.dev_fraction),
-      split_seed=int(fc.split_seed),
-      log=False,
-    )
-    base = kmer_baseline(data, FLAGS.kmer)
+  # Every run fits the same baselines on the same splits (finetune/baselines.py).
+  for baseline in runs[0]["results"].get("baselines", {}).values():
     lines.append(
-      f"| - | {FLAGS.kmer}-mer logistic regression | - | - | "
-      f"{base['dev'][headline]:.4f} | {base['test'][headline]:.4f} | "
-      f"{base['test'][extra]:.4f} | - | - | - |"
+      f"| - | baseline: {baseline['name']} | - | - | {baseline['dev'][headline]:.4f} | "
+      f"{baseline['test'][headline]:.4f} | {baseline['test'][extra]:.4f} | - | - | - |"
     )
   table = "\n".join(lines) + "\n"
   print(table)

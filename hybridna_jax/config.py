@@ -401,6 +401,13 @@ class FinetuneConfig(Section):
   # Learning-rate warmup as a fraction of the steps (0 keeps
   # train.warmup_steps).
   warmup_fraction: float = 0.1
+  # Also fit the GC-content and k-mer baselines (finetune/baselines.py) on
+  # the same train split and report them beside the model.
+  baselines: bool = True
+  # True: no training -- a linear probe (logistic regression / ridge) on
+  # frozen embeddings of the backbone, with score.pooling (mean | last |
+  # echo), score.layer and score.rc_average (finetune/probe.py).
+  probe: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,6 +22,14 @@ not re-run. Variants of the configs choose the embedding (echo, rc_echo,
 rc_echo_concat, mean, last, plain_mean, plain_last) and frozen / full
 fine-tuning; any field can be overridden, e.g.
 --config.finetune.pretrained=runs/demo --config.finetune.epochs=5.
+
+Every result carries its baselines (GC content and a k-mer logistic
+regression on the same train split) and says whether the model beats them.
+The `probe` variant trains nothing: a linear probe on frozen embeddings
+(score.pooling mean | last | echo, score.layer, score.rc_average):
+
+    python launch/finetune.py --config=configs/finetune_demo.py:probe \
+        --config.score.pooling=echo --config.score.layer=-1 --workdir=runs/probe
 """
 
 import json

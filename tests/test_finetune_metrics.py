@@ -1,4 +1,5 @@
-"""Fine-tuning metrics against values computed by hand."""
+"""Fine-tuning metrics (scikit-learn / scipy) against values computed by
+hand and against the project's former hand-written numpy metrics."""
 
 import math
 
@@ -67,3 +68,86 @@ def test_regression_by_hand():
   assert out["mse"] == pytest.approx(np.mean((x - y) ** 2))
   assert out["r2"] == pytest.approx(1 - out["mse"] / np.var(y))
   assert math.isnan(m.pearson([1, 1, 1], [1, 2, 3]))
+
+
+# -- the former hand-written numpy metrics, kept as the reference -----------------------
+
+
+def _hand_mcc(labels, predictions, k):
+  cm = np.bincount(labels * k + predictions, minlength=k * k).reshape(k, k).astype(np.float64)
+  samples, correct = cm.sum(), np.trace(cm)
+  t, p = cm.sum(axis=1), cm.sum(axis=0)
+  denom = np.sqrt((samples**2 - p @ p) * (samples**2 - t @ t))
+  return float((correct * samples - p @ t) / denom) if denom > 0 else 0.0
+
+
+def _hand_f1(labels, predictions, k):
+  cm = np.bincount(labels * k + predictions, minlength=k * k).reshape(k, k).astype(np.float64)
+  denom = cm.sum(axis=0) + cm.sum(axis=1)
+  return np.divide(2 * np.diag(cm), denom, out=np.zeros(k), where=denom > 0)
+
+
+def _hand_ranking(labels, scores):
+  order = np.argsort(-scores, kind="stable")
+  scores, labels = scores[order], labels[order]
+  last = np.r_[np.flatnonzero(np.diff(scores)), labels.size - 1]
+  tps = np.cumsum(labels)[last].astype(np.float64)
+  return tps, (last + 1) - tps
+
+
+def _hand_auroc(labels, scores):
+  pos, neg = labels.sum(), (~labels).sum()
+  if pos == 0 or neg == 0:
+    return float("nan")
+  tps, fps = _hand_ranking(labels, scores)
+  tpr, fpr = np.r_[0.0, tps / pos], np.r_[0.0, fps / neg]
+  return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+
+
+def _hand_auprc(labels, scores):
+  if labels.sum() == 0:
+    return float("nan")
+  tps, fps = _hand_ranking(labels, scores)
+  return float(np.sum(np.diff(np.r_[0.0, tps / labels.sum()]) * tps / (tps + fps)))
+
+
+def _hand_rankdata(x):
+  order = np.argsort(x, kind="stable")
+  sx = x[order]
+  starts = np.r_[0, np.flatnonzero(np.diff(sx)) + 1]
+  ends = np.r_[starts[1:], x.size]
+  ranks = np.empty(x.size)
+  ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+  return ranks
+
+
+def _hand_pearson(x, y):
+  x, y = x - x.mean(), y - y.mean()
+  denom = np.sqrt((x @ x) * (y @ y))
+  return float(x @ y / denom) if denom > 0 else float("nan")
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_library_metrics_agree_with_the_former_hand_written_ones(k):
+  rng = np.random.default_rng(k)
+  for trial in range(20):
+    n = int(rng.integers(2, 80))
+    labels = rng.integers(0, k, n)
+    # Coarse scores (many ties) on half of the trials.
+    logits = rng.normal(size=(n, k)) + 1.5 * np.eye(k)[labels]
+    if trial % 2:
+      logits = np.round(logits)
+    predictions = np.argmax(logits, axis=1)
+    assert m.mcc(labels, predictions, k) == pytest.approx(_hand_mcc(labels, predictions, k))
+    np.testing.assert_allclose(
+      m.f1_per_class(labels, predictions, k), _hand_f1(labels, predictions, k)
+    )
+    probs = m.softmax(logits)
+    for c in range(k):
+      for ours, hand in ((m.binary_auroc, _hand_auroc), (m.binary_auprc, _hand_auprc)):
+        np.testing.assert_allclose(ours(labels == c, probs[:, c]), hand(labels == c, probs[:, c]))
+    x = np.round(rng.normal(size=n), 1)
+    y = x + rng.normal(size=n)
+    np.testing.assert_allclose(m.rankdata(x), _hand_rankdata(x))
+    assert m.pearson(x, y) == pytest.approx(_hand_pearson(x, y))
+    assert m.spearman(x, y) == pytest.approx(_hand_pearson(_hand_rankdata(x), _hand_rankdata(y)))

@@ -85,6 +85,10 @@ def test_tiny_model_learns_a_planted_motif(motif_task, tmp_path, monkeypatch):
   with open(os.path.join(workdir, "results.md")) as f:
     table = f.read()
   assert "| motif" in table and "| mcc |" in table and "echo mean" in table
+  # Baselines on the same splits, beside the model, with a plain verdict.
+  assert set(results["baselines"]) == {"gc", "kmer"}
+  assert results["verdict"]["text"] in table and "baseline: GC content" in table
+  assert os.path.getsize(os.path.join(workdir, "baselines.png")) > 10_000
   assert os.path.getsize(os.path.join(workdir, "finetune_curves.png")) > 10_000
   records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [r["step"] for r in records if r["kind"] == "val"] == [40, 80]
@@ -222,6 +226,7 @@ def test_suite_writes_one_table(motif_task, tmp_path, monkeypatch):
       "dev": task.split_metrics(outputs["dev"], "dev"),
       "test": task.split_metrics(outputs["test"], "test"),
     }
+    task_lib.attach_baselines(results, data)
     os.makedirs(workdir)
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(results, f)
@@ -232,17 +237,17 @@ def test_suite_writes_one_table(motif_task, tmp_path, monkeypatch):
   cfg = _config("")
   rows = task_lib.run_suite(cfg, [str(tmp_path / "tasks" / "*")], str(tmp_path / "suite"))
   assert [c[2] for c in calls] == ["gue_like", "nt_like"]
-  assert [(r["task"], r["split"]) for r in rows] == [
-    ("gue_like", "dev"),
-    ("gue_like", "test"),
-    ("nt_like", "dev"),
-    ("nt_like", "test"),
+  assert [(r["task"], r["system"], r["split"]) for r in rows] == [
+    (task, system, split)
+    for task in ("gue_like", "nt_like")
+    for system, split in (("model", "dev"), ("model", "test"), ("gc", "test"), ("kmer", "test"))
   ]
-  assert all(r["mcc"] == pytest.approx(1.0) for r in rows)
+  assert all(r["mcc"] == pytest.approx(1.0) for r in rows if r["system"] == "model")
   table = open(tmp_path / "suite" / "suite_table.md").read()
-  assert table.count("| gue_like |") == 2 and table.count("| nt_like |") == 2
+  assert table.count("| gue_like |") == 4 and table.count("| nt_like |") == 4
+  assert "- gue_like: The model (test MCC 1.0000) beats the GC content" in table
   assert os.path.getsize(tmp_path / "suite" / "suite_scores.png") > 10_000
-  assert len(json.load(open(tmp_path / "suite" / "suite_results.json"))) == 4
+  assert len(json.load(open(tmp_path / "suite" / "suite_results.json"))) == 8
   # Finished tasks are read back, not re-run.
   task_lib.run_suite(cfg, [str(tmp_path / "tasks" / "*")], str(tmp_path / "suite"))
   assert len(calls) == 2

@@ -139,17 +139,19 @@ def test_windows_are_centred_shared_and_give_the_llr(vcf, reference_path, genome
   assert math.isclose(snv.llr, FakeScorer.value(alt_window) - FakeScorer.value(ref_window))
   assert math.isclose(snv.ref_loglik, FakeScorer.value(ref_window))
   assert math.isnan(snv.llr_reverse)
-  # Insertion of 2 bases: 18 flanking bases, 9 + 9; the alt window is 21 long.
+  # Every window is 21 long. Insertion of 2 bases: 9 bases on the left; the
+  # reference window reaches 2 bases further right than the alt window.
+  assert {len(s) for s in fake.seen} == {21}
   ins = scores[3]
-  assert (ins.window_start, ins.window_end) == (300 - 9, 301 + 9)
+  assert (ins.window_start, ins.window_end) == (300 - 9, 301 + 11)
   expected_alt = np.concatenate([a[291:300], tokenizer.encode(ins.variant.alt), a[301:310]])
-  assert any(len(s) == 21 and (s == expected_alt).all() for s in fake.seen)
-  # Deletion of 2 bases: the alt window lacks exactly them.
+  assert any((s == expected_alt).all() for s in fake.seen)
+  # Deletion of 2 bases: the alt window lacks them and reads 2 bases further.
   dele = scores[4]
   b = tokenizer.encode(genome[3000:5000])
   assert (dele.window_start, dele.window_end) == (50 - 9, 53 + 9)
-  expected_alt = np.concatenate([b[41:51], b[53:62]])
-  assert any(len(s) == 19 and (s == expected_alt).all() for s in fake.seen)
+  expected_alt = np.concatenate([b[41:51], b[53:64]])
+  assert any((s == expected_alt).all() for s in fake.seen)
   # At the chromosome ends the window shifts inwards and keeps its length.
   assert (scores[5].window_start, scores[5].window_end) == (0, 21)
   assert (scores[6].window_start, scores[6].window_end) == (1979, 2000)
@@ -190,6 +192,93 @@ def test_llr_with_the_model_and_tsv_output(tiny_run, vcf, reference_path, tmp_pa
   lines = skipped.read_text().splitlines()
   assert lines[0].split("\t") == list(variants.PROBLEM_COLUMNS) and len(lines) == 10
   assert variants.plot_scores(str(tmp_path / "effects.png"), scores)
+
+
+class Order0Scorer:
+  """A model whose predictions ignore position and context: log p(x_i) =
+  logq[x_i] for every scored position (all but the first, as the Scorer)."""
+
+  context = 1000
+
+  def __init__(self, logq):
+    self.logq = np.asarray(logq, np.float64)
+
+  def log_likelihood(self, sequences, progress=None):
+    del progress
+    totals = np.array([self.logq[np.asarray(s)[1:]].sum() for s in sequences])
+    return scoring.LogLikelihood(totals, totals, np.ones_like(totals))
+
+
+def _indels(genome, rng, count):
+  """Random insertions (1..8 random bases after a reference base) in the
+  middle of chrA, as (pos, ref, alt)."""
+  out = []
+  for _ in range(count):
+    pos = int(rng.integers(500, 2500))
+    base = genome[pos - 1]
+    out.append((pos, base, base + "".join(rng.choice(list("ACGT"), int(rng.integers(1, 9))))))
+  return out
+
+
+def _paired_scores(scorer, genome, indels, window):
+  """LLRs of each insertion on chrA and of the deletion that undoes it on
+  the haplotype carrying the insertion; (lengths, llr_ins, llr_del)."""
+  chrom = genome[:3000]
+  lengths, ins_llrs, del_llrs = [], [], []
+  for pos, ref, alt in indels:
+    hap = chrom[: pos - 1] + alt + chrom[pos:]
+    reference = variants.Reference("mem", {"c": tokenizer.encode(chrom)}, ["c"])
+    inserted = variants.Reference("mem", {"c": tokenizer.encode(hap)}, ["c"])
+    (ins,), p1 = variants.score_variants(
+      scorer, [variants.Variant("c", pos, ref, alt)], reference, window=window
+    )
+    (dele,), p2 = variants.score_variants(
+      scorer, [variants.Variant("c", pos, alt, ref)], inserted, window=window
+    )
+    assert not p1 and not p2
+    assert ins.variant.kind == "insertion" and dele.variant.kind == "deletion"
+    lengths.append(len(alt) - len(ref))
+    ins_llrs.append(ins.llr)
+    del_llrs.append(dele.llr)
+  return np.array(lengths), np.array(ins_llrs), np.array(del_llrs)
+
+
+def test_indel_scores_are_length_fair_and_antisymmetric(genome):
+  rng = np.random.default_rng(0)
+  indels = _indels(genome, rng, 24)
+  # Context-dependent model: an insertion and the deletion undoing it swap
+  # windows, so their scores are exactly opposite.
+  lengths, ins, dele = _paired_scores(FakeScorer(), genome, indels, window=41)
+  np.testing.assert_allclose(dele, -ins, atol=1e-9)
+  assert np.abs(ins).max() > 1.0  # not trivially zero
+  # Uniform predictions (an untrained model's ideal): every indel scores 0;
+  # windows of unequal length would give -log(128) nats per inserted base.
+  uniform = Order0Scorer(np.full(128, -np.log(128)))
+  _, ins, dele = _paired_scores(uniform, genome, indels, window=41)
+  np.testing.assert_allclose(np.concatenate([ins, dele]), 0.0, atol=1e-9)
+  # Order-0: only the composition of the inserted bases against as many
+  # flanking bases counts; no trend with length.
+  logq = np.full(128, -50.0)
+  logq[list(tokenizer.encode("ACGT"))] = np.log([0.1, 0.2, 0.3, 0.4])
+  many = _indels(genome, rng, 160)
+  lengths, ins, dele = _paired_scores(Order0Scorer(logq), genome, many, window=41)
+  np.testing.assert_allclose(dele, -ins, atol=1e-9)
+  slope = np.polyfit(lengths, ins, 1)[0]
+  assert abs(slope) < 0.15, slope  # nats per inserted base; unequal windows: ~-1.3
+
+
+def test_untrained_model_gives_indel_llrs_near_zero(genome):
+  from hybridna_jax.config import ModelConfig, load_config
+  from hybridna_jax.model import create_model
+
+  cfg = ModelConfig.from_config(load_config("configs/tiny.py").model)
+  scorer = scoring.Scorer(create_model(cfg, seed=0), context=64, batch_size=8, min_bucket=64)
+  indels = _indels(genome, np.random.default_rng(1), 12)
+  lengths, ins, dele = _paired_scores(scorer, genome, indels, window=64)
+  np.testing.assert_allclose(dele, -ins, atol=1e-3)
+  # log(128) = 4.85 nats per base: unequal windows gave about that per base.
+  assert np.abs(ins).max() < 0.5, ins
+  assert abs(np.polyfit(lengths, ins, 1)[0]) < 0.1
 
 
 def test_csv_variants_and_format_errors(tmp_path):

@@ -1,93 +1,68 @@
-"""Metrics of understanding tasks, in numpy (no scikit-learn dependency).
+"""Metrics of understanding tasks, from scikit-learn and scipy.
 
 Classification (labels int (n,), scores (n, k) probabilities or logits):
-MCC (the GUE headline; the multi-class form is Gorodkin's R_K, as in
-scikit-learn's `matthews_corrcoef`), accuracy, F1 (binary: of class 1; and
-macro over classes), AUROC and AUPRC (average precision, scikit-learn's
-step-wise definition). Multi-class AUROC / AUPRC are one-vs-rest, macro
-over the classes that have both positives and negatives.
+MCC (the GUE headline; the multi-class form is Gorodkin's R_K,
+`sklearn.metrics.matthews_corrcoef`), accuracy, F1 (binary: of class 1; and
+macro over classes), AUROC (`roc_auc_score`, trapezoids: ties count half)
+and AUPRC (`average_precision_score`, the step-wise average precision).
+Multi-class AUROC / AUPRC are one-vs-rest, macro over the classes that have
+both positives and negatives.
 
-Regression (targets, predictions float (n,)): Pearson, Spearman (ties get
-their average rank), MSE and R^2.
+Regression (targets, predictions float (n,)): Pearson, Spearman
+(`scipy.stats`; ties get their average rank), MSE and R^2.
 
 Undefined values (a constant prediction for MCC, a split with one class for
-AUROC) are 0 for MCC and NaN for the rest, never an exception, so a run with
-a degenerate dev split still finishes.
+AUROC) are 0 for MCC and NaN for the rest, never an exception or a
+warning, so a run with a degenerate dev split still finishes.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
+from scipy import stats
+from sklearn import metrics as sk
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
   """int64 (k, k): rows are true classes, columns predicted classes."""
-  labels = np.asarray(labels, np.int64)
-  predictions = np.asarray(predictions, np.int64)
-  return np.bincount(
-    labels * num_classes + predictions, minlength=num_classes * num_classes
-  ).reshape(num_classes, num_classes)
+  return sk.confusion_matrix(labels, predictions, labels=np.arange(num_classes)).astype(np.int64)
 
 
 def mcc(labels: np.ndarray, predictions: np.ndarray, num_classes: int | None = None) -> float:
   """Matthews correlation coefficient (binary and multi-class); 0 if undefined."""
-  k = num_classes or int(max(np.max(labels, initial=0), np.max(predictions, initial=0))) + 1
-  cm = confusion_matrix(labels, predictions, k).astype(np.float64)
-  samples = cm.sum()
-  correct = np.trace(cm)
-  true_counts, pred_counts = cm.sum(axis=1), cm.sum(axis=0)
-  cov = correct * samples - pred_counts @ true_counts
-  denom = np.sqrt(
-    (samples**2 - pred_counts @ pred_counts) * (samples**2 - true_counts @ true_counts)
-  )
-  return float(cov / denom) if denom > 0 else 0.0
+  labels, predictions = np.asarray(labels, np.int64), np.asarray(predictions, np.int64)
+  if labels.size == 0:
+    return 0.0
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # undefined -> 0.0, as documented
+    return float(sk.matthews_corrcoef(labels, predictions))
 
 
 def f1_per_class(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
   """float64 (k,): F1 of each class (0 where it has no true or predicted example)."""
-  cm = confusion_matrix(labels, predictions, num_classes).astype(np.float64)
-  tp = np.diag(cm)
-  denom = cm.sum(axis=0) + cm.sum(axis=1)  # 2 tp + fp + fn
-  return np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
-
-
-def _binary_ranking(labels: np.ndarray, scores: np.ndarray):
-  """Distinct thresholds from the highest score down: cumulative true and
-  false positives at each (ties form one threshold)."""
-  order = np.argsort(-scores, kind="stable")
-  scores, labels = scores[order], labels[order]
-  last_of_tie = np.r_[np.flatnonzero(np.diff(scores)), labels.size - 1]
-  tps = np.cumsum(labels)[last_of_tie]
-  fps = (last_of_tie + 1) - tps
-  return tps.astype(np.float64), fps.astype(np.float64)
+  return sk.f1_score(
+    labels, predictions, labels=np.arange(num_classes), average=None, zero_division=0.0
+  ).astype(np.float64)
 
 
 def binary_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
   """Area under the ROC curve (trapezoids, so ties count half); NaN with
   one class only."""
   labels = np.asarray(labels).astype(bool)
-  scores = np.asarray(scores, np.float64)
-  positives, negatives = labels.sum(), (~labels).sum()
-  if positives == 0 or negatives == 0:
+  if labels.all() or not labels.any():
     return float("nan")
-  tps, fps = _binary_ranking(labels, scores)
-  tpr = np.r_[0.0, tps / positives]
-  fpr = np.r_[0.0, fps / negatives]
-  return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+  return float(sk.roc_auc_score(labels, np.asarray(scores, np.float64)))
 
 
 def binary_auprc(labels: np.ndarray, scores: np.ndarray) -> float:
   """Average precision: sum over thresholds of (recall step) x precision;
   NaN without positives."""
   labels = np.asarray(labels).astype(bool)
-  scores = np.asarray(scores, np.float64)
-  positives = labels.sum()
-  if positives == 0:
+  if not labels.any():
     return float("nan")
-  tps, fps = _binary_ranking(labels, scores)
-  precision = tps / (tps + fps)
-  recall = tps / positives
-  return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+  return float(sk.average_precision_score(labels, np.asarray(scores, np.float64)))
 
 
 def _one_vs_rest(metric, labels: np.ndarray, scores: np.ndarray) -> float:
@@ -131,26 +106,24 @@ def classification_metrics(labels: np.ndarray, logits: np.ndarray) -> dict[str, 
 
 def rankdata(x: np.ndarray) -> np.ndarray:
   """1-based ranks; tied values get the mean of their ranks."""
-  x = np.asarray(x)
-  order = np.argsort(x, kind="stable")
-  sorted_x = x[order]
-  starts = np.r_[0, np.flatnonzero(np.diff(sorted_x)) + 1]
-  ends = np.r_[starts[1:], x.size]
-  average = (starts + ends + 1) / 2.0  # mean of ranks start+1 .. end
-  ranks = np.empty(x.size, np.float64)
-  ranks[order] = np.repeat(average, ends - starts)
-  return ranks
+  return stats.rankdata(np.asarray(x), method="average").astype(np.float64)
+
+
+def _correlation(fn, x: np.ndarray, y: np.ndarray) -> float:
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+    return float("nan")
+  return float(fn(x, y).statistic)
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
-  x = np.asarray(x, np.float64) - np.mean(x)
-  y = np.asarray(y, np.float64) - np.mean(y)
-  denom = np.sqrt((x @ x) * (y @ y))
-  return float(x @ y / denom) if denom > 0 else float("nan")
+  """Pearson correlation (`scipy.stats.pearsonr`); NaN for a constant input."""
+  return _correlation(stats.pearsonr, x, y)
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
-  return pearson(rankdata(x), rankdata(y))
+  """Spearman rank correlation (`scipy.stats.spearmanr`); NaN for a constant input."""
+  return _correlation(stats.spearmanr, x, y)
 
 
 def regression_metrics(targets: np.ndarray, predictions: np.ndarray) -> dict[str, float]:

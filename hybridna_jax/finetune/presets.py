@@ -20,4 +20,7 @@ PRESETS = {
   "full": {"finetune": dict(freeze_backbone=False)},
   "fresh": {"finetune": dict(pretrained="")},
   "balanced": {"finetune": dict(class_weights="balanced")},
+  # A linear probe on frozen embeddings instead of training (finetune/probe.py;
+  # score.pooling / score.layer / score.rc_average choose the embedding).
+  "probe": {"finetune": dict(probe=True)},
 }

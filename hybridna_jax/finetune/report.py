@@ -1,10 +1,13 @@
 """Fine-tuning results as JSON, markdown tables and plots.
 
 Per run (<workdir>): results.json (selected step, dev and test metrics, data
-summary, settings), results.md (a table), test_predictions.csv and
-finetune_curves.png (train loss and the dev headline metric against step).
-Per suite: suite_results.json, suite_table.md and suite_scores.png (the
-headline metric of every task, dev and test).
+summary, settings, the baselines' metrics and whether the model beats them),
+results.md (that verdict and a table), baselines.png (test headline of the
+model and the baselines), test_predictions.csv and finetune_curves.png
+(train loss and the dev headline metric against step). Per suite:
+suite_results.json, suite_table.md (verdicts and a table) and
+suite_scores.png (the headline metric of every task, dev and test, and the
+baselines on test).
 """
 
 from __future__ import annotations
@@ -56,21 +59,36 @@ def metrics_table(rows: list[dict]) -> str:
 
 
 def result_rows(results: dict) -> list[dict]:
-  """The dev and test rows of one run's results.json."""
-  return [
+  """The model's dev and test rows of one run's results.json, then one test
+  row per baseline ("system": "model" or the baseline's key)."""
+  rows = [
     {
       "task": results["task"],
       "kind": results["kind"],
+      "system": "model",
       "embedding": results["embedding"],
       "split": split,
       **results[split],
     }
     for split in ("dev", "test")
   ]
+  for key, baseline in results.get("baselines", {}).items():
+    rows.append(
+      {
+        "task": results["task"],
+        "kind": results["kind"],
+        "system": key,
+        "embedding": f"baseline: {baseline['name']}",
+        "split": "test",
+        **baseline["test"],
+      }
+    )
+  return rows
 
 
 def write_results(workdir: str, results: dict) -> dict[str, str]:
-  """results.json and results.md; returns their paths."""
+  """results.json, results.md and, with baselines, baselines.png; returns
+  their paths."""
   json_path = os.path.join(workdir, "results.json")
   table_path = os.path.join(workdir, "results.md")
   with open(json_path, "w", encoding="utf-8") as f:
@@ -78,12 +96,47 @@ def write_results(workdir: str, results: dict) -> dict[str, str]:
   headline = HEADLINE[results["kind"]]
   with open(table_path, "w", encoding="utf-8") as f:
     f.write(f"# {results['task']}: {results['embedding']}\n\n")
-    f.write(
-      f"Selected on dev {headline} at step {results['selected_step']} "
-      f"of {results['total_steps']}; backbone: {results['backbone']}.\n\n"
-    )
+    if "selected_step" in results:
+      selection = (
+        f"Selected on dev {headline} at step {results['selected_step']} of {results['total_steps']}"
+      )
+    else:
+      selection = results["selection"]
+    f.write(f"{selection}; backbone: {results['backbone']}.\n\n")
+    if "verdict" in results:
+      f.write(f"**{results['verdict']['text']}**\n\n")
     f.write(metrics_table(result_rows(results)))
-  return {"json": json_path, "table": table_path}
+  paths = {"json": json_path, "table": table_path}
+  if results.get("baselines"):
+    paths["baselines_plot"] = plot_baselines(results, os.path.join(workdir, "baselines.png"))
+  return paths
+
+
+def plot_baselines(results: dict, out_path: str) -> str:
+  """Bars: the test headline metric of the model and of each baseline."""
+  plt = plotting.pyplot()
+  headline = HEADLINE[results["kind"]]
+  names = [f"model\n({results['embedding']})"]
+  values = [results["test"][headline]]
+  for baseline in results["baselines"].values():
+    names.append(baseline["name"])
+    values.append(baseline["test"][headline])
+  fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+  colors = ["tab:blue"] + ["tab:gray"] * (len(values) - 1)
+  bars = ax.bar(np.arange(len(values)), values, color=colors)
+  for bar, value in zip(bars, values):
+    ax.annotate(
+      _fmt(float(value)),
+      (bar.get_x() + bar.get_width() / 2, max(bar.get_height(), 0.0)),
+      ha="center",
+      va="bottom",
+      fontsize=8,
+    )
+  ax.set_xticks(np.arange(len(values)), names, fontsize=8)
+  ax.axhline(0, color="black", lw=0.5)
+  ax.set_ylabel(f"test {headline}")
+  ax.set_title(f"{results['task']}: model vs baselines (test)", fontsize=10)
+  return plotting.save(fig, out_path)
 
 
 def write_predictions(path: str, labels: np.ndarray, outputs: np.ndarray, kind: str) -> None:
@@ -125,18 +178,33 @@ def plot_curves(jsonl_path: str, out_path: str, headline: str, title: str) -> st
 
 
 def plot_suite(rows: list[dict], out_path: str) -> str:
-  """Grouped bars: the headline metric of every task on dev and test."""
+  """Grouped bars: the headline metric of every task, the model on dev and
+  test and each baseline (rows with another "system") on test."""
   plt = plotting.pyplot()
   tasks = list(dict.fromkeys(r["task"] for r in rows))
-  fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(tasks) + 2), 4.5), dpi=120)
-  width = 0.38
+  series = [("model", "dev", "model dev", "tab:gray"), ("model", "test", "model test", "tab:blue")]
+  baseline_colors = ("tab:orange", "tab:green", "tab:purple", "tab:brown")
+  for i, system in enumerate(dict.fromkeys(r.get("system", "model") for r in rows)):
+    if system != "model":
+      label = next(r["embedding"] for r in rows if r.get("system") == system)
+      series.append((system, "test", label, baseline_colors[i % len(baseline_colors)]))
+  fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(series) * len(tasks) + 2), 4.5), dpi=120)
+  width = 0.8 / len(series)
   x = np.arange(len(tasks))
-  for offset, split, color in ((-width / 2, "dev", "tab:gray"), (width / 2, "test", "tab:blue")):
+  for j, (system, split, label, color) in enumerate(series):
     values = []
     for task in tasks:
-      row = next((r for r in rows if r["task"] == task and r["split"] == split), None)
+      row = next(
+        (
+          r
+          for r in rows
+          if r["task"] == task and r["split"] == split and r.get("system", "model") == system
+        ),
+        None,
+      )
       values.append(row.get(HEADLINE[row["kind"]], np.nan) if row else np.nan)
-    bars = ax.bar(x + offset, values, width, label=split, color=color)
+    offset = (j - (len(series) - 1) / 2) * width
+    bars = ax.bar(x + offset, values, width, label=label, color=color)
     for bar, value in zip(bars, values):
       if np.isfinite(value):
         ax.annotate(
@@ -153,6 +221,6 @@ def plot_suite(rows: list[dict], out_path: str) -> str:
   ax.set_ylabel(" / ".join(HEADLINE[k] for k in sorted(kinds)) + " (headline)")
   ax.set_xticks(x, tasks, rotation=30, ha="right", fontsize=8)
   ax.axhline(0, color="black", lw=0.5)
-  ax.legend()
+  ax.legend(fontsize=7)
   ax.set_title("HybriDNA-JAX fine-tuning: selected on dev, reported on test", fontsize=10)
   return plotting.save(fig, out_path)

@@ -43,6 +43,7 @@ from hybridna_jax import echo as echo_lib
 from hybridna_jax import restore, sharding, tokenizer
 from hybridna_jax.config import MODEL_RUNTIME_FIELDS, FinetuneConfig, ModelConfig, model_config_dict
 from hybridna_jax.data import pipeline
+from hybridna_jax.finetune import baselines as baselines_lib
 from hybridna_jax.finetune import datasets, report
 from hybridna_jax.finetune import metrics as metrics_lib
 from hybridna_jax.finetune.model import HeadConfig, SequenceModel
@@ -163,21 +164,7 @@ class FinetuneTask(loop.Task):
   def __init__(self, config, data: datasets.TaskData | None = None):
     super().__init__(config)
     fc = config.finetune
-    if data is None:
-      if not fc.task:
-        raise ValueError(
-          "no task: set finetune.task (--task) to a GUE or Nucleotide "
-          "Transformer folder or a BED file."
-        )
-      data = datasets.load_task(
-        str(fc.task),
-        format=str(fc.format),
-        reference=str(fc.reference),
-        dev_fraction=float(fc.dev_fraction),
-        split_seed=int(fc.split_seed),
-        kind=str(fc.kind),
-      )
-    self.data = data
+    data = self.data = data if data is not None else load_config_task(fc)
     self.kind = data.kind
     self.model_cfg, self.pretrained = resolve_backbone(config)
     num_outputs = data.num_classes if self.kind == "classification" else 1
@@ -423,6 +410,8 @@ class FinetuneTask(loop.Task):
       "settings": self.task_info(),
     }
     if jax.process_index() == 0:
+      if self.config.finetune.baselines:
+        attach_baselines(results, self.data)
       paths = report.write_results(workdir, results)
       with open(os.path.join(workdir, TASK_INFO), "w", encoding="utf-8") as f:
         json.dump(self.task_info(), f, indent=2)
@@ -443,7 +432,7 @@ class FinetuneTask(loop.Task):
       results["files"] = paths
       headline = self.selection[0]
       logging.info(
-        "%s: dev %s %.4f, test %s %.4f (step %d)\n%s",
+        "%s: dev %s %.4f, test %s %.4f (step %d)\n%s%s",
         self.data.name,
         headline,
         results["dev"][headline],
@@ -451,6 +440,7 @@ class FinetuneTask(loop.Task):
         results["test"][headline],
         step,
         report.metrics_table(report.result_rows(results)),
+        results["verdict"]["text"] if "verdict" in results else "",
       )
     return {"results": results}
 
@@ -467,9 +457,49 @@ class FinetuneTask(loop.Task):
 # -- entry points --------------------------------------------------------------------------
 
 
+def attach_baselines(results: dict, data: datasets.TaskData) -> dict:
+  """Adds results["baselines"] (GC content, k-mer regression; trained on
+  data's train split, `finetune.baselines`) and results["verdict"] (does
+  the model beat them on test); returns `results`."""
+  start = time.perf_counter()
+  results["baselines"] = baselines_lib.run_baselines(data)
+  results["verdict"] = baselines_lib.compare(results["test"], results["baselines"], results["kind"])
+  logging.info(
+    "%s: baselines in %.1f s. %s",
+    data.name,
+    time.perf_counter() - start,
+    results["verdict"]["text"],
+  )
+  return results
+
+
+def load_config_task(fc, name: str | None = None) -> datasets.TaskData:
+  """The task of a `finetune` config section (task, format, reference,
+  dev_fraction, split_seed, kind)."""
+  if not fc.task:
+    raise ValueError(
+      "no task: set finetune.task (--task) to a GUE or Nucleotide Transformer folder or a BED file."
+    )
+  return datasets.load_task(
+    str(fc.task),
+    format=str(fc.format),
+    reference=str(fc.reference),
+    dev_fraction=float(fc.dev_fraction),
+    split_seed=int(fc.split_seed),
+    kind=str(fc.kind),
+    name=name,
+  )
+
+
 def finetune(config, workdir: str, data: datasets.TaskData | None = None) -> dict:
   """Fine-tunes on config.finetune.task (or `data`) in `workdir`, resuming
-  from its latest checkpoint; returns the loop's summary with "results"."""
+  from its latest checkpoint; returns the loop's summary with "results".
+  With finetune.probe, fits a linear probe on frozen embeddings instead
+  (`probe.run_probe`)."""
+  if config.finetune.get("probe", False):
+    from hybridna_jax.finetune import probe  # pylint: disable=g-import-not-at-top
+
+    return probe.run_probe(config, workdir, data)
   task = FinetuneTask(config, data)
   return loop.train(config, workdir, task=task)
 
@@ -510,7 +540,7 @@ def run_suite(config, patterns: list[str], workdir: str) -> list[dict]:
   suite_results.json, suite_table.md and suite_scores.png."""
   paths = expand_suite(patterns)
   names = _suite_names(paths)
-  rows = []
+  rows, verdicts = [], []
   logging.info("suite of %d tasks: %s", len(paths), ", ".join(names))
   for i, (path, name) in enumerate(zip(paths, names)):
     task_dir = os.path.join(workdir, name.replace(os.sep, "__"))
@@ -525,28 +555,24 @@ def run_suite(config, patterns: list[str], workdir: str) -> list[dict]:
       with task_config.unlocked():
         task_config.finetune.task = path
       start = time.perf_counter()
-      fc = task_config.finetune
-      data = datasets.load_task(
-        path,
-        format=str(fc.format),
-        reference=str(fc.reference),
-        dev_fraction=float(fc.dev_fraction),
-        split_seed=int(fc.split_seed),
-        kind=str(fc.kind),
-        name=name,
-      )
+      data = load_config_task(task_config.finetune, name=name)
       results = finetune(task_config, task_dir, data)["results"]
       logging.info(
         "[%d/%d] %s finished in %.0f s", i + 1, len(paths), name, time.perf_counter() - start
       )
     rows.extend(report.result_rows({**results, "task": name}))
+    if "verdict" in results:
+      verdicts.append(f"- {name}: {results['verdict']['text']}")
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "suite_results.json"), "w", encoding="utf-8") as f:
       json.dump(rows, f, indent=2)
     table = report.metrics_table(rows)
     with open(os.path.join(workdir, "suite_table.md"), "w", encoding="utf-8") as f:
-      f.write("# Fine-tuning suite\n\nSelected on dev, reported on test.\n\n" + table)
+      f.write("# Fine-tuning suite\n\nSelected on dev, reported on test.\n\n")
+      if verdicts:
+        f.write("Against the baselines (test):\n\n" + "\n".join(verdicts) + "\n\n")
+      f.write(table)
     report.plot_suite(rows, os.path.join(workdir, "suite_scores.png"))
     logging.info("suite results:\n%s", table)
   return rows

@@ -11,14 +11,31 @@ header naming chrom,pos,ref,alt (optional id; 1-based pos), plus the
 reference FASTA. SNVs, MNVs and small indels are scored; REF and ALT are in
 VCF form (indels usually share a leading base, e.g. AT -> A).
 
-Windows. For a variant replacing REF (r bases at 0-based p) by ALT (a
-bases), m = max(r, a): the reference window holds REF with window - m
-flanking bases split evenly around it (shifted to stay inside the
-chromosome), and the alt window the same flanks around ALT, so the two
-differ by exactly the variant and neither exceeds `window` tokens:
+Windows are length-fair: the ref and alt windows have the same length, so
+an indel's score never counts the cost of extra tokens. For a variant
+replacing REF (r bases at 0-based p) by ALT (a bases), m = max(r, a), the
+reference window is `window` bases of the chromosome and the alt window
+`window` bases of the alt haplotype (the chromosome with REF replaced by
+ALT), both starting (window - m) // 2 bases before the variant (shifted
+inwards where a chromosome end is near; `window` is capped at the shorter
+haplotype):
 
-    ref = chrom[p - left : p] + REF + chrom[p + r : p + r + right]
-    alt = chrom[p - left : p] + ALT + chrom[p + r : p + r + right]
+    ref = chrom[s : p] + REF + chrom[p + r : s + window]
+    alt = chrom[s : p] + ALT + chrom[p + r : s + window + r - a]
+
+The two share the left flank; the right flank of the shorter allele's
+window reaches |a - r| bases further, so each inserted base is weighed
+against one more reference base rather than against nothing. (The other
+fair choice, summing only the positions both windows share, would drop the
+inserted bases' own likelihood; equal windows keep it.) Consequences: an
+indel's LLR carries no length bias -- a model whose predictions do not
+depend on context gives exactly 0 when they are uniform (the untrained
+model is close to that) and, for an order-0 model, only the composition
+difference between the inserted bases and as many flanking bases, whatever
+the indel's length -- and an insertion and the deletion that undoes it
+(scored on the haplotype that carries the insertion) swap windows and get
+exactly opposite scores, wherever neither window meets a chromosome end.
+SNVs and MNVs are unchanged: both windows are the chromosome around them.
 
 The score is LLR = log P(alt window) - log P(ref window) (nats, summed over
 scored positions; negative: the model finds the alt sequence less likely).
@@ -390,26 +407,36 @@ def check_variants(
 def variant_windows(
   variant: Variant, chrom: np.ndarray, window: int
 ) -> tuple[tuple[int, int], np.ndarray, np.ndarray]:
-  """Reference and alt windows of a variant (module docstring).
+  """Equal-length reference and alt windows of a variant (module docstring).
+
+  Args:
+    variant: the variant (its REF must match `chrom`).
+    chrom: (n,) the chromosome's tokens.
+    window: window length; capped at the shorter of the two haplotypes.
 
   Returns:
     (start, end) of the reference window (0-based, end-exclusive), and the
-    ref and alt windows as int32 tokens.
+    ref and alt windows as (w,) int32 tokens each, w = min(window, n,
+    n - r + a).
   """
-  p, r = variant.pos - 1, len(variant.ref)
-  flank = window - max(r, len(variant.alt))
-  if flank < 0:
+  p, r, a = variant.pos - 1, len(variant.ref), len(variant.alt)
+  m = max(r, a)
+  window = min(window, len(chrom), len(chrom) - r + a)
+  if window < m:
     raise ValueError(f"window {window} is shorter than the alleles of {variant}.")
-  room_left, room_right = p, len(chrom) - (p + r)
-  left = min(flank // 2, room_left)
-  right = min(flank - left, room_right)
-  left = min(flank - right, room_left)  # give unused right room to the left
-  start, end = p - left, p + r + right
-  ref_tokens = np.asarray(chrom[start:end], np.int32)
+  left = (window - m) // 2
+
+  def start_in(length: int) -> int:
+    # Centred, shifted inwards at either end; always holds the allele.
+    return min(max(p - left, 0), length - window)
+
+  s_ref, s_alt = start_in(len(chrom)), start_in(len(chrom) - r + a)
+  ref_tokens = np.asarray(chrom[s_ref : s_ref + window], np.int32)
+  right = s_alt + window - (p + a)  # alt-window bases after ALT
   alt_tokens = np.concatenate(
-    [ref_tokens[:left], tokenizer.encode(variant.alt), ref_tokens[left + r :]]
+    [chrom[s_alt:p], tokenizer.encode(variant.alt), chrom[p + r : p + r + right]]
   ).astype(np.int32)
-  return (start, end), ref_tokens, alt_tokens
+  return (s_ref, s_ref + window), ref_tokens, alt_tokens
 
 
 def score_variants(

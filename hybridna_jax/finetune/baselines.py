@@ -1,0 +1,205 @@
+"""Simple baselines trained beside every fine-tuning run, on the same splits.
+
+    found = run_baselines(data)              # {"gc": {...}, "kmer": {...}}
+    verdict = compare(results["test"], found, data.kind)
+    verdict["text"]   # "The model (test MCC 0.45) does not beat ..."
+
+DNA language models often lose to simple baselines, so each report carries
+two (fitted on train, selected on dev, reported on test, with the metrics of
+`finetune.metrics`):
+
+* gc: the GC content of each sequence (one feature) -> logistic regression
+  (classification) or linear regression (regression);
+* kmer: k-mer frequencies over both strands (4**k features, k-mers with N
+  skipped), standardised -> L2 logistic regression (C=1) or ridge
+  (alpha=1); k is chosen among `KMER_SIZES` by the dev headline metric.
+
+Classification outputs are log-probabilities (n, num_classes), so the
+model's metric code applies unchanged; a class missing from train gets
+log-probability -1e9.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LinearRegression, LogisticRegression, Ridge
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from hybridna_jax import tokenizer
+from hybridna_jax.design.metrics import gc_content
+from hybridna_jax.finetune import metrics as metrics_lib
+
+KMER_SIZES = (3, 4, 5, 6)
+NAMES = {"gc": "GC content", "kmer": "k-mer logistic regression"}
+EVAL_SPLITS = ("dev", "test")
+
+
+def kmer_features(sequences: Sequence[str], k: int) -> np.ndarray:
+  """float32 (n, 4**k): k-mer frequencies of each sequence and its reverse
+  complement together (k-mers with N skipped; index = base-4 number, A=0)."""
+  out = np.zeros((len(sequences), 4**k), np.float32)
+  powers = 4 ** np.arange(k - 1, -1, -1)
+  for row, seq in enumerate(sequences):
+    for strand in (seq, tokenizer.reverse_complement(seq)):
+      t = tokenizer.encode(strand).astype(np.int64) - tokenizer.A  # A C G T -> 0..3
+      if t.size < k:
+        continue
+      windows = np.lib.stride_tricks.sliding_window_view(t, k)
+      windows = windows[((windows >= 0) & (windows < 4)).all(axis=1)]
+      out[row] += np.bincount(windows @ powers, minlength=4**k)
+  return out / np.maximum(out.sum(axis=1, keepdims=True), 1.0)
+
+
+def gc_features(sequences: Sequence[str]) -> np.ndarray:
+  """float64 (n, 1): GC share of the A C G T bases (0.5 where there are none)."""
+  return np.nan_to_num(gc_content(sequences), nan=0.5)[:, None]
+
+
+def fit_predict(
+  kind: str,
+  x: dict[str, np.ndarray],
+  labels: np.ndarray,
+  *,
+  num_classes: int = 0,
+  linear: bool = False,
+  c: float = 1.0,
+) -> dict[str, np.ndarray]:
+  """Fits on x["train"] (n, f) and predicts the other splits.
+
+  Args:
+    kind: "classification" or "regression".
+    x: split -> (n_split, f) features; must hold "train".
+    labels: (n_train,) class ids or targets.
+    num_classes: classes of the task (classification).
+    linear: an unregularised linear regression (regression, one feature).
+    c: inverse regularisation strength: logistic regression's C, ridge's
+      alpha = 1 / c.
+
+  Returns:
+    split -> (n_split, num_classes) log-probabilities, or (n_split,)
+    predictions, for every split of `x` but train.
+  """
+  if kind == "classification":
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
+  else:
+    regression = LinearRegression() if linear else Ridge(alpha=1.0 / c)
+    model = make_pipeline(StandardScaler(), regression)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", ConvergenceWarning)
+    model.fit(x["train"], labels)
+  out = {}
+  for split, features in x.items():
+    if split == "train":
+      continue
+    if kind == "classification":
+      scores = model.decision_function(features)  # logits; (n,) for two classes
+      if scores.ndim == 1:
+        scores = np.stack([np.zeros_like(scores), scores], axis=1)
+      scores = scores - scores.max(axis=1, keepdims=True)
+      logp = np.full((len(features), num_classes), -1e9)
+      logp[:, model.classes_.astype(np.int64)] = scores - np.log(
+        np.exp(scores).sum(axis=1, keepdims=True)
+      )
+      out[split] = logp
+    else:
+      out[split] = model.predict(features)
+  return out
+
+
+def split_metrics(kind: str, labels: np.ndarray, outputs: np.ndarray) -> dict[str, float]:
+  """The task kind's metrics of `fit_predict` outputs, with "examples"."""
+  if kind == "classification":
+    out = metrics_lib.classification_metrics(labels, outputs)
+  else:
+    out = metrics_lib.regression_metrics(labels, outputs)
+  out["examples"] = len(labels)
+  return out
+
+
+def gc_baseline(data) -> dict:
+  """GC content -> logistic / linear regression; {"name", "dev", "test", "settings"}."""
+  x = {s: gc_features(data.splits[s].sequences) for s in ("train", *EVAL_SPLITS)}
+  outputs = fit_predict(
+    data.kind, x, data.splits["train"].labels, num_classes=_classes(data), linear=True
+  )
+  return {
+    "name": NAMES["gc"],
+    **{s: split_metrics(data.kind, data.splits[s].labels, outputs[s]) for s in EVAL_SPLITS},
+    "settings": {"features": "GC share", "model": _model_name(data.kind, linear=True)},
+  }
+
+
+def kmer_baseline(data, ks: Sequence[int] = KMER_SIZES) -> dict:
+  """k-mer frequencies -> logistic regression / ridge, k chosen on dev.
+
+  Returns:
+    {"name", "dev", "test", "settings": {"k", "dev_by_k", ...}}.
+  """
+  headline = metrics_lib.HEADLINE[data.kind]
+  best, by_k = None, {}
+  for k in ks:
+    x = {s: kmer_features(data.splits[s].sequences, k) for s in ("train", *EVAL_SPLITS)}
+    outputs = fit_predict(data.kind, x, data.splits["train"].labels, num_classes=_classes(data))
+    found = {s: split_metrics(data.kind, data.splits[s].labels, outputs[s]) for s in EVAL_SPLITS}
+    score = found["dev"][headline]
+    by_k[str(k)] = score
+    if best is None or (np.isfinite(score) and not score <= best[0]):
+      best = (score if np.isfinite(score) else -np.inf, k, found)
+  _, k, found = best
+  return {
+    "name": f"{k}-mer {'logistic regression' if data.kind == 'classification' else 'ridge'}",
+    **found,
+    "settings": {
+      "k": k,
+      "dev_by_k": by_k,
+      "features": "k-mer frequencies, both strands, standardised",
+      "model": _model_name(data.kind),
+    },
+  }
+
+
+def _classes(data) -> int:
+  return data.num_classes if data.kind == "classification" else 0
+
+
+def _model_name(kind: str, linear: bool = False) -> str:
+  if kind == "classification":
+    return "sklearn LogisticRegression(C=1, lbfgs)"
+  return "sklearn LinearRegression" if linear else "sklearn Ridge(alpha=1)"
+
+
+def run_baselines(data, ks: Sequence[int] = KMER_SIZES) -> dict[str, dict]:
+  """Both baselines on a `datasets.TaskData`: {"gc": ..., "kmer": ...}."""
+  return {"gc": gc_baseline(data), "kmer": kmer_baseline(data, ks)}
+
+
+def compare(model_test: dict, baselines: dict[str, dict], kind: str) -> dict:
+  """Whether the model beats each baseline on the test headline metric.
+
+  Returns:
+    {"metric", "beats": {name: bool}, "text": one plain sentence}.
+  """
+  headline = metrics_lib.HEADLINE[kind]
+  ours = model_test[headline]
+  beats = {key: bool(ours > b["test"][headline]) for key, b in baselines.items()}
+  label = headline.upper() if headline == "mcc" else headline.capitalize()
+
+  def describe(keys):
+    return " or ".join(
+      f"the {baselines[k]['name']} ({baselines[k]['test'][headline]:.4f})" for k in keys
+    )
+
+  won = [k for k, v in beats.items() if v]
+  lost = [k for k, v in beats.items() if not v]
+  if not lost:
+    text = f"The model (test {label} {ours:.4f}) beats {describe(won).replace(' or ', ' and ')}."
+  elif not won:
+    text = f"The model (test {label} {ours:.4f}) does not beat {describe(lost)}."
+  else:
+    text = f"The model (test {label} {ours:.4f}) beats {describe(won)} but not {describe(lost)}."
+  return {"metric": headline, "beats": beats, "text": text}

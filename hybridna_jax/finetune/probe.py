@@ -1,0 +1,173 @@
+"""Frozen-embedding linear probes: the cheap evaluation of Caduceus and the
+Nucleotide Transformer.
+
+    scorer = Scorer(model, context=1024, batch_size=16)
+    results = probe(scorer, data, pooling="echo", layer=-1)
+    results["test"]["mcc"]
+
+    python launch/finetune.py --config=configs/finetune_demo.py \
+        --config.finetune.probe=True --config.score.pooling=echo \
+        --config.score.layer=2 --workdir=runs/probe_species
+
+The backbone stays frozen: the jitted `Scorer.embed` turns every sequence of
+the train, dev and test splits into one (d_model,) vector -- "mean" over the
+nucleotides, "last" nucleotide, or "echo" (mean over the second copy of
+sequence <sep> sequence), from any layer (-1: the final norm, 0: the token
+embeddings, i: layer i's output), optionally averaged over both strands --
+and a linear model is fitted on train: L2 logistic regression
+(classification) or ridge (regression) on standardised features, its
+strength chosen on dev among `STRENGTHS` by the headline metric, reported
+on test with the metrics of fine-tuning (`finetune.metrics`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import numpy as np
+from absl import logging
+
+from hybridna_jax.finetune import baselines as baselines_lib
+from hybridna_jax.finetune import datasets, report
+from hybridna_jax.finetune.metrics import HEADLINE
+
+# Inverse regularisation strengths tried on dev (logistic C; ridge alpha = 1/C).
+STRENGTHS = (0.01, 0.1, 1.0, 10.0)
+
+
+def embed_splits(
+  scorer, data: datasets.TaskData, *, pooling: str, layer: int, rc_average: bool
+) -> dict[str, np.ndarray]:
+  """split -> (n_split, d_model) float32 embeddings of its sequences."""
+  return {
+    split: scorer.embed(
+      data.splits[split].sequences, pooling=pooling, layer=layer, rc_average=rc_average
+    )
+    for split in ("train", *baselines_lib.EVAL_SPLITS)
+  }
+
+
+def fit_probe(
+  features: dict[str, np.ndarray], data: datasets.TaskData, strengths=STRENGTHS
+) -> dict:
+  """Fits the linear probe on features["train"], picks its strength on dev.
+
+  Args:
+    features: split -> (n_split, f) features of train, dev and test.
+    data: the task (labels, kind).
+
+  Returns:
+    {"dev", "test": metrics, "c": chosen strength, "dev_by_c": {c: dev headline}}.
+  """
+  headline = HEADLINE[data.kind]
+  classes = data.num_classes if data.kind == "classification" else 0
+  best, by_c = None, {}
+  for c in strengths:
+    outputs = baselines_lib.fit_predict(
+      data.kind, features, data.splits["train"].labels, num_classes=classes, c=c
+    )
+    found = {
+      s: baselines_lib.split_metrics(data.kind, data.splits[s].labels, outputs[s])
+      for s in baselines_lib.EVAL_SPLITS
+    }
+    score = found["dev"][headline]
+    by_c[str(c)] = score
+    score = score if math.isfinite(score) else -math.inf
+    if best is None or score > best[0]:
+      best = (score, c, found)
+  _, c, found = best
+  return {**found, "c": c, "dev_by_c": by_c}
+
+
+def probe_label(pooling: str, layer: int, rc_average: bool) -> str:
+  where = "final norm" if layer == -1 else ("token embeddings" if layer == 0 else f"layer {layer}")
+  return f"linear probe: {pooling}, {where}{', RC-averaged' if rc_average else ''}"
+
+
+def probe(
+  scorer, data: datasets.TaskData, *, pooling: str = "echo", layer: int = -1, rc_average=False
+) -> dict:
+  """Embeds the task with `scorer` and fits the probe; a results dict with
+  "task", "kind", "embedding", "dev", "test" and "settings"."""
+  start = time.perf_counter()
+  features = embed_splits(scorer, data, pooling=pooling, layer=layer, rc_average=rc_average)
+  embed_s = time.perf_counter() - start
+  fit = fit_probe(features, data)
+  model = "logistic regression" if data.kind == "classification" else "ridge"
+  return {
+    "task": data.name,
+    "kind": data.kind,
+    "embedding": probe_label(pooling, layer, rc_average),
+    "selection": f"{model} C={fit['c']:g} chosen on dev {HEADLINE[data.kind]}",
+    "dev": fit["dev"],
+    "test": fit["test"],
+    "data": data.summary(),
+    "settings": {
+      "pooling": pooling,
+      "layer": layer,
+      "rc_average": rc_average,
+      "context": scorer.context,
+      "features": int(features["train"].shape[1]),
+      "model": f"sklearn {model} on standardised embeddings",
+      "c": fit["c"],
+      "dev_by_c": fit["dev_by_c"],
+      "embed_seconds": round(embed_s, 2),
+    },
+  }
+
+
+def probe_context(data: datasets.TaskData, pooling: str, max_seq_len: int) -> int:
+  """The smallest power of two holding the longest sequence (echo: twice
+  it plus <sep>), at most the model's max_seq_len."""
+  longest = max(len(s) for split in data.splits.values() for s in split.sequences)
+  need = 2 * longest + 1 if pooling == "echo" else longest
+  return int(min(max_seq_len, 2 ** math.ceil(math.log2(max(need, 2)))))
+
+
+def run_probe(config, workdir: str, data: datasets.TaskData | None = None) -> dict:
+  """launch/finetune.py with finetune.probe: restores finetune.pretrained
+  (or initialises config.model), probes with the score section's pooling,
+  layer and rc_average (score.context 0: `probe_context`), adds the
+  baselines, and writes results.json / results.md / baselines.png.
+
+  Returns:
+    {"results": the results dict}.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from hybridna_jax import restore  # pylint: disable=g-import-not-at-top
+  from hybridna_jax.config import ModelConfig, ScoreConfig  # pylint: disable=g-import-not-at-top
+  from hybridna_jax.finetune import task as task_lib  # pylint: disable=g-import-not-at-top
+  from hybridna_jax.model import create_model  # pylint: disable=g-import-not-at-top
+  from hybridna_jax.scoring import Scorer  # pylint: disable=g-import-not-at-top
+
+  fc = config.finetune
+  data = data or task_lib.load_config_task(fc)
+  if fc.pretrained:
+    model, _, _ = restore.load(str(fc.pretrained), which=str(fc.pretrained_which))
+    backbone = f"{fc.pretrained} ({fc.pretrained_which})"
+  else:
+    model = create_model(ModelConfig.from_config(config.model), seed=int(config.train.seed))
+    backbone = "fresh init"
+  sc = ScoreConfig.of(config)
+  context = sc.context or probe_context(data, sc.pooling, model.cfg.max_seq_len)
+  scorer = Scorer(
+    model,
+    context=context,
+    batch_size=int(fc.eval_batch_size),
+    min_bucket=min(sc.min_bucket, context),
+    add_bos=sc.add_bos,
+  )
+  results = probe(scorer, data, pooling=sc.pooling, layer=sc.layer, rc_average=sc.rc_average)
+  results["backbone"] = backbone
+  if jax.process_index() == 0:
+    if fc.baselines:
+      task_lib.attach_baselines(results, data)
+    os.makedirs(workdir, exist_ok=True)
+    results["files"] = report.write_results(workdir, results)
+    logging.info(
+      "%s\n%s", report.metrics_table(report.result_rows(results)), results.get("verdict", {})
+    )
+  return {"results": results}

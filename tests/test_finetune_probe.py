@@ -1,0 +1,85 @@
+"""Frozen-embedding linear probes: embeddings from the jitted Scorer, a
+linear model chosen on dev, the fine-tuning metrics and reports."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from hybridna_jax.config import ModelConfig, load_config
+from hybridna_jax.data.tasks import TaskSplit
+from hybridna_jax.finetune import datasets, example_tasks, probe
+from hybridna_jax.finetune import task as task_lib
+from hybridna_jax.model import create_model
+from hybridna_jax.scoring import Scorer
+
+
+def _gc_split(rng, n, length=48):
+  """Label 1: GC-rich (65% G+C), label 0: GC-poor (35%)."""
+  labels = rng.integers(0, 2, n)
+  rich, poor = [0.175, 0.325, 0.325, 0.175], [0.325, 0.175, 0.175, 0.325]
+  seqs = ["".join(rng.choice(list("ACGT"), length, p=rich if y else poor)) for y in labels]
+  return seqs, labels
+
+
+@pytest.fixture(scope="module")
+def gc_task(tmp_path_factory):
+  folder = tmp_path_factory.mktemp("gc_task")
+  rng = np.random.default_rng(0)
+  for split, n in (("train", 160), ("dev", 64), ("test", 64)):
+    example_tasks.write_split(os.path.join(folder, f"{split}.csv"), *_gc_split(rng, n))
+  return str(folder)
+
+
+def test_fit_probe_chooses_the_strength_on_dev():
+  rng = np.random.default_rng(0)
+  labels = {s: rng.integers(0, 2, n) for s, n in (("train", 200), ("dev", 80), ("test", 80))}
+  # Feature 0 carries the label; 20 more are noise.
+  features = {
+    s: np.c_[y + rng.normal(0, 0.3, y.size), rng.normal(size=(y.size, 20))]
+    for s, y in labels.items()
+  }
+  data = datasets.TaskData(
+    "toy", "mem", "gue", {s: TaskSplit(["ACGT"] * y.size, y) for s, y in labels.items()}
+  )
+  fit = probe.fit_probe(features, data)
+  assert fit["test"]["mcc"] > 0.8 and fit["test"]["examples"] == 80
+  assert set(fit["dev_by_c"]) == {str(c) for c in probe.STRENGTHS}
+  assert fit["dev_by_c"][str(fit["c"])] == max(fit["dev_by_c"].values())
+
+
+def test_probe_of_token_embeddings_reads_base_composition(gc_task):
+  # Layer 0 mean pooling is a linear function of base composition, so even
+  # an untrained model's probe separates GC-rich from GC-poor sequences.
+  cfg = ModelConfig.from_config(load_config("configs/tiny.py").model)
+  scorer = Scorer(create_model(cfg, seed=0), context=128, batch_size=64, min_bucket=64)
+  data = datasets.load_task(gc_task, log=False)
+  results = probe.probe(scorer, data, pooling="mean", layer=0)
+  assert results["test"]["mcc"] > 0.8, results["test"]
+  assert results["embedding"] == "linear probe: mean, token embeddings"
+  assert results["settings"]["features"] == cfg.d_model
+  # Echo embeddings of the final norm, both strands: one row per sequence.
+  emb = probe.embed_splits(scorer, data, pooling="echo", layer=-1, rc_average=True)
+  assert {s: e.shape for s, e in emb.items()} == {
+    "train": (160, cfg.d_model),
+    "dev": (64, cfg.d_model),
+    "test": (64, cfg.d_model),
+  }
+  assert probe.probe_context(data, "echo", 4096) == 128  # 2 * 48 + 1 -> 128
+  assert probe.probe_context(data, "mean", 4096) == 64
+
+
+def test_finetune_with_probe_writes_results_and_baselines(gc_task, tmp_path):
+  cfg = load_config("configs/finetune_tiny.py:probe")
+  cfg.finetune.task = gc_task
+  cfg.score.pooling, cfg.score.layer = "mean", 0
+  workdir = str(tmp_path / "probe")
+  results = task_lib.finetune(cfg, workdir)["results"]
+  assert results["backbone"] == "fresh init" and results["test"]["mcc"] > 0.8
+  assert set(results["baselines"]) == {"gc", "kmer"}
+  saved = json.load(open(os.path.join(workdir, "results.json")))
+  assert saved["test"]["mcc"] == pytest.approx(results["test"]["mcc"])
+  table = open(os.path.join(workdir, "results.md")).read()
+  assert "chosen on dev mcc; backbone: fresh init" in table
+  assert "linear probe: mean, token embeddings" in table and results["verdict"]["text"] in table
