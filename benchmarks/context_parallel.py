@@ -13,7 +13,8 @@ overhead of the split, not a speed-up.
 
   python benchmarks/context_parallel.py                    # 32k..1M x 1,2,4,8
   python benchmarks/context_parallel.py --lengths 131072 --attention ring allgather
-  python benchmarks/context_parallel.py --no_attention --lengths 1048576 --time_up_to 1048576
+  python benchmarks/context_parallel.py --no_attention --lengths 1048576 --contexts 8 \
+      --chunk_size 16 --remat full --time_up_to 1048576
 """
 
 from __future__ import annotations
@@ -47,14 +48,18 @@ from hybridna_jax.train import step as step_lib  # noqa: E402
 MB = 2**20
 
 
-def tiny_model(attention: str, with_attention: bool, chunk_size: int) -> ModelConfig:
+def tiny_model(attention: str, with_attention: bool, chunk_size: int, remat: str) -> ModelConfig:
   """configs/tiny.py (4 layers, attention at layer 2), or its three Mamba2
   layers alone (attention is quadratic: at 1M it dominates a CPU run)."""
   cfg = ModelConfig.from_config(load_config("configs/tiny.py").model)
   # xla_blockwise on one device: the online softmax that each context slice
   # runs (the dense reference would hold l x l scores).
   cfg = dataclasses.replace(
-    cfg, context_attention=attention, chunk_size=chunk_size, attention_impl="xla_blockwise"
+    cfg,
+    context_attention=attention,
+    chunk_size=chunk_size,
+    attention_impl="xla_blockwise",
+    remat=remat,
   )
   if not with_attention:
     cfg = dataclasses.replace(cfg, attn_layers=(), n_layers=3)
@@ -113,6 +118,7 @@ def main():
   parser.add_argument("--attention", nargs="+", default=["ring"], choices=["ring", "allgather"])
   parser.add_argument("--no_attention", action="store_true", help="the Mamba2 layers only")
   parser.add_argument("--chunk_size", type=int, default=256)
+  parser.add_argument("--remat", default="none", choices=["none", "full", "dots"])
   parser.add_argument("--time_up_to", type=int, default=32768, help="run steps up to this length")
   parser.add_argument("--iters", type=int, default=2)
   args = parser.parse_args()
@@ -120,7 +126,8 @@ def main():
   print(environment())
   layers = "3 Mamba2 layers" if args.no_attention else "4 layers MMAM"
   print(
-    f"tiny model ({layers}, d_model 32, fp32, chunk {args.chunk_size}): train step of one "
+    f"tiny model ({layers}, d_model 32, fp32, chunk {args.chunk_size}, remat {args.remat}): "
+    "train step of one "
     "sequence, two packed documents; per-device memory from XLA's memory analysis"
   )
   header = (
@@ -130,7 +137,7 @@ def main():
   print(header)
   for seq_len in args.lengths:
     for attention in args.attention:
-      cfg = tiny_model(attention, not args.no_attention, args.chunk_size)
+      cfg = tiny_model(attention, not args.no_attention, args.chunk_size, args.remat)
       for context in args.contexts:
         iters = args.iters if seq_len <= args.time_up_to else 0
         r = measure(cfg, seq_len, context, iters)
