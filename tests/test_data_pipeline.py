@@ -212,14 +212,18 @@ def test_loss_mask_and_n(tmp_path):
     ],
   )
   c = _cfg(store_dir, reverse_complement_prob=0.0, max_n_fraction=1.0)
-  b = next(pipeline.train_batches(c, seq_len=8, batch_size=1, seed=0))
-  np.testing.assert_array_equal(b["inputs"][0], [A, C, N, G, T, G, G, 0])
-  np.testing.assert_array_equal(b["targets"][0], [C, N, G, T, G, G, 0, 0])
-  np.testing.assert_array_equal(b["segment_ids"][0], [1, 1, 1, 1, 1, 2, 2, 0])
-  np.testing.assert_array_equal(b["loss_mask"][0], [1, 0, 1, 1, 0, 1, 0, 0])
+  # The one window of 7 tokens: both records, packed.
+  b = next(pipeline.train_batches(c, seq_len=6, batch_size=1, seed=0))
+  np.testing.assert_array_equal(b["inputs"][0], [A, C, N, G, T, G])
+  np.testing.assert_array_equal(b["targets"][0], [C, N, G, T, G, G])
+  np.testing.assert_array_equal(b["segment_ids"][0], [1, 1, 1, 1, 1, 2])
+  np.testing.assert_array_equal(b["loss_mask"][0], [1, 0, 1, 1, 0, 1])
   c.mask_n_in_loss = False
-  b = next(pipeline.train_batches(c, seq_len=8, batch_size=1, seed=0))
-  np.testing.assert_array_equal(b["loss_mask"][0], [1, 1, 1, 1, 0, 1, 0, 0])
+  b = next(pipeline.train_batches(c, seq_len=6, batch_size=1, seed=0))
+  np.testing.assert_array_equal(b["loss_mask"][0], [1, 1, 1, 1, 0, 1])
+  # A longer context than the store holds is refused, not padded.
+  with pytest.raises(ValueError, match="seq_len 8 needs windows of 9 tokens"):
+    next(pipeline.train_batches(c, seq_len=8, batch_size=1, seed=0))
 
 
 def test_source_weights(tmp_path):

@@ -135,14 +135,13 @@ def test_verdict_and_reports(tmp_path):
 
 def test_attach_baselines_on_a_loaded_task(tmp_path):
   from hybridna_jax.finetune import example_tasks
-  from hybridna_jax.finetune import task as task_lib
 
   folder = example_tasks.make_motif_task(
     str(tmp_path / "motif"), n_train=256, n_dev=64, n_test=64, min_length=16, max_length=32
   )
   data = datasets.load_task(folder, log=False)
   results = {"kind": "classification", "test": {"mcc": 0.0}}
-  task_lib.attach_baselines(results, data)
+  baselines.attach(results, data)
   assert set(results["baselines"]) == {"gc", "kmer"}
   assert results["baselines"]["kmer"]["settings"]["k"] in baselines.KMER_SIZES
   assert results["verdict"]["beats"]["kmer"] is False  # an MCC of 0 beats nothing useful

@@ -16,6 +16,7 @@ from flax import nnx
 
 from hybridna_jax import tokenizer
 from hybridna_jax.config import ModelConfig, load_config
+from hybridna_jax.finetune import baselines as baselines_lib
 from hybridna_jax.finetune import example_tasks
 from hybridna_jax.finetune import task as task_lib
 from hybridna_jax.model import HybriDNA
@@ -226,7 +227,7 @@ def test_suite_writes_one_table(motif_task, tmp_path, monkeypatch):
       "dev": task.split_metrics(outputs["dev"], "dev"),
       "test": task.split_metrics(outputs["test"], "test"),
     }
-    task_lib.attach_baselines(results, data)
+    baselines_lib.attach(results, data)
     os.makedirs(workdir)
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(results, f)

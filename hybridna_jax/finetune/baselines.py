@@ -21,10 +21,12 @@ log-probability -1e9.
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Sequence
 
 import numpy as np
+from absl import logging
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LinearRegression, LogisticRegression, Ridge
 from sklearn.pipeline import make_pipeline
@@ -203,3 +205,19 @@ def compare(model_test: dict, baselines: dict[str, dict], kind: str) -> dict:
   else:
     text = f"The model (test {label} {ours:.4f}) beats {describe(won)} but not {describe(lost)}."
   return {"metric": headline, "beats": beats, "text": text}
+
+
+def attach(results: dict, data) -> dict:
+  """Adds results["baselines"] (GC content, k-mer regression; trained on
+  data's train split, `finetune.baselines`) and results["verdict"] (does
+  the model beat them on test); returns `results`."""
+  start = time.perf_counter()
+  results["baselines"] = run_baselines(data)
+  results["verdict"] = compare(results["test"], results["baselines"], results["kind"])
+  logging.info(
+    "%s: baselines in %.1f s. %s",
+    data.name,
+    time.perf_counter() - start,
+    results["verdict"]["text"],
+  )
+  return results

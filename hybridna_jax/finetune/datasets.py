@@ -582,3 +582,21 @@ def load_task(
     for warning in data.warnings():
       logging.warning("%s", warning)
   return data
+
+
+def load_config_task(fc, name: str | None = None) -> TaskData:
+  """The task of a `finetune` config section (task, format, reference,
+  dev_fraction, split_seed, kind)."""
+  if not fc.task:
+    raise ValueError(
+      "no task: set finetune.task (--task) to a GUE or Nucleotide Transformer folder or a BED file."
+    )
+  return load_task(
+    str(fc.task),
+    format=str(fc.format),
+    reference=str(fc.reference),
+    dev_fraction=float(fc.dev_fraction),
+    split_seed=int(fc.split_seed),
+    kind=str(fc.kind),
+    name=name,
+  )

@@ -139,12 +139,11 @@ def run_probe(config, workdir: str, data: datasets.TaskData | None = None) -> di
 
   from hybridna_jax import restore  # pylint: disable=g-import-not-at-top
   from hybridna_jax.config import ModelConfig, ScoreConfig  # pylint: disable=g-import-not-at-top
-  from hybridna_jax.finetune import task as task_lib  # pylint: disable=g-import-not-at-top
   from hybridna_jax.model import create_model  # pylint: disable=g-import-not-at-top
   from hybridna_jax.scoring import Scorer  # pylint: disable=g-import-not-at-top
 
   fc = config.finetune
-  data = data or task_lib.load_config_task(fc)
+  data = data or datasets.load_config_task(fc)
   if fc.pretrained:
     model, _, _ = restore.load(str(fc.pretrained), which=str(fc.pretrained_which))
     backbone = f"{fc.pretrained} ({fc.pretrained_which})"
@@ -164,7 +163,7 @@ def run_probe(config, workdir: str, data: datasets.TaskData | None = None) -> di
   results["backbone"] = backbone
   if jax.process_index() == 0:
     if fc.baselines:
-      task_lib.attach_baselines(results, data)
+      baselines_lib.attach(results, data)
     os.makedirs(workdir, exist_ok=True)
     results["files"] = report.write_results(workdir, results)
     logging.info(

@@ -164,7 +164,7 @@ class FinetuneTask(loop.Task):
   def __init__(self, config, data: datasets.TaskData | None = None):
     super().__init__(config)
     fc = config.finetune
-    data = self.data = data if data is not None else load_config_task(fc)
+    data = self.data = data if data is not None else datasets.load_config_task(fc)
     self.kind = data.kind
     self.model_cfg, self.pretrained = resolve_backbone(config)
     num_outputs = data.num_classes if self.kind == "classification" else 1
@@ -411,7 +411,7 @@ class FinetuneTask(loop.Task):
     }
     if jax.process_index() == 0:
       if self.config.finetune.baselines:
-        attach_baselines(results, self.data)
+        baselines_lib.attach(results, self.data)
       paths = report.write_results(workdir, results)
       with open(os.path.join(workdir, TASK_INFO), "w", encoding="utf-8") as f:
         json.dump(self.task_info(), f, indent=2)
@@ -455,40 +455,6 @@ class FinetuneTask(loop.Task):
 
 
 # -- entry points --------------------------------------------------------------------------
-
-
-def attach_baselines(results: dict, data: datasets.TaskData) -> dict:
-  """Adds results["baselines"] (GC content, k-mer regression; trained on
-  data's train split, `finetune.baselines`) and results["verdict"] (does
-  the model beat them on test); returns `results`."""
-  start = time.perf_counter()
-  results["baselines"] = baselines_lib.run_baselines(data)
-  results["verdict"] = baselines_lib.compare(results["test"], results["baselines"], results["kind"])
-  logging.info(
-    "%s: baselines in %.1f s. %s",
-    data.name,
-    time.perf_counter() - start,
-    results["verdict"]["text"],
-  )
-  return results
-
-
-def load_config_task(fc, name: str | None = None) -> datasets.TaskData:
-  """The task of a `finetune` config section (task, format, reference,
-  dev_fraction, split_seed, kind)."""
-  if not fc.task:
-    raise ValueError(
-      "no task: set finetune.task (--task) to a GUE or Nucleotide Transformer folder or a BED file."
-    )
-  return datasets.load_task(
-    str(fc.task),
-    format=str(fc.format),
-    reference=str(fc.reference),
-    dev_fraction=float(fc.dev_fraction),
-    split_seed=int(fc.split_seed),
-    kind=str(fc.kind),
-    name=name,
-  )
 
 
 def finetune(config, workdir: str, data: datasets.TaskData | None = None) -> dict:
@@ -555,7 +521,7 @@ def run_suite(config, patterns: list[str], workdir: str) -> list[dict]:
       with task_config.unlocked():
         task_config.finetune.task = path
       start = time.perf_counter()
-      data = load_config_task(task_config.finetune, name=name)
+      data = datasets.load_config_task(task_config.finetune, name=name)
       results = finetune(task_config, task_dir, data)["results"]
       logging.info(
         "[%d/%d] %s finished in %.0f s", i + 1, len(paths), name, time.perf_counter() - start
