@@ -167,16 +167,32 @@ def test_model_loss_and_gradients_match_one_device(axes):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max(), err_msg=str(path))
 
 
-def _launch_train(store_dir: str, workdir: str, mesh_flags) -> list[dict]:
-  """Trains the tiny model 4 steps at 128 nt through launch/train.py on 8
-  fake devices; returns the train records of metrics.jsonl."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MESHES = {  # launcher flags: one device, and 4 slices x 2 rows on 8 fake devices
+  "one": ["--config.mesh.num_devices=1"],
+  "context": ["--config.mesh.context=4", "--config.mesh.fsdp=2"],
+}
+
+
+def _launch(program: str, *args: str) -> None:
+  """Runs launch/<program> with the tiny config on 8 fake CPU devices."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
   command = [
     sys.executable,
-    os.path.join(root, "launch", "train.py"),
-    f"--config={os.path.join(root, 'configs', 'tiny.py')}",
+    os.path.join(ROOT, "launch", program),
+    f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}",
+    *args,
+  ]
+  done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _launch_train(store_dir: str, workdir: str, mesh_flags) -> list[dict]:
+  """Trains the tiny model 4 steps at 128 nt through launch/train.py; returns
+  the train records of metrics.jsonl."""
+  _launch(
+    "train.py",
     f"--workdir={workdir}",
     f"--config.data.store_dir={store_dir}",
     "--config.train.stages=((128, 4, 2),)",
@@ -187,22 +203,16 @@ def _launch_train(store_dir: str, workdir: str, mesh_flags) -> list[dict]:
     "--config.train.keep_best=False",
     "--config.train.plot=False",
     *mesh_flags,
-  ]
-  done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-  assert done.returncode == 0, done.stderr[-3000:]
+  )
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [r for r in map(json.loads, f) if r["kind"] == "train"]
 
 
 @pytest.mark.slow
 def test_launch_train_with_context_axis_gives_one_device_losses(lambda_store, tmp_path):
-  one = _launch_train(
-    lambda_store.store_dir, str(tmp_path / "one"), ["--config.mesh.num_devices=1"]
-  )
-  split = _launch_train(
-    lambda_store.store_dir,
-    str(tmp_path / "context"),
-    ["--config.mesh.context=4", "--config.mesh.fsdp=2"],  # 2 rows x 4 slices on 8 devices
+  one, split = (
+    _launch_train(lambda_store.store_dir, str(tmp_path / name), MESHES[name])
+    for name in ("one", "context")
   )
   assert [r["step"] for r in split] == [r["step"] for r in one] == [1, 2, 3, 4]
   for a, b in zip(split, one):
@@ -253,30 +263,19 @@ def split_mesh(model):
 def test_launch_eval_with_context_axis_gives_one_device_bits(tiny_run, lambda_store, tmp_path):
   """launch/eval.py over 512-token windows split 4 ways (x fsdp 2) reports
   what one device reports."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
   results = {}
-  for name, mesh_flags in (
-    ("one", ["--config.mesh.num_devices=1"]),
-    ("context", ["--config.mesh.context=4", "--config.mesh.fsdp=2"]),
-  ):
-    out = tmp_path / name
-    command = [
-      sys.executable,
-      os.path.join(root, "launch", "eval.py"),
+  for name, mesh_flags in MESHES.items():
+    _launch(
+      "eval.py",
       f"--workdir={tiny_run}",
-      f"--config={os.path.join(root, 'configs', 'tiny.py')}",
       f"--config.data.store_dir={lambda_store.store_dir}",
       "--config.score.context=512",
       "--config.score.stride=256",
       "--config.score.eval_max_tokens=1500",
-      f"--output_dir={out}",
+      f"--output_dir={tmp_path / name}",
       *mesh_flags,
-    ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    (path,) = out.glob("eval_*.json")
+    )
+    (path,) = (tmp_path / name).glob("eval_*.json")
     results[name] = json.loads(path.read_text())["overall"]
   assert results["context"]["tokens"] == results["one"]["tokens"] > 1000
   np.testing.assert_allclose(
