@@ -59,3 +59,128 @@ def test_small_promoter_task_from_the_debian_files(tmp_path):
   for r in [r for r in splits["test"] if r["label"] == "1"][:5]:
     s = r["sequence"]
     assert s in genome or tokenizer.reverse_complement(s) in genome
+
+
+def _read_split(folder, split):
+  with open(os.path.join(folder, f"{split}.csv")) as f:
+    rows = list(csv.DictReader(f))
+  with open(os.path.join(folder, f"{split}.regions.bed")) as f:
+    regions = [line.split("\t") for line in f.read().splitlines()]
+  assert len(rows) == len(regions)
+  return rows, [(int(r[1]), int(r[2]), int(r[3]), r[5]) for r in regions]
+
+
+def _check_insulator_task(folder, genome, peaks, protein, length, bins, pad, block):
+  """Shared checks of one insulator folder against its genome and peaks."""
+  union = make.merge_intervals([tuple(p) for ps in peaks.values() for p in ps])
+  spans = {}
+  for split in make.SPLITS:
+    rows, regions = _read_split(folder, split)
+    spans[split] = regions
+    labels = np.array([int(r["label"]) for r in rows])
+    assert (labels == 1).sum() == (labels == 0).sum() > 0
+    gc = {0: [], 1: []}
+    for row, (start, end, label, strand) in zip(rows, regions):
+      assert int(row["label"]) == label and end - start == length
+      assert make.region_split(start, end, block) == split
+      window = genome[start:end]
+      expect = window if strand == "+" else tokenizer.reverse_complement(window)
+      assert row["sequence"] == expect and set(expect) <= set("ACGT")
+      gc[label].append(int((window.count("G") + window.count("C")) / length * bins))
+      if label == 1:  # overlaps a peak of its protein
+        assert any(s < end and start < e for s, e in peaks[protein])
+      else:  # at least `pad` nt from every peak of every protein
+        assert not any(s - pad < end and start < e + pad for s, e in union)
+    # GC-matched: the same GC bins, window for window.
+    assert sorted(min(b, bins - 1) for b in gc[0]) == sorted(min(b, bins - 1) for b in gc[1])
+  # Held out by region: no test window overlaps a train or dev window.
+  for other in ("train", "dev"):
+    for s, e, *_ in spans["test"]:
+      assert not any(s < e2 and s2 < e for s2, e2, *_ in spans[other])
+
+
+def test_insulator_task_on_a_synthetic_chromosome(tmp_path):
+  """The whole insulator builder on a made-up chromosome and BED folder:
+  runs without any download, so it always runs."""
+  rng = np.random.default_rng(0)
+  n, length, bins = 200_000, 100, 10
+  # GC varies along the chromosome so that GC matching has work to do.
+  gc = np.repeat(rng.uniform(0.25, 0.65, n // 2_000), 2_000)
+  strong = rng.random(n) < gc
+  genome = np.where(strong, rng.choice(list("GC"), n), rng.choice(list("AT"), n))
+  genome[5_000:5_050] = "N"
+  genome = "".join(genome)
+  (tmp_path / "chr.fa").write_text(
+    ">chrT\n" + "\n".join(genome[i : i + 80] for i in range(0, n, 80)) + "\n"
+  )
+  beds = tmp_path / "beds"
+  beds.mkdir()
+  for prefix in make.BUSHEY.values():
+    for cell in make.CELL_LINES:
+      lines = ['track name="x"']
+      for s in rng.integers(0, n - 400, 25):
+        lines.append(f"chrT\t{s}\t{s + int(rng.integers(150, 400))}")
+      lines.append("chrOther\t10\t500")
+      (beds / f"{prefix}_{cell}_Bushey_2009.bed").write_text("\n".join(lines) + "\n")
+  peaks = make.read_bushey(str(beds), "chrT")
+  assert all(len(p) > 20 and (np.diff(p[:, 0]) > 0).all() for p in peaks.values())
+  out = tmp_path / "ins"
+  infos = make.make_insulators(
+    str(beds),
+    str(tmp_path / "chr.fa"),
+    str(out),
+    proteins=("ctcf", "suhw"),
+    length=length,
+    block=10_000,
+    seed=3,
+    gc_bins=bins,
+  )
+  assert sorted(os.listdir(out)) == ["ctcf", "suhw"]
+  for protein, info in infos.items():
+    assert info["counts"]["train"]["positives"] > 10
+    _check_insulator_task(str(out / protein), genome, peaks, protein, length, bins, length, 10_000)
+  # Fixed seed: the same files again.
+  again = make.make_insulators(
+    str(beds),
+    str(tmp_path / "chr.fa"),
+    str(tmp_path / "again"),
+    proteins=("ctcf",),
+    length=length,
+    block=10_000,
+    seed=3,
+    gc_bins=bins,
+  )
+  assert again["ctcf"]["counts"] == infos["ctcf"]["counts"]
+
+
+def test_merge_intervals_and_split_codes():
+  merged = make.merge_intervals([(50, 60), (0, 10), (5, 20), (20, 30), (70, 71)])
+  assert merged.tolist() == [[0, 30], [50, 60], [70, 71]]
+  starts = np.arange(0, 2_000, 7)
+  codes = make.split_codes(starts, 30, 100)
+  for s, c in zip(starts, codes):
+    expect = make.region_split(int(s), int(s) + 30, 100)
+    assert (make.SPLITS[c] if c >= 0 else None) == expect
+
+
+def test_small_insulator_task_from_the_packaged_files(tmp_path):
+  cache = os.path.join(ROOT, "data_cache")
+  chrom_path, beds = make.find_source(make.CHR2R, cache), make.find_bushey(cache)
+  if chrom_path is None or beds is None:
+    missing = (["augustus-doc"] if chrom_path is None else []) + (
+      ["the pybedtools 0.12.1 wheel"] if beds is None else []
+    )
+    pytest.skip(f"{', '.join(missing)} absent (bash scripts/fetch_real_task_data.sh)")
+  from hybridna_jax.data import fasta
+
+  ((_, tokens),) = fasta.read_fasta(chrom_path)
+  genome = tokenizer.decode(tokens).upper()
+  peaks = make.read_bushey(beds, "chr2R")
+  # Hundreds of merged peaks per protein on chr2R (both cell lines).
+  assert all(300 < len(p) < 2_000 for p in peaks.values())
+  out = str(tmp_path / "ins")
+  infos = make.make_insulators(
+    beds, chrom_path, out, proteins=("suhw",), length=200, max_per_split=15, seed=1
+  )
+  assert infos["suhw"]["counts"]["test"] == {"positives": 15, "negatives": 15}
+  _check_insulator_task(os.path.join(out, "suhw"), genome, peaks, "suhw", 200, 50, 200, 1_000_000)
