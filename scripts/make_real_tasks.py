@@ -5,6 +5,7 @@ task.json recording sources, settings and counts.
     bash scripts/fetch_real_task_data.sh            # Debian packages -> data_cache
     python scripts/make_real_tasks.py promoters --out=data_cache/tasks/dm_promoters
     python scripts/make_real_tasks.py insulators --out=data_cache/tasks/dm_insulators
+    python scripts/make_real_tasks.py splice --out=data_cache/tasks/dm_splice
 
 Task `promoters` (Drosophila melanogaster, dm3 chr2R): label 1 = the
 `--length` nucleotides just upstream of an annotated transcription start
@@ -40,6 +41,18 @@ ambiguous. Same region split as the promoters (a window crossing a block
 is dropped; background is drawn inside the split's own blocks), fixed
 seed; <split>.regions.bed records each window's coordinates, label and
 strand.
+
+Task `splice` (D. melanogaster): two binary tasks, <out>/donor and
+<out>/acceptor, from the AUGUSTUS tutorial's annotated loci (augustus-doc
+tutorial/results/genes.gb.train, 486 loci, and genes.gb.test, 100 loci:
+GenBank with CDS exon structure; the train and test loci as given there,
+dev = 10% of the train loci, seeded). Label 1 = `--length` (default 200)
+nucleotides centred on a canonical donor (exon | GT) or acceptor (AG |
+exon) between two CDS exons, in gene orientation; label 0 = a window
+centred the same way on another GT (donor task) or AG (acceptor task) of
+the same split's loci, as many as the sites. Both classes carry the
+dinucleotide at the same place, so it alone tells nothing; non-canonical
+sites are left out.
 """
 
 from __future__ import annotations
@@ -62,7 +75,14 @@ from hybridna_jax.finetune.example_tasks import write_split  # noqa: E402
 
 UPSTREAM = "usr/lib/R/site-library/Biostrings/extdata/dm3_upstream2000.fa.gz"
 CHR2R = "usr/share/doc/augustus/tutorial/data/chr2R.fa"
-PACKAGES = {UPSTREAM: "r-bioc-biostrings", CHR2R: "augustus-doc"}
+GENES_TRAIN = "usr/share/doc/augustus/tutorial/results/genes.gb.train"
+GENES_TEST = "usr/share/doc/augustus/tutorial/results/genes.gb.test"
+PACKAGES = {
+  UPSTREAM: "r-bioc-biostrings",
+  CHR2R: "augustus-doc",
+  GENES_TRAIN: "augustus-doc",
+  GENES_TEST: "augustus-doc",
+}
 SPLITS = ("train", "dev", "test")
 _HEADER = re.compile(r"^(\S+)_up_(\d+)_(\S+)_(-?\d+)_([fr])\s+(\S+):(-?\d+)-(-?\d+)")
 
@@ -442,17 +462,148 @@ def make_insulators(
   return infos
 
 
+_RANGE = re.compile(r"<?(\d+)\.\.>?(\d+)")
+
+
+def read_genbank(path: str) -> list[tuple[str, str, list[tuple[str, list[tuple[int, int]]]]]]:
+  """Records of an AUGUSTUS GenBank training file: (locus name, sequence
+  upper case, [(strand, sorted 1-based inclusive CDS exon ranges)] per CDS)."""
+  records = []
+  name, seq, cds, location, in_seq = None, [], [], None, False
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      if line.startswith("LOCUS"):
+        name, seq, cds, location, in_seq = line.split()[1], [], [], None, False
+      elif line.startswith("//"):
+        if name is None:
+          raise ValueError(f"{path}: '//' without LOCUS")
+        records.append((name, "".join(seq).upper(), cds))
+        name = None
+      elif line.startswith("ORIGIN"):
+        in_seq = True
+      elif in_seq:
+        seq.extend(line.split()[1:])
+      elif line.startswith("     CDS "):
+        location = line[21:].strip()
+      elif location is not None:
+        text = line[21:].strip()
+        if text.startswith("/") or not line.startswith(" " * 21):
+          strand = "-" if location.startswith("complement") else "+"
+          exons = sorted((int(a), int(b)) for a, b in _RANGE.findall(location))
+          if not exons:
+            raise ValueError(f"{path}: {name}: unreadable CDS location {location!r}")
+          cds.append((strand, exons))
+          location = None
+        else:
+          location += text
+  return records
+
+
+def splice_sites(seq: str, strand: str, exons) -> tuple[str, list[int], list[int]]:
+  """The locus in gene orientation and its canonical sites as 0-based
+  boundaries b: donors with exon | GT intron at seq[b:b+2], acceptors with
+  intron AG | exon at seq[b-2:b]. Non-canonical sites are left out."""
+  if strand == "-":
+    n = len(seq)
+    seq = tokenizer.reverse_complement(seq)
+    exons = sorted((n - e + 1, n - s + 1) for s, e in exons)
+  donors = [e for _, e in exons[:-1] if seq[e : e + 2] == "GT"]
+  acceptors = [s - 1 for s, _ in exons[1:] if seq[s - 3 : s - 1] == "AG"]
+  return seq, donors, acceptors
+
+
+def make_splice(
+  train_path: str,
+  test_path: str,
+  out_dir: str,
+  *,
+  length: int = 200,
+  seed: int = 0,
+  dev_fraction: float = 0.1,
+  max_per_split: int = 0,
+) -> dict:
+  """Writes <out_dir>/donor and <out_dir>/acceptor (module docstring);
+  returns {site: task.json dict}."""
+  rng = np.random.default_rng(seed)
+  train = read_genbank(train_path)
+  test = read_genbank(test_path)
+  if not train or not test:
+    raise ValueError(f"no GenBank records in {train_path if not train else test_path}.")
+  dev_ids = set(rng.permutation(len(train))[: max(1, int(round(dev_fraction * len(train))))])
+  loci = {
+    "train": [r for i, r in enumerate(train) if i not in dev_ids],
+    "dev": [r for i, r in enumerate(train) if i in dev_ids],
+    "test": test,
+  }
+  half = length // 2
+  motif = {"donor": (0, "GT"), "acceptor": (-2, "AG")}  # offset of the dinucleotide from b
+  infos = {}
+  for site in ("donor", "acceptor"):
+    offset, dinucleotide = motif[site]
+    folder = os.path.join(out_dir, site)
+    os.makedirs(folder, exist_ok=True)
+    counts = {}
+    for split in SPLITS:
+      positives, decoys = [], []
+      for _, locus_seq, cds in loci[split]:
+        for strand, exons in cds:
+          seq, donors, acceptors = splice_sites(locus_seq, strand, exons)
+          real = set(donors if site == "donor" else acceptors)
+          fits = range(half, len(seq) - (length - half) + 1)
+          for b in fits:
+            if seq[b + offset : b + offset + 2] != dinucleotide:
+              continue
+            window = seq[b - half : b - half + length]
+            if "N" in window:
+              continue
+            (positives if b in real else decoys).append(window)
+      positives = [positives[i] for i in rng.permutation(len(positives))]
+      if max_per_split:
+        positives = positives[:max_per_split]
+      if len(decoys) < len(positives):
+        raise RuntimeError(f"{split} {site}: {len(decoys)} decoys for {len(positives)} sites.")
+      decoys = [decoys[i] for i in rng.choice(len(decoys), len(positives), replace=False)]
+      seqs, labels = positives + decoys, [1] * len(positives) + [0] * len(decoys)
+      order = rng.permutation(len(seqs))
+      write_split(
+        os.path.join(folder, f"{split}.csv"), [seqs[i] for i in order], [labels[i] for i in order]
+      )
+      counts[split] = {
+        "positives": len(positives),
+        "negatives": len(decoys),
+        "loci": len(loci[split]),
+      }
+    infos[site] = {
+      "task": f"splice/{site}",
+      "label_1": f"{length} nt centred on an annotated canonical {site} site "
+      f"({dinucleotide}), gene orientation",
+      "label_0": f"{length} nt centred on another {dinucleotide} of the same split's loci "
+      "(gene orientation, any exon or intron position)",
+      "sources": {"train": train_path, "test": test_path},
+      "split": f"AUGUSTUS genes.gb.train / genes.gb.test loci as given; dev: "
+      f"{dev_fraction:.0%} of the train loci (seeded)",
+      "length": length,
+      "seed": seed,
+      "counts": counts,
+    }
+    with open(os.path.join(folder, "task.json"), "w", encoding="utf-8") as f:
+      json.dump(infos[site], f, indent=2)
+  return infos
+
+
 def _missing(what: str, package: str) -> int:
   print(f"missing {what} ({package}); run bash scripts/fetch_real_task_data.sh", file=sys.stderr)
   return 1
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("task", choices=["promoters", "insulators"])
+  parser.add_argument("task", choices=["promoters", "insulators", "splice"])
   parser.add_argument("--out", required=True, help="output task folder")
   parser.add_argument("--cache_dir", default="data_cache", help="where fetch put the packages")
-  parser.add_argument("--length", type=int, default=300)
+  parser.add_argument(
+    "--length", type=int, default=None, help="window length (default 300; splice 200)"
+  )
   parser.add_argument("--block", type=int, default=1_000_000)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--max_per_split", type=int, default=0, help="0: all positives")
@@ -460,14 +611,34 @@ def main(argv=None) -> int:
     "--proteins", default=",".join(BUSHEY), help=f"insulators: some of {','.join(BUSHEY)}"
   )
   parser.add_argument("--gc_bins", type=int, default=50, help="insulators: GC matching bins")
+  return parser
+
+
+def main(argv=None) -> int:
+  parser = build_parser()
   args = parser.parse_args(argv)
-  needed = {"promoters": (UPSTREAM, CHR2R), "insulators": (CHR2R,)}[args.task]
+  needed = {
+    "promoters": (UPSTREAM, CHR2R),
+    "insulators": (CHR2R,),
+    "splice": (GENES_TRAIN, GENES_TEST),
+  }[args.task]
   paths = {}
   for relative in needed:
     paths[relative] = find_source(relative, args.cache_dir)
     if paths[relative] is None:
       return _missing(relative, f"Debian package {PACKAGES[relative]}")
-  common = dict(length=args.length, block=args.block, seed=args.seed)
+  if args.task == "splice":
+    infos = make_splice(
+      paths[GENES_TRAIN],
+      paths[GENES_TEST],
+      args.out,
+      length=args.length or 200,
+      seed=args.seed,
+      max_per_split=args.max_per_split,
+    )
+    print(json.dumps({s: i["counts"] for s, i in infos.items()}))
+    return 0
+  common = dict(length=args.length or 300, block=args.block, seed=args.seed)
   if args.task == "promoters":
     info = make_promoters(
       paths[UPSTREAM], paths[CHR2R], args.out, max_per_split=args.max_per_split, **common

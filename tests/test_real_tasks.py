@@ -184,3 +184,100 @@ def test_small_insulator_task_from_the_packaged_files(tmp_path):
   )
   assert infos["suhw"]["counts"]["test"] == {"positives": 15, "negatives": 15}
   _check_insulator_task(os.path.join(out, "suhw"), genome, peaks, "suhw", 200, 50, 200, 1_000_000)
+
+
+def test_readme_builds_the_real_tasks_it_fine_tunes_on():
+  """The README's commands: fetch, then make_real_tasks.py with arguments its
+  parser accepts, writing the folders the fine-tuning commands read."""
+  import shlex
+
+  with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+    text = f.read().replace("\\\n", " ")
+  commands = [line.strip() for line in text.splitlines()]
+  fetch = [i for i, c in enumerate(commands) if c == "bash scripts/fetch_real_task_data.sh"]
+  makes = [i for i, c in enumerate(commands) if c.startswith("python scripts/make_real_tasks.py")]
+  assert fetch and makes and fetch[0] < makes[0]
+  built = {}
+  for i in makes:
+    args = make.build_parser().parse_args(shlex.split(commands[i])[2:])
+    built[args.task] = args.out
+  assert set(built) == {"promoters", "insulators", "splice"}
+  tasks = [c for c in commands if c.startswith("python launch/finetune.py") and "dm_" in c]
+  assert any(f"--task={built['promoters']}" in c for c in tasks)
+  assert any(f"--task_suite='{built['insulators']}/*'" in c for c in tasks)
+
+
+def _genbank(name, seq, location):
+  lines = [f"LOCUS       {name}   {len(seq)} bp  DNA", "FEATURES             Location/Qualifiers"]
+  lines.append(f"     source          1..{len(seq)}")
+  lines.append(f"     CDS             {location[:40]}")
+  for i in range(40, len(location), 40):
+    lines.append(" " * 21 + location[i : i + 40])
+  lines.append(' ' * 21 + '/gene="g"')
+  lines.append("ORIGIN")
+  for i in range(0, len(seq), 60):
+    chunk = seq[i : i + 60].lower()
+    lines.append(f"{i + 1:>9} " + " ".join(chunk[j : j + 10] for j in range(0, len(chunk), 10)))
+  lines.append("//")
+  return "\n".join(lines) + "\n"
+
+
+def test_splice_sites_from_genbank_both_strands(tmp_path):
+  rng = np.random.default_rng(0)
+  seq = list(rng.choice(list("ACGT"), 3_000))
+  # Exons 1001..1200, 1401..1600, 1801..2000 (1-based): donors after 1200 and
+  # 1600 (GT), acceptors before 1401 and 1801 (AG).
+  for b in (1200, 1600):
+    seq[b : b + 2] = "GT"
+  for s in (1401, 1801):
+    seq[s - 3 : s - 1] = "AG"
+  plus = "".join(seq)
+  location = "join(1001..1200,1401..1600,1801..2000)"
+  minus = tokenizer.reverse_complement(plus)
+  n = len(plus)
+  rc_location = (
+    "complement(join("
+    + ",".join(f"{n - e + 1}..{n - s + 1}" for s, e in [(1801, 2000), (1401, 1600), (1001, 1200)])
+    + "))"
+  )
+  path = tmp_path / "genes.gb"
+  path.write_text(
+    _genbank("chrT_1-3000", plus, location) + _genbank("chrT_5001-8000", minus, rc_location)
+  )
+  records = make.read_genbank(str(path))
+  assert [r[0] for r in records] == ["chrT_1-3000", "chrT_5001-8000"]
+  assert records[0][1] == plus and records[1][2][0][0] == "-"
+  assert records[0][2] == [("+", [(1001, 1200), (1401, 1600), (1801, 2000)])]
+  for _, locus, cds in records:
+    ((strand, exons),) = cds
+    oriented, donors, acceptors = make.splice_sites(locus, strand, exons)
+    assert oriented == plus and donors == [1200, 1600] and acceptors == [1400, 1800]
+  out = tmp_path / "splice"
+  infos = make.make_splice(str(path), str(path), str(out), length=40, seed=0, dev_fraction=0.5)
+  for site, dinucleotide, centre in (
+    ("donor", "GT", slice(20, 22)),
+    ("acceptor", "AG", slice(18, 20)),
+  ):
+    counts = infos[site]["counts"]
+    assert counts["test"]["positives"] == 4 and counts["train"]["positives"] == 2
+    with open(out / site / "test.csv") as f:
+      rows = list(csv.DictReader(f))
+    real = {plus[b - 20 : b + 20] for b in ((1200, 1600) if site == "donor" else (1400, 1800))}
+    for r in rows:
+      assert len(r["sequence"]) == 40 and r["sequence"][centre] == dinucleotide
+      assert (r["sequence"] in real) == (r["label"] == "1")
+
+
+def test_small_splice_task_from_augustus(tmp_path):
+  cache = os.path.join(ROOT, "data_cache")
+  paths = [make.find_source(rel, cache) for rel in (make.GENES_TRAIN, make.GENES_TEST)]
+  if None in paths:
+    pytest.skip("augustus-doc genes.gb.train/test absent (bash scripts/fetch_real_task_data.sh)")
+  records = make.read_genbank(paths[1])
+  assert len(records) == 100 and all(r[2] for r in records)  # the 100 test loci, each with a CDS
+  infos = make.make_splice(*paths, str(tmp_path / "s"), length=60, max_per_split=20, seed=2)
+  for site in ("donor", "acceptor"):
+    assert infos[site]["counts"]["test"] == {"positives": 20, "negatives": 20, "loci": 100}
+    train = open(tmp_path / "s" / site / "train.csv").read().splitlines()[1:]
+    test = open(tmp_path / "s" / site / "test.csv").read().splitlines()[1:]
+    assert len(test) == 40 and len(train) == 40
