@@ -50,7 +50,8 @@ dev = 10% of the train loci, seeded). Label 1 = `--length` (default 200)
 nucleotides centred on a canonical donor (exon | GT) or acceptor (AG |
 exon) between two CDS exons, in gene orientation; label 0 = a window
 centred the same way on another GT (donor task) or AG (acceptor task) of
-the same split's loci, as many as the sites. Both classes carry the
+the same split's loci, as many as the sites; a dev or test window that
+also occurs in train (either strand) is dropped. Both classes carry the
 dinucleotide at the same place, so it alone tells nothing; non-canonical
 sites are left out.
 """
@@ -543,8 +544,9 @@ def make_splice(
     folder = os.path.join(out_dir, site)
     os.makedirs(folder, exist_ok=True)
     counts = {}
+    in_train: set[str] = set()  # train windows, both strands
     for split in SPLITS:
-      positives, decoys = [], []
+      positives, decoys, shared = [], [], 0
       for _, locus_seq, cds in loci[split]:
         for strand, exons in cds:
           seq, donors, acceptors = splice_sites(locus_seq, strand, exons)
@@ -555,6 +557,11 @@ def make_splice(
               continue
             window = seq[b - half : b - half + length]
             if "N" in window:
+              continue
+            if split == "train":
+              in_train.update((window, tokenizer.reverse_complement(window)))
+            elif window in in_train:  # a repeated locus: keep held-out windows unseen
+              shared += 1
               continue
             (positives if b in real else decoys).append(window)
       positives = [positives[i] for i in rng.permutation(len(positives))]
@@ -572,6 +579,7 @@ def make_splice(
         "positives": len(positives),
         "negatives": len(decoys),
         "loci": len(loci[split]),
+        "dropped_as_in_train": shared,
       }
     infos[site] = {
       "task": f"splice/{site}",
@@ -581,7 +589,7 @@ def make_splice(
       "(gene orientation, any exon or intron position)",
       "sources": {"train": train_path, "test": test_path},
       "split": f"AUGUSTUS genes.gb.train / genes.gb.test loci as given; dev: "
-      f"{dev_fraction:.0%} of the train loci (seeded)",
+      f"{dev_fraction:.0%} of the train loci (seeded); dev/test windows found in train dropped",
       "length": length,
       "seed": seed,
       "counts": counts,

@@ -222,17 +222,24 @@ def _genbank(name, seq, location):
   return "\n".join(lines) + "\n"
 
 
-def test_splice_sites_from_genbank_both_strands(tmp_path):
-  rng = np.random.default_rng(0)
+def _locus(rng):
+  """A random 3 kb locus with CDS exons 1001..1200, 1401..1600, 1801..2000
+  (1-based): donors after 1200 and 1600 (GT), acceptors before 1401 and
+  1801 (AG)."""
   seq = list(rng.choice(list("ACGT"), 3_000))
-  # Exons 1001..1200, 1401..1600, 1801..2000 (1-based): donors after 1200 and
-  # 1600 (GT), acceptors before 1401 and 1801 (AG).
   for b in (1200, 1600):
     seq[b : b + 2] = "GT"
   for s in (1401, 1801):
     seq[s - 3 : s - 1] = "AG"
-  plus = "".join(seq)
-  location = "join(1001..1200,1401..1600,1801..2000)"
+  return "".join(seq)
+
+
+_LOCATION = "join(1001..1200,1401..1600,1801..2000)"
+
+
+def test_splice_sites_from_genbank_both_strands(tmp_path):
+  rng = np.random.default_rng(0)
+  plus = _locus(rng)
   minus = tokenizer.reverse_complement(plus)
   n = len(plus)
   rc_location = (
@@ -240,11 +247,11 @@ def test_splice_sites_from_genbank_both_strands(tmp_path):
     + ",".join(f"{n - e + 1}..{n - s + 1}" for s, e in [(1801, 2000), (1401, 1600), (1001, 1200)])
     + "))"
   )
-  path = tmp_path / "genes.gb"
-  path.write_text(
-    _genbank("chrT_1-3000", plus, location) + _genbank("chrT_5001-8000", minus, rc_location)
+  test_path = tmp_path / "genes.gb.test"
+  test_path.write_text(
+    _genbank("chrT_1-3000", plus, _LOCATION) + _genbank("chrT_5001-8000", minus, rc_location)
   )
-  records = make.read_genbank(str(path))
+  records = make.read_genbank(str(test_path))
   assert [r[0] for r in records] == ["chrT_1-3000", "chrT_5001-8000"]
   assert records[0][1] == plus and records[1][2][0][0] == "-"
   assert records[0][2] == [("+", [(1001, 1200), (1401, 1600), (1801, 2000)])]
@@ -252,20 +259,37 @@ def test_splice_sites_from_genbank_both_strands(tmp_path):
     ((strand, exons),) = cds
     oriented, donors, acceptors = make.splice_sites(locus, strand, exons)
     assert oriented == plus and donors == [1200, 1600] and acceptors == [1400, 1800]
+  train_path = tmp_path / "genes.gb.train"
+  train_path.write_text(
+    _genbank("chrT_9001-12000", _locus(rng), _LOCATION)
+    + _genbank("chrT_20001-23000", _locus(rng), _LOCATION)
+  )
   out = tmp_path / "splice"
-  infos = make.make_splice(str(path), str(path), str(out), length=40, seed=0, dev_fraction=0.5)
+  infos = make.make_splice(
+    str(train_path), str(test_path), str(out), length=40, seed=0, dev_fraction=0.5
+  )
   for site, dinucleotide, centre in (
     ("donor", "GT", slice(20, 22)),
     ("acceptor", "AG", slice(18, 20)),
   ):
     counts = infos[site]["counts"]
     assert counts["test"]["positives"] == 4 and counts["train"]["positives"] == 2
+    assert counts["dev"]["positives"] == 2 and counts["test"]["dropped_as_in_train"] == 0
     with open(out / site / "test.csv") as f:
       rows = list(csv.DictReader(f))
     real = {plus[b - 20 : b + 20] for b in ((1200, 1600) if site == "donor" else (1400, 1800))}
     for r in rows:
       assert len(r["sequence"]) == 40 and r["sequence"][centre] == dinucleotide
       assert (r["sequence"] in real) == (r["label"] == "1")
+  # The same locus in train and test: its held-out windows are dropped, not leaked.
+  infos = make.make_splice(
+    str(test_path), str(test_path), str(tmp_path / "same"), length=40, seed=0, dev_fraction=0.5
+  )
+  for site in ("donor", "acceptor"):
+    counts = infos[site]["counts"]
+    assert counts["train"]["positives"] == 2
+    assert counts["test"]["positives"] == counts["dev"]["positives"] == 0
+    assert counts["test"]["dropped_as_in_train"] > 2
 
 
 def test_small_splice_task_from_augustus(tmp_path):
@@ -277,7 +301,11 @@ def test_small_splice_task_from_augustus(tmp_path):
   assert len(records) == 100 and all(r[2] for r in records)  # the 100 test loci, each with a CDS
   infos = make.make_splice(*paths, str(tmp_path / "s"), length=60, max_per_split=20, seed=2)
   for site in ("donor", "acceptor"):
-    assert infos[site]["counts"]["test"] == {"positives": 20, "negatives": 20, "loci": 100}
+    counts = infos[site]["counts"]["test"]
+    assert (counts["positives"], counts["negatives"], counts["loci"]) == (20, 20, 100)
     train = open(tmp_path / "s" / site / "train.csv").read().splitlines()[1:]
     test = open(tmp_path / "s" / site / "test.csv").read().splitlines()[1:]
     assert len(test) == 40 and len(train) == 40
+    test_seqs = [row.split(",")[0] for row in test]
+    centre = slice(30, 32) if site == "donor" else slice(28, 30)
+    assert {t[centre] for t in test_seqs} == {"GT" if site == "donor" else "AG"}
