@@ -4,6 +4,8 @@ task.json recording sources, settings and counts.
 
     bash scripts/fetch_real_task_data.sh            # Debian packages -> data_cache
     python scripts/make_real_tasks.py promoters --out=data_cache/tasks/dm_promoters
+    python scripts/make_real_tasks.py insulators --out=data_cache/tasks/dm_insulators
+    python scripts/make_real_tasks.py splice --out=data_cache/tasks/dm_splice
 
 Task `promoters` (Drosophila melanogaster, dm3 chr2R): label 1 = the
 `--length` nucleotides just upstream of an annotated transcription start
@@ -21,16 +23,49 @@ straddle train and test: chr2R is cut into `--block` bp blocks; block i goes
 to test when i % 10 in (8, 9), to dev when i % 10 == 7, else to train, and a
 window crossing a block boundary is dropped. Negatives are drawn per split
 inside that split's blocks, as many as its positives (seeded).
+
+Task `insulators` (dm3 chr2R): one binary task per protein, written to
+<out>/ctcf, <out>/beaf32, <out>/cp190 and <out>/suhw. Label 1 = the
+`--length` nucleotides centred on a peak of that protein (Bushey et al.
+2009 ChIP-chip peaks, Kc and Mbn2 cells pooled, overlapping peaks merged;
+the BED files `pybedtools/test/data/*_Bushey_2009.bed` are read straight
+from the pybedtools 0.12.1 wheel, never installed), label 0 = a chr2R
+window with the GC content of a positive (the same of `--gc_bins` equal GC
+bins; one background window per positive, distinct starts) at least
+`--length` nt from every peak of any of the four proteins, without N. Both
+classes take a random strand. One-vs-background rather than one multi-class
+task because the proteins co-bind (CP190 with the three others): 35-80% of
+the positives overlap another protein's peak (task.json,
+positives_sharing_another_protein), so one class per peak would be
+ambiguous. Same region split as the promoters (a window crossing a block
+is dropped; background is drawn inside the split's own blocks), fixed
+seed; <split>.regions.bed records each window's coordinates, label and
+strand.
+
+Task `splice` (D. melanogaster): two binary tasks, <out>/donor and
+<out>/acceptor, from the AUGUSTUS tutorial's annotated loci (augustus-doc
+tutorial/results/genes.gb.train, 486 loci, and genes.gb.test, 100 loci:
+GenBank with CDS exon structure; the train and test loci as given there,
+dev = 10% of the train loci, seeded). Label 1 = `--length` (default 200)
+nucleotides centred on a canonical donor (exon | GT) or acceptor (AG |
+exon) between two CDS exons, in gene orientation; label 0 = a window
+centred the same way on another GT (donor task) or AG (acceptor task) of
+the same split's loci, as many as the sites; a dev or test window that
+also occurs in train (either strand) is dropped. Both classes carry the
+dinucleotide at the same place, so it alone tells nothing; non-canonical
+sites are left out.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import gzip
 import json
 import os
 import re
 import sys
+import zipfile
 
 import numpy as np
 
@@ -41,7 +76,14 @@ from hybridna_jax.finetune.example_tasks import write_split  # noqa: E402
 
 UPSTREAM = "usr/lib/R/site-library/Biostrings/extdata/dm3_upstream2000.fa.gz"
 CHR2R = "usr/share/doc/augustus/tutorial/data/chr2R.fa"
-PACKAGES = {UPSTREAM: "r-bioc-biostrings", CHR2R: "augustus-doc"}
+GENES_TRAIN = "usr/share/doc/augustus/tutorial/results/genes.gb.train"
+GENES_TEST = "usr/share/doc/augustus/tutorial/results/genes.gb.test"
+PACKAGES = {
+  UPSTREAM: "r-bioc-biostrings",
+  CHR2R: "augustus-doc",
+  GENES_TRAIN: "augustus-doc",
+  GENES_TEST: "augustus-doc",
+}
 SPLITS = ("train", "dev", "test")
 _HEADER = re.compile(r"^(\S+)_up_(\d+)_(\S+)_(-?\d+)_([fr])\s+(\S+):(-?\d+)-(-?\d+)")
 
@@ -175,36 +217,459 @@ def make_promoters(
   return info
 
 
-def main(argv=None) -> int:
+BUSHEY_DIR = "pybedtools/test/data"
+BUSHEY = {"ctcf": "CTCF", "beaf32": "BEAF", "cp190": "Cp190", "suhw": "SuHw"}
+CELL_LINES = ("Kc", "Mbn2")
+
+
+def find_bushey(cache_dir: str) -> str | None:
+  """The pybedtools 0.12.1 wheel fetched into <cache_dir>/wheels (read as a
+  zip, never installed), or the test-data folder of an installed pybedtools."""
+  wheels = sorted(glob.glob(os.path.join(cache_dir, "wheels", "pybedtools-0.12.1-*.whl")))
+  if wheels:
+    return wheels[0]
+  try:
+    import importlib.util  # pylint: disable=g-import-not-at-top
+
+    spec = importlib.util.find_spec("pybedtools")
+  except (ImportError, ValueError):
+    spec = None
+  if spec and spec.origin:
+    folder = os.path.join(os.path.dirname(spec.origin), "test", "data")
+    if os.path.exists(os.path.join(folder, "CTCF_Kc_Bushey_2009.bed")):
+      return folder
+  return None
+
+
+def merge_intervals(spans) -> np.ndarray:
+  """The sorted union of [start, end) intervals (overlapping or touching
+  ones merged), as an (n, 2) int64 array."""
+  merged: list[list[int]] = []
+  for start, end in sorted((int(s), int(e)) for s, e in spans):
+    if merged and start <= merged[-1][1]:
+      merged[-1][1] = max(merged[-1][1], end)
+    else:
+      merged.append([start, end])
+  return np.array(merged, np.int64).reshape(-1, 2)
+
+
+def read_bushey(source: str, chrom: str) -> dict[str, np.ndarray]:
+  """Bushey 2009 peaks on `chrom` per protein (keys of BUSHEY), Kc and Mbn2
+  cells pooled and merged: (n, 2) arrays of 0-based [start, end). `source`
+  is the pybedtools wheel or a folder holding the BED files."""
+  out = {}
+  zf = zipfile.ZipFile(source) if zipfile.is_zipfile(source) else None
+  try:
+    for protein, prefix in BUSHEY.items():
+      spans = []
+      for cell in CELL_LINES:
+        name = f"{prefix}_{cell}_Bushey_2009.bed"
+        if zf is not None:
+          text = zf.read(f"{BUSHEY_DIR}/{name}").decode("utf-8")
+        else:
+          with open(os.path.join(source, name), encoding="utf-8") as f:
+            text = f.read()
+        for line in text.splitlines():
+          fields = line.split()
+          if not fields or fields[0] in ("track", "browser") or fields[0].startswith("#"):
+            continue
+          if fields[0] == chrom:
+            spans.append((int(fields[1]), int(fields[2])))
+      out[protein] = merge_intervals(spans)
+  finally:
+    if zf is not None:
+      zf.close()
+  return out
+
+
+def split_codes(starts: np.ndarray, length: int, block: int) -> np.ndarray:
+  """region_split for many windows [start, start + length): the index into
+  SPLITS, or -1 for a window crossing a block boundary."""
+  first, last = starts // block, (starts + length - 1) // block
+  rest = first % 10
+  code = np.where(rest >= 8, 2, np.where(rest == 7, 1, 0))
+  return np.where(first == last, code, -1)
+
+
+class _Genome:
+  """A chromosome with prefix sums for fast window statistics."""
+
+  def __init__(self, path: str):
+    ((header, tokens),) = fasta.read_fasta(path)
+    self.seq = tokenizer.decode(tokens).upper()
+    self.name = header.name
+    arr = np.frombuffer(self.seq.encode("ascii"), np.uint8)
+    self.gc_prefix = np.r_[0, np.cumsum((arr == ord("G")) | (arr == ord("C")))]
+    acgt = np.frombuffer(b"ACGT", np.uint8)
+    self.bad_prefix = np.r_[0, np.cumsum(~np.isin(arr, acgt))]
+
+  def __len__(self) -> int:
+    return len(self.seq)
+
+  def gc(self, starts: np.ndarray, length: int) -> np.ndarray:
+    return (self.gc_prefix[starts + length] - self.gc_prefix[starts]) / length
+
+  def clean(self, starts: np.ndarray, length: int) -> np.ndarray:
+    return self.bad_prefix[starts + length] == self.bad_prefix[starts]
+
+  def window(self, start: int, length: int, strand: str) -> str:
+    w = self.seq[start : start + length]
+    return w if strand == "+" else tokenizer.reverse_complement(w)
+
+
+def _gc_bin(gc: np.ndarray, bins: int) -> np.ndarray:
+  return np.minimum((gc * bins).astype(np.int64), bins - 1)
+
+
+def gc_matched_background(
+  genome: _Genome,
+  positives: np.ndarray,
+  split: int,
+  avoid_prefix: np.ndarray,
+  rng: np.random.Generator,
+  *,
+  length: int,
+  block: int,
+  bins: int,
+  batch: int = 100_000,
+  rounds: int = 200,
+) -> np.ndarray:
+  """One background window start per positive start, in the same split's
+  blocks, with the positive's GC bin (`bins` equal bins of GC fraction), no
+  N, overlapping no position marked in `avoid_prefix` (a prefix sum of a
+  0/1 mask) and all starts distinct."""
+  want = _gc_bin(genome.gc(positives, length), bins)
+  todo = {int(b): list(np.flatnonzero(want == b)) for b in np.unique(want)}
+  out = np.full(len(positives), -1, np.int64)
+  used: set[int] = set()
+  for _ in range(rounds):
+    if not any(todo.values()):
+      break
+    cand = rng.integers(0, len(genome) - length + 1, size=batch)
+    cand = cand[split_codes(cand, length, block) == split]
+    cand = cand[genome.clean(cand, length)]
+    cand = cand[avoid_prefix[cand + length] == avoid_prefix[cand]]
+    have = _gc_bin(genome.gc(cand, length), bins)
+    for b, idxs in todo.items():
+      for start in cand[have == b]:
+        if not idxs:
+          break
+        if int(start) in used:
+          continue
+        used.add(int(start))
+        out[idxs.pop()] = start
+  left = {b: len(i) for b, i in todo.items() if i}
+  if left:
+    raise RuntimeError(
+      f"{genome.name} {SPLITS[split]}: no GC-matched background for {sum(left.values())} "
+      f"windows (GC bins {sorted(left)} of {bins}); try fewer --gc_bins."
+    )
+  return out
+
+
+def make_insulators(
+  bed_source: str,
+  chrom_path: str,
+  out_dir: str,
+  *,
+  proteins=tuple(BUSHEY),
+  length: int = 300,
+  block: int = 1_000_000,
+  seed: int = 0,
+  max_per_split: int = 0,
+  gc_bins: int = 50,
+  pad: int | None = None,
+) -> dict:
+  """Writes one binary task per protein to <out_dir>/<protein>/ (module
+  docstring); returns {protein: task.json dict}."""
+  genome = _Genome(chrom_path)
+  chrom, n = genome.name, len(genome)
+  peaks = read_bushey(bed_source, chrom)
+  union = merge_intervals([tuple(p) for ps in peaks.values() for p in ps])
+  pad = length if pad is None else pad
+  # Background stays `pad` nt away from every insulator peak (any protein).
+  diff = np.zeros(n + 1, np.int64)
+  np.add.at(diff, np.clip(union[:, 0] - pad, 0, n), 1)
+  np.add.at(diff, np.clip(union[:, 1] + pad, 0, n), -1)
+  avoid_prefix = np.r_[0, np.cumsum(np.cumsum(diff)[:-1] > 0)]
+  rng = np.random.default_rng(seed)
+  infos = {}
+  for protein in proteins:
+    spans = peaks[protein]
+    if not len(spans):
+      raise ValueError(f"{bed_source}: no {protein} peaks on {chrom}.")
+    others = merge_intervals([tuple(p) for q, ps in peaks.items() if q != protein for p in ps])
+    other_diff = np.zeros(n + 1, np.int64)
+    np.add.at(other_diff, np.clip(others[:, 0], 0, n), 1)
+    np.add.at(other_diff, np.clip(others[:, 1], 0, n), -1)
+    other_prefix = np.r_[0, np.cumsum(np.cumsum(other_diff)[:-1] > 0)]
+    # Positives: `length` nt centred on each merged peak.
+    starts = (spans[:, 0] + spans[:, 1]) // 2 - length // 2
+    starts = starts[(starts >= 0) & (starts + length <= n)]
+    starts = starts[genome.clean(starts, length)]
+    codes = split_codes(starts, length, block)
+    folder = os.path.join(out_dir, protein)
+    os.makedirs(folder, exist_ok=True)
+    counts, gc_means, shared = {}, {}, {}
+    for code, split in enumerate(SPLITS):
+      pos = rng.permutation(starts[codes == code])
+      if max_per_split:
+        pos = pos[:max_per_split]
+      neg = gc_matched_background(
+        genome, pos, code, avoid_prefix, rng, length=length, block=block, bins=gc_bins
+      )
+      rows = [(int(s), 1) for s in pos] + [(int(s), 0) for s in neg]
+      rows = [rows[i] for i in rng.permutation(len(rows))]
+      strands = ["+" if rng.random() < 0.5 else "-" for _ in rows]
+      write_split(
+        os.path.join(folder, f"{split}.csv"),
+        [genome.window(s, length, st) for (s, _), st in zip(rows, strands)],
+        [label for _, label in rows],
+      )
+      with open(os.path.join(folder, f"{split}.regions.bed"), "w", encoding="utf-8") as f:
+        for (s, label), st in zip(rows, strands):
+          f.write(f"{chrom}\t{s}\t{s + length}\t{label}\t0\t{st}\n")
+      counts[split] = {"positives": len(pos), "negatives": len(neg)}
+      gc_means[split] = {
+        "positives": round(float(genome.gc(pos, length).mean()), 4) if len(pos) else None,
+        "negatives": round(float(genome.gc(neg, length).mean()), 4) if len(neg) else None,
+      }
+      shared[split] = (
+        round(float(np.mean(other_prefix[pos + length] > other_prefix[pos])), 4)
+        if len(pos)
+        else None
+      )
+    info = {
+      "task": f"insulators/{protein}",
+      "label_1": f"{length} nt centred on a {BUSHEY[protein]} peak (Bushey 2009, Kc + Mbn2 "
+      f"merged, {chrom}, dm3), random strand",
+      "label_0": f"{length} nt {chrom} window with the GC bin of a positive ({gc_bins} bins), "
+      f">= {pad} nt from any CTCF/BEAF-32/CP190/Su(Hw) peak, no N, random strand",
+      "design": "one-vs-background (binary) per protein: the proteins co-bind, so one "
+      "class per peak would be ambiguous; positives_sharing_another_protein says how often",
+      "sources": {"peaks": bed_source, "genome": chrom_path},
+      "split": f"{block:,} bp blocks of {chrom}: block % 10 in (8, 9) test, 7 dev, else "
+      "train; windows crossing a block are dropped",
+      "length": length,
+      "seed": seed,
+      "peaks_merged": int(len(spans)),
+      "counts": counts,
+      "gc_mean": gc_means,
+      "positives_sharing_another_protein": shared,
+    }
+    with open(os.path.join(folder, "task.json"), "w", encoding="utf-8") as f:
+      json.dump(info, f, indent=2)
+    infos[protein] = info
+  return infos
+
+
+_RANGE = re.compile(r"<?(\d+)\.\.>?(\d+)")
+
+
+def read_genbank(path: str) -> list[tuple[str, str, list[tuple[str, list[tuple[int, int]]]]]]:
+  """Records of an AUGUSTUS GenBank training file: (locus name, sequence
+  upper case, [(strand, sorted 1-based inclusive CDS exon ranges)] per CDS)."""
+  records = []
+  name, seq, cds, location, in_seq = None, [], [], None, False
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      if line.startswith("LOCUS"):
+        name, seq, cds, location, in_seq = line.split()[1], [], [], None, False
+      elif line.startswith("//"):
+        if name is None:
+          raise ValueError(f"{path}: '//' without LOCUS")
+        records.append((name, "".join(seq).upper(), cds))
+        name = None
+      elif line.startswith("ORIGIN"):
+        in_seq = True
+      elif in_seq:
+        seq.extend(line.split()[1:])
+      elif line.startswith("     CDS "):
+        location = line[21:].strip()
+      elif location is not None:
+        text = line[21:].strip()
+        if text.startswith("/") or not line.startswith(" " * 21):
+          strand = "-" if location.startswith("complement") else "+"
+          exons = sorted((int(a), int(b)) for a, b in _RANGE.findall(location))
+          if not exons:
+            raise ValueError(f"{path}: {name}: unreadable CDS location {location!r}")
+          cds.append((strand, exons))
+          location = None
+        else:
+          location += text
+  return records
+
+
+def splice_sites(seq: str, strand: str, exons) -> tuple[str, list[int], list[int]]:
+  """The locus in gene orientation and its canonical sites as 0-based
+  boundaries b: donors with exon | GT intron at seq[b:b+2], acceptors with
+  intron AG | exon at seq[b-2:b]. Non-canonical sites are left out."""
+  if strand == "-":
+    n = len(seq)
+    seq = tokenizer.reverse_complement(seq)
+    exons = sorted((n - e + 1, n - s + 1) for s, e in exons)
+  donors = [e for _, e in exons[:-1] if seq[e : e + 2] == "GT"]
+  acceptors = [s - 1 for s, _ in exons[1:] if seq[s - 3 : s - 1] == "AG"]
+  return seq, donors, acceptors
+
+
+def make_splice(
+  train_path: str,
+  test_path: str,
+  out_dir: str,
+  *,
+  length: int = 200,
+  seed: int = 0,
+  dev_fraction: float = 0.1,
+  max_per_split: int = 0,
+) -> dict:
+  """Writes <out_dir>/donor and <out_dir>/acceptor (module docstring);
+  returns {site: task.json dict}."""
+  rng = np.random.default_rng(seed)
+  train = read_genbank(train_path)
+  test = read_genbank(test_path)
+  if not train or not test:
+    raise ValueError(f"no GenBank records in {train_path if not train else test_path}.")
+  dev_ids = set(rng.permutation(len(train))[: max(1, int(round(dev_fraction * len(train))))])
+  loci = {
+    "train": [r for i, r in enumerate(train) if i not in dev_ids],
+    "dev": [r for i, r in enumerate(train) if i in dev_ids],
+    "test": test,
+  }
+  half = length // 2
+  motif = {"donor": (0, "GT"), "acceptor": (-2, "AG")}  # offset of the dinucleotide from b
+  infos = {}
+  for site in ("donor", "acceptor"):
+    offset, dinucleotide = motif[site]
+    folder = os.path.join(out_dir, site)
+    os.makedirs(folder, exist_ok=True)
+    counts = {}
+    in_train: set[str] = set()  # train windows, both strands
+    for split in SPLITS:
+      positives, decoys, shared = [], [], 0
+      for _, locus_seq, cds in loci[split]:
+        for strand, exons in cds:
+          seq, donors, acceptors = splice_sites(locus_seq, strand, exons)
+          real = set(donors if site == "donor" else acceptors)
+          fits = range(half, len(seq) - (length - half) + 1)
+          for b in fits:
+            if seq[b + offset : b + offset + 2] != dinucleotide:
+              continue
+            window = seq[b - half : b - half + length]
+            if "N" in window:
+              continue
+            if split == "train":
+              in_train.update((window, tokenizer.reverse_complement(window)))
+            elif window in in_train:  # a repeated locus: keep held-out windows unseen
+              shared += 1
+              continue
+            (positives if b in real else decoys).append(window)
+      positives = [positives[i] for i in rng.permutation(len(positives))]
+      if max_per_split:
+        positives = positives[:max_per_split]
+      if len(decoys) < len(positives):
+        raise RuntimeError(f"{split} {site}: {len(decoys)} decoys for {len(positives)} sites.")
+      decoys = [decoys[i] for i in rng.choice(len(decoys), len(positives), replace=False)]
+      seqs, labels = positives + decoys, [1] * len(positives) + [0] * len(decoys)
+      order = rng.permutation(len(seqs))
+      write_split(
+        os.path.join(folder, f"{split}.csv"), [seqs[i] for i in order], [labels[i] for i in order]
+      )
+      counts[split] = {
+        "positives": len(positives),
+        "negatives": len(decoys),
+        "loci": len(loci[split]),
+        "dropped_as_in_train": shared,
+      }
+    infos[site] = {
+      "task": f"splice/{site}",
+      "label_1": f"{length} nt centred on an annotated canonical {site} site "
+      f"({dinucleotide}), gene orientation",
+      "label_0": f"{length} nt centred on another {dinucleotide} of the same split's loci "
+      "(gene orientation, any exon or intron position)",
+      "sources": {"train": train_path, "test": test_path},
+      "split": f"AUGUSTUS genes.gb.train / genes.gb.test loci as given; dev: "
+      f"{dev_fraction:.0%} of the train loci (seeded); dev/test windows found in train dropped",
+      "length": length,
+      "seed": seed,
+      "counts": counts,
+    }
+    with open(os.path.join(folder, "task.json"), "w", encoding="utf-8") as f:
+      json.dump(infos[site], f, indent=2)
+  return infos
+
+
+def _missing(what: str, package: str) -> int:
+  print(f"missing {what} ({package}); run bash scripts/fetch_real_task_data.sh", file=sys.stderr)
+  return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("task", choices=["promoters"])
+  parser.add_argument("task", choices=["promoters", "insulators", "splice"])
   parser.add_argument("--out", required=True, help="output task folder")
   parser.add_argument("--cache_dir", default="data_cache", help="where fetch put the packages")
-  parser.add_argument("--length", type=int, default=300)
+  parser.add_argument(
+    "--length", type=int, default=None, help="window length (default 300; splice 200)"
+  )
   parser.add_argument("--block", type=int, default=1_000_000)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--max_per_split", type=int, default=0, help="0: all positives")
+  parser.add_argument(
+    "--proteins", default=",".join(BUSHEY), help=f"insulators: some of {','.join(BUSHEY)}"
+  )
+  parser.add_argument("--gc_bins", type=int, default=50, help="insulators: GC matching bins")
+  return parser
+
+
+def main(argv=None) -> int:
+  parser = build_parser()
   args = parser.parse_args(argv)
+  needed = {
+    "promoters": (UPSTREAM, CHR2R),
+    "insulators": (CHR2R,),
+    "splice": (GENES_TRAIN, GENES_TEST),
+  }[args.task]
   paths = {}
-  for relative in (UPSTREAM, CHR2R):
+  for relative in needed:
     paths[relative] = find_source(relative, args.cache_dir)
     if paths[relative] is None:
-      print(
-        f"missing {relative} (Debian package {PACKAGES[relative]}); run "
-        "bash scripts/fetch_real_task_data.sh",
-        file=sys.stderr,
-      )
-      return 1
-  info = make_promoters(
-    paths[UPSTREAM],
+      return _missing(relative, f"Debian package {PACKAGES[relative]}")
+  if args.task == "splice":
+    infos = make_splice(
+      paths[GENES_TRAIN],
+      paths[GENES_TEST],
+      args.out,
+      length=args.length or 200,
+      seed=args.seed,
+      max_per_split=args.max_per_split,
+    )
+    print(json.dumps({s: i["counts"] for s, i in infos.items()}))
+    return 0
+  common = dict(length=args.length or 300, block=args.block, seed=args.seed)
+  if args.task == "promoters":
+    info = make_promoters(
+      paths[UPSTREAM], paths[CHR2R], args.out, max_per_split=args.max_per_split, **common
+    )
+    print(json.dumps(info["counts"]))
+    return 0
+  beds = find_bushey(args.cache_dir)
+  if beds is None:
+    return _missing("*_Bushey_2009.bed", "the pybedtools 0.12.1 wheel")
+  proteins = [p.strip() for p in args.proteins.split(",") if p.strip()]
+  unknown = sorted(set(proteins) - set(BUSHEY))
+  if unknown:
+    parser.error(f"unknown proteins {unknown}; choose from {list(BUSHEY)}")
+  infos = make_insulators(
+    beds,
     paths[CHR2R],
     args.out,
-    length=args.length,
-    block=args.block,
-    seed=args.seed,
+    proteins=proteins,
     max_per_split=args.max_per_split,
+    gc_bins=args.gc_bins,
+    **common,
   )
-  print(json.dumps(info["counts"]))
+  print(json.dumps({p: i["counts"] for p, i in infos.items()}))
   return 0
 
 
