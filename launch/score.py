@@ -107,7 +107,7 @@ def main(argv):
   section = ScoreConfig.of(config)
   if mode == "variants":
     callsets.CallSet(FLAGS.variants, region=FLAGS.region)  # header and index checks
-    reference = callsets.IndexedReference(FLAGS.reference)
+    reference = callsets.open_reference(FLAGS.reference)
   else:
     records = fasta_sequences(FLAGS.fasta)
 

@@ -94,6 +94,9 @@ def test_indexed_reference_reads_like_the_in_memory_one(files, genome):
     f.write(">chrA\nACGT\n")
   with pytest.raises(callsets.ReferenceAccessError, match="gzip, not bgzip: recompress"):
     callsets.IndexedReference(gz)
+  in_memory = callsets.open_reference(gz)  # falls back, with a warning
+  assert not isinstance(in_memory, callsets.IndexedReference)
+  np.testing.assert_array_equal(in_memory["chrA"][0:4], tokenizer.encode("ACGT"))
 
 
 def test_streamed_scores_equal_the_in_memory_path_for_vcf_and_bcf(files, tmp_path):

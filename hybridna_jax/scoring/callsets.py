@@ -158,6 +158,19 @@ class IndexedReference(variants_lib.Reference):
     return joined[start - offset : stop - offset]
 
 
+def open_reference(path: str) -> variants_lib.Reference:
+  """An `IndexedReference` for a plain or bgzip FASTA; for another
+  compression (gzip that is not bgzip, xz, ...) a warning and the whole
+  FASTA in memory (`variants.load_reference`), as before faidx."""
+  try:
+    return IndexedReference(path)
+  except ReferenceAccessError as e:
+    if not os.path.exists(path) or fasta.detect_compression(path) == "plain":
+      raise
+    logging.warning("%s; reading the whole reference into memory instead.", e)
+    return variants_lib.load_reference(path)
+
+
 # -- reading the call set ----------------------------------------------------------------------
 
 
@@ -457,7 +470,7 @@ def score_callset(
     region: tabix-style region, or None for the whole file.
     annotated: the annotated VCF/BCF to write (VCF/BCF input only), or None.
     chunk_records: input records scored per chunk (memory and resume unit).
-    reference: an already open reference (default: `IndexedReference`).
+    reference: an already open reference (default: `open_reference`).
 
   Returns:
     A `Summary`; the outputs are complete and the progress file is gone.
@@ -468,7 +481,7 @@ def score_callset(
     raise ValueError(f"--annotated needs a VCF or BCF input, {variants_path} is a CSV.")
   if annotated:
     _annotated_kind(annotated)
-  reference = reference if reference is not None else IndexedReference(reference_path)
+  reference = reference if reference is not None else open_reference(reference_path)
   skipped_path, progress_path = output + ".skipped.tsv", output + ".progress.json"
   partial = annotated + ".partial.vcf" if annotated else None
   fingerprint = _fingerprint(
