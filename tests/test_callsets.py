@@ -135,6 +135,8 @@ def test_region_restricts_to_the_indexed_records(files, tmp_path, name):
   assert 0 < len(want) < len(_rows(full)) and _rows(out) == want
   with pytest.raises(variants.VariantFormatError, match="needs a tabix index"):
     callsets.CallSet(files["vcf"], region="chrA:1-10")
+  with pytest.raises(variants.VariantFormatError, match="'chrZ:1-10'.*with a chromosome of"):
+    list(callsets.CallSet(files[name], region="chrZ:1-10").sites())
 
 
 @pytest.mark.parametrize("suffix", [".vcf.gz", ".bcf"])

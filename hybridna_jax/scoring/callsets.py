@@ -44,6 +44,7 @@ import collections
 import dataclasses
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterator
 
@@ -292,26 +293,29 @@ class CallSet:
         yield Site(v.source, None, [v], [])
       return
     if self._bcf is not None:
-      records = self._bcf.fetch(region=self.region) if self.region else self._bcf
+      records = self._fetch_region(self._bcf) if self.region else self._bcf
       numbered = (
         (f"{self.path}:record {k}", str(r).rstrip("\n")) for k, r in enumerate(records, 1)
       )
     elif self._tabix is not None:
-      numbered = (
-        (f"{self.path}:{self.region}#{k}", line) for k, line in enumerate(self._fetch_region(), 1)
-      )
+      lines = self._fetch_region(self._tabix)
+      numbered = ((f"{self.path}:{self.region}#{k}", line) for k, line in enumerate(lines, 1))
     else:
       numbered = ((f"{self.path}:{n}", line) for n, line in self._lines if line.strip())
     for source, line in numbered:
       yield self._site(source, line)
 
-  def _fetch_region(self) -> Iterator[str]:
+  def _fetch_region(self, indexed) -> Iterator:
     try:
-      yield from self._tabix.fetch(region=self.region)
+      records = indexed.fetch(region=self.region)
     except ValueError as e:
       raise variants_lib.VariantFormatError(
-        self.path, None, f"--region {self.region!r}: {e} (format chr, chr:start or chr:start-end)"
+        self.path,
+        None,
+        f"--region {self.region!r}: {e}; give chr, chr:start or chr:start-end with a chromosome "
+        "of the file",
       ) from None
+    yield from records
 
   def _site(self, source: str, line: str) -> Site:
     fields = line.split("\t")
@@ -386,21 +390,20 @@ _OURS = (INFO_LLR, INFO_LLR_RC)
 
 
 def finish_annotated(partial: str, path: str) -> list[str]:
-  """Moves the plain-text `partial` VCF to `path` as .vcf, .vcf.gz (bgzip +
-  .tbi) or .bcf (+ .csi); returns the files written."""
+  """Writes the plain-text `partial` VCF to `path` as .vcf, .vcf.gz (bgzip +
+  .csi) or .bcf (+ .csi), keeping `partial` (removed by the caller once the
+  run is recorded complete); returns the files written."""
   pysam = _pysam()
   lower = path.lower()
   if lower.endswith(".bcf"):
     with pysam.VariantFile(partial) as src, pysam.VariantFile(path, "wb", header=src.header) as out:
       for record in src:
         out.write(record)
-    os.remove(partial)
     return [path] + _index(path, "bcf")
   if lower.endswith((".gz", ".bgz")):
     pysam.tabix_compress(partial, path, force=True)
-    os.remove(partial)
     return [path] + _index(path, "vcf")
-  os.replace(partial, path)
+  shutil.copyfile(partial, path)
   return [path]
 
 
@@ -544,7 +547,9 @@ def score_callset(
   summary.paths = [output, skipped_path]
   if annotated:
     summary.paths += finish_annotated(partial, annotated)
-  os.remove(progress_path)
+  os.remove(progress_path)  # complete; a crash before this redoes only the finishing
+  if partial:
+    os.remove(partial)
   summary.seconds = time.perf_counter() - start_time
   logging.info(
     "%d records: %d variants scored, %d records skipped in %.1f s -> %s",
