@@ -68,12 +68,18 @@ def test_http_store_gives_the_local_batches_and_trains(
   remote_cfg.store_dir = http_url
   kwargs = dict(seq_len=64, batch_size=4, seed=3)
   local_it = pipeline.train_batches(lambda_store, **kwargs)
-  remote_it = pipeline.train_batches(remote_cfg, **kwargs)
-  for _ in range(3):
-    a, b = next(local_it), next(remote_it)
-    assert a.keys() == b.keys()
-    for key in a:
-      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  local = [next(local_it) for _ in range(3)]
+  # In this process with reader threads, and in a Grain worker process
+  # (the store pickles as its URL and reopens there).
+  for workers, threads in ((0, 2), (1, 0)):
+    remote_cfg.num_workers, remote_cfg.read_threads = workers, threads
+    remote_it = pipeline.train_batches(remote_cfg, **kwargs)
+    for a in local:
+      b = next(remote_it)
+      assert a.keys() == b.keys()
+      for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=f"{key}, {workers} workers")
+    remote_it.close()
 
   from hybridna_jax.train import loop
 
