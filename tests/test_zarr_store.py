@@ -15,7 +15,7 @@ from hybridna_jax.data import pipeline
 from hybridna_jax.data import store as store_lib
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def exported(lambda_store, tmp_path_factory):
   root = tmp_path_factory.mktemp("zarr") / "store"
   local = store_lib.TokenStore.open(lambda_store.store_dir)
@@ -23,9 +23,11 @@ def exported(lambda_store, tmp_path_factory):
   return local, url, root
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def http_url(exported):
-  """The exported store served by http.server in a thread."""
+  """The exported store served by http.server in a thread, for the whole
+  session: stopping it earlier left tensorstore retrying reads of a training
+  run's leftover prefetch, which stalled later Orbax (tensorstore) saves."""
 
   class Quiet(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):
