@@ -2,6 +2,7 @@ r"""Training-pipeline throughput: tokens/s per host, by window and workers.
 
     python benchmarks/data_pipeline.py                       # synthetic store
     python benchmarks/data_pipeline.py --store_dir=data_cache/example_store
+    python benchmarks/data_pipeline.py --zarr      # memmap and zarr v3 (tensorstore)
 
 Builds (or opens) a token store, then for each window length and worker
 count times `pipeline.train_batches` in steady state: first batch (start-up,
@@ -38,6 +39,12 @@ _WORKERS = flags.DEFINE_list("workers", ["0", "2"], "Grain worker process counts
 _BATCH_TOKENS = flags.DEFINE_integer("batch_tokens", 1 << 19, "Tokens per batch (per host).")
 _SECONDS = flags.DEFINE_float("seconds", 8.0, "Timed seconds per setting.")
 _THREADS = flags.DEFINE_integer("read_threads", 0, "data.read_threads.")
+_ZARR = flags.DEFINE_bool(
+  "zarr",
+  False,
+  "Also export the store as zarr v3 to a file:// URL (store.export_zarr) and measure "
+  "reading it through tensorstore beside the memory map.",
+)
 
 
 def synthetic_store(path: str, megabases: int, seed: int = 0) -> str:
@@ -120,19 +127,30 @@ def main(argv):
       f"{data_cfg.reverse_complement_prob}, max_n_fraction="
       f"{data_cfg.max_n_fraction}, batch_tokens={_BATCH_TOKENS.value}"
     )
+    layouts = [("memmap", store_dir)]
+    if _ZARR.value:
+      zarr_dir = tempfile.mkdtemp(prefix="hybridna_zarr_")
+      t0 = time.perf_counter()
+      url = store_lib.export_zarr(store, os.path.join(zarr_dir, "store"))
+      print(f"exported to {url} in {time.perf_counter() - t0:.1f}s")
+      layouts.append(("zarr", url))
     print(
-      f"{'seq_len':>8} {'batch':>6} {'workers':>7} {'startup s':>9} "
+      f"{'store':>6} {'seq_len':>8} {'batch':>6} {'workers':>7} {'startup s':>9} "
       f"{'batches/s':>9} {'M tokens/s':>10}"
     )
-    for seq_len in map(int, _SEQ_LENS.value):
-      for workers in map(int, _WORKERS.value):
-        r = measure(data_cfg, seq_len, workers)
-        print(
-          f"{r['seq_len']:>8} {r['batch_size']:>6} {r['workers']:>7} "
-          f"{r['startup_s']:>9.2f} {r['batches_per_s']:>9.1f} "
-          f"{r['tokens_per_s'] / 1e6:>10.1f}",
-          flush=True,
-        )
+    for label, path in layouts:
+      data_cfg.store_dir = path
+      for seq_len in map(int, _SEQ_LENS.value):
+        for workers in map(int, _WORKERS.value):
+          r = measure(data_cfg, seq_len, workers)
+          print(
+            f"{label:>6} {r['seq_len']:>8} {r['batch_size']:>6} {r['workers']:>7} "
+            f"{r['startup_s']:>9.2f} {r['batches_per_s']:>9.1f} "
+            f"{r['tokens_per_s'] / 1e6:>10.1f}",
+            flush=True,
+          )
+    if _ZARR.value:
+      shutil.rmtree(zarr_dir, ignore_errors=True)
   finally:
     if tmp:
       shutil.rmtree(tmp, ignore_errors=True)

@@ -7,6 +7,11 @@ Reads `config.data` (see hybridna_jax/data/config.py): `fasta_globs`,
 `--config.data.store_dir=/data/store`. Writes the store atomically, reports
 progress as it goes, and writes a summary to <workdir>/prepare_data.json.
 Running it again with unchanged inputs re-uses the store.
+
+    # ... and export it as zarr v3 to object storage (or file://, a local path)
+    python launch/prepare_data.py --config=configs/demo.py --workdir=runs/demo \
+        --export_url=gs://bucket/stores/demo
+    # then train from it: --config.data.store_dir=gs://bucket/stores/demo
 """
 
 import json
@@ -24,6 +29,12 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string(
   "workdir", None, "Directory for the run's outputs (here: the summary)."
+)
+_EXPORT_URL = flags.DEFINE_string(
+  "export_url",
+  None,
+  "Also write the store as zarr v3 through tensorstore to this kvstore URL (gs://, s3://, "
+  "file://, or a local path); data.store_dir may then name the URL (http(s):// to read).",
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -49,12 +60,22 @@ def main(argv):
   config = _CONFIG.value
   if "data" not in config:
     raise app.UsageError(f"the config has no `data` field; it has {sorted(config.keys())}.")
+  from hybridna_jax.data import store as store_lib  # pylint: disable=g-import-not-at-top
+
+  if store_lib.is_url(config.data.store_dir):
+    raise app.UsageError(
+      f"data.store_dir={config.data.store_dir} is a URL: prepare a local store and write the "
+      "URL with --export_url."
+    )
   try:
     store = prepare.prepare_store(config.data)
   except ValueError as e:  # Bad input or config: the message says it all.
     logging.error("prepare_data failed: %s", e)
     sys.exit(1)
   result = summary(store)
+  if _EXPORT_URL.value:
+    result["export_url"] = store_lib.export_zarr(store, _EXPORT_URL.value, overwrite=True)
+    logging.info("Exported the store to %s", result["export_url"])
   os.makedirs(_WORKDIR.value, exist_ok=True)
   path = os.path.join(_WORKDIR.value, "prepare_data.json")
   with open(path, "w", encoding="utf-8") as f:

@@ -7,15 +7,21 @@
     # Embeddings (config score.pooling mean|last|echo, score.layer) -> NPZ
     python launch/score.py --workdir=runs/demo --mode=embed --fasta=seqs.fa \\
         --config=configs/demo.py --config.score.pooling=echo
-    # Zero-shot variant effects (VCF or CSV chrom,pos,ref,alt) -> TSV
+    # Zero-shot variant effects (VCF/BCF or CSV chrom,pos,ref,alt) -> TSV, annotated VCF
     python launch/score.py --workdir=runs/demo --mode=variants --variants=calls.vcf.gz \\
-        --reference=genome.fa.gz --config=configs/demo.py --config.score.rc_average=True
+        --reference=genome.fa.gz --config=configs/demo.py --config.score.rc_average=True \\
+        --region=chr17:43044295-43125483 --annotated=calls.scored.vcf.gz
 
 --workdir is the run to restore (or --checkpoint). Settings come from the
 `score` section of --config (default: the run's config.json): context,
 stride, batch_size, dtype, rc_average, pooling, layer, variant_window,
 max_indel_length. Outputs go to --output (default <workdir>/scores/<name>),
 with a plot next to it; progress is logged while scoring.
+
+Variants are streamed (hybridna_jax.scoring.callsets): VCF/BCF through htslib
+(pysam), the reference (plain or bgzip FASTA) at random through faidx, memory
+flat in the size of the call set. An interrupted --mode=variants run resumes
+when rerun with the same flags (<output>.progress.json).
 """
 
 import os
@@ -32,7 +38,24 @@ flags.DEFINE_multi_string("fasta", [], "FASTA file(s) of sequences (loglik, posi
 flags.DEFINE_string(
   "variants", None, "VCF (.vcf, .vcf.gz) or CSV (chrom,pos,ref,alt) of variants (mode=variants)."
 )
-flags.DEFINE_string("reference", None, "Reference FASTA of the variants (mode=variants).")
+flags.DEFINE_string(
+  "reference", None, "Reference FASTA, plain or bgzip (a .fai is built if missing; mode=variants)."
+)
+flags.DEFINE_string(
+  "region",
+  None,
+  "mode=variants: only records in this region, tabix-style chr, chr:start or chr:start-end "
+  "(1-based, inclusive); needs an indexed (.tbi/.csi) bgzip VCF or BCF.",
+)
+flags.DEFINE_string(
+  "annotated",
+  None,
+  "mode=variants: also write the input records with INFO HYBRIDNA_LLR and HYBRIDNA_LLR_RC "
+  "here (.vcf, .vcf.gz with a tabix index, or .bcf with a csi index).",
+)
+flags.DEFINE_integer(
+  "chunk_records", 2048, "mode=variants: records scored per chunk (memory and resume unit)."
+)
 flags.DEFINE_string(
   "checkpoint", None, "A run, checkpoints/, best/ or step directory (default: --workdir)."
 )
@@ -63,6 +86,7 @@ def main(argv):
     scoring,  # pylint: disable=g-import-not-at-top
   )
   from hybridna_jax.config import ScoreConfig  # pylint: disable=g-import-not-at-top
+  from hybridna_jax.scoring import callsets  # pylint: disable=g-import-not-at-top
   from hybridna_jax.scoring import outputs as score_outputs  # pylint: disable=g-import-not-at-top
   from hybridna_jax.scoring import variants as variants_lib  # pylint: disable=g-import-not-at-top
   from hybridna_jax.scoring.evaluation import fasta_sequences  # pylint: disable=g-import-not-at-top
@@ -82,11 +106,8 @@ def main(argv):
   config = FLAGS.config if FLAGS.config is not None else run_config
   section = ScoreConfig.of(config)
   if mode == "variants":
-    variants, problems = variants_lib.read_variants(
-      FLAGS.variants, max_indel_length=section.max_indel_length
-    )
-    variants_lib.report_problems(problems)
-    reference = variants_lib.load_reference(FLAGS.reference, {v.chrom for v in variants})
+    callsets.CallSet(FLAGS.variants, region=FLAGS.region)  # header and index checks
+    reference = callsets.open_reference(FLAGS.reference)
   else:
     records = fasta_sequences(FLAGS.fasta)
 
@@ -104,16 +125,21 @@ def main(argv):
   )
 
   if mode == "variants":
-    paths = score_outputs.score_variants_to_files(
+    summary = callsets.score_callset(
       scorer,
-      variants,
-      problems,
-      reference,
+      FLAGS.variants,
+      FLAGS.reference,
       output,
       window=section.variant_window,
       rc_average=rc,
-      progress=progress,
+      region=FLAGS.region,
+      annotated=FLAGS.annotated,
+      max_indel_length=section.max_indel_length,
+      chunk_records=FLAGS.chunk_records,
+      reference=reference,
     )
+    plot = variants_lib.plot_llrs(output + ".png", callsets.read_llrs(output))
+    paths = summary.paths + ([plot] if plot else [])
   else:
     paths = score_outputs.score_sequences_to_files(
       mode,

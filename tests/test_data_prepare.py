@@ -257,7 +257,13 @@ def test_prepare_data_app(tmp_path):
   ]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   run = subprocess.run(
-    cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120, check=False
+    cmd + [f"--export_url={tmp_path / 'zarr'}"],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=tmp_path,
+    timeout=120,
+    check=False,
   )
   assert run.returncode == 0, run.stderr
   assert "train: 1 records, 48502 tokens, 1 sources" in run.stdout
@@ -265,6 +271,11 @@ def test_prepare_data_app(tmp_path):
   summary = json.loads((workdir / "prepare_data.json").read_text())
   assert summary["splits"]["train"]["tokens"] == 48502
   assert store_lib.TokenStore.open(store_dir)["train"].num_tokens == 48502
+  assert summary["export_url"] == f"file://{tmp_path / 'zarr'}"
+  exported = store_lib.TokenStore.open(summary["export_url"])["train"]
+  np.testing.assert_array_equal(
+    exported.tokens[0:48502], store_lib.TokenStore.open(store_dir)["train"].tokens[:]
+  )
   # Bad input: a clean one-line error naming the file and line, exit 1.
   bad = tmp_path / "bad.fa"
   bad.write_text(">a\nACGT\n>a\nAC\n")

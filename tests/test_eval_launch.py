@@ -2,6 +2,7 @@
 per record and overall, JSON + table + plot, and every score.py mode run as
 a program."""
 
+import gzip
 import json
 import math
 import os
@@ -161,6 +162,7 @@ def test_launchers(tiny_run, lambda_store, inputs, tmp_path):
       f"--variants={inputs['vcf']}",
       f"--reference={inputs['reference']}",
       f"--output={out}/v.tsv",
+      f"--annotated={out}/v.vcf.gz",
       *tiny,
       "--config.score.variant_window=48",
       "--config.score.rc_average=True",
@@ -184,3 +186,8 @@ def test_launchers(tiny_run, lambda_store, inputs, tmp_path):
   skipped = (out / "v.tsv.skipped.tsv").read_text().splitlines()
   assert len(skipped) == 2 and f"{inputs['vcf']}:5" in skipped[1]
   assert "skipped" in logs["variants"] and "compiled programs: 1" in logs["variants"]
+  annotated = gzip.open(out / "v.vcf.gz", "rt").read().splitlines()
+  assert "##INFO=<ID=HYBRIDNA_LLR_RC,Number=A" in "\n".join(annotated)
+  llrs = [line.split("\t")[7] for line in annotated if not line.startswith("#")]
+  assert llrs[0] == f"HYBRIDNA_LLR={scores[0]['llr_forward']};HYBRIDNA_LLR_RC={scores[0]['llr']}"
+  assert (out / "v.vcf.gz.csi").exists() and (out / "v.tsv.png").exists()

@@ -13,6 +13,15 @@ Token ids are those of `hybridna_jax.tokenizer`, stored as uint8. Records are
 stored without separators; the index gives their boundaries. Sources (a
 genome, strain or species) are named in the manifest and referred to by id.
 
+The same store can live on any tensorstore kvstore as zarr v3 (`export_zarr`,
+`launch/prepare_data.py --export_url`): a URL (file://, gs://, s3://, or
+http(s):// for reading) holding manifest.json, <split>.index.npy and
+<split>.names.txt as objects and <split>.tokens.zarr, a 1-d uint8 zarr v3
+array (zstd chunks of `ZARR_CHUNK` tokens). `TokenStore.open(url)` reads it:
+`split.tokens[a:b]` reads through tensorstore (a process-wide chunk cache),
+so each host fetches only the chunks its windows touch. A local path stays
+memory-mapped (the fast path).
+
 Writes are atomic: `TokenStoreWriter` builds the store in a temporary
 directory next to the target and renames it into place only after every file
 is flushed and the manifest is written, so an interrupted preparation never
@@ -22,6 +31,7 @@ leaves a directory that `TokenStore.open` accepts.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import secrets
@@ -41,8 +51,80 @@ MANIFEST = "manifest.json"
 INDEX_DTYPE = np.dtype([("offset", "<i8"), ("length", "<i8"), ("source", "<i4")])
 
 
+ZARR_CHUNK = 1 << 20  # tokens per zarr chunk: 1 MiB before compression
+ZARR_CACHE_BYTES = 256 << 20  # the process-wide tensorstore chunk cache
+
+
 class StoreError(ValueError):
   """A missing, incomplete or inconsistent token store."""
+
+
+def is_url(path: str | os.PathLike) -> bool:
+  """Whether `path` names a tensorstore kvstore URL (file://, gs://, s3://,
+  http(s)://) rather than a local directory."""
+  return "://" in os.fspath(path)
+
+
+_CONTEXT = None
+
+
+def _ts():
+  import tensorstore as ts  # pylint: disable=g-import-not-at-top
+
+  return ts
+
+
+def _context():
+  global _CONTEXT
+  if _CONTEXT is None:
+    _CONTEXT = _ts().Context({"cache_pool": {"total_bytes_limit": ZARR_CACHE_BYTES}})
+  return _CONTEXT
+
+
+def _url_dir(url: str) -> str:
+  return url if url.endswith("/") else url + "/"
+
+
+def _kvstore(url: str):
+  try:
+    return _ts().KvStore.open(_url_dir(url), context=_context()).result()
+  except ValueError as e:
+    raise StoreError(f"{url}: not a kvstore URL tensorstore can open ({e}).") from None
+
+
+def _read_object(kvstore, url: str, name: str) -> bytes:
+  try:
+    result = kvstore.read(name).result()
+  except Exception as e:  # noqa: BLE001 (tensorstore raises many kinds)
+    raise StoreError(f"{_url_dir(url)}{name}: cannot read ({e}).") from None
+  if result.state != "value":
+    raise StoreError(
+      f"{_url_dir(url)}{name}: missing; not a complete exported store "
+      "(export it again with launch/prepare_data.py --export_url)."
+    )
+  return bytes(result.value)
+
+
+class ZarrTokens:
+  """uint8 (n,) tokens of a zarr v3 array; `tokens[a:b]` reads (b - a,)
+  uint8 through tensorstore."""
+
+  def __init__(self, array):
+    self._array = array
+    self.size = int(array.shape[0])
+    self.shape = (self.size,)
+    self.dtype = np.dtype(np.uint8)
+
+  def __len__(self) -> int:
+    return self.size
+
+  def __getitem__(self, key: slice) -> np.ndarray:
+    if not isinstance(key, slice) or key.step not in (None, 1):
+      raise TypeError("zarr token arrays take [start:stop] slices only")
+    start, stop, _ = key.indices(self.size)
+    if stop <= start:
+      return np.zeros((0,), np.uint8)
+    return self._array[start:stop].read().result()
 
 
 def vocabulary() -> dict[str, int]:
@@ -176,6 +258,62 @@ class StoreSplit:
     )
 
 
+class ZarrStoreSplit(StoreSplit):
+  """A split of an exported store on a kvstore URL (zarr v3 tokens)."""
+
+  def __init__(self, root: str, name: str, info: dict[str, Any], sources: tuple[str, ...]):
+    self.root, self.name, self.info, self.sources = root, name, info, sources
+    self.num_records = int(info["num_records"])
+    self.num_tokens = int(info["num_tokens"])
+    kvstore = _kvstore(root)
+    index = np.load(io.BytesIO(_read_object(kvstore, root, info["index_file"])))
+    if index.dtype != INDEX_DTYPE or index.shape != (self.num_records,):
+      raise StoreError(
+        f"{_url_dir(root)}{info['index_file']}: index of dtype {index.dtype} and shape "
+        f"{index.shape}, the manifest promises {self.num_records} records; export it again."
+      )
+    self.offsets = np.ascontiguousarray(index["offset"])
+    self.lengths = np.ascontiguousarray(index["length"])
+    self.source_ids = np.ascontiguousarray(index["source"])
+    self._names_bytes = lambda: _read_object(kvstore, root, info["names_file"])
+    url = _url_dir(root) + info["tokens_zarr"] + "/"
+    try:
+      array = (
+        _ts()
+        .open(
+          {"driver": "zarr3", "kvstore": url, "recheck_cached_data": False},
+          context=_context(),
+          open=True,
+          read=True,
+        )
+        .result()
+      )
+    except Exception as e:  # noqa: BLE001
+      raise StoreError(f"{url}: cannot open the zarr token array ({e}); export it again.") from None
+    if array.shape != (self.num_tokens,):
+      raise StoreError(
+        f"{url}: shape {array.shape}, the manifest promises {self.num_tokens} tokens; "
+        "export it again."
+      )
+    self._tokens = ZarrTokens(array)
+    self._names = None
+
+  @property
+  def tokens(self) -> ZarrTokens:
+    """The split's tokens; slices read through tensorstore."""
+    return self._tokens
+
+  @property
+  def names(self) -> list[str]:
+    if self._names is None:
+      self._names = self._names_bytes().decode("utf-8").split("\n")[: self.num_records]
+      if len(self._names) != self.num_records:
+        raise StoreError(
+          f"{self.root}: {len(self._names)} names for {self.num_records} records; export it again."
+        )
+    return self._names
+
+
 class TokenStore:
   """A prepared token store; open with `TokenStore.open(path)`.
 
@@ -187,13 +325,24 @@ class TokenStore:
     self.path = path
     self.manifest = manifest
     self.sources = tuple(manifest["sources"])
+    split_type = ZarrStoreSplit if is_url(path) else StoreSplit
     self._splits = {
-      name: StoreSplit(path, name, info, self.sources) for name, info in manifest["splits"].items()
+      name: split_type(path, name, info, self.sources) for name, info in manifest["splits"].items()
     }
 
   @classmethod
   def open(cls, path: str | os.PathLike) -> TokenStore:
+    """Opens a local store directory or an exported store's URL."""
     path = os.fspath(path)
+    if is_url(path):
+      manifest_path = _url_dir(path) + MANIFEST
+      manifest = json.loads(_read_object(_kvstore(path), path, MANIFEST))
+      if any("tokens_zarr" not in info for info in manifest.get("splits", {}).values()):
+        raise StoreError(
+          f"{manifest_path}: a local store's manifest, not an exported one; "
+          "write URLs with launch/prepare_data.py --export_url."
+        )
+      return cls._checked(path, manifest_path, manifest)
     if not os.path.isdir(path):
       raise StoreError(
         f"no token store at {path}; prepare one with "
@@ -208,6 +357,10 @@ class TokenStore:
       )
     with open(manifest_path, encoding="utf-8") as f:
       manifest = json.load(f)
+    return cls._checked(path, manifest_path, manifest)
+
+  @classmethod
+  def _checked(cls, path: str, manifest_path: str, manifest: dict[str, Any]) -> TokenStore:
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
       raise StoreError(
         f"{manifest_path}: format {manifest.get('format')!r} version "
@@ -246,8 +399,60 @@ class TokenStore:
 
 
 def is_complete(path: str | os.PathLike) -> bool:
-  """Whether `path` holds a store that finished writing."""
+  """Whether `path` (a directory or URL) holds a store that finished writing."""
+  if is_url(path):
+    return _kvstore(os.fspath(path)).read(MANIFEST).result().state == "value"
   return os.path.exists(os.path.join(os.fspath(path), MANIFEST))
+
+
+def export_zarr(
+  store: TokenStore, url: str, *, chunk_tokens: int = ZARR_CHUNK, overwrite: bool = False
+) -> str:
+  """Writes `store` to the kvstore `url` as zarr v3 (module docstring): the
+  tokens of each split as a (num_tokens,) uint8 array in zstd chunks of
+  `chunk_tokens`, the index and names as objects, the manifest last (the
+  completion marker). Returns the URL.
+
+  Raises:
+    StoreError: `url` already holds a complete store and not `overwrite`.
+  """
+  if not is_url(url):
+    url = "file://" + os.path.abspath(url)
+  kvstore = _kvstore(url)
+  if not overwrite and is_complete(url):
+    raise StoreError(f"{url} already holds a token store; delete it or export with overwrite.")
+  kvstore.delete_range(_ts().KvStore.KeyRange()).result()
+  manifest = json.loads(json.dumps(store.manifest))
+  for name in store.splits:
+    split, info = store[name], manifest["splits"][name]
+    info["tokens_zarr"] = f"{name}.tokens.zarr"
+    spec = {
+      "driver": "zarr3",
+      "kvstore": _url_dir(url) + info["tokens_zarr"] + "/",
+      "metadata": {
+        "shape": [split.num_tokens],
+        "data_type": "uint8",
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk_tokens]}},
+        "codecs": [{"name": "bytes"}, {"name": "zstd", "configuration": {"level": 3}}],
+      },
+    }
+    array = _ts().open(spec, create=True, delete_existing=True, context=_context()).result()
+    step = 64 * chunk_tokens
+    for start in range(0, split.num_tokens, step):
+      stop = min(start + step, split.num_tokens)
+      array[start:stop].write(np.asarray(split.tokens[start:stop])).result()
+    buf = io.BytesIO()
+    index = np.zeros((split.num_records,), INDEX_DTYPE)
+    index["offset"], index["length"], index["source"] = (
+      split.offsets,
+      split.lengths,
+      split.source_ids,
+    )
+    np.save(buf, index)
+    kvstore.write(info["index_file"], buf.getvalue()).result()
+    kvstore.write(info["names_file"], "\n".join(split.names).encode("utf-8")).result()
+  kvstore.write(MANIFEST, json.dumps(manifest, indent=1).encode("utf-8")).result()
+  return url
 
 
 def verify(path: str | os.PathLike) -> str | None:

@@ -58,7 +58,7 @@ import dataclasses
 import difflib
 import os
 from collections.abc import Callable, Iterable, Sequence
-from typing import NamedTuple
+from typing import NamedTuple, TextIO
 
 import numpy as np
 from absl import logging
@@ -552,28 +552,34 @@ def write_scores(path: str, scores: Sequence[VariantScore]) -> None:
   """TSV, one row per scored variant (SCORE_COLUMNS; nats)."""
   with open(path, "w", encoding="utf-8", newline="") as f:
     f.write("\t".join(SCORE_COLUMNS) + "\n")
-    for s in scores:
-      v = s.variant
-      f.write(
-        "\t".join(
-          [
-            v.chrom,
-            str(v.pos),
-            v.id,
-            v.ref,
-            v.alt,
-            v.kind,
-            _num(s.llr),
-            _num(s.llr_forward),
-            _num(s.llr_reverse),
-            _num(s.ref_loglik),
-            _num(s.alt_loglik),
-            str(s.window_start),
-            str(s.window_end),
-          ]
-        )
-        + "\n"
+    write_score_rows(f, scores)
+
+
+def write_score_rows(f: TextIO, scores: Sequence[VariantScore]) -> None:
+  """The rows of `write_scores` (no header), appended to an open file."""
+  f.write(
+    "".join(
+      "\t".join(
+        [
+          s.variant.chrom,
+          str(s.variant.pos),
+          s.variant.id,
+          s.variant.ref,
+          s.variant.alt,
+          s.variant.kind,
+          _num(s.llr),
+          _num(s.llr_forward),
+          _num(s.llr_reverse),
+          _num(s.ref_loglik),
+          _num(s.alt_loglik),
+          str(s.window_start),
+          str(s.window_end),
+        ]
       )
+      + "\n"
+      for s in scores
+    )
+  )
 
 
 def write_problems(path: str, problems: Sequence[Problem]) -> None:
@@ -596,14 +602,20 @@ def _num(x: float) -> str:
 
 def plot_scores(path: str, scores: Sequence[VariantScore]) -> str | None:
   """Histogram of LLRs by variant type; returns the path (None if empty)."""
-  if not scores:
-    return None
-  plt = plotting.pyplot()
   by_kind: dict[str, list[float]] = {}
   for s in scores:
     by_kind.setdefault(s.variant.kind, []).append(s.llr)
+  return plot_llrs(path, {k: np.asarray(v) for k, v in by_kind.items()})
+
+
+def plot_llrs(path: str, by_kind: dict[str, np.ndarray]) -> str | None:
+  """Histogram of LLRs, one (n,) array per variant type; returns the path
+  (None if there are none)."""
+  if not any(len(v) for v in by_kind.values()):
+    return None
+  plt = plotting.pyplot()
   fig, ax = plt.subplots(figsize=(7, 4))
-  values = np.concatenate([np.asarray(v) for v in by_kind.values()])
+  values = np.concatenate([np.asarray(v, np.float64) for v in by_kind.values()])
   bins = np.histogram_bin_edges(values[np.isfinite(values)], bins=40)
   for kind, llrs in sorted(by_kind.items()):
     ax.hist(llrs, bins=bins, alpha=0.6, label=f"{kind} (n={len(llrs)})")

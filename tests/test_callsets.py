@@ -1,0 +1,237 @@
+"""Whole call sets: bgzip+tabix VCF and BCF inputs through pysam, a bgzip
+reference through faidx, --region, the annotated VCF/BCF (INFO equal to the
+TSV) and resuming an interrupted run to the same outputs."""
+
+import gzip
+import math
+
+import numpy as np
+import pysam
+import pytest
+from conftest import LAMBDA_FASTA
+from test_variants import FakeScorer
+
+from hybridna_jax import tokenizer
+from hybridna_jax.data import fasta
+from hybridna_jax.scoring import callsets, variants
+
+OTHER = {"A": "C", "C": "G", "G": "T", "T": "A"}
+
+
+@pytest.fixture(scope="module")
+def genome():
+  ((_, tokens),) = fasta.read_fasta(LAMBDA_FASTA)
+  return tokenizer.decode(tokens)
+
+
+@pytest.fixture(scope="module")
+def files(genome, tmp_path_factory):
+  """A bgzip reference (chrA, chrB) with .fai, and the same sorted call set
+  as plain VCF, bgzip VCF + .tbi and BCF + .csi."""
+  root = tmp_path_factory.mktemp("callset")
+  a, b = genome[:3000], genome[3000:5000]
+  plain_ref = root / "ref.fa"
+  fasta.write_fasta(plain_ref, [("chrA", a), ("chrB", b)])
+  ref = str(root / "ref.fa.gz")
+  pysam.tabix_compress(str(plain_ref), ref)
+  pysam.faidx(ref)  # .fai and .gzi
+  rng = np.random.default_rng(0)
+  rows = []
+  for chrom, seq in (("chrA", a), ("chrB", b)):
+    for pos in sorted(rng.choice(np.arange(1, len(seq) - 10), 14, replace=False)):
+      pos = int(pos)
+      base = seq[pos - 1]
+      kind = rng.integers(5)
+      if kind == 0:
+        alt = f"{OTHER[base]},{OTHER[OTHER[base]]}"  # two alleles
+      elif kind == 1:
+        alt = base + "".join(rng.choice(list("ACGT"), 3))  # insertion
+      elif kind == 2:
+        rows.append((chrom, pos, f"d{pos}", seq[pos - 1 : pos + 2], base))  # deletion
+        continue
+      else:
+        alt = OTHER[base]
+      rows.append((chrom, pos, f"v{pos}", base, alt))
+  rows.insert(3, ("chrA", rows[3][1], "bad_ref", OTHER[a[rows[3][1] - 1]], "A"))  # REF mismatch
+  rows.insert(6, ("chrA", rows[6][1], "sym", a[rows[6][1] - 1], "*"))  # symbolic: "*"
+  header = [
+    "##fileformat=VCFv4.2",
+    "##contig=<ID=chrA,length=3000>",
+    "##contig=<ID=chrB,length=2000>",
+    '##INFO=<ID=DP,Number=1,Type=Integer,Description="depth">',
+    "#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO",
+  ]
+  text = "\n".join(header + ["\t".join(map(str, r)) + "\t50\tPASS\tDP=7" for r in rows]) + "\n"
+  vcf = root / "calls.vcf"
+  vcf.write_text(text)
+  vcf_gz = str(root / "calls.vcf.gz")
+  pysam.tabix_compress(str(vcf), vcf_gz)
+  pysam.tabix_index(vcf_gz, preset="vcf")
+  bcf = str(root / "calls.bcf")
+  with pysam.VariantFile(str(vcf)) as src, pysam.VariantFile(bcf, "wb", header=src.header) as out:
+    for record in src:
+      out.write(record)
+  pysam.tabix_index(bcf, preset="bcf", keep_original=True)
+  return {"ref": ref, "plain_ref": str(plain_ref), "vcf": str(vcf), "vcf_gz": vcf_gz, "bcf": bcf}
+
+
+def _rows(path):
+  return [
+    (r["chrom"], int(r["pos"]), r["alt"], r["llr"], r["window_start"])
+    for r in variants.read_scores(path)
+  ]
+
+
+def test_indexed_reference_reads_like_the_in_memory_one(files, genome):
+  ref = callsets.IndexedReference(files["ref"], block=97, cache_blocks=4)
+  assert ref.all_names == ("chrA", "chrB") and len(ref["chrB"]) == 2000
+  want = tokenizer.encode(genome[3000:5000])
+  for start, stop in [(0, 1), (90, 300), (96, 98), (1990, 2000), (5, 5)]:
+    np.testing.assert_array_equal(ref["chrB"][start:stop], want[start:stop])
+  assert "'A' is not in the reference" in ref.unknown_reason("A")
+  gz = files["ref"].replace("ref.fa.gz", "plain_gzip.fa.gz")
+  with gzip.open(gz, "wt") as f:
+    f.write(">chrA\nACGT\n")
+  with pytest.raises(callsets.ReferenceAccessError, match="gzip, not bgzip: recompress"):
+    callsets.IndexedReference(gz)
+  in_memory = callsets.open_reference(gz)  # falls back, with a warning
+  assert not isinstance(in_memory, callsets.IndexedReference)
+  np.testing.assert_array_equal(in_memory["chrA"][0:4], tokenizer.encode("ACGT"))
+
+
+def test_streamed_scores_equal_the_in_memory_path_for_vcf_and_bcf(files, tmp_path):
+  found, read_problems = variants.read_variants(files["vcf"])
+  reference = variants.load_reference(files["plain_ref"])
+  expected, check_problems = variants.score_variants(FakeScorer(), found, reference, window=31)
+  variants.write_scores(str(tmp_path / "expected.tsv"), expected)
+  want = _rows(str(tmp_path / "expected.tsv"))
+  assert len(want) > 25 and len(read_problems) == 1 and len(check_problems) == 1
+  for name in ("vcf", "vcf_gz", "bcf"):
+    out = str(tmp_path / f"{name}.tsv")
+    summary = callsets.score_callset(
+      FakeScorer(), files[name], files["ref"], out, window=31, chunk_records=4
+    )
+    assert _rows(out) == want, name
+    assert summary.scored == len(want) and summary.skipped == 2
+    skipped = variants.read_scores(out + ".skipped.tsv")
+    sources = [r["source"] for r in skipped]
+    if name == "bcf":
+      assert sources == [f"{files['bcf']}:record 4", f"{files['bcf']}:record 7"]
+    else:  # line numbers: 5 header lines
+      assert sources == [f"{files[name]}:9", f"{files[name]}:12"]
+    assert "does not match the reference" in skipped[0]["reason"]
+    assert "symbolic" in skipped[1]["reason"]
+
+
+@pytest.mark.parametrize("name", ["vcf_gz", "bcf"])
+def test_region_restricts_to_the_indexed_records(files, tmp_path, name):
+  out = str(tmp_path / "region.tsv")
+  callsets.score_callset(
+    FakeScorer(), files[name], files["ref"], out, window=31, region="chrA:500-2000"
+  )
+  full = str(tmp_path / "full.tsv")
+  callsets.score_callset(FakeScorer(), files[name], files["ref"], full, window=31)
+  want = [r for r in _rows(full) if r[0] == "chrA" and 500 <= r[1] <= 2000]
+  assert 0 < len(want) < len(_rows(full)) and _rows(out) == want
+  with pytest.raises(variants.VariantFormatError, match="needs a tabix index"):
+    callsets.CallSet(files["vcf"], region="chrA:1-10")
+  with pytest.raises(variants.VariantFormatError, match="'chrZ:1-10'.*with a chromosome of"):
+    list(callsets.CallSet(files[name], region="chrZ:1-10").sites())
+
+
+@pytest.mark.parametrize("suffix", [".vcf.gz", ".bcf"])
+def test_annotated_output_carries_the_tsv_scores(files, tmp_path, suffix):
+  out, annotated = str(tmp_path / "s.tsv"), str(tmp_path / f"scored{suffix}")
+  summary = callsets.score_callset(
+    FakeScorer(),
+    files["vcf_gz"],
+    files["ref"],
+    out,
+    window=31,
+    rc_average=True,
+    annotated=annotated,
+    chunk_records=5,
+  )
+  assert annotated in summary.paths and len(summary.paths) == 4  # + its index
+  tsv = {(r["chrom"], int(r["pos"]), r["alt"]): r for r in variants.read_scores(out)}
+  seen = 0
+  with pysam.VariantFile(annotated) as vf:
+    assert vf.header.info[callsets.INFO_LLR].number == "A"
+    assert vf.header.info[callsets.INFO_LLR_RC].type == "Float"
+    records = list(vf)
+    assert len(records) == 30  # every input record, bad ones without scores
+    for rec in records:
+      assert rec.info["DP"] == 7
+      for i, alt in enumerate(rec.alts):
+        row = tsv.get((rec.chrom, rec.pos, alt))
+        if row is None:
+          assert callsets.INFO_LLR not in rec.info or rec.info[callsets.INFO_LLR][i] is None
+          continue
+        seen += 1
+        assert math.isclose(rec.info[callsets.INFO_LLR][i], float(row["llr_forward"]), rel_tol=1e-6)
+        assert math.isclose(rec.info[callsets.INFO_LLR_RC][i], float(row["llr"]), rel_tol=1e-6)
+    assert seen == len(tsv)
+    assert len(list(vf.fetch("chrB"))) == 14  # indexed
+
+
+class Interrupted(Exception):
+  pass
+
+
+class InterruptingScorer(FakeScorer):
+  """Stops the run (as a kill would) on its `calls`-th scoring call."""
+
+  def __init__(self, calls):
+    super().__init__()
+    self.calls = calls
+
+  def log_likelihood(self, sequences, progress=None):
+    self.calls -= 1
+    if self.calls == 0:
+      raise Interrupted
+    return super().log_likelihood(sequences, progress)
+
+
+def test_an_interrupted_run_resumes_to_the_same_outputs(files, tmp_path):
+  def run(directory, scorer):
+    directory.mkdir(exist_ok=True)
+    return callsets.score_callset(
+      scorer,
+      files["vcf_gz"],
+      files["ref"],
+      str(directory / "s.tsv"),
+      window=31,
+      rc_average=True,
+      annotated=str(directory / "a.vcf"),
+      chunk_records=4,
+    )
+
+  run(tmp_path / "whole", FakeScorer())
+  with pytest.raises(Interrupted):
+    run(tmp_path / "resumed", InterruptingScorer(calls=4))
+  progress = tmp_path / "resumed" / "s.tsv.progress.json"
+  assert progress.exists()
+  # A torn write after the last commit is cut off on resume.
+  with open(tmp_path / "resumed" / "s.tsv", "a") as f:
+    f.write("chrA\t1\tpartial")
+  scorer = FakeScorer()
+  summary = run(tmp_path / "resumed", scorer)
+  assert summary.resumed_from == 12 and summary.records == 30
+  assert len(scorer.seen) < 2 * 2 * 30  # only the rest was scored
+  assert not progress.exists()
+  for name in ("s.tsv", "s.tsv.skipped.tsv", "a.vcf"):
+    assert (tmp_path / "resumed" / name).read_text() == (tmp_path / "whole" / name).read_text()
+  # Other settings do not resume silently.
+  with pytest.raises(Interrupted):
+    run(tmp_path / "changed", InterruptingScorer(calls=2))
+  with pytest.raises(ValueError, match="other inputs or settings .*window"):
+    callsets.score_callset(
+      FakeScorer(),
+      files["vcf_gz"],
+      files["ref"],
+      str(tmp_path / "changed" / "s.tsv"),
+      window=33,
+      rc_average=True,
+      annotated=str(tmp_path / "changed" / "a.vcf"),
+      chunk_records=4,
+    )
