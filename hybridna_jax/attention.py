@@ -89,6 +89,6 @@ def causal_attention(
     raise ValueError(f"query heads ({hq}) must be a multiple of kv heads ({k.shape[2]}).")
   if segment_ids is not None and segment_ids.shape != (b, l):
     raise ValueError(f"segment_ids has shape {segment_ids.shape}, expected {(b, l)}.")
-  if sharded.context_shards() > 1:
+  if sharded.active_context_shards() > 1:
     return sharded.context_attention(q, k, v, segment_ids, method=context)
   return KERNELS.resolve(impl).fn(q, k, v, segment_ids)

@@ -145,7 +145,7 @@ def ssd_chunked_scan(
   inputs = CoreInputs(x, dt, A.astype(jnp.float32), B, C, seq_idx, init)
   # A context-parallel mesh cuts the length into slices of whole chunks.
   multiple = chunk_size if core.options.get("needs_chunk_multiple", True) else 1
-  pad = (-l) % (multiple * sharded.context_shards())
+  pad = (-l) % (multiple * sharded.active_context_shards())
   if pad:
     inputs = _pad_time(inputs, pad)
   y, final = core.fn(inputs, chunk_size)

@@ -71,7 +71,7 @@ def _active_mesh():
   return ctx.mesh
 
 
-def context_shards() -> int:
+def active_context_shards() -> int:
   """How many slices the active mesh cuts a sequence into (1 without one);
   the public ops pad lengths to a multiple of it."""
   mesh = _active_mesh()
