@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 
@@ -372,23 +373,34 @@ def test_kill_during_prepare_then_rerun(tmp_path):
   fa = str(tmp_path / "big.fa")
   fasta.write_fasta(fa, records)
   store_dir = str(tmp_path / "store")
-  code = (
-    "import sys; from hybridna_jax.config import base_config; "
-    "from hybridna_jax.data import prepare; d = base_config().data; "
-    f"d.fasta_globs = ({fa!r},); d.store_dir = {store_dir!r}; d.source_from = 'record'; "
-    "d.prepare_block_bytes = 4096; print('go', flush=True); prepare.prepare_store(d)"
+  # The child kills itself (SIGKILL, no clean-up) after 50 blocks were
+  # written: mid-write whatever the machine's speed.
+  code = textwrap.dedent(
+    f"""
+    import os, signal
+    from hybridna_jax.config import base_config
+    from hybridna_jax.data import prepare, store
+    append, blocks = store.TokenStoreWriter.append, [0]
+    def killing_append(self, tokens):
+      blocks[0] += 1
+      if blocks[0] > 50:
+        os.kill(os.getpid(), signal.SIGKILL)
+      append(self, tokens)
+    store.TokenStoreWriter.append = killing_append
+    d = base_config().data
+    d.fasta_globs, d.store_dir, d.source_from = ({fa!r},), {store_dir!r}, "record"
+    d.prepare_block_bytes = 4096
+    prepare.prepare_store(d)
+    """
   )
-  proc = subprocess.Popen(
+  proc = subprocess.run(
     [sys.executable, "-c", code],
-    stdout=subprocess.PIPE,
     env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"},
+    capture_output=True,
+    timeout=300,
   )
-  assert proc.stdout.readline().strip() == b"go"
-  deadline = time.monotonic() + 60
-  while not glob.glob(str(tmp_path / ".store.tmp-*" / "*")) and time.monotonic() < deadline:
-    time.sleep(0.05)
-  proc.kill()
-  proc.wait()
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+  assert glob.glob(str(tmp_path / ".store.tmp-*" / "*"))  # killed mid-write
   assert not store_lib.is_complete(store_dir)
   data = base_config().data
   data.fasta_globs, data.store_dir, data.source_from = (fa,), store_dir, "record"
