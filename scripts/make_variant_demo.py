@@ -129,7 +129,9 @@ def write(genome_path: str, out_path: str, *, num_orfs: int, min_orf: int, seed:
   with open(out_path, "w", newline="") as f:
     writer = csv.writer(f)
     writer.writerow(("chrom", "pos", "ref", "alt", "id"))
-    writer.writerows(rows + bad)
+    # In position order (other chromosomes last), as call sets come: the
+    # scorer streams them and neighbouring variants share reference reads.
+    writer.writerows(sorted(rows + bad, key=lambda r: (r[0] != chrom.name, r[0], r[1])))
   print(
     f"{genome_path}: {chrom.name} ({n:,} nt), {len(candidates):,} ORFs >= "
     f"{min_orf} nt; wrote {len(rows) // 2} nonsense/synonymous SNV pairs and "

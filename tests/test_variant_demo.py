@@ -65,11 +65,14 @@ def test_nonsense_makes_a_stop_and_synonymous_keeps_the_amino_acid(tmp_path):
     rows = list(csv.DictReader(f))
   good = [r for r in rows if not r["id"].startswith("bad_")]
   assert len(good) == 6 and {r["id"].split("_")[0] for r in good} == {"nonsense", "synonymous"}
+  # In position order, the unknown chromosome last.
   assert [r["id"] for r in rows if r["id"].startswith("bad_")] == [
     "bad_wrong_ref",
-    "bad_unknown_chromosome",
     "bad_past_the_end",
+    "bad_unknown_chromosome",
   ]
+  positions = [int(r["pos"]) for r in rows if r["chrom"] == "chr"]
+  assert positions == sorted(positions) and rows[-1]["id"] == "bad_unknown_chromosome"
   for r in good:
     pos = int(r["pos"])
     assert seq[pos - 1] == r["ref"]
