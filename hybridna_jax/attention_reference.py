@@ -191,6 +191,11 @@ def blockwise_attention_lse(
   return _attention_lse(q, k, v, q_pos, k_pos, q_seg, k_seg, min(block, k.shape[1]))
 
 
+def no_keys(b: int, lq: int, hq: int, d: int) -> tuple[Array, Array]:
+  """(out, lse) of attending to no key: the identity of `merge_partials`."""
+  return jnp.zeros((b, lq, hq, d), jnp.float32), jnp.full((b, lq, hq), _NEG_INF, jnp.float32)
+
+
 def merge_partials(a: tuple[Array, Array], b: tuple[Array, Array]) -> tuple[Array, Array]:
   """(out, lse) over the union of two disjoint key sets."""
   lse = jnp.logaddexp(a[1], b[1])

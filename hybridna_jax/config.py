@@ -35,6 +35,7 @@ from hybridna_jax.data.config import DataConfig, default_data_config
 from hybridna_jax.sections import ConfigError, Section, field, set_fields
 
 __all__ = [
+  "CONTEXT_ATTENTION",
   "ConfigError",
   "DataConfig",
   "FinetuneConfig",
@@ -54,6 +55,10 @@ __all__ = [
   "model_config_dict",
   "validate",
 ]
+
+
+# How attention crosses the mesh's context axis (hybridna_jax.kernels.sharded).
+CONTEXT_ATTENTION = ("ring", "allgather")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,9 +134,10 @@ class ModelConfig(Section):
       )
     if self.remat not in ("none", "full", "dots"):
       raise ValueError(f"model.remat must be none, full or dots, got {self.remat!r}.")
-    if self.context_attention not in ("ring", "allgather"):
+    if self.context_attention not in CONTEXT_ATTENTION:
       raise ValueError(
-        f"model.context_attention must be ring or allgather, got {self.context_attention!r}."
+        f"model.context_attention must be one of {CONTEXT_ATTENTION}, "
+        f"got {self.context_attention!r}."
       )
     rotated = self.head_dim * self.rope_fraction
     if not 0 < self.rope_fraction <= 1 or (self.rope and (rotated != int(rotated) or rotated % 2)):

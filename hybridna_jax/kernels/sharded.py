@@ -41,8 +41,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from hybridna_jax import attention_reference, sharding, ssd_reference
-
-CONTEXT_ATTENTION = ("ring", "allgather")
+from hybridna_jax.config import CONTEXT_ATTENTION
 
 
 def _axes(mesh, batch: int, heads: tuple[int, ...]):
@@ -266,7 +265,7 @@ def _ring_attention(q, k, v, seg, axis: str, shards: int, block: int):
   index = jax.lax.axis_index(axis)
   b, lq, hq, d = q.shape
   q_pos = index * lq + jnp.arange(lq)
-  merged = (jnp.zeros((b, lq, hq, d), jnp.float32), jnp.full((b, lq, hq), -1e30, jnp.float32))
+  merged = attention_reference.no_keys(b, lq, hq, d)
   kv = (k, v, seg)
   for step in range(shards):
     source = (index - step) % shards
