@@ -470,6 +470,14 @@ class GenerateConfig(Section):
   # mean pairwise edit distance.
   kmer: int = 6
   max_edit_pairs: int = 20_000
+  # Oracle judging (hybridna_jax/design/oracle.py): design CSVs of real
+  # sequences the generator never saw -- the oracle's training rows, its dev
+  # rows (choice of k) and the held-out test rows whose share (and that of
+  # their dinucleotide shuffles) the designs are compared with. All three
+  # or none ("": no oracle report). One categorical condition only.
+  oracle_csv: str = ""
+  oracle_dev_csv: str = ""
+  test_csv: str = ""
 
   def __post_init__(self):
     problems = []

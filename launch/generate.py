@@ -21,6 +21,13 @@ Writes <workdir>/designs.fasta (or --output) with the prompt and settings
 in every header, and next to it .summary.json / .summary.txt (GC content,
 6-mer spectrum distance to the training sequences of each label, mean
 pairwise edit distance, share of exact training copies) and .summary.png.
+
+Judged by an oracle when config.generate.oracle_csv, oracle_dev_csv and
+test_csv are set (or --oracle_csv --oracle_dev_csv --test_csv): a k-mer
+logistic regression fitted on real sequences the generator never saw
+(hybridna_jax/design/oracle.py); the summary then holds "oracle": the share
+of designs it assigns to their requested label, beside the same share for
+real held-out test sequences, for their dinucleotide shuffles, and chance.
 """
 
 import json
@@ -64,6 +71,17 @@ flags.DEFINE_string(
   "reference_csv",
   None,
   "sample: training CSV for the summary (default: the run's generate.train_csv).",
+)
+flags.DEFINE_string(
+  "oracle_csv", None, "sample: the oracle's training CSV (default: config.generate.oracle_csv)."
+)
+flags.DEFINE_string(
+  "oracle_dev_csv",
+  None,
+  "sample: the oracle's dev CSV, for its k (config.generate.oracle_dev_csv).",
+)
+flags.DEFINE_string(
+  "test_csv", None, "sample: real held-out CSV the oracle compares with (config.generate.test_csv)."
 )
 FLAGS = flags.FLAGS
 
@@ -112,6 +130,9 @@ def main(argv):
     beam_width=FLAGS.beam_width,
     length_penalty=FLAGS.length_penalty,
     allow_n=FLAGS.allow_n,
+    oracle_csv=FLAGS.oracle_csv,
+    oracle_dev_csv=FLAGS.oracle_dev_csv,
+    test_csv=FLAGS.test_csv,
   )
   if jax.process_index() == 0:
     print(result["table"])

@@ -6,6 +6,7 @@ task.json recording sources, settings and counts.
     python scripts/make_real_tasks.py promoters --out=data_cache/tasks/dm_promoters
     python scripts/make_real_tasks.py insulators --out=data_cache/tasks/dm_insulators
     python scripts/make_real_tasks.py splice --out=data_cache/tasks/dm_splice
+    python scripts/make_real_tasks.py design_insulators --out=data_cache/design_insulators
 
 Task `promoters` (Drosophila melanogaster, dm3 chr2R): label 1 = the
 `--length` nucleotides just upstream of an annotated transcription start
@@ -41,6 +42,31 @@ ambiguous. Same region split as the promoters (a window crossing a block
 is dropped; background is drawn inside the split's own blocks), fixed
 seed; <split>.regions.bed records each window's coordinates, label and
 strand.
+
+Design data `design_insulators` (dm3 chr2R): design CSVs (columns
+sequence,label; `hybridna_jax.design.load_design_csv`) for prompt-token
+generative fine-tuning with one label token per protein, and the held-out
+sequences its oracle is fitted and judged on. Each row is the `--length`
+(default 200) nucleotides centred on a merged peak (the BED files give
+intervals, no summits) of one protein, labelled CTCF, BEAF-32, CP190 or
+Su(Hw), random strand, no N. 200 nt: the paper's designed regulatory
+elements are 200 bp, the merged peaks are wider (median 340-437 bp), so the
+window lies inside the bound region, and <bos> + label + 200 nt + <eos>
+fits a 256-token row. A peak that overlaps a peak of another protein (either
+cell line) is dropped as ambiguous: the proteins co-bind (CP190 with the
+three others), one label per sequence keeps the oracle's question ("which
+protein?") well posed, and design.json counts what was dropped. Region split
+refining the insulator tasks' (1 Mb blocks, windows crossing a block
+dropped), block % 10:
+
+    0-4   train.csv    generative fine-tuning (the generator's only data)
+    5, 6  oracle.csv   the oracle's training set (never seen by the generator)
+    7     dev.csv      the generator's validation and the oracle's choice of k
+    8, 9  test.csv     real held-out sequences: the oracle's accuracy on them
+                       and on their dinucleotide shuffles (the judge's baselines)
+
+dev and test are the insulator tasks' dev and test blocks; train and oracle
+share the insulator tasks' train blocks, split between them.
 
 Task `splice` (D. melanogaster): two binary tasks, <out>/donor and
 <out>/acceptor, from the AUGUSTUS tutorial's annotated loci (augustus-doc
@@ -463,6 +489,100 @@ def make_insulators(
   return infos
 
 
+DESIGN_LABELS = {"ctcf": "CTCF", "beaf32": "BEAF-32", "cp190": "CP190", "suhw": "Su(Hw)"}
+# Block index % 10 -> design split (module docstring).
+DESIGN_SPLITS = ("train", "oracle", "dev", "test")
+DESIGN_ROLES = (0, 0, 0, 0, 0, 1, 1, 2, 3, 3)
+
+
+def design_split_codes(starts: np.ndarray, length: int, block: int) -> np.ndarray:
+  """The index into DESIGN_SPLITS of each window [start, start + length),
+  or -1 for a window crossing a block boundary."""
+  first, last = starts // block, (starts + length - 1) // block
+  return np.where(first == last, np.asarray(DESIGN_ROLES)[first % 10], -1)
+
+
+def make_design_insulators(
+  bed_source: str,
+  chrom_path: str,
+  out_dir: str,
+  *,
+  length: int = 200,
+  block: int = 1_000_000,
+  seed: int = 0,
+  max_per_split: int = 0,
+) -> dict:
+  """Writes the insulator design CSVs (module docstring) to `out_dir`:
+  <split>.csv (sequence,label) and <split>.regions.bed for each of
+  DESIGN_SPLITS, and design.json; returns the design.json dict.
+  max_per_split > 0 keeps at most that many rows per protein and split."""
+  genome = _Genome(chrom_path)
+  chrom, n = genome.name, len(genome)
+  peaks = read_bushey(bed_source, chrom)
+  rng = np.random.default_rng(seed)
+  rows = {s: [] for s in DESIGN_SPLITS}  # (start, label)
+  counts: dict[str, dict] = {}
+  for protein, label in DESIGN_LABELS.items():
+    spans = peaks[protein]
+    if not len(spans):
+      raise ValueError(f"{bed_source}: no {BUSHEY[protein]} peaks on {chrom}.")
+    others = merge_intervals([tuple(p) for q, ps in peaks.items() if q != protein for p in ps])
+    # A peak overlapping another protein's peak is ambiguous: dropped. The
+    # others are sorted and disjoint, so the last one starting before a
+    # peak's end is the only one that can reach past its start.
+    before = np.searchsorted(others[:, 0], spans[:, 1], side="left")
+    last_end = others[np.maximum(before - 1, 0), 1] if len(others) else np.zeros(len(spans))
+    shared = (before > 0) & (last_end > spans[:, 0])
+    starts = (spans[:, 0] + spans[:, 1]) // 2 - length // 2
+    codes = design_split_codes(starts, length, block)
+    usable = ~shared & (starts >= 0) & (starts + length <= n) & (codes >= 0)
+    usable[usable] = genome.clean(starts[usable], length)
+    info = {
+      "peaks_merged": int(len(spans)),
+      "dropped_shared_with_another_protein": int(shared.sum()),
+      "dropped_crossing_a_block_or_end_or_with_n": int((~shared & ~usable).sum()),
+    }
+    for code, split in enumerate(DESIGN_SPLITS):
+      chosen = rng.permutation(starts[usable & (codes == code)])
+      if max_per_split:
+        chosen = chosen[:max_per_split]
+      rows[split].extend((int(s), label) for s in chosen)
+      info[split] = int(len(chosen))
+    counts[label] = info
+  os.makedirs(out_dir, exist_ok=True)
+  gc_means = {}
+  for split in DESIGN_SPLITS:
+    order = rng.permutation(len(rows[split]))
+    split_rows = [rows[split][i] for i in order]
+    strands = ["+" if rng.random() < 0.5 else "-" for _ in split_rows]
+    sequences = [genome.window(s, length, st) for (s, _), st in zip(split_rows, strands)]
+    with open(os.path.join(out_dir, f"{split}.csv"), "w", encoding="utf-8") as f:
+      f.write("sequence,label\n")
+      f.writelines(f"{seq},{label}\n" for seq, (_, label) in zip(sequences, split_rows))
+    with open(os.path.join(out_dir, f"{split}.regions.bed"), "w", encoding="utf-8") as f:
+      for (s, label), st in zip(split_rows, strands):
+        f.write(f"{chrom}\t{s}\t{s + length}\t{label}\t0\t{st}\n")
+    starts = np.array([s for s, _ in split_rows], np.int64)
+    gc_means[split] = round(float(genome.gc(starts, length).mean()), 4) if len(starts) else None
+  info = {
+    "task": "design/insulators",
+    "labels": list(DESIGN_LABELS.values()),
+    "rows": f"{length} nt centred on a merged peak (Bushey 2009, Kc + Mbn2, {chrom}, dm3) "
+    "of one protein, random strand, no N",
+    "ambiguous": "a peak overlapping a peak of another protein is dropped",
+    "sources": {"peaks": bed_source, "genome": chrom_path},
+    "split": f"{block:,} bp blocks of {chrom}, block % 10: 0-4 train (generator), 5-6 oracle, "
+    "7 dev (generator validation, oracle k), 8-9 test; windows crossing a block are dropped",
+    "length": length,
+    "seed": seed,
+    "counts": counts,
+    "gc_mean": gc_means,
+  }
+  with open(os.path.join(out_dir, "design.json"), "w", encoding="utf-8") as f:
+    json.dump(info, f, indent=2)
+  return info
+
+
 _RANGE = re.compile(r"<?(\d+)\.\.>?(\d+)")
 
 
@@ -606,7 +726,7 @@ def _missing(what: str, package: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("task", choices=["promoters", "insulators", "splice"])
+  parser.add_argument("task", choices=["promoters", "insulators", "splice", "design_insulators"])
   parser.add_argument("--out", required=True, help="output task folder")
   parser.add_argument("--cache_dir", default="data_cache", help="where fetch put the packages")
   parser.add_argument(
@@ -628,6 +748,7 @@ def main(argv=None) -> int:
   needed = {
     "promoters": (UPSTREAM, CHR2R),
     "insulators": (CHR2R,),
+    "design_insulators": (CHR2R,),
     "splice": (GENES_TRAIN, GENES_TEST),
   }[args.task]
   paths = {}
@@ -656,6 +777,18 @@ def main(argv=None) -> int:
   beds = find_bushey(args.cache_dir)
   if beds is None:
     return _missing("*_Bushey_2009.bed", "the pybedtools 0.12.1 wheel")
+  if args.task == "design_insulators":
+    info = make_design_insulators(
+      beds,
+      paths[CHR2R],
+      args.out,
+      length=args.length or 200,
+      block=args.block,
+      seed=args.seed,
+      max_per_split=args.max_per_split,
+    )
+    print(json.dumps(info["counts"]))
+    return 0
   proteins = [p.strip() for p in args.proteins.split(",") if p.strip()]
   unknown = sorted(set(proteins) - set(BUSHEY))
   if unknown:

@@ -263,6 +263,45 @@ def test_finetuned_model_writes_each_labels_motif(motif_run, tmp_path):
   assert "label=b" in result["table"]
 
 
+def _oracle_csvs(tmp_path):
+  return {
+    "oracle_csv": _write_csv(tmp_path / "oracle.csv", _motif_rows(256, seed=2)),
+    "oracle_dev_csv": _write_csv(tmp_path / "oracle_dev.csv", _motif_rows(64, seed=3)),
+    "test_csv": _write_csv(tmp_path / "test.csv", _motif_rows(96, seed=4)),
+  }
+
+
+def test_sampling_summary_carries_the_oracle_report(motif_run, tmp_path):
+  """With oracle CSVs (real sequences the generator never saw), the summary
+  JSON holds the oracle's shares: designed, real held-out, shuffled, chance."""
+  _, workdir, _ = motif_run
+  out = str(tmp_path / "designs.fasta")
+  result = design_sampling.run_sampling(
+    workdir,
+    out,
+    num_samples=48,
+    batch_size=48,
+    max_new_tokens=SEQ_LEN,
+    seed=0,
+    **_oracle_csvs(tmp_path),
+  )
+  with open(os.path.splitext(out)[0] + ".summary.json") as f:
+    report = json.load(f)["oracle"]
+  assert report == json.loads(json.dumps(result["oracle"]))
+  assert set(report) >= {"oracle", "chance", "by_label", "mean_over_labels", "verdict", "test_csv"}
+  assert report["chance"] == 0.5 and list(report["by_label"]) == ["a", "b"]
+  assert report["oracle"]["k"] in (3, 4, 5, 6) and report["oracle"]["train_rows"] == 256
+  for label in "ab":
+    by_kind = report["by_label"][label]
+    assert by_kind["designed"]["n"] == 48 and by_kind["real"]["n"] == 48
+    assert by_kind["shuffled"]["n"] == 48
+  mean = report["mean_over_labels"]
+  print("oracle shares", mean)
+  # The model writes its label's motif, which the oracle reads.
+  assert mean["real"] > mean["shuffled"] and mean["designed"] > 0.6, mean
+  assert "requested label" in result["table"] and report["verdict"] in result["table"]
+
+
 def test_finetuning_starts_from_a_pretrained_run(motif_run):
   cfg, workdir, _ = motif_run
   cfg = copy.deepcopy(cfg)
@@ -294,7 +333,8 @@ def test_launcher_samples_with_beam_search(motif_run, tmp_path):
       "--beam_width=4",
       "--num_samples=4",
       f"--length={SEQ_LEN}",
-    ],
+    ]
+    + [f"--{field}={path}" for field, path in _oracle_csvs(tmp_path).items()],
     capture_output=True,
     text=True,
     env=env,
@@ -302,7 +342,7 @@ def test_launcher_samples_with_beam_search(motif_run, tmp_path):
     timeout=300,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "label=b" in proc.stdout
+  assert "label=b" in proc.stdout and "mean over labels" in proc.stdout  # judged
   records = fasta.read_fasta(out)
   assert len(records) == 4 and all("beam=4" in h.description for h, _ in records)
   log_probs = [float(re.search(r"log_prob=(-[\d.]+)", h.description).group(1)) for h, _ in records]

@@ -1,6 +1,7 @@
 """scripts/make_real_tasks.py: a small promoter task from the Debian files
 (skipped, with the reason, where they are absent)."""
 
+import collections
 import csv
 import importlib.util
 import os
@@ -201,10 +202,20 @@ def test_readme_builds_the_real_tasks_it_fine_tunes_on():
   for i in makes:
     args = make.build_parser().parse_args(shlex.split(commands[i])[2:])
     built[args.task] = args.out
-  assert set(built) == {"promoters", "insulators", "splice"}
+  assert set(built) == {"promoters", "insulators", "splice", "design_insulators"}
   tasks = [c for c in commands if c.startswith("python launch/finetune.py") and "dm_" in c]
   assert any(f"--task={built['promoters']}" in c for c in tasks)
   assert any(f"--task_suite='{built['insulators']}/*'" in c for c in tasks)
+  # The design demo's config reads what the README's design command writes.
+  from hybridna_jax.config import load_config
+
+  g = load_config(os.path.join(ROOT, "configs", "design_demo.py")).generate
+  for path in (g.train_csv, g.val_csv, g.oracle_csv, g.oracle_dev_csv, g.test_csv):
+    assert os.path.dirname(path) == built["design_insulators"], path
+  assert any(
+    c.startswith("python launch/generate.py --mode=finetune --config=configs/design_demo.py")
+    for c in commands
+  )
 
 
 def _genbank(name, seq, location):
@@ -309,3 +320,64 @@ def test_small_splice_task_from_augustus(tmp_path):
     test_seqs = [row.split(",")[0] for row in test]
     centre = slice(30, 32) if site == "donor" else slice(28, 30)
     assert {t[centre] for t in test_seqs} == {"GT" if site == "donor" else "AG"}
+
+
+def test_design_insulators_on_a_synthetic_chromosome(tmp_path):
+  """The design CSV builder on a made-up chromosome and BED folder: one
+  label per protein, windows centred on peaks, peaks shared by two
+  proteins dropped, the region split of DESIGN_ROLES; loadable as design
+  CSVs."""
+  from hybridna_jax import design
+
+  rng = np.random.default_rng(0)
+  n, length, block = 400_000, 60, 10_000
+  genome = "".join(rng.choice(list("ACGT"), n))
+  (tmp_path / "chr.fa").write_text(
+    ">chrT\n" + "\n".join(genome[i : i + 80] for i in range(0, n, 80)) + "\n"
+  )
+  beds = tmp_path / "beds"
+  beds.mkdir()
+  starts = rng.permutation(np.arange(1_000, n - 1_000, 1_500))
+  own = {p: starts[i::4][:50] for i, p in enumerate(make.BUSHEY)}
+  shared = int(own["ctcf"][0])  # also a CP190 peak: ambiguous
+  for protein, prefix in make.BUSHEY.items():
+    for c, cell in enumerate(make.CELL_LINES):
+      lines = ['track name="x"', "chrOther\t10\t500"]
+      for s in own[protein][c::2]:
+        lines.append(f"chrT\t{s}\t{s + 100}")
+      if protein == "cp190" and c == 0:
+        lines.append(f"chrT\t{shared + 50}\t{shared + 150}")
+      (beds / f"{prefix}_{cell}_Bushey_2009.bed").write_text("\n".join(lines) + "\n")
+  out = tmp_path / "design"
+  info = make.make_design_insulators(
+    str(beds), str(tmp_path / "chr.fa"), str(out), length=length, block=block, seed=2
+  )
+  assert info["counts"]["CTCF"]["dropped_shared_with_another_protein"] == 1
+  assert info["counts"]["CP190"]["dropped_shared_with_another_protein"] == 1
+  assert info["counts"]["BEAF-32"]["dropped_shared_with_another_protein"] == 0
+  peaks = make.read_bushey(str(beds), "chrT")
+  total = 0
+  for split in make.DESIGN_SPLITS:
+    rows = design.load_design_csv(str(out / f"{split}.csv"), ("label",))
+    with open(out / f"{split}.regions.bed") as f:
+      regions = [line.split("\t") for line in f.read().splitlines()]
+    assert len(regions) == len(rows) > 0
+    for seq, label, (_, s, e, bed_label, _, strand) in zip(
+      rows.sequences, rows.labels["label"], regions
+    ):
+      s, e = int(s), int(e)
+      assert label == bed_label and e - s == length
+      assert make.DESIGN_SPLITS[make.DESIGN_ROLES[(s // block) % 10]] == split
+      assert s // block == (e - 1) // block
+      window = genome[s:e]
+      assert seq == (window if strand == "+" else tokenizer.reverse_complement(window))
+      protein = {v: k for k, v in make.DESIGN_LABELS.items()}[label]
+      centre = s + length // 2
+      assert any(a <= centre < b and (a + b) // 2 == centre for a, b in peaks[protein])
+      assert not (s <= shared + 50 < e)  # the ambiguous peak is gone
+    by_label = collections.Counter(rows.labels["label"])
+    assert sum(info["counts"][label][split] for label in by_label) == len(rows)
+    total += len(rows)
+  assert total == 4 * 50 - 1 - sum(  # CTCF loses one peak; CP190 had 51
+    info["counts"][label]["dropped_crossing_a_block_or_end_or_with_n"] for label in info["counts"]
+  )

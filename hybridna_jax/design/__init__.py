@@ -10,6 +10,8 @@ regLM-style conditioning: every training example is
     task      `GenerativeFinetuning`, a `train.loop.Task`
     sampling  designs from a checkpoint: FASTA + summary (`run_sampling`)
     metrics   GC, k-mer distance, diversity, copies of training sequences
+    oracle    judging designs: a k-mer classifier fitted on held-out real
+              sequences, against real and dinucleotide-shuffled controls
 """
 
 from hybridna_jax.design.data import (

@@ -28,7 +28,7 @@ from hybridna_jax import tokenizer as tok
 from hybridna_jax.config import GenerateConfig
 from hybridna_jax.data import fasta, pipeline
 from hybridna_jax.design import data as design_data
-from hybridna_jax.design import metrics, prompts
+from hybridna_jax.design import metrics, oracle, prompts
 
 
 @dataclasses.dataclass
@@ -232,10 +232,13 @@ def run_sampling(
       label combination).
     reference_csv: training CSV for the summary (None: the run's
       generate.train_csv when it exists).
-    overrides: Settings fields and num_samples, batch_size, seed (None: keep).
+    overrides: Settings fields (oracle_csv, oracle_dev_csv and test_csv
+      among them) and num_samples, batch_size, seed (None: keep).
 
   Returns:
-    {"fasta": path, "summary": {prompt: metrics}, "settings": str, ...}.
+    {"fasta": path, "summary": {prompt: metrics}, "settings": str, ...,
+    "oracle": `oracle.judge`'s report when generate.oracle_csv,
+    oracle_dev_csv and test_csv are set}.
   """
   from hybridna_jax import restore  # pylint: disable=g-import-not-at-top
 
@@ -301,6 +304,19 @@ def run_sampling(
   summary = summarize_sets(sets, training, vocab, k=int(g.kmer), max_pairs=int(g.max_edit_pairs))
   stem = os.path.splitext(output)[0]
   table = metrics.format_table(summary)
+  report = None
+  if any(getattr(settings, f) for f in oracle.ORACLE_FIELDS):
+    if vocab is None:
+      raise ValueError(
+        f"{checkpoint} has no prompt vocabulary (not a design run): the oracle "
+        "judges designs by their requested label; unset config.generate.oracle_csv."
+      )
+    designs = {s.labels[vocab.columns[0]]: s.sequences for s in sets if s.labels is not None}
+    report = oracle.judge_designs(
+      vocab, designs, **{f: str(getattr(settings, f)) for f in oracle.ORACLE_FIELDS}, seed=seed
+    )
+    table += "\n\n" + oracle.format_report(report)
+    logging.info("%s", report["verdict"])
   result = {
     "fasta": output,
     "checkpoint": source,
@@ -311,6 +327,8 @@ def run_sampling(
     "reference_csv": csv_path if training is not None else None,
     "summary": summary,
   }
+  if report is not None:
+    result["oracle"] = report
   with open(stem + ".summary.json", "w", encoding="utf-8") as f:
     json.dump(result, f, indent=2)
   with open(stem + ".summary.txt", "w", encoding="utf-8") as f:

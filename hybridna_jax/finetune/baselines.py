@@ -62,6 +62,55 @@ def gc_features(sequences: Sequence[str]) -> np.ndarray:
   return np.nan_to_num(gc_content(sequences), nan=0.5)[:, None]
 
 
+def fit(
+  kind: str,
+  x_train: np.ndarray,
+  labels: np.ndarray,
+  *,
+  linear: bool = False,
+  c: float = 1.0,
+  class_weight: str | None = None,
+):
+  """A fitted scikit-learn pipeline (standardise, then the model).
+
+  Args:
+    kind: "classification" or "regression".
+    x_train: (n, f) features. labels: (n,) class ids or targets.
+    linear: an unregularised linear regression (regression, one feature).
+    c: inverse regularisation strength: logistic regression's C, ridge's
+      alpha = 1 / c.
+    class_weight: classification only: None, or "balanced" (each class
+      weighs the same in the loss, whatever its count).
+  """
+  if kind == "classification":
+    model = make_pipeline(
+      StandardScaler(), LogisticRegression(C=c, max_iter=2000, class_weight=class_weight)
+    )
+  else:
+    regression = LinearRegression() if linear else Ridge(alpha=1.0 / c)
+    model = make_pipeline(StandardScaler(), regression)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", ConvergenceWarning)
+    model.fit(x_train, labels)
+  return model
+
+
+def predict(model, kind: str, features: np.ndarray, *, num_classes: int = 0) -> np.ndarray:
+  """(n, num_classes) log-probabilities (classification; a class the model
+  never saw gets -1e9) or (n,) predictions (regression) of a `fit` model."""
+  if kind != "classification":
+    return model.predict(features)
+  scores = model.decision_function(features)  # logits; (n,) for two classes
+  if scores.ndim == 1:
+    scores = np.stack([np.zeros_like(scores), scores], axis=1)
+  scores = scores - scores.max(axis=1, keepdims=True)
+  logp = np.full((len(features), num_classes), -1e9)
+  logp[:, model.classes_.astype(np.int64)] = scores - np.log(
+    np.exp(scores).sum(axis=1, keepdims=True)
+  )
+  return logp
+
+
 def fit_predict(
   kind: str,
   x: dict[str, np.ndarray],
@@ -71,46 +120,47 @@ def fit_predict(
   linear: bool = False,
   c: float = 1.0,
 ) -> dict[str, np.ndarray]:
-  """Fits on x["train"] (n, f) and predicts the other splits.
-
-  Args:
-    kind: "classification" or "regression".
-    x: split -> (n_split, f) features; must hold "train".
-    labels: (n_train,) class ids or targets.
-    num_classes: classes of the task (classification).
-    linear: an unregularised linear regression (regression, one feature).
-    c: inverse regularisation strength: logistic regression's C, ridge's
-      alpha = 1 / c.
+  """Fits on x["train"] (n, f) and predicts the other splits (`fit`, `predict`).
 
   Returns:
     split -> (n_split, num_classes) log-probabilities, or (n_split,)
     predictions, for every split of `x` but train.
   """
-  if kind == "classification":
-    model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
-  else:
-    regression = LinearRegression() if linear else Ridge(alpha=1.0 / c)
-    model = make_pipeline(StandardScaler(), regression)
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", ConvergenceWarning)
-    model.fit(x["train"], labels)
-  out = {}
-  for split, features in x.items():
-    if split == "train":
-      continue
-    if kind == "classification":
-      scores = model.decision_function(features)  # logits; (n,) for two classes
-      if scores.ndim == 1:
-        scores = np.stack([np.zeros_like(scores), scores], axis=1)
-      scores = scores - scores.max(axis=1, keepdims=True)
-      logp = np.full((len(features), num_classes), -1e9)
-      logp[:, model.classes_.astype(np.int64)] = scores - np.log(
-        np.exp(scores).sum(axis=1, keepdims=True)
-      )
-      out[split] = logp
-    else:
-      out[split] = model.predict(features)
-  return out
+  model = fit(kind, x["train"], labels, linear=linear, c=c)
+  return {
+    split: predict(model, kind, features, num_classes=num_classes)
+    for split, features in x.items()
+    if split != "train"
+  }
+
+
+def choose_kmer(
+  kind: str,
+  train: tuple[Sequence[str], np.ndarray],
+  dev: tuple[Sequence[str], np.ndarray],
+  *,
+  num_classes: int = 0,
+  ks: Sequence[int] = KMER_SIZES,
+  class_weight: str | None = None,
+) -> tuple[int, object, dict[str, float]]:
+  """k-mer frequencies -> logistic regression / ridge for each k of `ks`,
+  fitted on train (sequences, labels) and scored on dev by the kind's
+  headline metric (MCC / Pearson; the first best k wins ties).
+
+  Returns:
+    (k, the fitted model of that k, {str(k): dev headline metric}).
+  """
+  headline = metrics_lib.HEADLINE[kind]
+  best, by_k = None, {}
+  for k in ks:
+    model = fit(kind, kmer_features(train[0], k), train[1], class_weight=class_weight)
+    outputs = predict(model, kind, kmer_features(dev[0], k), num_classes=num_classes)
+    score = split_metrics(kind, dev[1], outputs)[headline]
+    by_k[str(k)] = score
+    if best is None or (np.isfinite(score) and not score <= best[0]):
+      best = (score if np.isfinite(score) else -np.inf, k, model)
+  _, k, model = best
+  return k, model, by_k
 
 
 def split_metrics(kind: str, labels: np.ndarray, outputs: np.ndarray) -> dict[str, float]:
@@ -137,22 +187,24 @@ def gc_baseline(data) -> dict:
 
 
 def kmer_baseline(data, ks: Sequence[int] = KMER_SIZES) -> dict:
-  """k-mer frequencies -> logistic regression / ridge, k chosen on dev.
+  """k-mer frequencies -> logistic regression / ridge, k chosen on dev
+  (`choose_kmer`).
 
   Returns:
     {"name", "dev", "test", "settings": {"k", "dev_by_k", ...}}.
   """
-  headline = metrics_lib.HEADLINE[data.kind]
-  best, by_k = None, {}
-  for k in ks:
-    x = {s: kmer_features(data.splits[s].sequences, k) for s in ("train", *EVAL_SPLITS)}
-    outputs = fit_predict(data.kind, x, data.splits["train"].labels, num_classes=_classes(data))
-    found = {s: split_metrics(data.kind, data.splits[s].labels, outputs[s]) for s in EVAL_SPLITS}
-    score = found["dev"][headline]
-    by_k[str(k)] = score
-    if best is None or (np.isfinite(score) and not score <= best[0]):
-      best = (score if np.isfinite(score) else -np.inf, k, found)
-  _, k, found = best
+  split = {s: (data.splits[s].sequences, data.splits[s].labels) for s in ("train", *EVAL_SPLITS)}
+  k, model, by_k = choose_kmer(
+    data.kind, split["train"], split["dev"], num_classes=_classes(data), ks=ks
+  )
+  found = {
+    s: split_metrics(
+      data.kind,
+      split[s][1],
+      predict(model, data.kind, kmer_features(split[s][0], k), num_classes=_classes(data)),
+    )
+    for s in EVAL_SPLITS
+  }
   return {
     "name": f"{k}-mer {'logistic regression' if data.kind == 'classification' else 'ridge'}",
     **found,
