@@ -14,6 +14,9 @@ platforms include the backend, else ``xla``):
   tested against.
 * ``xla_blockwise``: the same math with an online softmax over key blocks,
   O(l * block) memory; for long contexts on CPU.
+* ``xla_causal``: visits only the (query, key) blocks the causal mask and
+  the segment ids keep, with an online softmax and a flash backward, O(l *
+  block) memory (auto on CPU; `hybridna_jax.kernels.causal_blocks`).
 * ``splash``: splash attention (auto on TPU); ``splash_interpret`` runs it in
   TPU interpret mode.
 * ``flash_gpu``: cuDNN when it applies (no segment ids, bf16/fp16), else
@@ -46,6 +49,7 @@ Array = jax.Array
 
 _REF = "hybridna_jax.attention_reference"
 _KERNELS = "hybridna_jax.kernels.attention_kernels"
+_CAUSAL_BLOCKS = "hybridna_jax.kernels.causal_blocks"
 # A kernel maps (q, k, v, segment_ids or None) -> (b, l, hq, d) in q.dtype.
 KERNELS = KernelRegistry(
   "attention",
@@ -54,6 +58,7 @@ KERNELS = KernelRegistry(
     # name                         provided by                               auto on
     Kernel("xla", f"{_REF}:xla_attention"),
     Kernel("xla_blockwise", f"{_REF}:xla_blockwise_attention"),
+    Kernel("xla_causal", f"{_CAUSAL_BLOCKS}:sharded_causal_blocks", ("cpu",)),
     Kernel("splash", f"{_KERNELS}:sharded_splash", ("tpu",)),
     Kernel("flash_gpu", f"{_KERNELS}:sharded_flash_gpu", ("gpu",)),
     Kernel("cudnn", f"{_KERNELS}:sharded_cudnn"),

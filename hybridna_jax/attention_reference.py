@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 Array = jax.Array
-_NEG_INF = -1e30  # finite, so fully masked rows give zeros rather than NaN
+NEG_INF = -1e30  # finite, so fully masked rows give zeros rather than NaN
 
 
 def _grouped(q: Array, hkv: int) -> Array:
@@ -51,7 +51,7 @@ def xla_attention(q, k, v, segment_ids=None):
   mask = jnp.tril(jnp.ones((l, l), bool))[None]
   if segment_ids is not None:
     mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-  scores = jnp.where(mask[:, None, None], scores, _NEG_INF)
+  scores = jnp.where(mask[:, None, None], scores, NEG_INF)
   probs = jax.nn.softmax(scores, axis=-1)
   out = jnp.einsum(
     "bhrqk,bkhd->bqhrd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32
@@ -94,7 +94,7 @@ def _attention_lse_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, block):
     m, s, acc = carry
     kb, vb, posb, segb = blk
     scores, mask = _block_scores(qg, kb, q_pos, posb, q_seg, segb)
-    scores = jnp.where(mask, scores, _NEG_INF)
+    scores = jnp.where(mask, scores, NEG_INF)
     m_new = jnp.maximum(m, scores.max(-1))
     correction = jnp.exp(m - m_new)
     p = jnp.exp(scores - m_new[..., None])
@@ -105,7 +105,7 @@ def _attention_lse_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, block):
 
   r = hq // hkv
   init = (
-    jnp.full((b, hkv, r, lq), _NEG_INF, jnp.float32),
+    jnp.full((b, hkv, r, lq), NEG_INF, jnp.float32),
     jnp.zeros((b, hkv, r, lq), jnp.float32),
     jnp.zeros((b, hkv, r, lq, d), jnp.float32),
   )
@@ -193,7 +193,7 @@ def blockwise_attention_lse(
 
 def no_keys(b: int, lq: int, hq: int, d: int) -> tuple[Array, Array]:
   """(out, lse) of attending to no key: the identity of `merge_partials`."""
-  return jnp.zeros((b, lq, hq, d), jnp.float32), jnp.full((b, lq, hq), _NEG_INF, jnp.float32)
+  return jnp.zeros((b, lq, hq, d), jnp.float32), jnp.full((b, lq, hq), NEG_INF, jnp.float32)
 
 
 def merge_partials(a: tuple[Array, Array], b: tuple[Array, Array]) -> tuple[Array, Array]:
@@ -230,7 +230,7 @@ def decode_attention(q: Array, k_cache: Array, v_cache: Array, kv_mask: Array) -
     jnp.einsum("bqhrd,bkhd->bhrqk", _grouped(q, hkv), k_cache, preferred_element_type=jnp.float32)
     * d**-0.5
   )
-  scores = jnp.where(kv_mask[:, None, None], scores, _NEG_INF)
+  scores = jnp.where(kv_mask[:, None, None], scores, NEG_INF)
   probs = jax.nn.softmax(scores, axis=-1)
   out = jnp.einsum(
     "bhrqk,bkhd->bqhrd", probs.astype(v_cache.dtype), v_cache, preferred_element_type=jnp.float32

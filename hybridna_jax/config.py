@@ -106,7 +106,7 @@ class ModelConfig(Section):
   param_dtype: str = "float32"  # master weights
   remat: str = "none"  # none | full | dots
   ssd_impl: str = "auto"  # auto | chunked | sequential | pallas
-  attention_impl: str = "auto"  # auto | xla | xla_blockwise | kernels...
+  attention_impl: str = "auto"  # auto | xla | xla_blockwise | xla_causal | kernels...
   # How attention crosses the mesh's context axis (config.mesh.context > 1):
   # "ring" passes key/value slices around it, "allgather" gathers them all.
   context_attention: str = "ring"
@@ -308,8 +308,8 @@ class ScoreConfig(Section):
   # Average every score over both strands (sequence and reverse complement).
   rc_average: bool = False
   # Parameter/compute dtype and kernels of the restored model ("": as
-  # trained). On CPU, attention_impl="xla_blockwise" scores long contexts in
-  # O(l * block) memory (the dense XLA reference holds l x l scores).
+  # trained). On CPU, "auto" attention is "xla_causal": causal blocks only,
+  # O(l * block) memory (the dense "xla" reference holds l x l scores).
   dtype: str = ""
   attention_impl: str = ""
   ssd_impl: str = ""

@@ -157,8 +157,8 @@ def load(
     which: "latest" or "best" for a run directory.
     **runtime: runtime fields of the restored model (config.MODEL_RUNTIME_FIELDS
       but the dtypes: remat, ssd_impl, attention_impl, max_seq_len,
-      scan_layers), e.g. attention_impl="xla_blockwise" to score long
-      contexts on CPU, or scan_layers=True/False for the other parameter
+      scan_layers), e.g. attention_impl="xla" for the dense reference,
+      or scan_layers=True/False for the other parameter
       layout (converted).
 
   Returns:

@@ -115,66 +115,64 @@ def chunked_core(inputs: CoreInputs, chunk_size: int):
   quadratic form C_i B_j exp(cs_i - cs_j) dt_j x_j; (2) each chunk's own final
   state; (3) a scan over chunks passing states; (4) the contribution of the
   incoming state to each position, C_i S_prev exp(cs_i).
+
+  Arrays are laid out (b, c, h, q, ...) -- heads before the position in the
+  chunk -- so that every product is a plain batched matmul over (b, c, h)
+  with its operands' last two axes contracted or kept; B and C, shared by the
+  h // g heads of a group, are broadcast to them. With time before heads,
+  XLA:CPU transposed the quadratic forms around every product (forward 1.6x
+  slower at chunk 64; benchmarks/RESULTS.md, "Speed on CPU").
   """
   x, dt, A, B, C, seq_idx, init = inputs
-  g = B.shape[2]
+  heads_per_group = x.shape[2] // B.shape[2]
   q = chunk_size
   f32 = jnp.float32
 
-  # Time -> (chunk c, position in chunk q); heads -> (group g, head in group r).
-  x = einops.rearrange(x.astype(f32), "b (c q) (g r) p -> b c q g r p", q=q, g=g)
-  dt = einops.rearrange(dt, "b (c q) (g r) -> b c q g r", q=q, g=g)
-  B = einops.rearrange(B.astype(f32), "b (c q) g n -> b c q g n", q=q)
-  C = einops.rearrange(C.astype(f32), "b (c q) g n -> b c q g n", q=q)
-  seq = einops.rearrange(seq_idx, "b (c q) -> b c q", q=q)
-  A = einops.rearrange(A, "(g r) -> g r", g=g)
+  def per_head(a):  # (b, c, g, ...) -> (b, c, h, ...)
+    return jnp.repeat(a, heads_per_group, axis=2) if heads_per_group > 1 else a
 
-  cs = jnp.cumsum(dt * A, axis=2)  # (b, c, q, g, r)
-  dtx = dt[..., None] * x  # (b, c, q, g, r, p)
+  x = einops.rearrange(x.astype(f32), "b (c q) h p -> b c h q p", q=q)
+  dt = einops.rearrange(dt, "b (c q) h -> b c h q", q=q)
+  B = einops.rearrange(B.astype(f32), "b (c q) g n -> b c g q n", q=q)
+  C = einops.rearrange(C.astype(f32), "b (c q) g n -> b c g q n", q=q)
+  seq = einops.rearrange(seq_idx, "b (c q) -> b c q", q=q)
+
+  cs = jnp.cumsum(dt * A[:, None], axis=-1)  # (b, c, h, q)
+  dtx = dt[..., None] * x  # (b, c, h, q, p)
 
   # (1) Intra-chunk: exp(cs_i - cs_j) for j <= i within the same document.
-  same_doc = seq[:, :, :, None] == seq[:, :, None, :]  # (b, c, q_i, q_j)
+  same_doc = seq[:, :, :, None] == seq[:, :, None, :]  # (b, c, i, j)
   causal = jnp.tril(jnp.ones((q, q), bool))
-  mask = (same_doc & causal)[:, :, None, None]  # (b, c, 1, 1, i, j)
-  cs_t = einops.rearrange(cs, "b c q g r -> b c g r q")
-  seg = cs_t[..., :, None] - cs_t[..., None, :]  # (b, c, g, r, i, j)
-  decay = jnp.exp(jnp.where(mask, seg, -jnp.inf))
-  cb = jnp.einsum("bcign,bcjgn->bcgij", C, B)
-  y_diag = jnp.einsum("bcgij,bcgrij,bcjgrp->bcigrp", cb, decay, dtx)
+  mask = (same_doc & causal)[:, :, None]  # (b, c, 1, i, j)
+  decay = jnp.exp(jnp.where(mask, cs[..., :, None] - cs[..., None, :], -jnp.inf))
+  cb = jnp.einsum("bcgin,bcgjn->bcgij", C, B)
+  y_diag = jnp.einsum("bchij,bchjp->bchip", per_head(cb) * decay, dtx)
 
   # (2) Each chunk's final state from its own inputs (same document as the
   # chunk's last position only).
   seq_end = seq[:, :, -1]  # (b, c)
-  in_last_doc = (seq == seq_end[:, :, None])[..., None, None]
-  to_end = jnp.exp(cs[:, :, -1:] - cs) * in_last_doc  # (b, c, q, g, r)
-  chunk_states = jnp.einsum("bcjgn,bcjgr,bcjgrp->bcgrpn", B, to_end, dtx)
+  in_last_doc = (seq == seq_end[:, :, None])[:, :, None]  # (b, c, 1, q)
+  to_end = jnp.exp(cs[..., -1:] - cs) * in_last_doc  # (b, c, h, q)
+  chunk_states = jnp.einsum("bchjp,bchjn->bchpn", dtx * to_end[..., None], per_head(B))
 
   # (3) Pass states between chunks; a document change resets the carry.
   seq_prev_end = jnp.pad(seq_end, [(0, 0), (1, 0)])[:, :-1]  # 0 before chunk 0
-  carry_decay = jnp.exp(cs[:, :, -1]) * (seq_end == seq_prev_end)[..., None, None]
+  carry_decay = jnp.exp(cs[..., -1]) * (seq_end == seq_prev_end)[..., None]  # (b, c, h)
 
   def pass_state(state, chunk):
     decay_c, new_c = chunk
-    prev = state
-    state = state * decay_c[..., None, None] + new_c
-    return state, prev
+    return state * decay_c[..., None, None] + new_c, state
 
-  init = einops.rearrange(init, "b (g r) p n -> b g r p n", g=g)
   final, prev_states = jax.lax.scan(  # over chunks: chunk axis first
-    pass_state,
-    init,
-    (
-      einops.rearrange(carry_decay, "b c g r -> c b g r"),
-      einops.rearrange(chunk_states, "b c g r p n -> c b g r p n"),
-    ),
+    pass_state, init, (jnp.moveaxis(carry_decay, 1, 0), jnp.moveaxis(chunk_states, 1, 0))
   )
-  prev_states = einops.rearrange(prev_states, "c b g r p n -> b c g r p n")
+  prev_states = jnp.moveaxis(prev_states, 0, 1)  # (b, c, h, p, n)
 
   # (4) The incoming state's contribution, for positions still in the
   # document the previous chunk ended in.
-  from_prev = (seq == seq_prev_end[:, :, None])[..., None, None]
-  in_decay = jnp.exp(cs) * from_prev  # (b, c, q, g, r)
-  y_off = jnp.einsum("bcign,bcgrpn,bcigr->bcigrp", C, prev_states, in_decay)
+  from_prev = (seq == seq_prev_end[:, :, None])[:, :, None]  # (b, c, 1, q)
+  in_decay = jnp.exp(cs) * from_prev  # (b, c, h, q)
+  y_off = jnp.einsum("bchin,bchpn->bchip", per_head(C) * in_decay[..., None], prev_states)
 
-  y = einops.rearrange(y_diag + y_off, "b c q g r p -> b (c q) (g r) p")
-  return y, einops.rearrange(final, "b g r p n -> b (g r) p n")
+  y = einops.rearrange(y_diag + y_off, "b c h q p -> b (c q) h p")
+  return y, final

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hybridna_jax import attention, sharding
-from hybridna_jax.kernels import attention_kernels
+from hybridna_jax.kernels import attention_kernels, causal_blocks
 
 # Small tiles so that l = 100 (padded to 128) spans several of them.
 FLASH = attention_kernels.FlashConfig(
@@ -80,11 +80,52 @@ def test_splash_matches_xla(dtype):
   check(fn, q, k, v, seg, *tol)
 
 
+@pytest.mark.parametrize(
+  "l,block,hq,hkv,with_segments",
+  [
+    (100, 32, 4, 2, True),  # GQA, packed documents and padding, padded to 128
+    (100, 32, 2, 2, False),  # MHA, no segment ids (nothing skipped but the upper blocks)
+    (64, 256, 4, 1, True),  # MQA, shorter than one block
+    (96, 16, 4, 2, True),  # many blocks: whole blocks of other documents skipped
+  ],
+)
+def test_causal_blocks_matches_xla(l, block, hq, hkv, with_segments):
+  q, k, v, seg = qkv(l=l, hq=hq, hkv=hkv)
+  fn = lambda q, k, v, s: causal_blocks.causal_block_attention(q, k, v, s, block=block)
+  check(fn, q, k, v, seg if with_segments else None, 1e-5, 1e-6)
+
+
+def test_causal_blocks_unsorted_segments_and_bf16():
+  """Segment ids need not be sorted (the block skip tests id ranges, a
+  necessary condition); bf16 inputs at bf16 tolerance."""
+  q, k, v, _ = qkv(l=64, d=32)
+  seg = jnp.asarray(np.tile(np.repeat([3, 1, 2, 1], 16), (2, 1)), jnp.int32)
+  fn = lambda q, k, v, s: causal_blocks.causal_block_attention(q, k, v, s, block=16)
+  check(fn, q, k, v, seg, 1e-5, 1e-6)
+  q16, k16, v16 = (a.astype(jnp.bfloat16) for a in (q, k, v))
+  check(fn, q16, k16, v16, seg, 2e-2, 2e-2)
+
+
+def test_causal_blocks_memory_is_linear_in_length():
+  """The compiled forward+backward holds O(l * block) temporaries, not the
+  (l, l) scores the reference keeps for its backward."""
+  b, l, hq, d = 1, 4096, 2, 16
+  q = jax.ShapeDtypeStruct((b, l, hq, d), jnp.float32)
+  grad = lambda fn: jax.grad(lambda q, k, v: fn(q, k, v).sum(), argnums=(0, 1, 2))
+  temp = lambda fn: jax.jit(grad(fn)).lower(q, q, q).compile().memory_analysis().temp_size_in_bytes
+  scores_bytes = b * hq * l * l * 4
+  assert temp(attention.xla_attention) > scores_bytes
+  blocks = temp(lambda q, k, v: causal_blocks.causal_block_attention(q, k, v, block=256))
+  assert blocks < scores_bytes / 8
+
+
 def test_registry():
   assert attention.KERNELS.resolve("auto", platform="tpu").name == "splash"
   assert attention.KERNELS.resolve("auto", platform="gpu").name == "flash_gpu"
-  assert attention.KERNELS.resolve("auto", platform="cpu").name == "xla"
+  assert attention.KERNELS.resolve("auto", platform="cpu").name == "xla_causal"
   for name in (
+    "xla",
+    "xla_blockwise",
     "splash",
     "flash_gpu",
     "cudnn",
@@ -138,10 +179,11 @@ def test_sharded_matches_unsharded():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_sharded_batch_and_heads():
+@pytest.mark.parametrize("impl", ["pallas_gpu_interpret", "xla_causal"])
+def test_sharded_batch_and_heads(impl):
   q, k, v, seg = qkv(b=4, l=32, hq=4, hkv=2, d=16)
   mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
-  fn = lambda q, k, v: attention.causal_attention(q, k, v, seg, impl="pallas_gpu_interpret")
+  fn = lambda q, k, v: attention.causal_attention(q, k, v, seg, impl=impl)
   ref = jax.jit(fn)(q, k, v)
   sharded_fn = in_mesh(mesh, fn)
   jaxpr = str(jax.make_jaxpr(sharded_fn)(q, k, v))

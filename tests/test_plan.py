@@ -78,9 +78,10 @@ def test_proxy_plan_counts_state_and_drops_kernel_buffers():
   assert gpu.alias_bytes > 0.9 * (gpu.param_bytes + gpu.opt_bytes)  # donated state
   assert gpu.temp_bytes > 0 and gpu.model_flops > 0
   # Flash attention holds no (l x l) scores and the Pallas SSD no
-  # (chunk x chunk) decays: far less than the XLA references.
+  # (chunk x chunk) decays: far less than the dense XLA references.
+  cfg.model.attention_impl = "xla"
   cpu = plan_lib.plan_step(cfg, platform=None, **kwargs)
-  assert cpu.kernels == {"ssd_impl": "auto", "attention_impl": "auto"}
+  assert cpu.kernels == {"ssd_impl": "auto", "attention_impl": "xla"}
   assert gpu.temp_bytes < 0.5 * cpu.temp_bytes
   h100 = flops_lib.ACCELERATORS["h100"]
   assert gpu.fits(h100, 0.1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -42,5 +43,15 @@ class Linear(nnx.Module):
     )
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    """x (..., *in_shape) -> (..., *out_shape)."""
     kernel = self.kernel[...].astype(self.dtype)
-    return jnp.tensordot(x.astype(self.dtype), kernel, axes=self.num_in)
+    in_shape, out_shape = kernel.shape[: self.num_in], kernel.shape[self.num_in :]
+    lead = x.shape[: x.ndim - self.num_in]
+    # One 2D matmul, (tokens, fan_in) x (fan_in, fan_out): XLA:CPU runs those
+    # (and their transposes in the backward) as library GEMMs, while a dot
+    # over (b, l, d) operands took twice as long forward and backward
+    # (benchmarks/RESULTS.md, "Speed on CPU"). The reshapes are free on
+    # every backend.
+    x2d = x.astype(self.dtype).reshape(-1, math.prod(in_shape))
+    y = x2d @ kernel.reshape(math.prod(in_shape), math.prod(out_shape))
+    return y.reshape(*lead, *out_shape)
