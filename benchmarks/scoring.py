@@ -36,10 +36,8 @@ flags.DEFINE_integer("repeats", 2, "Timed repeats of each case, each on fresh se
 flags.DEFINE_bool("rc_average", False, "Score both strands.")
 flags.DEFINE_string(
   "attention_impl",
-  None,
-  "Attention kernel (default: auto on GPU/TPU, "
-  "xla_blockwise on CPU, where the dense reference cannot hold 32k x 32k "
-  "scores).",
+  "auto",
+  "Attention kernel (auto: xla_causal on CPU, which holds no 32k x 32k scores).",
 )
 FLAGS = flags.FLAGS
 
@@ -67,9 +65,7 @@ class CompileCounter:
 
 def main(argv):
   del argv
-  attention = FLAGS.attention_impl or (
-    "xla_blockwise" if jax.default_backend() == "cpu" else "auto"
-  )
+  attention = FLAGS.attention_impl
   if FLAGS.workdir:
     from hybridna_jax import restore  # pylint: disable=g-import-not-at-top
 

@@ -141,10 +141,8 @@ class Mamba2(nnx.Module):
 
   def _inputs(self, x):
     """Projections before the conv: xs, z (b, l, di), bc (b, l, 2, gn), dt (b, l, h)."""
-    zx = self.in_zx(x)
-    z = constrain(zx[:, :, 0], _INNER_AXES)
-    xs = constrain(zx[:, :, 1], _INNER_AXES)
-    return xs, z, self.in_bc(x), self.in_dt(x)
+    z, xs = self.in_zx.parts(x)
+    return constrain(xs, _INNER_AXES), constrain(z, _INNER_AXES), self.in_bc(x), self.in_dt(x)
 
   def _output(self, y, z):
     """y (b, l, h, p) -> (b, l, d)."""
