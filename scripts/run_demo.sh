@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine (CPU: about 27 minutes on 2 cores, 21 of them
+# The main job on a fresh machine (CPU: about 11 minutes on 2 cores, 9 of them
 # training, plus the first download of the genomes):
 #   1. set up a virtual environment with the pinned requirements;
 #   2. fetch real genomes from Debian packages and prepare a token store
