@@ -223,16 +223,20 @@ def format_table(summaries: dict[str, dict]) -> str:
       v = s.get(key)
       cells.append("-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v))
     rows.append(cells)
-  widths = [max(len(r[c]) for r in [header] + rows) for c in range(len(header))]
-  lines = [
-    "  ".join(h.ljust(w) if c == 0 else h.rjust(w) for c, (h, w) in enumerate(zip(header, widths)))
-  ]
-  lines.append("  ".join("-" * w for w in widths))
-  for r in rows:
-    lines.append(
-      "  ".join(x.ljust(w) if c == 0 else x.rjust(w) for c, (x, w) in enumerate(zip(r, widths)))
+  return "\n".join(text_table(header, rows))
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+  """Lines of a plain-text table: the first column left-aligned, the others
+  right-aligned, a rule under the header."""
+  widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
+
+  def line(cells):
+    return "  ".join(
+      x.ljust(w) if c == 0 else x.rjust(w) for c, (x, w) in enumerate(zip(cells, widths))
     )
-  return "\n".join(lines)
+
+  return [line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)]
 
 
 def plot_summary(

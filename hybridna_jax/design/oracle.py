@@ -36,6 +36,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from hybridna_jax.data.tasks import TaskFormatError
+from hybridna_jax.design import metrics as design_metrics
 from hybridna_jax.design.data import DesignData, load_design_csv
 from hybridna_jax.design.prompts import CATEGORICAL
 from hybridna_jax.finetune import baselines
@@ -344,15 +345,7 @@ def format_report(report: dict) -> str:
   m = report["mean_over_labels"]
   rows.append(["mean over labels"] + [f"{m[kind]:.3f}" for kind in KINDS])
   rows.append(["chance"] + [f"{report['chance']:.3f}"] * 3)
-  widths = [max(len(r[c]) for r in [header] + rows) for c in range(len(header))]
-  lines = [
-    "  ".join(h.ljust(w) if c == 0 else h.rjust(w) for c, (h, w) in enumerate(zip(header, widths)))
-  ]
-  lines.append("  ".join("-" * w for w in widths))
-  for r in rows:
-    lines.append(
-      "  ".join(x.ljust(w) if c == 0 else x.rjust(w) for c, (x, w) in enumerate(zip(r, widths)))
-    )
+  lines = design_metrics.text_table(header, rows)
   o = report["oracle"]
   lines.append(
     f"oracle: {o['model']}, fitted on {o['train_rows']} rows of {o['train_csv']}, k chosen on "
