@@ -42,19 +42,26 @@ class Linear(nnx.Module):
       init_std * jax.random.normal(rngs.params(), shape, param_dtype), logical_axes=tuple(axes)
     )
 
+  def _matrices(self, x: jax.Array):
+    """x as (tokens, fan_in), the kernel as (fan_in, *out_shape) in the
+    compute dtype, and x's leading shape.
+
+    Products are 2D matmuls, (tokens, fan_in) x (fan_in, fan_out): XLA:CPU
+    runs those (and their transposes in the backward) as library GEMMs,
+    while a dot over (b, l, d) operands took twice as long forward and
+    backward (benchmarks/RESULTS.md, "Speed on CPU"). The reshapes are free
+    on every backend."""
+    kernel = self.kernel[...].astype(self.dtype)
+    fan_in = math.prod(kernel.shape[: self.num_in])
+    lead = x.shape[: x.ndim - self.num_in]
+    x2d = x.astype(self.dtype).reshape(-1, fan_in)
+    return x2d, kernel.reshape(fan_in, *kernel.shape[self.num_in :]), lead
+
   def __call__(self, x: jax.Array) -> jax.Array:
     """x (..., *in_shape) -> (..., *out_shape)."""
-    kernel = self.kernel[...].astype(self.dtype)
-    in_shape, out_shape = kernel.shape[: self.num_in], kernel.shape[self.num_in :]
-    lead = x.shape[: x.ndim - self.num_in]
-    # One 2D matmul, (tokens, fan_in) x (fan_in, fan_out): XLA:CPU runs those
-    # (and their transposes in the backward) as library GEMMs, while a dot
-    # over (b, l, d) operands took twice as long forward and backward
-    # (benchmarks/RESULTS.md, "Speed on CPU"). The reshapes are free on
-    # every backend.
-    x2d = x.astype(self.dtype).reshape(-1, math.prod(in_shape))
-    y = x2d @ kernel.reshape(math.prod(in_shape), math.prod(out_shape))
-    return y.reshape(*lead, *out_shape)
+    x2d, kernel, lead = self._matrices(x)
+    y = x2d @ kernel.reshape(kernel.shape[0], -1)
+    return y.reshape(*lead, *kernel.shape[1:])
 
   def parts(self, x: jax.Array) -> tuple[jax.Array, ...]:
     """The output split along the first output axis, one matmul per part:
@@ -64,9 +71,8 @@ class Linear(nnx.Module):
     the backward adds (tokens, fan_in) cotangents instead of padding strided
     slices of the whole output back together (XLA:CPU spent more on those
     than on the matmuls)."""
-    kernel = self.kernel[...].astype(self.dtype)
-    in_shape, out_shape = kernel.shape[: self.num_in], kernel.shape[self.num_in :]
-    lead = x.shape[: x.ndim - self.num_in]
-    x2d = x.astype(self.dtype).reshape(-1, math.prod(in_shape))
-    kernel = kernel.reshape(math.prod(in_shape), out_shape[0], math.prod(out_shape[1:]))
-    return tuple((x2d @ kernel[:, i]).reshape(*lead, *out_shape[1:]) for i in range(out_shape[0]))
+    x2d, kernel, lead = self._matrices(x)
+    return tuple(
+      (x2d @ kernel[:, i].reshape(kernel.shape[0], -1)).reshape(*lead, *kernel.shape[2:])
+      for i in range(kernel.shape[1])
+    )
