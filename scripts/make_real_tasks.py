@@ -308,13 +308,18 @@ def read_bushey(source: str, chrom: str) -> dict[str, np.ndarray]:
   return out
 
 
-def split_codes(starts: np.ndarray, length: int, block: int) -> np.ndarray:
-  """region_split for many windows [start, start + length): the index into
-  SPLITS, or -1 for a window crossing a block boundary."""
+# Block index % 10 -> index into SPLITS (region_split: 8-9 test, 7 dev, else train).
+TASK_ROLES = (0, 0, 0, 0, 0, 0, 0, 1, 2, 2)
+
+
+def split_codes(
+  starts: np.ndarray, length: int, block: int, roles: tuple[int, ...] = TASK_ROLES
+) -> np.ndarray:
+  """The split of many windows [start, start + length): roles[block % 10]
+  (an index into SPLITS by default, region_split's rule), or -1 for a window
+  crossing a block boundary."""
   first, last = starts // block, (starts + length - 1) // block
-  rest = first % 10
-  code = np.where(rest >= 8, 2, np.where(rest == 7, 1, 0))
-  return np.where(first == last, code, -1)
+  return np.where(first == last, np.asarray(roles)[first % 10], -1)
 
 
 class _Genome:
@@ -495,13 +500,6 @@ DESIGN_SPLITS = ("train", "oracle", "dev", "test")
 DESIGN_ROLES = (0, 0, 0, 0, 0, 1, 1, 2, 3, 3)
 
 
-def design_split_codes(starts: np.ndarray, length: int, block: int) -> np.ndarray:
-  """The index into DESIGN_SPLITS of each window [start, start + length),
-  or -1 for a window crossing a block boundary."""
-  first, last = starts // block, (starts + length - 1) // block
-  return np.where(first == last, np.asarray(DESIGN_ROLES)[first % 10], -1)
-
-
 def make_design_insulators(
   bed_source: str,
   chrom_path: str,
@@ -534,7 +532,7 @@ def make_design_insulators(
     last_end = others[np.maximum(before - 1, 0), 1] if len(others) else np.zeros(len(spans))
     shared = (before > 0) & (last_end > spans[:, 0])
     starts = (spans[:, 0] + spans[:, 1]) // 2 - length // 2
-    codes = design_split_codes(starts, length, block)
+    codes = split_codes(starts, length, block, DESIGN_ROLES)
     usable = ~shared & (starts >= 0) & (starts + length <= n) & (codes >= 0)
     usable[usable] = genome.clean(starts[usable], length)
     info = {
