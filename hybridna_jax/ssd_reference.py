@@ -137,7 +137,13 @@ def chunked_core(inputs: CoreInputs, chunk_size: int):
   C = einops.rearrange(C.astype(f32), "b (c q) g n -> b c g q n", q=q)
   seq = einops.rearrange(seq_idx, "b (c q) -> b c q", q=q)
 
-  cs = jnp.cumsum(dt * A[:, None], axis=-1)  # (b, c, h, q)
+  # The within-chunk cumsum as a product with an upper-triangular ones matrix:
+  # XLA:CPU lowers jnp.cumsum to blocked reduce-windows and fuses their last add
+  # into every consumer, which left the (q x q) decay exponentials below
+  # unvectorised (30 ms against 2 ms for the demo's layer at 2 x 4,096).
+  cs = jnp.einsum(  # (b, c, h, q)
+    "bchj,ji->bchi", dt * A[:, None], jnp.triu(jnp.ones((q, q), f32)), precision="highest"
+  )
   dtx = dt[..., None] * x  # (b, c, h, q, p)
 
   # (1) Intra-chunk: exp(cs_i - cs_j) for j <= i within the same document.
