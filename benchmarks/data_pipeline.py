@@ -3,20 +3,30 @@ r"""Training-pipeline throughput: tokens/s per host, by window and workers.
     python benchmarks/data_pipeline.py                       # synthetic store
     python benchmarks/data_pipeline.py --store_dir=data_cache/example_store
     python benchmarks/data_pipeline.py --zarr      # memmap and zarr v3 (tensorstore)
+    python benchmarks/data_pipeline.py --zarr --http --reads=per_window,batched \
+        --http_latency_ms=0,20    # ... also over HTTP on 127.0.0.1, reads one by one vs per batch
 
 Builds (or opens) a token store, then for each window length and worker
 count times `pipeline.train_batches` in steady state: first batch (start-up,
 worker spawn) excluded, then --seconds of batches. Batches hold
 --batch_tokens tokens (batch_size = batch_tokens // seq_len), with the
 default augmentation (reverse complement 0.5), N-filter and packing. Tokens/s
-counts the B x L input positions delivered. Record results in
-benchmarks/RESULTS.md.
+counts the B x L input positions delivered, windows/s the rows. --reads
+compares reading a batch's windows one after another (per_window, as before
+batched reads) with issuing them together (batched, `store.read_ranges`).
+--http serves the zarr export with http.server on 127.0.0.1, optionally
+delaying every response by --http_latency_ms (a stand-in for object-storage
+latency). Record results in benchmarks/RESULTS.md.
 """
 
+import contextlib
+import functools
+import http.server
 import os
 import platform
 import shutil
 import tempfile
+import threading
 import time
 
 import grain
@@ -45,6 +55,42 @@ _ZARR = flags.DEFINE_bool(
   "Also export the store as zarr v3 to a file:// URL (store.export_zarr) and measure "
   "reading it through tensorstore beside the memory map.",
 )
+_HTTP = flags.DEFINE_bool("http", False, "With --zarr: also read the export over HTTP (127.0.0.1).")
+_LATENCY = flags.DEFINE_list("http_latency_ms", ["0"], "Delays of each HTTP response (ms).")
+_READS = flags.DEFINE_list("reads", ["batched"], "per_window and/or batched (workers=0 only).")
+_CACHE_MB = flags.DEFINE_integer(
+  "zarr_cache_mb", store_lib.ZARR_CACHE_BYTES >> 20, "tensorstore chunk cache (MiB)."
+)
+
+
+def serve(directory: str, latency_ms: float):
+  """http.server over `directory` in a thread, each response delayed."""
+
+  class Handler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+      pass
+
+    def send_head(self):
+      time.sleep(latency_ms / 1000)
+      return super().send_head()
+
+  server = http.server.ThreadingHTTPServer(
+    ("127.0.0.1", 0), functools.partial(Handler, directory=directory)
+  )
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  return server, f"http://127.0.0.1:{server.server_address[1]}/"
+
+
+@contextlib.contextmanager
+def reads(mode: str):
+  """per_window: store.read_ranges reads one range after another."""
+  real = store_lib.read_ranges
+  if mode == "per_window":
+    store_lib.read_ranges = lambda tokens, ranges: [tokens[lo:hi] for lo, hi in ranges]
+  try:
+    yield
+  finally:
+    store_lib.read_ranges = real
 
 
 def synthetic_store(path: str, megabases: int, seed: int = 0) -> str:
@@ -93,6 +139,7 @@ def measure(data_cfg, seq_len: int, workers: int) -> dict:
     "startup_s": startup,
     "batches": count,
     "batches_per_s": count / elapsed,
+    "windows_per_s": count * batch_size / elapsed,
     "tokens_per_s": count * batch_size * seq_len / elapsed,
   }
 
@@ -100,6 +147,7 @@ def measure(data_cfg, seq_len: int, workers: int) -> dict:
 def main(argv):
   del argv
   tmp = None
+  store_lib.ZARR_CACHE_BYTES = _CACHE_MB.value << 20  # before the first zarr open
   store_dir = _STORE_DIR.value
   if store_dir is None:
     tmp = tempfile.mkdtemp(prefix="hybridna_bench_")
@@ -125,7 +173,8 @@ def main(argv):
       f"read_threads={data_cfg.read_threads}, packing="
       f"{data_cfg.packing}, reverse_complement_prob="
       f"{data_cfg.reverse_complement_prob}, max_n_fraction="
-      f"{data_cfg.max_n_fraction}, batch_tokens={_BATCH_TOKENS.value}"
+      f"{data_cfg.max_n_fraction}, batch_tokens={_BATCH_TOKENS.value}, "
+      f"zarr cache {_CACHE_MB.value} MiB"
     )
     layouts = [("memmap", store_dir)]
     if _ZARR.value:
@@ -134,22 +183,32 @@ def main(argv):
       url = store_lib.export_zarr(store, os.path.join(zarr_dir, "store"))
       print(f"exported to {url} in {time.perf_counter() - t0:.1f}s")
       layouts.append(("zarr", url))
+      servers = []
+      if _HTTP.value:
+        for ms in map(float, _LATENCY.value):
+          server, http_url = serve(os.path.join(zarr_dir, "store"), ms)
+          servers.append(server)
+          layouts.append((f"http+{ms:g}ms", http_url))
     print(
-      f"{'store':>6} {'seq_len':>8} {'batch':>6} {'workers':>7} {'startup s':>9} "
-      f"{'batches/s':>9} {'M tokens/s':>10}"
+      f"{'store':>10} {'reads':>10} {'seq_len':>8} {'batch':>6} {'workers':>7} "
+      f"{'startup s':>9} {'windows/s':>9} {'M tokens/s':>10}"
     )
     for label, path in layouts:
       data_cfg.store_dir = path
       for seq_len in map(int, _SEQ_LENS.value):
         for workers in map(int, _WORKERS.value):
-          r = measure(data_cfg, seq_len, workers)
-          print(
-            f"{label:>6} {r['seq_len']:>8} {r['batch_size']:>6} {r['workers']:>7} "
-            f"{r['startup_s']:>9.2f} {r['batches_per_s']:>9.1f} "
-            f"{r['tokens_per_s'] / 1e6:>10.1f}",
-            flush=True,
-          )
+          for mode in _READS.value:
+            with reads(mode):
+              r = measure(data_cfg, seq_len, workers)
+            print(
+              f"{label:>10} {mode:>10} {r['seq_len']:>8} {r['batch_size']:>6} "
+              f"{r['workers']:>7} {r['startup_s']:>9.2f} {r['windows_per_s']:>9.1f} "
+              f"{r['tokens_per_s'] / 1e6:>10.1f}",
+              flush=True,
+            )
     if _ZARR.value:
+      for server in servers:
+        server.shutdown()
       shutil.rmtree(zarr_dir, ignore_errors=True)
   finally:
     if tmp:
