@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from hybridna_jax import paths, restore
+from hybridna_jax import launch_utils, paths, restore
 from hybridna_jax.train import loop
 from hybridna_jax.train import step as step_lib
 from hybridna_jax.train.metrics import read_metrics
@@ -93,3 +93,6 @@ def test_unsupported_run_urls_are_refused_in_one_line(tiny_config):
   with pytest.raises(ValueError, match=r"checkpoint path=http://h/run: .*read-only"):
     restore.load("http://h/run")
   assert paths.run_path("file:///x/y") == paths.run_path("/x/y")
+  # eval/score/generate outputs under a gs:// --workdir must be named locally.
+  with pytest.raises(ValueError, match=r"--output_dir=gs://b/run/eval: .*pass a local path"):
+    launch_utils.local_output("gs://b/run/eval", "--output_dir")

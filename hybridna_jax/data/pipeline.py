@@ -219,11 +219,29 @@ class WindowReader(grain.transforms.Map):
     """`item`: a window id (< 0: an empty window) or (id, reverse flag)."""
     return self.map_batch([item])[0]
 
-  def map_batch(self, items: Sequence[int | tuple[int, bool]]) -> list[dict[str, np.ndarray]]:
+  def map_batch(
+    self, items: Sequence[int | tuple[int, bool]], known: dict[int, np.ndarray] | None = None
+  ) -> list[dict[str, np.ndarray]]:
     """`map` of each item; the token reads of all items are issued together
-    (`store.read_ranges`: concurrent on a zarr store), then assembled."""
+    (`store.read_ranges`: concurrent on a zarr store), then assembled.
+    `known`: window id -> its whole tokens, already read (not read again)."""
+    known = known or {}
     ranges = [self._range(item) for item in items]
-    pieces = iter(store_lib.read_ranges(self.split.tokens, [r for r in ranges if r is not None]))
+    wanted = [
+      r
+      for item, r in zip(items, ranges)
+      if r is not None and (item[0] if isinstance(item, tuple) else item) not in known
+    ]
+    fetched = iter(store_lib.read_ranges(self.split.tokens, wanted))
+
+    def piece(item, r):
+      i = item[0] if isinstance(item, tuple) else item
+      if i not in known:
+        return next(fetched)
+      start = self.index.window(int(i))[0]
+      return known[i][r[0] - start : r[1] - start]
+
+    pieces = iter([piece(item, r) for item, r in zip(items, ranges) if r is not None])
     return [
       self._window(item, next(pieces) if r is not None else None) for item, r in zip(items, ranges)
     ]
@@ -309,16 +327,22 @@ class NotMostlyN(grain.transforms.Map):
   def map(self, g: int) -> tuple[int, bool]:
     return self.map_batch([g])[0]
 
-  def map_batch(self, positions: Sequence[int]) -> list[tuple[int, bool]]:
+  def map_batch(
+    self, positions: Sequence[int], known: dict[int, np.ndarray] | None = None
+  ) -> list[tuple[int, bool]]:
     """`map` of each position. Each attempt reads the windows still pending
     together (`store.read_ranges`); a draw depends only on (seed, g,
-    attempt), so the result is that of one position at a time."""
+    attempt), so the result is that of one position at a time. The tokens
+    of the accepted windows are put in `known` (window id -> tokens), so
+    that `WindowReader.map_batch` need not read them again."""
+    known = {} if known is None else known
     picked = [self.sampler.map(g) for g in positions]
     pending = list(range(len(picked)))
     for attempt in range(1, self.attempts + 1):
       windows = [picked[k][0] for k in pending]
       ranges = [self.index.window(w) for w in windows]
       tokens = store_lib.read_ranges(self.reader.split.tokens, ranges)
+      known.update({w: t for w, t in zip(windows, tokens) if self._ok(w, t)})
       pending = [k for k, w, t in zip(pending, windows, tokens) if not self._ok(w, t)]
       for k in pending:
         picked[k] = (self.sampler.resample(positions[k], attempt), picked[k][1])
@@ -342,9 +366,10 @@ class ReadBatch:
     self.n_filter = n_filter
 
   def __call__(self, items: Sequence[Any]) -> dict[str, np.ndarray]:
+    known: dict[int, np.ndarray] = {}
     if self.n_filter is not None:
-      items = self.n_filter.map_batch(items)
-    return stack_windows(self.reader.map_batch(items))
+      items = self.n_filter.map_batch(items, known)
+    return stack_windows(self.reader.map_batch(items, known))
 
 
 def reverse_complement_window(window: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
