@@ -6,16 +6,15 @@ restore.load reads both; unsupported URLs are refused in one line."""
 
 import json
 import os
-import signal
 
 import fake_gcs
 import jax
 import numpy as np
 import pytest
+from test_train import _interrupting
 
 from hybridna_jax import launch_utils, paths, restore
 from hybridna_jax.train import loop
-from hybridna_jax.train import step as step_lib
 from hybridna_jax.train.metrics import read_metrics
 
 
@@ -35,19 +34,6 @@ def gcs(gcs_server, monkeypatch):
   return gcs_server
 
 
-def _interrupt_at(monkeypatch, batch: int):
-  """SIGTERM while the `batch`-th batch is placed (the real handler runs)."""
-  real, placed = step_lib.device_batch, [0]
-
-  def device_batch(*args, **kwargs):
-    placed[0] += 1
-    if placed[0] == batch:
-      os.kill(os.getpid(), signal.SIGTERM)
-    return real(*args, **kwargs)
-
-  monkeypatch.setattr(step_lib, "device_batch", device_batch)
-
-
 def _losses(workdir: str) -> dict[int, float]:
   rows = read_metrics(paths.join(workdir, "metrics.jsonl"))
   return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
@@ -63,7 +49,7 @@ def test_gs_run_resumes_like_an_uninterrupted_run(tiny_config, tmp_path, gcs, mo
 
   url = "gs://bucket/runs/demo"
   with monkeypatch.context() as m:
-    _interrupt_at(m, 2)
+    _interrupting(m, stop_after=2)
     assert loop.train(cfg, url)["stopped"] == "preempted"
   bucket = os.path.join(gcs.root, "bucket", "runs", "demo")
   assert os.listdir(os.path.join(bucket, "checkpoints")) == ["2"]
