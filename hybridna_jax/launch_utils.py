@@ -169,6 +169,16 @@ class _LibraryInfoFilter(logging_std.Filter):
     )
 
 
+def local_output(path: str, flag: str) -> str:
+  """`path` for an output flag whose writers need a local file; a URL (e.g.
+  the default under a gs:// --workdir) is refused in one line naming `flag`."""
+  if "://" in path:
+    raise ValueError(
+      f"{flag}={path}: this output is written to local files; pass a local path in {flag}."
+    )
+  return path
+
+
 def quiet_library_logs() -> None:
   logging.get_absl_handler().addFilter(_LibraryInfoFilter())
 

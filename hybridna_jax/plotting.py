@@ -11,6 +11,10 @@ nothing to import where no plot is drawn.
 
 from __future__ import annotations
 
+import os
+
+from hybridna_jax import paths
+
 
 def pyplot():
   """matplotlib.pyplot on the Agg backend (files only: runs need no display)."""
@@ -24,11 +28,13 @@ def pyplot():
 
 def save(fig, path: str, **savefig_kwargs) -> str:
   """Lays out `fig`, writes it to `path` (`savefig_kwargs` such as dpi go to
-  `fig.savefig`) and closes it, so long runs do not hold figures. Returns
-  path."""
+  `fig.savefig`) and closes it, so long runs do not hold figures. A gs://
+  `path` is rendered locally and copied (`paths.staged`). Returns path as a
+  string."""
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   fig.tight_layout()
-  fig.savefig(path, **savefig_kwargs)
+  with paths.staged(path) as local:
+    fig.savefig(local, **savefig_kwargs)
   plt.close(fig)
-  return path
+  return os.fspath(path)

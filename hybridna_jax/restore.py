@@ -4,7 +4,8 @@ a model on the devices you have now.
     model, tokenizer, config = hybridna_jax.restore.load("runs/demo")
 
 `path` may be a run directory (config.json + checkpoints/), its checkpoints/
-or best/ directory, one step directory (runs/demo/checkpoints/400), or a
+or best/ directory, one step directory (runs/demo/checkpoints/400), each local, file:// or gs://
+(`hybridna_jax.paths`), or a
 Hugging Face-format directory (config.json + model.safetensors or its
 index; hybridna_jax.hf), which keeps the checkpoint's vocabulary.
 Parameters only are read (no optimizer state), cast to the requested dtype,
@@ -26,7 +27,7 @@ import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
 
-from hybridna_jax import hf, sharding, tokenizer
+from hybridna_jax import hf, paths, sharding, tokenizer
 from hybridna_jax.config import MODEL_RUNTIME_FIELDS, ModelConfig
 from hybridna_jax.model import abstract_model, convert_params, scan_block_size
 from hybridna_jax.train.checkpoint import CheckpointMismatchError, Checkpoints
@@ -36,7 +37,7 @@ CONFIG_FILE = "config.json"
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointRef:
-  run_dir: str  # holds config.json
+  run_dir: str  # holds config.json (a local path or gs:// URL)
   manager_dir: str  # the Orbax CheckpointManager directory
   step: int
 
@@ -49,18 +50,15 @@ def find_checkpoint(path: str, which: str = "latest") -> CheckpointRef:
   """
   if which not in ("latest", "best"):
     raise ValueError(f"which must be 'latest' or 'best', got {which!r}.")
-  path = os.path.abspath(path)
-  if not os.path.exists(path):
+  path = paths.run_path(path, flag="checkpoint path")
+  if not path.exists():
     raise FileNotFoundError(f"no checkpoint or run directory at {path}.")
-  base = os.path.basename(path.rstrip("/"))
-  if re.fullmatch(r"\d+", base):  # a step directory
-    manager_dir, step = os.path.dirname(path), int(base)
+  if re.fullmatch(r"\d+", path.name):  # a step directory
+    manager_dir, step = path.parent, int(path.name)
   else:
-    if os.path.exists(os.path.join(path, CONFIG_FILE)):
-      manager_dir = os.path.join(path, "best" if which == "best" else "checkpoints")
-    elif os.path.isdir(os.path.join(path, "checkpoints")) or os.path.isdir(
-      os.path.join(path, "best")
-    ):
+    if (path / CONFIG_FILE).exists():
+      manager_dir = path / ("best" if which == "best" else "checkpoints")
+    elif (path / "checkpoints").is_dir() or (path / "best").is_dir():
       raise FileNotFoundError(
         f"{path} looks like a run directory (it has checkpoints/ or best/) but has no "
         f"{CONFIG_FILE}, which holds the model settings; copy the {CONFIG_FILE} of the run "
@@ -68,7 +66,7 @@ def find_checkpoint(path: str, which: str = "latest") -> CheckpointRef:
       )
     else:
       manager_dir = path
-    if not os.path.isdir(manager_dir):
+    if not manager_dir.is_dir():
       hint = (
         " (best/ is written only with train.keep_best and evaluation, "
         "train.eval_every > 0; use which='latest')"
@@ -76,24 +74,23 @@ def find_checkpoint(path: str, which: str = "latest") -> CheckpointRef:
         else ""
       )
       raise FileNotFoundError(
-        f"{path} has no {os.path.basename(manager_dir)}/ directory{hint}; "
+        f"{path} has no {manager_dir.name}/ directory{hint}; "
         "pass a run directory, its checkpoints/ or a step directory."
       )
     step = Checkpoints(manager_dir, create=False).latest_step()
     if step is None:
       raise FileNotFoundError(f"no complete checkpoint in {manager_dir}.")
-  run_dir = os.path.dirname(manager_dir)
-  if not os.path.exists(os.path.join(run_dir, CONFIG_FILE)):
+  run_dir = manager_dir.parent
+  if not (run_dir / CONFIG_FILE).exists():
     raise FileNotFoundError(
       f"{run_dir} has no {CONFIG_FILE}; it is not a run directory "
       "written by launch/train.py or launch/finetune.py."
     )
-  return CheckpointRef(run_dir, manager_dir, step)
+  return CheckpointRef(os.fspath(run_dir), os.fspath(manager_dir), step)
 
 
 def run_config(run_dir: str) -> ml_collections.ConfigDict:
-  with open(os.path.join(run_dir, CONFIG_FILE), encoding="utf-8") as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(paths.read_text(paths.join(run_dir, CONFIG_FILE))))
 
 
 def default_mesh() -> Mesh:

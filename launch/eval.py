@@ -44,6 +44,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   launch_utils.quiet_library_logs()
   # Imported after flag parsing (nothing may touch devices before).
+  from hybridna_jax import paths as hybridna_paths  # pylint: disable=g-import-not-at-top
   from hybridna_jax import scoring  # pylint: disable=g-import-not-at-top
   from hybridna_jax.config import ScoreConfig  # pylint: disable=g-import-not-at-top
   from hybridna_jax.scoring import evaluation  # pylint: disable=g-import-not-at-top
@@ -64,7 +65,7 @@ def main(argv):
   evaluation.log_records(sequences)
   result = evaluation.evaluate(scorer, sequences, progress=scoring.ProgressLogger("windows"))
   result.update(
-    checkpoint=os.path.abspath(FLAGS.checkpoint or FLAGS.workdir),
+    checkpoint=os.fspath(hybridna_paths.run_path(FLAGS.checkpoint or FLAGS.workdir)),
     which=FLAGS.which,
     data=FLAGS.fasta or data_name,
     dtype=str(scorer.model_config.dtype),
@@ -72,7 +73,9 @@ def main(argv):
   )
   paths = evaluation.write(
     result,
-    FLAGS.output_dir or os.path.join(FLAGS.workdir, "eval"),
+    launch_utils.local_output(
+      FLAGS.output_dir or os.path.join(FLAGS.workdir, "eval"), "--output_dir"
+    ),
     f"eval_{data_name}_ctx{scorer.context}_stride{scorer.stride}",
   )
   print(evaluation.format_table(result))

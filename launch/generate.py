@@ -109,7 +109,9 @@ def main(argv):
 
   from hybridna_jax.design import sampling as design_sampling  # pylint: disable=g-import-not-at-top
 
-  output = FLAGS.output or os.path.join(FLAGS.workdir, "designs.fasta")
+  output = launch_utils.local_output(
+    FLAGS.output or os.path.join(FLAGS.workdir, "designs.fasta"), "--output"
+  )
   result = design_sampling.run_sampling(
     FLAGS.checkpoint or FLAGS.workdir,
     output,

@@ -8,7 +8,11 @@ Reads `config.data` (see hybridna_jax/data/config.py): `fasta_globs`,
 progress as it goes, and writes a summary to <workdir>/prepare_data.json.
 Running it again with unchanged inputs re-uses the store.
 
-    # ... and export it as zarr v3 to object storage (or file://, a local path)
+    # ... or write it straight to object storage as zarr v3 (gs://, s3://, file://)
+    python launch/prepare_data.py --config=configs/demo.py --workdir=runs/demo \
+        --config.data.store_dir=gs://bucket/stores/demo
+
+    # ... or export a local store as zarr v3 (or file://, a local path)
     python launch/prepare_data.py --config=configs/demo.py --workdir=runs/demo \
         --export_url=gs://bucket/stores/demo
     # then train from it: --config.data.store_dir=gs://bucket/stores/demo
@@ -21,8 +25,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from hybridna_jax import launch_utils
+from hybridna_jax import launch_utils, paths
 from hybridna_jax.data import prepare
+from hybridna_jax.data import store as store_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Job config file: configs/<file>.py[:variant]."
@@ -41,7 +46,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def summary(store) -> dict:
   return {
-    "store_dir": os.path.abspath(store.path),
+    "store_dir": store.path if store_lib.is_url(store.path) else os.path.abspath(store.path),
     "sources": list(store.sources),
     "splits": {
       name: {
@@ -60,12 +65,11 @@ def main(argv):
   config = _CONFIG.value
   if "data" not in config:
     raise app.UsageError(f"the config has no `data` field; it has {sorted(config.keys())}.")
-  from hybridna_jax.data import store as store_lib  # pylint: disable=g-import-not-at-top
-
-  if store_lib.is_url(config.data.store_dir):
+  paths.run_path(_WORKDIR.value)  # an unsupported --workdir fails before the work
+  if _EXPORT_URL.value and store_lib.is_url(config.data.store_dir):
     raise app.UsageError(
-      f"data.store_dir={config.data.store_dir} is a URL: prepare a local store and write the "
-      "URL with --export_url."
+      f"--export_url with data.store_dir={config.data.store_dir}: the store is already written "
+      "to a URL; drop --export_url."
     )
   try:
     store = prepare.prepare_store(config.data)
@@ -76,10 +80,9 @@ def main(argv):
   if _EXPORT_URL.value:
     result["export_url"] = store_lib.export_zarr(store, _EXPORT_URL.value, overwrite=True)
     logging.info("Exported the store to %s", result["export_url"])
-  os.makedirs(_WORKDIR.value, exist_ok=True)
-  path = os.path.join(_WORKDIR.value, "prepare_data.json")
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=1)
+  path = paths.write_text(
+    paths.join(_WORKDIR.value, "prepare_data.json"), json.dumps(result, indent=1)
+  )
   logging.info("Wrote %s", path)
   for name, split in result["splits"].items():
     print(

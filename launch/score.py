@@ -96,7 +96,9 @@ def main(argv):
     raise app.UsageError("--mode=variants needs --variants and --reference.")
   if mode != "variants" and not FLAGS.fasta:
     raise app.UsageError(f"--mode={mode} needs --fasta.")
-  output = FLAGS.output or os.path.join(FLAGS.workdir, "scores", f"{mode}.{_EXTENSIONS[mode]}")
+  output = launch_utils.local_output(
+    FLAGS.output or os.path.join(FLAGS.workdir, "scores", f"{mode}.{_EXTENSIONS[mode]}"), "--output"
+  )
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
 
   # The settings' config, found before the (slower) restore so that inputs

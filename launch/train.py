@@ -5,14 +5,14 @@ Runs the context stages of config.train.stages, checkpoints to
 <workdir>/metrics.jsonl and TensorBoard (<workdir>/tensorboard), and plots
 <workdir>/loss_curves.png. With config.train.markov_orders it ends by
 printing validation bits per nucleotide next to order-k Markov baselines.
+--workdir may be a gs:// or file:// URL (see hybridna_jax/paths.py).
 """
 
 import json
-import os
 
 from absl import flags, logging
 
-from hybridna_jax import launch_utils
+from hybridna_jax import launch_utils, paths
 
 launch_utils.define_flags()
 FLAGS = flags.FLAGS
@@ -37,8 +37,9 @@ def main(argv):
   if summary.get("final_val") and config.train.markov_orders:
     table = report.baseline_report(config, summary["final_val"], FLAGS.workdir)
     print(table)
-  with open(os.path.join(FLAGS.workdir, "train_summary.json"), "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=2, default=str)
+  paths.write_text(
+    paths.join(FLAGS.workdir, "train_summary.json"), json.dumps(summary, indent=2, default=str)
+  )
   logging.info("done: %s", json.dumps({k: summary[k] for k in ("steps", "stopped")}))
 
 

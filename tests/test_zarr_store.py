@@ -88,3 +88,69 @@ def test_http_store_gives_the_local_batches_and_trains(
   tiny_config.data.store_dir = http_url
   tiny_config.train.stages = ((32, 2, 4),)  # (seq_len, steps, batch)
   assert loop.train(tiny_config, str(tmp_path / "run"))["steps"] == 2
+
+
+def test_batched_reads_equal_the_memory_map(exported, http_url):
+  local = exported[0]["train"]
+  remote = store_lib.TokenStore.open(http_url)["train"]
+  ranges = [(0, 10), (4000, 4200), (5, 5), (local.num_tokens - 9000, local.num_tokens), (7, 9000)]
+  got = store_lib.read_ranges(remote.tokens, ranges)
+  want = store_lib.read_ranges(local.tokens, ranges)
+  assert [g.shape for g in got] == [(b - a,) for a, b in ranges]
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(g, w)
+
+
+def _url_cfg(lambda_store, url):
+  cfg = copy.deepcopy(lambda_store)
+  cfg.store_dir = url
+  return cfg
+
+
+def test_prepare_writes_straight_to_a_url(lambda_store, tmp_path):
+  from hybridna_jax.data import fasta, prepare
+
+  url = "file://" + str(tmp_path / "direct")
+  cfg = _url_cfg(lambda_store, url)
+  logs = []
+  store = prepare.prepare_store(cfg, log=lambda *a: logs.append(a[0] % a[1:]))
+  local = store_lib.TokenStore.open(lambda_store.store_dir)
+  assert store.path == url and store_lib.verify(url) is None
+  for split in local.splits:
+    a, b = local[split], store[split]
+    assert b.names == a.names and b.info["per_source"] == a.info["per_source"]
+    np.testing.assert_array_equal(b.tokens[0 : b.num_tokens], a.tokens[:])
+  assert not (tmp_path / "direct" / store_lib.WRITING_MARKER).exists()
+  prepare.prepare_store(cfg, log=lambda *a: logs.append(a[0] % a[1:]))
+  assert "re-using it" in logs[-1]
+
+  # Bad input: one error naming the file and line; the complete store stays.
+  bad = tmp_path / "bad.fa"
+  bad.write_text(">x\nACGT\n>y\nAC!GT\n")
+  cfg.fasta_globs = (str(bad),)
+  cfg.split.val_records = ()
+  with pytest.raises(store_lib.StoreError, match="prepared from other inputs"):
+    prepare.prepare_store(cfg)
+  cfg.overwrite_store = True
+  with pytest.raises(fasta.FastaFormatError, match=r"bad.fa.*line 4") as e:
+    prepare.prepare_store(cfg)
+  assert "\n" not in str(e.value)
+  assert not store_lib.is_complete(url) and not list((tmp_path / "direct").rglob("*.json"))
+
+  # A write killed half-way (no abort) never reads as complete; the next
+  # writer clears it. Objects that are not ours are refused.
+  writer = store_lib.open_writer(url)
+  writer.begin_record("train", "r", "s")
+  writer.append(np.full((5000,), 1, np.uint8))
+  del writer
+  with pytest.raises(store_lib.StoreError, match="missing; not a complete exported store"):
+    store_lib.TokenStore.open(url)
+  cfg.fasta_globs, cfg.overwrite_store = lambda_store.fasta_globs, False
+  cfg.split.val_records = lambda_store.split.val_records
+  assert prepare.prepare_store(cfg)["train"].num_tokens == local["train"].num_tokens
+  (tmp_path / "other").mkdir()
+  (tmp_path / "other" / "notes.txt").write_text("mine")
+  with pytest.raises(store_lib.StoreError, match="not a token store; choose an empty URL"):
+    store_lib.open_writer("file://" + str(tmp_path / "other"))
+  with pytest.raises(store_lib.StoreError, match="http\\(s\\):// is read-only"):
+    store_lib.open_writer("http://127.0.0.1:1/x")

@@ -202,47 +202,89 @@ class WindowReader(grain.transforms.Map):
       self._split = store_lib.TokenStore.open(self.store_path)[self.split_name]
     return self._split
 
+  def _range(self, item: int | tuple[int, bool]) -> tuple[int, int] | None:
+    """The split's token range [lo, hi) that `item` reads (None: nothing)."""
+    i, flip = item if isinstance(item, tuple) else (item, False)
+    if i < 0:
+      return None
+    a, b = self.columns
+    start, end = self.index.window(int(i))
+    n = end - start
+    hi = min(b, n)
+    if a >= hi:
+      return None
+    return (start + n - hi, start + n - a) if flip else (start + a, start + hi)
+
   def map(self, item: int | tuple[int, bool]) -> dict[str, np.ndarray]:
     """`item`: a window id (< 0: an empty window) or (id, reverse flag)."""
+    return self.map_batch([item])[0]
+
+  def map_batch(
+    self, items: Sequence[int | tuple[int, bool]], known: dict[int, np.ndarray] | None = None
+  ) -> list[dict[str, np.ndarray]]:
+    """`map` of each item; the token reads of all items are issued together
+    (`store.read_ranges`: concurrent on a zarr store), then assembled.
+    `known`: window id -> its whole tokens, already read (not read again)."""
+    known = known or {}
+    ranges = [self._range(item) for item in items]
+    wanted = [
+      r
+      for item, r in zip(items, ranges)
+      if r is not None and (item[0] if isinstance(item, tuple) else item) not in known
+    ]
+    fetched = iter(store_lib.read_ranges(self.split.tokens, wanted))
+
+    def piece(item, r):
+      i = item[0] if isinstance(item, tuple) else item
+      if i not in known:
+        return next(fetched)
+      start = self.index.window(int(i))[0]
+      return known[i][r[0] - start : r[1] - start]
+
+    pieces = iter([piece(item, r) for item, r in zip(items, ranges) if r is not None])
+    return [
+      self._window(item, next(pieces) if r is not None else None) for item, r in zip(items, ranges)
+    ]
+
+  def _window(self, item, piece: np.ndarray | None) -> dict[str, np.ndarray]:
+    """The window of `item` from `piece`, the tokens of its `_range`."""
     i, flip = item if isinstance(item, tuple) else (item, False)
     a, b = self.columns
     tokens = np.zeros((b - a,), np.uint8)
     marks = np.full((b - a,), DOC_PAD, np.uint8)
     prior = 0
-    if i >= 0:
-      split = self.split
+    if piece is not None:
       start, end = self.index.window(int(i))
       n = end - start
       hi = min(b, n)
-      offsets = split.offsets
-      if a < hi:
-        marks[: hi - a] = DOC_CONTINUE
-        if a == 0:
-          marks[0] = DOC_START
-        # Record starts o (start < o < end) mark window position o - start,
-        # or n - (o - start) when reversed; only those in [max(a, 1), hi).
-        if not flip:
-          tokens[: hi - a] = split.tokens[start + a : start + hi]
-          lo_o, hi_o = start + max(a, 1), start + hi  # o in [lo_o, hi_o)
-          inside = offsets[np.searchsorted(offsets, lo_o) : np.searchsorted(offsets, hi_o)]
-          marks[inside - start - a] = DOC_START
-          if a:
-            prior = 1 + int(
-              np.searchsorted(offsets, start + a) - np.searchsorted(offsets, start, "right")
-            )
-        else:
-          piece = split.tokens[start + n - hi : start + n - a][::-1].tobytes()
-          tokens[: hi - a] = np.frombuffer(piece.translate(_COMPLEMENT_TABLE), np.uint8)
-          lo_o, hi_o = start + n - hi, start + n - max(a, 1)  # o in (lo_o, hi_o]
-          inside = offsets[
-            np.searchsorted(offsets, lo_o, "right") : np.searchsorted(offsets, hi_o, "right")
-          ]
-          marks[start + n - inside - a] = DOC_START
-          if a:
-            prior = 1 + int(
-              np.searchsorted(offsets, start + n - 1, "right")
-              - np.searchsorted(offsets, start + n - a, "right")
-            )
+      offsets = self.split.offsets
+      marks[: hi - a] = DOC_CONTINUE
+      if a == 0:
+        marks[0] = DOC_START
+      # Record starts o (start < o < end) mark window position o - start,
+      # or n - (o - start) when reversed; only those in [max(a, 1), hi).
+      if not flip:
+        tokens[: hi - a] = piece
+        lo_o, hi_o = start + max(a, 1), start + hi  # o in [lo_o, hi_o)
+        inside = offsets[np.searchsorted(offsets, lo_o) : np.searchsorted(offsets, hi_o)]
+        marks[inside - start - a] = DOC_START
+        if a:
+          prior = 1 + int(
+            np.searchsorted(offsets, start + a) - np.searchsorted(offsets, start, "right")
+          )
+      else:
+        rc = np.ascontiguousarray(piece[::-1]).tobytes().translate(_COMPLEMENT_TABLE)
+        tokens[: hi - a] = np.frombuffer(rc, np.uint8)
+        lo_o, hi_o = start + n - hi, start + n - max(a, 1)  # o in (lo_o, hi_o]
+        inside = offsets[
+          np.searchsorted(offsets, lo_o, "right") : np.searchsorted(offsets, hi_o, "right")
+        ]
+        marks[start + n - inside - a] = DOC_START
+        if a:
+          prior = 1 + int(
+            np.searchsorted(offsets, start + n - 1, "right")
+            - np.searchsorted(offsets, start + n - a, "right")
+          )
     return {"tokens": tokens, "marks": marks, "prior": np.int32(prior)}
 
 
@@ -278,18 +320,56 @@ class NotMostlyN(grain.transforms.Map):
     self.max_fraction = max_fraction
     self.attempts = attempts
 
-  def _ok(self, window: int) -> bool:
+  def _ok(self, window: int, tokens: np.ndarray) -> bool:
     start, end = self.index.window(window)
-    tokens = self.reader.split.tokens[start:end]
     return int(np.count_nonzero(tokens == tokenizer.N)) <= self.max_fraction * (end - start)
 
   def map(self, g: int) -> tuple[int, bool]:
-    window, flip = self.sampler.map(g)
+    return self.map_batch([g])[0]
+
+  def map_batch(
+    self, positions: Sequence[int], known: dict[int, np.ndarray] | None = None
+  ) -> list[tuple[int, bool]]:
+    """`map` of each position. Each attempt reads the windows still pending
+    together (`store.read_ranges`); a draw depends only on (seed, g,
+    attempt), so the result is that of one position at a time. The tokens
+    of the accepted windows are put in `known` (window id -> tokens), so
+    that `WindowReader.map_batch` need not read them again."""
+    known = {} if known is None else known
+    picked = [self.sampler.map(g) for g in positions]
+    pending = list(range(len(picked)))
     for attempt in range(1, self.attempts + 1):
-      if self._ok(window):
-        return window, flip
-      window = self.sampler.resample(g, attempt)
-    return -1, False
+      windows = [picked[k][0] for k in pending]
+      ranges = [self.index.window(w) for w in windows]
+      tokens = store_lib.read_ranges(self.reader.split.tokens, ranges)
+      known.update({w: t for w, t in zip(windows, tokens) if self._ok(w, t)})
+      pending = [k for k, w, t in zip(pending, windows, tokens) if not self._ok(w, t)]
+      for k in pending:
+        picked[k] = (self.sampler.resample(positions[k], attempt), picked[k][1])
+      if not pending:
+        break
+    else:
+      for k in pending:
+        picked[k] = (-1, False)
+    return picked
+
+
+class ReadBatch:
+  """Items of one batch -> a compact batch (`stack_windows`): the Grain
+  batch_fn of the training and evaluation streams, so that the token reads
+  of a whole batch go out together (concurrent on a zarr store, hiding the
+  latency of a remote one). With `n_filter` the items are stream positions
+  (`NotMostlyN.map_batch` picks their windows), else window items."""
+
+  def __init__(self, reader: WindowReader, n_filter: NotMostlyN | None = None):
+    self.reader = reader
+    self.n_filter = n_filter
+
+  def __call__(self, items: Sequence[Any]) -> dict[str, np.ndarray]:
+    known: dict[int, np.ndarray] = {}
+    if self.n_filter is not None:
+      items = self.n_filter.map_batch(items, known)
+    return stack_windows(self.reader.map_batch(items, known))
 
 
 def reverse_complement_window(window: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -734,15 +814,18 @@ def train_dataset(
     ds, host_batch = host_positions(shard_index, shard_count), batch_size
   else:
     ds, host_batch = layout_positions(rows, batch_size), len(rows)
+  reader = WindowReader(store.path, data_cfg.train_split, index, _reader_columns(columns))
   if float(data_cfg.max_n_fraction) < 1.0:
-    ds = ds.map(
-      NotMostlyN(sampler, store.path, data_cfg.train_split, index, float(data_cfg.max_n_fraction))
+    read = ReadBatch(
+      reader,
+      NotMostlyN(sampler, store.path, data_cfg.train_split, index, float(data_cfg.max_n_fraction)),
     )
   else:
-    ds = ds.map(sampler)
-  ds = ds.map(WindowReader(store.path, data_cfg.train_split, index, _reader_columns(columns)))
+    ds, read = ds.map(sampler), ReadBatch(reader)
+  # Windows are read per batch (ReadBatch) after the positions are batched;
+  # the iterator state still counts positions, as before reads were batched.
   it = ds.to_iter_dataset(_read_options(data_cfg, host_batch))
-  it = it.batch(host_batch, drop_remainder=True, batch_fn=stack_windows)
+  it = it.batch(host_batch, drop_remainder=True, batch_fn=read)
   if int(data_cfg.num_workers) > 0:
     if not flags.FLAGS.is_parsed():
       # Grain's worker start-up reads its absl flags; outside an absl app
@@ -858,8 +941,9 @@ def eval_batches(
     items = items[:, np.asarray(rows)]
   host_batch = items.shape[1]
   ds = grain.MapDataset.source(items.reshape(-1)).map(_SpreadWindows(total, selected))
-  ds = ds.map(WindowReader(store.path, split, index, _reader_columns(columns)))
-  ds = ds.batch(host_batch, batch_fn=stack_windows)
+  ds = ds.batch(
+    host_batch, batch_fn=ReadBatch(WindowReader(store.path, split, index, _reader_columns(columns)))
+  )
   ds = ds.map(MakeBatch(data_cfg.mask_n_in_loss))
   return ds.to_iter_dataset(_read_options(data_cfg, host_batch))
 

@@ -288,7 +288,7 @@ def prepare_store(data_cfg, *, log: Callable[..., None] = logging.info) -> store
   )
   progress = _Progress(files, float(data_cfg.progress_seconds), log)
   seen: dict[tuple[str, str], tuple[str, int]] = {}
-  with store_lib.TokenStoreWriter(data_cfg.store_dir, overwrite=overwrite) as writer:
+  with store_lib.open_writer(data_cfg.store_dir, overwrite=overwrite) as writer:
     for i, f in enumerate(files):
       reader = fasta.FastaReader(
         f.path,

@@ -126,6 +126,21 @@ class ZarrTokens:
       return np.zeros((0,), np.uint8)
     return self._array[start:stop].read().result()
 
+  def read_many(self, ranges) -> list[np.ndarray]:
+    """[self[lo:hi] for (lo, hi) in ranges], the reads issued together."""
+    futures = [self._array[lo:hi].read() if hi > lo else None for lo, hi in ranges]
+    return [np.zeros((0,), np.uint8) if f is None else f.result() for f in futures]
+
+
+def read_ranges(tokens, ranges) -> list[np.ndarray]:
+  """[tokens[lo:hi] for (lo, hi) in ranges], uint8 (hi - lo,) each. On a
+  zarr store every read is issued before any is awaited, so tensorstore
+  fetches their chunks concurrently (remote latency overlaps); a memory
+  map is sliced."""
+  if isinstance(tokens, ZarrTokens):
+    return tokens.read_many(ranges)
+  return [tokens[lo:hi] for lo, hi in ranges]
+
 
 def vocabulary() -> dict[str, int]:
   """Token names -> ids, recorded in the manifest so stores stay readable."""
@@ -426,33 +441,43 @@ def export_zarr(
   for name in store.splits:
     split, info = store[name], manifest["splits"][name]
     info["tokens_zarr"] = f"{name}.tokens.zarr"
-    spec = {
-      "driver": "zarr3",
-      "kvstore": _url_dir(url) + info["tokens_zarr"] + "/",
-      "metadata": {
-        "shape": [split.num_tokens],
-        "data_type": "uint8",
-        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk_tokens]}},
-        "codecs": [{"name": "bytes"}, {"name": "zstd", "configuration": {"level": 3}}],
-      },
-    }
-    array = _ts().open(spec, create=True, delete_existing=True, context=_context()).result()
+    array = _create_zarr_tokens(url, info["tokens_zarr"], split.num_tokens, chunk_tokens)
     step = 64 * chunk_tokens
     for start in range(0, split.num_tokens, step):
       stop = min(start + step, split.num_tokens)
       array[start:stop].write(np.asarray(split.tokens[start:stop])).result()
-    buf = io.BytesIO()
     index = np.zeros((split.num_records,), INDEX_DTYPE)
     index["offset"], index["length"], index["source"] = (
       split.offsets,
       split.lengths,
       split.source_ids,
     )
-    np.save(buf, index)
-    kvstore.write(info["index_file"], buf.getvalue()).result()
-    kvstore.write(info["names_file"], "\n".join(split.names).encode("utf-8")).result()
+    _write_index_and_names(kvstore, info, index, split.names)
   kvstore.write(MANIFEST, json.dumps(manifest, indent=1).encode("utf-8")).result()
   return url
+
+
+def _create_zarr_tokens(url: str, name: str, size: int, chunk_tokens: int = ZARR_CHUNK):
+  """A new (size,) uint8 zarr v3 array `name` under `url` (zstd chunks of
+  `chunk_tokens`), replacing any there; the tensorstore handle."""
+  spec = {
+    "driver": "zarr3",
+    "kvstore": _url_dir(url) + name + "/",
+    "metadata": {
+      "shape": [size],
+      "data_type": "uint8",
+      "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk_tokens]}},
+      "codecs": [{"name": "bytes"}, {"name": "zstd", "configuration": {"level": 3}}],
+    },
+  }
+  return _ts().open(spec, create=True, delete_existing=True, context=_context()).result()
+
+
+def _write_index_and_names(kvstore, info: dict[str, Any], index: np.ndarray, names) -> None:
+  buf = io.BytesIO()
+  np.save(buf, index)
+  kvstore.write(info["index_file"], buf.getvalue()).result()
+  kvstore.write(info["names_file"], "\n".join(names).encode("utf-8")).result()
 
 
 def verify(path: str | os.PathLike) -> str | None:
@@ -472,6 +497,9 @@ def verify(path: str | os.PathLike) -> str | None:
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+  """The manifest of the store at `path` (a directory or URL)."""
+  if is_url(path):
+    return json.loads(_read_object(_kvstore(os.fspath(path)), os.fspath(path), MANIFEST))
   with open(os.path.join(os.fspath(path), MANIFEST), encoding="utf-8") as f:
     return json.load(f)
 
@@ -502,13 +530,19 @@ class _SplitWriter:
       self._rows = np.resize(self._rows, 2 * self._rows.size)
     self._rows[self.num_records] = (self.num_tokens, 0, source_id)
     self.num_records += 1
-    self._names.write(name + "\n")
+    self._write_name(name)
     stats = self.per_source.setdefault(source, {"records": 0, "tokens": 0, "n_tokens": 0})
     stats["records"] += 1
     self._stats = stats
 
+  def _write_name(self, name: str) -> None:
+    self._names.write(name + "\n")
+
+  def _write_tokens(self, tokens: np.ndarray) -> None:
+    self._tokens.write(memoryview(tokens))
+
   def append(self, tokens: np.ndarray):
-    self._tokens.write(memoryview(np.ascontiguousarray(tokens, np.uint8)))
+    self._write_tokens(np.ascontiguousarray(tokens, np.uint8))
     n = int(tokens.size)
     self._rows["length"][self.num_records - 1] += n
     self.num_tokens += n
@@ -524,6 +558,9 @@ class _SplitWriter:
       np.save(f, self._rows[: self.num_records])
       f.flush()
       os.fsync(f.fileno())
+    return self._info()
+
+  def _info(self) -> dict[str, Any]:
     return {
       "num_records": self.num_records,
       "num_tokens": self.num_tokens,
@@ -597,7 +634,7 @@ class TokenStoreWriter:
     if split not in self._splits:
       if not split.isidentifier():
         raise ValueError(f"split names must be identifiers, got {split!r}")
-      self._splits[split] = _SplitWriter(self.tmp, split)
+      self._splits[split] = self._new_split(split)
     source_id = self._sources.setdefault(source, len(self._sources))
     self._current = self._splits[split]
     self._current.begin(name, source_id, source)
@@ -608,10 +645,11 @@ class TokenStoreWriter:
       raise ValueError("append() before begin_record()")
     self._current.append(tokens)
 
-  def commit(self, metadata: dict[str, Any] | None = None) -> TokenStore:
-    """Finishes the files, writes the manifest and moves the store in place."""
-    splits = {n: s.close(self.tmp) for n, s in self._splits.items()}
-    manifest = {
+  def _new_split(self, split: str) -> _SplitWriter:
+    return _SplitWriter(self.tmp, split)
+
+  def _manifest(self, splits: dict[str, Any], metadata: dict[str, Any] | None) -> dict[str, Any]:
+    return {
       "format": FORMAT,
       "version": VERSION,
       "vocabulary": vocabulary(),
@@ -620,6 +658,11 @@ class TokenStoreWriter:
       "splits": splits,
       "metadata": metadata or {},
     }
+
+  def commit(self, metadata: dict[str, Any] | None = None) -> TokenStore:
+    """Finishes the files, writes the manifest and moves the store in place."""
+    splits = {n: s.close(self.tmp) for n, s in self._splits.items()}
+    manifest = self._manifest(splits, metadata)
     _write_json_atomic(os.path.join(self.tmp, MANIFEST), manifest)
     _fsync_dir(self.tmp)
     replaced = os.path.exists(self.path)
@@ -682,3 +725,128 @@ def _fsync_dir(path: str) -> None:
     os.fsync(fd)
   finally:
     os.close(fd)
+
+
+WRITING_MARKER = ".hybridna-writing"  # under a URL while ZarrStoreWriter writes
+
+
+class _ZarrSplitWriter(_SplitWriter):
+  """One split written to a zarr v3 array: tokens buffered up to `buffer`
+  whole chunks and written chunk-aligned (bounded memory); index rows and
+  names kept in memory (a few bytes a record) and written at the end."""
+
+  def __init__(self, url: str, name: str, chunk_tokens: int, buffer_chunks: int = 16):
+    self.name = name
+    self.tokens_file = f"{name}.tokens"
+    self.index_file = f"{name}.index.npy"
+    self.names_file = f"{name}.names.txt"
+    self.tokens_zarr = f"{name}.tokens.zarr"
+    self._url, self._chunk = url, chunk_tokens
+    # Grown before each write (metadata only; writes are chunk-aligned).
+    self._array = _create_zarr_tokens(url, self.tokens_zarr, 0, chunk_tokens)
+    self._buffer = np.zeros((buffer_chunks * chunk_tokens,), np.uint8)
+    self._filled = 0  # tokens in the buffer
+    self._flushed = 0  # tokens written to the array
+    self._name_list: list[str] = []
+    self._rows = np.zeros((1024,), INDEX_DTYPE)
+    self.num_records = 0
+    self.num_tokens = 0
+    self.per_source = {}
+
+  def _write_name(self, name: str) -> None:
+    self._name_list.append(name)
+
+  def _write_tokens(self, tokens: np.ndarray) -> None:
+    while tokens.size:
+      n = min(tokens.size, self._buffer.size - self._filled)
+      self._buffer[self._filled : self._filled + n] = tokens[:n]
+      self._filled, tokens = self._filled + n, tokens[n:]
+      if self._filled == self._buffer.size:
+        self._flush()
+
+  def _flush(self) -> None:
+    stop = self._flushed + self._filled
+    self._array = self._array.resize(
+      exclusive_max=[stop], expand_only=True, resize_metadata_only=True
+    ).result()
+    self._array[self._flushed : stop].write(self._buffer[: self._filled]).result()
+    self._flushed, self._filled = stop, 0
+
+  def close(self, root: str) -> dict[str, Any]:
+    del root
+    self._flush()
+    _write_index_and_names(
+      _kvstore(self._url), self._info(), self._rows[: self.num_records], self._name_list
+    )
+    return {**self._info(), "tokens_zarr": self.tokens_zarr}
+
+  def discard(self):
+    pass
+
+
+class ZarrStoreWriter(TokenStoreWriter):
+  """`TokenStoreWriter` straight to a kvstore URL (file://, gs://, s3://)
+  as an exported store (zarr v3 tokens, module docstring), in bounded
+  memory. The manifest, written last, marks it complete: an interrupted
+  write never reads as a store, and its objects (marked by WRITING_MARKER)
+  are deleted by `abort` or by the next writer to the same URL. A complete
+  store there is kept unless `overwrite` (its manifest is then deleted
+  first, so it stops reading as complete before anything else changes).
+
+  Raises:
+    StoreError: a complete store is there and not `overwrite`, or the URL
+      holds other objects.
+  """
+
+  def __init__(self, url: str, *, overwrite: bool = False, chunk_tokens: int = ZARR_CHUNK):
+    self.path = url
+    self._kv = _kvstore(url)
+    if is_complete(url):
+      if not overwrite:
+        raise StoreError(
+          f"{url} already holds a token store; delete it or allow overwriting "
+          "(data.overwrite_store=True)."
+        )
+      self._kv.delete_range(_ts().KvStore.KeyRange(MANIFEST, MANIFEST + "\0")).result()
+    elif self._kv.list().result() and self._kv.read(WRITING_MARKER).result().state != "value":
+      raise StoreError(
+        f"{url} holds objects that are not a token store; choose an empty URL for data.store_dir."
+      )
+    self._kv.delete_range(_ts().KvStore.KeyRange()).result()
+    self._kv.write(WRITING_MARKER, b"").result()
+    self._chunk = chunk_tokens
+    self._splits: dict[str, _SplitWriter] = {}
+    self._sources: dict[str, int] = {}
+    self._current: _SplitWriter | None = None
+    self._done = False
+
+  def _new_split(self, split: str) -> _SplitWriter:
+    return _ZarrSplitWriter(self.path, split, self._chunk)
+
+  def commit(self, metadata: dict[str, Any] | None = None) -> TokenStore:
+    """Writes the remaining tokens, the indexes and names, then the manifest."""
+    splits = {n: s.close(self.path) for n, s in self._splits.items()}
+    self._kv.delete_range(_ts().KvStore.KeyRange(WRITING_MARKER, WRITING_MARKER + "\0")).result()
+    manifest = self._manifest(splits, metadata)
+    self._kv.write(MANIFEST, json.dumps(manifest, indent=1).encode("utf-8")).result()
+    self._done = True
+    return TokenStore.open(self.path)
+
+  def abort(self) -> None:
+    """Deletes every object written so far."""
+    self._kv.delete_range(_ts().KvStore.KeyRange()).result()
+    self._done = True
+
+
+def open_writer(path: str | os.PathLike, *, overwrite: bool = False) -> TokenStoreWriter:
+  """The writer for `path`: a local directory (`TokenStoreWriter`) or a
+  kvstore URL (`ZarrStoreWriter`; http(s):// is read-only)."""
+  path = os.fspath(path)
+  if not is_url(path):
+    return TokenStoreWriter(path, overwrite=overwrite)
+  if path.split("://", 1)[0].lower() in ("http", "https"):
+    raise StoreError(
+      f"data.store_dir={path}: http(s):// is read-only; prepare to a local path or a "
+      "file://, gs:// or s3:// URL."
+    )
+  return ZarrStoreWriter(path, overwrite=overwrite)

@@ -8,21 +8,21 @@ A checkpoint step directory holds four items:
   data    the Grain iterator state (train runs only)
 
 Saves are asynchronous; Orbax writes each step into a temporary directory and
-renames it when complete, so a step left half-written by a crash is never
-listed. A step damaged after it was written (truncated or deleted array
-files, a missing item, an empty step directory) is found by
-`restore_newest`, reported, and moved aside to <directory>.damaged/<step>
-(never deleted), and the newest complete step is restored instead. A
-checkpoint whose arrays do not fit the target (another architecture) is not
-damage: `check_fits` names the parameters and nothing is moved. Restoring
-takes an abstract target carrying shardings, so a checkpoint restores onto
-any mesh or device count; `restore_params` reads the parameters alone.
+renames it when complete (on gs://, which has no rename, it writes a commit
+marker last), so a step left half-written by a crash is never listed. The
+directory may be local, file:// or gs:// (`hybridna_jax.paths`). A step
+damaged after it was written (truncated or deleted array files, a missing
+item, an empty step directory) is found by `restore_newest`, reported, and
+moved aside to <directory>.damaged/<step> (never deleted), and the newest
+complete step is restored instead. A checkpoint whose arrays do not fit the
+target (another architecture) is not damage: `check_fits` names the
+parameters and nothing is moved. Restoring takes an abstract target carrying
+shardings, so a checkpoint restores onto any mesh or device count;
+`restore_params` reads the parameters alone.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +32,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from hybridna_jax import paths
 from hybridna_jax.train.step import TrainState
 
 
@@ -100,7 +101,7 @@ class Checkpoints:
   def __init__(
     self, directory: str, *, keep: int = 3, async_save: bool = True, create: bool = True
   ):
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.run_path(directory)
     self._options = ocp.CheckpointManagerOptions(
       max_to_keep=keep,
       create=create,
@@ -110,9 +111,9 @@ class Checkpoints:
     self.manager = ocp.CheckpointManager(self.directory, options=self._options)
 
   @property
-  def damaged_directory(self) -> str:
+  def damaged_directory(self):
     """Where damaged steps are moved: <directory>.damaged/<step>."""
-    return self.directory + ".damaged"
+    return self.directory.parent / (self.directory.name + ".damaged")
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -149,8 +150,9 @@ class Checkpoints:
     state = restored.train._replace(params=restored.params)
     return state, dict(restored.meta)
 
-  def step_directory(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+  def step_directory(self, step: int):
+    """The step's directory (an epath.Path)."""
+    return self.directory / str(step)
 
   def check_complete(self, step: int, *, data: bool = False) -> None:
     """Raises CheckpointDamagedError naming what is missing from the step
@@ -159,13 +161,13 @@ class Checkpoints:
     `restore_newest`)."""
     root = self.step_directory(step)
     items = _ITEMS + (("data",) if data else ())
-    missing = [i for i in items if not os.path.isdir(os.path.join(root, i))]
+    missing = [i for i in items if not (root / i).is_dir()]
     if missing:
       raise CheckpointDamagedError(f"item(s) {', '.join(missing)} missing")
-    needed = [os.path.join("meta", "metadata")]
+    needed = ["meta/metadata"]
     for item in ("params", "train"):
-      needed += [os.path.join(item, "_METADATA"), os.path.join(item, "manifest.ocdbt")]
-    absent = [p for p in needed if not os.path.isfile(os.path.join(root, p))]
+      needed += [f"{item}/_METADATA", f"{item}/manifest.ocdbt"]
+    absent = [p for p in needed if not (root / p).is_file()]
     if absent:
       raise CheckpointDamagedError(f"{', '.join(absent)} missing")
 
@@ -181,7 +183,7 @@ class Checkpoints:
       trees = (("params", params),)
     for item, tree in trees:
       try:
-        stored = ocp.StandardCheckpointer().metadata(os.path.join(self.step_directory(step), item))
+        stored = ocp.StandardCheckpointer().metadata(self.step_directory(step) / item)
         stored = _shapes(getattr(stored, "item_metadata", stored))
       except Exception as e:  # pylint: disable=broad-except
         raise CheckpointDamagedError(f"{item}/ metadata unreadable ({_first_line(e)})") from e
@@ -197,12 +199,12 @@ class Checkpoints:
     """Moves a damaged step directory to <directory>.damaged/<step>[-<time>]
     (process 0; every process waits for it) and re-reads the step list;
     returns the new path."""
-    dest = os.path.join(self.damaged_directory, str(step))
-    if os.path.exists(dest):
-      dest += f"-{int(time.time())}"
+    dest = self.damaged_directory / str(step)
+    if dest.exists():
+      dest = dest.parent / f"{step}-{int(time.time())}"
     if jax.process_index() == 0:
-      os.makedirs(self.damaged_directory, exist_ok=True)
-      shutil.move(self.step_directory(step), dest)
+      self.damaged_directory.mkdir(parents=True, exist_ok=True)
+      self.step_directory(step).rename(dest)  # on gs://: copied, then deleted
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"checkpoint-move-aside-{step}")
     logging.warning(

@@ -14,7 +14,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import signal
 import threading
 import time
@@ -26,7 +25,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from hybridna_jax import sharding
+from hybridna_jax import paths, sharding
 from hybridna_jax.config import ModelConfig, TrainConfig, architecture_differences, validate
 from hybridna_jax.data import pipeline
 from hybridna_jax.model import HybriDNA
@@ -427,9 +426,7 @@ class LMPretraining(Task):
 
 def _write_config(config, workdir: str) -> None:
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, CONFIG_FILE), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    paths.write_text(paths.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2))
 
 
 def task_steps(task: Task, config, mesh) -> step_lib.StepFunctions:
@@ -456,8 +453,10 @@ def train(config, workdir: str, task: Task | None = None) -> dict:
   malformed fields fail with one line naming them), then the data and, on
   resume, the architecture of the run (`check_resume_config`), all before
   step 0. SIGTERM or SIGINT from then on saves a checkpoint and returns
-  with summary["stopped"] == "preempted" (see `_Preemption`)."""
+  with summary["stopped"] == "preempted" (see `_Preemption`). `workdir` may
+  be a local path, file:// or gs:// URL (`hybridna_jax.paths`)."""
   validate(config)
+  paths.run_path(workdir)  # refuses unsupported URLs before any work
   with _Preemption() as preemption:
     return _train(config, workdir, task, preemption)
 
@@ -466,15 +465,13 @@ def check_resume_config(config, workdir: str) -> None:
   """Refuses to resume a run of another architecture: raises ValueError
   naming every model field that differs from <workdir>/config.json, when
   that file and a checkpoint exist."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path) or "model" not in config:
+  path = paths.join(workdir, CONFIG_FILE)
+  if not path.exists() or "model" not in config:
     return
-  if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
+  checkpoints = paths.join(workdir, CHECKPOINT_DIR)
+  if not checkpoints.is_dir() or not any(p.name.isdigit() for p in checkpoints.iterdir()):
     return
-  if not any(n.isdigit() for n in os.listdir(os.path.join(workdir, CHECKPOINT_DIR))):
-    return
-  with open(path, encoding="utf-8") as f:
-    written = json.load(f)
+  written = json.loads(path.read_text())
   if "model" not in written:
     return
   try:
@@ -499,9 +496,9 @@ def _train(config, workdir: str, task: Task | None, preemption: _Preemption) -> 
   mesh = sharding.mesh_from_config(config.mesh)
   fns = task_steps(task, config, mesh)
   checkpoints = Checkpoints(
-    os.path.join(workdir, CHECKPOINT_DIR), keep=tc.keep_checkpoints, async_save=tc.async_checkpoints
+    paths.join(workdir, CHECKPOINT_DIR), keep=tc.keep_checkpoints, async_save=tc.async_checkpoints
   )
-  best = Checkpoints(os.path.join(workdir, BEST_DIR), keep=1) if tc.keep_best else None
+  best = Checkpoints(paths.join(workdir, BEST_DIR), keep=1) if tc.keep_best else None
   select_key, select_mode = task.selection
   better = (lambda a, b: a < b) if select_mode == "min" else (lambda a, b: a > b)
   logger = MetricsLogger(workdir, total_steps)
@@ -666,10 +663,10 @@ def _train(config, workdir: str, task: Task | None, preemption: _Preemption) -> 
   logger.close()
   summary["steps"] = step
   summary["stages"] = [dataclasses.asdict(s) for s in stages]
-  if jax.process_index() == 0 and tc.plot and os.path.exists(logger.jsonl_path):
+  if jax.process_index() == 0 and tc.plot and logger.jsonl_path.exists():
     summary["plot"] = plot_loss_curves(
       logger.jsonl_path,
-      os.path.join(workdir, "loss_curves.png"),
+      paths.join(workdir, "loss_curves.png"),
       stage_starts=[(s.start_step, f"{s.seq_len:,} nt") for s in stages],
     )
   return summary

@@ -1,21 +1,24 @@
 """Run metrics: console progress with ETA, TensorBoard event files, a JSONL
 log, and loss-curve plots.
 
-Only process 0 writes; every process may call the methods.
+Only process 0 writes; every process may call the methods. The run
+directory may be local, file:// or gs:// (`hybridna_jax.paths`): on gs://,
+metrics.jsonl is rewritten whole at every logged row (objects cannot be
+appended to; the file is small) and TensorBoard events are written to a
+local directory and copied to <workdir>/tensorboard when the logger closes.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from typing import Any
 
 import jax
 from absl import logging
 
-from hybridna_jax import plotting
+from hybridna_jax import paths, plotting
 
 
 def format_duration(seconds: float) -> str:
@@ -33,16 +36,22 @@ class MetricsLogger:
   def __init__(self, workdir: str, total_steps: int, *, tensorboard: bool = True):
     self.total_steps = total_steps
     self.enabled = jax.process_index() == 0
-    self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+    self.jsonl_path = paths.join(workdir, "metrics.jsonl")
     self._writer = None
     self._jsonl = None
+    self._rows: list[str] | None = None  # remote: the whole file, rewritten
+    self._tensorboard = None  # remote: (local staging, its context manager)
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+      self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
+      if paths.is_remote(self.jsonl_path):
+        self._rows = [self.jsonl_path.read_text()] if self.jsonl_path.exists() else []
+      else:
+        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
       if tensorboard:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
 
-        self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._tensorboard = paths.staged(paths.join(workdir, "tensorboard"), directory=True)
+        self._writer = SummaryWriter(self._tensorboard.__enter__())
     self._last_time = None
     self._last_step = None
     self._seconds_per_step = None
@@ -50,9 +59,13 @@ class MetricsLogger:
   def _write(self, kind: str, step: int, values: dict[str, float]):
     if not self.enabled:
       return
-    record = {"kind": kind, "step": step, "time": time.time(), **values}
-    self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
+    record = json.dumps({"kind": kind, "step": step, "time": time.time(), **values}) + "\n"
+    if self._rows is None:
+      self._jsonl.write(record)
+      self._jsonl.flush()
+    else:
+      self._rows.append(record)
+      paths.write_text(self.jsonl_path, "".join(self._rows))
     if self._writer is not None:
       for key, value in values.items():
         if isinstance(value, (int, float)) and math.isfinite(value):
@@ -135,13 +148,16 @@ class MetricsLogger:
   def close(self):
     if self._writer is not None:
       self._writer.close()
+      self._writer = None
+      self._tensorboard.__exit__(None, None, None)  # copies it up when remote
     if self._jsonl is not None:
       self._jsonl.close()
+      self._jsonl = None
 
 
-def read_metrics(jsonl_path: str) -> list[dict]:
-  with open(jsonl_path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+def read_metrics(jsonl_path) -> list[dict]:
+  """The rows of a metrics.jsonl (a local path, file:// or gs:// URL)."""
+  return [json.loads(line) for line in paths.read_text(jsonl_path).splitlines() if line.strip()]
 
 
 def plot_loss_curves(
@@ -152,7 +168,8 @@ def plot_loss_curves(
   baselines: dict[str, float] | None = None,
 ) -> str:
   """Train and validation bits per nucleotide against step, with stage
-  boundaries and horizontal baseline lines. Returns out_path."""
+  boundaries and horizontal baseline lines. Returns out_path (a local path
+  or URL, `plotting.save`)."""
   plt = plotting.pyplot()
 
   records = read_metrics(jsonl_path)

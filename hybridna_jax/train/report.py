@@ -5,11 +5,11 @@ the same windows and targets."""
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 from absl import logging
 
+from hybridna_jax import paths
 from hybridna_jax.data import pipeline
 from hybridna_jax.data.store import TokenStore
 from hybridna_jax.train.baselines import MarkovModel
@@ -65,13 +65,12 @@ def baseline_report(config, model_val: dict, workdir: str) -> str:
     "scored_targets": model_val.get("tokens"),
     "bits_per_nt": dict(rows),
   }
-  with open(os.path.join(workdir, "baseline_report.json"), "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=2)
-  metrics = os.path.join(workdir, "metrics.jsonl")
-  if os.path.exists(metrics):
+  paths.write_text(paths.join(workdir, "baseline_report.json"), json.dumps(report, indent=2))
+  metrics = paths.join(workdir, "metrics.jsonl")
+  if metrics.exists():
     plot_loss_curves(
       metrics,
-      os.path.join(workdir, "loss_curves.png"),
+      paths.join(workdir, "loss_curves.png"),
       stage_starts=[(s.start_step, f"{s.seq_len:,} nt") for s in stages],
       baselines={name: v for name, v in rows[1:]},
     )

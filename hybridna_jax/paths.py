@@ -1,0 +1,136 @@
+"""Run directories on local disk or object storage: the one place that turns
+a --workdir (or checkpoint path) into a path object.
+
+A run directory may be a local path, a file:// URL (the same local path) or
+gs://bucket/prefix. Paths are `etils.epath.Path` objects, the type Orbax
+uses, so checkpoints, config.json, metrics.jsonl, summaries and the data
+iterator state all go through one API; on gs:// epath uses fsspec's gcsfs
+and Orbax writes arrays through tensorstore's gcs driver. Object storage
+needs, besides this package, `pip install gcsfs google-cloud-storage`
+(Orbax asks the bucket whether it has a hierarchical namespace).
+
+s3:// is refused for run directories: Orbax 0.12.8 builds tensorstore's
+`file` driver for every path that is not gs://, so arrays "saved" to
+s3://... would land in a local directory called s3:. (Token stores on s3://
+are fine: they go through tensorstore's own s3 driver, `data.store`.)
+
+What cannot write to object storage itself (matplotlib, tensorboardX,
+pysam) writes into a local staging directory that `staged` copies to the
+URL when it closes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+from etils import epath
+
+_RUN_SCHEMES = ("gs",)
+
+
+def is_url(path: str | os.PathLike) -> bool:
+  """Whether `path` is a URL (scheme://...) rather than a local path."""
+  return "://" in os.fspath(path)
+
+
+def scheme(path: str | os.PathLike) -> str | None:
+  """'gs', 's3', 'file', 'http', ... or None for a local path."""
+  path = os.fspath(path)
+  return path.split("://", 1)[0].lower() if is_url(path) else None
+
+
+def run_path(path: str | os.PathLike, flag: str = "--workdir") -> epath.Path:
+  """A run directory (or a file or checkpoint inside one) as an epath.Path:
+  local paths and file:// URLs become absolute local paths, gs:// stays.
+
+  Raises:
+    ValueError: one line naming `flag` and the fix, for schemes Orbax
+      cannot write (s3://, http(s)://, ...).
+  """
+  if isinstance(path, epath.Path) and not is_url(path):
+    return path
+  text = os.fspath(path)
+  kind = scheme(text)
+  if kind is None:
+    return epath.Path(os.path.abspath(text))
+  if kind == "file":
+    return epath.Path(os.path.abspath(text[len("file://") :]))
+  if kind in _RUN_SCHEMES:
+    return epath.Path(text.rstrip("/"))
+  why = (
+    "Orbax 0.12.8 writes arrays to s3:// through its local file driver"
+    if kind == "s3"
+    else f"{kind}:// is read-only or unknown to Orbax"
+  )
+  raise ValueError(
+    f"{flag}={text}: run directories and checkpoints may be local paths, file:// or gs:// "
+    f"URLs ({why}); use one of those."
+  )
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+  """Whether `path` (after `run_path`) lives on object storage."""
+  return scheme(path) in _RUN_SCHEMES
+
+
+def join(path: str | os.PathLike, *parts: str) -> epath.Path:
+  return run_path(path).joinpath(*parts)
+
+
+def read_text(path: str | os.PathLike) -> str:
+  return run_path(path).read_text(encoding="utf-8")
+
+
+def write_text(path: str | os.PathLike, text: str) -> epath.Path:
+  """Writes `text` to `path` whole, creating parent directories. Local
+  files go through a temporary file and a rename; objects on gs:// appear
+  whole or not at all (GCS uploads are atomic)."""
+  path = run_path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  if is_remote(path):
+    path.write_text(text, encoding="utf-8")
+    return path
+  tmp = path.parent / f".{path.name}.partial"
+  tmp.write_text(text, encoding="utf-8")
+  os.replace(tmp, path)
+  return path
+
+
+def upload(local: str, dest: str | os.PathLike) -> None:
+  """Copies the local file or directory tree `local` to `dest`, replacing
+  files of the same names."""
+  dest = run_path(dest)
+  if os.path.isdir(local):
+    for dirpath, _, files in os.walk(local):
+      rel = os.path.relpath(dirpath, local)
+      target = dest if rel == "." else dest / rel
+      target.mkdir(parents=True, exist_ok=True)
+      for name in files:
+        epath.Path(os.path.join(dirpath, name)).copy(target / name, overwrite=True)
+  else:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    epath.Path(local).copy(dest, overwrite=True)
+
+
+@contextlib.contextmanager
+def staged(dest: str | os.PathLike, *, directory: bool = False) -> Iterator[str]:
+  """A local path to write `dest` through, for writers that need a local
+  file (matplotlib, tensorboardX, pysam): `dest` itself when it is local
+  (its parent created), else a temporary file or directory that is copied
+  to `dest` when the block ends without an exception, then deleted."""
+  dest = run_path(dest)
+  if not is_remote(dest):
+    (dest if directory else dest.parent).mkdir(parents=True, exist_ok=True)
+    yield os.fspath(dest)
+    return
+  tmp = tempfile.mkdtemp(prefix="hybridna-staged-")
+  local = tmp if directory else os.path.join(tmp, dest.name)
+  try:
+    yield local
+    upload(local, dest)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
