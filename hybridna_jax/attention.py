@@ -81,8 +81,8 @@ def causal_attention(
 ) -> Array:
   """Causal GQA self-attention; returns (b, l, hq, d) in q.dtype.
 
-  On a mesh whose context axis splits the sequence, `context` ("ring" or
-  "allgather") says how keys and values cross it, and each block runs the
+  On a mesh whose context axis splits the sequence, `context` ("ring",
+  "zigzag" or "allgather") says how keys and values cross it, and each block runs the
   XLA online softmax whatever `impl` is (`sharded.context_attention`)."""
   b, l, hq, d = q.shape
   if k.shape != v.shape or k.shape[:2] != (b, l) or k.shape[3] != d:

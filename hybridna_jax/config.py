@@ -58,7 +58,7 @@ __all__ = [
 
 
 # How attention crosses the mesh's context axis (hybridna_jax.kernels.sharded).
-CONTEXT_ATTENTION = ("ring", "allgather")
+CONTEXT_ATTENTION = ("ring", "allgather", "zigzag")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +108,9 @@ class ModelConfig(Section):
   ssd_impl: str = "auto"  # auto | chunked | sequential | pallas
   attention_impl: str = "auto"  # auto | xla | xla_blockwise | xla_causal | kernels...
   # How attention crosses the mesh's context axis (config.mesh.context > 1):
-  # "ring" passes key/value slices around it, "allgather" gathers them all.
+  # "ring" passes key/value slices around it; "zigzag" does too, with the
+  # causal work balanced over the devices (hybridna_jax.kernels.sharded);
+  # "allgather" gathers them all.
   context_attention: str = "ring"
   # Parameter layout, not architecture: True runs the stack as one
   # `nnx.scan` over blocks of attn_period layers (params stacked per
