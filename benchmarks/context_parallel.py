@@ -24,7 +24,9 @@ every device's work), "critical s" the slowest device's share: each device's
 attention blocks per ring step (the shapes each method computes there),
 timed one at a time on one device and summed over the steps as the
 slowest device at each step (collectives excluded; on real devices the step
-waits for the slowest device).
+waits for the slowest device); "critical blocks" the same in units of one
+slice-by-slice block (query x key positions), without timing. Times are
+the fewest seconds of --iters calls (other jobs may share the cores).
 
   python benchmarks/context_parallel.py --attention_op --lengths 8192 32768 --contexts 8 \
       --attention ring zigzag allgather
@@ -153,7 +155,7 @@ def time_attention_op(seq_len: int, context: int, method: str, iters: int) -> fl
 
     return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
-  return time_jitted(step, q, k, v, iters=iters)["median_s"]
+  return time_jitted(step, q, k, v, iters=iters)["min_s"]
 
 
 def block_shapes(method: str, shards: int, lq: int) -> list[list[list[tuple[int, int]]]]:
@@ -192,11 +194,19 @@ def critical_seconds(seq_len: int, context: int, method: str, iters: int, cache:
         return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
       with jax.default_device(jax.devices()[0]):
-        cache[lq, lk] = time_jitted(block, q, k, v, iters=iters)["median_s"]
+        cache[lq, lk] = time_jitted(block, q, k, v, iters=iters)["min_s"]
     return cache[lq, lk]
 
   steps = block_shapes(method, context, seq_len // context)
   return sum(max(sum(block_seconds(*b) for b in dev) for dev in step) for step in steps)
+
+
+def critical_blocks(seq_len: int, context: int, method: str) -> float:
+  """The slowest device's attention work per ring step, summed, in blocks of
+  lq x lq query x key positions."""
+  lq = seq_len // context
+  steps = block_shapes(method, context, lq)
+  return sum(max(sum(a * b for a, b in dev) for dev in step) for step in steps) / lq**2
 
 
 def attention_op_table(args) -> None:
@@ -204,14 +214,21 @@ def attention_op_table(args) -> None:
     "attention op, forward + backward: 1 sequence, 16 query / 4 key-value heads x 64, "
     "two packed documents, fp32, blockwise (512 keys) per block"
   )
-  print(f"{'length':>9}{'context':>8}  {'method':<10}{'wall s':>9}{'critical s':>11}")
+  print(
+    f"{'length':>9}{'context':>8}  {'method':<10}{'wall s':>9}{'critical s':>11}"
+    f"{'critical blocks':>16}"
+  )
   cache = {}
   for seq_len in args.lengths:
     for context in args.contexts:
       for method in args.attention:
         wall = time_attention_op(seq_len, context, method, args.iters)
         crit = critical_seconds(seq_len, context, method, args.iters, cache)
-        print(f"{seq_len:>9}{context:>8}  {method:<10}{wall:>9.2f}{crit:>11.2f}", flush=True)
+        blocks = critical_blocks(seq_len, context, method)
+        print(
+          f"{seq_len:>9}{context:>8}  {method:<10}{wall:>9.2f}{crit:>11.2f}{blocks:>16.2f}",
+          flush=True,
+        )
 
 
 def main():
