@@ -235,7 +235,9 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072, 262144, 1048576])
   parser.add_argument("--contexts", type=int, nargs="+", default=[1, 2, 4, 8])
-  parser.add_argument("--attention", nargs="+", default=["ring"], choices=CONTEXT_ATTENTION)
+  parser.add_argument(
+    "--attention", nargs="+", default=[CONTEXT_ATTENTION[0]], choices=CONTEXT_ATTENTION
+  )
   parser.add_argument("--attention_op", action="store_true", help="the attention op alone")
   parser.add_argument("--no_attention", action="store_true", help="the Mamba2 layers only")
   parser.add_argument("--chunk_size", type=int, default=256)

@@ -18,7 +18,7 @@ from conftest import LAMBDA_FASTA
 from flax import nnx
 
 from hybridna_jax import attention, generate, restore, scoring, sharding, ssd, tokenizer
-from hybridna_jax.config import ModelConfig, load_config
+from hybridna_jax.config import CONTEXT_ATTENTION, ModelConfig, load_config
 from hybridna_jax.data import fasta
 from hybridna_jax.kernels.sharded import shard_causal_conv
 from hybridna_jax.layers.mamba2 import causal_conv
@@ -105,7 +105,7 @@ def test_conv_halo_matches_one_device():
   np.testing.assert_allclose(sharded(u[:, :60], seg[:, :60]), ref[:, :60], rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["ring", "allgather", "zigzag"])
+@pytest.mark.parametrize("method", CONTEXT_ATTENTION)
 # 118: padded to a multiple of 4 (of 8 for zigzag's two chunks per slice)
 @pytest.mark.parametrize("length", [128, 118])
 def test_context_attention_matches_reference(method, length):
@@ -149,6 +149,8 @@ def _lm_batch(b=2, l=256, seed=0):
   ids=["context8", "data2-context4", "fsdp2-context2-tensor2"],
 )
 def test_model_loss_and_gradients_match_one_device(axes):
+  """With the default context attention (zigzag); the other methods' forward
+  and gradients are checked op by op above."""
   batch = _lm_batch(b=4)
   params = nnx.state(create_model(TINY), nnx.Param)
   graphdef = nnx.graphdef(abstract_model(TINY))

@@ -410,7 +410,9 @@ _METHODS = {"ring": _ring_attention, "allgather": _allgather_attention, "zigzag"
 assert set(_METHODS) == set(CONTEXT_ATTENTION)
 
 
-def context_attention(q, k, v, segment_ids=None, *, method: str = "ring", block: int = 512):
+def context_attention(
+  q, k, v, segment_ids=None, *, method: str = CONTEXT_ATTENTION[0], block: int = 512
+):
   """Causal GQA attention with the length split over the active mesh's
   context axis (`method` in config.CONTEXT_ATTENTION); q (b, l, hq, d), k and v
   (b, l, hkv, d), segment_ids (b, l) or None -> (b, l, hq, d) in q.dtype.
