@@ -486,7 +486,7 @@ def _train(config, workdir: str, task: Task | None, preemption: _Preemption) -> 
       jax.process_index(),
       jax.process_count(),
       layout.rows.tolist(),
-      *layout.columns,
+      *(layout.columns if task.sequence_keys else (0, stage.seq_len)),  # else whole rows
       stage.batch_size,
       stage.seq_len,
     )
