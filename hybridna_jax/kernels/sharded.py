@@ -351,8 +351,9 @@ def _zigzag_attention(q, k, v, seg, axis: str, shards: int, block: int):
   query chunks); from a later shard, its late query chunk against both key
   chunks (its early query chunk precedes both) -- instead of the plain
   ring's critical path of a whole block at every step on the last shard.
-  Takes and returns the contiguous layout; (out, lse) as `_ring_attention`.
-  The slice length must be even."""
+  Per shard, in the contiguous layout: q (b, lq, hq, d), k and v (b, lq,
+  hkv, d), seg (b, lq) with lq even -> (out (b, lq, hq, d), lse (b, lq, hq))
+  fp32, as `_ring_attention`."""
   q, k, v, seg = _to_zigzag((q, k, v, seg), axis, shards)
   index = jax.lax.axis_index(axis)
   b, lq, hq, d = q.shape
