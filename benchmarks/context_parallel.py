@@ -15,6 +15,21 @@ overhead of the split, not a speed-up.
   python benchmarks/context_parallel.py --lengths 131072 --attention ring allgather
   python benchmarks/context_parallel.py --no_attention --lengths 1048576 --contexts 8 \
       --chunk_size 16 --remat full --time_up_to 1048576
+
+With --attention_op, the attention op alone (forward + backward of
+`causal_attention`, HybriDNA-300M's heads: 16 query, 4 key/value, 64 wide;
+one sequence, two packed documents) for each context method side by side:
+"wall s" is the fake devices' time (they share the host's cores, so it sums
+every device's work), "critical s" the slowest device's share: each device's
+attention blocks per ring step (the shapes each method computes there),
+timed one at a time on one device and summed over the steps as the
+slowest device at each step (collectives excluded; on real devices the step
+waits for the slowest device); "critical blocks" the same in units of one
+slice-by-slice block (query x key positions), without timing. Times are
+the fewest seconds of --iters calls (other jobs may share the cores).
+
+  python benchmarks/context_parallel.py --attention_op --lengths 8192 32768 --contexts 8 \
+      --attention ring zigzag allgather
 """
 
 from __future__ import annotations
@@ -34,13 +49,15 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import dataclasses  # noqa: E402
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import environment  # noqa: E402
+from harness import environment, time_jitted  # noqa: E402
 
-from hybridna_jax import sharding  # noqa: E402
-from hybridna_jax.config import ModelConfig, load_config  # noqa: E402
+from hybridna_jax import attention_reference, sharding  # noqa: E402
+from hybridna_jax.attention import causal_attention  # noqa: E402
+from hybridna_jax.config import CONTEXT_ATTENTION, ModelConfig, load_config  # noqa: E402
 from hybridna_jax.model import HybriDNA  # noqa: E402
 from hybridna_jax.train import optimizer as optimizer_lib  # noqa: E402
 from hybridna_jax.train import step as step_lib  # noqa: E402
@@ -111,11 +128,117 @@ def measure(cfg: ModelConfig, seq_len: int, context: int, iters: int) -> dict:
   return row
 
 
+HEADS = dict(hq=16, hkv=4, d=64)  # configs/hybridna_300m.py
+
+
+def attention_inputs(lq: int, lk: int):
+  """q (1, lq, 16, 64), k and v (1, lk, 4, 64)."""
+  keys = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(keys[0], (1, lq, HEADS["hq"], HEADS["d"]))
+  k, v = (jax.random.normal(key, (1, lk, HEADS["hkv"], HEADS["d"])) for key in keys[1:])
+  return q, k, v
+
+
+def time_attention_op(seq_len: int, context: int, method: str, iters: int) -> float:
+  """Median seconds of forward + backward of the attention op on a mesh of
+  `context` fake devices."""
+  mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:context], context=context)
+  q, k, v = attention_inputs(seq_len, seq_len)
+  seg = (jnp.arange(seq_len) >= seq_len // 3).astype(jnp.int32)[None]  # two documents
+
+  @jax.jit
+  def step(q, k, v):
+    def loss(q, k, v):
+      with sharding.activate(mesh):
+        out = causal_attention(q, k, v, seg, impl="xla_blockwise", context=method)
+      return jnp.sum(out * out)
+
+    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  return time_jitted(step, q, k, v, iters=iters)["min_s"]
+
+
+def block_shapes(method: str, shards: int, lq: int) -> list[list[list[tuple[int, int]]]]:
+  """(queries, keys) of the blocks that device i computes at ring step s,
+  [s][i] -> list, as `hybridna_jax.kernels.sharded` schedules them."""
+  h = lq // 2
+  if method == "allgather":  # one step: every key, the later ones masked
+    return [[[(lq, shards * lq)] for _ in range(shards)]]
+  if method == "ring":  # slice i sees slices i, i-1, ..., 0
+    return [[[(lq, lq)] if s <= i else [] for i in range(shards)] for s in range(shards)]
+  assert method == "zigzag"
+  steps = [[[(lq, h), (h, h)] for _ in range(shards)]]  # own chunks
+  for s in range(1, shards):  # from an earlier shard: (lq, h); from a later one: (h, lq)
+    steps.append([[(lq, h)] if s <= i else [(h, lq)] for i in range(shards)])
+  return steps
+
+
+def critical_seconds(seq_len: int, context: int, method: str, iters: int, cache: dict) -> float:
+  """The slowest device's attention time per ring step, summed: each block
+  shape timed (forward + backward) on one device."""
+
+  def block_seconds(lq: int, lk: int) -> float:
+    if (lq, lk) not in cache:
+      q, k, v = attention_inputs(lq, lk)
+      pos_q, pos_k = jnp.arange(lq) + lk, jnp.arange(lk)  # every key visible
+      seg_q, seg_k = jnp.zeros((1, lq), jnp.int32), jnp.zeros((1, lk), jnp.int32)
+
+      @jax.jit
+      def block(q, k, v):
+        def loss(q, k, v):
+          out, lse = attention_reference.blockwise_attention_lse(
+            q, k, v, pos_q, pos_k, seg_q, seg_k, block=512
+          )
+          return jnp.sum(out * out) + jnp.sum(lse)
+
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+      with jax.default_device(jax.devices()[0]):
+        cache[lq, lk] = time_jitted(block, q, k, v, iters=iters)["min_s"]
+    return cache[lq, lk]
+
+  steps = block_shapes(method, context, seq_len // context)
+  return sum(max(sum(block_seconds(*b) for b in dev) for dev in step) for step in steps)
+
+
+def critical_blocks(seq_len: int, context: int, method: str) -> float:
+  """The slowest device's attention work per ring step, summed, in blocks of
+  lq x lq query x key positions."""
+  lq = seq_len // context
+  steps = block_shapes(method, context, lq)
+  return sum(max(sum(a * b for a, b in dev) for dev in step) for step in steps) / lq**2
+
+
+def attention_op_table(args) -> None:
+  print(
+    "attention op, forward + backward: 1 sequence, 16 query / 4 key-value heads x 64, "
+    "two packed documents, fp32, blockwise (512 keys) per block"
+  )
+  print(
+    f"{'length':>9}{'context':>8}  {'method':<10}{'wall s':>9}{'critical s':>11}"
+    f"{'critical blocks':>16}"
+  )
+  cache = {}
+  for seq_len in args.lengths:
+    for context in args.contexts:
+      for method in args.attention:
+        wall = time_attention_op(seq_len, context, method, args.iters)
+        crit = critical_seconds(seq_len, context, method, args.iters, cache)
+        blocks = critical_blocks(seq_len, context, method)
+        print(
+          f"{seq_len:>9}{context:>8}  {method:<10}{wall:>9.2f}{crit:>11.2f}{blocks:>16.2f}",
+          flush=True,
+        )
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072, 262144, 1048576])
   parser.add_argument("--contexts", type=int, nargs="+", default=[1, 2, 4, 8])
-  parser.add_argument("--attention", nargs="+", default=["ring"], choices=["ring", "allgather"])
+  parser.add_argument(
+    "--attention", nargs="+", default=[CONTEXT_ATTENTION[0]], choices=CONTEXT_ATTENTION
+  )
+  parser.add_argument("--attention_op", action="store_true", help="the attention op alone")
   parser.add_argument("--no_attention", action="store_true", help="the Mamba2 layers only")
   parser.add_argument("--chunk_size", type=int, default=256)
   parser.add_argument("--remat", default="none", choices=["none", "full", "dots"])
@@ -124,6 +247,9 @@ def main():
   args = parser.parse_args()
 
   print(environment())
+  if args.attention_op:
+    attention_op_table(args)
+    return
   layers = "3 Mamba2 layers" if args.no_attention else "4 layers MMAM"
   print(
     f"tiny model ({layers}, d_model 32, fp32, chunk {args.chunk_size}, remat {args.remat}): "

@@ -28,8 +28,8 @@ platforms include the backend, else ``xla``):
 
 The kernels run per shard in `jax.shard_map` under `sharding.activate`
 (`hybridna_jax.kernels.sharded`). Where the mesh's context axis splits the
-sequence, attention crosses it by ring or all-gather instead (see
-`causal_attention`).
+sequence, attention crosses it by a load-balanced ring, a ring or an
+all-gather instead (see `causal_attention`).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ import jax
 from hybridna_jax.attention_reference import decode_attention as decode_attention
 from hybridna_jax.attention_reference import xla_attention as xla_attention
 from hybridna_jax.attention_reference import xla_blockwise_attention as xla_blockwise_attention
+from hybridna_jax.config import CONTEXT_ATTENTION
 from hybridna_jax.kernel_registry import Kernel, KernelRegistry
 from hybridna_jax.kernels import sharded
 
@@ -77,12 +78,12 @@ def causal_attention(
   segment_ids: Array | None = None,
   *,
   impl: str = "auto",
-  context: str = "ring",
+  context: str = CONTEXT_ATTENTION[0],
 ) -> Array:
   """Causal GQA self-attention; returns (b, l, hq, d) in q.dtype.
 
-  On a mesh whose context axis splits the sequence, `context` ("ring" or
-  "allgather") says how keys and values cross it, and each block runs the
+  On a mesh whose context axis splits the sequence, `context` ("ring",
+  "zigzag" or "allgather") says how keys and values cross it, and each block runs the
   XLA online softmax whatever `impl` is (`sharded.context_attention`)."""
   b, l, hq, d = q.shape
   if k.shape != v.shape or k.shape[:2] != (b, l) or k.shape[3] != d:

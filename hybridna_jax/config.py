@@ -57,8 +57,9 @@ __all__ = [
 ]
 
 
-# How attention crosses the mesh's context axis (hybridna_jax.kernels.sharded).
-CONTEXT_ATTENTION = ("ring", "allgather")
+# How attention crosses the mesh's context axis (hybridna_jax.kernels.sharded);
+# the first is the default (the fastest measured, benchmarks/RESULTS.md).
+CONTEXT_ATTENTION = ("zigzag", "ring", "allgather")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,8 +109,10 @@ class ModelConfig(Section):
   ssd_impl: str = "auto"  # auto | chunked | sequential | pallas
   attention_impl: str = "auto"  # auto | xla | xla_blockwise | xla_causal | kernels...
   # How attention crosses the mesh's context axis (config.mesh.context > 1):
-  # "ring" passes key/value slices around it, "allgather" gathers them all.
-  context_attention: str = "ring"
+  # "ring" passes key/value slices around it; "zigzag" does too, with the
+  # causal work balanced over the devices (hybridna_jax.kernels.sharded);
+  # "allgather" gathers them all.
+  context_attention: str = CONTEXT_ATTENTION[0]
   # Parameter layout, not architecture: True runs the stack as one
   # `nnx.scan` over blocks of attn_period layers (params stacked per
   # position in the block), so compile time stops growing with depth. Only

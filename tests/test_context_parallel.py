@@ -1,6 +1,6 @@
 """Context parallelism on 8 fake CPU devices: one sequence split over the
 mesh's context axis computes what one device does -- the SSD core (state
-passing), the causal conv (halo), attention (ring and all-gather) and the
+passing), the causal conv (halo), attention (ring, all-gather, zigzag) and the
 whole model's loss and every parameter gradient -- with packed documents
 crossing the slice boundaries."""
 
@@ -18,7 +18,7 @@ from conftest import LAMBDA_FASTA
 from flax import nnx
 
 from hybridna_jax import attention, generate, restore, scoring, sharding, ssd, tokenizer
-from hybridna_jax.config import ModelConfig, load_config
+from hybridna_jax.config import CONTEXT_ATTENTION, ModelConfig, load_config
 from hybridna_jax.data import fasta
 from hybridna_jax.kernels.sharded import shard_causal_conv
 from hybridna_jax.layers.mamba2 import causal_conv
@@ -105,8 +105,9 @@ def test_conv_halo_matches_one_device():
   np.testing.assert_allclose(sharded(u[:, :60], seg[:, :60]), ref[:, :60], rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["ring", "allgather"])
-@pytest.mark.parametrize("length", [128, 120])  # 120: padded to a multiple of 8
+@pytest.mark.parametrize("method", CONTEXT_ATTENTION)
+# 118: padded to a multiple of 4 (of 8 for zigzag's two chunks per slice)
+@pytest.mark.parametrize("length", [128, 118])
 def test_context_attention_matches_reference(method, length):
   keys = jax.random.split(jax.random.key(2), 3)
   b, hq, hkv, d = 2, 4, 2, 8
@@ -125,10 +126,12 @@ def test_context_attention_matches_reference(method, length):
     return jax.device_get(fn(q, k, v))
 
   (_, ref_out), ref_grads = run(None)
-  (_, out), grads = run(_context_mesh(4, data=2))
-  np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
-  for name, a, b_ in zip("qkv", grads, ref_grads):
-    np.testing.assert_allclose(a, b_, rtol=1e-4, atol=1e-5, err_msg=name)
+  meshes = [_context_mesh(4, data=2)] + [_context_mesh(8)] * (length == 128)
+  for mesh in meshes:
+    (_, out), grads = run(mesh)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
+    for name, a, b_ in zip("qkv", grads, ref_grads):
+      np.testing.assert_allclose(a, b_, rtol=1e-4, atol=1e-5, err_msg=name)
 
 
 def _lm_batch(b=2, l=256, seed=0):
@@ -146,6 +149,8 @@ def _lm_batch(b=2, l=256, seed=0):
   ids=["context8", "data2-context4", "fsdp2-context2-tensor2"],
 )
 def test_model_loss_and_gradients_match_one_device(axes):
+  """With the default context attention (zigzag); the other methods' forward
+  and gradients are checked op by op above."""
   batch = _lm_batch(b=4)
   params = nnx.state(create_model(TINY), nnx.Param)
   graphdef = nnx.graphdef(abstract_model(TINY))

@@ -173,13 +173,26 @@ def test_train_iterator_shuffles_epochs_and_resumes_from_its_state():
   resumed.set_state(state)
   for want in expected:
     np.testing.assert_array_equal(next(resumed)["inputs"], want)
-  # Two hosts split one global stream.
-  host0 = design.train_batches(examples, seq_len=8, batch_size=5, seed=3, shard_count=2)
-  host1 = design.train_batches(
-    examples, seq_len=8, batch_size=5, seed=3, shard_index=1, shard_count=2
-  )
-  merged = np.stack([next(host0)["inputs"][:, 1], next(host1)["inputs"][:, 1]], 1).reshape(-1)
-  np.testing.assert_array_equal(merged, epoch)
+  # Processes holding rows 0-1 and 2-4 of each global batch, and the columns
+  # [0, 4) or [4, 8) of each row (a context axis across processes), load
+  # their parts of the same batches.
+  one = design.train_batches(examples, seq_len=8, batch_size=5, seed=3)
+  whole = [next(one) for _ in range(2)]
+  for rows in ([0, 1], [2, 3, 4]):
+    for columns in ((0, 4), (4, 8)):
+      part = design.train_batches(
+        examples, seq_len=8, batch_size=5, seed=3, rows=rows, columns=columns
+      )
+      for want in whole:
+        got = next(part)
+        for key, value in want.items():
+          np.testing.assert_array_equal(got[key], value[rows, columns[0] : columns[1]], key)
+  evals = design.eval_batches(examples, seq_len=8, batch_size=4)  # 10 examples + 2 empty rows
+  parts = design.eval_batches(examples, seq_len=8, batch_size=4, rows=[1, 3], columns=(4, 8))
+  assert len(parts) == len(evals) == 3
+  for got, want in zip(parts, evals):
+    for key, value in want.items():
+      np.testing.assert_array_equal(got[key], value[[1, 3], 4:8], key)
   dropped = design.train_batches(examples, seq_len=8, batch_size=10, seed=3, label_dropout=0.5)
   firsts = next(dropped)["inputs"][:, 1]
   assert 0 < np.sum(firsts < 10) < 10  # some rows start with DNA, not a label

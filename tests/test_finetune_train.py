@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hybridna_jax import tokenizer
+from hybridna_jax import sharding, tokenizer
 from hybridna_jax.config import ModelConfig, load_config
 from hybridna_jax.finetune import baselines as baselines_lib
 from hybridna_jax.finetune import example_tasks
@@ -155,27 +155,36 @@ def test_pretrained_frozen_backbone_with_rc_echo_on_8_devices(motif_task, tmp_pa
   assert np.abs(np.asarray(finetuned.model.head.kernel[...])).max() > 0  # the head trained
 
 
-def test_train_iterator_shuffles_shards_and_restores(motif_task):
+def test_train_iterator_shuffles_lays_out_rows_and_restores(motif_task):
   task = task_lib.FinetuneTask(_config(motif_task, rc_augment=0.5))
   stage = task.stages()[0]
   assert stage.seq_len == 80 and stage.steps == 80 and stage.batch_size == 32  # 2*32+1 -> 80
   n = len(task.tokens["train"])
 
+  def iterator(seed, rows=range(32)):  # a process holding `rows` of each global batch
+    layout = sharding.BatchLayout(32, stage.seq_len, np.asarray(rows), (0, stage.seq_len))
+    return task.layout_iterator(stage, layout, seed)
+
   def indices(it, batches):
     return np.concatenate([next(it)["index"] for _ in range(batches)])
 
-  epoch = indices(task.train_iterator(stage, 32, seed=5), 2 * n // 32)
+  epoch = indices(iterator(5), 2 * n // 32)
   np.testing.assert_array_equal(np.sort(epoch[:n]), np.arange(n))  # every example once
   np.testing.assert_array_equal(np.sort(epoch[n:]), np.arange(n))
   assert not np.array_equal(epoch[:n], epoch[n:])  # reshuffled
-  assert not np.array_equal(epoch[:n], indices(task.train_iterator(stage, 32, seed=6), n // 32))
+  assert not np.array_equal(epoch[:n], indices(iterator(6), n // 32))
+  # Processes holding rows 0-7 and 8-31 load the rows of the same global batches.
+  halves = [indices(iterator(5, rows), 2) for rows in (range(8), range(8, 32))]
+  np.testing.assert_array_equal(
+    np.concatenate([halves[0][:8], halves[1][:24], halves[0][8:], halves[1][24:]]), epoch[:64]
+  )
 
-  it = task.train_iterator(stage, 8, seed=5)
+  it = iterator(5, range(8))
   for _ in range(3):
     next(it)
   state = it.get_state()
   expected = [next(it) for _ in range(2)]
-  resumed = task.train_iterator(stage, 8, seed=5)
+  resumed = iterator(5, range(8))
   resumed.set_state(state)
   for want in expected:
     got = next(resumed)

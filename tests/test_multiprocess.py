@@ -52,6 +52,8 @@ def _env(devices: int):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env.update(
     JAX_PLATFORMS="cpu",
+    # This tree's package, not another checkout's installed in the venv.
+    PYTHONPATH=os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p),
     PYTHONUNBUFFERED="1",
     XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
   )
@@ -169,3 +171,50 @@ def test_context_axis_across_processes_matches_one_process_and_resumes(lambda_st
   assert sorted(resumed) == [3, 4, 5]
   for step in resumed:
     np.testing.assert_allclose(resumed[step], want[step], rtol=1e-5, err_msg=f"step {step}")
+
+
+@pytest.mark.slow
+def test_finetune_with_context_axis_across_processes_matches_one_process(tmp_path):
+  # Fine-tuning lays its batches out like pretraining: with (context=2,
+  # tensor=2) over 2 processes both processes load every row of a global
+  # batch of 3 (not divisible by the process count) and of the eval batches.
+  from hybridna_jax.finetune import example_tasks  # pylint: disable=g-import-not-at-top
+
+  task = example_tasks.make_motif_task(
+    str(tmp_path / "motif"), n_train=24, n_dev=10, n_test=10, min_length=8, max_length=12, seed=0
+  )
+
+  def command(workdir):
+    return lambda extra: [
+      sys.executable,
+      os.path.join(ROOT, "launch", "finetune.py"),
+      f"--config={os.path.join(ROOT, 'configs', 'finetune_tiny.py')}",
+      f"--task={task}",
+      f"--workdir={workdir}",
+      "--config.finetune.steps=2",
+      "--config.finetune.batch_size=3",
+      "--config.finetune.eval_batch_size=4",
+      "--config.finetune.eval_every_epochs=0",
+      "--config.finetune.baselines=False",
+      "--config.train.log_every=1",
+      "--config.train.eval_every=0",
+      "--config.train.async_checkpoints=False",
+      "--config.mesh.fsdp=1",
+      "--config.mesh.context=2",
+      "--config.mesh.tensor=2",
+      *extra,
+    ]
+
+  single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
+  subprocess.run(command(single)([]), env=_env(4), check=True, capture_output=True, timeout=600)
+  outputs = _run_two(command(multi))
+  for out in outputs:  # whole rows: fine-tuning's batches have no sequence keys
+    assert "loads rows [0, 1, 2] and columns [0, 32) of each 3 x 32 batch" in out
+  want, got = _losses(single), _losses(multi)
+  assert sorted(got) == sorted(want) == [1, 2]
+  for step in want:
+    np.testing.assert_allclose(got[step], want[step], rtol=1e-5, err_msg=f"step {step}")
+  results = [json.load(open(os.path.join(w, "results.json"))) for w in (single, multi)]
+  for split in ("dev", "test"):
+    for key, value in results[0][split].items():
+      np.testing.assert_allclose(results[1][split][key], value, rtol=1e-5, err_msg=key)

@@ -200,12 +200,17 @@ class _RowBuilder(grain.transforms.Map):
     )
 
 
+def _batch_columns(batch: dict[str, np.ndarray], columns) -> dict[str, np.ndarray]:
+  """Positions [start, stop) of every (R, L) array (all without columns)."""
+  return batch if columns is None else {k: v[:, columns[0] : columns[1]] for k, v in batch.items()}
+
+
 class _MakeBatch(grain.transforms.Map):
-  def __init__(self, mask_n_in_loss: bool):
-    self.mask_n_in_loss = mask_n_in_loss
+  def __init__(self, mask_n_in_loss: bool, columns: tuple[int, int] | None):
+    self.mask_n_in_loss, self.columns = mask_n_in_loss, columns
 
   def map(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-    return lm_batch(rows, mask_n_in_loss=self.mask_n_in_loss)
+    return _batch_columns(lm_batch(rows, mask_n_in_loss=self.mask_n_in_loss), self.columns)
 
 
 def train_batches(
@@ -217,21 +222,25 @@ def train_batches(
   rc_prob: float = 0.0,
   label_dropout: float = 0.0,
   mask_n_in_loss: bool = False,
-  shard_index: int = 0,
-  shard_count: int = 1,
+  rows: Sequence[int] | None = None,
+  columns: tuple[int, int] | None = None,
 ) -> grain.DatasetIterator:
-  """An infinite, checkpointable iterator of shuffled LM batches (B rows of
-  seq_len inputs). Host h of H takes stream positions h, h + H, ..., so the
-  global stream does not depend on the host count."""
+  """An infinite, checkpointable iterator of shuffled LM batches of seq_len
+  inputs. Global batch t holds stream positions t * B ... t * B + B - 1
+  (B = batch_size), as pretraining's (`pipeline.train_batches`): with `rows`
+  (`sharding.BatchLayout.rows`) this process gets only those rows of each,
+  with `columns` only positions [start, stop) of each row; the global
+  stream does not depend on the layout."""
   if not len(examples):
     raise ValueError("no training examples.")
-  ds = pipeline.host_positions(shard_index, shard_count).map(
+  rows = range(batch_size) if rows is None else rows
+  ds = pipeline.layout_positions(rows, batch_size).map(
     _ExampleSampler(len(examples), seed, rc_prob, label_dropout)
   )
   ds = ds.map(_RowBuilder(examples, seq_len + 1))
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=2 * batch_size))
-  it = it.batch(batch_size, drop_remainder=True, batch_fn=np.stack)
-  return iter(it.map(_MakeBatch(mask_n_in_loss)))
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=2 * len(rows)))
+  it = it.batch(len(rows), drop_remainder=True, batch_fn=np.stack)
+  return iter(it.map(_MakeBatch(mask_n_in_loss, columns)))
 
 
 def eval_batches(
@@ -239,21 +248,29 @@ def eval_batches(
   *,
   seq_len: int,
   batch_size: int,
-  shard_index: int = 0,
-  shard_count: int = 1,
+  rows: Sequence[int] | None = None,
+  columns: tuple[int, int] | None = None,
   label_shift: int = 0,
   vocab: PromptVocab | None = None,
   mask_n_in_loss: bool = False,
 ) -> list[dict[str, np.ndarray]]:
-  """Every example once (host h takes examples h, h + H, ...), in full
-  batches padded with empty rows; every host gets the same number.
+  """Every example once, in global batches of batch_size rows (batch t holds
+  examples t * B ...), the last padded with empty rows; with `rows` and
+  `columns` (a `sharding.BatchLayout`) this process's part of each, as
+  `train_batches`.
 
   label_shift > 0 replaces each label by the one `label_shift` places on
   (cyclically) in its condition: the "wrong label" control of `evaluate`.
   """
-  ids = pipeline.host_eval_rows(len(examples), batch_size, shard_index, shard_count).reshape(-1)
-  rows = np.full((ids.size, seq_len + 1), tok.PAD, np.int32)
-  for r, i in enumerate(ids[ids >= 0]):
+  ids = pipeline.host_eval_rows(len(examples), batch_size)
+  if rows is not None:
+    ids = ids[:, np.asarray(rows)]
+  host_batch = ids.shape[1]
+  ids = ids.reshape(-1)
+  tokens = np.full((ids.size, seq_len + 1), tok.PAD, np.int32)
+  for r, i in enumerate(ids):
+    if i < 0:
+      continue
     labels = examples.label_tokens[i]
     if label_shift:
       labels = np.array(
@@ -263,10 +280,10 @@ def eval_batches(
         ],
         np.int32,
       )
-    rows[r] = example_row(labels, examples.sequences[i], seq_len + 1)
+    tokens[r] = example_row(labels, examples.sequences[i], seq_len + 1)
   return [
-    lm_batch(rows[s : s + batch_size], mask_n_in_loss=mask_n_in_loss)
-    for s in range(0, ids.size, batch_size)
+    _batch_columns(lm_batch(tokens[s : s + host_batch], mask_n_in_loss=mask_n_in_loss), columns)
+    for s in range(0, ids.size, host_batch)
   ]
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 
-import jax
 from absl import logging
 
 from hybridna_jax import restore
@@ -44,6 +43,9 @@ class GenerativeFinetuning(loop.Task):
   """
 
   selection = ("bits_per_nt", "min")
+  # Laid out like pretraining's batches: each process loads its rows, and of
+  # them its columns where the context axis spans processes.
+  sequence_keys = step_lib.LM_BATCH_KEYS
 
   def __init__(self, config):
     super().__init__(config)
@@ -100,18 +102,18 @@ class GenerativeFinetuning(loop.Task):
   def loss(self, model, batch):
     return step_lib.lm_loss(model, batch)
 
-  def train_iterator(self, stage, batch_size, seed):
+  def layout_iterator(self, stage, layout, seed):
     g = self.config.generate
     return train_batches(
       self.train_examples,
       seq_len=stage.seq_len,
-      batch_size=batch_size,
+      batch_size=stage.batch_size,
       seed=seed,
       rc_prob=float(g.reverse_complement_prob),
       label_dropout=float(g.label_dropout),
       mask_n_in_loss=self.mask_n,
-      shard_index=jax.process_index(),
-      shard_count=jax.process_count(),
+      rows=layout.rows,
+      columns=layout.columns,
     )
 
   def evaluate(self, fns, params, stage):

@@ -264,7 +264,9 @@ class FinetuneTask(loop.Task):
       return labels.astype(np.int32)
     return ((labels - self.label_mean) / self.label_std).astype(np.float32)
 
-  def train_iterator(self, stage, batch_size, seed):
+  def layout_iterator(self, stage, layout, seed):
+    """This process's rows `layout.rows` of every global batch (stream
+    positions t * B + row, as pretraining), whole rows (no sequence keys)."""
     examples = _TrainExamples(
       self.tokens["train"],
       self._labels("train"),
@@ -274,25 +276,28 @@ class FinetuneTask(loop.Task):
       seed,
       float(self.config.finetune.rc_augment),
     )
-    ds = pipeline.host_positions(jax.process_index(), jax.process_count())
-    ds = ds.map(examples).batch(batch_size, drop_remainder=True)
+    rows = len(layout.rows)
+    ds = pipeline.layout_positions(layout.rows, stage.batch_size)
+    ds = ds.map(examples).batch(rows, drop_remainder=True)
     options = grain.ReadOptions(
-      num_threads=int(self.config.data.read_threads), prefetch_buffer_size=2 * batch_size
+      num_threads=int(self.config.data.read_threads), prefetch_buffer_size=2 * rows
     )
     return iter(ds.to_iter_dataset(options))
 
-  def _eval_batches(self, split: str, mesh):
-    """This host's eval batches of `split`: rows h, h + H, ... (H hosts); every
-    host yields the same number of batches, filled with weight-0 rows."""
-    hosts, host = jax.process_count(), jax.process_index()
-    data_devices = sharding.batch_shards(mesh)
-    multiple = math.lcm(data_devices, hosts)
-    global_batch = -(-int(self.config.finetune.eval_batch_size) // multiple) * multiple
-    per_host = global_batch // hosts
+  def _eval_layout(self, mesh) -> sharding.BatchLayout:
+    """This process's layout of the eval batches: finetune.eval_batch_size
+    rows rounded up to a multiple of data x fsdp."""
+    shards = sharding.batch_shards(mesh)
+    global_batch = -(-int(self.config.finetune.eval_batch_size) // shards) * shards
+    return sharding.batch_layout(mesh, global_batch, self.width)
+
+  def _eval_batches(self, split: str, layout: sharding.BatchLayout):
+    """This process's rows of the eval batches of `split` (global batch t holds
+    examples t * B ...), the last filled with weight-0 rows."""
     tokens, labels = self.tokens[split], self._labels(split)
-    for ids in pipeline.host_eval_rows(len(tokens), per_host, host, hosts):
+    for ids in pipeline.host_eval_rows(len(tokens), layout.batch_size)[:, layout.rows]:
       rows = ids[ids >= 0]
-      fill = per_host - len(rows)
+      fill = len(ids) - len(rows)
       batch = echo_lib.build_batch(
         [tokens[i] for i in rows] + [tokens[0]] * fill,
         self.width,
@@ -310,16 +315,18 @@ class FinetuneTask(loop.Task):
     n = len(self.tokens[split])
     outputs = None
     start = last_report = time.perf_counter()
-    for done, batch in enumerate(self._eval_batches(split, fns.mesh)):
+    layout = self._eval_layout(fns.mesh)
+    for done, batch in enumerate(self._eval_batches(split, layout)):
       if time.perf_counter() - last_report > 30:  # long splits show progress
         last_report = time.perf_counter()
         logging.info(
           "predicting %s: %d rows in %.0f s",
           split,
-          done * len(batch["index"]) * jax.process_count(),
+          done * layout.batch_size,
           last_report - start,
         )
-      out = fns.apply(params, step_lib.device_batch(batch, fns.batch_sharding, fns.batch_keys))
+      placed = step_lib.device_batch(batch, fns.batch_sharding, fns.batch_keys, layout=layout)
+      out = fns.apply(params, placed)
       if jax.process_count() > 1:
         out = multihost_utils.process_allgather(out, tiled=True)
       out = jax.tree.map(np.asarray, jax.device_get(out))

@@ -18,8 +18,14 @@ device does:
 * The depthwise causal conv (`shard_causal_conv`): each shard takes its
   left halo (d_conv - 1 inputs and their segment ids) from the previous one.
 * Attention (`context_attention`): "ring" passes key/value slices around the
-  axis with an online softmax, skipping slices after the query slice; or
-  "allgather" gathers all keys and values. Both compute each block with the
+  axis with an online softmax, skipping slices after the query slice (so the
+  last slice, which sees every key, does a whole block at each step while
+  the first idles); "zigzag" passes them the same way but balances the
+  causal work: inside the layer shard i holds the half-slice chunks i and
+  2N-1-i of queries and keys (q, k, v permuted in and the output back, once
+  each; the rest of the model keeps contiguous slices, which the SSD's
+  state passing needs), so every shard does half a block per step; "allgather" gathers
+  all keys and values. All compute each block with the
   XLA online softmax of `attention_reference` (flash-style backward, memory
   linear in the slice), merging partial results by their log-sum-exp; the
   per-device kernels return no log-sum-exp, so they cannot be merged.
@@ -258,6 +264,17 @@ def shard_attention(kernel: Callable) -> Callable:
   return wrapped
 
 
+def _around_ring(kv, axis: str, shards: int):
+  """Yields (source shard, its `kv`) for each of the `shards` ring steps: the
+  own slice first, then the previous shard's, and so on (each step passes
+  every shard's current `kv` to the next shard)."""
+  index = jax.lax.axis_index(axis)
+  for step in range(shards):
+    yield (index - step) % shards, kv
+    if step < shards - 1:
+      kv = jax.lax.ppermute(kv, axis, [(i, (i + 1) % shards) for i in range(shards)])
+
+
 def _ring_attention(q, k, v, seg, axis: str, shards: int, block: int):
   """Query slice i against key slices i, i-1, ..., 0 as they pass around the
   ring (slices after i are all masked and skipped); (out, lse) as
@@ -266,9 +283,7 @@ def _ring_attention(q, k, v, seg, axis: str, shards: int, block: int):
   b, lq, hq, d = q.shape
   q_pos = index * lq + jnp.arange(lq)
   merged = attention_reference.no_keys(b, lq, hq, d)
-  kv = (k, v, seg)
-  for step in range(shards):
-    source = (index - step) % shards
+  for source, kv in _around_ring((k, v, seg), axis, shards):
 
     def attend(merged, kv=kv, source=source):
       kb, vb, segb = kv
@@ -279,9 +294,104 @@ def _ring_attention(q, k, v, seg, axis: str, shards: int, block: int):
       return attention_reference.merge_partials(merged, part)
 
     merged = jax.lax.cond(source <= index, attend, lambda merged: merged, merged)
-    if step < shards - 1:
-      kv = jax.lax.ppermute(kv, axis, [(i, (i + 1) % shards) for i in range(shards)])
   return merged
+
+
+# Zigzag: the sequence is cut into 2N chunks of half a slice; shard i holds
+# contiguous chunks 2i, 2i+1 everywhere else (the SSD needs them in order),
+# and chunks i and 2N-1-i inside the attention, so every shard has one early
+# and one late chunk and equal causal work.
+
+
+def _zigzag_home(chunk: int, shards: int) -> int:
+  """The shard that holds `chunk` (of 2 * shards) in the zigzag layout."""
+  return chunk if chunk < shards else 2 * shards - 1 - chunk
+
+
+def _to_zigzag(tree, axis: str, shards: int):
+  """Per shard: arrays (b, lq, ...) holding chunks 2i, 2i+1 -> chunks i,
+  2N-1-i (two collective permutes of half a slice)."""
+  even = jax.lax.axis_index(axis) % 2 == 0
+  home = functools.partial(_zigzag_home, shards=shards)
+
+  def move(x):
+    h = x.shape[1] // 2
+    first = jax.lax.ppermute(x[:, :h], axis, [(i, home(2 * i)) for i in range(shards)])
+    second = jax.lax.ppermute(x[:, h:], axis, [(i, home(2 * i + 1)) for i in range(shards)])
+    # `first` is the even one of chunks i, 2N-1-i: chunk i when i is even.
+    return jnp.where(even, jnp.concatenate([first, second], 1), jnp.concatenate([second, first], 1))
+
+  return jax.tree.map(move, tree)
+
+
+def _from_zigzag(tree, axis: str, shards: int):
+  """The inverse of `_to_zigzag`."""
+  even = jax.lax.axis_index(axis) % 2 == 0
+  home = functools.partial(_zigzag_home, shards=shards)
+
+  def move(x):
+    h = x.shape[1] // 2
+    early, late = x[:, :h], x[:, h:]
+    first = jax.lax.ppermute(
+      jnp.where(even, early, late), axis, [(home(2 * i), i) for i in range(shards)]
+    )
+    second = jax.lax.ppermute(
+      jnp.where(even, late, early), axis, [(home(2 * i + 1), i) for i in range(shards)]
+    )
+    return jnp.concatenate([first, second], 1)
+
+  return jax.tree.map(move, tree)
+
+
+def _zigzag_attention(q, k, v, seg, axis: str, shards: int, block: int):
+  """The ring with balanced causal work: inside the layer each shard holds
+  query/key chunks i and 2N-1-i (`_to_zigzag`), and every ring step costs
+  each shard half a slice-by-slice block -- from an earlier shard, all its
+  queries against that shard's early key chunk (its late chunk follows both
+  query chunks); from a later shard, its late query chunk against both key
+  chunks (its early query chunk precedes both) -- instead of the plain
+  ring's critical path of a whole block at every step on the last shard.
+  Per shard, in the contiguous layout: q (b, lq, hq, d), k and v (b, lq,
+  hkv, d), seg (b, lq) with lq even -> (out (b, lq, hq, d), lse (b, lq, hq))
+  fp32, as `_ring_attention`."""
+  q, k, v, seg = _to_zigzag((q, k, v, seg), axis, shards)
+  index = jax.lax.axis_index(axis)
+  b, lq, hq, d = q.shape
+  h = lq // 2
+
+  def positions(i):  # global positions of shard i's chunks i, 2N-1-i
+    return jnp.concatenate([i * h + jnp.arange(h), (2 * shards - 1 - i) * h + jnp.arange(h)])
+
+  q_pos = positions(index)
+
+  def attend(qs, ks, kb, vb, segb, k_pos):
+    """Queries `qs` (a slice of the chunks) against keys `ks`."""
+    return attention_reference.blockwise_attention_lse(
+      q[:, qs], kb[:, ks], vb[:, ks], q_pos[qs], k_pos[ks], seg[:, qs], segb[:, ks], block=block
+    )
+
+  def late_only(part):  # a partial of the late query chunk, for all queries
+    out, lse = attention_reference.no_keys(b, h, hq, d)
+    return jnp.concatenate([out, part[0]], 1), jnp.concatenate([lse, part[1]], 1)
+
+  every, early, late = slice(None), slice(None, h), slice(h, None)
+  merged = None
+  for source, (kb, vb, segb) in _around_ring((k, v, seg), axis, shards):
+    k_pos = positions(source)
+    if merged is None:  # own chunks: chunk i never sees chunk 2N-1-i
+      merged = attention_reference.merge_partials(
+        attend(every, early, kb, vb, segb, k_pos),
+        late_only(attend(late, late, kb, vb, segb, k_pos)),
+      )
+      continue
+    part = jax.lax.cond(
+      source < index,
+      lambda kv, k_pos=k_pos: attend(every, early, *kv, k_pos),
+      lambda kv, k_pos=k_pos: late_only(attend(late, every, *kv, k_pos)),
+      (kb, vb, segb),
+    )
+    merged = attention_reference.merge_partials(merged, part)
+  return _from_zigzag(merged, axis, shards)
 
 
 def _allgather_attention(q, k, v, seg, axis: str, shards: int, block: int):
@@ -297,26 +407,32 @@ def _allgather_attention(q, k, v, seg, axis: str, shards: int, block: int):
   )
 
 
-def context_attention(q, k, v, segment_ids=None, *, method: str = "ring", block: int = 512):
+_METHODS = {"ring": _ring_attention, "allgather": _allgather_attention, "zigzag": _zigzag_attention}
+assert set(_METHODS) == set(CONTEXT_ATTENTION)
+
+
+def context_attention(
+  q, k, v, segment_ids=None, *, method: str = CONTEXT_ATTENTION[0], block: int = 512
+):
   """Causal GQA attention with the length split over the active mesh's
-  context axis (`method` "ring" or "allgather"); q (b, l, hq, d), k and v
+  context axis (`method` in config.CONTEXT_ATTENTION); q (b, l, hq, d), k and v
   (b, l, hkv, d), segment_ids (b, l) or None -> (b, l, hq, d) in q.dtype.
-  The length is padded to a multiple of the context size (padded positions
-  form their own segment, after every real one)."""
+  The length is padded to a multiple of the context size (twice it for
+  "zigzag"; padded positions form their own segment, after every real one)."""
   if method not in CONTEXT_ATTENTION:
     raise ValueError(f"context attention {method!r}: choose one of {CONTEXT_ATTENTION}.")
   mesh = _active_mesh()
   n = sharding.context_shards(mesh)
   b, l = q.shape[:2]
   seg = jnp.zeros((b, l), jnp.int32) if segment_ids is None else segment_ids
-  pad = (-l) % n
+  pad = (-l) % (2 * n if method == "zigzag" else n)  # zigzag: slices of two chunks
   if pad:
     q, k, v = (jnp.pad(a, [(0, 0), (0, pad), (0, 0), (0, 0)]) for a in (q, k, v))
     seg = jnp.pad(seg, [(0, 0), (0, pad)], constant_values=-1)
   bs, hs = _axes(mesh, b, (q.shape[2], k.shape[2]))
   axis = sharding.CONTEXT_AXIS
   spec = P(bs, axis, hs, None)
-  attend = _ring_attention if method == "ring" else _allgather_attention
+  attend = _METHODS[method]
 
   def body(q, k, v, seg):
     out, _ = attend(q, k, v, seg, axis, n, block)

@@ -105,16 +105,6 @@ def _check_batch(stage: Stage, mesh, grad_accum: int) -> sharding.BatchLayout:
   return sharding.batch_layout(mesh, stage.batch_size, stage.seq_len)
 
 
-def _per_host_batch(stage: Stage) -> int:
-  """Rows per host for tasks that split rows by process (`Task.train_iterator`)."""
-  if stage.batch_size % jax.process_count():
-    raise ValueError(
-      f"config.train.stages[{stage.index}]: global batch {stage.batch_size} is not divisible "
-      f"by the number of processes ({jax.process_count()}), which this task's data needs."
-    )
-  return stage.batch_size // jax.process_count()
-
-
 class _Preemption:
   """SIGTERM and SIGINT (Ctrl-C) set a flag; the loop saves a checkpoint and
   exits after the step that is running (a compile included), or at once
@@ -230,41 +220,29 @@ def lm_eval(
   train_cfg,
   stage: Stage,
   make_batches: Callable[..., Iterable[dict]],
-  by_layout: bool = False,
 ) -> dict:
   """LM metrics (`lm_metrics`) over this host's evaluation batches.
 
   Rows have train.eval_seq_len tokens (0: the stage's); at most
-  train.eval_batches run (0: all). With by_layout, make_batches(seq_len=,
-  batch_size=, rows=, columns=) gives this host's part of global batches of
+  train.eval_batches run (0: all). make_batches(seq_len=, batch_size=,
+  rows=, columns=) gives this host's part of global batches of
   train.eval_batch_size rows (rounded up to a multiple of data x fsdp), laid
-  out like the training batches (`sharding.BatchLayout`); without,
-  make_batches(seq_len=, batch_size=, shard_index=, shard_count=) gives
-  train.eval_batch_size / process count rows per host.
+  out like the training batches (`sharding.BatchLayout`).
   """
   seq_len = int(train_cfg.eval_seq_len) or stage.seq_len
-  if by_layout:
-    shards = sharding.batch_shards(fns.mesh)
-    context = sharding.context_shards(fns.mesh)
-    if seq_len % context:
-      raise ValueError(
-        f"config.train.eval_seq_len: {seq_len} is not divisible by config.mesh.context="
-        f"{context}; set it to a multiple."
-      )
-    batch = -(-max(1, int(train_cfg.eval_batch_size)) // shards) * shards
-    layout = sharding.batch_layout(fns.mesh, batch, seq_len)
-    batches = make_batches(
-      seq_len=seq_len, batch_size=batch, rows=layout.rows, columns=layout.columns
+  shards = sharding.batch_shards(fns.mesh)
+  context = sharding.context_shards(fns.mesh)
+  if seq_len % context:
+    raise ValueError(
+      f"config.train.eval_seq_len: {seq_len} is not divisible by config.mesh.context="
+      f"{context}; set it to a multiple."
     )
-    return lm_metrics(sum_eval_steps(fns, params, batches, int(train_cfg.eval_batches), layout))
-  per_host = max(1, int(train_cfg.eval_batch_size) // jax.process_count())
+  batch = -(-max(1, int(train_cfg.eval_batch_size)) // shards) * shards
+  layout = sharding.batch_layout(fns.mesh, batch, seq_len)
   batches = make_batches(
-    seq_len=seq_len,
-    batch_size=per_host,
-    shard_index=jax.process_index(),
-    shard_count=jax.process_count(),
+    seq_len=seq_len, batch_size=batch, rows=layout.rows, columns=layout.columns
   )
-  return lm_metrics(sum_eval_steps(fns, params, batches, int(train_cfg.eval_batches)))
+  return lm_metrics(sum_eval_steps(fns, params, batches, int(train_cfg.eval_batches), layout))
 
 
 def lm_metrics(totals: dict) -> dict:
@@ -316,18 +294,11 @@ class Task:
   def optimizer(self, total_steps: int):
     return optimizer_lib.make_optimizer(self.config.train, total_steps)
 
-  def train_iterator(self, stage: Stage, batch_size: int, seed: int):
-    """A checkpointable iterator of this host's batches (batch_size rows, an
-    equal share of the global batch per process); used when `layout_iterator`
-    gives None."""
-    raise NotImplementedError
-
   def layout_iterator(self, stage: Stage, layout: sharding.BatchLayout, seed: int):
     """A checkpointable iterator of this host's part of the global batches:
     rows `layout.rows`, and of the `sequence_keys` only `layout.columns`
-    (see `step.device_batch`); None: the task splits rows by process
-    (`train_iterator`)."""
-    return None
+    (see `step.device_batch`)."""
+    raise NotImplementedError
 
   def evaluate(self, fns: step_lib.StepFunctions, params, stage: Stage) -> dict:
     raise NotImplementedError
@@ -365,16 +336,6 @@ class LMPretraining(Task):
   def loss(self, model, batch):
     return step_lib.lm_loss(model, batch)
 
-  def train_iterator(self, stage, batch_size, seed):
-    return pipeline.train_batches(
-      self.config.data,
-      seq_len=stage.seq_len,
-      batch_size=batch_size,
-      seed=seed,
-      shard_index=jax.process_index(),
-      shard_count=jax.process_count(),
-    )
-
   def layout_iterator(self, stage, layout, seed):
     return pipeline.train_batches(
       self.config.data,
@@ -410,7 +371,6 @@ class LMPretraining(Task):
       self.config.train,
       stage,
       functools.partial(pipeline.eval_batches, self.config.data),
-      by_layout=True,
     )
 
   def flops_per_token(self, seq_len: int) -> float:
@@ -514,22 +474,20 @@ def _train(config, workdir: str, task: Task | None, preemption: _Preemption) -> 
 
   def make_iterator(stage: Stage):
     """(iterator, layout): this host's batches of the stage and their
-    `BatchLayout` (None: an equal share of the rows per process)."""
+    `BatchLayout`."""
     layout = _check_batch(stage, mesh, tc.grad_accum)
     seed = tc.seed * 1000 + stage.index
     it = task.layout_iterator(stage, layout, seed)
-    if it is not None:
-      logging.info(
-        "process %d/%d loads rows %s and columns [%d, %d) of each %d x %d batch",
-        jax.process_index(),
-        jax.process_count(),
-        layout.rows.tolist(),
-        *layout.columns,
-        stage.batch_size,
-        stage.seq_len,
-      )
-      return it, layout
-    return task.train_iterator(stage, _per_host_batch(stage), seed=seed), None
+    logging.info(
+      "process %d/%d loads rows %s and columns [%d, %d) of each %d x %d batch",
+      jax.process_index(),
+      jax.process_count(),
+      layout.rows.tolist(),
+      *(layout.columns if task.sequence_keys else (0, stage.seq_len)),  # else whole rows
+      stage.batch_size,
+      stage.seq_len,
+    )
+    return it, layout
 
   # -- start or resume -----------------------------------------------------
   # Nothing is written to the workdir before the checks and the restore
