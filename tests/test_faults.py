@@ -253,6 +253,9 @@ def test_signal_saves_and_stops_within_one_step(base_run, tmp_path, monkeypatch,
   cfg.train.stages, cfg.train.checkpoint_every = ((32, 6, 4),), 2
   workdir = str(tmp_path / "run")
   real_task_steps = loop.task_steps
+  # The run restores the handlers it found (SIG_IGN for SIGINT under nohup or a
+  # background shell job, the default handler otherwise).
+  sigint_before = signal.getsignal(signal.SIGINT)
 
   def task_steps(*args, **kwargs):
     fns = real_task_steps(*args, **kwargs)
@@ -276,8 +279,8 @@ def test_signal_saves_and_stops_within_one_step(base_run, tmp_path, monkeypatch,
   expected = {"compiling": 1, "mid-step": 3, "checkpoint save": 2}[point]
   assert summary["stopped"] == "preempted" and summary["steps"] == expected
   assert _steps_of(workdir)[-1] == expected
-  # The handlers are gone again: SIGINT is Python's default once more.
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  # The handlers are gone again: SIGINT is handled as before the run.
+  assert signal.getsignal(signal.SIGINT) is sigint_before
 
 
 class _StuckIterator:
