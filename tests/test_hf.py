@@ -103,8 +103,11 @@ def test_bf16_checkpoint(tmp_path):
     assert f.get_slice("model.embed_tokens.weight").get_dtype() == "BF16"
   model, _, _ = restore.load(str(tmp_path), dtype="bfloat16")
   assert model.embed[...].dtype == jnp.bfloat16
+  # bf16 activations cannot match fp32 math closely (transformers' own bf16
+  # forward is 0.10 away here): ours may be as far as that, with a margin.
+  torch_bf16 = _torch_logits(ref, ids)
   expected = _torch_logits(ref.float(), ids)  # the same bf16 weights, fp32 math
-  assert _rel(_ours(model, ids), expected) <= 5e-2
+  assert _rel(_ours(model, ids), expected) <= max(5e-2, 1.25 * _rel(torch_bf16, expected))
 
 
 @pytest.mark.parametrize("rope", [False, True])
