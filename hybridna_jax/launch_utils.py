@@ -15,6 +15,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from hybridna_jax import config as config_lib
+from hybridna_jax import paths
 
 FLAGS = flags.FLAGS
 
@@ -172,7 +173,7 @@ class _LibraryInfoFilter(logging_std.Filter):
 def local_output(path: str, flag: str) -> str:
   """`path` for an output flag whose writers need a local file; a URL (e.g.
   the default under a gs:// --workdir) is refused in one line naming `flag`."""
-  if "://" in path:
+  if paths.is_url(path):
     raise ValueError(
       f"{flag}={path}: this output is written to local files; pass a local path in {flag}."
     )

@@ -44,6 +44,7 @@ import numpy as np
 from absl import logging
 
 from hybridna_jax import tokenizer
+from hybridna_jax.paths import is_url
 
 FORMAT = "hybridna-token-store"
 VERSION = 1
@@ -57,12 +58,6 @@ ZARR_CACHE_BYTES = 256 << 20  # the process-wide tensorstore chunk cache
 
 class StoreError(ValueError):
   """A missing, incomplete or inconsistent token store."""
-
-
-def is_url(path: str | os.PathLike) -> bool:
-  """Whether `path` names a tensorstore kvstore URL (file://, gs://, s3://,
-  http(s)://) rather than a local directory."""
-  return "://" in os.fspath(path)
 
 
 _CONTEXT = None
