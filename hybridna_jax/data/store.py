@@ -44,7 +44,7 @@ import numpy as np
 from absl import logging
 
 from hybridna_jax import tokenizer
-from hybridna_jax.paths import is_url
+from hybridna_jax.paths import is_url, scheme
 
 FORMAT = "hybridna-token-store"
 VERSION = 1
@@ -839,7 +839,7 @@ def open_writer(path: str | os.PathLike, *, overwrite: bool = False) -> TokenSto
   path = os.fspath(path)
   if not is_url(path):
     return TokenStoreWriter(path, overwrite=overwrite)
-  if path.split("://", 1)[0].lower() in ("http", "https"):
+  if scheme(path) in ("http", "https"):
     raise StoreError(
       f"data.store_dir={path}: http(s):// is read-only; prepare to a local path or a "
       "file://, gs:// or s3:// URL."
