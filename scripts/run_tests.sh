@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Sets up a virtual environment (if needed) and runs the test suite on CPU.
 # Usage: bash scripts/run_tests.sh [pytest args...]
+# Test files run in parallel on PYTEST_WORKERS processes (default 2, the
+# CI machine's cores; 0 runs them in this process).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -13,4 +15,4 @@ fi
 "$VENV/bin/ruff" check --quiet .
 "$VENV/bin/ruff" format --check --quiet .
 export JAX_PLATFORMS=cpu
-exec "$VENV/bin/python" -m pytest -q "$@"
+exec "$VENV/bin/python" -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist=loadfile "$@"

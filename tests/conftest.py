@@ -1,5 +1,5 @@
 """Test set-up: 8 fake CPU devices (sharding tests), fp32 matmuls on CPU,
-and a per-session compilation cache.
+and a per-session compilation cache (shared by pytest-xdist's workers).
 
 Many tests build the same jitted programs afresh (a model init, a train step
 for the same config); XLA's CPU compiles take seconds each, so the session
@@ -18,8 +18,12 @@ if "xla_force_host_platform_device_count" not in _flags:
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
-_CACHE = tempfile.TemporaryDirectory(prefix="hybridna-jax-test-cache-")
-jax.config.update("jax_compilation_cache_dir", _CACHE.name)
+# One cache for the session: pytest-xdist's workers inherit the directory
+# the controller made (and removes at exit) through the environment.
+if "HYBRIDNA_TEST_CACHE_DIR" not in os.environ:
+  _CACHE = tempfile.TemporaryDirectory(prefix="hybridna-jax-test-cache-")
+  os.environ["HYBRIDNA_TEST_CACHE_DIR"] = _CACHE.name
+jax.config.update("jax_compilation_cache_dir", os.environ["HYBRIDNA_TEST_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 

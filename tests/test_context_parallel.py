@@ -182,7 +182,12 @@ MESHES = {  # launcher flags: one device, and 4 slices x 2 rows on 8 fake device
 def _launch(program: str, *args: str) -> None:
   """Runs launch/<program> with the tiny config on 8 fake CPU devices."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env.update(
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    # This tree's package, not another checkout's installed in the venv.
+    PYTHONPATH=os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p),
+  )
   command = [
     sys.executable,
     os.path.join(ROOT, "launch", program),
