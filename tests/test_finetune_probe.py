@@ -83,3 +83,23 @@ def test_finetune_with_probe_writes_results_and_baselines(gc_task, tmp_path):
   table = open(os.path.join(workdir, "results.md")).read()
   assert "chosen on dev mcc; backbone: fresh init" in table
   assert "linear probe: mean, token embeddings" in table and results["verdict"]["text"] in table
+
+
+def test_probe_of_echo_views_equals_one_probe_per_pooling(gc_task, tmp_path):
+  # Four probes from two passes per sequence: each as its own probe() call.
+  cfg = load_config("configs/finetune_tiny.py:probe")
+  cfg.finetune.task = gc_task
+  cfg.finetune.baselines = False
+  cfg.score.layer = 1
+  data = datasets.load_task(gc_task, log=False)
+  found = probe.run_probe_echo_views(cfg, str(tmp_path / "views"), data)
+  assert sorted(found) == sorted(probe.ECHO_VIEWS)
+  scorer, _ = probe.probe_scorer(cfg, data, "echo")
+  for view, (pooling, rc_average) in probe.ECHO_VIEWS.items():
+    one = probe.probe(scorer, data, pooling=pooling, layer=1, rc_average=rc_average)
+    assert found[view]["embedding"] == one["embedding"]
+    assert found[view]["settings"]["c"] == one["settings"]["c"]
+    for split in ("dev", "test"):
+      np.testing.assert_allclose(found[view][split]["mcc"], one[split]["mcc"], atol=1e-6)
+    saved = json.load(open(tmp_path / "views" / view / "results.json"))
+    assert saved["test"]["mcc"] == pytest.approx(found[view]["test"]["mcc"])

@@ -167,6 +167,26 @@ def test_embeddings_match_hidden_states(model, scorer, genome):
     scorer.embed(seqs, layer=3)
 
 
+def test_echo_views_match_each_pooling(scorer, genome):
+  # One echo pass per strand gives what four embed calls give; an N in the
+  # first copy is left out of the plain mean as embed(pooling="mean") does.
+  seqs = [genome[2000:2030], genome[3000:3017].copy()]
+  seqs[1][5] = tokenizer.encode("N")[0]
+  views = scorer.embed_echo_views(seqs, layer=1)
+  calls = {
+    "echo": dict(pooling="echo"),
+    "echo_rc": dict(pooling="echo", rc_average=True),
+    "plain_mean": dict(pooling="mean"),
+    "plain_mean_rc": dict(pooling="mean", rc_average=True),
+  }
+  assert sorted(views) == sorted(calls)
+  for name, kwargs in calls.items():
+    want = scorer.embed(seqs, layer=1, **kwargs)
+    np.testing.assert_allclose(views[name], want, rtol=1e-5, atol=1e-5, err_msg=name)
+  with pytest.raises(ValueError, match="raise score.context to at least"):
+    scorer.embed_echo_views([genome[:40]])  # 2 x 40 + 2 > the context of 64
+
+
 def test_echo_rows_read_by_echo_embeddings():
   tokens = [np.array([5, 6, 7], np.int32), np.array([8, 9], np.int32)]
   batch = echo_lib.build_batch(tokens, 9, echo=True)

@@ -18,6 +18,11 @@ and a linear model is fitted on train: L2 logistic regression
 (classification) or ridge (regression) on standardised features, its
 strength chosen on dev among `STRENGTHS` by the headline metric, reported
 on test with the metrics of fine-tuning (`finetune.metrics`).
+
+`probe_echo_views` / `run_probe_echo_views` fit four probes (echo,
+RC-averaged echo, plain mean, RC-averaged plain mean) from one echo pass
+per strand (`Scorer.embed_echo_views`): the comparison of embedding modes
+in benchmarks/finetune_modes.py.
 """
 
 from __future__ import annotations
@@ -86,6 +91,28 @@ def probe_label(pooling: str, layer: int, rc_average: bool) -> str:
   return f"linear probe: {pooling}, {where}{', RC-averaged' if rc_average else ''}"
 
 
+def _results(data: datasets.TaskData, features: dict[str, np.ndarray], label: str, settings):
+  """Fits the probe on `features` (split -> (n_split, f)); the results dict."""
+  fit = fit_probe(features, data)
+  model = "logistic regression" if data.kind == "classification" else "ridge"
+  return {
+    "task": data.name,
+    "kind": data.kind,
+    "embedding": label,
+    "selection": f"{model} C={fit['c']:g} chosen on dev {HEADLINE[data.kind]}",
+    "dev": fit["dev"],
+    "test": fit["test"],
+    "data": data.summary(),
+    "settings": {
+      **settings,
+      "features": int(features["train"].shape[1]),
+      "model": f"sklearn {model} on standardised embeddings",
+      "c": fit["c"],
+      "dev_by_c": fit["dev_by_c"],
+    },
+  }
+
+
 def probe(
   scorer, data: datasets.TaskData, *, pooling: str = "echo", layer: int = -1, rc_average=False
 ) -> dict:
@@ -93,57 +120,71 @@ def probe(
   "task", "kind", "embedding", "dev", "test" and "settings"."""
   start = time.perf_counter()
   features = embed_splits(scorer, data, pooling=pooling, layer=layer, rc_average=rc_average)
-  embed_s = time.perf_counter() - start
-  fit = fit_probe(features, data)
-  model = "logistic regression" if data.kind == "classification" else "ridge"
-  return {
-    "task": data.name,
-    "kind": data.kind,
-    "embedding": probe_label(pooling, layer, rc_average),
-    "selection": f"{model} C={fit['c']:g} chosen on dev {HEADLINE[data.kind]}",
-    "dev": fit["dev"],
-    "test": fit["test"],
-    "data": data.summary(),
-    "settings": {
+  settings = {
+    "pooling": pooling,
+    "layer": layer,
+    "rc_average": rc_average,
+    "context": scorer.context,
+    "embed_seconds": round(time.perf_counter() - start, 2),
+  }
+  return _results(data, features, probe_label(pooling, layer, rc_average), settings)
+
+
+# Scorer.embed_echo_views -> (pooling, rc_average) of the same embedding.
+ECHO_VIEWS = {
+  "echo": ("echo", False),
+  "echo_rc": ("echo", True),
+  "plain_mean": ("mean", False),
+  "plain_mean_rc": ("mean", True),
+}
+
+
+def probe_echo_views(scorer, data: datasets.TaskData, *, layer: int = -1) -> dict[str, dict]:
+  """The probe on each of the four embeddings of `Scorer.embed_echo_views`
+  (echo, RC-averaged echo, plain mean, RC-averaged plain mean), from one
+  echo pass per strand instead of six passes: view -> results dict, as
+  `probe` with that view's pooling and rc_average would return."""
+  start = time.perf_counter()
+  by_split = {
+    split: scorer.embed_echo_views(data.splits[split].sequences, layer=layer)
+    for split in ("train", *baselines_lib.EVAL_SPLITS)
+  }
+  embed_s = round(time.perf_counter() - start, 2)
+  out = {}
+  for view, (pooling, rc_average) in ECHO_VIEWS.items():
+    settings = {
       "pooling": pooling,
       "layer": layer,
       "rc_average": rc_average,
       "context": scorer.context,
-      "features": int(features["train"].shape[1]),
-      "model": f"sklearn {model} on standardised embeddings",
-      "c": fit["c"],
-      "dev_by_c": fit["dev_by_c"],
-      "embed_seconds": round(embed_s, 2),
-    },
-  }
+      "embed_seconds": embed_s,
+      "embedded_with": "Scorer.embed_echo_views (all four views)",
+    }
+    features = {split: views[view] for split, views in by_split.items()}
+    out[view] = _results(data, features, probe_label(pooling, layer, rc_average), settings)
+  return out
 
 
 def probe_context(data: datasets.TaskData, pooling: str, max_seq_len: int) -> int:
-  """The smallest power of two holding the longest sequence (echo: twice
-  it plus <sep>), at most the model's max_seq_len."""
+  """The smallest multiple of 64 holding the longest sequence (echo: twice
+  it plus <sep>; the even round-up leaves room for <bos>), at most the
+  model's max_seq_len. Not a power of two: 300-nt echo rows pad to 640,
+  not 1,024."""
   longest = max(len(s) for split in data.splits.values() for s in split.sequences)
-  need = 2 * longest + 1 if pooling == "echo" else longest
-  return int(min(max_seq_len, 2 ** math.ceil(math.log2(max(need, 2)))))
+  need = 2 * longest + 1 if pooling == "echo" else longest + 1
+  return int(min(max_seq_len, 64 * math.ceil(need / 64)))
 
 
-def run_probe(config, workdir: str, data: datasets.TaskData | None = None) -> dict:
-  """launch/finetune.py with finetune.probe: restores finetune.pretrained
-  (or initialises config.model), probes with the score section's pooling,
-  layer and rc_average (score.context 0: `probe_context`), adds the
-  baselines, and writes results.json / results.md / baselines.png.
-
-  Returns:
-    {"results": the results dict}.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-
+def probe_scorer(config, data: datasets.TaskData, pooling: str):
+  """The Scorer of a probe run and a description of its backbone: restores
+  finetune.pretrained (or initialises config.model); score.context 0 means
+  `probe_context`."""
   from hybridna_jax import restore  # pylint: disable=g-import-not-at-top
   from hybridna_jax.config import ModelConfig, ScoreConfig  # pylint: disable=g-import-not-at-top
   from hybridna_jax.model import create_model  # pylint: disable=g-import-not-at-top
   from hybridna_jax.scoring import Scorer  # pylint: disable=g-import-not-at-top
 
   fc = config.finetune
-  data = data or datasets.load_config_task(fc)
   if fc.pretrained:
     model, _, _ = restore.load(str(fc.pretrained), which=str(fc.pretrained_which))
     backbone = f"{fc.pretrained} ({fc.pretrained_which})"
@@ -151,7 +192,7 @@ def run_probe(config, workdir: str, data: datasets.TaskData | None = None) -> di
     model = create_model(ModelConfig.from_config(config.model), seed=int(config.train.seed))
     backbone = "fresh init"
   sc = ScoreConfig.of(config)
-  context = sc.context or probe_context(data, sc.pooling, model.cfg.max_seq_len)
+  context = sc.context or probe_context(data, pooling, model.cfg.max_seq_len)
   scorer = Scorer(
     model,
     context=context,
@@ -159,14 +200,59 @@ def run_probe(config, workdir: str, data: datasets.TaskData | None = None) -> di
     min_bucket=min(sc.min_bucket, context),
     add_bos=sc.add_bos,
   )
+  return scorer, backbone
+
+
+def _write(config, workdir: str, results: dict, data: datasets.TaskData) -> None:
+  """Baselines (finetune.baselines) and results.json / .md / baselines.png,
+  on process 0."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if jax.process_index() != 0:
+    return
+  if config.finetune.baselines:
+    baselines_lib.attach(results, data)
+  os.makedirs(workdir, exist_ok=True)
+  results["files"] = report.write_results(workdir, results)
+  logging.info(
+    "%s\n%s", report.metrics_table(report.result_rows(results)), results.get("verdict", {})
+  )
+
+
+def run_probe(config, workdir: str, data: datasets.TaskData | None = None) -> dict:
+  """launch/finetune.py with finetune.probe: probes the `probe_scorer`
+  backbone with the score section's pooling, layer and rc_average, adds
+  the baselines, and writes results.json / results.md / baselines.png.
+
+  Returns:
+    {"results": the results dict}.
+  """
+  from hybridna_jax.config import ScoreConfig  # pylint: disable=g-import-not-at-top
+
+  data = data or datasets.load_config_task(config.finetune)
+  sc = ScoreConfig.of(config)
+  scorer, backbone = probe_scorer(config, data, sc.pooling)
   results = probe(scorer, data, pooling=sc.pooling, layer=sc.layer, rc_average=sc.rc_average)
   results["backbone"] = backbone
-  if jax.process_index() == 0:
-    if fc.baselines:
-      baselines_lib.attach(results, data)
-    os.makedirs(workdir, exist_ok=True)
-    results["files"] = report.write_results(workdir, results)
-    logging.info(
-      "%s\n%s", report.metrics_table(report.result_rows(results)), results.get("verdict", {})
-    )
+  _write(config, workdir, results, data)
   return {"results": results}
+
+
+def run_probe_echo_views(
+  config, workdir: str, data: datasets.TaskData | None = None
+) -> dict[str, dict]:
+  """`run_probe` for the four `ECHO_VIEWS` at once (score.layer; the
+  pooling fields are not read): each view's files go to <workdir>/<view>.
+
+  Returns:
+    view -> results dict.
+  """
+  from hybridna_jax.config import ScoreConfig  # pylint: disable=g-import-not-at-top
+
+  data = data or datasets.load_config_task(config.finetune)
+  scorer, backbone = probe_scorer(config, data, "echo")
+  found = probe_echo_views(scorer, data, layer=ScoreConfig.of(config).layer)
+  for view, results in found.items():
+    results["backbone"] = backbone
+    _write(config, os.path.join(workdir, view), results, data)
+  return found

@@ -177,21 +177,34 @@ def plot_curves(jsonl_path: str, out_path: str, headline: str, title: str) -> st
   return plotting.save(fig, out_path)
 
 
-def plot_suite(rows: list[dict], out_path: str) -> str:
-  """Grouped bars: the headline metric of every task, the model on dev and
-  test and each baseline (rows with another "system") on test."""
+def plot_suite(
+  rows: list[dict],
+  out_path: str,
+  series: list[tuple[str, str, str]] | None = None,
+  title: str = "HybriDNA-JAX fine-tuning: selected on dev, reported on test",
+) -> str:
+  """Grouped bars of the headline metric of every task.
+
+  `series`: (system, split, label) per bar colour. Default: the model on
+  dev and test, then each baseline (rows with another "system") on test.
+  """
   plt = plotting.pyplot()
   tasks = list(dict.fromkeys(r["task"] for r in rows))
-  series = [("model", "dev", "model dev", "tab:gray"), ("model", "test", "model test", "tab:blue")]
-  baseline_colors = ("tab:orange", "tab:green", "tab:purple", "tab:brown")
-  for i, system in enumerate(dict.fromkeys(r.get("system", "model") for r in rows)):
-    if system != "model":
-      label = next(r["embedding"] for r in rows if r.get("system") == system)
-      series.append((system, "test", label, baseline_colors[i % len(baseline_colors)]))
-  fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(series) * len(tasks) + 2), 4.5), dpi=120)
+  if series is None:
+    series = [("model", "dev", "model dev"), ("model", "test", "model test")]
+    for system in dict.fromkeys(r.get("system", "model") for r in rows):
+      if system != "model":
+        label = next(r["embedding"] for r in rows if r.get("system") == system)
+        series.append((system, "test", label))
+  colors = plt.get_cmap("tab10" if len(series) <= 10 else "tab20").colors
+  bars_total = len(series) * len(tasks)
+  # Values are written on the bars while they stay legible.
+  annotate = bars_total <= 40
+  inches = max(6.0, (0.5 if annotate else 0.22) * bars_total + 2)
+  fig, ax = plt.subplots(figsize=(inches, 4.5), dpi=120)
   width = 0.8 / len(series)
   x = np.arange(len(tasks))
-  for j, (system, split, label, color) in enumerate(series):
+  for j, (system, split, label) in enumerate(series):
     values = []
     for task in tasks:
       row = next(
@@ -204,9 +217,9 @@ def plot_suite(rows: list[dict], out_path: str) -> str:
       )
       values.append(row.get(HEADLINE[row["kind"]], np.nan) if row else np.nan)
     offset = (j - (len(series) - 1) / 2) * width
-    bars = ax.bar(x + offset, values, width, label=label, color=color)
+    bars = ax.bar(x + offset, values, width, label=label, color=colors[j % len(colors)])
     for bar, value in zip(bars, values):
-      if np.isfinite(value):
+      if annotate and np.isfinite(value):
         ax.annotate(
           f"{value:.2f}",
           (bar.get_x() + bar.get_width() / 2, bar.get_height()),
@@ -221,6 +234,6 @@ def plot_suite(rows: list[dict], out_path: str) -> str:
   ax.set_ylabel(" / ".join(HEADLINE[k] for k in sorted(kinds)) + " (headline)")
   ax.set_xticks(x, tasks, rotation=30, ha="right", fontsize=8)
   ax.axhline(0, color="black", lw=0.5)
-  ax.legend(fontsize=7)
-  ax.set_title("HybriDNA-JAX fine-tuning: selected on dev, reported on test", fontsize=10)
+  ax.legend(fontsize=7, ncol=1 if len(series) <= 6 else 2)
+  ax.set_title(title, fontsize=10)
   return plotting.save(fig, out_path)

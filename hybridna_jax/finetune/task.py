@@ -497,7 +497,7 @@ def expand_suite(patterns: list[str]) -> list[str]:
   return paths
 
 
-def _suite_names(paths: list[str]) -> list[str]:
+def suite_names(paths: list[str]) -> list[str]:
   """Display names: each path relative to the paths' common parent."""
   absolute = [os.path.abspath(p) for p in paths]
   parent = os.path.commonpath(absolute) if len(absolute) > 1 else os.path.dirname(absolute[0])
@@ -512,7 +512,7 @@ def run_suite(config, patterns: list[str], workdir: str) -> list[dict]:
   an interrupted suite resumes; finished tasks are not re-run) and writes
   suite_results.json, suite_table.md and suite_scores.png."""
   paths = expand_suite(patterns)
-  names = _suite_names(paths)
+  names = suite_names(paths)
   rows, verdicts = [], []
   logging.info("suite of %d tasks: %s", len(paths), ", ".join(names))
   for i, (path, name) in enumerate(zip(paths, names)):

@@ -382,13 +382,13 @@ class Scorer:
     return pad(target_lp), pad(entropy), pad(correct)
 
   def _window_embeddings(self, state, tokens, weights, layer: int):
-    """tokens, weights (b, L) -> (b, d) fp32 weighted sums of the hidden
-    states of `layer` (-1: final-norm output)."""
+    """tokens (b, L), weights (b, L[, k]) -> (b[, k], d) fp32 weighted sums
+    of the hidden states of `layer` (-1: final-norm output)."""
     model = self._merged(state)
     with sharding.maybe_activate(self.mesh):
       out = model(tokens, return_logits=False, return_hidden_states=layer != -1)
     hidden = out.hidden if layer == -1 else out.hidden_states[layer]
-    return jnp.einsum("bl,bld->bd", weights, hidden.astype(jnp.float32))
+    return jnp.einsum("bl...,bld->b...d", weights, hidden.astype(jnp.float32))
 
   # -- batching --------------------------------------------------------------------------
 
@@ -411,7 +411,9 @@ class Scorer:
       for i in range(0, len(group), rows):
         chunk = group[i : i + rows]
         tokens = np.full((rows, size), tokenizer.PAD, np.int32)
-        weights = np.zeros((rows, size), np.float32)
+        # Pooling weights (rows, size), or (rows, size, k) for k poolings at once.
+        shape = next((j.weights.shape[1:] for j in chunk if j.weights is not None), ())
+        weights = np.zeros((rows, size, *shape), np.float32)
         for row, job in enumerate(chunk):
           window = (
             job.tokens
@@ -597,9 +599,7 @@ class Scorer:
     """
     if pooling not in POOLINGS:
       raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}.")
-    n_layers = self.model_config.n_layers
-    if not -1 <= layer <= n_layers:
-      raise ValueError(f"layer must be -1 (final norm) or in [0, {n_layers}], got {layer}.")
+    self._check_layer(layer)
     seqs, n = self._prepare(sequences, rc_average)
     jobs = []
     for i, seq in enumerate(seqs):
@@ -625,7 +625,62 @@ class Scorer:
     out = (sums / weights[:, None]).astype(np.float32)
     return (out[:n] + out[n:]) / 2 if rc_average else out
 
-  def _embedding_jobs(self, i: int, seq: _Sequence, pooling: str) -> list[_Job]:
+  def embed_echo_views(
+    self,
+    sequences: Iterable[SequenceLike],
+    *,
+    layer: int = -1,
+    progress: Progress | None = None,
+  ) -> dict[str, np.ndarray]:
+    """Four embeddings from one echo forward per strand, each (n, d_model)
+    float32: "echo" (as embed(pooling="echo")), "echo_rc" (the mean of
+    both strands' echo embeddings, as rc_average=True), "plain_mean" and
+    "plain_mean_rc". The first copy of [x, <sep>, x] is exactly the plain
+    input to a causal model, so its mean is embed(pooling="mean") at no
+    extra cost. Every sequence must fit one echo row of the context:
+    (context - 1 - <bos>) // 2 nucleotides.
+    """
+    self._check_layer(layer)
+    seqs, n = self._prepare(sequences, rc_average=True)
+    jobs = []
+    for i, seq in enumerate(seqs):
+      (job,) = self._embedding_jobs(i, seq, "echo", single_row=True)
+      first = np.zeros(len(job.tokens), np.float32)
+      body = slice(seq.offset, seq.offset + len(seq.tokens))
+      first[body] = tokenizer.is_nucleotide(job.tokens[body])
+      jobs.append(job._replace(weights=np.stack([job.weights, first], axis=1)))
+    sums = np.zeros((len(seqs), 2, self.model_config.d_model), np.float64)
+    counts = np.zeros((len(seqs), 2))
+
+    def call(arrays):
+      tokens, weights = self._put(arrays["tokens"]), self._put(arrays["weights"])
+      return (self._embed_fn(self.state, tokens, weights, layer=layer),)
+
+    def sink(job, rows):
+      sums[job.seq] += rows[0]
+      counts[job.seq] += job.weights.sum(axis=0)
+
+    self._run(jobs, seqs, call, sink, progress)
+    empty = np.flatnonzero((counts == 0).any(axis=1))
+    if empty.size:
+      raise ValueError(f"sequence {int(empty[0]) % n} has no nucleotide to embed.")
+    out = (sums / counts[..., None]).astype(np.float32)
+    both = (out[:n] + out[n:]) / 2
+    return {
+      "echo": out[:n, 0],
+      "echo_rc": both[:, 0],
+      "plain_mean": out[:n, 1],
+      "plain_mean_rc": both[:, 1],
+    }
+
+  def _check_layer(self, layer: int) -> None:
+    n_layers = self.model_config.n_layers
+    if not -1 <= layer <= n_layers:
+      raise ValueError(f"layer must be -1 (final norm) or in [0, {n_layers}], got {layer}.")
+
+  def _embedding_jobs(
+    self, i: int, seq: _Sequence, pooling: str, single_row: bool = False
+  ) -> list[_Job]:
     if seq.length - seq.offset == 0:
       raise ValueError(f"sequence {i} is empty.")
     if pooling == "last":
@@ -646,6 +701,11 @@ class Scorer:
     chunk = (self.context - 1 - seq.offset) // 2
     if chunk < 1:
       raise ValueError(f"context {self.context} is too short for echo embeddings.")
+    if single_row and len(seq.tokens) > chunk:
+      raise ValueError(
+        f"sequence {i} has {len(seq.tokens)} nt; one echo row of context {self.context} "
+        f"holds {chunk}: raise score.context to at least {2 * len(seq.tokens) + 1 + seq.offset}."
+      )
     jobs = []
     body = seq.tokens
     for start in range(0, len(body), chunk):
