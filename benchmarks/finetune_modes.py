@@ -20,7 +20,7 @@ linear probes on frozen embeddings of the final norm -- echo, RC-averaged
 echo, plain mean and RC-averaged plain mean, from one echo pass per strand
 (`probe.run_probe_echo_views`). Each (task, backbone, mode) runs in
 <workdir>/<task>/<backbone>_<mode> (resumable; finished runs are read
-back). The baselines (GC content, k-mer logistic regression) are fitted
+back). The baselines (GC content, k-mer and one-hot logistic regressions) are fitted
 once per task on the same splits; --max_examples caps the splits the same
 way for all.
 Written to <workdir>: modes_table.md (per task: every run and the
@@ -64,7 +64,7 @@ flags.DEFINE_list(
   ["echo", "rc_echo", "plain_mean", "plain_last"],
   "Config variants to compare (hybridna_jax/finetune/presets.py), "
   "each optionally with more variants joined by '+', e.g. echo+frozen; "
-  "probe: a linear probe on frozen embeddings.",
+  "probe: four linear probes on frozen embeddings (echo, RC-echo, plain mean, RC plain mean).",
 )
 flags.DEFINE_list(
   "backbones",
@@ -177,7 +177,7 @@ def _load(path: str, name: str) -> datasets.TaskData:
 def _baselines(data: datasets.TaskData, name: str) -> dict:
   """The task's baselines, fitted once and kept in <workdir>/<task>/baselines.json."""
   path = os.path.join(FLAGS.workdir, name, "baselines.json")
-  if os.path.exists(path):
+  if os.path.exists(path) and set(_read(path)) == set(baselines_lib.NAMES):
     return _read(path)
   found = baselines_lib.run_baselines(data)
   os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -271,7 +271,7 @@ def main(argv):
   os.makedirs(FLAGS.workdir, exist_ok=True)
   with open(os.path.join(FLAGS.workdir, "modes_table.md"), "w", encoding="utf-8") as f:
     f.write(table)
-  series = [(key, "test", baselines_lib.NAMES[key]) for key in ("gc", "kmer")]
+  series = [(key, "test", label) for key, label in baselines_lib.NAMES.items()]
   series += [(f"{b} {m}", "test", f"{m} ({b})") for b, m in columns]
   report.plot_suite(
     rows,

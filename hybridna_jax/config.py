@@ -410,7 +410,7 @@ class FinetuneConfig(Section):
   # Learning-rate warmup as a fraction of the steps (0 keeps
   # train.warmup_steps).
   warmup_fraction: float = 0.1
-  # Also fit the GC-content and k-mer baselines (finetune/baselines.py) on
+  # Also fit the GC-content, k-mer and one-hot baselines (finetune/baselines.py) on
   # the same train split and report them beside the model.
   baselines: bool = True
   # True: no training -- a linear probe (logistic regression / ridge) on

@@ -23,8 +23,9 @@ rc_echo_concat, mean, last, plain_mean, plain_last) and frozen / full
 fine-tuning; any field can be overridden, e.g.
 --config.finetune.pretrained=runs/demo --config.finetune.epochs=5.
 
-Every result carries its baselines (GC content and a k-mer logistic
-regression on the same train split) and says whether the model beats them.
+Every result carries its baselines (GC content, a k-mer and a
+per-position one-hot logistic regression on the same train split) and
+says whether the model beats them.
 The `probe` variant trains nothing: a linear probe on frozen embeddings
 (score.pooling mean | last | echo, score.layer, score.rc_average):
 

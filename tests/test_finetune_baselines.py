@@ -71,6 +71,37 @@ def test_gc_baseline_finds_gc_and_kmer_finds_a_motif():
   assert found["kmer"]["name"] == "6-mer logistic regression"
 
 
+def test_onehot_baseline_sees_where_a_motif_sits():
+  # Both classes hold GT once in random sequence: at the centre (label 1)
+  # or 8 nt to its left (label 0). Same composition, so k-mer frequencies
+  # cannot tell them apart; the per-position one-hot model can.
+  rng = np.random.default_rng(2)
+
+  def split(n):
+    labels = rng.integers(0, 2, n)
+    seqs = []
+    for y in labels:
+      seq = list(rng.choice(list("AC"), 41))  # no G or T: GT occurs once
+      at = 20 if y else 12
+      seq[at : at + 2] = "GT"
+      seqs.append("".join(seq))
+    return TaskSplit(seqs, labels)
+
+  task = _task({"train": split(300), "dev": split(100), "test": split(100)})
+  found = baselines.run_baselines(task, ks=(3,))
+  assert found["onehot"]["test"]["mcc"] > 0.9, found["onehot"]
+  assert found["kmer"]["test"]["mcc"] < 0.4, found["kmer"]
+  assert found["onehot"]["settings"]["length"] == 41
+  assert set(found["onehot"]["settings"]["dev_by_c"]) == {
+    str(c) for c in baselines.ONEHOT_STRENGTHS
+  }
+  x = baselines.onehot_features(["ACGTN", "ACGTACG"], 5)  # centred: cropped, padded
+  np.testing.assert_array_equal(x[0].reshape(5, 4).argmax(1)[:4], [0, 1, 2, 3])
+  assert x[0].reshape(5, 4)[4].sum() == 0  # N is all zero
+  np.testing.assert_array_equal(x[1].reshape(5, 4).argmax(1), [1, 2, 3, 0, 1])  # CGTAC
+  assert baselines.onehot_features(["AC"], 4).reshape(4, 4).sum(1).tolist() == [0, 1, 1, 0]
+
+
 def test_regression_baselines_and_a_class_missing_from_train():
   rng = np.random.default_rng(1)
 
@@ -142,6 +173,6 @@ def test_attach_baselines_on_a_loaded_task(tmp_path):
   data = datasets.load_task(folder, log=False)
   results = {"kind": "classification", "test": {"mcc": 0.0}}
   baselines.attach(results, data)
-  assert set(results["baselines"]) == {"gc", "kmer"}
+  assert set(results["baselines"]) == {"gc", "kmer", "onehot"}
   assert results["baselines"]["kmer"]["settings"]["k"] in baselines.KMER_SIZES
   assert results["verdict"]["beats"]["kmer"] is False  # an MCC of 0 beats nothing useful

@@ -77,7 +77,7 @@ def test_finetune_with_probe_writes_results_and_baselines(gc_task, tmp_path):
   workdir = str(tmp_path / "probe")
   results = task_lib.finetune(cfg, workdir)["results"]
   assert results["backbone"] == "fresh init" and results["test"]["mcc"] > 0.8
-  assert set(results["baselines"]) == {"gc", "kmer"}
+  assert set(results["baselines"]) == {"gc", "kmer", "onehot"}
   saved = json.load(open(os.path.join(workdir, "results.json")))
   assert saved["test"]["mcc"] == pytest.approx(results["test"]["mcc"])
   table = open(os.path.join(workdir, "results.md")).read()

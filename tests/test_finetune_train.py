@@ -87,7 +87,7 @@ def test_tiny_model_learns_a_planted_motif(motif_task, tmp_path, monkeypatch):
     table = f.read()
   assert "| motif" in table and "| mcc |" in table and "echo mean" in table
   # Baselines on the same splits, beside the model, with a plain verdict.
-  assert set(results["baselines"]) == {"gc", "kmer"}
+  assert set(results["baselines"]) == {"gc", "kmer", "onehot"}
   assert results["verdict"]["text"] in table and "baseline: GC content" in table
   assert os.path.getsize(os.path.join(workdir, "baselines.png")) > 10_000
   assert os.path.getsize(os.path.join(workdir, "finetune_curves.png")) > 10_000
@@ -250,14 +250,20 @@ def test_suite_writes_one_table(motif_task, tmp_path, monkeypatch):
   assert [(r["task"], r["system"], r["split"]) for r in rows] == [
     (task, system, split)
     for task in ("gue_like", "nt_like")
-    for system, split in (("model", "dev"), ("model", "test"), ("gc", "test"), ("kmer", "test"))
+    for system, split in (
+      ("model", "dev"),
+      ("model", "test"),
+      ("gc", "test"),
+      ("kmer", "test"),
+      ("onehot", "test"),
+    )
   ]
   assert all(r["mcc"] == pytest.approx(1.0) for r in rows if r["system"] == "model")
   table = open(tmp_path / "suite" / "suite_table.md").read()
-  assert table.count("| gue_like |") == 4 and table.count("| nt_like |") == 4
+  assert table.count("| gue_like |") == 5 and table.count("| nt_like |") == 5
   assert "- gue_like: The model (test MCC 1.0000) beats the GC content" in table
   assert os.path.getsize(tmp_path / "suite" / "suite_scores.png") > 10_000
-  assert len(json.load(open(tmp_path / "suite" / "suite_results.json"))) == 8
+  assert len(json.load(open(tmp_path / "suite" / "suite_results.json"))) == 10
   # Finished tasks are read back, not re-run.
   task_lib.run_suite(cfg, [str(tmp_path / "tasks" / "*")], str(tmp_path / "suite"))
   assert len(calls) == 2

@@ -1,18 +1,23 @@
 """Simple baselines trained beside every fine-tuning run, on the same splits.
 
-    found = run_baselines(data)              # {"gc": {...}, "kmer": {...}}
+    found = run_baselines(data)              # {"gc": {...}, "kmer": {...}, "onehot": {...}}
     verdict = compare(results["test"], found, data.kind)
     verdict["text"]   # "The model (test MCC 0.45) does not beat ..."
 
 DNA language models often lose to simple baselines, so each report carries
-two (fitted on train, selected on dev, reported on test, with the metrics of
+three (fitted on train, selected on dev, reported on test, with the metrics of
 `finetune.metrics`):
 
 * gc: the GC content of each sequence (one feature) -> logistic regression
   (classification) or linear regression (regression);
 * kmer: k-mer frequencies over both strands (4**k features, k-mers with N
   skipped), standardised -> L2 logistic regression (C=1) or ridge
-  (alpha=1); k is chosen among `KMER_SIZES` by the dev headline metric.
+  (alpha=1); k is chosen among `KMER_SIZES` by the dev headline metric;
+* onehot: the base at each position (a position weight matrix's view:
+  4 x length features, sequences centred in the longest training length)
+  -> L2 logistic regression or ridge, its strength chosen on dev among
+  `ONEHOT_STRENGTHS`. k-mer frequencies cannot see where a motif sits;
+  tasks whose signal is positional (splice sites) need this one.
 
 Classification outputs are log-probabilities (n, num_classes), so the
 model's metric code applies unchanged; a class missing from train gets
@@ -37,7 +42,13 @@ from hybridna_jax.design.metrics import gc_content
 from hybridna_jax.finetune import metrics as metrics_lib
 
 KMER_SIZES = (3, 4, 5, 6)
-NAMES = {"gc": "GC content", "kmer": "k-mer logistic regression"}
+ONEHOT_STRENGTHS = (1e-4, 1e-3, 1e-2, 1e-1)
+ONEHOT_MAX_LENGTH = 2048  # longer tasks are cropped around the centre
+NAMES = {
+  "gc": "GC content",
+  "kmer": "k-mer logistic regression",
+  "onehot": "one-hot (per-position) logistic regression",
+}
 EVAL_SPLITS = ("dev", "test")
 
 
@@ -55,6 +66,23 @@ def kmer_features(sequences: Sequence[str], k: int) -> np.ndarray:
       windows = windows[((windows >= 0) & (windows < 4)).all(axis=1)]
       out[row] += np.bincount(windows @ powers, minlength=4**k)
   return out / np.maximum(out.sum(axis=1, keepdims=True), 1.0)
+
+
+def onehot_features(sequences: Sequence[str], length: int) -> np.ndarray:
+  """float32 (n, 4 * length): the one-hot base (A C G T; N and padding all
+  zero) at each of `length` positions, each sequence centred in them
+  (cropped around its centre when longer, zero-padded on both sides when
+  shorter)."""
+  out = np.zeros((len(sequences), length, 4), np.float32)
+  for row, seq in enumerate(sequences):
+    t = tokenizer.encode(seq).astype(np.int64) - tokenizer.A  # A C G T -> 0..3
+    if t.size > length:
+      start = (t.size - length) // 2
+      t = t[start : start + length]
+    offset = (length - t.size) // 2
+    keep = (t >= 0) & (t < 4)
+    out[row, offset + np.flatnonzero(keep), t[keep]] = 1.0
+  return out.reshape(len(sequences), 4 * length)
 
 
 def gc_features(sequences: Sequence[str]) -> np.ndarray:
@@ -217,6 +245,42 @@ def kmer_baseline(data, ks: Sequence[int] = KMER_SIZES) -> dict:
   }
 
 
+def onehot_baseline(data, strengths: Sequence[float] = ONEHOT_STRENGTHS) -> dict:
+  """Per-position one-hot bases -> logistic regression / ridge, the
+  strength chosen on dev by the headline metric.
+
+  Returns:
+    {"name", "dev", "test", "settings": {"length", "c", "dev_by_c", ...}}.
+  """
+  length = min(ONEHOT_MAX_LENGTH, max(len(s) for s in data.splits["train"].sequences))
+  x = {s: onehot_features(data.splits[s].sequences, length) for s in ("train", *EVAL_SPLITS)}
+  headline = metrics_lib.HEADLINE[data.kind]
+  best, by_c = None, {}
+  for c in strengths:
+    outputs = fit_predict(
+      data.kind, x, data.splits["train"].labels, num_classes=_classes(data), c=c
+    )
+    found = {s: split_metrics(data.kind, data.splits[s].labels, outputs[s]) for s in EVAL_SPLITS}
+    score = found["dev"][headline]
+    by_c[str(c)] = score
+    score = score if np.isfinite(score) else -np.inf
+    if best is None or score > best[0]:
+      best = (score, c, found)
+  _, c, found = best
+  model = "logistic regression" if data.kind == "classification" else "ridge"
+  return {
+    "name": f"one-hot (per-position) {model}",
+    **found,
+    "settings": {
+      "length": length,
+      "c": c,
+      "dev_by_c": by_c,
+      "features": f"one-hot base at each of {length} centred positions",
+      "model": f"sklearn {model} on standardised features, C chosen on dev",
+    },
+  }
+
+
 def _classes(data) -> int:
   return data.num_classes if data.kind == "classification" else 0
 
@@ -228,8 +292,8 @@ def _model_name(kind: str, linear: bool = False) -> str:
 
 
 def run_baselines(data, ks: Sequence[int] = KMER_SIZES) -> dict[str, dict]:
-  """Both baselines on a `datasets.TaskData`: {"gc": ..., "kmer": ...}."""
-  return {"gc": gc_baseline(data), "kmer": kmer_baseline(data, ks)}
+  """Every baseline on a `datasets.TaskData`: {"gc", "kmer", "onehot"}."""
+  return {"gc": gc_baseline(data), "kmer": kmer_baseline(data, ks), "onehot": onehot_baseline(data)}
 
 
 def compare(model_test: dict, baselines: dict[str, dict], kind: str) -> dict:
