@@ -145,15 +145,14 @@ def _run(data: datasets.TaskData, name: str, mode: str, backbone: str) -> list[d
     if r["kind"] == "train" and "step_time_s" in r
   ]
   step_s = statistics.median(r["step_time_s"] for r in train) if train else float("nan")
-  stages = config.train.stages[0]
   return [
     {
       "results": results,
       "mode": mode,
       "backbone": backbone,
       "step_s": step_s,
-      "width": stages[0],
-      "schedule": f"{stages[1]} x {stages[2]}",
+      "width": results["settings"]["width"],
+      "schedule": f"{results['total_steps']} x {config.finetune.batch_size}",
       "wall_s": results.get("wall_s", float("nan")),
     }
   ]
