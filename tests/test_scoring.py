@@ -167,9 +167,11 @@ def test_embeddings_match_hidden_states(model, scorer, genome):
     scorer.embed(seqs, layer=3)
 
 
-def test_echo_views_match_each_pooling(scorer, genome):
+def test_echo_views_match_each_pooling(model, genome):
   # One echo pass per strand gives what four embed calls give; an N in the
   # first copy is left out of the plain mean as embed(pooling="mean") does.
+  # Its own scorer: the module's counts its traces (test_no_recompilation...).
+  scorer = scoring.Scorer(model, context=CONTEXT, stride=16, batch_size=4, min_bucket=16)
   seqs = [genome[2000:2030], genome[3000:3017].copy()]
   seqs[1][5] = tokenizer.encode("N")[0]
   views = scorer.embed_echo_views(seqs, layer=1)
