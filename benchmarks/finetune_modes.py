@@ -176,8 +176,9 @@ def _load(path: str, name: str) -> datasets.TaskData:
 def _baselines(data: datasets.TaskData, name: str) -> dict:
   """The task's baselines, fitted once and kept in <workdir>/<task>/baselines.json."""
   path = os.path.join(FLAGS.workdir, name, "baselines.json")
-  if os.path.exists(path) and set(_read(path)) == set(baselines_lib.NAMES):
-    return _read(path)
+  cached = _read(path) if os.path.exists(path) else {}
+  if set(cached) == set(baselines_lib.NAMES):
+    return cached
   found = baselines_lib.run_baselines(data)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w", encoding="utf-8") as f:

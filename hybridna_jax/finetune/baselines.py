@@ -162,6 +162,34 @@ def fit_predict(
   }
 
 
+def choose_strength(features: dict[str, np.ndarray], data, strengths: Sequence[float]) -> dict:
+  """Fits a logistic regression / ridge on features["train"] once per
+  inverse regularisation strength and keeps the best on the dev headline
+  metric (the first best wins ties).
+
+  Args:
+    features: split -> (n_split, f) features of train, dev and test.
+    data: the task (`datasets.TaskData`: labels, kind).
+
+  Returns:
+    {"dev", "test": metrics, "c": chosen strength, "dev_by_c": {str(c): dev headline}}.
+  """
+  headline = metrics_lib.HEADLINE[data.kind]
+  best, by_c = None, {}
+  for c in strengths:
+    outputs = fit_predict(
+      data.kind, features, data.splits["train"].labels, num_classes=_classes(data), c=c
+    )
+    found = {s: split_metrics(data.kind, data.splits[s].labels, outputs[s]) for s in EVAL_SPLITS}
+    score = found["dev"][headline]
+    by_c[str(c)] = score
+    score = score if np.isfinite(score) else -np.inf
+    if best is None or score > best[0]:
+      best = (score, c, found)
+  _, c, found = best
+  return {**found, "c": c, "dev_by_c": by_c}
+
+
 def choose_kmer(
   kind: str,
   train: tuple[Sequence[str], np.ndarray],
@@ -254,27 +282,16 @@ def onehot_baseline(data, strengths: Sequence[float] = ONEHOT_STRENGTHS) -> dict
   """
   length = min(ONEHOT_MAX_LENGTH, max(len(s) for s in data.splits["train"].sequences))
   x = {s: onehot_features(data.splits[s].sequences, length) for s in ("train", *EVAL_SPLITS)}
-  headline = metrics_lib.HEADLINE[data.kind]
-  best, by_c = None, {}
-  for c in strengths:
-    outputs = fit_predict(
-      data.kind, x, data.splits["train"].labels, num_classes=_classes(data), c=c
-    )
-    found = {s: split_metrics(data.kind, data.splits[s].labels, outputs[s]) for s in EVAL_SPLITS}
-    score = found["dev"][headline]
-    by_c[str(c)] = score
-    score = score if np.isfinite(score) else -np.inf
-    if best is None or score > best[0]:
-      best = (score, c, found)
-  _, c, found = best
+  fit = choose_strength(x, data, strengths)
   model = "logistic regression" if data.kind == "classification" else "ridge"
   return {
     "name": f"one-hot (per-position) {model}",
-    **found,
+    "dev": fit["dev"],
+    "test": fit["test"],
     "settings": {
       "length": length,
-      "c": c,
-      "dev_by_c": by_c,
+      "c": fit["c"],
+      "dev_by_c": fit["dev_by_c"],
       "features": f"one-hot base at each of {length} centred positions",
       "model": f"sklearn {model} on standardised features, C chosen on dev",
     },

@@ -66,24 +66,7 @@ def fit_probe(
   Returns:
     {"dev", "test": metrics, "c": chosen strength, "dev_by_c": {c: dev headline}}.
   """
-  headline = HEADLINE[data.kind]
-  classes = data.num_classes if data.kind == "classification" else 0
-  best, by_c = None, {}
-  for c in strengths:
-    outputs = baselines_lib.fit_predict(
-      data.kind, features, data.splits["train"].labels, num_classes=classes, c=c
-    )
-    found = {
-      s: baselines_lib.split_metrics(data.kind, data.splits[s].labels, outputs[s])
-      for s in baselines_lib.EVAL_SPLITS
-    }
-    score = found["dev"][headline]
-    by_c[str(c)] = score
-    score = score if math.isfinite(score) else -math.inf
-    if best is None or score > best[0]:
-      best = (score, c, found)
-  _, c, found = best
-  return {**found, "c": c, "dev_by_c": by_c}
+  return baselines_lib.choose_strength(features, data, strengths)
 
 
 def probe_label(pooling: str, layer: int, rc_average: bool) -> str:
