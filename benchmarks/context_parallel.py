@@ -139,9 +139,10 @@ def attention_inputs(lq: int, lk: int):
   return q, k, v
 
 
-def time_attention_op(seq_len: int, context: int, method: str, iters: int) -> float:
-  """Median seconds of forward + backward of the attention op on a mesh of
-  `context` fake devices."""
+def attention_op(seq_len: int, context: int, method: str, iters: int) -> tuple[float, float | None]:
+  """Per-device temporary MB (XLA's memory analysis) and the fewest seconds
+  (None when `iters` is 0) of forward + backward of the attention op on a
+  mesh of `context` fake devices."""
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:context], context=context)
   q, k, v = attention_inputs(seq_len, seq_len)
   seg = (jnp.arange(seq_len) >= seq_len // 3).astype(jnp.int32)[None]  # two documents
@@ -155,16 +156,17 @@ def time_attention_op(seq_len: int, context: int, method: str, iters: int) -> fl
 
     return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
-  return time_jitted(step, q, k, v, iters=iters)["min_s"]
+  temp_mb = step.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes / 2**20
+  if not iters:
+    return temp_mb, None
+  return temp_mb, time_jitted(step, q, k, v, iters=iters)["min_s"]
 
 
 def block_shapes(method: str, shards: int, lq: int) -> list[list[list[tuple[int, int]]]]:
   """(queries, keys) of the blocks that device i computes at ring step s,
   [s][i] -> list, as `hybridna_jax.kernels.sharded` schedules them."""
   h = lq // 2
-  if method == "allgather":  # one step: every key, the later ones masked
-    return [[[(lq, shards * lq)] for _ in range(shards)]]
-  if method == "ring":  # slice i sees slices i, i-1, ..., 0
+  if method in ("ring", "allgather"):  # slice i sees slices i, i-1, ..., 0
     return [[[(lq, lq)] if s <= i else [] for i in range(shards)] for s in range(shards)]
   assert method == "zigzag"
   steps = [[[(lq, h), (h, h)] for _ in range(shards)]]  # own chunks
@@ -215,18 +217,23 @@ def attention_op_table(args) -> None:
     "two packed documents, fp32, blockwise (512 keys) per block"
   )
   print(
-    f"{'length':>9}{'context':>8}  {'method':<10}{'wall s':>9}{'critical s':>11}"
+    f"{'length':>9}{'context':>8}  {'method':<10}{'temp MB':>10}{'wall s':>9}{'critical s':>11}"
     f"{'critical blocks':>16}"
   )
   cache = {}
   for seq_len in args.lengths:
     for context in args.contexts:
       for method in args.attention:
-        wall = time_attention_op(seq_len, context, method, args.iters)
-        crit = critical_seconds(seq_len, context, method, args.iters, cache)
+        timed = seq_len <= args.time_up_to
+        temp_mb, wall = attention_op(seq_len, context, method, args.iters if timed else 0)
         blocks = critical_blocks(seq_len, context, method)
+        if timed:
+          crit = critical_seconds(seq_len, context, method, args.iters, cache)
+          times = f"{wall:>9.2f}{crit:>11.2f}"
+        else:
+          times = f"{'-':>9}{'-':>11}"
         print(
-          f"{seq_len:>9}{context:>8}  {method:<10}{wall:>9.2f}{crit:>11.2f}{blocks:>16.2f}",
+          f"{seq_len:>9}{context:>8}  {method:<10}{temp_mb:>10.1f}{times}{blocks:>16.2f}",
           flush=True,
         )
 

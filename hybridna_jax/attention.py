@@ -29,7 +29,9 @@ platforms include the backend, else ``xla``):
 The kernels run per shard in `jax.shard_map` under `sharding.activate`
 (`hybridna_jax.kernels.sharded`). Where the mesh's context axis splits the
 sequence, attention crosses it by a load-balanced ring, a ring or an
-all-gather instead (see `causal_attention`).
+all-gather instead (see `causal_attention`), and a kernel's block version
+(`CONTEXT_BLOCKS`: splash on TPU, the Triton kernel on GPU, XLA elsewhere)
+computes each (query slice, key slice) block.
 """
 
 from __future__ import annotations
@@ -51,21 +53,46 @@ Array = jax.Array
 _REF = "hybridna_jax.attention_reference"
 _KERNELS = "hybridna_jax.kernels.attention_kernels"
 _CAUSAL_BLOCKS = "hybridna_jax.kernels.causal_blocks"
-# A kernel maps (q, k, v, segment_ids or None) -> (b, l, hq, d) in q.dtype.
+# A kernel maps (q, k, v, segment_ids or None) -> (b, l, hq, d) in q.dtype;
+# its "context_block" option names the block of `CONTEXT_BLOCKS` that runs
+# it per (query slice, key slice) when the context axis splits the sequence.
+_XLA = {"context_block": "xla"}
 KERNELS = KernelRegistry(
   "attention",
   fallback="xla",
   kernels=(
     # name                         provided by                               auto on
-    Kernel("xla", f"{_REF}:xla_attention"),
-    Kernel("xla_blockwise", f"{_REF}:xla_blockwise_attention"),
-    Kernel("xla_causal", f"{_CAUSAL_BLOCKS}:sharded_causal_blocks", ("cpu",)),
-    Kernel("splash", f"{_KERNELS}:sharded_splash", ("tpu",)),
-    Kernel("flash_gpu", f"{_KERNELS}:sharded_flash_gpu", ("gpu",)),
-    Kernel("cudnn", f"{_KERNELS}:sharded_cudnn"),
-    Kernel("pallas_gpu", f"{_KERNELS}:sharded_pallas_gpu"),
-    Kernel("pallas_gpu_interpret", f"{_KERNELS}:sharded_pallas_gpu_interpret"),
-    Kernel("splash_interpret", f"{_KERNELS}:sharded_splash_interpret"),
+    Kernel("xla", f"{_REF}:xla_attention", options=_XLA),
+    Kernel("xla_blockwise", f"{_REF}:xla_blockwise_attention", options=_XLA),
+    Kernel("xla_causal", f"{_CAUSAL_BLOCKS}:sharded_causal_blocks", ("cpu",), _XLA),
+    Kernel("splash", f"{_KERNELS}:sharded_splash", ("tpu",), {"context_block": "splash"}),
+    Kernel("flash_gpu", f"{_KERNELS}:sharded_flash_gpu", ("gpu",), {"context_block": "pallas_gpu"}),
+    Kernel("cudnn", f"{_KERNELS}:sharded_cudnn", options={"context_block": "pallas_gpu"}),
+    Kernel("pallas_gpu", f"{_KERNELS}:sharded_pallas_gpu", options={"context_block": "pallas_gpu"}),
+    Kernel(
+      "pallas_gpu_interpret",
+      f"{_KERNELS}:sharded_pallas_gpu_interpret",
+      options={"context_block": "pallas_gpu_interpret"},
+    ),
+    Kernel(
+      "splash_interpret",
+      f"{_KERNELS}:sharded_splash_interpret",
+      options={"context_block": "splash_interpret"},
+    ),
+  ),
+)
+
+# `attention_reference.BlockAttention`s: one (query slice, key slice) block
+# of the ring and zigzag context attention (`sharded.context_attention`).
+CONTEXT_BLOCKS = KernelRegistry(
+  "context attention block",
+  fallback="xla",
+  kernels=(
+    Kernel("xla", f"{_REF}:XLA_BLOCK"),
+    Kernel("splash", f"{_KERNELS}:SPLASH_BLOCK"),
+    Kernel("splash_interpret", f"{_KERNELS}:SPLASH_BLOCK_INTERPRET"),
+    Kernel("pallas_gpu", f"{_KERNELS}:FLASH_BLOCK"),
+    Kernel("pallas_gpu_interpret", f"{_KERNELS}:FLASH_BLOCK_INTERPRET"),
   ),
 )
 
@@ -82,9 +109,10 @@ def causal_attention(
 ) -> Array:
   """Causal GQA self-attention; returns (b, l, hq, d) in q.dtype.
 
-  On a mesh whose context axis splits the sequence, `context` ("ring",
-  "zigzag" or "allgather") says how keys and values cross it, and each block runs the
-  XLA online softmax whatever `impl` is (`sharded.context_attention`)."""
+  On a mesh whose context axis splits the sequence, `context` ("zigzag",
+  "ring" or "allgather") says how keys and values cross it
+  (`sharded.context_attention`); each (query slice, key slice) block runs
+  `impl`'s block kernel (its "context_block")."""
   b, l, hq, d = q.shape
   if k.shape != v.shape or k.shape[:2] != (b, l) or k.shape[3] != d:
     raise ValueError(
@@ -95,6 +123,8 @@ def causal_attention(
     raise ValueError(f"query heads ({hq}) must be a multiple of kv heads ({k.shape[2]}).")
   if segment_ids is not None and segment_ids.shape != (b, l):
     raise ValueError(f"segment_ids has shape {segment_ids.shape}, expected {(b, l)}.")
+  kernel = KERNELS.resolve(impl)
   if sharded.active_context_shards() > 1:
-    return sharded.context_attention(q, k, v, segment_ids, method=context)
-  return KERNELS.resolve(impl).fn(q, k, v, segment_ids)
+    block = CONTEXT_BLOCKS.resolve(kernel.options["context_block"]).fn
+    return sharded.context_attention(q, k, v, segment_ids, method=context, block_op=block)
+  return kernel.fn(q, k, v, segment_ids)

@@ -14,12 +14,17 @@ Scores and softmax are fp32; the output has q's dtype.
   log-sum-exp too, so partial results merge (`merge_partials`): that is how
   attention crosses the context axis (`hybridna_jax.kernels.sharded`), where
   each device holds one slice of the queries and sees the keys slice by slice.
+* `BlockAttention`: the contract of one such (query slice, key slice) block
+  with its own backward, which the kernels implement too; `XLA_BLOCK` is the
+  XLA one.
 * `decode_attention`: new queries against a KV cache.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable
 
 import einops
 import jax
@@ -115,20 +120,21 @@ def _attention_lse_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, block):
   return (out, lse), (q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse)
 
 
-def _attention_lse_bwd(block, residuals, cotangents):
+def _attention_lse_grads(q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse, d_out, d_lse, block):
   """The flash-attention backward: scores are recomputed block by block from
   the saved log-sum-exp, so memory stays O(lq * block). With lse an output
-  too, ds = p (dp - delta + dlse), delta = sum(dout * out)."""
-  q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse = residuals
-  d_out, d_lse = cotangents
+  too, ds = p (dp - delta + dlse), delta = sum(dout * out). Returns dq, dk,
+  dv in fp32 (`out` and `lse` may be those of a larger key set: the ring's
+  backward passes the merged ones)."""
   hkv = k.shape[2]
   lk = k.shape[1]
   qg = _grouped(q, hkv)
   do = _grouped(d_out.astype(jnp.float32), hkv)  # (b, lq, hkv, r, d)
-  delta = jnp.einsum("bqhrd,bqhrd->bhrq", do, _grouped(out, hkv))
+  delta = jnp.einsum("bqhrd,bqhrd->bhrq", do, _grouped(out.astype(jnp.float32), hkv))
   lse_g = einops.rearrange(lse, "b q (h r) -> b h r q", h=hkv)
-  dlse_g = einops.rearrange(d_lse.astype(jnp.float32), "b q (h r) -> b h r q", h=hkv)
   scale = q.shape[-1] ** -0.5
+  if d_lse is not None:
+    delta = delta - einops.rearrange(d_lse.astype(jnp.float32), "b q (h r) -> b h r q", h=hkv)
 
   def body(dq, blk):
     kb, vb, posb, segb = blk
@@ -136,7 +142,7 @@ def _attention_lse_bwd(block, residuals, cotangents):
     p = jnp.where(mask, jnp.exp(scores - lse_g[..., None]), 0.0)
     dv = jnp.einsum("bhrqk,bqhrd->bkhd", p, do)
     dp = jnp.einsum("bqhrd,bkhd->bhrqk", do, vb, preferred_element_type=jnp.float32)
-    ds = p * (dp - delta[..., None] + dlse_g[..., None])
+    ds = p * (dp - delta[..., None])
     dq = dq + jnp.einsum("bhrqk,bkhd->bqhrd", ds, kb, preferred_element_type=jnp.float32) * scale
     dk = jnp.einsum("bhrqk,bqhrd->bkhd", ds, qg, preferred_element_type=jnp.float32) * scale
     return dq, (dk, dv)
@@ -146,10 +152,16 @@ def _attention_lse_bwd(block, residuals, cotangents):
   )
   dk = einops.rearrange(dk, "n b k h d -> b (n k) h d")[:, :lk]
   dv = einops.rearrange(dv, "n b k h d -> b (n k) h d")[:, :lk]
-  return (
-    _ungrouped(dq).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
-    None, None, None, None,
-  )  # fmt: skip
+  return _ungrouped(dq), dk, dv
+
+
+def _attention_lse_bwd(block, residuals, cotangents):
+  q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse = residuals
+  d_out, d_lse = cotangents
+  dq, dk, dv = _attention_lse_grads(
+    q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse, d_out, d_lse, block
+  )
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
@@ -199,8 +211,11 @@ def no_keys(b: int, lq: int, hq: int, d: int) -> tuple[Array, Array]:
 def merge_partials(a: tuple[Array, Array], b: tuple[Array, Array]) -> tuple[Array, Array]:
   """(out, lse) over the union of two disjoint key sets."""
   lse = jnp.logaddexp(a[1], b[1])
-  out = a[0] * jnp.exp(a[1] - lse)[..., None] + b[0] * jnp.exp(b[1] - lse)[..., None]
-  return out, lse
+  # Each weight exp(part - lse) <= 1. The clamp keeps it so when XLA
+  # recomputes lse in a fusion: near -1e30 (a query that sees no key yet)
+  # one ulp is ~1e23, and exp of that overflows.
+  weight = lambda part: jnp.exp(jnp.minimum(part - lse, 0.0))[..., None]
+  return a[0] * weight(a[1]) + b[0] * weight(b[1]), lse
 
 
 def xla_blockwise_attention(q, k, v, segment_ids=None, *, block: int = 512):
@@ -211,6 +226,63 @@ def xla_blockwise_attention(q, k, v, segment_ids=None, *, block: int = 512):
   pos = jnp.arange(l)
   out, _ = blockwise_attention_lse(q, k, v, pos, pos, seg, seg, block=block)
   return out.astype(q.dtype)
+
+
+# ---------------------------------------------------------------------------
+# One block of context-parallel attention
+
+
+def _always_supported(q_shape) -> str | None:
+  del q_shape
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockAttention:
+  """Attention of one query slice to one key slice, as the context ring
+  (`hybridna_jax.kernels.sharded`) calls it at each step: `XLA_BLOCK` here,
+  the kernels' in `hybridna_jax.kernels.attention_kernels`.
+
+  forward(q, k, v, q_seg, k_seg, causal) -> (out, lse): q (b, lq, hq, d), k
+    and v (b, lk, hkv, d), q_seg (b, lq) and k_seg (b, lk) int32, `causal` a
+    Python bool. Query r sees key c when their segment ids are equal and, if
+    causal, r >= c (both slices start at the same position, lq >= lk). out
+    (b, lq, hq, d) and lse (b, lq, hq) (natural log), fp32.
+  backward(q, k, v, q_seg, k_seg, causal, out, lse, d_out) -> (dq, dk, dv)
+    fp32: this block's share of the gradients, given the output and lse of
+    each query over all its keys (the merged result of the ring) and the
+    output's cotangent (flash attention's backward needs nothing else).
+  length_multiple: slice lengths must be multiples of it.
+  unsupported(q_shape) -> why the block cannot run these shapes, or None.
+  """
+
+  name: str
+  forward: Callable[..., tuple[Array, Array]]
+  backward: Callable[..., tuple[Array, Array, Array]]
+  length_multiple: int = 1
+  unsupported: Callable[[tuple[int, ...]], str | None] = _always_supported
+
+
+def _block_positions(lq: int, lk: int, causal: bool) -> tuple[Array, Array]:
+  """Query and key positions whose comparison is the block's mask: causal
+  (query r sees key c <= r) or full (every query after every key)."""
+  return jnp.arange(lq) + (0 if causal else lk), jnp.arange(lk)
+
+
+def _xla_block_forward(q, k, v, q_seg, k_seg, causal, block=512):
+  q_pos, k_pos = _block_positions(q.shape[1], k.shape[1], causal)
+  (out, lse), _ = _attention_lse_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, min(block, k.shape[1]))
+  return out, lse
+
+
+def _xla_block_backward(q, k, v, q_seg, k_seg, causal, out, lse, d_out, block=512):
+  q_pos, k_pos = _block_positions(q.shape[1], k.shape[1], causal)
+  return _attention_lse_grads(
+    q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse, d_out, None, min(block, k.shape[1])
+  )
+
+
+XLA_BLOCK = BlockAttention("xla", _xla_block_forward, _xla_block_backward)
 
 
 def decode_attention(q: Array, k_cache: Array, v_cache: Array, kv_mask: Array) -> Array:

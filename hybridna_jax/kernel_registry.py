@@ -85,7 +85,7 @@ class KernelRegistry:
             return kernel
           except KernelImportError as err:
             # auto means "the best that works": say why, then use the reference.
-            _warn_once(f"{self.what}: auto on {platform} uses {self.fallback!r}: {err}")
+            warn_once(f"{self.what}: auto on {platform} uses {self.fallback!r}: {err}")
             break
       impl = self.fallback
     if impl not in self.kernels:
@@ -103,7 +103,9 @@ class KernelRegistry:
 _warned: set[str] = set()
 
 
-def _warn_once(message: str):
+def warn_once(message: str):
+  """Logs a warning the first time `message` comes (kernel fallbacks are
+  decided at every trace)."""
   if message not in _warned:
     _warned.add(message)
     logging.warning(message)

@@ -17,9 +17,19 @@ import pytest
 from conftest import LAMBDA_FASTA
 from flax import nnx
 
-from hybridna_jax import attention, generate, restore, scoring, sharding, ssd, tokenizer
+from hybridna_jax import (
+  attention,
+  generate,
+  kernel_registry,
+  restore,
+  scoring,
+  sharding,
+  ssd,
+  tokenizer,
+)
 from hybridna_jax.config import CONTEXT_ATTENTION, ModelConfig, load_config
 from hybridna_jax.data import fasta
+from hybridna_jax.kernels import attention_kernels, sharded
 from hybridna_jax.kernels.sharded import shard_causal_conv
 from hybridna_jax.layers.mamba2 import causal_conv
 from hybridna_jax.model import abstract_model, create_model
@@ -132,6 +142,97 @@ def test_context_attention_matches_reference(method, length):
     np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
     for name, a, b_ in zip("qkv", grads, ref_grads):
       np.testing.assert_allclose(a, b_, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+# Small Triton tiles: slices of 32 tokens suffice (the default's 128 would
+# need 1,024-token sequences for zigzag over 4 devices in interpret mode).
+_SMALL_FLASH = attention_kernels.flash_block(
+  attention_kernels.FlashConfig(
+    block_q=32, block_k=16, block_q_bwd=16, block_k_bwd=32, interpret=True
+  )
+)
+
+
+@pytest.mark.parametrize("method", CONTEXT_ATTENTION)
+@pytest.mark.parametrize(
+  "block,axes,length",
+  [
+    (_SMALL_FLASH, dict(context=4, data=2), 250),
+    (attention_kernels.SPLASH_BLOCK_INTERPRET, dict(context=2, data=2, tensor=2), 500),
+  ],
+  ids=["pallas_gpu", "splash"],
+)
+def test_context_attention_with_kernel_blocks(method, block, axes, length):
+  """The Triton and splash kernels per (query slice, key slice) block, in
+  interpret mode, with the ring's own backward: output and gradients of
+  one device's dense attention (GQA, packed documents across slices,
+  padding to the kernels' multiple)."""
+  keys = jax.random.split(jax.random.key(3), 3)
+  b, hq, hkv, d = 2, 4, 2, 16
+  q = jax.random.normal(keys[0], (b, length, hq, d))
+  k = jax.random.normal(keys[1], (b, length, hkv, d))
+  v = jax.random.normal(keys[2], (b, length, hkv, d))
+  seg = _segments(b, length, 3)
+
+  def loss(mesh, q, k, v):
+    if mesh is None:
+      out = attention.xla_attention(q, k, v, seg)
+    else:
+      with sharding.activate(mesh):
+        out = sharded.context_attention(q, k, v, seg, method=method, block_op=block)
+    return jnp.sum(out * jnp.sin(out)), out
+
+  def run(mesh):
+    fn = jax.jit(jax.value_and_grad(functools.partial(loss, mesh), argnums=(0, 1, 2), has_aux=True))
+    return jax.device_get(fn(q, k, v))
+
+  (_, ref_out), ref_grads = run(None)
+  (_, out), grads = run(_context_mesh(**axes))
+  np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
+  for name, a, b_ in zip("qkv", grads, ref_grads):
+    np.testing.assert_allclose(a, b_, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_context_attention_falls_back_to_xla_blocks_where_the_kernel_cannot_run(caplog):
+  keys = jax.random.split(jax.random.key(4), 3)
+  q = jax.random.normal(keys[0], (1, 64, 2, 8))  # head dim 8: below Triton's 16
+  k, v = (jax.random.normal(key, (1, 64, 1, 8)) for key in keys[1:])
+  with sharding.activate(_context_mesh(4, data=2)), caplog.at_level("WARNING"):
+    out = jax.jit(lambda q, k, v: sharded.context_attention(q, k, v, block_op=_SMALL_FLASH))(
+      q, k, v
+    )
+  np.testing.assert_allclose(out, attention.xla_attention(q, k, v), rtol=1e-5, atol=1e-5)
+  assert "head dim 8" in caplog.text or "head dim 8" in str(kernel_registry._warned)
+
+
+TRITON = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+
+
+@pytest.mark.parametrize("impl,platform", [("pallas_gpu", "cuda"), ("splash", "tpu")])
+def test_context_attention_lowers_with_kernels_for_cuda_and_tpu(impl, platform):
+  """The attention kernel's block runs in the ring on the accelerator: the
+  sharded forward and backward over (data=2, context=4), bf16, d = 128,
+  lowered for CUDA (Triton calls) and TPU (Mosaic calls)."""
+  spec = jax.ShapeDtypeStruct
+  b, l, hq, hkv, d = 2, 4096, 8, 2, 128
+  args = [spec((b, l, h, d), jnp.bfloat16) for h in (hq, hkv, hkv)] + [spec((b, l), jnp.int32)]
+  mesh = _context_mesh(4, data=2)
+  marker = "xla.gpu.triton" if platform == "cuda" else "tpu_custom_call"
+
+  def grads(q, k, v, seg):
+    def loss(q, k, v):
+      with sharding.activate(mesh):
+        out = attention.causal_attention(q, k, v, seg, impl=impl, context="zigzag")
+      return out.astype(jnp.float32).sum()
+
+    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  exported = jax.export.export(jax.jit(grads), platforms=[platform], disabled_checks=[TRITON])(
+    *args
+  )
+  assert exported.nr_devices == 8
+  # Forward and backward kernels of the own-slice step and of the later steps.
+  assert exported.mlir_module().count(marker) >= 4
 
 
 def _lm_batch(b=2, l=256, seed=0):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hybridna_jax import attention, sharding
+from hybridna_jax import attention, attention_reference, sharding
 from hybridna_jax.kernels import attention_kernels, causal_blocks
 
 # Small tiles so that l = 100 (padded to 128) spans several of them.
@@ -119,6 +119,66 @@ def test_causal_blocks_memory_is_linear_in_length():
   assert blocks < scores_bytes / 8
 
 
+# One (query slice, key slice) block of context-parallel attention, as the
+# ring calls it: causal (lq >= lk, both slices starting together) or full.
+BLOCKS = {
+  "xla": attention_reference.XLA_BLOCK,
+  "pallas_gpu_interpret": attention_kernels.flash_block(FLASH),
+  "splash_interpret": attention_kernels.SPLASH_BLOCK_INTERPRET,
+}
+
+
+def dense_block(q, k, v, q_seg, k_seg, causal):
+  """(out, lse) fp32 of the whole score matrix, for the blocks' checks."""
+  b, lq, hq, d = q.shape
+  lk, hkv = k.shape[1], k.shape[2]
+  f32 = lambda a: jnp.repeat(a.astype(jnp.float32), hq // hkv, axis=2)
+  s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), f32(k)) * d**-0.5
+  mask = q_seg[:, :, None] == k_seg[:, None, :]
+  if causal:
+    mask = mask & (jnp.arange(lq)[:, None] >= jnp.arange(lk)[None])
+  s = jnp.where(mask[:, None], s, -1e30)
+  lse = jax.nn.logsumexp(s, -1)
+  out = jnp.einsum("bhqk,bkhd->bqhd", jnp.exp(s - lse[..., None]), f32(v))
+  return out, lse.transpose(0, 2, 1)
+
+
+@pytest.mark.parametrize(
+  "name,causal,lq,lk,dtype",
+  [
+    (name, causal, lq, lk, jnp.float32)
+    for name in BLOCKS
+    for causal, lq, lk in ((True, 256, 256), (True, 256, 128), (False, 128, 256))
+  ]
+  + [(name, True, 256, 128, jnp.bfloat16) for name in BLOCKS if name != "xla"],
+)
+def test_context_blocks_match_dense(name, causal, lq, lk, dtype):
+  """Forward (out, lse) and the backward from the block's own result,
+  GQA, two documents per slice (every query sees a key)."""
+  op = BLOCKS[name]
+  rng = np.random.default_rng(0)
+  b, hq, hkv, d = 2, 4, 2, 16
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32))
+  q, k, v = normal(b, lq, hq, d), normal(b, lk, hkv, d), normal(b, lk, hkv, d)
+  d_out = normal(b, lq, hq, d)
+  q_cut, k_cut = lq // 3, min(lk // 2, lq // 3)
+  q_seg = jnp.asarray(np.repeat([[0] * q_cut + [1] * (lq - q_cut)], b, 0), jnp.int32)
+  k_seg = jnp.asarray(np.repeat([[0] * k_cut + [1] * (lk - k_cut)], b, 0), jnp.int32)
+  q, k, v = (a.astype(dtype) for a in (q, k, v))
+  out, lse = jax.jit(op.forward, static_argnums=5)(q, k, v, q_seg, k_seg, causal)
+  want_out, want_lse = dense_block(q, k, v, q_seg, k_seg, causal)
+  tol = 1e-4 if dtype == jnp.float32 else 2e-2
+  assert out.dtype == lse.dtype == jnp.float32
+  np.testing.assert_allclose(out, want_out, rtol=tol, atol=tol)
+  np.testing.assert_allclose(lse, want_lse, rtol=tol, atol=tol)
+  grads = jax.jit(op.backward, static_argnums=5)(q, k, v, q_seg, k_seg, causal, out, lse, d_out)
+  _, vjp = jax.vjp(lambda q, k, v: dense_block(q, k, v, q_seg, k_seg, causal)[0], q, k, v)
+  for label, got, want in zip("qkv", grads, vjp(d_out)):
+    assert got.dtype == jnp.float32
+    want = np.asarray(want, np.float32)
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max(), err_msg=label)
+
+
 def test_registry():
   assert attention.KERNELS.resolve("auto", platform="tpu").name == "splash"
   assert attention.KERNELS.resolve("auto", platform="gpu").name == "flash_gpu"
@@ -134,6 +194,8 @@ def test_registry():
     "splash_interpret",
   ):
     assert name in attention.KERNELS.names()
+    block = attention.KERNELS.resolve(name).options["context_block"]
+    assert attention.CONTEXT_BLOCKS.resolve(block).fn.name == block
 
 
 def test_gpu_choice():

@@ -24,11 +24,14 @@ device does:
   causal work: inside the layer shard i holds the half-slice chunks i and
   2N-1-i of queries and keys (q, k, v permuted in and the output back, once
   each; the rest of the model keeps contiguous slices, which the SSD's
-  state passing needs), so every shard does half a block per step; "allgather" gathers
-  all keys and values. All compute each block with the
-  XLA online softmax of `attention_reference` (flash-style backward, memory
-  linear in the slice), merging partial results by their log-sum-exp; the
-  per-device kernels return no log-sum-exp, so they cannot be merged.
+  state passing needs), so every shard does half a block per step;
+  "allgather" gathers all keys and values once (and reduce-scatters their
+  gradients). A block kernel (`attention_reference.BlockAttention`: splash,
+  the Triton kernel or XLA's online softmax) computes each (query slice, key
+  slice) block with its log-sum-exp, and the partial results merge by it; a
+  custom VJP around the whole ring keeps only the shard's own q, k, v,
+  output and lse, and the backward runs the ring again, each key/value slice
+  travelling with its gradient accumulator.
 
 Where a size does not divide over its mesh axes, that dimension is replicated
 (every device computes it: correct, redundant); the public ops pad lengths to
@@ -38,6 +41,7 @@ mesh) the ops run as is.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -48,6 +52,7 @@ from jax.sharding import PartitionSpec as P
 
 from hybridna_jax import attention_reference, sharding, ssd_reference
 from hybridna_jax.config import CONTEXT_ATTENTION
+from hybridna_jax.kernel_registry import warn_once
 
 
 def _axes(mesh, batch: int, heads: tuple[int, ...]):
@@ -275,26 +280,135 @@ def _around_ring(kv, axis: str, shards: int):
       kv = jax.lax.ppermute(kv, axis, [(i, (i + 1) % shards) for i in range(shards)])
 
 
-def _ring_attention(q, k, v, seg, axis: str, shards: int, block: int):
-  """Query slice i against key slices i, i-1, ..., 0 as they pass around the
-  ring (slices after i are all masked and skipped); (out, lse) as
-  `attention_reference.blockwise_attention_lse`."""
+# Which blocks each ring step computes: (query part, key part, causal) of
+# the shard's query slice and the key slice it holds. Step 0 is its own
+# slice; at later steps the key slice comes from an earlier shard ("before")
+# or a later one ("after", invisible to a contiguous slice).
+_Part = tuple[slice, slice, bool]
+_ALL = slice(None)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Schedule:
+  own: tuple[_Part, ...]
+  before: tuple[_Part, ...]
+  after: tuple[_Part, ...]
+
+
+def _ring_schedule(lq: int) -> _Schedule:
+  """Contiguous slices: the diagonal block, then whole earlier slices."""
+  del lq
+  return _Schedule(own=((_ALL, _ALL, True),), before=((_ALL, _ALL, False),), after=())
+
+
+def _zigzag_schedule(lq: int) -> _Schedule:
+  """Slices of chunks i and 2N-1-i (`_to_zigzag`): own chunks, chunk i
+  never seeing chunk 2N-1-i; from an earlier shard, all queries against its
+  early chunk (its late chunk follows both query chunks); from a later shard,
+  the late query chunk against both (the early query chunk precedes both).
+  Each later step is half a slice-by-slice block."""
+  early, late = slice(None, lq // 2), slice(lq // 2, None)
+  return _Schedule(
+    own=((_ALL, early, True), (late, late, True)),
+    before=((_ALL, early, False),),
+    after=((late, _ALL, False),),
+  )
+
+
+def _step_forward(op, parts, q, seg, kv, merged):
+  """`merged` (out, lse) updated with the blocks `parts` of this step."""
+  kb, vb, segb = kv
+  lq = q.shape[1]
+  for qs, ks, causal in parts:
+    out, lse = op.forward(q[:, qs], kb[:, ks], vb[:, ks], seg[:, qs], segb[:, ks], causal)
+    start, stop, _ = qs.indices(lq)
+    if (start, stop) != (0, lq):  # queries outside the part see no key here
+      pad = [(0, 0), (start, lq - stop)]
+      out = jnp.pad(out, pad + [(0, 0), (0, 0)])
+      lse = jnp.pad(lse, pad + [(0, 0)], constant_values=attention_reference.NEG_INF)
+    merged = attention_reference.merge_partials(merged, (out, lse))
+  return merged
+
+
+def _step_backward(op, parts, q, seg, kv, out, lse, d_out, grads):
+  """`grads` (dq, dk, dv) fp32 plus this step's blocks' shares."""
+  kb, vb, segb = kv
+  dq, dk, dv = grads
+  for qs, ks, causal in parts:
+    gq, gk, gv = op.backward(
+      q[:, qs], kb[:, ks], vb[:, ks], seg[:, qs], segb[:, ks], causal,
+      out[:, qs], lse[:, qs], d_out[:, qs],
+    )  # fmt: skip
+    dq, dk, dv = dq.at[:, qs].add(gq), dk.at[:, ks].add(gk), dv.at[:, ks].add(gv)
+  return dq, dk, dv
+
+
+def _by_source(step: int, source, index, run, schedule: _Schedule, carry):
+  """The step's blocks: the own slice's at step 0, else those for a key
+  slice from an earlier or a later shard (lax.cond on the shard index)."""
+  if step == 0:
+    return run(schedule.own, carry)
+  return jax.lax.cond(
+    source < index,
+    functools.partial(run, schedule.before),
+    functools.partial(run, schedule.after),
+    carry,
+  )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _ring(op, schedule, axis, shards, q, k, v, seg):
+  return _ring_fwd(op, schedule, axis, shards, q, k, v, seg)[0]
+
+
+def _ring_fwd(op, schedule, axis, shards, q, k, v, seg):
   index = jax.lax.axis_index(axis)
   b, lq, hq, d = q.shape
-  q_pos = index * lq + jnp.arange(lq)
   merged = attention_reference.no_keys(b, lq, hq, d)
-  for source, kv in _around_ring((k, v, seg), axis, shards):
+  for step, (source, kv) in enumerate(_around_ring((k, v, seg), axis, shards)):
 
-    def attend(merged, kv=kv, source=source):
-      kb, vb, segb = kv
-      k_pos = source * lq + jnp.arange(lq)
-      part = attention_reference.blockwise_attention_lse(
-        q, kb, vb, q_pos, k_pos, seg, segb, block=block
-      )
-      return attention_reference.merge_partials(merged, part)
+    def run(parts, carry, kv=kv):
+      return _step_forward(op, parts, q, seg, kv, carry)
 
-    merged = jax.lax.cond(source <= index, attend, lambda merged: merged, merged)
-  return merged
+    merged = _by_source(step, source, index, run, schedule, merged)
+  out, lse = merged
+  return out, (q, k, v, seg, out, lse)
+
+
+def _ring_bwd(op, schedule, axis, shards, residuals, d_out):
+  """The ring again: key/value slices go around with their gradient
+  accumulators, and one more pass takes each accumulator home."""
+  q, k, v, seg, out, lse = residuals
+  index = jax.lax.axis_index(axis)
+  f32 = jnp.float32
+  grads = (jnp.zeros(q.shape, f32), jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32))
+  kv = (k, v, seg)
+  forward = [(i, (i + 1) % shards) for i in range(shards)]
+  for step in range(shards):
+
+    def run(parts, carry, kv=kv):
+      return _step_backward(op, parts, q, seg, kv, out, lse, d_out, carry)
+
+    grads = _by_source(step, (index - step) % shards, index, run, schedule, grads)
+    dq, dk, dv = grads
+    if step < shards - 1:
+      kv, (dk, dv) = jax.lax.ppermute((kv, (dk, dv)), axis, forward)
+    elif shards > 1:  # after the last step, the accumulators go home
+      dk, dv = jax.lax.ppermute((dk, dv), axis, forward)
+    grads = dq, dk, dv
+  dq, dk, dv = grads
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
+
+
+def _ring_attention(q, k, v, seg, axis: str, shards: int, op):
+  """Query slice i against key slices i, i-1, ..., 0 as they pass around the
+  ring (slices after i are all masked and skipped); out (b, lq, hq, d) fp32.
+  A custom VJP around the whole ring keeps only this shard's q, k, v, out
+  and lse for the backward, which runs the ring again."""
+  return _ring(op, _ring_schedule(q.shape[1]), axis, shards, q, k, v, seg)
 
 
 # Zigzag: the sequence is cut into 2N chunks of half a slice; shard i holds
@@ -343,68 +457,84 @@ def _from_zigzag(tree, axis: str, shards: int):
   return jax.tree.map(move, tree)
 
 
-def _zigzag_attention(q, k, v, seg, axis: str, shards: int, block: int):
+def _zigzag_attention(q, k, v, seg, axis: str, shards: int, op):
   """The ring with balanced causal work: inside the layer each shard holds
-  query/key chunks i and 2N-1-i (`_to_zigzag`), and every ring step costs
-  each shard half a slice-by-slice block -- from an earlier shard, all its
-  queries against that shard's early key chunk (its late chunk follows both
-  query chunks); from a later shard, its late query chunk against both key
-  chunks (its early query chunk precedes both) -- instead of the plain
-  ring's critical path of a whole block at every step on the last shard.
-  Per shard, in the contiguous layout: q (b, lq, hq, d), k and v (b, lq,
-  hkv, d), seg (b, lq) with lq even -> (out (b, lq, hq, d), lse (b, lq, hq))
+  query/key chunks i and 2N-1-i (`_to_zigzag`), and every ring step after
+  the first costs each shard half a slice-by-slice block (`_zigzag_schedule`)
+  instead of the plain ring's critical path of a whole block at every step
+  on the last shard. Per shard, in the contiguous layout: q (b, lq, hq, d),
+  k and v (b, lq, hkv, d), seg (b, lq) with lq even -> out (b, lq, hq, d)
   fp32, as `_ring_attention`."""
   q, k, v, seg = _to_zigzag((q, k, v, seg), axis, shards)
+  out = _ring(op, _zigzag_schedule(q.shape[1]), axis, shards, q, k, v, seg)
+  return _from_zigzag(out, axis, shards)
+
+
+def _slice_of(full, source, lq: int):
+  """Shard `source`'s slice (b, lq, ...) of gathered arrays (b, n * lq, ...)."""
+  return jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, source * lq, lq, axis=1), full)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _gathered(op, axis, shards, q, k, v, seg):
+  return _gathered_fwd(op, axis, shards, q, k, v, seg)[0]
+
+
+def _gathered_fwd(op, axis, shards, q, k, v, seg):
+  """The ring's blocks (`_ring_schedule`) on keys and values gathered once."""
   index = jax.lax.axis_index(axis)
   b, lq, hq, d = q.shape
-  h = lq // 2
+  full = jax.tree.map(lambda a: jax.lax.all_gather(a, axis, axis=1, tiled=True), (k, v, seg))
+  schedule = _ring_schedule(lq)
+  merged = attention_reference.no_keys(b, lq, hq, d)
+  for step in range(shards):
+    source = (index - step) % shards
 
-  def positions(i):  # global positions of shard i's chunks i, 2N-1-i
-    return jnp.concatenate([i * h + jnp.arange(h), (2 * shards - 1 - i) * h + jnp.arange(h)])
+    def run(parts, carry, source=source):
+      return _step_forward(op, parts, q, seg, _slice_of(full, source, lq), carry)
 
-  q_pos = positions(index)
-
-  def attend(qs, ks, kb, vb, segb, k_pos):
-    """Queries `qs` (a slice of the chunks) against keys `ks`."""
-    return attention_reference.blockwise_attention_lse(
-      q[:, qs], kb[:, ks], vb[:, ks], q_pos[qs], k_pos[ks], seg[:, qs], segb[:, ks], block=block
-    )
-
-  def late_only(part):  # a partial of the late query chunk, for all queries
-    out, lse = attention_reference.no_keys(b, h, hq, d)
-    return jnp.concatenate([out, part[0]], 1), jnp.concatenate([lse, part[1]], 1)
-
-  every, early, late = slice(None), slice(None, h), slice(h, None)
-  merged = None
-  for source, (kb, vb, segb) in _around_ring((k, v, seg), axis, shards):
-    k_pos = positions(source)
-    if merged is None:  # own chunks: chunk i never sees chunk 2N-1-i
-      merged = attention_reference.merge_partials(
-        attend(every, early, kb, vb, segb, k_pos),
-        late_only(attend(late, late, kb, vb, segb, k_pos)),
-      )
-      continue
-    part = jax.lax.cond(
-      source < index,
-      lambda kv, k_pos=k_pos: attend(every, early, *kv, k_pos),
-      lambda kv, k_pos=k_pos: late_only(attend(late, every, *kv, k_pos)),
-      (kb, vb, segb),
-    )
-    merged = attention_reference.merge_partials(merged, part)
-  return _from_zigzag(merged, axis, shards)
+    merged = _by_source(step, source, index, run, schedule, merged)
+  out, lse = merged
+  return out, (q, k, v, seg, out, lse)
 
 
-def _allgather_attention(q, k, v, seg, axis: str, shards: int, block: int):
-  """Query slice i against every key, gathered (later keys masked)."""
-  del shards
+def _gathered_bwd(op, axis, shards, residuals, d_out):
+  """dk, dv of every gathered slice, summed over the shards that read it
+  and scattered back to its owner (one reduce-scatter)."""
+  q, k, v, seg, out, lse = residuals
   index = jax.lax.axis_index(axis)
   lq = q.shape[1]
-  k_all, v_all, seg_all = (jax.lax.all_gather(a, axis, axis=1, tiled=True) for a in (k, v, seg))
-  q_pos = index * lq + jnp.arange(lq)
-  k_pos = jnp.arange(k_all.shape[1])
-  return attention_reference.blockwise_attention_lse(
-    q, k_all, v_all, q_pos, k_pos, seg, seg_all, block=block
+  f32 = jnp.float32
+  full = jax.tree.map(lambda a: jax.lax.all_gather(a, axis, axis=1, tiled=True), (k, v, seg))
+  schedule = _ring_schedule(lq)
+  dq = jnp.zeros(q.shape, f32)
+  dk_full, dv_full = (jnp.zeros(a.shape, f32) for a in full[:2])
+  for step in range(shards):
+    source = (index - step) % shards
+    kv = _slice_of(full, source, lq)
+
+    def run(parts, carry, kv=kv):
+      return _step_backward(op, parts, q, seg, kv, out, lse, d_out, carry)
+
+    zeros = (jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32))
+    dq, dk, dv = _by_source(step, source, index, run, schedule, (dq, *zeros))
+    dk_full, dv_full = (
+      jax.lax.dynamic_update_slice_in_dim(acc, _slice_of(acc, source, lq) + g, source * lq, 1)
+      for acc, g in ((dk_full, dk), (dv_full, dv))
+    )
+  dk, dv = (
+    jax.lax.psum_scatter(g, axis, scatter_dimension=1, tiled=True) for g in (dk_full, dv_full)
   )
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_gathered.defvjp(_gathered_fwd, _gathered_bwd)
+
+
+def _allgather_attention(q, k, v, seg, axis: str, shards: int, op):
+  """Query slice i against every key slice, gathered once, with the ring's
+  blocks: slice i causally, slices before it fully, later ones skipped."""
+  return _gathered(op, axis, shards, q, k, v, seg)
 
 
 _METHODS = {"ring": _ring_attention, "allgather": _allgather_attention, "zigzag": _zigzag_attention}
@@ -412,20 +542,33 @@ assert set(_METHODS) == set(CONTEXT_ATTENTION)
 
 
 def context_attention(
-  q, k, v, segment_ids=None, *, method: str = CONTEXT_ATTENTION[0], block: int = 512
+  q,
+  k,
+  v,
+  segment_ids=None,
+  *,
+  method: str = CONTEXT_ATTENTION[0],
+  block_op: attention_reference.BlockAttention = attention_reference.XLA_BLOCK,
 ):
   """Causal GQA attention with the length split over the active mesh's
   context axis (`method` in config.CONTEXT_ATTENTION); q (b, l, hq, d), k and v
   (b, l, hkv, d), segment_ids (b, l) or None -> (b, l, hq, d) in q.dtype.
-  The length is padded to a multiple of the context size (twice it for
-  "zigzag"; padded positions form their own segment, after every real one)."""
+  `block_op` computes each (query slice, key slice) block (XLA's online
+  softmax where it cannot run these shapes). The
+  length is padded to a multiple of the context size (twice it for
+  "zigzag") times the block's length multiple; padded positions form their
+  own segment, after every real one."""
   if method not in CONTEXT_ATTENTION:
     raise ValueError(f"context attention {method!r}: choose one of {CONTEXT_ATTENTION}.")
+  if block_op.unsupported(q.shape):
+    warn_once(f"{block_op.unsupported(q.shape)}; context attention uses XLA blocks.")
+    block_op = attention_reference.XLA_BLOCK
   mesh = _active_mesh()
   n = sharding.context_shards(mesh)
   b, l = q.shape[:2]
   seg = jnp.zeros((b, l), jnp.int32) if segment_ids is None else segment_ids
-  pad = (-l) % (2 * n if method == "zigzag" else n)  # zigzag: slices of two chunks
+  # zigzag: slices of two chunks, each a multiple of the block's multiple
+  pad = (-l) % ((2 * n if method == "zigzag" else n) * block_op.length_multiple)
   if pad:
     q, k, v = (jnp.pad(a, [(0, 0), (0, pad), (0, 0), (0, 0)]) for a in (q, k, v))
     seg = jnp.pad(seg, [(0, 0), (0, pad)], constant_values=-1)
@@ -435,8 +578,7 @@ def context_attention(
   attend = _METHODS[method]
 
   def body(q, k, v, seg):
-    out, _ = attend(q, k, v, seg, axis, n, block)
-    return out.astype(q.dtype)
+    return attend(q, k, v, seg, axis, n, block_op).astype(q.dtype)
 
   fn = jax.shard_map(
     body, mesh=mesh, in_specs=(spec, spec, spec, P(bs, axis)), out_specs=spec, check_vma=False

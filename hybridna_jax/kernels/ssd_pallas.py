@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 
 import jax
 import jax.numpy as jnp
@@ -68,6 +67,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 from hybridna_jax import ssd_reference
+from hybridna_jax.kernel_registry import warn_once
 from hybridna_jax.kernels import sharded
 
 Array = jax.Array
@@ -863,9 +863,6 @@ def _vjp_core(plan: _Plan):
   return core
 
 
-_warned: set[str] = set()
-
-
 def make_core(cfg: SsdKernelConfig):
   """An SSD core (`hybridna_jax.ssd_reference`) running the Pallas kernels
   with `cfg`.
@@ -879,9 +876,7 @@ def make_core(cfg: SsdKernelConfig):
     g, n = B.shape[-2:]
     reason = unsupported_reason(x.shape, g, n, chunk_size, cfg)
     if reason is not None:
-      if reason not in _warned:
-        _warned.add(reason)
-        logging.warning("Pallas SSD (%s): %s; using the XLA chunked scan.", cfg.platform, reason)
+      warn_once(f"Pallas SSD ({cfg.platform}): {reason}; using the XLA chunked scan.")
       return ssd_reference.chunked_core(inputs, chunk_size)
     plan = _make_plan(x.shape, x.dtype, g, n, chunk_size, cfg)
     return _vjp_core(plan)(
