@@ -153,11 +153,14 @@ def dense_block(q, k, v, q_seg, k_seg, causal):
   + [(name, True, 256, 128, jnp.bfloat16) for name in BLOCKS if name != "xla"],
 )
 def test_context_blocks_match_dense(name, causal, lq, lk, dtype):
+  check_block(BLOCKS[name], causal, lq, lk, dtype)
+
+
+def check_block(op, causal, lq, lk, dtype, d=16):
   """Forward (out, lse) and the backward from the block's own result,
   GQA, two documents per slice (every query sees a key)."""
-  op = BLOCKS[name]
   rng = np.random.default_rng(0)
-  b, hq, hkv, d = 2, 4, 2, 16
+  b, hq, hkv = 2, 4, 2
   normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32))
   q, k, v = normal(b, lq, hq, d), normal(b, lk, hkv, d), normal(b, lk, hkv, d)
   d_out = normal(b, lq, hq, d)
@@ -302,3 +305,12 @@ def test_compiled_kernels_match_xla_on_device(with_segments):
   for impl in impls:
     fn = lambda q, k, v, s, impl=impl: attention.causal_attention(q, k, v, s, impl=impl)
     check(fn, q, k, v, seg, 2e-2, 2e-2)
+
+
+@ON_DEVICE
+@pytest.mark.parametrize("causal,lq,lk", [(True, 512, 256), (False, 256, 512)])
+def test_compiled_context_block_matches_dense_on_device(causal, lq, lk):
+  """On a GPU/TPU: the block the auto kernel runs per ring step (Triton on
+  GPU, splash on TPU), compiled, bf16, d = 128."""
+  block = attention.KERNELS.resolve("auto").options["context_block"]
+  check_block(attention.CONTEXT_BLOCKS.resolve(block).fn, causal, lq, lk, jnp.bfloat16, d=128)
