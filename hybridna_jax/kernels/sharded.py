@@ -554,10 +554,10 @@ def context_attention(
   context axis (`method` in config.CONTEXT_ATTENTION); q (b, l, hq, d), k and v
   (b, l, hkv, d), segment_ids (b, l) or None -> (b, l, hq, d) in q.dtype.
   `block_op` computes each (query slice, key slice) block (XLA's online
-  softmax where it cannot run these shapes). The
-  length is padded to a multiple of the context size (twice it for
-  "zigzag") times the block's length multiple; padded positions form their
-  own segment, after every real one."""
+  softmax where it cannot run these shapes). The length is padded to a
+  multiple of the context size (twice it for "zigzag") times the block's
+  length multiple; padded positions form their own segment, after every
+  real one."""
   if method not in CONTEXT_ATTENTION:
     raise ValueError(f"context attention {method!r}: choose one of {CONTEXT_ATTENTION}.")
   if block_op.unsupported(q.shape):
