@@ -119,16 +119,31 @@ def test_conv_halo_matches_one_device():
 # 118: padded to a multiple of 4 (of 8 for zigzag's two chunks per slice)
 @pytest.mark.parametrize("length", [128, 118])
 def test_context_attention_matches_reference(method, length):
-  keys = jax.random.split(jax.random.key(2), 3)
-  b, hq, hkv, d = 2, 4, 2, 8
+  meshes = [_context_mesh(4, data=2)] + [_context_mesh(8)] * (length == 128)
+
+  def attend(q, k, v, seg):
+    return attention.causal_attention(q, k, v, seg, impl="xla", context=method)
+
+  _check_context_attention(attend, meshes, length, d=8, seed=2)
+
+
+def _check_context_attention(attend, meshes, length, d, seed):
+  """`attend(q, k, v, seg)` under each mesh: output and q/k/v gradients of
+  a loss of it equal one device's dense attention (b 2, 4 query / 2 kv
+  heads, packed documents)."""
+  keys = jax.random.split(jax.random.key(seed), 3)
+  b, hq, hkv = 2, 4, 2
   q = jax.random.normal(keys[0], (b, length, hq, d))
   k = jax.random.normal(keys[1], (b, length, hkv, d))
   v = jax.random.normal(keys[2], (b, length, hkv, d))
-  seg = _segments(b, length, 2)
+  seg = _segments(b, length, seed)
 
   def loss(mesh, q, k, v):
-    with sharding.maybe_activate(mesh):
-      out = attention.causal_attention(q, k, v, seg, impl="xla", context=method)
+    if mesh is None:
+      out = attention.xla_attention(q, k, v, seg)
+    else:
+      with sharding.activate(mesh):
+        out = attend(q, k, v, seg)
     return jnp.sum(out * jnp.sin(out)), out
 
   def run(mesh):
@@ -136,7 +151,6 @@ def test_context_attention_matches_reference(method, length):
     return jax.device_get(fn(q, k, v))
 
   (_, ref_out), ref_grads = run(None)
-  meshes = [_context_mesh(4, data=2)] + [_context_mesh(8)] * (length == 128)
   for mesh in meshes:
     (_, out), grads = run(mesh)
     np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
@@ -167,30 +181,11 @@ def test_context_attention_with_kernel_blocks(method, block, axes, length):
   interpret mode, with the ring's own backward: output and gradients of
   one device's dense attention (GQA, packed documents across slices,
   padding to the kernels' multiple)."""
-  keys = jax.random.split(jax.random.key(3), 3)
-  b, hq, hkv, d = 2, 4, 2, 16
-  q = jax.random.normal(keys[0], (b, length, hq, d))
-  k = jax.random.normal(keys[1], (b, length, hkv, d))
-  v = jax.random.normal(keys[2], (b, length, hkv, d))
-  seg = _segments(b, length, 3)
 
-  def loss(mesh, q, k, v):
-    if mesh is None:
-      out = attention.xla_attention(q, k, v, seg)
-    else:
-      with sharding.activate(mesh):
-        out = sharded.context_attention(q, k, v, seg, method=method, block_op=block)
-    return jnp.sum(out * jnp.sin(out)), out
+  def attend(q, k, v, seg):
+    return sharded.context_attention(q, k, v, seg, method=method, block_op=block)
 
-  def run(mesh):
-    fn = jax.jit(jax.value_and_grad(functools.partial(loss, mesh), argnums=(0, 1, 2), has_aux=True))
-    return jax.device_get(fn(q, k, v))
-
-  (_, ref_out), ref_grads = run(None)
-  (_, out), grads = run(_context_mesh(**axes))
-  np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
-  for name, a, b_ in zip("qkv", grads, ref_grads):
-    np.testing.assert_allclose(a, b_, rtol=1e-4, atol=1e-5, err_msg=name)
+  _check_context_attention(attend, [_context_mesh(**axes)], length, d=16, seed=3)
 
 
 def test_context_attention_falls_back_to_xla_blocks_where_the_kernel_cannot_run(caplog):

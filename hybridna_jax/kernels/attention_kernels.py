@@ -61,21 +61,28 @@ def _pad_seq(a: Array | None, lp: int) -> Array | None:
 # ----------------------------------------------------------------------------
 
 
+def _splash_block_sizes(block_q: int, block_kv: int):
+  """Splash's tiles: the same for the forward and the fused backward."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as sa  # pylint: disable=g-import-not-at-top
+
+  return sa.BlockSizes(
+    block_q=block_q,
+    block_kv=block_kv,
+    block_kv_compute=block_kv,
+    block_q_dkv=block_q,
+    block_kv_dkv=block_kv,
+    block_kv_dkv_compute=block_kv,
+    use_fused_bwd_kernel=True,
+  )
+
+
 @functools.lru_cache(maxsize=64)
 def _splash_kernel(lp: int, r: int, block: int, interpret: bool):
   from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
   from jax.experimental.pallas.ops.tpu import splash_attention as sa  # pylint: disable=g-import-not-at-top
 
   mask = sa.MultiHeadMask([sa.CausalMask((lp, lp)) for _ in range(r)])
-  sizes = sa.BlockSizes(
-    block_q=block,
-    block_kv=block,
-    block_kv_compute=block,
-    block_q_dkv=block,
-    block_kv_dkv=block,
-    block_kv_dkv_compute=block,
-    use_fused_bwd_kernel=True,
-  )
+  sizes = _splash_block_sizes(block, block)
   # interpret: Pallas' TPU interpret mode (also for the backward kernels,
   # which are traced outside any context manager).
   mode = pltpu.InterpretParams() if interpret else False
@@ -152,17 +159,8 @@ def _splash_block_kernel(lq: int, lk: int, r: int, causal: bool, interpret: bool
   from jax.experimental.pallas.ops.tpu import splash_attention as sa  # pylint: disable=g-import-not-at-top
 
   mask = (sa.CausalMask if causal else sa.FullMask)((lq, lk))
-  bq = max(t for t in (512, 256, 128) if lq % t == 0)
-  bk = max(t for t in (512, 256, 128) if lk % t == 0)
-  sizes = sa.BlockSizes(
-    block_q=bq,
-    block_kv=bk,
-    block_kv_compute=bk,
-    block_q_dkv=bq,
-    block_kv_dkv=bk,
-    block_kv_dkv_compute=bk,
-    use_fused_bwd_kernel=True,
-  )
+  tile = lambda length: max(t for t in (512, 256, 128) if length % t == 0)
+  sizes = _splash_block_sizes(tile(lq), tile(lk))
   # interpret: Pallas' generic interpreter, not TPU interpret mode
   # (`InterpretParams`), which synchronises the devices of a shard_map at
   # each kernel call and hangs when the ring's branches run different kernels

@@ -361,17 +361,24 @@ def _ring(op, schedule, axis, shards, q, k, v, seg):
   return _ring_fwd(op, schedule, axis, shards, q, k, v, seg)[0]
 
 
-def _ring_fwd(op, schedule, axis, shards, q, k, v, seg):
-  index = jax.lax.axis_index(axis)
+def _merged_over(op, schedule, q, seg, index, key_slices):
+  """(out, lse) of the shard's queries over the key slices, which
+  `key_slices` yields as (source shard, (k, v, seg)), one per ring step."""
   b, lq, hq, d = q.shape
   merged = attention_reference.no_keys(b, lq, hq, d)
-  for step, (source, kv) in enumerate(_around_ring((k, v, seg), axis, shards)):
+  for step, (source, kv) in enumerate(key_slices):
 
     def run(parts, carry, kv=kv):
       return _step_forward(op, parts, q, seg, kv, carry)
 
     merged = _by_source(step, source, index, run, schedule, merged)
-  out, lse = merged
+  return merged
+
+
+def _ring_fwd(op, schedule, axis, shards, q, k, v, seg):
+  index = jax.lax.axis_index(axis)
+  key_slices = _around_ring((k, v, seg), axis, shards)
+  out, lse = _merged_over(op, schedule, q, seg, index, key_slices)
   return out, (q, k, v, seg, out, lse)
 
 
@@ -475,6 +482,13 @@ def _slice_of(full, source, lq: int):
   return jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, source * lq, lq, axis=1), full)
 
 
+def _gathered_slices(full, index, shards: int, lq: int):
+  """Yields (source shard, its slice of `full`) in the ring's order."""
+  for step in range(shards):
+    source = (index - step) % shards
+    yield source, _slice_of(full, source, lq)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _gathered(op, axis, shards, q, k, v, seg):
   return _gathered_fwd(op, axis, shards, q, k, v, seg)[0]
@@ -483,18 +497,10 @@ def _gathered(op, axis, shards, q, k, v, seg):
 def _gathered_fwd(op, axis, shards, q, k, v, seg):
   """The ring's blocks (`_ring_schedule`) on keys and values gathered once."""
   index = jax.lax.axis_index(axis)
-  b, lq, hq, d = q.shape
+  lq = q.shape[1]
   full = jax.tree.map(lambda a: jax.lax.all_gather(a, axis, axis=1, tiled=True), (k, v, seg))
-  schedule = _ring_schedule(lq)
-  merged = attention_reference.no_keys(b, lq, hq, d)
-  for step in range(shards):
-    source = (index - step) % shards
-
-    def run(parts, carry, source=source):
-      return _step_forward(op, parts, q, seg, _slice_of(full, source, lq), carry)
-
-    merged = _by_source(step, source, index, run, schedule, merged)
-  out, lse = merged
+  key_slices = _gathered_slices(full, index, shards, lq)
+  out, lse = _merged_over(op, _ring_schedule(lq), q, seg, index, key_slices)
   return out, (q, k, v, seg, out, lse)
 
 
@@ -509,9 +515,7 @@ def _gathered_bwd(op, axis, shards, residuals, d_out):
   schedule = _ring_schedule(lq)
   dq = jnp.zeros(q.shape, f32)
   dk_full, dv_full = (jnp.zeros(a.shape, f32) for a in full[:2])
-  for step in range(shards):
-    source = (index - step) % shards
-    kv = _slice_of(full, source, lq)
+  for step, (source, kv) in enumerate(_gathered_slices(full, index, shards, lq)):
 
     def run(parts, carry, kv=kv):
       return _step_backward(op, parts, q, seg, kv, out, lse, d_out, carry)
