@@ -19,9 +19,11 @@ overhead of the split, not a speed-up.
 With --attention_op, the attention op alone (forward + backward of
 `causal_attention`, HybriDNA-300M's heads: 16 query, 4 key/value, 64 wide;
 one sequence, two packed documents) for each context method side by side:
-"wall s" is the fake devices' time (they share the host's cores, so it sums
-every device's work), "critical s" the slowest device's share: each device's
-attention blocks per ring step (the shapes each method computes there),
+"temp MB" is the compiled op's per-device temporaries (XLA's memory
+analysis; lengths above --time_up_to are only compiled), "wall s" the fake
+devices' time (they share the host's cores, so it sums every device's
+work), "critical s" the slowest device's share: each device's attention
+blocks per ring step (the shapes each method computes there),
 timed one at a time on one device and summed over the steps as the
 slowest device at each step (collectives excluded; on real devices the step
 waits for the slowest device); "critical blocks" the same in units of one
