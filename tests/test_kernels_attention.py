@@ -87,6 +87,7 @@ def test_splash_matches_xla(dtype):
     (100, 32, 2, 2, False),  # MHA, no segment ids (nothing skipped but the upper blocks)
     (64, 256, 4, 1, True),  # MQA, shorter than one block
     (96, 16, 4, 2, True),  # many blocks: whole blocks of other documents skipped
+    (600, None, 4, 2, True),  # the automatic block (256 here), padded to 768
   ],
 )
 def test_causal_blocks_matches_xla(l, block, hq, hkv, with_segments):
@@ -117,6 +118,12 @@ def test_causal_blocks_memory_is_linear_in_length():
   assert temp(attention.xla_attention) > scores_bytes
   blocks = temp(lambda q, k, v: causal_blocks.causal_block_attention(q, k, v, block=256))
   assert blocks < scores_bytes / 8
+
+
+def test_causal_blocks_auto_block_follows_the_scores_size():
+  """512 while one pair's fp32 scores (b * hq * block^2) fit in 4 MiB."""
+  assert causal_blocks.auto_block(batch=1, query_heads=4) == 512
+  assert causal_blocks.auto_block(batch=2, query_heads=4) == 256
 
 
 # One (query slice, key slice) block of context-parallel attention, as the

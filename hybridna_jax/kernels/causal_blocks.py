@@ -8,9 +8,15 @@ of `block` tokens, and query block i visits key blocks 0..i only (a
 `fori_loop` with a dynamic bound), with an online softmax; the key blocks of
 other documents (disjoint segment-id ranges) are skipped as well. The
 backward is flash-attention's: scores are recomputed from the saved
-log-sum-exp, so memory stays O(l * block) both ways. Blocks of 256 were
-the fastest on a 2-core CPU at the demo's sizes (128 and 512 slower;
-benchmarks/RESULTS.md, "Speed on CPU").
+log-sum-exp, so memory stays O(l * block) both ways.
+
+The r = hq / hkv query heads that share a KV head are stacked as r * block
+rows, so each product is one matmul per KV head with a single contracted
+axis. With (r, block) as two axes, XLA:CPU transposed the (block, r, block)
+probabilities for one product and computed them a second time for another.
+The block size follows the caches: 512 while one pair's scores (b * hq *
+block^2 fp32) fit in 4 MiB, else 256 -- the faster of the two on a 2-core
+CPU at each of the demo's shapes (benchmarks/RESULTS.md, "Speed on CPU").
 
 Same contract as the references: q (b, l, hq, d), k and v (b, l, hkv, d),
 segment ids (b, l) int32 or None; fp32 scores and softmax, output in q's
@@ -32,21 +38,22 @@ Array = jax.Array
 _NEG_INF = attention_reference.NEG_INF
 
 
-def _blocks(x: Array, block: int, hkv: int) -> Array:
-  """(b, n * block, hkv * r, d) -> (n, b, hkv, r, block, d)."""
-  return einops.rearrange(x, "b (n t) (h r) d -> n b h r t d", t=block, h=hkv)
+def _query_rows(x: Array, block: int, hkv: int) -> Array:
+  """(b, n * block, hkv * r, d) -> (n, b, hkv, r * block, d)."""
+  return einops.rearrange(x, "b (n t) (h r) d -> n b h (r t) d", t=block, h=hkv)
 
 
-def _unblocks(x: Array) -> Array:
-  """(n, b, hkv, r, block, d) -> (b, n * block, hkv * r, d)."""
-  return einops.rearrange(x, "n b h r t d -> b (n t) (h r) d")
+def _key_blocks(x: Array, block: int) -> Array:
+  """(b, n * block, hkv, d) -> (n, b, hkv, block, d)."""
+  return einops.rearrange(x, "b (n t) h d -> n b h t d", t=block)
 
 
 class _Blocked:
   """The operands cut into blocks, and the block-pair masks.
 
   Attributes:
-    q: (n, b, hkv, r, block, d); k, v: (n, b, hkv, 1, block, d).
+    q: (n, b, hkv, rows, d) with rows = r * block (query head major).
+    k, v: (n, b, hkv, block, d).
     seg: (n, b, block) int32 segment ids.
     seg_lo, seg_hi: (n, b) each block's smallest and largest segment id.
   """
@@ -54,13 +61,24 @@ class _Blocked:
   def __init__(self, q, k, v, seg, block: int):
     hkv = k.shape[2]
     self.block = block
+    self.heads_per_kv = q.shape[2] // hkv
     self.scale = q.shape[-1] ** -0.5
-    self.q = _blocks(q, block, hkv)
-    self.k = _blocks(k, block, hkv)
-    self.v = _blocks(v, block, hkv)
+    self.q = _query_rows(q, block, hkv)
+    self.k = _key_blocks(k, block)
+    self.v = _key_blocks(v, block)
     self.seg = einops.rearrange(seg, "b (n t) -> n b t", t=block)
     self.seg_lo, self.seg_hi = self.seg.min(-1), self.seg.max(-1)
     self.causal = jnp.tril(jnp.ones((block, block), bool))
+
+  def rows(self, x: Array) -> Array:
+    """(b, n * block, hq, ...) -> (n, b, hkv, rows, ...), like q."""
+    return einops.rearrange(
+      x, "b (n t) (h r) ... -> n b h (r t) ...", t=self.block, r=self.heads_per_kv
+    )
+
+  def unrows(self, x: Array) -> Array:
+    """(n, b, hkv, rows, d) -> (b, n * block, hq, d)."""
+    return einops.rearrange(x, "n b h (r t) d -> b (n t) (h r) d", t=self.block)
 
   def shares_a_document(self, i, j) -> Array:
     """() bool: may any query of block i see a key of block j? Overlapping
@@ -69,23 +87,18 @@ class _Blocked:
     return jnp.any((self.seg_lo[i] <= self.seg_hi[j]) & (self.seg_lo[j] <= self.seg_hi[i]))
 
   def scores(self, i, j) -> tuple[Array, Array]:
-    """Scaled scores (b, hkv, r, block_q, block_k) fp32 of query block i
-    against key block j <= i, and the mask of visible pairs (b, 1, 1,
-    block_q, block_k)."""
-    s = jnp.einsum(
-      "bhrqd,bhkd->bhrqk", self.q[i], self.k[j][:, :, 0], preferred_element_type=jnp.float32
-    )
-    return s * self.scale, self._mask(i, j)[:, None, None]
+    """Scaled scores (b, hkv, rows, block) fp32 of query block i against key
+    block j <= i, and the mask of visible pairs (b, 1, rows, block)."""
+    s = jnp.einsum("bhRd,bhkd->bhRk", self.q[i], self.k[j], preferred_element_type=jnp.float32)
+    return s * self.scale, jnp.tile(self._mask(i, j), (1, self.heads_per_kv, 1))[:, None]
 
   def scores_by_key(self, i, j) -> tuple[Array, Array]:
-    """The same scores laid out (b, hkv, block_k, r, block_q), and the mask
-    (b, 1, block_k, 1, block_q): the layout whose products with (r, block_q)
-    rows (dk, dv) are plain matmuls. XLA:CPU otherwise transposes p and ds
-    for them, which cost more than the matmuls."""
-    s = jnp.einsum(
-      "bhkd,bhrqd->bhkrq", self.k[j][:, :, 0], self.q[i], preferred_element_type=jnp.float32
-    )
-    return s * self.scale, self._mask(i, j).swapaxes(1, 2)[:, None, :, None]
+    """The same scores transposed, (b, hkv, block, rows), and the mask (b, 1,
+    block, rows): the layout in which dk, dv and (transposed) dq are plain
+    matmuls."""
+    s = jnp.einsum("bhkd,bhRd->bhkR", self.k[j], self.q[i], preferred_element_type=jnp.float32)
+    mask = jnp.tile(self._mask(i, j).swapaxes(1, 2), (1, 1, self.heads_per_kv))
+    return s * self.scale, mask[:, None]
 
   def _mask(self, i, j) -> Array:
     """(b, block_q, block_k) bool: same document and, on the diagonal, causal."""
@@ -100,10 +113,9 @@ def _visited(blocked: _Blocked, i, j, has_segments: bool, step, carry):
   return jax.lax.cond(blocked.shares_a_document(i, j), step, lambda c: c, carry)
 
 
-def _forward(q, k, v, seg, block: int, has_segments: bool):
-  """(out (n, b, hkv, r, block, d) fp32, lse (n, b, hkv, r, block) fp32)."""
-  blk = _Blocked(q, k, v, seg, block)
-  n, b, hkv, r, _, d = blk.q.shape
+def _forward(blk: _Blocked, has_segments: bool):
+  """(out (n, b, hkv, rows, d) fp32, lse (n, b, hkv, rows) fp32)."""
+  n, b, hkv, rows, d = blk.q.shape
 
   def query_block(i):
     def key_block(j, carry):
@@ -115,17 +127,16 @@ def _forward(q, k, v, seg, block: int, has_segments: bool):
         correction = jnp.exp(m - m_new)
         p = jnp.exp(scores - m_new[..., None])
         pv = jnp.einsum(
-          "bhrqk,bhkd->bhrqd", p.astype(v.dtype), blk.v[j][:, :, 0],
-          preferred_element_type=jnp.float32,
-        )  # fmt: skip
+          "bhRk,bhkd->bhRd", p.astype(blk.v.dtype), blk.v[j], preferred_element_type=jnp.float32
+        )
         return m_new, s * correction + p.sum(-1), acc * correction[..., None] + pv
 
       return _visited(blk, i, j, has_segments, step, carry)
 
     init = (
-      jnp.full((b, hkv, r, block), _NEG_INF, jnp.float32),
-      jnp.zeros((b, hkv, r, block), jnp.float32),
-      jnp.zeros((b, hkv, r, block, d), jnp.float32),
+      jnp.full((b, hkv, rows), _NEG_INF, jnp.float32),
+      jnp.zeros((b, hkv, rows), jnp.float32),
+      jnp.zeros((b, hkv, rows, d), jnp.float32),
     )
     m, s, acc = jax.lax.fori_loop(0, i + 1, key_block, init)
     # Every query sees at least itself, so s >= 1 (padding included).
@@ -134,107 +145,95 @@ def _forward(q, k, v, seg, block: int, has_segments: bool):
   return jax.lax.map(query_block, jnp.arange(n))
 
 
-def _backward(q, k, v, seg, out, lse, d_out, block: int, has_segments: bool):
-  """dq (n, b, hkv, r, block, d) and dk, dv (n, b, hkv, block, d), fp32.
+def _backward(blk: _Blocked, out, lse, d_out, has_segments: bool):
+  """dq (n, b, hkv, rows, d) and dk, dv (n, b, hkv, block, d), fp32.
 
-  Two passes over the visited pairs, each accumulating in its loop carry:
-  dq row by row (query block i, key blocks j <= i), then dk and dv column
-  by column (key block j, query blocks i >= j). The scores and dp are
-  recomputed in both (7 matmuls a pair instead of 5), but no carry holds a
-  whole-sequence buffer: XLA:CPU copied such a buffer on every update,
-  which cost more than the matmuls saved."""
-  blk = _Blocked(q, k, v, seg, block)
+  One pass over the visited pairs, key block by key block (j outer, query
+  blocks i >= j inner): dk_j and dv_j accumulate in the inner loop's carry,
+  and each pair adds its share of dq_i, kept transposed as (d, rows) so that
+  it too is a plain matmul, into a whole-sequence buffer that the loops
+  update in place. Five matmuls a pair, and one exp."""
   n = blk.q.shape[0]
-  do = _blocks(d_out.astype(jnp.float32), block, k.shape[2])
-  delta = jnp.einsum("nbhrtd,nbhrtd->nbhrt", do, out)
+  do = blk.rows(d_out.astype(jnp.float32))
+  delta = jnp.einsum("nbhRd,nbhRd->nbhR", do, out)
 
-  def probs_and_dscores(i, j, by_key: bool = False):
-    """p and dL/d(scaled scores), fp32, laid out as `scores` (or, by_key,
-    as `scores_by_key`)."""
-    if by_key:
-      scores, mask = blk.scores_by_key(i, j)
-      lse_i, delta_i = lse[i][:, :, None], delta[i][:, :, None]  # (b, hkv, 1, r, block_q)
-      dp = jnp.einsum(
-        "bhkd,bhrqd->bhkrq", blk.v[j][:, :, 0], do[i], preferred_element_type=jnp.float32
-      )
-    else:
-      scores, mask = blk.scores(i, j)
-      lse_i, delta_i = lse[i][..., None], delta[i][..., None]  # (b, hkv, r, block_q, 1)
-      dp = jnp.einsum(
-        "bhrqd,bhkd->bhrqk", do[i], blk.v[j][:, :, 0], preferred_element_type=jnp.float32
-      )
-    p = jnp.where(mask, jnp.exp(scores - lse_i), 0.0)
-    return p, p * (dp - delta_i) * blk.scale
+  def key_column(j, dq_t):
+    k_t = blk.k[j].swapaxes(-1, -2).astype(jnp.float32)  # (b, hkv, d, block)
 
-  def dq_row(i):
-    def key_block(j, dq_i):
-      def step(dq_i):
-        _, ds = probs_and_dscores(i, j)
-        return dq_i + jnp.einsum(
-          "bhrqk,bhkd->bhrqd", ds, blk.k[j][:, :, 0], preferred_element_type=jnp.float32
-        )
+    def query_block(i, carry):
+      def step(carry):
+        dk_j, dv_j, dq_t = carry
+        scores, mask = blk.scores_by_key(i, j)
+        p = jnp.where(mask, jnp.exp(scores - lse[i][:, :, None]), 0.0)
+        dp = jnp.einsum("bhkd,bhRd->bhkR", blk.v[j], do[i], preferred_element_type=jnp.float32)
+        ds = p * (dp - delta[i][:, :, None]) * blk.scale
+        dk_j += jnp.einsum("bhkR,bhRd->bhkd", ds, blk.q[i], preferred_element_type=jnp.float32)
+        dv_j += jnp.einsum("bhkR,bhRd->bhkd", p, do[i])
+        dq_ij = jnp.einsum("bhdk,bhkR->bhdR", k_t, ds)
+        return dk_j, dv_j, jax.lax.dynamic_update_index_in_dim(dq_t, dq_t[i] + dq_ij, i, 0)
 
-      return _visited(blk, i, j, has_segments, step, dq_i)
+      return _visited(blk, i, j, has_segments, step, carry)
 
-    return jax.lax.fori_loop(0, i + 1, key_block, jnp.zeros(blk.q.shape[1:], jnp.float32))
+    zeros = jnp.zeros(blk.k.shape[1:], jnp.float32)  # (b, hkv, block, d)
+    dk_j, dv_j, dq_t = jax.lax.fori_loop(j, n, query_block, (zeros, zeros, dq_t))
+    return dq_t, (dk_j, dv_j)
 
-  def dkv_column(j):
-    def query_block(i, dkv_j):
-      def step(dkv_j):
-        dk_j, dv_j = dkv_j
-        p, ds = probs_and_dscores(i, j, by_key=True)
-        dk_j = dk_j + jnp.einsum(
-          "bhkrq,bhrqd->bhkd", ds, blk.q[i], preferred_element_type=jnp.float32
-        )
-        return dk_j, dv_j + jnp.einsum("bhkrq,bhrqd->bhkd", p, do[i])
-
-      return _visited(blk, i, j, has_segments, step, dkv_j)
-
-    zeros = jnp.zeros(blk.k.shape[1:3] + blk.k.shape[4:], jnp.float32)  # (b, hkv, block, d)
-    return jax.lax.fori_loop(j, n, query_block, (zeros, zeros))
-
-  dq = jax.lax.map(dq_row, jnp.arange(n))
-  dk, dv = jax.lax.map(dkv_column, jnp.arange(n))
-  return dq, dk, dv
+  n, b, hkv, rows, d = blk.q.shape
+  dq_t = jnp.zeros((n, b, hkv, d, rows), jnp.float32)
+  dq_t, (dk, dv) = jax.lax.scan(lambda dq_t, j: key_column(j, dq_t), dq_t, jnp.arange(n))
+  return dq_t.swapaxes(-1, -2), dk, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _attention(q, k, v, seg, block, has_segments):
-  out, _ = _forward(q, k, v, seg, block, has_segments)
-  return _unblocks(out)
+  blk = _Blocked(q, k, v, seg, block)
+  out, _ = _forward(blk, has_segments)
+  return blk.unrows(out)
 
 
 def _attention_fwd(q, k, v, seg, block, has_segments):
-  out, lse = _forward(q, k, v, seg, block, has_segments)
-  return _unblocks(out), (q, k, v, seg, out, lse)
+  blk = _Blocked(q, k, v, seg, block)
+  out, lse = _forward(blk, has_segments)
+  return blk.unrows(out), (q, k, v, seg, out, lse)
 
 
 def _attention_bwd(block, has_segments, residuals, d_out):
   q, k, v, seg, out, lse = residuals
-  dq, dk, dv = _backward(q, k, v, seg, out, lse, d_out, block, has_segments)
+  blk = _Blocked(q, k, v, seg, block)
+  dq, dk, dv = _backward(blk, out, lse, d_out, has_segments)
   dk = einops.rearrange(dk, "n b h t d -> b (n t) h d")
   dv = einops.rearrange(dv, "n b h t d -> b (n t) h d")
-  return _unblocks(dq).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+  return blk.unrows(dq).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def causal_block_attention(q, k, v, segment_ids=None, *, block: int = 256):
+_SCORES_BYTES = 4 << 20  # one block pair's fp32 scores, for the automatic block size
+
+
+def auto_block(batch: int, query_heads: int) -> int:
+  """512 if one pair's (batch, query_heads, 512, 512) fp32 scores fit in 4
+  MiB, else 256."""
+  return 512 if batch * query_heads * 512 * 512 * 4 <= _SCORES_BYTES else 256
+
+
+def causal_block_attention(q, k, v, segment_ids=None, *, block: int | None = None):
   """Causal GQA attention over the block pairs the mask keeps.
 
   Args:
     q: (b, l, hq, d); k, v: (b, l, hkv, d), hq % hkv == 0.
     segment_ids: (b, l) int32 or None.
-    block: queries and keys per block; a sequence shorter than it is one
-      block, a longer one is padded to a multiple (the padding comes after
-      every real position, so the causal mask hides it).
+    block: queries and keys per block (None: `auto_block`); a sequence
+      shorter than it is one block, a longer one is padded to a multiple
+      (the padding comes after every real position, so the causal mask
+      hides it).
 
   Returns:
     (b, l, hq, d) in q.dtype.
   """
-  b, l = q.shape[:2]
-  block = min(block, l)
+  b, l, hq = q.shape[:3]
+  block = min(block or auto_block(b, hq), l)
   pad = (-l) % block
   has_segments = segment_ids is not None
   seg = jnp.zeros((b, l), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
