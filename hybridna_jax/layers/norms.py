@@ -1,21 +1,97 @@
-"""RMSNorm and the gated, grouped RMSNorm of the Mamba2 mixer."""
+"""RMSNorm and the gated, grouped RMSNorm of the Mamba2 mixer.
+
+Both take (tokens, dim) matrices and have hand-written backward passes that
+keep only their inputs and the (tokens, groups) inverse RMS. Under autodiff
+every intermediate (the gated input, its normalised value, the gate's
+sigmoid) became a residual, and XLA:CPU computed each one in a fusion of
+its own that re-ran the whole producer chain (the causal conv, the SSD
+output's transpose): the forward half of a training step spent 50x longer
+in the norms than the forward alone (benchmarks/RESULTS.md, "Speed on CPU").
+Scales multiply (tokens, dim) matrices too: a scale's gradient is a sum over
+tokens, which XLA:CPU did 35-40x slower over a (1, l, dim) batch of one.
+"""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-# Both norms scale (tokens, dim) matrices: a scale's gradient is a sum over
-# tokens, and XLA:CPU reduced a (1, l, dim) cotangent over its batch and
-# length 35-40x slower than the same values as (l, dim) (1 x 16,384 tokens;
-# a batch of 2 was not affected). The reshapes are free on every backend.
+
+def _inverse_rms(u: jax.Array, groups: int, eps: float) -> jax.Array:
+  """u (t, dim) fp32 -> 1 / rms over each of `groups` groups, (t, groups, 1)."""
+  grouped = u.reshape(u.shape[0], groups, -1)
+  return jax.lax.rsqrt(jnp.mean(jnp.square(grouped), axis=-1, keepdims=True) + eps)
 
 
-def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
-  """x / rms(x) over the last axis, in fp32."""
-  x = x.astype(jnp.float32)
-  return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+def _times_inverse_rms(u: jax.Array, inv_rms: jax.Array) -> jax.Array:
+  """u (t, dim) scaled group by group by inv_rms (t, groups, 1)."""
+  return (u.reshape(u.shape[0], inv_rms.shape[1], -1) * inv_rms).reshape(u.shape)
+
+
+def _normalize_vjp(u, inv_rms, d_normalized):
+  """Cotangent of u given that of u * inv_rms(u), all (t, dim) fp32."""
+  groups = inv_rms.shape[1]
+  u_hat = u.reshape(u.shape[0], groups, -1) * inv_rms
+  d = d_normalized.reshape(u_hat.shape)
+  return (inv_rms * (d - u_hat * jnp.mean(d * u_hat, axis=-1, keepdims=True))).reshape(u.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  """x (t, dim) / rms(x) * scale (dim,), computed in fp32, in x.dtype."""
+  u = x.astype(jnp.float32)
+  return (_times_inverse_rms(u, _inverse_rms(u, 1, eps)) * scale).astype(x.dtype)
+
+
+def _rms_norm_fwd(x, scale, eps):
+  u = x.astype(jnp.float32)
+  inv_rms = _inverse_rms(u, 1, eps)
+  return (_times_inverse_rms(u, inv_rms) * scale).astype(x.dtype), (x, scale, inv_rms)
+
+
+def _rms_norm_bwd(eps, residuals, d_out):
+  del eps
+  x, scale, inv_rms = residuals
+  u, g = x.astype(jnp.float32), d_out.astype(jnp.float32)
+  d_scale = jnp.sum(g * _times_inverse_rms(u, inv_rms), axis=0)
+  du = _normalize_vjp(u, inv_rms, g * scale.astype(jnp.float32))
+  return du.astype(x.dtype), d_scale.astype(scale.dtype)
+
+
+rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def gated_rms_norm(y: jax.Array, z: jax.Array, scale: jax.Array, groups: int, eps: float):
+  """rmsnorm(y * silu(z)) within each of `groups` groups of the last axis,
+  times scale (dim,): y, z (t, dim), fp32 inside, out in y.dtype."""
+  return _gated_rms_norm_fwd(y, z, scale, groups, eps)[0]
+
+
+def _gated_rms_norm_fwd(y, z, scale, groups, eps):
+  u = y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
+  inv_rms = _inverse_rms(u, groups, eps)
+  out = (_times_inverse_rms(u, inv_rms) * scale).astype(y.dtype)
+  return out, (y, z, scale, inv_rms)
+
+
+def _gated_rms_norm_bwd(groups, eps, residuals, d_out):
+  del groups, eps
+  y, z, scale, inv_rms = residuals
+  y32, z32, g = y.astype(jnp.float32), z.astype(jnp.float32), d_out.astype(jnp.float32)
+  sigmoid = jax.nn.sigmoid(z32)
+  silu = z32 * sigmoid
+  u = y32 * silu
+  d_scale = jnp.sum(g * _times_inverse_rms(u, inv_rms), axis=0)
+  du = _normalize_vjp(u, inv_rms, g * scale.astype(jnp.float32))
+  dz = du * y32 * sigmoid * (1 + z32 * (1 - sigmoid))
+  return (du * silu).astype(y.dtype), dz.astype(z.dtype), d_scale.astype(scale.dtype)
+
+
+gated_rms_norm.defvjp(_gated_rms_norm_fwd, _gated_rms_norm_bwd)
 
 
 class RMSNorm(nnx.Module):
@@ -26,8 +102,9 @@ class RMSNorm(nnx.Module):
     self.scale = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=(axis_name,))
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    """x (..., dim) -> (..., dim)."""
     tokens = x.reshape(-1, x.shape[-1])
-    return (rms_normalize(tokens, self.eps) * self.scale[...]).reshape(x.shape).astype(x.dtype)
+    return rms_norm(tokens, self.scale[...], self.eps).reshape(x.shape)
 
 
 class GatedRMSNorm(nnx.Module):
@@ -48,7 +125,9 @@ class GatedRMSNorm(nnx.Module):
     self.scale = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=(axis_name,))
 
   def __call__(self, y: jax.Array, z: jax.Array) -> jax.Array:
+    """y, z (..., dim) -> (..., dim) in y.dtype."""
     dim = y.shape[-1]
-    gated = y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
-    grouped = rms_normalize(gated.reshape(-1, self.groups, dim // self.groups), self.eps)
-    return (grouped.reshape(-1, dim) * self.scale[...]).reshape(y.shape).astype(y.dtype)
+    out = gated_rms_norm(
+      y.reshape(-1, dim), z.reshape(-1, dim), self.scale[...], self.groups, self.eps
+    )
+    return out.reshape(y.shape)
