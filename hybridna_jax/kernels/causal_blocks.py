@@ -56,10 +56,13 @@ class _Blocked:
     k, v: (n, b, hkv, block, d).
     seg: (n, b, block) int32 segment ids.
     seg_lo, seg_hi: (n, b) each block's smallest and largest segment id.
+    has_segments: False when every id is 0: no pair is skipped, and only
+      the diagonal blocks are masked.
   """
 
-  def __init__(self, q, k, v, seg, block: int):
+  def __init__(self, q, k, v, seg, block: int, has_segments: bool):
     hkv = k.shape[2]
+    self.has_segments = has_segments
     self.block = block
     self.heads_per_kv = q.shape[2] // hkv
     self.scale = q.shape[-1] ** -0.5
@@ -80,40 +83,50 @@ class _Blocked:
     """(n, b, hkv, rows, d) -> (b, n * block, hq, d)."""
     return einops.rearrange(x, "n b h (r t) d -> b (n t) (h r) d", t=self.block)
 
-  def shares_a_document(self, i, j) -> Array:
-    """() bool: may any query of block i see a key of block j? Overlapping
-    segment-id ranges in some row are necessary for a shared id, so blocks
-    that fail this hold no visible pair (exact for packed, sorted ids)."""
-    return jnp.any((self.seg_lo[i] <= self.seg_hi[j]) & (self.seg_lo[j] <= self.seg_hi[i]))
+  def visit(self, i, j, step, carry):
+    """`step(carry)` where block pair (i, j) can hold visible keys, else
+    carry. Overlapping segment-id ranges in some row are necessary for a
+    shared id, so pairs that fail this hold no visible pair (exact for
+    packed, sorted ids)."""
+    if not self.has_segments:
+      return step(carry)
+    shares = jnp.any((self.seg_lo[i] <= self.seg_hi[j]) & (self.seg_lo[j] <= self.seg_hi[i]))
+    return jax.lax.cond(shares, step, lambda c: c, carry)
 
-  def scores(self, i, j) -> tuple[Array, Array]:
+  def scores(self, i, j) -> Array:
     """Scaled scores (b, hkv, rows, block) fp32 of query block i against key
-    block j <= i, and the mask of visible pairs (b, 1, rows, block)."""
+    block j <= i."""
     s = jnp.einsum("bhRd,bhkd->bhRk", self.q[i], self.k[j], preferred_element_type=jnp.float32)
-    return s * self.scale, jnp.tile(self._mask(i, j), (1, self.heads_per_kv, 1))[:, None]
+    return s * self.scale
 
-  def scores_by_key(self, i, j) -> tuple[Array, Array]:
-    """The same scores transposed, (b, hkv, block, rows), and the mask (b, 1,
-    block, rows): the layout in which dk, dv and (transposed) dq are plain
-    matmuls."""
+  def scores_by_key(self, i, j) -> Array:
+    """The same scores transposed, (b, hkv, block, rows): the layout in
+    which dk, dv and (transposed) dq are plain matmuls."""
     s = jnp.einsum("bhkd,bhRd->bhkR", self.k[j], self.q[i], preferred_element_type=jnp.float32)
-    mask = jnp.tile(self._mask(i, j).swapaxes(1, 2), (1, 1, self.heads_per_kv))
-    return s * self.scale, mask[:, None]
+    return s * self.scale
+
+  def where_visible(self, i, j, x: Array, fill: float, by_key: bool = False) -> Array:
+    """x (b, hkv, rows, block), or (b, hkv, block, rows) `by_key`, with the
+    pairs the mask hides set to `fill`. The mask broadcasts over the r
+    heads of a row block (a tiled mask cost more than the select)."""
+    b, hkv = x.shape[:2]
+    mask = self._mask(i, j)  # (b, block_q, block_k)
+    if by_key:
+      shape, mask = (b, hkv, self.block, -1, self.block), mask.swapaxes(1, 2)[:, None, :, None]
+    else:
+      shape, mask = (b, hkv, -1, self.block, self.block), mask[:, None, None]
+    return jnp.where(mask, x.reshape(shape), fill).reshape(x.shape)
 
   def _mask(self, i, j) -> Array:
-    """(b, block_q, block_k) bool: same document and, on the diagonal, causal."""
-    same_doc = self.seg[i][:, :, None] == self.seg[j][:, None, :]
-    return same_doc & jnp.where(i == j, self.causal, True)[None]
+    """(b or 1, block_q, block_k) bool: on the diagonal causal, and with
+    segment ids, the same document."""
+    causal = jnp.where(i == j, self.causal, True)[None]
+    if not self.has_segments:
+      return causal
+    return causal & (self.seg[i][:, :, None] == self.seg[j][:, None, :])
 
 
-def _visited(blocked: _Blocked, i, j, has_segments: bool, step, carry):
-  """`step(carry)` where block pair (i, j) can hold visible keys, else carry."""
-  if not has_segments:
-    return step(carry)
-  return jax.lax.cond(blocked.shares_a_document(i, j), step, lambda c: c, carry)
-
-
-def _forward(blk: _Blocked, has_segments: bool):
+def _forward(blk: _Blocked):
   """(out (n, b, hkv, rows, d) fp32, lse (n, b, hkv, rows) fp32)."""
   n, b, hkv, rows, d = blk.q.shape
 
@@ -121,8 +134,7 @@ def _forward(blk: _Blocked, has_segments: bool):
     def key_block(j, carry):
       def step(carry):
         m, s, acc = carry
-        scores, mask = blk.scores(i, j)
-        scores = jnp.where(mask, scores, _NEG_INF)
+        scores = blk.where_visible(i, j, blk.scores(i, j), _NEG_INF)
         m_new = jnp.maximum(m, scores.max(-1))
         correction = jnp.exp(m - m_new)
         p = jnp.exp(scores - m_new[..., None])
@@ -131,7 +143,7 @@ def _forward(blk: _Blocked, has_segments: bool):
         )
         return m_new, s * correction + p.sum(-1), acc * correction[..., None] + pv
 
-      return _visited(blk, i, j, has_segments, step, carry)
+      return blk.visit(i, j, step, carry)
 
     init = (
       jnp.full((b, hkv, rows), _NEG_INF, jnp.float32),
@@ -145,7 +157,7 @@ def _forward(blk: _Blocked, has_segments: bool):
   return jax.lax.map(query_block, jnp.arange(n))
 
 
-def _backward(blk: _Blocked, out, lse, d_out, has_segments: bool):
+def _backward(blk: _Blocked, out, lse, d_out):
   """dq (n, b, hkv, rows, d) and dk, dv (n, b, hkv, block, d), fp32.
 
   One pass over the visited pairs, key block by key block (j outer, query
@@ -163,8 +175,8 @@ def _backward(blk: _Blocked, out, lse, d_out, has_segments: bool):
     def query_block(i, carry):
       def step(carry):
         dk_j, dv_j, dq_t = carry
-        scores, mask = blk.scores_by_key(i, j)
-        p = jnp.where(mask, jnp.exp(scores - lse[i][:, :, None]), 0.0)
+        p = jnp.exp(blk.scores_by_key(i, j) - lse[i][:, :, None])
+        p = blk.where_visible(i, j, p, 0.0, by_key=True)
         dp = jnp.einsum("bhkd,bhRd->bhkR", blk.v[j], do[i], preferred_element_type=jnp.float32)
         ds = p * (dp - delta[i][:, :, None]) * blk.scale
         dk_j += jnp.einsum("bhkR,bhRd->bhkd", ds, blk.q[i], preferred_element_type=jnp.float32)
@@ -172,7 +184,7 @@ def _backward(blk: _Blocked, out, lse, d_out, has_segments: bool):
         dq_ij = jnp.einsum("bhdk,bhkR->bhdR", k_t, ds)
         return dk_j, dv_j, jax.lax.dynamic_update_index_in_dim(dq_t, dq_t[i] + dq_ij, i, 0)
 
-      return _visited(blk, i, j, has_segments, step, carry)
+      return blk.visit(i, j, step, carry)
 
     zeros = jnp.zeros(blk.k.shape[1:], jnp.float32)  # (b, hkv, block, d)
     dk_j, dv_j, dq_t = jax.lax.fori_loop(j, n, query_block, (zeros, zeros, dq_t))
@@ -186,21 +198,21 @@ def _backward(blk: _Blocked, out, lse, d_out, has_segments: bool):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _attention(q, k, v, seg, block, has_segments):
-  blk = _Blocked(q, k, v, seg, block)
-  out, _ = _forward(blk, has_segments)
+  blk = _Blocked(q, k, v, seg, block, has_segments)
+  out, _ = _forward(blk)
   return blk.unrows(out)
 
 
 def _attention_fwd(q, k, v, seg, block, has_segments):
-  blk = _Blocked(q, k, v, seg, block)
-  out, lse = _forward(blk, has_segments)
+  blk = _Blocked(q, k, v, seg, block, has_segments)
+  out, lse = _forward(blk)
   return blk.unrows(out), (q, k, v, seg, out, lse)
 
 
 def _attention_bwd(block, has_segments, residuals, d_out):
   q, k, v, seg, out, lse = residuals
-  blk = _Blocked(q, k, v, seg, block)
-  dq, dk, dv = _backward(blk, out, lse, d_out, has_segments)
+  blk = _Blocked(q, k, v, seg, block, has_segments)
+  dq, dk, dv = _backward(blk, out, lse, d_out)
   dk = einops.rearrange(dk, "n b h t d -> b (n t) h d")
   dv = einops.rearrange(dv, "n b h t d -> b (n t) h d")
   return blk.unrows(dq).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
