@@ -84,14 +84,22 @@ class _Blocked:
     return einops.rearrange(x, "n b h (r t) d -> b (n t) (h r) d", t=self.block)
 
   def visit(self, i, j, step, carry):
-    """`step(carry)` where block pair (i, j) can hold visible keys, else
-    carry. Overlapping segment-id ranges in some row are necessary for a
-    shared id, so pairs that fail this hold no visible pair (exact for
-    packed, sorted ids)."""
+    """`step(carry, segments)` for block pair (i, j), where `segments` says
+    whether its mask must compare segment ids; carry where the pair holds
+    no visible key.
+
+    Overlapping segment-id ranges in some row are necessary for a shared
+    id, so pairs that fail this are skipped (exact for packed, sorted ids).
+    Pairs whose two blocks lie in one document in every row need only the
+    causal mask (in a long genome, nearly all of them)."""
     if not self.has_segments:
-      return step(carry)
-    shares = jnp.any((self.seg_lo[i] <= self.seg_hi[j]) & (self.seg_lo[j] <= self.seg_hi[i]))
-    return jax.lax.cond(shares, step, lambda c: c, carry)
+      return step(carry, False)
+    lo_i, hi_i, lo_j, hi_j = self.seg_lo[i], self.seg_hi[i], self.seg_lo[j], self.seg_hi[j]
+    shares = jnp.any((lo_i <= hi_j) & (lo_j <= hi_i))
+    one_document = jnp.all((lo_i == hi_i) & (lo_j == hi_j) & (lo_i == lo_j))
+    branch = jnp.where(one_document, 2, shares.astype(jnp.int32))
+    steps = (lambda c: c, lambda c: step(c, True), lambda c: step(c, False))
+    return jax.lax.switch(branch, steps, carry)
 
   def scores(self, i, j) -> Array:
     """Scaled scores (b, hkv, rows, block) fp32 of query block i against key
@@ -105,23 +113,24 @@ class _Blocked:
     s = jnp.einsum("bhkd,bhRd->bhkR", self.k[j], self.q[i], preferred_element_type=jnp.float32)
     return s * self.scale
 
-  def where_visible(self, i, j, x: Array, fill: float, by_key: bool = False) -> Array:
+  def where_visible(self, i, j, x: Array, fill: float, segments: bool, by_key=False) -> Array:
     """x (b, hkv, rows, block), or (b, hkv, block, rows) `by_key`, with the
-    pairs the mask hides set to `fill`. The mask broadcasts over the r
-    heads of a row block (a tiled mask cost more than the select)."""
+    pairs the mask hides set to `fill`; `segments`: compare segment ids.
+    The mask broadcasts over the r heads of a row block (a tiled mask cost
+    more than the select)."""
     b, hkv = x.shape[:2]
-    mask = self._mask(i, j)  # (b, block_q, block_k)
+    mask = self._mask(i, j, segments)  # (b or 1, block_q, block_k)
     if by_key:
       shape, mask = (b, hkv, self.block, -1, self.block), mask.swapaxes(1, 2)[:, None, :, None]
     else:
       shape, mask = (b, hkv, -1, self.block, self.block), mask[:, None, None]
     return jnp.where(mask, x.reshape(shape), fill).reshape(x.shape)
 
-  def _mask(self, i, j) -> Array:
+  def _mask(self, i, j, segments: bool) -> Array:
     """(b or 1, block_q, block_k) bool: on the diagonal causal, and with
-    segment ids, the same document."""
+    `segments`, the same document."""
     causal = jnp.where(i == j, self.causal, True)[None]
-    if not self.has_segments:
+    if not segments:
       return causal
     return causal & (self.seg[i][:, :, None] == self.seg[j][:, None, :])
 
@@ -132,9 +141,9 @@ def _forward(blk: _Blocked):
 
   def query_block(i):
     def key_block(j, carry):
-      def step(carry):
+      def step(carry, segments):
         m, s, acc = carry
-        scores = blk.where_visible(i, j, blk.scores(i, j), _NEG_INF)
+        scores = blk.where_visible(i, j, blk.scores(i, j), _NEG_INF, segments)
         m_new = jnp.maximum(m, scores.max(-1))
         correction = jnp.exp(m - m_new)
         p = jnp.exp(scores - m_new[..., None])
@@ -173,18 +182,21 @@ def _backward(blk: _Blocked, out, lse, d_out):
     k_t = blk.k[j].swapaxes(-1, -2).astype(jnp.float32)  # (b, hkv, d, block)
 
     def query_block(i, carry):
-      def step(carry):
-        dk_j, dv_j, dq_t = carry
+      def step(carry, segments):
+        dk_j, dv_j, _ = carry
         p = jnp.exp(blk.scores_by_key(i, j) - lse[i][:, :, None])
-        p = blk.where_visible(i, j, p, 0.0, by_key=True)
+        p = blk.where_visible(i, j, p, 0.0, segments, by_key=True)
         dp = jnp.einsum("bhkd,bhRd->bhkR", blk.v[j], do[i], preferred_element_type=jnp.float32)
         ds = p * (dp - delta[i][:, :, None]) * blk.scale
         dk_j += jnp.einsum("bhkR,bhRd->bhkd", ds, blk.q[i], preferred_element_type=jnp.float32)
         dv_j += jnp.einsum("bhkR,bhRd->bhkd", p, do[i])
-        dq_ij = jnp.einsum("bhdk,bhkR->bhdR", k_t, ds)
-        return dk_j, dv_j, jax.lax.dynamic_update_index_in_dim(dq_t, dq_t[i] + dq_ij, i, 0)
+        return dk_j, dv_j, jnp.einsum("bhdk,bhkR->bhdR", k_t, ds)
 
-      return blk.visit(i, j, step, carry)
+      # The whole-sequence dq buffer stays outside the pair's branches:
+      # passed through a conditional, it was copied at every pair.
+      dk_j, dv_j, dq_t = carry
+      dk_j, dv_j, dq_ij = blk.visit(i, j, step, (dk_j, dv_j, jnp.zeros_like(dq_t[i])))
+      return dk_j, dv_j, jax.lax.dynamic_update_index_in_dim(dq_t, dq_t[i] + dq_ij, i, 0)
 
     zeros = jnp.zeros(blk.k.shape[1:], jnp.float32)  # (b, hkv, block, d)
     dk_j, dv_j, dq_t = jax.lax.fori_loop(j, n, query_block, (zeros, zeros, dq_t))
