@@ -38,11 +38,6 @@ Array = jax.Array
 _NEG_INF = attention_reference.NEG_INF
 
 
-def _query_rows(x: Array, block: int, hkv: int) -> Array:
-  """(b, n * block, hkv * r, d) -> (n, b, hkv, r * block, d)."""
-  return einops.rearrange(x, "b (n t) (h r) d -> n b h (r t) d", t=block, h=hkv)
-
-
 def _key_blocks(x: Array, block: int) -> Array:
   """(b, n * block, hkv, d) -> (n, b, hkv, block, d)."""
   return einops.rearrange(x, "b (n t) h d -> n b h t d", t=block)
@@ -56,8 +51,8 @@ class _Blocked:
     k, v: (n, b, hkv, block, d).
     seg: (n, b, block) int32 segment ids.
     seg_lo, seg_hi: (n, b) each block's smallest and largest segment id.
-    has_segments: False when every id is 0: no pair is skipped, and only
-      the diagonal blocks are masked.
+    has_segments: False when no segment ids were given (all 0): no pair is
+      skipped, and only the diagonal blocks are masked.
   """
 
   def __init__(self, q, k, v, seg, block: int, has_segments: bool):
@@ -66,7 +61,7 @@ class _Blocked:
     self.block = block
     self.heads_per_kv = q.shape[2] // hkv
     self.scale = q.shape[-1] ** -0.5
-    self.q = _query_rows(q, block, hkv)
+    self.q = self.rows(q)
     self.k = _key_blocks(k, block)
     self.v = _key_blocks(v, block)
     self.seg = einops.rearrange(seg, "b (n t) -> n b t", t=block)
