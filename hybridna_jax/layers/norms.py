@@ -42,8 +42,7 @@ def _normalize_vjp(u, inv_rms, d_normalized):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
   """x (t, dim) / rms(x) * scale (dim,), computed in fp32, in x.dtype."""
-  u = x.astype(jnp.float32)
-  return (_times_inverse_rms(u, _inverse_rms(u, 1, eps)) * scale).astype(x.dtype)
+  return _rms_norm_fwd(x, scale, eps)[0]
 
 
 def _rms_norm_fwd(x, scale, eps):
