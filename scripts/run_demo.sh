@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine (CPU: about 11 minutes on 2 cores, 9 of them
-# training, plus the first download of the genomes):
+# The main job on a fresh machine (CPU: 11-14 minutes on 2 cores, 9-11 of them
+# training, with the machine's load, plus the first download of the genomes):
 #   1. set up a virtual environment with the pinned requirements;
 #   2. fetch real genomes from Debian packages and prepare a token store
 #      (E. coli, H. pylori, K. pneumoniae, S. aureus, V. cholerae strains and
@@ -29,6 +29,7 @@ fi
 "$PY" -m pip install -q --upgrade pip
 "$PY" -m pip install -q -r requirements.txt -e .
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
+source scripts/cpu_allocator.sh
 
 # Debian package lists may be missing on a fresh machine.
 if ! apt-cache show ragout-examples >/dev/null 2>&1; then

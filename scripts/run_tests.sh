@@ -15,4 +15,5 @@ fi
 "$VENV/bin/ruff" check --quiet .
 "$VENV/bin/ruff" format --check --quiet .
 export JAX_PLATFORMS=cpu
+source scripts/cpu_allocator.sh
 exec "$VENV/bin/python" -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist=loadfile "$@"
