@@ -169,7 +169,7 @@ def _backward(blk: _Blocked, out, lse, d_out):
   and each pair adds its share of dq_i, kept transposed as (d, rows) so that
   it too is a plain matmul, into a whole-sequence buffer that the loops
   update in place. Five matmuls a pair, and one exp."""
-  n = blk.q.shape[0]
+  n, b, hkv, rows, d = blk.q.shape
   do = blk.rows(d_out.astype(jnp.float32))
   delta = jnp.einsum("nbhRd,nbhRd->nbhR", do, out)
 
@@ -197,7 +197,6 @@ def _backward(blk: _Blocked, out, lse, d_out):
     dk_j, dv_j, dq_t = jax.lax.fori_loop(j, n, query_block, (zeros, zeros, dq_t))
     return dq_t, (dk_j, dv_j)
 
-  n, b, hkv, rows, d = blk.q.shape
   dq_t = jnp.zeros((n, b, hkv, d, rows), jnp.float32)
   dq_t, (dk, dv) = jax.lax.scan(lambda dq_t, j: key_column(j, dq_t), dq_t, jnp.arange(n))
   return dq_t.swapaxes(-1, -2), dk, dv
@@ -205,9 +204,7 @@ def _backward(blk: _Blocked, out, lse, d_out):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _attention(q, k, v, seg, block, has_segments):
-  blk = _Blocked(q, k, v, seg, block, has_segments)
-  out, _ = _forward(blk)
-  return blk.unrows(out)
+  return _attention_fwd(q, k, v, seg, block, has_segments)[0]
 
 
 def _attention_fwd(q, k, v, seg, block, has_segments):

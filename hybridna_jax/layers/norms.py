@@ -31,12 +31,13 @@ def _times_inverse_rms(u: jax.Array, inv_rms: jax.Array) -> jax.Array:
   return (u.reshape(u.shape[0], inv_rms.shape[1], -1) * inv_rms).reshape(u.shape)
 
 
-def _normalize_vjp(u, inv_rms, d_normalized):
-  """Cotangent of u given that of u * inv_rms(u), all (t, dim) fp32."""
-  groups = inv_rms.shape[1]
-  u_hat = u.reshape(u.shape[0], groups, -1) * inv_rms
-  d = d_normalized.reshape(u_hat.shape)
-  return (inv_rms * (d - u_hat * jnp.mean(d * u_hat, axis=-1, keepdims=True))).reshape(u.shape)
+def _normalize_vjp(u_hat, inv_rms, d_normalized):
+  """Cotangent of u given that of u_hat = u * inv_rms(u), both (t, dim) fp32;
+  inv_rms (t, groups, 1)."""
+  grouped = u_hat.reshape(u_hat.shape[0], inv_rms.shape[1], -1)
+  d = d_normalized.reshape(grouped.shape)
+  mean = jnp.mean(d * grouped, axis=-1, keepdims=True)
+  return (inv_rms * (d - grouped * mean)).reshape(u_hat.shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -54,9 +55,10 @@ def _rms_norm_fwd(x, scale, eps):
 def _rms_norm_bwd(eps, residuals, d_out):
   del eps
   x, scale, inv_rms = residuals
-  u, g = x.astype(jnp.float32), d_out.astype(jnp.float32)
-  d_scale = jnp.sum(g * _times_inverse_rms(u, inv_rms), axis=0)
-  du = _normalize_vjp(u, inv_rms, g * scale.astype(jnp.float32))
+  g = d_out.astype(jnp.float32)
+  u_hat = _times_inverse_rms(x.astype(jnp.float32), inv_rms)
+  d_scale = jnp.sum(g * u_hat, axis=0)
+  du = _normalize_vjp(u_hat, inv_rms, g * scale.astype(jnp.float32))
   return du.astype(x.dtype), d_scale.astype(scale.dtype)
 
 
@@ -83,9 +85,9 @@ def _gated_rms_norm_bwd(groups, eps, residuals, d_out):
   y32, z32, g = y.astype(jnp.float32), z.astype(jnp.float32), d_out.astype(jnp.float32)
   sigmoid = jax.nn.sigmoid(z32)
   silu = z32 * sigmoid
-  u = y32 * silu
-  d_scale = jnp.sum(g * _times_inverse_rms(u, inv_rms), axis=0)
-  du = _normalize_vjp(u, inv_rms, g * scale.astype(jnp.float32))
+  u_hat = _times_inverse_rms(y32 * silu, inv_rms)
+  d_scale = jnp.sum(g * u_hat, axis=0)
+  du = _normalize_vjp(u_hat, inv_rms, g * scale.astype(jnp.float32))
   dz = du * y32 * sigmoid * (1 + z32 * (1 - sigmoid))
   return (du * silu).astype(y.dtype), dz.astype(z.dtype), d_scale.astype(scale.dtype)
 
