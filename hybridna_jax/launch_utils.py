@@ -1,11 +1,13 @@
 """Shared plumbing of the absl programs under launch/: the --config and
---workdir flags, config checking (`run`), and multi-host start-up."""
+--workdir flags, config checking (`run`), the CPU allocator setting, and
+multi-host start-up."""
 
 from __future__ import annotations
 
 import difflib
 import logging as logging_std
 import os
+import platform
 import re
 import sys
 
@@ -57,8 +59,61 @@ def run(main) -> None:
   """app.run(main), with the job config checked once the flags are parsed:
   an unknown or malformed field, in the config file or in a --config.x.y
   override, ends the program with one line naming it (exit status 1), and
-  so does a user error (`USER_ERRORS`) raised by `main`."""
+  so does a user error (`USER_ERRORS`) raised by `main`. On a CPU-only host
+  the program first restarts itself once with huge pages for malloc
+  (`restart_with_huge_pages`)."""
+  restart_with_huge_pages()
   app.run(one_line_errors(main), flags_parser=_parse_flags)
+
+
+# glibc's malloc on transparent huge pages: XLA:CPU maps a training step's
+# temporaries (2.46 GB for the demo's) afresh at every step, and in 4 KiB
+# pages that was ~600,000 page faults a step; with this setting the demo's
+# training ran 1.3x faster at the same resident memory (benchmarks/RESULTS.md,
+# "The allocator"). The same value as scripts/cpu_allocator.sh.
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+HUGE_PAGES_ENV = "HYBRIDNA_HUGE_PAGES"  # "0": never restart
+_ACCELERATOR_DEVICES = ("/dev/nvidia0", "/dev/accel0", "/dev/vfio/0")
+
+
+def huge_pages_restart_wanted(
+  environ, libc: tuple[str, str], thp_mode: str, accelerator: bool
+) -> bool:
+  """Whether to restart with `HUGE_PAGES_TUNABLE`: not when GLIBC_TUNABLES is
+  already set (the user's choice, or this is the restarted process), when
+  HYBRIDNA_HUGE_PAGES=0, on a GPU/TPU host (XLA keeps its buffers on the
+  device there), or where the tunable does nothing: a libc other than glibc
+  >= 2.35 (`platform.libc_ver()`), or THP mode "never" (the bracketed word of
+  /sys/kernel/mm/transparent_hugepage/enabled)."""
+  if "GLIBC_TUNABLES" in environ or environ.get(HUGE_PAGES_ENV, "1") == "0" or accelerator:
+    return False
+  name, version = libc
+  try:
+    major_minor = tuple(int(v) for v in version.split(".")[:2])
+  except ValueError:
+    return False
+  return name == "glibc" and major_minor >= (2, 35) and thp_mode in ("always", "madvise")
+
+
+def restart_with_huge_pages() -> None:
+  """Re-executes this program (same pid, arguments and interpreter options)
+  with glibc's malloc on huge pages when `huge_pages_restart_wanted` says so;
+  returns otherwise. The allocator reads GLIBC_TUNABLES only at process start,
+  hence the restart."""
+  try:
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+      thp_mode = re.search(r"\[(\w+)\]", f.read()).group(1)
+  except (OSError, AttributeError):
+    return
+  accelerator = any(os.path.exists(path) for path in _ACCELERATOR_DEVICES)
+  if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
+    accelerator = False
+  if not huge_pages_restart_wanted(os.environ, platform.libc_ver(), thp_mode, accelerator):
+    return
+  sys.stdout.flush()
+  sys.stderr.flush()
+  env = dict(os.environ, GLIBC_TUNABLES=HUGE_PAGES_TUNABLE)
+  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
 def one_line_errors(main):

@@ -5,5 +5,7 @@
 # the step ran about 1.5x faster with huge pages, at the same resident memory
 # (benchmarks/RESULTS.md, "The allocator"). Needs glibc >= 2.35 and THP in
 # "madvise" or "always" mode; elsewhere the setting does nothing. A
-# GLIBC_TUNABLES already set is kept.
+# GLIBC_TUNABLES already set is kept. The programs under launch/ set the same
+# value themselves (launch_utils.restart_with_huge_pages); this covers the
+# tests, the benchmarks and any other process the scripts start.
 export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.hugetlb=1}
