@@ -22,6 +22,7 @@ maps (`CoreInputs`, chunk_size) to (y fp32 (b, l, h, p), final state fp32
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import einops
@@ -108,6 +109,35 @@ def ssd_step(
   return state, y
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _per_head(a: Array, heads_per_group: int) -> Array:
+  """(b, c, g, ...) -> (b, c, h, ...): each group's entry repeated for its
+  h // g consecutive heads."""
+  return jnp.repeat(a, heads_per_group, axis=2)
+
+
+def _per_head_fwd(a, heads_per_group):
+  return _per_head(a, heads_per_group), None
+
+
+def _per_head_bwd(heads_per_group, _, d_heads):
+  """The sum over each group's heads, as log2(r) halvings: XLA:CPU ran the
+  same sum as one reduction over the head axis 10-50x slower
+  (benchmarks/RESULTS.md, "Fifth round")."""
+  b, c, h = d_heads.shape[:3]
+  d = d_heads.reshape(b, c, h // heads_per_group, heads_per_group, *d_heads.shape[3:])
+  while d.shape[3] > 1:
+    half = d.shape[3] // 2
+    rest = d[:, :, :, 2 * half :]  # the odd one out, if any
+    d = d[:, :, :, :half] + d[:, :, :, half : 2 * half]
+    if rest.shape[3]:
+      d = d.at[:, :, :, :1].add(rest)
+  return (d[:, :, :, 0],)
+
+
+_per_head.defvjp(_per_head_fwd, _per_head_bwd)
+
+
 def chunked_core(inputs: CoreInputs, chunk_size: int):
   """SSD chunked algorithm (Dao & Gu 2024, section 6) in XLA.
 
@@ -119,7 +149,7 @@ def chunked_core(inputs: CoreInputs, chunk_size: int):
   Arrays are laid out (b, c, h, q, ...) -- heads before the position in the
   chunk -- so that every product is a plain batched matmul over (b, c, h)
   with its operands' last two axes contracted or kept; B and C, shared by the
-  h // g heads of a group, are broadcast to them. With time before heads,
+  h // g heads of a group, are broadcast to them (`_per_head`). With time before heads,
   XLA:CPU transposed the quadratic forms around every product (forward 1.6x
   slower at chunk 64; benchmarks/RESULTS.md, "Speed on CPU").
   """
@@ -129,7 +159,7 @@ def chunked_core(inputs: CoreInputs, chunk_size: int):
   f32 = jnp.float32
 
   def per_head(a):  # (b, c, g, ...) -> (b, c, h, ...)
-    return jnp.repeat(a, heads_per_group, axis=2) if heads_per_group > 1 else a
+    return _per_head(a, heads_per_group) if heads_per_group > 1 else a
 
   x = einops.rearrange(x.astype(f32), "b (c q) h p -> b c h q p", q=q)
   dt = einops.rearrange(dt, "b (c q) h -> b c h q", q=q)

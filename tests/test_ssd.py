@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hybridna_jax import ssd
+from hybridna_jax import ssd, ssd_reference
 
 
 def make_inputs(seed=0, b=2, l=37, h=4, p=8, g=2, n=16, dtype=jnp.float32):
@@ -83,9 +83,11 @@ def test_final_state_continues_the_scan():
   np.testing.assert_allclose(f2, f_full, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("opts", [(), OPTIONS])
-def test_gradients_match(opts):
-  inputs = make_inputs(l=29)
+@pytest.mark.parametrize(
+  "opts,heads,groups", [((), 4, 2), (OPTIONS, 4, 2), (OPTIONS, 6, 2), (OPTIONS, 8, 1)]
+)
+def test_gradients_match(opts, heads, groups):
+  inputs = make_inputs(l=29, h=heads, g=groups)
   diff_names = ("x", "dt", "A", "B", "C") + tuple(o for o in opts if o != "seq_idx")
   rng = np.random.default_rng(5)
   cot = rng.standard_normal(inputs["x"].shape, np.float32)
@@ -101,6 +103,18 @@ def test_gradients_match(opts):
   for name in diff_names:
     scale = np.abs(g_ref[name]).max()
     np.testing.assert_allclose(g[name], g_ref[name], rtol=1e-3, atol=1e-4 * scale, err_msg=name)
+
+
+@pytest.mark.parametrize("heads_per_group", [2, 3, 5, 8])
+def test_per_head_backward_sums_each_groups_heads(heads_per_group):
+  """The broadcast of B, C and C B^T to the heads, whose backward sums by
+  halving (odd counts included), against autodiff of jnp.repeat."""
+  a = jax.random.normal(jax.random.key(0), (2, 3, 2, 5, 4))
+  cot = jax.random.normal(jax.random.key(1), (2, 3, 2 * heads_per_group, 5, 4))
+  ours = jax.vjp(lambda a: ssd_reference._per_head(a, heads_per_group), a)  # pylint: disable=protected-access
+  ref = jax.vjp(lambda a: jnp.repeat(a, heads_per_group, axis=2), a)
+  np.testing.assert_array_equal(ours[0], ref[0])
+  np.testing.assert_allclose(ours[1](cot)[0], ref[1](cot)[0], rtol=1e-6, atol=1e-6)
 
 
 def test_bf16_inputs_accumulate_in_fp32():
