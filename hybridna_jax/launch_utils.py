@@ -95,15 +95,22 @@ def huge_pages_restart_wanted(
   return name == "glibc" and major_minor >= (2, 35) and thp_mode in ("always", "madvise")
 
 
+def transparent_huge_pages_mode() -> str | None:
+  """The kernel's THP mode ("always", "madvise", "never"), None if unknown."""
+  try:
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+      return re.search(r"\[(\w+)\]", f.read()).group(1)
+  except (OSError, AttributeError):
+    return None
+
+
 def restart_with_huge_pages() -> None:
   """Re-executes this program (same pid, arguments and interpreter options)
   with glibc's malloc on huge pages when `huge_pages_restart_wanted` says so;
   returns otherwise. The allocator reads GLIBC_TUNABLES only at process start,
   hence the restart."""
-  try:
-    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-      thp_mode = re.search(r"\[(\w+)\]", f.read()).group(1)
-  except (OSError, AttributeError):
+  thp_mode = transparent_huge_pages_mode()
+  if thp_mode is None:
     return
   accelerator = any(os.path.exists(path) for path in _ACCELERATOR_DEVICES)
   if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":

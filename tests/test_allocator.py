@@ -66,12 +66,8 @@ def _run(tmp_path, **env_changes):
 
 
 def _host_takes_huge_pages() -> bool:
-  try:
-    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-      mode = f.read().split("[")[1].split("]")[0]
-  except (OSError, IndexError):
-    return False
-  return launch_utils.huge_pages_restart_wanted({}, platform.libc_ver(), mode, False)
+  mode = launch_utils.transparent_huge_pages_mode()
+  return launch_utils.huge_pages_restart_wanted({}, platform.libc_ver(), mode or "", False)
 
 
 @pytest.mark.skipif(not _host_takes_huge_pages(), reason="glibc < 2.35 or THP off here")
