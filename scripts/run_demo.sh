@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine (CPU: 10-14 minutes on 2 cores, 8-11 of them
+# The main job on a fresh machine (CPU: 9-14 minutes on 2 cores, 7-11 of them
 # training, with the machine's load, plus the first download of the genomes):
 #   1. set up a virtual environment with the pinned requirements;
 #   2. fetch real genomes from Debian packages and prepare a token store
