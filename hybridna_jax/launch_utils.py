@@ -77,14 +77,14 @@ _ACCELERATOR_DEVICES = ("/dev/nvidia0", "/dev/accel0", "/dev/vfio/0")
 
 
 def huge_pages_restart_wanted(
-  environ, libc: tuple[str, str], thp_mode: str, accelerator: bool
+  environ, libc: tuple[str, str], thp_mode: str | None, accelerator: bool
 ) -> bool:
   """Whether to restart with `HUGE_PAGES_TUNABLE`: not when GLIBC_TUNABLES is
   already set (the user's choice, or this is the restarted process), when
   HYBRIDNA_HUGE_PAGES=0, on a GPU/TPU host (XLA keeps its buffers on the
   device there), or where the tunable does nothing: a libc other than glibc
-  >= 2.35 (`platform.libc_ver()`), or THP mode "never" (the bracketed word of
-  /sys/kernel/mm/transparent_hugepage/enabled)."""
+  >= 2.35 (`platform.libc_ver()`), or THP mode "never" or unknown
+  (`transparent_huge_pages_mode`)."""
   if "GLIBC_TUNABLES" in environ or environ.get(HUGE_PAGES_ENV, "1") == "0" or accelerator:
     return False
   name, version = libc
@@ -109,13 +109,12 @@ def restart_with_huge_pages() -> None:
   with glibc's malloc on huge pages when `huge_pages_restart_wanted` says so;
   returns otherwise. The allocator reads GLIBC_TUNABLES only at process start,
   hence the restart."""
-  thp_mode = transparent_huge_pages_mode()
-  if thp_mode is None:
-    return
   accelerator = any(os.path.exists(path) for path in _ACCELERATOR_DEVICES)
   if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
     accelerator = False
-  if not huge_pages_restart_wanted(os.environ, platform.libc_ver(), thp_mode, accelerator):
+  if not huge_pages_restart_wanted(
+    os.environ, platform.libc_ver(), transparent_huge_pages_mode(), accelerator
+  ):
     return
   sys.stdout.flush()
   sys.stderr.flush()

@@ -149,9 +149,9 @@ def chunked_core(inputs: CoreInputs, chunk_size: int):
   Arrays are laid out (b, c, h, q, ...) -- heads before the position in the
   chunk -- so that every product is a plain batched matmul over (b, c, h)
   with its operands' last two axes contracted or kept; B and C, shared by the
-  h // g heads of a group, are broadcast to them (`_per_head`). With time before heads,
-  XLA:CPU transposed the quadratic forms around every product (forward 1.6x
-  slower at chunk 64; benchmarks/RESULTS.md, "Speed on CPU").
+  h // g heads of a group, are broadcast to them (`_per_head`). With time
+  before heads, XLA:CPU transposed the quadratic forms around every product
+  (forward 1.6x slower at chunk 64; benchmarks/RESULTS.md, "Speed on CPU").
   """
   x, dt, A, B, C, seq_idx, init = inputs
   heads_per_group = x.shape[2] // B.shape[2]

@@ -25,6 +25,7 @@ CPU_HOST = dict(libc=("glibc", "2.36"), thp_mode="madvise", accelerator=False)
     ({launch_utils.HUGE_PAGES_ENV: "1"}, {}, True),
     ({}, dict(accelerator=True), False),
     ({}, dict(thp_mode="never"), False),
+    ({}, dict(thp_mode=None), False),  # unknown: no /sys entry
     ({}, dict(libc=("glibc", "2.31")), False),  # no hugetlb tunable before 2.35
     ({}, dict(libc=("glibc", "2.40")), True),
     ({}, dict(libc=("", "")), False),  # musl or unknown
@@ -67,7 +68,7 @@ def _run(tmp_path, **env_changes):
 
 def _host_takes_huge_pages() -> bool:
   mode = launch_utils.transparent_huge_pages_mode()
-  return launch_utils.huge_pages_restart_wanted({}, platform.libc_ver(), mode or "", False)
+  return launch_utils.huge_pages_restart_wanted({}, platform.libc_ver(), mode, False)
 
 
 @pytest.mark.skipif(not _host_takes_huge_pages(), reason="glibc < 2.35 or THP off here")
