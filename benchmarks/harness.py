@@ -8,7 +8,7 @@ import itertools
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -43,6 +43,28 @@ def median_seconds(fn: Callable[[], Any], iters: int, warmup: int) -> float:
     fn()
     times.append(time.perf_counter() - start)
   return statistics.median(times)
+
+
+def interleaved_seconds(
+  fns: Sequence[Callable[[], Any]], rounds: int, iters: int, warmup: int
+) -> list[list[float]]:
+  """Seconds of each of `fns` (each blocking until its work is done): in
+  each of `rounds` rounds every fn runs as a block of `warmup` untimed and
+  `iters` timed calls, the order of the blocks reversed every other round.
+  A noisy machine's slow spells then fall on all of them alike, while each
+  timed call still follows a call of the same fn: alternating single calls
+  of JAX and torch ran both 1.5-2.5x slower on a 2-core VM (each refaulted
+  the memory the other had just released)."""
+  times: list[list[float]] = [[] for _ in fns]
+  for r in range(rounds):
+    for i in range(len(fns)) if r % 2 == 0 else reversed(range(len(fns))):
+      for _ in range(warmup):
+        fns[i]()
+      for _ in range(iters):
+        start = time.perf_counter()
+        fns[i]()
+        times[i].append(time.perf_counter() - start)
+  return times
 
 
 def time_jitted(
