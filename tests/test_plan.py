@@ -90,6 +90,20 @@ def test_proxy_plan_counts_state_and_drops_kernel_buffers():
   assert "fits with 10% headroom" in text and "temporaries" in text
 
 
+def test_plan_says_xla_counts_a_scan_once():
+  cfg = load_config("configs/tiny.py")
+  cfg.model.n_layers = 8  # two repetitions of tiny's 4-layer block
+  cfg.model.scan_layers = True
+  kwargs = dict(seq_len=64, batch=2, mesh_sizes={"num_devices": 1}, platform=None)
+  scanned = plan_lib.plan_step(cfg, **kwargs)
+  assert scanned.scan_repeats == 2
+  assert "the layers' scan counted once, not 2 times" in plan_lib.format_plan(scanned, None)
+  cfg.model.scan_layers = False
+  looped = plan_lib.plan_step(cfg, **kwargs)
+  assert looped.scan_repeats == 1 and "scan counted" not in plan_lib.format_plan(looped, None)
+  assert scanned.xla_flops < 0.75 * looped.xla_flops  # the undercount the note explains
+
+
 def test_proxies_restore_pallas_call():
   from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
 

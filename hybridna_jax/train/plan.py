@@ -58,6 +58,7 @@ import numpy as np
 from flax import nnx
 
 from hybridna_jax import sharding
+from hybridna_jax.model import scan_block_size
 from hybridna_jax.train import flops as flops_lib
 from hybridna_jax.train import loop
 from hybridna_jax.train import step as step_lib
@@ -106,10 +107,13 @@ class StepPlan:
   alias_bytes: int  # outputs written into donated arguments
   temp_bytes: int  # activations, gradients, workspace
   code_bytes: int
-  xla_flops: float | None  # XLA's cost analysis
+  xla_flops: float | None  # XLA's cost analysis (a loop's body counted once)
   model_flops: float  # train/flops.py (remat recomputation not counted)
   lower_s: float
   compile_s: float
+  # Repetitions of the scanned layout's block (model.scan_layers); XLA's
+  # cost analysis counts the loop's body, i.e. 1/scan_repeats of the layers.
+  scan_repeats: int = 1
 
   @property
   def devices(self) -> int:
@@ -326,11 +330,9 @@ def _plan_from(built: _Built, compiled, lower_s: float, compile_s: float) -> Ste
   memory = compiled.memory_analysis()
   mesh = dict(built.fns.mesh.shape)
   seq_len, batch = built.batch["inputs"].shape[1], built.batch["inputs"].shape[0]
+  model_cfg = built.task.model_cfg
   model_flops = (
-    flops_lib.train_flops_per_token(built.task.model_cfg, seq_len)
-    * batch
-    * seq_len
-    / math.prod(mesh.values())
+    flops_lib.train_flops_per_token(model_cfg, seq_len) * batch * seq_len / math.prod(mesh.values())
   )
   return StepPlan(
     mesh=mesh,
@@ -351,6 +353,7 @@ def _plan_from(built: _Built, compiled, lower_s: float, compile_s: float) -> Ste
     model_flops=float(model_flops),
     lower_s=lower_s,
     compile_s=compile_s,
+    scan_repeats=model_cfg.n_layers // (scan_block_size(model_cfg) or model_cfg.n_layers),
   )
 
 
@@ -563,6 +566,11 @@ def format_plan(
     f"{plan.model_flops:.3e} (XLA / model {ratio}; XLA counts remat "
     "recomputation"
     + ("; kernels traced as proxies count nothing" if plan.platform is not None else "")
+    + (
+      f"; the layers' scan counted once, not {plan.scan_repeats} times"
+      if plan.scan_repeats > 1
+      else ""
+    )
     + ")"
   )
   if accelerator_name:
