@@ -72,23 +72,70 @@ def causal_conv(
   b, l = u.shape[:2]
   if history is None:
     history = jnp.zeros((b, width - 1) + u.shape[2:], u.dtype)
-  padded = jnp.concatenate([history.astype(u.dtype), u], axis=1)
-  # Products with the weights on (tokens, channels) matrices: their gradients
-  # sum over tokens, which XLA:CPU did 40-80x slower over a (1, l, channels)
-  # batch of one (see layers.norms).
-  weight = weight.reshape(width, -1).astype(jnp.float32)
-  out = jnp.zeros((b * l, weight.shape[1]), jnp.float32) + bias.reshape(-1).astype(jnp.float32)
-  if segment_ids is not None:
+  padded = jnp.concatenate([history.astype(u.dtype), u], axis=1).reshape(b, width - 1 + l, -1)
+  keep = None  # (b, l, K - 1): tap k of position t reads the same document
+  if segment_ids is not None and width > 1:
     if history_segment_ids is None:
       history_segment_ids = jnp.zeros((b, width - 1), segment_ids.dtype)
     seg_padded = jnp.concatenate([history_segment_ids.astype(segment_ids.dtype), segment_ids], 1)
-  for k in range(width):
-    shifted = padded[:, k : k + l].astype(jnp.float32).reshape(b * l, -1)
-    if segment_ids is not None and k < width - 1:
-      same = seg_padded[:, k : k + l] == segment_ids
-      shifted = shifted * same.reshape(b * l, 1)
-    out = out + shifted * weight[k]
+    keep = jnp.stack([seg_padded[:, k : k + l] == segment_ids for k in range(width - 1)], -1)
+  out = _conv_taps(
+    padded,
+    weight.reshape(width, -1).astype(jnp.float32),
+    bias.reshape(-1).astype(jnp.float32),
+    keep,
+  )
   return out.reshape(u.shape).astype(u.dtype)
+
+
+def _tap(padded: jax.Array, keep: jax.Array | None, k: int, width: int) -> jax.Array:
+  """Tap k's inputs as a fp32 (b * l, C) matrix, other documents' zeroed."""
+  b, l = padded.shape[0], padded.shape[1] - width + 1
+  shifted = padded[:, k : k + l].astype(jnp.float32).reshape(b * l, -1)
+  if keep is not None and k < width - 1:
+    shifted = shifted * keep[:, :, k].reshape(b * l, 1)
+  return shifted
+
+
+@jax.custom_vjp
+def _conv_taps(padded, weight, bias, keep):
+  """padded (b, K - 1 + l, C) in the input dtype, weight (K, C) and bias (C,)
+  fp32, keep (b, l, K - 1) bool or None -> (b * l, C) fp32.
+
+  Its own backward keeps only `padded` (in its own dtype) and recomputes the
+  fp32 taps. Under autodiff the K fp32 taps were the residuals: in the
+  scanned layer layout they crossed the loop as stacks that XLA converted
+  back to fp32 all at once before the backward (benchmarks/RESULTS.md, H200
+  results), and on a CPU their (tokens, channels) products are plain
+  matrices either way (the weight gradients are sums over tokens, which
+  XLA:CPU did 40-80x slower over a (1, l, channels) batch of one)."""
+  return _conv_taps_fwd(padded, weight, bias, keep)[0]
+
+
+def _conv_taps_fwd(padded, weight, bias, keep):
+  width = weight.shape[0]
+  out = bias
+  for k in range(width):
+    out = out + _tap(padded, keep, k, width) * weight[k]
+  return out, (padded, weight, keep)
+
+
+def _conv_taps_bwd(residuals, d_out):
+  padded, weight, keep = residuals
+  width = weight.shape[0]
+  b, l, channels = padded.shape[0], padded.shape[1] - width + 1, padded.shape[2]
+  taps = (_tap(padded, keep, k, width) for k in range(width))
+  d_weight = jnp.stack([jnp.sum(tap * d_out, axis=0) for tap in taps])
+  d_padded = 0.0
+  for k in range(width):
+    d_tap = d_out * weight[k]
+    if keep is not None and k < width - 1:
+      d_tap = d_tap * keep[:, :, k].reshape(b * l, 1)
+    d_padded += jnp.pad(d_tap.reshape(b, l, channels), ((0, 0), (k, width - 1 - k), (0, 0)))
+  return d_padded.astype(padded.dtype), d_weight, jnp.sum(d_out, axis=0), None
+
+
+_conv_taps.defvjp(_conv_taps_fwd, _conv_taps_bwd)
 
 
 def _conv_init(rngs: nnx.Rngs, shape, width: int, dtype):
