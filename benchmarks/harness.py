@@ -32,9 +32,8 @@ def _cores() -> str:
   return str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
 
 
-def median_seconds(fn: Callable[[], Any], iters: int, warmup: int) -> float:
-  """Median seconds of `fn()`, which must block until its work is done
-  (jax.block_until_ready, torch.cuda.synchronize), after `warmup` calls."""
+def _call_seconds(fn: Callable[[], Any], iters: int, warmup: int) -> list[float]:
+  """Seconds of each of `iters` calls of `fn()`, after `warmup` untimed ones."""
   for _ in range(warmup):
     fn()
   times = []
@@ -42,7 +41,13 @@ def median_seconds(fn: Callable[[], Any], iters: int, warmup: int) -> float:
     start = time.perf_counter()
     fn()
     times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return times
+
+
+def median_seconds(fn: Callable[[], Any], iters: int, warmup: int) -> float:
+  """Median seconds of `fn()`, which must block until its work is done
+  (jax.block_until_ready, torch.cuda.synchronize), after `warmup` calls."""
+  return statistics.median(_call_seconds(fn, iters, warmup))
 
 
 def interleaved_seconds(
@@ -58,12 +63,7 @@ def interleaved_seconds(
   times: list[list[float]] = [[] for _ in fns]
   for r in range(rounds):
     for i in range(len(fns)) if r % 2 == 0 else reversed(range(len(fns))):
-      for _ in range(warmup):
-        fns[i]()
-      for _ in range(iters):
-        start = time.perf_counter()
-        fns[i]()
-        times[i].append(time.perf_counter() - start)
+      times[i] += _call_seconds(fns[i], iters, warmup)
   return times
 
 
