@@ -88,13 +88,17 @@ def causal_conv(
   return out.reshape(u.shape).astype(u.dtype)
 
 
+def _same_document(x: jax.Array, keep: jax.Array | None, k: int, width: int) -> jax.Array:
+  """x (b * l, C) with the rows whose tap k reads another document zeroed."""
+  if keep is None or k == width - 1:  # the last tap is the position itself
+    return x
+  return x * keep[:, :, k].reshape(x.shape[0], 1)
+
+
 def _tap(padded: jax.Array, keep: jax.Array | None, k: int, width: int) -> jax.Array:
   """Tap k's inputs as a fp32 (b * l, C) matrix, other documents' zeroed."""
   b, l = padded.shape[0], padded.shape[1] - width + 1
-  shifted = padded[:, k : k + l].astype(jnp.float32).reshape(b * l, -1)
-  if keep is not None and k < width - 1:
-    shifted = shifted * keep[:, :, k].reshape(b * l, 1)
-  return shifted
+  return _same_document(padded[:, k : k + l].astype(jnp.float32).reshape(b * l, -1), keep, k, width)
 
 
 @jax.custom_vjp
@@ -128,9 +132,7 @@ def _conv_taps_bwd(residuals, d_out):
   d_weight = jnp.stack([jnp.sum(tap * d_out, axis=0) for tap in taps])
   d_padded = 0.0
   for k in range(width):
-    d_tap = d_out * weight[k]
-    if keep is not None and k < width - 1:
-      d_tap = d_tap * keep[:, :, k].reshape(b * l, 1)
+    d_tap = _same_document(d_out * weight[k], keep, k, width)
     d_padded += jnp.pad(d_tap.reshape(b, l, channels), ((0, 0), (k, width - 1 - k), (0, 0)))
   return d_padded.astype(padded.dtype), d_weight, jnp.sum(d_out, axis=0), None
 
