@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from conftest import LAMBDA_FASTA
 from flax import nnx
+from launch_env import launch_env
 
 from hybridna_jax import (
   attention,
@@ -277,20 +278,13 @@ MESHES = {  # launcher flags: one device, and 4 slices x 2 rows on 8 fake device
 
 def _launch(program: str, *args: str) -> None:
   """Runs launch/<program> with the tiny config on 8 fake CPU devices."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(
-    JAX_PLATFORMS="cpu",
-    XLA_FLAGS="--xla_force_host_platform_device_count=8",
-    # This tree's package, not another checkout's installed in the venv.
-    PYTHONPATH=os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p),
-  )
   command = [
     sys.executable,
     os.path.join(ROOT, "launch", program),
     f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}",
     *args,
   ]
-  done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+  done = subprocess.run(command, env=launch_env(8), capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
 
 

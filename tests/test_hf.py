@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from launch_env import launch_env
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -257,10 +258,9 @@ def test_jamba_style_checkpoint_scores_like_bamba(tmp_path, caplog):
 
 def _convert(*args):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": root, "XLA_FLAGS": ""}
   return subprocess.run(
     [sys.executable, os.path.join(root, "launch", "convert.py"), *args],
-    env=env,
+    env=launch_env(1),
     capture_output=True,
     text=True,
     timeout=300,

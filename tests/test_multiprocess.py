@@ -14,6 +14,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from launch_env import launch_env
 
 from hybridna_jax import sharding
 from hybridna_jax.config import ModelConfig, load_config
@@ -48,16 +49,30 @@ def _train_command(store_dir: str, workdir: str, extra=(), stages="((32, 3, 8),)
   ]
 
 
-def _env(devices: int):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(
-    JAX_PLATFORMS="cpu",
-    # This tree's package, not another checkout's installed in the venv.
-    PYTHONPATH=os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p),
-    PYTHONUNBUFFERED="1",
-    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-  )
-  return env
+def _run_one(argv: list[str]) -> None:
+  """Runs `argv` as the one process of a job on 4 devices."""
+  done = subprocess.run(argv, env=launch_env(4), capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def _run_two(command, timeout=600) -> list[str]:
+  """Runs `command(extra)` as processes 0 and 1 of a 2-process job; returns
+  their outputs."""
+  address = f"--coordinator_address=127.0.0.1:{_free_port()}"
+  procs = [
+    subprocess.Popen(
+      command([address, "--num_processes=2", f"--process_id={i}"]),
+      env=launch_env(2),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-3000:]
+  return outputs
 
 
 def _params(workdir):
@@ -69,29 +84,10 @@ def _params(workdir):
 def test_two_processes_match_one(lambda_store, tmp_path):
   store = lambda_store.store_dir
   single = str(tmp_path / "single")
-  subprocess.run(
-    _train_command(store, single), env=_env(4), check=True, capture_output=True, timeout=600
-  )
+  _run_one(_train_command(store, single))
 
   multi = str(tmp_path / "multi")
-  port = _free_port()
-  procs = [
-    subprocess.Popen(
-      _train_command(
-        store,
-        multi,
-        [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-      ),
-      env=_env(2),
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-    )
-    for i in range(2)
-  ]
-  outputs = [p.communicate(timeout=600)[0] for p in procs]
-  for p, out in zip(procs, outputs):
-    assert p.returncode == 0, out[-3000:]
+  outputs = _run_two(lambda extra: _train_command(store, multi, extra))
   assert "process 1/2, 2 local / 4 global devices" in outputs[1]
 
   a, b = _params(single), _params(multi)
@@ -99,26 +95,6 @@ def test_two_processes_match_one(lambda_store, tmp_path):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     # Same global batches in the same row order: equal up to summation order.
     np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-6)
-
-
-def _run_two(command, timeout=600) -> list[str]:
-  """Runs `command(extra)` as processes 0 and 1 of a 2-process job; returns
-  their outputs."""
-  address = f"--coordinator_address=127.0.0.1:{_free_port()}"
-  procs = [
-    subprocess.Popen(
-      command([address, "--num_processes=2", f"--process_id={i}"]),
-      env=_env(2),
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-    )
-    for i in range(2)
-  ]
-  outputs = [p.communicate(timeout=timeout)[0] for p in procs]
-  for p, out in zip(procs, outputs):
-    assert p.returncode == 0, out[-3000:]
-  return outputs
 
 
 def _losses(workdir) -> dict[int, float]:
@@ -146,7 +122,7 @@ def test_context_axis_across_processes_matches_one_process_and_resumes(lambda_st
     return lambda extra: _train_command(store, workdir, mesh + extra, stages=stages)
 
   single = str(tmp_path / "single")
-  subprocess.run(command(single)([]), env=_env(4), check=True, capture_output=True, timeout=600)
+  _run_one(command(single)([]))
   multi = str(tmp_path / "multi")
   outputs = _run_two(command(multi))
   assert "loads rows [0, 1] and columns [0, 16) of each 2 x 32 batch" in outputs[0]
@@ -206,7 +182,7 @@ def test_finetune_with_context_axis_across_processes_matches_one_process(tmp_pat
     ]
 
   single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
-  subprocess.run(command(single)([]), env=_env(4), check=True, capture_output=True, timeout=600)
+  _run_one(command(single)([]))
   outputs = _run_two(command(multi))
   for out in outputs:  # whole rows: fine-tuning's batches have no sequence keys
     assert "loads rows [0, 1, 2] and columns [0, 32) of each 3 x 32 batch" in out

@@ -92,7 +92,7 @@ def test_proxy_plan_counts_state_and_drops_kernel_buffers():
 
 def test_plan_says_xla_counts_a_scan_once():
   cfg = load_config("configs/tiny.py")
-  cfg.model.n_layers = 8  # two repetitions of tiny's 4-layer block
+  cfg.model.attn_period, cfg.model.attn_offset = 2, 1  # two repetitions of (Mamba2, attention)
   cfg.model.scan_layers = True
   kwargs = dict(seq_len=64, batch=2, mesh_sizes={"num_devices": 1}, platform=None)
   scanned = plan_lib.plan_step(cfg, **kwargs)
@@ -136,7 +136,11 @@ def test_sequential_remat_same_gradients():
     "segment_ids": jnp.ones((2, 32), jnp.int32),
     "loss_mask": jnp.ones((2, 32)),
   }
-  grad = jax.grad(lambda p: step_lib.lm_loss(nnx.merge(graphdef, p), batch)[0])
+
+  def grad(params):  # a new jit each call: traced afresh, inside the patch or not
+    loss = lambda p: step_lib.lm_loss(nnx.merge(graphdef, p), batch)[0]  # noqa: E731
+    return jax.jit(jax.grad(loss))(params)
+
   expected = grad(params)
   original = nnx.remat
   with plan_lib.sequential_remat():
