@@ -4,14 +4,18 @@ own memory analysis of the same step, and the peak memory and time of the
 step run on the GPU.
 
   python benchmarks/plan_check_gpu.py --cases=hybridna_300m:8192:1,hybridna_7b:8192:1
+  python benchmarks/plan_check_gpu.py --cases=hybridna_300m:8192:4 \
+      --overrides=model.scan_layers=True,model.remat=none  # the scanned layout
 
-One device; each case is <config>:<seq_len>:<batch>. The planner runs in
+One device; each case is <config>:<seq_len>:<batch>; --overrides apply to
+every case, on the device and in the planner alike. The planner runs in
 subprocesses on the host's CPUs while the GPU works. Without a GPU (tests of
 this script) it runs the same steps on CPU. On a device image without grain
 and ml-collections, install the `.whl/` folder first as
 benchmarks/device_check.sh does.
 """
 
+import ast
 import json
 import os
 import subprocess
@@ -28,8 +32,25 @@ flags.DEFINE_list("cases", ["hybridna_300m:8192:1"], "<config>:<seq_len>:<batch>
 flags.DEFINE_string("out_dir", "runs/plan_check_gpu", "Where plans and results go.")
 flags.DEFINE_integer("steps", 3, "Timed steps per case (after the first).")
 flags.DEFINE_integer("plan_timeout", 900, "Seconds for each planner subprocess.")
+flags.DEFINE_list(
+  "overrides", [], "Config overrides for every case, e.g. model.scan_layers=True,model.remat=none."
+)
 FLAGS = flags.FLAGS
 GB = 1e9
+
+
+def apply_override(config, override: str) -> None:
+  """Sets config's field `a.b` from "a.b=value", as the planner's
+  --config.a.b=value does (a Python literal, else the string)."""
+  path, value = override.split("=", 1)
+  *parents, leaf = path.split(".")
+  node = config
+  for name in parents:
+    node = node[name]
+  try:
+    node[leaf] = ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    node[leaf] = value
 
 
 def start_plan(name: str, seq_len: int, batch: int, out: Path) -> subprocess.Popen:
@@ -43,6 +64,7 @@ def start_plan(name: str, seq_len: int, batch: int, out: Path) -> subprocess.Pop
     f"--seq_len={seq_len}",
     f"--batch={batch}",
     f"--workdir={out}",
+    *(f"--config.{override}" for override in FLAGS.overrides),
   ]
   env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
   log = open(out / "log.txt", "w", encoding="utf-8")  # pylint: disable=consider-using-with
@@ -57,6 +79,8 @@ def run_on_device(name: str, seq_len: int, batch: int) -> dict:
   from hybridna_jax.train import plan as plan_lib  # pylint: disable=g-import-not-at-top
 
   config = load_config(str(ROOT / "configs" / f"{name}.py"))
+  for override in FLAGS.overrides:
+    apply_override(config, override)
   built = plan_lib._build(config, {"num_devices": 1}, seq_len, batch, None)  # pylint: disable=protected-access
   start = time.perf_counter()
   compiled = built.fns.train_step.lower(built.state, built.batch).compile()
