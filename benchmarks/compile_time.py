@@ -3,9 +3,11 @@
 
 For each depth and layout: the full jitted train step of `build_steps`
 (forward, backward, AdamW update) on one device, traced and lowered, then
-compiled by XLA. The lowered StableHLO text size shows what the compiler
-is given; "temp MB" is the compiled program's scratch memory; with
---iters > 0 the median step time is measured too (on real parameters).
+compiled by XLA. "init s" is the same for the jitted initialisation of the
+train state (parameters and AdamW moments), which a fresh run compiles too.
+The lowered StableHLO text size shows what the compiler is given; "temp MB"
+is the compiled program's scratch memory; with --iters > 0 the median step
+time is measured too (on real parameters).
 
   python benchmarks/compile_time.py                       # 8, 16, 32 layers
   python benchmarks/compile_time.py --layers 8 16 --remat full --iters 3
@@ -73,6 +75,9 @@ def measure(cfg: ModelConfig, batch: int, seq_len: int, iters: int) -> dict:
   fns = step_lib.build_steps(
     lambda rngs: HybriDNA(cfg, rngs=rngs), step_lib.lm_loss, optimizer, schedule, mesh
   )
+  start = time.perf_counter()
+  fns.init.lower(jax.random.key(0)).compile()
+  init_s = time.perf_counter() - start
   abstract_state = jax.eval_shape(fns.init, jax.random.key(0))
   arrays = batch_arrays(batch, seq_len)
   abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in arrays.items()}
@@ -84,6 +89,7 @@ def measure(cfg: ModelConfig, batch: int, seq_len: int, iters: int) -> dict:
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
   row = dict(
+    init_s=init_s,
     lower_s=lower_s,
     compile_s=compile_s,
     hlo_kb=len(lowered.as_text()) / 1024,
@@ -120,7 +126,7 @@ def main():
     f"{args.seq_len} nt, fp32, remat {args.remat}, attention at i % 8 == 4"
   )
   header = (
-    f"{'layers':>6}  {'layout':<6}{'lower s':>9}{'compile s':>11}{'HLO KB':>9}"
+    f"{'layers':>6}  {'layout':<6}{'init s':>8}{'lower s':>9}{'compile s':>11}{'HLO KB':>9}"
     f"{'temp MB':>9}{'step s':>9}"
   )
   print(header)
@@ -133,7 +139,7 @@ def main():
       r = measure(cfg, args.batch, args.seq_len, args.iters)
       step = f"{r['step_s']:>9.3f}" if r["step_s"] is not None else f"{'-':>9}"
       print(
-        f"{n_layers:>6}  {layout:<6}{r['lower_s']:>9.1f}{r['compile_s']:>11.1f}"
+        f"{n_layers:>6}  {layout:<6}{r['init_s']:>8.1f}{r['lower_s']:>9.1f}{r['compile_s']:>11.1f}"
         f"{r['hlo_kb']:>9.0f}{r['temp_mb']:>9.1f}{step}",
         flush=True,
       )
