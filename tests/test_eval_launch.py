@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import LAMBDA_FASTA
+from launch_env import launch_env
 
 from hybridna_jax import restore, scoring, sharding, tokenizer
 from hybridna_jax.data import fasta
@@ -136,14 +137,7 @@ def _launch(script, workdir, *args, env):
 
 
 def test_launchers(tiny_run, lambda_store, inputs, tmp_path):
-  env = dict(
-    os.environ,
-    JAX_PLATFORMS="cpu",
-    # Share this session's compilation cache with the programs.
-    JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
-  )
+  env = launch_env(8)  # with this session's compilation cache (conftest.py)
   out = tmp_path
   tiny = ["--config=configs/tiny.py", f"--config.data.store_dir={lambda_store.store_dir}"]
   runs = {  # both at once: the two CPU cores overlap start-up and compiles
