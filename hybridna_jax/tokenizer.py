@@ -94,13 +94,16 @@ def encode_bytes(
   return tokens
 
 
-def encode(sequence: str, *, add_bos: bool = False, add_eos: bool = False) -> np.ndarray:
-  """DNA string -> int32 token ids, optionally wrapped in <bos> ... <eos>."""
+def encode(
+  sequence: str, *, add_bos: bool = False, add_eos: bool = False, context: str = ""
+) -> np.ndarray:
+  """DNA string -> int32 token ids, optionally wrapped in <bos> ... <eos>.
+  `context` prefixes the error message (e.g. "sequence")."""
   try:
     data = sequence.encode("ascii")
   except UnicodeEncodeError as e:
-    raise InvalidSequenceError(sequence[e.start], e.start) from None
-  body = encode_bytes(data).astype(np.int32)
+    raise InvalidSequenceError(sequence[e.start], e.start, context) from None
+  body = encode_bytes(data, context).astype(np.int32)
   parts = (
     ([np.array([BOS], np.int32)] if add_bos else [])
     + [body]
@@ -168,10 +171,9 @@ def encode_batch(
 def reverse_complement(sequence: str) -> str:
   """Reverse complement of a DNA string; case is kept, IUPAC codes other
   than A/C/G/T/U (and N) become N."""
+  encode(sequence)  # validates, naming the bad character's position in the input
   table = str.maketrans("ACGTUacgtuRYSWKMBDHVryswkmbdhv", "TGCAAtgcaaNNNNNNNNNNnnnnnnnnnn")
-  out = sequence.translate(table)[::-1]
-  encode_bytes(out.upper().encode("ascii", "replace"))  # validates
-  return out
+  return sequence.translate(table)[::-1]
 
 
 def reverse_complement_nucleotides(tokens: np.ndarray) -> np.ndarray:

@@ -73,13 +73,15 @@ def main(argv):
     )
   try:
     store = prepare.prepare_store(config.data)
+    result = summary(store)
+    if _EXPORT_URL.value:
+      result["export_url"] = store_lib.export_zarr(
+        store, _EXPORT_URL.value, overwrite=bool(config.data.overwrite_store)
+      )
+      logging.info("Exported the store to %s", result["export_url"])
   except ValueError as e:  # Bad input or config: the message says it all.
     logging.error("prepare_data failed: %s", e)
     sys.exit(1)
-  result = summary(store)
-  if _EXPORT_URL.value:
-    result["export_url"] = store_lib.export_zarr(store, _EXPORT_URL.value, overwrite=True)
-    logging.info("Exported the store to %s", result["export_url"])
   path = paths.write_text(
     paths.join(_WORKDIR.value, "prepare_data.json"), json.dumps(result, indent=1)
   )

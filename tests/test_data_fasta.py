@@ -90,6 +90,12 @@ def test_windows_line_endings_blank_lines_and_single_line_records(tmp_path):
     assert tokenizer.decode(got[0][1]) == "ACGTACGN"
     assert got[1][1].size == 5000
     assert tokenizer.decode(got[2][1]) == "GG"
+  # The same file with a UTF-8 byte-order mark first (Windows editors).
+  path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+  for block_size in (3, 1 << 16):
+    got = fasta.read_fasta(path, block_size=block_size)
+    assert [h.name for h, _ in got] == ["a", "b", "c"]
+    assert tokenizer.decode(got[0][1]) == "ACGTACGN"
 
 
 def test_streams_chunks_no_larger_than_a_block(tmp_path):

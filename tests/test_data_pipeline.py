@@ -254,6 +254,9 @@ def test_source_weights(tmp_path):
   )
   with pytest.raises(ValueError, match="matches none of the sources"):
     shares(source_weights=("nope=1",))
+  for bad in ("big=nan", "big=inf", "big=-1", "big"):
+    with pytest.raises(ValueError, match="with a finite weight >= 0"):
+      shares(source_weights=(bad,))
 
 
 def test_source_schedule_exact_shares():

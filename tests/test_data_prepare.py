@@ -72,22 +72,45 @@ def test_split_by_named_sources(tmp_path, compress):
   assert [r.name for r in s["val"]][:3] == ["chr0", "chr1", "chr2"]
 
 
+def test_source_fraction_is_stable_when_sources_are_added():
+  """Adding genomes never moves an existing one between train and val (a
+  resumed run would otherwise evaluate on genomes it trained on), except
+  where too few sources make the rank decide."""
+  names = [f"genome{i}" for i in range(60)]
+  for seed in range(10):
+    split = config_lib.default_data_config().split
+    split.val_fraction, split.seed = 0.25, seed
+    earlier = None
+    for n in (2, 3, 5, 8, 13, 30, 60):
+      rule = prepare.SplitRule(split, names[:n])
+      val = {s for s in names[:n] if rule(s, "chr1") == prepare.VAL}
+      assert 1 <= len(val) < n
+      by_hash = sum(prepare._unit_hash(seed, s) < 0.25 for s in names[:n])
+      if 0 < by_hash < n:
+        assert len(val) == by_hash
+        if earlier is not None and earlier[1]:
+          assert val & set(names[: earlier[0]]) == earlier[2]
+      earlier = (n, 0 < by_hash < n, val)
+
+
 def test_split_by_records_and_fractions(tmp_path):
   _genomes(tmp_path, count=6, records=20)
   globs = [tmp_path / "*.fa"]
   s = prepare.prepare_store(_cfg(tmp_path, globs, val_records=("chr1?",)))
   assert {n for _, n in _contents(s, "val")} == {f"chr{i}" for i in range(10, 20)}
   assert not {n for _, n in _contents(s, "train")} & {f"chr{i}" for i in range(10, 20)}
-  # A fraction of whole sources: round(0.34 * 6) = 2 of them, by seed.
+  # A fraction of whole sources: those the seeded hash puts below 0.34.
   chosen = []
   for seed in (0, 1, 2):
     c = _cfg(tmp_path, globs, val_fraction=0.34, seed=seed)
     c.overwrite_store = True
     s = prepare.prepare_store(c)
     val_sources = {src for src, _ in _contents(s, "val")}
-    assert len(val_sources) == 2
+    rule = prepare.SplitRule(c.split, [f"g{i}" for i in range(6)])
+    assert val_sources == {f"g{i}" for i in range(6) if rule(f"g{i}", "chr0") == prepare.VAL}
+    assert 1 <= len(val_sources) <= 5
     assert not val_sources & {src for src, _ in _contents(s, "train")}
-    assert s["val"].num_records == 40
+    assert s["val"].num_records == 20 * len(val_sources)
     chosen.append(val_sources)
   assert len({frozenset(c) for c in chosen}) > 1
   # A fraction of records: about 30% of the 120, stable for the seed.

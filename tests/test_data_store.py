@@ -114,8 +114,22 @@ def test_killed_writer_leftovers_are_ignored_and_cleaned(tmp_path):
 def test_overwrite(tmp_path):
   path = tmp_path / "store"
   _write(path, [("train", "a", "s", [_tokens("AC")])])
-  with pytest.raises(store_lib.StoreError, match="already exists"):
+  with pytest.raises(store_lib.StoreError, match="already holds a token store"):
     store_lib.TokenStoreWriter(path)
   s = _write(path, [("train", "b", "s", [_tokens("GGG")])], overwrite=True)
   assert s["train"][0].name == "b" and s["train"].num_tokens == 3
   assert sorted(os.listdir(tmp_path)) == ["store"]
+
+
+def test_overwrite_never_replaces_a_folder_that_is_not_a_store(tmp_path):
+  # data.store_dir pointed at the genomes: refused, even with overwrite,
+  # and nothing there changes.
+  genomes = tmp_path / "genomes"
+  genomes.mkdir()
+  (genomes / "g.fa").write_text(">a\nACGT\n")
+  (genomes / "notes.txt").write_text("mine")
+  for overwrite in (False, True):
+    with pytest.raises(store_lib.StoreError, match="is not a token store; choose a new or empty"):
+      store_lib.TokenStoreWriter(genomes, overwrite=overwrite)
+  assert sorted(os.listdir(genomes)) == ["g.fa", "notes.txt"]
+  assert sorted(os.listdir(tmp_path)) == ["genomes"]

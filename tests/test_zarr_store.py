@@ -6,6 +6,7 @@ import copy
 import functools
 import http.server
 import json
+import os
 import threading
 
 import numpy as np
@@ -47,8 +48,7 @@ def test_export_and_read_back_over_http(exported, http_url):
   assert url.startswith("file://") and (root / "train.tokens.zarr" / "zarr.json").exists()
   manifest = json.loads((root / "manifest.json").read_text())
   assert manifest["splits"]["train"]["tokens_zarr"] == "train.tokens.zarr"
-  with pytest.raises(store_lib.StoreError, match="already holds a token store"):
-    store_lib.export_zarr(local, url)
+  assert store_lib.export_zarr(local, url) == url  # the same store: kept as it is
   for path in (url, http_url):
     remote = store_lib.TokenStore.open(path)
     assert remote.splits == local.splits and store_lib.verify(path) is None
@@ -154,3 +154,30 @@ def test_prepare_writes_straight_to_a_url(lambda_store, tmp_path):
     store_lib.open_writer("file://" + str(tmp_path / "other"))
   with pytest.raises(store_lib.StoreError, match="http\\(s\\):// is read-only"):
     store_lib.open_writer("http://127.0.0.1:1/x")
+
+
+def test_export_never_deletes_what_is_not_an_export(lambda_store, tmp_path):
+  local = store_lib.TokenStore.open(lambda_store.store_dir)
+  with store_lib.TokenStoreWriter(tmp_path / "other_store") as writer:
+    writer.begin_record("train", "r", "s")
+    writer.append(np.full((100,), 5, np.uint8))
+    other = writer.commit()
+  folder = tmp_path / "papers"
+  folder.mkdir()
+  (folder / "draft.txt").write_text("mine")
+  for overwrite in (False, True):
+    with pytest.raises(store_lib.StoreError, match="not a token store; choose an empty URL"):
+      store_lib.export_zarr(local, str(folder), overwrite=overwrite)
+  assert [p.name for p in folder.iterdir()] == ["draft.txt"]
+  # Onto the store itself, or a folder holding it: refused before any change.
+  for target in (lambda_store.store_dir, os.path.dirname(lambda_store.store_dir)):
+    with pytest.raises(store_lib.StoreError, match="is the store's own location"):
+      store_lib.export_zarr(local, target, overwrite=True)
+  assert store_lib.verify(lambda_store.store_dir) is None
+  # Another store's export is replaced only with overwrite.
+  url = store_lib.export_zarr(local, str(tmp_path / "export"), chunk_tokens=4096)
+  with pytest.raises(store_lib.StoreError, match="already holds a token store"):
+    store_lib.export_zarr(other, url)
+  assert store_lib.TokenStore.open(url)["train"].num_tokens == local["train"].num_tokens
+  store_lib.export_zarr(other, url, chunk_tokens=4096, overwrite=True)
+  assert store_lib.TokenStore.open(url)["train"].num_tokens == other["train"].num_tokens

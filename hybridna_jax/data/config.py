@@ -22,8 +22,10 @@ class SplitConfig(Section):
   # Records held out for validation: names or fnmatch patterns of record
   # names (any source); each must match a record.
   val_records: tuple[str, ...] = ()
-  # A held-out fraction, of sources or of records (see split_by), chosen by
-  # a seeded hash of the names, so it is stable when inputs are added.
+  # A held-out fraction, of sources or of records (see split_by): each is
+  # held out when a seeded hash of its name is below the fraction, so it is
+  # stable when inputs are added (by source: at least one source is held
+  # out and one kept, by rank, when the hash picks none or all).
   val_fraction: float = 0.0
   # Unit of val_fraction: "source" (whole genomes) or "record".
   split_by: str = "source"

@@ -210,9 +210,13 @@ class FastaReader:
     header_yielded = False
     seen_header = False
     eof = False
+    first_block = True
     while not eof:
       data = self._read(stream, raw, kind)
       eof = not data
+      if first_block:
+        # A UTF-8 byte-order mark, as some Windows editors write, is not data.
+        data, first_block = data.removeprefix(b"\xef\xbb\xbf"), False
       if eof and not carry:
         break
       buf = carry + data if carry else data

@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import math
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -585,8 +586,10 @@ def source_weights(data_cfg, token_counts: np.ndarray, source_names: Sequence[st
       factor = float(value)
     except ValueError:
       factor = -1.0
-    if not sep or factor < 0:
-      raise ValueError(f"data.source_weights: {item!r} is not 'pattern=weight' with a weight >= 0.")
+    if not sep or not 0 <= factor < math.inf:  # also refuses nan
+      raise ValueError(
+        f"data.source_weights: {item!r} is not 'pattern=weight' with a finite weight >= 0."
+      )
     hits = [i for i, name in enumerate(source_names) if fnmatch.fnmatchcase(name, pattern)]
     if not hits:
       raise ValueError(

@@ -129,9 +129,18 @@ class SplitRule:
             f"two sources, the inputs have {len(sources)}; use "
             "split_by='record' or name data.split.val_records."
           )
-        count = min(max(round(self.fraction * len(sources)), 1), len(sources) - 1)
+        # A source is validation when its own hash is below the fraction, so
+        # adding sources never moves an existing one between the splits.
+        # Only when that picks none (or all) of a few sources does the rank
+        # decide (the lowest hash held out, or the highest kept), and that
+        # choice can change as sources are added.
         ranked = sorted(sources, key=lambda s: _unit_hash(self.seed, s))
-        self._fraction_sources = set(ranked[:count])
+        picked = {s for s in sources if _unit_hash(self.seed, s) < self.fraction}
+        if not picked:
+          picked = {ranked[0]}
+        elif len(picked) == len(sources):
+          picked = set(ranked[:-1])
+        self._fraction_sources = picked
 
   @property
   def active(self) -> bool:

@@ -421,17 +421,31 @@ def export_zarr(
   """Writes `store` to the kvstore `url` as zarr v3 (module docstring): the
   tokens of each split as a (num_tokens,) uint8 array in zstd chunks of
   `chunk_tokens`, the index and names as objects, the manifest last (the
-  completion marker). Returns the URL.
+  completion marker). Returns the URL. An export of this same store
+  already there is kept as it is.
 
   Raises:
-    StoreError: `url` already holds a complete store and not `overwrite`.
+    StoreError: `url` is or holds the store itself, holds objects that are
+      not a token store, or holds another complete store and not
+      `overwrite`.
   """
   if not is_url(url):
     url = "file://" + os.path.abspath(url)
-  kvstore = _kvstore(url)
-  if not overwrite and is_complete(url):
-    raise StoreError(f"{url} already holds a token store; delete it or export with overwrite.")
-  kvstore.delete_range(_ts().KvStore.KeyRange()).result()
+  source, target = _comparable_dir(store.path), _comparable_dir(url)
+  if source.startswith(target):
+    raise StoreError(
+      f"--export_url={url} is the store's own location (or a folder holding it, "
+      f"{store.path}); export to another URL."
+    )
+  if is_complete(url) and not overwrite:
+    try:
+      same = _without_zarr_names(read_manifest(url)) == _without_zarr_names(store.manifest)
+    except (OSError, ValueError):
+      same = False
+    if same:
+      logging.info("%s already holds an export of %s; keeping it.", url, store.path)
+      return url
+  kvstore = _claim_url(url, overwrite=overwrite, field="--export_url")
   manifest = json.loads(json.dumps(store.manifest))
   for name in store.splits:
     split, info = store[name], manifest["splits"][name]
@@ -448,8 +462,28 @@ def export_zarr(
       split.source_ids,
     )
     _write_index_and_names(kvstore, info, index, split.names)
-  kvstore.write(MANIFEST, json.dumps(manifest, indent=1).encode("utf-8")).result()
+  _seal_url(kvstore, manifest)
   return url
+
+
+def _comparable_dir(path: str) -> str:
+  """`path` (a directory or URL) as a URL ending in "/", local paths resolved,
+  so that one store location is a prefix of the locations inside it."""
+  if is_url(path) and scheme(path) != "file":
+    return _url_dir(path)
+  local = path[len("file://") :] if is_url(path) else path
+  return _url_dir("file://" + os.path.realpath(local))
+
+
+def _without_zarr_names(manifest: dict[str, Any]) -> dict[str, Any]:
+  """`manifest` without the per-split names of exported token arrays, which
+  are all that an export changes."""
+  out = dict(manifest)
+  out["splits"] = {
+    name: {k: v for k, v in info.items() if k != "tokens_zarr"}
+    for name, info in manifest.get("splits", {}).items()
+  }
+  return out
 
 
 def _create_zarr_tokens(url: str, name: str, size: int, chunk_tokens: int = ZARR_CHUNK):
@@ -588,10 +622,19 @@ class TokenStoreWriter:
   def __init__(self, path: str | os.PathLike, *, overwrite: bool = False):
     self.path = os.path.abspath(os.fspath(path))
     parent, base = os.path.split(self.path)
-    if os.path.exists(self.path) and not overwrite and not _is_empty_dir(self.path):
-      raise StoreError(
-        f"{self.path} already exists; delete it or allow overwriting (data.overwrite_store=True)."
-      )
+    if os.path.exists(self.path) and not _is_empty_dir(self.path):
+      # Only a store (a manifest, even a damaged one) is ever replaced:
+      # data.store_dir pointed at a folder of genomes must not delete them.
+      if not os.path.isfile(os.path.join(self.path, MANIFEST)):
+        raise StoreError(
+          f"data.store_dir={self.path} exists and is not a token store; choose a new or "
+          "empty directory."
+        )
+      if not overwrite:
+        raise StoreError(
+          f"data.store_dir={self.path} already holds a token store; delete it or allow "
+          "overwriting (data.overwrite_store=True)."
+        )
     os.makedirs(parent, exist_ok=True)
     _remove_stale_temporaries(parent, base)
     tag = f"{os.getpid()}-{secrets.token_hex(4)}"
@@ -784,9 +827,8 @@ class ZarrStoreWriter(TokenStoreWriter):
   as an exported store (zarr v3 tokens, module docstring), in bounded
   memory. The manifest, written last, marks it complete: an interrupted
   write never reads as a store, and its objects (marked by WRITING_MARKER)
-  are deleted by `abort` or by the next writer to the same URL. A complete
-  store there is kept unless `overwrite` (its manifest is then deleted
-  first, so it stops reading as complete before anything else changes).
+  are deleted by `abort` or by the next writer to the same URL. What is
+  already at the URL is handled by `_claim_url`.
 
   Raises:
     StoreError: a complete store is there and not `overwrite`, or the URL
@@ -795,20 +837,7 @@ class ZarrStoreWriter(TokenStoreWriter):
 
   def __init__(self, url: str, *, overwrite: bool = False, chunk_tokens: int = ZARR_CHUNK):
     self.path = url
-    self._kv = _kvstore(url)
-    if is_complete(url):
-      if not overwrite:
-        raise StoreError(
-          f"{url} already holds a token store; delete it or allow overwriting "
-          "(data.overwrite_store=True)."
-        )
-      self._kv.delete_range(_ts().KvStore.KeyRange(MANIFEST, MANIFEST + "\0")).result()
-    elif self._kv.list().result() and self._kv.read(WRITING_MARKER).result().state != "value":
-      raise StoreError(
-        f"{url} holds objects that are not a token store; choose an empty URL for data.store_dir."
-      )
-    self._kv.delete_range(_ts().KvStore.KeyRange()).result()
-    self._kv.write(WRITING_MARKER, b"").result()
+    self._kv = _claim_url(url, overwrite=overwrite, field="data.store_dir")
     self._chunk = chunk_tokens
     self._splits: dict[str, _SplitWriter] = {}
     self._sources: dict[str, int] = {}
@@ -821,9 +850,7 @@ class ZarrStoreWriter(TokenStoreWriter):
   def commit(self, metadata: dict[str, Any] | None = None) -> TokenStore:
     """Writes the remaining tokens, the indexes and names, then the manifest."""
     splits = {n: s.close(self.path) for n, s in self._splits.items()}
-    self._kv.delete_range(_ts().KvStore.KeyRange(WRITING_MARKER, WRITING_MARKER + "\0")).result()
-    manifest = self._manifest(splits, metadata)
-    self._kv.write(MANIFEST, json.dumps(manifest, indent=1).encode("utf-8")).result()
+    _seal_url(self._kv, self._manifest(splits, metadata))
     self._done = True
     return TokenStore.open(self.path)
 
@@ -831,6 +858,42 @@ class ZarrStoreWriter(TokenStoreWriter):
     """Deletes every object written so far."""
     self._kv.delete_range(_ts().KvStore.KeyRange()).result()
     self._done = True
+
+
+def _claim_url(url: str, *, overwrite: bool, field: str):
+  """The kvstore at `url`, emptied for a new store and marked as being
+  written (WRITING_MARKER; `_seal_url` finishes it).
+
+  What is already there decides: nothing, or the leftovers of an
+  interrupted write (the marker), are cleared; a complete store is kept
+  unless `overwrite` (its manifest is deleted first, so it stops reading as
+  complete before anything else changes); anything else is refused, so a
+  mistyped URL never deletes someone's objects. `field` names the setting
+  in the errors.
+  """
+  kv = _kvstore(url)
+  if is_complete(url):
+    if not overwrite:
+      raise StoreError(
+        f"{field}={url} already holds a token store; delete it or allow overwriting "
+        "(data.overwrite_store=True)."
+      )
+    kv.delete_range(_ts().KvStore.KeyRange(MANIFEST, MANIFEST + "\0")).result()
+  elif kv.list().result() and kv.read(WRITING_MARKER).result().state != "value":
+    raise StoreError(
+      f"{field}={url} holds objects that are not a token store; choose an empty URL."
+    )
+  kv.delete_range(_ts().KvStore.KeyRange()).result()
+  kv.write(WRITING_MARKER, b"").result()
+  return kv
+
+
+def _seal_url(kv, manifest: dict[str, Any]) -> None:
+  """Writes the manifest (the store now reads as complete), then drops the
+  writing marker; killed in between, the store is complete and the next
+  writer still recognises the location as ours."""
+  kv.write(MANIFEST, json.dumps(manifest, indent=1).encode("utf-8")).result()
+  kv.delete_range(_ts().KvStore.KeyRange(WRITING_MARKER, WRITING_MARKER + "\0")).result()
 
 
 def open_writer(path: str | os.PathLike, *, overwrite: bool = False) -> TokenStoreWriter:

@@ -100,7 +100,7 @@ def check_sequence(path: str, line: int, text: str) -> str:
   if not seq:
     raise TaskFormatError(path, line, "empty sequence.")
   try:
-    tokenizer.encode_bytes(seq.encode("ascii", "replace"), context="sequence")
+    tokenizer.encode(seq, context="sequence")
   except tokenizer.InvalidSequenceError as e:
     raise TaskFormatError(path, line, str(e)) from e
   return seq
