@@ -101,19 +101,20 @@ def main(argv):
   )
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
 
-  # The settings' config, found before the (slower) restore so that inputs
-  # are read, and fail, first.
+  # The `score` section, found before the (slower) restore so that inputs
+  # are read, and fail, first. Only this section comes from the run's
+  # config.json: its mesh is the training one (e.g. tensor=2 on 2 GPUs), so
+  # from_run gets --config alone, as in launch/eval.py.
   path = FLAGS.checkpoint or FLAGS.workdir
   run_config = restore.run_config(restore.find_checkpoint(path, FLAGS.which).run_dir)
-  config = FLAGS.config if FLAGS.config is not None else run_config
-  section = ScoreConfig.of(config)
+  section = ScoreConfig.of(FLAGS.config if FLAGS.config is not None else run_config)
   if mode == "variants":
     callsets.CallSet(FLAGS.variants, region=FLAGS.region)  # header and index checks
     reference = callsets.open_reference(FLAGS.reference)
   else:
     records = fasta_sequences(FLAGS.fasta)
 
-  scorer, _ = scoring.Scorer.from_run(path, config, which=FLAGS.which)
+  scorer, _ = scoring.Scorer.from_run(path, FLAGS.config, which=FLAGS.which)
   rc = section.rc_average
   progress = scoring.ProgressLogger("windows")
   logging.info(

@@ -192,6 +192,18 @@ class InterruptingScorer(FakeScorer):
     return super().log_likelihood(sequences, progress)
 
 
+class RestoredScorer(InterruptingScorer):
+  """An InterruptingScorer that says, as `Scorer.fingerprint` does, which
+  checkpoint it was restored from (calls=0: never interrupts)."""
+
+  def __init__(self, checkpoint, context=1000, calls=0):
+    super().__init__(calls)
+    self.checkpoint, self.context = checkpoint, context
+
+  def fingerprint(self):
+    return {"checkpoint": self.checkpoint, "context": self.context}
+
+
 def test_an_interrupted_run_resumes_to_the_same_outputs(files, tmp_path):
   def run(directory, scorer):
     directory.mkdir(exist_ok=True)
@@ -235,3 +247,54 @@ def test_an_interrupted_run_resumes_to_the_same_outputs(files, tmp_path):
       annotated=str(tmp_path / "changed" / "a.vcf"),
       chunk_records=4,
     )
+
+
+def test_annotated_bcf_declares_what_the_input_header_lacks(files, genome, tmp_path):
+  # A hand-made VCF: no ##contig, ##FILTER or ##INFO lines, and a record on a
+  # contig the reference lacks (skipped, but kept in the annotated file).
+  a = genome[:3000]
+  calls = tmp_path / "calls.vcf"
+  calls.write_text(
+    "##fileformat=VCFv4.2\n#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\n"
+    f"chrA\t100\tv1\t{a[99]}\t{OTHER[a[99]]}\t.\tlowq\tDP=5;SOMATIC\n"
+    f"chrA\t200\tv2\t{a[199]}\t{OTHER[a[199]]}\t.\t.\t.\n"
+    "chrUn\t10\tv3\tA\tC\t.\t.\t.\n"
+  )
+  out, annotated = str(tmp_path / "s.tsv"), str(tmp_path / "scored.bcf")
+  summary = callsets.score_callset(
+    FakeScorer(), str(calls), files["ref"], out, window=31, annotated=annotated
+  )
+  assert summary.scored == 2 and summary.skipped == 1 and annotated in summary.paths
+  with pysam.VariantFile(annotated) as vf:
+    records = list(vf)
+  assert [(r.chrom, r.pos) for r in records] == [("chrA", 100), ("chrA", 200), ("chrUn", 10)]
+  assert records[0].info["DP"] == ("5",) and records[0].info["SOMATIC"] is True
+  assert list(records[0].filter) == ["lowq"] and callsets.INFO_LLR in records[1].info
+
+  # A write that fails anyway names the file, in one line.
+  blocked = tmp_path / "blocked.bcf"
+  blocked.mkdir()
+  with pytest.raises(OSError, match=r"blocked.bcf: cannot write the annotated BCF .*rerun") as e:
+    callsets.score_callset(
+      FakeScorer(), str(calls), files["ref"], out + "2", window=31, annotated=str(blocked)
+    )
+  assert "\n" not in str(e.value)
+
+
+def test_a_resume_with_another_checkpoint_or_context_is_refused(files, tmp_path):
+  def run(scorer):
+    return callsets.score_callset(
+      scorer, files["vcf_gz"], files["ref"], str(tmp_path / "s.tsv"), window=31, chunk_records=4
+    )
+
+  with pytest.raises(Interrupted):
+    run(RestoredScorer("run/checkpoints/200", calls=2))
+  refused = r"s.tsv.progress.json: an interrupted run with other inputs or settings \({}\)"
+  with pytest.raises(ValueError, match=refused.format("checkpoint: '.*200', now '.*400'")):
+    run(RestoredScorer("run/checkpoints/400"))
+  # A shorter context caps the window: other windows, other scores.
+  with pytest.raises(
+    ValueError, match=refused.format("context: 1000, now 20; window_used: 31, now 20")
+  ):
+    run(RestoredScorer("run/checkpoints/200", context=20))
+  assert run(RestoredScorer("run/checkpoints/200")).resumed_from == 4

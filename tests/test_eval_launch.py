@@ -125,6 +125,16 @@ def test_score_modes_write_their_files(scorer, inputs, tmp_path):
     assert list(emb["names"]) == ["short", "long", "mid"] and int(emb["layer"]) == 1
 
 
+def test_loglik_counts_are_written_exactly(tmp_path):
+  # A 1.2 Mb contig's count, and a strand mean (rc_average) ending in .5.
+  counts = np.array([1_234_566.0, 1_234_566.5, 39.0])
+  ll = scoring.LogLikelihood(-1.3 * counts, np.full(3, -1.3), counts)
+  path = str(tmp_path / "ll.tsv")
+  score_outputs.write_loglik(path, ["a", "b", "c"], [1_234_567, 1_234_567, 40], ll)
+  rows = [r.split("\t") for r in open(path).read().splitlines()[1:]]
+  assert [r[2] for r in rows] == ["1234566", "1234566.5", "39"]
+
+
 def _launch(script, workdir, *args, env):
   return subprocess.Popen(
     [sys.executable, os.path.join(ROOT, "launch", script), f"--workdir={workdir}", *args],
@@ -185,3 +195,25 @@ def test_launchers(tiny_run, lambda_store, inputs, tmp_path):
   llrs = [line.split("\t")[7] for line in annotated if not line.startswith("#")]
   assert llrs[0] == f"HYBRIDNA_LLR={scores[0]['llr_forward']};HYBRIDNA_LLR_RC={scores[0]['llr']}"
   assert (out / "v.vcf.gz.csi").exists() and (out / "v.tsv.png").exists()
+
+
+def test_score_without_config_restores_on_the_devices_it_has(tiny_run, inputs, tmp_path):
+  # tiny_run was trained on 8 devices with mesh.tensor=2; scoring it on one
+  # takes the run's `score` settings but not its training mesh.
+  proc = _launch(
+    "score.py",
+    tiny_run,
+    "--mode=loglik",
+    f"--fasta={inputs['fasta']}",
+    f"--output={tmp_path}/ll.tsv",
+    env=launch_env(1),
+  )
+  log, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, log[-3000:]
+  assert "context 64" in log  # the trained context, from the run's config
+  rows = (tmp_path / "ll.tsv").read_text().splitlines()
+  assert [r.split("\t")[:3] for r in rows[1:]] == [
+    ["short", "40", "39"],
+    ["long", "702", "699"],
+    ["mid", "300", "299"],
+  ]

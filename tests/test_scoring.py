@@ -2,6 +2,8 @@
 cover every position once with enough context; RC averaging is symmetric;
 embeddings match the hidden states; no recompilation for new inputs."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -224,6 +226,21 @@ def test_sharded_model_scores_the_same(tiny_run, scorer, genome):
   np.testing.assert_allclose(
     sharded.log_likelihood(seqs).total, scorer.log_likelihood(seqs).total, rtol=1e-5
   )
+
+
+def test_from_run_records_its_checkpoint_in_the_fingerprint(tiny_run, scorer):
+  restored, _ = scoring.Scorer.from_run(
+    tiny_run, mesh=sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  )
+  (step,) = os.listdir(os.path.join(tiny_run, "checkpoints"))
+  assert restored.fingerprint() == {
+    "checkpoint": os.path.join(tiny_run, "checkpoints", step),
+    "context": CONTEXT,  # the trained one
+    "stride": CONTEXT // 2,
+    "add_bos": False,
+    "dtype": "float32/float32",
+  }
+  assert scorer.fingerprint()["checkpoint"] is None  # built from a model
 
 
 def test_bad_inputs_are_named(scorer):

@@ -303,3 +303,39 @@ def test_csv_variants_and_format_errors(tmp_path):
     variants.read_variants(str(no_header))
   with pytest.raises(variants.VariantFormatError, match="unknown variant file type"):
     variants.read_variants(str(tmp_path / "v.bed"))
+
+
+def test_kind_ignores_the_bases_the_alleles_share():
+  # Multi-allelic sites pad every ALT to the longest REF (ACT>A,GCT).
+  cases = {
+    ("ACT", "GCT"): "SNV",
+    ("AT", "GT"): "SNV",
+    ("CAT", "CGT"): "SNV",
+    ("CAT", "CT"): "deletion",
+    ("ACT", "A"): "deletion",
+    ("ATG", "ATCG"): "insertion",
+    ("A", "AGT"): "insertion",
+    ("AC", "GT"): "MNV",
+    ("ACGT", "ACTA"): "MNV",
+    ("AT", "GCC"): "indel",
+  }
+  assert {k: variants.Variant("c", 1, *k).kind for k in cases} == cases
+  assert variants.trim_alleles("CAT", "CT") == ("CA", "C")
+
+
+def test_an_allele_longer_than_a_short_chromosome_is_skipped_not_fatal(genome):
+  short, long = genome[:40], genome[1000:1500]
+  reference = variants.Reference(
+    "mem", {"ctg": tokenizer.encode(short), "chrA": tokenizer.encode(long)}, ["ctg", "chrA"]
+  )
+  snv = variants.Variant("chrA", 100, long[99], _other(long[99]), source="x:1")
+  # 25 bases deleted from 40: the alt haplotype (15 nt) caps the 64-nt window.
+  big = variants.Variant("ctg", 5, short[4:30], short[4], source="x:2")
+  small = variants.Variant("ctg", 5, short[4:8], short[4], source="x:3")
+  assert variants.window_length(big, 40, 64) == 15
+  scores, problems = variants.score_variants(FakeScorer(), [snv, big, small], reference, window=64)
+  assert [s.variant.source for s in scores] == ["x:1", "x:3"]
+  assert [(p.source, p.reason) for p in problems] == [
+    ("x:2", "alleles longer than the window (15 nt, capped by the 40-nt chromosome)")
+  ]
+  assert scores[1].window_end - scores[1].window_start == 37  # 40 - 4 + 1

@@ -27,10 +27,12 @@ chr:start-end, 1-based inclusive) needs an index (.tbi/.csi for bgzip VCF,
 
 Resuming: after each chunk the outputs are flushed and <output>.progress.json
 records how many input records are done and the byte size of each output. A
-rerun with the same inputs and settings truncates the outputs to those sizes,
-skips the records done and goes on; the results equal an uninterrupted run
-(chunks are fixed by record count, so every window is scored in the same
-batch). The progress file is removed when the run completes.
+rerun with the same inputs, settings and scorer (checkpoint, context, stride,
+add_bos, dtype, and so the window after the cap at the context) truncates
+the outputs to those sizes, skips the records done and goes on; the results
+equal an uninterrupted run (chunks are fixed by record count, so every
+window is scored in the same batch); another one is refused. The progress
+file is removed when the run completes.
 
 Sources: text VCF records are "file:line"; a --region read of a text VCF has
 no line numbers ("file:region#k", the k-th record of the region) and BCF
@@ -396,15 +398,73 @@ def finish_annotated(partial: str, path: str) -> list[str]:
   pysam = _pysam()
   lower = path.lower()
   if lower.endswith(".bcf"):
-    with pysam.VariantFile(partial) as src, pysam.VariantFile(path, "wb", header=src.header) as out:
-      for record in src:
-        out.write(record)
+    try:
+      with pysam.VariantFile(partial) as src:
+        for line in _undeclared_header_lines(partial, src.header):
+          src.header.add_line(line)  # before the records are parsed
+        with pysam.VariantFile(path, "wb", header=src.header) as out:
+          for record in src:
+            out.write(record)
+    except (OSError, ValueError) as e:  # htslib's errors say little (often a bogus errno)
+      raise OSError(
+        f"{path}: cannot write the annotated BCF ({' '.join(str(e).split())}); the scores are "
+        f"complete and the annotated records kept in {partial}: fix the cause and rerun the same "
+        "command (only this step is redone), or write --annotated as .vcf.gz."
+      ) from None
     return [path] + _index(path, "bcf")
   if lower.endswith((".gz", ".bgz")):
     pysam.tabix_compress(partial, path, force=True)
     return [path] + _index(path, "vcf")
   shutil.copyfile(partial, path)
   return [path]
+
+
+def _undeclared_header_lines(partial: str, header) -> list[str]:
+  """##contig, ##FILTER, ##INFO and ##FORMAT lines for the IDs that the
+  records of the text VCF `partial` use and `header` (a pysam.VariantHeader)
+  lacks -- a hand-made input VCF, or a record on a contig the reference
+  lacks (skipped, but kept in the annotated file). BCF stores every ID as
+  an index into the header, so htslib refuses to write records with
+  undeclared ones. Values stay text: Number=., Type=String (Flag for an
+  INFO key that never has a value)."""
+  declared = {
+    "contig": set(header.contigs),
+    "FILTER": set(header.filters),
+    "INFO": set(header.info),
+    "FORMAT": set(header.formats),
+  }
+  used: dict[str, dict[str, bool]] = {kind: {} for kind in declared}  # ID -> has a value
+  with open(partial, encoding="utf-8") as f:
+    for line in f:
+      if line.startswith("#"):
+        continue
+      fields = line.rstrip("\n").split("\t")
+      fields += ["."] * (9 - len(fields))
+      items = {
+        "contig": [fields[0]],
+        "FILTER": fields[6].split(";"),
+        "INFO": fields[7].split(";"),
+        "FORMAT": fields[8].split(":"),
+      }
+      for kind, values in items.items():
+        for item in values:
+          key, _, value = item.partition("=")
+          used[kind][key] = used[kind].get(key, False) or bool(value)
+  note = 'Description="Not declared in the input VCF"'
+  lines = []
+  for kind, ids in used.items():
+    for name, valued in ids.items():
+      if name in ("", ".") or name in declared[kind]:
+        continue
+      if kind == "contig":
+        lines.append(f"##contig=<ID={name}>")
+      elif kind == "FILTER":
+        lines.append(f"##FILTER=<ID={name},{note}>")
+      elif kind == "INFO" and not valued:
+        lines.append(f"##INFO=<ID={name},Number=0,Type=Flag,{note}>")
+      else:
+        lines.append(f"##{kind}=<ID={name},Number=.,Type=String,{note}>")
+  return lines
 
 
 def _index(path: str, preset: str) -> list[str]:
@@ -437,14 +497,24 @@ class Summary:
   paths: list[str] = dataclasses.field(default_factory=list)
 
 
-def _fingerprint(variants_path, reference_path, **settings) -> dict:
+def _fingerprint(variants_path, reference_path, scorer, window, **settings) -> dict:
+  """What a resumed run must share with the interrupted one: the inputs,
+  the settings, the scorer's (checkpoint, context, stride, add_bos, dtype:
+  `Scorer.fingerprint`; only the context of a stand-in without it) and the
+  window used, after the cap at the context."""
   stat = os.stat(variants_path)
+  described = (
+    scorer.fingerprint() if hasattr(scorer, "fingerprint") else {"context": scorer.context}
+  )
   return {
     "variants": os.path.abspath(variants_path),
     "variants_size": stat.st_size,
     "variants_mtime_ns": stat.st_mtime_ns,
     "reference": os.path.abspath(reference_path),
+    "window": window,
     **settings,
+    **described,
+    "window_used": variants_lib.scoring_window(window, scorer.context),
   }
 
 
@@ -466,7 +536,8 @@ def score_callset(
   chunk and resuming an interrupted run (module docstring).
 
   Args:
-    scorer: a `Scorer` (or anything with `context` and `log_likelihood`).
+    scorer: a `Scorer` (or anything with `context` and `log_likelihood`);
+      its `fingerprint()`, when it has one, must match to resume.
     output: the scores TSV; <output>.skipped.tsv and <output>.progress.json
       go next to it.
     window: window length in nt (capped at the scorer's context).
@@ -490,8 +561,9 @@ def score_callset(
   fingerprint = _fingerprint(
     variants_path,
     reference_path,
+    scorer,
+    window,
     region=region,
-    window=window,
     rc_average=rc_average,
     max_indel_length=max_indel_length,
     chunk_records=chunk_records,
@@ -648,13 +720,15 @@ def _load_progress(path: str, fingerprint: dict, files: dict[str, str]) -> dict 
     return None
   with open(path, encoding="utf-8") as f:
     saved = json.load(f)
-  for key, value in fingerprint.items():
-    if saved["fingerprint"].get(key) != value:
-      raise ValueError(
-        f"{path}: an interrupted run with other inputs or settings ({key}: "
-        f"{saved['fingerprint'].get(key)!r}, now {value!r}); rerun with the same ones to resume, "
-        "or delete this file to start over."
-      )
+  before = saved["fingerprint"]
+  differ = [
+    f"{k}: {before.get(k)!r}, now {v!r}" for k, v in fingerprint.items() if before.get(k) != v
+  ]
+  if differ:
+    raise ValueError(
+      f"{path}: an interrupted run with other inputs or settings ({'; '.join(differ)}); rerun "
+      "with the same ones (and the same checkpoint) to resume, or delete this file to start over."
+    )
   for key, size in saved["sizes"].items():
     if not os.path.exists(files[key]) or os.path.getsize(files[key]) < size:
       raise ValueError(

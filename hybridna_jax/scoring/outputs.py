@@ -24,11 +24,18 @@ LOGLIK_COLUMNS = ("name", "length", "scored", "loglik_sum", "loglik_mean", "bits
 def write_loglik(
   path: str, names: Sequence[str], lengths: Sequence[int], ll: LogLikelihood
 ) -> None:
-  """TSV: one row per sequence; log-likelihoods in nats, bits/nt = -mean / ln 2."""
+  """TSV: one row per sequence; log-likelihoods in nats, bits/nt = -mean / ln 2,
+  and the scored positions exactly (a strand mean with rc_average may end in .5)."""
   with open(path, "w", encoding="utf-8") as f:
     f.write("\t".join(LOGLIK_COLUMNS) + "\n")
     for name, length, total, mean, count in zip(names, lengths, ll.total, ll.mean, ll.count):
-      f.write(f"{name}\t{length}\t{count:g}\t{total:.6f}\t{mean:.6f}\t{-mean / LN2:.6f}\n")
+      f.write(f"{name}\t{length}\t{_exact(count)}\t{total:.6f}\t{mean:.6f}\t{-mean / LN2:.6f}\n")
+
+
+def _exact(x: float) -> str:
+  """A count without rounding or exponent: 1234567, 699.5."""
+  x = float(x)
+  return str(int(x)) if x.is_integer() else repr(x)
 
 
 def write_positions(path: str, names: Sequence[str], scores: Sequence[PositionScores]) -> None:

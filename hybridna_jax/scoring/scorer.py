@@ -46,6 +46,7 @@ Conventions.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -294,6 +295,7 @@ class Scorer:
         "Scorer.from_config / settings_from_config)."
       )
     self.model_config = model.cfg
+    self.checkpoint: str | None = None  # the step directory, set by from_run
     self.graphdef, self.state = nnx.split(model)
     self.mesh = _model_mesh(self.state)
     s = self.settings
@@ -334,24 +336,41 @@ class Scorer:
     Returns:
       (scorer, the run's config).
     """
-    from hybridna_jax import restore  # pylint: disable=g-import-not-at-top
+    from hybridna_jax import paths, restore  # pylint: disable=g-import-not-at-top
 
-    run_config = restore.run_config(restore.find_checkpoint(path, which).run_dir)
+    ref = restore.find_checkpoint(path, which)
+    # The step resolved now is the one restored and recorded (`fingerprint`).
+    step_dir = os.fspath(paths.join(ref.manager_dir, str(ref.step)))
+    run_config = restore.run_config(ref.run_dir)
     settings_from = config if config is not None else run_config
     section = ScoreConfig.of(settings_from)
     if mesh is None and config is not None and "mesh" in config:
       mesh = sharding.mesh_from_config(config.mesh)  # e.g. --config.mesh.context=8
     model, _, _ = restore.load(
-      path,
+      step_dir,
       dtype=section.dtype or None,
       mesh=mesh,
-      which=which,
       attention_impl=section.attention_impl,
       ssd_impl=section.ssd_impl,
       # An explicit score.context is the length the caller asks for.
       max_seq_len=section.context or None,
     )
-    return cls.from_config(model, settings_from, run_config, **overrides), run_config
+    scorer = cls.from_config(model, settings_from, run_config, **overrides)
+    scorer.checkpoint = step_dir
+    return scorer, run_config
+
+  def fingerprint(self) -> dict[str, Any]:
+    """What sets this scorer's scores, as JSON values (e.g. to resume a run
+    only with the same): the checkpoint's step directory (None unless
+    restored by `from_run`), the windows (context, stride, add_bos) and the
+    model's dtypes. Batching and buckets never change a score."""
+    return {
+      "checkpoint": self.checkpoint,
+      "context": self.context,
+      "stride": self.stride,
+      "add_bos": self.settings.add_bos,
+      "dtype": f"{self.model_config.dtype}/{self.model_config.param_dtype}",
+    }
 
   @property
   def context(self) -> int:

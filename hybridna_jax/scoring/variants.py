@@ -47,8 +47,9 @@ Bad records are never scored silently: each is reported with its file and
 line (a logged warning and a row of the skipped-records TSV) and skipped --
 a malformed line, REF not matching the reference, an unknown chromosome, a
 position past the chromosome's end, a symbolic or structural allele (<DEL>,
-breakends, *), an allele with N or other characters, REF equal to ALT, or
-an indel longer than max_indel_length.
+breakends, *), an allele with N or other characters, REF equal to ALT, an
+indel longer than max_indel_length, or alleles not shorter than their
+window (capped at the context and at a short chromosome).
 """
 
 from __future__ import annotations
@@ -94,11 +95,27 @@ class Variant:
 
   @property
   def kind(self) -> str:
-    if len(self.ref) == len(self.alt):
-      return "SNV" if len(self.ref) == 1 else "MNV"
-    if self.ref[0] == self.alt[0] and min(len(self.ref), len(self.alt)) == 1:
-      return "insertion" if len(self.alt) > len(self.ref) else "deletion"
+    """The type: SNV, MNV, insertion, deletion or indel (a complex
+    replacement), of the alleles without the bases they share
+    (`trim_alleles`): a multi-allelic site pads every ALT to the longest
+    REF, and ACT>GCT is an SNV, CAT>CT a deletion."""
+    ref, alt = trim_alleles(self.ref, self.alt)
+    if len(ref) == len(alt):
+      return "SNV" if len(ref) == 1 else "MNV"
+    if ref[0] == alt[0] and min(len(ref), len(alt)) == 1:
+      return "insertion" if len(alt) > len(ref) else "deletion"
     return "indel"
+
+
+def trim_alleles(ref: str, alt: str) -> tuple[str, str]:
+  """REF and ALT without their shared suffix, then their shared prefix, each
+  keeping at least one base (an indel keeps its anchor base), as in
+  left-normalisation: ("CAT", "CT") -> ("CA", "C"), ("ACT", "GCT") -> ("A", "G")."""
+  while len(ref) > 1 and len(alt) > 1 and ref[-1] == alt[-1]:
+    ref, alt = ref[:-1], alt[:-1]
+  while len(ref) > 1 and len(alt) > 1 and ref[0] == alt[0]:
+    ref, alt = ref[1:], alt[1:]
+  return ref, alt
 
 
 class Problem(NamedTuple):
@@ -404,6 +421,26 @@ def check_variants(
 # -- windows and scores ---------------------------------------------------------------------
 
 
+def scoring_window(window: int, context: int) -> int:
+  """The variant window used with a scorer of `context` tokens: `window`,
+  capped at the context.
+
+  Raises:
+    ValueError: a window under 2 nucleotides.
+  """
+  if window < 2:
+    raise ValueError(f"score.variant_window must be at least 2, got {window}.")
+  return min(window, context)
+
+
+def window_length(variant: Variant, chrom_length: int, window: int) -> int:
+  """The length of a variant's windows on a chromosome of `chrom_length`
+  bases: `window` capped at the shorter of the two haplotypes, min(window,
+  n, n - r + a); the alleles fit when it is longer than both."""
+  r, a = len(variant.ref), len(variant.alt)
+  return min(window, chrom_length, chrom_length - r + a)
+
+
 def variant_windows(
   variant: Variant, chrom: np.ndarray, window: int
 ) -> tuple[tuple[int, int], np.ndarray, np.ndarray]:
@@ -412,16 +449,21 @@ def variant_windows(
   Args:
     variant: the variant (its REF must match `chrom`).
     chrom: (n,) the chromosome's tokens.
-    window: window length; capped at the shorter of the two haplotypes.
+    window: window length; capped at the shorter of the two haplotypes
+      (`window_length`).
 
   Returns:
     (start, end) of the reference window (0-based, end-exclusive), and the
     ref and alt windows as (w,) int32 tokens each, w = min(window, n,
     n - r + a).
+
+  Raises:
+    ValueError: the capped window is shorter than an allele
+      (`score_variants` reports such variants instead).
   """
   p, r, a = variant.pos - 1, len(variant.ref), len(variant.alt)
   m = max(r, a)
-  window = min(window, len(chrom), len(chrom) - r + a)
+  window = window_length(variant, len(chrom), window)
   if window < m:
     raise ValueError(f"window {window} is shorter than the alleles of {variant}.")
   left = (window - m) // 2
@@ -460,20 +502,22 @@ def score_variants(
     (scores of the valid variants in input order, problems found here);
     each problem is also logged with its file and line.
   """
-  if window < 2:
-    raise ValueError(f"score.variant_window must be at least 2, got {window}.")
-  if window > scorer.context:
+  used = scoring_window(window, scorer.context)
+  if used < window:
     logging.info("variant window %d capped at the scoring context %d.", window, scorer.context)
-    window = scorer.context
-  valid, problems = check_variants(variants, reference)
-  too_long = [v for v in valid if max(len(v.ref), len(v.alt)) >= window]
-  for v in too_long:
-    problems.append(
-      Problem(
-        v.source, v.chrom, str(v.pos), v.ref, v.alt, f"alleles longer than the window ({window} nt)"
-      )
-    )
-  valid = [v for v in valid if max(len(v.ref), len(v.alt)) < window]
+    window = used
+  checked, problems = check_variants(variants, reference)
+  valid = []
+  for v in checked:
+    # Each window needs a flank besides the alleles; a short chromosome caps it.
+    n = len(reference[v.chrom])
+    capped = window_length(v, n, window)
+    if max(len(v.ref), len(v.alt)) < capped:
+      valid.append(v)
+      continue
+    why = f"alleles longer than the window ({capped} nt"
+    why += f", capped by the {n:,}-nt chromosome)" if capped < window else ")"
+    problems.append(Problem(v.source, v.chrom, str(v.pos), v.ref, v.alt, why))
   report_problems(problems)
 
   # Unique windows: reference windows are shared between variants.
