@@ -18,7 +18,10 @@ started again; the best dev checkpoint (MCC, or Pearson for regression) is
 kept in <workdir>/best and reported on test in results.json / results.md,
 with test_predictions.csv and finetune_curves.png. A suite adds
 suite_results.json, suite_table.md and suite_scores.png; finished tasks are
-not re-run. Variants of the configs choose the embedding (echo, rc_echo,
+not re-run. SIGTERM (preemption) saves the running task's checkpoint and
+stops (a suite writes its files for the tasks finished so far), with
+"stopped": "preempted" in <workdir>/finetune_summary.json; starting it again
+resumes. Variants of the configs choose the embedding (echo, rc_echo,
 rc_echo_concat, mean, last, plain_mean, plain_last) and frozen / full
 fine-tuning; any field can be overridden, e.g.
 --config.finetune.pretrained=runs/demo --config.finetune.epochs=5.
@@ -86,8 +89,7 @@ def main(argv):
     raise app.UsageError("give --task or --task_suite, not both.")
   try:
     if _SUITE.value:
-      rows = task_lib.run_suite(config, _SUITE.value, FLAGS.workdir)
-      summary = {"suite": rows}
+      summary = task_lib.run_suite(config, _SUITE.value, FLAGS.workdir)
     else:
       summary = task_lib.finetune(config, FLAGS.workdir)
   except (FileNotFoundError, datasets.TaskFormatError) as e:  # bad input: the message says it
@@ -97,6 +99,10 @@ def main(argv):
     os.makedirs(FLAGS.workdir, exist_ok=True)
     with open(os.path.join(FLAGS.workdir, "finetune_summary.json"), "w", encoding="utf-8") as f:
       json.dump(summary, f, indent=2, default=str)
+    # As launch/train.py: a preempted run (or suite) saved its checkpoint and
+    # ends normally, saying so; starting it again resumes.
+    done = ("steps", "stopped", "preempted_task")
+    logging.info("done: %s", json.dumps({k: summary[k] for k in done if k in summary}))
 
 
 if __name__ == "__main__":

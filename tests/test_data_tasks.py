@@ -52,6 +52,14 @@ def test_windows_line_endings_bom_extra_columns_and_regression(tmp_path):
     ("sequence,label\nACGT,0\nAC,1,7\n", 3, "3 fields, the header has 2"),
     ("seq,label\nACGT,0\n", 1, "lacks a 'sequence' or 'label' column"),
     ("sequence,label\nACGT,0\n\nACGT,cat\n", 4, "label 'cat' is not a number"),
+    # A missing label (pandas writes "nan"), among class ids or regression targets.
+    (
+      "sequence,label\nACGT,0\nACGT,nan\n",
+      3,
+      "label 'nan' is not a finite number; write a class id (or a number, for regression) "
+      "there, or remove the row.",
+    ),
+    ("sequence,label\nACGT,0.5\nACGT,-inf\n", 3, "label '-inf' is not a finite number"),
   ],
 )
 def test_errors_name_file_and_line(tmp_path, text, line, message):

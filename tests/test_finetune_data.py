@@ -105,6 +105,18 @@ def test_bed_extraction_strands_and_splits(tmp_path, genome):
   assert data.dev_from_train and len(data.splits["dev"].sequences) == 4
 
 
+def test_bed_header_with_ucsc_column_names(tmp_path, genome):
+  ref, chroms = genome
+  bed = tmp_path / "ucsc.bed"
+  bed.write_text(
+    "chrom\tchromStart\tchromEnd\tsplit\tlabel\n"
+    "chr1\t10\t30\ttrain\t1\nchr1\t0\t5\tvalid\t0\nchr2\t0\t7\ttest\t1\n"
+  )
+  data = datasets.load_task(str(bed), reference=ref)  # the header is not read as data
+  assert data.splits["train"].sequences == [chroms["chr1"][10:30]]
+  assert data.splits["test"].sequences == [chroms["chr2"][:7]]
+
+
 @pytest.mark.parametrize(
   "row, message",
   [

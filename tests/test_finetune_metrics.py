@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+from sklearn import metrics as sk
 
 from hybridna_jax.finetune import metrics as m
 
@@ -58,6 +59,37 @@ def test_multiclass_by_hand():
   assert m.classification_metrics(labels, perfect)["auprc"] == pytest.approx(1.0)
 
 
+def test_f1_macro_leaves_out_classes_absent_from_the_split():
+  labels = np.array([0, 1, 0, 1, 0, 1])  # a 3-class task; class 2 is not in this split
+  out = m.classification_metrics(labels, np.eye(3)[labels] * 5.0)  # perfect predictions
+  assert out["f1_macro"] == pytest.approx(1.0)
+  np.testing.assert_array_equal(m.f1_per_class(labels, labels, 3), [1.0, 1.0, np.nan])
+  predictions = np.array([0, 1, 2, 1, 0, 0])  # class 2 predicted, never true: F1 0, counted
+  f1 = m.f1_per_class(labels, predictions, 4)
+  assert np.isnan(f1[3]) and f1[2] == 0.0
+  assert m.f1_macro(f1) == pytest.approx(sk.f1_score(labels, predictions, average="macro"))
+
+
+def test_auroc_and_auprc_rank_logits_past_softmax_saturation():
+  # Margins above ~37 round softmax probabilities to exactly 1.0 (ties).
+  labels = np.array([1, 1, 0, 0])
+  logits = np.stack([np.zeros(4), [50.0, 45.0, 40.0, -1.0]], axis=1)
+  out = m.classification_metrics(labels, logits)
+  assert out["auroc"] == 1.0 and out["auprc"] == 1.0
+  # One-vs-rest: class 0 ranks rows 0, 1 above row 2 only by its log-odds.
+  labels = np.array([0, 0, 1, 2])
+  logits = np.array([[60.0, 0, 0], [50, 0, 0], [45, 0, 0], [0, 0, 3]])
+  scores = m.one_vs_rest_logits(logits)
+  for c in range(3):
+    rest = np.log(np.exp(np.delete(logits, c, axis=1)).sum(axis=1))
+    np.testing.assert_allclose(scores[:, c], logits[:, c] - rest)
+  # Class 1's positive (row 2) ranks below row 3 only: AUROC 2/3; classes 0, 2: 1.
+  assert m.classification_metrics(labels, logits)["auroc"] == pytest.approx(np.mean([1, 2 / 3, 1]))
+  # Log-probabilities (the baselines' outputs) rank the same.
+  log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+  np.testing.assert_allclose(m.one_vs_rest_logits(log_probs), scores, rtol=1e-9, atol=1e-9)
+
+
 def test_regression_by_hand():
   x, y = np.array([1.0, 2, 3, 4]), np.array([2.0, 4, 5, 9])
   assert m.pearson(x, y) == pytest.approx(11 / math.sqrt(5 * 26))
@@ -84,7 +116,8 @@ def _hand_mcc(labels, predictions, k):
 def _hand_f1(labels, predictions, k):
   cm = np.bincount(labels * k + predictions, minlength=k * k).reshape(k, k).astype(np.float64)
   denom = cm.sum(axis=0) + cm.sum(axis=1)
-  return np.divide(2 * np.diag(cm), denom, out=np.zeros(k), where=denom > 0)
+  # NaN (undefined) for a class with neither a true nor a predicted example.
+  return np.divide(2 * np.diag(cm), denom, out=np.full(k, np.nan), where=denom > 0)
 
 
 def _hand_ranking(labels, scores):
@@ -139,9 +172,9 @@ def test_library_metrics_agree_with_the_former_hand_written_ones(k):
       logits = np.round(logits)
     predictions = np.argmax(logits, axis=1)
     assert m.mcc(labels, predictions, k) == pytest.approx(_hand_mcc(labels, predictions, k))
-    np.testing.assert_allclose(
-      m.f1_per_class(labels, predictions, k), _hand_f1(labels, predictions, k)
-    )
+    f1 = m.f1_per_class(labels, predictions, k)
+    np.testing.assert_allclose(f1, _hand_f1(labels, predictions, k))
+    assert m.f1_macro(f1) == pytest.approx(sk.f1_score(labels, predictions, average="macro"))
     probs = m.softmax(logits)
     for c in range(k):
       for ours, hand in ((m.binary_auroc, _hand_auroc), (m.binary_auprc, _hand_auprc)):

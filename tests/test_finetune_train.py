@@ -204,20 +204,15 @@ def test_train_iterator_shuffles_lays_out_rows_and_restores(motif_task):
     assert batch["labels"][row] == labels[i]
 
 
-def test_suite_writes_one_table(motif_task, tmp_path, monkeypatch):
-  nt = tmp_path / "tasks" / "nt_like"
-  nt.mkdir(parents=True)
-  for split in ("train", "test"):
-    with open(os.path.join(motif_task, f"{split}.csv")) as src:
-      (nt / f"{split}.csv").write_text(src.read())
-  gue = tmp_path / "tasks" / "gue_like"
-  example_tasks.make_motif_task(str(gue), n_train=64, n_dev=16, n_test=16)
-  (tmp_path / "tasks" / "notes").mkdir()  # not a task: skipped by the glob
-  calls = []
+def _fake_finetune(calls: list, preempted: tuple[str, ...] = ()):
+  """A stand-in for `task_lib.finetune` that scores a fixed rule instead of
+  training (the suite logic is under test); tasks named in `preempted` stop
+  as a preempted loop does, without results."""
 
   def fake_finetune(config, workdir, data):
-    """Scores a fixed rule instead of training (the suite logic is under test)."""
     calls.append((config.finetune.task, workdir, data.name))
+    if data.name in preempted:
+      return {"stopped": "preempted", "steps": 3}
     task = task_lib.FinetuneTask(config, data)
     outputs = {
       s: np.stack(
@@ -240,12 +235,27 @@ def test_suite_writes_one_table(motif_task, tmp_path, monkeypatch):
     os.makedirs(workdir)
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(results, f)
-    return {"results": results}
+    return {"stopped": "completed", "results": results}
 
-  monkeypatch.setattr(task_lib, "finetune", fake_finetune)
+  return fake_finetune
+
+
+def test_suite_writes_one_table(motif_task, tmp_path, monkeypatch):
+  nt = tmp_path / "tasks" / "nt_like"
+  nt.mkdir(parents=True)
+  for split in ("train", "test"):
+    with open(os.path.join(motif_task, f"{split}.csv")) as src:
+      (nt / f"{split}.csv").write_text(src.read())
+  gue = tmp_path / "tasks" / "gue_like"
+  example_tasks.make_motif_task(str(gue), n_train=64, n_dev=16, n_test=16)
+  (tmp_path / "tasks" / "notes").mkdir()  # not a task: skipped by the glob
+  calls = []
+  monkeypatch.setattr(task_lib, "finetune", _fake_finetune(calls))
 
   cfg = _config("")
-  rows = task_lib.run_suite(cfg, [str(tmp_path / "tasks" / "*")], str(tmp_path / "suite"))
+  summary = task_lib.run_suite(cfg, [str(tmp_path / "tasks" / "*")], str(tmp_path / "suite"))
+  assert summary["stopped"] == "completed"
+  rows = summary["suite"]
   assert [c[2] for c in calls] == ["gue_like", "nt_like"]
   assert [(r["task"], r["system"], r["split"]) for r in rows] == [
     (task, system, split)
@@ -267,6 +277,26 @@ def test_suite_writes_one_table(motif_task, tmp_path, monkeypatch):
   # Finished tasks are read back, not re-run.
   task_lib.run_suite(cfg, [str(tmp_path / "tasks" / "*")], str(tmp_path / "suite"))
   assert len(calls) == 2
+
+
+def test_preempted_task_stops_the_suite_which_resumes(tmp_path, monkeypatch):
+  for name in ("a", "b", "c"):
+    example_tasks.make_motif_task(str(tmp_path / "tasks" / name), n_train=32, n_dev=8, n_test=8)
+  cfg, calls = _config(""), []
+  patterns, workdir = [str(tmp_path / "tasks" / "*")], str(tmp_path / "suite")
+  monkeypatch.setattr(task_lib, "finetune", _fake_finetune(calls, preempted=("b",)))
+  summary = task_lib.run_suite(cfg, patterns, workdir)
+  assert summary["stopped"] == "preempted" and summary["preempted_task"] == "b"
+  assert [c[2] for c in calls] == ["a", "b"]  # c is not started
+  # What finished so far is written.
+  assert {r["task"] for r in summary["suite"]} == {"a"}
+  written = json.load(open(tmp_path / "suite" / "suite_results.json"))
+  assert [r["task"] for r in written] == [r["task"] for r in summary["suite"]]
+  assert "Preempted during b" in open(tmp_path / "suite" / "suite_table.md").read()
+  monkeypatch.setattr(task_lib, "finetune", _fake_finetune(calls))
+  summary = task_lib.run_suite(cfg, patterns, workdir)  # a is read back, b resumes
+  assert summary["stopped"] == "completed" and [c[2] for c in calls[2:]] == ["b", "c"]
+  assert [r["task"] for r in summary["suite"] if r["split"] == "dev"] == ["a", "b", "c"]
 
 
 def test_losses_weights_and_regression_targets(tmp_path):

@@ -108,12 +108,18 @@ def check_sequence(path: str, line: int, text: str) -> str:
 
 def parse_labels(path: str, raw: Sequence[str], lines: Sequence[int]) -> np.ndarray:
   """Label strings -> int64 (n,) class ids, or float32 (n,) numbers
-  (regression) when any is not an integer; `lines` name each one's line."""
+  (regression) when any is not an integer; `lines` name each one's line.
+
+  Raises:
+    TaskFormatError: a label that is not a number, or is NaN or infinite
+      (a missing value, e.g. "nan" from a pandas export: it would make every
+      standardised regression target and the dev metrics NaN).
+  """
   try:
     return np.array([int(x) for x in raw], np.int64)
   except ValueError:
     pass
-  return parse_numbers(path, raw, lines).astype(np.float32)
+  return parse_numbers(path, raw, lines, finite=True).astype(np.float32)
 
 
 def parse_numbers(
@@ -122,14 +128,15 @@ def parse_numbers(
   lines: Sequence[int],
   *,
   what: str = "label",
-  hint: str = "labels are class ids (or numbers for regression).",
+  hint: str = "write a class id (or a number, for regression) there, or remove the row.",
   finite: bool = False,
 ) -> np.ndarray:
   """Numeric label strings -> float64 (n,).
 
   Raises:
-    TaskFormatError: "<what> '<text>' is not a number; <hint>" naming the
-      line of the first bad one (with `finite`, NaN and infinities too).
+    TaskFormatError: "<what> '<text>' is not a (finite) number; <hint>"
+      naming the line of the first bad one (with `finite`, NaN and
+      infinities too).
   """
   values = np.empty(len(raw), np.float64)
   for i, (text, line) in enumerate(zip(raw, lines)):
@@ -138,7 +145,7 @@ def parse_numbers(
     except ValueError:
       raise TaskFormatError(path, line, f"{what} {text!r} is not a number; {hint}") from None
     if finite and not np.isfinite(values[i]):
-      raise TaskFormatError(path, line, f"{what} {text!r} is not a finite number.")
+      raise TaskFormatError(path, line, f"{what} {text!r} is not a finite number; {hint}")
   return values
 
 

@@ -17,11 +17,12 @@ Layouts (`format="auto"` tells them apart):
   (`sequence,label`, extra columns such as `name` ignored), as exported
   from the Hugging Face copy. An optional dev file is used when present.
 * BEND-style: a tab-separated BED file with a header line naming the
-  columns `chromosome` (or `chrom`), `start`, `end`, `split` and `label`,
-  and optionally `strand` (a header-less file is read as chrom, start, end,
-  split, label), plus a reference FASTA. Coordinates are 0-based,
-  end-exclusive; `-` strand rows are reverse-complemented; split values are
-  train, valid / val / validation / dev, and test.
+  columns `chromosome` (or `chrom`), `start` (or `chromStart`), `end` (or
+  `chromEnd`), `split` and `label`, and optionally `strand` (a header-less
+  file is read as chrom, start, end, split, label), plus a reference FASTA.
+  Coordinates are 0-based, end-exclusive; `-` strand rows are
+  reverse-complemented; split values are train, valid / val / validation /
+  dev, and test.
 
 Tasks without a dev split get one from train: `dev_fraction` of each class,
 chosen by a seeded shuffle. Labels are integer class ids (classification) or
@@ -309,10 +310,12 @@ def read_bed(path: str) -> list[BedRow]:
     if not text.strip() or text.startswith(("track", "browser")):
       continue
     fields = text.split("\t") if "\t" in text else text.split()
-    lowered = [x.strip().lower() for x in fields]
+    # Canonical column names, so a header naming e.g. chromStart / chromEnd
+    # is recognised as one.
+    named = tuple(_BED_ALIASES.get(x.strip().lower(), x.strip().lower()) for x in fields)
     if columns is None:
-      if "start" in lowered and "end" in lowered:  # a header line
-        columns = tuple(_BED_ALIASES.get(x, x) for x in lowered)
+      if "start" in named and "end" in named:  # a header line
+        columns = named
         missing = [c for c in ("chrom", "start", "end", "split") if c not in columns]
         if missing:
           raise TaskFormatError(

@@ -1,10 +1,12 @@
 """Metrics of understanding tasks, from scikit-learn and scipy.
 
-Classification (labels int (n,), scores (n, k) probabilities or logits):
+Classification (labels int (n,), logits or log-probabilities (n, k)):
 MCC (the GUE headline; the multi-class form is Gorodkin's R_K,
 `sklearn.metrics.matthews_corrcoef`), accuracy, F1 (binary: of class 1; and
-macro over classes), AUROC (`roc_auc_score`, trapezoids: ties count half)
-and AUPRC (`average_precision_score`, the step-wise average precision).
+macro over the classes in the labels or the predictions), AUROC
+(`roc_auc_score`, trapezoids: ties count half) and AUPRC
+(`average_precision_score`, the step-wise average precision), both ranking
+by each class's log-odds (`one_vs_rest_logits`; binary: z_1 - z_0).
 Multi-class AUROC / AUPRC are one-vs-rest, macro over the classes that have
 both positives and negatives.
 
@@ -21,7 +23,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from scipy import stats
+from scipy import special, stats
 from sklearn import metrics as sk
 
 
@@ -41,10 +43,20 @@ def mcc(labels: np.ndarray, predictions: np.ndarray, num_classes: int | None = N
 
 
 def f1_per_class(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
-  """float64 (k,): F1 of each class (0 where it has no true or predicted example)."""
-  return sk.f1_score(
-    labels, predictions, labels=np.arange(num_classes), average=None, zero_division=0.0
-  ).astype(np.float64)
+  """float64 (k,): F1 of each class; NaN (undefined) for a class with neither
+  a true nor a predicted example, e.g. one absent from a small split."""
+  classes = np.arange(num_classes)
+  f1 = sk.f1_score(labels, predictions, labels=classes, average=None, zero_division=0.0)
+  present = np.isin(classes, labels) | np.isin(classes, predictions)
+  return np.where(present, f1, np.nan)
+
+
+def f1_macro(f1: np.ndarray) -> float:
+  """The mean of `f1_per_class` over the classes it defines (sklearn's
+  average="macro": the classes in the labels or the predictions), so a class
+  absent from a split does not count as F1 = 0."""
+  defined = f1[np.isfinite(f1)]
+  return float(defined.mean()) if defined.size else float("nan")
 
 
 def binary_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -77,30 +89,42 @@ def softmax(logits: np.ndarray) -> np.ndarray:
   return z / z.sum(axis=-1, keepdims=True)
 
 
+def one_vs_rest_logits(logits: np.ndarray) -> np.ndarray:
+  """float64 (n, k): log(p_c / (1 - p_c)) = z_c - logsumexp_{j != c} z_j of
+  logits z (or log-probabilities: a constant per row cancels out). The
+  ranking score of AUROC / AUPRC: probabilities round to exactly 1.0 (and
+  log-probabilities to 0.0) once a margin passes ~37, tying confident
+  examples; these differences do not. Two classes: column 1 is z_1 - z_0."""
+  z = np.asarray(logits, np.float64)
+  out = np.empty_like(z)
+  for c in range(z.shape[1]):
+    out[:, c] = z[:, c] - special.logsumexp(np.delete(z, c, axis=1), axis=1)
+  return out
+
+
 def classification_metrics(labels: np.ndarray, logits: np.ndarray) -> dict[str, float]:
-  """labels int (n,), logits (n, k) -> MCC, accuracy, F1, AUROC, AUPRC and
-  the mean cross-entropy ("loss")."""
+  """labels int (n,), logits (n, k) (or log-probabilities, as the baselines
+  give) -> MCC, accuracy, F1, AUROC, AUPRC and the mean cross-entropy ("loss")."""
   labels = np.asarray(labels, np.int64)
   logits = np.asarray(logits, np.float64)
   k = logits.shape[1]
-  probs = softmax(logits)
+  scores = one_vs_rest_logits(logits)
   predictions = np.argmax(logits, axis=1)
   f1 = f1_per_class(labels, predictions, k)
-  log_probs = logits - logits.max(1, keepdims=True)
-  log_probs -= np.log(np.exp(log_probs).sum(1, keepdims=True))
+  log_probs = special.log_softmax(logits, axis=1)
   out = {
     "mcc": mcc(labels, predictions, k),
     "accuracy": float(np.mean(predictions == labels)) if labels.size else float("nan"),
-    "f1_macro": float(np.mean(f1)),
+    "f1_macro": f1_macro(f1),
     "loss": float(-np.mean(log_probs[np.arange(labels.size), labels])),
   }
   if k == 2:
     out["f1"] = float(f1[1])
-    out["auroc"] = binary_auroc(labels == 1, probs[:, 1])
-    out["auprc"] = binary_auprc(labels == 1, probs[:, 1])
+    out["auroc"] = binary_auroc(labels == 1, scores[:, 1])
+    out["auprc"] = binary_auprc(labels == 1, scores[:, 1])
   else:
-    out["auroc"] = _one_vs_rest(binary_auroc, labels, probs)
-    out["auprc"] = _one_vs_rest(binary_auprc, labels, probs)
+    out["auroc"] = _one_vs_rest(binary_auroc, labels, scores)
+    out["auprc"] = _one_vs_rest(binary_auprc, labels, scores)
   return out
 
 

@@ -3,7 +3,7 @@ sharded steps, checkpoints, resume, preemption and metrics, with a
 sequence-level head on the backbone.
 
     summary = finetune(config, "runs/prom_300")       # one task
-    rows = run_suite(config, ["GUE/prom/*"], "runs/gue")   # several tasks
+    summary = run_suite(config, ["GUE/prom/*"], "runs/gue")   # several tasks
 
 A run trains one stage of (padded input width, steps, batch size), evaluates
 dev every `finetune.eval_every_epochs` (the loop keeps the best dev
@@ -507,13 +507,23 @@ def suite_names(paths: list[str]) -> list[str]:
   return [n[: -len(".bed")] if n.endswith(".bed") else n for n in names]
 
 
-def run_suite(config, patterns: list[str], workdir: str) -> list[dict]:
+def run_suite(config, patterns: list[str], workdir: str) -> dict:
   """Fine-tunes on every task (one run directory each under `workdir`, so
   an interrupted suite resumes; finished tasks are not re-run) and writes
-  suite_results.json, suite_table.md and suite_scores.png."""
+  suite_results.json, suite_table.md and suite_scores.png.
+
+  A preempted task (SIGTERM / SIGINT: the loop saved its checkpoint) stops
+  the suite, whose files then hold the tasks finished so far; running it
+  again resumes that task.
+
+  Returns:
+    {"suite": result rows (`report.result_rows`) of the finished tasks,
+    "stopped": "completed" or "preempted"} (+ "preempted_task": its name).
+  """
   paths = expand_suite(patterns)
   names = suite_names(paths)
   rows, verdicts = [], []
+  summary = {"stopped": "completed"}
   logging.info("suite of %d tasks: %s", len(paths), ", ".join(names))
   for i, (path, name) in enumerate(zip(paths, names)):
     task_dir = os.path.join(workdir, name.replace(os.sep, "__"))
@@ -529,26 +539,44 @@ def run_suite(config, patterns: list[str], workdir: str) -> list[dict]:
         task_config.finetune.task = path
       start = time.perf_counter()
       data = datasets.load_config_task(task_config.finetune, name=name)
-      results = finetune(task_config, task_dir, data)["results"]
+      run = finetune(task_config, task_dir, data)
+      if run.get("stopped") == "preempted":  # no results: the task resumes next time
+        summary.update(stopped="preempted", preempted_task=name)
+        logging.warning(
+          "[%d/%d] %s preempted at step %d; the suite stops here (%d of %d tasks finished).",
+          i + 1,
+          len(paths),
+          name,
+          run["steps"],
+          i,
+          len(paths),
+        )
+        break
+      results = run["results"]
       logging.info(
         "[%d/%d] %s finished in %.0f s", i + 1, len(paths), name, time.perf_counter() - start
       )
     rows.extend(report.result_rows({**results, "task": name}))
     if "verdict" in results:
       verdicts.append(f"- {name}: {results['verdict']['text']}")
-  if jax.process_index() == 0:
+  if jax.process_index() == 0 and rows:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "suite_results.json"), "w", encoding="utf-8") as f:
       json.dump(rows, f, indent=2)
     table = report.metrics_table(rows)
     with open(os.path.join(workdir, "suite_table.md"), "w", encoding="utf-8") as f:
       f.write("# Fine-tuning suite\n\nSelected on dev, reported on test.\n\n")
+      if summary["stopped"] == "preempted":
+        f.write(
+          f"Preempted during {summary['preempted_task']}: the tasks below finished; "
+          "run the suite again to resume.\n\n"
+        )
       if verdicts:
         f.write("Against the baselines (test):\n\n" + "\n".join(verdicts) + "\n\n")
       f.write(table)
     report.plot_suite(rows, os.path.join(workdir, "suite_scores.png"))
     logging.info("suite results:\n%s", table)
-  return rows
+  return {**summary, "suite": rows}
 
 
 # -- using a fine-tuned model -----------------------------------------------------------------
