@@ -11,11 +11,14 @@
 The direction follows --input: a directory with model.safetensors (or its
 index) is a Hugging Face one. Run -> HF writes config.json, safetensors
 (shards of --max_shard_gb) and a character-level tokenizer of our vocabulary.
+--output must be new or empty; run -> HF may also name an earlier export,
+which is replaced whole (written beside it, then renamed into place).
 HF -> run re-orders the embedding and head rows into our token ids
 (hybridna_jax.tokenizer) for --vocab_size ids: 10 covers the specials and
 A C G T N (exact scores); 128 adds the task tokens that generative
-fine-tuning needs. Our tokens the checkpoint lacks get zero rows (logit 0)
-and checkpoint tokens we lack are dropped; both are logged. --config
+fine-tuning needs (matched by name, <task_i>, as our exports write them).
+Our tokens the checkpoint lacks get zero rows (logit 0) and checkpoint
+tokens we lack are dropped; both are logged. --config
 (optional) supplies the non-model sections of the written run's config.json.
 """
 
@@ -27,7 +30,11 @@ from hybridna_jax import launch_utils
 
 launch_utils.define_flags(workdir_required=False)
 flags.DEFINE_string("input", None, "Run/checkpoint directory or Hugging Face directory.")
-flags.DEFINE_string("output", None, "Directory to write (must not exist or be empty).")
+flags.DEFINE_string(
+  "output",
+  None,
+  "Directory to write: new or empty (run -> HF: or an earlier export, which is replaced).",
+)
 flags.DEFINE_enum("which", "latest", ["latest", "best"], "Checkpoint of a run directory.")
 flags.DEFINE_enum(
   "dtype", "float32", ["float32", "bfloat16"], "Tensor dtype of a written HF directory."
@@ -46,9 +53,11 @@ def main(argv):
   launch_utils.quiet_library_logs()
   from hybridna_jax import hf, restore  # pylint: disable=g-import-not-at-top
 
-  if os.path.isdir(FLAGS.output) and os.listdir(FLAGS.output):
-    raise app.UsageError(f"--output {FLAGS.output} exists and is not empty; pick a new directory.")
   if hf.is_hf_dir(FLAGS.input):
+    if os.path.isdir(FLAGS.output) and os.listdir(FLAGS.output):
+      raise app.UsageError(
+        f"--output {FLAGS.output} exists and is not empty; pick a new directory."
+      )
     model, _, config = hf.load(FLAGS.input, our_vocab=FLAGS.vocab_size)
     if FLAGS.config is not None:
       FLAGS.config.model = config.model
@@ -56,6 +65,9 @@ def main(argv):
     hf.write_run(model, config, FLAGS.output)
     logging.info("wrote run directory %s (restore.load, eval.py, score.py ...)", FLAGS.output)
   else:
+    # Checked before the model loads; hf.export replaces an earlier export
+    # whole and refuses any other non-empty directory.
+    hf.check_export_dir(FLAGS.output)
     model, _, _ = restore.load(FLAGS.input, which=FLAGS.which, scan_layers=False)
     files = hf.export(
       model, FLAGS.output, dtype=FLAGS.dtype, max_shard_bytes=int(FLAGS.max_shard_gb * 2**30)

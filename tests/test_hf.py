@@ -20,6 +20,7 @@ from hybridna_jax import hf, restore, sharding
 from hybridna_jax import tokenizer as our_tokenizer
 from hybridna_jax.config import ModelConfig, load_config
 from hybridna_jax.model import create_model
+from hybridna_jax.train import checkpoint as train_checkpoint
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -27,9 +28,10 @@ transformers = pytest.importorskip("transformers")
 SEQ = "ACGTTGCAAGGCTTAACGTANNGCATTACGGA"
 
 
-def _bamba(vocab=16, layers=3, attn=(1,), groups=1, kv_heads=2, seed=0):
-  """A random-weight BambaForCausalLM (every parameter random, norms near 1)."""
-  config = transformers.BambaConfig(
+def _bamba(vocab=16, layers=3, attn=(1,), groups=1, kv_heads=2, seed=0, **fields):
+  """A random-weight BambaForCausalLM (every parameter random, norms near 1);
+  `fields` override config fields, None leaves one out (its default)."""
+  args = dict(
     vocab_size=vocab,
     hidden_size=32,
     intermediate_size=48,
@@ -45,6 +47,8 @@ def _bamba(vocab=16, layers=3, attn=(1,), groups=1, kv_heads=2, seed=0):
     mamba_chunk_size=8,
     pad_token_id=0,
   )
+  args.update(fields)
+  config = transformers.BambaConfig(**{k: v for k, v in args.items() if v is not None})
   torch.manual_seed(seed)
   model = transformers.BambaForCausalLM(config).eval()
   with torch.no_grad():
@@ -287,6 +291,163 @@ def test_convert_hf_to_run_and_back(tmp_path):
   assert done.returncode == 0, done.stdout + done.stderr
   theirs_back = transformers.BambaForCausalLM.from_pretrained(str(back)).eval()
   assert _rel(_torch_logits(theirs_back, ids), _ours(model, ids)) <= 1e-4
-  # A clear one-line error for a bad --output.
-  done = _convert(f"--input={run}", f"--output={back}")
+  # A clear one-line error for a bad --output, before anything loads: a
+  # directory holding other files (an earlier export would be replaced,
+  # test_export_replaces_an_earlier_export), and a run onto a non-empty one.
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / "notes.txt").write_text("mine")
+  done = _convert(f"--input={run}", f"--output={other}")
+  assert done.returncode != 0 and "is no earlier export (files an export" in done.stderr
+  assert os.listdir(other) == ["notes.txt"]
+  done = _convert(f"--input={path}", f"--output={run}")
   assert done.returncode != 0 and "exists and is not empty" in done.stderr
+
+
+# -- Config fields as transformers reads them ----------------------------------
+
+
+def test_stock_bamba_config_loads_with_transformers_logits(tmp_path):
+  # BambaConfig writes no head_dim (hidden_size // heads: 48 // 4 = 12), a
+  # null num_key_value_heads means one per head, and mamba_d_head 16 gives
+  # 6 Mamba2 heads over d_inner 96, which the default SSM head size (64)
+  # does not divide.
+  ref = _bamba(kv_heads=4, hidden_size=48, head_dim=None, mamba_n_heads=6, mamba_d_head=16)
+  ref.save_pretrained(tmp_path)
+  config = json.loads((tmp_path / "config.json").read_text())
+  assert "head_dim" not in config
+  (tmp_path / "config.json").write_text(json.dumps({**config, "num_key_value_heads": None}))
+  theirs = transformers.BambaForCausalLM.from_pretrained(str(tmp_path)).eval()
+  assert theirs.config.num_key_value_heads == 4
+  model, _, config = restore.load(str(tmp_path), dtype="float32")
+  m = config.model
+  assert (m.head_dim, m.num_kv_heads, m.ssm_head_dim) == (12, 4, 16)
+  ids = np.random.RandomState(1).randint(0, 16, (1, 12))
+  assert _rel(_ours(model, ids), _torch_logits(theirs, ids)) <= 1e-4
+
+
+def test_absent_fields_take_the_architecture_defaults():
+  sizes = {"hidden_size": 32, "num_attention_heads": 4, "attn_layer_period": 4}
+  jamba = hf.HYBRIDNA_JAMBA.translate(sizes).fields
+  assert (jamba["norm_eps"], jamba["head_dim"], jamba["num_kv_heads"]) == (1e-6, 8, 8)
+  assert jamba["max_seq_len"] == 262_144 and "d_state" not in jamba  # Mamba2's, ours
+  bamba = hf.BAMBA.translate({**sizes, "num_key_value_heads": None, "head_dim": None}).fields
+  assert (bamba["head_dim"], bamba["num_kv_heads"], bamba["d_state"]) == (8, 4, 256)
+  assert "norm_eps" not in bamba  # BambaConfig's 1e-5 is ours
+
+
+def test_stated_mamba_head_size_that_cannot_be_is_a_checkpoint_error(tmp_path):
+  _bamba(hidden_size=48, mamba_n_heads=6, mamba_d_head=16, head_dim=12).save_pretrained(tmp_path)
+  config = json.loads((tmp_path / "config.json").read_text())
+  (tmp_path / "config.json").write_text(json.dumps({**config, "mamba_d_head": 20}))
+  with pytest.raises(hf.HFCheckpointError, match=r"config.json: .*multiple of ssm_head_dim \(20\)"):
+    restore.load(str(tmp_path))
+
+
+def test_older_rope_scaling_is_read(tmp_path):
+  # transformers 4's rope_scaling ({"type": ...}, rope_theta beside it) is
+  # what transformers 5 applies: the default type with its theta loads, a
+  # scaling we cannot reproduce is named.
+  older = {"rope_theta": 500.0, "rope_scaling": {"type": "default"}}
+  fields = hf.BAMBA.translate({**older, "rope_parameters": {"rope_theta": 9.0}}).fields
+  assert fields["rope"] and fields["rope_theta"] == 500.0
+  _bamba().save_pretrained(tmp_path)
+  config = json.loads((tmp_path / "config.json").read_text())
+  del config["rope_parameters"]
+  config.update(rope_theta=10_000.0, rope_scaling={"type": "linear", "factor": 4.0})
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  with pytest.raises(hf.HFCheckpointError, match="rope_scaling.rope_type='linear'"):
+    restore.load(str(tmp_path))
+
+
+def test_list_valued_eos_token_id(tmp_path):
+  # transformers allows eos_token_id: int | list[int]; the first is ours.
+  vocab = ["<pad>", "<s>", "</s>", "<eot>", "A", "C", "G", "T"]
+  model = {"type": "WordLevel", "vocab": {t: i for i, t in enumerate(vocab)}, "unk_token": "<pad>"}
+  (tmp_path / "tokenizer.json").write_text(json.dumps({"model": model}))
+  tok = hf.read_vocab(
+    str(tmp_path), {"eos_token_id": [3, 2], "bos_token_id": [], "pad_token_id": 0}
+  )
+  assert (tok.eos, tok.bos, tok.pad) == (3, 1, 0)
+
+
+# -- Our exports ---------------------------------------------------------------
+
+
+def _tiny(seed):
+  return create_model(ModelConfig.from_config(load_config("configs/tiny.py").model), seed=seed)
+
+
+def _array(param):
+  return np.asarray(jax.device_get(param[...]))
+
+
+def test_export_round_trip_keeps_task_tokens(tmp_path, caplog):
+  model = _tiny(seed=3)
+  hf.export(model, str(tmp_path))
+  back, tok, _ = hf.load(str(tmp_path), our_vocab=our_tokenizer.VOCAB_SIZE)
+  assert tok is our_tokenizer and "no counterpart" not in caplog.text
+  assert "task tokens have no checkpoint token" not in caplog.text
+  np.testing.assert_array_equal(_array(back.embed), _array(model.embed))
+  np.testing.assert_array_equal(_array(back.lm_head), _array(model.lm_head))
+
+
+def test_exported_tokenizer_folds_like_ours(tmp_path):
+  hf.vocab.write_char_tokenizer(str(tmp_path))
+  text = "acgtnACGTNuUrykmRYKMbdhvBDHVswSW"
+  loaded = (
+    transformers.AutoTokenizer.from_pretrained(str(tmp_path)),
+    transformers.PreTrainedTokenizerFast.from_pretrained(str(tmp_path)),
+  )
+  for fast in loaded:
+    assert fast(text, add_special_tokens=False)["input_ids"] == our_tokenizer.encode(text).tolist()
+    # Special and task tokens are matched as written, not normalised.
+    ids = fast("<bos>acgu<task_3><eos>", add_special_tokens=False)["input_ids"]
+    assert ids == [our_tokenizer.BOS, 5, 6, 7, 8, our_tokenizer.task_token(3), our_tokenizer.EOS]
+
+
+def test_export_replaces_an_earlier_export(tmp_path, monkeypatch):
+  out = tmp_path / "export"
+  old, new = _tiny(seed=1), _tiny(seed=2)
+  hf.export(old, str(out), max_shard_bytes=40_000)  # sharded, with an index
+  written = sorted(os.listdir(out))
+
+  # An export that fails part-way leaves the earlier one as it was, and no
+  # partial directory beside it.
+  def fail(path):
+    raise OSError("disk full")
+
+  monkeypatch.setattr(hf.checkpoint, "write_char_tokenizer", fail)
+  with pytest.raises(OSError, match="disk full"):
+    hf.export(new, str(out))
+  monkeypatch.undo()
+  assert sorted(os.listdir(out)) == written and os.listdir(tmp_path) == ["export"]
+  # A complete one replaces it whole: no stale index or shard survives.
+  assert hf.export(new, str(out))[0] == "model.safetensors"
+  assert sorted(os.listdir(out)) == sorted(hf.export(new, str(tmp_path / "fresh")))
+  back, _, _ = restore.load(str(out))
+  np.testing.assert_array_equal(_array(back.embed), _array(new.embed))
+  # A directory holding anything else is refused and left alone.
+  (out / "notes.txt").write_text("mine")
+  with pytest.raises(FileExistsError, match=r"is no earlier export .*notes\.txt"):
+    hf.export(new, str(out))
+  assert (out / "notes.txt").read_text() == "mine" and (out / "config.json").exists()
+
+
+def test_write_run_refuses_an_existing_run(tmp_path, monkeypatch):
+  run = tmp_path / "run"
+  model = _tiny(seed=1)
+  hf.write_run(model, hf.checkpoint.job_config(model.cfg), str(run))
+  config = (run / "config.json").read_text()
+  with pytest.raises(FileExistsError, match="already holds a run"):
+    hf.write_run(_tiny(seed=2), hf.checkpoint.job_config(model.cfg), str(run))
+  assert (run / "config.json").read_text() == config
+
+  # A save that fails writes no config.json (the directory is no run).
+  def fail(self, *args, **kwargs):
+    raise OSError("disk full")
+
+  monkeypatch.setattr(train_checkpoint.Checkpoints, "save", fail)
+  with pytest.raises(OSError, match="disk full"):
+    hf.write_run(model, hf.checkpoint.job_config(model.cfg), str(tmp_path / "other"))
+  assert not (tmp_path / "other" / "config.json").exists()

@@ -4,6 +4,7 @@ ours for transformers' BambaForCausalLM. See checkpoint.py and naming.py."""
 
 from hybridna_jax.hf.checkpoint import (
   HFCheckpointError,
+  check_export_dir,
   export,
   is_hf_dir,
   load,
@@ -19,6 +20,7 @@ __all__ = [
   "HFCheckpointError",
   "HYBRIDNA_JAMBA",
   "VocabTokenizer",
+  "check_export_dir",
   "export",
   "is_hf_dir",
   "load",

@@ -17,6 +17,9 @@ import dataclasses
 import json
 import logging
 import os
+import re
+import shutil
+import uuid
 from collections.abc import Mapping
 
 import jax
@@ -32,7 +35,12 @@ from hybridna_jax import sharding
 from hybridna_jax import tokenizer as our_tokenizer
 from hybridna_jax.config import ModelConfig, base_config
 from hybridna_jax.hf import naming
-from hybridna_jax.hf.vocab import VocabTokenizer, read_vocab, write_char_tokenizer
+from hybridna_jax.hf.vocab import (
+  CHAR_TOKENIZER_FILES,
+  VocabTokenizer,
+  read_vocab,
+  write_char_tokenizer,
+)
 from hybridna_jax.model import abstract_model, convert_params
 
 SINGLE_FILE = "model.safetensors"
@@ -115,9 +123,13 @@ def model_config(
   embed = files.shapes.get(names["embed"])
   if "vocab_size" not in fields and embed:
     fields["vocab_size"] = embed[0]
-  probe = ModelConfig.from_config(
-    {k: v for k, v in fields.items() if k not in ("ssm_head_dim", "ngroups")}, path=source
-  )
+  # The layer pattern and Mamba2 sizes, to find and read the tensors below;
+  # an unstated SSM head size or group count is 1 here, which any d_inner
+  # admits (stated ones are kept and checked).
+  try:
+    probe = ModelConfig.from_config({"ssm_head_dim": 1, "ngroups": 1, **fields}, path=source)
+  except ValueError as e:
+    raise HFCheckpointError(f"{source}: {e}") from None
   first_mamba = next((i for i, k in enumerate(probe.layer_types) if k == "mamba"), None)
   if first_mamba is not None:
     prefix = names["layer"].format(i=first_mamba) + names["mamba"]
@@ -177,6 +189,9 @@ def vocab_remap(tok: VocabTokenizer, vocab_size: int) -> tuple[np.ndarray, list[
     our_tokenizer.MASK: tok.mask,
     **{our_tokenizer.A + j: tok.nucleotides[b] for j, b in enumerate(our_tokenizer.NUCLEOTIDES)},
   }
+  # Task tokens by name (<task_i>: our own exports carry them).
+  task_ids = range(our_tokenizer.FIRST_TASK_TOKEN, vocab_size)
+  ours.update({i: tok.vocab.get(our_tokenizer.token_name(i)) for i in task_ids})
   source = np.full(vocab_size, -1, np.int64)
   for i, j in ours.items():
     if j is not None and i < vocab_size:
@@ -187,6 +202,9 @@ def vocab_remap(tok: VocabTokenizer, vocab_size: int) -> tuple[np.ndarray, list[
     for i in range(min(vocab_size, our_tokenizer.FIRST_TASK_TOKEN))
     if source[i] < 0
   ]
+  missing_tasks = int((source[our_tokenizer.FIRST_TASK_TOKEN :] < 0).sum())
+  if missing_tasks:
+    notes.append(f"{missing_tasks} of our task tokens have no checkpoint token: zero rows")
   notes += [
     f"checkpoint token {t!r} (id {j}) has no counterpart: dropped"
     for t, j in sorted(tok.vocab.items(), key=lambda x: x[1])
@@ -310,6 +328,11 @@ def export(
   model.safetensors.index.json) and a character-level tokenizer. Tensors are
   gathered to the host one at a time. Returns the files written.
 
+  out_dir must be new, empty or an earlier export (which is replaced whole:
+  no stale shard or index survives); anything else is refused. The files
+  are written into a sibling directory that is renamed into place at the
+  end, so an interrupted export leaves out_dir as it was.
+
   Attention without RoPE is written as a "linear" RoPE scaling by
   naming.NO_ROPE_FACTOR (Bamba always rotates; this rotation is the identity
   to float precision); RoPE must rotate half of each head as Bamba's does.
@@ -320,7 +343,64 @@ def export(
       f"model.rope_fraction={cfg.rope_fraction}: transformers' Bamba rotates half of each "
       "head; only rope=False or rope_fraction=0.5 exports."
     )
-  os.makedirs(out_dir, exist_ok=True)
+  check_export_dir(out_dir)
+  out_dir = os.path.abspath(out_dir)
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  partial = os.path.join(parent, f".{os.path.basename(out_dir)}.partial-{uuid.uuid4().hex[:8]}")
+  os.mkdir(partial)
+  try:
+    written = _write_export(model, partial, dtype, max_shard_bytes, family)
+    check_export_dir(out_dir)  # again: files may have arrived while writing
+    _replace_dir(partial, out_dir)
+  finally:
+    shutil.rmtree(partial, ignore_errors=True)  # gone after the rename unless it failed
+  return written
+
+
+# The files export writes; a directory of nothing else is an earlier export.
+_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+_EXPORT_FILES = {CONFIG_FILE, SINGLE_FILE, INDEX_FILE, *CHAR_TOKENIZER_FILES}
+
+
+def check_export_dir(out_dir: str) -> None:
+  """Raises FileExistsError unless `out_dir` is absent, an empty directory
+  or an earlier export (which export replaces)."""
+  if not os.path.lexists(out_dir):
+    return
+  if not os.path.isdir(out_dir) or os.path.islink(out_dir):
+    raise FileExistsError(f"{out_dir} exists and is no plain directory; pick a new output path.")
+  foreign = sorted(
+    f for f in os.listdir(out_dir) if f not in _EXPORT_FILES and not _SHARD_NAME.fullmatch(f)
+  )
+  if foreign or (os.listdir(out_dir) and not is_hf_dir(out_dir)):
+    what = f"files an export does not write ({', '.join(foreign[:5])})" if foreign else "no model"
+    raise FileExistsError(
+      f"{out_dir} exists and is not empty, and is no earlier export ({what}); "
+      "pick a new directory, or empty this one."
+    )
+
+
+def _replace_dir(new: str, out_dir: str) -> None:
+  """Renames directory `new` to `out_dir`, replacing an earlier export there;
+  out_dir is never a mix of the two (between the renames it is absent)."""
+  if not os.path.isdir(out_dir) or not os.listdir(out_dir):
+    os.replace(new, out_dir)  # atomic, also over an empty directory
+    return
+  old = f"{new}.old"
+  os.rename(out_dir, old)
+  try:
+    os.rename(new, out_dir)
+  except OSError:
+    os.rename(old, out_dir)
+    raise
+  shutil.rmtree(old)
+
+
+def _write_export(model, out_dir, dtype, max_shard_bytes, family) -> list[str]:
+  """export's files, into the empty directory out_dir; config.json last, so
+  the directory reads as a checkpoint only when complete."""
+  cfg: ModelConfig = model.cfg
   loop_cfg = dataclasses.replace(cfg, scan_layers=False)
   params = convert_params(nnx.state(model, nnx.Param), loop_cfg)
   flat = {_key(p): v.get_value() for p, v in nnx.to_flat_state(params)}
@@ -349,6 +429,7 @@ def export(
   for name, shard in zip(names, shards):
     save_file(shard, os.path.join(out_dir, name), metadata={"format": "pt"})
     written.append(name)
+  written += write_char_tokenizer(out_dir)
   hf_config = family.to_hf_config(cfg)
   hf_config.update(
     dtype=dtype,
@@ -357,8 +438,7 @@ def export(
     eos_token_id=our_tokenizer.EOS,
   )
   _write_json(os.path.join(out_dir, CONFIG_FILE), hf_config)
-  write_char_tokenizer(out_dir)
-  return written + [CONFIG_FILE, "tokenizer.json", "tokenizer_config.json"]
+  return written + [CONFIG_FILE]
 
 
 def _write_json(path: str, data) -> None:
@@ -382,12 +462,22 @@ def write_run(model, config: ml_collections.ConfigDict, workdir: str, step: int 
   from hybridna_jax.train.checkpoint import Checkpoints  # pylint: disable=g-import-not-at-top
   from hybridna_jax.train.step import TrainState  # pylint: disable=g-import-not-at-top
 
+  # An existing run's config.json describes its checkpoints: never rewrite it.
+  for sub in ("checkpoints", "best"):
+    held = os.path.join(workdir, sub)
+    if os.path.isdir(held) and os.listdir(held):
+      raise FileExistsError(
+        f"{workdir} already holds a run ({held} is not empty); write into a new directory, "
+        "or remove that run first."
+      )
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, CONFIG_FILE), "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2))
   zero = jnp.zeros((), jnp.int32)
   checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), async_save=False)
   state = TrainState(zero + step, nnx.state(model, nnx.Param), None, zero, zero)
   checkpoints.save(state, {"stage": 0, "converted_from": "huggingface"})
   checkpoints.close()
+  # Written once the checkpoint is: a failed save leaves no config.json that
+  # makes the directory look like a run.
+  with open(os.path.join(workdir, CONFIG_FILE), "w", encoding="utf-8") as f:
+    f.write(config.to_json_best_effort(indent=2))
   return workdir

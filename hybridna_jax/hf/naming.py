@@ -270,10 +270,40 @@ _MUST_BE = {
 }
 
 
+# transformers' config defaults where they differ from ModelConfig's: what an
+# absent (or null) config.json field means there (BambaConfig, JambaConfig,
+# transformers 5.23). vocab_size is left out: the embedding's shape gives it.
+_TRANSFORMERS_DEFAULTS = {
+  "hidden_size": 4096,
+  "num_hidden_layers": 32,
+  "intermediate_size": 14336,
+  "num_attention_heads": 32,
+  "num_key_value_heads": 8,
+  "max_position_embeddings": 262_144,
+}
+_BAMBA_DEFAULTS = {**_TRANSFORMERS_DEFAULTS, "mamba_d_state": 256}
+# JambaConfig's for the Jamba-style family, but its mamba_d_state (16), which
+# belongs to Jamba's Mamba1 mixer: the Mamba2 mixer here keeps ours
+# (mamba_ssm's Mamba2 default, 128).
+_JAMBA_DEFAULTS = {**_TRANSFORMERS_DEFAULTS, "rms_norm_eps": 1e-6}
+
+
+def _with_defaults(config: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+  """config.json as transformers reads it: null fields dropped, absent ones
+  at the architecture's defaults; num_key_value_heads null means
+  num_attention_heads (multi-head attention) and head_dim absent or null
+  means hidden_size // num_attention_heads (stock configs never write it)."""
+  filled = {**defaults, **{k: v for k, v in config.items() if v is not None}}
+  if "num_key_value_heads" in config and config["num_key_value_heads"] is None:
+    filled["num_key_value_heads"] = filled["num_attention_heads"]
+  filled.setdefault("head_dim", filled["hidden_size"] // filled["num_attention_heads"])
+  return filled
+
+
 def _translate_common(config: Mapping[str, Any], own: set[str]) -> tuple[dict, list, list]:
   fields, problems = {}, []
   for hf, ours in _COMMON_FIELDS.items():
-    if hf in config and config[hf] is not None:
+    if config.get(hf) is not None:
       fields[ours] = _value(config, hf)
   for hf, (default, why) in _MUST_BE.items():
     if hf in config and _value(config, hf) != default:
@@ -292,6 +322,7 @@ def _translate_common(config: Mapping[str, Any], own: set[str]) -> tuple[dict, l
 def _translate_bamba(config: Mapping[str, Any]) -> Translation:
   own = {"attn_layer_indices", "rope_parameters", "rope_theta", "mamba_d_head", "mamba_n_groups"}
   own |= {"mamba_conv_bias", "partial_rotary_factor", "rope_scaling"}
+  config = _with_defaults(config, _BAMBA_DEFAULTS)
   fields, unknown, problems = _translate_common(config, own)
   fields["attn_layers"] = tuple(config.get("attn_layer_indices") or ())
   if config.get("mamba_d_head") not in (None, "auto"):
@@ -299,16 +330,20 @@ def _translate_bamba(config: Mapping[str, Any]) -> Translation:
   if config.get("mamba_n_groups") is not None:
     fields["ngroups"] = config["mamba_n_groups"]
   # transformers' Bamba always rotates half of each head (partial_rotary_factor
-  # 0.5, hard-coded in BambaConfig), default rope type only.
-  rope = dict(config.get("rope_parameters") or {})
+  # 0.5, hard-coded in BambaConfig), default rope type only. An older
+  # config's rope_scaling ({"type": ...}) takes the place of rope_parameters,
+  # as transformers' convert_rope_params_to_dict does.
+  source = "rope_scaling" if config.get("rope_scaling") else "rope_parameters"
+  rope = dict(config.get(source) or {})
+  rope.setdefault("rope_type", rope.get("type", "default"))
   fields["rope"] = True
   fields["rope_fraction"] = float(rope.get("partial_rotary_factor", 0.5))
   fields["rope_theta"] = float(rope.get("rope_theta", config.get("rope_theta", 10_000.0)))
-  if rope.get("rope_type", "default") != "default":
+  if rope["rope_type"] != "default":
     if _is_identity_rope(rope):
       fields["rope"] = False  # our export of attention without RoPE
     else:
-      problems.append(f"rope_parameters.rope_type={rope['rope_type']!r}: only 'default' loads")
+      problems.append(f"{source}.rope_type={rope['rope_type']!r}: only 'default' loads")
   conv_bias = bool(config.get("mamba_conv_bias", True))
   return Translation(fields, tuple(unknown), tuple(problems), conv_bias)
 
@@ -336,6 +371,7 @@ def _translate_jamba(config: Mapping[str, Any]) -> Translation:
   aliases = {a for names in _JAMBA_ALIASES.values() for a in names}
   own = {"attn_layer_period", "attn_layer_offset", "expert_layer_period", "expert_layer_offset"}
   own |= {"mamba_conv_bias", "mamba_dt_rank", "num_experts_per_tok", "mamba_n_heads"} | aliases
+  config = _with_defaults(config, _JAMBA_DEFAULTS)
   fields, unknown, problems = _translate_common(config, own)
   fields["attn_period"] = int(config.get("attn_layer_period", 8))
   fields["attn_offset"] = int(config.get("attn_layer_offset", 4))

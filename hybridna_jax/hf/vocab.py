@@ -134,6 +134,14 @@ def _token_content(t) -> str | None:
   return None
 
 
+def _first_id(value) -> int | None:
+  """A config.json token id; transformers allows a list (eos_token_id of a
+  model with several stop tokens), whose first is the one to add."""
+  if isinstance(value, (list, tuple)):
+    value = value[0] if value else None
+  return None if value is None else int(value)
+
+
 def read_vocab(path: str, model_config: Mapping | None = None) -> VocabTokenizer | None:
   """The tokenizer of a Hugging Face directory, or None when it has no
   tokenizer files (tokenizer.json, vocab.json or tokenizer_config.json with
@@ -164,40 +172,51 @@ def read_vocab(path: str, model_config: Mapping | None = None) -> VocabTokenizer
   specials = {}
   for role in _ROLES:
     token = _token_content(tok_config.get(f"{role}_token"))
+    config_id = _first_id(model_config.get(f"{role}_token_id"))
     if token is not None and token in vocab:
       specials[role] = vocab[token]
-    elif model_config.get(f"{role}_token_id") is not None:
-      specials[role] = int(model_config[f"{role}_token_id"])
+    elif config_id is not None:
+      specials[role] = config_id
     else:
       specials[role] = next((vocab[n] for n in _ROLE_NAMES[role] if n in vocab), None)
   return VocabTokenizer(vocab, specials, source)
 
 
-def write_char_tokenizer(path: str) -> None:
+# The files write_char_tokenizer writes.
+CHAR_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _char_normalizer() -> dict:
+  """The `tokenizers` normalizer giving hybridna_jax.tokenizer's folding:
+  lower case to upper, U to T, IUPAC ambiguity codes to N (special tokens,
+  "normalized": false, are matched before it and stay as written)."""
+
+  def replace(pattern, content):
+    return {"type": "Replace", "pattern": pattern, "content": content}
+
+  iupac = "RYSWKMBDHV"
+  steps = [replace({"String": b.lower()}, b) for b in ours.NUCLEOTIDES]
+  steps.append(replace({"Regex": "[Uu]"}, "T"))
+  steps.append(replace({"Regex": f"[{iupac}{iupac.lower()}]"}, "N"))
+  return {"type": "Sequence", "normalizers": steps}
+
+
+def write_char_tokenizer(path: str) -> list[str]:
   """Writes our vocabulary (hybridna_jax.tokenizer) as a character-level
-  tokenizer: tokenizer.json (a WordLevel model over single characters,
-  loadable by `tokenizers` and transformers' PreTrainedTokenizerFast),
-  tokenizer_config.json and special_tokens_map.json."""
+  tokenizer (CHAR_TOKENIZER_FILES): tokenizer.json (a WordLevel model over
+  single characters, loadable by `tokenizers` and transformers'
+  PreTrainedTokenizerFast, folding case, U and IUPAC codes as ours does),
+  tokenizer_config.json and special_tokens_map.json. Returns the names."""
   names = [ours.token_name(i) for i in range(ours.VOCAB_SIZE)]
   specials = {i for i in range(ours.VOCAB_SIZE) if not ours.A <= i <= ours.N}
-  added = [
-    {
-      "id": i,
-      "content": names[i],
-      "single_word": False,
-      "lstrip": False,
-      "rstrip": False,
-      "normalized": False,
-      "special": True,
-    }
-    for i in sorted(specials)
-  ]
+  flags = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": False}
+  added = {i: {"content": names[i], **flags, "special": True} for i in sorted(specials)}
   tokenizer_json = {
     "version": "1.0",
     "truncation": None,
     "padding": None,
-    "added_tokens": added,
-    "normalizer": None,
+    "added_tokens": [{"id": i, **t} for i, t in added.items()],
+    "normalizer": _char_normalizer(),
     "pre_tokenizer": {
       "type": "Split",
       "pattern": {"Regex": "."},
@@ -220,12 +239,10 @@ def write_char_tokenizer(path: str) -> None:
     "model_max_length": 131_074,
     "clean_up_tokenization_spaces": False,
     **roles,
-    "added_tokens_decoder": {str(t["id"]): t for t in added},
+    # Keyed by id, with no "id" field (transformers warns about one).
+    "added_tokens_decoder": {str(i): t for i, t in added.items()},
   }
-  for name, data in (
-    ("tokenizer.json", tokenizer_json),
-    ("tokenizer_config.json", tokenizer_config),
-    ("special_tokens_map.json", roles),
-  ):
+  for name, data in zip(CHAR_TOKENIZER_FILES, (tokenizer_json, tokenizer_config, roles)):
     with open(os.path.join(path, name), "w", encoding="utf-8") as f:
       json.dump(data, f, indent=2)
+  return list(CHAR_TOKENIZER_FILES)
