@@ -484,8 +484,9 @@ class GenerateConfig(Section):
 
   def __post_init__(self):
     problems = []
-    if self.max_new_tokens < 1:
-      problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    for name in ("num_samples", "batch_size", "max_new_tokens"):
+      if getattr(self, name) < 1:
+        problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
     if not self.temperature >= 0:
       problems.append(f"temperature must be >= 0 (0: greedy), got {self.temperature}")
     if self.top_k < 0:

@@ -109,22 +109,43 @@ class Beams(NamedTuple):
 # -- prompts and token filtering ---------------------------------------------
 
 
-def allowed_tokens(*, allow_n: bool = False, allow_eos: bool = False) -> np.ndarray:
-  """(vocab,) bool: the tokens a designed sequence may contain."""
-  allowed = np.zeros(tok.VOCAB_SIZE, bool)
+def allowed_tokens(
+  *, allow_n: bool = False, allow_eos: bool = False, vocab_size: int = tok.VOCAB_SIZE
+) -> np.ndarray:
+  """(vocab_size,) bool: the tokens a designed sequence may contain. Give the
+  model's vocab_size (a converted checkpoint may have only the 10 ids of the
+  specials and ACGTN)."""
+  allowed = np.zeros(vocab_size, bool)
   allowed[[tok.A, tok.C, tok.G, tok.T]] = True
   allowed[tok.N] = allow_n
   allowed[tok.EOS] = allow_eos
   return allowed
 
 
+def _check_token_ids(tokens: np.ndarray, vocab_size: int) -> None:
+  """Raises a one-line ValueError unless every id of the (b, l) prompt array
+  is in [0, vocab_size): the embedding lookup does not reject the others
+  (negative ids wrap around, too large ones embed as NaN)."""
+  bad = np.argwhere((tokens < 0) | (tokens >= vocab_size))
+  if bad.size:
+    row, col = bad[0]
+    raise ValueError(
+      f"prompt {row} has token id {tokens[row, col]} outside the model's vocabulary "
+      f"[0, {vocab_size})."
+    )
+
+
 def left_pad(
-  prompts: Sequence[Sequence[int] | np.ndarray], *, multiple: int = 1
+  prompts: Sequence[Sequence[int] | np.ndarray],
+  *,
+  multiple: int = 1,
+  vocab_size: int = tok.VOCAB_SIZE,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Prompts of token ids -> left-padded (tokens, segment_ids), (b, l) int32.
 
   Segment ids are 0 on the padding and 1 on the prompt. `multiple` rounds
-  the width up (fewer compiled shapes when prompt lengths vary).
+  the width up (fewer compiled shapes when prompt lengths vary). Token ids
+  must be in [0, vocab_size) (give the model's).
   """
   arrays = [np.asarray(p, np.int32).reshape(-1) for p in prompts]
   if not arrays:
@@ -134,13 +155,6 @@ def left_pad(
     raise ValueError(
       f"prompt {empty[0]} is empty; give at least one token (a task token, <bos>, or a DNA prefix)."
     )
-  bad = [
-    (i, int(a.min()), int(a.max()))
-    for i, a in enumerate(arrays)
-    if a.min() < 0 or a.max() >= tok.VOCAB_SIZE
-  ]
-  if bad:
-    raise ValueError(f"prompt {bad[0][0]} has token ids outside [0, {tok.VOCAB_SIZE}).")
   width = max(a.size for a in arrays)
   width = -(-width // multiple) * multiple
   tokens = np.full((len(arrays), width), tok.PAD, np.int32)
@@ -148,6 +162,7 @@ def left_pad(
   for row, a in enumerate(arrays):
     tokens[row, width - a.size :] = a
     segment_ids[row, width - a.size :] = 1
+  _check_token_ids(tokens, vocab_size)
   return tokens, segment_ids
 
 
@@ -236,9 +251,9 @@ def _sample_loop(
   """while_loop of one cached decode step per token; returns a Generation."""
   with sharding.maybe_activate(mesh):
     model = nnx.merge(graphdef, state)
-    b = logits.shape[0]
-    dna = jnp.asarray(allowed_tokens(allow_n=allow_n))
-    with_eos = jnp.asarray(allowed_tokens(allow_n=allow_n, allow_eos=stop_at_eos))
+    b, vocab = logits.shape
+    dna = jnp.asarray(allowed_tokens(allow_n=allow_n, vocab_size=vocab))
+    with_eos = jnp.asarray(allowed_tokens(allow_n=allow_n, allow_eos=stop_at_eos, vocab_size=vocab))
 
     def choose(logits, step):
       allowed = jnp.where(step >= min_new_tokens, with_eos, dna)
@@ -319,8 +334,8 @@ def _beam_loop(
     w, t_max = beam_width, max_new_tokens
     cache = _batch_map(lambda x: jnp.repeat(x, w, axis=0), cache)
     logits = jnp.repeat(logits, w, axis=0)  # (b*w, V)
-    dna = jnp.asarray(allowed_tokens(allow_n=allow_n))
-    with_eos = jnp.asarray(allowed_tokens(allow_n=allow_n, allow_eos=stop_at_eos))
+    dna = jnp.asarray(allowed_tokens(allow_n=allow_n, vocab_size=vocab))
+    with_eos = jnp.asarray(allowed_tokens(allow_n=allow_n, allow_eos=stop_at_eos, vocab_size=vocab))
     penalty = lambda n: jnp.power(n.astype(jnp.float32), length_penalty)
     batch_offsets = (jnp.arange(b) * w)[:, None]
 
@@ -409,20 +424,30 @@ def _beam_loop(
 # -- public entry points -------------------------------------------------------------
 
 
-def _prepare(prompts, segment_ids):
+def _prepare(model, prompts, segment_ids) -> tuple[np.ndarray, np.ndarray]:
+  """Prompts (a list, or a padded (b, l) array) -> checked (tokens, segment_ids)."""
+  vocab_size = model.cfg.vocab_size
   if isinstance(prompts, (list, tuple)):
     if segment_ids is not None:
       raise ValueError("segment_ids go with a padded (b, l) prompt array, not a list.")
-    return left_pad(prompts)
-  tokens = np.asarray(prompts, np.int32)
+    return left_pad(prompts, vocab_size=vocab_size)
+  # Range-check before the int32 cast, which would wrap large ids.
+  tokens = np.asarray(prompts)
   if tokens.ndim != 2:
     raise ValueError(
       f"prompts must be (batch, length) token ids or a list of "
       f"1-d prompts, got shape {tokens.shape}."
     )
+  _check_token_ids(tokens, vocab_size)
+  tokens = tokens.astype(np.int32)
   if segment_ids is None:
-    segment_ids = np.ones_like(tokens)
-  return tokens, np.asarray(segment_ids, np.int32)
+    return tokens, np.ones_like(tokens)
+  segment_ids = np.asarray(segment_ids, np.int32)
+  if segment_ids.shape != tokens.shape:
+    raise ValueError(
+      f"segment_ids has shape {segment_ids.shape}, expected the prompts' {tokens.shape}."
+    )
+  return tokens, segment_ids
 
 
 def row_keys(seed: int | jax.Array, sample_ids: Sequence[int] | np.ndarray) -> jax.Array:
@@ -457,7 +482,7 @@ def sample(
     mesh: optional mesh whose logical-axis rules the model's sharding
       constraints follow (parameters already placed on it).
   """
-  tokens, segment_ids = _prepare(prompts, segment_ids)
+  tokens, segment_ids = _prepare(model, prompts, segment_ids)
   b = tokens.shape[0]
   if keys is None:
     sample_ids = np.arange(b) if sample_ids is None else np.asarray(sample_ids)
@@ -504,7 +529,7 @@ def beam_search(
   model, prompts, settings: Settings, *, segment_ids: np.ndarray | None = None, mesh=None
 ) -> Beams:
   """The `settings.beam_width` best continuations of each prompt (`Beams`)."""
-  tokens, segment_ids = _prepare(prompts, segment_ids)
+  tokens, segment_ids = _prepare(model, prompts, segment_ids)
   graphdef, state, logits, cache = _prefill_model(model, tokens, segment_ids, settings, mesh)
   return _beam_loop(
     graphdef,
@@ -561,7 +586,7 @@ def sequence_log_probs(
     (b,) float32 summed log-probabilities (the reference that cached
     generation's `log_probs` must match).
   """
-  tokens, segment_ids = _prepare(prompts, segment_ids)
+  tokens, segment_ids = _prepare(model, prompts, segment_ids)
   continuations = np.asarray(continuations, np.int32)
   graphdef, state = nnx.split(model)
   return _score(

@@ -356,7 +356,9 @@ class HybriDNA(nnx.Module):
     """Runs a (left-padded) prompt and builds the cache.
 
     Args:
-      tokens: (b, l) prompt; max_length: total slots (prompt + new tokens).
+      tokens: (b, l) prompt; max_length: total slots (prompt + new tokens):
+        the cache takes max_length - l `decode_step`s; later steps return
+        NaN logits.
       segment_ids: (b, l), 0 on left padding and 1 on the prompt (default: 1).
 
     Returns:
@@ -387,7 +389,12 @@ class HybriDNA(nnx.Module):
     return self.logits(hidden), cache
 
   def decode_step(self, tokens: jax.Array, cache: DecodeCache) -> tuple[jax.Array, DecodeCache]:
-    """One new token per row: tokens (b,) -> logits (b, vocab) fp32, cache."""
+    """One new token per row: tokens (b,) -> logits (b, vocab) fp32, cache.
+
+    Each step fills one cache slot. Past the last slot (more steps than
+    prefill's max_length left room for) the logits are NaN: the writes
+    would clamp onto the last slot and silently corrupt the results.
+    """
     slot = cache.length
     slots = cache.segment_ids.shape[1]
     seg_ids = jax.lax.dynamic_update_slice_in_dim(
@@ -409,6 +416,9 @@ class HybriDNA(nnx.Module):
       h, layer_cache = layer.decode(h, layer_cache, slot, kv_mask, positions)
       new_layers.append(layer_cache)
     logits = self.logits(self.final_norm(h[:, 0]))
+    # Overflow shows as NaN, decided on device (no host sync); the cache
+    # stays broken, so every later step is NaN too.
+    logits = jnp.where(slot < slots, logits, jnp.nan)
     return logits, DecodeCache(
       tuple(new_layers), slot + 1, seg_ids, cache.segment, cache.position + 1
     )

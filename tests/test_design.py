@@ -5,6 +5,8 @@ FASTA and summary, and the summary metrics."""
 
 import copy
 import csv
+import dataclasses
+import functools
 import json
 import os
 import re
@@ -16,12 +18,14 @@ import numpy as np
 import pytest
 
 from hybridna_jax import design, restore, sharding
+from hybridna_jax import generate as gen
 from hybridna_jax import tokenizer as tok
-from hybridna_jax.config import load_config
+from hybridna_jax.config import ModelConfig, load_config
 from hybridna_jax.data import fasta
 from hybridna_jax.data.tasks import TaskFormatError
 from hybridna_jax.design import metrics
 from hybridna_jax.design import sampling as design_sampling
+from hybridna_jax.model import create_model
 from hybridna_jax.train import step as step_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -331,6 +335,13 @@ def test_finetuning_starts_from_a_pretrained_run(motif_run):
     design.GenerativeFinetuning(cfg)
 
 
+def test_sampling_counts_from_flags_are_validated_not_defaulted(motif_run, tmp_path):
+  _, workdir, _ = motif_run
+  out = str(tmp_path / "designs.fasta")
+  with pytest.raises(ValueError, match="config.generate: num_samples must be >= 1, got 0"):
+    design_sampling.run_sampling(workdir, out, num_samples=0)
+
+
 def test_launcher_samples_with_beam_search(motif_run, tmp_path):
   _, workdir, _ = motif_run
   out = str(tmp_path / "beams.fasta")
@@ -404,7 +415,30 @@ def test_gc_kmer_spectra_and_summary():
   rng = np.random.default_rng(0)
   reference = ["".join(rng.choice(list("ACGT"), 50)) for _ in range(200)]
   designs = reference[:5] + ["GC" * 25] * 5
-  s = metrics.summarize(designs, reference, log_probs=np.full(10, -51.0))
+  s = metrics.summarize(
+    designs, reference, log_probs=np.full(10, -51.0), scored_tokens=np.full(10, 51)
+  )
   assert s["copy_share"] == 0.5 and s["n"] == 10 and s["log_prob_per_nt"] == pytest.approx(-1.0)
   assert s["kmer_js"] > s["kmer_js_floor"] > 0
   assert "copies" in metrics.format_table({"x": s})
+
+
+def test_log_prob_per_nt_counts_the_scored_tokens_only():
+  """The DNA prefix is not scored, and an <eos> only where one was generated."""
+  cfg = ModelConfig.from_config(load_config(os.path.join(REPO, "configs", "tiny.py")).model)
+  model = create_model(dataclasses.replace(cfg, n_layers=2, attn_layers=(1,)))
+  settings = gen.Settings(max_new_tokens=6, temperature=1.0)
+  design = functools.partial(
+    design_sampling.design_sets, model, None, [None], settings, seed=0, prefix="ACGTACGT"
+  )
+  (fixed,) = design(num_samples=3, batch_size=2)
+  np.testing.assert_array_equal(fixed.lengths, 6)
+  assert [len(s) for s in fixed.sequences] == [14] * 3 and not fixed.ended.any()
+  summary = design_sampling.summarize_sets([fixed], None, None)["prefix"]
+  assert summary["log_prob_per_nt"] == pytest.approx(fixed.log_probs.sum() / 18)
+  ended = dataclasses.replace(fixed, lengths=np.array([6, 2, 4]), ended=np.array([0, 1, 1], bool))
+  summary = design_sampling.summarize_sets([ended], None, None)["prefix"]
+  assert summary["log_prob_per_nt"] == pytest.approx(fixed.log_probs.sum() / (6 + 3 + 5))
+  for counts, field in (((0, 2), "num_samples"), ((3, 0), "batch_size"), ((3, -1), "batch_size")):
+    with pytest.raises(ValueError, match=f"design_sets: {field} must be >= 1"):
+      design(num_samples=counts[0], batch_size=counts[1])

@@ -245,3 +245,37 @@ def test_bad_settings_and_prompts_are_clear_errors():
   tokens, segments = gen.left_pad([[1, 5], [1, 5, 6, 7]])
   np.testing.assert_array_equal(tokens, [[0, 0, 1, 5], [1, 5, 6, 7]])
   np.testing.assert_array_equal(segments, [[0, 0, 1, 1], [1, 1, 1, 1]])
+  # Settings of the design workflow: counts must be positive.
+  with pytest.raises(ValueError, match="num_samples must be >= 1, got 0"):
+    gen.Settings(num_samples=0)
+  with pytest.raises(ValueError, match="batch_size must be >= 1, got -1"):
+    gen.Settings(batch_size=-1)
+
+
+def test_array_prompts_are_checked_like_list_prompts():
+  model = _model()
+  settings = gen.Settings(max_new_tokens=2, temperature=0)
+  for bad in (200, -3, tok.VOCAB_SIZE):
+    for prompts in ([np.array([tok.BOS, bad])], np.array([[tok.BOS, bad]])):
+      with pytest.raises(ValueError, match=rf"prompt 0 has token id {bad} outside .* \[0, 128\)"):
+        gen.sample(model, prompts, settings)
+  with pytest.raises(ValueError, match=r"segment_ids has shape \(1, 2\), expected .* \(1, 3\)"):
+    gen.sample(model, np.array([[1, 5, 6]]), settings, segment_ids=np.array([[1, 1]]))
+
+
+def test_a_model_with_ten_token_ids_generates():
+  """A checkpoint converted from Hugging Face keeps only the specials and
+  ACGTN (vocab_size=10): the token masks and prompt checks follow the
+  model's vocabulary, not the tokenizer's 128 ids."""
+  model = create_model(dataclasses.replace(TWO_LAYERS, vocab_size=10), seed=0)
+  prompts = [np.array([tok.BOS, tok.A, tok.C]), np.array([tok.G])]
+  settings = gen.Settings(max_new_tokens=4, stop_at_eos=True)
+  for out in (
+    gen.sample(model, prompts, settings),
+    gen.beam_search(model, prompts, dataclasses.replace(settings, beam_width=2)).best(),
+  ):
+    out = jax.device_get(out)
+    assert out.tokens.shape == (2, 4) and np.isfinite(out.log_probs).all()
+    assert set(np.unique(out.tokens)) <= {tok.A, tok.C, tok.G, tok.T, tok.EOS, tok.PAD}
+  with pytest.raises(ValueError, match=r"token id 10 outside the model's vocabulary \[0, 10\)"):
+    gen.sample(model, [np.array([tok.task_token(0), tok.A])], settings)

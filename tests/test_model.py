@@ -12,7 +12,7 @@ from flax import nnx
 
 from hybridna_jax import tokenizer as tok
 from hybridna_jax.config import ModelConfig, load_config
-from hybridna_jax.layers.mamba2 import causal_conv
+from hybridna_jax.layers.mamba2 import _last_steps, causal_conv
 from hybridna_jax.model import HybriDNA, abstract_model, create_model, positions_from_segments
 
 TINY = ModelConfig.from_config(load_config("configs/tiny.py").model)
@@ -250,3 +250,29 @@ def test_bf16_compute_close_to_fp32():
   assert bf16.dtype == jnp.float32
   np.testing.assert_allclose(bf16, f32, atol=0.1)
   assert np.abs(bf16 - f32).mean() < 0.02
+
+
+def test_decoding_past_the_cache_gives_nan_logits():
+  """decode_step past prefill's max_length would overwrite the last cache
+  slot (the write clamps); the logits say so with NaN instead."""
+  model = make_model(rope=True)
+  tokens = random_tokens(1, 12)
+  full = forward(model, tokens).logits[0]
+  logits, cache = nnx.jit(lambda m, t: m.prefill(t, 9))(model, tokens[:, :8])
+  step = nnx.jit(lambda m, t, c: m.decode_step(t, c))
+  out = []
+  for t in range(8, 12):
+    logits, cache = step(model, tokens[:, t], cache)
+    out.append(logits[0])
+  np.testing.assert_allclose(out[0], full[8], rtol=1e-4, atol=1e-4)  # the last slot
+  assert np.isnan(np.stack(out[1:])).all()
+
+
+def test_decode_with_d_conv_1_matches_full_forward():
+  assert _last_steps(jnp.zeros((1, 5, 2)), 0).shape == (1, 0, 2)
+  # Not make_model: its shared parameters would keep the width-4 conv kernels.
+  model = create_model(dataclasses.replace(TINY, d_conv=1))
+  tokens = random_tokens(2, 12)
+  decoded = _decode_all(model, tokens, 5)
+  full = forward(model, tokens).logits
+  np.testing.assert_allclose(decoded, full[:, 4:], rtol=1e-4, atol=1e-4)

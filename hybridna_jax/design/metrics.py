@@ -20,7 +20,10 @@ For each designed set (one per prompt) `summarize` reports:
                            value next to it (edit_norm_reference)
   copy_share               share of designs identical to a training
                            sequence (any label)
-  length_mean, log_prob_per_nt
+  length_mean              mean design length (the DNA prefix included)
+  log_prob_per_nt          the model's mean log-probability per scored
+                           token: the generated nucleotides and the <eos>
+                           of rows that ended with one (not the prefix)
 
 All of it is numpy on the host; the pairwise edit distances run as one
 dynamic programme over all pairs at once (a row of the DP table per step,
@@ -146,6 +149,7 @@ def summarize(
   *,
   training: set[str] | None = None,
   log_probs: Sequence[float] | None = None,
+  scored_tokens: Sequence[int] | None = None,
   k: int = 6,
   max_pairs: int = 20_000,
   seed: int = 0,
@@ -156,8 +160,12 @@ def summarize(
     designs: designed sequences. reference: training sequences of the
       same label (None: reference metrics are left out). training: every
       training sequence, for copy_share (None: the reference).
-    log_probs: model log-probabilities of the designs (with their <eos>).
+    log_probs: model log-probabilities of the designs (with their <eos>),
+      and scored_tokens, needed with them: how many tokens each sums over
+      (generated nucleotides, + 1 for an <eos>; a DNA prefix is not scored).
   """
+  if log_probs is not None and scored_tokens is None:
+    raise ValueError("summarize: log_probs need scored_tokens, the tokens each one sums over.")
   designs = list(designs)
   lengths = np.array([len(s) for s in designs])
   gc = gc_content(designs)
@@ -171,7 +179,7 @@ def summarize(
     "edit_norm": edit_norm,
   }
   if log_probs is not None and designs:
-    out["log_prob_per_nt"] = float(np.sum(log_probs) / np.maximum(lengths.sum() + len(designs), 1))
+    out["log_prob_per_nt"] = float(np.sum(log_probs) / max(int(np.sum(scored_tokens)), 1))
   if reference:
     reference = list(reference)
     rng = np.random.default_rng(seed)

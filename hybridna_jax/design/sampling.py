@@ -42,6 +42,13 @@ class DesignedSet:
   sequences: list[str]
   log_probs: np.ndarray  # (n,) of the generated part, <eos> included
   ended: np.ndarray  # (n,) bool: ended with <eos>
+  lengths: np.ndarray  # (n,) nucleotides generated (not the prefix, not the <eos>)
+
+  @property
+  def scored_tokens(self) -> np.ndarray:
+    """(n,) tokens each log_prob sums over: the generated nucleotides and
+    the <eos> where there is one."""
+    return self.lengths + self.ended.astype(self.lengths.dtype)
 
 
 def _slug(text: str) -> str:
@@ -68,6 +75,9 @@ def design_sets(
   prompt, sample index), so the designs do not depend on batch_size or on
   which other prompts are generated alongside.
   """
+  for name, count in (("num_samples", num_samples), ("batch_size", batch_size)):
+    if count < 1:
+      raise ValueError(f"design_sets: {name} must be >= 1, got {count}.")
   if vocab is None:
     if any(labels is not None for labels in label_sets):
       raise ValueError(
@@ -93,7 +103,7 @@ def design_sets(
   base = jax.random.key(seed)
   prompt_keys = [jax.random.fold_in(base, pipeline.derive_seed(seed, name)) for name in names]
   width = max(p[2].size for p in prompts)
-  out_tokens, out_logp, out_ended = [], [], []
+  out_tokens, out_logp, out_ended, out_lengths = [], [], [], []
   start, generated = time.perf_counter(), 0
   num_batches = -(-len(rows) // batch_size)
   for b in range(num_batches):
@@ -109,7 +119,8 @@ def design_sets(
     out_tokens.append(result.tokens[: len(chunk)])
     out_logp.append(result.log_probs[: len(chunk)])
     out_ended.append(result.ended[: len(chunk)])
-    generated += int(result.lengths[: len(chunk)].sum())
+    out_lengths.append(result.lengths[: len(chunk)])
+    generated += int(out_lengths[-1].sum())
     elapsed = time.perf_counter() - start
     logging.info(
       "batch %d/%d: %d designs, %.0f nt/s (first batch includes compilation)",
@@ -121,11 +132,14 @@ def design_sets(
   tokens = np.concatenate(out_tokens)
   logp = np.concatenate(out_logp)
   ended = np.concatenate(out_ended)
+  lengths = np.concatenate(out_lengths)
   sets = []
   for p, (name, labels, prompt) in enumerate(prompts):
     sel = slice(p * num_samples, (p + 1) * num_samples)
     seqs = [prefix + s for s in metrics.decode_designs(tokens[sel])]
-    sets.append(DesignedSet(name, labels, prefix, prompt, seqs, logp[sel], ended[sel]))
+    sets.append(
+      DesignedSet(name, labels, prefix, prompt, seqs, logp[sel], ended[sel], lengths[sel])
+    )
   return sets
 
 
@@ -145,11 +159,8 @@ def _beam_sets(model, prompts, settings, num_samples, batch_size, prefix, mesh):
     beams = jax.device_get(gen.beam_search(model, [p[2] for p in chunk], settings, mesh=mesh))
     for row, (name, labels, prompt) in enumerate(chunk):
       seqs = [prefix + x for x in metrics.decode_designs(beams.tokens[row, :keep])]
-      sets.append(
-        DesignedSet(
-          name, labels, prefix, prompt, seqs, beams.log_probs[row, :keep], beams.ended[row, :keep]
-        )
-      )
+      best = (beams.log_probs[row, :keep], beams.ended[row, :keep], beams.lengths[row, :keep])
+      sets.append(DesignedSet(name, labels, prefix, prompt, seqs, *best))
   return sets
 
 
@@ -201,7 +212,13 @@ def summarize_sets(
     if training is not None:
       reference = by_label.get(s.name) if s.labels is not None else list(training.sequences)
     out[s.name] = metrics.summarize(
-      s.sequences, reference, training=all_training, log_probs=s.log_probs, k=k, max_pairs=max_pairs
+      s.sequences,
+      reference,
+      training=all_training,
+      log_probs=s.log_probs,
+      scored_tokens=s.scored_tokens,
+      k=k,
+      max_pairs=max_pairs,
     )
     out[s.name]["ended_share"] = float(np.mean(s.ended)) if len(s.ended) else math.nan
   return out
@@ -249,10 +266,10 @@ def run_sampling(
   # Defaults for a run from before the generate section existed (pretraining).
   run_generate = GenerateConfig.of(run_config)
   g = GenerateConfig.of(config) if config is not None else run_generate
-  num_samples = int(overrides.pop("num_samples", None) or g.num_samples)
-  batch_size = int(overrides.pop("batch_size", None) or g.batch_size)
-  settings = g.replace(**overrides)  # the sampling fields (gen.Settings)
-  seed = settings.seed
+  # The sampling fields (gen.Settings) and the counts; None keeps the
+  # config's value, anything else (0 too) is set and validated.
+  settings = g.replace(**overrides)
+  num_samples, batch_size, seed = settings.num_samples, settings.batch_size, settings.seed
   vocab = (
     prompts.PromptVocab.from_config(run_generate.prompt_vocab)
     if run_generate.prompt_vocab

@@ -90,8 +90,10 @@ class Attention(nnx.Module):
 
     Args:
       x: (b, t, d) new tokens; cache: KVCache with (b, s, kv_heads, hd);
-      slot: () int32 first slot to write; kv_mask: (b, t, s) bool;
-      positions: (b, t) RoPE positions.
+      slot: () int32 first slot to write, at most s - t (the cache has no
+        room beyond: dynamic_update_slice would clamp the write onto the
+        last slots; HybriDNA.decode_step flags that with NaN logits);
+      kv_mask: (b, t, s) bool; positions: (b, t) RoPE positions.
     """
     q, k, v = self._project(x, positions)
     k_cache = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), slot, axis=1)

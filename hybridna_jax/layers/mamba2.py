@@ -285,9 +285,14 @@ class Mamba2(nnx.Module):
     )
     y = y + x_heads.astype(jnp.float32) * self.D[...].astype(jnp.float32)[:, None]
     out = self._output(y[:, None].astype(x.dtype), z)
+    keep = cfg.d_conv - 1
     new_state = MambaState(
-      conv_x=jnp.concatenate([state.conv_x[:, 1:], xs_raw.astype(state.conv_x.dtype)], 1),
-      conv_bc=jnp.concatenate([state.conv_bc[:, 1:], bc_raw.astype(state.conv_bc.dtype)], 1),
+      conv_x=_last_steps(
+        jnp.concatenate([state.conv_x, xs_raw.astype(state.conv_x.dtype)], 1), keep
+      ),
+      conv_bc=_last_steps(
+        jnp.concatenate([state.conv_bc, bc_raw.astype(state.conv_bc.dtype)], 1), keep
+      ),
       ssm=ssm_state,
     )
     return out, new_state
@@ -297,5 +302,5 @@ def _last_steps(u: jax.Array, k: int, fill=0) -> jax.Array:
   """The last k time steps of u (b, l, ...), left-padded with `fill` if l < k."""
   l = u.shape[1]
   if l < k:
-    u = jnp.pad(u, [(0, 0), (k - l, 0)] + [(0, 0)] * (u.ndim - 2), constant_values=fill)
-  return u[:, -k:]
+    return jnp.pad(u, [(0, 0), (k - l, 0)] + [(0, 0)] * (u.ndim - 2), constant_values=fill)
+  return u[:, l - k :]  # not u[:, -k:], which is all of u when k == 0 (d_conv=1)
