@@ -232,6 +232,28 @@ def model_config_dict(**overrides) -> ml_collections.ConfigDict:
 # -- The other sections -------------------------------------------------------------
 
 
+# Range checks of TrainConfig: fields that must be >= 1, and fields that must
+# be >= 0 with what 0 means (as documented on each field).
+_TRAIN_POSITIVE = (
+  "log_every",
+  "checkpoint_every",
+  "grad_accum",
+  "max_consecutive_skips",
+  "keep_checkpoints",
+  "eval_batch_size",
+)
+_TRAIN_NON_NEGATIVE = {
+  "learning_rate": "0: no updates",
+  "warmup_steps": "0: no warmup",
+  "eval_every": "0: never evaluate",
+  "eval_batches": "0: the whole split",
+  "eval_seq_len": "0: the stage's length",
+  "grad_clip": "0: no clipping",
+  "weight_decay": "0: none",
+  "peak_flops_per_device": "0: looked up from the device kind",
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig(Section):
   """Pretraining schedule, optimiser, evaluation and checkpointing."""
@@ -257,7 +279,7 @@ class TrainConfig(Section):
   weight_decay: float = 0.1  # not applied to norms, biases, A_log, dt_bias, D
   grad_clip: float = 1.0  # global-norm clipping; 0 disables
   # Steps with a non-finite loss or gradient are skipped; this many in a
-  # row stop the run (after a checkpoint).
+  # row stop the run (after a checkpoint, at the next log step).
   max_consecutive_skips: int = 20
   log_every: int = 50
   # Validation on the held-out split every eval_every steps (0: never), over
@@ -279,11 +301,20 @@ class TrainConfig(Section):
   markov_orders: tuple[int, ...] = ()
 
   def __post_init__(self):
-    for name in ("log_every", "checkpoint_every", "grad_accum"):
-      if getattr(self, name) < 1:
-        raise ValueError(
-          f"config.train.{name} must be a positive number of steps, got {getattr(self, name)}."
-        )
+    # `not value >= low` also refuses NaN.
+    for name in _TRAIN_POSITIVE:
+      value = getattr(self, name)
+      if not value >= 1:
+        raise ValueError(f"config.train.{name} must be a positive integer, got {value}.")
+    for name, zero in _TRAIN_NON_NEGATIVE.items():
+      value = getattr(self, name)
+      if not value >= 0:
+        raise ValueError(f"config.train.{name} must be >= 0 ({zero}), got {value}.")
+    if not 0 <= self.min_lr_ratio <= 1:
+      raise ValueError(
+        f"config.train.min_lr_ratio must be in [0, 1] (a fraction of learning_rate), "
+        f"got {self.min_lr_ratio}."
+      )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -222,9 +222,49 @@ def test_launcher_reports_config_errors_in_one_line():
     assert len(lines) == 1 and lines[0].startswith(message), run.stderr
 
 
-@pytest.mark.parametrize("field", ["log_every", "checkpoint_every", "grad_accum"])
-def test_train_steps_must_be_positive(field):
+@pytest.mark.parametrize(
+  "field",
+  [
+    "log_every",
+    "checkpoint_every",
+    "grad_accum",
+    "max_consecutive_skips",  # 0 stopped a healthy run at its first log step
+    "keep_checkpoints",  # 0 deleted every checkpoint
+    "eval_batch_size",
+  ],
+)
+def test_train_counts_must_be_positive(field):
   cfg = load_config("configs/tiny.py")
   cfg.train[field] = 0
-  with pytest.raises(ValueError, match=f"config.train.{field} must be a positive"):
+  with pytest.raises(ValueError, match=f"^config.train.{field} must be a positive"):
     config_lib.validate(cfg)
+
+
+@pytest.mark.parametrize(
+  "field,value,message",
+  [
+    ("eval_every", -1, r"must be >= 0 \(0: never evaluate\), got -1\.$"),
+    ("eval_batches", -1, r"must be >= 0 \(0: the whole split\)"),
+    ("eval_seq_len", -8, r"must be >= 0 \(0: the stage's length\)"),
+    ("warmup_steps", -5, r"must be >= 0 \(0: no warmup\)"),
+    ("learning_rate", -1e-3, r"must be >= 0"),
+    ("learning_rate", float("nan"), r"must be >= 0"),
+    ("min_lr_ratio", -0.5, r"must be in \[0, 1\]"),
+    ("min_lr_ratio", 1.5, r"must be in \[0, 1\]"),
+  ],
+)
+def test_train_ranges_are_checked(field, value, message):
+  cfg = load_config("configs/tiny.py")
+  cfg.train[field] = value
+  with pytest.raises(ValueError, match=f"^config.train.{field} {message}"):
+    config_lib.validate(cfg)
+
+
+def test_zero_keeps_its_documented_meaning():
+  cfg = load_config("configs/tiny.py")
+  for field in ("eval_every", "eval_batches", "eval_seq_len", "warmup_steps", "min_lr_ratio"):
+    cfg.train[field] = 0
+  config_lib.validate(cfg)
+  # An evaluation that scores nothing is an error, not a perfect 0 bits/nt.
+  with pytest.raises(ValueError, match="scored no tokens.*config.train.eval_batches"):
+    loop.lm_metrics(loop.sum_eval_steps(None, None, []))

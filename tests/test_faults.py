@@ -27,6 +27,7 @@ from hybridna_jax.data import fasta, prepare
 from hybridna_jax.data import store as store_lib
 from hybridna_jax.train import loop
 from hybridna_jax.train.checkpoint import CheckpointMismatchError, Checkpoints
+from hybridna_jax.train.metrics import MetricsLogger, read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -180,6 +181,97 @@ def test_training_resumes_past_a_damaged_checkpoint(base_run, tmp_path):
   assert summary["stopped"] == "completed" and summary["steps"] == 5
   assert os.path.isdir(os.path.join(ckpt_dir + ".damaged", "4"))
   assert sorted(Checkpoints(ckpt_dir).all_steps()) == [2, 4, 5]  # 4 written again from 2
+
+
+def test_changed_data_loader_on_resume_is_refused_not_damage(base_run, tmp_path):
+  """A saved data-iterator state that does not fit the new loader (issue:
+  num_workers 0 -> 1 moved every step to checkpoints.damaged/ and restarted
+  from step 0) is a one-line error naming the field; an unreadable one is
+  still damage."""
+  cfg, base = base_run
+  workdir = str(tmp_path / "run")
+  shutil.copytree(base, workdir)
+  ckpt_dir = os.path.join(workdir, loop.CHECKPOINT_DIR)
+  cfg = cfg.copy_and_resolve_references()
+  cfg.train.stages = ((32, 6, 4),)  # step 4 is mid-stage now: its iterator state is restored
+  cfg.data.num_workers = 1
+  with pytest.raises(
+    ValueError, match=r"\(data\.num_workers: 0 in the run, 1 now\).*config\.json.*--workdir"
+  ) as e:
+    loop.train(cfg, workdir)
+  assert "\n" not in str(e.value)
+  assert sorted(os.listdir(ckpt_dir)) == ["2", "4"] and not os.path.exists(ckpt_dir + ".damaged")
+  (state_file,) = glob.glob(os.path.join(ckpt_dir, "4", "data", "*.json"))
+  with open(state_file, "r+b") as f:
+    f.truncate(5)
+  cfg.data.num_workers = 0
+  summary = loop.train(cfg, workdir)  # resumes from 2, past the damaged 4
+  assert summary["stopped"] == "completed" and summary["steps"] == 6
+  assert os.listdir(ckpt_dir + ".damaged") == ["4"]
+
+
+class _Killed(BaseException):
+  """A hard kill (SIGKILL, node loss): nothing after it runs."""
+
+
+def _evaluating(cfg, steps):
+  """`cfg` evaluating every 2 steps (one batch) and keeping best/."""
+  t = cfg.train
+  t.stages, t.eval_every, t.eval_batches, t.keep_best = ((32, steps, 4),), 2, 1, True
+  t.learning_rate = 3e-3  # each eval improves on the last
+  return cfg
+
+
+def _val_rows(workdir):
+  return [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if r["kind"] == "val"]
+
+
+def test_resume_when_best_is_newer_than_the_checkpoint(tiny_config, tmp_path, monkeypatch):
+  """A kill after an eval saved best/ and before the next checkpoint: the
+  resumed run replays that eval, which must neither count as better than
+  best/ (whose own meta holds the best value) nor save its step again
+  (issue: StepAlreadyExistsError on every retry)."""
+  cfg = _evaluating(tiny_config, 8)
+  cfg.train.checkpoint_every = 4
+  workdir = str(tmp_path / "run")
+  real_save, loggers = Checkpoints.save, []
+
+  def save(self, state, meta, **kwargs):
+    real_save(self, state, meta, **kwargs)
+    if self.directory.name == loop.BEST_DIR and int(state.step) == 6:
+      self.wait()
+      raise _Killed  # before the checkpoint at step 8
+
+  def logger(*args, **kwargs):
+    loggers.append(MetricsLogger(*args, **kwargs))
+    return loggers[-1]
+
+  with monkeypatch.context() as m:
+    m.setattr(Checkpoints, "save", save)
+    m.setattr(loop, "MetricsLogger", logger)
+    with pytest.raises(_Killed):
+      loop.train(cfg, workdir)
+  loggers[0].close()  # the file the kill left open
+  assert Checkpoints(os.path.join(workdir, loop.BEST_DIR)).all_steps() == [6]
+  assert _steps_of(workdir) == [4]
+  summary = loop.train(cfg, workdir)
+  assert summary["stopped"] == "completed" and summary["steps"] == 8
+  best = Checkpoints(os.path.join(workdir, loop.BEST_DIR))
+  values = {r["step"]: r["bits_per_nt"] for r in _val_rows(workdir)}
+  assert best.restore_meta(best.latest_step())["bits_per_nt"] == min(values.values())
+
+
+def test_rerunning_a_completed_run_repeats_nothing(tiny_config, tmp_path):
+  """A completed run launched again (a requeued job) whose final eval is
+  off the eval_every grid: no second final eval, no crash, the same
+  final_val."""
+  cfg = _evaluating(tiny_config, 5)
+  workdir = str(tmp_path / "run")
+  first = loop.train(cfg, workdir)
+  second = loop.train(cfg, workdir)
+  assert second["stopped"] == "completed" and second["steps"] == 5
+  assert second["final_val"] == first["final_val"]
+  assert [r["step"] for r in _val_rows(workdir)] == [2, 4, 5]
 
 
 def test_architecture_change_on_resume_is_refused(base_run, tmp_path):

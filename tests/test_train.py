@@ -8,6 +8,7 @@ import signal
 
 import jax
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -15,6 +16,7 @@ from hybridna_jax import sharding
 from hybridna_jax.config import ModelConfig, load_config
 from hybridna_jax.data import pipeline
 from hybridna_jax.model import HybriDNA, abstract_model, create_model
+from hybridna_jax.train import flops as flops_lib
 from hybridna_jax.train import loop
 from hybridna_jax.train import optimizer as optimizer_lib
 from hybridna_jax.train import step as step_lib
@@ -30,6 +32,10 @@ def _batch(b=8, l=32, seed=0):
   mask = (toks[:, 1:] != 9).astype(np.float32)
   mask[1, l // 2 - 1] = 0.0  # no target across the document boundary
   return dict(inputs=toks[:, :-1], targets=toks[:, 1:], segment_ids=seg, loss_mask=mask)
+
+
+def _nan_mask(batch):
+  return {**batch, "loss_mask": batch["loss_mask"] * np.float32("nan")}
 
 
 def _steps(mesh, grad_accum=1):
@@ -199,7 +205,7 @@ def test_non_finite_steps_are_skipped_then_stop(tiny_config, tmp_path, monkeypat
   real = step_lib.device_batch
 
   def poisoned(batch, *args, **kwargs):
-    return real({**batch, "loss_mask": batch["loss_mask"] * np.float32("nan")}, *args, **kwargs)
+    return real(_nan_mask(batch), *args, **kwargs)
 
   monkeypatch.setattr(step_lib, "device_batch", poisoned)
   tiny_config.train.max_consecutive_skips = 3
@@ -212,6 +218,43 @@ def test_non_finite_steps_are_skipped_then_stop(tiny_config, tmp_path, monkeypat
   init = _steps(sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])).init(jax.random.key(0))
   for x, y in zip(jax.tree.leaves(state.params), jax.tree.leaves(jax.device_get(init.params))):
     np.testing.assert_array_equal(x, y)  # no update was applied
+
+
+def test_a_run_of_skips_between_log_steps_stops_the_run(tiny_config, tmp_path, monkeypatch):
+  """Steps 1-3 non-finite, step 4 (the log step) fine: the run of 3 must
+  stop it (issue: only the log step's own count was checked)."""
+  real, placed = step_lib.device_batch, [0]
+
+  def poisoned(batch, *args, **kwargs):
+    placed[0] += 1
+    return real(_nan_mask(batch) if placed[0] <= 3 else batch, *args, **kwargs)
+
+  monkeypatch.setattr(step_lib, "device_batch", poisoned)
+  t = tiny_config.train
+  t.stages, t.log_every, t.max_consecutive_skips = ((32, 8, 4),), 4, 2
+  workdir = str(tmp_path / "run")
+  with pytest.raises(loop.NonFiniteLossError, match=r"^3 consecutive steps.*by step 4"):
+    loop.train(tiny_config, workdir)
+  state, meta = _final_params(workdir, tiny_config)
+  assert meta["step"] == 4 and int(state.skipped) == 3
+
+
+def test_logged_learning_rate_is_the_one_applied_after_skips():
+  """Skipped steps do not advance the optimizer's count, so neither its
+  schedule; the logged rate is the schedule at that count (issue: it was
+  the schedule at the step, skips included)."""
+  fns = _steps(sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+  _, schedule = optimizer_lib.make_optimizer(load_config("configs/tiny.py").train, total_steps=10)
+  good = step_lib.device_batch(_batch(), fns.batch_sharding)
+  bad = step_lib.device_batch(_nan_mask(_batch()), fns.batch_sharding)
+  state = fns.init(jax.random.key(0))
+  for batch in (bad, bad, good, good):
+    counts = optax.tree_utils.tree_get_all_with_path(state.opt_state, "count")
+    (count,) = {int(c) for _, c in counts}
+    state, metrics = fns.train_step(state, batch)
+    assert float(metrics["learning_rate"]) == float(schedule(count))
+  assert (int(state.step), int(state.skipped), count) == (4, 2, 1)
+  assert float(schedule(0)) != float(schedule(2))  # schedule(step) would differ at step 3
 
 
 def test_loop_writes_metrics_eval_checkpoints_and_plot(tiny_config, tmp_path):
@@ -240,6 +283,10 @@ def test_loop_writes_metrics_eval_checkpoints_and_plot(tiny_config, tmp_path):
     "tflops_per_device",
   ):
     assert key in last and np.isfinite(last[key]), key
+  # Per device of the mesh (1 here), not of the host (8 fake devices).
+  assert jax.device_count() == 8
+  flops = flops_lib.train_flops_per_token(TINY, 64) * last["tokens_per_s"]
+  np.testing.assert_allclose(last["tflops_per_device"], flops / 1e12, rtol=1e-6)
   assert os.path.getsize(os.path.join(workdir, "loss_curves.png")) > 10_000
   assert any(
     f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tensorboard"))

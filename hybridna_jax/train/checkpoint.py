@@ -16,13 +16,16 @@ item, an empty step directory) is found by `restore_newest`, reported, and
 moved aside to <directory>.damaged/<step> (never deleted), and the newest
 complete step is restored instead. A checkpoint whose arrays do not fit the
 target (another architecture) is not damage: `check_fits` names the
-parameters and nothing is moved. Restoring takes an abstract target carrying
+parameters and nothing is moved; nor is a data-iterator state that does not
+fit the iterator it is restored into (a changed data-loader setting,
+`DataStateMismatchError`). Restoring takes an abstract target carrying
 shardings, so a checkpoint restores onto any mesh or device count;
 `restore_params` reads the parameters alone.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -50,6 +53,12 @@ class CheckpointMismatchError(ValueError):
 
 class CheckpointDamagedError(RuntimeError):
   """A step directory that cannot be read back (see `restore_newest`)."""
+
+
+class DataStateMismatchError(ValueError):
+  """The step's saved data-iterator state does not fit the iterator being
+  restored (built with other data-loader settings, e.g. data.num_workers);
+  the checkpoint itself is intact."""
 
 
 # Items every step directory holds; `data` only for train runs.
@@ -134,21 +143,39 @@ class Checkpoints:
       items["data"] = data_args
     self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
-  def restore(
-    self, step: int, target: TrainState, *, data_args: Any = None
-  ) -> tuple[TrainState, dict]:
+  def restore(self, step: int, target: TrainState) -> tuple[TrainState, dict]:
     """Restores the full train state into `target` (ShapeDtypeStructs with
-    shardings, see `with_shardings`)."""
-    items = dict(
-      params=ocp.args.StandardRestore(target.params),
-      train=ocp.args.StandardRestore(target._replace(params=None)),
-      meta=ocp.args.JsonRestore(),
+    shardings, see `with_shardings`), and the step's meta."""
+    restored = self.manager.restore(
+      step,
+      args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(target.params),
+        train=ocp.args.StandardRestore(target._replace(params=None)),
+        meta=ocp.args.JsonRestore(),
+      ),
     )
-    if data_args is not None:
-      items["data"] = data_args
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     state = restored.train._replace(params=restored.params)
     return state, dict(restored.meta)
+
+  def restore_data(self, step: int, data_args: Any) -> None:
+    """Restores the step's data item into the iterator of `data_args`
+    (`pipeline.iterator_restore_args`).
+
+    Raises:
+      CheckpointDamagedError: the saved state is not readable JSON.
+      DataStateMismatchError: any other failure: the state does not fit the
+        iterator (its loader was built another way), or this process has no
+        state file (another process count).
+    """
+    try:
+      self.manager.restore(step, args=ocp.args.Composite(data=data_args))
+    except json.JSONDecodeError as e:
+      raise CheckpointDamagedError(f"data/ unreadable ({_first_line(e)})") from e
+    except Exception as e:  # pylint: disable=broad-except
+      raise DataStateMismatchError(
+        f"the data-iterator state of {self.step_directory(step)} does not fit this run's "
+        f"data loader ({type(e).__name__}: {_first_line(e)})"
+      ) from e
 
   def step_directory(self, step: int):
     """The step's directory (an epath.Path)."""
@@ -223,11 +250,15 @@ class Checkpoints:
     """(step, state, meta) of the newest step that restores into `target`
     (see `restore`); damaged steps on the way are reported and moved aside
     (`move_aside`). None when no step is left. `data_args(meta)` gives the
-    data item's restore args for a step (None: not restored).
+    data item's restore args for a step (None: not restored); the data item
+    is restored after the train state (`restore_data`), so that a state that
+    does not fit the iterator is told apart from damage.
 
     Raises:
       CheckpointMismatchError: the newest readable step does not fit
         `target` (nothing is moved).
+      DataStateMismatchError: its data-iterator state does not fit the
+        iterator of `data_args` (nothing is moved).
     """
     for step in sorted(self.all_steps(), reverse=True):
       try:
@@ -237,8 +268,10 @@ class Checkpoints:
         if args is not None:
           self.check_complete(step, data=True)
         self.check_fits(step, target)
-        state, meta = self.restore(step, target, data_args=args)
-      except CheckpointMismatchError:
+        state, meta = self.restore(step, target)
+        if args is not None:
+          self.restore_data(step, args)
+      except (CheckpointMismatchError, DataStateMismatchError):
         raise
       except Exception as e:  # pylint: disable=broad-except
         self.move_aside(step, _first_line(e))

@@ -26,13 +26,19 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from hybridna_jax import paths, sharding
-from hybridna_jax.config import ModelConfig, TrainConfig, architecture_differences, validate
+from hybridna_jax.config import (
+  DataConfig,
+  ModelConfig,
+  TrainConfig,
+  architecture_differences,
+  validate,
+)
 from hybridna_jax.data import pipeline
 from hybridna_jax.model import HybriDNA
 from hybridna_jax.train import flops as flops_lib
 from hybridna_jax.train import optimizer as optimizer_lib
 from hybridna_jax.train import step as step_lib
-from hybridna_jax.train.checkpoint import Checkpoints, with_shardings
+from hybridna_jax.train.checkpoint import Checkpoints, DataStateMismatchError, with_shardings
 from hybridna_jax.train.metrics import MetricsLogger, plot_loss_curves
 
 CONFIG_FILE = "config.json"
@@ -237,7 +243,7 @@ def lm_eval(
       f"config.train.eval_seq_len: {seq_len} is not divisible by config.mesh.context="
       f"{context}; set it to a multiple."
     )
-  batch = -(-max(1, int(train_cfg.eval_batch_size)) // shards) * shards
+  batch = -(-int(train_cfg.eval_batch_size) // shards) * shards
   layout = sharding.batch_layout(fns.mesh, batch, seq_len)
   batches = make_batches(
     seq_len=seq_len, batch_size=batch, rows=layout.rows, columns=layout.columns
@@ -246,8 +252,14 @@ def lm_eval(
 
 
 def lm_metrics(totals: dict) -> dict:
-  """Bits per nucleotide, perplexity and accuracy from summed LM outputs."""
-  count = max(totals.get("count", 0.0), 1.0)
+  """Bits per nucleotide, perplexity and accuracy from summed LM outputs.
+  No scored token is an error, not a perfect score of 0 bits."""
+  count = totals.get("count", 0.0)
+  if not count > 0:
+    raise ValueError(
+      "the evaluation scored no tokens (no batch ran, or every target was masked); check "
+      "config.train.eval_batches and the validation split."
+    )
   loss = totals.get("loss", 0.0) / count
   return {
     "loss": loss,
@@ -411,9 +423,10 @@ def train(config, workdir: str, task: Task | None = None) -> dict:
   """Trains (or resumes) `task` (default: LM pretraining) in `workdir`;
   returns a summary dict. The config is validated first (unknown or
   malformed fields fail with one line naming them), then the data and, on
-  resume, the architecture of the run (`check_resume_config`), all before
-  step 0. SIGTERM or SIGINT from then on saves a checkpoint and returns
-  with summary["stopped"] == "preempted" (see `_Preemption`). `workdir` may
+  resume, the architecture of the run (`check_resume_config`) and whether
+  the saved data-iterator state fits the data loader, all before step 0.
+  SIGTERM or SIGINT from then on saves a checkpoint and returns with
+  summary["stopped"] == "preempted" (see `_Preemption`). `workdir` may
   be a local path, file:// or gs:// URL (`hybridna_jax.paths`)."""
   validate(config)
   paths.run_path(workdir)  # refuses unsupported URLs before any work
@@ -421,18 +434,24 @@ def train(config, workdir: str, task: Task | None = None) -> dict:
     return _train(config, workdir, task, preemption)
 
 
+def _written_config(workdir: str) -> dict | None:
+  """<workdir>/config.json, the config the run was started with (None
+  before the run wrote one)."""
+  path = paths.join(workdir, CONFIG_FILE)
+  return json.loads(path.read_text()) if path.exists() else None
+
+
 def check_resume_config(config, workdir: str) -> None:
   """Refuses to resume a run of another architecture: raises ValueError
   naming every model field that differs from <workdir>/config.json, when
   that file and a checkpoint exist."""
-  path = paths.join(workdir, CONFIG_FILE)
-  if not path.exists() or "model" not in config:
+  if "model" not in config:
     return
   checkpoints = paths.join(workdir, CHECKPOINT_DIR)
   if not checkpoints.is_dir() or not any(p.name.isdigit() for p in checkpoints.iterdir()):
     return
-  written = json.loads(path.read_text())
-  if "model" not in written:
+  written = _written_config(workdir)
+  if written is None or "model" not in written:
     return
   try:
     before = ModelConfig.from_config(ml_collections.ConfigDict(written["model"]), strict=False)
@@ -444,8 +463,44 @@ def check_resume_config(config, workdir: str) -> None:
     fields = "; ".join(f"model.{k}: {a!r} in the run, {b!r} now" for k, (a, b) in diff.items())
     raise ValueError(
       f"{workdir} holds a run of another architecture ({fields}); resume it with the "
-      f"model settings of {path}, or start the new model in another --workdir."
+      f"model settings of {paths.join(workdir, CONFIG_FILE)}, or start the new model in "
+      "another --workdir."
     )
+
+
+def _flatten(values: dict, prefix: str) -> dict:
+  """{"a.b.c": value} of nested dicts."""
+  flat = {}
+  for key, value in values.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def _data_state_error(config, workdir: str, error: DataStateMismatchError) -> ValueError:
+  """The one-line error for a checkpoint whose data-iterator state does not
+  fit this run's data loader (`Checkpoints.restore_data`): names the data
+  fields that differ from <workdir>/config.json (e.g. data.num_workers) and
+  the way out. Nothing was moved or written."""
+  path = paths.join(workdir, CONFIG_FILE)
+  written = _written_config(workdir)
+  changed = []
+  if written is not None and "data" in written:
+    try:
+      before = _flatten(DataConfig.of(written).to_dict(), "data.")
+    except (ValueError, TypeError):
+      before = {}  # not a data section this version reads
+    now = _flatten(DataConfig.from_config(config.data).to_dict(), "data.")
+    changed = [f"{k}: {v!r} in the run, {now[k]!r} now" for k, v in before.items() if now[k] != v]
+  if not changed:
+    return ValueError(f"{error}; resume with the settings of {path}, or start a new --workdir.")
+  return ValueError(
+    f"{workdir} cannot resume with other data-loader settings ({'; '.join(changed)}): its "
+    "checkpoint's data-iterator state does not fit them. Resume with the data settings of "
+    f"{path}, or start the new settings in another --workdir."
+  )
 
 
 def _train(config, workdir: str, task: Task | None, preemption: _Preemption) -> dict:
@@ -461,7 +516,6 @@ def _train(config, workdir: str, task: Task | None, preemption: _Preemption) -> 
   best = Checkpoints(paths.join(workdir, BEST_DIR), keep=1) if tc.keep_best else None
   select_key, select_mode = task.selection
   better = (lambda a, b: a < b) if select_mode == "min" else (lambda a, b: a > b)
-  logger = MetricsLogger(workdir, total_steps)
   peak = tc.peak_flops_per_device or flops_lib.peak_flops_per_device()
   flops_per_token = getattr(task, "flops_per_token", lambda seq_len: 0.0)
   logging.info(
@@ -507,7 +561,14 @@ def _train(config, workdir: str, task: Task | None, preemption: _Preemption) -> 
     same_stage = meta.get("stage") == stage.index and step < stage.end_step
     return pipeline.iterator_restore_args(built["iterator"][0]) if same_stage else None
 
-  resumed = checkpoints.restore_newest(target, data_args) if checkpoints.all_steps() else None
+  try:
+    resumed = checkpoints.restore_newest(target, data_args) if checkpoints.all_steps() else None
+  except DataStateMismatchError as e:
+    raise _data_state_error(config, workdir, e) from None
+  # The latest evaluation, {"step": ..., "result": {...}}; checkpoints keep
+  # it, so a run resumed at its end neither repeats its final eval nor
+  # loses its result.
+  last_eval = None
   if resumed is None:
     state = task.start(fns, fns.init(jax.random.key(tc.seed)))
     stage = stages[0]
@@ -515,34 +576,40 @@ def _train(config, workdir: str, task: Task | None, preemption: _Preemption) -> 
   else:
     latest, state, meta = resumed
     stage, (iterator, layout) = built["stage"], built["iterator"]
-    best_val = meta.get("best_selection", best_val)
+    last_eval = meta.get("last_eval")
     logging.info("resumed from step %d (%s)", latest, stage.label)
+  # The best value so far is that of best/'s own step: the resumed
+  # checkpoint can be older (a kill after an eval saved best/).
+  if best is not None and best.latest_step() is not None:
+    best_val = best.restore_meta(best.latest_step()).get(select_key, best_val)
   _write_config(config, workdir)
+  # Opened only now: a refused resume leaves no file open (nor metrics.jsonl created).
+  logger = MetricsLogger(workdir, total_steps, devices=mesh.size)
 
   step = int(jax.device_get(state.step))
   iterator_stage = stage.index
-  last_eval_step = None
   summary = {"steps": step, "stopped": "completed"}
 
   def save(stage: Stage, force_sync: bool = False, data_state: dict | None = None):
     if checkpoints.latest_step() != step:  # not saved at this step already
-      meta = {"stage": stage.index, "seq_len": stage.seq_len, "best_selection": best_val}
+      meta = {"stage": stage.index, "seq_len": stage.seq_len, "last_eval": last_eval}
       it = iterator if data_state is None else _SavedIteratorState(data_state)
       checkpoints.save(state, meta, data_args=pipeline.iterator_save_args(it))
     if force_sync:
       checkpoints.wait()
 
-  def run_eval(stage: Stage):
-    nonlocal best_val, last_eval_step
-    last_eval_step = step
+  def run_eval(stage: Stage) -> None:
+    nonlocal best_val, last_eval
     result = task.evaluate(fns, state.params, stage)
+    last_eval = {"step": step, "result": result}
     logger.log_eval(step, result)
-    summary["last_val"] = result
-    if best is not None and better(result[select_key], best_val):
+    # A step at or before best/'s own is replayed after a resume: best/
+    # has judged it already.
+    fresh = best is not None and step > (best.latest_step() or 0)
+    if fresh and better(result[select_key], best_val):
       best_val = result[select_key]
       best.save(state._replace(opt_state=None), {select_key: best_val, "stage": stage.index})
     logger.mark(step)
-    return result
 
   def preempted(data_state: dict | None = None) -> None:
     save(stage, force_sync=True, data_state=data_state)
@@ -593,15 +660,18 @@ def _train(config, workdir: str, task: Task | None, preemption: _Preemption) -> 
           stage=stage.label,
         )
         accumulated = {}
-        if int(host["consecutive_skips"][-1]) >= tc.max_consecutive_skips:
+        # The longest run of skips in the interval (checked here, where the
+        # metrics reach the host anyway, not with a sync every step).
+        streak = int(host["consecutive_skips"].max())
+        if streak >= tc.max_consecutive_skips:
           save(stage, force_sync=True)
           raise NonFiniteLossError(
-            f"{int(host['consecutive_skips'][-1])} consecutive steps had a non-finite "
-            f"loss or gradient (step {step}); a checkpoint was saved. Lower "
-            "config.train.learning_rate, check the data, or raise "
-            "config.train.max_consecutive_skips."
+            f"{streak} consecutive steps had a non-finite loss or gradient (by step {step}); "
+            "a checkpoint was saved. Lower config.train.learning_rate, check the data, or "
+            "raise config.train.max_consecutive_skips."
           )
-      if tc.eval_every and step % tc.eval_every == 0:
+      # The final eval runs before the final checkpoint, which records it.
+      if tc.eval_every and (step % tc.eval_every == 0 or step == total_steps):
         run_eval(stage)
       if step % tc.checkpoint_every == 0 or step == stage.end_step:
         save(stage)
@@ -611,8 +681,9 @@ def _train(config, workdir: str, task: Task | None, preemption: _Preemption) -> 
     if summary["stopped"] == "preempted":
       break
   if summary["stopped"] == "completed" and tc.eval_every:
-    summary["final_val"] = run_eval(stage) if last_eval_step != step else summary.get("last_val")
-    save(stage)
+    if last_eval is None or last_eval["step"] != step:
+      run_eval(stage)  # resumed at the end from a checkpoint saved without it
+    summary["final_val"] = last_eval["result"]
   checkpoints.wait()
   if best is not None:
     best.wait()

@@ -31,10 +31,14 @@ def format_duration(seconds: float) -> str:
 
 
 class MetricsLogger:
-  """Writes train/eval metrics to the console, TensorBoard and metrics.jsonl."""
+  """Writes train/eval metrics to the console, TensorBoard and metrics.jsonl.
 
-  def __init__(self, workdir: str, total_steps: int, *, tensorboard: bool = True):
+  `devices`: the devices that run the steps (the mesh's, which may be fewer
+  than the host's); TFLOP/s and MFU are per one of them."""
+
+  def __init__(self, workdir: str, total_steps: int, *, devices: int, tensorboard: bool = True):
     self.total_steps = total_steps
+    self.devices = devices
     self.enabled = jax.process_index() == 0
     self.jsonl_path = paths.join(workdir, "metrics.jsonl")
     self._writer = None
@@ -98,7 +102,7 @@ class MetricsLogger:
       )
       values["step_time_s"] = per_step
       values["tokens_per_s"] = tokens_per_step / per_step
-      achieved = values["tokens_per_s"] * flops_per_token / jax.device_count()
+      achieved = values["tokens_per_s"] * flops_per_token / self.devices
       values["tflops_per_device"] = achieved / 1e12
       if peak_flops:
         values["mfu"] = achieved / peak_flops

@@ -36,7 +36,7 @@ LossFn = Callable[[nnx.Module, dict], tuple[jax.Array, dict[str, jax.Array]]]
 
 
 class TrainState(NamedTuple):
-  step: jax.Array  # () int32, optimizer steps taken
+  step: jax.Array  # () int32, train steps taken (skipped ones included)
   params: nnx.State  # nnx.Param variables
   opt_state: Any
   skipped: jax.Array  # () int32, non-finite steps skipped in total
@@ -182,7 +182,10 @@ def build_steps(
       metrics.update(
         loss=loss,
         grad_norm=grad_norm,
-        learning_rate=schedule(state.step),
+        # The rate this step applies: the schedule follows the optimizer's
+        # own count, the updates applied (step - skipped). A skipped step
+        # leaves the optimizer state, and so the schedule, where it was.
+        learning_rate=schedule(state.step - state.skipped),
         count=sums["count"],
         skipped=1 - finite.astype(jnp.int32),
         consecutive_skips=new_state.consecutive_skips,
