@@ -129,6 +129,22 @@ def test_bins_vocab_one_token_per_condition_and_activity_bin(tmp_path):
     vocab.parse("3")
 
 
+@pytest.mark.parametrize(
+  "activities, bins, per_bin",
+  [
+    ([0] * 60 + list(range(1, 41)), 2, [0, 100]),  # the lower edge is the minimum
+    ([0] * 50 + [10] * 50, 4, [0, 50, 0, 50]),  # interior edges between ties
+  ],
+)
+def test_bins_that_no_training_row_falls_in_are_refused(tmp_path, activities, bins, per_bin):
+  """Tied activities (many zeros) can leave a quantile bin empty: its
+  prompt token would never be trained, yet be offered for design."""
+  rows = [("ACGT", "x", str(a)) for a in activities]
+  data = design.load_design_csv(_write_csv(tmp_path / "t.csv", rows), ("activity",))
+  with pytest.raises(ValueError, match=re.escape(f"rows per bin: {per_bin}); lower")):
+    design.PromptVocab.build(data, kind="bins", num_bins=bins, first_task_token=0)
+
+
 def test_csv_errors_name_file_line_and_fix(tmp_path):
   path = _write_csv(tmp_path / "bad.csv", [("ACGT", "a", "1"), ("ACXT", "b", "2")])
   with pytest.raises(TaskFormatError, match=r"bad\.csv line 3: .*invalid nucleotide 'X'"):
@@ -225,6 +241,11 @@ def test_task_checks_lengths_and_validation(tmp_path):
     design.GenerativeFinetuning(cfg)
   cfg = _config(tmp_path, val_csv="")
   with pytest.raises(ValueError, match="eval_every > 0 but config.generate.val_csv is empty"):
+    design.GenerativeFinetuning(cfg)
+  # A validation row longer than the training ones would be cut short.
+  long_val = [(r[0] * 3, r[1], r[2]) for r in _motif_rows(4, seed=2)]
+  cfg = _config(tmp_path, val_csv=_write_csv(tmp_path / "long_val.csv", long_val))
+  with pytest.raises(ValueError, match="seq_len 32 is too short: the longest validation example"):
     design.GenerativeFinetuning(cfg)
 
 

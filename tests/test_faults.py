@@ -585,3 +585,11 @@ def test_unscorable_records_are_warned(caplog):
     bad = evaluation.warn_unscorable(["one", "ns", "ok", "tail"], seqs)
   assert bad == ["one (1 nt: nothing to predict)", "ns (all N)"]
   assert "2 record(s) cannot be scored and get nan: one" in caplog.text
+  # With <bos> the first nucleotide is scored too: only empty or all-N records.
+  seqs += [tokenizer.encode(""), tokenizer.encode("ANNN")]
+  names = ["one", "ns", "ok", "tail", "empty", "a_then_n"]
+  assert evaluation.unscorable(names, seqs, add_bos=True) == [
+    "ns (all N)",
+    "empty (0 nt: nothing to predict)",
+  ]
+  assert evaluation.unscorable(names, seqs)[-1] == "a_then_n (all N)"

@@ -203,10 +203,15 @@ class PromptVocab:
           raise ValueError(f"config.generate.num_bins must be >= 2, got {num_bins}.")
         numbers = _numeric(rows, column)
         edges = tuple(float(e) for e in np.quantile(numbers, np.arange(1, num_bins) / num_bins))
-        if len(set(edges)) < len(edges):
+        # A value goes to bin searchsorted(edges, v, "right"); tied values
+        # (many zeros, say) can leave a bin with no training row, whose
+        # prompt token would then never be trained but still be offered.
+        per_bin = np.bincount(np.searchsorted(edges, numbers, side="right"), minlength=num_bins)
+        if len(set(edges)) < len(edges) or not per_bin.all():
           raise ValueError(
             f"{rows.path}: column {column!r} has too few distinct values for "
-            f"{num_bins} quantile bins; lower config.generate.num_bins."
+            f"{num_bins} quantile bins (training rows per bin: {per_bin.tolist()}); lower "
+            "config.generate.num_bins."
           )
         values = tuple(str(i) for i in range(num_bins))
       if next_index + len(values) > tok.NUM_TASK_TOKENS:

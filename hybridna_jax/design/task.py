@@ -67,13 +67,20 @@ class GenerativeFinetuning(loop.Task):
         "config.train.eval_every > 0 but config.generate.val_csv is empty; "
         "give a validation CSV or set config.train.eval_every=0."
       )
-    longest = max(s.size for s in self.train_examples.sequences)
+    # Validation rows too: a longer one would be cut, and its bits/nt
+    # measured on a prefix without its <eos>.
+    longest, which = max(
+      (s.size, name)
+      for name, examples in (("training", self.train_examples), ("validation", self.val_examples))
+      if examples is not None
+      for s in examples.sequences
+    )
     needed = longest + len(self.vocab.conditions) + 2
     for stage in self.stages():
       if stage.seq_len + 1 < needed:
         raise ValueError(
           f"config.train.stages[{stage.index}] seq_len {stage.seq_len} is too "
-          f"short: the longest training example needs {needed - 1} "
+          f"short: the longest {which} example needs {needed - 1} "
           f"(<bos> + {len(self.vocab.conditions)} label token(s) + {longest} nt "
           "+ <eos>, minus one for the shift)."
         )

@@ -84,26 +84,33 @@ def store_sequences(
   ]
 
 
-def unscorable(names: Sequence[str], sequences: Sequence[np.ndarray]) -> list[str]:
+def unscorable(
+  names: Sequence[str], sequences: Sequence[np.ndarray], *, add_bos: bool = False
+) -> list[str]:
   """'name (why)' for each record (token ids, (len,)) that has no scored
-  position, so its log-likelihood and bits/nt are nan: a record of one
-  nucleotide (nothing to predict from) or of N only (N is not scored)."""
+  position, so its log-likelihood and bits/nt are nan: a record with
+  nothing to predict (one nucleotide, or none with `add_bos`, where <bos>
+  gives the first one its context) or whose scored positions are all N
+  (N is not scored)."""
   from hybridna_jax import tokenizer  # pylint: disable=g-import-not-at-top
 
+  first = 0 if add_bos else 1  # the first scored position
   out = []
   for name, tokens in zip(names, sequences):
     tokens = np.asarray(tokens)
-    if tokens.size < 2:
+    if tokens.size <= first:
       out.append(f"{name} ({tokens.size} nt: nothing to predict)")
-    elif not np.any(tokens[1:] != tokenizer.N):
+    elif not np.any(tokens[first:] != tokenizer.N):
       out.append(f"{name} (all N)")
   return out
 
 
-def warn_unscorable(names: Sequence[str], sequences: Sequence[np.ndarray]) -> list[str]:
+def warn_unscorable(
+  names: Sequence[str], sequences: Sequence[np.ndarray], *, add_bos: bool = False
+) -> list[str]:
   """Logs one warning naming the `unscorable` records (their scores are
   nan); returns them."""
-  bad = unscorable(names, sequences)
+  bad = unscorable(names, sequences, add_bos=add_bos)
   if bad:
     shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
     logging.warning("%d record(s) cannot be scored and get nan: %s.", len(bad), shown)
@@ -137,7 +144,9 @@ def evaluate(
   progress: scorer_lib.Progress | None = None,
 ) -> dict:
   """Scores `sequences`; returns {"records": [...], "overall": {...}, ...}."""
-  warn_unscorable([s.name for s in sequences], [s.tokens for s in sequences])
+  warn_unscorable(
+    [s.name for s in sequences], [s.tokens for s in sequences], add_bos=scorer.settings.add_bos
+  )
   start = time.perf_counter()
   stats = scorer.token_stats([s.tokens for s in sequences], progress=progress)
   seconds = time.perf_counter() - start

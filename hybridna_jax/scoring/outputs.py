@@ -146,7 +146,7 @@ def score_sequences_to_files(
   if mode in ("loglik", "positions"):
     from hybridna_jax.scoring import evaluation  # pylint: disable=g-import-not-at-top
 
-    evaluation.warn_unscorable(names, sequences)
+    evaluation.warn_unscorable(names, sequences, add_bos=scorer.settings.add_bos)
   if mode == "loglik":
     ll = scorer.log_likelihood(sequences, rc_average=rc_average, progress=progress)
     write_loglik(output, names, [len(t) for t in sequences], ll)
