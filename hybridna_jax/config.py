@@ -62,6 +62,25 @@ __all__ = [
 CONTEXT_ATTENTION = ("zigzag", "ring", "allgather")
 
 
+# ModelConfig fields that count something and must be at least 1.
+_MODEL_SIZES = (
+  "vocab_size",
+  "d_model",
+  "n_layers",
+  "attn_period",
+  "num_heads",
+  "num_kv_heads",
+  "head_dim",
+  "d_state",
+  "d_conv",
+  "expand",
+  "ssm_head_dim",
+  "ngroups",
+  "chunk_size",
+  "max_seq_len",
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig(Section):
   """Architecture and numerics of a HybriDNA model (see DESIGN.md section 2)."""
@@ -121,6 +140,22 @@ class ModelConfig(Section):
   scan_layers: bool = False
 
   def __post_init__(self):
+    # Sizes first: the checks below divide by them.
+    for name in _MODEL_SIZES:
+      if not getattr(self, name) >= 1:
+        raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)!r}.")
+    if self.attn_layers is None and not 0 <= self.attn_offset < self.attn_period:
+      raise ValueError(
+        f"model.attn_offset ({self.attn_offset}) must be in [0, attn_period={self.attn_period}): "
+        "another offset builds no attention layer (for none, set model.attn_layers=())."
+      )
+    for name in ("dtype", "param_dtype"):
+      try:
+        jnp.dtype(getattr(self, name))
+      except TypeError:
+        raise ValueError(
+          f"model.{name}={getattr(self, name)!r} is not a dtype; use e.g. bfloat16 or float32."
+        ) from None
     if self.d_inner % self.ssm_head_dim:
       raise ValueError(
         f"model: expand * d_model ({self.d_inner}) must be a "

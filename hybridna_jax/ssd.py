@@ -134,7 +134,17 @@ def ssd_chunked_scan(
     dt = dt + dt_bias.astype(jnp.float32)
   if dt_softplus:
     dt = softplus(dt)
-  seq_idx = jnp.zeros((b, l), jnp.int32) if seq_idx is None else seq_idx.astype(jnp.int32)
+  if seq_idx is None:
+    seq_idx = jnp.zeros((b, l), jnp.int32)
+  else:
+    # The state resets where the id changes, but the chunked cores tell
+    # documents apart by value: number the documents in order (0 while the
+    # id is that of seq_idx_{-1} = 0, the initial state's), so that an id
+    # that comes back (1, 2, 1; or 0, 1, 0 where padding follows a
+    # continued document) is a new document for every core.
+    seq_idx = seq_idx.astype(jnp.int32)
+    previous = jnp.pad(seq_idx, [(0, 0), (1, 0)])[:, :-1]
+    seq_idx = jnp.cumsum(seq_idx != previous, axis=1, dtype=jnp.int32)
   init = (
     jnp.zeros((b, h, p, n), jnp.float32)
     if initial_states is None

@@ -8,11 +8,12 @@ import os
 import subprocess
 import sys
 
+import jax
 import ml_collections
 import pytest
 
 from hybridna_jax import config as config_lib
-from hybridna_jax import generate, scoring
+from hybridna_jax import generate, scoring, sharding
 from hybridna_jax.config import (
   MODEL_ARCHITECTURE_FIELDS,
   MODEL_INIT_FIELDS,
@@ -268,3 +269,31 @@ def test_zero_keeps_its_documented_meaning():
   # An evaluation that scores nothing is an error, not a perfect 0 bits/nt.
   with pytest.raises(ValueError, match="scored no tokens.*config.train.eval_batches"):
     loop.lm_metrics(loop.sum_eval_steps(None, None, []))
+
+
+@pytest.mark.parametrize(
+  "field,value,message",
+  [
+    ("num_kv_heads", 0, r"model.num_kv_heads must be >= 1, got 0\."),
+    ("attn_period", 0, r"model.attn_period must be >= 1"),
+    ("ssm_head_dim", 0, r"model.ssm_head_dim must be >= 1"),
+    ("chunk_size", 0, r"model.chunk_size must be >= 1"),
+    # An offset outside the period silently built a model without attention.
+    ("attn_offset", 4, r"model.attn_offset \(4\) must be in \[0, attn_period=4\)"),
+    ("attn_offset", -1, r"model.attn_offset \(-1\) must be in \[0, attn_period=4\)"),
+    ("dtype", "bf16", r"model.dtype='bf16' is not a dtype"),
+  ],
+)
+def test_model_sizes_and_layout_are_checked(field, value, message):
+  cfg = load_config("configs/tiny.py")
+  cfg.model[field] = value
+  with pytest.raises(ValueError, match=message):
+    config_lib.validate(cfg)
+
+
+@pytest.mark.parametrize("axis", ["data", "fsdp", "context", "tensor"])
+def test_a_mesh_axis_of_zero_is_named(axis):
+  sizes = dict(data=1, fsdp=1, tensor=1, context=1, devices=jax.devices()[:1])
+  sizes[axis] = 0
+  with pytest.raises(ValueError, match=f"mesh.{axis} must be >= 1, or -1"):
+    sharding.make_mesh(**sizes)

@@ -71,6 +71,23 @@ def test_seq_idx_resets_state():
   np.testing.assert_allclose(y_packed, jnp.concatenate([y1, y2], 1), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+  "ids",
+  [
+    [1] * 10 + [2] * 12 + [1] * 10,  # an id that comes back is a new document
+    [0] * 12 + [1] * 12 + [0] * 8,  # the pipeline's rows: padding (0) after a document
+  ],
+)
+def test_ids_that_come_back_reset_like_the_sequential_definition(ids):
+  inputs = make_inputs(b=1, l=len(ids))
+  inputs["seq_idx"] = jnp.array([ids], jnp.int32)
+  opts = ("seq_idx", "initial_states")
+  y_ref, f_ref = call(inputs, 16, "sequential", opts)
+  y, f = call(inputs, 16, "chunked", opts)
+  np.testing.assert_allclose(y, y_ref, rtol=2e-4, atol=2e-4)
+  np.testing.assert_allclose(f, f_ref, rtol=2e-4, atol=2e-4)
+
+
 def test_final_state_continues_the_scan():
   """Scanning [0, t) then [t, l) from the final state equals one scan."""
   inputs = make_inputs(b=1, l=40)
