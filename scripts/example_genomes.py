@@ -10,10 +10,10 @@ MGH 78578). The lambda phage has a single strain and stays in training.
 The draft contig assemblies in ragout-examples (*_contigs.fasta.gz) are
 left out: they are drafts of the held-out strains and would duplicate them.
 Even so, the held-out strains share most of their sequence with the
-training strains of their species (the README gives the share of 100-mers
-found verbatim, --overlap_kmers: from 100% for E. coli MG1655 in DH1 to 2-6% for H. pylori
-SJM180), so their bits/nt measures generalisation to new strains only for
-a model too small to memorise.
+training strains of their species (--overlap_kmers prints the share of
+100-mers found verbatim: from 100% for E. coli MG1655 in DH1 to 2-6% for
+H. pylori SJM180), so their bits/nt measures generalisation to new strains
+only for a model too small to memorise.
 
 To train on it, a job config sets:
     config.data.fasta_globs = ("data_cache/genomes/*",)
