@@ -11,8 +11,9 @@ best/ or step directory). Settings come from the `score` section of
 context), stride (0: context // 2), batch_size, dtype, eval_split,
 eval_max_records, eval_max_tokens. Long records are scored in sliding
 windows so that every position is scored once with at least context - stride
-tokens before it. Writes <output_dir>/eval_<data>_ctx<C>_stride<S>.{json,txt,png}
-(default output_dir: <workdir>/eval) and prints the table.
+tokens before it. Writes <output_dir>/eval_<data>_ctx<C>_stride<S>[_best]
+.{json,txt,png} (default output_dir: <workdir>/eval; <data>: the split, the
+FASTA's stem, or <n>fasta-<hash> for several) and prints the table.
 """
 
 import os
@@ -20,7 +21,6 @@ import os
 from absl import app, flags, logging
 
 from hybridna_jax import launch_utils
-from hybridna_jax.data import fasta as fasta_lib
 
 launch_utils.define_flags(workdir_required=True)
 flags.DEFINE_multi_string(
@@ -56,18 +56,17 @@ def main(argv):
   section = ScoreConfig.of(config)
   max_records, max_tokens = section.eval_max_records, section.eval_max_tokens
   if FLAGS.fasta:
-    sequences = evaluation.fasta_sequences(FLAGS.fasta, max_records, max_tokens)
-    data_name = "fasta" if len(FLAGS.fasta) > 1 else _stem(FLAGS.fasta[0])
+    data = list(FLAGS.fasta)
+    sequences = evaluation.fasta_sequences(data, max_records, max_tokens)
   else:
-    split = section.eval_split
-    sequences = evaluation.store_sequences(config.data.store_dir, split, max_records, max_tokens)
-    data_name = split
+    data = section.eval_split
+    sequences = evaluation.store_sequences(config.data.store_dir, data, max_records, max_tokens)
   evaluation.log_records(sequences)
   result = evaluation.evaluate(scorer, sequences, progress=scoring.ProgressLogger("windows"))
   result.update(
     checkpoint=os.fspath(hybridna_paths.run_path(FLAGS.checkpoint or FLAGS.workdir)),
     which=FLAGS.which,
-    data=FLAGS.fasta or data_name,
+    data=data,
     dtype=str(scorer.model_config.dtype),
     compiles=scorer.trace_count,
   )
@@ -76,14 +75,10 @@ def main(argv):
     launch_utils.local_output(
       FLAGS.output_dir or os.path.join(FLAGS.workdir, "eval"), "--output_dir"
     ),
-    f"eval_{data_name}_ctx{scorer.context}_stride{scorer.stride}",
+    evaluation.output_stem(data, scorer.context, scorer.stride, FLAGS.which),
   )
   print(evaluation.format_table(result))
   logging.info("wrote %s", ", ".join(paths.values()))
-
-
-def _stem(path: str) -> str:
-  return fasta_lib.strip_suffixes(os.path.basename(path))
 
 
 if __name__ == "__main__":

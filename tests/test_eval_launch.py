@@ -217,3 +217,13 @@ def test_score_without_config_restores_on_the_devices_it_has(tiny_run, inputs, t
     ["long", "702", "699"],
     ["mid", "300", "299"],
   ]
+
+
+def test_evaluations_of_other_data_or_checkpoints_never_share_a_file():
+  stem = evaluation.output_stem
+  assert stem("val", 64, 32) == "eval_val_ctx64_stride32"
+  assert stem(["/data/genome.fa.gz"], 64, 32) == "eval_genome_ctx64_stride32"
+  assert stem(["/data/genome.fa.gz"], 64, 32, "best") == "eval_genome_ctx64_stride32_best"
+  two, other = stem(["a.fa", "b.fa"], 64, 32), stem(["a.fa", "c.fa"], 64, 32)
+  assert two.startswith("eval_2fasta-") and two != other
+  assert two == stem(["b.fa", "a.fa"], 64, 32)  # the same set in another order

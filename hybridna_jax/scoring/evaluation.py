@@ -15,6 +15,7 @@ loss; N is left out. Metrics are token-weighted:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -237,6 +238,23 @@ def plot(result: dict, path: str) -> str:
   ax.set_title(f"context {result['context']:,}, stride {result['stride']:,}")
   ax.legend(fontsize=8)
   return plotting.save(fig, path, dpi=120)
+
+
+def output_stem(data: str | Sequence[str], context: int, stride: int, which: str = "latest") -> str:
+  """The file stem of an evaluation, distinct for each data set, window and
+  checkpoint choice so that runs never overwrite each other:
+  eval_<data>_ctx<C>_stride<S>[_best], where <data> is a split name, one
+  FASTA file's stem, or "<n>fasta-<hash of the paths>" for several."""
+  from hybridna_jax.data import fasta as fasta_lib  # pylint: disable=g-import-not-at-top
+
+  if isinstance(data, str):
+    name = data
+  elif len(data) == 1:
+    name = fasta_lib.strip_suffixes(os.path.basename(data[0]))
+  else:
+    joined = "\0".join(sorted(os.path.abspath(p) for p in data)).encode()
+    name = f"{len(data)}fasta-{hashlib.sha1(joined).hexdigest()[:8]}"
+  return f"eval_{name}_ctx{context}_stride{stride}" + ("" if which == "latest" else f"_{which}")
 
 
 def write(result: dict, output_dir: str, stem: str) -> dict[str, str]:
