@@ -147,3 +147,13 @@ def test_bed_needs_reference_and_label_column(tmp_path, genome):
     datasets.load_task(str(bed))
   with pytest.raises(TaskFormatError, match="line 1: no 'label' column"):
     datasets.load_task(str(bed), reference=genome[0])
+
+
+def test_carved_dev_never_takes_a_class_out_of_train():
+  labels = np.array([0] * 9 + [1] * 2 + [2])  # class 2 has one example
+  train = datasets.TaskSplit([f"s{i}" for i in range(labels.size)], labels)
+  for fraction in (0.2, 0.6, 0.9):
+    kept, dev = datasets.carve_dev(train, fraction, seed=0)
+    assert set(kept.labels.tolist()) == {0, 1, 2}
+    assert sorted(kept.sequences + dev.sequences) == sorted(train.sequences)
+    assert 2 not in dev.labels and (dev.labels == 1).sum() == 1

@@ -457,7 +457,8 @@ def _load_bed(path: str, reference: str) -> tuple[dict[str, TaskSplit], bool]:
 
 def carve_dev(train: TaskSplit, fraction: float, seed: int) -> tuple[TaskSplit, TaskSplit]:
   """(train, dev): `fraction` of each class of train (of all examples for
-  regression), at least one per class with two or more examples."""
+  regression), at least one per class with two or more examples; a class's
+  only example stays in train."""
   if not 0.0 < fraction < 1.0:
     raise ValueError(
       f"finetune.dev_fraction must be in (0, 1) for a task without a dev split, got {fraction}."
@@ -470,9 +471,7 @@ def carve_dev(train: TaskSplit, fraction: float, seed: int) -> tuple[TaskSplit, 
     groups = [np.arange(labels.size)]
   dev = []
   for group in groups:
-    take = int(round(fraction * group.size))
-    if group.size >= 2:
-      take = min(max(take, 1), group.size - 1)
+    take = min(max(int(round(fraction * group.size)), 1), group.size - 1)
     dev.extend(rng.permutation(group)[:take].tolist())
   is_dev = np.zeros(labels.size, bool)
   is_dev[dev] = True
