@@ -116,6 +116,8 @@ def restart_with_huge_pages() -> None:
     os.environ, platform.libc_ver(), transparent_huge_pages_mode(), accelerator
   ):
     return
+  if sys.argv[0] in ("-", "", "-c"):
+    return  # a program from stdin (read already) or -c: nothing to re-run
   sys.stdout.flush()
   sys.stderr.flush()
   env = dict(os.environ, GLIBC_TUNABLES=HUGE_PAGES_TUNABLE)
@@ -232,8 +234,11 @@ class _LibraryInfoFilter(logging_std.Filter):
 
 
 def local_output(path: str, flag: str) -> str:
-  """`path` for an output flag whose writers need a local file; a URL (e.g.
-  the default under a gs:// --workdir) is refused in one line naming `flag`."""
+  """`path` for an output flag whose writers need a local file: a file://
+  URL (e.g. the default under a file:// --workdir) becomes its local path;
+  another URL (under a gs:// --workdir) is refused in one line naming `flag`."""
+  if paths.scheme(path) == "file":
+    return paths.local_file_path(path)
   if paths.is_url(path):
     raise ValueError(
       f"{flag}={path}: this output is written to local files; pass a local path in {flag}."

@@ -25,6 +25,8 @@ import contextlib
 import os
 import shutil
 import tempfile
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 
 from etils import epath
@@ -33,14 +35,31 @@ _RUN_SCHEMES = ("gs",)
 
 
 def is_url(path: str | os.PathLike) -> bool:
-  """Whether `path` is a URL (scheme://...) rather than a local path."""
-  return "://" in os.fspath(path)
+  """Whether `path` is a URL (scheme://..., or file:/...) rather than a local path."""
+  path = os.fspath(path)
+  return "://" in path or path.lower().startswith("file:/")
 
 
 def scheme(path: str | os.PathLike) -> str | None:
   """'gs', 's3', 'file', 'http', ... or None for a local path."""
   path = os.fspath(path)
-  return path.split("://", 1)[0].lower() if is_url(path) else None
+  return path.split(":", 1)[0].lower() if is_url(path) else None
+
+
+def local_file_path(url: str) -> str:
+  """The absolute local path of a file: URL, as a browser reads it:
+  file:///a%20b/c -> /a b/c; file://localhost/x and file:/x -> /x.
+
+  Raises:
+    ValueError: a file URL naming another host.
+  """
+  parts = urllib.parse.urlsplit(url)
+  if parts.netloc not in ("", "localhost"):
+    raise ValueError(
+      f"{url}: a file:// URL names a path on this machine (file:///path); "
+      f"'{parts.netloc}' is another host."
+    )
+  return os.path.abspath(urllib.request.url2pathname(parts.path))
 
 
 def run_path(path: str | os.PathLike, flag: str = "--workdir") -> epath.Path:
@@ -58,9 +77,10 @@ def run_path(path: str | os.PathLike, flag: str = "--workdir") -> epath.Path:
   if kind is None:
     return epath.Path(os.path.abspath(text))
   if kind == "file":
-    return epath.Path(os.path.abspath(text[len("file://") :]))
+    return epath.Path(local_file_path(text))
   if kind in _RUN_SCHEMES:
-    return epath.Path(text.rstrip("/"))
+    # epath knows the scheme in lower case only (GS://b fails deep inside).
+    return epath.Path(kind + text[len(kind) :].rstrip("/"))
   why = (
     "Orbax 0.12.8 writes arrays to s3:// through its local file driver"
     if kind == "s3"

@@ -49,6 +49,10 @@ def main(argv):
   from hybridna_jax.config import ScoreConfig  # pylint: disable=g-import-not-at-top
   from hybridna_jax.scoring import evaluation  # pylint: disable=g-import-not-at-top
 
+  # Checked before the (long) evaluation, which would otherwise be lost.
+  output_dir = launch_utils.local_output(
+    FLAGS.output_dir or os.path.join(FLAGS.workdir, "eval"), "--output_dir"
+  )
   scorer, run_config = scoring.Scorer.from_run(
     FLAGS.checkpoint or FLAGS.workdir, FLAGS.config, which=FLAGS.which
   )
@@ -71,11 +75,7 @@ def main(argv):
     compiles=scorer.trace_count,
   )
   paths = evaluation.write(
-    result,
-    launch_utils.local_output(
-      FLAGS.output_dir or os.path.join(FLAGS.workdir, "eval"), "--output_dir"
-    ),
-    evaluation.output_stem(data, scorer.context, scorer.stride, FLAGS.which),
+    result, output_dir, evaluation.output_stem(data, scorer.context, scorer.stride, FLAGS.which)
   )
   print(evaluation.format_table(result))
   logging.info("wrote %s", ", ".join(paths.values()))

@@ -87,3 +87,12 @@ def test_no_restart_when_turned_off_or_already_set(tmp_path):
   own = _run(tmp_path, GLIBC_TUNABLES="glibc.malloc.arena_max=2")
   assert [line[0] for line in own] == ["imported", "main"]
   assert own[1][2] == "glibc.malloc.arena_max=2"
+
+
+@pytest.mark.parametrize("program", ["-", "-c"])
+def test_no_restart_for_a_program_that_cannot_be_read_again(program, monkeypatch):
+  # `python - < script.py` would re-run an emptied stdin and exit 0 unseen.
+  monkeypatch.setattr(launch_utils, "huge_pages_restart_wanted", lambda *a: True)
+  monkeypatch.setattr(sys, "argv", [program])
+  monkeypatch.setattr(os, "execve", lambda *a: pytest.fail("restarted"))
+  launch_utils.restart_with_huge_pages()

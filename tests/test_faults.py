@@ -593,3 +593,13 @@ def test_unscorable_records_are_warned(caplog):
     "empty (0 nt: nothing to predict)",
   ]
   assert evaluation.unscorable(names, seqs)[-1] == "a_then_n (all N)"
+
+
+def test_a_data_position_resumes_only_under_a_split_of_rows_that_keeps_it():
+  check = loop.check_data_position
+  check(7, None, [2, 8])  # a checkpoint from before the record: not checked
+  check(7, [4, 8], [4, 8])  # the same split
+  check(7, [8, 8], [16, 16])  # whole batches both times: any batch size
+  for saved, now in (([4, 8], [8, 8]), ([8, 8], [4, 8]), ([4, 8], [2, 8]), ([4, 8], [4, 16])):
+    with pytest.raises(loop.DataStateMismatchError, match="step 7.s data position was saved"):
+      check(7, saved, now)

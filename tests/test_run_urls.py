@@ -82,3 +82,16 @@ def test_unsupported_run_urls_are_refused_in_one_line(tiny_config):
   # eval/score/generate outputs under a gs:// --workdir must be named locally.
   with pytest.raises(ValueError, match=r"--output_dir=gs://b/run/eval: .*pass a local path"):
     launch_utils.local_output("gs://b/run/eval", "--output_dir")
+
+
+def test_file_urls_mean_what_a_browser_reads():
+  # Path.as_uri() percent-encodes; localhost and the one-slash form are
+  # this machine; another host is refused. Upper-case GS:// is gs://.
+  assert paths.run_path("file:///x/a%20b") == paths.run_path("/x/a b")
+  assert paths.run_path("file://localhost/x/y") == paths.run_path("/x/y")
+  assert paths.run_path("file:/x/y") == paths.run_path("/x/y")
+  with pytest.raises(ValueError, match="'server' is another host"):
+    paths.run_path("file://server/x")
+  assert os.fspath(paths.run_path("GS://bucket/run/")) == "gs://bucket/run"
+  # Outputs under a file:// --workdir are local files: no refusal.
+  assert launch_utils.local_output("file:///x/run/eval", "--output_dir") == "/x/run/eval"

@@ -468,6 +468,32 @@ def check_resume_config(config, workdir: str) -> None:
     )
 
 
+def check_data_position(step: int, saved: list[int] | None, now: list[int]) -> None:
+  """Raises DataStateMismatchError unless a data position saved with
+  `saved` = [rows per process, batch size] (`_host_rows`; None: not
+  recorded) means the same place in the stream under `now`.
+
+  The position counts this process's windows: its k-th is window
+  (k // rows) * batch + (its k % rows-th row). That is the same window with
+  the same rows and batch size, or when the process loads whole batches
+  both times (then k is the window itself, at any batch size). Another
+  split of the rows (a mesh or process count that changed) would silently
+  repeat or skip batches.
+  """
+  whole = saved is not None and saved[0] == saved[1] and now[0] == now[1]
+  if saved is not None and list(saved) != list(now) and not whole:
+    raise DataStateMismatchError(
+      f"step {step}'s data position was saved loading {saved[0]} of {saved[1]} rows per batch "
+      f"in each process, and this mesh loads {now[0]} of {now[1]}"
+    )
+
+
+def _host_rows(layout: sharding.BatchLayout) -> list[int]:
+  """[rows one process loads of each batch (the same on every process),
+  batch size], as JSON."""
+  return [int(len(layout.rows)), int(layout.batch_size)]
+
+
 def _flatten(values: dict, prefix: str) -> dict:
   """{"a.b.c": value} of nested dicts."""
   flat = {}
@@ -510,10 +536,6 @@ def _train(config, workdir: str, task: Task | None, preemption: _Preemption) -> 
   total_steps = stages[-1].end_step
   mesh = sharding.mesh_from_config(config.mesh)
   fns = task_steps(task, config, mesh)
-  checkpoints = Checkpoints(
-    paths.join(workdir, CHECKPOINT_DIR), keep=tc.keep_checkpoints, async_save=tc.async_checkpoints
-  )
-  best = Checkpoints(paths.join(workdir, BEST_DIR), keep=1) if tc.keep_best else None
   select_key, select_mode = task.selection
   better = (lambda a, b: a < b) if select_mode == "min" else (lambda a, b: a > b)
   peak = tc.peak_flops_per_device or flops_lib.peak_flops_per_device()
@@ -548,6 +570,12 @@ def _train(config, workdir: str, task: Task | None, preemption: _Preemption) -> 
   # succeed, so a refused resume leaves config.json as it was.
   check_resume_config(config, workdir)
   task.check_data(stages, tc)
+  # Opened after the checks: an Orbax manager starts a thread that cleans up
+  # temporary paths, which a bad-input exit would interrupt with a traceback.
+  checkpoints = Checkpoints(
+    paths.join(workdir, CHECKPOINT_DIR), keep=tc.keep_checkpoints, async_save=tc.async_checkpoints
+  )
+  best = Checkpoints(paths.join(workdir, BEST_DIR), keep=1) if tc.keep_best else None
   best_val = math.inf if select_mode == "min" else -math.inf
   target = with_shardings(jax.eval_shape(fns.init, jax.random.key(0)), fns.state_shardings)
   built: dict = {}
@@ -559,12 +587,21 @@ def _train(config, workdir: str, task: Task | None, preemption: _Preemption) -> 
     stage = stage_at(stages, step)
     built["stage"], built["iterator"] = stage, make_iterator(stage)
     same_stage = meta.get("stage") == stage.index and step < stage.end_step
-    return pipeline.iterator_restore_args(built["iterator"][0]) if same_stage else None
+    if not same_stage:
+      return None
+    check_data_position(step, meta.get("host_rows"), _host_rows(built["iterator"][1]))
+    return pipeline.iterator_restore_args(built["iterator"][0])
 
   try:
     resumed = checkpoints.restore_newest(target, data_args) if checkpoints.all_steps() else None
-  except DataStateMismatchError as e:
-    raise _data_state_error(config, workdir, e) from None
+  except BaseException as e:
+    # A refused resume ends the process: stop the managers' threads first.
+    for manager in (checkpoints, best):
+      if manager is not None:
+        manager.close()
+    if isinstance(e, DataStateMismatchError):
+      raise _data_state_error(config, workdir, e) from None
+    raise
   # The latest evaluation, {"step": ..., "result": {...}}; checkpoints keep
   # it, so a run resumed at its end neither repeats its final eval nor
   # loses its result.
@@ -592,7 +629,12 @@ def _train(config, workdir: str, task: Task | None, preemption: _Preemption) -> 
 
   def save(stage: Stage, force_sync: bool = False, data_state: dict | None = None):
     if checkpoints.latest_step() != step:  # not saved at this step already
-      meta = {"stage": stage.index, "seq_len": stage.seq_len, "last_eval": last_eval}
+      meta = {
+        "stage": stage.index,
+        "seq_len": stage.seq_len,
+        "last_eval": last_eval,
+        "host_rows": _host_rows(layout),
+      }
       it = iterator if data_state is None else _SavedIteratorState(data_state)
       checkpoints.save(state, meta, data_args=pipeline.iterator_save_args(it))
     if force_sync:
