@@ -48,6 +48,7 @@ def test_windows_line_endings_bom_extra_columns_and_regression(tmp_path):
   "text, line, message",
   [
     ("sequence,label\nACGT,0\nACXT,1\n", 3, "sequence: invalid nucleotide 'X' at position 2"),
+    ("sequence,label\nACGT,0\nACGé,1\n", 3, "sequence: invalid nucleotide 'É' at position 3"),
     ("sequence,label\nACGT,0\n,1\n", 3, "empty sequence"),
     ("sequence,label\nACGT,0\nAC,1,7\n", 3, "3 fields, the header has 2"),
     ("seq,label\nACGT,0\n", 1, "lacks a 'sequence' or 'label' column"),

@@ -56,6 +56,10 @@ def test_reverse_complement_string():
   assert tok.reverse_complement("AACGTN") == "NACGTT"
   assert tok.reverse_complement("acgR") == "Ncgt"
   assert tok.reverse_complement("aCgT") == "AcGt"
+  # A bad character is named at its place in the input, not in the output.
+  for text, char, position in (("ACGTX", "X", 4), ("ACGTé", "é", 4)):
+    with pytest.raises(tok.InvalidSequenceError, match=f"'{char}' at position {position}"):
+      tok.reverse_complement(text)
 
 
 @pytest.mark.parametrize("xp", [np, jnp])
