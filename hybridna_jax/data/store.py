@@ -44,7 +44,7 @@ import numpy as np
 from absl import logging
 
 from hybridna_jax import tokenizer
-from hybridna_jax.paths import is_url, scheme
+from hybridna_jax.paths import is_url, local_file_path, scheme
 
 FORMAT = "hybridna-token-store"
 VERSION = 1
@@ -471,7 +471,7 @@ def _comparable_dir(path: str) -> str:
   so that one store location is a prefix of the locations inside it."""
   if is_url(path) and scheme(path) != "file":
     return _url_dir(path)
-  local = path[len("file://") :] if is_url(path) else path
+  local = local_file_path(path) if is_url(path) else path
   return _url_dir("file://" + os.path.realpath(local))
 
 
