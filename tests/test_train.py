@@ -15,11 +15,13 @@ from flax import nnx
 from hybridna_jax import sharding
 from hybridna_jax.config import ModelConfig, load_config
 from hybridna_jax.data import pipeline
+from hybridna_jax.data.store import TokenStore
 from hybridna_jax.model import HybriDNA, abstract_model, create_model
 from hybridna_jax.train import flops as flops_lib
-from hybridna_jax.train import loop
+from hybridna_jax.train import loop, report
 from hybridna_jax.train import optimizer as optimizer_lib
 from hybridna_jax.train import step as step_lib
+from hybridna_jax.train.baselines import MarkovModel
 from hybridna_jax.train.checkpoint import Checkpoints, with_shardings
 
 TINY = ModelConfig.from_config(load_config("configs/tiny.py").model)
@@ -294,6 +296,27 @@ def test_loop_writes_metrics_eval_checkpoints_and_plot(tiny_config, tmp_path):
   assert Checkpoints(os.path.join(workdir, loop.BEST_DIR)).latest_step() in (4, 8)
   with open(os.path.join(workdir, loop.CONFIG_FILE)) as f:
     assert json.load(f)["model"]["d_model"] == TINY.d_model
+
+
+def test_baseline_report_scores_the_models_eval_windows(tiny_config, tmp_path):
+  # eval_batch_size 3 on data x fsdp = 4 evaluates batches of 4 rows; the
+  # Markov baselines must score the same first batch, not 3 rows of it.
+  tiny_config.mesh.data, tiny_config.mesh.fsdp, tiny_config.mesh.num_devices = 2, 2, 4
+  t = tiny_config.train
+  t.stages = ((32, 2, 4),)
+  t.eval_every, t.eval_batch_size, t.eval_batches, t.markov_orders = 2, 3, 1, (2,)
+  workdir = str(tmp_path / "run")
+  summary = loop.train(tiny_config, workdir)
+  table = report.baseline_report(tiny_config, summary["final_val"], workdir)
+  with open(os.path.join(workdir, "baseline_report.json")) as f:
+    written = json.load(f)
+  assert written["scored_targets"] == summary["final_val"]["tokens"] == 4 * 32
+  first = next(iter(pipeline.eval_batches(tiny_config.data, seq_len=32, batch_size=4)))
+  model = MarkovModel(2).fit(r.tokens for r in TokenStore.open(tiny_config.data.store_dir)["train"])
+  bits, _ = report.markov_bits_per_nt(model, [first])
+  assert written["bits_per_nt"]["Markov order 2"] == pytest.approx(bits)
+  lines = table.splitlines()
+  assert lines[-1].index("2.0000") == lines[-2].index(f"{bits:.4f}")  # aligned
 
 
 def test_batch_not_divisible_is_a_clear_error(tiny_config, tmp_path):

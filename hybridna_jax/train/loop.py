@@ -220,6 +220,13 @@ def sum_eval_steps(
   return totals
 
 
+def eval_global_batch(train_cfg, mesh) -> int:
+  """Rows of an LM evaluation batch: train.eval_batch_size rounded up to a
+  multiple of data x fsdp, so every batch splits evenly over the mesh."""
+  shards = sharding.batch_shards(mesh)
+  return -(-int(train_cfg.eval_batch_size) // shards) * shards
+
+
 def lm_eval(
   fns: step_lib.StepFunctions,
   params,
@@ -236,14 +243,13 @@ def lm_eval(
   out like the training batches (`sharding.BatchLayout`).
   """
   seq_len = int(train_cfg.eval_seq_len) or stage.seq_len
-  shards = sharding.batch_shards(fns.mesh)
   context = sharding.context_shards(fns.mesh)
   if seq_len % context:
     raise ValueError(
       f"config.train.eval_seq_len: {seq_len} is not divisible by config.mesh.context="
       f"{context}; set it to a multiple."
     )
-  batch = -(-int(train_cfg.eval_batch_size) // shards) * shards
+  batch = eval_global_batch(train_cfg, fns.mesh)
   layout = sharding.batch_layout(fns.mesh, batch, seq_len)
   batches = make_batches(
     seq_len=seq_len, batch_size=batch, rows=layout.rows, columns=layout.columns

@@ -9,11 +9,11 @@ import json
 import numpy as np
 from absl import logging
 
-from hybridna_jax import paths
+from hybridna_jax import paths, sharding
 from hybridna_jax.data import pipeline
 from hybridna_jax.data.store import TokenStore
+from hybridna_jax.train import loop
 from hybridna_jax.train.baselines import MarkovModel
-from hybridna_jax.train.loop import parse_stages
 from hybridna_jax.train.metrics import plot_loss_curves
 
 
@@ -39,13 +39,12 @@ def baseline_report(config, model_val: dict, workdir: str) -> str:
   adds them to the loss-curve plot, and returns a printable table."""
   store = TokenStore.open(config.data.store_dir)
   train_split, val_split = store[config.data.train_split], store["val"]
-  stages = parse_stages(config.train)
+  stages = loop.parse_stages(config.train)
   seq_len = int(config.train.eval_seq_len) or stages[-1].seq_len
-  batches = list(
-    pipeline.eval_batches(
-      config.data, seq_len=seq_len, batch_size=int(config.train.eval_batch_size)
-    )
-  )
+  # The model's evaluation batches (`loop.lm_eval`), so that eval_batches
+  # keeps the same windows.
+  batch_size = loop.eval_global_batch(config.train, sharding.mesh_from_config(config.mesh))
+  batches = list(pipeline.eval_batches(config.data, seq_len=seq_len, batch_size=batch_size))
   if int(config.train.eval_batches):
     batches = batches[: int(config.train.eval_batches)]
   rows = [("HybriDNA (this run)", model_val["bits_per_nt"])]
@@ -74,7 +73,8 @@ def baseline_report(config, model_val: dict, workdir: str) -> str:
       stage_starts=[(s.start_step, f"{s.seq_len:,} nt") for s in stages],
       baselines={name: v for name, v in rows[1:]},
     )
-  width = max(len(name) for name, _ in rows)
+  uniform = "(uniform over A/C/G/T)"
+  width = max(len(name) for name, _ in [*rows, (uniform, 0)])
   lines = [
     f"Validation bits per nucleotide on held-out genomes ({', '.join(val_sources)}), "
     f"{int(model_val.get('tokens', 0)):,} targets in {seq_len:,}-nt windows:",
@@ -82,5 +82,5 @@ def baseline_report(config, model_val: dict, workdir: str) -> str:
     f"{'-' * width}  -------",
   ]
   lines += [f"{name:<{width}}  {value:.4f}" for name, value in rows]
-  lines.append(f"{'(uniform over A/C/G/T)':<{width}}  2.0000")
+  lines.append(f"{uniform:<{width}}  2.0000")
   return "\n".join(lines)
