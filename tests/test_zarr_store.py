@@ -156,12 +156,17 @@ def test_prepare_writes_straight_to_a_url(lambda_store, tmp_path):
     store_lib.open_writer("http://127.0.0.1:1/x")
 
 
-def test_export_never_deletes_what_is_not_an_export(lambda_store, tmp_path):
-  local = store_lib.TokenStore.open(lambda_store.store_dir)
-  with store_lib.TokenStoreWriter(tmp_path / "other_store") as writer:
+def _hundred_token_store(path):
+  """A store of one 100-token training record, to stand for another store."""
+  with store_lib.TokenStoreWriter(path) as writer:
     writer.begin_record("train", "r", "s")
     writer.append(np.full((100,), 5, np.uint8))
-    other = writer.commit()
+    return writer.commit()
+
+
+def test_export_never_deletes_what_is_not_an_export(lambda_store, tmp_path):
+  local = store_lib.TokenStore.open(lambda_store.store_dir)
+  other = _hundred_token_store(tmp_path / "other_store")
   folder = tmp_path / "papers"
   folder.mkdir()
   (folder / "draft.txt").write_text("mine")
@@ -181,3 +186,41 @@ def test_export_never_deletes_what_is_not_an_export(lambda_store, tmp_path):
   assert store_lib.TokenStore.open(url)["train"].num_tokens == local["train"].num_tokens
   store_lib.export_zarr(other, url, chunk_tokens=4096, overwrite=True)
   assert store_lib.TokenStore.open(url)["train"].num_tokens == other["train"].num_tokens
+
+
+def test_a_write_killed_while_sealing_reads_complete_and_stays_ours(
+  lambda_store, tmp_path, monkeypatch
+):
+  # The manifest goes in before the writing marker comes out: killed in
+  # between, the store is complete (readable) and the next writer still
+  # treats the location as a store, not as someone else's objects.
+  class KilledAtMarker:
+    def __init__(self, kv):
+      self._kv = kv
+
+    def __getattr__(self, name):
+      return getattr(self._kv, name)
+
+    def delete_range(self, key_range):
+      if key_range.inclusive_min == store_lib.WRITING_MARKER.encode():
+        raise KeyboardInterrupt("killed")
+      return self._kv.delete_range(key_range)
+
+  claim = store_lib._claim_url
+  monkeypatch.setattr(store_lib, "_claim_url", lambda *a, **k: KilledAtMarker(claim(*a, **k)))
+  local = store_lib.TokenStore.open(lambda_store.store_dir)
+  url = "file://" + str(tmp_path / "export")
+  with pytest.raises(KeyboardInterrupt):
+    store_lib.export_zarr(local, url, chunk_tokens=4096)
+  monkeypatch.undo()
+  assert (tmp_path / "export" / store_lib.WRITING_MARKER).exists()
+  assert store_lib.is_complete(url) and store_lib.verify(url) is None
+  np.testing.assert_array_equal(
+    store_lib.TokenStore.open(url)["val"].tokens[:], local["val"].tokens[:]
+  )
+  other = _hundred_token_store(tmp_path / "other_store")
+  with pytest.raises(store_lib.StoreError, match="already holds a token store"):
+    store_lib.export_zarr(other, url)
+  store_lib.export_zarr(other, url, chunk_tokens=4096, overwrite=True)
+  assert not (tmp_path / "export" / store_lib.WRITING_MARKER).exists()
+  assert store_lib.TokenStore.open(url).splits == ("train",)
