@@ -118,6 +118,16 @@ def test_tpu_kernels_match_chunked():
   check_against_chunked(TPU, inputs, 16)
 
 
+def test_tpu_head_block_never_spans_two_groups():
+  """tpu_heads=16 with two groups of 8 heads: a 16-head program would cover
+  both groups (and its split count r // hb would be 0); it takes a group."""
+  cfg = ssd_pallas.SsdKernelConfig(platform="tpu", interpret=True, tpu_heads=16)
+  inputs = core_inputs(b=1, l=32, h=16, g=2, p=8, n=8)
+  plan = ssd_pallas._make_plan(inputs.x.shape, inputs.x.dtype, 2, 8, 8, cfg)  # pylint: disable=protected-access
+  assert (plan.hb, plan.nsplit) == (8, 1)
+  check_against_chunked(cfg, inputs, 8)
+
+
 OPTIONS = dict(D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None)
 
 

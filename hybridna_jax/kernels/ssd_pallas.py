@@ -86,7 +86,8 @@ class SsdKernelConfig:
       interpret mode).
     block: GPU tile edge within a chunk (power of two, >= 16).
     num_warps, num_stages: Triton launch parameters.
-    tpu_heads: heads per TPU program (a multiple of 8, else all heads).
+    tpu_heads: heads per TPU program: a multiple of 8 that divides the heads
+      per group, else a group's heads (a program never spans two groups).
     min_programs: GPU backward: split a group's heads over programs until the
       dB/dC kernel has at least this many (partial sums are added in XLA).
     state_block: GPU state passing: elements of the (n * p) state per program.
@@ -181,7 +182,7 @@ def _make_plan(x_shape, x_dtype, g, n, chunk, cfg: SsdKernelConfig) -> _Plan:
   r = h // g
   nc = l // chunk
   if cfg.platform == "tpu":
-    hb = cfg.tpu_heads if (r % cfg.tpu_heads == 0 and cfg.tpu_heads % 8 == 0) else h
+    hb = cfg.tpu_heads if (r % cfg.tpu_heads == 0 and cfg.tpu_heads % 8 == 0) else r
     blk = chunk
     nsplit = r // hb
   else:
@@ -653,10 +654,11 @@ def chunk_scan_dx(xt, dyt, bt, cb, gs, cs, dt, w, seq, plan: _Plan):
 
 
 def chunk_scan_dcb(xt, dyt, ct, cb, s_in, gs, cs, dt, e, w, seq, plan: _Plan):
-  """Backward across heads: d(CB), dC (state part), dB (state part), dy.y.
+  """Backward across heads: d(CB), dC (state part), dB (state part), dy.y
+  and d of each chunk's carried decay.
 
-  Returns dcb (b, nc, g, Q, Q), dc_off and db_state (b, g, l, n) fp32 and
-  dcs_rows (b, nc, h, Q).
+  Returns dcb (b, nc, g, Q, Q), dc_off and db_state (b, g, l, n),
+  dcs_rows (b, nc, h, Q) and da (b, nc, h), all fp32.
   """
   hs, ns, q, blk, nb, g = plan.hs, plan.nsplit, plan.q, plan.blk, plan.nb, plan.g
   if plan.tpu:
