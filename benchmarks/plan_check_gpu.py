@@ -8,7 +8,9 @@ step run on the GPU.
       --overrides=model.scan_layers=True,model.remat=none  # the scanned layout
 
 One device; each case is <config>:<seq_len>:<batch>; --overrides apply to
-every case, on the device and in the planner alike. The planner runs in
+every case, on the device and in the planner alike. The measured peak is
+the process's high-water mark: a case that stays below an earlier case's
+peak reports n/a (run it alone, or order cases small to large). The planner runs in
 subprocesses on the host's CPUs while the GPU works. Without a GPU (tests of
 this script) it runs the same steps on CPU. On a device image without grain
 and ml-collections, install the `.whl/` folder first as
@@ -94,6 +96,9 @@ def run_on_device(name: str, seq_len: int, batch: int) -> dict:
     "model_flops": plan.model_flops,
   }
   device = jax.devices()[0]
+  # The peak is the process's high-water mark, never reset: it is this
+  # case's only if it rose during the case (not set by an earlier, larger one).
+  peak_before = (device.memory_stats() or {}).get("peak_bytes_in_use", 0)
   state = built.fns.init(jax.random.key(0))
   data = plan_lib.real_batch(built)
   state, metrics = compiled(state, data)
@@ -105,9 +110,13 @@ def run_on_device(name: str, seq_len: int, batch: int) -> dict:
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
   stats = device.memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  if peak is not None and peak_before and peak <= peak_before:
+    result["peak_note"] = "an earlier case set the process's peak; run this case alone"
+    peak = None
   result.update(
     step_s=min(times),
-    peak_bytes_in_use=stats.get("peak_bytes_in_use"),
+    peak_bytes_in_use=peak,
     bytes_limit=stats.get("bytes_limit"),
     loss=float(metrics["loss"]),
   )

@@ -7,8 +7,9 @@ config, context stage and device count, one process per cell.
 Each cell compiles the train step of config.train.stages[stage] (the paper's
 ~0.5M tokens per step: 64 x 8k, 16 x 32k, 4 x 131k) on `devices` fake CPU
 devices with the GPU kernels as shape proxies, on the mesh data=1,
-fsdp=gcd(batch, devices), tensor=min(devices / fsdp, --max_tensor) and the
-remaining devices on the context axis (each sequence split over them).
+fsdp=gcd(batch, devices), tensor the largest divisor of devices / fsdp up
+to --max_tensor, and the remaining devices on the context axis (each
+sequence split over them).
 Results land in <out_dir>/<cell>/plan.json; cells already there are
 skipped, so the script can be stopped and resumed.
 """
@@ -47,9 +48,12 @@ def _stages(model: str):
 
 
 def _mesh(batch: int, devices: int) -> dict[str, int]:
+  """All `devices`: fsdp as wide as the batch allows, then the largest tensor
+  axis (<= max_tensor) that divides the rest, then the context axis."""
   fsdp = math.gcd(batch, devices)
-  tensor = min(devices // fsdp, FLAGS.max_tensor)
-  return {"data": 1, "fsdp": fsdp, "context": devices // (fsdp * tensor), "tensor": tensor}
+  rest = devices // fsdp
+  tensor = max(t for t in range(1, min(rest, FLAGS.max_tensor) + 1) if rest % t == 0)
+  return {"data": 1, "fsdp": fsdp, "context": rest // tensor, "tensor": tensor}
 
 
 def _cell_dir(model: str, stage: int, devices: int) -> Path:

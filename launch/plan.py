@@ -53,7 +53,7 @@ flags.DEFINE_enum(
 flags.DEFINE_bool(
   "search",
   False,
-  "Suggest the least-split mesh (fsdp, tensor) of "
+  "Suggest the least-split mesh (fsdp, tensor, context) of "
   "--devices that fits --accelerator (compiles each candidate).",
 )
 flags.DEFINE_integer("max_tensor", 8, "Largest tensor axis the search tries.")
@@ -126,6 +126,10 @@ def main(argv):
   from hybridna_jax.train import flops as flops_lib  # pylint: disable=g-import-not-at-top
   from hybridna_jax.train import plan as plan_lib  # pylint: disable=g-import-not-at-top
 
+  if FLAGS.search and FLAGS.measure:
+    raise app.UsageError(
+      "--search and --measure: choose one (measure the mesh the search suggests afterwards)."
+    )
   config = FLAGS.config
   stages = config.train.stages
   if not 0 <= FLAGS.stage < len(stages):

@@ -1,5 +1,6 @@
 """The benchmarks' shared timing helper (benchmarks/harness.py)."""
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,3 +16,17 @@ def test_interleaved_seconds_alternates_blocks():
   assert calls == ours + torch + torch + ours + ours + torch
   assert [len(t) for t in times] == [6, 6]
   assert all(s >= 0 for t in times for s in t)
+
+
+def test_plan_table_meshes_cover_every_device():
+  # In a subprocess: the script defines absl flags at import.
+  code = (
+    "import sys, math; sys.argv = ['plan_table', '--max_tensor=8']; import plan_table; "
+    "plan_table.FLAGS(sys.argv); "
+    "print([plan_table._mesh(b, d) for b, d in ((4, 48), (4, 8), (4, 256), (64, 64))])"
+  )
+  bench = Path(__file__).resolve().parents[1] / "benchmarks"
+  out = subprocess.run([sys.executable, "-c", code], cwd=bench, capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr
+  mesh = lambda f, c, t: {"data": 1, "fsdp": f, "context": c, "tensor": t}  # noqa: E731
+  assert out.stdout.strip() == str([mesh(4, 2, 6), mesh(4, 1, 2), mesh(4, 8, 8), mesh(64, 1, 1)])

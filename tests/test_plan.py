@@ -41,6 +41,26 @@ def test_candidate_meshes_least_split_first():
   assert all(m["context"] <= 2 for m in plan_lib.candidate_meshes(8, batch=1, seq_len=6))
 
 
+def test_peak_flops_by_device_kind():
+  # jax's device_kind strings; names match as whole words, specific first.
+  for kind, peak in [
+    ("NVIDIA H100 80GB HBM3", 989.4e12),
+    ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA H200", 989.4e12),
+    ("NVIDIA H200 NVL", 835e12),
+    ("NVIDIA GH200 480GB", 989.4e12),
+    ("NVIDIA L4", 121e12),
+    ("NVIDIA L40", 181e12),
+    ("NVIDIA L40S", 362e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5p", 459e12),
+    ("TPU v6 lite", 918e12),
+  ]:
+    assert flops_lib.peak_flops_for_kind(kind) == peak, kind
+  assert flops_lib.peak_flops_for_kind("cpu") is None
+  assert flops_lib.peak_flops_for_kind("NVIDIA L400X") is None
+
+
 def test_target_kernels():
   cfg = load_config("configs/tiny.py").model
   assert plan_lib.target_kernels(cfg, "gpu") == {
@@ -176,3 +196,12 @@ def test_launcher_prediction_matches_cpu_step(tmp_path):
   ratio = report["measured_bytes"] / predicted
   lo, hi = MEASURED_OVER_PREDICTED
   assert lo <= ratio <= hi, (ratio, predicted, report["measured_bytes"])
+
+
+def test_launcher_refuses_search_with_measure():
+  # --measure would be dropped (and would switch the search's kernels).
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  cmd = [sys.executable, os.path.join(ROOT, "launch", "plan.py"), "--search", "--measure"]
+  cmd.append("--config=" + os.path.join(ROOT, "configs", "tiny.py"))
+  out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert out.returncode != 0 and "--search and --measure: choose one" in out.stderr

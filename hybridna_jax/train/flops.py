@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 
 from hybridna_jax.config import ModelConfig
 
-# Dense bf16 peak FLOP/s per device, by substrings of jax's device_kind
-# (first match wins, so specific names come before general ones).
+# Dense bf16 peak FLOP/s per device, by names within jax's device_kind
+# (whole words: "L4" is not "L40S"; first match wins, so specific names come
+# before general ones).
 PEAK_BF16_FLOPS = (
+  ("H200 NVL", 835e12),
   ("H200", 989.4e12),
+  ("GH200", 989.4e12),
   ("H100 PCIe", 756e12),
   ("H100 NVL", 835e12),
   ("H100", 989.4e12),
   ("A100", 312e12),
+  ("L40S", 362e12),
+  ("L40", 181e12),
   ("L4", 121e12),
   ("TPU v6", 918e12),
   ("TPU v5p", 459e12),
@@ -27,7 +33,7 @@ PEAK_BF16_FLOPS = (
 def peak_flops_for_kind(kind: str) -> float | None:
   """Peak dense bf16 FLOP/s for a jax device_kind, or None if unknown."""
   for key, flops in PEAK_BF16_FLOPS:
-    if key.lower() in kind.lower():
+    if re.search(rf"(?<![a-z0-9]){re.escape(key)}(?![a-z0-9])", kind, re.IGNORECASE):
       return flops
   return None
 
