@@ -565,6 +565,10 @@ class GenerateConfig(Section):
       problems.append(f"beam_width must be >= 1, got {self.beam_width}")
     if self.length_penalty < 0:
       problems.append(f"length_penalty must be >= 0, got {self.length_penalty}")
+    if not 0 <= self.first_task_token < tokenizer.NUM_TASK_TOKENS:
+      problems.append(
+        f"first_task_token must be in [0, {tokenizer.NUM_TASK_TOKENS}), got {self.first_task_token}"
+      )
     if problems:
       raise ValueError("config.generate: " + "; ".join(problems) + ".")
 

@@ -122,16 +122,17 @@ def allowed_tokens(
   return allowed
 
 
-def _check_token_ids(tokens: np.ndarray, vocab_size: int) -> None:
-  """Raises a one-line ValueError unless every id of the (b, l) prompt array
-  is in [0, vocab_size): the embedding lookup does not reject the others
-  (negative ids wrap around, too large ones embed as NaN)."""
+def _check_token_ids(tokens: np.ndarray, vocab_size: int, what: str = "prompt") -> None:
+  """Raises a one-line ValueError unless every id of the (b, l) array of
+  `what` (prompts, continuations) is in [0, vocab_size): the embedding
+  lookup does not reject the others (negative ids wrap around, too large
+  ones embed as NaN)."""
   bad = np.argwhere((tokens < 0) | (tokens >= vocab_size))
   if bad.size:
     row, col = bad[0]
     raise ValueError(
-      f"prompt {row} has token id {tokens[row, col]} outside the model's vocabulary "
-      f"[0, {vocab_size})."
+      f"{what} {row} has token id {tokens[row, col]} at position {col}, outside the "
+      f"model's vocabulary [0, {vocab_size})."
     )
 
 
@@ -587,7 +588,15 @@ def sequence_log_probs(
     generation's `log_probs` must match).
   """
   tokens, segment_ids = _prepare(model, prompts, segment_ids)
-  continuations = np.asarray(continuations, np.int32)
+  # Range-check before the int32 cast, which would wrap large ids.
+  continuations = np.asarray(continuations)
+  if continuations.ndim != 2 or continuations.shape[0] != tokens.shape[0]:
+    raise ValueError(
+      f"continuations must be (batch, length) token ids, one row per prompt "
+      f"({tokens.shape[0]}), got shape {continuations.shape}."
+    )
+  _check_token_ids(continuations, model.cfg.vocab_size, "continuation")
+  continuations = continuations.astype(np.int32)
   graphdef, state = nnx.split(model)
   return _score(
     graphdef, state, jnp.asarray(tokens), jnp.asarray(segment_ids), jnp.asarray(continuations)
@@ -600,7 +609,10 @@ def _score(graphdef, state, tokens, segment_ids, continuations):
   l = tokens.shape[1]
   scored = continuations != tok.PAD
   full = jnp.concatenate([tokens, continuations], axis=1)
-  seg = jnp.concatenate([segment_ids, jnp.ones_like(continuations)], axis=1)
+  # A continuation goes on in the prompt's last segment, as decoding does.
+  seg = jnp.concatenate(
+    [segment_ids, jnp.broadcast_to(segment_ids[:, -1:], continuations.shape)], axis=1
+  )
   logits = model(full, segment_ids=seg).logits[:, l - 1 : -1]
   logp = jnp.take_along_axis(
     jax.nn.log_softmax(logits, axis=-1), continuations[..., None], axis=-1

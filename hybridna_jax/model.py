@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hybridna_jax import attention, ssd
 from hybridna_jax.config import ModelConfig
 from hybridna_jax.layers.attention import Attention, KVCache
 from hybridna_jax.layers.mamba2 import Mamba2
@@ -220,6 +221,13 @@ class HybriDNA(nnx.Module):
   """Decoder-only hybrid Mamba2/attention LM over single nucleotides."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    # Checked here, not at the first forward (whose error names no field).
+    for name, registry in (("ssd_impl", ssd.CORES), ("attention_impl", attention.KERNELS)):
+      if getattr(cfg, name) not in registry.names():
+        raise ValueError(
+          f"model.{name}={getattr(cfg, name)!r} is not an implementation; "
+          f"choose one of {registry.names()}."
+        )
     self.cfg = cfg
     pdt = cfg.weight_dtype
     self.embed = nnx.Param(

@@ -150,6 +150,10 @@ def test_section_checks_run_on_load():
   cfg.generate.top_p = 0.0
   with pytest.raises(ValueError, match=r"config.generate: top_p must be in \(0, 1\]"):
     config_lib.validate(cfg)
+  cfg = _config()
+  cfg.generate.first_task_token = -3
+  with pytest.raises(ValueError, match=r"first_task_token must be in \[0, 118\), got -3"):
+    config_lib.validate(cfg)
 
 
 def test_config_json_written_before_the_change_reads_strictly():

@@ -463,3 +463,17 @@ def test_log_prob_per_nt_counts_the_scored_tokens_only():
   for counts, field in (((0, 2), "num_samples"), ((3, 0), "batch_size"), ((3, -1), "batch_size")):
     with pytest.raises(ValueError, match=f"design_sets: {field} must be >= 1"):
       design(num_samples=counts[0], batch_size=counts[1])
+
+
+def test_beam_designs_leave_out_empty_beam_slots(caplog):
+  """One new token over A/C/G/T: 4 hypotheses for a beam of 6; the two
+  empty slots (-inf) are not written as empty designs."""
+  cfg = ModelConfig.from_config(load_config(os.path.join(REPO, "configs", "tiny.py")).model)
+  model = create_model(dataclasses.replace(cfg, n_layers=2, attn_layers=(1,)))
+  settings = gen.Settings(max_new_tokens=1, beam_width=6)
+  (beams,) = design_sampling.design_sets(
+    model, None, [None], settings, num_samples=6, batch_size=6, seed=0, prefix="ACGT"
+  )
+  assert sorted(s[-1] for s in beams.sequences) == list("ACGT")
+  assert np.isfinite(beams.log_probs).all() and len(beams.lengths) == 4
+  assert "found 4 of 6 designs" in caplog.text

@@ -257,10 +257,31 @@ def test_array_prompts_are_checked_like_list_prompts():
   settings = gen.Settings(max_new_tokens=2, temperature=0)
   for bad in (200, -3, tok.VOCAB_SIZE):
     for prompts in ([np.array([tok.BOS, bad])], np.array([[tok.BOS, bad]])):
-      with pytest.raises(ValueError, match=rf"prompt 0 has token id {bad} outside .* \[0, 128\)"):
+      with pytest.raises(ValueError, match=rf"prompt 0 has token id {bad} at position 1, outside"):
         gen.sample(model, prompts, settings)
   with pytest.raises(ValueError, match=r"segment_ids has shape \(1, 2\), expected .* \(1, 3\)"):
     gen.sample(model, np.array([[1, 5, 6]]), settings, segment_ids=np.array([[1, 1]]))
+
+
+def test_scored_continuations_are_checked_and_follow_the_prompts_segment():
+  model = _model()
+  prompts = [np.array([tok.BOS, tok.A])]
+  for bad in (-1, 200, tok.VOCAB_SIZE):  # -1 would wrap to 127, 200 embed as NaN
+    with pytest.raises(ValueError, match=rf"continuation 0 has token id {bad} at position 1,"):
+      gen.sequence_log_probs(model, prompts, np.array([[tok.C, bad]]))
+  with pytest.raises(ValueError, match=r"one row per prompt \(1\), got shape \(2, 2\)"):
+    gen.sequence_log_probs(model, prompts, np.array([[tok.C, tok.G]] * 2))
+  # A padded prompt array whose last document has segment id 3: decoding
+  # continues that document, and so does the reference scorer.
+  tokens = np.array([[tok.PAD, tok.BOS, tok.G, tok.BOS, tok.A, tok.C]])
+  segments = np.array([[0, 2, 2, 3, 3, 3]])
+  settings = gen.Settings(max_new_tokens=4, temperature=0)
+  out = jax.device_get(gen.sample(model, tokens, settings, segment_ids=segments))
+  np.testing.assert_allclose(
+    gen.sequence_log_probs(model, tokens, out.tokens, segment_ids=segments),
+    out.log_probs,
+    rtol=1e-4,
+  )
 
 
 def test_a_model_with_ten_token_ids_generates():
@@ -277,5 +298,5 @@ def test_a_model_with_ten_token_ids_generates():
     out = jax.device_get(out)
     assert out.tokens.shape == (2, 4) and np.isfinite(out.log_probs).all()
     assert set(np.unique(out.tokens)) <= {tok.A, tok.C, tok.G, tok.T, tok.EOS, tok.PAD}
-  with pytest.raises(ValueError, match=r"token id 10 outside the model's vocabulary \[0, 10\)"):
+  with pytest.raises(ValueError, match=r"token id 10 at position 0, outside .* \[0, 10\)"):
     gen.sample(model, [np.array([tok.task_token(0), tok.A])], settings)

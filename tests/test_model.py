@@ -78,6 +78,13 @@ def test_unknown_config_field_is_named():
     ModelConfig.from_config({"d_modle": 3})
 
 
+@pytest.mark.parametrize("field", ["ssd_impl", "attention_impl"])
+def test_unknown_kernel_name_is_named_at_build(field):
+  cfg = dataclasses.replace(TINY, **{field: "bogus"})
+  with pytest.raises(ValueError, match=rf"model.{field}='bogus' is not an implementation"):
+    nnx.eval_shape(lambda: HybriDNA(cfg, rngs=nnx.Rngs(0)))
+
+
 def test_mamba2_initialisation():
   cfg = dataclasses.replace(TINY, d_model=256, ssm_head_dim=8)  # 64 heads
   mixer = create_model(cfg).layers[0].mixer

@@ -158,8 +158,19 @@ def _beam_sets(model, prompts, settings, num_samples, batch_size, prefix, mesh):
     chunk = prompts[s : s + per_batch]
     beams = jax.device_get(gen.beam_search(model, [p[2] for p in chunk], settings, mesh=mesh))
     for row, (name, labels, prompt) in enumerate(chunk):
-      seqs = [prefix + x for x in metrics.decode_designs(beams.tokens[row, :keep])]
-      best = (beams.log_probs[row, :keep], beams.ended[row, :keep], beams.lengths[row, :keep])
+      # Empty slots (-inf: fewer hypotheses exist than the beam holds) are
+      # not designs.
+      slots = np.flatnonzero(np.isfinite(beams.scores[row, :keep]))
+      if len(slots) < keep:
+        logging.warning(
+          "%s: beam search found %d of %d designs (fewer hypotheses exist; raise "
+          "max_new_tokens or lower beam_width).",
+          name,
+          len(slots),
+          keep,
+        )
+      seqs = [prefix + x for x in metrics.decode_designs(beams.tokens[row, slots])]
+      best = (beams.log_probs[row, slots], beams.ended[row, slots], beams.lengths[row, slots])
       sets.append(DesignedSet(name, labels, prefix, prompt, seqs, *best))
   return sets
 
