@@ -286,10 +286,14 @@ class HybriDNA(nnx.Module):
   ) -> LMOutput:
     """tokens (b, l) int32 -> LMOutput.
 
-    segment_ids (b, l): packed documents (0 = padding); attention never
-    crosses segments and the Mamba2 state resets between them. positions
-    (b, l) are only used with RoPE (default: restart at each segment).
+    segment_ids (b, l): packed documents (0 = padding); a document is a run
+    of equal ids (an id that comes back starts another one): attention and
+    the convolution never cross documents and the Mamba2 state resets
+    between them. positions (b, l) are only used with RoPE (default: restart
+    at each document).
     """
+    if segment_ids is not None:
+      segment_ids = ssd.number_segments(segment_ids)
     h, hidden_states, _ = self._stack(tokens, segment_ids, positions, return_hidden_states)
     hidden = self.final_norm(h)
     return LMOutput(
@@ -375,8 +379,10 @@ class HybriDNA(nnx.Module):
     b, l = tokens.shape
     if l > max_length:
       raise ValueError(f"prompt length {l} exceeds max_length {max_length}.")
-    if segment_ids is None:
-      segment_ids = jnp.ones((b, l), jnp.int32)
+    # Numbered as in __call__; the cache keeps the numbers decoding compares.
+    segment_ids = (
+      jnp.ones((b, l), jnp.int32) if segment_ids is None else ssd.number_segments(segment_ids)
+    )
     positions = positions_from_segments(segment_ids)
     h, _, layer_caches = self._stack(tokens, segment_ids, positions, keep_caches=True)
     hidden = self.final_norm(h[:, -1])

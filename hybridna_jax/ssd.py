@@ -68,6 +68,16 @@ CORES = KernelRegistry(
 )
 
 
+def number_segments(segment_ids: jax.Array) -> jax.Array:
+  """(b, l) segment ids -> (b, l) int32 document numbers in order: 0 while
+  the id is that of position -1 (0, the initial state's), then +1 at every
+  change, so that an id that comes back (1, 2, 1; or 0, 1, 0 where padding
+  follows a continued document) is a new document. Idempotent."""
+  segment_ids = segment_ids.astype(jnp.int32)
+  previous = jnp.pad(segment_ids, [(0, 0), (1, 0)])[:, :-1]
+  return jnp.cumsum(segment_ids != previous, axis=1, dtype=jnp.int32)
+
+
 @functools.partial(
   jax.jit, static_argnames=("chunk_size", "dt_softplus", "return_final_states", "impl")
 )
@@ -138,13 +148,8 @@ def ssd_chunked_scan(
     seq_idx = jnp.zeros((b, l), jnp.int32)
   else:
     # The state resets where the id changes, but the chunked cores tell
-    # documents apart by value: number the documents in order (0 while the
-    # id is that of seq_idx_{-1} = 0, the initial state's), so that an id
-    # that comes back (1, 2, 1; or 0, 1, 0 where padding follows a
-    # continued document) is a new document for every core.
-    seq_idx = seq_idx.astype(jnp.int32)
-    previous = jnp.pad(seq_idx, [(0, 0), (1, 0)])[:, :-1]
-    seq_idx = jnp.cumsum(seq_idx != previous, axis=1, dtype=jnp.int32)
+    # documents apart by value.
+    seq_idx = number_segments(seq_idx)
   init = (
     jnp.zeros((b, h, p, n), jnp.float32)
     if initial_states is None

@@ -132,6 +132,19 @@ def test_packed_documents_do_not_see_each_other(rope):
   np.testing.assert_allclose(out[:, 23:], forward(model, second).logits, atol=1e-5)
 
 
+def test_a_segment_id_that_comes_back_is_another_document():
+  """Ids 1, 2, 1: the third run sees neither earlier one, in attention and
+  the convolution as in the Mamba2 state; prefill and decoding agree."""
+  model = make_model()
+  docs = [random_tokens(1, n, seed=s) for n, s in ((11, 1), (7, 2), (9, 3))]
+  packed = jnp.concatenate(docs, 1)
+  segments = jnp.array([[1] * 11 + [2] * 7 + [1] * 9])
+  out = forward(model, packed, segments).logits
+  np.testing.assert_allclose(out[:, 18:], forward(model, docs[2]).logits, atol=1e-5)
+  logits, _ = model.prefill(packed, 30, segment_ids=segments)
+  np.testing.assert_allclose(logits, out[:, -1], atol=1e-5)
+
+
 def test_positions_restart_per_segment():
   seg = jnp.array([[0, 0, 1, 1, 1, 2, 2]])
   assert positions_from_segments(seg).tolist() == [[0, 1, 0, 1, 2, 0, 1]]
