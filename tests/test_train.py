@@ -2,6 +2,7 @@
 skipped, resume is bitwise, preemption saves, half-written checkpoints are
 ignored, and the loop writes its metrics, plot and checkpoints."""
 
+import copy
 import json
 import os
 import signal
@@ -13,12 +14,14 @@ import pytest
 from flax import nnx
 
 from hybridna_jax import sharding
+from hybridna_jax import tokenizer as tok
 from hybridna_jax.config import ModelConfig, load_config
 from hybridna_jax.data import pipeline
 from hybridna_jax.data.store import TokenStore
 from hybridna_jax.model import HybriDNA, abstract_model, create_model
 from hybridna_jax.train import flops as flops_lib
 from hybridna_jax.train import loop, report
+from hybridna_jax.train import metrics as metrics_lib
 from hybridna_jax.train import optimizer as optimizer_lib
 from hybridna_jax.train import step as step_lib
 from hybridna_jax.train.baselines import MarkovModel
@@ -241,6 +244,38 @@ def test_a_run_of_skips_between_log_steps_stops_the_run(tiny_config, tmp_path, m
   assert meta["step"] == 4 and int(state.skipped) == 3
 
 
+def test_a_skipped_step_leaves_its_interval_finite(tiny_config, tmp_path, monkeypatch):
+  """Step 1 non-finite: the interval's means are over the applied steps (not
+  NaN), and the loss plot draws. Timing restarts after each checkpoint save,
+  and a metrics line cut short by a kill is skipped when read back."""
+  real, placed = step_lib.device_batch, [0]
+
+  def poisoned(batch, *args, **kwargs):
+    placed[0] += 1
+    return real(_nan_mask(batch) if placed[0] == 1 else batch, *args, **kwargs)
+
+  marks = []
+  mark = metrics_lib.MetricsLogger.mark
+  monkeypatch.setattr(step_lib, "device_batch", poisoned)
+  monkeypatch.setattr(
+    metrics_lib.MetricsLogger, "mark", lambda self, step: (marks.append(step), mark(self, step))
+  )
+  t = tiny_config.train
+  t.stages, t.log_every, t.checkpoint_every, t.plot = ((32, 6, 4),), 3, 3, True
+  workdir = str(tmp_path / "run")
+  loop.train(tiny_config, workdir)
+  jsonl = os.path.join(workdir, "metrics.jsonl")
+  rows = [r for r in metrics_lib.read_metrics(jsonl) if r["kind"] == "train"]
+  assert [r["skipped_total"] for r in rows] == [1.0, 1.0]
+  assert all(np.isfinite(r[k]) for r in rows for k in ("loss", "bits_per_nt", "grad_norm"))
+  assert os.path.getsize(os.path.join(workdir, "loss_curves.png")) > 10_000
+  assert marks == [1, 3, 6]  # after compiling, after each save
+  before = metrics_lib.read_metrics(jsonl)
+  with open(jsonl, "a", encoding="utf-8") as f:
+    f.write('{"kind": "train", "st\n')
+  assert metrics_lib.read_metrics(jsonl) == before
+
+
 def test_logged_learning_rate_is_the_one_applied_after_skips():
   """Skipped steps do not advance the optimizer's count, so neither its
   schedule; the logged rate is the schedule at that count (issue: it was
@@ -317,6 +352,38 @@ def test_baseline_report_scores_the_models_eval_windows(tiny_config, tmp_path):
   assert written["bits_per_nt"]["Markov order 2"] == pytest.approx(bits)
   lines = table.splitlines()
   assert lines[-1].index("2.0000") == lines[-2].index(f"{bits:.4f}")  # aligned
+
+
+def test_markov_baseline_context_stops_at_packed_document_starts():
+  """A packed eval window of two records: each target's context stays in its
+  record, as the LM's does (segment ids)."""
+  rng = np.random.default_rng(0)
+  first, second = (tok.A + rng.integers(0, 4, n) for n in (40, 25))
+  model = MarkovModel(3).fit([np.tile(first, 5), np.tile(second, 5)])
+  window = np.concatenate([first, second])
+  segments = np.repeat([1, 2], [40, 25])
+  mask = np.ones(64, np.float32)
+  mask[39] = 0  # no target across the boundary
+  batch = dict(
+    inputs=window[None, :-1],
+    targets=window[None, 1:],
+    segment_ids=segments[None, :-1],
+    loss_mask=mask[None],
+  )
+  bits, scored = report.markov_bits_per_nt(model, [batch])
+  apart = [model.log2_probs(doc) for doc in (first, second)]
+  expected = -(apart[0][0][1:].sum() + apart[1][0][1:].sum()) / 63
+  assert scored == 63 and bits == pytest.approx(expected)
+
+
+def test_markov_baselines_refuse_n_targets_in_the_loss(tiny_config, tmp_path):
+  tiny_config.data = copy.deepcopy(tiny_config.data)  # the fixture's store config is shared
+  tiny_config.data.mask_n_in_loss = False
+  t = tiny_config.train
+  t.eval_every, t.markov_orders = 2, (2,)
+  with pytest.raises(ValueError, match=r"^config.train.markov_orders: .*mask_n_in_loss=True\.$"):
+    loop.train(tiny_config, str(tmp_path / "run"))
+  assert not (tmp_path / "run" / loop.CONFIG_FILE).exists()
 
 
 def test_batch_not_divisible_is_a_clear_error(tiny_config, tmp_path):

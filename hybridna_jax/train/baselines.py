@@ -64,10 +64,20 @@ class MarkovModel:
         self.counts[j] += np.bincount(codes[usable], minlength=4 ** (j + 1))
     return self
 
-  def log2_probs(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-position log2 p(token | context) and the mask of scored positions."""
+  def log2_probs(
+    self, tokens: np.ndarray, doc_starts: np.ndarray | None = None
+  ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-position log2 p(token | context) and the mask of scored positions.
+
+    doc_starts: optional bool mask of the positions where a document starts
+    (in a packed window); no context reaches back across one.
+    """
     values, valid = _bases(tokens)
     context_len = np.minimum(_context_run(valid), self.order)
+    if doc_starts is not None:
+      idx = np.arange(values.size)
+      last_start = np.maximum.accumulate(np.where(doc_starts, idx, 0))
+      context_len = np.minimum(context_len, idx - last_start)
     out = np.zeros(values.size)
     for j in range(self.order + 1):
       positions = np.flatnonzero(valid & (context_len == j))

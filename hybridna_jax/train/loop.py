@@ -367,13 +367,20 @@ class LMPretraining(Task):
   def check_data(self, stages, train_cfg):
     """Every stage's windows fit the store's records and are not all N
     (`pipeline.train_windows`), and the val split exists when the run
-    evaluates (train.eval_every > 0)."""
+    evaluates (train.eval_every > 0), with N targets out of the loss when
+    Markov baselines are compared on it."""
     for seq_len in sorted({s.seq_len for s in stages}):
       try:
         store, _, _ = pipeline.train_windows(self.config.data, seq_len=seq_len)
       except ValueError as e:
         index = min(s.index for s in stages if s.seq_len == seq_len)
         raise ValueError(f"config.train.stages[{index}]: {e}") from None
+    if train_cfg.eval_every and train_cfg.markov_orders and not self.config.data.mask_n_in_loss:
+      raise ValueError(
+        "config.train.markov_orders: the Markov baselines predict A/C/G/T only, but "
+        "data.mask_n_in_loss=False puts N targets in the loss they are compared on; set "
+        "config.train.markov_orders=() or config.data.mask_n_in_loss=True."
+      )
     if train_cfg.eval_every and pipeline.EVAL_SPLIT not in store:
       raise ValueError(
         f"config.train.eval_every={train_cfg.eval_every} evaluates on split "
@@ -692,8 +699,11 @@ def _train(config, workdir: str, task: Task | None, preemption: _Preemption) -> 
         accumulated.setdefault(k, []).append(v)
       if step % tc.log_every == 0 or step == stage.end_step:
         host = {k: np.asarray(jax.device_get(v)) for k, v in accumulated.items()}
+        # Means over the applied steps: a skipped step's loss is NaN or inf
+        # (NaN for the interval when every step was skipped).
+        applied = host["skipped"] == 0
         values = {
-          k: float(v.mean())
+          k: float(v[applied].mean()) if applied.any() else math.nan
           for k, v in host.items()
           if k not in ("skipped", "consecutive_skips", "learning_rate", "count")
         }
@@ -723,6 +733,7 @@ def _train(config, workdir: str, task: Task | None, preemption: _Preemption) -> 
         run_eval(stage)
       if step % tc.checkpoint_every == 0 or step == stage.end_step:
         save(stage)
+        logger.mark(step)  # the save's time is not the next steps' time
       if preemption.any_host():
         preempted()
         break

@@ -160,8 +160,19 @@ class MetricsLogger:
 
 
 def read_metrics(jsonl_path) -> list[dict]:
-  """The rows of a metrics.jsonl (a local path, file:// or gs:// URL)."""
-  return [json.loads(line) for line in paths.read_text(jsonl_path).splitlines() if line.strip()]
+  """The rows of a metrics.jsonl (a local path, file:// or gs:// URL). A
+  line cut short by a kill mid-write (a resumed run appends after it) is
+  skipped."""
+  rows = []
+  for number, line in enumerate(paths.read_text(jsonl_path).splitlines(), 1):
+    if line.strip():
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        logging.warning(
+          "%s line %d is not a JSON record (cut short?); skipped.", jsonl_path, number
+        )
+  return rows
 
 
 def plot_loss_curves(
@@ -182,12 +193,13 @@ def plot_loss_curves(
   series = {}
   for (kind, step), r in sorted(latest.items(), key=lambda kv: kv[0][1]):
     key = "bits_per_nt"
-    if key in r:
+    if key in r and math.isfinite(r[key]):  # an interval of skipped steps logs NaN
       series.setdefault(kind, ([], []))
       series[kind][0].append(step)
       series[kind][1].append(r[key])
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=110)
-  lowest = min([min(v) for _, v in series.values() if v] + list((baselines or {}).values()) + [2.0])
+  finite_baselines = [v for v in (baselines or {}).values() if math.isfinite(v)]
+  lowest = min([min(v) for _, v in series.values() if v] + finite_baselines + [2.0])
   for ax, zoom in zip(axes, (False, True)):
     styles = {"train": dict(lw=1, alpha=0.8), "val": dict(marker="o", lw=2)}
     for kind, (steps, values) in series.items():

@@ -24,10 +24,16 @@ def markov_bits_per_nt(model: MarkovModel, batches) -> tuple[float, int]:
   total, count = 0.0, 0
   for batch in batches:
     windows = np.concatenate([batch["inputs"], batch["targets"][:, -1:]], axis=1)
-    for window, mask in zip(windows, batch["loss_mask"]):
+    # Packed windows (data.eval_packing): the LM's context stops at each
+    # document start, and so does the baseline's.
+    segments = np.concatenate([batch["segment_ids"], batch["segment_ids"][:, -1:]], axis=1)
+    starts = np.concatenate(
+      [np.ones_like(segments[:, :1], bool), segments[:, 1:] != segments[:, :-1]], axis=1
+    )
+    for window, doc_starts, mask in zip(windows, starts, batch["loss_mask"]):
       if not mask.any():
         continue
-      log2p, _ = model.log2_probs(window)
+      log2p, _ = model.log2_probs(window, doc_starts)
       total -= float(log2p[1:][mask > 0].sum())
       count += int((mask > 0).sum())
   return total / max(count, 1), count
