@@ -276,6 +276,23 @@ def test_a_skipped_step_leaves_its_interval_finite(tiny_config, tmp_path, monkey
   assert metrics_lib.read_metrics(jsonl) == before
 
 
+def test_eta_weighs_the_steps_left_by_their_flops(tmp_path, monkeypatch, caplog):
+  """10 of 20 steps took 1 s each; the 10 left cost 4x the FLOPs (a longer
+  stage): 40 s, not 10 s. Without the FLOPs left, steps left x seconds/step."""
+  clock = iter([0.0, 10.0, 20.0])
+  monkeypatch.setattr(metrics_lib.time, "perf_counter", lambda: next(clock))
+  logger = metrics_lib.MetricsLogger(str(tmp_path), 20, devices=1, tensorboard=False)
+  logger.mark(0)
+  values = dict(loss=1.0, grad_norm=1.0, learning_rate=1e-3)
+  kwargs = dict(tokens_per_step=100, flops_per_token=1.0, peak_flops=None, stage="s")
+  caplog.set_level("INFO")
+  logger.log_train(10, values, remaining_flops=10 * 100 * 4.0, **kwargs)
+  assert caplog.records[-1].getMessage().endswith("ETA 40s")
+  logger.log_train(15, values, **kwargs)
+  assert caplog.records[-1].getMessage().endswith("ETA 6s")  # 5 x (0.7 x 1 + 0.3 x 2) s = 6.5
+  logger.close()
+
+
 def test_logged_learning_rate_is_the_one_applied_after_skips():
   """Skipped steps do not advance the optimizer's count, so neither its
   schedule; the logged rate is the schedule at that count (issue: it was

@@ -716,6 +716,14 @@ def _train(config, workdir: str, task: Task | None, preemption: _Preemption) -> 
           flops_per_token=flops_per_token(stage.seq_len),
           peak_flops=peak,
           stage=stage.label,
+          remaining_flops=sum(
+            (s.end_step - max(step, s.start_step))
+            * s.batch_size
+            * s.seq_len
+            * flops_per_token(s.seq_len)
+            for s in stages
+            if s.end_step > step
+          ),
         )
         accumulated = {}
         # The longest run of skips in the interval (checked here, where the

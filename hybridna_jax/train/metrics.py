@@ -58,7 +58,10 @@ class MetricsLogger:
         self._writer = SummaryWriter(self._tensorboard.__enter__())
     self._last_time = None
     self._last_step = None
+    # Smoothed seconds per step and per model FLOP: the ETA weighs the steps
+    # left by their FLOPs when the caller gives them (later stages cost more).
     self._seconds_per_step = None
+    self._seconds_per_flop = None
 
   def _write(self, kind: str, step: int, values: dict[str, float]):
     if not self.enabled:
@@ -89,17 +92,22 @@ class MetricsLogger:
     flops_per_token: float,
     peak_flops: float | None,
     stage: str,
+    remaining_flops: float | None = None,
   ):
-    """Logs averaged step metrics; throughput is measured since the last call."""
+    """Logs averaged step metrics; throughput is measured since the last call.
+
+    remaining_flops: model FLOPs of the steps after `step` (all stages); the
+    ETA is then that at the measured seconds per FLOP, not the steps left at
+    this stage's seconds per step."""
     now = time.perf_counter()
     values = {k: float(v) for k, v in metrics.items()}
+    step_flops = tokens_per_step * flops_per_token
     if self._last_time is not None and step > self._last_step:
       per_step = (now - self._last_time) / (step - self._last_step)
-      self._seconds_per_step = (
-        per_step
-        if self._seconds_per_step is None
-        else (0.7 * self._seconds_per_step + 0.3 * per_step)
-      )
+      smooth = lambda old, new: new if old is None else 0.7 * old + 0.3 * new  # noqa: E731
+      self._seconds_per_step = smooth(self._seconds_per_step, per_step)
+      if step_flops > 0:
+        self._seconds_per_flop = smooth(self._seconds_per_flop, per_step / step_flops)
       values["step_time_s"] = per_step
       values["tokens_per_s"] = tokens_per_step / per_step
       achieved = values["tokens_per_s"] * flops_per_token / self.devices
@@ -109,7 +117,10 @@ class MetricsLogger:
     self._last_time, self._last_step = now, step
     self._write("train", step, values)
     if self.enabled:
-      eta = (self.total_steps - step) * (self._seconds_per_step or float("nan"))
+      if remaining_flops is not None and self._seconds_per_flop is not None:
+        eta = remaining_flops * self._seconds_per_flop
+      else:
+        eta = (self.total_steps - step) * (self._seconds_per_step or float("nan"))
       throughput = (
         f" | {values['tokens_per_s']:,.0f} tok/s {values['step_time_s']:.3f} s/step"
         if "tokens_per_s" in values
