@@ -135,6 +135,14 @@ def one_line_errors(main):
       if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
         raise
       sys.exit(f"{os.path.basename(sys.argv[0])}: error: {error_line(e)}")
+    except ImportError as e:
+      # A gs:// path without the optional packages (paths.py) is set-up, not a bug.
+      if not any(name in str(e) for name in ("gcsfs", "google.cloud")):
+        raise
+      sys.exit(
+        f"{os.path.basename(sys.argv[0])}: error: gs:// paths need "
+        f"`pip install gcsfs google-cloud-storage` ({error_line(e)})."
+      )
 
   return guarded
 
@@ -162,6 +170,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
       f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags.\n"
     )
     sys.exit(1)
+  except OSError as e:  # ml_collections: the file did not load (and an override needs it)
+    if "config" not in FLAGS:
+      raise
+    sys.exit(_config_load_error(e, argv))
   except (AttributeError, KeyError):
     # ml_collections: an override naming no field fails with a bare key.
     message = _unknown_override(argv)
@@ -174,7 +186,19 @@ def _parse_flags(argv: list[str]) -> list[str]:
       config_lib.validate(config)
     except ValueError as e:  # ConfigError, or a section's own check
       sys.exit(str(e))
+    except OSError as e:  # ml_collections: the file did not load
+      sys.exit(_config_load_error(e, argv))
   return rest
+
+
+def _config_load_error(error: OSError, argv: list[str]) -> str:
+  """One line for a --config file ml_collections could not load."""
+  cause = [line.strip() for line in str(error).splitlines() if line.strip()][-1]
+  given = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+  return (
+    f"--config={given[-1] if given else ''}: cannot load it ({cause}); give the "
+    "path of a config file, e.g. configs/demo.py from the repository's root."
+  )
 
 
 def _config_error(error: BaseException) -> config_lib.ConfigError | None:

@@ -15,8 +15,10 @@ index) is a Hugging Face one. Run -> HF writes config.json, safetensors
 which is replaced whole (written beside it, then renamed into place).
 HF -> run re-orders the embedding and head rows into our token ids
 (hybridna_jax.tokenizer) for --vocab_size ids: 10 covers the specials and
-A C G T N (exact scores); 128 adds the task tokens that generative
-fine-tuning needs (matched by name, <task_i>, as our exports write them).
+A C G T N; 128 adds the task tokens that generative fine-tuning needs
+(matched by name, <task_i>, as our exports write them). The default keeps
+every token of ours the checkpoint has (10, or 128 for our own exports),
+so scores stay exact: a dropped token would renormalise the softmax.
 Our tokens the checkpoint lacks get zero rows (logit 0) and checkpoint
 tokens we lack are dropped; both are logged. --config
 (optional) supplies the non-model sections of the written run's config.json.
@@ -41,7 +43,10 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_float("max_shard_gb", 4.0, "Largest safetensors shard written (GB).")
 flags.DEFINE_integer(
-  "vocab_size", 10, "HF -> run: our token ids kept (10: specials + ACGTN; 128: + task tokens)."
+  "vocab_size",
+  0,
+  "HF -> run: our token ids kept (10: specials + ACGTN; 128: + task tokens; "
+  "0: every one the checkpoint has).",
 )
 flags.mark_flags_as_required(["input", "output"])
 FLAGS = flags.FLAGS

@@ -51,7 +51,7 @@ flags.DEFINE_string(
   "annotated",
   None,
   "mode=variants: also write the input records with INFO HYBRIDNA_LLR and HYBRIDNA_LLR_RC "
-  "here (.vcf, .vcf.gz with a tabix index, or .bcf with a csi index).",
+  "here (.vcf, or .vcf.gz / .bcf, each with a .csi index).",
 )
 flags.DEFINE_integer(
   "chunk_records", 2048, "mode=variants: records scored per chunk (memory and resume unit)."

@@ -4,6 +4,7 @@ TSV) and resuming an interrupted run to the same outputs."""
 
 import gzip
 import math
+import os
 
 import numpy as np
 import pysam
@@ -153,6 +154,7 @@ def test_annotated_output_carries_the_tsv_scores(files, tmp_path, suffix):
     chunk_records=5,
   )
   assert annotated in summary.paths and len(summary.paths) == 4  # + its index
+  assert summary.paths[-1] == annotated + ".csi" and os.path.exists(annotated + ".csi")
   tsv = {(r["chrom"], int(r["pos"]), r["alt"]): r for r in variants.read_scores(out)}
   seen = 0
   with pysam.VariantFile(annotated) as vf:

@@ -9,6 +9,7 @@ import dataclasses
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -524,14 +525,34 @@ def test_launch_programs_print_one_line_for_user_errors(tmp_path, monkeypatch, c
   with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
     launch_utils.one_line_errors(bug)(["train.py"])
 
+  def no_gcsfs(argv):  # fsspec, for a gs:// path without the optional packages
+    raise ImportError("Please install gcsfs to access Google Storage")
 
-def test_train_py_missing_store_is_one_line(tmp_path):
+  with pytest.raises(SystemExit, match=r"^train.py: error: gs:// paths need `pip install gcsfs"):
+    launch_utils.one_line_errors(no_gcsfs)(["train.py"])
+
+  def broken(argv):
+    raise ImportError("cannot import name 'x' from 'hybridna_jax'")
+
+  with pytest.raises(ImportError):  # any other import failure keeps its traceback
+    launch_utils.one_line_errors(broken)(["train.py"])
+
+
+@pytest.mark.parametrize(
+  "config,store,expected",
+  [
+    ("tiny.py", "nowhere", r"^train.py: error: no token store at .*nowhere; prepare one with"),
+    ("tiny.py", "", r"^train.py: error: data.store_dir is empty: set it"),
+    ("nosuch.py", "nowhere", r"^--config=.*nosuch.py: cannot load it \(\[Errno 2\] No such file"),
+  ],
+)
+def test_train_py_missing_store_or_config_is_one_line(tmp_path, config, store, expected):
   proc = subprocess.run(
     [
       sys.executable,
       os.path.join(ROOT, "launch", "train.py"),
-      f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}",
-      f"--config.data.store_dir={tmp_path / 'nowhere'}",
+      f"--config={os.path.join(ROOT, 'configs', config)}",
+      f"--config.data.store_dir={tmp_path / store if store else ''}",
       "--config.train.stages=((32, 2, 2),)",
       f"--workdir={tmp_path / 'run'}",
     ],
@@ -542,8 +563,8 @@ def test_train_py_missing_store_is_one_line(tmp_path):
   )
   assert proc.returncode == 1
   assert "Traceback" not in proc.stderr
-  last = proc.stderr.strip().splitlines()[-1]
-  assert last.startswith("train.py: error: ") and "nowhere" in last and "prepare_data" in last
+  assert re.search(expected, proc.stderr.strip().splitlines()[-1])
+  assert not (tmp_path / "run").exists()
 
 
 # -- 9, 10: task types and unscorable records ---------------------------------

@@ -253,8 +253,8 @@ def test_jamba_style_checkpoint_scores_like_bamba(tmp_path, caplog):
   assert log_likelihood(ours) == pytest.approx(log_likelihood(theirs), rel=1e-5)
   # Re-ordered into our vocabulary (what launch/convert.py writes): the same
   # logits for every mapped token, under our ids.
-  mapped, our_tok, _ = hf.load(str(path), dtype="float32", our_vocab=10)
-  assert our_tok is our_tokenizer
+  mapped, our_tok, _ = hf.load(str(path), dtype="float32", our_vocab=0)  # convert.py's default
+  assert our_tok is our_tokenizer and mapped.cfg.vocab_size == 10  # no task tokens there
   logits = _ours(mapped, our_tokenizer.encode(SEQ, add_bos=True)[None])
   pairs = [(our_tokenizer.A, 10), (our_tokenizer.T, 7), (our_tokenizer.EOS, 6)]
   assert _rel(logits[..., [o for o, _ in pairs]], theirs[..., [t for _, t in pairs]]) <= 1e-4
@@ -385,7 +385,9 @@ def _array(param):
 def test_export_round_trip_keeps_task_tokens(tmp_path, caplog):
   model = _tiny(seed=3)
   hf.export(model, str(tmp_path))
-  back, tok, _ = hf.load(str(tmp_path), our_vocab=our_tokenizer.VOCAB_SIZE)
+  # convert.py's default keeps every task token of our export (scores exact).
+  back, tok, _ = hf.load(str(tmp_path), our_vocab=0)
+  assert back.cfg.vocab_size == our_tokenizer.VOCAB_SIZE
   assert tok is our_tokenizer and "no counterpart" not in caplog.text
   assert "task tokens have no checkpoint token" not in caplog.text
   np.testing.assert_array_equal(_array(back.embed), _array(model.embed))

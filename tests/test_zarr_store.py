@@ -224,3 +224,11 @@ def test_a_write_killed_while_sealing_reads_complete_and_stays_ours(
   store_lib.export_zarr(other, url, chunk_tokens=4096, overwrite=True)
   assert not (tmp_path / "export" / store_lib.WRITING_MARKER).exists()
   assert store_lib.TokenStore.open(url).splits == ("train",)
+
+
+def test_an_unreachable_url_is_one_line_not_a_hang(monkeypatch):
+  # tensorstore retries a refused connection for minutes, silently.
+  monkeypatch.setattr(store_lib, "CONTACT_TIMEOUT_S", 1.0)
+  for call in (store_lib.is_complete, store_lib.TokenStore.open):
+    with pytest.raises(store_lib.StoreError, match=r"manifest.json: no answer in 1 s; check"):
+      call("http://127.0.0.1:1/store")

@@ -54,6 +54,9 @@ INDEX_DTYPE = np.dtype([("offset", "<i8"), ("length", "<i8"), ("source", "<i4")]
 
 ZARR_CHUNK = 1 << 20  # tokens per zarr chunk: 1 MiB before compression
 ZARR_CACHE_BYTES = 256 << 20  # the process-wide tensorstore chunk cache
+# How long a store's small objects (manifest, index) may take to read: an
+# unreachable URL is retried by tensorstore for many minutes, silently.
+CONTACT_TIMEOUT_S = 60.0
 
 
 class StoreError(ValueError):
@@ -87,9 +90,23 @@ def _kvstore(url: str):
     raise StoreError(f"{url}: not a kvstore URL tensorstore can open ({e}).") from None
 
 
+def _contact(future, url: str):
+  """The result of a small read at `url`, or a one-line StoreError after
+  CONTACT_TIMEOUT_S."""
+  try:
+    return future.result(timeout=CONTACT_TIMEOUT_S)
+  except TimeoutError:
+    raise StoreError(
+      f"{url}: no answer in {CONTACT_TIMEOUT_S:.0f} s; check the URL, that the server is up, "
+      "and for gs:// the credentials (gcloud auth application-default login)."
+    ) from None
+
+
 def _read_object(kvstore, url: str, name: str) -> bytes:
   try:
-    result = kvstore.read(name).result()
+    result = _contact(kvstore.read(name), f"{_url_dir(url)}{name}")
+  except StoreError:
+    raise
   except Exception as e:  # noqa: BLE001 (tensorstore raises many kinds)
     raise StoreError(f"{_url_dir(url)}{name}: cannot read ({e}).") from None
   if result.state != "value":
@@ -344,6 +361,11 @@ class TokenStore:
   def open(cls, path: str | os.PathLike) -> TokenStore:
     """Opens a local store directory or an exported store's URL."""
     path = os.fspath(path)
+    if not path:
+      raise StoreError(
+        "data.store_dir is empty: set it to a prepared store, or prepare one with "
+        "launch/prepare_data.py."
+      )
     if is_url(path):
       manifest_path = _url_dir(path) + MANIFEST
       manifest = json.loads(_read_object(_kvstore(path), path, MANIFEST))
@@ -411,7 +433,8 @@ class TokenStore:
 def is_complete(path: str | os.PathLike) -> bool:
   """Whether `path` (a directory or URL) holds a store that finished writing."""
   if is_url(path):
-    return _kvstore(os.fspath(path)).read(MANIFEST).result().state == "value"
+    url = os.fspath(path)
+    return _contact(_kvstore(url).read(MANIFEST), _url_dir(url) + MANIFEST).state == "value"
   return os.path.exists(os.path.join(os.fspath(path), MANIFEST))
 
 

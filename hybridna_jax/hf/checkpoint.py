@@ -174,6 +174,19 @@ def _check(files: HFFiles, specs: Mapping[str, tuple], family, cfg: ModelConfig)
   )
 
 
+def covered_vocab_size(tok: VocabTokenizer) -> int:
+  """How many of our ids to keep so that none of the checkpoint's tokens
+  that we know is dropped: 10 (specials and A C G T N), or up to its last
+  <task_i> (our exports carry all 118). Dropping a token renormalises the
+  softmax over fewer rows, which changes every score."""
+  tasks = [
+    i
+    for i in range(our_tokenizer.FIRST_TASK_TOKEN, our_tokenizer.VOCAB_SIZE)
+    if our_tokenizer.token_name(i) in tok.vocab
+  ]
+  return max(tasks) + 1 if tasks else our_tokenizer.FIRST_TASK_TOKEN
+
+
 def vocab_remap(tok: VocabTokenizer, vocab_size: int) -> tuple[np.ndarray, list[str]]:
   """Row map from the checkpoint's vocabulary to ours (hybridna_jax.tokenizer).
 
@@ -240,6 +253,8 @@ def load(
       rows into hybridna_jax.tokenizer's ids 0..N-1 (N = 10 covers specials
       and A C G T N, 128 adds the task tokens); tokens the checkpoint lacks
       get zero rows, and the returned tokenizer is hybridna_jax.tokenizer.
+      0: the N that keeps every token of ours the checkpoint has
+      (`covered_vocab_size`).
     **runtime: runtime ModelConfig fields (remat, ssd_impl, attention_impl,
       max_seq_len, scan_layers).
 
@@ -268,6 +283,7 @@ def load(
         f"{files.path} has no tokenizer files (tokenizer.json, vocab.json or "
         "tokenizer_config.json); the vocabulary cannot be mapped to ours."
       )
+    our_vocab = our_vocab or covered_vocab_size(tok)
     remap, notes = vocab_remap(tok, our_vocab)
     for note in notes:
       logging.warning("%s: %s", files.path, note)

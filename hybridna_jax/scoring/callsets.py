@@ -468,8 +468,11 @@ def _undeclared_header_lines(partial: str, header) -> list[str]:
 
 
 def _index(path: str, preset: str) -> list[str]:
+  """Writes path.csi; returns [its path] ([] for unsorted input)."""
   try:
-    return [_pysam().tabix_index(path, preset=preset, force=True, keep_original=True, csi=True)]
+    # tabix_index returns the data file's name, not the index's.
+    _pysam().tabix_index(path, preset=preset, force=True, keep_original=True, csi=True)
+    return [path + ".csi"]
   except (OSError, ValueError) as e:  # unsorted input
     logging.warning("%s: not indexed (%s); sort the input to get an index.", path, e)
     return []

@@ -34,6 +34,7 @@ from hybridna_jax.config import (
   validate,
 )
 from hybridna_jax.data import pipeline
+from hybridna_jax.data.store import TokenStore
 from hybridna_jax.model import HybriDNA
 from hybridna_jax.train import flops as flops_lib
 from hybridna_jax.train import optimizer as optimizer_lib
@@ -369,6 +370,7 @@ class LMPretraining(Task):
     (`pipeline.train_windows`), and the val split exists when the run
     evaluates (train.eval_every > 0), with N targets out of the loss when
     Markov baselines are compared on it."""
+    TokenStore.open(self.config.data.store_dir)  # its own errors name data.store_dir
     for seq_len in sorted({s.seq_len for s in stages}):
       try:
         store, _, _ = pipeline.train_windows(self.config.data, seq_len=seq_len)
