@@ -613,6 +613,19 @@ class MeshConfig(Section):
   # checked by sharding.rules_from_config.
   rules: tuple[Any, ...] = ()
 
+  def __post_init__(self):
+    # Whether the sizes fit the devices is sharding.make_mesh's to say.
+    sizes = {name: getattr(self, name) for name in ("data", "fsdp", "context", "tensor")}
+    for name, size in sizes.items():
+      if size != -1 and not size >= 1:
+        raise ValueError(f"config.mesh.{name} must be >= 1, or -1 for the rest; got {size}.")
+    if list(sizes.values()).count(-1) > 1:
+      raise ValueError(f"config.mesh: at most one axis may be -1, got {sizes}.")
+    if self.num_devices < 0:
+      raise ValueError(
+        f"config.mesh.num_devices must be 0 (all devices) or a count, got {self.num_devices}."
+      )
+
 
 # The typed sections of a job config, by name.
 SECTIONS: dict[str, type[Section]] = {

@@ -154,6 +154,15 @@ def test_section_checks_run_on_load():
   cfg.generate.first_task_token = -3
   with pytest.raises(ValueError, match=r"first_task_token must be in \[0, 118\), got -3"):
     config_lib.validate(cfg)
+  # -1 means "the rest" for an axis, not for num_devices (it sliced off the last device).
+  for field, value, message in (
+    ("num_devices", -1, r"config.mesh.num_devices must be 0 \(all devices\) or a count, got -1"),
+    ("fsdp", 0, r"config.mesh.fsdp must be >= 1, or -1 for the rest; got 0"),
+  ):
+    cfg = _config()
+    cfg.mesh[field] = value
+    with pytest.raises(ValueError, match=message):
+      config_lib.validate(cfg)
 
 
 def test_config_json_written_before_the_change_reads_strictly():
