@@ -114,11 +114,14 @@ class IndexedReference(variants_lib.Reference):
         f"{path}: {kind}-compressed; random access needs a plain or bgzip FASTA "
         "(decompress it, then optionally `bgzip` it)."
       )
+    gzip_fix = "recompress with `gunzip -c X | bgzip > X.bgz` (or gunzip it)"
+    if kind == "gzip" and not _is_bgzip(path):  # refused here, not by htslib on stderr
+      raise ReferenceAccessError(f"{path}: gzip, not bgzip, has no random access; {gzip_fix}.")
     try:
       self._fasta = _pysam().FastaFile(path)
     except (OSError, ValueError) as e:
       fix = (
-        "it is gzip, not bgzip: recompress with `gunzip -c X | bgzip > X.bgz` (or gunzip it)"
+        f"it is gzip, not bgzip: {gzip_fix}"
         if kind == "gzip"
         else "check that it is a FASTA file and its folder is writable for the .fai index"
       )
@@ -170,7 +173,7 @@ def open_reference(path: str) -> variants_lib.Reference:
   except ReferenceAccessError as e:
     if not os.path.exists(path) or fasta.detect_compression(path) == "plain":
       raise
-    logging.warning("%s; reading the whole reference into memory instead.", e)
+    logging.warning("%s Reading the whole reference into memory instead.", e)
     return variants_lib.load_reference(path)
 
 
@@ -186,6 +189,13 @@ class Site:
   line: str | None
   variants: list[variants_lib.Variant]
   problems: list[variants_lib.Problem]
+
+
+def _is_bgzip(path: str) -> bool:
+  """Whether a gzip file is BGZF (its first member's extra field is "BC")."""
+  with open(path, "rb") as f:
+    head = f.read(14)
+  return head[:4] == b"\x1f\x8b\x08\x04" and head[12:14] == b"BC"
 
 
 def _is_bcf(path: str) -> bool:
