@@ -157,3 +157,37 @@ def test_carved_dev_never_takes_a_class_out_of_train():
     assert set(kept.labels.tolist()) == {0, 1, 2}
     assert sorted(kept.sequences + dev.sequences) == sorted(train.sequences)
     assert 2 not in dev.labels and (dev.labels == 1).sum() == 1
+
+
+def test_carved_dev_keeps_copies_of_a_sequence_together_and_warns_of_shared_ones(tmp_path):
+  # 40 distinct sequences, each twice in train (and 5 of them in test too).
+  rng = np.random.default_rng(0)
+  seqs = ["".join(rng.choice(list("ACGT"), 12)) for _ in range(40)]
+  rows = [(s, i % 2) for i, s in enumerate(seqs)] * 2
+  (tmp_path / "train.csv").write_text("sequence,label\n" + "".join(f"{s},{y}\n" for s, y in rows))
+  (tmp_path / "test.csv").write_text("sequence,label\n" + "".join(f"{s},1\n" for s in seqs[:5]))
+  data = datasets.load_task(str(tmp_path), dev_fraction=0.25, log=False)
+  train, dev = data.splits["train"].sequences, data.splits["dev"].sequences
+  assert len(dev) == 20 and not set(dev) & set(train)  # 10 sequences, both copies each
+  shared = [w for w in data.warnings() if "distinct sequence(s) are in both" in w]
+  assert not any("train and dev" in w for w in shared)  # the copies stayed together
+  assert sum(int(w.split(": ")[1].split()[0]) for w in shared) == 5  # the test rows
+  assert all(w.endswith("test metrics are optimistic for them.") for w in shared)
+  # Too small to carve (one sequence per class): a clear error, not an empty dev.
+  one_each = datasets.TaskSplit(["AC", "GT"], np.array([0, 1]))
+  with pytest.raises(ValueError, match="tiny.bed: too few examples to carve a dev split"):
+    datasets.carve_dev(one_each, 0.1, seed=0, path="tiny.bed")
+
+
+def test_nt_csv_dev_by_any_of_its_names_and_one_class_refused(tmp_path):
+  (tmp_path / "train.csv").write_text("sequence,label\nACGT,0\nGGCC,1\nTTAA,0\nCCGG,1\n")
+  (tmp_path / "test.csv").write_text("sequence,label\nACGA,1\nACGC,0\n")
+  (tmp_path / "valid.csv").write_text("sequence,label\nAAAA,0\nCCCC,1\n")
+  data = datasets.load_task(str(tmp_path), log=False)
+  assert data.splits["dev"].sequences == ["AAAA", "CCCC"] and not data.dev_from_train
+  assert len(data.splits["train"].sequences) == 4
+  for name in ("train", "test", "valid"):
+    path = tmp_path / f"{name}.csv"
+    path.write_text(path.read_text().replace(",1\n", ",0\n"))
+  with pytest.raises(ValueError, match=r"classification needs at least 2 classes, but every label"):
+    datasets.load_task(str(tmp_path), log=False)

@@ -9,6 +9,7 @@ import pytest
 
 from hybridna_jax.config import ModelConfig, load_config
 from hybridna_jax.data.tasks import TaskSplit
+from hybridna_jax.finetune import baselines as baselines_lib
 from hybridna_jax.finetune import datasets, example_tasks, probe
 from hybridna_jax.finetune import task as task_lib
 from hybridna_jax.model import create_model
@@ -103,3 +104,27 @@ def test_probe_of_echo_views_equals_one_probe_per_pooling(gc_task, tmp_path):
       np.testing.assert_allclose(found[view][split]["mcc"], one[split]["mcc"], atol=1e-6)
     saved = json.load(open(tmp_path / "views" / view / "results.json"))
     assert saved["test"]["mcc"] == pytest.approx(found[view]["test"]["mcc"])
+
+
+def test_balanced_class_weights_reach_the_probe_and_the_baselines():
+  """finetune.class_weights='balanced' was ignored by the probe (same
+  numbers as unweighted); it now weighs the probe and its baselines alike."""
+  rng = np.random.default_rng(1)
+  labels = {s: (rng.random(n) < 0.1).astype(np.int64) for s, n in (("train", 300), ("dev", 100))}
+  labels["test"] = (rng.random(100) < 0.1).astype(np.int64)
+  features = {
+    s: np.c_[y + rng.normal(0, 1.2, y.size), rng.normal(size=y.size)] for s, y in labels.items()
+  }
+  seqs = {s: ["".join(rng.choice(list("ACGT"), 20)) for _ in y] for s, y in labels.items()}
+  data = datasets.TaskData(
+    "toy", "mem", "gue", {s: TaskSplit(seqs[s], y) for s, y in labels.items()}
+  )
+  plain = probe.fit_probe(features, data)
+  balanced = probe.fit_probe(features, data, class_weight="balanced")
+  assert balanced["test"] != plain["test"]
+  cfg = load_config("configs/finetune_tiny.py").finetune
+  cfg.class_weights = "balanced"
+  assert baselines_lib.class_weight_of(cfg, "classification") == "balanced"
+  assert baselines_lib.class_weight_of(cfg, "regression") is None
+  found = baselines_lib.run_baselines(data, ks=(2,), class_weight="balanced")
+  assert all(b["settings"]["class_weight"] == "balanced" for b in found.values())

@@ -147,6 +147,7 @@ def fit_predict(
   num_classes: int = 0,
   linear: bool = False,
   c: float = 1.0,
+  class_weight: str | None = None,
 ) -> dict[str, np.ndarray]:
   """Fits on x["train"] (n, f) and predicts the other splits (`fit`, `predict`).
 
@@ -154,7 +155,7 @@ def fit_predict(
     split -> (n_split, num_classes) log-probabilities, or (n_split,)
     predictions, for every split of `x` but train.
   """
-  model = fit(kind, x["train"], labels, linear=linear, c=c)
+  model = fit(kind, x["train"], labels, linear=linear, c=c, class_weight=class_weight)
   return {
     split: predict(model, kind, features, num_classes=num_classes)
     for split, features in x.items()
@@ -162,7 +163,12 @@ def fit_predict(
   }
 
 
-def choose_strength(features: dict[str, np.ndarray], data, strengths: Sequence[float]) -> dict:
+def choose_strength(
+  features: dict[str, np.ndarray],
+  data,
+  strengths: Sequence[float],
+  class_weight: str | None = None,
+) -> dict:
   """Fits a logistic regression / ridge on features["train"] once per
   inverse regularisation strength and keeps the best on the dev headline
   metric (the first best wins ties).
@@ -170,6 +176,7 @@ def choose_strength(features: dict[str, np.ndarray], data, strengths: Sequence[f
   Args:
     features: split -> (n_split, f) features of train, dev and test.
     data: the task (`datasets.TaskData`: labels, kind).
+    class_weight: None or "balanced" (`fit`).
 
   Returns:
     {"dev", "test": metrics, "c": chosen strength, "dev_by_c": {str(c): dev headline}}.
@@ -178,7 +185,12 @@ def choose_strength(features: dict[str, np.ndarray], data, strengths: Sequence[f
   best, by_c = None, {}
   for c in strengths:
     outputs = fit_predict(
-      data.kind, features, data.splits["train"].labels, num_classes=_classes(data), c=c
+      data.kind,
+      features,
+      data.splits["train"].labels,
+      num_classes=_classes(data),
+      c=c,
+      class_weight=class_weight,
     )
     found = {s: split_metrics(data.kind, data.splits[s].labels, outputs[s]) for s in EVAL_SPLITS}
     score = found["dev"][headline]
@@ -229,20 +241,29 @@ def split_metrics(kind: str, labels: np.ndarray, outputs: np.ndarray) -> dict[st
   return out
 
 
-def gc_baseline(data) -> dict:
+def gc_baseline(data, class_weight: str | None = None) -> dict:
   """GC content -> logistic / linear regression; {"name", "dev", "test", "settings"}."""
   x = {s: gc_features(data.splits[s].sequences) for s in ("train", *EVAL_SPLITS)}
   outputs = fit_predict(
-    data.kind, x, data.splits["train"].labels, num_classes=_classes(data), linear=True
+    data.kind,
+    x,
+    data.splits["train"].labels,
+    num_classes=_classes(data),
+    linear=True,
+    class_weight=class_weight,
   )
   return {
     "name": NAMES["gc"],
     **{s: split_metrics(data.kind, data.splits[s].labels, outputs[s]) for s in EVAL_SPLITS},
-    "settings": {"features": "GC share", "model": _model_name(data.kind, linear=True)},
+    "settings": {
+      "features": "GC share",
+      "model": _model_name(data.kind, linear=True),
+      "class_weight": class_weight,
+    },
   }
 
 
-def kmer_baseline(data, ks: Sequence[int] = KMER_SIZES) -> dict:
+def kmer_baseline(data, ks: Sequence[int] = KMER_SIZES, class_weight: str | None = None) -> dict:
   """k-mer frequencies -> logistic regression / ridge, k chosen on dev
   (`choose_kmer`).
 
@@ -251,7 +272,12 @@ def kmer_baseline(data, ks: Sequence[int] = KMER_SIZES) -> dict:
   """
   split = {s: (data.splits[s].sequences, data.splits[s].labels) for s in ("train", *EVAL_SPLITS)}
   k, model, by_k = choose_kmer(
-    data.kind, split["train"], split["dev"], num_classes=_classes(data), ks=ks
+    data.kind,
+    split["train"],
+    split["dev"],
+    num_classes=_classes(data),
+    ks=ks,
+    class_weight=class_weight,
   )
   found = {
     s: split_metrics(
@@ -269,11 +295,14 @@ def kmer_baseline(data, ks: Sequence[int] = KMER_SIZES) -> dict:
       "dev_by_k": by_k,
       "features": "k-mer frequencies, both strands, standardised",
       "model": _model_name(data.kind),
+      "class_weight": class_weight,
     },
   }
 
 
-def onehot_baseline(data, strengths: Sequence[float] = ONEHOT_STRENGTHS) -> dict:
+def onehot_baseline(
+  data, strengths: Sequence[float] = ONEHOT_STRENGTHS, class_weight: str | None = None
+) -> dict:
   """Per-position one-hot bases -> logistic regression / ridge, the
   strength chosen on dev by the headline metric.
 
@@ -282,7 +311,7 @@ def onehot_baseline(data, strengths: Sequence[float] = ONEHOT_STRENGTHS) -> dict
   """
   length = min(ONEHOT_MAX_LENGTH, max(len(s) for s in data.splits["train"].sequences))
   x = {s: onehot_features(data.splits[s].sequences, length) for s in ("train", *EVAL_SPLITS)}
-  fit = choose_strength(x, data, strengths)
+  fit = choose_strength(x, data, strengths, class_weight)
   model = "logistic regression" if data.kind == "classification" else "ridge"
   return {
     "name": f"one-hot (per-position) {model}",
@@ -294,6 +323,7 @@ def onehot_baseline(data, strengths: Sequence[float] = ONEHOT_STRENGTHS) -> dict
       "dev_by_c": fit["dev_by_c"],
       "features": f"one-hot base at each of {length} centred positions",
       "model": f"sklearn {model} on standardised features, C chosen on dev",
+      "class_weight": class_weight,
     },
   }
 
@@ -308,9 +338,23 @@ def _model_name(kind: str, linear: bool = False) -> str:
   return "sklearn LinearRegression" if linear else "sklearn Ridge(alpha=1)"
 
 
-def run_baselines(data, ks: Sequence[int] = KMER_SIZES) -> dict[str, dict]:
-  """Every baseline on a `datasets.TaskData`: {"gc", "kmer", "onehot"}."""
-  return {"gc": gc_baseline(data), "kmer": kmer_baseline(data, ks), "onehot": onehot_baseline(data)}
+def run_baselines(
+  data, ks: Sequence[int] = KMER_SIZES, class_weight: str | None = None
+) -> dict[str, dict]:
+  """Every baseline on a `datasets.TaskData`: {"gc", "kmer", "onehot"};
+  class_weight (None or "balanced") as the model compared with them."""
+  return {
+    "gc": gc_baseline(data, class_weight),
+    "kmer": kmer_baseline(data, ks, class_weight),
+    "onehot": onehot_baseline(data, class_weight=class_weight),
+  }
+
+
+def class_weight_of(finetune_cfg, kind: str) -> str | None:
+  """sklearn's class_weight for finetune.class_weights: "balanced" for a
+  balanced classification, else None."""
+  balanced = kind == "classification" and finetune_cfg.class_weights == "balanced"
+  return "balanced" if balanced else None
 
 
 def compare(model_test: dict, baselines: dict[str, dict], kind: str) -> dict:
@@ -340,12 +384,12 @@ def compare(model_test: dict, baselines: dict[str, dict], kind: str) -> dict:
   return {"metric": headline, "beats": beats, "text": text}
 
 
-def attach(results: dict, data) -> dict:
+def attach(results: dict, data, class_weight: str | None = None) -> dict:
   """Adds results["baselines"] (GC content, k-mer regression; trained on
-  data's train split, `finetune.baselines`) and results["verdict"] (does
-  the model beat them on test); returns `results`."""
+  data's train split, `finetune.baselines`, weighted like the model) and
+  results["verdict"] (does the model beat them on test); returns `results`."""
   start = time.perf_counter()
-  results["baselines"] = run_baselines(data)
+  results["baselines"] = run_baselines(data, class_weight=class_weight)
   results["verdict"] = compare(results["test"], results["baselines"], results["kind"])
   logging.info(
     "%s: baselines in %.1f s. %s",

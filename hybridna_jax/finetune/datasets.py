@@ -164,10 +164,19 @@ class TaskData:
     return "\n".join(lines)
 
   def warnings(self) -> list[str]:
-    """Class-balance problems worth acting on."""
-    if self.kind != "classification":
-      return []
+    """Sequences shared between splits (leakage) and class-balance problems
+    worth acting on."""
     out = []
+    seen = {name: set(split.sequences) for name, split in self.splits.items()}
+    for a, b in (("train", "dev"), ("train", "test"), ("dev", "test")):
+      shared = len(seen[a] & seen[b]) if a in seen and b in seen else 0
+      if shared:
+        out.append(
+          f"{self.name}: {shared} distinct sequence(s) are in both {a} and {b}; "
+          f"{b} metrics are optimistic for them."
+        )
+    if self.kind != "classification":
+      return out
     for split in self.splits:
       counts = self.class_counts(split)
       missing = np.flatnonzero(counts == 0).tolist()
@@ -196,9 +205,13 @@ def _find(folder: str, stem: str, suffixes: Iterable[str]) -> str | None:
   return None
 
 
+def _split_names(split: str) -> tuple[str, ...]:
+  """File stems a split may have (dev: also valid, val, validation)."""
+  return (split,) if split != "dev" else ("dev", "valid", "val", "validation")
+
+
 def _fasta_split(folder: str, split: str) -> str | None:
-  names = (split,) if split != "dev" else ("dev", "valid", "val", "validation")
-  for name in names:
+  for name in _split_names(split):
     path = _find(folder, name, fasta_lib.FASTA_SUFFIXES)
     if path:
       return path
@@ -262,9 +275,16 @@ def load_fasta_split(path: str) -> TaskSplit:
 def _load_nt(folder: str) -> tuple[dict[str, TaskSplit], bool]:
   splits = {}
   for split in SPLITS:
-    csv_path = os.path.join(folder, f"{split}.csv")
+    csv_path = next(
+      (
+        os.path.join(folder, f"{name}.csv")
+        for name in _split_names(split)
+        if os.path.isfile(os.path.join(folder, f"{name}.csv"))
+      ),
+      None,
+    )
     fasta_path = _fasta_split(folder, split)
-    if os.path.isfile(csv_path):
+    if csv_path:
       splits[split] = tasks_lib.load_csv_split(csv_path)
     elif fasta_path:
       splits[split] = load_fasta_split(fasta_path)
@@ -455,26 +475,37 @@ def _load_bed(path: str, reference: str) -> tuple[dict[str, TaskSplit], bool]:
 # -- dev split and loading ---------------------------------------------------------------
 
 
-def carve_dev(train: TaskSplit, fraction: float, seed: int) -> tuple[TaskSplit, TaskSplit]:
+def carve_dev(
+  train: TaskSplit, fraction: float, seed: int, path: str = "train"
+) -> tuple[TaskSplit, TaskSplit]:
   """(train, dev): `fraction` of each class of train (of all examples for
-  regression), at least one per class with two or more examples; a class's
-  only example stays in train."""
+  regression), at least one per class with two or more distinct sequences;
+  a class's only sequence stays in train. Copies of a sequence go to the
+  same side, so dev never holds a sequence train has."""
   if not 0.0 < fraction < 1.0:
     raise ValueError(
       f"finetune.dev_fraction must be in (0, 1) for a task without a dev split, got {fraction}."
     )
   labels = train.labels
   rng = np.random.default_rng(seed)
+  # Rows by sequence; a sequence counts in the class of its first row.
+  _, first, copy_of = np.unique(
+    np.asarray(train.sequences, dtype=object), return_index=True, return_inverse=True
+  )
   if labels.dtype.kind == "i":
-    groups = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    groups = [first[labels[first] == c] for c in np.unique(labels[first])]
   else:
-    groups = [np.arange(labels.size)]
+    groups = [first]
   dev = []
   for group in groups:
     take = min(max(int(round(fraction * group.size)), 1), group.size - 1)
-    dev.extend(rng.permutation(group)[:take].tolist())
-  is_dev = np.zeros(labels.size, bool)
-  is_dev[dev] = True
+    dev.extend(rng.permutation(np.sort(group))[:take].tolist())
+  is_dev = np.isin(first[copy_of], dev)
+  if not is_dev.any():
+    raise ValueError(
+      f"{path}: too few examples to carve a dev split from train (no class has two distinct "
+      "sequences); add a dev split to the task."
+    )
 
   def subset(mask):
     idx = np.flatnonzero(mask)
@@ -562,7 +593,7 @@ def load_task(
   else:
     splits, missing_dev = _load_bed(path, reference)
   if missing_dev:
-    splits["train"], splits["dev"] = carve_dev(splits["train"], dev_fraction, split_seed)
+    splits["train"], splits["dev"] = carve_dev(splits["train"], dev_fraction, split_seed, path)
   if kind == "auto":
     _check_kind_is_clear({s: splits[s] for s in SPLITS}, path)
   splits = _unify_label_dtypes({s: splits[s] for s in SPLITS}, path)
@@ -575,6 +606,13 @@ def load_task(
     )
   elif kind not in ("auto", "classification", "regression"):
     raise ValueError(f"finetune.kind must be auto, classification or regression, got {kind!r}.")
+  if all(v.labels.dtype.kind == "i" for v in splits.values()):
+    classes = np.unique(np.concatenate([v.labels for v in splits.values()]))
+    if classes.size < 2:
+      raise ValueError(
+        f"{path}: classification needs at least 2 classes, but every label is "
+        f"{int(classes[0])}; check the label column (or finetune.kind='regression')."
+      )
   base = os.path.basename(path)
   for suffix in (".gz", ".bed", ".tsv"):
     base = base[: -len(suffix)] if base.endswith(suffix) else base

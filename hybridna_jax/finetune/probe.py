@@ -55,18 +55,22 @@ def embed_splits(
 
 
 def fit_probe(
-  features: dict[str, np.ndarray], data: datasets.TaskData, strengths=STRENGTHS
+  features: dict[str, np.ndarray],
+  data: datasets.TaskData,
+  strengths=STRENGTHS,
+  class_weight: str | None = None,
 ) -> dict:
   """Fits the linear probe on features["train"], picks its strength on dev.
 
   Args:
     features: split -> (n_split, f) features of train, dev and test.
     data: the task (labels, kind).
+    class_weight: None or "balanced" (classification; finetune.class_weights).
 
   Returns:
     {"dev", "test": metrics, "c": chosen strength, "dev_by_c": {c: dev headline}}.
   """
-  return baselines_lib.choose_strength(features, data, strengths)
+  return baselines_lib.choose_strength(features, data, strengths, class_weight)
 
 
 def probe_label(pooling: str, layer: int, rc_average: bool) -> str:
@@ -74,9 +78,15 @@ def probe_label(pooling: str, layer: int, rc_average: bool) -> str:
   return f"linear probe: {pooling}, {where}{', RC-averaged' if rc_average else ''}"
 
 
-def _results(data: datasets.TaskData, features: dict[str, np.ndarray], label: str, settings):
+def _results(
+  data: datasets.TaskData,
+  features: dict[str, np.ndarray],
+  label: str,
+  settings,
+  class_weight: str | None = None,
+):
   """Fits the probe on `features` (split -> (n_split, f)); the results dict."""
-  fit = fit_probe(features, data)
+  fit = fit_probe(features, data, class_weight=class_weight)
   model = "logistic regression" if data.kind == "classification" else "ridge"
   return {
     "task": data.name,
@@ -92,12 +102,19 @@ def _results(data: datasets.TaskData, features: dict[str, np.ndarray], label: st
       "model": f"sklearn {model} on standardised embeddings",
       "c": fit["c"],
       "dev_by_c": fit["dev_by_c"],
+      "class_weight": class_weight,
     },
   }
 
 
 def probe(
-  scorer, data: datasets.TaskData, *, pooling: str = "echo", layer: int = -1, rc_average=False
+  scorer,
+  data: datasets.TaskData,
+  *,
+  pooling: str = "echo",
+  layer: int = -1,
+  rc_average=False,
+  class_weight: str | None = None,
 ) -> dict:
   """Embeds the task with `scorer` and fits the probe; a results dict with
   "task", "kind", "embedding", "dev", "test" and "settings"."""
@@ -110,7 +127,7 @@ def probe(
     "context": scorer.context,
     "embed_seconds": round(time.perf_counter() - start, 2),
   }
-  return _results(data, features, probe_label(pooling, layer, rc_average), settings)
+  return _results(data, features, probe_label(pooling, layer, rc_average), settings, class_weight)
 
 
 # Scorer.embed_echo_views -> (pooling, rc_average) of the same embedding.
@@ -122,7 +139,9 @@ ECHO_VIEWS = {
 }
 
 
-def probe_echo_views(scorer, data: datasets.TaskData, *, layer: int = -1) -> dict[str, dict]:
+def probe_echo_views(
+  scorer, data: datasets.TaskData, *, layer: int = -1, class_weight: str | None = None
+) -> dict[str, dict]:
   """The probe on each of the four embeddings of `Scorer.embed_echo_views`
   (echo, RC-averaged echo, plain mean, RC-averaged plain mean), from one
   echo pass per strand instead of six passes: view -> results dict, as
@@ -144,7 +163,8 @@ def probe_echo_views(scorer, data: datasets.TaskData, *, layer: int = -1) -> dic
       "embedded_with": "Scorer.embed_echo_views (all four views)",
     }
     features = {split: views[view] for split, views in by_split.items()}
-    out[view] = _results(data, features, probe_label(pooling, layer, rc_average), settings)
+    label = probe_label(pooling, layer, rc_average)
+    out[view] = _results(data, features, label, settings, class_weight)
   return out
 
 
@@ -194,7 +214,7 @@ def _write(config, workdir: str, results: dict, data: datasets.TaskData) -> None
   if jax.process_index() != 0:
     return
   if config.finetune.baselines:
-    baselines_lib.attach(results, data)
+    baselines_lib.attach(results, data, baselines_lib.class_weight_of(config.finetune, data.kind))
   os.makedirs(workdir, exist_ok=True)
   results["files"] = report.write_results(workdir, results)
   logging.info(
@@ -215,7 +235,14 @@ def run_probe(config, workdir: str, data: datasets.TaskData | None = None) -> di
   data = data or datasets.load_config_task(config.finetune)
   sc = ScoreConfig.of(config)
   scorer, backbone = probe_scorer(config, data, sc.pooling)
-  results = probe(scorer, data, pooling=sc.pooling, layer=sc.layer, rc_average=sc.rc_average)
+  results = probe(
+    scorer,
+    data,
+    pooling=sc.pooling,
+    layer=sc.layer,
+    rc_average=sc.rc_average,
+    class_weight=baselines_lib.class_weight_of(config.finetune, data.kind),
+  )
   results["backbone"] = backbone
   _write(config, workdir, results, data)
   return {"results": results}
@@ -234,7 +261,12 @@ def run_probe_echo_views(
 
   data = data or datasets.load_config_task(config.finetune)
   scorer, backbone = probe_scorer(config, data, "echo")
-  found = probe_echo_views(scorer, data, layer=ScoreConfig.of(config).layer)
+  found = probe_echo_views(
+    scorer,
+    data,
+    layer=ScoreConfig.of(config).layer,
+    class_weight=baselines_lib.class_weight_of(config.finetune, data.kind),
+  )
   for view, results in found.items():
     results["backbone"] = backbone
     _write(config, os.path.join(workdir, view), results, data)

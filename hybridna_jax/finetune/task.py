@@ -418,7 +418,8 @@ class FinetuneTask(loop.Task):
     }
     if jax.process_index() == 0:
       if self.config.finetune.baselines:
-        baselines_lib.attach(results, self.data)
+        weight = baselines_lib.class_weight_of(self.config.finetune, self.kind)
+        baselines_lib.attach(results, self.data, weight)
       paths = report.write_results(workdir, results)
       with open(os.path.join(workdir, TASK_INFO), "w", encoding="utf-8") as f:
         json.dump(self.task_info(), f, indent=2)
