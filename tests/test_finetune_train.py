@@ -277,6 +277,11 @@ def test_suite_writes_one_table(motif_task, tmp_path, monkeypatch):
   # Finished tasks are read back, not re-run.
   task_lib.run_suite(cfg, [str(tmp_path / "tasks" / "*")], str(tmp_path / "suite"))
   assert len(calls) == 2
+  # ... but not under another config, whose results they are not.
+  cfg.train.learning_rate = cfg.train.learning_rate * 2
+  with pytest.raises(ValueError, match=r"gue_like finished under another config \(train.lea"):
+    task_lib.run_suite(cfg, [str(tmp_path / "tasks" / "*")], str(tmp_path / "suite"))
+  assert len(calls) == 2
 
 
 def test_preempted_task_stops_the_suite_which_resumes(tmp_path, monkeypatch):

@@ -508,6 +508,39 @@ def suite_names(paths: list[str]) -> list[str]:
   return [n[: -len(".bed")] if n.endswith(".bed") else n for n in names]
 
 
+# A finished suite task's config, flattened: a rerun reuses its results only
+# under the same one.
+SUITE_SETTINGS = "suite_settings.json"
+
+
+def _flat_settings(tree: dict, prefix: str = "") -> dict[str, str]:
+  """{"section.field": repr of the value} of a config dict."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat_settings(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = repr(value)
+  return out
+
+
+def _check_suite_settings(task_dir: str, settings: dict[str, str]) -> None:
+  """Refuses to reuse a finished task's results under another config
+  (suites finished before the settings were saved are reused as before)."""
+  path = os.path.join(task_dir, SUITE_SETTINGS)
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    saved = json.load(f)
+  changed = sorted(k for k in saved.keys() | settings.keys() if saved.get(k) != settings.get(k))
+  if changed:
+    raise ValueError(
+      f"{task_dir} finished under another config ({', '.join(changed[:3])}"
+      f"{', ...' if len(changed) > 3 else ''} differ); give the suite a new --workdir, or "
+      "delete that task's directory to rerun it."
+    )
+
+
 def run_suite(config, patterns: list[str], workdir: str) -> dict:
   """Fine-tunes on every task (one run directory each under `workdir`, so
   an interrupted suite resumes; finished tasks are not re-run) and writes
@@ -529,15 +562,17 @@ def run_suite(config, patterns: list[str], workdir: str) -> dict:
   for i, (path, name) in enumerate(zip(paths, names)):
     task_dir = os.path.join(workdir, name.replace(os.sep, "__"))
     results_path = os.path.join(task_dir, "results.json")
+    task_config = copy.deepcopy(config)
+    with task_config.unlocked():
+      task_config.finetune.task = path
+    settings = _flat_settings(task_config.to_dict())
     if os.path.exists(results_path):
+      _check_suite_settings(task_dir, settings)
       logging.info("[%d/%d] %s: done already (%s)", i + 1, len(paths), name, results_path)
       with open(results_path, encoding="utf-8") as f:
         results = json.load(f)
     else:
       logging.info("[%d/%d] %s", i + 1, len(paths), name)
-      task_config = copy.deepcopy(config)
-      with task_config.unlocked():
-        task_config.finetune.task = path
       start = time.perf_counter()
       data = datasets.load_config_task(task_config.finetune, name=name)
       run = finetune(task_config, task_dir, data)
@@ -554,6 +589,9 @@ def run_suite(config, patterns: list[str], workdir: str) -> dict:
         )
         break
       results = run["results"]
+      if jax.process_index() == 0:
+        with open(os.path.join(task_dir, SUITE_SETTINGS), "w", encoding="utf-8") as f:
+          json.dump(settings, f, indent=1, sort_keys=True)
       logging.info(
         "[%d/%d] %s finished in %.0f s", i + 1, len(paths), name, time.perf_counter() - start
       )
