@@ -122,18 +122,18 @@ def allowed_tokens(
   return allowed
 
 
-def _check_token_ids(tokens: np.ndarray, vocab_size: int, what: str = "prompt") -> None:
-  """Raises a one-line ValueError unless every id of the (b, l) array of
-  `what` (prompts, continuations) is in [0, vocab_size): the embedding
-  lookup does not reject the others (negative ids wrap around, too large
-  ones embed as NaN)."""
-  bad = np.argwhere((tokens < 0) | (tokens >= vocab_size))
-  if bad.size:
-    row, col = bad[0]
-    raise ValueError(
-      f"{what} {row} has token id {tokens[row, col]} at position {col}, outside the "
-      f"model's vocabulary [0, {vocab_size})."
-    )
+def _check_token_ids(rows, vocab_size: int, what: str = "prompt") -> None:
+  """Raises a one-line ValueError unless every id of `rows` (a (b, l) array
+  or a list of 1-d arrays of `what`: prompts, continuations) is in
+  [0, vocab_size): the embedding lookup does not reject the others
+  (negative ids wrap around, too large ones embed as NaN)."""
+  for i, row in enumerate(rows):
+    bad = np.flatnonzero((row < 0) | (row >= vocab_size))
+    if bad.size:
+      raise ValueError(
+        f"{what} {i} has token id {row[bad[0]]} at position {bad[0]}, outside the "
+        f"model's vocabulary [0, {vocab_size})."
+      )
 
 
 def left_pad(
@@ -148,7 +148,7 @@ def left_pad(
   the width up (fewer compiled shapes when prompt lengths vary). Token ids
   must be in [0, vocab_size) (give the model's).
   """
-  arrays = [np.asarray(p, np.int32).reshape(-1) for p in prompts]
+  arrays = [np.asarray(p).reshape(-1) for p in prompts]  # checked before the int32 cast
   if not arrays:
     raise ValueError("no prompts given.")
   empty = [i for i, a in enumerate(arrays) if a.size == 0]
@@ -160,10 +160,10 @@ def left_pad(
   width = -(-width // multiple) * multiple
   tokens = np.full((len(arrays), width), tok.PAD, np.int32)
   segment_ids = np.zeros((len(arrays), width), np.int32)
+  _check_token_ids(arrays, vocab_size)
   for row, a in enumerate(arrays):
     tokens[row, width - a.size :] = a
     segment_ids[row, width - a.size :] = 1
-  _check_token_ids(tokens, vocab_size)
   return tokens, segment_ids
 
 

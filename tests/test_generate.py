@@ -261,6 +261,11 @@ def test_array_prompts_are_checked_like_list_prompts():
         gen.sample(model, prompts, settings)
   with pytest.raises(ValueError, match=r"segment_ids has shape \(1, 2\), expected .* \(1, 3\)"):
     gen.sample(model, np.array([[1, 5, 6]]), settings, segment_ids=np.array([[1, 1]]))
+  # A short prompt's position is its own, not the padded one; an id past
+  # int32 is refused, not wrapped (2**32 + 5 would become 5).
+  for bad in (300, 2**32 + 5):
+    with pytest.raises(ValueError, match=rf"prompt 1 has token id {bad} at position 1, outside"):
+      gen.left_pad([[1, 5, 6, 7], [1, bad]])
 
 
 def test_scored_continuations_are_checked_and_follow_the_prompts_segment():
