@@ -513,17 +513,6 @@ def suite_names(paths: list[str]) -> list[str]:
 SUITE_SETTINGS = "suite_settings.json"
 
 
-def _flat_settings(tree: dict, prefix: str = "") -> dict[str, str]:
-  """{"section.field": repr of the value} of a config dict."""
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat_settings(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = repr(value)
-  return out
-
-
 def _check_suite_settings(task_dir: str, settings: dict[str, str]) -> None:
   """Refuses to reuse a finished task's results under another config
   (suites finished before the settings were saved are reused as before)."""
@@ -565,7 +554,8 @@ def run_suite(config, patterns: list[str], workdir: str) -> dict:
     task_config = copy.deepcopy(config)
     with task_config.unlocked():
       task_config.finetune.task = path
-    settings = _flat_settings(task_config.to_dict())
+    # As JSON can hold them: repr of each value.
+    settings = {k: repr(v) for k, v in loop.flatten_config(task_config.to_dict()).items()}
     if os.path.exists(results_path):
       _check_suite_settings(task_dir, settings)
       logging.info("[%d/%d] %s: done already (%s)", i + 1, len(paths), name, results_path)

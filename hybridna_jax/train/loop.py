@@ -34,7 +34,7 @@ from hybridna_jax.config import (
   validate,
 )
 from hybridna_jax.data import pipeline
-from hybridna_jax.data.store import TokenStore
+from hybridna_jax.data.store import StoreError
 from hybridna_jax.model import HybriDNA
 from hybridna_jax.train import flops as flops_lib
 from hybridna_jax.train import optimizer as optimizer_lib
@@ -370,10 +370,11 @@ class LMPretraining(Task):
     (`pipeline.train_windows`), and the val split exists when the run
     evaluates (train.eval_every > 0), with N targets out of the loss when
     Markov baselines are compared on it."""
-    TokenStore.open(self.config.data.store_dir)  # its own errors name data.store_dir
     for seq_len in sorted({s.seq_len for s in stages}):
       try:
         store, _, _ = pipeline.train_windows(self.config.data, seq_len=seq_len)
+      except StoreError:
+        raise  # names data.store_dir itself; no stage is at fault
       except ValueError as e:
         index = min(s.index for s in stages if s.seq_len == seq_len)
         raise ValueError(f"config.train.stages[{index}]: {e}") from None
@@ -509,12 +510,12 @@ def _host_rows(layout: sharding.BatchLayout) -> list[int]:
   return [int(len(layout.rows)), int(layout.batch_size)]
 
 
-def _flatten(values: dict, prefix: str) -> dict:
-  """{"a.b.c": value} of nested dicts."""
+def flatten_config(values: dict, prefix: str = "") -> dict:
+  """{"a.b.c": value} of nested dicts (a config's to_dict())."""
   flat = {}
   for key, value in values.items():
     if isinstance(value, dict):
-      flat.update(_flatten(value, f"{prefix}{key}."))
+      flat.update(flatten_config(value, f"{prefix}{key}."))
     else:
       flat[f"{prefix}{key}"] = value
   return flat
@@ -530,10 +531,10 @@ def _data_state_error(config, workdir: str, error: DataStateMismatchError) -> Va
   changed = []
   if written is not None and "data" in written:
     try:
-      before = _flatten(DataConfig.of(written).to_dict(), "data.")
+      before = flatten_config(DataConfig.of(written).to_dict(), "data.")
     except (ValueError, TypeError):
       before = {}  # not a data section this version reads
-    now = _flatten(DataConfig.from_config(config.data).to_dict(), "data.")
+    now = flatten_config(DataConfig.from_config(config.data).to_dict(), "data.")
     changed = [f"{k}: {v!r} in the run, {now[k]!r} now" for k, v in before.items() if now[k] != v]
   if not changed:
     return ValueError(f"{error}; resume with the settings of {path}, or start a new --workdir.")
