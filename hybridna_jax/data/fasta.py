@@ -128,6 +128,14 @@ def detect_compression(path: str | os.PathLike) -> str:
   return "plain"
 
 
+def is_bgzip(path: str | os.PathLike) -> bool:
+  """Whether a gzip file is BGZF, which htslib reads at random (its first
+  member's extra field is "BC")."""
+  with open(path, "rb") as f:
+    head = f.read(14)
+  return head[:4] == b"\x1f\x8b\x08\x04" and head[12:14] == b"BC"
+
+
 def open_decompressed(path: str | os.PathLike) -> tuple[BinaryIO, BinaryIO, str]:
   """Opens `path` for reading its decompressed bytes.
 

@@ -115,7 +115,7 @@ class IndexedReference(variants_lib.Reference):
         "(decompress it, then optionally `bgzip` it)."
       )
     gzip_fix = "recompress with `gunzip -c X | bgzip > X.bgz` (or gunzip it)"
-    if kind == "gzip" and not _is_bgzip(path):  # refused here, not by htslib on stderr
+    if kind == "gzip" and not fasta.is_bgzip(path):  # refused here, not by htslib on stderr
       raise ReferenceAccessError(f"{path}: gzip, not bgzip, has no random access; {gzip_fix}.")
     try:
       self._fasta = _pysam().FastaFile(path)
@@ -189,13 +189,6 @@ class Site:
   line: str | None
   variants: list[variants_lib.Variant]
   problems: list[variants_lib.Problem]
-
-
-def _is_bgzip(path: str) -> bool:
-  """Whether a gzip file is BGZF (its first member's extra field is "BC")."""
-  with open(path, "rb") as f:
-    head = f.read(14)
-  return head[:4] == b"\x1f\x8b\x08\x04" and head[12:14] == b"BC"
 
 
 def _is_bcf(path: str) -> bool:
