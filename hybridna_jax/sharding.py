@@ -112,13 +112,9 @@ def make_mesh(
   context: int = 1,
 ) -> Mesh:
   """A (data, fsdp, context, tensor) mesh; one size may be -1 for "the rest"."""
+  MeshConfig(data=data, fsdp=fsdp, context=context, tensor=tensor)  # checks the sizes
   devices = list(jax.devices() if devices is None else devices)
   sizes = [data, fsdp, context, tensor]
-  for axis, size in zip(MESH_AXES, sizes):
-    if size != -1 and not size >= 1:
-      raise ValueError(f"mesh.{axis} must be >= 1, or -1 for the rest of the devices; got {size}.")
-  if sizes.count(-1) > 1:
-    raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}.")
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if len(devices) % known:
