@@ -275,6 +275,23 @@ def test_rerunning_a_completed_run_repeats_nothing(tiny_config, tmp_path):
   assert [r["step"] for r in _val_rows(workdir)] == [2, 4, 5]
 
 
+def test_final_eval_added_on_rerun_is_recorded(tiny_config, tmp_path):
+  """A completed run rerun with eval_every turned on evaluates its final
+  step once: the result goes into the final checkpoint's meta, so a third
+  launch repeats nothing."""
+  cfg = _evaluating(tiny_config, 4)
+  cfg.train.eval_every = 0
+  workdir = str(tmp_path / "run")
+  loop.train(cfg, workdir)
+  cfg.train.eval_every = 2
+  second = loop.train(cfg, workdir)
+  third = loop.train(cfg, workdir)
+  assert third["final_val"] == second["final_val"]
+  assert [r["step"] for r in _val_rows(workdir)] == [4]
+  meta = Checkpoints(os.path.join(workdir, loop.CHECKPOINT_DIR)).restore_meta(4)
+  assert meta["last_eval"]["step"] == 4 and meta["stage"] == 0  # the other fields kept
+
+
 def test_architecture_change_on_resume_is_refused(base_run, tmp_path):
   cfg, base = base_run
   workdir = str(tmp_path / "run")

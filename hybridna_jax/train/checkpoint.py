@@ -284,6 +284,20 @@ class Checkpoints:
       self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     )
 
+  def update_meta(self, step: int, meta: dict) -> None:
+    """Replaces fields of a saved step's meta (process 0; every process
+    waits). The JSON item is one small file, rewritten through a temporary
+    file and a rename, so a kill leaves the old meta or the new one."""
+    self.wait()
+    if jax.process_index() == 0:
+      path = self.step_directory(step) / "meta" / "metadata"
+      updated = {**json.loads(path.read_text()), **meta}
+      tmp = path.parent / (path.name + ".tmp")
+      tmp.write_text(json.dumps(updated))
+      tmp.replace(path)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"checkpoint-update-meta-{step}")
+
   def restore_params(self, step: int, target: Any) -> Any:
     """Parameters alone (no optimizer state), into `target`; a target of
     other shapes fails first with CheckpointMismatchError naming them."""

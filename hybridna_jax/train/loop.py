@@ -753,6 +753,8 @@ def _train(config, workdir: str, task: Task | None, preemption: _Preemption) -> 
   if summary["stopped"] == "completed" and tc.eval_every:
     if last_eval is None or last_eval["step"] != step:
       run_eval(stage)  # resumed at the end from a checkpoint saved without it
+      if checkpoints.latest_step() == step:  # recorded: a rerun repeats nothing
+        checkpoints.update_meta(step, {"last_eval": last_eval})
     summary["final_val"] = last_eval["result"]
   checkpoints.wait()
   if best is not None:
