@@ -700,6 +700,12 @@ def load_config(spec: str, *, check: bool = True) -> ml_collections.ConfigDict:
   import importlib.util  # pylint: disable=g-import-not-at-top
 
   path, _, variant = spec.partition(":")
+  # A relative path that names no file from here is read in the checkout
+  # holding this package (configs/ sits beside hybridna_jax/), so that
+  # benchmarks and tools run from any directory.
+  beside_package = os.path.join(os.path.dirname(os.path.dirname(__file__)), path)
+  if not os.path.isabs(path) and not os.path.exists(path) and os.path.isfile(beside_package):
+    path = beside_package
   module_spec = importlib.util.spec_from_file_location("_hybridna_config", path)
   if module_spec is None or module_spec.loader is None:
     raise FileNotFoundError(f"config file {path!r} not found.")

@@ -79,6 +79,24 @@ def test_every_config_and_variant_loads():
   assert not _config("configs/finetune_tiny.py:frozen,full").finetune.freeze_backbone
 
 
+def test_relative_config_paths_load_from_any_directory(tmp_path, monkeypatch):
+  """Benchmarks default to configs/<name>.py: from another directory the
+  path is read in the checkout; a file of the working directory wins."""
+  monkeypatch.chdir(tmp_path)
+  assert load_config("configs/tiny.py").model.d_model == 32
+  (tmp_path / "configs").mkdir()
+  (tmp_path / "configs" / "tiny.py").write_text(
+    "from hybridna_jax.config import base_config\n"
+    "def get_config(variant=None):\n"
+    "  cfg = base_config()\n"
+    "  cfg.model.d_model = 64\n"
+    "  return cfg\n"
+  )
+  assert load_config("configs/tiny.py").model.d_model == 64
+  with pytest.raises(FileNotFoundError, match="configs/none.py"):
+    load_config("configs/none.py")
+
+
 def test_unknown_variant_is_one_line_listing_the_known_ones():
   with pytest.raises(
     ConfigError,
