@@ -155,6 +155,21 @@ def test_pretrained_frozen_backbone_with_rc_echo_on_8_devices(motif_task, tmp_pa
   assert np.abs(np.asarray(finetuned.model.head.kernel[...])).max() > 0  # the head trained
 
 
+def test_batch_and_width_errors_name_the_finetune_fields(motif_task, tmp_path):
+  """The loop's stage checks name the fields a fine-tuning user sets (the
+  task derives config.train.stages itself)."""
+  cfg = _config(motif_task, batch_size=3)
+  cfg.mesh.update(dict(data=2, fsdp=1, num_devices=2))
+  with pytest.raises(ValueError, match=r"^config\.finetune\.batch_size: global batch 3 "):
+    loop.train(cfg, str(tmp_path / "batch"), task_lib.FinetuneTask(cfg))
+  cfg = _config(motif_task, pad_multiple=1, max_length=31)
+  cfg.mesh.update(dict(data=1, fsdp=1, context=2, num_devices=2))
+  with pytest.raises(
+    ValueError, match=r"finetune\.max_length 31 nt echoed.*pad_multiple\): seq_len 63"
+  ):
+    loop.train(cfg, str(tmp_path / "width"), task_lib.FinetuneTask(cfg))
+
+
 def test_train_iterator_shuffles_lays_out_rows_and_restores(motif_task):
   task = task_lib.FinetuneTask(_config(motif_task, rc_augment=0.5))
   stage = task.stages()[0]

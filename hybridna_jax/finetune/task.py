@@ -264,6 +264,13 @@ class FinetuneTask(loop.Task):
       return labels.astype(np.int32)
     return ((labels - self.label_mean) / self.label_std).astype(np.float32)
 
+  def stage_fields(self, stage):
+    return (
+      "config.finetune.batch_size",
+      f"the padded input width (finetune.max_length {self.max_tokens} nt"
+      f"{' echoed' if self.head_cfg.echo else ''}, rounded up to finetune.pad_multiple)",
+    )
+
   def layout_iterator(self, stage, layout, seed):
     """This process's rows `layout.rows` of every global batch (stream
     positions t * B + row, as pretraining), whole rows (no sequence keys)."""

@@ -91,22 +91,26 @@ def stage_at(stages: list[Stage], step: int) -> Stage:
   return stages[-1]
 
 
-def _check_batch(stage: Stage, mesh, grad_accum: int) -> sharding.BatchLayout:
+def _check_batch(
+  stage: Stage, mesh, grad_accum: int, fields: tuple[str, str]
+) -> sharding.BatchLayout:
   """This process's layout of the stage's (global batch, seq_len) batches;
-  errors name the field to fix. The batch need only divide by data x fsdp x
-  grad_accum (not by the process count: processes whose devices are tensor
-  or context partners load the same rows)."""
+  errors name the field to fix, `fields` = the config fields that set the
+  (batch, seq_len) (`Task.stage_fields`). The batch need only divide by
+  data x fsdp x grad_accum (not by the process count: processes whose
+  devices are tensor or context partners load the same rows)."""
+  batch_field, seq_len_field = fields
   data_devices = sharding.batch_shards(mesh)
   if stage.batch_size % (data_devices * grad_accum):
     raise ValueError(
-      f"config.train.stages[{stage.index}]: global batch {stage.batch_size} is not divisible "
+      f"{batch_field}: global batch {stage.batch_size} is not divisible "
       f"by data x fsdp devices x grad_accum ({data_devices} x {grad_accum}); change the batch "
       "or config.mesh / config.train.grad_accum."
     )
   context = sharding.context_shards(mesh)
   if stage.seq_len % context:
     raise ValueError(
-      f"config.train.stages[{stage.index}]: seq_len {stage.seq_len} is not divisible by "
+      f"{seq_len_field}: seq_len {stage.seq_len} is not divisible by "
       f"config.mesh.context={context}; change one of them."
     )
   return sharding.batch_layout(mesh, stage.batch_size, stage.seq_len)
@@ -309,6 +313,11 @@ class Task:
 
   def stages(self) -> list[Stage]:
     return parse_stages(self.config.train)
+
+  def stage_fields(self, stage: Stage) -> tuple[str, str]:
+    """The config fields a user changes to change the stage's (global batch,
+    seq_len), for errors (a task that derives its stages names its own)."""
+    return (f"config.train.stages[{stage.index}]",) * 2
 
   def optimizer(self, total_steps: int):
     return optimizer_lib.make_optimizer(self.config.train, total_steps)
@@ -567,7 +576,7 @@ def _train(config, workdir: str, task: Task | None, preemption: _Preemption) -> 
   def make_iterator(stage: Stage):
     """(iterator, layout): this host's batches of the stage and their
     `BatchLayout`."""
-    layout = _check_batch(stage, mesh, tc.grad_accum)
+    layout = _check_batch(stage, mesh, tc.grad_accum, task.stage_fields(stage))
     seed = tc.seed * 1000 + stage.index
     it = task.layout_iterator(stage, layout, seed)
     logging.info(
