@@ -242,11 +242,42 @@ def test_task_checks_lengths_and_validation(tmp_path):
   cfg = _config(tmp_path, val_csv="")
   with pytest.raises(ValueError, match="eval_every > 0 but config.generate.val_csv is empty"):
     design.GenerativeFinetuning(cfg)
+  # Label tokens past the embedding (a run converted with 10 token ids).
+  cfg = _config(tmp_path)
+  cfg.model.vocab_size = 10
+  with pytest.raises(ValueError, match=r"vocab_size=10 has no rows for the label tokens.*128"):
+    design.GenerativeFinetuning(cfg)
   # A validation row longer than the training ones would be cut short.
   long_val = [(r[0] * 3, r[1], r[2]) for r in _motif_rows(4, seed=2)]
   cfg = _config(tmp_path, val_csv=_write_csv(tmp_path / "long_val.csv", long_val))
   with pytest.raises(ValueError, match="seq_len 32 is too short: the longest validation example"):
     design.GenerativeFinetuning(cfg)
+
+
+def test_resume_keeps_the_label_tokens_it_was_trained_with(tmp_path):
+  """A resumed run reads its label -> token map from its config.json: a CSV
+  with a new label (which would sort first and shift every token) is
+  refused by name, and so is another prompt_vocab given explicitly."""
+  cfg = _config(tmp_path)
+  cfg.train.stages, cfg.train.eval_every, cfg.train.checkpoint_every = ((32, 2, 4),), 0, 2
+  workdir = str(tmp_path / "run")
+  design.finetune(cfg, workdir)
+  trained = json.load(open(os.path.join(workdir, "config.json")))["generate"]["prompt_vocab"]
+  assert trained[0]["values"] == ["a", "b"]
+  relabelled = [
+    (seq, "0" if i % 3 == 0 else label, act)
+    for i, (seq, label, act) in enumerate(_motif_rows(64, 0))
+  ]
+  cfg = _config(tmp_path, train_csv=_write_csv(tmp_path / "new.csv", relabelled))
+  cfg.train.stages, cfg.train.eval_every = ((32, 4, 4),), 0
+  with pytest.raises(TaskFormatError, match=r"has no label '0'; known labels: \['a', 'b'\]"):
+    design.finetune(cfg, workdir)
+  cfg = _config(tmp_path, prompt_vocab=({**trained[0], "values": ["b", "a"]},))
+  with pytest.raises(ValueError, match="prompt_vocab differs from the one"):
+    design.finetune(cfg, workdir)
+  assert (
+    json.load(open(os.path.join(workdir, "config.json")))["generate"]["prompt_vocab"] == trained
+  )
 
 
 # -- fine-tuning and sampling end to end ----------------------------------------------------

@@ -27,6 +27,7 @@ from hybridna_jax.design.data import (
   tokenize,
   train_batches,
 )
+from hybridna_jax.design.prompts import PromptVocab
 from hybridna_jax.model import HybriDNA
 from hybridna_jax.train import flops as flops_lib
 from hybridna_jax.train import loop
@@ -58,6 +59,13 @@ class GenerativeFinetuning(loop.Task):
     self.model_cfg = ModelConfig.from_config(config.model)
     self.train_rows = load_design_csv(g.train_csv, g.label_columns)
     self.vocab = resolve_vocab(config, self.train_rows)
+    last_token = max(c.first_token + len(c.values) - 1 for c in self.vocab.conditions)
+    if last_token >= self.model_cfg.vocab_size:
+      raise ValueError(
+        f"config.model.vocab_size={self.model_cfg.vocab_size} has no rows for the label "
+        f"tokens (ids up to {last_token}); use vocab_size {tok.VOCAB_SIZE} (a run converted "
+        "from a Hugging Face checkpoint: launch/convert.py --vocab_size=128)."
+      )
     self.train_examples = tokenize(self.train_rows, self.vocab)
     self.val_examples = None
     if g.val_csv:
@@ -96,10 +104,16 @@ class GenerativeFinetuning(loop.Task):
     # runtime fields (numerics, kernels) may differ.
     diff = architecture_differences(pretrained_cfg, self.model_cfg)
     if diff:
+      hint = (
+        f" Label tokens need vocab_size {tok.VOCAB_SIZE}: convert a Hugging Face checkpoint "
+        "with launch/convert.py --vocab_size=128."
+        if "vocab_size" in diff and pretrained_cfg.vocab_size < tok.VOCAB_SIZE
+        else ""
+      )
       raise ValueError(
         f"config.generate.pretrained={path}: its model differs from "
         f"config.model in {diff} (pretrained, this config); use the "
-        "pretraining run's model settings."
+        f"pretraining run's model settings.{hint}"
       )
     return ref
 
@@ -176,5 +190,17 @@ class GenerativeFinetuning(loop.Task):
 
 def finetune(config, workdir: str) -> dict:
   """Runs (or resumes) generative fine-tuning in `workdir`; returns the
-  training summary."""
+  training summary. A resumed run keeps the label -> token map it was
+  trained with (its config.json), whatever the CSV holds now."""
+  saved = ((loop.resumed_config(workdir) or {}).get("generate") or {}).get("prompt_vocab")
+  if saved:
+    saved = PromptVocab.from_config(saved).to_config()
+    given = config.generate.prompt_vocab
+    if given and PromptVocab.from_config(given).to_config() != saved:
+      raise ValueError(
+        f"config.generate.prompt_vocab differs from the one {workdir} was trained with "
+        "(its config.json); resume without setting it, or start another --workdir."
+      )
+    with config.unlocked():
+      config.generate.prompt_vocab = saved
   return loop.train(config, workdir, task=GenerativeFinetuning(config))

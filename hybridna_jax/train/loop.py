@@ -466,16 +466,22 @@ def _written_config(workdir: str) -> dict | None:
   return json.loads(path.read_text()) if path.exists() else None
 
 
+def resumed_config(workdir: str) -> dict | None:
+  """<workdir>/config.json when the run has a checkpoint to resume from
+  (None otherwise: a new run)."""
+  checkpoints = paths.join(workdir, CHECKPOINT_DIR)
+  if not checkpoints.is_dir() or not any(p.name.isdigit() for p in checkpoints.iterdir()):
+    return None
+  return _written_config(workdir)
+
+
 def check_resume_config(config, workdir: str) -> None:
   """Refuses to resume a run of another architecture: raises ValueError
   naming every model field that differs from <workdir>/config.json, when
   that file and a checkpoint exist."""
   if "model" not in config:
     return
-  checkpoints = paths.join(workdir, CHECKPOINT_DIR)
-  if not checkpoints.is_dir() or not any(p.name.isdigit() for p in checkpoints.iterdir()):
-    return
-  written = _written_config(workdir)
+  written = resumed_config(workdir)
   if written is None or "model" not in written:
     return
   try:
