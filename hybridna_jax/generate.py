@@ -448,6 +448,14 @@ def _prepare(model, prompts, segment_ids) -> tuple[np.ndarray, np.ndarray]:
     raise ValueError(
       f"segment_ids has shape {segment_ids.shape}, expected the prompts' {tokens.shape}."
     )
+  # Decoding continues the last column's segment: right padding (0 after
+  # the prompt) would continue the padding, which sees none of the prompt.
+  right_padded = np.flatnonzero((segment_ids[:, -1] == 0) & (segment_ids != 0).any(axis=1))
+  if right_padded.size:
+    raise ValueError(
+      f"prompt row {int(right_padded[0])} ends in padding (segment id 0 after its tokens); "
+      "prompts must be left-padded (pass a list of prompts to have them padded)."
+    )
   return tokens, segment_ids
 
 

@@ -17,10 +17,11 @@ takes a --prefix instead of labels):
   every label combination. Sampling settings default to the --config's
   `generate` section, else the run's own; the flags below override them.
 
-Writes <workdir>/designs.fasta (or --output) with the prompt and settings
-in every header, and next to it .summary.json / .summary.txt (GC content,
-6-mer spectrum distance to the training sequences of each label, mean
-pairwise edit distance, share of exact training copies) and .summary.png.
+Writes <workdir>/designs.fasta (or --output; an existing one is refused
+unless --overwrite) with the prompt and settings in every header, and next
+to it .summary.json / .summary.txt (GC content, 6-mer spectrum distance to
+the training sequences of each label, mean pairwise edit distance, share of
+exact training copies) and .summary.png.
 
 Judged by an oracle when config.generate.oracle_csv, oracle_dev_csv and
 test_csv are set (or --oracle_csv --oracle_dev_csv --test_csv): a k-mer
@@ -67,6 +68,9 @@ flags.DEFINE_float("length_penalty", None, "sample: beam score = log-prob / len 
 flags.DEFINE_bool("allow_n", None, "sample: allow N in designs.")
 flags.DEFINE_integer("seed", None, "sample: random seed.")
 flags.DEFINE_string("output", None, "sample: FASTA path (default <workdir>/designs.fasta).")
+flags.DEFINE_bool(
+  "overwrite", False, "sample: replace an existing --output FASTA and its summaries."
+)
 flags.DEFINE_string(
   "reference_csv",
   None,
@@ -112,6 +116,11 @@ def main(argv):
   output = launch_utils.local_output(
     FLAGS.output or os.path.join(FLAGS.workdir, "designs.fasta"), "--output"
   )
+  if os.path.exists(output) and not FLAGS.overwrite:
+    raise app.UsageError(
+      f"--output={output} exists (an earlier sampling run); pass another --output, "
+      "or --overwrite to replace it and its summaries."
+    )
   result = design_sampling.run_sampling(
     FLAGS.checkpoint or FLAGS.workdir,
     output,

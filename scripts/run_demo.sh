@@ -60,6 +60,6 @@ from hybridna_jax.data import fasta
 print(tokenizer.decode(fasta.read_fasta('$HELD_OUT_GENOME')[0][1][336:456]))")
 "$PY" launch/generate.py --mode=sample --workdir="$RUN" --prefix="$PREFIX" \
     --num_samples=16 --batch_size=16 --length=400 --temperature=0.9 \
-    --output="$RUN/samples.fasta"
+    --output="$RUN/samples.fasta" --overwrite
 
 echo "== done: $RUN/loss_curves.png, baseline_report.json, eval/, scores/, samples.fasta"

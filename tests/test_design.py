@@ -423,6 +423,11 @@ def test_launcher_samples_with_beam_search(motif_run, tmp_path):
   assert len(records) == 4 and all("beam=4" in h.description for h, _ in records)
   log_probs = [float(re.search(r"log_prob=(-[\d.]+)", h.description).group(1)) for h, _ in records]
   assert log_probs == sorted(log_probs, reverse=True)
+  # A second run into the same --output is refused; nothing is replaced.
+  before = open(out).read()
+  again = subprocess.run(proc.args, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+  assert again.returncode != 0 and "exists (an earlier sampling run)" in again.stderr
+  assert open(out).read() == before
   assert MOTIFS["b"] in tok.decode(records[0][1])  # the most likely design has it
 
 
@@ -494,6 +499,28 @@ def test_log_prob_per_nt_counts_the_scored_tokens_only():
   for counts, field in (((0, 2), "num_samples"), ((3, 0), "batch_size"), ((3, -1), "batch_size")):
     with pytest.raises(ValueError, match=f"design_sets: {field} must be >= 1"):
       design(num_samples=counts[0], batch_size=counts[1])
+
+
+def test_one_design_summary_is_strict_json_and_empty_designs_get_no_record(
+  motif_run, tmp_path, caplog
+):
+  _, workdir, _ = motif_run
+  out = str(tmp_path / "one.fasta")
+  design_sampling.run_sampling(
+    workdir, out, label_specs=["b"], num_samples=1, batch_size=1, max_new_tokens=SEQ_LEN
+  )
+  with open(os.path.splitext(out)[0] + ".summary.json") as f:
+    summary = json.load(f, parse_constant=lambda c: pytest.fail(f"{c} in the summary"))
+  assert summary["summary"]["label=b"]["edit_mean"] is None  # one design: no pairs
+  # A design that ended at once (<eos> first) has no FASTA record.
+  empty = design_sampling.DesignedSet(
+    "x", None, "", np.array([tok.BOS]), ["", "ACG"], np.zeros(2), np.ones(2, bool), np.array([0, 3])
+  )
+  path = design_sampling.write_fasta(
+    [empty], str(tmp_path / "e.fasta"), settings=gen.Settings(), seed=0
+  )
+  assert [h.name for h, _ in fasta.read_fasta(path)] == ["x_1"]
+  assert "1 design(s) ended at once" in caplog.text
 
 
 def test_beam_designs_leave_out_empty_beam_slots(caplog):

@@ -261,6 +261,14 @@ def test_array_prompts_are_checked_like_list_prompts():
         gen.sample(model, prompts, settings)
   with pytest.raises(ValueError, match=r"segment_ids has shape \(1, 2\), expected .* \(1, 3\)"):
     gen.sample(model, np.array([[1, 5, 6]]), settings, segment_ids=np.array([[1, 1]]))
+  # Right padding (an HF-style attention mask) would decode from the padding.
+  right_padded = np.array([[1, 5, 6], [1, 7, 0]]), np.array([[1, 1, 1], [1, 1, 0]])
+  with pytest.raises(ValueError, match="prompt row 1 ends in padding.*must be left-padded"):
+    gen.sample(model, right_padded[0], settings, segment_ids=right_padded[1])
+  with pytest.raises(ValueError, match="prompt row 1 ends in padding"):
+    gen.sequence_log_probs(
+      model, *right_padded[:1], np.array([[5], [5]]), segment_ids=right_padded[1]
+    )
   # A short prompt's position is its own, not the padded one; an id past
   # int32 is refused, not wrapped (2**32 + 5 would become 5).
   for bad in (300, 2**32 + 5):

@@ -179,8 +179,10 @@ def write_fasta(
   sets: Sequence[DesignedSet], path: str, *, settings: gen.Settings, seed: int, source: str = ""
 ) -> str:
   """One record per design: >{prompt}_{i} prompt=... labels=... prefix=...
-  settings... seed=... log_prob=... ended=... [checkpoint=...]."""
-  records = []
+  settings... seed=... log_prob=... ended=... [checkpoint=...]. Empty
+  designs (<eos> sampled first, min_new_tokens=0) have no FASTA record:
+  they are counted in a warning (and in the summary's lengths)."""
+  records, empty = [], 0
   for s in sets:
     prompt_text = "".join(tok.token_name(int(t)) for t in s.prompt)
     common = (
@@ -189,6 +191,9 @@ def write_fasta(
       + (f" checkpoint={source}" if source else "")
     )
     for i, (seq, logp, ended) in enumerate(zip(s.sequences, s.log_probs, s.ended)):
+      if not seq:
+        empty += 1
+        continue
       records.append(
         (
           f"{_slug(s.name)}_{i} {common} log_prob={float(logp):.3f} "
@@ -196,6 +201,13 @@ def write_fasta(
           seq,
         )
       )
+  if empty:
+    logging.warning(
+      "%d design(s) ended at once (<eos> first) and have no record in %s; "
+      "--min_length=1 (generate.min_new_tokens) requires a nucleotide.",
+      empty,
+      path,
+    )
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fasta.write_fasta(path, records)
   return path
@@ -233,6 +245,19 @@ def summarize_sets(
     )
     out[s.name]["ended_share"] = float(np.mean(s.ended)) if len(s.ended) else math.nan
   return out
+
+
+def _nan_to_null(value):
+  """`value` (nested dicts and lists) with non-finite floats as None: a
+  metric undefined for the designs (an edit distance of one design, k-mers
+  of designs shorter than k) is null in JSON, which has no NaN."""
+  if isinstance(value, dict):
+    return {k: _nan_to_null(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_nan_to_null(v) for v in value]
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
 
 
 def run_sampling(
@@ -358,7 +383,7 @@ def run_sampling(
   if report is not None:
     result["oracle"] = report
   with open(stem + ".summary.json", "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=2)
+    json.dump(_nan_to_null(result), f, indent=2, allow_nan=False)  # strict JSON readers
   with open(stem + ".summary.txt", "w", encoding="utf-8") as f:
     f.write(table + "\n")
   references = design_data.sequences_by_label(training, vocab) if training is not None else {}
