@@ -371,6 +371,48 @@ def test_list_valued_eos_token_id(tmp_path):
   assert (tok.eos, tok.bos, tok.pad) == (3, 1, 0)
 
 
+# HyenaDNA/Caduceus CharacterTokenizer: no vocabulary file; the class's code
+# numbers 7 specials, then the characters from 7.
+_CHAR_SPECIALS = ["[CLS]", "[SEP]", "[BOS]", "[MASK]", "[PAD]", "[RESERVED]", "[UNK]"]
+
+
+def _write_char_tokenizer_config(path):
+  config = {
+    "added_tokens_decoder": {
+      str(i): {"content": t, "special": True} for i, t in enumerate(_CHAR_SPECIALS)
+    },
+    "characters": list("ACGTN"),
+    "bos_token": "[BOS]",
+    "pad_token": "[PAD]",
+    "model_max_length": 131074,
+    "tokenizer_class": "CharacterTokenizer",
+  }
+  (path / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def test_character_tokenizer_config_is_read(tmp_path):
+  _write_char_tokenizer_config(tmp_path)
+  tok = hf.read_vocab(str(tmp_path))
+  assert tok.vocab_size == 12 and "CharacterTokenizer" in tok.source
+  assert (tok.A, tok.C, tok.G, tok.T, tok.N) == (7, 8, 9, 10, 11)
+  assert (tok.cls, tok.sep, tok.bos, tok.mask, tok.pad, tok.unk) == (0, 1, 2, 3, 4, 6)
+  assert tok.eos == 1  # the class's eos_token is [SEP]
+  np.testing.assert_array_equal(tok.encode("acgtn", add_bos=True), [2, 7, 8, 9, 10, 11])
+
+
+def test_unreadable_tokenizer_loads_the_model_without_one(tmp_path, caplog):
+  _bamba().save_pretrained(tmp_path)
+  words = {"type": "WordLevel", "vocab": {"<pad>": 0, "hello": 1}, "unk_token": "<pad>"}
+  (tmp_path / "tokenizer.json").write_text(json.dumps({"model": words}))
+  model, tok, _ = hf.load(str(tmp_path))
+  assert tok is None and model.cfg.vocab_size == 16
+  assert f"{tmp_path / 'tokenizer.json'}: the vocabulary has no token for A" in caplog.text
+  with pytest.raises(hf.HFCheckpointError, match=r"tokenizer.json: .*our_vocab=None"):
+    hf.load(str(tmp_path), our_vocab=0)
+  (tmp_path / "tokenizer.json").write_text("{")
+  assert hf.load(str(tmp_path))[1] is None and "tokenizer.json: not valid JSON" in caplog.text
+
+
 # -- Our exports ---------------------------------------------------------------
 
 

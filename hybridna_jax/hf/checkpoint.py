@@ -260,7 +260,8 @@ def load(
 
   Returns:
     (model, tokenizer, config): an nnx HybriDNA, a VocabTokenizer (None when
-    the directory has no tokenizer files) or hybridna_jax.tokenizer (with
+    the directory has no tokenizer files, or files that hold no DNA
+    vocabulary: a warning names them) or hybridna_jax.tokenizer (with
     our_vocab), and a job config whose `model` section is the translated
     architecture.
   """
@@ -275,7 +276,17 @@ def load(
     )
   specs = family.tensor_specs(cfg, tr.conv_bias)
   _check(files, specs, family, cfg)
-  tok = read_vocab(files.path, files.config)
+  try:
+    tok = read_vocab(files.path, files.config)
+  except ValueError as e:
+    if our_vocab is not None:
+      raise HFCheckpointError(
+        f"{e} The vocabulary cannot be mapped to ours; our_vocab=None loads the model "
+        "with the checkpoint's ids."
+      ) from None
+    # The model is usable with the checkpoint's own tokenizer (e.g. in transformers).
+    logging.warning("%s Loading the model without a tokenizer (None).", e)
+    tok = None
   remap = None
   if our_vocab is not None:
     if tok is None:

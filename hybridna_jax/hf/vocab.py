@@ -11,6 +11,14 @@ checkpoint's embedding rows in order). It reads, in order of preference:
                             and the names of bos/eos/pad/... tokens
     config.json             pad/bos/eos_token_id
 
+HyenaDNA's and Caduceus' `CharacterTokenizer` writes no vocabulary file: its
+tokenizer_config.json lists `"characters": ["A", "C", "G", "T", "N"]` and the
+class builds the ids in code, always the same: [CLS] 0, [SEP] 1, [BOS] 2,
+[MASK] 3, [PAD] 4, [RESERVED] 5, [UNK] 6, then the characters from 7 in
+order (12 tokens for A C G T N); its eos token is [SEP]. A
+tokenizer_config.json with `characters` and no tokenizer.json or vocab.json
+is read that way.
+
 `write_char_tokenizer` writes the character-level tokenizer of our own
 vocabulary (hybridna_jax.tokenizer) in those formats (export).
 """
@@ -37,6 +45,20 @@ _ROLE_NAMES = {
   "cls": ("<cls>", "[CLS]", "<CLS>"),
 }
 _INVALID = -1
+
+# HyenaDNA/Caduceus CharacterTokenizer: the ids its __init__ assigns (from the
+# class's code; the files do not hold them) -- specials 0..6, then the
+# `characters` of tokenizer_config.json from 7 -- and its role defaults.
+_CHAR_SPECIALS = ("[CLS]", "[SEP]", "[BOS]", "[MASK]", "[PAD]", "[RESERVED]", "[UNK]")
+_CHAR_ROLES = {
+  "pad": "[PAD]",
+  "bos": "[BOS]",
+  "eos": "[SEP]",
+  "sep": "[SEP]",
+  "mask": "[MASK]",
+  "unk": "[UNK]",
+  "cls": "[CLS]",
+}
 
 
 class VocabTokenizer:
@@ -122,8 +144,11 @@ class VocabTokenizer:
 
 
 def _read_json(path: str):
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON ({e}); re-download or re-save it.") from None
 
 
 def _token_content(t) -> str | None:
@@ -144,10 +169,21 @@ def _first_id(value) -> int | None:
 
 def read_vocab(path: str, model_config: Mapping | None = None) -> VocabTokenizer | None:
   """The tokenizer of a Hugging Face directory, or None when it has no
-  tokenizer files (tokenizer.json, vocab.json or tokenizer_config.json with
-  added_tokens_decoder)."""
+  tokenizer files (tokenizer.json, vocab.json, or tokenizer_config.json with
+  added_tokens_decoder or CharacterTokenizer `characters`). Raises ValueError
+  naming the file when they hold no DNA vocabulary or are malformed."""
+  try:
+    return _read_vocab(path, model_config)
+  except (KeyError, TypeError, AttributeError) as e:  # a field of an unexpected form
+    raise ValueError(f"{path}: tokenizer files not understood ({e!r}).") from None
+
+
+def _read_vocab(path: str, model_config: Mapping | None) -> VocabTokenizer | None:
   vocab: dict[str, int] = {}
   source = None
+  role_defaults: Mapping[str, str] = {}
+  tok_config_path = os.path.join(path, "tokenizer_config.json")
+  tok_config = _read_json(tok_config_path) if os.path.exists(tok_config_path) else {}
   tok_json = os.path.join(path, "tokenizer.json")
   if os.path.exists(tok_json):
     data = _read_json(tok_json)
@@ -161,8 +197,14 @@ def read_vocab(path: str, model_config: Mapping | None = None) -> VocabTokenizer
   elif os.path.exists(os.path.join(path, "vocab.json")):
     source = os.path.join(path, "vocab.json")
     vocab.update(_read_json(source))
-  tok_config_path = os.path.join(path, "tokenizer_config.json")
-  tok_config = _read_json(tok_config_path) if os.path.exists(tok_config_path) else {}
+  elif tok_config.get("characters"):
+    chars = [str(c) for c in tok_config["characters"]]
+    vocab.update({t: i for i, t in enumerate(_CHAR_SPECIALS)})
+    vocab.update({c: len(_CHAR_SPECIALS) + i for i, c in enumerate(chars)})
+    role_defaults = _CHAR_ROLES
+    source = (
+      f"{tok_config_path} (HyenaDNA/Caduceus CharacterTokenizer, characters {''.join(chars)})"
+    )
   for i, t in (tok_config.get("added_tokens_decoder") or {}).items():
     vocab.setdefault(t["content"], int(i))
     source = source or tok_config_path
@@ -171,7 +213,7 @@ def read_vocab(path: str, model_config: Mapping | None = None) -> VocabTokenizer
   model_config = model_config or {}
   specials = {}
   for role in _ROLES:
-    token = _token_content(tok_config.get(f"{role}_token"))
+    token = _token_content(tok_config.get(f"{role}_token", role_defaults.get(role)))
     config_id = _first_id(model_config.get(f"{role}_token_id"))
     if token is not None and token in vocab:
       specials[role] = vocab[token]
