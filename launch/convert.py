@@ -14,13 +14,15 @@ index) is a Hugging Face one. Run -> HF writes config.json, safetensors
 --output must be new or empty; run -> HF may also name an earlier export,
 which is replaced whole (written beside it, then renamed into place).
 HF -> run re-orders the embedding and head rows into our token ids
-(hybridna_jax.tokenizer) for --vocab_size ids: 10 covers the specials and
-A C G T N; 128 adds the task tokens that generative fine-tuning needs
-(matched by name, <task_i>, as our exports write them). The default keeps
-every token of ours the checkpoint has (10, or 128 for our own exports),
-so scores stay exact: a dropped token would renormalise the softmax.
-Our tokens the checkpoint lacks get zero rows (logit 0) and checkpoint
-tokens we lack are dropped; both are logged. --config
+(hybridna_jax.tokenizer): the checkpoint's pad, bos, eos, mask, A C G T N
+and <task_i> (our exports') go to ours by role and name, every other row
+([CLS], [UNK], embedding rows beyond its tokenizer, ...) to our ids left
+over (our specials it lacks, then 10, 11, ...). The default (--vocab_size=0)
+keeps every row, each once, so scores are exactly the checkpoint's. An
+explicit --vocab_size keeps our ids 0..N-1: 128 gives every task token
+generative fine-tuning needs, as zero rows where the checkpoint has none
+(logit 0, which takes probability mass); a smaller one drops rows (the
+softmax renormalises: scores change). Each placement is logged. --config
 (optional) supplies the non-model sections of the written run's config.json.
 """
 
@@ -45,8 +47,8 @@ flags.DEFINE_float("max_shard_gb", 4.0, "Largest safetensors shard written (GB).
 flags.DEFINE_integer(
   "vocab_size",
   0,
-  "HF -> run: our token ids kept (10: specials + ACGTN; 128: + task tokens; "
-  "0: every one the checkpoint has).",
+  "HF -> run: our token ids kept (0: every checkpoint row, scores exact; 128: all task "
+  "tokens, zero rows where the checkpoint has none; fewer drops rows).",
 )
 flags.mark_flags_as_required(["input", "output"])
 FLAGS = flags.FLAGS

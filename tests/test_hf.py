@@ -254,7 +254,7 @@ def test_jamba_style_checkpoint_scores_like_bamba(tmp_path, caplog):
   # Re-ordered into our vocabulary (what launch/convert.py writes): the same
   # logits for every mapped token, under our ids.
   mapped, our_tok, _ = hf.load(str(path), dtype="float32", our_vocab=0)  # convert.py's default
-  assert our_tok is our_tokenizer and mapped.cfg.vocab_size == 10  # no task tokens there
+  assert our_tok is our_tokenizer and mapped.cfg.vocab_size == 12  # [UNK], [CLS] on 10, 11
   logits = _ours(mapped, our_tokenizer.encode(SEQ, add_bos=True)[None])
   pairs = [(our_tokenizer.A, 10), (our_tokenizer.T, 7), (our_tokenizer.EOS, 6)]
   assert _rel(logits[..., [o for o, _ in pairs]], theirs[..., [t for _, t in pairs]]) <= 1e-4
@@ -276,7 +276,7 @@ def test_convert_hf_to_run_and_back(tmp_path):
   run = tmp_path / "run"
   done = _convert(f"--input={path}", f"--output={run}", "--vocab_size=10")
   assert done.returncode == 0, done.stdout + done.stderr
-  assert "checkpoint token '[UNK]' (id 1) has no counterpart: dropped" in done.stderr
+  assert "checkpoint '[UNK]' (row 1) dropped (its id here would be 10" in done.stderr
   # The run restores like a trained one and scores with our tokenizer.
   model, tok, config = restore.load(str(run), dtype="float32")
   assert tok is our_tokenizer and config.model.vocab_size == 10
@@ -413,6 +413,41 @@ def test_unreadable_tokenizer_loads_the_model_without_one(tmp_path, caplog):
   assert hf.load(str(tmp_path))[1] is None and "tokenizer.json: not valid JSON" in caplog.text
 
 
+def test_default_vocab_map_is_a_permutation_with_transformers_scores(tmp_path, caplog):
+  # A HyenaDNA-style vocabulary (12 tokens, no eos: [SEP] ends sequences)
+  # over a 16-row embedding: the default keeps every row, each once.
+  ref = _bamba(vocab=16)
+  ref.save_pretrained(tmp_path)
+  _write_char_tokenizer_config(tmp_path)
+  tok = hf.read_vocab(str(tmp_path))
+  source, _ = hf.checkpoint.vocab_remap(tok, 16)
+  assert sorted(source.tolist()) == list(range(16))
+  t = our_tokenizer
+  assert source[[t.PAD, t.BOS, t.EOS, t.MASK]].tolist() == [4, 2, 1, 3]  # eos <- [SEP]
+  assert source[t.A : t.N + 1].tolist() == [7, 8, 9, 10, 11]
+  # Rows left over, in checkpoint order: [CLS] on our sep, then [RESERVED],
+  # [UNK] and the rows beyond the tokenizer on 10, 11, ...
+  assert source[t.SEP] == 0 and source[10:].tolist() == [5, 6, 12, 13, 14, 15]
+  model, our_tok, _ = hf.load(str(tmp_path), dtype="float32", our_vocab=0)
+  assert our_tok is our_tokenizer and model.cfg.vocab_size == 16
+  assert "our <sep> (id 3) <- checkpoint '[CLS]' (row 0)" in caplog.text
+  assert "dropped" not in caplog.text and "zero rows" not in caplog.text
+  theirs_ids = tok.encode(SEQ, add_bos=True, add_eos=True)[None]
+  ours_ids = our_tokenizer.encode(SEQ, add_bos=True, add_eos=True)[None]
+  theirs = jax.nn.log_softmax(_torch_logits(ref, theirs_ids)[0, :-1])
+  ours = jax.nn.log_softmax(_ours(model, ours_ids)[0, :-1])
+  np.testing.assert_allclose(ours, theirs[:, source], atol=1e-4)  # every log-prob
+  positions = np.arange(len(SEQ) + 1)
+  ll_theirs = float(theirs[positions, theirs_ids[0, 1:]].sum())
+  assert float(ours[positions, ours_ids[0, 1:]].sum()) == pytest.approx(ll_theirs, rel=1e-5)
+  # An explicit size: smaller drops rows, larger adds zero rows; both said.
+  _, notes = hf.checkpoint.vocab_remap(tok, 16, 10)
+  assert len([n for n in notes if "dropped (its id here would be" in n]) == 6
+  source, notes = hf.checkpoint.vocab_remap(tok, 16, 128)
+  assert (source[16:] == -1).all() and "112 of our ids (16, 17" in notes[-1]
+  assert "takes probability mass" in notes[-1]
+
+
 # -- Our exports ---------------------------------------------------------------
 
 
@@ -430,8 +465,7 @@ def test_export_round_trip_keeps_task_tokens(tmp_path, caplog):
   # convert.py's default keeps every task token of our export (scores exact).
   back, tok, _ = hf.load(str(tmp_path), our_vocab=0)
   assert back.cfg.vocab_size == our_tokenizer.VOCAB_SIZE
-  assert tok is our_tokenizer and "no counterpart" not in caplog.text
-  assert "task tokens have no checkpoint token" not in caplog.text
+  assert tok is our_tokenizer and "dropped" not in caplog.text and "zero rows" not in caplog.text
   np.testing.assert_array_equal(_array(back.embed), _array(model.embed))
   np.testing.assert_array_equal(_array(back.lm_head), _array(model.lm_head))
 

@@ -174,55 +174,107 @@ def _check(files: HFFiles, specs: Mapping[str, tuple], family, cfg: ModelConfig)
   )
 
 
-def covered_vocab_size(tok: VocabTokenizer) -> int:
-  """How many of our ids to keep so that none of the checkpoint's tokens
-  that we know is dropped: 10 (specials and A C G T N), or up to its last
-  <task_i> (our exports carry all 118). Dropping a token renormalises the
-  softmax over fewer rows, which changes every score."""
-  tasks = [
-    i
-    for i in range(our_tokenizer.FIRST_TASK_TOKEN, our_tokenizer.VOCAB_SIZE)
-    if our_tokenizer.token_name(i) in tok.vocab
-  ]
-  return max(tasks) + 1 if tasks else our_tokenizer.FIRST_TASK_TOKEN
+def _placements(tok: VocabTokenizer, n_rows: int) -> dict[int, tuple[int, str]]:
+  """Where the checkpoint's n_rows embedding rows go among our ids
+  (hybridna_jax.tokenizer, at most VOCAB_SIZE): {our id: (row, why)}, why
+  empty for a match by role or name. Each row goes to one id at most, so a
+  conversion that keeps every row is a permutation and the softmax is the
+  checkpoint's.
 
-
-def vocab_remap(tok: VocabTokenizer, vocab_size: int) -> tuple[np.ndarray, list[str]]:
-  """Row map from the checkpoint's vocabulary to ours (hybridna_jax.tokenizer).
-
-  Returns (source, notes): source[i] is the checkpoint id of our token i, or
-  -1 when the checkpoint has none (that row becomes zero); notes list the
-  tokens each side lacks.
+  First by role or name, in priority order (a row goes to the first of our
+  ids that claims it): pad, bos (else the checkpoint's cls), eos (else its
+  sep), mask, A C G T N, <task_i> by name, sep last -- a checkpoint with no
+  eos token (HyenaDNA's ends sequences with [SEP]) gives its sep to our eos.
+  Then the rows left over (checkpoint order, embedding rows beyond the
+  tokenizer's vocabulary included) take our ids left over, lowest first: our
+  specials the checkpoint lacks, then 10, 11, ...
   """
-  ours = {
-    our_tokenizer.PAD: tok.pad,
-    our_tokenizer.BOS: tok.bos if tok.bos is not None else tok.cls,
-    our_tokenizer.EOS: tok.eos if tok.eos is not None else tok.sep,
-    our_tokenizer.SEP: tok.sep,
-    our_tokenizer.MASK: tok.mask,
-    **{our_tokenizer.A + j: tok.nucleotides[b] for j, b in enumerate(our_tokenizer.NUCLEOTIDES)},
-  }
-  # Task tokens by name (<task_i>: our own exports carry them).
-  task_ids = range(our_tokenizer.FIRST_TASK_TOKEN, vocab_size)
-  ours.update({i: tok.vocab.get(our_tokenizer.token_name(i)) for i in task_ids})
+  t = our_tokenizer
+  claims = [
+    (t.PAD, [("pad", tok.pad)]),
+    (t.BOS, [("bos", tok.bos), ("cls", tok.cls)]),
+    (t.EOS, [("eos", tok.eos), ("sep", tok.sep)]),
+    (t.MASK, [("mask", tok.mask)]),
+    *[(t.A + j, [(b, tok.nucleotides[b])]) for j, b in enumerate(t.NUCLEOTIDES)],
+    *[
+      (i, [(t.token_name(i), tok.vocab.get(t.token_name(i)))])
+      for i in range(t.FIRST_TASK_TOKEN, t.VOCAB_SIZE)
+    ],
+    (t.SEP, [("sep", tok.sep)]),
+  ]
+  placed: dict[int, tuple[int, str]] = {}
+  used: set[int] = set()
+  for ours, candidates in claims:
+    for k, (role, row) in enumerate(candidates):
+      if row is not None and row < n_rows and row not in used:
+        why = f"the checkpoint's {role} token, standing in for {candidates[0][0]}" if k else ""
+        placed[ours] = (row, why)
+        used.add(row)
+        break
+  free = [i for i in range(t.VOCAB_SIZE) if i not in placed]
+  left = [r for r in range(n_rows) if r not in used]
+  # More rows than our ids: vocab_remap reports the rest as dropped.
+  for ours, row in zip(free, left):
+    placed[ours] = (row, "a token with no counterpart here, kept so the softmax keeps every row")
+  return placed
+
+
+def covered_vocab_size(tok: VocabTokenizer, n_rows: int) -> int:
+  """The smallest vocabulary of ours that keeps every one of the checkpoint's
+  n_rows embedding rows (`_placements`), at least 10 (specials and A C G T
+  N): the converted model's softmax is the checkpoint's, so every score is."""
+  return max([our_tokenizer.FIRST_TASK_TOKEN] + [i + 1 for i in _placements(tok, n_rows)])
+
+
+def vocab_remap(
+  tok: VocabTokenizer, n_rows: int, vocab_size: int = 0
+) -> tuple[np.ndarray, list[str]]:
+  """Row map from the checkpoint's n_rows-row vocabulary to vocab_size of
+  our ids (0: covered_vocab_size, which keeps every row).
+
+  Returns (source, notes): source[i] is the checkpoint row of our id i, or -1
+  for a zero row; notes, one line per placement that is not a match by role
+  or name, per dropped row and for the zero rows.
+  """
+  placed = _placements(tok, n_rows)
+  covered = covered_vocab_size(tok, n_rows)
+  vocab_size = vocab_size or covered
+
+  def row_name(row):
+    token = tok.id_to_token.get(row)
+    return f"{token!r} (row {row})" if token is not None else f"row {row} (no token in its files)"
+
   source = np.full(vocab_size, -1, np.int64)
-  for i, j in ours.items():
-    if j is not None and i < vocab_size:
-      source[i] = j
-  used = set(source[source >= 0].tolist())
-  notes = [
-    f"our {our_tokenizer.token_name(i)} has no checkpoint token: zero row"
-    for i in range(min(vocab_size, our_tokenizer.FIRST_TASK_TOKEN))
-    if source[i] < 0
-  ]
-  missing_tasks = int((source[our_tokenizer.FIRST_TASK_TOKEN :] < 0).sum())
-  if missing_tasks:
-    notes.append(f"{missing_tasks} of our task tokens have no checkpoint token: zero rows")
+  notes = []
+  for i, (row, why) in sorted(placed.items()):
+    if i < vocab_size:
+      source[i] = row
+      if why:
+        notes.append(
+          f"our {our_tokenizer.token_name(i)} (id {i}) <- checkpoint {row_name(row)}: {why}"
+        )
+    else:
+      notes.append(
+        f"checkpoint {row_name(row)} dropped (its id here would be {i}, beyond vocab size "
+        f"{vocab_size}): the softmax loses its row, so scores change"
+      )
+  kept = {r for r, _ in placed.values()}
   notes += [
-    f"checkpoint token {t!r} (id {j}) has no counterpart: dropped"
-    for t, j in sorted(tok.vocab.items(), key=lambda x: x[1])
-    if j not in used
+    f"checkpoint {row_name(r)} dropped: more rows than our {our_tokenizer.VOCAB_SIZE} ids, "
+    "so scores change"
+    for r in range(n_rows)
+    if r not in kept
   ]
+  zero = np.flatnonzero(source < 0)
+  if zero.size:
+    ids = ", ".join(str(i) for i in zero[:12]) + (", ..." if zero.size > 12 else "")
+    exact = ""
+    if vocab_size > covered:
+      exact = f" (vocab size {covered}, the default, keeps exactly its rows)"
+    notes.append(
+      f"{zero.size} of our ids ({ids}) have no checkpoint row: zero rows, whose logit 0 takes "
+      f"probability mass from every prediction, so scores differ from the checkpoint's{exact}"
+    )
   return source, notes
 
 
@@ -249,12 +301,13 @@ def load(
       "bfloat16": parameter and compute dtype.
     mesh: where to place the parameters (default: all devices, fsdp).
     our_vocab: None keeps the checkpoint's vocabulary (embedding and head
-      rows in its order; the tokenizer maps to its ids). N re-orders the
-      rows into hybridna_jax.tokenizer's ids 0..N-1 (N = 10 covers specials
-      and A C G T N, 128 adds the task tokens); tokens the checkpoint lacks
-      get zero rows, and the returned tokenizer is hybridna_jax.tokenizer.
-      0: the N that keeps every token of ours the checkpoint has
-      (`covered_vocab_size`).
+      rows in its order; the tokenizer maps to its ids). 0 re-orders the
+      rows into hybridna_jax.tokenizer's ids, keeping every row (a
+      permutation, `vocab_remap`: tokens by role and name, the rest on our
+      ids left over), so scores are the checkpoint's; the returned tokenizer
+      is hybridna_jax.tokenizer. N > 0 keeps ids 0..N-1: more than 0's
+      size adds zero rows (logit 0: they take probability mass), fewer drops
+      rows (the softmax renormalises); both are logged.
     **runtime: runtime ModelConfig fields (remat, ssd_impl, attention_impl,
       max_seq_len, scan_layers).
 
@@ -294,11 +347,10 @@ def load(
         f"{files.path} has no tokenizer files (tokenizer.json, vocab.json or "
         "tokenizer_config.json); the vocabulary cannot be mapped to ours."
       )
-    our_vocab = our_vocab or covered_vocab_size(tok)
-    remap, notes = vocab_remap(tok, our_vocab)
+    remap, notes = vocab_remap(tok, cfg.vocab_size, our_vocab)
     for note in notes:
       logging.warning("%s: %s", files.path, note)
-    tok = our_tokenizer
+    tok, our_vocab = our_tokenizer, len(remap)
   out_cfg = cfg if remap is None else dataclasses.replace(cfg, vocab_size=our_vocab)
   params = _place(files, specs, out_cfg, mesh or sharding.make_mesh(fsdp=-1), rules, remap)
   graphdef, _ = nnx.split(abstract_model(out_cfg), nnx.Param)
