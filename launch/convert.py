@@ -61,6 +61,7 @@ def main(argv):
   from hybridna_jax import hf, restore  # pylint: disable=g-import-not-at-top
 
   if hf.is_hf_dir(FLAGS.input):
+    hf.checkpoint.check_our_vocab(FLAGS.vocab_size, "--vocab_size")
     if os.path.isdir(FLAGS.output) and os.listdir(FLAGS.output):
       raise app.UsageError(
         f"--output {FLAGS.output} exists and is not empty; pick a new directory."

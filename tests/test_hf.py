@@ -302,6 +302,8 @@ def test_convert_hf_to_run_and_back(tmp_path):
   assert os.listdir(other) == ["notes.txt"]
   done = _convert(f"--input={path}", f"--output={run}")
   assert done.returncode != 0 and "exists and is not empty" in done.stderr
+  done = _convert(f"--input={path}", f"--output={tmp_path / 'new'}", "--vocab_size=5")
+  assert done.returncode != 0 and "error: --vocab_size=5: pass 0 (every" in done.stderr
 
 
 # -- Config fields as transformers reads them ----------------------------------
@@ -446,6 +448,10 @@ def test_default_vocab_map_is_a_permutation_with_transformers_scores(tmp_path, c
   source, notes = hf.checkpoint.vocab_remap(tok, 16, 128)
   assert (source[16:] == -1).all() and "112 of our ids (16, 17" in notes[-1]
   assert "takes probability mass" in notes[-1]
+  # Fewer than our specials and A C G T N, or more than our ids: one line.
+  for bad in (5, -3, 129):
+    with pytest.raises(ValueError, match=rf"^our_vocab={bad}: pass 0 .* or 10..128 "):
+      hf.load(str(tmp_path), our_vocab=bad)
 
 
 # -- Our exports ---------------------------------------------------------------

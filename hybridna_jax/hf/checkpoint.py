@@ -278,6 +278,18 @@ def vocab_remap(
   return source, notes
 
 
+def check_our_vocab(n: int | None, name: str = "our_vocab") -> None:
+  """Raises ValueError unless `n` (hf.load's our_vocab, convert.py's
+  --vocab_size) is None, 0 or 10..128: fewer than 10 ids leaves out tokens
+  our tokenizer writes (specials, A C G T N), more than 128 ids it never writes."""
+  t = our_tokenizer
+  if n is not None and n != 0 and not t.FIRST_TASK_TOKEN <= n <= t.VOCAB_SIZE:
+    raise ValueError(
+      f"{name}={n}: pass 0 (every checkpoint row, exact scores) or {t.FIRST_TASK_TOKEN}.."
+      f"{t.VOCAB_SIZE} (our specials and A C G T N, up to every task token)."
+    )
+
+
 def _remap_rows(array: np.ndarray, source: np.ndarray, axis: int) -> np.ndarray:
   taken = np.take(array, np.maximum(source, 0), axis=axis)
   keep = (source >= 0).reshape([-1 if a == axis else 1 for a in range(array.ndim)])
@@ -318,6 +330,7 @@ def load(
     our_vocab), and a job config whose `model` section is the translated
     architecture.
   """
+  check_our_vocab(our_vocab)
   files = read_files(path)
   dtype = dtype or "float32"
   cfg, family, tr = model_config(files, dtype=dtype, param_dtype=dtype, **runtime)
