@@ -7,7 +7,8 @@ a model on the devices you have now.
 or best/ directory, one step directory (runs/demo/checkpoints/400), each local, file:// or gs://
 (`hybridna_jax.paths`), or a
 Hugging Face-format directory (config.json + model.safetensors or its
-index; hybridna_jax.hf), which keeps the checkpoint's vocabulary.
+index; hybridna_jax.hf), whose vocabulary is mapped to our token ids like
+launch/convert.py's (our_vocab=None keeps the checkpoint's ids).
 Parameters only are read (no optimizer state), cast to the requested dtype,
 and placed on `mesh` by the model's logical-axis rules, so a checkpoint
 written on 8 devices restores onto 1 and vice versa. A checkpoint written
@@ -56,6 +57,12 @@ def find_checkpoint(path: str, which: str = "latest") -> CheckpointRef:
   if re.fullmatch(r"\d+", path.name):  # a step directory
     manager_dir, step = path.parent, int(path.name)
   else:
+    if hf.is_hf_dir(os.fspath(path)):
+      raise FileNotFoundError(
+        f"{path} is a Hugging Face directory, not a run; convert it once: python "
+        f"launch/convert.py --input={path} --output=<run dir> (in Python, "
+        "restore.load reads it directly)."
+      )
     if (path / CONFIG_FILE).exists():
       manager_dir = path / ("best" if which == "best" else "checkpoints")
     elif (path / "checkpoints").is_dir() or (path / "best").is_dir():
@@ -140,7 +147,13 @@ _LOAD_OVERRIDES = tuple(f for f in MODEL_RUNTIME_FIELDS if f not in ("dtype", "p
 
 
 def load(
-  path: str, *, dtype: str | None = None, mesh: Mesh | None = None, which: str = "latest", **runtime
+  path: str,
+  *,
+  dtype: str | None = None,
+  mesh: Mesh | None = None,
+  which: str = "latest",
+  our_vocab: int | None = 0,
+  **runtime,
 ):
   """Loads a trained model.
 
@@ -152,6 +165,12 @@ def load(
       Hugging Face directory).
     mesh: where to place the parameters (default: all devices, fsdp).
     which: "latest" or "best" for a run directory.
+    our_vocab: for a Hugging Face directory, hf.load's our_vocab: 0 (default)
+      maps its embedding and head rows to our token ids keeping every row,
+      so hybridna_jax.tokenizer -- which the Scorer, fine-tuning and design
+      encode with -- gives its scores; N in 10..128 keeps our ids 0..N-1;
+      None keeps the checkpoint's ids (and returns its hf.VocabTokenizer).
+      Ignored for run directories, which hold our ids.
     **runtime: runtime fields of the restored model (config.MODEL_RUNTIME_FIELDS
       but the dtypes: remat, ssd_impl, attention_impl, max_seq_len,
       scan_layers), e.g. attention_impl="xla" for the dense reference,
@@ -160,9 +179,9 @@ def load(
 
   Returns:
     (model, tokenizer, config) -- an nnx HybriDNA with its parameters on
-    `mesh`, `hybridna_jax.tokenizer` (for a Hugging Face directory: a
-    hf.VocabTokenizer of the checkpoint's ids, None without tokenizer
-    files), and the run's config.
+    `mesh`, `hybridna_jax.tokenizer` (for a Hugging Face directory with
+    our_vocab=None: a hf.VocabTokenizer of the checkpoint's ids, None
+    without readable tokenizer files), and the run's config.
   """
   unknown = sorted(set(runtime) - set(_LOAD_OVERRIDES))
   if unknown:
@@ -172,7 +191,7 @@ def load(
     )
   if hf.is_hf_dir(path):
     runtime = {k: v for k, v in runtime.items() if v not in (None, "")}
-    return hf.load(path, dtype=dtype, mesh=mesh, **runtime)
+    return hf.load(path, dtype=dtype, mesh=mesh, our_vocab=our_vocab, **runtime)
   ref = find_checkpoint(path, which)
   config = run_config(ref.run_dir)
   model_cfg = ModelConfig.from_config(config.model)

@@ -20,6 +20,7 @@ from hybridna_jax import hf, restore, sharding
 from hybridna_jax import tokenizer as our_tokenizer
 from hybridna_jax.config import ModelConfig, load_config
 from hybridna_jax.model import create_model
+from hybridna_jax.scoring.scorer import Scorer
 from hybridna_jax.train import checkpoint as train_checkpoint
 
 torch = pytest.importorskip("torch")
@@ -91,7 +92,7 @@ def test_bamba_checkpoint_gives_transformers_logits(
   assert os.path.exists(tmp_path / "model.safetensors.index.json") == shard
   ids = np.random.RandomState(1).randint(0, 16, (2, 21))
   mesh = sharding.make_mesh(fsdp=2, tensor=2, devices=jax.devices()[:4]) if on_mesh else None
-  model, tok, config = restore.load(str(tmp_path), dtype="float32", mesh=mesh)
+  model, tok, config = restore.load(str(tmp_path), dtype="float32", mesh=mesh, our_vocab=None)
   assert config.model.attn_layers == attn and config.model.ngroups == groups
   assert tok is None  # save_pretrained of a bare model writes no tokenizer
   assert _rel(_ours(model, ids), _torch_logits(ref, ids)) <= 1e-4
@@ -106,7 +107,7 @@ def test_bf16_checkpoint(tmp_path):
   ids = np.random.RandomState(2).randint(0, 16, (1, 24))
   with safe_open(str(tmp_path / "model.safetensors"), framework="np") as f:
     assert f.get_slice("model.embed_tokens.weight").get_dtype() == "BF16"
-  model, _, _ = restore.load(str(tmp_path), dtype="bfloat16")
+  model, _, _ = restore.load(str(tmp_path), dtype="bfloat16", our_vocab=None)
   assert model.embed[...].dtype == jnp.bfloat16
   # bf16 activations cannot match fp32 math closely (transformers' own bf16
   # forward is 0.10 away here): ours may be as far as that, with a margin.
@@ -132,7 +133,7 @@ def test_export_loads_in_transformers_with_our_logits(tmp_path, rope):
   assert fast.pad_token_id == our_tokenizer.PAD
   # And it round-trips through our loader.
   back, tok, _ = restore.load(str(tmp_path))
-  np.testing.assert_array_equal(tok.encode(SEQ), our_tokenizer.encode(SEQ))
+  assert tok is our_tokenizer
   assert _rel(_ours(back, ids), _ours(model, ids)) <= 1e-5
 
 
@@ -237,7 +238,7 @@ def _jamba_dir(tmp_path):
 
 def test_jamba_style_checkpoint_scores_like_bamba(tmp_path, caplog):
   ref, path = _jamba_dir(tmp_path)
-  model, tok, config = restore.load(str(path), dtype="float32")
+  model, tok, config = hf.load(str(path), dtype="float32")  # the checkpoint's ids
   assert "some_future_field" in caplog.text  # unknown config fields are reported
   layer_types = ModelConfig.from_config(config.model).layer_types
   assert layer_types == ("mamba", "mamba", "attention", "mamba")
@@ -253,11 +254,30 @@ def test_jamba_style_checkpoint_scores_like_bamba(tmp_path, caplog):
   assert log_likelihood(ours) == pytest.approx(log_likelihood(theirs), rel=1e-5)
   # Re-ordered into our vocabulary (what launch/convert.py writes): the same
   # logits for every mapped token, under our ids.
-  mapped, our_tok, _ = hf.load(str(path), dtype="float32", our_vocab=0)  # convert.py's default
+  mapped, our_tok, _ = restore.load(str(path), dtype="float32")  # as convert.py's default
   assert our_tok is our_tokenizer and mapped.cfg.vocab_size == 12  # [UNK], [CLS] on 10, 11
   logits = _ours(mapped, our_tokenizer.encode(SEQ, add_bos=True)[None])
   pairs = [(our_tokenizer.A, 10), (our_tokenizer.T, 7), (our_tokenizer.EOS, 6)]
   assert _rel(logits[..., [o for o, _ in pairs]], theirs[..., [t for _, t in pairs]]) <= 1e-4
+
+
+def test_restore_load_maps_a_hf_directory_to_our_ids(tmp_path):
+  # The Scorer (and fine-tuning, design) encode with hybridna_jax.tokenizer:
+  # restore.load gives a model in those ids, with the checkpoint's scores.
+  ref, path = _jamba_dir(tmp_path)
+  model, tok, _ = restore.load(str(path), dtype="float32")
+  assert tok is our_tokenizer and model.cfg.vocab_size == 12
+  seq = SEQ.replace("N", "")
+  ids = hf.read_vocab(str(path)).encode(seq, add_bos=True)[None]
+  logp = jax.nn.log_softmax(_torch_logits(ref, ids)[0, :-1])
+  truth = float(logp[np.arange(len(seq)), ids[0, 1:]].sum())
+  scorer = Scorer(model, context=64, batch_size=1, min_bucket=64, add_bos=True)
+  assert float(scorer.log_likelihood([seq]).total[0]) == pytest.approx(truth, rel=1e-5)
+  _, kept, _ = restore.load(str(path), our_vocab=None)  # the checkpoint's ids
+  assert isinstance(kept, hf.VocabTokenizer) and kept.A == 10
+  # The launchers look for a run: the error says how to convert.
+  with pytest.raises(FileNotFoundError, match=r"is a Hugging Face directory.*launch/convert.py"):
+    restore.find_checkpoint(str(path))
 
 
 def _convert(*args):
@@ -321,7 +341,7 @@ def test_stock_bamba_config_loads_with_transformers_logits(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({**config, "num_key_value_heads": None}))
   theirs = transformers.BambaForCausalLM.from_pretrained(str(tmp_path)).eval()
   assert theirs.config.num_key_value_heads == 4
-  model, _, config = restore.load(str(tmp_path), dtype="float32")
+  model, _, config = restore.load(str(tmp_path), dtype="float32", our_vocab=None)
   m = config.model
   assert (m.head_dim, m.num_kv_heads, m.ssm_head_dim) == (12, 4, 16)
   ids = np.random.RandomState(1).randint(0, 16, (1, 12))

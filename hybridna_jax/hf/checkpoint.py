@@ -358,7 +358,8 @@ def load(
     if tok is None:
       raise HFCheckpointError(
         f"{files.path} has no tokenizer files (tokenizer.json, vocab.json or "
-        "tokenizer_config.json); the vocabulary cannot be mapped to ours."
+        "tokenizer_config.json); the vocabulary cannot be mapped to ours; our_vocab=None "
+        "loads the model with the checkpoint's ids."
       )
     remap, notes = vocab_remap(tok, cfg.vocab_size, our_vocab)
     for note in notes:
