@@ -175,11 +175,11 @@ def test_unsupported_setting_is_named(tmp_path):
 _VOCAB12 = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[BOS]", "[EOS]"] + list("TGCAN")
 
 
-def _jamba_dir(tmp_path):
+def _jamba_dir(tmp_path, groups=1):
   """A HybriDNA Jamba-style checkpoint synthesised from the naming table,
   with the tensors of a Bamba model whose RoPE is made the identity (Jamba's
   attention has none). Returns (reference torch model, directory)."""
-  ref = _bamba(vocab=12, layers=4, attn=(2,), groups=1)
+  ref = _bamba(vocab=12, layers=4, attn=(2,), groups=groups)
   ref.model.rotary_emb.inv_freq.zero_()  # angle 0 everywhere: no rotation
   bamba_dir = tmp_path / "bamba"
   ref.save_pretrained(bamba_dir)
@@ -218,6 +218,7 @@ def _jamba_dir(tmp_path):
   cfg = ModelConfig.from_config(
     {"vocab_size": 12, "d_model": 32, "n_layers": 4, "attn_layers": (2,), "mlp_dim": 48}
     | {"num_heads": 4, "num_kv_heads": 2, "head_dim": 16, "d_state": 8, "ssm_head_dim": 16}
+    | {"ngroups": groups}
   )
   tensors = {}
   with safe_open(files.files["lm_head.weight"], framework="np") as f:
@@ -364,6 +365,23 @@ def test_stated_mamba_head_size_that_cannot_be_is_a_checkpoint_error(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({**config, "mamba_d_head": 20}))
   with pytest.raises(hf.HFCheckpointError, match=r"config.json: .*multiple of ssm_head_dim \(20\)"):
     restore.load(str(tmp_path))
+
+
+def test_ssm_state_size_is_stated_or_an_error(tmp_path):
+  # conv1d's width fixes only ngroups * d_state (2 * 8 here): a config that
+  # states neither cannot be read; either one (under any known name) does.
+  ref, path = _jamba_dir(tmp_path, groups=2)
+  config = json.loads((path / "config.json").read_text())
+  d_state = config.pop("mamba_d_state")
+  ids = np.random.RandomState(3).randint(0, 12, (1, 20))
+  for stated in ({"ssm_state_size": d_state}, {"state_size": d_state}, {"mamba_n_groups": 2}):
+    (path / "config.json").write_text(json.dumps({**config, **stated}))
+    model, _, loaded = hf.load(str(path), dtype="float32")
+    assert (loaded.model.d_state, loaded.model.ngroups) == (8, 2)
+  assert _rel(_ours(model, ids), _torch_logits(ref, ids)) <= 1e-4
+  (path / "config.json").write_text(json.dumps(config))
+  with pytest.raises(hf.HFCheckpointError, match=r"config.json names neither .* add mamba_d_state"):
+    hf.load(str(path))
 
 
 def test_older_rope_scaling_is_read(tmp_path):

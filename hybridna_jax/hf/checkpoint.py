@@ -124,10 +124,12 @@ def model_config(
   if "vocab_size" not in fields and embed:
     fields["vocab_size"] = embed[0]
   # The layer pattern and Mamba2 sizes, to find and read the tensors below;
-  # an unstated SSM head size or group count is 1 here, which any d_inner
-  # admits (stated ones are kept and checked).
+  # an unstated SSM head size, group count or state size is 1 here, which
+  # any d_inner admits (stated ones are kept and checked).
   try:
-    probe = ModelConfig.from_config({"ssm_head_dim": 1, "ngroups": 1, **fields}, path=source)
+    probe = ModelConfig.from_config(
+      {"ssm_head_dim": 1, "ngroups": 1, "d_state": 1, **fields}, path=source
+    )
   except ValueError as e:
     raise HFCheckpointError(f"{source}: {e}") from None
   first_mamba = next((i for i, k in enumerate(probe.layer_types) if k == "mamba"), None)
@@ -137,8 +139,21 @@ def model_config(
     if "ssm_head_dim" not in fields and heads:
       fields["ssm_head_dim"] = probe.d_inner // heads[0]
     conv = files.shapes.get(prefix + "conv1d.weight")
-    if "ngroups" not in fields and conv:
-      fields["ngroups"] = (conv[0] - probe.d_inner) // (2 * probe.d_state)
+    if conv and not ("ngroups" in fields and "d_state" in fields):
+      # conv1d's channels are d_inner + 2 * ngroups * d_state: the product
+      # only. Either factor gives the other; a guessed one can load a model
+      # with the wrong groups that runs and scores wrong.
+      group_states = (conv[0] - probe.d_inner) // 2
+      if "d_state" in fields:
+        fields["ngroups"] = group_states // fields["d_state"]
+      elif "ngroups" in fields:
+        fields["d_state"] = group_states // fields["ngroups"]
+      else:
+        raise HFCheckpointError(
+          f"{source} names neither the SSM state size nor the group count, and the tensors "
+          f"give only their product ({group_states}); add mamba_d_state (or mamba_n_groups) "
+          "to it."
+        )
   try:
     cfg = ModelConfig.from_config({**fields, **overrides}, path=source)
   except ValueError as e:

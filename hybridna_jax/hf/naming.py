@@ -283,8 +283,9 @@ _TRANSFORMERS_DEFAULTS = {
 }
 _BAMBA_DEFAULTS = {**_TRANSFORMERS_DEFAULTS, "mamba_d_state": 256}
 # JambaConfig's for the Jamba-style family, but its mamba_d_state (16), which
-# belongs to Jamba's Mamba1 mixer: the Mamba2 mixer here keeps ours
-# (mamba_ssm's Mamba2 default, 128).
+# belongs to Jamba's Mamba1 mixer: an absent SSM state size is read from the
+# tensors when the group count is stated, else it is an error
+# (hf.checkpoint.model_config): guessing it can load the wrong groups.
 _JAMBA_DEFAULTS = {**_TRANSFORMERS_DEFAULTS, "rms_norm_eps": 1e-6}
 
 
@@ -360,10 +361,13 @@ def _is_identity_rope(rope: Mapping[str, Any]) -> bool:
 
 
 # Mamba2 fields of a Jamba-style config: each name users or the reference
-# implementations use for the same thing.
+# implementations use for the same thing, the first present wins (transformers'
+# Bamba/Jamba: mamba_d_state, mamba_n_groups; Mamba2: state_size, n_groups;
+# NemotronH: ssm_state_size, mamba_head_dim, n_groups).
 _JAMBA_ALIASES = {
   "ssm_head_dim": ("mamba_d_head", "mamba_headdim", "mamba_head_dim"),
-  "ngroups": ("mamba_n_groups", "mamba_ngroups"),
+  "ngroups": ("mamba_n_groups", "mamba_ngroups", "n_groups"),
+  "d_state": ("mamba_d_state", "ssm_state_size", "state_size"),
 }
 
 
