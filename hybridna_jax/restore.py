@@ -63,6 +63,7 @@ def find_checkpoint(path: str, which: str = "latest") -> CheckpointRef:
         f"launch/convert.py --input={path} --output=<run dir> (in Python, "
         "restore.load reads it directly)."
       )
+    hf.check_safetensors(os.fspath(path))
     if (path / CONFIG_FILE).exists():
       manager_dir = path / ("best" if which == "best" else "checkpoints")
     elif (path / "checkpoints").is_dir() or (path / "best").is_dir():

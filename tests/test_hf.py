@@ -162,6 +162,16 @@ def test_bad_checkpoint_lists_every_problem(tmp_path):
     assert expected in message
 
 
+def test_pytorch_weights_only_say_how_to_resave(tmp_path):
+  _bamba().config.save_pretrained(tmp_path)
+  (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")  # never read
+  for load in (restore.load, hf.load):
+    with pytest.raises(hf.HFCheckpointError, match=r"PyTorch weights \(pytorch_model.bin\)"):
+      load(str(tmp_path))
+  with pytest.raises(hf.HFCheckpointError, match=r"save_pretrained\(dir, safe_serialization=True"):
+    restore.find_checkpoint(str(tmp_path))  # the launchers' lookup
+
+
 def test_unsupported_setting_is_named(tmp_path):
   _bamba().save_pretrained(tmp_path)
   config = json.loads((tmp_path / "config.json").read_text())

@@ -5,6 +5,7 @@ ours for transformers' BambaForCausalLM. See checkpoint.py and naming.py."""
 from hybridna_jax.hf.checkpoint import (
   HFCheckpointError,
   check_export_dir,
+  check_safetensors,
   export,
   is_hf_dir,
   load,
@@ -21,6 +22,7 @@ __all__ = [
   "HYBRIDNA_JAMBA",
   "VocabTokenizer",
   "check_export_dir",
+  "check_safetensors",
   "export",
   "is_hf_dir",
   "load",

@@ -46,6 +46,9 @@ from hybridna_jax.model import abstract_model, convert_params
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
+# PyTorch pickles, which transformers writes with safe_serialization=False;
+# reading them would need torch (and unpickling runs code).
+TORCH_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 class HFCheckpointError(ValueError):
@@ -60,6 +63,20 @@ def is_hf_dir(path: str) -> bool:
     and os.path.exists(os.path.join(path, CONFIG_FILE))
     and any(os.path.exists(os.path.join(path, f)) for f in (SINGLE_FILE, INDEX_FILE))
   )
+
+
+def check_safetensors(path: str) -> None:
+  """Raises HFCheckpointError for a Hugging Face directory that holds
+  PyTorch weights (TORCH_FILES) and no safetensors, which load cannot read."""
+  if is_hf_dir(path) or not os.path.exists(os.path.join(path, CONFIG_FILE)):
+    return
+  held = [f for f in TORCH_FILES if os.path.exists(os.path.join(path, f))]
+  if held:
+    raise HFCheckpointError(
+      f"{path} holds PyTorch weights ({held[0]}) and no {SINGLE_FILE}; only safetensors are "
+      "read: re-save them in transformers with model.save_pretrained(dir, "
+      "safe_serialization=True)."
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +99,7 @@ class HFFiles:
 def read_files(path: str) -> HFFiles:
   """Reads config.json and the safetensors headers (no tensor data)."""
   path = os.path.abspath(path)
+  check_safetensors(path)
   with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as f:
     config = json.load(f)
   index = os.path.join(path, INDEX_FILE)
