@@ -172,6 +172,14 @@ def test_pytorch_weights_only_say_how_to_resave(tmp_path):
     restore.find_checkpoint(str(tmp_path))  # the launchers' lookup
 
 
+def test_truncated_shard_is_named(tmp_path):
+  _bamba().save_pretrained(tmp_path, max_shard_size="20KB")
+  shard = sorted(tmp_path.glob("model-*.safetensors"))[1]
+  shard.write_bytes(shard.read_bytes()[:100])  # an interrupted download
+  with pytest.raises(hf.HFCheckpointError, match=rf"^{shard}: not a readable safetensors file"):
+    hf.load(str(tmp_path))
+
+
 def test_unsupported_setting_is_named(tmp_path):
   _bamba().save_pretrained(tmp_path)
   config = json.loads((tmp_path / "config.json").read_text())

@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from hybridna_jax import sharding
@@ -114,10 +114,15 @@ def read_files(path: str) -> HFFiles:
     shard_path = os.path.join(path, shard)
     if not os.path.exists(shard_path):
       raise FileNotFoundError(f"{index}: shard {shard} is missing from {path}.")
-    with safe_open(shard_path, framework="np") as f:
-      for name in f.keys():
-        shapes[name] = tuple(f.get_slice(name).get_shape())
-        files[name] = shard_path
+    try:
+      with safe_open(shard_path, framework="np") as f:
+        for name in f.keys():
+          shapes[name] = tuple(f.get_slice(name).get_shape())
+          files[name] = shard_path
+    except SafetensorError as e:  # truncated or corrupt: its header does not cover the file
+      raise HFCheckpointError(
+        f"{shard_path}: not a readable safetensors file ({e}); download it again."
+      ) from None
   return HFFiles(path, config, shapes, files)
 
 
