@@ -544,6 +544,11 @@ def test_exported_tokenizer_folds_like_ours(tmp_path):
     # Special and task tokens are matched as written, not normalised.
     ids = fast("<bos>acgu<task_3><eos>", add_special_tokens=False)["input_ids"]
     assert ids == [our_tokenizer.BOS, 5, 6, 7, 8, our_tokenizer.task_token(3), our_tokenizer.EOS]
+    # Documented difference (README, write_char_tokenizer): another character
+    # is N there, as a Hugging Face tokenizer cannot raise; ours raises.
+    assert fast("AXG", add_special_tokens=False)["input_ids"] == [5, our_tokenizer.N, 7]
+  with pytest.raises(our_tokenizer.InvalidSequenceError, match="'X' at position 1"):
+    our_tokenizer.encode("AXG")
 
 
 def test_export_replaces_an_earlier_export(tmp_path, monkeypatch):

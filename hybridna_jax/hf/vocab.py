@@ -248,7 +248,11 @@ def write_char_tokenizer(path: str) -> list[str]:
   tokenizer (CHAR_TOKENIZER_FILES): tokenizer.json (a WordLevel model over
   single characters, loadable by `tokenizers` and transformers'
   PreTrainedTokenizerFast, folding case, U and IUPAC codes as ours does),
-  tokenizer_config.json and special_tokens_map.json. Returns the names."""
+  tokenizer_config.json and special_tokens_map.json. Returns the names.
+
+  One difference: any other character becomes N (the model's unk_token)
+  where ours raises InvalidSequenceError, as a `tokenizers` model cannot
+  raise; the README's export section says so."""
   names = [ours.token_name(i) for i in range(ours.VOCAB_SIZE)]
   specials = {i for i in range(ours.VOCAB_SIZE) if not ours.A <= i <= ours.N}
   flags = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": False}
