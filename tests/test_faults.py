@@ -184,6 +184,34 @@ def test_training_resumes_past_a_damaged_checkpoint(base_run, tmp_path):
   assert sorted(Checkpoints(ckpt_dir).all_steps()) == [2, 4, 5]  # 4 written again from 2
 
 
+def test_config_and_machine_failures_on_resume_move_nothing(base_run, tmp_path, monkeypatch):
+  """A resume that fails for a reason of this run's config (a batch the
+  mesh cannot split) or of this machine (an I/O error) raises with every
+  step left in place (issue: each step moved to checkpoints.damaged/, and
+  the next start trained from step 0); a step whose data-iterator state is
+  lost is damage, and the run resumes from the step before it."""
+  cfg, base = base_run
+  workdir = str(tmp_path / "run")
+  shutil.copytree(base, workdir)
+  ckpt_dir = os.path.join(workdir, loop.CHECKPOINT_DIR)
+  cfg = cfg.copy_and_resolve_references()
+  cfg.train.stages = ((32, 6, 4),)  # step 4 is mid-stage: its iterator is restored
+  bad = cfg.copy_and_resolve_references()
+  bad.train.grad_accum = 3
+  with pytest.raises(ValueError, match=r"global batch 4 is not divisible .* grad_accum"):
+    loop.train(bad, workdir)
+  with monkeypatch.context() as m:
+    m.setattr(Checkpoints, "restore", lambda *a: (_ for _ in ()).throw(OSError(5, "I/O error")))
+    with pytest.raises(OSError, match="I/O error"):
+      loop.train(cfg, workdir)
+  assert sorted(os.listdir(ckpt_dir)) == ["2", "4"] and not os.path.exists(ckpt_dir + ".damaged")
+  for state_file in glob.glob(os.path.join(ckpt_dir, "4", "data", "*.json")):
+    os.remove(state_file)
+  summary = loop.train(cfg, workdir)
+  assert summary["stopped"] == "completed" and summary["steps"] == 6
+  assert os.listdir(ckpt_dir + ".damaged") == ["4"]
+
+
 def test_changed_data_loader_on_resume_is_refused_not_damage(base_run, tmp_path):
   """A saved data-iterator state that does not fit the new loader (issue:
   num_workers 0 -> 1 moved every step to checkpoints.damaged/ and restarted

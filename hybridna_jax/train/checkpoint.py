@@ -167,6 +167,11 @@ class Checkpoints:
         iterator (its loader was built another way), or this process has no
         state file (another process count).
     """
+    data_dir = self.step_directory(step) / "data"
+    own = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if not (data_dir / own).exists() and not any(data_dir.glob("process_*-of-*.json")):
+      # No process's state at all: lost, not written for another process count.
+      raise CheckpointDamagedError(f"data/{own} missing")
     try:
       self.manager.restore(step, args=ocp.args.Composite(data=data_args))
     except json.JSONDecodeError as e:
@@ -249,7 +254,9 @@ class Checkpoints:
   ) -> tuple[int, TrainState, dict] | None:
     """(step, state, meta) of the newest step that restores into `target`
     (see `restore`); damaged steps on the way are reported and moved aside
-    (`move_aside`). None when no step is left. `data_args(meta)` gives the
+    (`move_aside`). None when no step is left. A failure of the machine
+    (memory, I/O, a storage service; `_machine_failure`) or of the config
+    (raised by `data_args`) is raised, with nothing moved. `data_args(meta)` gives the
     data item's restore args for a step (None: not restored); the data item
     is restored after the train state (`restore_data`), so that a state that
     does not fit the iterator is told apart from damage.
@@ -264,7 +271,13 @@ class Checkpoints:
       try:
         self.check_complete(step)
         meta = self.restore_meta(step)
-        args = data_args(meta) if data_args is not None else None
+      except Exception as e:  # pylint: disable=broad-except
+        self._damaged_or_raise(step, e)
+        continue
+      # Outside the damage handling: building the iterator checks the
+      # config (batch vs mesh, ...), whose errors say nothing of the step.
+      args = data_args(meta) if data_args is not None else None
+      try:
         if args is not None:
           self.check_complete(step, data=True)
         self.check_fits(step, target)
@@ -274,10 +287,19 @@ class Checkpoints:
       except (CheckpointMismatchError, DataStateMismatchError):
         raise
       except Exception as e:  # pylint: disable=broad-except
-        self.move_aside(step, _first_line(e))
+        self._damaged_or_raise(step, e)
         continue
       return step, state, meta
     return None
+
+  def _damaged_or_raise(self, step: int, error: Exception) -> None:
+    """Moves the step aside when `error` came from its files; re-raises a
+    failure of this machine (memory, a storage or network error): the step
+    may be intact, and moving every step aside would restart the run from
+    step 0 once the machine is fixed."""
+    if _machine_failure(error):
+      raise error
+    self.move_aside(step, _first_line(error))
 
   def restore_meta(self, step: int) -> dict:
     return dict(
@@ -311,6 +333,25 @@ class Checkpoints:
 
   def close(self) -> None:
     self.manager.close()
+
+
+# Status codes (absl, as tensorstore and XLA print them) of failures that
+# are the machine's or the storage service's, not the checkpoint's.
+_MACHINE_STATUS = ("RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "PERMISSION_DENIED")
+
+
+def _machine_failure(error: BaseException) -> bool:
+  """Whether `error`, met while restoring a step, is a failure of this
+  machine or its storage (out of memory, an I/O error, a refused or timed
+  out request) rather than damage to the step's files."""
+  if isinstance(error, MemoryError):
+    return True
+  if isinstance(error, OSError) and not isinstance(
+    error, (FileNotFoundError, IsADirectoryError, NotADirectoryError)
+  ):
+    return True
+  text = str(error)
+  return any(code in text for code in _MACHINE_STATUS)
 
 
 def _first_line(error: BaseException, limit: int = 200) -> str:
