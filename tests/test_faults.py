@@ -184,6 +184,21 @@ def test_training_resumes_past_a_damaged_checkpoint(base_run, tmp_path):
   assert sorted(Checkpoints(ckpt_dir).all_steps()) == [2, 4, 5]  # 4 written again from 2
 
 
+def test_a_signal_after_the_last_step_is_reported(tiny_config, tmp_path, monkeypatch):
+  """SIGTERM during the task's finish (after the last step) completes the
+  run and says so in the summary, for callers that run more (a suite)."""
+  cfg = _one_stage(tiny_config, 2)
+  real = loop.LMPretraining.finish
+
+  def finish(self, fns, state, workdir):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real(self, fns, state, workdir)
+
+  monkeypatch.setattr(loop.LMPretraining, "finish", finish)
+  summary = loop.train(cfg, str(tmp_path / "run"))
+  assert summary["stopped"] == "completed" and summary["signalled"] is True
+
+
 def test_config_and_machine_failures_on_resume_move_nothing(base_run, tmp_path, monkeypatch):
   """A resume that fails for a reason of this run's config (a batch the
   mesh cannot split) or of this machine (an I/O error) raises with every

@@ -219,10 +219,11 @@ def test_train_iterator_shuffles_lays_out_rows_and_restores(motif_task):
     assert batch["labels"][row] == labels[i]
 
 
-def _fake_finetune(calls: list, preempted: tuple[str, ...] = ()):
+def _fake_finetune(calls: list, preempted: tuple[str, ...] = (), signalled: tuple[str, ...] = ()):
   """A stand-in for `task_lib.finetune` that scores a fixed rule instead of
   training (the suite logic is under test); tasks named in `preempted` stop
-  as a preempted loop does, without results."""
+  as a preempted loop does, without results; those in `signalled` complete
+  with a signal received while they finished."""
 
   def fake_finetune(config, workdir, data):
     calls.append((config.finetune.task, workdir, data.name))
@@ -250,7 +251,7 @@ def _fake_finetune(calls: list, preempted: tuple[str, ...] = ()):
     os.makedirs(workdir)
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(results, f)
-    return {"stopped": "completed", "results": results}
+    return {"stopped": "completed", "results": results, "signalled": data.name in signalled}
 
   return fake_finetune
 
@@ -312,10 +313,16 @@ def test_preempted_task_stops_the_suite_which_resumes(tmp_path, monkeypatch):
   assert {r["task"] for r in summary["suite"]} == {"a"}
   written = json.load(open(tmp_path / "suite" / "suite_results.json"))
   assert [r["task"] for r in written] == [r["task"] for r in summary["suite"]]
-  assert "Preempted during b" in open(tmp_path / "suite" / "suite_table.md").read()
-  monkeypatch.setattr(task_lib, "finetune", _fake_finetune(calls))
+  assert "Preempted at b" in open(tmp_path / "suite" / "suite_table.md").read()
+  # A signal while b finishes (its test predictions): b's results are kept,
+  # and the suite stops before c.
+  monkeypatch.setattr(task_lib, "finetune", _fake_finetune(calls, signalled=("b",)))
   summary = task_lib.run_suite(cfg, patterns, workdir)  # a is read back, b resumes
-  assert summary["stopped"] == "completed" and [c[2] for c in calls[2:]] == ["b", "c"]
+  assert summary["stopped"] == "preempted" and summary["preempted_task"] == "c"
+  assert [c[2] for c in calls[2:]] == ["b"]
+  monkeypatch.setattr(task_lib, "finetune", _fake_finetune(calls))
+  summary = task_lib.run_suite(cfg, patterns, workdir)  # a and b are read back
+  assert summary["stopped"] == "completed" and [c[2] for c in calls[3:]] == ["c"]
   assert [r["task"] for r in summary["suite"] if r["split"] == "dev"] == ["a", "b", "c"]
 
 

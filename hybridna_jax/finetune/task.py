@@ -544,7 +544,8 @@ def run_suite(config, patterns: list[str], workdir: str) -> dict:
 
   A preempted task (SIGTERM / SIGINT: the loop saved its checkpoint) stops
   the suite, whose files then hold the tasks finished so far; running it
-  again resumes that task.
+  again resumes that task. A signal while a task finishes (its test
+  predictions and baselines) stops the suite after that task.
 
   Returns:
     {"suite": result rows (`report.result_rows`) of the finished tasks,
@@ -563,7 +564,8 @@ def run_suite(config, patterns: list[str], workdir: str) -> dict:
       task_config.finetune.task = path
     # As JSON can hold them: repr of each value.
     settings = {k: repr(v) for k, v in loop.flatten_config(task_config.to_dict()).items()}
-    if os.path.exists(results_path):
+    reused = os.path.exists(results_path)
+    if reused:
       _check_suite_settings(task_dir, settings)
       logging.info("[%d/%d] %s: done already (%s)", i + 1, len(paths), name, results_path)
       with open(results_path, encoding="utf-8") as f:
@@ -595,6 +597,20 @@ def run_suite(config, patterns: list[str], workdir: str) -> dict:
     rows.extend(report.result_rows({**results, "task": name}))
     if "verdict" in results:
       verdicts.append(f"- {name}: {results['verdict']['text']}")
+    if not reused and run.get("signalled") and i + 1 < len(paths):
+      # Signalled while the task finished (test predictions, baselines).
+      summary.update(stopped="preempted", preempted_task=names[i + 1])
+      logging.warning(
+        "[%d/%d] %s finished after a stop signal; the suite stops before %s (%d of %d tasks "
+        "finished).",
+        i + 1,
+        len(paths),
+        name,
+        names[i + 1],
+        i + 1,
+        len(paths),
+      )
+      break
   if jax.process_index() == 0 and rows:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "suite_results.json"), "w", encoding="utf-8") as f:
@@ -604,7 +620,7 @@ def run_suite(config, patterns: list[str], workdir: str) -> dict:
       f.write("# Fine-tuning suite\n\nSelected on dev, reported on test.\n\n")
       if summary["stopped"] == "preempted":
         f.write(
-          f"Preempted during {summary['preempted_task']}: the tasks below finished; "
+          f"Preempted at {summary['preempted_task']}: the tasks below finished; "
           "run the suite again to resume.\n\n"
         )
       if verdicts:

@@ -776,6 +776,9 @@ def _train(config, workdir: str, task: Task | None, preemption: _Preemption) -> 
     best.wait()
   if summary["stopped"] == "completed":
     summary.update(task.finish(fns, state, workdir))
+    # A signal after the last step (final eval, finish) stops nothing here,
+    # but a caller that runs more (a fine-tuning suite) must stop after it.
+    summary["signalled"] = preemption.any_host()
   logger.close()
   summary["steps"] = step
   summary["stages"] = [dataclasses.asdict(s) for s in stages]
