@@ -184,6 +184,26 @@ def test_training_resumes_past_a_damaged_checkpoint(base_run, tmp_path):
   assert sorted(Checkpoints(ckpt_dir).all_steps()) == [2, 4, 5]  # 4 written again from 2
 
 
+def test_stopping_at_once_completes_the_save_in_flight(tiny_config, tmp_path, monkeypatch):
+  """Ctrl-C twice (KeyboardInterrupt: stop without a new checkpoint) right
+  after an async save started: the save completes before the exception
+  leaves train (it was cut off at exit, and the rerun began at step 0)."""
+  cfg = _one_stage(tiny_config, 4)
+  cfg.train.async_checkpoints = True
+  real = Checkpoints.save
+
+  def save(self, *args, **kwargs):
+    real(self, *args, **kwargs)
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(Checkpoints, "save", save)
+  workdir = str(tmp_path / "run")
+  with pytest.raises(KeyboardInterrupt):
+    loop.train(cfg, workdir)
+  ckpt_dir = os.path.join(workdir, loop.CHECKPOINT_DIR)
+  assert os.listdir(ckpt_dir) == ["2"] and Checkpoints(ckpt_dir).all_steps() == [2]
+
+
 def test_a_signal_after_the_last_step_is_reported(tiny_config, tmp_path, monkeypatch):
   """SIGTERM during the task's finish (after the last step) completes the
   run and says so in the summary, for callers that run more (a suite)."""

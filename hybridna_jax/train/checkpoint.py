@@ -331,6 +331,10 @@ class Checkpoints:
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
+  def saving(self) -> bool:
+    """Whether an async save is still being written."""
+    return self.manager.is_saving_in_progress()
+
   def close(self) -> None:
     self.manager.close()
 

@@ -120,13 +120,17 @@ class _Preemption:
   """SIGTERM and SIGINT (Ctrl-C) set a flag; the loop saves a checkpoint and
   exits after the step that is running (a compile included), or at once
   while waiting for data (`_fetch`). A second SIGINT raises
-  KeyboardInterrupt: stop now, without saving."""
+  KeyboardInterrupt: stop now, without a new checkpoint (a save already in
+  flight is completed first, `finish_saves`)."""
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.requested = False
     self._previous: dict = {}
+    # The run's checkpoint managers, whose saves in flight `finish_saves`
+    # completes when the run stops on an exception.
+    self.managers: list = []
 
   def __enter__(self):
     def handler(signum, frame):
@@ -135,7 +139,7 @@ class _Preemption:
         raise KeyboardInterrupt
       logging.warning(
         "signal %d: saving a checkpoint and stopping after this step (Ctrl-C again: stop "
-        "without saving).",
+        "without a new checkpoint).",
         signum,
       )
       self.requested = True
@@ -151,6 +155,24 @@ class _Preemption:
     for sig, previous in self._previous.items():
       signal.signal(sig, previous)
     self._previous = {}
+
+  def finish_saves(self, error: BaseException) -> None:
+    """Completes the checkpoint saves in flight (an async save of the last
+    interval is whole data) before `error` ends the process, whose exit
+    would cut them off. Ctrl-C again abandons them."""
+    for manager in self.managers:
+      if not manager.saving():
+        continue
+      logging.warning(
+        "stopping (%s); finishing the checkpoint save in flight in %s first (Ctrl-C again "
+        "to abandon it).",
+        type(error).__name__,
+        manager.directory,
+      )
+      try:
+        manager.wait()
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("the save in flight in %s failed: %s", manager.directory, e)
 
   def any_host(self) -> bool:
     if jax.process_count() == 1:
@@ -456,7 +478,11 @@ def train(config, workdir: str, task: Task | None = None) -> dict:
   validate(config)
   paths.run_path(workdir)  # refuses unsupported URLs before any work
   with _Preemption() as preemption:
-    return _train(config, workdir, task, preemption)
+    try:
+      return _train(config, workdir, task, preemption)
+    except BaseException as e:
+      preemption.finish_saves(e)
+      raise
 
 
 def _written_config(workdir: str) -> dict | None:
@@ -607,6 +633,7 @@ def _train(config, workdir: str, task: Task | None, preemption: _Preemption) -> 
     paths.join(workdir, CHECKPOINT_DIR), keep=tc.keep_checkpoints, async_save=tc.async_checkpoints
   )
   best = Checkpoints(paths.join(workdir, BEST_DIR), keep=1) if tc.keep_best else None
+  preemption.managers = [m for m in (checkpoints, best) if m is not None]
   best_val = math.inf if select_mode == "min" else -math.inf
   target = with_shardings(jax.eval_shape(fns.init, jax.random.key(0)), fns.state_shardings)
   built: dict = {}
@@ -627,6 +654,7 @@ def _train(config, workdir: str, task: Task | None, preemption: _Preemption) -> 
     resumed = checkpoints.restore_newest(target, data_args) if checkpoints.all_steps() else None
   except BaseException as e:
     # A refused resume ends the process: stop the managers' threads first.
+    preemption.managers = []
     for manager in (checkpoints, best):
       if manager is not None:
         manager.close()
