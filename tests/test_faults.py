@@ -370,6 +370,19 @@ def test_architecture_change_on_resume_is_refused(base_run, tmp_path):
   assert sorted(os.listdir(os.path.join(workdir, loop.CHECKPOINT_DIR))) == ["2", "4"]
 
 
+def test_optimizer_change_on_resume_names_the_optimizer_settings(base_run, tmp_path):
+  cfg, base = base_run
+  workdir = str(tmp_path / "run")
+  shutil.copytree(base, workdir)
+  cfg = cfg.copy_and_resolve_references()
+  cfg.train.grad_clip = 0.0 if cfg.train.grad_clip else 1.0
+  with pytest.raises(
+    CheckpointMismatchError, match=r"does not fit the optimizer state: train opt_state.*grad_clip"
+  ):
+    loop.train(cfg, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, loop.CHECKPOINT_DIR))) == ["2", "4"]
+
+
 def test_restore_errors_name_the_parameter_and_config_json(base_run, tmp_path):
   _, base = base_run
   workdir = str(tmp_path / "run")

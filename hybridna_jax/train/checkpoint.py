@@ -221,10 +221,20 @@ class Checkpoints:
         raise CheckpointDamagedError(f"{item}/ metadata unreadable ({_first_line(e)})") from e
       problems += [f"{item} {p}" for p in describe_mismatch(stored, _shapes(tree))]
     if problems:
+      if not any(p.startswith("params ") for p in problems) and "opt_state" in problems[0]:
+        # The parameters fit; the optimizer's state has another structure.
+        fix = (
+          "The optimizer settings must match the ones the checkpoint was written with "
+          "(config.train.grad_clip on or off, finetune.freeze_backbone, the optimizer)."
+        )
+        what = "optimizer state"
+      else:
+        fix = "The model config must match the one the checkpoint was written with."
+        what = "model"
       raise CheckpointMismatchError(
-        f"checkpoint {self.step_directory(step)} does not fit the model: "
+        f"checkpoint {self.step_directory(step)} does not fit the {what}: "
         + "; ".join(problems)
-        + ". The model config must match the one the checkpoint was written with."
+        + f". {fix}"
       )
 
   def move_aside(self, step: int, reason: str) -> str:
