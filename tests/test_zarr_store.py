@@ -232,3 +232,30 @@ def test_an_unreachable_url_is_one_line_not_a_hang(monkeypatch):
   for call in (store_lib.is_complete, store_lib.TokenStore.open):
     with pytest.raises(store_lib.StoreError, match=r"manifest.json: no answer in 1 s; check"):
       call("http://127.0.0.1:1/store")
+
+
+def test_missing_or_replaced_chunks_are_never_read_as_padding(lambda_store, tmp_path):
+  """A chunk object lost from an export (a cut copy, a lifecycle rule) is an
+  error naming it, not tokens of 0 (<pad>); a store prepared again at the
+  same URL is read anew by the same process, not from the chunk cache."""
+  local = store_lib.TokenStore.open(lambda_store.store_dir)
+  root = tmp_path / "export"
+  url = store_lib.export_zarr(local, str(root), chunk_tokens=4096)
+  expected = local["train"].tokens[8192:8200].copy()
+  np.testing.assert_array_equal(store_lib.TokenStore.open(url)["train"].tokens[8192:8200], expected)
+  # Prepared again (another store written over it): the same process reads the new tokens.
+  with store_lib.TokenStoreWriter(str(tmp_path / "other")) as writer:
+    writer.begin_record("train", "g", "g")
+    writer.append(np.full(local["train"].num_tokens, 7, np.uint8))
+    writer.commit()
+  store_lib.export_zarr(
+    store_lib.TokenStore.open(str(tmp_path / "other")),
+    str(tmp_path / "other_export"),
+    chunk_tokens=4096,
+  )
+  chunk = root / "train.tokens.zarr" / "c" / "2"
+  chunk.write_bytes((tmp_path / "other_export" / "train.tokens.zarr" / "c" / "2").read_bytes())
+  assert (store_lib.TokenStore.open(url)["train"].tokens[8192:8200] == 7).all()
+  chunk.unlink()
+  with pytest.raises(ValueError, match=r"NOT_FOUND: chunk \{2\} .*c/2.* is missing"):
+    store_lib.TokenStore.open(url)["train"].tokens[8192:8200]

@@ -72,10 +72,20 @@ def _ts():
   return ts
 
 
+# Retries of a failing object read (HTTP 5xx, a cut connection): tensorstore's
+# default, 32 with backoff, stalls a reader silently for about 15 minutes.
+REQUEST_RETRIES = {"max_retries": 8, "initial_delay": "1s", "max_delay": "8s"}
+
+
 def _context():
   global _CONTEXT
   if _CONTEXT is None:
-    _CONTEXT = _ts().Context({"cache_pool": {"total_bytes_limit": ZARR_CACHE_BYTES}})
+    _CONTEXT = _ts().Context(
+      {
+        "cache_pool": {"total_bytes_limit": ZARR_CACHE_BYTES},
+        **{f"{kind}_request_retries": REQUEST_RETRIES for kind in ("http", "gcs", "s3")},
+      }
+    )
   return _CONTEXT
 
 
@@ -308,7 +318,15 @@ class ZarrStoreSplit(StoreSplit):
       array = (
         _ts()
         .open(
-          {"driver": "zarr3", "kvstore": url, "recheck_cached_data": False},
+          {
+            "driver": "zarr3",
+            "kvstore": url,
+            # A missing chunk object is an error, not tokens of 0 (<pad>).
+            "fill_missing_data_reads": False,
+            # Chunks cached before this open are read again: the URL may
+            # hold a store prepared since (the cache is process-wide).
+            "recheck_cached_data": "open",
+          },
           context=_context(),
           open=True,
           read=True,
