@@ -292,6 +292,22 @@ def test_train_ranges_are_checked(field, value, message):
     config_lib.validate(cfg)
 
 
+@pytest.mark.parametrize(
+  "field,value,message",
+  [
+    ("window_stride", -5, r"must be >= 0, got -5\.$"),
+    ("num_workers", -1, r"must be >= 0"),
+    ("max_n_fraction", float("nan"), r"must be in \[0, 1\] \(a fraction\), got nan"),
+    ("reverse_complement_prob", 1.5, r"must be in \[0, 1\]"),
+  ],
+)
+def test_data_ranges_are_checked(field, value, message):
+  cfg = load_config("configs/tiny.py")
+  cfg.data[field] = value
+  with pytest.raises(ValueError, match=f"^config.data.{field} {message}"):
+    config_lib.validate(cfg)
+
+
 def test_zero_keeps_its_documented_meaning():
   cfg = load_config("configs/tiny.py")
   for field in ("eval_every", "eval_batches", "eval_seq_len", "warmup_steps", "min_lr_ratio"):

@@ -65,6 +65,25 @@ def test_compressed_inputs(tmp_path, compress):
   _check(path, _expected(records), block_size=777)
 
 
+def test_bgzf_cut_between_blocks_is_warned_of(tmp_path, caplog):
+  """A real BGZF file (pysam) cut after a whole block still decompresses,
+  shorter: the missing end-of-file block is warned of, as htslib does."""
+  import pysam  # pylint: disable=g-import-not-at-top
+
+  records = _random_records(seed=2)
+  plain = tmp_path / "x.fa"
+  fasta.write_fasta(plain, records)
+  whole = tmp_path / "x.fa.gz"
+  pysam.tabix_compress(str(plain), str(whole))
+  assert fasta.is_bgzip(whole) and fasta.has_bgzf_eof(whole)
+  _check(whole, _expected(records), block_size=777)
+  assert "end-of-file block" not in caplog.text
+  cut = tmp_path / "cut.fa.gz"
+  cut.write_bytes(whole.read_bytes()[: -len(fasta.BGZF_EOF)])
+  fasta.read_fasta(cut)
+  assert f"{cut}: no BGZF end-of-file block; the file may be truncated" in caplog.text
+
+
 def test_lambda_phage():
   ((header, tokens),) = fasta.read_fasta(LAMBDA)
   assert header.name == "gi|9626243|ref|NC_001416.1|"

@@ -113,6 +113,23 @@ class DataConfig(Section):
   # Windows buffered ahead per process; 0 picks about two batches.
   prefetch_buffer_size: int = 0
 
+  def __post_init__(self):
+    # `not low <= value` also refuses NaN (which would turn a filter off).
+    for name in (
+      "window_stride",
+      "eval_max_windows",
+      "num_workers",
+      "read_threads",
+      "prefetch_buffer_size",
+    ):
+      if not getattr(self, name) >= 0:
+        raise ValueError(f"config.data.{name} must be >= 0, got {getattr(self, name)}.")
+    for name in ("max_n_fraction", "reverse_complement_prob"):
+      if not 0 <= getattr(self, name) <= 1:
+        raise ValueError(
+          f"config.data.{name} must be in [0, 1] (a fraction), got {getattr(self, name)}."
+        )
+
 
 def default_data_config() -> ml_collections.ConfigDict:
   """`config.data` with every field at its default (DataConfig)."""

@@ -136,6 +136,18 @@ def is_bgzip(path: str | os.PathLike) -> bool:
   return head[:4] == b"\x1f\x8b\x08\x04" and head[12:14] == b"BC"
 
 
+# The empty block that ends every BGZF file (htslib's bgzf.c, SAM spec 4.1.2).
+BGZF_EOF = bytes.fromhex("1f8b08040000000000ff0600424302001b0003000000000000000000")
+
+
+def has_bgzf_eof(path: str | os.PathLike) -> bool:
+  """Whether a BGZF file ends in its end-of-file block: one cut between two
+  blocks still decompresses, to a shorter sequence."""
+  with open(path, "rb") as f:
+    f.seek(max(0, os.path.getsize(path) - len(BGZF_EOF)))
+    return f.read() == BGZF_EOF
+
+
 def open_decompressed(path: str | os.PathLike) -> tuple[BinaryIO, BinaryIO, str]:
   """Opens `path` for reading its decompressed bytes.
 
@@ -151,6 +163,13 @@ def open_decompressed(path: str | os.PathLike) -> tuple[BinaryIO, BinaryIO, str]
       None,
       "zstd-compressed files are not supported; decompress it "
       "first (zstd -d) or recompress with gzip/bgzip/xz.",
+    )
+  if kind == "gzip" and is_bgzip(path) and not has_bgzf_eof(path):
+    # A warning, as htslib gives: writers before 2011 left the block out.
+    logging.warning(
+      "%s: no BGZF end-of-file block; the file may be truncated (an interrupted download?) "
+      "and read short.",
+      path,
     )
   raw = open(path, "rb")  # pylint: disable=consider-using-with
   if kind == "gzip":
