@@ -5,6 +5,8 @@ TSV) and resuming an interrupted run to the same outputs."""
 import gzip
 import math
 import os
+import pathlib
+import shutil
 
 import numpy as np
 import pysam
@@ -250,6 +252,26 @@ def test_an_interrupted_run_resumes_to_the_same_outputs(files, tmp_path):
       annotated=str(tmp_path / "changed" / "a.vcf"),
       chunk_records=4,
     )
+  # Nor another reference under the same name (a build replaced in place).
+  reference = tmp_path / ("ref" + "".join(pathlib.Path(files["ref"]).suffixes))
+  shutil.copyfile(files["ref"], reference)
+  (tmp_path / "newref").mkdir()
+
+  def run_on(ref, scorer):
+    return callsets.score_callset(
+      scorer,
+      files["vcf_gz"],
+      str(ref),
+      str(tmp_path / "newref" / "s.tsv"),
+      window=31,
+      chunk_records=4,
+    )
+
+  with pytest.raises(Interrupted):
+    run_on(reference, InterruptingScorer(calls=2))
+  os.utime(reference, ns=(0, os.stat(reference).st_mtime_ns + 10**9))
+  with pytest.raises(ValueError, match="other inputs or settings .*reference_mtime_ns"):
+    run_on(reference, FakeScorer())
 
 
 def test_annotated_bcf_declares_what_the_input_header_lacks(files, genome, tmp_path):

@@ -509,6 +509,9 @@ def _fingerprint(variants_path, reference_path, scorer, window, **settings) -> d
   `Scorer.fingerprint`; only the context of a stand-in without it) and the
   window used, after the cap at the context."""
   stat = os.stat(variants_path)
+  # The reference by size and time too: one fixed in place (another build
+  # under the same name) must not score the rest of an interrupted run.
+  ref_stat = os.stat(reference_path)
   described = (
     scorer.fingerprint() if hasattr(scorer, "fingerprint") else {"context": scorer.context}
   )
@@ -517,6 +520,8 @@ def _fingerprint(variants_path, reference_path, scorer, window, **settings) -> d
     "variants_size": stat.st_size,
     "variants_mtime_ns": stat.st_mtime_ns,
     "reference": os.path.abspath(reference_path),
+    "reference_size": ref_stat.st_size,
+    "reference_mtime_ns": ref_stat.st_mtime_ns,
     "window": window,
     **settings,
     **described,
