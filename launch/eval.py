@@ -11,9 +11,11 @@ best/ or step directory). Settings come from the `score` section of
 context), stride (0: context // 2), batch_size, dtype, eval_split,
 eval_max_records, eval_max_tokens. Long records are scored in sliding
 windows so that every position is scored once with at least context - stride
-tokens before it. Writes <output_dir>/eval_<data>_ctx<C>_stride<S>[_best]
-.{json,txt,png} (default output_dir: <workdir>/eval; <data>: the split, the
-FASTA's stem, or <n>fasta-<hash> for several) and prints the table.
+tokens before it. Writes <output_dir>/eval_<data>_ctx<C>_stride<S>_step<N>
+[_best][_bos][_max<R>rec][_max<T>tok].{json,txt,png} (default output_dir:
+<workdir>/eval; <data>: the split, or <FASTA stem>-<hash of its path>, or
+<n>fasta-<hash> for several), so that no evaluation overwrites another, and
+prints the table.
 """
 
 import os
@@ -74,9 +76,17 @@ def main(argv):
     dtype=str(scorer.model_config.dtype),
     compiles=scorer.trace_count,
   )
-  paths = evaluation.write(
-    result, output_dir, evaluation.output_stem(data, scorer.context, scorer.stride, FLAGS.which)
+  stem = evaluation.output_stem(
+    data,
+    scorer.context,
+    scorer.stride,
+    FLAGS.which,
+    step=int(os.path.basename(scorer.checkpoint)),  # the step restored (Scorer.from_run)
+    add_bos=scorer.settings.add_bos,
+    max_records=max_records,
+    max_tokens=max_tokens,
   )
+  paths = evaluation.write(result, output_dir, stem)
   print(evaluation.format_table(result))
   logging.info("wrote %s", ", ".join(paths.values()))
 

@@ -6,6 +6,7 @@ import gzip
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -178,10 +179,11 @@ def test_launchers(tiny_run, lambda_store, inputs, tmp_path):
     logs[name], _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, f"{name} failed:\n{logs[name][-3000:]}"
 
-  result = json.load(open(out / "eval_val_ctx64_stride32.json"))
+  (written,) = out.glob("eval_val_ctx64_stride32_step*_max500tok.json")  # the step restored
+  result = json.load(open(written))
   assert result["records"][0]["name"] == "lambda_b" and result["overall"]["tokens"] == 499
   assert "overall" in logs["eval"] and "bits/nt" in logs["eval"]
-  assert (out / "eval_val_ctx64_stride32.png").exists()
+  assert written.with_suffix(".png").exists()
 
   scores = read_scores(str(out / "v.tsv"))
   assert [(r["id"], r["type"]) for r in scores] == [("v1", "SNV"), ("v2", "deletion")]
@@ -222,8 +224,17 @@ def test_score_without_config_restores_on_the_devices_it_has(tiny_run, inputs, t
 def test_evaluations_of_other_data_or_checkpoints_never_share_a_file():
   stem = evaluation.output_stem
   assert stem("val", 64, 32) == "eval_val_ctx64_stride32"
-  assert stem(["/data/genome.fa.gz"], 64, 32) == "eval_genome_ctx64_stride32"
-  assert stem(["/data/genome.fa.gz"], 64, 32, "best") == "eval_genome_ctx64_stride32_best"
+  genome = stem(["/data/genome.fa.gz"], 64, 32)
+  assert re.fullmatch(r"eval_genome-[0-9a-f]{8}_ctx64_stride32", genome)
+  assert stem(["/other/genome.fa.gz"], 64, 32) != genome  # another strain's genome.fa
+  assert stem(["/data/genome.fa.gz"], 64, 32, "best") == genome + "_best"
+  assert stem("val", 64, 32, step=4) != stem("val", 64, 32, step=2)
+  subsets = [
+    stem("val", 64, 32, step=4, add_bos=True),
+    stem("val", 64, 32, step=4, max_records=10),
+    stem("val", 64, 32, step=4, max_tokens=10),
+  ]
+  assert len(set(subsets + [stem("val", 64, 32, step=4)])) == 4
   two, other = stem(["a.fa", "b.fa"], 64, 32), stem(["a.fa", "c.fa"], 64, 32)
   assert two.startswith("eval_2fasta-") and two != other
   assert two == stem(["b.fa", "a.fa"], 64, 32)  # the same set in another order

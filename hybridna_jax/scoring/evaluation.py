@@ -240,21 +240,41 @@ def plot(result: dict, path: str) -> str:
   return plotting.save(fig, path, dpi=120)
 
 
-def output_stem(data: str | Sequence[str], context: int, stride: int, which: str = "latest") -> str:
-  """The file stem of an evaluation, distinct for each data set, window and
-  checkpoint choice so that runs never overwrite each other:
-  eval_<data>_ctx<C>_stride<S>[_best], where <data> is a split name, one
-  FASTA file's stem, or "<n>fasta-<hash of the paths>" for several."""
+def output_stem(
+  data: str | Sequence[str],
+  context: int,
+  stride: int,
+  which: str = "latest",
+  *,
+  step: int | None = None,
+  add_bos: bool = False,
+  max_records: int = 0,
+  max_tokens: int = 0,
+) -> str:
+  """The file stem of an evaluation, distinct for each data set, window,
+  checkpoint and subset so that runs never overwrite each other:
+  eval_<data>_ctx<C>_stride<S>[_step<N>][_best][_bos][_max<R>rec][_max<T>tok],
+  where <data> is a split name, or for FASTA files "<stem of one>-<hash>"
+  or "<n>fasta-<hash>", the hash of their absolute paths (two genome.fa of
+  other folders are two data sets)."""
   from hybridna_jax.data import fasta as fasta_lib  # pylint: disable=g-import-not-at-top
 
   if isinstance(data, str):
     name = data
-  elif len(data) == 1:
-    name = fasta_lib.strip_suffixes(os.path.basename(data[0]))
   else:
     joined = "\0".join(sorted(os.path.abspath(p) for p in data)).encode()
-    name = f"{len(data)}fasta-{hashlib.sha1(joined).hexdigest()[:8]}"
-  return f"eval_{name}_ctx{context}_stride{stride}" + ("" if which == "latest" else f"_{which}")
+    digest = hashlib.sha1(joined).hexdigest()[:8]
+    if len(data) == 1:
+      name = f"{fasta_lib.strip_suffixes(os.path.basename(data[0]))}-{digest}"
+    else:
+      name = f"{len(data)}fasta-{digest}"
+  parts = [f"eval_{name}_ctx{context}_stride{stride}"]
+  parts += [f"step{step}"] if step is not None else []
+  parts += [which] if which != "latest" else []
+  parts += ["bos"] if add_bos else []
+  parts += [f"max{max_records}rec"] if max_records else []
+  parts += [f"max{max_tokens}tok"] if max_tokens else []
+  return "_".join(parts)
 
 
 def write(result: dict, output_dir: str, stem: str) -> dict[str, str]:
