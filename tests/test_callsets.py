@@ -101,6 +101,15 @@ def test_indexed_reference_reads_like_the_in_memory_one(files, genome, capfd):
   assert not isinstance(in_memory, callsets.IndexedReference)
   assert "[E::" not in capfd.readouterr().err  # refused before htslib tries (and complains)
   np.testing.assert_array_equal(in_memory["chrA"][0:4], tokenizer.encode("ACGT"))
+  # A plain FASTA with lines of unequal length (valid, but not for faidx).
+  ragged = files["ref"].replace("ref.fa.gz", "ragged.fa")
+  with open(ragged, "w") as f:
+    f.write(">chrA\nACGTA\nCG\nTTTTTTT\n")
+  with pytest.raises(callsets.ReferenceAccessError, match="lines within a record have one length"):
+    callsets.IndexedReference(ragged)
+  np.testing.assert_array_equal(
+    callsets.open_reference(ragged)["chrA"][0:14], tokenizer.encode("ACGTACGTTTTTTT")
+  )
 
 
 def test_streamed_scores_equal_the_in_memory_path_for_vcf_and_bcf(files, tmp_path):

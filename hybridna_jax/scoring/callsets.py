@@ -123,7 +123,8 @@ class IndexedReference(variants_lib.Reference):
       fix = (
         f"it is gzip, not bgzip: {gzip_fix}"
         if kind == "gzip"
-        else "check that it is a FASTA file and its folder is writable for the .fai index"
+        else "faidx needs a FASTA whose lines within a record have one length (reformat, "
+        "e.g. `seqkit seq -w 60`), in a folder writable for its .fai index"
       )
       raise ReferenceAccessError(f"{path}: cannot open for random access ({e}); {fix}.") from None
     names, lengths = self._fasta.references, self._fasta.lengths
@@ -165,13 +166,14 @@ class IndexedReference(variants_lib.Reference):
 
 
 def open_reference(path: str) -> variants_lib.Reference:
-  """An `IndexedReference` for a plain or bgzip FASTA; for another
-  compression (gzip that is not bgzip, xz, ...) a warning and the whole
-  FASTA in memory (`variants.load_reference`), as before faidx."""
+  """An `IndexedReference` for a plain or bgzip FASTA; when faidx cannot
+  index it (another compression, lines of unequal length, a read-only
+  folder) a warning and the whole FASTA in memory
+  (`variants.load_reference`, which reads any FASTA we read)."""
   try:
     return IndexedReference(path)
   except ReferenceAccessError as e:
-    if not os.path.exists(path) or fasta.detect_compression(path) == "plain":
+    if not os.path.exists(path):
       raise
     logging.warning("%s Reading the whole reference into memory instead.", e)
     return variants_lib.load_reference(path)
