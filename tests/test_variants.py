@@ -318,9 +318,28 @@ def test_kind_ignores_the_bases_the_alleles_share():
     ("AC", "GT"): "MNV",
     ("ACGT", "ACTA"): "MNV",
     ("AT", "GCC"): "indel",
+    # An event at POS 1 is padded with the base after it (VCF 4.2).
+    ("A", "GTA"): "insertion",
+    ("GTA", "A"): "deletion",
+    ("AT", "GAT"): "insertion",
   }
   assert {k: variants.Variant("c", 1, *k).kind for k in cases} == cases
   assert variants.trim_alleles("CAT", "CT") == ("CA", "C")
+
+
+def test_a_padded_snv_of_a_long_multiallelic_site_is_a_small_variant(tmp_path):
+  """REF of 70 bases with ALTs of a 69-base deletion and an SNV padded to
+  the REF: the deletion exceeds max_indel_length, the SNV does not."""
+  ref = "ACGT" * 17 + "AC"
+  vcf = tmp_path / "m.vcf"
+  vcf.write_text(
+    "##fileformat=VCFv4.2\n#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\n"
+    f"c\t1\t.\t{ref}\t{ref[0]},G{ref[1:]}\t.\t.\t.\n"
+  )
+  found, problems = variants.read_variants(str(vcf), max_indel_length=64)
+  assert [v.alt for v in found] == ["G" + ref[1:]] and found[0].kind == "SNV"
+  (problem,) = problems
+  assert problem.alt == ref[0] and "alleles of 70 and 1 bases" in problem.reason
 
 
 def test_an_allele_longer_than_a_short_chromosome_is_skipped_not_fatal(genome):

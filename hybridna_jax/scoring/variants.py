@@ -102,7 +102,10 @@ class Variant:
     ref, alt = trim_alleles(self.ref, self.alt)
     if len(ref) == len(alt):
       return "SNV" if len(ref) == 1 else "MNV"
-    if ref[0] == alt[0] and min(len(ref), len(alt)) == 1:
+    # The shorter allele is the anchor of the longer: before it, or after it
+    # (an event at POS 1 is padded with the base after it: A>GTA).
+    short, long = sorted((ref, alt), key=len)
+    if long.startswith(short) or long.endswith(short):
       return "insertion" if len(alt) > len(ref) else "deletion"
     return "indel"
 
@@ -168,10 +171,12 @@ def _allele_problem(ref: str, alt: str, max_indel_length: int) -> str | None:
       return f"{name} allele {allele!r} contains {what}; only A C G T alleles are scored"
   if ref == alt:
     return "ALT equals REF"
-  if max(len(ref), len(alt)) > max_indel_length:
+  # The event, without the bases a multi-allelic site pads every ALT with.
+  event = trim_alleles(ref, alt)
+  if max(map(len, event)) > max_indel_length:
     return (
-      f"alleles of {len(ref)} and {len(alt)} bases exceed max_indel_length="
-      f"{max_indel_length} (score.max_indel_length); not a small variant"
+      f"alleles of {len(event[0])} and {len(event[1])} bases (without shared bases) exceed "
+      f"max_indel_length={max_indel_length} (score.max_indel_length); not a small variant"
     )
   return None
 
