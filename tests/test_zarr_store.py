@@ -259,3 +259,21 @@ def test_missing_or_replaced_chunks_are_never_read_as_padding(lambda_store, tmp_
   chunk.unlink()
   with pytest.raises(ValueError, match=r"NOT_FOUND: chunk \{2\} .*c/2.* is missing"):
     store_lib.TokenStore.open(url)["train"].tokens[8192:8200]
+
+
+def test_an_export_named_by_its_local_path_is_read_and_kept(lambda_store, tmp_path):
+  """--export_url takes a local path, which data.store_dir may then name: it
+  is read as the export (it failed on a missing train.tokens), and
+  preparing into it re-uses it (it was taken for damage and replaced)."""
+  from hybridna_jax.data import prepare
+
+  local = store_lib.TokenStore.open(lambda_store.store_dir)
+  path = str(tmp_path / "export")
+  store_lib.export_zarr(local, path)
+  store = store_lib.TokenStore.open(path)
+  assert store.path == "file://" + path and store_lib.verify(path) is None
+  np.testing.assert_array_equal(store["val"].tokens[0:100], local["val"].tokens[0:100])
+  cfg = _url_cfg(lambda_store, path)
+  logs = []
+  prepare.prepare_store(cfg, log=lambda *a: logs.append(a[0] % a[1:]))
+  assert "re-using it" in logs[-1] and (tmp_path / "export" / "train.tokens.zarr").is_dir()

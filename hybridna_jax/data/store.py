@@ -407,6 +407,10 @@ class TokenStore:
       )
     with open(manifest_path, encoding="utf-8") as f:
       manifest = json.load(f)
+    splits = manifest.get("splits", {}).values()
+    if splits and all("tokens_zarr" in info for info in splits):
+      # A local directory holding an export (prepare_data --export_url=<path>).
+      return cls.open("file://" + os.path.abspath(path))
     return cls._checked(path, manifest_path, manifest)
 
   @classmethod
