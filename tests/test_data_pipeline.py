@@ -349,16 +349,23 @@ def test_checkpoint_round_trip_with_orbax(mixed_store, tmp_path):
       np.testing.assert_array_equal(want[k], got[k])
 
 
-def test_worker_processes_checkpoint(mixed_store):
-  c = _cfg(mixed_store, num_workers=2)
+def test_worker_processes_checkpoint_and_give_the_same_batches(mixed_store):
+  """Batches of 2 and 3 workers are those of the main process (workers were
+  dealt positions and batched every W-th), and their state resumes them."""
   kwargs = dict(seq_len=32, batch_size=2, seed=3)
-  it = pipeline.train_batches(c, **kwargs)
-  try:
-    _take(it, 3)
-    state = it.get_state()
-    want = _take(it, 4)
-  finally:
-    it.close()
+  main_process = _take(pipeline.train_batches(_cfg(mixed_store), **kwargs), 7)
+  for workers in (3, 2):
+    c = _cfg(mixed_store, num_workers=workers)
+    it = pipeline.train_batches(c, **kwargs)
+    try:
+      first = _take(it, 3)
+      state = it.get_state()
+      want = _take(it, 4)
+    finally:
+      it.close()
+    for x, y in zip(main_process, first + want):
+      for k in x:
+        np.testing.assert_array_equal(x[k], y[k])
   for b in want:
     _check_contract(b, 2, 32)
   it = pipeline.train_batches(c, **kwargs)

@@ -247,6 +247,24 @@ def test_config_and_machine_failures_on_resume_move_nothing(base_run, tmp_path, 
   assert os.listdir(ckpt_dir + ".damaged") == ["4"]
 
 
+def test_a_worker_data_position_of_an_earlier_version_is_refused(base_run, tmp_path):
+  """Before STREAM_FORMAT 2, worker processes were dealt positions, not
+  batches: such a saved position would resume elsewhere in the stream."""
+  cfg, base = base_run
+  workdir = str(tmp_path / "run")
+  shutil.copytree(base, workdir)
+  meta_file = os.path.join(workdir, loop.CHECKPOINT_DIR, "4", "meta", "metadata")
+  meta = json.load(open(meta_file))
+  del meta["stream_format"]
+  json.dump(meta, open(meta_file, "w"))
+  cfg = cfg.copy_and_resolve_references()
+  cfg.train.stages = ((32, 6, 4),)  # step 4 is mid-stage: its iterator is restored
+  cfg.data.num_workers = 1
+  with pytest.raises(ValueError, match=r"step 4 \(data.num_workers=1\) was saved by an earlier"):
+    loop.train(cfg, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, loop.CHECKPOINT_DIR))) == ["2", "4"]
+
+
 def test_changed_data_loader_on_resume_is_refused_not_damage(base_run, tmp_path):
   """A saved data-iterator state that does not fit the new loader (issue:
   num_workers 0 -> 1 moved every step to checkpoints.damaged/ and restarted

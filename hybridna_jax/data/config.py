@@ -103,7 +103,8 @@ class DataConfig(Section):
   source_weights: tuple[str, ...] = ()
 
   # --- Performance -------------------------------------------------------
-  # Grain worker processes per host (0: read in the main process).
+  # Grain worker processes per host (0: read in the main process); each
+  # reads whole batches, so the batches are the same for any count.
   num_workers: int = 0
   # Grain reader threads per process. 0 is fastest from the page cache (the
   # work is short numpy calls that contend for the GIL; see

@@ -795,6 +795,12 @@ def check_windows(
   return weights
 
 
+# The layout of a saved training-iterator state: 2 since data.num_workers > 0
+# deals whole batches to the workers (its state counts batches; before, it
+# dealt positions and counted them). Recorded in each checkpoint's meta.
+STREAM_FORMAT = 2
+
+
 def train_dataset(
   data_cfg,
   *,
@@ -827,16 +833,24 @@ def train_dataset(
     )
   else:
     ds, read = ds.map(sampler), ReadBatch(reader)
-  # Windows are read per batch (ReadBatch) after the positions are batched;
-  # the iterator state still counts positions, as before reads were batched.
-  it = ds.to_iter_dataset(_read_options(data_cfg, host_batch))
-  it = it.batch(host_batch, drop_remainder=True, batch_fn=read)
-  if int(data_cfg.num_workers) > 0:
+  workers = int(data_cfg.num_workers)
+  if not workers:
+    # Windows are read per batch (ReadBatch) after the positions are
+    # batched; the iterator state counts positions.
+    it = ds.to_iter_dataset(_read_options(data_cfg, host_batch))
+    it = it.batch(host_batch, drop_remainder=True, batch_fn=read)
+  else:
+    # Grain deals the dataset's elements to the workers in turn: batched
+    # first, they are whole batches, so batch t is positions t * B, ... as
+    # without workers (dealt positions, each worker batched every W-th).
+    # The state counts batches (STREAM_FORMAT).
     if not flags.FLAGS.is_parsed():
       # Grain's worker start-up reads its absl flags; outside an absl app
       # (tests, notebooks) they are unparsed, so use their defaults.
       flags.FLAGS.mark_as_parsed()
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(data_cfg.num_workers)))
+    it = ds.batch(host_batch, drop_remainder=True, batch_fn=list).map(read)
+    it = it.to_iter_dataset(_read_options(data_cfg, 1))
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   return it.map(MakeBatch(data_cfg.mask_n_in_loss))
 
 

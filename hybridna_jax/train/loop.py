@@ -647,6 +647,13 @@ def _train(config, workdir: str, task: Task | None, preemption: _Preemption) -> 
     same_stage = meta.get("stage") == stage.index and step < stage.end_step
     if not same_stage:
       return None
+    workers = int(config.data.num_workers)
+    if workers and isinstance(task, LMPretraining) and meta.get("stream_format", 1) < 2:
+      raise ValueError(
+        f"{workdir}: the data position of step {step} (data.num_workers={workers}) was saved "
+        "by an earlier version, which grouped each batch's windows differently; finish the "
+        "run with that version, or start it again in another --workdir."
+      )
     check_data_position(step, meta.get("host_rows"), _host_rows(built["iterator"][1]))
     return pipeline.iterator_restore_args(built["iterator"][0])
 
@@ -693,6 +700,7 @@ def _train(config, workdir: str, task: Task | None, preemption: _Preemption) -> 
         "seq_len": stage.seq_len,
         "last_eval": last_eval,
         "host_rows": _host_rows(layout),
+        "stream_format": pipeline.STREAM_FORMAT,
       }
       it = iterator if data_state is None else _SavedIteratorState(data_state)
       checkpoints.save(state, meta, data_args=pipeline.iterator_save_args(it))
