@@ -735,3 +735,40 @@ def test_a_data_position_resumes_only_under_a_split_of_rows_that_keeps_it():
   for saved, now in (([4, 8], [8, 8]), ([8, 8], [4, 8]), ([4, 8], [2, 8]), ([4, 8], [4, 16])):
     with pytest.raises(loop.DataStateMismatchError, match="step 7.s data position was saved"):
       check(7, saved, now)
+
+
+@pytest.mark.parametrize("stopped,requeued", [("preempted", True), ("completed", False)])
+def test_slurm_script_requeues_a_preempted_run(tmp_path, stopped, requeued):
+  """The trainer exits 0 after its SIGTERM save, which Slurm's --requeue
+  alone does not requeue: the script does (srun and scontrol stubbed)."""
+  stubs, workdir = tmp_path / "bin", tmp_path / "run"
+  stubs.mkdir()
+  workdir.mkdir()
+  (stubs / "srun").write_text(
+    f"#!/usr/bin/env bash\necho '{{\"stopped\": \"{stopped}\"}}' > {workdir}/train_summary.json\n"
+  )
+  (stubs / "scontrol").write_text(f"#!/usr/bin/env bash\necho \"$*\" > {tmp_path}/scontrol\n")
+  for stub in stubs.iterdir():
+    stub.chmod(0o755)
+  venv = tmp_path / "venv"  # the script runs $VENV/bin/python: this one
+  (venv / "bin").mkdir(parents=True)
+  (venv / "bin" / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+  (venv / "bin" / "python").chmod(0o755)
+  env = dict(
+    os.environ,
+    PATH=f"{stubs}:{os.environ['PATH']}",
+    SLURM_SUBMIT_DIR=ROOT,
+    SLURM_JOB_ID="77",
+    VENV=str(venv),
+  )
+  proc = subprocess.run(
+    ["bash", os.path.join(ROOT, "launch", "slurm_gpu.sbatch"), f"--workdir={workdir}"],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert proc.returncode == 0, proc.stderr
+  assert (tmp_path / "scontrol").exists() == requeued
+  if requeued:
+    assert (tmp_path / "scontrol").read_text().strip() == "requeue 77"
