@@ -30,14 +30,14 @@ NEW = 12
 
 
 @functools.cache
-def _model(ending: bool = False):
+def _model(ending: bool = False, rope: bool = False):
   """The tiny model cut to two layers, Mamba2 then attention (both kinds of
   cache, half the compile time of four), with weights scaled up so that
   the next token depends on the whole context (a freshly initialised model
   is nearly flat and greedy decoding falls into repeats at once). With
   `ending`, the <eos> logit is A's plus half of C's, so rows end at
-  different steps."""
-  model = create_model(TWO_LAYERS, seed=0)
+  different steps; with `rope`, attention uses rotary positions."""
+  model = create_model(dataclasses.replace(TWO_LAYERS, rope=rope), seed=0)
   assert [l.kind for l in model.layers] == ["mamba", "attention"]
   graphdef, state = nnx.split(model)
 
@@ -85,8 +85,9 @@ def _full_forward_reference(model, generated, allowed):
   return out
 
 
-def test_greedy_equals_full_forward_argmax_token_by_token():
-  model = _model()
+@pytest.mark.parametrize("rope", [False, True])
+def test_greedy_equals_full_forward_argmax_token_by_token(rope):
+  model = _model(rope=rope)
   out = jax.device_get(gen.sample(model, PROMPTS, gen.Settings(max_new_tokens=NEW, temperature=0)))
   assert out.tokens.shape == (3, NEW)
   reference = _full_forward_reference(model, out.tokens, gen.allowed_tokens())
