@@ -52,6 +52,17 @@ def _model(ending: bool = False, rope: bool = False):
   return model
 
 
+@functools.cache
+def _flat_model():
+  """`_model()` with a zero lm_head: every logit is 0 whatever the context,
+  so sampling is uniform over the allowed tokens, and greedy decoding takes
+  the lowest allowed id (argmax's first maximum): <eos> (2) once allowed,
+  else A (5)."""
+  model = nnx.clone(_model())
+  model.lm_head[...] = jnp.zeros_like(model.lm_head[...])
+  return model
+
+
 @nnx.jit
 def _full_logits(model, tokens):
   return model(tokens).logits
@@ -121,6 +132,17 @@ def test_greedy_stop_at_eos_pads_finished_rows():
   np.testing.assert_allclose(
     gen.sequence_log_probs(model, PROMPTS, out.tokens), out.log_probs, rtol=1e-4
   )
+
+
+def test_eos_is_allowed_from_exactly_min_new_tokens():
+  model = _flat_model()
+  assert tok.EOS < tok.A
+  settings = gen.Settings(max_new_tokens=8, temperature=0, stop_at_eos=True, min_new_tokens=3)
+  out = jax.device_get(gen.sample(model, PROMPTS, settings))
+  np.testing.assert_array_equal(out.lengths, 3)
+  assert out.ended.all()
+  expected = [tok.A] * 3 + [tok.EOS] + [tok.PAD] * 4
+  np.testing.assert_array_equal(out.tokens, np.broadcast_to(expected, (3, 8)))
 
 
 def test_filter_logits_distribution():
