@@ -137,6 +137,9 @@ def test_rc_averaging_is_symmetric(scorer, genome):
   p_seq, p_rc = scorer.position_scores([seq, rc], rc_average=True)
   np.testing.assert_allclose(p_seq.log_probs, p_rc.log_probs[::-1], rtol=1e-6)
   assert not np.isnan(p_seq.log_probs).any()  # each end is scored on one strand
+  # Entropies too are per base: the same base's two strands averaged.
+  np.testing.assert_allclose(p_seq.entropy, p_rc.entropy[::-1], rtol=1e-6)
+  assert not np.isnan(p_seq.entropy).any()
   e_seq, e_rc = scorer.embed([seq, rc], rc_average=True)
   np.testing.assert_allclose(e_seq, e_rc, rtol=1e-5, atol=1e-6)
 
