@@ -216,6 +216,13 @@ def test_train_iterator_shuffles_epochs_and_resumes_from_its_state():
   dropped = design.train_batches(examples, seq_len=8, batch_size=10, seed=3, label_dropout=0.5)
   firsts = next(dropped)["inputs"][:, 1]
   assert 0 < np.sum(firsts < 10) < 10  # some rows start with DNA, not a label
+  # rc_prob=0.5: some rows (not all) read the reverse complement.
+  same = design.Examples(examples.label_tokens, [tok.encode("AACG")] * 10)
+  batch = next(design.train_batches(same, seq_len=8, batch_size=10, seed=3, rc_prob=0.5))
+  dna = batch["inputs"][:, 2:6]  # <bos> label A A C G <eos>, or C G T T reversed
+  flipped = (dna == tok.encode("CGTT")).all(1)
+  assert (flipped | (dna == tok.encode("AACG")).all(1)).all(), dna
+  assert 0 < flipped.sum() < 10, flipped
 
 
 def test_pretrained_run_must_match_every_architecture_field(tmp_path):
