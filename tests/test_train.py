@@ -117,6 +117,24 @@ def test_params_and_optimizer_state_are_sharded():
   assert mu.sharding.spec == kernel.sharding.spec
 
 
+def test_masked_cross_entropy_counts_only_masked_in_targets():
+  """nll, count and correct are sums over the mask; masked-out positions
+  (N, cross-document or padding targets) that the model predicts right add
+  nothing to the accuracy."""
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 6, 8)).astype(np.float32)
+  targets = np.argmax(logits, axis=-1).astype(np.int32)  # every prediction right ...
+  targets[0, :2] = (targets[0, :2] + 1) % 8  # ... but two, counted ones
+  mask = np.array([[1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 1, 0]], np.float32)
+  nll, count, correct = step_lib.masked_cross_entropy(logits, targets, mask)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  expected_nll = -np.take_along_axis(np.asarray(logp), targets[..., None], -1)[..., 0]
+  np.testing.assert_allclose(nll, (expected_nll * mask).sum(), rtol=1e-6)
+  assert float(count) == 4.0
+  assert float(correct) == 2.0  # positions (0, 2) and (1, 4); not the 8 masked-out ones
+  assert 0.0 <= float(correct / count) <= 1.0
+
+
 def test_weight_decay_mask():
   model = nnx.eval_shape(lambda: HybriDNA(TINY, rngs=nnx.Rngs(0)))
   mask = optimizer_lib.weight_decay_mask(nnx.state(model, nnx.Param))
