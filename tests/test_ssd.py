@@ -88,6 +88,25 @@ def test_ids_that_come_back_reset_like_the_sequential_definition(ids):
   np.testing.assert_allclose(f, f_ref, rtol=2e-4, atol=2e-4)
 
 
+def test_public_op_gates_skips_and_preprocesses_dt_as_documented():
+  """The public op's own pre- and post-processing (shared by every core, so
+  comparing cores cannot see it), against the documented formulas:
+  y *= silu(z), y += x * D, dt -> softplus(dt + dt_bias)."""
+  inputs = make_inputs()
+  x, z = np.asarray(inputs["x"]), np.asarray(inputs["z"])
+  y0 = np.asarray(call(inputs, 16, "chunked", ())[0])
+  y_z = call(inputs, 16, "chunked", ("z",))[0]
+  np.testing.assert_allclose(y_z, y0 * np.asarray(jax.nn.silu(z)), rtol=1e-5, atol=1e-6)
+  for D in (inputs["D"], inputs["D"][:, 0]):  # (h, p) and (h,)
+    y_d = np.asarray(call({**inputs, "D": D}, 16, "chunked", ("D",))[0])
+    d = np.asarray(D) if D.ndim == 2 else np.asarray(D)[:, None]
+    np.testing.assert_allclose(y_d - y0, x * d, rtol=1e-5, atol=1e-5)
+  y_bias = call(inputs, 16, "chunked", ("dt_bias",))[0]
+  dt = jax.nn.softplus(inputs["dt"] + inputs["dt_bias"])
+  y_pre = call({**inputs, "dt": dt}, 16, "chunked", (), softplus=False)[0]
+  np.testing.assert_allclose(y_bias, y_pre, rtol=1e-5, atol=1e-5)
+
+
 def test_final_state_continues_the_scan():
   """Scanning [0, t) then [t, l) from the final state equals one scan."""
   inputs = make_inputs(b=1, l=40)
