@@ -76,6 +76,7 @@ def test_seq_idx_resets_state():
   [
     [1] * 10 + [2] * 12 + [1] * 10,  # an id that comes back is a new document
     [0] * 12 + [1] * 12 + [0] * 8,  # the pipeline's rows: padding (0) after a document
+    [1] * 5 + [2] * 5 + [1] * 6,  # an id that comes back inside one chunk
   ],
 )
 def test_ids_that_come_back_reset_like_the_sequential_definition(ids):
