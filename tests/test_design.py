@@ -464,7 +464,10 @@ def test_edit_distances_match_the_textbook_recurrence():
 
 
 def test_gc_kmer_spectra_and_summary():
-  np.testing.assert_allclose(metrics.gc_content(["GGCC", "ATGC", "NNAT"]), [1.0, 0.5, 0.0])
+  # G+C among A C G T only: N counts neither way.
+  np.testing.assert_allclose(
+    metrics.gc_content(["GGCC", "ATGC", "NNAT", "NNGC"]), [1.0, 0.5, 0.0, 1.0]
+  )
   counts = metrics.kmer_counts(["ACGTA", "ANCGT"], k=2)
   # AC CG GT TA from the first; CG GT from the second (AN, NC skipped).
   index = {"AC": 1, "CG": 6, "GT": 11, "TA": 12}
