@@ -388,6 +388,23 @@ def test_architecture_change_on_resume_is_refused(base_run, tmp_path):
   assert sorted(os.listdir(os.path.join(workdir, loop.CHECKPOINT_DIR))) == ["2", "4"]
 
 
+def test_a_resume_under_other_settings_keeps_the_earlier_config(base_run, tmp_path, caplog):
+  """config.json says what trains from now on; the config of the steps
+  before the resume is kept beside it (it was overwritten)."""
+  cfg, base = base_run
+  workdir = str(tmp_path / "run")
+  shutil.copytree(base, workdir)
+  cfg = cfg.copy_and_resolve_references()
+  cfg.train.stages = ((32, 5, 4),)
+  before = json.load(open(os.path.join(workdir, loop.CONFIG_FILE)))
+  loop.train(cfg, workdir)
+  kept = json.load(open(os.path.join(workdir, "config.step4.json")))
+  assert kept == before and json.load(open(os.path.join(workdir, loop.CONFIG_FILE)))["train"][
+    "stages"
+  ] == [[32, 5, 4]]
+  assert "resumed at step 4 with other settings (train.stages:" in caplog.text
+
+
 def test_optimizer_change_on_resume_names_the_optimizer_settings(base_run, tmp_path):
   cfg, base = base_run
   workdir = str(tmp_path / "run")

@@ -443,9 +443,28 @@ class LMPretraining(Task):
     )
 
 
-def _write_config(config, workdir: str) -> None:
-  if jax.process_index() == 0:
-    paths.write_text(paths.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2))
+def _write_config(config, workdir: str, resumed_step: int | None = None) -> None:
+  """Writes <workdir>/config.json. A run resumed under other settings keeps
+  the config that trained its first steps as config.step<N>.json (N: the
+  step resumed from), and the fields that changed are logged."""
+  if jax.process_index() != 0:
+    return
+  text = config.to_json_best_effort(indent=2)
+  before = _written_config(workdir) if resumed_step is not None else None
+  if before is not None:
+    old, new = flatten_config(before), flatten_config(json.loads(text))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if changed:
+      kept = paths.join(workdir, f"config.step{resumed_step}.json")
+      paths.write_text(kept, json.dumps(before, indent=2))
+      logging.warning(
+        "resumed at step %d with other settings (%s); the earlier config is kept as %s.",
+        resumed_step,
+        ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:8])
+        + (f", {len(changed) - 8} more" if len(changed) > 8 else ""),
+        kept,
+      )
+  paths.write_text(paths.join(workdir, CONFIG_FILE), text)
 
 
 def task_steps(task: Task, config, mesh) -> step_lib.StepFunctions:
@@ -685,7 +704,7 @@ def _train(config, workdir: str, task: Task | None, preemption: _Preemption) -> 
   # checkpoint can be older (a kill after an eval saved best/).
   if best is not None and best.latest_step() is not None:
     best_val = best.restore_meta(best.latest_step()).get(select_key, best_val)
-  _write_config(config, workdir)
+  _write_config(config, workdir, None if resumed is None else resumed[0])
   # Opened only now: a refused resume leaves no file open (nor metrics.jsonl created).
   logger = MetricsLogger(workdir, total_steps, devices=mesh.size)
 
