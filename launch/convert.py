@@ -14,11 +14,10 @@ index) is a Hugging Face one. Run -> HF writes config.json, safetensors
 --output must be new or empty; run -> HF may also name an earlier export,
 which is replaced whole (written beside it, then renamed into place).
 HF -> run re-orders the embedding and head rows into our token ids
-(hybridna_jax.tokenizer): the checkpoint's pad, bos, eos, mask, A C G T N
-and <task_i> (our exports') go to ours by role and name, every other row
-([CLS], [UNK], embedding rows beyond its tokenizer, ...) to our ids left
-over (our specials it lacks, then 10, 11, ...). The default (--vocab_size=0)
-keeps every row, each once, so scores are exactly the checkpoint's. An
+(hybridna_jax.tokenizer; the rules: hf.checkpoint.vocab_remap). The default
+(--vocab_size=0) keeps every row, each once, so scores are exactly the
+checkpoint's (unless one of its tokens serves two of our roles with no row
+left over for the second: a zero output row, logged). An
 explicit --vocab_size keeps our ids 0..N-1: 128 gives every task token
 generative fine-tuning needs, as zero rows where the checkpoint has none
 (logit 0, which takes probability mass); a smaller one drops rows (the

@@ -478,10 +478,12 @@ def test_default_vocab_map_is_a_permutation_with_transformers_scores(tmp_path, c
   ref.save_pretrained(tmp_path)
   _write_char_tokenizer_config(tmp_path)
   tok = hf.read_vocab(str(tmp_path))
-  source, _ = hf.checkpoint.vocab_remap(tok, 16)
+  source, embed, _ = hf.checkpoint.vocab_remap(tok, 16)
   assert sorted(source.tolist()) == list(range(16))
   t = our_tokenizer
   assert source[[t.PAD, t.BOS, t.EOS, t.MASK]].tolist() == [4, 2, 1, 3]  # eos <- [SEP]
+  # Our <sep> (the echo separator) reads [SEP] as input; only its output row is [CLS].
+  assert embed[t.SEP] == 1 and (np.delete(embed, t.SEP) == np.delete(source, t.SEP)).all()
   assert source[t.A : t.N + 1].tolist() == [7, 8, 9, 10, 11]
   # Rows left over, in checkpoint order: [CLS] on our sep, then [RESERVED],
   # [UNK] and the rows beyond the tokenizer on 10, 11, ...
@@ -499,15 +501,31 @@ def test_default_vocab_map_is_a_permutation_with_transformers_scores(tmp_path, c
   ll_theirs = float(theirs[positions, theirs_ids[0, 1:]].sum())
   assert float(ours[positions, ours_ids[0, 1:]].sum()) == pytest.approx(ll_theirs, rel=1e-5)
   # An explicit size: smaller drops rows, larger adds zero rows; both said.
-  _, notes = hf.checkpoint.vocab_remap(tok, 16, 10)
+  _, _, notes = hf.checkpoint.vocab_remap(tok, 16, 10)
   assert len([n for n in notes if "dropped (its id here would be" in n]) == 6
-  source, notes = hf.checkpoint.vocab_remap(tok, 16, 128)
+  source, _, notes = hf.checkpoint.vocab_remap(tok, 16, 128)
   assert (source[16:] == -1).all() and "112 of our ids (16, 17" in notes[-1]
   assert "takes probability mass" in notes[-1]
   # Fewer than our specials and A C G T N, or more than our ids: one line.
   for bad in (5, -3, 129):
     with pytest.raises(ValueError, match=rf"^our_vocab={bad}: pass 0 .* or 10..128 "):
       hf.load(str(tmp_path), our_vocab=bad)
+
+
+def test_a_token_serving_two_roles_goes_to_the_one_generated():
+  """pad = bos = eos (a common Hugging Face setup), and pad = N: the row goes
+  to our <eos> and N (generated, scored), not <pad>; <pad> and <bos> read
+  it as input, their output rows being zero (no row is left over)."""
+  vocab = {"</s>": 0, "A": 1, "C": 2, "G": 3, "T": 4, "N": 5}
+  tok = hf.VocabTokenizer(vocab, {"pad": 0, "bos": 0, "eos": 0}, "test")
+  head, embed, notes = hf.checkpoint.vocab_remap(tok, 6)
+  t = our_tokenizer
+  assert head[t.EOS] == 0 and head[t.A : t.N + 1].tolist() == [1, 2, 3, 4, 5]
+  assert head[[t.PAD, t.BOS]].tolist() == [-1, -1] and embed[[t.PAD, t.BOS]].tolist() == [0, 0]
+  assert any("our <pad> (id 0) reads checkpoint '</s>' (row 0) as input" in n for n in notes)
+  tok = hf.VocabTokenizer(vocab, {"pad": 5, "eos": 0}, "test")
+  head, embed, _ = hf.checkpoint.vocab_remap(tok, 6)
+  assert head[t.N] == 5 and head[t.PAD] == -1 and embed[t.PAD] == 5
 
 
 # -- Our exports ---------------------------------------------------------------

@@ -212,39 +212,49 @@ def _check(files: HFFiles, specs: Mapping[str, tuple], family, cfg: ModelConfig)
   )
 
 
-def _placements(tok: VocabTokenizer, n_rows: int) -> dict[int, tuple[int, str]]:
+def _placements(
+  tok: VocabTokenizer, n_rows: int
+) -> tuple[dict[int, tuple[int, str]], dict[int, int]]:
   """Where the checkpoint's n_rows embedding rows go among our ids
-  (hybridna_jax.tokenizer, at most VOCAB_SIZE): {our id: (row, why)}, why
-  empty for a match by role or name. Each row goes to one id at most, so a
-  conversion that keeps every row is a permutation and the softmax is the
-  checkpoint's.
+  (hybridna_jax.tokenizer, at most VOCAB_SIZE).
 
-  First by role or name, in priority order (a row goes to the first of our
-  ids that claims it): pad, bos (else the checkpoint's cls), eos (else its
-  sep), mask, A C G T N, <task_i> by name, sep last -- a checkpoint with no
-  eos token (HyenaDNA's ends sequences with [SEP]) gives its sep to our eos.
-  Then the rows left over (checkpoint order, embedding rows beyond the
-  tokenizer's vocabulary included) take our ids left over, lowest first: our
-  specials the checkpoint lacks, then 10, 11, ...
+  Returns (placed, shared): placed {our id: (row, why)}, why empty for a
+  match by role or name, each row on one id at most, so a conversion that
+  keeps every row is a permutation and the softmax is the checkpoint's;
+  shared {our id: row} for ids whose token the checkpoint gives to a role
+  placed before (pad = eos, bos = eos, ...): their input embedding reads
+  that row (`vocab_remap`).
+
+  First by role or name, in priority order, those generated or scored
+  first (a row goes to the first of our ids that claims it): A C G T N, eos
+  (else the checkpoint's sep: HyenaDNA's ends sequences with [SEP]), bos
+  (else its cls), mask, <task_i> by name, sep, pad. Then the rows left
+  over (checkpoint order, embedding rows beyond the tokenizer's vocabulary
+  included) take our ids left over, lowest first: our specials the
+  checkpoint lacks, then 10, 11, ...
   """
   t = our_tokenizer
   claims = [
-    (t.PAD, [("pad", tok.pad)]),
-    (t.BOS, [("bos", tok.bos), ("cls", tok.cls)]),
-    (t.EOS, [("eos", tok.eos), ("sep", tok.sep)]),
-    (t.MASK, [("mask", tok.mask)]),
     *[(t.A + j, [(b, tok.nucleotides[b])]) for j, b in enumerate(t.NUCLEOTIDES)],
+    (t.EOS, [("eos", tok.eos), ("sep", tok.sep)]),
+    (t.BOS, [("bos", tok.bos), ("cls", tok.cls)]),
+    (t.MASK, [("mask", tok.mask)]),
     *[
       (i, [(t.token_name(i), tok.vocab.get(t.token_name(i)))])
       for i in range(t.FIRST_TASK_TOKEN, t.VOCAB_SIZE)
     ],
     (t.SEP, [("sep", tok.sep)]),
+    (t.PAD, [("pad", tok.pad)]),
   ]
   placed: dict[int, tuple[int, str]] = {}
+  shared: dict[int, int] = {}
   used: set[int] = set()
   for ours, candidates in claims:
-    for k, (role, row) in enumerate(candidates):
-      if row is not None and row < n_rows and row not in used:
+    rows = [(role, row) for role, row in candidates if row is not None and row < n_rows]
+    if rows and rows[0][1] in used:
+      shared[ours] = rows[0][1]
+    for k, (role, row) in enumerate(rows):
+      if row not in used:
         why = f"the checkpoint's {role} token, standing in for {candidates[0][0]}" if k else ""
         placed[ours] = (row, why)
         used.add(row)
@@ -254,39 +264,49 @@ def _placements(tok: VocabTokenizer, n_rows: int) -> dict[int, tuple[int, str]]:
   # More rows than our ids: vocab_remap reports the rest as dropped.
   for ours, row in zip(free, left):
     placed[ours] = (row, "a token with no counterpart here, kept so the softmax keeps every row")
-  return placed
+  return placed, shared
 
 
 def covered_vocab_size(tok: VocabTokenizer, n_rows: int) -> int:
   """The smallest vocabulary of ours that keeps every one of the checkpoint's
   n_rows embedding rows (`_placements`), at least 10 (specials and A C G T
-  N): the converted model's softmax is the checkpoint's, so every score is."""
-  return max([our_tokenizer.FIRST_TASK_TOKEN] + [i + 1 for i in _placements(tok, n_rows)])
+  N): the converted model's softmax is the checkpoint's, so every score is
+  (unless one of its tokens serves two of our roles and no row is left
+  over for the second: a zero row, `vocab_remap`)."""
+  return _covered(_placements(tok, n_rows)[0])
+
+
+def _covered(placed: Mapping[int, tuple[int, str]]) -> int:
+  return max([our_tokenizer.FIRST_TASK_TOKEN] + [i + 1 for i in placed])
 
 
 def vocab_remap(
   tok: VocabTokenizer, n_rows: int, vocab_size: int = 0
-) -> tuple[np.ndarray, list[str]]:
-  """Row map from the checkpoint's n_rows-row vocabulary to vocab_size of
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+  """Row maps from the checkpoint's n_rows-row vocabulary to vocab_size of
   our ids (0: covered_vocab_size, which keeps every row).
 
-  Returns (source, notes): source[i] is the checkpoint row of our id i, or -1
-  for a zero row; notes, one line per placement that is not a match by role
-  or name, per dropped row and for the zero rows.
+  Returns (head, embed, notes): head[i] is the checkpoint row of our id i in
+  the output head, or -1 for a zero row; embed[i] the same for the input
+  embedding, where an id whose token the checkpoint shares with another
+  role reads that row (pad = eos: our <pad> reads its row as input, which
+  changes no score, while its output row is a spare one or zero); notes,
+  one line per placement that is not a match by role or name, per shared
+  token, per dropped row and for the zero rows.
   """
-  placed = _placements(tok, n_rows)
-  covered = covered_vocab_size(tok, n_rows)
+  placed, shared = _placements(tok, n_rows)
+  covered = _covered(placed)
   vocab_size = vocab_size or covered
 
   def row_name(row):
     token = tok.id_to_token.get(row)
     return f"{token!r} (row {row})" if token is not None else f"row {row} (no token in its files)"
 
-  source = np.full(vocab_size, -1, np.int64)
+  head = np.full(vocab_size, -1, np.int64)
   notes = []
   for i, (row, why) in sorted(placed.items()):
     if i < vocab_size:
-      source[i] = row
+      head[i] = row
       if why:
         notes.append(
           f"our {our_tokenizer.token_name(i)} (id {i}) <- checkpoint {row_name(row)}: {why}"
@@ -303,17 +323,26 @@ def vocab_remap(
     for r in range(n_rows)
     if r not in kept
   ]
-  zero = np.flatnonzero(source < 0)
+  embed = head.copy()
+  for i, row in sorted(shared.items()):
+    if i < vocab_size:
+      embed[i] = row
+      notes.append(
+        f"our {our_tokenizer.token_name(i)} (id {i}) reads checkpoint {row_name(row)} as input, "
+        "a token that also serves a role placed before it"
+      )
+  zero = np.flatnonzero(head < 0)
   if zero.size:
     ids = ", ".join(str(i) for i in zero[:12]) + (", ..." if zero.size > 12 else "")
     exact = ""
     if vocab_size > covered:
       exact = f" (vocab size {covered}, the default, keeps exactly its rows)"
     notes.append(
-      f"{zero.size} of our ids ({ids}) have no checkpoint row: zero rows, whose logit 0 takes "
-      f"probability mass from every prediction, so scores differ from the checkpoint's{exact}"
+      f"{zero.size} of our ids ({ids}) have no checkpoint row of their own in the output head: "
+      "zero rows, whose logit 0 takes probability mass from every prediction, so scores "
+      f"differ from the checkpoint's{exact}"
     )
-  return source, notes
+  return head, embed, notes
 
 
 def check_our_vocab(n: int | None, name: str = "our_vocab") -> None:
@@ -352,9 +381,8 @@ def load(
     mesh: where to place the parameters (default: all devices, fsdp).
     our_vocab: None keeps the checkpoint's vocabulary (embedding and head
       rows in its order; the tokenizer maps to its ids). 0 re-orders the
-      rows into hybridna_jax.tokenizer's ids, keeping every row (a
-      permutation, `vocab_remap`: tokens by role and name, the rest on our
-      ids left over), so scores are the checkpoint's; the returned tokenizer
+      rows into hybridna_jax.tokenizer's ids, keeping every row
+      (`vocab_remap`), so scores are the checkpoint's; the returned tokenizer
       is hybridna_jax.tokenizer. N > 0 keeps ids 0..N-1: more than 0's
       size adds zero rows (logit 0: they take probability mass), fewer drops
       rows (the softmax renormalises); both are logged.
@@ -399,10 +427,12 @@ def load(
         "tokenizer_config.json); the vocabulary cannot be mapped to ours; our_vocab=None "
         "loads the model with the checkpoint's ids."
       )
-    remap, notes = vocab_remap(tok, cfg.vocab_size, our_vocab)
+    head, embed, notes = vocab_remap(tok, cfg.vocab_size, our_vocab)
     for note in notes:
       logging.warning("%s: %s", files.path, note)
-    tok, our_vocab = our_tokenizer, len(remap)
+    # Tied: one matrix, whose rows must keep the softmax (the head's map).
+    remap = {"lm_head": head, "embed": head if cfg.tie_embeddings else embed}
+    tok, our_vocab = our_tokenizer, len(head)
   out_cfg = cfg if remap is None else dataclasses.replace(cfg, vocab_size=our_vocab)
   params = _place(files, specs, out_cfg, mesh or sharding.make_mesh(fsdp=-1), rules, remap)
   graphdef, _ = nnx.split(abstract_model(out_cfg), nnx.Param)
@@ -411,7 +441,8 @@ def load(
 
 def _place(files, specs, cfg: ModelConfig, mesh: Mesh, rules, remap) -> nnx.State:
   """Reads every tensor, converts it and device_puts each parameter with its
-  sharding; one tensor at a time (one shard file open at a time)."""
+  sharding; one tensor at a time (one shard file open at a time). `remap`:
+  None, or {"embed": rows, "lm_head": rows} (`vocab_remap`'s maps)."""
   loop_cfg = dataclasses.replace(cfg, scan_layers=False)
   _, abstract = nnx.split(abstract_model(loop_cfg), nnx.Param)
   shardings = sharding.state_shardings(abstract, mesh, rules)
@@ -427,8 +458,8 @@ def _place(files, specs, cfg: ModelConfig, mesh: Mesh, rules, remap) -> nnx.Stat
         prefix, spec = specs[name]
         for rel, array in spec.to_ours(f.get_tensor(name)).items():
           key = prefix + rel
-          if remap is not None and key in ("embed", "lm_head"):
-            array = _remap_rows(array, remap, axis=0 if key == "embed" else 1)
+          if remap is not None and key in remap:
+            array = _remap_rows(array, remap[key], axis=0 if key == "embed" else 1)
           target = targets[key]
           if array.shape != target.shape:  # the table and the model disagree: a bug here
             raise AssertionError(f"{name} -> {key}: {array.shape} vs {target.shape}")
