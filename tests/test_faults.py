@@ -260,6 +260,15 @@ def test_a_worker_data_position_of_an_earlier_version_is_refused(base_run, tmp_p
   cfg = cfg.copy_and_resolve_references()
   cfg.train.stages = ((32, 6, 4),)  # step 4 is mid-stage: its iterator is restored
   cfg.data.num_workers = 1
+  # Saved without workers: the earlier version's position is this one's; the
+  # change of data.num_workers is what is refused.
+  with pytest.raises(ValueError, match=r"\(data\.num_workers: 0 in the run, 1 now\)"):
+    loop.train(cfg, workdir)
+  # Saved with workers (the run's config.json says so): refused as stale.
+  config_json = os.path.join(workdir, loop.CONFIG_FILE)
+  written = json.load(open(config_json))
+  written["data"]["num_workers"] = 1
+  json.dump(written, open(config_json, "w"))
   with pytest.raises(ValueError, match=r"step 4 \(data.num_workers=1\) was saved by an earlier"):
     loop.train(cfg, workdir)
   assert sorted(os.listdir(os.path.join(workdir, loop.CHECKPOINT_DIR))) == ["2", "4"]

@@ -599,8 +599,13 @@ def source_weights(data_cfg, token_counts: np.ndarray, source_names: Sequence[st
   return weights
 
 
-def _read_options(data_cfg, batch_size: int) -> grain.ReadOptions:
+def _read_options(data_cfg, batch_size: int, whole_batches: bool = False) -> grain.ReadOptions:
+  """Grain's read options: data.prefetch_buffer_size windows (0: about two
+  batches) ahead; counted in batches of `batch_size` when the elements are
+  whole batches."""
   buffer = int(data_cfg.prefetch_buffer_size) or max(2 * batch_size, 16)
+  if whole_batches:
+    buffer = max(1, -(-buffer // batch_size))
   return grain.ReadOptions(num_threads=int(data_cfg.read_threads), prefetch_buffer_size=buffer)
 
 
@@ -849,7 +854,7 @@ def train_dataset(
       # (tests, notebooks) they are unparsed, so use their defaults.
       flags.FLAGS.mark_as_parsed()
     it = ds.batch(host_batch, drop_remainder=True, batch_fn=list).map(read)
-    it = it.to_iter_dataset(_read_options(data_cfg, 1))
+    it = it.to_iter_dataset(_read_options(data_cfg, host_batch, whole_batches=True))
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   return it.map(MakeBatch(data_cfg.mask_n_in_loss))
 

@@ -666,12 +666,13 @@ def _train(config, workdir: str, task: Task | None, preemption: _Preemption) -> 
     same_stage = meta.get("stage") == stage.index and step < stage.end_step
     if not same_stage:
       return None
-    workers = int(config.data.num_workers)
-    if workers and isinstance(task, LMPretraining) and meta.get("stream_format", 1) < 2:
+    saved_workers = ((_written_config(workdir) or {}).get("data") or {}).get("num_workers", 0)
+    stale = meta.get("stream_format", 1) < pipeline.STREAM_FORMAT
+    if isinstance(task, LMPretraining) and saved_workers and stale:
       raise ValueError(
-        f"{workdir}: the data position of step {step} (data.num_workers={workers}) was saved "
-        "by an earlier version, which grouped each batch's windows differently; finish the "
-        "run with that version, or start it again in another --workdir."
+        f"{workdir}: the data position of step {step} (data.num_workers={saved_workers}) was "
+        "saved by an earlier version, which grouped each batch's windows differently; finish "
+        "the run with that version, or start it again in another --workdir."
       )
     check_data_position(step, meta.get("host_rows"), _host_rows(built["iterator"][1]))
     return pipeline.iterator_restore_args(built["iterator"][0])
