@@ -763,8 +763,11 @@ def test_a_data_position_resumes_only_under_a_split_of_rows_that_keeps_it():
       check(7, saved, now)
 
 
-@pytest.mark.parametrize("stopped,requeued", [("preempted", True), ("completed", False)])
-def test_slurm_script_requeues_a_preempted_run(tmp_path, stopped, requeued):
+@pytest.mark.parametrize(
+  "stopped,requeued,separate",
+  [("preempted", True, False), ("completed", False, False), ("preempted", True, True)],
+)
+def test_slurm_script_requeues_a_preempted_run(tmp_path, stopped, requeued, separate):
   """The trainer exits 0 after its SIGTERM save, which Slurm's --requeue
   alone does not requeue: the script does (srun and scontrol stubbed)."""
   stubs, workdir = tmp_path / "bin", tmp_path / "run"
@@ -788,7 +791,8 @@ def test_slurm_script_requeues_a_preempted_run(tmp_path, stopped, requeued):
     VENV=str(venv),
   )
   proc = subprocess.run(
-    ["bash", os.path.join(ROOT, "launch", "slurm_gpu.sbatch"), f"--workdir={workdir}"],
+    ["bash", os.path.join(ROOT, "launch", "slurm_gpu.sbatch")]
+    + (["--workdir", str(workdir)] if separate else [f"--workdir={workdir}"]),
     env=env,
     capture_output=True,
     text=True,
