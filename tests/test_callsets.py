@@ -3,6 +3,7 @@ reference through faidx, --region, the annotated VCF/BCF (INFO equal to the
 TSV) and resuming an interrupted run to the same outputs."""
 
 import gzip
+import json
 import math
 import os
 import pathlib
@@ -278,8 +279,17 @@ def test_an_interrupted_run_resumes_to_the_same_outputs(files, tmp_path):
 
   with pytest.raises(Interrupted):
     run_on(reference, InterruptingScorer(calls=2))
+  progress = tmp_path / "newref" / "s.tsv.progress.json"
+  saved = json.loads(progress.read_text())
   os.utime(reference, ns=(0, os.stat(reference).st_mtime_ns + 10**9))
   with pytest.raises(ValueError, match="other inputs or settings .*reference_mtime_ns"):
+    run_on(reference, FakeScorer())
+  # Progress of an earlier version (which recorded no reference size or time).
+  del saved["fingerprint"]["reference_size"], saved["fingerprint"]["reference_mtime_ns"]
+  progress.write_text(json.dumps(saved))
+  with pytest.raises(
+    ValueError, match="an earlier version, which did not record reference_mtime_ns"
+  ):
     run_on(reference, FakeScorer())
 
 

@@ -734,6 +734,13 @@ def _load_progress(path: str, fingerprint: dict, files: dict[str, str]) -> dict 
   with open(path, encoding="utf-8") as f:
     saved = json.load(f)
   before = saved["fingerprint"]
+  unrecorded = sorted(set(fingerprint) - set(before))
+  if unrecorded:
+    raise ValueError(
+      f"{path}: an interrupted run of an earlier version, which did not record "
+      f"{', '.join(unrecorded)} (and typed or filtered some variants otherwise); delete this "
+      "file to start over."
+    )
   differ = [
     f"{k}: {before.get(k)!r}, now {v!r}" for k, v in fingerprint.items() if before.get(k) != v
   ]
