@@ -295,10 +295,12 @@ def run_sampling(
   """
   from hybridna_jax import restore  # pylint: disable=g-import-not-at-top
 
+  # Resolved first: a directory that is not a run (a Hugging Face one) is
+  # refused before its weights load.
+  ref = restore.find_checkpoint(checkpoint, which)
   # The loop layout: in the decode loop a scanned model's per-layer weight
   # slices would be hoisted into a second copy of the weights.
   model, _, run_config = restore.load(checkpoint, which=which, mesh=mesh, scan_layers=False)
-  ref = restore.find_checkpoint(checkpoint, which)
   # Defaults for a run from before the generate section existed (pretraining).
   run_generate = GenerateConfig.of(run_config)
   g = GenerateConfig.of(config) if config is not None else run_generate
