@@ -33,6 +33,12 @@ from hybridna_jax.train import flops as flops_lib
 from hybridna_jax.train import loop
 from hybridna_jax.train import step as step_lib
 
+# How a model gets rows for the label tokens (ids from 10 up).
+_LABEL_TOKENS_NEED = (
+  f"Label tokens need vocab_size {tok.VOCAB_SIZE}: convert a Hugging Face checkpoint with "
+  f"launch/convert.py --vocab_size={tok.VOCAB_SIZE}."
+)
+
 
 class GenerativeFinetuning(loop.Task):
   """Prompt-token generative fine-tuning (module docstring).
@@ -63,8 +69,7 @@ class GenerativeFinetuning(loop.Task):
     if last_token >= self.model_cfg.vocab_size:
       raise ValueError(
         f"config.model.vocab_size={self.model_cfg.vocab_size} has no rows for the label "
-        f"tokens (ids up to {last_token}); use vocab_size {tok.VOCAB_SIZE} (a run converted "
-        "from a Hugging Face checkpoint: launch/convert.py --vocab_size=128)."
+        f"tokens (ids up to {last_token}). {_LABEL_TOKENS_NEED}"
       )
     self.train_examples = tokenize(self.train_rows, self.vocab)
     self.val_examples = None
@@ -105,8 +110,7 @@ class GenerativeFinetuning(loop.Task):
     diff = architecture_differences(pretrained_cfg, self.model_cfg)
     if diff:
       hint = (
-        f" Label tokens need vocab_size {tok.VOCAB_SIZE}: convert a Hugging Face checkpoint "
-        "with launch/convert.py --vocab_size=128."
+        f" {_LABEL_TOKENS_NEED}"
         if "vocab_size" in diff and pretrained_cfg.vocab_size < tok.VOCAB_SIZE
         else ""
       )

@@ -409,24 +409,22 @@ def load(
   specs = family.tensor_specs(cfg, tr.conv_bias)
   _check(files, specs, family, cfg)
   try:
-    tok = read_vocab(files.path, files.config)
-  except ValueError as e:
-    if our_vocab is not None:
-      raise HFCheckpointError(
-        f"{e} The vocabulary cannot be mapped to ours; our_vocab=None loads the model "
-        "with the checkpoint's ids."
-      ) from None
+    tok, unreadable = read_vocab(files.path, files.config), None
+  except ValueError as e:  # tokenizer files that hold no DNA vocabulary
+    tok, unreadable = None, str(e)
+  if tok is None and our_vocab is not None:
+    why = unreadable or (
+      f"{files.path} has no tokenizer files (tokenizer.json, vocab.json or tokenizer_config.json)."
+    )
+    raise HFCheckpointError(
+      f"{why} The vocabulary cannot be mapped to ours; our_vocab=None loads the model with "
+      "the checkpoint's ids."
+    )
+  if unreadable:
     # The model is usable with the checkpoint's own tokenizer (e.g. in transformers).
-    logging.warning("%s Loading the model without a tokenizer (None).", e)
-    tok = None
+    logging.warning("%s Loading the model without a tokenizer (None).", unreadable)
   remap = None
   if our_vocab is not None:
-    if tok is None:
-      raise HFCheckpointError(
-        f"{files.path} has no tokenizer files (tokenizer.json, vocab.json or "
-        "tokenizer_config.json); the vocabulary cannot be mapped to ours; our_vocab=None "
-        "loads the model with the checkpoint's ids."
-      )
     head, embed, notes = vocab_remap(tok, cfg.vocab_size, our_vocab)
     for note in notes:
       logging.warning("%s: %s", files.path, note)
