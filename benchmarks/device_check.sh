@@ -12,12 +12,16 @@
 # report as it comes, so a section cut short keeps what it printed):
 #   1. environment: date, nvidia-smi, python/jax/jaxlib/flax/triton versions
 #   2. on-device kernel tests: pytest -k on_device, tests/test_kernels_{ssd,attention}.py
-#   3. SSD benchmark (benchmarks/ssd.py): L=32k, h=32, p=64, n=128, bf16,
+#   3. end-to-end (benchmarks/end_to_end.py): configs/hybridna_300m.py, the
+#      same-size transformer first, then the hybrid, at 32k, 32768 tokens/step,
+#      one document per row (both take their fastest attention), tokens/s, MFU,
+#      compile seconds: the number the first device run could not reach
+#   4. SSD benchmark (benchmarks/ssd.py): L=32k, h=32, p=64, n=128, bf16,
 #      Pallas vs the XLA chunked reference, forward and forward+backward
-#   4. attention benchmark (benchmarks/attention.py): causal, d=128, L=32k,
+#   5. attention benchmark (benchmarks/attention.py): causal, d=128, L=32k,
 #      h=16, Triton (pallas_gpu) / cuDNN / torch flash vs XLA (blockwise, plain)
-#   5. end-to-end (benchmarks/end_to_end.py): configs/hybridna_300m.py, hybrid
-#      vs same-size transformer at 32k and 8k, 32768 tokens/step, tokens/s, MFU
+# A section that exits 0 with failure cells in its table (error: / OOM:) is
+# reported with their count.
 #
 # The whole run is held to DEVICE_CHECK_BUDGET seconds (default 450: 7.5
 # minutes, kill grace included, so under 8 minutes in all): each section's
@@ -26,7 +30,9 @@
 # (mostly the end-to-end run, whose compiles are the slowest part).
 #
 # Report: $REPORT if set, else $OUT/device_report.md when $OUT is set, else
-# runs/device_report.md (overwritten at the start of each run).
+# runs/device_report.md (overwritten at the start of each run). The copy on a
+# device machine may carry stale git metadata: DEVICE_CHECK_COMMIT=<sha> in
+# the run command names the commit the report was run at.
 #
 # Missing Python packages (grain, ml-collections, ...) travel as wheels in
 # .whl/ (git-ignored); they are installed into /tmp/site (DEVICE_CHECK_SITE)
@@ -80,6 +86,14 @@ if [ -d .whl ] && { [ "$DRY_RUN" = 0 ] || [ "${DEVICE_CHECK_WHEELS:-0}" = 1 ]; }
 else
   export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
   [ -d .whl ] && WHEELS_NOTE="dry run: .whl/ not installed (DEVICE_CHECK_WHEELS=1 installs it)"
+fi
+
+# The configs need ml-collections: without it every section fails in seconds.
+if [ "$DRY_RUN" = 0 ] && ! "$PYTHON" -c "import ml_collections" >/dev/null 2>&1; then
+  echo "ml_collections does not import ($WHEELS_NOTE): build .whl/ here first (the" \
+    "pip download command in benchmarks/RESULTS.md, 'Device check') and run with" \
+    "carry: [\".whl\"]." >&2
+  exit 2
 fi
 
 # -- Platform --------------------------------------------------------------------
@@ -140,8 +154,10 @@ run_section() {
   rc=${PIPESTATUS[0]}
   echo '```' >> "$REPORT"
   local took=$((SECONDS - start)) result
+  local failed
+  failed=$(grep -cE '(\| |  )(error|OOM): ' "$LAST_LOG")
   case $rc in
-    0) result="ok" ;;
+    0) result="ok"; [ "$failed" -gt 0 ] && result="ok, $failed row(s) with error/OOM cells" ;;
     124|137) result="TIMEOUT after ${limit}s (output above is partial)" ;;
     *) result="FAILED (exit $rc)" ;;
   esac
@@ -153,12 +169,16 @@ run_section() {
 
 # -- Header and environment ------------------------------------------------------
 MODE=$([ "$DRY_RUN" = 1 ] && echo "DRY RUN (CPU, tiny shapes: numbers mean nothing)" || echo "device")
+COMMIT=${DEVICE_CHECK_COMMIT:-}
+if [ -z "$COMMIT" ]; then
+  COMMIT="$(git rev-parse --short HEAD 2>/dev/null || echo unknown) (git metadata of this copy, unverified: pass DEVICE_CHECK_COMMIT)"
+fi
 {
   echo "# HybriDNA-JAX device check"
   echo
   echo "- mode: $MODE"
   echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
-  echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo 'unknown (no .git in this copy)')"
+  echo "- commit: $COMMIT"
   echo "- host: $(uname -srm), $(nproc) cores"
   echo "- JAX_PLATFORMS=$JAX_PLATFORMS; budget ${BUDGET}s"
   echo "- wheels: $WHEELS_NOTE"
@@ -200,9 +220,9 @@ EOF
 } 2>&1 | tee -a "$REPORT"
 
 # -- Sections --------------------------------------------------------------------
-# Caps (s): tests 150, SSD 90, attention 90, end-to-end 330. Minimum kept for
-# the later sections, kill grace included: SSD 60, attention 60, end-to-end
-# 190; so the reserves after each section are 310, 250, 190 and 0.
+# Caps (s): tests 120, end-to-end 270, SSD 60, attention 60. Minimum kept for
+# the later sections, kill grace included: end-to-end 200, SSD 40, attention
+# 40; so the reserves after each section are 280, 80, 40 and 0.
 TEST_ARGS=(-k on_device -v -rfEs --tb=short -p no:cacheprovider)
 if "$PYTHON" -c "import pytest_timeout" >/dev/null 2>&1; then
   TEST_ARGS+=(--timeout=100)
@@ -220,23 +240,23 @@ else
   if [ "$JAX_PLATFORMS" = cuda ]; then   # kernels first; torch_flash is added last
     ATTN_ARGS+=(--impls pallas_gpu cudnn xla_blockwise xla)
   fi
-  E2E_ARGS=(--config=configs/hybridna_300m.py "--seq_lens=32768,8192"
+  E2E_ARGS=(--config=configs/hybridna_300m.py --seq_lens=32768 --models=transformer,hybrid
             --tokens_per_step=32768 --iters=5 --dtype=bfloat16)
 fi
 
-run_section "On-device kernel tests" 150 310 \
+run_section "On-device kernel tests" 120 280 \
   "$PYTHON" -m pytest tests/test_kernels_ssd.py tests/test_kernels_attention.py "${TEST_ARGS[@]}"
 if [ "$DRY_RUN" = 0 ] && grep -qE "[0-9]+ skipped" "$LAST_LOG"; then
   note "**WARNING: on-device tests were skipped: JAX did not see a GPU/TPU.**"
   SUMMARY[${#SUMMARY[@]}-1]="| On-device kernel tests | SKIPPED on the device (no GPU/TPU seen) | - |"
   STATUS=1
 fi
-run_section "SSD benchmark" 90 250 \
-  "$PYTHON" benchmarks/ssd.py "${SSD_ARGS[@]}"
-run_section "Attention benchmark" 90 190 \
-  "$PYTHON" benchmarks/attention.py "${ATTN_ARGS[@]}"
-run_section "End-to-end: hybrid vs transformer" 330 0 \
+run_section "End-to-end: hybrid vs transformer" 270 80 \
   "$PYTHON" benchmarks/end_to_end.py "${E2E_ARGS[@]}"
+run_section "SSD benchmark" 60 40 \
+  "$PYTHON" benchmarks/ssd.py "${SSD_ARGS[@]}"
+run_section "Attention benchmark" 60 0 \
+  "$PYTHON" benchmarks/attention.py "${ATTN_ARGS[@]}"
 
 # -- Summary ---------------------------------------------------------------------
 {

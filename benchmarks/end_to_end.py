@@ -43,6 +43,15 @@ flags.DEFINE_bool("small", False, "CPU smoke run: demo config, short lengths.")
 flags.DEFINE_bool(
   "scan_layers", None, "Override model.scan_layers (one scanned block: faster compiles)."
 )
+flags.DEFINE_list(
+  "models", ["hybrid", "transformer"], "Models to run, in this order (hybrid, transformer)."
+)
+flags.DEFINE_bool(
+  "packed",
+  False,
+  "Feed segment ids (packed documents). Off: one document per row, so both models take the "
+  "fastest attention path (cuDNN on GPU, which segment ids rule out).",
+)
 FLAGS = flags.FLAGS
 
 
@@ -69,26 +78,35 @@ def peak_memory_gib() -> str:
   return f"{peak / 2**30:.1f}" if peak else "n/a"
 
 
-def measure(cfg: ModelConfig, seq_len: int, batch: int):
+def build(cfg: ModelConfig):
+  """(step functions, [train state]) of `cfg` on one device: built and
+  initialised once per model, then stepped at every length."""
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   train_cfg = load_config(FLAGS.config).train
   optimizer, schedule = optimizer_lib.make_optimizer(train_cfg, total_steps=1000)
+  keys = step_lib.LM_BATCH_KEYS if FLAGS.packed else ("inputs", "targets", "loss_mask")
   fns = step_lib.build_steps(
-    lambda rngs: HybriDNA(cfg, rngs=rngs), step_lib.lm_loss, optimizer, schedule, mesh
+    lambda rngs: HybriDNA(cfg, rngs=rngs),
+    step_lib.lm_loss,
+    optimizer,
+    schedule,
+    mesh,
+    batch_keys=keys,
   )
-  state = fns.init(jax.random.key(0))
+  return fns, [fns.init(jax.random.key(0))]
+
+
+def measure(cfg: ModelConfig, built, seq_len: int, batch: int):
+  fns, holder = built
   rng = np.random.default_rng(0)
   toks = rng.integers(5, 9, (batch, seq_len + 1)).astype(np.int32)
-  batch_arrays = step_lib.device_batch(
-    {
-      "inputs": toks[:, :-1],
-      "targets": toks[:, 1:],
-      "segment_ids": np.ones((batch, seq_len), np.int32),
-      "loss_mask": np.ones((batch, seq_len), np.float32),
-    },
-    fns.batch_sharding,
-  )
-  holder = [state]
+  arrays = {
+    "inputs": toks[:, :-1],
+    "targets": toks[:, 1:],
+    "segment_ids": np.ones((batch, seq_len), np.int32),
+    "loss_mask": np.ones((batch, seq_len), np.float32),
+  }
+  batch_arrays = step_lib.device_batch(arrays, fns.batch_sharding, fns.batch_keys)
 
   def step(b):
     holder[0], metrics = fns.train_step(holder[0], b)
@@ -100,6 +118,7 @@ def measure(cfg: ModelConfig, seq_len: int, batch: int):
   achieved = tok_s * flops_lib.train_flops_per_token(cfg, seq_len)
   peak = flops_lib.peak_flops_per_device()
   return dict(
+    compile_s=timing["compile_s"],
     step_s=timing["median_s"],
     tok_s=tok_s,
     tflops=achieved / 1e12,
@@ -120,7 +139,11 @@ def main(argv):
     remat=FLAGS.remat or hybrid.remat,
     scan_layers=hybrid.scan_layers if FLAGS.scan_layers is None else FLAGS.scan_layers,
   )
-  transformer = attention_only(hybrid)
+  models = {"hybrid": hybrid, "transformer": attention_only(hybrid)}
+  unknown = set(FLAGS.models) - set(models)
+  if unknown:
+    raise app.UsageError(f"--models: unknown {sorted(unknown)}; use hybrid and/or transformer.")
+  transformer = models["transformer"]
   print(environment())
   print(
     f"config {config_path}; hybrid {param_count(hybrid) / 1e6:.1f}M params "
@@ -129,18 +152,22 @@ def main(argv):
     f"{transformer.mlp_dim}); dtype {hybrid.dtype}, remat {hybrid.remat}, "
     f"ssd_impl {hybrid.ssd_impl}, attention_impl {hybrid.attention_impl}, "
     f"scan_layers {hybrid.scan_layers}; "
-    f"{tokens_per_step} tokens/step"
+    f"{tokens_per_step} tokens/step; "
+    + ("packed documents (segment ids)" if FLAGS.packed else "one document per row")
   )
   print(
-    f"{'model':<12}{'seq_len':>8}{'batch':>6}{'step s':>9}{'tok/s':>11}"
+    f"{'model':<12}{'seq_len':>8}{'batch':>6}{'compile s':>10}{'step s':>9}{'tok/s':>11}"
     f"{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>9}"
   )
   results = {}
-  for seq_len in seq_lens:
-    batch = max(1, tokens_per_step // seq_len)
-    for name, cfg in (("hybrid", hybrid), ("transformer", transformer)):
+  # Model by model (each built and initialised once), the lengths in turn.
+  for name in FLAGS.models:
+    cfg, built = models[name], None
+    for seq_len in seq_lens:
+      batch = max(1, tokens_per_step // seq_len)
       try:
-        r = measure(cfg, seq_len, batch)
+        built = built or build(cfg)
+        r = measure(cfg, built, seq_len, batch)
       except Exception as e:  # pylint: disable=broad-except
         # An OOM (or any other failure) of one point is a cell, not the end
         # of the run: the other lengths and the other model still run.
@@ -150,10 +177,13 @@ def main(argv):
       results[(name, seq_len)] = r
       mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
       print(
-        f"{name:<12}{seq_len:>8}{batch:>6}{r['step_s']:>9.3f}{r['tok_s']:>11,.0f}"
-        f"{r['tflops']:>9.2f}{mfu:>7}{r['mem']:>9}",
+        f"{name:<12}{seq_len:>8}{batch:>6}{r['compile_s']:>10.1f}{r['step_s']:>9.3f}"
+        f"{r['tok_s']:>11,.0f}{r['tflops']:>9.2f}{mfu:>7}{r['mem']:>9}",
         flush=True,
       )
+    del built
+    gc.collect()
+  for seq_len in seq_lens:
     if ("hybrid", seq_len) in results and ("transformer", seq_len) in results:
       ratio = results[("hybrid", seq_len)]["tok_s"] / results[("transformer", seq_len)]["tok_s"]
       print(f"{'':<12}{seq_len:>8}  hybrid / transformer throughput: {ratio:.2f}x", flush=True)

@@ -55,8 +55,9 @@ def masked_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array)
 
 
 def lm_loss(model: nnx.Module, batch: dict):
-  """Next-token loss over `loss_mask` (pretraining and generative tuning)."""
-  out = model(batch["inputs"], segment_ids=batch["segment_ids"])
+  """Next-token loss over `loss_mask` (pretraining and generative tuning);
+  a batch without "segment_ids" is one document per row."""
+  out = model(batch["inputs"], segment_ids=batch.get("segment_ids"))
   nll, count, correct = masked_cross_entropy(out.logits, batch["targets"], batch["loss_mask"])
   return nll, {"count": count, "accuracy": correct, "bits_per_nt": nll / LN2}
 
