@@ -3,16 +3,20 @@ per-device peak (CPU compile, kernels as shape proxies), the GPU compiler's
 own memory analysis of the same step, and the peak memory and time of the
 step run on the GPU.
 
-  python benchmarks/plan_check_gpu.py --cases=hybridna_300m:8192:1,hybridna_7b:8192:1
+  python benchmarks/plan_check_gpu.py --cases=hybridna_300m:8192:1,hybridna_300m:32768:1
   python benchmarks/plan_check_gpu.py --cases=hybridna_300m:8192:4 \
       --overrides=model.scan_layers=True,model.remat=none  # the scanned layout
 
 One device; each case is <config>:<seq_len>:<batch>; --overrides apply to
 every case, on the device and in the planner alike. The measured peak is
 the process's high-water mark: a case that stays below an earlier case's
-peak reports n/a (run it alone, or order cases small to large). The planner runs in
-subprocesses on the host's CPUs while the GPU works. Without a GPU (tests of
-this script) it runs the same steps on CPU. On a device image without grain
+peak reports n/a (run it alone, or order cases small to large). A case that
+fails on the device (out of memory) keeps what was measured before the
+failure (the GPU compile's memory analysis and compile time). The planner
+runs in subprocesses on the host's CPUs while the GPU works. Without a GPU it
+runs the same steps on CPU. Results go to --out_dir ($OUT/plan_check_gpu on
+a device machine, so that they come back). One GPU holds at most a ~3B model
+with fp32 Adam state (16 bytes a parameter): the 7B needs a mesh. On a device image without grain
 and ml-collections, install the `.whl/` folder first as
 benchmarks/device_check.sh does.
 """
@@ -31,7 +35,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 flags.DEFINE_list("cases", ["hybridna_300m:8192:1"], "<config>:<seq_len>:<batch> cases.")
-flags.DEFINE_string("out_dir", "runs/plan_check_gpu", "Where plans and results go.")
+flags.DEFINE_string(
+  "out_dir",
+  os.path.join(os.environ["OUT"], "plan_check_gpu")
+  if os.environ.get("OUT")
+  else "runs/plan_check_gpu",
+  "Where plans and results go (default: $OUT/plan_check_gpu when $OUT is set).",
+)
 flags.DEFINE_integer("steps", 3, "Timed steps per case (after the first).")
 flags.DEFINE_integer("plan_timeout", 900, "Seconds for each planner subprocess.")
 flags.DEFINE_list(
@@ -73,8 +83,9 @@ def start_plan(name: str, seq_len: int, batch: int, out: Path) -> subprocess.Pop
   return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def run_on_device(name: str, seq_len: int, batch: int) -> dict:
-  """Compiles (abstract inputs) and runs the step with the default kernels."""
+def run_on_device(name: str, seq_len: int, batch: int, result: dict) -> None:
+  """Compiles (abstract inputs) and runs the step with the default kernels;
+  fills `result` as it goes, so that a failure keeps what was measured."""
   import jax  # pylint: disable=g-import-not-at-top
 
   from hybridna_jax.config import load_config  # pylint: disable=g-import-not-at-top
@@ -88,13 +99,13 @@ def run_on_device(name: str, seq_len: int, batch: int) -> dict:
   compiled = built.fns.train_step.lower(built.state, built.batch).compile()
   compile_s = time.perf_counter() - start
   plan = plan_lib._plan_from(built, compiled, 0.0, compile_s)  # pylint: disable=protected-access
-  result = {
-    "xla_peak_bytes": plan.peak_bytes,
-    "xla_temp_bytes": plan.temp_bytes,
-    "argument_bytes": plan.argument_bytes,
-    "compile_s": compile_s,
-    "model_flops": plan.model_flops,
-  }
+  result.update(
+    xla_peak_bytes=plan.peak_bytes,
+    xla_temp_bytes=plan.temp_bytes,
+    argument_bytes=plan.argument_bytes,
+    compile_s=compile_s,
+    model_flops=plan.model_flops,
+  )
   device = jax.devices()[0]
   # The peak is the process's high-water mark, never reset: it is this
   # case's only if it rose during the case (not set by an earlier, larger one).
@@ -124,7 +135,6 @@ def run_on_device(name: str, seq_len: int, batch: int) -> dict:
   if peak_flops:
     result["mfu"] = plan.model_flops / result["step_s"] / peak_flops
   del state, data, compiled
-  return result
 
 
 def main(argv):
@@ -141,10 +151,11 @@ def main(argv):
   results = {}
   for case in cases:
     key = f"{case[0]}_{case[1]}_{case[2]}"
+    results[key] = {}
     try:
-      results[key] = run_on_device(*case)
+      run_on_device(*case, results[key])
     except Exception as e:  # pylint: disable=broad-except
-      results[key] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+      results[key]["error"] = f"{type(e).__name__}: {str(e)[:500]}"
     print(key, json.dumps(results[key]), flush=True)
     jax.clear_caches()
   for case, proc in plans.items():
