@@ -159,7 +159,11 @@ class _Preemption:
   def finish_saves(self, error: BaseException) -> None:
     """Completes the checkpoint saves in flight (an async save of the last
     interval is whole data) before `error` ends the process, whose exit
-    would cut them off. Ctrl-C again abandons them."""
+    would cut them off. Ctrl-C again abandons them. One process only: with
+    several, the save's commit waits on every process, which an exception of
+    this one may never let reach it."""
+    if jax.process_count() > 1:
+      return
     for manager in self.managers:
       if not manager.saving():
         continue
