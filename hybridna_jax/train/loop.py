@@ -447,15 +447,16 @@ class LMPretraining(Task):
     )
 
 
-def _write_config(config, workdir: str, resumed_step: int | None = None) -> None:
-  """Writes <workdir>/config.json. A run resumed under other settings keeps
-  the config that trained its first steps as config.step<N>.json (N: the
-  step resumed from), and the fields that changed are logged."""
+def _write_config(
+  config, workdir: str, resumed_step: int | None = None, before: dict | None = None
+) -> None:
+  """Writes <workdir>/config.json. A run resumed (at `resumed_step`) under
+  other settings than `before` (the config.json it had) keeps that config as
+  config.step<N>.json, and the fields that changed are logged."""
   if jax.process_index() != 0:
     return
   text = config.to_json_best_effort(indent=2)
-  before = _written_config(workdir) if resumed_step is not None else None
-  if before is not None:
+  if resumed_step is not None and before is not None:
     old, new = flatten_config(before), flatten_config(json.loads(text))
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if changed:
@@ -585,13 +586,14 @@ def flatten_config(values: dict, prefix: str = "") -> dict:
   return flat
 
 
-def _data_state_error(config, workdir: str, error: DataStateMismatchError) -> ValueError:
+def _data_state_error(
+  config, workdir: str, error: DataStateMismatchError, written: dict | None
+) -> ValueError:
   """The one-line error for a checkpoint whose data-iterator state does not
   fit this run's data loader (`Checkpoints.restore_data`): names the data
-  fields that differ from <workdir>/config.json (e.g. data.num_workers) and
-  the way out. Nothing was moved or written."""
+  fields that differ from `written` (<workdir>/config.json, e.g.
+  data.num_workers) and the way out. Nothing was moved or written."""
   path = paths.join(workdir, CONFIG_FILE)
-  written = _written_config(workdir)
   changed = []
   if written is not None and "data" in written:
     try:
@@ -650,6 +652,7 @@ def _train(config, workdir: str, task: Task | None, preemption: _Preemption) -> 
   # succeed, so a refused resume leaves config.json as it was.
   check_resume_config(config, workdir)
   task.check_data(stages, tc)
+  written = _written_config(workdir)  # the run's config.json so far, read once
   # Opened after the checks: an Orbax manager starts a thread that cleans up
   # temporary paths, which a bad-input exit would interrupt with a traceback.
   checkpoints = Checkpoints(
@@ -670,7 +673,7 @@ def _train(config, workdir: str, task: Task | None, preemption: _Preemption) -> 
     same_stage = meta.get("stage") == stage.index and step < stage.end_step
     if not same_stage:
       return None
-    saved_workers = ((_written_config(workdir) or {}).get("data") or {}).get("num_workers", 0)
+    saved_workers = ((written or {}).get("data") or {}).get("num_workers", 0)
     stale = meta.get("stream_format", 1) < pipeline.STREAM_FORMAT
     if isinstance(task, LMPretraining) and saved_workers and stale:
       raise ValueError(
@@ -690,7 +693,7 @@ def _train(config, workdir: str, task: Task | None, preemption: _Preemption) -> 
       if manager is not None:
         manager.close()
     if isinstance(e, DataStateMismatchError):
-      raise _data_state_error(config, workdir, e) from None
+      raise _data_state_error(config, workdir, e, written) from None
     raise
   # The latest evaluation, {"step": ..., "result": {...}}; checkpoints keep
   # it, so a run resumed at its end neither repeats its final eval nor
@@ -709,7 +712,7 @@ def _train(config, workdir: str, task: Task | None, preemption: _Preemption) -> 
   # checkpoint can be older (a kill after an eval saved best/).
   if best is not None and best.latest_step() is not None:
     best_val = best.restore_meta(best.latest_step()).get(select_key, best_val)
-  _write_config(config, workdir, None if resumed is None else resumed[0])
+  _write_config(config, workdir, None if resumed is None else resumed[0], written)
   # Opened only now: a refused resume leaves no file open (nor metrics.jsonl created).
   logger = MetricsLogger(workdir, total_steps, devices=mesh.size)
 
