@@ -267,16 +267,12 @@ def _placements(
   return placed, shared
 
 
-def covered_vocab_size(tok: VocabTokenizer, n_rows: int) -> int:
-  """The smallest vocabulary of ours that keeps every one of the checkpoint's
-  n_rows embedding rows (`_placements`), at least 10 (specials and A C G T
-  N): the converted model's softmax is the checkpoint's, so every score is
-  (unless one of its tokens serves two of our roles and no row is left
-  over for the second: a zero row, `vocab_remap`)."""
-  return _covered(_placements(tok, n_rows)[0])
-
-
 def _covered(placed: Mapping[int, tuple[int, str]]) -> int:
+  """The smallest vocabulary of ours that keeps every checkpoint row
+  `_placements` placed, at least 10 (specials and A C G T N): the converted
+  model's softmax is the checkpoint's, so every score is (unless one of its
+  tokens serves two of our roles and no row is left over for the second: a
+  zero row, `vocab_remap`)."""
   return max([our_tokenizer.FIRST_TASK_TOKEN] + [i + 1 for i in placed])
 
 
@@ -284,7 +280,7 @@ def vocab_remap(
   tok: VocabTokenizer, n_rows: int, vocab_size: int = 0
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
   """Row maps from the checkpoint's n_rows-row vocabulary to vocab_size of
-  our ids (0: covered_vocab_size, which keeps every row).
+  our ids (0: the smallest that keeps every row, `_covered`).
 
   Returns (head, embed, notes): head[i] is the checkpoint row of our id i in
   the output head, or -1 for a zero row; embed[i] the same for the input
