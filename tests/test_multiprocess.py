@@ -194,3 +194,37 @@ def test_finetune_with_context_axis_across_processes_matches_one_process(tmp_pat
   for split in ("dev", "test"):
     for key, value in results[0][split].items():
       np.testing.assert_allclose(results[1][split][key], value, rtol=1e-5, err_msg=key)
+
+
+@pytest.mark.slow
+def test_sampling_across_processes_matches_one_process(lambda_store, tmp_path):
+  # launch/generate.py on 2 processes x 2 devices samples the designs of
+  # one process on 4 devices (each sample's random stream is keyed by its
+  # prompt and index, not by where it runs), and process 0 alone writes them.
+  workdir = str(tmp_path / "run")
+  _run_one(_train_command(lambda_store.store_dir, workdir))
+
+  def command(output):
+    return lambda extra: [
+      sys.executable,
+      os.path.join(ROOT, "launch", "generate.py"),
+      "--mode=sample",
+      f"--workdir={workdir}",
+      f"--output={output}",
+      "--prefix=ACGTACGT",
+      "--length=12",
+      "--num_samples=6",
+      "--batch_size=4",
+      "--seed=3",
+      *extra,
+    ]
+
+  single, multi = str(tmp_path / "single.fasta"), str(tmp_path / "multi.fasta")
+  _run_one(command(single)([]))
+  outputs = _run_two(command(multi))
+  assert f"wrote {multi} and its summaries" in outputs[0]
+  assert "wrote " not in outputs[1] and "designs: " not in outputs[1]
+  with open(single, encoding="utf-8") as a, open(multi, encoding="utf-8") as b:
+    want, got = a.read(), b.read()
+  assert want.count(">") == 6
+  assert got == want

@@ -278,7 +278,8 @@ def run_sampling(
     checkpoint: a run directory, checkpoints/ or best/ directory, or step
       directory (`restore.load`).
     output: the FASTA path; the summary goes next to it (.summary.json,
-      .summary.txt, .summary.png).
+      .summary.txt, .summary.png). In a multi-host job every process
+      samples the same designs and process 0 alone writes them.
     config: a config whose `generate` section gives the sampling defaults
       (None: the run's own config).
     label_specs: prompts as `PromptVocab.parse` reads them (none: every
@@ -344,7 +345,10 @@ def run_sampling(
   )
   seconds = time.perf_counter() - start
   source = f"{ref.manager_dir}/{ref.step}"
-  write_fasta(sets, output, settings=settings, seed=seed, source=source)
+  # Every process of a multi-host job holds the same designs; one writes.
+  writes = jax.process_index() == 0
+  if writes:
+    write_fasta(sets, output, settings=settings, seed=seed, source=source)
 
   training = None
   csv_path = reference_csv or run_generate.train_csv or None
@@ -384,15 +388,17 @@ def run_sampling(
   }
   if report is not None:
     result["oracle"] = report
-  with open(stem + ".summary.json", "w", encoding="utf-8") as f:
-    json.dump(_nan_to_null(result), f, indent=2, allow_nan=False)  # strict JSON readers
-  with open(stem + ".summary.txt", "w", encoding="utf-8") as f:
-    f.write(table + "\n")
-  references = design_data.sequences_by_label(training, vocab) if training is not None else {}
-  if training is not None:
-    references["unconditional"] = list(training.sequences)
-  result["plot"] = metrics.plot_summary(
-    {s.name: s.sequences for s in sets}, references, stem + ".summary.png", k=int(g.kmer)
-  )
+  if writes:
+    with open(stem + ".summary.json", "w", encoding="utf-8") as f:
+      json.dump(_nan_to_null(result), f, indent=2, allow_nan=False)  # strict JSON readers
+    with open(stem + ".summary.txt", "w", encoding="utf-8") as f:
+      f.write(table + "\n")
+    references = design_data.sequences_by_label(training, vocab) if training is not None else {}
+    if training is not None:
+      references["unconditional"] = list(training.sequences)
+    result["plot"] = metrics.plot_summary(
+      {s.name: s.sequences for s in sets}, references, stem + ".summary.png", k=int(g.kmer)
+    )
+    logging.info("wrote %s and its summaries", output)
   result["table"] = table
   return result
