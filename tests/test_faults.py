@@ -24,7 +24,7 @@ import pytest
 
 from hybridna_jax import launch_utils, restore
 from hybridna_jax.config import base_config
-from hybridna_jax.data import fasta, prepare
+from hybridna_jax.data import fasta, pipeline, prepare
 from hybridna_jax.data import store as store_lib
 from hybridna_jax.train import loop
 from hybridna_jax.train.checkpoint import CheckpointMismatchError, Checkpoints
@@ -217,6 +217,64 @@ def test_a_signal_after_the_last_step_is_reported(tiny_config, tmp_path, monkeyp
   monkeypatch.setattr(loop.LMPretraining, "finish", finish)
   summary = loop.train(cfg, str(tmp_path / "run"))
   assert summary["stopped"] == "completed" and summary["signalled"] is True
+
+
+def _signal_at_eval_batch(monkeypatch, at_batch):
+  """Sends SIGTERM as the `at_batch`-th batch of an LM evaluation is read;
+  returns the list of batch numbers read, evaluation by evaluation."""
+  real, reads = pipeline.eval_batches, []
+
+  def eval_batches(*args, **kwargs):
+    reads.append(0)
+    for batch in real(*args, **kwargs):
+      reads[-1] += 1
+      if reads[-1] == at_batch and len(reads) == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield batch
+
+  monkeypatch.setattr(pipeline, "eval_batches", eval_batches)
+  return reads
+
+
+def test_a_signal_during_an_evaluation_abandons_it_for_the_checkpoint(
+  tiny_config, tmp_path, monkeypatch
+):
+  """SIGTERM in the middle of an evaluation (of 4 batches, at step 2 of 4,
+  no checkpoint due): the batch that is running completes, the rest is
+  dropped and nothing of it logged, and step 2 is saved at once. The resumed
+  run evaluates again at step 4."""
+  cfg = _evaluating(tiny_config, 4)
+  cfg.train.eval_batches, cfg.train.checkpoint_every = 4, 100
+  workdir = str(tmp_path / "run")
+  reads = _signal_at_eval_batch(monkeypatch, 2)
+  summary = loop.train(cfg, workdir)
+  assert summary["stopped"] == "preempted" and summary["steps"] == 2
+  assert reads == [2] and _steps_of(workdir) == [2] and _val_rows(workdir) == []
+  monkeypatch.undo()
+  resumed = loop.train(cfg, workdir)
+  assert resumed["stopped"] == "completed" and resumed["steps"] == 4
+  assert [r["step"] for r in _val_rows(workdir)] == [4]
+
+
+def test_a_signal_during_a_final_evaluation_on_rerun_is_repeated_next_time(
+  tiny_config, tmp_path, monkeypatch
+):
+  """A completed run rerun with eval_every turned on, signalled during the
+  final evaluation it adds: reported as preempted (not completed without a
+  final_val), and the next launch evaluates it."""
+  cfg = _evaluating(tiny_config, 2)
+  cfg.train.eval_every, cfg.train.eval_batches = 0, 3
+  workdir = str(tmp_path / "run")
+  loop.train(cfg, workdir)
+  cfg.train.eval_every = 2
+  reads = _signal_at_eval_batch(monkeypatch, 1)
+  second = loop.train(cfg, workdir)
+  assert second["stopped"] == "preempted" and "final_val" not in second
+  assert reads == [1] and _val_rows(workdir) == []
+  monkeypatch.undo()
+  third = loop.train(cfg, workdir)
+  assert third["stopped"] == "completed" and "loss" in third["final_val"]
+  assert [r["step"] for r in _val_rows(workdir)] == [2]
 
 
 def test_config_and_machine_failures_on_resume_move_nothing(base_run, tmp_path, monkeypatch):

@@ -332,6 +332,7 @@ class FinetuneTask(loop.Task):
           done * layout.batch_size,
           last_report - start,
         )
+      loop.check_eval_interrupt()  # a dev-set evaluation during training stops for a signal
       placed = step_lib.device_batch(batch, fns.batch_sharding, fns.batch_keys, layout=layout)
       out = fns.apply(params, placed)
       if jax.process_count() > 1:

@@ -10,6 +10,7 @@ checkpoint left off, with the data iterator exactly where it was.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -116,17 +117,26 @@ def _check_batch(
   return sharding.batch_layout(mesh, stage.batch_size, stage.seq_len)
 
 
+class EvalInterrupted(Exception):
+  """A stop was requested during an evaluation of `train`, which abandons it
+  (`check_eval_interrupt`)."""
+
+
 class _Preemption:
   """SIGTERM and SIGINT (Ctrl-C) set a flag; the loop saves a checkpoint and
-  exits after the step that is running (a compile included), or at once
-  while waiting for data (`_fetch`). A second SIGINT raises
-  KeyboardInterrupt: stop now, without a new checkpoint (a save already in
-  flight is completed first, `finish_saves`)."""
+  exits after the step that is running (a compile included), at once while
+  waiting for data (`_fetch`), and after the batch that is running during
+  an evaluation (`check_eval_interrupt`), whose result is dropped. A second
+  SIGINT raises KeyboardInterrupt: stop now, without a new checkpoint (a save
+  already in flight is completed first, `finish_saves`)."""
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
+  # The one `train` running in this process, for `check_eval_interrupt`.
+  running: _Preemption | None = None
 
   def __init__(self):
     self.requested = False
+    self.evaluating = False
     self._previous: dict = {}
     # The run's checkpoint managers, whose saves in flight `finish_saves`
     # completes when the run stops on an exception.
@@ -149,12 +159,23 @@ class _Preemption:
         self._previous[sig] = signal.signal(sig, handler)
       except ValueError:  # not the main thread (e.g. some test runners)
         pass
+    _Preemption.running = self
     return self
 
   def __exit__(self, *exc):
     for sig, previous in self._previous.items():
       signal.signal(sig, previous)
     self._previous = {}
+    _Preemption.running = None
+
+  @contextlib.contextmanager
+  def evaluation(self):
+    """Marks an evaluation, which `check_eval_interrupt` may abandon."""
+    self.evaluating = True
+    try:
+      yield
+    finally:
+      self.evaluating = False
 
   def finish_saves(self, error: BaseException) -> None:
     """Completes the checkpoint saves in flight (an async save of the last
@@ -183,6 +204,18 @@ class _Preemption:
       return self.requested
     flags = multihost_utils.process_allgather(np.array(self.requested))
     return bool(np.any(flags))
+
+
+def check_eval_interrupt() -> None:
+  """Raises EvalInterrupted when the `train` running in this process
+  evaluates and a stop was requested (on any host): a long evaluation would
+  hold up the checkpoint past the grace time of a preemption. Evaluation
+  loops call it between batches; with several processes it is a collective,
+  so every process calls it at the same batches. Outside `train`'s
+  evaluations (finish, launch/eval.py) it does nothing."""
+  preemption = _Preemption.running
+  if preemption is not None and preemption.evaluating and preemption.any_host():
+    raise EvalInterrupted
 
 
 class _SavedIteratorState:
@@ -244,6 +277,7 @@ def sum_eval_steps(
   for i, batch in enumerate(batches):
     if max_batches and i >= max_batches:
       break
+    check_eval_interrupt()
     placed = step_lib.device_batch(batch, fns.batch_shardings, fns.batch_keys, layout=layout)
     out = jax.device_get(fns.eval_step(params, placed))
     for k, v in out.items():
@@ -736,7 +770,13 @@ def _train(config, workdir: str, task: Task | None, preemption: _Preemption) -> 
 
   def run_eval(stage: Stage) -> None:
     nonlocal best_val, last_eval
-    result = task.evaluate(fns, state.params, stage)
+    try:
+      with preemption.evaluation():
+        result = task.evaluate(fns, state.params, stage)
+    except EvalInterrupted:
+      # The checkpoint comes first; a resume at the end repeats a final eval.
+      logging.warning("stop requested: the evaluation at step %d is abandoned.", step)
+      return
     last_eval = {"step": step, "result": result}
     logger.log_eval(step, result)
     # A step at or before best/'s own is replayed after a resume: best/
@@ -831,9 +871,13 @@ def _train(config, workdir: str, task: Task | None, preemption: _Preemption) -> 
   if summary["stopped"] == "completed" and tc.eval_every:
     if last_eval is None or last_eval["step"] != step:
       run_eval(stage)  # resumed at the end from a checkpoint saved without it
-      if checkpoints.latest_step() == step:  # recorded: a rerun repeats nothing
+      if last_eval is None or last_eval["step"] != step:  # abandoned: a rerun repeats it
+        summary["stopped"] = "preempted"
+        logging.warning("preempted at step %d during the final evaluation, exiting.", step)
+      elif checkpoints.latest_step() == step:  # recorded: a rerun repeats nothing
         checkpoints.update_meta(step, {"last_eval": last_eval})
-    summary["final_val"] = last_eval["result"]
+    if summary["stopped"] == "completed":
+      summary["final_val"] = last_eval["result"]
   checkpoints.wait()
   if best is not None:
     best.wait()
