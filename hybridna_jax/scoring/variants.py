@@ -41,7 +41,11 @@ The score is LLR = log P(alt window) - log P(ref window) (nats, summed over
 scored positions; negative: the model finds the alt sequence less likely).
 Variants with the same reference window (e.g. the alleles of one site)
 share its forward pass. With rc_average the LLR is the mean over both
-strands, and the per-strand values are reported too.
+strands, and the per-strand values are reported too. The first base of a
+window is not predicted (nothing precedes it) unless score.add_bos puts
+<bos> before it; so without add_bos, an SNV at a chromosome's first base
+(the only case where a window must start at the variant) gets no term for
+its own base on the forward strand, only those of the bases after it.
 
 Bad records are never scored silently: each is reported with its file and
 line (a logged warning and a row of the skipped-records TSV) and skipped --
