@@ -114,3 +114,21 @@ def tiny_run(lambda_store, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("tiny_run"))
   loop.train(cfg, workdir)
   return workdir
+
+
+@pytest.fixture
+def lowers_for_cuda_here(monkeypatch):
+  """Lets a test lower Pallas Triton kernels for CUDA (jax.export) on a
+  machine without a GPU. jax >= 0.11 asks the local GPU for its compute
+  capability while lowering; without one it is told an H100's (sm_90), the
+  GPU the device check runs on. jax 0.10 lowers without asking."""
+  if jax.default_backend() == "gpu":
+    return
+  try:
+    from jax._src.pallas.triton import gpu_info  # pylint: disable=g-import-not-at-top
+    from jax._src.pallas.triton import pallas_call_registration as registration  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return
+  if hasattr(registration, "gpu_info_lib"):
+    h100 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
+    monkeypatch.setattr(registration.gpu_info_lib, "get_gpu_info", lambda: h100)

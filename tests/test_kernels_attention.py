@@ -268,6 +268,7 @@ TRITON = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
 
 
 @pytest.mark.parametrize("impl,platform", [("pallas_gpu", "cuda"), ("splash", "tpu")])
+@pytest.mark.usefixtures("lowers_for_cuda_here")
 def test_kernels_lower_for_cuda_and_tpu(impl, platform):
   """Forward and backward, with and without segment ids, at d = 128, GQA,
   bf16, l = 4096."""

@@ -283,6 +283,7 @@ TRITON = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
+@pytest.mark.usefixtures("lowers_for_cuda_here")
 def test_kernels_lower_for_cuda_and_tpu(platform):
   """Forward and backward lower through Pallas' Triton and Mosaic backends at
   a realistic shape (chunk 256, headdim 64, d_state 128, bf16)."""
