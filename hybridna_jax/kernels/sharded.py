@@ -339,8 +339,16 @@ def _step_backward(op, parts, q, seg, kv, out, lse, d_out, grads):
       q[:, qs], kb[:, ks], vb[:, ks], seg[:, qs], segb[:, ks], causal,
       out[:, qs], lse[:, qs], d_out[:, qs],
     )  # fmt: skip
-    dq, dk, dv = dq.at[:, qs].add(gq), dk.at[:, ks].add(gk), dv.at[:, ks].add(gv)
+    dq, dk, dv = _add_rows(dq, qs, gq), _add_rows(dk, ks, gk), _add_rows(dv, ks, gv)
   return dq, dk, dv
+
+
+def _add_rows(acc, rows: slice, part):
+  """acc[:, rows] + part, as an update of a static slice. (x.at[:, :].add
+  would be a scatter with an empty index array, on which the Shardy
+  partitioner of jax 0.11.2 crashes inside shard_map.)"""
+  start, stop, _ = rows.indices(acc.shape[1])
+  return jax.lax.dynamic_update_slice_in_dim(acc, acc[:, start:stop] + part, start, axis=1)
 
 
 def _by_source(step: int, source, index, run, schedule: _Schedule, carry):
