@@ -104,6 +104,21 @@ def test_tiny_model_learns_a_planted_motif(motif_task, tmp_path, monkeypatch):
   np.testing.assert_allclose(probs[:, 1], [float(r["p1"]) for r in rows[:64]], atol=1e-4)
 
 
+def test_a_signal_during_the_dev_evaluation_abandons_it(motif_task, tmp_path, monkeypatch):
+  """SIGTERM as the dev set's second batch (of 4) goes to the devices: the
+  evaluation stops after it, nothing of it is logged, and step 2 is saved
+  at once."""
+  cfg = _config(motif_task, steps=4, eval_batch_size=32)
+  cfg.train.eval_every, cfg.train.checkpoint_every = 2, 100
+  workdir = str(tmp_path / "run")
+  _interrupt_at(monkeypatch, 2 + 2)  # two training batches, then the dev batches
+  summary = task_lib.finetune(cfg, workdir)
+  assert summary["stopped"] == "preempted" and summary["steps"] == 2
+  assert Checkpoints(os.path.join(workdir, loop.CHECKPOINT_DIR)).all_steps() == [2]
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [r for r in records if r["kind"] == "val"] == []
+
+
 def _write_pretrained_run(run_dir: str, config) -> nnx.State:
   """A pretraining run directory (config.json + a checkpoint at step 7)
   holding random backbone parameters; returns them."""
