@@ -51,6 +51,38 @@ def test_nt_csv_layout_and_regression(tmp_path):
   assert "labels mean" in data.report()
 
 
+def test_regression_with_whole_number_targets(tmp_path):
+  """kind='regression' settles the kind before the dev split is carved: whole
+  numbers (negative ones too) are targets, not class ids, so dev is a
+  dev_fraction share of train, not one of each value (review: every value
+  once was refused, twice sent half of train to dev)."""
+  rng = np.random.default_rng(0)
+  values = np.repeat(np.arange(-50, 50), 2)  # each value twice
+  rows = "".join(f"{''.join(rng.choice(list('ACGT'), 20))},{v}\n" for v in values)
+  (tmp_path / "train.csv").write_text("sequence,label\n" + rows)
+  (tmp_path / "test.csv").write_text("sequence,label\nACGTACGT,-3\nGGCCAATT,7\n")
+  data = datasets.load_task(str(tmp_path), kind="regression", dev_fraction=0.1, log=False)
+  assert data.kind == "regression"
+  assert len(data.splits["dev"].sequences) == 20 and len(data.splits["train"].sequences) == 180
+  np.testing.assert_array_equal(data.splits["test"].labels, [-3.0, 7.0])
+  with pytest.raises(ValueError, match=r"class label -50.*finetune.kind='regression'"):
+    datasets.load_task(str(tmp_path), kind="auto", log=False)
+
+
+def test_csv_sequences_read_like_fasta(tmp_path):
+  """U as T and IUPAC codes as N, as FASTA and BED read them: the GC baseline
+  and the train/test overlap warning see what the model sees."""
+  (tmp_path / "train.csv").write_text(
+    "sequence,label\nGCGCUUUU,0\ngcauauau,1\nGGGGCCCU,0\nAUAUAUGC,1\n"
+  )
+  (tmp_path / "dev.csv").write_text("sequence,label\nACGUACGU,0\nUUUUAAAA,1\n")
+  (tmp_path / "test.csv").write_text("sequence,label\nGCGCTTTT,0\nGGRYAAAA,1\n")
+  data = datasets.load_task(str(tmp_path), log=False)
+  assert data.splits["train"].sequences == ["GCGCTTTT", "GCATATAT", "GGGGCCCT", "ATATATGC"]
+  assert data.splits["test"].sequences == ["GCGCTTTT", "GGNNAAAA"]
+  assert any("1 distinct sequence(s) are in both train and test" in w for w in data.warnings())
+
+
 def test_nt_fasta_errors_name_file_and_line(tmp_path):
   (tmp_path / "train.fna").write_text(">s1|0\nACGT\n>s2\nACGT\n")
   (tmp_path / "test.fna").write_text(">s1|0\nACGT\n")

@@ -2,6 +2,7 @@
 hand and against the project's former hand-written numpy metrics."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -37,6 +38,18 @@ def test_ties_and_degenerate_cases():
   assert math.isnan(m.binary_auprc(np.array([0, 0]), np.array([0.2, 0.3])))
   assert m.mcc(np.array([0, 1, 1]), np.array([1, 1, 1])) == 0.0  # constant prediction
   assert m.mcc(np.array([0, 1, 0, 1]), np.array([1, 0, 1, 0])) == pytest.approx(-1.0)
+  # A diverged model's NaN or infinite logits: NaN rankings, no exception
+  # or warning (review: sklearn raised, and the run stopped at its eval).
+  labels = np.array([0, 1, 0, 1])
+  for bad in (np.nan, np.inf):
+    logits = _binary_logits(np.array([0.1, 0.9, 0.2, 0.8]))
+    logits[2, 1] = bad
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")
+      out = m.classification_metrics(labels, logits)
+    assert math.isnan(out["auroc"]) and math.isnan(out["auprc"]) and not math.isfinite(out["loss"])
+    out3 = m.classification_metrics(np.array([0, 1, 2, 1]), np.c_[logits, np.zeros(4)])
+    assert math.isnan(out3["auroc"]) and math.isnan(out3["auprc"])
 
 
 def test_multiclass_by_hand():

@@ -90,7 +90,10 @@ def load_csv_split(path: str | os.PathLike) -> TaskSplit:
 
 
 def check_sequence(path: str, line: int, text: str) -> str:
-  """A sequence field of a CSV row, stripped and upper-cased.
+  """A sequence field of a CSV row in the model's alphabet, as FASTA and BED
+  sequences are read: stripped, upper-cased, U as T and other IUPAC codes as
+  N (what the model sees; the GC baseline and the overlap checks compare
+  these strings).
 
   Raises:
     TaskFormatError: (naming the line) the field is empty or holds a
@@ -100,10 +103,10 @@ def check_sequence(path: str, line: int, text: str) -> str:
   if not seq:
     raise TaskFormatError(path, line, "empty sequence.")
   try:
-    tokenizer.encode(seq, context="sequence")
+    tokens = tokenizer.encode(seq, context="sequence")
   except tokenizer.InvalidSequenceError as e:
     raise TaskFormatError(path, line, str(e)) from e
-  return seq
+  return tokenizer.decode(tokens)
 
 
 def parse_labels(path: str, raw: Sequence[str], lines: Sequence[int]) -> np.ndarray:

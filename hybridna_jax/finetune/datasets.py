@@ -522,7 +522,8 @@ def _unify_label_dtypes(splits: dict[str, TaskSplit], path: str) -> dict[str, Ta
       if s.labels.min() < 0:
         raise ValueError(
           f"{path}: {name} split has class label {int(s.labels.min())}; "
-          "class labels are 0, 1, ..., (number of classes - 1)."
+          "class labels are 0, 1, ..., (number of classes - 1); for numeric targets set "
+          "finetune.kind='regression'."
         )
     return splits
   return {k: TaskSplit(v.sequences, v.labels.astype(np.float32)) for k, v in splits.items()}
@@ -592,20 +593,24 @@ def load_task(
         )
   else:
     splits, missing_dev = _load_bed(path, reference)
+  if kind not in ("auto", "classification", "regression"):
+    raise ValueError(f"finetune.kind must be auto, classification or regression, got {kind!r}.")
+  # The kind is settled before a dev split is carved: a regression task's
+  # is a random share of train, a classification task's a share of each class.
+  if kind == "regression":  # whole numbers too (negative ones included)
+    splits = {k: TaskSplit(v.sequences, v.labels.astype(np.float32)) for k, v in splits.items()}
+  else:
+    if kind == "auto":
+      _check_kind_is_clear(splits, path)
+    splits = _unify_label_dtypes(splits, path)
+    if kind == "classification" and any(v.labels.dtype.kind != "i" for v in splits.values()):
+      raise ValueError(
+        f"{path}: finetune.kind='classification' but some labels are not "
+        "integers; use kind='regression' or 'auto'."
+      )
   if missing_dev:
     splits["train"], splits["dev"] = carve_dev(splits["train"], dev_fraction, split_seed, path)
-  if kind == "auto":
-    _check_kind_is_clear({s: splits[s] for s in SPLITS}, path)
-  splits = _unify_label_dtypes({s: splits[s] for s in SPLITS}, path)
-  if kind == "regression":
-    splits = {k: TaskSplit(v.sequences, v.labels.astype(np.float32)) for k, v in splits.items()}
-  elif kind == "classification" and any(v.labels.dtype.kind != "i" for v in splits.values()):
-    raise ValueError(
-      f"{path}: finetune.kind='classification' but some labels are not "
-      "integers; use kind='regression' or 'auto'."
-    )
-  elif kind not in ("auto", "classification", "regression"):
-    raise ValueError(f"finetune.kind must be auto, classification or regression, got {kind!r}.")
+  splits = {s: splits[s] for s in SPLITS}
   if all(v.labels.dtype.kind == "i" for v in splits.values()):
     classes = np.unique(np.concatenate([v.labels for v in splits.values()]))
     if classes.size < 2:

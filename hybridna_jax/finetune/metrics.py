@@ -14,8 +14,9 @@ Regression (targets, predictions float (n,)): Pearson, Spearman
 (`scipy.stats`; ties get their average rank), MSE and R^2.
 
 Undefined values (a constant prediction for MCC, a split with one class for
-AUROC) are 0 for MCC and NaN for the rest, never an exception or a
-warning, so a run with a degenerate dev split still finishes.
+AUROC, a NaN or infinite logit for AUROC / AUPRC) are 0 for MCC and NaN for
+the rest, never an exception or a warning, so a run with a degenerate dev
+split or a diverged model still finishes.
 """
 
 from __future__ import annotations
@@ -61,20 +62,22 @@ def f1_macro(f1: np.ndarray) -> float:
 
 def binary_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
   """Area under the ROC curve (trapezoids, so ties count half); NaN with
-  one class only."""
+  one class only, or with a non-finite score (a diverged model)."""
   labels = np.asarray(labels).astype(bool)
-  if labels.all() or not labels.any():
+  scores = np.asarray(scores, np.float64)
+  if labels.all() or not labels.any() or not np.isfinite(scores).all():
     return float("nan")
-  return float(sk.roc_auc_score(labels, np.asarray(scores, np.float64)))
+  return float(sk.roc_auc_score(labels, scores))
 
 
 def binary_auprc(labels: np.ndarray, scores: np.ndarray) -> float:
   """Average precision: sum over thresholds of (recall step) x precision;
-  NaN without positives."""
+  NaN without positives, or with a non-finite score."""
   labels = np.asarray(labels).astype(bool)
-  if not labels.any():
+  scores = np.asarray(scores, np.float64)
+  if not labels.any() or not np.isfinite(scores).all():
     return float("nan")
-  return float(sk.average_precision_score(labels, np.asarray(scores, np.float64)))
+  return float(sk.average_precision_score(labels, scores))
 
 
 def _one_vs_rest(metric, labels: np.ndarray, scores: np.ndarray) -> float:
@@ -108,10 +111,11 @@ def classification_metrics(labels: np.ndarray, logits: np.ndarray) -> dict[str, 
   labels = np.asarray(labels, np.int64)
   logits = np.asarray(logits, np.float64)
   k = logits.shape[1]
-  scores = one_vs_rest_logits(logits)
+  with np.errstate(invalid="ignore", over="ignore"):  # non-finite logits give NaN
+    scores = one_vs_rest_logits(logits)
+    log_probs = special.log_softmax(logits, axis=1)
   predictions = np.argmax(logits, axis=1)
   f1 = f1_per_class(labels, predictions, k)
-  log_probs = special.log_softmax(logits, axis=1)
   out = {
     "mcc": mcc(labels, predictions, k),
     "accuracy": float(np.mean(predictions == labels)) if labels.size else float("nan"),
