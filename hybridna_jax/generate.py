@@ -174,7 +174,9 @@ def filter_logits(
 
   Args:
     logits: (b, vocab) fp32. allowed: (vocab,) or (b, vocab) bool.
-    temperature: () > 0; top_k: () int32, 0 keeps every token; top_p: ()
+    temperature: () > 0; top_k: () int32, 0 keeps every token (every token
+      tied with the k-th logit is kept, as in transformers: with an exact
+      tie at the top, top_k=1 samples among the tied ones); top_p: ()
       in (0, 1]: the smallest set of most likely tokens whose probability
       reaches top_p (always at least the most likely one).
 
@@ -439,6 +441,11 @@ def _prepare(model, prompts, segment_ids) -> tuple[np.ndarray, np.ndarray]:
       f"prompts must be (batch, length) token ids or a list of "
       f"1-d prompts, got shape {tokens.shape}."
     )
+  if 0 in tokens.shape:
+    raise ValueError(
+      f"prompts of shape {tokens.shape} hold no token; give at least one row of at least "
+      "one token (a task token, <bos>, or a DNA prefix)."
+    )
   _check_token_ids(tokens, vocab_size)
   tokens = tokens.astype(np.int32)
   if segment_ids is None:
@@ -455,6 +462,12 @@ def _prepare(model, prompts, segment_ids) -> tuple[np.ndarray, np.ndarray]:
     raise ValueError(
       f"prompt row {int(right_padded[0])} ends in padding (segment id 0 after its tokens); "
       "prompts must be left-padded (pass a list of prompts to have them padded)."
+    )
+  empty = np.flatnonzero(~(segment_ids != 0).any(axis=1))
+  if empty.size:
+    raise ValueError(
+      f"prompt row {int(empty[0])} is all padding (segment id 0 everywhere); give it at "
+      "least one token (a task token, <bos>, or a DNA prefix)."
     )
   return tokens, segment_ids
 

@@ -308,6 +308,16 @@ def test_array_prompts_are_checked_like_list_prompts():
     gen.sequence_log_probs(
       model, *right_padded[:1], np.array([[5], [5]]), segment_ids=right_padded[1]
     )
+  # A row of padding only would decode from <pad> (review); no token at all
+  # failed deep in the model.
+  all_padding = np.array([[1, 5, 6], [0, 0, 0]]), np.array([[1, 1, 1], [0, 0, 0]])
+  with pytest.raises(ValueError, match="prompt row 1 is all padding"):
+    gen.sample(model, all_padding[0], settings, segment_ids=all_padding[1])
+  with pytest.raises(ValueError, match="prompt row 1 is all padding"):
+    gen.sequence_log_probs(model, all_padding[0], np.array([[5], [5]]), segment_ids=all_padding[1])
+  for empty in (np.zeros((1, 0), np.int32), np.zeros((0, 3), np.int32)):
+    with pytest.raises(ValueError, match=r"prompts of shape \(\d, \d\) hold no token"):
+      gen.sample(model, empty, settings)
   # A short prompt's position is its own, not the padded one; an id past
   # int32 is refused, not wrapped (2**32 + 5 would become 5).
   for bad in (300, 2**32 + 5):
