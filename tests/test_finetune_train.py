@@ -4,9 +4,11 @@ frozen, the training iterator is shuffled, sharded and checkpointable, and a
 suite writes one table."""
 
 import csv
+import dataclasses
 import json
 import os
 import signal
+import types
 
 import jax
 import jax.numpy as jnp
@@ -14,11 +16,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from hybridna_jax import echo as echo_lib
 from hybridna_jax import sharding, tokenizer
 from hybridna_jax.config import ModelConfig, load_config
 from hybridna_jax.finetune import baselines as baselines_lib
 from hybridna_jax.finetune import example_tasks
 from hybridna_jax.finetune import task as task_lib
+from hybridna_jax.finetune.model import HeadConfig, SequenceModel
 from hybridna_jax.model import HybriDNA
 from hybridna_jax.train import loop
 from hybridna_jax.train import step as step_lib
@@ -168,6 +172,37 @@ def test_pretrained_frozen_backbone_with_rc_echo_on_8_devices(motif_task, tmp_pa
   for a, b in zip(jax.tree.leaves(pretrained), jax.tree.leaves(backbone)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # loaded, then frozen
   assert np.abs(np.asarray(finetuned.model.head.kernel[...])).max() > 0  # the head trained
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_flops_per_token_is_what_xla_compiles(frozen):
+  """The MFU's FLOPs: backbone without the LM head, and no backward through
+  a frozen backbone (review: counted 3x forward with the LM head, so a
+  frozen run's MFU read 2.9x too high). Checked against XLA's count of the
+  loss gradient."""
+  cfg = dataclasses.replace(
+    ModelConfig.from_config(load_config("configs/tiny.py").model),
+    d_model=256,
+    mlp_dim=512,
+    num_heads=8,
+    num_kv_heads=4,
+    head_dim=32,
+  )
+  b, width = 4, 256
+  rng = np.random.default_rng(0)
+  rows = [rng.integers(tokenizer.A, tokenizer.N, 100).astype(np.uint8) for _ in range(b)]
+  batch = {k: jnp.asarray(v) for k, v in echo_lib.build_batch(rows, width, echo=False).items()}
+  head = HeadConfig(num_outputs=2, echo=False, freeze_backbone=frozen)
+  graphdef, params = nnx.split(SequenceModel(cfg, head, rngs=nnx.Rngs(0)), nnx.Param)
+
+  def loss(params):
+    return jax.nn.log_softmax(nnx.merge(graphdef, params)(batch))[:, 0].sum()
+
+  cost = jax.jit(jax.grad(loss)).lower(params).compile().cost_analysis()
+  xla = (cost[0] if isinstance(cost, list) else cost)["flops"]
+  task = types.SimpleNamespace(head_cfg=head, model_cfg=cfg)
+  ours = task_lib.FinetuneTask.flops_per_token(task, width) * b * width
+  assert 0.85 < ours / xla < 1.15, (ours, xla)
 
 
 def test_batch_and_width_errors_name_the_finetune_fields(motif_task, tmp_path):

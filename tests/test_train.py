@@ -294,6 +294,29 @@ def test_a_skipped_step_leaves_its_interval_finite(tiny_config, tmp_path, monkey
   assert metrics_lib.read_metrics(jsonl) == before
 
 
+def test_a_batch_without_a_scored_token_is_skipped():
+  """An all-N batch (count 0) has zero gradients, but applying it would move
+  every parameter through Adam's momentum and weight decay and advance the
+  schedule (review). It is skipped, without counting as non-finite."""
+  fns = _steps(sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+  good = step_lib.device_batch(_batch(), fns.batch_sharding)
+  empty = _batch()
+  empty["loss_mask"] = np.zeros_like(empty["loss_mask"])
+  empty = step_lib.device_batch(empty, fns.batch_sharding)
+  state = fns.init(jax.random.key(0))
+  for _ in range(2):
+    state, _ = fns.train_step(state, good)
+  before = jax.device_get(state)
+  state, metrics = fns.train_step(state, empty)
+  after = jax.device_get(state)
+  for a, b in zip(jax.tree.leaves(before.params), jax.tree.leaves(after.params)):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(jax.tree.leaves(before.opt_state), jax.tree.leaves(after.opt_state)):
+    np.testing.assert_array_equal(a, b)
+  assert (int(metrics["skipped"]), float(metrics["count"])) == (1, 0.0)
+  assert (int(after.step), int(after.skipped), int(after.consecutive_skips)) == (3, 1, 0)
+
+
 def test_eta_weighs_the_steps_left_by_their_flops(tmp_path, monkeypatch, caplog):
   """10 of 20 steps took 1 s each; the 10 left cost 4x the FLOPs (a longer
   stage): 40 s, not 10 s. Without the FLOPs left, steps left x seconds/step."""

@@ -253,8 +253,14 @@ class FinetuneTask(loop.Task):
     return (head_only(tx) if self.head_cfg.freeze_backbone else tx), schedule
 
   def flops_per_token(self, seq_len: int) -> float:
+    """The backbone's forward without the LM head (the head's d x classes
+    is negligible), times 3 for the backward, or 1 with a frozen backbone
+    (stop_gradient: XLA runs no backward through it)."""
     strands = 2 if self.head_cfg.reverse_strand else 1
-    return strands * flops_lib.train_flops_per_token(self.model_cfg, seq_len)
+    forward = sum(
+      flops_lib.forward_flops_per_token(self.model_cfg, seq_len, lm_head=False).values()
+    )
+    return strands * (1 if self.head_cfg.freeze_backbone else 3) * forward
 
   # -- data ---------------------------------------------------------------------------
 

@@ -25,7 +25,9 @@ PEAK_BF16_FLOPS = (
   ("L4", 121e12),
   ("TPU v6", 918e12),
   ("TPU v5p", 459e12),
-  ("TPU v5", 197e12),
+  ("TPU v5 lite", 197e12),  # v5e
+  ("TPU v5e", 197e12),
+  ("TPU v5", 459e12),  # jax names a v5p chip "TPU v5"
   ("TPU v4", 275e12),
 )
 
@@ -64,10 +66,13 @@ ACCELERATORS = {
 }
 
 
-def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+def forward_flops_per_token(
+  cfg: ModelConfig, seq_len: int, lm_head: bool = True
+) -> dict[str, float]:
   """Forward FLOPs per token, by part, at context `seq_len`.
 
-  matmul: 2 x (weights used in matmuls), the LM head included.
+  matmul: 2 x (weights used in matmuls), the LM head included unless
+    `lm_head` is False (a fine-tuning head reads the hidden states).
   attention: QK^T and PV over a causal context (on average seq_len / 2 keys).
   ssd: the chunked scan per token: the intra-chunk C.B and (C.B) x products
     over the chunk (half of it is masked; counted whole, as kernels do the
@@ -86,7 +91,8 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
   mlp = 3 * d * cfg.mlp_dim
   attn_proj = d * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
   mamba_proj = d * (2 * di + 2 * g * n + h) + di * d
-  matmul = 2 * (n_attn * (attn_proj + mlp) + n_mamba * (mamba_proj + mlp) + d * cfg.vocab_size)
+  head = d * cfg.vocab_size if lm_head else 0
+  matmul = 2 * (n_attn * (attn_proj + mlp) + n_mamba * (mamba_proj + mlp) + head)
   attention = n_attn * 2 * 2 * cfg.num_heads * cfg.head_dim * seq_len / 2
   q = min(cfg.chunk_size, seq_len)
   ssd = n_mamba * (2 * q * (g * n + h * p) + 4 * h * p * n)

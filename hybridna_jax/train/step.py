@@ -39,8 +39,11 @@ class TrainState(NamedTuple):
   step: jax.Array  # () int32, train steps taken (skipped ones included)
   params: nnx.State  # nnx.Param variables
   opt_state: Any
-  skipped: jax.Array  # () int32, non-finite steps skipped in total
-  consecutive_skips: jax.Array  # () int32, current run of skipped steps
+  # () int32, steps skipped in total: non-finite, or with no scored token
+  # (an all-N batch), whose zero gradient would still move the parameters
+  # through Adam's momentum and weight decay.
+  skipped: jax.Array
+  consecutive_skips: jax.Array  # () int32, current run of non-finite steps
 
 
 def masked_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array):
@@ -160,6 +163,7 @@ def build_steps(
       loss = loss_sum / denom
       grad_norm = optax.tree.norm(grads)
       finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      applies = finite & (sums["count"] > 0)
 
       def apply(state):
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -175,10 +179,12 @@ def build_steps(
         return state._replace(
           step=state.step + 1,
           skipped=state.skipped + 1,
-          consecutive_skips=state.consecutive_skips + 1,
+          # An empty batch is no sign of divergence: the run of non-finite
+          # steps (max_consecutive_skips) neither grows nor ends.
+          consecutive_skips=state.consecutive_skips + (~finite).astype(jnp.int32),
         )
 
-      new_state = jax.lax.cond(finite, apply, skip, state)
+      new_state = jax.lax.cond(applies, apply, skip, state)
       metrics = {k: v / denom for k, v in sums.items() if k != "count"}
       metrics.update(
         loss=loss,
@@ -188,7 +194,7 @@ def build_steps(
         # leaves the optimizer state, and so the schedule, where it was.
         learning_rate=schedule(state.step - state.skipped),
         count=sums["count"],
-        skipped=1 - finite.astype(jnp.int32),
+        skipped=1 - applies.astype(jnp.int32),
         consecutive_skips=new_state.consecutive_skips,
       )
       return new_state, metrics
