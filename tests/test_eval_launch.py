@@ -114,8 +114,12 @@ def test_score_modes_write_their_files(scorer, inputs, tmp_path):
     str(tmp_path / "pos.bedgraph"),
   ]
   positions = score_outputs.read_positions(paths[0])
-  assert [len(p.log_probs) for p in positions.values()] == [40, 702, 300]
-  assert np.isnan(positions["long"].log_probs[-2:]).all()
+  assert [(name, len(p.log_probs)) for name, p in positions] == [
+    ("short", 40),
+    ("long", 702),
+    ("mid", 300),
+  ]
+  assert np.isnan(positions[1][1].log_probs[-2:]).all()
   bedgraph = (tmp_path / "pos.bedgraph").read_text().splitlines()
   assert bedgraph[0].startswith("track") and bedgraph[1].startswith("short\t1\t2\t")
   assert len(bedgraph) == 1 + 39 + 699 + 299  # one line per scored base here

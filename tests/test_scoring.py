@@ -144,6 +144,34 @@ def test_rc_averaging_is_symmetric(scorer, genome):
   np.testing.assert_allclose(e_seq, e_rc, rtol=1e-5, atol=1e-6)
 
 
+def test_rc_averaging_where_one_strand_scores_nothing(scorer, tmp_path):
+  """N everywhere but one end: one strand scores one base, the other none.
+  The mean is that strand's (review: the mean of a NaN and a number, so the
+  TSV read nan beside a finite sum), and only records neither strand
+  scores are warned about."""
+  from hybridna_jax.scoring import evaluation, outputs  # pylint: disable=g-import-not-at-top
+
+  names = ["NNNNA", "ANNNN", "NA", "NNNN"]
+  seqs = [tokenizer.encode(n, context="sequence").astype(np.int32) for n in names]
+  ll = scorer.log_likelihood(seqs, rc_average=True)
+  positions = scorer.position_scores(seqs, rc_average=True)
+  for i in range(3):
+    np.testing.assert_allclose(ll.mean[i], np.nanmean(positions[i].log_probs), rtol=1e-6)
+    assert ll.count[i] == 0.5
+  assert np.isnan(ll.mean[3]) and ll.count[3] == 0
+  assert evaluation.unscorable(names, seqs, rc_average=True) == ["NNNN (all N)"]
+  assert evaluation.unscorable(names, seqs) == ["ANNNN (all N)", "NNNN (all N)"]
+  # Names that repeat (one per FASTA file) come back in order, all of them;
+  # an empty record is written without a row.
+  empty = scoring.PositionScores(np.zeros(0, np.float32), np.zeros(0, np.float32))
+  path = str(tmp_path / "pos.npz")
+  outputs.write_positions(path, ["chr1", "chr1", "e"], positions[:2] + [empty])
+  assert [name for name, _ in outputs.read_positions(path)] == ["chr1", "chr1", "e"]
+  outputs.write_bedgraph(str(tmp_path / "e.bedgraph"), ["e"], [empty])
+  assert (tmp_path / "e.bedgraph").read_text().count("\n") == 1  # the track line
+  assert os.path.exists(outputs.plot_positions(str(tmp_path / "e.png"), ["e"], [empty]))
+
+
 def test_embeddings_match_hidden_states(model, scorer, genome):
   seqs = [genome[1000:1040], genome[5000:5040]]
   _, hidden, hidden_states = _forward(model, np.stack(seqs))

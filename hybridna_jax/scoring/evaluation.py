@@ -86,32 +86,42 @@ def store_sequences(
 
 
 def unscorable(
-  names: Sequence[str], sequences: Sequence[np.ndarray], *, add_bos: bool = False
+  names: Sequence[str],
+  sequences: Sequence[np.ndarray],
+  *,
+  add_bos: bool = False,
+  rc_average: bool = False,
 ) -> list[str]:
   """'name (why)' for each record (token ids, (len,)) that has no scored
   position, so its log-likelihood and bits/nt are nan: a record with
   nothing to predict (one nucleotide, or none with `add_bos`, where <bos>
   gives the first one its context) or whose scored positions are all N
-  (N is not scored)."""
+  (N is not scored). With `rc_average` the reverse strand counts too: its
+  first base (not scored without <bos>) is the record's last."""
   from hybridna_jax import tokenizer  # pylint: disable=g-import-not-at-top
 
   first = 0 if add_bos else 1  # the first scored position
   out = []
   for name, tokens in zip(names, sequences):
     tokens = np.asarray(tokens)
+    scored = [tokens[first:]] + ([tokens[: tokens.size - first]] if rc_average else [])
     if tokens.size <= first:
       out.append(f"{name} ({tokens.size} nt: nothing to predict)")
-    elif not np.any(tokens[first:] != tokenizer.N):
+    elif not any(np.any(t != tokenizer.N) for t in scored):
       out.append(f"{name} (all N)")
   return out
 
 
 def warn_unscorable(
-  names: Sequence[str], sequences: Sequence[np.ndarray], *, add_bos: bool = False
+  names: Sequence[str],
+  sequences: Sequence[np.ndarray],
+  *,
+  add_bos: bool = False,
+  rc_average: bool = False,
 ) -> list[str]:
   """Logs one warning naming the `unscorable` records (their scores are
   nan); returns them."""
-  bad = unscorable(names, sequences, add_bos=add_bos)
+  bad = unscorable(names, sequences, add_bos=add_bos, rc_average=rc_average)
   if bad:
     shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
     logging.warning("%d record(s) cannot be scored and get nan: %s.", len(bad), shown)

@@ -6,6 +6,7 @@ bodies of its modes.
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 from collections.abc import Sequence
@@ -48,12 +49,14 @@ def write_positions(path: str, names: Sequence[str], scores: Sequence[PositionSc
   np.savez_compressed(path, **arrays)
 
 
-def read_positions(path: str) -> dict[str, PositionScores]:
+def read_positions(path: str) -> list[tuple[str, PositionScores]]:
+  """(name, scores) of every record of a `write_positions` file, in its
+  order (a list: records of several FASTA files may share a name)."""
   with np.load(path) as data:
-    return {
-      str(name): PositionScores(data[f"log_probs_{i}"], data[f"entropy_{i}"])
+    return [
+      (str(name), PositionScores(data[f"log_probs_{i}"], data[f"entropy_{i}"]))
       for i, name in enumerate(data["names"])
-    }
+    ]
 
 
 def write_bedgraph(path: str, names: Sequence[str], scores: Sequence[PositionScores]) -> None:
@@ -62,6 +65,8 @@ def write_bedgraph(path: str, names: Sequence[str], scores: Sequence[PositionSco
   with open(path, "w", encoding="utf-8") as f:
     f.write('track type=bedGraph name="HybriDNA log p" description="log p(x_i | x_<i), nats"\n')
     for name, s in zip(names, scores):
+      if not len(s.log_probs):
+        continue
       values = np.round(s.log_probs.astype(np.float64), 4)
       finite = np.isfinite(values)
       # Run boundaries: a change of value or of scored / unscored.
@@ -98,6 +103,8 @@ def plot_positions(
 
 def _smooth(values: np.ndarray) -> np.ndarray:
   """Moving average ignoring NaN, over ~1% of the length (at least 1)."""
+  if not len(values):
+    return values
   width = max(1, len(values) // 100)
   valid = np.isfinite(values)
   kernel = np.ones(width)
@@ -143,10 +150,20 @@ def score_sequences_to_files(
   """Runs mode "loglik" (TSV), "positions" (NPZ, plot, optional bedGraph)
   or "embed" (NPZ) and writes the results; returns the paths written."""
   stem = os.path.splitext(output)[0]
+  repeated = sorted(n for n, c in collections.Counter(names).items() if c > 1)
+  if repeated:
+    logging.warning(
+      "%d record name(s) repeat (%s): the outputs keep every record in input order, but a "
+      "bedGraph or a lookup by name cannot tell them apart.",
+      len(repeated),
+      ", ".join(repeated[:5]) + (", ..." if len(repeated) > 5 else ""),
+    )
   if mode in ("loglik", "positions"):
     from hybridna_jax.scoring import evaluation  # pylint: disable=g-import-not-at-top
 
-    evaluation.warn_unscorable(names, sequences, add_bos=scorer.settings.add_bos)
+    evaluation.warn_unscorable(
+      names, sequences, add_bos=scorer.settings.add_bos, rc_average=rc_average
+    )
   if mode == "loglik":
     ll = scorer.log_likelihood(sequences, rc_average=rc_average, progress=progress)
     write_loglik(output, names, [len(t) for t in sequences], ll)

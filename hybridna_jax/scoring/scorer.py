@@ -568,7 +568,8 @@ class Scorer:
     progress: Progress | None = None,
   ) -> LogLikelihood:
     """Sequence log-likelihoods: sum and mean of log p over scored positions
-    (with rc_average, each the mean of the two strands')."""
+    (with rc_average, each the mean of the two strands'; the mean is the
+    one strand's where only one has a scored position, as per position)."""
     seqs, n = self._prepare(sequences, rc_average)
     stats = self._token_stats_of(seqs, progress)
     total, count = -stats.nll, stats.count
@@ -576,9 +577,11 @@ class Scorer:
       mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
     if not rc_average:
       return LogLikelihood(total, mean, count)
-    return LogLikelihood(
-      (total[:n] + total[n:]) / 2, (mean[:n] + mean[n:]) / 2, (count[:n] + count[n:]) / 2
-    )
+    strand_means = np.stack([mean[:n], mean[n:]])
+    scored = np.isfinite(strand_means)
+    with np.errstate(invalid="ignore", divide="ignore"):
+      mean = np.where(scored, strand_means, 0.0).sum(0) / scored.sum(0)
+    return LogLikelihood((total[:n] + total[n:]) / 2, mean, (count[:n] + count[n:]) / 2)
 
   def _token_stats_of(self, seqs, progress) -> TokenStats:
     nll, correct, count = (np.zeros(len(seqs)) for _ in range(3))
