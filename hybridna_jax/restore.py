@@ -29,7 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from hybridna_jax import hf, paths, sharding, tokenizer
-from hybridna_jax.config import MODEL_RUNTIME_FIELDS, ModelConfig
+from hybridna_jax.config import MODEL_RUNTIME_FIELDS, FinetuneConfig, ModelConfig
 from hybridna_jax.model import abstract_model, convert_params, scan_block_size
 from hybridna_jax.train.checkpoint import CheckpointMismatchError, Checkpoints
 
@@ -54,7 +54,9 @@ def find_checkpoint(path: str, which: str = "latest") -> CheckpointRef:
   path = paths.run_path(path, flag="checkpoint path")
   if not path.exists():
     raise FileNotFoundError(f"no checkpoint or run directory at {path}.")
-  if re.fullmatch(r"\d+", path.name):  # a step directory
+  # A step directory (a run directory may be named by a number too: its
+  # config.json tells them apart).
+  if re.fullmatch(r"\d+", path.name) and not (path / CONFIG_FILE).exists():
     manager_dir, step = path.parent, int(path.name)
   else:
     if hf.is_hf_dir(os.fspath(path)):
@@ -116,8 +118,15 @@ def restore_params(
   """The LM parameters of a checkpoint, sharded over `mesh`, in the layer
   layout of `model_cfg` (converted when the run was written with the other
   `scan_layers` layout, as its config.json says)."""
+  written_config = run_config(ref.run_dir)
+  task = FinetuneConfig.of(written_config).task
+  if task:
+    raise ValueError(
+      f"{ref.run_dir} is a fine-tuning run (task {task}): its checkpoints hold a backbone "
+      "and a head; load it with hybridna_jax.finetune.task.load_finetuned(run_dir)."
+    )
   # Lenient view: runs written before scan_layers existed read its default.
-  written_model = ModelConfig.from_config(run_config(ref.run_dir).model, strict=False)
+  written_model = ModelConfig.from_config(written_config.model, strict=False)
   written = dataclasses.replace(model_cfg, scan_layers=written_model.scan_layers)
 
   def abstract_params(cfg):

@@ -169,12 +169,14 @@ def rules_from_config(mesh_config) -> Rules:
       isinstance(target, (tuple, list))
       and bool(target)
       and all(isinstance(a, str) and a in MESH_AXES for a in target)
+      and len(set(target)) == len(target)
     )
 
   if not isinstance(overrides, (tuple, list)) or not all(valid(p) for p in overrides):
     raise ValueError(
       "config.mesh.rules must be a tuple of (logical_name, mesh_axis | (mesh_axes, ...) "
-      f"| None) pairs with mesh axes from {MESH_AXES}; got {overrides!r}."
+      f"| None) pairs with mesh axes from {MESH_AXES}, each axis once per pair; got "
+      f"{overrides!r}."
     )
   table = dict(DEFAULT_RULES)
   for name, target in overrides:

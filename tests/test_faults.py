@@ -453,6 +453,13 @@ def test_architecture_change_on_resume_is_refused(base_run, tmp_path):
   assert open(config_json, encoding="utf-8").read() == before
   restore.load(workdir)  # still loads
   assert sorted(os.listdir(os.path.join(workdir, loop.CHECKPOINT_DIR))) == ["2", "4"]
+  # The layer layout is a runtime field, but the checkpoints (and their
+  # optimizer state) are in the run's: named in one line (review: a list of
+  # 240 missing parameters that never said scan_layers).
+  cfg.model.d_model, cfg.model.scan_layers = 32, True
+  with pytest.raises(ValueError, match=r"trained with model\.scan_layers=False.*resume with"):
+    loop.train(cfg, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, loop.CHECKPOINT_DIR))) == ["2", "4"]
 
 
 def test_a_resume_under_other_settings_keeps_the_earlier_config(base_run, tmp_path, caplog):

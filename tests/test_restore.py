@@ -114,3 +114,26 @@ def test_bad_paths_say_what_to_pass(tiny_run, tmp_path):
     restore.load(str(orphan / "2"))
   with open(os.path.join(tiny_run, restore.CONFIG_FILE), encoding="utf-8") as f:
     assert json.load(f)["model"]["n_layers"] == 2
+
+
+def test_run_directories_read_without_disturbing_them(tiny_run, tmp_path):
+  """(review) A run directory named by a number is a run, not a step; a
+  reader leaves a save in flight (*.orbax-checkpoint-tmp) alone, where it
+  used to delete a training run's async save; a fine-tuning run is named as
+  such, with the function that loads it."""
+  run = tmp_path / "sweep" / "7"
+  shutil.copytree(tiny_run, run)
+  in_flight = run / "checkpoints" / "3.orbax-checkpoint-tmp"
+  in_flight.mkdir()
+  ref = restore.find_checkpoint(str(run))
+  assert (ref.run_dir, ref.step) == (str(run), 2)
+  restore.load(str(run), mesh=_one_device())
+  assert in_flight.is_dir()
+  config_json = run / restore.CONFIG_FILE
+  config = json.loads(config_json.read_text())
+  config.setdefault("finetune", {})["task"] = "tasks/motif"
+  config_json.write_text(json.dumps(config))
+  with pytest.raises(
+    ValueError, match=r"is a fine-tuning run \(task tasks/motif\).*load_finetuned"
+  ):
+    restore.load(str(run), mesh=_one_device())

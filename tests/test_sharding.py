@@ -48,6 +48,7 @@ def test_config_rules_override_and_add():
     (("embed", "model"),),  # unknown mesh axis
     (("embed", ("fsdp", "model")),),
     (("embed", ()),),
+    (("embed", ("fsdp", "fsdp")),),  # an axis twice: JAX's error would not name the field
   ],
 )
 def test_config_rules_errors_name_the_field(bad):

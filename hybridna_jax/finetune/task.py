@@ -387,7 +387,7 @@ class FinetuneTask(loop.Task):
   def best_params(self, fns, state, workdir: str):
     """(params, step) of the best dev checkpoint, or the final state's."""
     best_dir = os.path.join(workdir, loop.BEST_DIR)
-    checkpoints = Checkpoints(best_dir, keep=1) if os.path.isdir(best_dir) else None
+    checkpoints = Checkpoints(best_dir, create=False) if os.path.isdir(best_dir) else None
     step = checkpoints.latest_step() if checkpoints else None
     if step is None:
       return state.params, int(jax.device_get(state.step))
@@ -694,7 +694,7 @@ def load_finetuned(run_dir: str, *, which: str = "best", mesh=None) -> Finetuned
   mesh = mesh or restore.default_mesh()
   target = with_shardings(abstract_params, sharding.state_shardings(abstract_params, mesh))
   manager = os.path.join(run_dir, loop.BEST_DIR if which == "best" else loop.CHECKPOINT_DIR)
-  checkpoints = Checkpoints(manager)
+  checkpoints = Checkpoints(manager, create=False)
   step = checkpoints.latest_step()
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {manager}.")

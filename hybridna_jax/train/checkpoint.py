@@ -105,7 +105,9 @@ class Checkpoints:
   """The run's CheckpointManager: the last `keep` steps of a run directory.
 
   `create=False` opens an existing directory for reading without creating
-  it."""
+  it, and without clearing its unfinished (`*.orbax-checkpoint-tmp`) saves:
+  those may be a running trainer's save in flight, which a writer's opening
+  clears as the leftovers of a killed run."""
 
   def __init__(
     self, directory: str, *, keep: int = 3, async_save: bool = True, create: bool = True
@@ -115,7 +117,7 @@ class Checkpoints:
       max_to_keep=keep,
       create=create,
       enable_async_checkpointing=async_save,
-      cleanup_tmp_directories=True,
+      cleanup_tmp_directories=create,
     )
     self.manager = ocp.CheckpointManager(self.directory, options=self._options)
 
