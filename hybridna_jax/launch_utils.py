@@ -55,14 +55,15 @@ USER_ERRORS = (ValueError, KeyError, OSError)
 TRACEBACK_ENV = "HYBRIDNA_TRACEBACK"
 
 
-def run(main) -> None:
+def run(main, *, huge_pages: bool = True) -> None:
   """app.run(main), with the job config checked once the flags are parsed:
   an unknown or malformed field, in the config file or in a --config.x.y
   override, ends the program with one line naming it (exit status 1), and
   so does a user error (`USER_ERRORS`) raised by `main`. On a CPU-only host
   the program first restarts itself once with huge pages for malloc
-  (`restart_with_huge_pages`)."""
-  restart_with_huge_pages()
+  (`restart_with_huge_pages`), unless `huge_pages` is False."""
+  if huge_pages:
+    restart_with_huge_pages()
   app.run(one_line_errors(main), flags_parser=_parse_flags)
 
 

@@ -130,6 +130,10 @@ def main(argv):
     raise app.UsageError(
       "--search and --measure: choose one (measure the mesh the search suggests afterwards)."
     )
+  if not 0.0 < FLAGS.mfu <= 1.0:
+    raise app.UsageError(f"--mfu={FLAGS.mfu}: give a fraction of peak in (0, 1].")
+  if not 0.0 <= FLAGS.headroom < 1.0:
+    raise app.UsageError(f"--headroom={FLAGS.headroom}: give a fraction of memory in [0, 1).")
   config = FLAGS.config
   stages = config.train.stages
   if not 0 <= FLAGS.stage < len(stages):
@@ -150,6 +154,13 @@ def main(argv):
     print(plan_lib.format_plan(plan, FLAGS.accelerator, FLAGS.headroom, FLAGS.mfu), flush=True)
 
   if FLAGS.search:
+    fixed = {k: config.mesh[k] for k in ("data", "fsdp", "context", "tensor") if config.mesh[k] > 1}
+    if fixed:
+      print(
+        "note: --search tries every split and ignores config.mesh "
+        f"({', '.join(f'{k}={v}' for k, v in fixed.items())}).",
+        flush=True,
+      )
     print(
       f"searching meshes of {FLAGS.devices} devices for {FLAGS.accelerator}, "
       f"{batch} x {seq_len:,} nt, least split first:",
@@ -183,7 +194,14 @@ def main(argv):
       {"mesh": s.mesh, "skipped": s.skipped, "plan": s.plan.to_json() if s.plan else None}
       for s in steps
     ]
-    best = steps[-1].plan if steps else None
+    if not steps:
+      raise app.UsageError(
+        f"no split of {FLAGS.devices} devices has data x fsdp x grad_accum "
+        f"({config.train.grad_accum}) dividing the batch {batch}, context dividing "
+        f"{seq_len} and tensor <= {FLAGS.max_tensor}; change --batch, --seq_len, --devices "
+        "or --max_tensor."
+      )
+    best = steps[-1].plan
     if best is not None and best.fits(accelerator, FLAGS.headroom):
       mesh = " ".join(f"--config.mesh.{k}={v}" for k, v in best.mesh.items())
       print(f"\nsuggested: {mesh}\n")
@@ -218,4 +236,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  # Without the huge-pages restart: --measure compares the resident set
+  # with the plan, and the tests' margins were set with 4 KiB pages.
+  launch_utils.run(main, huge_pages=False)

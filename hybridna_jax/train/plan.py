@@ -107,7 +107,9 @@ class StepPlan:
   alias_bytes: int  # outputs written into donated arguments
   temp_bytes: int  # activations, gradients, workspace
   code_bytes: int
-  xla_flops: float | None  # XLA's cost analysis (a loop's body counted once)
+  # XLA's cost analysis: a loop's body counted once (the scanned layers',
+  # and grad_accum's micro-batch loop).
+  xla_flops: float | None
   model_flops: float  # train/flops.py (remat recomputation not counted)
   lower_s: float
   compile_s: float
@@ -569,6 +571,11 @@ def format_plan(
     + (
       f"; the layers' scan counted once, not {plan.scan_repeats} times"
       if plan.scan_repeats > 1
+      else ""
+    )
+    + (
+      f"; the micro-batch loop counted once, not {plan.grad_accum} times"
+      if plan.grad_accum > 1
       else ""
     )
     + ")"
