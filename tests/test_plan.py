@@ -220,6 +220,8 @@ def test_launcher_prediction_matches_cpu_step(tmp_path):
     ),
     # (review) a config error was a traceback; now the one line train.py gives.
     (["--config.train.grad_accum=0"], "config.train.grad_accum must be a positive integer"),
+    # (review) it named config.train.stages[0], which --batch had replaced.
+    (["--devices=2", "--batch=3"], "the planned batch (--batch, or its --stage): global batch 3"),
   ],
 )
 def test_launcher_refuses_bad_requests_in_one_line(flags, message):

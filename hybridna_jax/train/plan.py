@@ -298,7 +298,10 @@ def _build(
   task = loop.LMPretraining(config)
   mesh = sharding.mesh_from_config(config.mesh)
   stage = loop.Stage(0, seq_len, 1, batch, 0)
-  loop._check_batch(stage, mesh, int(config.train.grad_accum), task.stage_fields(stage))  # pylint: disable=protected-access
+  # The planned shape comes from launch/plan.py's --batch / --seq_len or
+  # --stage, not always from config.train.stages[0].
+  fields = ("the planned batch (--batch, or its --stage)", "the planned length (--seq_len)")
+  loop._check_batch(stage, mesh, int(config.train.grad_accum), fields)  # pylint: disable=protected-access
   fns = loop.task_steps(task, config, mesh)
   state = with_shardings(jax.eval_shape(fns.init, jax.random.key(0)), fns.state_shardings)
   batch_specs = {
