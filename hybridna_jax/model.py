@@ -139,6 +139,12 @@ def scan_block_size(cfg: ModelConfig) -> int | None:
   return period
 
 
+def same_param_layout(a: ModelConfig, b: ModelConfig) -> bool:
+  """Whether two configs of one architecture keep their layers' parameters
+  alike: both stacked for the scan, or both one entry per layer."""
+  return (scan_block_size(a) is None) == (scan_block_size(b) is None)
+
+
 def _run_layer(layer: Block, remat: str, h, segment_ids, positions, *, in_scan=False):
   """One layer's forward under the config's remat policy."""
   if remat == "none":

@@ -30,7 +30,7 @@ from jax.sharding import Mesh
 
 from hybridna_jax import hf, paths, sharding, tokenizer
 from hybridna_jax.config import MODEL_RUNTIME_FIELDS, FinetuneConfig, ModelConfig
-from hybridna_jax.model import abstract_model, convert_params, scan_block_size
+from hybridna_jax.model import abstract_model, convert_params, same_param_layout
 from hybridna_jax.train.checkpoint import CheckpointMismatchError, Checkpoints
 
 CONFIG_FILE = "config.json"
@@ -143,7 +143,7 @@ def restore_params(
     raise CheckpointMismatchError(
       f"{e} (the model settings come from {os.path.join(ref.run_dir, CONFIG_FILE)})"
     ) from None
-  if (scan_block_size(written) is None) == (scan_block_size(model_cfg) is None):
+  if same_param_layout(written, model_cfg):
     return params
   # Stack or unstack on the devices, straight into the target shardings.
   _, shardings = abstract_params(model_cfg)

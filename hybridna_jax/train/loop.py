@@ -36,7 +36,7 @@ from hybridna_jax.config import (
 )
 from hybridna_jax.data import pipeline
 from hybridna_jax.data.store import StoreError
-from hybridna_jax.model import HybriDNA, scan_block_size
+from hybridna_jax.model import HybriDNA, same_param_layout
 from hybridna_jax.train import flops as flops_lib
 from hybridna_jax.train import optimizer as optimizer_lib
 from hybridna_jax.train import step as step_lib
@@ -583,7 +583,7 @@ def check_resume_config(config, workdir: str) -> None:
     )
   # A runtime field, but it decides the checkpoints' layout, which a resume
   # restores as written (restore.load converts, for inference only).
-  if (scan_block_size(before) is None) != (scan_block_size(now) is None):
+  if not same_param_layout(before, now):
     raise ValueError(
       f"{workdir} was trained with model.scan_layers={before.scan_layers}, the layout of its "
       f"checkpoints (optimizer state included); resume with --config.model.scan_layers="
