@@ -123,6 +123,7 @@ def main(argv):
   launch_utils.quiet_library_logs()
   use_fake_cpu_devices(FLAGS.devices)
   # Imported after the device set-up (nothing may touch devices before).
+  from hybridna_jax.config import ModelConfig  # pylint: disable=g-import-not-at-top
   from hybridna_jax.train import flops as flops_lib  # pylint: disable=g-import-not-at-top
   from hybridna_jax.train import plan as plan_lib  # pylint: disable=g-import-not-at-top
 
@@ -198,8 +199,9 @@ def main(argv):
       raise app.UsageError(
         f"no split of {FLAGS.devices} devices has data x fsdp x grad_accum "
         f"({config.train.grad_accum}) dividing the batch {batch}, context dividing "
-        f"{seq_len} and tensor <= {FLAGS.max_tensor}; change --batch, --seq_len, --devices "
-        "or --max_tensor."
+        f"{seq_len} and tensor <= {FLAGS.max_tensor} dividing the model's heads "
+        f"({plan_lib.tensor_heads(ModelConfig.from_config(config.model))}); change --batch, "
+        "--seq_len, --devices or --max_tensor."
       )
     best = steps[-1].plan
     if best is not None and best.fits(accelerator, FLAGS.headroom):

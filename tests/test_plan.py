@@ -7,9 +7,10 @@ import subprocess
 import sys
 
 import jax.numpy as jnp
+import ml_collections
 import pytest
 
-from hybridna_jax.config import load_config
+from hybridna_jax.config import ModelConfig, load_config, model_config_dict
 from hybridna_jax.train import flops as flops_lib
 from hybridna_jax.train import plan as plan_lib
 
@@ -39,6 +40,17 @@ def test_candidate_meshes_least_split_first():
   # The context axis must divide the length; one row over 8 devices at 131k:
   assert plan_lib.candidate_meshes(8, batch=1, max_tensor=2, seq_len=131072)[0] == mesh(1, 1, 2, 4)
   assert all(m["context"] <= 2 for m in plan_lib.candidate_meshes(8, batch=1, seq_len=6))
+  # The tensor axis divides the heads: 4 heads leave tensor 8 out.
+  assert max(m["tensor"] for m in plan_lib.candidate_meshes(8, batch=1, heads=4)) == 4
+  assert max(m["tensor"] for m in plan_lib.candidate_meshes(8, batch=1, heads=6)) == 2
+
+
+def test_tensor_heads_of_the_layer_kinds_present():
+  cfg = lambda **kw: ModelConfig.from_config(ml_collections.ConfigDict(model_config_dict(**kw)))
+  # 8 attention heads, 12 SSM heads (d_inner 384 / 32): the gcd.
+  hybrid = dict(d_model=192, num_heads=8, num_kv_heads=2, head_dim=24, ssm_head_dim=32)
+  assert plan_lib.tensor_heads(cfg(**hybrid)) == 4
+  assert plan_lib.tensor_heads(cfg(**hybrid, attn_layers=())) == 12
 
 
 def test_peak_flops_by_device_kind():

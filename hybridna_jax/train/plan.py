@@ -58,6 +58,7 @@ import numpy as np
 from flax import nnx
 
 from hybridna_jax import sharding
+from hybridna_jax.config import ModelConfig
 from hybridna_jax.model import scan_block_size
 from hybridna_jax.train import flops as flops_lib
 from hybridna_jax.train import loop
@@ -389,20 +390,40 @@ def _divisors(n: int) -> list[int]:
   return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def tensor_heads(model_cfg: ModelConfig) -> int:
+  """The largest tensor split every layer's heads divide over: the gcd of
+  the attention heads and the SSM heads (of the layer kinds present). A
+  wider tensor axis replicates the heads and only wastes devices."""
+  kinds = set(model_cfg.layer_types)
+  counts = [model_cfg.num_heads] * ("attention" in kinds) + [model_cfg.ssm_heads] * (
+    "mamba" in kinds
+  )
+  return math.gcd(*counts)
+
+
 def candidate_meshes(
-  devices: int, batch: int, grad_accum: int = 1, max_tensor: int = 8, seq_len: int = 0
+  devices: int,
+  batch: int,
+  grad_accum: int = 1,
+  max_tensor: int = 8,
+  seq_len: int = 0,
+  heads: int = 0,
 ) -> list[dict[str, int]]:
   """Every split of `devices` over `data` x SEARCH_AXES whose batch axes
-  divide the batch (and whose context axis divides `seq_len`, if given),
-  least model-parallel first: by the product of the SEARCH_AXES sizes, then
-  preferring the earlier axes of SEARCH_AXES."""
+  divide the batch (and whose context axis divides `seq_len`, and whose
+  tensor axis divides `heads`, where given), least model-parallel first: by
+  the product of the SEARCH_AXES sizes, then preferring the earlier axes of
+  SEARCH_AXES."""
   meshes = []
   for sizes in itertools.product(_divisors(devices), repeat=len(SEARCH_AXES)):
     split = math.prod(sizes)
     if devices % split:
       continue
     mesh = {"data": devices // split, **dict(zip(SEARCH_AXES, sizes))}
-    if mesh.get("tensor", 1) > max_tensor or (seq_len and seq_len % mesh["context"]):
+    tensor = mesh["tensor"]
+    if tensor > max_tensor or (heads and heads % tensor):
+      continue
+    if seq_len and seq_len % mesh["context"]:
       continue
     batch_ways = math.prod(mesh.get(a, 1) for a in sharding.BATCH_AXES)
     if batch % (batch_ways * grad_accum):
@@ -444,7 +465,8 @@ def search_mesh(
   budget = (1.0 - headroom) * accelerator.memory_bytes
   steps = []
   grad_accum = int(config.train.grad_accum)
-  for mesh in candidate_meshes(devices, batch, grad_accum, max_tensor, seq_len):
+  heads = tensor_heads(ModelConfig.from_config(config.model))
+  for mesh in candidate_meshes(devices, batch, grad_accum, max_tensor, seq_len, heads):
     built = _build(config, {**mesh, "num_devices": devices}, seq_len, batch, platform)
     if built.state_bytes > budget:
       step = SearchStep(
