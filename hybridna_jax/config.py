@@ -388,7 +388,7 @@ class ScoreConfig(Section):
   pooling: str = "mean"
   layer: int = -1
   # Variant effects: ref/alt windows of this many nucleotides centred on each
-  # variant (capped at the context); longer REF/ALT alleles are skipped.
+  # variant (capped at the context, less a <bos>); longer REF/ALT alleles are skipped.
   variant_window: int = 8192
   max_indel_length: int = 64
   # Evaluation (launch/eval.py) on the token store: split, at most this

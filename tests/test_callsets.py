@@ -214,6 +214,7 @@ class RestoredScorer(InterruptingScorer):
   def __init__(self, checkpoint, context=1000, calls=0):
     super().__init__(calls)
     self.checkpoint, self.context = checkpoint, context
+    self.window_nucleotides = context
 
   def fingerprint(self):
     return {"checkpoint": self.checkpoint, "context": self.context}

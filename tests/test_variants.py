@@ -79,7 +79,7 @@ class FakeScorer:
   """Deterministic stand-in: log-likelihood = a position-weighted token sum;
   records every sequence it is asked to score."""
 
-  context = 1000
+  context = window_nucleotides = 1000
 
   def __init__(self):
     self.seen = []
@@ -194,11 +194,27 @@ def test_llr_with_the_model_and_tsv_output(tiny_run, vcf, reference_path, tmp_pa
   assert variants.plot_scores(str(tmp_path / "effects.png"), scores)
 
 
+def test_a_window_of_the_whole_context_holds_the_bos(tiny_run, vcf, reference_path):
+  # With <bos>, 64 nt would be 65 tokens: two model windows of a 64-token
+  # context, the second scoring the last base without <bos>. The window is
+  # capped at 63 nt instead, one model window each.
+  model, _, _ = restore.load(tiny_run, mesh=sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+  scorer = scoring.Scorer(model, context=64, stride=32, batch_size=4, min_bucket=64, add_bos=True)
+  assert scorer.window_nucleotides == 63
+  found, _ = variants.read_variants(vcf)
+  reference = variants.load_reference(reference_path, {v.chrom for v in found})
+  whole, _ = variants.score_variants(scorer, found[:2], reference, window=64)
+  capped, _ = variants.score_variants(scorer, found[:2], reference, window=63)
+  for a, b in zip(whole, capped):
+    assert (a.window_start, a.window_end) == (b.window_start, b.window_end)
+    assert b.window_end - b.window_start == 63 and a.llr == b.llr
+
+
 class Order0Scorer:
   """A model whose predictions ignore position and context: log p(x_i) =
   logq[x_i] for every scored position (all but the first, as the Scorer)."""
 
-  context = 1000
+  context = window_nucleotides = 1000
 
   def __init__(self, logq):
     self.logq = np.asarray(logq, np.float64)

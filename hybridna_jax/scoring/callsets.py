@@ -527,7 +527,7 @@ def _fingerprint(variants_path, reference_path, scorer, window, **settings) -> d
     "window": window,
     **settings,
     **described,
-    "window_used": variants_lib.scoring_window(window, scorer.context),
+    "window_used": variants_lib.scoring_window(window, scorer),
   }
 
 

@@ -377,6 +377,11 @@ class Scorer:
     return self.settings.context
 
   @property
+  def window_nucleotides(self) -> int:
+    """Nucleotides one model window holds: the context, less the <bos>."""
+    return self.context - int(self.settings.add_bos)
+
+  @property
   def stride(self) -> int:
     return self.settings.window_stride
 

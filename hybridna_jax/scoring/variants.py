@@ -430,16 +430,17 @@ def check_variants(
 # -- windows and scores ---------------------------------------------------------------------
 
 
-def scoring_window(window: int, context: int) -> int:
-  """The variant window used with a scorer of `context` tokens: `window`,
-  capped at the context.
+def scoring_window(window: int, scorer) -> int:
+  """The variant window used with `scorer`: `window` nucleotides, capped at
+  what one model window holds (`scorer.window_nucleotides`: the context,
+  less a <bos>); a longer one would run as two windows.
 
   Raises:
     ValueError: a window under 2 nucleotides.
   """
   if window < 2:
     raise ValueError(f"score.variant_window must be at least 2, got {window}.")
-  return min(window, context)
+  return min(window, scorer.window_nucleotides)
 
 
 def window_length(variant: Variant, chrom_length: int, window: int) -> int:
@@ -503,7 +504,7 @@ def score_variants(
 
   Args:
     scorer: a `hybridna_jax.scoring.Scorer`; `window` is capped at its
-      context.
+      context (less its <bos>).
     window: window length in nucleotides (config score.variant_window).
     rc_average: average the LLR over both strands.
 
@@ -511,9 +512,9 @@ def score_variants(
     (scores of the valid variants in input order, problems found here);
     each problem is also logged with its file and line.
   """
-  used = scoring_window(window, scorer.context)
+  used = scoring_window(window, scorer)
   if used < window:
-    logging.info("variant window %d capped at the scoring context %d.", window, scorer.context)
+    logging.info("variant window %d capped at %d by the scoring context.", window, used)
     window = used
   checked, problems = check_variants(variants, reference)
   valid = []
