@@ -189,6 +189,17 @@ def test_unsupported_setting_is_named(tmp_path):
     restore.load(str(tmp_path))
 
 
+def test_unreadable_config_or_index_is_named(tmp_path):
+  _bamba().save_pretrained(tmp_path, max_shard_size="20KB")
+  config, index = tmp_path / "config.json", tmp_path / "model.safetensors.index.json"
+  index.write_text('{"metadata": {}}')
+  with pytest.raises(hf.HFCheckpointError, match=rf'^{index}: no "weight_map"'):
+    hf.load(str(tmp_path))
+  config.write_text('{"model_type": "bamba",}')  # a trailing comma
+  with pytest.raises(ValueError, match=rf"^{config}: not valid JSON"):
+    hf.load(str(tmp_path))
+
+
 # A 12-token byte-level DNA vocabulary, nucleotides not in our order.
 _VOCAB12 = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[BOS]", "[EOS]"] + list("TGCAN")
 
@@ -278,6 +289,17 @@ def test_jamba_style_checkpoint_scores_like_bamba(tmp_path, caplog):
   logits = _ours(mapped, our_tokenizer.encode(SEQ, add_bos=True)[None])
   pairs = [(our_tokenizer.A, 10), (our_tokenizer.T, 7), (our_tokenizer.EOS, 6)]
   assert _rel(logits[..., [o for o, _ in pairs]], theirs[..., [t for _, t in pairs]]) <= 1e-4
+
+
+@pytest.mark.parametrize("asks", [{"use_rope": True}, {"position_embedding_type": "rope"}])
+def test_jamba_style_config_asking_for_rope_is_refused(tmp_path, asks):
+  _, path = _jamba_dir(tmp_path)
+  config = json.loads((path / "config.json").read_text())
+  (path / "config.json").write_text(json.dumps({**config, **asks}))
+  with pytest.raises(hf.HFCheckpointError, match="loads without positional encoding"):
+    hf.load(str(path))
+  (path / "config.json").write_text(json.dumps({**config, "use_rope": False}))
+  hf.load(str(path))
 
 
 def test_restore_load_maps_a_hf_directory_to_our_ids(tmp_path):

@@ -38,6 +38,7 @@ from hybridna_jax.hf import naming
 from hybridna_jax.hf.vocab import (
   CHAR_TOKENIZER_FILES,
   VocabTokenizer,
+  read_json,
   read_vocab,
   write_char_tokenizer,
 )
@@ -100,12 +101,20 @@ def read_files(path: str) -> HFFiles:
   """Reads config.json and the safetensors headers (no tensor data)."""
   path = os.path.abspath(path)
   check_safetensors(path)
-  with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as f:
-    config = json.load(f)
+  config = read_json(os.path.join(path, CONFIG_FILE))
+  if not isinstance(config, dict):
+    raise HFCheckpointError(
+      f"{os.path.join(path, CONFIG_FILE)}: expected a JSON object of model fields; "
+      "download it again."
+    )
   index = os.path.join(path, INDEX_FILE)
   if os.path.exists(index):
-    with open(index, encoding="utf-8") as f:
-      weight_map = json.load(f)["weight_map"]
+    data = read_json(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+      raise HFCheckpointError(
+        f"{index}: no \"weight_map\" of tensor name -> shard file; download it again."
+      )
     shards = sorted(set(weight_map.values()))
   else:
     shards = [SINGLE_FILE]

@@ -375,6 +375,7 @@ def _translate_jamba(config: Mapping[str, Any]) -> Translation:
   aliases = {a for names in _JAMBA_ALIASES.values() for a in names}
   own = {"attn_layer_period", "attn_layer_offset", "expert_layer_period", "expert_layer_offset"}
   own |= {"mamba_conv_bias", "mamba_dt_rank", "num_experts_per_tok", "mamba_n_heads"} | aliases
+  own |= {"use_rope", "position_embedding_type"}
   config = _with_defaults(config, _JAMBA_DEFAULTS)
   fields, unknown, problems = _translate_common(config, own)
   fields["attn_period"] = int(config.get("attn_layer_period", 8))
@@ -386,6 +387,15 @@ def _translate_jamba(config: Mapping[str, Any]) -> Translation:
         fields[ours] = config[name]
         break
   fields["rope"] = False  # Jamba's attention has no positional encoding
+  # A config that turns rotary positions on is refused: how its modelling
+  # file would apply them (fraction, theta, layout) is not known here.
+  position = str(config.get("position_embedding_type") or "none").lower()
+  if config.get("use_rope") or position in ("rope", "rotary"):
+    problems.append(
+      f"use_rope={config.get('use_rope')!r}, position_embedding_type="
+      f"{config.get('position_embedding_type')!r}: the Jamba-style family loads without "
+      "positional encoding (only use_rope false and no rotary position_embedding_type load)"
+    )
   conv_bias = bool(config.get("mamba_conv_bias", True))
   return Translation(fields, tuple(unknown), tuple(problems), conv_bias)
 

@@ -143,7 +143,8 @@ class VocabTokenizer:
     return tokens, lengths
 
 
-def _read_json(path: str):
+def read_json(path: str):
+  """A JSON file's contents; invalid JSON is a one-line error naming it."""
   try:
     with open(path, encoding="utf-8") as f:
       return json.load(f)
@@ -183,10 +184,10 @@ def _read_vocab(path: str, model_config: Mapping | None) -> VocabTokenizer | Non
   source = None
   role_defaults: Mapping[str, str] = {}
   tok_config_path = os.path.join(path, "tokenizer_config.json")
-  tok_config = _read_json(tok_config_path) if os.path.exists(tok_config_path) else {}
+  tok_config = read_json(tok_config_path) if os.path.exists(tok_config_path) else {}
   tok_json = os.path.join(path, "tokenizer.json")
   if os.path.exists(tok_json):
-    data = _read_json(tok_json)
+    data = read_json(tok_json)
     model_vocab = (data.get("model") or {}).get("vocab") or {}
     if isinstance(model_vocab, list):  # Unigram: [[token, score], ...]
       vocab.update({t[0]: i for i, t in enumerate(model_vocab)})
@@ -196,7 +197,7 @@ def _read_vocab(path: str, model_config: Mapping | None) -> VocabTokenizer | Non
     source = tok_json
   elif os.path.exists(os.path.join(path, "vocab.json")):
     source = os.path.join(path, "vocab.json")
-    vocab.update(_read_json(source))
+    vocab.update(read_json(source))
   elif tok_config.get("characters"):
     chars = [str(c) for c in tok_config["characters"]]
     vocab.update({t: i for i, t in enumerate(_CHAR_SPECIALS)})
