@@ -211,8 +211,12 @@ class Mamba2(nnx.Module):
     self, x: jax.Array, segment_ids: jax.Array | None = None, *, return_state: bool = False
   ):
     """Full-sequence forward. segment_ids (b, l) resets conv and SSM state at
-    document boundaries. With `return_state`, also returns the MambaState
-    after the last position (the prefill of decoding)."""
+    document boundaries; they must be numbered as `ssd.number_segments`
+    gives them (the model numbers them once for every layer): the conv
+    compares ids by value, so a raw id that comes back (1, 2, 1) would join
+    its conv window to the earlier document. With `return_state`, also
+    returns the MambaState after the last position (the prefill of
+    decoding)."""
     cfg = self.cfg
     b, l, _ = x.shape
     xs_raw, z, bc_raw, dt = self._inputs(x)
