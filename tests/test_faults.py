@@ -313,7 +313,8 @@ def test_a_worker_data_position_of_an_earlier_version_is_refused(base_run, tmp_p
   shutil.copytree(base, workdir)
   meta_file = os.path.join(workdir, loop.CHECKPOINT_DIR, "4", "meta", "metadata")
   meta = json.load(open(meta_file))
-  del meta["stream_format"]
+  assert meta["data_workers"] == 0  # recorded: 0, though config.json below says 1
+  del meta["stream_format"], meta["data_workers"]
   json.dump(meta, open(meta_file, "w"))
   cfg = cfg.copy_and_resolve_references()
   cfg.train.stages = ((32, 6, 4),)  # step 4 is mid-stage: its iterator is restored
@@ -826,6 +827,14 @@ def test_a_data_position_resumes_only_under_a_split_of_rows_that_keeps_it():
   for saved, now in (([4, 8], [8, 8]), ([8, 8], [4, 8]), ([4, 8], [2, 8]), ([4, 8], [4, 16])):
     with pytest.raises(loop.DataStateMismatchError, match="step 7.s data position was saved"):
       check(7, saved, now)
+  # Worker processes count the batches each was dealt: the same workers,
+  # rows and batch size only (batch 8 -> 16 resumed 12 windows further on).
+  check(7, [4, 8], [4, 8], 2, 2)
+  for saved, now, workers in (([8, 8], [16, 16], (1, 1)), ([4, 8], [4, 8], (1, 2))):
+    with pytest.raises(loop.DataStateMismatchError, match="step 7.s data position was saved"):
+      check(7, saved, now, *workers)
+  with pytest.raises(loop.DataStateMismatchError, match="num_workers=0, .* this run has 1"):
+    check(7, [4, 8], [4, 8], 0, 1)
 
 
 @pytest.mark.parametrize(

@@ -357,6 +357,9 @@ class Task:
   # implements `layout_iterator`.
   sequence_keys: tuple[str, ...] = ()
   selection: tuple[str, str] = ("bits_per_nt", "min")
+  # Worker processes of the training iterator (their saved state counts
+  # batches per worker: `check_data_position`).
+  data_workers: int = 0
 
   def __init__(self, config):
     self.config = config
@@ -417,6 +420,7 @@ class LMPretraining(Task):
   def __init__(self, config):
     super().__init__(config)
     self.model_cfg = ModelConfig.from_config(config.model)
+    self.data_workers = int(config.data.num_workers)
 
   def init_model(self, rngs):
     return HybriDNA(self.model_cfg, rngs=rngs)
@@ -591,23 +595,33 @@ def check_resume_config(config, workdir: str) -> None:
     )
 
 
-def check_data_position(step: int, saved: list[int] | None, now: list[int]) -> None:
+def check_data_position(
+  step: int, saved: list[int] | None, now: list[int], saved_workers: int = 0, workers: int = 0
+) -> None:
   """Raises DataStateMismatchError unless a data position saved with
   `saved` = [rows per process, batch size] (`_host_rows`; None: not
-  recorded) means the same place in the stream under `now`.
+  recorded) and `saved_workers` (data.num_workers) means the same place in
+  the stream under `now` and `workers`.
 
-  The position counts this process's windows: its k-th is window
-  (k // rows) * batch + (its k % rows-th row). That is the same window with
-  the same rows and batch size, or when the process loads whole batches
-  both times (then k is the window itself, at any batch size). Another
-  split of the rows (a mesh or process count that changed) would silently
-  repeat or skip batches.
+  Without workers the position counts this process's windows: its k-th is
+  window (k // rows) * batch + (its k % rows-th row). That is the same
+  window with the same rows and batch size, or when the process loads
+  whole batches both times (then k is the window itself, at any batch
+  size). Worker processes count the batches each was dealt, so they need
+  the same worker count, rows and batch size. Anything else (a mesh,
+  process count or worker count that changed) would silently repeat or
+  skip batches.
   """
-  whole = saved is not None and saved[0] == saved[1] and now[0] == now[1]
+  if saved_workers != workers:
+    raise DataStateMismatchError(
+      f"step {step}'s data position was saved with data.num_workers={saved_workers}, "
+      f"which counts batches per worker; this run has {workers}"
+    )
+  whole = saved is not None and saved[0] == saved[1] and now[0] == now[1] and not workers
   if saved is not None and list(saved) != list(now) and not whole:
     raise DataStateMismatchError(
       f"step {step}'s data position was saved loading {saved[0]} of {saved[1]} rows per batch "
-      f"in each process, and this mesh loads {now[0]} of {now[1]}"
+      f"in each process, and this run loads {now[0]} of {now[1]}"
     )
 
 
@@ -715,15 +729,22 @@ def _train(config, workdir: str, task: Task | None, preemption: _Preemption) -> 
     same_stage = meta.get("stage") == stage.index and step < stage.end_step
     if not same_stage:
       return None
-    saved_workers = ((written or {}).get("data") or {}).get("num_workers", 0)
+    lm = isinstance(task, LMPretraining)
+    saved_workers = ((written or {}).get("data") or {}).get("num_workers", 0) if lm else 0
     stale = meta.get("stream_format", 1) < pipeline.STREAM_FORMAT
-    if isinstance(task, LMPretraining) and saved_workers and stale:
+    if saved_workers and stale:
       raise ValueError(
         f"{workdir}: the data position of step {step} (data.num_workers={saved_workers}) was "
         "saved by an earlier version, which grouped each batch's windows differently; finish "
         "the run with that version, or start it again in another --workdir."
       )
-    check_data_position(step, meta.get("host_rows"), _host_rows(built["iterator"][1]))
+    check_data_position(
+      step,
+      meta.get("host_rows"),
+      _host_rows(built["iterator"][1]),
+      int(meta.get("data_workers", saved_workers)),  # unrecorded: as config.json
+      task.data_workers,
+    )
     return pipeline.iterator_restore_args(built["iterator"][0])
 
   try:
@@ -770,6 +791,7 @@ def _train(config, workdir: str, task: Task | None, preemption: _Preemption) -> 
         "last_eval": last_eval,
         "host_rows": _host_rows(layout),
         "stream_format": pipeline.STREAM_FORMAT,
+        "data_workers": task.data_workers,
       }
       it = iterator if data_state is None else _SavedIteratorState(data_state)
       checkpoints.save(state, meta, data_args=pipeline.iterator_save_args(it))
