@@ -109,6 +109,12 @@ def test_windows_line_endings_blank_lines_and_single_line_records(tmp_path):
     assert tokenizer.decode(got[0][1]) == "ACGTACGN"
     assert got[1][1].size == 5000
     assert tokenizer.decode(got[2][1]) == "GG"
+  # Carriage returns alone (classic Mac OS) read as one header line: named.
+  path.write_bytes(b">r1\rACGT\r>r2\rAC\r")
+  for allow_empty in (False, True):
+    with pytest.raises(fasta.FastaFormatError, match=r"line 1: line breaks are carriage returns"):
+      fasta.read_fasta(path, allow_empty_records=allow_empty)
+  path.write_bytes(b">a first\r\nACGT\r\nacgn\r\n\r\n>b\r\n" + b"T" * 5000 + b"\r\n>c\r\nGG")
   # The same file with a UTF-8 byte-order mark first (Windows editors).
   path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
   for block_size in (3, 1 << 16):

@@ -235,6 +235,10 @@ def test_rerun_reuses_store_and_detects_changed_inputs(tmp_path):
   s = prepare.prepare_store(c, log=lambda m, *a: messages.append(m % a))
   assert s.manifest["created"] == created
   assert "is up to date" in messages[0] and len(messages) == 1
+  open(os.path.join(c.store_dir, "train.index.npy"), "wb").close()  # cut off: rebuilt
+  messages.clear()
+  s = prepare.prepare_store(c, log=lambda m, *a: messages.append(m % a))
+  assert "is damaged" in messages[0] and s["train"].num_records
   fasta.write_fasta(tmp_path / "g1.fa", [("chr0", "ACGTACGTAC")])
   with pytest.raises(store_lib.StoreError, match="prepared from other inputs"):
     prepare.prepare_store(c)

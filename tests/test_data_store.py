@@ -99,6 +99,29 @@ def test_reader_detects_truncated_tokens(tmp_path):
     store_lib.TokenStore.open(path)
 
 
+@pytest.mark.parametrize("damaged, size", [("train.index.npy", 0), ("train.index.npy", 5)])
+def test_damaged_index_is_named_and_seen_by_verify(tmp_path, damaged, size):
+  path = tmp_path / "store"
+  _write(path, [("train", "a", "s", [_tokens("ACGT")])])
+  with open(path / damaged, "r+b") as f:  # a copy cut off
+    f.truncate(size)
+  match = rf"^{path / damaged}: not a readable record index .*prepare the store again"
+  with pytest.raises(store_lib.StoreError, match=match):
+    store_lib.TokenStore.open(path)
+  assert "not a readable record index" in store_lib.verify(path)
+
+
+def test_damaged_manifest_is_named(tmp_path):
+  path = tmp_path / "store"
+  _write(path, [("train", "a", "s", [_tokens("ACGT")])])
+  manifest = path / store_lib.MANIFEST
+  manifest.write_bytes(manifest.read_bytes()[:30])
+  for read in (store_lib.TokenStore.open, store_lib.read_manifest):
+    with pytest.raises(store_lib.StoreError, match=rf"^{manifest}: not valid JSON"):
+      read(path)
+  assert "not valid JSON" in store_lib.verify(path)
+
+
 def test_killed_writer_leftovers_are_ignored_and_cleaned(tmp_path):
   path = tmp_path / "store"
   # A temporary directory of a writer that died (pid far beyond pid_max).

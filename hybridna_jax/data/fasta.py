@@ -17,7 +17,8 @@ and `read_fasta` reads a small file into memory.
 Compression is detected from the file's magic bytes, not its name; bgzip is
 gzip with many members and reads like gzip. Whitespace (spaces, tabs, CR and
 LF, so Windows line endings too) inside sequence lines is ignored; blank
-lines are allowed. Every problem with the input raises `FastaFormatError`
+lines are allowed. Lines end in LF: carriage returns alone (classic Mac
+OS) are refused. Every problem with the input raises `FastaFormatError`
 naming the file and the line, with a hint on how to fix it.
 """
 
@@ -361,6 +362,13 @@ class FastaReader:
 
   def _header(self, buf: bytes, start: int, end: int, line: int) -> FastaHeader:
     text = buf[start + 1 : end].decode("utf-8", "replace").strip()
+    if "\r" in text:  # CRLF ends in '\r\n' (stripped): this line goes on after a '\r'
+      raise FastaFormatError(
+        self.path,
+        line,
+        "line breaks are carriage returns alone (classic Mac OS); convert them, e.g. "
+        "tr '\\r' '\\n' < in.fa > out.fa.",
+      )
     parts = text.split(None, 1)
     if not parts:
       raise FastaFormatError(

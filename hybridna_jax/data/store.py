@@ -63,6 +63,25 @@ class StoreError(ValueError):
   """A missing, incomplete or inconsistent token store."""
 
 
+def _load_index(source, where: str, fix: str, **kwargs) -> np.ndarray:
+  """np.load of a record index (a path or a file object); a truncated or
+  damaged one is a StoreError naming `where` and `fix`."""
+  try:
+    return np.load(source, allow_pickle=False, **kwargs)
+  except (OSError, ValueError, EOFError) as e:
+    raise StoreError(f"{where}: not a readable record index ({e}); {fix}") from None
+
+
+def _parse_manifest(text: str | bytes, where: str) -> dict[str, Any]:
+  try:
+    manifest = json.loads(text)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise StoreError(f"{where}: not valid JSON ({e}); prepare the store again.") from None
+  if not isinstance(manifest, dict):
+    raise StoreError(f"{where}: not a store manifest (a JSON object); prepare the store again.")
+  return manifest
+
+
 _CONTEXT = None
 
 
@@ -204,7 +223,9 @@ class StoreSplit:
     self.num_tokens = int(info["num_tokens"])
     index_path = os.path.join(root, info["index_file"])
     index = (
-      np.load(index_path, mmap_mode="r") if self.num_records else (np.zeros((0,), INDEX_DTYPE))
+      _load_index(index_path, index_path, "prepare the store again.", mmap_mode="r")
+      if self.num_records
+      else np.zeros((0,), INDEX_DTYPE)
     )
     if index.dtype != INDEX_DTYPE or index.shape != (self.num_records,):
       raise StoreError(
@@ -303,10 +324,13 @@ class ZarrStoreSplit(StoreSplit):
     self.num_records = int(info["num_records"])
     self.num_tokens = int(info["num_tokens"])
     kvstore = _kvstore(root)
-    index = np.load(io.BytesIO(_read_object(kvstore, root, info["index_file"])))
+    where = f"{_url_dir(root)}{info['index_file']}"
+    index = _load_index(
+      io.BytesIO(_read_object(kvstore, root, info["index_file"])), where, "export it again."
+    )
     if index.dtype != INDEX_DTYPE or index.shape != (self.num_records,):
       raise StoreError(
-        f"{_url_dir(root)}{info['index_file']}: index of dtype {index.dtype} and shape "
+        f"{where}: index of dtype {index.dtype} and shape "
         f"{index.shape}, the manifest promises {self.num_records} records; export it again."
       )
     self.offsets = np.ascontiguousarray(index["offset"])
@@ -386,7 +410,7 @@ class TokenStore:
       )
     if is_url(path):
       manifest_path = _url_dir(path) + MANIFEST
-      manifest = json.loads(_read_object(_kvstore(path), path, MANIFEST))
+      manifest = _parse_manifest(_read_object(_kvstore(path), path, MANIFEST), manifest_path)
       if any("tokens_zarr" not in info for info in manifest.get("splits", {}).values()):
         raise StoreError(
           f"{manifest_path}: a local store's manifest, not an exported one; "
@@ -405,8 +429,8 @@ class TokenStore:
         "preparation was interrupted or this is another directory; delete "
         "it and run launch/prepare_data.py again."
       )
-    with open(manifest_path, encoding="utf-8") as f:
-      manifest = json.load(f)
+    with open(manifest_path, "rb") as f:
+      manifest = _parse_manifest(f.read(), manifest_path)
     splits = manifest.get("splits", {}).values()
     if splits and all("tokens_zarr" in info for info in splits):
       # A local directory holding an export (prepare_data --export_url=<path>).
@@ -565,17 +589,18 @@ def verify(path: str | os.PathLike) -> str | None:
       _ = part.names
       if part.num_records and int(part.offsets[-1] + part.lengths[-1]) != part.num_tokens:
         raise StoreError(f"{part.root}: the index of split {split!r} does not fit its tokens")
-  except (OSError, ValueError, KeyError, StoreError) as e:
+  except (OSError, ValueError, KeyError, EOFError) as e:
     return str(e)
   return None
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
   """The manifest of the store at `path` (a directory or URL)."""
+  path = os.fspath(path)
   if is_url(path):
-    return json.loads(_read_object(_kvstore(os.fspath(path)), os.fspath(path), MANIFEST))
-  with open(os.path.join(os.fspath(path), MANIFEST), encoding="utf-8") as f:
-    return json.load(f)
+    return _parse_manifest(_read_object(_kvstore(path), path, MANIFEST), _url_dir(path) + MANIFEST)
+  with open(os.path.join(path, MANIFEST), "rb") as f:
+    return _parse_manifest(f.read(), os.path.join(path, MANIFEST))
 
 
 class _SplitWriter:
