@@ -62,6 +62,12 @@ def local_file_path(url: str) -> str:
   return os.path.abspath(urllib.request.url2pathname(parts.path))
 
 
+def file_url(path: str | os.PathLike) -> str:
+  """The file:// URL of a local path, percent-encoded ('#', '%', spaces
+  are not URL syntax): the inverse of `local_file_path`."""
+  return "file://" + urllib.request.pathname2url(os.path.abspath(path))
+
+
 def run_path(path: str | os.PathLike, flag: str = "--workdir") -> epath.Path:
   """A run directory (or a file or checkpoint inside one) as an epath.Path:
   local paths and file:// URLs become absolute local paths, gs:// stays.

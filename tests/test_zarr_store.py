@@ -188,6 +188,16 @@ def test_export_never_deletes_what_is_not_an_export(lambda_store, tmp_path):
   assert store_lib.TokenStore.open(url)["train"].num_tokens == other["train"].num_tokens
 
 
+def test_export_to_a_local_path_with_url_characters(tmp_path):
+  # '#', '%' and spaces are path characters here, not URL syntax.
+  other = _hundred_token_store(tmp_path / "other_store")
+  for name in ("exp#1", "exp%3", "a b"):
+    url = store_lib.export_zarr(other, str(tmp_path / name), chunk_tokens=4096)
+    assert os.path.exists(tmp_path / name / store_lib.MANIFEST)
+    assert store_lib.TokenStore.open(url)["train"].num_tokens == 100
+    assert store_lib.TokenStore.open(tmp_path / name)["train"].num_tokens == 100
+
+
 def test_a_write_killed_while_sealing_reads_complete_and_stays_ours(
   lambda_store, tmp_path, monkeypatch
 ):

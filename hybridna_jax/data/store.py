@@ -44,7 +44,7 @@ import numpy as np
 from absl import logging
 
 from hybridna_jax import tokenizer
-from hybridna_jax.paths import is_url, local_file_path, scheme
+from hybridna_jax.paths import file_url, is_url, local_file_path, scheme
 
 FORMAT = "hybridna-token-store"
 VERSION = 1
@@ -434,7 +434,7 @@ class TokenStore:
     splits = manifest.get("splits", {}).values()
     if splits and all("tokens_zarr" in info for info in splits):
       # A local directory holding an export (prepare_data --export_url=<path>).
-      return cls.open("file://" + os.path.abspath(path))
+      return cls.open(file_url(path))
     return cls._checked(path, manifest_path, manifest)
 
   @classmethod
@@ -499,7 +499,7 @@ def export_zarr(
       `overwrite`.
   """
   if not is_url(url):
-    url = "file://" + os.path.abspath(url)
+    url = file_url(url)
   source, target = _comparable_dir(store.path), _comparable_dir(url)
   if source.startswith(target):
     raise StoreError(
@@ -541,7 +541,7 @@ def _comparable_dir(path: str) -> str:
   if is_url(path) and scheme(path) != "file":
     return _url_dir(path)
   local = local_file_path(path) if is_url(path) else path
-  return _url_dir("file://" + os.path.realpath(local))
+  return _url_dir(file_url(os.path.realpath(local)))
 
 
 def _without_zarr_names(manifest: dict[str, Any]) -> dict[str, Any]:
