@@ -408,6 +408,19 @@ class ScoreConfig(Section):
         "config.score.batch_size and min_bucket must be positive, got "
         f"{self.batch_size} and {self.min_bucket}."
       )
+    for name in ("eval_max_records", "eval_max_tokens"):
+      if getattr(self, name) < 0:
+        raise ValueError(
+          f"config.score.{name} must be >= 0 (0: no limit), got {getattr(self, name)}."
+        )
+    if self.max_indel_length < 1:
+      raise ValueError(
+        f"config.score.max_indel_length must be >= 1 (an SNV is 1), got {self.max_indel_length}."
+      )
+    if self.variant_window < 2:
+      raise ValueError(
+        f"config.score.variant_window must be at least 2 nucleotides, got {self.variant_window}."
+      )
     if self.stride < 0 or (self.context and not 0 < self.window_stride < self.context):
       raise ValueError(
         f"config.score.stride={self.stride} must be in [1, context - 1] "
@@ -483,6 +496,36 @@ class FinetuneConfig(Section):
   # frozen embeddings of the backbone, with score.pooling (mean | last |
   # echo), score.layer and score.rc_average (finetune/probe.py).
   probe: bool = False
+
+  def __post_init__(self):
+    problems = []
+    for name in ("batch_size", "eval_batch_size", "pad_multiple"):
+      if not getattr(self, name) >= 1:
+        problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+    zero_means = {
+      "steps": "epochs decide",
+      "max_length": "the longest sequence",
+      "head_hidden": "a linear head",
+      "eval_every_epochs": "train.eval_every",
+    }
+    for name, zero in zero_means.items():
+      if not getattr(self, name) >= 0:
+        problems.append(f"{name} must be >= 0 (0: {zero}), got {getattr(self, name)}")
+    if not self.epochs > 0:
+      problems.append(f"epochs must be > 0, got {self.epochs}")
+    for name in ("warmup_fraction", "rc_augment"):
+      if not 0 <= getattr(self, name) <= 1:
+        problems.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
+    if self.probe and (self.pool != "mean" or self.rc_combine != "none"):
+      # The probe embeds with the score section; silently probing another
+      # embedding than the preset named would mislabel the results.
+      problems.append(
+        f"pool={self.pool!r} and rc_combine={self.rc_combine!r} are not used by the linear "
+        "probe (probe=True), which embeds with score.pooling (mean | last | echo), score.layer "
+        "and score.rc_average; set those instead"
+      )
+    if problems:
+      raise ValueError("config.finetune: " + "; ".join(problems) + ".")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -565,6 +608,15 @@ class GenerateConfig(Section):
       problems.append(f"beam_width must be >= 1, got {self.beam_width}")
     if self.length_penalty < 0:
       problems.append(f"length_penalty must be >= 0, got {self.length_penalty}")
+    for name in ("label_dropout", "reverse_complement_prob"):
+      if not 0 <= getattr(self, name) <= 1:
+        problems.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
+    if self.num_bins < 2:
+      problems.append(f"num_bins must be >= 2, got {self.num_bins}")
+    if self.kmer < 1:
+      problems.append(f"kmer must be >= 1, got {self.kmer}")
+    if self.max_edit_pairs < 1:
+      problems.append(f"max_edit_pairs must be >= 1, got {self.max_edit_pairs}")
     if not 0 <= self.first_task_token < tokenizer.NUM_TASK_TOKENS:
       problems.append(
         f"first_task_token must be in [0, {tokenizer.NUM_TASK_TOKENS}), got {self.first_task_token}"
@@ -609,7 +661,7 @@ class MeshConfig(Section):
   # 0 uses every device, N the first N (single-process debugging and tests).
   num_devices: int = 0
   # (logical_name, mesh_axis | (mesh_axes, ...) | None) pairs that override
-  # or add to sharding.DEFAULT_RULES; () keeps the defaults. Their form is
+  # sharding.DEFAULT_RULES; () keeps the defaults. Their form and names are
   # checked by sharding.rules_from_config.
   rules: tuple[Any, ...] = ()
 

@@ -22,18 +22,26 @@ from hybridna_jax import paths
 FLAGS = flags.FLAGS
 
 
-def define_flags(default_config: str | None = None, workdir_required: bool = True) -> None:
+def define_flags(
+  *, workdir_required: bool = True, config_required: bool = False, distributed: bool = True
+) -> None:
   """--config=<configs/file.py>[:variant] (with --config.x.y=... overrides),
-  --workdir, and the multi-host flags."""
+  --workdir, and, for programs that run on several processes
+  (`distributed`, which then call `initialize_distributed`), the multi-host
+  flags."""
   config_flags.DEFINE_config_file(
     "config",
-    default_config,
+    None,
     "Config file, e.g. configs/demo.py[:variant]; override fields with --config.train.steps=...",
     lock_config=True,
   )
+  if config_required:
+    flags.mark_flag_as_required("config")
   flags.DEFINE_string(
     "workdir", None, "Run directory (checkpoints, metrics, outputs).", required=workdir_required
   )
+  if not distributed:
+    return
   flags.DEFINE_enum(
     "distributed",
     "auto",
@@ -64,7 +72,22 @@ def run(main, *, huge_pages: bool = True) -> None:
   (`restart_with_huge_pages`), unless `huge_pages` is False."""
   if huge_pages:
     restart_with_huge_pages()
-  app.run(one_line_errors(main), flags_parser=_parse_flags)
+  app.run(one_line_errors(_flags_only(main)), flags_parser=_parse_flags)
+
+
+def _flags_only(main):
+  """`main` refusing words that are not flags (e.g. the second value of
+  `--labels HepG2 K562`, which would be dropped) as a usage error."""
+
+  def checked(argv):
+    if len(argv) > 1:
+      raise app.UsageError(
+        f"unexpected arguments {argv[1:]}: every input is a flag, --name=value "
+        "(repeat a flag for several values)."
+      )
+    return main(argv)
+
+  return checked
 
 
 # glibc's malloc on transparent huge pages: XLA:CPU maps a training step's

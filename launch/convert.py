@@ -31,7 +31,7 @@ from absl import app, flags, logging
 
 from hybridna_jax import launch_utils
 
-launch_utils.define_flags(workdir_required=False)
+launch_utils.define_flags(workdir_required=False, distributed=False)
 flags.DEFINE_string("input", None, "Run/checkpoint directory or Hugging Face directory.")
 flags.DEFINE_string(
   "output",
@@ -54,8 +54,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  del argv  # flags only (launch_utils.run)
   launch_utils.quiet_library_logs()
   from hybridna_jax import hf, restore  # pylint: disable=g-import-not-at-top
 

@@ -20,11 +20,11 @@ prints the table.
 
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from hybridna_jax import launch_utils
 
-launch_utils.define_flags(workdir_required=True)
+launch_utils.define_flags(distributed=False)
 flags.DEFINE_multi_string(
   "fasta",
   [],
@@ -42,8 +42,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  del argv  # flags only (launch_utils.run)
   launch_utils.quiet_library_logs()
   # Imported after flag parsing (nothing may touch devices before).
   from hybridna_jax import paths as hybridna_paths  # pylint: disable=g-import-not-at-top

@@ -44,7 +44,7 @@ from absl import app, flags, logging
 
 from hybridna_jax import launch_utils
 
-launch_utils.define_flags()
+launch_utils.define_flags(config_required=True)
 _TASK = flags.DEFINE_string(
   "task", None, "Task folder or BED file (overrides config.finetune.task)."
 )
@@ -68,8 +68,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # flags only (launch_utils.run)
   launch_utils.quiet_library_logs()
   launch_utils.initialize_distributed()
   # Imported after distributed start-up (nothing may touch devices before).

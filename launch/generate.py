@@ -38,7 +38,7 @@ from absl import app, flags, logging
 
 from hybridna_jax import launch_utils
 
-launch_utils.define_flags(workdir_required=True)
+launch_utils.define_flags()
 flags.DEFINE_enum(
   "mode",
   "sample",
@@ -91,7 +91,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  del argv
+  del argv  # flags only (launch_utils.run)
   launch_utils.quiet_library_logs()
   launch_utils.initialize_distributed()
   import jax  # pylint: disable=g-import-not-at-top

@@ -25,8 +25,8 @@ from absl import app, flags
 
 from hybridna_jax import launch_utils
 
-launch_utils.define_flags(workdir_required=False)
-flags.DEFINE_integer("devices", 8, "Number of (fake CPU) devices to plan for.")
+launch_utils.define_flags(workdir_required=False, config_required=True, distributed=False)
+flags.DEFINE_integer("devices", 8, "Number of (fake CPU) devices to plan for.", lower_bound=1)
 flags.DEFINE_enum(
   "accelerator",
   "h100",
@@ -41,8 +41,8 @@ flags.DEFINE_float(
   "fragmentation, XLA_PYTHON_CLIENT_MEM_FRACTION, the runtime).",
 )
 flags.DEFINE_integer("stage", 0, "Index into config.train.stages (seq_len, steps, batch).")
-flags.DEFINE_integer("seq_len", None, "Sequence length (overrides the stage's).")
-flags.DEFINE_integer("batch", None, "Global batch size (overrides the stage's).")
+flags.DEFINE_integer("seq_len", None, "Sequence length (overrides the stage's).", lower_bound=1)
+flags.DEFINE_integer("batch", None, "Global batch size (overrides the stage's).", lower_bound=1)
 flags.DEFINE_enum(
   "kernels",
   "accelerator",
@@ -56,7 +56,7 @@ flags.DEFINE_bool(
   "Suggest the least-split mesh (fsdp, tensor, context) of "
   "--devices that fits --accelerator (compiles each candidate).",
 )
-flags.DEFINE_integer("max_tensor", 8, "Largest tensor axis the search tries.")
+flags.DEFINE_integer("max_tensor", 8, "Largest tensor axis the search tries.", lower_bound=1)
 flags.DEFINE_bool(
   "measure",
   False,
@@ -118,8 +118,7 @@ def use_fake_cpu_devices(n: int) -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  del argv  # flags only (launch_utils.run)
   launch_utils.quiet_library_logs()
   use_fake_cpu_devices(FLAGS.devices)
   # Imported after the device set-up (nothing may touch devices before).
@@ -139,8 +138,8 @@ def main(argv):
   stages = config.train.stages
   if not 0 <= FLAGS.stage < len(stages):
     raise app.UsageError(f"--stage={FLAGS.stage}: the config has {len(stages)} stages.")
-  seq_len = FLAGS.seq_len or int(stages[FLAGS.stage][0])
-  batch = FLAGS.batch or int(stages[FLAGS.stage][2])
+  seq_len = FLAGS.seq_len if FLAGS.seq_len is not None else int(stages[FLAGS.stage][0])
+  batch = FLAGS.batch if FLAGS.batch is not None else int(stages[FLAGS.stage][2])
   accelerator = flops_lib.ACCELERATORS[FLAGS.accelerator]
   platform = None if FLAGS.kernels == "configured" or FLAGS.measure else accelerator.platform
   mesh_sizes = {"num_devices": FLAGS.devices}

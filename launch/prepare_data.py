@@ -60,8 +60,7 @@ def summary(store) -> dict:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # flags only (launch_utils.run)
   config = _CONFIG.value
   if "data" not in config:
     raise app.UsageError(f"the config has no `data` field; it has {sorted(config.keys())}.")

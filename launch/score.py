@@ -30,7 +30,7 @@ from absl import app, flags, logging
 
 from hybridna_jax import launch_utils
 
-launch_utils.define_flags(workdir_required=True)
+launch_utils.define_flags(distributed=False)
 flags.DEFINE_enum(
   "mode", None, ["loglik", "positions", "embed", "variants"], "What to compute.", required=True
 )
@@ -78,8 +78,7 @@ _EXTENSIONS = {"loglik": "tsv", "positions": "npz", "embed": "npz", "variants": 
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  del argv  # flags only (launch_utils.run)
   launch_utils.quiet_library_logs()
   from hybridna_jax import (
     restore,  # pylint: disable=g-import-not-at-top

@@ -4,9 +4,10 @@
 #   TPU_NAME=my-v5p-64 ZONE=us-east5-a \
 #   launch/tpu_pod.sh --config=configs/hybridna_300m.py --workdir=/mnt/shared/runs/300m
 #
-# Every worker runs launch/train.py (or LAUNCH=launch/<program>.py) with the
-# same arguments; jax.distributed.initialize() finds the pod's coordinator by
-# itself (--distributed=on). The repository must be at $REPO_DIR on every
+# Every worker runs launch/train.py (or LAUNCH=launch/finetune.py or
+# launch/generate.py, the other multi-host programs) with the same arguments;
+# jax.distributed.initialize() finds the pod's coordinator by itself
+# (--distributed=on). The repository must be at $REPO_DIR on every
 # worker (e.g. after `launch/tpu_pod.sh --setup`), and --workdir must be on
 # storage that all workers see (Filestore/NFS or a GCS FUSE mount): process
 # 0 writes metrics and config, every process writes its own checkpoint shards

@@ -14,12 +14,12 @@ from absl import flags, logging
 
 from hybridna_jax import launch_utils, paths
 
-launch_utils.define_flags()
+launch_utils.define_flags(config_required=True)
 FLAGS = flags.FLAGS
 
 
 def main(argv):
-  del argv
+  del argv  # flags only (launch_utils.run)
   launch_utils.quiet_library_logs()
   launch_utils.initialize_distributed()
   # Imported after distributed start-up (nothing may touch devices before).

@@ -297,6 +297,38 @@ def test_ranges_are_checked(field, value, message):
     config_lib.validate(cfg)
 
 
+@pytest.mark.parametrize(
+  "field,value,message",
+  [
+    ("finetune.batch_size", 0, r"batch_size must be >= 1, got 0"),
+    ("finetune.eval_batch_size", 0, r"eval_batch_size must be >= 1"),
+    ("finetune.epochs", -1.0, r"epochs must be > 0"),
+    ("finetune.steps", -5, r"steps must be >= 0 \(0: epochs decide\)"),
+    ("finetune.rc_augment", 1.5, r"rc_augment must be in \[0, 1\]"),
+    (
+      "finetune.rc_combine",
+      "average_logits",
+      r"pool=.mean. and rc_combine=.average_logits. are not used by the linear probe",
+    ),
+    ("generate.kmer", 0, r"kmer must be >= 1"),
+    ("generate.max_edit_pairs", -1, r"max_edit_pairs must be >= 1"),
+    ("generate.label_dropout", 1.5, r"label_dropout must be in \[0, 1\]"),
+    ("generate.reverse_complement_prob", -3.0, r"reverse_complement_prob must be in"),
+    ("score.eval_max_tokens", -100, r"eval_max_tokens must be >= 0 \(0: no limit\)"),
+    ("score.max_indel_length", 0, r"max_indel_length must be >= 1"),
+    ("score.variant_window", 1, r"variant_window must be at least 2"),
+  ],
+)
+def test_section_ranges_are_checked(field, value, message):
+  cfg = load_config("configs/finetune_tiny.py:probe")
+  section, name = field.split(".")
+  if name != "rc_combine":
+    cfg.finetune.probe = False
+  cfg[section][name] = value
+  with pytest.raises(ValueError, match=rf"^config.{section}(: |\.){message}"):
+    config_lib.validate(cfg)
+
+
 def test_zero_keeps_its_documented_meaning():
   cfg = load_config("configs/tiny.py")
   for field in ("eval_every", "eval_batches", "eval_seq_len", "warmup_steps", "min_lr_ratio"):
