@@ -156,7 +156,8 @@ def mesh_from_config(mesh_config, devices=None) -> Mesh:
 def rules_from_config(mesh_config) -> Rules:
   """DEFAULT_RULES with `mesh_config.rules` applied: (logical name, mesh axis
   | tuple of mesh axes | None) pairs that replace the default for that name
-  or add a new one; empty (the default) keeps DEFAULT_RULES."""
+  (every logical name the model uses has one); empty (the default) keeps
+  DEFAULT_RULES."""
   overrides = mesh_config.get("rules") or ()
 
   def valid(pair):
@@ -179,6 +180,12 @@ def rules_from_config(mesh_config) -> Rules:
       f"{overrides!r}."
     )
   table = dict(DEFAULT_RULES)
+  unknown = [name for name, _ in overrides if name not in table]
+  if unknown:  # a typo would otherwise change nothing, silently
+    raise ValueError(
+      f"config.mesh.rules: {', '.join(map(repr, unknown))} is no logical axis of the model; "
+      f"the names are {', '.join(table)}."
+    )
   for name, target in overrides:
     table[name] = tuple(target) if isinstance(target, list) else target
   return tuple(table.items())

@@ -40,10 +40,14 @@ PROGRAM = textwrap.dedent(
   """
   import os, sys
   print("imported", os.getpid(), flush=True)
+  from absl import flags
   from hybridna_jax import launch_utils
 
+  flags.DEFINE_multi_string("word", [], "kept across the restart")
+
   def main(argv):
-    print("main", os.getpid(), os.environ.get("GLIBC_TUNABLES"), argv[1:], flush=True)
+    words = flags.FLAGS.word
+    print("main", os.getpid(), os.environ.get("GLIBC_TUNABLES"), words, flush=True)
 
   launch_utils.run(main)
   """
@@ -56,7 +60,7 @@ def _run(tmp_path, **env_changes):
   env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
   env.update(JAX_PLATFORMS="cpu", **env_changes)
   out = subprocess.run(
-    [sys.executable, "-u", str(script), "one", "two"],
+    [sys.executable, "-u", str(script), "--word=one", "--word=two"],
     env=env,
     capture_output=True,
     text=True,

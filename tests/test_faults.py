@@ -770,6 +770,30 @@ def test_train_py_missing_store_or_config_is_one_line(tmp_path, config, store, e
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+  "program,args,expected",
+  [
+    ("train.py", ["--workdir=run"], r"--config must have a value other than None"),
+    ("plan.py", ["--config=configs/tiny.py", "--devices=0"], r"--devices=0: 0 is not a positive"),
+    # Evaluation runs in one process: no multi-host flags to ignore.
+    ("eval.py", ["--workdir=run", "--distributed=on"], r"Unknown command line flag 'distributed'"),
+    # A space-separated second value would be dropped.
+    ("generate.py", ["--workdir=run", "--labels", "a", "b"], r"unexpected arguments \['b'\]"),
+  ],
+)
+def test_launch_flags_are_checked(tmp_path, program, args, expected):
+  proc = subprocess.run(
+    [sys.executable, os.path.join(ROOT, "launch", program), *args],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "HYBRIDNA_HUGE_PAGES": "0"},
+    timeout=300,
+  )
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr
+  assert re.search(expected, proc.stderr), proc.stderr
+
+
 # -- 9, 10: task types and unscorable records ---------------------------------
 
 

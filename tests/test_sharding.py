@@ -21,12 +21,12 @@ def test_config_rules_default_to_the_default_rules():
   )
 
 
-def test_config_rules_override_and_add():
+def test_config_rules_override():
   mesh_config = base_config().mesh
-  mesh_config.rules = (("embed", None), ("act_length", "tensor"), ("my_axis", ("data", "fsdp")))
+  mesh_config.rules = (("embed", None), ("act_length", "tensor"), ("classes", ("data", "fsdp")))
   rules = dict(sharding.rules_from_config(mesh_config))
   assert rules["embed"] is None and rules["act_length"] == "tensor"
-  assert rules["my_axis"] == ("data", "fsdp")
+  assert rules["classes"] == ("data", "fsdp")
   assert rules["mlp"] == "tensor"  # untouched default
   mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2)
   table = tuple(rules.items())
@@ -35,8 +35,12 @@ def test_config_rules_override_and_add():
     "fsdp", "tensor"
   )
   # JSON round trips (a run's config.json) give lists.
-  mesh_config = ml_collections.ConfigDict(dict(rules=[["embed", None], ["x", ["data"]]]))
-  assert dict(sharding.rules_from_config(mesh_config))["x"] == ("data",)
+  mesh_config = ml_collections.ConfigDict(dict(rules=[["embed", None], ["classes", ["data"]]]))
+  assert dict(sharding.rules_from_config(mesh_config))["classes"] == ("data",)
+  # A name the model does not use (a typo) would change nothing: refused.
+  mesh_config.rules = (("embedd", None),)
+  with pytest.raises(ValueError, match=r"^config.mesh.rules: 'embedd' is no logical axis"):
+    sharding.rules_from_config(mesh_config)
 
 
 @pytest.mark.parametrize(
