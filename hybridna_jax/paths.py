@@ -98,6 +98,23 @@ def run_path(path: str | os.PathLike, flag: str = "--workdir") -> epath.Path:
   )
 
 
+def checkpoint_path(path: str | os.PathLike, flag: str = "--workdir") -> epath.Path:
+  """`run_path` for a directory Orbax writes or reads checkpoints in.
+
+  Raises:
+    ValueError: also for a path with '[' or ']': Orbax 0.12.8 finishes a
+      save by globbing for its files under the path, reads the brackets as
+      a pattern, writes no manifest, and no step there restores.
+  """
+  text = os.fspath(path)
+  if "[" in text or "]" in text:
+    raise ValueError(
+      f"{flag}={text}: Orbax reads '[' and ']' in a path as a glob pattern, so checkpoints "
+      "there could not be restored; choose a path without brackets."
+    )
+  return run_path(path, flag)
+
+
 def is_remote(path: str | os.PathLike) -> bool:
   """Whether `path` (after `run_path`) lives on object storage."""
   return scheme(path) in _RUN_SCHEMES

@@ -51,7 +51,7 @@ def find_checkpoint(path: str, which: str = "latest") -> CheckpointRef:
   """
   if which not in ("latest", "best"):
     raise ValueError(f"which must be 'latest' or 'best', got {which!r}.")
-  path = paths.run_path(path, flag="checkpoint path")
+  path = paths.checkpoint_path(path, flag="checkpoint path")
   if not path.exists():
     raise FileNotFoundError(f"no checkpoint or run directory at {path}.")
   # A step directory (a run directory may be named by a number too: its

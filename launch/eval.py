@@ -69,7 +69,7 @@ def main(argv):
   evaluation.log_records(sequences)
   result = evaluation.evaluate(scorer, sequences, progress=scoring.ProgressLogger("windows"))
   result.update(
-    checkpoint=os.fspath(hybridna_paths.run_path(FLAGS.checkpoint or FLAGS.workdir)),
+    checkpoint=os.fspath(hybridna_paths.checkpoint_path(FLAGS.checkpoint or FLAGS.workdir)),
     which=FLAGS.which,
     data=data,
     dtype=str(scorer.model_config.dtype),

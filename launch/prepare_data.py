@@ -64,7 +64,7 @@ def main(argv):
   config = _CONFIG.value
   if "data" not in config:
     raise app.UsageError(f"the config has no `data` field; it has {sorted(config.keys())}.")
-  paths.run_path(_WORKDIR.value)  # an unsupported --workdir fails before the work
+  paths.checkpoint_path(_WORKDIR.value)  # an unsupported --workdir fails before the work
   if _EXPORT_URL.value and store_lib.is_url(config.data.store_dir):
     raise app.UsageError(
       f"--export_url with data.store_dir={config.data.store_dir}: the store is already written "

@@ -79,6 +79,10 @@ def test_unsupported_run_urls_are_refused_in_one_line(tiny_config):
   with pytest.raises(ValueError, match=r"checkpoint path=http://h/run: .*read-only"):
     restore.load("http://h/run")
   assert paths.run_path("file:///x/y") == paths.run_path("/x/y")
+  # Orbax globs for its files under the run: brackets would be a pattern,
+  # and no checkpoint there could be restored.
+  with pytest.raises(ValueError, match=r"--workdir=/x/exp\[lr=3e-3\]: Orbax reads '\['"):
+    loop.train(tiny_config, "/x/exp[lr=3e-3]")
   # eval/score/generate outputs under a gs:// --workdir must be named locally.
   with pytest.raises(ValueError, match=r"--output_dir=gs://b/run/eval: .*pass a local path"):
     launch_utils.local_output("gs://b/run/eval", "--output_dir")

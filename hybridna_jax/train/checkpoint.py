@@ -112,7 +112,7 @@ class Checkpoints:
   def __init__(
     self, directory: str, *, keep: int = 3, async_save: bool = True, create: bool = True
   ):
-    self.directory = paths.run_path(directory)
+    self.directory = paths.checkpoint_path(directory, "checkpoint directory")
     self._options = ocp.CheckpointManagerOptions(
       max_to_keep=keep,
       create=create,
@@ -278,8 +278,23 @@ class Checkpoints:
         `target` (nothing is moved).
       DataStateMismatchError: its data-iterator state does not fit the
         iterator of `data_args` (nothing is moved).
+      CheckpointDamagedError: every step lacks files (nothing is moved):
+        a cause common to all of them, which moving them aside and
+        starting again from step 0 would hide.
     """
-    for step in sorted(self.all_steps(), reverse=True):
+    steps = sorted(self.all_steps(), reverse=True)
+    incomplete = []
+    for step in steps:
+      try:
+        self.check_complete(step)
+      except CheckpointDamagedError as e:
+        incomplete.append(f"step {step}: {e}")
+    if steps and len(incomplete) == len(steps):
+      raise CheckpointDamagedError(
+        f"every checkpoint in {self.directory} is incomplete ({'; '.join(incomplete[:3])}); "
+        "nothing was moved. Restore the files, or move the directory away to start again."
+      )
+    for step in steps:
       try:
         self.check_complete(step)
         meta = self.restore_meta(step)
