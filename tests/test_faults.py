@@ -27,7 +27,11 @@ from hybridna_jax.config import base_config
 from hybridna_jax.data import fasta, pipeline, prepare
 from hybridna_jax.data import store as store_lib
 from hybridna_jax.train import loop
-from hybridna_jax.train.checkpoint import CheckpointMismatchError, Checkpoints
+from hybridna_jax.train.checkpoint import (
+  CheckpointDamagedError,
+  CheckpointMismatchError,
+  Checkpoints,
+)
 from hybridna_jax.train.metrics import MetricsLogger, read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -170,6 +174,19 @@ def test_damaged_latest_checkpoint_is_moved_aside(base_run, tmp_path, kind):
   assert ckpts.all_steps() == [2] and not os.path.exists(os.path.join(ckpt_dir, "4"))
 
 
+def test_every_checkpoint_incomplete_moves_nothing(base_run, tmp_path):
+  # A cause common to every step (e.g. a path Orbax could not finish its
+  # saves under) is raised, not hidden by a restart from step 0.
+  cfg, base = base_run
+  ckpt_dir = str(tmp_path / "checkpoints")
+  shutil.copytree(os.path.join(base, loop.CHECKPOINT_DIR), ckpt_dir)
+  for step in ("2", "4"):
+    _damage(os.path.join(ckpt_dir, step), "deleted manifests")
+  with pytest.raises(CheckpointDamagedError, match=r"every checkpoint in .* is incomplete"):
+    Checkpoints(ckpt_dir).restore_newest(_target(cfg))
+  assert sorted(os.listdir(ckpt_dir)) == ["2", "4"] and not os.path.exists(ckpt_dir + ".damaged")
+
+
 def test_training_resumes_past_a_damaged_checkpoint(base_run, tmp_path):
   cfg, base = base_run
   workdir = str(tmp_path / "run")
@@ -242,7 +259,7 @@ def test_a_signal_during_an_evaluation_abandons_it_for_the_checkpoint(
   """SIGTERM in the middle of an evaluation (of 4 batches, at step 2 of 4,
   no checkpoint due): the batch that is running completes, the rest is
   dropped and nothing of it logged, and step 2 is saved at once. The resumed
-  run evaluates again at step 4."""
+  run evaluates step 2 first (it had been lost), then step 4."""
   cfg = _evaluating(tiny_config, 4)
   cfg.train.eval_batches, cfg.train.checkpoint_every = 4, 100
   workdir = str(tmp_path / "run")
@@ -253,7 +270,14 @@ def test_a_signal_during_an_evaluation_abandons_it_for_the_checkpoint(
   monkeypatch.undo()
   resumed = loop.train(cfg, workdir)
   assert resumed["stopped"] == "completed" and resumed["steps"] == 4
-  assert [r["step"] for r in _val_rows(workdir)] == [4]
+  assert [r["step"] for r in _val_rows(workdir)] == [2, 4]
+  # As an uninterrupted run: the same evaluations and the same best/.
+  whole = str(tmp_path / "whole")
+  loop.train(cfg, whole)
+  for a, b in zip(_val_rows(whole), _val_rows(workdir)):
+    assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+  best = lambda w: Checkpoints(os.path.join(w, loop.BEST_DIR)).all_steps()
+  assert best(whole) == best(workdir)
 
 
 def test_a_signal_during_a_final_evaluation_on_rerun_is_repeated_next_time(
@@ -577,6 +601,43 @@ def test_signal_saves_and_stops_within_one_step(base_run, tmp_path, monkeypatch,
   assert _steps_of(workdir)[-1] == expected
   # The handlers are gone again: SIGINT is handled as before the run.
   assert signal.getsignal(signal.SIGINT) is sigint_before
+
+
+def test_a_resumed_run_logs_the_intervals_of_an_uninterrupted_one(base_run, tmp_path, monkeypatch):
+  """Preempted at step 3 (logs every 2): the steps since the last log line
+  are kept in the checkpoint, so the resumed run logs step 4 as the mean of
+  steps 3 and 4, as the uninterrupted run does (it logged step 4 alone)."""
+  cfg, _ = base_run
+  cfg = cfg.copy_and_resolve_references()
+  cfg.train.stages, cfg.train.checkpoint_every, cfg.train.log_every = ((32, 6, 4),), 100, 2
+  whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+  loop.train(cfg, whole)
+  real_task_steps = loop.task_steps
+
+  def task_steps(*args, **kwargs):
+    fns = real_task_steps(*args, **kwargs)
+    real, calls = fns.train_step, [0]
+
+    def train_step(*a):
+      calls[0] += 1
+      if calls[0] == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return real(*a)
+
+    return dataclasses.replace(fns, train_step=train_step)
+
+  with monkeypatch.context() as m:
+    m.setattr(loop, "task_steps", task_steps)
+    assert loop.train(cfg, parts)["steps"] == 3
+  loop.train(cfg, parts)
+  rows = lambda w: [
+    (r["step"], r["loss"])
+    for r in read_metrics(os.path.join(w, "metrics.jsonl"))
+    if r["kind"] == "train"
+  ]
+  assert [s for s, _ in rows(parts)] == [2, 4, 6]
+  for (s, a), (_, b) in zip(rows(whole), rows(parts)):
+    assert a == pytest.approx(b, rel=1e-6), s
 
 
 class _StuckIterator:

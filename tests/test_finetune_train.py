@@ -374,7 +374,20 @@ def test_preempted_task_stops_the_suite_which_resumes(tmp_path, monkeypatch):
   summary = task_lib.run_suite(cfg, patterns, workdir)  # a is read back, b resumes
   assert summary["stopped"] == "preempted" and summary["preempted_task"] == "c"
   assert [c[2] for c in calls[2:]] == ["b"]
+  # A signal between two tasks, while c's data loads (outside any run's
+  # handler, where it used to kill the process): the suite stops before c.
+  real_load = task_lib.datasets.load_config_task
+
+  def load_and_signal(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real_load(*args, **kwargs)
+
   monkeypatch.setattr(task_lib, "finetune", _fake_finetune(calls))
+  with monkeypatch.context() as m:
+    m.setattr(task_lib.datasets, "load_config_task", load_and_signal)
+    summary = task_lib.run_suite(cfg, patterns, workdir)
+  assert summary["stopped"] == "preempted" and summary["preempted_task"] == "c"
+  assert len(calls) == 3
   summary = task_lib.run_suite(cfg, patterns, workdir)  # a and b are read back
   assert summary["stopped"] == "completed" and [c[2] for c in calls[3:]] == ["c"]
   assert [r["task"] for r in summary["suite"] if r["split"] == "dev"] == ["a", "b", "c"]

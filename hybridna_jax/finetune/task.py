@@ -552,12 +552,18 @@ def run_suite(config, patterns: list[str], workdir: str) -> dict:
   A preempted task (SIGTERM / SIGINT: the loop saved its checkpoint) stops
   the suite, whose files then hold the tasks finished so far; running it
   again resumes that task. A signal while a task finishes (its test
-  predictions and baselines) stops the suite after that task.
+  predictions and baselines) or between two tasks (writing one's results,
+  loading the next one's data) stops the suite before the next task.
 
   Returns:
     {"suite": result rows (`report.result_rows`) of the finished tasks,
     "stopped": "completed" or "preempted"} (+ "preempted_task": its name).
   """
+  with loop.stop_signals("stopping the suite before its next task") as between:
+    return _run_suite(config, patterns, workdir, between)
+
+
+def _run_suite(config, patterns: list[str], workdir: str, between) -> dict:
   paths = expand_suite(patterns)
   names = suite_names(paths)
   rows, verdicts = [], []
@@ -581,6 +587,17 @@ def run_suite(config, patterns: list[str], workdir: str) -> dict:
       logging.info("[%d/%d] %s", i + 1, len(paths), name)
       start = time.perf_counter()
       data = datasets.load_config_task(task_config.finetune, name=name)
+      if between.any_host():  # signalled between two tasks (or while loading this one)
+        summary.update(stopped="preempted", preempted_task=name)
+        logging.warning(
+          "[%d/%d] stop requested before %s; the suite stops here (%d of %d tasks finished).",
+          i + 1,
+          len(paths),
+          name,
+          i,
+          len(paths),
+        )
+        break
       run = finetune(task_config, task_dir, data)
       if run.get("stopped") == "preempted":  # no results: the task resumes next time
         summary.update(stopped="preempted", preempted_task=name)

@@ -134,10 +134,12 @@ class _Preemption:
   # The one `train` running in this process, for `check_eval_interrupt`.
   running: _Preemption | None = None
 
-  def __init__(self):
+  def __init__(self, action: str = "saving a checkpoint and stopping after this step"):
+    self.action = action  # what the log says a signal does
     self.requested = False
     self.evaluating = False
     self._previous: dict = {}
+    self._outer: _Preemption | None = None
     # The run's checkpoint managers, whose saves in flight `finish_saves`
     # completes when the run stops on an exception.
     self.managers: list = []
@@ -147,11 +149,7 @@ class _Preemption:
       del frame
       if self.requested and signum == signal.SIGINT:
         raise KeyboardInterrupt
-      logging.warning(
-        "signal %d: saving a checkpoint and stopping after this step (Ctrl-C again: stop "
-        "without a new checkpoint).",
-        signum,
-      )
+      logging.warning("signal %d: %s (Ctrl-C again: stop at once).", signum, self.action)
       self.requested = True
 
     for sig in self.SIGNALS:
@@ -159,14 +157,14 @@ class _Preemption:
         self._previous[sig] = signal.signal(sig, handler)
       except ValueError:  # not the main thread (e.g. some test runners)
         pass
-    _Preemption.running = self
+    self._outer, _Preemption.running = _Preemption.running, self
     return self
 
   def __exit__(self, *exc):
     for sig, previous in self._previous.items():
       signal.signal(sig, previous)
     self._previous = {}
-    _Preemption.running = None
+    _Preemption.running = self._outer
 
   @contextlib.contextmanager
   def evaluation(self):
@@ -204,6 +202,15 @@ class _Preemption:
       return self.requested
     flags = multihost_utils.process_allgather(np.array(self.requested))
     return bool(np.any(flags))
+
+
+def stop_signals(action: str) -> _Preemption:
+  """A context manager catching SIGTERM and SIGINT outside `train` (e.g.
+  between the runs of a fine-tuning suite, whose default action would kill
+  the process and lose the orderly stop); `.any_host()` says whether one
+  came (a collective with several processes). `action` is what the log
+  says a signal does."""
+  return _Preemption(action)
 
 
 def check_eval_interrupt() -> None:
@@ -538,7 +545,7 @@ def train(config, workdir: str, task: Task | None = None) -> dict:
   summary["stopped"] == "preempted" (see `_Preemption`). `workdir` may
   be a local path, file:// or gs:// URL (`hybridna_jax.paths`)."""
   validate(config)
-  paths.run_path(workdir)  # refuses unsupported URLs before any work
+  paths.checkpoint_path(workdir)  # refuses unsupported URLs before any work
   with _Preemption() as preemption:
     try:
       return _train(config, workdir, task, preemption)
@@ -762,6 +769,12 @@ def _train(config, workdir: str, task: Task | None, preemption: _Preemption) -> 
   # it, so a run resumed at its end neither repeats its final eval nor
   # loses its result.
   last_eval = None
+  # An evaluation a signal abandoned, {"step", "stage"}: the checkpoint of
+  # its step records it, and the resumed run runs it first.
+  pending_eval = None
+  # Per-step train metrics since the last log line ({name: [values]}): the
+  # checkpoint keeps them, so a resumed run logs the same intervals.
+  accumulated: dict[str, list] = {}
   if resumed is None:
     state = task.start(fns, fns.init(jax.random.key(tc.seed)))
     stage = stages[0]
@@ -769,7 +782,8 @@ def _train(config, workdir: str, task: Task | None, preemption: _Preemption) -> 
   else:
     latest, state, meta = resumed
     stage, (iterator, layout) = built["stage"], built["iterator"]
-    last_eval = meta.get("last_eval")
+    last_eval, pending_eval = meta.get("last_eval"), meta.get("pending_eval")
+    accumulated = {k: list(v) for k, v in (meta.get("unlogged") or {}).items()}
     logging.info("resumed from step %d (%s)", latest, stage.label)
   # The best value so far is that of best/'s own step: the resumed
   # checkpoint can be older (a kill after an eval saved best/).
@@ -792,6 +806,8 @@ def _train(config, workdir: str, task: Task | None, preemption: _Preemption) -> 
         "host_rows": _host_rows(layout),
         "stream_format": pipeline.STREAM_FORMAT,
         "data_workers": task.data_workers,
+        "pending_eval": pending_eval,
+        "unlogged": {k: [float(x) for x in jax.device_get(v)] for k, v in accumulated.items()},
       }
       it = iterator if data_state is None else _SavedIteratorState(data_state)
       checkpoints.save(state, meta, data_args=pipeline.iterator_save_args(it))
@@ -799,15 +815,16 @@ def _train(config, workdir: str, task: Task | None, preemption: _Preemption) -> 
       checkpoints.wait()
 
   def run_eval(stage: Stage) -> None:
-    nonlocal best_val, last_eval
+    nonlocal best_val, last_eval, pending_eval
     try:
       with preemption.evaluation():
         result = task.evaluate(fns, state.params, stage)
     except EvalInterrupted:
-      # The checkpoint comes first; a resume at the end repeats a final eval.
+      # The checkpoint comes first; the resumed run evaluates this step.
       logging.warning("stop requested: the evaluation at step %d is abandoned.", step)
+      pending_eval = {"step": step, "stage": stage.index}
       return
-    last_eval = {"step": step, "result": result}
+    last_eval, pending_eval = {"step": step, "result": result}, None
     logger.log_eval(step, result)
     # A step at or before best/'s own is replayed after a resume: best/
     # has judged it already.
@@ -822,14 +839,20 @@ def _train(config, workdir: str, task: Task | None, preemption: _Preemption) -> 
     summary["stopped"] = "preempted"
     logging.warning("preempted at step %d: checkpoint saved, exiting.", step)
 
+  if tc.eval_every and pending_eval is not None and pending_eval["step"] == step:
+    run_eval(stages[pending_eval["stage"]])
+    if pending_eval is None:  # done: a later resume from this step repeats nothing
+      checkpoints.update_meta(step, {"last_eval": last_eval, "pending_eval": None})
+    else:
+      summary["stopped"] = "preempted"
+
   # -- the loop ---------------------------------------------------------------
-  while step < total_steps:
+  while step < total_steps and summary["stopped"] != "preempted":
     stage = stage_at(stages, step)
     if stage.index != iterator_stage:
       (iterator, layout), iterator_stage = make_iterator(stage), stage.index
     logging.info("%s: steps %d..%d", stage.label, stage.start_step, stage.end_step)
     tokens_per_step = stage.seq_len * stage.batch_size
-    accumulated: dict[str, list] = {}
     first_step = True
     while step < stage.end_step:
       data_state = iterator.get_state()
