@@ -23,6 +23,7 @@ from hybridna_jax import tokenizer as tok
 from hybridna_jax.config import ModelConfig, load_config
 from hybridna_jax.data import fasta
 from hybridna_jax.data.tasks import TaskFormatError
+from hybridna_jax.design import data as design_data
 from hybridna_jax.design import metrics
 from hybridna_jax.design import sampling as design_sampling
 from hybridna_jax.model import create_model
@@ -101,6 +102,46 @@ def test_categorical_vocab_prompts_and_config_round_trip(tmp_path):
   assert saved["generate"]["prompt_vocab"][0]["values"] == ["a", "b"]
   cfg.generate.train_csv = "/nonexistent.csv"
   assert design.resolve_vocab(cfg) == vocab
+
+
+def test_label_order_does_not_depend_on_set_order_and_unnamable_labels_are_refused():
+  # "nan" once broke the sort, leaving the label -> token map to set order
+  # (which differs between processes: PYTHONHASHSEED).
+  build = lambda labels: design.PromptVocab.build(
+    design.DesignData("t.csv", ("label",), ["ACGT"] * len(labels), {"label": labels}, [2] * 9),
+    kind="categorical",
+    num_bins=2,
+    first_task_token=0,
+  )
+  labels = ["10", "nan", "2", "1", "3", "inf"]
+  assert build(labels).conditions[0].values == ("1", "2", "3", "10", "inf", "nan")
+  assert build(labels[::-1]).conditions[0].values == ("1", "2", "3", "10", "inf", "nan")
+  with pytest.raises(ValueError, match=r"t.csv: column 'label' has label\(s\) \['HepG2,high'\]"):
+    build(["HepG2,high", "K562"])
+
+
+def test_wrong_label_control_changes_every_condition():
+  # 4 cell types and 2 strands: one shift for both (4 // 2 = 2) left the
+  # strand right; each condition moves by half its own values.
+  vocab = design.PromptVocab(
+    (
+      design.Condition("cell", "categorical", tuple("ABCD"), tok.task_token(0)),
+      design.Condition("strand", "categorical", ("+", "-"), tok.task_token(4)),
+    )
+  )
+  labels = np.array([[tok.task_token(c), tok.task_token(4 + c % 2)] for c in range(4)], np.int32)
+  examples = design_data.Examples(labels, [tok.encode("ACGT").astype(np.int32)] * 4)
+  rows = lambda wrong: np.concatenate(
+    [
+      b["inputs"][:, 1:3]
+      for b in design.eval_batches(
+        examples, seq_len=12, batch_size=4, wrong_labels=wrong, vocab=vocab
+      )
+    ]
+  )
+  true, wrong = rows(False), rows(True)
+  np.testing.assert_array_equal(true, labels)
+  assert (wrong != true).all()
 
 
 def test_bins_vocab_one_token_per_condition_and_activity_bin(tmp_path):
@@ -488,6 +529,25 @@ def test_gc_kmer_spectra_and_summary():
   assert s["copy_share"] == 0.5 and s["n"] == 10 and s["log_prob_per_nt"] == pytest.approx(-1.0)
   assert s["kmer_js"] > s["kmer_js_floor"] > 0
   assert "copies" in metrics.format_table({"x": s})
+  # A reverse-complemented training sequence is a copy too.
+  rc = metrics.summarize([tok.reverse_complement(reference[0]), "GC" * 25], reference)
+  assert rc["copy_share"] == 0.5
+
+
+@pytest.mark.parametrize("designs", [64, 100])
+def test_designs_like_the_reference_sit_at_the_js_floor(designs):
+  # Designs drawn from the reference's own distribution are as close as
+  # real data gets: the floor compares at the designs' size (the earlier
+  # floor used fewer sequences, and such designs sat 18-37% below it).
+  rng = np.random.default_rng(1)
+  draw = lambda n: [
+    "".join(rng.choice(list("ACGT"), 200, p=[0.3, 0.2, 0.2, 0.3])) for _ in range(n)
+  ]
+  ratios = []
+  for seed in range(4):
+    s = metrics.summarize(draw(designs), draw(124), k=6, seed=seed)
+    ratios.append(s["kmer_js"] / s["kmer_js_floor"])
+  assert 0.95 < np.mean(ratios) < 1.05, ratios
 
 
 def test_log_prob_per_nt_counts_the_scored_tokens_only():
@@ -531,6 +591,34 @@ def test_one_design_summary_is_strict_json_and_empty_designs_get_no_record(
   )
   assert [h.name for h, _ in fasta.read_fasta(path)] == ["x_1"]
   assert "1 design(s) ended at once" in caplog.text
+
+
+def test_design_records_of_prompts_with_the_same_slug_stay_apart(tmp_path):
+  sets = [
+    design_sampling.DesignedSet(
+      name, None, "", np.array([tok.BOS]), ["ACG"], np.zeros(1), np.ones(1, bool), np.array([3])
+    )
+    for name in ("label=Su(Hw)", "label=Su_Hw")
+  ]
+  path = design_sampling.write_fasta(
+    sets, str(tmp_path / "s.fasta"), settings=gen.Settings(), seed=0
+  )
+  names = [h.name for h, _ in fasta.read_fasta(path)]
+  assert names == ["p0_label_Su_Hw_0", "p1_label_Su_Hw_0"]
+
+
+def test_a_bad_oracle_setting_is_refused_before_sampling_and_writes_nothing(
+  motif_run, tmp_path, monkeypatch
+):
+  _, workdir, _ = motif_run
+  out = tmp_path / "designs.fasta"
+  csvs = {**_oracle_csvs(tmp_path), "test_csv": str(tmp_path / "missing.csv")}
+  monkeypatch.setattr(design_sampling, "design_sets", lambda *a, **k: pytest.fail("sampled"))
+  with pytest.raises(
+    FileNotFoundError, match=r"missing.csv: no such file \(config.generate.test_csv"
+  ):
+    design_sampling.run_sampling(workdir, str(out), num_samples=2, batch_size=2, **csvs)
+  assert not any(n.startswith("designs") for n in os.listdir(tmp_path))
 
 
 def test_beam_designs_leave_out_empty_beam_slots(caplog):

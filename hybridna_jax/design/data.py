@@ -250,7 +250,7 @@ def eval_batches(
   batch_size: int,
   rows: Sequence[int] | None = None,
   columns: tuple[int, int] | None = None,
-  label_shift: int = 0,
+  wrong_labels: bool = False,
   vocab: PromptVocab | None = None,
   mask_n_in_loss: bool = False,
 ) -> list[dict[str, np.ndarray]]:
@@ -259,8 +259,9 @@ def eval_batches(
   `columns` (a `sharding.BatchLayout`) this process's part of each, as
   `train_batches`.
 
-  label_shift > 0 replaces each label by the one `label_shift` places on
-  (cyclically) in its condition: the "wrong label" control of `evaluate`.
+  wrong_labels replaces each label by the one half its condition's values
+  on (cyclically; at least one): the "wrong label" control of `evaluate`,
+  which changes every condition with more than one value.
   """
   ids = pipeline.host_eval_rows(len(examples), batch_size)
   if rows is not None:
@@ -272,10 +273,10 @@ def eval_batches(
     if i < 0:
       continue
     labels = examples.label_tokens[i]
-    if label_shift:
+    if wrong_labels:
       labels = np.array(
         [
-          c.first_token + (t - c.first_token + label_shift) % len(c.values)
+          c.first_token + (t - c.first_token + max(1, len(c.values) // 2)) % len(c.values)
           for c, t in zip(vocab.conditions, labels)
         ],
         np.int32,

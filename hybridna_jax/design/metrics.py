@@ -6,20 +6,24 @@ For each designed set (one per prompt) `summarize` reports:
                            A C G T), and of the reference (training) set
   kmer_js                  Jensen-Shannon distance (base 2, in [0, 1])
                            between the k-mer spectra (default 6-mers,
-                           overlapping, both strands not merged) of the
+                           overlapping, both strands not merged) of m
                            designs and of the training sequences of the
-                           same label
-  kmer_js_floor            the same distance for an equally large random
-                           subset of those training sequences against the
-                           rest: what sampling noise alone gives, so
-                           kmer_js near the floor means "as close as real
-                           data gets"
+                           same label outside a random subset of m of them
+                           (m: the designs' count, at most half the
+                           training sequences; a seeded sample of the
+                           designs when there are more)
+  kmer_js_floor            the same distance for that subset of m training
+                           sequences against the same rest: what sampling
+                           noise alone gives at equal sizes, so kmer_js
+                           near the floor means "as close as real data
+                           gets"
   edit_mean, edit_norm     mean pairwise Levenshtein distance among the
                            designs (diversity), absolute and divided by the
                            longer length of each pair; the reference's own
                            value next to it (edit_norm_reference)
   copy_share               share of designs identical to a training
-                           sequence (any label)
+                           sequence (any label) or to its reverse
+                           complement
   length_mean              mean design length (the DNA prefix included)
   log_prob_per_nt          the model's mean log-probability per scored
                            token: the generated nucleotides and the <eos>
@@ -187,13 +191,20 @@ def summarize(
     out["reference_n"] = len(reference)
     out["gc_reference"] = float(np.nanmean(ref_gc))
     ref_counts = kmer_counts(reference, k)
-    out["kmer_js"] = js_distance(kmer_counts(designs, k), ref_counts)
-    # Noise floor: as many reference sequences as designs, against the rest.
+    # The designs and the noise floor (as many reference sequences) are both
+    # compared with the same rest of the reference, at equal sizes: a
+    # smaller sample has a larger distance, so unequal sizes bias the verdict.
     size = min(len(designs), len(reference) // 2)
     if size >= 1:
       chosen = rng.choice(len(reference), size, replace=False)
       subset_counts = kmer_counts([reference[i] for i in chosen], k)
-      out["kmer_js_floor"] = js_distance(subset_counts, ref_counts - subset_counts)
+      rest = ref_counts - subset_counts
+      picked = rng.choice(len(designs), size, replace=False) if size < len(designs) else None
+      sample = designs if picked is None else [designs[i] for i in picked]
+      out["kmer_js"] = js_distance(kmer_counts(sample, k), rest)
+      out["kmer_js_floor"] = js_distance(subset_counts, rest)
+    else:  # one reference sequence: no floor
+      out["kmer_js"] = js_distance(kmer_counts(designs, k), ref_counts)
     ref_sample = [
       reference[i]
       for i in rng.choice(len(reference), min(len(reference), len(designs) or 1), replace=False)
@@ -203,7 +214,11 @@ def summarize(
     ]
   pool = training if training is not None else (set(reference) if reference else None)
   if pool is not None and designs:
-    out["copy_share"] = float(np.mean([s in pool for s in designs]))
+    # Training often reverse-complements (generate.reverse_complement_prob):
+    # a memorised sequence comes out on either strand.
+    out["copy_share"] = float(
+      np.mean([s in pool or tok.reverse_complement(s) in pool for s in designs])
+    )
   return out
 
 

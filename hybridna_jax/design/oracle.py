@@ -365,6 +365,31 @@ def _cell(share: dict) -> str:
 ORACLE_FIELDS = ("oracle_csv", "oracle_dev_csv", "test_csv")
 
 
+def check_oracle_settings(vocab, *, oracle_csv: str, oracle_dev_csv: str, test_csv: str) -> None:
+  """Refuses oracle settings `judge_designs` could not use (before any
+  sampling): only some of the three CSVs, a missing one (naming the config
+  field), or a vocabulary that is not one categorical condition."""
+  paths = {"oracle_csv": oracle_csv, "oracle_dev_csv": oracle_dev_csv, "test_csv": test_csv}
+  missing = [f for f, p in paths.items() if not p]
+  if missing:
+    raise ValueError(
+      f"config.generate.{' / '.join(missing)} empty while "
+      f"{', '.join(f for f in paths if f not in missing)} is set; the oracle needs all "
+      "three (its training rows, its dev rows, the held-out test rows), or none."
+    )
+  for field, path in paths.items():
+    if not os.path.isfile(path):
+      raise FileNotFoundError(
+        f"{path}: no such file (config.generate.{field}, or --{field}); build it with "
+        "scripts/make_real_tasks.py design_insulators, or give a design CSV."
+      )
+  if len(vocab.conditions) != 1 or vocab.conditions[0].kind != CATEGORICAL:
+    raise ValueError(
+      "the oracle judges one categorical condition, but this run's labels are "
+      f"{[(c.column, c.kind) for c in vocab.conditions]}; unset config.generate.oracle_csv."
+    )
+
+
 def judge_designs(
   vocab,
   designs: Mapping[str, Sequence[str]],
@@ -388,24 +413,7 @@ def judge_designs(
     FileNotFoundError: a CSV is missing (naming the config field).
   """
   paths = {"oracle_csv": oracle_csv, "oracle_dev_csv": oracle_dev_csv, "test_csv": test_csv}
-  missing = [f for f, p in paths.items() if not p]
-  if missing:
-    raise ValueError(
-      f"config.generate.{' / '.join(missing)} empty while "
-      f"{', '.join(f for f in paths if f not in missing)} is set; the oracle needs all "
-      "three (its training rows, its dev rows, the held-out test rows), or none."
-    )
-  for field, path in paths.items():
-    if not os.path.isfile(path):
-      raise FileNotFoundError(
-        f"{path}: no such file (config.generate.{field}, or --{field}); build it with "
-        "scripts/make_real_tasks.py design_insulators, or give a design CSV."
-      )
-  if len(vocab.conditions) != 1 or vocab.conditions[0].kind != CATEGORICAL:
-    raise ValueError(
-      "the oracle judges one categorical condition, but this run's labels are "
-      f"{[(c.column, c.kind) for c in vocab.conditions]}; unset config.generate.oracle_csv."
-    )
+  check_oracle_settings(vocab, **paths)
   (condition,) = vocab.conditions
   column = condition.column
   rows = {f: load_design_csv(p, (column,)) for f, p in paths.items()}

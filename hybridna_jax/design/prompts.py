@@ -17,6 +17,7 @@ the same tokens. Tokens are taken in order from the reserved block
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -198,6 +199,12 @@ class PromptVocab:
       if kind == CATEGORICAL:
         values = tuple(sorted(set(raw), key=_natural_key))
         edges: tuple[float, ...] = ()
+        unnamable = [v for v in values if "," in v or "=" in v]
+        if unnamable:  # `parse` splits prompts at ',' and '='
+          raise ValueError(
+            f"{rows.path}: column {column!r} has label(s) {unnamable[:3]} with ',' or '=', "
+            "which a prompt on the command line cannot name; rename them in the CSV."
+          )
       else:
         if num_bins < 2:
           raise ValueError(f"config.generate.num_bins must be >= 2, got {num_bins}.")
@@ -226,11 +233,16 @@ class PromptVocab:
 
 
 def _natural_key(value: str):
-  """Sorts numeric labels numerically ("2" < "10") and others as text."""
+  """Sorts finite numeric labels numerically ("2" < "10") and others as
+  text ("nan" and "inf" too: NaN does not order, and the label -> token map
+  would follow set order, which differs between processes)."""
   try:
-    return (0, float(value), value)
+    number = float(value)
   except ValueError:
-    return (1, 0.0, value)
+    number = math.nan
+  if math.isfinite(number):
+    return (0, number, value)
+  return (1, 0.0, value)
 
 
 def _numeric(rows: DesignData, column: str) -> np.ndarray:

@@ -183,7 +183,10 @@ def write_fasta(
   designs (<eos> sampled first, min_new_tokens=0) have no FASTA record:
   they are counted in a warning (and in the summary's lengths)."""
   records, empty = [], 0
-  for s in sets:
+  slugs = [_slug(s.name) for s in sets]
+  if len(set(slugs)) < len(slugs):  # e.g. Su(Hw) and Su_Hw: number the prompts
+    slugs = [f"p{k}_{slug}" for k, slug in enumerate(slugs)]
+  for s, slug in zip(sets, slugs):
     prompt_text = "".join(tok.token_name(int(t)) for t in s.prompt)
     common = (
       f"prompt={prompt_text} labels={s.name.replace(' ', '_')} "
@@ -196,7 +199,7 @@ def write_fasta(
         continue
       records.append(
         (
-          f"{_slug(s.name)}_{i} {common} log_prob={float(logp):.3f} "
+          f"{slug}_{i} {common} log_prob={float(logp):.3f} "
           f"ended_with_eos={int(bool(ended))}",
           seq,
         )
@@ -209,7 +212,8 @@ def write_fasta(
       path,
     )
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fasta.write_fasta(path, records)
+  fasta.write_fasta(path + ".tmp", records)
+  os.replace(path + ".tmp", path)
   return path
 
 
@@ -323,6 +327,16 @@ def run_sampling(
         "config), so --labels cannot be used; give --prefix only."
       )
     label_sets = [None]
+  judged = any(getattr(settings, f) for f in oracle.ORACLE_FIELDS)
+  if judged:  # refused now, not after the sampling
+    if vocab is None:
+      raise ValueError(
+        f"{checkpoint} has no prompt vocabulary (not a design run): the oracle "
+        "judges designs by their requested label; unset config.generate.oracle_csv."
+      )
+    oracle.check_oracle_settings(
+      vocab, **{f: str(getattr(settings, f)) for f in oracle.ORACLE_FIELDS}
+    )
   logging.info(
     "designing %d x %d sequences (%s) from %s step %d",
     len(label_sets),
@@ -345,11 +359,9 @@ def run_sampling(
   )
   seconds = time.perf_counter() - start
   source = f"{ref.manager_dir}/{ref.step}"
-  # Every process of a multi-host job holds the same designs; one writes.
+  # Every process of a multi-host job holds the same designs; one writes,
+  # once the summaries are computed (a failure there leaves no output).
   writes = jax.process_index() == 0
-  if writes:
-    write_fasta(sets, output, settings=settings, seed=seed, source=source)
-
   training = None
   csv_path = reference_csv or run_generate.train_csv or None
   if csv_path and os.path.isfile(csv_path) and vocab is not None:
@@ -364,12 +376,7 @@ def run_sampling(
   stem = os.path.splitext(output)[0]
   table = metrics.format_table(summary)
   report = None
-  if any(getattr(settings, f) for f in oracle.ORACLE_FIELDS):
-    if vocab is None:
-      raise ValueError(
-        f"{checkpoint} has no prompt vocabulary (not a design run): the oracle "
-        "judges designs by their requested label; unset config.generate.oracle_csv."
-      )
+  if judged:
     designs = {s.labels[vocab.columns[0]]: s.sequences for s in sets if s.labels is not None}
     report = oracle.judge_designs(
       vocab, designs, **{f: str(getattr(settings, f)) for f in oracle.ORACLE_FIELDS}, seed=seed
@@ -389,10 +396,16 @@ def run_sampling(
   if report is not None:
     result["oracle"] = report
   if writes:
-    with open(stem + ".summary.json", "w", encoding="utf-8") as f:
+    # Each file whole or not at all (a temporary file, then a rename); the
+    # FASTA, whose presence marks a finished run, last.
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(stem + ".summary.json.tmp", "w", encoding="utf-8") as f:
       json.dump(_nan_to_null(result), f, indent=2, allow_nan=False)  # strict JSON readers
-    with open(stem + ".summary.txt", "w", encoding="utf-8") as f:
+    with open(stem + ".summary.txt.tmp", "w", encoding="utf-8") as f:
       f.write(table + "\n")
+    for path in (stem + ".summary.json", stem + ".summary.txt"):
+      os.replace(path + ".tmp", path)
+    write_fasta(sets, output, settings=settings, seed=seed, source=source)
     references = design_data.sequences_by_label(training, vocab) if training is not None else {}
     if training is not None:
       references["unconditional"] = list(training.sequences)

@@ -142,7 +142,7 @@ class GenerativeFinetuning(loop.Task):
     )
 
   def evaluate(self, fns, params, stage):
-    def run(shift):
+    def run(wrong_labels: bool):
       return loop.lm_eval(
         fns,
         params,
@@ -151,16 +151,15 @@ class GenerativeFinetuning(loop.Task):
         functools.partial(
           eval_batches,
           self.val_examples,
-          label_shift=shift,
+          wrong_labels=wrong_labels,
           vocab=self.vocab,
           mask_n_in_loss=self.mask_n,
         ),
       )
 
-    metrics = run(0)
-    widest = max(len(c.values) for c in self.vocab.conditions)
-    if widest > 1:
-      wrong = run(max(1, widest // 2))
+    metrics = run(False)
+    if max(len(c.values) for c in self.vocab.conditions) > 1:
+      wrong = run(True)
       metrics["bits_per_nt_wrong_label"] = wrong["bits_per_nt"]
       metrics["label_gain_bits"] = wrong["bits_per_nt"] - metrics["bits_per_nt"]
     return metrics
