@@ -22,6 +22,8 @@ URL when it closes.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import shutil
 import tempfile
@@ -141,6 +143,39 @@ def write_text(path: str | os.PathLike, text: str) -> epath.Path:
   tmp.write_text(text, encoding="utf-8")
   os.replace(tmp, path)
   return path
+
+
+def write_json(path: str | os.PathLike, value) -> epath.Path:
+  """Writes `value` (nested dicts, lists, numbers, numpy scalars) as strict
+  JSON, whole (`write_text`): non-finite floats become null (JSON has no
+  NaN; a metric undefined for a record or a design set)."""
+  return write_text(path, json.dumps(_json_ready(value), indent=2, allow_nan=False) + "\n")
+
+
+def _json_ready(value):
+  if isinstance(value, dict):
+    return {k: _json_ready(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_json_ready(v) for v in value]
+  if hasattr(value, "item") and not isinstance(value, (str, bytes)):  # a numpy scalar
+    value = value.item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
+
+
+@contextlib.contextmanager
+def replacing(path: str) -> Iterator[str]:
+  """A temporary local path beside `path` that replaces it when the block
+  ends without an exception: a kill mid-write leaves the old file (or none),
+  never a truncated one."""
+  tmp = f"{path}.partial"
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def upload(local: str, dest: str | os.PathLike) -> None:

@@ -45,7 +45,6 @@ def main(argv):
   del argv  # flags only (launch_utils.run)
   launch_utils.quiet_library_logs()
   # Imported after flag parsing (nothing may touch devices before).
-  from hybridna_jax import paths as hybridna_paths  # pylint: disable=g-import-not-at-top
   from hybridna_jax import scoring  # pylint: disable=g-import-not-at-top
   from hybridna_jax.config import ScoreConfig  # pylint: disable=g-import-not-at-top
   from hybridna_jax.scoring import evaluation  # pylint: disable=g-import-not-at-top
@@ -69,7 +68,7 @@ def main(argv):
   evaluation.log_records(sequences)
   result = evaluation.evaluate(scorer, sequences, progress=scoring.ProgressLogger("windows"))
   result.update(
-    checkpoint=os.fspath(hybridna_paths.checkpoint_path(FLAGS.checkpoint or FLAGS.workdir)),
+    checkpoint=scorer.checkpoint,  # the step directory restored
     which=FLAGS.which,
     data=data,
     dtype=str(scorer.model_config.dtype),
@@ -82,6 +81,7 @@ def main(argv):
     FLAGS.which,
     step=int(os.path.basename(scorer.checkpoint)),  # the step restored (Scorer.from_run)
     add_bos=scorer.settings.add_bos,
+    dtype=str(scorer.model_config.dtype),
     max_records=max_records,
     max_tokens=max_tokens,
   )

@@ -79,8 +79,18 @@ def test_evaluate_reports_records_and_overall(scorer, lambda_store, inputs, tmp_
   overall = result["overall"]
   assert overall["tokens"] == sum(r["tokens"] for r in records) and overall["records"] == 4
   assert math.isclose(overall["loss"], -ll.total.sum() / ll.count.sum(), rel_tol=1e-6)
+  result["checkpoint"] = "/runs/a/checkpoints/4"
   paths = evaluation.write(result, str(tmp_path), "eval")
   assert json.load(open(paths["json"]))["overall"]["tokens"] == overall["tokens"]
+  # Another run's evaluation at the same step is not replaced; an unscorable
+  # record's NaN is null (strict JSON).
+  other = {**result, "checkpoint": "/runs/b/checkpoints/4"}
+  with pytest.raises(ValueError, match=r"holds the evaluation of /runs/a/checkpoints/4"):
+    evaluation.write(other, str(tmp_path), "eval")
+  result["records"][0]["loss"] = math.nan
+  evaluation.write(result, str(tmp_path), "eval")
+  strict = json.load(open(paths["json"]), parse_constant=lambda c: pytest.fail(c))
+  assert strict["records"][0]["loss"] is None
   table = open(paths["txt"]).read()
   assert "lambda_b" in table and "overall" in table and "bits/nt" in table
   assert os.path.getsize(paths["png"]) > 0
@@ -239,6 +249,7 @@ def test_evaluations_of_other_data_or_checkpoints_never_share_a_file():
     stem("val", 64, 32, step=4, max_tokens=10),
   ]
   assert len(set(subsets + [stem("val", 64, 32, step=4)])) == 4
+  assert stem("val", 64, 32, step=4, dtype="bfloat16") == "eval_val_ctx64_stride32_step4_bfloat16"
   two, other = stem(["a.fa", "b.fa"], 64, 32), stem(["a.fa", "c.fa"], 64, 32)
   assert two.startswith("eval_2fasta-") and two != other
   assert two == stem(["b.fa", "a.fa"], 64, 32)  # the same set in another order

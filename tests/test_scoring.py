@@ -144,7 +144,7 @@ def test_rc_averaging_is_symmetric(scorer, genome):
   np.testing.assert_allclose(e_seq, e_rc, rtol=1e-5, atol=1e-6)
 
 
-def test_rc_averaging_where_one_strand_scores_nothing(scorer, tmp_path):
+def test_rc_averaging_where_one_strand_scores_nothing(scorer, tmp_path, monkeypatch):
   """N everywhere but one end: one strand scores one base, the other none.
   The mean is that strand's (review: the mean of a NaN and a number, so the
   TSV read nan beside a finite sum), and only records neither strand
@@ -167,6 +167,19 @@ def test_rc_averaging_where_one_strand_scores_nothing(scorer, tmp_path):
   path = str(tmp_path / "pos.npz")
   outputs.write_positions(path, ["chr1", "chr1", "e"], positions[:2] + [empty])
   assert [name for name, _ in outputs.read_positions(path)] == ["chr1", "chr1", "e"]
+
+  # A write that fails half-way leaves the earlier file whole, and no
+  # temporary file.
+  def full_disk(f, **arrays):
+    f.write(b"PK\x03\x04 partial")
+    raise OSError(28, "No space left on device")
+
+  with monkeypatch.context() as m:
+    m.setattr(outputs.np, "savez_compressed", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+      outputs.write_positions(path, ["a"], positions[:1])
+  assert [name for name, _ in outputs.read_positions(path)] == ["chr1", "chr1", "e"]
+  assert sorted(os.listdir(tmp_path)) == ["pos.npz"]
   outputs.write_bedgraph(str(tmp_path / "e.bedgraph"), ["e"], [empty])
   assert (tmp_path / "e.bedgraph").read_text().count("\n") == 1  # the track line
   assert os.path.exists(outputs.plot_positions(str(tmp_path / "e.png"), ["e"], [empty]))

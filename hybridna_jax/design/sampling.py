@@ -13,7 +13,6 @@ This is what `launch/generate.py --mode=sample` runs (`run_sampling`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -24,6 +23,7 @@ import numpy as np
 from absl import logging
 
 from hybridna_jax import generate as gen
+from hybridna_jax import paths
 from hybridna_jax import tokenizer as tok
 from hybridna_jax.config import GenerateConfig
 from hybridna_jax.data import fasta, pipeline
@@ -199,8 +199,7 @@ def write_fasta(
         continue
       records.append(
         (
-          f"{slug}_{i} {common} log_prob={float(logp):.3f} "
-          f"ended_with_eos={int(bool(ended))}",
+          f"{slug}_{i} {common} log_prob={float(logp):.3f} ended_with_eos={int(bool(ended))}",
           seq,
         )
       )
@@ -212,8 +211,8 @@ def write_fasta(
       path,
     )
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fasta.write_fasta(path + ".tmp", records)
-  os.replace(path + ".tmp", path)
+  with paths.replacing(path) as tmp:
+    fasta.write_fasta(tmp, records)
   return path
 
 
@@ -249,19 +248,6 @@ def summarize_sets(
     )
     out[s.name]["ended_share"] = float(np.mean(s.ended)) if len(s.ended) else math.nan
   return out
-
-
-def _nan_to_null(value):
-  """`value` (nested dicts and lists) with non-finite floats as None: a
-  metric undefined for the designs (an edit distance of one design, k-mers
-  of designs shorter than k) is null in JSON, which has no NaN."""
-  if isinstance(value, dict):
-    return {k: _nan_to_null(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_nan_to_null(v) for v in value]
-  if isinstance(value, float) and not math.isfinite(value):
-    return None
-  return value
 
 
 def run_sampling(
@@ -396,15 +382,11 @@ def run_sampling(
   if report is not None:
     result["oracle"] = report
   if writes:
-    # Each file whole or not at all (a temporary file, then a rename); the
-    # FASTA, whose presence marks a finished run, last.
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(stem + ".summary.json.tmp", "w", encoding="utf-8") as f:
-      json.dump(_nan_to_null(result), f, indent=2, allow_nan=False)  # strict JSON readers
-    with open(stem + ".summary.txt.tmp", "w", encoding="utf-8") as f:
-      f.write(table + "\n")
-    for path in (stem + ".summary.json", stem + ".summary.txt"):
-      os.replace(path + ".tmp", path)
+    # Each file whole or not at all; the FASTA, whose presence marks a
+    # finished run, last. A metric undefined for a set (the edit distance of
+    # one design) is null in the strict JSON.
+    paths.write_json(stem + ".summary.json", result)
+    paths.write_text(stem + ".summary.txt", table + "\n")
     write_fasta(sets, output, settings=settings, seed=seed, source=source)
     references = design_data.sequences_by_label(training, vocab) if training is not None else {}
     if training is not None:

@@ -26,6 +26,7 @@ from typing import NamedTuple
 import numpy as np
 from absl import logging
 
+from hybridna_jax import paths as hybridna_paths
 from hybridna_jax import plotting
 from hybridna_jax.data import fasta
 from hybridna_jax.data import store as store_lib
@@ -258,12 +259,14 @@ def output_stem(
   *,
   step: int | None = None,
   add_bos: bool = False,
+  dtype: str = "float32",
   max_records: int = 0,
   max_tokens: int = 0,
 ) -> str:
   """The file stem of an evaluation, distinct for each data set, window,
-  checkpoint and subset so that runs never overwrite each other:
-  eval_<data>_ctx<C>_stride<S>[_step<N>][_best][_bos][_max<R>rec][_max<T>tok],
+  checkpoint step, compute dtype and subset (`write` refuses to replace the
+  evaluation of another checkpoint):
+  eval_<data>_ctx<C>_stride<S>[_step<N>][_best][_bos][_<dtype>][_max<R>rec][_max<T>tok],
   where <data> is a split name, or for FASTA files "<stem of one>-<hash>"
   or "<n>fasta-<hash>", the hash of their absolute paths (two genome.fa of
   other folders are two data sets)."""
@@ -282,27 +285,34 @@ def output_stem(
   parts += [f"step{step}"] if step is not None else []
   parts += [which] if which != "latest" else []
   parts += ["bos"] if add_bos else []
+  parts += [dtype] if dtype != "float32" else []
   parts += [f"max{max_records}rec"] if max_records else []
   parts += [f"max{max_tokens}tok"] if max_tokens else []
   return "_".join(parts)
 
 
 def write(result: dict, output_dir: str, stem: str) -> dict[str, str]:
-  """Writes <stem>.json, <stem>.txt (the table) and <stem>.png."""
+  """Writes <stem>.json (strict JSON: an unscorable record's NaN is null),
+  <stem>.txt (the table) and <stem>.png, each whole.
+
+  Raises:
+    ValueError: <stem>.json holds the evaluation of another checkpoint (two
+      runs evaluated into one --output_dir at the same step).
+  """
   os.makedirs(output_dir, exist_ok=True)
-  paths = {ext: os.path.join(output_dir, f"{stem}.{ext}") for ext in ("json", "txt", "png")}
-  with open(paths["json"], "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=2, default=_json_default)
-  with open(paths["txt"], "w", encoding="utf-8") as f:
-    f.write(format_table(result) + "\n")
-  plot(result, paths["png"])
-  return paths
-
-
-def _json_default(x):
-  if isinstance(x, (np.integer, np.floating)):
-    return x.item()
-  raise TypeError(f"not JSON serialisable: {type(x)}")
+  files = {ext: os.path.join(output_dir, f"{stem}.{ext}") for ext in ("json", "txt", "png")}
+  if os.path.exists(files["json"]):
+    with open(files["json"], encoding="utf-8") as f:
+      before = json.load(f).get("checkpoint")
+    if before is not None and before != result.get("checkpoint"):
+      raise ValueError(
+        f"{files['json']} holds the evaluation of {before}, not of {result.get('checkpoint')}; "
+        "give each run its own --output_dir."
+      )
+  hybridna_paths.write_json(files["json"], result)
+  hybridna_paths.write_text(files["txt"], format_table(result) + "\n")
+  plot(result, files["png"])
+  return files
 
 
 def log_records(sequences: Iterable[NamedSequence]) -> None:

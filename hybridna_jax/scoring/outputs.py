@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 from absl import logging
 
-from hybridna_jax import plotting
+from hybridna_jax import paths, plotting
 from hybridna_jax.scoring import variants as variants_lib
 from hybridna_jax.scoring.scorer import LogLikelihood, PositionScores, Progress, Scorer
 
@@ -27,7 +27,7 @@ def write_loglik(
 ) -> None:
   """TSV: one row per sequence; log-likelihoods in nats, bits/nt = -mean / ln 2,
   and the scored positions exactly (a strand mean with rc_average may end in .5)."""
-  with open(path, "w", encoding="utf-8") as f:
+  with paths.replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
     f.write("\t".join(LOGLIK_COLUMNS) + "\n")
     for name, length, total, mean, count in zip(names, lengths, ll.total, ll.mean, ll.count):
       f.write(f"{name}\t{length}\t{_exact(count)}\t{total:.6f}\t{mean:.6f}\t{-mean / LN2:.6f}\n")
@@ -46,7 +46,8 @@ def write_positions(path: str, names: Sequence[str], scores: Sequence[PositionSc
   for i, s in enumerate(scores):
     arrays[f"log_probs_{i}"] = s.log_probs
     arrays[f"entropy_{i}"] = s.entropy
-  np.savez_compressed(path, **arrays)
+  with paths.replacing(path) as tmp, open(tmp, "wb") as f:
+    np.savez_compressed(f, **arrays)
 
 
 def read_positions(path: str) -> list[tuple[str, PositionScores]]:
@@ -62,7 +63,7 @@ def read_positions(path: str) -> list[tuple[str, PositionScores]]:
 def write_bedgraph(path: str, names: Sequence[str], scores: Sequence[PositionScores]) -> None:
   """bedGraph of per-base log-probabilities (0-based starts; runs of equal
   values merged; unscored bases left out), one track for all records."""
-  with open(path, "w", encoding="utf-8") as f:
+  with paths.replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
     f.write('track type=bedGraph name="HybriDNA log p" description="log p(x_i | x_<i), nats"\n')
     for name, s in zip(names, scores):
       if not len(s.log_probs):
@@ -124,14 +125,15 @@ def write_embeddings(
   rc_average: bool,
 ) -> None:
   """NPZ: `names` (n,), `embeddings` (n, d) float32, and the settings."""
-  np.savez(
-    path,
-    names=np.asarray(names, dtype=str),
-    embeddings=embeddings,
-    pooling=np.asarray(pooling),
-    layer=np.asarray(layer),
-    rc_average=np.asarray(rc_average),
-  )
+  with paths.replacing(path) as tmp, open(tmp, "wb") as f:
+    np.savez(
+      f,
+      names=np.asarray(names, dtype=str),
+      embeddings=embeddings,
+      pooling=np.asarray(pooling),
+      layer=np.asarray(layer),
+      rc_average=np.asarray(rc_average),
+    )
 
 
 def score_sequences_to_files(
@@ -172,11 +174,11 @@ def score_sequences_to_files(
     positions = scorer.position_scores(sequences, rc_average=rc_average, progress=progress)
     npz = output if output.endswith(".npz") else output + ".npz"
     write_positions(npz, names, positions)
-    paths = [npz, plot_positions(stem + ".png", names, positions)]
+    written = [npz, plot_positions(stem + ".png", names, positions)]
     if bedgraph:
       write_bedgraph(stem + ".bedgraph", names, positions)
-      paths.append(stem + ".bedgraph")
-    return paths
+      written.append(stem + ".bedgraph")
+    return written
   if mode == "embed":
     embeddings = scorer.embed(
       sequences, pooling=pooling, layer=layer, rc_average=rc_average, progress=progress
