@@ -157,7 +157,7 @@ def _json_ready(value):
     return {k: _json_ready(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
     return [_json_ready(v) for v in value]
-  if hasattr(value, "item") and not isinstance(value, (str, bytes)):  # a numpy scalar
+  if getattr(value, "ndim", None) == 0:  # a numpy scalar or 0-d array
     value = value.item()
   if isinstance(value, float) and not math.isfinite(value):
     return None
