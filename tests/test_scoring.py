@@ -168,6 +168,12 @@ def test_rc_averaging_where_one_strand_scores_nothing(scorer, tmp_path, monkeypa
   outputs.write_positions(path, ["chr1", "chr1", "e"], positions[:2] + [empty])
   assert [name for name, _ in outputs.read_positions(path)] == ["chr1", "chr1", "e"]
 
+  # An unscorable record's row: nothing scored sums to 0, not -0.
+  tsv = str(tmp_path / "ll.tsv")
+  outputs.write_loglik(tsv, ["n"], [4], scoring.LogLikelihood(*np.array([[-0.0], [np.nan], [0.0]])))
+  assert open(tsv).read().splitlines()[1] == "n\t4\t0\t0.000000\tnan\tnan"
+  os.remove(tsv)
+
   # A write that fails half-way leaves the earlier file whole, and no
   # temporary file.
   def full_disk(f, **arrays):

@@ -30,6 +30,7 @@ def write_loglik(
   with paths.replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
     f.write("\t".join(LOGLIK_COLUMNS) + "\n")
     for name, length, total, mean, count in zip(names, lengths, ll.total, ll.mean, ll.count):
+      total = total + 0.0  # -0.0 (nothing scored) prints as 0.000000
       f.write(f"{name}\t{length}\t{_exact(count)}\t{total:.6f}\t{mean:.6f}\t{-mean / LN2:.6f}\n")
 
 
