@@ -139,9 +139,8 @@ def write_text(path: str | os.PathLike, text: str) -> epath.Path:
   if is_remote(path):
     path.write_text(text, encoding="utf-8")
     return path
-  tmp = path.parent / f".{path.name}.partial"
-  tmp.write_text(text, encoding="utf-8")
-  os.replace(tmp, path)
+  with replacing(os.fspath(path)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
   return path
 
 
@@ -166,10 +165,11 @@ def _json_ready(value):
 
 @contextlib.contextmanager
 def replacing(path: str) -> Iterator[str]:
-  """A temporary local path beside `path` that replaces it when the block
-  ends without an exception: a kill mid-write leaves the old file (or none),
-  never a truncated one."""
-  tmp = f"{path}.partial"
+  """A temporary local path beside `path` (hidden: .<name>.partial) that
+  replaces it when the block ends without an exception: a kill mid-write
+  leaves the old file (or none), never a truncated one."""
+  head, name = os.path.split(path)
+  tmp = os.path.join(head, f".{name}.partial")
   try:
     yield tmp
     os.replace(tmp, path)

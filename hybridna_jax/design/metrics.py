@@ -199,8 +199,9 @@ def summarize(
       chosen = rng.choice(len(reference), size, replace=False)
       subset_counts = kmer_counts([reference[i] for i in chosen], k)
       rest = ref_counts - subset_counts
-      picked = rng.choice(len(designs), size, replace=False) if size < len(designs) else None
-      sample = designs if picked is None else [designs[i] for i in picked]
+      sample = designs
+      if size < len(designs):
+        sample = [designs[i] for i in rng.choice(len(designs), size, replace=False)]
       out["kmer_js"] = js_distance(kmer_counts(sample, k), rest)
       out["kmer_js_floor"] = js_distance(subset_counts, rest)
     else:  # one reference sequence: no floor

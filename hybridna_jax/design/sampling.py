@@ -314,15 +314,14 @@ def run_sampling(
       )
     label_sets = [None]
   judged = any(getattr(settings, f) for f in oracle.ORACLE_FIELDS)
+  oracle_csvs = {f: str(getattr(settings, f)) for f in oracle.ORACLE_FIELDS}
   if judged:  # refused now, not after the sampling
     if vocab is None:
       raise ValueError(
         f"{checkpoint} has no prompt vocabulary (not a design run): the oracle "
         "judges designs by their requested label; unset config.generate.oracle_csv."
       )
-    oracle.check_oracle_settings(
-      vocab, **{f: str(getattr(settings, f)) for f in oracle.ORACLE_FIELDS}
-    )
+    oracle.check_oracle_settings(vocab, **oracle_csvs)
   logging.info(
     "designing %d x %d sequences (%s) from %s step %d",
     len(label_sets),
@@ -364,9 +363,7 @@ def run_sampling(
   report = None
   if judged:
     designs = {s.labels[vocab.columns[0]]: s.sequences for s in sets if s.labels is not None}
-    report = oracle.judge_designs(
-      vocab, designs, **{f: str(getattr(settings, f)) for f in oracle.ORACLE_FIELDS}, seed=seed
-    )
+    report = oracle.judge_designs(vocab, designs, **oracle_csvs, seed=seed)
     table += "\n\n" + oracle.format_report(report)
     logging.info("%s", report["verdict"])
   result = {

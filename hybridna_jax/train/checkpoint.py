@@ -283,20 +283,22 @@ class Checkpoints:
         starting again from step 0 would hide.
     """
     steps = sorted(self.all_steps(), reverse=True)
-    incomplete = []
+    incomplete: dict[int, CheckpointDamagedError] = {}
     for step in steps:
       try:
         self.check_complete(step)
       except CheckpointDamagedError as e:
-        incomplete.append(f"step {step}: {e}")
+        incomplete[step] = e
     if steps and len(incomplete) == len(steps):
+      described = "; ".join(f"step {s}: {e}" for s, e in list(incomplete.items())[:3])
       raise CheckpointDamagedError(
-        f"every checkpoint in {self.directory} is incomplete ({'; '.join(incomplete[:3])}); "
+        f"every checkpoint in {self.directory} is incomplete ({described}); "
         "nothing was moved. Restore the files, or move the directory away to start again."
       )
     for step in steps:
       try:
-        self.check_complete(step)
+        if step in incomplete:
+          raise incomplete[step]
         meta = self.restore_meta(step)
       except Exception as e:  # pylint: disable=broad-except
         self._damaged_or_raise(step, e)
