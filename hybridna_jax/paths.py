@@ -141,14 +141,18 @@ def write_text(path: str | os.PathLike, text: str) -> epath.Path:
     return path
   with replacing(os.fspath(path)) as tmp, open(tmp, "w", encoding="utf-8") as f:
     f.write(text)
+    f.flush()
+    os.fsync(f.fileno())  # on disk before the rename makes it visible
   return path
 
 
 def write_json(path: str | os.PathLike, value) -> epath.Path:
-  """Writes `value` (nested dicts, lists, numbers, numpy scalars) as strict
-  JSON, whole (`write_text`): non-finite floats become null (JSON has no
-  NaN; a metric undefined for a record or a design set)."""
-  return write_text(path, json.dumps(_json_ready(value), indent=2, allow_nan=False) + "\n")
+  """Writes `value` (nested dicts, lists, numbers, numpy scalars and
+  arrays) as strict JSON, whole (`write_text`): non-finite floats become
+  null (JSON has no NaN; a metric undefined for a record or a design set)
+  and other objects (paths, dtypes) their str()."""
+  text = json.dumps(_json_ready(value), indent=2, allow_nan=False, default=str)
+  return write_text(path, text + "\n")
 
 
 def _json_ready(value):
@@ -156,8 +160,8 @@ def _json_ready(value):
     return {k: _json_ready(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
     return [_json_ready(v) for v in value]
-  if getattr(value, "ndim", None) == 0:  # a numpy scalar or 0-d array
-    value = value.item()
+  if getattr(value, "ndim", None) is not None and hasattr(value, "tolist"):
+    return _json_ready(value.tolist())  # a numpy scalar or array
   if isinstance(value, float) and not math.isfinite(value):
     return None
   return value

@@ -17,13 +17,12 @@ executes; --measure then runs the step and compares with the process's
 memory). See README, "Planning a run".
 """
 
-import json
 import os
 import sys
 
 from absl import app, flags
 
-from hybridna_jax import launch_utils
+from hybridna_jax import launch_utils, paths
 
 launch_utils.define_flags(workdir_required=False, config_required=True, distributed=False)
 flags.DEFINE_integer("devices", 8, "Number of (fake CPU) devices to plan for.", lower_bound=1)
@@ -231,9 +230,7 @@ def main(argv):
     show(plan)
     report["plan"] = plan.to_json()
   if FLAGS.workdir:
-    os.makedirs(FLAGS.workdir, exist_ok=True)
-    with open(os.path.join(FLAGS.workdir, "plan.json"), "w", encoding="utf-8") as f:
-      json.dump(report, f, indent=2, default=str)
+    paths.write_json(os.path.join(FLAGS.workdir, "plan.json"), report)
 
 
 if __name__ == "__main__":

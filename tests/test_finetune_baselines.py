@@ -162,6 +162,20 @@ def test_verdict_and_reports(tmp_path):
     ("kmer", "test"),
   ]
   assert os.path.getsize(report.plot_suite(rows, str(tmp_path / "suite.png"))) > 10_000
+  # An undefined metric (MCC of a constant predictor) is null in strict JSON,
+  # and a suite reusing that results.json still tabulates and plots it.
+  results["test"]["mcc"] = float("nan")
+  results["test"]["confusion"] = np.array([[2, 0], [2, 0]])
+  report.write_results(str(tmp_path), results)
+
+  def refuse(token):
+    raise ValueError(f"non-strict JSON token {token}")
+
+  saved = json.loads(open(paths["json"]).read(), parse_constant=refuse)
+  assert saved["test"]["mcc"] is None and saved["test"]["confusion"] == [[2, 0], [2, 0]]
+  rows = report.result_rows(saved)
+  assert "| toy | echo mean | test | 4 | - |" in report.metrics_table(rows)
+  assert os.path.getsize(report.plot_suite(rows, str(tmp_path / "suite.png"))) > 10_000
 
 
 def test_attach_baselines_on_a_loaded_task(tmp_path):

@@ -44,7 +44,7 @@ import numpy as np
 from absl import logging
 
 from hybridna_jax import tokenizer
-from hybridna_jax.paths import file_url, is_url, local_file_path, scheme
+from hybridna_jax.paths import file_url, is_url, local_file_path, scheme, write_json
 
 FORMAT = "hybridna-token-store"
 VERSION = 1
@@ -771,7 +771,7 @@ class TokenStoreWriter:
     """Finishes the files, writes the manifest and moves the store in place."""
     splits = {n: s.close(self.tmp) for n, s in self._splits.items()}
     manifest = self._manifest(splits, metadata)
-    _write_json_atomic(os.path.join(self.tmp, MANIFEST), manifest)
+    write_json(os.path.join(self.tmp, MANIFEST), manifest)
     _fsync_dir(self.tmp)
     replaced = os.path.exists(self.path)
     if replaced:
@@ -815,16 +815,6 @@ def _remove_stale_temporaries(parent: str, base: str) -> None:
       if pid.isdigit() and not _pid_alive(int(pid)):
         logging.info("Removing %s left by an interrupted preparation.", os.path.join(parent, entry))
         shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
-
-
-def _write_json_atomic(path: str, obj: Any) -> None:
-  tmp = path + ".partial"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=1, sort_keys=False)
-    f.write("\n")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
 def _fsync_dir(path: str) -> None:

@@ -13,12 +13,12 @@ baselines on test).
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 
 import numpy as np
 
+from hybridna_jax import paths as paths_lib
 from hybridna_jax import plotting
 from hybridna_jax.finetune.metrics import HEADLINE
 from hybridna_jax.train.metrics import read_metrics
@@ -91,8 +91,7 @@ def write_results(workdir: str, results: dict) -> dict[str, str]:
   their paths."""
   json_path = os.path.join(workdir, "results.json")
   table_path = os.path.join(workdir, "results.md")
-  with open(json_path, "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=2)
+  paths_lib.write_json(json_path, results)
   headline = HEADLINE[results["kind"]]
   with open(table_path, "w", encoding="utf-8") as f:
     f.write(f"# {results['task']}: {results['embedding']}\n\n")
@@ -177,6 +176,12 @@ def plot_curves(jsonl_path: str, out_path: str, headline: str, title: str) -> st
   return plotting.save(fig, out_path)
 
 
+def _headline(row: dict) -> float:
+  """The row's headline metric; NaN where undefined (null in results.json)."""
+  value = row.get(HEADLINE[row["kind"]])
+  return np.nan if value is None else value
+
+
 def plot_suite(
   rows: list[dict],
   out_path: str,
@@ -215,7 +220,7 @@ def plot_suite(
         ),
         None,
       )
-      values.append(row.get(HEADLINE[row["kind"]], np.nan) if row else np.nan)
+      values.append(_headline(row) if row else np.nan)
     offset = (j - (len(series) - 1) / 2) * width
     bars = ax.bar(x + offset, values, width, label=label, color=colors[j % len(colors)])
     for bar, value in zip(bars, values):
@@ -227,7 +232,7 @@ def plot_suite(
           va="bottom",
           fontsize=7,
         )
-  scores = [r.get(HEADLINE[r["kind"]], np.nan) for r in rows]
+  scores = [_headline(r) for r in rows]
   low = np.nanmin(scores) if np.any(np.isfinite(scores)) else 0.0
   ax.set_ylim(min(0.0, low) - 0.05, 1.08)  # MCC and Pearson lie in [-1, 1]
   kinds = {r["kind"] for r in rows}

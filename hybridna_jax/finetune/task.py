@@ -40,6 +40,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from hybridna_jax import echo as echo_lib
+from hybridna_jax import paths as paths_lib
 from hybridna_jax import restore, sharding, tokenizer
 from hybridna_jax.config import MODEL_RUNTIME_FIELDS, FinetuneConfig, ModelConfig, model_config_dict
 from hybridna_jax.data import pipeline
@@ -435,8 +436,7 @@ class FinetuneTask(loop.Task):
         weight = baselines_lib.class_weight_of(self.config.finetune, self.kind)
         baselines_lib.attach(results, self.data, weight)
       paths = report.write_results(workdir, results)
-      with open(os.path.join(workdir, TASK_INFO), "w", encoding="utf-8") as f:
-        json.dump(self.task_info(), f, indent=2)
+      paths_lib.write_json(os.path.join(workdir, TASK_INFO), self.task_info())
       report.write_predictions(
         os.path.join(workdir, "test_predictions.csv"),
         self.data.splits["test"].labels,
@@ -613,8 +613,7 @@ def _run_suite(config, patterns: list[str], workdir: str, between) -> dict:
         break
       results = run["results"]
       if jax.process_index() == 0:
-        with open(os.path.join(task_dir, SUITE_SETTINGS), "w", encoding="utf-8") as f:
-          json.dump(settings, f, indent=1, sort_keys=True)
+        paths_lib.write_json(os.path.join(task_dir, SUITE_SETTINGS), settings)
       logging.info(
         "[%d/%d] %s finished in %.0f s", i + 1, len(paths), name, time.perf_counter() - start
       )
@@ -637,8 +636,7 @@ def _run_suite(config, patterns: list[str], workdir: str, between) -> dict:
       break
   if jax.process_index() == 0 and rows:
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "suite_results.json"), "w", encoding="utf-8") as f:
-      json.dump(rows, f, indent=2)
+    paths_lib.write_json(os.path.join(workdir, "suite_results.json"), rows)
     table = report.metrics_table(rows)
     with open(os.path.join(workdir, "suite_table.md"), "w", encoding="utf-8") as f:
       f.write("# Fine-tuning suite\n\nSelected on dev, reported on test.\n\n")

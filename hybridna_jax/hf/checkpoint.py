@@ -14,7 +14,6 @@ checkpoint loads on a small host. `export` writes the reverse
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -31,7 +30,7 @@ from jax.sharding import Mesh
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from hybridna_jax import sharding
+from hybridna_jax import paths, sharding
 from hybridna_jax import tokenizer as our_tokenizer
 from hybridna_jax.config import ModelConfig, base_config
 from hybridna_jax.hf import naming
@@ -589,7 +588,7 @@ def _write_export(model, out_dir, dtype, max_shard_bytes, family) -> list[str]:
       "metadata": {"total_size": sum(a.nbytes for s in shards for a in s.values())},
       "weight_map": {t: n for n, s in zip(names, shards) for t in s},
     }
-    _write_json(os.path.join(out_dir, INDEX_FILE), index)
+    paths.write_json(os.path.join(out_dir, INDEX_FILE), index)
     written.append(INDEX_FILE)
   for name, shard in zip(names, shards):
     save_file(shard, os.path.join(out_dir, name), metadata={"format": "pt"})
@@ -602,13 +601,8 @@ def _write_export(model, out_dir, dtype, max_shard_bytes, family) -> list[str]:
     bos_token_id=our_tokenizer.BOS,
     eos_token_id=our_tokenizer.EOS,
   )
-  _write_json(os.path.join(out_dir, CONFIG_FILE), hf_config)
+  paths.write_json(os.path.join(out_dir, CONFIG_FILE), hf_config)
   return written + [CONFIG_FILE]
-
-
-def _write_json(path: str, data) -> None:
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(data, f, indent=2)
 
 
 def job_config(model_cfg: ModelConfig) -> ml_collections.ConfigDict:

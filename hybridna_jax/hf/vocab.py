@@ -31,6 +31,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from hybridna_jax import paths
 from hybridna_jax import tokenizer as ours
 
 _ROLES = ("pad", "bos", "eos", "sep", "mask", "unk", "cls")
@@ -290,6 +291,5 @@ def write_char_tokenizer(path: str) -> list[str]:
     "added_tokens_decoder": {str(i): t for i, t in added.items()},
   }
   for name, data in zip(CHAR_TOKENIZER_FILES, (tokenizer_json, tokenizer_config, roles)):
-    with open(os.path.join(path, name), "w", encoding="utf-8") as f:
-      json.dump(data, f, indent=2)
+    paths.write_json(os.path.join(path, name), data)
   return list(CHAR_TOKENIZER_FILES)

@@ -53,6 +53,7 @@ from collections.abc import Iterator
 import numpy as np
 from absl import logging
 
+from hybridna_jax import paths
 from hybridna_jax.data import fasta, textfiles
 from hybridna_jax.scoring import variants as variants_lib
 
@@ -721,10 +722,7 @@ def _commit(handles, files, progress_path, fingerprint, records) -> dict:
 
 
 def _save_progress(path: str, fingerprint: dict, state: dict) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump({"fingerprint": fingerprint, **state}, f, indent=1)
-  os.replace(tmp, path)
+  paths.write_json(path, {"fingerprint": fingerprint, **state})
 
 
 def _load_progress(path: str, fingerprint: dict, files: dict[str, str]) -> dict | None:
