@@ -143,7 +143,7 @@ def test_prepare_writes_straight_to_a_url(lambda_store, tmp_path):
   writer.begin_record("train", "r", "s")
   writer.append(np.full((5000,), 1, np.uint8))
   del writer
-  with pytest.raises(store_lib.StoreError, match="missing; not a complete exported store"):
+  with pytest.raises(store_lib.StoreError, match="missing; a preparation .* was interrupted"):
     store_lib.TokenStore.open(url)
   cfg.fasta_globs, cfg.overwrite_store = lambda_store.fasta_globs, False
   cfg.split.val_records = lambda_store.split.val_records
@@ -234,6 +234,56 @@ def test_a_write_killed_while_sealing_reads_complete_and_stays_ours(
   store_lib.export_zarr(other, url, chunk_tokens=4096, overwrite=True)
   assert not (tmp_path / "export" / store_lib.WRITING_MARKER).exists()
   assert store_lib.TokenStore.open(url).splits == ("train",)
+
+
+class _StoppedMidDelete:
+  """A kvstore whose `delete_range` deletes the first object of a range of
+  several, then is stopped (Ctrl-C twice): object stores delete a range one
+  object at a time, in key order."""
+
+  def __init__(self, kv):
+    self._kv = kv
+
+  def __getattr__(self, name):
+    return getattr(self._kv, name)
+
+  def delete_range(self, key_range):
+    keys = sorted(self._kv.list(key_range).result())
+    if len(keys) < 2:
+      return self._kv.delete_range(key_range)
+    ts = store_lib._ts()  # pylint: disable=protected-access
+    self._kv.delete_range(ts.KvStore.KeyRange(keys[0], keys[0] + b"\0")).result()
+    raise KeyboardInterrupt("stopped while deleting")
+
+
+def test_a_stop_while_deleting_leaves_objects_the_next_writer_clears(tmp_path, monkeypatch):
+  """Stopped part-way through deleting (an abort, or the overwrite of an old
+  store): what is left is still marked as ours, so the next preparation
+  clears it (review: the marker went first, and the URL was refused for
+  good as "not a token store", overwrite or not)."""
+  other = _hundred_token_store(tmp_path / "other_store")
+  url = "file://" + str(tmp_path / "export")
+  # An abort stopped part-way.
+  writer = store_lib.open_writer(url, overwrite=True)
+  writer.begin_record("train", "r", "s")
+  writer.append(np.full((20000,), 1, np.uint8))
+  writer._splits["train"].close(url)  # pylint: disable=protected-access
+  writer._kv = _StoppedMidDelete(writer._kv)  # pylint: disable=protected-access
+  with pytest.raises(KeyboardInterrupt):
+    writer.abort()
+  assert (tmp_path / "export" / store_lib.WRITING_MARKER).exists()
+  with pytest.raises(store_lib.StoreError, match="was interrupted .* run launch/prepare_data"):
+    store_lib.TokenStore.open(url)
+  store_lib.export_zarr(other, url, chunk_tokens=16)
+  # The overwrite of that complete store, stopped part-way.
+  real = store_lib._kvstore  # pylint: disable=protected-access
+  monkeypatch.setattr(store_lib, "_kvstore", lambda u: _StoppedMidDelete(real(u)))
+  with pytest.raises(KeyboardInterrupt):
+    store_lib.export_zarr(other, url, chunk_tokens=16, overwrite=True)
+  monkeypatch.undo()
+  assert not store_lib.is_complete(url)
+  store_lib.export_zarr(other, url, chunk_tokens=16)  # cleared without overwrite: ours
+  assert store_lib.TokenStore.open(url)["train"].num_tokens == 100
 
 
 def test_an_unreachable_url_is_one_line_not_a_hang(monkeypatch):

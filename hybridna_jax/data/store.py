@@ -126,9 +126,15 @@ def _contact(future, url: str):
     return future.result(timeout=CONTACT_TIMEOUT_S)
   except TimeoutError:
     raise StoreError(
-      f"{url}: no answer in {CONTACT_TIMEOUT_S:.0f} s; check the URL, that the server is up, "
-      "and for gs:// the credentials (gcloud auth application-default login)."
+      f"{url}: no answer in {CONTACT_TIMEOUT_S:.0f} s; check the URL, that the server is up"
+      f"{_CREDENTIALS_HINT.get(scheme(url), '')}."
     ) from None
+
+
+_CREDENTIALS_HINT = {
+  "gs": ", and the credentials (gcloud auth application-default login)",
+  "s3": ", and the credentials and region (AWS_PROFILE or ~/.aws/credentials, AWS_REGION)",
+}
 
 
 def _read_object(kvstore, url: str, name: str) -> bytes:
@@ -139,6 +145,11 @@ def _read_object(kvstore, url: str, name: str) -> bytes:
   except Exception as e:  # noqa: BLE001 (tensorstore raises many kinds)
     raise StoreError(f"{_url_dir(url)}{name}: cannot read ({e}).") from None
   if result.state != "value":
+    if _contact(kvstore.read(WRITING_MARKER), url).state == "value":
+      raise StoreError(
+        f"{_url_dir(url)}{name}: missing; a preparation or export to this URL was "
+        "interrupted (or is running): run launch/prepare_data.py (or its --export_url) again."
+      )
     raise StoreError(
       f"{_url_dir(url)}{name}: missing; not a complete exported store "
       "(export it again with launch/prepare_data.py --export_url)."
@@ -915,8 +926,11 @@ class ZarrStoreWriter(TokenStoreWriter):
     return TokenStore.open(self.path)
 
   def abort(self) -> None:
-    """Deletes every object written so far."""
-    self._kv.delete_range(_ts().KvStore.KeyRange()).result()
+    """Deletes every object written so far, the writing marker last (an
+    object store deletes a range one object at a time: stopped part-way,
+    the leftovers still read as ours)."""
+    _clear_all_but_marker(self._kv)
+    _delete_marker(self._kv)
     self._done = True
 
 
@@ -932,20 +946,33 @@ def _claim_url(url: str, *, overwrite: bool, field: str):
   in the errors.
   """
   kv = _kvstore(url)
-  if is_complete(url):
-    if not overwrite:
-      raise StoreError(
-        f"{field}={url} already holds a token store; delete it or allow overwriting "
-        "(data.overwrite_store=True)."
-      )
-    kv.delete_range(_ts().KvStore.KeyRange(MANIFEST, MANIFEST + "\0")).result()
-  elif kv.list().result() and kv.read(WRITING_MARKER).result().state != "value":
+  complete = is_complete(url)
+  if complete and not overwrite:
+    raise StoreError(
+      f"{field}={url} already holds a token store; delete it or allow overwriting "
+      "(data.overwrite_store=True)."
+    )
+  if not complete and kv.list().result() and kv.read(WRITING_MARKER).result().state != "value":
     raise StoreError(
       f"{field}={url} holds objects that are not a token store; choose an empty URL."
     )
-  kv.delete_range(_ts().KvStore.KeyRange()).result()
+  # The marker first, so that leftovers of a stop anywhere below read as ours.
   kv.write(WRITING_MARKER, b"").result()
+  _clear_all_but_marker(kv)
   return kv
+
+
+def _clear_all_but_marker(kv) -> None:
+  """Deletes every object but WRITING_MARKER, the manifest first (a store
+  stops reading as complete before anything else goes)."""
+  key_range = _ts().KvStore.KeyRange
+  kv.delete_range(key_range(MANIFEST, MANIFEST + "\0")).result()
+  kv.delete_range(key_range("", WRITING_MARKER)).result()
+  kv.delete_range(key_range(WRITING_MARKER + "\0")).result()
+
+
+def _delete_marker(kv) -> None:
+  kv.delete_range(_ts().KvStore.KeyRange(WRITING_MARKER, WRITING_MARKER + "\0")).result()
 
 
 def _seal_url(kv, manifest: dict[str, Any]) -> None:
@@ -953,7 +980,7 @@ def _seal_url(kv, manifest: dict[str, Any]) -> None:
   writing marker; killed in between, the store is complete and the next
   writer still recognises the location as ours."""
   kv.write(MANIFEST, json.dumps(manifest, indent=1).encode("utf-8")).result()
-  kv.delete_range(_ts().KvStore.KeyRange(WRITING_MARKER, WRITING_MARKER + "\0")).result()
+  _delete_marker(kv)
 
 
 def open_writer(path: str | os.PathLike, *, overwrite: bool = False) -> TokenStoreWriter:
