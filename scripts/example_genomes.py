@@ -26,7 +26,7 @@ import os
 import numpy as np
 from absl import app, flags, logging
 
-from hybridna_jax import tokenizer
+from hybridna_jax import launch_utils, tokenizer
 from hybridna_jax.data import config as config_lib
 from hybridna_jax.data import prepare
 
@@ -174,4 +174,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(launch_utils.one_line_errors(main))  # a bad store or input: one line, no traceback

@@ -8,6 +8,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from launch_env import launch_env
 
 from hybridna_jax import tokenizer
 from hybridna_jax.data import config as config_lib
@@ -247,6 +248,26 @@ def test_rerun_reuses_store_and_detects_changed_inputs(tmp_path):
   assert s["train"].find("chr0", source="g1").length == 10
 
 
+def test_a_moved_checkout_reuses_its_store(tmp_path):
+  """The inputs and the store moved together (a renamed or copied
+  checkout; review: refused as "prepared from other inputs"): the same
+  files by name, size and modification time are the same inputs."""
+  checkout = tmp_path / "checkout"
+  os.makedirs(checkout / "genomes")
+  _genomes(checkout / "genomes", count=2)
+  c = _cfg(checkout, [checkout / "genomes" / "*.fa"])
+  created = prepare.prepare_store(c).manifest["created"]
+  os.rename(checkout, tmp_path / "moved")  # keeps modification times
+  moved = tmp_path / "moved"
+  c = _cfg(moved, [moved / "genomes" / "*.fa"])
+  messages = []
+  s = prepare.prepare_store(c, log=lambda m, *a: messages.append(m % a))
+  assert "is up to date" in messages[0] and s.manifest["created"] == created
+  fasta.write_fasta(moved / "genomes" / "g1.fa", [("chr0", "ACGTACGTAC")])  # changed: refused
+  with pytest.raises(store_lib.StoreError, match="prepared from other inputs"):
+    prepare.prepare_store(c)
+
+
 def test_streaming_is_bounded_and_exact(tmp_path):
   # ~6 MB of sequence in a few long records and many short ones, prepared
   # with 64 KiB blocks: the tokens equal the one-shot encoding and peak
@@ -282,7 +303,7 @@ def test_prepare_data_app(tmp_path):
     f"--config.data.store_dir={store_dir}",
     f"--workdir={workdir}",
   ]
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = launch_env(1)  # this tree's package, whatever the venv has installed
   run = subprocess.run(
     cmd + [f"--export_url={tmp_path / 'zarr'}"],
     capture_output=True,

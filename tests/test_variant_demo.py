@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+from launch_env import launch_env
 
 from hybridna_jax import tokenizer
 from hybridna_jax.data import fasta
@@ -24,7 +25,7 @@ def _run(*args):
     text=True,
     check=True,
     cwd=ROOT,
-    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    env=launch_env(1),  # this tree's package, whatever the venv has installed
   ).stdout
 
 

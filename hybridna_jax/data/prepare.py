@@ -194,6 +194,23 @@ def fingerprint(files: Sequence[InputFile], data_cfg) -> dict[str, Any]:
   }
 
 
+def same_fingerprint(saved: Any, now: dict[str, Any]) -> bool:
+  """Whether a store's saved fingerprint matches `now`, wherever its inputs
+  lie: files of the same names, sizes and modification times in another
+  directory (a moved or copied checkout) are the same inputs."""
+  if not isinstance(saved, dict):
+    return False
+
+  def located_nowhere(fp: dict[str, Any]) -> dict[str, Any]:
+    inputs = sorted(
+      (f.get("source") or "", os.path.basename(f.get("path", "")), f.get("size"), f.get("mtime_ns"))
+      for f in fp.get("inputs", [])
+    )
+    return {**fp, "inputs": inputs}
+
+  return located_nowhere(saved) == located_nowhere(now)
+
+
 class _Progress:
   """Logs bytes, records and throughput every `every` seconds."""
 
@@ -264,7 +281,7 @@ def prepare_store(data_cfg, *, log: Callable[..., None] = logging.info) -> store
       existing = store_lib.read_manifest(data_cfg.store_dir)
     except (OSError, ValueError) as e:
       existing = {"damage": str(e)}
-    ours = existing.get("metadata", {}).get("fingerprint") == fp
+    ours = same_fingerprint(existing.get("metadata", {}).get("fingerprint"), fp)
     damage = existing.get("damage") or (store_lib.verify(data_cfg.store_dir) if ours else None)
     if ours and not damage and not overwrite:
       log(
