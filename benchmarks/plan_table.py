@@ -8,7 +8,7 @@ Each cell compiles the train step of config.train.stages[stage] (the paper's
 ~0.5M tokens per step: 64 x 8k, 16 x 32k, 4 x 131k) on `devices` fake CPU
 devices with the GPU kernels as shape proxies, on the mesh data=1,
 fsdp=gcd(batch, devices), tensor the largest divisor of devices / fsdp up
-to --max_tensor, and the remaining devices on the context axis (each
+to --max_tensor that every layer's heads divide, and the remaining devices on the context axis (each
 sequence split over them).
 Results land in <out_dir>/<cell>/plan.json; cells already there are
 skipped, so the script can be stopped and resumed.
@@ -40,19 +40,26 @@ MEMORY = (("80 GB", 80e9), ("141 GB", 141e9))
 HEADROOM = 0.1
 
 
-def _stages(model: str):
+def _config(model: str):
   sys.path.insert(0, str(ROOT))
   from hybridna_jax.config import load_config  # pylint: disable=g-import-not-at-top
 
-  return load_config(str(ROOT / "configs" / f"{model}.py")).train.stages
+  return load_config(str(ROOT / "configs" / f"{model}.py"))
 
 
-def _mesh(batch: int, devices: int) -> dict[str, int]:
+def _mesh(model: str, batch: int, devices: int) -> dict[str, int]:
   """All `devices`: fsdp as wide as the batch allows, then the largest tensor
-  axis (<= max_tensor) that divides the rest, then the context axis."""
+  axis (<= max_tensor) that divides the rest and every layer's heads
+  (`plan.tensor_heads`), then the context axis."""
+  from hybridna_jax.config import ModelConfig  # pylint: disable=g-import-not-at-top
+  from hybridna_jax.train.plan import tensor_heads  # pylint: disable=g-import-not-at-top
+
+  heads = tensor_heads(ModelConfig.from_config(_config(model).model))
   fsdp = math.gcd(batch, devices)
   rest = devices // fsdp
-  tensor = max(t for t in range(1, min(rest, FLAGS.max_tensor) + 1) if rest % t == 0)
+  tensor = max(
+    t for t in range(1, min(rest, FLAGS.max_tensor) + 1) if rest % t == 0 and heads % t == 0
+  )
   return {"data": 1, "fsdp": fsdp, "context": rest // tensor, "tensor": tensor}
 
 
@@ -61,7 +68,7 @@ def _cell_dir(model: str, stage: int, devices: int) -> Path:
 
 
 def run_cell(model: str, stage: int, devices: int, batch: int) -> None:
-  mesh = _mesh(batch, devices)
+  mesh = _mesh(model, batch, devices)
   out = _cell_dir(model, stage, devices)
   if (out / "plan.json").exists():
     return
@@ -120,7 +127,7 @@ def render() -> str:
     "|---|---|" + "---|" * len(devices),
   ]
   for model in FLAGS.models:
-    stages = _stages(model)
+    stages = _config(model).train.stages
     for s in (int(x) for x in FLAGS.stages):
       seq_len, _, batch = stages[s]
       cells = [_cell_text(model, s, d) for d in devices]
@@ -134,7 +141,7 @@ def main(argv):
     # Column by column: the 8-device cells (one node) first.
     for devices in (int(d) for d in FLAGS.devices):
       for model in FLAGS.models:
-        stages = _stages(model)
+        stages = _config(model).train.stages
         for s in (int(x) for x in FLAGS.stages):
           run_cell(model, s, devices, int(stages[s][2]))
   print(render())

@@ -47,10 +47,16 @@ def test_candidate_meshes_least_split_first():
 
 def test_tensor_heads_of_the_layer_kinds_present():
   cfg = lambda **kw: ModelConfig.from_config(ml_collections.ConfigDict(model_config_dict(**kw)))
-  # 8 attention heads, 12 SSM heads (d_inner 384 / 32): the gcd.
-  hybrid = dict(d_model=192, num_heads=8, num_kv_heads=2, head_dim=24, ssm_head_dim=32)
+  # 8 query and 4 key/value heads, 12 SSM heads (d_inner 384 / 32): the gcd.
+  hybrid = dict(d_model=192, num_heads=8, num_kv_heads=4, head_dim=24, ssm_head_dim=32)
   assert plan_lib.tensor_heads(cfg(**hybrid)) == 4
   assert plan_lib.tensor_heads(cfg(**hybrid, attn_layers=())) == 12
+  # Key/value heads count too (review: 2 of them on tensor 4 replicate attention),
+  # and SSM groups when there are several (one group is shared).
+  assert plan_lib.tensor_heads(cfg(**{**hybrid, "num_kv_heads": 2})) == 2
+  assert plan_lib.tensor_heads(cfg(**hybrid, attn_layers=(), ngroups=3)) == 3
+  assert plan_lib.tensor_heads(cfg(**hybrid, attn_layers=(), ngroups=1)) == 12
+  assert plan_lib.tensor_heads(cfg(d_model=1024, num_heads=16, num_kv_heads=4)) == 4  # 300M
 
 
 def test_peak_flops_by_device_kind():

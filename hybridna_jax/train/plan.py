@@ -392,12 +392,17 @@ def _divisors(n: int) -> list[int]:
 
 def tensor_heads(model_cfg: ModelConfig) -> int:
   """The largest tensor split every layer's heads divide over: the gcd of
-  the attention heads and the SSM heads (of the layer kinds present). A
-  wider tensor axis replicates the heads and only wastes devices."""
+  the attention query and key/value heads and the SSM heads and groups
+  (of the layer kinds present; one SSM group is shared, not split), as the
+  kernels' shard_map wrappers require (`kernels.sharded._axes`). A tensor
+  axis they do not divide runs every head on every tensor device: it only
+  wastes devices."""
   kinds = set(model_cfg.layer_types)
-  counts = [model_cfg.num_heads] * ("attention" in kinds) + [model_cfg.ssm_heads] * (
-    "mamba" in kinds
-  )
+  counts = []
+  if "attention" in kinds:
+    counts += [model_cfg.num_heads, model_cfg.num_kv_heads]
+  if "mamba" in kinds:
+    counts += [model_cfg.ssm_heads] + [model_cfg.ngroups] * (model_cfg.ngroups > 1)
   return math.gcd(*counts)
 
 
