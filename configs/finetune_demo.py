@@ -10,8 +10,9 @@ strains the pretraining never saw.
         --workdir=runs/ft_species_plain_fresh
 
 Variants (comma-separated): echo (default), rc_echo, rc_echo_concat, mean,
-last, plain_mean, plain_last, frozen, full, fresh, balanced
-(hybridna_jax/finetune/presets.py), and quick (a short smoke run).
+last, plain_mean, plain_last, frozen, full, fresh, balanced, probe (a linear
+probe on frozen embeddings; hybridna_jax/finetune/presets.py), and quick (a
+short smoke run).
 """
 
 import os

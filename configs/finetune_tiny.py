@@ -5,7 +5,7 @@
         --task=data_cache/tasks/motif --workdir=runs/ft_tiny
 
 Variants (comma-separated): echo (default), rc_echo, rc_echo_concat, mean,
-last, plain_mean, plain_last, frozen, full, fresh, balanced
+last, plain_mean, plain_last, frozen, full, fresh, balanced, probe
 (hybridna_jax/finetune/presets.py).
 """
 

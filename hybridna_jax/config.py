@@ -125,7 +125,7 @@ class ModelConfig(Section):
   dtype: str = "bfloat16"  # compute dtype
   param_dtype: str = "float32"  # master weights
   remat: str = "none"  # none | full | dots
-  ssd_impl: str = "auto"  # auto | chunked | sequential | pallas
+  ssd_impl: str = "auto"  # auto | chunked (XLA) | sequential | pallas... (ssd.CORES)
   attention_impl: str = "auto"  # auto | xla | xla_blockwise | xla_causal | kernels...
   # How attention crosses the mesh's context axis (config.mesh.context > 1):
   # "ring" passes key/value slices around it; "zigzag" does too, with the
@@ -242,7 +242,7 @@ MODEL_ARCHITECTURE_FIELDS = tuple(
 )
 # Attention placement: different settings can place the same layers, so
 # these compare as ModelConfig.layer_types.
-_PLACEMENT_FIELDS = ("attn_period", "attn_offset", "attn_layers")
+PLACEMENT_FIELDS = ("attn_period", "attn_offset", "attn_layers")
 
 
 def architecture_differences(a: ModelConfig, b: ModelConfig) -> dict[str, tuple[Any, Any]]:
@@ -252,7 +252,7 @@ def architecture_differences(a: ModelConfig, b: ModelConfig) -> dict[str, tuple[
   diff = {
     name: (getattr(a, name), getattr(b, name))
     for name in MODEL_ARCHITECTURE_FIELDS
-    if name not in _PLACEMENT_FIELDS and getattr(a, name) != getattr(b, name)
+    if name not in PLACEMENT_FIELDS and getattr(a, name) != getattr(b, name)
   }
   if a.layer_types != b.layer_types:
     diff["layer_types"] = (a.layer_types, b.layer_types)
@@ -615,6 +615,8 @@ class GenerateConfig(Section):
       problems.append(f"num_bins must be >= 2, got {self.num_bins}")
     if self.kmer < 1:
       problems.append(f"kmer must be >= 1, got {self.kmer}")
+    if not 0 <= self.seed < 2**32:
+      problems.append(f"seed must be in [0, 2**32) (a 32-bit PRNG seed), got {self.seed}")
     if self.max_edit_pairs < 1:
       problems.append(f"max_edit_pairs must be >= 1, got {self.max_edit_pairs}")
     if not 0 <= self.first_task_token < tokenizer.NUM_TASK_TOKENS:

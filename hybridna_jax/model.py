@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 from flax import nnx
 
 from hybridna_jax import attention, ssd
@@ -141,8 +142,27 @@ def scan_block_size(cfg: ModelConfig) -> int | None:
 
 def same_param_layout(a: ModelConfig, b: ModelConfig) -> bool:
   """Whether two configs of one architecture keep their layers' parameters
-  alike: both stacked for the scan, or both one entry per layer."""
-  return (scan_block_size(a) is None) == (scan_block_size(b) is None)
+  alike: both one entry per layer, or both stacked in blocks of one size
+  (the same layers placed through another attn_period stack otherwise)."""
+  return scan_block_size(a) == scan_block_size(b)
+
+
+def describe_layout(cfg: ModelConfig) -> str:
+  """The layer layout in words, for messages."""
+  period = scan_block_size(cfg)
+  if period is None:
+    return "one entry per layer"
+  return f"stacked in blocks of {period} layers (model.attn_period)"
+
+
+@functools.cache
+def _warn_loop(n_layers: int, attn_period: int) -> None:
+  logging.warning(
+    "model.scan_layers: the layer pattern does not repeat every attn_period=%d layers over "
+    "%d layers; the stack runs as a Python loop (same results, longer compiles).",
+    attn_period,
+    n_layers,
+  )
 
 
 def _run_layer(layer: Block, remat: str, h, segment_ids, positions, *, in_scan=False):
@@ -241,6 +261,8 @@ class HybriDNA(nnx.Module):
       logical_axes=("vocab", "embed"),
     )
     period = scan_block_size(cfg)
+    if period is None and cfg.scan_layers:
+      _warn_loop(cfg.n_layers, cfg.attn_period)
     if period is None:
       self.layers = _layers_by_kind(cfg, rngs)
     else:
@@ -488,14 +510,14 @@ def scan_params(params: nnx.State, cfg: ModelConfig) -> nnx.State:
 
 
 def unscan_params(params: nnx.State, cfg: ModelConfig) -> nnx.State:
-  """Scanned-layout parameters -> loop layout (the inverse of `scan_params`)."""
-  period = _block_size_or_raise(cfg)
-  reps = cfg.n_layers // period
+  """Scanned-layout parameters, in blocks of any size (read from them) ->
+  loop layout (the inverse of `scan_params`)."""
+  period = stacked_block_size(params)
   values = {}
   for path, var in nnx.to_flat_state(params):
     if path[0] == "scanned_layers":
       value, j = var.get_value(), int(path[1])
-      for r in range(reps):
+      for r in range(value.shape[0]):
         values[("layers", r * period + j) + tuple(path[2:])] = value[r]
     else:
       values[path] = var.get_value()
@@ -508,13 +530,21 @@ def is_scanned(params: nnx.State) -> bool:
   return "scanned_layers" in params
 
 
+def stacked_block_size(params: nnx.State) -> int | None:
+  """Layers per block of scanned-layout parameters (None: loop layout)."""
+  if not is_scanned(params):
+    return None
+  return len({path[1] for path, _ in nnx.to_flat_state(params) if path[0] == "scanned_layers"})
+
+
 def convert_params(params: nnx.State, cfg: ModelConfig) -> nnx.State:
-  """Parameters in either layout -> the layout `cfg` runs with
-  (`scan_block_size(cfg)`); unchanged when they already have it."""
-  want = scan_block_size(cfg) is not None
-  if is_scanned(params) == want:
+  """Parameters in any layout (loop, or blocks of any size) -> the layout
+  `cfg` runs with (`scan_block_size(cfg)`); unchanged when they have it."""
+  want = scan_block_size(cfg)
+  if stacked_block_size(params) == want:
     return params
-  return scan_params(params, cfg) if want else unscan_params(params, cfg)
+  loop_params = unscan_params(params, cfg) if is_scanned(params) else params
+  return loop_params if want is None else scan_params(loop_params, cfg)
 
 
 def count_params(model: nnx.Module) -> int:

@@ -29,7 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from hybridna_jax import hf, paths, sharding, tokenizer
-from hybridna_jax.config import MODEL_RUNTIME_FIELDS, FinetuneConfig, ModelConfig
+from hybridna_jax.config import MODEL_RUNTIME_FIELDS, PLACEMENT_FIELDS, FinetuneConfig, ModelConfig
 from hybridna_jax.model import abstract_model, convert_params, same_param_layout
 from hybridna_jax.train.checkpoint import CheckpointMismatchError, Checkpoints
 
@@ -116,8 +116,10 @@ def restore_params(
   rules: sharding.Rules = sharding.DEFAULT_RULES,
 ) -> nnx.State:
   """The LM parameters of a checkpoint, sharded over `mesh`, in the layer
-  layout of `model_cfg` (converted when the run was written with the other
-  `scan_layers` layout, as its config.json says)."""
+  layout of `model_cfg` (converted when the run was written in another
+  layout, as its config.json says: the other `scan_layers`, or blocks of
+  another size when the same layers were placed through another
+  attn_period)."""
   written_config = run_config(ref.run_dir)
   task = FinetuneConfig.of(written_config).task
   if task:
@@ -127,7 +129,9 @@ def restore_params(
     )
   # Lenient view: runs written before scan_layers existed read its default.
   written_model = ModelConfig.from_config(written_config.model, strict=False)
-  written = dataclasses.replace(model_cfg, scan_layers=written_model.scan_layers)
+  written = dataclasses.replace(
+    model_cfg, **{f: getattr(written_model, f) for f in ("scan_layers", *PLACEMENT_FIELDS)}
+  )
 
   def abstract_params(cfg):
     _, abstract = nnx.split(abstract_model(cfg), nnx.Param)

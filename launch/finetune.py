@@ -42,7 +42,8 @@ import sys
 
 from absl import app, flags, logging
 
-from hybridna_jax import launch_utils
+from hybridna_jax import launch_utils, paths
+from hybridna_jax.train import startup_signal
 
 launch_utils.define_flags(config_required=True)
 _TASK = flags.DEFINE_string(
@@ -69,6 +70,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv  # flags only (launch_utils.run)
+  startup_signal.catch()  # a SIGTERM from here on stops the run with a checkpoint
   launch_utils.quiet_library_logs()
   launch_utils.initialize_distributed()
   # Imported after distributed start-up (nothing may touch devices before).
@@ -95,9 +97,7 @@ def main(argv):
     logging.error("finetune failed: %s", e)
     sys.exit(1)
   if jax.process_index() == 0:
-    os.makedirs(FLAGS.workdir, exist_ok=True)
-    with open(os.path.join(FLAGS.workdir, "finetune_summary.json"), "w", encoding="utf-8") as f:
-      json.dump(summary, f, indent=2, default=str)
+    paths.write_json(os.path.join(FLAGS.workdir, "finetune_summary.json"), summary)
     # As launch/train.py: a preempted run (or suite) saved its checkpoint and
     # ends normally, saying so; starting it again resumes.
     done = ("steps", "stopped", "preempted_task")

@@ -36,7 +36,8 @@ import os
 
 from absl import app, flags, logging
 
-from hybridna_jax import launch_utils
+from hybridna_jax import launch_utils, paths
+from hybridna_jax.train import startup_signal
 
 launch_utils.define_flags()
 flags.DEFINE_enum(
@@ -92,6 +93,8 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv  # flags only (launch_utils.run)
+  if FLAGS.mode == "finetune":
+    startup_signal.catch()  # a SIGTERM from here on stops the run with a checkpoint
   launch_utils.quiet_library_logs()
   launch_utils.initialize_distributed()
   import jax  # pylint: disable=g-import-not-at-top
@@ -103,8 +106,7 @@ def main(argv):
       raise app.UsageError("--mode=finetune needs --config (e.g. configs/design_demo.py).")
     summary = design.finetune(FLAGS.config, FLAGS.workdir)
     if jax.process_index() == 0:
-      with open(os.path.join(FLAGS.workdir, "train_summary.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2, default=str)
+      paths.write_json(os.path.join(FLAGS.workdir, "train_summary.json"), summary)
       logging.info(
         "done: %s",
         json.dumps({k: summary.get(k) for k in ("steps", "stopped", "final_val")}, default=str),
@@ -116,10 +118,11 @@ def main(argv):
   output = launch_utils.local_output(
     FLAGS.output or os.path.join(FLAGS.workdir, "designs.fasta"), "--output"
   )
-  if os.path.exists(output) and not FLAGS.overwrite:
+  existing = [f for f in design_sampling.output_files(output) if os.path.exists(f)]
+  if existing and not FLAGS.overwrite:
     raise app.UsageError(
-      f"--output={output} exists (an earlier sampling run); pass another --output, "
-      "or --overwrite to replace it and its summaries."
+      f"{existing[0]} exists (an earlier sampling run's); pass another --output, "
+      "or --overwrite to replace that run's FASTA and summaries."
     )
   result = design_sampling.run_sampling(
     FLAGS.checkpoint or FLAGS.workdir,

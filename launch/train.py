@@ -13,6 +13,7 @@ import json
 from absl import flags, logging
 
 from hybridna_jax import launch_utils, paths
+from hybridna_jax.train import startup_signal
 
 launch_utils.define_flags(config_required=True)
 FLAGS = flags.FLAGS
@@ -20,6 +21,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv  # flags only (launch_utils.run)
+  startup_signal.catch()  # a SIGTERM from here on stops the run with a checkpoint
   launch_utils.quiet_library_logs()
   launch_utils.initialize_distributed()
   # Imported after distributed start-up (nothing may touch devices before).
@@ -37,9 +39,7 @@ def main(argv):
   if summary.get("final_val") and config.train.markov_orders:
     table = report.baseline_report(config, summary["final_val"], FLAGS.workdir)
     print(table)
-  paths.write_text(
-    paths.join(FLAGS.workdir, "train_summary.json"), json.dumps(summary, indent=2, default=str)
-  )
+  paths.write_json(paths.join(FLAGS.workdir, "train_summary.json"), summary)
   logging.info("done: %s", json.dumps({k: summary[k] for k in ("steps", "stopped")}))
 
 

@@ -311,6 +311,7 @@ def test_ranges_are_checked(field, value, message):
       r"pool=.mean. and rc_combine=.average_logits. are not used by the linear probe",
     ),
     ("generate.kmer", 0, r"kmer must be >= 1"),
+    ("generate.seed", 2**32, r"seed must be in \[0, 2\*\*32\)"),
     ("generate.max_edit_pairs", -1, r"max_edit_pairs must be >= 1"),
     ("generate.label_dropout", 1.5, r"label_dropout must be in \[0, 1\]"),
     ("generate.reverse_complement_prob", -3.0, r"reverse_complement_prob must be in"),

@@ -16,6 +16,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from launch_env import launch_env
 
 from hybridna_jax import design, restore, sharding
 from hybridna_jax import generate as gen
@@ -445,7 +446,7 @@ def test_sampling_counts_from_flags_are_validated_not_defaulted(motif_run, tmp_p
 def test_launcher_samples_with_beam_search(motif_run, tmp_path):
   _, workdir, _ = motif_run
   out = str(tmp_path / "beams.fasta")
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = launch_env(1)  # this tree's package, whatever the venv has installed
   proc = subprocess.run(
     [
       sys.executable,
@@ -474,8 +475,16 @@ def test_launcher_samples_with_beam_search(motif_run, tmp_path):
   # A second run into the same --output is refused; nothing is replaced.
   before = open(out).read()
   again = subprocess.run(proc.args, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
-  assert again.returncode != 0 and "exists (an earlier sampling run)" in again.stderr
+  assert again.returncode != 0 and "exists (an earlier sampling run's)" in again.stderr
   assert open(out).read() == before
+  # So is one whose summaries would replace that run's (beams.fa shares
+  # beams.summary.*; review: the summaries were replaced silently).
+  summary_before = open(tmp_path / "beams.summary.json").read()
+  other = [a.replace("beams.fasta", "beams.fa") for a in proc.args]
+  third = subprocess.run(other, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+  assert third.returncode != 0 and "beams.summary.json exists" in third.stderr
+  assert open(tmp_path / "beams.summary.json").read() == summary_before
+  assert not os.path.exists(tmp_path / "beams.fa")
   assert MOTIFS["b"] in tok.decode(records[0][1])  # the most likely design has it
 
 

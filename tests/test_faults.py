@@ -26,7 +26,7 @@ from hybridna_jax import launch_utils, restore
 from hybridna_jax.config import base_config
 from hybridna_jax.data import fasta, pipeline, prepare
 from hybridna_jax.data import store as store_lib
-from hybridna_jax.train import loop
+from hybridna_jax.train import loop, startup_signal
 from hybridna_jax.train.checkpoint import (
   CheckpointDamagedError,
   CheckpointMismatchError,
@@ -482,7 +482,9 @@ def test_architecture_change_on_resume_is_refused(base_run, tmp_path):
   # optimizer state) are in the run's: named in one line (review: a list of
   # 240 missing parameters that never said scan_layers).
   cfg.model.d_model, cfg.model.scan_layers = 32, True
-  with pytest.raises(ValueError, match=r"trained with model\.scan_layers=False.*resume with"):
+  with pytest.raises(
+    ValueError, match=r"hold the layers one entry per layer, this config stacked in blocks of 4 "
+  ):
     loop.train(cfg, workdir)
   assert sorted(os.listdir(os.path.join(workdir, loop.CHECKPOINT_DIR))) == ["2", "4"]
 
@@ -689,6 +691,30 @@ def test_signal_while_waiting_on_data(base_run, tmp_path, monkeypatch, signum):
     assert json.load(f) == json.loads(json.dumps(seen["it"].state_when_stuck))
   monkeypatch.undo()
   assert loop.train(cfg, workdir)["steps"] == 6  # resumes
+
+
+def test_a_sigterm_while_starting_up_stops_at_the_first_step(base_run, tmp_path):
+  """SIGTERM before `train` installs its handler (the launcher's imports,
+  jax.distributed start-up): recorded by `startup_signal`, so the run saves
+  step 0 and returns "preempted" (which the Slurm script requeues) instead
+  of dying with status 143; the rerun then trains as if uninterrupted."""
+  cfg, base = base_run
+  workdir = str(tmp_path / "run")
+  before = signal.getsignal(signal.SIGTERM)
+  try:
+    startup_signal.catch()
+    os.kill(os.getpid(), signal.SIGTERM)
+    summary = loop.train(cfg, workdir)
+  finally:
+    signal.signal(signal.SIGTERM, before)
+    startup_signal.reset()
+  assert summary["stopped"] == "preempted" and summary["steps"] == 0
+  assert _steps_of(workdir) == [0]
+  assert loop.train(cfg, workdir)["steps"] == 4
+  losses = lambda w: [
+    r["loss"] for r in read_metrics(os.path.join(w, "metrics.jsonl")) if r["kind"] == "train"
+  ]
+  assert losses(workdir) == pytest.approx(losses(base), rel=1e-6)
 
 
 def test_second_sigint_stops_without_saving():

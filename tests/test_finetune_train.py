@@ -106,6 +106,7 @@ def test_tiny_model_learns_a_planted_motif(motif_task, tmp_path, monkeypatch):
     sequences = [r["sequence"] for r in csv.DictReader(f)]
   probs = finetuned.predict(sequences[:64], batch_size=64)
   np.testing.assert_allclose(probs[:, 1], [float(r["p1"]) for r in rows[:64]], atol=1e-4)
+  assert finetuned.predict([]).shape == (0, probs.shape[1])  # review: a concatenate error
 
 
 def test_a_signal_during_the_dev_evaluation_abandons_it(motif_task, tmp_path, monkeypatch):

@@ -193,6 +193,10 @@ def test_sampling_seeds_filters_and_batching():
   c = jax.device_get(gen.sample(model, prompts, settings, seed=8))
   np.testing.assert_array_equal(a.tokens, b.tokens)
   assert (a.tokens != c.tokens).any()
+  # jax keeps 32 bits of a seed: 2**32 would repeat seed 0 (review).
+  for bad in (-1, 2**32, 2**63):
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*32\)"):
+      gen.sample(model, prompts, settings, seed=bad)
   assert (a.tokens[:3] != a.tokens[3:]).any()  # each row its own stream
   assert set(np.unique(a.tokens)) <= {tok.A, tok.C, tok.G, tok.T, tok.N}
   # A row's sample depends on (seed, sample id), not on its place in the batch.

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from launch_env import launch_env
 from safetensors import safe_open
 from safetensors.numpy import save_file
@@ -135,6 +136,18 @@ def test_export_loads_in_transformers_with_our_logits(tmp_path, rope):
   back, tok, _ = restore.load(str(tmp_path))
   assert tok is our_tokenizer
   assert _rel(_ours(back, ids), _ours(model, ids)) <= 1e-5
+
+
+def test_a_repeating_bamba_pattern_scans(tmp_path):
+  """Attention at layers 1 and 3 of 4 repeats every 2 layers: the import's
+  attn_period says so, and scan_layers stacks blocks of 2 (review: Bamba
+  kept the default period 8, and scan_layers fell back to the loop)."""
+  ref = _bamba(layers=4, attn=(1, 3))
+  ref.save_pretrained(tmp_path)
+  ids = np.random.RandomState(1).randint(0, 16, (2, 21))
+  model, _, config = restore.load(str(tmp_path), dtype="float32", our_vocab=None, scan_layers=True)
+  assert config.model.attn_period == 2 and "scanned_layers" in nnx.state(model)
+  assert _rel(_ours(model, ids), _torch_logits(ref, ids)) <= 1e-4
 
 
 def test_bad_checkpoint_lists_every_problem(tmp_path):

@@ -24,8 +24,10 @@ from hybridna_jax.model import (
   convert_params,
   create_model,
   is_scanned,
+  same_param_layout,
   scan_block_size,
   scan_params,
+  stacked_block_size,
   unscan_params,
 )
 from hybridna_jax.train import optimizer as optimizer_lib
@@ -382,3 +384,36 @@ def test_checkpoints_restore_into_either_layout(loop_params, tmp_path, written):
     P(None, "fsdp", None, "tensor") if written == "loop" else P("fsdp", None, "tensor")
   )
   np.testing.assert_allclose(np.asarray(_logits(model, tokens)), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_the_same_layers_stacked_in_blocks_of_another_size_convert(tmp_path):
+  """Attention at layers 1, 3, 5, 7 of 8, placed through attn_period 2 or
+  through attn_layers with attn_period 4: one architecture, whose scanned
+  checkpoints stack blocks of 2 or of 4 layers. A run written in one
+  restores into the other (as fine-tuning from a pretrained run does), and
+  a resume is refused in one line naming the run's settings (review: a
+  shape error that never said attn_period)."""
+  by_two = dataclasses.replace(SCAN, n_layers=8)
+  by_four = dataclasses.replace(by_two, attn_period=4, attn_layers=(1, 3, 5, 7))
+  assert by_two.layer_types == by_four.layer_types
+  assert (scan_block_size(by_two), scan_block_size(by_four)) == (2, 4)
+  assert not same_param_layout(by_two, by_four)
+  unscanned = dataclasses.replace(by_two, scan_layers=False)
+  loop_params = nnx.state(create_model(unscanned), nnx.Param)
+  run = _write_run(tmp_path / "run", by_two, scan_params(loop_params, by_two))
+  one = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  tokens = _tokens(2, 17)
+  expected = np.asarray(_logits(_merge(unscanned, loop_params), tokens))
+  ref = restore.find_checkpoint(run)
+  for cfg in (by_four, dataclasses.replace(by_four, scan_layers=False), by_two):
+    params = restore.restore_params(ref, cfg, one)
+    assert stacked_block_size(params) == scan_block_size(cfg)
+    np.testing.assert_allclose(
+      np.asarray(_logits(_merge(cfg, params), tokens)), expected, rtol=1e-6, atol=1e-6
+    )
+  from hybridna_jax.train import loop  # pylint: disable=g-import-not-at-top
+
+  config = load_config("configs/tiny.py")
+  config.model = model_config_dict(**dataclasses.asdict(by_four))
+  with pytest.raises(ValueError, match=r"blocks of 2 layers.*blocks of 4 layers.*attn_period=2"):
+    loop.check_resume_config(config, run)

@@ -250,6 +250,14 @@ def summarize_sets(
   return out
 
 
+def output_files(output: str) -> tuple[str, str, str, str]:
+  """The files a sampling run writes: the FASTA `output`, then its summary
+  beside it (.summary.json, .summary.txt, .summary.png in place of the
+  FASTA's extension, so d.fa and d.fasta share them)."""
+  stem = os.path.splitext(output)[0]
+  return output, stem + ".summary.json", stem + ".summary.txt", stem + ".summary.png"
+
+
 def run_sampling(
   checkpoint: str,
   output: str,
@@ -358,7 +366,7 @@ def run_sampling(
       csv_path,
     )
   summary = summarize_sets(sets, training, vocab, k=int(g.kmer), max_pairs=int(g.max_edit_pairs))
-  stem = os.path.splitext(output)[0]
+  fasta_path, json_path, text_path, plot_path = output_files(output)
   table = metrics.format_table(summary)
   report = None
   if judged:
@@ -382,14 +390,14 @@ def run_sampling(
     # Each file whole or not at all; the FASTA, whose presence marks a
     # finished run, last. A metric undefined for a set (the edit distance of
     # one design) is null in the strict JSON.
-    paths.write_json(stem + ".summary.json", result)
-    paths.write_text(stem + ".summary.txt", table + "\n")
-    write_fasta(sets, output, settings=settings, seed=seed, source=source)
+    paths.write_json(json_path, result)
+    paths.write_text(text_path, table + "\n")
+    write_fasta(sets, fasta_path, settings=settings, seed=seed, source=source)
     references = design_data.sequences_by_label(training, vocab) if training is not None else {}
     if training is not None:
       references["unconditional"] = list(training.sequences)
     result["plot"] = metrics.plot_summary(
-      {s.name: s.sequences for s in sets}, references, stem + ".summary.png", k=int(g.kmer)
+      {s.name: s.sequences for s in sets}, references, plot_path, k=int(g.kmer)
     )
     logging.info("wrote %s and its summaries", output)
   result["table"] = table

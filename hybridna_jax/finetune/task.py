@@ -672,7 +672,7 @@ class Finetuned:
     """
     head: HeadConfig = self.model.head_cfg
     forward = nnx.jit(lambda model, batch: model(batch))
-    outputs = []
+    outputs = [np.zeros((0, head.num_outputs), np.float32)]  # no sequences: (0, k) or (0,)
     for start in range(0, len(sequences), batch_size):
       chunk = [
         echo_lib.crop_center(tokenizer.encode(s), self.info["max_tokens"])

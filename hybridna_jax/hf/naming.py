@@ -320,12 +320,26 @@ def _translate_common(config: Mapping[str, Any], own: set[str]) -> tuple[dict, l
   return fields, unknown, problems
 
 
+def _shortest_period(n_layers: int, attn_layers: tuple[int, ...]) -> int:
+  """The shortest period (dividing n_layers) of the attention placement:
+  model.attn_period, the block that `model.scan_layers` stacks, which
+  otherwise falls back to the loop for a pattern not repeating every 8."""
+  attn = set(attn_layers)
+  return next(
+    period
+    for period in range(1, n_layers + 1)
+    if n_layers % period == 0 and all((i in attn) == (i % period in attn) for i in range(n_layers))
+  )
+
+
 def _translate_bamba(config: Mapping[str, Any]) -> Translation:
   own = {"attn_layer_indices", "rope_parameters", "rope_theta", "mamba_d_head", "mamba_n_groups"}
   own |= {"mamba_conv_bias", "partial_rotary_factor", "rope_scaling"}
   config = _with_defaults(config, _BAMBA_DEFAULTS)
   fields, unknown, problems = _translate_common(config, own)
   fields["attn_layers"] = tuple(config.get("attn_layer_indices") or ())
+  if isinstance(fields.get("n_layers"), int) and fields["n_layers"] >= 1:
+    fields["attn_period"] = _shortest_period(fields["n_layers"], fields["attn_layers"])
   if config.get("mamba_d_head") not in (None, "auto"):
     fields["ssm_head_dim"] = config["mamba_d_head"]
   if config.get("mamba_n_groups") is not None:

@@ -36,9 +36,10 @@ from hybridna_jax.config import (
 )
 from hybridna_jax.data import pipeline
 from hybridna_jax.data.store import StoreError
-from hybridna_jax.model import HybriDNA, same_param_layout
+from hybridna_jax.model import HybriDNA, describe_layout, same_param_layout
 from hybridna_jax.train import flops as flops_lib
 from hybridna_jax.train import optimizer as optimizer_lib
+from hybridna_jax.train import startup_signal
 from hybridna_jax.train import step as step_lib
 from hybridna_jax.train.checkpoint import Checkpoints, DataStateMismatchError, with_shardings
 from hybridna_jax.train.metrics import MetricsLogger, plot_loss_curves
@@ -128,7 +129,8 @@ class _Preemption:
   waiting for data (`_fetch`), and after the batch that is running during
   an evaluation (`check_eval_interrupt`), whose result is dropped. A second
   SIGINT raises KeyboardInterrupt: stop now, without a new checkpoint (a save
-  already in flight is completed first, `finish_saves`)."""
+  already in flight is completed first, `finish_saves`). A SIGTERM recorded
+  while the launcher started up (`startup_signal`) counts as one at entry."""
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
   # The one `train` running in this process, for `check_eval_interrupt`.
@@ -158,6 +160,11 @@ class _Preemption:
       except ValueError:  # not the main thread (e.g. some test runners)
         pass
     self._outer, _Preemption.running = _Preemption.running, self
+    if startup_signal.received() is not None and not self.requested:
+      logging.warning(
+        "signal %d came while starting up: %s.", startup_signal.received(), self.action
+      )
+      self.requested = True
     return self
 
   def __exit__(self, *exc):
@@ -595,10 +602,16 @@ def check_resume_config(config, workdir: str) -> None:
   # A runtime field, but it decides the checkpoints' layout, which a resume
   # restores as written (restore.load converts, for inference only).
   if not same_param_layout(before, now):
+    placement = ("scan_layers", "attn_period") + (
+      ("attn_offset",) if before.attn_layers is None else ("attn_layers",)
+    )
+    settings = " ".join(
+      f"--config.model.{f}={getattr(before, f)!r}".replace(" ", "") for f in placement
+    )
     raise ValueError(
-      f"{workdir} was trained with model.scan_layers={before.scan_layers}, the layout of its "
-      f"checkpoints (optimizer state included); resume with --config.model.scan_layers="
-      f"{before.scan_layers} (restore.load converts them for evaluation and scoring)."
+      f"{workdir}'s checkpoints (optimizer state included) hold the layers "
+      f"{describe_layout(before)}, this config {describe_layout(now)}; resume with the run's "
+      f"{settings} (restore.load converts them for evaluation and scoring)."
     )
 
 
@@ -845,6 +858,11 @@ def _train(config, workdir: str, task: Task | None, preemption: _Preemption) -> 
       checkpoints.update_meta(step, {"last_eval": last_eval, "pending_eval": None})
     else:
       summary["stopped"] = "preempted"
+
+  # A stop requested before the first step (while the launcher started up,
+  # `startup_signal`, or during the restore) is honoured before a compile.
+  if summary["stopped"] != "preempted" and step < total_steps and preemption.any_host():
+    preempted()
 
   # -- the loop ---------------------------------------------------------------
   while step < total_steps and summary["stopped"] != "preempted":
