@@ -117,6 +117,7 @@ class StepPlan:
   # Repetitions of the scanned layout's block (model.scan_layers); XLA's
   # cost analysis counts the loop's body, i.e. 1/scan_repeats of the layers.
   scan_repeats: int = 1
+  remat: str = "none"  # model.remat: XLA's count includes the recomputation
 
   @property
   def devices(self) -> int:
@@ -360,6 +361,7 @@ def _plan_from(built: _Built, compiled, lower_s: float, compile_s: float) -> Ste
     lower_s=lower_s,
     compile_s=compile_s,
     scan_repeats=model_cfg.n_layers // (scan_block_size(model_cfg) or model_cfg.n_layers),
+    remat=model_cfg.remat,
   )
 
 
@@ -595,9 +597,10 @@ def format_plan(
   ratio = f"{xla / plan.model_flops:.2f}" if xla and plan.model_flops else "n/a"
   lines.append(
     f"FLOPs per device per step: XLA {xla or float('nan'):.3e}, train/flops.py "
-    f"{plan.model_flops:.3e} (XLA / model {ratio}; XLA counts remat "
-    "recomputation"
+    f"{plan.model_flops:.3e} (XLA / model {ratio}"
+    + ("; XLA counts remat recomputation" if plan.remat != "none" else "")
     + ("; kernels traced as proxies count nothing" if plan.platform is not None else "")
+    + ("; the XLA reference kernels count their masked work too" if plan.platform is None else "")
     + (
       f"; the layers' scan counted once, not {plan.scan_repeats} times"
       if plan.scan_repeats > 1
@@ -619,7 +622,7 @@ def format_plan(
       f"{accelerator_name} ({accel.memory_bytes / GB:.0f} GB, "
       f"{accel.peak_flops / 1e12:.0f} TFLOP/s bf16): {verdict} with "
       f"{headroom:.0%} headroom ({_gb(plan.peak_bytes)} of {_gb(budget)}); "
-      f"step {seconds:.2f} s at {mfu:.0%} MFU "
+      f"step {seconds:.3g} s at {mfu:.0%} MFU "
       f"({plan.tokens / seconds / 1e6:.2f}M tokens/s over {plan.devices} devices)"
     )
   return "\n".join(lines)

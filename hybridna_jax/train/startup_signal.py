@@ -1,13 +1,13 @@
 """A SIGTERM that comes while a training program starts up.
 
-Imports, jax.distributed start-up, the data, the restore and the first
-compile come before `loop.train` installs its handler (`loop._Preemption`);
+Imports and jax.distributed start-up (which can wait minutes for the other
+hosts) come before `loop.train` installs its handler (`loop._Preemption`);
 under the default action such a SIGTERM (a Slurm time limit or preemption)
 killed the process with status 143 and no summary, so the job was not
 requeued. The training launchers call `catch` first: the signal is recorded
-here, and `loop.train` honours it as if it came at step 0: it saves a
-checkpoint at its first chance (at once on one process, after the first step
-on several) and returns "stopped": "preempted" (exit status 0).
+here, and `loop.train` honours it before its first step (no compile): it
+saves the state it starts from and returns "stopped": "preempted" (exit
+status 0). A fine-tuning suite stops before its first task.
 
 SIGINT keeps its default (KeyboardInterrupt): a Ctrl-C while starting up
 loses no step. No jax here, so this imports in milliseconds.
