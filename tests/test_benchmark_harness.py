@@ -23,10 +23,15 @@ def test_plan_table_meshes_cover_every_device():
   code = (
     "import sys, math; sys.argv = ['plan_table', '--max_tensor=8']; import plan_table; "
     "plan_table.FLAGS(sys.argv); "
-    "print([plan_table._mesh(b, d) for b, d in ((4, 48), (4, 8), (4, 256), (64, 64))])"
+    "cells = [('hybridna_7b', 4, 48), ('hybridna_7b', 4, 8), ('hybridna_7b', 4, 256), "
+    "('hybridna_7b', 64, 64), ('hybridna_300m', 4, 256)]; "
+    "print([plan_table._mesh(*cell) for cell in cells])"
   )
   bench = Path(__file__).resolve().parents[1] / "benchmarks"
   out = subprocess.run([sys.executable, "-c", code], cwd=bench, capture_output=True, text=True)
   assert out.returncode == 0, out.stderr
   mesh = lambda f, c, t: {"data": 1, "fsdp": f, "context": c, "tensor": t}  # noqa: E731
-  assert out.stdout.strip() == str([mesh(4, 2, 6), mesh(4, 1, 2), mesh(4, 8, 8), mesh(64, 1, 1)])
+  # Tensor divides the rest and the heads (7B: 8 key/value heads; the 300M's 4).
+  assert out.stdout.strip() == str(
+    [mesh(4, 3, 4), mesh(4, 1, 2), mesh(4, 8, 8), mesh(64, 1, 1), mesh(4, 16, 4)]
+  )

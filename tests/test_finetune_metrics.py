@@ -83,6 +83,19 @@ def test_f1_macro_leaves_out_classes_absent_from_the_split():
   assert m.f1_macro(f1) == pytest.approx(sk.f1_score(labels, predictions, average="macro"))
 
 
+def test_per_class_results_against_sklearn():
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 3, 40)  # a 4-class task; class 3 absent from this split
+  logits = rng.normal(size=(40, 4))
+  out = m.per_class(labels, logits)
+  predictions = logits.argmax(1)
+  assert out["confusion"] == sk.confusion_matrix(labels, predictions, labels=range(4)).tolist()
+  assert out["examples"] == np.bincount(labels, minlength=4).tolist()
+  expected = sk.f1_score(labels, predictions, labels=range(4), average=None, zero_division=0)
+  present = np.isin(range(4), labels) | np.isin(range(4), predictions)
+  np.testing.assert_allclose(out["f1"], np.where(present, expected, np.nan))
+
+
 def test_auroc_and_auprc_rank_logits_past_softmax_saturation():
   # Margins above ~37 round softmax probabilities to exactly 1.0 (ties).
   labels = np.array([1, 1, 0, 0])

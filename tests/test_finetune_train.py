@@ -90,6 +90,14 @@ def test_tiny_model_learns_a_planted_motif(motif_task, tmp_path, monkeypatch):
   with open(os.path.join(workdir, "results.md")) as f:
     table = f.read()
   assert "| motif" in table and "| mcc |" in table and "echo mean" in table
+  # Per class on test (review: no per-class numbers): the confusion matrix
+  # agrees with the accuracy and its rows with the class counts.
+  per_class = results["test_per_class"]
+  confusion = np.array(per_class["confusion"])
+  assert confusion.sum(axis=1).tolist() == per_class["examples"] and confusion.sum() == 128
+  assert np.trace(confusion) / 128 == pytest.approx(results["test"]["accuracy"])
+  assert np.mean(per_class["f1"]) == pytest.approx(results["test"]["f1_macro"])
+  assert "Test, per class" in table
   # Baselines on the same splits, beside the model, with a plain verdict.
   assert set(results["baselines"]) == {"gc", "kmer", "onehot"}
   assert results["verdict"]["text"] in table and "baseline: GC content" in table

@@ -132,6 +132,20 @@ def classification_metrics(labels: np.ndarray, logits: np.ndarray) -> dict[str, 
   return out
 
 
+def per_class(labels: np.ndarray, logits: np.ndarray) -> dict[str, list]:
+  """labels int (n,), logits (n, k) -> {"examples": (k,) true examples per
+  class, "f1": (k,) F1 per class (NaN: neither true nor predicted),
+  "confusion": (k, k) counts, rows true classes, columns predicted}."""
+  labels = np.asarray(labels, np.int64)
+  k = np.asarray(logits).shape[1]
+  predictions = np.argmax(np.asarray(logits, np.float64), axis=1)
+  return {
+    "examples": np.bincount(labels, minlength=k).tolist(),
+    "f1": f1_per_class(labels, predictions, k).tolist(),
+    "confusion": confusion_matrix(labels, predictions, k).tolist(),
+  }
+
+
 def rankdata(x: np.ndarray) -> np.ndarray:
   """1-based ranks; tied values get the mean of their ranks."""
   return stats.rankdata(np.asarray(x), method="average").astype(np.float64)

@@ -105,10 +105,27 @@ def write_results(workdir: str, results: dict) -> dict[str, str]:
     if "verdict" in results:
       f.write(f"**{results['verdict']['text']}**\n\n")
     f.write(metrics_table(result_rows(results)))
+    if "test_per_class" in results:
+      f.write("\n" + per_class_table(results["test_per_class"]))
   paths = {"json": json_path, "table": table_path}
   if results.get("baselines"):
     paths["baselines_plot"] = plot_baselines(results, os.path.join(workdir, "baselines.png"))
   return paths
+
+
+def per_class_table(per_class: dict) -> str:
+  """Markdown: each test class's examples, F1 and row of the confusion
+  matrix (`metrics.per_class`)."""
+  k = len(per_class["examples"])
+  lines = [
+    "Test, per class (confusion: rows true, columns predicted):\n",
+    "| class | examples | F1 | " + " | ".join(f"-> {c}" for c in range(k)) + " |",
+    "|---:|---:|---:|" + "---:|" * k,
+  ]
+  for c in range(k):
+    counts = " | ".join(str(n) for n in per_class["confusion"][c])
+    lines.append(f"| {c} | {per_class['examples'][c]} | {_fmt(per_class['f1'][c])} | {counts} |")
+  return "\n".join(lines) + "\n"
 
 
 def plot_baselines(results: dict, out_path: str) -> str:

@@ -431,6 +431,8 @@ class FinetuneTask(loop.Task):
       "data": self.data.summary(),
       "settings": self.task_info(),
     }
+    if self.kind == "classification":
+      results["test_per_class"] = metrics_lib.per_class(self.data.splits["test"].labels, test_out)
     if jax.process_index() == 0:
       if self.config.finetune.baselines:
         weight = baselines_lib.class_weight_of(self.config.finetune, self.kind)
