@@ -84,6 +84,9 @@ def test_finetune_with_probe_writes_results_and_baselines(gc_task, tmp_path):
   table = open(os.path.join(workdir, "results.md")).read()
   assert "chosen on dev mcc; backbone: fresh init" in table
   assert "linear probe: mean, token embeddings" in table and results["verdict"]["text"] in table
+  confusion = np.array(saved["test_per_class"]["confusion"])  # the probe's, as a head's
+  assert np.trace(confusion) / confusion.sum() == pytest.approx(results["test"]["accuracy"])
+  assert "Test, per class" in table
 
 
 def test_probe_of_echo_views_equals_one_probe_per_pooling(gc_task, tmp_path):

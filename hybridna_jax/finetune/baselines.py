@@ -179,7 +179,8 @@ def choose_strength(
     class_weight: None or "balanced" (`fit`).
 
   Returns:
-    {"dev", "test": metrics, "c": chosen strength, "dev_by_c": {str(c): dev headline}}.
+    {"dev", "test": metrics, "c": chosen strength, "dev_by_c": {str(c): dev
+    headline}}, and for classification "test_per_class" (`metrics.per_class`).
   """
   headline = metrics_lib.HEADLINE[data.kind]
   best, by_c = None, {}
@@ -197,9 +198,12 @@ def choose_strength(
     by_c[str(c)] = score
     score = score if np.isfinite(score) else -np.inf
     if best is None or score > best[0]:
-      best = (score, c, found)
-  _, c, found = best
-  return {**found, "c": c, "dev_by_c": by_c}
+      best = (score, c, found, outputs["test"])
+  _, c, found, test_outputs = best
+  out = {**found, "c": c, "dev_by_c": by_c}
+  if data.kind == "classification":
+    out["test_per_class"] = metrics_lib.per_class(data.splits["test"].labels, test_outputs)
+  return out
 
 
 def choose_kmer(

@@ -88,6 +88,7 @@ def _results(
   """Fits the probe on `features` (split -> (n_split, f)); the results dict."""
   fit = fit_probe(features, data, class_weight=class_weight)
   model = "logistic regression" if data.kind == "classification" else "ridge"
+  per_class = {"test_per_class": fit["test_per_class"]} if "test_per_class" in fit else {}
   return {
     "task": data.name,
     "kind": data.kind,
@@ -104,6 +105,7 @@ def _results(
       "dev_by_c": fit["dev_by_c"],
       "class_weight": class_weight,
     },
+    **per_class,
   }
 
 
