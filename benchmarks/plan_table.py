@@ -8,8 +8,8 @@ Each cell compiles the train step of config.train.stages[stage] (the paper's
 ~0.5M tokens per step: 64 x 8k, 16 x 32k, 4 x 131k) on `devices` fake CPU
 devices with the GPU kernels as shape proxies, on the mesh data=1,
 fsdp=gcd(batch, devices), tensor the largest divisor of devices / fsdp up
-to --max_tensor that every layer's heads divide, and the remaining devices on the context axis (each
-sequence split over them).
+to --max_tensor that every layer's heads divide, and the remaining
+devices on the context axis (each sequence split over them).
 Results land in <out_dir>/<cell>/plan.json; cells already there are
 skipped, so the script can be stopped and resumed.
 """

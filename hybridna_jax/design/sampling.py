@@ -392,13 +392,13 @@ def run_sampling(
     # one design) is null in the strict JSON.
     paths.write_json(json_path, result)
     paths.write_text(text_path, table + "\n")
-    write_fasta(sets, fasta_path, settings=settings, seed=seed, source=source)
     references = design_data.sequences_by_label(training, vocab) if training is not None else {}
     if training is not None:
       references["unconditional"] = list(training.sequences)
     result["plot"] = metrics.plot_summary(
       {s.name: s.sequences for s in sets}, references, plot_path, k=int(g.kmer)
     )
+    write_fasta(sets, fasta_path, settings=settings, seed=seed, source=source)
     logging.info("wrote %s and its summaries", output)
   result["table"] = table
   return result
