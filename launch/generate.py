@@ -17,11 +17,12 @@ takes a --prefix instead of labels):
   every label combination. Sampling settings default to the --config's
   `generate` section, else the run's own; the flags below override them.
 
-Writes <workdir>/designs.fasta (or --output; an existing one is refused
-unless --overwrite) with the prompt and settings in every header, and next
-to it .summary.json / .summary.txt (GC content, 6-mer spectrum distance to
-the training sequences of each label, mean pairwise edit distance, share of
-exact training copies) and .summary.png.
+Writes <workdir>/designs.fasta (or --output; an existing one, or existing
+summaries of the same name, are refused unless --overwrite) with the
+prompt and settings in every header, and next to it .summary.json /
+.summary.txt (GC content, 6-mer spectrum distance to the training sequences
+of each label, mean pairwise edit distance, share of exact training copies)
+and .summary.png.
 
 Judged by an oracle when config.generate.oracle_csv, oracle_dev_csv and
 test_csv are set (or --oracle_csv --oracle_dev_csv --test_csv): a k-mer
@@ -67,7 +68,7 @@ flags.DEFINE_float("top_p", None, "sample: nucleus mass (1: all).")
 flags.DEFINE_integer("beam_width", None, "sample: > 1 runs beam search.")
 flags.DEFINE_float("length_penalty", None, "sample: beam score = log-prob / len ** this.")
 flags.DEFINE_bool("allow_n", None, "sample: allow N in designs.")
-flags.DEFINE_integer("seed", None, "sample: random seed.")
+flags.DEFINE_integer("seed", None, "sample: random seed, in [0, 2**32).")
 flags.DEFINE_string("output", None, "sample: FASTA path (default <workdir>/designs.fasta).")
 flags.DEFINE_bool(
   "overwrite", False, "sample: replace an existing --output FASTA and its summaries."
