@@ -16,7 +16,8 @@
 `score` section of --config (default: the run's config.json): context,
 stride, batch_size, dtype, rc_average, pooling, layer, variant_window,
 max_indel_length. Outputs go to --output (default <workdir>/scores/<name>),
-with a plot next to it; progress is logged while scoring.
+with a plot next to it; progress is logged while scoring. An earlier run's
+outputs are not replaced without --overwrite.
 
 Variants are streamed (hybridna_jax.scoring.callsets): VCF/BCF through htslib
 (pysam), the reference (plain or bgzip FASTA) at random through faidx, memory
@@ -67,6 +68,12 @@ flags.DEFINE_string(
   "plots and other files are written next to it.",
 )
 flags.DEFINE_bool(
+  "overwrite",
+  False,
+  "Replace existing outputs of an earlier run at --output (mode=variants: also start an "
+  "interrupted run over instead of resuming it).",
+)
+flags.DEFINE_bool(
   "bedgraph",
   False,
   "mode=positions: also write <output>.bedgraph of the "
@@ -98,6 +105,7 @@ def main(argv):
   output = launch_utils.local_output(
     FLAGS.output or os.path.join(FLAGS.workdir, "scores", f"{mode}.{_EXTENSIONS[mode]}"), "--output"
   )
+  _refuse_to_replace(mode, output)
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
 
   # The `score` section, found before the (slower) restore so that inputs
@@ -157,6 +165,30 @@ def main(argv):
     )
   logging.info("wrote %s", ", ".join(paths))
   logging.info("compiled programs: %d (buckets %s)", scorer.trace_count, scorer.buckets)
+
+
+def _refuse_to_replace(mode: str, output: str) -> None:
+  """Refuses, before anything is restored, to replace an earlier run's
+  outputs without --overwrite; an interrupted variants run at `output` is
+  resumed instead (or, with --overwrite, started over)."""
+  from hybridna_jax.scoring import callsets  # pylint: disable=g-import-not-at-top
+  from hybridna_jax.scoring import outputs as score_outputs  # pylint: disable=g-import-not-at-top
+
+  if mode == "variants":
+    progress = callsets.progress_file(output)
+    if os.path.exists(progress):
+      if FLAGS.overwrite:
+        os.remove(progress)  # its partial outputs are rewritten from the start
+      return
+    files = callsets.output_files(output, FLAGS.annotated) + [output + ".png"]
+  else:
+    files = score_outputs.output_files(mode, output, bedgraph=FLAGS.bedgraph)
+  existing = [f for f in files if os.path.exists(f)]
+  if existing and not FLAGS.overwrite:
+    raise app.UsageError(
+      f"{existing[0]} exists (an earlier score run's); pass another --output, or --overwrite "
+      "to replace that run's outputs."
+    )
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ echo "== 3/4 zero-shot variant effects in a held-out genome -> $RUN/scores"
 "$PY" scripts/make_variant_demo.py write --genome="$HELD_OUT_GENOME" \
     --out="$RUN/variants.csv"
 "$PY" launch/score.py --workdir="$RUN" --config="$CONFIG" --mode=variants \
-    --variants="$RUN/variants.csv" --reference="$HELD_OUT_GENOME"
+    --variants="$RUN/variants.csv" --reference="$HELD_OUT_GENOME" --overwrite
 "$PY" scripts/make_variant_demo.py summarize --tsv="$RUN/scores/variants.tsv"
 
 echo "== 4/4 generation: continuations of a held-out gene's first 120 nt"

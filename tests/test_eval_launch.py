@@ -212,18 +212,18 @@ def test_launchers(tiny_run, lambda_store, inputs, tmp_path):
   assert llrs[0] == f"HYBRIDNA_LLR={scores[0]['llr_forward']};HYBRIDNA_LLR_RC={scores[0]['llr']}"
   assert (out / "v.vcf.gz.csi").exists() and (out / "v.tsv.png").exists()
 
+  # A finished run's outputs are not replaced without --overwrite (refused
+  # before the restore).
+  again = _launch("score.py", tiny_run, *runs["variants"].args[3:], env=env)  # its flags
+  log, _ = again.communicate(timeout=300)
+  assert again.returncode != 0 and f"{out}/v.tsv exists (an earlier score run's)" in log
+
 
 def test_score_without_config_restores_on_the_devices_it_has(tiny_run, inputs, tmp_path):
   # tiny_run was trained on 8 devices with mesh.tensor=2; scoring it on one
   # takes the run's `score` settings but not its training mesh.
-  proc = _launch(
-    "score.py",
-    tiny_run,
-    "--mode=loglik",
-    f"--fasta={inputs['fasta']}",
-    f"--output={tmp_path}/ll.tsv",
-    env=launch_env(1),
-  )
+  args = ["--mode=loglik", f"--fasta={inputs['fasta']}", f"--output={tmp_path}/ll.tsv"]
+  proc = _launch("score.py", tiny_run, *args, env=launch_env(1))
   log, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, log[-3000:]
   assert "context 64" in log  # the trained context, from the run's config
@@ -233,6 +233,12 @@ def test_score_without_config_restores_on_the_devices_it_has(tiny_run, inputs, t
     ["long", "702", "699"],
     ["mid", "300", "299"],
   ]
+  again = _launch("score.py", tiny_run, *args, env=launch_env(1))
+  log, _ = again.communicate(timeout=300)
+  assert again.returncode != 0 and "ll.tsv exists (an earlier score run's)" in log
+  replaced = _launch("score.py", tiny_run, *args, "--overwrite", env=launch_env(1))
+  log, _ = replaced.communicate(timeout=300)
+  assert replaced.returncode == 0, log[-3000:]
 
 
 def test_evaluations_of_other_data_or_checkpoints_never_share_a_file():

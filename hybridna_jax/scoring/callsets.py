@@ -532,6 +532,18 @@ def _fingerprint(variants_path, reference_path, scorer, window, **settings) -> d
   }
 
 
+def output_files(output: str, annotated: str | None = None) -> list[str]:
+  """The files that `score_callset` writes at `output`: the scores TSV, the
+  skipped records' TSV and, if asked, the annotated VCF/BCF (an index is
+  written beside it)."""
+  return [output, output + ".skipped.tsv"] + ([annotated] if annotated else [])
+
+
+def progress_file(output: str) -> str:
+  """Where an interrupted `score_callset` run at `output` records its state."""
+  return output + ".progress.json"
+
+
 def score_callset(
   scorer,
   variants_path: str,
@@ -570,7 +582,7 @@ def score_callset(
   if annotated:
     _annotated_kind(annotated)
   reference = reference if reference is not None else open_reference(reference_path)
-  skipped_path, progress_path = output + ".skipped.tsv", output + ".progress.json"
+  skipped_path, progress_path = output_files(output)[1], progress_file(output)
   partial = annotated + ".partial.vcf" if annotated else None
   fingerprint = _fingerprint(
     variants_path,

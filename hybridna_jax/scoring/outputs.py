@@ -1,7 +1,7 @@
 """Files written by launch/score.py: log-likelihood TSVs, per-position NPZ /
-bedGraph tracks and plots, embedding NPZs, variant-effect TSVs; readers for
-the NPZs; and `score_sequences_to_files` / `score_variants_to_files`, the
-bodies of its modes.
+bedGraph tracks and plots, embedding NPZs; readers for
+the NPZs; and `score_sequences_to_files`, the body of its sequence modes
+(variants: hybridna_jax.scoring.callsets).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import numpy as np
 from absl import logging
 
 from hybridna_jax import paths, plotting
-from hybridna_jax.scoring import variants as variants_lib
 from hybridna_jax.scoring.scorer import LogLikelihood, PositionScores, Progress, Scorer
 
 LN2 = math.log(2.0)
@@ -151,8 +150,9 @@ def score_sequences_to_files(
   progress: Progress | None = None,
 ) -> list[str]:
   """Runs mode "loglik" (TSV), "positions" (NPZ, plot, optional bedGraph)
-  or "embed" (NPZ) and writes the results; returns the paths written."""
-  stem = os.path.splitext(output)[0]
+  or "embed" (NPZ) and writes the results (`output_files`); returns the
+  paths written."""
+  files = output_files(mode, output, bedgraph=bedgraph)
   repeated = sorted(n for n, c in collections.Counter(names).items() if c > 1)
   if repeated:
     logging.warning(
@@ -169,53 +169,31 @@ def score_sequences_to_files(
     )
   if mode == "loglik":
     ll = scorer.log_likelihood(sequences, rc_average=rc_average, progress=progress)
-    write_loglik(output, names, [len(t) for t in sequences], ll)
-    return [output]
+    write_loglik(files[0], names, [len(t) for t in sequences], ll)
+    return files
   if mode == "positions":
     positions = scorer.position_scores(sequences, rc_average=rc_average, progress=progress)
-    npz = output if output.endswith(".npz") else output + ".npz"
-    write_positions(npz, names, positions)
-    written = [npz, plot_positions(stem + ".png", names, positions)]
+    write_positions(files[0], names, positions)
+    plot_positions(files[1], names, positions)
     if bedgraph:
-      write_bedgraph(stem + ".bedgraph", names, positions)
-      written.append(stem + ".bedgraph")
-    return written
+      write_bedgraph(files[2], names, positions)
+    return files
+  embeddings = scorer.embed(
+    sequences, pooling=pooling, layer=layer, rc_average=rc_average, progress=progress
+  )
+  write_embeddings(files[0], names, embeddings, pooling=pooling, layer=layer, rc_average=rc_average)
+  return files
+
+
+def output_files(mode: str, output: str, *, bedgraph: bool = False) -> list[str]:
+  """The files that `score_sequences_to_files` writes for `mode` at `output`:
+  loglik [TSV]; positions [NPZ, plot, bedGraph if asked]; embed [NPZ]."""
+  npz = output if output.endswith(".npz") else output + ".npz"
+  stem = os.path.splitext(output)[0]
+  if mode == "loglik":
+    return [output]
+  if mode == "positions":
+    return [npz, stem + ".png"] + ([stem + ".bedgraph"] if bedgraph else [])
   if mode == "embed":
-    embeddings = scorer.embed(
-      sequences, pooling=pooling, layer=layer, rc_average=rc_average, progress=progress
-    )
-    npz = output if output.endswith(".npz") else output + ".npz"
-    write_embeddings(npz, names, embeddings, pooling=pooling, layer=layer, rc_average=rc_average)
     return [npz]
   raise ValueError(f"unknown mode {mode!r}; expected loglik, positions or embed.")
-
-
-def score_variants_to_files(
-  scorer: Scorer,
-  found: Sequence[variants_lib.Variant],
-  problems: Sequence[variants_lib.Problem],
-  reference: variants_lib.Reference,
-  output: str,
-  *,
-  window: int,
-  rc_average: bool = False,
-  progress: Progress | None = None,
-) -> list[str]:
-  """Scores variants; writes <output> (TSV), <output>.skipped.tsv (every
-  record not scored, with file:line and reason) and <output>.png."""
-  scores, more = variants_lib.score_variants(
-    scorer, found, reference, window=window, rc_average=rc_average, progress=progress
-  )
-  problems = list(problems) + more
-  variants_lib.write_scores(output, scores)
-  skipped = output + ".skipped.tsv"
-  variants_lib.write_problems(skipped, problems)
-  plot = variants_lib.plot_scores(output + ".png", scores)
-  logging.info(
-    "%d variants scored -> %s; %d records skipped -> %s",
-    len(scores),
-    output,
-    len(problems),
-    skipped,
-  )
-  return [output, skipped] + ([plot] if plot else [])
