@@ -18,7 +18,6 @@ Running it again with unchanged inputs re-uses the store.
     # then train from it: --config.data.store_dir=gs://bucket/stores/demo
 """
 
-import json
 import os
 import sys
 
@@ -81,9 +80,7 @@ def main(argv):
   except ValueError as e:  # Bad input or config: the message says it all.
     logging.error("prepare_data failed: %s", e)
     sys.exit(1)
-  path = paths.write_text(
-    paths.join(_WORKDIR.value, "prepare_data.json"), json.dumps(result, indent=1)
-  )
+  path = paths.write_json(paths.join(_WORKDIR.value, "prepare_data.json"), result)
   logging.info("Wrote %s", path)
   for name, split in result["splits"].items():
     print(

@@ -41,13 +41,6 @@ class DesignData:
   def row_labels(self, i: int) -> dict[str, str]:
     return {c: self.labels[c][i] for c in self.columns}
 
-  def by_prompt(self, vocab: PromptVocab) -> dict[tuple[int, ...], list[str]]:
-    """Sequences grouped by their label tokens."""
-    groups: dict[tuple[int, ...], list[str]] = {}
-    for i, seq in enumerate(self.sequences):
-      groups.setdefault(tuple(vocab.label_tokens(self.row_labels(i), raw=True)), []).append(seq)
-    return groups
-
 
 def load_design_csv(path: str | os.PathLike, label_columns: Sequence[str]) -> DesignData:
   """Reads a CSV with a `sequence` column and the label columns.

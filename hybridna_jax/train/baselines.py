@@ -93,11 +93,3 @@ class MarkovModel:
       )
       out[positions] = np.log2(p)
     return out, valid
-
-  def bits_per_nucleotide(self, records: Iterable[np.ndarray]) -> float:
-    total, count = 0.0, 0
-    for tokens in records:
-      log2p, scored = self.log2_probs(tokens)
-      total -= log2p[scored].sum()
-      count += int(scored.sum())
-    return total / max(count, 1)

@@ -337,15 +337,13 @@ class Checkpoints:
 
   def update_meta(self, step: int, meta: dict) -> None:
     """Replaces fields of a saved step's meta (process 0; every process
-    waits). The JSON item is one small file, rewritten through a temporary
-    file and a rename, so a kill leaves the old meta or the new one."""
+    waits). The JSON item is one small file, rewritten whole
+    (`paths.write_text`), so a kill leaves the old meta or the new one."""
     self.wait()
     if jax.process_index() == 0:
       path = self.step_directory(step) / "meta" / "metadata"
       updated = {**json.loads(path.read_text()), **meta}
-      tmp = path.parent / (path.name + ".tmp")
-      tmp.write_text(json.dumps(updated))
-      tmp.replace(path)
+      paths.write_text(path, json.dumps(updated))
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"checkpoint-update-meta-{step}")
 

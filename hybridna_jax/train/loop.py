@@ -513,7 +513,7 @@ def _write_config(
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if changed:
       kept = paths.join(workdir, f"config.step{resumed_step}.json")
-      paths.write_text(kept, json.dumps(before, indent=2))
+      paths.write_json(kept, before)
       logging.warning(
         "resumed at step %d with other settings (%s); the earlier config is kept as %s.",
         resumed_step,

@@ -4,8 +4,6 @@ the same windows and targets."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 from absl import logging
 
@@ -70,7 +68,7 @@ def baseline_report(config, model_val: dict, workdir: str) -> str:
     "scored_targets": model_val.get("tokens"),
     "bits_per_nt": dict(rows),
   }
-  paths.write_text(paths.join(workdir, "baseline_report.json"), json.dumps(report, indent=2))
+  paths.write_json(paths.join(workdir, "baseline_report.json"), report)
   metrics = paths.join(workdir, "metrics.jsonl")
   if metrics.exists():
     plot_loss_curves(
