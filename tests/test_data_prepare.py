@@ -268,6 +268,39 @@ def test_a_moved_checkout_reuses_its_store(tmp_path):
     prepare.prepare_store(c)
 
 
+def test_training_refuses_a_store_of_other_data_than_its_config_names(tmp_path):
+  """Review: train.py opened data.store_dir without a look at how it was
+  prepared, so a run could train and validate on other data than its
+  config.json records (other files, another validation split)."""
+  _genomes(tmp_path, count=3)
+  c = _cfg(tmp_path, [tmp_path / "g[01].fa"], val_sources=("g1",))
+  prepare.prepare_store(c)
+  prepare.check_store_matches(c)  # as prepared
+  c.split.val_sources = ("g0",)
+  with pytest.raises(store_lib.StoreError, match=r"split.val_sources: store \['g1'\], config"):
+    prepare.check_store_matches(c)
+  c.split.val_sources = ("g1",)
+  c.fasta_globs = (str(tmp_path / "g*.fa"),)  # one genome more
+  with pytest.raises(
+    store_lib.StoreError,
+    match=r"fasta_globs: store 2 files \(g0.fa, g1.fa\), config 3 files .*prepare it again",
+  ):
+    prepare.check_store_matches(c)
+  c.fasta_globs = (str(tmp_path / "g[01].fa"),)
+  fasta.write_fasta(tmp_path / "g0.fa", [("chr0", "ACGTACGTAC")])
+  with pytest.raises(store_lib.StoreError, match=r"2 files \(g0.fa, g1.fa\) changed since"):
+    prepare.check_store_matches(c)
+  # Not checked: a store named without its inputs, or prepared from files
+  # that are not on this machine (only the split is compared then).
+  c.fasta_globs = ()
+  prepare.check_store_matches(c)
+  c.fasta_globs = (str(tmp_path / "elsewhere" / "*.fa"),)
+  prepare.check_store_matches(c)
+  c.split.val_sources = ("g0",)
+  with pytest.raises(store_lib.StoreError, match="split.val_sources"):
+    prepare.check_store_matches(c)
+
+
 def test_streaming_is_bounded_and_exact(tmp_path):
   # ~6 MB of sequence in a few long records and many short ones, prepared
   # with 64 KiB blocks: the tokens equal the one-shot encoding and peak

@@ -86,6 +86,15 @@ def test_stage_longer_than_the_records_is_refused(tiny_config, tmp_path):
     loop.train(_one_stage(tiny_config), str(tmp_path / "run"))
 
 
+def test_store_of_other_data_is_refused_before_step_0(tiny_config, tmp_path):
+  tiny_config.data = _store(tmp_path / "s", [("a", "ACGT" * 100), ("b", "ACGT" * 50)], val=["b"])
+  tiny_config.data.split.val_records = ("a",)  # not how the store was split
+  workdir = str(tmp_path / "run")
+  with pytest.raises(store_lib.StoreError, match=r"split.val_records: store \['b'\], config \['a'\]"):
+    loop.train(_one_stage(tiny_config), workdir)
+  assert not glob.glob(os.path.join(workdir, loop.CHECKPOINT_DIR, "*"))
+
+
 def test_missing_val_split_is_refused_before_step_0(tiny_config, tmp_path, lambda_store):
   ((_, tokens),) = fasta.read_fasta(os.path.join(ROOT, "tests", "data", "lambda_virus.fa"))
   from hybridna_jax import tokenizer  # pylint: disable=g-import-not-at-top

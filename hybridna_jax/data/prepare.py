@@ -211,6 +211,63 @@ def same_fingerprint(saved: Any, now: dict[str, Any]) -> bool:
   return located_nowhere(saved) == located_nowhere(now)
 
 
+def check_store_matches(data_cfg) -> None:
+  """Refuses a store prepared from other inputs or another split than
+  `data_cfg` names, so that a run trains and validates on the data its
+  config.json records. Nothing is checked when data.fasta_globs is empty
+  (the store is used as it is); the input files are compared only when the
+  globs match files here (a store prepared on another machine is not).
+
+  Raises:
+    store.StoreError: naming the fields that differ and the fix.
+  """
+  if not data_cfg.fasta_globs:
+    return
+  try:
+    saved = store_lib.read_manifest(data_cfg.store_dir).get("metadata", {}).get("fingerprint")
+  except (OSError, ValueError):
+    return  # opening the store reports it
+  if not isinstance(saved, dict):
+    return  # written by an export or an earlier version: nothing recorded
+  try:
+    files = resolve_inputs(data_cfg.fasta_globs, data_cfg.source_from)
+  except ValueError:
+    files = None
+  now = fingerprint(files or [], data_cfg)
+  if files is None:
+    now["inputs"] = saved.get("inputs", [])
+  if same_fingerprint(saved, now):
+    return
+  raise store_lib.StoreError(
+    f"{data_cfg.store_dir} was prepared from other data than this config names "
+    f"({'; '.join(_differences(saved, now))}); prepare it again (launch/prepare_data.py with "
+    "this config, and data.overwrite_store=True), or set these data fields to the store's."
+  )
+
+
+def _differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+  """'field: store X, config Y' for each fingerprint field that differs."""
+
+  def files(fp):
+    names = sorted(os.path.basename(f.get("path", "")) for f in fp.get("inputs", []))
+    return f"{len(names)} files ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+
+  def flat(fp):
+    out = {k: v for k, v in fp.items() if k not in ("inputs", "split")}
+    return out | {f"split.{k}": v for k, v in fp.get("split", {}).items()}
+
+  out = []
+  if not same_fingerprint({"inputs": saved.get("inputs", [])}, {"inputs": now["inputs"]}):
+    before, after = files(saved), files(now)
+    if before == after:  # the same names: sizes or modification times differ
+      out.append(f"fasta_globs: {after} changed since the store was prepared")
+    else:
+      out.append(f"fasta_globs: store {before}, config {after}")
+  old, new = flat(saved), flat(now)
+  out += [f"{k}: store {old.get(k)!r}, config {new[k]!r}" for k in new if old.get(k) != new[k]]
+  return out
+
+
 class _Progress:
   """Logs bytes, records and throughput every `every` seconds."""
 

@@ -34,7 +34,7 @@ from hybridna_jax.config import (
   architecture_differences,
   validate,
 )
-from hybridna_jax.data import pipeline
+from hybridna_jax.data import pipeline, prepare
 from hybridna_jax.data.store import StoreError
 from hybridna_jax.model import HybriDNA, describe_layout, same_param_layout
 from hybridna_jax.train import flops as flops_lib
@@ -456,7 +456,9 @@ class LMPretraining(Task):
     """Every stage's windows fit the store's records and are not all N
     (`pipeline.train_windows`), and the val split exists when the run
     evaluates (train.eval_every > 0), with N targets out of the loss when
-    Markov baselines are compared on it."""
+    Markov baselines are compared on it; the store holds the data that
+    data.fasta_globs and data.split name (`prepare.check_store_matches`)."""
+    prepare.check_store_matches(self.config.data)
     for seq_len in sorted({s.seq_len for s in stages}):
       try:
         store, _, _ = pipeline.train_windows(self.config.data, seq_len=seq_len)
