@@ -46,7 +46,7 @@ def main(argv):
   launch_utils.quiet_library_logs()
   # Imported after flag parsing (nothing may touch devices before).
   from hybridna_jax import scoring  # pylint: disable=g-import-not-at-top
-  from hybridna_jax.config import ScoreConfig  # pylint: disable=g-import-not-at-top
+  from hybridna_jax.config import DataConfig, ScoreConfig  # pylint: disable=g-import-not-at-top
   from hybridna_jax.scoring import evaluation  # pylint: disable=g-import-not-at-top
 
   # Checked before the (long) evaluation, which would otherwise be lost.
@@ -61,7 +61,9 @@ def main(argv):
   max_records, max_tokens = section.eval_max_records, section.eval_max_tokens
   if FLAGS.fasta:
     data = list(FLAGS.fasta)
-    sequences = evaluation.fasta_sequences(data, max_records, max_tokens)
+    sequences = evaluation.fasta_sequences(
+      data, max_records, max_tokens, allow_empty_records=DataConfig.of(config).allow_empty_records
+    )
   else:
     data = section.eval_split
     sequences = evaluation.store_sequences(config.data.store_dir, data, max_records, max_tokens)

@@ -91,7 +91,7 @@ def main(argv):
     restore,  # pylint: disable=g-import-not-at-top
     scoring,  # pylint: disable=g-import-not-at-top
   )
-  from hybridna_jax.config import ScoreConfig  # pylint: disable=g-import-not-at-top
+  from hybridna_jax.config import DataConfig, ScoreConfig  # pylint: disable=g-import-not-at-top
   from hybridna_jax.scoring import callsets  # pylint: disable=g-import-not-at-top
   from hybridna_jax.scoring import outputs as score_outputs  # pylint: disable=g-import-not-at-top
   from hybridna_jax.scoring import variants as variants_lib  # pylint: disable=g-import-not-at-top
@@ -114,12 +114,15 @@ def main(argv):
   # from_run gets --config alone, as in launch/eval.py.
   path = FLAGS.checkpoint or FLAGS.workdir
   run_config = restore.run_config(restore.find_checkpoint(path, FLAGS.which).run_dir)
-  section = ScoreConfig.of(FLAGS.config if FLAGS.config is not None else run_config)
+  config = FLAGS.config if FLAGS.config is not None else run_config
+  section = ScoreConfig.of(config)
   if mode == "variants":
     callsets.CallSet(FLAGS.variants, region=FLAGS.region)  # header and index checks
     reference = callsets.open_reference(FLAGS.reference)
   else:
-    records = fasta_sequences(FLAGS.fasta)
+    records = fasta_sequences(
+      FLAGS.fasta, allow_empty_records=DataConfig.of(config).allow_empty_records
+    )
 
   scorer, _ = scoring.Scorer.from_run(path, FLAGS.config, which=FLAGS.which)
   rc = section.rc_average

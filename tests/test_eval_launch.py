@@ -259,3 +259,17 @@ def test_evaluations_of_other_data_or_checkpoints_never_share_a_file():
   two, other = stem(["a.fa", "b.fa"], 64, 32), stem(["a.fa", "c.fa"], 64, 32)
   assert two.startswith("eval_2fasta-") and two != other
   assert two == stem(["b.fa", "a.fa"], 64, 32)  # the same set in another order
+
+
+def test_fasta_inputs_skip_empty_records_only_when_asked(tmp_path, caplog):
+  """Review: eval.py's error said "set data.allow_empty_records=True", which
+  eval and score then ignored."""
+  path = tmp_path / "in.fa"
+  path.write_text(">a\nACGT\n>empty\n>a\nGGCC\n")
+  with pytest.raises(fasta.FastaFormatError, match="line 3: header '>empty' has no sequence"):
+    evaluation.fasta_sequences([str(path)])
+  records = evaluation.fasta_sequences([str(path)], allow_empty_records=True)
+  assert [(r.name, tokenizer.decode(r.tokens)) for r in records] == [("a", "ACGT"), ("a", "GGCC")]
+  caplog.set_level("WARNING")
+  evaluation.log_records(records)
+  assert "1 record name(s) repeat (a)" in caplog.text

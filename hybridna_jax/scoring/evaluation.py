@@ -15,6 +15,7 @@ loss; N is left out. Metrics are token-weighted:
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import math
@@ -44,15 +45,21 @@ class NamedSequence(NamedTuple):
 
 
 def fasta_sequences(
-  paths: Sequence[str], max_records: int = 0, max_tokens: int = 0
+  paths: Sequence[str],
+  max_records: int = 0,
+  max_tokens: int = 0,
+  *,
+  allow_empty_records: bool = False,
 ) -> list[NamedSequence]:
   """Records of FASTA files (plain or compressed), optionally only the first
-  `max_records` and the first `max_tokens` tokens of each."""
+  `max_records` and the first `max_tokens` tokens of each; records with no
+  sequence are refused, or skipped with a warning (`allow_empty_records`,
+  config data.allow_empty_records)."""
   out = []
   for path in paths:
     if not os.path.exists(path):
       raise FileNotFoundError(f"FASTA file {path} not found.")
-    for header, tokens in fasta.read_fasta(path):
+    for header, tokens in fasta.read_fasta(path, allow_empty_records=allow_empty_records):
       if max_records and len(out) >= max_records:
         return out
       out.append(
@@ -63,6 +70,21 @@ def fasta_sequences(
   if not out:
     raise ValueError(f"no FASTA records in {', '.join(paths)}.")
   return out
+
+
+def warn_repeated_names(names: Sequence[str]) -> list[str]:
+  """Logs one warning naming the record names that occur more than once
+  (outputs keep every record in input order, but a lookup by name cannot
+  tell them apart); returns them."""
+  repeated = sorted(n for n, c in collections.Counter(names).items() if c > 1)
+  if repeated:
+    logging.warning(
+      "%d record name(s) repeat (%s): the outputs keep every record in input order, but a "
+      "bedGraph or a lookup by name cannot tell them apart.",
+      len(repeated),
+      ", ".join(repeated[:5]) + (", ..." if len(repeated) > 5 else ""),
+    )
+  return repeated
 
 
 def store_sequences(
@@ -316,6 +338,8 @@ def write(result: dict, output_dir: str, stem: str) -> dict[str, str]:
 
 
 def log_records(sequences: Iterable[NamedSequence]) -> None:
+  """Logs how much is evaluated, and warns about repeated record names."""
   seqs = list(sequences)
+  warn_repeated_names([s.name for s in seqs])
   total = sum(len(s.tokens) for s in seqs)
   logging.info("evaluating %d records, %s nucleotides", len(seqs), f"{total:,}")

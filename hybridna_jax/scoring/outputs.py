@@ -6,15 +6,14 @@ the NPZs; and `score_sequences_to_files`, the body of its sequence modes
 
 from __future__ import annotations
 
-import collections
 import math
 import os
 from collections.abc import Sequence
 
 import numpy as np
-from absl import logging
 
 from hybridna_jax import paths, plotting
+from hybridna_jax.scoring import evaluation
 from hybridna_jax.scoring.scorer import LogLikelihood, PositionScores, Progress, Scorer
 
 LN2 = math.log(2.0)
@@ -153,17 +152,8 @@ def score_sequences_to_files(
   or "embed" (NPZ) and writes the results (`output_files`); returns the
   paths written."""
   files = output_files(mode, output, bedgraph=bedgraph)
-  repeated = sorted(n for n, c in collections.Counter(names).items() if c > 1)
-  if repeated:
-    logging.warning(
-      "%d record name(s) repeat (%s): the outputs keep every record in input order, but a "
-      "bedGraph or a lookup by name cannot tell them apart.",
-      len(repeated),
-      ", ".join(repeated[:5]) + (", ..." if len(repeated) > 5 else ""),
-    )
+  evaluation.warn_repeated_names(names)
   if mode in ("loglik", "positions"):
-    from hybridna_jax.scoring import evaluation  # pylint: disable=g-import-not-at-top
-
     evaluation.warn_unscorable(
       names, sequences, add_bos=scorer.settings.add_bos, rc_average=rc_average
     )
