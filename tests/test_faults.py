@@ -90,7 +90,8 @@ def test_store_of_other_data_is_refused_before_step_0(tiny_config, tmp_path):
   tiny_config.data = _store(tmp_path / "s", [("a", "ACGT" * 100), ("b", "ACGT" * 50)], val=["b"])
   tiny_config.data.split.val_records = ("a",)  # not how the store was split
   workdir = str(tmp_path / "run")
-  with pytest.raises(store_lib.StoreError, match=r"split.val_records: store \['b'\], config \['a'\]"):
+  refused = r"split.val_records: store \['b'\], config \['a'\]"
+  with pytest.raises(store_lib.StoreError, match=refused):
     loop.train(_one_stage(tiny_config), workdir)
   assert not glob.glob(os.path.join(workdir, loop.CHECKPOINT_DIR, "*"))
 

@@ -185,6 +185,13 @@ def test_pytorch_weights_only_say_how_to_resave(tmp_path):
     restore.find_checkpoint(str(tmp_path))  # the launchers' lookup
 
 
+def test_weights_without_config_json_are_named(tmp_path):
+  _bamba().save_pretrained(tmp_path)
+  os.remove(tmp_path / "config.json")  # an incomplete download
+  with pytest.raises(hf.HFCheckpointError, match=r"holds model.safetensors but no config.json"):
+    restore.find_checkpoint(str(tmp_path))  # the launchers' lookup
+
+
 def test_truncated_shard_is_named(tmp_path):
   _bamba().save_pretrained(tmp_path, max_shard_size="20KB")
   shard = sorted(tmp_path.glob("model-*.safetensors"))[1]
@@ -469,12 +476,12 @@ def test_list_valued_eos_token_id(tmp_path):
 _CHAR_SPECIALS = ["[CLS]", "[SEP]", "[BOS]", "[MASK]", "[PAD]", "[RESERVED]", "[UNK]"]
 
 
-def _write_char_tokenizer_config(path):
+def _write_char_tokenizer_config(path, characters="ACGTN"):
   config = {
     "added_tokens_decoder": {
       str(i): {"content": t, "special": True} for i, t in enumerate(_CHAR_SPECIALS)
     },
-    "characters": list("ACGTN"),
+    "characters": list(characters),
     "bos_token": "[BOS]",
     "pad_token": "[PAD]",
     "model_max_length": 131074,
@@ -545,6 +552,47 @@ def test_default_vocab_map_is_a_permutation_with_transformers_scores(tmp_path, c
   for bad in (5, -3, 129):
     with pytest.raises(ValueError, match=rf"^our_vocab={bad}: pass 0 .* or 10..128 "):
       hf.load(str(tmp_path), our_vocab=bad)
+
+
+def test_a_vocabulary_without_n_reads_n_as_its_unknown_token(tmp_path, caplog):
+  """Review: HyenaDNA-style characters A C G T and no N: a character
+  tokenizer reads N as [UNK]; our N took whichever row was left over, so
+  every logit after an N was wrong."""
+  ref = _bamba(vocab=11)
+  ref.save_pretrained(tmp_path)
+  _write_char_tokenizer_config(tmp_path, characters="ACGT")
+  tok = hf.read_vocab(str(tmp_path))
+  assert tok.N == tok.unk == 6
+  np.testing.assert_array_equal(tok.encode("ACNr"), [7, 8, 6, 6])  # IUPAC codes too
+  model, _, _ = hf.load(str(tmp_path), dtype="float32", our_vocab=0)
+  assert "our N (id 9) <- checkpoint '[UNK]' (row 6): the checkpoint's unk token" in caplog.text
+  head, _, _ = hf.checkpoint.vocab_remap(tok, 11)
+  theirs = jax.nn.log_softmax(_torch_logits(ref, tok.encode(SEQ)[None])[0])
+  ours = jax.nn.log_softmax(_ours(model, our_tokenizer.encode(SEQ)[None])[0])
+  np.testing.assert_allclose(ours, theirs[:, head], atol=1e-4)  # after the Ns too
+
+
+def test_tied_embeddings_with_a_shared_token_keep_its_input_row(tmp_path, caplog):
+  """Review: tied embeddings and bos = eos (a common Hugging Face setup):
+  our <bos> had a zero input embedding, the log saying it read the shared
+  row. The converted model now keeps two matrices."""
+  ref = _bamba(vocab=6, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
+  ref.save_pretrained(tmp_path)
+  vocab = {"<|endoftext|>": 0, "A": 1, "C": 2, "G": 3, "T": 4, "N": 5}
+  (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+  config = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+  model, _, job = hf.load(str(tmp_path), dtype="float32", our_vocab=0)
+  assert not job.model.tie_embeddings and "keeps two matrices" in caplog.text
+  t = our_tokenizer
+  embedding = np.asarray(ref.model.embed_tokens.weight.detach())
+  np.testing.assert_array_equal(_array(model.embed)[t.BOS], embedding[0])
+  theirs = jax.nn.log_softmax(_torch_logits(ref, np.array([[0, 1, 2, 3, 4, 5, 1]]))[0])
+  ours = jax.nn.log_softmax(_ours(model, our_tokenizer.encode("ACGTNA", add_bos=True)[None])[0])
+  acgtn = slice(t.A, t.N + 1)
+  np.testing.assert_allclose(  # the zero rows (pad, sep, mask) take mass: compare A..N
+    jax.nn.log_softmax(ours[:, acgtn]), jax.nn.log_softmax(theirs[:, 1:6]), atol=1e-4
+  )
 
 
 def test_a_token_serving_two_roles_goes_to_the_one_generated():

@@ -66,11 +66,20 @@ def is_hf_dir(path: str) -> bool:
 
 
 def check_safetensors(path: str) -> None:
-  """Raises HFCheckpointError for a Hugging Face directory that holds
-  PyTorch weights (TORCH_FILES) and no safetensors, which load cannot read."""
-  if is_hf_dir(path) or not os.path.exists(os.path.join(path, CONFIG_FILE)):
+  """Raises HFCheckpointError for a Hugging Face directory that load cannot
+  read: weights without their config.json (an incomplete download), or
+  PyTorch weights (TORCH_FILES) and no safetensors."""
+  if is_hf_dir(path):
     return
-  held = [f for f in TORCH_FILES if os.path.exists(os.path.join(path, f))]
+  held = [
+    f for f in (SINGLE_FILE, INDEX_FILE, *TORCH_FILES) if os.path.exists(os.path.join(path, f))
+  ]
+  if held and not os.path.exists(os.path.join(path, CONFIG_FILE)):
+    raise HFCheckpointError(
+      f"{path} holds {held[0]} but no {CONFIG_FILE}, which gives the model's settings; "
+      f"download the checkpoint's {CONFIG_FILE} (and tokenizer files) into it."
+    )
+  held = [f for f in held if f in TORCH_FILES]
   if held:
     raise HFCheckpointError(
       f"{path} holds PyTorch weights ({held[0]}) and no {SINGLE_FILE}; only safetensors are "
@@ -234,7 +243,9 @@ def _placements(
   that row (`vocab_remap`).
 
   First by role or name, in priority order, those generated or scored
-  first (a row goes to the first of our ids that claims it): A C G T N, eos
+  first (a row goes to the first of our ids that claims it): A C G T, N
+  (else the checkpoint's unk: a character tokenizer without N reads it as
+  unknown), eos
   (else the checkpoint's sep: HyenaDNA's ends sequences with [SEP]), bos
   (else its cls), mask, <task_i> by name, sep, pad. Then the rows left
   over (checkpoint order, embedding rows beyond the tokenizer's vocabulary
@@ -243,7 +254,8 @@ def _placements(
   """
   t = our_tokenizer
   claims = [
-    *[(t.A + j, [(b, tok.nucleotides[b])]) for j, b in enumerate(t.NUCLEOTIDES)],
+    *[(t.A + j, [(b, tok.nucleotides[b])]) for j, b in enumerate("ACGT")],
+    (t.N, [("N", tok.nucleotides["N"]), ("unk", tok.unk)]),
     (t.EOS, [("eos", tok.eos), ("sep", tok.sep)]),
     (t.BOS, [("bos", tok.bos), ("cls", tok.cls)]),
     (t.MASK, [("mask", tok.mask)]),
@@ -258,10 +270,11 @@ def _placements(
   shared: dict[int, int] = {}
   used: set[int] = set()
   for ours, candidates in claims:
-    rows = [(role, row) for role, row in candidates if row is not None and row < n_rows]
-    if rows and rows[0][1] in used:
-      shared[ours] = rows[0][1]
-    for k, (role, row) in enumerate(rows):
+    rows = [(k, role, row) for k, (role, row) in enumerate(candidates) if row is not None]
+    rows = [(k, role, row) for k, role, row in rows if row < n_rows]
+    if rows and rows[0][2] in used:
+      shared[ours] = rows[0][2]
+    for k, role, row in rows:
       if row not in used:
         why = f"the checkpoint's {role} token, standing in for {candidates[0][0]}" if k else ""
         placed[ours] = (row, why)
@@ -421,8 +434,9 @@ def load(
       f"{files.path} has no tokenizer files (tokenizer.json, vocab.json or tokenizer_config.json)."
     )
     raise HFCheckpointError(
-      f"{why} The vocabulary cannot be mapped to ours; our_vocab=None loads the model with "
-      "the checkpoint's ids."
+      f"{why} Its ids cannot be mapped to ours without them: copy the checkpoint's tokenizer "
+      "files into it (in Python, hf.load(..., our_vocab=None) loads the model with the "
+      "checkpoint's own ids)."
     )
   if unreadable:
     # The model is usable with the checkpoint's own tokenizer (e.g. in transformers).
@@ -432,19 +446,39 @@ def load(
     head, embed, notes = vocab_remap(tok, cfg.vocab_size, our_vocab)
     for note in notes:
       logging.warning("%s: %s", files.path, note)
-    # Tied: one matrix, whose rows must keep the softmax (the head's map).
-    remap = {"lm_head": head, "embed": head if cfg.tie_embeddings else embed}
+    remap = {"lm_head": head, "embed": embed}
     tok, our_vocab = our_tokenizer, len(head)
   out_cfg = cfg if remap is None else dataclasses.replace(cfg, vocab_size=our_vocab)
-  params = _place(files, specs, out_cfg, mesh or sharding.make_mesh(fsdp=-1), rules, remap)
+  if remap is not None and cfg.tie_embeddings and not np.array_equal(head, embed):
+    # One tied matrix cannot give an id that shares a token (bos = eos) the
+    # shared row as input and keep the softmax's rows as output: two copies.
+    logging.warning(
+      "%s: the checkpoint ties its input and output embeddings, but one of its tokens serves "
+      "two of our ids; the converted model keeps two matrices (model.tie_embeddings=False).",
+      files.path,
+    )
+    out_cfg = dataclasses.replace(out_cfg, tie_embeddings=False)
+  params = _place(
+    files,
+    specs,
+    out_cfg,
+    mesh or sharding.make_mesh(fsdp=-1),
+    rules,
+    remap,
+    head_from_embed=cfg.tie_embeddings and not out_cfg.tie_embeddings,
+  )
   graphdef, _ = nnx.split(abstract_model(out_cfg), nnx.Param)
   return nnx.merge(graphdef, params), tok, job_config(out_cfg)
 
 
-def _place(files, specs, cfg: ModelConfig, mesh: Mesh, rules, remap) -> nnx.State:
+def _place(
+  files, specs, cfg: ModelConfig, mesh: Mesh, rules, remap, head_from_embed: bool = False
+) -> nnx.State:
   """Reads every tensor, converts it and device_puts each parameter with its
   sharding; one tensor at a time (one shard file open at a time). `remap`:
-  None, or {"embed": rows, "lm_head": rows} (`vocab_remap`'s maps)."""
+  None, or {"embed": rows, "lm_head": rows} (`vocab_remap`'s maps).
+  `head_from_embed`: the checkpoint ties its embeddings and `cfg` does not;
+  lm_head is read from the embedding."""
   loop_cfg = dataclasses.replace(cfg, scan_layers=False)
   _, abstract = nnx.split(abstract_model(loop_cfg), nnx.Param)
   shardings = sharding.state_shardings(abstract, mesh, rules)
@@ -459,13 +493,16 @@ def _place(files, specs, cfg: ModelConfig, mesh: Mesh, rules, remap) -> nnx.Stat
           continue
         prefix, spec = specs[name]
         for rel, array in spec.to_ours(f.get_tensor(name)).items():
-          key = prefix + rel
-          if remap is not None and key in remap:
-            array = _remap_rows(array, remap[key], axis=0 if key == "embed" else 1)
-          target = targets[key]
-          if array.shape != target.shape:  # the table and the model disagree: a bug here
-            raise AssertionError(f"{name} -> {key}: {array.shape} vs {target.shape}")
-          values[key] = jax.device_put(np.asarray(array).astype(target.dtype), where[key])
+          converted = {prefix + rel: array}
+          if prefix + rel == "embed" and head_from_embed:
+            converted["lm_head"] = array.T  # (d, V), as an untied head
+          for key, value in converted.items():
+            if remap is not None and key in remap:
+              value = _remap_rows(value, remap[key], axis=0 if key == "embed" else 1)
+            target = targets[key]
+            if value.shape != target.shape:  # the table and the model disagree: a bug here
+              raise AssertionError(f"{name} -> {key}: {value.shape} vs {target.shape}")
+            values[key] = jax.device_put(np.asarray(value).astype(target.dtype), where[key])
   params = nnx.from_flat_state([(p, v.replace(values[_key(p)])) for p, v in flat])
   if cfg.scan_layers:
     _, abstract = nnx.split(abstract_model(cfg), nnx.Param)

@@ -66,7 +66,8 @@ class VocabTokenizer:
   """DNA text <-> a checkpoint's token ids.
 
   Attributes: vocab {token: id}; ids of the roles pad/bos/eos/sep/mask/unk/cls
-  (None when the vocabulary has none); A, C, G, T, N (N may be None);
+  (None when the vocabulary has none); A, C, G, T, N (with no N token, the
+  unk token, as a character tokenizer reads N, else None);
   vocab_size (the id range of the tokenizer files; the model's embedding
   may have more rows).
   """
@@ -88,16 +89,16 @@ class VocabTokenizer:
         "A, C, G and T (tokens 'A'/'a', ...)."
       )
     self.A, self.C, self.G, self.T = (self.nucleotides[b] for b in "ACGT")
-    self.N = self.nucleotides["N"]
-    # Byte -> id, as our tokenizer folds case and IUPAC codes (to N when the
-    # vocabulary has N, else they are errors).
+    self.N = self.nucleotides["N"] if self.nucleotides["N"] is not None else self.unk
+    # Byte -> id, as our tokenizer folds case and IUPAC codes (to N, else
+    # they are errors).
     self._lut = np.full(256, _INVALID, np.int64)
     for base, tok in self.nucleotides.items():
       if tok is not None:
         self._lut[ord(base)] = self._lut[ord(base.lower())] = tok
     self._lut[ord("U")] = self._lut[ord("u")] = self.T
     if self.N is not None:
-      for code in "RYSWKMBDHV":
+      for code in "RYSWKMBDHVN":
         self._lut[ord(code)] = self._lut[ord(code.lower())] = self.N
 
   def __repr__(self):
