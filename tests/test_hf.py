@@ -192,6 +192,17 @@ def test_weights_without_config_json_are_named(tmp_path):
     restore.find_checkpoint(str(tmp_path))  # the launchers' lookup
 
 
+def test_weights_of_another_type_are_named(tmp_path):
+  from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
+
+  _bamba().save_pretrained(tmp_path)
+  weights = load_file(tmp_path / "model.safetensors")
+  weights["model.embed_tokens.weight"] = weights["model.embed_tokens.weight"].astype(np.int64)
+  save_file(weights, tmp_path / "model.safetensors")
+  with pytest.raises(hf.HFCheckpointError, match=r"embed_tokens.weight holds I64, not floating"):
+    hf.load(str(tmp_path))
+
+
 def test_truncated_shard_is_named(tmp_path):
   _bamba().save_pretrained(tmp_path, max_shard_size="20KB")
   shard = sorted(tmp_path.glob("model-*.safetensors"))[1]

@@ -56,6 +56,9 @@ class HFCheckpointError(ValueError):
   message lists every problem."""
 
 
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names
+
+
 def is_hf_dir(path: str) -> bool:
   """True for a directory with config.json and model.safetensors or its index."""
   return (
@@ -134,7 +137,13 @@ def read_files(path: str) -> HFFiles:
     try:
       with safe_open(shard_path, framework="np") as f:
         for name in f.keys():
-          shapes[name] = tuple(f.get_slice(name).get_shape())
+          tensor = f.get_slice(name)
+          if tensor.get_dtype() not in _FLOAT_DTYPES:
+            raise HFCheckpointError(
+              f"{shard_path}: tensor {name} holds {tensor.get_dtype()}, not floating-point "
+              "weights (F16, BF16, F32 or F64); the file is damaged or not a model's weights."
+            )
+          shapes[name] = tuple(tensor.get_shape())
           files[name] = shard_path
     except SafetensorError as e:  # truncated or corrupt: its header does not cover the file
       raise HFCheckpointError(
