@@ -5,6 +5,7 @@ same for a sequence and its reverse complement."""
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -121,6 +122,17 @@ def test_rc_echo_predicts_the_same_for_both_strands(rc_combine):
   b = np.asarray(run(model, echo.build_batch(reverse, width, echo=True, reverse_strand=True)))
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   assert np.abs(a).max() > 1e-2 and np.ptp(a[:, 0]) > 1e-3  # not a constant output
+  # The head reads what rc_combine says, built from each strand's features.
+  batch = echo.build_batch(forward, width, echo=True, reverse_strand=True)
+  f, r = (
+    model.embed(batch[k], batch["segment_ids"], batch["pool_mask"]) for k in ("inputs", "rc_inputs")
+  )
+  want = (
+    0.5 * (model.head(f) + model.head(r))
+    if rc_combine == "average_logits"
+    else model.head(jnp.concatenate([jnp.maximum(f, r), jnp.minimum(f, r)], axis=-1))
+  )
+  np.testing.assert_allclose(a, np.asarray(want), rtol=1e-4, atol=1e-5)
   if rc_combine == "average_logits":
     # The forward strand alone is not strand-symmetric: the check has teeth.
     single = _model(rc_combine="none")

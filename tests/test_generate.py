@@ -180,6 +180,17 @@ def test_filter_logits_distribution():
     probs(1.0, 0, 0.8), [0, 0.4 / 0.85, 0.3 / 0.85, 0.15 / 0.85, 0], atol=1e-6
   )
   np.testing.assert_allclose(probs(1.0, 0, 0.3), [0, 1, 0, 0, 0], atol=1e-6)
+  # top_k first, then the nucleus of what it keeps: 0.4 / 0.7 already reaches 0.5.
+  np.testing.assert_allclose(probs(1.0, 2, 0.5), [0, 1, 0, 0, 0], atol=1e-6)
+  # The smallest set that reaches top_p: mass exactly top_p needs no more tokens.
+  exact = gen.filter_logits(
+    jnp.log(jnp.array([[0.5, 0.25, 0.25]])),
+    jnp.ones(3, bool),
+    jnp.float32(1.0),
+    jnp.int32(0),
+    jnp.float32(0.5),
+  )
+  np.testing.assert_array_equal(np.exp(exact)[0], [1, 0, 0])
   sharp = np.array([0.05, 0.4, 0.3, 0.15, 0.0]) ** 2
   np.testing.assert_allclose(probs(0.5, 0, 1.0), sharp / sharp.sum(), atol=1e-6)
 

@@ -164,6 +164,8 @@ def test_windows_are_centred_shared_and_give_the_llr(vcf, reference_path, genome
   llr_reverse = FakeScorer.value(rc(alt_window)) - FakeScorer.value(rc(ref_window))
   assert math.isclose(s.llr_forward, snv.llr) and math.isclose(s.llr_reverse, llr_reverse)
   assert math.isclose(s.llr, (snv.llr + llr_reverse) / 2)
+  for got, window in ((s.ref_loglik, ref_window), (s.alt_loglik, alt_window)):  # strand means
+    assert math.isclose(got, (FakeScorer.value(window) + FakeScorer.value(rc(window))) / 2)
 
 
 def test_llr_with_the_model_and_tsv_output(tiny_run, vcf, reference_path, tmp_path):
@@ -177,6 +179,7 @@ def test_llr_with_the_model_and_tsv_output(tiny_run, vcf, reference_path, tmp_pa
     assert span == (s.window_start, s.window_end) and len(ref_w) == 32
     ll = scorer.log_likelihood([ref_w, alt_w], rc_average=True).total
     np.testing.assert_allclose(s.llr, ll[1] - ll[0], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose([s.ref_loglik, s.alt_loglik], ll, rtol=1e-5)
     np.testing.assert_allclose(s.llr, (s.llr_forward + s.llr_reverse) / 2, rtol=1e-6)
   out = tmp_path / "effects.tsv"
   variants.write_scores(str(out), scores)
