@@ -40,6 +40,8 @@ import functools
 
 import jax
 
+from hybridna_jax import sharding
+
 # The references, re-exported: users and the attention layer call them here.
 from hybridna_jax.attention_reference import decode_attention as decode_attention
 from hybridna_jax.attention_reference import xla_attention as xla_attention
@@ -124,7 +126,7 @@ def causal_attention(
   if segment_ids is not None and segment_ids.shape != (b, l):
     raise ValueError(f"segment_ids has shape {segment_ids.shape}, expected {(b, l)}.")
   kernel = KERNELS.resolve(impl)
-  if sharded.active_context_shards() > 1:
+  if sharding.active_context_shards() > 1:
     block = CONTEXT_BLOCKS.resolve(kernel.options["context_block"]).fn
     return sharded.context_attention(q, k, v, segment_ids, method=context, block_op=block)
   return kernel.fn(q, k, v, segment_ids)

@@ -376,6 +376,16 @@ def constrain(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(ctx.mesh, spec))
 
 
+def active_context_shards() -> int:
+  """How many slices the active mesh cuts a sequence into (1 without one).
+  The public ops pad lengths to a multiple of it, and the layers keep
+  (b, l, ...) activations whole where it is above 1: merging a split length
+  with the batch into one token axis made XLA all-gather the length at every
+  projection and norm, forward and backward."""
+  ctx = current()
+  return 1 if ctx is None or ctx.mesh.size == 1 else context_shards(ctx.mesh)
+
+
 def spec_for(logical_axes: LogicalAxes, shape: Sequence[int]) -> P:
   """PartitionSpec under the active context (P() when none is active)."""
   ctx = current()

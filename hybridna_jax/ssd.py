@@ -33,8 +33,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from hybridna_jax import sharding
 from hybridna_jax.kernel_registry import Kernel, KernelRegistry
-from hybridna_jax.kernels import sharded
 
 # The references, re-exported: users and the Mamba2 layer call them as ssd.*.
 from hybridna_jax.ssd_reference import CoreInputs as CoreInputs
@@ -160,7 +160,7 @@ def ssd_chunked_scan(
   inputs = CoreInputs(x, dt, A.astype(jnp.float32), B, C, seq_idx, init)
   # A context-parallel mesh cuts the length into slices of whole chunks.
   multiple = chunk_size if core.options.get("needs_chunk_multiple", True) else 1
-  pad = (-l) % (multiple * sharded.active_context_shards())
+  pad = (-l) % (multiple * sharding.active_context_shards())
   if pad:
     inputs = _pad_time(inputs, pad)
   y, final = core.fn(inputs, chunk_size)

@@ -7,6 +7,7 @@ crossing the slice boundaries."""
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -282,13 +283,19 @@ def test_model_loss_and_gradients_match_one_device(axes):
 
     placed_batch = step_lib.device_batch(batch, sharding.batch_sharding(mesh))
     lowered = fn.lower(placed, placed_batch)
-    return jax.device_get(lowered.compile()(placed, placed_batch)), lowered.as_text()
+    compiled = lowered.compile()
+    return jax.device_get(compiled(placed, placed_batch)), lowered.as_text(), compiled.as_text()
 
-  (ref_loss, ref), _ = loss_and_grads(sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
-  (got_loss, got), text = loss_and_grads(_context_mesh(**axes))
+  (ref_loss, ref), _, _ = loss_and_grads(sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+  (got_loss, got), text, compiled = loss_and_grads(_context_mesh(**axes))
   # No zero-sized array enters a shard_map: jax 0.11.2's Shardy partitioner
   # segfaults on one (see test_context_attention_backward_has_no_scatter).
   assert "manual_computation" in text and "tensor<0x" not in text
+  # No (b, l, ...) activation is gathered to its whole length (review: the
+  # layers' token matrices merged the split length with the batch, and XLA
+  # gathered it at every projection and norm, forward and backward).
+  gathered = re.findall(r"= (f32\[[\d,]+\])\S* all-gather\(", compiled)
+  assert not [g for g in gathered if re.match(r"f32\[\d+,256,", g)], gathered
   np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-5)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(ref)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max(), err_msg=str(path))

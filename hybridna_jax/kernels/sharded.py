@@ -81,13 +81,6 @@ def _active_mesh():
   return ctx.mesh
 
 
-def active_context_shards() -> int:
-  """How many slices the active mesh cuts a sequence into (1 without one);
-  the public ops pad lengths to a multiple of it."""
-  mesh = _active_mesh()
-  return 1 if mesh is None else sharding.context_shards(mesh)
-
-
 def _from_previous_shard(x, axis: str, shards: int):
   """Each shard receives the previous shard's `x`; the first receives zeros."""
   return jax.lax.ppermute(x, axis, [(i, i + 1) for i in range(shards - 1)])

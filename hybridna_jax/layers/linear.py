@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hybridna_jax import sharding
 from hybridna_jax.sharding import LogicalAxes
 
 
@@ -50,15 +51,28 @@ class Linear(nnx.Module):
     runs those (and their transposes in the backward) as library GEMMs,
     while a dot over (b, l, d) operands took twice as long forward and
     backward (benchmarks/RESULTS.md, "Speed on CPU"). The reshapes are free
-    on every backend."""
+    on every backend, except where the length is split over devices (a
+    context axis: `_contract`)."""
     kernel = self.kernel[...].astype(self.dtype)
     fan_in = math.prod(kernel.shape[: self.num_in])
     lead = x.shape[: x.ndim - self.num_in]
     x2d = x.astype(self.dtype).reshape(-1, fan_in)
     return x2d, kernel.reshape(fan_in, *kernel.shape[self.num_in :]), lead
 
+  def _contract(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x (..., *in_shape) . kernel (*in_shape, *rest) -> (..., *rest), with
+    x's leading axes kept: with the length split over devices, merging it
+    with the batch made XLA all-gather the length (forward and backward)."""
+    n = self.num_in
+    contracting = (tuple(range(x.ndim - n, x.ndim)), tuple(range(n)))
+    return jax.lax.dot_general(
+      x.astype(self.dtype), kernel.astype(self.dtype), (contracting, ((), ()))
+    )
+
   def __call__(self, x: jax.Array) -> jax.Array:
     """x (..., *in_shape) -> (..., *out_shape)."""
+    if sharding.active_context_shards() > 1:
+      return self._contract(x, self.kernel[...])
     x2d, kernel, lead = self._matrices(x)
     y = x2d @ kernel.reshape(kernel.shape[0], -1)
     return y.reshape(*lead, *kernel.shape[1:])
@@ -71,6 +85,12 @@ class Linear(nnx.Module):
     the backward adds (tokens, fan_in) cotangents instead of padding strided
     slices of the whole output back together (XLA:CPU spent more on those
     than on the matmuls)."""
+    if sharding.active_context_shards() > 1:
+      kernel = self.kernel[...]
+      return tuple(
+        self._contract(x, jnp.take(kernel, i, axis=self.num_in))
+        for i in range(kernel.shape[self.num_in])
+      )
     x2d, kernel, lead = self._matrices(x)
     return tuple(
       (x2d @ kernel[:, i].reshape(kernel.shape[0], -1)).reshape(*lead, *kernel.shape[2:])
