@@ -60,6 +60,15 @@ __all__ = [
 # How attention crosses the mesh's context axis (hybridna_jax.kernels.sharded);
 # the first is the default (the fastest measured, benchmarks/RESULTS.md).
 CONTEXT_ATTENTION = ("zigzag", "ring", "allgather")
+# The values of the config's choice fields (checked when a section is read).
+POOLINGS = ("mean", "last", "echo")  # score.pooling
+POOL_MODES = ("mean", "last")  # finetune.pool (echo is finetune.echo)
+RC_MODES = ("none", "average_logits", "concat_features")  # finetune.rc_combine
+TASK_FORMATS = ("auto", "gue", "nt", "bed")  # finetune.format
+TASK_KINDS = ("auto", "classification", "regression")  # finetune.kind
+CLASS_WEIGHTS = ("none", "balanced")  # finetune.class_weights
+CHECKPOINT_WHICH = ("latest", "best")  # *.pretrained_which
+LABEL_KINDS = ("categorical", "bins")  # generate.label_kind
 
 
 # ModelConfig fields that count something and must be at least 1.
@@ -385,7 +394,7 @@ class ScoreConfig(Section):
   # Embeddings: "mean" (over nucleotides), "last" (last nucleotide) or
   # "echo" (sequence, <sep>, sequence; mean over the second copy); layer -1
   # is the final-norm output, 0 the token embeddings, i the output of layer i.
-  pooling: str = "mean"
+  pooling: str = field("mean", choices=POOLINGS)
   layer: int = -1
   # Variant effects: ref/alt windows of this many nucleotides centred on each
   # variant (capped at the context, less a <bos>); longer REF/ALT alleles are skipped.
@@ -448,29 +457,29 @@ class FinetuneConfig(Section):
   # folder (train/test .fna with ">name|label" headers, or .csv), or a
   # BEND-style BED file (chromosome, start, end, [strand,] split, label).
   task: str = ""
-  format: str = "auto"  # auto | gue | nt | bed
+  format: str = field("auto", choices=TASK_FORMATS)
   reference: str = ""  # reference FASTA of a BED task
   # Tasks without a dev split (NT, some BED files): this fraction of train,
   # stratified by class and seeded, becomes dev (model selection).
   dev_fraction: float = 0.1
   split_seed: int = 0
-  kind: str = "auto"  # auto | classification | regression
+  kind: str = field("auto", choices=TASK_KINDS)
   # Backbone: a pretraining run directory, its checkpoints/ or best/, or a
   # step directory; empty = a freshly initialised model. Its architecture
   # replaces config.model (the runtime fields, MODEL_RUNTIME_FIELDS: dtype,
   # remat, kernels, ..., stay as configured here).
   pretrained: str = ""
-  pretrained_which: str = "latest"  # latest | best, for a run directory
+  pretrained_which: str = field("latest", choices=CHECKPOINT_WHICH)  # for a run directory
   freeze_backbone: bool = False  # True: train the head only
   # Embedding: echo = sequence <sep> sequence, pooled over the second copy;
   # False = the plain baselines, pooled over the sequence.
   echo: bool = True
-  pool: str = "mean"  # mean | last
+  pool: str = field("mean", choices=POOL_MODES)
   # Reverse-complement strand: none | average_logits | concat_features.
-  rc_combine: str = "none"
+  rc_combine: str = field("none", choices=RC_MODES)
   head_hidden: int = 0  # 0: a linear head; N: one hidden layer of N (GELU)
   # Class-weighted loss: none | balanced (weights n / (classes * n_c)).
-  class_weights: str = "none"
+  class_weights: str = field("none", choices=CLASS_WEIGHTS)
   # Reverse-complement a training example with this probability.
   rc_augment: float = 0.0
   # Nucleotides per sequence; 0 = the longest in the task. Longer sequences
@@ -545,7 +554,7 @@ class GenerateConfig(Section):
   label_columns: tuple[str, ...] = ("label",)
   # "categorical": a token per distinct label; "bins": numeric activities
   # cut into num_bins quantile bins of the training set, a token per bin.
-  label_kind: str = "categorical"
+  label_kind: str = field("categorical", choices=LABEL_KINDS)
   num_bins: int = 5
   # Index (tokenizer.task_token) of the first task token used for labels.
   first_task_token: int = 0
@@ -563,7 +572,7 @@ class GenerateConfig(Section):
   # Start from a pretrained LM: a run directory, checkpoints/ or best/
   # directory, or step directory ("": random initialisation).
   pretrained: str = ""
-  pretrained_which: str = "latest"  # latest | best, for a run directory
+  pretrained_which: str = field("latest", choices=CHECKPOINT_WHICH)  # for a run directory
 
   # --- Sampling (launch/generate.py --mode=sample) ------------------------
   num_samples: int = 100  # per prompt

@@ -30,8 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hybridna_jax import tokenizer
-
-POOL_MODES = ("mean", "last")
+from hybridna_jax.config import POOL_MODES
 
 
 def input_length(num_tokens: int, echo: bool) -> int:

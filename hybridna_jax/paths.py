@@ -139,10 +139,15 @@ def write_text(path: str | os.PathLike, text: str) -> epath.Path:
   if is_remote(path):
     path.write_text(text, encoding="utf-8")
     return path
-  with replacing(os.fspath(path)) as tmp, open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())  # on disk before the rename makes it visible
+  try:
+    with replacing(os.fspath(path)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())  # on disk before the rename makes it visible
+  except OSError as e:
+    if e.filename is None and e.errno is not None:  # a full disk's error names no file
+      raise OSError(e.errno, e.strerror, os.fspath(path)) from None
+    raise
   return path
 
 
@@ -169,11 +174,13 @@ def _json_ready(value):
 
 @contextlib.contextmanager
 def replacing(path: str) -> Iterator[str]:
-  """A temporary local path beside `path` (hidden: .<name>.partial) that
-  replaces it when the block ends without an exception: a kill mid-write
-  leaves the old file (or none), never a truncated one."""
+  """A temporary local path beside `path` (hidden, its extension kept for
+  writers that read it: .<stem>.partial<ext>) that replaces it when the
+  block ends without an exception: a kill mid-write leaves the old file (or
+  none), never a truncated one."""
   head, name = os.path.split(path)
-  tmp = os.path.join(head, f".{name}.partial")
+  stem, ext = os.path.splitext(name)
+  tmp = os.path.join(head, f".{stem}.partial{ext}")
   try:
     yield tmp
     os.replace(tmp, path)
@@ -202,12 +209,17 @@ def upload(local: str, dest: str | os.PathLike) -> None:
 def staged(dest: str | os.PathLike, *, directory: bool = False) -> Iterator[str]:
   """A local path to write `dest` through, for writers that need a local
   file (matplotlib, tensorboardX, pysam): `dest` itself when it is local
-  (its parent created), else a temporary file or directory that is copied
-  to `dest` when the block ends without an exception, then deleted."""
+  (its parent created; a file through `replacing`, so a kill mid-write
+  leaves no truncated one), else a temporary file or directory that is
+  copied to `dest` when the block ends without an exception, then deleted."""
   dest = run_path(dest)
   if not is_remote(dest):
     (dest if directory else dest.parent).mkdir(parents=True, exist_ok=True)
-    yield os.fspath(dest)
+    if directory:
+      yield os.fspath(dest)
+    else:
+      with replacing(os.fspath(dest)) as tmp:
+        yield tmp
     return
   tmp = tempfile.mkdtemp(prefix="hybridna-staged-")
   local = tmp if directory else os.path.join(tmp, dest.name)

@@ -29,11 +29,21 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from hybridna_jax import hf, paths, sharding, tokenizer
-from hybridna_jax.config import MODEL_RUNTIME_FIELDS, PLACEMENT_FIELDS, FinetuneConfig, ModelConfig
+from hybridna_jax.config import (
+  CHECKPOINT_WHICH,
+  MODEL_RUNTIME_FIELDS,
+  PLACEMENT_FIELDS,
+  FinetuneConfig,
+  ModelConfig,
+)
 from hybridna_jax.model import abstract_model, convert_params, same_param_layout
-from hybridna_jax.train.checkpoint import CheckpointMismatchError, Checkpoints
-
-CONFIG_FILE = "config.json"
+from hybridna_jax.train.checkpoint import (
+  BEST_DIR,
+  CHECKPOINT_DIR,
+  CONFIG_FILE,
+  CheckpointMismatchError,
+  Checkpoints,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +59,7 @@ def find_checkpoint(path: str, which: str = "latest") -> CheckpointRef:
   Args:
     which: "latest" or "best" when `path` is a run directory.
   """
-  if which not in ("latest", "best"):
+  if which not in CHECKPOINT_WHICH:
     raise ValueError(f"which must be 'latest' or 'best', got {which!r}.")
   path = paths.checkpoint_path(path, flag="checkpoint path")
   if not path.exists():
@@ -67,8 +77,8 @@ def find_checkpoint(path: str, which: str = "latest") -> CheckpointRef:
       )
     hf.check_safetensors(os.fspath(path))
     if (path / CONFIG_FILE).exists():
-      manager_dir = path / ("best" if which == "best" else "checkpoints")
-    elif (path / "checkpoints").is_dir() or (path / "best").is_dir():
+      manager_dir = path / (BEST_DIR if which == "best" else CHECKPOINT_DIR)
+    elif (path / CHECKPOINT_DIR).is_dir() or (path / BEST_DIR).is_dir():
       raise FileNotFoundError(
         f"{path} looks like a run directory (it has checkpoints/ or best/) but has no "
         f"{CONFIG_FILE}, which holds the model settings; copy the {CONFIG_FILE} of the run "

@@ -37,16 +37,21 @@ class ConfigError(ValueError):
 
 
 def field(
-  default=dataclasses.MISSING, *, expected: str | None = None, default_factory=dataclasses.MISSING
+  default=dataclasses.MISSING,
+  *,
+  expected: str | None = None,
+  choices: tuple | None = None,
+  default_factory=dataclasses.MISSING,
 ) -> Any:
   """A section field whose error messages describe its form as `expected`
   (e.g. "a tuple of (seq_len, steps, batch) triples like ...") instead of
-  the description derived from its type."""
-  return dataclasses.field(
-    default=default,
-    default_factory=default_factory,
-    metadata={"expected": expected} if expected else {},
-  )
+  the description derived from its type; with `choices`, any other value is
+  a ConfigError when the section is read (`Section.from_config`), before a
+  job starts."""
+  metadata = {"expected": expected} if expected else {}
+  if choices is not None:
+    metadata["choices"] = tuple(choices)
+  return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
 
 
 class _Mismatch(Exception):
@@ -237,11 +242,20 @@ class Section:
         expected = cls._expected(name) or describe(tp)
         where = f"{path}.{name}{e.where} = {e.value!r}" if e.where else f"{path}.{name}"
         raise ConfigError(f"{where}: expected {expected}, got {value!r}.") from None
+      choices = cls._metadata(name).get("choices")
+      if choices is not None and kwargs[name] not in choices:
+        raise ConfigError(
+          f"{path}.{name}: expected one of {', '.join(map(repr, choices))}, got {value!r}."
+        )
     return cls(**kwargs)
 
   @classmethod
+  def _metadata(cls, name: str) -> Mapping[str, Any]:
+    return next(f.metadata for f in dataclasses.fields(cls) if f.name == name)
+
+  @classmethod
   def _expected(cls, name: str) -> str | None:
-    return next(f.metadata.get("expected") for f in dataclasses.fields(cls) if f.name == name)
+    return cls._metadata(name).get("expected")
 
   @classmethod
   def of(cls, config: Any, *, strict: bool = False):

@@ -6,6 +6,7 @@ kill or a launch/ program is the point.
 """
 
 import dataclasses
+import errno
 import glob
 import json
 import os
@@ -96,6 +97,28 @@ def test_store_of_other_data_is_refused_before_step_0(tiny_config, tmp_path):
   assert not glob.glob(os.path.join(workdir, loop.CHECKPOINT_DIR, "*"))
 
 
+def test_unwritable_checkpoint_directory_is_refused_before_step_0(
+  tiny_config, tmp_path, monkeypatch
+):
+  """Review: a read-only checkpoints/ was found at the first save, after
+  the steps before it (as root, chmod does not stop writes: a failing write
+  stands in for a read-only mount)."""
+  from hybridna_jax import paths  # pylint: disable=g-import-not-at-top
+
+  real = paths.write_text
+
+  def read_only(path, text):
+    if ".write_check" in str(path):
+      raise OSError(errno.EROFS, "Read-only file system")
+    return real(path, text)
+
+  monkeypatch.setattr(paths, "write_text", read_only)
+  workdir = str(tmp_path / "run")
+  with pytest.raises(OSError, match=r"checkpoints cannot be written \(Read-only file system\)"):
+    loop.train(_one_stage(tiny_config), workdir)
+  assert not os.path.exists(os.path.join(workdir, "metrics.jsonl"))
+
+
 def test_missing_val_split_is_refused_before_step_0(tiny_config, tmp_path, lambda_store):
   ((_, tokens),) = fasta.read_fasta(os.path.join(ROOT, "tests", "data", "lambda_virus.fa"))
   from hybridna_jax import tokenizer  # pylint: disable=g-import-not-at-top
@@ -182,6 +205,23 @@ def test_damaged_latest_checkpoint_is_moved_aside(base_run, tmp_path, kind):
   assert step == meta["step"] == int(state.step) == 2
   assert os.path.isdir(os.path.join(ckpt_dir + ".damaged", "4"))  # kept, not deleted
   assert ckpts.all_steps() == [2] and not os.path.exists(os.path.join(ckpt_dir, "4"))
+
+
+def test_damaged_best_step_is_moved_aside_or_named(base_run, tmp_path):
+  """Review: a truncated best/<n>/meta stopped every resume with a bare JSON
+  error, and damaged best/ parameters ended a fine-tuning run in a
+  175-line traceback."""
+  cfg, base = base_run
+  best_dir = str(tmp_path / "best")
+  shutil.copytree(os.path.join(base, loop.CHECKPOINT_DIR), best_dir)
+  with open(os.path.join(best_dir, "4", "meta", "metadata"), "r+b") as f:
+    f.truncate(5)
+  best = Checkpoints(best_dir)
+  step, meta = best.newest_meta()
+  assert step == meta["step"] == 2 and os.path.isdir(best_dir + ".damaged/4")
+  _damage(os.path.join(best_dir, "2"), "truncated arrays")
+  with pytest.raises(CheckpointDamagedError, match=rf"^{best_dir}/2 cannot be read \("):
+    best.restore_params(2, _target(cfg).params)
 
 
 def test_every_checkpoint_incomplete_moves_nothing(base_run, tmp_path):

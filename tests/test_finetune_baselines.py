@@ -5,6 +5,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from hybridna_jax import tokenizer
 from hybridna_jax.data.tasks import TaskSplit
@@ -67,6 +68,9 @@ def test_gc_baseline_finds_gc_and_kmer_finds_a_motif():
   assert abs(found["gc"]["test"]["mcc"]) < 0.3  # GC says nothing here
   assert found["kmer"]["settings"]["k"] == 6, found["kmer"]["settings"]  # chosen on dev
   assert set(found["kmer"]["settings"]["dev_by_k"]) == {"3", "6"}
+  # k and the strength chosen together on dev, on the linear probes' grid.
+  assert found["kmer"]["settings"]["c"] in baselines.KMER_STRENGTHS
+  assert found["kmer"]["dev"]["mcc"] == max(found["kmer"]["settings"]["dev_by_k"].values())
   assert found["kmer"]["test"]["mcc"] > 0.5 and found["kmer"]["test"]["auroc"] > 0.8
   assert found["kmer"]["name"] == "6-mer logistic regression"
 
@@ -148,6 +152,13 @@ def test_verdict_and_reports(tmp_path):
     "baselines": found,
     "verdict": verdict,
   }
+  # results.json marks a finished run (a suite reuses it): written last, so
+  # a run killed while its other files are written is not taken as done.
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(report, "plot_baselines", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+      report.write_results(str(tmp_path), results)
+  assert not os.path.exists(tmp_path / "results.json")
   paths = report.write_results(str(tmp_path), results)
   table = open(paths["table"]).read()
   assert verdict["text"] in table

@@ -311,7 +311,7 @@ def _fake_finetune(calls: list, preempted: tuple[str, ...] = (), signalled: tupl
       "test": task.split_metrics(outputs["test"], "test"),
     }
     baselines_lib.attach(results, data)
-    os.makedirs(workdir)
+    os.makedirs(workdir, exist_ok=True)  # run_suite wrote its settings there
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(results, f)
     return {"stopped": "completed", "results": results, "signalled": data.name in signalled}

@@ -549,3 +549,69 @@ def test_seq_len_not_divisible_by_context_is_a_clear_error(tiny_config, tmp_path
   tiny_config.train.stages = ((33, 2, 2),)
   with pytest.raises(ValueError, match=r"seq_len 33 is not divisible by config.mesh.context=2"):
     loop.train(tiny_config, str(tmp_path / "run"))
+
+
+def test_metrics_survive_a_cut_line_and_a_deleted_file(tmp_path, caplog):
+  """Review: a resumed run appended its first row to the line a kill had
+  cut (both were lost), and rows went to a metrics.jsonl deleted mid-run."""
+  jsonl = tmp_path / "metrics.jsonl"
+  jsonl.write_text('{"kind": "val", "step": 1, "loss": 1.0}\n{"kind": "train", "st')
+  values = dict(loss=1.0, grad_norm=1.0, learning_rate=1e-3)
+  kwargs = dict(tokens_per_step=100, flops_per_token=1.0, peak_flops=None, stage="s")
+  logger = metrics_lib.MetricsLogger(str(tmp_path), 20, devices=1, tensorboard=False)
+  logger.mark(0)
+  logger.log_train(2, values, **kwargs)
+  steps = lambda: [(r["kind"], r["step"]) for r in metrics_lib.read_metrics(str(jsonl))]  # noqa: E731
+  assert steps() == [("val", 1), ("train", 2)]
+  os.remove(jsonl)
+  caplog.set_level("WARNING")
+  logger.log_train(3, values, **kwargs)
+  logger.close()
+  assert steps() == [("val", 1), ("train", 2), ("train", 3)]
+  assert "was deleted during the run; written again" in caplog.text
+
+
+def test_a_plot_is_replaced_whole(tmp_path, monkeypatch):
+  """Review: a kill while a plot was written left an empty file."""
+  from hybridna_jax import plotting  # pylint: disable=g-import-not-at-top
+
+  path = tmp_path / "loss_curves.png"
+  path.write_bytes(b"the earlier plot")
+  fig, ax = plotting.pyplot().subplots()
+  ax.plot([0, 1], [1, 0])
+
+  def killed(fname, **kwargs):
+    del kwargs
+    with open(fname, "wb") as f:
+      f.write(b"half")
+    raise KeyboardInterrupt
+
+  with monkeypatch.context() as m:
+    m.setattr(fig, "savefig", killed)
+    with pytest.raises(KeyboardInterrupt):
+      plotting.save(fig, str(path))
+  assert path.read_bytes() == b"the earlier plot" and os.listdir(tmp_path) == [path.name]
+  fig, ax = plotting.pyplot().subplots()
+  plotting.save(fig, str(path))
+  assert path.read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+  """Review: "OSError: [Errno 28] No space left on device" named no file."""
+  import errno  # pylint: disable=g-import-not-at-top
+
+  from hybridna_jax import launch_utils, paths  # pylint: disable=g-import-not-at-top
+
+  path = tmp_path / "config.json"
+  path.write_text("{}")
+
+  def full(fd):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(os, "fsync", full)
+  with pytest.raises(OSError) as raised:
+    paths.write_json(path, {"a": 1})
+  assert launch_utils.error_line(raised.value) == (
+    f"OSError: [Errno 28] No space left on device: '{path}'"
+  )
+  assert path.read_text() == "{}" and os.listdir(tmp_path) == ["config.json"]

@@ -7,7 +7,10 @@ import dataclasses
 
 import ml_collections
 
-from hybridna_jax.sections import Section
+from hybridna_jax.sections import Section, field
+
+SOURCE_FROM = ("file", "dir", "record")  # data.source_from
+SPLIT_BY = ("source", "record")  # data.split.split_by
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +31,7 @@ class SplitConfig(Section):
   # out and one kept, by rank, when the hash picks none or all).
   val_fraction: float = 0.0
   # Unit of val_fraction: "source" (whole genomes) or "record".
-  split_by: str = "source"
+  split_by: str = field("source", choices=SPLIT_BY)
   # Seed of the val_fraction choice.
   seed: int = 0
 
@@ -50,7 +53,7 @@ class DataConfig(Section):
   #   "dir":    the name of the file's directory (a genome split over
   #             several files, e.g. human/chr1.fa -> human);
   #   "record": every record is its own source.
-  source_from: str = "file"
+  source_from: str = field("file", choices=SOURCE_FROM)
   # Token store directory: written by prepare_data, read by the pipeline and
   # by eval/scoring. Relative to the current directory.
   store_dir: str = ""

@@ -25,9 +25,8 @@ from absl import logging
 
 from hybridna_jax.data import fasta
 from hybridna_jax.data import store as store_lib
-from hybridna_jax.data.config import SplitConfig
+from hybridna_jax.data.config import SOURCE_FROM, SplitConfig
 
-SOURCE_FROM = ("file", "dir", "record")
 TRAIN, VAL = "train", "val"
 
 

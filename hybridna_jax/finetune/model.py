@@ -29,11 +29,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hybridna_jax import echo as echo_lib
-from hybridna_jax.config import ModelConfig
+from hybridna_jax.config import RC_MODES, ModelConfig
 from hybridna_jax.model import HybriDNA
 from hybridna_jax.sharding import constrain
-
-RC_MODES = ("none", "average_logits", "concat_features")
 
 
 @dataclasses.dataclass(frozen=True)

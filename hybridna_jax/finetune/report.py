@@ -87,13 +87,12 @@ def result_rows(results: dict) -> list[dict]:
 
 
 def write_results(workdir: str, results: dict) -> dict[str, str]:
-  """results.json, results.md and, with baselines, baselines.png; returns
-  their paths."""
+  """results.md, with baselines baselines.png, and results.json last (it
+  marks a finished run); returns their paths."""
   json_path = os.path.join(workdir, "results.json")
   table_path = os.path.join(workdir, "results.md")
-  paths_lib.write_json(json_path, results)
   headline = HEADLINE[results["kind"]]
-  with open(table_path, "w", encoding="utf-8") as f:
+  with paths_lib.replacing(table_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
     f.write(f"# {results['task']}: {results['embedding']}\n\n")
     if "selected_step" in results:
       selection = (
@@ -110,6 +109,7 @@ def write_results(workdir: str, results: dict) -> dict[str, str]:
   paths = {"json": json_path, "table": table_path}
   if results.get("baselines"):
     paths["baselines_plot"] = plot_baselines(results, os.path.join(workdir, "baselines.png"))
+  paths_lib.write_json(json_path, results)
   return paths
 
 
@@ -160,7 +160,7 @@ def write_predictions(path: str, labels: np.ndarray, outputs: np.ndarray, kind: 
   and class probabilities (classification) or the predicted value."""
   from hybridna_jax.finetune.metrics import softmax  # pylint: disable=g-import-not-at-top
 
-  with open(path, "w", newline="", encoding="utf-8") as f:
+  with paths_lib.replacing(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
     writer = csv.writer(f)
     if kind == "classification":
       probs = softmax(outputs)

@@ -52,7 +52,8 @@ from hybridna_jax.train import flops as flops_lib
 from hybridna_jax.train import loop
 from hybridna_jax.train import optimizer as optimizer_lib
 from hybridna_jax.train import step as step_lib
-from hybridna_jax.train.checkpoint import Checkpoints, with_shardings
+from hybridna_jax.train.checkpoint import CheckpointDamagedError, Checkpoints, with_shardings
+from hybridna_jax.train.metrics import METRICS_FILE
 
 TASK_INFO = "task_info.json"
 
@@ -395,7 +396,13 @@ class FinetuneTask(loop.Task):
     target = with_shardings(
       jax.eval_shape(fns.init, jax.random.key(0)).params, fns.state_shardings.params
     )
-    return checkpoints.restore_params(step, target), step
+    try:
+      return checkpoints.restore_params(step, target), step
+    except CheckpointDamagedError as e:
+      raise CheckpointDamagedError(
+        f"{e} These are the dev-selected parameters: move the step away and rerun to report "
+        "the last step's parameters instead, or fine-tune again in a new --workdir."
+      ) from None
 
   def task_info(self) -> dict:
     return {
@@ -437,7 +444,7 @@ class FinetuneTask(loop.Task):
       if self.config.finetune.baselines:
         weight = baselines_lib.class_weight_of(self.config.finetune, self.kind)
         baselines_lib.attach(results, self.data, weight)
-      paths = report.write_results(workdir, results)
+      # results.json last: it marks a finished run (run_suite reuses it).
       paths_lib.write_json(os.path.join(workdir, TASK_INFO), self.task_info())
       report.write_predictions(
         os.path.join(workdir, "test_predictions.csv"),
@@ -445,15 +452,17 @@ class FinetuneTask(loop.Task):
         test_out,
         self.kind,
       )
-      jsonl = os.path.join(workdir, "metrics.jsonl")
+      plot = None
+      jsonl = os.path.join(workdir, METRICS_FILE)
       if os.path.exists(jsonl):
-        paths["plot"] = report.plot_curves(
+        plot = report.plot_curves(
           jsonl,
           os.path.join(workdir, "finetune_curves.png"),
           self.selection[0],
           f"{self.data.name}: {self.head_cfg.label}",
         )
-      results["files"] = paths
+      paths = report.write_results(workdir, results)
+      results["files"] = paths | ({"plot": plot} if plot else {})
       headline = self.selection[0]
       logging.info(
         "%s: dev %s %.4f, test %s %.4f (step %d)\n%s%s",
@@ -529,9 +538,15 @@ def suite_names(paths: list[str]) -> list[str]:
 SUITE_SETTINGS = "suite_settings.json"
 
 
-def _check_suite_settings(task_dir: str, settings: dict[str, str]) -> None:
-  """Refuses to reuse a finished task's results under another config
-  (suites finished before the settings were saved are reused as before)."""
+def settings_of(config) -> dict[str, str]:
+  """A run's settings as SUITE_SETTINGS holds them: the repr of every
+  config field (as JSON can hold them)."""
+  return {k: repr(v) for k, v in loop.flatten_config(config.to_dict()).items()}
+
+
+def check_suite_settings(task_dir: str, settings: dict[str, str]) -> None:
+  """Refuses to reuse a finished task's results under other settings (runs
+  finished before the settings were saved are reused as before)."""
   path = os.path.join(task_dir, SUITE_SETTINGS)
   if not os.path.exists(path):
     return
@@ -577,11 +592,10 @@ def _run_suite(config, patterns: list[str], workdir: str, between) -> dict:
     task_config = copy.deepcopy(config)
     with task_config.unlocked():
       task_config.finetune.task = path
-    # As JSON can hold them: repr of each value.
-    settings = {k: repr(v) for k, v in loop.flatten_config(task_config.to_dict()).items()}
+    settings = settings_of(task_config)
     reused = os.path.exists(results_path)
     if reused:
-      _check_suite_settings(task_dir, settings)
+      check_suite_settings(task_dir, settings)
       logging.info("[%d/%d] %s: done already (%s)", i + 1, len(paths), name, results_path)
       with open(results_path, encoding="utf-8") as f:
         results = json.load(f)
@@ -600,6 +614,8 @@ def _run_suite(config, patterns: list[str], workdir: str, between) -> dict:
           len(paths),
         )
         break
+      if jax.process_index() == 0:  # before the run: its results.json marks it finished
+        paths_lib.write_json(os.path.join(task_dir, SUITE_SETTINGS), settings)
       run = finetune(task_config, task_dir, data)
       if run.get("stopped") == "preempted":  # no results: the task resumes next time
         summary.update(stopped="preempted", preempted_task=name)
@@ -614,8 +630,6 @@ def _run_suite(config, patterns: list[str], workdir: str, between) -> dict:
         )
         break
       results = run["results"]
-      if jax.process_index() == 0:
-        paths_lib.write_json(os.path.join(task_dir, SUITE_SETTINGS), settings)
       logging.info(
         "[%d/%d] %s finished in %.0f s", i + 1, len(paths), name, time.perf_counter() - start
       )

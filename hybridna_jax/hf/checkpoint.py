@@ -664,11 +664,11 @@ def write_run(model, config: ml_collections.ConfigDict, workdir: str, step: int 
   """Writes `model`'s parameters as an Orbax run directory (config.json +
   checkpoints/<step>) that restore.load, launch/eval.py, score.py,
   finetune.py and generate.py read like a trained run. Returns workdir."""
-  from hybridna_jax.train.checkpoint import Checkpoints  # pylint: disable=g-import-not-at-top
+  from hybridna_jax.train import checkpoint as run_files  # pylint: disable=g-import-not-at-top
   from hybridna_jax.train.step import TrainState  # pylint: disable=g-import-not-at-top
 
   # An existing run's config.json describes its checkpoints: never rewrite it.
-  for sub in ("checkpoints", "best"):
+  for sub in (run_files.CHECKPOINT_DIR, run_files.BEST_DIR):
     held = os.path.join(workdir, sub)
     if os.path.isdir(held) and os.listdir(held):
       raise FileExistsError(
@@ -677,12 +677,15 @@ def write_run(model, config: ml_collections.ConfigDict, workdir: str, step: int 
       )
   os.makedirs(workdir, exist_ok=True)
   zero = jnp.zeros((), jnp.int32)
-  checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), async_save=False)
+  checkpoints = run_files.Checkpoints(
+    os.path.join(workdir, run_files.CHECKPOINT_DIR), async_save=False
+  )
   state = TrainState(zero + step, nnx.state(model, nnx.Param), None, zero, zero)
   checkpoints.save(state, {"stage": 0, "converted_from": "huggingface"})
   checkpoints.close()
   # Written once the checkpoint is: a failed save leaves no config.json that
   # makes the directory look like a run.
-  with open(os.path.join(workdir, CONFIG_FILE), "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  paths.write_text(
+    os.path.join(workdir, run_files.CONFIG_FILE), config.to_json_best_effort(indent=2)
+  )
   return workdir

@@ -61,10 +61,8 @@ from jax.sharding import PartitionSpec as P
 
 from hybridna_jax import echo as echo_lib
 from hybridna_jax import sharding, tokenizer
-from hybridna_jax.config import ScoreConfig, TrainConfig
+from hybridna_jax.config import POOLINGS, ScoreConfig, TrainConfig
 from hybridna_jax.train.metrics import format_duration
-
-POOLINGS = ("mean", "last", "echo")
 
 SequenceLike = str | np.ndarray
 Progress = Callable[[int, int], None]

@@ -26,6 +26,7 @@ shardings, so a checkpoint restores onto any mesh or device count;
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -51,8 +52,16 @@ class CheckpointMismatchError(ValueError):
   architecture); the message names the parameters."""
 
 
-class CheckpointDamagedError(RuntimeError):
-  """A step directory that cannot be read back (see `restore_newest`)."""
+# A run directory (launch/train.py, launch/finetune.py): its config, its
+# checkpoints and the best dev/val step's.
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+BEST_DIR = "best"
+
+
+class CheckpointDamagedError(ValueError):
+  """A step directory that cannot be read back (see `restore_newest`); a
+  ValueError, so that launchers report it in one line."""
 
 
 class DataStateMismatchError(ValueError):
@@ -330,6 +339,34 @@ class Checkpoints:
       raise error
     self.move_aside(step, _first_line(error))
 
+  def check_writable(self) -> None:
+    """Raises OSError naming the directory when no file can be written there
+    (a read-only file system, permissions), which the first save would
+    otherwise find only after the steps before it. Every process checks
+    (each writes its part of a checkpoint)."""
+    probe = self.directory / f".write_check-{jax.process_index()}-{os.getpid()}"
+    try:
+      paths.write_text(probe, "")
+      probe.unlink()
+    except OSError as e:
+      raise OSError(
+        f"{self.directory} cannot be written ({e.strerror or e}), so no checkpoint could be "
+        "saved; make it writable, or choose another --workdir."
+      ) from None
+
+  def newest_meta(self) -> tuple[int, dict] | None:
+    """(step, meta) of the newest step whose meta reads back; damaged steps
+    on the way are moved aside as in `restore_newest` (best/: a run keeps
+    training, and saves a new best at its next better evaluation). None
+    when no step is left."""
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        self.check_complete(step)
+        return step, self.restore_meta(step)
+      except Exception as e:  # pylint: disable=broad-except
+        self._damaged_or_raise(step, e)
+    return None
+
   def restore_meta(self, step: int) -> dict:
     return dict(
       self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
@@ -349,11 +386,20 @@ class Checkpoints:
 
   def restore_params(self, step: int, target: Any) -> Any:
     """Parameters alone (no optimizer state), into `target`; a target of
-    other shapes fails first with CheckpointMismatchError naming them."""
+    other shapes fails first with CheckpointMismatchError naming them, and
+    files that cannot be read with CheckpointDamagedError naming the step
+    (a failure of the machine is raised as it is)."""
     self.check_fits(step, params=target)
-    return self.manager.restore(
-      step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))
-    ).params
+    try:
+      return self.manager.restore(
+        step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))
+      ).params
+    except Exception as e:  # pylint: disable=broad-except
+      if _machine_failure(e):
+        raise
+      raise CheckpointDamagedError(
+        f"{self.step_directory(step)} cannot be read ({_first_line(e)})."
+      ) from None
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

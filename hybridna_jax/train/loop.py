@@ -41,12 +41,15 @@ from hybridna_jax.train import flops as flops_lib
 from hybridna_jax.train import optimizer as optimizer_lib
 from hybridna_jax.train import startup_signal
 from hybridna_jax.train import step as step_lib
-from hybridna_jax.train.checkpoint import Checkpoints, DataStateMismatchError, with_shardings
-from hybridna_jax.train.metrics import MetricsLogger, plot_loss_curves
-
-CONFIG_FILE = "config.json"
-CHECKPOINT_DIR = "checkpoints"
-BEST_DIR = "best"
+from hybridna_jax.train.checkpoint import (
+  BEST_DIR,
+  CHECKPOINT_DIR,
+  CONFIG_FILE,
+  Checkpoints,
+  DataStateMismatchError,
+  with_shardings,
+)
+from hybridna_jax.train.metrics import LOSS_PLOT, MetricsLogger, plot_loss_curves
 
 
 @dataclasses.dataclass(frozen=True)
@@ -738,6 +741,8 @@ def _train(config, workdir: str, task: Task | None, preemption: _Preemption) -> 
   )
   best = Checkpoints(paths.join(workdir, BEST_DIR), keep=1) if tc.keep_best else None
   preemption.managers = [m for m in (checkpoints, best) if m is not None]
+  for manager in preemption.managers:
+    manager.check_writable()  # before any step: not at the first save
   best_val = math.inf if select_mode == "min" else -math.inf
   target = with_shardings(jax.eval_shape(fns.init, jax.random.key(0)), fns.state_shardings)
   built: dict = {}
@@ -802,8 +807,9 @@ def _train(config, workdir: str, task: Task | None, preemption: _Preemption) -> 
     logging.info("resumed from step %d (%s)", latest, stage.label)
   # The best value so far is that of best/'s own step: the resumed
   # checkpoint can be older (a kill after an eval saved best/).
-  if best is not None and best.latest_step() is not None:
-    best_val = best.restore_meta(best.latest_step()).get(select_key, best_val)
+  newest_best = best.newest_meta() if best is not None else None
+  if newest_best is not None:
+    best_val = newest_best[1].get(select_key, best_val)
   _write_config(config, workdir, None if resumed is None else resumed[0], written)
   # Opened only now: a refused resume leaves no file open (nor metrics.jsonl created).
   logger = MetricsLogger(workdir, total_steps, devices=mesh.size)
@@ -965,7 +971,7 @@ def _train(config, workdir: str, task: Task | None, preemption: _Preemption) -> 
   if jax.process_index() == 0 and tc.plot and logger.jsonl_path.exists():
     summary["plot"] = plot_loss_curves(
       logger.jsonl_path,
-      paths.join(workdir, "loss_curves.png"),
+      paths.join(workdir, LOSS_PLOT),
       stage_starts=[(s.start_step, f"{s.seq_len:,} nt") for s in stages],
     )
   return summary

@@ -10,8 +10,10 @@ local directory and copied to <workdir>/tensorboard when the logger closes.
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import os
 import time
 from typing import Any
 
@@ -19,6 +21,9 @@ import jax
 from absl import logging
 
 from hybridna_jax import paths, plotting
+
+METRICS_FILE = "metrics.jsonl"  # in a run directory
+LOSS_PLOT = "loss_curves.png"
 
 
 def format_duration(seconds: float) -> str:
@@ -28,6 +33,26 @@ def format_duration(seconds: float) -> str:
   h, rem = divmod(seconds, 3600)
   m, s = divmod(rem, 60)
   return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def _whole_lines(text: str) -> str:
+  """`text` ending in a newline (a line cut by a kill then stays one bad
+  line that readers skip, and the next row starts a line of its own)."""
+  return text if not text or text.endswith("\n") else text + "\n"
+
+
+def _open_for_appending(path) -> io.TextIOBase:
+  """metrics.jsonl opened to append whole lines (`_whole_lines`), and to be
+  read back if it is deleted while open."""
+  cut = False
+  if os.path.exists(path) and os.path.getsize(path):
+    with open(path, "rb") as f:
+      f.seek(-1, os.SEEK_END)
+      cut = f.read(1) != b"\n"
+  f = open(path, "a+", encoding="utf-8")
+  if cut:
+    f.write("\n")
+  return f
 
 
 class MetricsLogger:
@@ -40,7 +65,7 @@ class MetricsLogger:
     self.total_steps = total_steps
     self.devices = devices
     self.enabled = jax.process_index() == 0
-    self.jsonl_path = paths.join(workdir, "metrics.jsonl")
+    self.jsonl_path = paths.join(workdir, METRICS_FILE)
     self._writer = None
     self._jsonl = None
     self._rows: list[str] | None = None  # remote: the whole file, rewritten
@@ -48,9 +73,9 @@ class MetricsLogger:
     if self.enabled:
       self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
       if paths.is_remote(self.jsonl_path):
-        self._rows = [self.jsonl_path.read_text()] if self.jsonl_path.exists() else []
+        self._rows = [_whole_lines(self.jsonl_path.read_text())] if self.jsonl_path.exists() else []
       else:
-        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+        self._jsonl = _open_for_appending(self.jsonl_path)
       if tensorboard:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
 
@@ -68,6 +93,14 @@ class MetricsLogger:
       return
     record = json.dumps({"kind": kind, "step": step, "time": time.time(), **values}) + "\n"
     if self._rows is None:
+      if os.fstat(self._jsonl.fileno()).st_nlink == 0:
+        # Deleted while the run writes it: put back what the open file holds.
+        self._jsonl.seek(0)
+        kept = self._jsonl.read()
+        self._jsonl.close()
+        paths.write_text(self.jsonl_path, kept)
+        self._jsonl = _open_for_appending(self.jsonl_path)
+        logging.warning("%s was deleted during the run; written again.", self.jsonl_path)
       self._jsonl.write(record)
       self._jsonl.flush()
     else:

@@ -12,7 +12,7 @@ from hybridna_jax.data import pipeline
 from hybridna_jax.data.store import TokenStore
 from hybridna_jax.train import loop
 from hybridna_jax.train.baselines import MarkovModel
-from hybridna_jax.train.metrics import plot_loss_curves
+from hybridna_jax.train.metrics import LOSS_PLOT, METRICS_FILE, plot_loss_curves
 
 
 def markov_bits_per_nt(model: MarkovModel, batches) -> tuple[float, int]:
@@ -69,11 +69,11 @@ def baseline_report(config, model_val: dict, workdir: str) -> str:
     "bits_per_nt": dict(rows),
   }
   paths.write_json(paths.join(workdir, "baseline_report.json"), report)
-  metrics = paths.join(workdir, "metrics.jsonl")
+  metrics = paths.join(workdir, METRICS_FILE)
   if metrics.exists():
     plot_loss_curves(
       metrics,
-      paths.join(workdir, "loss_curves.png"),
+      paths.join(workdir, LOSS_PLOT),
       stage_starts=[(s.start_step, f"{s.seq_len:,} nt") for s in stages],
       baselines={name: v for name, v in rows[1:]},
     )
