@@ -20,7 +20,8 @@ linear probes on frozen embeddings of the final norm -- echo, RC-averaged
 echo, plain mean and RC-averaged plain mean, from one echo pass per strand
 (`probe.run_probe_echo_views`). Each (task, backbone, mode) runs in
 <workdir>/<task>/<backbone>_<mode> (resumable; finished runs are read
-back). The baselines (GC content, k-mer and one-hot logistic regressions) are fitted
+back, and refused when made under other settings or task files). The
+baselines (GC content, k-mer and one-hot logistic regressions) are fitted
 once per task on the same splits; --max_examples caps the splits the same
 way for all.
 Written to <workdir>: modes_table.md (per task: every run and the
@@ -42,6 +43,7 @@ from absl import app, flags, logging
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import environment  # noqa: E402
 
+from hybridna_jax import paths as paths_lib  # noqa: E402
 from hybridna_jax.config import load_config  # noqa: E402
 from hybridna_jax.data.tasks import TaskSplit  # noqa: E402
 from hybridna_jax.finetune import baselines as baselines_lib  # noqa: E402
@@ -107,10 +109,34 @@ def _read(path: str) -> dict:
     return json.load(f)
 
 
-def _run(data: datasets.TaskData, name: str, mode: str, backbone: str) -> list[dict]:
+def _data_settings(path: str) -> dict[str, str]:
+  """What a task's splits depend on: its files (names, sizes, modification
+  times) and --max_examples."""
+  files = (
+    [path]
+    if os.path.isfile(path)
+    else sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names)
+  )
+  stats = [(os.path.relpath(f, path), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
+  return {
+    "task": repr(os.path.abspath(path)),
+    "files": repr(stats),
+    "max_examples": repr(sorted(FLAGS.max_examples)),
+  }
+
+
+def _reuse(directory: str, settings: dict[str, str]) -> None:
+  """Refuses to read back results made under other settings (another
+  --max_examples, --steps, --pretrained, task files, ...); records these."""
+  task_lib.check_suite_settings(directory, settings)
+  paths_lib.write_json(os.path.join(directory, task_lib.SUITE_SETTINGS), settings)
+
+
+def _run(data: datasets.TaskData, name: str, mode: str, backbone: str, path: str) -> list[dict]:
   """The run's columns: one, or the four echo views of the probe."""
   config = _config(mode, backbone)
   workdir = os.path.join(FLAGS.workdir, name, f"{backbone}_{mode}")
+  _reuse(workdir, task_lib.settings_of(config) | _data_settings(path))
   if mode == "probe":
     views = list(probe_lib.ECHO_VIEWS)
     paths = [os.path.join(workdir, view, "results.json") for view in views]
@@ -173,8 +199,9 @@ def _load(path: str, name: str) -> datasets.TaskData:
   return dataclasses.replace(data, splits=splits)
 
 
-def _baselines(data: datasets.TaskData, name: str) -> dict:
+def _baselines(data: datasets.TaskData, name: str, task_path: str) -> dict:
   """The task's baselines, fitted once and kept in <workdir>/<task>/baselines.json."""
+  _reuse(os.path.join(FLAGS.workdir, name), _data_settings(task_path))
   path = os.path.join(FLAGS.workdir, name, "baselines.json")
   cached = _read(path) if os.path.exists(path) else {}
   if set(cached) == set(baselines_lib.NAMES):
@@ -237,12 +264,12 @@ def main(argv):
   by_task = {}
   for path, name in zip(paths, names):
     data = _load(path, name)
-    found = _baselines(data, name)
+    found = _baselines(data, name, path)
     runs = [
       column
       for backbone in FLAGS.backbones
       for mode in FLAGS.modes
-      for column in _run(data, name, mode, backbone)
+      for column in _run(data, name, mode, backbone, path)
     ]
     by_task[name] = (runs, found)
   columns = [(r["backbone"], r["mode"]) for r in by_task[names[0]][0]]

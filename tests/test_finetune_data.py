@@ -205,6 +205,19 @@ def test_carved_dev_keeps_copies_of_a_sequence_together_and_warns_of_shared_ones
   assert not any("train and dev" in w for w in shared)  # the copies stayed together
   assert sum(int(w.split(": ")[1].split()[0]) for w in shared) == 5  # the test rows
   assert all(w.endswith("test metrics are optimistic for them.") for w in shared)
+  # Reverse complements count as copies (review): strand-symmetric features
+  # and RC-averaged embeddings cannot tell them apart.
+  rc = lambda s: s[::-1].translate(str.maketrans("ACGT", "TGCA"))  # noqa: E731
+  rows = [(s, i % 2) for i, s in enumerate(seqs)] + [(rc(s), i % 2) for i, s in enumerate(seqs)]
+  (tmp_path / "train.csv").write_text("sequence,label\n" + "".join(f"{s},{y}\n" for s, y in rows))
+  data = datasets.load_task(str(tmp_path), dev_fraction=0.25, log=False)
+  keys = {k: {datasets.strand_key(s) for s in data.splits[k].sequences} for k in ("train", "dev")}
+  assert len(keys["dev"]) == 10 and not keys["dev"] & keys["train"]
+  (tmp_path / "test.csv").write_text("sequence,label\n" + "".join(f"{rc(s)},1\n" for s in seqs[:3]))
+  data = datasets.load_task(str(tmp_path), dev_fraction=0.25, log=False)
+  data.splits["train"] = datasets.TaskSplit(seqs, np.arange(40) % 2)  # one strand only
+  (shared,) = [w for w in data.warnings() if "are in both train and test" in w]
+  assert "3 distinct sequence(s) are in both" in shared and "(3 as reverse complements)" in shared
   # Too small to carve (one sequence per class): a clear error, not an empty dev.
   one_each = datasets.TaskSplit(["AC", "GT"], np.array([0, 1]))
   with pytest.raises(ValueError, match="tiny.bed: too few examples to carve a dev split"):

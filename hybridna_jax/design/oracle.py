@@ -161,7 +161,7 @@ class KmerOracle:
         f"sequences of every label {list(classes)}.",
       )
     y_dev = _class_ids(dev, column, classes)
-    k, model, by_k = baselines.choose_kmer(
+    k, _, model, by_k = baselines.choose_kmer(
       CLASSIFICATION,
       (train.sequences, y_train),
       (dev.sequences, y_dev),
@@ -188,7 +188,7 @@ class KmerOracle:
   def describe(self) -> dict:
     return {
       "model": f"{self.k}-mer logistic regression (balanced class weights, "
-      f"{baselines._model_name(CLASSIFICATION)})",  # pylint: disable=protected-access
+      f"{baselines._model_name(CLASSIFICATION, c=None)})",  # pylint: disable=protected-access
       "k": self.k,
       "dev_mcc_by_k": self.dev_by_k,
       "dev": {m: self.dev[m] for m in ("accuracy", "mcc", "f1_macro") if m in self.dev},

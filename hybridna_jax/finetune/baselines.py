@@ -11,8 +11,9 @@ three (fitted on train, selected on dev, reported on test, with the metrics of
 * gc: the GC content of each sequence (one feature) -> logistic regression
   (classification) or linear regression (regression);
 * kmer: k-mer frequencies over both strands (4**k features, k-mers with N
-  skipped), standardised -> L2 logistic regression (C=1) or ridge
-  (alpha=1); k is chosen among `KMER_SIZES` by the dev headline metric;
+  skipped), standardised -> L2 logistic regression or ridge; k among
+  `KMER_SIZES` and the strength among `KMER_STRENGTHS` (the linear probes'
+  grid: the same budget) are chosen together by the dev headline metric;
 * onehot: the base at each position (a position weight matrix's view:
   4 x length features, sequences centred in the longest training length)
   -> L2 logistic regression or ridge, its strength chosen on dev among
@@ -42,6 +43,7 @@ from hybridna_jax.design.metrics import gc_content
 from hybridna_jax.finetune import metrics as metrics_lib
 
 KMER_SIZES = (3, 4, 5, 6)
+KMER_STRENGTHS = (0.01, 0.1, 1.0, 10.0)
 ONEHOT_STRENGTHS = (1e-4, 1e-3, 1e-2, 1e-1)
 ONEHOT_MAX_LENGTH = 2048  # longer tasks are cropped around the centre
 NAMES = {
@@ -111,8 +113,11 @@ def fit(
       weighs the same in the loss, whatever its count).
   """
   if kind == "classification":
+    # A tight tolerance: with sklearn's default (1e-4) the fitted weights,
+    # and dev scores that choose k, moved with the dtype and thread count.
     model = make_pipeline(
-      StandardScaler(), LogisticRegression(C=c, max_iter=2000, class_weight=class_weight)
+      StandardScaler(),
+      LogisticRegression(C=c, tol=1e-6, max_iter=5000, class_weight=class_weight),
     )
   else:
     regression = LinearRegression() if linear else Ridge(alpha=1.0 / c)
@@ -213,26 +218,32 @@ def choose_kmer(
   *,
   num_classes: int = 0,
   ks: Sequence[int] = KMER_SIZES,
+  strengths: Sequence[float] = KMER_STRENGTHS,
   class_weight: str | None = None,
-) -> tuple[int, object, dict[str, float]]:
-  """k-mer frequencies -> logistic regression / ridge for each k of `ks`,
-  fitted on train (sequences, labels) and scored on dev by the kind's
-  headline metric (MCC / Pearson; the first best k wins ties).
+) -> tuple[int, float, object, dict[str, float]]:
+  """k-mer frequencies -> logistic regression / ridge for each k of `ks`
+  and inverse regularisation strength of `strengths`, fitted on train
+  (sequences, labels) and scored on dev by the kind's headline metric (MCC
+  / Pearson; the first best (k, strength) wins ties).
 
   Returns:
-    (k, the fitted model of that k, {str(k): dev headline metric}).
+    (k, strength, the fitted model of these, {str(k): the best dev headline
+    metric of that k}).
   """
   headline = metrics_lib.HEADLINE[kind]
   best, by_k = None, {}
   for k in ks:
-    model = fit(kind, kmer_features(train[0], k), train[1], class_weight=class_weight)
-    outputs = predict(model, kind, kmer_features(dev[0], k), num_classes=num_classes)
-    score = split_metrics(kind, dev[1], outputs)[headline]
-    by_k[str(k)] = score
-    if best is None or (np.isfinite(score) and not score <= best[0]):
-      best = (score if np.isfinite(score) else -np.inf, k, model)
-  _, k, model = best
-  return k, model, by_k
+    x_train, x_dev = kmer_features(train[0], k), kmer_features(dev[0], k)
+    for c in strengths:
+      model = fit(kind, x_train, train[1], c=c, class_weight=class_weight)
+      outputs = predict(model, kind, x_dev, num_classes=num_classes)
+      score = split_metrics(kind, dev[1], outputs)[headline]
+      score = score if np.isfinite(score) else -np.inf
+      by_k[str(k)] = max(by_k.get(str(k), -np.inf), score)
+      if best is None or score > best[0]:
+        best = (score, k, c, model)
+  _, k, c, model = best
+  return k, c, model, {key: (v if np.isfinite(v) else float("nan")) for key, v in by_k.items()}
 
 
 def split_metrics(kind: str, labels: np.ndarray, outputs: np.ndarray) -> dict[str, float]:
@@ -268,14 +279,14 @@ def gc_baseline(data, class_weight: str | None = None) -> dict:
 
 
 def kmer_baseline(data, ks: Sequence[int] = KMER_SIZES, class_weight: str | None = None) -> dict:
-  """k-mer frequencies -> logistic regression / ridge, k chosen on dev
-  (`choose_kmer`).
+  """k-mer frequencies -> logistic regression / ridge, k and the strength
+  chosen on dev (`choose_kmer`).
 
   Returns:
-    {"name", "dev", "test", "settings": {"k", "dev_by_k", ...}}.
+    {"name", "dev", "test", "settings": {"k", "c", "dev_by_k", ...}}.
   """
   split = {s: (data.splits[s].sequences, data.splits[s].labels) for s in ("train", *EVAL_SPLITS)}
-  k, model, by_k = choose_kmer(
+  k, c, model, by_k = choose_kmer(
     data.kind,
     split["train"],
     split["dev"],
@@ -296,9 +307,10 @@ def kmer_baseline(data, ks: Sequence[int] = KMER_SIZES, class_weight: str | None
     **found,
     "settings": {
       "k": k,
+      "c": c,
       "dev_by_k": by_k,
       "features": "k-mer frequencies, both strands, standardised",
-      "model": _model_name(data.kind),
+      "model": _model_name(data.kind, c=None),
       "class_weight": class_weight,
     },
   }
@@ -336,10 +348,13 @@ def _classes(data) -> int:
   return data.num_classes if data.kind == "classification" else 0
 
 
-def _model_name(kind: str, linear: bool = False) -> str:
+def _model_name(kind: str, linear: bool = False, c: float | None = 1.0) -> str:
+  """The model's description; c None: its strength is chosen on dev."""
   if kind == "classification":
-    return "sklearn LogisticRegression(C=1, lbfgs)"
-  return "sklearn LinearRegression" if linear else "sklearn Ridge(alpha=1)"
+    return f"sklearn LogisticRegression({'C chosen on dev' if c is None else f'C={c:g}'}, lbfgs)"
+  if linear:
+    return "sklearn LinearRegression"
+  return f"sklearn Ridge({'alpha = 1/C, C chosen on dev' if c is None else f'alpha={1 / c:g}'})"
 
 
 def run_baselines(

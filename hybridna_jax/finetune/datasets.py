@@ -40,13 +40,13 @@ import numpy as np
 from absl import logging
 
 from hybridna_jax import tokenizer
+from hybridna_jax.config import TASK_FORMATS
 from hybridna_jax.data import fasta as fasta_lib
 from hybridna_jax.data import tasks as tasks_lib
 from hybridna_jax.data import textfiles
 from hybridna_jax.data.tasks import TaskFormatError, TaskSplit, parse_labels
 
 SPLITS = ("train", "dev", "test")
-FORMATS = ("auto", "gue", "nt", "bed")
 _COMPRESSED_SUFFIXES = ("",) + fasta_lib.COMPRESSION_SUFFIXES
 _DEV_NAMES = {
   "dev": "dev",
@@ -164,16 +164,23 @@ class TaskData:
     return "\n".join(lines)
 
   def warnings(self) -> list[str]:
-    """Sequences shared between splits (leakage) and class-balance problems
-    worth acting on."""
+    """Sequences shared between splits (leakage: the same sequence, or its
+    reverse complement, which strand-symmetric features and RC-averaged
+    embeddings cannot tell from it) and class-balance problems worth acting
+    on."""
     out = []
-    seen = {name: set(split.sequences) for name, split in self.splits.items()}
+    seen = {name: {strand_key(s) for s in split.sequences} for name, split in self.splits.items()}
+    exact = {name: {s.upper() for s in split.sequences} for name, split in self.splits.items()}
     for a, b in (("train", "dev"), ("train", "test"), ("dev", "test")):
-      shared = len(seen[a] & seen[b]) if a in seen and b in seen else 0
+      if a not in seen or b not in seen:
+        continue
+      shared = len(seen[a] & seen[b])
       if shared:
+        as_rc = shared - len(exact[a] & exact[b])
         out.append(
-          f"{self.name}: {shared} distinct sequence(s) are in both {a} and {b}; "
-          f"{b} metrics are optimistic for them."
+          f"{self.name}: {shared} distinct sequence(s) are in both {a} and {b}"
+          + (f" ({as_rc} as reverse complements)" if as_rc else "")
+          + f"; {b} metrics are optimistic for them."
         )
     if self.kind != "classification":
       return out
@@ -475,13 +482,23 @@ def _load_bed(path: str, reference: str) -> tuple[dict[str, TaskSplit], bool]:
 # -- dev split and loading ---------------------------------------------------------------
 
 
+_COMPLEMENT = str.maketrans("ACGT", "TGCA")
+
+
+def strand_key(sequence: str) -> str:
+  """The same key for a sequence and its reverse complement (upper case)."""
+  sequence = sequence.upper()
+  return min(sequence, sequence.translate(_COMPLEMENT)[::-1])
+
+
 def carve_dev(
   train: TaskSplit, fraction: float, seed: int, path: str = "train"
 ) -> tuple[TaskSplit, TaskSplit]:
   """(train, dev): `fraction` of each class of train (of all examples for
   regression), at least one per class with two or more distinct sequences;
-  a class's only sequence stays in train. Copies of a sequence go to the
-  same side, so dev never holds a sequence train has."""
+  a class's only sequence stays in train. Copies of a sequence, on either
+  strand (`strand_key`), go to the same side, so dev never holds a sequence
+  train has."""
   if not 0.0 < fraction < 1.0:
     raise ValueError(
       f"finetune.dev_fraction must be in (0, 1) for a task without a dev split, got {fraction}."
@@ -490,7 +507,9 @@ def carve_dev(
   rng = np.random.default_rng(seed)
   # Rows by sequence; a sequence counts in the class of its first row.
   _, first, copy_of = np.unique(
-    np.asarray(train.sequences, dtype=object), return_index=True, return_inverse=True
+    np.asarray([strand_key(s) for s in train.sequences], dtype=object),
+    return_index=True,
+    return_inverse=True,
   )
   if labels.dtype.kind == "i":
     groups = [first[labels[first] == c] for c in np.unique(labels[first])]
@@ -579,8 +598,8 @@ def load_task(
     log: log the split report and imbalance warnings.
   """
   path = os.path.normpath(os.fspath(path))
-  if format not in FORMATS:
-    raise ValueError(f"finetune.format must be one of {FORMATS}, got {format!r}.")
+  if format not in TASK_FORMATS:
+    raise ValueError(f"finetune.format must be one of {TASK_FORMATS}, got {format!r}.")
   fmt = detect_format(path) if format == "auto" else format
   if fmt == "gue":
     splits, missing_dev = tasks_lib.load_csv_task(path), False
