@@ -131,3 +131,26 @@ def test_balanced_class_weights_reach_the_probe_and_the_baselines():
   assert baselines_lib.class_weight_of(cfg, "regression") is None
   found = baselines_lib.run_baselines(data, ks=(2,), class_weight="balanced")
   assert all(b["settings"]["class_weight"] == "balanced" for b in found.values())
+
+
+def test_probe_restores_with_the_score_sections_numerics_and_kernels(gc_task, monkeypatch):
+  """Review: a probe of finetune.pretrained restored the backbone as trained,
+  ignoring score.dtype and the kernels (Scorer.from_run applies them)."""
+  from hybridna_jax import restore, sharding  # pylint: disable=g-import-not-at-top
+
+  cfg = load_config("configs/finetune_tiny.py:probe")
+  cfg.finetune.pretrained = "runs/pretrained"
+  cfg.score.dtype, cfg.score.attention_impl, cfg.score.ssd_impl = "bfloat16", "xla", "xla"
+  calls = []
+
+  def load(path, **kwargs):
+    calls.append((path, kwargs))
+    return create_model(ModelConfig.from_config(cfg.model)), None, None
+
+  monkeypatch.setattr(restore, "load", load)
+  _, backbone = probe.probe_scorer(cfg, datasets.load_task(gc_task, log=False), "mean")
+  ((path, kwargs),) = calls
+  assert path == "runs/pretrained" and backbone == "runs/pretrained (latest)"
+  assert kwargs["dtype"] == "bfloat16" and kwargs["which"] == "latest"
+  assert (kwargs["attention_impl"], kwargs["ssd_impl"]) == ("xla", "xla")
+  assert kwargs["mesh"].shape == sharding.mesh_from_config(cfg.mesh).shape  # the config's mesh

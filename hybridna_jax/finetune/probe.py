@@ -182,21 +182,30 @@ def probe_context(data: datasets.TaskData, pooling: str, max_seq_len: int) -> in
 
 def probe_scorer(config, data: datasets.TaskData, pooling: str):
   """The Scorer of a probe run and a description of its backbone: restores
-  finetune.pretrained (or initialises config.model); score.context 0 means
+  finetune.pretrained with the numerics and kernels of the `score` section
+  (score.dtype, attention_impl, ssd_impl, as `Scorer.from_run` does) on the
+  config's mesh, or initialises config.model; score.context 0 means
   `probe_context`."""
-  from hybridna_jax import restore  # pylint: disable=g-import-not-at-top
+  from hybridna_jax import restore, sharding  # pylint: disable=g-import-not-at-top
   from hybridna_jax.config import ModelConfig, ScoreConfig  # pylint: disable=g-import-not-at-top
   from hybridna_jax.model import create_model  # pylint: disable=g-import-not-at-top
   from hybridna_jax.scoring import Scorer  # pylint: disable=g-import-not-at-top
 
   fc = config.finetune
+  sc = ScoreConfig.of(config)
   if fc.pretrained:
-    model, _, _ = restore.load(str(fc.pretrained), which=str(fc.pretrained_which))
+    model, _, _ = restore.load(
+      str(fc.pretrained),
+      which=str(fc.pretrained_which),
+      dtype=sc.dtype or None,
+      mesh=sharding.mesh_from_config(config.mesh) if "mesh" in config else None,
+      attention_impl=sc.attention_impl,
+      ssd_impl=sc.ssd_impl,
+    )
     backbone = f"{fc.pretrained} ({fc.pretrained_which})"
   else:
     model = create_model(ModelConfig.from_config(config.model), seed=int(config.train.seed))
     backbone = "fresh init"
-  sc = ScoreConfig.of(config)
   context = sc.context or probe_context(data, pooling, model.cfg.max_seq_len)
   scorer = Scorer(
     model,
