@@ -249,3 +249,22 @@ def test_launcher_refuses_bad_requests_in_one_line(flags, message):
   out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
   assert out.returncode != 0 and message in out.stderr, out.stderr[-2000:]
   assert "Traceback" not in out.stderr
+
+
+def test_collective_bytes_sum_each_kind_of_result():
+  hlo = "\n".join(
+    [
+      "%all-gather.5 = f32[2,256,32]{2,0,1} all-gather(%x), channel_id=54, dimensions={1}",
+      "%ar = (f32[4]{0}, bf16[8]{0}) all-reduce(%a, %b), to_apply=%add",
+      "%cp = s32[2,256]{0,1} collective-permute(%s), source_target_pairs={{0,1}}",
+      "%ags = (f32[2]{0}, f32[8]{0}) all-gather-start(%y)",  # async: the result only
+      "%add = f32[4]{0} add(%p, %q)",
+    ]
+  )
+  assert plan_lib.collective_bytes(hlo) == {
+    "all-gather": 2 * 256 * 32 * 4 + 8 * 4,
+    "all-reduce": 4 * 4 + 8 * 2,
+    "reduce-scatter": 0,
+    "all-to-all": 0,
+    "collective-permute": 2 * 256 * 4,
+  }

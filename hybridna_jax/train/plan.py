@@ -46,6 +46,7 @@ import contextlib
 import dataclasses
 import itertools
 import math
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -118,6 +119,8 @@ class StepPlan:
   # cost analysis counts the loop's body, i.e. 1/scan_repeats of the layers.
   scan_repeats: int = 1
   remat: str = "none"  # model.remat: XLA's count includes the recomputation
+  # Bytes of the collectives' results per device, by kind (`collective_bytes`).
+  collectives: dict[str, int] = dataclasses.field(default_factory=dict)
 
   @property
   def devices(self) -> int:
@@ -326,6 +329,30 @@ def _compile(built: _Built):
   return compiled, lowered_at - start, time.perf_counter() - lowered_at
 
 
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+_COLLECTIVE_OP = re.compile(r"= (.+?) (" + "|".join(COLLECTIVES) + r")(-start)?\(", re.MULTILINE)
+_SHAPE = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+  """Bytes of every collective's result in a compiled program's HLO text,
+  summed by kind (all-gather, all-reduce, ...): a per-device measure of
+  what the step moves between devices. An op in a loop body (the scanned
+  layers, grad_accum's micro-batches) is counted once; an async op's
+  (-start) tuple by its last member, the result."""
+  out = {kind: 0 for kind in COLLECTIVES}
+  for shapes, kind, start in _COLLECTIVE_OP.findall(hlo_text):
+    found = _SHAPE.findall(shapes)
+    for dtype, dims in found[-1:] if start else found:
+      size = _HLO_BYTES.get(dtype, 1 if dtype.startswith("f8") else 0)
+      out[kind] += size * math.prod(int(d) for d in dims.split(",") if d)
+  return out
+
+
+_HLO_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2}
+_HLO_BYTES |= {"s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8}
+
+
 def _xla_flops(compiled) -> float | None:
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jax: one dict per program
@@ -362,6 +389,7 @@ def _plan_from(built: _Built, compiled, lower_s: float, compile_s: float) -> Ste
     compile_s=compile_s,
     scan_repeats=model_cfg.n_layers // (scan_block_size(model_cfg) or model_cfg.n_layers),
     remat=model_cfg.remat,
+    collectives=collective_bytes(compiled.as_text()),
   )
 
 
@@ -613,6 +641,12 @@ def format_plan(
     )
     + ")"
   )
+  moved = {k: v for k, v in plan.collectives.items() if v}
+  if moved:
+    lines.append(
+      "collectives per device per step (bytes of their results; a loop body counted once): "
+      + ", ".join(f"{k} {_gb(v)}" for k, v in moved.items())
+    )
   if accelerator_name:
     accel = flops_lib.ACCELERATORS[accelerator_name]
     budget = (1.0 - headroom) * accel.memory_bytes
