@@ -218,6 +218,10 @@ def test_carved_dev_keeps_copies_of_a_sequence_together_and_warns_of_shared_ones
   data.splits["train"] = datasets.TaskSplit(seqs, np.arange(40) % 2)  # one strand only
   (shared,) = [w for w in data.warnings() if "are in both train and test" in w]
   assert "3 distinct sequence(s) are in both" in shared and "(3 as reverse complements)" in shared
+  both = datasets.TaskSplit([seqs[0], rc(seqs[0])], np.array([0, 0]))  # each strand in each
+  data.splits["train"] = data.splits["test"] = both
+  (shared,) = [w for w in data.warnings() if "are in both train and test" in w]
+  assert "1 distinct sequence(s) are in both train and test;" in shared
   # Too small to carve (one sequence per class): a clear error, not an empty dev.
   one_each = datasets.TaskSplit(["AC", "GT"], np.array([0, 1]))
   with pytest.raises(ValueError, match="tiny.bed: too few examples to carve a dev split"):

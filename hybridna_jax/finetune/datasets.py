@@ -175,8 +175,8 @@ class TaskData:
       if a not in seen or b not in seen:
         continue
       shared = len(seen[a] & seen[b])
-      if shared:
-        as_rc = shared - len(exact[a] & exact[b])
+      if shared:  # and of these, how many only as the other strand:
+        as_rc = shared - len({strand_key(s) for s in exact[a] & exact[b]})
         out.append(
           f"{self.name}: {shared} distinct sequence(s) are in both {a} and {b}"
           + (f" ({as_rc} as reverse complements)" if as_rc else "")
