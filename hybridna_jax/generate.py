@@ -557,7 +557,9 @@ def _prefill_model(model, tokens: np.ndarray, segment_ids: np.ndarray, settings:
 def beam_search(
   model, prompts, settings: Settings, *, segment_ids: np.ndarray | None = None, mesh=None
 ) -> Beams:
-  """The `settings.beam_width` best continuations of each prompt (`Beams`)."""
+  """The `settings.beam_width` best continuations of each prompt (`Beams`);
+  prompts and segment_ids as for `sample` (a list of 1-d token-id prompts,
+  or a left-padded (b, l) array with its segment ids)."""
   tokens, segment_ids = _prepare(model, prompts, segment_ids)
   graphdef, state, logits, cache = _prefill_model(model, tokens, segment_ids, settings, mesh)
   return _beam_loop(
@@ -587,7 +589,7 @@ def generate(
   mesh=None,
 ) -> Generation:
   """One continuation per prompt: beam search's best when beam_width > 1,
-  otherwise a sample (greedy at temperature 0)."""
+  otherwise a sample (greedy at temperature 0); arguments as for `sample`."""
   if settings.beam_width > 1:
     return beam_search(model, prompts, settings, segment_ids=segment_ids, mesh=mesh).best()
   return sample(

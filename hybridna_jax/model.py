@@ -106,6 +106,10 @@ class Block(nnx.Module):
     return h, cache
 
   def decode(self, h, cache, slot, kv_mask, positions):
+    """New tokens h (b, t, d) -> (b, t, d) and the layer's updated cache:
+    an attention layer writes its keys and values at `slot` () and attends
+    under kv_mask (b, t, s) at positions (b, t) (`Attention.decode`); a
+    Mamba2 layer steps its conv and SSM states one token at a time (t = 1)."""
     normed = self.mixer_norm(h)
     if self.kind == "attention":
       mixed, cache = self.mixer.decode(normed, cache, slot, kv_mask, positions)
@@ -279,6 +283,7 @@ class HybriDNA(nnx.Module):
   # -- pieces -----------------------------------------------------------------
 
   def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+    """tokens (b, l) int -> (b, l, d) embeddings in the compute dtype."""
     # The table is small (vocab 128): gather from a replicated copy rather
     # than make XLA partition a gather over a sharded table.
     table = constrain(self.embed[...], (None, None))

@@ -87,6 +87,7 @@ def _one_vs_rest(metric, labels: np.ndarray, scores: np.ndarray) -> float:
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
+  """(..., classes) logits -> probabilities over the last axis, float64."""
   z = np.asarray(logits, np.float64)
   z = np.exp(z - z.max(axis=-1, keepdims=True))
   return z / z.sum(axis=-1, keepdims=True)
@@ -169,6 +170,7 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def regression_metrics(targets: np.ndarray, predictions: np.ndarray) -> dict[str, float]:
+  """(n,) targets and predictions -> Pearson, Spearman, MSE, R^2 and loss (MSE)."""
   targets = np.asarray(targets, np.float64)
   predictions = np.asarray(predictions, np.float64)
   mse = float(np.mean((predictions - targets) ** 2))

@@ -113,6 +113,7 @@ class SequenceHead(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((cfg.num_outputs,), param_dtype), logical_axes=("classes",))
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    """Pooled features (b, d) -> outputs (b, num_outputs) float32."""
     x = x.astype(jnp.float32)
     if self.hidden is not None:
       x = jax.nn.gelu(

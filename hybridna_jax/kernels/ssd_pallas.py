@@ -592,7 +592,8 @@ def pass_states(s, a, init, plan: _Plan, reverse=False):
 
 
 def pass_states_xla(s, a, init, reverse=False):
-  """`pass_states` as a `lax.scan` (TPU path and reference)."""
+  """`pass_states` as a `lax.scan` (TPU path and reference): s (b, nc, h, n,
+  p), a (b, nc, h), init (b, h, n, p) -> (states (b, nc, h, n, p), last)."""
 
   def step(carry, inputs):
     a_c, s_c = inputs

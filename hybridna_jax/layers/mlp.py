@@ -30,6 +30,7 @@ class GatedMLP(nnx.Module):
     )
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    """x (b, l, d) -> (b, l, d): wo(silu(wi_gate x) * wi_up x)."""
     h = jax.nn.silu(self.wi_gate(x)) * self.wi_up(x)
     h = constrain(h, ("act_batch", "act_length", "act_mlp"))
     return self.wo(h)

@@ -58,8 +58,10 @@ def masked_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array)
 
 
 def lm_loss(model: nnx.Module, batch: dict):
-  """Next-token loss over `loss_mask` (pretraining and generative tuning);
-  a batch without "segment_ids" is one document per row."""
+  """Next-token loss over `loss_mask` (pretraining and generative tuning):
+  batch inputs, targets (b, l) int32, loss_mask (b, l) float32 and optional
+  segment_ids (b, l) int32 (without them each row is one document). Returns
+  (summed nll, {"count", "accuracy" (correct count), "bits_per_nt"})."""
   out = model(batch["inputs"], segment_ids=batch.get("segment_ids"))
   nll, count, correct = masked_cross_entropy(out.logits, batch["targets"], batch["loss_mask"])
   return nll, {"count": count, "accuracy": correct, "bits_per_nt": nll / LN2}
