@@ -575,8 +575,9 @@ def test_a_vocabulary_without_n_reads_n_as_its_unknown_token(tmp_path, caplog):
   tok = hf.read_vocab(str(tmp_path))
   assert tok.N == tok.unk == 6
   np.testing.assert_array_equal(tok.encode("ACNr"), [7, 8, 6, 6])  # IUPAC codes too
-  model, _, _ = hf.load(str(tmp_path), dtype="float32", our_vocab=0)
+  model, _, job = hf.load(str(tmp_path), dtype="float32", our_vocab=0)
   assert "our N (id 9) <- checkpoint '[UNK]' (row 6): the checkpoint's unk token" in caplog.text
+  assert not job.score.add_bos  # no add_bos_token
   head, _, _ = hf.checkpoint.vocab_remap(tok, 11)
   theirs = jax.nn.log_softmax(_torch_logits(ref, tok.encode(SEQ)[None])[0])
   ours = jax.nn.log_softmax(_ours(model, our_tokenizer.encode(SEQ)[None])[0])
@@ -591,10 +592,12 @@ def test_tied_embeddings_with_a_shared_token_keep_its_input_row(tmp_path, caplog
   ref.save_pretrained(tmp_path)
   vocab = {"<|endoftext|>": 0, "A": 1, "C": 2, "G": 3, "T": 4, "N": 5}
   (tmp_path / "vocab.json").write_text(json.dumps(vocab))
-  config = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}
+  config = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "add_bos_token": True}
   (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
   model, _, job = hf.load(str(tmp_path), dtype="float32", our_vocab=0)
   assert not job.model.tie_embeddings and "keeps two matrices" in caplog.text
+  # Its tokenizer adds bos (review: never read): the run scores after bos too.
+  assert job.score.add_bos and hf.read_vocab(str(tmp_path)).add_bos
   t = our_tokenizer
   embedding = np.asarray(ref.model.embed_tokens.weight.detach())
   np.testing.assert_array_equal(_array(model.embed)[t.BOS], embedding[0])

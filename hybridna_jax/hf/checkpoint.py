@@ -420,7 +420,8 @@ def load(
     the directory has no tokenizer files, or files that hold no DNA
     vocabulary: a warning names them) or hybridna_jax.tokenizer (with
     our_vocab), and a job config whose `model` section is the translated
-    architecture.
+    architecture (and score.add_bos True when the tokenizer adds bos,
+    add_bos_token: scores as the checkpoint's own pipeline computes them).
   """
   check_our_vocab(our_vocab)
   files = read_files(path)
@@ -451,6 +452,7 @@ def load(
     # The model is usable with the checkpoint's own tokenizer (e.g. in transformers).
     logging.warning("%s Loading the model without a tokenizer (None).", unreadable)
   remap = None
+  adds_bos = tok is not None and tok.add_bos
   if our_vocab is not None:
     head, embed, notes = vocab_remap(tok, cfg.vocab_size, our_vocab)
     for note in notes:
@@ -477,7 +479,16 @@ def load(
     head_from_embed=cfg.tie_embeddings and not out_cfg.tie_embeddings,
   )
   graphdef, _ = nnx.split(abstract_model(out_cfg), nnx.Param)
-  return nnx.merge(graphdef, params), tok, job_config(out_cfg)
+  config = job_config(out_cfg)
+  if adds_bos:
+    # Scored as the checkpoint's pipeline scores: every sequence after bos.
+    config.score.add_bos = True
+    logging.info(
+      "%s: its tokenizer adds bos (add_bos_token), so the job config scores with "
+      "score.add_bos=True.",
+      files.path,
+    )
+  return nnx.merge(graphdef, params), tok, config
 
 
 def _place(

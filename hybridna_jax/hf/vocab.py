@@ -69,12 +69,20 @@ class VocabTokenizer:
   (None when the vocabulary has none); A, C, G, T, N (with no N token, the
   unk token, as a character tokenizer reads N, else None);
   vocab_size (the id range of the tokenizer files; the model's embedding
-  may have more rows).
+  may have more rows); add_bos (tokenizer_config.json's add_bos_token: the
+  checkpoint's own pipeline starts every sequence with bos).
   """
 
-  def __init__(self, vocab: Mapping[str, int], specials: Mapping[str, int | None], source: str):
+  def __init__(
+    self,
+    vocab: Mapping[str, int],
+    specials: Mapping[str, int | None],
+    source: str,
+    add_bos: bool = False,
+  ):
     self.vocab = dict(vocab)
     self.source = source
+    self.add_bos = add_bos
     self.id_to_token = {i: t for t, i in self.vocab.items()}
     self.vocab_size = max(self.vocab.values()) + 1 if self.vocab else 0
     for role in _ROLES:
@@ -224,7 +232,8 @@ def _read_vocab(path: str, model_config: Mapping | None) -> VocabTokenizer | Non
       specials[role] = config_id
     else:
       specials[role] = next((vocab[n] for n in _ROLE_NAMES[role] if n in vocab), None)
-  return VocabTokenizer(vocab, specials, source)
+  add_bos = bool(tok_config.get("add_bos_token", False)) and specials.get("bos") is not None
+  return VocabTokenizer(vocab, specials, source, add_bos=add_bos)
 
 
 # The files write_char_tokenizer writes.
