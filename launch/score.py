@@ -151,7 +151,7 @@ def main(argv):
       chunk_records=FLAGS.chunk_records,
       reference=reference,
     )
-    plot = variants_lib.plot_llrs(output + ".png", callsets.read_llrs(output))
+    plot = variants_lib.plot_llrs(_variants_plot(output), callsets.read_llrs(output))
     paths = summary.paths + ([plot] if plot else [])
   else:
     paths = score_outputs.score_sequences_to_files(
@@ -170,6 +170,11 @@ def main(argv):
   logging.info("compiled programs: %d (buckets %s)", scorer.trace_count, scorer.buckets)
 
 
+def _variants_plot(output: str) -> str:
+  """The LLR histogram written beside a variants run's scores TSV."""
+  return output + ".png"
+
+
 def _refuse_to_replace(mode: str, output: str) -> None:
   """Refuses, before anything is restored, to replace an earlier run's
   outputs without --overwrite; an interrupted variants run at `output` is
@@ -183,7 +188,7 @@ def _refuse_to_replace(mode: str, output: str) -> None:
       if FLAGS.overwrite:
         os.remove(progress)  # its partial outputs are rewritten from the start
       return
-    files = callsets.output_files(output, FLAGS.annotated) + [output + ".png"]
+    files = callsets.output_files(output, FLAGS.annotated) + [_variants_plot(output)]
   else:
     files = score_outputs.output_files(mode, output, bedgraph=FLAGS.bedgraph)
   existing = [f for f in files if os.path.exists(f)]
