@@ -268,7 +268,7 @@ def test_a_moved_checkout_reuses_its_store(tmp_path):
     prepare.prepare_store(c)
 
 
-def test_training_refuses_a_store_of_other_data_than_its_config_names(tmp_path):
+def test_training_refuses_a_store_of_other_data_than_its_config_names(tmp_path, caplog):
   """Review: train.py opened data.store_dir without a look at how it was
   prepared, so a run could train and validate on other data than its
   config.json records (other files, another validation split)."""
@@ -283,10 +283,16 @@ def test_training_refuses_a_store_of_other_data_than_its_config_names(tmp_path):
   c.fasta_globs = (str(tmp_path / "g*.fa"),)  # one genome more
   with pytest.raises(
     store_lib.StoreError,
-    match=r"fasta_globs: store 2 files \(g0.fa, g1.fa\), config 3 files .*prepare it again",
+    match=r"fasta_globs: store 2 files \(g0.fa, g1.fa\), config 3 files .*empty data.fasta_globs",
   ):
     prepare.check_store_matches(c)
   c.fasta_globs = (str(tmp_path / "g[01].fa"),)
+  # The same files copied without their modification times (cp -r, a fresh
+  # download; review: refused): a warning, and training goes on.
+  os.utime(tmp_path / "g0.fa", ns=(1, 1))
+  caplog.set_level("WARNING")
+  prepare.check_store_matches(c)
+  assert "other modification times (copied?); training on the store as prepared" in caplog.text
   fasta.write_fasta(tmp_path / "g0.fa", [("chr0", "ACGTACGTAC")])
   with pytest.raises(store_lib.StoreError, match=r"2 files \(g0.fa, g1.fa\) changed since"):
     prepare.check_store_matches(c)

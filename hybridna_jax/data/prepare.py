@@ -193,16 +193,22 @@ def fingerprint(files: Sequence[InputFile], data_cfg) -> dict[str, Any]:
   }
 
 
-def same_fingerprint(saved: Any, now: dict[str, Any]) -> bool:
+def same_fingerprint(saved: Any, now: dict[str, Any], *, times: bool = True) -> bool:
   """Whether a store's saved fingerprint matches `now`, wherever its inputs
   lie: files of the same names, sizes and modification times in another
-  directory (a moved or copied checkout) are the same inputs."""
+  directory (a moved or copied checkout) are the same inputs. times=False:
+  modification times are not compared (a copy that reset them)."""
   if not isinstance(saved, dict):
     return False
 
   def located_nowhere(fp: dict[str, Any]) -> dict[str, Any]:
     inputs = sorted(
-      (f.get("source") or "", os.path.basename(f.get("path", "")), f.get("size"), f.get("mtime_ns"))
+      (
+        f.get("source") or "",
+        os.path.basename(f.get("path", "")),
+        f.get("size"),
+        f.get("mtime_ns") if times else None,
+      )
       for f in fp.get("inputs", [])
     )
     return {**fp, "inputs": inputs}
@@ -215,7 +221,9 @@ def check_store_matches(data_cfg) -> None:
   `data_cfg` names, so that a run trains and validates on the data its
   config.json records. Nothing is checked when data.fasta_globs is empty
   (the store is used as it is); the input files are compared only when the
-  globs match files here (a store prepared on another machine is not).
+  globs match files here (a store prepared on another machine is not), by
+  name and size: inputs whose modification times alone differ (copied
+  without them: cp -r, gsutil cp, a fresh download) get a warning.
 
   Raises:
     store.StoreError: naming the fields that differ and the fix.
@@ -237,10 +245,19 @@ def check_store_matches(data_cfg) -> None:
     now["inputs"] = saved.get("inputs", [])
   if same_fingerprint(saved, now):
     return
+  if same_fingerprint(saved, now, times=False):
+    logging.warning(
+      "%s: its input files have the sizes they had when the store was prepared but other "
+      "modification times (copied?); training on the store as prepared. Prepare it again "
+      "(data.overwrite_store=True) if their contents changed.",
+      data_cfg.store_dir,
+    )
+    return
   raise store_lib.StoreError(
     f"{data_cfg.store_dir} was prepared from other data than this config names "
     f"({'; '.join(_differences(saved, now))}); prepare it again (launch/prepare_data.py with "
-    "this config, and data.overwrite_store=True), or set these data fields to the store's."
+    "this config, and data.overwrite_store=True), set these data fields to the store's, or "
+    "empty data.fasta_globs to train on the store as it is."
   )
 
 
@@ -256,9 +273,10 @@ def _differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     return out | {f"split.{k}": v for k, v in fp.get("split", {}).items()}
 
   out = []
-  if not same_fingerprint({"inputs": saved.get("inputs", [])}, {"inputs": now["inputs"]}):
+  inputs = {"inputs": saved.get("inputs", [])}, {"inputs": now["inputs"]}
+  if not same_fingerprint(*inputs, times=False):
     before, after = files(saved), files(now)
-    if before == after:  # the same names: sizes or modification times differ
+    if before == after:  # the same names: sizes differ
       out.append(f"fasta_globs: {after} changed since the store was prepared")
     else:
       out.append(f"fasta_globs: store {before}, config {after}")
