@@ -117,7 +117,10 @@ def _data_settings(path: str) -> dict[str, str]:
     if os.path.isfile(path)
     else sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names)
   )
-  stats = [(os.path.relpath(f, path), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
+  stats = []
+  for f in files:
+    st = os.stat(f)
+    stats.append((os.path.relpath(f, path), st.st_size, st.st_mtime_ns))
   return {
     "task": repr(os.path.abspath(path)),
     "files": repr(stats),

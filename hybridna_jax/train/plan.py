@@ -332,6 +332,10 @@ def _compile(built: _Built):
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 _COLLECTIVE_OP = re.compile(r"= (.+?) (" + "|".join(COLLECTIVES) + r")(-start)?\(", re.MULTILINE)
 _SHAPE = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
+_HLO_BYTES = {  # bytes per element of an HLO type (f8 types: 1; tuples, tokens: 0)
+  **{"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2},
+  **{"s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8},
+}
 
 
 def collective_bytes(hlo_text: str) -> dict[str, int]:
@@ -347,10 +351,6 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
       size = _HLO_BYTES.get(dtype, 1 if dtype.startswith("f8") else 0)
       out[kind] += size * math.prod(int(d) for d in dims.split(",") if d)
   return out
-
-
-_HLO_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2}
-_HLO_BYTES |= {"s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8}
 
 
 def _xla_flops(compiled) -> float | None:
