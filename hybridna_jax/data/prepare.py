@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import glob
 import hashlib
 import os
@@ -178,9 +179,15 @@ class SplitRule:
 
 
 def fingerprint(files: Sequence[InputFile], data_cfg) -> dict[str, Any]:
-  """What a store depends on; an identical fingerprint means re-use it."""
+  """What a store depends on, recorded in its manifest: each input's name,
+  size, modification time and SHA-256 (`content_digest`), and the settings
+  that route records to splits."""
+  inputs = [dataclasses.asdict(f) | {"sha256": content_digest(f)} for f in files]
+  return {"inputs": inputs, **_settings(data_cfg)}
+
+
+def _settings(data_cfg) -> dict[str, Any]:
   return {
-    "inputs": [dataclasses.asdict(f) for f in files],
     "source_from": data_cfg.source_from,
     "allow_empty_records": bool(data_cfg.allow_empty_records),
     "split": {
@@ -193,37 +200,94 @@ def fingerprint(files: Sequence[InputFile], data_cfg) -> dict[str, Any]:
   }
 
 
-def same_fingerprint(saved: Any, now: dict[str, Any], *, times: bool = True) -> bool:
-  """Whether a store's saved fingerprint matches `now`, wherever its inputs
-  lie: files of the same names, sizes and modification times in another
-  directory (a moved or copied checkout) are the same inputs. times=False:
-  modification times are not compared (a copy that reset them)."""
-  if not isinstance(saved, dict):
-    return False
+@functools.lru_cache(maxsize=4096)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+  del size, mtime_ns  # cache keys: a file rewritten since is read again
+  with open(path, "rb") as f:
+    return hashlib.file_digest(f, "sha256").hexdigest()
 
-  def located_nowhere(fp: dict[str, Any]) -> dict[str, Any]:
-    inputs = sorted(
-      (
-        f.get("source") or "",
-        os.path.basename(f.get("path", "")),
-        f.get("size"),
-        f.get("mtime_ns") if times else None,
-      )
-      for f in fp.get("inputs", [])
-    )
-    return {**fp, "inputs": inputs}
 
-  return located_nowhere(saved) == located_nowhere(now)
+def content_digest(f: InputFile) -> str:
+  """The SHA-256 of the file's bytes as stored (compressed, if it is), so
+  `sha256sum` gives the same."""
+  return _sha256(f.path, f.size, f.mtime_ns)
+
+
+def _name(f: dict[str, Any]) -> tuple[str, str]:
+  return f.get("source") or "", os.path.basename(f.get("path", ""))
+
+
+def _some(names: Sequence[str]) -> str:
+  n = len(names)
+  return f"{n} file{'s' * (n != 1)} ({', '.join(names[:3])}{', ...' if n > 3 else ''})"
+
+
+def compare_inputs(
+  recorded: Sequence[dict[str, Any]], files: Sequence[InputFile]
+) -> tuple[list[str], list[str]]:
+  """Compares the inputs a store recorded (`fingerprint`) with `files` here.
+
+  Files are matched by source and file name wherever they lie (a moved or
+  copied checkout keeps its store). A matched file is unchanged when its
+  size is, and its modification time or else its content (SHA-256) is: a
+  copy that reset the times (cp -r, gsutil cp, a fresh download) is read
+  once to compare it. As make and rsync do, the time and size of an
+  edited file whose time was then put back are trusted.
+
+  Returns:
+    (differences, unverified): phrases naming the files added, removed or
+    changed (empty when the inputs are the same); the files whose size
+    matches but whose modification time differs, in a store whose
+    version recorded no digest to compare their content with.
+  """
+  before = {_name(f): f for f in recorded}
+  now = {_name(dataclasses.asdict(f)): f for f in files}
+  if before.keys() != now.keys():
+    stored, named = (_some(sorted(name for _, name in fs)) for fs in (before, now))
+    return [f"fasta_globs: store {stored}, config {named}"], []
+  changed, unverified = [], []
+  for key, f in sorted(now.items()):
+    saved = before[key]
+    if saved.get("size") != f.size:
+      changed.append(key[1])
+    elif saved.get("mtime_ns") != f.mtime_ns:
+      if "sha256" not in saved:
+        unverified.append(key[1])
+      elif saved["sha256"] != content_digest(f):
+        changed.append(key[1])
+  if changed:
+    return [f"fasta_globs: {_some(changed)} changed since the store was prepared"], []
+  return [], unverified
+
+
+def store_differences(
+  saved: dict[str, Any], files: Sequence[InputFile] | None, data_cfg
+) -> tuple[list[str], list[str]]:
+  """`compare_inputs` of a store's saved fingerprint (files None: the inputs
+  are not compared), followed by 'field: store X, config Y' for each
+  setting that differs from `data_cfg`'s."""
+
+  def flat(settings):
+    out = {k: v for k, v in settings.items() if k not in ("inputs", "split")}
+    return out | {f"split.{k}": v for k, v in settings.get("split", {}).items()}
+
+  differences, unverified = [], []
+  if files is not None:
+    differences, unverified = compare_inputs(saved.get("inputs", []), files)
+  old, new = flat(saved), flat(_settings(data_cfg))
+  differences += [
+    f"{k}: store {old.get(k)!r}, config {v!r}" for k, v in new.items() if old.get(k) != v
+  ]
+  return differences, unverified
 
 
 def check_store_matches(data_cfg) -> None:
   """Refuses a store prepared from other inputs or another split than
   `data_cfg` names, so that a run trains and validates on the data its
   config.json records. Nothing is checked when data.fasta_globs is empty
-  (the store is used as it is); the input files are compared only when the
-  globs match files here (a store prepared on another machine is not), by
-  name and size: inputs whose modification times alone differ (copied
-  without them: cp -r, gsutil cp, a fresh download) get a warning.
+  (the store is used as it is); the input files are compared
+  (`compare_inputs`) only when the globs match files here (a store
+  prepared on another machine is not).
 
   Raises:
     store.StoreError: naming the fields that differ and the fix.
@@ -240,49 +304,23 @@ def check_store_matches(data_cfg) -> None:
     files = resolve_inputs(data_cfg.fasta_globs, data_cfg.source_from)
   except ValueError:
     files = None
-  now = fingerprint(files or [], data_cfg)
-  if files is None:
-    now["inputs"] = saved.get("inputs", [])
-  if same_fingerprint(saved, now):
-    return
-  if same_fingerprint(saved, now, times=False):
+  differences, unverified = store_differences(saved, files, data_cfg)
+  if differences:
+    raise store_lib.StoreError(
+      f"{data_cfg.store_dir} was prepared from other data than this config names "
+      f"({'; '.join(differences)}); prepare it again (launch/prepare_data.py with this config, "
+      "and data.overwrite_store=True), set these data fields to the store's, or empty "
+      "data.fasta_globs to train on the store as it is."
+    )
+  if unverified:
     logging.warning(
-      "%s: its input files have the sizes they had when the store was prepared but other "
-      "modification times (copied?); training on the store as prepared. Prepare it again "
+      "%s: input %s: the same size as when the store was prepared, another modification "
+      "time (copied?), and no digest to compare contents with (the store is an earlier "
+      "version's); training on the store as prepared. Prepare it again "
       "(data.overwrite_store=True) if their contents changed.",
       data_cfg.store_dir,
+      _some(unverified),
     )
-    return
-  raise store_lib.StoreError(
-    f"{data_cfg.store_dir} was prepared from other data than this config names "
-    f"({'; '.join(_differences(saved, now))}); prepare it again (launch/prepare_data.py with "
-    "this config, and data.overwrite_store=True), set these data fields to the store's, or "
-    "empty data.fasta_globs to train on the store as it is."
-  )
-
-
-def _differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-  """'field: store X, config Y' for each fingerprint field that differs."""
-
-  def files(fp):
-    names = sorted(os.path.basename(f.get("path", "")) for f in fp.get("inputs", []))
-    return f"{len(names)} files ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
-
-  def flat(fp):
-    out = {k: v for k, v in fp.items() if k not in ("inputs", "split")}
-    return out | {f"split.{k}": v for k, v in fp.get("split", {}).items()}
-
-  out = []
-  inputs = {"inputs": saved.get("inputs", [])}, {"inputs": now["inputs"]}
-  if not same_fingerprint(*inputs, times=False):
-    before, after = files(saved), files(now)
-    if before == after:  # the same names: sizes differ
-      out.append(f"fasta_globs: {after} changed since the store was prepared")
-    else:
-      out.append(f"fasta_globs: store {before}, config {after}")
-  old, new = flat(saved), flat(now)
-  out += [f"{k}: store {old.get(k)!r}, config {new[k]!r}" for k in new if old.get(k) != new[k]]
-  return out
 
 
 class _Progress:
@@ -348,14 +386,23 @@ def prepare_store(data_cfg, *, log: Callable[..., None] = logging.info) -> store
   if not data_cfg.store_dir:
     raise ValueError("data.store_dir is empty: name the output directory.")
   files = resolve_inputs(data_cfg.fasta_globs, data_cfg.source_from)
-  fp = fingerprint(files, data_cfg)
   overwrite = bool(data_cfg.overwrite_store)
   if store_lib.is_complete(data_cfg.store_dir):
     try:
       existing = store_lib.read_manifest(data_cfg.store_dir)
     except (OSError, ValueError) as e:
       existing = {"damage": str(e)}
-    ours = same_fingerprint(existing.get("metadata", {}).get("fingerprint"), fp)
+    saved = existing.get("metadata", {}).get("fingerprint")
+    if isinstance(saved, dict):
+      differences, unverified = store_differences(saved, files, data_cfg)
+    else:
+      differences, unverified = ["it records no inputs"], []
+    if unverified:
+      differences += [
+        f"{_some(unverified)}: the same size, another modification time, and no digest "
+        "to compare contents with (recorded since; the store is an earlier version's)"
+      ]
+    ours = not differences
     damage = existing.get("damage") or (store_lib.verify(data_cfg.store_dir) if ours else None)
     if ours and not damage and not overwrite:
       log(
@@ -373,10 +420,14 @@ def prepare_store(data_cfg, *, log: Callable[..., None] = logging.info) -> store
       log("Token store %s: data.overwrite_store=True, preparing it again.", data_cfg.store_dir)
     elif not overwrite:
       raise store_lib.StoreError(
-        f"{data_cfg.store_dir} holds a store prepared from other inputs or "
-        "another split; delete it, choose another data.store_dir, or set "
+        f"{data_cfg.store_dir} holds a store prepared from other inputs or another split "
+        f"({'; '.join(differences)}); delete it, choose another data.store_dir, or set "
         "data.overwrite_store=True."
       )
+  started = time.monotonic()
+  fp = fingerprint(files, data_cfg)  # reads every input once for its digest
+  if time.monotonic() - started > 2.0:
+    log("Hashed the inputs (SHA-256) in %.0fs.", time.monotonic() - started)
   sources = None if data_cfg.source_from == "record" else sorted({f.source for f in files})
   rule = SplitRule(data_cfg.split, sources)
   log(
