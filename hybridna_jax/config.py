@@ -365,7 +365,7 @@ class TrainConfig(Section):
 class ScoreConfig(Section):
   """Scoring, evaluation and variant effects (hybridna_jax.scoring,
   launch/eval.py, launch/score.py). With the context resolved, this is also
-  the `Scorer`'s settings (`scoring.ScoreSettings`)."""
+  the `Scorer`'s settings (`scoring.ScoreConfig`)."""
 
   SECTION = "score"
   # Window length in tokens (0: the trained context, the last stage's
@@ -541,7 +541,7 @@ class FinetuneConfig(Section):
 class GenerateConfig(Section):
   """Sequence design: generative fine-tuning data and sampling settings
   (hybridna_jax/design/, launch/generate.py). Also how to generate, as
-  `hybridna_jax.generate.Settings`: the sampling fields are read by
+  `hybridna_jax.generate.GenerateConfig`: the sampling fields are read by
   generate.sample / beam_search (see that module's docstring)."""
 
   SECTION = "generate"

@@ -2,8 +2,8 @@
 
     from hybridna_jax import generate
     prompts = [vocab.prompt({"label": "HepG2"})] * 8     # design.PromptVocab
-    out = generate.generate(model, prompts, generate.Settings(max_new_tokens=200,
-                                                              temperature=0.8))
+    settings = generate.GenerateConfig(max_new_tokens=200, temperature=0.8)
+    out = generate.generate(model, prompts, settings)
     out.tokens    # (8, 200) int32; tokenizer.decode(out.tokens[i]) is the DNA
 
 How it runs: prompts of different lengths are left-padded (segment id 0 on
@@ -58,13 +58,6 @@ from hybridna_jax import tokenizer as tok
 from hybridna_jax.config import GenerateConfig
 
 _NEG_INF = -jnp.inf
-
-
-# How to generate: the `generate` config section itself (GenerateConfig),
-# whose sampling fields -- max_new_tokens, temperature, top_k, top_p,
-# stop_at_eos, min_new_tokens, allow_n, beam_width, length_penalty -- are
-# described in the module docstring; `describe()` gives them in one line.
-Settings = GenerateConfig
 
 
 class Generation(NamedTuple):
@@ -488,7 +481,7 @@ def row_keys(seed: int | jax.Array, sample_ids: Sequence[int] | np.ndarray) -> j
 def sample(
   model,
   prompts,
-  settings: Settings,
+  settings: GenerateConfig,
   *,
   seed: int | jax.Array = 0,
   sample_ids: Sequence[int] | np.ndarray | None = None,
@@ -502,7 +495,7 @@ def sample(
     model: a HybriDNA nnx module.
     prompts: a list of 1-d token-id prompts (left-padded here), or a
       (b, l) array already left-padded, with `segment_ids` (0 on pads).
-    settings: see `Settings` (beam_width is ignored; see `beam_search`).
+    settings: see `GenerateConfig` (beam_width is ignored; see `beam_search`).
     seed: an int or a jax PRNG key.
     sample_ids: (b,) ids that, with the seed, pick each row's random
       stream (default 0..b-1); give global ids when generating a large set
@@ -539,7 +532,9 @@ def sample(
   )
 
 
-def _prefill_model(model, tokens: np.ndarray, segment_ids: np.ndarray, settings: Settings, mesh):
+def _prefill_model(
+  model, tokens: np.ndarray, segment_ids: np.ndarray, settings: GenerateConfig, mesh
+):
   """(graphdef, state, last logits, cache) of the prompts (b, l), with cache
   room for settings.max_new_tokens more."""
   graphdef, state = nnx.split(model)
@@ -555,7 +550,7 @@ def _prefill_model(model, tokens: np.ndarray, segment_ids: np.ndarray, settings:
 
 
 def beam_search(
-  model, prompts, settings: Settings, *, segment_ids: np.ndarray | None = None, mesh=None
+  model, prompts, settings: GenerateConfig, *, segment_ids: np.ndarray | None = None, mesh=None
 ) -> Beams:
   """The `settings.beam_width` best continuations of each prompt (`Beams`);
   prompts and segment_ids as for `sample` (a list of 1-d token-id prompts,
@@ -580,7 +575,7 @@ def beam_search(
 def generate(
   model,
   prompts,
-  settings: Settings,
+  settings: GenerateConfig,
   *,
   seed: int | jax.Array = 0,
   sample_ids=None,

@@ -380,7 +380,7 @@ def test_cached_generation_with_a_context_mesh(one_device_and_context_models):
   attention); the decode steps continue from its caches."""
   one, split = one_device_and_context_models
   prompts = [np.asarray(tokenizer.encode("ACGTTGCA" * 8)), np.asarray(tokenizer.encode("GATTACA"))]
-  settings = generate.Settings(max_new_tokens=8, temperature=0)
+  settings = generate.GenerateConfig(max_new_tokens=8, temperature=0)
   ref = jax.device_get(generate.sample(one, prompts, settings))
   got = jax.device_get(generate.sample(split, prompts, settings, mesh=split_mesh(split)))
   np.testing.assert_array_equal(got.tokens, ref.tokens)

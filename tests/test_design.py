@@ -563,7 +563,7 @@ def test_log_prob_per_nt_counts_the_scored_tokens_only():
   """The DNA prefix is not scored, and an <eos> only where one was generated."""
   cfg = ModelConfig.from_config(load_config(os.path.join(REPO, "configs", "tiny.py")).model)
   model = create_model(dataclasses.replace(cfg, n_layers=2, attn_layers=(1,)))
-  settings = gen.Settings(max_new_tokens=6, temperature=1.0)
+  settings = gen.GenerateConfig(max_new_tokens=6, temperature=1.0)
   design = functools.partial(
     design_sampling.design_sets, model, None, [None], settings, seed=0, prefix="ACGTACGT"
   )
@@ -596,7 +596,7 @@ def test_one_design_summary_is_strict_json_and_empty_designs_get_no_record(
     "x", None, "", np.array([tok.BOS]), ["", "ACG"], np.zeros(2), np.ones(2, bool), np.array([0, 3])
   )
   path = design_sampling.write_fasta(
-    [empty], str(tmp_path / "e.fasta"), settings=gen.Settings(), seed=0
+    [empty], str(tmp_path / "e.fasta"), settings=gen.GenerateConfig(), seed=0
   )
   assert [h.name for h, _ in fasta.read_fasta(path)] == ["x_1"]
   assert "1 design(s) ended at once" in caplog.text
@@ -610,7 +610,7 @@ def test_design_records_of_prompts_with_the_same_slug_stay_apart(tmp_path):
     for name in ("label=Su(Hw)", "label=Su_Hw")
   ]
   path = design_sampling.write_fasta(
-    sets, str(tmp_path / "s.fasta"), settings=gen.Settings(), seed=0
+    sets, str(tmp_path / "s.fasta"), settings=gen.GenerateConfig(), seed=0
   )
   names = [h.name for h, _ in fasta.read_fasta(path)]
   assert names == ["p0_label_Su_Hw_0", "p1_label_Su_Hw_0"]
@@ -635,7 +635,7 @@ def test_beam_designs_leave_out_empty_beam_slots(caplog):
   empty slots (-inf) are not written as empty designs."""
   cfg = ModelConfig.from_config(load_config(os.path.join(REPO, "configs", "tiny.py")).model)
   model = create_model(dataclasses.replace(cfg, n_layers=2, attn_layers=(1,)))
-  settings = gen.Settings(max_new_tokens=1, beam_width=6)
+  settings = gen.GenerateConfig(max_new_tokens=1, beam_width=6)
   (beams,) = design_sampling.design_sets(
     model, None, [None], settings, num_samples=6, batch_size=6, seed=0, prefix="ACGT"
   )

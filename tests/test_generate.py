@@ -99,7 +99,9 @@ def _full_forward_reference(model, generated, allowed):
 @pytest.mark.parametrize("rope", [False, True])
 def test_greedy_equals_full_forward_argmax_token_by_token(rope):
   model = _model(rope=rope)
-  out = jax.device_get(gen.sample(model, PROMPTS, gen.Settings(max_new_tokens=NEW, temperature=0)))
+  out = jax.device_get(
+    gen.sample(model, PROMPTS, gen.GenerateConfig(max_new_tokens=NEW, temperature=0))
+  )
   assert out.tokens.shape == (3, NEW)
   reference = _full_forward_reference(model, out.tokens, gen.allowed_tokens())
   for row, logp, (argmax, ref_logp, _) in zip(out.tokens, out.log_probs, reference):
@@ -113,7 +115,9 @@ def test_greedy_equals_full_forward_argmax_token_by_token(rope):
 
 def test_greedy_stop_at_eos_pads_finished_rows():
   model = _model(ending=True)
-  settings = gen.Settings(max_new_tokens=NEW, temperature=0, stop_at_eos=True, min_new_tokens=3)
+  settings = gen.GenerateConfig(
+    max_new_tokens=NEW, temperature=0, stop_at_eos=True, min_new_tokens=3
+  )
   out = jax.device_get(gen.sample(model, PROMPTS, settings))
   assert out.ended.any(), out.tokens  # <eos> is likely once allowed
   allowed = np.stack([gen.allowed_tokens(allow_eos=i >= 3) for i in range(NEW)])
@@ -137,7 +141,7 @@ def test_greedy_stop_at_eos_pads_finished_rows():
 def test_eos_is_allowed_from_exactly_min_new_tokens():
   model = _flat_model()
   assert tok.EOS < tok.A
-  settings = gen.Settings(max_new_tokens=8, temperature=0, stop_at_eos=True, min_new_tokens=3)
+  settings = gen.GenerateConfig(max_new_tokens=8, temperature=0, stop_at_eos=True, min_new_tokens=3)
   out = jax.device_get(gen.sample(model, PROMPTS, settings))
   np.testing.assert_array_equal(out.lengths, 3)
   assert out.ended.all()
@@ -151,7 +155,7 @@ def test_sampling_draws_a_fresh_token_every_step():
   time (504 pairs: a standard deviation of 0.02). A key reused across steps
   would repeat one token for a whole row."""
   model = _flat_model()
-  settings = gen.Settings(max_new_tokens=64, temperature=1.0)
+  settings = gen.GenerateConfig(max_new_tokens=64, temperature=1.0)
   out = jax.device_get(gen.sample(model, [PROMPTS[0]] * 8, settings, seed=0))
   tokens = out.tokens
   assert set(np.unique(tokens)) <= {tok.A, tok.C, tok.G, tok.T}
@@ -197,7 +201,9 @@ def test_filter_logits_distribution():
 
 def test_sampling_seeds_filters_and_batching():
   model = _model()
-  settings = gen.Settings(max_new_tokens=NEW, temperature=1.5, top_k=3, top_p=0.95, allow_n=True)
+  settings = gen.GenerateConfig(
+    max_new_tokens=NEW, temperature=1.5, top_k=3, top_p=0.95, allow_n=True
+  )
   prompts = PROMPTS * 2
   a = jax.device_get(gen.sample(model, prompts, settings, seed=7))
   b = jax.device_get(gen.sample(model, prompts, settings, seed=7))
@@ -230,15 +236,15 @@ def test_sampling_seeds_filters_and_batching():
 def test_beam_width_one_is_greedy_and_wider_beams_score_higher():
   model = _model()
   greedy = jax.device_get(
-    gen.sample(model, PROMPTS, gen.Settings(max_new_tokens=NEW, temperature=0))
+    gen.sample(model, PROMPTS, gen.GenerateConfig(max_new_tokens=NEW, temperature=0))
   )
   one = jax.device_get(
-    gen.beam_search(model, PROMPTS, gen.Settings(max_new_tokens=NEW, beam_width=1))
+    gen.beam_search(model, PROMPTS, gen.GenerateConfig(max_new_tokens=NEW, beam_width=1))
   )
   np.testing.assert_array_equal(one.tokens[:, 0], greedy.tokens)
   np.testing.assert_allclose(one.log_probs[:, 0], greedy.log_probs, rtol=1e-5)
   wide = jax.device_get(
-    gen.beam_search(model, PROMPTS, gen.Settings(max_new_tokens=NEW, beam_width=4))
+    gen.beam_search(model, PROMPTS, gen.GenerateConfig(max_new_tokens=NEW, beam_width=4))
   )
   assert (wide.log_probs[:, 0] >= greedy.log_probs - 1e-4).all()
   assert (np.diff(wide.scores, axis=1) <= 1e-6).all()  # best first
@@ -255,7 +261,7 @@ def test_beam_search_is_exact_when_the_beam_holds_every_prefix():
   model = _model()
   prompt = PROMPTS[0]
   beams = jax.device_get(
-    gen.beam_search(model, [prompt], gen.Settings(max_new_tokens=3, beam_width=16))
+    gen.beam_search(model, [prompt], gen.GenerateConfig(max_new_tokens=3, beam_width=16))
   )
   every = np.array(list(itertools.product([tok.A, tok.C, tok.G, tok.T], repeat=3)), np.int32)
   tokens = np.concatenate([np.broadcast_to(prompt, (64, len(prompt))), every], axis=1)
@@ -269,7 +275,9 @@ def test_beam_search_is_exact_when_the_beam_holds_every_prefix():
 
 def test_beam_search_with_eos_ranks_by_length_normalised_log_prob():
   model = _model(ending=True)
-  settings = gen.Settings(max_new_tokens=NEW, beam_width=4, stop_at_eos=True, length_penalty=1.0)
+  settings = gen.GenerateConfig(
+    max_new_tokens=NEW, beam_width=4, stop_at_eos=True, length_penalty=1.0
+  )
   beams = jax.device_get(gen.beam_search(model, PROMPTS, settings))
   assert beams.ended.any()
   for row in range(3):
@@ -291,9 +299,9 @@ def test_beam_search_with_eos_ranks_by_length_normalised_log_prob():
 
 def test_bad_settings_and_prompts_are_clear_errors():
   with pytest.raises(ValueError, match="top_p must be in"):
-    gen.Settings(top_p=0.0)
+    gen.GenerateConfig(top_p=0.0)
   with pytest.raises(ValueError, match="min_new_tokens"):
-    gen.Settings(max_new_tokens=5, min_new_tokens=6)
+    gen.GenerateConfig(max_new_tokens=5, min_new_tokens=6)
   with pytest.raises(ValueError, match="prompt 1 is empty"):
     gen.left_pad([[tok.BOS], []])
   tokens, segments = gen.left_pad([[1, 5], [1, 5, 6, 7]])
@@ -301,14 +309,14 @@ def test_bad_settings_and_prompts_are_clear_errors():
   np.testing.assert_array_equal(segments, [[0, 0, 1, 1], [1, 1, 1, 1]])
   # Settings of the design workflow: counts must be positive.
   with pytest.raises(ValueError, match="num_samples must be >= 1, got 0"):
-    gen.Settings(num_samples=0)
+    gen.GenerateConfig(num_samples=0)
   with pytest.raises(ValueError, match="batch_size must be >= 1, got -1"):
-    gen.Settings(batch_size=-1)
+    gen.GenerateConfig(batch_size=-1)
 
 
 def test_array_prompts_are_checked_like_list_prompts():
   model = _model()
-  settings = gen.Settings(max_new_tokens=2, temperature=0)
+  settings = gen.GenerateConfig(max_new_tokens=2, temperature=0)
   for bad in (200, -3, tok.VOCAB_SIZE):
     for prompts in ([np.array([tok.BOS, bad])], np.array([[tok.BOS, bad]])):
       with pytest.raises(ValueError, match=rf"prompt 0 has token id {bad} at position 1, outside"):
@@ -352,7 +360,7 @@ def test_scored_continuations_are_checked_and_follow_the_prompts_segment():
   # continues that document, and so does the reference scorer.
   tokens = np.array([[tok.PAD, tok.BOS, tok.G, tok.BOS, tok.A, tok.C]])
   segments = np.array([[0, 2, 2, 3, 3, 3]])
-  settings = gen.Settings(max_new_tokens=4, temperature=0)
+  settings = gen.GenerateConfig(max_new_tokens=4, temperature=0)
   out = jax.device_get(gen.sample(model, tokens, settings, segment_ids=segments))
   np.testing.assert_allclose(
     gen.sequence_log_probs(model, tokens, out.tokens, segment_ids=segments),
@@ -367,7 +375,7 @@ def test_a_model_with_ten_token_ids_generates():
   model's vocabulary, not the tokenizer's 128 ids."""
   model = create_model(dataclasses.replace(TWO_LAYERS, vocab_size=10), seed=0)
   prompts = [np.array([tok.BOS, tok.A, tok.C]), np.array([tok.G])]
-  settings = gen.Settings(max_new_tokens=4, stop_at_eos=True)
+  settings = gen.GenerateConfig(max_new_tokens=4, stop_at_eos=True)
   for out in (
     gen.sample(model, prompts, settings),
     gen.beam_search(model, prompts, dataclasses.replace(settings, beam_width=2)).best(),

@@ -299,4 +299,4 @@ def test_bad_inputs_are_named(scorer):
   with pytest.raises(ValueError, match="token 1 at position 0 is not a nucleotide"):
     scorer.log_likelihood([np.array([tokenizer.BOS, 5, 6])])
   with pytest.raises(ValueError, match="stride"):
-    scoring.ScoreSettings(context=64, stride=64)
+    scoring.ScoreConfig(context=64, stride=64)

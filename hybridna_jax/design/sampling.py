@@ -59,7 +59,7 @@ def design_sets(
   model,
   vocab: prompts.PromptVocab | None,
   label_sets: Sequence[dict[str, str] | None],
-  settings: gen.Settings,
+  settings: GenerateConfig,
   *,
   num_samples: int,
   batch_size: int,
@@ -176,7 +176,7 @@ def _beam_sets(model, prompts, settings, num_samples, batch_size, prefix, mesh):
 
 
 def write_fasta(
-  sets: Sequence[DesignedSet], path: str, *, settings: gen.Settings, seed: int, source: str = ""
+  sets: Sequence[DesignedSet], path: str, *, settings: GenerateConfig, seed: int, source: str = ""
 ) -> str:
   """One record per design: >{prompt}_{i} prompt=... labels=... prefix=...
   settings... seed=... log_prob=... ended=... [checkpoint=...]. Empty
@@ -303,7 +303,7 @@ def run_sampling(
   # Defaults for a run from before the generate section existed (pretraining).
   run_generate = GenerateConfig.of(run_config)
   g = GenerateConfig.of(config) if config is not None else run_generate
-  # The sampling fields (gen.Settings) and the counts; None keeps the
+  # The sampling fields (GenerateConfig) and the counts; None keeps the
   # config's value, anything else (0 too) is set and validated.
   settings = g.replace(**overrides)
   num_samples, batch_size, seed = settings.num_samples, settings.batch_size, settings.seed

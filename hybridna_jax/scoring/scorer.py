@@ -240,13 +240,7 @@ class ProgressLogger:
 # -- the scorer ---------------------------------------------------------------------
 
 
-# How a Scorer windows and batches: the `score` section itself (its context,
-# stride, batch_size, min_bucket and add_bos; the other fields are the
-# launchers'), with the context resolved (> 0).
-ScoreSettings = ScoreConfig
-
-
-def settings_from_config(config, run_config=None, **overrides) -> ScoreSettings:
+def settings_from_config(config, run_config=None, **overrides) -> ScoreConfig:
   """The `score` section of `config` (defaults when it has none) with
   `overrides` (None values are ignored); context 0 becomes the trained
   context, the last stage's length in `run_config` (default: `config`)."""
@@ -277,16 +271,16 @@ class Scorer:
     model: a HybriDNA nnx module (e.g. from `restore.load`); its parameters
       may be sharded over a mesh of this process's devices, and the batch
       is then split over its data axes (when batch_size divides by them).
-    settings: windows and batching (`ScoreSettings`), or keyword fields.
+    settings: windows and batching (`ScoreConfig`), or keyword fields.
 
   Results come back to the host per batch, so scoring runs in one process
   (any number of local devices).
   """
 
-  def __init__(self, model: nnx.Module, settings: ScoreSettings | None = None, **kwargs):
+  def __init__(self, model: nnx.Module, settings: ScoreConfig | None = None, **kwargs):
     if settings is not None and kwargs:
       raise ValueError("pass either settings or keyword fields, not both.")
-    self.settings = settings or ScoreSettings(**kwargs)
+    self.settings = settings or ScoreConfig(**kwargs)
     if self.settings.context < 2:
       raise ValueError(
         "a Scorer needs score.context >= 2 (the trained context: "
