@@ -36,7 +36,7 @@ from absl import app, flags
 
 from hybridna_jax import tokenizer
 from hybridna_jax.data import config as config_lib
-from hybridna_jax.data import pipeline
+from hybridna_jax.data import pipeline, store_writer
 from hybridna_jax.data import store as store_lib
 
 _STORE_DIR = flags.DEFINE_string(
@@ -53,7 +53,7 @@ _THREADS = flags.DEFINE_integer("read_threads", 0, "data.read_threads.")
 _ZARR = flags.DEFINE_bool(
   "zarr",
   False,
-  "Also export the store as zarr v3 to a file:// URL (store.export_zarr) and measure "
+  "Also export the store as zarr v3 to a file:// URL (store_writer.export_zarr) and measure "
   "reading it through tensorstore beside the memory map.",
 )
 _HTTP = flags.DEFINE_bool("http", False, "With --zarr: also read the export over HTTP (127.0.0.1).")
@@ -119,7 +119,7 @@ def synthetic_store(path: str, megabases: int, seed: int = 0) -> str:
   rng = np.random.default_rng(seed)
   sizes = rng.lognormal(0.0, 1.0, 24)
   sizes = (sizes / sizes.sum() * megabases * 1e6).astype(np.int64) + 1000
-  with store_lib.TokenStoreWriter(path, overwrite=True) as w:
+  with store_writer.TokenStoreWriter(path, overwrite=True) as w:
     for g, size in enumerate(sizes):
       cuts = np.sort(rng.integers(0, size, int(rng.integers(0, 10))))
       lengths = np.diff(np.concatenate([[0], cuts, [size]]))
@@ -206,7 +206,7 @@ def main(argv):
     if _ZARR.value:
       zarr_dir = tempfile.mkdtemp(prefix="hybridna_zarr_")
       t0 = time.perf_counter()
-      url = store_lib.export_zarr(store, os.path.join(zarr_dir, "store"))
+      url = store_writer.export_zarr(store, os.path.join(zarr_dir, "store"))
       print(f"exported to {url} in {time.perf_counter() - t0:.1f}s")
       layouts.append(("zarr", url, None))
       servers = []

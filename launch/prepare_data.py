@@ -25,7 +25,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from hybridna_jax import launch_utils, paths
-from hybridna_jax.data import prepare
+from hybridna_jax.data import prepare, store_writer
 from hybridna_jax.data import store as store_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -73,7 +73,7 @@ def main(argv):
     store = prepare.prepare_store(config.data)
     result = summary(store)
     if _EXPORT_URL.value:
-      result["export_url"] = store_lib.export_zarr(
+      result["export_url"] = store_writer.export_zarr(
         store, _EXPORT_URL.value, overwrite=bool(config.data.overwrite_store)
       )
       logging.info("Exported the store to %s", result["export_url"])

@@ -8,8 +8,9 @@ import pytest
 
 from hybridna_jax import tokenizer
 from hybridna_jax.data import config as config_lib
-from hybridna_jax.data import pipeline, prepare
+from hybridna_jax.data import pipeline, prepare, sampling, store_writer
 from hybridna_jax.data import store as store_lib
+from hybridna_jax.data import windows as windows_lib
 
 A, C, G, T, N = (tokenizer.A, tokenizer.C, tokenizer.G, tokenizer.T, tokenizer.N)
 LAMBDA = os.path.join(os.path.dirname(__file__), "data", "lambda_virus.fa")
@@ -17,7 +18,7 @@ LAMBDA = os.path.join(os.path.dirname(__file__), "data", "lambda_virus.fa")
 
 def _store(path, records):
   """records: [(split, source, name, uint8 tokens)] -> store path."""
-  with store_lib.TokenStoreWriter(path) as w:
+  with store_writer.TokenStoreWriter(path) as w:
     for split, source, name, tokens in records:
       w.begin_record(split, name, source)
       w.append(np.asarray(tokens, np.uint8))
@@ -90,7 +91,7 @@ def test_window_index():
   starts = np.array([0, 1, 3, 13, 24])
   ends = starts + np.array([1, 2, 10, 11, 25])
   sources = np.array([0, 0, 1, 0, 1])
-  train = pipeline.WindowIndex(starts, ends, sources, length=11, stride=10, align_end=True)
+  train = windows_lib.WindowIndex(starts, ends, sources, length=11, stride=10, align_end=True)
   # Sorted by source: segments 0, 1, 3 (source 0), then 2, 4 (source 1).
   assert len(train) == 0 + 1 + 1 + 1 + 3
   assert [train.window(i) for i in range(len(train))] == [
@@ -102,7 +103,7 @@ def test_window_index():
     (38, 49),
   ]
   np.testing.assert_array_equal(train.source_ranges(3), [[0, 2], [2, 6], [6, 6]])
-  evaluation = pipeline.WindowIndex(starts, ends, sources, length=11, stride=10, align_end=False)
+  evaluation = windows_lib.WindowIndex(starts, ends, sources, length=11, stride=10, align_end=False)
   assert [evaluation.window(i) for i in range(len(evaluation))] == [
     (1, 3),
     (13, 24),
@@ -260,7 +261,7 @@ def test_source_weights(tmp_path):
 
 
 def test_source_schedule_exact_shares():
-  sched = pipeline.SourceSchedule([0.5, 0.3, 0.2], seed=0, period=1000)
+  sched = sampling.SourceSchedule([0.5, 0.3, 0.2], seed=0, period=1000)
   picks = [sched[g] for g in range(3000)]
   counts = collections.Counter(s for s, _ in picks)
   assert [counts[i] for i in range(3)] == [1500, 900, 600]
@@ -272,14 +273,14 @@ def test_source_schedule_exact_shares():
 def test_permute_is_a_keyed_bijection():
   for n in (1, 2, 3, 5, 17, 100, 1000, 4097):
     for key in (0, 12345):
-      assert sorted(pipeline.permute(i, n, key) for i in range(n)) == list(range(n))
-  orders = {tuple(pipeline.permute(i, 50, key) for i in range(50)) for key in range(5)}
+      assert sorted(sampling.permute(i, n, key) for i in range(n)) == list(range(n))
+  orders = {tuple(sampling.permute(i, 50, key) for i in range(50)) for key in range(5)}
   assert len(orders) == 5 and tuple(range(50)) not in orders
 
 
 def test_each_epoch_visits_every_window_once():
   ranges = np.array([[0, 7], [7, 107]])
-  sampler = pipeline.WindowSampler(ranges, np.array([7.0, 100.0]), seed=4, rc_prob=0.5)
+  sampler = sampling.WindowSampler(ranges, np.array([7.0, 100.0]), seed=4, rc_prob=0.5)
   picks = [sampler.map(g) for g in range(107 * 3)]
   windows = [w for w, _ in picks]
   small = [w for w in windows if w < 7]
@@ -474,23 +475,23 @@ def gappy_packed_store(tmp_path_factory):
 
 def test_window_slices_equal_slices_of_the_whole_window(gappy_packed_store):
   store = store_lib.TokenStore.open(gappy_packed_store)
-  index = pipeline.WindowIndex(
-    *pipeline.split_segments(store["train"], True), length=17, stride=5, align_end=True
+  index = windows_lib.WindowIndex(
+    *windows_lib.split_segments(store["train"], True), length=17, stride=5, align_end=True
   )
-  whole = pipeline.WindowReader(store.path, "train", index)
+  whole = windows_lib.WindowReader(store.path, "train", index)
   for i in range(len(index)):
     forward = whole.map(i)
     flipped = whole.map((i, True))
-    rc = pipeline.reverse_complement_window(forward)
+    rc = windows_lib.reverse_complement_window(forward)
     for k in ("tokens", "marks"):
       np.testing.assert_array_equal(flipped[k], rc[k])
     for flip, full in ((False, forward), (True, flipped)):
       for a, b in ((0, 5), (3, 9), (8, 17), (16, 17), (1, 17)):
-        part = pipeline.WindowReader(store.path, "train", index, (a, b)).map((i, flip))
+        part = windows_lib.WindowReader(store.path, "train", index, (a, b)).map((i, flip))
         np.testing.assert_array_equal(part["tokens"], full["tokens"][a:b])
         np.testing.assert_array_equal(part["marks"], full["marks"][a:b])
-        n = pipeline.window_length(full)
-        want = int(np.count_nonzero(full["marks"][:a] == pipeline.DOC_START)) if a < n else 0
+        n = windows_lib.window_length(full)
+        want = int(np.count_nonzero(full["marks"][:a] == windows_lib.DOC_START)) if a < n else 0
         assert int(part["prior"]) == want, (i, flip, a, b)
 
 

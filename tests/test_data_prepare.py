@@ -197,14 +197,14 @@ def test_killed_preparation_leaves_no_store(tmp_path):
   c = _cfg(tmp_path, [tmp_path / "*.fa"])
   script = f"""
 import os
-from hybridna_jax.data import config, prepare, store
+from hybridna_jax.data import config, prepare, store_writer
 calls = []
 def dying_append(self, tokens):
   calls.append(1)
   if len(calls) == 4:
     os._exit(9)
   self._current.append(tokens)
-store.TokenStoreWriter.append = dying_append
+store_writer.TokenStoreWriter.append = dying_append
 c = config.default_data_config()
 c.fasta_globs = ({str(tmp_path / '*.fa')!r},)
 c.store_dir = {c.store_dir!r}

@@ -8,11 +8,12 @@ import pytest
 
 from hybridna_jax import tokenizer
 from hybridna_jax.data import store as store_lib
+from hybridna_jax.data import store_writer
 
 
 def _write(path, records, **kwargs):
   """records: [(split, name, source, [chunks...])]."""
-  with store_lib.TokenStoreWriter(path, **kwargs) as w:
+  with store_writer.TokenStoreWriter(path, **kwargs) as w:
     for split, name, source, chunks in records:
       w.begin_record(split, name, source)
       for c in chunks:
@@ -73,7 +74,7 @@ def test_many_records_grow_the_index(tmp_path):
 def test_failed_write_leaves_nothing(tmp_path):
   path = tmp_path / "store"
   with pytest.raises(RuntimeError):
-    with store_lib.TokenStoreWriter(path) as w:
+    with store_writer.TokenStoreWriter(path) as w:
       w.begin_record("train", "a", "s")
       w.append(_tokens("ACGT"))
       raise RuntimeError("input broke")
@@ -138,7 +139,7 @@ def test_overwrite(tmp_path):
   path = tmp_path / "store"
   _write(path, [("train", "a", "s", [_tokens("AC")])])
   with pytest.raises(store_lib.StoreError, match="already holds a token store"):
-    store_lib.TokenStoreWriter(path)
+    store_writer.TokenStoreWriter(path)
   s = _write(path, [("train", "b", "s", [_tokens("GGG")])], overwrite=True)
   assert s["train"][0].name == "b" and s["train"].num_tokens == 3
   assert sorted(os.listdir(tmp_path)) == ["store"]
@@ -153,6 +154,6 @@ def test_overwrite_never_replaces_a_folder_that_is_not_a_store(tmp_path):
   (genomes / "notes.txt").write_text("mine")
   for overwrite in (False, True):
     with pytest.raises(store_lib.StoreError, match="is not a token store; choose a new or empty"):
-      store_lib.TokenStoreWriter(genomes, overwrite=overwrite)
+      store_writer.TokenStoreWriter(genomes, overwrite=overwrite)
   assert sorted(os.listdir(genomes)) == ["g.fa", "notes.txt"]
   assert sorted(os.listdir(tmp_path)) == ["genomes"]

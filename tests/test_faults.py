@@ -815,14 +815,14 @@ def test_kill_during_prepare_then_rerun(tmp_path):
     f"""
     import os, signal
     from hybridna_jax.config import base_config
-    from hybridna_jax.data import prepare, store
-    append, blocks = store.TokenStoreWriter.append, [0]
+    from hybridna_jax.data import prepare, store_writer
+    append, blocks = store_writer.TokenStoreWriter.append, [0]
     def killing_append(self, tokens):
       blocks[0] += 1
       if blocks[0] > 50:
         os.kill(os.getpid(), signal.SIGKILL)
       append(self, tokens)
-    store.TokenStoreWriter.append = killing_append
+    store_writer.TokenStoreWriter.append = killing_append
     d = base_config().data
     d.fasta_globs, d.store_dir, d.source_from = ({fa!r},), {store_dir!r}, "record"
     d.prepare_block_bytes = 4096

@@ -12,7 +12,7 @@ import threading
 import numpy as np
 import pytest
 
-from hybridna_jax.data import pipeline
+from hybridna_jax.data import pipeline, store_writer
 from hybridna_jax.data import store as store_lib
 
 
@@ -20,7 +20,7 @@ from hybridna_jax.data import store as store_lib
 def exported(lambda_store, tmp_path_factory):
   root = tmp_path_factory.mktemp("zarr") / "store"
   local = store_lib.TokenStore.open(lambda_store.store_dir)
-  url = store_lib.export_zarr(local, str(root), chunk_tokens=4096)
+  url = store_writer.export_zarr(local, str(root), chunk_tokens=4096)
   return local, url, root
 
 
@@ -48,7 +48,7 @@ def test_export_and_read_back_over_http(exported, http_url):
   assert url.startswith("file://") and (root / "train.tokens.zarr" / "zarr.json").exists()
   manifest = json.loads((root / "manifest.json").read_text())
   assert manifest["splits"]["train"]["tokens_zarr"] == "train.tokens.zarr"
-  assert store_lib.export_zarr(local, url) == url  # the same store: kept as it is
+  assert store_writer.export_zarr(local, url) == url  # the same store: kept as it is
   for path in (url, http_url):
     remote = store_lib.TokenStore.open(path)
     assert remote.splits == local.splits and store_lib.verify(path) is None
@@ -139,7 +139,7 @@ def test_prepare_writes_straight_to_a_url(lambda_store, tmp_path):
 
   # A write killed half-way (no abort) never reads as complete; the next
   # writer clears it. Objects that are not ours are refused.
-  writer = store_lib.open_writer(url)
+  writer = store_writer.open_writer(url)
   writer.begin_record("train", "r", "s")
   writer.append(np.full((5000,), 1, np.uint8))
   del writer
@@ -151,14 +151,14 @@ def test_prepare_writes_straight_to_a_url(lambda_store, tmp_path):
   (tmp_path / "other").mkdir()
   (tmp_path / "other" / "notes.txt").write_text("mine")
   with pytest.raises(store_lib.StoreError, match="not a token store; choose an empty URL"):
-    store_lib.open_writer("file://" + str(tmp_path / "other"))
+    store_writer.open_writer("file://" + str(tmp_path / "other"))
   with pytest.raises(store_lib.StoreError, match="http\\(s\\):// is read-only"):
-    store_lib.open_writer("http://127.0.0.1:1/x")
+    store_writer.open_writer("http://127.0.0.1:1/x")
 
 
 def _hundred_token_store(path):
   """A store of one 100-token training record, to stand for another store."""
-  with store_lib.TokenStoreWriter(path) as writer:
+  with store_writer.TokenStoreWriter(path) as writer:
     writer.begin_record("train", "r", "s")
     writer.append(np.full((100,), 5, np.uint8))
     return writer.commit()
@@ -172,19 +172,19 @@ def test_export_never_deletes_what_is_not_an_export(lambda_store, tmp_path):
   (folder / "draft.txt").write_text("mine")
   for overwrite in (False, True):
     with pytest.raises(store_lib.StoreError, match="not a token store; choose an empty URL"):
-      store_lib.export_zarr(local, str(folder), overwrite=overwrite)
+      store_writer.export_zarr(local, str(folder), overwrite=overwrite)
   assert [p.name for p in folder.iterdir()] == ["draft.txt"]
   # Onto the store itself, or a folder holding it: refused before any change.
   for target in (lambda_store.store_dir, os.path.dirname(lambda_store.store_dir)):
     with pytest.raises(store_lib.StoreError, match="is the store's own location"):
-      store_lib.export_zarr(local, target, overwrite=True)
+      store_writer.export_zarr(local, target, overwrite=True)
   assert store_lib.verify(lambda_store.store_dir) is None
   # Another store's export is replaced only with overwrite.
-  url = store_lib.export_zarr(local, str(tmp_path / "export"), chunk_tokens=4096)
+  url = store_writer.export_zarr(local, str(tmp_path / "export"), chunk_tokens=4096)
   with pytest.raises(store_lib.StoreError, match="already holds a token store"):
-    store_lib.export_zarr(other, url)
+    store_writer.export_zarr(other, url)
   assert store_lib.TokenStore.open(url)["train"].num_tokens == local["train"].num_tokens
-  store_lib.export_zarr(other, url, chunk_tokens=4096, overwrite=True)
+  store_writer.export_zarr(other, url, chunk_tokens=4096, overwrite=True)
   assert store_lib.TokenStore.open(url)["train"].num_tokens == other["train"].num_tokens
 
 
@@ -192,7 +192,7 @@ def test_export_to_a_local_path_with_url_characters(tmp_path):
   # '#', '%' and spaces are path characters here, not URL syntax.
   other = _hundred_token_store(tmp_path / "other_store")
   for name in ("exp#1", "exp%3", "a b"):
-    url = store_lib.export_zarr(other, str(tmp_path / name), chunk_tokens=4096)
+    url = store_writer.export_zarr(other, str(tmp_path / name), chunk_tokens=4096)
     assert os.path.exists(tmp_path / name / store_lib.MANIFEST)
     assert store_lib.TokenStore.open(url)["train"].num_tokens == 100
     assert store_lib.TokenStore.open(tmp_path / name)["train"].num_tokens == 100
@@ -216,12 +216,12 @@ def test_a_write_killed_while_sealing_reads_complete_and_stays_ours(
         raise KeyboardInterrupt("killed")
       return self._kv.delete_range(key_range)
 
-  claim = store_lib._claim_url
-  monkeypatch.setattr(store_lib, "_claim_url", lambda *a, **k: KilledAtMarker(claim(*a, **k)))
+  claim = store_writer._claim_url
+  monkeypatch.setattr(store_writer, "_claim_url", lambda *a, **k: KilledAtMarker(claim(*a, **k)))
   local = store_lib.TokenStore.open(lambda_store.store_dir)
   url = "file://" + str(tmp_path / "export")
   with pytest.raises(KeyboardInterrupt):
-    store_lib.export_zarr(local, url, chunk_tokens=4096)
+    store_writer.export_zarr(local, url, chunk_tokens=4096)
   monkeypatch.undo()
   assert (tmp_path / "export" / store_lib.WRITING_MARKER).exists()
   assert store_lib.is_complete(url) and store_lib.verify(url) is None
@@ -230,8 +230,8 @@ def test_a_write_killed_while_sealing_reads_complete_and_stays_ours(
   )
   other = _hundred_token_store(tmp_path / "other_store")
   with pytest.raises(store_lib.StoreError, match="already holds a token store"):
-    store_lib.export_zarr(other, url)
-  store_lib.export_zarr(other, url, chunk_tokens=4096, overwrite=True)
+    store_writer.export_zarr(other, url)
+  store_writer.export_zarr(other, url, chunk_tokens=4096, overwrite=True)
   assert not (tmp_path / "export" / store_lib.WRITING_MARKER).exists()
   assert store_lib.TokenStore.open(url).splits == ("train",)
 
@@ -251,7 +251,7 @@ class _StoppedMidDelete:
     keys = sorted(self._kv.list(key_range).result())
     if len(keys) < 2:
       return self._kv.delete_range(key_range)
-    ts = store_lib._ts()  # pylint: disable=protected-access
+    ts = store_lib.tensorstore()
     self._kv.delete_range(ts.KvStore.KeyRange(keys[0], keys[0] + b"\0")).result()
     raise KeyboardInterrupt("stopped while deleting")
 
@@ -264,7 +264,7 @@ def test_a_stop_while_deleting_leaves_objects_the_next_writer_clears(tmp_path, m
   other = _hundred_token_store(tmp_path / "other_store")
   url = "file://" + str(tmp_path / "export")
   # An abort stopped part-way.
-  writer = store_lib.open_writer(url, overwrite=True)
+  writer = store_writer.open_writer(url, overwrite=True)
   writer.begin_record("train", "r", "s")
   writer.append(np.full((20000,), 1, np.uint8))
   writer._splits["train"].close(url)  # pylint: disable=protected-access
@@ -274,15 +274,15 @@ def test_a_stop_while_deleting_leaves_objects_the_next_writer_clears(tmp_path, m
   assert (tmp_path / "export" / store_lib.WRITING_MARKER).exists()
   with pytest.raises(store_lib.StoreError, match="was interrupted .* run launch/prepare_data"):
     store_lib.TokenStore.open(url)
-  store_lib.export_zarr(other, url, chunk_tokens=16)
+  store_writer.export_zarr(other, url, chunk_tokens=16)
   # The overwrite of that complete store, stopped part-way.
-  real = store_lib._kvstore  # pylint: disable=protected-access
-  monkeypatch.setattr(store_lib, "_kvstore", lambda u: _StoppedMidDelete(real(u)))
+  real = store_lib.open_kvstore
+  monkeypatch.setattr(store_lib, "open_kvstore", lambda u: _StoppedMidDelete(real(u)))
   with pytest.raises(KeyboardInterrupt):
-    store_lib.export_zarr(other, url, chunk_tokens=16, overwrite=True)
+    store_writer.export_zarr(other, url, chunk_tokens=16, overwrite=True)
   monkeypatch.undo()
   assert not store_lib.is_complete(url)
-  store_lib.export_zarr(other, url, chunk_tokens=16)  # cleared without overwrite: ours
+  store_writer.export_zarr(other, url, chunk_tokens=16)  # cleared without overwrite: ours
   assert store_lib.TokenStore.open(url)["train"].num_tokens == 100
 
 
@@ -300,15 +300,15 @@ def test_missing_or_replaced_chunks_are_never_read_as_padding(lambda_store, tmp_
   same URL is read anew by the same process, not from the chunk cache."""
   local = store_lib.TokenStore.open(lambda_store.store_dir)
   root = tmp_path / "export"
-  url = store_lib.export_zarr(local, str(root), chunk_tokens=4096)
+  url = store_writer.export_zarr(local, str(root), chunk_tokens=4096)
   expected = local["train"].tokens[8192:8200].copy()
   np.testing.assert_array_equal(store_lib.TokenStore.open(url)["train"].tokens[8192:8200], expected)
   # Prepared again (another store written over it): the same process reads the new tokens.
-  with store_lib.TokenStoreWriter(str(tmp_path / "other")) as writer:
+  with store_writer.TokenStoreWriter(str(tmp_path / "other")) as writer:
     writer.begin_record("train", "g", "g")
     writer.append(np.full(local["train"].num_tokens, 7, np.uint8))
     writer.commit()
-  store_lib.export_zarr(
+  store_writer.export_zarr(
     store_lib.TokenStore.open(str(tmp_path / "other")),
     str(tmp_path / "other_export"),
     chunk_tokens=4096,
@@ -329,7 +329,7 @@ def test_an_export_named_by_its_local_path_is_read_and_kept(lambda_store, tmp_pa
 
   local = store_lib.TokenStore.open(lambda_store.store_dir)
   path = str(tmp_path / "export")
-  store_lib.export_zarr(local, path)
+  store_writer.export_zarr(local, path)
   store = store_lib.TokenStore.open(path)
   assert store.path == "file://" + path and store_lib.verify(path) is None
   np.testing.assert_array_equal(store["val"].tokens[0:100], local["val"].tokens[0:100])

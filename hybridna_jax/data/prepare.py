@@ -24,7 +24,7 @@ from typing import Any
 
 from absl import logging
 
-from hybridna_jax.data import fasta
+from hybridna_jax.data import fasta, store_writer
 from hybridna_jax.data import store as store_lib
 from hybridna_jax.data.config import SOURCE_FROM, SplitConfig
 
@@ -338,7 +338,7 @@ class _Progress:
     self,
     file_index: int,
     reader: fasta.FastaReader | None,
-    writer: store_lib.TokenStoreWriter,
+    writer: store_writer.TokenStoreWriter,
     force: bool = False,
   ):
     """Logs if `every` seconds passed (or `force`); reader None: all done."""
@@ -439,7 +439,7 @@ def prepare_store(data_cfg, *, log: Callable[..., None] = logging.info) -> store
   )
   progress = _Progress(files, float(data_cfg.progress_seconds), log)
   seen: dict[tuple[str, str], tuple[str, int]] = {}
-  with store_lib.open_writer(data_cfg.store_dir, overwrite=overwrite) as writer:
+  with store_writer.open_writer(data_cfg.store_dir, overwrite=overwrite) as writer:
     for i, f in enumerate(files):
       reader = fasta.FastaReader(
         f.path,

@@ -20,6 +20,7 @@ import numpy as np
 
 from hybridna_jax import tokenizer as tok
 from hybridna_jax.data import pipeline, textfiles
+from hybridna_jax.data import sampling as data_sampling
 from hybridna_jax.data.tasks import TaskFormatError, check_sequence
 from hybridna_jax.design.prompts import PromptVocab
 
@@ -161,16 +162,16 @@ class _ExampleSampler(grain.transforms.Map):
 
   def __init__(self, n: int, seed: int, rc_prob: float, label_dropout: float):
     self.n = n
-    self.key = pipeline._mix64(pipeline.derive_seed(seed, "design-shuffle"))  # pylint: disable=protected-access
-    self.rc_key = pipeline._mix64(pipeline.derive_seed(seed, "design-rc"))  # pylint: disable=protected-access
-    self.drop_key = pipeline._mix64(pipeline.derive_seed(seed, "design-drop"))  # pylint: disable=protected-access
+    self.key = data_sampling._mix64(data_sampling.derive_seed(seed, "design-shuffle"))  # pylint: disable=protected-access
+    self.rc_key = data_sampling._mix64(data_sampling.derive_seed(seed, "design-rc"))  # pylint: disable=protected-access
+    self.drop_key = data_sampling._mix64(data_sampling.derive_seed(seed, "design-drop"))  # pylint: disable=protected-access
     self.rc_threshold = int(rc_prob * 2.0**64)
     self.drop_threshold = int(label_dropout * 2.0**64)
 
   def map(self, g: int) -> tuple[int, bool, bool]:
-    mix = pipeline._mix64  # pylint: disable=protected-access
+    mix = data_sampling._mix64  # pylint: disable=protected-access
     epoch, j = divmod(int(g), self.n)
-    index = pipeline.permute(j, self.n, mix(self.key ^ epoch))
+    index = data_sampling.permute(j, self.n, mix(self.key ^ epoch))
     return (
       index,
       mix(self.rc_key ^ int(g)) < self.rc_threshold,

@@ -26,7 +26,8 @@ from hybridna_jax import generate as gen
 from hybridna_jax import paths
 from hybridna_jax import tokenizer as tok
 from hybridna_jax.config import GenerateConfig
-from hybridna_jax.data import fasta, pipeline
+from hybridna_jax.data import fasta
+from hybridna_jax.data import sampling as data_sampling
 from hybridna_jax.design import data as design_data
 from hybridna_jax.design import metrics, oracle, prompts
 
@@ -101,7 +102,7 @@ def design_sets(
   # One row per (prompt, sample); rows are keyed, then cut into batches.
   rows = [(p, i) for p in range(len(prompts)) for i in range(num_samples)]
   base = jax.random.key(seed)
-  prompt_keys = [jax.random.fold_in(base, pipeline.derive_seed(seed, name)) for name in names]
+  prompt_keys = [jax.random.fold_in(base, data_sampling.derive_seed(seed, name)) for name in names]
   width = max(p[2].size for p in prompts)
   out_tokens, out_logp, out_ended, out_lengths = [], [], [], []
   start, generated = time.perf_counter(), 0

@@ -43,7 +43,7 @@ from hybridna_jax import echo as echo_lib
 from hybridna_jax import paths as paths_lib
 from hybridna_jax import restore, sharding, tokenizer
 from hybridna_jax.config import MODEL_RUNTIME_FIELDS, FinetuneConfig, ModelConfig, model_config_dict
-from hybridna_jax.data import pipeline
+from hybridna_jax.data import pipeline, sampling
 from hybridna_jax.finetune import baselines as baselines_lib
 from hybridna_jax.finetune import datasets, report
 from hybridna_jax.finetune import metrics as metrics_lib
@@ -139,9 +139,9 @@ class _TrainExamples(grain.transforms.Map):
   def map(self, g: int) -> dict[str, np.ndarray]:
     n = len(self.tokens)
     epoch, j = divmod(int(g), n)
-    i = pipeline.permute(j, n, pipeline.derive_seed(self.seed, "finetune", epoch))
+    i = sampling.permute(j, n, sampling.derive_seed(self.seed, "finetune", epoch))
     tokens = self.tokens[i]
-    if self.rc_prob > 0 and (pipeline.derive_seed(self.seed, "rc", g) / 2.0**32) < self.rc_prob:
+    if self.rc_prob > 0 and (sampling.derive_seed(self.seed, "rc", g) / 2.0**32) < self.rc_prob:
       tokens = tokenizer.reverse_complement_nucleotides(tokens)
     row = echo_lib.build_batch(
       [tokens], self.width, echo=self.echo, reverse_strand=self.reverse_strand
