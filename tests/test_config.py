@@ -29,6 +29,8 @@ from hybridna_jax.config import (
 )
 from hybridna_jax.data.config import DataConfig
 from hybridna_jax.train import loop
+from hybridna_jax.train.stages import parse_stages
+from hybridna_jax.train.tasks import lm_metrics, sum_eval_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LEGACY_CONFIG = os.path.join(ROOT, "tests", "data", "legacy_run", "config.json")
@@ -138,7 +140,7 @@ def test_malformed_stages_fail_with_one_line():
   cfg.train.stages = (256, 6, 4)  # a triple, not a tuple of triples
   for check in (
     validate,
-    lambda c: loop.parse_stages(c.train),
+    lambda c: parse_stages(c.train),
     lambda c: loop.train(c, "/nonexistent/never/written"),
   ):
     with pytest.raises(ConfigError) as e:
@@ -364,7 +366,7 @@ def test_zero_keeps_its_documented_meaning():
   config_lib.validate(cfg)
   # An evaluation that scores nothing is an error, not a perfect 0 bits/nt.
   with pytest.raises(ValueError, match="scored no tokens.*config.train.eval_batches"):
-    loop.lm_metrics(loop.sum_eval_steps(None, None, []))
+    lm_metrics(sum_eval_steps(None, None, []))
 
 
 @pytest.mark.parametrize(

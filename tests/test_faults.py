@@ -29,11 +29,18 @@ from hybridna_jax.data import fasta, pipeline, prepare
 from hybridna_jax.data import store as store_lib
 from hybridna_jax.train import loop, startup_signal
 from hybridna_jax.train.checkpoint import (
+  BEST_DIR,
+  CHECKPOINT_DIR,
+  CONFIG_FILE,
   CheckpointDamagedError,
   CheckpointMismatchError,
   Checkpoints,
+  DataStateMismatchError,
 )
 from hybridna_jax.train.metrics import MetricsLogger, read_metrics
+from hybridna_jax.train.preemption import Preemption
+from hybridna_jax.train.resume import check_data_position
+from hybridna_jax.train.tasks import LMPretraining
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,7 +71,7 @@ def test_all_n_store_is_refused_before_training(tiny_config, tmp_path):
   workdir = str(tmp_path / "run")
   with pytest.raises(ValueError, match=r"stages\[0\]: no training window.*3,000 tokens.*100\.0 %"):
     loop.train(_one_stage(tiny_config), workdir)
-  assert not os.path.exists(os.path.join(workdir, loop.CONFIG_FILE))
+  assert not os.path.exists(os.path.join(workdir, CONFIG_FILE))
 
 
 def test_all_n_source_is_dropped_not_trained_on_empty_rows(lambda_store, tmp_path):
@@ -94,7 +101,7 @@ def test_store_of_other_data_is_refused_before_step_0(tiny_config, tmp_path):
   refused = r"split.val_records: store \['b'\], config \['a'\]"
   with pytest.raises(store_lib.StoreError, match=refused):
     loop.train(_one_stage(tiny_config), workdir)
-  assert not glob.glob(os.path.join(workdir, loop.CHECKPOINT_DIR, "*"))
+  assert not glob.glob(os.path.join(workdir, CHECKPOINT_DIR, "*"))
 
 
 def test_unwritable_checkpoint_directory_is_refused_before_step_0(
@@ -128,7 +135,7 @@ def test_missing_val_split_is_refused_before_step_0(tiny_config, tmp_path, lambd
   workdir = str(tmp_path / "run")
   with pytest.raises(ValueError, match=r"eval_every=2 evaluates on split 'val'.*eval_every=0"):
     loop.train(_one_stage(tiny_config), workdir)
-  assert not glob.glob(os.path.join(workdir, loop.CHECKPOINT_DIR, "*"))
+  assert not glob.glob(os.path.join(workdir, CHECKPOINT_DIR, "*"))
 
 
 def test_zero_intervals_are_config_errors(tiny_config):
@@ -190,7 +197,7 @@ def _target(cfg):
   from hybridna_jax import sharding  # pylint: disable=g-import-not-at-top
   from hybridna_jax.train.checkpoint import with_shardings  # pylint: disable=g-import-not-at-top
 
-  fns = loop.task_steps(loop.LMPretraining(cfg), cfg, sharding.mesh_from_config(cfg.mesh))
+  fns = loop.task_steps(LMPretraining(cfg), cfg, sharding.mesh_from_config(cfg.mesh))
   return with_shardings(jax.eval_shape(fns.init, jax.random.key(0)), fns.state_shardings)
 
 
@@ -198,7 +205,7 @@ def _target(cfg):
 def test_damaged_latest_checkpoint_is_moved_aside(base_run, tmp_path, kind):
   cfg, base = base_run
   ckpt_dir = str(tmp_path / "checkpoints")
-  shutil.copytree(os.path.join(base, loop.CHECKPOINT_DIR), ckpt_dir)
+  shutil.copytree(os.path.join(base, CHECKPOINT_DIR), ckpt_dir)
   _damage(os.path.join(ckpt_dir, "4"), kind)
   ckpts = Checkpoints(ckpt_dir)
   step, state, meta = ckpts.restore_newest(_target(cfg))
@@ -213,7 +220,7 @@ def test_damaged_best_step_is_moved_aside_or_named(base_run, tmp_path):
   175-line traceback."""
   cfg, base = base_run
   best_dir = str(tmp_path / "best")
-  shutil.copytree(os.path.join(base, loop.CHECKPOINT_DIR), best_dir)
+  shutil.copytree(os.path.join(base, CHECKPOINT_DIR), best_dir)
   with open(os.path.join(best_dir, "4", "meta", "metadata"), "r+b") as f:
     f.truncate(5)
   best = Checkpoints(best_dir)
@@ -229,7 +236,7 @@ def test_every_checkpoint_incomplete_moves_nothing(base_run, tmp_path):
   # saves under) is raised, not hidden by a restart from step 0.
   cfg, base = base_run
   ckpt_dir = str(tmp_path / "checkpoints")
-  shutil.copytree(os.path.join(base, loop.CHECKPOINT_DIR), ckpt_dir)
+  shutil.copytree(os.path.join(base, CHECKPOINT_DIR), ckpt_dir)
   for step in ("2", "4"):
     _damage(os.path.join(ckpt_dir, step), "deleted manifests")
   with pytest.raises(CheckpointDamagedError, match=r"every checkpoint in .* is incomplete"):
@@ -241,7 +248,7 @@ def test_training_resumes_past_a_damaged_checkpoint(base_run, tmp_path):
   cfg, base = base_run
   workdir = str(tmp_path / "run")
   shutil.copytree(base, workdir)
-  ckpt_dir = os.path.join(workdir, loop.CHECKPOINT_DIR)
+  ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
   _damage(os.path.join(ckpt_dir, "4"), "empty step directory")
   cfg = cfg.copy_and_resolve_references()
   cfg.train.stages = ((32, 5, 4),)
@@ -267,7 +274,7 @@ def test_stopping_at_once_completes_the_save_in_flight(tiny_config, tmp_path, mo
   workdir = str(tmp_path / "run")
   with pytest.raises(KeyboardInterrupt):
     loop.train(cfg, workdir)
-  ckpt_dir = os.path.join(workdir, loop.CHECKPOINT_DIR)
+  ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
   assert os.listdir(ckpt_dir) == ["2"] and Checkpoints(ckpt_dir).all_steps() == [2]
 
 
@@ -275,13 +282,13 @@ def test_a_signal_after_the_last_step_is_reported(tiny_config, tmp_path, monkeyp
   """SIGTERM during the task's finish (after the last step) completes the
   run and says so in the summary, for callers that run more (a suite)."""
   cfg = _one_stage(tiny_config, 2)
-  real = loop.LMPretraining.finish
+  real = LMPretraining.finish
 
   def finish(self, fns, state, workdir):
     os.kill(os.getpid(), signal.SIGTERM)
     return real(self, fns, state, workdir)
 
-  monkeypatch.setattr(loop.LMPretraining, "finish", finish)
+  monkeypatch.setattr(LMPretraining, "finish", finish)
   summary = loop.train(cfg, str(tmp_path / "run"))
   assert summary["stopped"] == "completed" and summary["signalled"] is True
 
@@ -326,7 +333,7 @@ def test_a_signal_during_an_evaluation_abandons_it_for_the_checkpoint(
   loop.train(cfg, whole)
   for a, b in zip(_val_rows(whole), _val_rows(workdir)):
     assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=1e-6)
-  best = lambda w: Checkpoints(os.path.join(w, loop.BEST_DIR)).all_steps()
+  best = lambda w: Checkpoints(os.path.join(w, BEST_DIR)).all_steps()
   assert best(whole) == best(workdir)
 
 
@@ -360,7 +367,7 @@ def test_config_and_machine_failures_on_resume_move_nothing(base_run, tmp_path, 
   cfg, base = base_run
   workdir = str(tmp_path / "run")
   shutil.copytree(base, workdir)
-  ckpt_dir = os.path.join(workdir, loop.CHECKPOINT_DIR)
+  ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
   cfg = cfg.copy_and_resolve_references()
   cfg.train.stages = ((32, 6, 4),)  # step 4 is mid-stage: its iterator is restored
   bad = cfg.copy_and_resolve_references()
@@ -385,7 +392,7 @@ def test_a_worker_data_position_of_an_earlier_version_is_refused(base_run, tmp_p
   cfg, base = base_run
   workdir = str(tmp_path / "run")
   shutil.copytree(base, workdir)
-  meta_file = os.path.join(workdir, loop.CHECKPOINT_DIR, "4", "meta", "metadata")
+  meta_file = os.path.join(workdir, CHECKPOINT_DIR, "4", "meta", "metadata")
   meta = json.load(open(meta_file))
   assert meta["data_workers"] == 0  # recorded: 0, though config.json below says 1
   del meta["stream_format"], meta["data_workers"]
@@ -398,13 +405,13 @@ def test_a_worker_data_position_of_an_earlier_version_is_refused(base_run, tmp_p
   with pytest.raises(ValueError, match=r"\(data\.num_workers: 0 in the run, 1 now\)"):
     loop.train(cfg, workdir)
   # Saved with workers (the run's config.json says so): refused as stale.
-  config_json = os.path.join(workdir, loop.CONFIG_FILE)
+  config_json = os.path.join(workdir, CONFIG_FILE)
   written = json.load(open(config_json))
   written["data"]["num_workers"] = 1
   json.dump(written, open(config_json, "w"))
   with pytest.raises(ValueError, match=r"step 4 \(data.num_workers=1\) was saved by an earlier"):
     loop.train(cfg, workdir)
-  assert sorted(os.listdir(os.path.join(workdir, loop.CHECKPOINT_DIR))) == ["2", "4"]
+  assert sorted(os.listdir(os.path.join(workdir, CHECKPOINT_DIR))) == ["2", "4"]
 
 
 def test_changed_data_loader_on_resume_is_refused_not_damage(base_run, tmp_path):
@@ -415,7 +422,7 @@ def test_changed_data_loader_on_resume_is_refused_not_damage(base_run, tmp_path)
   cfg, base = base_run
   workdir = str(tmp_path / "run")
   shutil.copytree(base, workdir)
-  ckpt_dir = os.path.join(workdir, loop.CHECKPOINT_DIR)
+  ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
   cfg = cfg.copy_and_resolve_references()
   cfg.train.stages = ((32, 6, 4),)  # step 4 is mid-stage now: its iterator state is restored
   cfg.data.num_workers = 1
@@ -462,7 +469,7 @@ def test_resume_when_best_is_newer_than_the_checkpoint(tiny_config, tmp_path, mo
 
   def save(self, state, meta, **kwargs):
     real_save(self, state, meta, **kwargs)
-    if self.directory.name == loop.BEST_DIR and int(state.step) == 6:
+    if self.directory.name == BEST_DIR and int(state.step) == 6:
       self.wait()
       raise _Killed  # before the checkpoint at step 8
 
@@ -476,11 +483,11 @@ def test_resume_when_best_is_newer_than_the_checkpoint(tiny_config, tmp_path, mo
     with pytest.raises(_Killed):
       loop.train(cfg, workdir)
   loggers[0].close()  # the file the kill left open
-  assert Checkpoints(os.path.join(workdir, loop.BEST_DIR)).all_steps() == [6]
+  assert Checkpoints(os.path.join(workdir, BEST_DIR)).all_steps() == [6]
   assert _steps_of(workdir) == [4]
   summary = loop.train(cfg, workdir)
   assert summary["stopped"] == "completed" and summary["steps"] == 8
-  best = Checkpoints(os.path.join(workdir, loop.BEST_DIR))
+  best = Checkpoints(os.path.join(workdir, BEST_DIR))
   values = {r["step"]: r["bits_per_nt"] for r in _val_rows(workdir)}
   assert best.restore_meta(best.latest_step())["bits_per_nt"] == min(values.values())
 
@@ -511,7 +518,7 @@ def test_final_eval_added_on_rerun_is_recorded(tiny_config, tmp_path):
   third = loop.train(cfg, workdir)
   assert third["final_val"] == second["final_val"]
   assert [r["step"] for r in _val_rows(workdir)] == [4]
-  meta = Checkpoints(os.path.join(workdir, loop.CHECKPOINT_DIR)).restore_meta(4)
+  meta = Checkpoints(os.path.join(workdir, CHECKPOINT_DIR)).restore_meta(4)
   assert meta["last_eval"]["step"] == 4 and meta["stage"] == 0  # the other fields kept
 
 
@@ -519,7 +526,7 @@ def test_architecture_change_on_resume_is_refused(base_run, tmp_path):
   cfg, base = base_run
   workdir = str(tmp_path / "run")
   shutil.copytree(base, workdir)
-  config_json = os.path.join(workdir, loop.CONFIG_FILE)
+  config_json = os.path.join(workdir, CONFIG_FILE)
   before = open(config_json, encoding="utf-8").read()
   cfg = cfg.copy_and_resolve_references()
   cfg.model.d_model = 64
@@ -527,7 +534,7 @@ def test_architecture_change_on_resume_is_refused(base_run, tmp_path):
     loop.train(cfg, workdir)
   assert open(config_json, encoding="utf-8").read() == before
   restore.load(workdir)  # still loads
-  assert sorted(os.listdir(os.path.join(workdir, loop.CHECKPOINT_DIR))) == ["2", "4"]
+  assert sorted(os.listdir(os.path.join(workdir, CHECKPOINT_DIR))) == ["2", "4"]
   # The layer layout is a runtime field, but the checkpoints (and their
   # optimizer state) are in the run's: named in one line (review: a list of
   # 240 missing parameters that never said scan_layers).
@@ -536,7 +543,7 @@ def test_architecture_change_on_resume_is_refused(base_run, tmp_path):
     ValueError, match=r"hold the layers one entry per layer, this config stacked in blocks of 4 "
   ):
     loop.train(cfg, workdir)
-  assert sorted(os.listdir(os.path.join(workdir, loop.CHECKPOINT_DIR))) == ["2", "4"]
+  assert sorted(os.listdir(os.path.join(workdir, CHECKPOINT_DIR))) == ["2", "4"]
 
 
 def test_a_resume_under_other_settings_keeps_the_earlier_config(base_run, tmp_path, caplog):
@@ -547,10 +554,10 @@ def test_a_resume_under_other_settings_keeps_the_earlier_config(base_run, tmp_pa
   shutil.copytree(base, workdir)
   cfg = cfg.copy_and_resolve_references()
   cfg.train.stages = ((32, 5, 4),)
-  before = json.load(open(os.path.join(workdir, loop.CONFIG_FILE)))
+  before = json.load(open(os.path.join(workdir, CONFIG_FILE)))
   loop.train(cfg, workdir)
   kept = json.load(open(os.path.join(workdir, "config.step4.json")))
-  assert kept == before and json.load(open(os.path.join(workdir, loop.CONFIG_FILE)))["train"][
+  assert kept == before and json.load(open(os.path.join(workdir, CONFIG_FILE)))["train"][
     "stages"
   ] == [[32, 5, 4]]
   assert "resumed at step 4 with other settings (train.stages:" in caplog.text
@@ -566,14 +573,14 @@ def test_optimizer_change_on_resume_names_the_optimizer_settings(base_run, tmp_p
     CheckpointMismatchError, match=r"does not fit the optimizer state: train opt_state.*grad_clip"
   ):
     loop.train(cfg, workdir)
-  assert sorted(os.listdir(os.path.join(workdir, loop.CHECKPOINT_DIR))) == ["2", "4"]
+  assert sorted(os.listdir(os.path.join(workdir, CHECKPOINT_DIR))) == ["2", "4"]
 
 
 def test_restore_errors_name_the_parameter_and_config_json(base_run, tmp_path):
   _, base = base_run
   workdir = str(tmp_path / "run")
   shutil.copytree(base, workdir)
-  config_json = os.path.join(workdir, loop.CONFIG_FILE)
+  config_json = os.path.join(workdir, CONFIG_FILE)
   with open(config_json, encoding="utf-8") as f:
     written = json.load(f)
   written["model"]["d_model"] = 64
@@ -584,7 +591,7 @@ def test_restore_errors_name_the_parameter_and_config_json(base_run, tmp_path):
   ) as e:
     restore.load(workdir)
   assert len(str(e.value)) < 1500 and "config.json" in str(e.value)
-  assert os.path.isdir(os.path.join(workdir, loop.CHECKPOINT_DIR, "4"))  # nothing moved
+  assert os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR, "4"))  # nothing moved
   os.remove(config_json)
   with pytest.raises(FileNotFoundError, match="has no config.json"):
     restore.load(workdir)
@@ -608,7 +615,7 @@ def _signal_on_call(monkeypatch, obj, name, signum, call):
 
 
 def _steps_of(workdir):
-  return sorted(Checkpoints(os.path.join(workdir, loop.CHECKPOINT_DIR)).all_steps())
+  return sorted(Checkpoints(os.path.join(workdir, CHECKPOINT_DIR)).all_steps())
 
 
 @pytest.mark.parametrize(
@@ -723,20 +730,20 @@ def test_signal_while_waiting_on_data(base_run, tmp_path, monkeypatch, signum):
   cfg = cfg.copy_and_resolve_references()
   cfg.train.stages, cfg.train.checkpoint_every = ((32, 6, 4),), 100
   workdir = str(tmp_path / "run")
-  real = loop.LMPretraining.layout_iterator
+  real = LMPretraining.layout_iterator
   seen = {}
 
   def layout_iterator(self, stage, layout, seed):
     seen["it"] = _StuckIterator(real(self, stage, layout, seed), 4, signum)
     return seen["it"]
 
-  monkeypatch.setattr(loop.LMPretraining, "layout_iterator", layout_iterator)
+  monkeypatch.setattr(LMPretraining, "layout_iterator", layout_iterator)
   start = time.monotonic()
   summary = loop.train(cfg, workdir)
   assert summary["stopped"] == "preempted" and summary["steps"] == 3
   assert time.monotonic() - start < 60
   # The checkpoint holds the iterator as it was before the stuck batch.
-  (saved,) = glob.glob(os.path.join(workdir, loop.CHECKPOINT_DIR, "3", "data", "*.json"))
+  (saved,) = glob.glob(os.path.join(workdir, CHECKPOINT_DIR, "3", "data", "*.json"))
   with open(saved, encoding="utf-8") as f:
     assert json.load(f) == json.loads(json.dumps(seen["it"].state_when_stuck))
   monkeypatch.undo()
@@ -768,7 +775,7 @@ def test_a_sigterm_while_starting_up_stops_at_the_first_step(base_run, tmp_path)
 
 
 def test_second_sigint_stops_without_saving():
-  with loop._Preemption() as p:  # pylint: disable=protected-access
+  with Preemption() as p:
     os.kill(os.getpid(), signal.SIGINT)
     assert p.requested
     with pytest.raises(KeyboardInterrupt):
@@ -981,20 +988,20 @@ def test_unscorable_records_are_warned(caplog):
 
 
 def test_a_data_position_resumes_only_under_a_split_of_rows_that_keeps_it():
-  check = loop.check_data_position
+  check = check_data_position
   check(7, None, [2, 8])  # a checkpoint from before the record: not checked
   check(7, [4, 8], [4, 8])  # the same split
   check(7, [8, 8], [16, 16])  # whole batches both times: any batch size
   for saved, now in (([4, 8], [8, 8]), ([8, 8], [4, 8]), ([4, 8], [2, 8]), ([4, 8], [4, 16])):
-    with pytest.raises(loop.DataStateMismatchError, match="step 7.s data position was saved"):
+    with pytest.raises(DataStateMismatchError, match="step 7.s data position was saved"):
       check(7, saved, now)
   # Worker processes count the batches each was dealt: the same workers,
   # rows and batch size only (batch 8 -> 16 resumed 12 windows further on).
   check(7, [4, 8], [4, 8], 2, 2)
   for saved, now, workers in (([8, 8], [16, 16], (1, 1)), ([4, 8], [4, 8], (1, 2))):
-    with pytest.raises(loop.DataStateMismatchError, match="step 7.s data position was saved"):
+    with pytest.raises(DataStateMismatchError, match="step 7.s data position was saved"):
       check(7, saved, now, *workers)
-  with pytest.raises(loop.DataStateMismatchError, match="num_workers=0, .* this run has 1"):
+  with pytest.raises(DataStateMismatchError, match="num_workers=0, .* this run has 1"):
     check(7, [4, 8], [4, 8], 0, 1)
 
 

@@ -26,7 +26,7 @@ from hybridna_jax.finetune.model import HeadConfig, SequenceModel
 from hybridna_jax.model import HybriDNA
 from hybridna_jax.train import loop
 from hybridna_jax.train import step as step_lib
-from hybridna_jax.train.checkpoint import Checkpoints
+from hybridna_jax.train.checkpoint import CHECKPOINT_DIR, CONFIG_FILE, Checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,7 @@ def test_a_signal_during_the_dev_evaluation_abandons_it(motif_task, tmp_path, mo
   _interrupt_at(monkeypatch, 2 + 2)  # two training batches, then the dev batches
   summary = task_lib.finetune(cfg, workdir)
   assert summary["stopped"] == "preempted" and summary["steps"] == 2
-  assert Checkpoints(os.path.join(workdir, loop.CHECKPOINT_DIR)).all_steps() == [2]
+  assert Checkpoints(os.path.join(workdir, CHECKPOINT_DIR)).all_steps() == [2]
   records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [r for r in records if r["kind"] == "val"] == []
 
@@ -136,7 +136,7 @@ def _write_pretrained_run(run_dir: str, config) -> nnx.State:
   """A pretraining run directory (config.json + a checkpoint at step 7)
   holding random backbone parameters; returns them."""
   os.makedirs(run_dir)
-  with open(os.path.join(run_dir, loop.CONFIG_FILE), "w") as f:
+  with open(os.path.join(run_dir, CONFIG_FILE), "w") as f:
     f.write(config.to_json_best_effort())
   abstract = nnx.eval_shape(
     lambda: HybriDNA(ModelConfig.from_config(config.model), rngs=nnx.Rngs(0))
@@ -147,7 +147,7 @@ def _write_pretrained_run(run_dir: str, config) -> nnx.State:
     nnx.state(abstract, nnx.Param),
   )
   zero = jnp.zeros((), jnp.int32)
-  checkpoints = Checkpoints(os.path.join(run_dir, loop.CHECKPOINT_DIR), async_save=False)
+  checkpoints = Checkpoints(os.path.join(run_dir, CHECKPOINT_DIR), async_save=False)
   checkpoints.save(
     step_lib.TrainState(jnp.array(7, jnp.int32), params, None, zero, zero), {"stage": 0}
   )
@@ -172,7 +172,7 @@ def test_pretrained_frozen_backbone_with_rc_echo_on_8_devices(motif_task, tmp_pa
   results = task_lib.finetune(cfg, workdir)["results"]
   assert results["embedding"] == "RC-echo mean (avg logits) frozen"
   assert results["backbone"].endswith("step 7")
-  with open(os.path.join(workdir, loop.CONFIG_FILE)) as f:
+  with open(os.path.join(workdir, CONFIG_FILE)) as f:
     assert json.load(f)["model"]["n_layers"] == 2
 
   finetuned = task_lib.load_finetuned(workdir)

@@ -411,9 +411,9 @@ def test_the_same_layers_stacked_in_blocks_of_another_size_convert(tmp_path):
     np.testing.assert_allclose(
       np.asarray(_logits(_merge(cfg, params), tokens)), expected, rtol=1e-6, atol=1e-6
     )
-  from hybridna_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from hybridna_jax.train.resume import check_resume_config  # pylint: disable=g-import-not-at-top
 
   config = load_config("configs/tiny.py")
   config.model = model_config_dict(**dataclasses.asdict(by_four))
   with pytest.raises(ValueError, match=r"blocks of 2 layers.*blocks of 4 layers.*attn_period=2"):
-    loop.check_resume_config(config, run)
+    check_resume_config(config, run)

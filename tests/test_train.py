@@ -25,7 +25,14 @@ from hybridna_jax.train import metrics as metrics_lib
 from hybridna_jax.train import optimizer as optimizer_lib
 from hybridna_jax.train import step as step_lib
 from hybridna_jax.train.baselines import MarkovModel
-from hybridna_jax.train.checkpoint import Checkpoints, with_shardings
+from hybridna_jax.train.checkpoint import (
+  BEST_DIR,
+  CHECKPOINT_DIR,
+  CONFIG_FILE,
+  Checkpoints,
+  with_shardings,
+)
+from hybridna_jax.train.stages import parse_stages, stage_at
 
 TINY = ModelConfig.from_config(load_config("configs/tiny.py").model)
 
@@ -193,12 +200,12 @@ def test_weight_decay_mask():
 def test_stage_parsing():
   cfg = load_config("configs/tiny.py").train
   cfg.stages = ((8, 3, 4), (16, 2, 2))
-  stages = loop.parse_stages(cfg)
+  stages = parse_stages(cfg)
   assert [(s.start_step, s.end_step) for s in stages] == [(0, 3), (3, 5)]
-  assert loop.stage_at(stages, 2).index == 0 and loop.stage_at(stages, 3).index == 1
+  assert stage_at(stages, 2).index == 0 and stage_at(stages, 3).index == 1
   cfg.stages = ((8, 3),)
   with pytest.raises(ValueError, match=r"stages\[0\].*seq_len, steps, global_batch_size"):
-    loop.parse_stages(cfg)
+    parse_stages(cfg)
 
 
 def _interrupting(monkeypatch, stop_after: int):
@@ -218,7 +225,7 @@ def _interrupting(monkeypatch, stop_after: int):
 
 def _final_params(workdir, cfg):
   fns = _steps(sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
-  ckpts = Checkpoints(os.path.join(workdir, loop.CHECKPOINT_DIR))
+  ckpts = Checkpoints(os.path.join(workdir, CHECKPOINT_DIR))
   target = with_shardings(jax.eval_shape(fns.init, jax.random.key(0)), fns.state_shardings)
   state, meta = ckpts.restore(ckpts.latest_step(), target)
   return jax.device_get(state), meta
@@ -251,7 +258,7 @@ def test_half_written_checkpoint_is_ignored(tiny_config, tmp_path):
   workdir = str(tmp_path / "run")
   tiny_config.train.stages = ((32, 4, 4),)
   loop.train(tiny_config, workdir)
-  ckpt_dir = os.path.join(workdir, loop.CHECKPOINT_DIR)
+  ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
   # What a crash during an Orbax save leaves behind: a temporary step dir.
   partial = os.path.join(ckpt_dir, "6.orbax-checkpoint-tmp-1700000000")
   os.makedirs(os.path.join(partial, "params"))
@@ -426,8 +433,8 @@ def test_loop_writes_metrics_eval_checkpoints_and_plot(tiny_config, tmp_path):
   assert any(
     f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tensorboard"))
   )
-  assert Checkpoints(os.path.join(workdir, loop.BEST_DIR)).latest_step() in (4, 8)
-  with open(os.path.join(workdir, loop.CONFIG_FILE)) as f:
+  assert Checkpoints(os.path.join(workdir, BEST_DIR)).latest_step() in (4, 8)
+  with open(os.path.join(workdir, CONFIG_FILE)) as f:
     assert json.load(f)["model"]["d_model"] == TINY.d_model
 
 
@@ -481,7 +488,7 @@ def test_markov_baselines_refuse_n_targets_in_the_loss(tiny_config, tmp_path):
   t.eval_every, t.markov_orders = 2, (2,)
   with pytest.raises(ValueError, match=r"^config.train.markov_orders: .*mask_n_in_loss=True\.$"):
     loop.train(tiny_config, str(tmp_path / "run"))
-  assert not (tmp_path / "run" / loop.CONFIG_FILE).exists()
+  assert not (tmp_path / "run" / CONFIG_FILE).exists()
 
 
 def test_batch_not_divisible_is_a_clear_error(tiny_config, tmp_path):

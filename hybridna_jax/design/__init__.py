@@ -7,7 +7,7 @@ regLM-style conditioning: every training example is
 
     prompts   labels -> reserved task tokens (`PromptVocab`)
     data      design CSV -> tokenized examples -> Grain batches
-    task      `GenerativeFinetuning`, a `train.loop.Task`
+    task      `GenerativeFinetuning`, a `train.tasks.Task`
     sampling  designs from a checkpoint: FASTA + summary (`run_sampling`)
     metrics   GC, k-mer distance, diversity, copies of training sequences
     oracle    judging designs: a k-mer classifier fitted on held-out real

@@ -5,7 +5,7 @@ The model learns next-token prediction on the sequence and its <eos> only
 <bos> + the label tokens of the wanted condition(s) (+ an optional DNA
 prefix), see `hybridna_jax.generate` and `hybridna_jax.design.sampling`.
 
-`GenerativeFinetuning` is a `train.loop.Task`: the same jitted train step,
+`GenerativeFinetuning` is a `train.tasks.Task`: the same jitted train step,
 checkpoints, preemption handling and metrics as pretraining, fed by a
 checkpointable Grain iterator over the labelled examples, optionally
 starting from a pretrained LM (`generate.pretrained`).
@@ -32,6 +32,8 @@ from hybridna_jax.model import HybriDNA
 from hybridna_jax.train import flops as flops_lib
 from hybridna_jax.train import loop
 from hybridna_jax.train import step as step_lib
+from hybridna_jax.train.resume import resumed_config
+from hybridna_jax.train.tasks import Task, lm_eval
 
 # How a model gets rows for the label tokens (ids from 10 up).
 _LABEL_TOKENS_NEED = (
@@ -40,7 +42,7 @@ _LABEL_TOKENS_NEED = (
 )
 
 
-class GenerativeFinetuning(loop.Task):
+class GenerativeFinetuning(Task):
   """Prompt-token generative fine-tuning (module docstring).
 
   Validation (when config.generate.val_csv is set): bits per nucleotide of
@@ -143,7 +145,7 @@ class GenerativeFinetuning(loop.Task):
 
   def evaluate(self, fns, params, stage):
     def run(wrong_labels: bool):
-      return loop.lm_eval(
+      return lm_eval(
         fns,
         params,
         self.config.train,
@@ -195,7 +197,7 @@ def finetune(config, workdir: str) -> dict:
   """Runs (or resumes) generative fine-tuning in `workdir`; returns the
   training summary. A resumed run keeps the label -> token map it was
   trained with (its config.json), whatever the CSV holds now."""
-  saved = ((loop.resumed_config(workdir) or {}).get("generate") or {}).get("prompt_vocab")
+  saved = ((resumed_config(workdir) or {}).get("generate") or {}).get("prompt_vocab")
   if saved:
     saved = PromptVocab.from_config(saved).to_config()
     given = config.generate.prompt_vocab

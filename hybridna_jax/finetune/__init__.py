@@ -1,2 +1,2 @@
 """Understanding fine-tuning: echo / RC-echo embeddings, heads, task data,
-metrics and the `loop.Task` that trains them (see task.py)."""
+metrics and the `tasks.Task` that trains them (see task.py)."""

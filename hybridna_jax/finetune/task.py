@@ -1,4 +1,4 @@
-"""Understanding fine-tuning as a `loop.Task`: the pretraining loop's mesh,
+"""Understanding fine-tuning as a `tasks.Task`: the pretraining loop's mesh,
 sharded steps, checkpoints, resume, preemption and metrics, with a
 sequence-level head on the backbone.
 
@@ -52,8 +52,17 @@ from hybridna_jax.train import flops as flops_lib
 from hybridna_jax.train import loop
 from hybridna_jax.train import optimizer as optimizer_lib
 from hybridna_jax.train import step as step_lib
-from hybridna_jax.train.checkpoint import CheckpointDamagedError, Checkpoints, with_shardings
+from hybridna_jax.train.checkpoint import (
+  BEST_DIR,
+  CHECKPOINT_DIR,
+  CheckpointDamagedError,
+  Checkpoints,
+  with_shardings,
+)
 from hybridna_jax.train.metrics import METRICS_FILE
+from hybridna_jax.train.preemption import check_eval_interrupt, stop_signals
+from hybridna_jax.train.resume import flatten_config
+from hybridna_jax.train.tasks import Task
 
 TASK_INFO = "task_info.json"
 
@@ -154,7 +163,7 @@ class _TrainExamples(grain.transforms.Map):
 # -- the task -----------------------------------------------------------------------------
 
 
-class FinetuneTask(loop.Task):
+class FinetuneTask(Task):
   """Sequence classification / regression on a task from `datasets`.
 
   Construction loads the task (unless `data` is given), resolves the
@@ -340,7 +349,7 @@ class FinetuneTask(loop.Task):
           done * layout.batch_size,
           last_report - start,
         )
-      loop.check_eval_interrupt()  # a dev-set evaluation during training stops for a signal
+      check_eval_interrupt()  # a dev-set evaluation during training stops for a signal
       placed = step_lib.device_batch(batch, fns.batch_sharding, fns.batch_keys, layout=layout)
       out = fns.apply(params, placed)
       if jax.process_count() > 1:
@@ -388,7 +397,7 @@ class FinetuneTask(loop.Task):
 
   def best_params(self, fns, state, workdir: str):
     """(params, step) of the best dev checkpoint, or the final state's."""
-    best_dir = os.path.join(workdir, loop.BEST_DIR)
+    best_dir = os.path.join(workdir, BEST_DIR)
     checkpoints = Checkpoints(best_dir, create=False) if os.path.isdir(best_dir) else None
     step = checkpoints.latest_step() if checkpoints else None
     if step is None:
@@ -541,7 +550,7 @@ SUITE_SETTINGS = "suite_settings.json"
 def settings_of(config) -> dict[str, str]:
   """A run's settings as SUITE_SETTINGS holds them: the repr of every
   config field (as JSON can hold them)."""
-  return {k: repr(v) for k, v in loop.flatten_config(config.to_dict()).items()}
+  return {k: repr(v) for k, v in flatten_config(config.to_dict()).items()}
 
 
 def check_suite_settings(task_dir: str, settings: dict[str, str]) -> None:
@@ -576,7 +585,7 @@ def run_suite(config, patterns: list[str], workdir: str) -> dict:
     {"suite": result rows (`report.result_rows`) of the finished tasks,
     "stopped": "completed" or "preempted"} (+ "preempted_task": its name).
   """
-  with loop.stop_signals("stopping the suite before its next task") as between:
+  with stop_signals("stopping the suite before its next task") as between:
     return _run_suite(config, patterns, workdir, between)
 
 
@@ -724,7 +733,7 @@ def load_finetuned(run_dir: str, *, which: str = "best", mesh=None) -> Finetuned
   graphdef, abstract_params = nnx.split(abstract, nnx.Param)
   mesh = mesh or restore.default_mesh()
   target = with_shardings(abstract_params, sharding.state_shardings(abstract_params, mesh))
-  manager = os.path.join(run_dir, loop.BEST_DIR if which == "best" else loop.CHECKPOINT_DIR)
+  manager = os.path.join(run_dir, BEST_DIR if which == "best" else CHECKPOINT_DIR)
   checkpoints = Checkpoints(manager, create=False)
   step = checkpoints.latest_step()
   if step is None:

@@ -65,6 +65,8 @@ from hybridna_jax.train import flops as flops_lib
 from hybridna_jax.train import loop
 from hybridna_jax.train import step as step_lib
 from hybridna_jax.train.checkpoint import with_shardings
+from hybridna_jax.train.stages import Stage, check_batch
+from hybridna_jax.train.tasks import LMPretraining
 
 # Mesh axes the search splits the model over (the rest of the devices go to
 # `data`), in order of preference at equal split size: fsdp (splits the
@@ -280,7 +282,7 @@ class _Built:
   """The step's pieces for one config, mesh and shape (nothing allocated)."""
 
   config: ml_collections.ConfigDict
-  task: loop.LMPretraining
+  task: LMPretraining
   fns: step_lib.StepFunctions
   state: Any  # ShapeDtypeStructs with shardings
   batch: dict[str, jax.ShapeDtypeStruct]
@@ -300,13 +302,13 @@ def _build(
     config.mesh[axis] = int(size)
   kernels = target_kernels(config.model, platform)
   config.model.update(kernels)
-  task = loop.LMPretraining(config)
+  task = LMPretraining(config)
   mesh = sharding.mesh_from_config(config.mesh)
-  stage = loop.Stage(0, seq_len, 1, batch, 0)
+  stage = Stage(0, seq_len, 1, batch, 0)
   # The planned shape comes from launch/plan.py's --batch / --seq_len or
   # --stage, not always from config.train.stages[0].
   fields = ("the planned batch (--batch, or its --stage)", "the planned length (--seq_len)")
-  loop._check_batch(stage, mesh, int(config.train.grad_accum), fields)  # pylint: disable=protected-access
+  check_batch(stage, mesh, int(config.train.grad_accum), fields)
   fns = loop.task_steps(task, config, mesh)
   state = with_shardings(jax.eval_shape(fns.init, jax.random.key(0)), fns.state_shardings)
   batch_specs = {

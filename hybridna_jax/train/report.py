@@ -10,9 +10,10 @@ from absl import logging
 from hybridna_jax import paths, sharding
 from hybridna_jax.data import pipeline
 from hybridna_jax.data.store import TokenStore
-from hybridna_jax.train import loop
 from hybridna_jax.train.baselines import MarkovModel
 from hybridna_jax.train.metrics import LOSS_PLOT, METRICS_FILE, plot_loss_curves
+from hybridna_jax.train.stages import parse_stages
+from hybridna_jax.train.tasks import eval_global_batch
 
 
 def markov_bits_per_nt(model: MarkovModel, batches) -> tuple[float, int]:
@@ -43,11 +44,11 @@ def baseline_report(config, model_val: dict, workdir: str) -> str:
   adds them to the loss-curve plot, and returns a printable table."""
   store = TokenStore.open(config.data.store_dir)
   train_split, val_split = store[config.data.train_split], store["val"]
-  stages = loop.parse_stages(config.train)
+  stages = parse_stages(config.train)
   seq_len = int(config.train.eval_seq_len) or stages[-1].seq_len
-  # The model's evaluation batches (`loop.lm_eval`), so that eval_batches
+  # The model's evaluation batches (`tasks.lm_eval`), so that eval_batches
   # keeps the same windows.
-  batch_size = loop.eval_global_batch(config.train, sharding.mesh_from_config(config.mesh))
+  batch_size = eval_global_batch(config.train, sharding.mesh_from_config(config.mesh))
   batches = list(pipeline.eval_batches(config.data, seq_len=seq_len, batch_size=batch_size))
   if int(config.train.eval_batches):
     batches = batches[: int(config.train.eval_batches)]

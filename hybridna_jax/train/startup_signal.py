@@ -1,7 +1,7 @@
 """A SIGTERM that comes while a training program starts up.
 
 Imports and jax.distributed start-up (which can wait minutes for the other
-hosts) come before `loop.train` installs its handler (`loop._Preemption`);
+hosts) come before `loop.train` installs its handler (`preemption.Preemption`);
 under the default action such a SIGTERM (a Slurm time limit or preemption)
 killed the process with status 143 and no summary, so the job was not
 requeued. The training launchers call `catch` first: the signal is recorded
