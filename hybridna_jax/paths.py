@@ -3,8 +3,8 @@ a --workdir (or checkpoint path) into a path object.
 
 A run directory may be a local path, a file:// URL (the same local path) or
 gs://bucket/prefix. Paths are `etils.epath.Path` objects, the type Orbax
-uses, so checkpoints, config.json, metrics.jsonl, summaries and the data
-iterator state all go through one API; on gs:// epath uses fsspec's gcsfs
+uses, so checkpoints, config.json, metrics.jsonl and summaries all go
+through one API; on gs:// epath uses fsspec's gcsfs
 and Orbax writes arrays through tensorstore's gcs driver. Object storage
 needs, besides this package, `pip install gcsfs google-cloud-storage`
 (Orbax asks the bucket whether it has a hierarchical namespace).

@@ -316,38 +316,38 @@ def test_hosts_read_disjoint_interleaved_shards(mixed_store):
     np.testing.assert_array_equal(hosts[h], single[h::3])
 
 
-def test_checkpoint_round_trip_with_orbax(mixed_store, tmp_path):
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+def _same_batches(got, want, rows=slice(None), columns=slice(None)):
+  assert len(got) == len(want)
+  for g, w in zip(got, want):
+    for k in w:
+      np.testing.assert_array_equal(g[k], w[k][rows, columns], k)
 
-  c = _cfg(mixed_store)
+
+def test_a_stream_starts_at_any_batch_under_any_layout_and_worker_count(mixed_store):
+  """How a resumed run reads on: global batch t is a pure function of
+  (seed, t), so a stream started at batch 5 -- whole, by rows and columns,
+  in worker processes, or per host -- continues the uninterrupted one."""
+  c = _cfg(mixed_store, reverse_complement_prob=0.5)
   kwargs = dict(seq_len=48, batch_size=4, seed=11)
-  reference = _take(pipeline.train_batches(c, **kwargs), 12)
-  it = pipeline.train_batches(c, **kwargs)
-  _take(it, 5)
-  with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
-    mngr.save(
-      5,
-      args=ocp.args.Composite(
-        params=ocp.args.StandardSave({"w": jnp.arange(3.0)}), data=pipeline.iterator_save_args(it)
-      ),
-    )
-    mngr.wait_until_finished()
-  _take(it, 2)  # The live iterator moves on; the checkpoint does not.
-  fresh = pipeline.train_batches(c, **kwargs)
-  with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
-    restored = mngr.restore(
-      5,
-      args=ocp.args.Composite(
-        params=ocp.args.StandardRestore({"w": jnp.zeros(3)}),
-        data=pipeline.iterator_restore_args(fresh),
-      ),
-    )
-  np.testing.assert_array_equal(restored["params"]["w"], [0.0, 1.0, 2.0])
-  assert restored["data"] is fresh
-  for want, got in zip(reference[5:], _take(fresh, 7)):
-    for k in want:
-      np.testing.assert_array_equal(want[k], got[k])
+  reference = _take(pipeline.train_batches(c, **kwargs), 9)
+  _same_batches(_take(pipeline.train_batches(c, start_batch=5, **kwargs), 4), reference[5:])
+  layout = dict(rows=[1, 3], columns=(8, 48))
+  part = _take(pipeline.train_batches(c, start_batch=5, **layout, **kwargs), 4)
+  _same_batches(part, reference[5:], [1, 3], slice(8, 48))
+  it = pipeline.train_batches(
+    _cfg(mixed_store, reverse_complement_prob=0.5, num_workers=2), start_batch=5, **kwargs
+  )
+  try:
+    _same_batches(_take(it, 4), reference[5:])
+  finally:
+    it.close()
+  host = dict(seq_len=48, batch_size=2, seed=11, shard_index=1, shard_count=2)
+  _same_batches(
+    _take(pipeline.train_batches(c, start_batch=3, **host), 2),
+    _take(pipeline.train_batches(c, **host), 5)[3:],
+  )
+  with pytest.raises(ValueError, match="start_batch must be >= 0"):
+    pipeline.train_batches(c, start_batch=-1, **kwargs)
 
 
 def test_worker_processes_checkpoint_and_give_the_same_batches(mixed_store):

@@ -233,8 +233,10 @@ def test_train_iterator_shuffles_epochs_and_resumes_from_its_state():
   expected = [next(it)["inputs"] for _ in range(3)]
   resumed = design.train_batches(examples, seq_len=8, batch_size=5, seed=3)
   resumed.set_state(state)
+  started = design.train_batches(examples, seq_len=8, batch_size=5, seed=3, start_batch=2)
   for want in expected:
     np.testing.assert_array_equal(next(resumed)["inputs"], want)
+    np.testing.assert_array_equal(next(started)["inputs"], want)  # how a resumed run reads on
   # Processes holding rows 0-1 and 2-4 of each global batch, and the columns
   # [0, 4) or [4, 8) of each row (a context axis across processes), load
   # their parts of the same batches.

@@ -235,9 +235,9 @@ def test_train_iterator_shuffles_lays_out_rows_and_restores(motif_task):
   assert stage.seq_len == 80 and stage.steps == 80 and stage.batch_size == 32  # 2*32+1 -> 80
   n = len(task.tokens["train"])
 
-  def iterator(seed, rows=range(32)):  # a process holding `rows` of each global batch
+  def iterator(seed, rows=range(32), start_batch=0):  # a process holding `rows` of each batch
     layout = sharding.BatchLayout(32, stage.seq_len, np.asarray(rows), (0, stage.seq_len))
-    return task.layout_iterator(stage, layout, seed)
+    return task.layout_iterator(stage, layout, seed, start_batch)
 
   def indices(it, batches):
     return np.concatenate([next(it)["index"] for _ in range(batches)])
@@ -256,10 +256,8 @@ def test_train_iterator_shuffles_lays_out_rows_and_restores(motif_task):
   it = iterator(5, range(8))
   for _ in range(3):
     next(it)
-  state = it.get_state()
   expected = [next(it) for _ in range(2)]
-  resumed = iterator(5, range(8))
-  resumed.set_state(state)
+  resumed = iterator(5, range(8), start_batch=3)  # how a resumed run reads on
   for want in expected:
     got = next(resumed)
     for key in task.batch_keys:

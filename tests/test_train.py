@@ -33,6 +33,7 @@ from hybridna_jax.train.checkpoint import (
   with_shardings,
 )
 from hybridna_jax.train.stages import parse_stages, stage_at
+from hybridna_jax.train.tasks import LMPretraining
 
 TINY = ModelConfig.from_config(load_config("configs/tiny.py").model)
 
@@ -252,6 +253,37 @@ def test_preempted_and_resumed_run_is_bitwise_identical(tiny_config, tmp_path, m
   assert meta_a["step"] == meta_b["step"] == 8 and meta_b["stage"] == 1
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
+
+
+def test_a_resume_on_another_mesh_and_worker_count_reads_on_where_it_stopped(
+  tiny_config, tmp_path, monkeypatch
+):
+  """A run stopped mid-stage and resumed with data.num_workers 0 -> 1 and
+  2 devices instead of 1 (issue: refused, as the saved Grain state counted
+  batches per worker and rows per process) reads the batches the
+  uninterrupted run read: the stream restarts at the step's batch."""
+  real = LMPretraining.layout_iterator
+  read: list[np.ndarray] = []
+
+  def recording(self, stage, layout, seed, start_batch):
+    for batch in real(self, stage, layout, seed, start_batch):
+      read.append(batch["inputs"])
+      yield batch
+
+  monkeypatch.setattr(LMPretraining, "layout_iterator", recording)
+  loop.train(tiny_config, str(tmp_path / "straight"))
+  straight, read[:] = list(read), []
+  workdir = str(tmp_path / "resumed")
+  with monkeypatch.context() as m:
+    _interrupting(m, stop_after=3)  # stage 0
+    assert loop.train(tiny_config, workdir)["steps"] == 3
+  trained, read[:] = read[:3], []
+  tiny_config.data.num_workers = 1
+  tiny_config.mesh.num_devices = 2
+  assert loop.train(tiny_config, workdir)["steps"] == 8
+  assert len(straight) == len(trained) + len(read) == 8
+  for want, got in zip(straight, trained + read):
+    np.testing.assert_array_equal(got, want)
 
 
 def test_half_written_checkpoint_is_ignored(tiny_config, tmp_path):

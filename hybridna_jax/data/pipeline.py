@@ -22,14 +22,11 @@ read the same positions, and the global batches do not depend on the
 layout. Without one, host h of H takes positions h, h + H, ... (per-host
 batches). Windows are read from the memory map and batched, optionally in
 data.num_workers worker processes.
-The iterator is a `grain.DatasetIterator`: `get_state()`/`set_state()`, and
-`iterator_save_args` / `iterator_restore_args` give the Orbax args to keep
-it in a Composite checkpoint:
-
-    mngr.save(step, args=ocp.args.Composite(
-        params=..., data=pipeline.iterator_save_args(it)))
-    mngr.restore(step, args=ocp.args.Composite(
-        params=..., data=pipeline.iterator_restore_args(it)))
+Since every batch is a pure function of (seed, t), a stream resumes at any
+global batch (`train_batches(start_batch=t)`) under any layout, host count
+or worker count: the training loop restarts a stage's stream at the batch
+of its step, and checkpoints keep no iterator state. The iterator is also a
+`grain.DatasetIterator` (`get_state()`/`set_state()`).
 
 Evaluation (`eval_batches`): every record of a split in consecutive,
 non-overlapping windows (each target token scored exactly once), the last
@@ -61,13 +58,14 @@ def _read_options(data_cfg, batch_size: int, whole_batches: bool = False) -> gra
   return grain.ReadOptions(num_threads=int(data_cfg.read_threads), prefetch_buffer_size=buffer)
 
 
-def host_positions(shard_index: int = 0, shard_count: int = 1) -> grain.MapDataset:
-  """Host h of H's share of an infinite global stream: positions h, h + H, ...
+def host_positions(shard_index: int = 0, shard_count: int = 1, skip: int = 0) -> grain.MapDataset:
+  """Host h of H's share of an infinite global stream: positions h, h + H, ...,
+  from its `skip`-th on.
 
   The training streams map a global position to an example, so what each
   position holds does not depend on the host count.
   """
-  return grain.MapDataset.range(0, sys.maxsize)[shard_index::shard_count]
+  return grain.MapDataset.range(0, sys.maxsize)[shard_index + skip * shard_count :: shard_count]
 
 
 class _LayoutPositions(grain.transforms.Map):
@@ -83,11 +81,15 @@ class _LayoutPositions(grain.transforms.Map):
     return t * self.batch_size + self.rows[i]
 
 
-def layout_positions(rows: Sequence[int], batch_size: int) -> grain.MapDataset:
+def layout_positions(
+  rows: Sequence[int], batch_size: int, start_batch: int = 0
+) -> grain.MapDataset:
   """The stream positions a host holding `rows` of every global batch of
-  `batch_size` rows reads (global batch t is positions t * batch_size, ...);
-  hosts holding the same rows read the same positions."""
-  return grain.MapDataset.range(0, sys.maxsize).map(_LayoutPositions(rows, batch_size))
+  `batch_size` rows reads (global batch t is positions t * batch_size, ...),
+  from global batch `start_batch` on; hosts holding the same rows read the
+  same positions."""
+  start = int(start_batch) * len(rows)
+  return grain.MapDataset.range(start, sys.maxsize).map(_LayoutPositions(rows, batch_size))
 
 
 def _check_layout(rows, columns, batch_size: int, seq_len: int, shard_count: int) -> None:
@@ -179,9 +181,10 @@ def train_windows(
   return store, index, weights
 
 
-# The layout of a saved training-iterator state: 2 since data.num_workers > 0
-# deals whole batches to the workers (its state counts batches; before, it
-# dealt positions and counted them). Recorded in each checkpoint's meta.
+# How the training stream's batches are made, recorded in each checkpoint's
+# meta: 2 since data.num_workers > 0 deals whole batches to the workers, so
+# that global batch t is positions t * B, ... with workers too (before, each
+# worker batched every W-th position).
 STREAM_FORMAT = 2
 
 
@@ -195,6 +198,7 @@ def train_dataset(
   shard_count: int = 1,
   rows: Sequence[int] | None = None,
   columns: tuple[int, int] | None = None,
+  start_batch: int = 0,
 ) -> grain.IterDataset:
   """The infinite training dataset (see the module docstring and `train_batches`)."""
   _check_sizes(seq_len, batch_size, shard_index, shard_count)
@@ -205,10 +209,13 @@ def train_dataset(
   sampler = sampling.WindowSampler(
     ranges[used], weights[used], seed, float(data_cfg.reverse_complement_prob)
   )
+  if start_batch < 0:
+    raise ValueError(f"start_batch must be >= 0, got {start_batch}.")
   if rows is None:
-    ds, host_batch = host_positions(shard_index, shard_count), batch_size
+    ds = host_positions(shard_index, shard_count, skip=start_batch * batch_size)
+    host_batch = batch_size
   else:
-    ds, host_batch = layout_positions(rows, batch_size), len(rows)
+    ds, host_batch = layout_positions(rows, batch_size, start_batch), len(rows)
   reader = windows.WindowReader(store.path, data_cfg.train_split, index, _reader_columns(columns))
   if float(data_cfg.max_n_fraction) < 1.0:
     read = windows.ReadBatch(
@@ -222,14 +229,13 @@ def train_dataset(
   workers = int(data_cfg.num_workers)
   if not workers:
     # Windows are read per batch (ReadBatch) after the positions are
-    # batched; the iterator state counts positions.
+    # batched.
     it = ds.to_iter_dataset(_read_options(data_cfg, host_batch))
     it = it.batch(host_batch, drop_remainder=True, batch_fn=read)
   else:
     # Grain deals the dataset's elements to the workers in turn: batched
     # first, they are whole batches, so batch t is positions t * B, ... as
-    # without workers (dealt positions, each worker batched every W-th).
-    # The state counts batches (STREAM_FORMAT).
+    # without workers (STREAM_FORMAT).
     if not flags.FLAGS.is_parsed():
       # Grain's worker start-up reads its absl flags; outside an absl app
       # (tests, notebooks) they are unparsed, so use their defaults.
@@ -250,12 +256,15 @@ def train_batches(
   shard_count: int = 1,
   rows: Sequence[int] | None = None,
   columns: tuple[int, int] | None = None,
+  start_batch: int = 0,
 ) -> grain.DatasetIterator:
-  """An infinite, checkpointable iterator of this host's training batches.
+  """An infinite iterator of this host's training batches, from global batch
+  `start_batch` on.
 
   Global batch t holds stream positions t * B ... t * B + B - 1 in row order,
   each a pure function of (seed, position), so every layout of the rows over
-  hosts reads the same global batches.
+  hosts, and every worker count, reads the same global batches, and a
+  stream resumes at batch t by starting there.
 
   Args:
     data_cfg: the data config (`config.default_data_config()` fields).
@@ -269,10 +278,10 @@ def train_batches(
     columns: [start, stop) of the seq_len positions this host loads
       (`sharding.BatchLayout.columns`; default all): token arrays are then
       (R, stop - start), their segment ids those of the whole row.
+    start_batch: the first global batch (without rows: this host's).
 
   Returns:
-    A `grain.DatasetIterator` of batch dicts (`windows` module docstring) with
-    `get_state()` / `set_state()`; see `iterator_save_args`.
+    A `grain.DatasetIterator` of batch dicts (`windows` module docstring).
   """
   return iter(
     train_dataset(
@@ -284,6 +293,7 @@ def train_batches(
       shard_count=shard_count,
       rows=rows,
       columns=columns,
+      start_batch=start_batch,
     )
   )
 
@@ -354,17 +364,3 @@ def eval_batches(
   )
   ds = ds.map(windows.MakeBatch(data_cfg.mask_n_in_loss))
   return ds.to_iter_dataset(_read_options(data_cfg, host_batch))
-
-
-def iterator_save_args(it: grain.DatasetIterator):
-  """Orbax args saving the iterator's state as an item of a Composite.
-
-  Grain's handler writes one JSON file per process
-  (process_<i>-of-<n>.json), so each host keeps its own position.
-  """
-  return grain.checkpoint.CheckpointSave(it)
-
-
-def iterator_restore_args(it: grain.DatasetIterator):
-  """Orbax args restoring a saved state into `it` (built the same way)."""
-  return grain.checkpoint.CheckpointRestore(it)

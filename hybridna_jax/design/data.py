@@ -218,17 +218,19 @@ def train_batches(
   mask_n_in_loss: bool = False,
   rows: Sequence[int] | None = None,
   columns: tuple[int, int] | None = None,
+  start_batch: int = 0,
 ) -> grain.DatasetIterator:
-  """An infinite, checkpointable iterator of shuffled LM batches of seq_len
-  inputs. Global batch t holds stream positions t * B ... t * B + B - 1
-  (B = batch_size), as pretraining's (`pipeline.train_batches`): with `rows`
-  (`sharding.BatchLayout.rows`) this process gets only those rows of each,
-  with `columns` only positions [start, stop) of each row; the global
-  stream does not depend on the layout."""
+  """An infinite iterator of shuffled LM batches of seq_len inputs, from
+  global batch `start_batch` on. Global batch t holds stream positions
+  t * B ... t * B + B - 1 (B = batch_size), as pretraining's
+  (`pipeline.train_batches`): with `rows` (`sharding.BatchLayout.rows`)
+  this process gets only those rows of each, with `columns` only positions
+  [start, stop) of each row; the global stream does not depend on the
+  layout."""
   if not len(examples):
     raise ValueError("no training examples.")
   rows = range(batch_size) if rows is None else rows
-  ds = pipeline.layout_positions(rows, batch_size).map(
+  ds = pipeline.layout_positions(rows, batch_size, start_batch).map(
     _ExampleSampler(len(examples), seed, rc_prob, label_dropout)
   )
   ds = ds.map(_RowBuilder(examples, seq_len + 1))

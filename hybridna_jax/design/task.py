@@ -129,7 +129,7 @@ class GenerativeFinetuning(Task):
   def loss(self, model, batch):
     return step_lib.lm_loss(model, batch)
 
-  def layout_iterator(self, stage, layout, seed):
+  def layout_iterator(self, stage, layout, seed, start_batch):
     g = self.config.generate
     return train_batches(
       self.train_examples,
@@ -141,6 +141,7 @@ class GenerativeFinetuning(Task):
       mask_n_in_loss=self.mask_n,
       rows=layout.rows,
       columns=layout.columns,
+      start_batch=start_batch,
     )
 
   def evaluate(self, fns, params, stage):

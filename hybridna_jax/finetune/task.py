@@ -288,9 +288,10 @@ class FinetuneTask(Task):
       f"{' echoed' if self.head_cfg.echo else ''}, rounded up to finetune.pad_multiple)",
     )
 
-  def layout_iterator(self, stage, layout, seed):
-    """This process's rows `layout.rows` of every global batch (stream
-    positions t * B + row, as pretraining), whole rows (no sequence keys)."""
+  def layout_iterator(self, stage, layout, seed, start_batch):
+    """This process's rows `layout.rows` of every global batch from
+    `start_batch` on (stream positions t * B + row, as pretraining), whole
+    rows (no sequence keys)."""
     examples = _TrainExamples(
       self.tokens["train"],
       self._labels("train"),
@@ -301,7 +302,7 @@ class FinetuneTask(Task):
       float(self.config.finetune.rc_augment),
     )
     rows = len(layout.rows)
-    ds = pipeline.layout_positions(layout.rows, stage.batch_size)
+    ds = pipeline.layout_positions(layout.rows, stage.batch_size, start_batch)
     ds = ds.map(examples).batch(rows, drop_remainder=True)
     options = grain.ReadOptions(
       num_threads=int(self.config.data.read_threads), prefetch_buffer_size=2 * rows

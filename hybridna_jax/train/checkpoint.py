@@ -1,11 +1,13 @@
 """Orbax checkpoints of training runs.
 
-A checkpoint step directory holds four items:
+A checkpoint step directory holds three items:
 
   params  the model parameters (nnx.State of Params)
   train   optimizer state and step counters (TrainState without params)
   meta    JSON: step, stage, and anything else the loop wants back
-  data    the Grain iterator state (train runs only)
+
+(no data-iterator state: the loop restarts the data stream at the step's
+batch; the `data` item of earlier versions' steps is not read).
 
 Saves are asynchronous; Orbax writes each step into a temporary directory and
 renames it when complete (on gs://, which has no rename, it writes a commit
@@ -16,9 +18,7 @@ item, an empty step directory) is found by `restore_newest`, reported, and
 moved aside to <directory>.damaged/<step> (never deleted), and the newest
 complete step is restored instead. A checkpoint whose arrays do not fit the
 target (another architecture) is not damage: `check_fits` names the
-parameters and nothing is moved; nor is a data-iterator state that does not
-fit the iterator it is restored into (a changed data-loader setting,
-`DataStateMismatchError`). Restoring takes an abstract target carrying
+parameters and nothing is moved. Restoring takes an abstract target carrying
 shardings, so a checkpoint restores onto any mesh or device count;
 `restore_params` reads the parameters alone.
 """
@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -64,13 +63,7 @@ class CheckpointDamagedError(ValueError):
   ValueError, so that launchers report it in one line."""
 
 
-class DataStateMismatchError(ValueError):
-  """The step's saved data-iterator state does not fit the iterator being
-  restored (built with other data-loader settings, e.g. data.num_workers);
-  the checkpoint itself is intact."""
-
-
-# Items every step directory holds; `data` only for train runs.
+# Items every step directory holds.
 _ITEMS = ("params", "train", "meta")
 
 
@@ -141,17 +134,13 @@ class Checkpoints:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def save(
-    self, state: TrainState, meta: dict, *, data_args: Any = None, force: bool = True
-  ) -> None:
+  def save(self, state: TrainState, meta: dict, *, force: bool = True) -> None:
     step = int(jax.device_get(state.step))
     items = dict(
       params=ocp.args.StandardSave(state.params),
       train=ocp.args.StandardSave(state._replace(params=None)),
       meta=ocp.args.JsonSave({**meta, "step": step}),
     )
-    if data_args is not None:
-      items["data"] = data_args
     self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def restore(self, step: int, target: TrainState) -> tuple[TrainState, dict]:
@@ -168,43 +157,17 @@ class Checkpoints:
     state = restored.train._replace(params=restored.params)
     return state, dict(restored.meta)
 
-  def restore_data(self, step: int, data_args: Any) -> None:
-    """Restores the step's data item into the iterator of `data_args`
-    (`pipeline.iterator_restore_args`).
-
-    Raises:
-      CheckpointDamagedError: the saved state is not readable JSON.
-      DataStateMismatchError: any other failure: the state does not fit the
-        iterator (its loader was built another way), or this process has no
-        state file (another process count).
-    """
-    data_dir = self.step_directory(step) / "data"
-    own = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-    if not (data_dir / own).exists() and not any(data_dir.glob("process_*-of-*.json")):
-      # No process's state at all: lost, not written for another process count.
-      raise CheckpointDamagedError(f"data/{own} missing")
-    try:
-      self.manager.restore(step, args=ocp.args.Composite(data=data_args))
-    except json.JSONDecodeError as e:
-      raise CheckpointDamagedError(f"data/ unreadable ({_first_line(e)})") from e
-    except Exception as e:  # pylint: disable=broad-except
-      raise DataStateMismatchError(
-        f"the data-iterator state of {self.step_directory(step)} does not fit this run's "
-        f"data loader ({type(e).__name__}: {_first_line(e)})"
-      ) from e
-
   def step_directory(self, step: int):
     """The step's directory (an epath.Path)."""
     return self.directory / str(step)
 
-  def check_complete(self, step: int, *, data: bool = False) -> None:
+  def check_complete(self, step: int) -> None:
     """Raises CheckpointDamagedError naming what is missing from the step
     directory (an item, its metadata or its OCDBT manifest). Cheap: reads
     no arrays (truncated array files show only when read, see
     `restore_newest`)."""
     root = self.step_directory(step)
-    items = _ITEMS + (("data",) if data else ())
-    missing = [i for i in items if not (root / i).is_dir()]
+    missing = [i for i in _ITEMS if not (root / i).is_dir()]
     if missing:
       raise CheckpointDamagedError(f"item(s) {', '.join(missing)} missing")
     needed = ["meta/metadata"]
@@ -270,23 +233,16 @@ class Checkpoints:
     self.manager.reload()
     return dest
 
-  def restore_newest(
-    self, target: TrainState, data_args: Callable[[dict], Any] | None = None
-  ) -> tuple[int, TrainState, dict] | None:
+  def restore_newest(self, target: TrainState) -> tuple[int, TrainState, dict] | None:
     """(step, state, meta) of the newest step that restores into `target`
     (see `restore`); damaged steps on the way are reported and moved aside
     (`move_aside`). None when no step is left. A failure of the machine
-    (memory, I/O, a storage service; `_machine_failure`) or of the config
-    (raised by `data_args`) is raised, with nothing moved. `data_args(meta)` gives the
-    data item's restore args for a step (None: not restored); the data item
-    is restored after the train state (`restore_data`), so that a state that
-    does not fit the iterator is told apart from damage.
+    (memory, I/O, a storage service; `_machine_failure`) is raised, with
+    nothing moved.
 
     Raises:
       CheckpointMismatchError: the newest readable step does not fit
         `target` (nothing is moved).
-      DataStateMismatchError: its data-iterator state does not fit the
-        iterator of `data_args` (nothing is moved).
       CheckpointDamagedError: every step lacks files (nothing is moved):
         a cause common to all of them, which moving them aside and
         starting again from step 0 would hide.
@@ -308,21 +264,9 @@ class Checkpoints:
       try:
         if step in incomplete:
           raise incomplete[step]
-        meta = self.restore_meta(step)
-      except Exception as e:  # pylint: disable=broad-except
-        self._damaged_or_raise(step, e)
-        continue
-      # Outside the damage handling: building the iterator checks the
-      # config (batch vs mesh, ...), whose errors say nothing of the step.
-      args = data_args(meta) if data_args is not None else None
-      try:
-        if args is not None:
-          self.check_complete(step, data=True)
         self.check_fits(step, target)
         state, meta = self.restore(step, target)
-        if args is not None:
-          self.restore_data(step, args)
-      except (CheckpointMismatchError, DataStateMismatchError):
+      except CheckpointMismatchError:
         raise
       except Exception as e:  # pylint: disable=broad-except
         self._damaged_or_raise(step, e)

@@ -5,7 +5,11 @@ preemption handling and metrics, for any `Task` (pretraining, fine-tuning).
 configs/. The schedule is a list of context stages, each (sequence length,
 optimizer steps, global batch size); the run moves through them by itself,
 and a resumed run continues in the stage and at the step where its latest
-checkpoint left off, with the data iterator exactly where it was.
+checkpoint left off. Its data stream restarts at the global batch of that
+step (one batch per step; every batch is a pure function of the seed and
+its index), so it reads what an uninterrupted run would have read, under
+any mesh, process count or data.num_workers; checkpoints keep no iterator
+state.
 
 The loop's parts live beside it: the stage schedule in stages.py, signal
 handling in preemption.py, the `Task`s and LM evaluation in tasks.py, and
@@ -15,7 +19,6 @@ what a run records and a resume checks in resume.py.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 
@@ -28,36 +31,17 @@ from hybridna_jax.config import TrainConfig, validate
 from hybridna_jax.data import pipeline
 from hybridna_jax.train import flops as flops_lib
 from hybridna_jax.train import step as step_lib
-from hybridna_jax.train.checkpoint import (
-  BEST_DIR,
-  CHECKPOINT_DIR,
-  Checkpoints,
-  DataStateMismatchError,
-  with_shardings,
-)
+from hybridna_jax.train.checkpoint import BEST_DIR, CHECKPOINT_DIR, Checkpoints, with_shardings
 from hybridna_jax.train.metrics import LOSS_PLOT, MetricsLogger, plot_loss_curves
 from hybridna_jax.train.preemption import EvalInterrupted, Preemption, fetch
 from hybridna_jax.train.resume import (
-  check_data_position,
   check_resume_config,
-  data_state_error,
-  host_rows,
+  check_stream_format,
   write_config,
   written_config,
 )
 from hybridna_jax.train.stages import Stage, check_batch, stage_at
 from hybridna_jax.train.tasks import LMPretraining, Task
-
-
-class _SavedIteratorState:
-  """An iterator state frozen at one moment, saved by Grain's checkpoint
-  handler like the iterator itself (it calls get_state())."""
-
-  def __init__(self, state: dict):
-    self._json = json.dumps(state, indent=4).encode()
-
-  def get_state(self) -> bytes:
-    return self._json
 
 
 class NonFiniteLossError(RuntimeError):
@@ -86,8 +70,8 @@ def train(config, workdir: str, task: Task | None = None) -> dict:
   """Trains (or resumes) `task` (default: LM pretraining) in `workdir`;
   returns a summary dict. The config is validated first (unknown or
   malformed fields fail with one line naming them), then the data and, on
-  resume, the architecture of the run (`check_resume_config`) and whether
-  the saved data-iterator state fits the data loader, all before step 0.
+  resume, the architecture of the run (`check_resume_config`), all before
+  step 0.
   SIGTERM or SIGINT from then on saves a checkpoint and returns with
   summary["stopped"] == "preempted" (see `Preemption`). `workdir` may
   be a local path, file:// or gs:// URL (`hybridna_jax.paths`)."""
@@ -120,12 +104,15 @@ def _train(config, workdir: str, task: Task | None, preemption: Preemption) -> d
     len(stages),
   )
 
-  def make_iterator(stage: Stage):
-    """(iterator, layout): this host's batches of the stage and their
-    `BatchLayout`."""
-    layout = check_batch(stage, mesh, tc.grad_accum, task.stage_fields(stage))
+  def stage_layout(stage: Stage):
+    return check_batch(stage, mesh, tc.grad_accum, task.stage_fields(stage))
+
+  def make_iterator(stage: Stage, step: int):
+    """(iterator, layout): this host's batches of the stage from the one of
+    `step` on, and their `BatchLayout`."""
+    layout = stage_layout(stage)
     seed = tc.seed * 1000 + stage.index
-    it = task.layout_iterator(stage, layout, seed)
+    it = task.layout_iterator(stage, layout, seed, step - stage.start_step)
     logging.info(
       "process %d/%d loads rows %s and columns [%d, %d) of each %d x %d batch",
       jax.process_index(),
@@ -142,6 +129,8 @@ def _train(config, workdir: str, task: Task | None, preemption: Preemption) -> d
   # succeed, so a refused resume leaves config.json as it was.
   check_resume_config(config, workdir)
   task.check_data(stages, tc)
+  for stage in stages:  # every stage's batch fits the mesh: not found hours in
+    stage_layout(stage)
   written = written_config(workdir)  # the run's config.json so far, read once
   # Opened after the checks: an Orbax manager starts a thread that cleans up
   # temporary paths, which a bad-input exit would interrupt with a traceback.
@@ -154,45 +143,20 @@ def _train(config, workdir: str, task: Task | None, preemption: Preemption) -> d
     manager.check_writable()  # before any step: not at the first save
   best_val = math.inf if select_mode == "min" else -math.inf
   target = with_shardings(jax.eval_shape(fns.init, jax.random.key(0)), fns.state_shardings)
-  built: dict = {}
-
-  def data_args(meta: dict):
-    # The saved iterator belongs to the checkpoint's stage; a checkpoint
-    # taken at the end of a stage starts the next one from a fresh iterator.
-    step = int(meta.get("step", 0))
-    stage = stage_at(stages, step)
-    built["stage"], built["iterator"] = stage, make_iterator(stage)
-    same_stage = meta.get("stage") == stage.index and step < stage.end_step
-    if not same_stage:
-      return None
-    lm = isinstance(task, LMPretraining)
-    saved_workers = ((written or {}).get("data") or {}).get("num_workers", 0) if lm else 0
-    stale = meta.get("stream_format", 1) < pipeline.STREAM_FORMAT
-    if saved_workers and stale:
-      raise ValueError(
-        f"{workdir}: the data position of step {step} (data.num_workers={saved_workers}) was "
-        "saved by an earlier version, which grouped each batch's windows differently; finish "
-        "the run with that version, or start it again in another --workdir."
-      )
-    check_data_position(
-      step,
-      meta.get("host_rows"),
-      host_rows(built["iterator"][1]),
-      int(meta.get("data_workers", saved_workers)),  # unrecorded: as config.json
-      task.data_workers,
-    )
-    return pipeline.iterator_restore_args(built["iterator"][0])
-
   try:
-    resumed = checkpoints.restore_newest(target, data_args) if checkpoints.all_steps() else None
-  except BaseException as e:
+    resumed = checkpoints.restore_newest(target) if checkpoints.all_steps() else None
+    step = 0 if resumed is None else resumed[0]
+    stage = stage_at(stages, step)
+    if resumed is not None and isinstance(task, LMPretraining):
+      check_stream_format(resumed[2], stage, written, workdir)
+    # The stream restarts at the step's batch (module docstring).
+    iterator, layout = make_iterator(stage, step)
+  except BaseException:
     # A refused resume ends the process: stop the managers' threads first.
     preemption.managers = []
     for manager in (checkpoints, best):
       if manager is not None:
         manager.close()
-    if isinstance(e, DataStateMismatchError):
-      raise data_state_error(config, workdir, e, written) from None
     raise
   # The latest evaluation, {"step": ..., "result": {...}}; checkpoints keep
   # it, so a run resumed at its end neither repeats its final eval nor
@@ -206,41 +170,34 @@ def _train(config, workdir: str, task: Task | None, preemption: Preemption) -> d
   accumulated: dict[str, list] = {}
   if resumed is None:
     state = task.start(fns, fns.init(jax.random.key(tc.seed)))
-    stage = stages[0]
-    iterator, layout = make_iterator(stage)
   else:
-    latest, state, meta = resumed
-    stage, (iterator, layout) = built["stage"], built["iterator"]
+    _, state, meta = resumed
     last_eval, pending_eval = meta.get("last_eval"), meta.get("pending_eval")
     accumulated = {k: list(v) for k, v in (meta.get("unlogged") or {}).items()}
-    logging.info("resumed from step %d (%s)", latest, stage.label)
+    logging.info("resumed from step %d (%s)", step, stage.label)
   # The best value so far is that of best/'s own step: the resumed
   # checkpoint can be older (a kill after an eval saved best/).
   newest_best = best.newest_meta() if best is not None else None
   if newest_best is not None:
     best_val = newest_best[1].get(select_key, best_val)
-  write_config(config, workdir, None if resumed is None else resumed[0], written)
+  write_config(config, workdir, None if resumed is None else step, written)
   # Opened only now: a refused resume leaves no file open (nor metrics.jsonl created).
   logger = MetricsLogger(workdir, total_steps, devices=mesh.size)
 
-  step = int(jax.device_get(state.step))
   iterator_stage = stage.index
   summary = {"steps": step, "stopped": "completed"}
 
-  def save(stage: Stage, force_sync: bool = False, data_state: dict | None = None):
+  def save(stage: Stage, force_sync: bool = False):
     if checkpoints.latest_step() != step:  # not saved at this step already
       meta = {
         "stage": stage.index,
         "seq_len": stage.seq_len,
         "last_eval": last_eval,
-        "host_rows": host_rows(layout),
         "stream_format": pipeline.STREAM_FORMAT,
-        "data_workers": task.data_workers,
         "pending_eval": pending_eval,
         "unlogged": {k: [float(x) for x in jax.device_get(v)] for k, v in accumulated.items()},
       }
-      it = iterator if data_state is None else _SavedIteratorState(data_state)
-      checkpoints.save(state, meta, data_args=pipeline.iterator_save_args(it))
+      checkpoints.save(state, meta)
     if force_sync:
       checkpoints.wait()
 
@@ -264,8 +221,8 @@ def _train(config, workdir: str, task: Task | None, preemption: Preemption) -> d
       best.save(state._replace(opt_state=None), {select_key: best_val, "stage": stage.index})
     logger.mark(step)
 
-  def preempted(data_state: dict | None = None) -> None:
-    save(stage, force_sync=True, data_state=data_state)
+  def preempted() -> None:
+    save(stage, force_sync=True)
     summary["stopped"] = "preempted"
     logging.warning("preempted at step %d: checkpoint saved, exiting.", step)
 
@@ -285,15 +242,14 @@ def _train(config, workdir: str, task: Task | None, preemption: Preemption) -> d
   while step < total_steps and summary["stopped"] != "preempted":
     stage = stage_at(stages, step)
     if stage.index != iterator_stage:
-      (iterator, layout), iterator_stage = make_iterator(stage), stage.index
+      (iterator, layout), iterator_stage = make_iterator(stage, step), stage.index
     logging.info("%s: steps %d..%d", stage.label, stage.start_step, stage.end_step)
     tokens_per_step = stage.seq_len * stage.batch_size
     first_step = True
     while step < stage.end_step:
-      data_state = iterator.get_state()
       host_batch = fetch(iterator, preemption)
-      if host_batch is None:  # signalled while waiting for data
-        preempted(data_state)
+      if host_batch is None:  # signalled while waiting for data: resumes at this batch
+        preempted()
         break
       batch = step_lib.device_batch(host_batch, fns.batch_shardings, fns.batch_keys, layout=layout)
       start = time.perf_counter()

@@ -1,6 +1,7 @@
 """What a run records and what a resume checks against it: the config a run
 writes to <workdir>/config.json, and the refusals of a resume whose
-architecture or data position does not fit the run's checkpoints."""
+architecture does not fit the run's checkpoints, or whose data stream an
+earlier version made another way."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import jax
 import ml_collections
 from absl import logging
 
-from hybridna_jax import paths, sharding
-from hybridna_jax.config import DataConfig, ModelConfig, architecture_differences
+from hybridna_jax import paths
+from hybridna_jax.config import ModelConfig, architecture_differences
+from hybridna_jax.data import pipeline
 from hybridna_jax.model import describe_layout, same_param_layout
-from hybridna_jax.train.checkpoint import CHECKPOINT_DIR, CONFIG_FILE, DataStateMismatchError
+from hybridna_jax.train.checkpoint import CHECKPOINT_DIR, CONFIG_FILE
+from hybridna_jax.train.stages import Stage
 
 
 def written_config(workdir: str) -> dict | None:
@@ -70,40 +73,21 @@ def check_resume_config(config, workdir: str) -> None:
     )
 
 
-def check_data_position(
-  step: int, saved: list[int] | None, now: list[int], saved_workers: int = 0, workers: int = 0
-) -> None:
-  """Raises DataStateMismatchError unless a data position saved with
-  `saved` = [rows per process, batch size] (`host_rows`; None: not
-  recorded) and `saved_workers` (data.num_workers) means the same place in
-  the stream under `now` and `workers`.
-
-  Without workers the position counts this process's windows: its k-th is
-  window (k // rows) * batch + (its k % rows-th row). That is the same
-  window with the same rows and batch size, or when the process loads
-  whole batches both times (then k is the window itself, at any batch
-  size). Worker processes count the batches each was dealt, so they need
-  the same worker count, rows and batch size. Anything else (a mesh,
-  process count or worker count that changed) would silently repeat or
-  skip batches.
-  """
-  if saved_workers != workers:
-    raise DataStateMismatchError(
-      f"step {step}'s data position was saved with data.num_workers={saved_workers}, "
-      f"which counts batches per worker; this run has {workers}"
+def check_stream_format(meta: dict, stage: Stage, written: dict | None, workdir: str) -> None:
+  """Refuses to continue, mid-stage, a pretraining stream that an earlier
+  version made with worker processes (meta "stream_format" before
+  `pipeline.STREAM_FORMAT` 2): its batches held other windows than global
+  batch t of this version's stream, so starting at the step's batch would
+  repeat or skip windows. `written`: the run's config.json."""
+  step = int(meta.get("step", 0))
+  mid_stage = meta.get("stage") == stage.index and step < stage.end_step
+  workers = ((written or {}).get("data") or {}).get("num_workers", 0)
+  if mid_stage and workers and meta.get("stream_format", 1) < pipeline.STREAM_FORMAT:
+    raise ValueError(
+      f"{workdir}: the data position of step {step} (data.num_workers={workers}) was "
+      "saved by an earlier version, which grouped each batch's windows differently; finish "
+      "the run with that version, or start it again in another --workdir."
     )
-  whole = saved is not None and saved[0] == saved[1] and now[0] == now[1] and not workers
-  if saved is not None and list(saved) != list(now) and not whole:
-    raise DataStateMismatchError(
-      f"step {step}'s data position was saved loading {saved[0]} of {saved[1]} rows per batch "
-      f"in each process, and this run loads {now[0]} of {now[1]}"
-    )
-
-
-def host_rows(layout: sharding.BatchLayout) -> list[int]:
-  """[rows one process loads of each batch (the same on every process),
-  batch size], as JSON."""
-  return [int(len(layout.rows)), int(layout.batch_size)]
 
 
 def flatten_config(values: dict, prefix: str = "") -> dict:
@@ -115,31 +99,6 @@ def flatten_config(values: dict, prefix: str = "") -> dict:
     else:
       flat[f"{prefix}{key}"] = value
   return flat
-
-
-def data_state_error(
-  config, workdir: str, error: DataStateMismatchError, written: dict | None
-) -> ValueError:
-  """The one-line error for a checkpoint whose data-iterator state does not
-  fit this run's data loader (`Checkpoints.restore_data`): names the data
-  fields that differ from `written` (<workdir>/config.json, e.g.
-  data.num_workers) and the way out. Nothing was moved or written."""
-  path = paths.join(workdir, CONFIG_FILE)
-  changed = []
-  if written is not None and "data" in written:
-    try:
-      before = flatten_config(DataConfig.of(written).to_dict(), "data.")
-    except (ValueError, TypeError):
-      before = {}  # not a data section this version reads
-    now = flatten_config(DataConfig.from_config(config.data).to_dict(), "data.")
-    changed = [f"{k}: {v!r} in the run, {now[k]!r} now" for k, v in before.items() if now[k] != v]
-  if not changed:
-    return ValueError(f"{error}; resume with the settings of {path}, or start a new --workdir.")
-  return ValueError(
-    f"{workdir} cannot resume with other data-loader settings ({'; '.join(changed)}): its "
-    "checkpoint's data-iterator state does not fit them. Resume with the data settings of "
-    f"{path}, or start the new settings in another --workdir."
-  )
 
 
 def write_config(

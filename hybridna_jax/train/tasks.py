@@ -116,9 +116,6 @@ class Task:
   # implements `layout_iterator`.
   sequence_keys: tuple[str, ...] = ()
   selection: tuple[str, str] = ("bits_per_nt", "min")
-  # Worker processes of the training iterator (their saved state counts
-  # batches per worker: `resume.check_data_position`).
-  data_workers: int = 0
 
   def __init__(self, config):
     self.config = config
@@ -144,10 +141,14 @@ class Task:
   def optimizer(self, total_steps: int):
     return optimizer_lib.make_optimizer(self.config.train, total_steps)
 
-  def layout_iterator(self, stage: Stage, layout: sharding.BatchLayout, seed: int):
-    """A checkpointable iterator of this host's part of the global batches:
-    rows `layout.rows`, and of the `sequence_keys` only `layout.columns`
-    (see `step.device_batch`)."""
+  def layout_iterator(
+    self, stage: Stage, layout: sharding.BatchLayout, seed: int, start_batch: int
+  ):
+    """An iterator of this host's part of the stage's global batches from
+    batch `start_batch` on: rows `layout.rows`, and of the `sequence_keys`
+    only `layout.columns` (see `step.device_batch`). Global batch t must be
+    a pure function of (seed, t), whatever the layout: a resumed run starts
+    the stream at the batch of its step (the loop keeps no iterator state)."""
     raise NotImplementedError
 
   def evaluate(self, fns: step_lib.StepFunctions, params, stage: Stage) -> dict:
@@ -179,7 +180,6 @@ class LMPretraining(Task):
   def __init__(self, config):
     super().__init__(config)
     self.model_cfg = ModelConfig.from_config(config.model)
-    self.data_workers = int(config.data.num_workers)
 
   def init_model(self, rngs):
     return HybriDNA(self.model_cfg, rngs=rngs)
@@ -187,7 +187,7 @@ class LMPretraining(Task):
   def loss(self, model, batch):
     return step_lib.lm_loss(model, batch)
 
-  def layout_iterator(self, stage, layout, seed):
+  def layout_iterator(self, stage, layout, seed, start_batch):
     return pipeline.train_batches(
       self.config.data,
       seq_len=stage.seq_len,
@@ -195,6 +195,7 @@ class LMPretraining(Task):
       seed=seed,
       rows=layout.rows,
       columns=layout.columns,
+      start_batch=start_batch,
     )
 
   def check_data(self, stages, train_cfg):
