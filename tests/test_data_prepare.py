@@ -317,6 +317,29 @@ def test_inputs_copied_without_their_times_are_compared_by_content(tmp_path, cap
   assert "input 1 file (g1.fa): the same size as when the store was prepared" in caplog.text
 
 
+def test_inputs_of_one_name_in_several_directories_are_each_compared(tmp_path):
+  """Record sources and genomes/*/sequence.fasta: files of one name are
+  matched in path order (review: they collapsed into one, so an edit of
+  the other went unnoticed, and a config naming one of them was refused
+  for the wrong reason)."""
+  for d, seq in (("a", "ACGTACGTAA"), ("b", "TTGCATGCAA")):
+    os.makedirs(tmp_path / d)
+    fasta.write_fasta(tmp_path / d / "x.fa", [(f"chr_{d}", seq)])
+  c = _cfg(tmp_path, [tmp_path / "*" / "x.fa"])
+  c.source_from = "record"
+  c.split.val_fraction = 0.0
+  prepare.prepare_store(c)
+  prepare.check_store_matches(c)
+  fasta.write_fasta(tmp_path / "a" / "x.fa", [("chr_a", "ACGTACGTAA" * 2)])
+  with pytest.raises(store_lib.StoreError, match=r"1 file \(x.fa\) changed since"):
+    prepare.check_store_matches(c)
+  c.fasta_globs = (str(tmp_path / "b" / "x.fa"),)
+  with pytest.raises(
+    store_lib.StoreError, match=r"store 2 files \(x.fa, x.fa\), config 1 file \(x.fa\)"
+  ):
+    prepare.check_store_matches(c)
+
+
 def test_training_refuses_a_store_of_other_data_than_its_config_names(tmp_path, caplog):
   """Review: train.py opened data.store_dir without a look at how it was
   prepared, so a run could train and validate on other data than its

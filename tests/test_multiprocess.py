@@ -134,8 +134,8 @@ def test_context_axis_across_processes_matches_one_process_and_resumes(lambda_st
   for step in want:
     np.testing.assert_allclose(got[step], want[step], rtol=1e-5, err_msg=f"step {step}")
 
-  # Resume from the step-2 checkpoint (model, optimizer and both processes'
-  # data-iterator states): steps 3..5 again, as in the uninterrupted run.
+  # Resume from the step-2 checkpoint (model and optimizer; the data stream
+  # restarts at batch 2): steps 3..5 again, as in the uninterrupted run.
   checkpoints = os.path.join(multi, "checkpoints")
   assert sorted(os.listdir(checkpoints)) == ["2", "4", "5"]
   for step in ("4", "5"):

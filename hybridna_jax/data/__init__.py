@@ -8,7 +8,7 @@ Modules:
   prepare   FASTA files -> train/val store (launch/prepare_data.py)
   windows   a split's windows: index, reading, batch dicts
   sampling  which window each training-stream position holds
-  pipeline  Grain training and evaluation batches, checkpointable iterator
+  pipeline  Grain training and evaluation batches; a stream starts at any batch
   tasks     GUE-style CSV task folders
   textfiles numbered lines of plain or compressed text; CSV rows under a header
   config    default_data_config(), mounted as `config.data`

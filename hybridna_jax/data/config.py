@@ -107,9 +107,8 @@ class DataConfig(Section):
 
   # --- Performance -------------------------------------------------------
   # Grain worker processes per host (0: read in the main process); each
-  # reads whole batches, so the batches are the same for any count. A run
-  # resumes only with the count (and batch size) it was saved with: the
-  # saved position counts each worker's batches.
+  # reads whole batches, so the batches are the same for any count, and a
+  # run may resume with another count.
   num_workers: int = 0
   # Grain reader threads per process. 0 is fastest from the page cache (the
   # work is short numpy calls that contend for the GIL; see

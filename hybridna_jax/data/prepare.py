@@ -200,7 +200,7 @@ def _settings(data_cfg) -> dict[str, Any]:
   }
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.cache
 def _sha256(path: str, size: int, mtime_ns: int) -> str:
   del size, mtime_ns  # cache keys: a file rewritten since is read again
   with open(path, "rb") as f:
@@ -209,7 +209,7 @@ def _sha256(path: str, size: int, mtime_ns: int) -> str:
 
 def content_digest(f: InputFile) -> str:
   """The SHA-256 of the file's bytes as stored (compressed, if it is), so
-  `sha256sum` gives the same."""
+  `sha256sum` gives the same; read once per process."""
   return _sha256(f.path, f.size, f.mtime_ns)
 
 
@@ -228,11 +228,14 @@ def compare_inputs(
   """Compares the inputs a store recorded (`fingerprint`) with `files` here.
 
   Files are matched by source and file name wherever they lie (a moved or
-  copied checkout keeps its store). A matched file is unchanged when its
-  size is, and its modification time or else its content (SHA-256) is: a
-  copy that reset the times (cp -r, gsutil cp, a fresh download) is read
-  once to compare it. As make and rsync do, the time and size of an
-  edited file whose time was then put back are trusted.
+  copied checkout keeps its store); files of one name in several
+  directories are matched in the order of their paths. A matched file is
+  unchanged when its size is, and its modification time or else its
+  content (SHA-256) is: a copy that reset the times (cp -r, gsutil cp, a
+  fresh download) is read to compare it (once per process, so every start
+  of a training run reads such files again until the store is prepared
+  anew). As make and rsync do, the time and size of an edited file whose
+  time was then put back are trusted.
 
   Returns:
     (differences, unverified): phrases naming the files added, removed or
@@ -240,21 +243,28 @@ def compare_inputs(
     matches but whose modification time differs, in a store whose
     version recorded no digest to compare their content with.
   """
-  before = {_name(f): f for f in recorded}
-  now = {_name(dataclasses.asdict(f)): f for f in files}
-  if before.keys() != now.keys():
-    stored, named = (_some(sorted(name for _, name in fs)) for fs in (before, now))
+  before: dict[tuple[str, str], list[dict[str, Any]]] = {}
+  for entry in sorted(recorded, key=lambda e: e.get("path", "")):
+    before.setdefault(_name(entry), []).append(entry)
+  now: dict[tuple[str, str], list[InputFile]] = {}
+  for f in sorted(files, key=lambda f: f.path):
+    now.setdefault(_name(dataclasses.asdict(f)), []).append(f)
+  if {k: len(v) for k, v in before.items()} != {k: len(v) for k, v in now.items()}:
+    stored, named = (
+      _some(sorted(name for (_, name), group in by_name.items() for _ in group))
+      for by_name in (before, now)
+    )
     return [f"fasta_globs: store {stored}, config {named}"], []
   changed, unverified = [], []
-  for key, f in sorted(now.items()):
-    saved = before[key]
-    if saved.get("size") != f.size:
-      changed.append(key[1])
-    elif saved.get("mtime_ns") != f.mtime_ns:
-      if "sha256" not in saved:
-        unverified.append(key[1])
-      elif saved["sha256"] != content_digest(f):
+  for key, group in sorted(now.items()):
+    for saved, f in zip(before[key], group):
+      if saved.get("size") != f.size:
         changed.append(key[1])
+      elif saved.get("mtime_ns") != f.mtime_ns:
+        if "sha256" not in saved:
+          unverified.append(key[1])
+        elif saved["sha256"] != content_digest(f):
+          changed.append(key[1])
   if changed:
     return [f"fasta_globs: {_some(changed)} changed since the store was prepared"], []
   return [], unverified

@@ -285,7 +285,7 @@ def run_sampling(
       label combination).
     reference_csv: training CSV for the summary (None: the run's
       generate.train_csv when it exists).
-    overrides: Settings fields (oracle_csv, oracle_dev_csv and test_csv
+    overrides: GenerateConfig fields (oracle_csv, oracle_dev_csv and test_csv
       among them) and num_samples, batch_size, seed (None: keep).
 
   Returns:

@@ -7,8 +7,9 @@ prefix), see `hybridna_jax.generate` and `hybridna_jax.design.sampling`.
 
 `GenerativeFinetuning` is a `train.tasks.Task`: the same jitted train step,
 checkpoints, preemption handling and metrics as pretraining, fed by a
-checkpointable Grain iterator over the labelled examples, optionally
-starting from a pretrained LM (`generate.pretrained`).
+Grain stream over the labelled examples (global batch t a pure function of
+the seed and t, as pretraining's), optionally starting from a pretrained LM
+(`generate.pretrained`).
 """
 
 from __future__ import annotations

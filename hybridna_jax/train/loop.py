@@ -36,7 +36,7 @@ from hybridna_jax.train.metrics import LOSS_PLOT, MetricsLogger, plot_loss_curve
 from hybridna_jax.train.preemption import EvalInterrupted, Preemption, fetch
 from hybridna_jax.train.resume import (
   check_resume_config,
-  check_stream_format,
+  check_stream_position,
   write_config,
   written_config,
 )
@@ -147,8 +147,10 @@ def _train(config, workdir: str, task: Task | None, preemption: Preemption) -> d
     resumed = checkpoints.restore_newest(target) if checkpoints.all_steps() else None
     step = 0 if resumed is None else resumed[0]
     stage = stage_at(stages, step)
-    if resumed is not None and isinstance(task, LMPretraining):
-      check_stream_format(resumed[2], stage, written, workdir)
+    if resumed is not None:
+      lm = isinstance(task, LMPretraining)
+      batch_field = task.stage_fields(stage)[0]
+      check_stream_position(resumed[2], stage, batch_field, written, workdir, lm)
     # The stream restarts at the step's batch (module docstring).
     iterator, layout = make_iterator(stage, step)
   except BaseException:
@@ -192,6 +194,7 @@ def _train(config, workdir: str, task: Task | None, preemption: Preemption) -> d
       meta = {
         "stage": stage.index,
         "seq_len": stage.seq_len,
+        "batch_size": stage.batch_size,
         "last_eval": last_eval,
         "stream_format": pipeline.STREAM_FORMAT,
         "pending_eval": pending_eval,

@@ -73,16 +73,29 @@ def check_resume_config(config, workdir: str) -> None:
     )
 
 
-def check_stream_format(meta: dict, stage: Stage, written: dict | None, workdir: str) -> None:
-  """Refuses to continue, mid-stage, a pretraining stream that an earlier
-  version made with worker processes (meta "stream_format" before
-  `pipeline.STREAM_FORMAT` 2): its batches held other windows than global
-  batch t of this version's stream, so starting at the step's batch would
-  repeat or skip windows. `written`: the run's config.json."""
+def check_stream_position(
+  meta: dict, stage: Stage, batch_field: str, written: dict | None, workdir: str, lm: bool
+) -> None:
+  """Refuses to continue a stage's stream mid-stage where the step's global
+  batch is not where the checkpointed run was: the stage's batch size
+  changed (meta "batch_size"; `batch_field` names it in the config), or
+  (`lm`, pretraining) an earlier version made the stream with worker
+  processes (meta "stream_format" before `pipeline.STREAM_FORMAT` 2, which
+  grouped windows into batches another way). Either would re-read or skip
+  windows. `written`: the run's config.json."""
   step = int(meta.get("step", 0))
-  mid_stage = meta.get("stage") == stage.index and step < stage.end_step
+  if meta.get("stage") != stage.index or step >= stage.end_step:
+    return  # a stage boundary: the next stage starts at its batch 0
+  saved_batch = meta.get("batch_size") or (meta.get("host_rows") or [None, None])[1]
+  if saved_batch is not None and int(saved_batch) != stage.batch_size:
+    raise ValueError(
+      f"{workdir}: step {step} is {step - stage.start_step} batches of {saved_batch} into "
+      f"stage {stage.index}, and this config gives the stage batches of {stage.batch_size} "
+      f"({batch_field}), which would re-read or skip its windows; resume with "
+      f"{saved_batch}, or change the batch size in a new stage."
+    )
   workers = ((written or {}).get("data") or {}).get("num_workers", 0)
-  if mid_stage and workers and meta.get("stream_format", 1) < pipeline.STREAM_FORMAT:
+  if lm and workers and meta.get("stream_format", 1) < pipeline.STREAM_FORMAT:
     raise ValueError(
       f"{workdir}: the data position of step {step} (data.num_workers={workers}) was "
       "saved by an earlier version, which grouped each batch's windows differently; finish "
