@@ -32,6 +32,10 @@ if "HYBRIDNA_TEST_CACHE_DIR" not in os.environ:
 os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["HYBRIDNA_TEST_CACHE_DIR"]
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+# Input digests (data/digests.py) are remembered there too, not in ~/.cache.
+os.environ["HYBRIDNA_DIGEST_CACHE"] = os.path.join(
+  os.environ["HYBRIDNA_TEST_CACHE_DIR"], "input_sha256.json"
+)
 
 import jax  # noqa: E402
 

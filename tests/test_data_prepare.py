@@ -13,7 +13,7 @@ from launch_env import launch_env
 
 from hybridna_jax import tokenizer
 from hybridna_jax.data import config as config_lib
-from hybridna_jax.data import fasta, prepare
+from hybridna_jax.data import digests, fasta, prepare
 from hybridna_jax.data import store as store_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -315,6 +315,44 @@ def test_inputs_copied_without_their_times_are_compared_by_content(tmp_path, cap
   caplog.set_level("WARNING")
   prepare.check_store_matches(c)
   assert "input 1 file (g1.fa): the same size as when the store was prepared" in caplog.text
+
+
+def test_an_edit_with_its_old_time_put_back_is_found_and_digests_are_kept(tmp_path, monkeypatch):
+  """The inode change time, which no tool sets back, shows an edit whose
+  modification time was restored (touch -r; review: trusted). Digests are
+  kept per machine (data/digests.py), so that a copied corpus is read once,
+  not at every training start on every host."""
+  monkeypatch.setenv(digests.CACHE_ENV, str(tmp_path / "digests.json"))
+  _genomes(tmp_path, count=2)
+  g0, g1 = str(tmp_path / "g0.fa"), str(tmp_path / "g1.fa")
+  c = _cfg(tmp_path, [tmp_path / "*.fa"])
+  prepare.prepare_store(c)
+  assert len(json.load(open(tmp_path / "digests.json"))) == 2
+  os.utime(g1, ns=(1, 1))  # a copy that reset the times
+  reads = []
+  real = hashlib.file_digest
+  monkeypatch.setattr(hashlib, "file_digest", lambda f, name: reads.append(f.name) or real(f, name))
+
+  def new_process():
+    digests._known.clear()  # pylint: disable=protected-access
+    digests._loaded.clear()  # pylint: disable=protected-access
+
+  for _ in range(2):
+    new_process()
+    prepare.check_store_matches(c)
+    prepare.check_store_matches(c)
+  assert reads == [g1]  # read once, then known in this process and the next
+  before = os.stat(g0)
+  _edit_keeping_size(g0)
+  os.utime(g0, ns=(before.st_atime_ns, before.st_mtime_ns))
+  assert os.stat(g0).st_mtime_ns == before.st_mtime_ns and os.path.getsize(g0) == before.st_size
+  with pytest.raises(store_lib.StoreError, match=r"1 file \(g0.fa\) changed since"):
+    prepare.check_store_matches(c)
+  # An unwritable cache is warned about; the digests are computed all the same.
+  monkeypatch.setenv(digests.CACHE_ENV, str(tmp_path / "g0.fa" / "digests.json"))
+  new_process()
+  with pytest.raises(store_lib.StoreError, match=r"1 file \(g0.fa\) changed since"):
+    prepare.check_store_matches(c)
 
 
 def test_inputs_of_one_name_in_several_directories_are_each_compared(tmp_path):

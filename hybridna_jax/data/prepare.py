@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import functools
 import glob
 import hashlib
 import os
@@ -24,7 +23,7 @@ from typing import Any
 
 from absl import logging
 
-from hybridna_jax.data import fasta, store_writer
+from hybridna_jax.data import digests, fasta, store_writer
 from hybridna_jax.data import store as store_lib
 from hybridna_jax.data.config import SOURCE_FROM, SplitConfig
 
@@ -37,6 +36,9 @@ class InputFile:
   source: str | None  # None when every record is its own source.
   size: int
   mtime_ns: int
+  # The inode change time: unlike mtime_ns (cp -p, touch -r), no tool sets
+  # it back, so a file with its recorded size and both times is unchanged.
+  ctime_ns: int = 0
 
 
 def source_name(path: str, source_from: str) -> str | None:
@@ -85,7 +87,7 @@ def resolve_inputs(globs: Sequence[str], source_from: str) -> list[InputFile]:
       )
     by_source[source] = p
     st = os.stat(real)
-    files.append(InputFile(real, source, st.st_size, st.st_mtime_ns))
+    files.append(InputFile(real, source, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
   files.sort(key=lambda f: (f.source or "", f.path))
   return files
 
@@ -180,9 +182,10 @@ class SplitRule:
 
 def fingerprint(files: Sequence[InputFile], data_cfg) -> dict[str, Any]:
   """What a store depends on, recorded in its manifest: each input's name,
-  size, modification time and SHA-256 (`content_digest`), and the settings
-  that route records to splits."""
+  size, times and SHA-256 (`content_digest`), and the settings that route
+  records to splits."""
   inputs = [dataclasses.asdict(f) | {"sha256": content_digest(f)} for f in files]
+  digests.save()
   return {"inputs": inputs, **_settings(data_cfg)}
 
 
@@ -200,17 +203,10 @@ def _settings(data_cfg) -> dict[str, Any]:
   }
 
 
-@functools.cache
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-  del size, mtime_ns  # cache keys: a file rewritten since is read again
-  with open(path, "rb") as f:
-    return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def content_digest(f: InputFile) -> str:
   """The SHA-256 of the file's bytes as stored (compressed, if it is), so
-  `sha256sum` gives the same; read once per process."""
-  return _sha256(f.path, f.size, f.mtime_ns)
+  `sha256sum` gives the same; read once per machine (`digests`)."""
+  return digests.sha256(f.path, f.size, f.mtime_ns, f.ctime_ns)
 
 
 def _name(f: dict[str, Any]) -> tuple[str, str]:
@@ -230,12 +226,12 @@ def compare_inputs(
   Files are matched by source and file name wherever they lie (a moved or
   copied checkout keeps its store); files of one name in several
   directories are matched in the order of their paths. A matched file is
-  unchanged when its size is, and its modification time or else its
-  content (SHA-256) is: a copy that reset the times (cp -r, gsutil cp, a
-  fresh download) is read to compare it (once per process, so every start
-  of a training run reads such files again until the store is prepared
-  anew). As make and rsync do, the time and size of an edited file whose
-  time was then put back are trusted.
+  unchanged when its size, modification time and inode change time are
+  the recorded ones, or else when its content (SHA-256) is: a copy (cp -r,
+  gsutil cp, a fresh download) is read once on each machine to compare it
+  (`digests`), and so is a file edited and given its old modification time
+  back (touch -r), which the change time shows. Stores prepared before
+  change times were recorded compare modification times alone.
 
   Returns:
     (differences, unverified): phrases naming the files added, removed or
@@ -258,13 +254,16 @@ def compare_inputs(
   changed, unverified = [], []
   for key, group in sorted(now.items()):
     for saved, f in zip(before[key], group):
+      ctime_ns = saved.get("ctime_ns", f.ctime_ns)  # unrecorded: the modification time alone
       if saved.get("size") != f.size:
         changed.append(key[1])
-      elif saved.get("mtime_ns") != f.mtime_ns:
-        if "sha256" not in saved:
-          unverified.append(key[1])
-        elif saved["sha256"] != content_digest(f):
-          changed.append(key[1])
+      elif saved.get("mtime_ns") == f.mtime_ns and ctime_ns == f.ctime_ns:
+        continue
+      elif "sha256" not in saved:
+        unverified.append(key[1])
+      elif saved["sha256"] != content_digest(f):
+        changed.append(key[1])
+  digests.save()
   if changed:
     return [f"fasta_globs: {_some(changed)} changed since the store was prepared"], []
   return [], unverified
