@@ -368,6 +368,9 @@ def test_inputs_of_one_name_in_several_directories_are_each_compared(tmp_path):
   c.split.val_fraction = 0.0
   prepare.prepare_store(c)
   prepare.check_store_matches(c)
+  os.rename(tmp_path / "a", tmp_path / "z")  # now after b/: compared as a set, not in path order
+  prepare.check_store_matches(c)
+  os.rename(tmp_path / "z", tmp_path / "a")
   fasta.write_fasta(tmp_path / "a" / "x.fa", [("chr_a", "ACGTACGTAA" * 2)])
   with pytest.raises(store_lib.StoreError, match=r"1 file \(x.fa\) changed since"):
     prepare.check_store_matches(c)

@@ -381,24 +381,28 @@ def test_config_and_machine_failures_on_resume_move_nothing(base_run, tmp_path, 
   assert not os.path.exists(ckpt_dir + ".damaged")
 
 
-def test_a_batch_size_changed_mid_stage_is_refused(base_run, tmp_path):
+def test_a_stage_changed_mid_stage_is_refused(base_run, tmp_path):
   """The stream restarts at the step's global batch, which holds other
-  windows under another batch size (review: re-read windows silently)."""
+  windows under another batch size or stage start (review: re-read windows
+  silently)."""
   cfg, base = base_run
   workdir = str(tmp_path / "run")
   shutil.copytree(base, workdir)
   cfg = cfg.copy_and_resolve_references()
   cfg.train.stages = ((32, 6, 2),)  # step 4 is mid-stage, 4 rows a batch before
-  with pytest.raises(
-    ValueError, match=r"step 4 is 4 batches of 4 into stage 0, .* of 2 \(config.train.stages\[0\]\)"
-  ):
+  was = r"step 4 was in stage 0 from step 0, in batches of 4; this config puts it in stage "
+  with pytest.raises(ValueError, match=was + r"0 from step 0, in batches of 2 \(config.train"):
     loop.train(cfg, workdir)
+  cfg.train.stages = ((32, 1, 4), (32, 5, 4))  # the stage moved: its batch 3 is not batch 4
+  with pytest.raises(ValueError, match=was + "1 from step 1, in batches of 4"):
+    loop.train(cfg, workdir)
+  cfg.train.stages = ((32, 6, 2),)
   # An earlier version's meta recorded the batch in host_rows.
   meta_file = os.path.join(workdir, CHECKPOINT_DIR, "4", "meta", "metadata")
   meta = json.load(open(meta_file))
   del meta["batch_size"]
   json.dump({**meta, "host_rows": [4, 4]}, open(meta_file, "w"))
-  with pytest.raises(ValueError, match=r"step 4 is 4 batches of 4 into stage 0"):
+  with pytest.raises(ValueError, match=was):
     loop.train(cfg, workdir)
   assert sorted(os.listdir(os.path.join(workdir, CHECKPOINT_DIR))) == ["2", "4"]
   cfg.train.stages = ((32, 4, 4), (32, 2, 2))  # a new stage from step 4: any batch

@@ -4,12 +4,17 @@ A token store records the digest of each FASTA file it was prepared from
 (`prepare.fingerprint`), and a file whose times differ from the recorded
 ones is compared by content (`prepare.compare_inputs`). Reading a genome
 corpus at every training start would cost minutes per host, so digests are
-kept in a JSON file keyed by (path, size, modification time, inode change
-time): no rewrite of the file keeps all four, so a remembered digest is the
-file's. The file is $HYBRIDNA_DIGEST_CACHE, by default
+kept in a JSON file keyed by (path, device, inode, size, modification time,
+inode change time): where the file system keeps a real change time, no
+rewrite keeps them all, so a remembered digest is the file's. Where it
+does not (squashfs images, some FUSE mounts report the modification time),
+an edit whose modification time was put back goes unseen, as it does by
+times alone; set $HYBRIDNA_DIGEST_CACHE to "" there. The cache is
+$HYBRIDNA_DIGEST_CACHE, by default
 $XDG_CACHE_HOME/hybridna_jax/input_sha256.json (~/.cache/...); an empty
-$HYBRIDNA_DIGEST_CACHE keeps digests for the process only. A cache that
-cannot be read or written is ignored (the digests are computed).
+value keeps digests for the process only. A cache that cannot be read or
+written is ignored (the digests are computed); processes saving at once
+may drop each other's new entries (computed again later).
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import stat
 import tempfile
 
 from absl import logging
@@ -33,34 +40,44 @@ def cache_path() -> str | None:
   """The cache file (None: the process only)."""
   path = os.environ.get(CACHE_ENV)
   if path is None:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    home = os.path.expanduser("~")
+    if not os.environ.get("XDG_CACHE_HOME") and home == "~":
+      return None  # no home directory: not a folder named "~" here
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache")
     path = os.path.join(base, "hybridna_jax", "input_sha256.json")
   return path or None
 
 
-def _key(path: str, size: int, mtime_ns: int, ctime_ns: int) -> str:
-  return f"{size}:{mtime_ns}:{ctime_ns}:{path}"
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 def _read(cache: str) -> dict[str, str]:
+  """The cache's well-formed entries ({} when absent, unreadable or not a
+  regular file: a FIFO would block)."""
   try:
+    if not stat.S_ISREG(os.stat(cache).st_mode):
+      return {}
     with open(cache, encoding="utf-8") as f:
       entries = json.load(f)
-    return entries if isinstance(entries, dict) else {}
   except (OSError, ValueError):
     return {}
+  if not isinstance(entries, dict):
+    return {}
+  return {k: v for k, v in entries.items() if isinstance(v, str) and _DIGEST.fullmatch(v)}
 
 
-def sha256(path: str, size: int, mtime_ns: int, ctime_ns: int) -> str:
+def sha256(path: str, size: int, mtime_ns: int, ctime_ns: int, *, fresh: bool = False) -> str:
   """The hex SHA-256 of the file's bytes (as `sha256sum` gives it), from
-  the cache when its (size, mtime_ns, ctime_ns) were seen before. Call
-  `save` after a batch of calls to keep the new ones."""
+  the cache when the file was seen with these times before, unless `fresh`
+  (read it, as for a digest a store records). Call `save` after a batch of
+  calls to keep the new ones."""
   cache = cache_path()
   if cache is not None and cache not in _loaded:
     _known.update(_read(cache))
     _loaded.add(cache)
-  key = _key(path, size, mtime_ns, ctime_ns)
-  if key not in _known:
+  st = os.stat(path)
+  key = f"{size}:{mtime_ns}:{ctime_ns}:{st.st_dev}:{st.st_ino}:{path}"
+  if fresh or key not in _known:
     with open(path, "rb") as f:
       _known[key] = _unsaved[key] = hashlib.file_digest(f, "sha256").hexdigest()
   return _known[key]

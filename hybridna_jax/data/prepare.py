@@ -12,6 +12,7 @@ Running it again with the same inputs and split re-uses the existing store.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import fnmatch
 import glob
@@ -184,7 +185,7 @@ def fingerprint(files: Sequence[InputFile], data_cfg) -> dict[str, Any]:
   """What a store depends on, recorded in its manifest: each input's name,
   size, times and SHA-256 (`content_digest`), and the settings that route
   records to splits."""
-  inputs = [dataclasses.asdict(f) | {"sha256": content_digest(f)} for f in files]
+  inputs = [dataclasses.asdict(f) | {"sha256": content_digest(f, fresh=True)} for f in files]
   digests.save()
   return {"inputs": inputs, **_settings(data_cfg)}
 
@@ -203,10 +204,11 @@ def _settings(data_cfg) -> dict[str, Any]:
   }
 
 
-def content_digest(f: InputFile) -> str:
+def content_digest(f: InputFile, *, fresh: bool = False) -> str:
   """The SHA-256 of the file's bytes as stored (compressed, if it is), so
-  `sha256sum` gives the same; read once per machine (`digests`)."""
-  return digests.sha256(f.path, f.size, f.mtime_ns, f.ctime_ns)
+  `sha256sum` gives the same; read once per machine (`digests`), or now
+  when `fresh`."""
+  return digests.sha256(f.path, f.size, f.mtime_ns, f.ctime_ns, fresh=fresh)
 
 
 def _name(f: dict[str, Any]) -> tuple[str, str]:
@@ -224,27 +226,28 @@ def compare_inputs(
   """Compares the inputs a store recorded (`fingerprint`) with `files` here.
 
   Files are matched by source and file name wherever they lie (a moved or
-  copied checkout keeps its store); files of one name in several
-  directories are matched in the order of their paths. A matched file is
-  unchanged when its size, modification time and inode change time are
-  the recorded ones, or else when its content (SHA-256) is: a copy (cp -r,
-  gsutil cp, a fresh download) is read once on each machine to compare it
-  (`digests`), and so is a file edited and given its old modification time
-  back (touch -r), which the change time shows. Stores prepared before
-  change times were recorded compare modification times alone.
+  copied checkout keeps its store). A file is unchanged when its size,
+  modification time and inode change time are the recorded ones of a file
+  of its name, or else when its content (SHA-256) is: a copy (cp -r,
+  gsutil cp, rsync -a, a fresh download), a chmod or a hard link is read
+  once on each machine to compare it (`digests`), and so is a file edited
+  and given its old modification time back (touch -r), which the change
+  time shows. Files of one name in several directories are compared as a
+  set. Stores prepared before change times were recorded compare
+  modification times alone.
 
   Returns:
     (differences, unverified): phrases naming the files added, removed or
     changed (empty when the inputs are the same); the files whose size
-    matches but whose modification time differs, in a store whose
-    version recorded no digest to compare their content with.
+    matches but whose times differ, in a store whose version recorded no
+    digest to compare their content with.
   """
   before: dict[tuple[str, str], list[dict[str, Any]]] = {}
-  for entry in sorted(recorded, key=lambda e: e.get("path", "")):
+  for entry in recorded:
     before.setdefault(_name(entry), []).append(entry)
   now: dict[tuple[str, str], list[InputFile]] = {}
-  for f in sorted(files, key=lambda f: f.path):
-    now.setdefault(_name(dataclasses.asdict(f)), []).append(f)
+  for f in files:
+    now.setdefault((f.source or "", os.path.basename(f.path)), []).append(f)
   if {k: len(v) for k, v in before.items()} != {k: len(v) for k, v in now.items()}:
     stored, named = (
       _some(sorted(name for (_, name), group in by_name.items() for _ in group))
@@ -253,20 +256,46 @@ def compare_inputs(
     return [f"fasta_globs: store {stored}, config {named}"], []
   changed, unverified = [], []
   for key, group in sorted(now.items()):
-    for saved, f in zip(before[key], group):
-      ctime_ns = saved.get("ctime_ns", f.ctime_ns)  # unrecorded: the modification time alone
-      if saved.get("size") != f.size:
-        changed.append(key[1])
-      elif saved.get("mtime_ns") == f.mtime_ns and ctime_ns == f.ctime_ns:
-        continue
-      elif "sha256" not in saved:
-        unverified.append(key[1])
-      elif saved["sha256"] != content_digest(f):
-        changed.append(key[1])
+    pending, retimed = list(before[key]), []
+    for f in group:  # first the files with their recorded size and times
+      same = next((s for s in pending if _same_stat(s, f)), None)
+      if same is None:
+        retimed.append(f)
+      else:
+        pending.remove(same)
+    if not retimed:
+      continue
+    # The rest, as multisets: by size, then by content where recorded.
+    lost = _count_missing([s.get("size") for s in pending], [f.size for f in retimed])
+    if not lost and all("sha256" in s for s in pending):
+      lost = _count_missing(
+        [(s["size"], s["sha256"]) for s in pending],
+        [(f.size, content_digest(f)) for f in retimed],
+      )
+    elif not lost:
+      unverified += [key[1]] * len(retimed)
+    changed += [key[1]] * lost
   digests.save()
   if changed:
     return [f"fasta_globs: {_some(changed)} changed since the store was prepared"], []
   return [], unverified
+
+
+def _same_stat(saved: dict[str, Any], f: InputFile) -> bool:
+  """Whether `f` has the recorded size and times (the change time only
+  where recorded)."""
+  return (
+    saved.get("size") == f.size
+    and saved.get("mtime_ns") == f.mtime_ns
+    and saved.get("ctime_ns", f.ctime_ns) == f.ctime_ns
+  )
+
+
+def _count_missing(recorded: list, now: list) -> int:
+  """How many of `recorded` have no counterpart in `now` (multisets)."""
+  left = collections.Counter(recorded)
+  left.subtract(collections.Counter(now))
+  return sum(n for n in left.values() if n > 0)
 
 
 def store_differences(

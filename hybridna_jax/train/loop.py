@@ -195,6 +195,7 @@ def _train(config, workdir: str, task: Task | None, preemption: Preemption) -> d
         "stage": stage.index,
         "seq_len": stage.seq_len,
         "batch_size": stage.batch_size,
+        "stage_start": stage.start_step,
         "last_eval": last_eval,
         "stream_format": pipeline.STREAM_FORMAT,
         "pending_eval": pending_eval,

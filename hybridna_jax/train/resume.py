@@ -77,22 +77,25 @@ def check_stream_position(
   meta: dict, stage: Stage, batch_field: str, written: dict | None, workdir: str, lm: bool
 ) -> None:
   """Refuses to continue a stage's stream mid-stage where the step's global
-  batch is not where the checkpointed run was: the stage's batch size
-  changed (meta "batch_size"; `batch_field` names it in the config), or
-  (`lm`, pretraining) an earlier version made the stream with worker
-  processes (meta "stream_format" before `pipeline.STREAM_FORMAT` 2, which
-  grouped windows into batches another way). Either would re-read or skip
-  windows. `written`: the run's config.json."""
+  batch is not where the checkpointed run was: the stage's batch size or
+  first step changed (meta "batch_size" and "stage_start"; `batch_field`
+  names the batch in the config), or (`lm`, pretraining) an earlier version
+  made the stream with worker processes (meta "stream_format" before
+  `pipeline.STREAM_FORMAT` 2, which grouped windows into batches another
+  way). Either would re-read or skip windows. `written`: the run's
+  config.json."""
   step = int(meta.get("step", 0))
-  if meta.get("stage") != stage.index or step >= stage.end_step:
-    return  # a stage boundary: the next stage starts at its batch 0
+  if step == stage.start_step or step >= stage.end_step:
+    return  # a stage starts here: its stream from batch 0
   saved_batch = meta.get("batch_size") or (meta.get("host_rows") or [None, None])[1]
-  if saved_batch is not None and int(saved_batch) != stage.batch_size:
+  saved = (meta.get("stage"), meta.get("stage_start", stage.start_step), saved_batch)
+  if saved != (stage.index, stage.start_step, saved_batch and stage.batch_size):
+    was = f"stage {saved[0]} from step {saved[1]}, in batches of {saved_batch or '?'}"
     raise ValueError(
-      f"{workdir}: step {step} is {step - stage.start_step} batches of {saved_batch} into "
-      f"stage {stage.index}, and this config gives the stage batches of {stage.batch_size} "
-      f"({batch_field}), which would re-read or skip its windows; resume with "
-      f"{saved_batch}, or change the batch size in a new stage."
+      f"{workdir}: step {step} was in {was}; this config puts it in stage {stage.index} from "
+      f"step {stage.start_step}, in batches of {stage.batch_size} ({batch_field}), whose stream "
+      "would re-read or skip windows. Resume with the stages as they were, change them from "
+      "the end of the step's stage on, or start the new schedule in another --workdir."
     )
   workers = ((written or {}).get("data") or {}).get("num_workers", 0)
   if lm and workers and meta.get("stream_format", 1) < pipeline.STREAM_FORMAT:
