@@ -49,10 +49,11 @@ def _train_command(store_dir: str, workdir: str, extra=(), stages="((32, 3, 8),)
   ]
 
 
-def _run_one(argv: list[str]) -> None:
-  """Runs `argv` as the one process of a job on 4 devices."""
+def _run_one(argv: list[str]) -> str:
+  """Runs `argv` as the one process of a job on 4 devices; returns its output."""
   done = subprocess.run(argv, env=launch_env(4), capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  return done.stdout + done.stderr
 
 
 def _run_two(command, timeout=600) -> list[str]:
@@ -147,6 +148,16 @@ def test_context_axis_across_processes_matches_one_process_and_resumes(lambda_st
   assert sorted(resumed) == [3, 4, 5]
   for step in resumed:
     np.testing.assert_allclose(resumed[step], want[step], rtol=1e-5, err_msg=f"step {step}")
+  # The 2-process run resumed by one process (a job back on a smaller
+  # slice; refused while checkpoints held each process's iterator state).
+  for step in ("4", "5"):
+    shutil.rmtree(os.path.join(checkpoints, step))
+  os.remove(os.path.join(multi, "metrics.jsonl"))
+  assert "resumed from step 2" in _run_one(command(multi)([]))
+  alone = _losses(multi)
+  assert sorted(alone) == [3, 4, 5]
+  for step in alone:
+    np.testing.assert_allclose(alone[step], want[step], rtol=1e-5, err_msg=f"step {step}")
 
 
 @pytest.mark.slow
