@@ -2,6 +2,7 @@
 
 import bz2
 import gzip
+import hashlib
 import lzma
 import os
 import random
@@ -63,6 +64,14 @@ def test_compressed_inputs(tmp_path, compress):
     path.write_bytes(b"".join(gzip.compress(data[a:b]) for a, b in zip(cuts[:-1], cuts[1:])))
   assert fasta.detect_compression(path) == ("gzip" if compress == "bgzip" else compress)
   _check(path, _expected(records), block_size=777)
+  # The digest of the bytes as stored comes from the same read (prepare.py
+  # records it), once the file was read to its end.
+  reader = fasta.FastaReader(path, block_size=777, digest=True)
+  items = iter(reader)
+  next(items)
+  assert reader.sha256 is None
+  list(items)
+  assert reader.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_bgzf_cut_between_blocks_is_warned_of(tmp_path, caplog):

@@ -13,7 +13,7 @@ from launch_env import launch_env
 
 from hybridna_jax import tokenizer
 from hybridna_jax.data import config as config_lib
-from hybridna_jax.data import digests, fasta, prepare
+from hybridna_jax.data import digests, fasta, prepare, store_writer
 from hybridna_jax.data import store as store_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -353,6 +353,30 @@ def test_an_edit_with_its_old_time_put_back_is_found_and_digests_are_kept(tmp_pa
   new_process()
   with pytest.raises(store_lib.StoreError, match=r"1 file \(g0.fa\) changed since"):
     prepare.check_store_matches(c)
+
+
+def test_preparation_reads_each_input_once_and_refuses_one_that_changes(tmp_path, monkeypatch):
+  """The digest a store records comes from the read that tokenizes the file
+  (review: a second, separate read), and a file rewritten during that read
+  is refused, not recorded half old and half new."""
+  _genomes(tmp_path, count=2)
+  c = _cfg(tmp_path, [tmp_path / "*.fa"])
+  monkeypatch.setattr(hashlib, "file_digest", lambda *a: pytest.fail("read again to hash"))
+  store = prepare.prepare_store(c)
+  for f in store.manifest["metadata"]["fingerprint"]["inputs"]:
+    with open(f["path"], "rb") as fh:
+      assert f["sha256"] == hashlib.sha256(fh.read()).hexdigest()
+  real = store_writer.TokenStoreWriter.append
+
+  def append_while_rewritten(self, tokens):
+    os.utime(tmp_path / "g1.fa")  # another writer touches the input meanwhile
+    return real(self, tokens)
+
+  monkeypatch.setattr(store_writer.TokenStoreWriter, "append", append_while_rewritten)
+  c.overwrite_store = True
+  with pytest.raises(ValueError, match=r"g0.fa changed while it was being prepared|g1.fa changed"):
+    prepare.prepare_store(c)
+  assert store_lib.read_manifest(c.store_dir)["created"] == store.manifest["created"]  # kept
 
 
 def test_inputs_of_one_name_in_several_directories_are_each_compared(tmp_path):

@@ -66,21 +66,36 @@ def _read(cache: str) -> dict[str, str]:
   return {k: v for k, v in entries.items() if isinstance(v, str) and _DIGEST.fullmatch(v)}
 
 
-def sha256(path: str, size: int, mtime_ns: int, ctime_ns: int, *, fresh: bool = False) -> str:
+def sha256(path: str, size: int, mtime_ns: int, ctime_ns: int) -> str:
   """The hex SHA-256 of the file's bytes (as `sha256sum` gives it), from
-  the cache when the file was seen with these times before, unless `fresh`
-  (read it, as for a digest a store records). Call `save` after a batch of
-  calls to keep the new ones."""
+  the cache when the file was seen with these times before. Call `save`
+  after a batch of calls to keep the new ones."""
+  _load()
+  key = _key(path, size, mtime_ns, ctime_ns)
+  if key not in _known:
+    with open(path, "rb") as f:
+      _known[key] = _unsaved[key] = hashlib.file_digest(f, "sha256").hexdigest()
+  return _known[key]
+
+
+def remember(path: str, size: int, mtime_ns: int, ctime_ns: int, digest: str) -> None:
+  """Keeps a digest computed elsewhere (while the file was parsed) for
+  `sha256`; `save` writes it."""
+  _load()
+  key = _key(path, size, mtime_ns, ctime_ns)
+  _known[key] = _unsaved[key] = digest
+
+
+def _load() -> None:
   cache = cache_path()
   if cache is not None and cache not in _loaded:
     _known.update(_read(cache))
     _loaded.add(cache)
+
+
+def _key(path: str, size: int, mtime_ns: int, ctime_ns: int) -> str:
   st = os.stat(path)
-  key = f"{size}:{mtime_ns}:{ctime_ns}:{st.st_dev}:{st.st_ino}:{path}"
-  if fresh or key not in _known:
-    with open(path, "rb") as f:
-      _known[key] = _unsaved[key] = hashlib.file_digest(f, "sha256").hexdigest()
-  return _known[key]
+  return f"{size}:{mtime_ns}:{ctime_ns}:{st.st_dev}:{st.st_ino}:{path}"
 
 
 def save() -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import bz2
 import dataclasses
 import gzip
+import hashlib
 import io
 import lzma
 import os
@@ -149,8 +150,44 @@ def has_bgzf_eof(path: str | os.PathLike) -> bool:
     return f.read() == BGZF_EOF
 
 
-def open_decompressed(path: str | os.PathLike) -> tuple[BinaryIO, BinaryIO, str]:
-  """Opens `path` for reading its decompressed bytes.
+class _HashedFile:
+  """A binary file whose bytes, as they are read, also go to `hasher`."""
+
+  def __init__(self, f: BinaryIO, hasher):
+    self._f, self.hasher = f, hasher
+
+  def read(self, size: int = -1) -> bytes:
+    data = self._f.read(size)
+    self.hasher.update(data)
+    return data
+
+  def readinto(self, buffer) -> int:
+    n = self._f.readinto(buffer)
+    self.hasher.update(memoryview(buffer)[:n])
+    return n
+
+  def readable(self) -> bool:
+    return True
+
+  def seekable(self) -> bool:
+    return False
+
+  def tell(self) -> int:
+    return self._f.tell()
+
+  def close(self) -> None:
+    self._f.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def open_decompressed(path: str | os.PathLike, hasher=None) -> tuple[BinaryIO, BinaryIO, str]:
+  """Opens `path` for reading its decompressed bytes; with `hasher` (a
+  hashlib object), the file's bytes as stored also go to it as they are read.
 
   Returns:
     (stream, raw, kind): the decompressed stream, the underlying raw file
@@ -173,6 +210,8 @@ def open_decompressed(path: str | os.PathLike) -> tuple[BinaryIO, BinaryIO, str]
       path,
     )
   raw = open(path, "rb")  # pylint: disable=consider-using-with
+  if hasher is not None:
+    raw = _HashedFile(raw, hasher)
   if kind == "gzip":
     stream = gzip.GzipFile(fileobj=raw, mode="rb")
   elif kind == "xz":
@@ -191,6 +230,9 @@ class FastaReader:
     bytes_in: compressed bytes consumed so far.
     bytes_out: decompressed bytes consumed so far.
     line: number of complete lines consumed so far.
+    sha256: with digest=True, the hex SHA-256 of the file's bytes as stored
+      (as `sha256sum` gives it) once the file was read to its end (None
+      before), computed from the same read.
   """
 
   def __init__(
@@ -199,6 +241,7 @@ class FastaReader:
     *,
     block_size: int = DEFAULT_BLOCK_SIZE,
     allow_empty_records: bool = False,
+    digest: bool = False,
   ):
     if block_size < 1:
       raise ValueError(f"block_size must be positive, got {block_size}.")
@@ -208,11 +251,18 @@ class FastaReader:
     self.bytes_in = 0
     self.bytes_out = 0
     self.line = 0
+    self.digest = digest
+    self.sha256: str | None = None
 
   def __iter__(self) -> Iterator[FastaHeader | np.ndarray]:
-    stream, raw, kind = open_decompressed(self.path)
+    hasher = hashlib.sha256() if self.digest else None
+    stream, raw, kind = open_decompressed(self.path, hasher)
     with stream, raw:
       yield from self._parse(stream, raw, kind)
+      if hasher is not None:
+        while raw.read(1 << 20):  # bytes past the decompressor's end, if any
+          pass
+        self.sha256 = hasher.hexdigest()
 
   def _read(self, stream: BinaryIO, raw: BinaryIO, kind: str) -> bytes:
     try:

@@ -181,12 +181,11 @@ class SplitRule:
         )
 
 
-def fingerprint(files: Sequence[InputFile], data_cfg) -> dict[str, Any]:
+def fingerprint(files: Sequence[InputFile], sha256s: Sequence[str], data_cfg) -> dict[str, Any]:
   """What a store depends on, recorded in its manifest: each input's name,
-  size, times and SHA-256 (`content_digest`), and the settings that route
-  records to splits."""
-  inputs = [dataclasses.asdict(f) | {"sha256": content_digest(f, fresh=True)} for f in files]
-  digests.save()
+  size, times and SHA-256 (read while it was prepared), and the settings
+  that route records to splits."""
+  inputs = [dataclasses.asdict(f) | {"sha256": d} for f, d in zip(files, sha256s, strict=True)]
   return {"inputs": inputs, **_settings(data_cfg)}
 
 
@@ -204,11 +203,10 @@ def _settings(data_cfg) -> dict[str, Any]:
   }
 
 
-def content_digest(f: InputFile, *, fresh: bool = False) -> str:
+def content_digest(f: InputFile) -> str:
   """The SHA-256 of the file's bytes as stored (compressed, if it is), so
-  `sha256sum` gives the same; read once per machine (`digests`), or now
-  when `fresh`."""
-  return digests.sha256(f.path, f.size, f.mtime_ns, f.ctime_ns, fresh=fresh)
+  `sha256sum` gives the same; read once per machine (`digests`)."""
+  return digests.sha256(f.path, f.size, f.mtime_ns, f.ctime_ns)
 
 
 def _name(f: dict[str, Any]) -> tuple[str, str]:
@@ -361,6 +359,17 @@ def check_store_matches(data_cfg) -> None:
     )
 
 
+def _check_unchanged(f: InputFile) -> None:
+  """Raises ValueError when `f` was rewritten since it was listed (while it
+  was read): the store would hold a mix of its versions."""
+  st = os.stat(f.path)
+  if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (f.size, f.mtime_ns, f.ctime_ns):
+    raise ValueError(
+      f"{f.path} changed while it was being prepared; prepare the store again once it is "
+      "complete (nothing was kept)."
+    )
+
+
 class _Progress:
   """Logs bytes, records and throughput every `every` seconds."""
 
@@ -462,10 +471,6 @@ def prepare_store(data_cfg, *, log: Callable[..., None] = logging.info) -> store
         f"({'; '.join(differences)}); delete it, choose another data.store_dir, or set "
         "data.overwrite_store=True."
       )
-  started = time.monotonic()
-  fp = fingerprint(files, data_cfg)  # reads every input once for its digest
-  if time.monotonic() - started > 2.0:
-    log("Hashed the inputs (SHA-256) in %.0fs.", time.monotonic() - started)
   sources = None if data_cfg.source_from == "record" else sorted({f.source for f in files})
   rule = SplitRule(data_cfg.split, sources)
   log(
@@ -477,12 +482,14 @@ def prepare_store(data_cfg, *, log: Callable[..., None] = logging.info) -> store
   )
   progress = _Progress(files, float(data_cfg.progress_seconds), log)
   seen: dict[tuple[str, str], tuple[str, int]] = {}
+  sha256s = []  # of the bytes parsed, from the same read
   with store_writer.open_writer(data_cfg.store_dir, overwrite=overwrite) as writer:
     for i, f in enumerate(files):
       reader = fasta.FastaReader(
         f.path,
         block_size=int(data_cfg.prepare_block_bytes),
         allow_empty_records=bool(data_cfg.allow_empty_records),
+        digest=True,
       )
       for item in reader:
         if isinstance(item, fasta.FastaHeader):
@@ -503,6 +510,10 @@ def prepare_store(data_cfg, *, log: Callable[..., None] = logging.info) -> store
           writer.append(item)
           progress.update(i, reader, writer)
       progress.done_bytes += f.size
+      _check_unchanged(f)
+      sha256s.append(reader.sha256)
+      digests.remember(f.path, f.size, f.mtime_ns, f.ctime_ns, reader.sha256)
+    digests.save()
     rule.check_all_matched()
     counts = writer.split_counts()
     if TRAIN not in counts:
@@ -514,7 +525,7 @@ def prepare_store(data_cfg, *, log: Callable[..., None] = logging.info) -> store
         "name data.split.val_sources or val_records instead."
       )
     progress.update(len(files) - 1, None, writer, force=True)
-    result = writer.commit(metadata={"fingerprint": fp})
+    result = writer.commit(metadata={"fingerprint": fingerprint(files, sha256s, data_cfg)})
   for split in result.splits:
     s = result[split]
     per_source = s.info["per_source"]
