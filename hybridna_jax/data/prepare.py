@@ -366,7 +366,7 @@ def _check_unchanged(f: InputFile) -> None:
   if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (f.size, f.mtime_ns, f.ctime_ns):
     raise ValueError(
       f"{f.path} changed while it was being prepared; prepare the store again once it is "
-      "complete (nothing was kept)."
+      "complete (the store was left as it was)."
     )
 
 
