@@ -40,10 +40,12 @@ def cache_path() -> str | None:
   """The cache file (None: the process only)."""
   path = os.environ.get(CACHE_ENV)
   if path is None:
-    home = os.path.expanduser("~")
-    if not os.environ.get("XDG_CACHE_HOME") and home == "~":
-      return None  # no home directory: not a folder named "~" here
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache")
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+      home = os.path.expanduser("~")
+      if home == "~":
+        return None  # no home directory: not a folder named "~" here
+      base = os.path.join(home, ".cache")
     path = os.path.join(base, "hybridna_jax", "input_sha256.json")
   return path or None
 

@@ -151,7 +151,8 @@ def has_bgzf_eof(path: str | os.PathLike) -> bool:
 
 
 class _HashedFile:
-  """A binary file whose bytes, as they are read, also go to `hasher`."""
+  """A binary file whose bytes, as they are read, also go to `hasher` (the
+  read/tell/close that gzip, lzma, bz2 and FastaReader use of a raw file)."""
 
   def __init__(self, f: BinaryIO, hasher):
     self._f, self.hasher = f, hasher
@@ -160,17 +161,6 @@ class _HashedFile:
     data = self._f.read(size)
     self.hasher.update(data)
     return data
-
-  def readinto(self, buffer) -> int:
-    n = self._f.readinto(buffer)
-    self.hasher.update(memoryview(buffer)[:n])
-    return n
-
-  def readable(self) -> bool:
-    return True
-
-  def seekable(self) -> bool:
-    return False
 
   def tell(self) -> int:
     return self._f.tell()

@@ -209,8 +209,9 @@ def content_digest(f: InputFile) -> str:
   return digests.sha256(f.path, f.size, f.mtime_ns, f.ctime_ns)
 
 
-def _name(f: dict[str, Any]) -> tuple[str, str]:
-  return f.get("source") or "", os.path.basename(f.get("path", ""))
+def _name(source: str | None, path: str) -> tuple[str, str]:
+  """How an input is matched wherever it lies: (source, file name)."""
+  return source or "", os.path.basename(path)
 
 
 def _some(names: Sequence[str]) -> str:
@@ -242,10 +243,10 @@ def compare_inputs(
   """
   before: dict[tuple[str, str], list[dict[str, Any]]] = {}
   for entry in recorded:
-    before.setdefault(_name(entry), []).append(entry)
+    before.setdefault(_name(entry.get("source"), entry.get("path", "")), []).append(entry)
   now: dict[tuple[str, str], list[InputFile]] = {}
   for f in files:
-    now.setdefault((f.source or "", os.path.basename(f.path)), []).append(f)
+    now.setdefault(_name(f.source, f.path), []).append(f)
   if {k: len(v) for k, v in before.items()} != {k: len(v) for k, v in now.items()}:
     stored, named = (
       _some(sorted(name for (_, name), group in by_name.items() for _ in group))
