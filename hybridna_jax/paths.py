@@ -14,6 +14,10 @@ s3:// is refused for run directories: Orbax 0.12.8 builds tensorstore's
 s3://... would land in a local directory called s3:. (Token stores on s3://
 are fine: they go through tensorstore's own s3 driver, `data.store`.)
 
+Inputs read as bytes (FASTA files for a token store) may be local paths,
+file:// or gs:// URLs too: `open_binary`, and `object_filesystem` for
+listings with each object's generation.
+
 What cannot write to object storage itself (matplotlib, tensorboardX,
 pysam) writes into a local staging directory that `staged` copies to the
 URL when it closes.
@@ -30,8 +34,10 @@ import tempfile
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from typing import BinaryIO
 
 from etils import epath
+from etils.epath import backend as epath_backend
 
 _RUN_SCHEMES = ("gs",)
 
@@ -115,6 +121,28 @@ def checkpoint_path(path: str | os.PathLike, flag: str = "--workdir") -> epath.P
       "there could not be restored; choose a path without brackets."
     )
   return run_path(path, flag)
+
+
+def object_filesystem(url: str):
+  """The fsspec file system etils.epath reaches `url` (gs://...) through
+  (gcsfs): for listings with object metadata, which epath's stat leaves out.
+
+  Raises:
+    ImportError: the scheme's fsspec package (gcsfs) is not installed.
+  """
+  return epath_backend.fsspec_backend.fs(url)
+
+
+def open_binary(path: str | os.PathLike) -> BinaryIO:
+  """Opens a local path, a file:// URL or an object (gs://...) to read its
+  bytes as stored."""
+  path = os.fspath(path)
+  kind = scheme(path)
+  if kind is None:
+    return open(path, "rb")  # pylint: disable=consider-using-with
+  if kind == "file":
+    return open(local_file_path(path), "rb")  # pylint: disable=consider-using-with
+  return object_filesystem(path).open(path, "rb")
 
 
 def is_remote(path: str | os.PathLike) -> bool:

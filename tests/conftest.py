@@ -45,6 +45,7 @@ jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
+import fake_gcs  # noqa: E402
 import pytest  # noqa: E402
 
 from hybridna_jax import tokenizer  # noqa: E402
@@ -136,3 +137,20 @@ def lowers_for_cuda_here(monkeypatch):
   if hasattr(registration, "gpu_info_lib"):
     h100 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
     monkeypatch.setattr(registration.gpu_info_lib, "get_gpu_info", lambda: h100)
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+  root = tmp_path_factory.mktemp("gcs")
+  (root / "bucket").mkdir()
+  server = fake_gcs.FakeGCS(str(root))
+  yield server
+  server.close()
+
+
+@pytest.fixture
+def gcs(gcs_server, monkeypatch):
+  """gs://bucket/... served from a local directory (tests/fake_gcs.py) for
+  this test."""
+  fake_gcs.install(monkeypatch, gcs_server)
+  return gcs_server

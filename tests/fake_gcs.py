@@ -190,8 +190,22 @@ class LocalGCSFileSystem(LocalFileSystem):
     return super()._strip_protocol(path)
 
   def glob(self, path, **kwargs):
-    # Like gcsfs: "bucket/object" names (epath prepends "gs://").
-    return [os.path.relpath(p, self.root) for p in super().glob(path, **kwargs)]
+    # Like gcsfs: "bucket/object" names (epath prepends "gs://"), and with
+    # detail=True each object's metadata, its generation included.
+    found = super().glob(path, **kwargs)
+    if isinstance(found, dict):
+      return {os.path.relpath(p, self.root): self._gcs_info(i) for p, i in found.items()}
+    return [os.path.relpath(p, self.root) for p in found]
+
+  def info(self, path, **kwargs):
+    return self._gcs_info(super().info(path, **kwargs))
+
+  @staticmethod
+  def _gcs_info(info: dict) -> dict:
+    """gcsfs's object metadata has the generation the server gives."""
+    if info.get("type") == "file":
+      return info | {"generation": _generation(info["name"])}
+    return info
 
   def unstrip_protocol(self, name: str) -> str:
     return "gs://" + os.path.relpath(name, self.root)

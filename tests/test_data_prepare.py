@@ -1,8 +1,12 @@
 """FASTA -> token store preparation: splits, streaming, failures, the app."""
 
+import gzip
 import hashlib
 import json
+import multiprocessing
 import os
+import pathlib
+import shutil
 import subprocess
 import sys
 import tracemalloc
@@ -11,7 +15,7 @@ import numpy as np
 import pytest
 from launch_env import launch_env
 
-from hybridna_jax import tokenizer
+from hybridna_jax import paths, tokenizer
 from hybridna_jax.data import config as config_lib
 from hybridna_jax.data import digests, fasta, prepare, store_writer
 from hybridna_jax.data import store as store_lib
@@ -446,6 +450,99 @@ def test_training_refuses_a_store_of_other_data_than_its_config_names(tmp_path, 
     prepare.check_store_matches(c)
 
 
+def _gcs_genomes(gcs, folder="genomes", **kwargs):
+  """_genomes written as objects gs://bucket/<folder>/g*; returns their
+  local directory in the fake's root and the genomes."""
+  local = os.path.join(gcs.root, "bucket", folder)
+  os.makedirs(local, exist_ok=True)
+  return local, _genomes(pathlib.Path(local), **kwargs)
+
+
+def test_a_store_prepares_from_gs_objects_as_from_local_copies(tmp_path, gcs, monkeypatch):
+  """FASTA inputs on GCS (review of stop 37: local or mounted only): a gs://
+  glob prepares the store that local copies of the objects give, with the
+  same digests; the objects' generations tell a re-run that nothing
+  changed, and a rewrite is compared by content."""
+  monkeypatch.setenv(digests.CACHE_ENV, str(tmp_path / "digests.json"))
+  local, _ = _gcs_genomes(gcs, folder="by_url", count=3, compress="gzip")
+  c = _cfg(tmp_path / "from_gs", ["gs://bucket/by_url/g[0-2].fa.gz"], val_sources=("g1",))
+  store = prepare.prepare_store(c)
+  copies = tmp_path / "copies"
+  shutil.copytree(local, copies)
+  want = prepare.prepare_store(_cfg(copies, [copies / "*.fa.gz"], val_sources=("g1",)))
+  for split in ("train", "val"):
+    assert _contents(store, split) == _contents(want, split)
+  recorded = store.manifest["metadata"]["fingerprint"]["inputs"]
+  assert [f["path"] for f in recorded] == [f"gs://bucket/by_url/g{i}.fa.gz" for i in range(3)]
+  assert [f["sha256"] for f in recorded] == [
+    f["sha256"] for f in want.manifest["metadata"]["fingerprint"]["inputs"]
+  ]
+  assert all(f["generation"] for f in recorded)
+  messages = []
+  again = prepare.prepare_store(c, log=lambda m, *a: messages.append(m % a))
+  assert "is up to date" in messages[0] and again.manifest["created"] == store.manifest["created"]
+  # A rewrite with the same bytes is a new generation: read once, then known.
+  g2 = os.path.join(local, "g2.fa.gz")
+  shutil.copyfile(g2, g2 + ".tmp")
+  os.replace(g2 + ".tmp", g2)
+  os.utime(g2, ns=(1, 1))
+  reads = []
+  real = hashlib.file_digest
+  monkeypatch.setattr(hashlib, "file_digest", lambda f, name: reads.append(1) or real(f, name))
+  prepare.check_store_matches(c)
+  prepare.check_store_matches(c)
+  assert len(reads) == 1
+  assert any(
+    "gs-generation=1:gs://bucket/by_url/g2.fa.gz" in k
+    for k in json.load(open(tmp_path / "digests.json"))
+  )
+  # Other bytes of the same size are refused, naming the object.
+  with gzip.open(g2, "rt") as f:
+    text = f.read()
+  with gzip.open(g2, "wt") as f:
+    f.write(text.replace(">chr0", ">chrX", 1))
+  with pytest.raises(store_lib.StoreError, match=r"1 file \(g2.fa.gz\) changed since"):
+    prepare.check_store_matches(c)
+
+
+def test_an_object_rewritten_while_prepared_is_refused(tmp_path, gcs, monkeypatch):
+  local, _ = _gcs_genomes(gcs, folder="rewritten", count=2)
+  c = _cfg(tmp_path, ["gs://bucket/rewritten/**/*.fa"], split_by="record", val_fraction=0.0)
+  listed = prepare.resolve_inputs
+
+  def listed_then_rewritten(*args):
+    files = listed(*args)
+    os.utime(os.path.join(local, "g1.fa"), ns=(7, 7))  # a new generation
+    return files
+
+  monkeypatch.setattr(prepare, "resolve_inputs", listed_then_rewritten)
+  with pytest.raises(ValueError, match=r"gs://bucket/rewritten/g1.fa changed while"):
+    prepare.prepare_store(c)
+  assert not store_lib.is_complete(c.store_dir)
+
+
+def test_unreadable_input_urls_are_refused_in_one_line(tmp_path, gcs, monkeypatch):
+  for globs, message in [
+    (["s3://bucket/genomes/*.fa"], r"'s3://bucket/genomes/\*.fa': FASTA inputs may be local"),
+    (["https://example.org/g.fa"], r"may be local paths, file:// or gs:// URLs"),
+    (["gs://bucket/none/*.fa"], r"'gs://bucket/none/\*.fa' matches no file\.$"),
+  ]:
+    with pytest.raises(ValueError, match=message):
+      prepare.prepare_store(_cfg(tmp_path, globs))
+
+  def no_gcsfs(url):
+    raise ImportError("Install gcsfs to access Google Storage")
+
+  with monkeypatch.context() as m:
+    m.setattr(paths, "object_filesystem", no_gcsfs)
+    with pytest.raises(ValueError, match=r"needs gcsfs here .*pip install gcsfs, or copy"):
+      prepare.prepare_store(_cfg(tmp_path, ["gs://bucket/genomes/*.fa"]))
+  _genomes(tmp_path, count=1)
+  url = (tmp_path / "g0.fa").as_uri()
+  store = prepare.prepare_store(_cfg(tmp_path, [url]))
+  assert store.manifest["metadata"]["fingerprint"]["inputs"][0]["path"] == str(tmp_path / "g0.fa")
+
+
 def test_streaming_is_bounded_and_exact(tmp_path):
   # ~6 MB of sequence in a few long records and many short ones, prepared
   # with 64 KiB blocks: the tokens equal the one-shot encoding and peak
@@ -523,3 +620,24 @@ def test_prepare_data_app(tmp_path):
   assert f"{bad} line 3: duplicate record name 'a'" in run.stderr
   assert "Traceback" not in run.stderr
   assert not os.path.exists(tmp_path / "store2")
+
+
+def _save_digests(cache: str, worker: int) -> None:
+  os.environ[digests.CACHE_ENV] = cache
+  for i in range(20):
+    digests.remember(f"{worker}:{i}", f"{worker * 100 + i:064x}")
+    digests.save()
+
+
+def test_processes_saving_digests_at_once_keep_each_others(tmp_path):
+  """Review of stop 37: two processes that read, merged and replaced the
+  cache file at once dropped each other's new entries."""
+  cache = str(tmp_path / "digests.json")
+  ctx = multiprocessing.get_context("fork")
+  workers = [ctx.Process(target=_save_digests, args=(cache, w)) for w in range(6)]
+  for p in workers:
+    p.start()
+  for p in workers:
+    p.join(timeout=120)
+    assert p.exitcode == 0
+  assert len(json.load(open(cache))) == 6 * 20

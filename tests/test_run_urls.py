@@ -7,7 +7,6 @@ restore.load reads both; unsupported URLs are refused in one line."""
 import json
 import os
 
-import fake_gcs
 import jax
 import numpy as np
 import pytest
@@ -16,22 +15,6 @@ from test_train import _interrupting
 from hybridna_jax import launch_utils, paths, restore
 from hybridna_jax.train import loop
 from hybridna_jax.train.metrics import read_metrics
-
-
-@pytest.fixture(scope="session")
-def gcs_server(tmp_path_factory):
-  root = tmp_path_factory.mktemp("gcs")
-  (root / "bucket").mkdir()
-  server = fake_gcs.FakeGCS(str(root))
-  yield server
-  server.close()
-
-
-@pytest.fixture
-def gcs(gcs_server, monkeypatch):
-  """gs://bucket/... served from a local directory for this test."""
-  fake_gcs.install(monkeypatch, gcs_server)
-  return gcs_server
 
 
 def _losses(workdir: str) -> dict[int, float]:

@@ -44,8 +44,9 @@ class DataConfig(Section):
 
   # --- Preparation: FASTA -> token store (launch/prepare_data.py) ---------
   # Glob patterns of the FASTA inputs (plain, gzip, bgzip, xz or bzip2,
-  # detected from the bytes); `**` recurses. Relative paths are relative to
-  # the current directory. Every pattern must match at least one file.
+  # detected from the bytes); `**` recurses. Local paths (relative to the
+  # current directory), file:// URLs or gs:// objects (needs gcsfs). Every
+  # pattern must match at least one file.
   fasta_globs: tuple[str, ...] = ()
   # How a record's source (genome / strain / species) is named:
   #   "file":   the file name without FASTA and compression extensions

@@ -5,20 +5,22 @@ A token store records the digest of each FASTA file it was prepared from
 ones is compared by content (`prepare.compare_inputs`). Reading a genome
 corpus at every training start would cost minutes per host, so digests are
 kept in a JSON file keyed by (path, device, inode, size, modification time,
-inode change time): where the file system keeps a real change time, no
-rewrite keeps them all, so a remembered digest is the file's. Where it
-does not (squashfs images, some FUSE mounts report the modification time),
-an edit whose modification time was put back goes unseen, as it does by
-times alone; set $HYBRIDNA_DIGEST_CACHE to "" there. The cache is
-$HYBRIDNA_DIGEST_CACHE, by default
-$XDG_CACHE_HOME/hybridna_jax/input_sha256.json (~/.cache/...); an empty
-value keeps digests for the process only. A cache that cannot be read or
-written is ignored (the digests are computed); processes saving at once
-may drop each other's new entries (computed again later).
+inode change time), or for a gs:// object (URL, size, generation): where the
+file system keeps a real change time, no rewrite keeps them all, so a
+remembered digest is the file's. Where it does not (squashfs images, some
+FUSE mounts report the modification time), an edit whose modification time
+was put back goes unseen, as it does by times alone; set
+$HYBRIDNA_DIGEST_CACHE to "" there. The cache is $HYBRIDNA_DIGEST_CACHE, by
+default $XDG_CACHE_HOME/hybridna_jax/input_sha256.json (~/.cache/...); an
+empty value keeps digests for the process only. A cache that cannot be read
+or written is ignored (the digests are computed). Processes that save at
+once take turns (a lock file beside the cache), so none drops another's
+entries.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -27,6 +29,8 @@ import stat
 import tempfile
 
 from absl import logging
+
+from hybridna_jax import paths
 
 CACHE_ENV = "HYBRIDNA_DIGEST_CACHE"
 _KEEP = 100_000  # entries kept in the file, the newest (about 150 bytes each)
@@ -68,23 +72,22 @@ def _read(cache: str) -> dict[str, str]:
   return {k: v for k, v in entries.items() if isinstance(v, str) and _DIGEST.fullmatch(v)}
 
 
-def sha256(path: str, size: int, mtime_ns: int, ctime_ns: int) -> str:
-  """The hex SHA-256 of the file's bytes (as `sha256sum` gives it), from
-  the cache when the file was seen with these times before. Call `save`
-  after a batch of calls to keep the new ones."""
+def sha256(key: str, path: str) -> str:
+  """The hex SHA-256 of the bytes of `path` (a local path or gs:// URL; as
+  `sha256sum` gives it), from the cache when `key` (`InputFile.digest_key`,
+  which changes with the content) was seen before. Call `save` after a
+  batch of calls to keep the new ones."""
   _load()
-  key = _key(path, size, mtime_ns, ctime_ns)
   if key not in _known:
-    with open(path, "rb") as f:
+    with paths.open_binary(path) as f:
       _known[key] = _unsaved[key] = hashlib.file_digest(f, "sha256").hexdigest()
   return _known[key]
 
 
-def remember(path: str, size: int, mtime_ns: int, ctime_ns: int, digest: str) -> None:
+def remember(key: str, digest: str) -> None:
   """Keeps a digest computed elsewhere (while the file was parsed) for
   `sha256`; `save` writes it."""
   _load()
-  key = _key(path, size, mtime_ns, ctime_ns)
   _known[key] = _unsaved[key] = digest
 
 
@@ -95,11 +98,6 @@ def _load() -> None:
     _loaded.add(cache)
 
 
-def _key(path: str, size: int, mtime_ns: int, ctime_ns: int) -> str:
-  st = os.stat(path)
-  return f"{size}:{mtime_ns}:{ctime_ns}:{st.st_dev}:{st.st_ino}:{path}"
-
-
 def save() -> None:
   """Adds the digests computed since the last call to the cache file
   (merged with what other processes wrote; replaced whole, atomically)."""
@@ -107,15 +105,20 @@ def save() -> None:
   if cache is None or not _unsaved:
     _unsaved.clear()
     return
-  entries = _read(cache) | _unsaved
-  entries = dict(list(entries.items())[-_KEEP:])
+  folder = os.path.dirname(cache) or "."
   tmp = None
   try:
-    os.makedirs(os.path.dirname(cache) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".input_sha256.", dir=os.path.dirname(cache) or ".")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      json.dump(entries, f)
-    os.replace(tmp, cache)
+    os.makedirs(folder, exist_ok=True)
+    # Read, merge and replace under the lock: another process's entries,
+    # saved between our read and our rename, would be lost otherwise.
+    with open(cache + ".lock", "a") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      entries = _read(cache) | _unsaved
+      entries = dict(list(entries.items())[-_KEEP:])
+      fd, tmp = tempfile.mkstemp(prefix=".input_sha256.", dir=folder)
+      with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(entries, f)
+      os.replace(tmp, cache)
   except OSError as e:
     logging.warning("could not keep input digests in %s (%s); they are computed again.", cache, e)
     if tmp is not None and os.path.exists(tmp):

@@ -38,7 +38,7 @@ from typing import BinaryIO
 import numpy as np
 from absl import logging
 
-from hybridna_jax import tokenizer
+from hybridna_jax import paths, tokenizer
 
 DEFAULT_BLOCK_SIZE = 16 << 20
 # A header line longer than this is not a header but a broken file.
@@ -122,7 +122,7 @@ def strip_suffixes(name: str) -> str:
 
 def detect_compression(path: str | os.PathLike) -> str:
   """Returns "plain", "gzip" (also bgzip), "xz", "bzip2" or "zstd"."""
-  with open(path, "rb") as f:
+  with paths.open_binary(path) as f:
     head = f.read(8)
   for magic, kind in _MAGIC:
     if head.startswith(magic):
@@ -133,7 +133,7 @@ def detect_compression(path: str | os.PathLike) -> str:
 def is_bgzip(path: str | os.PathLike) -> bool:
   """Whether a gzip file is BGZF, which htslib reads at random (its first
   member's extra field is "BC")."""
-  with open(path, "rb") as f:
+  with paths.open_binary(path) as f:
     head = f.read(14)
   return head[:4] == b"\x1f\x8b\x08\x04" and head[12:14] == b"BC"
 
@@ -145,8 +145,9 @@ BGZF_EOF = bytes.fromhex("1f8b08040000000000ff0600424302001b00030000000000000000
 def has_bgzf_eof(path: str | os.PathLike) -> bool:
   """Whether a BGZF file ends in its end-of-file block: one cut between two
   blocks still decompresses, to a shorter sequence."""
-  with open(path, "rb") as f:
-    f.seek(max(0, os.path.getsize(path) - len(BGZF_EOF)))
+  with paths.open_binary(path) as f:
+    size = f.seek(0, os.SEEK_END)
+    f.seek(max(0, size - len(BGZF_EOF)))
     return f.read() == BGZF_EOF
 
 
@@ -176,8 +177,9 @@ class _HashedFile:
 
 
 def open_decompressed(path: str | os.PathLike, hasher=None) -> tuple[BinaryIO, BinaryIO, str]:
-  """Opens `path` for reading its decompressed bytes; with `hasher` (a
-  hashlib object), the file's bytes as stored also go to it as they are read.
+  """Opens `path` (a local path, file:// or gs:// URL) for reading its
+  decompressed bytes; with `hasher` (a hashlib object), the file's bytes as
+  stored also go to it as they are read.
 
   Returns:
     (stream, raw, kind): the decompressed stream, the underlying raw file
@@ -199,7 +201,7 @@ def open_decompressed(path: str | os.PathLike, hasher=None) -> tuple[BinaryIO, B
       "and read short.",
       path,
     )
-  raw = open(path, "rb")  # pylint: disable=consider-using-with
+  raw = paths.open_binary(path)
   if hasher is not None:
     raw = _HashedFile(raw, hasher)
   if kind == "gzip":

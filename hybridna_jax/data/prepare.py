@@ -15,7 +15,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import fnmatch
-import glob
 import hashlib
 import os
 import time
@@ -24,73 +23,12 @@ from typing import Any
 
 from absl import logging
 
-from hybridna_jax.data import digests, fasta, store_writer
+from hybridna_jax.data import digests, fasta, inputs, store_writer
 from hybridna_jax.data import store as store_lib
-from hybridna_jax.data.config import SOURCE_FROM, SplitConfig
+from hybridna_jax.data.config import SplitConfig
+from hybridna_jax.data.inputs import InputFile, resolve_inputs
 
 TRAIN, VAL = "train", "val"
-
-
-@dataclasses.dataclass(frozen=True)
-class InputFile:
-  path: str
-  source: str | None  # None when every record is its own source.
-  size: int
-  mtime_ns: int
-  # The inode change time: unlike mtime_ns (cp -p, touch -r), no tool sets
-  # it back, so a file with its recorded size and both times is unchanged.
-  ctime_ns: int = 0
-
-
-def source_name(path: str, source_from: str) -> str | None:
-  """The source a file's records belong to (None: each record is one)."""
-  if source_from == "record":
-    return None
-  if source_from == "dir":
-    return os.path.basename(os.path.dirname(os.path.abspath(path)))
-  if source_from == "file":
-    return fasta.strip_suffixes(os.path.basename(path))
-  raise ValueError(f"data.source_from must be one of {SOURCE_FROM}, got {source_from!r}.")
-
-
-def resolve_inputs(globs: Sequence[str], source_from: str) -> list[InputFile]:
-  """Expands the globs into files sorted by (source, path).
-
-  Raises:
-    ValueError: no globs, a glob that matches no file, or two files that
-      would give one source with source_from="file".
-  """
-  if isinstance(globs, str):
-    globs = (globs,)
-  if not globs:
-    raise ValueError(
-      "data.fasta_globs is empty: name the FASTA files to prepare, e.g. ('genomes/*.fa.gz',)."
-    )
-  paths = {}
-  for pattern in globs:
-    matches = sorted(
-      p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)
-    )
-    if not matches:
-      raise ValueError(
-        f"data.fasta_globs: {pattern!r} matches no file (current directory {os.getcwd()})."
-      )
-    for p in matches:
-      paths.setdefault(os.path.realpath(p), p)
-  files = []
-  by_source: dict[str, str] = {}
-  for real, p in paths.items():
-    source = source_name(p, source_from)
-    if source_from == "file" and source in by_source:
-      raise ValueError(
-        f"{by_source[source]} and {p} both give source {source!r}; rename "
-        "one, or set data.source_from='dir' if they are one genome."
-      )
-    by_source[source] = p
-    st = os.stat(real)
-    files.append(InputFile(real, source, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
-  files.sort(key=lambda f: (f.source or "", f.path))
-  return files
 
 
 def _unit_hash(seed: int, key: str) -> float:
@@ -206,7 +144,7 @@ def _settings(data_cfg) -> dict[str, Any]:
 def content_digest(f: InputFile) -> str:
   """The SHA-256 of the file's bytes as stored (compressed, if it is), so
   `sha256sum` gives the same; read once per machine (`digests`)."""
-  return digests.sha256(f.path, f.size, f.mtime_ns, f.ctime_ns)
+  return digests.sha256(f.digest_key(), f.path)
 
 
 def _name(source: str | None, path: str) -> tuple[str, str]:
@@ -281,12 +219,13 @@ def compare_inputs(
 
 
 def _same_stat(saved: dict[str, Any], f: InputFile) -> bool:
-  """Whether `f` has the recorded size and times (the change time only
-  where recorded)."""
+  """Whether `f` has the recorded size, times and generation (the change
+  time only where recorded)."""
   return (
     saved.get("size") == f.size
     and saved.get("mtime_ns") == f.mtime_ns
     and saved.get("ctime_ns", f.ctime_ns) == f.ctime_ns
+    and saved.get("generation", "") == f.generation
   )
 
 
@@ -357,17 +296,6 @@ def check_store_matches(data_cfg) -> None:
       "(data.overwrite_store=True) if their contents changed.",
       data_cfg.store_dir,
       _some(unverified),
-    )
-
-
-def _check_unchanged(f: InputFile) -> None:
-  """Raises ValueError when `f` was rewritten since it was listed (while it
-  was read): the store would hold a mix of its versions."""
-  st = os.stat(f.path)
-  if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (f.size, f.mtime_ns, f.ctime_ns):
-    raise ValueError(
-      f"{f.path} changed while it was being prepared; prepare the store again once it is "
-      "complete (the store was left as it was)."
     )
 
 
@@ -511,9 +439,9 @@ def prepare_store(data_cfg, *, log: Callable[..., None] = logging.info) -> store
           writer.append(item)
           progress.update(i, reader, writer)
       progress.done_bytes += f.size
-      _check_unchanged(f)
+      inputs.check_unchanged(f)
       sha256s.append(reader.sha256)
-      digests.remember(f.path, f.size, f.mtime_ns, f.ctime_ns, reader.sha256)
+      digests.remember(f.digest_key(), reader.sha256)
     digests.save()
     rule.check_all_matched()
     counts = writer.split_counts()
