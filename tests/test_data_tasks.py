@@ -51,6 +51,13 @@ def test_windows_line_endings_bom_extra_columns_and_regression(tmp_path):
     ("sequence,label\nACGT,0\nACGé,1\n", 3, "sequence: invalid nucleotide 'É' at position 3"),
     ("sequence,label\nACGT,0\n,1\n", 3, "empty sequence"),
     ("sequence,label\nACGT,0\nAC,1,7\n", 3, "3 fields, the header has 2"),
+    # An unclosed quote swallows the rows after it: named where it opens
+    # (review of stop 37: named at the file's last line).
+    (
+      'sequence,label\nACGT,0\n"ACGA,1\nACGG,1\nACGC,0\n',
+      3,
+      "1 fields, the header has 2; a quote opened here runs on to line 5; close or remove it.",
+    ),
     ("seq,label\nACGT,0\n", 1, "lacks a 'sequence' or 'label' column"),
     ("sequence,label\nACGT,0\n\nACGT,cat\n", 4, "label 'cat' is not a number"),
     # A missing label (pandas writes "nan"), among class ids or regression targets.

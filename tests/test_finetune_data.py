@@ -142,10 +142,11 @@ def test_bed_header_with_ucsc_column_names(tmp_path, genome):
   bed = tmp_path / "ucsc.bed"
   bed.write_text(
     "chrom\tchromStart\tchromEnd\tsplit\tlabel\n"
-    "chr1\t10\t30\ttrain\t1\nchr1\t0\t5\tvalid\t0\nchr2\t0\t7\ttest\t1\n"
+    "chr1\t10\t30\ttrain\t1\nchr1\t40\t60\ttrain\t0\nchr1\t0\t5\tvalid\t0\n"
+    "chr2\t0\t7\ttest\t1\n"
   )
   data = datasets.load_task(str(bed), reference=ref)  # the header is not read as data
-  assert data.splits["train"].sequences == [chroms["chr1"][10:30]]
+  assert data.splits["train"].sequences == [chroms["chr1"][10:30], chroms["chr1"][40:60]]
   assert data.splits["test"].sequences == [chroms["chr2"][:7]]
 
 

@@ -89,6 +89,39 @@ def test_finetune_with_probe_writes_results_and_baselines(gc_task, tmp_path):
   assert "Test, per class" in table
 
 
+def test_the_probe_crops_to_max_length_and_refuses_echo_under_a_plain_preset(
+  gc_task, tmp_path, monkeypatch
+):
+  """Review of stop 37: the probe embedded whole sequences whatever
+  finetune.max_length said, and probed echo embeddings under a plain preset
+  (finetune.echo=False) when score.pooling was echo."""
+  cfg = load_config("configs/finetune_tiny.py:plain_mean,probe")
+  cfg.finetune.task, cfg.finetune.baselines, cfg.finetune.max_length = gc_task, False, 8
+  cfg.score.pooling, cfg.score.layer = "mean", 0
+  embedded = []
+  real = Scorer.embed
+  monkeypatch.setattr(
+    Scorer, "embed", lambda self, seqs, **kw: embedded.extend(seqs) or real(self, seqs, **kw)
+  )
+  results = task_lib.finetune(cfg, str(tmp_path / "cropped"))["results"]
+  assert {len(s) for s in embedded} == {8} and results["settings"]["max_length"] == 8
+  data = datasets.load_task(gc_task, log=False)
+  assert embedded[0] == data.splits["train"].sequences[0][20:28]  # the centre, as fine-tuning
+  cfg.score.pooling = "echo"
+  with pytest.raises(ValueError, match=r"finetune.echo=False .* but score.pooling='echo'"):
+    task_lib.finetune(cfg, str(tmp_path / "echo"))
+
+
+def test_a_train_split_of_one_class_is_refused_before_training(tmp_path):
+  """Review of stop 37: it trained to the end, then the baselines failed
+  and no results were written (a rerun failed again)."""
+  (tmp_path / "train.csv").write_text("sequence,label\nACGT,0\nGGCC,0\nTTAA,0\nCCGG,0\n")
+  (tmp_path / "dev.csv").write_text("sequence,label\nAAAA,0\nCCCC,1\n")
+  (tmp_path / "test.csv").write_text("sequence,label\nACGA,1\nACGC,0\n")
+  with pytest.raises(ValueError, match=r"the train split holds only class 0 \(of \[0, 1\]\)"):
+    datasets.load_task(str(tmp_path), log=False)
+
+
 def test_probe_of_echo_views_equals_one_probe_per_pooling(gc_task, tmp_path):
   # Four probes from two passes per sequence: each as its own probe() call.
   cfg = load_config("configs/finetune_tiny.py:probe")

@@ -51,35 +51,40 @@ def csv_rows(
 
   Blank rows (no field with text) and, with `comment`, lines starting with
   it are skipped. The header's names come stripped; row fields as written.
-  The line number is the physical line a row ends on.
+  The line number is the physical line a row starts on (a quoted field
+  may run over several).
 
   Raises (through `error(path, line, message)`):
     an empty file ("the file is empty; expected <expected>."), and with
     `check_width` a row with more or fewer fields than the header.
   """
   path = os.fspath(path)
-  number = 0
+  number = 0  # the last line read
+  start = None  # the first line of the row being read
 
   def lines():
-    nonlocal number
+    nonlocal number, start
     for number, line in text_lines(path):  # noqa: B007 (sets the nonlocal line number)
       if comment is None or not line.startswith(comment):
+        start = number if start is None else start
         yield line
 
   width = None
   for row in csv.reader(lines()):
+    first, start = start, None  # csv.reader reads no line past a row's end
     if not row or all(not c.strip() for c in row):
       continue  # Blank lines, e.g. a trailing one.
     if width is None:
       width = len(row)
-      yield number, [c.strip() for c in row]
+      yield first, [c.strip() for c in row]
     elif check_width and len(row) != width:
-      raise error(
-        path,
-        number,
-        f"{len(row)} fields, the header has {width}; check for stray commas or quotes.",
+      fix = (
+        f"a quote opened here runs on to line {number}; close or remove it"
+        if number > first
+        else "check for stray commas or quotes"
       )
+      raise error(path, first, f"{len(row)} fields, the header has {width}; {fix}.")
     else:
-      yield number, row
+      yield first, row
   if width is None:
     raise error(path, None, f"the file is empty; expected {expected}.")

@@ -637,6 +637,13 @@ def load_task(
         f"{path}: classification needs at least 2 classes, but every label is "
         f"{int(classes[0])}; check the label column (or finetune.kind='regression')."
       )
+    trained = np.unique(splits["train"].labels)
+    if trained.size < 2:
+      # Nothing to learn: the model and the baselines would fit one class.
+      raise ValueError(
+        f"{path}: the train split holds only class {int(trained[0])} (of {classes.tolist()}); "
+        "classification needs at least 2 classes in train: check how the splits were made."
+      )
   base = os.path.basename(path)
   for suffix in (".gz", ".bed", ".tsv"):
     base = base[: -len(suffix)] if base.endswith(suffix) else base

@@ -27,6 +27,7 @@ in benchmarks/finetune_modes.py.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -235,7 +236,8 @@ def _write(config, workdir: str, results: dict, data: datasets.TaskData) -> None
 
 def run_probe(config, workdir: str, data: datasets.TaskData | None = None) -> dict:
   """launch/finetune.py with finetune.probe: probes the `probe_scorer`
-  backbone with the score section's pooling, layer and rc_average, adds
+  backbone with the score section's pooling, layer and rc_average, on
+  sequences cropped to finetune.max_length (`crop_task`), adds
   the baselines, and writes results.json / results.md / baselines.png.
 
   Returns:
@@ -243,20 +245,42 @@ def run_probe(config, workdir: str, data: datasets.TaskData | None = None) -> di
   """
   from hybridna_jax.config import ScoreConfig  # pylint: disable=g-import-not-at-top
 
-  data = data or datasets.load_config_task(config.finetune)
+  fc = config.finetune
+  data = data or datasets.load_config_task(fc)
   sc = ScoreConfig.of(config)
-  scorer, backbone = probe_scorer(config, data, sc.pooling)
+  if not fc.echo and sc.pooling == "echo":
+    # Probing echo embeddings under a plain preset would mislabel the results.
+    raise ValueError(
+      "finetune.echo=False (plain embeddings) but score.pooling='echo', which the linear "
+      "probe embeds with; set score.pooling to mean or last, or finetune.echo=True."
+    )
+  cropped = crop_task(data, int(fc.max_length))
+  scorer, backbone = probe_scorer(config, cropped, sc.pooling)
   results = probe(
     scorer,
-    data,
+    cropped,
     pooling=sc.pooling,
     layer=sc.layer,
     rc_average=sc.rc_average,
-    class_weight=baselines_lib.class_weight_of(config.finetune, data.kind),
+    class_weight=baselines_lib.class_weight_of(fc, data.kind),
   )
+  results["settings"]["max_length"] = int(fc.max_length)
   results["backbone"] = backbone
-  _write(config, workdir, results, data)
+  _write(config, workdir, results, data)  # baselines on the task as loaded, as fine-tuning's
   return {"results": results}
+
+
+def crop_task(data: datasets.TaskData, max_length: int) -> datasets.TaskData:
+  """`data` with each sequence longer than `max_length` nt cropped around
+  its centre, as fine-tuning crops (finetune.max_length; 0: unchanged)."""
+  if max_length <= 0:
+    return data
+  splits = {}
+  for name, split in data.splits.items():
+    starts = [max(0, (len(s) - max_length) // 2) for s in split.sequences]
+    sequences = [s[a : a + max_length] for s, a in zip(split.sequences, starts)]
+    splits[name] = split._replace(sequences=sequences)
+  return dataclasses.replace(data, splits=splits)
 
 
 def run_probe_echo_views(
