@@ -466,16 +466,23 @@ def _prepare(model, prompts, segment_ids) -> tuple[np.ndarray, np.ndarray]:
 
 
 def row_keys(seed: int | jax.Array, sample_ids: Sequence[int] | np.ndarray) -> jax.Array:
-  """(b,) PRNG keys fold_in(key(seed), id): one random stream per sample id.
-  An int seed must fit 32 bits: jax.random.key keeps only those (seeds 0
-  and 2**32 would give the same samples)."""
+  """(b,) PRNG keys fold_in(key(seed), id): one random stream per sample id
+  (ids in [0, 2**32)). An int seed must fit 32 bits: jax.random.key keeps
+  only those (seeds 0 and 2**32 would give the same samples)."""
   if isinstance(seed, (int, np.integer)):
     if not 0 <= seed < 2**32:
       raise ValueError(f"seed must be in [0, 2**32) (a 32-bit PRNG seed), got {seed}.")
     key = jax.random.key(seed)
   else:
     key = seed
-  return _row_keys(key, jnp.asarray(np.asarray(sample_ids), jnp.uint32))
+  ids = np.asarray(sample_ids)
+  if ids.size and not (ids.min() >= 0 and ids.max() < 2**32):
+    # Cast to uint32, ids 0 and 2**32 (or -1 and 2**32 - 1) would share a stream.
+    raise ValueError(
+      f"sample ids must be in [0, 2**32), got {ids.min()}..{ids.max()}: "
+      "ids outside would repeat another id's samples."
+    )
+  return _row_keys(key, jnp.asarray(ids, jnp.uint32))
 
 
 def sample(

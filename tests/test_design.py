@@ -593,15 +593,25 @@ def test_one_design_summary_is_strict_json_and_empty_designs_get_no_record(
   with open(os.path.splitext(out)[0] + ".summary.json") as f:
     summary = json.load(f, parse_constant=lambda c: pytest.fail(f"{c} in the summary"))
   assert summary["summary"]["label=b"]["edit_mean"] is None  # one design: no pairs
-  # A design that ended at once (<eos> first) has no FASTA record.
-  empty = design_sampling.DesignedSet(
-    "x", None, "", np.array([tok.BOS]), ["", "ACG"], np.zeros(2), np.ones(2, bool), np.array([0, 3])
-  )
-  path = design_sampling.write_fasta(
-    [empty], str(tmp_path / "e.fasta"), settings=gen.GenerateConfig(), seed=0
-  )
-  assert [h.name for h, _ in fasta.read_fasta(path)] == ["x_1"]
-  assert "1 design(s) ended at once" in caplog.text
+  # A design that ended at once (<eos> first) has no FASTA record, with a
+  # prefix too (review of stop 37: written as the bare prefix, no warning).
+  for prefix in ("", "AC"):
+    caplog.clear()
+    empty = design_sampling.DesignedSet(
+      "x",
+      None,
+      prefix,
+      np.array([tok.BOS]),
+      [prefix, prefix + "ACG"],
+      np.zeros(2),
+      np.ones(2, bool),
+      np.array([0, 3]),
+    )
+    path = design_sampling.write_fasta(
+      [empty], str(tmp_path / "e.fasta"), settings=gen.GenerateConfig(), seed=0
+    )
+    assert [h.name for h, _ in fasta.read_fasta(path)] == ["x_1"]
+    assert "1 design(s) ended at once" in caplog.text
 
 
 def test_design_records_of_prompts_with_the_same_slug_stay_apart(tmp_path):
@@ -644,3 +654,48 @@ def test_beam_designs_leave_out_empty_beam_slots(caplog):
   assert sorted(s[-1] for s in beams.sequences) == list("ACGT")
   assert np.isfinite(beams.log_probs).all() and len(beams.lengths) == 4
   assert "found 4 of 6 designs" in caplog.text
+
+
+def test_designs_start_with_the_prefix_the_model_read():
+  """Review of stop 37: the prefix was written as typed (acgu, ACRY) while
+  the model read ACGT / ACNN, so FASTA, header and metrics disagreed with it."""
+  cfg = ModelConfig.from_config(load_config(os.path.join(REPO, "configs", "tiny.py")).model)
+  model = create_model(dataclasses.replace(cfg, n_layers=2, attn_layers=(1,)))
+  settings = gen.GenerateConfig(max_new_tokens=3, temperature=1.0)
+  (designs,) = design_sampling.design_sets(
+    model, None, [None], settings, num_samples=2, batch_size=2, seed=0, prefix="acgRy"
+  )
+  assert designs.prefix == "ACGNN"
+  assert all(s.startswith("ACGNN") and len(s) == 8 for s in designs.sequences)
+  assert tok.decode(designs.prompt) == "ACGNN"
+
+
+def test_a_column_named_twice_and_out_of_range_sample_ids_are_refused():
+  vocab = design.PromptVocab(
+    (design.Condition("label", "categorical", ("a", "b"), tok.task_token(0)),)
+  )
+  assert vocab.parse("label = b") == {"label": "b"}
+  with pytest.raises(ValueError, match=r"names column 'label' twice; give it once"):
+    vocab.parse("label=a, label =b")
+  with pytest.raises(ValueError, match=r"sample ids must be in \[0, 2\*\*32\)"):
+    gen.row_keys(0, [0, 2**32])
+  with pytest.raises(ValueError, match=r"sample ids must be in"):
+    gen.row_keys(0, [-1])
+
+
+def test_a_pretrained_lm_compares_its_designs_with_a_reference_csv(tiny_run, tmp_path, caplog):
+  """Review of stop 37: --reference_csv was ignored for a checkpoint
+  without prompt tokens, with a "not found" warning for a file that existed."""
+  reference = tmp_path / "ref.csv"
+  _write_csv(reference, [("ACGTACGTAA", "x", 1.0), ("GGGCCCAATT", "y", 2.0)])
+  result = design_sampling.run_sampling(
+    tiny_run,
+    str(tmp_path / "lm.fasta"),
+    prefix="ACGT",
+    reference_csv=str(reference),
+    num_samples=2,
+    batch_size=2,
+    max_new_tokens=6,
+  )
+  (summary,) = result["summary"].values()
+  assert summary["reference_n"] == 2 and "not found" not in caplog.text

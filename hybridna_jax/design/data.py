@@ -43,8 +43,9 @@ class DesignData:
     return {c: self.labels[c][i] for c in self.columns}
 
 
-def load_design_csv(path: str | os.PathLike, label_columns: Sequence[str]) -> DesignData:
-  """Reads a CSV with a `sequence` column and the label columns.
+def load_design_csv(path: str | os.PathLike, label_columns: Sequence[str] | None) -> DesignData:
+  """Reads a CSV with a `sequence` column and the label columns (None: the
+  sequences alone, as the reference set of a model without prompt tokens).
 
   Raises:
     FileNotFoundError: no such file.
@@ -57,8 +58,8 @@ def load_design_csv(path: str | os.PathLike, label_columns: Sequence[str]) -> De
       f"{path}: no such file; config.generate.train_csv / val_csv "
       "name CSV files with a header such as 'sequence,label'."
     )
-  columns = tuple(label_columns)
-  if not columns:
+  columns = tuple(label_columns or ())
+  if label_columns is not None and not columns:
     raise ValueError(
       "config.generate.label_columns is empty; name the CSV column(s) that "
       "hold the labels, e.g. ('label',)."

@@ -145,8 +145,12 @@ class PromptVocab:
       return None
     parts = [p.strip() for p in spec.split(",")]
     if all("=" in p for p in parts):
-      pairs = dict(p.split("=", 1) for p in parts)
-      labels = {k.strip(): v.strip() for k, v in pairs.items()}
+      labels = {}
+      for part in parts:
+        key, value = (x.strip() for x in part.split("=", 1))
+        if key in labels:
+          raise ValueError(f"prompt {spec!r} names column {key!r} twice; give it once.")
+        labels[key] = value
     elif any("=" in p for p in parts):
       raise ValueError(
         f"prompt {spec!r}: give either every condition as column=label or "

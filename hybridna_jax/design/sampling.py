@@ -72,13 +72,17 @@ def design_sets(
   beam_width best, at most num_samples) in batches mixing prompts.
 
   Without a vocabulary (a pretrained LM, not a design run) the prompt is
-  the DNA prefix alone. Each sample's random stream is keyed by (seed,
-  prompt, sample index), so the designs do not depend on batch_size or on
-  which other prompts are generated alongside.
+  the DNA prefix alone. Designs start with the prefix as the model reads
+  it (`tokenizer.encode`: "acgu" is written ACGT). Each sample's random
+  stream is keyed by (seed, prompt, sample index), so the designs do not
+  depend on batch_size or on which other prompts are generated alongside.
   """
   for name, count in (("num_samples", num_samples), ("batch_size", batch_size)):
     if count < 1:
       raise ValueError(f"design_sets: {name} must be >= 1, got {count}.")
+  # The prefix as the model reads it (upper case, U as T, IUPAC codes as N),
+  # so that the designs, their headers and metrics hold the modelled bases.
+  prefix = tok.decode(tok.encode(prefix)) if prefix else ""
   if vocab is None:
     if any(labels is not None for labels in label_sets):
       raise ValueError(
@@ -195,7 +199,7 @@ def write_fasta(
       + (f" checkpoint={source}" if source else "")
     )
     for i, (seq, logp, ended) in enumerate(zip(s.sequences, s.log_probs, s.ended)):
-      if not seq:
+      if s.lengths[i] == 0:  # the prefix alone
         empty += 1
         continue
       records.append(
@@ -358,8 +362,10 @@ def run_sampling(
   writes = jax.process_index() == 0
   training = None
   csv_path = reference_csv or run_generate.train_csv or None
-  if csv_path and os.path.isfile(csv_path) and vocab is not None:
-    training = design_data.load_design_csv(csv_path, vocab.columns)
+  if csv_path and os.path.isfile(csv_path):
+    # Without a prompt vocabulary (a pretrained LM) its sequences are the
+    # reference of every (unconditional) set.
+    training = design_data.load_design_csv(csv_path, vocab.columns if vocab else None)
   elif csv_path:
     logging.warning(
       "training CSV %s not found; the summary leaves out the comparisons "
@@ -393,9 +399,11 @@ def run_sampling(
     # one design) is null in the strict JSON.
     paths.write_json(json_path, result)
     paths.write_text(text_path, table + "\n")
-    references = design_data.sequences_by_label(training, vocab) if training is not None else {}
+    references = {}  # as summarize_sets compares: a set without labels with every row
     if training is not None:
-      references["unconditional"] = list(training.sequences)
+      if vocab is not None:
+        references = design_data.sequences_by_label(training, vocab)
+      references.update({s.name: list(training.sequences) for s in sets if s.labels is None})
     result["plot"] = metrics.plot_summary(
       {s.name: s.sequences for s in sets}, references, plot_path, k=int(g.kmer)
     )
