@@ -45,8 +45,8 @@ flags.DEFINE_string(
 flags.DEFINE_string(
   "region",
   None,
-  "mode=variants: only records in this region, tabix-style chr, chr:start or chr:start-end "
-  "(1-based, inclusive); needs an indexed (.tbi/.csi) bgzip VCF or BCF.",
+  "mode=variants: only records in this region, chr, chr:start or chr:start-end (1-based, "
+  "inclusive; commas allowed in the numbers); needs an indexed (.tbi/.csi) bgzip VCF or BCF.",
 )
 flags.DEFINE_string(
   "annotated",

@@ -153,6 +153,46 @@ def test_region_restricts_to_the_indexed_records(files, tmp_path, name):
     list(callsets.CallSet(files[name], region="chrZ:1-10").sites())
 
 
+def _overlapping(vcf, chrom, start, end):
+  """(chrom, pos, id) of the records of a text VCF that overlap chrom:start-end."""
+  out = []
+  for line in pathlib.Path(vcf).read_text().splitlines():
+    if not line.startswith("#"):
+      c, pos, variant_id, ref = line.split("\t")[:4]
+      if c == chrom and int(pos) <= end and int(pos) + len(ref) - 1 >= start:
+        out.append((c, pos, variant_id))
+  return out
+
+
+@pytest.mark.parametrize("name", ["vcf_gz", "bcf"])
+def test_every_region_form_reads_alike_and_a_bad_one_fails_before_any_output(files, tmp_path, name):
+  for region, (chrom, start, end) in [
+    ("chrA:500", ("chrA", 500, 3000)),  # BCF: an IndexError in pysam's own parser
+    ("chrA:1,000-2,000", ("chrA", 1000, 2000)),
+    ("chrA:1,000-", ("chrA", 1000, 3000)),
+    ("chrB", ("chrB", 1, 2000)),
+  ]:
+    sites = callsets.CallSet(files[name], region=region).sites()
+    got = [tuple(s.line.split("\t")[:3]) for s in sites]
+    assert 0 < len(got) == len(want := _overlapping(files["vcf"], chrom, start, end)), region
+    assert got == want, region
+  assert callsets.parse_region("chr1:1,000-2,000") == ("chr1", 1000, 2000)
+  assert callsets.parse_region("HLA-A*01:01", contigs={"HLA-A*01:01"}) == ("HLA-A*01:01", 1, None)
+  out = tmp_path / "s.tsv"
+  for region, why in [
+    ("chrA:abc", "is not a region; give chr, chr:start or chr:start-end"),
+    ("chrA:0-10", "the start must be at least 1"),
+    ("chrA:20-10", "the end is before the start"),
+    ("chrZ:1-10", "'chrZ:1-10'.*with a chromosome of the file"),
+  ]:
+    with pytest.raises(variants.VariantFormatError, match=why) as e:
+      callsets.score_callset(
+        FakeScorer(), files[name], files["ref"], str(out), window=31, region=region
+      )
+    assert "\n" not in str(e.value) and "--region" in str(e.value)
+    assert not list(tmp_path.iterdir()), region  # nothing written: a corrected rerun starts anew
+
+
 @pytest.mark.parametrize("suffix", [".vcf.gz", ".bcf"])
 def test_annotated_output_carries_the_tsv_scores(files, tmp_path, suffix):
   out, annotated = str(tmp_path / "s.tsv"), str(tmp_path / f"scored{suffix}")

@@ -21,9 +21,11 @@ chromosome is ever held whole), and appends per chunk to:
                          index) or .bcf (+ csi index)
 
 Memory is one chunk of records plus a small cache of reference blocks,
-whatever the size of the call set. `region` (tabix-style chr, chr:start or
-chr:start-end, 1-based inclusive) needs an index (.tbi/.csi for bgzip VCF,
-.csi for BCF).
+whatever the size of the call set. `region` (chr, chr:start or
+chr:start-end, 1-based inclusive, commas allowed in the numbers:
+`parse_region`) needs an index (.tbi/.csi for bgzip VCF, .csi for BCF); a
+malformed region or a chromosome the index lacks is refused by `CallSet`,
+before any output is written.
 
 Resuming: after each chunk the outputs are flushed and <output>.progress.json
 records how many input records are done and the byte size of each output. A
@@ -46,9 +48,10 @@ import collections
 import dataclasses
 import json
 import os
+import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 import numpy as np
 from absl import logging
@@ -182,6 +185,44 @@ def open_reference(path: str) -> variants_lib.Reference:
 
 # -- reading the call set ----------------------------------------------------------------------
 
+REGION_FORMS = (
+  "give chr, chr:start or chr:start-end (1-based, inclusive; commas allowed in the numbers)"
+)
+_REGION = re.compile(r"(?P<contig>.+):(?P<start>[0-9][0-9,]*)(?:-(?P<end>[0-9][0-9,]*)?)?")
+
+
+def parse_region(region: str, contigs: Collection[str] = ()) -> tuple[str, int, int | None]:
+  """(chromosome, start, end) of a --region: "chr", "chr:start" (to the
+  end: end None) or "chr:start-end", 1-based and inclusive, with commas
+  allowed in the numbers ("chr1:1,000-2,000"). A region that is one of
+  `contigs` whole is that chromosome (a name with ':' in it).
+
+  Raises:
+    ValueError: another form, a start under 1 or an end before the start
+      (one line naming --region and the accepted forms).
+  """
+  if region in contigs:
+    return region, 1, None
+  match = _REGION.fullmatch(region)
+  if match is None:
+    if ":" in region or not region:
+      raise ValueError(f"--region {region!r} is not a region; {REGION_FORMS}.")
+    return region, 1, None
+  start = int(match["start"].replace(",", ""))
+  end = int(match["end"].replace(",", "")) if match["end"] else None
+  if start < 1:
+    raise ValueError(f"--region {region!r}: the start must be at least 1; {REGION_FORMS}.")
+  if end is not None and end < start:
+    raise ValueError(f"--region {region!r}: the end is before the start; {REGION_FORMS}.")
+  return match["contig"], start, end
+
+
+def _index_contigs(indexed) -> Collection[str]:
+  """The chromosome names of a TabixFile's or an indexed VariantFile's index."""
+  if hasattr(indexed, "contigs"):  # TabixFile
+    return set(indexed.contigs)
+  return set(indexed.index) if indexed.index is not None else set()
+
 
 @dataclasses.dataclass
 class Site:
@@ -212,7 +253,8 @@ class CallSet:
 
   Raises:
     VariantFormatError: no header, an unreadable file, or --region without an
-      index (file named, with the fix).
+      index, malformed or on a chromosome the index lacks (file named, with
+      the fix).
   """
 
   def __init__(self, path: str, *, region: str | None = None, max_indel_length: int = 64):
@@ -288,6 +330,14 @@ class CallSet:
           "no '#CHROM POS ID REF ALT' header line (tab-separated) before the records; "
           "is this a VCF?",
         )
+    self._region: tuple[str, int, int | None] | None = None
+    if region:
+      indexed = self._bcf if self._bcf is not None else self._tabix
+      try:
+        self._region = parse_region(region, contigs=_index_contigs(indexed))
+      except ValueError as e:
+        raise variants_lib.VariantFormatError(self.path, None, str(e)) from None
+      self._fetch_region(indexed)  # an unknown chromosome fails here, before any output
 
   def sites(self) -> Iterator[Site]:
     """Every record, in file order (restricted to `region` when given)."""
@@ -301,7 +351,7 @@ class CallSet:
         yield Site(v.source, None, [v], [])
       return
     if self._bcf is not None:
-      records = self._fetch_region(self._bcf) if self.region else self._bcf
+      records = self._fetch_region(self._bcf) if self._region else self._bcf
       numbered = (
         (f"{self.path}:record {k}", str(r).rstrip("\n")) for k, r in enumerate(records, 1)
       )
@@ -314,16 +364,22 @@ class CallSet:
       yield self._site(source, line)
 
   def _fetch_region(self, indexed) -> Iterator:
+    """An iterator over the records of `self.region` (parsed by
+    `parse_region`; htslib's own parser differs between TabixFile and
+    VariantFile).
+
+    Raises:
+      VariantFormatError: a chromosome the index lacks, or coordinates it refuses.
+    """
+    contig, start, end = self._region
     try:
-      records = indexed.fetch(region=self.region)
+      return indexed.fetch(contig, start - 1, end)
     except ValueError as e:
       raise variants_lib.VariantFormatError(
         self.path,
         None,
-        f"--region {self.region!r}: {e}; give chr, chr:start or chr:start-end with a chromosome "
-        "of the file",
+        f"--region {self.region!r}: {e}; {REGION_FORMS} with a chromosome of the file",
       ) from None
-    yield from records
 
   def _site(self, source: str, line: str) -> Site:
     fields = line.split("\t")
