@@ -229,6 +229,22 @@ def test_annotated_output_carries_the_tsv_scores(files, tmp_path, suffix):
     assert len(list(vf.fetch("chrB"))) == 14  # indexed
 
 
+def test_annotated_header_states_the_window_after_the_cap(files, tmp_path):
+  out, annotated = str(tmp_path / "s.tsv"), str(tmp_path / "a.vcf")
+  scorer = RestoredScorer("run/checkpoints/1", context=40)  # caps the 8192-nt default
+  callsets.score_callset(
+    scorer, files["vcf"], files["ref"], out, window=8192, rc_average=True, annotated=annotated
+  )
+  widths = {int(r["window_end"]) - int(r["window_start"]) for r in variants.read_scores(out)}
+  assert widths == {40}
+  info = [
+    h
+    for h in pathlib.Path(annotated).read_text().splitlines()
+    if h.startswith("##INFO=<ID=HYBRIDNA")
+  ]
+  assert len(info) == 2 and all("(40-nt" in h and "8192" not in h for h in info), info
+
+
 class Interrupted(Exception):
   pass
 

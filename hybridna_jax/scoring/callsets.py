@@ -414,7 +414,9 @@ def annotated_header(
   header: list[str], *, window: int, rc_average: bool, contigs: dict[str, int] | None = None
 ) -> list[str]:
   """The input header with the INFO declarations (replacing any of the same
-  IDs), `contigs` missing from it declared, and the 8 fixed columns."""
+  IDs), `contigs` missing from it declared, and the 8 fixed columns.
+  `window` is the one the scores use, after the cap at the context
+  (`variants.scoring_window`)."""
   ours = (f"##INFO=<ID={INFO_LLR},", f"##INFO=<ID={INFO_LLR_RC},")
   meta = [h for h in header[:-1] if not h.startswith(ours)]
   contig_lines = [h for h in meta if h.startswith("##contig=<ID=")]
@@ -664,7 +666,10 @@ def score_callset(
         else None
       )
       header = annotated_header(
-        callset.header, window=window, rc_average=rc_average, contigs=contigs
+        callset.header,
+        window=variants_lib.scoring_window(window, scorer),
+        rc_average=rc_average,
+        contigs=contigs,
       )
       _write_new(partial, "\n".join(header) + "\n")
     state = {"records": 0, "sizes": {k: os.path.getsize(p) for k, p in files.items()}}
