@@ -245,6 +245,39 @@ def test_annotated_header_states_the_window_after_the_cap(files, tmp_path):
   assert len(info) == 2 and all("(40-nt" in h and "8192" not in h for h in info), info
 
 
+def test_a_pos_other_than_ascii_digits_is_a_bad_record_everywhere(genome, files, tmp_path):
+  a = genome[:3000]
+  snv = lambda pos_text, pos: (
+    f"chrA\t{pos_text}\tv{pos}\t{a[pos - 1]}\t{OTHER[a[pos - 1]]}\t.\t.\t."
+  )
+  calls = tmp_path / "calls.vcf"
+  calls.write_text(
+    "##fileformat=VCFv4.2\n#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\n"
+    + "\n".join(
+      [snv("100", 100), snv("+200", 200), snv(" 300", 300), snv("4_00", 400), snv("\u0665", 5)]
+      + [snv("600", 600)]
+    )
+    + "\n"
+  )
+  out, annotated = str(tmp_path / "s.tsv"), str(tmp_path / "a.vcf")
+  summary = callsets.score_callset(
+    FakeScorer(), str(calls), files["ref"], out, window=31, annotated=annotated
+  )
+  scored = [r["pos"] for r in variants.read_scores(out)]
+  written = [
+    line.split("\t")[1]
+    for line in pathlib.Path(annotated).read_text().splitlines()
+    if not line.startswith("#")
+  ]
+  assert scored == written == ["100", "600"]
+  skipped = variants.read_scores(out + ".skipped.tsv")
+  assert [r["source"] for r in skipped] == [f"{calls}:{n}" for n in (4, 5, 6, 7)]
+  assert all("is not a positive integer" in r["reason"] for r in skipped)
+  assert summary.scored == 2 and summary.skipped == 4
+  found, problems = variants.read_variants(str(calls))  # the in-memory reader alike
+  assert [v.pos for v in found] == [100, 600] and len(problems) == 4
+
+
 class Interrupted(Exception):
   pass
 

@@ -403,7 +403,7 @@ class CallSet:
     )
     fix = lambda p: p._replace(source=source)  # the reader's own source, e.g. "record k"
     found = [dataclasses.replace(v, source=source) for v in found]
-    valid_pos = pos.isdigit() and int(pos) > 0
+    valid_pos = variants_lib.parse_pos(pos) is not None  # else a reported problem
     return Site(source, line if valid_pos else None, found, [fix(p) for p in problems])
 
 

@@ -49,7 +49,8 @@ its own base on the forward strand, only those of the bases after it.
 
 Bad records are never scored silently: each is reported with its file and
 line (a logged warning and a row of the skipped-records TSV) and skipped --
-a malformed line, REF not matching the reference, an unknown chromosome, a
+a malformed line, a POS other than ASCII digits of a number from 1 (`parse_pos`),
+REF not matching the reference, an unknown chromosome, a
 position past the chromosome's end, a symbolic or structural allele (<DEL>,
 breakends, *), an allele with N or other characters, REF equal to ALT, an
 indel longer than max_indel_length, or alleles not shorter than their
@@ -185,6 +186,17 @@ def _allele_problem(ref: str, alt: str, max_indel_length: int) -> str | None:
   return None
 
 
+def parse_pos(text: str) -> int | None:
+  """A POS field as an int, or None unless it is ASCII digits (no sign,
+  space, '_' or other digits) of a number of at least 1. The one check of
+  every reader (`read_vcf`, `read_variant_csv`, callsets.CallSet), so a
+  record is scored only when its annotated line is written too."""
+  if not (text.isascii() and text.isdigit()):
+    return None
+  pos = int(text)
+  return pos if pos > 0 else None
+
+
 def _make_variants(
   path: str,
   number: int,
@@ -198,14 +210,16 @@ def _make_variants(
 ) -> list[Variant]:
   source = f"{path}:{number}"
   ref = ref.strip().upper()
-  try:
-    pos = int(pos_text)
-    if pos < 1:
-      raise ValueError
-  except ValueError:
+  pos = parse_pos(pos_text)
+  if pos is None:
     problems.append(
       Problem(
-        source, chrom, pos_text, ref, ",".join(alts), f"POS {pos_text!r} is not a positive integer"
+        source,
+        chrom,
+        pos_text,
+        ref,
+        ",".join(alts),
+        f"POS {pos_text!r} is not a positive integer (ASCII digits only)",
       )
     )
     return []
