@@ -278,6 +278,33 @@ def test_a_pos_other_than_ascii_digits_is_a_bad_record_everywhere(genome, files,
   assert [v.pos for v in found] == [100, 600] and len(problems) == 4
 
 
+def test_csv_sites_come_one_per_row_in_file_order(genome, files, tmp_path):
+  a = genome[:3000]
+  rows = [
+    "chrom,pos,ref,alt,id",
+    f"chrA,100,{OTHER[a[99]]},A,mismatch",  # 2: found when checked against the reference
+    f"chrA,200,{a[199]},{OTHER[a[199]]},ok",  # 3
+    "chrA,abc,A,C,bad_pos",  # 4: found when read
+    "chrA,5",  # 5: too few fields
+    "chrZ,300,A,C,unknown_chrom",  # 6
+    f"chrA,400,{a[399]},{OTHER[a[399]]},ok2",  # 7
+  ]
+  calls = tmp_path / "calls.csv"
+  calls.write_text("\n".join(rows) + "\n")
+  sites = list(callsets.CallSet(str(calls)).sites())
+  assert [s.source for s in sites] == [f"{calls}:{n}" for n in range(2, 8)]
+  assert [len(s.variants) for s in sites] == [1, 1, 0, 0, 1, 1]
+  out = str(tmp_path / "s.tsv")
+  summary = callsets.score_callset(FakeScorer(), str(calls), files["ref"], out, window=31)
+  skipped = variants.read_scores(out + ".skipped.tsv")
+  assert [r["source"] for r in skipped] == [f"{calls}:{n}" for n in (2, 4, 5, 6)]
+  assert "does not match" in skipped[0]["reason"] and "2 fields" in skipped[2]["reason"]
+  assert summary.records == 6 and summary.scored == 2
+  (tmp_path / "bad.csv").write_text("chrom,position,ref,alt\nchrA,1,A,C\n")
+  with pytest.raises(variants.VariantFormatError, match="bad.csv line 1: .*lacks the columns pos"):
+    callsets.CallSet(str(tmp_path / "bad.csv"))  # the header is checked before any output
+
+
 class Interrupted(Exception):
   pass
 

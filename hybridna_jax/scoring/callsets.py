@@ -305,6 +305,8 @@ class CallSet:
         msg = f"cannot read the index: {e}"
         raise variants_lib.VariantFormatError(self.path, None, msg) from None
       self.header = list(self._tabix.header)
+    elif self.kind == "csv":  # the header is checked here, the rows streamed by sites()
+      self._csv_rows = variants_lib.variant_csv_rows(self.path, max_indel_length=max_indel_length)
     elif self.kind == "vcf":
       self._lines = textfiles.text_lines(self.path)
       for number, line in self._lines:
@@ -342,13 +344,8 @@ class CallSet:
   def sites(self) -> Iterator[Site]:
     """Every record, in file order (restricted to `region` when given)."""
     if self.kind == "csv":
-      found, problems = variants_lib.read_variant_csv(
-        self.path, max_indel_length=self.max_indel_length
-      )
-      for p in problems:
-        yield Site(p.source, None, [], [p])
-      for v in found:
-        yield Site(v.source, None, [v], [])
+      for source, found, problems in self._csv_rows:
+        yield Site(source, None, found, problems)
       return
     if self._bcf is not None:
       records = self._fetch_region(self._bcf) if self._region else self._bcf

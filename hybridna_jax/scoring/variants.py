@@ -63,7 +63,7 @@ import csv
 import dataclasses
 import difflib
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import NamedTuple, TextIO
 
 import numpy as np
@@ -297,6 +297,23 @@ def read_variant_csv(
   Raises:
     VariantFormatError: a header without the required columns.
   """
+  variants, problems = [], []
+  for _, found, bad in variant_csv_rows(path, max_indel_length=max_indel_length):
+    variants += found
+    problems += bad
+  return variants, problems
+
+
+def variant_csv_rows(
+  path: str, *, max_indel_length: int = 64
+) -> Iterator[tuple[str, list[Variant], list[Problem]]]:
+  """(source "file:line", variants, problems) of each row of a variant CSV
+  (`read_variant_csv`), in file order, streamed. The header is read and
+  checked at the call; the rows as they are iterated.
+
+  Raises:
+    VariantFormatError: an empty file or a header without the required columns.
+  """
   path = os.fspath(path)
   rows = textfiles.csv_rows(
     path,
@@ -317,17 +334,26 @@ def read_variant_csv(
       f"{','.join(CSV_COLUMNS)} (and optionally id).",
     )
   columns = {name: names.index(name) for name in CSV_COLUMNS + ("id",) if name in names}
-  variants, problems = [], []
+  return _csv_variant_rows(path, rows, columns, len(names), max_indel_length)
+
+
+def _csv_variant_rows(
+  path: str,
+  rows: Iterator[tuple[int, list[str]]],
+  columns: dict[str, int],
+  width: int,
+  max_indel_length: int,
+) -> Iterator[tuple[str, list[Variant], list[Problem]]]:
   for number, row in rows:
-    if len(row) < len(names):
+    source, problems = f"{path}:{number}", []
+    if len(row) < width:
       problems.append(
-        Problem(
-          f"{path}:{number}", row[0], "", "", "", f"{len(row)} fields, the header has {len(names)}"
-        )
+        Problem(source, row[0], "", "", "", f"{len(row)} fields, the header has {width}")
       )
+      yield source, [], problems
       continue
     get = lambda key: row[columns[key]].strip() if key in columns else ""  # noqa: B023 (used at once)
-    variants += _make_variants(
+    found = _make_variants(
       path,
       number,
       get("chrom"),
@@ -338,7 +364,7 @@ def read_variant_csv(
       max_indel_length,
       problems,
     )
-  return variants, problems
+    yield source, found, problems
 
 
 def read_variants(path: str, *, max_indel_length: int = 64) -> tuple[list[Variant], list[Problem]]:
