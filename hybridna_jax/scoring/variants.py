@@ -49,8 +49,8 @@ its own base on the forward strand, only those of the bases after it.
 
 Bad records are never scored silently: each is reported with its file and
 line (a logged warning and a row of the skipped-records TSV) and skipped --
-a malformed line, a POS other than ASCII digits of a number from 1 (`parse_pos`),
-REF not matching the reference, an unknown chromosome, a
+a malformed line, a POS other than ASCII digits of a number from 1
+(`parse_pos`), REF not matching the reference, an unknown chromosome, a
 position past the chromosome's end, a symbolic or structural allele (<DEL>,
 breakends, *), an allele with N or other characters, REF equal to ALT, an
 indel longer than max_indel_length, or alleles not shorter than their
