@@ -126,6 +126,13 @@ def test_regression_by_hand():
   assert out["mse"] == pytest.approx(np.mean((x - y) ** 2))
   assert out["r2"] == pytest.approx(1 - out["mse"] / np.var(y))
   assert math.isnan(m.pearson([1, 1, 1], [1, 2, 3]))
+  # A diverged model's inf or NaN prediction: both correlations undefined,
+  # without a warning (review of stop 37: Spearman ranked the inf, 0.4).
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    for bad in (np.inf, np.nan):
+      out = m.regression_metrics(y, np.array([1.0, bad, 3, 4]))
+      assert math.isnan(out["pearson"]) and math.isnan(out["spearman"])
 
 
 # -- the former hand-written numpy metrics, kept as the reference -----------------------

@@ -154,18 +154,23 @@ def rankdata(x: np.ndarray) -> np.ndarray:
 
 def _correlation(fn, x: np.ndarray, y: np.ndarray) -> float:
   x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-  if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+  # A diverged model's inf or NaN: undefined (ranks would still order an inf).
+  if x.size < 2 or not (np.isfinite(x).all() and np.isfinite(y).all()):
+    return float("nan")
+  if np.ptp(x) == 0 or np.ptp(y) == 0:
     return float("nan")
   return float(fn(x, y).statistic)
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
-  """Pearson correlation (`scipy.stats.pearsonr`); NaN for a constant input."""
+  """Pearson correlation (`scipy.stats.pearsonr`); NaN for a constant or
+  non-finite input."""
   return _correlation(stats.pearsonr, x, y)
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
-  """Spearman rank correlation (`scipy.stats.spearmanr`); NaN for a constant input."""
+  """Spearman rank correlation (`scipy.stats.spearmanr`); NaN for a constant
+  or non-finite input."""
   return _correlation(stats.spearmanr, x, y)
 
 
