@@ -3,7 +3,6 @@
 import gzip
 import hashlib
 import json
-import multiprocessing
 import os
 import pathlib
 import shutil
@@ -622,22 +621,23 @@ def test_prepare_data_app(tmp_path):
   assert not os.path.exists(tmp_path / "store2")
 
 
-def _save_digests(cache: str, worker: int) -> None:
-  os.environ[digests.CACHE_ENV] = cache
-  for i in range(20):
-    digests.remember(f"{worker}:{i}", f"{worker * 100 + i:064x}")
-    digests.save()
+_SAVE_DIGESTS = """
+import sys
+from hybridna_jax.data import digests
+worker = int(sys.argv[1])
+for i in range(20):
+  digests.remember(f"{worker}:{i}", f"{worker * 100 + i:064x}")
+  digests.save()
+"""
 
 
 def test_processes_saving_digests_at_once_keep_each_others(tmp_path):
   """Review of stop 37: two processes that read, merged and replaced the
   cache file at once dropped each other's new entries."""
   cache = str(tmp_path / "digests.json")
-  ctx = multiprocessing.get_context("fork")
-  workers = [ctx.Process(target=_save_digests, args=(cache, w)) for w in range(6)]
-  for p in workers:
-    p.start()
-  for p in workers:
-    p.join(timeout=120)
-    assert p.exitcode == 0
+  env = dict(os.environ, **{digests.CACHE_ENV: cache, "PYTHONPATH": ROOT})
+  workers = [
+    subprocess.Popen([sys.executable, "-c", _SAVE_DIGESTS, str(w)], env=env) for w in range(6)
+  ]
+  assert [p.wait(timeout=120) for p in workers] == [0] * 6
   assert len(json.load(open(cache))) == 6 * 20
