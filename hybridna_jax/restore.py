@@ -7,7 +7,7 @@ a model on the devices you have now.
 or best/ directory, one step directory (runs/demo/checkpoints/400), each local, file:// or gs://
 (`hybridna_jax.paths`), or a
 Hugging Face-format directory (config.json + model.safetensors or its
-index; hybridna_jax.hf), whose vocabulary is mapped to our token ids like
+index; local or file://; hybridna_jax.hf), whose vocabulary is mapped to our token ids like
 launch/convert.py's (our_vocab=None keeps the checkpoint's ids).
 Parameters only are read (no optimizer state), cast to the requested dtype,
 and placed on `mesh` by the model's logical-axis rules, so a checkpoint
@@ -183,7 +183,8 @@ def load(
 
   Args:
     path: run directory, checkpoints/ or best/ directory, step directory, or
-      a Hugging Face-format directory (see hybridna_jax.hf.load).
+      a Hugging Face-format directory, local or file:// (see
+      hybridna_jax.hf.load).
     dtype: parameter and compute dtype, "float32" or "bfloat16" (default:
       as trained: fp32 weights, the config's compute dtype; fp32 for a
       Hugging Face directory).
@@ -213,7 +214,7 @@ def load(
       f"load(): {unknown} cannot be changed at restore time; allowed: "
       f"{', '.join(_LOAD_OVERRIDES)} (and dtype)."
     )
-  if hf.is_hf_dir(path):
+  if hf.is_hf_dir(path):  # also a file:// URL (hf.checkpoint.local_dir)
     runtime = {k: v for k, v in runtime.items() if v not in (None, "")}
     return hf.load(path, dtype=dtype, mesh=mesh, our_vocab=our_vocab, **runtime)
   ref = find_checkpoint(path, which)

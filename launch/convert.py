@@ -8,8 +8,10 @@
     # finetune.py and generate.py:
     python launch/convert.py --input=HybriDNA-300M --output=runs/hybridna_300m
 
-The direction follows --input: a directory with model.safetensors (or its
-index) is a Hugging Face one. Run -> HF writes config.json, safetensors
+The direction follows --input: a directory (local path or file:// URL) with
+config.json and model.safetensors (or its index) is a Hugging Face one; one
+whose download is incomplete (shards without their index, weights without
+config.json) is named as such. Run -> HF writes config.json, safetensors
 (shards of --max_shard_gb) and a character-level tokenizer of our vocabulary.
 --output must be new or empty; run -> HF may also name an earlier export,
 which is replaced whole (written beside it, then renamed into place).
@@ -58,6 +60,9 @@ def main(argv):
   launch_utils.quiet_library_logs()
   from hybridna_jax import hf, restore  # pylint: disable=g-import-not-at-top
 
+  # A Hugging Face download that load cannot read (a missing index or
+  # config.json, PyTorch weights) is named as such, not taken for a run.
+  hf.check_safetensors(FLAGS.input)
   if hf.is_hf_dir(FLAGS.input):
     hf.checkpoint.check_our_vocab(FLAGS.vocab_size, "--vocab_size")
     if os.path.isdir(FLAGS.output) and os.listdir(FLAGS.output):

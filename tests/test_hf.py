@@ -5,6 +5,7 @@ checkpoint with a 12-token vocabulary loads and scores like the Bamba one."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -17,7 +18,7 @@ from launch_env import launch_env
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from hybridna_jax import hf, restore, sharding
+from hybridna_jax import hf, paths, restore, sharding
 from hybridna_jax import tokenizer as our_tokenizer
 from hybridna_jax.config import ModelConfig, load_config
 from hybridna_jax.model import create_model
@@ -211,6 +212,27 @@ def test_truncated_shard_is_named(tmp_path):
     hf.load(str(tmp_path))
 
 
+def test_shards_without_their_index_or_a_named_shard_are_named(tmp_path):
+  """Review: shards whose index was not downloaded read as no Hugging Face
+  directory (restore.load blamed a missing checkpoints/, hf.load asked for
+  a model.safetensors that never existed); a shard the index names but the
+  download lacks was a FileNotFoundError."""
+  _bamba().save_pretrained(tmp_path, max_shard_size="20KB")
+  index = tmp_path / "model.safetensors.index.json"
+  saved = index.read_text()
+  index.unlink()
+  no_index = rf"^{re.escape(str(tmp_path))} holds sharded safetensors \(model-00001-of-\d+"
+  no_index += r"\.safetensors, \.\.\.\) but no model\.safetensors\.index\.json.*download it too"
+  for load in (restore.load, hf.load, restore.find_checkpoint):  # the last: the launchers'
+    with pytest.raises(hf.HFCheckpointError, match=no_index):
+      load(str(tmp_path))
+  index.write_text(saved)
+  shard = sorted(tmp_path.glob("model-*.safetensors"))[1]
+  shard.unlink()
+  with pytest.raises(hf.HFCheckpointError, match=rf"^{re.escape(str(shard))} is missing.*again"):
+    restore.load(str(tmp_path))
+
+
 def test_unsupported_setting_is_named(tmp_path):
   _bamba().save_pretrained(tmp_path)
   config = json.loads((tmp_path / "config.json").read_text())
@@ -396,6 +418,19 @@ def test_convert_hf_to_run_and_back(tmp_path):
   assert done.returncode != 0 and "exists and is not empty" in done.stderr
   done = _convert(f"--input={path}", f"--output={tmp_path / 'new'}", "--vocab_size=5")
   assert done.returncode != 0 and "error: --vocab_size=5: pass 0 (every" in done.stderr
+
+
+def test_restore_load_reads_a_hf_directory_as_a_file_url(tmp_path):
+  """Review: restore.load("file:///...") missed the Hugging Face directory and
+  said to use restore.load."""
+  path = tmp_path / "a b"  # percent-encoded in the URL
+  ref = _bamba()
+  ref.save_pretrained(path)
+  model, _, _ = restore.load(paths.file_url(path), dtype="float32", our_vocab=None)
+  ids = np.random.RandomState(1).randint(0, 16, (1, 9))
+  assert _rel(_ours(model, ids), _torch_logits(ref, ids)) <= 1e-4
+  with pytest.raises(FileNotFoundError, match=r"is a Hugging Face directory.*launch/convert.py"):
+    restore.find_checkpoint(paths.file_url(path))  # the launchers' lookup
 
 
 # -- Config fields as transformers reads them ----------------------------------

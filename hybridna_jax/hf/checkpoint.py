@@ -59,25 +59,57 @@ class HFCheckpointError(ValueError):
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names
 
 
-def is_hf_dir(path: str) -> bool:
-  """True for a directory with config.json and model.safetensors or its index."""
+# The shards transformers' save_pretrained writes beside INDEX_FILE (and export).
+_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+def local_dir(path: str | os.PathLike) -> str | None:
+  """The local path of `path` (a local path or file:// URL, which Hugging
+  Face directories may be given as), None for another URL (gs://, ...):
+  load reads local files only."""
+  text = os.fspath(path)
+  if not paths.is_url(text):
+    return text
+  return paths.local_file_path(text) if paths.scheme(text) == "file" else None
+
+
+def is_hf_dir(path: str | os.PathLike) -> bool:
+  """True for a local directory (or file:// URL) with config.json and
+  model.safetensors or its index."""
+  path = local_dir(path)
   return (
-    os.path.isdir(path)
+    path is not None
+    and os.path.isdir(path)
     and os.path.exists(os.path.join(path, CONFIG_FILE))
     and any(os.path.exists(os.path.join(path, f)) for f in (SINGLE_FILE, INDEX_FILE))
   )
 
 
-def check_safetensors(path: str) -> None:
+def _shard_names(path: str) -> list[str]:
+  return sorted(f for f in os.listdir(path) if _SHARD_NAME.fullmatch(f))
+
+
+def check_safetensors(path: str | os.PathLike) -> None:
   """Raises HFCheckpointError for a Hugging Face directory that load cannot
-  read: weights without their config.json (an incomplete download), or
-  PyTorch weights (TORCH_FILES) and no safetensors."""
-  if is_hf_dir(path):
+  read: safetensors shards without model.safetensors.index.json, weights
+  without their config.json (both incomplete downloads), or PyTorch weights
+  (TORCH_FILES) and no safetensors."""
+  path = local_dir(path)
+  if path is None or not os.path.isdir(path) or is_hf_dir(path):
     return
+  has_config = os.path.exists(os.path.join(path, CONFIG_FILE))
+  shards = _shard_names(path)
+  if shards and not os.path.exists(os.path.join(path, SINGLE_FILE)):
+    what, it = (f"{INDEX_FILE}, which names each tensor's shard", "it")
+    if not has_config:
+      what, it = (f"{INDEX_FILE} and no {CONFIG_FILE}", "them")
+    raise HFCheckpointError(
+      f"{path} holds sharded safetensors ({shards[0]}, ...) but no {what}; download {it} too."
+    )
   held = [
     f for f in (SINGLE_FILE, INDEX_FILE, *TORCH_FILES) if os.path.exists(os.path.join(path, f))
   ]
-  if held and not os.path.exists(os.path.join(path, CONFIG_FILE)):
+  if held and not has_config:
     raise HFCheckpointError(
       f"{path} holds {held[0]} but no {CONFIG_FILE}, which gives the model's settings; "
       f"download the checkpoint's {CONFIG_FILE} (and tokenizer files) into it."
@@ -108,9 +140,16 @@ class HFFiles:
     return sorted(set(self.files.values()))
 
 
-def read_files(path: str) -> HFFiles:
-  """Reads config.json and the safetensors headers (no tensor data)."""
-  path = os.path.abspath(path)
+def read_files(path: str | os.PathLike) -> HFFiles:
+  """Reads config.json and the safetensors headers (no tensor data) of a
+  local directory or file:// URL."""
+  local = local_dir(path)
+  if local is None:
+    raise HFCheckpointError(
+      f"{os.fspath(path)}: Hugging Face directories are read from local disk (a path or "
+      "file:// URL); download it first."
+    )
+  path = os.path.abspath(local)
   check_safetensors(path)
   config = read_json(os.path.join(path, CONFIG_FILE))
   if not isinstance(config, dict):
@@ -132,8 +171,15 @@ def read_files(path: str) -> HFFiles:
   shapes, files = {}, {}
   for shard in shards:
     shard_path = os.path.join(path, shard)
+    if not os.path.exists(shard_path) and shard == SINGLE_FILE:
+      raise HFCheckpointError(
+        f"{path} holds {CONFIG_FILE} but no weights ({SINGLE_FILE}, or {INDEX_FILE} and its "
+        "shards); download them into it."
+      )
     if not os.path.exists(shard_path):
-      raise FileNotFoundError(f"{index}: shard {shard} is missing from {path}.")
+      raise HFCheckpointError(
+        f"{shard_path} is missing, though {INDEX_FILE} names it; download it again."
+      )
     try:
       with safe_open(shard_path, framework="np") as f:
         for name in f.keys():
@@ -401,7 +447,8 @@ def load(
   """Loads a Hugging Face-format directory onto `mesh`.
 
   Args:
-    path: directory with config.json and model.safetensors (or its index).
+    path: directory (local path or file:// URL) with config.json and
+      model.safetensors (or model.safetensors.index.json and its shards).
     dtype: "float32" (default, the reference framework's precision) or
       "bfloat16": parameter and compute dtype.
     mesh: where to place the parameters (default: all devices, fsdp).
@@ -579,8 +626,8 @@ def export(
   return written
 
 
-# The files export writes; a directory of nothing else is an earlier export.
-_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+# The files export writes (and _SHARD_NAME shards); a directory of nothing
+# else is an earlier export.
 _EXPORT_FILES = {CONFIG_FILE, SINGLE_FILE, INDEX_FILE, *CHAR_TOKENIZER_FILES}
 
 
