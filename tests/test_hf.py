@@ -517,6 +517,76 @@ def test_list_valued_eos_token_id(tmp_path):
   assert (tok.eos, tok.bos, tok.pad) == (3, 1, 0)
 
 
+def _fast_tokenizer_dir(path, post_processor, **config):
+  """A character-level tokenizer.json over _VOCAB12 that transformers loads
+  (PreTrainedTokenizerFast), with `post_processor` (absent when None)."""
+  flags = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": False}
+  added = [{"id": i, "content": t, **flags, "special": True} for i, t in enumerate(_VOCAB12)]
+  split = {"type": "Split", "pattern": {"Regex": "."}, "behavior": "Isolated", "invert": False}
+  tokenizer_json = {
+    "version": "1.0",
+    **{"truncation": None, "padding": None, "normalizer": None, "decoder": None},
+    "added_tokens": [t for t in added if "[" in t["content"]],
+    "pre_tokenizer": split,
+    "post_processor": post_processor,
+    "model": {"type": "WordLevel", "vocab": {t: i for i, t in enumerate(_VOCAB12)}},
+  }
+  tokenizer_json["model"]["unk_token"] = "[UNK]"
+  (path / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+  roles = {"pad_token": "[PAD]", "bos_token": "[BOS]", "eos_token": "[EOS]", "unk_token": "[UNK]"}
+  tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", **roles, **config}
+  (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+
+
+def _template(*first):
+  """A TemplateProcessing post_processor putting the tokens `first` before the text."""
+  names = [t for t, _ in first]
+  specials = [{"SpecialToken": {"id": t, "type_id": 0}} for t in names]
+  text = {"Sequence": {"id": "A", "type_id": 0}}
+  return {
+    "type": "TemplateProcessing",
+    "single": [*specials, text],
+    "pair": [*specials, text, {"Sequence": {"id": "B", "type_id": 1}}],
+    "special_tokens": {t: {"id": t, "ids": [i], "tokens": [t]} for t, i in first},
+  }
+
+
+_BOS_TEMPLATE = _template(("[BOS]", 5))
+
+
+@pytest.mark.parametrize(
+  "post_processor, config, bos",
+  [
+    (_BOS_TEMPLATE, {}, 5),  # review: add_bos was read from add_bos_token only
+    (None, {"add_bos_token": True}, None),  # transformers drops add_bos_token beside tokenizer.json
+    (None, {}, None),
+    ({"type": "BertProcessing", "sep": ["[SEP]", 3], "cls": ["[CLS]", 2]}, {}, 2),  # cls first
+    (
+      {
+        "type": "Sequence",
+        "processors": [
+          {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False},
+          {"type": "RobertaProcessing", "sep": ["[EOS]", 6], "cls": ["[BOS]", 5]},
+        ],
+      },
+      {"add_bos_token": False},
+      5,
+    ),
+  ],
+)
+def test_add_bos_is_what_transformers_tokenizer_does(tmp_path, post_processor, config, bos):
+  _fast_tokenizer_dir(tmp_path, post_processor, **config)
+  theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))("ACGT")["input_ids"]
+  tok = hf.read_vocab(str(tmp_path))
+  ours = tok.encode("ACGT", add_bos=tok.add_bos).tolist()
+  assert tok.add_bos == (bos is not None) and "tokenizer.json's post_processor" in tok.add_bos_from
+  # The same ids, but for the token a processor appends (Bert's [SEP]),
+  # which score.add_bos does not model.
+  assert theirs[: len(ours)] == ours and len(theirs) - len(ours) <= 1
+  if bos is not None:
+    assert ours[0] == tok.bos == bos
+
+
 # HyenaDNA/Caduceus CharacterTokenizer: no vocabulary file; the class's code
 # numbers 7 specials, then the characters from 7.
 _CHAR_SPECIALS = ["[CLS]", "[SEP]", "[BOS]", "[MASK]", "[PAD]", "[RESERVED]", "[UNK]"]

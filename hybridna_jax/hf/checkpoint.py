@@ -467,8 +467,10 @@ def load(
     the directory has no tokenizer files, or files that hold no DNA
     vocabulary: a warning names them) or hybridna_jax.tokenizer (with
     our_vocab), and a job config whose `model` section is the translated
-    architecture (and score.add_bos True when the tokenizer adds bos,
-    add_bos_token: scores as the checkpoint's own pipeline computes them).
+    architecture (and score.add_bos True when the tokenizer adds bos, as
+    transformers' does: VocabTokenizer.add_bos, from tokenizer.json's
+    post_processor, or add_bos_token where there is no tokenizer.json;
+    scores as the checkpoint's own pipeline computes them).
   """
   check_our_vocab(our_vocab)
   files = read_files(path)
@@ -500,6 +502,7 @@ def load(
     logging.warning("%s Loading the model without a tokenizer (None).", unreadable)
   remap = None
   adds_bos = tok is not None and tok.add_bos
+  bos_from = tok.add_bos_from if tok is not None else ""
   if our_vocab is not None:
     head, embed, notes = vocab_remap(tok, cfg.vocab_size, our_vocab)
     for note in notes:
@@ -531,9 +534,9 @@ def load(
     # Scored as the checkpoint's pipeline scores: every sequence after bos.
     config.score.add_bos = True
     logging.info(
-      "%s: its tokenizer adds bos (add_bos_token), so the job config scores with "
-      "score.add_bos=True.",
+      "%s: its tokenizer adds bos (%s), so the job config scores with score.add_bos=True.",
       files.path,
+      bos_from,
     )
   return nnx.merge(graphdef, params), tok, config
 

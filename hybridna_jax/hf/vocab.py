@@ -5,10 +5,14 @@ the same ids reach our model and transformers' (the imported model keeps the
 checkpoint's embedding rows in order). It reads, in order of preference:
 
     tokenizer.json          HF `tokenizers`: model.vocab ({token: id} or
-                            [[token, score], ...]) and added_tokens
+                            [[token, score], ...]), added_tokens, and
+                            post_processor (whether a sequence starts
+                            with bos, and which token that is)
     vocab.json              {token: id}
     tokenizer_config.json   added_tokens_decoder {id: {"content": token}},
-                            and the names of bos/eos/pad/... tokens
+                            the names of bos/eos/pad/... tokens, and
+                            add_bos_token (without a tokenizer.json:
+                            transformers ignores it beside one)
     config.json             pad/bos/eos_token_id
 
 HyenaDNA's and Caduceus' `CharacterTokenizer` writes no vocabulary file: its
@@ -26,6 +30,7 @@ vocabulary (hybridna_jax.tokenizer) in those formats (export).
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 
@@ -69,8 +74,11 @@ class VocabTokenizer:
   (None when the vocabulary has none); A, C, G, T, N (with no N token, the
   unk token, as a character tokenizer reads N, else None);
   vocab_size (the id range of the tokenizer files; the model's embedding
-  may have more rows); add_bos (tokenizer_config.json's add_bos_token: the
-  checkpoint's own pipeline starts every sequence with bos).
+  may have more rows); add_bos (the checkpoint's own pipeline starts every
+  sequence with bos: tokenizer.json's post_processor puts a special token
+  first, which is then the bos id, or, with no tokenizer.json,
+  tokenizer_config.json's add_bos_token -- as transformers' tokenizer
+  reads them) and add_bos_from (the file and field that said so).
   """
 
   def __init__(
@@ -79,10 +87,12 @@ class VocabTokenizer:
     specials: Mapping[str, int | None],
     source: str,
     add_bos: bool = False,
+    add_bos_from: str = "",
   ):
     self.vocab = dict(vocab)
     self.source = source
     self.add_bos = add_bos
+    self.add_bos_from = add_bos_from
     self.id_to_token = {i: t for t, i in self.vocab.items()}
     self.vocab_size = max(self.vocab.values()) + 1 if self.vocab else 0
     for role in _ROLES:
@@ -196,6 +206,7 @@ def _read_vocab(path: str, model_config: Mapping | None) -> VocabTokenizer | Non
   tok_config_path = os.path.join(path, "tokenizer_config.json")
   tok_config = read_json(tok_config_path) if os.path.exists(tok_config_path) else {}
   tok_json = os.path.join(path, "tokenizer.json")
+  data = None  # tokenizer.json's contents
   if os.path.exists(tok_json):
     data = read_json(tok_json)
     model_vocab = (data.get("model") or {}).get("vocab") or {}
@@ -232,8 +243,98 @@ def _read_vocab(path: str, model_config: Mapping | None) -> VocabTokenizer | Non
       specials[role] = config_id
     else:
       specials[role] = next((vocab[n] for n in _ROLE_NAMES[role] if n in vocab), None)
-  add_bos = bool(tok_config.get("add_bos_token", False)) and specials.get("bos") is not None
-  return VocabTokenizer(vocab, specials, source, add_bos=add_bos)
+  if data is not None:
+    add_bos, bos_from = _post_processor_bos(data, tok_json, vocab, specials, tok_config)
+  else:
+    add_bos = bool(tok_config.get("add_bos_token", False)) and specials.get("bos") is not None
+    bos_from = f"{tok_config_path}'s add_bos_token"
+  return VocabTokenizer(vocab, specials, source, add_bos=add_bos, add_bos_from=bos_from)
+
+
+def _processor_prefix(processor: Mapping, vocab: Mapping[str, int]) -> list[int] | None:
+  """The ids a `tokenizers` post_processor puts before a single sequence,
+  None for a type not known here."""
+  kind = processor.get("type")
+  if kind == "Sequence":  # each wraps the output of the ones before it
+    prefix = []
+    for p in processor.get("processors") or ():
+      inner = _processor_prefix(p, vocab)
+      if inner is None:
+        return None
+      prefix = inner + prefix
+    return prefix
+  if kind in ("BertProcessing", "RobertaProcessing"):  # cls $A sep
+    return [int(processor["cls"][1])]
+  if kind == "TemplateProcessing":
+    special_tokens = processor.get("special_tokens") or {}
+    prefix = []
+    for piece in processor.get("single") or ():
+      if "SpecialToken" not in piece:  # {"Sequence": ...}: the text
+        break
+      name = piece["SpecialToken"]["id"]
+      ids = (special_tokens.get(name) or {}).get("ids")
+      prefix += [int(i) for i in ids] if ids else [vocab[name]]
+    return prefix
+  if kind == "ByteLevel":  # offsets only
+    return []
+  return None
+
+
+def _post_processor_bos(
+  data: Mapping,
+  source: str,
+  vocab: Mapping[str, int],
+  specials: dict[str, int | None],
+  tok_config: Mapping,
+) -> tuple[bool, str]:
+  """Whether a tokenizer.json tokenizer starts a sequence with bos, as
+  transformers' tokenizer does: its post_processor decides (transformers
+  drops tokenizer_config.json's add_bos_token when it loads a
+  tokenizer.json, and with no post_processor adds nothing). The special
+  token it puts first becomes specials["bos"], the token encode's add_bos
+  adds. Returns (add_bos, where that was read)."""
+  processor = data.get("post_processor")
+  where = f"{source}'s post_processor"
+  if not processor:
+    if tok_config.get("add_bos_token"):
+      logging.warning(
+        "%s sets add_bos_token, but %s has no post_processor and transformers ignores "
+        "add_bos_token beside a tokenizer.json: its tokenizer adds no bos, so neither does "
+        "this one.",
+        os.path.join(os.path.dirname(source), "tokenizer_config.json"),
+        source,
+      )
+    return False, where
+  prefix = _processor_prefix(processor, vocab)
+  if prefix is None:
+    logging.warning(
+      "%s: post_processor type %r is not known here; reading it as adding no bos.",
+      source,
+      processor.get("type"),
+    )
+    return False, where
+  if not prefix:
+    return False, where
+  if len(prefix) > 1:
+    logging.warning(
+      "%s: the post_processor starts each sequence with %d special tokens %s; only the "
+      "first is added (score.add_bos adds one token).",
+      source,
+      len(prefix),
+      prefix,
+    )
+  if specials.get("bos") != prefix[0]:
+    id_to_token = {i: t for t, i in vocab.items()}
+    logging.warning(
+      "%s: the post_processor starts each sequence with %r (id %d), not the bos token "
+      "(id %s); it is taken as bos.",
+      source,
+      id_to_token.get(prefix[0]),
+      prefix[0],
+      specials.get("bos"),
+    )
+    specials["bos"] = prefix[0]
+  return True, where
 
 
 # The files write_char_tokenizer writes.
