@@ -24,7 +24,9 @@ explicit --vocab_size keeps our ids 0..N-1: 128 gives every task token
 generative fine-tuning needs, as zero rows where the checkpoint has none
 (logit 0, which takes probability mass); a smaller one drops rows (the
 softmax renormalises: scores change). Each placement is logged. --config
-(optional) supplies the non-model sections of the written run's config.json.
+(optional) supplies the other sections of the written run's config.json:
+the checkpoint decides `model` and `score.add_bos` (True when its tokenizer
+adds bos, as hf.load reads it), which replace --config's.
 """
 
 import os
@@ -71,8 +73,21 @@ def main(argv):
       )
     model, _, config = hf.load(FLAGS.input, our_vocab=FLAGS.vocab_size)
     if FLAGS.config is not None:
+      # The checkpoint decides its architecture and whether its pipeline
+      # scores after bos; --config gives the rest.
+      if FLAGS.config.score.add_bos != config.score.add_bos:
+        logging.warning(
+          "--config's score.add_bos=%s replaced by the checkpoint's score.add_bos=%s.",
+          FLAGS.config.score.add_bos,
+          config.score.add_bos,
+        )
       FLAGS.config.model = config.model
+      FLAGS.config.score.add_bos = config.score.add_bos
       config = FLAGS.config
+    logging.info(
+      "the run scores with score.add_bos=%s (whether the checkpoint's tokenizer adds bos)",
+      config.score.add_bos,
+    )
     hf.write_run(model, config, FLAGS.output)
     logging.info("wrote run directory %s (restore.load, eval.py, score.py ...)", FLAGS.output)
   else:

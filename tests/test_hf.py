@@ -420,6 +420,26 @@ def test_convert_hf_to_run_and_back(tmp_path):
   assert done.returncode != 0 and "error: --vocab_size=5: pass 0 (every" in done.stderr
 
 
+def test_convert_keeps_the_checkpoints_add_bos(tmp_path):
+  """Review: a tokenizer whose post_processor adds bos gave score.add_bos
+  False, and --config dropped a True; a file:// input was taken for a run."""
+  _, path = _jamba_dir(tmp_path)
+  _fast_tokenizer_dir(path, _BOS_TEMPLATE)
+  _, _, config = restore.load(str(path), dtype="float32")
+  assert config.score.add_bos
+  for extra, source in (([], str(path)), (["--config=configs/tiny.py"], paths.file_url(path))):
+    run = tmp_path / f"run{len(extra)}"
+    done = _convert(f"--input={source}", f"--output={run}", *extra)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads((run / "config.json").read_text())["score"]["add_bos"] is True
+  # Shards without their index are named, not taken for a run without checkpoints/.
+  shards = tmp_path / "shards"
+  _bamba().save_pretrained(shards, max_shard_size="20KB")
+  (shards / "model.safetensors.index.json").unlink()
+  done = _convert(f"--input={shards}", f"--output={tmp_path / 'run2'}")
+  assert done.returncode != 0 and "but no model.safetensors.index.json" in done.stderr
+
+
 def test_restore_load_reads_a_hf_directory_as_a_file_url(tmp_path):
   """Review: restore.load("file:///...") missed the Hugging Face directory and
   said to use restore.load."""
