@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import types
 
@@ -130,6 +131,36 @@ def test_a_signal_during_the_dev_evaluation_abandons_it(motif_task, tmp_path, mo
   assert Checkpoints(os.path.join(workdir, CHECKPOINT_DIR)).all_steps() == [2]
   records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [r for r in records if r["kind"] == "val"] == []
+
+
+def test_a_run_resumes_only_on_the_examples_it_was_trained_on(motif_task, tmp_path):
+  """Review of stop 37: rerun in a finished run's --workdir with another
+  task, the run "completed" at once and wrote the old model's results as
+  the new task's. A moved copy of the same task still resumes."""
+
+  def config(task):
+    cfg = _config(task, steps=2, baselines=False)
+    cfg.train.eval_every, cfg.train.checkpoint_every = 0, 2
+    return cfg
+
+  task, other, moved = (str(tmp_path / name) for name in ("task", "other", "moved"))
+  shutil.copytree(motif_task, task)
+  workdir = str(tmp_path / "run")
+  assert task_lib.finetune(config(task), workdir)["stopped"] == "completed"
+  results = open(os.path.join(workdir, "results.json")).read()
+  shutil.copytree(task, other)
+  train_csv = os.path.join(other, "train.csv")
+  lines = open(train_csv).read().split("\n")
+  lines[1] = lines[1][:-1] + str(1 - int(lines[1][-1]))  # one label flipped
+  open(train_csv, "w").write("\n".join(lines))
+  with pytest.raises(ValueError, match=r"finetune.task: '.*/task' in the run, '.*/other' now\); "):
+    task_lib.finetune(config(other), workdir)
+  assert open(os.path.join(workdir, "results.json")).read() == results  # left as it was
+  shutil.copytree(task, moved)
+  assert task_lib.finetune(config(moved), workdir)["steps"] == 2  # the same examples
+  shutil.copyfile(train_csv, os.path.join(moved, "train.csv"))  # edited in place
+  with pytest.raises(ValueError, match=r"\(the files finetune.task, .* name changed since\)"):
+    task_lib.finetune(config(moved), workdir)
 
 
 def _write_pretrained_run(run_dir: str, config) -> nnx.State:

@@ -34,7 +34,7 @@ from hybridna_jax.train import flops as flops_lib
 from hybridna_jax.train import loop
 from hybridna_jax.train import step as step_lib
 from hybridna_jax.train.resume import resumed_config
-from hybridna_jax.train.tasks import Task, lm_eval
+from hybridna_jax.train.tasks import Task, examples_digest, lm_eval
 
 # How a model gets rows for the label tokens (ids from 10 up).
 _LABEL_TOKENS_NEED = (
@@ -53,6 +53,7 @@ class GenerativeFinetuning(Task):
   """
 
   selection = ("bits_per_nt", "min")
+  example_fields = ("generate.train_csv", "generate.label_columns")
   # Laid out like pretraining's batches: each process loads its rows, and of
   # them its columns where the context axis spans processes.
   sequence_keys = step_lib.LM_BATCH_KEYS
@@ -183,6 +184,11 @@ class GenerativeFinetuning(Task):
 
   def flops_per_token(self, seq_len: int) -> float:
     return flops_lib.train_flops_per_token(self.model_cfg, seq_len)
+
+  def examples_digest(self) -> str:
+    """Of the training rows: sequences and each label column."""
+    rows = self.train_rows
+    return examples_digest({f"train:{c}": (rows.sequences, rows.labels[c]) for c in rows.columns})
 
   def describe(self) -> str:
     conditions = ", ".join(

@@ -62,7 +62,7 @@ from hybridna_jax.train.checkpoint import (
 from hybridna_jax.train.metrics import METRICS_FILE
 from hybridna_jax.train.preemption import check_eval_interrupt, stop_signals
 from hybridna_jax.train.resume import flatten_config
-from hybridna_jax.train.tasks import Task
+from hybridna_jax.train.tasks import Task, examples_digest
 
 TASK_INFO = "task_info.json"
 
@@ -171,6 +171,8 @@ class FinetuneTask(Task):
   and eval/checkpoint intervals and warmup when given in epochs or as a
   fraction), so the run's config.json records what ran.
   """
+
+  example_fields = ("finetune.task", "finetune.format", "finetune.reference")
 
   def __init__(self, config, data: datasets.TaskData | None = None):
     super().__init__(config)
@@ -486,6 +488,10 @@ class FinetuneTask(Task):
         results["verdict"]["text"] if "verdict" in results else "",
       )
     return {"results": results}
+
+  def examples_digest(self) -> str:
+    """Of every split as loaded (a dev split carved from train included)."""
+    return examples_digest({k: (v.sequences, v.labels) for k, v in self.data.splits.items()})
 
   def describe(self) -> str:
     cfg = self.model_cfg

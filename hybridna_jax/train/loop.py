@@ -36,6 +36,7 @@ from hybridna_jax.train.metrics import LOSS_PLOT, MetricsLogger, plot_loss_curve
 from hybridna_jax.train.preemption import EvalInterrupted, Preemption, fetch
 from hybridna_jax.train.resume import (
   check_resume_config,
+  check_same_examples,
   check_stream_position,
   write_config,
   written_config,
@@ -132,6 +133,7 @@ def _train(config, workdir: str, task: Task | None, preemption: Preemption) -> d
   for stage in stages:  # every stage's batch fits the mesh: not found hours in
     stage_layout(stage)
   written = written_config(workdir)  # the run's config.json so far, read once
+  examples = task.examples_digest()
   # Opened after the checks: an Orbax manager starts a thread that cleans up
   # temporary paths, which a bad-input exit would interrupt with a traceback.
   checkpoints = Checkpoints(
@@ -148,6 +150,7 @@ def _train(config, workdir: str, task: Task | None, preemption: Preemption) -> d
     step = 0 if resumed is None else resumed[0]
     stage = stage_at(stages, step)
     if resumed is not None:
+      check_same_examples(resumed[2], examples, config, task.example_fields, written, workdir)
       lm = isinstance(task, LMPretraining)
       batch_field = task.stage_fields(stage)[0]
       check_stream_position(resumed[2], stage, batch_field, written, workdir, lm)
@@ -198,6 +201,7 @@ def _train(config, workdir: str, task: Task | None, preemption: Preemption) -> d
         "stage_start": stage.start_step,
         "last_eval": last_eval,
         "stream_format": pipeline.STREAM_FORMAT,
+        "examples_sha256": examples,
         "pending_eval": pending_eval,
         "unlogged": {k: [float(x) for x in jax.device_get(v)] for k, v in accumulated.items()},
       }

@@ -1,7 +1,8 @@
 """What a run records and what a resume checks against it: the config a run
 writes to <workdir>/config.json, and the refusals of a resume whose
-architecture does not fit the run's checkpoints, or whose data stream an
-earlier version made another way."""
+architecture does not fit the run's checkpoints, whose examples are not the
+ones it was trained on, or whose data stream an earlier version made
+another way."""
 
 from __future__ import annotations
 
@@ -104,6 +105,36 @@ def check_stream_position(
       "saved by an earlier version, which grouped each batch's windows differently; finish "
       "the run with that version, or start it again in another --workdir."
     )
+
+
+def check_same_examples(
+  meta: dict,
+  digest: str | None,
+  config,
+  fields: tuple[str, ...],
+  written: dict | None,
+  workdir: str,
+) -> None:
+  """Refuses to resume on other examples than the checkpoint was trained
+  on (`Task.examples_digest`, kept in its meta as "examples_sha256"): the
+  run would mix two tasks, or report one's model as the other's results.
+  `fields` name the examples in `config`; `written` is the run's
+  config.json (to say which of them changed)."""
+  saved = meta.get("examples_sha256")
+  if digest is None or saved is None or saved == digest:
+    return
+  before = flatten_config(written or {})
+  now = flatten_config(json.loads(config.to_json_best_effort()))  # tuples as lists, as written
+  changed = [
+    f"{f}: {before.get(f)!r} in the run, {now.get(f)!r} now"
+    for f in fields
+    if before.get(f) != now.get(f)
+  ]
+  what = "; ".join(changed) or f"the files {', '.join(fields)} name changed since"
+  raise ValueError(
+    f"{workdir} was trained on other examples than this config gives ({what}); give this "
+    "task its own --workdir, or resume with the examples the run was trained on."
+  )
 
 
 def flatten_config(values: dict, prefix: str = "") -> dict:

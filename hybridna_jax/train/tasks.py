@@ -5,8 +5,9 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import jax
 
@@ -100,6 +101,17 @@ def lm_metrics(totals: dict) -> dict:
   }
 
 
+def examples_digest(splits: Mapping[str, tuple[Sequence[str], Sequence]]) -> str:
+  """SHA-256 (hex) of named splits of (sequences, labels)."""
+  digest = hashlib.sha256()
+  for name in sorted(splits):
+    sequences, labels = splits[name]
+    digest.update(f"{name}\0{len(sequences)}\0".encode())
+    digest.update("\n".join(sequences).encode())
+    digest.update(("\0" + "\n".join(str(label) for label in labels)).encode())
+  return digest.hexdigest()
+
+
 class Task:
   """What a run trains and how it is fed and judged; `loop.train` runs any task
   through the same steps, checkpoints, preemption handling and metrics.
@@ -162,6 +174,18 @@ class Task:
   def start(self, fns: step_lib.StepFunctions, state):
     """Adjusts a freshly initialised state (e.g. loads pretrained weights)."""
     return state
+
+  # The config fields that name a task's examples (for `examples_digest`'s
+  # refusal to say which changed).
+  example_fields: tuple[str, ...] = ()
+
+  def examples_digest(self) -> str | None:
+    """A digest of the examples the run trains and is judged on, kept in
+    its checkpoints: a resume on other examples (another task, an edited
+    file) is refused, so a run's results are never another task's model.
+    None (the default): not checked (pretraining reads a token store, which
+    `prepare.check_store_matches` holds to its config)."""
+    return None
 
   def finish(self, fns: step_lib.StepFunctions, state, workdir: str) -> dict:
     """Runs after the last step (e.g. test metrics); returns summary entries."""
