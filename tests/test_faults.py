@@ -405,6 +405,9 @@ def test_a_stage_changed_mid_stage_is_refused(base_run, tmp_path):
   with pytest.raises(ValueError, match=was):
     loop.train(cfg, workdir)
   assert sorted(os.listdir(os.path.join(workdir, CHECKPOINT_DIR))) == ["2", "4"]
+  cfg.train.stages = ((32, 3, 4),)  # ends before the run's step (review: "completed")
+  with pytest.raises(ValueError, match=r"is at step 4, past the 3 steps of this config's stages"):
+    loop.train(cfg, workdir)
   cfg.train.stages = ((32, 4, 4), (32, 2, 2))  # a new stage from step 4: any batch
   assert loop.train(cfg, workdir)["steps"] == 6
 

@@ -38,6 +38,7 @@ from absl import logging
 from hybridna_jax.finetune import baselines as baselines_lib
 from hybridna_jax.finetune import datasets, report
 from hybridna_jax.finetune.metrics import HEADLINE
+from hybridna_jax.scoring.scorer import ProgressLogger
 
 # Inverse regularisation strengths tried on dev (logistic C; ridge alpha = 1/C).
 STRENGTHS = (0.01, 0.1, 1.0, 10.0)
@@ -46,10 +47,15 @@ STRENGTHS = (0.01, 0.1, 1.0, 10.0)
 def embed_splits(
   scorer, data: datasets.TaskData, *, pooling: str, layer: int, rc_average: bool
 ) -> dict[str, np.ndarray]:
-  """split -> (n_split, d_model) float32 embeddings of its sequences."""
+  """split -> (n_split, d_model) float32 embeddings of its sequences (the
+  progress of each split logged)."""
   return {
     split: scorer.embed(
-      data.splits[split].sequences, pooling=pooling, layer=layer, rc_average=rc_average
+      data.splits[split].sequences,
+      pooling=pooling,
+      layer=layer,
+      rc_average=rc_average,
+      progress=ProgressLogger(f"{split} sequences"),
     )
     for split in ("train", *baselines_lib.EVAL_SPLITS)
   }

@@ -148,6 +148,13 @@ def _train(config, workdir: str, task: Task | None, preemption: Preemption) -> d
   try:
     resumed = checkpoints.restore_newest(target) if checkpoints.all_steps() else None
     step = 0 if resumed is None else resumed[0]
+    if step > total_steps:
+      # It would "complete" at once, its config.json naming fewer steps
+      # than its model was trained for.
+      raise ValueError(
+        f"{workdir} is at step {step}, past the {total_steps} steps of this config's stages; "
+        "resume with a schedule that reaches its step, or start this one in another --workdir."
+      )
     stage = stage_at(stages, step)
     if resumed is not None:
       check_same_examples(resumed[2], examples, config, task.example_fields, written, workdir)
