@@ -52,6 +52,19 @@ class CheckpointRef:
   manager_dir: str  # the Orbax CheckpointManager directory
   step: int
 
+  @property
+  def which(self) -> str:
+    """'best' for a step of the run's best/ directory, else 'latest' (of
+    checkpoints/, or of another directory of steps), whatever `which` the
+    path was resolved with: --checkpoint=<run>/best restores a best step."""
+    return "best" if os.path.basename(self.manager_dir.rstrip("/")) == BEST_DIR else "latest"
+
+  @property
+  def step_dir(self) -> str:
+    """The step directory resolved (restoring it restores this very step,
+    even if a newer one is saved meanwhile)."""
+    return os.fspath(paths.join(self.manager_dir, str(self.step)))
+
 
 def find_checkpoint(path: str, which: str = "latest") -> CheckpointRef:
   """Resolves a run directory, checkpoint directory or step directory.

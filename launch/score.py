@@ -12,11 +12,12 @@
         --reference=genome.fa.gz --config=configs/demo.py --config.score.rc_average=True \\
         --region=chr17:43044295-43125483 --annotated=calls.scored.vcf.gz
 
---workdir is the run to restore (or --checkpoint). Settings come from the
-`score` section of --config (default: the run's config.json): context,
-stride, batch_size, dtype, rc_average, pooling, layer, variant_window,
-max_indel_length. Outputs go to --output (default <workdir>/scores/<name>),
-with a plot next to it; progress is logged while scoring. An earlier run's
+--workdir is the run to restore, or pass --checkpoint (one of the two is
+needed). Settings come from the `score` section of --config (default: the
+run's config.json): context, stride, batch_size, dtype, rc_average, pooling,
+layer, variant_window, max_indel_length. Outputs go to --output (default
+<workdir>/scores/<name>, or scores/<name> in the run directory of
+--checkpoint), with a plot next to it; progress is logged while scoring. An earlier run's
 outputs are not replaced without --overwrite.
 
 Variants are streamed (hybridna_jax.scoring.callsets): VCF/BCF through htslib
@@ -31,7 +32,7 @@ from absl import app, flags, logging
 
 from hybridna_jax import launch_utils
 
-launch_utils.define_flags(distributed=False)
+launch_utils.define_flags(workdir_required=False, distributed=False)
 flags.DEFINE_enum(
   "mode", None, ["loglik", "positions", "embed", "variants"], "What to compute.", required=True
 )
@@ -58,13 +59,16 @@ flags.DEFINE_integer(
   "chunk_records", 2048, "mode=variants: records scored per chunk (memory and resume unit)."
 )
 flags.DEFINE_string(
-  "checkpoint", None, "A run, checkpoints/, best/ or step directory (default: --workdir)."
+  "checkpoint",
+  None,
+  "A run, checkpoints/, best/ or step directory (default: --workdir; one of the two is needed).",
 )
 flags.DEFINE_enum("which", "latest", ["latest", "best"], "Checkpoint of a run directory.")
 flags.DEFINE_string(
   "output",
   None,
-  "Output file (default: <workdir>/scores/<mode>.<ext>); "
+  "Output file (default: <workdir>/scores/<mode>.<ext>, or scores/<mode>.<ext> in the run "
+  "directory of --checkpoint); "
   "plots and other files are written next to it.",
 )
 flags.DEFINE_bool(
@@ -102,8 +106,14 @@ def main(argv):
     raise app.UsageError("--mode=variants needs --variants and --reference.")
   if mode != "variants" and not FLAGS.fasta:
     raise app.UsageError(f"--mode={mode} needs --fasta.")
+  if FLAGS.checkpoint is None and FLAGS.workdir is None:
+    raise app.UsageError("pass --workdir (the run to restore) or --checkpoint.")
+  path = FLAGS.checkpoint or FLAGS.workdir
+  ref = restore.find_checkpoint(path, FLAGS.which)
   output = launch_utils.local_output(
-    FLAGS.output or os.path.join(FLAGS.workdir, "scores", f"{mode}.{_EXTENSIONS[mode]}"), "--output"
+    FLAGS.output
+    or os.path.join(FLAGS.workdir or ref.run_dir, "scores", f"{mode}.{_EXTENSIONS[mode]}"),
+    "--output",
   )
   _refuse_to_replace(mode, output)
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
@@ -112,8 +122,7 @@ def main(argv):
   # are read, and fail, first. Only this section comes from the run's
   # config.json: its mesh is the training one (e.g. tensor=2 on 2 GPUs), so
   # from_run gets --config alone, as in launch/eval.py.
-  path = FLAGS.checkpoint or FLAGS.workdir
-  run_config = restore.run_config(restore.find_checkpoint(path, FLAGS.which).run_dir)
+  run_config = restore.run_config(ref.run_dir)
   config = FLAGS.config if FLAGS.config is not None else run_config
   section = ScoreConfig.of(config)
   if mode == "variants":
@@ -124,7 +133,7 @@ def main(argv):
       FLAGS.fasta, allow_empty_records=DataConfig.of(config).allow_empty_records
     )
 
-  scorer, _ = scoring.Scorer.from_run(path, FLAGS.config, which=FLAGS.which)
+  scorer, _ = scoring.Scorer.from_run(ref.step_dir, FLAGS.config)  # the step resolved above
   rc = section.rc_average
   progress = scoring.ProgressLogger("windows")
   logging.info(

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -85,7 +86,7 @@ def test_evaluate_reports_records_and_overall(scorer, lambda_store, inputs, tmp_
   # Another run's evaluation at the same step is not replaced; an unscorable
   # record's NaN is null (strict JSON).
   other = {**result, "checkpoint": "/runs/b/checkpoints/4"}
-  with pytest.raises(ValueError, match=r"holds the evaluation of /runs/a/checkpoints/4"):
+  with pytest.raises(ValueError, match=r"of another run, /runs/a/checkpoints/4, not of /runs/b/"):
     evaluation.write(other, str(tmp_path), "eval")
   result["records"][0]["loss"] = math.nan
   evaluation.write(result, str(tmp_path), "eval")
@@ -151,8 +152,10 @@ def test_loglik_counts_are_written_exactly(tmp_path):
 
 
 def _launch(script, workdir, *args, env):
+  """Starts launch/<script> (with --workdir=<workdir> unless it is None)."""
+  workdir_flag = [f"--workdir={workdir}"] if workdir is not None else []
   return subprocess.Popen(
-    [sys.executable, os.path.join(ROOT, "launch", script), f"--workdir={workdir}", *args],
+    [sys.executable, os.path.join(ROOT, "launch", script), *workdir_flag, *args],
     cwd=ROOT,
     env=env,
     stdout=subprocess.PIPE,
@@ -193,9 +196,12 @@ def test_launchers(tiny_run, lambda_store, inputs, tmp_path):
     logs[name], _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, f"{name} failed:\n{logs[name][-3000:]}"
 
-  (written,) = out.glob("eval_val_ctx64_stride32_step*_max500tok.json")  # the step restored
+  # The step restored, and the store's hash.
+  (written,) = out.glob("eval_val-*_ctx64_stride32_step*_max500tok.json")
   result = json.load(open(written))
   assert result["records"][0]["name"] == "lambda_b" and result["overall"]["tokens"] == 499
+  assert result["store"] == os.path.abspath(lambda_store.store_dir)
+  assert result["which"] == "latest" and result["data"] == "val"
   assert "overall" in logs["eval"] and "bits/nt" in logs["eval"]
   assert written.with_suffix(".png").exists()
 
@@ -259,6 +265,114 @@ def test_evaluations_of_other_data_or_checkpoints_never_share_a_file():
   two, other = stem(["a.fa", "b.fa"], 64, 32), stem(["a.fa", "c.fa"], 64, 32)
   assert two.startswith("eval_2fasta-") and two != other
   assert two == stem(["b.fa", "a.fa"], 64, 32)  # the same set in another order
+
+
+def test_evaluations_of_two_stores_never_share_a_file(tmp_path, monkeypatch):
+  """Review: the held-out split's files were eval_val_..., whatever
+  data.store_dir, and `write` compared only the checkpoint, so evaluating a
+  checkpoint on another store into the same --output_dir replaced the first
+  store's results."""
+  stem = lambda store: evaluation.output_stem("val", 64, 32, store=store, step=4)
+  a = stem("/data/store_a")
+  assert re.fullmatch(r"eval_val-[0-9a-f]{8}_ctx64_stride32_step4", a)
+  assert stem("/data/store_b") != a and stem("gs://bucket/store_a") != a
+  # The same store, however named, keeps its name.
+  assert stem("/data/store_a/") == a and stem("file:///data/store_a") == a
+  assert stem("gs://bucket/store_a/") == stem("gs://bucket/store_a")
+  monkeypatch.chdir(tmp_path)
+  assert stem("store_c") == stem(str(tmp_path / "store_c"))
+  assert evaluation.output_stem("val", 64, 32) == "eval_val_ctx64_stride32"  # no store given
+  # A file of that name holding another store's evaluation is not replaced.
+  checkpoint = "/runs/a/checkpoints/4"
+  (tmp_path / f"{a}.json").write_text(
+    json.dumps({"checkpoint": checkpoint, "store": "/data/store_a"})
+  )
+  with pytest.raises(ValueError, match="holds the evaluation of the token store /data/store_a, "):
+    evaluation.refuse_to_replace(str(tmp_path), a, checkpoint=checkpoint, store="/data/store_b")
+  evaluation.refuse_to_replace(str(tmp_path), a, checkpoint=checkpoint, store="/data/store_a")
+  with pytest.raises(ValueError, match="checkpoint of the same run, /runs/a/checkpoints/4, not"):
+    evaluation.refuse_to_replace(str(tmp_path), a, checkpoint="/runs/a/best/4")
+  monkeypatch.chdir("/")  # the same step directory, named relative to here
+  evaluation.refuse_to_replace(str(tmp_path), a, checkpoint="runs/a/checkpoints/4")
+
+
+def _run_with_best(tiny_run, root):
+  """A copy of tiny_run whose best/ holds its checkpoint (step 2)."""
+  run = root / "run"
+  shutil.copytree(tiny_run, run)
+  shutil.copytree(run / "checkpoints", run / "best")
+  return run
+
+
+def test_eval_names_and_records_the_checkpoint_restored(tiny_run, tmp_path):
+  """Review: --checkpoint=<run>/best was named and recorded as --which
+  (default latest); a clash with another checkpoint's file was found only
+  after the whole evaluation, and blamed on "two runs" when it was another
+  checkpoint of the same run."""
+  run = _run_with_best(tiny_run, tmp_path)
+  assert restore.find_checkpoint(str(run / "best")).which == "best"
+  assert restore.find_checkpoint(str(run), "best").which == "best"
+  assert restore.find_checkpoint(str(run / "checkpoints" / "2"), "best").which == "latest"
+  env = launch_env(1)
+  fasta_path = tmp_path / "seqs.fa"
+  fasta.write_fasta(fasta_path, [("a", "ACGTTGCA" * 8)])
+  args = [f"--checkpoint={run}/best", f"--fasta={fasta_path}"]
+  stem = evaluation.output_stem([str(fasta_path)], 64, 32, "best", step=2)
+  # Another checkpoint of this run already evaluated under that name.
+  taken = tmp_path / "taken"
+  taken.mkdir()
+  (taken / f"{stem}.json").write_text(json.dumps({"checkpoint": f"{run}/checkpoints/2"}))
+  procs = [
+    _launch("eval.py", run, *args, f"--output_dir={tmp_path / 'out'}", env=env),
+    _launch("eval.py", run, *args, f"--output_dir={taken}", env=env),
+  ]
+  (log, _), (refused, _) = [p.communicate(timeout=300) for p in procs]
+  assert procs[0].returncode == 0, log[-3000:]
+  result = json.load(open(tmp_path / "out" / f"{stem}.json"))
+  assert result["which"] == "best" and result["checkpoint"] == f"{run}/best/2"
+  assert procs[1].returncode != 0
+  assert f"holds the evaluation of another checkpoint of the same run, {run}/checkpoints/2, " in (
+    refused
+  )
+  assert "evaluating" not in refused and "windows" not in refused  # refused before scoring
+
+
+def test_eval_and_score_take_a_checkpoint_without_workdir(tiny_run, lambda_store, tmp_path):
+  """Review: --checkpoint without --workdir failed ("Flag --workdir must
+  have a value other than None") though --help offers it instead. Outputs
+  then go to the checkpoint's run directory; two stores evaluated there
+  each keep their own files."""
+  run = _run_with_best(tiny_run, tmp_path)
+  other_store = tmp_path / "store_copy"
+  shutil.copytree(lambda_store.store_dir, other_store)
+  env = launch_env(1)
+  evals = {
+    store: _launch(
+      "eval.py",
+      None,
+      f"--checkpoint={run}/checkpoints",
+      "--config=configs/tiny.py",
+      f"--config.data.store_dir={store}",
+      "--config.score.eval_max_tokens=200",
+      env=env,
+    )
+    for store in (lambda_store.store_dir, str(other_store))
+  }
+  fasta_path = tmp_path / "seqs.fa"
+  fasta.write_fasta(fasta_path, [("a", "ACGTTGCA" * 8)])
+  score = _launch(
+    "score.py", None, f"--checkpoint={run}", "--mode=loglik", f"--fasta={fasta_path}", env=env
+  )
+  for proc in [*evals.values(), score]:
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log[-3000:]
+  written = sorted((run / "eval").glob("eval_val-*_ctx64_stride32_step2_max200tok.json"))
+  stores = {json.load(open(p))["store"] for p in written}
+  assert len(written) == 2 and stores == {os.path.abspath(s) for s in evals}
+  assert (run / "scores" / "loglik.tsv").exists()
+  neither = _launch("eval.py", None, env=env)
+  log, _ = neither.communicate(timeout=300)
+  assert neither.returncode != 0 and "pass --workdir (the run to evaluate) or --checkpoint" in log
 
 
 def test_fasta_inputs_skip_empty_records_only_when_asked(tmp_path, caplog):

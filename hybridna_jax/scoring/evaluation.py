@@ -273,12 +273,23 @@ def plot(result: dict, path: str) -> str:
   return plotting.save(fig, path, dpi=120)
 
 
+def store_identity(store_dir: str) -> str:
+  """What names a token store in an evaluation's file name and JSON: its
+  absolute path (a file:// URL as the local path it names), or its URL."""
+  if hybridna_paths.scheme(store_dir) == "file":
+    store_dir = hybridna_paths.local_file_path(store_dir)
+  if hybridna_paths.is_url(store_dir):
+    return store_dir.rstrip("/")
+  return os.path.abspath(store_dir)
+
+
 def output_stem(
   data: str | Sequence[str],
   context: int,
   stride: int,
   which: str = "latest",
   *,
+  store: str | None = None,
   step: int | None = None,
   add_bos: bool = False,
   dtype: str = "float32",
@@ -287,15 +298,19 @@ def output_stem(
 ) -> str:
   """The file stem of an evaluation, distinct for each data set, window,
   checkpoint step, compute dtype and subset (`write` refuses to replace the
-  evaluation of another checkpoint):
+  evaluation of another checkpoint or store):
   eval_<data>_ctx<C>_stride<S>[_step<N>][_best][_bos][_<dtype>][_max<R>rec][_max<T>tok],
-  where <data> is a split name, or for FASTA files "<stem of one>-<hash>"
-  or "<n>fasta-<hash>", the hash of their absolute paths (two genome.fa of
-  other folders are two data sets)."""
+  where <data> is a split name, "<split>-<hash>" with the hash of the token
+  `store` it is of (`store_identity`: the val splits of two stores are two
+  data sets), or for FASTA files "<stem of one>-<hash>" or "<n>fasta-<hash>",
+  the hash of their absolute paths (two genome.fa of other folders are two
+  data sets)."""
   from hybridna_jax.data import fasta as fasta_lib  # pylint: disable=g-import-not-at-top
 
   if isinstance(data, str):
     name = data
+    if store is not None:
+      name += "-" + hashlib.sha1(store_identity(store).encode()).hexdigest()[:8]
   else:
     joined = "\0".join(sorted(os.path.abspath(p) for p in data)).encode()
     digest = hashlib.sha1(joined).hexdigest()[:8]
@@ -313,24 +328,64 @@ def output_stem(
   return "_".join(parts)
 
 
+def output_files(output_dir: str, stem: str) -> dict[str, str]:
+  """{"json": <output_dir>/<stem>.json, "txt": ..., "png": ...}."""
+  return {ext: os.path.join(output_dir, f"{stem}.{ext}") for ext in ("json", "txt", "png")}
+
+
+def refuse_to_replace(
+  output_dir: str, stem: str, *, checkpoint: str | None, store: str | None = None
+) -> None:
+  """Refuses an evaluation of `checkpoint` (its step directory) on `store`
+  (None for FASTA files) whose <stem>.json already holds the evaluation of
+  another checkpoint or store; an evaluation of the same is replaced. Called
+  by `write`, and by launch/eval.py before it evaluates, so that a refusal
+  costs no scoring.
+
+  Raises:
+    ValueError: <stem>.json holds the evaluation of another checkpoint
+      (of another run, or another of the same run) or of another store.
+  """
+  path = output_files(output_dir, stem)["json"]
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    before = json.load(f)
+  ran, now = before.get("checkpoint"), checkpoint
+  # A relative and an absolute path of one step directory are the same.
+  same = lambda a, b: (
+    a == b or (not hybridna_paths.is_url(a) and os.path.abspath(a) == os.path.abspath(b))
+  )
+  if ran is not None and now is not None and not same(ran, now):
+    # <run>/<checkpoints or best>/<step>: the run is two levels up.
+    run_of = lambda c: os.path.dirname(os.path.dirname(c.rstrip("/")))
+    whose = "the same run" if run_of(ran) == run_of(now) else "another run"
+    raise ValueError(
+      f"{path} holds the evaluation of another checkpoint of {whose}, {ran}, not of {now}; "
+      "pass another --output_dir."
+    )
+  ran, now = before.get("store"), store
+  if ran is not None and now is not None and ran != now:
+    raise ValueError(
+      f"{path} holds the evaluation of the token store {ran}, not of {now}; "
+      "pass another --output_dir."
+    )
+
+
 def write(result: dict, output_dir: str, stem: str) -> dict[str, str]:
   """Writes <stem>.json (strict JSON: an unscorable record's NaN is null),
   <stem>.txt (the table) and <stem>.png, each whole.
 
   Raises:
-    ValueError: <stem>.json holds the evaluation of another checkpoint (two
-      runs evaluated into one --output_dir at the same step).
+    ValueError: <stem>.json holds the evaluation of another checkpoint or
+      token store (`refuse_to_replace`; result["checkpoint"] and
+      result["store"] are compared).
   """
   os.makedirs(output_dir, exist_ok=True)
-  files = {ext: os.path.join(output_dir, f"{stem}.{ext}") for ext in ("json", "txt", "png")}
-  if os.path.exists(files["json"]):
-    with open(files["json"], encoding="utf-8") as f:
-      before = json.load(f).get("checkpoint")
-    if before is not None and before != result.get("checkpoint"):
-      raise ValueError(
-        f"{files['json']} holds the evaluation of {before}, not of {result.get('checkpoint')}; "
-        "give each run its own --output_dir."
-      )
+  files = output_files(output_dir, stem)
+  refuse_to_replace(
+    output_dir, stem, checkpoint=result.get("checkpoint"), store=result.get("store")
+  )
   hybridna_paths.write_json(files["json"], result)
   hybridna_paths.write_text(files["txt"], format_table(result) + "\n")
   plot(result, files["png"])
