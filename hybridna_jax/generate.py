@@ -51,6 +51,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from hybridna_jax import sharding
@@ -561,7 +562,18 @@ def beam_search(
 ) -> Beams:
   """The `settings.beam_width` best continuations of each prompt (`Beams`);
   prompts and segment_ids as for `sample` (a list of 1-d token-id prompts,
-  or a left-padded (b, l) array with its segment ids)."""
+  or a left-padded (b, l) array with its segment ids). The sampling
+  settings (temperature, top_k, top_p) do not apply: a warning names those
+  set."""
+  unused = [
+    f"{name}={getattr(settings, name)}"
+    for name, off in (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0))
+    if getattr(settings, name) != off
+  ]
+  if unused:
+    logging.warning(
+      "beam search ranks by log-probability; %s apply to sampling only.", ", ".join(unused)
+    )
   tokens, segment_ids = _prepare(model, prompts, segment_ids)
   graphdef, state, logits, cache = _prefill_model(model, tokens, segment_ids, settings, mesh)
   return _beam_loop(

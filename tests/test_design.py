@@ -654,6 +654,13 @@ def test_beam_designs_leave_out_empty_beam_slots(caplog):
   assert sorted(s[-1] for s in beams.sequences) == list("ACGT")
   assert np.isfinite(beams.log_probs).all() and len(beams.lengths) == 4
   assert "found 4 of 6 designs" in caplog.text
+  assert "apply to sampling only" not in caplog.text
+  # Sampling settings are named, not silently dropped (review of stop 37).
+  settings = dataclasses.replace(settings, temperature=0.7, top_k=2)
+  design_sampling.design_sets(
+    model, None, [None], settings, num_samples=6, batch_size=6, seed=0, prefix="ACGT"
+  )
+  assert "temperature=0.7, top_k=2 apply to sampling only" in caplog.text
 
 
 def test_designs_start_with_the_prefix_the_model_read():
