@@ -387,3 +387,17 @@ def test_fasta_inputs_skip_empty_records_only_when_asked(tmp_path, caplog):
   caplog.set_level("WARNING")
   evaluation.log_records(records)
   assert "1 record name(s) repeat (a)" in caplog.text
+
+
+def test_model_fields_of_a_job_config_that_the_checkpoint_overrides_are_named(tiny_run, caplog):
+  """Review of stop 37: eval/score --config.model.dtype=bfloat16 scored in
+  float32 without a word (the checkpoint decides the model; score.dtype sets
+  its numerics)."""
+  config = restore.run_config(tiny_run)
+  scoring.Scorer.from_run(tiny_run, config)
+  assert "are not used" not in caplog.text  # the run's own config: nothing differs
+  config.model.dtype = "bfloat16"
+  config.model.remat = "full"
+  scorer, _ = scoring.Scorer.from_run(tiny_run, config)
+  assert "--config's model.dtype, model.remat differ from the run's and are not used" in caplog.text
+  assert scorer.model_config.dtype == "float32"

@@ -46,6 +46,7 @@ Conventions.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -240,6 +241,23 @@ class ProgressLogger:
 # -- the scorer ---------------------------------------------------------------------
 
 
+def _warn_unused_model_fields(config, run_config) -> None:
+  """Names the `model` fields of a job config that differ from the run's:
+  the checkpoint decides the model (a --config.model.dtype would otherwise
+  be dropped without a word)."""
+  if config is None or "model" not in config or run_config is None or "model" not in run_config:
+    return
+  # Through JSON: tuples and the lists config.json holds compare equal.
+  ours, run = (json.loads(c.model.to_json_best_effort()) for c in (config, run_config))
+  differ = sorted(k for k in ours if k in run and ours[k] != run[k])
+  if differ:
+    logging.warning(
+      "--config's model.%s differ from the run's and are not used: the checkpoint decides the "
+      "model; score.dtype, score.attention_impl and score.ssd_impl set its numerics and kernels.",
+      ", model.".join(differ),
+    )
+
+
 def settings_from_config(config, run_config=None, **overrides) -> ScoreConfig:
   """The `score` section of `config` (defaults when it has none) with
   `overrides` (None values are ignored); context 0 becomes the trained
@@ -334,6 +352,7 @@ class Scorer:
     # The step resolved now is the one restored and recorded (`fingerprint`).
     step_dir = os.fspath(paths.join(ref.manager_dir, str(ref.step)))
     run_config = restore.run_config(ref.run_dir)
+    _warn_unused_model_fields(config, run_config)
     settings_from = config if config is not None else run_config
     section = ScoreConfig.of(settings_from)
     if mesh is None and config is not None and "mesh" in config:
