@@ -92,6 +92,15 @@ def test_stage_longer_than_the_records_is_refused(tiny_config, tmp_path):
     loop.train(_one_stage(tiny_config), str(tmp_path / "run"))
 
 
+def test_stage_longer_than_the_models_max_seq_len_is_refused(tiny_config, tmp_path):
+  """Review of stop 37: trained at 32 under max_seq_len 16 without a word,
+  then refused by the scorer at the context it was trained at."""
+  tiny_config.model.max_seq_len = 16
+  with pytest.raises(ValueError, match=r"stages\[0\]: seq_len 32 exceeds config.model.max_seq_"):
+    loop.train(_one_stage(tiny_config), str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run" / "config.json")
+
+
 def test_store_of_other_data_is_refused_before_step_0(tiny_config, tmp_path):
   tiny_config.data = _store(tmp_path / "s", [("a", "ACGT" * 100), ("b", "ACGT" * 50)], val=["b"])
   tiny_config.data.split.val_records = ("a",)  # not how the store was split

@@ -130,7 +130,14 @@ def _train(config, workdir: str, task: Task | None, preemption: Preemption) -> d
   # succeed, so a refused resume leaves config.json as it was.
   check_resume_config(config, workdir)
   task.check_data(stages, tc)
-  for stage in stages:  # every stage's batch fits the mesh: not found hours in
+  model_cfg = getattr(task, "model_cfg", None)
+  for stage in stages:  # every stage fits the model and the mesh: not found hours in
+    if model_cfg is not None and stage.seq_len > model_cfg.max_seq_len:
+      raise ValueError(
+        f"{task.stage_fields(stage)[1]}: seq_len {stage.seq_len} exceeds "
+        f"config.model.max_seq_len {model_cfg.max_seq_len}, the longest context the model is "
+        "scored and sampled at; raise model.max_seq_len or shorten the stage."
+      )
     stage_layout(stage)
   written = written_config(workdir)  # the run's config.json so far, read once
   examples = task.examples_digest()
