@@ -118,9 +118,11 @@ def make_mesh(
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if len(devices) % known:
+      fixed = " x ".join(f"{a} {s}" for a, s in zip(MESH_AXES, sizes) if s != -1)
       raise ValueError(
-        f"mesh: {len(devices)} devices do not divide by the fixed "
-        f"axes {dict(zip(MESH_AXES, sizes))}."
+        f"config.mesh: {fixed} = {known} devices does not divide the {len(devices)} devices "
+        "(mesh.num_devices, or plan.py's --devices); make the fixed axes' product a divisor "
+        "of the device count, or change the device count."
       )
     sizes[sizes.index(-1)] = len(devices) // known
   if math.prod(sizes) != len(devices):

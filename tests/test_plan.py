@@ -3,6 +3,7 @@ order, kernel proxies, and the predicted memory against a real CPU step."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -151,6 +152,20 @@ def test_plan_says_xla_counts_a_scan_once():
   assert "the micro-batch loop counted once, not 2 times" in plan_lib.format_plan(accumulated, None)
 
 
+def test_micro_batches_keep_the_length_split_over_the_context_axis():
+  """Review of stop 37: grad_accum's micro-batches were constrained to
+  whole rows, so every context device gathered each row's tokens at every
+  step."""
+  cfg = load_config("configs/tiny.py")
+  cfg.model.n_layers, cfg.model.attn_period, cfg.model.attn_offset = 2, 2, 1
+  cfg.train.grad_accum = 2
+  mesh = {"num_devices": 8, "data": 1, "fsdp": 1, "context": 8, "tensor": 1}
+  built = plan_lib._build(cfg, mesh, 256, 4, None)  # pylint: disable=protected-access
+  compiled, _, _ = plan_lib._compile(built)  # pylint: disable=protected-access
+  hlo = compiled.as_text()
+  assert not re.search(r"= (s32|f32)\[2,2,256\]\S* all-gather\(", hlo)
+
+
 def test_proxies_restore_pallas_call():
   from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
 
@@ -240,6 +255,11 @@ def test_launcher_prediction_matches_cpu_step(tmp_path):
     (["--config.train.grad_accum=0"], "config.train.grad_accum must be a positive integer"),
     # (review) it named config.train.stages[0], which --batch had replaced.
     (["--devices=2", "--batch=3"], "the planned batch (--batch, or its --stage): global batch 3"),
+    # (review) it named neither the field nor the fix.
+    (
+      ["--devices=8", "--batch=8", "--seq_len=64", "--config.mesh.tensor=3"],
+      "config.mesh: data 1 x context 1 x tensor 3 = 3 devices does not divide the 8 devices",
+    ),
   ],
 )
 def test_launcher_refuses_bad_requests_in_one_line(flags, message):
@@ -259,11 +279,17 @@ def test_collective_bytes_sum_each_kind_of_result():
       "%cp = s32[2,256]{0,1} collective-permute(%s), source_target_pairs={{0,1}}",
       "%ags = (f32[2]{0}, f32[8]{0}) all-gather-start(%y)",  # async: the result only
       "%add = f32[4]{0} add(%p, %q)",
+      # Moving nothing (review of stop 37: counted): groups of one device,
+      # in either notation, and a permute of every device to itself.
+      "%ar1 = f32[64]{0} all-reduce(%a), replica_groups={{0},{1},{2},{3}}, to_apply=%add",
+      "%ar2 = f32[64]{0} all-reduce(%a), replica_groups=[4,1]<=[4], to_apply=%add",
+      "%cp0 = s32[2,16]{1,0} collective-permute(%s), source_target_pairs={{0,0},{2,2},{1,1}}",
+      "%ar3 = f32[3]{0} all-reduce(%a), replica_groups={{0,1},{2,3}}, to_apply=%add",
     ]
   )
   assert plan_lib.collective_bytes(hlo) == {
     "all-gather": 2 * 256 * 32 * 4 + 8 * 4,
-    "all-reduce": 4 * 4 + 8 * 2,
+    "all-reduce": 4 * 4 + 8 * 2 + 3 * 4,
     "reduce-scatter": 0,
     "all-to-all": 0,
     "collective-permute": 2 * 256 * 4,

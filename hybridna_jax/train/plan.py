@@ -340,14 +340,40 @@ _HLO_BYTES = {  # bytes per element of an HLO type (f8 types: 1; tuples, tokens:
 }
 
 
+_GROUPS = re.compile(r"replica_groups=\{((?:\{[\d,]*\},?)*)\}")
+_IOTA_GROUPS = re.compile(r"replica_groups=\[(\d+),1\]<=")
+_PAIRS = re.compile(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}")
+
+
+def _moves_nothing(line: str) -> bool:
+  """Whether a collective's HLO line keeps every device to itself."""
+  pairs = _PAIRS.search(line)
+  if pairs is not None:
+    found = re.findall(r"\{(\d+),(\d+)\}", pairs.group(1))
+    return bool(found) and all(a == b for a, b in found)
+  if _IOTA_GROUPS.search(line):  # [G,1]<=[...]: G groups of one device
+    return True
+  groups = _GROUPS.search(line)
+  if groups is not None:
+    members = re.findall(r"\{([\d,]*)\}", groups.group(1))
+    return bool(members) and all("," not in m for m in members)
+  return False
+
+
 def collective_bytes(hlo_text: str) -> dict[str, int]:
   """Bytes of every collective's result in a compiled program's HLO text,
   summed by kind (all-gather, all-reduce, ...): a per-device measure of
   what the step moves between devices. An op in a loop body (the scanned
   layers, grad_accum's micro-batches) is counted once; an async op's
-  (-start) tuple by its last member, the result."""
+  (-start) tuple by its last member, the result. Ops that move nothing are
+  left out: groups of one device each, and permutes whose every pair sends
+  a device to itself."""
   out = {kind: 0 for kind in COLLECTIVES}
-  for shapes, kind, start in _COLLECTIVE_OP.findall(hlo_text):
+  for line in hlo_text.splitlines():
+    op = _COLLECTIVE_OP.search(line)
+    if op is None or _moves_nothing(line):
+      continue
+    shapes, kind, start = op.groups()
     found = _SHAPE.findall(shapes)
     for dtype, dims in found[-1:] if start else found:
       size = _HLO_BYTES.get(dtype, 1 if dtype.startswith("f8") else 0)

@@ -134,13 +134,16 @@ def build_steps(
 
   def microbatches(batch):
     """(B, ...) -> (grad_accum, B / grad_accum, ...), each micro-batch still
-    split over all data devices (rows are dealt round-robin)."""
+    split over all data devices (rows are dealt round-robin), and the
+    `sequence_keys` over the context axis as the batch was (constrained to
+    whole rows, XLA gathered each row's length at every step)."""
 
-    def split(x):
+    def split(x, sequence: bool):
       x = x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1)
-      return sharding.constrain(x, (None, "act_batch") + (None,) * (x.ndim - 2))
+      rest = ("act_length",) + (None,) * (x.ndim - 3) if sequence else (None,) * (x.ndim - 2)
+      return sharding.constrain(x, (None, "act_batch") + rest)
 
-    return {k: split(batch[k]) for k in batch_keys}
+    return {k: split(batch[k], k in sequence_keys) for k in batch_keys}
 
   def train_step(state: TrainState, batch: dict):
     with sharding.activate(mesh, rules):
