@@ -13,6 +13,7 @@ running them. Two settings cut it, neither changing what a test computes:
   start of every session, so CI sees the same). Subprocesses inherit both
   through the environment (see launch_env.py)."""
 
+import copy
 import os
 import tempfile
 
@@ -80,7 +81,9 @@ def tiny_config(lambda_store):
   from hybridna_jax.config import load_config  # pylint: disable=g-import-not-at-top
 
   cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py"))
-  cfg.data = lambda_store
+  # A copy: a ConfigDict assigned into another is shared, and a test that set
+  # cfg.data.store_dir would change the session store for the tests after it.
+  cfg.data = copy.deepcopy(lambda_store)
   cfg.mesh.num_devices = 1
   t = cfg.train
   t.stages = ((32, 4, 4), (64, 4, 2))
@@ -105,7 +108,7 @@ def tiny_run(lambda_store, tmp_path_factory):
 
   cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py"))
   cfg.model.n_layers, cfg.model.attn_period, cfg.model.attn_offset = 2, 2, 1
-  cfg.data = lambda_store
+  cfg.data = copy.deepcopy(lambda_store)
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.num_devices = 2, 2, 2, 0
   t = cfg.train
   t.stages = ((64, 2, 4),)

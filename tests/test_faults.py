@@ -5,6 +5,7 @@ signals are sent to this process with os.kill); subprocesses only where a
 kill or a launch/ program is the point.
 """
 
+import copy
 import dataclasses
 import errno
 import glob
@@ -164,7 +165,7 @@ def base_run(lambda_store, tmp_path_factory):
   from hybridna_jax.config import load_config  # pylint: disable=g-import-not-at-top
 
   cfg = load_config(os.path.join(ROOT, "configs", "tiny.py"))
-  cfg.data = lambda_store
+  cfg.data = copy.deepcopy(lambda_store)
   cfg.mesh.num_devices = 1
   t = cfg.train
   t.stages, t.warmup_steps, t.log_every, t.eval_every = ((32, 4, 4),), 1, 2, 0
