@@ -547,3 +547,25 @@ def test_layout_arguments_are_checked(gappy_packed_store):
     pipeline.train_batches(c, seq_len=8, batch_size=2, seed=0, rows=[0], columns=(4, 9))
   with pytest.raises(ValueError, match="not both"):
     pipeline.train_batches(c, seq_len=8, batch_size=2, seed=0, rows=[0], shard_count=2)
+
+
+@pytest.mark.parametrize("rc", [0.0, 1.0])
+def test_empty_records_do_not_shift_slice_segment_ids(tmp_path, rc):
+  # TokenStoreWriter accepts a zero-length record: its offset is that of the
+  # next record, one document boundary, which a column slice counted twice.
+  rng = np.random.default_rng(0)
+  records = [
+    ("train", "s", name, _random_tokens(rng, n))
+    for name, n in [("r0", 5), ("e0", 0), ("r1", 20), ("e1", 0), ("e2", 0), ("r2", 30)]
+  ]
+  c = _cfg(_store(tmp_path / "store", records), packing=True, reverse_complement_prob=rc)
+  kw = dict(seq_len=16, batch_size=2, seed=0)
+  full = _take(pipeline.train_batches(c, **kw), 12)
+  assert any(np.any(b["segment_ids"] > 1) for b in full)  # boundaries inside rows
+  for b in full:
+    _check_contract(b, 2, 16)
+  for columns in ((8, 16), (3, 11), (15, 16)):
+    pieces = _take(pipeline.train_batches(c, rows=[0, 1], columns=columns, **kw), 12)
+    for piece, whole in zip(pieces, full):
+      for k in whole:
+        np.testing.assert_array_equal(piece[k], whole[k][:, columns[0] : columns[1]], k)

@@ -134,7 +134,9 @@ class WindowReader(grain.transforms.Map):
   DOC_START at window position 0 and at each record boundary, DOC_PAD on
   padding and DOC_CONTINUE elsewhere; `prior` counts the DOC_STARTs at window
   positions before a (so segment ids of a slice continue those of the
-  row). A reverse-complemented window is read as if the whole window were
+  row). Record boundaries are the starts of non-empty records
+  (`record_starts`): a zero-length record starts where the next one does.
+  A reverse-complemented window is read as if the whole window were
   flipped (`reverse_complement_window`), then sliced. Pickles without its
   memory map, so Grain workers reopen the store.
   """
@@ -150,10 +152,11 @@ class WindowReader(grain.transforms.Map):
     self.index = index
     self.columns = (int(a), int(b))
     self._split = None
+    self._record_starts = None
 
   def __getstate__(self):
     state = dict(self.__dict__)
-    state["_split"] = None
+    state["_split"] = state["_record_starts"] = None
     return state
 
   @property
@@ -161,6 +164,18 @@ class WindowReader(grain.transforms.Map):
     if self._split is None:
       self._split = store_lib.TokenStore.open(self.store_path)[self.split_name]
     return self._split
+
+  @property
+  def record_starts(self) -> np.ndarray:
+    """int64, increasing: token offsets of the split's non-empty records,
+    where documents start. A zero-length record (`TokenStoreWriter` accepts
+    them) has the offset of the next one; counting it too would count that
+    boundary twice in `prior`, so a slice's segment ids would run ahead of
+    the whole row's."""
+    if self._record_starts is None:
+      split = self.split
+      self._record_starts = np.ascontiguousarray(split.offsets[split.lengths > 0], np.int64)
+    return self._record_starts
 
   def _range(self, item: int | tuple[int, bool]) -> tuple[int, int] | None:
     """The split's token range [lo, hi) that `item` reads (None: nothing)."""
@@ -217,7 +232,7 @@ class WindowReader(grain.transforms.Map):
       start, end = self.index.window(int(i))
       n = end - start
       hi = min(b, n)
-      offsets = self.split.offsets
+      offsets = self.record_starts
       marks[: hi - a] = DOC_CONTINUE
       if a == 0:
         marks[0] = DOC_START
