@@ -1,7 +1,10 @@
 """Grain pipeline: windows, batch contract, sampling, sharding, checkpoints."""
 
 import collections
+import functools
 import os
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -569,3 +572,102 @@ def test_empty_records_do_not_shift_slice_segment_ids(tmp_path, rc):
     for piece, whole in zip(pieces, full):
       for k in whole:
         np.testing.assert_array_equal(piece[k], whole[k][:, columns[0] : columns[1]], k)
+
+
+class _ConcurrentReads:
+  """store.read_ranges that records how many calls run at once; the first
+  `wait_for` calls off the main thread wait (up to `timeout` s) until that
+  many have started."""
+
+  def __init__(self, wait_for: int, timeout: float = 20.0):
+    self.read = store_lib.read_ranges
+    self.barrier = threading.Barrier(wait_for, timeout=timeout)
+    self.lock = threading.Lock()
+    self.active = self.peak = 0
+
+  def __call__(self, tokens, ranges):
+    with self.lock:
+      self.active += 1
+      self.peak = max(self.peak, self.active)
+    try:
+      if threading.current_thread() is not threading.main_thread() and not self.barrier.broken:
+        try:
+          self.barrier.wait()
+        except threading.BrokenBarrierError:
+          pass
+      return self.read(tokens, ranges)
+    finally:
+      with self.lock:
+        self.active -= 1
+
+
+@pytest.mark.parametrize("max_n_fraction", [1.0, 0.5])
+def test_read_threads_read_training_batches_concurrently(
+  gappy_packed_store, monkeypatch, max_n_fraction
+):
+  # data.read_threads overlap the waits of slow storage: the reads of
+  # several training batches are in flight at once (they ran one after
+  # another on the main thread), and the batches are those of no threads.
+  c = _cfg(gappy_packed_store, max_n_fraction=max_n_fraction)
+  kw = dict(seq_len=24, batch_size=4, seed=3, rows=[1, 2], columns=(4, 20), start_batch=2)
+  want = _take(pipeline.train_batches(c, **kw), 8)
+  reads = _ConcurrentReads(wait_for=3)
+  monkeypatch.setattr(store_lib, "read_ranges", reads)
+  c = _cfg(gappy_packed_store, max_n_fraction=max_n_fraction, read_threads=3)
+  got = _take(pipeline.train_batches(c, **kw), 8)
+  assert reads.peak >= 3 and not reads.barrier.broken
+  for g, w in zip(got, want):
+    for k in w:
+      np.testing.assert_array_equal(g[k], w[k], k)
+
+
+_READ_BATCH = windows_lib.ReadBatch.__call__
+
+
+def _batches_read_after_one(make_iterable, monkeypatch) -> int:
+  """How many batches (ReadBatch calls) `make_iterable()` has read by the time
+  its prefetch threads go idle after the first batch is taken."""
+  lock = threading.Lock()
+  started, running = [0], [0]
+  read = _READ_BATCH
+
+  def counting(self, items):
+    with lock:
+      started[0] += 1
+      running[0] += 1
+    try:
+      return read(self, items)
+    finally:
+      with lock:
+        running[0] -= 1
+
+  monkeypatch.setattr(windows_lib.ReadBatch, "__call__", counting)
+  it = iter(make_iterable())
+  next(it)
+  # Idle: nothing running and no new read for a while (at most 10 s).
+  for _ in range(50):
+    before = started[0]
+    time.sleep(0.2)
+    with lock:
+      if started[0] == before and not running[0]:
+        break
+  it.close()
+  return started[0]
+
+
+def test_prefetch_holds_a_few_whole_batches(tmp_path, monkeypatch):
+  # The prefetch buffer counts whole batches: data.prefetch_buffer_size 0
+  # picks about two, and at least one per reader thread. It held max(2 B, 16)
+  # eval batches (GBs at long contexts).
+  rng = np.random.default_rng(0)
+  records = [("train", "s", "t", _random_tokens(rng, 5000))]
+  records.append(("val", "s", "v", _random_tokens(rng, 90_000)))
+  path = _store(tmp_path / "store", records)
+  kw = dict(seq_len=64, batch_size=16)
+  for threads, most in ((2, 3), (4, 5)):
+    c = _cfg(path, read_threads=threads)
+    made = _batches_read_after_one(functools.partial(pipeline.eval_batches, c, **kw), monkeypatch)
+    assert 1 <= made <= most, (threads, made)
+    train = functools.partial(pipeline.train_batches, c, seed=0, **kw)
+    made = _batches_read_after_one(train, monkeypatch)
+    assert 1 <= made <= most, (threads, made)

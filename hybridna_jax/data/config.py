@@ -111,12 +111,16 @@ class DataConfig(Section):
   # reads whole batches, so the batches are the same for any count, and a
   # run may resume with another count.
   num_workers: int = 0
-  # Grain reader threads per process. 0 is fastest from the page cache (the
-  # work is short numpy calls that contend for the GIL; see
+  # Grain reader threads per process, each reading whole batches (training
+  # and evaluation), so up to this many batches' reads are in flight at
+  # once; the batches are the same for any count. 0 is fastest from the page
+  # cache (the work is short numpy calls that contend for the GIL; see
   # benchmarks/RESULTS.md); raise it when the store sits on slow or remote
   # storage, where threads overlap the waits.
   read_threads: int = 0
-  # Windows buffered ahead per process; 0 picks about two batches.
+  # Windows buffered ahead per process (with read_threads > 0), rounded up to
+  # whole batches and at least one batch per reader thread; 0 picks about
+  # two batches.
   prefetch_buffer_size: int = 0
 
   def __post_init__(self):

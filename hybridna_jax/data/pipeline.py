@@ -20,8 +20,9 @@ host reads exactly the rows its devices hold, and with the context axis
 across hosts only its columns of each window; hosts holding the same rows
 read the same positions, and the global batches do not depend on the
 layout. Without one, host h of H takes positions h, h + H, ... (per-host
-batches). Windows are read from the memory map and batched, optionally in
-data.num_workers worker processes.
+batches). The stream's elements are whole batches, each read at once
+(`windows.ReadBatch`), optionally by data.read_threads threads (several
+batches in flight) and in data.num_workers worker processes.
 Since every batch is a pure function of (seed, t), a stream resumes at any
 global batch (`train_batches(start_batch=t)`) under any layout, host count
 or worker count: the training loop restarts a stage's stream at the batch
@@ -48,14 +49,16 @@ from hybridna_jax.data import sampling, windows
 from hybridna_jax.data import store as store_lib
 
 
-def _read_options(data_cfg, batch_size: int, whole_batches: bool = False) -> grain.ReadOptions:
-  """Grain's read options: data.prefetch_buffer_size windows (0: about two
-  batches) ahead; counted in batches of `batch_size` when the elements are
-  whole batches."""
-  buffer = int(data_cfg.prefetch_buffer_size) or max(2 * batch_size, 16)
-  if whole_batches:
-    buffer = max(1, -(-buffer // batch_size))
-  return grain.ReadOptions(num_threads=int(data_cfg.read_threads), prefetch_buffer_size=buffer)
+def _read_options(data_cfg, batch_size: int) -> grain.ReadOptions:
+  """Grain's read options for a dataset of whole batches of `batch_size` rows:
+  data.read_threads threads each read whole batches, and the buffer holds
+  data.prefetch_buffer_size windows (0: about two batches) ahead, rounded up
+  to whole batches and at least one batch per thread (a thread without a
+  buffer slot would sit idle)."""
+  threads = int(data_cfg.read_threads)
+  windows_ahead = int(data_cfg.prefetch_buffer_size) or max(2 * batch_size, 16)
+  buffer = max(1, -(-windows_ahead // batch_size), threads)
+  return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer)
 
 
 def host_positions(shard_index: int = 0, shard_count: int = 1, skip: int = 0) -> grain.MapDataset:
@@ -226,22 +229,18 @@ def train_dataset(
     )
   else:
     ds, read = ds.map(sampler), windows.ReadBatch(reader)
+  # Element t is host batch t, read whole (ReadBatch: its reads go out
+  # together), so data.read_threads read several batches at once and Grain
+  # deals whole batches to worker processes in turn: batch t is positions
+  # t * B, ... for any thread or worker count (STREAM_FORMAT).
+  it = ds.batch(host_batch, drop_remainder=True, batch_fn=list).map(read)
+  it = it.to_iter_dataset(_read_options(data_cfg, host_batch))
   workers = int(data_cfg.num_workers)
-  if not workers:
-    # Windows are read per batch (ReadBatch) after the positions are
-    # batched.
-    it = ds.to_iter_dataset(_read_options(data_cfg, host_batch))
-    it = it.batch(host_batch, drop_remainder=True, batch_fn=read)
-  else:
-    # Grain deals the dataset's elements to the workers in turn: batched
-    # first, they are whole batches, so batch t is positions t * B, ... as
-    # without workers (STREAM_FORMAT).
+  if workers:
     if not flags.FLAGS.is_parsed():
       # Grain's worker start-up reads its absl flags; outside an absl app
       # (tests, notebooks) they are unparsed, so use their defaults.
       flags.FLAGS.mark_as_parsed()
-    it = ds.batch(host_batch, drop_remainder=True, batch_fn=list).map(read)
-    it = it.to_iter_dataset(_read_options(data_cfg, host_batch, whole_batches=True))
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   return it.map(windows.MakeBatch(data_cfg.mask_n_in_loss))
 
