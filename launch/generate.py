@@ -17,8 +17,10 @@ takes a --prefix instead of labels):
   every label combination. Sampling settings default to the --config's
   `generate` section, else the run's own; the flags below override them.
 
-Writes <workdir>/designs.fasta (or --output; an existing one, or existing
-summaries of the same name, are refused unless --overwrite) with the
+--checkpoint (a run, checkpoints/, best/ or step directory) may replace
+--workdir in sample mode. Writes <workdir>/designs.fasta (with --checkpoint
+alone, designs.fasta in its run directory; or --output; an existing one, or
+existing summaries of the same name, are refused unless --overwrite) with the
 prompt and settings in every header, and next to it .summary.json /
 .summary.txt (GC content, 6-mer spectrum distance to the training sequences
 of each label, mean pairwise edit distance, share of exact training copies)
@@ -40,7 +42,7 @@ from absl import app, flags, logging
 from hybridna_jax import launch_utils, paths
 from hybridna_jax.train import startup_signal
 
-launch_utils.define_flags()
+launch_utils.define_flags(workdir_required=False)
 flags.DEFINE_enum(
   "mode",
   "sample",
@@ -50,7 +52,8 @@ flags.DEFINE_enum(
 flags.DEFINE_string(
   "checkpoint",
   None,
-  "sample: run directory, checkpoints/ or best/ directory, or step directory (default: --workdir).",
+  "sample: run directory, checkpoints/ or best/ directory, or step directory (default: --workdir; "
+  "one of the two is needed).",
 )
 flags.DEFINE_enum(
   "which", "latest", ["latest", "best"], "sample: which checkpoint of a run directory."
@@ -69,7 +72,12 @@ flags.DEFINE_integer("beam_width", None, "sample: > 1 runs beam search.")
 flags.DEFINE_float("length_penalty", None, "sample: beam score = log-prob / len ** this.")
 flags.DEFINE_bool("allow_n", None, "sample: allow N in designs.")
 flags.DEFINE_integer("seed", None, "sample: random seed, in [0, 2**32).")
-flags.DEFINE_string("output", None, "sample: FASTA path (default <workdir>/designs.fasta).")
+flags.DEFINE_string(
+  "output",
+  None,
+  "sample: FASTA path (default <workdir>/designs.fasta, or designs.fasta in the run directory "
+  "of --checkpoint).",
+)
 flags.DEFINE_bool(
   "overwrite", False, "sample: replace an existing --output FASTA and its summaries."
 )
@@ -105,6 +113,8 @@ def main(argv):
 
     if FLAGS.config is None:
       raise app.UsageError("--mode=finetune needs --config (e.g. configs/design_demo.py).")
+    if FLAGS.workdir is None:
+      raise app.UsageError("--mode=finetune needs --workdir (the run directory to write).")
     summary = design.finetune(FLAGS.config, FLAGS.workdir)
     if jax.process_index() == 0:
       paths.write_json(os.path.join(FLAGS.workdir, "train_summary.json"), summary)
@@ -114,10 +124,15 @@ def main(argv):
       )
     return
 
+  from hybridna_jax import restore  # pylint: disable=g-import-not-at-top
   from hybridna_jax.design import sampling as design_sampling  # pylint: disable=g-import-not-at-top
 
+  if FLAGS.checkpoint is None and FLAGS.workdir is None:
+    raise app.UsageError("--mode=sample needs --workdir (the run to sample) or --checkpoint.")
+  # Without --workdir, outputs go to the checkpoint's run directory.
+  run_dir = FLAGS.workdir or restore.find_checkpoint(FLAGS.checkpoint, FLAGS.which).run_dir
   output = launch_utils.local_output(
-    FLAGS.output or os.path.join(FLAGS.workdir, "designs.fasta"), "--output"
+    FLAGS.output or os.path.join(run_dir, "designs.fasta"), "--output"
   )
   existing = [f for f in design_sampling.output_files(output) if os.path.exists(f)]
   if existing and not FLAGS.overwrite:

@@ -488,6 +488,13 @@ def test_launcher_samples_with_beam_search(motif_run, tmp_path):
   assert open(tmp_path / "beams.summary.json").read() == summary_before
   assert not os.path.exists(tmp_path / "beams.fa")
   assert MOTIFS["b"] in tok.decode(records[0][1])  # the most likely design has it
+  # --checkpoint alone names the run (review of stop 37: --workdir was required).
+  alone = [a for a in proc.args if not a.startswith("--workdir")]
+  alone = [a.replace("beams.fasta", "alone.fasta") for a in alone] + [f"--checkpoint={workdir}"]
+  fourth = subprocess.run(alone, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+  assert fourth.returncode == 0, fourth.stderr[-3000:]
+  designs = [tok.decode(s) for _, s in fasta.read_fasta(tmp_path / "alone.fasta")]
+  assert designs == [tok.decode(s) for _, s in records]  # the same run, the same beams
 
 
 # -- summary metrics ------------------------------------------------------------------------------
