@@ -377,3 +377,17 @@ def test_an_allele_longer_than_a_short_chromosome_is_skipped_not_fatal(genome):
     ("x:2", "alleles longer than the window (15 nt, capped by the 40-nt chromosome)")
   ]
   assert scores[1].window_end - scores[1].window_start == 37  # 40 - 4 + 1
+
+
+def test_a_window_one_base_longer_than_the_allele_puts_that_base_before_it():
+  """Review of stop 37: a 2-nt window started at an SNV, whose own base a
+  window's first position never scores (without add_bos)."""
+  chrom = tokenizer.encode("ACGTACGTAC")
+  snv = variants.Variant("c", 5, "A", "G")
+  (start, end), ref, alt = variants.variant_windows(snv, chrom, 2)
+  assert (start, end) == (3, 5) and tokenizer.decode(ref) == "TA" and tokenizer.decode(alt) == "TG"
+  first = variants.Variant("c", 1, "A", "G")  # nothing before it: the window starts there
+  assert variants.variant_windows(first, chrom, 2)[0] == (0, 2)
+  mnv = variants.Variant("c", 5, "AC", "GG")
+  assert variants.variant_windows(mnv, chrom, 3)[0] == (3, 6)
+  assert variants.variant_windows(mnv, chrom, 6)[0] == (2, 8)  # centred as before

@@ -43,9 +43,11 @@ Variants with the same reference window (e.g. the alleles of one site)
 share its forward pass. With rc_average the LLR is the mean over both
 strands, and the per-strand values are reported too. The first base of a
 window is not predicted (nothing precedes it) unless score.add_bos puts
-<bos> before it; so without add_bos, an SNV at a chromosome's first base
-(the only case where a window must start at the variant) gets no term for
-its own base on the forward strand, only those of the bases after it.
+<bos> before it, so a window puts at least one base before the allele
+wherever it can (also when it is one base longer than the allele). Without
+add_bos, an SNV at a chromosome's first base (the only case where a window
+must start at the variant) gets no term for its own base on the forward
+strand, only those of the bases after it.
 
 Bad records are never scored silently: each is reported with its file and
 line (a logged warning and a row of the skipped-records TSV) and skipped --
@@ -516,7 +518,9 @@ def variant_windows(
   window = window_length(variant, len(chrom), window)
   if window < m:
     raise ValueError(f"window {window} is shorter than the alleles of {variant}.")
-  left = (window - m) // 2
+  # Centred, with a base before the allele wherever the window has room:
+  # a window's first base is not predicted (module docstring).
+  left = max((window - m) // 2, min(1, window - m))
 
   def start_in(length: int) -> int:
     # Centred, shifted inwards at either end; always holds the allele.
