@@ -120,21 +120,16 @@ def strip_suffixes(name: str) -> str:
   return name
 
 
-def detect_compression(path: str | os.PathLike) -> str:
-  """Returns "plain", "gzip" (also bgzip), "xz", "bzip2" or "zstd"."""
-  with paths.open_binary(path) as f:
-    head = f.read(8)
+def _kind_of(head: bytes) -> str:
+  """The compression a file's first bytes show (`detect_compression`)."""
   for magic, kind in _MAGIC:
     if head.startswith(magic):
       return kind
   return "plain"
 
 
-def is_bgzip(path: str | os.PathLike) -> bool:
-  """Whether a gzip file is BGZF, which htslib reads at random (its first
-  member's extra field is "BC")."""
-  with paths.open_binary(path) as f:
-    head = f.read(14)
+def _bgzip_head(head: bytes) -> bool:
+  """Whether a file's first 14 bytes are a BGZF block's (`is_bgzip`)."""
   return head[:4] == b"\x1f\x8b\x08\x04" and head[12:14] == b"BC"
 
 
@@ -142,13 +137,30 @@ def is_bgzip(path: str | os.PathLike) -> bool:
 BGZF_EOF = bytes.fromhex("1f8b08040000000000ff0600424302001b0003000000000000000000")
 
 
+def _ends_in_bgzf_eof(f: BinaryIO) -> bool:
+  size = f.seek(0, os.SEEK_END)
+  f.seek(max(0, size - len(BGZF_EOF)))
+  return f.read() == BGZF_EOF
+
+
+def detect_compression(path: str | os.PathLike) -> str:
+  """Returns "plain", "gzip" (also bgzip), "xz", "bzip2" or "zstd"."""
+  with paths.open_binary(path) as f:
+    return _kind_of(f.read(8))
+
+
+def is_bgzip(path: str | os.PathLike) -> bool:
+  """Whether a gzip file is BGZF, which htslib reads at random (its first
+  member's extra field is "BC")."""
+  with paths.open_binary(path) as f:
+    return _bgzip_head(f.read(14))
+
+
 def has_bgzf_eof(path: str | os.PathLike) -> bool:
   """Whether a BGZF file ends in its end-of-file block: one cut between two
   blocks still decompresses, to a shorter sequence."""
   with paths.open_binary(path) as f:
-    size = f.seek(0, os.SEEK_END)
-    f.seek(max(0, size - len(BGZF_EOF)))
-    return f.read() == BGZF_EOF
+    return _ends_in_bgzf_eof(f)
 
 
 class _HashedFile:
@@ -186,22 +198,27 @@ def open_decompressed(path: str | os.PathLike, hasher=None) -> tuple[BinaryIO, B
     (whose `tell()` gives compressed bytes consumed, for progress) and the
     compression kind.
   """
-  kind = detect_compression(path)
+  # One open for the checks and the read (each open of a gs:// object is a
+  # request).
+  raw = paths.open_binary(path)
+  head = raw.read(14)
+  kind = _kind_of(head)
   if kind == "zstd":
+    raw.close()
     raise FastaFormatError(
       path,
       None,
       "zstd-compressed files are not supported; decompress it "
       "first (zstd -d) or recompress with gzip/bgzip/xz.",
     )
-  if kind == "gzip" and is_bgzip(path) and not has_bgzf_eof(path):
+  if kind == "gzip" and _bgzip_head(head) and not _ends_in_bgzf_eof(raw):
     # A warning, as htslib gives: writers before 2011 left the block out.
     logging.warning(
       "%s: no BGZF end-of-file block; the file may be truncated (an interrupted download?) "
       "and read short.",
       path,
     )
-  raw = paths.open_binary(path)
+  raw.seek(0)
   if hasher is not None:
     raw = _HashedFile(raw, hasher)
   if kind == "gzip":
