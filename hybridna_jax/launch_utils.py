@@ -281,6 +281,18 @@ class _LibraryInfoFilter(logging_std.Filter):
     )
 
 
+def named_checkpoint(checkpoint: str | None, workdir: str | None, which: str, what: str):
+  """The step a launcher restores (`restore.CheckpointRef`): --checkpoint,
+  else --workdir, resolved once, so that the step named and recorded is the
+  one restored. One of the two flags is needed; `what` is what the run is
+  for, in the error ("evaluate", ...)."""
+  if checkpoint is None and workdir is None:
+    raise app.UsageError(f"pass --workdir (the run to {what}) or --checkpoint.")
+  from hybridna_jax import restore  # pylint: disable=g-import-not-at-top
+
+  return restore.find_checkpoint(checkpoint or workdir, which)
+
+
 def local_output(path: str, flag: str) -> str:
   """`path` for an output flag whose writers need a local file: a file://
   URL (e.g. the default under a file:// --workdir) becomes its local path;

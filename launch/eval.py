@@ -25,7 +25,7 @@ the table.
 
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from hybridna_jax import launch_utils
 
@@ -56,15 +56,12 @@ def main(argv):
   del argv  # flags only (launch_utils.run)
   launch_utils.quiet_library_logs()
   # Imported after flag parsing (nothing may touch devices before).
-  from hybridna_jax import restore, scoring  # pylint: disable=g-import-not-at-top
+  from hybridna_jax import scoring  # pylint: disable=g-import-not-at-top
   from hybridna_jax.config import DataConfig, ScoreConfig  # pylint: disable=g-import-not-at-top
   from hybridna_jax.scoring import evaluation  # pylint: disable=g-import-not-at-top
 
-  if FLAGS.checkpoint is None and FLAGS.workdir is None:
-    raise app.UsageError("pass --workdir (the run to evaluate) or --checkpoint.")
-  # The step resolved now is the one restored, named and recorded; `which`
-  # is where it is (best/ or not), whichever flag named it.
-  ref = restore.find_checkpoint(FLAGS.checkpoint or FLAGS.workdir, FLAGS.which)
+  # `which` is where the step is (best/ or not), whichever flag named it.
+  ref = launch_utils.named_checkpoint(FLAGS.checkpoint, FLAGS.workdir, FLAGS.which, "evaluate")
   # Checked before the (long) evaluation, which would otherwise be lost.
   output_dir = launch_utils.local_output(
     FLAGS.output_dir or os.path.join(FLAGS.workdir or ref.run_dir, "eval"), "--output_dir"

@@ -124,15 +124,12 @@ def main(argv):
       )
     return
 
-  from hybridna_jax import restore  # pylint: disable=g-import-not-at-top
   from hybridna_jax.design import sampling as design_sampling  # pylint: disable=g-import-not-at-top
 
-  if FLAGS.checkpoint is None and FLAGS.workdir is None:
-    raise app.UsageError("--mode=sample needs --workdir (the run to sample) or --checkpoint.")
+  ref = launch_utils.named_checkpoint(FLAGS.checkpoint, FLAGS.workdir, FLAGS.which, "sample")
   # Without --workdir, outputs go to the checkpoint's run directory.
-  run_dir = FLAGS.workdir or restore.find_checkpoint(FLAGS.checkpoint, FLAGS.which).run_dir
   output = launch_utils.local_output(
-    FLAGS.output or os.path.join(run_dir, "designs.fasta"), "--output"
+    FLAGS.output or os.path.join(FLAGS.workdir or ref.run_dir, "designs.fasta"), "--output"
   )
   existing = [f for f in design_sampling.output_files(output) if os.path.exists(f)]
   if existing and not FLAGS.overwrite:
@@ -141,10 +138,9 @@ def main(argv):
       "or --overwrite to replace that run's FASTA and summaries."
     )
   result = design_sampling.run_sampling(
-    FLAGS.checkpoint or FLAGS.workdir,
+    ref.step_dir,  # the step resolved above
     output,
     config=FLAGS.config,
-    which=FLAGS.which,
     label_specs=FLAGS.labels,
     prefix=FLAGS.prefix.strip().upper(),
     reference_csv=FLAGS.reference_csv,

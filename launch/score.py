@@ -106,10 +106,7 @@ def main(argv):
     raise app.UsageError("--mode=variants needs --variants and --reference.")
   if mode != "variants" and not FLAGS.fasta:
     raise app.UsageError(f"--mode={mode} needs --fasta.")
-  if FLAGS.checkpoint is None and FLAGS.workdir is None:
-    raise app.UsageError("pass --workdir (the run to restore) or --checkpoint.")
-  path = FLAGS.checkpoint or FLAGS.workdir
-  ref = restore.find_checkpoint(path, FLAGS.which)
+  ref = launch_utils.named_checkpoint(FLAGS.checkpoint, FLAGS.workdir, FLAGS.which, "restore")
   output = launch_utils.local_output(
     FLAGS.output
     or os.path.join(FLAGS.workdir or ref.run_dir, "scores", f"{mode}.{_EXTENSIONS[mode]}"),

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -346,11 +345,11 @@ class Scorer:
     Returns:
       (scorer, the run's config).
     """
-    from hybridna_jax import paths, restore  # pylint: disable=g-import-not-at-top
+    from hybridna_jax import restore  # pylint: disable=g-import-not-at-top
 
     ref = restore.find_checkpoint(path, which)
     # The step resolved now is the one restored and recorded (`fingerprint`).
-    step_dir = os.fspath(paths.join(ref.manager_dir, str(ref.step)))
+    step_dir = ref.step_dir
     run_config = restore.run_config(ref.run_dir)
     _warn_unused_model_fields(config, run_config)
     settings_from = config if config is not None else run_config
