@@ -300,11 +300,11 @@ def run_sampling(
   from hybridna_jax import restore  # pylint: disable=g-import-not-at-top
 
   # Resolved first: a directory that is not a run (a Hugging Face one) is
-  # refused before its weights load.
+  # refused before its weights load, and the step recorded is the one loaded.
   ref = restore.find_checkpoint(checkpoint, which)
   # The loop layout: in the decode loop a scanned model's per-layer weight
   # slices would be hoisted into a second copy of the weights.
-  model, _, run_config = restore.load(checkpoint, which=which, mesh=mesh, scan_layers=False)
+  model, _, run_config = restore.load(ref.step_dir, mesh=mesh, scan_layers=False)
   # Defaults for a run from before the generate section existed (pretraining).
   run_generate = GenerateConfig.of(run_config)
   g = GenerateConfig.of(config) if config is not None else run_generate
