@@ -45,11 +45,12 @@ def padded_width(max_tokens: int, echo: bool, multiple: int = 1) -> int:
   return -(-input_length(max_tokens, echo) // multiple) * multiple
 
 
-def crop_center(tokens: np.ndarray, max_tokens: int) -> np.ndarray:
-  """The central `max_tokens` of a longer sequence (unchanged if shorter)."""
-  if max_tokens <= 0 or tokens.size <= max_tokens:
+def crop_center(tokens, max_tokens: int):
+  """The central `max_tokens` of a longer sequence, (n,) tokens or a string
+  (unchanged if shorter)."""
+  if max_tokens <= 0 or len(tokens) <= max_tokens:
     return tokens
-  start = (tokens.size - max_tokens) // 2
+  start = (len(tokens) - max_tokens) // 2
   return tokens[start : start + max_tokens]
 
 

@@ -35,6 +35,7 @@ import time
 import numpy as np
 from absl import logging
 
+from hybridna_jax import echo as echo_lib
 from hybridna_jax.finetune import baselines as baselines_lib
 from hybridna_jax.finetune import datasets, report
 from hybridna_jax.finetune.metrics import HEADLINE
@@ -281,11 +282,10 @@ def crop_task(data: datasets.TaskData, max_length: int) -> datasets.TaskData:
   its centre, as fine-tuning crops (finetune.max_length; 0: unchanged)."""
   if max_length <= 0:
     return data
-  splits = {}
-  for name, split in data.splits.items():
-    starts = [max(0, (len(s) - max_length) // 2) for s in split.sequences]
-    sequences = [s[a : a + max_length] for s, a in zip(split.sequences, starts)]
-    splits[name] = split._replace(sequences=sequences)
+  splits = {
+    name: split._replace(sequences=[echo_lib.crop_center(s, max_length) for s in split.sequences])
+    for name, split in data.splits.items()
+  }
   return dataclasses.replace(data, splits=splits)
 
 
