@@ -28,6 +28,7 @@ Each row is a window of L + 1 stored tokens read as the shifted pair.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -153,16 +154,27 @@ class WindowReader(grain.transforms.Map):
     self.columns = (int(a), int(b))
     self._split = None
     self._record_starts = None
+    self._opening = threading.Lock()
 
   def __getstate__(self):
     state = dict(self.__dict__)
     state["_split"] = state["_record_starts"] = None
+    del state["_opening"]
     return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._opening = threading.Lock()
 
   @property
   def split(self) -> store_lib.StoreSplit:
     if self._split is None:
-      self._split = store_lib.TokenStore.open(self.store_path)[self.split_name]
+      # data.read_threads reach here at once: the store is opened once, not
+      # by each (whose concurrent numpy header parses also broke CPython
+      # 3.11's parser: "AST constructor recursion depth mismatch").
+      with self._opening:
+        if self._split is None:
+          self._split = store_lib.TokenStore.open(self.store_path)[self.split_name]
     return self._split
 
   @property
