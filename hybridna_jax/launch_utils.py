@@ -18,6 +18,7 @@ from ml_collections import config_flags
 
 from hybridna_jax import config as config_lib
 from hybridna_jax import paths
+from hybridna_jax.train import startup_signal
 
 FLAGS = flags.FLAGS
 
@@ -63,15 +64,23 @@ USER_ERRORS = (ValueError, KeyError, OSError)
 TRACEBACK_ENV = "HYBRIDNA_TRACEBACK"
 
 
-def run(main, *, huge_pages: bool = True) -> None:
+def run(main, *, huge_pages: bool = True, record_sigterm: bool = False) -> None:
   """app.run(main), with the job config checked once the flags are parsed:
   an unknown or malformed field, in the config file or in a --config.x.y
   override, ends the program with one line naming it (exit status 1), and
   so does a user error (`USER_ERRORS`) raised by `main`. On a CPU-only host
   the program first restarts itself once with huge pages for malloc
-  (`restart_with_huge_pages`), unless `huge_pages` is False."""
+  (`restart_with_huge_pages`), unless `huge_pages` is False.
+
+  `record_sigterm` (training programs): a SIGTERM from the restart on, while
+  the flags and config are read and the program starts up, is recorded
+  (`startup_signal.catch`) and honoured by the training loop with a
+  checkpoint, instead of killing the process. Not before the restart: exec
+  would drop a recorded signal."""
   if huge_pages:
     restart_with_huge_pages()
+  if record_sigterm:
+    startup_signal.catch()
   app.run(one_line_errors(_flags_only(main)), flags_parser=_parse_flags)
 
 

@@ -13,7 +13,6 @@ import json
 from absl import flags, logging
 
 from hybridna_jax import launch_utils, paths
-from hybridna_jax.train import startup_signal
 
 launch_utils.define_flags(config_required=True)
 FLAGS = flags.FLAGS
@@ -21,7 +20,6 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv  # flags only (launch_utils.run)
-  startup_signal.catch()  # a SIGTERM from here on stops the run with a checkpoint
   launch_utils.quiet_library_logs()
   launch_utils.initialize_distributed()
   # Imported after distributed start-up (nothing may touch devices before).
@@ -44,4 +42,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  launch_utils.run(main)
+  launch_utils.run(main, record_sigterm=True)  # SIGTERM while starting: a checkpoint

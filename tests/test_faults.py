@@ -774,6 +774,52 @@ def test_a_sigterm_while_starting_up_stops_at_the_first_step(base_run, tmp_path)
   assert losses(workdir) == pytest.approx(losses(base), rel=1e-6)
 
 
+def test_launch_train_records_a_sigterm_while_reading_its_config(lambda_store, tmp_path):
+  """launch/train.py records a SIGTERM from the moment its flags are read
+  (`launch_utils.run(record_sigterm=True)`), not only once `main` starts:
+  a config file that signals the process as it loads stands in for a
+  Slurm preemption during start-up. The run saves step 0 and exits 0 as
+  preempted (it died with status 143, no summary, when `main` installed
+  the handler)."""
+  config = tmp_path / "signalling_config.py"
+  config.write_text(
+    textwrap.dedent(
+      f"""
+      import os, signal, sys
+      sys.path.insert(0, {os.path.join(ROOT, "configs")!r})
+      import tiny
+
+      def get_config():
+        os.kill(os.getpid(), signal.SIGTERM)
+        return tiny.get_config()
+      """
+    )
+  )
+  workdir = tmp_path / "run"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, HYBRIDNA_HUGE_PAGES="0")
+  done = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(ROOT, "launch", "train.py"),
+      f"--config={config}",
+      f"--workdir={workdir}",
+      f"--config.data.store_dir={lambda_store.store_dir}",
+      "--config.train.stages=((64, 4, 2),)",
+      "--config.train.plot=False",
+      "--config.mesh.num_devices=1",
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+    check=False,
+  )
+  assert done.returncode == 0, done.stderr[-2000:]
+  summary = json.loads((workdir / "train_summary.json").read_text())
+  assert summary["stopped"] == "preempted" and summary["steps"] == 0
+  assert _steps_of(str(workdir)) == [0]
+
+
 def test_second_sigint_stops_without_saving():
   with Preemption() as p:
     os.kill(os.getpid(), signal.SIGINT)

@@ -4,10 +4,13 @@ Imports and jax.distributed start-up (which can wait minutes for the other
 hosts) come before `loop.train` installs its handler (`preemption.Preemption`);
 under the default action such a SIGTERM (a Slurm time limit or preemption)
 killed the process with status 143 and no summary, so the job was not
-requeued. The training launchers call `catch` first: the signal is recorded
-here, and `loop.train` honours it before its first step (no compile): it
-saves the state it starts from and returns "stopped": "preempted" (exit
-status 0). A fine-tuning suite stops before its first task.
+requeued. The training launchers call `catch` before they read their flags
+and config (`launch_utils.run(record_sigterm=True)`; generate.py's finetune
+mode at the top of `main`): the signal is recorded here, and `loop.train`
+honours it before its first step (no compile): it saves the state it starts
+from and returns "stopped": "preempted" (exit status 0). A fine-tuning suite
+stops before its first task. What is left unguarded is the interpreter's
+start and the launcher's imports (about a second).
 
 SIGINT keeps its default (KeyboardInterrupt): a Ctrl-C while starting up
 loses no step. No jax here, so this imports in milliseconds.
