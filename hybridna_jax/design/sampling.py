@@ -356,7 +356,7 @@ def run_sampling(
     mesh=mesh,
   )
   seconds = time.perf_counter() - start
-  source = f"{ref.manager_dir}/{ref.step}"
+  source = ref.step_dir
   # Every process of a multi-host job holds the same designs; one writes,
   # once the summaries are computed (a failure there leaves no output).
   writes = jax.process_index() == 0
