@@ -578,6 +578,22 @@ _BOS_TEMPLATE = _template(("[BOS]", 5))
   "post_processor, config, bos",
   [
     (_BOS_TEMPLATE, {}, 5),  # review: add_bos was read from add_bos_token only
+    (  # bos, the text, then two specials after it
+      {
+        **_BOS_TEMPLATE,
+        "single": [
+          *_BOS_TEMPLATE["single"],
+          *({"SpecialToken": {"id": t, "type_id": 0}} for t in ("[SEP]", "[EOS]")),
+        ],
+        "special_tokens": {
+          **_BOS_TEMPLATE["special_tokens"],
+          "[SEP]": {"id": "[SEP]", "ids": [3], "tokens": ["[SEP]"]},
+          "[EOS]": {"id": "[EOS]", "ids": [6], "tokens": ["[EOS]"]},
+        },
+      },
+      {},
+      5,
+    ),
     (None, {"add_bos_token": True}, None),  # transformers drops add_bos_token beside tokenizer.json
     (None, {}, None),
     ({"type": "BertProcessing", "sep": ["[SEP]", 3], "cls": ["[CLS]", 2]}, {}, 2),  # cls first
@@ -594,15 +610,19 @@ _BOS_TEMPLATE = _template(("[BOS]", 5))
     ),
   ],
 )
-def test_add_bos_is_what_transformers_tokenizer_does(tmp_path, post_processor, config, bos):
+def test_add_bos_is_what_transformers_tokenizer_does(tmp_path, caplog, post_processor, config, bos):
   _fast_tokenizer_dir(tmp_path, post_processor, **config)
   theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))("ACGT")["input_ids"]
   tok = hf.read_vocab(str(tmp_path))
   ours = tok.encode("ACGT", add_bos=tok.add_bos).tolist()
   assert tok.add_bos == (bos is not None) and "tokenizer.json's post_processor" in tok.add_bos_from
-  # The same ids, but for the token a processor appends (Bert's [SEP]),
-  # which score.add_bos does not model.
-  assert theirs[: len(ours)] == ours and len(theirs) - len(ours) <= 1
+  # The same ids, but for the tokens a processor appends (Bert's [SEP]),
+  # which scoring does not add: the import names them in a warning.
+  assert theirs[: len(ours)] == ours
+  appended = theirs[len(ours) :]
+  assert (f"ends each sequence with the special token(s) {appended}" in caplog.text) == bool(
+    appended
+  )
   if bos is not None:
     assert ours[0] == tok.bos == bos
 

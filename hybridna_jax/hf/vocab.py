@@ -251,32 +251,35 @@ def _read_vocab(path: str, model_config: Mapping | None) -> VocabTokenizer | Non
   return VocabTokenizer(vocab, specials, source, add_bos=add_bos, add_bos_from=bos_from)
 
 
-def _processor_prefix(processor: Mapping, vocab: Mapping[str, int]) -> list[int] | None:
-  """The ids a `tokenizers` post_processor puts before a single sequence,
-  None for a type not known here."""
+def _processor_ends(
+  processor: Mapping, vocab: Mapping[str, int]
+) -> tuple[list[int], list[int]] | None:
+  """The ids a `tokenizers` post_processor puts before and after a single
+  sequence, (prefix, suffix); None for a type not known here."""
   kind = processor.get("type")
   if kind == "Sequence":  # each wraps the output of the ones before it
-    prefix = []
+    prefix, suffix = [], []
     for p in processor.get("processors") or ():
-      inner = _processor_prefix(p, vocab)
+      inner = _processor_ends(p, vocab)
       if inner is None:
         return None
-      prefix = inner + prefix
-    return prefix
+      prefix, suffix = inner[0] + prefix, suffix + inner[1]
+    return prefix, suffix
   if kind in ("BertProcessing", "RobertaProcessing"):  # cls $A sep
-    return [int(processor["cls"][1])]
+    return [int(processor["cls"][1])], [int(processor["sep"][1])]
   if kind == "TemplateProcessing":
     special_tokens = processor.get("special_tokens") or {}
-    prefix = []
+    ends, text_seen = ([], []), False
     for piece in processor.get("single") or ():
       if "SpecialToken" not in piece:  # {"Sequence": ...}: the text
-        break
+        text_seen = True
+        continue
       name = piece["SpecialToken"]["id"]
       ids = (special_tokens.get(name) or {}).get("ids")
-      prefix += [int(i) for i in ids] if ids else [vocab[name]]
-    return prefix
+      ends[text_seen].extend([int(i) for i in ids] if ids else [vocab[name]])
+    return ends
   if kind == "ByteLevel":  # offsets only
-    return []
+    return [], []
   return None
 
 
@@ -305,14 +308,24 @@ def _post_processor_bos(
         source,
       )
     return False, where
-  prefix = _processor_prefix(processor, vocab)
-  if prefix is None:
+  ends = _processor_ends(processor, vocab)
+  if ends is None:
     logging.warning(
       "%s: post_processor type %r is not known here; reading it as adding no bos.",
       source,
       processor.get("type"),
     )
     return False, where
+  prefix, suffix = ends
+  if suffix:
+    logging.warning(
+      "%s: the post_processor ends each sequence with the special token(s) %s, which scoring "
+      "here does not add: the nucleotides' log-likelihoods are the same (a causal model reads "
+      "no later token), but the sum over a sequence leaves out that token's, and "
+      "score.pooling=last reads the last nucleotide's hidden state, not the token's.",
+      source,
+      suffix,
+    )
   if not prefix:
     return False, where
   if len(prefix) > 1:
