@@ -23,6 +23,7 @@ which model fields a checkpoint fixes.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -33,6 +34,7 @@ import ml_collections
 from hybridna_jax import tokenizer
 from hybridna_jax.data.config import DataConfig, default_data_config
 from hybridna_jax.sections import ConfigError, Section, field, set_fields
+from hybridna_jax.train.baselines import MAX_ORDER as MAX_MARKOV_ORDER
 
 __all__ = [
   "CONTEXT_ATTENTION",
@@ -359,6 +361,23 @@ class TrainConfig(Section):
         f"config.train.min_lr_ratio must be in [0, 1] (a fraction of learning_rate), "
         f"got {self.min_lr_ratio}."
       )
+    if not math.isfinite(self.learning_rate):
+      raise ValueError(f"config.train.learning_rate must be finite, got {self.learning_rate}.")
+    # b = 1 divides Adam's bias correction by zero: the first update is NaN.
+    for name in ("b1", "b2"):
+      value = getattr(self, name)
+      if not 0 <= value < 1:
+        raise ValueError(
+          f"config.train.{name} must be in [0, 1) (an Adam moment's decay), got {value}."
+        )
+    if not 0 <= self.eps < math.inf:
+      raise ValueError(f"config.train.eps must be finite and >= 0, got {self.eps}.")
+    for order in self.markov_orders:
+      if not 0 <= order <= MAX_MARKOV_ORDER:
+        raise ValueError(
+          f"config.train.markov_orders must each be in [0, {MAX_MARKOV_ORDER}], got {order}; "
+          "drop it or pick a lower order."
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 
 class ConfigError(ValueError):
@@ -105,9 +106,9 @@ def _coerce(value: Any, tp) -> Any:
         except _Mismatch:
           pass
     raise _Mismatch()
-  if tp is bool:
-    if isinstance(value, bool):
-      return value
+  if tp is bool:  # numpy booleans too, as numpy numbers below
+    if isinstance(value, (bool, np.bool_)):
+      return bool(value)
     raise _Mismatch()
   if tp is int:  # numpy integers too (sizes computed by code)
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):

@@ -85,6 +85,7 @@ def main(argv):
     step=ref.step,
     add_bos=scorer.settings.add_bos,
     dtype=str(scorer.model_config.dtype),
+    param_dtype=str(scorer.model_config.param_dtype),
     max_records=max_records,
     max_tokens=max_tokens,
   )
@@ -103,6 +104,7 @@ def main(argv):
     data=data,
     **({"store": store} if store is not None else {}),
     dtype=str(scorer.model_config.dtype),
+    param_dtype=str(scorer.model_config.param_dtype),
     compiles=scorer.trace_count,
   )
   paths = evaluation.write(result, output_dir, stem)

@@ -112,6 +112,9 @@ def main(argv):
     or os.path.join(FLAGS.workdir or ref.run_dir, "scores", f"{mode}.{_EXTENSIONS[mode]}"),
     "--output",
   )
+  if output.endswith(("/", os.sep)) or os.path.isdir(output):
+    example = os.path.join(output, f"{mode}.{_EXTENSIONS[mode]}")
+    raise ValueError(f"--output={output} is a directory; name a file, e.g. --output={example}.")
   _refuse_to_replace(mode, output)
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
 

@@ -283,6 +283,13 @@ def test_train_counts_must_be_positive(field):
     ("train.learning_rate", float("nan"), r"must be >= 0"),
     ("train.min_lr_ratio", -0.5, r"must be in \[0, 1\]"),
     ("train.min_lr_ratio", 1.5, r"must be in \[0, 1\]"),
+    # Review: accepted, and b1 = 1 made every parameter NaN at step 1.
+    ("train.b1", 1.0, r"must be in \[0, 1\) \(an Adam moment's decay\), got 1\.0\.$"),
+    ("train.b2", -0.1, r"must be in \[0, 1\)"),
+    ("train.eps", float("nan"), r"must be finite and >= 0, got nan\.$"),
+    ("train.learning_rate", float("inf"), r"must be finite, got inf\.$"),
+    # Review: refused by the Markov report after the whole run, unnamed.
+    ("train.markov_orders", (3, 15), r"must each be in \[0, 14\], got 15;"),
     ("data.window_stride", -5, r"must be >= 0, got -5\.$"),
     ("data.num_workers", -1, r"must be >= 0"),
     ("data.max_n_fraction", float("nan"), r"must be in \[0, 1\] \(a fraction\), got nan"),

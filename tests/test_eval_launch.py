@@ -99,6 +99,14 @@ def test_evaluate_reports_records_and_overall(scorer, lambda_store, inputs, tmp_
     evaluation.store_sequences(lambda_store.store_dir, "test")
 
 
+def test_positions_outputs_of_two_names_never_share_a_file():
+  """Review: pos.v1 and pos.v2 both wrote pos.png and pos.bedgraph
+  (os.path.splitext), and --overwrite replaced one run's with the other's."""
+  files = lambda output: score_outputs.output_files("positions", output, bedgraph=True)
+  assert files("out/pos.v1") == ["out/pos.v1.npz", "out/pos.v1.png", "out/pos.v1.bedgraph"]
+  assert files("out/pos.npz") == ["out/pos.npz", "out/pos.png", "out/pos.bedgraph"]
+
+
 def test_score_modes_write_their_files(scorer, inputs, tmp_path):
   records = evaluation.fasta_sequences([inputs["fasta"]])
   names, tokens = [r.name for r in records], [r.tokens for r in records]
@@ -245,6 +253,12 @@ def test_score_without_config_restores_on_the_devices_it_has(tiny_run, inputs, t
   replaced = _launch("score.py", tiny_run, *args, "--overwrite", env=launch_env(1))
   log, _ = replaced.communicate(timeout=300)
   assert replaced.returncode == 0, log[-3000:]
+  # Review: an --output naming a directory scored everything, then failed
+  # writing 'out/..partial'; it is refused first, in one line.
+  to_dir = _launch("score.py", tiny_run, *args[:2], f"--output={tmp_path}/", env=launch_env(1))
+  log, _ = to_dir.communicate(timeout=300)
+  assert to_dir.returncode != 0 and f"--output={tmp_path}/ is a directory; name a file" in log
+  assert "scored" not in log
 
 
 def test_evaluations_of_other_data_or_checkpoints_never_share_a_file():
@@ -282,6 +296,13 @@ def test_evaluations_of_two_stores_never_share_a_file(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   assert stem("store_c") == stem(str(tmp_path / "store_c"))
   assert evaluation.output_stem("val", 64, 32) == "eval_val_ctx64_stride32"  # no store given
+  # Review: bf16 compute over fp32 weights and over bf16 weights score
+  # differently; they shared a name, and the second replaced the first.
+  bf16 = lambda weights: evaluation.output_stem(
+    "val", 64, 32, dtype="bfloat16", param_dtype=weights
+  )
+  assert bf16("float32") == "eval_val_ctx64_stride32_bfloat16"
+  assert bf16("bfloat16") == "eval_val_ctx64_stride32_bfloat16_bfloat16weights"
   # A file of that name holding another store's evaluation is not replaced.
   checkpoint = "/runs/a/checkpoints/4"
   (tmp_path / f"{a}.json").write_text(
@@ -401,3 +422,20 @@ def test_model_fields_of_a_job_config_that_the_checkpoint_overrides_are_named(ti
   scorer, _ = scoring.Scorer.from_run(tiny_run, config)
   assert "--config's model.dtype, model.remat differ from the run's and are not used" in caplog.text
   assert scorer.model_config.dtype == "float32"
+
+
+def test_fasta_inputs_stream_only_what_is_evaluated(tmp_path):
+  """Review: every record was read whole before eval_max_records and
+  eval_max_tokens applied, so a bad record past the limit failed the run and
+  each kept prefix was a view holding its whole record. The bad record here
+  lies past the reader's first block (fasta.DEFAULT_BLOCK_SIZE)."""
+  path = tmp_path / "in.fa"
+  long = "ACGT" * (fasta.DEFAULT_BLOCK_SIZE // 4 + 1000)
+  path.write_text(f">a\nACGTACGT\nACGT\n>b\n{long}\n>c\nAC*GT\n")
+  records = evaluation.fasta_sequences([str(path)], max_records=1, max_tokens=10)
+  assert [(r.name, tokenizer.decode(r.tokens)) for r in records] == [("a", "ACGTACGTAC")]
+  with pytest.raises(fasta.FastaFormatError, match="line 7: record 'c'"):
+    evaluation.fasta_sequences([str(path)], max_records=3, max_tokens=10)
+  (tmp_path / "long.fa").write_text(f">b\n{long}\n")
+  (record,) = evaluation.fasta_sequences([str(tmp_path / "long.fa")], max_tokens=10)
+  assert len(record.tokens) == 10 and record.tokens.base is None  # a copy, not a view

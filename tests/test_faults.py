@@ -102,6 +102,20 @@ def test_stage_longer_than_the_models_max_seq_len_is_refused(tiny_config, tmp_pa
   assert not os.path.exists(tmp_path / "run" / "config.json")
 
 
+def test_an_eval_length_the_run_cannot_use_is_refused_before_step_0(tiny_config, tmp_path):
+  """Review: found at the first evaluation, which runs before that step's
+  checkpoint, so every step since the last one was lost."""
+  tiny_config.train.eval_every = 2
+  tiny_config.train.eval_seq_len = 33
+  tiny_config.mesh.num_devices, tiny_config.mesh.context = 2, 2
+  with pytest.raises(ValueError, match=r"eval_seq_len: 33 is not divisible by config.mesh.con"):
+    loop.train(_one_stage(tiny_config), str(tmp_path / "run"))
+  tiny_config.train.eval_seq_len = 2 * tiny_config.model.max_seq_len
+  with pytest.raises(ValueError, match=r"eval_seq_len: \d+ exceeds config.model.max_seq_len"):
+    loop.train(_one_stage(tiny_config), str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run" / "config.json")
+
+
 def test_store_of_other_data_is_refused_before_step_0(tiny_config, tmp_path):
   tiny_config.data = _store(tmp_path / "s", [("a", "ACGT" * 100), ("b", "ACGT" * 50)], val=["b"])
   tiny_config.data.split.val_records = ("a",)  # not how the store was split
@@ -400,11 +414,17 @@ def test_a_stage_changed_mid_stage_is_refused(base_run, tmp_path):
   shutil.copytree(base, workdir)
   cfg = cfg.copy_and_resolve_references()
   cfg.train.stages = ((32, 6, 2),)  # step 4 is mid-stage, 4 rows a batch before
-  was = r"step 4 was in stage 0 from step 0, in batches of 4; this config puts it in stage "
-  with pytest.raises(ValueError, match=was + r"0 from step 0, in batches of 2 \(config.train"):
+  was = r"step 4 was in stage 0 from step 0, in batches of 4 x 32 tokens; this config puts it in "
+  with pytest.raises(
+    ValueError, match=was + r"stage 0 from step 0, in batches of 2 x 32 tokens \("
+  ):
     loop.train(cfg, workdir)
   cfg.train.stages = ((32, 1, 4), (32, 5, 4))  # the stage moved: its batch 3 is not batch 4
-  with pytest.raises(ValueError, match=was + "1 from step 1, in batches of 4"):
+  with pytest.raises(ValueError, match=was + "stage 1 from step 1, in batches of 4 x 32"):
+    loop.train(cfg, workdir)
+  # Review: another window length was accepted (its stream from batch 2).
+  cfg.train.stages = ((64, 6, 4),)
+  with pytest.raises(ValueError, match=was + "stage 0 from step 0, in batches of 4 x 64 tokens"):
     loop.train(cfg, workdir)
   cfg.train.stages = ((32, 6, 2),)
   # An earlier version's meta recorded the batch in host_rows.
@@ -581,6 +601,18 @@ def test_optimizer_change_on_resume_names_the_optimizer_settings(base_run, tmp_p
   ):
     loop.train(cfg, workdir)
   assert sorted(os.listdir(os.path.join(workdir, CHECKPOINT_DIR))) == ["2", "4"]
+
+
+def test_a_damaged_config_json_is_named_on_resume(base_run, tmp_path):
+  """Review: an emptied config.json ended a resume with json's bare
+  'Expecting value: line 1 column 1 (char 0)'."""
+  cfg, base = base_run
+  workdir = str(tmp_path / "run")
+  shutil.copytree(base, workdir)
+  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+    f.write("")
+  with pytest.raises(ValueError, match=r"config.json is not valid JSON \(Expecting value"):
+    loop.train(cfg, workdir)
 
 
 def test_restore_errors_name_the_parameter_and_config_json(base_run, tmp_path):

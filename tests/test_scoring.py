@@ -144,6 +144,27 @@ def test_rc_averaging_is_symmetric(scorer, genome):
   np.testing.assert_allclose(e_seq, e_rc, rtol=1e-5, atol=1e-6)
 
 
+def test_mean_embedding_of_a_windowed_sequence_pools_each_nucleotide_once(model, genome):
+  """embed(pooling="mean") over several windows, N inside, with and without
+  <bos>: the mean over nucleotides of each one's hidden state from the window
+  that scores it (the weights are now made with each batch, not held)."""
+  seq = genome[7000:7150].copy()
+  seq[10:20] = tokenizer.N
+  for add_bos in (False, True):
+    s = scoring.Scorer(
+      model, context=CONTEXT, stride=16, batch_size=4, min_bucket=16, add_bos=add_bos
+    )
+    read = np.concatenate([[tokenizer.BOS], seq]) if add_bos else seq
+    total, count = 0.0, 0
+    for w in scoring.plan_windows(len(read), CONTEXT, 16):
+      window = read[w.start : w.end]
+      hidden = np.asarray(_forward(model, window[None])[1][0])
+      keep = tokenizer.is_nucleotide(window) & (np.arange(w.start, w.end) >= w.score_from)
+      total, count = total + hidden[keep].sum(0), count + keep.sum()
+    assert count == len(seq)  # every base once, N included
+    np.testing.assert_allclose(s.embed([seq])[0], total / count, rtol=1e-5, atol=1e-6)
+
+
 def test_rc_averaging_where_one_strand_scores_nothing(scorer, tmp_path, monkeypatch):
   """N everywhere but one end: one strand scores one base, the other none.
   The mean is that strand's (review: the mean of a NaN and a number, so the

@@ -471,7 +471,11 @@ def iter_fasta(
 
 
 def iter_records(
-  path: str | os.PathLike, *, keep: Callable[[str], bool] | None = None, **kwargs
+  path: str | os.PathLike,
+  *,
+  keep: Callable[[str], bool] | None = None,
+  max_tokens: int = 0,
+  **kwargs,
 ) -> Iterator[tuple[FastaHeader, np.ndarray | None]]:
   """Streams one FASTA file record by record.
 
@@ -480,20 +484,25 @@ def iter_records(
     keep: which records (by name) to hold; the sequence of the others is
       dropped as it streams, so a few chromosomes can be read from a whole
       genome without holding it. None keeps all.
+    max_tokens: when > 0, only the first `max_tokens` tokens of each record
+      are held (the rest is read, checked and dropped).
 
   Yields:
     (header, uint8 (length,) tokens) per record in file order; tokens is
     None for a record `keep` rejected.
   """
-  header, wanted, chunks = None, False, []
+  header, wanted, chunks, held = None, False, [], 0
   for item in iter_fasta(path, **kwargs):
     if isinstance(item, FastaHeader):
       if header is not None:
         yield header, _concat(chunks) if wanted else None
-      header, chunks = item, []
+      header, chunks, held = item, [], 0
       wanted = keep is None or keep(item.name)
-    elif wanted:
+    elif wanted and not (max_tokens and held >= max_tokens):
+      if max_tokens:
+        item = item[: max_tokens - held]
       chunks.append(item)
+      held += len(item)
   if header is not None:
     yield header, _concat(chunks) if wanted else None
 

@@ -54,19 +54,19 @@ def fasta_sequences(
   """Records of FASTA files (plain or compressed), optionally only the first
   `max_records` and the first `max_tokens` tokens of each; records with no
   sequence are refused, or skipped with a warning (`allow_empty_records`,
-  config data.allow_empty_records)."""
+  config data.allow_empty_records). Files are streamed: reading stops after
+  the `max_records`-th record, and only `max_tokens` of a record are held."""
   out = []
   for path in paths:
     if not os.path.exists(path):
       raise FileNotFoundError(f"FASTA file {path} not found.")
-    for header, tokens in fasta.read_fasta(path, allow_empty_records=allow_empty_records):
+    records = fasta.iter_records(
+      path, max_tokens=max_tokens, allow_empty_records=allow_empty_records
+    )
+    for header, tokens in records:
+      out.append(NamedSequence(header.name, os.path.basename(path), tokens))
       if max_records and len(out) >= max_records:
         return out
-      out.append(
-        NamedSequence(
-          header.name, os.path.basename(path), tokens[:max_tokens] if max_tokens else tokens
-        )
-      )
   if not out:
     raise ValueError(f"no FASTA records in {', '.join(paths)}.")
   return out
@@ -293,13 +293,15 @@ def output_stem(
   step: int | None = None,
   add_bos: bool = False,
   dtype: str = "float32",
+  param_dtype: str = "float32",
   max_records: int = 0,
   max_tokens: int = 0,
 ) -> str:
   """The file stem of an evaluation, distinct for each data set, window,
-  checkpoint step, compute dtype and subset (`write` refuses to replace the
-  evaluation of another checkpoint or store):
-  eval_<data>_ctx<C>_stride<S>[_step<N>][_best][_bos][_<dtype>][_max<R>rec][_max<T>tok],
+  checkpoint step, compute and weight dtype and subset (`write` refuses to
+  replace the evaluation of another checkpoint or store):
+  eval_<data>_ctx<C>_stride<S>[_step<N>][_best][_bos][_<dtype>][_<param_dtype>weights]
+  [_max<R>rec][_max<T>tok],
   where <data> is a split name, "<split>-<hash>" with the hash of the token
   `store` it is of (`store_identity`: the val splits of two stores are two
   data sets), or for FASTA files "<stem of one>-<hash>" or "<n>fasta-<hash>",
@@ -323,6 +325,7 @@ def output_stem(
   parts += [which] if which != "latest" else []
   parts += ["bos"] if add_bos else []
   parts += [dtype] if dtype != "float32" else []
+  parts += [f"{param_dtype}weights"] if param_dtype != "float32" else []
   parts += [f"max{max_records}rec"] if max_records else []
   parts += [f"max{max_tokens}tok"] if max_tokens else []
   return "_".join(parts)

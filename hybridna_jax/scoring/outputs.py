@@ -7,7 +7,6 @@ the NPZs; and `score_sequences_to_files`, the body of its sequence modes
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -179,7 +178,7 @@ def output_files(mode: str, output: str, *, bedgraph: bool = False) -> list[str]
   """The files that `score_sequences_to_files` writes for `mode` at `output`:
   loglik [TSV]; positions [NPZ, plot, bedGraph if asked]; embed [NPZ]."""
   npz = output if output.endswith(".npz") else output + ".npz"
-  stem = os.path.splitext(output)[0]
+  stem = npz.removesuffix(".npz")  # pos.v1 and pos.v2 keep apart (not splitext)
   if mode == "loglik":
     return [output]
   if mode == "positions":

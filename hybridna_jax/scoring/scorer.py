@@ -195,6 +195,9 @@ class _Job(NamedTuple):
   window: Window
   tokens: np.ndarray | None = None  # (L,) int32, default: the window's tokens
   weights: np.ndarray | None = None  # (L,) float32 pooling weights
+  # Mean pooling: the weights are the window's nucleotides from score_from
+  # on, made with the batch (like the tokens) instead of held per window.
+  mean_pooled: bool = False
 
   @property
   def length(self) -> int:
@@ -457,6 +460,9 @@ class Scorer:
           tokens[row, : len(window)] = window
           if job.weights is not None:
             weights[row, : len(job.weights)] = job.weights
+          elif job.mean_pooled:
+            first = job.window.score_from - job.window.start  # earlier ones: an earlier window's
+            weights[row, first : len(window)] = tokenizer.is_nucleotide(window[first:])
         yield chunk, {"tokens": tokens, "weights": weights}
 
   def _put(self, array: np.ndarray):
@@ -653,7 +659,11 @@ class Scorer:
 
     def sink(job, rows):
       sums[job.seq] += rows[0]
-      weights[job.seq] += float(job.weights.sum())
+      if job.mean_pooled:  # the nucleotides it pooled (see _batches)
+        pooled = seqs[job.seq].window(job.window.score_from, job.window.end)
+        weights[job.seq] += float(tokenizer.is_nucleotide(pooled).sum())
+      else:
+        weights[job.seq] += float(job.weights.sum())
 
     self._run(jobs, seqs, call, sink, progress)
     empty = np.flatnonzero(weights == 0)
@@ -727,13 +737,9 @@ class Scorer:
       weights[-1] = 1.0
       return [_Job(i, Window(start, seq.length, seq.length - 1), tokens, weights)]
     if pooling == "mean":
-      jobs = []
-      for w in plan_windows(seq.length, self.context, self.stride):
-        tokens = seq.window(w.start, w.end)
-        weights = tokenizer.is_nucleotide(tokens).astype(np.float32)
-        weights[: w.score_from - w.start] = 0.0  # taken from an earlier window
-        jobs.append(_Job(i, w, tokens, weights))
-      return jobs
+      return [
+        _Job(i, w, mean_pooled=True) for w in plan_windows(seq.length, self.context, self.stride)
+      ]
     # Echo: [<bos>] chunk <sep> chunk, fitting in the context.
     chunk = (self.context - 1 - seq.offset) // 2
     if chunk < 1:

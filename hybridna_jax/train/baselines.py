@@ -42,12 +42,15 @@ def _kmer_codes(values: np.ndarray, order: int) -> np.ndarray:
   return codes
 
 
+MAX_ORDER = 14  # its highest-order table alone: 4**15 int64 counts, 8.6 GB
+
+
 class MarkovModel:
   """Order-k Markov chain with backoff; `alpha` is the additive smoothing."""
 
   def __init__(self, order: int, alpha: float = 0.5):
-    if not 0 <= order <= 14:
-      raise ValueError(f"Markov order must be in [0, 14], got {order}.")
+    if not 0 <= order <= MAX_ORDER:
+      raise ValueError(f"Markov order must be in [0, {MAX_ORDER}], got {order}.")
     self.order = order
     self.alpha = alpha
     self.counts = [np.zeros(4 ** (j + 1), np.int64) for j in range(order + 1)]

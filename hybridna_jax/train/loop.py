@@ -42,7 +42,7 @@ from hybridna_jax.train.resume import (
   written_config,
 )
 from hybridna_jax.train.stages import Stage, check_batch, stage_at
-from hybridna_jax.train.tasks import LMPretraining, Task
+from hybridna_jax.train.tasks import LMPretraining, Task, check_eval_seq_len
 
 
 class NonFiniteLossError(RuntimeError):
@@ -139,6 +139,8 @@ def _train(config, workdir: str, task: Task | None, preemption: Preemption) -> d
         "scored and sampled at; raise model.max_seq_len or shorten the stage."
       )
     stage_layout(stage)
+  if tc.eval_every and tc.eval_seq_len:  # or found at the first evaluation, before its save
+    check_eval_seq_len(tc.eval_seq_len, mesh, model_cfg and model_cfg.max_seq_len)
   written = written_config(workdir)  # the run's config.json so far, read once
   examples = task.examples_digest()
   # Opened after the checks: an Orbax manager starts a thread that cleans up

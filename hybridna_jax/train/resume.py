@@ -24,7 +24,15 @@ def written_config(workdir: str) -> dict | None:
   """<workdir>/config.json, the config the run was started with (None
   before the run wrote one)."""
   path = paths.join(workdir, CONFIG_FILE)
-  return json.loads(path.read_text()) if path.exists() else None
+  if not path.exists():
+    return None
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(
+      f"{path} is not valid JSON ({e}); restore it from a copy, or delete it to resume under "
+      "this config."
+    ) from e
 
 
 def resumed_config(workdir: str) -> dict | None:
@@ -79,7 +87,8 @@ def check_stream_position(
 ) -> None:
   """Refuses to continue a stage's stream mid-stage where the step's global
   batch is not where the checkpointed run was: the stage's batch size or
-  first step changed (meta "batch_size" and "stage_start"; `batch_field`
+  first step or window length changed (meta "batch_size", "stage_start" and
+  "seq_len"; `batch_field`
   names the batch in the config), or (`lm`, pretraining) an earlier version
   made the stream with worker processes (meta "stream_format" before
   `pipeline.STREAM_FORMAT` 2, which grouped windows into batches another
@@ -89,14 +98,25 @@ def check_stream_position(
   if step == stage.start_step or step >= stage.end_step:
     return  # a stage starts here: its stream from batch 0
   saved_batch = meta.get("batch_size") or (meta.get("host_rows") or [None, None])[1]
-  saved = (meta.get("stage"), meta.get("stage_start", stage.start_step), saved_batch)
-  if saved != (stage.index, stage.start_step, saved_batch and stage.batch_size):
-    was = f"stage {saved[0]} from step {saved[1]}, in batches of {saved_batch or '?'}"
+  saved_len = meta.get("seq_len")  # the window length too: another one is another stream
+  saved = (meta.get("stage"), meta.get("stage_start", stage.start_step), saved_batch, saved_len)
+  now = (
+    stage.index,
+    stage.start_step,
+    saved_batch and stage.batch_size,
+    saved_len and stage.seq_len,
+  )
+  if saved != now:
+    was = (
+      f"stage {saved[0]} from step {saved[1]}, in batches of {saved_batch or '?'} x "
+      f"{saved_len or '?'} tokens"
+    )
     raise ValueError(
       f"{workdir}: step {step} was in {was}; this config puts it in stage {stage.index} from "
-      f"step {stage.start_step}, in batches of {stage.batch_size} ({batch_field}), whose stream "
-      "would re-read or skip windows. Resume with the stages as they were, change them from "
-      "the end of the step's stage on, or start the new schedule in another --workdir."
+      f"step {stage.start_step}, in batches of {stage.batch_size} x {stage.seq_len} tokens "
+      f"({batch_field}), whose stream would re-read or skip windows. Resume with the stages as "
+      "they were, change them from the end of the step's stage on, or start the new schedule "
+      "in another --workdir."
     )
   workers = ((written or {}).get("data") or {}).get("num_workers", 0)
   if lm and workers and meta.get("stream_format", 1) < pipeline.STREAM_FORMAT:

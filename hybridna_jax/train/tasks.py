@@ -52,6 +52,23 @@ def eval_global_batch(train_cfg, mesh) -> int:
   return -(-int(train_cfg.eval_batch_size) // shards) * shards
 
 
+def check_eval_seq_len(seq_len: int, mesh, max_seq_len: int | None = None) -> None:
+  """Refuses an evaluation length the mesh cannot split over its context
+  axis, or (`max_seq_len`, the model's) longer than the model reads; raises
+  ValueError naming config.train.eval_seq_len."""
+  context = sharding.context_shards(mesh)
+  if seq_len % context:
+    raise ValueError(
+      f"config.train.eval_seq_len: {seq_len} is not divisible by config.mesh.context="
+      f"{context}; set it to a multiple."
+    )
+  if max_seq_len is not None and seq_len > max_seq_len:
+    raise ValueError(
+      f"config.train.eval_seq_len: {seq_len} exceeds config.model.max_seq_len {max_seq_len}; "
+      "shorten it (0: each stage's length)."
+    )
+
+
 def lm_eval(
   fns: step_lib.StepFunctions,
   params,
@@ -68,12 +85,7 @@ def lm_eval(
   out like the training batches (`sharding.BatchLayout`).
   """
   seq_len = int(train_cfg.eval_seq_len) or stage.seq_len
-  context = sharding.context_shards(fns.mesh)
-  if seq_len % context:
-    raise ValueError(
-      f"config.train.eval_seq_len: {seq_len} is not divisible by config.mesh.context="
-      f"{context}; set it to a multiple."
-    )
+  check_eval_seq_len(seq_len, fns.mesh)
   batch = eval_global_batch(train_cfg, fns.mesh)
   layout = sharding.batch_layout(fns.mesh, batch, seq_len)
   batches = make_batches(
