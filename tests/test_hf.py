@@ -432,6 +432,12 @@ def test_convert_keeps_the_checkpoints_add_bos(tmp_path):
     done = _convert(f"--input={source}", f"--output={run}", *extra)
     assert done.returncode == 0, done.stdout + done.stderr
     assert json.loads((run / "config.json").read_text())["score"]["add_bos"] is True
+  # Review: scoring it with a --config (README: a size config for a longer
+  # context) dropped the bos, so its scores were not the checkpoint's.
+  tiny = load_config("configs/tiny.py")
+  assert not tiny.score.add_bos
+  assert Scorer.from_run(str(run), tiny)[0].settings.add_bos
+  assert not Scorer.from_run(str(run), tiny, add_bos=False)[0].settings.add_bos
   # Shards without their index are named, not taken for a run without checkpoints/.
   shards = tmp_path / "shards"
   _bamba().save_pretrained(shards, max_shard_size="20KB")

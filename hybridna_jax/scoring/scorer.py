@@ -338,7 +338,9 @@ class Scorer:
 
     Args:
       path: run directory, checkpoints/ or best/ directory, or step directory.
-      config: job config whose `score` section to use (default: the run's);
+      config: job config whose `score` section to use (default: the run's),
+        except that a run scored with add_bos keeps it (unless `overrides`
+        say add_bos=False);
         its score.dtype, score.attention_impl and score.ssd_impl set the
         restored model's numerics and kernels, and its `mesh` section the
         mesh (unless `mesh` is given): `mesh.context` splits each window
@@ -357,6 +359,21 @@ class Scorer:
     _warn_unused_model_fields(config, run_config)
     settings_from = config if config is not None else run_config
     section = ScoreConfig.of(settings_from)
+    if (
+      config is not None
+      and ScoreConfig.of(run_config).add_bos
+      and not section.add_bos
+      and overrides.get("add_bos") is None
+    ):
+      # The checkpoint reads <bos> first (a converted tokenizer that adds
+      # one, or a run trained with it); a --config for other settings (a
+      # size config, a longer context) does not take it away.
+      logging.warning(
+        "%s scores with score.add_bos=True (its config.json: the checkpoint reads <bos> "
+        "first); kept under the given config, whose score.add_bos is False.",
+        ref.run_dir,
+      )
+      overrides["add_bos"] = True
     if mesh is None and config is not None and "mesh" in config:
       mesh = sharding.mesh_from_config(config.mesh)  # e.g. --config.mesh.context=8
     model, _, _ = restore.load(
