@@ -17,7 +17,8 @@ needed). Settings come from the `score` section of --config (default: the
 run's config.json): context, stride, batch_size, dtype, rc_average, pooling,
 layer, variant_window, max_indel_length. Outputs go to --output (default
 <workdir>/scores/<name>, or scores/<name> in the run directory of
---checkpoint), with a plot next to it; progress is logged while scoring. An earlier run's
+--checkpoint); positions and variants also write a plot next to it;
+progress is logged while scoring. An earlier run's
 outputs are not replaced without --overwrite.
 
 Variants are streamed (hybridna_jax.scoring.callsets): VCF/BCF through htslib
@@ -69,7 +70,7 @@ flags.DEFINE_string(
   None,
   "Output file (default: <workdir>/scores/<mode>.<ext>, or scores/<mode>.<ext> in the run "
   "directory of --checkpoint); "
-  "plots and other files are written next to it.",
+  "positions and variants write their plots and other files next to it.",
 )
 flags.DEFINE_bool(
   "overwrite",

@@ -11,7 +11,8 @@
 # worker (e.g. after `launch/tpu_pod.sh --setup`), and --workdir must be on
 # storage that all workers see (Filestore/NFS or a GCS FUSE mount): process
 # 0 writes metrics and config, every process writes its own checkpoint shards
-# and data-iterator state. Every worker loads only the rows (and, with
+# (no data-iterator state: a step's batch is a function of the seed and the
+# step). Every worker loads only the rows (and, with
 # --config.mesh.context spanning workers, the sequence slices) its chips hold.
 # The mesh is (data, fsdp, context, tensor), tensor innermost (neighbouring
 # chips); e.g. the 131k stage (4 rows) of the 7B on a v5p-128 (64 chips):

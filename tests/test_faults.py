@@ -266,6 +266,31 @@ def test_every_checkpoint_incomplete_moves_nothing(base_run, tmp_path):
   assert sorted(os.listdir(ckpt_dir)) == ["2", "4"] and not os.path.exists(ckpt_dir + ".damaged")
 
 
+def test_a_checkpoint_of_non_finite_values_is_moved_aside(base_run, tmp_path):
+  """Review: changed bytes in a params file restored as NaN without a word;
+  the resumed run skipped every step and its checkpoints of that state
+  pushed the good ones out (keep_checkpoints)."""
+  cfg, base = base_run
+  ckpt_dir = str(tmp_path / "checkpoints")
+  shutil.copytree(os.path.join(base, CHECKPOINT_DIR), ckpt_dir)
+  ckpts = Checkpoints(ckpt_dir)
+  state, meta = ckpts.restore(4, _target(cfg))
+  ckpts.close()
+  leaves, tree = jax.tree.flatten(state.params)
+  leaves[3] = leaves[3].at[0].set(np.nan)
+  shutil.rmtree(os.path.join(ckpt_dir, "4"))
+  ckpts = Checkpoints(ckpt_dir)
+  ckpts.save(state._replace(params=jax.tree.unflatten(tree, leaves)), meta)
+  ckpts.wait()
+  ckpts.close()
+  ckpts = Checkpoints(ckpt_dir)
+  step, state, _ = ckpts.restore_newest(_target(cfg))
+  ckpts.close()
+  assert step == int(state.step) == 2
+  (reason,) = glob.glob(os.path.join(ckpt_dir + ".damaged", "4*"))
+  assert os.path.isdir(reason)
+
+
 def test_training_resumes_past_a_damaged_checkpoint(base_run, tmp_path):
   cfg, base = base_run
   workdir = str(tmp_path / "run")

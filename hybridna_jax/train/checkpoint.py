@@ -31,6 +31,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
@@ -61,6 +62,28 @@ BEST_DIR = "best"
 class CheckpointDamagedError(ValueError):
   """A step directory that cannot be read back (see `restore_newest`); a
   ValueError, so that launchers report it in one line."""
+
+
+def check_finite(state: TrainState) -> None:
+  """Raises CheckpointDamagedError naming the parameters and optimizer
+  arrays that hold NaN or inf: bytes changed in the files (the arrays'
+  storage keeps no checksum) or a divergence that was saved. A training
+  step never applies a non-finite update it sees (`step.py`), so a resume
+  from such a state would skip every step and save copies of it over the
+  good checkpoints."""
+  named = [
+    (jax.tree_util.keystr(path), x)
+    for path, x in jax.tree_util.tree_leaves_with_path((state.params, state.opt_state))
+    if jnp.issubdtype(x.dtype, jnp.inexact)
+  ]
+  finite = jax.device_get(
+    jax.jit(lambda xs: [jnp.isfinite(x).all() for x in xs])([x for _, x in named])
+  )
+  bad = [name for (name, _), ok in zip(named, finite) if not ok]
+  if bad:
+    raise CheckpointDamagedError(
+      f"non-finite values in {len(bad)} array(s), e.g. {', '.join(bad[:3])}"
+    )
 
 
 # Items every step directory holds.
@@ -266,6 +289,7 @@ class Checkpoints:
           raise incomplete[step]
         self.check_fits(step, target)
         state, meta = self.restore(step, target)
+        check_finite(state)
       except CheckpointMismatchError:
         raise
       except Exception as e:  # pylint: disable=broad-except
