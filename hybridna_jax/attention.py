@@ -36,8 +36,6 @@ computes each (query slice, key slice) block.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 
 from hybridna_jax import sharding
@@ -99,7 +97,7 @@ CONTEXT_BLOCKS = KernelRegistry(
 )
 
 
-@functools.partial(jax.jit, static_argnames=("impl", "context"))
+@sharding.context_keyed_jit(static_argnames=("impl", "context"))
 def causal_attention(
   q: Array,
   k: Array,

@@ -545,13 +545,20 @@ def _prefill_model(
 ):
   """(graphdef, state, last logits, cache) of the prompts (b, l), with cache
   room for settings.max_new_tokens more."""
+  max_length = tokens.shape[1] + settings.max_new_tokens
+  if max_length > model.cfg.max_seq_len:
+    raise ValueError(
+      f"prompts of {tokens.shape[1]} tokens (padded) + max_new_tokens "
+      f"{settings.max_new_tokens} = {max_length} exceed config.model.max_seq_len "
+      f"{model.cfg.max_seq_len}, the longest context the model reads; generate fewer tokens."
+    )
   graphdef, state = nnx.split(model)
   logits, cache = _prefill(
     graphdef,
     state,
     jnp.asarray(tokens),
     jnp.asarray(segment_ids),
-    max_length=tokens.shape[1] + settings.max_new_tokens,
+    max_length=max_length,
     mesh=mesh,
   )
   return graphdef, state, logits, cache

@@ -73,6 +73,16 @@ class DecodeCache(NamedTuple):
   position: jax.Array
 
 
+def _check_same_shape(tokens: jax.Array, **named: jax.Array | None) -> None:
+  """Refuses (b, l) side inputs whose shape is not that of `tokens` (they
+  failed deep in the convolution, naming neither)."""
+  if tokens.ndim != 2:
+    raise ValueError(f"tokens must be (batch, length), got shape {tokens.shape}.")
+  for name, x in named.items():
+    if x is not None and x.shape != tokens.shape:
+      raise ValueError(f"{name} has shape {x.shape}, tokens {tokens.shape}; they must match.")
+
+
 def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
   """(b, l) position of each token within its segment (0 at every start)."""
   l = segment_ids.shape[1]
@@ -325,6 +335,7 @@ class HybriDNA(nnx.Module):
     between them. positions (b, l) are only used with RoPE (default: restart
     at each document).
     """
+    _check_same_shape(tokens, segment_ids=segment_ids, positions=positions)
     if segment_ids is not None:
       segment_ids = ssd.number_segments(segment_ids)
     h, hidden_states, _ = self._stack(tokens, segment_ids, positions, return_hidden_states)
@@ -409,7 +420,10 @@ class HybriDNA(nnx.Module):
     Returns:
       logits (b, vocab) fp32 of the last prompt position, and the cache.
     """
+    _check_same_shape(tokens, segment_ids=segment_ids)
     b, l = tokens.shape
+    if l == 0:
+      raise ValueError("prefill needs a prompt of at least one token, got tokens of shape (b, 0).")
     if l > max_length:
       raise ValueError(f"prompt length {l} exceeds max_length {max_length}.")
     # Numbered as in __call__; the cache keeps the numbers decoding compares.
@@ -442,6 +456,11 @@ class HybriDNA(nnx.Module):
     prefill's max_length left room for) the logits are NaN: the writes
     would clamp onto the last slot and silently corrupt the results.
     """
+    if tokens.shape != cache.segment.shape:
+      raise ValueError(
+        f"decode_step takes one token per row, tokens of shape {cache.segment.shape}; got "
+        f"{tokens.shape}."
+      )
     slot = cache.length
     slots = cache.segment_ids.shape[1]
     seg_ids = jax.lax.dynamic_update_slice_in_dim(

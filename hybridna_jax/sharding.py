@@ -45,12 +45,12 @@ ops). What JAX 0.10 and 0.11 provide (identical in both):
 Hence `activate` keeps the concrete mesh and the rules in a context variable
 (see `_CONTEXT`) beside JAX's abstract mesh, and `current()` answers only
 while JAX's context mesh is that mesh (inside a shard_map it is not: the
-axes are manual there, and no constraint applies). One limit: jit keys on
-the abstract mesh (axis names, sizes and types, device kind), not device
-ids, so two meshes of one shape over different devices (say devices 0-3
-and 4-7) may share a trace of the public ops; reusing it on the other
-devices fails at compile time ("incompatible devices"), it does not compute
-on the wrong ones.
+axes are manual there, and no constraint applies). jit keys on the abstract
+mesh (axis names, sizes and types, device kind), not on device ids or the
+rules, so the public ops that read the context (`ssd.ssd_chunked_scan`,
+`attention.causal_attention`) are jitted with `context_keyed_jit`, which
+adds the context to their key: two meshes of one shape over other devices
+(say devices 0-3 and 4-7) get two traces, each with its own devices.
 """
 
 from __future__ import annotations
@@ -58,8 +58,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
+import inspect
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -356,6 +358,31 @@ def maybe_activate(mesh: Mesh | None, rules: Rules = DEFAULT_RULES):
   if mesh is None or mesh.size == 1:
     return contextlib.nullcontext()
   return activate(mesh, rules)
+
+
+def context_keyed_jit(fn: Callable | None = None, *, static_argnames: Sequence[str] = ()):
+  """`jax.jit(fn, static_argnames=...)` whose traces are also keyed by the
+  active `current()` context (the concrete mesh, devices included, and the
+  rules). With jit's own key alone a mesh of the same shape over other
+  devices reused a trace whose shard_maps named the first mesh's devices:
+  its inputs failed to compile ("incompatible devices"), or, placed on no
+  device yet, ran on the first mesh's devices."""
+  if fn is None:
+    return functools.partial(context_keyed_jit, static_argnames=static_argnames)
+
+  def body(_context, **kwargs):
+    del _context  # a key only: `fn` reads the same context through `current()`
+    return fn(**kwargs)
+
+  jitted = jax.jit(body, static_argnames=(*static_argnames, "_context"))
+  signature = inspect.signature(fn)
+
+  @functools.wraps(fn)
+  def call(*args, **kwargs):
+    # By name, so that a static argument passed by position stays static.
+    return jitted(_context=current(), **signature.bind(*args, **kwargs).arguments)
+
+  return call
 
 
 def current() -> ShardingContext | None:

@@ -28,8 +28,6 @@ in x's dtype and final states in fp32.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
@@ -78,8 +76,8 @@ def number_segments(segment_ids: jax.Array) -> jax.Array:
   return jnp.cumsum(segment_ids != previous, axis=1, dtype=jnp.int32)
 
 
-@functools.partial(
-  jax.jit, static_argnames=("chunk_size", "dt_softplus", "return_final_states", "impl")
+@sharding.context_keyed_jit(
+  static_argnames=("chunk_size", "dt_softplus", "return_final_states", "impl")
 )
 def ssd_chunked_scan(
   x: Array,

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 from conftest import LAMBDA_FASTA
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from launch_env import launch_env
 
 from hybridna_jax import (
@@ -413,3 +415,30 @@ def test_launch_eval_with_context_axis_gives_one_device_bits(tiny_run, lambda_st
   np.testing.assert_allclose(
     results["context"]["bits_per_nt"], results["one"]["bits_per_nt"], rtol=1e-5
   )
+
+
+def test_two_meshes_of_one_shape_each_run_on_their_own_devices():
+  """Review: jit keyed the public ops by the abstract mesh only, so a mesh of
+  the same shape over devices 4-7 reused the trace made for devices 0-3
+  ("incompatible devices" for inputs placed on 4-7)."""
+  q, k, v = (
+    jax.random.normal(key, (2, 64, h, 8))
+    for key, h in zip(jax.random.split(jax.random.key(0), 3), (4, 2, 2))
+  )
+  want = attention.xla_attention(q, k, v)
+  devices = jax.devices()
+  for part in (devices[:4], devices[4:]):
+    mesh = sharding.make_mesh(1, 1, 1, devices=part, context=4)
+    placed = [jax.device_put(a, NamedSharding(mesh, P(None, "context"))) for a in (q, k, v)]
+
+    @jax.jit
+    def split(q, k, v, mesh=mesh):
+      with sharding.activate(mesh):
+        return attention.causal_attention(q, k, v, impl="xla", context="ring")
+
+    got = split(*placed)
+    assert set(got.sharding.device_set) == set(part)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # Review: without a mesh, an AttributeError on None.
+  with pytest.raises(ValueError, match=r"context attention runs under sharding.activate"):
+    sharded.context_attention(q, k, v)

@@ -175,15 +175,19 @@ def test_probe_restores_with_the_score_sections_numerics_and_kernels(gc_task, mo
   cfg.finetune.pretrained = "runs/pretrained"
   cfg.score.dtype, cfg.score.attention_impl, cfg.score.ssd_impl = "bfloat16", "xla", "xla"
   calls = []
+  run_config = load_config("configs/tiny.py")
+  run_config.score.add_bos = True  # e.g. a converted checkpoint whose tokenizer adds bos
 
   def load(path, **kwargs):
     calls.append((path, kwargs))
-    return create_model(ModelConfig.from_config(cfg.model)), None, None
+    return create_model(ModelConfig.from_config(cfg.model)), None, run_config
 
   monkeypatch.setattr(restore, "load", load)
-  _, backbone = probe.probe_scorer(cfg, datasets.load_task(gc_task, log=False), "mean")
+  scorer, backbone = probe.probe_scorer(cfg, datasets.load_task(gc_task, log=False), "mean")
   ((path, kwargs),) = calls
   assert path == "runs/pretrained" and backbone == "runs/pretrained (latest)"
   assert kwargs["dtype"] == "bfloat16" and kwargs["which"] == "latest"
   assert (kwargs["attention_impl"], kwargs["ssd_impl"]) == ("xla", "xla")
   assert kwargs["mesh"].shape == sharding.mesh_from_config(cfg.mesh).shape  # the config's mesh
+  # The backbone reads <bos> first: kept though score.add_bos is False here.
+  assert not cfg.score.add_bos and scorer.settings.add_bos

@@ -348,6 +348,23 @@ def test_array_prompts_are_checked_like_list_prompts():
       gen.left_pad([[1, 5, 6, 7], [1, bad]])
 
 
+def test_lengths_and_shapes_the_model_cannot_take_are_named():
+  """Review: generation ran past model.max_seq_len without a word, and side
+  inputs of the wrong shape failed deep in the convolution."""
+  model = create_model(dataclasses.replace(TWO_LAYERS, max_seq_len=8), seed=0)
+  settings = gen.GenerateConfig(max_new_tokens=20, temperature=0)
+  with pytest.raises(ValueError, match=r"= 23 exceed config.model.max_seq_len 8, the longest"):
+    gen.sample(model, [np.array([1, 5, 6])], settings)
+  tokens = jnp.ones((2, 5), jnp.int32)
+  with pytest.raises(ValueError, match=r"segment_ids has shape \(2, 4\), tokens \(2, 5\)"):
+    model(tokens, segment_ids=jnp.ones((2, 4), jnp.int32))
+  with pytest.raises(ValueError, match=r"segment_ids has shape \(1, 5\), tokens \(2, 5\)"):
+    model.prefill(tokens, 8, segment_ids=jnp.ones((1, 5), jnp.int32))
+  _, cache = model.prefill(tokens, 8)
+  with pytest.raises(ValueError, match=r"one token per row, tokens of shape \(2,\); got \(2, 1\)"):
+    model.decode_step(tokens[:, :1], cache)
+
+
 def test_scored_continuations_are_checked_and_follow_the_prompts_segment():
   model = _model()
   prompts = [np.array([tok.BOS, tok.A])]

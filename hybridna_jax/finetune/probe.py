@@ -197,12 +197,12 @@ def probe_scorer(config, data: datasets.TaskData, pooling: str):
   from hybridna_jax import restore, sharding  # pylint: disable=g-import-not-at-top
   from hybridna_jax.config import ModelConfig, ScoreConfig  # pylint: disable=g-import-not-at-top
   from hybridna_jax.model import create_model  # pylint: disable=g-import-not-at-top
-  from hybridna_jax.scoring import Scorer  # pylint: disable=g-import-not-at-top
+  from hybridna_jax.scoring.scorer import Scorer, run_add_bos  # pylint: disable=g-import-not-at-top
 
   fc = config.finetune
   sc = ScoreConfig.of(config)
   if fc.pretrained:
-    model, _, _ = restore.load(
+    model, _, run_config = restore.load(
       str(fc.pretrained),
       which=str(fc.pretrained_which),
       dtype=sc.dtype or None,
@@ -211,16 +211,18 @@ def probe_scorer(config, data: datasets.TaskData, pooling: str):
       ssd_impl=sc.ssd_impl,
     )
     backbone = f"{fc.pretrained} ({fc.pretrained_which})"
+    add_bos = run_add_bos(sc.add_bos, run_config, str(fc.pretrained))
   else:
     model = create_model(ModelConfig.from_config(config.model), seed=int(config.train.seed))
     backbone = "fresh init"
+    add_bos = sc.add_bos
   context = sc.context or probe_context(data, pooling, model.cfg.max_seq_len)
   scorer = Scorer(
     model,
     context=context,
     batch_size=int(fc.eval_batch_size),
     min_bucket=min(sc.min_bucket, context),
-    add_bos=sc.add_bos,
+    add_bos=add_bos,
   )
   return scorer, backbone
 

@@ -569,6 +569,11 @@ def context_attention(
     warn_once(f"{block_op.unsupported(q.shape)}; context attention uses XLA blocks.")
     block_op = attention_reference.XLA_BLOCK
   mesh = _active_mesh()
+  if mesh is None:
+    raise ValueError(
+      "context attention runs under sharding.activate(mesh) with a context axis; "
+      "attention.causal_attention picks it where the mesh splits the length."
+    )
   n = sharding.context_shards(mesh)
   b, l = q.shape[:2]
   seg = jnp.zeros((b, l), jnp.int32) if segment_ids is None else segment_ids

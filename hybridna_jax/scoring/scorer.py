@@ -277,6 +277,22 @@ def settings_from_config(config, run_config=None, **overrides) -> ScoreConfig:
   return settings
 
 
+def run_add_bos(add_bos: bool, run_config, run: str) -> bool:
+  """Whether to score the checkpoint of `run` with <bos>: `add_bos` (a job
+  config's score.add_bos), or True where the run's own config.json scores
+  with it (a converted tokenizer that adds bos, or a run trained with it):
+  the checkpoint reads <bos> first, and a config given for other settings
+  (a size config, a longer context) does not take it away (warned)."""
+  if add_bos or not ScoreConfig.of(run_config).add_bos:
+    return add_bos
+  logging.warning(
+    "%s scores with score.add_bos=True (its config.json: the checkpoint reads <bos> first); "
+    "kept under the given config, whose score.add_bos is False.",
+    run,
+  )
+  return True
+
+
 def _model_mesh(state) -> jax.sharding.Mesh | None:
   for leaf in jax.tree.leaves(state):
     if isinstance(getattr(leaf, "sharding", None), NamedSharding):
@@ -359,21 +375,8 @@ class Scorer:
     _warn_unused_model_fields(config, run_config)
     settings_from = config if config is not None else run_config
     section = ScoreConfig.of(settings_from)
-    if (
-      config is not None
-      and ScoreConfig.of(run_config).add_bos
-      and not section.add_bos
-      and overrides.get("add_bos") is None
-    ):
-      # The checkpoint reads <bos> first (a converted tokenizer that adds
-      # one, or a run trained with it); a --config for other settings (a
-      # size config, a longer context) does not take it away.
-      logging.warning(
-        "%s scores with score.add_bos=True (its config.json: the checkpoint reads <bos> "
-        "first); kept under the given config, whose score.add_bos is False.",
-        ref.run_dir,
-      )
-      overrides["add_bos"] = True
+    if overrides.get("add_bos") is None:
+      overrides["add_bos"] = run_add_bos(section.add_bos, run_config, ref.run_dir)
     if mesh is None and config is not None and "mesh" in config:
       mesh = sharding.mesh_from_config(config.mesh)  # e.g. --config.mesh.context=8
     model, _, _ = restore.load(
