@@ -361,6 +361,8 @@ class TrainConfig(Section):
         f"config.train.min_lr_ratio must be in [0, 1] (a fraction of learning_rate), "
         f"got {self.min_lr_ratio}."
       )
+    if not 0 <= self.seed < 2**32:  # jax.random.key overflows past 2**63; the data adds x 1000
+      raise ValueError(f"config.train.seed must be in [0, 2**32), got {self.seed}.")
     if not math.isfinite(self.learning_rate):
       raise ValueError(f"config.train.learning_rate must be finite, got {self.learning_rate}.")
     # b = 1 divides Adam's bias correction by zero: the first update is NaN.

@@ -288,6 +288,7 @@ def test_train_counts_must_be_positive(field):
     ("train.b2", -0.1, r"must be in \[0, 1\)"),
     ("train.eps", float("nan"), r"must be finite and >= 0, got nan\.$"),
     ("train.learning_rate", float("inf"), r"must be finite, got inf\.$"),
+    ("train.seed", 2**63, r"must be in \[0, 2\*\*32\), got 9223372036854775808\.$"),
     # Review: refused by the Markov report after the whole run, unnamed.
     ("train.markov_orders", (3, 15), r"must each be in \[0, 14\], got 15;"),
     ("data.window_stride", -5, r"must be >= 0, got -5\.$"),
