@@ -66,11 +66,10 @@ class CheckpointDamagedError(ValueError):
 
 def check_finite(state: TrainState) -> None:
   """Raises CheckpointDamagedError naming the parameters and optimizer
-  arrays that hold NaN or inf: bytes changed in the files (the arrays'
-  storage keeps no checksum) or a divergence that was saved. A training
-  step never applies a non-finite update it sees (`step.py`), so a resume
-  from such a state would skip every step and save copies of it over the
-  good checkpoints."""
+  arrays that hold NaN or inf: bytes changed in the array files (which
+  restore without complaint) or a divergence that was saved. A resume from
+  such a state would skip every step (non-finite losses, `step.py`) and save
+  copies of it over the good checkpoints."""
   named = [
     (jax.tree_util.keystr(path), x)
     for path, x in jax.tree_util.tree_leaves_with_path((state.params, state.opt_state))
