@@ -675,15 +675,12 @@ class Scorer:
         self._embed_fn(
           self.state, self._put(arrays["tokens"]), self._put(arrays["weights"]), layer=layer
         ),
+        arrays["weights"].sum(axis=1),  # each row's pooled weight, from the batch as built
       )
 
     def sink(job, rows):
       sums[job.seq] += rows[0]
-      if job.mean_pooled:  # the nucleotides it pooled (see _batches)
-        pooled = seqs[job.seq].window(job.window.score_from, job.window.end)
-        weights[job.seq] += float(tokenizer.is_nucleotide(pooled).sum())
-      else:
-        weights[job.seq] += float(job.weights.sum())
+      weights[job.seq] += float(rows[1])
 
     self._run(jobs, seqs, call, sink, progress)
     empty = np.flatnonzero(weights == 0)
