@@ -86,10 +86,9 @@ def check_stream_position(
   meta: dict, stage: Stage, batch_field: str, written: dict | None, workdir: str, lm: bool
 ) -> None:
   """Refuses to continue a stage's stream mid-stage where the step's global
-  batch is not where the checkpointed run was: the stage's batch size or
+  batch is not where the checkpointed run was: the stage's batch size,
   first step or window length changed (meta "batch_size", "stage_start" and
-  "seq_len"; `batch_field`
-  names the batch in the config), or (`lm`, pretraining) an earlier version
+  "seq_len"; `batch_field` names the batch in the config), or (`lm`, pretraining) an earlier version
   made the stream with worker processes (meta "stream_format" before
   `pipeline.STREAM_FORMAT` 2, which grouped windows into batches another
   way). Either would re-read or skip windows. `written`: the run's
