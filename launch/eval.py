@@ -14,7 +14,7 @@ batch_size, dtype, eval_split, eval_max_records, eval_max_tokens. Long
 records are scored in sliding windows so that every position is scored once
 with at least context - stride tokens before it. Writes
 <output_dir>/eval_<data>_ctx<C>_stride<S>_step<N>[_best][_bos][_<dtype>]
-[_max<R>rec][_max<T>tok].{json,txt,png} (default output_dir: <workdir>/eval,
+[_<weight dtype>weights][_max<R>rec][_max<T>tok].{json,txt,png} (default output_dir: <workdir>/eval,
 or eval/ in the run directory of --checkpoint; <data>: <split>-<hash of the
 token store's path or URL>, or <FASTA stem>-<hash of its path>, or
 <n>fasta-<hash> for several; _best: a step of best/, whichever flag named

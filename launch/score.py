@@ -81,7 +81,7 @@ flags.DEFINE_bool(
 flags.DEFINE_bool(
   "bedgraph",
   False,
-  "mode=positions: also write <output>.bedgraph of the "
+  "mode=positions: also write <output, less .npz>.bedgraph (beside its .png) of the "
   "per-position log-probabilities (for genome browsers).",
 )
 FLAGS = flags.FLAGS
